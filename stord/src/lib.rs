@@ -1,0 +1,1 @@
+//! stord library.

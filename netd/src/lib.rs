@@ -1,1 +1,3 @@
 //! netd library.
+
+pub mod nat;

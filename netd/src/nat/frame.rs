@@ -1,0 +1,485 @@
+//! Frames the router looks at before smoltcp does, and frames it builds itself.
+//!
+//! # Theory of operation
+//!
+//! Every frame from the switch is parsed once, here, into a [`Classified`] value made of
+//! checked smoltcp `Repr`s; nothing past this module touches raw guest bytes. The router
+//! handles some traffic itself rather than through the smoltcp interface:
+//!
+//! - ARP: smoltcp in any-IP mode answers ARP for *every* address, which would steal the
+//!   addresses of other guests on a NAT network. The router answers ARP requests only for
+//!   its own addresses (gateway, DNS) and hands ARP replies to smoltcp (neighbour cache).
+//! - TCP SYNs to a destination without a flow: held back while the host connect runs
+//!   (see `tcp.rs`), so a refused connect becomes a RST rather than an accepted-then-reset
+//!   connection.
+//! - UDP and ICMP echo: flows of host sockets (`udp.rs`, `icmp.rs`); smoltcp has no socket
+//!   for them.
+//!
+//! Everything else addressed to the router's MAC (TCP segments of existing flows, ICMP
+//! to the router's own addresses) goes to smoltcp. Frames not addressed to the router
+//! (guest-to-guest unicast flooded by the switch) are ignored.
+
+use std::net::Ipv4Addr;
+
+use bytes::Bytes;
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
+    EthernetRepr, Icmpv4Packet, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket,
+    TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
+};
+
+/// Size of an Ethernet header (no VLAN tag: the switch hands untagged frames).
+pub const ETH_HDR: usize = 14;
+/// Size of an IPv4 header without options (all frames the router builds).
+pub const IPV4_HDR: usize = 20;
+/// Size of a UDP header.
+pub const UDP_HDR: usize = 8;
+
+/// What the router does with one frame from the switch.
+#[derive(Debug)]
+pub enum Classified<'a> {
+    /// Not addressed to the router, or a protocol the router ignores.
+    Ignore,
+    /// Malformed: counted and dropped.
+    Malformed,
+    /// An ARP request for one of the router's addresses: answer it.
+    ArpRequest {
+        /// Requester MAC.
+        src_mac: EthernetAddress,
+        /// Requester IP.
+        src_ip: Ipv4Addr,
+        /// The address asked for.
+        target_ip: Ipv4Addr,
+    },
+    /// Hand the frame to smoltcp (ARP reply, TCP, ICMP to the router itself).
+    Smoltcp,
+    /// A TCP SYN (no ACK) from a guest.
+    TcpSyn {
+        /// Guest MAC.
+        src_mac: EthernetAddress,
+        /// Guest address.
+        src: (Ipv4Addr, u16),
+        /// Destination the guest asked for.
+        dst: (Ipv4Addr, u16),
+        /// The guest's initial sequence number.
+        seq: TcpSeqNumber,
+    },
+    /// A UDP datagram from a guest.
+    Udp {
+        /// Guest MAC.
+        src_mac: EthernetAddress,
+        /// Guest address.
+        src: (Ipv4Addr, u16),
+        /// Destination.
+        dst: (Ipv4Addr, u16),
+        /// The payload.
+        payload: &'a [u8],
+    },
+    /// An ICMP echo request to an address other than the router's.
+    IcmpEcho {
+        /// Guest MAC.
+        src_mac: EthernetAddress,
+        /// Guest address.
+        src: Ipv4Addr,
+        /// Destination.
+        dst: Ipv4Addr,
+        /// Echo identifier.
+        ident: u16,
+        /// The whole ICMP message (header and data).
+        icmp: &'a [u8],
+    },
+}
+
+/// Classifies one frame; `own` tells whether an IPv4 address is the router's own.
+pub fn classify<'a>(
+    frame: &'a [u8],
+    router_mac: EthernetAddress,
+    own: impl Fn(Ipv4Addr) -> bool,
+) -> Classified<'a> {
+    let Ok(eth) = EthernetFrame::new_checked(frame) else {
+        return Classified::Malformed;
+    };
+    let dst_mac = eth.dst_addr();
+    let src_mac = eth.src_addr();
+    if dst_mac != router_mac && !dst_mac.is_broadcast() {
+        return Classified::Ignore;
+    }
+    match eth.ethertype() {
+        EthernetProtocol::Arp => {
+            let Ok(pkt) = ArpPacket::new_checked(eth.payload()) else {
+                return Classified::Malformed;
+            };
+            let Ok(repr) = ArpRepr::parse(&pkt) else {
+                return Classified::Malformed;
+            };
+            match repr {
+                ArpRepr::EthernetIpv4 {
+                    operation: ArpOperation::Request,
+                    source_hardware_addr,
+                    source_protocol_addr,
+                    target_protocol_addr,
+                    ..
+                } if own(target_protocol_addr) => Classified::ArpRequest {
+                    src_mac: source_hardware_addr,
+                    src_ip: source_protocol_addr,
+                    target_ip: target_protocol_addr,
+                },
+                ArpRepr::EthernetIpv4 {
+                    operation: ArpOperation::Reply,
+                    ..
+                } if dst_mac == router_mac => Classified::Smoltcp,
+                _ => Classified::Ignore,
+            }
+        }
+        EthernetProtocol::Ipv4 if dst_mac == router_mac => {
+            classify_ipv4(eth.payload(), src_mac, own)
+        }
+        _ => Classified::Ignore,
+    }
+}
+
+fn classify_ipv4<'a>(
+    packet: &'a [u8],
+    src_mac: EthernetAddress,
+    own: impl Fn(Ipv4Addr) -> bool,
+) -> Classified<'a> {
+    let Ok(ip) = Ipv4Packet::new_checked(packet) else {
+        return Classified::Malformed;
+    };
+    let Ok(repr) = Ipv4Repr::parse(&ip, &ChecksumCapabilities::default()) else {
+        // Bad checksum, bad version, or a fragment (smoltcp refuses those without
+        // reassembly): the router does not reassemble.
+        return Classified::Malformed;
+    };
+    let payload = ip.payload();
+    let (src_ip, dst_ip) = (repr.src_addr, repr.dst_addr);
+    let caps = ChecksumCapabilities::default();
+    match repr.next_header {
+        IpProtocol::Tcp => {
+            let Ok(tcp) = TcpPacket::new_checked(payload) else {
+                return Classified::Malformed;
+            };
+            if !tcp.verify_checksum(&IpAddress::Ipv4(src_ip), &IpAddress::Ipv4(dst_ip)) {
+                return Classified::Malformed;
+            }
+            // SYNs to the gateway / DNS addresses are flows too (to the host's loopback
+            // and to the resolver), so `own` does not matter here.
+            if tcp.syn() && !tcp.ack() && !tcp.rst() && !tcp.fin() {
+                return Classified::TcpSyn {
+                    src_mac,
+                    src: (src_ip, tcp.src_port()),
+                    dst: (dst_ip, tcp.dst_port()),
+                    seq: tcp.seq_number(),
+                };
+            }
+            Classified::Smoltcp
+        }
+        IpProtocol::Udp => {
+            let Ok(udp) = UdpPacket::new_checked(payload) else {
+                return Classified::Malformed;
+            };
+            let Ok(urepr) = UdpRepr::parse(
+                &udp,
+                &IpAddress::Ipv4(src_ip),
+                &IpAddress::Ipv4(dst_ip),
+                &caps,
+            ) else {
+                return Classified::Malformed;
+            };
+            if !src_ip.is_unicast() {
+                return Classified::Ignore;
+            }
+            Classified::Udp {
+                src_mac,
+                src: (src_ip, urepr.src_port),
+                dst: (dst_ip, urepr.dst_port),
+                payload: udp.payload(),
+            }
+        }
+        IpProtocol::Icmp => {
+            let Ok(icmp) = Icmpv4Packet::new_checked(payload) else {
+                return Classified::Malformed;
+            };
+            if !icmp.verify_checksum() {
+                return Classified::Malformed;
+            }
+            if own(dst_ip) {
+                // smoltcp answers echo requests to the router's own addresses.
+                return Classified::Smoltcp;
+            }
+            if icmp.msg_type() == smoltcp::wire::Icmpv4Message::EchoRequest && icmp.msg_code() == 0
+            {
+                Classified::IcmpEcho {
+                    src_mac,
+                    src: src_ip,
+                    dst: dst_ip,
+                    ident: icmp.echo_ident(),
+                    icmp: payload,
+                }
+            } else {
+                Classified::Ignore
+            }
+        }
+        _ => Classified::Ignore,
+    }
+}
+
+/// Small helper trait: unicast test on IPv4 (not broadcast/multicast/unspecified).
+trait Unicast {
+    fn is_unicast(&self) -> bool;
+}
+
+impl Unicast for Ipv4Addr {
+    fn is_unicast(&self) -> bool {
+        !(self.is_broadcast() || self.is_multicast() || self.is_unspecified())
+    }
+}
+
+fn emit_eth(buf: &mut [u8], src: EthernetAddress, dst: EthernetAddress, proto: EthernetProtocol) {
+    let mut eth = EthernetFrame::new_unchecked(buf);
+    EthernetRepr {
+        src_addr: src,
+        dst_addr: dst,
+        ethertype: proto,
+    }
+    .emit(&mut eth);
+}
+
+/// An ARP reply from `router_mac` claiming `ip` for the requester.
+pub fn arp_reply(
+    router_mac: EthernetAddress,
+    ip: Ipv4Addr,
+    to_mac: EthernetAddress,
+    to_ip: Ipv4Addr,
+) -> Bytes {
+    let repr = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Reply,
+        source_hardware_addr: router_mac,
+        source_protocol_addr: ip,
+        target_hardware_addr: to_mac,
+        target_protocol_addr: to_ip,
+    };
+    let mut buf = vec![0u8; ETH_HDR + repr.buffer_len()];
+    emit_eth(&mut buf, router_mac, to_mac, EthernetProtocol::Arp);
+    let mut pkt = ArpPacket::new_unchecked(&mut buf[ETH_HDR..]);
+    repr.emit(&mut pkt);
+    Bytes::from(buf)
+}
+
+fn emit_ipv4(buf: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr, proto: IpProtocol, payload_len: usize) {
+    let repr = Ipv4Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: proto,
+        payload_len,
+        hop_limit: 64,
+    };
+    let mut ip = Ipv4Packet::new_unchecked(&mut buf[ETH_HDR..]);
+    repr.emit(&mut ip, &ChecksumCapabilities::default());
+}
+
+/// A RST answering a guest SYN (`seq` its sequence number) from `from` to `to`.
+pub fn tcp_rst(
+    router_mac: EthernetAddress,
+    guest_mac: EthernetAddress,
+    from: (Ipv4Addr, u16),
+    to: (Ipv4Addr, u16),
+    seq: TcpSeqNumber,
+) -> Bytes {
+    let repr = TcpRepr {
+        src_port: from.1,
+        dst_port: to.1,
+        control: TcpControl::Rst,
+        seq_number: TcpSeqNumber(0),
+        ack_number: Some(seq + 1),
+        window_len: 0,
+        window_scale: None,
+        max_seg_size: None,
+        sack_permitted: false,
+        sack_ranges: [None, None, None],
+        timestamp: None,
+        payload: &[],
+    };
+    let len = repr.buffer_len();
+    let mut buf = vec![0u8; ETH_HDR + IPV4_HDR + len];
+    emit_eth(&mut buf, router_mac, guest_mac, EthernetProtocol::Ipv4);
+    emit_ipv4(&mut buf, from.0, to.0, IpProtocol::Tcp, len);
+    let mut tcp = TcpPacket::new_unchecked(&mut buf[ETH_HDR + IPV4_HDR..]);
+    repr.emit(
+        &mut tcp,
+        &IpAddress::Ipv4(from.0),
+        &IpAddress::Ipv4(to.0),
+        &ChecksumCapabilities::default(),
+    );
+    Bytes::from(buf)
+}
+
+/// A UDP datagram from `from` to the guest at `to`.
+pub fn udp_frame(
+    router_mac: EthernetAddress,
+    guest_mac: EthernetAddress,
+    from: (Ipv4Addr, u16),
+    to: (Ipv4Addr, u16),
+    payload: &[u8],
+) -> Bytes {
+    let repr = UdpRepr {
+        src_port: from.1,
+        dst_port: to.1,
+    };
+    let udp_len = UDP_HDR + payload.len();
+    let mut buf = vec![0u8; ETH_HDR + IPV4_HDR + udp_len];
+    emit_eth(&mut buf, router_mac, guest_mac, EthernetProtocol::Ipv4);
+    emit_ipv4(&mut buf, from.0, to.0, IpProtocol::Udp, udp_len);
+    let mut udp = UdpPacket::new_unchecked(&mut buf[ETH_HDR + IPV4_HDR..]);
+    repr.emit(
+        &mut udp,
+        &IpAddress::Ipv4(from.0),
+        &IpAddress::Ipv4(to.0),
+        payload.len(),
+        |p| p.copy_from_slice(payload),
+        &ChecksumCapabilities::default(),
+    );
+    Bytes::from(buf)
+}
+
+/// An ICMP message (`icmp`: header and data, as a host ICMP socket returns it) from
+/// `from` to the guest, with the echo identifier set to `ident` and the checksum
+/// recomputed. `None` if `icmp` is not a well-formed ICMP message.
+pub fn icmp_frame(
+    router_mac: EthernetAddress,
+    guest_mac: EthernetAddress,
+    from: Ipv4Addr,
+    to: Ipv4Addr,
+    icmp: &[u8],
+    ident: u16,
+) -> Option<Bytes> {
+    Icmpv4Packet::new_checked(icmp).ok()?;
+    let mut buf = vec![0u8; ETH_HDR + IPV4_HDR + icmp.len()];
+    emit_eth(&mut buf, router_mac, guest_mac, EthernetProtocol::Ipv4);
+    emit_ipv4(&mut buf, from, to, IpProtocol::Icmp, icmp.len());
+    let body = buf.get_mut(ETH_HDR + IPV4_HDR..)?;
+    body.copy_from_slice(icmp);
+    let mut pkt = Icmpv4Packet::new_checked(body).ok()?;
+    pkt.set_echo_ident(ident);
+    pkt.fill_checksum();
+    Some(Bytes::from(buf))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROUTER: EthernetAddress = EthernetAddress([0x52, 0x55, 10, 0, 2, 2]);
+    const GUEST: EthernetAddress = EthernetAddress([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+
+    fn own(ip: Ipv4Addr) -> bool {
+        ip == Ipv4Addr::new(10, 0, 2, 2) || ip == Ipv4Addr::new(10, 0, 2, 3)
+    }
+
+    fn guest_udp(payload: &[u8]) -> Bytes {
+        // Built as the router would build one, then addresses swapped by building
+        // "from" the guest.
+        udp_frame(
+            GUEST,
+            ROUTER,
+            (Ipv4Addr::new(10, 0, 2, 15), 5000),
+            (Ipv4Addr::new(198, 18, 0, 2), 53),
+            payload,
+        )
+    }
+
+    #[test]
+    fn udp_round_trip() {
+        let f = guest_udp(b"hello");
+        match classify(&f, ROUTER, own) {
+            Classified::Udp {
+                src_mac,
+                src,
+                dst,
+                payload,
+            } => {
+                assert_eq!(src_mac, GUEST);
+                assert_eq!(src, (Ipv4Addr::new(10, 0, 2, 15), 5000));
+                assert_eq!(dst, (Ipv4Addr::new(198, 18, 0, 2), 53));
+                assert_eq!(payload, b"hello");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn corrupted_checksum_is_malformed() {
+        let mut f = guest_udp(b"hello").to_vec();
+        let last = f.len() - 1;
+        f[last] ^= 0xff;
+        assert!(matches!(classify(&f, ROUTER, own), Classified::Malformed));
+    }
+
+    #[test]
+    fn frames_for_other_macs_are_ignored() {
+        let f = udp_frame(
+            GUEST,
+            EthernetAddress([0x52, 0x54, 0, 0, 0, 9]),
+            (Ipv4Addr::new(10, 0, 2, 15), 1),
+            (Ipv4Addr::new(10, 0, 2, 16), 2),
+            b"x",
+        );
+        assert!(matches!(classify(&f, ROUTER, own), Classified::Ignore));
+    }
+
+    #[test]
+    fn arp_only_for_own_addresses() {
+        let ask = |target: Ipv4Addr| {
+            let repr = ArpRepr::EthernetIpv4 {
+                operation: ArpOperation::Request,
+                source_hardware_addr: GUEST,
+                source_protocol_addr: Ipv4Addr::new(10, 0, 2, 15),
+                target_hardware_addr: EthernetAddress([0; 6]),
+                target_protocol_addr: target,
+            };
+            let mut buf = vec![0xa5u8; ETH_HDR + repr.buffer_len()];
+            emit_eth(
+                &mut buf,
+                GUEST,
+                EthernetAddress::BROADCAST,
+                EthernetProtocol::Arp,
+            );
+            repr.emit(&mut ArpPacket::new_unchecked(&mut buf[ETH_HDR..]));
+            buf
+        };
+        assert!(matches!(
+            classify(&ask(Ipv4Addr::new(10, 0, 2, 2)), ROUTER, own),
+            Classified::ArpRequest { .. }
+        ));
+        assert!(matches!(
+            classify(&ask(Ipv4Addr::new(10, 0, 2, 16)), ROUTER, own),
+            Classified::Ignore
+        ));
+    }
+
+    #[test]
+    fn rst_answers_syn_plus_one() {
+        let f = tcp_rst(
+            ROUTER,
+            GUEST,
+            (Ipv4Addr::new(198, 18, 0, 2), 80),
+            (Ipv4Addr::new(10, 0, 2, 15), 40000),
+            TcpSeqNumber(1000),
+        );
+        let eth = EthernetFrame::new_checked(&f[..]).unwrap();
+        let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+        let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+        assert!(tcp.rst());
+        assert_eq!(tcp.ack_number(), TcpSeqNumber(1001));
+        assert!(tcp.verify_checksum(&ip.src_addr().into(), &ip.dst_addr().into()));
+    }
+
+    #[test]
+    fn truncated_frames_never_panic() {
+        let f = guest_udp(b"some payload");
+        for n in 0..f.len() {
+            let _ = classify(&f[..n], ROUTER, own);
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! ICMP echo (ping) through the NAT router.
+//!
+//! # Theory of operation
+//!
+//! A flow is (guest address, destination, echo identifier). Each flow owns a host
+//! ICMP socket connected to the destination:
+//!
+//! - preferably an unprivileged "ping socket" (`SOCK_DGRAM`, `IPPROTO_ICMP`, allowed
+//!   when the process's group is in `net.ipv4.ping_group_range`): the kernel replaces
+//!   the echo identifier with the socket's own and hands back only the replies meant
+//!   for it, so the router restores the guest's identifier (and the checksum) on the
+//!   way back;
+//! - else, when ping sockets are not allowed but the process may open raw sockets
+//!   (root), a raw ICMP socket: the request goes out unchanged, and the socket sees
+//!   every ICMP packet from that destination, so only echo replies carrying the flow's
+//!   identifier are passed on.
+//!
+//! Echo requests to the router's own addresses never get here: smoltcp answers them.
+//! Flows expire after `icmp_timeout` idle.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use smoltcp::wire::{EthernetAddress, Icmpv4Message, Icmpv4Packet, Ipv4Packet};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::unix::AsyncFd;
+
+use super::frame::icmp_frame;
+use super::udp::FLOW_COST;
+use super::{FlowInfo, Router};
+
+type Key = (Ipv4Addr, Ipv4Addr, u16);
+
+struct Flow {
+    fd: AsyncFd<Socket>,
+    raw: bool,
+    mac: EthernetAddress,
+    target: Ipv4Addr,
+    last: Instant,
+}
+
+/// ICMP echo flows.
+#[derive(Default)]
+pub struct IcmpTable {
+    flows: HashMap<Key, Flow>,
+}
+
+impl IcmpTable {
+    /// Number of flows.
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// Registers interest; true if a socket is readable.
+    pub fn poll_ready(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut ready = false;
+        for f in self.flows.values() {
+            if let Poll::Ready(r) = f.fd.poll_read_ready(cx) {
+                ready = true;
+                if let Ok(mut guard) = r {
+                    // Cleared before the read in the next step: data arriving after
+                    // that read raises a new edge, so nothing is missed.
+                    guard.clear_ready();
+                }
+            }
+        }
+        ready
+    }
+
+    /// The flows, for `netd flows`.
+    pub fn flows(&self) -> Vec<FlowInfo> {
+        let now = Instant::now();
+        self.flows
+            .iter()
+            .map(|((guest, dst, ident), f)| FlowInfo {
+                proto: "icmp".into(),
+                guest: format!("{guest} id {ident}"),
+                dst: dst.to_string(),
+                host_peer: f.target.to_string(),
+                state: if f.raw { "RAW" } else { "PING" }.into(),
+                forward: false,
+                idle_s: now.duration_since(f.last).as_secs(),
+            })
+            .collect()
+    }
+
+    /// Removes flows idle longer than `timeout`.
+    pub fn expire(&mut self, timeout: Duration) {
+        let now = Instant::now();
+        self.flows
+            .retain(|_, f| now.duration_since(f.last) <= timeout);
+    }
+}
+
+fn open(target: Ipv4Addr) -> std::io::Result<(Socket, bool)> {
+    let (sock, raw) = match Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::ICMPV4)) {
+        Ok(s) => (s, false),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM)) => (
+            Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?,
+            true,
+        ),
+        Err(e) => return Err(e),
+    };
+    sock.connect(&SocketAddr::V4(SocketAddrV4::new(target, 0)).into())?;
+    sock.set_nonblocking(true)?;
+    Ok((sock, raw))
+}
+
+impl Router {
+    /// An echo request from a guest to a non-router address.
+    pub(super) fn icmp_input(
+        &mut self,
+        mac: EthernetAddress,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        ident: u16,
+        icmp: &[u8],
+    ) {
+        let key = (src, dst, ident);
+        if !self.icmp.flows.contains_key(&key) {
+            let Some(SocketAddr::V4(target)) = self.map_dst(SocketAddrV4::new(dst, 0)) else {
+                self.stats.dropped += 1;
+                return;
+            };
+            if !self.flow_fits(FLOW_COST) {
+                self.stats.flows_refused += 1;
+                return;
+            }
+            let (sock, raw) = match open(*target.ip()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%dst, error = %e, "icmp socket failed");
+                    self.stats.dropped += 1;
+                    return;
+                }
+            };
+            let fd = match super::sys::register(sock) {
+                Ok(fd) => fd,
+                Err(_) => {
+                    self.stats.dropped += 1;
+                    return;
+                }
+            };
+            self.icmp.flows.insert(
+                key,
+                Flow {
+                    fd,
+                    raw,
+                    mac,
+                    target: *target.ip(),
+                    last: Instant::now(),
+                },
+            );
+        }
+        if let Some(f) = self.icmp.flows.get_mut(&key) {
+            f.last = Instant::now();
+            f.mac = mac;
+            if f.fd.get_ref().send(icmp).is_err() {
+                self.stats.dropped += 1;
+            }
+        }
+    }
+
+    /// Echo replies back to guests.
+    pub(super) fn icmp_pump(&mut self) {
+        let mut buf = vec![0u8; 65536];
+        let max = self.cfg.mtu.saturating_sub(super::frame::IPV4_HDR);
+        for ((guest, dst, ident), f) in self.icmp.flows.iter_mut() {
+            for _ in 0..64 {
+                let n = match f.fd.get_ref().read(&mut buf) {
+                    Ok(n) => n,
+                    Err(_) => break,
+                };
+                let Some(data) = buf.get(..n) else { break };
+                let msg = if f.raw {
+                    // Raw sockets return the IP header too; keep only echo replies
+                    // from the target carrying this flow's identifier.
+                    let Ok(ip) = Ipv4Packet::new_checked(data) else {
+                        continue;
+                    };
+                    if ip.src_addr() != f.target {
+                        continue;
+                    }
+                    let Ok(icmp) = Icmpv4Packet::new_checked(ip.payload()) else {
+                        continue;
+                    };
+                    if icmp.msg_type() != Icmpv4Message::EchoReply || icmp.echo_ident() != *ident {
+                        continue;
+                    }
+                    let hl = usize::from(ip.header_len());
+                    let tl = usize::from(ip.total_len()).min(data.len());
+                    match data.get(hl..tl) {
+                        Some(m) => m,
+                        None => continue,
+                    }
+                } else {
+                    match Icmpv4Packet::new_checked(data) {
+                        Ok(p) if p.msg_type() == Icmpv4Message::EchoReply => data,
+                        _ => continue,
+                    }
+                };
+                if msg.len() > max {
+                    self.stats.dropped += 1;
+                    continue;
+                }
+                f.last = Instant::now();
+                if let Some(frame) = icmp_frame(self.mac, f.mac, *dst, *guest, msg, *ident) {
+                    self.dev.tx.push_back(frame);
+                }
+            }
+        }
+    }
+}

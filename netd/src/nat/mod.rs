@@ -1,0 +1,765 @@
+//! The NAT router of a `mode = "nat"` network: a slirp-style userspace router.
+//!
+//! # Theory of operation
+//!
+//! The router is a port of the network's switch (a *service port*: two channels of
+//! Ethernet frames). It owns a smoltcp interface in any-IP mode with the gateway and
+//! DNS addresses (10.0.2.2 and 10.0.2.3 by default) and a default route through itself,
+//! so it accepts IPv4 packets to *any* destination. Every flow a guest opens is
+//! terminated here and re-originated from an ordinary host socket, owned by this one
+//! task; there is no iptables, no `ip_forward` and no kernel NAT, and nothing beyond
+//! the TAP needs privileges.
+//!
+//! - TCP (`tcp.rs`): a guest SYN starts a host `connect`; only when it succeeds does a
+//!   smoltcp socket listen on the destination and receive the SYN, so a refused or
+//!   unreachable destination answers the guest with a RST, as a real host would. Bytes
+//!   are then copied between the smoltcp socket buffers and the host socket with no
+//!   intermediate buffer. Large socket buffers give a scaled window.
+//! - UDP (`udp.rs`) and ICMP echo (`icmp.rs`): flows of connected host sockets, built
+//!   and parsed with smoltcp's wire types, with idle timeouts.
+//! - DNS (`dns.rs`): flows to the DNS address, port 53, go to the host's resolver.
+//! - The gateway address maps to the host's loopback (127.0.0.1), as in VirtualBox.
+//! - Port forwards: a host listener (TCP) or socket (UDP) whose connections or
+//!   datagrams the router originates to a guest address, from the gateway address.
+//!   Nothing else from outside reaches a guest: host sockets are only ever connected
+//!   by the router on a guest's behalf.
+//!
+//! # The loop
+//!
+//! One task runs [`Router::run`]: wait until anything is ready (a frame, a control
+//! request, a finished connect, a readable/writable host socket, a smoltcp timer),
+//! then do one *step*: classify frames (`frame.rs`), feed smoltcp, pump every flow
+//! with non-blocking reads and writes, let smoltcp emit, and send the frames to the
+//! switch. The wait registers interest only where progress is possible (a host socket
+//! is polled for reading only while its smoltcp send buffer has room), which is the
+//! back-pressure in both directions.
+//!
+//! # Bounds
+//!
+//! The flow table is bounded by count (`max_flows`) and by memory (`max_flow_memory`,
+//! counting each TCP flow's two smoltcp buffers); a flow over the bound is refused (a
+//! RST for TCP, a drop for UDP/ICMP) and counted. UDP and ICMP flows expire when idle;
+//! TCP flows when closed, or after `tcp_idle_timeout` without traffic.
+
+mod device;
+pub mod dns;
+pub mod frame;
+mod icmp;
+mod sys;
+mod tcp;
+mod udp;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketSet};
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr};
+use tokio::sync::{mpsc, oneshot};
+
+use self::device::QueueDevice;
+use self::frame::Classified;
+
+/// Errors of the NAT router and its control requests.
+#[derive(Debug, thiserror::Error)]
+pub enum NatError {
+    /// the router has stopped (its network was removed or the daemon is shutting down)
+    #[error("the NAT router has stopped")]
+    Stopped,
+    /// a port forward on this host address and protocol already exists
+    #[error("a {proto} forward on {host} already exists")]
+    ForwardExists {
+        /// Protocol.
+        proto: Proto,
+        /// Host address.
+        host: SocketAddr,
+    },
+    /// no such port forward
+    #[error("no {proto} forward on {host}")]
+    NoSuchForward {
+        /// Protocol.
+        proto: Proto,
+        /// Host address.
+        host: SocketAddr,
+    },
+    /// the host address of a port forward cannot be bound
+    #[error("cannot bind {proto} {host} for a port forward")]
+    Bind {
+        /// Protocol.
+        proto: Proto,
+        /// Host address.
+        host: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// a port forward's guest address is outside the network's subnet
+    #[error("forward guest address {guest} is not in the network's subnet {subnet}")]
+    GuestOutsideSubnet {
+        /// The guest address given.
+        guest: SocketAddrV4,
+        /// The subnet.
+        subnet: String,
+    },
+    /// an invalid router setting
+    #[error("invalid NAT setting {key}: {reason}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// What was expected.
+        reason: String,
+    },
+}
+
+/// Transport protocol of a port forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl std::fmt::Display for Proto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+impl std::str::FromStr for Proto {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tcp" => Ok(Proto::Tcp),
+            "udp" => Ok(Proto::Udp),
+            other => Err(format!("expected \"tcp\" or \"udp\", got {other:?}")),
+        }
+    }
+}
+
+/// Parses a forward's host address: "ADDR:PORT", or "PORT" alone for 127.0.0.1:PORT
+/// (loopback by default: a forward is open to the world only if the user says so).
+pub fn parse_host_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    }
+    s.parse::<SocketAddr>()
+        .map_err(|_| format!("expected \"ADDR:PORT\" or \"PORT\", got {s:?}"))
+}
+
+fn de_host<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_host_addr(&s).map_err(serde::de::Error::custom)
+}
+
+/// A port forward: connections (TCP) or datagrams (UDP) to `host` go to `guest`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Forward {
+    /// `tcp` or `udp`.
+    pub proto: Proto,
+    /// Host address to listen on ("127.0.0.1:2222", or "2222" for loopback).
+    #[serde(deserialize_with = "de_host")]
+    pub host: SocketAddr,
+    /// Guest address ("10.0.2.15:22").
+    pub guest: SocketAddrV4,
+}
+
+/// Bounds and timeouts of the flow table.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Most flows (TCP + UDP + ICMP) at once.
+    pub max_flows: usize,
+    /// Most bytes of flow buffers at once (each TCP flow counts its two buffers).
+    pub max_flow_memory: usize,
+    /// Size of each of a TCP flow's two smoltcp buffers (sets the window).
+    pub tcp_buffer: usize,
+    /// Idle time after which a UDP flow is removed.
+    pub udp_timeout: Duration,
+    /// Idle time after which an ICMP echo flow is removed.
+    pub icmp_timeout: Duration,
+    /// Idle time after which an established TCP flow is reset.
+    pub tcp_idle_timeout: Duration,
+    /// How long a host connect may take before the guest gets a RST.
+    pub connect_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_flows: 4096,
+            max_flow_memory: 512 << 20,
+            tcp_buffer: 512 << 10,
+            udp_timeout: Duration::from_secs(60),
+            icmp_timeout: Duration::from_secs(10),
+            tcp_idle_timeout: Duration::from_secs(2 * 3600),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Everything the router needs to start.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// The network's subnet: address and prefix length.
+    pub subnet: (Ipv4Addr, u8),
+    /// The router's address; it stands for the host's loopback.
+    pub gateway: Ipv4Addr,
+    /// The DNS forwarder's address.
+    pub dns: Ipv4Addr,
+    /// The router's MAC.
+    pub mac: [u8; 6],
+    /// IP MTU of the network (up to 65520).
+    pub mtu: usize,
+    /// Where the host resolvers are listed.
+    pub resolv_conf: PathBuf,
+    /// Port forwards at start.
+    pub forwards: Vec<Forward>,
+    /// Flow table bounds.
+    pub limits: Limits,
+    /// Host destinations flows may go to, as (address, prefix) pairs; empty means
+    /// anywhere. The gateway's loopback and the resolver are checked too.
+    pub outbound_allow: Vec<(Ipv4Addr, u8)>,
+}
+
+impl RouterConfig {
+    /// VirtualBox's defaults: 10.0.2.0/24, gateway .2, DNS .3, MTU 1500.
+    pub fn defaults() -> Self {
+        RouterConfig {
+            subnet: (Ipv4Addr::new(10, 0, 2, 0), 24),
+            gateway: Ipv4Addr::new(10, 0, 2, 2),
+            dns: Ipv4Addr::new(10, 0, 2, 3),
+            mac: [0x52, 0x55, 0x0a, 0x00, 0x02, 0x02],
+            mtu: 1500,
+            resolv_conf: PathBuf::from("/etc/resolv.conf"),
+            forwards: Vec::new(),
+            limits: Limits::default(),
+            outbound_allow: Vec::new(),
+        }
+    }
+
+    /// Checks the settings hang together.
+    pub fn validate(&self) -> Result<(), NatError> {
+        if !(576..=65520).contains(&self.mtu) {
+            return Err(NatError::Invalid {
+                key: "mtu",
+                reason: format!("expected 576..=65520, got {}", self.mtu),
+            });
+        }
+        if self.subnet.1 > 30 {
+            return Err(NatError::Invalid {
+                key: "subnet",
+                reason: "prefix must be /30 or shorter".into(),
+            });
+        }
+        for (key, a) in [("gateway", self.gateway), ("dns", self.dns)] {
+            if !self.in_subnet(a) {
+                return Err(NatError::Invalid {
+                    key,
+                    reason: format!("{a} is not in the subnet"),
+                });
+            }
+        }
+        if self.limits.tcp_buffer < 4096 {
+            return Err(NatError::Invalid {
+                key: "tcp_buffer",
+                reason: "at least 4096 bytes".into(),
+            });
+        }
+        for f in &self.forwards {
+            self.check_forward(f)?;
+        }
+        Ok(())
+    }
+
+    fn mask(&self) -> u32 {
+        if self.subnet.1 == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.subnet.1))
+        }
+    }
+
+    /// Whether `a` is inside the network's subnet.
+    pub fn in_subnet(&self, a: Ipv4Addr) -> bool {
+        u32::from(a) & self.mask() == u32::from(self.subnet.0) & self.mask()
+    }
+
+    fn check_forward(&self, f: &Forward) -> Result<(), NatError> {
+        if !self.in_subnet(*f.guest.ip()) {
+            return Err(NatError::GuestOutsideSubnet {
+                guest: f.guest,
+                subnet: format!("{}/{}", self.subnet.0, self.subnet.1),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Counters of the router.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stats {
+    /// Frames from the switch.
+    pub frames_in: u64,
+    /// Frames to the switch.
+    pub frames_out: u64,
+    /// Malformed frames dropped.
+    pub malformed: u64,
+    /// Flows refused because the table was full (count or memory).
+    pub flows_refused: u64,
+    /// TCP connects refused or unreachable on the host (answered with a RST).
+    pub connect_failed: u64,
+    /// Datagrams or echo requests dropped (send failure, too large, no resolver).
+    pub dropped: u64,
+}
+
+/// One flow, as `netd flows NET` lists it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FlowInfo {
+    /// tcp, udp or icmp.
+    pub proto: String,
+    /// The guest's end.
+    pub guest: String,
+    /// The address the guest asked for.
+    pub dst: String,
+    /// The host-side peer.
+    pub host_peer: String,
+    /// A short state.
+    pub state: String,
+    /// Whether a port forward made it.
+    pub forward: bool,
+    /// Seconds since the last traffic.
+    pub idle_s: u64,
+}
+
+enum Command {
+    AddForward(Forward, oneshot::Sender<Result<(), NatError>>),
+    DelForward(Proto, SocketAddr, oneshot::Sender<Result<(), NatError>>),
+    ListForwards(oneshot::Sender<Vec<Forward>>),
+    Flows(oneshot::Sender<Vec<FlowInfo>>),
+    Stats(oneshot::Sender<Stats>),
+}
+
+/// Drives a running router: port forwards, flows, counters.
+#[derive(Debug, Clone)]
+pub struct RouterHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Command")
+    }
+}
+
+impl RouterHandle {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, NatError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| NatError::Stopped)?;
+        rx.await.map_err(|_| NatError::Stopped)
+    }
+
+    /// Adds a port forward (binds its host address now).
+    pub async fn add_forward(&self, f: Forward) -> Result<(), NatError> {
+        self.ask(|tx| Command::AddForward(f, tx)).await?
+    }
+
+    /// Removes the forward on `host`; its open connections are closed.
+    pub async fn del_forward(&self, proto: Proto, host: SocketAddr) -> Result<(), NatError> {
+        self.ask(|tx| Command::DelForward(proto, host, tx)).await?
+    }
+
+    /// The forwards in place.
+    pub async fn forwards(&self) -> Result<Vec<Forward>, NatError> {
+        self.ask(Command::ListForwards).await
+    }
+
+    /// The flows in the table.
+    pub async fn flows(&self) -> Result<Vec<FlowInfo>, NatError> {
+        self.ask(Command::Flows).await
+    }
+
+    /// The router's counters.
+    pub async fn stats(&self) -> Result<Stats, NatError> {
+        self.ask(Command::Stats).await
+    }
+}
+
+/// The router: one per NAT network, run by one task.
+pub struct Router {
+    cfg: RouterConfig,
+    mac: EthernetAddress,
+    iface: Interface,
+    dev: QueueDevice,
+    sockets: SocketSet<'static>,
+    from_switch: mpsc::Receiver<Bytes>,
+    to_switch: mpsc::Sender<Bytes>,
+    ctl: mpsc::Receiver<Command>,
+    inbox: Vec<Bytes>,
+    stopped: bool,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    next_housekeeping: tokio::time::Instant,
+    resolvers: dns::Resolvers,
+    stats: Stats,
+    tcp: tcp::TcpTable,
+    udp: udp::UdpTable,
+    icmp: icmp::IcmpTable,
+    /// Guest MACs by address, learned from their frames, for frames the router builds.
+    guest_macs: HashMap<Ipv4Addr, EthernetAddress>,
+}
+
+/// How many frames one wake-up takes from the switch before doing a step.
+const INBOX_BATCH: usize = 256;
+
+impl Router {
+    /// Builds a router on a service port of the switch. Binds the configured port
+    /// forwards; must be called inside a tokio runtime.
+    pub fn new(
+        cfg: RouterConfig,
+        from_switch: mpsc::Receiver<Bytes>,
+        to_switch: mpsc::Sender<Bytes>,
+    ) -> Result<(Router, RouterHandle), NatError> {
+        cfg.validate()?;
+        let mac = EthernetAddress(cfg.mac);
+        let mut dev = QueueDevice::new(cfg.mtu);
+        let mut icfg = IfaceConfig::new(HardwareAddress::Ethernet(mac));
+        icfg.random_seed = seed();
+        let mut iface = Interface::new(icfg, &mut dev, smoltcp::time::Instant::now());
+        let prefix = cfg.subnet.1;
+        iface.update_ip_addrs(|addrs| {
+            let _ = addrs.push(IpCidr::new(cfg.gateway.into(), prefix));
+            if cfg.dns != cfg.gateway {
+                let _ = addrs.push(IpCidr::new(cfg.dns.into(), prefix));
+            }
+        });
+        // Any-IP: a packet to any destination is accepted when the route for it
+        // points at one of our addresses; the default route points at the gateway.
+        iface.set_any_ip(true);
+        iface
+            .routes_mut()
+            .add_default_ipv4_route(cfg.gateway)
+            .map_err(|_| NatError::Invalid {
+                key: "gateway",
+                reason: "cannot install the default route".into(),
+            })?;
+        let (ctl_tx, ctl_rx) = mpsc::channel(16);
+        let resolvers = dns::Resolvers::new(cfg.resolv_conf.clone());
+        let mut router = Router {
+            mac,
+            iface,
+            dev,
+            sockets: SocketSet::new(Vec::new()),
+            from_switch,
+            to_switch,
+            ctl: ctl_rx,
+            inbox: Vec::new(),
+            stopped: false,
+            timer: Box::pin(tokio::time::sleep(Duration::from_secs(1))),
+            next_housekeeping: tokio::time::Instant::now() + Duration::from_secs(1),
+            resolvers,
+            stats: Stats::default(),
+            tcp: tcp::TcpTable::default(),
+            udp: udp::UdpTable::default(),
+            icmp: icmp::IcmpTable::default(),
+            guest_macs: HashMap::new(),
+            cfg,
+        };
+        for f in router.cfg.forwards.clone() {
+            router.add_forward(f)?;
+        }
+        Ok((router, RouterHandle { tx: ctl_tx }))
+    }
+
+    /// Runs until the switch side of the port goes away.
+    pub async fn run(mut self) {
+        tracing::info!(gateway = %self.cfg.gateway, dns = %self.cfg.dns, mtu = self.cfg.mtu, "NAT router up");
+        loop {
+            std::future::poll_fn(|cx| self.poll_events(cx)).await;
+            if self.stopped {
+                break;
+            }
+            self.step();
+            while let Some(frame) = self.dev.tx.pop_front() {
+                self.stats.frames_out += 1;
+                if self.to_switch.send(frame).await.is_err() {
+                    self.stopped = true;
+                    break;
+                }
+            }
+            if self.stopped {
+                break;
+            }
+        }
+        tracing::info!("NAT router stopped");
+    }
+
+    /// Feeds one frame through the router synchronously and returns the frames it
+    /// answers with (used by the fuzz target and the randomized unit test).
+    pub fn process_frame_for_test(&mut self, frame: Bytes) -> Vec<Bytes> {
+        self.inbox.push(frame);
+        self.step();
+        self.dev.tx.drain(..).collect()
+    }
+
+    /// Registers interest in everything that can make progress; ready when any is.
+    fn poll_events(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut ready = false;
+        while self.inbox.len() < INBOX_BATCH {
+            match self.from_switch.poll_recv(cx) {
+                Poll::Ready(Some(f)) => {
+                    self.inbox.push(f);
+                    ready = true;
+                }
+                Poll::Ready(None) => {
+                    self.stopped = true;
+                    return Poll::Ready(());
+                }
+                Poll::Pending => break,
+            }
+        }
+        if self.inbox.len() >= INBOX_BATCH {
+            ready = true;
+        }
+        // Every handle dropped (Ready(None)) just ends the loop: keep serving.
+        while let Poll::Ready(Some(cmd)) = self.ctl.poll_recv(cx) {
+            self.handle_command(cmd);
+            ready = true;
+        }
+        ready |= self.tcp.poll_ready(cx);
+        ready |= self.udp.poll_ready(cx);
+        ready |= self.icmp.poll_ready(cx);
+        if std::future::Future::poll(self.timer.as_mut(), cx).is_ready() {
+            ready = true;
+        }
+        if ready {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    fn handle_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::AddForward(f, tx) => {
+                let _ = tx.send(self.add_forward(f));
+            }
+            Command::DelForward(proto, host, tx) => {
+                let r = match proto {
+                    Proto::Tcp => self.tcp.del_forward(host, &mut self.sockets),
+                    Proto::Udp => self.udp.del_forward(host),
+                };
+                let _ = tx.send(
+                    r.then_some(())
+                        .ok_or(NatError::NoSuchForward { proto, host }),
+                );
+            }
+            Command::ListForwards(tx) => {
+                let mut v = self.tcp.forwards();
+                v.extend(self.udp.forwards());
+                let _ = tx.send(v);
+            }
+            Command::Flows(tx) => {
+                let mut v = self.tcp.flows(&self.sockets);
+                v.extend(self.udp.flows());
+                v.extend(self.icmp.flows());
+                let _ = tx.send(v);
+            }
+            Command::Stats(tx) => {
+                let _ = tx.send(self.stats.clone());
+            }
+        }
+    }
+
+    fn add_forward(&mut self, f: Forward) -> Result<(), NatError> {
+        self.cfg.check_forward(&f)?;
+        match f.proto {
+            Proto::Tcp => self.tcp.add_forward(f),
+            Proto::Udp => self.udp.add_forward(f),
+        }
+    }
+
+    /// Where a guest's flow to `dst` really goes on the host, or `None` if nowhere
+    /// (or not allowed by `outbound_allow`).
+    fn map_dst(&mut self, dst: SocketAddrV4) -> Option<SocketAddr> {
+        let target = self.map_dst_unchecked(dst)?;
+        if self.cfg.outbound_allow.is_empty() {
+            return Some(target);
+        }
+        let IpAddr::V4(ip) = target.ip() else {
+            return None;
+        };
+        self.cfg
+            .outbound_allow
+            .iter()
+            .any(|(net, len)| prefix_match(ip, *net, *len))
+            .then_some(target)
+    }
+
+    fn map_dst_unchecked(&mut self, dst: SocketAddrV4) -> Option<SocketAddr> {
+        let ip = *dst.ip();
+        if ip == self.cfg.gateway {
+            return Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), dst.port()));
+        }
+        if ip == self.cfg.dns {
+            return if dst.port() == 53 {
+                self.resolvers.current()
+            } else {
+                None
+            };
+        }
+        // Other addresses of the NAT subnet are guests (they talk directly, on the
+        // switch), never host destinations; and no broadcast/multicast flows.
+        if self.cfg.in_subnet(ip) || ip.is_broadcast() || ip.is_multicast() || ip.is_unspecified() {
+            return None;
+        }
+        Some(SocketAddr::V4(dst))
+    }
+
+    /// Whether one more flow costing `bytes` fits the table.
+    fn flow_fits(&self, bytes: usize) -> bool {
+        let count = self.tcp.len() + self.udp.len() + self.icmp.len();
+        let mem = self.tcp.len() * 2 * self.cfg.limits.tcp_buffer
+            + (self.udp.len() + self.icmp.len()) * udp::FLOW_COST;
+        count < self.cfg.limits.max_flows && mem + bytes <= self.cfg.limits.max_flow_memory
+    }
+
+    /// One round of work after a wake-up.
+    fn step(&mut self) {
+        let now = smoltcp::time::Instant::now();
+        self.tcp_connect_results();
+        self.tcp_accept_forwards();
+        self.udp_forward_input();
+        for frame in std::mem::take(&mut self.inbox) {
+            self.stats.frames_in += 1;
+            self.ingest(frame);
+        }
+        self.iface.poll(now, &mut self.dev, &mut self.sockets);
+        self.tcp_pump();
+        self.udp_pump();
+        self.icmp_pump();
+        self.egress(now);
+        self.tcp_cleanup();
+        let tnow = tokio::time::Instant::now();
+        if tnow >= self.next_housekeeping {
+            self.next_housekeeping = tnow + Duration::from_secs(1);
+            self.expire();
+        }
+        let delay = self
+            .iface
+            .poll_delay(now, &self.sockets)
+            .map(|d| Duration::from_micros(d.total_micros()))
+            .unwrap_or(Duration::from_secs(1));
+        let deadline = (tnow + delay).min(self.next_housekeeping);
+        self.timer.as_mut().reset(deadline);
+    }
+
+    /// Lets smoltcp emit until it has nothing more (each pass sends at most one
+    /// segment per socket).
+    fn egress(&mut self, now: smoltcp::time::Instant) {
+        for _ in 0..4096 {
+            let before = self.dev.tx.len();
+            self.iface
+                .poll_egress(now, &mut self.dev, &mut self.sockets);
+            if self.dev.tx.len() == before {
+                break;
+            }
+        }
+    }
+
+    fn ingest(&mut self, frame: Bytes) {
+        let gw = self.cfg.gateway;
+        let dns = self.cfg.dns;
+        let own = |a: Ipv4Addr| a == gw || a == dns;
+        match frame::classify(&frame, self.mac, own) {
+            Classified::Ignore => {}
+            Classified::Malformed => self.stats.malformed += 1,
+            Classified::ArpRequest {
+                src_mac,
+                src_ip,
+                target_ip,
+            } => {
+                if self.cfg.in_subnet(src_ip) {
+                    self.guest_macs.insert(src_ip, src_mac);
+                    self.dev
+                        .tx
+                        .push_back(frame::arp_reply(self.mac, target_ip, src_mac, src_ip));
+                }
+            }
+            Classified::Smoltcp => self.dev.rx.push_back(frame.clone()),
+            Classified::TcpSyn {
+                src_mac,
+                src,
+                dst,
+                seq,
+            } => {
+                self.guest_macs.insert(src.0, src_mac);
+                self.tcp_syn(frame.clone(), src_mac, src, dst, seq);
+            }
+            Classified::Udp {
+                src_mac,
+                src,
+                dst,
+                payload,
+            } => {
+                self.guest_macs.insert(src.0, src_mac);
+                self.udp_input(src_mac, src, dst, payload);
+            }
+            Classified::IcmpEcho {
+                src_mac,
+                src,
+                dst,
+                ident,
+                icmp,
+            } => {
+                self.guest_macs.insert(src, src_mac);
+                self.icmp_input(src_mac, src, dst, ident, icmp);
+            }
+        }
+    }
+
+    fn expire(&mut self) {
+        let limits = self.cfg.limits.clone();
+        self.udp.expire(limits.udp_timeout);
+        self.icmp.expire(limits.icmp_timeout);
+        self.tcp.expire(limits.tcp_idle_timeout, &mut self.sockets);
+        if self.guest_macs.len() > 4096 {
+            self.guest_macs.clear();
+        }
+    }
+}
+
+/// Whether `a` is inside `net/len`.
+pub fn prefix_match(a: Ipv4Addr, net: Ipv4Addr, len: u8) -> bool {
+    let mask = if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(len.min(32)))
+    };
+    u32::from(a) & mask == u32::from(net) & mask
+}
+
+fn seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ (u64::from(std::process::id()) << 32)
+}
+
+#[cfg(test)]
+mod tests;

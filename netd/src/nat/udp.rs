@@ -1,0 +1,356 @@
+//! UDP flows of the NAT router.
+//!
+//! # Theory of operation
+//!
+//! UDP has no connection, so a *flow* is the 4-tuple (guest address and port,
+//! destination address and port) of the first datagram. Each flow gets its own host
+//! UDP socket, bound to an ephemeral port and connected to the mapped destination
+//! (the real address; 127.0.0.1 for the gateway; the host resolver for the DNS
+//! address, port 53). Because the socket is connected, the kernel delivers to it only
+//! datagrams from that peer: replies go back to the guest as if from the destination
+//! it asked for, and nothing else from outside gets in. A flow is removed after
+//! `udp_timeout` without traffic in either direction.
+//!
+//! Port forwards: a host socket bound to the forward's host address. A datagram from a
+//! new client opens a *session*: a gateway port is allocated and the datagram goes to
+//! the guest from (gateway, that port); the guest's replies to that port go back to
+//! the client from the forward's socket. Sessions expire like flows.
+//!
+//! A datagram larger than the network's MTU allows is dropped and counted: the router
+//! does not fragment.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::task::Context;
+use std::time::{Duration, Instant};
+
+use smoltcp::wire::EthernetAddress;
+use tokio::net::UdpSocket;
+
+use super::frame::{udp_frame, IPV4_HDR, UDP_HDR};
+use super::{FlowInfo, Forward, NatError, Router};
+
+/// Memory charged to one UDP or ICMP flow for the flow-table bound.
+pub const FLOW_COST: usize = 4096;
+
+/// Datagrams read from one host socket per step, so one busy flow cannot starve others.
+const BURST: usize = 64;
+
+type Key = (SocketAddrV4, SocketAddrV4);
+
+struct Flow {
+    sock: UdpSocket,
+    mac: EthernetAddress,
+    host_peer: SocketAddr,
+    last: Instant,
+}
+
+struct Session {
+    host: SocketAddr,
+    client: SocketAddr,
+    guest: SocketAddrV4,
+    last: Instant,
+}
+
+/// UDP flows and forwards.
+#[derive(Default)]
+pub struct UdpTable {
+    flows: HashMap<Key, Flow>,
+    forwards: HashMap<SocketAddr, (Forward, UdpSocket)>,
+    /// Forward sessions by gateway port.
+    sessions: HashMap<u16, Session>,
+    by_client: HashMap<(SocketAddr, SocketAddr), u16>,
+    next_port: u16,
+}
+
+const FWD_PORT_FIRST: u16 = 32768;
+const FWD_PORT_LAST: u16 = 60999;
+
+impl UdpTable {
+    /// Flows plus forward sessions.
+    pub fn len(&self) -> usize {
+        self.flows.len() + self.sessions.len()
+    }
+
+    /// Registers interest; true if a socket is readable.
+    pub fn poll_ready(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut ready = false;
+        for f in self.flows.values() {
+            ready |= f.sock.poll_recv_ready(cx).is_ready();
+        }
+        for (_, s) in self.forwards.values() {
+            ready |= s.poll_recv_ready(cx).is_ready();
+        }
+        ready
+    }
+
+    /// Binds a forward's socket.
+    pub fn add_forward(&mut self, f: Forward) -> Result<(), NatError> {
+        if self.forwards.contains_key(&f.host) {
+            return Err(NatError::ForwardExists {
+                proto: f.proto,
+                host: f.host,
+            });
+        }
+        let bind_err = |source| NatError::Bind {
+            proto: f.proto,
+            host: f.host,
+            source,
+        };
+        let std_sock = std::net::UdpSocket::bind(f.host).map_err(bind_err)?;
+        std_sock.set_nonblocking(true).map_err(bind_err)?;
+        let sock = UdpSocket::from_std(std_sock).map_err(bind_err)?;
+        tracing::info!(host = %f.host, guest = %f.guest, "udp forward added");
+        self.forwards.insert(f.host, (f, sock));
+        Ok(())
+    }
+
+    /// Removes a forward and its sessions.
+    pub fn del_forward(&mut self, host: SocketAddr) -> bool {
+        if self.forwards.remove(&host).is_none() {
+            return false;
+        }
+        self.sessions.retain(|_, s| s.host != host);
+        self.by_client.retain(|(h, _), _| *h != host);
+        true
+    }
+
+    /// The forwards in place.
+    pub fn forwards(&self) -> Vec<Forward> {
+        self.forwards.values().map(|(f, _)| f.clone()).collect()
+    }
+
+    /// The flows, for `netd flows`.
+    pub fn flows(&self) -> Vec<FlowInfo> {
+        let now = Instant::now();
+        let mut v: Vec<FlowInfo> = self
+            .flows
+            .iter()
+            .map(|((guest, dst), f)| FlowInfo {
+                proto: "udp".into(),
+                guest: guest.to_string(),
+                dst: dst.to_string(),
+                host_peer: f.host_peer.to_string(),
+                state: "OPEN".into(),
+                forward: false,
+                idle_s: now.duration_since(f.last).as_secs(),
+            })
+            .collect();
+        v.extend(self.sessions.iter().map(|(port, s)| FlowInfo {
+            proto: "udp".into(),
+            guest: s.guest.to_string(),
+            dst: format!("gateway:{port}"),
+            host_peer: s.client.to_string(),
+            state: "OPEN".into(),
+            forward: true,
+            idle_s: now.duration_since(s.last).as_secs(),
+        }));
+        v
+    }
+
+    /// Removes flows and sessions idle longer than `timeout`.
+    pub fn expire(&mut self, timeout: Duration) {
+        let now = Instant::now();
+        self.flows
+            .retain(|_, f| now.duration_since(f.last) <= timeout);
+        self.sessions
+            .retain(|_, s| now.duration_since(s.last) <= timeout);
+        let sessions = &self.sessions;
+        self.by_client.retain(|_, p| sessions.contains_key(p));
+    }
+}
+
+impl Router {
+    fn max_udp_payload(&self) -> usize {
+        self.cfg.mtu.saturating_sub(IPV4_HDR + UDP_HDR)
+    }
+
+    /// A datagram from a guest.
+    pub(super) fn udp_input(
+        &mut self,
+        mac: EthernetAddress,
+        src: (Ipv4Addr, u16),
+        dst: (Ipv4Addr, u16),
+        payload: &[u8],
+    ) {
+        let guest = SocketAddrV4::new(src.0, src.1);
+        let dst = SocketAddrV4::new(dst.0, dst.1);
+        // A guest's reply to a forward session.
+        if *dst.ip() == self.cfg.gateway {
+            if let Some(s) = self.udp.sessions.get_mut(&dst.port()) {
+                if s.guest == guest {
+                    s.last = Instant::now();
+                    let (host, client) = (s.host, s.client);
+                    if let Some((_, sock)) = self.udp.forwards.get(&host) {
+                        if socket2::SockRef::from(sock)
+                            .send_to(payload, &client.into())
+                            .is_err()
+                        {
+                            self.stats.dropped += 1;
+                        }
+                    }
+                    return;
+                }
+            }
+        }
+        let key = (guest, dst);
+        if !self.udp.flows.contains_key(&key) {
+            let Some(target) = self.map_dst(dst) else {
+                self.stats.dropped += 1;
+                return;
+            };
+            if !self.flow_fits(FLOW_COST) {
+                self.stats.flows_refused += 1;
+                return;
+            }
+            let sock = match open_connected(target) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%target, error = %e, "udp flow open failed");
+                    self.stats.dropped += 1;
+                    return;
+                }
+            };
+            self.udp.flows.insert(
+                key,
+                Flow {
+                    sock,
+                    mac,
+                    host_peer: target,
+                    last: Instant::now(),
+                },
+            );
+        }
+        if let Some(f) = self.udp.flows.get_mut(&key) {
+            f.last = Instant::now();
+            f.mac = mac;
+            // Straight to the kernel: tokio's try_send would refuse a socket whose
+            // writability it has not seen yet (a new flow).
+            if socket2::SockRef::from(&f.sock).send(payload).is_err() {
+                self.stats.dropped += 1;
+            }
+        }
+    }
+
+    /// Replies from host sockets back to guests.
+    pub(super) fn udp_pump(&mut self) {
+        let max = self.max_udp_payload();
+        let mut buf = vec![0u8; 65536];
+        let now = Instant::now();
+        for ((guest, dst), f) in self.udp.flows.iter_mut() {
+            for _ in 0..BURST {
+                match f.sock.try_recv(&mut buf) {
+                    Ok(n) => {
+                        f.last = now;
+                        let Some(data) = buf.get(..n) else { break };
+                        if n > max {
+                            self.stats.dropped += 1;
+                            continue;
+                        }
+                        self.dev.tx.push_back(udp_frame(
+                            self.mac,
+                            f.mac,
+                            (*dst.ip(), dst.port()),
+                            (*guest.ip(), guest.port()),
+                            data,
+                        ));
+                    }
+                    // WouldBlock, or an ICMP error reported on the connected socket
+                    // (e.g. ECONNREFUSED): nothing to deliver.
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+
+    /// Datagrams arriving on forward sockets: to the guest.
+    pub(super) fn udp_forward_input(&mut self) {
+        let max = self.max_udp_payload();
+        let mut buf = vec![0u8; 65536];
+        let hosts: Vec<SocketAddr> = self.udp.forwards.keys().copied().collect();
+        for host in hosts {
+            for _ in 0..BURST {
+                let Some((fwd, sock)) = self.udp.forwards.get(&host) else {
+                    break;
+                };
+                let guest = fwd.guest;
+                let (n, client) = match sock.try_recv_from(&mut buf) {
+                    Ok(r) => r,
+                    Err(_) => break,
+                };
+                if n > max {
+                    self.stats.dropped += 1;
+                    continue;
+                }
+                let port = match self.udp.by_client.get(&(host, client)) {
+                    Some(p) => *p,
+                    None => {
+                        if !self.flow_fits(FLOW_COST) {
+                            self.stats.flows_refused += 1;
+                            continue;
+                        }
+                        let Some(p) = self.free_udp_port() else {
+                            self.stats.flows_refused += 1;
+                            continue;
+                        };
+                        self.udp.by_client.insert((host, client), p);
+                        self.udp.sessions.insert(
+                            p,
+                            Session {
+                                host,
+                                client,
+                                guest,
+                                last: Instant::now(),
+                            },
+                        );
+                        p
+                    }
+                };
+                if let Some(s) = self.udp.sessions.get_mut(&port) {
+                    s.last = Instant::now();
+                }
+                // Until the guest has spoken, its MAC is unknown: broadcast MAC with
+                // a unicast IP destination is still delivered by the guest stack.
+                let mac = self
+                    .guest_macs
+                    .get(guest.ip())
+                    .copied()
+                    .unwrap_or(EthernetAddress::BROADCAST);
+                let Some(data) = buf.get(..n) else { continue };
+                self.dev.tx.push_back(udp_frame(
+                    self.mac,
+                    mac,
+                    (self.cfg.gateway, port),
+                    (*guest.ip(), guest.port()),
+                    data,
+                ));
+            }
+        }
+    }
+
+    fn free_udp_port(&mut self) -> Option<u16> {
+        for _ in FWD_PORT_FIRST..=FWD_PORT_LAST {
+            let p = self.udp.next_port.max(FWD_PORT_FIRST);
+            self.udp.next_port = if p >= FWD_PORT_LAST {
+                FWD_PORT_FIRST
+            } else {
+                p + 1
+            };
+            if !self.udp.sessions.contains_key(&p) {
+                return Some(p);
+            }
+        }
+        None
+    }
+}
+
+fn open_connected(target: SocketAddr) -> std::io::Result<UdpSocket> {
+    let bind: SocketAddr = match target.ip() {
+        IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        IpAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let s = std::net::UdpSocket::bind(bind)?;
+    s.connect(target)?;
+    s.set_nonblocking(true)?;
+    UdpSocket::from_std(s)
+}

@@ -1,0 +1,209 @@
+//! The lab the NAT and bridged tests share: a "host" namespace where netd runs, an
+//! "internet" namespace routed from it, and guest namespaces on netd's networks.
+//!
+//! ```text
+//!  guest ns --TAP-- [netd in host ns] --veth 198.18.0.1/24 -- 198.18.0.2 [inet ns]
+//!                    127.0.0.1: httpd                          198.19.0.10 (lo):
+//!                                                              httpd, dnsmasq, UDP echo
+//! ```
+//!
+//! netd runs in its own namespace, so the "host loopback" the gateway address stands
+//! for, the host's route to the "internet" and the resolv.conf it reads all belong to
+//! the test: nothing touches the real host's networking, and tests run in parallel
+//! with the same addresses. Only test addresses (198.18.0.0/15, the benchmarking
+//! range) and loopback are used.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use integration_tests::{bin, wait_until, ChildGuard, Netns};
+
+/// The "internet" server address (on the internet namespace's loopback).
+pub const INET_SERVER: &str = "198.19.0.10";
+/// The name dnsmasq answers with `INET_SERVER`.
+pub const INET_NAME: &str = "www.fabric.test";
+/// The page both web servers serve.
+pub const PAGE: &str = "hello from the fabric lab";
+
+/// A udhcpc script that configures the interface and records what it got.
+pub const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
+case "$1" in
+  bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    if [ -n "$router" ]; then
+      ip route replace default via "${router%% *}" dev "$interface"
+    fi
+    echo "ip=$ip router=$router dns=$dns" > "$LEASE_FILE"
+    ;;
+esac
+exit 0
+"#;
+
+/// The host namespace, the internet namespace, and netd.
+pub struct Lab {
+    /// Where netd runs; its loopback is "the host's loopback".
+    pub host: Netns,
+    /// The "internet".
+    pub inet: Netns,
+    /// Scratch directory (config, state, web roots, resolv.conf).
+    pub dir: tempfile::TempDir,
+    /// The control socket.
+    pub control: PathBuf,
+    netd: Option<ChildGuard>,
+    servers: Vec<ChildGuard>,
+}
+
+impl Lab {
+    /// Builds the namespaces and the internet's servers (web, DNS, UDP echo).
+    pub fn new() -> Result<Lab> {
+        integration_tests::require_root();
+        let host = Netns::new("nh")?;
+        let inet = Netns::new("ni")?;
+        let dir = tempfile::tempdir()?;
+        let control = dir.path().join("netd.sock");
+        let mut lab = Lab {
+            host,
+            inet,
+            dir,
+            control,
+            netd: None,
+            servers: Vec::new(),
+        };
+        lab.host.exec(&[
+            "ip", "link", "add", "hv0", "type", "veth", "peer", "name", "iv0", "netns",
+            lab.inet.name(),
+        ])?;
+        lab.host.sh("ip addr add 198.18.0.1/24 dev hv0 && ip link set hv0 up && ip route add 198.19.0.0/16 via 198.18.0.2")?;
+        lab.inet.sh(&format!(
+            "ip addr add 198.18.0.2/24 dev iv0 && ip link set iv0 up && ip addr add {INET_SERVER}/32 dev lo && ip route add default via 198.18.0.1"
+        ))?;
+        // Web roots.
+        for (name, text) in [("www-host", format!("{PAGE} (host)\n")), ("www-inet", format!("{PAGE} (internet)\n"))] {
+            let d = lab.dir.path().join(name);
+            std::fs::create_dir_all(&d)?;
+            std::fs::write(d.join("index.html"), text)?;
+        }
+        // A big file for download tests.
+        let big: Vec<u8> = (0..4u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+        std::fs::write(lab.dir.path().join("www-host/big.bin"), &big)?;
+        let www_inet = lab.path("www-inet");
+        let www_host = lab.path("www-host");
+        let g = lab.inet.spawn(&["busybox", "httpd", "-f", "-p", &format!("{INET_SERVER}:80"), "-h", &www_inet])?;
+        lab.servers.push(g);
+        let g = lab.host.spawn(&["busybox", "httpd", "-f", "-p", "127.0.0.1:8080", "-h", &www_host])?;
+        lab.servers.push(g);
+        let g = lab.inet.spawn(&[
+            "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--conf-file=/dev/null",
+            "--bind-interfaces", &format!("--listen-address={INET_SERVER}"), "--user=root",
+            &format!("--pid-file={}", lab.path("dnsmasq.pid")),
+            &format!("--address=/{INET_NAME}/{INET_SERVER}"),
+        ])?;
+        lab.servers.push(g);
+        let g = lab.inet.spawn(&["socat", &format!("UDP4-RECVFROM:7777,bind={INET_SERVER},fork"), "EXEC:/bin/cat"])?;
+        lab.servers.push(g);
+        std::fs::write(lab.dir.path().join("resolv.conf"), format!("# test resolver\nnameserver {INET_SERVER}\n"))?;
+        std::fs::write(lab.dir.path().join("udhcpc.sh"), UDHCPC_SCRIPT)?;
+        Command::new("chmod").args(["+x", &lab.path("udhcpc.sh")]).status()?;
+        // Servers up?
+        let ok = wait_until(Duration::from_secs(5), || {
+            lab.inet.sh(&format!("busybox wget -q -O - http://{INET_SERVER}/ >/dev/null")).is_ok()
+                && lab.host.sh("busybox wget -q -O - http://127.0.0.1:8080/ >/dev/null").is_ok()
+        });
+        if !ok {
+            bail!("lab web servers did not come up");
+        }
+        Ok(lab)
+    }
+
+    /// A path in the scratch directory, as a string.
+    pub fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    /// Writes the config (with control, state_dir, and `networks` appended) and
+    /// starts netd in the host namespace; waits for its control socket.
+    pub fn start_netd(&mut self, networks: &str) -> Result<()> {
+        let cfg = format!(
+            "control = \"{}\"\nstate_dir = \"{}\"\n{networks}",
+            self.control.display(),
+            self.path("state")
+        );
+        let cfg_path = self.dir.path().join("netd.toml");
+        std::fs::write(&cfg_path, cfg)?;
+        let netd = bin("netd");
+        let mut cmd = self.host.command(&[
+            netd.to_str().context("path")?,
+            "serve",
+            "--config",
+            cfg_path.to_str().context("path")?,
+        ]);
+        cmd.env("RUST_LOG", "netd=debug");
+        let log = std::fs::File::create(self.dir.path().join("netd.log"))?;
+        cmd.stdout(log.try_clone()?).stderr(log);
+        let child = cmd.spawn().context("spawn netd")?;
+        self.netd = Some(ChildGuard::new(child));
+        let control = self.control.clone();
+        if !wait_until(Duration::from_secs(10), || control.exists()) {
+            bail!("netd did not come up:\n{}", self.netd_log());
+        }
+        Ok(())
+    }
+
+    /// netd's log so far.
+    pub fn netd_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("netd.log")).unwrap_or_default()
+    }
+
+    /// Runs the netd CLI against this lab's daemon, in the host namespace.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let netd = bin("netd");
+        let mut argv = vec![netd.to_str().context("path")?, "--control", self.control.to_str().context("path")?];
+        argv.extend_from_slice(args);
+        let out = self.host.exec(&argv)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs udhcpc on `ifname` in `ns`; returns the lease line the script wrote.
+    pub fn dhcp(&self, ns: &Netns, ifname: &str) -> Result<String> {
+        let lease = self.dir.path().join(format!("lease-{}", ns.name()));
+        let ok = wait_until(Duration::from_secs(10), || {
+            ns.sh(&format!("ip link show {ifname} >/dev/null 2>&1")).is_ok()
+        });
+        if !ok {
+            bail!("{ifname} never appeared in {}", ns.name());
+        }
+        ns.sh(&format!("ip link set {ifname} up"))?;
+        let mut cmd = ns.command(&[
+            "busybox", "udhcpc", "-f", "-q", "-n", "-t", "8", "-T", "1", "-i", ifname, "-s", &self.path("udhcpc.sh"),
+        ]);
+        cmd.env("LEASE_FILE", &lease);
+        integration_tests::run(&mut cmd).with_context(|| format!("udhcpc\nnetd log:\n{}", self.netd_log()))?;
+        Ok(std::fs::read_to_string(&lease)?)
+    }
+
+    /// Keeps a server process alive for the lab's lifetime.
+    pub fn keep(&mut self, g: ChildGuard) {
+        self.servers.push(g);
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Some(mut n) = self.netd.take() {
+            n.signal(libc::SIGTERM);
+            let _ = n.wait_timeout(Duration::from_secs(5));
+        }
+        if std::thread::panicking() {
+            eprintln!("---- netd log ----\n{}", self.netd_log());
+        }
+    }
+}
+
+/// Whether `path` exists (helper for readability in tests).
+pub fn exists(path: &Path) -> bool {
+    path.exists()
+}

@@ -111,6 +111,21 @@ pub struct NetworkConfig {
     /// The ports.
     #[serde(default)]
     pub port: Vec<PortConfig>,
+    /// nat: port forwards (`[[network.forward]]`).
+    #[serde(default)]
+    pub forward: Vec<crate::nat::Forward>,
+    /// nat: every port its own segment (VirtualBox "NAT" rather than "NAT Network").
+    pub isolated: Option<bool>,
+    /// bridged: the host NIC the uplink port is on.
+    pub uplink: Option<String>,
+    /// nat: the DNS forwarder's address (default: the gateway's next address).
+    pub dns: Option<Ipv4Addr>,
+    /// nat: where the host resolvers are listed (default /etc/resolv.conf).
+    pub resolv_conf: Option<PathBuf>,
+    /// nat: most flows at once (default 4096).
+    pub max_flows: Option<usize>,
+    /// nat: most bytes of flow buffers at once (default 512 MiB).
+    pub max_flow_memory: Option<usize>,
 }
 
 /// A DHCP reservation.
@@ -239,6 +254,12 @@ pub struct NetworkSpec {
     pub host_ifname: Option<String>,
     /// Ports.
     pub ports: Vec<PortSpec>,
+    /// The NAT router's settings (mode nat).
+    pub nat: Option<crate::nat::RouterConfig>,
+    /// The uplink NIC (mode bridged).
+    pub uplink: Option<String>,
+    /// Every port its own segment (with the network's services).
+    pub isolated: bool,
 }
 
 /// The netmask of a prefix length.
@@ -371,15 +392,11 @@ impl NetworkConfig {
         if !valid_name(&self.name) {
             return Err(ctx.err(key("name"), "1 to 64 characters of [A-Za-z0-9._-]"));
         }
-        match self.mode {
-            Mode::Internal | Mode::Hostonly => {}
-            Mode::Nat | Mode::Bridged => return Err(ctx.err(
-                key("mode"),
-                "\"internal\" or \"hostonly\" (modes \"nat\" and \"bridged\" are not yet built)",
-            )),
-        }
         let hostonly = self.mode == Mode::Hostonly;
+        let nat = self.mode == Mode::Nat;
+        crate::modes::check_mode_keys(self).map_err(|(k, e)| ctx.err(key(k), e))?;
         let subnet = match (&self.subnet, hostonly) {
+            (None, false) if nat => Some(crate::modes::NAT_SUBNET),
             (Some(s), _) => Some(parse_cidr(s).ok_or_else(|| {
                 ctx.err(
                     key("subnet"),
@@ -393,9 +410,10 @@ impl NetworkConfig {
             Some((a, prefix)) => {
                 let mask = prefix_mask(prefix);
                 let network = Ipv4Addr::from(u32::from(a) & u32::from(mask));
+                let first = if nat { 2 } else { 1 };
                 let gateway = self
                     .gateway
-                    .unwrap_or_else(|| Ipv4Addr::from(u32::from(network) + 1));
+                    .unwrap_or_else(|| Ipv4Addr::from(u32::from(network) + first));
                 let spec = Ipv4Spec {
                     network,
                     prefix,
@@ -416,7 +434,7 @@ impl NetworkConfig {
                 None
             }
         };
-        let dhcp_on = self.dhcp.unwrap_or(hostonly);
+        let dhcp_on = self.dhcp.unwrap_or(hostonly || nat);
         let dhcp = if dhcp_on {
             let Some(v4) = &ipv4 else {
                 return Err(ctx.err(key("subnet"), "a subnet when `dhcp = true`"));
@@ -441,7 +459,10 @@ impl NetworkConfig {
                     let bcast = u32::from(v4.broadcast());
                     // VirtualBox: .101 up to .254 on a /24; on smaller subnets the upper half.
                     let size = bcast - net;
-                    let start = if size > 200 {
+                    let start = if nat && size > 32 {
+                        // VirtualBox NAT: guests from .15.
+                        net + 15
+                    } else if size > 200 {
                         net + 101
                     } else {
                         net + size / 2
@@ -491,9 +512,10 @@ impl NetworkConfig {
                 start,
                 end,
                 lease_time,
-                dns: self.dhcp_dns.clone(),
-                // Internal and host-only networks route nowhere: no router option.
-                router: None,
+                dns: crate::modes::dhcp_dns(self, v4),
+                // Internal and host-only networks route nowhere: no router option;
+                // a NAT network's router is the gateway.
+                router: nat.then_some(v4.gateway),
                 reservations,
             })
         } else {
@@ -550,7 +572,16 @@ impl NetworkConfig {
             }
             ports.push(ps);
         }
+        let nat_spec = match (&ipv4, nat) {
+            (Some(v4), true) => Some(
+                crate::modes::router_config(self, v4, mtu).map_err(|(k, e)| ctx.err(key(&k), e))?,
+            ),
+            _ => None,
+        };
         Ok(NetworkSpec {
+            nat: nat_spec,
+            uplink: self.uplink.clone(),
+            isolated: self.isolated.unwrap_or(false),
             name: self.name.clone(),
             mode: self.mode,
             ipv4,
@@ -685,13 +716,11 @@ mod tests {
             e.contains("t.toml") && e.contains("network[0].subnet") && e.contains("CIDR"),
             "{e}"
         );
-        let e = v("control='/c'\nstate_dir='/s'\n[[network]]\nname='h'\nmode='nat'\n")
+        // Modes nat and bridged are built (issue 4); a bridged network needs its uplink.
+        let e = v("control='/c'\nstate_dir='/s'\n[[network]]\nname='h'\nmode='bridged'\n")
             .unwrap_err()
             .to_string();
-        assert!(
-            e.contains("network[0].mode") && e.contains("not yet built"),
-            "{e}"
-        );
+        assert!(e.contains("network[0].uplink"), "{e}");
         let e = v("control='/c'\nstate_dir='/s'\n[[network]]\nname='h'\nmode='internal'\n[[network.port]]\nkind='tap'\n")
             .unwrap_err()
             .to_string();

@@ -52,6 +52,37 @@ pub enum Request {
         /// Network.
         net: String,
     },
+    /// Add a port forward to a NAT network.
+    ForwardAdd {
+        /// Network.
+        net: String,
+        /// The forward, as in the config file.
+        forward: crate::nat::Forward,
+    },
+    /// Remove a port forward.
+    ForwardDel {
+        /// Network.
+        net: String,
+        /// Protocol.
+        proto: crate::nat::Proto,
+        /// Host address ("ADDR:PORT" or "PORT").
+        host: String,
+    },
+    /// List the port forwards of a NAT network.
+    ForwardList {
+        /// Network.
+        net: String,
+    },
+    /// List the NAT flows of a network.
+    Flows {
+        /// Network.
+        net: String,
+    },
+    /// The NAT router's counters.
+    NatStats {
+        /// Network.
+        net: String,
+    },
 }
 
 /// A control response.

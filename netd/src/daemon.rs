@@ -64,6 +64,12 @@ pub enum DaemonError {
     /// invalid port
     #[error("invalid port")]
     BadPort(#[source] crate::config::ConfigError),
+    /// network {0}: NAT router
+    #[error("network {0}: NAT router")]
+    Nat(String, #[source] crate::nat::NatError),
+    /// network {0} is not a NAT network
+    #[error("network {0} is not a NAT network")]
+    NotNat(String),
 }
 
 struct NetState {
@@ -72,6 +78,7 @@ struct NetState {
     host: Option<RunningPort>,
     ports: Vec<RunningPort>,
     dhcp: Option<Arc<Mutex<DhcpServer>>>,
+    nat: Option<crate::nat::RouterHandle>,
 }
 
 /// The daemon's state.
@@ -148,6 +155,7 @@ impl Daemon {
             host: None,
             ports: Vec::new(),
             dhcp: None,
+            nat: None,
         };
         let fail = |st: NetState, e: DaemonError| {
             stop_network(st);
@@ -189,6 +197,37 @@ impl Daemon {
             };
             tokio::spawn(crate::dhcp::run(server.clone(), sp));
             st.dhcp = Some(server);
+        }
+        net.set_isolated(spec.isolated);
+        if let Some(cfg) = &spec.nat {
+            let mut cfg = cfg.clone();
+            cfg.mac = service_mac(&spec.name, 2);
+            let sp = match net.attach_service("nat", 4096) {
+                Ok(sp) => sp,
+                Err(e) => return fail(st, DaemonError::Dhcp(spec.name.clone(), e)),
+            };
+            match crate::nat::Router::new(cfg, sp.from_switch, sp.to_switch) {
+                Ok((router, handle)) => {
+                    tokio::spawn(router.run());
+                    st.nat = Some(handle);
+                }
+                Err(e) => return fail(st, DaemonError::Nat(spec.name.clone(), e)),
+            }
+        }
+        if let Some(up) = &spec.uplink {
+            match crate::modes::start_uplink(&net, up) {
+                Ok(p) => st.ports.push(p),
+                Err(source) => {
+                    return fail(
+                        st,
+                        DaemonError::Port {
+                            net: spec.name.clone(),
+                            port: up.clone(),
+                            source,
+                        },
+                    )
+                }
+            }
         }
         for p in &spec.ports {
             match ports::start_port(&net, p) {
@@ -293,6 +332,19 @@ impl Daemon {
         Ok(f(st))
     }
 
+    /// Sends a request to a NAT network's router (from a blocking thread).
+    fn nat_request(
+        &self,
+        net: &str,
+        req: crate::nat::NatRequest,
+    ) -> Result<serde_json::Value, DaemonError> {
+        let h = self
+            .with_net(net, |st| st.nat.clone())?
+            .ok_or_else(|| DaemonError::NotNat(net.to_string()))?;
+        h.request_blocking(req)
+            .map_err(|e| DaemonError::Nat(net.to_string(), e))
+    }
+
     /// Serves one request.
     pub fn handle(&self, req: Request) -> Result<serde_json::Value, DaemonError> {
         let j = |v: serde_json::Result<serde_json::Value>| v.unwrap_or(serde_json::Value::Null);
@@ -333,6 +385,26 @@ impl Daemon {
             Request::Mac { net } => {
                 self.with_net(&net, |st| j(serde_json::to_value(st.net.mac_table())))
             }
+            Request::ForwardAdd { net, forward } => {
+                self.nat_request(&net, crate::nat::NatRequest::AddForward(forward))
+            }
+            Request::ForwardDel { net, proto, host } => {
+                let host = crate::nat::parse_host_addr(&host).map_err(|e| {
+                    DaemonError::Nat(
+                        net.clone(),
+                        crate::nat::NatError::Invalid {
+                            key: "host",
+                            reason: e,
+                        },
+                    )
+                })?;
+                self.nat_request(&net, crate::nat::NatRequest::DelForward(proto, host))
+            }
+            Request::ForwardList { net } => {
+                self.nat_request(&net, crate::nat::NatRequest::ListForwards)
+            }
+            Request::Flows { net } => self.nat_request(&net, crate::nat::NatRequest::Flows),
+            Request::NatStats { net } => self.nat_request(&net, crate::nat::NatRequest::Stats),
             Request::Leases { net } => self.with_net(&net, |st| {
                 let leases = st
                     .dhcp
@@ -354,6 +426,8 @@ fn stop_network(st: NetState) {
     }
     // The DHCP task ends when its port is gone; drop the switch's side of it.
     let _ = st.net.remove_port("dhcp");
+    // Likewise the NAT router: its input channel closes and its task ends.
+    let _ = st.net.remove_port("nat");
 }
 
 /// Serves the control socket until `shutdown` resolves.

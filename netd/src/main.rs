@@ -52,6 +52,86 @@ enum Cmd {
         /// Network.
         net: String,
     },
+    /// Port forwards of a NAT network.
+    Forward {
+        #[command(subcommand)]
+        cmd: ForwardCmd,
+    },
+    /// The NAT flows of a network (and, with --stats, the router's counters).
+    Flows {
+        /// Network.
+        net: String,
+        /// Show the router's counters instead.
+        #[arg(long)]
+        stats: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ForwardCmd {
+    /// Add a forward: `netd forward add NET tcp 127.0.0.1:2222 10.0.2.15:22`.
+    Add {
+        /// Network.
+        net: String,
+        /// tcp or udp.
+        proto: String,
+        /// Host address, "ADDR:PORT" (or "PORT" for 127.0.0.1).
+        host: String,
+        /// Guest address, "ADDR:PORT".
+        guest: String,
+    },
+    /// List forwards.
+    List {
+        /// Network.
+        net: String,
+    },
+    /// Remove a forward: `netd forward del NET tcp 127.0.0.1:2222`.
+    Del {
+        /// Network.
+        net: String,
+        /// tcp or udp.
+        proto: String,
+        /// Host address.
+        host: String,
+    },
+}
+
+fn forward_cmd(control: &std::path::Path, cmd: ForwardCmd) -> Result<()> {
+    use netd::nat::{parse_host_addr, Forward, Proto};
+    let proto = |p: &str| {
+        p.parse::<Proto>()
+            .map_err(|e| anyhow::anyhow!("PROTO: {e}"))
+    };
+    match cmd {
+        ForwardCmd::Add {
+            net,
+            proto: p,
+            host,
+            guest,
+        } => {
+            let forward = Forward {
+                proto: proto(&p)?,
+                host: parse_host_addr(&host).map_err(|e| anyhow::anyhow!("HOST: {e}"))?,
+                guest: guest
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("GUEST: expected \"ADDR:PORT\", got {guest:?}"))?,
+            };
+            client(control, Request::ForwardAdd { net, forward })
+        }
+        ForwardCmd::List { net } => client(control, Request::ForwardList { net }),
+        ForwardCmd::Del {
+            net,
+            proto: p,
+            host,
+        } => client(
+            control,
+            Request::ForwardDel {
+                net,
+                proto: proto(&p)?,
+                host,
+            },
+        ),
+    }
 }
 
 #[derive(Subcommand)]
@@ -203,6 +283,9 @@ fn main() -> ExitCode {
         },
         Cmd::Mac { net } => client(&cli.control, Request::Mac { net }),
         Cmd::Leases { net } => client(&cli.control, Request::Leases { net }),
+        Cmd::Forward { cmd } => forward_cmd(&cli.control, cmd),
+        Cmd::Flows { net, stats: false } => client(&cli.control, Request::Flows { net }),
+        Cmd::Flows { net, stats: true } => client(&cli.control, Request::NatStats { net }),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -319,6 +319,17 @@ pub fn start_host_port(
     start_fd_port(net, &spec, "host", fd, Cleanup::None)
 }
 
+/// Starts a port on an fd whose every read and write is one frame (the `bridged`
+/// mode's uplink uses it with an AF_PACKET socket); nothing to clean up after.
+pub fn start_fd_port_pub(
+    net: &Arc<Network>,
+    spec: &PortSpec,
+    kind: &'static str,
+    fd: OwnedFd,
+) -> Result<RunningPort, PortError> {
+    start_fd_port(net, spec, kind, fd, Cleanup::None)
+}
+
 fn start_fd_port(
     net: &Arc<Network>,
     spec: &PortSpec,

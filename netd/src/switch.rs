@@ -23,7 +23,7 @@
 //! frame from that MAC; a deleted port takes its entries with it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -300,6 +300,8 @@ pub struct Network {
     ports: RwLock<Vec<Arc<Port>>>,
     fdb: Mutex<Fdb>,
     next_id: AtomicU64,
+    /// Every port its own segment with the services (NAT `isolated = true`).
+    isolated: AtomicBool,
 }
 
 /// An in-process service attached to a network as a port: frames the service
@@ -335,6 +337,7 @@ impl Network {
             ports: RwLock::new(Vec::new()),
             fdb: Mutex::new(Fdb::new(max_macs, ageing)),
             next_id: AtomicU64::new(1),
+            isolated: AtomicBool::new(false),
         })
     }
 
@@ -397,6 +400,13 @@ impl Network {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .flush_port(id);
+    }
+
+    /// Isolation: when on, frames from a port other than a service go only to the
+    /// services (the NAT router, DHCP), never to another port: each VM is alone on
+    /// its segment with the network's services.
+    pub fn set_isolated(&self, on: bool) {
+        self.isolated.store(on, Ordering::Relaxed);
     }
 
     /// Attaches an in-process service (DHCP server, NAT router) as a port named
@@ -510,15 +520,17 @@ impl Network {
             }
         };
         let ports = self.ports.read().unwrap_or_else(|e| e.into_inner());
+        let isolated = self.isolated.load(Ordering::Relaxed) && from.kind != "service";
+        let allowed = |p: &Port| !isolated || p.kind == "service";
         match target {
             Some(id) if id == from.id => inc(&from.counters.drop_hairpin, 1),
             Some(id) => {
-                if let Some(p) = ports.iter().find(|p| p.id == id) {
+                if let Some(p) = ports.iter().find(|p| p.id == id && allowed(p)) {
                     p.send(frame);
                 }
             }
             None => {
-                for p in ports.iter().filter(|p| p.id != from.id) {
+                for p in ports.iter().filter(|p| p.id != from.id && allowed(p)) {
                     p.send(frame);
                 }
             }

@@ -175,7 +175,7 @@ pub struct Forward {
 }
 
 /// Bounds and timeouts of the flow table.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// Most flows (TCP + UDP + ICMP) at once.
     pub max_flows: usize,
@@ -208,7 +208,7 @@ impl Default for Limits {
 }
 
 /// Everything the router needs to start.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouterConfig {
     /// The network's subnet: address and prefix length.
     pub subnet: (Ipv4Addr, u8),
@@ -349,6 +349,22 @@ enum Command {
     Stats(oneshot::Sender<Stats>),
 }
 
+/// A control request to a router, for callers on blocking threads (the daemon's
+/// control handler).
+#[derive(Debug, Clone)]
+pub enum NatRequest {
+    /// Add a port forward.
+    AddForward(Forward),
+    /// Remove the forward on this protocol and host address.
+    DelForward(Proto, SocketAddr),
+    /// List forwards.
+    ListForwards,
+    /// List flows.
+    Flows,
+    /// Counters.
+    Stats,
+}
+
 /// Drives a running router: port forwards, flows, counters.
 #[derive(Debug, Clone)]
 pub struct RouterHandle {
@@ -372,6 +388,35 @@ impl RouterHandle {
             .await
             .map_err(|_| NatError::Stopped)?;
         rx.await.map_err(|_| NatError::Stopped)
+    }
+
+    /// Serves `req` from a blocking thread (not from inside the runtime's workers);
+    /// the answer as JSON.
+    pub fn request_blocking(&self, req: NatRequest) -> Result<serde_json::Value, NatError> {
+        fn ask<T>(
+            tx: &mpsc::Sender<Command>,
+            make: impl FnOnce(oneshot::Sender<T>) -> Command,
+        ) -> Result<T, NatError> {
+            let (otx, orx) = oneshot::channel();
+            tx.blocking_send(make(otx)).map_err(|_| NatError::Stopped)?;
+            orx.blocking_recv().map_err(|_| NatError::Stopped)
+        }
+        let j = |v: serde_json::Result<serde_json::Value>| v.unwrap_or(serde_json::Value::Null);
+        Ok(match req {
+            NatRequest::AddForward(f) => {
+                ask(&self.tx, |t| Command::AddForward(f, t))??;
+                serde_json::Value::Null
+            }
+            NatRequest::DelForward(p, h) => {
+                ask(&self.tx, |t| Command::DelForward(p, h, t))??;
+                serde_json::Value::Null
+            }
+            NatRequest::ListForwards => {
+                j(serde_json::to_value(ask(&self.tx, Command::ListForwards)?))
+            }
+            NatRequest::Flows => j(serde_json::to_value(ask(&self.tx, Command::Flows)?)),
+            NatRequest::Stats => j(serde_json::to_value(ask(&self.tx, Command::Stats)?)),
+        })
     }
 
     /// Adds a port forward (binds its host address now).

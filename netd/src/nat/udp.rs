@@ -193,6 +193,13 @@ impl Router {
                 }
             }
         }
+        // Unicast DHCP (renewals to the server identifier, which is the gateway
+        // address) is not a host flow; dropped, the client falls back to broadcast,
+        // which the network's DHCP service answers.
+        if (*dst.ip() == self.cfg.gateway || *dst.ip() == self.cfg.dns) && dst.port() == 67 {
+            self.stats.dropped += 1;
+            return;
+        }
         let key = (guest, dst);
         if !self.udp.flows.contains_key(&key) {
             let Some(target) = self.map_dst(dst) else {

@@ -1,0 +1,224 @@
+//! The `nat` and `bridged` network modes: their config rules and the uplink port.
+//!
+//! # Theory of operation
+//!
+//! A mode is a preset of ports and services on the same learning switch:
+//!
+//! - `nat`: a NAT router ([`crate::nat`]) attached as a service port, the DHCP server
+//!   handing out the router as gateway and the router's DNS forwarder as resolver.
+//!   Defaults follow VirtualBox: 10.0.2.0/24, router .2, DNS .3, guests from .15.
+//!   `isolated = true` makes the switch forward a port's frames only to the services,
+//!   so each VM is alone with the router (VirtualBox "NAT"); otherwise VMs on the
+//!   network see each other ("NAT Network").
+//! - `bridged`: an `uplink` port on a host NIC, through an AF_PACKET socket in
+//!   promiscuous mode: VMs' frames go out on the LAN with their own MACs, the LAN's
+//!   frames for them come in, and the LAN's DHCP server gives them addresses. Frames
+//!   between VMs on this host stay in the switch (the uplink is just another port
+//!   that learns the LAN's MACs). The host keeps using the NIC: the AF_PACKET socket
+//!   ignores the host's own outgoing frames, and the kernel still receives what is
+//!   addressed to the host.
+//!
+//! Keys that belong to one mode are refused on the others with an error naming the
+//! key, so a typo'd mode does not silently run without its router or uplink.
+
+mod sys;
+
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use crate::config::{Ipv4Spec, Mode, NetworkConfig, PortKind, PortSpec};
+use crate::nat::{Limits, RouterConfig};
+use crate::ports::{PortError, RunningPort};
+use crate::switch::Network;
+
+/// Default subnet of a NAT network (VirtualBox's).
+pub const NAT_SUBNET: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 0, 2, 0), 24);
+
+/// Refuses keys that make no sense in the network's mode: `(key, expected)`.
+pub fn check_mode_keys(n: &NetworkConfig) -> Result<(), (&'static str, String)> {
+    let nat = n.mode == Mode::Nat;
+    let bridged = n.mode == Mode::Bridged;
+    if !nat {
+        let only_nat = [
+            ("forward", !n.forward.is_empty()),
+            ("isolated", n.isolated.is_some()),
+            ("dns", n.dns.is_some()),
+            ("resolv_conf", n.resolv_conf.is_some()),
+            ("max_flows", n.max_flows.is_some()),
+            ("max_flow_memory", n.max_flow_memory.is_some()),
+        ];
+        if let Some((k, _)) = only_nat.iter().find(|(_, set)| *set) {
+            return Err((k, "no such key outside mode \"nat\"".into()));
+        }
+    }
+    if bridged {
+        match &n.uplink {
+            None => {
+                return Err((
+                    "uplink",
+                    "the host NIC of a bridged network, e.g. uplink = \"eth0\"".into(),
+                ))
+            }
+            Some(u) => {
+                if crate::sys::check_ifname(u).is_err() {
+                    return Err(("uplink", "an interface name of 1 to 15 bytes".into()));
+                }
+            }
+        }
+        if n.dhcp == Some(true) {
+            return Err((
+                "dhcp",
+                "false on a bridged network (the LAN's DHCP server serves its VMs)".into(),
+            ));
+        }
+        if n.subnet.is_some() || n.gateway.is_some() {
+            return Err((
+                "subnet",
+                "no subnet or gateway on a bridged network (the LAN's)".into(),
+            ));
+        }
+    } else if n.uplink.is_some() {
+        return Err(("uplink", "no uplink outside mode \"bridged\"".into()));
+    }
+    Ok(())
+}
+
+fn dns_addr(n: &NetworkConfig, v4: &Ipv4Spec) -> Ipv4Addr {
+    n.dns
+        .unwrap_or_else(|| Ipv4Addr::from(u32::from(v4.gateway).wrapping_add(1)))
+}
+
+/// The DNS servers DHCP announces: as configured, else the NAT DNS forwarder on a
+/// NAT network.
+pub fn dhcp_dns(n: &NetworkConfig, v4: &Ipv4Spec) -> Vec<Ipv4Addr> {
+    if n.dhcp_dns.is_empty() && n.mode == Mode::Nat {
+        vec![dns_addr(n, v4)]
+    } else {
+        n.dhcp_dns.clone()
+    }
+}
+
+/// The router settings of a NAT network; errors are `(key, expected)`.
+pub fn router_config(
+    n: &NetworkConfig,
+    v4: &Ipv4Spec,
+    mtu: u32,
+) -> Result<RouterConfig, (String, String)> {
+    let mut c = RouterConfig::defaults();
+    c.subnet = (v4.network, v4.prefix);
+    c.gateway = v4.gateway;
+    c.dns = dns_addr(n, v4);
+    c.mtu = mtu as usize;
+    if let Some(p) = &n.resolv_conf {
+        c.resolv_conf = p.clone();
+    }
+    c.forwards = n.forward.clone();
+    let d = Limits::default();
+    c.limits.max_flows = n.max_flows.unwrap_or(d.max_flows);
+    c.limits.max_flow_memory = n.max_flow_memory.unwrap_or(d.max_flow_memory);
+    if c.limits.max_flows == 0 {
+        return Err(("max_flows".into(), "at least 1".into()));
+    }
+    if c.limits.max_flow_memory < 2 * c.limits.tcp_buffer {
+        return Err((
+            "max_flow_memory".into(),
+            format!("at least {} bytes (one TCP flow)", 2 * c.limits.tcp_buffer),
+        ));
+    }
+    if c.dns == c.gateway || !v4.contains(c.dns) || c.dns == v4.broadcast() {
+        return Err((
+            "dns".into(),
+            format!(
+                "an address inside {}/{} other than the gateway",
+                v4.network, v4.prefix
+            ),
+        ));
+    }
+    for (i, f) in c.forwards.iter().enumerate() {
+        if !v4.contains(*f.guest.ip()) {
+            return Err((
+                format!("forward[{i}].guest"),
+                format!("an address inside {}/{}", v4.network, v4.prefix),
+            ));
+        }
+    }
+    c.validate().map_err(|e| ("mtu".into(), e.to_string()))?;
+    Ok(c)
+}
+
+/// Starts the uplink port of a bridged network on host NIC `ifname`.
+pub fn start_uplink(net: &Arc<Network>, ifname: &str) -> Result<RunningPort, PortError> {
+    let perr = |source| PortError::Packet {
+        ifname: ifname.to_string(),
+        source,
+    };
+    let index = crate::sys::if_index(ifname).map_err(perr)?;
+    let fd = crate::sys::packet_socket(index).map_err(perr)?;
+    sys::set_promiscuous(fd.as_raw_fd(), index).map_err(perr)?;
+    let spec = PortSpec {
+        name: "uplink".into(),
+        kind: PortKind::Vm,
+        ifname: Some(ifname.to_string()),
+        mac: None,
+        netns: None,
+        path: None,
+        persistent: true,
+    };
+    crate::ports::start_fd_port_pub(net, &spec, "uplink", fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use std::path::Path;
+
+    fn v(text: &str) -> Result<Vec<crate::config::NetworkSpec>, String> {
+        Config::parse(text, Path::new("t.toml"))
+            .map_err(|e| e.to_string())?
+            .validate(Path::new("t.toml"))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn nat_defaults_follow_virtualbox() {
+        let s = v("control='/c'\nstate_dir='/s'\n[[network]]\nname='n'\nmode='nat'\n").unwrap();
+        let n = &s[0];
+        let nat = n.nat.as_ref().unwrap();
+        assert_eq!(nat.gateway.to_string(), "10.0.2.2");
+        assert_eq!(nat.dns.to_string(), "10.0.2.3");
+        let d = n.dhcp.as_ref().unwrap();
+        assert_eq!(d.start.to_string(), "10.0.2.15");
+        assert_eq!(d.router.unwrap().to_string(), "10.0.2.2");
+        assert_eq!(d.dns[0].to_string(), "10.0.2.3");
+        assert!(!n.isolated);
+    }
+
+    #[test]
+    fn forwards_and_isolation_parse() {
+        let s = v("control='/c'\nstate_dir='/s'\n[[network]]\nname='n'\nmode='nat'\nisolated=true\nmtu=65520\n[[network.forward]]\nproto='tcp'\nhost='2222'\nguest='10.0.2.15:22'\n").unwrap();
+        let nat = s[0].nat.as_ref().unwrap();
+        assert_eq!(nat.forwards[0].host.to_string(), "127.0.0.1:2222");
+        assert_eq!(nat.mtu, 65520);
+        assert!(s[0].isolated);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = v("control='/c'\nstate_dir='/s'\n[[network]]\nname='n'\nmode='nat'\n[[network.forward]]\nproto='tcp'\nhost='2222'\nguest='192.168.0.5:22'\n").unwrap_err();
+        assert!(e.contains("network[0].forward[0].guest"), "{e}");
+        let e = v(
+            "control='/c'\nstate_dir='/s'\n[[network]]\nname='n'\nmode='internal'\nisolated=true\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("network[0].isolated"), "{e}");
+        let e =
+            v("control='/c'\nstate_dir='/s'\n[[network]]\nname='n'\nmode='bridged'\n").unwrap_err();
+        assert!(e.contains("network[0].uplink"), "{e}");
+        let e = v("control='/c'\nstate_dir='/s'\n[[network]]\nname='n'\nmode='nat'\n[[network.forward]]\nproto='sctp'\nhost='1'\nguest='10.0.2.15:1'\n").unwrap_err();
+        assert!(e.contains("sctp") || e.contains("proto"), "{e}");
+        let e = v("control='/c'\nstate_dir='/s'\n[[network]]\nname='n'\nmode='nat'\nmtu=65521\n")
+            .unwrap_err();
+        assert!(e.contains("mtu"), "{e}");
+    }
+}

@@ -74,7 +74,16 @@ impl Lab {
             servers: Vec::new(),
         };
         lab.host.exec(&[
-            "ip", "link", "add", "hv0", "type", "veth", "peer", "name", "iv0", "netns",
+            "ip",
+            "link",
+            "add",
+            "hv0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "iv0",
+            "netns",
             lab.inet.name(),
         ])?;
         lab.host.sh("ip addr add 198.18.0.1/24 dev hv0 && ip link set hv0 up && ip route add 198.19.0.0/16 via 198.18.0.2")?;
@@ -82,36 +91,79 @@ impl Lab {
             "ip addr add 198.18.0.2/24 dev iv0 && ip link set iv0 up && ip addr add {INET_SERVER}/32 dev lo && ip route add default via 198.18.0.1"
         ))?;
         // Web roots.
-        for (name, text) in [("www-host", format!("{PAGE} (host)\n")), ("www-inet", format!("{PAGE} (internet)\n"))] {
+        for (name, text) in [
+            ("www-host", format!("{PAGE} (host)\n")),
+            ("www-inet", format!("{PAGE} (internet)\n")),
+        ] {
             let d = lab.dir.path().join(name);
             std::fs::create_dir_all(&d)?;
             std::fs::write(d.join("index.html"), text)?;
         }
         // A big file for download tests.
-        let big: Vec<u8> = (0..4u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+        let big: Vec<u8> = (0..4u32 << 20)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+            .collect();
         std::fs::write(lab.dir.path().join("www-host/big.bin"), &big)?;
         let www_inet = lab.path("www-inet");
         let www_host = lab.path("www-host");
-        let g = lab.inet.spawn(&["busybox", "httpd", "-f", "-p", &format!("{INET_SERVER}:80"), "-h", &www_inet])?;
+        let g = lab.inet.spawn(&[
+            "busybox",
+            "httpd",
+            "-f",
+            "-p",
+            &format!("{INET_SERVER}:80"),
+            "-h",
+            &www_inet,
+        ])?;
         lab.servers.push(g);
-        let g = lab.host.spawn(&["busybox", "httpd", "-f", "-p", "127.0.0.1:8080", "-h", &www_host])?;
+        let g = lab.host.spawn(&[
+            "busybox",
+            "httpd",
+            "-f",
+            "-p",
+            "127.0.0.1:8080",
+            "-h",
+            &www_host,
+        ])?;
         lab.servers.push(g);
         let g = lab.inet.spawn(&[
-            "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--conf-file=/dev/null",
-            "--bind-interfaces", &format!("--listen-address={INET_SERVER}"), "--user=root",
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--conf-file=/dev/null",
+            "--bind-interfaces",
+            &format!("--listen-address={INET_SERVER}"),
+            "--user=root",
             &format!("--pid-file={}", lab.path("dnsmasq.pid")),
             &format!("--address=/{INET_NAME}/{INET_SERVER}"),
         ])?;
         lab.servers.push(g);
-        let g = lab.inet.spawn(&["socat", &format!("UDP4-RECVFROM:7777,bind={INET_SERVER},fork"), "EXEC:/bin/cat"])?;
+        let g = lab.inet.spawn(&[
+            "socat",
+            &format!("UDP4-RECVFROM:7777,bind={INET_SERVER},fork"),
+            "EXEC:/bin/cat",
+        ])?;
         lab.servers.push(g);
-        std::fs::write(lab.dir.path().join("resolv.conf"), format!("# test resolver\nnameserver {INET_SERVER}\n"))?;
+        std::fs::write(
+            lab.dir.path().join("resolv.conf"),
+            format!("# test resolver\nnameserver {INET_SERVER}\n"),
+        )?;
         std::fs::write(lab.dir.path().join("udhcpc.sh"), UDHCPC_SCRIPT)?;
-        Command::new("chmod").args(["+x", &lab.path("udhcpc.sh")]).status()?;
+        Command::new("chmod")
+            .args(["+x", &lab.path("udhcpc.sh")])
+            .status()?;
         // Servers up?
         let ok = wait_until(Duration::from_secs(5), || {
-            lab.inet.sh(&format!("busybox wget -q -O - http://{INET_SERVER}/ >/dev/null")).is_ok()
-                && lab.host.sh("busybox wget -q -O - http://127.0.0.1:8080/ >/dev/null").is_ok()
+            lab.inet
+                .sh(&format!(
+                    "busybox wget -q -O - http://{INET_SERVER}/ >/dev/null"
+                ))
+                .is_ok()
+                && lab
+                    .host
+                    .sh("busybox wget -q -O - http://127.0.0.1:8080/ >/dev/null")
+                    .is_ok()
         });
         if !ok {
             bail!("lab web servers did not come up");
@@ -161,7 +213,11 @@ impl Lab {
     /// Runs the netd CLI against this lab's daemon, in the host namespace.
     pub fn cli(&self, args: &[&str]) -> Result<String> {
         let netd = bin("netd");
-        let mut argv = vec![netd.to_str().context("path")?, "--control", self.control.to_str().context("path")?];
+        let mut argv = vec![
+            netd.to_str().context("path")?,
+            "--control",
+            self.control.to_str().context("path")?,
+        ];
         argv.extend_from_slice(args);
         let out = self.host.exec(&argv)?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -171,17 +227,31 @@ impl Lab {
     pub fn dhcp(&self, ns: &Netns, ifname: &str) -> Result<String> {
         let lease = self.dir.path().join(format!("lease-{}", ns.name()));
         let ok = wait_until(Duration::from_secs(10), || {
-            ns.sh(&format!("ip link show {ifname} >/dev/null 2>&1")).is_ok()
+            ns.sh(&format!("ip link show {ifname} >/dev/null 2>&1"))
+                .is_ok()
         });
         if !ok {
             bail!("{ifname} never appeared in {}", ns.name());
         }
         ns.sh(&format!("ip link set {ifname} up"))?;
         let mut cmd = ns.command(&[
-            "busybox", "udhcpc", "-f", "-q", "-n", "-t", "8", "-T", "1", "-i", ifname, "-s", &self.path("udhcpc.sh"),
+            "busybox",
+            "udhcpc",
+            "-f",
+            "-q",
+            "-n",
+            "-t",
+            "8",
+            "-T",
+            "1",
+            "-i",
+            ifname,
+            "-s",
+            &self.path("udhcpc.sh"),
         ]);
         cmd.env("LEASE_FILE", &lease);
-        integration_tests::run(&mut cmd).with_context(|| format!("udhcpc\nnetd log:\n{}", self.netd_log()))?;
+        integration_tests::run(&mut cmd)
+            .with_context(|| format!("udhcpc\nnetd log:\n{}", self.netd_log()))?;
         Ok(std::fs::read_to_string(&lease)?)
     }
 

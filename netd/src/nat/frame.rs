@@ -7,8 +7,8 @@
 //! handles some traffic itself rather than through the smoltcp interface:
 //!
 //! - ARP: smoltcp in any-IP mode answers ARP for *every* address, which would steal the
-//!   addresses of other guests on a NAT network. The router answers ARP requests only for
-//!   its own addresses (gateway, DNS) and hands ARP replies to smoltcp (neighbour cache).
+//!   addresses of other guests on a NAT network. Only ARP requests for the router's own
+//!   addresses (gateway, DNS) and ARP replies to the router reach smoltcp.
 //! - TCP SYNs to a destination without a flow: held back while the host connect runs
 //!   (see `tcp.rs`), so a refused connect becomes a RST rather than an accepted-then-reset
 //!   connection.
@@ -244,27 +244,6 @@ fn emit_eth(buf: &mut [u8], src: EthernetAddress, dst: EthernetAddress, proto: E
         ethertype: proto,
     }
     .emit(&mut eth);
-}
-
-/// An ARP reply from `router_mac` claiming `ip` for the requester.
-pub fn arp_reply(
-    router_mac: EthernetAddress,
-    ip: Ipv4Addr,
-    to_mac: EthernetAddress,
-    to_ip: Ipv4Addr,
-) -> Bytes {
-    let repr = ArpRepr::EthernetIpv4 {
-        operation: ArpOperation::Reply,
-        source_hardware_addr: router_mac,
-        source_protocol_addr: ip,
-        target_hardware_addr: to_mac,
-        target_protocol_addr: to_ip,
-    };
-    let mut buf = vec![0u8; ETH_HDR + repr.buffer_len()];
-    emit_eth(&mut buf, router_mac, to_mac, EthernetProtocol::Arp);
-    let mut pkt = ArpPacket::new_unchecked(&mut buf[ETH_HDR..]);
-    repr.emit(&mut pkt);
-    Bytes::from(buf)
 }
 
 fn emit_ipv4(buf: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr, proto: IpProtocol, payload_len: usize) {

@@ -734,15 +734,13 @@ impl Router {
             Classified::Ignore => {}
             Classified::Malformed => self.stats.malformed += 1,
             Classified::ArpRequest {
-                src_mac,
-                src_ip,
-                target_ip,
+                src_mac, src_ip, ..
             } => {
+                // smoltcp answers (the target is one of its addresses) and learns the
+                // guest's MAC in the same step, so its first reply needs no ARP.
                 if self.cfg.in_subnet(src_ip) {
                     self.guest_macs.insert(src_ip, src_mac);
-                    self.dev
-                        .tx
-                        .push_back(frame::arp_reply(self.mac, target_ip, src_mac, src_ip));
+                    self.dev.rx.push_back(frame.clone());
                 }
             }
             Classified::Smoltcp => self.dev.rx.push_back(frame.clone()),

@@ -1,0 +1,257 @@
+//! NAT network, end to end: a guest namespace on netd's NAT network gets a lease from
+//! netd (busybox udhcpc), reaches the host's loopback through 10.0.2.2 (curl), reaches
+//! a server in the "internet" namespace (curl), resolves a name through 10.0.2.3 (UDP
+//! and TCP, to a dnsmasq in the internet namespace named by netd's resolv.conf),
+//! pings it, exchanges UDP with it (socat), and gets a RST for a closed port.
+
+mod nat_common;
+
+use integration_tests::{unique_name, Netns};
+use nat_common::{Lab, INET_NAME, INET_SERVER, PAGE};
+
+fn nat_lab(isolated: bool) -> anyhow::Result<(Lab, Netns, String)> {
+    let mut lab = Lab::new()?;
+    let guest = Netns::new("ng")?;
+    let tap = unique_name("nt");
+    let resolv = lab.path("resolv.conf");
+    lab.start_netd(&format!(
+        r#"
+[[network]]
+name = "nat0"
+mode = "nat"
+resolv_conf = "{resolv}"
+isolated = {isolated}
+
+[[network.port]]
+kind = "tap"
+ifname = "{tap}"
+netns = "{}"
+"#,
+        guest.name()
+    ))?;
+    Ok((lab, guest, tap))
+}
+
+#[test]
+fn nat_guest_reaches_host_internet_dns_ping_udp() -> anyhow::Result<()> {
+    let (lab, guest, tap) = nat_lab(false)?;
+
+    // DHCP from netd: address from .15, router 10.0.2.2, DNS 10.0.2.3.
+    let lease = lab.dhcp(&guest, &tap)?;
+    assert!(lease.contains("ip=10.0.2.15"), "lease: {lease}");
+    assert!(lease.contains("router=10.0.2.2"), "lease: {lease}");
+    assert!(lease.contains("dns=10.0.2.3"), "lease: {lease}");
+
+    // The host's loopback through the gateway address.
+    let page = guest.sh("curl -sS --max-time 10 http://10.0.2.2:8080/index.html")?;
+    assert_eq!(page.trim(), format!("{PAGE} (host)"));
+
+    // The internet, routed from the host namespace.
+    let page = guest.sh(&format!(
+        "curl -sS --max-time 10 http://{INET_SERVER}/index.html"
+    ))?;
+    assert_eq!(page.trim(), format!("{PAGE} (internet)"));
+
+    // A bigger download, byte for byte (window scaling, many segments).
+    let sum_host = lab
+        .host
+        .sh(&format!("sha256sum < {}", lab.path("www-host/big.bin")))?;
+    let sum_guest = guest.sh("curl -sS --max-time 30 http://10.0.2.2:8080/big.bin | sha256sum")?;
+    assert_eq!(sum_host, sum_guest);
+
+    // DNS through 10.0.2.3, over UDP (busybox nslookup) and TCP (a hand-made query).
+    let out = guest.sh(&format!("busybox nslookup -type=a {INET_NAME} 10.0.2.3"))?;
+    assert!(out.contains(INET_SERVER), "nslookup: {out}");
+    let tcp_dns = format!(
+        r#"
+import socket, struct
+q = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
+for part in "{INET_NAME}".split("."):
+    q += bytes([len(part)]) + part.encode()
+q += b"\0" + struct.pack(">HH", 1, 1)
+s = socket.create_connection(("10.0.2.3", 53), timeout=10)
+s.sendall(struct.pack(">H", len(q)) + q)
+n = struct.unpack(">H", s.recv(2))[0]
+r = b""
+while len(r) < n:
+    r += s.recv(n - len(r))
+print(".".join(str(b) for b in r[-4:]))
+"#
+    );
+    std::fs::write(lab.dir.path().join("tcpdns.py"), tcp_dns)?;
+    let out = guest.sh(&format!("python3 {}", lab.path("tcpdns.py")))?;
+    assert_eq!(out.trim(), INET_SERVER, "DNS over TCP");
+
+    // ICMP echo to the internet host, real replies (and to the gateway itself).
+    guest.sh(&format!("ping -c 2 -W 5 {INET_SERVER}"))?;
+    guest.sh("ping -c 1 -W 5 10.0.2.2")?;
+
+    // UDP exchange with the internet's echo server.
+    let out = guest.sh(&format!(
+        "echo udp-hello | socat -T 5 - UDP4:{INET_SERVER}:7777"
+    ))?;
+    assert_eq!(out.trim(), "udp-hello");
+
+    // A closed port answers with a RST at once (curl fails fast, not by timeout).
+    let t = std::time::Instant::now();
+    let r = guest.sh(&format!("curl -sS --max-time 20 http://{INET_SERVER}:81/"));
+    assert!(r.is_err(), "connect to a closed port succeeded");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(5),
+        "refused connect was not reset"
+    );
+
+    // The flows are listed.
+    let flows = lab.cli(&["flows", "nat0"])?;
+    assert!(flows.contains("\"udp\""), "flows: {flows}");
+    assert!(flows.contains("10.0.2.15"), "flows: {flows}");
+    let stats = lab.cli(&["flows", "nat0", "--stats"])?;
+    assert!(stats.contains("connect_failed"), "stats: {stats}");
+    Ok(())
+}
+
+#[test]
+fn nat_port_forward_reaches_guest_and_removal_cuts_it() -> anyhow::Result<()> {
+    let (mut lab, guest, tap) = nat_lab(false)?;
+    lab.dhcp(&guest, &tap)?;
+    let www = lab.path("www-host");
+    let g = guest.spawn(&["busybox", "httpd", "-f", "-p", "10.0.2.15:80", "-h", &www])?;
+    lab.keep(g);
+    integration_tests::wait_until(std::time::Duration::from_secs(5), || {
+        guest
+            .sh("busybox wget -q -O /dev/null http://10.0.2.15/")
+            .is_ok()
+    });
+
+    // With no forward, nothing outside reaches the guest: not the host, not the
+    // internet (no route, and netd never routes in).
+    assert!(lab
+        .host
+        .sh("curl -sS --max-time 3 http://10.0.2.15/")
+        .is_err());
+    assert!(lab
+        .inet
+        .sh("curl -sS --max-time 3 http://10.0.2.15/")
+        .is_err());
+    assert!(lab
+        .host
+        .sh("curl -sS --max-time 3 http://127.0.0.1:2280/")
+        .is_err());
+
+    lab.cli(&[
+        "forward",
+        "add",
+        "nat0",
+        "tcp",
+        "127.0.0.1:2280",
+        "10.0.2.15:80",
+    ])?;
+    let list = lab.cli(&["forward", "list", "nat0"])?;
+    assert!(
+        list.contains("127.0.0.1:2280") && list.contains("10.0.2.15:80"),
+        "{list}"
+    );
+    let page = lab
+        .host
+        .sh("curl -sS --max-time 10 http://127.0.0.1:2280/index.html")?;
+    assert_eq!(page.trim(), format!("{PAGE} (host)"));
+
+    // UDP forward to a guest echo server.
+    let g = guest.spawn(&[
+        "socat",
+        "UDP4-RECVFROM:5353,bind=10.0.2.15,fork",
+        "EXEC:/bin/cat",
+    ])?;
+    lab.keep(g);
+    lab.cli(&[
+        "forward",
+        "add",
+        "nat0",
+        "udp",
+        "127.0.0.1:2253",
+        "10.0.2.15:5353",
+    ])?;
+    let mut echoed = String::new();
+    let ok = integration_tests::wait_until(std::time::Duration::from_secs(10), || {
+        echoed = lab
+            .host
+            .sh("echo via-forward | socat -T 2 - UDP4:127.0.0.1:2253")
+            .unwrap_or_default();
+        echoed.trim() == "via-forward"
+    });
+    assert!(ok, "udp forward: {echoed:?}");
+
+    lab.cli(&["forward", "del", "nat0", "tcp", "127.0.0.1:2280"])?;
+    assert!(lab
+        .host
+        .sh("curl -sS --max-time 3 http://127.0.0.1:2280/")
+        .is_err());
+    let list = lab.cli(&["forward", "list", "nat0"])?;
+    assert!(!list.contains("2280"), "{list}");
+    // Deleting it again is a clear error.
+    let e = lab
+        .cli(&["forward", "del", "nat0", "tcp", "127.0.0.1:2280"])
+        .unwrap_err();
+    assert!(e.to_string().contains("no tcp forward"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn nat_config_forward_and_isolation() -> anyhow::Result<()> {
+    // Two guests on an isolated NAT network: both reach the router, not each other.
+    let mut lab = Lab::new()?;
+    let g1 = Netns::new("ng")?;
+    let g2 = Netns::new("ng")?;
+    let (t1, t2) = (unique_name("nt"), unique_name("nt"));
+    let resolv = lab.path("resolv.conf");
+    lab.start_netd(&format!(
+        r#"
+[[network]]
+name = "iso"
+mode = "nat"
+isolated = true
+resolv_conf = "{resolv}"
+
+[[network.forward]]
+proto = "tcp"
+host = "2281"
+guest = "10.0.2.15:80"
+
+[[network.port]]
+kind = "tap"
+ifname = "{t1}"
+netns = "{}"
+
+[[network.port]]
+kind = "tap"
+ifname = "{t2}"
+netns = "{}"
+"#,
+        g1.name(),
+        g2.name()
+    ))?;
+    let l1 = lab.dhcp(&g1, &t1)?;
+    let l2 = lab.dhcp(&g2, &t2)?;
+    assert!(l1.contains("ip=10.0.2.15"), "{l1}");
+    assert!(l2.contains("ip=10.0.2.16"), "{l2}");
+    g1.sh("ping -c 1 -W 5 10.0.2.2")?;
+    g2.sh("ping -c 1 -W 5 10.0.2.2")?;
+    assert!(
+        g1.sh("ping -c 1 -W 2 10.0.2.16").is_err(),
+        "isolated guests see each other"
+    );
+    // The forward from the config file works.
+    let www = lab.path("www-inet");
+    let g = g1.spawn(&["busybox", "httpd", "-f", "-p", "10.0.2.15:80", "-h", &www])?;
+    lab.keep(g);
+    let mut page = String::new();
+    integration_tests::wait_until(std::time::Duration::from_secs(5), || {
+        page = lab
+            .host
+            .sh("curl -sS --max-time 3 http://127.0.0.1:2281/index.html")
+            .unwrap_or_default();
+        !page.is_empty()
+    });
+    assert_eq!(page.trim(), format!("{PAGE} (internet)"));
+    Ok(())
+}

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# Throughput and latency of netd's NAT mode against slirp4netns and pasta, same run.
+#
+#   bench/netd-nat.sh            (as root; builds nothing: uses target/release/netd)
+#   DUR=10 MTUS="1500 65520" bench/netd-nat.sh
+#
+# Every stack gets the same shape: a "host" namespace (BH) with an iperf3 server on
+# its 127.0.0.1, and a "guest" namespace per stack whose traffic reaches that
+# loopback through the stack's gateway address (netd and slirp4netns: 10.0.2.2;
+# pasta: the gateway it copies from BH, mapped to BH's loopback). Only loopback and
+# namespaces created here carry traffic.
+#
+# Prints Gbit/s for guest->host (iperf3 client in the guest) and host->guest
+# (iperf3 -R), the ratios netd/slirp4netns and netd/pasta, and ping RTT to the
+# gateway address.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NETD=${NETD:-$PWD/target/release/netd}
+DUR=${DUR:-5}
+MTUS=${MTUS:-1500 65520}
+[ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
+[ -x "$NETD" ] || { echo "$NETD missing: cargo build --release -p netd" >&2; exit 1; }
+for t in iperf3 slirp4netns pasta jq; do
+  command -v "$t" >/dev/null || { echo "$t missing (apt-get install iperf3 slirp4netns passt jq)" >&2; exit 1; }
+done
+
+tag=$$
+BH=nbh$tag; GN=nbn$tag; GS=nbs$tag; GP=nbp$tag
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 0.3
+  for ns in $BH $GN $GS $GP; do
+    for p in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
+    ip netns del "$ns" 2>/dev/null || true
+  done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+for ns in $BH $GN $GS $GP; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
+# BH needs a default route for pasta to copy (a dummy: nothing leaves the namespace).
+ip -n $BH link add dummy0 type dummy
+ip -n $BH addr add 198.18.9.1/24 dev dummy0
+ip -n $BH link set dummy0 up
+ip -n $BH route add default via 198.18.9.254
+
+# iperf3 server on BH's loopback, restarted per measurement.
+iperf() { # ns target mtu extra...
+  local ns=$1 target=$2; shift 2
+  ip netns exec $BH iperf3 -s -1 -B 127.0.0.1 -p 5299 >/dev/null 2>&1 &
+  local sp=$!
+  sleep 0.3
+  local bps
+  bps=$(ip netns exec "$ns" iperf3 -c "$target" -p 5299 -t "$DUR" -J "$@" 2>/dev/null | jq '.end.sum_received.bits_per_second' 2>/dev/null || echo 0)
+  wait $sp 2>/dev/null || true
+  awk -v b="${bps:-0}" 'BEGIN { printf "%.2f", b / 1e9 }'
+}
+rtt() { # ns target
+  ip netns exec "$1" ping -q -c 20 -i 0.05 -W 2 "$2" 2>/dev/null | awk -F/ '/^rtt|^round-trip/ { printf "%.3f", $5 }'
+}
+
+start_netd() { # mtu
+  cat > "$work/netd.toml" <<EOT
+control = "$work/netd.sock"
+state_dir = "$work/state"
+[[network]]
+name = "bench"
+mode = "nat"
+mtu = $1
+resolv_conf = "$work/resolv.conf"
+[[network.port]]
+kind = "tap"
+ifname = "nbtap$tag"
+netns = "$GN"
+EOT
+  : > "$work/resolv.conf"
+  ip netns exec $BH "$NETD" serve --config "$work/netd.toml" 2>"$work/netd.log" &
+  netd_pid=$!
+  pids+=($netd_pid)
+  for _ in $(seq 100); do [ -S "$work/netd.sock" ] && break; sleep 0.05; done
+  ip -n $GN addr add 10.0.2.15/24 dev nbtap$tag
+  ip -n $GN link set nbtap$tag up
+  ip -n $GN route add default via 10.0.2.2
+}
+stop_netd() {
+  kill "$netd_pid"; wait "$netd_pid" 2>/dev/null || true
+  rm -f "$work/netd.sock"
+}
+start_slirp() { # mtu
+  ip netns exec $BH slirp4netns --configure --mtu="$1" --netns-type=path /run/netns/$GS tap0 >"$work/slirp.log" 2>&1 &
+  slirp_pid=$!
+  pids+=($slirp_pid)
+  for _ in $(seq 100); do ip -n $GS route 2>/dev/null | grep -q default && break; sleep 0.05; done
+}
+stop_slirp() { kill "$slirp_pid"; wait "$slirp_pid" 2>/dev/null || true; }
+start_pasta() { # mtu
+  ip netns exec $BH pasta -q -f --config-net -m "$1" -t none -u none -T none -U none \
+    --runas 0 --netns /run/netns/$GP >"$work/pasta.log" 2>&1 &
+  pasta_pid=$!
+  pids+=($pasta_pid)
+  for _ in $(seq 100); do ip -n $GP route 2>/dev/null | grep -q default && break; sleep 0.05; done
+}
+stop_pasta() {
+  kill "$pasta_pid"; wait "$pasta_pid" 2>/dev/null || true
+  for l in $(ip -n $GP -o link | awk -F': ' '$2 != "lo" {print $2}'); do ip -n $GP link del "${l%@*}" 2>/dev/null || true; done
+}
+
+printf "%-12s %6s %14s %14s %10s\n" stack mtu "guest->host" "host->guest" "rtt_ms"
+declare -A R
+for mtu in $MTUS; do
+  start_netd "$mtu"
+  R[netd,$mtu,up]=$(iperf $GN 10.0.2.2); R[netd,$mtu,down]=$(iperf $GN 10.0.2.2 -R); R[netd,$mtu,rtt]=$(rtt $GN 10.0.2.2)
+  stop_netd
+  start_slirp "$mtu"
+  R[slirp,$mtu,up]=$(iperf $GS 10.0.2.2); R[slirp,$mtu,down]=$(iperf $GS 10.0.2.2 -R); R[slirp,$mtu,rtt]=$(rtt $GS 10.0.2.2)
+  stop_slirp
+  start_pasta "$mtu"
+  R[pasta,$mtu,up]=$(iperf $GP 198.18.9.254); R[pasta,$mtu,down]=$(iperf $GP 198.18.9.254 -R); R[pasta,$mtu,rtt]=$(rtt $GP 198.18.9.254)
+  stop_pasta
+  for s in netd slirp pasta; do
+    name=$s; [ $s = slirp ] && name=slirp4netns
+    printf "%-12s %6s %12s G %12s G %10s\n" "$name" "$mtu" "${R[$s,$mtu,up]}" "${R[$s,$mtu,down]}" "${R[$s,$mtu,rtt]:-n/a}"
+  done
+done
+echo
+echo "ratios (netd / reference; goal: >= 2.0 vs slirp4netns, >= 1.0 vs pasta)"
+for mtu in $MTUS; do
+  for dir in up down; do
+    label="guest->host"; [ $dir = down ] && label="host->guest"
+    awk -v n="${R[netd,$mtu,$dir]}" -v s="${R[slirp,$mtu,$dir]}" -v p="${R[pasta,$mtu,$dir]}" -v m="$mtu" -v l="$label" \
+      'BEGIN { printf "mtu %-6s %-12s netd/slirp4netns %6.2f   netd/pasta %6.2f\n", m, l, (s>0? n/s : 0), (p>0? n/p : 0) }'
+  done
+done

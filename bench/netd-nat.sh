@@ -40,10 +40,12 @@ cleanup() {
 trap cleanup EXIT
 
 for ns in $BH $GN $GS $GP; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
-# BH needs a default route for pasta to copy (a dummy: nothing leaves the namespace).
-ip -n $BH link add dummy0 type dummy
-ip -n $BH addr add 198.18.9.1/24 dev dummy0
-ip -n $BH link set dummy0 up
+# BH needs a default route for pasta to copy (on a veth pair whose both ends stay in
+# BH: nothing leaves the namespace).
+ip -n $BH link add bv0 type veth peer name bv1
+ip -n $BH addr add 198.18.9.1/24 dev bv0
+ip -n $BH link set bv0 up
+ip -n $BH link set bv1 up
 ip -n $BH route add default via 198.18.9.254
 
 # iperf3 server on BH's loopback, restarted per measurement.
@@ -58,7 +60,7 @@ iperf() { # ns target mtu extra...
   awk -v b="${bps:-0}" 'BEGIN { printf "%.2f", b / 1e9 }'
 }
 rtt() { # ns target
-  ip netns exec "$1" ping -q -c 20 -i 0.05 -W 2 "$2" 2>/dev/null | awk -F/ '/^rtt|^round-trip/ { printf "%.3f", $5 }'
+  { ip netns exec "$1" ping -q -c 20 -i 0.05 -W 2 "$2" 2>/dev/null || true; } | awk -F/ '/^rtt|^round-trip/ { printf "%.3f", $5 }'
 }
 
 start_netd() { # mtu

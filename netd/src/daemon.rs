@@ -202,7 +202,9 @@ impl Daemon {
         if let Some(cfg) = &spec.nat {
             let mut cfg = cfg.clone();
             cfg.mac = service_mac(&spec.name, 2);
-            let sp = match net.attach_service("nat", 4096) {
+            // Bound the router's queue in bytes, not only frames: ~6 MiB of full frames.
+            let cap = (4096 * 1500 / cfg.mtu.max(1500)).max(128);
+            let sp = match net.attach_service("nat", cap) {
                 Ok(sp) => sp,
                 Err(e) => return fail(st, DaemonError::Dhcp(spec.name.clone(), e)),
             };

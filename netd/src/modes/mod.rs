@@ -204,6 +204,19 @@ mod tests {
     }
 
     #[test]
+    fn example_config_is_valid() {
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../configs/netd-nat.toml"
+        ));
+        let cfg = Config::load(path).unwrap();
+        let specs = cfg.validate(path).unwrap();
+        assert_eq!(specs.len(), 2);
+        assert_eq!(specs[0].nat.as_ref().unwrap().forwards.len(), 1);
+        assert!(specs[1].isolated);
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let e = v("control='/c'\nstate_dir='/s'\n[[network]]\nname='n'\nmode='nat'\n[[network.forward]]\nproto='tcp'\nhost='2222'\nguest='192.168.0.5:22'\n").unwrap_err();
         assert!(e.contains("network[0].forward[0].guest"), "{e}");

@@ -779,7 +779,11 @@ impl Router {
         let limits = self.cfg.limits.clone();
         self.udp.expire(limits.udp_timeout);
         self.icmp.expire(limits.icmp_timeout);
-        self.tcp.expire(limits.tcp_idle_timeout, &mut self.sockets);
+        self.tcp.expire(
+            limits.tcp_idle_timeout,
+            3 * limits.connect_timeout,
+            &mut self.sockets,
+        );
         if self.guest_macs.len() > 4096 {
             self.guest_macs.clear();
         }

@@ -218,12 +218,24 @@ impl TcpTable {
         v
     }
 
-    /// Resets flows idle longer than `timeout`.
-    pub fn expire(&mut self, timeout: Duration, sockets: &mut SocketSet<'_>) {
+    /// Resets flows idle longer than `timeout`, and flows whose guest side never
+    /// got established within `open_timeout` (a lost SYN, a guest that went away).
+    pub fn expire(
+        &mut self,
+        timeout: Duration,
+        open_timeout: Duration,
+        sockets: &mut SocketSet<'_>,
+    ) {
         let now = Instant::now();
         for f in self.flows.values_mut() {
-            if now.duration_since(f.last) > timeout {
-                sockets.get_mut::<Socket>(f.handle).abort();
+            let sock = sockets.get_mut::<Socket>(f.handle);
+            let opening = matches!(
+                sock.state(),
+                State::Listen | State::SynReceived | State::SynSent
+            );
+            let idle = now.duration_since(f.last);
+            if idle > timeout || (opening && idle > open_timeout) {
+                sock.abort();
             }
         }
     }

@@ -46,6 +46,16 @@ impl Netd {
     /// Starts netd in `host` with the config at `config` (from [`write_config`]);
     /// waits until the control socket answers.
     pub fn start(host: &Netns, dir: &Path, config: &Path) -> Result<Self> {
+        Self::start_env(host, dir, config, &[])
+    }
+
+    /// [`Netd::start`] with extra environment variables for netd.
+    pub fn start_env(
+        host: &Netns,
+        dir: &Path,
+        config: &Path,
+        env: &[(&str, &Path)],
+    ) -> Result<Self> {
         let control = dir.join("control.sock");
         let _ = std::fs::remove_file(&control);
         let log = std::fs::OpenOptions::new()
@@ -60,6 +70,7 @@ impl Netd {
                 config.to_str().unwrap(),
             ])
             .env("RUST_LOG", "debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod dhcp;
 pub mod modes;
 pub mod nat;
+pub mod offload;
 pub mod ports;
 pub mod switch;
 pub mod sys;

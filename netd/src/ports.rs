@@ -36,6 +36,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::config::{PortKind, PortSpec};
+use crate::offload::{VnetHdr, VNET_HDR_LEN};
 use crate::switch::{Network, Port, PortTx, SwitchError, TxError};
 use crate::sys;
 
@@ -157,7 +158,7 @@ impl RunningPort {
 /// that queue then removes it); if a VMM still holds it, falls back to
 /// `ip link delete`.
 fn delete_persistent_tap(ifname: &str) {
-    match sys::tap_open(ifname).and_then(|fd| sys::tap_set_persist(&fd, false)) {
+    match sys::tap_open(ifname, false).and_then(|fd| sys::tap_set_persist(&fd, false)) {
         Ok(()) => tracing::info!(ifname, "deleted TAP"),
         Err(e) => {
             tracing::debug!(ifname, error = %e, "TAP busy, deleting with ip link");
@@ -184,22 +185,35 @@ fn classify(e: io::Error) -> TxError {
     }
 }
 
-/// Transmit on a fd whose every write is one frame (TAP, AF_PACKET). The fd can be
+/// Transmit on a fd whose every write is one frame preceded by a virtio-net
+/// header (TAP with IFF_VNET_HDR, AF_PACKET with PACKET_VNET_HDR). The fd can be
 /// replaced when a `vm` port's TAP is recreated.
 struct FdTx(Arc<RwLock<Option<Arc<OwnedFd>>>>);
 
 impl PortTx for FdTx {
     fn send(&self, frame: &[u8]) -> Result<(), TxError> {
+        self.send_vnet(&[0; VNET_HDR_LEN], frame)
+    }
+
+    fn vnet(&self) -> bool {
+        true
+    }
+
+    fn send_vnet(&self, hdr: &[u8; VNET_HDR_LEN], frame: &[u8]) -> Result<(), TxError> {
         let guard = self.0.read().unwrap_or_else(|e| e.into_inner());
         let fd = guard.as_ref().ok_or(TxError::Down)?;
-        match sys::write(fd.as_raw_fd(), frame) {
+        match sys::writev2(fd.as_raw_fd(), hdr, frame) {
             Ok(_) => Ok(()),
             Err(e) => Err(classify(e)),
         }
     }
 }
 
-/// Reads frames from `fd` into the switch until stopped or a hard error.
+/// Size of the receive buffer of fd-based ports: a vnet header and a frame.
+const RX_BUF: usize = VNET_HDR_LEN + MAX_FRAME;
+
+/// Reads frames (each after its virtio-net header) from `fd` into the switch until
+/// stopped or a hard error.
 fn rx_loop(net: &Network, port: &Port, fd: RawFd, stop: &Stop, buf: &mut [u8]) -> io::Result<()> {
     loop {
         if stop.is_set() {
@@ -212,7 +226,15 @@ fn rx_loop(net: &Network, port: &Port, fd: RawFd, stop: &Stop, buf: &mut [u8]) -
                     return Ok(());
                 }
             }
-            Ok(n) => net.ingress(port, buf.get(..n).unwrap_or_default()),
+            Ok(n) => {
+                let got = buf.get(..n).unwrap_or_default();
+                match (VnetHdr::parse(got), got.get(VNET_HDR_LEN..)) {
+                    (Some(h), Some(frame)) if h.is_plain() => net.ingress(port, frame),
+                    (Some(h), Some(frame)) => net.ingress_vnet(port, &h, frame),
+                    // Shorter than a header: counted as malformed by the switch.
+                    _ => net.ingress(port, &[]),
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if sys::poll2(fd, stop.efd.as_raw_fd(), -1)? {
                     return Ok(());
@@ -231,7 +253,7 @@ fn open_tap(spec: &PortSpec, ifname: &str, mtu: u32) -> Result<OwnedFd, PortErro
     let mac = spec.mac;
     let persistent = spec.persistent;
     let setup = move || -> io::Result<OwnedFd> {
-        let fd = sys::tap_open(&ifname_s)?;
+        let fd = sys::tap_open(&ifname_s, true)?;
         if persistent {
             sys::tap_set_persist(&fd, true)?;
         }
@@ -346,7 +368,7 @@ fn start_fd_port(
     let (n2, s2) = (net.clone(), stop.clone());
     let name = spec.name.clone();
     let thread = spawn_thread(format!("rx-{}", spec.name), move || {
-        let mut buf = vec![0u8; MAX_FRAME];
+        let mut buf = vec![0u8; RX_BUF];
         if let Err(e) = rx_loop(&n2, &port, fd.as_raw_fd(), &s2, &mut buf) {
             tracing::warn!(port = %name, error = %e, "port receive stopped");
         }
@@ -374,7 +396,7 @@ fn ensure_vm_tap(ifname: &str, mtu: u32) -> io::Result<bool> {
     let created = if sys::if_exists(ifname) {
         false
     } else {
-        let fd = sys::tap_open(ifname)?;
+        let fd = sys::tap_open(ifname, false)?;
         sys::tap_set_persist(&fd, true)?;
         true
     };
@@ -406,7 +428,7 @@ fn start_vm_port(net: &Arc<Network>, spec: &PortSpec) -> Result<RunningPort, Por
     let (n2, s2) = (net.clone(), stop.clone());
     let ifn = ifname.clone();
     let thread = spawn_thread(format!("vm-{}", spec.name), move || {
-        let mut buf = vec![0u8; MAX_FRAME];
+        let mut buf = vec![0u8; RX_BUF];
         while !s2.is_set() {
             let cur = slot.read().unwrap_or_else(|e| e.into_inner()).clone();
             if let Some(fd) = cur {

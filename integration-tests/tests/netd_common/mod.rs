@@ -46,6 +46,16 @@ impl Netd {
     /// Starts netd in `host` with the config at `config` (from [`write_config`]);
     /// waits until the control socket answers.
     pub fn start(host: &Netns, dir: &Path, config: &Path) -> Result<Self> {
+        Self::start_env(host, dir, config, &[])
+    }
+
+    /// [`Netd::start`] with extra environment variables for netd.
+    pub fn start_env(
+        host: &Netns,
+        dir: &Path,
+        config: &Path,
+        env: &[(&str, &Path)],
+    ) -> Result<Self> {
         let control = dir.join("control.sock");
         let _ = std::fs::remove_file(&control);
         let log = std::fs::OpenOptions::new()
@@ -60,6 +70,7 @@ impl Netd {
                 config.to_str().unwrap(),
             ])
             .env("RUST_LOG", "debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -184,4 +195,108 @@ pub fn unique_subnet() -> (u8, u8) {
         100 + (pid % 100) as u8,
         ((pid / 100) as u8).wrapping_add(n as u8 * 37),
     )
+}
+
+/// Builds a busybox initramfs (with the lead's `scripts/mk-initramfs.sh`) whose
+/// init gets an address by DHCP on eth0, pings `target` and reports on the
+/// serial console; returns its path.
+pub fn guest_initramfs(dir: &Path, target: &str) -> Result<PathBuf> {
+    let init = dir.join("init.sh");
+    std::fs::write(
+        &init,
+        format!(
+            r#"#!/bin/sh
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev 2>/dev/null
+/load-modules
+ip link set lo up
+ip link set eth0 up
+# Debian busybox looks for /etc/udhcpc/default.script; mk-initramfs puts it here.
+if udhcpc -i eth0 -q -n -t 15 -T 1 -s /usr/share/udhcpc/default.script; then
+  echo "DHCP-OK $(ip -4 -o addr show dev eth0 | awk '{{print $4}}')"
+else
+  echo DHCP-FAIL
+fi
+if ping -c 3 -W 2 {target}; then echo PING-OK; else echo PING-FAIL; fi
+echo GUEST-DONE
+sleep 600
+"#
+        ),
+    )?;
+    let out = dir.join("initramfs.cpio.gz");
+    let script = integration_tests::workspace_root().join("scripts/mk-initramfs.sh");
+    let assets = integration_tests::guest_assets();
+    run(Command::new(script)
+        .arg(&out)
+        .arg(&init)
+        .env("FABRIC_ASSETS", &assets))?;
+    Ok(out)
+}
+
+/// Boots QEMU (TCG, microvm, the Debian kernel) in `ns` with the virtio-net
+/// backend `netdev` (a `-netdev` argument with id `n0`) and MAC `mac`; waits until
+/// the guest prints GUEST-DONE (or `timeout`); returns the serial console output.
+pub fn boot_guest(
+    ns: &Netns,
+    dir: &Path,
+    initrd: &Path,
+    netdev: &str,
+    mac: &str,
+    timeout: Duration,
+) -> Result<String> {
+    let assets = integration_tests::guest_assets();
+    let qemu = assets.join("bin/qemu-system-x86_64");
+    let kernel = assets.join("vmlinux");
+    let console = dir.join(format!(
+        "console-{}.log",
+        integration_tests::unique_name("c")
+    ));
+    let log = std::fs::File::create(&console)?;
+    let child = ns
+        .command(&[
+            qemu.to_str().unwrap(),
+            "-M",
+            "microvm",
+            "-accel",
+            "tcg",
+            "-m",
+            "256",
+            "-smp",
+            "1",
+            "-no-reboot",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-kernel",
+            kernel.to_str().unwrap(),
+            "-initrd",
+            initrd.to_str().unwrap(),
+            "-append",
+            "console=ttyS0 tsc_early_khz=2000000 panic=-1 quiet",
+            "-netdev",
+            netdev,
+            "-device",
+            &format!("virtio-net-device,netdev=n0,mac={mac}"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("spawn qemu")?;
+    let mut guard = ChildGuard::new(child);
+    let done = wait_until(timeout, || {
+        std::fs::read_to_string(&console)
+            .map(|s| s.contains("GUEST-DONE"))
+            .unwrap_or(false)
+            || matches!(guard.child().try_wait(), Ok(Some(_)))
+    });
+    drop(guard);
+    let out = std::fs::read_to_string(&console).unwrap_or_default();
+    if !done {
+        bail!("guest did not finish in {timeout:?}; console:\n{out}");
+    }
+    Ok(out)
 }

@@ -16,7 +16,9 @@
 //!   between VMs on this host stay in the switch (the uplink is just another port
 //!   that learns the LAN's MACs). The host keeps using the NIC: the AF_PACKET socket
 //!   ignores the host's own outgoing frames, and the kernel still receives what is
-//!   addressed to the host.
+//!   addressed to the host. The socket carries virtio-net headers, so a frame whose
+//!   checksum was left to "hardware" (a veth or bridge peer) or a coalesced TCP
+//!   super-frame arrives with what is needed to finish it (see [`crate::offload`]).
 //!
 //! Keys that belong to one mode are refused on the others with an error naming the
 //! key, so a typo'd mode does not silently run without its router or uplink.

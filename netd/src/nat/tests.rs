@@ -406,3 +406,62 @@ fn config_validation_names_the_key() {
     );
     assert!(parse_host_addr("nope").is_err());
 }
+
+#[tokio::test]
+async fn flow_table_is_bounded_and_udp_flows_expire() {
+    let mut cfg = test_config();
+    cfg.limits.max_flows = 2;
+    cfg.limits.udp_timeout = Duration::from_millis(100);
+    let server = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let port = server.local_addr().unwrap().port();
+    let (to_router, router_rx) = mpsc::channel(16);
+    let (router_tx, _from_router) = mpsc::channel(16);
+    let (router, h) = Router::new(cfg, router_rx, router_tx).unwrap();
+    tokio::spawn(router.run());
+    let rmac = EthernetAddress(RouterConfig::defaults().mac);
+    for sport in 1000..1005 {
+        let f = frame::udp_frame(
+            GUEST_MAC,
+            rmac,
+            (GUEST_IP, sport),
+            (Ipv4Addr::new(10, 0, 2, 2), port),
+            b"x",
+        );
+        to_router.send(f).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(h.flows().await.unwrap().len(), 2, "table bound");
+    assert_eq!(h.stats().await.unwrap().flows_refused, 3);
+    // Housekeeping runs once a second; idle UDP flows go.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(h.flows().await.unwrap().is_empty(), "idle flows expired");
+}
+
+#[tokio::test]
+async fn forward_guest_outside_subnet_and_duplicates_are_refused() {
+    let (_g, h) = Guest::start(test_config());
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let host: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let bad = Forward {
+        proto: Proto::Tcp,
+        host,
+        guest: "192.168.9.9:22".parse().unwrap(),
+    };
+    assert!(matches!(
+        h.add_forward(bad).await,
+        Err(NatError::GuestOutsideSubnet { .. })
+    ));
+    let good = Forward {
+        proto: Proto::Udp,
+        host,
+        guest: "10.0.2.15:53".parse().unwrap(),
+    };
+    h.add_forward(good.clone()).await.unwrap();
+    assert!(matches!(
+        h.add_forward(good).await,
+        Err(NatError::ForwardExists { .. })
+    ));
+}

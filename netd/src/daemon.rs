@@ -67,6 +67,9 @@ pub enum DaemonError {
     /// network {0}: NAT router
     #[error("network {0}: NAT router")]
     Nat(String, #[source] crate::nat::NatError),
+    /// network {0}: cannot attach the NAT router
+    #[error("network {0}: cannot attach the NAT router")]
+    NatAttach(String, #[source] SwitchError),
     /// network {0} is not a NAT network
     #[error("network {0} is not a NAT network")]
     NotNat(String),
@@ -204,15 +207,14 @@ impl Daemon {
             cfg.mac = service_mac(&spec.name, 2);
             // Bound the router's queue in bytes, not only frames: ~6 MiB of full frames.
             let cap = (4096 * 1500 / cfg.mtu.max(1500)).max(128);
-            let sp = match net.attach_service("nat", cap) {
-                Ok(sp) => sp,
-                Err(e) => return fail(st, DaemonError::Dhcp(spec.name.clone(), e)),
+            let (sw_in, from_switch) = match net.attach_service_direct("nat", cap) {
+                Ok(p) => p,
+                Err(e) => return fail(st, DaemonError::NatAttach(spec.name.clone(), e)),
             };
-            match crate::nat::Router::new(cfg, sp.from_switch, sp.to_switch) {
-                Ok((router, handle)) => {
-                    tokio::spawn(router.run());
-                    st.nat = Some(handle);
-                }
+            let sink = crate::nat::ToSwitch::Direct(Box::new(move |f: &[u8]| sw_in.send(f)));
+            let tname = format!("nat-{}", spec.name);
+            match crate::nat::Router::spawn_thread(&tname, cfg, from_switch, sink) {
+                Ok(handle) => st.nat = Some(handle),
                 Err(e) => return fail(st, DaemonError::Nat(spec.name.clone(), e)),
             }
         }

@@ -372,6 +372,21 @@ pub struct ServicePort {
     pub from_switch: mpsc::Receiver<Bytes>,
 }
 
+/// The ingress side of a direct service port: switches a frame on the caller's
+/// thread. The port leaves the switch when removed by name (the service then sees
+/// its `from_switch` channel close).
+pub struct SwitchIn {
+    net: Arc<Network>,
+    port: Arc<Port>,
+}
+
+impl SwitchIn {
+    /// Switches one frame from the service.
+    pub fn send(&self, frame: &[u8]) {
+        self.net.ingress(&self.port, frame);
+    }
+}
+
 struct ChannelTx(mpsc::Sender<Bytes>);
 
 impl PortTx for ChannelTx {
@@ -491,6 +506,26 @@ impl Network {
             to_switch,
             from_switch,
         })
+    }
+
+    /// Like [`Network::attach_service`], but the service's frames enter the switch
+    /// on the service's own thread (the returned [`SwitchIn`] switches a frame when
+    /// called) instead of through a channel and a forwarding thread: one thread
+    /// hand-off less per frame, for a busy service such as the NAT router.
+    pub fn attach_service_direct(
+        self: &Arc<Self>,
+        name: &str,
+        capacity: usize,
+    ) -> Result<(SwitchIn, mpsc::Receiver<Bytes>), SwitchError> {
+        let (to_service_tx, from_switch) = mpsc::channel(capacity.max(1));
+        let port = self.add_port(name, "service", Box::new(ChannelTx(to_service_tx)))?;
+        Ok((
+            SwitchIn {
+                net: self.clone(),
+                port,
+            },
+            from_switch,
+        ))
     }
 
     /// The port named `name`.

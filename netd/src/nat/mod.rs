@@ -445,6 +445,16 @@ impl RouterHandle {
     }
 }
 
+/// Where the router's frames go: a channel (tests, the fuzz target) or straight
+/// into the switch on the router's thread.
+pub enum ToSwitch {
+    /// A bounded channel; the router waits when it is full.
+    Channel(mpsc::Sender<Bytes>),
+    /// A function switching the frame now (frames a busy port cannot take are
+    /// dropped and counted by the switch, as for any port).
+    Direct(Box<dyn Fn(&[u8]) + Send>),
+}
+
 /// The router: one per NAT network, run by one task.
 pub struct Router {
     cfg: RouterConfig,
@@ -453,7 +463,7 @@ pub struct Router {
     dev: QueueDevice,
     sockets: SocketSet<'static>,
     from_switch: mpsc::Receiver<Bytes>,
-    to_switch: mpsc::Sender<Bytes>,
+    to_switch: ToSwitch,
     ctl: mpsc::Receiver<Command>,
     inbox: Vec<Bytes>,
     stopped: bool,
@@ -478,6 +488,15 @@ impl Router {
         cfg: RouterConfig,
         from_switch: mpsc::Receiver<Bytes>,
         to_switch: mpsc::Sender<Bytes>,
+    ) -> Result<(Router, RouterHandle), NatError> {
+        Self::with_sink(cfg, from_switch, ToSwitch::Channel(to_switch))
+    }
+
+    /// Like [`Router::new`], with any [`ToSwitch`].
+    pub fn with_sink(
+        cfg: RouterConfig,
+        from_switch: mpsc::Receiver<Bytes>,
+        to_switch: ToSwitch,
     ) -> Result<(Router, RouterHandle), NatError> {
         cfg.validate()?;
         let mac = EthernetAddress(cfg.mac);
@@ -530,6 +549,50 @@ impl Router {
         Ok((router, RouterHandle { tx: ctl_tx }))
     }
 
+    /// Builds a router and runs it on a thread of its own (named `name`), with a
+    /// single-threaded runtime: every host socket of the router is registered with
+    /// that thread's reactor, so a wake-up is one epoll return on the thread that does
+    /// the work, with no hand-off between runtime workers.
+    pub fn spawn_thread(
+        name: &str,
+        cfg: RouterConfig,
+        from_switch: mpsc::Receiver<Bytes>,
+        to_switch: ToSwitch,
+    ) -> Result<RouterHandle, NatError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread_err = |e: std::io::Error| NatError::Invalid {
+            key: "thread",
+            reason: format!("cannot start the router thread: {e}"),
+        };
+        std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = tx.send(Err(thread_err(e)));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    match Router::with_sink(cfg, from_switch, to_switch) {
+                        Ok((router, handle)) => {
+                            let _ = tx.send(Ok(handle));
+                            router.run().await;
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                        }
+                    }
+                });
+            })
+            .map_err(thread_err)?;
+        rx.recv().map_err(|_| NatError::Stopped)?
+    }
+
     /// Runs until the switch side of the port goes away.
     pub async fn run(mut self) {
         tracing::info!(gateway = %self.cfg.gateway, dns = %self.cfg.dns, mtu = self.cfg.mtu, "NAT router up");
@@ -541,9 +604,14 @@ impl Router {
             self.step();
             while let Some(frame) = self.dev.tx.pop_front() {
                 self.stats.frames_out += 1;
-                if self.to_switch.send(frame).await.is_err() {
-                    self.stopped = true;
-                    break;
+                match &self.to_switch {
+                    ToSwitch::Direct(f) => f(&frame),
+                    ToSwitch::Channel(tx) => {
+                        if tx.send(frame).await.is_err() {
+                            self.stopped = true;
+                            break;
+                        }
+                    }
                 }
             }
             if self.stopped {

@@ -445,6 +445,9 @@ impl RouterHandle {
     }
 }
 
+/// A function that switches one frame now.
+pub type FrameFn = Box<dyn Fn(&[u8]) + Send>;
+
 /// Where the router's frames go: a channel (tests, the fuzz target) or straight
 /// into the switch on the router's thread.
 pub enum ToSwitch {
@@ -452,7 +455,7 @@ pub enum ToSwitch {
     Channel(mpsc::Sender<Bytes>),
     /// A function switching the frame now (frames a busy port cannot take are
     /// dropped and counted by the switch, as for any port).
-    Direct(Box<dyn Fn(&[u8]) + Send>),
+    Direct(FrameFn),
 }
 
 /// The router: one per NAT network, run by one task.

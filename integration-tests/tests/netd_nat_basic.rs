@@ -255,3 +255,38 @@ netns = "{}"
     assert_eq!(page.trim(), format!("{PAGE} (internet)"));
     Ok(())
 }
+
+#[test]
+fn nat_jumbo_mtu_65520() -> anyhow::Result<()> {
+    let mut lab = Lab::new()?;
+    let guest = Netns::new("ng")?;
+    let tap = unique_name("nt");
+    let resolv = lab.path("resolv.conf");
+    lab.start_netd(&format!(
+        r#"
+[[network]]
+name = "jumbo"
+mode = "nat"
+mtu = 65520
+resolv_conf = "{resolv}"
+
+[[network.port]]
+kind = "tap"
+ifname = "{tap}"
+netns = "{}"
+"#,
+        guest.name()
+    ))?;
+    lab.dhcp(&guest, &tap)?;
+    let mtu = guest.sh(&format!("cat /sys/class/net/{tap}/mtu"))?;
+    assert_eq!(mtu.trim(), "65520");
+    // Large ICMP echo answered by the router itself, unfragmented.
+    guest.sh("ping -c 1 -W 5 -M do -s 60000 10.0.2.2")?;
+    // A download with ~64 KiB segments, byte for byte.
+    let sum_host = lab
+        .host
+        .sh(&format!("sha256sum < {}", lab.path("www-host/big.bin")))?;
+    let sum_guest = guest.sh("curl -sS --max-time 30 http://10.0.2.2:8080/big.bin | sha256sum")?;
+    assert_eq!(sum_host, sum_guest);
+    Ok(())
+}

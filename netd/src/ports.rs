@@ -7,10 +7,11 @@
 //! Under load that is one `read` per frame and no `poll`; idle it sleeps in `poll`.
 //! Transmit is one `write` per frame on the caller's thread (the receive thread of
 //! the ingress port), so a frame crosses netd with one read, one write and no copy
-//! in userspace besides the kernel's.
+//! in userspace besides the kernel's. Frames carry a virtio-net header between
+//! fd-based ports; ports without one get frames finished in software.
 //!
-//! - `tap`: netd opens the TAP queue (IFF_TAP|IFF_NO_PI, no vnet header: frames are
-//!   plain Ethernet so every port kind speaks the same format). With `netns` the
+//! - `tap`: netd opens the TAP queue (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR, with checksum
+//!   and TCP segmentation offload accepted: see [`crate::offload`]). With `netns` the
 //!   TAP is created by a short-lived thread that entered the namespace, so the
 //!   kernel side lives there from the start; the fd keeps working from netd's
 //!   namespace.
@@ -18,7 +19,8 @@
 //!   address. netd never enables forwarding: the host is an end, not a router.
 //! - `vm`: a VMM holds the TAP queue. netd creates the TAP (persistent) if missing,
 //!   brings its kernel side up and moves frames through an AF_PACKET socket bound to
-//!   it (PACKET_IGNORE_OUTGOING so netd does not read back its own frames). When the
+//!   it (PACKET_IGNORE_OUTGOING so netd does not read back its own frames;
+//!   PACKET_VNET_HDR so offloaded frames keep their metadata). When the
 //!   VMM goes away the TAP stays, sends count as `drop_down`, and traffic resumes
 //!   when a VMM attaches again; if the TAP itself disappears the thread recreates it.
 //! - `stream`: a unix socket netd listens on, QEMU `-netdev stream` framing (4-byte
@@ -503,6 +505,9 @@ fn start_stream_port(net: &Arc<Network>, spec: &PortSpec) -> Result<RunningPort,
         if md.file_type().is_socket() {
             let _ = std::fs::remove_file(&path);
         }
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(listen_err)?;
     }
     let listener = UnixListener::bind(&path).map_err(listen_err)?;
     listener.set_nonblocking(true).map_err(listen_err)?;

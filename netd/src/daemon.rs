@@ -174,8 +174,9 @@ impl Daemon {
                 Ok(db) => db,
                 Err(e) => return fail(st, DaemonError::Leases(spec.name.clone(), e)),
             };
-            // On hostonly the host kernel owns the gateway address and answers ARP.
-            let answer_arp = spec.mode == Mode::Internal;
+            // The server answers ARP for its own address unless that is the host's
+            // (a hostonly network whose server address is the gateway).
+            let answer_arp = !(spec.mode == Mode::Hostonly && d.server == v4.gateway);
             let server = Arc::new(Mutex::new(DhcpServer::new(
                 v4.clone(),
                 d.clone(),

@@ -428,7 +428,8 @@ pub struct DhcpServer {
 
 impl DhcpServer {
     /// A server for `v4`/`spec`, sending from `mac`. With `answer_arp` it answers ARP
-    /// for the gateway address itself (internal networks, where nobody else owns it).
+    /// for its own address (`spec.server`) itself; without, somebody else owns it (the
+    /// host on a hostonly network whose server address is the gateway).
     pub fn new(v4: Ipv4Spec, spec: DhcpSpec, mac: [u8; 6], answer_arp: bool, db: LeaseDb) -> Self {
         DhcpServer {
             spec,
@@ -466,6 +467,7 @@ impl DhcpServer {
         self.v4.contains(ip)
             && self.in_range(ip)
             && ip != self.v4.gateway
+            && ip != self.spec.server
             && !self.reserved_for_other(ip, mac)
             && !self.db.taken_by_other(ip, mac, now)
     }
@@ -503,7 +505,7 @@ impl DhcpServer {
     }
 
     fn reply(&self, req: &DhcpMessage, t: MsgType, yiaddr: Ipv4Addr, lease: bool) -> DhcpMessage {
-        let mut options = vec![(opt::SERVER_ID, self.v4.gateway.octets().to_vec())];
+        let mut options = vec![(opt::SERVER_ID, self.spec.server.octets().to_vec())];
         if t != MsgType::Nak {
             if lease {
                 let lt = self.spec.lease_time;
@@ -560,7 +562,7 @@ impl DhcpServer {
             }
             MsgType::Request => {
                 if let Some(sid) = server_id {
-                    if sid != self.v4.gateway {
+                    if sid != self.spec.server {
                         // The client chose another server: release our offer.
                         self.db.offers.remove(&mac);
                         return None;
@@ -637,7 +639,7 @@ impl DhcpServer {
         match eth.ethertype {
             ETHERTYPE_ARP if self.answer_arp => {
                 let a = Arp::parse(eth.payload)?;
-                if a.op != 1 || a.tpa != self.v4.gateway {
+                if a.op != 1 || a.tpa != self.spec.server {
                     return None;
                 }
                 let mut out = Vec::with_capacity(60);
@@ -645,7 +647,7 @@ impl DhcpServer {
                 Arp {
                     op: 2,
                     sha: self.mac,
-                    spa: self.v4.gateway,
+                    spa: self.spec.server,
                     tha: a.sha,
                     tpa: a.spa,
                 }
@@ -658,7 +660,7 @@ impl DhcpServer {
                 if ip.protocol != IPPROTO_UDP {
                     return None;
                 }
-                if !(ip.dst.is_broadcast() || ip.dst == self.v4.gateway) {
+                if !(ip.dst.is_broadcast() || ip.dst == self.spec.server) {
                     return None;
                 }
                 let udp = Udp::parse(ip.payload)?;
@@ -681,7 +683,7 @@ impl DhcpServer {
                 Some(wire::emit_udp_frame(
                     dst_mac,
                     self.mac,
-                    self.v4.gateway,
+                    self.spec.server,
                     dst_ip,
                     67,
                     port,
@@ -730,6 +732,7 @@ mod tests {
             gateway: Ipv4Addr::new(10, 9, 0, 1),
         };
         let spec = DhcpSpec {
+            server: Ipv4Addr::new(10, 9, 0, 1),
             start: Ipv4Addr::new(10, 9, 0, 100),
             end: Ipv4Addr::new(10, 9, 0, 102),
             lease_time: 3600,

@@ -174,9 +174,9 @@ impl Daemon {
                 Ok(db) => db,
                 Err(e) => return fail(st, DaemonError::Leases(spec.name.clone(), e)),
             };
-            // The server answers ARP for its own address unless that is the host's
-            // (a hostonly network whose server address is the gateway).
-            let answer_arp = !(spec.mode == Mode::Hostonly && d.server == v4.gateway);
+            // The server answers ARP for its own address unless that is the gateway
+            // and somebody else owns it: the host on hostonly, the router on nat.
+            let answer_arp = spec.mode == Mode::Internal || d.server != v4.gateway;
             let server = Arc::new(Mutex::new(DhcpServer::new(
                 v4.clone(),
                 d.clone(),

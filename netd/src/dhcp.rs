@@ -556,6 +556,9 @@ impl DhcpServer {
         let server_id = m.option_ip(opt::SERVER_ID);
         match m.msg_type {
             MsgType::Discover => {
+                // Keep the hostile-input maps bounded: expired holds go first.
+                self.db.offers.retain(|_, (_, until)| *until > now);
+                self.db.declined.retain(|_, until| *until > now);
                 let ip = self.choose(&mac, requested, now)?;
                 self.db.offers.insert(mac, (ip, now + OFFER_HOLD_SECS));
                 Some(self.reply(m, MsgType::Offer, ip, true))
@@ -581,6 +584,9 @@ impl DhcpServer {
                     return Some(self.reply(m, MsgType::Nak, Ipv4Addr::UNSPECIFIED, false));
                 }
                 self.db.offers.remove(&mac);
+                // One record per address: an expired lease of another client on this
+                // address is forgotten (bounds the table by the range size).
+                self.db.by_mac.retain(|m, l| *m == mac || l.ip != wanted);
                 let hostname = m.option(opt::HOSTNAME).map(|h| {
                     String::from_utf8_lossy(h)
                         .chars()
@@ -616,7 +622,7 @@ impl DhcpServer {
                 None
             }
             MsgType::Decline => {
-                if let Some(ip) = requested {
+                if let Some(ip) = requested.filter(|ip| self.in_range(*ip)) {
                     self.db.declined.insert(ip, now + DECLINE_HOLD_SECS);
                     self.db.offers.remove(&mac);
                     if self.db.by_mac.get(&mac).is_some_and(|l| l.ip == ip) {
@@ -918,6 +924,36 @@ mod tests {
         assert_eq!(
             (a.op, a.sha, a.spa),
             (2, [2, 0, 0, 0, 0, 1], Ipv4Addr::new(10, 9, 0, 1))
+        );
+    }
+
+    #[test]
+    fn tables_stay_bounded_under_mac_churn() {
+        let mut s = server(None);
+        for i in 0..2000u32 {
+            let b = i.to_be_bytes();
+            let mut d = msg(MsgType::Discover, 0, vec![]);
+            d.chaddr = [2, 1, b[0], b[1], b[2], b[3]];
+            let now = 1000 + u64::from(i) * 4000; // every lease expired by the next client
+            if let Some(o) = s.handle(&d, now) {
+                let mut r = msg(
+                    MsgType::Request,
+                    0,
+                    vec![sid(), (opt::REQUESTED_IP, o.yiaddr.octets().to_vec())],
+                );
+                r.chaddr = d.chaddr;
+                assert_eq!(s.handle(&r, now).unwrap().msg_type, MsgType::Ack);
+            }
+            let _ = s.handle(
+                &msg(MsgType::Decline, 7, vec![req_ip([1, 2, b[2], b[3]])]),
+                now,
+            );
+        }
+        assert!(s.db.by_mac.len() <= 3, "{}", s.db.by_mac.len());
+        assert!(s.db.offers.len() <= 3);
+        assert!(
+            s.db.declined.is_empty(),
+            "declines outside the range are ignored"
         );
     }
 

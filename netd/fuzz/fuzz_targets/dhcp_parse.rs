@@ -20,6 +20,7 @@ fuzz_target!(|data: &[u8]| {
         gateway: Ipv4Addr::new(10, 0, 0, 1),
     };
     let spec = DhcpSpec {
+        server: Ipv4Addr::new(10, 0, 0, 1),
         start: Ipv4Addr::new(10, 0, 0, 100),
         end: Ipv4Addr::new(10, 0, 0, 110),
         lease_time: 600,

@@ -34,7 +34,7 @@ netns = "{}"
 
 #[test]
 fn nat_guest_reaches_host_internet_dns_ping_udp() -> anyhow::Result<()> {
-    let (lab, guest, tap) = nat_lab(false)?;
+    let (mut lab, guest, tap) = nat_lab(false)?;
 
     // DHCP from netd: address from .15, router 10.0.2.2, DNS 10.0.2.3.
     let lease = lab.dhcp(&guest, &tap)?;
@@ -58,6 +58,29 @@ fn nat_guest_reaches_host_internet_dns_ping_udp() -> anyhow::Result<()> {
         .sh(&format!("sha256sum < {}", lab.path("www-host/big.bin")))?;
     let sum_guest = guest.sh("curl -sS --max-time 30 http://10.0.2.2:8080/big.bin | sha256sum")?;
     assert_eq!(sum_host, sum_guest);
+
+    // An upload, guest to host, ended by the guest's FIN (half-close): the host
+    // side sees EOF only after every byte.
+    let got = lab.path("upload.sha");
+    let g = lab.host.spawn(&[
+        "socat",
+        "-u",
+        "TCP-LISTEN:9000,bind=127.0.0.1,reuseaddr",
+        &format!("SYSTEM:sha256sum > {got}"),
+    ])?;
+    lab.keep(g);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    guest.sh(&format!(
+        "socat -u FILE:{} TCP:10.0.2.2:9000",
+        lab.path("www-host/big.bin")
+    ))?;
+    let ok = integration_tests::wait_until(std::time::Duration::from_secs(10), || {
+        std::fs::read_to_string(&got)
+            .map(|s| s.len() > 64)
+            .unwrap_or(false)
+    });
+    assert!(ok, "upload did not complete");
+    assert_eq!(std::fs::read_to_string(&got)?, sum_host, "upload corrupted");
 
     // DNS through 10.0.2.3, over UDP (busybox nslookup) and TCP (a hand-made query).
     let out = guest.sh(&format!("busybox nslookup -type=a {INET_NAME} 10.0.2.3"))?;
@@ -101,9 +124,11 @@ print(".".join(str(b) for b in r[-4:]))
         "refused connect was not reset"
     );
 
-    // The flows are listed.
+    // The flows are listed (ICMP through a raw socket: ping sockets are not allowed
+    // in this namespace, net.ipv4.ping_group_range is "1 0").
     let flows = lab.cli(&["flows", "nat0"])?;
     assert!(flows.contains("\"udp\""), "flows: {flows}");
+    assert!(flows.contains("\"RAW\""), "flows: {flows}");
     assert!(flows.contains("10.0.2.15"), "flows: {flows}");
     let stats = lab.cli(&["flows", "nat0", "--stats"])?;
     assert!(stats.contains("connect_failed"), "stats: {stats}");
@@ -204,6 +229,8 @@ fn nat_config_forward_and_isolation() -> anyhow::Result<()> {
     let g2 = Netns::new("ng")?;
     let (t1, t2) = (unique_name("nt"), unique_name("nt"));
     let resolv = lab.path("resolv.conf");
+    lab.host
+        .sh("sysctl -q -w net.ipv4.ping_group_range='0 2147483647'")?;
     lab.start_netd(&format!(
         r#"
 [[network]]
@@ -236,6 +263,10 @@ netns = "{}"
     assert!(l2.contains("ip=10.0.2.16"), "{l2}");
     g1.sh("ping -c 1 -W 5 10.0.2.2")?;
     g2.sh("ping -c 1 -W 5 10.0.2.2")?;
+    // Unprivileged ping sockets allowed in netd's namespace: ICMP goes through them.
+    g1.sh(&format!("ping -c 2 -W 5 {}", nat_common::INET_SERVER))?;
+    let flows = lab.cli(&["flows", "iso"])?;
+    assert!(flows.contains("\"PING\""), "flows: {flows}");
     assert!(
         g1.sh("ping -c 1 -W 2 10.0.2.16").is_err(),
         "isolated guests see each other"

@@ -218,6 +218,24 @@ fn nat_port_forward_reaches_guest_and_removal_cuts_it() -> anyhow::Result<()> {
         .cli(&["forward", "del", "nat0", "tcp", "127.0.0.1:2280"])
         .unwrap_err();
     assert!(e.to_string().contains("no tcp forward"), "{e}");
+    // A bad forward is refused with the reason.
+    let e = lab
+        .cli(&["forward", "add", "nat0", "tcp", "2282", "192.168.7.7:80"])
+        .unwrap_err();
+    assert!(e.to_string().contains("not in the network's subnet"), "{e}");
+
+    // SIGTERM: clean exit; the forwards' host sockets close with the router.
+    lab.cli(&["forward", "add", "nat0", "tcp", "2283", "10.0.2.15:80"])?;
+    lab.host
+        .sh("curl -sS --max-time 10 -o /dev/null http://127.0.0.1:2283/index.html")?;
+    let st = lab.stop_netd().expect("netd exits on SIGTERM");
+    assert!(st.success(), "exit status {st:?}");
+    assert!(
+        lab.host
+            .sh("curl -sS --max-time 3 http://127.0.0.1:2283/")
+            .is_err(),
+        "forward socket still open"
+    );
     Ok(())
 }
 

@@ -205,6 +205,13 @@ impl Lab {
         Ok(())
     }
 
+    /// Sends SIGTERM to netd and waits up to 5 s; its exit status if it exited.
+    pub fn stop_netd(&mut self) -> Option<std::process::ExitStatus> {
+        let mut n = self.netd.take()?;
+        n.signal(libc::SIGTERM);
+        n.wait_timeout(Duration::from_secs(5))
+    }
+
     /// netd's log so far.
     pub fn netd_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("netd.log")).unwrap_or_default()

@@ -295,6 +295,12 @@ impl RouterConfig {
     }
 
     fn check_forward(&self, f: &Forward) -> Result<(), NatError> {
+        if f.guest.port() == 0 || f.host.port() == 0 {
+            return Err(NatError::Invalid {
+                key: "forward",
+                reason: format!("ports must not be 0 ({} -> {})", f.host, f.guest),
+            });
+        }
         if !self.in_subnet(*f.guest.ip()) {
             return Err(NatError::GuestOutsideSubnet {
                 guest: f.guest,

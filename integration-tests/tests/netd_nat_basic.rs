@@ -248,7 +248,7 @@ fn nat_config_forward_and_isolation() -> anyhow::Result<()> {
     let (t1, t2) = (unique_name("nt"), unique_name("nt"));
     let resolv = lab.path("resolv.conf");
     lab.host
-        .sh("sysctl -q -w net.ipv4.ping_group_range='0 2147483647'")?;
+        .sh("echo '0 2147483647' > /proc/sys/net/ipv4/ping_group_range")?;
     lab.start_netd(&format!(
         r#"
 [[network]]

@@ -744,6 +744,14 @@ mod tests {
     }
 
     #[test]
+    fn example_config_validates() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/netd.toml");
+        let nets = Config::load(&path).unwrap().validate(&path).unwrap();
+        assert_eq!(nets.len(), 2);
+        assert_eq!(nets[0].dhcp.as_ref().unwrap().server, Ipv4Addr::new(192, 168, 56, 100));
+    }
+
+    #[test]
     fn mac_parse_roundtrip() {
         let m = parse_mac("52:54:00:ab:cd:ef").unwrap();
         assert_eq!(fmt_mac(&m), "52:54:00:ab:cd:ef");

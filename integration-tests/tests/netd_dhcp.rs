@@ -120,6 +120,46 @@ mac = "02:00:00:00:0b:77"
         "10.2.0.50",
         "same address after restart"
     );
+    // RELEASE from a real client: udhcpc -R releases when it is stopped while bound.
+    let script = udhcpc_script(dir.path());
+    let _ = std::fs::remove_file(dir.path().join(format!("lease-{tc}")));
+    let mut client = c.spawn(&[
+        "busybox",
+        "udhcpc",
+        "-i",
+        &tc,
+        "-s",
+        script.to_str().unwrap(),
+        "-f",
+        "-R",
+        "-t",
+        "5",
+        "-T",
+        "1",
+    ])?;
+    assert!(integration_tests::wait_until(
+        std::time::Duration::from_secs(10),
+        || dir.path().join(format!("lease-{tc}")).exists()
+    ));
+    client.signal(libc::SIGTERM);
+    client.wait_timeout(std::time::Duration::from_secs(5));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let released = || {
+        netd.cli_json(&["leases", "lan"])
+            .ok()
+            .and_then(|v| {
+                v.as_array()?.iter().find(|l| l["ip"] == "10.2.0.52")?["expires"].as_u64()
+            })
+            .is_some_and(|e| e <= now + 1)
+    };
+    // The RELEASE is unicast to the server (after ARP for it), so allow a moment.
+    assert!(
+        integration_tests::wait_until(std::time::Duration::from_secs(3), released),
+        "released lease has ended: {}",
+        netd.cli(&["leases", "lan"])?
+    );
     assert!(netd.stop());
     Ok(())
 }

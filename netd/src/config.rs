@@ -773,6 +773,18 @@ mod tests {
     }
 
     #[test]
+    fn example_config_validates() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/netd.toml");
+        let nets = Config::load(&path).unwrap().validate(&path).unwrap();
+        let ho = nets.iter().find(|n| n.name == "hostonly").unwrap();
+        assert_eq!(
+            ho.dhcp.as_ref().unwrap().server,
+            Ipv4Addr::new(192, 168, 56, 100)
+        );
+        assert!(nets.iter().any(|n| n.mode == Mode::Internal));
+    }
+
+    #[test]
     fn mac_parse_roundtrip() {
         let m = parse_mac("52:54:00:ab:cd:ef").unwrap();
         assert_eq!(fmt_mac(&m), "52:54:00:ab:cd:ef");

@@ -15,8 +15,10 @@
 //!    learning, it never evicts a live entry, so a MAC flood cannot push out hosts);
 //! 3. forward: a known unicast destination goes to its port only; broadcast,
 //!    multicast and unknown unicast are flooded to every other port of the network;
-//! 4. each egress port checks its MTU and sends; a full or absent peer is a counted
-//!    drop on the egress port.
+//! 4. each egress port checks its MTU (for a TCP super-frame: its segments') and
+//!    sends: with the frame's virtio-net header to ports that take one (TAP, vm),
+//!    finished in software ([`crate::offload`]) to those that do not (stream,
+//!    services); a full or absent peer is a counted drop on the egress port.
 //!
 //! A frame can only ever reach ports of the network it entered: networks share no
 //! table and no port list. Entries age out after `mac_ageing` seconds without a

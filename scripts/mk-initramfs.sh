@@ -5,7 +5,8 @@
 #
 # The image holds: static busybox with a link per applet, /init (INIT_SCRIPT),
 # the virtio modules of the guest assets and /load-modules (insmods them in order),
-# a udhcpc script at /usr/share/udhcpc/default.script that configures the interface,
+# a udhcpc script at /usr/share/udhcpc/default.script (and /etc/udhcpc, where Debian's
+# busybox looks) that configures the interface,
 # its default route and /etc/resolv.conf, and each extra SRC copied to DEST.
 set -euo pipefail
 if [ $# -lt 2 ]; then
@@ -61,6 +62,9 @@ esac
 exit 0
 EOF
 chmod +x "$work/usr/share/udhcpc/default.script"
+# Debian's busybox looks for the script here.
+mkdir -p "$work/etc/udhcpc"
+ln -s /usr/share/udhcpc/default.script "$work/etc/udhcpc/default.script"
 
 cp "$init" "$work/init"
 chmod +x "$work/init"

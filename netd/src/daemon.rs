@@ -212,7 +212,10 @@ impl Daemon {
                 Ok(p) => p,
                 Err(e) => return fail(st, DaemonError::NatAttach(spec.name.clone(), e)),
             };
-            let sink = crate::nat::ToSwitch::Direct(Box::new(move |f: &[u8]| sw_in.send(f)));
+            let sink = crate::nat::ToSwitch::Offload(Box::new(move |h, f: &[u8]| match h {
+                Some(h) => sw_in.send_vnet(h, f),
+                None => sw_in.send(f),
+            }));
             let tname = format!("nat-{}", spec.name);
             match crate::nat::Router::spawn_thread(&tname, cfg, from_switch, sink) {
                 Ok(handle) => st.nat = Some(handle),

@@ -387,6 +387,12 @@ impl SwitchIn {
     pub fn send(&self, frame: &[u8]) {
         self.net.ingress(&self.port, frame);
     }
+
+    /// Switches one offloaded frame (a TCP super-frame with its virtio-net header):
+    /// vnet ports take it as is, the others get it segmented in software.
+    pub fn send_vnet(&self, hdr: &VnetHdr, frame: &[u8]) {
+        self.net.ingress_vnet(&self.port, hdr, frame);
+    }
 }
 
 struct ChannelTx(mpsc::Sender<Bytes>);

@@ -462,11 +462,19 @@ pub enum ToSwitch {
     /// A function switching the frame now (frames a busy port cannot take are
     /// dropped and counted by the switch, as for any port).
     Direct(FrameFn),
+    /// Like `Direct`, and the switch takes offloaded frames: TCP frames go with a
+    /// virtio-net header (partial checksum, and TCP segmentation for super-frames).
+    Offload(OffloadFn),
 }
+
+/// A function that switches one frame, with its virtio-net header if offloaded.
+pub type OffloadFn = Box<dyn Fn(Option<&crate::offload::VnetHdr>, &[u8]) + Send>;
 
 /// The router: one per NAT network, run by one task.
 pub struct Router {
     cfg: RouterConfig,
+    /// TCP frames leave as offloaded frames (see `tcp.rs`, "Offload").
+    offload: bool,
     mac: EthernetAddress,
     iface: Interface,
     dev: QueueDevice,
@@ -509,7 +517,12 @@ impl Router {
     ) -> Result<(Router, RouterHandle), NatError> {
         cfg.validate()?;
         let mac = EthernetAddress(cfg.mac);
-        let mut dev = QueueDevice::new(cfg.mtu);
+        let offload = matches!(to_switch, ToSwitch::Offload(_));
+        let mut dev = if offload {
+            QueueDevice::with_offload(cfg.mtu)
+        } else {
+            QueueDevice::new(cfg.mtu)
+        };
         let mut icfg = IfaceConfig::new(HardwareAddress::Ethernet(mac));
         icfg.random_seed = seed();
         let mut iface = Interface::new(icfg, &mut dev, smoltcp::time::Instant::now());
@@ -533,6 +546,7 @@ impl Router {
         let (ctl_tx, ctl_rx) = mpsc::channel(16);
         let resolvers = dns::Resolvers::new(cfg.resolv_conf.clone());
         let mut router = Router {
+            offload,
             mac,
             iface,
             dev,
@@ -615,6 +629,10 @@ impl Router {
                 self.stats.frames_out += 1;
                 match &self.to_switch {
                     ToSwitch::Direct(f) => f(&frame),
+                    ToSwitch::Offload(f) => match self.tcp_offload_header(&frame) {
+                        Some((hdr, frame)) => f(Some(&hdr), &frame),
+                        None => f(None, &frame),
+                    },
                     ToSwitch::Channel(tx) => {
                         if tx.send(frame).await.is_err() {
                             self.stopped = true;

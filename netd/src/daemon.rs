@@ -208,7 +208,7 @@ impl Daemon {
             cfg.mac = service_mac(&spec.name, 2);
             // Bound the router's queue in bytes, not only frames: ~6 MiB of full frames.
             let cap = (4096 * 1500 / cfg.mtu.max(1500)).max(128);
-            let (sw_in, from_switch) = match net.attach_service_direct("nat", cap) {
+            let (sw_in, from_switch) = match net.attach_service_direct("nat", cap, true) {
                 Ok(p) => p,
                 Err(e) => return fail(st, DaemonError::NatAttach(spec.name.clone(), e)),
             };

@@ -97,6 +97,17 @@ pub fn classify<'a>(
     router_mac: EthernetAddress,
     own: impl Fn(Ipv4Addr) -> bool,
 ) -> Classified<'a> {
+    classify_with(frame, router_mac, own, false)
+}
+
+/// Like [`classify`]; with `tcp_csum_partial`, a TCP checksum is not verified (an
+/// offloaded frame from a local kernel: the field holds only the pseudo-header sum).
+pub fn classify_with<'a>(
+    frame: &'a [u8],
+    router_mac: EthernetAddress,
+    own: impl Fn(Ipv4Addr) -> bool,
+    tcp_csum_partial: bool,
+) -> Classified<'a> {
     let Ok(eth) = EthernetFrame::new_checked(frame) else {
         return Classified::Malformed;
     };
@@ -133,7 +144,7 @@ pub fn classify<'a>(
             }
         }
         EthernetProtocol::Ipv4 if dst_mac == router_mac => {
-            classify_ipv4(eth.payload(), src_mac, own)
+            classify_ipv4(eth.payload(), src_mac, own, tcp_csum_partial)
         }
         _ => Classified::Ignore,
     }
@@ -143,6 +154,7 @@ fn classify_ipv4<'a>(
     packet: &'a [u8],
     src_mac: EthernetAddress,
     own: impl Fn(Ipv4Addr) -> bool,
+    tcp_csum_partial: bool,
 ) -> Classified<'a> {
     let Ok(ip) = Ipv4Packet::new_checked(packet) else {
         return Classified::Malformed;
@@ -160,7 +172,9 @@ fn classify_ipv4<'a>(
             let Ok(tcp) = TcpPacket::new_checked(payload) else {
                 return Classified::Malformed;
             };
-            if !tcp.verify_checksum(&IpAddress::Ipv4(src_ip), &IpAddress::Ipv4(dst_ip)) {
+            if !tcp_csum_partial
+                && !tcp.verify_checksum(&IpAddress::Ipv4(src_ip), &IpAddress::Ipv4(dst_ip))
+            {
                 return Classified::Malformed;
             }
             // SYNs to the gateway / DNS addresses are flows too (to the host's loopback

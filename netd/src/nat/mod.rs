@@ -630,7 +630,14 @@ impl Router {
                 match &self.to_switch {
                     ToSwitch::Direct(f) => f(&frame),
                     ToSwitch::Offload(f) => match self.tcp_offload_header(&frame) {
-                        Some((hdr, frame)) => f(Some(&hdr), &frame),
+                        Some((hdr, at, sum)) => {
+                            // No copy: the router holds the only reference.
+                            let mut v = Vec::from(frame);
+                            if let Some(c) = v.get_mut(at..at + 2) {
+                                c.copy_from_slice(&sum.to_be_bytes());
+                            }
+                            f(Some(&hdr), &v)
+                        }
                         None => f(None, &frame),
                     },
                     ToSwitch::Channel(tx) => {

@@ -552,10 +552,11 @@ impl Router {
 
     /// The virtio-net header of an outgoing TCP frame in offload mode (and the frame
     /// with the pseudo-header sum in its checksum field), or `None` to send it as is.
+    /// Returns the header, where the checksum field is and what goes in it.
     pub(super) fn tcp_offload_header(
         &self,
         frame: &[u8],
-    ) -> Option<(crate::offload::VnetHdr, Vec<u8>)> {
+    ) -> Option<(crate::offload::VnetHdr, usize, u16)> {
         use crate::offload::{VnetHdr, F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4};
         if !self.offload || frame.get(12..14)? != [0x08, 0x00] {
             return None;
@@ -581,10 +582,8 @@ impl Router {
         while sum > 0xffff {
             sum = (sum & 0xffff) + (sum >> 16);
         }
-        let mut out = frame.to_vec();
         let csum_at = super::frame::ETH_HDR + ihl + 16;
-        out.get_mut(csum_at..csum_at + 2)?
-            .copy_from_slice(&(sum as u16).to_be_bytes());
+        frame.get(csum_at..csum_at + 2)?;
         let payload = tcp.len() - doff;
         let mut hdr = VnetHdr {
             flags: F_NEEDS_CSUM,
@@ -617,7 +616,7 @@ impl Router {
             hdr.gso_type = GSO_TCPV4;
             hdr.gso_size = mss;
         }
-        Some((hdr, out))
+        Some((hdr, csum_at, sum as u16))
     }
 
     /// Removes flows whose guest side is over.

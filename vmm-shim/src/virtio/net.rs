@@ -1,0 +1,256 @@
+//! virtio-net, backed by a TAP device with `IFF_VNET_HDR`.
+//!
+//! Theory of operation: the guest's `virtio_net_hdr_v1` (12 bytes) and the TAP's vnet
+//! header (size set to 12 with TUNSETVNETHDRSZ) have the same layout, so a TX chain is
+//! copied to the TAP as one write, header included, and a frame read from the TAP is
+//! copied into an RX chain as is (`num_buffers` set to 1). Checksum offload and TSO are
+//! offered to the guest; once the driver acks its features, the matching TAP offloads
+//! (TUNSETOFFLOAD) are switched on so the kernel hands us only what the guest accepts.
+//!
+//! Receive is driven from two sides: a back-end thread waits for the TAP to be readable
+//! and calls [`Net::rx_pump`]; the guest's kick of the RX queue also pumps. When a frame
+//! is read but the guest has no free RX buffer, it is parked in `pending` (the deferred
+//! RX path) and the back-end thread stops polling the TAP until a kick of the RX queue
+//! (which writes `rx_wake`) delivers it: ingress never spins and never freezes.
+//! Malformed TX chains (device-writable buffers, header missing, oversized) are dropped,
+//! counted and returned to the guest with a zero length.
+
+use std::io;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::chain::ChainView;
+use super::{read_config_bytes, Counters, VirtioDevice};
+
+/// Device ID of virtio-net.
+pub const DEVICE_ID: u32 = 1;
+/// Size of `virtio_net_hdr_v1`.
+pub const VNET_HDR_LEN: usize = 12;
+/// Largest frame (with header) we move: a 64 KiB GSO frame plus headers.
+pub const MAX_FRAME: usize = VNET_HDR_LEN + 65550;
+
+/// VIRTIO_NET_F_CSUM.
+pub const F_CSUM: u64 = 1 << 0;
+/// VIRTIO_NET_F_GUEST_CSUM.
+pub const F_GUEST_CSUM: u64 = 1 << 1;
+/// VIRTIO_NET_F_MAC.
+pub const F_MAC: u64 = 1 << 5;
+/// VIRTIO_NET_F_GUEST_TSO4.
+pub const F_GUEST_TSO4: u64 = 1 << 7;
+/// VIRTIO_NET_F_GUEST_TSO6.
+pub const F_GUEST_TSO6: u64 = 1 << 8;
+/// VIRTIO_NET_F_HOST_TSO4.
+pub const F_HOST_TSO4: u64 = 1 << 11;
+/// VIRTIO_NET_F_HOST_TSO6.
+pub const F_HOST_TSO6: u64 = 1 << 12;
+
+/// TUN_F_CSUM.
+pub const TUN_F_CSUM: u32 = 1;
+/// TUN_F_TSO4.
+pub const TUN_F_TSO4: u32 = 2;
+/// TUN_F_TSO6.
+pub const TUN_F_TSO6: u32 = 4;
+
+/// Where frames go: a TAP in production, a mock in unit tests.
+pub trait NetBackend: Send {
+    /// Sends one frame (vnet header included).
+    fn send(&mut self, frame: &[u8]) -> io::Result<()>;
+    /// Receives one frame (vnet header included); `WouldBlock` when none is waiting.
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Sets the offloads the guest accepts (TUN_F_*).
+    fn set_offload(&mut self, flags: u32) -> io::Result<()>;
+}
+
+/// The virtio-net device.
+pub struct Net<T: NetBackend> {
+    backend: T,
+    config: Vec<u8>,
+    counters: Counters,
+    pending: Option<Vec<u8>>,
+    rx_wake: Option<EventFd>,
+    buf: Vec<u8>,
+}
+
+const RX: u16 = 0;
+const TX: u16 = 1;
+
+impl<T: NetBackend> Net<T> {
+    /// Creates the device; `rx_wake` is written when the guest adds RX buffers.
+    pub fn new(backend: T, mac: [u8; 6], rx_wake: Option<EventFd>) -> Self {
+        Net {
+            backend,
+            config: mac.to_vec(),
+            counters: Counters::default(),
+            pending: None,
+            rx_wake,
+            buf: vec![0u8; MAX_FRAME],
+        }
+    }
+
+    /// Whether a received frame waits for guest buffers (the deferred RX path).
+    pub fn has_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// The backend (tests inspect mocks through this).
+    pub fn backend(&self) -> &T {
+        &self.backend
+    }
+
+    /// Sends every available TX chain. Returns whether any was used.
+    pub fn process_tx(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut any = false;
+        loop {
+            let Ok(mut iter) = q.iter(mem) else {
+                Counters::bump(&self.counters.bad_chains);
+                return any;
+            };
+            let Some(chain) = iter.next() else {
+                return any;
+            };
+            drop(iter);
+            any = true;
+            let head = chain.head_index();
+            let frame = match ChainView::parse(chain, mem) {
+                Ok(v)
+                    if v.writable.is_empty()
+                        && (v.readable_len as usize) > VNET_HDR_LEN
+                        && (v.readable_len as usize) <= MAX_FRAME =>
+                {
+                    v.read(mem, 0, v.readable_len)
+                }
+                _ => None,
+            };
+            match frame {
+                Some(f) => match self.backend.send(&f) {
+                    Ok(()) => Counters::bump(&self.counters.completed),
+                    Err(e) => {
+                        Counters::bump(&self.counters.dropped);
+                        tracing::debug!(error = %e, "TAP write failed; frame dropped");
+                    }
+                },
+                None => Counters::bump(&self.counters.bad_chains),
+            }
+            let _ = q.add_used(mem, head, 0);
+        }
+    }
+
+    /// Moves frames from the backend into RX buffers until one side runs dry.
+    /// Returns whether any chain was used.
+    pub fn rx_pump(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut any = false;
+        loop {
+            let frame = match self.pending.take() {
+                Some(f) => f,
+                None => match self.backend.recv(&mut self.buf) {
+                    Ok(n) if n > VNET_HDR_LEN => {
+                        let mut f = self.buf[..n].to_vec();
+                        // num_buffers = 1 (no mergeable buffers).
+                        f[10] = 1;
+                        f[11] = 0;
+                        f
+                    }
+                    Ok(_) => {
+                        Counters::bump(&self.counters.dropped);
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => return any,
+                },
+            };
+            let Ok(mut iter) = q.iter(mem) else {
+                Counters::bump(&self.counters.bad_chains);
+                self.pending = Some(frame);
+                return any;
+            };
+            let Some(chain) = iter.next() else {
+                // Guest queue full: park the frame, wait for a kick.
+                self.pending = Some(frame);
+                return any;
+            };
+            drop(iter);
+            any = true;
+            let head = chain.head_index();
+            let len = match ChainView::parse(chain, mem) {
+                Ok(v) if v.readable.is_empty() && v.writable_len as usize >= frame.len() => {
+                    match v.write(mem, 0, &frame) {
+                        Some(()) => {
+                            Counters::bump(&self.counters.completed);
+                            frame.len() as u32
+                        }
+                        None => {
+                            Counters::bump(&self.counters.bad_chains);
+                            0
+                        }
+                    }
+                }
+                Ok(v) if v.readable.is_empty() => {
+                    // A well-formed buffer too small for this frame: drop the frame.
+                    Counters::bump(&self.counters.dropped);
+                    0
+                }
+                _ => {
+                    Counters::bump(&self.counters.bad_chains);
+                    self.pending = Some(frame);
+                    0
+                }
+            };
+            let _ = q.add_used(mem, head, len);
+        }
+    }
+}
+
+impl<T: NetBackend> VirtioDevice for Net<T> {
+    fn device_type(&self) -> u32 {
+        DEVICE_ID
+    }
+    fn features(&self) -> u64 {
+        F_CSUM | F_GUEST_CSUM | F_MAC | F_GUEST_TSO4 | F_GUEST_TSO6 | F_HOST_TSO4 | F_HOST_TSO6
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[256, 256]
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data)
+    }
+    fn activate(&mut self, acked: u64) {
+        let mut flags = 0;
+        if acked & F_GUEST_CSUM != 0 {
+            flags |= TUN_F_CSUM;
+            if acked & F_GUEST_TSO4 != 0 {
+                flags |= TUN_F_TSO4;
+            }
+            if acked & F_GUEST_TSO6 != 0 {
+                flags |= TUN_F_TSO6;
+            }
+        }
+        if let Err(e) = self.backend.set_offload(flags) {
+            tracing::warn!(error = %e, flags, "TUNSETOFFLOAD failed");
+        }
+    }
+    fn reset(&mut self) {
+        self.pending = None;
+    }
+    fn notify(&mut self, index: u16, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        match index {
+            TX => queues
+                .get_mut(usize::from(TX))
+                .is_some_and(|q| self.process_tx(q, mem)),
+            RX => {
+                let used = queues
+                    .get_mut(usize::from(RX))
+                    .is_some_and(|q| self.rx_pump(q, mem));
+                if let Some(w) = &self.rx_wake {
+                    let _ = w.write(1);
+                }
+                used
+            }
+            _ => false,
+        }
+    }
+    fn counters(&self) -> &Counters {
+        &self.counters
+    }
+}

@@ -1,0 +1,95 @@
+//! vmm-shim under the real KVM: a guest prints on the 8250 and resets through the i8042
+//! (exit 0); a guest that triple-faults makes vmm-shim exit non-zero with a message;
+//! config errors name the key.
+
+mod vmm_guest;
+
+use std::time::Duration;
+
+use integration_tests::require_root;
+use vmm_guest::{assemble, run_vmm};
+
+#[test]
+fn guest_prints_on_serial_and_reboots_with_status_0() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let elf = assemble(
+        dir.path(),
+        "hello",
+        r#"
+_start:
+    PRINT msg
+    # The UART's line status register says the transmitter is empty.
+    mov $0x3fd, %dx
+    in %dx, %al
+    test $0x20, %al
+    jnz 1f
+    FAIL 'l'
+1:  PRINT done
+    jmp reboot
+msg:  .asciz "hello from the guest\n"
+done: .asciz "LSR ok\n"
+"#,
+    )
+    .unwrap();
+    let r = run_vmm(
+        &[],
+        &["--kernel", elf.to_str().unwrap(), "--mem", "64M"],
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    assert_eq!(r.serial, "hello from the guest\nLSR ok\n", "stderr: {}", r.stderr);
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+}
+
+#[test]
+fn triple_fault_exits_nonzero_with_a_message() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    // ud2 with an IDT that has no valid gate: #UD -> #GP -> #DF -> triple fault.
+    let elf = assemble(
+        dir.path(),
+        "tf",
+        r#"
+_start:
+    PRINT msg
+    ud2
+msg: .asciz "about to fault\n"
+"#,
+    )
+    .unwrap();
+    let r = run_vmm(
+        &[],
+        &["--kernel", elf.to_str().unwrap(), "--mem", "64M"],
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    assert_eq!(r.serial, "about to fault\n");
+    assert_eq!(r.code, Some(1), "stderr: {}", r.stderr);
+    assert!(r.stderr.contains("triple fault"), "stderr: {}", r.stderr);
+}
+
+#[test]
+fn bad_kernel_and_bad_config_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk");
+    std::fs::write(&junk, vec![0x42u8; 4096]).unwrap();
+    let r = run_vmm(&[], &["--kernel", junk.to_str().unwrap()], Duration::from_secs(30)).unwrap();
+    assert_eq!(r.code, Some(1), "stderr: {}", r.stderr);
+    assert!(
+        r.stderr.contains("neither an x86_64 ELF vmlinux nor a bzImage"),
+        "stderr: {}",
+        r.stderr
+    );
+
+    let cfg = dir.path().join("vm.toml");
+    std::fs::write(&cfg, "kernel = \"/x\"\nmemory = \"1G\"\n").unwrap();
+    let r = run_vmm(&[], &["--config", cfg.to_str().unwrap()], Duration::from_secs(30)).unwrap();
+    assert_eq!(r.code, Some(2));
+    assert!(r.stderr.contains("vm.toml") && r.stderr.contains("memory"), "{}", r.stderr);
+
+    std::fs::write(&cfg, "kernel = \"/x\"\nmem = \"1G\"\ndisk = [\"http://x\"]\n").unwrap();
+    let r = run_vmm(&[], &["--config", cfg.to_str().unwrap()], Duration::from_secs(30)).unwrap();
+    assert_eq!(r.code, Some(2));
+    assert!(r.stderr.contains("disk[0]"), "{}", r.stderr);
+}

@@ -38,7 +38,11 @@ done: .asciz "LSR ok\n"
         Duration::from_secs(30),
     )
     .unwrap();
-    assert_eq!(r.serial, "hello from the guest\nLSR ok\n", "stderr: {}", r.stderr);
+    assert_eq!(
+        r.serial, "hello from the guest\nLSR ok\n",
+        "stderr: {}",
+        r.stderr
+    );
     assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
 }
 
@@ -74,22 +78,46 @@ fn bad_kernel_and_bad_config_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let junk = dir.path().join("junk");
     std::fs::write(&junk, vec![0x42u8; 4096]).unwrap();
-    let r = run_vmm(&[], &["--kernel", junk.to_str().unwrap()], Duration::from_secs(30)).unwrap();
+    let r = run_vmm(
+        &[],
+        &["--kernel", junk.to_str().unwrap()],
+        Duration::from_secs(30),
+    )
+    .unwrap();
     assert_eq!(r.code, Some(1), "stderr: {}", r.stderr);
     assert!(
-        r.stderr.contains("neither an x86_64 ELF vmlinux nor a bzImage"),
+        r.stderr
+            .contains("neither an x86_64 ELF vmlinux nor a bzImage"),
         "stderr: {}",
         r.stderr
     );
 
     let cfg = dir.path().join("vm.toml");
     std::fs::write(&cfg, "kernel = \"/x\"\nmemory = \"1G\"\n").unwrap();
-    let r = run_vmm(&[], &["--config", cfg.to_str().unwrap()], Duration::from_secs(30)).unwrap();
+    let r = run_vmm(
+        &[],
+        &["--config", cfg.to_str().unwrap()],
+        Duration::from_secs(30),
+    )
+    .unwrap();
     assert_eq!(r.code, Some(2));
-    assert!(r.stderr.contains("vm.toml") && r.stderr.contains("memory"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("vm.toml") && r.stderr.contains("memory"),
+        "{}",
+        r.stderr
+    );
 
-    std::fs::write(&cfg, "kernel = \"/x\"\nmem = \"1G\"\ndisk = [\"http://x\"]\n").unwrap();
-    let r = run_vmm(&[], &["--config", cfg.to_str().unwrap()], Duration::from_secs(30)).unwrap();
+    std::fs::write(
+        &cfg,
+        "kernel = \"/x\"\nmem = \"1G\"\ndisk = [\"http://x\"]\n",
+    )
+    .unwrap();
+    let r = run_vmm(
+        &[],
+        &["--config", cfg.to_str().unwrap()],
+        Duration::from_secs(30),
+    )
+    .unwrap();
     assert_eq!(r.code, Some(2));
     assert!(r.stderr.contains("disk[0]"), "{}", r.stderr);
 }

@@ -4,7 +4,7 @@
 //! `e_entry`) or a bzImage (protected-mode part loaded at 16 MiB, entered at its 64-bit
 //! entry `load + 0x200`), both through linux-loader. We then write the zero page
 //! (`struct boot_params`: setup header, command line pointer, initrd, an e820 map), a GDT
-//! and identity-mapping page tables for the first GiB, and give the boot vCPU long mode,
+//! and identity-mapping page tables for the first 4 GiB, and give the boot vCPU long mode,
 //! paging and `rsi` = zero page, which is the state the Linux 64-bit boot protocol asks
 //! for. Test guests are plain static ELF programs and find the same state.
 
@@ -183,15 +183,18 @@ pub fn load(
     Ok(loaded)
 }
 
-/// Identity-maps the first GiB with 2 MiB pages.
+/// Identity-maps the first 4 GiB with 2 MiB pages (RAM and the MMIO windows at 3 GiB+).
 fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     mem.write_obj(PDPTE_ADDR | 0x03, GuestAddress(PML4_ADDR))
         .map_err(mem_err("PML4"))?;
-    mem.write_obj(PDE_ADDR | 0x03, GuestAddress(PDPTE_ADDR))
-        .map_err(mem_err("PDPT"))?;
-    for i in 0..512u64 {
-        mem.write_obj((i << 21) | 0x83, GuestAddress(PDE_ADDR + i * 8))
-            .map_err(mem_err("PD"))?;
+    for g in 0..4u64 {
+        let pd = PDE_ADDR + g * 0x1000;
+        mem.write_obj(pd | 0x03, GuestAddress(PDPTE_ADDR + g * 8))
+            .map_err(mem_err("PDPT"))?;
+        for i in 0..512u64 {
+            mem.write_obj(((g << 30) | (i << 21)) | 0x83, GuestAddress(pd + i * 8))
+                .map_err(mem_err("PD"))?;
+        }
     }
     Ok(())
 }

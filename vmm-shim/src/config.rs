@@ -229,10 +229,7 @@ impl RawConfig {
         if nets.len() + disks.len() > crate::layout::MAX_MMIO_DEVICES {
             return Err(invalid(
                 "net/disk",
-                format!(
-                    "at most {} devices in all",
-                    crate::layout::MAX_MMIO_DEVICES
-                ),
+                format!("at most {} devices in all", crate::layout::MAX_MMIO_DEVICES),
             ));
         }
         let console = match self.console.as_deref() {
@@ -426,6 +423,10 @@ mod tests {
         let err = raw.validate().unwrap_err();
         assert!(err.to_string().starts_with("net[1]:"), "{err}");
         let raw: RawConfig = toml::from_str("mem = \"64M\"\n").unwrap();
-        assert!(raw.validate().unwrap_err().to_string().starts_with("kernel:"));
+        assert!(raw
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("kernel:"));
     }
 }

@@ -3,7 +3,7 @@
 //! ```text
 //! 0x0000_0500  GDT (4 entries)          0x0000_0520  IDT (empty)
 //! 0x0000_7000  boot_params (zero page)  0x0000_8ff0  initial stack (grows down)
-//! 0x0000_9000  PML4, 0xa000 PDPT, 0xb000 PD: identity map of the first 1 GiB (2M pages)
+//! 0x0000_9000  PML4, 0xa000 PDPT, 0xb000-0xefff PDs: identity map of 4 GiB (2M pages)
 //! 0x0002_0000  kernel command line (up to 64 KiB)
 //! 0x0010_0000  high memory: kernels load here or above (bzImage at 16 MiB)
 //! ...          initrd at the top of RAM (below 896 MiB)
@@ -22,7 +22,7 @@ pub const BOOT_STACK: u64 = 0x8ff0;
 pub const PML4_ADDR: u64 = 0x9000;
 /// Page directory pointer table.
 pub const PDPTE_ADDR: u64 = 0xa000;
-/// Page directory.
+/// First of four page directories (0xb000..0xf000).
 pub const PDE_ADDR: u64 = 0xb000;
 /// Kernel command line.
 pub const CMDLINE_ADDR: u64 = 0x20000;

@@ -209,21 +209,20 @@ impl NbdClient {
     pub fn connect(addr: &NbdAddr, export: &str) -> Result<Self, NbdError> {
         let stream = match addr {
             NbdAddr::Tcp(h, p) => {
-                let s = TcpStream::connect((h.as_str(), *p)).map_err(|source| {
-                    NbdError::Connect {
+                let s =
+                    TcpStream::connect((h.as_str(), *p)).map_err(|source| NbdError::Connect {
                         addr: format!("{h}:{p}"),
                         source,
-                    }
-                })?;
+                    })?;
                 let _ = s.set_nodelay(true);
                 Stream::Tcp(s)
             }
-            NbdAddr::Unix(p) => Stream::Unix(UnixStream::connect(p).map_err(|source| {
-                NbdError::Connect {
+            NbdAddr::Unix(p) => {
+                Stream::Unix(UnixStream::connect(p).map_err(|source| NbdError::Connect {
                     addr: p.display().to_string(),
                     source,
-                }
-            })?),
+                })?)
+            }
         };
         let mut c = NbdClient {
             stream: io::BufReader::with_capacity(256 << 10, stream),
@@ -292,8 +291,8 @@ impl NbdClient {
                 REP_ACK => break,
                 REP_INFO => {
                     if data.len() >= 2 && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT {
-                        let d: [u8; 12] = data
-                            .get(2..14)
+                        let d: [u8; 10] = data
+                            .get(2..12)
                             .and_then(|s| s.try_into().ok())
                             .ok_or_else(|| proto("short NBD_INFO_EXPORT"))?;
                         self.size = u64::from_be_bytes(d[0..8].try_into().unwrap_or_default());
@@ -307,7 +306,10 @@ impl NbdClient {
                         message: format!(
                             "error {:#x}: {}",
                             t,
-                            String::from_utf8_lossy(&data).chars().take(200).collect::<String>()
+                            String::from_utf8_lossy(&data)
+                                .chars()
+                                .take(200)
+                                .collect::<String>()
                         ),
                     })
                 }

@@ -36,7 +36,8 @@ pub fn request_vm_port(control: &Path, network: &str, mac: &str) -> Result<Strin
         source,
     };
     let mut s = UnixStream::connect(control).map_err(io)?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(io)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(io)?;
     let req = serde_json::json!({
         "cmd": "port.add",
         "network": network,

@@ -53,7 +53,13 @@ impl Tap {
         }
         let hdr: libc::c_int = crate::virtio::net::VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which is valid.
-        let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &hdr as *const libc::c_int) };
+        let r = unsafe {
+            libc::ioctl(
+                file.as_raw_fd(),
+                TUNSETVNETHDRSZ,
+                &hdr as *const libc::c_int,
+            )
+        };
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -130,8 +136,7 @@ pub fn poll_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<Vec<bool>> {
         }
         return Err(e);
     }
-    Ok(p
-        .iter()
+    Ok(p.iter()
         .map(|x| x.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0)
         .collect())
 }

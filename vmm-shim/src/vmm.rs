@@ -150,13 +150,18 @@ impl MmioBus {
     }
     fn read(&self, addr: u64, data: &mut [u8]) {
         match self.find(addr) {
-            Some((d, off)) => d.lock().unwrap_or_else(|e| e.into_inner()).bus_read(off, data),
+            Some((d, off)) => d
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .bus_read(off, data),
             None => data.fill(0xff),
         }
     }
     fn write(&self, addr: u64, data: &[u8]) {
         if let Some((d, off)) = self.find(addr) {
-            d.lock().unwrap_or_else(|e| e.into_inner()).bus_write(off, data)
+            d.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .bus_write(off, data)
         }
     }
 }
@@ -175,7 +180,8 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     vm.set_identity_map_address(layout::IDENTITY_MAP_ADDR)
         .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-    vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
     let pit = kvm_pit_config {
         flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
@@ -206,7 +212,8 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
     let serial_evt = EventFd::new(EFD_NONBLOCK).map_err(os_err("eventfd"))?;
     vm.register_irqfd(&serial_evt, layout::SERIAL_IRQ)
         .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-    let serial: Arc<Mutex<SerialDev>> = Arc::new(Mutex::new(SerialDev::new(IrqEvt(serial_evt), out)));
+    let serial: Arc<Mutex<SerialDev>> =
+        Arc::new(Mutex::new(SerialDev::new(IrqEvt(serial_evt), out)));
 
     // Devices: disks first, then NICs, each in its own 4 KiB window and IRQ.
     let mut cmdline = cfg.cmdline.clone();
@@ -240,7 +247,11 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
         );
         let i = bus.devices.len();
         let dev = Block::new(client, d.read_only, &format!("nbd{index}"));
-        let t = Arc::new(Mutex::new(MmioTransport::new(dev, mem.clone(), irq_for(&vm, i)?)));
+        let t = Arc::new(Mutex::new(MmioTransport::new(
+            dev,
+            mem.clone(),
+            irq_for(&vm, i)?,
+        )));
         bus.devices.push(t.clone());
         blocks.push(t);
         announce(&mut cmdline, i);
@@ -251,12 +262,10 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
         let mac = n.mac.unwrap_or_else(|| random_mac(index));
         let name = match &n.backend {
             NetKind::Tap(name) => name.clone(),
-            NetKind::Netd(network) => crate::netd_client::request_vm_port(
-                &cfg.netd_control,
-                network,
-                &format_mac(mac),
-            )
-            .map_err(|source| VmmError::Netd { index, source })?,
+            NetKind::Netd(network) => {
+                crate::netd_client::request_vm_port(&cfg.netd_control, network, &format_mac(mac))
+                    .map_err(|source| VmmError::Netd { index, source })?
+            }
         };
         let tap = Tap::open(&name).map_err(|source| VmmError::Tap {
             index,
@@ -268,7 +277,11 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
         let wake_fd = wake.as_raw_fd();
         let i = bus.devices.len();
         let dev = Net::new(tap, mac, Some(wake));
-        let t: NetDev = Arc::new(Mutex::new(MmioTransport::new(dev, mem.clone(), irq_for(&vm, i)?)));
+        let t: NetDev = Arc::new(Mutex::new(MmioTransport::new(
+            dev,
+            mem.clone(),
+            irq_for(&vm, i)?,
+        )));
         bus.devices.push(t.clone());
         announce(&mut cmdline, i);
         tracing::info!(net = index, tap = %name, mac = %format_mac(mac), "NIC attached");
@@ -473,9 +486,13 @@ fn vcpu_loop(
                 continue;
             }
             Ok(VcpuExit::Intr) => continue,
-            Ok(VcpuExit::Hlt) => "halted with no interrupt controller to wake it (KVM_EXIT_HLT)".to_string(),
+            Ok(VcpuExit::Hlt) => {
+                "halted with no interrupt controller to wake it (KVM_EXIT_HLT)".to_string()
+            }
             Ok(VcpuExit::Shutdown) => "triple fault (KVM_EXIT_SHUTDOWN)".to_string(),
-            Ok(VcpuExit::InternalError) => "KVM internal error (KVM_EXIT_INTERNAL_ERROR)".to_string(),
+            Ok(VcpuExit::InternalError) => {
+                "KVM internal error (KVM_EXIT_INTERNAL_ERROR)".to_string()
+            }
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
                 format!("VM entry failed (hardware reason {reason:#x}, cpu {cpu})")
             }

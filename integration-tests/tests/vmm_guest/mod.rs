@@ -2,7 +2,7 @@
 //! linked by the test (binutils) into a static ELF that vmm-shim loads like a vmlinux.
 //!
 //! The guest starts as the Linux 64-bit boot protocol leaves a kernel: long mode,
-//! ring 0, the first GiB identity-mapped, `rsi` = zero page. The prelude gives it a
+//! ring 0, the first 4 GiB identity-mapped, `rsi` = zero page. The prelude gives it a
 //! serial `print`, a `fail` that prints `FAIL <code>` and triple-faults (vmm-shim exits
 //! non-zero), `reboot` (i8042 0xfe: vmm-shim exits 0) and virtio-mmio driver helpers:
 //! `dev_init` (reset, ACK, DRIVER, VERSION_1 + the features in r8d, FEATURES_OK),
@@ -136,7 +136,14 @@ pub fn assemble(dir: &Path, name: &str, src: &str) -> Result<PathBuf> {
         bail!("as failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     let out = Command::new("ld")
-        .args(["-nostdlib", "-static", "-Ttext=0x1000000", "-e", "_start", "-o"])
+        .args([
+            "-nostdlib",
+            "-static",
+            "-Ttext=0x1000000",
+            "-e",
+            "_start",
+            "-o",
+        ])
         .arg(&elf)
         .arg(&o)
         .output()

@@ -189,7 +189,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
         if v & STATUS_DRIVER_OK != 0 && !self.active {
             let ok = v & (STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK)
                 == (STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK)
-                && self.queues.iter().all(|q| !q.ready() || q.is_valid(&self.mem));
+                && self
+                    .queues
+                    .iter()
+                    .all(|q| !q.ready() || q.is_valid(&self.mem));
             if ok {
                 self.device.activate(self.acked);
                 self.active = true;

@@ -120,3 +120,47 @@ pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
             .unwrap_or(0);
     }
 }
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    //! Helpers for device unit tests on virtio-queue's MockSplitQueue.
+
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    /// 16 MiB of guest memory; queues at 0, buffers from 1 MiB.
+    pub fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
+    }
+
+    /// A raw descriptor.
+    pub fn d(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+    }
+
+    /// Used ring entry `i` of a mock queue: (id, len).
+    pub fn used(mem: &GuestMemoryMmap, used_addr: GuestAddress, i: u16) -> (u32, u32) {
+        let base = used_addr.0 + 4 + 8 * u64::from(i);
+        (
+            mem.read_obj::<u32>(GuestAddress(base)).unwrap(),
+            mem.read_obj::<u32>(GuestAddress(base + 4)).unwrap(),
+        )
+    }
+
+    /// Used ring index.
+    pub fn used_idx(mem: &GuestMemoryMmap, used_addr: GuestAddress) -> u16 {
+        mem.read_obj::<u16>(GuestAddress(used_addr.0 + 2)).unwrap()
+    }
+
+    /// A tiny deterministic PRNG (xorshift64*), so randomized tests replay.
+    pub struct Rng(pub u64);
+    impl Rng {
+        /// Next value.
+        pub fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+    }
+}

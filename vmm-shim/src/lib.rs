@@ -12,6 +12,7 @@
 
 pub mod boot;
 pub mod config;
+pub mod fuzzing;
 pub mod layout;
 pub mod legacy;
 pub mod nbd;

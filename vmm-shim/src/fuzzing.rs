@@ -129,7 +129,7 @@ pub fn run_chains(data: &[u8]) {
     );
 
     let _ = mem.write_slice(&[0u8; 0x100], GuestAddress(0x200));
-    let mut net = Net::new(Loopback::default(), [0x52, 0x54, 0, 0, 0, 1], None);
+    let mut net = Net::new(Loopback::default(), [0x52, 0x54, 0, 0, 0, 1], None, true);
     let mut q = queue(d, a, u);
     net.process_tx(&mut q, &mem);
     assert!(

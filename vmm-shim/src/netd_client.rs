@@ -1,6 +1,11 @@
-//! Asking netd for a `vm` port: one JSON request line on its control socket, one
-//! response line back. netd creates the TAP, attaches its kernel side to the network
-//! and answers with the interface name, which the VMM then opens as a TAP queue.
+//! Asking netd for a `vm` port: one JSON request line on its control socket
+//! (`{"cmd":"port_add","net":..,"port":{"kind":"vm","ifname":..,"mac":..}}`), one
+//! response line back (`{"ok":true}` or `{"ok":false,"error":..}`). netd creates the
+//! TAP and reaches the guest through AF_PACKET on the TAP's kernel side; the VMM opens
+//! the TAP by name as its queue. On shutdown the VMM removes the port (`port_del`).
+//!
+//! netd's AF_PACKET side moves plain frames, without GSO metadata, so a NIC on a netd
+//! port offers the guest no checksum or segmentation offloads.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -29,8 +34,7 @@ pub enum NetdError {
     },
 }
 
-/// Requests a `vm` port on `network` (with this guest MAC) and returns its TAP name.
-pub fn request_vm_port(control: &Path, network: &str, mac: &str) -> Result<String, NetdError> {
+fn call(control: &Path, req: serde_json::Value) -> Result<serde_json::Value, NetdError> {
     let io = |source| NetdError::Io {
         path: control.display().to_string(),
         source,
@@ -38,32 +42,56 @@ pub fn request_vm_port(control: &Path, network: &str, mac: &str) -> Result<Strin
     let mut s = UnixStream::connect(control).map_err(io)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(io)?;
-    let req = serde_json::json!({
-        "cmd": "port.add",
-        "network": network,
-        "kind": "vm",
-        "mac": mac,
-    });
     let mut line = req.to_string();
     line.push('\n');
     s.write_all(line.as_bytes()).map_err(io)?;
     let mut resp = String::new();
     BufReader::new(&s).read_line(&mut resp).map_err(io)?;
+    let network = req
+        .get("net")
+        .and_then(|n| n.as_str())
+        .unwrap_or_default()
+        .to_string();
     let refused = |message: String| NetdError::Refused {
-        network: network.to_string(),
+        network: network.clone(),
         message,
     };
     let v: serde_json::Value =
         serde_json::from_str(resp.trim()).map_err(|e| refused(format!("bad answer: {e}")))?;
-    if let Some(err) = v.get("error") {
-        return Err(refused(err.to_string()));
+    if v.get("ok").and_then(|o| o.as_bool()) != Some(true) {
+        let msg = v
+            .get("error")
+            .and_then(|e| e.as_str())
+            .unwrap_or("no reason given");
+        return Err(refused(msg.to_string()));
     }
-    let r = v.get("result").unwrap_or(&v);
-    let name = r
-        .get("ifname")
-        .or_else(|| r.get("tap"))
-        .or_else(|| r.get("port").and_then(|p| p.get("ifname")))
-        .and_then(|n| n.as_str())
-        .ok_or_else(|| refused(format!("answer without an interface name: {resp}")))?;
-    Ok(name.to_string())
+    Ok(v.get("data").cloned().unwrap_or(serde_json::Value::Null))
+}
+
+/// Adds a `vm` port named `ifname` (netd creates the TAP) on `network` for a guest
+/// with this MAC. The caller then opens the TAP by that name.
+pub fn add_vm_port(
+    control: &Path,
+    network: &str,
+    ifname: &str,
+    mac: &str,
+) -> Result<(), NetdError> {
+    call(
+        control,
+        serde_json::json!({
+            "cmd": "port_add",
+            "net": network,
+            "port": { "kind": "vm", "ifname": ifname, "mac": mac },
+        }),
+    )
+    .map(|_| ())
+}
+
+/// Removes the port again (on VM shutdown).
+pub fn del_port(control: &Path, network: &str, name: &str) -> Result<(), NetdError> {
+    call(
+        control,
+        serde_json::json!({ "cmd": "port_del", "net": network, "name": name }),
+    )
+    .map(|_| ())
 }

@@ -258,13 +258,22 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
     }
     let stop_rx = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(os_err("eventfd"))?);
     let mut rx_threads = Vec::new();
+    let mut netd_ports: Vec<(String, String)> = Vec::new();
     for (index, n) in cfg.nets.iter().enumerate() {
         let mac = n.mac.unwrap_or_else(|| random_mac(index));
-        let name = match &n.backend {
-            NetKind::Tap(name) => name.clone(),
+        let (name, offloads) = match &n.backend {
+            NetKind::Tap(name) => (name.clone(), true),
             NetKind::Netd(network) => {
-                crate::netd_client::request_vm_port(&cfg.netd_control, network, &format_mac(mac))
-                    .map_err(|source| VmmError::Netd { index, source })?
+                let ifname = format!("vs{:x}n{index}", std::process::id());
+                crate::netd_client::add_vm_port(
+                    &cfg.netd_control,
+                    network,
+                    &ifname,
+                    &format_mac(mac),
+                )
+                .map_err(|source| VmmError::Netd { index, source })?;
+                netd_ports.push((network.clone(), ifname.clone()));
+                (ifname, false)
             }
         };
         let tap = Tap::open(&name).map_err(|source| VmmError::Tap {
@@ -276,7 +285,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
         let wake = EventFd::new(EFD_NONBLOCK).map_err(os_err("eventfd"))?;
         let wake_fd = wake.as_raw_fd();
         let i = bus.devices.len();
-        let dev = Net::new(tap, mac, Some(wake));
+        let dev = Net::new(tap, mac, Some(wake), offloads);
         let t: NetDev = Arc::new(Mutex::new(MmioTransport::new(
             dev,
             mem.clone(),
@@ -370,6 +379,11 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
         );
         if let Err(e) = t.device_mut().close() {
             tracing::warn!(disk = i, error = %crate::error_chain(&e), "NBD close failed");
+        }
+    }
+    for (network, port) in &netd_ports {
+        if let Err(e) = crate::netd_client::del_port(&cfg.netd_control, network, port) {
+            tracing::warn!(port = %port, error = %crate::error_chain(&e), "netd port removal failed");
         }
     }
     let _ = serial.lock().map(|mut s| {

@@ -71,14 +71,17 @@ pub struct Net<T: NetBackend> {
     pending: Option<Vec<u8>>,
     rx_wake: Option<EventFd>,
     buf: Vec<u8>,
+    offloads: bool,
 }
 
 const RX: u16 = 0;
 const TX: u16 = 1;
 
 impl<T: NetBackend> Net<T> {
-    /// Creates the device; `rx_wake` is written when the guest adds RX buffers.
-    pub fn new(backend: T, mac: [u8; 6], rx_wake: Option<EventFd>) -> Self {
+    /// Creates the device; `rx_wake` is written when the guest adds RX buffers;
+    /// `offloads` offers checksum offload and TSO (off for backends that carry plain
+    /// frames only, such as a netd `vm` port).
+    pub fn new(backend: T, mac: [u8; 6], rx_wake: Option<EventFd>, offloads: bool) -> Self {
         Net {
             backend,
             config: mac.to_vec(),
@@ -86,6 +89,7 @@ impl<T: NetBackend> Net<T> {
             pending: None,
             rx_wake,
             buf: vec![0u8; MAX_FRAME],
+            offloads,
         }
     }
 
@@ -205,7 +209,11 @@ impl<T: NetBackend> VirtioDevice for Net<T> {
         DEVICE_ID
     }
     fn features(&self) -> u64 {
-        F_CSUM | F_GUEST_CSUM | F_MAC | F_GUEST_TSO4 | F_GUEST_TSO6 | F_HOST_TSO4 | F_HOST_TSO6
+        if self.offloads {
+            F_CSUM | F_GUEST_CSUM | F_MAC | F_GUEST_TSO4 | F_GUEST_TSO6 | F_HOST_TSO4 | F_HOST_TSO6
+        } else {
+            F_MAC
+        }
     }
     fn queue_max_sizes(&self) -> &[u16] {
         &[256, 256]
@@ -214,6 +222,7 @@ impl<T: NetBackend> VirtioDevice for Net<T> {
         read_config_bytes(&self.config, offset, data)
     }
     fn activate(&mut self, acked: u64) {
+        let acked = acked & self.features();
         let mut flags = 0;
         if acked & F_GUEST_CSUM != 0 {
             flags |= TUN_F_CSUM;
@@ -302,7 +311,7 @@ mod tests {
         let m = mem();
         let vq = MockSplitQueue::new(&m, 16);
         let q: Queue = vq.create_queue().unwrap();
-        let mut net = Net::new(MockTap::default(), [0x52, 0x54, 0, 0, 0, 1], None);
+        let mut net = Net::new(MockTap::default(), [0x52, 0x54, 0, 0, 0, 1], None, true);
         m.write_slice(&frame(60, 0x11), GuestAddress(0x10_0000))
             .unwrap();
         vq.add_desc_chains(
@@ -337,6 +346,7 @@ mod tests {
             MockTap::default(),
             [0x52, 0x54, 0, 0, 0, 1],
             Some(wake.try_clone().unwrap()),
+            true,
         );
         net.backend.incoming.push_back(frame(100, 0x22));
         net.backend.incoming.push_back(frame(200, 0x33));
@@ -379,7 +389,7 @@ mod tests {
         let m = mem();
         let vq = MockSplitQueue::new(&m, 16);
         let mut q: Queue = vq.create_queue().unwrap();
-        let mut net = Net::new(MockTap::default(), [0x52, 0x54, 0, 0, 0, 1], None);
+        let mut net = Net::new(MockTap::default(), [0x52, 0x54, 0, 0, 0, 1], None, true);
         net.backend.incoming.push_back(frame(1500, 0x44));
         vq.add_desc_chains(&[d(0x10_0000, 64, WRITE, 0)], 0)
             .unwrap();
@@ -391,11 +401,15 @@ mod tests {
 
     #[test]
     fn offloads_follow_the_acked_features() {
-        let mut net = Net::new(MockTap::default(), [0x52, 0x54, 0, 0, 0, 1], None);
+        let mut net = Net::new(MockTap::default(), [0x52, 0x54, 0, 0, 0, 1], None, true);
         net.activate(F_GUEST_CSUM | F_GUEST_TSO4);
         assert_eq!(net.backend.offload, Some(TUN_F_CSUM | TUN_F_TSO4));
         net.activate(F_GUEST_TSO4);
         assert_eq!(net.backend.offload, Some(0));
+        let mut plain = Net::new(MockTap::default(), [0x52, 0x54, 0, 0, 0, 2], None, false);
+        assert_eq!(plain.features(), F_MAC);
+        plain.activate(F_GUEST_CSUM | F_GUEST_TSO4);
+        assert_eq!(plain.backend.offload, Some(0));
         let mut mac = [0u8; 8];
         net.read_config(0, &mut mac);
         assert_eq!(mac, [0x52, 0x54, 0, 0, 0, 1, 0, 0]);
@@ -408,7 +422,7 @@ mod tests {
         for _ in 0..300 {
             let vq = MockSplitQueue::new(&m, 16);
             let mut q: Queue = vq.create_queue().unwrap();
-            let mut net = Net::new(MockTap::default(), [0x52, 0x54, 0, 0, 0, 1], None);
+            let mut net = Net::new(MockTap::default(), [0x52, 0x54, 0, 0, 0, 1], None, true);
             for _ in 0..rng.next() % 3 {
                 net.backend
                     .incoming

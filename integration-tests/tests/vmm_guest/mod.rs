@@ -200,3 +200,102 @@ pub fn run_vmm(prefix: &[&str], args: &[&str], timeout: std::time::Duration) -> 
         stderr,
     })
 }
+
+/// A guest that drives virtio-net (the first device): posts four RX buffers, sends an
+/// ARP request from `src` (MAC 52:54:00:12:34:56) for `dst` (resent about every second,
+/// 20 times at most), and prints `NET OK` once an ARP reply from `dst` arrives.
+pub fn arp_guest(src: [u8; 4], dst: [u8; 4]) -> String {
+    let ip = |a: [u8; 4]| format!("{},{},{},{}", a[0], a[1], a[2], a[3]);
+    format!(
+        r#"
+    .set RX, 0x200000
+    .set TX, 0x210000
+    .set BUFS, 0x220000
+_start:
+    mov $MMIO0, %rbx
+    cmpl $1, 0x8(%rbx)          # device id: net
+    je 1f
+    FAIL 'd'
+1:  xor %r8d, %r8d
+    call dev_init
+    xor %edi, %edi
+    mov $RX, %esi
+    call setup_queue
+    mov $1, %edi
+    mov $TX, %esi
+    call setup_queue
+    call driver_ok
+    # four 2 KiB receive buffers
+    DSET RX, 0, BUFS, 2048, F_WRITE, 0
+    DSET RX, 1, BUFS+0x800, 2048, F_WRITE, 0
+    DSET RX, 2, BUFS+0x1000, 2048, F_WRITE, 0
+    DSET RX, 3, BUFS+0x1800, 2048, F_WRITE, 0
+    movw $0, RX+0x1000+4
+    movw $1, RX+0x1000+6
+    movw $2, RX+0x1000+8
+    movw $3, RX+0x1000+10
+    movw $4, RX+0x1000+2
+    movl $0, 0x50(%rbx)
+    # send the ARP request (vnet header + frame, one descriptor), again every ~second
+    # until a reply comes (a switch port may come up a little after the guest)
+    DSET TX, 0, arpreq, arpreq_end-arpreq, 0, 0
+    xor %r12d, %r12d            # next used RX entry to look at
+    xor %r14d, %r14d            # requests sent
+send:
+    mov %r14d, %eax
+    and $7, %eax
+    movw $0, TX+0x1000+4(,%rax,2)
+    lea 1(%r14), %eax
+    movw %ax, TX+0x1000+2
+    movl $1, 0x50(%rbx)
+    inc %r14d
+    cmpw %r14w, TX+0x2000+2
+    je wait
+    FAIL 't'
+wait:
+    mov $200000, %ecx
+2:  movzwl RX+0x2000+2, %eax
+    cmp %r12d, %eax
+    jne got
+    pause
+    loop 2b
+    cmp $20, %r14d
+    jb send
+    FAIL 'w'
+got:
+    mov %r12d, %eax
+    movl RX+0x2000+4(,%rax,8), %eax     # used id = buffer index
+    shl $11, %eax
+    add $BUFS, %eax
+    cmpw $0x0608, 24(%rax)              # ethertype ARP (big endian 0x0806)
+    jne next
+    cmpw $0x0200, 32(%rax)              # op = reply
+    jne next
+    cmpl ${dst_le}, 40(%rax)            # sender IP = the address we asked for
+    jne next
+    PRINT okmsg
+    jmp reboot
+next:
+    inc %r12d
+    cmp $4, %r12d
+    jne wait
+    FAIL 'n'
+
+arpreq:
+    .fill 12, 1, 0                       # virtio_net_hdr_v1
+    .byte 0xff,0xff,0xff,0xff,0xff,0xff
+    .byte 0x52,0x54,0x00,0x12,0x34,0x56
+    .byte 0x08,0x06
+    .byte 0x00,0x01, 0x08,0x00, 6, 4, 0x00,0x01
+    .byte 0x52,0x54,0x00,0x12,0x34,0x56
+    .byte {src}
+    .byte 0,0,0,0,0,0
+    .byte {dst}
+arpreq_end:
+okmsg: .asciz "NET OK\n"
+"#,
+        src = ip(src),
+        dst = ip(dst),
+        dst_le = u32::from_le_bytes(dst),
+    )
+}

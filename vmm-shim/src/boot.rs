@@ -3,7 +3,8 @@
 //! The kernel is an ELF `vmlinux` (loaded at its physical addresses, entered at
 //! `e_entry`) or a bzImage (protected-mode part loaded at 16 MiB, entered at its 64-bit
 //! entry `load + 0x200`), both through linux-loader. We then write the zero page
-//! (`struct boot_params`: setup header, command line pointer, initrd, an e820 map), a GDT
+//! (`struct boot_params`: setup header, command line pointer, initrd, an e820 map, the
+//! ACPI RSDP address: see [`crate::acpi`]), a GDT
 //! and identity-mapping page tables for the first 4 GiB, and give the boot vCPU long mode,
 //! paging and `rsi` = zero page, which is the state the Linux 64-bit boot protocol asks
 //! for. Test guests are plain static ELF programs and find the same state.
@@ -80,6 +81,8 @@ pub fn load(
     kernel: &Path,
     initrd: Option<&Path>,
     cmdline: &str,
+    cpus: u8,
+    devices: &[crate::acpi::MmioDevice],
 ) -> Result<LoadedKernel, BootError> {
     let open = |p: &Path| {
         File::open(p).map_err(|source| BootError::Open {
@@ -161,11 +164,18 @@ pub fn load(
         params.hdr.ramdisk_size = size as u32;
     }
 
+    params.acpi_rsdp_addr =
+        crate::acpi::write(mem, cpus, devices).map_err(mem_err("ACPI tables"))?;
     let e820 = [
         boot_e820_entry {
             addr: 0,
             size: EBDA_START,
             r#type: 1,
+        },
+        boot_e820_entry {
+            addr: crate::acpi::ACPI_START,
+            size: crate::acpi::ACPI_END - crate::acpi::ACPI_START,
+            r#type: 2,
         },
         boot_e820_entry {
             addr: HIMEM_START,
@@ -310,7 +320,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let k = dir.path().join("k");
         std::fs::write(&k, vec![0x5au8; 8192]).unwrap();
-        let err = load(&mem, 64 << 20, &k, None, "x").unwrap_err();
+        let err = load(&mem, 64 << 20, &k, None, "x", 1, &[]).unwrap_err();
         assert!(matches!(err, BootError::Kernel { .. }), "{err}");
     }
 }

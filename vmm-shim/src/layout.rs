@@ -5,6 +5,7 @@
 //! 0x0000_7000  boot_params (zero page)  0x0000_8ff0  initial stack (grows down)
 //! 0x0000_9000  PML4, 0xa000 PDPT, 0xb000-0xefff PDs: identity map of 4 GiB (2M pages)
 //! 0x0002_0000  kernel command line (up to 64 KiB)
+//! 0x000e_0000  ACPI tables (RSDP, XSDT, FADT, MADT, DSDT), e820-reserved to 1 MiB
 //! 0x0010_0000  high memory: kernels load here or above (bzImage at 16 MiB)
 //! ...          initrd at the top of RAM (below 896 MiB)
 //! 0xd000_0000  virtio-mmio devices, 4 KiB each, IRQ 5.. in order: disks, then NICs

@@ -10,6 +10,7 @@
 //! transport, blk, net, checked descriptor chains), [`nbd`] (client), [`sys`] (TAP and
 //! signal syscalls), [`vmm`] (KVM setup, vCPU threads, shutdown), [`netd_client`].
 
+pub mod acpi;
 pub mod boot;
 pub mod config;
 pub mod fuzzing;

@@ -303,12 +303,20 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
         );
     }
 
+    let acpi_devices: Vec<crate::acpi::MmioDevice> = (0..bus.devices.len())
+        .map(|i| crate::acpi::MmioDevice {
+            addr: layout::mmio_addr(i),
+            irq: layout::mmio_irq(i),
+        })
+        .collect();
     let kernel = boot::load(
         &mem,
         cfg.mem_bytes,
         &cfg.kernel,
         cfg.initrd.as_deref(),
         &cmdline,
+        cfg.cpus,
+        &acpi_devices,
     )?;
     tracing::info!(entry = format_args!("{:#x}", kernel.entry), cmdline = %cmdline, "kernel loaded");
 

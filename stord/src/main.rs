@@ -122,7 +122,12 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Serve { config, stdin } => {
             init_logging();
             let cfg = Config::load(&config)?;
-            runtime()?.block_on(stord::server::run(cfg, stord::server::Options { stdin }))?;
+            let rt = runtime()?;
+            let r = rt.block_on(stord::server::run(cfg, stord::server::Options { stdin }));
+            // tokio's stdin reader is a blocking thread that may sit in read(2)
+            // forever: do not wait for it.
+            rt.shutdown_timeout(std::time::Duration::from_millis(200));
+            r?;
             Ok(())
         }
         Cmd::Status { control } => {

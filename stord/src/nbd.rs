@@ -729,7 +729,10 @@ where
         } else {
             tokio::select! {
                 r = fill(&mut rd, &mut buf, wire::REQUEST_LEN) => r,
-                _ = shutdown.changed() => continue,
+                _ = crate::until_shutdown(&mut shutdown) => {
+                    grace_end = Some(tokio::time::Instant::now() + SHUTDOWN_GRACE);
+                    continue;
+                }
             }
         };
         match got {

@@ -1,40 +1,43 @@
 //! One NBD connection: fixed newstyle option haggling, then the transmission
 //! phase.
 //!
-//! Theory of operation. The handshake runs sequentially on the raw stream (small
-//! messages, one option at a time, with an overall timeout so an idle peer cannot
-//! hold a connection slot forever). Once an export is chosen, the connection
-//! splits in two:
+//! Theory of operation. The handshake runs on tokio, sequentially on the raw
+//! stream (small messages, one option at a time, with an overall timeout so an
+//! idle peer cannot hold a connection slot forever).
 //!
-//! - the *reader* (this task) parses request headers from its own buffer, reads
-//!   WRITE payloads whole (at most [`wire::MAX_PAYLOAD`]), validates each request
-//!   against the export and the negotiated features, and hands valid ones to
-//!   tokio's blocking pool, so requests run concurrently and finish in any order;
-//! - the *writer* task receives finished replies over a channel and writes them,
-//!   batching whatever is ready into one vectored write.
+//! Once an export is chosen, the socket is turned into a blocking std socket and
+//! served by [`WORKERS`] threads, the way nbdkit does it: each worker takes the
+//! read lock, reads one whole request (header and WRITE payload, at most
+//! [`wire::MAX_PAYLOAD`]), releases the lock, validates and executes the request
+//! (pread / pwrite / fdatasync / fallocate on the disk file) and writes the reply
+//! under the write lock with one vectored write. So requests run concurrently,
+//! replies go out in completion order, and at queue depth 1 the thread woken by
+//! the request is the one that answers it: no hand-off between threads on the
+//! hot path.
 //!
-//! A semaphore bounds what a peer can have in flight (request count and payload
-//! bytes), so a fast client cannot make the server buffer without limit. An
-//! invalid request gets an NBD error reply, never a dropped connection; only a
-//! broken framing (bad magic) ends the connection, as the spec allows.
+//! Bounds: at most [`WORKERS`] requests in flight per connection, and a global
+//! [`Budget`] of payload bytes across all connections. An invalid request gets
+//! an NBD error reply, never a dropped connection (an oversized WRITE payload is
+//! read and discarded); only broken framing (bad magic) ends the connection, as
+//! the spec allows.
 //!
 //! Durability: FLUSH and FUA call `fdatasync` on the disk file shared by all
 //! connections, so they cover every write any connection had completed.
 //!
-//! Shutdown: when the server's shutdown signal fires, the reader stops taking
-//! work: requests that arrive during a short grace period are answered
-//! `ESHUTDOWN` (so a client learns why and disconnects cleanly), in-flight ones
-//! complete and are answered, the disk is flushed, then the connection closes.
+//! Shutdown: the reader polls the server's shutdown flag while idle (read
+//! timeout). Once it is set, requests arriving during a short grace period are
+//! answered `ESHUTDOWN` (the client learns why and disconnects cleanly),
+//! requests already executing complete and are answered, the disk is flushed,
+//! then the connection closes.
 
-use std::collections::VecDeque;
-use std::io::IoSlice;
+use std::io::{IoSlice, Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::watch;
 
 use crate::catalog::Catalog;
 use crate::config::Alloc;
@@ -47,9 +50,9 @@ use crate::wire::{
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Options accepted on one connection before it is treated as abuse.
 const MAX_OPTIONS: usize = 1024;
-/// In-flight budget per connection, in units of 64 KiB of payload (plus one
-/// unit per request): 2048 units = at most 2048 requests or ~128 MiB.
-const INFLIGHT_UNITS: u32 = 2048;
+/// Payload bytes all requests in flight may hold together (WRITE payloads
+/// read, READ data produced), across all connections.
+pub const PAYLOAD_BUDGET: u64 = 512 * 1024 * 1024;
 /// How long a connection keeps answering ESHUTDOWN after shutdown began.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
 /// Most extents in one BLOCK_STATUS reply.
@@ -102,6 +105,8 @@ pub struct Ctx {
     pub shutdown: watch::Receiver<bool>,
     /// Counters.
     pub stats: Arc<Stats>,
+    /// Bound on payload bytes in flight, all connections together.
+    pub budget: Arc<Budget>,
 }
 
 impl Ctx {
@@ -152,36 +157,6 @@ impl Session {
     fn disk(&self) -> &Disk {
         self.att.disk()
     }
-}
-
-/// Serves one connection from handshake to close.
-pub async fn serve<R, W>(ctx: Ctx, mut rd: R, mut wr: W) -> Result<(), ConnError>
-where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    let sess =
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&ctx, &mut rd, &mut wr)).await {
-            Err(_) => return Err(ConnError::HandshakeTimeout(HANDSHAKE_TIMEOUT)),
-            Ok(Err(e)) => {
-                if matches!(e, ConnError::Protocol(_)) {
-                    ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                }
-                return Err(e);
-            }
-            Ok(Ok(None)) => return Ok(()),
-            Ok(Ok(Some(s))) => s,
-        };
-    tracing::debug!(
-        export = sess.disk().name(),
-        structured = sess.structured,
-        "entering transmission"
-    );
-    let r = transmission(&ctx, sess, rd, wr).await;
-    if matches!(r, Err(ConnError::Protocol(_))) {
-        ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-    }
-    r
 }
 
 async fn send_reply<W: AsyncWrite + Unpin>(
@@ -635,212 +610,442 @@ fn read(sess: &Session, req: Request) -> Reply {
     out
 }
 
-/// Reads until `buf` holds at least `n` bytes. `Ok(false)`: clean EOF before
-/// anything of the next message arrived.
-async fn fill<R: AsyncRead + Unpin>(
-    rd: &mut R,
-    buf: &mut BytesMut,
-    n: usize,
-) -> Result<bool, ConnError> {
-    if buf.capacity() - buf.len() < n.saturating_sub(buf.len()) {
-        buf.reserve(n - buf.len());
+/// A connection after the handshake, as blocking std objects: the transmission
+/// phase runs on plain threads (see the module docs).
+pub enum Conn {
+    /// TCP.
+    Tcp(tokio::net::TcpStream),
+    /// Unix socket.
+    Unix(tokio::net::UnixStream),
+    /// stdin / stdout (`--stdin`).
+    Stdio,
+}
+
+/// The read side of a connection, shared by the workers under a mutex.
+trait SockRead: Read + Send {
+    /// Bounds a blocking read so the reader can notice shutdown.
+    fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
+}
+
+impl SockRead for std::net::TcpStream {
+    fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(t)
     }
-    while buf.len() < n {
-        if buf.capacity() == buf.len() {
-            buf.reserve(64 * 1024);
+}
+
+impl SockRead for std::os::unix::net::UnixStream {
+    fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(t)
+    }
+}
+
+impl SockRead for std::fs::File {
+    fn set_timeout(&self, _t: Option<Duration>) -> std::io::Result<()> {
+        // stdin cannot time out; --stdin mode has no shutdown signal to notice.
+        Ok(())
+    }
+}
+
+type Halves = (Box<dyn SockRead>, Box<dyn Write + Send>);
+
+fn blocking_halves(conn: Conn) -> std::io::Result<Halves> {
+    match conn {
+        Conn::Tcp(s) => {
+            let s = s.into_std()?;
+            s.set_nonblocking(false)?;
+            Ok((Box::new(s.try_clone()?), Box::new(s)))
         }
-        let k = rd.read_buf(buf).await?;
-        if k == 0 {
-            if buf.is_empty() {
-                return Ok(false);
+        Conn::Unix(s) => {
+            let s = s.into_std()?;
+            s.set_nonblocking(false)?;
+            Ok((Box::new(s.try_clone()?), Box::new(s)))
+        }
+        Conn::Stdio => {
+            use std::os::fd::AsFd;
+            let r = std::io::stdin().as_fd().try_clone_to_owned()?;
+            let w = std::io::stdout().as_fd().try_clone_to_owned()?;
+            Ok((
+                Box::new(std::fs::File::from(r)),
+                Box::new(std::fs::File::from(w)),
+            ))
+        }
+    }
+}
+
+/// Serves one connection from handshake to close.
+pub async fn serve(ctx: Ctx, conn: Conn) -> Result<(), ConnError> {
+    let hs = match conn {
+        Conn::Tcp(mut s) => {
+            let (mut r, mut w) = s.split();
+            let h = handshake_timed(&ctx, &mut r, &mut w).await;
+            (h, Conn::Tcp(s))
+        }
+        Conn::Unix(mut s) => {
+            let (mut r, mut w) = s.split();
+            let h = handshake_timed(&ctx, &mut r, &mut w).await;
+            (h, Conn::Unix(s))
+        }
+        Conn::Stdio => {
+            let (mut r, mut w) = (tokio::io::stdin(), tokio::io::stdout());
+            let h = handshake_timed(&ctx, &mut r, &mut w).await;
+            (h, Conn::Stdio)
+        }
+    };
+    let sess = match hs.0 {
+        Err(e) => {
+            if matches!(e, ConnError::Protocol(_)) {
+                ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
             }
-            return Err(ConnError::Protocol(
-                "connection closed in the middle of a request".into(),
-            ));
+            return Err(e);
+        }
+        Ok(None) => return Ok(()),
+        Ok(Some(s)) => s,
+    };
+    tracing::debug!(
+        export = sess.disk().name(),
+        structured = sess.structured,
+        "entering transmission"
+    );
+    let (rd, wr) = blocking_halves(hs.1)?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let ctx2 = ctx.clone();
+    std::thread::Builder::new()
+        .name("stord-conn".into())
+        .spawn(move || {
+            let _ = tx.send(transmission(&ctx2, sess, rd, wr));
+        })?;
+    let r = rx
+        .await
+        .unwrap_or_else(|_| Err(ConnError::Protocol("connection thread died".into())));
+    if matches!(r, Err(ConnError::Protocol(_))) {
+        ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+    }
+    r
+}
+
+async fn handshake_timed<R, W>(
+    ctx: &Ctx,
+    rd: &mut R,
+    wr: &mut W,
+) -> Result<Option<Session>, ConnError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(ctx, rd, wr)).await {
+        Err(_) => Err(ConnError::HandshakeTimeout(HANDSHAKE_TIMEOUT)),
+        Ok(r) => r,
+    }
+}
+
+/// A global bound on payload bytes held by requests in flight (WRITE payloads
+/// read, READ data being produced), across all connections.
+#[derive(Debug)]
+pub struct Budget {
+    left: Mutex<u64>,
+    cv: Condvar,
+}
+
+impl Budget {
+    /// A budget of `bytes`.
+    pub fn new(bytes: u64) -> Self {
+        Budget {
+            left: Mutex::new(bytes),
+            cv: Condvar::new(),
+        }
+    }
+    fn take(&self, n: u64) -> BudgetGuard<'_> {
+        let mut left = self.left.lock().unwrap_or_else(|p| p.into_inner());
+        while *left < n {
+            left = self.cv.wait(left).unwrap_or_else(|p| p.into_inner());
+        }
+        *left -= n;
+        BudgetGuard { budget: self, n }
+    }
+}
+
+struct BudgetGuard<'a> {
+    budget: &'a Budget,
+    n: u64,
+}
+
+impl Drop for BudgetGuard<'_> {
+    fn drop(&mut self) {
+        if self.n > 0 {
+            let mut left = self.budget.left.lock().unwrap_or_else(|p| p.into_inner());
+            *left += self.n;
+            self.budget.cv.notify_all();
+        }
+    }
+}
+
+/// How often a reader blocked on an idle socket looks at the shutdown flag.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(200);
+/// Worker threads per connection: requests in flight at once.
+const WORKERS: usize = 16;
+
+struct ReadState {
+    rd: Box<dyn SockRead>,
+    grace_end: Option<Instant>,
+    done: bool,
+    result: Result<(), ConnError>,
+}
+
+struct Shared<'a> {
+    ctx: &'a Ctx,
+    sess: &'a Session,
+    rd: Mutex<ReadState>,
+    wr: Mutex<Box<dyn Write + Send>>,
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+/// Fills `buf` completely. At a message boundary (`boundary`), an idle socket
+/// lets `idle()` decide to stop (returns `Ok(false)`); EOF there is a clean end
+/// (also `Ok(false)`). Inside a message, timeouts are waited out and EOF is an
+/// error.
+fn read_full(
+    rd: &mut dyn SockRead,
+    buf: &mut [u8],
+    boundary: bool,
+    mut idle: impl FnMut() -> bool,
+) -> Result<bool, ConnError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match rd.read(&mut buf[got..]) {
+            Ok(0) if got == 0 && boundary => return Ok(false),
+            Ok(0) => {
+                return Err(ConnError::Protocol(
+                    "connection closed in the middle of a request".into(),
+                ))
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) => {
+                if got == 0 && boundary && idle() {
+                    return Ok(false);
+                }
+            }
+            Err(e) => return Err(ConnError::Io(e)),
         }
     }
     Ok(true)
 }
 
-async fn writer<W: AsyncWrite + Unpin>(
-    mut wr: W,
-    mut rx: mpsc::UnboundedReceiver<Reply>,
-) -> std::io::Result<()> {
-    let mut queue: VecDeque<Bytes> = VecDeque::new();
-    while let Some(r) = rx.recv().await {
-        queue.extend(r);
-        while queue.len() < 256 {
-            match rx.try_recv() {
-                Ok(r) => queue.extend(r),
-                Err(_) => break,
-            }
-        }
-        while !queue.is_empty() {
-            let slices: Vec<IoSlice<'_>> = queue.iter().take(64).map(|b| IoSlice::new(b)).collect();
-            let mut n = wr.write_vectored(&slices).await?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
-            }
-            while n > 0 {
-                let Some(front) = queue.front_mut() else {
-                    break;
-                };
-                if n >= front.len() {
-                    n -= front.len();
-                    queue.pop_front();
-                } else {
-                    front.advance(n);
-                    n = 0;
-                }
-            }
-        }
-        wr.flush().await?;
+/// Reads and drops `n` payload bytes.
+fn skip(rd: &mut dyn SockRead, mut n: u64) -> Result<(), ConnError> {
+    let mut sink = vec![0u8; 256 * 1024];
+    while n > 0 {
+        let k = n.min(sink.len() as u64) as usize;
+        read_full(rd, &mut sink[..k], false, || false)?;
+        n -= k as u64;
     }
-    wr.flush().await?;
-    let _ = wr.shutdown().await;
     Ok(())
 }
 
-async fn transmission<R, W>(ctx: &Ctx, sess: Session, mut rd: R, wr: W) -> Result<(), ConnError>
-where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    let sess = Arc::new(sess);
-    let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-    let writer = tokio::spawn(writer(wr, rx));
-    let sem = Arc::new(Semaphore::new(INFLIGHT_UNITS as usize));
-    let mut buf = BytesMut::with_capacity(256 * 1024);
-    let mut shutdown = ctx.shutdown.clone();
-    let mut grace_end: Option<tokio::time::Instant> = None;
+/// What the reader got for a worker.
+enum Next<'a> {
+    /// A request to execute (payload read, its budget held), or to answer
+    /// ESHUTDOWN (the flag).
+    Run(Request, Bytes, Option<BudgetGuard<'a>>, bool),
+    /// An answer that needs no execution (invalid request).
+    Answer(Reply),
+    /// The connection is over.
+    Stop,
+}
 
-    let result: Result<(), ConnError> = loop {
-        if grace_end.is_none() && *shutdown.borrow() {
-            grace_end = Some(tokio::time::Instant::now() + SHUTDOWN_GRACE);
+/// Reads the next request (header and payload). Called with the read lock held.
+fn next<'a>(sh: &Shared<'a>, st: &mut ReadState) -> Result<Next<'a>, ConnError> {
+    let mut hdr = [0u8; wire::REQUEST_LEN];
+    let shutdown = &sh.ctx.shutdown;
+    let grace = &mut st.grace_end;
+    let got = read_full(&mut *st.rd, &mut hdr, true, || {
+        if grace.is_none() && *shutdown.borrow() {
+            *grace = Some(Instant::now() + SHUTDOWN_GRACE);
         }
-        // Wait for a whole header, or shutdown, or the end of the grace period.
-        let got = if buf.len() >= wire::REQUEST_LEN {
-            Ok(true)
-        } else if let Some(end) = grace_end {
-            match tokio::time::timeout_at(end, fill(&mut rd, &mut buf, wire::REQUEST_LEN)).await {
-                Ok(r) => r,
-                Err(_) => break Ok(()),
+        matches!(grace, Some(end) if Instant::now() >= *end)
+    })?;
+    if !got {
+        return Ok(Next::Stop);
+    }
+    if st.grace_end.is_none() && *shutdown.borrow() {
+        st.grace_end = Some(Instant::now() + SHUTDOWN_GRACE);
+    }
+    let req = Request::parse(&hdr).map_err(|e| ConnError::Protocol(e.to_string()))?;
+    if req.kind == cmd::DISC {
+        return Ok(Next::Stop);
+    }
+    let plen = req.payload_len();
+    if plen > wire::MAX_PAYLOAD {
+        // Too big to buffer: skip the payload as it streams past, then answer.
+        skip(&mut *st.rd, plen as u64)?;
+        sh.ctx
+            .stats
+            .invalid_requests
+            .fetch_add(1, Ordering::Relaxed);
+        let msg = format!(
+            "write of {plen} bytes exceeds the maximum {}",
+            wire::MAX_PAYLOAD
+        );
+        return Ok(Next::Answer(error_reply(
+            sh.sess,
+            req.handle,
+            err::EINVAL,
+            &msg,
+        )));
+    }
+    let (payload, mem) = if plen > 0 {
+        let mem = sh.ctx.budget.take(plen as u64);
+        let mut v = vec![0u8; plen as usize];
+        read_full(&mut *st.rd, &mut v, false, || false)?;
+        (Bytes::from(v), Some(mem))
+    } else {
+        (Bytes::new(), None)
+    };
+    Ok(Next::Run(req, payload, mem, st.grace_end.is_some()))
+}
+
+fn write_reply(sh: &Shared<'_>, reply: &Reply) -> std::io::Result<()> {
+    let mut wr = sh.wr.lock().unwrap_or_else(|p| p.into_inner());
+    let mut idx = 0;
+    let mut off = 0;
+    while idx < reply.len() {
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(reply.len() - idx);
+        slices.push(IoSlice::new(&reply[idx][off..]));
+        for b in &reply[idx + 1..] {
+            slices.push(IoSlice::new(b));
+        }
+        let mut n = match wr.write_vectored(&slices) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        while n > 0 && idx < reply.len() {
+            let left = reply[idx].len() - off;
+            if n >= left {
+                n -= left;
+                idx += 1;
+                off = 0;
+            } else {
+                off += n;
+                n = 0;
             }
-        } else {
-            tokio::select! {
-                r = fill(&mut rd, &mut buf, wire::REQUEST_LEN) => r,
-                _ = crate::until_shutdown(&mut shutdown) => {
-                    grace_end = Some(tokio::time::Instant::now() + SHUTDOWN_GRACE);
-                    continue;
+        }
+        while idx < reply.len() && reply[idx].len() == off {
+            idx += 1;
+            off = 0;
+        }
+    }
+    wr.flush()
+}
+
+fn worker(sh: &Shared<'_>) {
+    loop {
+        let next = {
+            let mut st = sh.rd.lock().unwrap_or_else(|p| p.into_inner());
+            if st.done {
+                return;
+            }
+            // Hold the payload budget from before the payload is read until the
+            // reply is written.
+            match next(sh, &mut st) {
+                Ok(n) => n,
+                Err(e) => {
+                    st.done = true;
+                    st.result = Err(e);
+                    return;
                 }
             }
         };
-        match got {
-            Ok(true) => {}
-            Ok(false) => break Ok(()),
-            Err(e) => break Err(e),
-        }
-        let req = match Request::parse(&buf[..wire::REQUEST_LEN]) {
-            Ok(r) => r,
-            Err(e) => break Err(ConnError::Protocol(e.to_string())),
-        };
-        buf.advance(wire::REQUEST_LEN);
-        if req.kind == cmd::DISC {
-            break Ok(());
-        }
-
-        let plen = req.payload_len();
-        if plen > wire::MAX_PAYLOAD {
-            // Too big to buffer: skip the payload as it streams past, then answer.
-            let mut left = plen as usize;
-            let skip = left.min(buf.len());
-            buf.advance(skip);
-            left -= skip;
-            let mut ok = true;
-            while left > 0 {
-                buf.clear();
-                match fill(&mut rd, &mut buf, 1).await {
-                    Ok(true) => {
-                        let k = left.min(buf.len());
-                        buf.advance(k);
-                        left -= k;
-                    }
-                    Ok(false) | Err(_) => {
-                        ok = false;
-                        break;
-                    }
-                }
+        let reply = match next {
+            Next::Stop => {
+                sh.rd.lock().unwrap_or_else(|p| p.into_inner()).done = true;
+                return;
             }
-            if !ok {
-                break Err(ConnError::Protocol(
-                    "connection closed inside a write payload".into(),
-                ));
-            }
-            ctx.stats.invalid_requests.fetch_add(1, Ordering::Relaxed);
-            let msg = format!(
-                "write of {plen} bytes exceeds the maximum {}",
-                wire::MAX_PAYLOAD
-            );
-            let _ = tx.send(error_reply(&sess, req.handle, err::EINVAL, &msg));
-            continue;
-        }
-
-        let units =
-            (1 + plen.max(req.len.min(wire::MAX_PAYLOAD)) / (64 * 1024)).min(INFLIGHT_UNITS);
-        let permit = match sem.clone().acquire_many_owned(units).await {
-            Ok(p) => p,
-            Err(_) => break Ok(()),
-        };
-        let payload = if plen > 0 {
-            match fill(&mut rd, &mut buf, plen as usize).await {
-                Ok(true) => buf.split_to(plen as usize).freeze(),
-                Ok(false) | Err(_) => {
-                    break Err(ConnError::Protocol(
-                        "connection closed inside a write payload".into(),
-                    ))
-                }
-            }
-        } else {
-            Bytes::new()
-        };
-
-        if grace_end.is_some() {
-            let _ = tx.send(error_reply(
-                &sess,
+            Next::Answer(r) => r,
+            Next::Run(req, _, _, true) => error_reply(
+                sh.sess,
                 req.handle,
                 err::ESHUTDOWN,
                 "server is shutting down",
-            ));
-            continue;
+            ),
+            Next::Run(req, payload, _mem, false) => match validate(sh.sess, &req) {
+                Err((e, msg)) => {
+                    sh.ctx
+                        .stats
+                        .invalid_requests
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(handle = req.handle, kind = req.kind, error = e, %msg, "invalid request");
+                    error_reply(sh.sess, req.handle, e, &msg)
+                }
+                Ok(()) => {
+                    sh.ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
+                    let _mem = if req.kind == cmd::READ {
+                        Some(sh.ctx.budget.take(req.len as u64))
+                    } else {
+                        None
+                    };
+                    execute(sh.sess, req, payload)
+                }
+            },
+        };
+        if let Err(e) = write_reply(sh, &reply) {
+            let mut st = sh.rd.lock().unwrap_or_else(|p| p.into_inner());
+            if !st.done {
+                st.done = true;
+                st.result = Err(ConnError::Io(e));
+            }
+            return;
         }
-        if let Err((e, msg)) = validate(&sess, &req) {
-            ctx.stats.invalid_requests.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(handle = req.handle, kind = req.kind, error = e, %msg, "invalid request");
-            let _ = tx.send(error_reply(&sess, req.handle, e, &msg));
-            continue;
-        }
-        ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let sess2 = sess.clone();
-        let tx2 = tx.clone();
-        tokio::task::spawn_blocking(move || {
-            let reply = execute(&sess2, req, payload);
-            let _ = tx2.send(reply);
-            drop(permit);
-        });
-    };
+    }
+}
 
-    // Wait for every in-flight request: each holds permits until it replied.
-    let _ = sem.acquire_many(INFLIGHT_UNITS).await;
-    drop(tx);
-    let wres = writer.await;
-    if *shutdown.borrow() {
-        let s2 = sess.clone();
-        let _ = tokio::task::spawn_blocking(move || s2.disk().flush()).await;
+/// The transmission phase on `WORKERS` threads: each takes the read lock,
+/// reads one request, releases the lock, executes it and writes its reply under
+/// the write lock, so requests overlap and replies go out as they finish.
+fn transmission(
+    ctx: &Ctx,
+    sess: Session,
+    rd: Box<dyn SockRead>,
+    wr: Box<dyn Write + Send>,
+) -> Result<(), ConnError> {
+    rd.set_timeout(Some(SHUTDOWN_POLL))?;
+    let sh = Shared {
+        ctx,
+        sess: &sess,
+        rd: Mutex::new(ReadState {
+            rd,
+            grace_end: None,
+            done: false,
+            result: Ok(()),
+        }),
+        wr: Mutex::new(wr),
+    };
+    std::thread::scope(|s| {
+        for _ in 1..WORKERS {
+            let sh = &sh;
+            let spawned = std::thread::Builder::new()
+                .name("stord-worker".into())
+                .stack_size(512 * 1024)
+                .spawn_scoped(s, move || worker(sh));
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start a worker thread; serving with fewer");
+                break;
+            }
+        }
+        worker(&sh);
+    });
+    if *ctx.shutdown.borrow() {
+        let _ = sess.disk().flush();
     }
-    match wres {
-        Ok(Err(e)) if result.is_ok() => Err(ConnError::Io(e)),
-        _ => result,
-    }
+    let st = sh.rd.into_inner().unwrap_or_else(|p| p.into_inner());
+    st.result
 }
 
 #[cfg(test)]

@@ -180,11 +180,12 @@ pub async fn run(config: Config, opts: Options) -> Result<(), ServerError> {
         default_export: config.default_export.clone(),
         shutdown: shutdown_rx.clone(),
         stats: stats.clone(),
+        budget: Arc::new(nbd::Budget::new(nbd::PAYLOAD_BUDGET)),
     };
 
     if opts.stdin {
         stats.connections.fetch_add(1, Ordering::Relaxed);
-        let r = nbd::serve(ctx, tokio::io::stdin(), tokio::io::stdout()).await;
+        let r = nbd::serve(ctx, nbd::Conn::Stdio).await;
         for d in catalog.disks() {
             let _ = d.flush();
         }
@@ -291,7 +292,7 @@ async fn accept_loop(l: Listener, ctx: Ctx, limit: Arc<Semaphore>, done: mpsc::S
             _ = crate::until_shutdown(&mut shutdown) => break,
             r = accept(&l) => r,
         };
-        let (rd, wr, peer) = match accepted {
+        let (conn, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -310,7 +311,7 @@ async fn accept_loop(l: Listener, ctx: Ctx, limit: Arc<Semaphore>, done: mpsc::S
         let done2 = done.clone();
         tokio::spawn(async move {
             tracing::debug!(%peer, "connected");
-            match nbd::serve(ctx2, rd, wr).await {
+            match nbd::serve(ctx2, conn).await {
                 Ok(()) => tracing::debug!(%peer, "disconnected"),
                 Err(e) => {
                     tracing::info!(%peer, error = %crate::error_chain(&e), "connection ended")
@@ -325,24 +326,16 @@ async fn accept_loop(l: Listener, ctx: Ctx, limit: Arc<Semaphore>, done: mpsc::S
     }
 }
 
-type Halves = (
-    Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-    Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
-    String,
-);
-
-async fn accept(l: &Listener) -> std::io::Result<Halves> {
+async fn accept(l: &Listener) -> std::io::Result<(nbd::Conn, String)> {
     match l {
         Listener::Tcp(t) => {
             let (s, peer) = t.accept().await?;
             s.set_nodelay(true)?;
-            let (r, w) = s.into_split();
-            Ok((Box::new(r), Box::new(w), peer.to_string()))
+            Ok((nbd::Conn::Tcp(s), peer.to_string()))
         }
         Listener::Unix(u, _) => {
             let (s, _) = u.accept().await?;
-            let (r, w) = s.into_split();
-            Ok((Box::new(r), Box::new(w), "unix".to_string()))
+            Ok((nbd::Conn::Unix(s), "unix".to_string()))
         }
     }
 }

@@ -346,3 +346,36 @@ fn small_requests_overtake_large_ones() {
     let out = python(s.dir.path(), OUT_OF_ORDER, &[&s.uri("d")]).unwrap();
     assert!(out.contains("overtook"), "{out}");
 }
+
+const FAST_ZERO: &str = r#"
+import sys, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+assert h.can_fast_zero()
+h.pwrite(b"\xee" * 65536, 0)
+try:
+    # tmpfs cannot zero a range in place: with NO_HOLE that means writing
+    # zeroes, which FAST_ZERO forbids.
+    h.zero(65536, 0, nbd.CMD_FLAG_FAST_ZERO | nbd.CMD_FLAG_NO_HOLE)
+    raise AssertionError("FAST_ZERO succeeded where zeroing is slow")
+except nbd.Error as e:
+    assert str(e).endswith("(ENOTSUP)"), e
+assert h.pread(65536, 0) == b"\xee" * 65536, "a refused FAST_ZERO changed data"
+h.zero(65536, 0, nbd.CMD_FLAG_NO_HOLE)             # slow path: zero buffers
+assert h.pread(65536, 0) == b"\0" * 65536
+h.pwrite(b"\xee" * 65536, 0)
+h.zero(65536, 0, nbd.CMD_FLAG_FAST_ZERO)           # punching a hole is fast
+assert h.pread(65536, 0) == b"\0" * 65536
+h.shutdown()
+print("ok")
+"#;
+
+#[test]
+fn fast_zero_refused_when_it_would_be_slow() {
+    require_root();
+    let shm = std::path::Path::new("/dev/shm");
+    assert!(shm.is_dir(), "this test needs a tmpfs at /dev/shm");
+    let s = Stord::start_in(shm, &[dynamic("d", "1MiB")]).unwrap();
+    let out = python(s.dir.path(), FAST_ZERO, &[&s.uri("d")]).unwrap();
+    assert!(out.contains("ok"), "{out}");
+}

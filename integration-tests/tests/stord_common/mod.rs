@@ -48,7 +48,17 @@ pub struct Stord {
 impl Stord {
     /// Writes a config for `disks` and starts stord on it.
     pub fn start(disks: &[DiskSpec<'_>]) -> Result<Stord> {
-        let dir = tempfile::tempdir()?;
+        Self::start_in(&std::env::temp_dir(), disks)
+    }
+
+    /// Like `start`, with the state (and sockets) under `base`, e.g. a tmpfs.
+    pub fn start_in(base: &Path, disks: &[DiskSpec<'_>]) -> Result<Stord> {
+        Self::start_with(base, "", disks)
+    }
+
+    /// Like `start_in`, with `extra` top-level TOML lines added to the config.
+    pub fn start_with(base: &Path, extra: &str, disks: &[DiskSpec<'_>]) -> Result<Stord> {
+        let dir = tempfile::tempdir_in(base)?;
         let port = free_port();
         let mut cfg = format!(
             "listen = \"127.0.0.1:{port}\"\nunix = \"{}\"\ncontrol = \"{}\"\nstate_dir = \"{}\"\n",
@@ -56,6 +66,7 @@ impl Stord {
             dir.path().join("control.sock").display(),
             dir.path().join("state").display()
         );
+        cfg.push_str(extra);
         for d in disks {
             cfg.push_str(&format!(
                 "[[disk]]\nname = \"{}\"\nsize = \"{}\"\nalloc = \"{}\"\nread_only = {}\n",

@@ -4,9 +4,9 @@
 #     vmm-shim vs QEMU microvm (-enable-kvm -cpu host,-arch-capabilities) on the same
 #     small guest (bench/vmm-hello.S, PVH note for QEMU, 64-bit entry for vmm-shim),
 #     interleaved runs, medians and the ratio QEMU / vmm-shim.
-#  2. virtio-blk: a guest program reads 64 MiB through an NBD server (stord when it is
-#     built, else qemu-nbd), 1 MiB requests, 4 in flight; MiB/s between its "S" and "E"
-#     serial lines; reference: nbdcopy reading the same export on the host.
+#  2. virtio-blk: a guest program reads 64 MiB through an NBD server (stord, and
+#     qemu-nbd), 1 MiB requests, 4 in flight; MiB/s between its "S" and "E" serial
+#     lines; reference: nbdcopy reading the same export on the host.
 # Needs root (KVM), binutils, qemu-utils, libnbd-bin, and the guest assets for QEMU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,12 @@ QEMU=$ASSETS/bin/qemu-system-x86_64
 [ -x target/release/vmm-shim ] || cargo build --release -p vmm-shim
 work=$(mktemp -d)
 nbd_pid=
-cleanup() { [ -n "$nbd_pid" ] && kill "$nbd_pid" 2>/dev/null; rm -rf "$work"; }
+stord_pid=
+cleanup() {
+  [ -n "$nbd_pid" ] && kill "$nbd_pid" 2>/dev/null
+  [ -n "$stord_pid" ] && kill "$stord_pid" 2>/dev/null
+  rm -rf "$work"
+}
 trap cleanup EXIT
 
 asm() { # OUT SRC...
@@ -53,32 +58,53 @@ else
   echo "qemu microvm  not measured: $QEMU missing (run scripts/guest-assets.sh)"
 fi
 
-echo "== virtio-blk: guest reads 64 MiB through NBD =="
+echo "== virtio-blk: guest reads 64 MiB through NBD (median of 5) =="
 head -c 64M /dev/urandom > "$work/disk.img"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-if [ -x target/release/stord ] && [ -n "${BENCH_STORD_CMD:-}" ]; then
-  # shellcheck disable=SC2086
-  $BENCH_STORD_CMD & nbd_pid=$!
-  server="stord"
-else
-  qemu-nbd -f raw -x bench -t -b 127.0.0.1 -p "$port" "$work/disk.img" & nbd_pid=$!
-  server="qemu-nbd"
-fi
-for _ in $(seq 50); do (echo > "/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
-cat "$work/disk.img" > /dev/null # page cache warm for both readers
-: > "$work/blk.json"
-for _ in $(seq 5); do
-  bench/vmm_time.py 1 -- target/release/vmm-shim --kernel "$work/blkread.elf" --mem 160M \
-    --disk "nbd://127.0.0.1:$port/bench" >> "$work/blk.json"
-done
-secs=$(python3 -c "
-import json,sys
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 100); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.1; done; echo "server on $1 did not start" >&2; exit 1; }
+blk_bench() { # NAME URI
+  : > "$work/blk.json"
+  for _ in $(seq 5); do
+    bench/vmm_time.py 1 -- target/release/vmm-shim --kernel "$work/blkread.elf" --mem 160M \
+      --disk "$2" >> "$work/blk.json"
+  done
+  local secs
+  secs=$(python3 -c "
+import json
 v=sorted(r['lines']['E']-r['lines']['S'] for r in map(json.loads, open('$work/blk.json')) if r['rc']==0 and 'E' in r['lines'])
 print(v[len(v)//2] if v else 'nan')")
-python3 -c "print('vmm-shim guest read 64 MiB via $server: %.4f s = %.0f MiB/s' % ($secs, 64/$secs))"
-if command -v nbdcopy >/dev/null; then
-  t0=$(date +%s.%N)
-  for _ in 1 2 3; do nbdcopy "nbd://127.0.0.1:$port/bench" null: ; done
-  t1=$(date +%s.%N)
-  python3 -c "r=($t1-$t0)/3; print('nbdcopy (host) read 64 MiB: %.4f s = %.0f MiB/s; vmm-shim/nbdcopy = %.2f' % (r, 64/r, r/$secs))"
+  python3 -c "print('vmm-shim guest read 64 MiB via %-8s %.4f s = %4.0f MiB/s' % ('$1:', $secs, 64/$secs))"
+  if command -v nbdcopy >/dev/null; then
+    local t0 t1
+    t0=$(date +%s.%N)
+    for _ in 1 2 3; do nbdcopy "$2" null: ; done
+    t1=$(date +%s.%N)
+    python3 -c "r=($t1-$t0)/3; print('  reference nbdcopy (host) via %-8s %.4f s = %4.0f MiB/s; vmm-shim/nbdcopy throughput = %.2f' % ('$1:', r, 64/r, r/$secs))"
+  fi
+}
+
+if [ -x target/release/stord ]; then
+  sport=$(free_port)
+  mkdir -p "$work/stord"
+  cat > "$work/stord/stord.toml" <<CFG
+listen = "127.0.0.1:$sport"
+unix = "$work/stord/nbd.sock"
+control = "$work/stord/control.sock"
+state_dir = "$work/stord/state"
+[[disk]]
+name = "bench"
+size = "64M"
+alloc = "fixed"
+read_only = false
+CFG
+  target/release/stord serve --config "$work/stord/stord.toml" 2>"$work/stord/log" & stord_pid=$!
+  wait_port "$sport"
+  nbdcopy "$work/disk.img" "nbd://127.0.0.1:$sport/bench"
+  blk_bench stord "nbd://127.0.0.1:$sport/bench"
+  kill "$stord_pid"; wait "$stord_pid" 2>/dev/null || true
 fi
+port=$(free_port)
+qemu-nbd -f raw -x bench -t -b 127.0.0.1 -p "$port" "$work/disk.img" & nbd_pid=$!
+wait_port "$port"
+cat "$work/disk.img" > /dev/null # page cache warm
+blk_bench qemu-nbd "nbd://127.0.0.1:$port/bench"

@@ -1,5 +1,5 @@
 //! Thin wrappers over the few raw syscalls the VMM needs (TAP ioctls, poll, signals).
-//! Every `unsafe` block of the crate outside the KVM memory registration lives here.
+//! Every `unsafe` block of the crate lives here.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -222,4 +222,25 @@ pub fn sd_notify_ready() {
     } else {
         sock.send_to(b"READY=1", &p)
     };
+}
+
+/// Registers a guest memory region with KVM.
+///
+/// The caller passes a region backed by a live mapping of guest memory (`vm-memory`'s
+/// `GuestMemoryMmap`) that outlives the VM: in vmm-shim the memory is dropped after the
+/// vCPU threads are joined and the VM fd is closed.
+pub fn set_user_memory_region(
+    vm: &kvm_ioctls::VmFd,
+    region: kvm_bindings::kvm_userspace_memory_region,
+) -> Result<(), kvm_ioctls::Error> {
+    // SAFETY: per this function's contract the host range is a live mapping that stays
+    // valid for the VM's lifetime; KVM only reads the struct.
+    unsafe { vm.set_user_memory_region(region) }
+}
+
+/// The suberror of a KVM_EXIT_INTERNAL_ERROR (call only right after that exit).
+pub fn internal_error_suberror(vcpu: &mut kvm_ioctls::VcpuFd) -> u32 {
+    // SAFETY: after KVM_EXIT_INTERNAL_ERROR the kernel filled the `internal` member of
+    // the kvm_run union; reading a u32 from it reads initialized data.
+    unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror }
 }

@@ -283,7 +283,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
         })?;
         let tap_fd = tap.as_raw_fd();
         let wake = EventFd::new(EFD_NONBLOCK).map_err(os_err("eventfd"))?;
-        let wake_fd = wake.as_raw_fd();
+        let wake_rx = wake.try_clone().map_err(os_err("eventfd"))?;
         let i = bus.devices.len();
         let dev = Net::new(tap, mac, Some(wake), offloads);
         let t: NetDev = Arc::new(Mutex::new(MmioTransport::new(
@@ -298,7 +298,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
         rx_threads.push(
             thread::Builder::new()
                 .name(format!("net{index}-rx"))
-                .spawn(move || net_rx_loop(t, tap_fd, wake_fd, stop))
+                .spawn(move || net_rx_loop(t, tap_fd, wake_rx, stop))
                 .map_err(os_err("spawning a NIC thread"))?,
         );
     }
@@ -415,10 +415,7 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
             userspace_addr: host as u64,
             flags: 0,
         };
-        // SAFETY: the region is a live mmap owned by `mem`, which outlives the VM (the
-        // VM fd is dropped when `run` returns, after the vCPU threads are joined).
-        unsafe { vm.set_user_memory_region(region) }
-            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        sys::set_user_memory_region(vm, region).map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(())
 }
@@ -536,8 +533,9 @@ fn vcpu_loop(
 
 /// A NIC's receive thread: waits for frames on the TAP (unless a frame is parked for
 /// want of guest buffers) or for the guest to add buffers, then pumps.
-fn net_rx_loop(t: NetDev, tap_fd: i32, wake_fd: i32, stop: Arc<EventFd>) {
+fn net_rx_loop(t: NetDev, tap_fd: i32, wake: EventFd, stop: Arc<EventFd>) {
     let stop_fd = stop.as_raw_fd();
+    let wake_fd = wake.as_raw_fd();
     loop {
         let parked = {
             let g = t.lock().unwrap_or_else(|e| e.into_inner());
@@ -560,11 +558,8 @@ fn net_rx_loop(t: NetDev, tap_fd: i32, wake_fd: i32, stop: Arc<EventFd>) {
             return;
         }
         if ready.get(1) == Some(&true) {
-            let mut b = [0u8; 8];
-            // SAFETY: reading the 8-byte eventfd counter into a live buffer.
-            unsafe {
-                libc::read(wake_fd, b.as_mut_ptr().cast(), 8);
-            }
+            // Reset the counter; EAGAIN (already read) is fine.
+            let _ = wake.read();
         }
         let mut g = t.lock().unwrap_or_else(|e| e.into_inner());
         if g.active() {

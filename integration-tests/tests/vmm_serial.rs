@@ -1,13 +1,14 @@
 //! vmm-shim under the real KVM: a guest prints on the 8250 and resets through the i8042
 //! (exit 0); a guest that triple-faults makes vmm-shim exit non-zero with a message;
-//! config errors name the key.
+//! a TOML config runs the same as flags and its errors name the key; with two vCPUs the
+//! boot CPU starts the second one through the in-kernel LAPIC (INIT/SIPI).
 
 mod vmm_guest;
 
 use std::time::Duration;
 
 use integration_tests::require_root;
-use vmm_guest::{assemble, run_vmm};
+use vmm_guest::{assemble, assemble_with, run_vmm};
 
 #[test]
 fn guest_prints_on_serial_and_reboots_with_status_0() {
@@ -120,4 +121,93 @@ fn bad_kernel_and_bad_config_are_clear_errors() {
     .unwrap();
     assert_eq!(r.code, Some(2));
     assert!(r.stderr.contains("disk[0]"), "{}", r.stderr);
+}
+
+#[test]
+fn toml_config_with_console_file() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let elf = assemble(
+        dir.path(),
+        "cfg",
+        "_start:\n    PRINT msg\n    jmp reboot\nmsg: .asciz \"from toml\\n\"\n",
+    )
+    .unwrap();
+    let console = dir.path().join("console.log");
+    let cfg = dir.path().join("vm.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "kernel = \"{}\"\nmem = \"48M\"\ncpus = 1\nconsole = \"{}\"\n",
+            elf.display(),
+            console.display()
+        ),
+    )
+    .unwrap();
+    let r = run_vmm(
+        &[],
+        &["--config", cfg.to_str().unwrap()],
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    assert_eq!(r.serial, "", "console went to the file, not stdout");
+    assert_eq!(std::fs::read_to_string(&console).unwrap(), "from toml\n");
+}
+
+#[test]
+fn second_vcpu_starts_through_init_sipi() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    // The AP starts in real mode at 0x10000 (SIPI vector 0x10), sets a flag at 0x6000
+    // and halts; the BSP waits for the flag.
+    let elf = assemble_with(
+        dir.path(),
+        "smp",
+        r#"
+_start:
+    movb $0, 0x6000
+    mov $0xfee00000, %rbx
+    movl $0x01000000, 0x310(%rbx)    # destination: APIC ID 1
+    movl $0x00004500, 0x300(%rbx)    # INIT
+    movl $0x01000000, 0x310(%rbx)
+    movl $0x00004610, 0x300(%rbx)    # STARTUP, vector 0x10
+    mov $3000000, %ecx
+1:  cmpb $1, 0x6000
+    je 2f
+    pause
+    loop 1b
+    FAIL 's'
+2:  PRINT okmsg
+    jmp reboot
+okmsg: .asciz "SMP OK
+"
+
+    .section .ap, "ax"
+    .code16
+ap_start:
+    xor %ax, %ax
+    mov %ax, %ds
+    movb $1, 0x6000
+3:  hlt
+    jmp 3b
+"#,
+        &["--section-start=.ap=0x10000"],
+    )
+    .unwrap();
+    let r = run_vmm(
+        &[],
+        &[
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--mem",
+            "64M",
+            "--cpus",
+            "2",
+        ],
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    assert_eq!(r.serial, "SMP OK\n", "stderr: {}", r.stderr);
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
 }

@@ -326,12 +326,19 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
     let pio = Arc::new(PioBus::new(serial.clone()));
     let bus = Arc::new(bus);
     let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).ok();
-    let mut vcpu_threads = Vec::new();
+    // Every vCPU exists before any runs: the boot CPU may send INIT/SIPI at once, and an
+    // IPI to an APIC that does not exist yet is lost.
+    let mut vcpus = Vec::new();
     for id in 0..cfg.cpus {
         let vcpu = vm
             .create_vcpu(u64::from(id))
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
         setup_vcpu(&vcpu, id, cpuid.as_ref(), (id == 0).then_some(kernel.entry))?;
+        vcpus.push(vcpu);
+    }
+    let mut vcpu_threads = Vec::new();
+    for (id, vcpu) in vcpus.into_iter().enumerate() {
+        let id = id as u8;
         let (tx, stop, pio, bus) = (tx.clone(), stop.clone(), pio.clone(), bus.clone());
         vcpu_threads.push(
             thread::Builder::new()

@@ -121,6 +121,11 @@ failcode: .ascii "?"
 
 /// Assembles `src` (plus the prelude) into a static ELF in `dir`; returns its path.
 pub fn assemble(dir: &Path, name: &str, src: &str) -> Result<PathBuf> {
+    assemble_with(dir, name, src, &[])
+}
+
+/// Like [`assemble`], with extra `ld` arguments (e.g. `--section-start=.ap=0x10000`).
+pub fn assemble_with(dir: &Path, name: &str, src: &str, ld_args: &[&str]) -> Result<PathBuf> {
     let s = dir.join(format!("{name}.S"));
     let o = dir.join(format!("{name}.o"));
     let elf = dir.join(format!("{name}.elf"));

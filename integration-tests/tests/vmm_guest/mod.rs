@@ -141,14 +141,9 @@ pub fn assemble_with(dir: &Path, name: &str, src: &str, ld_args: &[&str]) -> Res
         bail!("as failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     let out = Command::new("ld")
-        .args([
-            "-nostdlib",
-            "-static",
-            "-Ttext=0x1000000",
-            "-e",
-            "_start",
-            "-o",
-        ])
+        .args(["-nostdlib", "-static", "-Ttext=0x1000000", "-e", "_start"])
+        .args(ld_args)
+        .arg("-o")
         .arg(&elf)
         .arg(&o)
         .output()

@@ -211,3 +211,57 @@ ap_start:
     assert_eq!(r.serial, "SMP OK\n", "stderr: {}", r.stderr);
     assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
 }
+
+#[test]
+fn console_input_reaches_the_guest() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    // Reads three bytes from the UART (polling LSR.DR) and echoes them in brackets.
+    let elf = assemble(
+        dir.path(),
+        "echo",
+        r#"
+_start:
+    mov $3, %r12d
+    mov $0x3f8, %dx
+    mov $'[', %al
+    out %al, %dx
+1:  mov $0x3fd, %dx
+    mov $20000000, %ecx
+2:  in %dx, %al
+    test $1, %al
+    jnz 3f
+    loop 2b
+    FAIL 'i'
+3:  mov $0x3f8, %dx
+    in %dx, %al
+    out %al, %dx
+    dec %r12d
+    jnz 1b
+    mov $']', %al
+    out %al, %dx
+    jmp reboot
+"#,
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(integration_tests::bin("vmm-shim"))
+        .args(["--kernel", elf.to_str().unwrap(), "--mem", "64M"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::{Read, Write};
+    child.stdin.take().unwrap().write_all(b"abc").unwrap();
+    let mut g = integration_tests::ChildGuard::new(child);
+    let st = g.wait_timeout(Duration::from_secs(60));
+    let mut out = String::new();
+    g.child()
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert_eq!(out, "[abc]");
+    assert_eq!(st.and_then(|s| s.code()), Some(0));
+}

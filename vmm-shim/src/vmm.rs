@@ -362,6 +362,13 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
             })
             .map_err(os_err("spawning the signal thread"))?;
     }
+    if cfg.console == Console::Stdio {
+        let serial = serial.clone();
+        thread::Builder::new()
+            .name("console-in".into())
+            .spawn(move || console_input(&serial))
+            .map_err(os_err("spawning the console input thread"))?;
+    }
     drop(tx);
     sys::sd_notify_ready();
 
@@ -535,6 +542,32 @@ fn vcpu_loop(
             "vCPU {id}: {exit} at rip={}",
             rip(&vcpu)
         )));
+    }
+}
+
+/// Feeds standard input to the UART's receive FIFO (the guest's console input), waiting
+/// while the FIFO is full; ends at EOF.
+fn console_input(serial: &Mutex<SerialDev>) {
+    use std::io::Read;
+    let mut buf = [0u8; 64];
+    let mut stdin = std::io::stdin().lock();
+    loop {
+        let n = match stdin.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let mut rest = &buf[..n];
+        while !rest.is_empty() {
+            let took = serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .enqueue_raw_bytes(rest)
+                .unwrap_or(0);
+            rest = &rest[took..];
+            if !rest.is_empty() {
+                thread::sleep(Duration::from_millis(5));
+            }
+        }
     }
 }
 

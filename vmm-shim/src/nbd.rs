@@ -580,3 +580,173 @@ fn slot(cookie: u64, base: u64, n: usize) -> Result<usize, NbdError> {
         Err(proto(format!("reply for unknown cookie {cookie}")))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    fn w(s: &mut UnixStream, parts: &[&[u8]]) {
+        for p in parts {
+            s.write_all(p).unwrap();
+        }
+    }
+
+    fn opt_reply(s: &mut UnixStream, opt: u32, ty: u32, data: &[u8]) {
+        w(
+            s,
+            &[
+                &REPLY_MAGIC_OPT.to_be_bytes(),
+                &opt.to_be_bytes(),
+                &ty.to_be_bytes(),
+                &(data.len() as u32).to_be_bytes(),
+                data,
+            ],
+        );
+    }
+
+    fn chunk(s: &mut UnixStream, flags: u16, ty: u16, cookie: u64, payload: &[u8]) {
+        w(
+            s,
+            &[
+                &STRUCTURED_REPLY_MAGIC.to_be_bytes(),
+                &flags.to_be_bytes(),
+                &ty.to_be_bytes(),
+                &cookie.to_be_bytes(),
+                &(payload.len() as u32).to_be_bytes(),
+                payload,
+            ],
+        );
+    }
+
+    /// Reads one request: (type, cookie, offset, len), skipping a write's payload.
+    fn request(s: &mut UnixStream) -> (u16, u64, u64, u32) {
+        assert_eq!(rd_u32(s).unwrap(), REQUEST_MAGIC);
+        let _flags = rd_u16(s).unwrap();
+        let ty = rd_u16(s).unwrap();
+        let cookie = rd_u64(s).unwrap();
+        let off = rd_u64(s).unwrap();
+        let len = rd_u32(s).unwrap();
+        if ty == CMD_WRITE {
+            rd_vec(s, len).unwrap();
+        }
+        (ty, cookie, off, len)
+    }
+
+    /// A scripted server: handshake, then answers a batch of three requests out of
+    /// order with data/hole chunks, a simple reply and an error chunk, then sends a
+    /// reply for a cookie nobody asked about.
+    fn serve(mut s: UnixStream) {
+        w(
+            &mut s,
+            &[
+                &NBDMAGIC.to_be_bytes(),
+                &IHAVEOPT.to_be_bytes(),
+                &(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes(),
+            ],
+        );
+        let _client_flags = rd_u32(&mut s).unwrap();
+        for _ in 0..2 {
+            assert_eq!(rd_u64(&mut s).unwrap(), IHAVEOPT);
+            let opt = rd_u32(&mut s).unwrap();
+            let len = rd_u32(&mut s).unwrap();
+            rd_vec(&mut s, len).unwrap();
+            if opt == OPT_GO {
+                let mut info = vec![0u8, 0];
+                info.extend_from_slice(&(1u64 << 20).to_be_bytes());
+                info.extend_from_slice(&(1u16 | TFLAG_SEND_FLUSH | TFLAG_SEND_TRIM).to_be_bytes());
+                opt_reply(&mut s, opt, REP_INFO, &info);
+            }
+            opt_reply(&mut s, opt, REP_ACK, &[]);
+        }
+        let reqs: Vec<_> = (0..3).map(|_| request(&mut s)).collect();
+        // Third request (a read): EIO as an error chunk.
+        let mut e = 5u32.to_be_bytes().to_vec();
+        e.extend_from_slice(&4u16.to_be_bytes());
+        e.extend_from_slice(b"oops");
+        chunk(&mut s, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, reqs[2].1, &e);
+        // Second (a write): simple reply.
+        w(
+            &mut s,
+            &[
+                &SIMPLE_REPLY_MAGIC.to_be_bytes(),
+                &0u32.to_be_bytes(),
+                &reqs[1].1.to_be_bytes(),
+            ],
+        );
+        // First (read 1024 at 4096): data for the second half, a hole for the first.
+        let mut d = (4096u64 + 512).to_be_bytes().to_vec();
+        d.extend_from_slice(&[0xaa; 512]);
+        chunk(&mut s, 0, REPLY_TYPE_OFFSET_DATA, reqs[0].1, &d);
+        let mut h = 4096u64.to_be_bytes().to_vec();
+        h.extend_from_slice(&512u32.to_be_bytes());
+        chunk(
+            &mut s,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_OFFSET_HOLE,
+            reqs[0].1,
+            &h,
+        );
+        // Next batch: answered with a cookie from nowhere.
+        let r = request(&mut s);
+        w(
+            &mut s,
+            &[
+                &SIMPLE_REPLY_MAGIC.to_be_bytes(),
+                &0u32.to_be_bytes(),
+                &(r.1 + 1000).to_be_bytes(),
+            ],
+        );
+    }
+
+    #[test]
+    fn structured_replies_out_of_order_errors_and_a_lying_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nbd.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || serve(l.accept().unwrap().0));
+        let mut c = NbdClient::connect(&NbdAddr::Unix(path), "e").unwrap();
+        assert!(c.structured());
+        assert_eq!(c.size(), 1 << 20);
+        assert!(!c.read_only());
+        let out = c
+            .submit(&[
+                Request::Read {
+                    offset: 4096,
+                    len: 1024,
+                },
+                Request::Trim {
+                    offset: 0,
+                    len: 512,
+                },
+                Request::Read {
+                    offset: 0,
+                    len: 512,
+                },
+            ])
+            .unwrap();
+        let mut want = vec![0u8; 512];
+        want.extend_from_slice(&[0xaa; 512]);
+        assert_eq!(out[0], Ok(want));
+        assert_eq!(out[1], Ok(vec![]));
+        assert_eq!(out[2], Err(5));
+        let err = c.submit(&[Request::Flush]).unwrap_err();
+        assert!(matches!(err, NbdError::Protocol(_)), "{err}");
+        assert!(matches!(c.submit(&[Request::Flush]), Err(NbdError::Down)));
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn not_an_nbd_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").unwrap();
+        });
+        let err = NbdClient::connect(&NbdAddr::Unix(path), "e").err().unwrap();
+        assert!(err.to_string().contains("not an NBD server"), "{err}");
+        t.join().unwrap();
+    }
+}

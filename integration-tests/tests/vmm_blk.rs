@@ -339,3 +339,185 @@ fn guest_writes_and_reads_a_sector_through_stord() {
     let s = &bytes[(SECTOR * 512) as usize..(SECTOR * 512 + 512) as usize];
     assert_eq!(s, PATTERN.repeat(32).as_slice());
 }
+
+/// Guest: write the pattern to sectors 10..13, then DISCARD sector 10 and
+/// WRITE_ZEROES sector 11 (one segment each); sector 12 stays.
+const TRIM_GUEST: &str = r#"
+    .set RING, 0x200000
+    .set HDR, 0x203000
+    .set DATA, 0x204000
+    .set STATUS, 0x205000
+    .set SEG, 0x206000
+_start:
+    mov $MMIO0, %rbx
+    movl $0, 0x14(%rbx)
+    movl 0x10(%rbx), %eax
+    and $((1 << 13) | (1 << 14)), %eax  # DISCARD, WRITE_ZEROES offered
+    cmp $((1 << 13) | (1 << 14)), %eax
+    je 1f
+    FAIL 'f'
+1:  mov $((1 << 13) | (1 << 14)), %r8d
+    call dev_init
+    xor %edi, %edi
+    mov $RING, %esi
+    call setup_queue
+    call driver_ok
+    mov $DATA, %rdi
+    mov $0x5a, %al
+    mov $1536, %ecx
+    rep stosb
+    movl $1, HDR
+    movq $10, HDR+8
+    DSET RING, 0, HDR, 16, F_NEXT, 1
+    DSET RING, 1, DATA, 1536, F_NEXT, 2
+    DSET RING, 2, STATUS, 1, F_WRITE, 0
+    AVAIL RING, 0, 0, 1
+    movl $0, 0x50(%rbx)
+    cmpb $0, STATUS
+    je 1f
+    FAIL 'w'
+1:  # DISCARD sector 10
+    movl $11, HDR
+    movq $10, SEG
+    movl $1, SEG+8
+    movl $0, SEG+12
+    DSET RING, 1, SEG, 16, F_NEXT, 2
+    movb $0xff, STATUS
+    AVAIL RING, 1, 0, 2
+    movl $0, 0x50(%rbx)
+    cmpb $0, STATUS
+    je 1f
+    FAIL 'd'
+1:  # WRITE_ZEROES sector 11, no unmap
+    movl $13, HDR
+    movq $11, SEG
+    movb $0xff, STATUS
+    AVAIL RING, 2, 0, 3
+    movl $0, 0x50(%rbx)
+    cmpb $0, STATUS
+    je 1f
+    FAIL 'z'
+1:  PRINT okmsg
+    jmp reboot
+okmsg: .asciz "TRIM OK\n"
+"#;
+
+#[test]
+fn discard_and_write_zeroes_reach_stord() {
+    require_root();
+    let stord = stord_common::Stord::start(&[stord_common::dynamic("t0", "1M")]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let elf = assemble(dir.path(), "trim", TRIM_GUEST).unwrap();
+    let r = run_vmm(
+        &[],
+        &[
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--mem",
+            "64M",
+            "--disk",
+            &stord.uri("t0"),
+        ],
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    assert_eq!(r.serial, "TRIM OK\n", "stderr: {}", r.stderr);
+    assert_eq!(r.code, Some(0));
+    let bytes = std::fs::read(stord.state().join("disks/t0.img")).unwrap();
+    assert!(
+        bytes[10 * 512..12 * 512].iter().all(|&b| b == 0),
+        "sectors 10-11 zeroed"
+    );
+    assert!(
+        bytes[12 * 512..13 * 512].iter().all(|&b| b == 0x5a),
+        "sector 12 kept"
+    );
+}
+
+/// Guest: one good write, then waits for a byte on the console; by then the test has
+/// killed the NBD server, and the next read must come back as IOERR (not a crash).
+const IOERR_GUEST: &str = r#"
+    .set RING, 0x200000
+    .set HDR, 0x203000
+    .set DATA, 0x204000
+    .set STATUS, 0x205000
+_start:
+    mov $MMIO0, %rbx
+    xor %r8d, %r8d
+    call dev_init
+    xor %edi, %edi
+    mov $RING, %esi
+    call setup_queue
+    call driver_ok
+    movl $1, HDR
+    movq $1, HDR+8
+    DSET RING, 0, HDR, 16, F_NEXT, 1
+    DSET RING, 1, DATA, 512, F_NEXT, 2
+    DSET RING, 2, STATUS, 1, F_WRITE, 0
+    AVAIL RING, 0, 0, 1
+    movl $0, 0x50(%rbx)
+    cmpb $0, STATUS
+    je 1f
+    FAIL 'w'
+1:  PRINT w1
+    mov $0x3fd, %dx
+2:  in %dx, %al
+    test $1, %al
+    jz 2b
+    movl $0, HDR
+    movb $0xff, STATUS
+    DSET RING, 1, DATA, 512, F_NEXT|F_WRITE, 2
+    AVAIL RING, 1, 0, 2
+    movl $0, 0x50(%rbx)
+    cmpw $2, RING+0x2000+2
+    je 1f
+    FAIL 'u'
+1:  cmpb $1, STATUS
+    je 1f
+    FAIL 'e'
+1:  PRINT okmsg
+    jmp reboot
+w1: .asciz "W1\n"
+okmsg: .asciz "IOERR OK\n"
+"#;
+
+#[test]
+fn nbd_server_death_is_an_io_error_for_the_guest() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let img = make_disk(dir.path());
+    let port = free_port();
+    let mut nbd = qemu_nbd(&img, "d", Some(port), None, false);
+    let elf = assemble(dir.path(), "ioerr", IOERR_GUEST).unwrap();
+    let child = Command::new(integration_tests::bin("vmm-shim"))
+        .args(["--kernel", elf.to_str().unwrap(), "--mem", "64M"])
+        .args(["--disk", &format!("nbd://127.0.0.1:{port}/d")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut g = ChildGuard::new(child);
+    let mut out = BufReader::new(g.child().stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "W1\n");
+    nbd.signal(libc::SIGKILL);
+    nbd.wait_timeout(Duration::from_secs(5))
+        .expect("qemu-nbd gone");
+    g.child().stdin.as_mut().unwrap().write_all(b"x").unwrap();
+    let st = g.wait_timeout(Duration::from_secs(30));
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let mut err = String::new();
+    g.child()
+        .stderr
+        .as_mut()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(rest, "IOERR OK\n", "stderr: {err}");
+    assert_eq!(st.and_then(|s| s.code()), Some(0), "stderr: {err}");
+    assert!(err.contains("block backend failed"), "{err}");
+}

@@ -145,3 +145,124 @@ fn tap_offloads_follow_what_the_guest_acked() {
     assert!(!feature_on(&off, "tx-checksumming"), "{off}");
     assert!(!feature_on(&off, "tx-tcp-segmentation"), "{off}");
 }
+
+/// Guest: sets the NIC up with no receive buffers, prints READY, waits for a console
+/// byte, then posts four buffers and waits for a frame (the one parked meanwhile).
+const DEFERRED_GUEST: &str = r#"
+    .set RX, 0x200000
+    .set TX, 0x210000
+    .set BUFS, 0x220000
+_start:
+    mov $MMIO0, %rbx
+    xor %r8d, %r8d
+    call dev_init
+    xor %edi, %edi
+    mov $RX, %esi
+    call setup_queue
+    mov $1, %edi
+    mov $TX, %esi
+    call setup_queue
+    call driver_ok
+    PRINT ready
+    mov $0x3fd, %dx
+2:  in %dx, %al
+    test $1, %al
+    jz 2b
+    DSET RX, 0, BUFS, 2048, F_WRITE, 0
+    DSET RX, 1, BUFS+0x800, 2048, F_WRITE, 0
+    movw $0, RX+0x1000+4
+    movw $1, RX+0x1000+6
+    movw $2, RX+0x1000+2
+    movl $0, 0x50(%rbx)
+    mov $2000000, %ecx
+3:  cmpw $0, RX+0x2000+2
+    jne 4f
+    pause
+    loop 3b
+    FAIL 'r'
+4:  cmpw $0x0608, BUFS+24           # an ARP request from the namespace
+    je 5f
+    cmpw $0x0608, BUFS+0x800+24
+    je 5f
+    FAIL 'a'
+5:  PRINT okmsg
+    jmp reboot
+ready: .asciz "READY\n"
+okmsg: .asciz "RX OK\n"
+"#;
+
+/// CPU time (user + system, in clock ticks) of the vmm-shim thread named `name`.
+fn thread_ticks(pid: u32, name: &str) -> Option<u64> {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let t = t.ok()?.path();
+        let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            let stat = std::fs::read_to_string(t.join("stat")).ok()?;
+            let after = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = after.split_whitespace().collect();
+            return Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?);
+        }
+    }
+    None
+}
+
+#[test]
+fn frames_wait_for_guest_buffers_without_spinning() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let elf = assemble(dir.path(), "defer", DEFERRED_GUEST).unwrap();
+    let ns = Netns::new("vmd").unwrap();
+    let tap = unique_name("vd");
+    ns.sh(&format!(
+        "ip tuntap add dev {tap} mode tap vnet_hdr && \
+         sysctl -qw net.ipv6.conf.{tap}.disable_ipv6=1 && \
+         ip addr add 10.0.0.1/24 dev {tap} && ip link set {tap} up"
+    ))
+    .unwrap();
+    let child = ns
+        .command(&[
+            integration_tests::bin("vmm-shim").to_str().unwrap(),
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--mem",
+            "64M",
+            "--net",
+            &format!("tap={tap}"),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut g = integration_tests::ChildGuard::new(child);
+    let mut out = BufReader::new(g.child().stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "READY\n");
+    // The namespace's kernel ARPs for the guest: frames with nowhere to go yet.
+    let _ = ns.sh("ping -c 3 -i 0.2 -W 1 10.0.0.2 >/dev/null 2>&1");
+    // While a frame is parked, the receive thread sleeps instead of polling the TAP.
+    let pid = g.pid();
+    let before = thread_ticks(pid, "net0-rx").expect("net0-rx thread");
+    std::thread::sleep(Duration::from_secs(1));
+    let after = thread_ticks(pid, "net0-rx").expect("net0-rx thread");
+    assert!(
+        after - before <= 5,
+        "RX thread used {} ticks in 1 s while parked",
+        after - before
+    );
+    g.child().stdin.as_mut().unwrap().write_all(b"go").unwrap();
+    let st = g.wait_timeout(Duration::from_secs(60));
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let mut err = String::new();
+    g.child()
+        .stderr
+        .as_mut()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(rest, "RX OK\n", "stderr: {err}");
+    assert_eq!(st.and_then(|s| s.code()), Some(0), "stderr: {err}");
+}

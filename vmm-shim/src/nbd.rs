@@ -22,6 +22,8 @@ use crate::config::NbdAddr;
 
 /// Largest payload of one request or reply chunk (requests are split to fit).
 pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// How long one read or write on the connection may block.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(120);
 /// Largest number of requests in flight at once.
 pub const MAX_IN_FLIGHT: usize = 64;
 
@@ -319,7 +321,9 @@ impl NbdClient {
         if !got_export {
             return Err(proto("GO acknowledged without NBD_INFO_EXPORT"));
         }
-        self.set_timeout(None)?;
+        // A server that stops answering fails the connection (the guest sees I/O
+        // errors) instead of wedging the vCPU that waits for it.
+        self.set_timeout(Some(IO_TIMEOUT))?;
         Ok(())
     }
 

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
@@ -113,6 +113,9 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
 fn os_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
     move |source| VmmError::Os { what, source }
 }
+
+/// How long shutdown waits for vCPU threads and busy disks.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// How the VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -378,19 +381,39 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
     tracing::info!(?reason, "stopping the VM");
 
     stop.store(true, Ordering::SeqCst);
-    for h in vcpu_threads {
-        while !h.is_finished() {
+    // A vCPU thread can only be stuck outside KVM_RUN in device I/O (an NBD server that
+    // stopped answering, bounded by the NBD I/O timeout); don't wait on it forever.
+    let deadline = Instant::now() + SHUTDOWN_GRACE;
+    for (id, h) in vcpu_threads.into_iter().enumerate() {
+        while !h.is_finished() && Instant::now() < deadline {
             sys::kick_thread(h.as_pthread_t());
             thread::sleep(Duration::from_millis(5));
         }
-        let _ = h.join();
+        if h.is_finished() {
+            let _ = h.join();
+        } else {
+            tracing::warn!(vcpu = id, "vCPU thread did not stop in time; leaving it");
+        }
     }
     let _ = stop_rx.write(1);
     for h in rx_threads {
         let _ = h.join();
     }
     for (i, b) in blocks.iter().enumerate() {
-        let mut t = b.lock().unwrap_or_else(|e| e.into_inner());
+        let mut t = loop {
+            match b.try_lock() {
+                Ok(t) => break Some(t),
+                Err(std::sync::TryLockError::Poisoned(e)) => break Some(e.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    thread::sleep(Duration::from_millis(5))
+                }
+                Err(std::sync::TryLockError::WouldBlock) => break None,
+            }
+        };
+        let Some(t) = t.as_mut() else {
+            tracing::warn!(disk = i, "disk busy in a stuck request; not flushed");
+            continue;
+        };
         let c = t.device().counters();
         tracing::info!(
             disk = i,

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::Result;
-use integration_tests::{bin, require_root, unique_name, Netns};
+use integration_tests::{bin, require_root, unique_name, wait_until, Netns};
 use netd_common::*;
 
 #[test]
@@ -44,11 +44,12 @@ fn cli_changes_ports_at_runtime_and_sigterm_cleans_up() -> Result<()> {
     let host = Netns::new("ch")?;
     let a = Netns::new("ca")?;
     let b = Netns::new("cb")?;
-    let (ta, tb, tv, tk) = (
+    let (ta, tb, tv, tk, tp) = (
         unique_name("ta"),
         unique_name("tb"),
         unique_name("tv"),
         unique_name("tk"),
+        unique_name("tp"),
     );
     // A persistent TAP that exists before netd: a vm port on it must leave it alone.
     host.exec(&["ip", "tuntap", "add", "dev", &tk, "mode", "tap"])?;
@@ -134,9 +135,28 @@ fn cli_changes_ports_at_runtime_and_sigterm_cleans_up() -> Result<()> {
     // vm ports: one netd creates (removed on exit), one that existed (kept).
     netd.cli(&["port", "add", "lan", "--kind", "vm", "--ifname", &tv])?;
     netd.cli(&["port", "add", "lan", "--kind", "vm", "--ifname", &tk])?;
+    // A vm TAP that disappears under netd is recreated (the port stays configured).
+    host.exec(&["ip", "link", "delete", &tv])?;
+    assert!(
+        wait_until(Duration::from_secs(5), || host
+            .exec(&["ip", "link", "show", &tv])
+            .is_ok()),
+        "netd recreated the vm port's TAP"
+    );
+    // One marked persistent survives netd's exit.
+    netd.cli(&[
+        "port",
+        "add",
+        "lan",
+        "--kind",
+        "vm",
+        "--ifname",
+        &tp,
+        "--persistent",
+    ])?;
     assert!(host.exec(&["ip", "link", "show", &tv]).is_ok());
     let nets = netd.cli_json(&["net", "list"])?;
-    assert_eq!(nets[0]["ports"], 3, "{nets}");
+    assert_eq!(nets[0]["ports"], 4, "{nets}");
     assert!(netd.stop(), "clean exit on SIGTERM");
     assert!(
         host.exec(&["ip", "link", "show", &tv]).is_err(),

@@ -56,6 +56,29 @@ netns = "{nv}"
 
     let ip = dhcp(&vm, &tv, dir.path())?;
     assert_eq!(ip, "192.168.56.101", "VirtualBox default range");
+    let lease = std::fs::read_to_string(dir.path().join(format!("lease-{tv}")))?;
+    assert!(
+        lease.contains(" 192.168.56.100"),
+        "VirtualBox's DHCP server address: {lease}"
+    );
+    // The server answers ARP for its own address (so unicast renewals reach it).
+    assert!(
+        vm.command(&[
+            "busybox",
+            "arping",
+            "-c",
+            "1",
+            "-w",
+            "2",
+            "-I",
+            &tv,
+            "192.168.56.100"
+        ])
+        .stdout(std::process::Stdio::null())
+        .status()?
+        .success(),
+        "DHCP server answers ARP"
+    );
     vm.exec(&["ip", "route", "add", "default", "via", "192.168.56.1"])?;
     assert!(
         ping_retry(&vm, "192.168.56.1", 3),

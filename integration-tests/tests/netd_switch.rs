@@ -126,3 +126,52 @@ netns = "{nc}"
     );
     Ok(())
 }
+
+#[test]
+fn tap_port_comes_back_with_its_namespace() -> Result<()> {
+    require_root();
+    let dir = tempdir();
+    let host = Netns::new("nh")?;
+    let a = Netns::new("na")?;
+    let b = Netns::new("nb")?;
+    let (ta, tb) = (unique_name("ta"), unique_name("tb"));
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "[[network]]\nname = \"lan\"\nmode = \"internal\"\n\n[[network.port]]\nname = \"a\"\nkind = \"tap\"\nifname = \"{ta}\"\nnetns = \"{na}\"\n\n[[network.port]]\nname = \"b\"\nkind = \"tap\"\nifname = \"{tb}\"\nnetns = \"{nb}\"\n",
+            na = a.name(),
+            nb = b.name()
+        ),
+    );
+    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    a.exec(&["ip", "addr", "add", "10.1.1.1/24", "dev", &ta])?;
+    b.exec(&["ip", "addr", "add", "10.1.1.2/24", "dev", &tb])?;
+    assert!(ping_retry(&a, "10.1.1.2", 5));
+
+    // The container goes away: its namespace (and the TAP's kernel side) with it.
+    // netd does not keep the namespace alive; when a namespace of that name is back,
+    // so is the port.
+    integration_tests::sh(&format!("ip netns del {}", b.name()))?;
+    assert!(!ping(&a, "10.1.1.2"));
+    integration_tests::sh(&format!(
+        "ip netns add {0} && ip -n {0} link set lo up",
+        b.name()
+    ))?;
+    assert!(
+        integration_tests::wait_until(std::time::Duration::from_secs(5), || b
+            .exec(&["ip", "link", "show", &tb])
+            .is_ok()),
+        "netd recreated the TAP in the new namespace"
+    );
+    b.exec(&["ip", "addr", "add", "10.1.1.2/24", "dev", &tb])?;
+    // The new TAP has a new MAC: a forgets the old one, as after any host change.
+    a.exec(&["ip", "neigh", "flush", "dev", &ta])?;
+    assert!(
+        ping_retry(&a, "10.1.1.2", 5),
+        "traffic flows again: {}\n{}",
+        netd.cli(&["port", "list", "lan"])?,
+        netd.log()
+    );
+    assert!(netd.stop());
+    Ok(())
+}

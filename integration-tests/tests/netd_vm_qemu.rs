@@ -8,7 +8,7 @@ mod netd_common;
 use std::time::Duration;
 
 use anyhow::Result;
-use integration_tests::{require_root, unique_name, Netns};
+use integration_tests::{require_root, unique_name, wait_until, Netns};
 use netd_common::*;
 
 #[test]
@@ -57,9 +57,22 @@ netns = "{np}"
         "netd created the TAP"
     );
 
-    let initrd = guest_initramfs(dir.path(), "10.4.0.2")?;
-    // vnet_hdr=off: netd's AF_PACKET side carries plain frames (no GSO metadata).
-    let netdev = format!("tap,id=n0,ifname={tv},script=no,downscript=no,vnet_hdr=off");
+    // Besides ping: a 2 MiB TCP stream from the guest to the test host (the
+    // listener's stdin stays open so busybox nc does not hang up early).
+    let initrd = guest_initramfs_with(
+        dir.path(),
+        "10.4.0.2",
+        "dd if=/dev/zero bs=1024 count=2048 2>/dev/null | nc -w 3 10.4.0.2 5555 && echo NC-OK; sleep 4",
+    )?;
+    let recv = dir.path().join("recv.bin");
+    let _listener = peer.spawn(&[
+        "sh",
+        "-c",
+        &format!("sleep 120 | busybox nc -l -p 5555 > {}", recv.display()),
+    ])?;
+    // QEMU's defaults (vnet_hdr on, offloads negotiated with the guest): netd's
+    // AF_PACKET side reads and writes virtio-net headers.
+    let netdev = format!("tap,id=n0,ifname={tv},script=no,downscript=no");
     for round in 1..=2 {
         let out = boot_guest(
             &host,
@@ -77,6 +90,15 @@ netns = "{np}"
             out.contains("PING-OK"),
             "round {round}: guest pinged the test host:\n{out}"
         );
+        if round == 1 {
+            assert!(out.contains("NC-OK"), "TCP stream sent:\n{out}");
+            let got = || std::fs::metadata(&recv).map(|m| m.len()).unwrap_or(0);
+            assert!(
+                wait_until(Duration::from_secs(10), || got() == 2 * 1024 * 1024),
+                "test host received all 2 MiB (got {})",
+                got()
+            );
+        }
     }
     let leases = netd.cli_json(&["leases", "lan"])?;
     assert!(
@@ -88,6 +110,7 @@ netns = "{np}"
         "{leases}"
     );
     let c = netd.counters("lan", &tv)?;
+    eprintln!("vm port counters: {c}");
     assert!(
         c["rx_frames"].as_u64().unwrap() >= 6 && c["tx_frames"].as_u64().unwrap() >= 6,
         "{c}"

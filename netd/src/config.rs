@@ -92,6 +92,9 @@ pub struct NetworkConfig {
     pub dhcp: Option<bool>,
     /// "A-B", inclusive.
     pub dhcp_range: Option<String>,
+    /// The DHCP server's own address (default: the gateway on internal networks;
+    /// .100 on hostonly networks, as VirtualBox, since the host owns the gateway).
+    pub dhcp_server: Option<Ipv4Addr>,
     /// Lease time in seconds (default 86400... VirtualBox uses 10 minutes; we use 1 day).
     pub lease_time: Option<u32>,
     /// DNS servers announced by DHCP (default: none on internal/hostonly).
@@ -204,6 +207,8 @@ impl Ipv4Spec {
 /// Validated DHCP settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DhcpSpec {
+    /// The server's own address (its identifier and source address).
+    pub server: Ipv4Addr,
     /// First address handed out.
     pub start: Ipv4Addr,
     /// Last address handed out.
@@ -463,6 +468,33 @@ impl NetworkConfig {
                     ),
                 ));
             }
+            let server = match self.dhcp_server {
+                Some(s) => s,
+                None if hostonly => {
+                    let hundred = Ipv4Addr::from(u32::from(v4.network) + 100);
+                    let in_range =
+                        (u32::from(start)..=u32::from(end)).contains(&u32::from(hundred));
+                    if v4.prefix <= 24 && !in_range && hundred != v4.gateway {
+                        hundred
+                    } else {
+                        v4.gateway
+                    }
+                }
+                None => v4.gateway,
+            };
+            if !v4.contains(server)
+                || server == v4.network
+                || server == v4.broadcast()
+                || (u32::from(start)..=u32::from(end)).contains(&u32::from(server))
+            {
+                return Err(ctx.err(
+                    key("dhcp_server"),
+                    format!(
+                        "a host address inside {}/{} outside dhcp_range",
+                        v4.network, v4.prefix
+                    ),
+                ));
+            }
             let mut reservations = Vec::new();
             for (k, r) in self.reservation.iter().enumerate() {
                 let mac = parse_mac(&r.mac).ok_or_else(|| {
@@ -488,6 +520,7 @@ impl NetworkConfig {
                 return Err(ctx.err(key("lease_time"), "at least 60 seconds"));
             }
             Some(DhcpSpec {
+                server,
                 start,
                 end,
                 lease_time,
@@ -497,7 +530,10 @@ impl NetworkConfig {
                 reservations,
             })
         } else {
-            if self.dhcp_range.is_some() || !self.reservation.is_empty() {
+            if self.dhcp_range.is_some()
+                || self.dhcp_server.is_some()
+                || !self.reservation.is_empty()
+            {
                 return Err(ctx.err(
                     key("dhcp"),
                     "true when `dhcp_range` or reservations are given",
@@ -663,6 +699,7 @@ mod tests {
         let d = n.dhcp.as_ref().unwrap();
         assert_eq!(d.start, Ipv4Addr::new(192, 168, 56, 101));
         assert_eq!(d.end, Ipv4Addr::new(192, 168, 56, 254));
+        assert_eq!(d.server, Ipv4Addr::new(192, 168, 56, 100));
         assert_eq!(n.mtu, 1500);
         assert_eq!(n.host_ifname.as_deref(), Some("vh-h"));
     }

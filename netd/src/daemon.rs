@@ -174,8 +174,9 @@ impl Daemon {
                 Ok(db) => db,
                 Err(e) => return fail(st, DaemonError::Leases(spec.name.clone(), e)),
             };
-            // On hostonly the host kernel owns the gateway address and answers ARP.
-            let answer_arp = spec.mode == Mode::Internal;
+            // The server answers ARP for its own address unless that is the gateway
+            // and somebody else owns it: the host on hostonly, the router on nat.
+            let answer_arp = spec.mode == Mode::Internal || d.server != v4.gateway;
             let server = Arc::new(Mutex::new(DhcpServer::new(
                 v4.clone(),
                 d.clone(),

@@ -428,7 +428,8 @@ pub struct DhcpServer {
 
 impl DhcpServer {
     /// A server for `v4`/`spec`, sending from `mac`. With `answer_arp` it answers ARP
-    /// for the gateway address itself (internal networks, where nobody else owns it).
+    /// for its own address (`spec.server`) itself; without, somebody else owns it (the
+    /// host on a hostonly network whose server address is the gateway).
     pub fn new(v4: Ipv4Spec, spec: DhcpSpec, mac: [u8; 6], answer_arp: bool, db: LeaseDb) -> Self {
         DhcpServer {
             spec,
@@ -466,6 +467,7 @@ impl DhcpServer {
         self.v4.contains(ip)
             && self.in_range(ip)
             && ip != self.v4.gateway
+            && ip != self.spec.server
             && !self.reserved_for_other(ip, mac)
             && !self.db.taken_by_other(ip, mac, now)
     }
@@ -503,7 +505,7 @@ impl DhcpServer {
     }
 
     fn reply(&self, req: &DhcpMessage, t: MsgType, yiaddr: Ipv4Addr, lease: bool) -> DhcpMessage {
-        let mut options = vec![(opt::SERVER_ID, self.v4.gateway.octets().to_vec())];
+        let mut options = vec![(opt::SERVER_ID, self.spec.server.octets().to_vec())];
         if t != MsgType::Nak {
             if lease {
                 let lt = self.spec.lease_time;
@@ -554,13 +556,16 @@ impl DhcpServer {
         let server_id = m.option_ip(opt::SERVER_ID);
         match m.msg_type {
             MsgType::Discover => {
+                // Keep the hostile-input maps bounded: expired holds go first.
+                self.db.offers.retain(|_, (_, until)| *until > now);
+                self.db.declined.retain(|_, until| *until > now);
                 let ip = self.choose(&mac, requested, now)?;
                 self.db.offers.insert(mac, (ip, now + OFFER_HOLD_SECS));
                 Some(self.reply(m, MsgType::Offer, ip, true))
             }
             MsgType::Request => {
                 if let Some(sid) = server_id {
-                    if sid != self.v4.gateway {
+                    if sid != self.spec.server {
                         // The client chose another server: release our offer.
                         self.db.offers.remove(&mac);
                         return None;
@@ -579,6 +584,9 @@ impl DhcpServer {
                     return Some(self.reply(m, MsgType::Nak, Ipv4Addr::UNSPECIFIED, false));
                 }
                 self.db.offers.remove(&mac);
+                // One record per address: an expired lease of another client on this
+                // address is forgotten (bounds the table by the range size).
+                self.db.by_mac.retain(|m, l| *m == mac || l.ip != wanted);
                 let hostname = m.option(opt::HOSTNAME).map(|h| {
                     String::from_utf8_lossy(h)
                         .chars()
@@ -614,7 +622,7 @@ impl DhcpServer {
                 None
             }
             MsgType::Decline => {
-                if let Some(ip) = requested {
+                if let Some(ip) = requested.filter(|ip| self.in_range(*ip)) {
                     self.db.declined.insert(ip, now + DECLINE_HOLD_SECS);
                     self.db.offers.remove(&mac);
                     if self.db.by_mac.get(&mac).is_some_and(|l| l.ip == ip) {
@@ -637,7 +645,7 @@ impl DhcpServer {
         match eth.ethertype {
             ETHERTYPE_ARP if self.answer_arp => {
                 let a = Arp::parse(eth.payload)?;
-                if a.op != 1 || a.tpa != self.v4.gateway {
+                if a.op != 1 || a.tpa != self.spec.server {
                     return None;
                 }
                 let mut out = Vec::with_capacity(60);
@@ -645,7 +653,7 @@ impl DhcpServer {
                 Arp {
                     op: 2,
                     sha: self.mac,
-                    spa: self.v4.gateway,
+                    spa: self.spec.server,
                     tha: a.sha,
                     tpa: a.spa,
                 }
@@ -658,7 +666,7 @@ impl DhcpServer {
                 if ip.protocol != IPPROTO_UDP {
                     return None;
                 }
-                if !(ip.dst.is_broadcast() || ip.dst == self.v4.gateway) {
+                if !(ip.dst.is_broadcast() || ip.dst == self.spec.server) {
                     return None;
                 }
                 let udp = Udp::parse(ip.payload)?;
@@ -681,7 +689,7 @@ impl DhcpServer {
                 Some(wire::emit_udp_frame(
                     dst_mac,
                     self.mac,
-                    self.v4.gateway,
+                    self.spec.server,
                     dst_ip,
                     67,
                     port,
@@ -730,6 +738,7 @@ mod tests {
             gateway: Ipv4Addr::new(10, 9, 0, 1),
         };
         let spec = DhcpSpec {
+            server: Ipv4Addr::new(10, 9, 0, 1),
             start: Ipv4Addr::new(10, 9, 0, 100),
             end: Ipv4Addr::new(10, 9, 0, 102),
             lease_time: 3600,
@@ -915,6 +924,36 @@ mod tests {
         assert_eq!(
             (a.op, a.sha, a.spa),
             (2, [2, 0, 0, 0, 0, 1], Ipv4Addr::new(10, 9, 0, 1))
+        );
+    }
+
+    #[test]
+    fn tables_stay_bounded_under_mac_churn() {
+        let mut s = server(None);
+        for i in 0..2000u32 {
+            let b = i.to_be_bytes();
+            let mut d = msg(MsgType::Discover, 0, vec![]);
+            d.chaddr = [2, 1, b[0], b[1], b[2], b[3]];
+            let now = 1000 + u64::from(i) * 4000; // every lease expired by the next client
+            if let Some(o) = s.handle(&d, now) {
+                let mut r = msg(
+                    MsgType::Request,
+                    0,
+                    vec![sid(), (opt::REQUESTED_IP, o.yiaddr.octets().to_vec())],
+                );
+                r.chaddr = d.chaddr;
+                assert_eq!(s.handle(&r, now).unwrap().msg_type, MsgType::Ack);
+            }
+            let _ = s.handle(
+                &msg(MsgType::Decline, 7, vec![req_ip([1, 2, b[2], b[3]])]),
+                now,
+            );
+        }
+        assert!(s.db.by_mac.len() <= 3, "{}", s.db.by_mac.len());
+        assert!(s.db.offers.len() <= 3);
+        assert!(
+            s.db.declined.is_empty(),
+            "declines outside the range are ignored"
         );
     }
 

@@ -14,6 +14,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dhcp;
+pub mod offload;
 pub mod ports;
 pub mod switch;
 pub mod sys;

@@ -7,10 +7,11 @@
 //! Under load that is one `read` per frame and no `poll`; idle it sleeps in `poll`.
 //! Transmit is one `write` per frame on the caller's thread (the receive thread of
 //! the ingress port), so a frame crosses netd with one read, one write and no copy
-//! in userspace besides the kernel's.
+//! in userspace besides the kernel's. Frames carry a virtio-net header between
+//! fd-based ports; ports without one get frames finished in software.
 //!
-//! - `tap`: netd opens the TAP queue (IFF_TAP|IFF_NO_PI, no vnet header: frames are
-//!   plain Ethernet so every port kind speaks the same format). With `netns` the
+//! - `tap`: netd opens the TAP queue (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR, with checksum
+//!   and TCP segmentation offload accepted: see [`crate::offload`]). With `netns` the
 //!   TAP is created by a short-lived thread that entered the namespace, so the
 //!   kernel side lives there from the start; the fd keeps working from netd's
 //!   namespace.
@@ -18,7 +19,8 @@
 //!   address. netd never enables forwarding: the host is an end, not a router.
 //! - `vm`: a VMM holds the TAP queue. netd creates the TAP (persistent) if missing,
 //!   brings its kernel side up and moves frames through an AF_PACKET socket bound to
-//!   it (PACKET_IGNORE_OUTGOING so netd does not read back its own frames). When the
+//!   it (PACKET_IGNORE_OUTGOING so netd does not read back its own frames;
+//!   PACKET_VNET_HDR so offloaded frames keep their metadata). When the
 //!   VMM goes away the TAP stays, sends count as `drop_down`, and traffic resumes
 //!   when a VMM attaches again; if the TAP itself disappears the thread recreates it.
 //! - `stream`: a unix socket netd listens on, QEMU `-netdev stream` framing (4-byte
@@ -36,6 +38,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::config::{PortKind, PortSpec};
+use crate::offload::{VnetHdr, VNET_HDR_LEN};
 use crate::switch::{Network, Port, PortTx, SwitchError, TxError};
 use crate::sys;
 
@@ -157,7 +160,7 @@ impl RunningPort {
 /// that queue then removes it); if a VMM still holds it, falls back to
 /// `ip link delete`.
 fn delete_persistent_tap(ifname: &str) {
-    match sys::tap_open(ifname).and_then(|fd| sys::tap_set_persist(&fd, false)) {
+    match sys::tap_open(ifname, false).and_then(|fd| sys::tap_set_persist(&fd, false)) {
         Ok(()) => tracing::info!(ifname, "deleted TAP"),
         Err(e) => {
             tracing::debug!(ifname, error = %e, "TAP busy, deleting with ip link");
@@ -184,22 +187,35 @@ fn classify(e: io::Error) -> TxError {
     }
 }
 
-/// Transmit on a fd whose every write is one frame (TAP, AF_PACKET). The fd can be
+/// Transmit on a fd whose every write is one frame preceded by a virtio-net
+/// header (TAP with IFF_VNET_HDR, AF_PACKET with PACKET_VNET_HDR). The fd can be
 /// replaced when a `vm` port's TAP is recreated.
 struct FdTx(Arc<RwLock<Option<Arc<OwnedFd>>>>);
 
 impl PortTx for FdTx {
     fn send(&self, frame: &[u8]) -> Result<(), TxError> {
+        self.send_vnet(&[0; VNET_HDR_LEN], frame)
+    }
+
+    fn vnet(&self) -> bool {
+        true
+    }
+
+    fn send_vnet(&self, hdr: &[u8; VNET_HDR_LEN], frame: &[u8]) -> Result<(), TxError> {
         let guard = self.0.read().unwrap_or_else(|e| e.into_inner());
         let fd = guard.as_ref().ok_or(TxError::Down)?;
-        match sys::write(fd.as_raw_fd(), frame) {
+        match sys::writev2(fd.as_raw_fd(), hdr, frame) {
             Ok(_) => Ok(()),
             Err(e) => Err(classify(e)),
         }
     }
 }
 
-/// Reads frames from `fd` into the switch until stopped or a hard error.
+/// Size of the receive buffer of fd-based ports: a vnet header and a frame.
+const RX_BUF: usize = VNET_HDR_LEN + MAX_FRAME;
+
+/// Reads frames (each after its virtio-net header) from `fd` into the switch until
+/// stopped or a hard error.
 fn rx_loop(net: &Network, port: &Port, fd: RawFd, stop: &Stop, buf: &mut [u8]) -> io::Result<()> {
     loop {
         if stop.is_set() {
@@ -212,7 +228,15 @@ fn rx_loop(net: &Network, port: &Port, fd: RawFd, stop: &Stop, buf: &mut [u8]) -
                     return Ok(());
                 }
             }
-            Ok(n) => net.ingress(port, buf.get(..n).unwrap_or_default()),
+            Ok(n) => {
+                let got = buf.get(..n).unwrap_or_default();
+                match (VnetHdr::parse(got), got.get(VNET_HDR_LEN..)) {
+                    (Some(h), Some(frame)) if h.is_plain() => net.ingress(port, frame),
+                    (Some(h), Some(frame)) => net.ingress_vnet(port, &h, frame),
+                    // Shorter than a header: counted as malformed by the switch.
+                    _ => net.ingress(port, &[]),
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if sys::poll2(fd, stop.efd.as_raw_fd(), -1)? {
                     return Ok(());
@@ -227,48 +251,69 @@ fn rx_loop(net: &Network, port: &Port, fd: RawFd, stop: &Stop, buf: &mut [u8]) -
 /// Creates (or attaches to) TAP `ifname` and configures its kernel side, in the
 /// namespace `netns` if given. Returns the queue fd.
 fn open_tap(spec: &PortSpec, ifname: &str, mtu: u32) -> Result<OwnedFd, PortError> {
-    let ifname_s = ifname.to_string();
     let mac = spec.mac;
-    let persistent = spec.persistent;
-    let setup = move || -> io::Result<OwnedFd> {
-        let fd = sys::tap_open(&ifname_s)?;
-        if persistent {
-            sys::tap_set_persist(&fd, true)?;
-        }
+    let configure = move |name: &str| -> io::Result<()> {
         if let Some(m) = mac {
-            sys::if_set_mac(&ifname_s, m)?;
+            sys::if_set_mac(name, m)?;
         }
-        sys::if_set_mtu(&ifname_s, mtu)?;
-        sys::if_up(&ifname_s)?;
-        Ok(fd)
+        sys::if_set_mtu(name, mtu)?;
+        sys::if_up(name)
     };
     let tap_err = |source| PortError::Tap {
         ifname: ifname.to_string(),
         source,
     };
-    match &spec.netns {
-        None => setup().map_err(tap_err),
-        Some(ns) => {
-            let ns2 = ns.clone();
-            let h = std::thread::Builder::new()
-                .name("netns-setup".into())
-                .spawn(move || -> Result<io::Result<OwnedFd>, io::Error> {
-                    sys::enter_netns(&ns2)?;
-                    Ok(setup())
-                })
-                .map_err(PortError::Thread)?;
-            match h.join() {
-                Ok(Ok(r)) => r.map_err(tap_err),
-                Ok(Err(source)) => Err(PortError::Netns {
-                    netns: ns.clone(),
-                    source,
-                }),
-                Err(_) => Err(PortError::Thread(io::Error::other(
-                    "namespace setup thread panicked",
-                ))),
-            }
+    let Some(ns) = &spec.netns else {
+        let fd = sys::tap_open(ifname, true).map_err(tap_err)?;
+        if spec.persistent {
+            sys::tap_set_persist(&fd, true).map_err(tap_err)?;
+        }
+        configure(ifname).map_err(tap_err)?;
+        return Ok(fd);
+    };
+    let netns_err = |source| PortError::Netns {
+        netns: ns.clone(),
+        source,
+    };
+    // The queue is opened in netd's own namespace (under a temporary name) and the
+    // device then moved and renamed into the target: a TAP queue pins the namespace
+    // it was opened in, and this way that is netd's, so deleting the target
+    // namespace deletes the TAP (netd sees it and waits for the namespace to come
+    // back) instead of keeping a dead namespace alive.
+    let nsfile = sys::open_netns(ns).map_err(netns_err)?;
+    let tmp = temp_ifname();
+    let fd = sys::tap_open(&tmp, true).map_err(tap_err)?;
+    let index = sys::if_index(&tmp).map_err(tap_err)?;
+    sys::link_move_rename(index, &nsfile, ifname).map_err(tap_err)?;
+    if spec.persistent {
+        sys::tap_set_persist(&fd, true).map_err(tap_err)?;
+    }
+    let ns2 = ns.clone();
+    let name = ifname.to_string();
+    let h = std::thread::Builder::new()
+        .name("netns-setup".into())
+        .spawn(move || -> Result<io::Result<()>, io::Error> {
+            sys::enter_netns(&ns2)?;
+            Ok(configure(&name))
+        })
+        .map_err(PortError::Thread)?;
+    match h.join() {
+        Ok(Ok(r)) => r.map_err(tap_err)?,
+        Ok(Err(source)) => return Err(netns_err(source)),
+        Err(_) => {
+            return Err(PortError::Thread(io::Error::other(
+                "namespace setup thread panicked",
+            )))
         }
     }
+    Ok(fd)
+}
+
+/// A short interface name unique in this process, for a TAP before it is moved.
+fn temp_ifname() -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    format!("ndt{:x}.{:x}", std::process::id() & 0xffff, n & 0xffff)
 }
 
 fn spawn_thread(
@@ -286,8 +331,15 @@ pub fn start_port(net: &Arc<Network>, spec: &PortSpec) -> Result<RunningPort, Po
     match spec.kind {
         PortKind::Tap => {
             let ifname = spec.ifname.clone().unwrap_or_default();
-            let fd = open_tap(spec, &ifname, net.mtu() as u32)?;
-            start_fd_port(net, spec, "tap", fd, Cleanup::None)
+            let mtu = net.mtu() as u32;
+            let fd = open_tap(spec, &ifname, mtu)?;
+            // If the TAP goes away (its namespace was deleted), make it again once
+            // the namespace is back.
+            let spec2 = spec.clone();
+            let reopen = move || {
+                open_tap(&spec2, &ifname, mtu).map_err(|e| io::Error::other(crate::error_chain(&e)))
+            };
+            start_reopening_port(net, spec, "tap", fd, Box::new(reopen), Cleanup::None)
         }
         PortKind::Vm => start_vm_port(net, spec),
         PortKind::Stream => start_stream_port(net, spec),
@@ -335,7 +387,7 @@ fn start_fd_port(
     let (n2, s2) = (net.clone(), stop.clone());
     let name = spec.name.clone();
     let thread = spawn_thread(format!("rx-{}", spec.name), move || {
-        let mut buf = vec![0u8; MAX_FRAME];
+        let mut buf = vec![0u8; RX_BUF];
         if let Err(e) = rx_loop(&n2, &port, fd.as_raw_fd(), &s2, &mut buf) {
             tracing::warn!(port = %name, error = %e, "port receive stopped");
         }
@@ -363,7 +415,7 @@ fn ensure_vm_tap(ifname: &str, mtu: u32) -> io::Result<bool> {
     let created = if sys::if_exists(ifname) {
         false
     } else {
-        let fd = sys::tap_open(ifname)?;
+        let fd = sys::tap_open(ifname, false)?;
         sys::tap_set_persist(&fd, true)?;
         true
     };
@@ -374,6 +426,9 @@ fn ensure_vm_tap(ifname: &str, mtu: u32) -> io::Result<bool> {
     sys::if_up(ifname)?;
     Ok(created)
 }
+
+/// Reopens a port's fd after its device went away.
+type Reopen = Box<dyn Fn() -> io::Result<OwnedFd> + Send>;
 
 fn start_vm_port(net: &Arc<Network>, spec: &PortSpec) -> Result<RunningPort, PortError> {
     let ifname = spec.ifname.clone().unwrap_or_default();
@@ -387,36 +442,59 @@ fn start_vm_port(net: &Arc<Network>, spec: &PortSpec) -> Result<RunningPort, Por
         ifname: ifname.clone(),
         source,
     })?;
+    let cleanup = if created && !spec.persistent {
+        Cleanup::DeleteTap(ifname.clone())
+    } else {
+        Cleanup::None
+    };
+    let reopen = move || ensure_vm_tap(&ifname, mtu).and_then(|_| open(&ifname));
+    start_reopening_port(net, spec, "vm", fd, Box::new(reopen), cleanup)
+}
+
+/// Starts a port on a vnet-header fd whose device may disappear: when reading fails
+/// for good, the thread retries `reopen` every half second until it succeeds (or the
+/// port is stopped), and carries on with the new fd. Meanwhile sends count as
+/// `drop_down`.
+fn start_reopening_port(
+    net: &Arc<Network>,
+    spec: &PortSpec,
+    kind: &'static str,
+    fd: OwnedFd,
+    reopen: Reopen,
+    cleanup: Cleanup,
+) -> Result<RunningPort, PortError> {
     let slot = Arc::new(RwLock::new(Some(Arc::new(fd))));
     let port = net
-        .add_port(&spec.name, "vm", Box::new(FdTx(slot.clone())))
+        .add_port(&spec.name, kind, Box::new(FdTx(slot.clone())))
         .map_err(PortError::Switch)?;
     let stop = Stop::new().map_err(PortError::Thread)?;
     let (n2, s2) = (net.clone(), stop.clone());
-    let ifn = ifname.clone();
-    let thread = spawn_thread(format!("vm-{}", spec.name), move || {
-        let mut buf = vec![0u8; MAX_FRAME];
+    let name = spec.name.clone();
+    let thread = spawn_thread(format!("rx-{}", spec.name), move || {
+        let mut buf = vec![0u8; RX_BUF];
         while !s2.is_set() {
             let cur = slot.read().unwrap_or_else(|e| e.into_inner()).clone();
             if let Some(fd) = cur {
                 match rx_loop(&n2, &port, fd.as_raw_fd(), &s2, &mut buf) {
                     Ok(()) => return,
                     Err(e) => {
-                        tracing::info!(ifname = %ifn, error = %e, "vm port lost its TAP; will recreate")
+                        tracing::info!(port = %name, error = %e, "port lost its device; will reopen")
                     }
                 }
             }
             *slot.write().unwrap_or_else(|e| e.into_inner()) = None;
-            // Wait a little (stoppably), then recreate the TAP and reopen the socket.
-            let dummy = sys::eventfd();
-            if let Ok(d) = &dummy {
+            // Wait a little (stoppably), then try again.
+            if let Ok(d) = sys::eventfd() {
                 if sys::poll2(d.as_raw_fd(), s2.efd.as_raw_fd(), 500).unwrap_or(true) {
                     return;
                 }
             }
-            match ensure_vm_tap(&ifn, mtu).and_then(|_| open(&ifn)) {
-                Ok(fd) => *slot.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(fd)),
-                Err(e) => tracing::debug!(ifname = %ifn, error = %e, "TAP not back yet"),
+            match reopen() {
+                Ok(fd) => {
+                    tracing::info!(port = %name, "port reopened");
+                    *slot.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(fd));
+                }
+                Err(e) => tracing::debug!(port = %name, error = %e, "device not back yet"),
             }
         }
     });
@@ -427,14 +505,9 @@ fn start_vm_port(net: &Arc<Network>, spec: &PortSpec) -> Result<RunningPort, Por
             return Err(e);
         }
     };
-    let cleanup = if created && !spec.persistent {
-        Cleanup::DeleteTap(ifname)
-    } else {
-        Cleanup::None
-    };
     Ok(RunningPort {
         spec: spec.clone(),
-        kind: "vm",
+        kind,
         stop,
         thread: Some(thread),
         cleanup,
@@ -481,6 +554,9 @@ fn start_stream_port(net: &Arc<Network>, spec: &PortSpec) -> Result<RunningPort,
         if md.file_type().is_socket() {
             let _ = std::fs::remove_file(&path);
         }
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(listen_err)?;
     }
     let listener = UnixListener::bind(&path).map_err(listen_err)?;
     listener.set_nonblocking(true).map_err(listen_err)?;

@@ -15,8 +15,10 @@
 //!    learning, it never evicts a live entry, so a MAC flood cannot push out hosts);
 //! 3. forward: a known unicast destination goes to its port only; broadcast,
 //!    multicast and unknown unicast are flooded to every other port of the network;
-//! 4. each egress port checks its MTU and sends; a full or absent peer is a counted
-//!    drop on the egress port.
+//! 4. each egress port checks its MTU (for a TCP super-frame: its segments') and
+//!    sends: with the frame's virtio-net header to ports that take one (TAP, vm),
+//!    finished in software ([`crate::offload`]) to those that do not (stream,
+//!    services); a full or absent peer is a counted drop on the egress port.
 //!
 //! A frame can only ever reach ports of the network it entered: networks share no
 //! table and no port list. Entries age out after `mac_ageing` seconds without a
@@ -30,6 +32,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde::Serialize;
 use tokio::sync::mpsc;
+
+use crate::offload::{finish, segment_payload_len, VnetHdr, VNET_HDR_LEN};
 
 /// Ethernet header length.
 pub const ETH_HLEN: usize = 14;
@@ -53,8 +57,26 @@ pub enum TxError {
 
 /// The transmit side of a port.
 pub trait PortTx: Send + Sync {
-    /// Sends one Ethernet frame (no vnet header).
+    /// Sends one complete Ethernet frame (no vnet header).
     fn send(&self, frame: &[u8]) -> Result<(), TxError>;
+
+    /// Whether the port takes frames with a virtio-net header (and so offloaded,
+    /// unfinished frames: partial checksums, TCP super-frames).
+    fn vnet(&self) -> bool {
+        false
+    }
+
+    /// Sends a frame preceded by its virtio-net header. Only called when
+    /// [`vnet`](Self::vnet) is true.
+    fn send_vnet(&self, hdr: &[u8; VNET_HDR_LEN], frame: &[u8]) -> Result<(), TxError> {
+        let _ = hdr;
+        self.send(frame)
+    }
+}
+
+thread_local! {
+    /// Per-thread buffer for frames finished in software (see [`crate::offload`]).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Switch errors.
@@ -95,6 +117,8 @@ pub struct Counters {
     pub drop_io: AtomicU64,
     /// Dropped on ingress: destination learned on the same port (hairpin).
     pub drop_hairpin: AtomicU64,
+    /// Dropped on egress: an offloaded frame that could not be finished in software.
+    pub drop_offload: AtomicU64,
 }
 
 /// A snapshot of [`Counters`], as the control API shows it.
@@ -120,6 +144,8 @@ pub struct CountersSnapshot {
     pub drop_io: u64,
     /// See [`Counters`].
     pub drop_hairpin: u64,
+    /// See [`Counters`].
+    pub drop_offload: u64,
 }
 
 impl Counters {
@@ -137,6 +163,7 @@ impl Counters {
             drop_down: r(&self.drop_down),
             drop_io: r(&self.drop_io),
             drop_hairpin: r(&self.drop_hairpin),
+            drop_offload: r(&self.drop_offload),
         }
     }
 }
@@ -157,24 +184,55 @@ pub struct Port {
     pub mtu: usize,
     /// Counters.
     pub counters: Counters,
+    /// Whether the port takes virtio-net headers.
+    pub vnet: bool,
     tx: Box<dyn PortTx>,
 }
 
 impl Port {
-    fn send(&self, frame: &[u8]) {
-        if payload_len(frame) > self.mtu {
-            inc(&self.counters.drop_mtu, 1);
-            return;
-        }
-        match self.tx.send(frame) {
+    fn account(&self, r: Result<(), TxError>, len: usize) {
+        match r {
             Ok(()) => {
                 inc(&self.counters.tx_frames, 1);
-                inc(&self.counters.tx_bytes, frame.len() as u64);
+                inc(&self.counters.tx_bytes, len as u64);
             }
             Err(TxError::Full) => inc(&self.counters.drop_full, 1),
             Err(TxError::Down) => inc(&self.counters.drop_down, 1),
             Err(TxError::Io(_)) => inc(&self.counters.drop_io, 1),
         }
+    }
+
+    fn send(&self, frame: &[u8], hdr: Option<&VnetHdr>) {
+        if frame_payload(frame, hdr) > self.mtu {
+            inc(&self.counters.drop_mtu, 1);
+            return;
+        }
+        if self.vnet {
+            let h = hdr.map(|h| h.to_bytes()).unwrap_or([0; VNET_HDR_LEN]);
+            self.account(self.tx.send_vnet(&h, frame), frame.len());
+            return;
+        }
+        match hdr.filter(|h| !h.is_plain()) {
+            None => self.account(self.tx.send(frame), frame.len()),
+            Some(h) => SCRATCH.with(|s| {
+                let mut scratch = s.borrow_mut();
+                let r = finish(h, frame, &mut scratch, &mut |seg| {
+                    self.account(self.tx.send(seg), seg.len())
+                });
+                if r.is_err() {
+                    inc(&self.counters.drop_offload, 1);
+                }
+            }),
+        }
+    }
+}
+
+/// Payload size that counts against an MTU: for a TCP super-frame, its largest
+/// segment's.
+fn frame_payload(frame: &[u8], hdr: Option<&VnetHdr>) -> usize {
+    match hdr {
+        Some(h) if h.is_gso() => segment_payload_len(h, frame),
+        _ => payload_len(frame),
     }
 }
 
@@ -365,6 +423,7 @@ impl Network {
             kind: kind.to_string(),
             mtu: self.mtu,
             counters: Counters::default(),
+            vnet: tx.vnet(),
             tx,
         });
         ports.push(port.clone());
@@ -474,8 +533,17 @@ impl Network {
             .collect()
     }
 
-    /// Switches one frame that arrived on `from`. See the module doc.
+    /// Switches one complete frame that arrived on `from`. See the module doc.
     pub fn ingress(&self, from: &Port, frame: &[u8]) {
+        self.ingress_with(from, frame, None)
+    }
+
+    /// Switches one frame that arrived on `from` with a virtio-net header.
+    pub fn ingress_vnet(&self, from: &Port, hdr: &VnetHdr, frame: &[u8]) {
+        self.ingress_with(from, frame, Some(hdr))
+    }
+
+    fn ingress_with(&self, from: &Port, frame: &[u8], hdr: Option<&VnetHdr>) {
         let (dst, src) = match (frame.get(0..6), frame.get(6..12)) {
             (Some(d), Some(s)) if frame.len() >= ETH_HLEN => {
                 let mut dst = [0u8; 6];
@@ -493,7 +561,7 @@ impl Network {
             inc(&from.counters.drop_malformed, 1);
             return;
         }
-        if payload_len(frame) > from.mtu {
+        if frame_payload(frame, hdr) > from.mtu {
             inc(&from.counters.drop_mtu, 1);
             return;
         }
@@ -514,12 +582,12 @@ impl Network {
             Some(id) if id == from.id => inc(&from.counters.drop_hairpin, 1),
             Some(id) => {
                 if let Some(p) = ports.iter().find(|p| p.id == id) {
-                    p.send(frame);
+                    p.send(frame, hdr);
                 }
             }
             None => {
                 for p in ports.iter().filter(|p| p.id != from.id) {
-                    p.send(frame);
+                    p.send(frame, hdr);
                 }
             }
         }

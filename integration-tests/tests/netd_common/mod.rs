@@ -133,7 +133,7 @@ impl Netd {
 pub fn udhcpc_script(dir: &Path) -> PathBuf {
     let path = dir.join("udhcpc.sh");
     let text = format!(
-        "#!/bin/sh\ncase \"$1\" in\n  bound|renew)\n    ip addr flush dev \"$interface\"\n    ip addr add \"$ip/$mask\" dev \"$interface\"\n    echo \"$ip $mask $router $dns\" > {}/lease-\"$interface\"\n    ;;\nesac\nexit 0\n",
+        "#!/bin/sh\ncase \"$1\" in\n  bound|renew)\n    ip addr flush dev \"$interface\"\n    ip addr add \"$ip/$mask\" dev \"$interface\"\n    echo \"$ip $mask $serverid $router $dns\" > {}/lease-\"$interface\"\n    ;;\nesac\nexit 0\n",
         dir.display()
     );
     std::fs::write(&path, text).unwrap();
@@ -201,6 +201,11 @@ pub fn unique_subnet() -> (u8, u8) {
 /// init gets an address by DHCP on eth0, pings `target` and reports on the
 /// serial console; returns its path.
 pub fn guest_initramfs(dir: &Path, target: &str) -> Result<PathBuf> {
+    guest_initramfs_with(dir, target, "")
+}
+
+/// [`guest_initramfs`] with extra shell lines run after the ping.
+pub fn guest_initramfs_with(dir: &Path, target: &str, extra: &str) -> Result<PathBuf> {
     let init = dir.join("init.sh");
     std::fs::write(
         &init,
@@ -219,6 +224,7 @@ else
   echo DHCP-FAIL
 fi
 if ping -c 3 -W 2 {target}; then echo PING-OK; else echo PING-FAIL; fi
+{extra}
 echo GUEST-DONE
 sleep 600
 "#

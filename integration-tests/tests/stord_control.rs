@@ -123,7 +123,10 @@ fn create_list_resize_delete_and_restart() {
 
     // A disk the config names is kept as it is once it exists: resize it here,
     // and the restart below must not undo that.
-    assert!(s.cli(&["disk", "resize", "boot", "--size", "16MiB"]).status.success());
+    assert!(s
+        .cli(&["disk", "resize", "boot", "--size", "16MiB"])
+        .status
+        .success());
 
     // The catalog survives a restart (SIGKILL: no chance to save on the way out).
     s.kill();
@@ -137,7 +140,11 @@ fn create_list_resize_delete_and_restart() {
         .collect();
     assert_eq!(names, ["boot", "vol1"], "{v}");
     assert_eq!(find(&v, "vol1").unwrap()["size"].as_u64(), Some(64 << 20));
-    assert_eq!(find(&v, "boot").unwrap()["size"].as_u64(), Some(16 << 20), "config disk kept as it is");
+    assert_eq!(
+        find(&v, "boot").unwrap()["size"].as_u64(),
+        Some(16 << 20),
+        "config disk kept as it is"
+    );
     assert!(find(&v, "vol1").unwrap()["allocated"].as_u64().unwrap() >= 64 << 20);
     qemu_io(&s.uri("vol1"), &["read -P 0x61 0 64k"]).unwrap();
     // The catalog file is well-formed JSON and no temp file is left behind.

@@ -49,27 +49,29 @@ cp "$work/src.bin" "$FILE"
 sync
 
 declare -A R
+declare -A URIS
 
-start_server() { # name -> sets URI, pushes pid
+# All three servers run at once on the same file (each on its own port); each
+# measurement runs them back to back, so background load on a shared machine
+# hits all three alike.
+start_server() { # name
   local port; port=$(free_port)
   case $1 in
     stord)
       sed -i "s/^listen = .*/listen = \"127.0.0.1:$port\"/" "$work/stord.toml"
       "$STORD" serve --config "$work/stord.toml" 2>>"$work/stord.log" &
-      URI="nbd://127.0.0.1:$port/bench";;
+      URIS[$1]="nbd://127.0.0.1:$port/bench";;
     nbdkit)
       nbdkit -f -i 127.0.0.1 -p "$port" file "$FILE" &
-      URI="nbd://127.0.0.1:$port/";;
+      URIS[$1]="nbd://127.0.0.1:$port/";;
     qemu-nbd)
       qemu-nbd -f raw -b 127.0.0.1 -p "$port" -x bench --persistent --shared=16 \
         --cache=writeback --aio=threads "$FILE" &
-      URI="nbd://127.0.0.1:$port/bench";;
+      URIS[$1]="nbd://127.0.0.1:$port/bench";;
   esac
   pids+=($!)
-  wait_port "$URI"
+  wait_port "${URIS[$1]}"
 }
-
-stop_server() { kill "${pids[-1]}" 2>/dev/null || true; wait "${pids[-1]}" 2>/dev/null || true; unset 'pids[-1]'; }
 
 fio_run() { # uri rw depth -> IOPS
   fio --name=b --ioengine=nbd --uri="$1" --rw="$2" --bs=4k --iodepth="$3" \
@@ -78,17 +80,22 @@ fio_run() { # uri rw depth -> IOPS
     python3 -c 'import json,sys; d=sys.stdin.read(); j=json.loads(d[d.index("{"):])["jobs"][0]; print(int(j["read"]["iops"]+j["write"]["iops"]))'
 }
 
-for srv in stord nbdkit qemu-nbd; do
-  start_server "$srv"
-  t0=$(now); nbdcopy --no-extents "$URI" null: ; t1=$(now)
+SERVERS=(stord nbdkit qemu-nbd)
+for srv in "${SERVERS[@]}"; do start_server "$srv"; done
+
+for srv in "${SERVERS[@]}"; do
+  t0=$(now); nbdcopy --no-extents "${URIS[$srv]}" null: ; t1=$(now)
   R[$srv,read]=$(python3 -c "print(int($SIZE_MIB/($t1-$t0)))")
-  t0=$(now); nbdcopy --flush "$work/src.bin" "$URI"; t1=$(now)
+done
+for srv in "${SERVERS[@]}"; do
+  t0=$(now); nbdcopy --flush "$work/src.bin" "${URIS[$srv]}"; t1=$(now)
   R[$srv,write]=$(python3 -c "print(int($SIZE_MIB/($t1-$t0)))")
-  R[$srv,rr1]=$(fio_run "$URI" randread 1)
-  R[$srv,rr32]=$(fio_run "$URI" randread 32)
-  R[$srv,rw1]=$(fio_run "$URI" randwrite 1)
-  R[$srv,rw32]=$(fio_run "$URI" randwrite 32)
-  stop_server
+done
+for t in "rr1 randread 1" "rr32 randread 32" "rw1 randwrite 1" "rw32 randwrite 32"; do
+  set -- $t
+  for srv in "${SERVERS[@]}"; do
+    R[$srv,$1]=$(fio_run "${URIS[$srv]}" "$2" "$3")
+  done
 done
 
 ratio() { python3 -c "print(f'{$1/$2:.2f}x')"; }

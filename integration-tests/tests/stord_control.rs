@@ -121,6 +121,13 @@ fn create_list_resize_delete_and_restart() {
     let size = ok(Command::new("nbdinfo").arg("--size").arg(s.uri("vol1"))).unwrap();
     assert_eq!(size.trim(), (64u64 << 20).to_string());
 
+    // A disk the config names is kept as it is once it exists: resize it here,
+    // and the restart below must not undo that.
+    assert!(s
+        .cli(&["disk", "resize", "boot", "--size", "16MiB"])
+        .status
+        .success());
+
     // The catalog survives a restart (SIGKILL: no chance to save on the way out).
     s.kill();
     s.restart().unwrap();
@@ -133,6 +140,11 @@ fn create_list_resize_delete_and_restart() {
         .collect();
     assert_eq!(names, ["boot", "vol1"], "{v}");
     assert_eq!(find(&v, "vol1").unwrap()["size"].as_u64(), Some(64 << 20));
+    assert_eq!(
+        find(&v, "boot").unwrap()["size"].as_u64(),
+        Some(16 << 20),
+        "config disk kept as it is"
+    );
     assert!(find(&v, "vol1").unwrap()["allocated"].as_u64().unwrap() >= 64 << 20);
     qemu_io(&s.uri("vol1"), &["read -P 0x61 0 64k"]).unwrap();
     // The catalog file is well-formed JSON and no temp file is left behind.

@@ -76,6 +76,8 @@ h.block_status(size, 0, lambda ctx, off, entries, err: ext.append(entries) or 0)
 e = ext[0]
 assert sum(e[0::2]) == size, e
 assert e[1] == 3 and e[3] == 0 and e[5] == 3, e           # hole, data, hole
+# CACHE (prefetch) of a valid range succeeds.
+h.cache(1 << 20, 0)
 # FAST_ZERO and NO_HOLE are accepted.
 h.zero(65536, 4096, nbd.CMD_FLAG_FAST_ZERO)
 h.zero(65536, 4096, nbd.CMD_FLAG_NO_HOLE | nbd.CMD_FLAG_FUA)
@@ -239,6 +241,8 @@ def name(n):
 
 opt(99, b"junk")                                   # unknown option
 assert reply()[:2] == (99, ERR + 1)
+opt(99, b"\0" * 100000)                           # oversized option data: skipped
+assert reply()[:2] == (99, ERR + 9)
 opt(11)                                            # EXTENDED_HEADERS
 assert reply()[:2] == (11, ERR + 1)
 opt(5)                                             # STARTTLS
@@ -317,7 +321,7 @@ const OUT_OF_ORDER: &str = r#"
 import sys, nbd
 h = nbd.NBD()
 h.connect_uri(sys.argv[1])
-big = nbd.Buffer(32 << 20)
+big = nbd.Buffer(8 << 20)
 small = nbd.Buffer(512)
 overtook = 0
 for i in range(5):

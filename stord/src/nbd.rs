@@ -31,6 +31,7 @@
 //! then the connection closes.
 
 use std::io::{IoSlice, Read, Write};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -622,9 +623,13 @@ pub enum Conn {
 }
 
 /// The read side of a connection, shared by the workers under a mutex.
-trait SockRead: Read + Send {
+trait SockRead: Read + Send + AsRawFd {
     /// Bounds a blocking read so the reader can notice shutdown.
     fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
+    /// Whether more bytes (the next request) already wait to be read.
+    fn has_pending(&self) -> bool {
+        crate::sys::bytes_pending(self.as_raw_fd()).map_or(true, |n| n > 0)
+    }
 }
 
 impl SockRead for std::net::TcpStream {
@@ -740,9 +745,15 @@ where
 
 /// A global bound on payload bytes held by requests in flight (WRITE payloads
 /// read, READ data being produced), across all connections.
+///
+/// The fast path is one atomic compare-and-swap to take and one atomic add to
+/// give back; the mutex and condition variable are touched only when the budget
+/// runs out (a waiter registers itself, and givers notify only if one exists).
 #[derive(Debug)]
 pub struct Budget {
-    left: Mutex<u64>,
+    left: AtomicU64,
+    waiters: AtomicU64,
+    lock: Mutex<()>,
     cv: Condvar,
 }
 
@@ -750,17 +761,50 @@ impl Budget {
     /// A budget of `bytes`.
     pub fn new(bytes: u64) -> Self {
         Budget {
-            left: Mutex::new(bytes),
+            left: AtomicU64::new(bytes),
+            waiters: AtomicU64::new(0),
+            lock: Mutex::new(()),
             cv: Condvar::new(),
         }
     }
-    fn take(&self, n: u64) -> BudgetGuard<'_> {
-        let mut left = self.left.lock().unwrap_or_else(|p| p.into_inner());
-        while *left < n {
-            left = self.cv.wait(left).unwrap_or_else(|p| p.into_inner());
+
+    fn try_take(&self, n: u64) -> bool {
+        let mut cur = self.left.load(Ordering::Acquire);
+        while cur >= n {
+            match self
+                .left
+                .compare_exchange_weak(cur, cur - n, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return true,
+                Err(c) => cur = c,
+            }
         }
-        *left -= n;
+        false
+    }
+
+    fn take(&self, n: u64) -> BudgetGuard<'_> {
+        if !self.try_take(n) {
+            let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.waiters.fetch_add(1, Ordering::AcqRel);
+            while !self.try_take(n) {
+                // The timeout covers a give that raced with our registration.
+                g = self
+                    .cv
+                    .wait_timeout(g, Duration::from_millis(10))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            self.waiters.fetch_sub(1, Ordering::AcqRel);
+        }
         BudgetGuard { budget: self, n }
+    }
+
+    fn give(&self, n: u64) {
+        self.left.fetch_add(n, Ordering::AcqRel);
+        if self.waiters.load(Ordering::Acquire) > 0 {
+            let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.cv.notify_all();
+        }
     }
 }
 
@@ -771,11 +815,7 @@ struct BudgetGuard<'a> {
 
 impl Drop for BudgetGuard<'_> {
     fn drop(&mut self) {
-        if self.n > 0 {
-            let mut left = self.budget.left.lock().unwrap_or_else(|p| p.into_inner());
-            *left += self.n;
-            self.budget.cv.notify_all();
-        }
+        self.budget.give(self.n);
     }
 }
 
@@ -945,63 +985,94 @@ fn write_reply(sh: &Shared<'_>, reply: &Reply) -> std::io::Result<()> {
     wr.flush()
 }
 
+/// Largest READ / WRITE a worker executes while still holding the read lock.
+const INLINE_MAX: u32 = 256 * 1024;
+
+/// Whether a request is cheap enough (page-cache work, no fdatasync) to run
+/// without handing the socket to another worker.
+fn cheap(req: &Request) -> bool {
+    match req.kind {
+        cmd::READ => req.len <= INLINE_MAX,
+        cmd::WRITE => req.len <= INLINE_MAX && req.flags & cflag::FUA == 0,
+        cmd::BLOCK_STATUS => true,
+        _ => false,
+    }
+}
+
+/// Produces the reply to what the reader got (`None`: the connection is over).
+fn answer(sh: &Shared<'_>, next: Next<'_>) -> Option<Reply> {
+    Some(match next {
+        Next::Stop => return None,
+        Next::Answer(r) => r,
+        Next::Run(req, _, _, true) => error_reply(
+            sh.sess,
+            req.handle,
+            err::ESHUTDOWN,
+            "server is shutting down",
+        ),
+        Next::Run(req, payload, _mem, false) => match validate(sh.sess, &req) {
+            Err((e, msg)) => {
+                sh.ctx
+                    .stats
+                    .invalid_requests
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(handle = req.handle, kind = req.kind, error = e, %msg, "invalid request");
+                error_reply(sh.sess, req.handle, e, &msg)
+            }
+            Ok(()) => {
+                sh.ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
+                let _mem = if req.kind == cmd::READ {
+                    Some(sh.ctx.budget.take(req.len as u64))
+                } else {
+                    None
+                };
+                execute(sh.sess, req, payload)
+            }
+        },
+    })
+}
+
+fn fail(st: &mut ReadState, e: ConnError) {
+    if !st.done {
+        st.done = true;
+        st.result = Err(e);
+    }
+}
+
+/// One worker: read a request under the read lock, run it, reply. When the
+/// request is cheap and nothing else is waiting on the socket (queue depth 1),
+/// the worker keeps the read lock and runs it at once: handing the socket to
+/// another worker would cost a thread wake-up per request for nothing. Otherwise
+/// it lets go of the socket first, so the next request is read while this one
+/// runs.
 fn worker(sh: &Shared<'_>) {
+    let mut st = sh.rd.lock().unwrap_or_else(|p| p.into_inner());
     loop {
-        let next = {
-            let mut st = sh.rd.lock().unwrap_or_else(|p| p.into_inner());
-            if st.done {
-                return;
-            }
-            // Hold the payload budget from before the payload is read until the
-            // reply is written.
-            match next(sh, &mut st) {
-                Ok(n) => n,
-                Err(e) => {
-                    st.done = true;
-                    st.result = Err(e);
-                    return;
-                }
-            }
-        };
-        let reply = match next {
-            Next::Stop => {
-                sh.rd.lock().unwrap_or_else(|p| p.into_inner()).done = true;
-                return;
-            }
-            Next::Answer(r) => r,
-            Next::Run(req, _, _, true) => error_reply(
-                sh.sess,
-                req.handle,
-                err::ESHUTDOWN,
-                "server is shutting down",
-            ),
-            Next::Run(req, payload, _mem, false) => match validate(sh.sess, &req) {
-                Err((e, msg)) => {
-                    sh.ctx
-                        .stats
-                        .invalid_requests
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(handle = req.handle, kind = req.kind, error = e, %msg, "invalid request");
-                    error_reply(sh.sess, req.handle, e, &msg)
-                }
-                Ok(()) => {
-                    sh.ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
-                    let _mem = if req.kind == cmd::READ {
-                        Some(sh.ctx.budget.take(req.len as u64))
-                    } else {
-                        None
-                    };
-                    execute(sh.sess, req, payload)
-                }
-            },
-        };
-        if let Err(e) = write_reply(sh, &reply) {
-            let mut st = sh.rd.lock().unwrap_or_else(|p| p.into_inner());
-            if !st.done {
-                st.done = true;
-                st.result = Err(ConnError::Io(e));
-            }
+        if st.done {
             return;
+        }
+        let next = match next(sh, &mut st) {
+            Ok(n) => n,
+            Err(e) => return fail(&mut st, e),
+        };
+        let inline = match &next {
+            Next::Stop => {
+                st.done = true;
+                return;
+            }
+            Next::Answer(_) | Next::Run(_, _, _, true) => true,
+            Next::Run(req, ..) => cheap(req) && !st.rd.has_pending(),
+        };
+        let res = if inline {
+            answer(sh, next).map(|r| write_reply(sh, &r))
+        } else {
+            drop(st);
+            let res = answer(sh, next).map(|r| write_reply(sh, &r));
+            st = sh.rd.lock().unwrap_or_else(|p| p.into_inner());
+            res
+        };
+        if let Some(Err(e)) = res {
+            return fail(&mut st, ConnError::Io(e));
         }
     }
 }
@@ -1084,6 +1155,22 @@ mod tests {
             offset,
             len,
         }
+    }
+
+    #[test]
+    fn budget_blocks_until_given_back() {
+        let b = Arc::new(Budget::new(100));
+        let g = b.take(80);
+        let b2 = b.clone();
+        let t = std::thread::spawn(move || {
+            let _g = b2.take(50);
+            b2.left.load(Ordering::Acquire)
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!t.is_finished(), "took more than the budget");
+        drop(g);
+        assert_eq!(t.join().unwrap(), 50);
+        assert_eq!(b.left.load(Ordering::Acquire), 100);
     }
 
     #[test]

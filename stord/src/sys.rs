@@ -104,3 +104,14 @@ pub fn socket_family(fd: RawFd) -> io::Result<i32> {
 pub fn getpid() -> u32 {
     std::process::id()
 }
+
+/// Bytes waiting to be read on a socket or pipe (ioctl FIONREAD).
+pub fn bytes_pending(fd: RawFd) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer, which points at `n`.
+    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n as *mut libc::c_int) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.max(0) as usize)
+}

@@ -124,6 +124,9 @@ path = "{s2}"
     assert!(netd.stop());
     // The relays end when netd closes the cable; a relay that saw an unsegmented
     // frame panicked.
-    assert!(t1.join().is_ok() && t2.join().is_ok(), "only MTU-sized frames on the cable");
+    assert!(
+        t1.join().is_ok() && t2.join().is_ok(),
+        "only MTU-sized frames on the cable"
+    );
     Ok(())
 }

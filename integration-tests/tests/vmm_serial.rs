@@ -265,3 +265,55 @@ _start:
     assert_eq!(out, "[abc]");
     assert_eq!(st.and_then(|s| s.code()), Some(0));
 }
+
+#[test]
+fn kvm_internal_error_is_a_clear_nonzero_exit() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    // kvm_pvm cannot emulate `lock cmpxchg16b` at ring 0 (KVM_EXIT_INTERNAL_ERROR);
+    // hardware KVM just runs it.
+    let elf = assemble(
+        dir.path(),
+        "ie",
+        r#"
+_start:
+    mov $0x3f8, %dx
+    mov $'a', %al
+    out %al, %dx
+    xor %eax, %eax
+    xor %edx, %edx
+    xor %ebx, %ebx
+    xor %ecx, %ecx
+    lea buf(%rip), %rdi
+    lock cmpxchg16b (%rdi)
+    mov $0x3f8, %dx
+    mov $'b', %al
+    out %al, %dx
+    jmp reboot
+    .align 16
+buf: .quad 0, 0
+"#,
+    )
+    .unwrap();
+    let r = run_vmm(
+        &[],
+        &["--kernel", elf.to_str().unwrap(), "--mem", "64M"],
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        assert_eq!(r.serial, "a");
+        assert_eq!(r.code, Some(1), "stderr: {}", r.stderr);
+        assert!(
+            r.stderr
+                .contains("KVM internal error (KVM_EXIT_INTERNAL_ERROR, suberror 1)")
+                && r.stderr.contains("vCPU 0")
+                && r.stderr.contains("rip=0x"),
+            "stderr: {}",
+            r.stderr
+        );
+    } else {
+        assert_eq!(r.serial, "ab", "stderr: {}", r.stderr);
+        assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    }
+}

@@ -547,7 +547,8 @@ fn vcpu_loop(
             }
             Ok(VcpuExit::Shutdown) => "triple fault (KVM_EXIT_SHUTDOWN)".to_string(),
             Ok(VcpuExit::InternalError) => {
-                "KVM internal error (KVM_EXIT_INTERNAL_ERROR)".to_string()
+                let sub = sys::internal_error_suberror(&mut vcpu);
+                format!("KVM internal error (KVM_EXIT_INTERNAL_ERROR, suberror {sub})")
             }
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
                 format!("VM entry failed (hardware reason {reason:#x}, cpu {cpu})")

@@ -317,3 +317,59 @@ buf: .quad 0, 0
         assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
     }
 }
+
+/// Wraps a flat 64-bit payload into a minimal bzImage: one setup sector after the boot
+/// sector, boot protocol 2.15 header, LOADED_HIGH; the payload is the protected-mode
+/// part, loaded at 16 MiB with its 64-bit entry 0x200 bytes in.
+fn make_bzimage(payload: &[u8]) -> Vec<u8> {
+    let mut img = vec![0u8; 1024];
+    img[0x1f1] = 1; // setup_sects
+    img[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    img[0x202..0x206].copy_from_slice(b"HdrS");
+    img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    img[0x211] = 0x01; // LOADED_HIGH
+    img[0x214..0x218].copy_from_slice(&0x0010_0000u32.to_le_bytes());
+    img.extend_from_slice(payload);
+    img
+}
+
+#[test]
+fn bzimage_kernels_load_and_enter_at_the_64_bit_entry() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    // Linked at 16 MiB with _start at +0x200, as a bzImage's startup_64.
+    let elf = assemble(
+        dir.path(),
+        "bz",
+        r#"
+    .org 0x200
+_start:
+    # the zero page says we were loaded as a bzImage by a boot loader (0xff)
+    cmpb $0xff, 0x210(%rsi)
+    je 1f
+    FAIL 't'
+1:  PRINT msg
+    jmp reboot
+msg: .asciz "bzImage entered\n"
+"#,
+    )
+    .unwrap();
+    let flat = dir.path().join("bz.bin");
+    let st = std::process::Command::new("objcopy")
+        .args(["-O", "binary", "-j", ".text"])
+        .arg(&elf)
+        .arg(&flat)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let bz = dir.path().join("bzImage");
+    std::fs::write(&bz, make_bzimage(&std::fs::read(&flat).unwrap())).unwrap();
+    let r = run_vmm(
+        &[],
+        &["--kernel", bz.to_str().unwrap(), "--mem", "64M"],
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    assert_eq!(r.serial, "bzImage entered\n", "stderr: {}", r.stderr);
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+}

@@ -373,3 +373,50 @@ msg: .asciz "bzImage entered\n"
     assert_eq!(r.serial, "bzImage entered\n", "stderr: {}", r.stderr);
     assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
 }
+
+#[test]
+fn initrd_and_cmdline_reach_the_guest_through_the_zero_page() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    // Prints the initrd (a NUL-terminated string) and the command line, both found
+    // through boot_params: ramdisk_image at 0x218, cmd_line_ptr at 0x228.
+    let elf = assemble(
+        dir.path(),
+        "zp",
+        r#"
+_start:
+    mov %rsi, %r12
+    movl 0x218(%r12), %esi
+    call print
+    PRINT nl
+    movl 0x228(%r12), %esi
+    call print
+    PRINT nl
+    jmp reboot
+nl: .asciz "\n"
+"#,
+    )
+    .unwrap();
+    let initrd = dir.path().join("initrd");
+    std::fs::write(&initrd, b"initrd bytes here\0").unwrap();
+    let r = run_vmm(
+        &[],
+        &[
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--cmdline",
+            "console=ttyS0 hello=world",
+            "--mem",
+            "64M",
+        ],
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    let mut lines = r.serial.lines();
+    assert_eq!(lines.next(), Some("initrd bytes here"));
+    // The VMM appends nothing without devices.
+    assert_eq!(lines.next(), Some("console=ttyS0 hello=world"));
+}

@@ -420,3 +420,30 @@ nl: .asciz "\n"
     // The VMM appends nothing without devices.
     assert_eq!(lines.next(), Some("console=ttyS0 hello=world"));
 }
+
+#[test]
+fn sd_notify_ready_then_sigterm_exits_0() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let elf = assemble(dir.path(), "spin", "_start:\n1:  pause\n    jmp 1b\n").unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let child = std::process::Command::new(integration_tests::bin("vmm-shim"))
+        .args(["--kernel", elf.to_str().unwrap(), "--mem", "64M"])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut g = integration_tests::ChildGuard::new(child);
+    let mut buf = [0u8; 64];
+    let n = sock.recv(&mut buf).expect("READY=1 from vmm-shim");
+    assert_eq!(&buf[..n], b"READY=1");
+    g.signal(libc::SIGTERM);
+    let st = g
+        .wait_timeout(Duration::from_secs(10))
+        .expect("exit after SIGTERM");
+    assert_eq!(st.code(), Some(0));
+}

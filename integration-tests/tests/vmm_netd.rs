@@ -38,6 +38,8 @@ netns = "{np}"
         ),
     );
     let netd = Netd::start(&host, dir.path(), &cfg).unwrap();
+    peer.sh(&format!("sysctl -qw net.ipv6.conf.{tp}.disable_ipv6=1"))
+        .unwrap();
     peer.exec(&["ip", "addr", "add", "10.6.0.2/24", "dev", &tp])
         .unwrap();
     peer.exec(&["ip", "link", "set", &tp, "up"]).unwrap();

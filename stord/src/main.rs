@@ -1,1 +1,184 @@
-fn main() {}
+//! `stord`: the daemon (`stord serve`) and its control CLI (`stord disk ...`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use stord::config::{parse_size, Alloc, Config, Size};
+use stord::control::{self, ControlRequest};
+
+/// Default control socket, as the packaged unit uses it.
+const DEFAULT_CONTROL: &str = "/run/stord/control.sock";
+
+#[derive(Parser)]
+#[command(
+    name = "stord",
+    version,
+    about = "NBD block service: a catalog of disks served over NBD"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon in the foreground.
+    Serve {
+        /// The TOML configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Serve one NBD connection on stdin/stdout, then exit.
+        #[arg(long)]
+        stdin: bool,
+    },
+    /// Manage disks through a running daemon's control socket.
+    Disk {
+        #[command(subcommand)]
+        cmd: DiskCmd,
+        /// The daemon's control socket.
+        #[arg(long, global = true, default_value = DEFAULT_CONTROL)]
+        control: PathBuf,
+    },
+    /// Show the daemon's counters.
+    Status {
+        /// The daemon's control socket.
+        #[arg(long, default_value = DEFAULT_CONTROL)]
+        control: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DiskCmd {
+    /// Create a disk.
+    Create {
+        /// Disk (export) name.
+        name: String,
+        /// Size: bytes, or like 64MiB / 10GiB.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// fixed (preallocated) or dynamic (sparse).
+        #[arg(long, default_value = "dynamic")]
+        alloc: Alloc,
+        /// Serve it read-only.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// List disks.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a disk's size.
+    Resize {
+        /// Disk name.
+        name: String,
+        /// New size.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// Delete a disk and its file (refused while clients are connected).
+    Delete {
+        /// Disk name.
+        name: String,
+    },
+}
+
+fn init_logging() {
+    // Logs go to stderr: stdout carries NBD in --stdin mode and data for the CLI.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STORD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(64)
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("stord: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Serve { config, stdin } => {
+            init_logging();
+            let cfg = Config::load(&config)?;
+            let rt = runtime()?;
+            let r = rt.block_on(stord::server::run(cfg, stord::server::Options { stdin }));
+            // tokio's stdin reader is a blocking thread that may sit in read(2)
+            // forever: do not wait for it.
+            rt.shutdown_timeout(std::time::Duration::from_millis(200));
+            r?;
+            Ok(())
+        }
+        Cmd::Status { control } => {
+            let r = runtime()?.block_on(control::call(&control, &ControlRequest::Status {}))?;
+            println!("{}", serde_json::to_string_pretty(&r.status)?);
+            Ok(())
+        }
+        Cmd::Disk { cmd, control } => {
+            let req = match &cmd {
+                DiskCmd::Create {
+                    name,
+                    size,
+                    alloc,
+                    read_only,
+                } => ControlRequest::Create {
+                    name: name.clone(),
+                    size: Size(*size),
+                    alloc: *alloc,
+                    read_only: *read_only,
+                },
+                DiskCmd::List { .. } => ControlRequest::List {},
+                DiskCmd::Resize { name, size } => ControlRequest::Resize {
+                    name: name.clone(),
+                    size: Size(*size),
+                },
+                DiskCmd::Delete { name } => ControlRequest::Delete { name: name.clone() },
+            };
+            let r = runtime()?.block_on(control::call(&control, &req))?;
+            if let DiskCmd::List { json } = cmd {
+                let disks = r.disks.unwrap_or_default();
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&disks)?);
+                } else {
+                    println!(
+                        "{:<24} {:>14} {:<8} {:>14} {:>5} MODE",
+                        "NAME", "SIZE", "ALLOC", "ALLOCATED", "CONNS"
+                    );
+                    for d in disks {
+                        println!(
+                            "{:<24} {:>14} {:<8} {:>14} {:>5} {}",
+                            d.name,
+                            d.size,
+                            d.alloc,
+                            d.allocated,
+                            d.connections,
+                            if d.read_only { "ro" } else { "rw" }
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Benchmarks stord against nbdkit (file plugin) and qemu-nbd on the same file, in
+# one run: nbdcopy sequential read and write+flush of SIZE (default 1 GiB), fio
+# 4 KiB random read / write at QD1 and QD32 (nbd engine). Prints each figure and
+# stord's ratio to each reference.
+#
+# Usage: bench/stord.sh [SIZE_MIB] [FIO_SECONDS]     (needs root only for nothing;
+# needs nbdkit, qemu-nbd, nbdcopy, fio, python3; builds stord in release mode)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SIZE_MIB=${1:-1024}
+FIO_SECS=${2:-6}
+work=$(mktemp -d /var/tmp/stord-bench.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+cargo build --release -p stord -q
+STORD=$PWD/target/release/stord
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 100); do nbdinfo --can connect "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "server at $1 did not come up" >&2; return 1; }
+now() { date +%s.%N; }
+
+# One data file, shared by all three servers (one server at a time).
+port=$(free_port)
+cat > "$work/stord.toml" <<EOT
+listen = "127.0.0.1:$port"
+control = "$work/control.sock"
+state_dir = "$work/state"
+[[disk]]
+name = "bench"
+size = "${SIZE_MIB}MiB"
+alloc = "fixed"
+EOT
+"$STORD" serve --config "$work/stord.toml" 2>"$work/stord.log" &
+pids+=($!)
+wait_port "nbd://127.0.0.1:$port/bench"
+kill "${pids[-1]}"; wait "${pids[-1]}" || true
+FILE=$work/state/disks/bench.img
+# Source data for writes, and real data in the disk file for reads.
+head -c "$((SIZE_MIB))M" /dev/urandom > "$work/src.bin"
+cp "$work/src.bin" "$FILE"
+sync
+
+declare -A R
+declare -A URIS
+
+# All three servers run at once on the same file (each on its own port); each
+# measurement runs them back to back, so background load on a shared machine
+# hits all three alike.
+start_server() { # name
+  local port; port=$(free_port)
+  case $1 in
+    stord)
+      sed -i "s/^listen = .*/listen = \"127.0.0.1:$port\"/" "$work/stord.toml"
+      "$STORD" serve --config "$work/stord.toml" 2>>"$work/stord.log" &
+      URIS[$1]="nbd://127.0.0.1:$port/bench";;
+    nbdkit)
+      nbdkit -f -i 127.0.0.1 -p "$port" file "$FILE" &
+      URIS[$1]="nbd://127.0.0.1:$port/";;
+    qemu-nbd)
+      qemu-nbd -f raw -b 127.0.0.1 -p "$port" -x bench --persistent --shared=16 \
+        --cache=writeback --aio=threads "$FILE" &
+      URIS[$1]="nbd://127.0.0.1:$port/bench";;
+  esac
+  pids+=($!)
+  wait_port "${URIS[$1]}"
+}
+
+fio_run() { # uri rw depth -> IOPS
+  fio --name=b --ioengine=nbd --uri="$1" --rw="$2" --bs=4k --iodepth="$3" \
+    --size="${SIZE_MIB}m" --time_based --runtime="$FIO_SECS" --ramp_time=1 \
+    --output-format=json 2>/dev/null |
+    python3 -c 'import json,sys; d=sys.stdin.read(); j=json.loads(d[d.index("{"):])["jobs"][0]; print(int(j["read"]["iops"]+j["write"]["iops"]))'
+}
+
+SERVERS=(stord nbdkit qemu-nbd)
+for srv in "${SERVERS[@]}"; do start_server "$srv"; done
+
+for srv in "${SERVERS[@]}"; do
+  t0=$(now); nbdcopy --no-extents "${URIS[$srv]}" null: ; t1=$(now)
+  R[$srv,read]=$(python3 -c "print(int($SIZE_MIB/($t1-$t0)))")
+done
+for srv in "${SERVERS[@]}"; do
+  t0=$(now); nbdcopy --flush "$work/src.bin" "${URIS[$srv]}"; t1=$(now)
+  R[$srv,write]=$(python3 -c "print(int($SIZE_MIB/($t1-$t0)))")
+done
+for t in "rr1 randread 1" "rr32 randread 32" "rw1 randwrite 1" "rw32 randwrite 32"; do
+  set -- $t
+  for srv in "${SERVERS[@]}"; do
+    R[$srv,$1]=$(fio_run "${URIS[$srv]}" "$2" "$3")
+  done
+done
+
+ratio() { python3 -c "print(f'{$1/$2:.2f}x')"; }
+printf '\nstord bench: %s MiB file, fio %ss per point, %s CPUs (%s)\n' "$SIZE_MIB" "$FIO_SECS" "$(nproc)" "$(uname -r)"
+printf '%-28s %10s %10s %10s %10s %10s  %s\n' "test" "stord" "nbdkit" "qemu-nbd" "/nbdkit" "/qemu-nbd" "goal vs nbdkit"
+row() { # key label unit goal
+  printf '%-28s %10s %10s %10s %10s %10s  %s\n' "$2 ($3)" "${R[stord,$1]}" "${R[nbdkit,$1]}" "${R[qemu-nbd,$1]}" \
+    "$(ratio "${R[stord,$1]}" "${R[nbdkit,$1]}")" "$(ratio "${R[stord,$1]}" "${R[qemu-nbd,$1]}")" "$4"
+}
+row read  "nbdcopy seq read"        "MiB/s" ">= 1.1x"
+row write "nbdcopy write+flush"     "MiB/s" ">= 1.2x"
+row rr1   "fio 4k randread QD1"     "IOPS"  ">= 1.0x"
+row rr32  "fio 4k randread QD32"    "IOPS"  ">= 1.2x"
+row rw1   "fio 4k randwrite QD1"    "IOPS"  ">= 1.0x"
+row rw32  "fio 4k randwrite QD32"   "IOPS"  ">= 1.2x"

@@ -1,0 +1,206 @@
+//! Helpers shared by the `stord_*` end-to-end tests: a stord instance with its own
+//! state directory, port and sockets, and small runners for the real NBD clients.
+
+#![allow(dead_code)] // each test file uses a different subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use integration_tests::{bin, free_port, wait_until, ChildGuard};
+
+/// One disk of a test config.
+pub struct DiskSpec<'a> {
+    pub name: &'a str,
+    pub size: &'a str,
+    pub alloc: &'a str,
+    pub read_only: bool,
+}
+
+/// A dynamic read-write disk.
+pub fn dynamic<'a>(name: &'a str, size: &'a str) -> DiskSpec<'a> {
+    DiskSpec {
+        name,
+        size,
+        alloc: "dynamic",
+        read_only: false,
+    }
+}
+
+/// A fixed read-write disk.
+pub fn fixed<'a>(name: &'a str, size: &'a str) -> DiskSpec<'a> {
+    DiskSpec {
+        name,
+        size,
+        alloc: "fixed",
+        read_only: false,
+    }
+}
+
+/// A running stord with everything in its own temp dir.
+pub struct Stord {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub child: Option<ChildGuard>,
+}
+
+impl Stord {
+    /// Writes a config for `disks` and starts stord on it.
+    pub fn start(disks: &[DiskSpec<'_>]) -> Result<Stord> {
+        Self::start_in(&std::env::temp_dir(), disks)
+    }
+
+    /// Like `start`, with the state (and sockets) under `base`, e.g. a tmpfs.
+    pub fn start_in(base: &Path, disks: &[DiskSpec<'_>]) -> Result<Stord> {
+        Self::start_with(base, "", disks)
+    }
+
+    /// Like `start_in`, with `extra` top-level TOML lines added to the config.
+    pub fn start_with(base: &Path, extra: &str, disks: &[DiskSpec<'_>]) -> Result<Stord> {
+        let dir = tempfile::tempdir_in(base)?;
+        let port = free_port();
+        let mut cfg = format!(
+            "listen = \"127.0.0.1:{port}\"\nunix = \"{}\"\ncontrol = \"{}\"\nstate_dir = \"{}\"\n",
+            dir.path().join("nbd.sock").display(),
+            dir.path().join("control.sock").display(),
+            dir.path().join("state").display()
+        );
+        cfg.push_str(extra);
+        for d in disks {
+            cfg.push_str(&format!(
+                "[[disk]]\nname = \"{}\"\nsize = \"{}\"\nalloc = \"{}\"\nread_only = {}\n",
+                d.name, d.size, d.alloc, d.read_only
+            ));
+        }
+        std::fs::write(dir.path().join("stord.toml"), cfg)?;
+        let mut s = Stord {
+            dir,
+            port,
+            child: None,
+        };
+        s.restart()?;
+        Ok(s)
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("stord.toml")
+    }
+    pub fn control(&self) -> PathBuf {
+        self.dir.path().join("control.sock")
+    }
+    pub fn unix(&self) -> PathBuf {
+        self.dir.path().join("nbd.sock")
+    }
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+    pub fn log(&self) -> PathBuf {
+        self.dir.path().join("stord.log")
+    }
+    /// `nbd://127.0.0.1:PORT/NAME`
+    pub fn uri(&self, name: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{}", self.port, name)
+    }
+    /// `nbd+unix:///NAME?socket=PATH`
+    pub fn unix_uri(&self, name: &str) -> String {
+        format!("nbd+unix:///{}?socket={}", name, self.unix().display())
+    }
+
+    /// (Re)starts stord on the same config and state, waits until it serves.
+    pub fn restart(&mut self) -> Result<()> {
+        self.child = None;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log())?;
+        let child = Command::new(bin("stord"))
+            .args(["serve", "--config"])
+            .arg(self.config())
+            .env("STORD_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawn stord")?;
+        let mut guard = ChildGuard::new(child);
+        let port = self.port;
+        let control = self.control();
+        let up = wait_until(Duration::from_secs(10), || {
+            control.exists() && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        if !up {
+            let st = guard.child().try_wait()?;
+            bail!(
+                "stord did not come up (status {st:?}); log:\n{}",
+                self.log_text()
+            );
+        }
+        self.child = Some(guard);
+        Ok(())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log()).unwrap_or_default()
+    }
+
+    /// Runs `stord disk ARGS --control SOCK`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("stord"))
+            .args(args)
+            .arg("--control")
+            .arg(self.control())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run stord CLI")
+    }
+
+    /// SIGKILLs the daemon.
+    pub fn kill(&mut self) {
+        if let Some(mut g) = self.child.take() {
+            g.signal(libc::SIGKILL);
+            g.wait_timeout(Duration::from_secs(5));
+        }
+    }
+}
+
+/// Runs a command, fails with its output unless it succeeds; returns stdout.
+pub fn ok(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("spawn {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed with {}\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs a python3 script (with libnbd's `nbd` module) with `args`; returns stdout.
+pub fn python(dir: &Path, script: &str, args: &[&str]) -> Result<String> {
+    let path = dir.join(format!("{}.py", integration_tests::unique_name("py")));
+    std::fs::write(&path, script)?;
+    ok(Command::new("/usr/bin/python3").arg(&path).args(args))
+}
+
+/// qemu-io on an NBD URI with the given `-c` commands; returns stdout, fails if
+/// any command reported a failure (qemu-io prints "Pattern verification failed"
+/// or "... failed:" but may still exit 0).
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> Result<String> {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for x in cmds {
+        c.args(["-c", x]);
+    }
+    c.arg(uri);
+    let out = ok(&mut c)?;
+    if out.contains("verification failed") || out.contains("failed:") {
+        bail!("qemu-io reported a failure:\n{out}");
+    }
+    Ok(out)
+}

@@ -1,0 +1,91 @@
+//! Bounds a peer cannot exceed: the connection limit (extra clients are closed
+//! at once and counted, the slot frees when a client leaves) and the empty
+//! export name (the default export, or an error when it is ambiguous).
+
+mod stord_common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use integration_tests::{require_root, wait_until, ChildGuard};
+use stord_common::{dynamic, ok, Stord};
+
+fn holder(uri: &str) -> ChildGuard {
+    ChildGuard::new(
+        Command::new("/usr/bin/python3")
+            .args([
+                "-c",
+                "import nbd, sys, time; h = nbd.NBD(); h.connect_uri(sys.argv[1]); print('up', flush=True); time.sleep(60)",
+                uri,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn connections(s: &Stord) -> u64 {
+    let out = s.cli(&["disk", "list", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v[0]["connections"].as_u64().unwrap()
+}
+
+#[test]
+fn connection_limit_is_enforced() {
+    require_root();
+    let s = Stord::start_with(
+        &std::env::temp_dir(),
+        "max_connections = 2\n",
+        &[dynamic("d", "1MiB")],
+    )
+    .unwrap();
+    let uri = s.uri("d");
+    let _a = holder(&uri);
+    let mut b = holder(&uri);
+    assert!(wait_until(Duration::from_secs(10), || connections(&s) == 2));
+    let third = Command::new("nbdinfo")
+        .arg("--size")
+        .arg(&uri)
+        .output()
+        .unwrap();
+    assert!(
+        !third.status.success(),
+        "a third connection was served: {third:?}"
+    );
+    let status = s.cli(&["status"]);
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert!(v["refused"].as_u64().unwrap() >= 1, "{v}");
+    // A slot frees when a client goes away.
+    b.signal(libc::SIGKILL);
+    b.wait_timeout(Duration::from_secs(5));
+    assert!(wait_until(Duration::from_secs(10), || connections(&s) == 1));
+    let out = ok(Command::new("nbdinfo").arg("--size").arg(&uri)).unwrap();
+    assert_eq!(out.trim(), "1048576");
+}
+
+#[test]
+fn empty_export_name() {
+    require_root();
+    // One disk: the empty name means it.
+    let s = Stord::start(&[dynamic("only", "1MiB")]).unwrap();
+    let out = ok(Command::new("nbdinfo").arg("--size").arg(s.uri(""))).unwrap();
+    assert_eq!(out.trim(), "1048576");
+    // Several disks and no default_export: ambiguous, refused.
+    let s = Stord::start(&[dynamic("a", "1MiB"), dynamic("b", "2MiB")]).unwrap();
+    let out = Command::new("nbdinfo")
+        .arg("--size")
+        .arg(s.uri(""))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    // default_export picks one.
+    let s = Stord::start_with(
+        &std::env::temp_dir(),
+        "default_export = \"b\"\n",
+        &[dynamic("a", "1MiB"), dynamic("b", "2MiB")],
+    )
+    .unwrap();
+    let out = ok(Command::new("nbdinfo").arg("--size").arg(s.uri(""))).unwrap();
+    assert_eq!(out.trim(), "2097152");
+}

@@ -1,0 +1,382 @@
+//! The daemon's TOML configuration: strict (unknown keys are errors), parsed into
+//! serde structs and then checked by [`Config::validate`], whose errors name the
+//! file, the key and what was expected.
+//!
+//! ```toml
+//! listen = "127.0.0.1:10809"        # optional NBD over TCP
+//! unix = "/run/stord/nbd.sock"       # optional NBD over a unix socket
+//! control = "/run/stord/control.sock"
+//! state_dir = "/var/lib/stord"
+//! max_connections = 128              # optional
+//! default_export = "scratch"         # optional: what the empty export name means
+//!
+//! [[disk]]
+//! name = "scratch"
+//! size = "64MiB"                     # or a number of bytes
+//! alloc = "dynamic"                  # or "fixed"
+//! read_only = false                  # optional
+//! ```
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Default bound on simultaneous NBD connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
+/// Largest disk size accepted (2^60 bytes: far beyond any host file system,
+/// small enough that offset arithmetic never overflows).
+pub const MAX_DISK_SIZE: u64 = 1 << 60;
+
+/// Errors loading a config file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// cannot read the config file {path}
+    #[error("cannot read the config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// {path}: {message}
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The TOML parser's message (names the key and its line).
+        message: String,
+    },
+    /// {path}: key `{key}`: expected {expected}
+    #[error("{path}: key `{key}`: expected {expected}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The key, e.g. `disk[1].size`.
+        key: String,
+        /// What a valid value looks like.
+        expected: String,
+    },
+}
+
+/// How a disk's host file is allocated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Alloc {
+    /// Preallocated in full at creation (fallocate).
+    Fixed,
+    /// Sparse: grows as written; TRIM and WRITE_ZEROES punch holes.
+    Dynamic,
+}
+
+impl fmt::Display for Alloc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Alloc::Fixed => "fixed",
+            Alloc::Dynamic => "dynamic",
+        })
+    }
+}
+
+impl std::str::FromStr for Alloc {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fixed" => Ok(Alloc::Fixed),
+            "dynamic" => Ok(Alloc::Dynamic),
+            _ => Err(format!("`{s}`: expected \"fixed\" or \"dynamic\"")),
+        }
+    }
+}
+
+/// A size in bytes, written as a number or a string like `"64MiB"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Size(pub u64);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Size;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size: a number of bytes or a string like \"64MiB\" or \"10GiB\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Size, E> {
+                Ok(Size(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Size, E> {
+                u64::try_from(v)
+                    .map(Size)
+                    .map_err(|_| E::custom("a size cannot be negative"))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Size, E> {
+                parse_size(v).map(Size).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Parses `"4096"`, `"64MiB"`, `"10G"`, `"1TiB"` (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (a number of bytes or like \"64MiB\")"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" | "k" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        "T" | "TiB" => 1 << 40,
+        other => {
+            return Err(format!(
+                "`{s}`: unknown unit `{other}` (use B, KiB, MiB, GiB or TiB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+/// One `[[disk]]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Export name and catalog key.
+    pub name: String,
+    /// Size in bytes.
+    pub size: Size,
+    /// Allocation policy.
+    pub alloc: Alloc,
+    /// Serve read-only.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// NBD over TCP, e.g. "127.0.0.1:10809".
+    pub listen: Option<String>,
+    /// NBD over a unix socket.
+    pub unix: Option<PathBuf>,
+    /// Control socket path.
+    pub control: PathBuf,
+    /// Where disk files and the catalog live.
+    pub state_dir: PathBuf,
+    /// Bound on simultaneous NBD connections.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// The export served for the empty export name.
+    #[serde(default)]
+    pub default_export: Option<String>,
+    /// Disks to create when missing.
+    #[serde(default)]
+    pub disk: Vec<DiskConfig>,
+}
+
+/// Checks a disk name: 1..=64 bytes of `[A-Za-z0-9._-]`, not starting with a dot
+/// (it becomes a file name under the state directory).
+pub fn check_disk_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "a name of 1 to 64 characters from A-Z a-z 0-9 . _ - not starting with a dot (got {name:?})"
+        ))
+    }
+}
+
+/// Checks a disk size.
+pub fn check_disk_size(size: u64) -> Result<(), String> {
+    if size == 0 || size > MAX_DISK_SIZE {
+        Err(format!(
+            "a size between 1 byte and 2^60 bytes, like \"64MiB\" (got {size})"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cfg = Self::parse(&text, path)?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML text (no validation); `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })
+    }
+
+    /// Checks values serde cannot: addresses, names, sizes, uniqueness.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: String, expected: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            expected,
+        };
+        if let Some(l) = &self.listen {
+            l.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "listen".into(),
+                    format!("an address like \"127.0.0.1:10809\" or \"[::1]:10809\" (got {l:?})"),
+                )
+            })?;
+        }
+        if let Some(u) = &self.unix {
+            if u.as_os_str().is_empty() {
+                return Err(invalid("unix".into(), "a socket path".into()));
+            }
+        }
+        if self.control.as_os_str().is_empty() {
+            return Err(invalid("control".into(), "a socket path".into()));
+        }
+        if self.state_dir.as_os_str().is_empty() {
+            return Err(invalid("state_dir".into(), "a directory path".into()));
+        }
+        if let Some(m) = self.max_connections {
+            if !(1..=65536).contains(&m) {
+                return Err(invalid(
+                    "max_connections".into(),
+                    format!("a number from 1 to 65536 (got {m})"),
+                ));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, d) in self.disk.iter().enumerate() {
+            check_disk_name(&d.name).map_err(|e| invalid(format!("disk[{i}].name"), e))?;
+            if !seen.insert(d.name.as_str()) {
+                return Err(invalid(
+                    format!("disk[{i}].name"),
+                    format!("a name not used by another disk (`{}` is repeated)", d.name),
+                ));
+            }
+            check_disk_size(d.size.0).map_err(|e| invalid(format!("disk[{i}].size"), e))?;
+        }
+        if let Some(d) = &self.default_export {
+            check_disk_name(d).map_err(|e| invalid("default_export".into(), e))?;
+        }
+        Ok(())
+    }
+
+    /// The connection bound in effect.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p() -> &'static Path {
+        Path::new("/etc/stord.toml")
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert!(parse_size("10 furlongs").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("99999999999TiB").is_err());
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let c = Config::parse(
+            r#"
+listen = "127.0.0.1:10809"
+control = "/run/stord/control.sock"
+state_dir = "/var/lib/stord"
+[[disk]]
+name = "a"
+size = "64MiB"
+alloc = "dynamic"
+[[disk]]
+name = "b"
+size = 1048576
+alloc = "fixed"
+read_only = true
+"#,
+            p(),
+        )
+        .unwrap();
+        c.validate(p()).unwrap();
+        assert_eq!(c.disk.len(), 2);
+        assert_eq!(c.disk[0].size, Size(64 << 20));
+        assert_eq!(c.disk[1].alloc, Alloc::Fixed);
+        assert!(c.disk[1].read_only);
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let e = Config::parse(
+            "control = \"/c\"\nstate_dir = \"/s\"\nlisten_port = 5\n",
+            p(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("/etc/stord.toml"), "{e}");
+        assert!(e.contains("listen_port"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let c = Config::parse(
+            "control = \"/c\"\nstate_dir = \"/s\"\nlisten = \"nowhere\"\n",
+            p(),
+        )
+        .unwrap();
+        let e = c.validate(p()).unwrap_err().to_string();
+        assert!(e.contains("key `listen`"), "{e}");
+
+        let e = Config::parse(
+            "control = \"/c\"\nstate_dir = \"/s\"\n[[disk]]\nname = \"x\"\nsize = \"12 parsecs\"\nalloc = \"fixed\"\n",
+            p(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("size"), "{e}");
+
+        let e = Config::parse(
+            "control = \"/c\"\nstate_dir = \"/s\"\n[[disk]]\nname = \"x\"\nsize = 1\nalloc = \"thick\"\n",
+            p(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("alloc") || e.contains("thick"), "{e}");
+
+        let c = Config::parse(
+            "control = \"/c\"\nstate_dir = \"/s\"\n[[disk]]\nname = \"../x\"\nsize = 1\nalloc = \"fixed\"\n",
+            p(),
+        )
+        .unwrap();
+        let e = c.validate(p()).unwrap_err().to_string();
+        assert!(e.contains("disk[0].name"), "{e}");
+    }
+}

@@ -1,0 +1,451 @@
+//! A disk: one host file served as one NBD export.
+//!
+//! Theory of operation: all I/O is positioned (`pread`/`pwrite` through
+//! `FileExt`), so one `File` is shared by every connection of every client and
+//! needs no lock; the kernel page cache is the only cache, shared by all
+//! connections, which is what makes `NBD_FLAG_CAN_MULTI_CONN` honest: an
+//! `fdatasync` issued for a FLUSH on any connection persists every write any
+//! connection has completed before it.
+//!
+//! `fixed` disks are fallocated in full when created (a full host disk fails the
+//! create, not a later write) and keep their blocks: TRIM is accepted and ignored,
+//! WRITE_ZEROES uses FALLOC_FL_ZERO_RANGE. `dynamic` disks are sparse files; TRIM
+//! and WRITE_ZEROES (without NO_HOLE) punch holes.
+//!
+//! Calls here block; the server runs them on tokio's blocking pool.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use crate::config::Alloc;
+use crate::sys;
+use crate::wire::{err, Extent, STATE_HOLE, STATE_ZERO};
+
+/// Errors of disk operations, each mapped to an NBD error value.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// I/O on the disk file failed
+    #[error("I/O on the disk file failed")]
+    Io(#[source] io::Error),
+    /// zeroing would not be faster than writing
+    #[error("zeroing would not be faster than writing")]
+    NotFast,
+    /// cannot create the disk file {path}
+    #[error("cannot create the disk file {path}")]
+    Create {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// cannot open the disk file {path}
+    #[error("cannot open the disk file {path}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl DiskError {
+    /// The NBD error value for this failure.
+    pub fn nbd_errno(&self) -> u32 {
+        match self {
+            DiskError::NotFast => err::ENOTSUP,
+            DiskError::Io(e)
+            | DiskError::Create { source: e, .. }
+            | DiskError::Open { source: e, .. } => match e.raw_os_error() {
+                Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => err::ENOSPC,
+                Some(libc::EPERM) | Some(libc::EROFS) | Some(libc::EACCES) => err::EPERM,
+                Some(libc::ENOMEM) => err::ENOMEM,
+                Some(libc::EINVAL) => err::EINVAL,
+                _ => err::EIO,
+            },
+        }
+    }
+}
+
+/// One served disk.
+#[derive(Debug)]
+pub struct Disk {
+    name: String,
+    path: PathBuf,
+    file: File,
+    size: AtomicU64,
+    alloc: Alloc,
+    read_only: bool,
+    connections: AtomicUsize,
+}
+
+/// Largest zero buffer written when the file system cannot zero a range itself.
+const ZERO_CHUNK: usize = 1 << 20;
+
+impl Disk {
+    /// Creates the host file: `fixed` fallocates the whole size now.
+    pub fn create(
+        name: &str,
+        path: &Path,
+        size: u64,
+        alloc: Alloc,
+        read_only: bool,
+    ) -> Result<Disk, DiskError> {
+        let mk = |source| DiskError::Create {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(mk)?;
+        let res = match alloc {
+            Alloc::Fixed => sys::fallocate(&file, sys::FALLOC_ALLOCATE, 0, size),
+            Alloc::Dynamic => file.set_len(size),
+        }
+        .and_then(|_| file.sync_all());
+        if let Err(e) = res {
+            // Leave nothing half-made behind: a full host disk fails the create.
+            let _ = std::fs::remove_file(path);
+            return Err(mk(e));
+        }
+        Ok(Disk::from_file(name, path, file, size, alloc, read_only))
+    }
+
+    /// Opens an existing host file; its size on disk is taken as it is.
+    pub fn open(name: &str, path: &Path, alloc: Alloc, read_only: bool) -> Result<Disk, DiskError> {
+        let mk = |source| DiskError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(mk)?;
+        let size = file.metadata().map_err(mk)?.len();
+        Ok(Disk::from_file(name, path, file, size, alloc, read_only))
+    }
+
+    fn from_file(
+        name: &str,
+        path: &Path,
+        file: File,
+        size: u64,
+        alloc: Alloc,
+        read_only: bool,
+    ) -> Disk {
+        Disk {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            file,
+            size: AtomicU64::new(size),
+            alloc,
+            read_only,
+            connections: AtomicUsize::new(0),
+        }
+    }
+
+    /// Export name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// Host file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// Current size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+    /// Allocation policy.
+    pub fn alloc(&self) -> Alloc {
+        self.alloc
+    }
+    /// Served read-only.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+    /// Open NBD connections on this disk.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+    /// Counts a connection in; the returned guard counts it out on drop.
+    pub fn attach(self: &std::sync::Arc<Self>) -> Attachment {
+        self.connections.fetch_add(1, Ordering::AcqRel);
+        Attachment { disk: self.clone() }
+    }
+    /// Bytes the host file occupies on the host file system.
+    pub fn allocated_bytes(&self) -> u64 {
+        self.file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+    }
+    /// Human-readable description (NBD_INFO_DESCRIPTION, LIST).
+    pub fn description(&self) -> String {
+        format!(
+            "stord {} disk{}",
+            self.alloc,
+            if self.read_only { " (read-only)" } else { "" }
+        )
+    }
+
+    /// Reads `len` bytes at `offset` (the caller checked bounds).
+    pub fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, DiskError> {
+        let mut buf = vec![0u8; len];
+        self.read_into(offset, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Reads into `buf` at `offset`; bytes past the end of the host file (which
+    /// never happens unless someone truncated it behind our back) read as zero.
+    pub fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(DiskError::Io(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset`; with `fua`, persisted before returning.
+    pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DiskError> {
+        self.file
+            .write_all_at(data, offset)
+            .map_err(DiskError::Io)?;
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Persists every completed write (fdatasync).
+    pub fn flush(&self) -> Result<(), DiskError> {
+        self.file.sync_data().map_err(DiskError::Io)
+    }
+
+    /// Discards a range: dynamic disks punch a hole, fixed disks keep their blocks.
+    pub fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), DiskError> {
+        if self.alloc == Alloc::Dynamic && len > 0 {
+            sys::fallocate(&self.file, sys::FALLOC_PUNCH, offset, len).map_err(DiskError::Io)?;
+            if fua {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes zeroes. Dynamic disks punch a hole unless `no_hole`; otherwise the
+    /// range is zeroed in place (ZERO_RANGE), falling back to writing zero
+    /// buffers, which `fast` forbids (ENOTSUP).
+    pub fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fast: bool,
+        fua: bool,
+    ) -> Result<(), DiskError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let punched = self.alloc == Alloc::Dynamic
+            && !no_hole
+            && sys::fallocate(&self.file, sys::FALLOC_PUNCH, offset, len).is_ok();
+        if !punched {
+            match sys::fallocate(&self.file, sys::FALLOC_ZERO, offset, len) {
+                Ok(()) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+                    ) =>
+                {
+                    if fast {
+                        return Err(DiskError::NotFast);
+                    }
+                    self.write_zero_buffers(offset, len)?;
+                }
+                Err(e) => return Err(DiskError::Io(e)),
+            }
+        }
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn write_zero_buffers(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        let zeros = vec![0u8; ZERO_CHUNK.min(len as usize)];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64) as usize;
+            self.file
+                .write_all_at(&zeros[..n], offset + done)
+                .map_err(DiskError::Io)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Starts reading a range into the page cache (NBD_CMD_CACHE).
+    pub fn cache(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        sys::willneed(&self.file, offset, len).map_err(DiskError::Io)
+    }
+
+    /// Splits `[offset, offset + len)` into data / hole segments using
+    /// SEEK_DATA / SEEK_HOLE, at most `max` segments (the last one may be cut
+    /// short, so the sum can be below `len`). Returns `(length, is_hole)`.
+    pub fn segments(
+        &self,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, bool)>, DiskError> {
+        let end = offset + len;
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end && out.len() < max {
+            let data = sys::seek(&self.file, pos, true).map_err(DiskError::Io)?;
+            let (seg_end, hole) = match data {
+                None => (end, true),
+                Some(d) if d > pos => (d.min(end), true),
+                Some(_) => {
+                    let h = sys::seek(&self.file, pos, false).map_err(DiskError::Io)?;
+                    (h.unwrap_or(end).min(end), false)
+                }
+            };
+            if seg_end <= pos {
+                // The file changed under us (or a file system misreports); call
+                // the rest data, which is always a safe answer.
+                out.push((end - pos, false));
+                break;
+            }
+            out.push((seg_end - pos, hole));
+            pos = seg_end;
+        }
+        Ok(out)
+    }
+
+    /// `base:allocation` extents of a range, each at most `u32::MAX` bytes.
+    /// Fixed disks never report HOLE (their blocks are reserved), only ZERO.
+    pub fn extents(&self, offset: u64, len: u64, max: usize) -> Result<Vec<Extent>, DiskError> {
+        let segs = self.segments(offset, len, max)?;
+        let mut out: Vec<Extent> = Vec::with_capacity(segs.len());
+        for (l, hole) in segs {
+            let flags = match (hole, self.alloc) {
+                (false, _) => 0,
+                (true, Alloc::Dynamic) => STATE_HOLE | STATE_ZERO,
+                (true, Alloc::Fixed) => STATE_ZERO,
+            };
+            let mut rest = l;
+            while rest > 0 && out.len() < max {
+                let piece = rest.min(u32::MAX as u64 & !511);
+                match out.last_mut() {
+                    Some(last)
+                        if last.flags == flags && (last.len as u64 + piece) <= u32::MAX as u64 =>
+                    {
+                        last.len += piece as u32
+                    }
+                    _ => out.push(Extent {
+                        len: piece as u32,
+                        flags,
+                    }),
+                }
+                rest -= piece;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Changes the size (the caller refuses a shrink while clients are connected).
+    pub fn resize(&self, new: u64) -> Result<(), DiskError> {
+        let old = self.size();
+        if new > old && self.alloc == Alloc::Fixed {
+            sys::fallocate(&self.file, sys::FALLOC_ALLOCATE, old, new - old)
+                .map_err(DiskError::Io)?;
+        }
+        self.file.set_len(new).map_err(DiskError::Io)?;
+        self.file.sync_all().map_err(DiskError::Io)?;
+        self.size.store(new, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// A connection's hold on a disk; counts itself out on drop.
+#[derive(Debug)]
+pub struct Attachment {
+    disk: std::sync::Arc<Disk>,
+}
+
+impl Attachment {
+    /// The disk.
+    pub fn disk(&self) -> &std::sync::Arc<Disk> {
+        &self.disk
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        self.disk.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dynamic_disk_is_sparse_and_punches() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.img");
+        let d = Disk::create("d", &p, 8 << 20, Alloc::Dynamic, false).unwrap();
+        assert_eq!(d.size(), 8 << 20);
+        assert!(d.allocated_bytes() < 1 << 20);
+        let ext = d.extents(0, 8 << 20, 64).unwrap();
+        assert_eq!(
+            ext,
+            vec![Extent {
+                len: 8 << 20,
+                flags: 3
+            }]
+        );
+
+        d.write(1 << 20, &[0xab; 65536], true).unwrap();
+        assert_eq!(d.read(1 << 20, 4).unwrap(), vec![0xab; 4]);
+        let ext = d.extents(0, 8 << 20, 64).unwrap();
+        assert!(ext.iter().any(|e| e.flags == 0), "{ext:?}");
+        assert_eq!(ext.iter().map(|e| e.len as u64).sum::<u64>(), 8 << 20);
+
+        d.write_zeroes(1 << 20, 65536, false, true, false).unwrap();
+        assert_eq!(d.read(1 << 20, 65536).unwrap(), vec![0; 65536]);
+        assert_eq!(d.extents(0, 8 << 20, 64).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn fixed_disk_is_allocated() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.img");
+        let d = Disk::create("f", &p, 4 << 20, Alloc::Fixed, false).unwrap();
+        assert!(d.allocated_bytes() >= 4 << 20);
+        d.trim(0, 4 << 20, false).unwrap();
+        assert!(d.allocated_bytes() >= 4 << 20);
+        for e in d.extents(0, 4 << 20, 64).unwrap() {
+            assert_eq!(e.flags & STATE_HOLE, 0);
+        }
+        d.resize(8 << 20).unwrap();
+        assert!(d.allocated_bytes() >= 8 << 20);
+        assert!(Disk::create("f", &p, 1, Alloc::Fixed, false).is_err());
+    }
+}

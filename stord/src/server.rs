@@ -1,0 +1,341 @@
+//! The daemon: listeners, connection limit, control socket, systemd
+//! integration, signals and graceful shutdown.
+//!
+//! Theory of operation: `run` opens the catalog (creating configured disks),
+//! binds its sockets (or adopts systemd's `LISTEN_FDS`), tells systemd it is
+//! ready, and runs one accept loop per listener. Every connection holds a
+//! permit of the connection semaphore (beyond `max_connections` a client is
+//! closed at once) and a clone of `done_tx`; shutdown (SIGTERM / SIGINT) flips a
+//! watch channel, accept loops stop, connections finish their in-flight work and
+//! close (see `nbd`), and when the last `done_tx` clone is gone every disk is
+//! flushed and `run` returns.
+//!
+//! `--stdin` mode serves exactly one connection on stdin/stdout and binds
+//! nothing, for `nbdinfo -- [ stord serve --stdin ... ]` style use.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use crate::catalog::{Catalog, CatalogError};
+use crate::config::Config;
+use crate::nbd::{self, Ctx, Stats};
+use crate::sys;
+
+/// Longest shutdown waits for connections to finish before flushing and exiting.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Errors that stop the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// cannot open the catalog
+    #[error("cannot open the catalog")]
+    Catalog(#[from] CatalogError),
+    /// cannot listen on {addr}
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// Address or path.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// bad systemd socket activation (LISTEN_FDS)
+    #[error("bad systemd socket activation (LISTEN_FDS): {0}")]
+    Activation(String),
+    /// cannot install signal handlers
+    #[error("cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
+    /// serving stdin/stdout failed
+    #[error("serving stdin/stdout failed")]
+    Stdin(#[source] nbd::ConnError),
+}
+
+/// How `serve` runs.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Serve one connection on stdin/stdout and exit.
+    pub stdin: bool,
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, Option<PathBuf>),
+}
+
+/// Sockets systemd passed, if any and if they are meant for us.
+fn activated_sockets() -> Result<Vec<OwnedFd>, ServerError> {
+    let (Ok(pid), Ok(n)) = (std::env::var("LISTEN_PID"), std::env::var("LISTEN_FDS")) else {
+        return Ok(Vec::new());
+    };
+    if pid.trim().parse::<u32>().ok() != Some(sys::getpid()) {
+        return Ok(Vec::new());
+    }
+    let n: i32 = n
+        .trim()
+        .parse()
+        .map_err(|_| ServerError::Activation(format!("LISTEN_FDS={n:?} is not a number")))?;
+    if !(0..=64).contains(&n) {
+        return Err(ServerError::Activation(format!(
+            "LISTEN_FDS={n} out of range"
+        )));
+    }
+    // The variables are for this process only; children must not see them.
+    std::env::remove_var("LISTEN_PID");
+    std::env::remove_var("LISTEN_FDS");
+    std::env::remove_var("LISTEN_FDNAMES");
+    (0..n)
+        .map(|i| {
+            sys::adopt_fd(3 + i).map_err(|e| ServerError::Activation(format!("fd {}: {e}", 3 + i)))
+        })
+        .collect()
+}
+
+fn adopt_listener(fd: OwnedFd) -> Result<Listener, ServerError> {
+    let raw = fd.as_raw_fd();
+    let family =
+        sys::socket_family(raw).map_err(|e| ServerError::Activation(format!("fd {raw}: {e}")))?;
+    let bad = |e: std::io::Error| ServerError::Activation(format!("fd {raw}: {e}"));
+    if family == libc::AF_UNIX {
+        let l = std::os::unix::net::UnixListener::from(fd);
+        l.set_nonblocking(true).map_err(bad)?;
+        Ok(Listener::Unix(
+            UnixListener::from_std(l).map_err(bad)?,
+            None,
+        ))
+    } else {
+        let l = std::net::TcpListener::from(fd);
+        l.set_nonblocking(true).map_err(bad)?;
+        Ok(Listener::Tcp(TcpListener::from_std(l).map_err(bad)?))
+    }
+}
+
+fn bind_unix(path: &Path) -> Result<UnixListener, std::io::Error> {
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir)?;
+        }
+    }
+    // A socket file left by a previous run (crash, SIGKILL) would make bind fail.
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
+            std::fs::remove_file(path)?
+        }
+        _ => {}
+    }
+    UnixListener::bind(path)
+}
+
+/// Sends a message to systemd's notify socket, if there is one. Errors are
+/// logged only: a missing supervisor must not stop the daemon.
+pub fn sd_notify(msg: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "sd_notify: no socket");
+            return;
+        }
+    };
+    let bytes = path.as_encoded_bytes();
+    let res = if let Some(abs) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abs)
+            .and_then(|a| sock.send_to_addr(msg.as_bytes(), &a))
+    } else {
+        sock.send_to(msg.as_bytes(), Path::new(&path))
+    };
+    if let Err(e) = res {
+        tracing::warn!(error = %e, "sd_notify failed");
+    }
+}
+
+/// Runs the daemon until SIGTERM / SIGINT (or, with `--stdin`, until the one
+/// connection ends).
+pub async fn run(config: Config, opts: Options) -> Result<(), ServerError> {
+    let state_dir = config.state_dir.clone();
+    let disks = config.disk.clone();
+    let catalog = Arc::new(
+        tokio::task::spawn_blocking(move || Catalog::open(&state_dir, &disks))
+            .await
+            .map_err(|e| {
+                ServerError::Catalog(CatalogError::Write {
+                    path: config.state_dir.clone(),
+                    source: std::io::Error::other(e),
+                })
+            })??,
+    );
+    let stats = Arc::new(Stats::default());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let ctx = Ctx {
+        catalog: catalog.clone(),
+        default_export: config.default_export.clone(),
+        shutdown: shutdown_rx.clone(),
+        stats: stats.clone(),
+        budget: Arc::new(nbd::Budget::new(nbd::PAYLOAD_BUDGET)),
+    };
+
+    if opts.stdin {
+        stats.connections.fetch_add(1, Ordering::Relaxed);
+        let r = nbd::serve(ctx, nbd::Conn::Stdio).await;
+        for d in catalog.disks() {
+            let _ = d.flush();
+        }
+        return r.map_err(ServerError::Stdin);
+    }
+
+    let mut listeners = Vec::new();
+    let activated = activated_sockets()?;
+    if !activated.is_empty() {
+        tracing::info!(
+            count = activated.len(),
+            "using sockets from systemd (listen / unix in the config are ignored)"
+        );
+        for fd in activated {
+            listeners.push(adopt_listener(fd)?);
+        }
+    } else {
+        if let Some(addr) = &config.listen {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "NBD over TCP");
+            listeners.push(Listener::Tcp(l));
+        }
+        if let Some(path) = &config.unix {
+            let l = bind_unix(path).map_err(|source| ServerError::Bind {
+                addr: path.display().to_string(),
+                source,
+            })?;
+            tracing::info!(path = %path.display(), "NBD over a unix socket");
+            listeners.push(Listener::Unix(l, Some(path.clone())));
+        }
+    }
+    let control = bind_unix(&config.control).map_err(|source| ServerError::Bind {
+        addr: config.control.display().to_string(),
+        source,
+    })?;
+    let _ = std::fs::set_permissions(&config.control, std::fs::Permissions::from_mode(0o660));
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(ServerError::Signals)?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(ServerError::Signals)?;
+
+    let limit = Arc::new(Semaphore::new(config.max_connections()));
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let mut loops = Vec::new();
+    for l in listeners {
+        loops.push(tokio::spawn(accept_loop(
+            l,
+            ctx.clone(),
+            limit.clone(),
+            done_tx.clone(),
+        )));
+    }
+    let control_task = tokio::spawn(crate::control::serve(
+        control,
+        catalog.clone(),
+        stats.clone(),
+        shutdown_rx.clone(),
+    ));
+
+    sd_notify("READY=1\nSTATUS=serving");
+    tracing::info!(disks = catalog.disks().len(), "stord ready");
+
+    tokio::select! {
+        _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = sigint.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    sd_notify("STOPPING=1");
+    let _ = shutdown_tx.send(true);
+    for l in loops {
+        let _ = l.await;
+    }
+    let _ = control_task.await;
+    drop(done_tx);
+    if tokio::time::timeout(SHUTDOWN_TIMEOUT, done_rx.recv())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after {SHUTDOWN_TIMEOUT:?}; exiting anyway");
+    }
+    let cat = catalog.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        for d in cat.disks() {
+            if let Err(e) = d.flush() {
+                tracing::error!(disk = d.name(), error = %crate::error_chain(&e), "final flush failed");
+            }
+        }
+    })
+    .await;
+    let _ = std::fs::remove_file(&config.control);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn accept_loop(l: Listener, ctx: Ctx, limit: Arc<Semaphore>, done: mpsc::Sender<()>) {
+    let mut shutdown = ctx.shutdown.clone();
+    loop {
+        let accepted = tokio::select! {
+            _ = crate::until_shutdown(&mut shutdown) => break,
+            r = accept(&l) => r,
+        };
+        let (conn, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            ctx.stats.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, "connection limit reached; closing the new connection");
+            continue;
+        };
+        ctx.stats.connections.fetch_add(1, Ordering::Relaxed);
+        let ctx2 = ctx.clone();
+        let done2 = done.clone();
+        tokio::spawn(async move {
+            tracing::debug!(%peer, "connected");
+            match nbd::serve(ctx2, conn).await {
+                Ok(()) => tracing::debug!(%peer, "disconnected"),
+                Err(e) => {
+                    tracing::info!(%peer, error = %crate::error_chain(&e), "connection ended")
+                }
+            }
+            drop(permit);
+            drop(done2);
+        });
+    }
+    if let Listener::Unix(_, Some(path)) = &l {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+async fn accept(l: &Listener) -> std::io::Result<(nbd::Conn, String)> {
+    match l {
+        Listener::Tcp(t) => {
+            let (s, peer) = t.accept().await?;
+            s.set_nodelay(true)?;
+            Ok((nbd::Conn::Tcp(s), peer.to_string()))
+        }
+        Listener::Unix(u, _) => {
+            let (s, _) = u.accept().await?;
+            Ok((nbd::Conn::Unix(s), "unix".to_string()))
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! Thin, safe wrappers around the few Linux calls std does not offer: fallocate
+//! modes, SEEK_DATA / SEEK_HOLE, posix_fadvise, and adopting inherited sockets
+//! (systemd socket activation). All `unsafe` of the crate lives here.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// fallocate(2) with `mode` over `[offset, offset + len)`.
+pub fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+    let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let len = i64::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    loop {
+        // SAFETY: fallocate takes a valid fd (borrowed from `file`) and plain integers.
+        let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Preallocate blocks (mode 0).
+pub const FALLOC_ALLOCATE: i32 = 0;
+/// Deallocate a range, file size unchanged: reads return zeroes.
+pub const FALLOC_PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+/// Zero a range keeping it allocated, file size unchanged.
+pub const FALLOC_ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+
+/// lseek(2) with SEEK_DATA (`data = true`) or SEEK_HOLE. `Ok(None)` for ENXIO,
+/// i.e. no data (or hole) at or after `offset` before the end of the file.
+pub fn seek(file: &File, offset: u64, data: bool) -> io::Result<Option<u64>> {
+    let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let whence = if data {
+        libc::SEEK_DATA
+    } else {
+        libc::SEEK_HOLE
+    };
+    // SAFETY: lseek on a valid fd; the fd's position is never used by this crate
+    // (all I/O is positioned: pread/pwrite), so moving it concurrently is harmless.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    Ok(Some(r as u64))
+}
+
+/// posix_fadvise(WILLNEED): start reading a range into the page cache.
+pub fn willneed(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let len = i64::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: posix_fadvise on a valid fd with plain integers; it only hints.
+    let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(r))
+    }
+}
+
+/// Takes ownership of an inherited file descriptor (systemd's LISTEN_FDS).
+/// Fails unless `fd` is open.
+pub fn adopt_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: fcntl(F_GETFD) only queries the descriptor table.
+    let r = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // Inherited sockets must not leak into children we might spawn.
+    // SAFETY: setting FD_CLOEXEC on an fd we just checked is open.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, r | libc::FD_CLOEXEC) };
+    // SAFETY: systemd passed this fd to us for our exclusive use (LISTEN_PID matched
+    // our pid); nothing else in the process owns it, so taking ownership is sound.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The address family of a socket (AF_UNIX, AF_INET, AF_INET6).
+pub fn socket_family(fd: RawFd) -> io::Result<i32> {
+    // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: getsockname writes at most `len` bytes into `ss`, which is that big.
+    let r = unsafe {
+        libc::getsockname(
+            fd,
+            (&mut ss as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ss.ss_family as i32)
+}
+
+/// The process id (for LISTEN_PID).
+pub fn getpid() -> u32 {
+    std::process::id()
+}
+
+/// Bytes waiting to be read on a socket or pipe (ioctl FIONREAD).
+pub fn bytes_pending(fd: RawFd) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer, which points at `n`.
+    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n as *mut libc::c_int) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.max(0) as usize)
+}

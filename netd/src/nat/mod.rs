@@ -26,6 +26,13 @@
 //!
 //! # The loop
 //!
+//! In the daemon the router runs on a thread of its own with a single-threaded tokio
+//! runtime ([`Router::spawn_thread`]): its host sockets are registered with that
+//! thread's reactor, and its frames enter the switch on that thread
+//! ([`ToSwitch::Offload`]), TCP ones as offloaded frames with a virtio-net header
+//! (64 KiB super-frames, partial checksums; see `tcp.rs`, "Offload"). Tests and the
+//! fuzz target feed it through plain channels instead.
+//!
 //! One task runs [`Router::run`]: wait until anything is ready (a frame, a control
 //! request, a finished connect, a readable/writable host socket, a smoltcp timer),
 //! then do one *step*: classify frames (`frame.rs`), feed smoltcp, pump every flow

@@ -465,3 +465,80 @@ async fn forward_guest_outside_subnet_and_duplicates_are_refused() {
         Err(NatError::ForwardExists { .. })
     ));
 }
+
+#[tokio::test]
+async fn offloaded_super_frame_is_finished_into_valid_segments() {
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr};
+    let (_to_router, router_rx) = mpsc::channel(16);
+    let sink = ToSwitch::Offload(Box::new(|_, _| {}));
+    let (router, _h) = Router::with_sink(test_config(), router_rx, sink).unwrap();
+    // A 4000-byte TCP segment from the router to the guest (MTU 1500).
+    let (src, dst) = (Ipv4Addr::new(10, 0, 2, 2), GUEST_IP);
+    let payload: Vec<u8> = (0..4000u32).map(|i| i as u8).collect();
+    let repr = TcpRepr {
+        src_port: 8080,
+        dst_port: 40000,
+        control: TcpControl::Psh,
+        seq_number: smoltcp::wire::TcpSeqNumber(1000),
+        ack_number: Some(smoltcp::wire::TcpSeqNumber(5)),
+        window_len: 1024,
+        window_scale: None,
+        max_seg_size: None,
+        sack_permitted: false,
+        sack_ranges: [None, None, None],
+        timestamp: None,
+        payload: &payload,
+    };
+    let tcp_len = repr.buffer_len();
+    let mut f = vec![0xa5u8; 14 + 20 + tcp_len];
+    EthernetRepr {
+        src_addr: EthernetAddress(RouterConfig::defaults().mac),
+        dst_addr: GUEST_MAC,
+        ethertype: EthernetProtocol::Ipv4,
+    }
+    .emit(&mut EthernetFrame::new_unchecked(&mut f[..]));
+    Ipv4Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: IpProtocol::Tcp,
+        payload_len: tcp_len,
+        hop_limit: 64,
+    }
+    .emit(
+        &mut Ipv4Packet::new_unchecked(&mut f[14..]),
+        &ChecksumCapabilities::default(),
+    );
+    // As smoltcp leaves it in offload mode: no TCP checksum.
+    let mut caps = ChecksumCapabilities::default();
+    caps.tcp = smoltcp::phy::Checksum::None;
+    repr.emit(
+        &mut TcpPacket::new_unchecked(&mut f[34..]),
+        &IpAddress::Ipv4(src),
+        &IpAddress::Ipv4(dst),
+        &caps,
+    );
+    let (hdr, at, sum) = router.tcp_offload_header(&f).expect("offloaded");
+    assert_eq!(hdr.gso_type, crate::offload::GSO_TCPV4);
+    assert_eq!(hdr.gso_size, 1460);
+    assert_eq!((hdr.csum_start, hdr.csum_offset), (34, 16));
+    f[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+    // What a port without vnet headers gets: MSS-sized segments, each valid.
+    let mut segs = Vec::new();
+    let mut scratch = Vec::new();
+    crate::offload::finish(&hdr, &f, &mut scratch, &mut |s| segs.push(s.to_vec())).unwrap();
+    assert_eq!(segs.len(), 3);
+    let mut got = Vec::new();
+    for s in &segs {
+        assert!(s.len() <= 14 + 1500);
+        let ip = Ipv4Packet::new_checked(&s[14..]).unwrap();
+        assert!(ip.verify_checksum());
+        let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+        assert!(
+            tcp.verify_checksum(&src.into(), &dst.into()),
+            "segment checksum"
+        );
+        got.extend_from_slice(tcp.payload());
+    }
+    assert_eq!(got, payload);
+}

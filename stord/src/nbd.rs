@@ -901,6 +901,10 @@ enum Next<'a> {
 
 /// Reads the next request (header and payload). Called with the read lock held.
 fn next<'a>(sh: &Shared<'a>, st: &mut ReadState) -> Result<Next<'a>, ConnError> {
+    // A client that keeps sending after the grace period is not waited for.
+    if matches!(st.grace_end, Some(end) if Instant::now() >= end) {
+        return Ok(Next::Stop);
+    }
     let mut hdr = [0u8; wire::REQUEST_LEN];
     let shutdown = &sh.ctx.shutdown;
     let grace = &mut st.grace_end;

@@ -30,7 +30,7 @@
 //! requests already executing complete and are answered, the disk is flushed,
 //! then the connection closes.
 
-use std::io::{IoSlice, Read, Write};
+use std::io::{BufReader, IoSlice, Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -825,7 +825,9 @@ const SHUTDOWN_POLL: Duration = Duration::from_millis(200);
 const WORKERS: usize = 16;
 
 struct ReadState {
-    rd: Box<dyn SockRead>,
+    /// Buffered: one recv can bring several pipelined request headers (large
+    /// payloads bypass the buffer, as BufReader does).
+    rd: BufReader<Box<dyn SockRead>>,
     grace_end: Option<Instant>,
     done: bool,
     result: Result<(), ConnError>,
@@ -850,7 +852,7 @@ fn is_timeout(e: &std::io::Error) -> bool {
 /// (also `Ok(false)`). Inside a message, timeouts are waited out and EOF is an
 /// error.
 fn read_full(
-    rd: &mut dyn SockRead,
+    rd: &mut dyn Read,
     buf: &mut [u8],
     boundary: bool,
     mut idle: impl FnMut() -> bool,
@@ -878,7 +880,7 @@ fn read_full(
 }
 
 /// Reads and drops `n` payload bytes.
-fn skip(rd: &mut dyn SockRead, mut n: u64) -> Result<(), ConnError> {
+fn skip(rd: &mut dyn Read, mut n: u64) -> Result<(), ConnError> {
     let mut sink = vec![0u8; 256 * 1024];
     while n > 0 {
         let k = n.min(sink.len() as u64) as usize;
@@ -908,7 +910,7 @@ fn next<'a>(sh: &Shared<'a>, st: &mut ReadState) -> Result<Next<'a>, ConnError> 
     let mut hdr = [0u8; wire::REQUEST_LEN];
     let shutdown = &sh.ctx.shutdown;
     let grace = &mut st.grace_end;
-    let got = read_full(&mut *st.rd, &mut hdr, true, || {
+    let got = read_full(&mut st.rd, &mut hdr, true, || {
         if grace.is_none() && *shutdown.borrow() {
             *grace = Some(Instant::now() + SHUTDOWN_GRACE);
         }
@@ -927,7 +929,7 @@ fn next<'a>(sh: &Shared<'a>, st: &mut ReadState) -> Result<Next<'a>, ConnError> 
     let plen = req.payload_len();
     if plen > wire::MAX_PAYLOAD {
         // Too big to buffer: skip the payload as it streams past, then answer.
-        skip(&mut *st.rd, plen as u64)?;
+        skip(&mut st.rd, plen as u64)?;
         sh.ctx
             .stats
             .invalid_requests
@@ -946,7 +948,7 @@ fn next<'a>(sh: &Shared<'a>, st: &mut ReadState) -> Result<Next<'a>, ConnError> 
     let (payload, mem) = if plen > 0 {
         let mem = sh.ctx.budget.take(plen as u64);
         let mut v = vec![0u8; plen as usize];
-        read_full(&mut *st.rd, &mut v, false, || false)?;
+        read_full(&mut st.rd, &mut v, false, || false)?;
         (Bytes::from(v), Some(mem))
     } else {
         (Bytes::new(), None)
@@ -1065,7 +1067,9 @@ fn worker(sh: &Shared<'_>) {
                 return;
             }
             Next::Answer(_) | Next::Run(_, _, _, true) => true,
-            Next::Run(req, ..) => cheap(req) && !st.rd.has_pending(),
+            Next::Run(req, ..) => {
+                cheap(req) && st.rd.buffer().is_empty() && !st.rd.get_ref().has_pending()
+            }
         };
         let res = if inline {
             answer(sh, next).map(|r| write_reply(sh, &r))
@@ -1095,7 +1099,7 @@ fn transmission(
         ctx,
         sess: &sess,
         rd: Mutex::new(ReadState {
-            rd,
+            rd: BufReader::with_capacity(64 * 1024, rd),
             grace_end: None,
             done: false,
             result: Ok(()),

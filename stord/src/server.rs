@@ -175,6 +175,16 @@ pub async fn run(config: Config, opts: Options) -> Result<(), ServerError> {
     };
 
     if opts.stdin {
+        // SIGTERM ends the one session the same way it ends the daemon's.
+        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(ServerError::Signals)?;
+        let tx = shutdown_tx.clone();
+        tokio::spawn(async move {
+            if sigterm.recv().await.is_some() {
+                tracing::info!("SIGTERM: ending the stdin session");
+                let _ = tx.send(true);
+            }
+        });
         stats.connections.fetch_add(1, Ordering::Relaxed);
         let r = nbd::serve(ctx, nbd::Conn::Stdio).await;
         for d in catalog.disks() {

@@ -152,3 +152,23 @@ pub fn pread_vec(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
     unsafe { buf.set_len(len) };
     Ok(buf)
 }
+
+/// Waits up to `timeout` for `fd` to become readable (or hung up).
+pub fn poll_readable(fd: RawFd, timeout: std::time::Duration) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: one valid pollfd, count 1.
+    let r = unsafe { libc::poll(&mut p, 1, ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(e);
+    }
+    Ok(r > 0)
+}

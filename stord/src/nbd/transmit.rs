@@ -25,9 +25,27 @@ impl SockRead for std::os::unix::net::UnixStream {
     }
 }
 
-impl SockRead for std::fs::File {
+/// stdin (`--stdin` mode): a pipe or socket that cannot take SO_RCVTIMEO, so
+/// reads wait in poll(2) with the same period instead.
+pub(super) struct PolledFile(pub(super) std::fs::File);
+
+impl Read for PolledFile {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if !crate::sys::poll_readable(self.0.as_raw_fd(), SHUTDOWN_POLL)? {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        self.0.read(buf)
+    }
+}
+
+impl AsRawFd for PolledFile {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl SockRead for PolledFile {
     fn set_timeout(&self, _t: Option<Duration>) -> std::io::Result<()> {
-        // stdin cannot time out; --stdin mode has no shutdown signal to notice.
         Ok(())
     }
 }
@@ -51,7 +69,7 @@ pub(super) fn blocking_halves(conn: Conn) -> std::io::Result<Halves> {
             let r = std::io::stdin().as_fd().try_clone_to_owned()?;
             let w = std::io::stdout().as_fd().try_clone_to_owned()?;
             Ok((
-                Box::new(std::fs::File::from(r)),
+                Box::new(PolledFile(std::fs::File::from(r))),
                 Box::new(std::fs::File::from(w)),
             ))
         }

@@ -16,4 +16,22 @@ fi
 scripts/guest-assets.sh
 
 cargo build --release --workspace --bins
-cargo test --release --workspace
+
+# Unit and end-to-end tests. The totals line at the end sums every test binary's
+# result (cargo prints one line per binary); a boot a host cannot run is NOT RUN,
+# counted as skipped, never as passed.
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --release --workspace 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+passed=$(awk '/^test result:/ {for (i = 1; i <= NF; i++) if ($i ~ /^passed;?$/) s += $(i-1)} END {print s + 0}' "$log")
+failed=$(awk '/^test result:/ {for (i = 1; i <= NF; i++) if ($i ~ /^failed;?$/) s += $(i-1)} END {print s + 0}' "$log")
+notrun=$(grep -c ' NOT RUN: ' "$log" || true)
+grep ' NOT RUN: ' "$log" || true
+if [ "$status" != 0 ] && [ "$failed" = 0 ]; then
+  failed=1 # a build error or a test binary that did not finish
+fi
+echo "total: $passed passed, $failed failed, $notrun skipped"
+exit "$status"

@@ -1,0 +1,308 @@
+//! Helpers shared by the `netd_*` end-to-end tests: a netd daemon running in its
+//! own "host" namespace with a temporary config, state and control socket, its
+//! CLI, and test hosts (namespaces) that get addresses with busybox udhcpc.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use integration_tests::{bin, run, wait_until, ChildGuard, Netns};
+
+/// A running `netd serve`, inside the namespace `host`.
+pub struct Netd {
+    pub child: ChildGuard,
+    pub dir: PathBuf,
+    pub control: PathBuf,
+    pub config: PathBuf,
+}
+
+/// A per-test temporary directory (kept in a TempDir owned by the caller).
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("netd-test")
+        .tempdir()
+        .expect("tempdir")
+}
+
+/// Writes `networks` (TOML `[[network]]` tables) into a config under `dir`.
+pub fn write_config(dir: &Path, networks: &str) -> PathBuf {
+    let control = dir.join("control.sock");
+    let state = dir.join("state");
+    let text = format!(
+        "control = \"{}\"\nstate_dir = \"{}\"\n\n{}",
+        control.display(),
+        state.display(),
+        networks
+    );
+    let path = dir.join("netd.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+impl Netd {
+    /// Starts netd in `host` with the config at `config` (from [`write_config`]);
+    /// waits until the control socket answers.
+    pub fn start(host: &Netns, dir: &Path, config: &Path) -> Result<Self> {
+        Self::start_env(host, dir, config, &[])
+    }
+
+    /// [`Netd::start`] with extra environment variables for netd.
+    pub fn start_env(
+        host: &Netns,
+        dir: &Path,
+        config: &Path,
+        env: &[(&str, &Path)],
+    ) -> Result<Self> {
+        let control = dir.join("control.sock");
+        let _ = std::fs::remove_file(&control);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("netd.log"))?;
+        let child = host
+            .command(&[
+                bin("netd").to_str().unwrap(),
+                "serve",
+                "--config",
+                config.to_str().unwrap(),
+            ])
+            .env("RUST_LOG", "debug")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawn netd")?;
+        let mut d = Netd {
+            child: ChildGuard::new(child),
+            dir: dir.to_path_buf(),
+            control: control.clone(),
+            config: config.to_path_buf(),
+        };
+        let ok = wait_until(Duration::from_secs(10), || {
+            control.exists() && d.cli(&["net", "list"]).is_ok()
+        });
+        if !ok {
+            let status = d.child.wait_timeout(Duration::from_millis(10));
+            bail!("netd did not come up (exit: {status:?}); log:\n{}", d.log());
+        }
+        Ok(d)
+    }
+
+    /// netd's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("netd.log")).unwrap_or_default()
+    }
+
+    /// Runs the CLI with `--control`; returns stdout.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = run(Command::new(bin("netd"))
+            .arg("--control")
+            .arg(&self.control)
+            .args(args))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs the CLI and parses its JSON output.
+    pub fn cli_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let s = self.cli(args)?;
+        serde_json::from_str(&s).with_context(|| format!("CLI output is not JSON: {s}"))
+    }
+
+    /// The counters of port `port` of `net`.
+    pub fn counters(&self, net: &str, port: &str) -> Result<serde_json::Value> {
+        let v = self.cli_json(&["port", "list", net])?;
+        v.as_array()
+            .and_then(|a| a.iter().find(|p| p["name"] == port))
+            .map(|p| p["counters"].clone())
+            .with_context(|| format!("no port {port} in {v}"))
+    }
+
+    /// SIGTERM and wait; returns whether it exited successfully.
+    pub fn stop(mut self) -> bool {
+        self.child.signal(libc::SIGTERM);
+        matches!(self.child.wait_timeout(Duration::from_secs(10)), Some(s) if s.success())
+    }
+}
+
+/// Writes a udhcpc event script that configures the interface and records the
+/// address in `<dir>/lease-<iface>`.
+pub fn udhcpc_script(dir: &Path) -> PathBuf {
+    let path = dir.join("udhcpc.sh");
+    let text = format!(
+        "#!/bin/sh\ncase \"$1\" in\n  bound|renew)\n    ip addr flush dev \"$interface\"\n    ip addr add \"$ip/$mask\" dev \"$interface\"\n    echo \"$ip $mask $serverid $router $dns\" > {}/lease-\"$interface\"\n    ;;\nesac\nexit 0\n",
+        dir.display()
+    );
+    std::fs::write(&path, text).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// Runs busybox udhcpc once on `iface` in `ns`; returns the leased address.
+pub fn dhcp(ns: &Netns, iface: &str, dir: &Path) -> Result<String> {
+    let script = udhcpc_script(dir);
+    let _ = std::fs::remove_file(dir.join(format!("lease-{iface}")));
+    ns.exec(&[
+        "busybox",
+        "udhcpc",
+        "-i",
+        iface,
+        "-s",
+        script.to_str().unwrap(),
+        "-q",
+        "-n",
+        "-f",
+        "-t",
+        "5",
+        "-T",
+        "1",
+    ])
+    .context("udhcpc")?;
+    let lease = std::fs::read_to_string(dir.join(format!("lease-{iface}")))
+        .context("udhcpc wrote no lease")?;
+    Ok(lease
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// Whether `ns` can ping `addr` (a few tries, short timeout).
+pub fn ping(ns: &Netns, addr: &str) -> bool {
+    ns.command(&["ping", "-c", "1", "-W", "1", addr])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Pings until one answer or `tries` failures.
+pub fn ping_retry(ns: &Netns, addr: &str, tries: u32) -> bool {
+    (0..tries).any(|_| ping(ns, addr))
+}
+
+/// A /24 unique to this test process and call: 10.<a>.<b>.0.
+pub fn unique_subnet() -> (u8, u8) {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let pid = std::process::id();
+    (
+        100 + (pid % 100) as u8,
+        ((pid / 100) as u8).wrapping_add(n as u8 * 37),
+    )
+}
+
+/// Builds a busybox initramfs (with the lead's `scripts/mk-initramfs.sh`) whose
+/// init gets an address by DHCP on eth0, pings `target` and reports on the
+/// serial console; returns its path.
+pub fn guest_initramfs(dir: &Path, target: &str) -> Result<PathBuf> {
+    guest_initramfs_with(dir, target, "")
+}
+
+/// [`guest_initramfs`] with extra shell lines run after the ping.
+pub fn guest_initramfs_with(dir: &Path, target: &str, extra: &str) -> Result<PathBuf> {
+    let init = dir.join("init.sh");
+    std::fs::write(
+        &init,
+        format!(
+            r#"#!/bin/sh
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev 2>/dev/null
+/load-modules
+ip link set lo up
+ip link set eth0 up
+# Debian busybox looks for /etc/udhcpc/default.script; mk-initramfs puts it here.
+if udhcpc -i eth0 -q -n -t 15 -T 1 -s /usr/share/udhcpc/default.script; then
+  echo "DHCP-OK $(ip -4 -o addr show dev eth0 | awk '{{print $4}}')"
+else
+  echo DHCP-FAIL
+fi
+if ping -c 3 -W 2 {target}; then echo PING-OK; else echo PING-FAIL; fi
+{extra}
+echo GUEST-DONE
+sleep 600
+"#
+        ),
+    )?;
+    let out = dir.join("initramfs.cpio.gz");
+    let script = integration_tests::workspace_root().join("scripts/mk-initramfs.sh");
+    let assets = integration_tests::guest_assets();
+    run(Command::new(script)
+        .arg(&out)
+        .arg(&init)
+        .env("FABRIC_ASSETS", &assets))?;
+    Ok(out)
+}
+
+/// Boots QEMU (TCG, microvm, the Debian kernel) in `ns` with the virtio-net
+/// backend `netdev` (a `-netdev` argument with id `n0`) and MAC `mac`; waits until
+/// the guest prints GUEST-DONE (or `timeout`); returns the serial console output.
+pub fn boot_guest(
+    ns: &Netns,
+    dir: &Path,
+    initrd: &Path,
+    netdev: &str,
+    mac: &str,
+    timeout: Duration,
+) -> Result<String> {
+    let assets = integration_tests::guest_assets();
+    let qemu = assets.join("bin/qemu-system-x86_64");
+    let kernel = assets.join("vmlinux");
+    let console = dir.join(format!(
+        "console-{}.log",
+        integration_tests::unique_name("c")
+    ));
+    let log = std::fs::File::create(&console)?;
+    let child = ns
+        .command(&[
+            qemu.to_str().unwrap(),
+            "-M",
+            "microvm",
+            "-accel",
+            "tcg",
+            "-m",
+            "256",
+            "-smp",
+            "1",
+            "-no-reboot",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-kernel",
+            kernel.to_str().unwrap(),
+            "-initrd",
+            initrd.to_str().unwrap(),
+            "-append",
+            "console=ttyS0 tsc_early_khz=2000000 panic=-1 quiet",
+            "-netdev",
+            netdev,
+            "-device",
+            &format!("virtio-net-device,netdev=n0,mac={mac}"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("spawn qemu")?;
+    let mut guard = ChildGuard::new(child);
+    let done = wait_until(timeout, || {
+        std::fs::read_to_string(&console)
+            .map(|s| s.contains("GUEST-DONE"))
+            .unwrap_or(false)
+            || matches!(guard.child().try_wait(), Ok(Some(_)))
+    });
+    drop(guard);
+    let out = std::fs::read_to_string(&console).unwrap_or_default();
+    if !done {
+        bail!("guest did not finish in {timeout:?}; console:\n{out}");
+    }
+    Ok(out)
+}

@@ -1,0 +1,177 @@
+//! netd switch end to end: test hosts in namespaces on `tap` ports; ping within a
+//! network, isolation between networks, counters, MAC table and MTU drops.
+
+mod netd_common;
+
+use anyhow::Result;
+use integration_tests::{require_root, unique_name, Netns};
+use netd_common::*;
+
+#[test]
+fn ping_within_network_not_across_and_counters() -> Result<()> {
+    require_root();
+    let dir = tempdir();
+    let host = Netns::new("nh")?;
+    let a = Netns::new("na")?;
+    let b = Netns::new("nb")?;
+    let c = Netns::new("nc")?;
+    let (ta, tb, tc) = (unique_name("ta"), unique_name("tb"), unique_name("tc"));
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            r#"
+[[network]]
+name = "lan"
+mode = "internal"
+mtu = 1500
+
+[[network.port]]
+name = "a"
+kind = "tap"
+ifname = "{ta}"
+netns = "{na}"
+mac = "02:00:00:00:0a:01"
+
+[[network.port]]
+name = "b"
+kind = "tap"
+ifname = "{tb}"
+netns = "{nb}"
+
+[[network]]
+name = "other"
+mode = "internal"
+
+[[network.port]]
+name = "c"
+kind = "tap"
+ifname = "{tc}"
+netns = "{nc}"
+"#,
+            na = a.name(),
+            nb = b.name(),
+            nc = c.name()
+        ),
+    );
+    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    a.exec(&["ip", "addr", "add", "10.1.0.1/24", "dev", &ta])?;
+    b.exec(&["ip", "addr", "add", "10.1.0.2/24", "dev", &tb])?;
+    c.exec(&["ip", "addr", "add", "10.1.0.3/24", "dev", &tc])?;
+
+    assert!(
+        ping_retry(&a, "10.1.0.2", 5),
+        "a reaches b on the same network"
+    );
+    assert!(ping(&b, "10.1.0.1"), "b reaches a");
+    assert!(
+        !ping(&a, "10.1.0.3"),
+        "a must not reach c on another network"
+    );
+    assert!(
+        !ping(&c, "10.1.0.2"),
+        "c must not reach b on another network"
+    );
+
+    // Counters and MAC table.
+    let ca = netd.counters("lan", "a")?;
+    let cb = netd.counters("lan", "b")?;
+    assert!(ca["rx_frames"].as_u64().unwrap() >= 2, "{ca}");
+    assert!(ca["rx_bytes"].as_u64().unwrap() > 100, "{ca}");
+    assert!(cb["tx_frames"].as_u64().unwrap() >= 2, "{cb}");
+    let macs = netd.cli_json(&["mac", "lan"])?;
+    assert!(
+        macs.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["mac"] == "02:00:00:00:0a:01" && e["port"] == "a"),
+        "a's MAC learned on port a: {macs}"
+    );
+    // The other network saw none of lan's frames (only c's own).
+    let other_macs = netd.cli_json(&["mac", "other"])?;
+    assert!(
+        other_macs
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["port"] == "c"),
+        "{other_macs}"
+    );
+    let nets = netd.cli_json(&["net", "list"])?;
+    assert_eq!(nets.as_array().unwrap().len(), 2, "{nets}");
+
+    // MTU: a full 1500-byte packet passes; a host that raised its own MTU past the
+    // network's sees its big frames dropped and counted.
+    assert!(
+        a.command(&["ping", "-c", "1", "-W", "1", "-M", "do", "-s", "1472", "10.1.0.2"])
+            .status()?
+            .success(),
+        "1500-byte packet fits"
+    );
+    a.exec(&["ip", "link", "set", "dev", &ta, "mtu", "9000"])?;
+    let before = netd.counters("lan", "a")?["drop_mtu"].as_u64().unwrap();
+    assert!(
+        !a.command(&["ping", "-c", "1", "-W", "1", "-M", "do", "-s", "3000", "10.1.0.2"])
+            .status()?
+            .success(),
+        "oversized frame must not cross"
+    );
+    let after = netd.counters("lan", "a")?["drop_mtu"].as_u64().unwrap();
+    assert!(after > before, "MTU drop counted ({before} -> {after})");
+
+    assert!(netd.stop(), "clean exit on SIGTERM");
+    // netd's TAPs went with it.
+    assert!(
+        a.exec(&["ip", "link", "show", &ta]).is_err(),
+        "TAP removed on exit"
+    );
+    Ok(())
+}
+
+#[test]
+fn tap_port_comes_back_with_its_namespace() -> Result<()> {
+    require_root();
+    let dir = tempdir();
+    let host = Netns::new("nh")?;
+    let a = Netns::new("na")?;
+    let b = Netns::new("nb")?;
+    let (ta, tb) = (unique_name("ta"), unique_name("tb"));
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "[[network]]\nname = \"lan\"\nmode = \"internal\"\n\n[[network.port]]\nname = \"a\"\nkind = \"tap\"\nifname = \"{ta}\"\nnetns = \"{na}\"\n\n[[network.port]]\nname = \"b\"\nkind = \"tap\"\nifname = \"{tb}\"\nnetns = \"{nb}\"\n",
+            na = a.name(),
+            nb = b.name()
+        ),
+    );
+    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    a.exec(&["ip", "addr", "add", "10.1.1.1/24", "dev", &ta])?;
+    b.exec(&["ip", "addr", "add", "10.1.1.2/24", "dev", &tb])?;
+    assert!(ping_retry(&a, "10.1.1.2", 5));
+
+    // The container goes away: its namespace (and the TAP's kernel side) with it.
+    // netd does not keep the namespace alive; when a namespace of that name is back,
+    // so is the port.
+    integration_tests::sh(&format!("ip netns del {}", b.name()))?;
+    assert!(!ping(&a, "10.1.1.2"));
+    integration_tests::sh(&format!(
+        "ip netns add {0} && ip -n {0} link set lo up",
+        b.name()
+    ))?;
+    assert!(
+        integration_tests::wait_until(std::time::Duration::from_secs(5), || b
+            .exec(&["ip", "link", "show", &tb])
+            .is_ok()),
+        "netd recreated the TAP in the new namespace"
+    );
+    b.exec(&["ip", "addr", "add", "10.1.1.2/24", "dev", &tb])?;
+    // The new TAP has a new MAC: a forgets the old one, as after any host change.
+    a.exec(&["ip", "neigh", "flush", "dev", &ta])?;
+    assert!(
+        ping_retry(&a, "10.1.1.2", 5),
+        "traffic flows again: {}\n{}",
+        netd.cli(&["port", "list", "lan"])?,
+        netd.log()
+    );
+    assert!(netd.stop());
+    Ok(())
+}

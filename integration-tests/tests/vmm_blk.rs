@@ -1,0 +1,523 @@
+//! vmm-shim's virtio-blk over real NBD servers (stord, and qemu-nbd), under the real
+//! KVM: a guest program writes a sector and reads it back through the device; the test
+//! then checks the bytes in the disk file. Also: a read-only export is offered read-only and a write
+//! to it fails with IOERR; SIGTERM stops the VM and closes NBD cleanly.
+
+mod stord_common;
+mod vmm_guest;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use integration_tests::{free_port, require_root, wait_until, ChildGuard};
+use vmm_guest::{assemble, run_vmm};
+
+/// Sector the guest writes.
+const SECTOR: u64 = 77;
+/// The 16-byte pattern the guest repeats over the sector.
+const PATTERN: &[u8; 16] = b"vmm-shim-blk-ok!";
+
+/// Guest: init virtio-blk at MMIO0, write sector 77 with the pattern, read it back,
+/// compare; checks the RO feature bit against `expect_ro` (then expects IOERR on write).
+fn blk_guest(expect_ro: bool) -> String {
+    format!(
+        r#"
+    .set RING, 0x200000
+    .set HDR, 0x203000
+    .set DATA, 0x204000
+    .set STATUS, 0x205000
+    .set RDATA, 0x206000
+_start:
+    mov $MMIO0, %rbx
+    cmpl $2, 0x8(%rbx)          # device id: block
+    je 1f
+    FAIL 'd'
+1:  movl $0, 0x14(%rbx)
+    movl 0x10(%rbx), %eax       # device features, low word
+    shr $5, %eax                # VIRTIO_BLK_F_RO
+    and $1, %eax
+    cmp ${ro}, %eax
+    je 1f
+    FAIL 'r'
+1:  xor %r8d, %r8d
+    call dev_init
+    xor %edi, %edi
+    mov $RING, %esi
+    call setup_queue
+    call driver_ok
+    # capacity (config offset 0x100) must be 2048 sectors (1 MiB)
+    cmpq $2048, 0x100(%rbx)
+    je 1f
+    FAIL 'c'
+1:  # fill DATA with the pattern
+    mov $DATA, %rdi
+    mov $32, %ecx
+2:  lea pattern(%rip), %rsi
+    movsq
+    movsq
+    loop 2b
+    # OUT request: header, data, status
+    movl $1, HDR
+    movl $0, HDR+4
+    movq ${sector}, HDR+8
+    movb $0xff, STATUS
+    DSET RING, 0, HDR, 16, F_NEXT, 1
+    DSET RING, 1, DATA, 512, F_NEXT, 2
+    DSET RING, 2, STATUS, 1, F_WRITE, 0
+    AVAIL RING, 0, 0, 1
+    movl $0, 0x50(%rbx)
+    cmpw $1, RING+0x2000+2
+    je 1f
+    FAIL '1'
+1:  movzbl STATUS, %eax
+    cmp ${want_write_status}, %eax
+    je 1f
+    FAIL '2'
+1:  # IN request into RDATA
+    movl $0, HDR
+    movb $0xff, STATUS
+    DSET RING, 1, RDATA, 512, F_NEXT|F_WRITE, 2
+    AVAIL RING, 1, 0, 2
+    movl $0, 0x50(%rbx)
+    cmpw $2, RING+0x2000+2
+    je 1f
+    FAIL '3'
+1:  cmpb $0, STATUS
+    je 1f
+    FAIL '4'
+1:  cmpl $513, RING+0x2000+4+8+4    # used len of the read: 512 data + status
+    je 1f
+    FAIL '6'
+1:  .if {ro} == 0
+    mov $DATA, %rsi
+    mov $RDATA, %rdi
+    mov $512, %ecx
+    repe cmpsb
+    je 1f
+    FAIL '5'
+1:
+    .endif
+    # FLUSH
+    movl $4, HDR
+    movb $0xff, STATUS
+    DSET RING, 1, STATUS, 1, F_WRITE, 0
+    AVAIL RING, 2, 0, 3
+    movl $0, 0x50(%rbx)
+    cmpb ${want_flush}, STATUS
+    je 1f
+    FAIL '7'
+1:  PRINT okmsg
+    jmp reboot
+pattern: .ascii "{pattern}"
+okmsg: .asciz "BLK OK\n"
+"#,
+        ro = expect_ro as u8,
+        sector = SECTOR,
+        pattern = std::str::from_utf8(PATTERN).unwrap(),
+        want_write_status = if expect_ro { 1 } else { 0 },
+        want_flush = 0,
+    )
+}
+
+/// Starts qemu-nbd on a TCP port (or a unix socket) for `img`.
+fn qemu_nbd(
+    img: &Path,
+    export: &str,
+    port: Option<u16>,
+    sock: Option<&Path>,
+    ro: bool,
+) -> ChildGuard {
+    let mut c = Command::new("qemu-nbd");
+    c.args([
+        "-f",
+        "raw",
+        "-x",
+        export,
+        "-t",
+        "--cache=none",
+        "--aio=threads",
+    ]);
+    if ro {
+        c.arg("-r");
+    }
+    match (port, sock) {
+        (Some(p), _) => {
+            c.args(["-b", "127.0.0.1", "-p", &p.to_string()]);
+        }
+        (None, Some(s)) => {
+            c.arg("-k").arg(s);
+        }
+        _ => unreachable!(),
+    }
+    c.arg(img);
+    let g = ChildGuard::new(c.spawn().expect("qemu-nbd (qemu-utils) must be installed"));
+    let ready = wait_until(Duration::from_secs(10), || match (port, sock) {
+        (Some(p), _) => std::net::TcpStream::connect(("127.0.0.1", p)).is_ok(),
+        (_, Some(s)) => std::os::unix::net::UnixStream::connect(s).is_ok(),
+        _ => false,
+    });
+    assert!(ready, "qemu-nbd did not start");
+    g
+}
+
+fn make_disk(dir: &Path) -> std::path::PathBuf {
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    img
+}
+
+#[test]
+fn guest_writes_and_reads_a_sector_through_nbd_tcp() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let img = make_disk(dir.path());
+    let port = free_port();
+    let _nbd = qemu_nbd(&img, "disk0", Some(port), None, false);
+    let elf = assemble(dir.path(), "blk", &blk_guest(false)).unwrap();
+    let disk = format!("nbd://127.0.0.1:{port}/disk0");
+    let r = run_vmm(
+        &[],
+        &[
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--mem",
+            "64M",
+            "--disk",
+            &disk,
+        ],
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    assert_eq!(r.serial, "BLK OK\n", "stderr: {}", r.stderr);
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    let bytes = std::fs::read(&img).unwrap();
+    let s = &bytes[(SECTOR * 512) as usize..(SECTOR * 512 + 512) as usize];
+    assert_eq!(s, PATTERN.repeat(32).as_slice());
+    assert!(bytes[..(SECTOR * 512) as usize].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn unix_socket_export_and_read_only_export() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let img = make_disk(dir.path());
+    let sock = dir.path().join("nbd.sock");
+    let _nbd = qemu_nbd(&img, "ro0", None, Some(&sock), true);
+    let elf = assemble(dir.path(), "blkro", &blk_guest(true)).unwrap();
+    let disk = format!("nbd+unix:///ro0?socket={}", sock.display());
+    let r = run_vmm(
+        &[],
+        &[
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--mem",
+            "64M",
+            "--disk",
+            &disk,
+        ],
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    assert_eq!(r.serial, "BLK OK\n", "stderr: {}", r.stderr);
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    assert!(std::fs::read(&img).unwrap().iter().all(|&b| b == 0));
+}
+
+#[test]
+fn forced_read_only_flag_on_a_writable_export() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let img = make_disk(dir.path());
+    let port = free_port();
+    let _nbd = qemu_nbd(&img, "d", Some(port), None, false);
+    let elf = assemble(dir.path(), "blkro2", &blk_guest(true)).unwrap();
+    let disk = format!("nbd://127.0.0.1:{port}/d,ro");
+    let r = run_vmm(
+        &[],
+        &[
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--mem",
+            "64M",
+            "--disk",
+            &disk,
+        ],
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    assert_eq!(r.serial, "BLK OK\n", "stderr: {}", r.stderr);
+    assert_eq!(r.code, Some(0));
+    assert!(std::fs::read(&img).unwrap().iter().all(|&b| b == 0));
+}
+
+#[test]
+fn missing_export_is_a_clear_error() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let img = make_disk(dir.path());
+    let port = free_port();
+    let _nbd = qemu_nbd(&img, "disk0", Some(port), None, false);
+    let elf = assemble(dir.path(), "x", "_start: jmp reboot\n").unwrap();
+    let disk = format!("nbd://127.0.0.1:{port}/nope");
+    let r = run_vmm(
+        &[],
+        &["--kernel", elf.to_str().unwrap(), "--disk", &disk],
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    assert_eq!(r.code, Some(1), "stderr: {}", r.stderr);
+    assert!(r.stderr.contains("refused export \"nope\""), "{}", r.stderr);
+}
+
+#[test]
+fn sigterm_stops_the_guest_and_closes_nbd() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let img = make_disk(dir.path());
+    let port = free_port();
+    let _nbd = qemu_nbd(&img, "disk0", Some(port), None, false);
+    // A guest that spins forever (in ring 0, so vmm-shim must kick it out of KVM_RUN).
+    let elf = assemble(
+        dir.path(),
+        "spin",
+        "_start: PRINT m\n1: jmp 1b\nm: .asciz \"up\\n\"\n",
+    )
+    .unwrap();
+    let disk = format!("nbd://127.0.0.1:{port}/disk0");
+    let child = Command::new(integration_tests::bin("vmm-shim"))
+        .args(["--kernel", elf.to_str().unwrap(), "--disk", &disk])
+        .env("VMM_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut g = ChildGuard::new(child);
+    std::thread::sleep(Duration::from_millis(500));
+    g.signal(libc::SIGTERM);
+    let st = g
+        .wait_timeout(Duration::from_secs(10))
+        .expect("vmm-shim ignored SIGTERM");
+    assert_eq!(st.code(), Some(0));
+    let mut err = String::new();
+    use std::io::Read;
+    g.child()
+        .stderr
+        .as_mut()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(err.contains("disk closing"), "{err}");
+    assert!(!err.contains("NBD close failed"), "{err}");
+}
+
+#[test]
+fn guest_writes_and_reads_a_sector_through_stord() {
+    require_root();
+    let stord = stord_common::Stord::start(&[stord_common::dynamic("vm0", "1M")]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let elf = assemble(dir.path(), "blk", &blk_guest(false)).unwrap();
+    for (round, disk) in [stord.uri("vm0"), stord.unix_uri("vm0")].iter().enumerate() {
+        let r = run_vmm(
+            &[],
+            &[
+                "--kernel",
+                elf.to_str().unwrap(),
+                "--mem",
+                "64M",
+                "--disk",
+                disk,
+            ],
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        assert_eq!(r.serial, "BLK OK\n", "round {round}: stderr: {}", r.stderr);
+        assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    }
+    // vmm-shim flushed before it disconnected: the bytes are in stord's disk file.
+    let bytes = std::fs::read(stord.state().join("disks/vm0.img")).unwrap();
+    let s = &bytes[(SECTOR * 512) as usize..(SECTOR * 512 + 512) as usize];
+    assert_eq!(s, PATTERN.repeat(32).as_slice());
+}
+
+/// Guest: write the pattern to sectors 10..13, then DISCARD sector 10 and
+/// WRITE_ZEROES sector 11 (one segment each); sector 12 stays.
+const TRIM_GUEST: &str = r#"
+    .set RING, 0x200000
+    .set HDR, 0x203000
+    .set DATA, 0x204000
+    .set STATUS, 0x205000
+    .set SEG, 0x206000
+_start:
+    mov $MMIO0, %rbx
+    movl $0, 0x14(%rbx)
+    movl 0x10(%rbx), %eax
+    and $((1 << 13) | (1 << 14)), %eax  # DISCARD, WRITE_ZEROES offered
+    cmp $((1 << 13) | (1 << 14)), %eax
+    je 1f
+    FAIL 'f'
+1:  mov $((1 << 13) | (1 << 14)), %r8d
+    call dev_init
+    xor %edi, %edi
+    mov $RING, %esi
+    call setup_queue
+    call driver_ok
+    mov $DATA, %rdi
+    mov $0x5a, %al
+    mov $1536, %ecx
+    rep stosb
+    movl $1, HDR
+    movq $10, HDR+8
+    DSET RING, 0, HDR, 16, F_NEXT, 1
+    DSET RING, 1, DATA, 1536, F_NEXT, 2
+    DSET RING, 2, STATUS, 1, F_WRITE, 0
+    AVAIL RING, 0, 0, 1
+    movl $0, 0x50(%rbx)
+    cmpb $0, STATUS
+    je 1f
+    FAIL 'w'
+1:  # DISCARD sector 10
+    movl $11, HDR
+    movq $10, SEG
+    movl $1, SEG+8
+    movl $0, SEG+12
+    DSET RING, 1, SEG, 16, F_NEXT, 2
+    movb $0xff, STATUS
+    AVAIL RING, 1, 0, 2
+    movl $0, 0x50(%rbx)
+    cmpb $0, STATUS
+    je 1f
+    FAIL 'd'
+1:  # WRITE_ZEROES sector 11, no unmap
+    movl $13, HDR
+    movq $11, SEG
+    movb $0xff, STATUS
+    AVAIL RING, 2, 0, 3
+    movl $0, 0x50(%rbx)
+    cmpb $0, STATUS
+    je 1f
+    FAIL 'z'
+1:  PRINT okmsg
+    jmp reboot
+okmsg: .asciz "TRIM OK\n"
+"#;
+
+#[test]
+fn discard_and_write_zeroes_reach_stord() {
+    require_root();
+    let stord = stord_common::Stord::start(&[stord_common::dynamic("t0", "1M")]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let elf = assemble(dir.path(), "trim", TRIM_GUEST).unwrap();
+    let r = run_vmm(
+        &[],
+        &[
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--mem",
+            "64M",
+            "--disk",
+            &stord.uri("t0"),
+        ],
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    assert_eq!(r.serial, "TRIM OK\n", "stderr: {}", r.stderr);
+    assert_eq!(r.code, Some(0));
+    let bytes = std::fs::read(stord.state().join("disks/t0.img")).unwrap();
+    assert!(
+        bytes[10 * 512..12 * 512].iter().all(|&b| b == 0),
+        "sectors 10-11 zeroed"
+    );
+    assert!(
+        bytes[12 * 512..13 * 512].iter().all(|&b| b == 0x5a),
+        "sector 12 kept"
+    );
+}
+
+/// Guest: one good write, then waits for a byte on the console; by then the test has
+/// killed the NBD server, and the next read must come back as IOERR (not a crash).
+const IOERR_GUEST: &str = r#"
+    .set RING, 0x200000
+    .set HDR, 0x203000
+    .set DATA, 0x204000
+    .set STATUS, 0x205000
+_start:
+    mov $MMIO0, %rbx
+    xor %r8d, %r8d
+    call dev_init
+    xor %edi, %edi
+    mov $RING, %esi
+    call setup_queue
+    call driver_ok
+    movl $1, HDR
+    movq $1, HDR+8
+    DSET RING, 0, HDR, 16, F_NEXT, 1
+    DSET RING, 1, DATA, 512, F_NEXT, 2
+    DSET RING, 2, STATUS, 1, F_WRITE, 0
+    AVAIL RING, 0, 0, 1
+    movl $0, 0x50(%rbx)
+    cmpb $0, STATUS
+    je 1f
+    FAIL 'w'
+1:  PRINT w1
+    mov $0x3fd, %dx
+2:  in %dx, %al
+    test $1, %al
+    jz 2b
+    movl $0, HDR
+    movb $0xff, STATUS
+    DSET RING, 1, DATA, 512, F_NEXT|F_WRITE, 2
+    AVAIL RING, 1, 0, 2
+    movl $0, 0x50(%rbx)
+    cmpw $2, RING+0x2000+2
+    je 1f
+    FAIL 'u'
+1:  cmpb $1, STATUS
+    je 1f
+    FAIL 'e'
+1:  PRINT okmsg
+    jmp reboot
+w1: .asciz "W1\n"
+okmsg: .asciz "IOERR OK\n"
+"#;
+
+#[test]
+fn nbd_server_death_is_an_io_error_for_the_guest() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let img = make_disk(dir.path());
+    let port = free_port();
+    let mut nbd = qemu_nbd(&img, "d", Some(port), None, false);
+    let elf = assemble(dir.path(), "ioerr", IOERR_GUEST).unwrap();
+    let child = Command::new(integration_tests::bin("vmm-shim"))
+        .args(["--kernel", elf.to_str().unwrap(), "--mem", "64M"])
+        .args(["--disk", &format!("nbd://127.0.0.1:{port}/d")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut g = ChildGuard::new(child);
+    let mut out = BufReader::new(g.child().stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "W1\n");
+    nbd.signal(libc::SIGKILL);
+    nbd.wait_timeout(Duration::from_secs(5))
+        .expect("qemu-nbd gone");
+    g.child().stdin.as_mut().unwrap().write_all(b"x").unwrap();
+    let st = g.wait_timeout(Duration::from_secs(30));
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let mut err = String::new();
+    g.child()
+        .stderr
+        .as_mut()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(rest, "IOERR OK\n", "stderr: {err}");
+    assert_eq!(st.and_then(|s| s.code()), Some(0), "stderr: {err}");
+    assert!(err.contains("block backend failed"), "{err}");
+}

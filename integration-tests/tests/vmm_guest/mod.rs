@@ -1,0 +1,312 @@
+//! Small guest programs for the vmm-shim tests, in GNU `as` syntax, assembled and
+//! linked by the test (binutils) into a static ELF that vmm-shim loads like a vmlinux.
+//!
+//! The guest starts as the Linux 64-bit boot protocol leaves a kernel: long mode,
+//! ring 0, the first 4 GiB identity-mapped, `rsi` = zero page. The prelude gives it a
+//! serial `print`, a `fail` that prints `FAIL <code>` and triple-faults (vmm-shim exits
+//! non-zero), `reboot` (i8042 0xfe: vmm-shim exits 0) and virtio-mmio driver helpers:
+//! `dev_init` (reset, ACK, DRIVER, VERSION_1 + the features in r8d, FEATURES_OK),
+//! `setup_queue` (queue edi, 8 entries, rings at esi, esi+0x1000, esi+0x2000) and
+//! `driver_ok`. Device windows start at 0xd0000000, 4 KiB apart: disks, then NICs.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// Assembly shared by every guest (appended after the test's own code).
+pub const PRELUDE: &str = r#"
+    .set MMIO0, 0xd0000000
+    .set F_NEXT, 1
+    .set F_WRITE, 2
+
+    # DSET ring, idx, addr, len, flags, next: fill descriptor idx of the table at ring.
+    .macro DSET ring, idx, addr, len, flags, next
+    movabs $\addr, %rax
+    movq %rax, \ring+16*\idx
+    movl $\len, \ring+16*\idx+8
+    movw $\flags, \ring+16*\idx+12
+    movw $\next, \ring+16*\idx+14
+    .endm
+
+    # AVAIL ring, slot, head, newidx: publish a chain head in the avail ring.
+    .macro AVAIL ring, slot, head, newidx
+    movw $\head, \ring+0x1000+4+2*\slot
+    movw $\newidx, \ring+0x1000+2
+    .endm
+
+    .macro FAIL code
+    mov $\code, %al
+    jmp fail_with
+    .endm
+
+    .macro PRINT label
+    lea \label(%rip), %rsi
+    call print
+    .endm
+
+print:                      # rsi = NUL-terminated string
+    push %rax
+    push %rdx
+    mov $0x3f8, %dx
+1:  lodsb
+    test %al, %al
+    jz 2f
+    out %al, %dx
+    jmp 1b
+2:  pop %rdx
+    pop %rax
+    ret
+
+fail_with:                  # al = code character
+    mov %al, failcode(%rip)
+    PRINT failmsg
+    ud2
+
+reboot:
+    mov $0xfe, %al
+    out %al, $0x64
+    hlt
+    jmp reboot
+
+dev_init:                   # rbx = device base, r8d = low feature bits wanted
+    cmpl $0x74726976, 0x0(%rbx)
+    jne 9f
+    movl $0, 0x70(%rbx)
+    movl $3, 0x70(%rbx)
+    movl $1, 0x24(%rbx)
+    movl $1, 0x20(%rbx)
+    movl $0, 0x24(%rbx)
+    movl %r8d, 0x20(%rbx)
+    movl $11, 0x70(%rbx)
+    testl $8, 0x70(%rbx)
+    jz 8f
+    ret
+8:  FAIL 'f'
+9:  FAIL 'm'
+
+setup_queue:                # rbx = base, edi = queue, esi = ring area (zeroed here)
+    push %rdi
+    mov %rsi, %rdi
+    xor %eax, %eax
+    mov $(0x3000/8), %ecx
+    rep stosq
+    pop %rdi
+    movl %edi, 0x30(%rbx)
+    movl $8, 0x38(%rbx)
+    movl %esi, 0x80(%rbx)
+    movl $0, 0x84(%rbx)
+    lea 0x1000(%rsi), %eax
+    movl %eax, 0x90(%rbx)
+    movl $0, 0x94(%rbx)
+    lea 0x2000(%rsi), %eax
+    movl %eax, 0xa0(%rbx)
+    movl $0, 0xa4(%rbx)
+    movl $1, 0x44(%rbx)
+    ret
+
+driver_ok:
+    movl $15, 0x70(%rbx)
+    testl $4, 0x70(%rbx)
+    jz 1f
+    ret
+1:  FAIL 'o'
+
+failmsg: .ascii "FAIL "
+failcode: .ascii "?"
+    .asciz "\n"
+"#;
+
+/// Assembles `src` (plus the prelude) into a static ELF in `dir`; returns its path.
+pub fn assemble(dir: &Path, name: &str, src: &str) -> Result<PathBuf> {
+    assemble_with(dir, name, src, &[])
+}
+
+/// Like [`assemble`], with extra `ld` arguments (e.g. `--section-start=.ap=0x10000`).
+pub fn assemble_with(dir: &Path, name: &str, src: &str, ld_args: &[&str]) -> Result<PathBuf> {
+    let s = dir.join(format!("{name}.S"));
+    let o = dir.join(format!("{name}.o"));
+    let elf = dir.join(format!("{name}.elf"));
+    let text = format!("    .code64\n    .globl _start\n    .text\n{PRELUDE}\n{src}\n");
+    std::fs::write(&s, text)?;
+    let out = Command::new("as")
+        .args(["--64", "-o"])
+        .arg(&o)
+        .arg(&s)
+        .output()
+        .context("running `as` (binutils)")?;
+    if !out.status.success() {
+        bail!("as failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = Command::new("ld")
+        .args(["-nostdlib", "-static", "-Ttext=0x1000000", "-e", "_start"])
+        .args(ld_args)
+        .arg("-o")
+        .arg(&elf)
+        .arg(&o)
+        .output()
+        .context("running `ld` (binutils)")?;
+    if !out.status.success() {
+        bail!("ld failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(elf)
+}
+
+/// Result of one vmm-shim run.
+pub struct VmRun {
+    /// Exit code (None if killed by a signal or timed out).
+    pub code: Option<i32>,
+    /// Guest serial output.
+    pub serial: String,
+    /// vmm-shim's stderr.
+    pub stderr: String,
+}
+
+/// Runs vmm-shim with `args` (prefixed by `prefix`, e.g. `ip netns exec NS`), killing
+/// it after `timeout`.
+pub fn run_vmm(prefix: &[&str], args: &[&str], timeout: std::time::Duration) -> Result<VmRun> {
+    let bin = integration_tests::bin("vmm-shim");
+    let mut cmd = if let Some((first, rest)) = prefix.split_first() {
+        let mut c = Command::new(first);
+        c.args(rest).arg(&bin);
+        c
+    } else {
+        Command::new(&bin)
+    };
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().context("spawn vmm-shim")?;
+    let mut guard = integration_tests::ChildGuard::new(child);
+    let status = guard.wait_timeout(timeout);
+    if status.is_none() {
+        guard.signal(libc::SIGKILL);
+    }
+    let mut serial = String::new();
+    let mut stderr = String::new();
+    use std::io::Read;
+    if let Some(o) = guard.child().stdout.as_mut() {
+        let _ = o.read_to_string(&mut serial);
+    }
+    if let Some(e) = guard.child().stderr.as_mut() {
+        let _ = e.read_to_string(&mut stderr);
+    }
+    Ok(VmRun {
+        code: status.and_then(|s| s.code()),
+        serial,
+        stderr,
+    })
+}
+
+/// A guest that drives virtio-net (the first device): posts four RX buffers, sends an
+/// ARP request from `src` (MAC 52:54:00:12:34:56) for `dst` (resent about every second,
+/// 20 times at most), and prints `NET OK` once an ARP reply from `dst` arrives; other
+/// frames (IPv6 chatter of the peer...) are skipped and their buffers reposted.
+pub fn arp_guest(src: [u8; 4], dst: [u8; 4]) -> String {
+    let ip = |a: [u8; 4]| format!("{},{},{},{}", a[0], a[1], a[2], a[3]);
+    format!(
+        r#"
+    .set RX, 0x200000
+    .set TX, 0x210000
+    .set BUFS, 0x220000
+_start:
+    mov $MMIO0, %rbx
+    cmpl $1, 0x8(%rbx)          # device id: net
+    je 1f
+    FAIL 'd'
+1:  xor %r8d, %r8d
+    call dev_init
+    xor %edi, %edi
+    mov $RX, %esi
+    call setup_queue
+    mov $1, %edi
+    mov $TX, %esi
+    call setup_queue
+    call driver_ok
+    # four 2 KiB receive buffers
+    DSET RX, 0, BUFS, 2048, F_WRITE, 0
+    DSET RX, 1, BUFS+0x800, 2048, F_WRITE, 0
+    DSET RX, 2, BUFS+0x1000, 2048, F_WRITE, 0
+    DSET RX, 3, BUFS+0x1800, 2048, F_WRITE, 0
+    movw $0, RX+0x1000+4
+    movw $1, RX+0x1000+6
+    movw $2, RX+0x1000+8
+    movw $3, RX+0x1000+10
+    movw $4, RX+0x1000+2
+    mov $4, %r13d               # avail index of the RX ring
+    movl $0, 0x50(%rbx)
+    # send the ARP request (vnet header + frame, one descriptor), again every ~second
+    # until a reply comes (a switch port may come up a little after the guest)
+    DSET TX, 0, arpreq, arpreq_end-arpreq, 0, 0
+    xor %r12d, %r12d            # next used RX entry to look at
+    xor %r14d, %r14d            # requests sent
+send:
+    mov %r14d, %eax
+    and $7, %eax
+    movw $0, TX+0x1000+4(,%rax,2)
+    lea 1(%r14), %eax
+    movw %ax, TX+0x1000+2
+    movl $1, 0x50(%rbx)
+    inc %r14d
+    cmpw %r14w, TX+0x2000+2
+    je wait
+    FAIL 't'
+wait:
+    mov $200000, %ecx
+2:  movzwl RX+0x2000+2, %eax
+    cmp %r12d, %eax
+    jne got
+    pause
+    loop 2b
+    cmp $20, %r14d
+    jb send
+    FAIL 'w'
+got:
+    mov %r12d, %eax
+    and $7, %eax
+    movl RX+0x2000+4(,%rax,8), %eax     # used id = buffer index
+    and $3, %eax
+    mov %eax, %r15d
+    shl $11, %eax
+    add $BUFS, %eax
+    cmpw $0x0608, 24(%rax)              # ethertype ARP (big endian 0x0806)
+    jne next
+    cmpw $0x0200, 32(%rax)              # op = reply
+    jne next
+    cmpl ${dst_le}, 40(%rax)            # sender IP = the address we asked for
+    jne next
+    PRINT okmsg
+    jmp reboot
+next:                                   # not ours: give the buffer back, look again
+    mov %r13d, %eax
+    and $7, %eax
+    movw %r15w, RX+0x1000+4(,%rax,2)
+    inc %r13d
+    movw %r13w, RX+0x1000+2
+    movl $0, 0x50(%rbx)
+    inc %r12d
+    cmp $64, %r12d
+    jb wait
+    FAIL 'n'
+
+arpreq:
+    .fill 12, 1, 0                       # virtio_net_hdr_v1
+    .byte 0xff,0xff,0xff,0xff,0xff,0xff
+    .byte 0x52,0x54,0x00,0x12,0x34,0x56
+    .byte 0x08,0x06
+    .byte 0x00,0x01, 0x08,0x00, 6, 4, 0x00,0x01
+    .byte 0x52,0x54,0x00,0x12,0x34,0x56
+    .byte {src}
+    .byte 0,0,0,0,0,0
+    .byte {dst}
+arpreq_end:
+okmsg: .asciz "NET OK\n"
+"#,
+        src = ip(src),
+        dst = ip(dst),
+        dst_le = u32::from_le_bytes(dst),
+    )
+}

@@ -1,0 +1,168 @@
+//! Hostile guests: a guest program feeds vmm-shim's virtio-blk malformed descriptor
+//! chains (buffers outside RAM, loops, bad next indexes, missing or read-only status
+//! bytes, readable-after-writable, a broken indirect table), out-of-range and unknown
+//! requests, and a bogus avail index. vmm-shim must answer each with an error the guest
+//! sees, count the bad chains, keep running, and serve good requests after a reset.
+
+mod vmm_guest;
+
+use std::time::Duration;
+
+use integration_tests::{free_port, require_root, wait_until, ChildGuard};
+use vmm_guest::{assemble, run_vmm};
+
+const GUEST: &str = r#"
+    .set RING, 0x200000
+    .set USED, RING+0x2000
+    .set HDR, 0x203000
+    .set DATA, 0x204000
+    .set STATUS, 0x205000
+    .set IND, 0x207000
+    .set F_INDIRECT, 4
+
+    # KICK n: publish head 0 in slot n-1 with avail idx n, notify, expect used idx n.
+    .macro KICK n, head=0
+    AVAIL RING, (\n-1), \head, \n
+    movl $0, 0x50(%rbx)
+    cmpw $\n, USED+2
+    je 1f
+    FAIL 'k'
+1:
+    .endm
+    # ULEN n, len: used entry n-1 has this length.
+    .macro ULEN n, len
+    cmpl $\len, USED+4+8*(\n-1)+4
+    je 1f
+    FAIL 'l'
+1:
+    .endm
+
+_start:
+    mov $MMIO0, %rbx
+    xor %r8d, %r8d
+    call dev_init
+    xor %edi, %edi
+    mov $RING, %esi
+    call setup_queue
+    call driver_ok
+    movl $1, HDR                          # OUT
+    movq $0, HDR+8
+
+    # 1: header buffer outside guest RAM
+    DSET RING, 0, 0x7fff0000, 16, F_NEXT, 1
+    DSET RING, 1, STATUS, 1, F_WRITE, 0
+    KICK 1
+    ULEN 1, 0
+    # 2: a descriptor that points at itself
+    DSET RING, 0, HDR, 16, F_NEXT, 0
+    KICK 2
+    # 3: next index past the table
+    DSET RING, 0, HDR, 16, F_NEXT, 200
+    KICK 3
+    # 4: no writable status byte at all
+    DSET RING, 0, HDR, 16, F_NEXT, 1
+    DSET RING, 1, DATA, 512, 0, 0
+    KICK 4
+    ULEN 4, 0
+    # 5: readable data after the writable status
+    DSET RING, 0, HDR, 16, F_NEXT, 1
+    DSET RING, 1, STATUS, 1, F_WRITE|F_NEXT, 2
+    DSET RING, 2, DATA, 512, 0, 0
+    KICK 5
+    # 6: indirect table whose length is not a multiple of 16
+    DSET RING, 0, IND, 20, F_INDIRECT, 0
+    KICK 6
+    # 7: well formed, but past the end of the disk: IOERR, not a bad chain
+    movq $999999, HDR+8
+    movb $0xff, STATUS
+    DSET RING, 0, HDR, 16, F_NEXT, 1
+    DSET RING, 1, DATA, 512, F_NEXT, 2
+    DSET RING, 2, STATUS, 1, F_WRITE, 0
+    KICK 7
+    cmpb $1, STATUS
+    je 1f
+    FAIL '7'
+1:  # 8: unknown request type: UNSUPP
+    movl $99, HDR
+    movb $0xff, STATUS
+    KICK 8
+    cmpb $2, STATUS
+    je 1f
+    FAIL '8'
+1:  # 9: avail index far ahead of the ring: the device must not loop or crash
+    movw $200, RING+0x1000+2
+    movl $0, 0x50(%rbx)
+    # recover: reset and set the device up again, then a good write
+    xor %r8d, %r8d
+    call dev_init
+    xor %edi, %edi
+    mov $RING, %esi
+    call setup_queue
+    call driver_ok
+    movl $1, HDR
+    movq $3, HDR+8
+    movb $0xff, STATUS
+    movq $0x6b6f2d7473726966, %rax        # "first-ok"
+    movq %rax, DATA
+    DSET RING, 0, HDR, 16, F_NEXT, 1
+    DSET RING, 1, DATA, 512, F_NEXT, 2
+    DSET RING, 2, STATUS, 1, F_WRITE, 0
+    KICK 1
+    cmpb $0, STATUS
+    je 1f
+    FAIL '9'
+1:  PRINT okmsg
+    jmp reboot
+okmsg: .asciz "HOSTILE OK\n"
+"#;
+
+#[test]
+fn malformed_chains_are_answered_counted_and_survived() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let port = free_port();
+    let _nbd = ChildGuard::new(
+        std::process::Command::new("qemu-nbd")
+            .args([
+                "-f",
+                "raw",
+                "-x",
+                "d",
+                "-t",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .arg(&img)
+            .spawn()
+            .expect("qemu-nbd"),
+    );
+    assert!(wait_until(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    }));
+    let elf = assemble(dir.path(), "hostile", GUEST).unwrap();
+    let disk = format!("nbd://127.0.0.1:{port}/d");
+    std::env::set_var("VMM_LOG", "info");
+    let r = run_vmm(
+        &[],
+        &[
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--mem",
+            "64M",
+            "--disk",
+            &disk,
+        ],
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    assert_eq!(r.serial, "HOSTILE OK\n", "stderr: {}", r.stderr);
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    // Six malformed chains plus the bogus avail index.
+    assert!(r.stderr.contains("bad_chains=7"), "stderr: {}", r.stderr);
+    let bytes = std::fs::read(&img).unwrap();
+    assert_eq!(&bytes[3 * 512..3 * 512 + 8], b"first-ok");
+}

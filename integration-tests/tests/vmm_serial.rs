@@ -1,0 +1,449 @@
+//! vmm-shim under the real KVM: a guest prints on the 8250 and resets through the i8042
+//! (exit 0); a guest that triple-faults makes vmm-shim exit non-zero with a message;
+//! a TOML config runs the same as flags and its errors name the key; with two vCPUs the
+//! boot CPU starts the second one through the in-kernel LAPIC (INIT/SIPI).
+
+mod vmm_guest;
+
+use std::time::Duration;
+
+use integration_tests::require_root;
+use vmm_guest::{assemble, assemble_with, run_vmm};
+
+#[test]
+fn guest_prints_on_serial_and_reboots_with_status_0() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let elf = assemble(
+        dir.path(),
+        "hello",
+        r#"
+_start:
+    PRINT msg
+    # The UART's line status register says the transmitter is empty.
+    mov $0x3fd, %dx
+    in %dx, %al
+    test $0x20, %al
+    jnz 1f
+    FAIL 'l'
+1:  PRINT done
+    jmp reboot
+msg:  .asciz "hello from the guest\n"
+done: .asciz "LSR ok\n"
+"#,
+    )
+    .unwrap();
+    let r = run_vmm(
+        &[],
+        &["--kernel", elf.to_str().unwrap(), "--mem", "64M"],
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    assert_eq!(
+        r.serial, "hello from the guest\nLSR ok\n",
+        "stderr: {}",
+        r.stderr
+    );
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+}
+
+#[test]
+fn triple_fault_exits_nonzero_with_a_message() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    // ud2 with an IDT that has no valid gate: #UD -> #GP -> #DF -> triple fault.
+    let elf = assemble(
+        dir.path(),
+        "tf",
+        r#"
+_start:
+    PRINT msg
+    ud2
+msg: .asciz "about to fault\n"
+"#,
+    )
+    .unwrap();
+    let r = run_vmm(
+        &[],
+        &["--kernel", elf.to_str().unwrap(), "--mem", "64M"],
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    assert_eq!(r.serial, "about to fault\n");
+    assert_eq!(r.code, Some(1), "stderr: {}", r.stderr);
+    assert!(r.stderr.contains("triple fault"), "stderr: {}", r.stderr);
+}
+
+#[test]
+fn bad_kernel_and_bad_config_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk");
+    std::fs::write(&junk, vec![0x42u8; 4096]).unwrap();
+    let r = run_vmm(
+        &[],
+        &["--kernel", junk.to_str().unwrap()],
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    assert_eq!(r.code, Some(1), "stderr: {}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("neither an x86_64 ELF vmlinux nor a bzImage"),
+        "stderr: {}",
+        r.stderr
+    );
+
+    let cfg = dir.path().join("vm.toml");
+    std::fs::write(&cfg, "kernel = \"/x\"\nmemory = \"1G\"\n").unwrap();
+    let r = run_vmm(
+        &[],
+        &["--config", cfg.to_str().unwrap()],
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    assert_eq!(r.code, Some(2));
+    assert!(
+        r.stderr.contains("vm.toml") && r.stderr.contains("memory"),
+        "{}",
+        r.stderr
+    );
+
+    std::fs::write(
+        &cfg,
+        "kernel = \"/x\"\nmem = \"1G\"\ndisk = [\"http://x\"]\n",
+    )
+    .unwrap();
+    let r = run_vmm(
+        &[],
+        &["--config", cfg.to_str().unwrap()],
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    assert_eq!(r.code, Some(2));
+    assert!(r.stderr.contains("disk[0]"), "{}", r.stderr);
+}
+
+#[test]
+fn toml_config_with_console_file() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let elf = assemble(
+        dir.path(),
+        "cfg",
+        "_start:\n    PRINT msg\n    jmp reboot\nmsg: .asciz \"from toml\\n\"\n",
+    )
+    .unwrap();
+    let console = dir.path().join("console.log");
+    let cfg = dir.path().join("vm.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "kernel = \"{}\"\nmem = \"48M\"\ncpus = 1\nconsole = \"{}\"\n",
+            elf.display(),
+            console.display()
+        ),
+    )
+    .unwrap();
+    let r = run_vmm(
+        &[],
+        &["--config", cfg.to_str().unwrap()],
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    assert_eq!(r.serial, "", "console went to the file, not stdout");
+    assert_eq!(std::fs::read_to_string(&console).unwrap(), "from toml\n");
+}
+
+#[test]
+fn second_vcpu_starts_through_init_sipi() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    // The AP starts in real mode at 0x10000 (SIPI vector 0x10), sets a flag at 0x6000
+    // and halts; the BSP waits for the flag.
+    let elf = assemble_with(
+        dir.path(),
+        "smp",
+        r#"
+_start:
+    movb $0, 0x6000
+    mov $0xfee00000, %rbx
+    movl $0x01000000, 0x310(%rbx)    # destination: APIC ID 1
+    movl $0x00004500, 0x300(%rbx)    # INIT
+    movl $0x01000000, 0x310(%rbx)
+    movl $0x00004610, 0x300(%rbx)    # STARTUP, vector 0x10
+    mov $3000000, %ecx
+1:  cmpb $1, 0x6000
+    je 2f
+    pause
+    loop 1b
+    FAIL 's'
+2:  PRINT okmsg
+    jmp reboot
+okmsg: .asciz "SMP OK
+"
+
+    .section .ap, "ax"
+    .code16
+ap_start:
+    xor %ax, %ax
+    mov %ax, %ds
+    movb $1, 0x6000
+3:  hlt
+    jmp 3b
+"#,
+        &["--section-start=.ap=0x10000"],
+    )
+    .unwrap();
+    let r = run_vmm(
+        &[],
+        &[
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--mem",
+            "64M",
+            "--cpus",
+            "2",
+        ],
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    assert_eq!(r.serial, "SMP OK\n", "stderr: {}", r.stderr);
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+}
+
+#[test]
+fn console_input_reaches_the_guest() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    // Reads three bytes from the UART (polling LSR.DR) and echoes them in brackets.
+    let elf = assemble(
+        dir.path(),
+        "echo",
+        r#"
+_start:
+    mov $3, %r12d
+    mov $0x3f8, %dx
+    mov $'[', %al
+    out %al, %dx
+1:  mov $0x3fd, %dx
+    mov $20000000, %ecx
+2:  in %dx, %al
+    test $1, %al
+    jnz 3f
+    loop 2b
+    FAIL 'i'
+3:  mov $0x3f8, %dx
+    in %dx, %al
+    out %al, %dx
+    dec %r12d
+    jnz 1b
+    mov $']', %al
+    out %al, %dx
+    jmp reboot
+"#,
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(integration_tests::bin("vmm-shim"))
+        .args(["--kernel", elf.to_str().unwrap(), "--mem", "64M"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::{Read, Write};
+    child.stdin.take().unwrap().write_all(b"abc").unwrap();
+    let mut g = integration_tests::ChildGuard::new(child);
+    let st = g.wait_timeout(Duration::from_secs(60));
+    let mut out = String::new();
+    g.child()
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert_eq!(out, "[abc]");
+    assert_eq!(st.and_then(|s| s.code()), Some(0));
+}
+
+#[test]
+fn kvm_internal_error_is_a_clear_nonzero_exit() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    // kvm_pvm cannot emulate `lock cmpxchg16b` at ring 0 (KVM_EXIT_INTERNAL_ERROR);
+    // hardware KVM just runs it.
+    let elf = assemble(
+        dir.path(),
+        "ie",
+        r#"
+_start:
+    mov $0x3f8, %dx
+    mov $'a', %al
+    out %al, %dx
+    xor %eax, %eax
+    xor %edx, %edx
+    xor %ebx, %ebx
+    xor %ecx, %ecx
+    lea buf(%rip), %rdi
+    lock cmpxchg16b (%rdi)
+    mov $0x3f8, %dx
+    mov $'b', %al
+    out %al, %dx
+    jmp reboot
+    .align 16
+buf: .quad 0, 0
+"#,
+    )
+    .unwrap();
+    let r = run_vmm(
+        &[],
+        &["--kernel", elf.to_str().unwrap(), "--mem", "64M"],
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        assert_eq!(r.serial, "a");
+        assert_eq!(r.code, Some(1), "stderr: {}", r.stderr);
+        assert!(
+            r.stderr
+                .contains("KVM internal error (KVM_EXIT_INTERNAL_ERROR, suberror 1)")
+                && r.stderr.contains("vCPU 0")
+                && r.stderr.contains("rip=0x"),
+            "stderr: {}",
+            r.stderr
+        );
+    } else {
+        assert_eq!(r.serial, "ab", "stderr: {}", r.stderr);
+        assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    }
+}
+
+/// Wraps a flat 64-bit payload into a minimal bzImage: one setup sector after the boot
+/// sector, boot protocol 2.15 header, LOADED_HIGH; the payload is the protected-mode
+/// part, loaded at 16 MiB with its 64-bit entry 0x200 bytes in.
+fn make_bzimage(payload: &[u8]) -> Vec<u8> {
+    let mut img = vec![0u8; 1024];
+    img[0x1f1] = 1; // setup_sects
+    img[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    img[0x202..0x206].copy_from_slice(b"HdrS");
+    img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    img[0x211] = 0x01; // LOADED_HIGH
+    img[0x214..0x218].copy_from_slice(&0x0010_0000u32.to_le_bytes());
+    img.extend_from_slice(payload);
+    img
+}
+
+#[test]
+fn bzimage_kernels_load_and_enter_at_the_64_bit_entry() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    // Linked at 16 MiB with _start at +0x200, as a bzImage's startup_64.
+    let elf = assemble(
+        dir.path(),
+        "bz",
+        r#"
+    .org 0x200
+_start:
+    # the zero page says we were loaded as a bzImage by a boot loader (0xff)
+    cmpb $0xff, 0x210(%rsi)
+    je 1f
+    FAIL 't'
+1:  PRINT msg
+    jmp reboot
+msg: .asciz "bzImage entered\n"
+"#,
+    )
+    .unwrap();
+    let flat = dir.path().join("bz.bin");
+    let st = std::process::Command::new("objcopy")
+        .args(["-O", "binary", "-j", ".text"])
+        .arg(&elf)
+        .arg(&flat)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let bz = dir.path().join("bzImage");
+    std::fs::write(&bz, make_bzimage(&std::fs::read(&flat).unwrap())).unwrap();
+    let r = run_vmm(
+        &[],
+        &["--kernel", bz.to_str().unwrap(), "--mem", "64M"],
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    assert_eq!(r.serial, "bzImage entered\n", "stderr: {}", r.stderr);
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+}
+
+#[test]
+fn initrd_and_cmdline_reach_the_guest_through_the_zero_page() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    // Prints the initrd (a NUL-terminated string) and the command line, both found
+    // through boot_params: ramdisk_image at 0x218, cmd_line_ptr at 0x228.
+    let elf = assemble(
+        dir.path(),
+        "zp",
+        r#"
+_start:
+    mov %rsi, %r12
+    movl 0x218(%r12), %esi
+    call print
+    PRINT nl
+    movl 0x228(%r12), %esi
+    call print
+    PRINT nl
+    jmp reboot
+nl: .asciz "\n"
+"#,
+    )
+    .unwrap();
+    let initrd = dir.path().join("initrd");
+    std::fs::write(&initrd, b"initrd bytes here\0").unwrap();
+    let r = run_vmm(
+        &[],
+        &[
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--cmdline",
+            "console=ttyS0 hello=world",
+            "--mem",
+            "64M",
+        ],
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    let mut lines = r.serial.lines();
+    assert_eq!(lines.next(), Some("initrd bytes here"));
+    // The VMM appends nothing without devices.
+    assert_eq!(lines.next(), Some("console=ttyS0 hello=world"));
+}
+
+#[test]
+fn sd_notify_ready_then_sigterm_exits_0() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let elf = assemble(dir.path(), "spin", "_start:\n1:  pause\n    jmp 1b\n").unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let child = std::process::Command::new(integration_tests::bin("vmm-shim"))
+        .args(["--kernel", elf.to_str().unwrap(), "--mem", "64M"])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut g = integration_tests::ChildGuard::new(child);
+    let mut buf = [0u8; 64];
+    let n = sock.recv(&mut buf).expect("READY=1 from vmm-shim");
+    assert_eq!(&buf[..n], b"READY=1");
+    g.signal(libc::SIGTERM);
+    let st = g
+        .wait_timeout(Duration::from_secs(10))
+        .expect("exit after SIGTERM");
+    assert_eq!(st.code(), Some(0));
+}

@@ -1,0 +1,766 @@
+//! The netd configuration file (TOML), shared by the file, the control API and the
+//! CLI.
+//!
+//! Parsing is two steps: serde reads the file into the raw structs below (unknown
+//! keys are errors: `deny_unknown_fields`), then [`Config::validate`] checks every
+//! value and fills in the defaults of the network's mode, producing a
+//! [`NetworkSpec`] per network. Every error names the file, the key (as a dotted
+//! path such as `network[1].port[0].ifname`) and what was expected.
+//!
+//! Defaults follow VirtualBox: a `hostonly` network is 192.168.56.0/24, the host
+//! at .1 and DHCP handing out .101 to .254; an `internal` network has no addresses
+//! unless given and DHCP only when asked for.
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// A config problem, naming where it is and what was expected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// cannot read config file {path}
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// config file {path}: {message}
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What toml/serde said (names the key and the line).
+        message: String,
+    },
+    /// {path}: key `{key}`: expected {expected}
+    #[error("{path}: key `{key}`: expected {expected}")]
+    Invalid {
+        /// The file (or `<api>` for the control API).
+        path: String,
+        /// Dotted key path.
+        key: String,
+        /// What was expected.
+        expected: String,
+    },
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Path of the control socket.
+    pub control: PathBuf,
+    /// Where state (DHCP leases) is kept.
+    pub state_dir: PathBuf,
+    /// The networks.
+    #[serde(default)]
+    pub network: Vec<NetworkConfig>,
+}
+
+/// Network mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// VMs only.
+    Internal,
+    /// VMs and the host, through a host TAP port with the gateway address.
+    Hostonly,
+    /// Userspace NAT router (not built in this part).
+    Nat,
+    /// Uplink on a host NIC (not built in this part).
+    Bridged,
+}
+
+/// One `[[network]]` table.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Unique name.
+    pub name: String,
+    /// Mode.
+    pub mode: Mode,
+    /// IPv4 subnet in CIDR notation.
+    pub subnet: Option<String>,
+    /// The fabric's own address on the network.
+    pub gateway: Option<Ipv4Addr>,
+    /// Serve DHCP.
+    pub dhcp: Option<bool>,
+    /// "A-B", inclusive.
+    pub dhcp_range: Option<String>,
+    /// The DHCP server's own address (default: the gateway on internal networks;
+    /// .100 on hostonly networks, as VirtualBox, since the host owns the gateway).
+    pub dhcp_server: Option<Ipv4Addr>,
+    /// Lease time in seconds (default 86400... VirtualBox uses 10 minutes; we use 1 day).
+    pub lease_time: Option<u32>,
+    /// DNS servers announced by DHCP (default: none on internal/hostonly).
+    #[serde(default)]
+    pub dhcp_dns: Vec<Ipv4Addr>,
+    /// Fixed addresses.
+    #[serde(default)]
+    pub reservation: Vec<Reservation>,
+    /// MTU of every port (payload bytes, as `ip link` shows it). Default 1500.
+    pub mtu: Option<u32>,
+    /// Bound on learned MAC addresses. Default 4096.
+    pub max_macs: Option<usize>,
+    /// Seconds after which an unused learned MAC is forgotten. Default 300.
+    pub mac_ageing: Option<u64>,
+    /// Name of the host TAP of a hostonly network (default `vhost-<name>` cut to 15).
+    pub host_ifname: Option<String>,
+    /// The ports.
+    #[serde(default)]
+    pub port: Vec<PortConfig>,
+}
+
+/// A DHCP reservation.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reservation {
+    /// Client MAC, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// Address to give it.
+    pub ip: Ipv4Addr,
+}
+
+/// Port kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortKind {
+    /// netd holds the TAP queue.
+    Tap,
+    /// A VMM holds the TAP queue; netd uses AF_PACKET on its kernel side.
+    Vm,
+    /// QEMU `-netdev stream` framing on a unix socket.
+    Stream,
+}
+
+/// One `[[network.port]]` table (also the body of the control API's port add).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortConfig {
+    /// Port name, unique in its network (default: the ifname or path).
+    pub name: Option<String>,
+    /// Kind.
+    pub kind: PortKind,
+    /// TAP name (tap, vm).
+    pub ifname: Option<String>,
+    /// MAC: for `tap`, set on the kernel side; for `vm`, the VM's MAC (informational).
+    pub mac: Option<String>,
+    /// For `tap`: an existing namespace to create the kernel side in.
+    pub netns: Option<String>,
+    /// For `stream`: the unix socket path netd listens on.
+    pub path: Option<PathBuf>,
+    /// Keep a TAP netd created when netd exits.
+    #[serde(default)]
+    pub persistent: bool,
+}
+
+/// A validated port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortSpec {
+    /// Unique name in the network.
+    pub name: String,
+    /// Kind.
+    pub kind: PortKind,
+    /// TAP name for tap and vm.
+    pub ifname: Option<String>,
+    /// MAC.
+    pub mac: Option<[u8; 6]>,
+    /// Namespace for tap.
+    pub netns: Option<String>,
+    /// Socket path for stream.
+    pub path: Option<PathBuf>,
+    /// Keep the TAP on exit.
+    pub persistent: bool,
+}
+
+/// Validated IPv4 settings of a network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ipv4Spec {
+    /// Network address.
+    pub network: Ipv4Addr,
+    /// Prefix length.
+    pub prefix: u8,
+    /// The fabric's own address.
+    pub gateway: Ipv4Addr,
+}
+
+impl Ipv4Spec {
+    /// The netmask.
+    pub fn mask(&self) -> Ipv4Addr {
+        prefix_mask(self.prefix)
+    }
+    /// Whether `ip` is inside the subnet.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & u32::from(self.mask()) == u32::from(self.network)
+    }
+    /// The broadcast address.
+    pub fn broadcast(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network) | !u32::from(self.mask()))
+    }
+}
+
+/// Validated DHCP settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DhcpSpec {
+    /// The server's own address (its identifier and source address).
+    pub server: Ipv4Addr,
+    /// First address handed out.
+    pub start: Ipv4Addr,
+    /// Last address handed out.
+    pub end: Ipv4Addr,
+    /// Lease time.
+    pub lease_time: u32,
+    /// DNS servers announced.
+    pub dns: Vec<Ipv4Addr>,
+    /// Router announced (None on internal networks).
+    pub router: Option<Ipv4Addr>,
+    /// Fixed addresses.
+    pub reservations: Vec<([u8; 6], Ipv4Addr)>,
+}
+
+/// A validated network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkSpec {
+    /// Name.
+    pub name: String,
+    /// Mode.
+    pub mode: Mode,
+    /// Addresses, if any.
+    pub ipv4: Option<Ipv4Spec>,
+    /// DHCP, if served.
+    pub dhcp: Option<DhcpSpec>,
+    /// MTU.
+    pub mtu: u32,
+    /// MAC table bound.
+    pub max_macs: usize,
+    /// MAC ageing, seconds.
+    pub mac_ageing: u64,
+    /// Host TAP name (hostonly).
+    pub host_ifname: Option<String>,
+    /// Ports.
+    pub ports: Vec<PortSpec>,
+}
+
+/// The netmask of a prefix length.
+pub fn prefix_mask(prefix: u8) -> Ipv4Addr {
+    if prefix == 0 {
+        Ipv4Addr::UNSPECIFIED
+    } else {
+        Ipv4Addr::from(u32::MAX << (32 - u32::from(prefix.min(32))))
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split([':', '-']);
+    for b in mac.iter_mut() {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(mac)
+}
+
+/// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
+pub fn fmt_mac(m: &[u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
+}
+
+struct Ctx<'a> {
+    path: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, key: impl Into<String>, expected: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_string(),
+            key: key.into(),
+            expected: expected.into(),
+        }
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
+    let (a, p) = s.split_once('/')?;
+    let a: Ipv4Addr = a.parse().ok()?;
+    let p: u8 = p.parse().ok()?;
+    if !(1..=30).contains(&p) {
+        return None;
+    }
+    Some((a, p))
+}
+
+impl Config {
+    /// Reads and parses `path` (not yet validated).
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses TOML text; `path` is for messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Checks every value, applies mode defaults; `path` names the file in errors.
+    pub fn validate(&self, path: &Path) -> Result<Vec<NetworkSpec>, ConfigError> {
+        let p = path.display().to_string();
+        let ctx = Ctx { path: &p };
+        let mut names = HashSet::new();
+        let mut ifnames = HashSet::new();
+        let mut out = Vec::new();
+        for (i, n) in self.network.iter().enumerate() {
+            let spec = n.validate_at(&p, &format!("network[{i}]"))?;
+            if !names.insert(spec.name.clone()) {
+                return Err(ctx.err(
+                    format!("network[{i}].name"),
+                    format!("a unique network name ({:?} is used twice)", spec.name),
+                ));
+            }
+            for (j, port) in spec.ports.iter().enumerate() {
+                if let Some(ifn) = &port.ifname {
+                    if !ifnames.insert(ifn.clone()) {
+                        return Err(ctx.err(
+                            format!("network[{i}].port[{j}].ifname"),
+                            format!("an interface name used once ({ifn:?} is used twice)"),
+                        ));
+                    }
+                }
+            }
+            if let Some(h) = &spec.host_ifname {
+                if !ifnames.insert(h.clone()) {
+                    return Err(ctx.err(
+                        format!("network[{i}].host_ifname"),
+                        format!("an interface name used once ({h:?} is used twice)"),
+                    ));
+                }
+            }
+            out.push(spec);
+        }
+        Ok(out)
+    }
+}
+
+impl NetworkConfig {
+    /// Validates this network alone (the control API uses `<api>` as path).
+    pub fn validate_at(&self, p: &str, at: &str) -> Result<NetworkSpec, ConfigError> {
+        let ctx = Ctx { path: p };
+        let key = |k: &str| format!("{at}.{k}");
+        if !valid_name(&self.name) {
+            return Err(ctx.err(key("name"), "1 to 64 characters of [A-Za-z0-9._-]"));
+        }
+        match self.mode {
+            Mode::Internal | Mode::Hostonly => {}
+            Mode::Nat | Mode::Bridged => return Err(ctx.err(
+                key("mode"),
+                "\"internal\" or \"hostonly\" (modes \"nat\" and \"bridged\" are not yet built)",
+            )),
+        }
+        let hostonly = self.mode == Mode::Hostonly;
+        let subnet = match (&self.subnet, hostonly) {
+            (Some(s), _) => Some(parse_cidr(s).ok_or_else(|| {
+                ctx.err(
+                    key("subnet"),
+                    "an IPv4 CIDR such as \"192.168.56.0/24\" (prefix 1..30)",
+                )
+            })?),
+            (None, true) => Some((Ipv4Addr::new(192, 168, 56, 0), 24)),
+            (None, false) => None,
+        };
+        let ipv4 = match subnet {
+            Some((a, prefix)) => {
+                let mask = prefix_mask(prefix);
+                let network = Ipv4Addr::from(u32::from(a) & u32::from(mask));
+                let gateway = self
+                    .gateway
+                    .unwrap_or_else(|| Ipv4Addr::from(u32::from(network) + 1));
+                let spec = Ipv4Spec {
+                    network,
+                    prefix,
+                    gateway,
+                };
+                if !spec.contains(gateway) || gateway == network || gateway == spec.broadcast() {
+                    return Err(ctx.err(
+                        key("gateway"),
+                        format!("a host address inside {}/{}", network, prefix),
+                    ));
+                }
+                Some(spec)
+            }
+            None => {
+                if self.gateway.is_some() {
+                    return Err(ctx.err(key("subnet"), "a subnet when `gateway` is set"));
+                }
+                None
+            }
+        };
+        let dhcp_on = self.dhcp.unwrap_or(hostonly);
+        let dhcp = if dhcp_on {
+            let Some(v4) = &ipv4 else {
+                return Err(ctx.err(key("subnet"), "a subnet when `dhcp = true`"));
+            };
+            let (start, end) = match &self.dhcp_range {
+                Some(r) => {
+                    let (a, b) = r
+                        .split_once('-')
+                        .and_then(|(a, b)| {
+                            Some((
+                                a.trim().parse::<Ipv4Addr>().ok()?,
+                                b.trim().parse::<Ipv4Addr>().ok()?,
+                            ))
+                        })
+                        .ok_or_else(|| {
+                            ctx.err(key("dhcp_range"), "\"A-B\" with two IPv4 addresses")
+                        })?;
+                    (a, b)
+                }
+                None => {
+                    let net = u32::from(v4.network);
+                    let bcast = u32::from(v4.broadcast());
+                    // VirtualBox: .101 up to .254 on a /24; on smaller subnets the upper half.
+                    let size = bcast - net;
+                    let start = if size > 200 {
+                        net + 101
+                    } else {
+                        net + size / 2
+                    };
+                    (Ipv4Addr::from(start), Ipv4Addr::from(bcast - 1))
+                }
+            };
+            if !v4.contains(start)
+                || !v4.contains(end)
+                || u32::from(start) > u32::from(end)
+                || start == v4.network
+                || end == v4.broadcast()
+            {
+                return Err(ctx.err(
+                    key("dhcp_range"),
+                    format!(
+                        "an ascending range of host addresses inside {}/{}",
+                        v4.network, v4.prefix
+                    ),
+                ));
+            }
+            let server = match self.dhcp_server {
+                Some(s) => s,
+                None if hostonly => {
+                    let hundred = Ipv4Addr::from(u32::from(v4.network) + 100);
+                    let in_range =
+                        (u32::from(start)..=u32::from(end)).contains(&u32::from(hundred));
+                    if v4.prefix <= 24 && !in_range && hundred != v4.gateway {
+                        hundred
+                    } else {
+                        v4.gateway
+                    }
+                }
+                None => v4.gateway,
+            };
+            if !v4.contains(server)
+                || server == v4.network
+                || server == v4.broadcast()
+                || (u32::from(start)..=u32::from(end)).contains(&u32::from(server))
+            {
+                return Err(ctx.err(
+                    key("dhcp_server"),
+                    format!(
+                        "a host address inside {}/{} outside dhcp_range",
+                        v4.network, v4.prefix
+                    ),
+                ));
+            }
+            let mut reservations = Vec::new();
+            for (k, r) in self.reservation.iter().enumerate() {
+                let mac = parse_mac(&r.mac).ok_or_else(|| {
+                    ctx.err(
+                        format!("{at}.reservation[{k}].mac"),
+                        "a MAC such as \"52:54:00:12:34:56\"",
+                    )
+                })?;
+                if !v4.contains(r.ip)
+                    || r.ip == v4.gateway
+                    || r.ip == v4.network
+                    || r.ip == v4.broadcast()
+                {
+                    return Err(ctx.err(
+                        format!("{at}.reservation[{k}].ip"),
+                        format!("a free host address inside {}/{}", v4.network, v4.prefix),
+                    ));
+                }
+                reservations.push((mac, r.ip));
+            }
+            let lease_time = self.lease_time.unwrap_or(86_400);
+            if lease_time < 60 {
+                return Err(ctx.err(key("lease_time"), "at least 60 seconds"));
+            }
+            Some(DhcpSpec {
+                server,
+                start,
+                end,
+                lease_time,
+                dns: self.dhcp_dns.clone(),
+                // Internal and host-only networks route nowhere: no router option.
+                router: None,
+                reservations,
+            })
+        } else {
+            if self.dhcp_range.is_some()
+                || self.dhcp_server.is_some()
+                || !self.reservation.is_empty()
+            {
+                return Err(ctx.err(
+                    key("dhcp"),
+                    "true when `dhcp_range` or reservations are given",
+                ));
+            }
+            None
+        };
+        let mtu = self.mtu.unwrap_or(1500);
+        if !(68..=65521).contains(&mtu) {
+            return Err(ctx.err(key("mtu"), "an MTU between 68 and 65521"));
+        }
+        let max_macs = self.max_macs.unwrap_or(4096);
+        if !(1..=1_000_000).contains(&max_macs) {
+            return Err(ctx.err(key("max_macs"), "between 1 and 1000000"));
+        }
+        let mac_ageing = self.mac_ageing.unwrap_or(300);
+        if !(1..=86_400).contains(&mac_ageing) {
+            return Err(ctx.err(key("mac_ageing"), "between 1 and 86400 seconds"));
+        }
+        let host_ifname = if hostonly {
+            let h = self.host_ifname.clone().unwrap_or_else(|| {
+                let mut s = format!("vh-{}", self.name);
+                s.truncate(15);
+                s
+            });
+            crate::sys::check_ifname(&h)
+                .map_err(|_| ctx.err(key("host_ifname"), "an interface name of 1 to 15 bytes"))?;
+            Some(h)
+        } else {
+            if self.host_ifname.is_some() {
+                return Err(ctx.err(
+                    key("host_ifname"),
+                    "no host_ifname outside mode \"hostonly\"",
+                ));
+            }
+            None
+        };
+        let mut ports = Vec::new();
+        let mut pnames = HashSet::new();
+        for (j, pc) in self.port.iter().enumerate() {
+            let ps = pc.validate_at(p, &format!("{at}.port[{j}]"))?;
+            if !pnames.insert(ps.name.clone()) {
+                return Err(ctx.err(
+                    format!("{at}.port[{j}].name"),
+                    format!(
+                        "a port name unique in the network ({:?} is used twice)",
+                        ps.name
+                    ),
+                ));
+            }
+            ports.push(ps);
+        }
+        Ok(NetworkSpec {
+            name: self.name.clone(),
+            mode: self.mode,
+            ipv4,
+            dhcp,
+            mtu,
+            max_macs,
+            mac_ageing,
+            host_ifname,
+            ports,
+        })
+    }
+}
+
+impl PortConfig {
+    /// Validates one port; `path` names the source, `at` the key prefix.
+    pub fn validate_at(&self, path: &str, at: &str) -> Result<PortSpec, ConfigError> {
+        let ctx = Ctx { path };
+        let key = |k: &str| format!("{at}.{k}");
+        let ifname = match (&self.ifname, self.kind) {
+            (Some(i), PortKind::Tap | PortKind::Vm) => {
+                crate::sys::check_ifname(i).map_err(|_| {
+                    ctx.err(
+                        key("ifname"),
+                        "an interface name of 1 to 15 bytes, no '/' or spaces",
+                    )
+                })?;
+                Some(i.clone())
+            }
+            (None, PortKind::Tap | PortKind::Vm) => {
+                return Err(ctx.err(key("ifname"), "a TAP name for kind \"tap\" or \"vm\""))
+            }
+            (Some(_), PortKind::Stream) => {
+                return Err(ctx.err(key("ifname"), "no ifname for kind \"stream\" (use `path`)"))
+            }
+            (None, PortKind::Stream) => None,
+        };
+        let path_v = match (&self.path, self.kind) {
+            (Some(p), PortKind::Stream) => {
+                if !p.is_absolute() {
+                    return Err(ctx.err(key("path"), "an absolute unix socket path"));
+                }
+                Some(p.clone())
+            }
+            (None, PortKind::Stream) => {
+                return Err(ctx.err(key("path"), "a unix socket path for kind \"stream\""))
+            }
+            (Some(_), _) => return Err(ctx.err(key("path"), "no path except for kind \"stream\"")),
+            (None, _) => None,
+        };
+        if self.netns.is_some() && self.kind != PortKind::Tap {
+            return Err(ctx.err(key("netns"), "no netns except for kind \"tap\""));
+        }
+        if let Some(ns) = &self.netns {
+            if ns.is_empty() || ns.contains('/') || ns.len() > 255 {
+                return Err(ctx.err(key("netns"), "the name of a namespace under /run/netns"));
+            }
+        }
+        let mac = match &self.mac {
+            Some(m) => {
+                let mac = parse_mac(m)
+                    .ok_or_else(|| ctx.err(key("mac"), "a MAC such as \"52:54:00:12:34:56\""))?;
+                if mac[0] & 1 == 1 {
+                    return Err(ctx.err(
+                        key("mac"),
+                        "a unicast MAC (lowest bit of the first byte clear)",
+                    ));
+                }
+                Some(mac)
+            }
+            None => None,
+        };
+        let name = match &self.name {
+            Some(n) => n.clone(),
+            None => ifname
+                .clone()
+                .or_else(|| path_v.as_ref().map(|p| p.display().to_string()))
+                .unwrap_or_default(),
+        };
+        if name.is_empty() || name.len() > 255 {
+            return Err(ctx.err(key("name"), "a port name of 1 to 255 characters"));
+        }
+        Ok(PortSpec {
+            name,
+            kind: self.kind,
+            ifname,
+            mac,
+            netns: self.netns.clone(),
+            path: path_v,
+            persistent: self.persistent,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(text: &str) -> Result<Vec<NetworkSpec>, ConfigError> {
+        Config::parse(text, Path::new("t.toml"))?.validate(Path::new("t.toml"))
+    }
+
+    #[test]
+    fn hostonly_defaults_follow_virtualbox() {
+        let n =
+            v("control='/c'\nstate_dir='/s'\n[[network]]\nname='h'\nmode='hostonly'\n").unwrap();
+        let n = &n[0];
+        let v4 = n.ipv4.as_ref().unwrap();
+        assert_eq!(v4.gateway, Ipv4Addr::new(192, 168, 56, 1));
+        assert_eq!(v4.prefix, 24);
+        let d = n.dhcp.as_ref().unwrap();
+        assert_eq!(d.start, Ipv4Addr::new(192, 168, 56, 101));
+        assert_eq!(d.end, Ipv4Addr::new(192, 168, 56, 254));
+        assert_eq!(d.server, Ipv4Addr::new(192, 168, 56, 100));
+        assert_eq!(n.mtu, 1500);
+        assert_eq!(n.host_ifname.as_deref(), Some("vh-h"));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e =
+            v("control='/c'\nstate_dir='/s'\n[[network]]\nname='h'\nmode='internal'\nbogus=1\n")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("t.toml") && e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_file_key_and_expectation() {
+        let e = v("control='/c'\nstate_dir='/s'\n[[network]]\nname='h'\nmode='internal'\nsubnet='10.0.0.0/33'\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("t.toml") && e.contains("network[0].subnet") && e.contains("CIDR"),
+            "{e}"
+        );
+        let e = v("control='/c'\nstate_dir='/s'\n[[network]]\nname='h'\nmode='nat'\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("network[0].mode") && e.contains("not yet built"),
+            "{e}"
+        );
+        let e = v("control='/c'\nstate_dir='/s'\n[[network]]\nname='h'\nmode='internal'\n[[network.port]]\nkind='tap'\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("network[0].port[0].ifname"), "{e}");
+        let e = v("control='/c'\nstate_dir='/s'\n[[network]]\nname='h'\nmode='hostonly'\ndhcp_range='192.168.56.10-192.168.57.3'\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("dhcp_range"), "{e}");
+        let e = v("control='/c'\nstate_dir='/s'\n[[network]]\nname='a'\nmode='internal'\n[[network]]\nname='a'\nmode='internal'\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("network[1].name") && e.contains("unique"), "{e}");
+    }
+
+    #[test]
+    fn example_config_validates() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/netd.toml");
+        let nets = Config::load(&path).unwrap().validate(&path).unwrap();
+        let ho = nets.iter().find(|n| n.name == "hostonly").unwrap();
+        assert_eq!(
+            ho.dhcp.as_ref().unwrap().server,
+            Ipv4Addr::new(192, 168, 56, 100)
+        );
+        assert!(nets.iter().any(|n| n.mode == Mode::Internal));
+    }
+
+    #[test]
+    fn mac_parse_roundtrip() {
+        let m = parse_mac("52:54:00:ab:cd:ef").unwrap();
+        assert_eq!(fmt_mac(&m), "52:54:00:ab:cd:ef");
+        assert!(parse_mac("52:54:00:ab:cd").is_none());
+        assert!(parse_mac("52:54:00:ab:cd:ef:00").is_none());
+        assert!(parse_mac("zz:54:00:ab:cd:ef").is_none());
+    }
+}

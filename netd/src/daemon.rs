@@ -1,0 +1,460 @@
+//! The running daemon: networks, their ports and services, the control server,
+//! readiness notification and shutdown.
+//!
+//! Theory of operation. [`Daemon::start`] builds every network of the validated
+//! config: the switch, the host TAP of a hostonly network, the configured ports and
+//! the DHCP service. Control requests change that state at runtime under one
+//! mutex (port setup may block briefly: it runs on a blocking thread). On shutdown
+//! every port is stopped and the TAPs netd created are removed (unless marked
+//! persistent); TAPs that existed before netd started are left alone.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+
+use crate::config::{fmt_mac, Mode, NetworkSpec, PortSpec};
+use crate::control::{Request, Response, MAX_REQUEST};
+use crate::dhcp::{DhcpServer, LeaseDb, LeaseError};
+use crate::ports::{self, PortError, RunningPort};
+use crate::switch::{Network, SwitchError};
+
+/// Daemon errors.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// network {net}: cannot start port {port}
+    #[error("network {net}: cannot start port {port}")]
+    Port {
+        /// Network.
+        net: String,
+        /// Port.
+        port: String,
+        /// Cause.
+        #[source]
+        source: PortError,
+    },
+    /// network {0}: cannot load DHCP leases
+    #[error("network {0}: cannot load DHCP leases")]
+    Leases(String, #[source] LeaseError),
+    /// network {0}: cannot attach the DHCP service
+    #[error("network {0}: cannot attach the DHCP service")]
+    Dhcp(String, #[source] SwitchError),
+    /// cannot create state directory {0}
+    #[error("cannot create state directory {0}")]
+    StateDir(PathBuf, #[source] std::io::Error),
+    /// cannot listen on control socket {0}
+    #[error("cannot listen on control socket {0}")]
+    Control(PathBuf, #[source] std::io::Error),
+    /// no network named {0:?}
+    #[error("no network named {0:?}")]
+    NoSuchNetwork(String),
+    /// no port named {1:?} on network {0}
+    #[error("no port named {1:?} on network {0}")]
+    NoSuchPort(String, String),
+    /// a port named {1:?} already exists on network {0}
+    #[error("a port named {1:?} already exists on network {0}")]
+    PortExists(String, String),
+    /// interface {0} is already used by another port
+    #[error("interface {0} is already used by another port")]
+    IfnameInUse(String),
+    /// invalid port
+    #[error("invalid port")]
+    BadPort(#[source] crate::config::ConfigError),
+}
+
+struct NetState {
+    spec: NetworkSpec,
+    net: Arc<Network>,
+    host: Option<RunningPort>,
+    ports: Vec<RunningPort>,
+    dhcp: Option<Arc<Mutex<DhcpServer>>>,
+}
+
+/// The daemon's state.
+pub struct Daemon {
+    nets: Mutex<BTreeMap<String, NetState>>,
+}
+
+/// A network, as `net list` shows it.
+#[derive(Debug, Serialize)]
+pub struct NetInfo {
+    /// Name.
+    pub name: String,
+    /// Mode.
+    pub mode: Mode,
+    /// Subnet, CIDR.
+    pub subnet: Option<String>,
+    /// Gateway.
+    pub gateway: Option<String>,
+    /// DHCP served.
+    pub dhcp: bool,
+    /// MTU.
+    pub mtu: u32,
+    /// Number of ports (services included).
+    pub ports: usize,
+    /// Host TAP of a hostonly network.
+    pub host_ifname: Option<String>,
+}
+
+/// A locally administered MAC derived from the network name, for its services.
+fn service_mac(net: &str, salt: u8) -> [u8; 6] {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in net.bytes().chain([salt]) {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    let b = h.to_be_bytes();
+    [0x02, 0x4e, b[0], b[1], b[2], b[3]]
+}
+
+impl Daemon {
+    /// Builds every network. Must run inside a tokio runtime (services are tasks).
+    pub fn start(specs: Vec<NetworkSpec>, state_dir: &Path) -> Result<Arc<Self>, DaemonError> {
+        std::fs::create_dir_all(state_dir)
+            .map_err(|e| DaemonError::StateDir(state_dir.to_path_buf(), e))?;
+        let d = Arc::new(Daemon {
+            nets: Mutex::new(BTreeMap::new()),
+        });
+        for spec in specs {
+            let st = match Self::start_network(spec, state_dir) {
+                Ok(st) => st,
+                Err(e) => {
+                    d.shutdown();
+                    return Err(e);
+                }
+            };
+            d.lock().insert(st.spec.name.clone(), st);
+        }
+        Ok(d)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, NetState>> {
+        self.nets.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn start_network(spec: NetworkSpec, state_dir: &Path) -> Result<NetState, DaemonError> {
+        let net = Network::new(
+            &spec.name,
+            spec.mtu,
+            spec.max_macs,
+            Duration::from_secs(spec.mac_ageing),
+        );
+        let mut st = NetState {
+            spec: spec.clone(),
+            net: net.clone(),
+            host: None,
+            ports: Vec::new(),
+            dhcp: None,
+        };
+        let fail = |st: NetState, e: DaemonError| {
+            stop_network(st);
+            Err(e)
+        };
+        if let (Some(h), Some(v4)) = (&spec.host_ifname, &spec.ipv4) {
+            match ports::start_host_port(&net, h, v4.gateway, v4.mask()) {
+                Ok(p) => st.host = Some(p),
+                Err(source) => {
+                    return fail(
+                        st,
+                        DaemonError::Port {
+                            net: spec.name.clone(),
+                            port: h.clone(),
+                            source,
+                        },
+                    )
+                }
+            }
+        }
+        if let (Some(d), Some(v4)) = (&spec.dhcp, &spec.ipv4) {
+            let path = state_dir.join(format!("leases-{}.json", spec.name));
+            let db = match LeaseDb::load(Some(path)) {
+                Ok(db) => db,
+                Err(e) => return fail(st, DaemonError::Leases(spec.name.clone(), e)),
+            };
+            // The server answers ARP for its own address unless that is the gateway
+            // and somebody else owns it: the host on hostonly, the router on nat.
+            let answer_arp = spec.mode == Mode::Internal || d.server != v4.gateway;
+            let server = Arc::new(Mutex::new(DhcpServer::new(
+                v4.clone(),
+                d.clone(),
+                service_mac(&spec.name, 1),
+                answer_arp,
+                db,
+            )));
+            let sp = match net.attach_service("dhcp", 256) {
+                Ok(sp) => sp,
+                Err(e) => return fail(st, DaemonError::Dhcp(spec.name.clone(), e)),
+            };
+            tokio::spawn(crate::dhcp::run(server.clone(), sp));
+            st.dhcp = Some(server);
+        }
+        for p in &spec.ports {
+            match ports::start_port(&net, p) {
+                Ok(rp) => st.ports.push(rp),
+                Err(source) => {
+                    return fail(
+                        st,
+                        DaemonError::Port {
+                            net: spec.name.clone(),
+                            port: p.name.clone(),
+                            source,
+                        },
+                    )
+                }
+            }
+        }
+        tracing::info!(network = %spec.name, mode = ?spec.mode, ports = spec.ports.len(), "network up");
+        Ok(st)
+    }
+
+    /// Stops every network, removing the TAPs netd created.
+    pub fn shutdown(&self) {
+        let nets = std::mem::take(&mut *self.lock());
+        for (_, st) in nets {
+            stop_network(st);
+        }
+    }
+
+    /// The network list.
+    pub fn net_list(&self) -> Vec<NetInfo> {
+        self.lock()
+            .values()
+            .map(|st| NetInfo {
+                name: st.spec.name.clone(),
+                mode: st.spec.mode,
+                subnet: st
+                    .spec
+                    .ipv4
+                    .as_ref()
+                    .map(|v| format!("{}/{}", v.network, v.prefix)),
+                gateway: st.spec.ipv4.as_ref().map(|v| v.gateway.to_string()),
+                dhcp: st.dhcp.is_some(),
+                mtu: st.spec.mtu,
+                ports: st.net.port_infos().len(),
+                host_ifname: st.spec.host_ifname.clone(),
+            })
+            .collect()
+    }
+
+    /// Adds a port at runtime.
+    pub fn port_add(&self, net: &str, spec: PortSpec) -> Result<(), DaemonError> {
+        let mut nets = self.lock();
+        if let Some(ifn) = &spec.ifname {
+            let used = nets.values().any(|st| {
+                st.ports.iter().any(|p| p.spec.ifname.as_ref() == Some(ifn))
+                    || st.spec.host_ifname.as_ref() == Some(ifn)
+            });
+            if used {
+                return Err(DaemonError::IfnameInUse(ifn.clone()));
+            }
+        }
+        let st = nets
+            .get_mut(net)
+            .ok_or_else(|| DaemonError::NoSuchNetwork(net.to_string()))?;
+        if st.net.port(&spec.name).is_some() {
+            return Err(DaemonError::PortExists(net.to_string(), spec.name));
+        }
+        let rp = ports::start_port(&st.net, &spec).map_err(|source| DaemonError::Port {
+            net: net.to_string(),
+            port: spec.name.clone(),
+            source,
+        })?;
+        tracing::info!(network = net, port = %spec.name, kind = rp.kind, "port added");
+        st.ports.push(rp);
+        Ok(())
+    }
+
+    /// Removes a port at runtime.
+    pub fn port_del(&self, net: &str, name: &str) -> Result<(), DaemonError> {
+        let rp = {
+            let mut nets = self.lock();
+            let st = nets
+                .get_mut(net)
+                .ok_or_else(|| DaemonError::NoSuchNetwork(net.to_string()))?;
+            let i = st
+                .ports
+                .iter()
+                .position(|p| p.spec.name == name)
+                .ok_or_else(|| DaemonError::NoSuchPort(net.to_string(), name.to_string()))?;
+            st.ports.remove(i)
+        };
+        rp.shutdown();
+        tracing::info!(network = net, port = name, "port removed");
+        Ok(())
+    }
+
+    fn with_net<T>(&self, net: &str, f: impl FnOnce(&NetState) -> T) -> Result<T, DaemonError> {
+        let nets = self.lock();
+        let st = nets
+            .get(net)
+            .ok_or_else(|| DaemonError::NoSuchNetwork(net.to_string()))?;
+        Ok(f(st))
+    }
+
+    /// Serves one request.
+    pub fn handle(&self, req: Request) -> Result<serde_json::Value, DaemonError> {
+        let j = |v: serde_json::Result<serde_json::Value>| v.unwrap_or(serde_json::Value::Null);
+        match req {
+            Request::NetList => Ok(j(serde_json::to_value(self.net_list()))),
+            Request::PortList { net } => self.with_net(&net, |st| {
+                let infos = st.net.port_infos();
+                let rows: Vec<serde_json::Value> = infos
+                    .into_iter()
+                    .map(|pi| {
+                        let rp = st.ports.iter().find(|p| p.spec.name == pi.name);
+                        let mut v = j(serde_json::to_value(&pi));
+                        if let (Some(rp), Some(o)) = (rp, v.as_object_mut()) {
+                            o.insert("ifname".into(), j(serde_json::to_value(&rp.spec.ifname)));
+                            o.insert("netns".into(), j(serde_json::to_value(&rp.spec.netns)));
+                            o.insert("path".into(), j(serde_json::to_value(&rp.spec.path)));
+                            o.insert(
+                                "mac".into(),
+                                j(serde_json::to_value(rp.spec.mac.as_ref().map(fmt_mac))),
+                            );
+                        }
+                        v
+                    })
+                    .collect();
+                serde_json::Value::Array(rows)
+            }),
+            Request::PortAdd { net, port } => {
+                let spec = port
+                    .validate_at("<control>", "port")
+                    .map_err(DaemonError::BadPort)?;
+                self.port_add(&net, spec)?;
+                Ok(serde_json::Value::Null)
+            }
+            Request::PortDel { net, name } => {
+                self.port_del(&net, &name)?;
+                Ok(serde_json::Value::Null)
+            }
+            Request::Mac { net } => {
+                self.with_net(&net, |st| j(serde_json::to_value(st.net.mac_table())))
+            }
+            Request::Leases { net } => self.with_net(&net, |st| {
+                let leases = st
+                    .dhcp
+                    .as_ref()
+                    .map(|d| d.lock().unwrap_or_else(|e| e.into_inner()).db.leases())
+                    .unwrap_or_default();
+                j(serde_json::to_value(leases))
+            }),
+        }
+    }
+}
+
+fn stop_network(st: NetState) {
+    for p in st.ports {
+        p.shutdown();
+    }
+    if let Some(h) = st.host {
+        h.shutdown();
+    }
+    // The DHCP task ends when its port is gone; drop the switch's side of it.
+    let _ = st.net.remove_port("dhcp");
+}
+
+/// Serves the control socket until `shutdown` resolves.
+pub async fn serve_control(
+    daemon: Arc<Daemon>,
+    path: PathBuf,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).map_err(|e| DaemonError::Control(path.clone(), e))?;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            acc = listener.accept() => match acc {
+                Ok((stream, _)) => {
+                    let d = daemon.clone();
+                    tokio::spawn(async move { serve_conn(d, stream).await });
+                }
+                Err(e) => tracing::warn!(error = %e, "control accept failed"),
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+async fn serve_conn(d: Arc<Daemon>, stream: tokio::net::UnixStream) {
+    let (r, mut w) = stream.into_split();
+    let mut lines = BufReader::new(r.take(MAX_REQUEST as u64 * 16));
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match lines.read_line(&mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let resp = if line.len() > MAX_REQUEST {
+            Response {
+                ok: false,
+                data: None,
+                error: Some(format!("request longer than {MAX_REQUEST} bytes")),
+            }
+        } else {
+            match serde_json::from_str::<Request>(&line) {
+                Err(e) => Response {
+                    ok: false,
+                    data: None,
+                    error: Some(format!("bad request: {e}")),
+                },
+                Ok(req) => {
+                    let d2 = d.clone();
+                    match tokio::task::spawn_blocking(move || d2.handle(req)).await {
+                        Ok(Ok(data)) => Response {
+                            ok: true,
+                            data: Some(data),
+                            error: None,
+                        },
+                        Ok(Err(e)) => Response {
+                            ok: false,
+                            data: None,
+                            error: Some(crate::error_chain(&e)),
+                        },
+                        Err(e) => Response {
+                            ok: false,
+                            data: None,
+                            error: Some(format!("internal error: {e}")),
+                        },
+                    }
+                }
+            }
+        };
+        let mut out = serde_json::to_vec(&resp).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+        out.push(b'\n');
+        if w.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Sends `READY=1` to systemd when `NOTIFY_SOCKET` is set.
+pub fn sd_notify_ready() {
+    let Some(sock) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let s = sock.to_string_lossy().into_owned();
+    let Ok(dgram) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let r = if let Some(name) = s.strip_prefix('@') {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+            .and_then(|a| dgram.send_to_addr(b"READY=1", &a))
+    } else {
+        dgram.send_to(b"READY=1", &s)
+    };
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "sd_notify failed");
+    }
+}

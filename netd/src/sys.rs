@@ -1,0 +1,496 @@
+//! Thin, checked wrappers over the Linux calls netd needs: TAP devices
+//! (`/dev/net/tun`), interface ioctls (up, MTU, IPv4 address, MAC), AF_PACKET
+//! sockets, eventfd, poll and network-namespace switching.
+//!
+//! Every `unsafe` block of the crate lives here. Each wrapper takes and returns
+//! owned, typed values (`OwnedFd`, `Ipv4Addr`), so callers never see a raw pointer.
+//! Interface names are validated (1..=15 bytes, no NUL, no `/`) before they reach
+//! the kernel.
+
+use std::ffi::CString;
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// `TUNSETIFF` ioctl number (`_IOW('T', 202, int)`).
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+/// `TUNSETPERSIST` ioctl number (`_IOW('T', 203, int)`).
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+/// `TUNSETOFFLOAD` ioctl number (`_IOW('T', 208, unsigned int)`).
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUN_F_CSUM: libc::c_ulong = 0x01;
+const TUN_F_TSO4: libc::c_ulong = 0x02;
+const TUN_F_TSO6: libc::c_ulong = 0x04;
+/// Linux `PACKET_VNET_HDR` socket option.
+const PACKET_VNET_HDR: libc::c_int = 15;
+/// Linux `PACKET_IGNORE_OUTGOING` socket option (since 4.20).
+const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
+
+/// Size of the kernel's `struct ifreq` on x86_64 / aarch64.
+const IFREQ_SIZE: usize = 40;
+
+/// `struct ifreq`: the name, then a 24-byte union whose interpretation depends on
+/// the ioctl (flags, MTU, address...).
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    data: [u8; IFREQ_SIZE - libc::IFNAMSIZ],
+}
+
+impl IfReq {
+    fn new(ifname: &str) -> io::Result<Self> {
+        check_ifname(ifname)?;
+        let mut name = [0u8; libc::IFNAMSIZ];
+        name[..ifname.len()].copy_from_slice(ifname.as_bytes());
+        Ok(IfReq {
+            name,
+            data: [0; IFREQ_SIZE - libc::IFNAMSIZ],
+        })
+    }
+    fn set_short(&mut self, v: libc::c_short) {
+        self.data[..2].copy_from_slice(&v.to_ne_bytes());
+    }
+    fn short(&self) -> libc::c_short {
+        libc::c_short::from_ne_bytes([self.data[0], self.data[1]])
+    }
+    fn set_int(&mut self, v: libc::c_int) {
+        self.data[..4].copy_from_slice(&v.to_ne_bytes());
+    }
+    fn set_sockaddr_in(&mut self, addr: Ipv4Addr) {
+        // struct sockaddr_in: family (u16, native), port (u16 BE), addr (4 bytes BE).
+        self.data[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+        self.data[2..4].copy_from_slice(&[0, 0]);
+        self.data[4..8].copy_from_slice(&addr.octets());
+    }
+    fn set_hwaddr(&mut self, mac: [u8; 6]) {
+        // struct sockaddr: family ARPHRD_ETHER, then the 6 address bytes.
+        self.data[..2].copy_from_slice(&libc::ARPHRD_ETHER.to_ne_bytes());
+        self.data[2..8].copy_from_slice(&mac);
+    }
+}
+
+/// Checks a Linux interface name: 1 to 15 bytes, no NUL, `/` or whitespace.
+pub fn check_ifname(name: &str) -> io::Result<()> {
+    let ok = !name.is_empty()
+        && name.len() < libc::IFNAMSIZ
+        && !name
+            .bytes()
+            .any(|b| b == 0 || b == b'/' || b.is_ascii_whitespace());
+    if ok {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("bad interface name {name:?} (1 to 15 bytes, no '/', no spaces)"),
+        ))
+    }
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn ioctl_ifreq(fd: RawFd, req: libc::c_ulong, ifr: &mut IfReq) -> io::Result<()> {
+    // SAFETY: `ifr` is a valid, writable 40-byte `struct ifreq` for the duration of
+    // the call; every ioctl passed here takes a `struct ifreq *`.
+    cvt(unsafe { libc::ioctl(fd, req as _, ifr as *mut IfReq) })?;
+    Ok(())
+}
+
+/// Opens `/dev/net/tun` and attaches to (creating if missing) the TAP `ifname`,
+/// without packet information header. With `vnet`, every frame read or written
+/// carries a 10-byte virtio-net header and the kernel side is told netd takes
+/// partial checksums and TCP segmentation offload (TSO4/6), so the kernel hands
+/// over 64 KiB super-frames instead of MTU-sized segments. Non-blocking.
+pub fn tap_open(ifname: &str, vnet: bool) -> io::Result<OwnedFd> {
+    let path = CString::new("/dev/net/tun").expect("static path has no NUL");
+    // SAFETY: `path` is a valid NUL-terminated string; open has no other preconditions.
+    let fd = cvt(unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) })?;
+    // SAFETY: `fd` was just returned by open and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut ifr = IfReq::new(ifname)?;
+    ifr.set_short(IFF_TAP | IFF_NO_PI | if vnet { IFF_VNET_HDR } else { 0 });
+    ioctl_ifreq(fd.as_raw_fd(), TUNSETIFF, &mut ifr)?;
+    if vnet {
+        let offloads = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6;
+        // SAFETY: TUNSETOFFLOAD takes its argument by value (a flag word), no pointer.
+        cvt(unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD as _, offloads) })?;
+    }
+    set_nonblocking(fd.as_raw_fd())?;
+    Ok(fd)
+}
+
+/// Sets or clears the persist flag of the TAP attached to `fd`.
+pub fn tap_set_persist(fd: &OwnedFd, persist: bool) -> io::Result<()> {
+    // SAFETY: TUNSETPERSIST takes its argument by value (an int flag), no pointer.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETPERSIST as _, persist as libc::c_ulong) })?;
+    Ok(())
+}
+
+/// Whether an interface of that name exists in the current network namespace.
+pub fn if_exists(ifname: &str) -> bool {
+    if_index(ifname).is_ok()
+}
+
+/// The interface index of `ifname`.
+pub fn if_index(ifname: &str) -> io::Result<u32> {
+    check_ifname(ifname)?;
+    let c = CString::new(ifname).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // SAFETY: `c` is a valid NUL-terminated string.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if idx == 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(idx)
+    }
+}
+
+fn inet_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2) call; the result is checked.
+    let fd = cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Brings `ifname` up (IFF_UP), in the calling thread's network namespace.
+pub fn if_up(ifname: &str) -> io::Result<()> {
+    let s = inet_socket()?;
+    let mut ifr = IfReq::new(ifname)?;
+    ioctl_ifreq(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr)?;
+    let flags = ifr.short() | libc::IFF_UP as libc::c_short;
+    ifr.set_short(flags);
+    ioctl_ifreq(s.as_raw_fd(), libc::SIOCSIFFLAGS, &mut ifr)
+}
+
+/// Sets the MTU of `ifname`.
+pub fn if_set_mtu(ifname: &str, mtu: u32) -> io::Result<()> {
+    let s = inet_socket()?;
+    let mut ifr = IfReq::new(ifname)?;
+    ifr.set_int(mtu as libc::c_int);
+    ioctl_ifreq(s.as_raw_fd(), libc::SIOCSIFMTU, &mut ifr)
+}
+
+/// Sets the MAC address of `ifname`.
+pub fn if_set_mac(ifname: &str, mac: [u8; 6]) -> io::Result<()> {
+    let s = inet_socket()?;
+    let mut ifr = IfReq::new(ifname)?;
+    ifr.set_hwaddr(mac);
+    ioctl_ifreq(s.as_raw_fd(), libc::SIOCSIFHWADDR, &mut ifr)
+}
+
+/// Gives `ifname` the IPv4 address `addr` with netmask `mask`.
+pub fn if_set_ipv4(ifname: &str, addr: Ipv4Addr, mask: Ipv4Addr) -> io::Result<()> {
+    let s = inet_socket()?;
+    let mut ifr = IfReq::new(ifname)?;
+    ifr.set_sockaddr_in(addr);
+    ioctl_ifreq(s.as_raw_fd(), libc::SIOCSIFADDR, &mut ifr)?;
+    let mut ifr = IfReq::new(ifname)?;
+    ifr.set_sockaddr_in(mask);
+    ioctl_ifreq(s.as_raw_fd(), libc::SIOCSIFNETMASK, &mut ifr)
+}
+
+/// Best-effort: disables IPv6 on `ifname` so the kernel side of a switch port does
+/// not chatter (router solicitations, DAD) into the network.
+pub fn if_disable_ipv6(ifname: &str) {
+    if check_ifname(ifname).is_ok() {
+        let _ = std::fs::write(
+            format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"),
+            "1",
+        );
+    }
+}
+
+/// Opens an AF_PACKET raw socket bound to interface `ifindex`, receiving every
+/// protocol but not the frames the host itself sends out of that interface, with
+/// a virtio-net header before every frame both ways (so offloaded frames of a VMM
+/// using vnet headers arrive with the metadata needed to finish them).
+/// Non-blocking.
+pub fn packet_socket(ifindex: u32) -> io::Result<OwnedFd> {
+    let proto = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: plain socket(2) call; the result is checked.
+    let fd = cvt(unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            proto as libc::c_int,
+        )
+    })?;
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    // SAFETY: the option value points to a live c_int of the size given.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            PACKET_IGNORE_OUTGOING,
+            &one as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })?;
+    // SAFETY: as above.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            PACKET_VNET_HDR,
+            &one as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })?;
+    // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto;
+    sll.sll_ifindex = ifindex as libc::c_int;
+    // SAFETY: `sll` is a valid sockaddr_ll and the length passed is its size.
+    cvt(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    })?;
+    Ok(fd)
+}
+
+/// Sets O_NONBLOCK on `fd`.
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a caller-owned fd with integer arguments only.
+    let fl = cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
+    // SAFETY: as above.
+    cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) })?;
+    Ok(())
+}
+
+/// read(2) into `buf`.
+pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// write(2) of `buf`; one call, one frame for TAP and packet sockets.
+pub fn write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for reads of `buf.len()` bytes.
+    let n = unsafe { libc::write(fd, buf.as_ptr() as *const libc::c_void, buf.len()) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// writev(2) of two buffers (a vnet header and a frame): one call, one frame.
+pub fn writev2(fd: RawFd, a: &[u8], b: &[u8]) -> io::Result<usize> {
+    let iov = [
+        libc::iovec {
+            iov_base: a.as_ptr() as *mut libc::c_void,
+            iov_len: a.len(),
+        },
+        libc::iovec {
+            iov_base: b.as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        },
+    ];
+    // SAFETY: both iovecs point into live slices of the given lengths; writev only
+    // reads through them.
+    let n = unsafe { libc::writev(fd, iov.as_ptr(), 2) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// A non-blocking eventfd, used to wake a port thread that waits in `poll`.
+pub fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: plain eventfd(2) call; the result is checked.
+    let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Signals an eventfd.
+pub fn eventfd_signal(fd: RawFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live u64, as eventfd requires.
+    unsafe {
+        libc::write(fd, &one as *const u64 as *const libc::c_void, 8);
+    }
+}
+
+/// Waits until `fd` is readable or `wake` is signalled (or `timeout_ms` passes,
+/// -1 for ever). Returns true when `wake` fired.
+pub fn poll2(fd: RawFd, wake: RawFd, timeout_ms: i32) -> io::Result<bool> {
+    let mut fds = [
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: wake,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: `fds` is a valid array of 2 pollfd for the duration of the call.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(e);
+    }
+    Ok(fds[1].revents != 0)
+}
+
+/// Like [`poll2`] but reports whether `fd` is ready (readable, hung up or in
+/// error) as the first value, and whether `wake` fired as the second.
+pub fn poll2_ready(fd: RawFd, wake: RawFd, timeout_ms: i32) -> io::Result<(bool, bool)> {
+    let mut fds = [
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: wake,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: `fds` is a valid array of 2 pollfd for the duration of the call.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok((false, false));
+        }
+        return Err(e);
+    }
+    Ok((fds[0].revents != 0, fds[1].revents != 0))
+}
+
+/// Moves the calling thread into the network namespace `name` (as `ip netns`
+/// names it, a file under /run/netns). Only call this on a thread made for it.
+pub fn enter_netns(name: &str) -> io::Result<()> {
+    let file = open_netns(name)?;
+    // SAFETY: setns on a valid namespace fd; affects only the calling thread.
+    cvt(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) })?;
+    Ok(())
+}
+
+/// `IFLA_IFNAME` attribute type.
+const IFLA_IFNAME: u16 = 3;
+/// `IFLA_NET_NS_FD` attribute type.
+const IFLA_NET_NS_FD: u16 = 28;
+
+fn push_attr(msg: &mut Vec<u8>, kind: u16, data: &[u8]) {
+    let len = 4 + data.len();
+    msg.extend_from_slice(&(len as u16).to_ne_bytes());
+    msg.extend_from_slice(&kind.to_ne_bytes());
+    msg.extend_from_slice(data);
+    while !msg.len().is_multiple_of(4) {
+        msg.push(0);
+    }
+}
+
+/// Moves interface `ifindex` into the network namespace open as `netns` and
+/// renames it `new_name` there, in one RTM_NEWLINK request over rtnetlink.
+pub fn link_move_rename(ifindex: u32, netns: &std::fs::File, new_name: &str) -> io::Result<()> {
+    check_ifname(new_name)?;
+    // SAFETY: plain socket(2) call; the result is checked.
+    let fd = cvt(unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    })?;
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut msg = Vec::with_capacity(64);
+    // struct nlmsghdr: len (filled below), type, flags, seq, pid.
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    msg.extend_from_slice(&libc::RTM_NEWLINK.to_ne_bytes());
+    msg.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes());
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    // struct ifinfomsg: family, pad, type, index, flags, change.
+    msg.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
+    msg.extend_from_slice(&(ifindex as i32).to_ne_bytes());
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    push_attr(
+        &mut msg,
+        IFLA_NET_NS_FD,
+        &(netns.as_raw_fd() as u32).to_ne_bytes(),
+    );
+    let mut name = new_name.as_bytes().to_vec();
+    name.push(0);
+    push_attr(&mut msg, IFLA_IFNAME, &name);
+    let len = msg.len() as u32;
+    msg[..4].copy_from_slice(&len.to_ne_bytes());
+    // SAFETY: sockaddr_nl is plain old data; all-zero addresses the kernel.
+    let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    sa.nl_family = libc::AF_NETLINK as u16;
+    // SAFETY: `msg` and `sa` are live for the call, lengths given are theirs.
+    let n = unsafe {
+        libc::sendto(
+            sock.as_raw_fd(),
+            msg.as_ptr() as *const libc::c_void,
+            msg.len(),
+            0,
+            &sa as *const libc::sockaddr_nl as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = [0u8; 1024];
+    let n = read(sock.as_raw_fd(), &mut buf)?;
+    // The ack: nlmsghdr (16 bytes, type NLMSG_ERROR) then struct nlmsgerr whose
+    // first field is the (negative) errno, 0 for success.
+    let reply = buf.get(..n).unwrap_or_default();
+    let kind = reply.get(4..6).map(|b| u16::from_ne_bytes([b[0], b[1]]));
+    let err = reply
+        .get(16..20)
+        .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+    match (kind, err) {
+        (Some(t), Some(0)) if t == libc::NLMSG_ERROR as u16 => Ok(()),
+        (Some(t), Some(e)) if t == libc::NLMSG_ERROR as u16 => {
+            Err(io::Error::from_raw_os_error(-e))
+        }
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "unexpected rtnetlink reply",
+        )),
+    }
+}
+
+/// Opens the namespace `name` (a file under /run/netns) for setns / IFLA_NET_NS_FD.
+pub fn open_netns(name: &str) -> io::Result<std::fs::File> {
+    if name.is_empty() || name.contains('/') || name.contains('\0') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("bad namespace name {name:?}"),
+        ));
+    }
+    std::fs::File::open(format!("/run/netns/{name}"))
+        .or_else(|_| std::fs::File::open(format!("/var/run/netns/{name}")))
+}

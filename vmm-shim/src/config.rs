@@ -1,0 +1,432 @@
+//! VM configuration: one strict schema shared by the TOML file and the command line.
+//!
+//! The CLI flags (`--kernel`, `--net tap=IF,mac=..`, `--disk nbd://..`) are parsed into
+//! the same [`VmConfig`] that `--config vm.toml` deserializes (`deny_unknown_fields`), and
+//! both then go through [`VmConfig::validate`], whose errors name the offending key. Device
+//! specs given as strings (`tap=IF,mac=M`, NBD URIs) are parsed here once into checked
+//! types; nothing later re-parses them.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A configuration error; the message names the key and what was expected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// could not read config file {path}
+    #[error("could not read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// config file {path} is not valid
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The TOML parser's message (it names the key and line).
+        message: String,
+    },
+    /// a key holds a bad value
+    #[error("{key}: {message}")]
+    Invalid {
+        /// The key, e.g. `mem` or `net[0].mac`.
+        key: String,
+        /// What was expected.
+        message: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// Where the serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Console {
+    /// The process's standard output.
+    Stdio,
+    /// Appended to a file.
+    File(PathBuf),
+}
+
+/// A network device backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetBackend {
+    /// An existing or new TAP interface of this name.
+    Tap(String),
+    /// Ask netd (through its control socket) for a `vm` port on this network.
+    Netd(String),
+}
+
+/// One virtio-net device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetSpec {
+    /// Where frames go.
+    pub backend: NetBackend,
+    /// The guest's MAC address; generated when absent.
+    pub mac: Option<[u8; 6]>,
+}
+
+/// Where an NBD server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NbdAddr {
+    /// TCP host and port.
+    Tcp(String, u16),
+    /// A unix socket path.
+    Unix(PathBuf),
+}
+
+/// One virtio-blk device, backed by an NBD export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// The server.
+    pub addr: NbdAddr,
+    /// The export name.
+    pub export: String,
+    /// Present the disk read-only even if the export is writable.
+    pub read_only: bool,
+}
+
+/// The raw, file-shaped configuration (all strings), as TOML or the CLI give it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Kernel image: ELF vmlinux or bzImage.
+    pub kernel: Option<PathBuf>,
+    /// Optional initramfs.
+    pub initrd: Option<PathBuf>,
+    /// Extra kernel command line.
+    pub cmdline: Option<String>,
+    /// Guest memory, e.g. "256M", "1G".
+    pub mem: Option<String>,
+    /// vCPU count.
+    pub cpus: Option<u8>,
+    /// NICs: `tap=IF[,mac=MAC]` or `netd=NET[,mac=MAC]`.
+    #[serde(default)]
+    pub net: Vec<String>,
+    /// Disks: `nbd://HOST:PORT/EXPORT[,ro]` or `nbd+unix:///EXPORT?socket=PATH[,ro]`.
+    #[serde(default)]
+    pub disk: Vec<String>,
+    /// `stdio` or a file path.
+    pub console: Option<String>,
+    /// netd's control socket (for `netd=` NICs).
+    pub netd_control: Option<PathBuf>,
+}
+
+/// The checked configuration of one VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Initramfs.
+    pub initrd: Option<PathBuf>,
+    /// Extra kernel command line (devices are appended by the VMM).
+    pub cmdline: String,
+    /// Guest memory in bytes.
+    pub mem_bytes: u64,
+    /// vCPUs.
+    pub cpus: u8,
+    /// NICs, in order.
+    pub nets: Vec<NetSpec>,
+    /// Disks, in order.
+    pub disks: Vec<DiskSpec>,
+    /// Console.
+    pub console: Console,
+    /// netd control socket.
+    pub netd_control: PathBuf,
+}
+
+/// Default kernel command line when none is given.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 nomodule";
+/// Default netd control socket.
+pub const DEFAULT_NETD_CONTROL: &str = "/run/netd/control.sock";
+/// Largest guest memory: RAM must stay below the MMIO hole at 3 GiB.
+pub const MAX_MEM: u64 = 3 << 30;
+/// Smallest guest memory that holds the boot structures and a kernel.
+pub const MIN_MEM: u64 = 32 << 20;
+
+impl RawConfig {
+    /// Reads and parses a TOML file; errors name the file and the key.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Overlays CLI values on top of a file's (CLI wins, lists are appended).
+    pub fn merge(mut self, cli: RawConfig) -> Self {
+        if cli.kernel.is_some() {
+            self.kernel = cli.kernel;
+        }
+        if cli.initrd.is_some() {
+            self.initrd = cli.initrd;
+        }
+        if cli.cmdline.is_some() {
+            self.cmdline = cli.cmdline;
+        }
+        if cli.mem.is_some() {
+            self.mem = cli.mem;
+        }
+        if cli.cpus.is_some() {
+            self.cpus = cli.cpus;
+        }
+        if cli.console.is_some() {
+            self.console = cli.console;
+        }
+        if cli.netd_control.is_some() {
+            self.netd_control = cli.netd_control;
+        }
+        self.net.extend(cli.net);
+        self.disk.extend(cli.disk);
+        self
+    }
+
+    /// Checks every key and builds the typed configuration.
+    pub fn validate(self) -> Result<VmConfig, ConfigError> {
+        let kernel = self
+            .kernel
+            .ok_or_else(|| invalid("kernel", "required: path of a vmlinux (ELF) or bzImage"))?;
+        let mem_bytes = match &self.mem {
+            Some(s) => parse_size(s).ok_or_else(|| {
+                invalid("mem", format!("expected a size like 256M or 1G, got {s:?}"))
+            })?,
+            None => 256 << 20,
+        };
+        if !(MIN_MEM..=MAX_MEM).contains(&mem_bytes) {
+            return Err(invalid(
+                "mem",
+                format!("must be between {}M and {}M", MIN_MEM >> 20, MAX_MEM >> 20),
+            ));
+        }
+        let cpus = self.cpus.unwrap_or(1);
+        if cpus == 0 || cpus > 32 {
+            return Err(invalid("cpus", "must be between 1 and 32"));
+        }
+        let nets = self
+            .net
+            .iter()
+            .enumerate()
+            .map(|(i, s)| parse_net(s).map_err(|m| invalid(format!("net[{i}]"), m)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let disks = self
+            .disk
+            .iter()
+            .enumerate()
+            .map(|(i, s)| parse_disk(s).map_err(|m| invalid(format!("disk[{i}]"), m)))
+            .collect::<Result<Vec<_>, _>>()?;
+        if nets.len() + disks.len() > crate::layout::MAX_MMIO_DEVICES {
+            return Err(invalid(
+                "net/disk",
+                format!("at most {} devices in all", crate::layout::MAX_MMIO_DEVICES),
+            ));
+        }
+        let console = match self.console.as_deref() {
+            None | Some("stdio") => Console::Stdio,
+            Some("") => return Err(invalid("console", "expected \"stdio\" or a file path")),
+            Some(p) => Console::File(PathBuf::from(p)),
+        };
+        let cmdline = self.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+        if cmdline.bytes().any(|b| !(0x20..0x7f).contains(&b)) {
+            return Err(invalid("cmdline", "printable ASCII only"));
+        }
+        Ok(VmConfig {
+            kernel,
+            initrd: self.initrd,
+            cmdline,
+            mem_bytes,
+            cpus,
+            nets,
+            disks,
+            console,
+            netd_control: self
+                .netd_control
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_NETD_CONTROL)),
+        })
+    }
+}
+
+/// Parses "256M", "1G", "65536K" or a plain byte count.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, shift) = match s.as_bytes().last()? {
+        b'K' | b'k' => (&s[..s.len() - 1], 10),
+        b'M' | b'm' => (&s[..s.len() - 1], 20),
+        b'G' | b'g' => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    let n: u64 = num.parse().ok()?;
+    n.checked_mul(1u64 << shift)
+}
+
+/// Parses "52:54:00:12:34:56".
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in mac.iter_mut() {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    if parts.next().is_some() || mac[0] & 1 == 1 {
+        return None;
+    }
+    Some(mac)
+}
+
+/// Parses `tap=IF[,mac=MAC]` or `netd=NET[,mac=MAC]`.
+pub fn parse_net(s: &str) -> Result<NetSpec, String> {
+    let mut backend = None;
+    let mut mac = None;
+    for item in s.split(',') {
+        let (k, v) = item
+            .split_once('=')
+            .ok_or_else(|| format!("expected key=value, got {item:?}"))?;
+        match k {
+            "tap" => {
+                if v.is_empty() || v.len() > 15 {
+                    return Err("tap: interface name of 1 to 15 bytes".into());
+                }
+                backend = Some(NetBackend::Tap(v.to_string()));
+            }
+            "netd" => {
+                if v.is_empty() {
+                    return Err("netd: network name expected".into());
+                }
+                backend = Some(NetBackend::Netd(v.to_string()));
+            }
+            "mac" => {
+                mac = Some(parse_mac(v).ok_or_else(|| {
+                    format!("mac: expected a unicast address like 52:54:00:12:34:56, got {v:?}")
+                })?)
+            }
+            other => return Err(format!("unknown key {other:?} (expected tap, netd, mac)")),
+        }
+    }
+    let backend = backend.ok_or("expected tap=IFNAME or netd=NETWORK")?;
+    Ok(NetSpec { backend, mac })
+}
+
+/// Parses `nbd://HOST:PORT/EXPORT[,ro]` or `nbd+unix:///EXPORT?socket=PATH[,ro]`.
+pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
+    let (uri, read_only) = match s.strip_suffix(",ro") {
+        Some(u) => (u, true),
+        None => (s, false),
+    };
+    if let Some(rest) = uri.strip_prefix("nbd://") {
+        let (hostport, export) = rest.split_once('/').unwrap_or((rest, ""));
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) => (
+                h,
+                p.parse::<u16>()
+                    .map_err(|_| format!("bad port {p:?} in {uri:?}"))?,
+            ),
+            None => (hostport, 10809),
+        };
+        if host.is_empty() {
+            return Err(format!("no host in {uri:?}"));
+        }
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        Ok(DiskSpec {
+            addr: NbdAddr::Tcp(host.to_string(), port),
+            export: export.to_string(),
+            read_only,
+        })
+    } else if let Some(rest) = uri.strip_prefix("nbd+unix://") {
+        let rest = rest.strip_prefix('/').unwrap_or(rest);
+        let (export, query) = rest
+            .split_once('?')
+            .ok_or_else(|| format!("expected ?socket=PATH in {uri:?}"))?;
+        let path = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("socket="))
+            .ok_or_else(|| format!("expected ?socket=PATH in {uri:?}"))?;
+        if path.is_empty() {
+            return Err(format!("empty socket path in {uri:?}"));
+        }
+        Ok(DiskSpec {
+            addr: NbdAddr::Unix(PathBuf::from(path)),
+            export: export.to_string(),
+            read_only,
+        })
+    } else {
+        Err(format!(
+            "expected nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH, got {s:?}"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256M"), Some(256 << 20));
+        assert_eq!(parse_size("1G"), Some(1 << 30));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("x"), None);
+        assert_eq!(parse_size(""), None);
+        assert_eq!(parse_size("99999999999999G"), None);
+    }
+
+    #[test]
+    fn nets() {
+        let n = parse_net("tap=tap0,mac=52:54:00:00:00:01").unwrap();
+        assert_eq!(n.backend, NetBackend::Tap("tap0".into()));
+        assert_eq!(n.mac, Some([0x52, 0x54, 0, 0, 0, 1]));
+        assert_eq!(
+            parse_net("netd=lab").unwrap().backend,
+            NetBackend::Netd("lab".into())
+        );
+        assert!(parse_net("tap=x,mac=01:00:00:00:00:00").is_err());
+        assert!(parse_net("mac=52:54:00:00:00:01").is_err());
+        assert!(parse_net("foo=1").is_err());
+    }
+
+    #[test]
+    fn disks() {
+        let d = parse_disk("nbd://127.0.0.1:10809/disk0,ro").unwrap();
+        assert_eq!(d.addr, NbdAddr::Tcp("127.0.0.1".into(), 10809));
+        assert_eq!(d.export, "disk0");
+        assert!(d.read_only);
+        let d = parse_disk("nbd+unix:///e1?socket=/tmp/s.sock").unwrap();
+        assert_eq!(d.addr, NbdAddr::Unix("/tmp/s.sock".into()));
+        assert_eq!(d.export, "e1");
+        assert!(!d.read_only);
+        assert!(parse_disk("file:///x").is_err());
+        assert!(parse_disk("nbd://:1/x").is_err());
+    }
+
+    #[test]
+    fn toml_strict_and_keys_named() {
+        let err = toml::from_str::<RawConfig>("kernel = \"k\"\nmemory = \"1G\"\n").unwrap_err();
+        assert!(err.to_string().contains("memory"), "{err}");
+        let raw: RawConfig = toml::from_str("kernel = \"k\"\nmem = \"lots\"\n").unwrap();
+        let err = raw.validate().unwrap_err();
+        assert!(err.to_string().starts_with("mem:"), "{err}");
+        let raw: RawConfig =
+            toml::from_str("kernel = \"k\"\nnet = [\"tap=a\", \"tap=b,mac=zz\"]\n").unwrap();
+        let err = raw.validate().unwrap_err();
+        assert!(err.to_string().starts_with("net[1]:"), "{err}");
+        let raw: RawConfig = toml::from_str("mem = \"64M\"\n").unwrap();
+        assert!(raw
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("kernel:"));
+    }
+}

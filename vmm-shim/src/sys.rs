@@ -1,0 +1,246 @@
+//! Thin wrappers over the few raw syscalls the VMM needs (TAP ioctls, poll, signals).
+//! Every `unsafe` block of the crate lives here.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+use crate::virtio::net::NetBackend;
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// A TAP queue opened with `IFF_VNET_HDR` (header size 12), non-blocking.
+pub struct Tap {
+    file: File,
+    name: String,
+}
+
+impl Tap {
+    /// Opens (or creates) the TAP interface `name`.
+    pub fn open(name: &str) -> io::Result<Tap> {
+        if name.is_empty() || name.len() > 15 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad TAP name"));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/net/tun")?;
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+            _pad: [0; 22],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is (40 bytes, C layout);
+        // the fd is a valid tun fd we own.
+        let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let hdr: libc::c_int = crate::virtio::net::VNET_HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which is valid.
+        let r = unsafe {
+            libc::ioctl(
+                file.as_raw_fd(),
+                TUNSETVNETHDRSZ,
+                &hdr as *const libc::c_int,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Tap {
+            file,
+            name: name.to_string(),
+        })
+    }
+
+    /// Interface name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl AsRawFd for Tap {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+impl NetBackend for Tap {
+    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        // SAFETY: write(2) from a live slice of the given length to our fd.
+        let n = unsafe { libc::write(self.file.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: read(2) into a live, writable slice of the given length.
+        let n = unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    fn set_offload(&mut self, flags: u32) -> io::Result<()> {
+        // SAFETY: TUNSETOFFLOAD takes its argument by value.
+        let r = unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                TUNSETOFFLOAD,
+                libc::c_ulong::from(flags),
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// Waits until one of `fds` is readable (or `timeout_ms` passes, -1 = forever);
+/// returns a readiness flag per fd.
+pub fn poll_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<Vec<bool>> {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: poll(2) on a live array of pollfd of the given length.
+    let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(vec![false; fds.len()]);
+        }
+        return Err(e);
+    }
+    Ok(p.iter()
+        .map(|x| x.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0)
+        .collect())
+}
+
+/// A signal set of SIGTERM, SIGINT and SIGHUP.
+fn term_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset initializes it before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t we own.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+    }
+    set
+}
+
+/// Blocks SIGTERM/SIGINT/SIGHUP in the calling thread (threads spawned later inherit
+/// the mask), so that only [`wait_term_signal`] receives them.
+pub fn block_term_signals() {
+    let set = term_set();
+    // SAFETY: pthread_sigmask with a valid set; the old mask is not needed.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Waits for SIGTERM/SIGINT/SIGHUP (which must be blocked); returns the signal.
+pub fn wait_term_signal() -> i32 {
+    let set = term_set();
+    let mut sig: libc::c_int = 0;
+    // SAFETY: sigwait with a valid set and out-pointer.
+    unsafe {
+        libc::sigwait(&set, &mut sig);
+    }
+    sig
+}
+
+/// The signal used to kick vCPU threads out of KVM_RUN.
+pub fn kick_signal() -> i32 {
+    libc::SIGRTMIN()
+}
+
+extern "C" fn noop_handler(_: libc::c_int) {}
+
+/// Installs a no-op handler for the kick signal (without SA_RESTART, so KVM_RUN returns
+/// EINTR).
+pub fn install_kick_handler() -> io::Result<()> {
+    // SAFETY: sigaction is plain data, zeroed then filled.
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    sa.sa_sigaction = noop_handler as *const () as usize;
+    sa.sa_flags = 0;
+    // SAFETY: installing a handler that does nothing is async-signal-safe.
+    let r = unsafe { libc::sigaction(kick_signal(), &sa, std::ptr::null_mut()) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sends the kick signal to a thread.
+pub fn kick_thread(t: libc::pthread_t) {
+    // SAFETY: pthread_kill on a thread handle that is still joinable (caller keeps it).
+    unsafe {
+        libc::pthread_kill(t, kick_signal());
+    }
+}
+
+/// Sends `READY=1` to systemd when `NOTIFY_SOCKET` is set.
+pub fn sd_notify_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let p = path.to_string_lossy().into_owned();
+    let _ = if let Some(abs) = p.strip_prefix('@') {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abs.as_bytes())
+            .and_then(|a| sock.send_to_addr(b"READY=1", &a))
+    } else {
+        sock.send_to(b"READY=1", &p)
+    };
+}
+
+/// Registers a guest memory region with KVM.
+///
+/// The caller passes a region backed by a live mapping of guest memory (`vm-memory`'s
+/// `GuestMemoryMmap`) that outlives the VM: in vmm-shim the memory is dropped after the
+/// vCPU threads are joined and the VM fd is closed.
+pub fn set_user_memory_region(
+    vm: &kvm_ioctls::VmFd,
+    region: kvm_bindings::kvm_userspace_memory_region,
+) -> Result<(), kvm_ioctls::Error> {
+    // SAFETY: per this function's contract the host range is a live mapping that stays
+    // valid for the VM's lifetime; KVM only reads the struct.
+    unsafe { vm.set_user_memory_region(region) }
+}
+
+/// The suberror of a KVM_EXIT_INTERNAL_ERROR (call only right after that exit).
+pub fn internal_error_suberror(vcpu: &mut kvm_ioctls::VcpuFd) -> u32 {
+    // SAFETY: after KVM_EXIT_INTERNAL_ERROR the kernel filled the `internal` member of
+    // the kvm_run union; reading a u32 from it reads initialized data.
+    unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror }
+}

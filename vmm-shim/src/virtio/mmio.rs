@@ -1,0 +1,258 @@
+//! The virtio-mmio transport (version 2 register layout, virtio spec 4.2.2).
+//!
+//! Every register access the guest makes in the device's 4 KiB window lands in
+//! [`MmioTransport::read`] / [`MmioTransport::write`] from a vCPU thread. Queue
+//! addresses and sizes the driver writes are kept in virtio-queue `Queue`s; the queues
+//! are only handed to the device after DRIVER_OK and only if `Queue::is_valid` accepts
+//! them against guest memory (a driver that points a ring outside RAM gets
+//! DEVICE_NEEDS_RESET instead of a device that touches bad memory).
+
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::{IrqLine, VirtioDevice, F_VERSION_1};
+
+const MAGIC: u32 = 0x7472_6976;
+const VENDOR: u32 = 0x554d_4551; // "QEMU", as many guests expect any value
+
+const STATUS_ACK: u32 = 1;
+const STATUS_DRIVER: u32 = 2;
+const STATUS_DRIVER_OK: u32 = 4;
+const STATUS_FEATURES_OK: u32 = 8;
+const STATUS_NEEDS_RESET: u32 = 64;
+const STATUS_FAILED: u32 = 128;
+
+/// A device behind the virtio-mmio register window.
+pub struct MmioTransport<D: VirtioDevice> {
+    device: D,
+    mem: GuestMemoryMmap,
+    irq: Arc<IrqLine>,
+    queues: Vec<Queue>,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    acked: u64,
+    queue_sel: u32,
+    status: u32,
+    config_generation: u32,
+    active: bool,
+}
+
+impl<D: VirtioDevice> MmioTransport<D> {
+    /// Wraps a device.
+    pub fn new(device: D, mem: GuestMemoryMmap, irq: Arc<IrqLine>) -> Self {
+        let queues = Self::fresh_queues(&device);
+        MmioTransport {
+            device,
+            mem,
+            irq,
+            queues,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            acked: 0,
+            queue_sel: 0,
+            status: 0,
+            config_generation: 0,
+            active: false,
+        }
+    }
+
+    fn fresh_queues(device: &D) -> Vec<Queue> {
+        device
+            .queue_max_sizes()
+            .iter()
+            .filter_map(|&m| Queue::new(m).ok())
+            .collect()
+    }
+
+    /// The device.
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    /// The device, mutably.
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
+    }
+
+    /// Whether the driver has set DRIVER_OK and the queues were valid.
+    pub fn active(&self) -> bool {
+        self.active
+    }
+
+    /// The device, the queues and guest memory, for back-end threads (net RX).
+    pub fn parts(&mut self) -> (&mut D, &mut [Queue], &GuestMemoryMmap, &IrqLine) {
+        (&mut self.device, &mut self.queues, &self.mem, &self.irq)
+    }
+
+    fn queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    /// A 32-bit (or narrower) read of the register at `offset`.
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= 0x100 {
+            self.device.read_config(offset - 0x100, data);
+            return;
+        }
+        let v: u32 = match offset {
+            0x00 => MAGIC,
+            0x04 => 2,
+            0x08 => self.device.device_type(),
+            0x0c => VENDOR,
+            0x10 => {
+                let f = self.device.features() | F_VERSION_1;
+                match self.device_features_sel {
+                    0 => f as u32,
+                    1 => (f >> 32) as u32,
+                    _ => 0,
+                }
+            }
+            0x34 => self.queue().map(|q| q.max_size() as u32).unwrap_or(0),
+            0x44 => self.queue().map(|q| q.ready() as u32).unwrap_or(0),
+            0x60 => self.irq.status(),
+            0x70 => self.status,
+            0xfc => self.config_generation,
+            _ => 0,
+        };
+        let b = v.to_le_bytes();
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = b.get(i).copied().unwrap_or(0);
+        }
+    }
+
+    /// A write of the register at `offset`.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= 0x100 {
+            // Config writes are not used by our devices (MAC is read-only here).
+            return;
+        }
+        let mut b = [0u8; 4];
+        for (i, d) in data.iter().take(4).enumerate() {
+            b[i] = *d;
+        }
+        let v = u32::from_le_bytes(b);
+        let setup = self.status & STATUS_DRIVER_OK == 0;
+        match offset {
+            0x14 => self.device_features_sel = v,
+            0x20 if setup => match self.driver_features_sel {
+                0 => self.acked = (self.acked & !0xffff_ffff) | u64::from(v),
+                1 => self.acked = (self.acked & 0xffff_ffff) | (u64::from(v) << 32),
+                _ => {}
+            },
+            0x24 => self.driver_features_sel = v,
+            0x30 => self.queue_sel = v,
+            0x38 if setup => {
+                if let Some(q) = self.queue() {
+                    q.set_size(v as u16);
+                }
+            }
+            0x44 if setup => {
+                if let Some(q) = self.queue() {
+                    q.set_ready(v == 1);
+                }
+            }
+            0x50 => self.notify(v),
+            0x64 => self.irq.ack(v),
+            0x70 => self.set_status(v),
+            0x80 if setup => self.with_queue(|q| q.set_desc_table_address(Some(v), None)),
+            0x84 if setup => self.with_queue(|q| q.set_desc_table_address(None, Some(v))),
+            0x90 if setup => self.with_queue(|q| q.set_avail_ring_address(Some(v), None)),
+            0x94 if setup => self.with_queue(|q| q.set_avail_ring_address(None, Some(v))),
+            0xa0 if setup => self.with_queue(|q| q.set_used_ring_address(Some(v), None)),
+            0xa4 if setup => self.with_queue(|q| q.set_used_ring_address(None, Some(v))),
+            _ => {}
+        }
+    }
+
+    fn with_queue(&mut self, f: impl FnOnce(&mut Queue)) {
+        if let Some(q) = self.queue() {
+            f(q)
+        }
+    }
+
+    fn set_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        // FEATURES_OK only sticks if the driver accepted VERSION_1 and nothing we
+        // did not offer.
+        let mut v = v;
+        if v & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
+            let offered = self.device.features() | F_VERSION_1;
+            if self.acked & !offered != 0 || self.acked & F_VERSION_1 == 0 {
+                v &= !STATUS_FEATURES_OK;
+            }
+        }
+        if v & STATUS_DRIVER_OK != 0 && !self.active {
+            let ok = v & (STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK)
+                == (STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK)
+                && self
+                    .queues
+                    .iter()
+                    .all(|q| !q.ready() || q.is_valid(&self.mem));
+            if ok {
+                self.device.activate(self.acked);
+                self.active = true;
+            } else {
+                tracing::warn!(
+                    device = self.device.device_type(),
+                    "driver set DRIVER_OK with bad queues or features: needs reset"
+                );
+                v |= STATUS_NEEDS_RESET;
+                v &= !STATUS_DRIVER_OK;
+            }
+        }
+        if v & STATUS_FAILED != 0 {
+            self.active = false;
+        }
+        self.status = v;
+    }
+
+    fn reset(&mut self) {
+        self.device.reset();
+        self.queues = Self::fresh_queues(&self.device);
+        self.acked = 0;
+        self.status = 0;
+        self.queue_sel = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.active = false;
+        self.irq.ack(u32::MAX);
+        self.config_generation = self.config_generation.wrapping_add(1);
+    }
+
+    fn notify(&mut self, index: u32) {
+        if !self.active {
+            return;
+        }
+        let Ok(index) = u16::try_from(index) else {
+            return;
+        };
+        if usize::from(index) >= self.queues.len() {
+            return;
+        }
+        if self.device.notify(index, &mut self.queues, &self.mem) {
+            self.irq.signal_used();
+        }
+    }
+}
+
+/// What the vCPU's MMIO bus dispatches to.
+pub trait BusDevice: Send {
+    /// Register read.
+    fn bus_read(&mut self, offset: u64, data: &mut [u8]);
+    /// Register write.
+    fn bus_write(&mut self, offset: u64, data: &[u8]);
+}
+
+impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
+    fn bus_read(&mut self, offset: u64, data: &mut [u8]) {
+        self.read(offset, data)
+    }
+    fn bus_write(&mut self, offset: u64, data: &[u8]) {
+        self.write(offset, data)
+    }
+}

@@ -1,0 +1,166 @@
+//! Virtio devices over the virtio-mmio transport (virtio 1.x, "modern" layout).
+//!
+//! A device implements [`VirtioDevice`]: its type, feature bits, config space and what
+//! to do when the guest kicks a queue. [`mmio::MmioTransport`] owns the queues and the
+//! register state the driver programs, and calls the device with the queues and guest
+//! memory once the driver has set DRIVER_OK. Interrupts go through an [`IrqLine`]: the
+//! interrupt status register plus an eventfd that KVM (irqfd) turns into a pulse on
+//! the device's IOAPIC pin.
+//!
+//! Guest memory and rings are hostile: devices read every descriptor through
+//! vm-memory's checked accessors, validate a request's shape before acting on it, and
+//! answer a malformed chain with an error status (or a zero-length used entry) and a
+//! counter bump. Nothing a guest writes can make them panic.
+
+pub mod blk;
+pub mod chain;
+pub mod mmio;
+pub mod net;
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// VIRTIO_F_VERSION_1.
+pub const F_VERSION_1: u64 = 1 << 32;
+/// Interrupt status bit: a used ring was updated.
+pub const INT_VRING: u32 = 1;
+/// Interrupt status bit: the config space changed.
+pub const INT_CONFIG: u32 = 2;
+
+/// An interrupt line of one device: status register plus an eventfd (irqfd).
+pub struct IrqLine {
+    status: AtomicU32,
+    evt: EventFd,
+}
+
+impl IrqLine {
+    /// Wraps an eventfd.
+    pub fn new(evt: EventFd) -> Self {
+        IrqLine {
+            status: AtomicU32::new(0),
+            evt,
+        }
+    }
+
+    /// Raises the interrupt for a used-ring update.
+    pub fn signal_used(&self) {
+        self.status.fetch_or(INT_VRING, Ordering::SeqCst);
+        // An eventfd write only fails if the counter would overflow, which a pending
+        // interrupt can't make worse.
+        let _ = self.evt.write(1);
+    }
+
+    /// The interrupt status register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// InterruptACK.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// The eventfd (for KVM_IRQFD).
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+}
+
+/// Counters every device keeps (reported in logs on exit, and by tests).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Malformed descriptor chains seen (answered with an error, then dropped).
+    pub bad_chains: AtomicU64,
+    /// Requests or frames completed.
+    pub completed: AtomicU64,
+    /// Back-end I/O errors reported to the guest.
+    pub io_errors: AtomicU64,
+    /// Frames dropped (e.g. too large for the guest's buffers).
+    pub dropped: AtomicU64,
+}
+
+impl Counters {
+    /// Adds one to a counter.
+    pub fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A virtio device model.
+pub trait VirtioDevice: Send {
+    /// Virtio device ID (1 net, 2 block).
+    fn device_type(&self) -> u32;
+    /// Offered feature bits.
+    fn features(&self) -> u64;
+    /// Maximum size of each queue (the number of queues is this slice's length).
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Reads the device config space; bytes past its end read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The driver set DRIVER_OK with these features.
+    fn activate(&mut self, acked_features: u64);
+    /// The driver kicked queue `index`. Returns true if the guest should be interrupted.
+    fn notify(&mut self, index: u16, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool;
+    /// The driver reset the device.
+    fn reset(&mut self) {}
+    /// Counters.
+    fn counters(&self) -> &Counters;
+}
+
+/// Copies `src` (a config space image) at `offset` into `data`, zero past the end.
+pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| src.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    //! Helpers for device unit tests on virtio-queue's MockSplitQueue.
+
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    /// 16 MiB of guest memory; queues at 0, buffers from 1 MiB.
+    pub fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
+    }
+
+    /// A raw descriptor.
+    pub fn d(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+    }
+
+    /// Used ring entry `i` of a mock queue: (id, len).
+    pub fn used(mem: &GuestMemoryMmap, used_addr: GuestAddress, i: u16) -> (u32, u32) {
+        let base = used_addr.0 + 4 + 8 * u64::from(i);
+        (
+            mem.read_obj::<u32>(GuestAddress(base)).unwrap(),
+            mem.read_obj::<u32>(GuestAddress(base + 4)).unwrap(),
+        )
+    }
+
+    /// Used ring index.
+    pub fn used_idx(mem: &GuestMemoryMmap, used_addr: GuestAddress) -> u16 {
+        mem.read_obj::<u16>(GuestAddress(used_addr.0 + 2)).unwrap()
+    }
+
+    /// A tiny deterministic PRNG (xorshift64*), so randomized tests replay.
+    pub struct Rng(pub u64);
+    impl Rng {
+        /// Next value.
+        pub fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+    }
+}

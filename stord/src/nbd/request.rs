@@ -152,6 +152,9 @@ pub(super) fn execute(sess: &Session, req: Request, payload: Bytes) -> Reply {
     }
 }
 
+/// Smallest READ whose holes are looked for (SEEK_DATA / SEEK_HOLE).
+const HOLE_SCAN_MIN: u64 = 64 * 1024;
+
 pub(super) fn read(sess: &Session, req: Request) -> Reply {
     let disk = sess.disk();
     let handle = req.handle;
@@ -174,21 +177,23 @@ pub(super) fn read(sess: &Session, req: Request) -> Reply {
     let fail = |e: crate::disk::DiskError| {
         error_reply(sess, handle, e.nbd_errno(), &crate::error_chain(&e))
     };
-    // DF forbids fragments; fixed disks have no holes worth skipping.
-    let segments = if req.flags & cflag::DF != 0 || disk.alloc() == Alloc::Fixed {
-        vec![(len, false)]
-    } else {
-        match disk.segments(req.offset, len, MAX_READ_CHUNKS) {
-            Ok(mut s) => {
-                let covered: u64 = s.iter().map(|(l, _)| l).sum();
-                if covered < len {
-                    s.push((len - covered, false));
+    // DF forbids fragments; fixed disks have no holes worth skipping; below
+    // HOLE_SCAN_MIN the two lseek calls cost more than sending the zeroes.
+    let segments =
+        if req.flags & cflag::DF != 0 || disk.alloc() == Alloc::Fixed || len < HOLE_SCAN_MIN {
+            vec![(len, false)]
+        } else {
+            match disk.segments(req.offset, len, MAX_READ_CHUNKS) {
+                Ok(mut s) => {
+                    let covered: u64 = s.iter().map(|(l, _)| l).sum();
+                    if covered < len {
+                        s.push((len - covered, false));
+                    }
+                    s
                 }
-                s
+                Err(e) => return fail(e),
             }
-            Err(e) => return fail(e),
-        }
-    };
+        };
     let mut out = Vec::with_capacity(segments.len() * 2);
     let mut pos = req.offset;
     let n = segments.len();

@@ -4,13 +4,15 @@
 # 4 KiB random read / write at QD1 and QD32 (nbd engine). Prints each figure and
 # stord's ratio to each reference.
 #
-# Usage: bench/stord.sh [SIZE_MIB] [FIO_SECONDS]     (needs root only for nothing;
-# needs nbdkit, qemu-nbd, nbdcopy, fio, python3; builds stord in release mode)
+# Usage: bench/stord.sh [SIZE_MIB [FIO_SECONDS [REPS]]]   (defaults 1024 4 3)
+# Needs nbdkit, qemu-nbd, nbdcopy, fio, python3; builds stord in release mode.
+# Each figure is the median of REPS runs with the three servers taking turns.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SIZE_MIB=${1:-1024}
-FIO_SECS=${2:-6}
+FIO_SECS=${2:-4}
+REPS=${3:-3}
 work=$(mktemp -d /var/tmp/stord-bench.XXXXXX)
 pids=()
 cleanup() {
@@ -83,23 +85,35 @@ fio_run() { # uri rw depth -> IOPS
 SERVERS=(stord nbdkit qemu-nbd)
 for srv in "${SERVERS[@]}"; do start_server "$srv"; done
 
-for srv in "${SERVERS[@]}"; do
-  t0=$(now); nbdcopy --no-extents "${URIS[$srv]}" null: ; t1=$(now)
-  R[$srv,read]=$(python3 -c "print(int($SIZE_MIB/($t1-$t0)))")
-done
-for srv in "${SERVERS[@]}"; do
-  t0=$(now); nbdcopy --flush "$work/src.bin" "${URIS[$srv]}"; t1=$(now)
-  R[$srv,write]=$(python3 -c "print(int($SIZE_MIB/($t1-$t0)))")
-done
-for t in "rr1 randread 1" "rr32 randread 32" "rw1 randwrite 1" "rw32 randwrite 32"; do
-  set -- $t
+median() { python3 -c 'import sys, statistics; print(int(statistics.median(float(x) for x in sys.argv[1:])))' "$@"; }
+copy_read() { local t0 t1; t0=$(now); nbdcopy --no-extents "$1" null: ; t1=$(now); python3 -c "print($SIZE_MIB/($t1-$t0))"; }
+copy_write() { local t0 t1; t0=$(now); nbdcopy --flush "$work/src.bin" "$1"; t1=$(now); python3 -c "print($SIZE_MIB/($t1-$t0))"; }
+
+# Every figure is the median of REPS runs, the servers taking turns.
+declare -A S
+for key in read write rr1 rr32 rw1 rw32; do
+  for rep in $(seq "$REPS"); do
+    for srv in "${SERVERS[@]}"; do
+      u=${URIS[$srv]}
+      case $key in
+        read) v=$(copy_read "$u");;
+        write) v=$(copy_write "$u");;
+        rr1) v=$(fio_run "$u" randread 1);;
+        rr32) v=$(fio_run "$u" randread 32);;
+        rw1) v=$(fio_run "$u" randwrite 1);;
+        rw32) v=$(fio_run "$u" randwrite 32);;
+      esac
+      S[$srv,$key]="${S[$srv,$key]:-} $v"
+    done
+  done
   for srv in "${SERVERS[@]}"; do
-    R[$srv,$1]=$(fio_run "${URIS[$srv]}" "$2" "$3")
+    # shellcheck disable=SC2086
+    R[$srv,$key]=$(median ${S[$srv,$key]})
   done
 done
 
 ratio() { python3 -c "print(f'{$1/$2:.2f}x')"; }
-printf '\nstord bench: %s MiB file, fio %ss per point, %s CPUs (%s)\n' "$SIZE_MIB" "$FIO_SECS" "$(nproc)" "$(uname -r)"
+printf '\nstord bench: %s MiB file, fio %ss per point, median of %s, %s CPUs (%s), load %s\n' "$SIZE_MIB" "$FIO_SECS" "$REPS" "$(nproc)" "$(uname -r)" "$(cut -d' ' -f1-3 /proc/loadavg)"
 printf '%-28s %10s %10s %10s %10s %10s  %s\n' "test" "stord" "nbdkit" "qemu-nbd" "/nbdkit" "/qemu-nbd" "goal vs nbdkit"
 row() { # key label unit goal
   printf '%-28s %10s %10s %10s %10s %10s  %s\n' "$2 ($3)" "${R[stord,$1]}" "${R[nbdkit,$1]}" "${R[qemu-nbd,$1]}" \

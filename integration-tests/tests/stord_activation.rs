@@ -66,6 +66,46 @@ print("ok")
 }
 
 #[test]
+fn stdin_mode_sigterm_is_graceful() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let stord = bin("stord");
+    let cmd = [
+        stord.to_str().unwrap(),
+        "serve",
+        "--stdin",
+        "--config",
+        cfg.to_str().unwrap(),
+    ];
+    let script = r#"
+import signal, socket, subprocess, sys, time, nbd
+cmd = sys.argv[1:]
+a, b = socket.socketpair()
+p = subprocess.Popen(cmd, stdin=b, stdout=b)
+b.close()
+h = nbd.NBD()
+h.connect_socket(a.detach())
+h.pwrite(b"\x55" * 4096, 0)                 # acknowledged, not flushed
+p.send_signal(signal.SIGTERM)
+time.sleep(0.3)
+try:
+    h.pread(4096, 0)
+    raise AssertionError("served after SIGTERM")
+except nbd.Error as e:
+    assert "ESHUTDOWN" in str(e), e
+assert p.wait(timeout=10) == 0, "stord --stdin exit status after SIGTERM"
+h = nbd.NBD()
+h.connect_command(cmd)
+assert h.pread(4096, 0) == b"\x55" * 4096
+h.shutdown()
+print("ok")
+"#;
+    let out = python(dir.path(), script, &cmd).unwrap();
+    assert!(out.contains("ok"), "{out}");
+}
+
+#[test]
 fn nbdinfo_runs_stord_with_socket_activation() {
     require_root();
     let dir = tempfile::tempdir().unwrap();

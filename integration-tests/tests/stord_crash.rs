@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use integration_tests::{require_root, ChildGuard};
 use stord_common::{dynamic, python, Stord};
 
-const PER_ROUND: u64 = 2048;
+const PER_ROUND: u64 = 4096;
 
 const WRITER: &str = r#"
 import struct, sys, nbd
@@ -85,15 +85,25 @@ fn acknowledged_writes_survive_sigkill() {
                 .unwrap(),
         );
         let stdout = w.child().stdout.take().unwrap();
+        let (first_tx, first_rx) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
-            BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .filter_map(|l| l.trim().parse::<u64>().ok())
-                .collect::<Vec<u64>>()
+            let mut blocks = Vec::new();
+            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(b) = l.trim().parse::<u64>() {
+                    if blocks.is_empty() {
+                        let _ = first_tx.send(());
+                    }
+                    blocks.push(b);
+                }
+            }
+            blocks
         });
-        // Kill at a random point while the writer is busy.
-        std::thread::sleep(Duration::from_millis(150 + rand() % 600));
+        // Once the writer is going (first acknowledgement), kill at a random
+        // point while it is busy.
+        first_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the writer got its first acknowledgement");
+        std::thread::sleep(Duration::from_millis(rand() % 300));
         s.kill();
         let st = w
             .wait_timeout(Duration::from_secs(20))

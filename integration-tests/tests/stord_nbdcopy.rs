@@ -56,7 +56,9 @@ fn fio_nbd_engine_verifies() {
     require_root();
     let s = Stord::start(&[dynamic("d", "64MiB")]).unwrap();
     let out = ok(Command::new("fio")
+        .current_dir(s.dir.path())
         .args([
+            "--verify_state_save=0",
             "--name=stord",
             "--ioengine=nbd",
             "--rw=randwrite",

@@ -197,6 +197,15 @@ assert h.get_size() == 2 << 20
 h.pwrite(b"E" * 512, 0)
 assert h.pread(512, 0) == b"E" * 512
 h.shutdown()
+# EXPORT_NAME cannot carry an error: an unknown name closes the connection.
+h = nbd.NBD()
+h.set_request_structured_replies(False)
+h.set_handshake_flags(0)
+try:
+    h.connect_uri(base + "/nope")
+    raise AssertionError("EXPORT_NAME of an unknown export was accepted")
+except nbd.Error:
+    pass
 print("ok")
 "#;
 

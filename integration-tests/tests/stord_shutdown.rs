@@ -12,7 +12,7 @@ use integration_tests::{require_root, ChildGuard};
 use stord_common::{dynamic, qemu_io, Stord};
 
 const CLIENT: &str = r#"
-import errno, sys, nbd
+import errno, sys, time, nbd
 h = nbd.NBD()
 h.connect_uri(sys.argv[1])
 h.pwrite(b"\x3c" * (1 << 20), 0)         # acknowledged, not flushed
@@ -23,6 +23,16 @@ try:
     print("served", flush=True)
 except nbd.Error as e:
     print("error", str(e).rsplit("(", 1)[-1].rstrip(")"), flush=True)
+# A client that ignores ESHUTDOWN and keeps sending is cut off after the grace
+# period instead of holding the daemon up.
+deadline = time.time() + 20
+while time.time() < deadline:
+    try:
+        h.pread(4096, 0)
+    except nbd.Error as e:
+        if "ESHUTDOWN" not in str(e):
+            print("closed", flush=True)
+            break
 "#;
 
 #[test]
@@ -54,6 +64,14 @@ fn sigterm_is_graceful() {
     line.clear();
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "error ESHUTDOWN", "a request after SIGTERM");
+
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(
+        line.trim(),
+        "closed",
+        "a client that keeps sending is cut off"
+    );
 
     let st = daemon
         .wait_timeout(Duration::from_secs(10))

@@ -334,6 +334,15 @@ read_only = true
     }
 
     #[test]
+    fn shipped_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/stord.toml");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.listen.as_deref(), Some("127.0.0.1:10809"));
+        assert_eq!(c.disk.len(), 1);
+        assert_eq!(c.disk[0].alloc, Alloc::Dynamic);
+    }
+
+    #[test]
     fn unknown_key_names_file_and_key() {
         let e = Config::parse(
             "control = \"/c\"\nstate_dir = \"/s\"\nlisten_port = 5\n",

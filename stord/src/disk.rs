@@ -196,27 +196,7 @@ impl Disk {
 
     /// Reads `len` bytes at `offset` (the caller checked bounds).
     pub fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, DiskError> {
-        let mut buf = vec![0u8; len];
-        self.read_into(offset, &mut buf)?;
-        Ok(buf)
-    }
-
-    /// Reads into `buf` at `offset`; bytes past the end of the host file (which
-    /// never happens unless someone truncated it behind our back) read as zero.
-    pub fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
-        let mut done = 0;
-        while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => {
-                    buf[done..].fill(0);
-                    break;
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(DiskError::Io(e)),
-            }
-        }
-        Ok(())
+        sys::pread_vec(&self.file, offset, len).map_err(DiskError::Io)
     }
 
     /// Writes `data` at `offset`; with `fua`, persisted before returning.
@@ -431,6 +411,17 @@ mod tests {
         d.write_zeroes(1 << 20, 65536, false, true, false).unwrap();
         assert_eq!(d.read(1 << 20, 65536).unwrap(), vec![0; 65536]);
         assert_eq!(d.extents(0, 8 << 20, 64).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn reads_past_the_host_file_end_are_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("short.img");
+        std::fs::write(&p, b"0123456789").unwrap();
+        let f = std::fs::File::open(&p).unwrap();
+        let v = sys::pread_vec(&f, 4, 16).unwrap();
+        assert_eq!(&v[..6], b"456789");
+        assert_eq!(&v[6..], &[0u8; 10]);
     }
 
     #[test]

@@ -161,18 +161,9 @@ pub fn sd_notify(msg: &str) {
 /// Runs the daemon until SIGTERM / SIGINT (or, with `--stdin`, until the one
 /// connection ends).
 pub async fn run(config: Config, opts: Options) -> Result<(), ServerError> {
-    let state_dir = config.state_dir.clone();
-    let disks = config.disk.clone();
-    let catalog = Arc::new(
-        tokio::task::spawn_blocking(move || Catalog::open(&state_dir, &disks))
-            .await
-            .map_err(|e| {
-                ServerError::Catalog(CatalogError::Write {
-                    path: config.state_dir.clone(),
-                    source: std::io::Error::other(e),
-                })
-            })??,
-    );
+    // Startup work (creating configured disks) may block briefly; nothing else
+    // runs yet, so doing it on this thread is harmless.
+    let catalog = Arc::new(Catalog::open(&config.state_dir, &config.disk)?);
     let stats = Arc::new(Stats::default());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let ctx = Ctx {
@@ -184,6 +175,16 @@ pub async fn run(config: Config, opts: Options) -> Result<(), ServerError> {
     };
 
     if opts.stdin {
+        // SIGTERM ends the one session the same way it ends the daemon's.
+        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(ServerError::Signals)?;
+        let tx = shutdown_tx.clone();
+        tokio::spawn(async move {
+            if sigterm.recv().await.is_some() {
+                tracing::info!("SIGTERM: ending the stdin session");
+                let _ = tx.send(true);
+            }
+        });
         stats.connections.fetch_add(1, Ordering::Relaxed);
         let r = nbd::serve(ctx, nbd::Conn::Stdio).await;
         for d in catalog.disks() {

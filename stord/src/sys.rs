@@ -115,3 +115,60 @@ pub fn bytes_pending(fd: RawFd) -> io::Result<usize> {
     }
     Ok(n.max(0) as usize)
 }
+
+/// Reads exactly `len` bytes at `offset` into a fresh buffer without zeroing it
+/// first (the kernel fills it); bytes past the end of the file read as zero.
+pub fn pread_vec(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    let mut done = 0usize;
+    while done < len {
+        let off = i64::try_from(offset + done as u64)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: the destination is the buffer's spare capacity from `done` on,
+        // `len - done` bytes long and owned by us; pread writes at most that many.
+        let r = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                buf.as_mut_ptr().add(done).cast(),
+                len - done,
+                off,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            // SAFETY: zero the rest of the spare capacity (within `len`).
+            unsafe { std::ptr::write_bytes(buf.as_mut_ptr().add(done), 0, len - done) };
+            break;
+        }
+        done += r as usize;
+    }
+    // SAFETY: every byte in 0..len was written by pread or zeroed above.
+    unsafe { buf.set_len(len) };
+    Ok(buf)
+}
+
+/// Waits up to `timeout` for `fd` to become readable (or hung up).
+pub fn poll_readable(fd: RawFd, timeout: std::time::Duration) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: one valid pollfd, count 1.
+    let r = unsafe { libc::poll(&mut p, 1, ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(e);
+    }
+    Ok(r > 0)
+}

@@ -1,0 +1,482 @@
+//! The transmission phase on worker threads: the blocking socket halves, the
+//! shared read / write locks, the payload budget, shutdown polling.
+
+use super::*;
+
+/// The read side of a connection, shared by the workers under a mutex.
+pub(super) trait SockRead: Read + Send + AsRawFd {
+    /// Bounds a blocking read so the reader can notice shutdown.
+    fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
+    /// Whether more bytes (the next request) already wait to be read.
+    fn has_pending(&self) -> bool {
+        crate::sys::bytes_pending(self.as_raw_fd()).map_or(true, |n| n > 0)
+    }
+}
+
+impl SockRead for std::net::TcpStream {
+    fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(t)
+    }
+}
+
+impl SockRead for std::os::unix::net::UnixStream {
+    fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(t)
+    }
+}
+
+/// stdin (`--stdin` mode): a pipe or socket that cannot take SO_RCVTIMEO, so
+/// reads wait in poll(2) with the same period instead.
+pub(super) struct PolledFile(pub(super) std::fs::File);
+
+impl Read for PolledFile {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if !crate::sys::poll_readable(self.0.as_raw_fd(), SHUTDOWN_POLL)? {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        self.0.read(buf)
+    }
+}
+
+impl AsRawFd for PolledFile {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl SockRead for PolledFile {
+    fn set_timeout(&self, _t: Option<Duration>) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+pub(super) type Halves = (Box<dyn SockRead>, Box<dyn Write + Send>);
+
+pub(super) fn blocking_halves(conn: Conn) -> std::io::Result<Halves> {
+    match conn {
+        Conn::Tcp(s) => {
+            let s = s.into_std()?;
+            s.set_nonblocking(false)?;
+            Ok((Box::new(s.try_clone()?), Box::new(s)))
+        }
+        Conn::Unix(s) => {
+            let s = s.into_std()?;
+            s.set_nonblocking(false)?;
+            Ok((Box::new(s.try_clone()?), Box::new(s)))
+        }
+        Conn::Stdio => {
+            use std::os::fd::AsFd;
+            let r = std::io::stdin().as_fd().try_clone_to_owned()?;
+            let w = std::io::stdout().as_fd().try_clone_to_owned()?;
+            Ok((
+                Box::new(PolledFile(std::fs::File::from(r))),
+                Box::new(std::fs::File::from(w)),
+            ))
+        }
+    }
+}
+
+/// A global bound on payload bytes held by requests in flight (WRITE payloads
+/// read, READ data being produced), across all connections.
+///
+/// The fast path is one atomic compare-and-swap to take and one atomic add to
+/// give back; the mutex and condition variable are touched only when the budget
+/// runs out (a waiter registers itself, and givers notify only if one exists).
+#[derive(Debug)]
+pub struct Budget {
+    left: AtomicU64,
+    waiters: AtomicU64,
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+impl Budget {
+    /// A budget of `bytes`.
+    pub fn new(bytes: u64) -> Self {
+        Budget {
+            left: AtomicU64::new(bytes),
+            waiters: AtomicU64::new(0),
+            lock: Mutex::new(()),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn try_take(&self, n: u64) -> bool {
+        let mut cur = self.left.load(Ordering::Acquire);
+        while cur >= n {
+            match self
+                .left
+                .compare_exchange_weak(cur, cur - n, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return true,
+                Err(c) => cur = c,
+            }
+        }
+        false
+    }
+
+    fn take(&self, n: u64) -> BudgetGuard<'_> {
+        if !self.try_take(n) {
+            let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.waiters.fetch_add(1, Ordering::AcqRel);
+            while !self.try_take(n) {
+                // The timeout covers a give that raced with our registration.
+                g = self
+                    .cv
+                    .wait_timeout(g, Duration::from_millis(10))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            self.waiters.fetch_sub(1, Ordering::AcqRel);
+        }
+        BudgetGuard { budget: self, n }
+    }
+
+    fn give(&self, n: u64) {
+        self.left.fetch_add(n, Ordering::AcqRel);
+        if self.waiters.load(Ordering::Acquire) > 0 {
+            let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.cv.notify_all();
+        }
+    }
+}
+
+struct BudgetGuard<'a> {
+    budget: &'a Budget,
+    n: u64,
+}
+
+impl Drop for BudgetGuard<'_> {
+    fn drop(&mut self) {
+        self.budget.give(self.n);
+    }
+}
+
+/// How often a reader blocked on an idle socket looks at the shutdown flag.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(200);
+/// Worker threads per connection: requests in flight at once.
+const WORKERS: usize = 16;
+
+struct ReadState {
+    /// Buffered: one recv can bring several pipelined request headers (large
+    /// payloads bypass the buffer, as BufReader does).
+    rd: BufReader<Box<dyn SockRead>>,
+    grace_end: Option<Instant>,
+    done: bool,
+    result: Result<(), ConnError>,
+}
+
+struct Shared<'a> {
+    ctx: &'a Ctx,
+    sess: &'a Session,
+    rd: Mutex<ReadState>,
+    wr: Mutex<Box<dyn Write + Send>>,
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+/// Fills `buf` completely. At a message boundary (`boundary`), an idle socket
+/// lets `idle()` decide to stop (returns `Ok(false)`); EOF there is a clean end
+/// (also `Ok(false)`). Inside a message, timeouts are waited out and EOF is an
+/// error.
+fn read_full(
+    rd: &mut dyn Read,
+    buf: &mut [u8],
+    boundary: bool,
+    mut idle: impl FnMut() -> bool,
+) -> Result<bool, ConnError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match rd.read(&mut buf[got..]) {
+            Ok(0) if got == 0 && boundary => return Ok(false),
+            Ok(0) => {
+                return Err(ConnError::Protocol(
+                    "connection closed in the middle of a request".into(),
+                ))
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) => {
+                if got == 0 && boundary && idle() {
+                    return Ok(false);
+                }
+            }
+            Err(e) => return Err(ConnError::Io(e)),
+        }
+    }
+    Ok(true)
+}
+
+/// Reads and drops `n` payload bytes.
+fn skip(rd: &mut dyn Read, mut n: u64) -> Result<(), ConnError> {
+    let mut sink = vec![0u8; 256 * 1024];
+    while n > 0 {
+        let k = n.min(sink.len() as u64) as usize;
+        read_full(rd, &mut sink[..k], false, || false)?;
+        n -= k as u64;
+    }
+    Ok(())
+}
+
+/// What the reader got for a worker.
+enum Next<'a> {
+    /// A request to execute (payload read, its budget held), or to answer
+    /// ESHUTDOWN (the flag).
+    Run(Request, Bytes, Option<BudgetGuard<'a>>, bool),
+    /// An answer that needs no execution (invalid request).
+    Answer(Reply),
+    /// The connection is over.
+    Stop,
+}
+
+/// Reads the next request (header and payload). Called with the read lock held.
+fn next<'a>(sh: &Shared<'a>, st: &mut ReadState) -> Result<Next<'a>, ConnError> {
+    // A client that keeps sending after the grace period is not waited for.
+    if matches!(st.grace_end, Some(end) if Instant::now() >= end) {
+        return Ok(Next::Stop);
+    }
+    let mut hdr = [0u8; wire::REQUEST_LEN];
+    let shutdown = &sh.ctx.shutdown;
+    let grace = &mut st.grace_end;
+    let got = read_full(&mut st.rd, &mut hdr, true, || {
+        if grace.is_none() && *shutdown.borrow() {
+            *grace = Some(Instant::now() + SHUTDOWN_GRACE);
+        }
+        matches!(grace, Some(end) if Instant::now() >= *end)
+    })?;
+    if !got {
+        return Ok(Next::Stop);
+    }
+    if st.grace_end.is_none() && *shutdown.borrow() {
+        st.grace_end = Some(Instant::now() + SHUTDOWN_GRACE);
+    }
+    let req = Request::parse(&hdr).map_err(|e| ConnError::Protocol(e.to_string()))?;
+    if req.kind == cmd::DISC {
+        return Ok(Next::Stop);
+    }
+    let plen = req.payload_len();
+    if plen > wire::MAX_PAYLOAD {
+        // Too big to buffer: skip the payload as it streams past, then answer.
+        skip(&mut st.rd, plen as u64)?;
+        sh.ctx
+            .stats
+            .invalid_requests
+            .fetch_add(1, Ordering::Relaxed);
+        let msg = format!(
+            "write of {plen} bytes exceeds the maximum {}",
+            wire::MAX_PAYLOAD
+        );
+        return Ok(Next::Answer(error_reply(
+            sh.sess,
+            req.handle,
+            err::EINVAL,
+            &msg,
+        )));
+    }
+    let (payload, mem) = if plen > 0 {
+        let mem = sh.ctx.budget.take(plen as u64);
+        let mut v = vec![0u8; plen as usize];
+        read_full(&mut st.rd, &mut v, false, || false)?;
+        (Bytes::from(v), Some(mem))
+    } else {
+        (Bytes::new(), None)
+    };
+    Ok(Next::Run(req, payload, mem, st.grace_end.is_some()))
+}
+
+fn write_reply(sh: &Shared<'_>, reply: &Reply) -> std::io::Result<()> {
+    let mut wr = sh.wr.lock().unwrap_or_else(|p| p.into_inner());
+    let mut idx = 0;
+    let mut off = 0;
+    while idx < reply.len() {
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(reply.len() - idx);
+        slices.push(IoSlice::new(&reply[idx][off..]));
+        for b in &reply[idx + 1..] {
+            slices.push(IoSlice::new(b));
+        }
+        let mut n = match wr.write_vectored(&slices) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        while n > 0 && idx < reply.len() {
+            let left = reply[idx].len() - off;
+            if n >= left {
+                n -= left;
+                idx += 1;
+                off = 0;
+            } else {
+                off += n;
+                n = 0;
+            }
+        }
+        while idx < reply.len() && reply[idx].len() == off {
+            idx += 1;
+            off = 0;
+        }
+    }
+    wr.flush()
+}
+
+/// Largest READ / WRITE a worker executes while still holding the read lock.
+const INLINE_MAX: u32 = 256 * 1024;
+
+/// Whether a request is cheap enough (page-cache work, no fdatasync) to run
+/// without handing the socket to another worker.
+fn cheap(req: &Request) -> bool {
+    match req.kind {
+        cmd::READ => req.len <= INLINE_MAX,
+        cmd::WRITE => req.len <= INLINE_MAX && req.flags & cflag::FUA == 0,
+        cmd::BLOCK_STATUS => true,
+        _ => false,
+    }
+}
+
+/// Produces the reply to what the reader got (`None`: the connection is over).
+fn answer(sh: &Shared<'_>, next: Next<'_>) -> Option<Reply> {
+    Some(match next {
+        Next::Stop => return None,
+        Next::Answer(r) => r,
+        Next::Run(req, _, _, true) => error_reply(
+            sh.sess,
+            req.handle,
+            err::ESHUTDOWN,
+            "server is shutting down",
+        ),
+        Next::Run(req, payload, _mem, false) => match validate(sh.sess, &req) {
+            Err((e, msg)) => {
+                sh.ctx
+                    .stats
+                    .invalid_requests
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(handle = req.handle, kind = req.kind, error = e, %msg, "invalid request");
+                error_reply(sh.sess, req.handle, e, &msg)
+            }
+            Ok(()) => {
+                sh.ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
+                let _mem = if req.kind == cmd::READ {
+                    Some(sh.ctx.budget.take(req.len as u64))
+                } else {
+                    None
+                };
+                execute(sh.sess, req, payload)
+            }
+        },
+    })
+}
+
+fn fail(st: &mut ReadState, e: ConnError) {
+    if !st.done {
+        st.done = true;
+        st.result = Err(e);
+    }
+}
+
+/// One worker: read a request under the read lock, run it, reply. When the
+/// request is cheap and nothing else is waiting on the socket (queue depth 1),
+/// the worker keeps the read lock and runs it at once: handing the socket to
+/// another worker would cost a thread wake-up per request for nothing. Otherwise
+/// it lets go of the socket first, so the next request is read while this one
+/// runs.
+fn worker(sh: &Shared<'_>) {
+    let mut st = sh.rd.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        if st.done {
+            return;
+        }
+        let next = match next(sh, &mut st) {
+            Ok(n) => n,
+            Err(e) => return fail(&mut st, e),
+        };
+        let inline = match &next {
+            Next::Stop => {
+                st.done = true;
+                return;
+            }
+            Next::Answer(_) | Next::Run(_, _, _, true) => true,
+            Next::Run(req, ..) => {
+                cheap(req) && st.rd.buffer().is_empty() && !st.rd.get_ref().has_pending()
+            }
+        };
+        let res = if inline {
+            answer(sh, next).map(|r| write_reply(sh, &r))
+        } else {
+            drop(st);
+            let res = answer(sh, next).map(|r| write_reply(sh, &r));
+            st = sh.rd.lock().unwrap_or_else(|p| p.into_inner());
+            res
+        };
+        if let Some(Err(e)) = res {
+            return fail(&mut st, ConnError::Io(e));
+        }
+    }
+}
+
+/// The transmission phase on `WORKERS` threads: each takes the read lock,
+/// reads one request, releases the lock, executes it and writes its reply under
+/// the write lock, so requests overlap and replies go out as they finish.
+pub(super) fn transmission(
+    ctx: &Ctx,
+    sess: Session,
+    rd: Box<dyn SockRead>,
+    wr: Box<dyn Write + Send>,
+) -> Result<(), ConnError> {
+    rd.set_timeout(Some(SHUTDOWN_POLL))?;
+    let sh = Shared {
+        ctx,
+        sess: &sess,
+        rd: Mutex::new(ReadState {
+            rd: BufReader::with_capacity(64 * 1024, rd),
+            grace_end: None,
+            done: false,
+            result: Ok(()),
+        }),
+        wr: Mutex::new(wr),
+    };
+    std::thread::scope(|s| {
+        for _ in 1..WORKERS {
+            let sh = &sh;
+            let spawned = std::thread::Builder::new()
+                .name("stord-worker".into())
+                .stack_size(512 * 1024)
+                .spawn_scoped(s, move || worker(sh));
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start a worker thread; serving with fewer");
+                break;
+            }
+        }
+        worker(&sh);
+    });
+    if *ctx.shutdown.borrow() {
+        let _ = sess.disk().flush();
+    }
+    let st = sh.rd.into_inner().unwrap_or_else(|p| p.into_inner());
+    st.result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_blocks_until_given_back() {
+        let b = Arc::new(Budget::new(100));
+        let g = b.take(80);
+        let b2 = b.clone();
+        let t = std::thread::spawn(move || {
+            let _g = b2.take(50);
+            b2.left.load(Ordering::Acquire)
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!t.is_finished(), "took more than the budget");
+        drop(g);
+        assert_eq!(t.join().unwrap(), 50);
+        assert_eq!(b.left.load(Ordering::Acquire), 100);
+    }
+}

@@ -152,7 +152,12 @@ fn tap_port_comes_back_with_its_namespace() -> Result<()> {
     // netd does not keep the namespace alive; when a namespace of that name is back,
     // so is the port.
     integration_tests::sh(&format!("ip netns del {}", b.name()))?;
-    assert!(!ping(&a, "10.1.1.2"));
+    // The kernel tears a deleted namespace down asynchronously: its TAP may answer for
+    // a moment after `ip netns del` returns.
+    assert!(
+        integration_tests::wait_until(std::time::Duration::from_secs(10), || !ping(&a, "10.1.1.2")),
+        "b's address still answers after its namespace is gone"
+    );
     integration_tests::sh(&format!(
         "ip netns add {0} && ip -n {0} link set lo up",
         b.name()

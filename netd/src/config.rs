@@ -93,7 +93,9 @@ pub struct NetworkConfig {
     /// "A-B", inclusive.
     pub dhcp_range: Option<String>,
     /// The DHCP server's own address (default: the gateway on internal networks;
-    /// .100 on hostonly networks, as VirtualBox, since the host owns the gateway).
+    /// .100 on hostonly networks, as VirtualBox, since the host owns the gateway; the
+    /// gateway on nat networks, as VirtualBox and QEMU, where the router owns it and
+    /// hands the server the unicast datagrams to port 67).
     pub dhcp_server: Option<Ipv4Addr>,
     /// Lease time in seconds (default 86400... VirtualBox uses 10 minutes; we use 1 day).
     pub lease_time: Option<u32>,

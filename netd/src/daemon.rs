@@ -120,6 +120,14 @@ fn service_mac(net: &str, salt: u8) -> [u8; 6] {
     [0x02, 0x4e, b[0], b[1], b[2], b[3]]
 }
 
+/// Whether the DHCP server's address is one the NAT router owns (answers ARP for).
+fn router_owns_dhcp_server(spec: &NetworkSpec) -> bool {
+    match (&spec.nat, &spec.dhcp) {
+        (Some(n), Some(d)) => d.server == n.gateway || d.server == n.dns,
+        _ => false,
+    }
+}
+
 impl Daemon {
     /// Builds every network. Must run inside a tokio runtime (services are tasks).
     pub fn start(specs: Vec<NetworkSpec>, state_dir: &Path) -> Result<Arc<Self>, DaemonError> {
@@ -185,9 +193,11 @@ impl Daemon {
                 Ok(db) => db,
                 Err(e) => return fail(st, DaemonError::Leases(spec.name.clone(), e)),
             };
-            // The server answers ARP for its own address unless that is the gateway
-            // and somebody else owns it: the host on hostonly, the router on nat.
-            let answer_arp = spec.mode == Mode::Internal || d.server != v4.gateway;
+            // The server answers ARP for its own address unless somebody else owns
+            // it: the host on hostonly (the gateway), the router on nat (its gateway
+            // and DNS addresses; the router then hands it the unicast datagrams).
+            let answer_arp = spec.mode == Mode::Internal
+                || (d.server != v4.gateway && !router_owns_dhcp_server(&spec));
             let server = Arc::new(Mutex::new(DhcpServer::new(
                 v4.clone(),
                 d.clone(),
@@ -216,8 +226,23 @@ impl Daemon {
                 Some(h) => sw_in.send_vnet(h, f),
                 None => sw_in.send(f),
             }));
+            // The DHCP server's identifier is the router's (VirtualBox and QEMU use
+            // the gateway, 10.0.2.2): a renewing client unicasts to the router's MAC,
+            // so the router passes port-67 datagrams to its own addresses on to the
+            // server rather than giving the server an address of its own.
+            let dhcp = match &st.dhcp {
+                Some(server) if router_owns_dhcp_server(&spec) => {
+                    let server = server.clone();
+                    let hook: crate::nat::LocalService = Box::new(move |f: &[u8]| {
+                        let mut s = server.lock().unwrap_or_else(|e| e.into_inner());
+                        s.handle_frame(f, crate::dhcp::unix_now())
+                    });
+                    Some(hook)
+                }
+                _ => None,
+            };
             let tname = format!("nat-{}", spec.name);
-            match crate::nat::Router::spawn_thread(&tname, cfg, from_switch, sink) {
+            match crate::nat::Router::spawn_thread(&tname, cfg, from_switch, sink, dhcp) {
                 Ok(handle) => st.nat = Some(handle),
                 Err(e) => return fail(st, DaemonError::Nat(spec.name.clone(), e)),
             }

@@ -19,6 +19,13 @@
 //!   and parsed with smoltcp's wire types, with idle timeouts.
 //! - DNS (`dns.rs`): flows to the DNS address, port 53, go to the host's resolver.
 //! - The gateway address maps to the host's loopback (127.0.0.1), as in VirtualBox.
+//! - DHCP: the network's DHCP server is a port of its own, but its identifier is the
+//!   gateway address (10.0.2.2, as in VirtualBox's NAT and QEMU's user networking),
+//!   which the router owns: broadcasts reach the server on the switch, but a client's
+//!   unicast renewal (RENEWING state, at T1) is addressed to the router's MAC. So UDP
+//!   to port 67 of the router's own addresses goes to the server through a
+//!   [`LocalService`] the daemon plugs in, never to the host's loopback, and the
+//!   answer leaves from the router's MAC (the address the client sent to).
 //! - Port forwards: a host listener (TCP) or socket (UDP) whose connections or
 //!   datagrams the router originates to a guest address, from the gateway address.
 //!   Nothing else from outside reaches a guest: host sockets are only ever connected
@@ -500,7 +507,17 @@ pub struct Router {
     icmp: icmp::IcmpTable,
     /// Guest MACs by address, learned from their frames, for frames the router builds.
     guest_macs: HashMap<Ipv4Addr, EthernetAddress>,
+    /// The DHCP server, for datagrams to port 67 of the router's own addresses.
+    dhcp: Option<LocalService>,
 }
+
+/// A service that lives behind the router's own addresses: it takes a whole Ethernet
+/// frame and returns the frame that answers it, if any. The daemon plugs the
+/// network's DHCP server in here ([`Router::set_dhcp`]).
+pub type LocalService = Box<dyn FnMut(&[u8]) -> Option<Vec<u8>> + Send>;
+
+/// The DHCP server port (RFC 2131).
+pub const DHCP_SERVER_PORT: u16 = 67;
 
 /// How many frames one wake-up takes from the switch before doing a step.
 const INBOX_BATCH: usize = 256;
@@ -571,6 +588,7 @@ impl Router {
             udp: udp::UdpTable::default(),
             icmp: icmp::IcmpTable::default(),
             guest_macs: HashMap::new(),
+            dhcp: None,
             cfg,
         };
         for f in router.cfg.forwards.clone() {
@@ -583,11 +601,13 @@ impl Router {
     /// single-threaded runtime: every host socket of the router is registered with
     /// that thread's reactor, so a wake-up is one epoll return on the thread that does
     /// the work, with no hand-off between runtime workers.
+    /// `dhcp`, if given, is plugged in with [`Router::set_dhcp`].
     pub fn spawn_thread(
         name: &str,
         cfg: RouterConfig,
         from_switch: mpsc::Receiver<Bytes>,
         to_switch: ToSwitch,
+        dhcp: Option<LocalService>,
     ) -> Result<RouterHandle, NatError> {
         let (tx, rx) = std::sync::mpsc::channel();
         let thread_err = |e: std::io::Error| NatError::Invalid {
@@ -609,7 +629,10 @@ impl Router {
                 };
                 rt.block_on(async move {
                     match Router::with_sink(cfg, from_switch, to_switch) {
-                        Ok((router, handle)) => {
+                        Ok((mut router, handle)) => {
+                            if let Some(d) = dhcp {
+                                router.set_dhcp(d);
+                            }
                             let _ = tx.send(Ok(handle));
                             router.run().await;
                         }
@@ -621,6 +644,15 @@ impl Router {
             })
             .map_err(thread_err)?;
         rx.recv().map_err(|_| NatError::Stopped)?
+    }
+
+    /// Hands UDP datagrams to port 67 of the router's own addresses (the gateway and
+    /// DNS addresses) to `dhcp` instead of the host: the network's DHCP server, whose
+    /// identifier is one of those addresses, so that a client's unicast renewal is
+    /// answered. Without it such datagrams are flows like any other (to the host's
+    /// loopback for the gateway).
+    pub fn set_dhcp(&mut self, dhcp: LocalService) {
+        self.dhcp = Some(dhcp);
     }
 
     /// Runs until the switch side of the port goes away.
@@ -906,6 +938,19 @@ impl Router {
                 payload,
             } => {
                 self.guest_macs.insert(src.0, src_mac);
+                if dst.1 == DHCP_SERVER_PORT && own(dst.0) {
+                    if let Some(dhcp) = self.dhcp.as_mut() {
+                        if let Some(mut reply) = dhcp(&frame) {
+                            // Answer from the MAC the client sent to (ours, by ARP), so
+                            // the switch never learns the DHCP port's MAC on this port.
+                            if let Some(src) = reply.get_mut(6..12) {
+                                src.copy_from_slice(&self.mac.0);
+                            }
+                            self.dev.tx.push_back(Bytes::from(reply));
+                        }
+                        return;
+                    }
+                }
                 self.udp_input(src_mac, src, dst, payload);
             }
             Classified::IcmpEcho {

@@ -542,3 +542,80 @@ async fn offloaded_super_frame_is_finished_into_valid_segments() {
     }
     assert_eq!(got, payload);
 }
+
+/// A renewing client unicasts its REQUEST to the server identifier, 10.0.2.2, which
+/// is the router's address (and MAC): the router hands it to the DHCP server plugged
+/// in with `set_dhcp` (the network's real server here), and the ACK leaves from the
+/// router's MAC and the gateway address, unicast to the client.
+#[tokio::test]
+async fn unicast_dhcp_renewal_to_the_gateway_is_answered() {
+    use crate::config::{DhcpSpec, Ipv4Spec};
+    use crate::dhcp::{opt, DhcpMessage, DhcpServer, LeaseDb, MsgType};
+    let (_to_router, router_rx) = mpsc::channel(16);
+    let (router_tx, _from_router) = mpsc::channel(16);
+    let (mut router, _h) = Router::new(test_config(), router_rx, router_tx).unwrap();
+    let gw = Ipv4Addr::new(10, 0, 2, 2);
+    let v4 = Ipv4Spec {
+        network: Ipv4Addr::new(10, 0, 2, 0),
+        prefix: 24,
+        gateway: gw,
+    };
+    let spec = DhcpSpec {
+        server: gw,
+        start: GUEST_IP,
+        end: Ipv4Addr::new(10, 0, 2, 30),
+        lease_time: 60,
+        dns: vec![Ipv4Addr::new(10, 0, 2, 3)],
+        router: Some(gw),
+        reservations: Vec::new(),
+    };
+    let dhcp_mac = [2, 0x4e, 0, 0, 0, 1];
+    let server = std::sync::Arc::new(std::sync::Mutex::new(DhcpServer::new(
+        v4,
+        spec,
+        dhcp_mac,
+        false,
+        LeaseDb::load(None).unwrap(),
+    )));
+    let s = server.clone();
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = calls.clone();
+    router.set_dhcp(Box::new(move |f: &[u8]| {
+        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        s.lock().unwrap().handle_frame(f, 1000)
+    }));
+    let rmac = EthernetAddress(RouterConfig::defaults().mac);
+    let renew = DhcpMessage {
+        op: 1,
+        xid: 0x0bad_cafe,
+        secs: 0,
+        flags: 0,
+        ciaddr: GUEST_IP,
+        yiaddr: Ipv4Addr::UNSPECIFIED,
+        siaddr: Ipv4Addr::UNSPECIFIED,
+        giaddr: Ipv4Addr::UNSPECIFIED,
+        chaddr: GUEST_MAC.0,
+        msg_type: MsgType::Request,
+        options: Vec::new(),
+    };
+    let f = frame::udp_frame(GUEST_MAC, rmac, (GUEST_IP, 68), (gw, 67), &renew.to_vec());
+    let out = router.process_frame_for_test(f);
+    assert_eq!(out.len(), 1, "one answer: {out:?}");
+    let eth = EthernetFrame::new_checked(&out[0][..]).unwrap();
+    assert_eq!(eth.src_addr(), rmac, "answered from the router's MAC");
+    assert_eq!(eth.dst_addr(), GUEST_MAC);
+    let ip = smoltcp::wire::Ipv4Packet::new_checked(eth.payload()).unwrap();
+    assert_eq!((ip.src_addr(), ip.dst_addr()), (gw, GUEST_IP));
+    let udp = smoltcp::wire::UdpPacket::new_checked(ip.payload()).unwrap();
+    assert_eq!((udp.src_port(), udp.dst_port()), (67, 68));
+    let ack = DhcpMessage::parse(udp.payload()).unwrap();
+    assert_eq!(ack.msg_type, MsgType::Ack);
+    assert_eq!((ack.xid, ack.yiaddr), (0x0bad_cafe, GUEST_IP));
+    assert_eq!(ack.option_ip(opt::SERVER_ID), Some(gw));
+    assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 1);
+
+    // Other UDP to the gateway is not the DHCP server's business.
+    let f = frame::udp_frame(GUEST_MAC, rmac, (GUEST_IP, 68), (gw, 9), b"x");
+    router.process_frame_for_test(f);
+    assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 1);
+}

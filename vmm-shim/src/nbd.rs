@@ -504,15 +504,17 @@ impl NbdClient {
                             } else {
                                 rd_u32(r)?
                             };
-                            let start = off
+                            // Every sum is checked: a lying server can send any offset
+                            // and length, and must get a protocol error, not an overflow.
+                            let b = off
                                 .checked_sub(offset)
-                                .filter(|s| s + u64::from(n) <= u64::from(rlen))
-                                .ok_or_else(|| proto("chunk outside the request"))?
-                                as usize;
-                            let end = start + n as usize;
-                            let b = partial[k]
-                                .as_mut()
-                                .and_then(|b| b.get_mut(start..end))
+                                .and_then(|s| Some((s, s.checked_add(u64::from(n))?)))
+                                .filter(|&(_, e)| e <= u64::from(rlen))
+                                .and_then(|(s, e)| {
+                                    let (s, e) =
+                                        (usize::try_from(s).ok()?, usize::try_from(e).ok()?);
+                                    partial[k].as_mut()?.get_mut(s..e)
+                                })
                                 .ok_or_else(|| proto("chunk outside the request"))?;
                             if ty == REPLY_TYPE_OFFSET_DATA {
                                 r.read_exact(b)?;
@@ -637,32 +639,37 @@ mod tests {
         (ty, cookie, off, len)
     }
 
-    /// A scripted server: handshake, then answers a batch of three requests out of
-    /// order with data/hole chunks, a simple reply and an error chunk, then sends a
-    /// reply for a cookie nobody asked about.
-    fn serve(mut s: UnixStream) {
+    /// The server side of the handshake: structured replies, a 1 MiB export.
+    fn handshake(s: &mut UnixStream) {
         w(
-            &mut s,
+            s,
             &[
                 &NBDMAGIC.to_be_bytes(),
                 &IHAVEOPT.to_be_bytes(),
                 &(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes(),
             ],
         );
-        let _client_flags = rd_u32(&mut s).unwrap();
+        let _client_flags = rd_u32(s).unwrap();
         for _ in 0..2 {
-            assert_eq!(rd_u64(&mut s).unwrap(), IHAVEOPT);
-            let opt = rd_u32(&mut s).unwrap();
-            let len = rd_u32(&mut s).unwrap();
-            rd_vec(&mut s, len).unwrap();
+            assert_eq!(rd_u64(s).unwrap(), IHAVEOPT);
+            let opt = rd_u32(s).unwrap();
+            let len = rd_u32(s).unwrap();
+            rd_vec(s, len).unwrap();
             if opt == OPT_GO {
                 let mut info = vec![0u8, 0];
                 info.extend_from_slice(&(1u64 << 20).to_be_bytes());
                 info.extend_from_slice(&(1u16 | TFLAG_SEND_FLUSH | TFLAG_SEND_TRIM).to_be_bytes());
-                opt_reply(&mut s, opt, REP_INFO, &info);
+                opt_reply(s, opt, REP_INFO, &info);
             }
-            opt_reply(&mut s, opt, REP_ACK, &[]);
+            opt_reply(s, opt, REP_ACK, &[]);
         }
+    }
+
+    /// A scripted server: handshake, then answers a batch of three requests out of
+    /// order with data/hole chunks, a simple reply and an error chunk, then sends a
+    /// reply for a cookie nobody asked about.
+    fn serve(mut s: UnixStream) {
+        handshake(&mut s);
         let reqs: Vec<_> = (0..3).map(|_| request(&mut s)).collect();
         // Third request (a read): EIO as an error chunk.
         let mut e = 5u32.to_be_bytes().to_vec();
@@ -752,5 +759,40 @@ mod tests {
         let err = NbdClient::connect(&NbdAddr::Unix(path), "e").err().unwrap();
         assert!(err.to_string().contains("not an NBD server"), "{err}");
         t.join().unwrap();
+    }
+
+    #[test]
+    fn chunk_offsets_that_overflow_are_a_protocol_error() {
+        // A hole or data chunk whose offset lies so far past the request that
+        // offset + length wraps around u64 must fail the connection, not overflow.
+        for ty in [REPLY_TYPE_OFFSET_HOLE, REPLY_TYPE_OFFSET_DATA] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("nbd.sock");
+            let l = UnixListener::bind(&path).unwrap();
+            let server = std::thread::spawn(move || {
+                let (mut s, _) = l.accept().unwrap();
+                handshake(&mut s);
+                let (_, cookie, _, _) = request(&mut s);
+                let mut p = (u64::MAX - 4).to_be_bytes().to_vec();
+                if ty == REPLY_TYPE_OFFSET_HOLE {
+                    p.extend_from_slice(&512u32.to_be_bytes());
+                } else {
+                    p.extend_from_slice(&[0x55; 512]);
+                }
+                chunk(&mut s, REPLY_FLAG_DONE, ty, cookie, &p);
+            });
+            let mut c = NbdClient::connect(&NbdAddr::Unix(path), "e").unwrap();
+            let err = c
+                .submit(&[Request::Read {
+                    offset: 0,
+                    len: 1024,
+                }])
+                .unwrap_err();
+            assert!(
+                err.to_string().contains("chunk outside the request"),
+                "{err}"
+            );
+            server.join().unwrap();
+        }
     }
 }

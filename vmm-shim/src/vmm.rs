@@ -603,7 +603,7 @@ fn net_rx_loop(t: NetDev, tap_fd: i32, wake: EventFd, stop: Arc<EventFd>) {
     loop {
         let parked = {
             let g = t.lock().unwrap_or_else(|e| e.into_inner());
-            g.device().has_pending() || !g.active()
+            g.device().rx_blocked() || !g.active()
         };
         let fds = if parked {
             vec![stop_fd, wake_fd]

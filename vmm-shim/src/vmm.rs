@@ -452,7 +452,12 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
             userspace_addr: host as u64,
             flags: 0,
         };
-        sys::set_user_memory_region(vm, region).map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        // SAFETY: the range is `r`'s own mapping (host address and length from `mem`).
+        // The mapping lives as long as any clone of `mem` (the regions are shared
+        // Arcs): `run` holds `mem` until the vCPU threads are joined, and a vCPU thread
+        // that does not stop still holds the MMIO bus, whose devices hold clones.
+        unsafe { sys::set_user_memory_region(vm, region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(())
 }

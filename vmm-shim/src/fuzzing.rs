@@ -273,7 +273,7 @@ mod tests {
 
     #[test]
     fn random_register_traffic_never_panics() {
-        let mut rng = Rng(0x5eed_0f_b1ad_e5);
+        let mut rng = Rng(0x5eed_0fb1_ade5);
         for _ in 0..300 {
             let img = (rng.next() % 0x2000) as usize;
             let mut data: Vec<u8> = (0..img).map(|_| rng.next() as u8).collect();

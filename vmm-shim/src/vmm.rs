@@ -633,7 +633,11 @@ fn net_rx_loop(t: NetDev, tap_fd: i32, wake: EventFd, stop: Arc<EventFd>) {
         let mut g = t.lock().unwrap_or_else(|e| e.into_inner());
         if g.active() {
             let (dev, queues, mem, irq) = g.parts();
-            if let Some(q) = queues.get_mut(0) {
+            // An RX queue the driver never made ready has unchecked ring addresses.
+            if let Some(q) = queues
+                .get_mut(0)
+                .filter(|q| virtio_queue::QueueT::ready(&**q))
+            {
                 if dev.rx_pump(q, mem) {
                     irq.signal_used();
                 }

@@ -608,7 +608,10 @@ fn net_rx_loop(t: NetDev, tap_fd: i32, wake: EventFd, stop: Arc<EventFd>) {
     loop {
         let parked = {
             let g = t.lock().unwrap_or_else(|e| e.into_inner());
-            g.device().rx_blocked() || !g.active()
+            // Nothing can be received into an RX queue the driver has not made ready
+            // (and it is never served), so the TAP is not polled then either: a frame
+            // waiting in it would keep poll returning at once.
+            g.device().rx_blocked() || !g.active() || !g.queue_ready(0)
         };
         let fds = if parked {
             vec![stop_fd, wake_fd]

@@ -81,6 +81,12 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.active
     }
 
+    /// Whether queue `index` exists and the driver made it ready (only such a queue
+    /// has checked ring addresses and may be served).
+    pub fn queue_ready(&self, index: usize) -> bool {
+        self.queues.get(index).is_some_and(|q| q.ready())
+    }
+
     /// The device, the queues and guest memory, for back-end threads (net RX).
     pub fn parts(&mut self) -> (&mut D, &mut [Queue], &GuestMemoryMmap, &IrqLine) {
         (&mut self.device, &mut self.queues, &self.mem, &self.irq)
@@ -236,11 +242,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         };
         // A queue the driver never made ready has unchecked ring addresses (DRIVER_OK
         // only validates ready queues): the device must not touch it.
-        if !self
-            .queues
-            .get(usize::from(index))
-            .is_some_and(|q| q.ready())
-        {
+        if !self.queue_ready(usize::from(index)) {
             return;
         }
         if self.device.notify(index, &mut self.queues, &self.mem) {

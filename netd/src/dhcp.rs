@@ -770,14 +770,28 @@ pub fn unix_now() -> u64 {
 }
 
 /// Serves DHCP on a service port until the switch side goes away.
+///
+/// A frame is handled on tokio's blocking pool: an ACK writes and fsyncs the lease
+/// file, and a guest that floods REQUESTs must not hold one of the daemon's two
+/// runtime workers (shared with every other network's services and the control
+/// socket) in fsync. Frames are still handled one at a time, in order.
 pub async fn run(
     server: std::sync::Arc<std::sync::Mutex<DhcpServer>>,
     mut port: crate::switch::ServicePort,
 ) {
     while let Some(frame) = port.from_switch.recv().await {
-        let reply = {
-            let mut s = server.lock().unwrap_or_else(|e| e.into_inner());
+        let s = server.clone();
+        let reply = match tokio::task::spawn_blocking(move || {
+            let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
             s.handle_frame(&frame, unix_now())
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "DHCP handler failed; frame dropped");
+                None
+            }
         };
         if let Some(r) = reply {
             if port.to_switch.send(bytes::Bytes::from(r)).await.is_err() {
@@ -1061,6 +1075,66 @@ mod tests {
         r.chaddr = [2, 3, 0, 0, 0, 1];
         assert_eq!(s.handle(&r, 1000 + 3601).unwrap().msg_type, MsgType::Ack);
         assert_eq!(s.db.by_mac.len(), 1);
+    }
+
+    #[test]
+    fn a_slow_lease_write_does_not_block_the_runtime() {
+        use std::sync::{Arc, Mutex};
+        use std::time::{Duration, Instant};
+        // The lease file's temporary is a FIFO: writing it blocks until somebody
+        // opens it for reading, which a helper thread does only after 2 s.
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path().join("leases.json.tmp");
+        let st = std::process::Command::new("mkfifo")
+            .arg(&tmp)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let server = Arc::new(Mutex::new(server(Some(dir.path()))));
+        let unblocked = Arc::new(Mutex::new(None::<Instant>));
+        let u2 = unblocked.clone();
+        let helper = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(2));
+            *u2.lock().unwrap() = Some(Instant::now());
+            let mut f = std::fs::File::open(&tmp).unwrap();
+            let mut sink = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut f, &mut sink);
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let ticked = rt.block_on(async move {
+            let (to_service, from_switch) = tokio::sync::mpsc::channel(4);
+            let (to_switch, mut replies) = tokio::sync::mpsc::channel(4);
+            let port = crate::switch::ServicePort {
+                to_switch,
+                from_switch,
+            };
+            tokio::spawn(run(server, port));
+            let r = msg(MsgType::Request, 7, vec![req_ip([10, 9, 0, 100])]).to_vec();
+            let f = wire::emit_udp_frame(
+                BROADCAST_MAC,
+                [2, 0, 0, 0, 0, 7],
+                Ipv4Addr::UNSPECIFIED,
+                Ipv4Addr::BROADCAST,
+                68,
+                67,
+                &r,
+            );
+            to_service.send(bytes::Bytes::from(f)).await.unwrap();
+            // Another task of the same runtime must get to run meanwhile.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let ticked = Instant::now();
+            assert!(replies.recv().await.is_some(), "the ACK still goes out");
+            ticked
+        });
+        helper.join().unwrap();
+        let unblocked = unblocked.lock().unwrap().unwrap();
+        assert!(
+            ticked < unblocked,
+            "the runtime was blocked while the lease file was written"
+        );
     }
 
     /// Randomized robustness: mutations and truncations of valid messages, and

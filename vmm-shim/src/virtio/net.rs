@@ -6,6 +6,8 @@
 //! copied into an RX chain as is (`num_buffers` set to 1). Checksum offload and TSO are
 //! offered to the guest; once the driver acks its features, the matching TAP offloads
 //! (TUNSETOFFLOAD) are switched on so the kernel hands us only what the guest accepts.
+//! In the other direction, a driver that did not ack VIRTIO_NET_F_CSUM gets its TX
+//! header cleared (a plain frame): it may not ask for checksum or segmentation offload.
 //!
 //! Receive is driven from two sides: a back-end thread waits for the TAP to be readable
 //! and calls [`Net::rx_pump`]; the guest's kick of the RX queue also pumps. When a frame
@@ -76,6 +78,8 @@ pub struct Net<T: NetBackend> {
     buf: Vec<u8>,
     offloads: bool,
     rx_failed: bool,
+    /// The guest acked VIRTIO_NET_F_CSUM: its TX headers may ask for offloads.
+    tx_offloads: bool,
 }
 
 const RX: u16 = 0;
@@ -95,6 +99,7 @@ impl<T: NetBackend> Net<T> {
             buf: vec![0u8; MAX_FRAME],
             offloads,
             rx_failed: false,
+            tx_offloads: false,
         }
     }
 
@@ -149,16 +154,30 @@ impl<T: NetBackend> Net<T> {
                 _ => None,
             };
             match frame {
-                Some(f) => match self.backend.send(&f) {
-                    Ok(()) => Counters::bump(&self.counters.completed),
-                    Err(e) => {
-                        Counters::bump(&self.counters.dropped);
-                        tracing::debug!(error = %e, "TAP write failed; frame dropped");
+                Some(mut f) => {
+                    if !self.tx_offloads {
+                        // A driver that did not negotiate checksum offload may not ask
+                        // for it (or for segmentation): send its frame as a plain one
+                        // rather than hand the host a job the guest was never offered.
+                        if let Some(h) = f.get_mut(..10) {
+                            h.fill(0);
+                        }
                     }
-                },
+                    self.send_frame(&f)
+                }
                 None => Counters::bump(&self.counters.bad_chains),
             }
             let _ = q.add_used(mem, head, 0);
+        }
+    }
+
+    fn send_frame(&mut self, f: &[u8]) {
+        match self.backend.send(f) {
+            Ok(()) => Counters::bump(&self.counters.completed),
+            Err(e) => {
+                Counters::bump(&self.counters.dropped);
+                tracing::debug!(error = %e, "TAP write failed; frame dropped");
+            }
         }
     }
 
@@ -258,6 +277,7 @@ impl<T: NetBackend> VirtioDevice for Net<T> {
     }
     fn activate(&mut self, acked: u64) {
         let acked = acked & self.features();
+        self.tx_offloads = acked & F_CSUM != 0;
         let mut flags = 0;
         if acked & F_GUEST_CSUM != 0 {
             flags |= TUN_F_CSUM;
@@ -395,6 +415,32 @@ mod tests {
         net.backend.incoming.push_back(frame(100, 0x44));
         assert!(net.rx_pump(&mut q, &m));
         assert_eq!(used(&m, vq.used_addr(), 0), (0, 112));
+    }
+
+    #[test]
+    fn offload_requests_of_a_driver_without_csum_are_cleared() {
+        let m = mem();
+        for (acked, kept) in [(F_MAC, false), (F_MAC | F_CSUM | F_HOST_TSO4, true)] {
+            let vq = MockSplitQueue::new(&m, 16);
+            let q: Queue = vq.create_queue().unwrap();
+            let mut net = Net::new(MockTap::default(), [0x52, 0x54, 0, 0, 0, 1], None, true);
+            net.activate(acked);
+            let mut f = frame(60, 0x11);
+            // NEEDS_CSUM, GSO_TCPV4, hdr_len 54, gso_size 100, csum 34/16.
+            f[..10].copy_from_slice(&[1, 1, 54, 0, 100, 0, 34, 0, 16, 0]);
+            m.write_slice(&f, GuestAddress(0x10_0000)).unwrap();
+            vq.add_desc_chains(&[d(0x10_0000, f.len() as u32, 0, 0)], 0)
+                .unwrap();
+            let mut qs = [Queue::new(16).unwrap(), q];
+            net.notify(TX, &mut qs, &m);
+            let sent = &net.backend.sent[0];
+            assert_eq!(sent[10..], f[10..]);
+            if kept {
+                assert_eq!(sent[..10], f[..10]);
+            } else {
+                assert_eq!(sent[..10], [0; 10]);
+            }
+        }
     }
 
     #[test]

@@ -455,6 +455,8 @@ pub struct DhcpServer {
     pub db: LeaseDb,
     /// Messages refused because a table was at [`MAX_CLIENTS`].
     pub refused_full: u64,
+    /// UDP datagrams to port 67 that were not a valid DHCP message (dropped).
+    pub malformed: u64,
 }
 
 impl DhcpServer {
@@ -469,6 +471,7 @@ impl DhcpServer {
             answer_arp,
             db,
             refused_full: 0,
+            malformed: 0,
         }
     }
 
@@ -733,7 +736,14 @@ impl DhcpServer {
                 if udp.dst_port != 67 {
                     return None;
                 }
-                let msg = DhcpMessage::parse(udp.payload).ok()?;
+                let msg = match DhcpMessage::parse(udp.payload) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        self.malformed += 1;
+                        tracing::debug!(error = %e, "malformed DHCP message dropped");
+                        return None;
+                    }
+                };
                 let reply = self.handle(&msg, now)?;
                 // RFC 2131 4.1: relay -> giaddr; renewing client -> ciaddr; NAK or
                 // broadcast flag -> broadcast; else unicast to yiaddr at chaddr.
@@ -999,6 +1009,19 @@ mod tests {
             (a.op, a.sha, a.spa),
             (2, [2, 0, 0, 0, 0, 1], Ipv4Addr::new(10, 9, 0, 1))
         );
+        // A datagram to port 67 that is not DHCP: dropped and counted.
+        assert_eq!(s.malformed, 0);
+        let junk = wire::emit_udp_frame(
+            BROADCAST_MAC,
+            [2, 0, 0, 0, 0, 7],
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::BROADCAST,
+            68,
+            67,
+            b"not dhcp",
+        );
+        assert!(s.handle_frame(&junk, 5).is_none());
+        assert_eq!(s.malformed, 1);
     }
 
     #[test]

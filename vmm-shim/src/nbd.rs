@@ -27,6 +27,9 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(120);
 /// Largest number of requests in flight at once.
 pub const MAX_IN_FLIGHT: usize = 64;
 
+/// Most replies accepted to one NBD_OPT_GO (a handful of NBD_REP_INFO, then the ACK).
+const MAX_GO_REPLIES: u32 = 64;
+
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 const REPLY_MAGIC_OPT: u64 = 0x0003_e889_0455_65a9;
@@ -287,7 +290,14 @@ impl NbdClient {
         payload.extend_from_slice(&0u16.to_be_bytes());
         self.send_option(OPT_GO, &payload)?;
         let mut got_export = false;
+        // A server may send several NBD_REP_INFO before the ACK, but not an endless
+        // stream of them: that would keep the VMM in its handshake for ever.
+        let mut replies = 0;
         loop {
+            replies += 1;
+            if replies > MAX_GO_REPLIES {
+                return Err(proto(format!("more than {MAX_GO_REPLIES} replies to GO")));
+            }
             let (ty, data) = self.read_option_reply(OPT_GO)?;
             match ty {
                 REP_ACK => break,
@@ -794,5 +804,50 @@ mod tests {
             );
             server.join().unwrap();
         }
+    }
+
+    #[test]
+    fn endless_info_replies_end_the_handshake() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nbd.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            w(
+                &mut s,
+                &[
+                    &NBDMAGIC.to_be_bytes(),
+                    &IHAVEOPT.to_be_bytes(),
+                    &(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes(),
+                ],
+            );
+            let _client_flags = rd_u32(&mut s).unwrap();
+            for _ in 0..2 {
+                assert_eq!(rd_u64(&mut s).unwrap(), IHAVEOPT);
+                let opt = rd_u32(&mut s).unwrap();
+                let len = rd_u32(&mut s).unwrap();
+                rd_vec(&mut s, len).unwrap();
+                if opt == OPT_STRUCTURED_REPLY {
+                    opt_reply(&mut s, opt, REP_ACK, &[]);
+                }
+            }
+            // GO: INFO replies (an unknown info type) until the client hangs up.
+            let mut sent = 0u32;
+            loop {
+                let ok = s
+                    .write_all(&REPLY_MAGIC_OPT.to_be_bytes())
+                    .and_then(|_| s.write_all(&OPT_GO.to_be_bytes()))
+                    .and_then(|_| s.write_all(&REP_INFO.to_be_bytes()))
+                    .and_then(|_| s.write_all(&2u32.to_be_bytes()))
+                    .and_then(|_| s.write_all(&[0, 9]));
+                if ok.is_err() || sent > 100_000 {
+                    return sent;
+                }
+                sent += 1;
+            }
+        });
+        let err = NbdClient::connect(&NbdAddr::Unix(path), "e").err().unwrap();
+        assert!(err.to_string().contains("replies to GO"), "{err}");
+        assert!(server.join().unwrap() < 100_000);
     }
 }

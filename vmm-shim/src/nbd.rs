@@ -27,6 +27,8 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(120);
 /// Largest number of requests in flight at once.
 pub const MAX_IN_FLIGHT: usize = 64;
 
+/// Most chunks without read content (NONE, errors, unknown types) per request.
+const MAX_OTHER_CHUNKS: u32 = 16;
 /// Most replies accepted to one NBD_OPT_GO (a handful of NBD_REP_INFO, then the ACK).
 const MAX_GO_REPLIES: u32 = 64;
 
@@ -467,6 +469,12 @@ impl NbdClient {
             })
             .collect();
         let mut errs: Vec<Option<u32>> = vec![None; reqs.len()];
+        // What a request's chunks have covered so far, and how many chunks without
+        // content it got: a live server streaming chunks without end (overlapping
+        // ones, empty ones, NONE or unknown ones, never DONE) must fail the
+        // connection, not hold the vCPU for ever.
+        let mut covered: Vec<u64> = vec![0; reqs.len()];
+        let mut other_chunks: Vec<u32> = vec![0; reqs.len()];
         let mut pending = reqs.len();
         while pending > 0 {
             let r = &mut self.stream;
@@ -496,6 +504,12 @@ impl NbdClient {
                     if out[k].is_some() {
                         return Err(proto("chunk after the final reply"));
                     }
+                    if !matches!(ty, REPLY_TYPE_OFFSET_DATA | REPLY_TYPE_OFFSET_HOLE) {
+                        other_chunks[k] += 1;
+                        if other_chunks[k] > MAX_OTHER_CHUNKS {
+                            return Err(proto("too many chunks for one request"));
+                        }
+                    }
                     if len > MAX_PAYLOAD + 8 {
                         return Err(proto(format!("reply chunk of {len} bytes")));
                     }
@@ -514,6 +528,13 @@ impl NbdClient {
                             } else {
                                 rd_u32(r)?
                             };
+                            if n == 0 {
+                                return Err(proto("empty data chunk"));
+                            }
+                            covered[k] += u64::from(n);
+                            if covered[k] > u64::from(rlen) {
+                                return Err(proto("chunks cover more than the request"));
+                            }
                             // Every sum is checked: a lying server can send any offset
                             // and length, and must get a protocol error, not an overflow.
                             let b = off
@@ -849,5 +870,55 @@ mod tests {
         let err = NbdClient::connect(&NbdAddr::Unix(path), "e").err().unwrap();
         assert!(err.to_string().contains("replies to GO"), "{err}");
         assert!(server.join().unwrap() < 100_000);
+    }
+
+    #[test]
+    fn endless_chunks_for_one_request_are_a_protocol_error() {
+        // Overlapping holes, then (second round) NONE chunks, never DONE.
+        for round in 0..2 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("nbd.sock");
+            let l = UnixListener::bind(&path).unwrap();
+            let server = std::thread::spawn(move || {
+                let (mut s, _) = l.accept().unwrap();
+                handshake(&mut s);
+                let (_, cookie, off, _) = request(&mut s);
+                let mut h = off.to_be_bytes().to_vec();
+                h.extend_from_slice(&512u32.to_be_bytes());
+                let mut sent = 0;
+                while sent < 10_000 {
+                    let (ty, p): (u16, &[u8]) = if round == 0 {
+                        (REPLY_TYPE_OFFSET_HOLE, &h)
+                    } else {
+                        (REPLY_TYPE_NONE, &[])
+                    };
+                    let hdr = [
+                        &STRUCTURED_REPLY_MAGIC.to_be_bytes()[..],
+                        &0u16.to_be_bytes(),
+                        &ty.to_be_bytes(),
+                        &cookie.to_be_bytes(),
+                        &(p.len() as u32).to_be_bytes(),
+                        p,
+                    ]
+                    .concat();
+                    if s.write_all(&hdr).is_err() {
+                        break;
+                    }
+                    sent += 1;
+                }
+                sent
+            });
+            let mut c = NbdClient::connect(&NbdAddr::Unix(path), "e").unwrap();
+            let err = c
+                .submit(&[Request::Read {
+                    offset: 4096,
+                    len: 1024,
+                }])
+                .unwrap_err();
+            // Without the bounds the client reads all 10 000 chunks, then EOF: Io.
+            assert!(matches!(err, NbdError::Protocol(_)), "{err}");
+            drop(c);
+            server.join().unwrap();
+        }
     }
 }

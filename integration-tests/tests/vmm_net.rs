@@ -266,3 +266,56 @@ fn frames_wait_for_guest_buffers_without_spinning() {
     assert_eq!(rest, "RX OK\n", "stderr: {err}");
     assert_eq!(st.and_then(|s| s.code()), Some(0), "stderr: {err}");
 }
+
+#[test]
+fn a_deleted_tap_does_not_spin_the_receive_thread() {
+    use std::io::{BufRead, BufReader};
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let elf = assemble(dir.path(), "gone", &offload_guest(0)).unwrap();
+    let ns = Netns::new("vmg").unwrap();
+    let tap = unique_name("vg");
+    ns.sh(&format!(
+        "ip tuntap add dev {tap} mode tap vnet_hdr && ip link set {tap} up"
+    ))
+    .unwrap();
+    let child = ns
+        .command(&[
+            integration_tests::bin("vmm-shim").to_str().unwrap(),
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--mem",
+            "64M",
+            "--net",
+            &format!("tap={tap}"),
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut g = integration_tests::ChildGuard::new(child);
+    let mut line = String::new();
+    BufReader::new(g.child().stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "READY\n");
+    // Deleting the interface leaves the VMM's queue fd polling POLLERR and reading
+    // EBADFD for ever: the receive thread must back off, not spin on it.
+    ns.sh(&format!("ip link del {tap}")).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = g.pid();
+    let before = thread_ticks(pid, "net0-rx").expect("net0-rx thread");
+    std::thread::sleep(Duration::from_secs(1));
+    let after = thread_ticks(pid, "net0-rx").expect("net0-rx thread");
+    assert!(
+        after - before <= 5,
+        "RX thread used {} ticks in 1 s on a deleted TAP",
+        after - before
+    );
+    g.signal(libc::SIGTERM);
+    assert_eq!(
+        g.wait_timeout(Duration::from_secs(10))
+            .and_then(|s| s.code()),
+        Some(0)
+    );
+}

@@ -11,12 +11,14 @@
 //! Allocation order for a client: its reservation; else the address it held before
 //! (a lease, live or expired, keeps its MAC so a VM gets the same address back);
 //! else the address it asks for, if free; else the lowest free address of the
-//! range. An OFFER holds the address for [`OFFER_HOLD_SECS`]. ACKed leases are
+//! range. An OFFER holds the address for [`OFFER_HOLD_SECS`]. Offers, live leases
+//! and declined addresses are each capped at [`MAX_CLIENTS`] (new clients past that are
+//! refused and counted in `refused_full`), so made-up MACs cannot grow them with the range. ACKed leases are
 //! written to `leases-<network>.json` under the state directory atomically (write
 //! to a temporary file, fsync, rename, fsync the directory) before the ACK leaves,
 //! so a lease a client heard about survives a crash or restart of netd.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -34,6 +36,12 @@ pub const OFFER_HOLD_SECS: u64 = 60;
 pub const DECLINE_HOLD_SECS: u64 = 600;
 /// Most options a message may carry (bounds work on a hostile packet).
 pub const MAX_OPTIONS: usize = 128;
+/// Most outstanding offers, most live leases and most declined addresses the server
+/// keeps. The range alone does not bound them usefully: a /8 subnet's range has 16M
+/// addresses, and a guest that sends DISCOVERs (or REQUESTs, or DECLINEs) from made-up
+/// MACs would otherwise grow the tables, the lease file and the cost of every
+/// allocation with it. Past this, new clients are refused (and counted).
+pub const MAX_CLIENTS: usize = 1024;
 const MAGIC: [u8; 4] = [99, 130, 83, 99];
 const FIXED_LEN: usize = 236;
 
@@ -403,6 +411,27 @@ impl LeaseDb {
         Ok(())
     }
 
+    /// Every address held at `now` by somebody other than `mac` (see
+    /// [`taken_by_other`](Self::taken_by_other)).
+    fn taken_by_others(&self, mac: &[u8; 6], now: u64) -> HashSet<Ipv4Addr> {
+        let leases = self
+            .by_mac
+            .iter()
+            .filter(|(m, l)| *m != mac && l.expires > now)
+            .map(|(_, l)| l.ip);
+        let offers = self
+            .offers
+            .iter()
+            .filter(|(m, (_, until))| *m != mac && *until > now)
+            .map(|(_, (ip, _))| *ip);
+        let declined = self
+            .declined
+            .iter()
+            .filter(|(_, until)| **until > now)
+            .map(|(ip, _)| *ip);
+        leases.chain(offers).chain(declined).collect()
+    }
+
     /// Who holds `ip` at `now` (an unexpired lease or offer), other than `mac`.
     fn taken_by_other(&self, ip: Ipv4Addr, mac: &[u8; 6], now: u64) -> bool {
         self.by_mac
@@ -424,6 +453,10 @@ pub struct DhcpServer {
     answer_arp: bool,
     /// The leases.
     pub db: LeaseDb,
+    /// Messages refused because a table was at [`MAX_CLIENTS`].
+    pub refused_full: u64,
+    /// UDP datagrams to port 67 that were not a valid DHCP message (dropped).
+    pub malformed: u64,
 }
 
 impl DhcpServer {
@@ -437,6 +470,8 @@ impl DhcpServer {
             mac,
             answer_arp,
             db,
+            refused_full: 0,
+            malformed: 0,
         }
     }
 
@@ -492,16 +527,23 @@ impl DhcpServer {
             }
         }
         // Prefer addresses never leased to anybody, then ones whose lease expired.
+        // The tables are turned into sets once, so the scan costs O(range + tables)
+        // rather than O(range * tables) (`usable` walks the tables on every call).
+        let taken = self.db.taken_by_others(mac, now);
+        let leased: HashSet<Ipv4Addr> = self.db.by_mac.values().map(|l| l.ip).collect();
+        let free = |ip: &Ipv4Addr| {
+            self.v4.contains(*ip)
+                && *ip != self.v4.gateway
+                && *ip != self.spec.server
+                && !taken.contains(ip)
+                && !self.reserved_for_other(*ip, mac)
+        };
         let range = u32::from(self.spec.start)..=u32::from(self.spec.end);
         let never = range
             .clone()
             .map(Ipv4Addr::from)
-            .find(|ip| self.usable(*ip, mac, now) && !self.db.by_mac.values().any(|l| l.ip == *ip));
-        never.or_else(|| {
-            range
-                .map(Ipv4Addr::from)
-                .find(|ip| self.usable(*ip, mac, now))
-        })
+            .find(|ip| free(ip) && !leased.contains(ip));
+        never.or_else(|| range.map(Ipv4Addr::from).find(free))
     }
 
     fn reply(&self, req: &DhcpMessage, t: MsgType, yiaddr: Ipv4Addr, lease: bool) -> DhcpMessage {
@@ -559,6 +601,10 @@ impl DhcpServer {
                 // Keep the hostile-input maps bounded: expired holds go first.
                 self.db.offers.retain(|_, (_, until)| *until > now);
                 self.db.declined.retain(|_, until| *until > now);
+                if self.db.offers.len() >= MAX_CLIENTS && !self.db.offers.contains_key(&mac) {
+                    self.refused_full += 1;
+                    return None;
+                }
                 let ip = self.choose(&mac, requested, now)?;
                 self.db.offers.insert(mac, (ip, now + OFFER_HOLD_SECS));
                 Some(self.reply(m, MsgType::Offer, ip, true))
@@ -582,6 +628,15 @@ impl DhcpServer {
                 };
                 if !ok {
                     return Some(self.reply(m, MsgType::Nak, Ipv4Addr::UNSPECIFIED, false));
+                }
+                if self.db.by_mac.len() >= MAX_CLIENTS && !self.db.by_mac.contains_key(&mac) {
+                    // Full: forget expired leases (they only serve to give a returning
+                    // client its old address), then refuse if still full.
+                    self.db.by_mac.retain(|_, l| l.expires > now);
+                    if self.db.by_mac.len() >= MAX_CLIENTS {
+                        self.refused_full += 1;
+                        return Some(self.reply(m, MsgType::Nak, Ipv4Addr::UNSPECIFIED, false));
+                    }
                 }
                 self.db.offers.remove(&mac);
                 // One record per address: an expired lease of another client on this
@@ -623,6 +678,14 @@ impl DhcpServer {
             }
             MsgType::Decline => {
                 if let Some(ip) = requested.filter(|ip| self.in_range(*ip)) {
+                    if self.db.declined.len() >= MAX_CLIENTS {
+                        self.db.declined.retain(|_, until| *until > now);
+                    }
+                    if self.db.declined.len() >= MAX_CLIENTS && !self.db.declined.contains_key(&ip)
+                    {
+                        self.refused_full += 1;
+                        return None;
+                    }
                     self.db.declined.insert(ip, now + DECLINE_HOLD_SECS);
                     self.db.offers.remove(&mac);
                     if self.db.by_mac.get(&mac).is_some_and(|l| l.ip == ip) {
@@ -673,7 +736,14 @@ impl DhcpServer {
                 if udp.dst_port != 67 {
                     return None;
                 }
-                let msg = DhcpMessage::parse(udp.payload).ok()?;
+                let msg = match DhcpMessage::parse(udp.payload) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        self.malformed += 1;
+                        tracing::debug!(error = %e, "malformed DHCP message dropped");
+                        return None;
+                    }
+                };
                 let reply = self.handle(&msg, now)?;
                 // RFC 2131 4.1: relay -> giaddr; renewing client -> ciaddr; NAK or
                 // broadcast flag -> broadcast; else unicast to yiaddr at chaddr.
@@ -710,14 +780,28 @@ pub fn unix_now() -> u64 {
 }
 
 /// Serves DHCP on a service port until the switch side goes away.
+///
+/// A frame is handled on tokio's blocking pool: an ACK writes and fsyncs the lease
+/// file, and a guest that floods REQUESTs must not hold one of the daemon's two
+/// runtime workers (shared with every other network's services and the control
+/// socket) in fsync. Frames are still handled one at a time, in order.
 pub async fn run(
     server: std::sync::Arc<std::sync::Mutex<DhcpServer>>,
     mut port: crate::switch::ServicePort,
 ) {
     while let Some(frame) = port.from_switch.recv().await {
-        let reply = {
-            let mut s = server.lock().unwrap_or_else(|e| e.into_inner());
+        let s = server.clone();
+        let reply = match tokio::task::spawn_blocking(move || {
+            let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
             s.handle_frame(&frame, unix_now())
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "DHCP handler failed; frame dropped");
+                None
+            }
         };
         if let Some(r) = reply {
             if port.to_switch.send(bytes::Bytes::from(r)).await.is_err() {
@@ -925,6 +1009,19 @@ mod tests {
             (a.op, a.sha, a.spa),
             (2, [2, 0, 0, 0, 0, 1], Ipv4Addr::new(10, 9, 0, 1))
         );
+        // A datagram to port 67 that is not DHCP: dropped and counted.
+        assert_eq!(s.malformed, 0);
+        let junk = wire::emit_udp_frame(
+            BROADCAST_MAC,
+            [2, 0, 0, 0, 0, 7],
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::BROADCAST,
+            68,
+            67,
+            b"not dhcp",
+        );
+        assert!(s.handle_frame(&junk, 5).is_none());
+        assert_eq!(s.malformed, 1);
     }
 
     #[test]
@@ -954,6 +1051,112 @@ mod tests {
         assert!(
             s.db.declined.is_empty(),
             "declines outside the range are ignored"
+        );
+    }
+
+    #[test]
+    fn a_big_range_is_not_a_big_table() {
+        // A /16 with the default-sized range: made-up MACs cannot grow the tables past
+        // MAX_CLIENTS, and every allocation stays cheap while they try.
+        let mut s = server(None);
+        s.v4.prefix = 16;
+        s.spec.end = Ipv4Addr::new(10, 9, 255, 254);
+        let n = MAX_CLIENTS as u32 + 10;
+        let mut offered = 0;
+        for i in 0..n {
+            let b = i.to_be_bytes();
+            let mut d = msg(MsgType::Discover, 0, vec![]);
+            d.chaddr = [2, 1, b[0], b[1], b[2], b[3]];
+            if s.handle(&d, 1000).is_some() {
+                offered += 1;
+            }
+        }
+        assert_eq!(offered, MAX_CLIENTS);
+        assert_eq!(s.db.offers.len(), MAX_CLIENTS);
+        // REQUESTs straight away (init-reboot) for addresses beyond the offers.
+        let mut acked = 0;
+        for i in 0..n {
+            let b = i.to_be_bytes();
+            let ip = [10, 9, 100 + b[2], b[3]];
+            let mut r = msg(MsgType::Request, 0, vec![req_ip(ip)]);
+            r.chaddr = [2, 2, b[0], b[1], b[2], b[3]];
+            if s.handle(&r, 1000).unwrap().msg_type == MsgType::Ack {
+                acked += 1;
+            }
+        }
+        assert_eq!(acked, MAX_CLIENTS);
+        assert_eq!(s.db.by_mac.len(), MAX_CLIENTS);
+        for i in 0..n {
+            let b = i.to_be_bytes();
+            let d = msg(MsgType::Decline, 7, vec![req_ip([10, 9, 200 + b[2], b[3]])]);
+            let _ = s.handle(&d, 1000);
+        }
+        assert_eq!(s.db.declined.len(), MAX_CLIENTS);
+        assert_eq!(s.refused_full, 30);
+        // Once the leases expire, new clients get in again.
+        let mut r = msg(MsgType::Request, 0, vec![req_ip([10, 9, 250, 1])]);
+        r.chaddr = [2, 3, 0, 0, 0, 1];
+        assert_eq!(s.handle(&r, 1000 + 3601).unwrap().msg_type, MsgType::Ack);
+        assert_eq!(s.db.by_mac.len(), 1);
+    }
+
+    #[test]
+    fn a_slow_lease_write_does_not_block_the_runtime() {
+        use std::sync::{Arc, Mutex};
+        use std::time::{Duration, Instant};
+        // The lease file's temporary is a FIFO: writing it blocks until somebody
+        // opens it for reading, which a helper thread does only after 2 s.
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path().join("leases.json.tmp");
+        let st = std::process::Command::new("mkfifo")
+            .arg(&tmp)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let server = Arc::new(Mutex::new(server(Some(dir.path()))));
+        let unblocked = Arc::new(Mutex::new(None::<Instant>));
+        let u2 = unblocked.clone();
+        let helper = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(2));
+            *u2.lock().unwrap() = Some(Instant::now());
+            let mut f = std::fs::File::open(&tmp).unwrap();
+            let mut sink = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut f, &mut sink);
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let ticked = rt.block_on(async move {
+            let (to_service, from_switch) = tokio::sync::mpsc::channel(4);
+            let (to_switch, mut replies) = tokio::sync::mpsc::channel(4);
+            let port = crate::switch::ServicePort {
+                to_switch,
+                from_switch,
+            };
+            tokio::spawn(run(server, port));
+            let r = msg(MsgType::Request, 7, vec![req_ip([10, 9, 0, 100])]).to_vec();
+            let f = wire::emit_udp_frame(
+                BROADCAST_MAC,
+                [2, 0, 0, 0, 0, 7],
+                Ipv4Addr::UNSPECIFIED,
+                Ipv4Addr::BROADCAST,
+                68,
+                67,
+                &r,
+            );
+            to_service.send(bytes::Bytes::from(f)).await.unwrap();
+            // Another task of the same runtime must get to run meanwhile.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let ticked = Instant::now();
+            assert!(replies.recv().await.is_some(), "the ACK still goes out");
+            ticked
+        });
+        helper.join().unwrap();
+        let unblocked = unblocked.lock().unwrap().unwrap();
+        assert!(
+            ticked < unblocked,
+            "the runtime was blocked while the lease file was written"
         );
     }
 

@@ -260,7 +260,16 @@ pub struct Fdb {
     ageing: Duration,
     /// Learn attempts refused because the table was full of live entries.
     pub full_refusals: u64,
+    /// Sweeps of the whole table for aged-out entries (each costs O(table)).
+    pub sweeps: u64,
+    last_sweep: Option<Instant>,
 }
+
+/// Least time between two sweeps of a full table. A flood of new source MACs into a
+/// full table would otherwise cost a walk of the whole table (up to `max_macs`, a
+/// million) per frame, under the lock every ingress takes; this way a freed slot
+/// is reused at most this late.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Fdb {
     /// An empty table holding at most `max` entries, forgetting after `ageing`.
@@ -270,6 +279,8 @@ impl Fdb {
             max,
             ageing,
             full_refusals: 0,
+            sweeps: 0,
+            last_sweep: None,
         }
     }
 
@@ -281,8 +292,15 @@ impl Fdb {
             return;
         }
         if self.map.len() >= self.max {
-            let ageing = self.ageing;
-            self.map.retain(|_, e| now.duration_since(e.seen) < ageing);
+            let due = self
+                .last_sweep
+                .is_none_or(|t| now.saturating_duration_since(t) >= SWEEP_INTERVAL);
+            if due {
+                let ageing = self.ageing;
+                self.map.retain(|_, e| now.duration_since(e.seen) < ageing);
+                self.sweeps += 1;
+                self.last_sweep = Some(now);
+            }
             if self.map.len() >= self.max {
                 self.full_refusals += 1;
                 return;
@@ -774,6 +792,33 @@ mod tests {
         fdb.learn([2, 0, 0, 0, 0, 3], 2, later);
         assert_eq!(fdb.lookup(&[2, 0, 0, 0, 0, 3], later), Some(2));
         assert_eq!(fdb.len(), 1);
+    }
+
+    #[test]
+    fn a_mac_flood_into_a_full_table_does_not_sweep_per_frame() {
+        let mut fdb = Fdb::new(2, Duration::from_secs(10));
+        let t0 = Instant::now();
+        fdb.learn([2, 0, 0, 0, 0, 1], 1, t0);
+        fdb.learn([2, 0, 0, 0, 0, 2], 1, t0);
+        for i in 0..1000u16 {
+            let b = i.to_be_bytes();
+            fdb.learn(
+                [2, 1, 0, 0, b[0], b[1]],
+                1,
+                t0 + Duration::from_millis(u64::from(i)),
+            );
+        }
+        assert_eq!(fdb.full_refusals, 1000);
+        assert_eq!(fdb.sweeps, 1);
+        // Known MACs still refresh, and after ageing the table takes new ones again.
+        fdb.learn([2, 0, 0, 0, 0, 1], 3, t0 + Duration::from_secs(5));
+        assert_eq!(
+            fdb.lookup(&[2, 0, 0, 0, 0, 1], t0 + Duration::from_secs(5)),
+            Some(3)
+        );
+        let later = t0 + Duration::from_secs(11);
+        fdb.learn([2, 0, 0, 0, 0, 9], 2, later);
+        assert_eq!(fdb.lookup(&[2, 0, 0, 0, 0, 9], later), Some(2));
     }
 
     #[test]

@@ -27,6 +27,11 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(120);
 /// Largest number of requests in flight at once.
 pub const MAX_IN_FLIGHT: usize = 64;
 
+/// Most chunks without read content (NONE, errors, unknown types) per request.
+const MAX_OTHER_CHUNKS: u32 = 16;
+/// Most replies accepted to one NBD_OPT_GO (a handful of NBD_REP_INFO, then the ACK).
+const MAX_GO_REPLIES: u32 = 64;
+
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 const REPLY_MAGIC_OPT: u64 = 0x0003_e889_0455_65a9;
@@ -287,7 +292,14 @@ impl NbdClient {
         payload.extend_from_slice(&0u16.to_be_bytes());
         self.send_option(OPT_GO, &payload)?;
         let mut got_export = false;
+        // A server may send several NBD_REP_INFO before the ACK, but not an endless
+        // stream of them: that would keep the VMM in its handshake for ever.
+        let mut replies = 0;
         loop {
+            replies += 1;
+            if replies > MAX_GO_REPLIES {
+                return Err(proto(format!("more than {MAX_GO_REPLIES} replies to GO")));
+            }
             let (ty, data) = self.read_option_reply(OPT_GO)?;
             match ty {
                 REP_ACK => break,
@@ -457,6 +469,12 @@ impl NbdClient {
             })
             .collect();
         let mut errs: Vec<Option<u32>> = vec![None; reqs.len()];
+        // What a request's chunks have covered so far, and how many chunks without
+        // content it got: a live server streaming chunks without end (overlapping
+        // ones, empty ones, NONE or unknown ones, never DONE) must fail the
+        // connection, not hold the vCPU for ever.
+        let mut covered: Vec<u64> = vec![0; reqs.len()];
+        let mut other_chunks: Vec<u32> = vec![0; reqs.len()];
         let mut pending = reqs.len();
         while pending > 0 {
             let r = &mut self.stream;
@@ -486,6 +504,12 @@ impl NbdClient {
                     if out[k].is_some() {
                         return Err(proto("chunk after the final reply"));
                     }
+                    if !matches!(ty, REPLY_TYPE_OFFSET_DATA | REPLY_TYPE_OFFSET_HOLE) {
+                        other_chunks[k] += 1;
+                        if other_chunks[k] > MAX_OTHER_CHUNKS {
+                            return Err(proto("too many chunks for one request"));
+                        }
+                    }
                     if len > MAX_PAYLOAD + 8 {
                         return Err(proto(format!("reply chunk of {len} bytes")));
                     }
@@ -504,15 +528,24 @@ impl NbdClient {
                             } else {
                                 rd_u32(r)?
                             };
-                            let start = off
+                            if n == 0 {
+                                return Err(proto("empty data chunk"));
+                            }
+                            covered[k] += u64::from(n);
+                            if covered[k] > u64::from(rlen) {
+                                return Err(proto("chunks cover more than the request"));
+                            }
+                            // Every sum is checked: a lying server can send any offset
+                            // and length, and must get a protocol error, not an overflow.
+                            let b = off
                                 .checked_sub(offset)
-                                .filter(|s| s + u64::from(n) <= u64::from(rlen))
-                                .ok_or_else(|| proto("chunk outside the request"))?
-                                as usize;
-                            let end = start + n as usize;
-                            let b = partial[k]
-                                .as_mut()
-                                .and_then(|b| b.get_mut(start..end))
+                                .and_then(|s| Some((s, s.checked_add(u64::from(n))?)))
+                                .filter(|&(_, e)| e <= u64::from(rlen))
+                                .and_then(|(s, e)| {
+                                    let (s, e) =
+                                        (usize::try_from(s).ok()?, usize::try_from(e).ok()?);
+                                    partial[k].as_mut()?.get_mut(s..e)
+                                })
                                 .ok_or_else(|| proto("chunk outside the request"))?;
                             if ty == REPLY_TYPE_OFFSET_DATA {
                                 r.read_exact(b)?;
@@ -637,32 +670,37 @@ mod tests {
         (ty, cookie, off, len)
     }
 
-    /// A scripted server: handshake, then answers a batch of three requests out of
-    /// order with data/hole chunks, a simple reply and an error chunk, then sends a
-    /// reply for a cookie nobody asked about.
-    fn serve(mut s: UnixStream) {
+    /// The server side of the handshake: structured replies, a 1 MiB export.
+    fn handshake(s: &mut UnixStream) {
         w(
-            &mut s,
+            s,
             &[
                 &NBDMAGIC.to_be_bytes(),
                 &IHAVEOPT.to_be_bytes(),
                 &(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes(),
             ],
         );
-        let _client_flags = rd_u32(&mut s).unwrap();
+        let _client_flags = rd_u32(s).unwrap();
         for _ in 0..2 {
-            assert_eq!(rd_u64(&mut s).unwrap(), IHAVEOPT);
-            let opt = rd_u32(&mut s).unwrap();
-            let len = rd_u32(&mut s).unwrap();
-            rd_vec(&mut s, len).unwrap();
+            assert_eq!(rd_u64(s).unwrap(), IHAVEOPT);
+            let opt = rd_u32(s).unwrap();
+            let len = rd_u32(s).unwrap();
+            rd_vec(s, len).unwrap();
             if opt == OPT_GO {
                 let mut info = vec![0u8, 0];
                 info.extend_from_slice(&(1u64 << 20).to_be_bytes());
                 info.extend_from_slice(&(1u16 | TFLAG_SEND_FLUSH | TFLAG_SEND_TRIM).to_be_bytes());
-                opt_reply(&mut s, opt, REP_INFO, &info);
+                opt_reply(s, opt, REP_INFO, &info);
             }
-            opt_reply(&mut s, opt, REP_ACK, &[]);
+            opt_reply(s, opt, REP_ACK, &[]);
         }
+    }
+
+    /// A scripted server: handshake, then answers a batch of three requests out of
+    /// order with data/hole chunks, a simple reply and an error chunk, then sends a
+    /// reply for a cookie nobody asked about.
+    fn serve(mut s: UnixStream) {
+        handshake(&mut s);
         let reqs: Vec<_> = (0..3).map(|_| request(&mut s)).collect();
         // Third request (a read): EIO as an error chunk.
         let mut e = 5u32.to_be_bytes().to_vec();
@@ -752,5 +790,135 @@ mod tests {
         let err = NbdClient::connect(&NbdAddr::Unix(path), "e").err().unwrap();
         assert!(err.to_string().contains("not an NBD server"), "{err}");
         t.join().unwrap();
+    }
+
+    #[test]
+    fn chunk_offsets_that_overflow_are_a_protocol_error() {
+        // A hole or data chunk whose offset lies so far past the request that
+        // offset + length wraps around u64 must fail the connection, not overflow.
+        for ty in [REPLY_TYPE_OFFSET_HOLE, REPLY_TYPE_OFFSET_DATA] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("nbd.sock");
+            let l = UnixListener::bind(&path).unwrap();
+            let server = std::thread::spawn(move || {
+                let (mut s, _) = l.accept().unwrap();
+                handshake(&mut s);
+                let (_, cookie, _, _) = request(&mut s);
+                let mut p = (u64::MAX - 4).to_be_bytes().to_vec();
+                if ty == REPLY_TYPE_OFFSET_HOLE {
+                    p.extend_from_slice(&512u32.to_be_bytes());
+                } else {
+                    p.extend_from_slice(&[0x55; 512]);
+                }
+                chunk(&mut s, REPLY_FLAG_DONE, ty, cookie, &p);
+            });
+            let mut c = NbdClient::connect(&NbdAddr::Unix(path), "e").unwrap();
+            let err = c
+                .submit(&[Request::Read {
+                    offset: 0,
+                    len: 1024,
+                }])
+                .unwrap_err();
+            assert!(
+                err.to_string().contains("chunk outside the request"),
+                "{err}"
+            );
+            server.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn endless_info_replies_end_the_handshake() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nbd.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            w(
+                &mut s,
+                &[
+                    &NBDMAGIC.to_be_bytes(),
+                    &IHAVEOPT.to_be_bytes(),
+                    &(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes(),
+                ],
+            );
+            let _client_flags = rd_u32(&mut s).unwrap();
+            for _ in 0..2 {
+                assert_eq!(rd_u64(&mut s).unwrap(), IHAVEOPT);
+                let opt = rd_u32(&mut s).unwrap();
+                let len = rd_u32(&mut s).unwrap();
+                rd_vec(&mut s, len).unwrap();
+                if opt == OPT_STRUCTURED_REPLY {
+                    opt_reply(&mut s, opt, REP_ACK, &[]);
+                }
+            }
+            // GO: INFO replies (an unknown info type) until the client hangs up.
+            let mut sent = 0u32;
+            loop {
+                let ok = s
+                    .write_all(&REPLY_MAGIC_OPT.to_be_bytes())
+                    .and_then(|_| s.write_all(&OPT_GO.to_be_bytes()))
+                    .and_then(|_| s.write_all(&REP_INFO.to_be_bytes()))
+                    .and_then(|_| s.write_all(&2u32.to_be_bytes()))
+                    .and_then(|_| s.write_all(&[0, 9]));
+                if ok.is_err() || sent > 100_000 {
+                    return sent;
+                }
+                sent += 1;
+            }
+        });
+        let err = NbdClient::connect(&NbdAddr::Unix(path), "e").err().unwrap();
+        assert!(err.to_string().contains("replies to GO"), "{err}");
+        assert!(server.join().unwrap() < 100_000);
+    }
+
+    #[test]
+    fn endless_chunks_for_one_request_are_a_protocol_error() {
+        // Overlapping holes, then (second round) NONE chunks, never DONE.
+        for round in 0..2 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("nbd.sock");
+            let l = UnixListener::bind(&path).unwrap();
+            let server = std::thread::spawn(move || {
+                let (mut s, _) = l.accept().unwrap();
+                handshake(&mut s);
+                let (_, cookie, off, _) = request(&mut s);
+                let mut h = off.to_be_bytes().to_vec();
+                h.extend_from_slice(&512u32.to_be_bytes());
+                let mut sent = 0;
+                while sent < 10_000 {
+                    let (ty, p): (u16, &[u8]) = if round == 0 {
+                        (REPLY_TYPE_OFFSET_HOLE, &h)
+                    } else {
+                        (REPLY_TYPE_NONE, &[])
+                    };
+                    let hdr = [
+                        &STRUCTURED_REPLY_MAGIC.to_be_bytes()[..],
+                        &0u16.to_be_bytes(),
+                        &ty.to_be_bytes(),
+                        &cookie.to_be_bytes(),
+                        &(p.len() as u32).to_be_bytes(),
+                        p,
+                    ]
+                    .concat();
+                    if s.write_all(&hdr).is_err() {
+                        break;
+                    }
+                    sent += 1;
+                }
+                sent
+            });
+            let mut c = NbdClient::connect(&NbdAddr::Unix(path), "e").unwrap();
+            let err = c
+                .submit(&[Request::Read {
+                    offset: 4096,
+                    len: 1024,
+                }])
+                .unwrap_err();
+            // Without the bounds the client reads all 10 000 chunks, then EOF: Io.
+            assert!(matches!(err, NbdError::Protocol(_)), "{err}");
+            drop(c);
+            server.join().unwrap();
+        }
     }
 }

@@ -7,7 +7,7 @@
 //! netd's AF_PACKET side moves plain frames, without GSO metadata, so a NIC on a netd
 //! port offers the guest no checksum or segmentation offloads.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -34,6 +34,9 @@ pub enum NetdError {
     },
 }
 
+/// Longest answer line read from netd.
+const MAX_ANSWER: u64 = 64 << 10;
+
 fn call(control: &Path, req: serde_json::Value) -> Result<serde_json::Value, NetdError> {
     let io = |source| NetdError::Io {
         path: control.display().to_string(),
@@ -45,8 +48,13 @@ fn call(control: &Path, req: serde_json::Value) -> Result<serde_json::Value, Net
     let mut line = req.to_string();
     line.push('\n');
     s.write_all(line.as_bytes()).map_err(io)?;
+    // One answer line is small; a peer that streams bytes without a newline must not
+    // grow this buffer without bound (the read timeout alone does not stop it).
     let mut resp = String::new();
-    BufReader::new(&s).read_line(&mut resp).map_err(io)?;
+    BufReader::new(&s)
+        .take(MAX_ANSWER)
+        .read_line(&mut resp)
+        .map_err(io)?;
     let network = req
         .get("net")
         .and_then(|n| n.as_str())
@@ -94,4 +102,34 @@ pub fn del_port(control: &Path, network: &str, name: &str) -> Result<(), NetdErr
         serde_json::json!({ "cmd": "port_del", "net": network, "name": name }),
     )
     .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn an_endless_answer_is_cut_off_not_buffered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let chunk = vec![b'x'; 64 << 10];
+            // Up to 8 MiB without a newline; the client must stop reading long before.
+            let mut sent = 0;
+            for _ in 0..128 {
+                if s.write_all(&chunk).is_err() {
+                    break;
+                }
+                sent += chunk.len();
+            }
+            sent
+        });
+        let err = add_vm_port(&path, "lab", "tap0", "52:54:00:00:00:01").unwrap_err();
+        assert!(err.to_string().contains("refused"), "{err}");
+        let sent = t.join().unwrap();
+        assert!(sent < 8 << 20, "the client read all {sent} bytes");
+    }
 }

@@ -1,5 +1,6 @@
 //! Thin wrappers over the few raw syscalls the VMM needs (TAP ioctls, poll, signals).
-//! Every `unsafe` block of the crate lives here.
+//! Every `unsafe` block of the crate lives here, but the one call of the `unsafe fn`
+//! [`set_user_memory_region`] (vmm.rs), whose contract only the caller can keep.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -226,15 +227,19 @@ pub fn sd_notify_ready() {
 
 /// Registers a guest memory region with KVM.
 ///
-/// The caller passes a region backed by a live mapping of guest memory (`vm-memory`'s
-/// `GuestMemoryMmap`) that outlives the VM: in vmm-shim the memory is dropped after the
-/// vCPU threads are joined and the VM fd is closed.
-pub fn set_user_memory_region(
+/// # Safety
+///
+/// `region.userspace_addr .. + memory_size` must be a live mapping of guest memory
+/// (`vm-memory`'s `GuestMemoryMmap`) that stays mapped for as long as any vCPU of `vm`
+/// can run: KVM reads and writes it on the guest's behalf, so if it were unmapped and
+/// the addresses reused, the guest would write into unrelated memory of this process.
+/// (This used to be a safe function with that contract in its doc, which let safe code
+/// pass any address.)
+pub unsafe fn set_user_memory_region(
     vm: &kvm_ioctls::VmFd,
     region: kvm_bindings::kvm_userspace_memory_region,
 ) -> Result<(), kvm_ioctls::Error> {
-    // SAFETY: per this function's contract the host range is a live mapping that stays
-    // valid for the VM's lifetime; KVM only reads the struct.
+    // SAFETY: the caller upholds the contract above; KVM only reads the struct.
     unsafe { vm.set_user_memory_region(region) }
 }
 

@@ -452,7 +452,12 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
             userspace_addr: host as u64,
             flags: 0,
         };
-        sys::set_user_memory_region(vm, region).map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        // SAFETY: the range is `r`'s own mapping (host address and length from `mem`).
+        // The mapping lives as long as any clone of `mem` (the regions are shared
+        // Arcs): `run` holds `mem` until the vCPU threads are joined, and a vCPU thread
+        // that does not stop still holds the MMIO bus, whose devices hold clones.
+        unsafe { sys::set_user_memory_region(vm, region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(())
 }
@@ -603,7 +608,10 @@ fn net_rx_loop(t: NetDev, tap_fd: i32, wake: EventFd, stop: Arc<EventFd>) {
     loop {
         let parked = {
             let g = t.lock().unwrap_or_else(|e| e.into_inner());
-            g.device().has_pending() || !g.active()
+            // Nothing can be received into an RX queue the driver has not made ready
+            // (and it is never served), so the TAP is not polled then either: a frame
+            // waiting in it would keep poll returning at once.
+            g.device().rx_blocked() || !g.active() || !g.queue_ready(0)
         };
         let fds = if parked {
             vec![stop_fd, wake_fd]
@@ -628,7 +636,11 @@ fn net_rx_loop(t: NetDev, tap_fd: i32, wake: EventFd, stop: Arc<EventFd>) {
         let mut g = t.lock().unwrap_or_else(|e| e.into_inner());
         if g.active() {
             let (dev, queues, mem, irq) = g.parts();
-            if let Some(q) = queues.get_mut(0) {
+            // An RX queue the driver never made ready has unchecked ring addresses.
+            if let Some(q) = queues
+                .get_mut(0)
+                .filter(|q| virtio_queue::QueueT::ready(&**q))
+            {
                 if dev.rx_pump(q, mem) {
                     irq.signal_used();
                 }

@@ -5,7 +5,9 @@
 //! the writable part) into a checked [`BlkRequest`] before anything is executed. The
 //! valid requests of the kick are then handed to the backend together, so they are in
 //! flight on the NBD connection at the same time, and completions are written back in
-//! order. FLUSH maps to NBD FLUSH, DISCARD to TRIM, WRITE_ZEROES to WRITE_ZEROES
+//! order. A round takes at most [`MAX_BATCH`] chains and stops early once it holds
+//! [`MAX_BATCH_BYTES`] of data, so host memory per device stays bounded whatever the
+//! guest queues. FLUSH maps to NBD FLUSH, DISCARD to TRIM, WRITE_ZEROES to WRITE_ZEROES
 //! (`may_unmap` allows a hole). A backend error answers the request with
 //! `VIRTIO_BLK_S_IOERR`; a malformed chain is answered with IOERR if it has a status byte
 //! (else a zero-length used entry) and counted in `bad_chains`.
@@ -57,6 +59,10 @@ pub const MAX_DISCARD_SEG: u32 = 32;
 pub const MAX_DISCARD_SECTORS: u32 = (1 << 22) - 8;
 /// Most chains handled per kick before the used ring is published.
 pub const MAX_BATCH: usize = 256;
+/// Most data bytes (read or written) in one batch. A guest can point every chain of
+/// a full queue at the same buffer, so without this bound 256 chains of
+/// [`MAX_REQUEST`] each would make the VMM hold 8 GiB of host memory at once.
+pub const MAX_BATCH_BYTES: u64 = 64 << 20;
 
 /// What a block device talks to.
 pub trait BlockBackend: Send {
@@ -114,6 +120,23 @@ pub enum BlkRequest {
     GetId,
     /// Answered with this status without touching the backend.
     Fail(u8),
+}
+
+impl BlkRequest {
+    /// Data bytes the request moves between the guest and the backend.
+    fn data_len(&self) -> u64 {
+        match self {
+            BlkRequest::Io { reqs, .. } => reqs
+                .iter()
+                .map(|r| match r {
+                    Request::Read { len, .. } => u64::from(*len),
+                    Request::Write { data, .. } => data.len() as u64,
+                    _ => 0,
+                })
+                .sum(),
+            _ => 0,
+        }
+    }
 }
 
 /// A chain whose request makes no sense (no status byte, short header, odd sizes).
@@ -330,11 +353,20 @@ impl<B: BlockBackend> Block<B> {
                     Counters::bump(&self.counters.bad_chains);
                     return any;
                 };
+                let mut bytes = 0u64;
                 for chain in iter.take(MAX_BATCH) {
                     let head = chain.head_index();
                     match ChainView::parse(chain, mem) {
                         Ok(view) => match self.parse(&view, mem) {
-                            Ok(req) => batch.push(Pending { view, req }),
+                            Ok(req) => {
+                                bytes += req.data_len();
+                                batch.push(Pending { view, req });
+                                if bytes >= MAX_BATCH_BYTES {
+                                    // The rest stays in the avail ring for the next
+                                    // round of this loop.
+                                    break;
+                                }
+                            }
                             Err(BadRequest) => bad_heads.push((head, Some(view))),
                         },
                         Err(_) => bad_heads.push((head, None)),
@@ -767,6 +799,41 @@ mod tests {
 
     /// Random descriptor tables and avail rings: the device must never panic and must
     /// leave the used index sane.
+    #[test]
+    fn one_batch_holds_a_bounded_amount_of_data() {
+        // Five 32 MiB reads, all into the same guest buffer: they must not all be
+        // in flight (and in host memory) at once.
+        let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let vq = MockSplitQueue::new(&m, 16);
+        let mut q: Queue = vq.create_queue().unwrap();
+        let mut blk = Block::new(MemBackend::new(MAX_REQUEST as usize), false, "t");
+        hdr(&m, HDR, T_IN, 0);
+        let mut descs = Vec::new();
+        for i in 0..5u64 {
+            let b = (3 * i) as u16;
+            descs.push(d(HDR, 16, NEXT, b + 1));
+            descs.push(d(16 << 20, MAX_REQUEST, NEXT | WRITE, b + 2));
+            descs.push(d(STATUS + i, 1, WRITE, 0));
+        }
+        vq.add_desc_chains(&descs, 0).unwrap();
+        assert!(blk.process(&mut q, &m));
+        assert_eq!(used_idx(&m, vq.used_addr()), 5);
+        for i in 0..5 {
+            assert_eq!(status(&m, STATUS + i), S_OK);
+        }
+        assert!(blk.backend.submits.len() > 1);
+        for s in &blk.backend.submits {
+            let bytes: u64 = s
+                .iter()
+                .map(|r| match r {
+                    Request::Read { len, .. } => u64::from(*len),
+                    _ => 0,
+                })
+                .sum();
+            assert!(bytes <= MAX_BATCH_BYTES, "{bytes} bytes in one batch");
+        }
+    }
+
     #[test]
     fn randomized_chains_never_panic() {
         let m = mem();

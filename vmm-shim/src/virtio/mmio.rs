@@ -81,6 +81,12 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.active
     }
 
+    /// Whether queue `index` exists and the driver made it ready (only such a queue
+    /// has checked ring addresses and may be served).
+    pub fn queue_ready(&self, index: usize) -> bool {
+        self.queues.get(index).is_some_and(|q| q.ready())
+    }
+
     /// The device, the queues and guest memory, for back-end threads (net RX).
     pub fn parts(&mut self) -> (&mut D, &mut [Queue], &GuestMemoryMmap, &IrqLine) {
         (&mut self.device, &mut self.queues, &self.mem, &self.irq)
@@ -144,8 +150,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
             0x24 => self.driver_features_sel = v,
             0x30 => self.queue_sel = v,
             0x38 if setup => {
+                // A size past u16 is invalid, not a smaller size: `as u16` would turn
+                // 0x10010 into 16. Size 0 is refused by the queue (it keeps the old one).
+                let size = u16::try_from(v).unwrap_or(0);
                 if let Some(q) = self.queue() {
-                    q.set_size(v as u16);
+                    q.set_size(size);
                 }
             }
             0x44 if setup => {
@@ -231,7 +240,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let Ok(index) = u16::try_from(index) else {
             return;
         };
-        if usize::from(index) >= self.queues.len() {
+        // A queue the driver never made ready has unchecked ring addresses (DRIVER_OK
+        // only validates ready queues): the device must not touch it.
+        if !self.queue_ready(usize::from(index)) {
             return;
         }
         if self.device.notify(index, &mut self.queues, &self.mem) {
@@ -254,5 +265,75 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
     }
     fn bus_write(&mut self, offset: u64, data: &[u8]) {
         self.write(offset, data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::testutil::mem;
+    use crate::virtio::Counters;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    /// A device that records which queues it was asked to serve.
+    #[derive(Default)]
+    struct Probe {
+        notified: Vec<u16>,
+        counters: Counters,
+    }
+
+    impl VirtioDevice for Probe {
+        fn device_type(&self) -> u32 {
+            1
+        }
+        fn features(&self) -> u64 {
+            0
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[256, 256]
+        }
+        fn read_config(&self, _offset: u64, data: &mut [u8]) {
+            data.fill(0)
+        }
+        fn activate(&mut self, _acked: u64) {}
+        fn notify(&mut self, index: u16, _q: &mut [Queue], _m: &GuestMemoryMmap) -> bool {
+            self.notified.push(index);
+            false
+        }
+        fn counters(&self) -> &Counters {
+            &self.counters
+        }
+    }
+
+    fn w(t: &mut MmioTransport<Probe>, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    #[test]
+    fn oversized_queue_num_and_unready_queues_are_ignored() {
+        let irq = Arc::new(IrqLine::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let mut t = MmioTransport::new(Probe::default(), mem(), irq);
+        for (off, v) in [(0x70, 1), (0x70, 3), (0x24, 1), (0x20, 1), (0x70, 11)] {
+            w(&mut t, off, v);
+        }
+        // Queue 0: 0x10010 entries must not become 16; then a proper set-up.
+        w(&mut t, 0x30, 0);
+        w(&mut t, 0x38, 0x1_0010);
+        assert_eq!(t.queues[0].size(), 256);
+        w(&mut t, 0x38, 16);
+        assert_eq!(t.queues[0].size(), 16);
+        w(&mut t, 0x80, 0x1000);
+        w(&mut t, 0x90, 0x2000);
+        w(&mut t, 0xa0, 0x3000);
+        w(&mut t, 0x44, 1);
+        // Queue 1: rings far outside guest memory, never made ready.
+        w(&mut t, 0x30, 1);
+        w(&mut t, 0x80, 0xffff_0000);
+        w(&mut t, 0x70, 15);
+        assert!(t.active());
+        w(&mut t, 0x50, 1);
+        w(&mut t, 0x50, 0);
+        w(&mut t, 0x50, 7);
+        assert_eq!(t.device().notified, vec![0]);
     }
 }

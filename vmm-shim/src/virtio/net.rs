@@ -6,12 +6,17 @@
 //! copied into an RX chain as is (`num_buffers` set to 1). Checksum offload and TSO are
 //! offered to the guest; once the driver acks its features, the matching TAP offloads
 //! (TUNSETOFFLOAD) are switched on so the kernel hands us only what the guest accepts.
+//! In the other direction, a driver that did not ack VIRTIO_NET_F_CSUM gets its TX
+//! header cleared (a plain frame): it may not ask for checksum or segmentation offload.
 //!
 //! Receive is driven from two sides: a back-end thread waits for the TAP to be readable
 //! and calls [`Net::rx_pump`]; the guest's kick of the RX queue also pumps. When a frame
 //! is read but the guest has no free RX buffer, it is parked in `pending` (the deferred
 //! RX path) and the back-end thread stops polling the TAP until a kick of the RX queue
 //! (which writes `rx_wake`) delivers it: ingress never spins and never freezes.
+//! A hard receive error (a deleted TAP reads EBADFD and polls POLLERR forever) is
+//! counted in `io_errors` and also keeps the TAP out of the poll set; receive is then
+//! retried on the thread's poll timeout, so a dead TAP costs a few reads a second.
 //! Malformed TX chains (device-writable buffers, header missing, oversized) are dropped,
 //! counted and returned to the guest with a zero length.
 
@@ -72,6 +77,9 @@ pub struct Net<T: NetBackend> {
     rx_wake: Option<EventFd>,
     buf: Vec<u8>,
     offloads: bool,
+    rx_failed: bool,
+    /// The guest acked VIRTIO_NET_F_CSUM: its TX headers may ask for offloads.
+    tx_offloads: bool,
 }
 
 const RX: u16 = 0;
@@ -90,12 +98,31 @@ impl<T: NetBackend> Net<T> {
             rx_wake,
             buf: vec![0u8; MAX_FRAME],
             offloads,
+            rx_failed: false,
+            tx_offloads: false,
         }
     }
 
     /// Whether a received frame waits for guest buffers (the deferred RX path).
     pub fn has_pending(&self) -> bool {
         self.pending.is_some()
+    }
+
+    /// Whether the back-end thread should leave the TAP out of its poll set: a frame
+    /// is parked, or the last receive failed hard. A TAP whose interface was deleted
+    /// polls readable (POLLERR) forever while every read fails with EBADFD; polling it
+    /// would spin the thread, so after a hard error receive is only retried on the
+    /// thread's poll timeout or a guest kick.
+    pub fn rx_blocked(&self) -> bool {
+        self.pending.is_some() || self.rx_failed
+    }
+
+    fn rx_error(&mut self, e: &io::Error) {
+        Counters::bump(&self.counters.io_errors);
+        if !self.rx_failed {
+            tracing::warn!(error = %e, "TAP receive failed; retrying slowly");
+            self.rx_failed = true;
+        }
     }
 
     /// The backend (tests inspect mocks through this).
@@ -127,16 +154,30 @@ impl<T: NetBackend> Net<T> {
                 _ => None,
             };
             match frame {
-                Some(f) => match self.backend.send(&f) {
-                    Ok(()) => Counters::bump(&self.counters.completed),
-                    Err(e) => {
-                        Counters::bump(&self.counters.dropped);
-                        tracing::debug!(error = %e, "TAP write failed; frame dropped");
+                Some(mut f) => {
+                    if !self.tx_offloads {
+                        // A driver that did not negotiate checksum offload may not ask
+                        // for it (or for segmentation): send its frame as a plain one
+                        // rather than hand the host a job the guest was never offered.
+                        if let Some(h) = f.get_mut(..10) {
+                            h.fill(0);
+                        }
                     }
-                },
+                    self.send_frame(&f)
+                }
                 None => Counters::bump(&self.counters.bad_chains),
             }
             let _ = q.add_used(mem, head, 0);
+        }
+    }
+
+    fn send_frame(&mut self, f: &[u8]) {
+        match self.backend.send(f) {
+            Ok(()) => Counters::bump(&self.counters.completed),
+            Err(e) => {
+                Counters::bump(&self.counters.dropped);
+                tracing::debug!(error = %e, "TAP write failed; frame dropped");
+            }
         }
     }
 
@@ -148,7 +189,13 @@ impl<T: NetBackend> Net<T> {
             let frame = match self.pending.take() {
                 Some(f) => f,
                 None => match self.backend.recv(&mut self.buf) {
+                    Ok(0) => {
+                        // End of file: no frame will ever come; treat as a hard error.
+                        self.rx_error(&io::ErrorKind::UnexpectedEof.into());
+                        return any;
+                    }
                     Ok(n) if n > VNET_HDR_LEN => {
+                        self.rx_failed = false;
                         let mut f = self.buf[..n].to_vec();
                         // num_buffers = 1 (no mergeable buffers).
                         f[10] = 1;
@@ -160,7 +207,14 @@ impl<T: NetBackend> Net<T> {
                         continue;
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(_) => return any,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.rx_failed = false;
+                        return any;
+                    }
+                    Err(e) => {
+                        self.rx_error(&e);
+                        return any;
+                    }
                 },
             };
             let Ok(mut iter) = q.iter(mem) else {
@@ -223,6 +277,7 @@ impl<T: NetBackend> VirtioDevice for Net<T> {
     }
     fn activate(&mut self, acked: u64) {
         let acked = acked & self.features();
+        self.tx_offloads = acked & F_CSUM != 0;
         let mut flags = 0;
         if acked & F_GUEST_CSUM != 0 {
             flags |= TUN_F_CSUM;
@@ -278,6 +333,8 @@ mod tests {
         sent: Vec<Vec<u8>>,
         incoming: VecDeque<Vec<u8>>,
         offload: Option<u32>,
+        /// Every recv fails with this (a deleted TAP: EBADFD).
+        broken: Option<i32>,
     }
 
     impl NetBackend for MockTap {
@@ -286,6 +343,9 @@ mod tests {
             Ok(())
         }
         fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if let Some(e) = self.broken {
+                return Err(io::Error::from_raw_os_error(e));
+            }
             match self.incoming.pop_front() {
                 Some(f) => {
                     buf[..f.len()].copy_from_slice(&f);
@@ -334,6 +394,53 @@ mod tests {
         assert_eq!(net.backend.sent[0], frame(60, 0x11));
         assert_eq!(used_idx(&m, vq.used_addr()), 3);
         assert_eq!(count(&net.counters.bad_chains), 2);
+    }
+
+    #[test]
+    fn a_broken_tap_is_not_polled_until_it_recovers() {
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, 16);
+        let mut q: Queue = vq.create_queue().unwrap();
+        let mut net = Net::new(MockTap::default(), [0x52, 0x54, 0, 0, 0, 1], None, true);
+        vq.add_desc_chains(&[d(0x10_0000, 2048, WRITE, 0)], 0)
+            .unwrap();
+        net.backend.broken = Some(libc::EBADFD);
+        assert!(!net.rx_pump(&mut q, &m));
+        assert!(net.rx_blocked(), "the RX thread would spin on POLLERR");
+        assert_eq!(count(&net.counters.io_errors), 1);
+        // A nothing-to-read (not an error) after recovery: poll the TAP again.
+        net.backend.broken = None;
+        assert!(!net.rx_pump(&mut q, &m));
+        assert!(!net.rx_blocked());
+        net.backend.incoming.push_back(frame(100, 0x44));
+        assert!(net.rx_pump(&mut q, &m));
+        assert_eq!(used(&m, vq.used_addr(), 0), (0, 112));
+    }
+
+    #[test]
+    fn offload_requests_of_a_driver_without_csum_are_cleared() {
+        let m = mem();
+        for (acked, kept) in [(F_MAC, false), (F_MAC | F_CSUM | F_HOST_TSO4, true)] {
+            let vq = MockSplitQueue::new(&m, 16);
+            let q: Queue = vq.create_queue().unwrap();
+            let mut net = Net::new(MockTap::default(), [0x52, 0x54, 0, 0, 0, 1], None, true);
+            net.activate(acked);
+            let mut f = frame(60, 0x11);
+            // NEEDS_CSUM, GSO_TCPV4, hdr_len 54, gso_size 100, csum 34/16.
+            f[..10].copy_from_slice(&[1, 1, 54, 0, 100, 0, 34, 0, 16, 0]);
+            m.write_slice(&f, GuestAddress(0x10_0000)).unwrap();
+            vq.add_desc_chains(&[d(0x10_0000, f.len() as u32, 0, 0)], 0)
+                .unwrap();
+            let mut qs = [Queue::new(16).unwrap(), q];
+            net.notify(TX, &mut qs, &m);
+            let sent = &net.backend.sent[0];
+            assert_eq!(sent[10..], f[10..]);
+            if kept {
+                assert_eq!(sent[..10], f[..10]);
+            } else {
+                assert_eq!(sent[..10], [0; 10]);
+            }
+        }
     }
 
     #[test]

@@ -126,7 +126,7 @@ print(".".join(str(b) for b in r[-4:]))
 
     // The flows are listed (ICMP through a raw socket: ping sockets are not allowed
     // in this namespace, net.ipv4.ping_group_range is "1 0").
-    let flows = lab.cli(&["flows", "nat0"])?;
+    let flows = lab.cli(&["flows", "nat0", "--json"])?;
     assert!(flows.contains("\"udp\""), "flows: {flows}");
     assert!(flows.contains("\"RAW\""), "flows: {flows}");
     assert!(flows.contains("10.0.2.15"), "flows: {flows}");
@@ -283,7 +283,7 @@ netns = "{}"
     g2.sh("ping -c 1 -W 5 10.0.2.2")?;
     // Unprivileged ping sockets allowed in netd's namespace: ICMP goes through them.
     g1.sh(&format!("ping -c 2 -W 5 {}", nat_common::INET_SERVER))?;
-    let flows = lab.cli(&["flows", "iso"])?;
+    let flows = lab.cli(&["flows", "iso", "--json"])?;
     assert!(flows.contains("\"PING\""), "flows: {flows}");
     assert!(
         g1.sh("ping -c 1 -W 2 10.0.2.16").is_err(),

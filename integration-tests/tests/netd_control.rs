@@ -173,3 +173,235 @@ fn cli_changes_ports_at_runtime_and_sigterm_cleans_up() -> Result<()> {
     );
     Ok(())
 }
+
+/// The cells of the table row whose first cell is `first`.
+fn table_row<'a>(table: &'a str, first: &str) -> Option<Vec<&'a str>> {
+    table
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|cells| cells.first() == Some(&first))
+}
+
+#[test]
+fn cli_prints_tables_by_default_and_json_on_request() -> Result<()> {
+    require_root();
+    let dir = tempdir();
+    let host = Netns::new("th")?;
+    let a = Netns::new("ta")?;
+    let b = Netns::new("tb")?;
+    let (ta, tb) = (unique_name("ta"), unique_name("tb"));
+    let (x, y) = unique_subnet();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "[[network]]\nname = \"lan\"\nmode = \"internal\"\nsubnet = \"10.{x}.{y}.0/24\"\ndhcp = true\nlease_time = 600\nmtu = 1400\n\n[[network.port]]\nname = \"a\"\nkind = \"tap\"\nifname = \"{ta}\"\nnetns = \"{na}\"\nmac = \"02:00:00:00:0c:01\"\n",
+            na = a.name()
+        ),
+    );
+    let netd = Netd::start(&host, dir.path(), &cfg)?;
+
+    // A change prints one confirmation line; with --json, the daemon's (empty) answer.
+    let out = netd.cli(&[
+        "port",
+        "add",
+        "lan",
+        "--kind",
+        "tap",
+        "--ifname",
+        &tb,
+        "--netns",
+        b.name(),
+        "--name",
+        "b",
+    ])?;
+    assert_eq!(out, "added tap port b to lan\n");
+
+    // A lease, with a hostname, from a real DHCP client.
+    let script = udhcpc_script(dir.path());
+    a.exec(&[
+        "busybox",
+        "udhcpc",
+        "-i",
+        &ta,
+        "-s",
+        script.to_str().unwrap(),
+        "-x",
+        "hostname:tablehost",
+        "-q",
+        "-n",
+        "-f",
+        "-t",
+        "5",
+        "-T",
+        "1",
+    ])?;
+    let lease = std::fs::read_to_string(dir.path().join(format!("lease-{ta}")))?;
+    let ip = lease
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+
+    // net list: header, then one aligned row; the JSON is the daemon's, unchanged.
+    let nets = netd.cli(&["net", "list"])?;
+    let header: Vec<&str> = nets
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "MODE", "SUBNET", "GATEWAY", "DHCP", "PORTS", "MTU", "UPLINK"],
+        "{nets}"
+    );
+    let subnet = format!("10.{x}.{y}.0/24");
+    let gateway = format!("10.{x}.{y}.1");
+    let row = table_row(&nets, "lan").unwrap_or_default();
+    // Ports: a, b and the DHCP server's service port.
+    let json = netd.cli_json(&["net", "list"])?;
+    let ports = json[0]["ports"].to_string();
+    assert_eq!(
+        row,
+        [
+            "lan",
+            "internal",
+            subnet.as_str(),
+            gateway.as_str(),
+            "yes",
+            ports.as_str(),
+            "1400",
+            "-"
+        ],
+        "{nets}"
+    );
+    assert_eq!(json[0]["subnet"], subnet.as_str(), "{json}");
+    assert!(serde_json::from_str::<serde_json::Value>(&nets).is_err());
+    // Columns line up: every header starts where its column's cells start.
+    let lines: Vec<&str> = nets.lines().collect();
+    let col = |l: &str, name: &str| l.find(name);
+    assert_eq!(col(lines[0], "MODE"), col(lines[1], "internal"), "{nets}");
+    assert_eq!(col(lines[0], "SUBNET"), col(lines[1], &subnet), "{nets}");
+
+    // port list: a's counters are those of the JSON, its drops a total or by reason.
+    let ports = netd.cli(&["port", "list", "lan"])?;
+    let header: Vec<&str> = ports
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "KIND",
+            "IFNAME",
+            "MAC",
+            "MTU",
+            "RX-FRAMES",
+            "RX-BYTES",
+            "TX-FRAMES",
+            "TX-BYTES",
+            "DROPS"
+        ],
+        "{ports}"
+    );
+    let row = table_row(&ports, "a").unwrap_or_default();
+    assert_eq!(
+        &row[..5],
+        ["a", "tap", ta.as_str(), "02:00:00:00:0c:01", "1400"],
+        "{ports}"
+    );
+    let rx: u64 = row[5].parse()?;
+    assert!(
+        rx >= 2,
+        "udhcpc's DISCOVER and REQUEST were counted: {ports}"
+    );
+    let row_b = table_row(&ports, "b").unwrap_or_default();
+    assert_eq!(&row_b[..3], ["b", "tap", tb.as_str()], "{ports}");
+    assert!(table_row(&ports, "dhcp").is_some(), "{ports}");
+    let by_reason = netd.cli(&["port", "list", "lan", "--drops"])?;
+    assert!(
+        by_reason
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .ends_with("MALFORMED  TOO-BIG  FULL  DOWN  IO  HAIRPIN  OFFLOAD"),
+        "{by_reason}"
+    );
+    let json = netd.cli_json(&["port", "list", "lan"])?;
+    let ja = json
+        .as_array()
+        .and_then(|v| v.iter().find(|p| p["name"] == "a"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(ja["kind"], "tap", "{json}");
+    assert!(ja["counters"]["rx_frames"].as_u64() >= Some(rx), "{json}");
+
+    // leases: MAC, IP, time left, the client's hostname.
+    let leases = netd.cli(&["leases", "lan"])?;
+    let header: Vec<&str> = leases
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(header, ["MAC", "IP", "EXPIRES", "HOSTNAME"], "{leases}");
+    let row = table_row(&leases, "02:00:00:00:0c:01").unwrap_or_default();
+    assert_eq!(row.len(), 5, "{leases}");
+    assert_eq!(row[1], ip, "{leases}");
+    assert_eq!(row[2], "in", "{leases}");
+    assert!(row[3].ends_with('m') || row[3].ends_with('s'), "{leases}");
+    assert_eq!(row[4], "tablehost", "{leases}");
+    let json = netd.cli_json(&["leases", "lan"])?;
+    assert_eq!(json[0]["ip"], ip.as_str(), "{json}");
+    assert_eq!(json[0]["hostname"], "tablehost", "{json}");
+
+    // mac: the learned table.
+    let macs = netd.cli(&["mac", "lan"])?;
+    let row = table_row(&macs, "02:00:00:00:0c:01").unwrap_or_default();
+    assert_eq!(row.get(1), Some(&"a"), "{macs}");
+
+    // Removing the port confirms; with --json it prints the daemon's answer (none).
+    assert_eq!(
+        netd.cli(&["port", "del", "lan", "b"])?,
+        "removed port b from lan\n"
+    );
+    let out = netd.cli(&[
+        "port",
+        "add",
+        "lan",
+        "--kind",
+        "tap",
+        "--ifname",
+        &tb,
+        "--netns",
+        b.name(),
+        "--json",
+    ])?;
+    assert_eq!(out, "");
+    assert!(table_row(&netd.cli(&["port", "list", "lan"])?, &tb).is_some());
+    assert!(netd.stop(), "clean exit on SIGTERM");
+    Ok(())
+}
+
+#[test]
+fn log_has_no_colour_codes_when_stderr_is_not_a_terminal() -> Result<()> {
+    require_root();
+    let dir = tempdir();
+    let host = Netns::new("lc")?;
+    let cfg = write_config(
+        dir.path(),
+        "[[network]]\nname = \"lan\"\nmode = \"internal\"\n",
+    );
+    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    assert!(netd.stop());
+    let log = std::fs::read_to_string(dir.path().join("netd.log"))?;
+    assert!(log.contains("netd ready"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "escape codes in a non-terminal log: {log:?}"
+    );
+    Ok(())
+}

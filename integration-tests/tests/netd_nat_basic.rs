@@ -126,10 +126,28 @@ print(".".join(str(b) for b in r[-4:]))
 
     // The flows are listed (ICMP through a raw socket: ping sockets are not allowed
     // in this namespace, net.ipv4.ping_group_range is "1 0").
-    let flows = lab.cli(&["flows", "nat0"])?;
+    let flows = lab.cli(&["flows", "nat0", "--json"])?;
     assert!(flows.contains("\"udp\""), "flows: {flows}");
     assert!(flows.contains("\"RAW\""), "flows: {flows}");
     assert!(flows.contains("10.0.2.15"), "flows: {flows}");
+    // The same flows as a table: one row each, the state a plain word.
+    let table = lab.cli(&["flows", "nat0"])?;
+    assert!(
+        table.starts_with("PROTO") && table.contains("HOST-PEER"),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("udp ") && l.contains("10.0.2.15")),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.split_whitespace().any(|c| c == "RAW")),
+        "{table}"
+    );
     let stats = lab.cli(&["flows", "nat0", "--stats"])?;
     assert!(stats.contains("connect_failed"), "stats: {stats}");
     Ok(())
@@ -163,7 +181,7 @@ fn nat_port_forward_reaches_guest_and_removal_cuts_it() -> anyhow::Result<()> {
         .sh("curl -sS --max-time 3 http://127.0.0.1:2280/")
         .is_err());
 
-    lab.cli(&[
+    let done = lab.cli(&[
         "forward",
         "add",
         "nat0",
@@ -171,10 +189,23 @@ fn nat_port_forward_reaches_guest_and_removal_cuts_it() -> anyhow::Result<()> {
         "127.0.0.1:2280",
         "10.0.2.15:80",
     ])?;
+    assert_eq!(
+        done,
+        "added tcp forward 127.0.0.1:2280 -> 10.0.2.15:80 on nat0\n"
+    );
     let list = lab.cli(&["forward", "list", "nat0"])?;
     assert!(
-        list.contains("127.0.0.1:2280") && list.contains("10.0.2.15:80"),
+        list.lines().any(|l| l
+            .split_whitespace()
+            .eq(["tcp", "127.0.0.1:2280", "10.0.2.15:80"])),
         "{list}"
+    );
+    let json = lab.cli(&["forward", "list", "nat0", "--json"])?;
+    let json: serde_json::Value = serde_json::from_str(&json)?;
+    assert!(
+        json.as_array()
+            .is_some_and(|a| a.iter().any(|f| f["host"] == "127.0.0.1:2280")),
+        "{json}"
     );
     let page = lab
         .host
@@ -206,7 +237,8 @@ fn nat_port_forward_reaches_guest_and_removal_cuts_it() -> anyhow::Result<()> {
     });
     assert!(ok, "udp forward: {echoed:?}");
 
-    lab.cli(&["forward", "del", "nat0", "tcp", "127.0.0.1:2280"])?;
+    let done = lab.cli(&["forward", "del", "nat0", "tcp", "127.0.0.1:2280"])?;
+    assert_eq!(done, "removed tcp forward 127.0.0.1:2280 on nat0\n");
     assert!(lab
         .host
         .sh("curl -sS --max-time 3 http://127.0.0.1:2280/")
@@ -283,7 +315,7 @@ netns = "{}"
     g2.sh("ping -c 1 -W 5 10.0.2.2")?;
     // Unprivileged ping sockets allowed in netd's namespace: ICMP goes through them.
     g1.sh(&format!("ping -c 2 -W 5 {}", nat_common::INET_SERVER))?;
-    let flows = lab.cli(&["flows", "iso"])?;
+    let flows = lab.cli(&["flows", "iso", "--json"])?;
     assert!(flows.contains("\"PING\""), "flows: {flows}");
     assert!(
         g1.sh("ping -c 1 -W 2 10.0.2.16").is_err(),

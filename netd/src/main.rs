@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+use netd::cli;
 use netd::config::{Config, PortConfig, PortKind};
 use netd::control::{call, Request};
 
@@ -20,6 +21,9 @@ struct Cli {
     /// Control socket of the running daemon.
     #[arg(long, global = true, default_value = DEFAULT_CONTROL)]
     control: PathBuf,
+    /// Print the daemon's JSON answer instead of a table or a confirmation line.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -96,7 +100,7 @@ enum ForwardCmd {
     },
 }
 
-fn forward_cmd(control: &std::path::Path, cmd: ForwardCmd) -> Result<()> {
+fn forward_cmd(out: &Out, cmd: ForwardCmd) -> Result<()> {
     use netd::nat::{parse_host_addr, Forward, Proto};
     let proto = |p: &str| {
         p.parse::<Proto>()
@@ -116,21 +120,22 @@ fn forward_cmd(control: &std::path::Path, cmd: ForwardCmd) -> Result<()> {
                     .parse()
                     .map_err(|_| anyhow::anyhow!("GUEST: expected \"ADDR:PORT\", got {guest:?}"))?,
             };
-            client(control, Request::ForwardAdd { net, forward })
+            let done = format!(
+                "added {} forward {} -> {} on {net}",
+                forward.proto, forward.host, forward.guest
+            );
+            out.change(Request::ForwardAdd { net, forward }, &done)
         }
-        ForwardCmd::List { net } => client(control, Request::ForwardList { net }),
+        ForwardCmd::List { net } => out.show(Request::ForwardList { net }, cli::forwards),
         ForwardCmd::Del {
             net,
             proto: p,
             host,
-        } => client(
-            control,
-            Request::ForwardDel {
-                net,
-                proto: proto(&p)?,
-                host,
-            },
-        ),
+        } => {
+            let proto = proto(&p)?;
+            let done = format!("removed {proto} forward {host} on {net}");
+            out.change(Request::ForwardDel { net, proto, host }, &done)
+        }
     }
 }
 
@@ -146,6 +151,9 @@ enum PortCmd {
     List {
         /// Network.
         net: String,
+        /// One column per drop reason instead of the total.
+        #[arg(long)]
+        drops: bool,
     },
     /// Add a port.
     Add {
@@ -224,16 +232,58 @@ fn serve(config: PathBuf) -> Result<()> {
     Ok(())
 }
 
-fn client(control: &std::path::Path, req: Request) -> Result<()> {
-    let v = call(control, &req)?;
+/// How the client prints the daemon's answers: its JSON as-is (`--json`, which
+/// scripts parse) or a table / a confirmation line for people.
+struct Out {
+    control: PathBuf,
+    json: bool,
+}
+
+impl Out {
+    /// A query: the JSON, or `table` rendering it.
+    fn show(&self, req: Request, table: impl FnOnce(&serde_json::Value) -> String) -> Result<()> {
+        let v = call(&self.control, &req)?;
+        if self.json {
+            print_json(&v)
+        } else {
+            print!("{}", table(&v));
+            Ok(())
+        }
+    }
+
+    /// A change: the JSON answer (if any), or the line `done`.
+    fn change(&self, req: Request, done: &str) -> Result<()> {
+        let v = call(&self.control, &req)?;
+        if self.json {
+            print_json(&v)
+        } else {
+            println!("{done}");
+            Ok(())
+        }
+    }
+}
+
+fn print_json(v: &serde_json::Value) -> Result<()> {
     if !v.is_null() {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        println!("{}", serde_json::to_string_pretty(v)?);
     }
     Ok(())
 }
 
+fn kind_name(k: PortKind) -> &'static str {
+    match k {
+        PortKind::Tap => "tap",
+        PortKind::Vm => "vm",
+        PortKind::Stream => "stream",
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let out = Out {
+        control: cli.control,
+        json: cli.json,
+    };
     let r = match cli.cmd {
         Cmd::Serve { config } => {
             tracing_subscriber::fmt()
@@ -242,13 +292,21 @@ fn main() -> ExitCode {
                         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
                 )
                 .with_writer(std::io::stderr)
+                // Colour only for a person at a terminal: under systemd stderr is
+                // the journal, which would store the escape codes verbatim.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
             serve(config)
         }
-        Cmd::Net { cmd: NetCmd::List } => client(&cli.control, Request::NetList),
+        Cmd::Net { cmd: NetCmd::List } => out.show(Request::NetList, cli::net_list),
         Cmd::Port { cmd } => match cmd {
-            PortCmd::List { net } => client(&cli.control, Request::PortList { net }),
-            PortCmd::Del { net, name } => client(&cli.control, Request::PortDel { net, name }),
+            PortCmd::List { net, drops } => {
+                out.show(Request::PortList { net }, |v| cli::port_list(v, drops))
+            }
+            PortCmd::Del { net, name } => {
+                let done = format!("removed port {name} from {net}");
+                out.change(Request::PortDel { net, name }, &done)
+            }
             PortCmd::Add {
                 net,
                 kind,
@@ -277,15 +335,25 @@ fn main() -> ExitCode {
                         path,
                         persistent,
                     };
-                    client(&cli.control, Request::PortAdd { net, port })
+                    // The daemon names an unnamed port after its ifname or path.
+                    let shown = port
+                        .name
+                        .clone()
+                        .or_else(|| port.ifname.clone())
+                        .or_else(|| port.path.as_ref().map(|p| p.display().to_string()))
+                        .unwrap_or_default();
+                    let done = format!("added {} port {shown} to {net}", kind_name(port.kind));
+                    out.change(Request::PortAdd { net, port }, &done)
                 })
             }
         },
-        Cmd::Mac { net } => client(&cli.control, Request::Mac { net }),
-        Cmd::Leases { net } => client(&cli.control, Request::Leases { net }),
-        Cmd::Forward { cmd } => forward_cmd(&cli.control, cmd),
-        Cmd::Flows { net, stats: false } => client(&cli.control, Request::Flows { net }),
-        Cmd::Flows { net, stats: true } => client(&cli.control, Request::NatStats { net }),
+        Cmd::Mac { net } => out.show(Request::Mac { net }, cli::mac_table),
+        Cmd::Leases { net } => out.show(Request::Leases { net }, |v| {
+            cli::leases(v, netd::dhcp::unix_now())
+        }),
+        Cmd::Forward { cmd } => forward_cmd(&out, cmd),
+        Cmd::Flows { net, stats: false } => out.show(Request::Flows { net }, cli::flows),
+        Cmd::Flows { net, stats: true } => out.show(Request::NatStats { net }, cli::nat_stats),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -106,9 +106,11 @@ impl Netd {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Runs the CLI and parses its JSON output.
+    /// Runs the CLI with `--json` and parses its output.
     pub fn cli_json(&self, args: &[&str]) -> Result<serde_json::Value> {
-        let s = self.cli(args)?;
+        let mut argv = args.to_vec();
+        argv.push("--json");
+        let s = self.cli(&argv)?;
         serde_json::from_str(&s).with_context(|| format!("CLI output is not JSON: {s}"))
     }
 

@@ -50,7 +50,24 @@ impl SockRead for PolledFile {
     }
 }
 
-pub(super) type Halves = (Box<dyn SockRead>, Box<dyn Write + Send>);
+/// The write side of a connection: replies are written with vectored writes,
+/// READ data may be sent straight from the disk file (sendfile).
+pub(super) trait SockWrite: Write + Send + AsRawFd {
+    /// Whether the fd is a socket (send flags apply).
+    fn is_socket(&self) -> bool {
+        true
+    }
+}
+
+impl SockWrite for std::net::TcpStream {}
+impl SockWrite for std::os::unix::net::UnixStream {}
+impl SockWrite for std::fs::File {
+    fn is_socket(&self) -> bool {
+        false
+    }
+}
+
+pub(super) type Halves = (Box<dyn SockRead>, Box<dyn SockWrite>);
 
 pub(super) fn blocking_halves(conn: Conn) -> std::io::Result<Halves> {
     match conn {
@@ -170,7 +187,7 @@ struct Shared<'a> {
     ctx: &'a Ctx,
     sess: &'a Session,
     rd: Mutex<ReadState>,
-    wr: Mutex<Box<dyn Write + Send>>,
+    wr: Mutex<Box<dyn SockWrite>>,
 }
 
 fn is_timeout(e: &std::io::Error) -> bool {
@@ -223,11 +240,25 @@ fn skip(rd: &mut dyn Read, mut n: u64) -> Result<(), ConnError> {
     Ok(())
 }
 
+/// Where a WRITE payload was read to.
+enum Payload {
+    /// No payload.
+    None,
+    /// The first `n` bytes of the worker's scratch buffer.
+    Scratch(usize),
+    /// A buffer of its own (larger than the scratch buffer may grow).
+    Owned(Vec<u8>),
+}
+
+/// Largest payload read into a worker's reusable scratch buffer; larger ones
+/// get a buffer of their own, so an idle worker never keeps more than this.
+const SCRATCH_MAX: usize = 1024 * 1024;
+
 /// What the reader got for a worker.
 enum Next<'a> {
     /// A request to execute (payload read, its budget held), or to answer
     /// ESHUTDOWN (the flag).
-    Run(Request, Bytes, Option<BudgetGuard<'a>>, bool),
+    Run(Request, Payload, Option<BudgetGuard<'a>>, bool),
     /// An answer that needs no execution (invalid request).
     Answer(Reply),
     /// The connection is over.
@@ -235,7 +266,11 @@ enum Next<'a> {
 }
 
 /// Reads the next request (header and payload). Called with the read lock held.
-fn next<'a>(sh: &Shared<'a>, st: &mut ReadState) -> Result<Next<'a>, ConnError> {
+fn next<'a>(
+    sh: &Shared<'a>,
+    st: &mut ReadState,
+    scratch: &mut Vec<u8>,
+) -> Result<Next<'a>, ConnError> {
     // A client that keeps sending after the grace period is not waited for.
     if matches!(st.grace_end, Some(end) if Instant::now() >= end) {
         return Ok(Next::Stop);
@@ -278,19 +313,37 @@ fn next<'a>(sh: &Shared<'a>, st: &mut ReadState) -> Result<Next<'a>, ConnError> 
             &msg,
         )));
     }
-    let (payload, mem) = if plen > 0 {
-        let mem = sh.ctx.budget.take(plen as u64);
-        let mut v = vec![0u8; plen as usize];
-        read_full(&mut st.rd, &mut v, false, || false)?;
-        (Bytes::from(v), Some(mem))
+    let n = plen as usize;
+    let (payload, mem) = if n == 0 {
+        (Payload::None, None)
+    } else if n <= SCRATCH_MAX {
+        let mem = sh.ctx.budget.take(n as u64);
+        // The buffer only grows (zeroed once), so later payloads land in it
+        // without an allocation or a memset.
+        if scratch.len() < n {
+            scratch.resize(n, 0);
+        }
+        read_full(&mut st.rd, &mut scratch[..n], false, || false)?;
+        (Payload::Scratch(n), Some(mem))
     } else {
-        (Bytes::new(), None)
+        let mem = sh.ctx.budget.take(n as u64);
+        let mut v = vec![0u8; n];
+        read_full(&mut st.rd, &mut v, false, || false)?;
+        (Payload::Owned(v), Some(mem))
     };
     Ok(Next::Run(req, payload, mem, st.grace_end.is_some()))
 }
 
-fn write_reply(sh: &Shared<'_>, reply: &Reply) -> std::io::Result<()> {
-    let mut wr = sh.wr.lock().unwrap_or_else(|p| p.into_inner());
+/// A reply ready to be written.
+enum Out {
+    /// Segments written back to back.
+    Segs(Reply),
+    /// A header, then `len` bytes of the disk file at `offset` (sendfile).
+    File { hdr: Bytes, offset: u64, len: usize },
+}
+
+/// Writes all of `reply` with vectored writes.
+fn write_segs(wr: &mut dyn SockWrite, reply: &[Bytes]) -> std::io::Result<()> {
     let mut idx = 0;
     let mut off = 0;
     while idx < reply.len() {
@@ -321,6 +374,56 @@ fn write_reply(sh: &Shared<'_>, reply: &Reply) -> std::io::Result<()> {
             off = 0;
         }
     }
+    Ok(())
+}
+
+/// Sends the header with MSG_MORE, then the data from the page cache with
+/// sendfile. The header is on the wire by then, so the data must follow in
+/// full: bytes past the end of the host file go out as zeroes (as pread reads
+/// them), a descriptor sendfile cannot serve falls back to pread, and any other
+/// error ends the connection (the reply cannot be taken back).
+fn write_file(
+    wr: &mut dyn SockWrite,
+    disk: &Disk,
+    hdr: &[u8],
+    offset: u64,
+    len: usize,
+) -> std::io::Result<()> {
+    let fd = wr.as_raw_fd();
+    crate::sys::send_more(fd, hdr, wr.is_socket())?;
+    let mut done = 0usize;
+    while done < len {
+        match disk.send_to(fd, offset + done as u64, len - done) {
+            Ok(0) => {
+                let zeroes = vec![0u8; len - done];
+                return wr.write_all(&zeroes);
+            }
+            Ok(n) => done += n,
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+                ) =>
+            {
+                let data = disk
+                    .read(offset + done as u64, len - done)
+                    .map_err(|e| std::io::Error::other(crate::error_chain(&e)))?;
+                return wr.write_all(&data);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn write_out(sh: &Shared<'_>, out: &Out) -> std::io::Result<()> {
+    let mut wr = sh.wr.lock().unwrap_or_else(|p| p.into_inner());
+    match out {
+        Out::Segs(r) => write_segs(&mut **wr, r)?,
+        Out::File { hdr, offset, len } => {
+            write_file(&mut **wr, sh.sess.disk(), hdr, *offset, *len)?
+        }
+    }
     wr.flush()
 }
 
@@ -339,8 +442,8 @@ fn cheap(req: &Request) -> bool {
 }
 
 /// Produces the reply to what the reader got (`None`: the connection is over).
-fn answer(sh: &Shared<'_>, next: Next<'_>) -> Option<Reply> {
-    Some(match next {
+fn answer(sh: &Shared<'_>, next: Next<'_>, scratch: &[u8]) -> Option<Out> {
+    Some(Out::Segs(match next {
         Next::Stop => return None,
         Next::Answer(r) => r,
         Next::Run(req, _, _, true) => error_reply(
@@ -360,15 +463,27 @@ fn answer(sh: &Shared<'_>, next: Next<'_>) -> Option<Reply> {
             }
             Ok(()) => {
                 sh.ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
+                if let Some(hdr) = zero_copy_read_header(sh.sess, &req) {
+                    return Some(Out::File {
+                        hdr,
+                        offset: req.offset,
+                        len: req.len as usize,
+                    });
+                }
                 let _mem = if req.kind == cmd::READ {
                     Some(sh.ctx.budget.take(req.len as u64))
                 } else {
                     None
                 };
-                execute(sh.sess, req, payload)
+                let data: &[u8] = match &payload {
+                    Payload::None => &[],
+                    Payload::Scratch(n) => &scratch[..*n],
+                    Payload::Owned(v) => v,
+                };
+                execute(sh.sess, req, data)
             }
         },
-    })
+    }))
 }
 
 fn fail(st: &mut ReadState, e: ConnError) {
@@ -385,12 +500,13 @@ fn fail(st: &mut ReadState, e: ConnError) {
 /// it lets go of the socket first, so the next request is read while this one
 /// runs.
 fn worker(sh: &Shared<'_>) {
+    let mut scratch = Vec::new();
     let mut st = sh.rd.lock().unwrap_or_else(|p| p.into_inner());
     loop {
         if st.done {
             return;
         }
-        let next = match next(sh, &mut st) {
+        let next = match next(sh, &mut st, &mut scratch) {
             Ok(n) => n,
             Err(e) => return fail(&mut st, e),
         };
@@ -405,10 +521,10 @@ fn worker(sh: &Shared<'_>) {
             }
         };
         let res = if inline {
-            answer(sh, next).map(|r| write_reply(sh, &r))
+            answer(sh, next, &scratch).map(|r| write_out(sh, &r))
         } else {
             drop(st);
-            let res = answer(sh, next).map(|r| write_reply(sh, &r));
+            let res = answer(sh, next, &scratch).map(|r| write_out(sh, &r));
             st = sh.rd.lock().unwrap_or_else(|p| p.into_inner());
             res
         };
@@ -425,7 +541,7 @@ pub(super) fn transmission(
     ctx: &Ctx,
     sess: Session,
     rd: Box<dyn SockRead>,
-    wr: Box<dyn Write + Send>,
+    wr: Box<dyn SockWrite>,
 ) -> Result<(), ConnError> {
     rd.set_timeout(Some(SHUTDOWN_POLL))?;
     let sh = Shared {

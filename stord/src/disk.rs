@@ -208,6 +208,12 @@ impl Disk {
         sys::pread_vec(&self.file, offset, len).map_err(DiskError::Io)
     }
 
+    /// Reads `len` bytes at `offset` if they are all in the page cache, without
+    /// waiting for the disk; `Ok(None)` otherwise.
+    pub fn read_cached(&self, offset: u64, len: usize) -> Result<Option<Vec<u8>>, DiskError> {
+        sys::pread_cached(&self.file, offset, len).map_err(DiskError::Io)
+    }
+
     /// Writes `data` at `offset`; with `fua`, persisted before returning.
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DiskError> {
         self.file

@@ -18,7 +18,10 @@
 //! per request). So requests run concurrently,
 //! replies go out in completion order, and at queue depth 1 the thread woken by
 //! the request is the one that answers it: no hand-off between threads on the
-//! hot path.
+//! hot path. Under a deep queue, page-cache work (WRITEs without FUA up to 256
+//! KiB, small READs whose data is cached, found with RWF_NOWAIT) stays on the
+//! reading thread too, and its replies are written together once the input runs
+//! dry.
 //!
 //! Bounds: at most [`WORKERS`] requests in flight per connection, and a global
 //! [`Budget`] of payload bytes across all connections. An invalid request gets

@@ -242,3 +242,32 @@ pub fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// preadv2(RWF_NOWAIT): reads exactly `len` bytes at `offset` only if they are
+/// all in the page cache. `Ok(None)` when reading would wait for the disk (or
+/// the file system cannot say), or on a short read: the caller then reads the
+/// ordinary, blocking way.
+pub fn pread_cached(file: &File, offset: u64, len: usize) -> io::Result<Option<Vec<u8>>> {
+    let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: len,
+    };
+    // SAFETY: one iovec over the buffer's spare capacity (`len` bytes, owned by
+    // us); preadv2 writes at most that many.
+    let r = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::EINVAL | libc::EINTR) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    if r as usize != len {
+        return Ok(None);
+    }
+    // SAFETY: preadv2 wrote all `len` bytes.
+    unsafe { buf.set_len(len) };
+    Ok(Some(buf))
+}

@@ -181,6 +181,10 @@ struct ReadState {
     grace_end: Option<Instant>,
     done: bool,
     result: Result<(), ConnError>,
+    /// Replies to requests run inline while more requests were already
+    /// waiting: written together, in one write, once the input runs dry.
+    held: Vec<Bytes>,
+    held_bytes: usize,
 }
 
 struct Shared<'a> {
@@ -493,18 +497,51 @@ fn fail(st: &mut ReadState, e: ConnError) {
     }
 }
 
-/// One worker: read a request under the read lock, run it, reply. When the
-/// request is cheap and nothing else is waiting on the socket (queue depth 1),
-/// the worker keeps the read lock and runs it at once: handing the socket to
-/// another worker would cost a thread wake-up per request for nothing. Otherwise
-/// it lets go of the socket first, so the next request is read while this one
-/// runs.
+/// Most reply bytes held back for one combined write.
+const HELD_MAX: usize = 64 * 1024;
+
+/// Whether more request bytes are already buffered or waiting on the socket.
+fn input_pending(st: &ReadState) -> bool {
+    !st.rd.buffer().is_empty() || st.rd.get_ref().has_pending()
+}
+
+/// Writes the held replies, if any.
+fn flush_held(sh: &Shared<'_>, st: &mut ReadState) -> std::io::Result<()> {
+    if st.held.is_empty() {
+        return Ok(());
+    }
+    let held = std::mem::take(&mut st.held);
+    st.held_bytes = 0;
+    let mut wr = sh.wr.lock().unwrap_or_else(|p| p.into_inner());
+    write_segs(&mut **wr, &held)?;
+    wr.flush()
+}
+
+/// One worker: read a request under the read lock, run it, reply.
+///
+/// A cheap request (page-cache work, no fdatasync) runs on the worker that read
+/// it, still holding the read lock, when nothing else waits on the socket
+/// (queue depth 1: handing the socket to another worker would cost a thread
+/// wake-up per request for nothing). A cheap WRITE runs there even when more
+/// requests wait, and so does a small READ whose data is all in the page cache
+/// (preadv2 RWF_NOWAIT; a miss is handed over): page-cache work costs less
+/// than waking another thread. The reply is then held back and written
+/// together with the replies of the requests behind it once the input runs dry
+/// (one write instead of one per request; replies are held only while the
+/// requests behind them are already arriving).
+/// Everything else lets go of the socket first, so the next request is read
+/// while this one runs.
 fn worker(sh: &Shared<'_>) {
     let mut scratch = Vec::new();
     let mut st = sh.rd.lock().unwrap_or_else(|p| p.into_inner());
     loop {
         if st.done {
             return;
+        }
+        if !st.held.is_empty() && !input_pending(&st) {
+            if let Err(e) = flush_held(sh, &mut st) {
+                return fail(&mut st, ConnError::Io(e));
+            }
         }
         let next = match next(sh, &mut st, &mut scratch) {
             Ok(n) => n,
@@ -513,16 +550,59 @@ fn worker(sh: &Shared<'_>) {
         let inline = match &next {
             Next::Stop => {
                 st.done = true;
+                if let Err(e) = flush_held(sh, &mut st) {
+                    tracing::debug!(error = %e, "cannot write the last replies");
+                }
                 return;
             }
-            Next::Answer(_) | Next::Run(_, _, _, true) => true,
-            Next::Run(req, ..) => {
-                cheap(req) && st.rd.buffer().is_empty() && !st.rd.get_ref().has_pending()
+            Next::Answer(_) | Next::Run(_, _, _, true) => Inline::Yes(false),
+            Next::Run(req, ..) if cheap(req) => {
+                let pending = input_pending(&st);
+                if !pending || req.kind == cmd::WRITE {
+                    Inline::Yes(pending)
+                } else if req.kind == cmd::READ {
+                    Inline::IfCached
+                } else {
+                    Inline::No
+                }
             }
+            Next::Run(..) => Inline::No,
+        };
+        // A small READ with more requests waiting runs here only if its data
+        // is in the page cache (a cache miss must not hold up the socket).
+        let (inline, pending, next) = match (inline, next) {
+            (Inline::IfCached, Next::Run(req, payload, mem, false)) => {
+                match validate(sh.sess, &req)
+                    .ok()
+                    .and_then(|()| read_cached(sh.sess, &req))
+                {
+                    Some(r) => {
+                        sh.ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
+                        (true, true, Next::Answer(r))
+                    }
+                    None => (false, false, Next::Run(req, payload, mem, false)),
+                }
+            }
+            (Inline::Yes(p), n) => (true, p, n),
+            (_, n) => (false, false, n),
         };
         let res = if inline {
-            answer(sh, next, &scratch).map(|r| write_out(sh, &r))
+            match answer(sh, next, &scratch) {
+                Some(Out::Segs(r))
+                    if pending
+                        && st.held_bytes + r.iter().map(Bytes::len).sum::<usize>() <= HELD_MAX =>
+                {
+                    st.held_bytes += r.iter().map(Bytes::len).sum::<usize>();
+                    st.held.extend(r);
+                    Some(Ok(()))
+                }
+                Some(out) => Some(flush_held(sh, &mut st).and_then(|()| write_out(sh, &out))),
+                None => None,
+            }
         } else {
+            if let Err(e) = flush_held(sh, &mut st) {
+                return fail(&mut st, ConnError::Io(e));
+            }
             drop(st);
             let res = answer(sh, next, &scratch).map(|r| write_out(sh, &r));
             st = sh.rd.lock().unwrap_or_else(|p| p.into_inner());
@@ -532,6 +612,16 @@ fn worker(sh: &Shared<'_>) {
             return fail(&mut st, ConnError::Io(e));
         }
     }
+}
+
+/// Whether a worker runs what it read itself.
+enum Inline {
+    /// Yes; the flag: more input was already waiting (hold the reply back).
+    Yes(bool),
+    /// If the data is in the page cache (a small READ).
+    IfCached,
+    /// No: hand the socket to another worker first.
+    No,
 }
 
 /// The transmission phase on `WORKERS` threads: each takes the read lock,
@@ -552,6 +642,8 @@ pub(super) fn transmission(
             grace_end: None,
             done: false,
             result: Ok(()),
+            held: Vec::new(),
+            held_bytes: 0,
         }),
         wr: Mutex::new(wr),
     };

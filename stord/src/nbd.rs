@@ -10,7 +10,7 @@
 //! read lock, reads one whole request (header and WRITE payload, at most
 //! [`wire::MAX_PAYLOAD`]), releases the lock, validates and executes the request
 //! (pread / pwrite / fdatasync / fallocate on the disk file) and writes the reply
-//! under the write lock with one vectored write. A READ of 16 KiB or more whose
+//! under the write lock with one vectored write. A READ of 1 MiB or more whose
 //! reply is one header and the data (simple replies, DF, fixed disks, or too
 //! short to look for holes) is not read into memory at all: the header goes out
 //! with MSG_MORE and the data follows from the page cache with sendfile(2). A

@@ -673,6 +673,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sendfile_reply_pads_past_the_host_file_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.img");
+        std::fs::write(&path, vec![7u8; 4096]).unwrap();
+        let disk = Disk::open("d", &path, Alloc::Dynamic, false).unwrap();
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).unwrap();
+            got
+        });
+        let mut w: Box<dyn SockWrite> = Box::new(a);
+        write_file(&mut *w, &disk, b"HDR", 2048, 8192).unwrap();
+        drop(w);
+        let got = reader.join().unwrap();
+        assert_eq!(&got[..3], b"HDR");
+        assert_eq!(&got[3..3 + 2048], &[7u8; 2048][..]);
+        assert!(got[3 + 2048..].iter().all(|&x| x == 0));
+        assert_eq!(got.len(), 3 + 8192);
+    }
+
+    #[test]
     fn budget_blocks_until_given_back() {
         let b = Arc::new(Budget::new(100));
         let g = b.take(80);

@@ -10,10 +10,18 @@
 //! read lock, reads one whole request (header and WRITE payload, at most
 //! [`wire::MAX_PAYLOAD`]), releases the lock, validates and executes the request
 //! (pread / pwrite / fdatasync / fallocate on the disk file) and writes the reply
-//! under the write lock with one vectored write. So requests run concurrently,
+//! under the write lock with one vectored write. A READ of 1 MiB or more whose
+//! reply is one header and the data (simple replies, DF, fixed disks, or too
+//! short to look for holes) is not read into memory at all: the header goes out
+//! with MSG_MORE and the data follows from the page cache with sendfile(2). A
+//! WRITE payload lands in the worker's reusable buffer (no allocation or zeroing
+//! per request). So requests run concurrently,
 //! replies go out in completion order, and at queue depth 1 the thread woken by
 //! the request is the one that answers it: no hand-off between threads on the
-//! hot path.
+//! hot path. Under a deep queue, page-cache work (WRITEs without FUA up to 256
+//! KiB, small READs whose data is cached, found with RWF_NOWAIT) stays on the
+//! reading thread too, and its replies are written together once the input runs
+//! dry.
 //!
 //! Bounds: at most [`WORKERS`] requests in flight per connection, and a global
 //! [`Budget`] of payload bytes across all connections. An invalid request gets

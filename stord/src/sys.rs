@@ -172,3 +172,102 @@ pub fn poll_readable(fd: RawFd, timeout: std::time::Duration) -> io::Result<bool
     }
     Ok(r > 0)
 }
+
+/// Sends `buf` on a socket with MSG_MORE (more of the same message follows, so
+/// the kernel may hold it back to coalesce it with the next send), or writes it
+/// to a non-socket (`socket = false`). Writes all of `buf`.
+pub fn send_more(fd: RawFd, buf: &[u8], socket: bool) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let rest = &buf[done..];
+        let r = if socket {
+            // SAFETY: send reads at most `rest.len()` bytes from `rest`, which we borrow.
+            unsafe {
+                libc::send(
+                    fd,
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    libc::MSG_MORE | libc::MSG_NOSIGNAL,
+                )
+            }
+        } else {
+            // SAFETY: write reads at most `rest.len()` bytes from `rest`, which we borrow.
+            unsafe { libc::write(fd, rest.as_ptr().cast(), rest.len()) }
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        done += r as usize;
+    }
+    Ok(())
+}
+
+/// sendfile(2): copies up to `len` bytes of `file` at `offset` to `out` in the
+/// kernel (no user-space copy), without moving the file position. Returns the
+/// bytes sent; 0 means the end of the file was reached.
+pub fn sendfile(out: RawFd, file: &File, offset: u64, len: usize) -> io::Result<usize> {
+    let mut off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    loop {
+        // SAFETY: two valid fds and a pointer to our own offset variable, which
+        // sendfile updates instead of the file position.
+        let r = unsafe { libc::sendfile(out, file.as_raw_fd(), &mut off, len) };
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// sync_file_range(SYNC_FILE_RANGE_WRITE): starts writeback of the dirty pages
+/// in a range and returns without waiting for it. Only a head start for a later
+/// fdatasync: it persists nothing by itself (no metadata, no cache flush).
+pub fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let len = i64::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: sync_file_range on a valid fd with plain integers.
+    let r =
+        unsafe { libc::sync_file_range(file.as_raw_fd(), off, len, libc::SYNC_FILE_RANGE_WRITE) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// preadv2(RWF_NOWAIT): reads exactly `len` bytes at `offset` only if they are
+/// all in the page cache. `Ok(None)` when reading would wait for the disk (or
+/// the file system cannot say), or on a short read: the caller then reads the
+/// ordinary, blocking way.
+pub fn pread_cached(file: &File, offset: u64, len: usize) -> io::Result<Option<Vec<u8>>> {
+    let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: len,
+    };
+    // SAFETY: one iovec over the buffer's spare capacity (`len` bytes, owned by
+    // us); preadv2 writes at most that many.
+    let r = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::EINVAL | libc::EINTR) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    if r as usize != len {
+        return Ok(None);
+    }
+    // SAFETY: preadv2 wrote all `len` bytes.
+    unsafe { buf.set_len(len) };
+    Ok(Some(buf))
+}

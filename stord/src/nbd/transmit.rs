@@ -50,7 +50,24 @@ impl SockRead for PolledFile {
     }
 }
 
-pub(super) type Halves = (Box<dyn SockRead>, Box<dyn Write + Send>);
+/// The write side of a connection: replies are written with vectored writes,
+/// READ data may be sent straight from the disk file (sendfile).
+pub(super) trait SockWrite: Write + Send + AsRawFd {
+    /// Whether the fd is a socket (send flags apply).
+    fn is_socket(&self) -> bool {
+        true
+    }
+}
+
+impl SockWrite for std::net::TcpStream {}
+impl SockWrite for std::os::unix::net::UnixStream {}
+impl SockWrite for std::fs::File {
+    fn is_socket(&self) -> bool {
+        false
+    }
+}
+
+pub(super) type Halves = (Box<dyn SockRead>, Box<dyn SockWrite>);
 
 pub(super) fn blocking_halves(conn: Conn) -> std::io::Result<Halves> {
     match conn {
@@ -164,13 +181,17 @@ struct ReadState {
     grace_end: Option<Instant>,
     done: bool,
     result: Result<(), ConnError>,
+    /// Replies to requests run inline while more requests were already
+    /// waiting: written together, in one write, once the input runs dry.
+    held: Vec<Bytes>,
+    held_bytes: usize,
 }
 
 struct Shared<'a> {
     ctx: &'a Ctx,
     sess: &'a Session,
     rd: Mutex<ReadState>,
-    wr: Mutex<Box<dyn Write + Send>>,
+    wr: Mutex<Box<dyn SockWrite>>,
 }
 
 fn is_timeout(e: &std::io::Error) -> bool {
@@ -223,11 +244,25 @@ fn skip(rd: &mut dyn Read, mut n: u64) -> Result<(), ConnError> {
     Ok(())
 }
 
+/// Where a WRITE payload was read to.
+enum Payload {
+    /// No payload.
+    None,
+    /// The first `n` bytes of the worker's scratch buffer.
+    Scratch(usize),
+    /// A buffer of its own (larger than the scratch buffer may grow).
+    Owned(Vec<u8>),
+}
+
+/// Largest payload read into a worker's reusable scratch buffer; larger ones
+/// get a buffer of their own, so an idle worker never keeps more than this.
+const SCRATCH_MAX: usize = 1024 * 1024;
+
 /// What the reader got for a worker.
 enum Next<'a> {
     /// A request to execute (payload read, its budget held), or to answer
     /// ESHUTDOWN (the flag).
-    Run(Request, Bytes, Option<BudgetGuard<'a>>, bool),
+    Run(Request, Payload, Option<BudgetGuard<'a>>, bool),
     /// An answer that needs no execution (invalid request).
     Answer(Reply),
     /// The connection is over.
@@ -235,7 +270,11 @@ enum Next<'a> {
 }
 
 /// Reads the next request (header and payload). Called with the read lock held.
-fn next<'a>(sh: &Shared<'a>, st: &mut ReadState) -> Result<Next<'a>, ConnError> {
+fn next<'a>(
+    sh: &Shared<'a>,
+    st: &mut ReadState,
+    scratch: &mut Vec<u8>,
+) -> Result<Next<'a>, ConnError> {
     // A client that keeps sending after the grace period is not waited for.
     if matches!(st.grace_end, Some(end) if Instant::now() >= end) {
         return Ok(Next::Stop);
@@ -278,19 +317,37 @@ fn next<'a>(sh: &Shared<'a>, st: &mut ReadState) -> Result<Next<'a>, ConnError> 
             &msg,
         )));
     }
-    let (payload, mem) = if plen > 0 {
-        let mem = sh.ctx.budget.take(plen as u64);
-        let mut v = vec![0u8; plen as usize];
-        read_full(&mut st.rd, &mut v, false, || false)?;
-        (Bytes::from(v), Some(mem))
+    let n = plen as usize;
+    let (payload, mem) = if n == 0 {
+        (Payload::None, None)
+    } else if n <= SCRATCH_MAX {
+        let mem = sh.ctx.budget.take(n as u64);
+        // The buffer only grows (zeroed once), so later payloads land in it
+        // without an allocation or a memset.
+        if scratch.len() < n {
+            scratch.resize(n, 0);
+        }
+        read_full(&mut st.rd, &mut scratch[..n], false, || false)?;
+        (Payload::Scratch(n), Some(mem))
     } else {
-        (Bytes::new(), None)
+        let mem = sh.ctx.budget.take(n as u64);
+        let mut v = vec![0u8; n];
+        read_full(&mut st.rd, &mut v, false, || false)?;
+        (Payload::Owned(v), Some(mem))
     };
     Ok(Next::Run(req, payload, mem, st.grace_end.is_some()))
 }
 
-fn write_reply(sh: &Shared<'_>, reply: &Reply) -> std::io::Result<()> {
-    let mut wr = sh.wr.lock().unwrap_or_else(|p| p.into_inner());
+/// A reply ready to be written.
+enum Out {
+    /// Segments written back to back.
+    Segs(Reply),
+    /// A header, then `len` bytes of the disk file at `offset` (sendfile).
+    File { hdr: Bytes, offset: u64, len: usize },
+}
+
+/// Writes all of `reply` with vectored writes.
+fn write_segs(wr: &mut dyn SockWrite, reply: &[Bytes]) -> std::io::Result<()> {
     let mut idx = 0;
     let mut off = 0;
     while idx < reply.len() {
@@ -321,6 +378,56 @@ fn write_reply(sh: &Shared<'_>, reply: &Reply) -> std::io::Result<()> {
             off = 0;
         }
     }
+    Ok(())
+}
+
+/// Sends the header with MSG_MORE, then the data from the page cache with
+/// sendfile. The header is on the wire by then, so the data must follow in
+/// full: bytes past the end of the host file go out as zeroes (as pread reads
+/// them), a descriptor sendfile cannot serve falls back to pread, and any other
+/// error ends the connection (the reply cannot be taken back).
+fn write_file(
+    wr: &mut dyn SockWrite,
+    disk: &Disk,
+    hdr: &[u8],
+    offset: u64,
+    len: usize,
+) -> std::io::Result<()> {
+    let fd = wr.as_raw_fd();
+    crate::sys::send_more(fd, hdr, wr.is_socket())?;
+    let mut done = 0usize;
+    while done < len {
+        match disk.send_to(fd, offset + done as u64, len - done) {
+            Ok(0) => {
+                let zeroes = vec![0u8; len - done];
+                return wr.write_all(&zeroes);
+            }
+            Ok(n) => done += n,
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+                ) =>
+            {
+                let data = disk
+                    .read(offset + done as u64, len - done)
+                    .map_err(|e| std::io::Error::other(crate::error_chain(&e)))?;
+                return wr.write_all(&data);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn write_out(sh: &Shared<'_>, out: &Out) -> std::io::Result<()> {
+    let mut wr = sh.wr.lock().unwrap_or_else(|p| p.into_inner());
+    match out {
+        Out::Segs(r) => write_segs(&mut **wr, r)?,
+        Out::File { hdr, offset, len } => {
+            write_file(&mut **wr, sh.sess.disk(), hdr, *offset, *len)?
+        }
+    }
     wr.flush()
 }
 
@@ -339,8 +446,8 @@ fn cheap(req: &Request) -> bool {
 }
 
 /// Produces the reply to what the reader got (`None`: the connection is over).
-fn answer(sh: &Shared<'_>, next: Next<'_>) -> Option<Reply> {
-    Some(match next {
+fn answer(sh: &Shared<'_>, next: Next<'_>, scratch: &[u8]) -> Option<Out> {
+    Some(Out::Segs(match next {
         Next::Stop => return None,
         Next::Answer(r) => r,
         Next::Run(req, _, _, true) => error_reply(
@@ -360,15 +467,27 @@ fn answer(sh: &Shared<'_>, next: Next<'_>) -> Option<Reply> {
             }
             Ok(()) => {
                 sh.ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
+                if let Some(hdr) = zero_copy_read_header(sh.sess, &req) {
+                    return Some(Out::File {
+                        hdr,
+                        offset: req.offset,
+                        len: req.len as usize,
+                    });
+                }
                 let _mem = if req.kind == cmd::READ {
                     Some(sh.ctx.budget.take(req.len as u64))
                 } else {
                     None
                 };
-                execute(sh.sess, req, payload)
+                let data: &[u8] = match &payload {
+                    Payload::None => &[],
+                    Payload::Scratch(n) => &scratch[..*n],
+                    Payload::Owned(v) => v,
+                };
+                execute(sh.sess, req, data)
             }
         },
-    })
+    }))
 }
 
 fn fail(st: &mut ReadState, e: ConnError) {
@@ -378,37 +497,114 @@ fn fail(st: &mut ReadState, e: ConnError) {
     }
 }
 
-/// One worker: read a request under the read lock, run it, reply. When the
-/// request is cheap and nothing else is waiting on the socket (queue depth 1),
-/// the worker keeps the read lock and runs it at once: handing the socket to
-/// another worker would cost a thread wake-up per request for nothing. Otherwise
-/// it lets go of the socket first, so the next request is read while this one
-/// runs.
+/// Most reply bytes held back for one combined write.
+const HELD_MAX: usize = 64 * 1024;
+
+/// Whether more request bytes are already buffered or waiting on the socket.
+fn input_pending(st: &ReadState) -> bool {
+    !st.rd.buffer().is_empty() || st.rd.get_ref().has_pending()
+}
+
+/// Writes the held replies, if any.
+fn flush_held(sh: &Shared<'_>, st: &mut ReadState) -> std::io::Result<()> {
+    if st.held.is_empty() {
+        return Ok(());
+    }
+    let held = std::mem::take(&mut st.held);
+    st.held_bytes = 0;
+    let mut wr = sh.wr.lock().unwrap_or_else(|p| p.into_inner());
+    write_segs(&mut **wr, &held)?;
+    wr.flush()
+}
+
+/// One worker: read a request under the read lock, run it, reply.
+///
+/// A cheap request (page-cache work, no fdatasync) runs on the worker that read
+/// it, still holding the read lock, when nothing else waits on the socket
+/// (queue depth 1: handing the socket to another worker would cost a thread
+/// wake-up per request for nothing). A cheap WRITE runs there even when more
+/// requests wait, and so does a small READ whose data is all in the page cache
+/// (preadv2 RWF_NOWAIT; a miss is handed over): page-cache work costs less
+/// than waking another thread. The reply is then held back and written
+/// together with the replies of the requests behind it once the input runs dry
+/// (one write instead of one per request; replies are held only while the
+/// requests behind them are already arriving).
+/// Everything else lets go of the socket first, so the next request is read
+/// while this one runs.
 fn worker(sh: &Shared<'_>) {
+    let mut scratch = Vec::new();
     let mut st = sh.rd.lock().unwrap_or_else(|p| p.into_inner());
     loop {
         if st.done {
             return;
         }
-        let next = match next(sh, &mut st) {
+        if !st.held.is_empty() && !input_pending(&st) {
+            if let Err(e) = flush_held(sh, &mut st) {
+                return fail(&mut st, ConnError::Io(e));
+            }
+        }
+        let next = match next(sh, &mut st, &mut scratch) {
             Ok(n) => n,
             Err(e) => return fail(&mut st, e),
         };
         let inline = match &next {
             Next::Stop => {
                 st.done = true;
+                if let Err(e) = flush_held(sh, &mut st) {
+                    tracing::debug!(error = %e, "cannot write the last replies");
+                }
                 return;
             }
-            Next::Answer(_) | Next::Run(_, _, _, true) => true,
-            Next::Run(req, ..) => {
-                cheap(req) && st.rd.buffer().is_empty() && !st.rd.get_ref().has_pending()
+            Next::Answer(_) | Next::Run(_, _, _, true) => Inline::Yes(false),
+            Next::Run(req, ..) if cheap(req) => {
+                let pending = input_pending(&st);
+                if !pending || req.kind == cmd::WRITE {
+                    Inline::Yes(pending)
+                } else if req.kind == cmd::READ {
+                    Inline::IfCached
+                } else {
+                    Inline::No
+                }
             }
+            Next::Run(..) => Inline::No,
+        };
+        // A small READ with more requests waiting runs here only if its data
+        // is in the page cache (a cache miss must not hold up the socket).
+        let (inline, pending, next) = match (inline, next) {
+            (Inline::IfCached, Next::Run(req, payload, mem, false)) => {
+                match validate(sh.sess, &req)
+                    .ok()
+                    .and_then(|()| read_cached(sh.sess, &req))
+                {
+                    Some(r) => {
+                        sh.ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
+                        (true, true, Next::Answer(r))
+                    }
+                    None => (false, false, Next::Run(req, payload, mem, false)),
+                }
+            }
+            (Inline::Yes(p), n) => (true, p, n),
+            (_, n) => (false, false, n),
         };
         let res = if inline {
-            answer(sh, next).map(|r| write_reply(sh, &r))
+            match answer(sh, next, &scratch) {
+                Some(Out::Segs(r))
+                    if pending
+                        && st.held_bytes + r.iter().map(Bytes::len).sum::<usize>() <= HELD_MAX =>
+                {
+                    st.held_bytes += r.iter().map(Bytes::len).sum::<usize>();
+                    st.held.extend(r);
+                    Some(Ok(()))
+                }
+                Some(out) => Some(flush_held(sh, &mut st).and_then(|()| write_out(sh, &out))),
+                None => None,
+            }
         } else {
+            if let Err(e) = flush_held(sh, &mut st) {
+                return fail(&mut st, ConnError::Io(e));
+            }
             drop(st);
-            let res = answer(sh, next).map(|r| write_reply(sh, &r));
+            let res = answer(sh, next, &scratch).map(|r| write_out(sh, &r));
             st = sh.rd.lock().unwrap_or_else(|p| p.into_inner());
             res
         };
@@ -418,6 +614,16 @@ fn worker(sh: &Shared<'_>) {
     }
 }
 
+/// Whether a worker runs what it read itself.
+enum Inline {
+    /// Yes; the flag: more input was already waiting (hold the reply back).
+    Yes(bool),
+    /// If the data is in the page cache (a small READ).
+    IfCached,
+    /// No: hand the socket to another worker first.
+    No,
+}
+
 /// The transmission phase on `WORKERS` threads: each takes the read lock,
 /// reads one request, releases the lock, executes it and writes its reply under
 /// the write lock, so requests overlap and replies go out as they finish.
@@ -425,7 +631,7 @@ pub(super) fn transmission(
     ctx: &Ctx,
     sess: Session,
     rd: Box<dyn SockRead>,
-    wr: Box<dyn Write + Send>,
+    wr: Box<dyn SockWrite>,
 ) -> Result<(), ConnError> {
     rd.set_timeout(Some(SHUTDOWN_POLL))?;
     let sh = Shared {
@@ -436,6 +642,8 @@ pub(super) fn transmission(
             grace_end: None,
             done: false,
             result: Ok(()),
+            held: Vec::new(),
+            held_bytes: 0,
         }),
         wr: Mutex::new(wr),
     };
@@ -463,6 +671,28 @@ pub(super) fn transmission(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sendfile_reply_pads_past_the_host_file_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.img");
+        std::fs::write(&path, vec![7u8; 4096]).unwrap();
+        let disk = Disk::open("d", &path, Alloc::Dynamic, false).unwrap();
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).unwrap();
+            got
+        });
+        let mut w: Box<dyn SockWrite> = Box::new(a);
+        write_file(&mut *w, &disk, b"HDR", 2048, 8192).unwrap();
+        drop(w);
+        let got = reader.join().unwrap();
+        assert_eq!(&got[..3], b"HDR");
+        assert_eq!(&got[3..3 + 2048], &[7u8; 2048][..]);
+        assert!(got[3 + 2048..].iter().all(|&x| x == 0));
+        assert_eq!(got.len(), 3 + 8192);
+    }
 
     #[test]
     fn budget_blocks_until_given_back() {

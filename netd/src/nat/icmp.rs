@@ -166,7 +166,10 @@ impl Router {
 
     /// Echo replies back to guests.
     pub(super) fn icmp_pump(&mut self) {
-        let mut buf = vec![0u8; 65536];
+        if self.icmp.flows.is_empty() {
+            return;
+        }
+        let mut buf = self.take_scratch();
         let max = self.cfg.mtu.saturating_sub(super::frame::IPV4_HDR);
         for ((guest, dst, ident), f) in self.icmp.flows.iter_mut() {
             for _ in 0..64 {
@@ -212,5 +215,6 @@ impl Router {
                 }
             }
         }
+        self.scratch = buf;
     }
 }

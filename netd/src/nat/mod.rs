@@ -509,6 +509,9 @@ pub struct Router {
     guest_macs: HashMap<Ipv4Addr, EthernetAddress>,
     /// The DHCP server, for datagrams to port 67 of the router's own addresses.
     dhcp: Option<LocalService>,
+    /// Receive buffer for host datagrams (UDP, ICMP), made once: a zeroed 64 KiB
+    /// allocation per step showed up in profiles.
+    scratch: Vec<u8>,
 }
 
 /// A service that lives behind the router's own addresses: it takes a whole Ethernet
@@ -589,6 +592,7 @@ impl Router {
             icmp: icmp::IcmpTable::default(),
             guest_macs: HashMap::new(),
             dhcp: None,
+            scratch: Vec::new(),
             cfg,
         };
         for f in router.cfg.forwards.clone() {
@@ -738,6 +742,15 @@ impl Router {
         } else {
             Poll::Pending
         }
+    }
+
+    /// The datagram receive buffer (64 KiB); put it back in `self.scratch` after use.
+    fn take_scratch(&mut self) -> Vec<u8> {
+        let mut buf = std::mem::take(&mut self.scratch);
+        if buf.len() < 65536 {
+            buf = vec![0u8; 65536];
+        }
+        buf
     }
 
     fn handle_command(&mut self, cmd: Command) {

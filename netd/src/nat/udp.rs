@@ -241,8 +241,11 @@ impl Router {
 
     /// Replies from host sockets back to guests.
     pub(super) fn udp_pump(&mut self) {
+        if self.udp.flows.is_empty() {
+            return;
+        }
         let max = self.max_udp_payload();
-        let mut buf = vec![0u8; 65536];
+        let mut buf = self.take_scratch();
         let now = Instant::now();
         for ((guest, dst), f) in self.udp.flows.iter_mut() {
             for _ in 0..BURST {
@@ -268,12 +271,16 @@ impl Router {
                 }
             }
         }
+        self.scratch = buf;
     }
 
     /// Datagrams arriving on forward sockets: to the guest.
     pub(super) fn udp_forward_input(&mut self) {
+        if self.udp.forwards.is_empty() {
+            return;
+        }
         let max = self.max_udp_payload();
-        let mut buf = vec![0u8; 65536];
+        let mut buf = self.take_scratch();
         let hosts: Vec<SocketAddr> = self.udp.forwards.keys().copied().collect();
         for host in hosts {
             for _ in 0..BURST {
@@ -333,6 +340,7 @@ impl Router {
                 ));
             }
         }
+        self.scratch = buf;
     }
 
     fn free_udp_port(&mut self) -> Option<u16> {

@@ -362,6 +362,7 @@ pub struct FlowInfo {
 }
 
 enum Command {
+    AttachReader(crate::ports::InlineReader),
     AddForward(Forward, oneshot::Sender<Result<(), NatError>>),
     DelForward(Proto, SocketAddr, oneshot::Sender<Result<(), NatError>>),
     ListForwards(oneshot::Sender<Vec<Forward>>),
@@ -463,7 +464,45 @@ impl RouterHandle {
     pub async fn stats(&self) -> Result<Stats, NatError> {
         self.ask(Command::Stats).await
     }
+
+    /// Hands the router a guest port to read on its own thread (see
+    /// [`crate::ports::InlineReader`]); gives it back if the router cannot take it
+    /// now. Never blocks.
+    pub fn attach_reader(
+        &self,
+        r: crate::ports::InlineReader,
+    ) -> Result<(), crate::ports::InlineReader> {
+        match self.tx.try_send(Command::AttachReader(r)) {
+            Ok(()) => Ok(()),
+            Err(e) => match e.into_inner() {
+                Command::AttachReader(r) => Err(r),
+                _ => Ok(()),
+            },
+        }
+    }
 }
+
+/// A guest port the router reads itself (see [`crate::ports::InlineReader`]).
+struct Inline {
+    // Field order: both registrations end before the reader closes the fds.
+    fd: tokio::io::unix::AsyncFd<crate::ports::SharedFd>,
+    stop: tokio::io::unix::AsyncFd<crate::ports::StopFd>,
+    reader: crate::ports::InlineReader,
+    /// Frames are read into this buffer and split off it: a frame for the router
+    /// goes on as a view of it, and the space comes back once the frames read into
+    /// it are dropped (after the step that handled them).
+    buf: bytes::BytesMut,
+}
+
+/// Capacity of an inline reader's buffer: room for 16 frames of 64 KiB.
+const INLINE_BUF: usize = 16 * 65 * 1024;
+
+/// Frames up to this size are copied out of the inline buffer (a held SYN must not
+/// pin a whole buffer); larger ones are handed on in place.
+const INLINE_COPY_MAX: usize = 2048;
+
+/// Most bytes one wake-up reads from an inline port before doing a step.
+const INLINE_BUDGET: usize = 1 << 20;
 
 /// A function that switches one frame now.
 pub type FrameFn = Box<dyn Fn(&[u8]) + Send>;
@@ -509,6 +548,10 @@ pub struct Router {
     guest_macs: HashMap<Ipv4Addr, EthernetAddress>,
     /// The DHCP server, for datagrams to port 67 of the router's own addresses.
     dhcp: Option<LocalService>,
+    /// A guest port read on this thread, if the daemon handed one over.
+    inline: Option<Inline>,
+    /// Try a read of the inline port even if it is not marked readable.
+    inline_probe: bool,
     /// Receive buffer for host datagrams (UDP, ICMP), made once: a zeroed 64 KiB
     /// allocation per step showed up in profiles.
     scratch: Vec<u8>,
@@ -592,6 +635,8 @@ impl Router {
             icmp: icmp::IcmpTable::default(),
             guest_macs: HashMap::new(),
             dhcp: None,
+            inline: None,
+            inline_probe: false,
             scratch: Vec::new(),
             cfg,
         };
@@ -723,6 +768,7 @@ impl Router {
                 Poll::Pending => break,
             }
         }
+        ready |= self.poll_inline(cx);
         if self.inbox.len() >= INBOX_BATCH {
             ready = true;
         }
@@ -744,6 +790,92 @@ impl Router {
         }
     }
 
+    /// Reads the inline guest port while it has frames (within a budget): frames
+    /// for the router join the inbox, others are switched now. True if any frame
+    /// came in.
+    fn poll_inline(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(il) = self.inline.as_mut() else {
+            return false;
+        };
+        if il.reader.stopped() {
+            tracing::debug!(port = il.reader.name(), "inline port stopped");
+            self.inline = None;
+            return false;
+        }
+        // Registers the wake-up on the stop eventfd (it is never readable before).
+        let _ = il.stop.poll_read_ready(cx);
+        let mut got = false;
+        let mut budget = INLINE_BUDGET;
+        let mut failed = None;
+        // A TAP whose device went away (its namespace was deleted) signals only
+        // EPOLLERR, which tokio's read readiness does not include: housekeeping sets
+        // `inline_probe` so that a read is tried anyway, once a second; it fails then.
+        let mut probe = std::mem::take(&mut self.inline_probe);
+        while self.inbox.len() < INBOX_BATCH && budget > 0 {
+            let mut guard = None;
+            if !std::mem::take(&mut probe) {
+                match il.fd.poll_read_ready(cx) {
+                    Poll::Ready(Ok(g)) => guard = Some(g),
+                    Poll::Ready(Err(e)) => {
+                        failed = Some(e);
+                        break;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            let mut clear = || {
+                if let Some(g) = guard.as_mut() {
+                    g.clear_ready();
+                }
+            };
+            // Room for one more frame: the buffer's own space once every frame split
+            // off it has been dropped (the usual case: they die with the step that
+            // handled them), else a new buffer.
+            let max = crate::ports::INLINE_READ_MAX;
+            if il.buf.capacity() - il.buf.len() < max && !il.buf.try_reclaim(max) {
+                il.buf = bytes::BytesMut::with_capacity(INLINE_BUF);
+            }
+            match il.reader.read(&mut il.buf) {
+                Ok(0) => clear(),
+                Ok(n) => {
+                    got = true;
+                    budget = budget.saturating_sub(n);
+                    let msg = if n <= INLINE_COPY_MAX {
+                        let m = Bytes::copy_from_slice(&il.buf);
+                        il.buf.clear();
+                        m
+                    } else {
+                        il.buf.split().freeze()
+                    };
+                    if il.reader.switch(&msg) {
+                        self.inbox.push(msg);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => clear(),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        // Stopping at the budget leaves the fd marked readable: the next round reads
+        // on at once (and `got` makes this round ready).
+        if let Some(e) = failed {
+            if let Some(il) = self.inline.take() {
+                tracing::info!(port = il.reader.name(), error = %e, "inline port read failed; giving it a thread");
+                let Inline {
+                    fd, stop, reader, ..
+                } = il;
+                drop((fd, stop));
+                if let Err(e) = reader.fall_back() {
+                    tracing::warn!(error = %e, "cannot start the port thread");
+                }
+            }
+        }
+        got
+    }
+
     /// The datagram receive buffer (64 KiB); put it back in `self.scratch` after use.
     fn take_scratch(&mut self) -> Vec<u8> {
         let mut buf = std::mem::take(&mut self.scratch);
@@ -753,8 +885,39 @@ impl Router {
         buf
     }
 
+    fn attach_reader(&mut self, reader: crate::ports::InlineReader) {
+        let give_back = |reader: crate::ports::InlineReader, why: &str| {
+            tracing::debug!(port = reader.name(), why, "inline port declined");
+            if let Err(e) = reader.fall_back() {
+                tracing::warn!(error = %e, "cannot start the port thread");
+            }
+        };
+        if self.inline.is_some() {
+            return give_back(reader, "the router reads a port already");
+        }
+        let fd = match sys::register_fd(reader.fd()) {
+            Ok(fd) => fd,
+            Err(_) => return give_back(reader, "cannot register its fd"),
+        };
+        let stop = match sys::register_fd(reader.stop_fd()) {
+            Ok(s) => s,
+            Err(_) => {
+                drop(fd);
+                return give_back(reader, "cannot register its stop fd");
+            }
+        };
+        tracing::debug!(port = reader.name(), "router reads the port on its thread");
+        self.inline = Some(Inline {
+            fd,
+            stop,
+            reader,
+            buf: bytes::BytesMut::with_capacity(INLINE_BUF),
+        });
+    }
+
     fn handle_command(&mut self, cmd: Command) {
         match cmd {
+            Command::AttachReader(r) => self.attach_reader(r),
             Command::AddForward(f, tx) => {
                 let _ = tx.send(self.add_forward(f));
             }
@@ -862,6 +1025,7 @@ impl Router {
         if tnow >= self.next_housekeeping {
             self.next_housekeeping = tnow + Duration::from_secs(1);
             self.expire();
+            self.inline_probe = self.inline.is_some();
         }
         let delay = self
             .iface

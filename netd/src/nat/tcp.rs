@@ -338,10 +338,12 @@ impl Router {
             rst(self);
             return;
         }
+        // The held SYN is a copy of its own: `frame` may be a view of a larger
+        // receive buffer (see `ports::InlineReader`), which it must not pin.
         let (syn, mss) = if self.offload {
-            raise_syn_mss(&frame).unwrap_or((frame, 0))
+            raise_syn_mss(&frame).unwrap_or_else(|| (Bytes::copy_from_slice(&frame), 0))
         } else {
-            (frame, 0)
+            (Bytes::copy_from_slice(&frame), 0)
         };
         self.tcp.pending.insert(key, Pending { syn, mss, mac, seq });
         let tx = self.tcp.results_tx.clone();

@@ -211,7 +211,7 @@ impl Router {
                 }
                 f.last = Instant::now();
                 if let Some(frame) = icmp_frame(self.mac, f.mac, *dst, *guest, msg, *ident) {
-                    self.dev.tx.push_back(frame);
+                    self.dev.tx.push_back(frame.into());
                 }
             }
         }

@@ -713,28 +713,29 @@ impl Router {
                 break;
             }
             self.step();
-            while let Some(frame) = self.dev.tx.pop_front() {
+            while let Some(mut frame) = self.dev.tx.pop_front() {
                 self.stats.frames_out += 1;
                 match &self.to_switch {
                     ToSwitch::Direct(f) => f(&frame),
                     ToSwitch::Offload(f) => match self.tcp_offload_header(&frame) {
                         Some((hdr, at, sum)) => {
-                            // No copy: the router holds the only reference.
-                            let mut v = Vec::from(frame);
-                            if let Some(c) = v.get_mut(at..at + 2) {
+                            // In place: the router holds the only reference.
+                            if let Some(c) = frame.make_mut().get_mut(at..at + 2) {
                                 c.copy_from_slice(&sum.to_be_bytes());
                             }
-                            f(Some(&hdr), &v)
+                            f(Some(&hdr), &frame)
                         }
                         None => f(None, &frame),
                     },
                     ToSwitch::Channel(tx) => {
-                        if tx.send(frame).await.is_err() {
+                        if tx.send(frame.into_bytes()).await.is_err() {
                             self.stopped = true;
                             break;
                         }
+                        continue;
                     }
                 }
+                self.dev.recycle(frame);
             }
             if self.stopped {
                 break;
@@ -749,7 +750,11 @@ impl Router {
         // (Channel-fed routers take plain frames; see `ingest_vnet` for the others.)
         self.inbox.push(frame);
         self.step();
-        self.dev.tx.drain(..).collect()
+        self.dev
+            .tx
+            .drain(..)
+            .map(device::Frame::into_bytes)
+            .collect()
     }
 
     /// Registers interest in everything that can make progress; ready when any is.
@@ -1123,7 +1128,7 @@ impl Router {
                             if let Some(src) = reply.get_mut(6..12) {
                                 src.copy_from_slice(&self.mac.0);
                             }
-                            self.dev.tx.push_back(Bytes::from(reply));
+                            self.dev.tx.push_back(Bytes::from(reply).into());
                         }
                         return;
                     }

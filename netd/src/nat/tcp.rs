@@ -326,7 +326,7 @@ impl Router {
         let rst = |r: &mut Router| {
             r.dev
                 .tx
-                .push_back(super::frame::tcp_rst(r.mac, mac, dst, src, seq));
+                .push_back(super::frame::tcp_rst(r.mac, mac, dst, src, seq).into());
         };
         let Some(target) = self.map_dst(key.1) else {
             self.stats.connect_failed += 1;
@@ -411,13 +411,16 @@ impl Router {
                 Err(e) => {
                     tracing::debug!(%guest, %dst, target = %r.target, error = %e, "connect failed");
                     self.stats.connect_failed += 1;
-                    self.dev.tx.push_back(super::frame::tcp_rst(
-                        self.mac,
-                        p.mac,
-                        (*dst.ip(), dst.port()),
-                        (*guest.ip(), guest.port()),
-                        p.seq,
-                    ));
+                    self.dev.tx.push_back(
+                        super::frame::tcp_rst(
+                            self.mac,
+                            p.mac,
+                            (*dst.ip(), dst.port()),
+                            (*guest.ip(), guest.port()),
+                            p.seq,
+                        )
+                        .into(),
+                    );
                 }
             }
         }

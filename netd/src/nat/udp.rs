@@ -257,13 +257,16 @@ impl Router {
                             self.stats.dropped += 1;
                             continue;
                         }
-                        self.dev.tx.push_back(udp_frame(
-                            self.mac,
-                            f.mac,
-                            (*dst.ip(), dst.port()),
-                            (*guest.ip(), guest.port()),
-                            data,
-                        ));
+                        self.dev.tx.push_back(
+                            udp_frame(
+                                self.mac,
+                                f.mac,
+                                (*dst.ip(), dst.port()),
+                                (*guest.ip(), guest.port()),
+                                data,
+                            )
+                            .into(),
+                        );
                     }
                     // WouldBlock, or an ICMP error reported on the connected socket
                     // (e.g. ECONNREFUSED): nothing to deliver.
@@ -331,13 +334,16 @@ impl Router {
                     .copied()
                     .unwrap_or(EthernetAddress::BROADCAST);
                 let Some(data) = buf.get(..n) else { continue };
-                self.dev.tx.push_back(udp_frame(
-                    self.mac,
-                    mac,
-                    (self.cfg.gateway, port),
-                    (*guest.ip(), guest.port()),
-                    data,
-                ));
+                self.dev.tx.push_back(
+                    udp_frame(
+                        self.mac,
+                        mac,
+                        (self.cfg.gateway, port),
+                        (*guest.ip(), guest.port()),
+                        data,
+                    )
+                    .into(),
+                );
             }
         }
         self.scratch = buf;

@@ -10,6 +10,12 @@
 //! in userspace besides the kernel's. Frames carry a virtio-net header between
 //! fd-based ports; ports without one get frames finished in software.
 //!
+//! One exception: the only guest port (`tap` or `vm`) of a NAT network has no
+//! receive thread. Its fd goes to the NAT router as an [`InlineReader`], and the
+//! router reads it on its own thread: a frame for the router then crosses no thread
+//! and no channel, and is handed over in the buffer it was read into. If the device
+//! goes away there, the port gets its receive thread after all (which reopens it).
+//!
 //! - `tap`: netd opens the TAP queue (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR, with checksum
 //!   and TCP segmentation offload accepted: see [`crate::offload`]). With `netns` the
 //!   TAP is created by a short-lived thread that entered the namespace, so the

@@ -4,7 +4,9 @@
 //! has a transmit side (an object implementing [`PortTx`]: a TAP fd, an AF_PACKET
 //! socket, a stream socket, a bounded channel to an in-process service) and a
 //! receive side that somebody drives by calling [`Network::ingress`] with each frame
-//! it read: a thread per fd-based port, a thread per service port. `ingress` does
+//! it read: a thread per fd-based port, a thread per service port, or the thread of
+//! the service that reads a port itself ([`Network::ingress_local`], the NAT
+//! router's inline guest port). `ingress` does
 //! all the switching on the caller's thread, with no queue in between and no
 //! allocation:
 //!

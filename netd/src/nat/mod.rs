@@ -40,11 +40,23 @@
 //! (64 KiB super-frames, partial checksums; see `tcp.rs`, "Offload"). Tests and the
 //! fuzz target feed it through plain channels instead.
 //!
+//! When the network has one guest port (`tap` or `vm`), the router also reads that
+//! port itself ([`crate::ports::InlineReader`]): the port's fd is registered with the
+//! router's reactor, frames are read into a large buffer and switched on this thread
+//! ([`crate::switch::Network::ingress_local`]); those for the router are split off
+//! the buffer into the inbox with no copy (small ones are copied, so that a held SYN
+//! never pins the buffer). Before, a receive thread read the frame, copied it into a
+//! channel message and woke this thread: a copy and a thread hand-off per frame. The
+//! guest's frames and the router's answers now share one thread (figures in
+//! bench/README-nat.md).
+//!
 //! One task runs [`Router::run`]: wait until anything is ready (a frame, a control
 //! request, a finished connect, a readable/writable host socket, a smoltcp timer),
-//! then do one *step*: classify frames (`frame.rs`), feed smoltcp, pump every flow
-//! with non-blocking reads and writes, let smoltcp emit, and send the frames to the
-//! switch. The wait registers interest only where progress is possible (a host socket
+//! then do one *step*: classify frames (`frame.rs`), feed smoltcp (ingress only), pump
+//! every flow with non-blocking reads and writes, let smoltcp emit, and send the
+//! frames to the switch. smoltcp emits after the pumps so that its ACKs advertise
+//! the window as it is once the batch went on to the host (it sends a separate
+//! window update only when the window doubles). The wait registers interest only where progress is possible (a host socket
 //! is polled for reading only while its smoltcp send buffer has room), which is the
 //! back-pressure in both directions.
 //!

@@ -82,6 +82,32 @@ mac = "02:00:00:00:0b:77"
     let leases = netd.cli_json(&["leases", "lan"])?;
     assert_eq!(leases.as_array().unwrap().len(), 3, "{leases}");
 
+    // A datagram to port 67 that is not DHCP is dropped and counted.
+    let stats = netd.cli_json(&["leases", "lan", "--stats"])?;
+    assert_eq!(stats["malformed"], 0, "{stats}");
+    a.sh(&format!(
+        "python3 -c \"import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1); \
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b'{ta}'); \
+         s.sendto(b'not a DHCP message', ('255.255.255.255', 67))\""
+    ))?;
+    assert!(
+        integration_tests::wait_until(std::time::Duration::from_secs(5), || {
+            netd.cli_json(&["leases", "lan", "--stats"])
+                .is_ok_and(|s| s["malformed"] == 1)
+        }),
+        "malformed datagram counted: {}",
+        netd.cli(&["leases", "lan", "--stats"])?
+    );
+    let stats = netd.cli_json(&["leases", "lan", "--stats"])?;
+    assert_eq!(stats["leases"], 3, "{stats}");
+    assert_eq!(stats["refused_full"], 0, "{stats}");
+    let table = netd.cli(&["leases", "lan", "--stats"])?;
+    assert!(
+        table.contains("malformed") && table.contains("COUNTER"),
+        "{table}"
+    );
+
     // Restart: the leases come back from disk.
     assert!(netd.stop(), "clean exit");
     assert!(

@@ -7,11 +7,10 @@ mod stord_common;
 mod vmm_guest;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use integration_tests::{free_port, require_root, wait_until, ChildGuard};
-use vmm_guest::{assemble, run_vmm};
+use integration_tests::{free_port, require_root};
+use vmm_guest::{assemble, make_disk, qemu_nbd, run_guest, run_kernel, LiveVm, VmRun};
 
 /// Sector the guest writes.
 const SECTOR: u64 = 77;
@@ -120,51 +119,15 @@ okmsg: .asciz "BLK OK\n"
     )
 }
 
-/// Starts qemu-nbd on a TCP port (or a unix socket) for `img`.
-fn qemu_nbd(
-    img: &Path,
-    export: &str,
-    port: Option<u16>,
-    sock: Option<&Path>,
-    ro: bool,
-) -> ChildGuard {
-    let mut c = Command::new("qemu-nbd");
-    c.args([
-        "-f",
-        "raw",
-        "-x",
-        export,
-        "-t",
-        "--cache=none",
-        "--aio=threads",
-    ]);
-    if ro {
-        c.arg("-r");
-    }
-    match (port, sock) {
-        (Some(p), _) => {
-            c.args(["-b", "127.0.0.1", "-p", &p.to_string()]);
-        }
-        (None, Some(s)) => {
-            c.arg("-k").arg(s);
-        }
-        _ => unreachable!(),
-    }
-    c.arg(img);
-    let g = ChildGuard::new(c.spawn().expect("qemu-nbd (qemu-utils) must be installed"));
-    let ready = wait_until(Duration::from_secs(10), || match (port, sock) {
-        (Some(p), _) => std::net::TcpStream::connect(("127.0.0.1", p)).is_ok(),
-        (_, Some(s)) => std::os::unix::net::UnixStream::connect(s).is_ok(),
-        _ => false,
-    });
-    assert!(ready, "qemu-nbd did not start");
-    g
+/// Runs the guest `elf` with `disk` as its only disk.
+fn run_with_disk(elf: &Path, disk: &str) -> VmRun {
+    run_guest(&[], elf, &["--disk", disk], Duration::from_secs(60))
 }
 
-fn make_disk(dir: &Path) -> std::path::PathBuf {
-    let img = dir.join("disk.img");
-    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
-    img
+/// Asserts that `SECTOR` of the disk image `bytes` holds the guest's pattern.
+fn assert_pattern_at_sector(bytes: &[u8]) {
+    let s = &bytes[(SECTOR * 512) as usize..(SECTOR * 512 + 512) as usize];
+    assert_eq!(s, PATTERN.repeat(32).as_slice());
 }
 
 #[test]
@@ -176,24 +139,9 @@ fn guest_writes_and_reads_a_sector_through_nbd_tcp() {
     let _nbd = qemu_nbd(&img, "disk0", Some(port), None, false);
     let elf = assemble(dir.path(), "blk", &blk_guest(false)).unwrap();
     let disk = format!("nbd://127.0.0.1:{port}/disk0");
-    let r = run_vmm(
-        &[],
-        &[
-            "--kernel",
-            elf.to_str().unwrap(),
-            "--mem",
-            "64M",
-            "--disk",
-            &disk,
-        ],
-        Duration::from_secs(60),
-    )
-    .unwrap();
-    assert_eq!(r.serial, "BLK OK\n", "stderr: {}", r.stderr);
-    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    run_with_disk(&elf, &disk).assert_clean_exit("BLK OK\n");
     let bytes = std::fs::read(&img).unwrap();
-    let s = &bytes[(SECTOR * 512) as usize..(SECTOR * 512 + 512) as usize];
-    assert_eq!(s, PATTERN.repeat(32).as_slice());
+    assert_pattern_at_sector(&bytes);
     assert!(bytes[..(SECTOR * 512) as usize].iter().all(|&b| b == 0));
 }
 
@@ -206,21 +154,7 @@ fn unix_socket_export_and_read_only_export() {
     let _nbd = qemu_nbd(&img, "ro0", None, Some(&sock), true);
     let elf = assemble(dir.path(), "blkro", &blk_guest(true)).unwrap();
     let disk = format!("nbd+unix:///ro0?socket={}", sock.display());
-    let r = run_vmm(
-        &[],
-        &[
-            "--kernel",
-            elf.to_str().unwrap(),
-            "--mem",
-            "64M",
-            "--disk",
-            &disk,
-        ],
-        Duration::from_secs(60),
-    )
-    .unwrap();
-    assert_eq!(r.serial, "BLK OK\n", "stderr: {}", r.stderr);
-    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    run_with_disk(&elf, &disk).assert_clean_exit("BLK OK\n");
     assert!(std::fs::read(&img).unwrap().iter().all(|&b| b == 0));
 }
 
@@ -233,21 +167,7 @@ fn forced_read_only_flag_on_a_writable_export() {
     let _nbd = qemu_nbd(&img, "d", Some(port), None, false);
     let elf = assemble(dir.path(), "blkro2", &blk_guest(true)).unwrap();
     let disk = format!("nbd://127.0.0.1:{port}/d,ro");
-    let r = run_vmm(
-        &[],
-        &[
-            "--kernel",
-            elf.to_str().unwrap(),
-            "--mem",
-            "64M",
-            "--disk",
-            &disk,
-        ],
-        Duration::from_secs(60),
-    )
-    .unwrap();
-    assert_eq!(r.serial, "BLK OK\n", "stderr: {}", r.stderr);
-    assert_eq!(r.code, Some(0));
+    run_with_disk(&elf, &disk).assert_clean_exit("BLK OK\n");
     assert!(std::fs::read(&img).unwrap().iter().all(|&b| b == 0));
 }
 
@@ -260,14 +180,8 @@ fn missing_export_is_a_clear_error() {
     let _nbd = qemu_nbd(&img, "disk0", Some(port), None, false);
     let elf = assemble(dir.path(), "x", "_start: jmp reboot\n").unwrap();
     let disk = format!("nbd://127.0.0.1:{port}/nope");
-    let r = run_vmm(
-        &[],
-        &["--kernel", elf.to_str().unwrap(), "--disk", &disk],
-        Duration::from_secs(60),
-    )
-    .unwrap();
-    assert_eq!(r.code, Some(1), "stderr: {}", r.stderr);
-    assert!(r.stderr.contains("refused export \"nope\""), "{}", r.stderr);
+    run_kernel(&[], &elf, &["--disk", &disk], Duration::from_secs(60))
+        .assert_exit(1, "refused export \"nope\"");
 }
 
 #[test]
@@ -285,30 +199,14 @@ fn sigterm_stops_the_guest_and_closes_nbd() {
     )
     .unwrap();
     let disk = format!("nbd://127.0.0.1:{port}/disk0");
-    let child = Command::new(integration_tests::bin("vmm-shim"))
-        .args(["--kernel", elf.to_str().unwrap(), "--disk", &disk])
-        .env("VMM_LOG", "info")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut g = ChildGuard::new(child);
+    let mut cmd =
+        vmm_guest::vmm_command(&[], &["--kernel", elf.to_str().unwrap(), "--disk", &disk]);
+    cmd.env("VMM_LOG", "info");
+    let vm = LiveVm::spawn(cmd).unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    g.signal(libc::SIGTERM);
-    let st = g
-        .wait_timeout(Duration::from_secs(10))
-        .expect("vmm-shim ignored SIGTERM");
-    assert_eq!(st.code(), Some(0));
-    let mut err = String::new();
-    use std::io::Read;
-    g.child()
-        .stderr
-        .as_mut()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    assert!(err.contains("disk closing"), "{err}");
-    assert!(!err.contains("NBD close failed"), "{err}");
+    let r = vm.stop(Duration::from_secs(10));
+    r.assert_exit(0, "disk closing");
+    assert!(!r.stderr.contains("NBD close failed"), "{r}");
 }
 
 #[test]
@@ -318,26 +216,13 @@ fn guest_writes_and_reads_a_sector_through_stord() {
     let dir = tempfile::tempdir().unwrap();
     let elf = assemble(dir.path(), "blk", &blk_guest(false)).unwrap();
     for (round, disk) in [stord.uri("vm0"), stord.unix_uri("vm0")].iter().enumerate() {
-        let r = run_vmm(
-            &[],
-            &[
-                "--kernel",
-                elf.to_str().unwrap(),
-                "--mem",
-                "64M",
-                "--disk",
-                disk,
-            ],
-            Duration::from_secs(60),
-        )
-        .unwrap();
-        assert_eq!(r.serial, "BLK OK\n", "round {round}: stderr: {}", r.stderr);
-        assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+        let r = run_with_disk(&elf, disk);
+        assert_eq!(r.serial, "BLK OK\n", "round {round}: {r}");
+        r.assert_clean_exit("BLK OK\n");
     }
     // vmm-shim flushed before it disconnected: the bytes are in stord's disk file.
     let bytes = std::fs::read(stord.state().join("disks/vm0.img")).unwrap();
-    let s = &bytes[(SECTOR * 512) as usize..(SECTOR * 512 + 512) as usize];
-    assert_eq!(s, PATTERN.repeat(32).as_slice());
+    assert_pattern_at_sector(&bytes);
 }
 
 /// Guest: write the pattern to sectors 10..13, then DISCARD sector 10 and
@@ -408,21 +293,7 @@ fn discard_and_write_zeroes_reach_stord() {
     let stord = stord_common::Stord::start(&[stord_common::dynamic("t0", "1M")]).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let elf = assemble(dir.path(), "trim", TRIM_GUEST).unwrap();
-    let r = run_vmm(
-        &[],
-        &[
-            "--kernel",
-            elf.to_str().unwrap(),
-            "--mem",
-            "64M",
-            "--disk",
-            &stord.uri("t0"),
-        ],
-        Duration::from_secs(60),
-    )
-    .unwrap();
-    assert_eq!(r.serial, "TRIM OK\n", "stderr: {}", r.stderr);
-    assert_eq!(r.code, Some(0));
+    run_with_disk(&elf, &stord.uri("t0")).assert_clean_exit("TRIM OK\n");
     let bytes = std::fs::read(stord.state().join("disks/t0.img")).unwrap();
     assert!(
         bytes[10 * 512..12 * 512].iter().all(|&b| b == 0),
@@ -483,41 +354,20 @@ okmsg: .asciz "IOERR OK\n"
 
 #[test]
 fn nbd_server_death_is_an_io_error_for_the_guest() {
-    use std::io::{BufRead, BufReader, Read, Write};
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let img = make_disk(dir.path());
     let port = free_port();
     let mut nbd = qemu_nbd(&img, "d", Some(port), None, false);
     let elf = assemble(dir.path(), "ioerr", IOERR_GUEST).unwrap();
-    let child = Command::new(integration_tests::bin("vmm-shim"))
-        .args(["--kernel", elf.to_str().unwrap(), "--mem", "64M"])
-        .args(["--disk", &format!("nbd://127.0.0.1:{port}/d")])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut g = ChildGuard::new(child);
-    let mut out = BufReader::new(g.child().stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line, "W1\n");
+    let disk = format!("nbd://127.0.0.1:{port}/d");
+    let mut vm = LiveVm::guest(&[], &elf, &["--disk", &disk]);
+    vm.expect_line("W1\n");
     nbd.signal(libc::SIGKILL);
     nbd.wait_timeout(Duration::from_secs(5))
         .expect("qemu-nbd gone");
-    g.child().stdin.as_mut().unwrap().write_all(b"x").unwrap();
-    let st = g.wait_timeout(Duration::from_secs(30));
-    let mut rest = String::new();
-    out.read_to_string(&mut rest).unwrap();
-    let mut err = String::new();
-    g.child()
-        .stderr
-        .as_mut()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    assert_eq!(rest, "IOERR OK\n", "stderr: {err}");
-    assert_eq!(st.and_then(|s| s.code()), Some(0), "stderr: {err}");
-    assert!(err.contains("block backend failed"), "{err}");
+    vm.send(b"x");
+    let r = vm.finish(Duration::from_secs(30));
+    r.assert_clean_exit("IOERR OK\n");
+    assert!(r.stderr.contains("block backend failed"), "{r}");
 }

@@ -8,8 +8,8 @@ mod vmm_guest;
 
 use std::time::Duration;
 
-use integration_tests::{free_port, require_root, wait_until, ChildGuard};
-use vmm_guest::{assemble, run_vmm};
+use integration_tests::{free_port, require_root};
+use vmm_guest::{assemble, make_disk, qemu_nbd, run_guest};
 
 const GUEST: &str = r#"
     .set RING, 0x200000
@@ -120,49 +120,16 @@ okmsg: .asciz "HOSTILE OK\n"
 fn malformed_chains_are_answered_counted_and_survived() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let img = make_disk(dir.path());
     let port = free_port();
-    let _nbd = ChildGuard::new(
-        std::process::Command::new("qemu-nbd")
-            .args([
-                "-f",
-                "raw",
-                "-x",
-                "d",
-                "-t",
-                "-b",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
-            .arg(&img)
-            .spawn()
-            .expect("qemu-nbd"),
-    );
-    assert!(wait_until(Duration::from_secs(10), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    }));
+    let _nbd = qemu_nbd(&img, "d", Some(port), None, false);
     let elf = assemble(dir.path(), "hostile", GUEST).unwrap();
     let disk = format!("nbd://127.0.0.1:{port}/d");
     std::env::set_var("VMM_LOG", "info");
-    let r = run_vmm(
-        &[],
-        &[
-            "--kernel",
-            elf.to_str().unwrap(),
-            "--mem",
-            "64M",
-            "--disk",
-            &disk,
-        ],
-        Duration::from_secs(60),
-    )
-    .unwrap();
-    assert_eq!(r.serial, "HOSTILE OK\n", "stderr: {}", r.stderr);
-    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    let r = run_guest(&[], &elf, &["--disk", &disk], Duration::from_secs(60));
+    r.assert_clean_exit("HOSTILE OK\n");
     // Six malformed chains plus the bogus avail index.
-    assert!(r.stderr.contains("bad_chains=7"), "stderr: {}", r.stderr);
+    assert!(r.stderr.contains("bad_chains=7"), "{r}");
     let bytes = std::fs::read(&img).unwrap();
     assert_eq!(&bytes[3 * 512..3 * 512 + 8], b"first-ok");
 }

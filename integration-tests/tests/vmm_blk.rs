@@ -9,8 +9,8 @@ mod vmm_guest;
 use std::path::Path;
 use std::time::Duration;
 
-use integration_tests::{free_port, require_root};
-use vmm_guest::{assemble, make_disk, qemu_nbd, run_guest, run_kernel, LiveVm, VmRun};
+use integration_tests::require_root;
+use vmm_guest::{assemble, make_disk, qemu_nbd, run_guest, run_kernel, LiveVm, TcpDisk, VmRun};
 
 /// Sector the guest writes.
 const SECTOR: u64 = 77;
@@ -39,12 +39,7 @@ _start:
     cmp ${ro}, %eax
     je 1f
     FAIL 'r'
-1:  xor %r8d, %r8d
-    call dev_init
-    xor %edi, %edi
-    mov $RING, %esi
-    call setup_queue
-    call driver_ok
+1:  BLK_UP 0, RING
     # capacity (config offset 0x100) must be 2048 sectors (1 MiB)
     cmpq $2048, 0x100(%rbx)
     je 1f
@@ -61,9 +56,7 @@ _start:
     movl $0, HDR+4
     movq ${sector}, HDR+8
     movb $0xff, STATUS
-    DSET RING, 0, HDR, 16, F_NEXT, 1
-    DSET RING, 1, DATA, 512, F_NEXT, 2
-    DSET RING, 2, STATUS, 1, F_WRITE, 0
+    REQ3 RING, HDR, DATA, 512, STATUS
     AVAIL RING, 0, 0, 1
     movl $0, 0x50(%rbx)
     cmpw $1, RING+0x2000+2
@@ -134,13 +127,10 @@ fn assert_pattern_at_sector(bytes: &[u8]) {
 fn guest_writes_and_reads_a_sector_through_nbd_tcp() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
-    let img = make_disk(dir.path());
-    let port = free_port();
-    let _nbd = qemu_nbd(&img, "disk0", Some(port), None, false);
+    let nbd = TcpDisk::new(dir.path(), "disk0");
     let elf = assemble(dir.path(), "blk", &blk_guest(false)).unwrap();
-    let disk = format!("nbd://127.0.0.1:{port}/disk0");
-    run_with_disk(&elf, &disk).assert_clean_exit("BLK OK\n");
-    let bytes = std::fs::read(&img).unwrap();
+    run_with_disk(&elf, &nbd.uri("disk0")).assert_clean_exit("BLK OK\n");
+    let bytes = std::fs::read(&nbd.img).unwrap();
     assert_pattern_at_sector(&bytes);
     assert!(bytes[..(SECTOR * 512) as usize].iter().all(|&b| b == 0));
 }
@@ -162,24 +152,19 @@ fn unix_socket_export_and_read_only_export() {
 fn forced_read_only_flag_on_a_writable_export() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
-    let img = make_disk(dir.path());
-    let port = free_port();
-    let _nbd = qemu_nbd(&img, "d", Some(port), None, false);
+    let nbd = TcpDisk::new(dir.path(), "d");
     let elf = assemble(dir.path(), "blkro2", &blk_guest(true)).unwrap();
-    let disk = format!("nbd://127.0.0.1:{port}/d,ro");
-    run_with_disk(&elf, &disk).assert_clean_exit("BLK OK\n");
-    assert!(std::fs::read(&img).unwrap().iter().all(|&b| b == 0));
+    run_with_disk(&elf, &nbd.uri("d,ro")).assert_clean_exit("BLK OK\n");
+    assert!(std::fs::read(&nbd.img).unwrap().iter().all(|&b| b == 0));
 }
 
 #[test]
 fn missing_export_is_a_clear_error() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
-    let img = make_disk(dir.path());
-    let port = free_port();
-    let _nbd = qemu_nbd(&img, "disk0", Some(port), None, false);
+    let nbd = TcpDisk::new(dir.path(), "disk0");
     let elf = assemble(dir.path(), "x", "_start: jmp reboot\n").unwrap();
-    let disk = format!("nbd://127.0.0.1:{port}/nope");
+    let disk = nbd.uri("nope");
     run_kernel(&[], &elf, &["--disk", &disk], Duration::from_secs(60))
         .assert_exit(1, "refused export \"nope\"");
 }
@@ -188,9 +173,7 @@ fn missing_export_is_a_clear_error() {
 fn sigterm_stops_the_guest_and_closes_nbd() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
-    let img = make_disk(dir.path());
-    let port = free_port();
-    let _nbd = qemu_nbd(&img, "disk0", Some(port), None, false);
+    let nbd = TcpDisk::new(dir.path(), "disk0");
     // A guest that spins forever (in ring 0, so vmm-shim must kick it out of KVM_RUN).
     let elf = assemble(
         dir.path(),
@@ -198,7 +181,7 @@ fn sigterm_stops_the_guest_and_closes_nbd() {
         "_start: PRINT m\n1: jmp 1b\nm: .asciz \"up\\n\"\n",
     )
     .unwrap();
-    let disk = format!("nbd://127.0.0.1:{port}/disk0");
+    let disk = nbd.uri("disk0");
     let mut cmd =
         vmm_guest::vmm_command(&[], &["--kernel", elf.to_str().unwrap(), "--disk", &disk]);
     cmd.env("VMM_LOG", "info");
@@ -233,29 +216,23 @@ const TRIM_GUEST: &str = r#"
     .set DATA, 0x204000
     .set STATUS, 0x205000
     .set SEG, 0x206000
+    .set FEATURES, (1 << 13) | (1 << 14)    # DISCARD, WRITE_ZEROES
 _start:
     mov $MMIO0, %rbx
     movl $0, 0x14(%rbx)
     movl 0x10(%rbx), %eax
-    and $((1 << 13) | (1 << 14)), %eax  # DISCARD, WRITE_ZEROES offered
-    cmp $((1 << 13) | (1 << 14)), %eax
+    and $FEATURES, %eax                 # both offered
+    cmp $FEATURES, %eax
     je 1f
     FAIL 'f'
-1:  mov $((1 << 13) | (1 << 14)), %r8d
-    call dev_init
-    xor %edi, %edi
-    mov $RING, %esi
-    call setup_queue
-    call driver_ok
+1:  BLK_UP FEATURES, RING
     mov $DATA, %rdi
     mov $0x5a, %al
     mov $1536, %ecx
     rep stosb
     movl $1, HDR
     movq $10, HDR+8
-    DSET RING, 0, HDR, 16, F_NEXT, 1
-    DSET RING, 1, DATA, 1536, F_NEXT, 2
-    DSET RING, 2, STATUS, 1, F_WRITE, 0
+    REQ3 RING, HDR, DATA, 1536, STATUS
     AVAIL RING, 0, 0, 1
     movl $0, 0x50(%rbx)
     cmpb $0, STATUS
@@ -314,17 +291,10 @@ const IOERR_GUEST: &str = r#"
     .set STATUS, 0x205000
 _start:
     mov $MMIO0, %rbx
-    xor %r8d, %r8d
-    call dev_init
-    xor %edi, %edi
-    mov $RING, %esi
-    call setup_queue
-    call driver_ok
+    BLK_UP 0, RING
     movl $1, HDR
     movq $1, HDR+8
-    DSET RING, 0, HDR, 16, F_NEXT, 1
-    DSET RING, 1, DATA, 512, F_NEXT, 2
-    DSET RING, 2, STATUS, 1, F_WRITE, 0
+    REQ3 RING, HDR, DATA, 512, STATUS
     AVAIL RING, 0, 0, 1
     movl $0, 0x50(%rbx)
     cmpb $0, STATUS
@@ -356,15 +326,14 @@ okmsg: .asciz "IOERR OK\n"
 fn nbd_server_death_is_an_io_error_for_the_guest() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
-    let img = make_disk(dir.path());
-    let port = free_port();
-    let mut nbd = qemu_nbd(&img, "d", Some(port), None, false);
+    let mut nbd = TcpDisk::new(dir.path(), "d");
     let elf = assemble(dir.path(), "ioerr", IOERR_GUEST).unwrap();
-    let disk = format!("nbd://127.0.0.1:{port}/d");
+    let disk = nbd.uri("d");
     let mut vm = LiveVm::guest(&[], &elf, &["--disk", &disk]);
     vm.expect_line("W1\n");
-    nbd.signal(libc::SIGKILL);
-    nbd.wait_timeout(Duration::from_secs(5))
+    nbd.nbd.signal(libc::SIGKILL);
+    nbd.nbd
+        .wait_timeout(Duration::from_secs(5))
         .expect("qemu-nbd gone");
     vm.send(b"x");
     let r = vm.finish(Duration::from_secs(30));

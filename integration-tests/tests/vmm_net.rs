@@ -90,15 +90,7 @@ fn offload_guest(features: u32) -> String {
         r#"
 _start:
     mov $MMIO0, %rbx
-    mov ${features}, %r8d
-    call dev_init
-    xor %edi, %edi
-    mov $0x200000, %esi
-    call setup_queue
-    mov $1, %edi
-    mov $0x210000, %esi
-    call setup_queue
-    call driver_ok
+    NET_UP {features}, 0x200000, 0x210000
     PRINT ready
 1:  pause
     jmp 1b
@@ -148,15 +140,7 @@ const DEFERRED_GUEST: &str = r#"
     .set BUFS, 0x220000
 _start:
     mov $MMIO0, %rbx
-    xor %r8d, %r8d
-    call dev_init
-    xor %edi, %edi
-    mov $RX, %esi
-    call setup_queue
-    mov $1, %edi
-    mov $TX, %esi
-    call setup_queue
-    call driver_ok
+    NET_UP 0, RX, TX
     PRINT ready
     mov $0x3fd, %dx
 2:  in %dx, %al

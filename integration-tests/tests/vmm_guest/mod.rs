@@ -37,6 +37,40 @@ pub const PRELUDE: &str = r#"
     movw $\newidx, \ring+0x1000+2
     .endm
 
+    # SETUP_QUEUE queue, ring: set up virtqueue `queue` with its rings at `ring`.
+    .macro SETUP_QUEUE queue, ring
+    mov $\queue, %edi
+    mov $\ring, %esi
+    call setup_queue
+    .endm
+
+    # BLK_UP features, ring: bring the device at rbx up with `features` acked and
+    # its one queue at `ring` (a virtio-blk disk).
+    .macro BLK_UP features, ring
+    mov $\features, %r8d
+    call dev_init
+    SETUP_QUEUE 0, \ring
+    call driver_ok
+    .endm
+
+    # NET_UP features, rx, tx: bring the device at rbx up with `features` acked,
+    # its receive queue at `rx` and its transmit queue at `tx` (a virtio-net NIC).
+    .macro NET_UP features, rx, tx
+    mov $\features, %r8d
+    call dev_init
+    SETUP_QUEUE 0, \rx
+    SETUP_QUEUE 1, \tx
+    call driver_ok
+    .endm
+
+    # REQ3 ring, hdr, data, len, status: a virtio-blk request in descriptors 0-2:
+    # the header, `len` bytes of data the device reads, the status byte it writes.
+    .macro REQ3 ring, hdr, data, len, status
+    DSET \ring, 0, \hdr, 16, F_NEXT, 1
+    DSET \ring, 1, \data, \len, F_NEXT, 2
+    DSET \ring, 2, \status, 1, F_WRITE, 0
+    .endm
+
     .macro FAIL code
     mov $\code, %al
     jmp fail_with
@@ -341,6 +375,32 @@ pub fn make_disk(dir: &Path) -> PathBuf {
     img
 }
 
+/// A zeroed 1 MiB disk image in a test's directory, exported read-write by qemu-nbd
+/// on a free TCP port of 127.0.0.1 (stopped on drop).
+pub struct TcpDisk {
+    /// The image file.
+    pub img: PathBuf,
+    /// qemu-nbd's port.
+    pub port: u16,
+    /// qemu-nbd.
+    pub nbd: integration_tests::ChildGuard,
+}
+
+impl TcpDisk {
+    /// Makes the image in `dir` and exports it as `export`.
+    pub fn new(dir: &Path, export: &str) -> TcpDisk {
+        let img = make_disk(dir);
+        let port = integration_tests::free_port();
+        let nbd = qemu_nbd(&img, export, Some(port), None, false);
+        TcpDisk { img, port, nbd }
+    }
+
+    /// The `nbd://` URI of the export `name` (with any `,option` vmm-shim takes).
+    pub fn uri(&self, name: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{name}", self.port)
+    }
+}
+
 /// Starts qemu-nbd on a TCP port (or a unix socket) for `img`.
 pub fn qemu_nbd(
     img: &Path,
@@ -401,15 +461,7 @@ _start:
     cmpl $1, 0x8(%rbx)          # device id: net
     je 1f
     FAIL 'd'
-1:  xor %r8d, %r8d
-    call dev_init
-    xor %edi, %edi
-    mov $RX, %esi
-    call setup_queue
-    mov $1, %edi
-    mov $TX, %esi
-    call setup_queue
-    call driver_ok
+1:  NET_UP 0, RX, TX
     # four 2 KiB receive buffers
     DSET RX, 0, BUFS, 2048, F_WRITE, 0
     DSET RX, 1, BUFS+0x800, 2048, F_WRITE, 0

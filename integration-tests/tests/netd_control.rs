@@ -156,6 +156,16 @@ fn cli_changes_ports_at_runtime_and_sigterm_cleans_up() -> Result<()> {
     Ok(())
 }
 
+/// The column names of a table the CLI printed (its first line).
+fn table_header(table: &str) -> Vec<&str> {
+    table
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect()
+}
+
 /// The cells of the table row whose first cell is `first`.
 fn table_row<'a>(table: &'a str, first: &str) -> Option<Vec<&'a str>> {
     table
@@ -189,12 +199,7 @@ fn cli_prints_tables_by_default_and_json_on_request() -> Result<()> {
 
     // net list: header, then one aligned row; the JSON is the daemon's, unchanged.
     let nets = netd.cli(&["net", "list"])?;
-    let header: Vec<&str> = nets
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
+    let header = table_header(&nets);
     assert_eq!(
         header,
         ["NAME", "MODE", "SUBNET", "GATEWAY", "DHCP", "PORTS", "MTU", "UPLINK"],
@@ -230,12 +235,7 @@ fn cli_prints_tables_by_default_and_json_on_request() -> Result<()> {
 
     // port list: a's counters are those of the JSON, its drops a total or by reason.
     let ports = netd.cli(&["port", "list", "lan"])?;
-    let header: Vec<&str> = ports
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
+    let header = table_header(&ports);
     assert_eq!(
         header,
         [
@@ -286,12 +286,7 @@ fn cli_prints_tables_by_default_and_json_on_request() -> Result<()> {
 
     // leases: MAC, IP, time left, the client's hostname.
     let leases = netd.cli(&["leases", "lan"])?;
-    let header: Vec<&str> = leases
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
+    let header = table_header(&leases);
     assert_eq!(header, ["MAC", "IP", "EXPIRES", "HOSTNAME"], "{leases}");
     let row = table_row(&leases, "02:00:00:00:0c:01").unwrap_or_default();
     assert_eq!(row.len(), 5, "{leases}");

@@ -49,25 +49,15 @@ fn tso_frames_are_segmented_for_stream_ports() -> Result<()> {
 [[network]]
 name = "one"
 mode = "internal"
-{pa}
-[[network.port]]
-name = "cable"
-kind = "stream"
-path = "{s1}"
-
+{pa}{c1}
 [[network]]
 name = "two"
 mode = "internal"
-{pb}
-[[network.port]]
-name = "cable"
-kind = "stream"
-path = "{s2}"
-"#,
+{pb}{c2}"#,
             pa = a.port("a"),
             pb = b.port("b"),
-            s1 = s1.display(),
-            s2 = s2.display()
+            c1 = stream_port("cable", &s1),
+            c2 = stream_port("cable", &s2),
         ),
     )?;
     let c1 = UnixStream::connect(&s1)?;

@@ -28,14 +28,9 @@ name = "lan"
 mode = "internal"
 subnet = "10.5.0.0/24"
 dhcp = true
-{pp}
-[[network.port]]
-name = "vm"
-kind = "stream"
-path = "{sock}"
-"#,
+{pp}{vm}"#,
             pp = peer.port("peer"),
-            sock = sock.display()
+            vm = stream_port("vm", &sock),
         ),
     )?;
     peer.addr("10.5.0.2/24")?;

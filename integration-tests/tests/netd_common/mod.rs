@@ -318,6 +318,15 @@ pub fn tap_port(name: &str, ifname: &str, ns: &Netns) -> String {
     )
 }
 
+/// A `[[network.port]]` table for a `stream` port named `name` listening on the unix
+/// socket `path`.
+pub fn stream_port(name: &str, path: &Path) -> String {
+    format!(
+        "\n[[network.port]]\nname = \"{name}\"\nkind = \"stream\"\npath = \"{}\"\n",
+        path.display()
+    )
+}
+
 /// Asks netd (through the CLI) for a `tap` port `name` on `net`, its TAP `ifname` in
 /// `ns`; returns the CLI's output.
 pub fn add_tap_port(

@@ -57,12 +57,9 @@ _start:
     movq ${sector}, HDR+8
     movb $0xff, STATUS
     REQ3 RING, HDR, DATA, 512, STATUS
-    AVAIL RING, 0, 0, 1
-    movl $0, 0x50(%rbx)
-    cmpw $1, RING+0x2000+2
-    je 1f
-    FAIL '1'
-1:  movzbl STATUS, %eax
+    SUBMIT RING, 0, 0, 1
+    EXPECT_USED RING, 1, '1'
+    movzbl STATUS, %eax
     cmp ${want_write_status}, %eax
     je 1f
     FAIL '2'
@@ -70,12 +67,9 @@ _start:
     movl $0, HDR
     movb $0xff, STATUS
     DSET RING, 1, RDATA, 512, F_NEXT|F_WRITE, 2
-    AVAIL RING, 1, 0, 2
-    movl $0, 0x50(%rbx)
-    cmpw $2, RING+0x2000+2
-    je 1f
-    FAIL '3'
-1:  cmpb $0, STATUS
+    SUBMIT RING, 1, 0, 2
+    EXPECT_USED RING, 2, '3'
+    cmpb $0, STATUS
     je 1f
     FAIL '4'
 1:  cmpl $513, RING+0x2000+4+8+4    # used len of the read: 512 data + status
@@ -94,8 +88,7 @@ _start:
     movl $4, HDR
     movb $0xff, STATUS
     DSET RING, 1, STATUS, 1, F_WRITE, 0
-    AVAIL RING, 2, 0, 3
-    movl $0, 0x50(%rbx)
+    SUBMIT RING, 2, 0, 3
     cmpb ${want_flush}, STATUS
     je 1f
     FAIL '7'
@@ -233,8 +226,7 @@ _start:
     movl $1, HDR
     movq $10, HDR+8
     REQ3 RING, HDR, DATA, 1536, STATUS
-    AVAIL RING, 0, 0, 1
-    movl $0, 0x50(%rbx)
+    SUBMIT RING, 0, 0, 1
     cmpb $0, STATUS
     je 1f
     FAIL 'w'
@@ -245,8 +237,7 @@ _start:
     movl $0, SEG+12
     DSET RING, 1, SEG, 16, F_NEXT, 2
     movb $0xff, STATUS
-    AVAIL RING, 1, 0, 2
-    movl $0, 0x50(%rbx)
+    SUBMIT RING, 1, 0, 2
     cmpb $0, STATUS
     je 1f
     FAIL 'd'
@@ -254,8 +245,7 @@ _start:
     movl $13, HDR
     movq $11, SEG
     movb $0xff, STATUS
-    AVAIL RING, 2, 0, 3
-    movl $0, 0x50(%rbx)
+    SUBMIT RING, 2, 0, 3
     cmpb $0, STATUS
     je 1f
     FAIL 'z'
@@ -295,8 +285,7 @@ _start:
     movl $1, HDR
     movq $1, HDR+8
     REQ3 RING, HDR, DATA, 512, STATUS
-    AVAIL RING, 0, 0, 1
-    movl $0, 0x50(%rbx)
+    SUBMIT RING, 0, 0, 1
     cmpb $0, STATUS
     je 1f
     FAIL 'w'
@@ -308,12 +297,9 @@ _start:
     movl $0, HDR
     movb $0xff, STATUS
     DSET RING, 1, DATA, 512, F_NEXT|F_WRITE, 2
-    AVAIL RING, 1, 0, 2
-    movl $0, 0x50(%rbx)
-    cmpw $2, RING+0x2000+2
-    je 1f
-    FAIL 'u'
-1:  cmpb $1, STATUS
+    SUBMIT RING, 1, 0, 2
+    EXPECT_USED RING, 2, 'u'
+    cmpb $1, STATUS
     je 1f
     FAIL 'e'
 1:  PRINT okmsg

@@ -22,12 +22,8 @@ const GUEST: &str = r#"
 
     # KICK n: publish head 0 in slot n-1 with avail idx n, notify, expect used idx n.
     .macro KICK n, head=0
-    AVAIL RING, (\n-1), \head, \n
-    movl $0, 0x50(%rbx)
-    cmpw $\n, USED+2
-    je 1f
-    FAIL 'k'
-1:
+    SUBMIT RING, (\n-1), \head, \n
+    EXPECT_USED RING, \n, 'k'
     .endm
     # ULEN n, len: used entry n-1 has this length.
     .macro ULEN n, len

@@ -71,6 +71,20 @@ pub const PRELUDE: &str = r#"
     DSET \ring, 2, \status, 1, F_WRITE, 0
     .endm
 
+    # SUBMIT ring, slot, head, newidx: publish a chain head and notify queue 0.
+    .macro SUBMIT ring, slot, head, newidx
+    AVAIL \ring, \slot, \head, \newidx
+    movl $0, 0x50(%rbx)
+    .endm
+
+    # EXPECT_USED ring, idx, code: FAIL with `code` unless the used index is `idx`.
+    .macro EXPECT_USED ring, idx, code
+    cmpw $\idx, \ring+0x2000+2
+    je 1f
+    FAIL \code
+1:
+    .endm
+
     .macro FAIL code
     mov $\code, %al
     jmp fail_with

@@ -80,18 +80,14 @@ fn cli_changes_ports_at_runtime_and_sigterm_cleans_up() -> Result<()> {
     );
 
     // Errors are clear and change nothing.
-    let e = netd
-        .cli(&["port", "add", "nosuch", "--kind", "vm", "--ifname", &tv])
+    let e = add_vm_port(&netd, "nosuch", &tv, &[])
         .unwrap_err()
         .to_string();
     assert!(
         e.contains("no network named \\\"nosuch\\\"") || e.contains("no network named"),
         "{e}"
     );
-    let e = netd
-        .cli(&[
-            "port", "add", "lan", "--kind", "vm", "--ifname", &tv, "--mac", "zz",
-        ])
+    let e = add_vm_port(&netd, "lan", &tv, &["--mac", "zz"])
         .unwrap_err()
         .to_string();
     assert!(e.contains("mac"), "{e}");
@@ -116,8 +112,8 @@ fn cli_changes_ports_at_runtime_and_sigterm_cleans_up() -> Result<()> {
     );
 
     // vm ports: one netd creates (removed on exit), one that existed (kept).
-    netd.cli(&["port", "add", "lan", "--kind", "vm", "--ifname", &tv])?;
-    netd.cli(&["port", "add", "lan", "--kind", "vm", "--ifname", &tk])?;
+    add_vm_port(&netd, "lan", &tv, &[])?;
+    add_vm_port(&netd, "lan", &tk, &[])?;
     // A vm TAP that disappears under netd is recreated (the port stays configured).
     host.exec(&["ip", "link", "delete", &tv])?;
     assert!(
@@ -127,16 +123,7 @@ fn cli_changes_ports_at_runtime_and_sigterm_cleans_up() -> Result<()> {
         "netd recreated the vm port's TAP"
     );
     // One marked persistent survives netd's exit.
-    netd.cli(&[
-        "port",
-        "add",
-        "lan",
-        "--kind",
-        "vm",
-        "--ifname",
-        &tp,
-        "--persistent",
-    ])?;
+    add_vm_port(&netd, "lan", &tp, &["--persistent"])?;
     assert!(host.exec(&["ip", "link", "show", &tv]).is_ok());
     let nets = netd.cli_json(&["net", "list"])?;
     assert_eq!(nets[0]["ports"], 4, "{nets}");

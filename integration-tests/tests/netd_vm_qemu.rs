@@ -34,17 +34,7 @@ dhcp_range = "10.4.0.100-10.4.0.150"
     )?;
     peer.addr("10.4.0.2/24")?;
     // The VM's port is added at runtime, as a VMM launcher would.
-    netd.cli(&[
-        "port",
-        "add",
-        "lan",
-        "--kind",
-        "vm",
-        "--ifname",
-        &tv,
-        "--mac",
-        "52:54:00:12:34:56",
-    ])?;
+    add_vm_port(&netd, "lan", &tv, &["--mac", "52:54:00:12:34:56"])?;
     assert!(
         host.exec(&["ip", "link", "show", &tv]).is_ok(),
         "netd created the TAP"

@@ -351,6 +351,14 @@ pub fn add_tap_port(
     ])
 }
 
+/// Asks netd (through the CLI) for a `vm` port on `net` with the TAP `ifname`, and
+/// `extra` options (`--mac M`, `--persistent`); returns the CLI's output.
+pub fn add_vm_port(netd: &Netd, net: &str, ifname: &str, extra: &[&str]) -> Result<String> {
+    let mut argv = vec!["port", "add", net, "--kind", "vm", "--ifname", ifname];
+    argv.extend_from_slice(extra);
+    netd.cli(&argv)
+}
+
 /// Gives `ifname` in `ns` the address `cidr` (netd brings its TAPs up).
 pub fn add_addr(ns: &Netns, ifname: &str, cidr: &str) -> Result<()> {
     ns.exec(&["ip", "addr", "add", cidr, "dev", ifname])?;

@@ -68,8 +68,9 @@ ip = "10.2.0.77"
     a.sh(&format!(
         "python3 -c \"import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
          s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1); \
-         s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b'{ta}'); \
-         s.sendto(b'not a DHCP message', ('255.255.255.255', 67))\""
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b'{tap}'); \
+         s.sendto(b'not a DHCP message', ('255.255.255.255', 67))\"",
+        tap = a.tap
     ))?;
     assert!(
         integration_tests::wait_until(std::time::Duration::from_secs(5), || {

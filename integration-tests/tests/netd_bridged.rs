@@ -86,18 +86,15 @@ netns = "{}"
     );
     assert!(l2.contains("ip=198.18.5.1"), "{l2}");
     // The leases come from the LAN's server: its lease file names both guests.
-    let ip1 = l1
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .trim_start_matches("ip=")
-        .to_string();
-    let ip2 = l2
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .trim_start_matches("ip=")
-        .to_string();
+    let leased_ip = |lease: &str| {
+        lease
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .trim_start_matches("ip=")
+            .to_string()
+    };
+    let (ip1, ip2) = (leased_ip(&l1), leased_ip(&l2));
     assert!(wait_until(Duration::from_secs(3), || {
         let f = std::fs::read_to_string(&leases).unwrap_or_default();
         f.contains(&ip1) && f.contains(&ip2)

@@ -43,22 +43,16 @@ fn cli_changes_ports_at_runtime_and_sigterm_cleans_up() -> Result<()> {
     require_root();
     let dir = tempdir();
     let host = Netns::new("ch")?;
-    let a = Netns::new("ca")?;
-    let b = Netns::new("cb")?;
-    let (ta, tb, tv, tk, tp) = (
-        unique_name("ta"),
-        unique_name("tb"),
-        unique_name("tv"),
-        unique_name("tk"),
-        unique_name("tp"),
-    );
+    let a = TapHost::new("ca")?;
+    let b = TapHost::new("cb")?;
+    let (tv, tk, tp) = (unique_name("tv"), unique_name("tk"), unique_name("tp"));
     // A persistent TAP that exists before netd: a vm port on it must leave it alone.
     host.exec(&["ip", "tuntap", "add", "dev", &tk, "mode", "tap"])?;
     let cfg = write_config(
         dir.path(),
         &format!(
-            "[[network]]\nname = \"lan\"\nmode = \"internal\"\n\n[[network.port]]\nname = \"a\"\nkind = \"tap\"\nifname = \"{ta}\"\nnetns = \"{na}\"\n",
-            na = a.name()
+            "[[network]]\nname = \"lan\"\nmode = \"internal\"\n{}",
+            a.port("a")
         ),
     );
     // Readiness: netd sends READY=1 to $NOTIFY_SOCKET.
@@ -70,22 +64,10 @@ fn cli_changes_ports_at_runtime_and_sigterm_cleans_up() -> Result<()> {
     let n = notify.recv(&mut buf)?;
     assert_eq!(&buf[..n], b"READY=1");
 
-    a.exec(&["ip", "addr", "add", "10.6.0.1/24", "dev", &ta])?;
+    a.addr("10.6.0.1/24")?;
     assert!(!ping(&a, "10.6.0.2"), "nobody there yet");
-    netd.cli(&[
-        "port",
-        "add",
-        "lan",
-        "--kind",
-        "tap",
-        "--ifname",
-        &tb,
-        "--netns",
-        b.name(),
-        "--name",
-        "b",
-    ])?;
-    b.exec(&["ip", "addr", "add", "10.6.0.2/24", "dev", &tb])?;
+    add_tap_port(&netd, "lan", &b.tap, &b, "b")?;
+    b.addr("10.6.0.2/24")?;
     assert!(ping_retry(&a, "10.6.0.2", 5), "port added at runtime works");
     let ports = netd.cli_json(&["port", "list", "lan"])?;
     assert!(
@@ -98,24 +80,20 @@ fn cli_changes_ports_at_runtime_and_sigterm_cleans_up() -> Result<()> {
     );
 
     // Errors are clear and change nothing.
-    let e = netd
-        .cli(&["port", "add", "nosuch", "--kind", "vm", "--ifname", &tv])
+    let e = add_vm_port(&netd, "nosuch", &tv, &[])
         .unwrap_err()
         .to_string();
     assert!(
         e.contains("no network named \\\"nosuch\\\"") || e.contains("no network named"),
         "{e}"
     );
-    let e = netd
-        .cli(&[
-            "port", "add", "lan", "--kind", "vm", "--ifname", &tv, "--mac", "zz",
-        ])
+    let e = add_vm_port(&netd, "lan", &tv, &["--mac", "zz"])
         .unwrap_err()
         .to_string();
     assert!(e.contains("mac"), "{e}");
     let e = netd
         .cli(&[
-            "port", "add", "lan", "--kind", "tap", "--ifname", &tb, "--name", "b2",
+            "port", "add", "lan", "--kind", "tap", "--ifname", &b.tap, "--name", "b2",
         ])
         .unwrap_err()
         .to_string();
@@ -129,13 +107,13 @@ fn cli_changes_ports_at_runtime_and_sigterm_cleans_up() -> Result<()> {
     netd.cli(&["port", "del", "lan", "b"])?;
     assert!(!ping(&a, "10.6.0.2"), "deleted port no longer switches");
     assert!(
-        b.exec(&["ip", "link", "show", &tb]).is_err(),
+        b.exec(&["ip", "link", "show", &b.tap]).is_err(),
         "its TAP is gone"
     );
 
     // vm ports: one netd creates (removed on exit), one that existed (kept).
-    netd.cli(&["port", "add", "lan", "--kind", "vm", "--ifname", &tv])?;
-    netd.cli(&["port", "add", "lan", "--kind", "vm", "--ifname", &tk])?;
+    add_vm_port(&netd, "lan", &tv, &[])?;
+    add_vm_port(&netd, "lan", &tk, &[])?;
     // A vm TAP that disappears under netd is recreated (the port stays configured).
     host.exec(&["ip", "link", "delete", &tv])?;
     assert!(
@@ -145,16 +123,7 @@ fn cli_changes_ports_at_runtime_and_sigterm_cleans_up() -> Result<()> {
         "netd recreated the vm port's TAP"
     );
     // One marked persistent survives netd's exit.
-    netd.cli(&[
-        "port",
-        "add",
-        "lan",
-        "--kind",
-        "vm",
-        "--ifname",
-        &tp,
-        "--persistent",
-    ])?;
+    add_vm_port(&netd, "lan", &tp, &["--persistent"])?;
     assert!(host.exec(&["ip", "link", "show", &tv]).is_ok());
     let nets = netd.cli_json(&["net", "list"])?;
     assert_eq!(nets[0]["ports"], 4, "{nets}");
@@ -168,10 +137,20 @@ fn cli_changes_ports_at_runtime_and_sigterm_cleans_up() -> Result<()> {
         "pre-existing TAP is kept"
     );
     assert!(
-        a.exec(&["ip", "link", "show", &ta]).is_err(),
+        a.exec(&["ip", "link", "show", &a.tap]).is_err(),
         "tap port removed"
     );
     Ok(())
+}
+
+/// The column names of a table the CLI printed (its first line).
+fn table_header(table: &str) -> Vec<&str> {
+    table
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect()
 }
 
 /// The cells of the table row whose first cell is `first`.
@@ -186,70 +165,28 @@ fn table_row<'a>(table: &'a str, first: &str) -> Option<Vec<&'a str>> {
 fn cli_prints_tables_by_default_and_json_on_request() -> Result<()> {
     require_root();
     let dir = tempdir();
-    let host = Netns::new("th")?;
-    let a = Netns::new("ta")?;
-    let b = Netns::new("tb")?;
-    let (ta, tb) = (unique_name("ta"), unique_name("tb"));
+    let a = TapHost::new("ta")?;
+    let b = TapHost::new("tb")?;
     let (x, y) = unique_subnet();
-    let cfg = write_config(
+    let (_host, netd) = start_netd(
         dir.path(),
+        "th",
         &format!(
-            "[[network]]\nname = \"lan\"\nmode = \"internal\"\nsubnet = \"10.{x}.{y}.0/24\"\ndhcp = true\nlease_time = 600\nmtu = 1400\n\n[[network.port]]\nname = \"a\"\nkind = \"tap\"\nifname = \"{ta}\"\nnetns = \"{na}\"\nmac = \"02:00:00:00:0c:01\"\n",
-            na = a.name()
+            "[[network]]\nname = \"lan\"\nmode = \"internal\"\nsubnet = \"10.{x}.{y}.0/24\"\ndhcp = true\nlease_time = 600\nmtu = 1400\n{}mac = \"02:00:00:00:0c:01\"\n",
+            a.port("a")
         ),
-    );
-    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    )?;
 
     // A change prints one confirmation line; with --json, the daemon's (empty) answer.
-    let out = netd.cli(&[
-        "port",
-        "add",
-        "lan",
-        "--kind",
-        "tap",
-        "--ifname",
-        &tb,
-        "--netns",
-        b.name(),
-        "--name",
-        "b",
-    ])?;
+    let out = add_tap_port(&netd, "lan", &b.tap, &b, "b")?;
     assert_eq!(out, "added tap port b to lan\n");
 
     // A lease, with a hostname, from a real DHCP client.
-    let script = udhcpc_script(dir.path());
-    a.exec(&[
-        "busybox",
-        "udhcpc",
-        "-i",
-        &ta,
-        "-s",
-        script.to_str().unwrap(),
-        "-x",
-        "hostname:tablehost",
-        "-q",
-        "-n",
-        "-f",
-        "-t",
-        "5",
-        "-T",
-        "1",
-    ])?;
-    let lease = std::fs::read_to_string(dir.path().join(format!("lease-{ta}")))?;
-    let ip = lease
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let ip = dhcp_with(&a, &a.tap, dir.path(), &["-x", "hostname:tablehost"])?;
 
     // net list: header, then one aligned row; the JSON is the daemon's, unchanged.
     let nets = netd.cli(&["net", "list"])?;
-    let header: Vec<&str> = nets
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
+    let header = table_header(&nets);
     assert_eq!(
         header,
         ["NAME", "MODE", "SUBNET", "GATEWAY", "DHCP", "PORTS", "MTU", "UPLINK"],
@@ -285,12 +222,7 @@ fn cli_prints_tables_by_default_and_json_on_request() -> Result<()> {
 
     // port list: a's counters are those of the JSON, its drops a total or by reason.
     let ports = netd.cli(&["port", "list", "lan"])?;
-    let header: Vec<&str> = ports
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
+    let header = table_header(&ports);
     assert_eq!(
         header,
         [
@@ -310,7 +242,7 @@ fn cli_prints_tables_by_default_and_json_on_request() -> Result<()> {
     let row = table_row(&ports, "a").unwrap_or_default();
     assert_eq!(
         &row[..5],
-        ["a", "tap", ta.as_str(), "02:00:00:00:0c:01", "1400"],
+        ["a", "tap", a.tap.as_str(), "02:00:00:00:0c:01", "1400"],
         "{ports}"
     );
     let rx: u64 = row[5].parse()?;
@@ -319,7 +251,7 @@ fn cli_prints_tables_by_default_and_json_on_request() -> Result<()> {
         "udhcpc's DISCOVER and REQUEST were counted: {ports}"
     );
     let row_b = table_row(&ports, "b").unwrap_or_default();
-    assert_eq!(&row_b[..3], ["b", "tap", tb.as_str()], "{ports}");
+    assert_eq!(&row_b[..3], ["b", "tap", b.tap.as_str()], "{ports}");
     assert!(table_row(&ports, "dhcp").is_some(), "{ports}");
     let by_reason = netd.cli(&["port", "list", "lan", "--drops"])?;
     assert!(
@@ -341,12 +273,7 @@ fn cli_prints_tables_by_default_and_json_on_request() -> Result<()> {
 
     // leases: MAC, IP, time left, the client's hostname.
     let leases = netd.cli(&["leases", "lan"])?;
-    let header: Vec<&str> = leases
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
+    let header = table_header(&leases);
     assert_eq!(header, ["MAC", "IP", "EXPIRES", "HOSTNAME"], "{leases}");
     let row = table_row(&leases, "02:00:00:00:0c:01").unwrap_or_default();
     assert_eq!(row.len(), 5, "{leases}");
@@ -375,13 +302,13 @@ fn cli_prints_tables_by_default_and_json_on_request() -> Result<()> {
         "--kind",
         "tap",
         "--ifname",
-        &tb,
+        &b.tap,
         "--netns",
         b.name(),
         "--json",
     ])?;
     assert_eq!(out, "");
-    assert!(table_row(&netd.cli(&["port", "list", "lan"])?, &tb).is_some());
+    assert!(table_row(&netd.cli(&["port", "list", "lan"])?, &b.tap).is_some());
     assert!(netd.stop(), "clean exit on SIGTERM");
     Ok(())
 }
@@ -390,12 +317,11 @@ fn cli_prints_tables_by_default_and_json_on_request() -> Result<()> {
 fn log_has_no_colour_codes_when_stderr_is_not_a_terminal() -> Result<()> {
     require_root();
     let dir = tempdir();
-    let host = Netns::new("lc")?;
-    let cfg = write_config(
+    let (_host, netd) = start_netd(
         dir.path(),
+        "lc",
         "[[network]]\nname = \"lan\"\nmode = \"internal\"\n",
-    );
-    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    )?;
     assert!(netd.stop());
     let log = std::fs::read_to_string(dir.path().join("netd.log"))?;
     assert!(log.contains("netd ready"), "{log}");

@@ -4,20 +4,19 @@
 mod netd_common;
 
 use anyhow::Result;
-use integration_tests::{require_root, unique_name, Netns};
+use integration_tests::require_root;
 use netd_common::*;
 
 #[test]
 fn udhcpc_gets_leases_that_survive_restart() -> Result<()> {
     require_root();
     let dir = tempdir();
-    let host = Netns::new("dh")?;
-    let a = Netns::new("da")?;
-    let b = Netns::new("db")?;
-    let r = Netns::new("dr")?;
-    let (ta, tb, tr) = (unique_name("ta"), unique_name("tb"), unique_name("tr"));
-    let cfg = write_config(
+    let a = TapHost::new("da")?;
+    let b = TapHost::new("db")?;
+    let r = TapHost::new("dr")?;
+    let (host, netd) = start_netd(
         dir.path(),
+        "dh",
         &format!(
             r#"
 [[network]]
@@ -32,45 +31,26 @@ dhcp_dns = ["10.2.0.1"]
 [[network.reservation]]
 mac = "02:00:00:00:0b:77"
 ip = "10.2.0.77"
-
-[[network.port]]
-name = "a"
-kind = "tap"
-ifname = "{ta}"
-netns = "{na}"
-mac = "02:00:00:00:0a:01"
-
-[[network.port]]
-name = "b"
-kind = "tap"
-ifname = "{tb}"
-netns = "{nb}"
-mac = "02:00:00:00:0a:02"
-
-[[network.port]]
-name = "r"
-kind = "tap"
-ifname = "{tr}"
-netns = "{nr}"
-mac = "02:00:00:00:0b:77"
+{pa}mac = "02:00:00:00:0a:01"
+{pb}mac = "02:00:00:00:0a:02"
+{pr}mac = "02:00:00:00:0b:77"
 "#,
-            na = a.name(),
-            nb = b.name(),
-            nr = r.name()
+            pa = a.port("a"),
+            pb = b.port("b"),
+            pr = r.port("r"),
         ),
-    );
-    let netd = Netd::start(&host, dir.path(), &cfg)?;
-    let ip_a = dhcp(&a, &ta, dir.path())?;
-    let ip_b = dhcp(&b, &tb, dir.path())?;
+    )?;
+    let ip_a = dhcp(&a, &a.tap, dir.path())?;
+    let ip_b = dhcp(&b, &b.tap, dir.path())?;
     assert_eq!(ip_a, "10.2.0.50");
     assert_eq!(ip_b, "10.2.0.51");
-    let lease_line = std::fs::read_to_string(dir.path().join(format!("lease-{tb}")))?;
+    let lease_line = std::fs::read_to_string(dir.path().join(format!("lease-{}", b.tap)))?;
     assert!(
         lease_line.contains(" 24 ") && lease_line.contains("10.2.0.1"),
         "mask and DNS given: {lease_line}"
     );
     assert_eq!(
-        dhcp(&r, &tr, dir.path())?,
+        dhcp(&r, &r.tap, dir.path())?,
         "10.2.0.77",
         "reservation honoured"
     );
@@ -82,7 +62,35 @@ mac = "02:00:00:00:0b:77"
     let leases = netd.cli_json(&["leases", "lan"])?;
     assert_eq!(leases.as_array().unwrap().len(), 3, "{leases}");
 
+    // A datagram to port 67 that is not DHCP is dropped and counted.
+    let stats = netd.cli_json(&["leases", "lan", "--stats"])?;
+    assert_eq!(stats["malformed"], 0, "{stats}");
+    a.sh(&format!(
+        "python3 -c \"import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1); \
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b'{tap}'); \
+         s.sendto(b'not a DHCP message', ('255.255.255.255', 67))\"",
+        tap = a.tap
+    ))?;
+    assert!(
+        integration_tests::wait_until(std::time::Duration::from_secs(5), || {
+            netd.cli_json(&["leases", "lan", "--stats"])
+                .is_ok_and(|s| s["malformed"] == 1)
+        }),
+        "malformed datagram counted: {}",
+        netd.cli(&["leases", "lan", "--stats"])?
+    );
+    let stats = netd.cli_json(&["leases", "lan", "--stats"])?;
+    assert_eq!(stats["leases"], 3, "{stats}");
+    assert_eq!(stats["refused_full"], 0, "{stats}");
+    let table = netd.cli(&["leases", "lan", "--stats"])?;
+    assert!(
+        table.contains("malformed") && table.contains("COUNTER"),
+        "{table}"
+    );
+
     // Restart: the leases come back from disk.
+    let cfg = netd.config.clone();
     assert!(netd.stop(), "clean exit");
     assert!(
         dir.path().join("state/leases-lan.json").exists(),
@@ -98,36 +106,23 @@ mac = "02:00:00:00:0b:77"
     );
     // A new client does not get a's or b's address; a gets its own back.
     netd.cli(&["port", "del", "lan", "b"])?;
-    let c = Netns::new("dc")?;
-    let tc = unique_name("tc");
-    netd.cli(&[
-        "port",
-        "add",
-        "lan",
-        "--kind",
-        "tap",
-        "--ifname",
-        &tc,
-        "--netns",
-        c.name(),
-        "--name",
-        "c",
-    ])?;
-    let ip_c = dhcp(&c, &tc, dir.path())?;
+    let c = TapHost::new("dc")?;
+    add_tap_port(&netd, "lan", &c.tap, &c, "c")?;
+    let ip_c = dhcp(&c, &c.tap, dir.path())?;
     assert_eq!(ip_c, "10.2.0.52", "restart kept .50 and .51 leased");
     assert_eq!(
-        dhcp(&a, &ta, dir.path())?,
+        dhcp(&a, &a.tap, dir.path())?,
         "10.2.0.50",
         "same address after restart"
     );
     // RELEASE from a real client: udhcpc -R releases when it is stopped while bound.
     let script = udhcpc_script(dir.path());
-    let _ = std::fs::remove_file(dir.path().join(format!("lease-{tc}")));
+    let _ = std::fs::remove_file(dir.path().join(format!("lease-{}", c.tap)));
     let mut client = c.spawn(&[
         "busybox",
         "udhcpc",
         "-i",
-        &tc,
+        &c.tap,
         "-s",
         script.to_str().unwrap(),
         "-f",
@@ -139,7 +134,7 @@ mac = "02:00:00:00:0b:77"
     ])?;
     assert!(integration_tests::wait_until(
         std::time::Duration::from_secs(10),
-        || dir.path().join(format!("lease-{tc}")).exists()
+        || dir.path().join(format!("lease-{}", c.tap)).exists()
     ));
     client.signal(libc::SIGTERM);
     client.wait_timeout(std::time::Duration::from_secs(5));

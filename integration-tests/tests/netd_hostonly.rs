@@ -13,7 +13,7 @@ fn hostonly_reaches_host_not_beyond() -> Result<()> {
     require_root();
     let dir = tempdir();
     let host = Netns::new("hh")?;
-    let vm = Netns::new("hv")?;
+    let vm = TapHost::new("hv")?;
     let beyond = Netns::new("hb")?;
     // The host has another link, to a "beyond" network, and does not forward.
     let (vh, vb) = (unique_name("vh"), unique_name("vb"));
@@ -28,7 +28,7 @@ fn hostonly_reaches_host_not_beyond() -> Result<()> {
     beyond.exec(&["ip", "route", "add", "192.168.56.0/24", "via", "172.16.9.1"])?;
     host.sh("echo 0 > /proc/sys/net/ipv4/ip_forward")?;
 
-    let (tv, hif) = (unique_name("tv"), unique_name("vh"));
+    let hif = unique_name("vh");
     let cfg = write_config(
         dir.path(),
         &format!(
@@ -37,14 +37,8 @@ fn hostonly_reaches_host_not_beyond() -> Result<()> {
 name = "ho"
 mode = "hostonly"
 host_ifname = "{hif}"
-
-[[network.port]]
-name = "vm"
-kind = "tap"
-ifname = "{tv}"
-netns = "{nv}"
-"#,
-            nv = vm.name()
+{pv}"#,
+            pv = vm.port("vm")
         ),
     );
     let netd = Netd::start(&host, dir.path(), &cfg)?;
@@ -54,9 +48,9 @@ netns = "{nv}"
         "host TAP has the gateway address: {addr}"
     );
 
-    let ip = dhcp(&vm, &tv, dir.path())?;
+    let ip = dhcp(&vm, &vm.tap, dir.path())?;
     assert_eq!(ip, "192.168.56.101", "VirtualBox default range");
-    let lease = std::fs::read_to_string(dir.path().join(format!("lease-{tv}")))?;
+    let lease = std::fs::read_to_string(dir.path().join(format!("lease-{}", vm.tap)))?;
     assert!(
         lease.contains(" 192.168.56.100"),
         "VirtualBox's DHCP server address: {lease}"
@@ -71,7 +65,7 @@ netns = "{nv}"
             "-w",
             "2",
             "-I",
-            &tv,
+            &vm.tap,
             "192.168.56.100"
         ])
         .stdout(std::process::Stdio::null())

@@ -6,13 +6,11 @@
 
 mod netd_common;
 
+use anyhow::Result;
+use integration_tests::require_root;
+use netd_common::*;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
-
-use anyhow::{Context, Result};
-use integration_tests::{require_root, unique_name, wait_until, Netns};
-use netd_common::*;
 
 /// Copies framed traffic from `from` to `to` until either side closes.
 fn relay(mut from: UnixStream, mut to: UnixStream) {
@@ -40,72 +38,43 @@ fn relay(mut from: UnixStream, mut to: UnixStream) {
 fn tso_frames_are_segmented_for_stream_ports() -> Result<()> {
     require_root();
     let dir = tempdir();
-    let host = Netns::new("oh")?;
-    let a = Netns::new("oa")?;
-    let b = Netns::new("ob")?;
-    let (ta, tb) = (unique_name("ta"), unique_name("tb"));
+    let a = TapHost::new("oa")?;
+    let b = TapHost::new("ob")?;
     let (s1, s2) = (dir.path().join("s1.sock"), dir.path().join("s2.sock"));
-    let cfg = write_config(
+    let (_host, netd) = start_netd(
         dir.path(),
+        "oh",
         &format!(
             r#"
 [[network]]
 name = "one"
 mode = "internal"
-[[network.port]]
-name = "a"
-kind = "tap"
-ifname = "{ta}"
-netns = "{na}"
-[[network.port]]
-name = "cable"
-kind = "stream"
-path = "{s1}"
-
+{pa}{c1}
 [[network]]
 name = "two"
 mode = "internal"
-[[network.port]]
-name = "b"
-kind = "tap"
-ifname = "{tb}"
-netns = "{nb}"
-[[network.port]]
-name = "cable"
-kind = "stream"
-path = "{s2}"
-"#,
-            na = a.name(),
-            nb = b.name(),
-            s1 = s1.display(),
-            s2 = s2.display()
+{pb}{c2}"#,
+            pa = a.port("a"),
+            pb = b.port("b"),
+            c1 = stream_port("cable", &s1),
+            c2 = stream_port("cable", &s2),
         ),
-    );
-    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    )?;
     let c1 = UnixStream::connect(&s1)?;
     let c2 = UnixStream::connect(&s2)?;
     let (c1b, c2b) = (c1.try_clone()?, c2.try_clone()?);
     let t1 = std::thread::spawn(move || relay(c1, c2b));
     let t2 = std::thread::spawn(move || relay(c2, c1b));
 
-    a.exec(&["ip", "addr", "add", "10.8.0.1/24", "dev", &ta])?;
-    b.exec(&["ip", "addr", "add", "10.8.0.2/24", "dev", &tb])?;
+    a.addr("10.8.0.1/24")?;
+    b.addr("10.8.0.2/24")?;
     let feat = a.sh(&format!(
-        "ethtool -k {ta} 2>/dev/null | grep tcp-segmentation-offload || true"
+        "ethtool -k {} 2>/dev/null | grep tcp-segmentation-offload || true",
+        a.tap
     ))?;
     eprintln!("TAP features: {feat}");
     assert!(ping_retry(&a, "10.8.0.2", 5), "ping across the cable");
-    let _server = b.spawn(&["iperf3", "-s", "-1", "-B", "10.8.0.2"])?;
-    assert!(wait_until(Duration::from_secs(5), || {
-        b.sh("ss -ltn")
-            .map(|s| s.contains("10.8.0.2:5201"))
-            .unwrap_or(false)
-    }));
-    let out = a.exec(&["iperf3", "-c", "10.8.0.2", "-t", "2", "-J"])?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
-    let bps = v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .context("no throughput")?;
+    let bps = iperf3_bps(&a, &b, "10.8.0.2")?;
     eprintln!("iperf3 across the stream cable: {:.2} Gbit/s", bps / 1e9);
     assert!(
         bps > 10e6,

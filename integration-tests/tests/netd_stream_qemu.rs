@@ -9,19 +9,18 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use anyhow::Result;
-use integration_tests::{require_root, unique_name, wait_until, Netns};
+use integration_tests::{require_root, wait_until};
 use netd_common::*;
 
 #[test]
 fn stream_port_survives_bad_peer_then_serves_qemu() -> Result<()> {
     require_root();
     let dir = tempdir();
-    let host = Netns::new("sh")?;
-    let peer = Netns::new("sp")?;
-    let tp = unique_name("tp");
+    let peer = TapHost::new("sp")?;
     let sock = dir.path().join("vm.sock");
-    let cfg = write_config(
+    let (host, netd) = start_netd(
         dir.path(),
+        "sh",
         &format!(
             r#"
 [[network]]
@@ -29,24 +28,12 @@ name = "lan"
 mode = "internal"
 subnet = "10.5.0.0/24"
 dhcp = true
-
-[[network.port]]
-name = "peer"
-kind = "tap"
-ifname = "{tp}"
-netns = "{np}"
-
-[[network.port]]
-name = "vm"
-kind = "stream"
-path = "{sock}"
-"#,
-            np = peer.name(),
-            sock = sock.display()
+{pp}{vm}"#,
+            pp = peer.port("peer"),
+            vm = stream_port("vm", &sock),
         ),
-    );
-    let netd = Netd::start(&host, dir.path(), &cfg)?;
-    peer.exec(&["ip", "addr", "add", "10.5.0.2/24", "dev", &tp])?;
+    )?;
+    peer.addr("10.5.0.2/24")?;
 
     // A bad peer: a runt frame (counted), a good broadcast frame (switched), then an
     // absurd length (connection closed, counted).
@@ -96,14 +83,7 @@ path = "{sock}"
         "52:54:00:ab:cd:01",
         Duration::from_secs(90),
     )?;
-    assert!(
-        out.contains("DHCP-OK 10.5.0.101/24"),
-        "lease through the stream port:\n{out}"
-    );
-    assert!(
-        out.contains("PING-OK"),
-        "guest pinged the test host:\n{out}"
-    );
+    assert_guest_leased_and_pinged(&out, "10.5.0.101/24", "QEMU on the stream port");
     let c = netd.counters("lan", "vm")?;
     assert!(c["tx_frames"].as_u64().unwrap() >= 4, "{c}");
     assert!(netd.stop());

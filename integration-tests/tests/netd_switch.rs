@@ -4,59 +4,39 @@
 mod netd_common;
 
 use anyhow::Result;
-use integration_tests::{require_root, unique_name, Netns};
+use integration_tests::require_root;
 use netd_common::*;
 
 #[test]
 fn ping_within_network_not_across_and_counters() -> Result<()> {
     require_root();
     let dir = tempdir();
-    let host = Netns::new("nh")?;
-    let a = Netns::new("na")?;
-    let b = Netns::new("nb")?;
-    let c = Netns::new("nc")?;
-    let (ta, tb, tc) = (unique_name("ta"), unique_name("tb"), unique_name("tc"));
-    let cfg = write_config(
+    let a = TapHost::new("na")?;
+    let b = TapHost::new("nb")?;
+    let c = TapHost::new("nc")?;
+    let (_host, netd) = start_netd(
         dir.path(),
+        "nh",
         &format!(
             r#"
 [[network]]
 name = "lan"
 mode = "internal"
 mtu = 1500
-
-[[network.port]]
-name = "a"
-kind = "tap"
-ifname = "{ta}"
-netns = "{na}"
-mac = "02:00:00:00:0a:01"
-
-[[network.port]]
-name = "b"
-kind = "tap"
-ifname = "{tb}"
-netns = "{nb}"
-
+{pa}mac = "02:00:00:00:0a:01"
+{pb}
 [[network]]
 name = "other"
 mode = "internal"
-
-[[network.port]]
-name = "c"
-kind = "tap"
-ifname = "{tc}"
-netns = "{nc}"
-"#,
-            na = a.name(),
-            nb = b.name(),
-            nc = c.name()
+{pc}"#,
+            pa = a.port("a"),
+            pb = b.port("b"),
+            pc = c.port("c"),
         ),
-    );
-    let netd = Netd::start(&host, dir.path(), &cfg)?;
-    a.exec(&["ip", "addr", "add", "10.1.0.1/24", "dev", &ta])?;
-    b.exec(&["ip", "addr", "add", "10.1.0.2/24", "dev", &tb])?;
-    c.exec(&["ip", "addr", "add", "10.1.0.3/24", "dev", &tc])?;
+    )?;
+    a.addr("10.1.0.1/24")?;
+    b.addr("10.1.0.2/24")?;
+    c.addr("10.1.0.3/24")?;
 
     assert!(
         ping_retry(&a, "10.1.0.2", 5),
@@ -107,7 +87,7 @@ netns = "{nc}"
             .success(),
         "1500-byte packet fits"
     );
-    a.exec(&["ip", "link", "set", "dev", &ta, "mtu", "9000"])?;
+    a.exec(&["ip", "link", "set", "dev", &a.tap, "mtu", "9000"])?;
     let before = netd.counters("lan", "a")?["drop_mtu"].as_u64().unwrap();
     assert!(
         !a.command(&["ping", "-c", "1", "-W", "1", "-M", "do", "-s", "3000", "10.1.0.2"])
@@ -121,7 +101,7 @@ netns = "{nc}"
     assert!(netd.stop(), "clean exit on SIGTERM");
     // netd's TAPs went with it.
     assert!(
-        a.exec(&["ip", "link", "show", &ta]).is_err(),
+        a.exec(&["ip", "link", "show", &a.tap]).is_err(),
         "TAP removed on exit"
     );
     Ok(())
@@ -131,21 +111,19 @@ netns = "{nc}"
 fn tap_port_comes_back_with_its_namespace() -> Result<()> {
     require_root();
     let dir = tempdir();
-    let host = Netns::new("nh")?;
-    let a = Netns::new("na")?;
-    let b = Netns::new("nb")?;
-    let (ta, tb) = (unique_name("ta"), unique_name("tb"));
-    let cfg = write_config(
+    let a = TapHost::new("na")?;
+    let b = TapHost::new("nb")?;
+    let (_host, netd) = start_netd(
         dir.path(),
+        "nh",
         &format!(
-            "[[network]]\nname = \"lan\"\nmode = \"internal\"\n\n[[network.port]]\nname = \"a\"\nkind = \"tap\"\nifname = \"{ta}\"\nnetns = \"{na}\"\n\n[[network.port]]\nname = \"b\"\nkind = \"tap\"\nifname = \"{tb}\"\nnetns = \"{nb}\"\n",
-            na = a.name(),
-            nb = b.name()
+            "[[network]]\nname = \"lan\"\nmode = \"internal\"\n{}{}",
+            a.port("a"),
+            b.port("b")
         ),
-    );
-    let netd = Netd::start(&host, dir.path(), &cfg)?;
-    a.exec(&["ip", "addr", "add", "10.1.1.1/24", "dev", &ta])?;
-    b.exec(&["ip", "addr", "add", "10.1.1.2/24", "dev", &tb])?;
+    )?;
+    a.addr("10.1.1.1/24")?;
+    b.addr("10.1.1.2/24")?;
     assert!(ping_retry(&a, "10.1.1.2", 5));
 
     // The container goes away: its namespace (and the TAP's kernel side) with it.
@@ -164,13 +142,13 @@ fn tap_port_comes_back_with_its_namespace() -> Result<()> {
     ))?;
     assert!(
         integration_tests::wait_until(std::time::Duration::from_secs(5), || b
-            .exec(&["ip", "link", "show", &tb])
+            .exec(&["ip", "link", "show", &b.tap])
             .is_ok()),
         "netd recreated the TAP in the new namespace"
     );
-    b.exec(&["ip", "addr", "add", "10.1.1.2/24", "dev", &tb])?;
+    b.addr("10.1.1.2/24")?;
     // The new TAP has a new MAC: a forgets the old one, as after any host change.
-    a.exec(&["ip", "neigh", "flush", "dev", &ta])?;
+    a.exec(&["ip", "neigh", "flush", "dev", &a.tap])?;
     assert!(
         ping_retry(&a, "10.1.1.2", 5),
         "traffic flows again: {}\n{}",

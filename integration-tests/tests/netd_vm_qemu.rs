@@ -8,18 +8,18 @@ mod netd_common;
 use std::time::Duration;
 
 use anyhow::Result;
-use integration_tests::{require_root, unique_name, wait_until, Netns};
+use integration_tests::{require_root, unique_name, wait_until};
 use netd_common::*;
 
 #[test]
 fn qemu_on_vm_port_gets_lease_and_pings_twice() -> Result<()> {
     require_root();
     let dir = tempdir();
-    let host = Netns::new("vh")?;
-    let peer = Netns::new("vp")?;
-    let (tp, tv) = (unique_name("tp"), unique_name("tv"));
-    let cfg = write_config(
+    let peer = TapHost::new("vp")?;
+    let tv = unique_name("tv");
+    let (host, netd) = start_netd(
         dir.path(),
+        "vh",
         &format!(
             r#"
 [[network]]
@@ -28,30 +28,13 @@ mode = "internal"
 subnet = "10.4.0.0/24"
 dhcp = true
 dhcp_range = "10.4.0.100-10.4.0.150"
-
-[[network.port]]
-name = "peer"
-kind = "tap"
-ifname = "{tp}"
-netns = "{np}"
-"#,
-            np = peer.name()
+{pp}"#,
+            pp = peer.port("peer")
         ),
-    );
-    let netd = Netd::start(&host, dir.path(), &cfg)?;
-    peer.exec(&["ip", "addr", "add", "10.4.0.2/24", "dev", &tp])?;
+    )?;
+    peer.addr("10.4.0.2/24")?;
     // The VM's port is added at runtime, as a VMM launcher would.
-    netd.cli(&[
-        "port",
-        "add",
-        "lan",
-        "--kind",
-        "vm",
-        "--ifname",
-        &tv,
-        "--mac",
-        "52:54:00:12:34:56",
-    ])?;
+    add_vm_port(&netd, "lan", &tv, &["--mac", "52:54:00:12:34:56"])?;
     assert!(
         host.exec(&["ip", "link", "show", &tv]).is_ok(),
         "netd created the TAP"
@@ -82,14 +65,7 @@ netns = "{np}"
             "52:54:00:12:34:56",
             Duration::from_secs(90),
         )?;
-        assert!(
-            out.contains("DHCP-OK 10.4.0.100/24"),
-            "round {round}: lease from netd:\n{out}"
-        );
-        assert!(
-            out.contains("PING-OK"),
-            "round {round}: guest pinged the test host:\n{out}"
-        );
+        assert_guest_leased_and_pinged(&out, "10.4.0.100/24", &format!("round {round}"));
         if round == 1 {
             assert!(out.contains("NC-OK"), "TCP stream sent:\n{out}");
             let got = || std::fs::metadata(&recv).map(|m| m.len()).unwrap_or(0);

@@ -101,6 +101,11 @@ fn bad_values_name_key_and_expectation() {
         "max_connections",
         "expected a number",
     );
+    assert_refused(
+        "control = \"@CONTROL@\"\nstate_dir = \"@STATE@\"\nbusy_poll_us = 5000\n",
+        "busy_poll_us",
+        "expected a number of microseconds",
+    );
 }
 
 #[test]

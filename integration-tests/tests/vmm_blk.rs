@@ -7,11 +7,10 @@ mod stord_common;
 mod vmm_guest;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use integration_tests::{free_port, require_root, wait_until, ChildGuard};
-use vmm_guest::{assemble, run_vmm};
+use integration_tests::require_root;
+use vmm_guest::{assemble, make_disk, qemu_nbd, run_guest, run_kernel, LiveVm, TcpDisk, VmRun};
 
 /// Sector the guest writes.
 const SECTOR: u64 = 77;
@@ -40,12 +39,7 @@ _start:
     cmp ${ro}, %eax
     je 1f
     FAIL 'r'
-1:  xor %r8d, %r8d
-    call dev_init
-    xor %edi, %edi
-    mov $RING, %esi
-    call setup_queue
-    call driver_ok
+1:  BLK_UP 0, RING
     # capacity (config offset 0x100) must be 2048 sectors (1 MiB)
     cmpq $2048, 0x100(%rbx)
     je 1f
@@ -62,15 +56,10 @@ _start:
     movl $0, HDR+4
     movq ${sector}, HDR+8
     movb $0xff, STATUS
-    DSET RING, 0, HDR, 16, F_NEXT, 1
-    DSET RING, 1, DATA, 512, F_NEXT, 2
-    DSET RING, 2, STATUS, 1, F_WRITE, 0
-    AVAIL RING, 0, 0, 1
-    movl $0, 0x50(%rbx)
-    cmpw $1, RING+0x2000+2
-    je 1f
-    FAIL '1'
-1:  movzbl STATUS, %eax
+    REQ3 RING, HDR, DATA, 512, STATUS
+    SUBMIT RING, 0, 0, 1
+    EXPECT_USED RING, 1, '1'
+    movzbl STATUS, %eax
     cmp ${want_write_status}, %eax
     je 1f
     FAIL '2'
@@ -78,12 +67,9 @@ _start:
     movl $0, HDR
     movb $0xff, STATUS
     DSET RING, 1, RDATA, 512, F_NEXT|F_WRITE, 2
-    AVAIL RING, 1, 0, 2
-    movl $0, 0x50(%rbx)
-    cmpw $2, RING+0x2000+2
-    je 1f
-    FAIL '3'
-1:  cmpb $0, STATUS
+    SUBMIT RING, 1, 0, 2
+    EXPECT_USED RING, 2, '3'
+    cmpb $0, STATUS
     je 1f
     FAIL '4'
 1:  cmpl $513, RING+0x2000+4+8+4    # used len of the read: 512 data + status
@@ -102,8 +88,7 @@ _start:
     movl $4, HDR
     movb $0xff, STATUS
     DSET RING, 1, STATUS, 1, F_WRITE, 0
-    AVAIL RING, 2, 0, 3
-    movl $0, 0x50(%rbx)
+    SUBMIT RING, 2, 0, 3
     cmpb ${want_flush}, STATUS
     je 1f
     FAIL '7'
@@ -120,80 +105,26 @@ okmsg: .asciz "BLK OK\n"
     )
 }
 
-/// Starts qemu-nbd on a TCP port (or a unix socket) for `img`.
-fn qemu_nbd(
-    img: &Path,
-    export: &str,
-    port: Option<u16>,
-    sock: Option<&Path>,
-    ro: bool,
-) -> ChildGuard {
-    let mut c = Command::new("qemu-nbd");
-    c.args([
-        "-f",
-        "raw",
-        "-x",
-        export,
-        "-t",
-        "--cache=none",
-        "--aio=threads",
-    ]);
-    if ro {
-        c.arg("-r");
-    }
-    match (port, sock) {
-        (Some(p), _) => {
-            c.args(["-b", "127.0.0.1", "-p", &p.to_string()]);
-        }
-        (None, Some(s)) => {
-            c.arg("-k").arg(s);
-        }
-        _ => unreachable!(),
-    }
-    c.arg(img);
-    let g = ChildGuard::new(c.spawn().expect("qemu-nbd (qemu-utils) must be installed"));
-    let ready = wait_until(Duration::from_secs(10), || match (port, sock) {
-        (Some(p), _) => std::net::TcpStream::connect(("127.0.0.1", p)).is_ok(),
-        (_, Some(s)) => std::os::unix::net::UnixStream::connect(s).is_ok(),
-        _ => false,
-    });
-    assert!(ready, "qemu-nbd did not start");
-    g
+/// Runs the guest `elf` with `disk` as its only disk.
+fn run_with_disk(elf: &Path, disk: &str) -> VmRun {
+    run_guest(&[], elf, &["--disk", disk], Duration::from_secs(60))
 }
 
-fn make_disk(dir: &Path) -> std::path::PathBuf {
-    let img = dir.join("disk.img");
-    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
-    img
+/// Asserts that `SECTOR` of the disk image `bytes` holds the guest's pattern.
+fn assert_pattern_at_sector(bytes: &[u8]) {
+    let s = &bytes[(SECTOR * 512) as usize..(SECTOR * 512 + 512) as usize];
+    assert_eq!(s, PATTERN.repeat(32).as_slice());
 }
 
 #[test]
 fn guest_writes_and_reads_a_sector_through_nbd_tcp() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
-    let img = make_disk(dir.path());
-    let port = free_port();
-    let _nbd = qemu_nbd(&img, "disk0", Some(port), None, false);
+    let nbd = TcpDisk::new(dir.path(), "disk0");
     let elf = assemble(dir.path(), "blk", &blk_guest(false)).unwrap();
-    let disk = format!("nbd://127.0.0.1:{port}/disk0");
-    let r = run_vmm(
-        &[],
-        &[
-            "--kernel",
-            elf.to_str().unwrap(),
-            "--mem",
-            "64M",
-            "--disk",
-            &disk,
-        ],
-        Duration::from_secs(60),
-    )
-    .unwrap();
-    assert_eq!(r.serial, "BLK OK\n", "stderr: {}", r.stderr);
-    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
-    let bytes = std::fs::read(&img).unwrap();
-    let s = &bytes[(SECTOR * 512) as usize..(SECTOR * 512 + 512) as usize];
-    assert_eq!(s, PATTERN.repeat(32).as_slice());
+    run_with_disk(&elf, &nbd.uri("disk0")).assert_clean_exit("BLK OK\n");
+    let bytes = std::fs::read(&nbd.img).unwrap();
+    assert_pattern_at_sector(&bytes);
     assert!(bytes[..(SECTOR * 512) as usize].iter().all(|&b| b == 0));
 }
 
@@ -206,21 +137,7 @@ fn unix_socket_export_and_read_only_export() {
     let _nbd = qemu_nbd(&img, "ro0", None, Some(&sock), true);
     let elf = assemble(dir.path(), "blkro", &blk_guest(true)).unwrap();
     let disk = format!("nbd+unix:///ro0?socket={}", sock.display());
-    let r = run_vmm(
-        &[],
-        &[
-            "--kernel",
-            elf.to_str().unwrap(),
-            "--mem",
-            "64M",
-            "--disk",
-            &disk,
-        ],
-        Duration::from_secs(60),
-    )
-    .unwrap();
-    assert_eq!(r.serial, "BLK OK\n", "stderr: {}", r.stderr);
-    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    run_with_disk(&elf, &disk).assert_clean_exit("BLK OK\n");
     assert!(std::fs::read(&img).unwrap().iter().all(|&b| b == 0));
 }
 
@@ -228,55 +145,28 @@ fn unix_socket_export_and_read_only_export() {
 fn forced_read_only_flag_on_a_writable_export() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
-    let img = make_disk(dir.path());
-    let port = free_port();
-    let _nbd = qemu_nbd(&img, "d", Some(port), None, false);
+    let nbd = TcpDisk::new(dir.path(), "d");
     let elf = assemble(dir.path(), "blkro2", &blk_guest(true)).unwrap();
-    let disk = format!("nbd://127.0.0.1:{port}/d,ro");
-    let r = run_vmm(
-        &[],
-        &[
-            "--kernel",
-            elf.to_str().unwrap(),
-            "--mem",
-            "64M",
-            "--disk",
-            &disk,
-        ],
-        Duration::from_secs(60),
-    )
-    .unwrap();
-    assert_eq!(r.serial, "BLK OK\n", "stderr: {}", r.stderr);
-    assert_eq!(r.code, Some(0));
-    assert!(std::fs::read(&img).unwrap().iter().all(|&b| b == 0));
+    run_with_disk(&elf, &nbd.uri("d,ro")).assert_clean_exit("BLK OK\n");
+    assert!(std::fs::read(&nbd.img).unwrap().iter().all(|&b| b == 0));
 }
 
 #[test]
 fn missing_export_is_a_clear_error() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
-    let img = make_disk(dir.path());
-    let port = free_port();
-    let _nbd = qemu_nbd(&img, "disk0", Some(port), None, false);
+    let nbd = TcpDisk::new(dir.path(), "disk0");
     let elf = assemble(dir.path(), "x", "_start: jmp reboot\n").unwrap();
-    let disk = format!("nbd://127.0.0.1:{port}/nope");
-    let r = run_vmm(
-        &[],
-        &["--kernel", elf.to_str().unwrap(), "--disk", &disk],
-        Duration::from_secs(60),
-    )
-    .unwrap();
-    assert_eq!(r.code, Some(1), "stderr: {}", r.stderr);
-    assert!(r.stderr.contains("refused export \"nope\""), "{}", r.stderr);
+    let disk = nbd.uri("nope");
+    run_kernel(&[], &elf, &["--disk", &disk], Duration::from_secs(60))
+        .assert_exit(1, "refused export \"nope\"");
 }
 
 #[test]
 fn sigterm_stops_the_guest_and_closes_nbd() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
-    let img = make_disk(dir.path());
-    let port = free_port();
-    let _nbd = qemu_nbd(&img, "disk0", Some(port), None, false);
+    let nbd = TcpDisk::new(dir.path(), "disk0");
     // A guest that spins forever (in ring 0, so vmm-shim must kick it out of KVM_RUN).
     let elf = assemble(
         dir.path(),
@@ -284,31 +174,15 @@ fn sigterm_stops_the_guest_and_closes_nbd() {
         "_start: PRINT m\n1: jmp 1b\nm: .asciz \"up\\n\"\n",
     )
     .unwrap();
-    let disk = format!("nbd://127.0.0.1:{port}/disk0");
-    let child = Command::new(integration_tests::bin("vmm-shim"))
-        .args(["--kernel", elf.to_str().unwrap(), "--disk", &disk])
-        .env("VMM_LOG", "info")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut g = ChildGuard::new(child);
+    let disk = nbd.uri("disk0");
+    let mut cmd =
+        vmm_guest::vmm_command(&[], &["--kernel", elf.to_str().unwrap(), "--disk", &disk]);
+    cmd.env("VMM_LOG", "info");
+    let vm = LiveVm::spawn(cmd).unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    g.signal(libc::SIGTERM);
-    let st = g
-        .wait_timeout(Duration::from_secs(10))
-        .expect("vmm-shim ignored SIGTERM");
-    assert_eq!(st.code(), Some(0));
-    let mut err = String::new();
-    use std::io::Read;
-    g.child()
-        .stderr
-        .as_mut()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    assert!(err.contains("disk closing"), "{err}");
-    assert!(!err.contains("NBD close failed"), "{err}");
+    let r = vm.stop(Duration::from_secs(10));
+    r.assert_exit(0, "disk closing");
+    assert!(!r.stderr.contains("NBD close failed"), "{r}");
 }
 
 #[test]
@@ -318,26 +192,13 @@ fn guest_writes_and_reads_a_sector_through_stord() {
     let dir = tempfile::tempdir().unwrap();
     let elf = assemble(dir.path(), "blk", &blk_guest(false)).unwrap();
     for (round, disk) in [stord.uri("vm0"), stord.unix_uri("vm0")].iter().enumerate() {
-        let r = run_vmm(
-            &[],
-            &[
-                "--kernel",
-                elf.to_str().unwrap(),
-                "--mem",
-                "64M",
-                "--disk",
-                disk,
-            ],
-            Duration::from_secs(60),
-        )
-        .unwrap();
-        assert_eq!(r.serial, "BLK OK\n", "round {round}: stderr: {}", r.stderr);
-        assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+        let r = run_with_disk(&elf, disk);
+        assert_eq!(r.serial, "BLK OK\n", "round {round}: {r}");
+        r.assert_clean_exit("BLK OK\n");
     }
     // vmm-shim flushed before it disconnected: the bytes are in stord's disk file.
     let bytes = std::fs::read(stord.state().join("disks/vm0.img")).unwrap();
-    let s = &bytes[(SECTOR * 512) as usize..(SECTOR * 512 + 512) as usize];
-    assert_eq!(s, PATTERN.repeat(32).as_slice());
+    assert_pattern_at_sector(&bytes);
 }
 
 /// Guest: write the pattern to sectors 10..13, then DISCARD sector 10 and
@@ -348,31 +209,24 @@ const TRIM_GUEST: &str = r#"
     .set DATA, 0x204000
     .set STATUS, 0x205000
     .set SEG, 0x206000
+    .set FEATURES, (1 << 13) | (1 << 14)    # DISCARD, WRITE_ZEROES
 _start:
     mov $MMIO0, %rbx
     movl $0, 0x14(%rbx)
     movl 0x10(%rbx), %eax
-    and $((1 << 13) | (1 << 14)), %eax  # DISCARD, WRITE_ZEROES offered
-    cmp $((1 << 13) | (1 << 14)), %eax
+    and $FEATURES, %eax                 # both offered
+    cmp $FEATURES, %eax
     je 1f
     FAIL 'f'
-1:  mov $((1 << 13) | (1 << 14)), %r8d
-    call dev_init
-    xor %edi, %edi
-    mov $RING, %esi
-    call setup_queue
-    call driver_ok
+1:  BLK_UP FEATURES, RING
     mov $DATA, %rdi
     mov $0x5a, %al
     mov $1536, %ecx
     rep stosb
     movl $1, HDR
     movq $10, HDR+8
-    DSET RING, 0, HDR, 16, F_NEXT, 1
-    DSET RING, 1, DATA, 1536, F_NEXT, 2
-    DSET RING, 2, STATUS, 1, F_WRITE, 0
-    AVAIL RING, 0, 0, 1
-    movl $0, 0x50(%rbx)
+    REQ3 RING, HDR, DATA, 1536, STATUS
+    SUBMIT RING, 0, 0, 1
     cmpb $0, STATUS
     je 1f
     FAIL 'w'
@@ -383,8 +237,7 @@ _start:
     movl $0, SEG+12
     DSET RING, 1, SEG, 16, F_NEXT, 2
     movb $0xff, STATUS
-    AVAIL RING, 1, 0, 2
-    movl $0, 0x50(%rbx)
+    SUBMIT RING, 1, 0, 2
     cmpb $0, STATUS
     je 1f
     FAIL 'd'
@@ -392,8 +245,7 @@ _start:
     movl $13, HDR
     movq $11, SEG
     movb $0xff, STATUS
-    AVAIL RING, 2, 0, 3
-    movl $0, 0x50(%rbx)
+    SUBMIT RING, 2, 0, 3
     cmpb $0, STATUS
     je 1f
     FAIL 'z'
@@ -408,21 +260,7 @@ fn discard_and_write_zeroes_reach_stord() {
     let stord = stord_common::Stord::start(&[stord_common::dynamic("t0", "1M")]).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let elf = assemble(dir.path(), "trim", TRIM_GUEST).unwrap();
-    let r = run_vmm(
-        &[],
-        &[
-            "--kernel",
-            elf.to_str().unwrap(),
-            "--mem",
-            "64M",
-            "--disk",
-            &stord.uri("t0"),
-        ],
-        Duration::from_secs(60),
-    )
-    .unwrap();
-    assert_eq!(r.serial, "TRIM OK\n", "stderr: {}", r.stderr);
-    assert_eq!(r.code, Some(0));
+    run_with_disk(&elf, &stord.uri("t0")).assert_clean_exit("TRIM OK\n");
     let bytes = std::fs::read(stord.state().join("disks/t0.img")).unwrap();
     assert!(
         bytes[10 * 512..12 * 512].iter().all(|&b| b == 0),
@@ -443,19 +281,11 @@ const IOERR_GUEST: &str = r#"
     .set STATUS, 0x205000
 _start:
     mov $MMIO0, %rbx
-    xor %r8d, %r8d
-    call dev_init
-    xor %edi, %edi
-    mov $RING, %esi
-    call setup_queue
-    call driver_ok
+    BLK_UP 0, RING
     movl $1, HDR
     movq $1, HDR+8
-    DSET RING, 0, HDR, 16, F_NEXT, 1
-    DSET RING, 1, DATA, 512, F_NEXT, 2
-    DSET RING, 2, STATUS, 1, F_WRITE, 0
-    AVAIL RING, 0, 0, 1
-    movl $0, 0x50(%rbx)
+    REQ3 RING, HDR, DATA, 512, STATUS
+    SUBMIT RING, 0, 0, 1
     cmpb $0, STATUS
     je 1f
     FAIL 'w'
@@ -467,12 +297,9 @@ _start:
     movl $0, HDR
     movb $0xff, STATUS
     DSET RING, 1, DATA, 512, F_NEXT|F_WRITE, 2
-    AVAIL RING, 1, 0, 2
-    movl $0, 0x50(%rbx)
-    cmpw $2, RING+0x2000+2
-    je 1f
-    FAIL 'u'
-1:  cmpb $1, STATUS
+    SUBMIT RING, 1, 0, 2
+    EXPECT_USED RING, 2, 'u'
+    cmpb $1, STATUS
     je 1f
     FAIL 'e'
 1:  PRINT okmsg
@@ -483,41 +310,19 @@ okmsg: .asciz "IOERR OK\n"
 
 #[test]
 fn nbd_server_death_is_an_io_error_for_the_guest() {
-    use std::io::{BufRead, BufReader, Read, Write};
     require_root();
     let dir = tempfile::tempdir().unwrap();
-    let img = make_disk(dir.path());
-    let port = free_port();
-    let mut nbd = qemu_nbd(&img, "d", Some(port), None, false);
+    let mut nbd = TcpDisk::new(dir.path(), "d");
     let elf = assemble(dir.path(), "ioerr", IOERR_GUEST).unwrap();
-    let child = Command::new(integration_tests::bin("vmm-shim"))
-        .args(["--kernel", elf.to_str().unwrap(), "--mem", "64M"])
-        .args(["--disk", &format!("nbd://127.0.0.1:{port}/d")])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut g = ChildGuard::new(child);
-    let mut out = BufReader::new(g.child().stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line, "W1\n");
-    nbd.signal(libc::SIGKILL);
-    nbd.wait_timeout(Duration::from_secs(5))
+    let disk = nbd.uri("d");
+    let mut vm = LiveVm::guest(&[], &elf, &["--disk", &disk]);
+    vm.expect_line("W1\n");
+    nbd.nbd.signal(libc::SIGKILL);
+    nbd.nbd
+        .wait_timeout(Duration::from_secs(5))
         .expect("qemu-nbd gone");
-    g.child().stdin.as_mut().unwrap().write_all(b"x").unwrap();
-    let st = g.wait_timeout(Duration::from_secs(30));
-    let mut rest = String::new();
-    out.read_to_string(&mut rest).unwrap();
-    let mut err = String::new();
-    g.child()
-        .stderr
-        .as_mut()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    assert_eq!(rest, "IOERR OK\n", "stderr: {err}");
-    assert_eq!(st.and_then(|s| s.code()), Some(0), "stderr: {err}");
-    assert!(err.contains("block backend failed"), "{err}");
+    vm.send(b"x");
+    let r = vm.finish(Duration::from_secs(30));
+    r.assert_clean_exit("IOERR OK\n");
+    assert!(r.stderr.contains("block backend failed"), "{r}");
 }

@@ -8,8 +8,8 @@ mod vmm_guest;
 
 use std::time::Duration;
 
-use integration_tests::{free_port, require_root, wait_until, ChildGuard};
-use vmm_guest::{assemble, run_vmm};
+use integration_tests::require_root;
+use vmm_guest::{assemble, run_guest, TcpDisk};
 
 const GUEST: &str = r#"
     .set RING, 0x200000
@@ -22,12 +22,8 @@ const GUEST: &str = r#"
 
     # KICK n: publish head 0 in slot n-1 with avail idx n, notify, expect used idx n.
     .macro KICK n, head=0
-    AVAIL RING, (\n-1), \head, \n
-    movl $0, 0x50(%rbx)
-    cmpw $\n, USED+2
-    je 1f
-    FAIL 'k'
-1:
+    SUBMIT RING, (\n-1), \head, \n
+    EXPECT_USED RING, \n, 'k'
     .endm
     # ULEN n, len: used entry n-1 has this length.
     .macro ULEN n, len
@@ -39,12 +35,7 @@ const GUEST: &str = r#"
 
 _start:
     mov $MMIO0, %rbx
-    xor %r8d, %r8d
-    call dev_init
-    xor %edi, %edi
-    mov $RING, %esi
-    call setup_queue
-    call driver_ok
+    BLK_UP 0, RING
     movl $1, HDR                          # OUT
     movq $0, HDR+8
 
@@ -75,9 +66,7 @@ _start:
     # 7: well formed, but past the end of the disk: IOERR, not a bad chain
     movq $999999, HDR+8
     movb $0xff, STATUS
-    DSET RING, 0, HDR, 16, F_NEXT, 1
-    DSET RING, 1, DATA, 512, F_NEXT, 2
-    DSET RING, 2, STATUS, 1, F_WRITE, 0
+    REQ3 RING, HDR, DATA, 512, STATUS
     KICK 7
     cmpb $1, STATUS
     je 1f
@@ -93,20 +82,13 @@ _start:
     movw $200, RING+0x1000+2
     movl $0, 0x50(%rbx)
     # recover: reset and set the device up again, then a good write
-    xor %r8d, %r8d
-    call dev_init
-    xor %edi, %edi
-    mov $RING, %esi
-    call setup_queue
-    call driver_ok
+    BLK_UP 0, RING
     movl $1, HDR
     movq $3, HDR+8
     movb $0xff, STATUS
     movq $0x6b6f2d7473726966, %rax        # "first-ok"
     movq %rax, DATA
-    DSET RING, 0, HDR, 16, F_NEXT, 1
-    DSET RING, 1, DATA, 512, F_NEXT, 2
-    DSET RING, 2, STATUS, 1, F_WRITE, 0
+    REQ3 RING, HDR, DATA, 512, STATUS
     KICK 1
     cmpb $0, STATUS
     je 1f
@@ -120,49 +102,14 @@ okmsg: .asciz "HOSTILE OK\n"
 fn malformed_chains_are_answered_counted_and_survived() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
-    let port = free_port();
-    let _nbd = ChildGuard::new(
-        std::process::Command::new("qemu-nbd")
-            .args([
-                "-f",
-                "raw",
-                "-x",
-                "d",
-                "-t",
-                "-b",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
-            .arg(&img)
-            .spawn()
-            .expect("qemu-nbd"),
-    );
-    assert!(wait_until(Duration::from_secs(10), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    }));
+    let nbd = TcpDisk::new(dir.path(), "d");
     let elf = assemble(dir.path(), "hostile", GUEST).unwrap();
-    let disk = format!("nbd://127.0.0.1:{port}/d");
+    let disk = nbd.uri("d");
     std::env::set_var("VMM_LOG", "info");
-    let r = run_vmm(
-        &[],
-        &[
-            "--kernel",
-            elf.to_str().unwrap(),
-            "--mem",
-            "64M",
-            "--disk",
-            &disk,
-        ],
-        Duration::from_secs(60),
-    )
-    .unwrap();
-    assert_eq!(r.serial, "HOSTILE OK\n", "stderr: {}", r.stderr);
-    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    let r = run_guest(&[], &elf, &["--disk", &disk], Duration::from_secs(60));
+    r.assert_clean_exit("HOSTILE OK\n");
     // Six malformed chains plus the bogus avail index.
-    assert!(r.stderr.contains("bad_chains=7"), "stderr: {}", r.stderr);
-    let bytes = std::fs::read(&img).unwrap();
+    assert!(r.stderr.contains("bad_chains=7"), "{r}");
+    let bytes = std::fs::read(&nbd.img).unwrap();
     assert_eq!(&bytes[3 * 512..3 * 512 + 8], b"first-ok");
 }

@@ -19,8 +19,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use integration_tests::{guest_assets, require_root, workspace_root, Netns};
-use netd_common::{write_config, Netd};
+use integration_tests::{guest_assets, require_root, workspace_root};
 
 /// Whether this host's KVM can run a stock Linux guest; `Err(reason)` if not.
 fn probe_linux_capable_kvm() -> Result<(), String> {
@@ -91,9 +90,9 @@ fn linux_boots_gets_a_lease_and_writes_its_disk() {
     assert!(st.success(), "mk-initramfs.sh failed");
 
     let stord = stord_common::Stord::start(&[stord_common::dynamic("root", "8M")]).unwrap();
-    let host = Netns::new("vlh").unwrap();
-    let cfg = write_config(
+    let (host, netd) = netd_common::start_netd(
         dir.path(),
+        "vlh",
         r#"
 [[network]]
 name = "lan"
@@ -102,19 +101,18 @@ subnet = "10.8.0.0/24"
 dhcp = true
 dhcp_range = "10.8.0.100-10.8.0.150"
 "#,
-    );
-    let netd = Netd::start(&host, dir.path(), &cfg).unwrap();
+    )
+    .unwrap();
     let control = dir.path().join("control.sock");
 
     let console = dir.path().join("console.log");
     let kernel = assets.join("vmlinux");
     // vmm-shim runs in netd's namespace: reach stord (root namespace) by its unix socket.
     let disk = stord.unix_uri("root");
-    let r = vmm_guest::run_vmm(
+    let r = vmm_guest::run_kernel(
         &["ip", "netns", "exec", host.name()],
+        &kernel,
         &[
-            "--kernel",
-            kernel.to_str().unwrap(),
             "--initrd",
             initrd.to_str().unwrap(),
             "--cmdline",
@@ -131,8 +129,7 @@ dhcp_range = "10.8.0.100-10.8.0.150"
             console.to_str().unwrap(),
         ],
         Duration::from_secs(180),
-    )
-    .unwrap();
+    );
     let log = std::fs::read_to_string(&console).unwrap_or_default();
     assert_eq!(r.code, Some(0), "stderr: {}\nconsole: {log}", r.stderr);
     for want in ["INIT STARTED", "DHCP OK 10.8.0.1", "DISK OK", "LINUX DONE"] {

@@ -7,56 +7,80 @@ mod vmm_guest;
 use std::time::Duration;
 
 use integration_tests::{require_root, unique_name, Netns};
-use vmm_guest::{arp_guest, assemble, run_vmm};
+use vmm_guest::{arp_guest, assemble, run_guest, run_kernel, LiveVm};
 
 #[test]
 fn guest_arp_exchange_through_a_tap() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let elf = assemble(dir.path(), "net", &arp_guest([10, 0, 0, 2], [10, 0, 0, 1])).unwrap();
-    let ns = Netns::new("vmn").unwrap();
-    let tap = unique_name("vt");
+    let (ns, tap) = tap_host("vmn", "vt");
+    let net = format!("tap={tap},mac=52:54:00:12:34:56");
+    run_guest(&in_ns(&ns), &elf, &["--net", &net], Duration::from_secs(60))
+        .assert_clean_exit("NET OK\n");
+}
+
+/// A fresh namespace with a vnet_hdr TAP in it, up, at 10.0.0.1/24 and without IPv6
+/// (no chatter for the guest).
+fn tap_host(ns_prefix: &str, tap_prefix: &str) -> (Netns, String) {
+    let ns = Netns::new(ns_prefix).unwrap();
+    let tap = unique_name(tap_prefix);
     ns.sh(&format!(
         "ip tuntap add dev {tap} mode tap vnet_hdr && \
          sysctl -qw net.ipv6.conf.{tap}.disable_ipv6=1 && \
          ip addr add 10.0.0.1/24 dev {tap} && ip link set {tap} up"
     ))
     .unwrap();
-    let net = format!("tap={tap},mac=52:54:00:12:34:56");
-    let r = run_vmm(
-        &["ip", "netns", "exec", ns.name()],
-        &[
-            "--kernel",
-            elf.to_str().unwrap(),
-            "--mem",
-            "64M",
-            "--net",
-            &net,
-        ],
-        Duration::from_secs(60),
-    )
+    (ns, tap)
+}
+
+/// A fresh namespace with a bare vnet_hdr TAP in it, up.
+fn bare_tap(ns_prefix: &str, tap_prefix: &str) -> (Netns, String) {
+    let ns = Netns::new(ns_prefix).unwrap();
+    let tap = unique_name(tap_prefix);
+    ns.sh(&format!(
+        "ip tuntap add dev {tap} mode tap vnet_hdr && ip link set {tap} up"
+    ))
     .unwrap();
-    assert_eq!(r.serial, "NET OK\n", "stderr: {}", r.stderr);
-    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    (ns, tap)
+}
+
+/// The prefix that runs vmm-shim in `ns`.
+fn in_ns(ns: &Netns) -> [&str; 4] {
+    ["ip", "netns", "exec", ns.name()]
+}
+
+/// Starts `elf` on the TAP `tap` in `ns` and waits for it to print READY.
+fn start_ready(ns: &Netns, tap: &str, elf: &std::path::Path) -> LiveVm {
+    let mut vm = LiveVm::guest(&in_ns(ns), elf, &["--net", &format!("tap={tap}")]);
+    vm.expect_line("READY\n");
+    vm
+}
+
+/// Asserts that vmm-shim's `net0-rx` thread uses (almost) no CPU for a second.
+fn assert_rx_thread_idle(vm: &LiveVm, why: &str) {
+    let pid = vm.pid();
+    let before = thread_ticks(pid, "net0-rx").expect("net0-rx thread");
+    std::thread::sleep(Duration::from_secs(1));
+    let after = thread_ticks(pid, "net0-rx").expect("net0-rx thread");
+    assert!(
+        after - before <= 5,
+        "RX thread used {} ticks in 1 s {why}",
+        after - before
+    );
 }
 
 #[test]
 fn missing_tap_permission_or_bad_name_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let elf = assemble(dir.path(), "x", "_start: jmp reboot\n").unwrap();
-    let r = run_vmm(
+    run_kernel(
         &[],
-        &[
-            "--kernel",
-            elf.to_str().unwrap(),
-            "--net",
-            "tap=waytoolongname0123",
-        ],
+        &elf,
+        &["--net", "tap=waytoolongname0123"],
         Duration::from_secs(30),
     )
-    .unwrap();
-    assert_eq!(r.code, Some(2), "stderr: {}", r.stderr);
-    assert!(r.stderr.contains("net[0]"), "{}", r.stderr);
+    .assert_exit(2, "net[0]");
 }
 
 /// A guest that acks the low feature bits in `features`, sets DRIVER_OK, prints READY
@@ -66,15 +90,7 @@ fn offload_guest(features: u32) -> String {
         r#"
 _start:
     mov $MMIO0, %rbx
-    mov ${features}, %r8d
-    call dev_init
-    xor %edi, %edi
-    mov $0x200000, %esi
-    call setup_queue
-    mov $1, %edi
-    mov $0x210000, %esi
-    call setup_queue
-    call driver_ok
+    NET_UP {features}, 0x200000, 0x210000
     PRINT ready
 1:  pause
     jmp 1b
@@ -86,42 +102,12 @@ ready: .asciz "READY\n"
 /// Boots an offload guest on a fresh TAP in a namespace and returns what
 /// `ethtool -k` says about the TAP while the guest runs.
 fn tap_offloads_with(features: u32) -> String {
-    use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let elf = assemble(dir.path(), "offl", &offload_guest(features)).unwrap();
-    let ns = Netns::new("vmo").unwrap();
-    let tap = unique_name("vo");
-    ns.sh(&format!(
-        "ip tuntap add dev {tap} mode tap vnet_hdr && ip link set {tap} up"
-    ))
-    .unwrap();
-    let child = ns
-        .command(&[
-            integration_tests::bin("vmm-shim").to_str().unwrap(),
-            "--kernel",
-            elf.to_str().unwrap(),
-            "--mem",
-            "64M",
-            "--net",
-            &format!("tap={tap}"),
-        ])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut g = integration_tests::ChildGuard::new(child);
-    let mut line = String::new();
-    BufReader::new(g.child().stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line, "READY\n");
+    let (ns, tap) = bare_tap("vmo", "vo");
+    let vm = start_ready(&ns, &tap, &elf);
     let k = ns.sh(&format!("ethtool -k {tap}")).unwrap();
-    g.signal(libc::SIGTERM);
-    assert_eq!(
-        g.wait_timeout(Duration::from_secs(10))
-            .and_then(|s| s.code()),
-        Some(0)
-    );
+    vm.stop(Duration::from_secs(10)).assert_clean_exit("");
     k
 }
 
@@ -154,15 +140,7 @@ const DEFERRED_GUEST: &str = r#"
     .set BUFS, 0x220000
 _start:
     mov $MMIO0, %rbx
-    xor %r8d, %r8d
-    call dev_init
-    xor %edi, %edi
-    mov $RX, %esi
-    call setup_queue
-    mov $1, %edi
-    mov $TX, %esi
-    call setup_queue
-    call driver_ok
+    NET_UP 0, RX, TX
     PRINT ready
     mov $0x3fd, %dx
 2:  in %dx, %al
@@ -208,114 +186,31 @@ fn thread_ticks(pid: u32, name: &str) -> Option<u64> {
 
 #[test]
 fn frames_wait_for_guest_buffers_without_spinning() {
-    use std::io::{BufRead, BufReader, Read, Write};
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let elf = assemble(dir.path(), "defer", DEFERRED_GUEST).unwrap();
-    let ns = Netns::new("vmd").unwrap();
-    let tap = unique_name("vd");
-    ns.sh(&format!(
-        "ip tuntap add dev {tap} mode tap vnet_hdr && \
-         sysctl -qw net.ipv6.conf.{tap}.disable_ipv6=1 && \
-         ip addr add 10.0.0.1/24 dev {tap} && ip link set {tap} up"
-    ))
-    .unwrap();
-    let child = ns
-        .command(&[
-            integration_tests::bin("vmm-shim").to_str().unwrap(),
-            "--kernel",
-            elf.to_str().unwrap(),
-            "--mem",
-            "64M",
-            "--net",
-            &format!("tap={tap}"),
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut g = integration_tests::ChildGuard::new(child);
-    let mut out = BufReader::new(g.child().stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line, "READY\n");
+    let (ns, tap) = tap_host("vmd", "vd");
+    let mut vm = start_ready(&ns, &tap, &elf);
     // The namespace's kernel ARPs for the guest: frames with nowhere to go yet.
     let _ = ns.sh("ping -c 3 -i 0.2 -W 1 10.0.0.2 >/dev/null 2>&1");
     // While a frame is parked, the receive thread sleeps instead of polling the TAP.
-    let pid = g.pid();
-    let before = thread_ticks(pid, "net0-rx").expect("net0-rx thread");
-    std::thread::sleep(Duration::from_secs(1));
-    let after = thread_ticks(pid, "net0-rx").expect("net0-rx thread");
-    assert!(
-        after - before <= 5,
-        "RX thread used {} ticks in 1 s while parked",
-        after - before
-    );
-    g.child().stdin.as_mut().unwrap().write_all(b"go").unwrap();
-    let st = g.wait_timeout(Duration::from_secs(60));
-    let mut rest = String::new();
-    out.read_to_string(&mut rest).unwrap();
-    let mut err = String::new();
-    g.child()
-        .stderr
-        .as_mut()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    assert_eq!(rest, "RX OK\n", "stderr: {err}");
-    assert_eq!(st.and_then(|s| s.code()), Some(0), "stderr: {err}");
+    assert_rx_thread_idle(&vm, "while parked");
+    vm.send(b"go");
+    vm.finish(Duration::from_secs(60))
+        .assert_clean_exit("RX OK\n");
 }
 
 #[test]
 fn a_deleted_tap_does_not_spin_the_receive_thread() {
-    use std::io::{BufRead, BufReader};
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let elf = assemble(dir.path(), "gone", &offload_guest(0)).unwrap();
-    let ns = Netns::new("vmg").unwrap();
-    let tap = unique_name("vg");
-    ns.sh(&format!(
-        "ip tuntap add dev {tap} mode tap vnet_hdr && ip link set {tap} up"
-    ))
-    .unwrap();
-    let child = ns
-        .command(&[
-            integration_tests::bin("vmm-shim").to_str().unwrap(),
-            "--kernel",
-            elf.to_str().unwrap(),
-            "--mem",
-            "64M",
-            "--net",
-            &format!("tap={tap}"),
-        ])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut g = integration_tests::ChildGuard::new(child);
-    let mut line = String::new();
-    BufReader::new(g.child().stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line, "READY\n");
+    let (ns, tap) = bare_tap("vmg", "vg");
+    let vm = start_ready(&ns, &tap, &elf);
     // Deleting the interface leaves the VMM's queue fd polling POLLERR and reading
     // EBADFD for ever: the receive thread must back off, not spin on it.
     ns.sh(&format!("ip link del {tap}")).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let pid = g.pid();
-    let before = thread_ticks(pid, "net0-rx").expect("net0-rx thread");
-    std::thread::sleep(Duration::from_secs(1));
-    let after = thread_ticks(pid, "net0-rx").expect("net0-rx thread");
-    assert!(
-        after - before <= 5,
-        "RX thread used {} ticks in 1 s on a deleted TAP",
-        after - before
-    );
-    g.signal(libc::SIGTERM);
-    assert_eq!(
-        g.wait_timeout(Duration::from_secs(10))
-            .and_then(|s| s.code()),
-        Some(0)
-    );
+    assert_rx_thread_idle(&vm, "on a deleted TAP");
+    vm.stop(Duration::from_secs(10)).assert_clean_exit("");
 }

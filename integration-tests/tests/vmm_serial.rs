@@ -8,7 +8,7 @@ mod vmm_guest;
 use std::time::Duration;
 
 use integration_tests::require_root;
-use vmm_guest::{assemble, assemble_with, run_vmm};
+use vmm_guest::{assemble, assemble_with, run_guest, run_kernel, LiveVm};
 
 #[test]
 fn guest_prints_on_serial_and_reboots_with_status_0() {
@@ -33,18 +33,8 @@ done: .asciz "LSR ok\n"
 "#,
     )
     .unwrap();
-    let r = run_vmm(
-        &[],
-        &["--kernel", elf.to_str().unwrap(), "--mem", "64M"],
-        Duration::from_secs(30),
-    )
-    .unwrap();
-    assert_eq!(
-        r.serial, "hello from the guest\nLSR ok\n",
-        "stderr: {}",
-        r.stderr
-    );
-    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    run_guest(&[], &elf, &[], Duration::from_secs(30))
+        .assert_clean_exit("hello from the guest\nLSR ok\n");
 }
 
 #[test]
@@ -63,15 +53,9 @@ msg: .asciz "about to fault\n"
 "#,
     )
     .unwrap();
-    let r = run_vmm(
-        &[],
-        &["--kernel", elf.to_str().unwrap(), "--mem", "64M"],
-        Duration::from_secs(30),
-    )
-    .unwrap();
-    assert_eq!(r.serial, "about to fault\n");
-    assert_eq!(r.code, Some(1), "stderr: {}", r.stderr);
-    assert!(r.stderr.contains("triple fault"), "stderr: {}", r.stderr);
+    let r = run_guest(&[], &elf, &[], Duration::from_secs(30));
+    assert_eq!(r.serial, "about to fault\n", "{r}");
+    r.assert_exit(1, "triple fault");
 }
 
 #[test]
@@ -79,48 +63,31 @@ fn bad_kernel_and_bad_config_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let junk = dir.path().join("junk");
     std::fs::write(&junk, vec![0x42u8; 4096]).unwrap();
-    let r = run_vmm(
-        &[],
-        &["--kernel", junk.to_str().unwrap()],
-        Duration::from_secs(30),
-    )
-    .unwrap();
-    assert_eq!(r.code, Some(1), "stderr: {}", r.stderr);
-    assert!(
-        r.stderr
-            .contains("neither an x86_64 ELF vmlinux nor a bzImage"),
-        "stderr: {}",
-        r.stderr
-    );
+    run_kernel(&[], &junk, &[], Duration::from_secs(30))
+        .assert_exit(1, "neither an x86_64 ELF vmlinux nor a bzImage");
 
     let cfg = dir.path().join("vm.toml");
     std::fs::write(&cfg, "kernel = \"/x\"\nmemory = \"1G\"\n").unwrap();
-    let r = run_vmm(
-        &[],
-        &["--config", cfg.to_str().unwrap()],
-        Duration::from_secs(30),
-    )
-    .unwrap();
-    assert_eq!(r.code, Some(2));
-    assert!(
-        r.stderr.contains("vm.toml") && r.stderr.contains("memory"),
-        "{}",
-        r.stderr
-    );
+    let r = run_config(&cfg);
+    r.assert_exit(2, "vm.toml");
+    r.assert_exit(2, "memory");
 
     std::fs::write(
         &cfg,
         "kernel = \"/x\"\nmem = \"1G\"\ndisk = [\"http://x\"]\n",
     )
     .unwrap();
-    let r = run_vmm(
+    run_config(&cfg).assert_exit(2, "disk[0]");
+}
+
+/// Runs vmm-shim with `--config cfg` and nothing else.
+fn run_config(cfg: &std::path::Path) -> vmm_guest::VmRun {
+    vmm_guest::run_vmm(
         &[],
         &["--config", cfg.to_str().unwrap()],
         Duration::from_secs(30),
     )
-    .unwrap();
-    assert_eq!(r.code, Some(2));
-    assert!(r.stderr.contains("disk[0]"), "{}", r.stderr);
+    .unwrap()
 }
 
 #[test]
@@ -144,14 +111,8 @@ fn toml_config_with_console_file() {
         ),
     )
     .unwrap();
-    let r = run_vmm(
-        &[],
-        &["--config", cfg.to_str().unwrap()],
-        Duration::from_secs(30),
-    )
-    .unwrap();
-    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
-    assert_eq!(r.serial, "", "console went to the file, not stdout");
+    // The console went to the file, not stdout.
+    run_config(&cfg).assert_clean_exit("");
     assert_eq!(std::fs::read_to_string(&console).unwrap(), "from toml\n");
 }
 
@@ -195,21 +156,7 @@ ap_start:
         &["--section-start=.ap=0x10000"],
     )
     .unwrap();
-    let r = run_vmm(
-        &[],
-        &[
-            "--kernel",
-            elf.to_str().unwrap(),
-            "--mem",
-            "64M",
-            "--cpus",
-            "2",
-        ],
-        Duration::from_secs(60),
-    )
-    .unwrap();
-    assert_eq!(r.serial, "SMP OK\n", "stderr: {}", r.stderr);
-    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    run_guest(&[], &elf, &["--cpus", "2"], Duration::from_secs(60)).assert_clean_exit("SMP OK\n");
 }
 
 #[test]
@@ -244,26 +191,10 @@ _start:
 "#,
     )
     .unwrap();
-    let mut child = std::process::Command::new(integration_tests::bin("vmm-shim"))
-        .args(["--kernel", elf.to_str().unwrap(), "--mem", "64M"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::{Read, Write};
-    child.stdin.take().unwrap().write_all(b"abc").unwrap();
-    let mut g = integration_tests::ChildGuard::new(child);
-    let st = g.wait_timeout(Duration::from_secs(60));
-    let mut out = String::new();
-    g.child()
-        .stdout
-        .as_mut()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    assert_eq!(out, "[abc]");
-    assert_eq!(st.and_then(|s| s.code()), Some(0));
+    let mut vm = LiveVm::guest(&[], &elf, &[]);
+    vm.send(b"abc");
+    vm.finish(Duration::from_secs(60))
+        .assert_clean_exit("[abc]");
 }
 
 #[test]
@@ -295,26 +226,17 @@ buf: .quad 0, 0
 "#,
     )
     .unwrap();
-    let r = run_vmm(
-        &[],
-        &["--kernel", elf.to_str().unwrap(), "--mem", "64M"],
-        Duration::from_secs(30),
-    )
-    .unwrap();
+    let r = run_guest(&[], &elf, &[], Duration::from_secs(30));
     if std::path::Path::new("/sys/module/kvm_pvm").exists() {
-        assert_eq!(r.serial, "a");
-        assert_eq!(r.code, Some(1), "stderr: {}", r.stderr);
-        assert!(
-            r.stderr
-                .contains("KVM internal error (KVM_EXIT_INTERNAL_ERROR, suberror 1)")
-                && r.stderr.contains("vCPU 0")
-                && r.stderr.contains("rip=0x"),
-            "stderr: {}",
-            r.stderr
+        assert_eq!(r.serial, "a", "{r}");
+        r.assert_exit(
+            1,
+            "KVM internal error (KVM_EXIT_INTERNAL_ERROR, suberror 1)",
         );
+        r.assert_exit(1, "vCPU 0");
+        r.assert_exit(1, "rip=0x");
     } else {
-        assert_eq!(r.serial, "ab", "stderr: {}", r.stderr);
-        assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+        r.assert_clean_exit("ab");
     }
 }
 
@@ -364,14 +286,7 @@ msg: .asciz "bzImage entered\n"
     assert!(st.success());
     let bz = dir.path().join("bzImage");
     std::fs::write(&bz, make_bzimage(&std::fs::read(&flat).unwrap())).unwrap();
-    let r = run_vmm(
-        &[],
-        &["--kernel", bz.to_str().unwrap(), "--mem", "64M"],
-        Duration::from_secs(30),
-    )
-    .unwrap();
-    assert_eq!(r.serial, "bzImage entered\n", "stderr: {}", r.stderr);
-    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    run_guest(&[], &bz, &[], Duration::from_secs(30)).assert_clean_exit("bzImage entered\n");
 }
 
 #[test]
@@ -399,26 +314,22 @@ nl: .asciz "\n"
     .unwrap();
     let initrd = dir.path().join("initrd");
     std::fs::write(&initrd, b"initrd bytes here\0").unwrap();
-    let r = run_vmm(
+    let r = run_guest(
         &[],
+        &elf,
         &[
-            "--kernel",
-            elf.to_str().unwrap(),
             "--initrd",
             initrd.to_str().unwrap(),
             "--cmdline",
             "console=ttyS0 hello=world",
-            "--mem",
-            "64M",
         ],
         Duration::from_secs(30),
-    )
-    .unwrap();
-    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    );
+    assert_eq!(r.code, Some(0), "{r}");
     let mut lines = r.serial.lines();
-    assert_eq!(lines.next(), Some("initrd bytes here"));
+    assert_eq!(lines.next(), Some("initrd bytes here"), "{r}");
     // The VMM appends nothing without devices.
-    assert_eq!(lines.next(), Some("console=ttyS0 hello=world"));
+    assert_eq!(lines.next(), Some("console=ttyS0 hello=world"), "{r}");
 }
 
 #[test]
@@ -430,20 +341,11 @@ fn sd_notify_ready_then_sigterm_exits_0() {
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    let child = std::process::Command::new(integration_tests::bin("vmm-shim"))
-        .args(["--kernel", elf.to_str().unwrap(), "--mem", "64M"])
-        .env("NOTIFY_SOCKET", &sock_path)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut g = integration_tests::ChildGuard::new(child);
+    let mut cmd = vmm_guest::vmm_command(&[], &["--kernel", elf.to_str().unwrap(), "--mem", "64M"]);
+    cmd.env("NOTIFY_SOCKET", &sock_path);
+    let vm = LiveVm::spawn(cmd).unwrap();
     let mut buf = [0u8; 64];
     let n = sock.recv(&mut buf).expect("READY=1 from vmm-shim");
     assert_eq!(&buf[..n], b"READY=1");
-    g.signal(libc::SIGTERM);
-    let st = g
-        .wait_timeout(Duration::from_secs(10))
-        .expect("exit after SIGTERM");
-    assert_eq!(st.code(), Some(0));
+    vm.stop(Duration::from_secs(10)).assert_clean_exit("");
 }

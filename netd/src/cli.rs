@@ -287,8 +287,9 @@ pub fn flows(v: &Value) -> String {
     t.render()
 }
 
-/// `netd flows NET --stats`: one "name  value" line per counter.
-pub fn nat_stats(v: &Value) -> String {
+/// `netd flows NET --stats`, `netd leases NET --stats`: one "name  value" line
+/// per counter.
+pub fn counters(v: &Value) -> String {
     use Align::*;
     let mut t = Table::new(&[("COUNTER", Left), ("VALUE", Right)]);
     if let Some(o) = v.as_object() {

@@ -83,6 +83,11 @@ pub enum Request {
         /// Network.
         net: String,
     },
+    /// The DHCP server's counters.
+    DhcpStats {
+        /// Network.
+        net: String,
+    },
 }
 
 /// A control response.

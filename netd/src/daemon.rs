@@ -73,6 +73,9 @@ pub enum DaemonError {
     /// network {0} is not a NAT network
     #[error("network {0} is not a NAT network")]
     NotNat(String),
+    /// network {0} has no DHCP server
+    #[error("network {0} has no DHCP server")]
+    NoDhcp(String),
 }
 
 struct NetState {
@@ -478,6 +481,17 @@ impl Daemon {
                     .unwrap_or_default();
                 j(serde_json::to_value(leases))
             }),
+            Request::DhcpStats { net } => {
+                let dhcp = self
+                    .with_net(&net, |st| st.dhcp.clone())?
+                    .ok_or_else(|| DaemonError::NoDhcp(net.clone()))?;
+                let d = dhcp.lock().unwrap_or_else(|e| e.into_inner());
+                Ok(serde_json::json!({
+                    "leases": d.db.leases().len(),
+                    "refused_full": d.refused_full,
+                    "malformed": d.malformed,
+                }))
+            }
         }
     }
 }

@@ -51,10 +51,14 @@ enum Cmd {
         /// Network.
         net: String,
     },
-    /// The DHCP leases of a network.
+    /// The DHCP leases of a network (and, with --stats, the server's counters).
     Leases {
         /// Network.
         net: String,
+        /// Show the DHCP server's counters instead: leases, refused_full
+        /// (tables at their bound), malformed (datagrams dropped).
+        #[arg(long)]
+        stats: bool,
     },
     /// Port forwards of a NAT network.
     Forward {
@@ -348,12 +352,13 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Mac { net } => out.show(Request::Mac { net }, cli::mac_table),
-        Cmd::Leases { net } => out.show(Request::Leases { net }, |v| {
+        Cmd::Leases { net, stats: false } => out.show(Request::Leases { net }, |v| {
             cli::leases(v, netd::dhcp::unix_now())
         }),
+        Cmd::Leases { net, stats: true } => out.show(Request::DhcpStats { net }, cli::counters),
         Cmd::Forward { cmd } => forward_cmd(&out, cmd),
         Cmd::Flows { net, stats: false } => out.show(Request::Flows { net }, cli::flows),
-        Cmd::Flows { net, stats: true } => out.show(Request::NatStats { net }, cli::nat_stats),
+        Cmd::Flows { net, stats: true } => out.show(Request::NatStats { net }, cli::counters),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

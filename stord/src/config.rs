@@ -9,6 +9,7 @@
 //! state_dir = "/var/lib/stord"
 //! max_connections = 128              # optional
 //! default_export = "scratch"         # optional: what the empty export name means
+//! busy_poll_us = 200                 # optional: poll idle connections (0: off)
 //!
 //! [[disk]]
 //! name = "scratch"
@@ -28,6 +29,8 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
 /// Largest disk size accepted (2^60 bytes: far beyond any host file system,
 /// small enough that offset arithmetic never overflows).
 pub const MAX_DISK_SIZE: u64 = 1 << 60;
+/// Largest `busy_poll_us` accepted.
+pub const MAX_BUSY_POLL_US: u32 = 1000;
 
 /// Errors loading a config file.
 #[derive(Debug, thiserror::Error)]
@@ -177,6 +180,10 @@ pub struct Config {
     /// The export served for the empty export name.
     #[serde(default)]
     pub default_export: Option<String>,
+    /// Longest a reader polls an idle connection before sleeping, in
+    /// microseconds (0: never poll). See `crate::poll`.
+    #[serde(default)]
+    pub busy_poll_us: Option<u32>,
     /// Disks to create when missing.
     #[serde(default)]
     pub disk: Vec<DiskConfig>,
@@ -276,6 +283,16 @@ impl Config {
             }
             check_disk_size(d.size.0).map_err(|e| invalid(format!("disk[{i}].size"), e))?;
         }
+        if let Some(us) = self.busy_poll_us {
+            if us > MAX_BUSY_POLL_US {
+                return Err(invalid(
+                    "busy_poll_us".into(),
+                    format!(
+                        "a number of microseconds from 0 (off) to {MAX_BUSY_POLL_US} (got {us})"
+                    ),
+                ));
+            }
+        }
         if let Some(d) = &self.default_export {
             check_disk_name(d).map_err(|e| invalid("default_export".into(), e))?;
         }
@@ -285,6 +302,11 @@ impl Config {
     /// The connection bound in effect.
     pub fn max_connections(&self) -> usize {
         self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS)
+    }
+
+    /// The busy-poll maximum in effect, in microseconds.
+    pub fn busy_poll_us(&self) -> u32 {
+        self.busy_poll_us.unwrap_or(crate::poll::DEFAULT_MAX_US)
     }
 }
 

@@ -20,6 +20,7 @@ pub mod config;
 pub mod control;
 pub mod disk;
 pub mod nbd;
+pub mod poll;
 pub mod server;
 pub mod sys;
 pub mod wire;

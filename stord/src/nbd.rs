@@ -116,6 +116,8 @@ pub struct Ctx {
     pub stats: Arc<Stats>,
     /// Bound on payload bytes in flight, all connections together.
     pub budget: Arc<Budget>,
+    /// Busy polling of idle connections (queue-depth-1 latency).
+    pub busy_poll: Arc<crate::poll::BusyPoll>,
 }
 
 impl Ctx {

@@ -172,6 +172,7 @@ pub async fn run(config: Config, opts: Options) -> Result<(), ServerError> {
         shutdown: shutdown_rx.clone(),
         stats: stats.clone(),
         budget: Arc::new(nbd::Budget::new(nbd::PAYLOAD_BUDGET)),
+        busy_poll: Arc::new(crate::poll::BusyPoll::new(config.busy_poll_us())),
     };
 
     if opts.stdin {

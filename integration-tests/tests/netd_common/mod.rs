@@ -146,24 +146,24 @@ pub fn udhcpc_script(dir: &Path) -> PathBuf {
 
 /// Runs busybox udhcpc once on `iface` in `ns`; returns the leased address.
 pub fn dhcp(ns: &Netns, iface: &str, dir: &Path) -> Result<String> {
+    dhcp_with(ns, iface, dir, &[])
+}
+
+/// [`dhcp`] with `extra` udhcpc arguments (e.g. `-x hostname:NAME`).
+pub fn dhcp_with(ns: &Netns, iface: &str, dir: &Path, extra: &[&str]) -> Result<String> {
     let script = udhcpc_script(dir);
     let _ = std::fs::remove_file(dir.join(format!("lease-{iface}")));
-    ns.exec(&[
+    let mut argv = vec![
         "busybox",
         "udhcpc",
         "-i",
         iface,
         "-s",
         script.to_str().unwrap(),
-        "-q",
-        "-n",
-        "-f",
-        "-t",
-        "5",
-        "-T",
-        "1",
-    ])
-    .context("udhcpc")?;
+    ];
+    argv.extend_from_slice(extra);
+    argv.extend_from_slice(&["-q", "-n", "-f", "-t", "5", "-T", "1"]);
+    ns.exec(&argv).context("udhcpc")?;
     let lease = std::fs::read_to_string(dir.join(format!("lease-{iface}")))
         .context("udhcpc wrote no lease")?;
     Ok(lease
@@ -307,4 +307,136 @@ pub fn boot_guest(
         bail!("guest did not finish in {timeout:?}; console:\n{out}");
     }
     Ok(out)
+}
+
+/// A `[[network.port]]` table for a `tap` port named `name` whose TAP `ifname` netd
+/// creates in the namespace `ns` (more keys of the port may follow it).
+pub fn tap_port(name: &str, ifname: &str, ns: &Netns) -> String {
+    format!(
+        "\n[[network.port]]\nname = \"{name}\"\nkind = \"tap\"\nifname = \"{ifname}\"\nnetns = \"{}\"\n",
+        ns.name()
+    )
+}
+
+/// A `[[network.port]]` table for a `stream` port named `name` listening on the unix
+/// socket `path`.
+pub fn stream_port(name: &str, path: &Path) -> String {
+    format!(
+        "\n[[network.port]]\nname = \"{name}\"\nkind = \"stream\"\npath = \"{}\"\n",
+        path.display()
+    )
+}
+
+/// Asks netd (through the CLI) for a `tap` port `name` on `net`, its TAP `ifname` in
+/// `ns`; returns the CLI's output.
+pub fn add_tap_port(
+    netd: &Netd,
+    net: &str,
+    ifname: &str,
+    ns: &Netns,
+    name: &str,
+) -> Result<String> {
+    netd.cli(&[
+        "port",
+        "add",
+        net,
+        "--kind",
+        "tap",
+        "--ifname",
+        ifname,
+        "--netns",
+        ns.name(),
+        "--name",
+        name,
+    ])
+}
+
+/// Asks netd (through the CLI) for a `vm` port on `net` with the TAP `ifname`, and
+/// `extra` options (`--mac M`, `--persistent`); returns the CLI's output.
+pub fn add_vm_port(netd: &Netd, net: &str, ifname: &str, extra: &[&str]) -> Result<String> {
+    let mut argv = vec!["port", "add", net, "--kind", "vm", "--ifname", ifname];
+    argv.extend_from_slice(extra);
+    netd.cli(&argv)
+}
+
+/// Gives `ifname` in `ns` the address `cidr` (netd brings its TAPs up).
+pub fn add_addr(ns: &Netns, ifname: &str, cidr: &str) -> Result<()> {
+    ns.exec(&["ip", "addr", "add", cidr, "dev", ifname])?;
+    Ok(())
+}
+
+/// Runs a 2-second iperf3 TCP test from `client` to an iperf3 server started in
+/// `server` on `addr`; returns the received bits per second.
+pub fn iperf3_bps(client: &Netns, server: &Netns, addr: &str) -> Result<f64> {
+    let _server = server.spawn(&["iperf3", "-s", "-1", "-B", addr])?;
+    let listening = format!("{addr}:5201");
+    if !wait_until(Duration::from_secs(5), || {
+        server
+            .sh("ss -ltn")
+            .map(|s| s.contains(&listening))
+            .unwrap_or(false)
+    }) {
+        bail!("iperf3 server did not listen on {listening}");
+    }
+    let out = client.exec(&["iperf3", "-c", addr, "-t", "2", "-J"])?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("no throughput")
+}
+
+/// Asserts the guest console output `out` (from [`boot_guest`]) shows a lease of
+/// `cidr` and a successful ping of the test host; `what` names the run.
+pub fn assert_guest_leased_and_pinged(out: &str, cidr: &str, what: &str) {
+    assert!(
+        out.contains(&format!("DHCP-OK {cidr}")),
+        "{what}: no lease of {cidr}:\n{out}"
+    );
+    assert!(
+        out.contains("PING-OK"),
+        "{what}: guest did not ping the test host:\n{out}"
+    );
+}
+
+/// A test host: a fresh namespace, and the name of the TAP a netd `tap` port puts
+/// into it. Derefs to its namespace.
+pub struct TapHost {
+    pub ns: Netns,
+    pub tap: String,
+}
+
+impl TapHost {
+    /// A new namespace (named after `prefix`) and a unique TAP name for it.
+    pub fn new(prefix: &str) -> Result<Self> {
+        Ok(TapHost {
+            ns: Netns::new(prefix)?,
+            tap: integration_tests::unique_name("tap"),
+        })
+    }
+
+    /// The `[[network.port]]` table of a `tap` port `name` for this host.
+    pub fn port(&self, name: &str) -> String {
+        tap_port(name, &self.tap, &self.ns)
+    }
+
+    /// Gives the host's TAP the address `cidr`.
+    pub fn addr(&self, cidr: &str) -> Result<()> {
+        add_addr(&self.ns, &self.tap, cidr)
+    }
+}
+
+impl std::ops::Deref for TapHost {
+    type Target = Netns;
+    fn deref(&self) -> &Netns {
+        &self.ns
+    }
+}
+
+/// Starts netd in a fresh namespace (named after `prefix`) with the config
+/// `networks` (see [`write_config`]) in `dir`; returns the namespace and netd.
+pub fn start_netd(dir: &Path, prefix: &str, networks: &str) -> Result<(Netns, Netd)> {
+    let host = Netns::new(prefix)?;
+    let cfg = write_config(dir, networks);
+    let netd = Netd::start(&host, dir, &cfg)?;
+    Ok((host, netd))
 }

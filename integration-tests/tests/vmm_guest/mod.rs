@@ -37,6 +37,54 @@ pub const PRELUDE: &str = r#"
     movw $\newidx, \ring+0x1000+2
     .endm
 
+    # SETUP_QUEUE queue, ring: set up virtqueue `queue` with its rings at `ring`.
+    .macro SETUP_QUEUE queue, ring
+    mov $\queue, %edi
+    mov $\ring, %esi
+    call setup_queue
+    .endm
+
+    # BLK_UP features, ring: bring the device at rbx up with `features` acked and
+    # its one queue at `ring` (a virtio-blk disk).
+    .macro BLK_UP features, ring
+    mov $\features, %r8d
+    call dev_init
+    SETUP_QUEUE 0, \ring
+    call driver_ok
+    .endm
+
+    # NET_UP features, rx, tx: bring the device at rbx up with `features` acked,
+    # its receive queue at `rx` and its transmit queue at `tx` (a virtio-net NIC).
+    .macro NET_UP features, rx, tx
+    mov $\features, %r8d
+    call dev_init
+    SETUP_QUEUE 0, \rx
+    SETUP_QUEUE 1, \tx
+    call driver_ok
+    .endm
+
+    # REQ3 ring, hdr, data, len, status: a virtio-blk request in descriptors 0-2:
+    # the header, `len` bytes of data the device reads, the status byte it writes.
+    .macro REQ3 ring, hdr, data, len, status
+    DSET \ring, 0, \hdr, 16, F_NEXT, 1
+    DSET \ring, 1, \data, \len, F_NEXT, 2
+    DSET \ring, 2, \status, 1, F_WRITE, 0
+    .endm
+
+    # SUBMIT ring, slot, head, newidx: publish a chain head and notify queue 0.
+    .macro SUBMIT ring, slot, head, newidx
+    AVAIL \ring, \slot, \head, \newidx
+    movl $0, 0x50(%rbx)
+    .endm
+
+    # EXPECT_USED ring, idx, code: FAIL with `code` unless the used index is `idx`.
+    .macro EXPECT_USED ring, idx, code
+    cmpw $\idx, \ring+0x2000+2
+    je 1f
+    FAIL \code
+1:
+    .endm
+
     .macro FAIL code
     mov $\code, %al
     jmp fail_with
@@ -158,15 +206,46 @@ pub fn assemble_with(dir: &Path, name: &str, src: &str, ld_args: &[&str]) -> Res
 pub struct VmRun {
     /// Exit code (None if killed by a signal or timed out).
     pub code: Option<i32>,
+    /// Whether vmm-shim was still running at the timeout (and was killed).
+    pub timed_out: bool,
     /// Guest serial output.
     pub serial: String,
     /// vmm-shim's stderr.
     pub stderr: String,
 }
 
-/// Runs vmm-shim with `args` (prefixed by `prefix`, e.g. `ip netns exec NS`), killing
-/// it after `timeout`.
-pub fn run_vmm(prefix: &[&str], args: &[&str], timeout: std::time::Duration) -> Result<VmRun> {
+impl VmRun {
+    /// Asserts that the guest printed exactly `serial` and vmm-shim exited 0.
+    pub fn assert_clean_exit(&self, serial: &str) {
+        assert!(!self.timed_out, "vmm-shim did not exit in time: {self}");
+        assert_eq!(self.serial, serial, "{self}");
+        assert_eq!(self.code, Some(0), "{self}");
+    }
+
+    /// Asserts that vmm-shim exited with `code` and its stderr contains `needle`.
+    pub fn assert_exit(&self, code: i32, needle: &str) {
+        assert!(!self.timed_out, "vmm-shim did not exit in time: {self}");
+        assert_eq!(self.code, Some(code), "{self}");
+        assert!(
+            self.stderr.contains(needle),
+            "{needle:?} missing from stderr: {self}"
+        );
+    }
+}
+
+impl std::fmt::Display for VmRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit code {:?}, serial {:?}, stderr: {}",
+            self.code, self.serial, self.stderr
+        )
+    }
+}
+
+/// The command line of vmm-shim with `args`, prefixed by `prefix` (e.g.
+/// `ip netns exec NS`), its standard streams piped.
+pub fn vmm_command(prefix: &[&str], args: &[&str]) -> Command {
     let bin = integration_tests::bin("vmm-shim");
     let mut cmd = if let Some((first, rest)) = prefix.split_first() {
         let mut c = Command::new(first);
@@ -176,29 +255,208 @@ pub fn run_vmm(prefix: &[&str], args: &[&str], timeout: std::time::Duration) -> 
         Command::new(&bin)
     };
     cmd.args(args)
-        .stdin(std::process::Stdio::null())
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    let child = cmd.spawn().context("spawn vmm-shim")?;
-    let mut guard = integration_tests::ChildGuard::new(child);
-    let status = guard.wait_timeout(timeout);
-    if status.is_none() {
-        guard.signal(libc::SIGKILL);
+    cmd
+}
+
+/// Runs vmm-shim with `args` (prefixed by `prefix`, e.g. `ip netns exec NS`), killing
+/// it after `timeout`.
+pub fn run_vmm(prefix: &[&str], args: &[&str], timeout: std::time::Duration) -> Result<VmRun> {
+    let mut cmd = vmm_command(prefix, args);
+    cmd.stdin(std::process::Stdio::null());
+    Ok(LiveVm::spawn(cmd)?.finish(timeout))
+}
+
+/// Runs `kernel` under vmm-shim with `extra` arguments (see [`run_vmm`]).
+pub fn run_kernel(
+    prefix: &[&str],
+    kernel: &Path,
+    extra: &[&str],
+    timeout: std::time::Duration,
+) -> VmRun {
+    let mut args = vec!["--kernel", kernel.to_str().expect("UTF-8 kernel path")];
+    args.extend_from_slice(extra);
+    run_vmm(prefix, &args, timeout).expect("run vmm-shim")
+}
+
+/// Runs the guest program `elf` with 64 MiB of RAM and `extra` arguments.
+pub fn run_guest(
+    prefix: &[&str],
+    elf: &Path,
+    extra: &[&str],
+    timeout: std::time::Duration,
+) -> VmRun {
+    let mut args = vec!["--mem", "64M"];
+    args.extend_from_slice(extra);
+    run_kernel(prefix, elf, &args, timeout)
+}
+
+/// A vmm-shim process the test talks to while it runs: reads the guest's serial
+/// line by line, writes console input, signals it; killed on drop.
+pub struct LiveVm {
+    guard: integration_tests::ChildGuard,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl LiveVm {
+    /// Spawns `cmd` (from [`vmm_command`]; stdout must be piped).
+    pub fn spawn(mut cmd: Command) -> Result<LiveVm> {
+        let child = cmd.spawn().context("spawn vmm-shim")?;
+        let mut guard = integration_tests::ChildGuard::new(child);
+        let stdout = guard
+            .child()
+            .stdout
+            .take()
+            .context("vmm-shim stdout piped")?;
+        Ok(LiveVm {
+            guard,
+            out: std::io::BufReader::new(stdout),
+        })
     }
-    let mut serial = String::new();
-    let mut stderr = String::new();
-    use std::io::Read;
-    if let Some(o) = guard.child().stdout.as_mut() {
-        let _ = o.read_to_string(&mut serial);
+
+    /// Spawns the guest program `elf` with 64 MiB of RAM and `extra` arguments.
+    pub fn guest(prefix: &[&str], elf: &Path, extra: &[&str]) -> LiveVm {
+        let mut args = vec![
+            "--kernel",
+            elf.to_str().expect("UTF-8 kernel path"),
+            "--mem",
+            "64M",
+        ];
+        args.extend_from_slice(extra);
+        LiveVm::spawn(vmm_command(prefix, &args)).expect("spawn vmm-shim")
     }
-    if let Some(e) = guard.child().stderr.as_mut() {
-        let _ = e.read_to_string(&mut stderr);
+
+    /// vmm-shim's pid.
+    pub fn pid(&self) -> u32 {
+        self.guard.pid()
     }
-    Ok(VmRun {
-        code: status.and_then(|s| s.code()),
-        serial,
-        stderr,
-    })
+
+    /// Asserts that the next line of the guest's serial output is `want` (with `\n`).
+    pub fn expect_line(&mut self, want: &str) {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.out.read_line(&mut line).expect("read vmm-shim stdout");
+        assert_eq!(line, want, "unexpected serial line from the guest");
+    }
+
+    /// Writes `bytes` to the guest's console input.
+    pub fn send(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        self.guard
+            .child()
+            .stdin
+            .as_mut()
+            .expect("vmm-shim stdin piped")
+            .write_all(bytes)
+            .expect("write vmm-shim stdin");
+    }
+
+    /// Sends SIGTERM, then [`LiveVm::finish`]es.
+    pub fn stop(self, timeout: std::time::Duration) -> VmRun {
+        self.guard.signal(libc::SIGTERM);
+        self.finish(timeout)
+    }
+
+    /// Waits up to `timeout` for vmm-shim to exit (killing it then), and returns its
+    /// exit code, the rest of the serial output and its stderr.
+    pub fn finish(mut self, timeout: std::time::Duration) -> VmRun {
+        use std::io::Read;
+        let status = self.guard.wait_timeout(timeout);
+        if status.is_none() {
+            self.guard.signal(libc::SIGKILL);
+        }
+        let mut serial = String::new();
+        let _ = self.out.read_to_string(&mut serial);
+        let mut stderr = String::new();
+        if let Some(e) = self.guard.child().stderr.as_mut() {
+            let _ = e.read_to_string(&mut stderr);
+        }
+        VmRun {
+            code: status.and_then(|s| s.code()),
+            timed_out: status.is_none(),
+            serial,
+            stderr,
+        }
+    }
+}
+
+/// Writes a zeroed 1 MiB disk image `disk.img` in `dir`.
+pub fn make_disk(dir: &Path) -> PathBuf {
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    img
+}
+
+/// A zeroed 1 MiB disk image in a test's directory, exported read-write by qemu-nbd
+/// on a free TCP port of 127.0.0.1 (stopped on drop).
+pub struct TcpDisk {
+    /// The image file.
+    pub img: PathBuf,
+    /// qemu-nbd's port.
+    pub port: u16,
+    /// qemu-nbd.
+    pub nbd: integration_tests::ChildGuard,
+}
+
+impl TcpDisk {
+    /// Makes the image in `dir` and exports it as `export`.
+    pub fn new(dir: &Path, export: &str) -> TcpDisk {
+        let img = make_disk(dir);
+        let port = integration_tests::free_port();
+        let nbd = qemu_nbd(&img, export, Some(port), None, false);
+        TcpDisk { img, port, nbd }
+    }
+
+    /// The `nbd://` URI of the export `name` (with any `,option` vmm-shim takes).
+    pub fn uri(&self, name: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{name}", self.port)
+    }
+}
+
+/// Starts qemu-nbd on a TCP port (or a unix socket) for `img`.
+pub fn qemu_nbd(
+    img: &Path,
+    export: &str,
+    port: Option<u16>,
+    sock: Option<&Path>,
+    ro: bool,
+) -> integration_tests::ChildGuard {
+    use std::time::Duration;
+    let mut c = Command::new("qemu-nbd");
+    c.args([
+        "-f",
+        "raw",
+        "-x",
+        export,
+        "-t",
+        "--cache=none",
+        "--aio=threads",
+    ]);
+    if ro {
+        c.arg("-r");
+    }
+    match (port, sock) {
+        (Some(p), _) => {
+            c.args(["-b", "127.0.0.1", "-p", &p.to_string()]);
+        }
+        (None, Some(s)) => {
+            c.arg("-k").arg(s);
+        }
+        _ => unreachable!(),
+    }
+    c.arg(img);
+    let g = integration_tests::ChildGuard::new(
+        c.spawn().expect("qemu-nbd (qemu-utils) must be installed"),
+    );
+    let ready = integration_tests::wait_until(Duration::from_secs(10), || match (port, sock) {
+        (Some(p), _) => std::net::TcpStream::connect(("127.0.0.1", p)).is_ok(),
+        (_, Some(s)) => std::os::unix::net::UnixStream::connect(s).is_ok(),
+        _ => false,
+    });
+    assert!(ready, "qemu-nbd did not start");
+    g
 }
 
 /// A guest that drives virtio-net (the first device): posts four RX buffers, sends an
@@ -217,15 +475,7 @@ _start:
     cmpl $1, 0x8(%rbx)          # device id: net
     je 1f
     FAIL 'd'
-1:  xor %r8d, %r8d
-    call dev_init
-    xor %edi, %edi
-    mov $RX, %esi
-    call setup_queue
-    mov $1, %edi
-    mov $TX, %esi
-    call setup_queue
-    call driver_ok
+1:  NET_UP 0, RX, TX
     # four 2 KiB receive buffers
     DSET RX, 0, BUFS, 2048, F_WRITE, 0
     DSET RX, 1, BUFS+0x800, 2048, F_WRITE, 0

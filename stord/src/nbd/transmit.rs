@@ -185,6 +185,8 @@ struct ReadState {
     /// waiting: written together, in one write, once the input runs dry.
     held: Vec<Bytes>,
     held_bytes: usize,
+    /// How long the reader polls an empty socket before sleeping.
+    window: crate::poll::Window,
 }
 
 struct Shared<'a> {
@@ -280,6 +282,14 @@ fn next<'a>(
         return Ok(Next::Stop);
     }
     let mut hdr = [0u8; wire::REQUEST_LEN];
+    // Nothing buffered: poll the socket briefly before sleeping in recv (see
+    // `crate::poll`), and let the wait adapt the poll window.
+    let idle = st.rd.buffer().is_empty();
+    let t0 = Instant::now();
+    let caught = idle
+        && st
+            .window
+            .poll(&sh.ctx.busy_poll, st.rd.get_ref().as_raw_fd());
     let shutdown = &sh.ctx.shutdown;
     let grace = &mut st.grace_end;
     let got = read_full(&mut st.rd, &mut hdr, true, || {
@@ -288,6 +298,9 @@ fn next<'a>(
         }
         matches!(grace, Some(end) if Instant::now() >= *end)
     })?;
+    if idle && !caught {
+        st.window.missed(&sh.ctx.busy_poll, t0.elapsed());
+    }
     if !got {
         return Ok(Next::Stop);
     }
@@ -644,6 +657,7 @@ pub(super) fn transmission(
             result: Ok(()),
             held: Vec::new(),
             held_bytes: 0,
+            window: crate::poll::Window::default(),
         }),
         wr: Mutex::new(wr),
     };

@@ -3,6 +3,8 @@
 #
 #   bench/netd-nat.sh            (as root; builds nothing: uses target/release/netd)
 #   DUR=10 MTUS="1500 65520" bench/netd-nat.sh
+#   NETD_BASE=/tmp/old/netd bench/netd-nat.sh   (also measures another netd build,
+#                                                as "netd-base", in the same run)
 #
 # Every stack gets the same shape: a "host" namespace (BH) with an iperf3 server on
 # its 127.0.0.1, and a "guest" namespace per stack whose traffic reaches that
@@ -16,10 +18,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NETD=${NETD:-$PWD/target/release/netd}
+NETD_BASE=${NETD_BASE:-}
 DUR=${DUR:-5}
 MTUS=${MTUS:-1500 65520}
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
 [ -x "$NETD" ] || { echo "$NETD missing: cargo build --release -p netd" >&2; exit 1; }
+[ -z "$NETD_BASE" ] || [ -x "$NETD_BASE" ] || { echo "$NETD_BASE missing" >&2; exit 1; }
 for t in iperf3 slirp4netns pasta jq; do
   command -v "$t" >/dev/null || { echo "$t missing (apt-get install iperf3 slirp4netns passt jq)" >&2; exit 1; }
 done
@@ -63,7 +67,8 @@ rtt() { # ns target
   { ip netns exec "$1" ping -q -c 20 -i 0.05 -W 2 "$2" 2>/dev/null || true; } | awk -F/ '/^rtt|^round-trip/ { printf "%.3f", $5 }'
 }
 
-start_netd() { # mtu
+start_netd() { # mtu [binary]
+  local bin=${2:-$NETD}
   cat > "$work/netd.toml" <<EOT
 control = "$work/netd.sock"
 state_dir = "$work/state"
@@ -78,7 +83,7 @@ ifname = "nbtap$tag"
 netns = "$GN"
 EOT
   : > "$work/resolv.conf"
-  ip netns exec $BH "$NETD" serve --config "$work/netd.toml" 2>"$work/netd.log" &
+  ip netns exec $BH "$bin" serve --config "$work/netd.toml" 2>"$work/netd.log" &
   netd_pid=$!
   pids+=($netd_pid)
   for _ in $(seq 100); do [ -S "$work/netd.sock" ] && break; sleep 0.05; done
@@ -111,18 +116,25 @@ stop_pasta() {
 
 printf "%-12s %6s %14s %14s %10s\n" stack mtu "guest->host" "host->guest" "rtt_ms"
 declare -A R
+stacks="netd slirp pasta"
+[ -n "$NETD_BASE" ] && stacks="netd base slirp pasta"
 for mtu in $MTUS; do
   start_netd "$mtu"
   R[netd,$mtu,up]=$(iperf $GN 10.0.2.2); R[netd,$mtu,down]=$(iperf $GN 10.0.2.2 -R); R[netd,$mtu,rtt]=$(rtt $GN 10.0.2.2)
   stop_netd
+  if [ -n "$NETD_BASE" ]; then
+    start_netd "$mtu" "$NETD_BASE"
+    R[base,$mtu,up]=$(iperf $GN 10.0.2.2); R[base,$mtu,down]=$(iperf $GN 10.0.2.2 -R); R[base,$mtu,rtt]=$(rtt $GN 10.0.2.2)
+    stop_netd
+  fi
   start_slirp "$mtu"
   R[slirp,$mtu,up]=$(iperf $GS 10.0.2.2); R[slirp,$mtu,down]=$(iperf $GS 10.0.2.2 -R); R[slirp,$mtu,rtt]=$(rtt $GS 10.0.2.2)
   stop_slirp
   start_pasta "$mtu"
   R[pasta,$mtu,up]=$(iperf $GP 198.18.9.254); R[pasta,$mtu,down]=$(iperf $GP 198.18.9.254 -R); R[pasta,$mtu,rtt]=$(rtt $GP 198.18.9.254)
   stop_pasta
-  for s in netd slirp pasta; do
-    name=$s; [ $s = slirp ] && name=slirp4netns
+  for s in $stacks; do
+    name=$s; [ $s = slirp ] && name=slirp4netns; [ $s = base ] && name=netd-base
     printf "%-12s %6s %12s G %12s G %10s\n" "$name" "$mtu" "${R[$s,$mtu,up]}" "${R[$s,$mtu,down]}" "${R[$s,$mtu,rtt]:-n/a}"
   done
 done
@@ -135,3 +147,14 @@ for mtu in $MTUS; do
       'BEGIN { printf "mtu %-6s %-12s netd/slirp4netns %6.2f   netd/pasta %6.2f\n", m, l, (s>0? n/s : 0), (p>0? n/p : 0) }'
   done
 done
+if [ -n "$NETD_BASE" ]; then
+  echo
+  echo "netd-base, same run (netd-base / reference; netd / netd-base)"
+  for mtu in $MTUS; do
+    for dir in up down; do
+      label="guest->host"; [ $dir = down ] && label="host->guest"
+      awk -v n="${R[netd,$mtu,$dir]}" -v b="${R[base,$mtu,$dir]}" -v s="${R[slirp,$mtu,$dir]}" -v p="${R[pasta,$mtu,$dir]}" -v m="$mtu" -v l="$label" \
+        'BEGIN { printf "mtu %-6s %-12s base/slirp4netns %6.2f   base/pasta %6.2f   netd/base %6.2f\n", m, l, (s>0? b/s : 0), (p>0? b/p : 0), (b>0? n/b : 0) }'
+    done
+  done
+fi

@@ -85,6 +85,34 @@ struct NetState {
     ports: Vec<RunningPort>,
     dhcp: Option<Arc<Mutex<DhcpServer>>>,
     nat: Option<crate::nat::RouterHandle>,
+    /// The router's switch port (frames the router reads itself are counted on it).
+    nat_port: Option<Arc<crate::switch::Port>>,
+}
+
+impl NetState {
+    /// Starts a guest port. The only guest port of a NAT network (no uplink, no
+    /// host TAP) is read by the router on its own thread when it is a `tap` or `vm`
+    /// port (see [`ports::InlineReader`]): its frames then cross no thread.
+    fn start_port(
+        &self,
+        spec: &PortSpec,
+        only_guest: bool,
+    ) -> Result<RunningPort, ports::PortError> {
+        let inline_ok = only_guest
+            && self.spec.uplink.is_none()
+            && self.host.is_none()
+            && matches!(
+                spec.kind,
+                crate::config::PortKind::Tap | crate::config::PortKind::Vm
+            );
+        match (&self.nat, &self.nat_port) {
+            (Some(handle), Some(local)) if inline_ok => {
+                let mut give = |r| handle.attach_reader(r);
+                ports::start_port_with(&self.net, spec, Some((local.clone(), &mut give)))
+            }
+            _ => ports::start_port(&self.net, spec),
+        }
+    }
 }
 
 /// The daemon's state.
@@ -170,6 +198,7 @@ impl Daemon {
             ports: Vec::new(),
             dhcp: None,
             nat: None,
+            nat_port: None,
         };
         let fail = |st: NetState, e: DaemonError| {
             stop_network(st);
@@ -225,6 +254,7 @@ impl Daemon {
                 Ok(p) => p,
                 Err(e) => return fail(st, DaemonError::NatAttach(spec.name.clone(), e)),
             };
+            st.nat_port = Some(sw_in.port().clone());
             let sink = crate::nat::ToSwitch::Offload(Box::new(move |h, f: &[u8]| match h {
                 Some(h) => sw_in.send_vnet(h, f),
                 None => sw_in.send(f),
@@ -266,7 +296,7 @@ impl Daemon {
             }
         }
         for p in &spec.ports {
-            match ports::start_port(&net, p) {
+            match st.start_port(p, spec.ports.len() == 1) {
                 Ok(rp) => st.ports.push(rp),
                 Err(source) => {
                     return fail(
@@ -331,11 +361,13 @@ impl Daemon {
         if st.net.port(&spec.name).is_some() {
             return Err(DaemonError::PortExists(net.to_string(), spec.name));
         }
-        let rp = ports::start_port(&st.net, &spec).map_err(|source| DaemonError::Port {
-            net: net.to_string(),
-            port: spec.name.clone(),
-            source,
-        })?;
+        let rp = st
+            .start_port(&spec, st.ports.is_empty())
+            .map_err(|source| DaemonError::Port {
+                net: net.to_string(),
+                port: spec.name.clone(),
+                source,
+            })?;
         tracing::info!(network = net, port = %spec.name, kind = rp.kind, "port added");
         st.ports.push(rp);
         Ok(())

@@ -10,6 +10,12 @@
 //! in userspace besides the kernel's. Frames carry a virtio-net header between
 //! fd-based ports; ports without one get frames finished in software.
 //!
+//! One exception: the only guest port (`tap` or `vm`) of a NAT network has no
+//! receive thread. Its fd goes to the NAT router as an [`InlineReader`], and the
+//! router reads it on its own thread: a frame for the router then crosses no thread
+//! and no channel, and is handed over in the buffer it was read into. If the device
+//! goes away there, the port gets its receive thread after all (which reopens it).
+//!
 //! - `tap`: netd opens the TAP queue (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR, with checksum
 //!   and TCP segmentation offload accepted: see [`crate::offload`]). With `netns` the
 //!   TAP is created by a short-lived thread that entered the namespace, so the
@@ -134,6 +140,9 @@ pub struct RunningPort {
     pub kind: &'static str,
     stop: Arc<Stop>,
     thread: Option<JoinHandle<()>>,
+    /// For a port read by another thread's loop ([`InlineReader`]): disconnected
+    /// once that loop has let go of the port's fd.
+    done: Option<std::sync::mpsc::Receiver<()>>,
     cleanup: Cleanup,
     network: Arc<Network>,
 }
@@ -144,6 +153,15 @@ impl RunningPort {
         self.stop.set();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        if let Some(done) = self.done.take() {
+            // The reading loop wakes on the stop eventfd and drops the reader; a
+            // loop that has ended already dropped it too.
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                done.recv_timeout(Duration::from_secs(5))
+            {
+                tracing::warn!(port = %self.spec.name, "port reader did not stop in 5 s");
+            }
         }
         let _ = self.network.remove_port(&self.spec.name);
         match &self.cleanup {
@@ -328,6 +346,21 @@ fn spawn_thread(
 
 /// Starts a port of `spec` on `net`.
 pub fn start_port(net: &Arc<Network>, spec: &PortSpec) -> Result<RunningPort, PortError> {
+    start_port_with(net, spec, None)
+}
+
+/// Hands an [`InlineReader`] to the loop that will read it; gives it back if that
+/// loop cannot take it (the port then gets a receive thread of its own).
+pub type GiveReader<'a> = &'a mut dyn FnMut(InlineReader) -> Result<(), InlineReader>;
+
+/// Like [`start_port`]; with `inline`, a `tap` or `vm` port gets no receive thread:
+/// its fd is handed (as an [`InlineReader`]) to the loop of the service port given,
+/// the NAT router, which reads it on its own thread. Other kinds ignore `inline`.
+pub fn start_port_with(
+    net: &Arc<Network>,
+    spec: &PortSpec,
+    inline: Option<(Arc<Port>, GiveReader<'_>)>,
+) -> Result<RunningPort, PortError> {
     match spec.kind {
         PortKind::Tap => {
             let ifname = spec.ifname.clone().unwrap_or_default();
@@ -339,9 +372,17 @@ pub fn start_port(net: &Arc<Network>, spec: &PortSpec) -> Result<RunningPort, Po
             let reopen = move || {
                 open_tap(&spec2, &ifname, mtu).map_err(|e| io::Error::other(crate::error_chain(&e)))
             };
-            start_reopening_port(net, spec, "tap", fd, Box::new(reopen), Cleanup::None)
+            start_reopening_port(
+                net,
+                spec,
+                "tap",
+                fd,
+                Box::new(reopen),
+                Cleanup::None,
+                inline,
+            )
         }
-        PortKind::Vm => start_vm_port(net, spec),
+        PortKind::Vm => start_vm_port(net, spec, inline),
         PortKind::Stream => start_stream_port(net, spec),
     }
 }
@@ -415,6 +456,7 @@ fn start_fd_port(
         kind,
         stop,
         thread: Some(thread),
+        done: None,
         cleanup,
         network: net.clone(),
     })
@@ -441,7 +483,11 @@ fn ensure_vm_tap(ifname: &str, mtu: u32) -> io::Result<bool> {
 /// Reopens a port's fd after its device went away.
 type Reopen = Box<dyn Fn() -> io::Result<OwnedFd> + Send>;
 
-fn start_vm_port(net: &Arc<Network>, spec: &PortSpec) -> Result<RunningPort, PortError> {
+fn start_vm_port(
+    net: &Arc<Network>,
+    spec: &PortSpec,
+    inline: Option<(Arc<Port>, GiveReader<'_>)>,
+) -> Result<RunningPort, PortError> {
     let ifname = spec.ifname.clone().unwrap_or_default();
     let mtu = net.mtu() as u32;
     let created = ensure_vm_tap(&ifname, mtu).map_err(|source| PortError::Tap {
@@ -459,13 +505,15 @@ fn start_vm_port(net: &Arc<Network>, spec: &PortSpec) -> Result<RunningPort, Por
         Cleanup::None
     };
     let reopen = move || ensure_vm_tap(&ifname, mtu).and_then(|_| open(&ifname));
-    start_reopening_port(net, spec, "vm", fd, Box::new(reopen), cleanup)
+    start_reopening_port(net, spec, "vm", fd, Box::new(reopen), cleanup, inline)
 }
 
 /// Starts a port on a vnet-header fd whose device may disappear: when reading fails
 /// for good, the thread retries `reopen` every half second until it succeeds (or the
 /// port is stopped), and carries on with the new fd. Meanwhile sends count as
-/// `drop_down`.
+/// `drop_down`. With `inline`, the fd is first offered to another loop as an
+/// [`InlineReader`]; the thread only starts if that loop declines it or, later, when
+/// a read fails for good there.
 fn start_reopening_port(
     net: &Arc<Network>,
     spec: &PortSpec,
@@ -473,20 +521,95 @@ fn start_reopening_port(
     fd: OwnedFd,
     reopen: Reopen,
     cleanup: Cleanup,
+    inline: Option<(Arc<Port>, GiveReader<'_>)>,
 ) -> Result<RunningPort, PortError> {
-    let slot = Arc::new(RwLock::new(Some(Arc::new(fd))));
+    let fd = Arc::new(fd);
+    let slot = Arc::new(RwLock::new(Some(fd.clone())));
     let port = net
         .add_port(&spec.name, kind, Box::new(FdTx(slot.clone())))
         .map_err(PortError::Switch)?;
     let stop = Stop::new().map_err(PortError::Thread)?;
-    let (n2, s2) = (net.clone(), stop.clone());
-    let name = spec.name.clone();
-    let thread = spawn_thread(format!("rx-{}", spec.name), move || {
+    let reader = ReopeningReader {
+        net: net.clone(),
+        port,
+        slot,
+        stop: stop.clone(),
+        reopen,
+        name: spec.name.clone(),
+    };
+    let running = |thread, done| RunningPort {
+        spec: spec.clone(),
+        kind,
+        stop: stop.clone(),
+        thread,
+        done,
+        cleanup: cleanup.clone(),
+        network: net.clone(),
+    };
+    if let Some((local, give)) = inline {
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let r = InlineReader {
+            fd,
+            local,
+            inner: reader,
+            done: done_tx,
+        };
+        match give(r) {
+            Ok(()) => return Ok(running(None, Some(done_rx))),
+            Err(r) => {
+                tracing::debug!(port = %spec.name, "no inline reader; port thread instead");
+                return match r.fall_back() {
+                    Ok(()) => Ok(running(None, Some(done_rx))),
+                    Err(e) => {
+                        let _ = net.remove_port(&spec.name);
+                        Err(e)
+                    }
+                };
+            }
+        }
+    }
+    match reader.spawn(None) {
+        Ok(t) => Ok(running(Some(t), None)),
+        Err(e) => {
+            let _ = net.remove_port(&spec.name);
+            Err(e)
+        }
+    }
+}
+
+/// What the receive thread of a reopening port works with.
+struct ReopeningReader {
+    net: Arc<Network>,
+    port: Arc<Port>,
+    slot: Arc<RwLock<Option<Arc<OwnedFd>>>>,
+    stop: Arc<Stop>,
+    reopen: Reopen,
+    name: String,
+}
+
+impl ReopeningReader {
+    /// Starts the receive thread; `done` is dropped when it ends.
+    fn spawn(self, done: Option<std::sync::mpsc::Sender<()>>) -> Result<JoinHandle<()>, PortError> {
+        spawn_thread(format!("rx-{}", self.name), move || {
+            let _done = done;
+            self.run();
+        })
+    }
+
+    fn run(self) {
+        let ReopeningReader {
+            net,
+            port,
+            slot,
+            stop,
+            reopen,
+            name,
+        } = self;
         let mut buf = vec![0u8; RX_BUF];
-        while !s2.is_set() {
+        while !stop.is_set() {
             let cur = slot.read().unwrap_or_else(|e| e.into_inner()).clone();
             if let Some(fd) = cur {
-                match rx_loop(&n2, &port, fd.as_raw_fd(), &s2, &mut buf) {
+                match rx_loop(&net, &port, fd.as_raw_fd(), &stop, &mut buf) {
                     Ok(()) => return,
                     Err(e) => {
                         tracing::info!(port = %name, error = %e, "port lost its device; will reopen")
@@ -496,7 +619,7 @@ fn start_reopening_port(
             *slot.write().unwrap_or_else(|e| e.into_inner()) = None;
             // Wait a little (stoppably), then try again.
             if let Ok(d) = sys::eventfd() {
-                if sys::poll2(d.as_raw_fd(), s2.efd.as_raw_fd(), 500).unwrap_or(true) {
+                if sys::poll2(d.as_raw_fd(), stop.efd.as_raw_fd(), 500).unwrap_or(true) {
                     return;
                 }
             }
@@ -508,22 +631,100 @@ fn start_reopening_port(
                 Err(e) => tracing::debug!(port = %name, error = %e, "device not back yet"),
             }
         }
-    });
-    let thread = match thread {
-        Ok(t) => t,
-        Err(e) => {
-            let _ = net.remove_port(&spec.name);
-            return Err(e);
+    }
+}
+
+/// A `tap` or `vm` port read by the event loop of a service on the same network
+/// (the NAT router's thread) instead of a receive thread of its own: with one guest
+/// behind a router, every frame the guest sends is read on the thread that handles
+/// it, so it crosses no thread and no channel, and a frame for that service is
+/// handed over in the buffer it was read into (no copy).
+///
+/// The loop registers [`InlineReader::fd`] and [`InlineReader::stop_fd`] with its
+/// reactor, calls [`InlineReader::read`] while the fd is readable and hands each
+/// frame to [`InlineReader::switch`]. When a read fails for good (the TAP went
+/// away), [`InlineReader::fall_back`] gives the port a receive thread, which reopens
+/// the device as for any port. Dropping the reader (the port was stopped, or the
+/// loop ended) lets [`RunningPort::shutdown`] go on.
+pub struct InlineReader {
+    fd: Arc<OwnedFd>,
+    local: Arc<Port>,
+    inner: ReopeningReader,
+    done: std::sync::mpsc::Sender<()>,
+}
+
+/// Most bytes one [`InlineReader::read`] takes: a virtio-net header and a frame.
+pub const INLINE_READ_MAX: usize = RX_BUF;
+
+/// A shared descriptor, for registering with a reactor.
+pub struct SharedFd(Arc<OwnedFd>);
+
+impl AsRawFd for SharedFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// The stop eventfd of an inline port, for registering with a reactor.
+pub struct StopFd(Arc<Stop>);
+
+impl AsRawFd for StopFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.efd.as_raw_fd()
+    }
+}
+
+impl InlineReader {
+    /// The port's fd (non-blocking; each read is a virtio-net header and a frame).
+    pub fn fd(&self) -> SharedFd {
+        SharedFd(self.fd.clone())
+    }
+
+    /// Readable once the port is to stop (see [`InlineReader::stopped`]).
+    pub fn stop_fd(&self) -> StopFd {
+        StopFd(self.inner.stop.clone())
+    }
+
+    /// Whether the port is being removed: drop the reader.
+    pub fn stopped(&self) -> bool {
+        self.inner.stop.is_set()
+    }
+
+    /// The port's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Reads one message (virtio-net header, then the frame) appended to `buf`;
+    /// returns its length. `WouldBlock` when there is none now.
+    pub fn read(&self, buf: &mut bytes::BytesMut) -> io::Result<usize> {
+        sys::read_append(self.fd.as_raw_fd(), buf, RX_BUF)
+    }
+
+    /// Switches one message read by [`InlineReader::read`]; `true` when it is for the
+    /// reading service itself (counted as delivered to it; the caller takes it as
+    /// is), `false` when it was switched elsewhere or dropped.
+    pub fn switch(&self, msg: &[u8]) -> bool {
+        let (net, port) = (&self.inner.net, &self.inner.port);
+        match (VnetHdr::parse(msg), msg.get(VNET_HDR_LEN..)) {
+            (Some(h), Some(frame)) => {
+                let hdr = (!h.is_plain()).then_some(&h);
+                net.ingress_local(port, frame, hdr, &self.local)
+            }
+            // Shorter than a header: counted as malformed by the switch.
+            _ => {
+                net.ingress(port, &[]);
+                false
+            }
         }
-    };
-    Ok(RunningPort {
-        spec: spec.clone(),
-        kind,
-        stop,
-        thread: Some(thread),
-        cleanup,
-        network: net.clone(),
-    })
+    }
+
+    /// Gives the port a receive thread of its own (after a hard read error here, or
+    /// when no loop takes the reader); that thread reopens the device if it is gone.
+    pub fn fall_back(self) -> Result<(), PortError> {
+        let InlineReader { inner, done, .. } = self;
+        inner.spawn(Some(done)).map(|_| ())
+    }
 }
 
 /// The current stream peer, with a reusable buffer for length + frame.
@@ -616,6 +817,7 @@ fn start_stream_port(net: &Arc<Network>, spec: &PortSpec) -> Result<RunningPort,
         kind: "stream",
         stop,
         thread: Some(thread),
+        done: None,
         cleanup: Cleanup::RemoveSocket(path),
         network: net.clone(),
     })

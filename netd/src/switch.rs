@@ -4,7 +4,9 @@
 //! has a transmit side (an object implementing [`PortTx`]: a TAP fd, an AF_PACKET
 //! socket, a stream socket, a bounded channel to an in-process service) and a
 //! receive side that somebody drives by calling [`Network::ingress`] with each frame
-//! it read: a thread per fd-based port, a thread per service port. `ingress` does
+//! it read: a thread per fd-based port, a thread per service port, or the thread of
+//! the service that reads a port itself ([`Network::ingress_local`], the NAT
+//! router's inline guest port). `ingress` does
 //! all the switching on the caller's thread, with no queue in between and no
 //! allocation:
 //!
@@ -401,6 +403,11 @@ pub struct SwitchIn {
 }
 
 impl SwitchIn {
+    /// The service's port.
+    pub fn port(&self) -> &Arc<Port> {
+        &self.port
+    }
+
     /// Switches one frame from the service.
     pub fn send(&self, frame: &[u8]) {
         self.net.ingress(&self.port, frame);
@@ -645,7 +652,32 @@ impl Network {
         self.ingress_with(from, frame, Some(hdr))
     }
 
+    /// Like [`Network::ingress`] / [`Network::ingress_vnet`] (every check, learning
+    /// and counter the same), except that a frame the switch would send to `local`
+    /// alone is not sent: it is counted as sent on `local` and `true` says the caller
+    /// (the thread that owns `local`, which read the frame itself) takes it as is. Any
+    /// other frame is switched as usual and the answer is `false`.
+    pub fn ingress_local(
+        &self,
+        from: &Port,
+        frame: &[u8],
+        hdr: Option<&VnetHdr>,
+        local: &Port,
+    ) -> bool {
+        self.ingress_inner(from, frame, hdr, Some(local))
+    }
+
     fn ingress_with(&self, from: &Port, frame: &[u8], hdr: Option<&VnetHdr>) {
+        self.ingress_inner(from, frame, hdr, None);
+    }
+
+    fn ingress_inner(
+        &self,
+        from: &Port,
+        frame: &[u8],
+        hdr: Option<&VnetHdr>,
+        local: Option<&Port>,
+    ) -> bool {
         let (dst, src) = match (frame.get(0..6), frame.get(6..12)) {
             (Some(d), Some(s)) if frame.len() >= ETH_HLEN => {
                 let mut dst = [0u8; 6];
@@ -656,16 +688,16 @@ impl Network {
             }
             _ => {
                 inc(&from.counters.drop_malformed, 1);
-                return;
+                return false;
             }
         };
         if src[0] & 1 != 0 {
             inc(&from.counters.drop_malformed, 1);
-            return;
+            return false;
         }
         if frame_payload(frame, hdr) > from.mtu {
             inc(&from.counters.drop_mtu, 1);
-            return;
+            return false;
         }
         inc(&from.counters.rx_frames, 1);
         inc(&from.counters.rx_bytes, frame.len() as u64);
@@ -686,7 +718,18 @@ impl Network {
             Some(id) if id == from.id => inc(&from.counters.drop_hairpin, 1),
             Some(id) => {
                 if let Some(p) = ports.iter().find(|p| p.id == id && allowed(p)) {
-                    p.send(frame, hdr);
+                    match local {
+                        // Same MTU check and counters as `Port::send`, no copy.
+                        Some(l) if l.id == id => {
+                            if frame_payload(frame, hdr) > l.mtu {
+                                inc(&l.counters.drop_mtu, 1);
+                                return false;
+                            }
+                            l.account(Ok(()), frame.len());
+                            return true;
+                        }
+                        _ => p.send(frame, hdr),
+                    }
                 }
             }
             None => {
@@ -695,6 +738,7 @@ impl Network {
                 }
             }
         }
+        false
     }
 }
 

@@ -281,6 +281,26 @@ pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+/// read(2) of at most `max` bytes appended to `buf` (its spare capacity is grown to
+/// `max` first, without zeroing it): one frame from a TAP or packet socket, read in
+/// place into a buffer whose frames can then be split off and handed on with no copy.
+pub fn read_append(fd: RawFd, buf: &mut bytes::BytesMut, max: usize) -> io::Result<usize> {
+    buf.reserve(max);
+    let spare = buf.spare_capacity_mut();
+    let len = spare.len().min(max);
+    // SAFETY: `spare` is valid for writes of `len` bytes (it is at least that long);
+    // the kernel writes at most `len` bytes into it.
+    let n = unsafe { libc::read(fd, spare.as_mut_ptr() as *mut libc::c_void, len) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = (n as usize).min(len);
+    // SAFETY: the first `n` bytes of the spare capacity were just initialized by
+    // read(2), which returned `n`.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
 /// write(2) of `buf`; one call, one frame for TAP and packet sockets.
 pub fn write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: `buf` is valid for reads of `buf.len()` bytes.

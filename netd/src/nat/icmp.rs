@@ -166,7 +166,10 @@ impl Router {
 
     /// Echo replies back to guests.
     pub(super) fn icmp_pump(&mut self) {
-        let mut buf = vec![0u8; 65536];
+        if self.icmp.flows.is_empty() {
+            return;
+        }
+        let mut buf = self.take_scratch();
         let max = self.cfg.mtu.saturating_sub(super::frame::IPV4_HDR);
         for ((guest, dst, ident), f) in self.icmp.flows.iter_mut() {
             for _ in 0..64 {
@@ -208,9 +211,10 @@ impl Router {
                 }
                 f.last = Instant::now();
                 if let Some(frame) = icmp_frame(self.mac, f.mac, *dst, *guest, msg, *ident) {
-                    self.dev.tx.push_back(frame);
+                    self.dev.tx.push_back(frame.into());
                 }
             }
         }
+        self.scratch = buf;
     }
 }

@@ -40,11 +40,23 @@
 //! (64 KiB super-frames, partial checksums; see `tcp.rs`, "Offload"). Tests and the
 //! fuzz target feed it through plain channels instead.
 //!
+//! When the network has one guest port (`tap` or `vm`), the router also reads that
+//! port itself ([`crate::ports::InlineReader`]): the port's fd is registered with the
+//! router's reactor, frames are read into a large buffer and switched on this thread
+//! ([`crate::switch::Network::ingress_local`]); those for the router are split off
+//! the buffer into the inbox with no copy (small ones are copied, so that a held SYN
+//! never pins the buffer). Before, a receive thread read the frame, copied it into a
+//! channel message and woke this thread: a copy and a thread hand-off per frame. The
+//! guest's frames and the router's answers now share one thread (figures in
+//! bench/README-nat.md).
+//!
 //! One task runs [`Router::run`]: wait until anything is ready (a frame, a control
 //! request, a finished connect, a readable/writable host socket, a smoltcp timer),
-//! then do one *step*: classify frames (`frame.rs`), feed smoltcp, pump every flow
-//! with non-blocking reads and writes, let smoltcp emit, and send the frames to the
-//! switch. The wait registers interest only where progress is possible (a host socket
+//! then do one *step*: classify frames (`frame.rs`), feed smoltcp (ingress only), pump
+//! every flow with non-blocking reads and writes, let smoltcp emit, and send the
+//! frames to the switch. smoltcp emits after the pumps so that its ACKs advertise
+//! the window as it is once the batch went on to the host (it sends a separate
+//! window update only when the window doubles). The wait registers interest only where progress is possible (a host socket
 //! is polled for reading only while its smoltcp send buffer has room), which is the
 //! back-pressure in both directions.
 //!
@@ -362,6 +374,7 @@ pub struct FlowInfo {
 }
 
 enum Command {
+    AttachReader(crate::ports::InlineReader),
     AddForward(Forward, oneshot::Sender<Result<(), NatError>>),
     DelForward(Proto, SocketAddr, oneshot::Sender<Result<(), NatError>>),
     ListForwards(oneshot::Sender<Vec<Forward>>),
@@ -463,7 +476,45 @@ impl RouterHandle {
     pub async fn stats(&self) -> Result<Stats, NatError> {
         self.ask(Command::Stats).await
     }
+
+    /// Hands the router a guest port to read on its own thread (see
+    /// [`crate::ports::InlineReader`]); gives it back if the router cannot take it
+    /// now. Never blocks.
+    pub fn attach_reader(
+        &self,
+        r: crate::ports::InlineReader,
+    ) -> Result<(), crate::ports::InlineReader> {
+        match self.tx.try_send(Command::AttachReader(r)) {
+            Ok(()) => Ok(()),
+            Err(e) => match e.into_inner() {
+                Command::AttachReader(r) => Err(r),
+                _ => Ok(()),
+            },
+        }
+    }
 }
+
+/// A guest port the router reads itself (see [`crate::ports::InlineReader`]).
+struct Inline {
+    // Field order: both registrations end before the reader closes the fds.
+    fd: tokio::io::unix::AsyncFd<crate::ports::SharedFd>,
+    stop: tokio::io::unix::AsyncFd<crate::ports::StopFd>,
+    reader: crate::ports::InlineReader,
+    /// Frames are read into this buffer and split off it: a frame for the router
+    /// goes on as a view of it, and the space comes back once the frames read into
+    /// it are dropped (after the step that handled them).
+    buf: bytes::BytesMut,
+}
+
+/// Capacity of an inline reader's buffer: room for 16 frames of 64 KiB.
+const INLINE_BUF: usize = 16 * 65 * 1024;
+
+/// Frames up to this size are copied out of the inline buffer (a held SYN must not
+/// pin a whole buffer); larger ones are handed on in place.
+const INLINE_COPY_MAX: usize = 2048;
+
+/// Most bytes one wake-up reads from an inline port before doing a step.
+const INLINE_BUDGET: usize = 1 << 20;
 
 /// A function that switches one frame now.
 pub type FrameFn = Box<dyn Fn(&[u8]) + Send>;
@@ -509,6 +560,13 @@ pub struct Router {
     guest_macs: HashMap<Ipv4Addr, EthernetAddress>,
     /// The DHCP server, for datagrams to port 67 of the router's own addresses.
     dhcp: Option<LocalService>,
+    /// A guest port read on this thread, if the daemon handed one over.
+    inline: Option<Inline>,
+    /// Try a read of the inline port even if it is not marked readable.
+    inline_probe: bool,
+    /// Receive buffer for host datagrams (UDP, ICMP), made once: a zeroed 64 KiB
+    /// allocation per step showed up in profiles.
+    scratch: Vec<u8>,
 }
 
 /// A service that lives behind the router's own addresses: it takes a whole Ethernet
@@ -589,6 +647,9 @@ impl Router {
             icmp: icmp::IcmpTable::default(),
             guest_macs: HashMap::new(),
             dhcp: None,
+            inline: None,
+            inline_probe: false,
+            scratch: Vec::new(),
             cfg,
         };
         for f in router.cfg.forwards.clone() {
@@ -664,28 +725,29 @@ impl Router {
                 break;
             }
             self.step();
-            while let Some(frame) = self.dev.tx.pop_front() {
+            while let Some(mut frame) = self.dev.tx.pop_front() {
                 self.stats.frames_out += 1;
                 match &self.to_switch {
                     ToSwitch::Direct(f) => f(&frame),
                     ToSwitch::Offload(f) => match self.tcp_offload_header(&frame) {
                         Some((hdr, at, sum)) => {
-                            // No copy: the router holds the only reference.
-                            let mut v = Vec::from(frame);
-                            if let Some(c) = v.get_mut(at..at + 2) {
+                            // In place: the router holds the only reference.
+                            if let Some(c) = frame.make_mut().get_mut(at..at + 2) {
                                 c.copy_from_slice(&sum.to_be_bytes());
                             }
-                            f(Some(&hdr), &v)
+                            f(Some(&hdr), &frame)
                         }
                         None => f(None, &frame),
                     },
                     ToSwitch::Channel(tx) => {
-                        if tx.send(frame).await.is_err() {
+                        if tx.send(frame.into_bytes()).await.is_err() {
                             self.stopped = true;
                             break;
                         }
+                        continue;
                     }
                 }
+                self.dev.recycle(frame);
             }
             if self.stopped {
                 break;
@@ -700,7 +762,11 @@ impl Router {
         // (Channel-fed routers take plain frames; see `ingest_vnet` for the others.)
         self.inbox.push(frame);
         self.step();
-        self.dev.tx.drain(..).collect()
+        self.dev
+            .tx
+            .drain(..)
+            .map(device::Frame::into_bytes)
+            .collect()
     }
 
     /// Registers interest in everything that can make progress; ready when any is.
@@ -719,6 +785,7 @@ impl Router {
                 Poll::Pending => break,
             }
         }
+        ready |= self.poll_inline(cx);
         if self.inbox.len() >= INBOX_BATCH {
             ready = true;
         }
@@ -740,8 +807,134 @@ impl Router {
         }
     }
 
+    /// Reads the inline guest port while it has frames (within a budget): frames
+    /// for the router join the inbox, others are switched now. True if any frame
+    /// came in.
+    fn poll_inline(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(il) = self.inline.as_mut() else {
+            return false;
+        };
+        if il.reader.stopped() {
+            tracing::debug!(port = il.reader.name(), "inline port stopped");
+            self.inline = None;
+            return false;
+        }
+        // Registers the wake-up on the stop eventfd (it is never readable before).
+        let _ = il.stop.poll_read_ready(cx);
+        let mut got = false;
+        let mut budget = INLINE_BUDGET;
+        let mut failed = None;
+        // A TAP whose device went away (its namespace was deleted) signals only
+        // EPOLLERR, which tokio's read readiness does not include: housekeeping sets
+        // `inline_probe` so that a read is tried anyway, once a second; it fails then.
+        let mut probe = std::mem::take(&mut self.inline_probe);
+        while self.inbox.len() < INBOX_BATCH && budget > 0 {
+            let mut guard = None;
+            if !std::mem::take(&mut probe) {
+                match il.fd.poll_read_ready(cx) {
+                    Poll::Ready(Ok(g)) => guard = Some(g),
+                    Poll::Ready(Err(e)) => {
+                        failed = Some(e);
+                        break;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            let mut clear = || {
+                if let Some(g) = guard.as_mut() {
+                    g.clear_ready();
+                }
+            };
+            // Room for one more frame: the buffer's own space once every frame split
+            // off it has been dropped (the usual case: they die with the step that
+            // handled them), else a new buffer.
+            let max = crate::ports::INLINE_READ_MAX;
+            if il.buf.capacity() - il.buf.len() < max && !il.buf.try_reclaim(max) {
+                il.buf = bytes::BytesMut::with_capacity(INLINE_BUF);
+            }
+            match il.reader.read(&mut il.buf) {
+                Ok(0) => clear(),
+                Ok(n) => {
+                    got = true;
+                    budget = budget.saturating_sub(n);
+                    let msg = if n <= INLINE_COPY_MAX {
+                        let m = Bytes::copy_from_slice(&il.buf);
+                        il.buf.clear();
+                        m
+                    } else {
+                        il.buf.split().freeze()
+                    };
+                    if il.reader.switch(&msg) {
+                        self.inbox.push(msg);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => clear(),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        // Stopping at the budget leaves the fd marked readable: the next round reads
+        // on at once (and `got` makes this round ready).
+        if let Some(e) = failed {
+            if let Some(il) = self.inline.take() {
+                tracing::info!(port = il.reader.name(), error = %e, "inline port read failed; giving it a thread");
+                let Inline {
+                    fd, stop, reader, ..
+                } = il;
+                drop((fd, stop));
+                if let Err(e) = reader.fall_back() {
+                    tracing::warn!(error = %e, "cannot start the port thread");
+                }
+            }
+        }
+        got
+    }
+
+    /// The datagram receive buffer (64 KiB); put it back in `self.scratch` after use.
+    fn take_scratch(&mut self) -> Vec<u8> {
+        let mut buf = std::mem::take(&mut self.scratch);
+        if buf.len() < 65536 {
+            buf = vec![0u8; 65536];
+        }
+        buf
+    }
+
+    fn attach_reader(&mut self, reader: crate::ports::InlineReader) {
+        let give_back = |reader: crate::ports::InlineReader, why: &str| {
+            tracing::debug!(port = reader.name(), why, "inline port declined");
+            if let Err(e) = reader.fall_back() {
+                tracing::warn!(error = %e, "cannot start the port thread");
+            }
+        };
+        if self.inline.is_some() {
+            return give_back(reader, "the router reads a port already");
+        }
+        let fd = match sys::register_fd(reader.fd()) {
+            Ok(fd) => fd,
+            Err(_) => return give_back(reader, "cannot register its fd"),
+        };
+        let stop = match sys::register_fd(reader.stop_fd()) {
+            Ok(s) => s,
+            Err(_) => {
+                drop(fd);
+                return give_back(reader, "cannot register its stop fd");
+            }
+        };
+        tracing::debug!(port = reader.name(), "router reads the port on its thread");
+        self.inline = Some(Inline {
+            fd,
+            stop,
+            reader,
+            buf: bytes::BytesMut::with_capacity(INLINE_BUF),
+        });
+    }
+
     fn handle_command(&mut self, cmd: Command) {
         match cmd {
+            Command::AttachReader(r) => self.attach_reader(r),
             Command::AddForward(f, tx) => {
                 let _ = tx.send(self.add_forward(f));
             }
@@ -839,7 +1032,16 @@ impl Router {
                 self.ingest(frame, false);
             }
         }
-        self.iface.poll(now, &mut self.dev, &mut self.sockets);
+        // Ingress only, then the pumps, then egress: the ACKs for this batch leave
+        // after its data went on to the host sockets, so they advertise the window
+        // as it is then. (ACKs sent before the pump advertised a window smaller by
+        // the batch, and smoltcp sends a window update only once the window doubles:
+        // the guest sender was window-limited half of the time at MTU 65520.)
+        while !matches!(
+            self.iface
+                .poll_ingress_single(now, &mut self.dev, &mut self.sockets),
+            smoltcp::iface::PollIngressSingleResult::None
+        ) {}
         self.tcp_pump();
         self.udp_pump();
         self.icmp_pump();
@@ -849,6 +1051,7 @@ impl Router {
         if tnow >= self.next_housekeeping {
             self.next_housekeeping = tnow + Duration::from_secs(1);
             self.expire();
+            self.inline_probe = self.inline.is_some();
         }
         let delay = self
             .iface
@@ -946,7 +1149,7 @@ impl Router {
                             if let Some(src) = reply.get_mut(6..12) {
                                 src.copy_from_slice(&self.mac.0);
                             }
-                            self.dev.tx.push_back(Bytes::from(reply));
+                            self.dev.tx.push_back(Bytes::from(reply).into());
                         }
                         return;
                     }

@@ -1,6 +1,7 @@
-//! The one unsafe call of the NAT router: registering an owned socket with tokio.
+//! The unsafe calls of the NAT router: registering descriptors with tokio.
 
 use std::io;
+use std::os::fd::AsRawFd;
 
 use socket2::Socket;
 use tokio::io::unix::AsyncFd;
@@ -13,5 +14,17 @@ pub fn register(sock: Socket) -> io::Result<AsyncFd<Socket>> {
     // to the same socket for the AsyncFd's whole lifetime, and `as_raw_fd` always
     // returns that same descriptor.
     unsafe { AsyncFd::register_with_interest(sock, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}
+
+/// Registers the descriptor that `owner` keeps open (an inline port's fd or stop
+/// eventfd, see [`crate::ports::InlineReader`]) with the tokio reactor for
+/// readability.
+pub fn register_fd<T: AsRawFd>(owner: T) -> io::Result<AsyncFd<T>> {
+    // SAFETY: the owners passed here ([`crate::ports::SharedFd`],
+    // [`crate::ports::StopFd`]) hold an `Arc` of the owned descriptor, so it stays
+    // open and refers to the same file for the AsyncFd's whole lifetime, and
+    // `as_raw_fd` always returns that same descriptor.
+    unsafe { AsyncFd::register_with_interest(owner, Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
 }

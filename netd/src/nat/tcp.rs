@@ -326,7 +326,7 @@ impl Router {
         let rst = |r: &mut Router| {
             r.dev
                 .tx
-                .push_back(super::frame::tcp_rst(r.mac, mac, dst, src, seq));
+                .push_back(super::frame::tcp_rst(r.mac, mac, dst, src, seq).into());
         };
         let Some(target) = self.map_dst(key.1) else {
             self.stats.connect_failed += 1;
@@ -338,10 +338,12 @@ impl Router {
             rst(self);
             return;
         }
+        // The held SYN is a copy of its own: `frame` may be a view of a larger
+        // receive buffer (see `ports::InlineReader`), which it must not pin.
         let (syn, mss) = if self.offload {
-            raise_syn_mss(&frame).unwrap_or((frame, 0))
+            raise_syn_mss(&frame).unwrap_or_else(|| (Bytes::copy_from_slice(&frame), 0))
         } else {
-            (frame, 0)
+            (Bytes::copy_from_slice(&frame), 0)
         };
         self.tcp.pending.insert(key, Pending { syn, mss, mac, seq });
         let tx = self.tcp.results_tx.clone();
@@ -409,13 +411,16 @@ impl Router {
                 Err(e) => {
                     tracing::debug!(%guest, %dst, target = %r.target, error = %e, "connect failed");
                     self.stats.connect_failed += 1;
-                    self.dev.tx.push_back(super::frame::tcp_rst(
-                        self.mac,
-                        p.mac,
-                        (*dst.ip(), dst.port()),
-                        (*guest.ip(), guest.port()),
-                        p.seq,
-                    ));
+                    self.dev.tx.push_back(
+                        super::frame::tcp_rst(
+                            self.mac,
+                            p.mac,
+                            (*dst.ip(), dst.port()),
+                            (*guest.ip(), guest.port()),
+                            p.seq,
+                        )
+                        .into(),
+                    );
                 }
             }
         }

@@ -78,7 +78,7 @@ impl Guest {
                 &mut self.sockets,
             );
             while let Some(f) = self.dev.tx.pop_front() {
-                self.to_router.send(f).await.unwrap();
+                self.to_router.send(f.into_bytes()).await.unwrap();
             }
             if done(&mut self.sockets) {
                 return true;

@@ -241,8 +241,11 @@ impl Router {
 
     /// Replies from host sockets back to guests.
     pub(super) fn udp_pump(&mut self) {
+        if self.udp.flows.is_empty() {
+            return;
+        }
         let max = self.max_udp_payload();
-        let mut buf = vec![0u8; 65536];
+        let mut buf = self.take_scratch();
         let now = Instant::now();
         for ((guest, dst), f) in self.udp.flows.iter_mut() {
             for _ in 0..BURST {
@@ -254,13 +257,16 @@ impl Router {
                             self.stats.dropped += 1;
                             continue;
                         }
-                        self.dev.tx.push_back(udp_frame(
-                            self.mac,
-                            f.mac,
-                            (*dst.ip(), dst.port()),
-                            (*guest.ip(), guest.port()),
-                            data,
-                        ));
+                        self.dev.tx.push_back(
+                            udp_frame(
+                                self.mac,
+                                f.mac,
+                                (*dst.ip(), dst.port()),
+                                (*guest.ip(), guest.port()),
+                                data,
+                            )
+                            .into(),
+                        );
                     }
                     // WouldBlock, or an ICMP error reported on the connected socket
                     // (e.g. ECONNREFUSED): nothing to deliver.
@@ -268,12 +274,16 @@ impl Router {
                 }
             }
         }
+        self.scratch = buf;
     }
 
     /// Datagrams arriving on forward sockets: to the guest.
     pub(super) fn udp_forward_input(&mut self) {
+        if self.udp.forwards.is_empty() {
+            return;
+        }
         let max = self.max_udp_payload();
-        let mut buf = vec![0u8; 65536];
+        let mut buf = self.take_scratch();
         let hosts: Vec<SocketAddr> = self.udp.forwards.keys().copied().collect();
         for host in hosts {
             for _ in 0..BURST {
@@ -324,15 +334,19 @@ impl Router {
                     .copied()
                     .unwrap_or(EthernetAddress::BROADCAST);
                 let Some(data) = buf.get(..n) else { continue };
-                self.dev.tx.push_back(udp_frame(
-                    self.mac,
-                    mac,
-                    (self.cfg.gateway, port),
-                    (*guest.ip(), guest.port()),
-                    data,
-                ));
+                self.dev.tx.push_back(
+                    udp_frame(
+                        self.mac,
+                        mac,
+                        (self.cfg.gateway, port),
+                        (*guest.ip(), guest.port()),
+                        data,
+                    )
+                    .into(),
+                );
             }
         }
+        self.scratch = buf;
     }
 
     fn free_udp_port(&mut self) -> Option<u16> {

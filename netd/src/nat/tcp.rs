@@ -254,6 +254,9 @@ impl TcpTable {
     }
 }
 
+/// Guest MSS from which a flow's ACKs are delayed (jumbo MTUs only).
+const DELAYED_ACK_MIN_MSS: u16 = 16 * 1024;
+
 /// MSS written into guest SYNs in offload mode: the largest segment that fits a
 /// 64 KiB IPv4 packet with TCP options.
 const OFFLOAD_MSS: u16 = 65535 - 20 - 60;
@@ -383,6 +386,14 @@ impl Router {
                 Ok(stream) => {
                     let _ = stream.set_nodelay(true);
                     let mut s = self.new_socket();
+                    if p.mss >= DELAYED_ACK_MIN_MSS {
+                        // A jumbo-MTU guest sends 64 KiB super-frames: ACKing every
+                        // second one (or after 1 ms) halves the ACK frames the router
+                        // writes to the TAP. Smaller MSSes keep immediate ACKs: there
+                        // smoltcp's "every second segment" counts the raised MSS, so
+                        // small TSO frames would wait for the timer.
+                        s.set_ack_delay(Some(smoltcp::time::Duration::from_millis(1)));
+                    }
                     let ep = IpListenEndpoint {
                         addr: Some((*dst.ip()).into()),
                         port: dst.port(),

@@ -11,24 +11,7 @@ use nat_common::{Lab, INET_NAME, INET_SERVER, PAGE};
 
 fn nat_lab(isolated: bool) -> anyhow::Result<(Lab, Netns, String)> {
     let mut lab = Lab::new()?;
-    let guest = Netns::new("ng")?;
-    let tap = unique_name("nt");
-    let resolv = lab.path("resolv.conf");
-    lab.start_netd(&format!(
-        r#"
-[[network]]
-name = "nat0"
-mode = "nat"
-resolv_conf = "{resolv}"
-isolated = {isolated}
-
-[[network.port]]
-kind = "tap"
-ifname = "{tap}"
-netns = "{}"
-"#,
-        guest.name()
-    ))?;
+    let (guest, tap) = lab.start_one_guest_nat("nat0", &format!("isolated = {isolated}"))?;
     Ok((lab, guest, tap))
 }
 
@@ -340,24 +323,7 @@ netns = "{}"
 #[test]
 fn nat_jumbo_mtu_65520() -> anyhow::Result<()> {
     let mut lab = Lab::new()?;
-    let guest = Netns::new("ng")?;
-    let tap = unique_name("nt");
-    let resolv = lab.path("resolv.conf");
-    lab.start_netd(&format!(
-        r#"
-[[network]]
-name = "jumbo"
-mode = "nat"
-mtu = 65520
-resolv_conf = "{resolv}"
-
-[[network.port]]
-kind = "tap"
-ifname = "{tap}"
-netns = "{}"
-"#,
-        guest.name()
-    ))?;
+    let (guest, tap) = lab.start_one_guest_nat("jumbo", "mtu = 65520")?;
     lab.dhcp(&guest, &tap)?;
     let mtu = guest.sh(&format!("cat /sys/class/net/{tap}/mtu"))?;
     assert_eq!(mtu.trim(), "65520");

@@ -15,7 +15,7 @@ mod nat_common;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use integration_tests::{free_port, unique_name, wait_until, Netns};
+use integration_tests::{free_port, wait_until, Netns};
 use nat_common::Lab;
 
 /// Sends two copies of the lab's 4 MiB file from `guest` to a socat listener on the
@@ -57,25 +57,7 @@ fn tap_exists(ns: &Netns, tap: &str) -> bool {
 #[test]
 fn nat_inline_port_upload_readd_and_namespace_return() -> Result<()> {
     let mut lab = Lab::new()?;
-    let guest = Netns::new("ng")?;
-    let tap = unique_name("nt");
-    let resolv = lab.path("resolv.conf");
-    lab.start_netd(&format!(
-        r#"
-[[network]]
-name = "nat0"
-mode = "nat"
-mtu = 65520
-resolv_conf = "{resolv}"
-
-[[network.port]]
-name = "g"
-kind = "tap"
-ifname = "{tap}"
-netns = "{}"
-"#,
-        guest.name()
-    ))?;
+    let (guest, tap) = lab.start_one_guest_nat("nat0", "mtu = 65520")?;
     let lease = lab.dhcp(&guest, &tap)?;
     assert!(lease.contains("ip=10.0.2.15"), "lease: {lease}");
     let inline = "router reads the port on its thread";

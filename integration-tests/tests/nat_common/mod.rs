@@ -205,6 +205,32 @@ impl Lab {
         Ok(())
     }
 
+    /// Starts netd with one NAT network `net` (plus the network keys in `extra`,
+    /// e.g. `mtu = 65520`) whose only port, `g`, is a TAP in a fresh guest
+    /// namespace; returns the namespace and the TAP's name.
+    pub fn start_one_guest_nat(&mut self, net: &str, extra: &str) -> Result<(Netns, String)> {
+        let guest = Netns::new("ng")?;
+        let tap = integration_tests::unique_name("nt");
+        let resolv = self.path("resolv.conf");
+        self.start_netd(&format!(
+            r#"
+[[network]]
+name = "{net}"
+mode = "nat"
+resolv_conf = "{resolv}"
+{extra}
+
+[[network.port]]
+name = "g"
+kind = "tap"
+ifname = "{tap}"
+netns = "{}"
+"#,
+            guest.name()
+        ))?;
+        Ok((guest, tap))
+    }
+
     /// Sends SIGTERM to netd and waits up to 5 s; its exit status if it exited.
     pub fn stop_netd(&mut self) -> Option<std::process::ExitStatus> {
         let mut n = self.netd.take()?;

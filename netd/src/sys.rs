@@ -354,28 +354,7 @@ pub fn eventfd_signal(fd: RawFd) {
 /// Waits until `fd` is readable or `wake` is signalled (or `timeout_ms` passes,
 /// -1 for ever). Returns true when `wake` fired.
 pub fn poll2(fd: RawFd, wake: RawFd, timeout_ms: i32) -> io::Result<bool> {
-    let mut fds = [
-        libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: wake,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    // SAFETY: `fds` is a valid array of 2 pollfd for the duration of the call.
-    let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(false);
-        }
-        return Err(e);
-    }
-    Ok(fds[1].revents != 0)
+    poll2_ready(fd, wake, timeout_ms).map(|(_, woken)| woken)
 }
 
 /// Like [`poll2`] but reports whether `fd` is ready (readable, hung up or in

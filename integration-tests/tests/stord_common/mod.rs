@@ -166,18 +166,7 @@ impl Stord {
 
 /// Runs a command, fails with its output unless it succeeds; returns stdout.
 pub fn ok(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("spawn {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed with {}\nstdout: {}\nstderr: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let out = integration_tests::run(cmd)?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 

@@ -507,6 +507,28 @@ struct Inline {
 }
 
 /// Capacity of an inline reader's buffer: room for 16 frames of 64 KiB.
+/// Gateway ports that forward sessions (TCP and UDP) come from, towards the guest.
+const FWD_PORT_FIRST: u16 = 32768;
+const FWD_PORT_LAST: u16 = 60999;
+
+/// The next port of the forward range, round robin from `*next` (a value outside
+/// the range starts at its beginning), that `taken` does not claim; `None` when
+/// every port of the range is taken.
+fn free_forward_port(next: &mut u16, taken: impl Fn(u16) -> bool) -> Option<u16> {
+    for _ in FWD_PORT_FIRST..=FWD_PORT_LAST {
+        let p = (*next).clamp(FWD_PORT_FIRST, FWD_PORT_LAST);
+        *next = if p == FWD_PORT_LAST {
+            FWD_PORT_FIRST
+        } else {
+            p + 1
+        };
+        if !taken(p) {
+            return Some(p);
+        }
+    }
+    None
+}
+
 const INLINE_BUF: usize = 16 * 65 * 1024;
 
 /// Frames up to this size are copied out of the inline buffer (a held SYN must not

@@ -106,13 +106,10 @@ impl Default for TcpTable {
             results: Vec::new(),
             listeners: HashMap::new(),
             accepted: Vec::new(),
-            next_port: FWD_PORT_FIRST,
+            next_port: super::FWD_PORT_FIRST,
         }
     }
 }
-
-const FWD_PORT_FIRST: u16 = 32768;
-const FWD_PORT_LAST: u16 = 60999;
 
 impl TcpTable {
     /// Flows plus pending connects.
@@ -491,22 +488,10 @@ impl Router {
 
     fn free_forward_port(&mut self, guest: SocketAddrV4) -> Option<u16> {
         let gw = self.cfg.gateway;
-        for _ in FWD_PORT_FIRST..=FWD_PORT_LAST {
-            let p = self.tcp.next_port;
-            self.tcp.next_port = if p >= FWD_PORT_LAST {
-                FWD_PORT_FIRST
-            } else {
-                p + 1
-            };
-            if !self
-                .tcp
-                .flows
-                .contains_key(&(guest, SocketAddrV4::new(gw, p)))
-            {
-                return Some(p);
-            }
-        }
-        None
+        let flows = &self.tcp.flows;
+        super::free_forward_port(&mut self.tcp.next_port, |p| {
+            flows.contains_key(&(guest, SocketAddrV4::new(gw, p)))
+        })
     }
 
     /// Moves bytes both ways for every flow.

@@ -619,3 +619,21 @@ async fn unicast_dhcp_renewal_to_the_gateway_is_answered() {
     router.process_frame_for_test(f);
     assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 1);
 }
+
+#[test]
+fn forward_ports_go_round_robin_skip_taken_and_run_out() {
+    use super::{free_forward_port, FWD_PORT_FIRST, FWD_PORT_LAST};
+    let mut next = 0;
+    assert_eq!(
+        free_forward_port(&mut next, |_| false),
+        Some(FWD_PORT_FIRST)
+    );
+    assert_eq!(
+        free_forward_port(&mut next, |p| p == FWD_PORT_FIRST + 1),
+        Some(FWD_PORT_FIRST + 2)
+    );
+    let mut next = FWD_PORT_LAST;
+    assert_eq!(free_forward_port(&mut next, |_| false), Some(FWD_PORT_LAST));
+    assert_eq!(next, FWD_PORT_FIRST, "wraps to the start of the range");
+    assert_eq!(free_forward_port(&mut next, |_| true), None);
+}

@@ -63,9 +63,6 @@ pub struct UdpTable {
     next_port: u16,
 }
 
-const FWD_PORT_FIRST: u16 = 32768;
-const FWD_PORT_LAST: u16 = 60999;
-
 impl UdpTable {
     /// Flows plus forward sessions.
     pub fn len(&self) -> usize {
@@ -350,18 +347,8 @@ impl Router {
     }
 
     fn free_udp_port(&mut self) -> Option<u16> {
-        for _ in FWD_PORT_FIRST..=FWD_PORT_LAST {
-            let p = self.udp.next_port.max(FWD_PORT_FIRST);
-            self.udp.next_port = if p >= FWD_PORT_LAST {
-                FWD_PORT_FIRST
-            } else {
-                p + 1
-            };
-            if !self.udp.sessions.contains_key(&p) {
-                return Some(p);
-            }
-        }
-        None
+        let sessions = &self.udp.sessions;
+        super::free_forward_port(&mut self.udp.next_port, |p| sessions.contains_key(&p))
     }
 }
 

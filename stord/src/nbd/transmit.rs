@@ -285,7 +285,7 @@ fn next<'a>(
     // Nothing buffered: poll the socket briefly before sleeping in recv (see
     // `crate::poll`), and let the wait adapt the poll window.
     let idle = st.rd.buffer().is_empty();
-    let t0 = Instant::now();
+    let t0 = idle.then(Instant::now);
     let caught = idle
         && st
             .window
@@ -298,7 +298,7 @@ fn next<'a>(
         }
         matches!(grace, Some(end) if Instant::now() >= *end)
     })?;
-    if idle && !caught {
+    if let (Some(t0), false) = (t0, caught) {
         st.window.missed(&sh.ctx.busy_poll, t0.elapsed());
     }
     if !got {

@@ -120,6 +120,17 @@ fn create_list_resize_delete_and_restart() {
         .success());
     let size = ok(Command::new("nbdinfo").arg("--size").arg(s.uri("vol1"))).unwrap();
     assert_eq!(size.trim(), (64u64 << 20).to_string());
+    // Large reads are sent from a mapping of the disk file, made at the old
+    // size by the read above: the grown part reads back right, old data too.
+    qemu_io(
+        &s.uri("vol1"),
+        &[
+            "write -P 0x62 48M 1M",
+            "read -P 0x62 48M 1M",
+            "read -P 0x61 0 64k",
+        ],
+    )
+    .unwrap();
 
     // A disk the config names is kept as it is once it exists: resize it here,
     // and the restart below must not undo that.

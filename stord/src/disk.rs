@@ -18,6 +18,10 @@
 //! client's FLUSH arrives, instead of all of it waiting for the `fdatasync`.
 //! This changes no promise: only FUA and FLUSH (`fdatasync`) make data durable.
 //!
+//! Large READs are sent from a shared read-only mapping of the file (one copy,
+//! page cache to socket, in the kernel; see [`sys::FileMap`] for why stord
+//! itself never reads that memory).
+//!
 //! Calls here block; the server runs them on tokio's blocking pool.
 
 use std::fs::{File, OpenOptions};
@@ -25,6 +29,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::config::Alloc;
 use crate::sys;
@@ -87,6 +92,8 @@ pub struct Disk {
     alloc: Alloc,
     read_only: bool,
     connections: AtomicUsize,
+    /// The file mapped for sending READ data (made on first use, dropped on resize).
+    map: Mutex<Option<Arc<sys::FileMap>>>,
 }
 
 /// Largest zero buffer written when the file system cannot zero a range itself.
@@ -158,6 +165,7 @@ impl Disk {
             alloc,
             read_only,
             connections: AtomicUsize::new(0),
+            map: Mutex::new(None),
         }
     }
 
@@ -230,15 +238,30 @@ impl Disk {
         Ok(())
     }
 
-    /// Sends up to `len` bytes at `offset` straight from the file to `out`
-    /// (sendfile); returns the bytes sent, 0 at the end of the host file.
-    pub fn send_to(
-        &self,
-        out: std::os::fd::RawFd,
-        offset: u64,
-        len: usize,
-    ) -> std::io::Result<usize> {
-        sys::sendfile(out, &self.file, offset, len)
+    /// The disk file mapped for sending READ data (see [`sys::FileMap`]),
+    /// covering at least `[0, end)`; made on first use and again after the
+    /// disk grew. `None` if `end` is past the disk or the file cannot be mapped:
+    /// the caller then reads with pread.
+    pub fn mapping(&self, end: u64) -> Option<Arc<sys::FileMap>> {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = map.as_ref().filter(|m| m.len() as u64 >= end) {
+            return Some(m.clone());
+        }
+        let size = self.size();
+        if end > size {
+            return None;
+        }
+        match sys::FileMap::new(&self.file, size) {
+            Ok(m) => {
+                let m = Arc::new(m);
+                *map = Some(m.clone());
+                Some(m)
+            }
+            Err(e) => {
+                tracing::debug!(disk = %self.name, error = %e, "cannot map the disk file; reading with pread");
+                None
+            }
+        }
     }
 
     /// Persists every completed write (fdatasync).
@@ -390,6 +413,8 @@ impl Disk {
         self.file.set_len(new).map_err(DiskError::Io)?;
         self.file.sync_all().map_err(DiskError::Io)?;
         self.size.store(new, Ordering::Release);
+        // Readers still holding the old mapping keep it until they are done.
+        *self.map.lock().unwrap_or_else(|p| p.into_inner()) = None;
         Ok(())
     }
 }

@@ -10,10 +10,12 @@
 //! read lock, reads one whole request (header and WRITE payload, at most
 //! [`wire::MAX_PAYLOAD`]), releases the lock, validates and executes the request
 //! (pread / pwrite / fdatasync / fallocate on the disk file) and writes the reply
-//! under the write lock with one vectored write. A READ of 1 MiB or more whose
+//! under the write lock with one vectored write. A READ of 64 KiB or more whose
 //! reply is one header and the data (simple replies, DF, fixed disks, or too
-//! short to look for holes) is not read into memory at all: the header goes out
-//! with MSG_MORE and the data follows from the page cache with sendfile(2). A
+//! short to look for holes) is not read into memory at all: its pages are made
+//! resident in a read-only mapping of the disk file (madvise, outside the write
+//! lock) and the header and the data go out in one writev from that mapping,
+//! one copy from the page cache to the socket (see `sys::FileMap`). A
 //! WRITE payload lands in the worker's reusable buffer (no allocation or zeroing
 //! per request). So requests run concurrently,
 //! replies go out in completion order, and at queue depth 1 the thread woken by

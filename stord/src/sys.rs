@@ -173,58 +173,152 @@ pub fn poll_readable(fd: RawFd, timeout: std::time::Duration) -> io::Result<bool
     Ok(r > 0)
 }
 
-/// Sends `buf` on a socket with MSG_MORE (more of the same message follows, so
-/// the kernel may hold it back to coalesce it with the next send), or writes it
-/// to a non-socket (`socket = false`). Writes all of `buf`.
-pub fn send_more(fd: RawFd, buf: &[u8], socket: bool) -> io::Result<()> {
-    let mut done = 0usize;
-    while done < buf.len() {
-        let rest = &buf[done..];
-        let r = if socket {
-            // SAFETY: send reads at most `rest.len()` bytes from `rest`, which we borrow.
-            unsafe {
-                libc::send(
-                    fd,
-                    rest.as_ptr().cast(),
-                    rest.len(),
-                    libc::MSG_MORE | libc::MSG_NOSIGNAL,
-                )
-            }
-        } else {
-            // SAFETY: write reads at most `rest.len()` bytes from `rest`, which we borrow.
-            unsafe { libc::write(fd, rest.as_ptr().cast(), rest.len()) }
-        };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if r == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        done += r as usize;
-    }
-    Ok(())
+/// A read-only shared mapping of a file that this process never reads itself:
+/// its pages are only handed to the kernel, as the source of `writev`, which
+/// copies them straight from the page cache into the socket (one copy, where
+/// pread + write make two).
+///
+/// Why user space must never touch it: a page the kernel cannot provide (the
+/// file shrank under the mapping, or the disk failed) raises SIGBUS on a load
+/// from user space, which would kill the daemon; the same fault inside a
+/// system call's copy makes that call fail with EFAULT instead. So the mapping
+/// hands out no slices, only [`FileMap::populate`] and [`FileMap::writev`].
+#[derive(Debug)]
+pub struct FileMap {
+    base: *mut libc::c_void,
+    len: usize,
 }
 
-/// sendfile(2): copies up to `len` bytes of `file` at `offset` to `out` in the
-/// kernel (no user-space copy), without moving the file position. Returns the
-/// bytes sent; 0 means the end of the file was reached.
-pub fn sendfile(out: RawFd, file: &File, offset: u64, len: usize) -> io::Result<usize> {
-    let mut off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    loop {
-        // SAFETY: two valid fds and a pointer to our own offset variable, which
-        // sendfile updates instead of the file position.
-        let r = unsafe { libc::sendfile(out, file.as_raw_fd(), &mut off, len) };
-        if r >= 0 {
-            return Ok(r as usize);
+// SAFETY: the mapping is read-only and only its address is shared: the kernel
+// does every access, and munmap happens once, in Drop, when no user is left.
+unsafe impl Send for FileMap {}
+// SAFETY: as above; no method mutates the mapping.
+unsafe impl Sync for FileMap {}
+
+impl FileMap {
+    /// Maps the first `len` bytes of `file` (shared, read-only).
+    pub fn new(file: &File, len: u64) -> io::Result<FileMap> {
+        let len = usize::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+        if len == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+        // SAFETY: a fresh mapping chosen by the kernel (no fixed address), over
+        // a valid fd; nothing else in the process is affected.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
         }
+        Ok(FileMap { base, len })
+    }
+
+    /// Bytes mapped.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is mapped (never true: `new` refuses an empty mapping).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Makes `[offset, offset + len)` resident and mapped (MADV_POPULATE_READ):
+    /// reads it from the disk if it is not in the page cache, so a later
+    /// `writev` from it does not wait for the disk. Fails with EFAULT when a
+    /// page cannot be read (past the end of the file, an I/O error) and with
+    /// EINVAL on kernels older than 5.14; the caller then reads the ordinary
+    /// way, which reports the real error.
+    pub fn populate(&self, offset: usize, len: usize) -> io::Result<()> {
+        let (start, span) = self.page_span(offset, len)?;
+        loop {
+            // SAFETY: the range lies inside our own mapping (checked by
+            // page_span); POPULATE_READ only faults pages in, it reads nothing
+            // into user space and changes no mapping.
+            let r = unsafe {
+                libc::madvise(
+                    self.base.cast::<u8>().add(start).cast(),
+                    span,
+                    libc::MADV_POPULATE_READ,
+                )
+            };
+            if r == 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+
+    /// One `writev(fd, [head, mapping[offset..offset + len]])`: returns the
+    /// bytes written, which may be fewer than offered. EFAULT means a page of
+    /// the range could not be read (nothing was written by this call then).
+    pub fn writev(&self, fd: RawFd, head: &[u8], offset: usize, len: usize) -> io::Result<usize> {
+        self.page_span(offset, len)?;
+        let iov = [
+            libc::iovec {
+                iov_base: head.as_ptr() as *mut libc::c_void,
+                iov_len: head.len(),
+            },
+            libc::iovec {
+                // SAFETY: in bounds of the mapping (checked above).
+                iov_base: unsafe { self.base.cast::<u8>().add(offset).cast() },
+                iov_len: len,
+            },
+        ];
+        loop {
+            // SAFETY: two iovecs over memory that stays valid for the call: a
+            // borrowed slice and our own mapping; writev only reads them, in
+            // the kernel (see the type's docs).
+            let r = unsafe { libc::writev(fd, iov.as_ptr(), 2) };
+            if r >= 0 {
+                return Ok(r as usize);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+
+    /// The page-aligned range covering `[offset, offset + len)`, checked to lie
+    /// inside the mapping.
+    fn page_span(&self, offset: usize, len: usize) -> io::Result<(usize, usize)> {
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.len)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let page = page_size();
+        let start = offset - offset % page;
+        Ok((start, end - start))
+    }
+}
+
+impl Drop for FileMap {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`; the last owner is
+        // going away, so no call is using it.
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
+/// The system's page size.
+fn page_size() -> usize {
+    // SAFETY: sysconf with a valid name has no side effects.
+    let r = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if r > 0 {
+        r as usize
+    } else {
+        4096
     }
 }
 

@@ -51,21 +51,12 @@ impl SockRead for PolledFile {
 }
 
 /// The write side of a connection: replies are written with vectored writes,
-/// READ data may be sent straight from the disk file (sendfile).
-pub(super) trait SockWrite: Write + Send + AsRawFd {
-    /// Whether the fd is a socket (send flags apply).
-    fn is_socket(&self) -> bool {
-        true
-    }
-}
+/// READ data may come straight from the disk file's mapping (by fd).
+pub(super) trait SockWrite: Write + Send + AsRawFd {}
 
 impl SockWrite for std::net::TcpStream {}
 impl SockWrite for std::os::unix::net::UnixStream {}
-impl SockWrite for std::fs::File {
-    fn is_socket(&self) -> bool {
-        false
-    }
-}
+impl SockWrite for std::fs::File {}
 
 pub(super) type Halves = (Box<dyn SockRead>, Box<dyn SockWrite>);
 
@@ -355,8 +346,8 @@ fn next<'a>(
 enum Out {
     /// Segments written back to back.
     Segs(Reply),
-    /// A header, then `len` bytes of the disk file at `offset` (sendfile).
-    File { hdr: Bytes, offset: u64, len: usize },
+    /// READ data sent from the disk file's mapping.
+    Mapped(MappedRead),
 }
 
 /// Writes all of `reply` with vectored writes.
@@ -394,36 +385,30 @@ fn write_segs(wr: &mut dyn SockWrite, reply: &[Bytes]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Sends the header with MSG_MORE, then the data from the page cache with
-/// sendfile. The header is on the wire by then, so the data must follow in
-/// full: bytes past the end of the host file go out as zeroes (as pread reads
-/// them), a descriptor sendfile cannot serve falls back to pread, and any other
-/// error ends the connection (the reply cannot be taken back).
-fn write_file(
-    wr: &mut dyn SockWrite,
-    disk: &Disk,
-    hdr: &[u8],
-    offset: u64,
-    len: usize,
-) -> std::io::Result<()> {
+/// Writes a READ reply whose data comes from the disk file's mapping. A page
+/// may turn out unreadable after all (the file shrank or failed since
+/// `populate`), when the header may already be on the wire: the rest is then
+/// read with pread (bytes past the end of the host file as zeroes, as pread
+/// reads them), and an error there ends the connection, since the reply
+/// cannot be taken back.
+fn write_mapped(wr: &mut dyn SockWrite, disk: &Disk, m: &MappedRead) -> std::io::Result<()> {
     let fd = wr.as_raw_fd();
-    crate::sys::send_more(fd, hdr, wr.is_socket())?;
-    let mut done = 0usize;
-    while done < len {
-        match disk.send_to(fd, offset + done as u64, len - done) {
-            Ok(0) => {
-                let zeroes = vec![0u8; len - done];
-                return wr.write_all(&zeroes);
+    let (mut head, mut done) = (0usize, 0usize);
+    while head < m.hdr.len() || done < m.len {
+        match m
+            .map
+            .writev(fd, &m.hdr[head..], m.offset + done, m.len - done)
+        {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                let h = n.min(m.hdr.len() - head);
+                head += h;
+                done += n - h;
             }
-            Ok(n) => done += n,
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
-                ) =>
-            {
+            Err(e) if e.raw_os_error() == Some(libc::EFAULT) => {
+                wr.write_all(&m.hdr[head..])?;
                 let data = disk
-                    .read(offset + done as u64, len - done)
+                    .read((m.offset + done) as u64, m.len - done)
                     .map_err(|e| std::io::Error::other(crate::error_chain(&e)))?;
                 return wr.write_all(&data);
             }
@@ -437,9 +422,7 @@ fn write_out(sh: &Shared<'_>, out: &Out) -> std::io::Result<()> {
     let mut wr = sh.wr.lock().unwrap_or_else(|p| p.into_inner());
     match out {
         Out::Segs(r) => write_segs(&mut **wr, r)?,
-        Out::File { hdr, offset, len } => {
-            write_file(&mut **wr, sh.sess.disk(), hdr, *offset, *len)?
-        }
+        Out::Mapped(m) => write_mapped(&mut **wr, sh.sess.disk(), m)?,
     }
     wr.flush()
 }
@@ -480,12 +463,8 @@ fn answer(sh: &Shared<'_>, next: Next<'_>, scratch: &[u8]) -> Option<Out> {
             }
             Ok(()) => {
                 sh.ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
-                if let Some(hdr) = zero_copy_read_header(sh.sess, &req) {
-                    return Some(Out::File {
-                        hdr,
-                        offset: req.offset,
-                        len: req.len as usize,
-                    });
+                if let Some(m) = mapped_read(sh.sess, &req) {
+                    return Some(Out::Mapped(m));
                 }
                 let _mem = if req.kind == cmd::READ {
                     Some(sh.ctx.budget.take(req.len as u64))
@@ -686,12 +665,24 @@ pub(super) fn transmission(
 mod tests {
     use super::*;
 
+    /// A reply whose file shrank between `populate` and the send: no SIGBUS,
+    /// the pages still there go out from the mapping, the rest as zeroes (as
+    /// pread reads past the end of a file), and the reply keeps its length.
     #[test]
-    fn sendfile_reply_pads_past_the_host_file_end() {
+    fn mapped_reply_survives_the_file_shrinking_under_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.img");
-        std::fs::write(&path, vec![7u8; 4096]).unwrap();
+        std::fs::write(&path, vec![7u8; 3 * 4096]).unwrap();
         let disk = Disk::open("d", &path, Alloc::Dynamic, false).unwrap();
+        let map = disk.mapping(3 * 4096).unwrap();
+        map.populate(0, 3 * 4096).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(6144)
+            .unwrap();
+        assert!(map.populate(0, 3 * 4096).is_err(), "page 3 is past the end");
         let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
         let reader = std::thread::spawn(move || {
             let mut got = Vec::new();
@@ -699,13 +690,54 @@ mod tests {
             got
         });
         let mut w: Box<dyn SockWrite> = Box::new(a);
-        write_file(&mut *w, &disk, b"HDR", 2048, 8192).unwrap();
+        let m = MappedRead {
+            hdr: Bytes::from_static(b"HDR"),
+            map,
+            offset: 0,
+            len: 3 * 4096,
+        };
+        write_mapped(&mut *w, &disk, &m).unwrap();
         drop(w);
         let got = reader.join().unwrap();
+        assert_eq!(got.len(), 3 + 3 * 4096);
         assert_eq!(&got[..3], b"HDR");
-        assert_eq!(&got[3..3 + 2048], &[7u8; 2048][..]);
-        assert!(got[3 + 2048..].iter().all(|&x| x == 0));
-        assert_eq!(got.len(), 3 + 8192);
+        assert_eq!(&got[3..3 + 6144], &[7u8; 6144][..]);
+        assert!(got[3 + 6144..].iter().all(|&x| x == 0));
+    }
+
+    /// The mapping is sent from at any offset, and bounds are checked.
+    #[test]
+    fn mapped_reply_sends_the_range_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.img");
+        let data: Vec<u8> = (0..5 * 4096u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let disk = Disk::open("d", &path, Alloc::Fixed, false).unwrap();
+        assert!(disk.mapping(5 * 4096 + 1).is_none(), "past the disk");
+        let map = disk.mapping(5 * 4096).unwrap();
+        assert!(
+            map.populate(4096, 4 * 4096 + 1).is_err(),
+            "past the mapping"
+        );
+        map.populate(1000, 4 * 4096).unwrap();
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).unwrap();
+            got
+        });
+        let mut w: Box<dyn SockWrite> = Box::new(a);
+        let m = MappedRead {
+            hdr: Bytes::from_static(b"H"),
+            map,
+            offset: 1000,
+            len: 4 * 4096,
+        };
+        write_mapped(&mut *w, &disk, &m).unwrap();
+        drop(w);
+        let got = reader.join().unwrap();
+        assert_eq!(&got[..1], b"H");
+        assert_eq!(&got[1..], &data[1000..1000 + 4 * 4096]);
     }
 
     #[test]

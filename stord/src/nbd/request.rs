@@ -186,7 +186,7 @@ pub(super) fn mapped_read(sess: &Session, req: &Request) -> Option<MappedRead> {
         return None;
     }
     let hdr = single_chunk_header(sess, req)?;
-    let map = sess.disk().mapping(req.offset + req.len as u64)?;
+    let map = sess.disk().mapping(req.offset, req.len as u64)?;
     let offset = usize::try_from(req.offset).ok()?;
     let len = req.len as usize;
     map.populate(offset, len).ok()?;

@@ -674,7 +674,7 @@ mod tests {
         let path = dir.path().join("d.img");
         std::fs::write(&path, vec![7u8; 3 * 4096]).unwrap();
         let disk = Disk::open("d", &path, Alloc::Dynamic, false).unwrap();
-        let map = disk.mapping(3 * 4096).unwrap();
+        let map = disk.mapping(0, 3 * 4096).unwrap();
         map.populate(0, 3 * 4096).unwrap();
         std::fs::OpenOptions::new()
             .write(true)
@@ -713,8 +713,8 @@ mod tests {
         let data: Vec<u8> = (0..5 * 4096u32).map(|i| (i % 251) as u8).collect();
         std::fs::write(&path, &data).unwrap();
         let disk = Disk::open("d", &path, Alloc::Fixed, false).unwrap();
-        assert!(disk.mapping(5 * 4096 + 1).is_none(), "past the disk");
-        let map = disk.mapping(5 * 4096).unwrap();
+        assert!(disk.mapping(0, 5 * 4096 + 1).is_none(), "past the disk");
+        let map = disk.mapping(0, 5 * 4096).unwrap();
         assert!(
             map.populate(4096, 4 * 4096 + 1).is_err(),
             "past the mapping"

@@ -665,6 +665,32 @@ pub(super) fn transmission(
 mod tests {
     use super::*;
 
+    /// Writes a mapped READ reply into a socket pair; what the peer read.
+    fn send_mapped(
+        disk: &Disk,
+        hdr: &'static [u8],
+        map: Arc<crate::sys::FileMap>,
+        offset: usize,
+        len: usize,
+    ) -> Vec<u8> {
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).unwrap();
+            got
+        });
+        let mut w: Box<dyn SockWrite> = Box::new(a);
+        let m = MappedRead {
+            hdr: Bytes::from_static(hdr),
+            map,
+            offset,
+            len,
+        };
+        write_mapped(&mut *w, disk, &m).unwrap();
+        drop(w);
+        reader.join().unwrap()
+    }
+
     /// A reply whose file shrank between `populate` and the send: no SIGBUS,
     /// the pages still there go out from the mapping, the rest as zeroes (as
     /// pread reads past the end of a file), and the reply keeps its length.
@@ -683,22 +709,7 @@ mod tests {
             .set_len(6144)
             .unwrap();
         assert!(map.populate(0, 3 * 4096).is_err(), "page 3 is past the end");
-        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut got = Vec::new();
-            b.read_to_end(&mut got).unwrap();
-            got
-        });
-        let mut w: Box<dyn SockWrite> = Box::new(a);
-        let m = MappedRead {
-            hdr: Bytes::from_static(b"HDR"),
-            map,
-            offset: 0,
-            len: 3 * 4096,
-        };
-        write_mapped(&mut *w, &disk, &m).unwrap();
-        drop(w);
-        let got = reader.join().unwrap();
+        let got = send_mapped(&disk, b"HDR", map, 0, 3 * 4096);
         assert_eq!(got.len(), 3 + 3 * 4096);
         assert_eq!(&got[..3], b"HDR");
         assert_eq!(&got[3..3 + 6144], &[7u8; 6144][..]);
@@ -720,22 +731,7 @@ mod tests {
             "past the mapping"
         );
         map.populate(1000, 4 * 4096).unwrap();
-        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut got = Vec::new();
-            b.read_to_end(&mut got).unwrap();
-            got
-        });
-        let mut w: Box<dyn SockWrite> = Box::new(a);
-        let m = MappedRead {
-            hdr: Bytes::from_static(b"H"),
-            map,
-            offset: 1000,
-            len: 4 * 4096,
-        };
-        write_mapped(&mut *w, &disk, &m).unwrap();
-        drop(w);
-        let got = reader.join().unwrap();
+        let got = send_mapped(&disk, b"H", map, 1000, 4 * 4096);
         assert_eq!(&got[..1], b"H");
         assert_eq!(&got[1..], &data[1000..1000 + 4 * 4096]);
     }

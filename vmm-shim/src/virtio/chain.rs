@@ -7,7 +7,7 @@
 //! After that, devices only move bytes through [`ChainView::read`] and
 //! [`ChainView::write`], which use vm-memory's checked copies.
 
-use std::ops::Deref;
+use std::ops::{Deref, Range};
 
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
@@ -88,45 +88,92 @@ impl ChainView {
     /// Reads `len` readable bytes starting `skip` bytes into the readable part.
     pub fn read(&self, mem: &GuestMemoryMmap, skip: u32, len: u32) -> Option<Vec<u8>> {
         let mut out = vec![0u8; len as usize];
-        let mut done = 0usize;
-        let mut skip = skip as u64;
-        for &(addr, l) in &self.readable {
-            if done == out.len() {
-                break;
-            }
-            let l = u64::from(l);
-            if skip >= l {
-                skip -= l;
-                continue;
-            }
-            let n = ((l - skip) as usize).min(out.len() - done);
-            mem.read_slice(&mut out[done..done + n], addr.checked_add(skip)?)
-                .ok()?;
-            done += n;
-            skip = 0;
+        for span in spans(&self.readable, skip, out.len()) {
+            let (addr, range) = span?;
+            mem.read_slice(out.get_mut(range)?, addr).ok()?;
         }
-        (done == out.len()).then_some(out)
+        Some(out)
     }
 
     /// Writes `data` into the writable part starting `skip` bytes in.
     pub fn write(&self, mem: &GuestMemoryMmap, skip: u32, data: &[u8]) -> Option<()> {
-        let mut done = 0usize;
-        let mut skip = skip as u64;
-        for &(addr, l) in &self.writable {
-            if done == data.len() {
-                break;
-            }
-            let l = u64::from(l);
-            if skip >= l {
-                skip -= l;
-                continue;
-            }
-            let n = ((l - skip) as usize).min(data.len() - done);
-            mem.write_slice(&data[done..done + n], addr.checked_add(skip)?)
-                .ok()?;
-            done += n;
-            skip = 0;
+        for span in spans(&self.writable, skip, data.len()) {
+            let (addr, range) = span?;
+            mem.write_slice(data.get(range)?, addr).ok()?;
         }
-        (done == data.len()).then_some(())
+        Some(())
+    }
+}
+
+/// Where `len` bytes go that start `skip` bytes into the buffers `bufs`: one item per
+/// buffer touched, the guest address and the range of the caller's bytes that belongs
+/// there. An item is `None` where the bytes cannot be placed (the address would
+/// overflow, or the buffers end first); it is the last one, so a caller that copies
+/// item by item and stops at `None` has copied exactly what fitted. Both directions of
+/// [`ChainView`] copy through this one walk.
+fn spans(
+    bufs: &[(GuestAddress, u32)],
+    skip: u32,
+    len: usize,
+) -> impl Iterator<Item = Option<(GuestAddress, Range<usize>)>> + '_ {
+    let mut done = 0usize;
+    let mut skip = u64::from(skip);
+    let mut bufs = bufs.iter();
+    std::iter::from_fn(move || loop {
+        if done == len {
+            return None;
+        }
+        let Some(&(addr, l)) = bufs.next() else {
+            done = len;
+            return Some(None);
+        };
+        let l = u64::from(l);
+        if skip >= l {
+            skip -= l;
+            continue;
+        }
+        let n = usize::try_from(l - skip).map_or(len - done, |n| n.min(len - done));
+        let span = addr.checked_add(skip).map(|a| (a, done..done + n));
+        // After a `None` nothing more is placed.
+        done = if span.is_some() { done + n } else { len };
+        skip = 0;
+        return Some(span);
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::testutil::mem;
+
+    fn view() -> ChainView {
+        // Two buffers each way, the second of each split off at an odd length.
+        let bufs = vec![(GuestAddress(0x10_0000), 3), (GuestAddress(0x20_0000), 5)];
+        ChainView {
+            head: 0,
+            readable: bufs.clone(),
+            writable: bufs,
+            readable_len: 8,
+            writable_len: 8,
+        }
+    }
+
+    #[test]
+    fn copies_cross_buffers_honour_skip_and_stop_at_the_end() {
+        let m = mem();
+        let v = view();
+        assert_eq!(v.write(&m, 0, b"abcdefgh"), Some(()));
+        assert_eq!(v.read(&m, 0, 8).as_deref(), Some(&b"abcdefgh"[..]));
+        assert_eq!(v.read(&m, 2, 3).as_deref(), Some(&b"cde"[..]));
+        assert_eq!(v.read(&m, 3, 5).as_deref(), Some(&b"defgh"[..]));
+        assert_eq!(v.read(&m, 8, 0).as_deref(), Some(&b""[..]));
+        assert_eq!(v.write(&m, 7, b"Z"), Some(()));
+        assert_eq!(v.read(&m, 7, 1).as_deref(), Some(&b"Z"[..]));
+        // Past the end: fails, having written only what fitted.
+        assert_eq!(v.write(&m, 6, b"XYW"), None);
+        assert_eq!(v.read(&m, 0, 8).as_deref(), Some(&b"abcdefXY"[..]));
+        assert_eq!(v.read(&m, 6, 3), None);
+        assert_eq!(v.read(&m, 9, 0).as_deref(), Some(&b""[..]));
+        assert_eq!(v.read(&m, 9, 1), None);
     }
 }

@@ -1,11 +1,17 @@
-//! Entry point for fuzzing the descriptor-chain handling of both devices.
+//! Entry points for fuzzing what a guest controls in both virtio devices.
 //!
 //! [`run_chains`] turns arbitrary bytes into guest memory holding a split virtqueue
 //! (descriptor table, avail ring, buffers), then lets virtio-blk (on an in-memory
-//! backend) and virtio-net (TX and RX, on a loopback backend) consume it. It is what
-//! the cargo-fuzz target in `fuzz/` calls, and a unit test runs it on random inputs.
-//! Invariants checked: no panic, and the used index never moves by more than the
-//! number of chains the ring could hold.
+//! [`MemDisk`]) and virtio-net (TX and RX, on a loopback backend) consume it.
+//! Invariants: no panic, and the used index never moves by more than the number of
+//! chains the ring could hold.
+//!
+//! [`run_mmio`] drives both devices' virtio-mmio transports with register traffic
+//! from the input (optionally after a well-behaved driver's set-up), so the queues are
+//! configured, activated, kicked and reset in any order. Invariant: no panic.
+//!
+//! The cargo-fuzz targets in `fuzz/` (`virtio_chains`, `virtio_mmio`) call these, and
+//! the unit tests below run both on seeded random inputs.
 
 use std::collections::VecDeque;
 use std::io;
@@ -13,58 +19,23 @@ use std::io;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::nbd::{NbdError, Outcome, Request};
-use crate::virtio::blk::{Block, BlockBackend};
+use crate::virtio::blk::{Block, MemDisk};
 use crate::virtio::net::{Net, NetBackend};
 
 /// Guest memory size for a fuzz run.
 const MEM: usize = 1 << 20;
 /// Queue size used (a power of two no larger than the table area).
 const QSIZE: u16 = 16;
+/// Where [`run_chains`] puts the descriptor table, avail ring and used ring.
+const DESC: u64 = 0;
+const AVAIL: u64 = 0x100;
+const USED: u64 = 0x200;
 
-struct RamDisk(Vec<u8>, bool);
-
-impl BlockBackend for RamDisk {
-    fn size(&self) -> u64 {
-        self.0.len() as u64
-    }
-    fn read_only(&self) -> bool {
-        self.1
-    }
-    fn can_flush(&self) -> bool {
-        true
-    }
-    fn can_trim(&self) -> bool {
-        true
-    }
-    fn can_write_zeroes(&self) -> bool {
-        true
-    }
-    fn submit(&mut self, reqs: &[Request]) -> Result<Vec<Outcome>, NbdError> {
-        Ok(reqs
-            .iter()
-            .map(|r| match r {
-                Request::Read { offset, len } => self
-                    .0
-                    .get(*offset as usize..(*offset as usize).saturating_add(*len as usize))
-                    .map(<[u8]>::to_vec)
-                    .ok_or(22),
-                Request::Write { offset, data } => {
-                    let o = *offset as usize;
-                    match self.0.get_mut(o..o.saturating_add(data.len())) {
-                        Some(s) => {
-                            s.copy_from_slice(data);
-                            Ok(vec![])
-                        }
-                        None => Err(22),
-                    }
-                }
-                _ => Ok(vec![]),
-            })
-            .collect())
-    }
-    fn close(&mut self) -> Result<(), NbdError> {
-        Ok(())
+/// The disk both harnesses give virtio-blk: 64 KiB in memory, submissions not kept.
+fn ram_disk() -> MemDisk {
+    MemDisk {
+        record: false,
+        ..MemDisk::new(64 << 10)
     }
 }
 
@@ -93,20 +64,22 @@ impl NetBackend for Loopback {
     }
 }
 
-fn queue(desc: u64, avail: u64, used: u64) -> Queue {
+/// A ready queue of [`QSIZE`] entries on the rings at [`DESC`], [`AVAIL`], [`USED`].
+fn queue() -> Queue {
     let mut q = Queue::new(QSIZE).unwrap_or_else(|_| unreachable!("QSIZE is a valid size"));
     q.set_size(QSIZE);
-    q.set_desc_table_address(Some(desc as u32), Some(0));
-    q.set_avail_ring_address(Some(avail as u32), Some(0));
-    q.set_used_ring_address(Some(used as u32), Some(0));
+    q.set_desc_table_address(Some(DESC as u32), Some(0));
+    q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+    q.set_used_ring_address(Some(USED as u32), Some(0));
     q.set_ready(true);
     q
 }
 
 /// Runs both devices over a queue built from `data`.
 ///
-/// Layout: `data` is copied to guest address 0 (descriptor table at 0, avail ring at
-/// 0x100, used ring at 0x200, the rest is buffer space); the used ring is cleared.
+/// Layout: `data` is copied to guest address 0 (descriptor table at [`DESC`], avail
+/// ring at [`AVAIL`], used ring at [`USED`], the rest is buffer space); the used ring is
+/// cleared before each device runs.
 pub fn run_chains(data: &[u8]) {
     let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]) else {
         return;
@@ -115,35 +88,30 @@ pub fn run_chains(data: &[u8]) {
     if mem.write_slice(&data[..n], GuestAddress(0)).is_err() {
         return;
     }
-    let _ = mem.write_slice(&[0u8; 0x100], GuestAddress(0x200));
     let ro = data.first().is_some_and(|b| b & 1 == 1);
-    let (d, a, u) = (0u64, 0x100u64, 0x200u64);
-    let used_idx = |mem: &GuestMemoryMmap| mem.read_obj::<u16>(GuestAddress(u + 2)).unwrap_or(0);
+    // Each device gets a fresh queue over the same rings; a fresh queue starts its used
+    // index at 0, so the used ring is cleared to match. After each run, the used index
+    // must not have moved past what the ring holds.
+    let fresh_queue = || {
+        let _ = mem.write_slice(&[0u8; 0x100], GuestAddress(USED));
+        queue()
+    };
+    let check_used = |what: &str| {
+        let used_idx = mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap_or(0);
+        assert!(
+            used_idx <= QSIZE,
+            "{what} used more chains than the ring holds"
+        );
+    };
 
-    let mut blk = Block::new(RamDisk(vec![0; 64 << 10], false), ro, "fuzz");
-    let mut q = queue(d, a, u);
-    blk.process(&mut q, &mem);
-    assert!(
-        used_idx(&mem) <= QSIZE,
-        "blk used more chains than the ring holds"
-    );
-
-    let _ = mem.write_slice(&[0u8; 0x100], GuestAddress(0x200));
+    let mut blk = Block::new(ram_disk(), ro, "fuzz");
+    blk.process(&mut fresh_queue(), &mem);
+    check_used("blk");
     let mut net = Net::new(Loopback::default(), [0x52, 0x54, 0, 0, 0, 1], None, true);
-    let mut q = queue(d, a, u);
-    net.process_tx(&mut q, &mem);
-    assert!(
-        used_idx(&mem) <= QSIZE,
-        "net TX used more chains than the ring holds"
-    );
-    // A fresh queue starts its used index at 0 again: clear the ring to match.
-    let _ = mem.write_slice(&[0u8; 0x100], GuestAddress(0x200));
-    let mut q = queue(d, a, u);
-    net.rx_pump(&mut q, &mem);
-    assert!(
-        used_idx(&mem) <= QSIZE,
-        "net RX used more chains than the ring holds"
-    );
+    net.process_tx(&mut fresh_queue(), &mem);
+    check_used("net TX");
+    net.rx_pump(&mut fresh_queue(), &mem);
+    check_used("net RX");
 }
 
 /// Register writes of a well-behaved driver: ACK, DRIVER, features (VERSION_1), every
@@ -197,11 +165,7 @@ pub fn run_mmio(data: &[u8]) {
         return;
     };
     let ro = data.first().is_some_and(|b| b & 1 == 1);
-    let mut blk = MmioTransport::new(
-        Block::new(RamDisk(vec![0; 64 << 10], false), ro, "fuzz"),
-        mem.clone(),
-        i1,
-    );
+    let mut blk = MmioTransport::new(Block::new(ram_disk(), ro, "fuzz"), mem.clone(), i1);
     let mut net = MmioTransport::new(
         Net::new(Loopback::default(), [0x52, 0x54, 0, 0, 0, 1], None, true),
         mem.clone(),
@@ -246,6 +210,21 @@ mod tests {
     use super::*;
     use crate::virtio::testutil::Rng;
 
+    /// Rewrites the descriptor table at the start of `data` (as far as it reaches) so
+    /// each of the 16 entries points into `base..base + span` with a length under 1 KiB,
+    /// flags NEXT / WRITE only and a `next` inside the table: chains that get past the
+    /// first checks.
+    fn plausible_table(data: &mut [u8], rng: &mut Rng, base: u64, span: u64) {
+        for desc in data.chunks_exact_mut(16).take(16) {
+            let addr = base + (rng.next() % span);
+            desc[..8].copy_from_slice(&addr.to_le_bytes());
+            let l = (rng.next() % 0x400) as u32;
+            desc[8..12].copy_from_slice(&l.to_le_bytes());
+            desc[12] &= 3;
+            desc[14] %= 16;
+        }
+    }
+
     #[test]
     fn random_queue_images_never_panic() {
         let mut rng = Rng(0x0dd_ba11_cafe_f00d);
@@ -255,15 +234,7 @@ mod tests {
             // Make descriptors point into the buffer area and chains plausible half the
             // time, so the devices get past the first checks.
             if rng.next().is_multiple_of(2) {
-                for i in 0..16usize {
-                    let base = i * 16;
-                    let addr = 0x400 + (rng.next() % 0x800);
-                    data[base..base + 8].copy_from_slice(&addr.to_le_bytes());
-                    let l = (rng.next() % 0x400) as u32;
-                    data[base + 8..base + 12].copy_from_slice(&l.to_le_bytes());
-                    data[base + 12] &= 3;
-                    data[base + 14] %= 16;
-                }
+                plausible_table(&mut data, &mut rng, 0x400, 0x800);
                 data[0x102] = (rng.next() % 17) as u8;
                 data[0x103] = 0;
             }
@@ -280,18 +251,7 @@ mod tests {
             // Rings at 0x8_0000 hold the image again: make its descriptors point at
             // guest memory half the time so chains get parsed.
             if rng.next().is_multiple_of(2) {
-                for i in 0..16usize {
-                    let base = i * 16;
-                    if base + 16 > data.len() {
-                        break;
-                    }
-                    let addr = 0x1000 + (rng.next() % 0x1000);
-                    data[base..base + 8].copy_from_slice(&addr.to_le_bytes());
-                    let l = (rng.next() % 0x400) as u32;
-                    data[base + 8..base + 12].copy_from_slice(&l.to_le_bytes());
-                    data[base + 12] &= 3;
-                    data[base + 14] %= 16;
-                }
+                plausible_table(&mut data, &mut rng, 0x1000, 0x1000);
                 if data.len() > 0x130 {
                     data[0x102] = (rng.next() % 17) as u8;
                     data[0x103] = 0;

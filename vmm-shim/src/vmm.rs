@@ -32,7 +32,7 @@ use crate::sys::{self, Tap};
 use crate::virtio::blk::Block;
 use crate::virtio::mmio::{BusDevice, MmioTransport};
 use crate::virtio::net::Net;
-use crate::virtio::{IrqLine, VirtioDevice};
+use crate::virtio::{Counters, IrqLine, VirtioDevice};
 
 /// An error while building the VM.
 #[derive(Debug, thiserror::Error)]
@@ -417,9 +417,9 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
         let c = t.device().counters();
         tracing::info!(
             disk = i,
-            completed = crate::virtio::blk::count(&c.completed),
-            io_errors = crate::virtio::blk::count(&c.io_errors),
-            bad_chains = crate::virtio::blk::count(&c.bad_chains),
+            completed = Counters::get(&c.completed),
+            io_errors = Counters::get(&c.io_errors),
+            bad_chains = Counters::get(&c.bad_chains),
             "disk closing"
         );
         if let Err(e) = t.device_mut().close() {

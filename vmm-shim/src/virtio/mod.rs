@@ -87,6 +87,11 @@ impl Counters {
     pub fn bump(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// Reads a counter.
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
 }
 
 /// A virtio device model.
@@ -126,11 +131,21 @@ pub(crate) mod testutil {
     //! Helpers for device unit tests on virtio-queue's MockSplitQueue.
 
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::Queue;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     /// 16 MiB of guest memory; queues at 0, buffers from 1 MiB.
     pub fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
+    }
+
+    /// A 16-entry mock queue in `mem` (the driver's side) and the device's [`Queue`]
+    /// over it.
+    pub fn mock_queue(mem: &GuestMemoryMmap) -> (MockSplitQueue<'_, GuestMemoryMmap>, Queue) {
+        let vq = MockSplitQueue::new(mem, 16);
+        let q = vq.create_queue().unwrap();
+        (vq, q)
     }
 
     /// A raw descriptor.
@@ -150,6 +165,24 @@ pub(crate) mod testutil {
     /// Used ring index.
     pub fn used_idx(mem: &GuestMemoryMmap, used_addr: GuestAddress) -> u16 {
         mem.read_obj::<u16>(GuestAddress(used_addr.0 + 2)).unwrap()
+    }
+
+    /// 1 to 16 random descriptors, for the devices' randomized tests: address and
+    /// length from the test's own choosers (biased towards its buffers), then random
+    /// flags (NEXT, WRITE, INDIRECT) and a `next` index that may point past the table.
+    pub fn random_descs(
+        rng: &mut Rng,
+        addr: impl Fn(&mut Rng) -> u64,
+        len: impl Fn(&mut Rng) -> u32,
+    ) -> Vec<RawDescriptor> {
+        let n = (rng.next() % 16) as usize + 1;
+        (0..n)
+            .map(|_| {
+                let a = addr(rng);
+                let l = len(rng);
+                d(a, l, (rng.next() % 8) as u16, (rng.next() % 20) as u16)
+            })
+            .collect()
     }
 
     /// A tiny deterministic PRNG (xorshift64*), so randomized tests replay.

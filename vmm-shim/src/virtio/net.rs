@@ -320,9 +320,8 @@ impl<T: NetBackend> VirtioDevice for Net<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::testutil::{d, mem, used, used_idx, Rng};
+    use crate::virtio::testutil::{d, mem, mock_queue, random_descs, used, used_idx, Rng};
     use std::collections::VecDeque;
-    use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
 
     const WRITE: u16 = 2;
@@ -360,6 +359,11 @@ mod tests {
         }
     }
 
+    /// The NIC most tests use: offloads on, no RX wake eventfd, MAC 52:54:00:00:00:01.
+    fn tap_net() -> Net<MockTap> {
+        Net::new(MockTap::default(), [0x52, 0x54, 0, 0, 0, 1], None, true)
+    }
+
     fn frame(n: usize, fill: u8) -> Vec<u8> {
         let mut f = vec![0u8; VNET_HDR_LEN];
         f.extend(std::iter::repeat_n(fill, n));
@@ -369,9 +373,8 @@ mod tests {
     #[test]
     fn tx_sends_header_and_frame_and_rejects_writable_buffers() {
         let m = mem();
-        let vq = MockSplitQueue::new(&m, 16);
-        let q: Queue = vq.create_queue().unwrap();
-        let mut net = Net::new(MockTap::default(), [0x52, 0x54, 0, 0, 0, 1], None, true);
+        let (vq, q) = mock_queue(&m);
+        let mut net = tap_net();
         m.write_slice(&frame(60, 0x11), GuestAddress(0x10_0000))
             .unwrap();
         vq.add_desc_chains(
@@ -393,21 +396,20 @@ mod tests {
         assert_eq!(net.backend.sent.len(), 1);
         assert_eq!(net.backend.sent[0], frame(60, 0x11));
         assert_eq!(used_idx(&m, vq.used_addr()), 3);
-        assert_eq!(count(&net.counters.bad_chains), 2);
+        assert_eq!(Counters::get(&net.counters.bad_chains), 2);
     }
 
     #[test]
     fn a_broken_tap_is_not_polled_until_it_recovers() {
         let m = mem();
-        let vq = MockSplitQueue::new(&m, 16);
-        let mut q: Queue = vq.create_queue().unwrap();
-        let mut net = Net::new(MockTap::default(), [0x52, 0x54, 0, 0, 0, 1], None, true);
+        let (vq, mut q) = mock_queue(&m);
+        let mut net = tap_net();
         vq.add_desc_chains(&[d(0x10_0000, 2048, WRITE, 0)], 0)
             .unwrap();
         net.backend.broken = Some(libc::EBADFD);
         assert!(!net.rx_pump(&mut q, &m));
         assert!(net.rx_blocked(), "the RX thread would spin on POLLERR");
-        assert_eq!(count(&net.counters.io_errors), 1);
+        assert_eq!(Counters::get(&net.counters.io_errors), 1);
         // A nothing-to-read (not an error) after recovery: poll the TAP again.
         net.backend.broken = None;
         assert!(!net.rx_pump(&mut q, &m));
@@ -421,9 +423,8 @@ mod tests {
     fn offload_requests_of_a_driver_without_csum_are_cleared() {
         let m = mem();
         for (acked, kept) in [(F_MAC, false), (F_MAC | F_CSUM | F_HOST_TSO4, true)] {
-            let vq = MockSplitQueue::new(&m, 16);
-            let q: Queue = vq.create_queue().unwrap();
-            let mut net = Net::new(MockTap::default(), [0x52, 0x54, 0, 0, 0, 1], None, true);
+            let (vq, q) = mock_queue(&m);
+            let mut net = tap_net();
             net.activate(acked);
             let mut f = frame(60, 0x11);
             // NEEDS_CSUM, GSO_TCPV4, hdr_len 54, gso_size 100, csum 34/16.
@@ -446,8 +447,7 @@ mod tests {
     #[test]
     fn rx_delivers_sets_num_buffers_and_defers_when_the_queue_is_full() {
         let m = mem();
-        let vq = MockSplitQueue::new(&m, 16);
-        let q: Queue = vq.create_queue().unwrap();
+        let (vq, q) = mock_queue(&m);
         let wake = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
         let mut net = Net::new(
             MockTap::default(),
@@ -494,21 +494,20 @@ mod tests {
     #[test]
     fn rx_drops_frames_too_big_for_the_buffer() {
         let m = mem();
-        let vq = MockSplitQueue::new(&m, 16);
-        let mut q: Queue = vq.create_queue().unwrap();
-        let mut net = Net::new(MockTap::default(), [0x52, 0x54, 0, 0, 0, 1], None, true);
+        let (vq, mut q) = mock_queue(&m);
+        let mut net = tap_net();
         net.backend.incoming.push_back(frame(1500, 0x44));
         vq.add_desc_chains(&[d(0x10_0000, 64, WRITE, 0)], 0)
             .unwrap();
         assert!(net.rx_pump(&mut q, &m));
         assert_eq!(used(&m, vq.used_addr(), 0), (0, 0));
-        assert_eq!(count(&net.counters.dropped), 1);
+        assert_eq!(Counters::get(&net.counters.dropped), 1);
         assert!(!net.has_pending());
     }
 
     #[test]
     fn offloads_follow_the_acked_features() {
-        let mut net = Net::new(MockTap::default(), [0x52, 0x54, 0, 0, 0, 1], None, true);
+        let mut net = tap_net();
         net.activate(F_GUEST_CSUM | F_GUEST_TSO4);
         assert_eq!(net.backend.offload, Some(TUN_F_CSUM | TUN_F_TSO4));
         net.activate(F_GUEST_TSO4);
@@ -527,28 +526,24 @@ mod tests {
         let m = mem();
         let mut rng = Rng(0xfeed_beef_dead_cafe);
         for _ in 0..300 {
-            let vq = MockSplitQueue::new(&m, 16);
-            let mut q: Queue = vq.create_queue().unwrap();
-            let mut net = Net::new(MockTap::default(), [0x52, 0x54, 0, 0, 0, 1], None, true);
+            let (vq, mut q) = mock_queue(&m);
+            let mut net = tap_net();
             for _ in 0..rng.next() % 3 {
                 net.backend
                     .incoming
                     .push_back(frame((rng.next() % 3000) as usize, 7));
             }
-            let n = (rng.next() % 16) as usize + 1;
-            let descs: Vec<_> = (0..n)
-                .map(|_| {
-                    let addr = match rng.next() % 3 {
-                        0 => rng.next(),
-                        _ => 0x10_0000 + rng.next() % (20 << 20),
-                    };
-                    let len = match rng.next() % 3 {
-                        0 => rng.next() as u32,
-                        _ => (rng.next() % 4096) as u32,
-                    };
-                    d(addr, len, (rng.next() % 8) as u16, (rng.next() % 20) as u16)
-                })
-                .collect();
+            let descs = random_descs(
+                &mut rng,
+                |rng| match rng.next() % 3 {
+                    0 => rng.next(),
+                    _ => 0x10_0000 + rng.next() % (20 << 20),
+                },
+                |rng| match rng.next() % 3 {
+                    0 => rng.next() as u32,
+                    _ => (rng.next() % 4096) as u32,
+                },
+            );
             let _ = vq.add_desc_chains(&descs, 0);
             if rng.next().is_multiple_of(2) {
                 net.process_tx(&mut q, &m);
@@ -557,9 +552,5 @@ mod tests {
             }
             assert!(used_idx(&m, vq.used_addr()) as usize <= 16);
         }
-    }
-
-    fn count(c: &std::sync::atomic::AtomicU64) -> u64 {
-        c.load(std::sync::atomic::Ordering::Relaxed)
     }
 }

@@ -1,0 +1,145 @@
+//! What a virtio-blk device talks to: the [`BlockBackend`] trait, its production
+//! implementation on an NBD connection, and [`MemDisk`], an in-memory disk for unit
+//! tests and the fuzz harness.
+//!
+//! The device hands the backend all requests of one batch in one [`BlockBackend::submit`]
+//! call, so a backend may keep them in flight together (the NBD client pipelines them
+//! on its socket). The answer is one [`Outcome`] per request, in request order; an `Err`
+//! from `submit` itself means the backend is gone and every request of the batch failed.
+
+use crate::nbd::{self, NbdClient, NbdError, Outcome, Request};
+
+/// What a block device talks to.
+pub trait BlockBackend: Send {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Read-only export.
+    fn read_only(&self) -> bool;
+    /// FLUSH supported.
+    fn can_flush(&self) -> bool;
+    /// TRIM supported.
+    fn can_trim(&self) -> bool;
+    /// WRITE_ZEROES supported.
+    fn can_write_zeroes(&self) -> bool;
+    /// Runs requests (in flight together); an `Err` means the backend is gone.
+    fn submit(&mut self, reqs: &[Request]) -> Result<Vec<Outcome>, NbdError>;
+    /// Flushes and disconnects.
+    fn close(&mut self) -> Result<(), NbdError>;
+}
+
+impl BlockBackend for NbdClient {
+    fn size(&self) -> u64 {
+        NbdClient::size(self)
+    }
+    fn read_only(&self) -> bool {
+        NbdClient::read_only(self)
+    }
+    fn can_flush(&self) -> bool {
+        self.flags() & nbd::TFLAG_SEND_FLUSH != 0
+    }
+    fn can_trim(&self) -> bool {
+        self.flags() & nbd::TFLAG_SEND_TRIM != 0
+    }
+    fn can_write_zeroes(&self) -> bool {
+        self.flags() & nbd::TFLAG_SEND_WRITE_ZEROES != 0
+    }
+    fn submit(&mut self, reqs: &[Request]) -> Result<Vec<Outcome>, NbdError> {
+        NbdClient::submit(self, reqs)
+    }
+    fn close(&mut self) -> Result<(), NbdError> {
+        NbdClient::close(self)
+    }
+}
+
+/// errno a [`MemDisk`] answers for a request outside the disk (EINVAL).
+const EINVAL: u32 = 22;
+
+/// An in-memory disk that records what it was asked: the backend of the device's unit
+/// tests and of [`crate::fuzzing`]. It offers FLUSH, TRIM and WRITE_ZEROES; TRIM and
+/// WRITE_ZEROES zero the range. A request outside the disk fails with EINVAL (the
+/// device never sends one, but the fuzz harness must not depend on that).
+#[derive(Debug, Default)]
+pub struct MemDisk {
+    /// The disk's bytes.
+    pub data: Vec<u8>,
+    /// Present the export as read-only.
+    pub read_only: bool,
+    /// Answer every request with this errno.
+    pub fail_errno: Option<u32>,
+    /// Fail every submission as a dead connection does.
+    pub dead: bool,
+    /// Keep every submission in `submits` (off in the fuzz harness, whose long runs
+    /// would pile up the written data).
+    pub record: bool,
+    /// Every submission, in order, while `record` is on.
+    pub submits: Vec<Vec<Request>>,
+}
+
+impl MemDisk {
+    /// A zeroed, writable disk of `size` bytes that records its submissions.
+    pub fn new(size: usize) -> Self {
+        MemDisk {
+            data: vec![0; size],
+            record: true,
+            ..Default::default()
+        }
+    }
+
+    /// The bytes `offset..offset + len`, if they lie on the disk.
+    fn range(&mut self, offset: u64, len: usize) -> Option<&mut [u8]> {
+        let o = usize::try_from(offset).ok()?;
+        self.data.get_mut(o..o.checked_add(len)?)
+    }
+
+    fn run(&mut self, r: &Request) -> Outcome {
+        if let Some(e) = self.fail_errno {
+            return Err(e);
+        }
+        match r {
+            Request::Read { offset, len } => self
+                .range(*offset, *len as usize)
+                .map(|s| s.to_vec())
+                .ok_or(EINVAL),
+            Request::Write { offset, data } => {
+                let s = self.range(*offset, data.len()).ok_or(EINVAL)?;
+                s.copy_from_slice(data);
+                Ok(vec![])
+            }
+            Request::Trim { offset, len } | Request::WriteZeroes { offset, len, .. } => {
+                self.range(*offset, *len as usize).ok_or(EINVAL)?.fill(0);
+                Ok(vec![])
+            }
+            Request::Flush => Ok(vec![]),
+        }
+    }
+}
+
+impl BlockBackend for MemDisk {
+    fn size(&self) -> u64 {
+        self.data.len() as u64
+    }
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+    fn can_flush(&self) -> bool {
+        true
+    }
+    fn can_trim(&self) -> bool {
+        true
+    }
+    fn can_write_zeroes(&self) -> bool {
+        true
+    }
+    fn submit(&mut self, reqs: &[Request]) -> Result<Vec<Outcome>, NbdError> {
+        if self.record {
+            self.submits.push(reqs.to_vec());
+        }
+        if self.dead {
+            return Err(NbdError::Down);
+        }
+        Ok(reqs.iter().map(|r| self.run(r)).collect())
+    }
+    fn close(&mut self) -> Result<(), NbdError> {
+        Ok(())
+    }
+}

@@ -26,9 +26,11 @@ use crate::virtio::net::{Net, NetBackend};
 const MEM: usize = 1 << 20;
 /// Queue size used (a power of two no larger than the table area).
 const QSIZE: u16 = 16;
-/// Where [`run_chains`] puts the descriptor table, avail ring and used ring.
+/// Where [`run_chains`] puts the descriptor table,
 const DESC: u64 = 0;
+/// the avail ring
 const AVAIL: u64 = 0x100;
+/// and the used ring.
 const USED: u64 = 0x200;
 
 /// The disk both harnesses give virtio-blk: 64 KiB in memory, submissions not kept.
@@ -77,9 +79,9 @@ fn queue() -> Queue {
 
 /// Runs both devices over a queue built from `data`.
 ///
-/// Layout: `data` is copied to guest address 0 (descriptor table at [`DESC`], avail
-/// ring at [`AVAIL`], used ring at [`USED`], the rest is buffer space); the used ring is
-/// cleared before each device runs.
+/// Layout: `data` is copied to guest address 0 (descriptor table at 0, avail ring at
+/// 0x100, used ring at 0x200, the rest is buffer space); the used ring is cleared
+/// before each device runs.
 pub fn run_chains(data: &[u8]) {
     let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]) else {
         return;

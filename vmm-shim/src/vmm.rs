@@ -1,38 +1,47 @@
 //! The VMM proper: builds the VM from a [`VmConfig`], runs the vCPUs and ends it.
 //!
-//! Threads: one per vCPU (KVM_RUN loop; port and MMIO exits are served on that thread,
-//! including virtio queue processing, so a kick returns when its requests are done),
-//! one RX thread per NIC (waits on the TAP and the device's wake eventfd), and one that
-//! waits for SIGTERM/SIGINT. Every thread reports how the VM should end on one channel;
-//! the first report wins. The main thread then sets the stop flag, kicks the vCPU
-//! threads out of KVM_RUN with a signal until they are gone, flushes and disconnects
-//! every NBD backend and returns the reason, which `main` turns into the exit status:
-//! guest reset or SIGTERM -> 0; triple fault, KVM internal error, entry failure -> 1.
+//! [`run`] reads top-down as the VM's life: create the VM, guest RAM, the serial
+//! console, the disks and NICs (each in its own virtio-mmio window and IRQ, announced
+//! on the kernel command line and in the ACPI tables), load the kernel, start the
+//! vCPUs and the helper threads, wait, shut down. Each step is one function below.
+//!
+//! Threads: one per vCPU (KVM_RUN loop, in `vmm/vcpu.rs`; port and MMIO exits are served on
+//! that thread, including virtio queue processing, so a kick returns when its requests
+//! are done), one RX thread per NIC (waits on the TAP and the device's wake eventfd),
+//! one that waits for SIGTERM/SIGINT and, with `--console stdio`, one that feeds
+//! standard input to the UART. Every vCPU thread and the signal thread report how the
+//! VM should end on one channel; the first report wins. The main thread then sets the
+//! stop flag, kicks the vCPU threads out of KVM_RUN with a signal until they are gone,
+//! stops the RX threads, flushes and disconnects every NBD backend, hands netd's ports
+//! back and returns the reason, which `main` turns into the exit status: guest reset,
+//! power-off or SIGTERM -> 0; triple fault, KVM internal error, entry failure -> 1.
+
+mod vcpu;
 
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
-use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::thread;
+use std::sync::{Arc, Mutex, TryLockError};
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use self::vcpu::{start_vcpus, stop_vcpus, MmioBus, VcpuShared};
 use crate::boot;
 use crate::config::{Console, NetBackend as NetKind, VmConfig};
 use crate::layout;
-use crate::legacy::{ConsoleOut, IrqEvt, PioAction, PioBus, SerialDev};
+use crate::legacy::{ConsoleOut, IrqEvt, PioBus, SerialDev};
 use crate::nbd::NbdClient;
 use crate::sys::{self, Tap};
 use crate::virtio::blk::Block;
-use crate::virtio::mmio::{BusDevice, MmioTransport};
+use crate::virtio::mmio::MmioTransport;
 use crate::virtio::net::Net;
-use crate::virtio::{Counters, IrqLine, VirtioDevice};
+use crate::virtio::{Counters, VirtioDevice};
 
 /// An error while building the VM.
 #[derive(Debug, thiserror::Error)]
@@ -140,44 +149,84 @@ impl ExitReason {
     }
 }
 
-/// The MMIO bus: virtio-mmio windows at fixed addresses.
-struct MmioBus {
-    devices: Vec<Arc<Mutex<dyn BusDevice>>>,
-}
-
-impl MmioBus {
-    fn find(&self, addr: u64) -> Option<(&Arc<Mutex<dyn BusDevice>>, u64)> {
-        let off = addr.checked_sub(layout::MMIO_BASE)?;
-        let i = usize::try_from(off / layout::MMIO_SIZE).ok()?;
-        self.devices.get(i).map(|d| (d, off % layout::MMIO_SIZE))
-    }
-    fn read(&self, addr: u64, data: &mut [u8]) {
-        match self.find(addr) {
-            Some((d, off)) => d
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .bus_read(off, data),
-            None => data.fill(0xff),
-        }
-    }
-    fn write(&self, addr: u64, data: &[u8]) {
-        if let Some((d, off)) = self.find(addr) {
-            d.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .bus_write(off, data)
-        }
-    }
-}
-
 type BlockDev = Arc<Mutex<MmioTransport<Block<NbdClient>>>>;
 type NetDev = Arc<Mutex<MmioTransport<Net<Tap>>>>;
 
+/// The NICs' side of shutdown: their receive threads, the eventfd that stops them, and
+/// the netd ports to hand back.
+struct Nics {
+    rx_threads: Vec<JoinHandle<()>>,
+    stop_rx: Arc<EventFd>,
+    /// (network, port name) of every port netd gave us.
+    netd_ports: Vec<(String, String)>,
+}
+
+/// What a running VM is made of, as far as ending it goes.
+struct Running {
+    vcpu_threads: Vec<JoinHandle<()>>,
+    shared: Arc<VcpuShared>,
+    blocks: Vec<BlockDev>,
+    nics: Nics,
+    serial: Arc<Mutex<SerialDev>>,
+}
+
 /// Builds and runs the VM until it ends; returns why.
+///
+/// The steps, in order: the KVM VM with its in-kernel interrupt controllers and PIT
+/// (`create_vm`), guest RAM (`guest_memory`), the serial console
+/// (`serial_console`), the disks and then the NICs, each in the next virtio-mmio
+/// window (`attach_disks`, `attach_nics`), the kernel (`load_kernel`), the vCPU
+/// threads (`start_vcpus`) and the signal and console threads (`start_helpers`).
+/// Then the first exit report decides the reason and `shutdown` ends the VM. An error
+/// before the vCPUs start returns at once; what was set up is released as it drops.
 pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
     sys::block_term_signals();
     sys::install_kick_handler().map_err(os_err("installing the vCPU kick handler"))?;
 
     let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
+    let vm = create_vm(&kvm)?;
+    // `mem` lives until this function returns, after the vCPU threads are joined (see
+    // the SAFETY comment of `register_memory`).
+    let mem = guest_memory(&vm, cfg.mem_bytes)?;
+    let serial = serial_console(&vm, &cfg.console)?;
+
+    let mut cmdline = cfg.cmdline.clone();
+    let mut bus = MmioBus::default();
+    let blocks = attach_disks(&vm, &mem, &cfg, &mut bus, &mut cmdline)?;
+    let nics = attach_nics(&vm, &mem, &cfg, &mut bus, &mut cmdline)?;
+    let entry = load_kernel(&mem, &cfg, &bus, &cmdline)?;
+
+    let (tx, rx) = mpsc::channel::<ExitReason>();
+    let shared = Arc::new(VcpuShared {
+        stop: AtomicBool::new(false),
+        pio: PioBus::new(serial.clone()),
+        bus,
+    });
+    let vcpu_threads = start_vcpus(&kvm, &vm, cfg.cpus, entry, &shared, &tx)?;
+    start_helpers(&cfg, &serial, tx)?;
+    sys::sd_notify_ready();
+
+    let reason = rx
+        .recv()
+        .unwrap_or_else(|_| ExitReason::Crash("all vCPU threads ended without a reason".into()));
+    tracing::info!(?reason, "stopping the VM");
+    shutdown(
+        Running {
+            vcpu_threads,
+            shared,
+            blocks,
+            nics,
+            serial,
+        },
+        &cfg,
+    );
+    drop(mem);
+    Ok(reason)
+}
+
+/// Creates the VM: TSS and identity-map pages, the in-kernel PIC/IOAPIC/LAPICs and the
+/// in-kernel PIT (speaker port ignored).
+fn create_vm(kvm: &Kvm) -> Result<VmFd, VmmError> {
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     vm.set_tss_address(layout::TSS_ADDR)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
@@ -190,16 +239,20 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
         ..Default::default()
     };
     vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    Ok(vm)
+}
 
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), cfg.mem_bytes as usize)])
-        .map_err(|source| VmmError::Memory {
-            bytes: cfg.mem_bytes,
-            source,
-        })?;
-    register_memory(&vm, &mem)?;
+/// Allocates guest RAM (one region from guest address 0) and registers it with KVM.
+fn guest_memory(vm: &VmFd, bytes: u64) -> Result<GuestMemoryMmap, VmmError> {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), bytes as usize)])
+        .map_err(|source| VmmError::Memory { bytes, source })?;
+    register_memory(vm, &mem)?;
+    Ok(mem)
+}
 
-    // Serial console.
-    let out = match &cfg.console {
+/// The 8250 UART at 0x3f8: output to stdout or appended to a file, its IRQ an irqfd.
+fn serial_console(vm: &VmFd, console: &Console) -> Result<Arc<Mutex<SerialDev>>, VmmError> {
+    let out = match console {
         Console::Stdio => ConsoleOut::Stdout,
         Console::File(p) => ConsoleOut::File(
             OpenOptions::new()
@@ -215,28 +268,22 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
     let serial_evt = EventFd::new(EFD_NONBLOCK).map_err(os_err("eventfd"))?;
     vm.register_irqfd(&serial_evt, layout::SERIAL_IRQ)
         .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-    let serial: Arc<Mutex<SerialDev>> =
-        Arc::new(Mutex::new(SerialDev::new(IrqEvt(serial_evt), out)));
+    Ok(Arc::new(Mutex::new(SerialDev::new(
+        IrqEvt(serial_evt),
+        out,
+    ))))
+}
 
-    // Devices: disks first, then NICs, each in its own 4 KiB window and IRQ.
-    let mut cmdline = cfg.cmdline.clone();
-    let mut bus = MmioBus {
-        devices: Vec::new(),
-    };
-    let mut blocks: Vec<BlockDev> = Vec::new();
-    let irq_for = |vm: &VmFd, i: usize| -> Result<Arc<IrqLine>, VmmError> {
-        let evt = EventFd::new(EFD_NONBLOCK).map_err(os_err("eventfd"))?;
-        vm.register_irqfd(&evt, layout::mmio_irq(i))
-            .map_err(kvm_err("KVM_IRQFD (virtio)"))?;
-        Ok(Arc::new(IrqLine::new(evt)))
-    };
-    let announce = |cmdline: &mut String, i: usize| {
-        cmdline.push_str(&format!(
-            " virtio_mmio.device=4K@{:#x}:{}",
-            layout::mmio_addr(i),
-            layout::mmio_irq(i)
-        ));
-    };
+/// Connects every disk's NBD export and puts a virtio-blk device for it on the bus, in
+/// command-line order.
+fn attach_disks(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    cfg: &VmConfig,
+    bus: &mut MmioBus,
+    cmdline: &mut String,
+) -> Result<Vec<BlockDev>, VmmError> {
+    let mut blocks = Vec::new();
     for (index, d) in cfg.disks.iter().enumerate() {
         let client = NbdClient::connect(&d.addr, &d.export)
             .map_err(|source| VmmError::Disk { index, source })?;
@@ -248,20 +295,30 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
             structured = client.structured(),
             "NBD export connected"
         );
-        let i = bus.devices.len();
         let dev = Block::new(client, d.read_only, &format!("nbd{index}"));
-        let t = Arc::new(Mutex::new(MmioTransport::new(
-            dev,
-            mem.clone(),
-            irq_for(&vm, i)?,
-        )));
-        bus.devices.push(t.clone());
+        let t = bus.transport(vm, mem, dev)?;
+        bus.attach(t.clone(), cmdline);
         blocks.push(t);
-        announce(&mut cmdline, i);
     }
-    let stop_rx = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(os_err("eventfd"))?);
-    let mut rx_threads = Vec::new();
-    let mut netd_ports: Vec<(String, String)> = Vec::new();
+    Ok(blocks)
+}
+
+/// Opens every NIC's TAP (asking netd for a `vm` port first where the NIC names a netd
+/// network), puts a virtio-net device for it on the bus and starts its receive thread
+/// ([`net_rx_loop`]). Offloads are offered on plain TAPs only: a netd port's AF_PACKET
+/// side carries plain frames.
+fn attach_nics(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    cfg: &VmConfig,
+    bus: &mut MmioBus,
+    cmdline: &mut String,
+) -> Result<Nics, VmmError> {
+    let mut nics = Nics {
+        rx_threads: Vec::new(),
+        stop_rx: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(os_err("eventfd"))?),
+        netd_ports: Vec::new(),
+    };
     for (index, n) in cfg.nets.iter().enumerate() {
         let mac = n.mac.unwrap_or_else(|| random_mac(index));
         let (name, offloads) = match &n.backend {
@@ -275,7 +332,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
                     &format_mac(mac),
                 )
                 .map_err(|source| VmmError::Netd { index, source })?;
-                netd_ports.push((network.clone(), ifname.clone()));
+                nics.netd_ports.push((network.clone(), ifname.clone()));
                 (ifname, false)
             }
         };
@@ -287,84 +344,56 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
         let tap_fd = tap.as_raw_fd();
         let wake = EventFd::new(EFD_NONBLOCK).map_err(os_err("eventfd"))?;
         let wake_rx = wake.try_clone().map_err(os_err("eventfd"))?;
-        let i = bus.devices.len();
-        let dev = Net::new(tap, mac, Some(wake), offloads);
-        let t: NetDev = Arc::new(Mutex::new(MmioTransport::new(
-            dev,
-            mem.clone(),
-            irq_for(&vm, i)?,
-        )));
-        bus.devices.push(t.clone());
-        announce(&mut cmdline, i);
+        let t: NetDev = bus.transport(vm, mem, Net::new(tap, mac, Some(wake), offloads))?;
+        bus.attach(t.clone(), cmdline);
         tracing::info!(net = index, tap = %name, mac = %format_mac(mac), "NIC attached");
-        let stop = stop_rx.clone();
-        rx_threads.push(
+        let stop = nics.stop_rx.clone();
+        nics.rx_threads.push(
             thread::Builder::new()
                 .name(format!("net{index}-rx"))
                 .spawn(move || net_rx_loop(t, tap_fd, wake_rx, stop))
                 .map_err(os_err("spawning a NIC thread"))?,
         );
     }
+    Ok(nics)
+}
 
-    let acpi_devices: Vec<crate::acpi::MmioDevice> = (0..bus.devices.len())
-        .map(|i| crate::acpi::MmioDevice {
-            addr: layout::mmio_addr(i),
-            irq: layout::mmio_irq(i),
-        })
-        .collect();
+/// Loads the kernel (and initrd), writes the boot structures and the ACPI tables that
+/// list the bus's windows; returns the 64-bit entry point.
+fn load_kernel(
+    mem: &GuestMemoryMmap,
+    cfg: &VmConfig,
+    bus: &MmioBus,
+    cmdline: &str,
+) -> Result<u64, VmmError> {
     let kernel = boot::load(
-        &mem,
+        mem,
         cfg.mem_bytes,
         &cfg.kernel,
         cfg.initrd.as_deref(),
-        &cmdline,
+        cmdline,
         cfg.cpus,
-        &acpi_devices,
+        &bus.acpi_devices(),
     )?;
     tracing::info!(entry = format_args!("{:#x}", kernel.entry), cmdline = %cmdline, "kernel loaded");
+    Ok(kernel.entry)
+}
 
-    // vCPUs.
-    let (tx, rx) = mpsc::channel::<ExitReason>();
-    let stop = Arc::new(AtomicBool::new(false));
-    let pio = Arc::new(PioBus::new(serial.clone()));
-    let bus = Arc::new(bus);
-    let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).ok();
-    // Every vCPU exists before any runs: the boot CPU may send INIT/SIPI at once, and an
-    // IPI to an APIC that does not exist yet is lost.
-    let mut vcpus = Vec::new();
-    for id in 0..cfg.cpus {
-        let vcpu = vm
-            .create_vcpu(u64::from(id))
-            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        setup_vcpu(&vcpu, id, cpuid.as_ref(), (id == 0).then_some(kernel.entry))?;
-        vcpus.push(vcpu);
-    }
-    let mut vcpu_threads = Vec::new();
-    for (id, vcpu) in vcpus.into_iter().enumerate() {
-        let id = id as u8;
-        let (tx, stop, pio, bus) = (tx.clone(), stop.clone(), pio.clone(), bus.clone());
-        vcpu_threads.push(
-            thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || {
-                    let r = vcpu_loop(vcpu, id, &stop, &pio, &bus);
-                    if let Some(r) = r {
-                        let _ = tx.send(r);
-                    }
-                })
-                .map_err(os_err("spawning a vCPU thread"))?,
-        );
-    }
-    {
-        let tx = tx.clone();
-        thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                let sig = sys::wait_term_signal();
-                let _ = tx.send(ExitReason::Signal(sig));
-            })
-            .map_err(os_err("spawning the signal thread"))?;
-    }
+/// Starts the thread that turns SIGTERM/SIGINT into an exit report and, with
+/// `--console stdio`, the one that feeds standard input to the UART. Takes the last
+/// sender, so the channel closes when every reporting thread is gone.
+fn start_helpers(
+    cfg: &VmConfig,
+    serial: &Arc<Mutex<SerialDev>>,
+    tx: mpsc::Sender<ExitReason>,
+) -> Result<(), VmmError> {
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let sig = sys::wait_term_signal();
+            let _ = tx.send(ExitReason::Signal(sig));
+        })
+        .map_err(os_err("spawning the signal thread"))?;
     if cfg.console == Console::Stdio {
         let serial = serial.clone();
         thread::Builder::new()
@@ -372,42 +401,42 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
             .spawn(move || console_input(&serial))
             .map_err(os_err("spawning the console input thread"))?;
     }
-    drop(tx);
-    sys::sd_notify_ready();
+    Ok(())
+}
 
-    let reason = rx
-        .recv()
-        .unwrap_or_else(|_| ExitReason::Crash("all vCPU threads ended without a reason".into()));
-    tracing::info!(?reason, "stopping the VM");
-
-    stop.store(true, Ordering::SeqCst);
-    // A vCPU thread can only be stuck outside KVM_RUN in device I/O (an NBD server that
-    // stopped answering, bounded by the NBD I/O timeout); don't wait on it forever.
+/// Ends a running VM: stops the vCPUs, then the NICs' receive threads, flushes and
+/// disconnects every disk, hands netd's ports back and flushes the console. Waits at
+/// most [`SHUTDOWN_GRACE`] in all for vCPU threads and busy disks.
+fn shutdown(vm: Running, cfg: &VmConfig) {
     let deadline = Instant::now() + SHUTDOWN_GRACE;
-    for (id, h) in vcpu_threads.into_iter().enumerate() {
-        while !h.is_finished() && Instant::now() < deadline {
-            sys::kick_thread(h.as_pthread_t());
-            thread::sleep(Duration::from_millis(5));
-        }
-        if h.is_finished() {
-            let _ = h.join();
-        } else {
-            tracing::warn!(vcpu = id, "vCPU thread did not stop in time; leaving it");
-        }
-    }
-    let _ = stop_rx.write(1);
-    for h in rx_threads {
+    stop_vcpus(vm.vcpu_threads, &vm.shared.stop, deadline);
+    let _ = vm.nics.stop_rx.write(1);
+    for h in vm.nics.rx_threads {
         let _ = h.join();
     }
+    close_disks(&vm.blocks, deadline);
+    for (network, port) in &vm.nics.netd_ports {
+        if let Err(e) = crate::netd_client::del_port(&cfg.netd_control, network, port) {
+            tracing::warn!(port = %port, error = %crate::error_chain(&e), "netd port removal failed");
+        }
+    }
+    let _ = vm.serial.lock().map(|mut s| {
+        let _ = std::io::Write::flush(s.writer_mut());
+    });
+}
+
+/// Logs each disk's counters and flushes and disconnects its NBD export. A disk still
+/// locked by a stuck request at `deadline` is left as it is.
+fn close_disks(blocks: &[BlockDev], deadline: Instant) {
     for (i, b) in blocks.iter().enumerate() {
         let mut t = loop {
             match b.try_lock() {
                 Ok(t) => break Some(t),
-                Err(std::sync::TryLockError::Poisoned(e)) => break Some(e.into_inner()),
-                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                Err(TryLockError::Poisoned(e)) => break Some(e.into_inner()),
+                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
                     thread::sleep(Duration::from_millis(5))
                 }
-                Err(std::sync::TryLockError::WouldBlock) => break None,
+                Err(TryLockError::WouldBlock) => break None,
             }
         };
         let Some(t) = t.as_mut() else {
@@ -426,17 +455,9 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
             tracing::warn!(disk = i, error = %crate::error_chain(&e), "NBD close failed");
         }
     }
-    for (network, port) in &netd_ports {
-        if let Err(e) = crate::netd_client::del_port(&cfg.netd_control, network, port) {
-            tracing::warn!(port = %port, error = %crate::error_chain(&e), "netd port removal failed");
-        }
-    }
-    let _ = serial.lock().map(|mut s| {
-        let _ = std::io::Write::flush(s.writer_mut());
-    });
-    Ok(reason)
 }
 
+/// Tells KVM where each region of guest RAM is mapped in this process.
 fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
     for (slot, r) in mem.iter().enumerate() {
         let host = mem
@@ -460,118 +481,6 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(())
-}
-
-fn setup_vcpu(
-    vcpu: &VcpuFd,
-    id: u8,
-    cpuid: Option<&kvm_bindings::CpuId>,
-    entry: Option<u64>,
-) -> Result<(), VmmError> {
-    if let Some(c) = cpuid {
-        let mut c = c.clone();
-        for e in c.as_mut_slice() {
-            match e.function {
-                1 => e.ebx = (e.ebx & 0x00ff_ffff) | (u32::from(id) << 24),
-                0xb => e.edx = u32::from(id),
-                _ => {}
-            }
-        }
-        if let Err(e) = vcpu.set_cpuid2(&c) {
-            tracing::warn!(error = %e, "KVM_SET_CPUID2 failed; the guest sees the default CPUID");
-        }
-    }
-    // LINT0 = ExtINT (the PIC), LINT1 = NMI, as firmware would leave them.
-    if let Ok(mut lapic) = vcpu.get_lapic() {
-        let set = |regs: &mut [libc::c_char], off: usize, mode: u32| {
-            let mut b = [0u8; 4];
-            for (i, x) in b.iter_mut().enumerate() {
-                *x = regs[off + i] as u8;
-            }
-            let v = (u32::from_le_bytes(b) & !0x700) | mode;
-            for (i, x) in v.to_le_bytes().iter().enumerate() {
-                regs[off + i] = *x as libc::c_char;
-            }
-        };
-        set(&mut lapic.regs, 0x350, 0x700);
-        set(&mut lapic.regs, 0x360, 0x400);
-        let _ = vcpu.set_lapic(&lapic);
-    }
-    if let Some(entry) = entry {
-        let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-        vcpu.set_sregs(&boot::long_mode_sregs(sregs))
-            .map_err(kvm_err("KVM_SET_SREGS"))?;
-        vcpu.set_regs(&boot::boot_regs(entry))
-            .map_err(kvm_err("KVM_SET_REGS"))?;
-        vcpu.set_fpu(&boot::boot_fpu())
-            .map_err(kvm_err("KVM_SET_FPU"))?;
-    }
-    Ok(())
-}
-
-fn rip(vcpu: &VcpuFd) -> String {
-    vcpu.get_regs()
-        .map(|r| format!("{:#x}", r.rip))
-        .unwrap_or_else(|_| "?".into())
-}
-
-/// Runs one vCPU until the VM ends; returns a reason unless it was told to stop.
-fn vcpu_loop(
-    mut vcpu: VcpuFd,
-    id: u8,
-    stop: &AtomicBool,
-    pio: &PioBus,
-    bus: &MmioBus,
-) -> Option<ExitReason> {
-    loop {
-        if stop.load(Ordering::SeqCst) {
-            return None;
-        }
-        let exit = match vcpu.run() {
-            Ok(VcpuExit::IoIn(port, data)) => {
-                pio.read(port, data);
-                continue;
-            }
-            Ok(VcpuExit::IoOut(port, data)) => {
-                if pio.write(port, data) == PioAction::Reset {
-                    return Some(ExitReason::Reset);
-                }
-                continue;
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                bus.read(addr, data);
-                continue;
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
-                bus.write(addr, data);
-                continue;
-            }
-            Ok(VcpuExit::Intr) => continue,
-            Ok(VcpuExit::Hlt) => {
-                "halted with no interrupt controller to wake it (KVM_EXIT_HLT)".to_string()
-            }
-            Ok(VcpuExit::Shutdown) => "triple fault (KVM_EXIT_SHUTDOWN)".to_string(),
-            Ok(VcpuExit::InternalError) => {
-                let sub = sys::internal_error_suberror(&mut vcpu);
-                format!("KVM internal error (KVM_EXIT_INTERNAL_ERROR, suberror {sub})")
-            }
-            Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                format!("VM entry failed (hardware reason {reason:#x}, cpu {cpu})")
-            }
-            Ok(VcpuExit::SystemEvent(ty, _)) => match ty {
-                kvm_bindings::KVM_SYSTEM_EVENT_RESET => return Some(ExitReason::Reset),
-                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => return Some(ExitReason::PowerOff),
-                t => format!("unexpected system event {t}"),
-            },
-            Ok(other) => format!("unexpected exit {other:?}"),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-            Err(e) => format!("KVM_RUN failed: {e}"),
-        };
-        return Some(ExitReason::Crash(format!(
-            "vCPU {id}: {exit} at rip={}",
-            rip(&vcpu)
-        )));
-    }
 }
 
 /// Feeds standard input to the UART's receive FIFO (the guest's console input), waiting
@@ -661,9 +570,4 @@ pub fn format_mac(m: [u8; 6]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
-}
-
-/// Total guest RAM (for logs).
-pub fn guest_ram(mem: &GuestMemoryMmap) -> u64 {
-    mem.iter().map(vm_memory::GuestMemoryRegion::len).sum()
 }

@@ -9,7 +9,10 @@
 //! 0x0010_0000  high memory: kernels load here or above (bzImage at 16 MiB)
 //! ...          initrd at the top of RAM (below 896 MiB)
 //! 0xd000_0000  virtio-mmio devices, 4 KiB each, IRQ 5.. in order: disks, then NICs
+//! 0xfffb_c000  KVM identity-map page, then the 3-page TSS (outside RAM)
 //! ```
+//!
+//! RAM starts at 0 and ends below the MMIO windows (at most 3 GiB).
 
 /// GDT address.
 pub const GDT_ADDR: u64 = 0x500;

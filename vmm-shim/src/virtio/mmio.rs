@@ -1,11 +1,15 @@
 //! The virtio-mmio transport (version 2 register layout, virtio spec 4.2.2).
 //!
 //! Every register access the guest makes in the device's 4 KiB window lands in
-//! [`MmioTransport::read`] / [`MmioTransport::write`] from a vCPU thread. Queue
-//! addresses and sizes the driver writes are kept in virtio-queue `Queue`s; the queues
-//! are only handed to the device after DRIVER_OK and only if `Queue::is_valid` accepts
-//! them against guest memory (a driver that points a ring outside RAM gets
-//! DEVICE_NEEDS_RESET instead of a device that touches bad memory).
+//! [`MmioTransport::read`] / [`MmioTransport::write`] from a vCPU thread (through
+//! [`BusDevice`]). Queue addresses and sizes the driver writes are kept in virtio-queue
+//! `Queue`s. FEATURES_OK is refused when the driver acks a feature the device did not
+//! offer or leaves out VERSION_1. The device is activated at DRIVER_OK only if every
+//! queue the driver made ready passes `Queue::is_valid` against guest memory; a driver
+//! that points a ring outside RAM gets DEVICE_NEEDS_RESET instead of a device that
+//! touches bad memory. After that, a kick (QueueNotify) reaches the device only for a
+//! queue the driver made ready, since the addresses of any other were never checked.
+//! A status write of 0 resets the device and its queues.
 
 use std::sync::Arc;
 

@@ -21,6 +21,12 @@
 pub mod backend;
 pub mod request;
 
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
@@ -32,29 +38,24 @@ use super::{read_config_bytes, Counters, VirtioDevice};
 use crate::nbd::{self, NbdError, Outcome};
 
 /// Device ID of virtio-blk.
-pub const DEVICE_ID: u32 = 2;
+pub const DEVICE_ID: u32 = VIRTIO_ID_BLOCK;
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR: u64 = 512;
 
-/// VIRTIO_BLK_F_SIZE_MAX.
-pub const F_SIZE_MAX: u64 = 1 << 1;
-/// VIRTIO_BLK_F_SEG_MAX.
-pub const F_SEG_MAX: u64 = 1 << 2;
-/// VIRTIO_BLK_F_RO.
-pub const F_RO: u64 = 1 << 5;
-/// VIRTIO_BLK_F_FLUSH.
-pub const F_FLUSH: u64 = 1 << 9;
-/// VIRTIO_BLK_F_DISCARD.
-pub const F_DISCARD: u64 = 1 << 13;
-/// VIRTIO_BLK_F_WRITE_ZEROES.
-pub const F_WRITE_ZEROES: u64 = 1 << 14;
+// Feature bits the device may offer (bit numbers from the virtio-blk header).
+const F_SIZE_MAX: u64 = 1 << VIRTIO_BLK_F_SIZE_MAX;
+const F_SEG_MAX: u64 = 1 << VIRTIO_BLK_F_SEG_MAX;
+const F_RO: u64 = 1 << VIRTIO_BLK_F_RO;
+const F_FLUSH: u64 = 1 << VIRTIO_BLK_F_FLUSH;
+const F_DISCARD: u64 = 1 << VIRTIO_BLK_F_DISCARD;
+const F_WRITE_ZEROES: u64 = 1 << VIRTIO_BLK_F_WRITE_ZEROES;
 
 /// Status: success.
-pub const S_OK: u8 = 0;
+pub const S_OK: u8 = VIRTIO_BLK_S_OK as u8;
 /// Status: I/O error.
-pub const S_IOERR: u8 = 1;
+pub const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 /// Status: unsupported request.
-pub const S_UNSUPP: u8 = 2;
+pub const S_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 
 /// Largest segment we ask the driver for.
 pub const SIZE_MAX: u32 = 256 << 10;

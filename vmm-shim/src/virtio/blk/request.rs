@@ -11,6 +11,11 @@
 //! range, read-only disk, feature not offered) becomes [`BlkRequest::Fail`] with the
 //! status to answer.
 
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
 use vm_memory::GuestMemoryMmap;
 
 use super::{
@@ -20,28 +25,13 @@ use super::{
 use crate::nbd::Request;
 use crate::virtio::chain::ChainView;
 
-/// Request type: read.
-pub const T_IN: u32 = 0;
-/// Request type: write.
-pub const T_OUT: u32 = 1;
-/// Request type: flush.
-pub const T_FLUSH: u32 = 4;
-/// Request type: device ID string.
-pub const T_GET_ID: u32 = 8;
-/// Request type: discard.
-pub const T_DISCARD: u32 = 11;
-/// Request type: write zeroes.
-pub const T_WRITE_ZEROES: u32 = 13;
-
 /// Length of the request header.
 const HDR_LEN: u32 = 16;
 /// Length of one DISCARD / WRITE_ZEROES segment `{sector: u64, num_sectors: u32,
 /// flags: u32}`.
 const SEG_LEN: u32 = 16;
-/// Segment flag of WRITE_ZEROES: the device may unmap (leave a hole).
-const SEG_F_UNMAP: u32 = 1;
 /// Length of the GET_ID answer.
-pub const ID_LEN: u32 = 20;
+pub const ID_LEN: u32 = VIRTIO_BLK_ID_BYTES;
 
 /// What parsing needs to know about the disk.
 #[derive(Debug, Clone, Copy)]
@@ -106,7 +96,7 @@ impl BlkRequest {
         let out_len = view.readable_len - HDR_LEN;
         let data_ok = |len: u32| len != 0 && u64::from(len) % SECTOR == 0 && len <= MAX_REQUEST;
         Ok(match ty {
-            T_IN => {
+            VIRTIO_BLK_T_IN => {
                 if !data_ok(in_len) {
                     return Err(BadRequest);
                 }
@@ -121,7 +111,7 @@ impl BlkRequest {
                     }],
                 }
             }
-            T_OUT => {
+            VIRTIO_BLK_T_OUT => {
                 if !data_ok(out_len) {
                     return Err(BadRequest);
                 }
@@ -137,7 +127,7 @@ impl BlkRequest {
                     }],
                 }
             }
-            T_FLUSH => {
+            VIRTIO_BLK_T_FLUSH => {
                 if disk.features & F_FLUSH == 0 {
                     return Ok(BlkRequest::Fail(S_UNSUPP));
                 }
@@ -146,13 +136,15 @@ impl BlkRequest {
                     reqs: vec![Request::Flush],
                 }
             }
-            T_GET_ID => {
+            VIRTIO_BLK_T_GET_ID => {
                 if in_len < ID_LEN {
                     return Err(BadRequest);
                 }
                 BlkRequest::GetId
             }
-            T_DISCARD | T_WRITE_ZEROES => Self::parse_segments(view, mem, disk, ty, out_len)?,
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+                Self::parse_segments(view, mem, disk, ty, out_len)?
+            }
             _ => BlkRequest::Fail(S_UNSUPP),
         })
     }
@@ -166,7 +158,7 @@ impl BlkRequest {
         ty: u32,
         out_len: u32,
     ) -> Result<Self, BadRequest> {
-        let discard = ty == T_DISCARD;
+        let discard = ty == VIRTIO_BLK_T_DISCARD;
         let feature = if discard { F_DISCARD } else { F_WRITE_ZEROES };
         if disk.features & feature == 0 {
             return Ok(BlkRequest::Fail(S_UNSUPP));
@@ -180,7 +172,7 @@ impl BlkRequest {
             let start = u64::from_le_bytes(le(s, 0).ok_or(BadRequest)?);
             let n = u32::from_le_bytes(le(s, 8).ok_or(BadRequest)?);
             let flags = u32::from_le_bytes(le(s, 12).ok_or(BadRequest)?);
-            if n > MAX_DISCARD_SECTORS || flags & !SEG_F_UNMAP != 0 {
+            if n > MAX_DISCARD_SECTORS || flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0 {
                 return Ok(BlkRequest::Fail(S_UNSUPP));
             }
             if !disk.holds(start, u64::from(n) * SECTOR) {
@@ -195,7 +187,7 @@ impl BlkRequest {
                 Request::WriteZeroes {
                     offset,
                     len,
-                    may_trim: flags & SEG_F_UNMAP != 0,
+                    may_trim: flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
                 }
             });
         }

@@ -1,10 +1,13 @@
 //! Unit tests of virtio-blk on virtio-queue's MockSplitQueue over a [`MemDisk`].
 
-use super::request::{T_DISCARD, T_FLUSH, T_IN, T_OUT, T_WRITE_ZEROES};
 use super::*;
 use crate::nbd::Request;
 use crate::virtio::testutil::{d, mem, mock_queue, random_descs, used, used_idx, Rng};
 use crate::virtio::Counters;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_T_DISCARD as T_DISCARD, VIRTIO_BLK_T_FLUSH as T_FLUSH, VIRTIO_BLK_T_IN as T_IN,
+    VIRTIO_BLK_T_OUT as T_OUT, VIRTIO_BLK_T_WRITE_ZEROES as T_WRITE_ZEROES,
+};
 use virtio_queue::desc::RawDescriptor;
 use vm_memory::{Bytes, GuestAddress};
 

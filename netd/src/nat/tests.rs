@@ -622,7 +622,7 @@ async fn unicast_dhcp_renewal_to_the_gateway_is_answered() {
 
 #[test]
 fn forward_ports_go_round_robin_skip_taken_and_run_out() {
-    use super::{free_forward_port, FWD_PORT_FIRST, FWD_PORT_LAST};
+    use super::router::{free_forward_port, FWD_PORT_FIRST, FWD_PORT_LAST};
     let mut next = 0;
     assert_eq!(
         free_forward_port(&mut next, |_| false),

@@ -50,7 +50,7 @@ pub struct FlowInfo {
 }
 
 pub(super) enum Command {
-    AttachReader(crate::ports::InlineReader),
+    AttachReader(crate::port::InlineReader),
     AddForward(Forward, oneshot::Sender<Result<(), NatError>>),
     DelForward(Proto, SocketAddr, oneshot::Sender<Result<(), NatError>>),
     ListForwards(oneshot::Sender<Vec<Forward>>),
@@ -161,12 +161,12 @@ impl RouterHandle {
     }
 
     /// Hands the router a guest port to read on its own thread (see
-    /// [`crate::ports::InlineReader`]); gives it back if the router cannot take it
+    /// [`crate::port::InlineReader`]); gives it back if the router cannot take it
     /// now. Never blocks.
     pub fn attach_reader(
         &self,
-        r: crate::ports::InlineReader,
-    ) -> Result<(), crate::ports::InlineReader> {
+        r: crate::port::InlineReader,
+    ) -> Result<(), crate::port::InlineReader> {
         match self.tx.try_send(Command::AttachReader(r)) {
             Ok(()) => Ok(()),
             Err(e) => match e.into_inner() {

@@ -1,4 +1,4 @@
-//! The guest port a router reads on its own thread ([`crate::ports::InlineReader`]).
+//! The guest port a router reads on its own thread ([`crate::port::InlineReader`]).
 //!
 //! With one guest port on a NAT network, the daemon hands that port's fd to the
 //! router instead of giving it a receive thread. The router registers the fd and the
@@ -19,12 +19,12 @@ use bytes::Bytes;
 
 use super::{sys, Router, INBOX_BATCH};
 
-/// A guest port the router reads itself (see [`crate::ports::InlineReader`]).
+/// A guest port the router reads itself (see [`crate::port::InlineReader`]).
 pub(super) struct Inline {
     // Field order: both registrations end before the reader closes the fds.
-    fd: tokio::io::unix::AsyncFd<crate::ports::SharedFd>,
-    stop: tokio::io::unix::AsyncFd<crate::ports::StopFd>,
-    reader: crate::ports::InlineReader,
+    fd: tokio::io::unix::AsyncFd<crate::port::SharedFd>,
+    stop: tokio::io::unix::AsyncFd<crate::port::StopFd>,
+    reader: crate::port::InlineReader,
     /// Frames are read into this buffer and split off it: a frame for the router
     /// goes on as a view of it, and the space comes back once the frames read into
     /// it are dropped (after the step that handled them).
@@ -83,7 +83,7 @@ impl Router {
             // Room for one more frame: the buffer's own space once every frame split
             // off it has been dropped (the usual case: they die with the step that
             // handled them), else a new buffer.
-            let max = crate::ports::INLINE_READ_MAX;
+            let max = crate::port::INLINE_READ_MAX;
             if il.buf.capacity() - il.buf.len() < max && !il.buf.try_reclaim(max) {
                 il.buf = bytes::BytesMut::with_capacity(INLINE_BUF);
             }
@@ -130,8 +130,8 @@ impl Router {
 
     /// Takes over a guest port, or gives it back (it then gets a thread) when this
     /// router reads one already or its fds cannot be registered.
-    pub(super) fn attach_reader(&mut self, reader: crate::ports::InlineReader) {
-        let give_back = |reader: crate::ports::InlineReader, why: &str| {
+    pub(super) fn attach_reader(&mut self, reader: crate::port::InlineReader) {
+        let give_back = |reader: crate::port::InlineReader, why: &str| {
             tracing::debug!(port = reader.name(), why, "inline port declined");
             if let Err(e) = reader.fall_back() {
                 tracing::warn!(error = %e, "cannot start the port thread");

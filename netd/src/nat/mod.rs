@@ -41,7 +41,7 @@
 //! fuzz target feed it through plain channels instead.
 //!
 //! When the network has one guest port (`tap` or `vm`), the router also reads that
-//! port itself ([`crate::ports::InlineReader`]): the port's fd is registered with the
+//! port itself ([`crate::port::InlineReader`]): the port's fd is registered with the
 //! router's reactor, frames are read into a large buffer and switched on this thread
 //! ([`crate::switch::Network::ingress_local`]); those for the router are split off
 //! the buffer into the inbox with no copy (small ones are copied, so that a held SYN

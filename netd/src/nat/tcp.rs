@@ -339,7 +339,7 @@ impl Router {
             return;
         }
         // The held SYN is a copy of its own: `frame` may be a view of a larger
-        // receive buffer (see `ports::InlineReader`), which it must not pin.
+        // receive buffer (see `port::InlineReader`), which it must not pin.
         let (syn, mss) = if self.offload {
             raise_syn_mss(&frame).unwrap_or_else(|| (Bytes::copy_from_slice(&frame), 0))
         } else {

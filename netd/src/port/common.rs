@@ -1,0 +1,141 @@
+//! What every port kind shares: the stop signal of a port thread ([`Stop`]), what to
+//! undo when a port goes away ([`Cleanup`]), the record of a started port
+//! ([`RunningPort`]) and how its thread is started.
+//!
+//! A port's life: its switch entry is added first (so frames can flow as soon as
+//! the thread runs), then its thread starts; if the thread cannot start, the switch
+//! entry is taken out again ([`finish_start`]), so a failed start leaves nothing
+//! behind. [`RunningPort::shutdown`] undoes it in the other order.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::vm::delete_persistent_tap;
+use super::PortError;
+use crate::config::PortSpec;
+use crate::switch::Network;
+use crate::sys;
+
+/// Tells a port thread to stop: a flag plus an eventfd that wakes its `poll`.
+pub(super) struct Stop {
+    flag: AtomicBool,
+    pub(super) efd: OwnedFd,
+}
+
+impl Stop {
+    pub(super) fn new() -> io::Result<Arc<Self>> {
+        Ok(Arc::new(Stop {
+            flag: AtomicBool::new(false),
+            efd: sys::eventfd()?,
+        }))
+    }
+    pub(super) fn set(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        sys::eventfd_signal(self.efd.as_raw_fd());
+    }
+    pub(super) fn is_set(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+}
+
+/// What to undo when the port goes away.
+#[derive(Debug, Clone)]
+pub(super) enum Cleanup {
+    /// Nothing (the fd's close does it, or the TAP is to be kept).
+    None,
+    /// Delete the persistent TAP netd created for a `vm` port.
+    DeleteTap(String),
+    /// Remove the stream socket file.
+    RemoveSocket(PathBuf),
+}
+
+/// A started port: its switch entry, its thread, what to clean up.
+pub struct RunningPort {
+    /// The spec it was started from.
+    pub spec: PortSpec,
+    /// Kind name for display.
+    pub kind: &'static str,
+    pub(super) stop: Arc<Stop>,
+    pub(super) thread: Option<JoinHandle<()>>,
+    /// For a port read by another thread's loop ([`InlineReader`]): disconnected
+    /// once that loop has let go of the port's fd.
+    pub(super) done: Option<std::sync::mpsc::Receiver<()>>,
+    pub(super) cleanup: Cleanup,
+    pub(super) network: Arc<Network>,
+}
+
+impl RunningPort {
+    /// Stops the thread, detaches from the switch, removes what netd created.
+    pub fn shutdown(mut self) {
+        self.stop.set();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if let Some(done) = self.done.take() {
+            // The reading loop wakes on the stop eventfd and drops the reader; a
+            // loop that has ended already dropped it too.
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                done.recv_timeout(Duration::from_secs(5))
+            {
+                tracing::warn!(port = %self.spec.name, "port reader did not stop in 5 s");
+            }
+        }
+        let _ = self.network.remove_port(&self.spec.name);
+        match &self.cleanup {
+            Cleanup::None => {}
+            Cleanup::DeleteTap(ifname) => delete_persistent_tap(ifname),
+            Cleanup::RemoveSocket(p) => {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+}
+
+pub(super) fn spawn_thread(
+    name: String,
+    f: impl FnOnce() + Send + 'static,
+) -> Result<JoinHandle<()>, PortError> {
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(f)
+        .map_err(PortError::Thread)
+}
+
+/// What a port start produced: its receive thread, if it has one, and for a port
+/// read by another thread's loop the channel that says that loop let go of it.
+pub(super) type Started = (
+    Option<JoinHandle<()>>,
+    Option<std::sync::mpsc::Receiver<()>>,
+);
+
+/// The record of a port whose switch entry `spec.name` was added; if `started`
+/// failed, that entry is taken out of the switch again and the error returned.
+pub(super) fn finish_start(
+    net: &Arc<Network>,
+    spec: &PortSpec,
+    kind: &'static str,
+    stop: Arc<Stop>,
+    started: Result<Started, PortError>,
+    cleanup: Cleanup,
+) -> Result<RunningPort, PortError> {
+    match started {
+        Ok((thread, done)) => Ok(RunningPort {
+            spec: spec.clone(),
+            kind,
+            stop,
+            thread,
+            done,
+            cleanup,
+            network: net.clone(),
+        }),
+        Err(e) => {
+            let _ = net.remove_port(&spec.name);
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! A `tap` or `vm` port read by another thread's event loop instead of a receive
+//! thread of its own ([`InlineReader`]): the NAT router reads its network's only
+//! guest port this way (see the module doc of [`crate::nat`]).
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+
+use super::common::Stop;
+use super::fd::{ReopeningReader, RX_BUF};
+use super::PortError;
+use crate::offload::{VnetHdr, VNET_HDR_LEN};
+use crate::switch::Port;
+use crate::sys;
+
+/// A `tap` or `vm` port read by the event loop of a service on the same network
+/// (the NAT router's thread) instead of a receive thread of its own: with one guest
+/// behind a router, every frame the guest sends is read on the thread that handles
+/// it, so it crosses no thread and no channel, and a frame for that service is
+/// handed over in the buffer it was read into (no copy).
+///
+/// The loop registers [`InlineReader::fd`] and [`InlineReader::stop_fd`] with its
+/// reactor, calls [`InlineReader::read`] while the fd is readable and hands each
+/// frame to [`InlineReader::switch`]. When a read fails for good (the TAP went
+/// away), [`InlineReader::fall_back`] gives the port a receive thread, which reopens
+/// the device as for any port. Dropping the reader (the port was stopped, or the
+/// loop ended) lets [`RunningPort::shutdown`] go on.
+pub struct InlineReader {
+    pub(super) fd: Arc<OwnedFd>,
+    pub(super) local: Arc<Port>,
+    pub(super) inner: ReopeningReader,
+    pub(super) done: std::sync::mpsc::Sender<()>,
+}
+
+/// Most bytes one [`InlineReader::read`] takes: a virtio-net header and a frame.
+pub const INLINE_READ_MAX: usize = RX_BUF;
+
+/// A shared descriptor, for registering with a reactor.
+pub struct SharedFd(Arc<OwnedFd>);
+
+impl AsRawFd for SharedFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// The stop eventfd of an inline port, for registering with a reactor.
+pub struct StopFd(Arc<Stop>);
+
+impl AsRawFd for StopFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.efd.as_raw_fd()
+    }
+}
+
+impl InlineReader {
+    /// The port's fd (non-blocking; each read is a virtio-net header and a frame).
+    pub fn fd(&self) -> SharedFd {
+        SharedFd(self.fd.clone())
+    }
+
+    /// Readable once the port is to stop (see [`InlineReader::stopped`]).
+    pub fn stop_fd(&self) -> StopFd {
+        StopFd(self.inner.stop.clone())
+    }
+
+    /// Whether the port is being removed: drop the reader.
+    pub fn stopped(&self) -> bool {
+        self.inner.stop.is_set()
+    }
+
+    /// The port's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Reads one message (virtio-net header, then the frame) appended to `buf`;
+    /// returns its length. `WouldBlock` when there is none now.
+    pub fn read(&self, buf: &mut bytes::BytesMut) -> io::Result<usize> {
+        sys::read_append(self.fd.as_raw_fd(), buf, RX_BUF)
+    }
+
+    /// Switches one message read by [`InlineReader::read`]; `true` when it is for the
+    /// reading service itself (counted as delivered to it; the caller takes it as
+    /// is), `false` when it was switched elsewhere or dropped.
+    pub fn switch(&self, msg: &[u8]) -> bool {
+        let (net, port) = (&self.inner.net, &self.inner.port);
+        match (VnetHdr::parse(msg), msg.get(VNET_HDR_LEN..)) {
+            (Some(h), Some(frame)) => {
+                let hdr = (!h.is_plain()).then_some(&h);
+                net.ingress_local(port, frame, hdr, &self.local)
+            }
+            // Shorter than a header: counted as malformed by the switch.
+            _ => {
+                net.ingress(port, &[]);
+                false
+            }
+        }
+    }
+
+    /// Gives the port a receive thread of its own (after a hard read error here, or
+    /// when no loop takes the reader); that thread reopens the device if it is gone.
+    pub fn fall_back(self) -> Result<(), PortError> {
+        let InlineReader { inner, done, .. } = self;
+        inner.spawn(Some(done)).map(|_| ())
+    }
+}

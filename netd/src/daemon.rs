@@ -368,7 +368,7 @@ impl Daemon {
                 port: spec.name.clone(),
                 source,
             })?;
-        tracing::info!(network = net, port = %spec.name, kind = rp.kind, "port added");
+        tracing::info!(network = net, port = %spec.name, kind = %rp.kind, "port added");
         st.ports.push(rp);
         Ok(())
     }

@@ -18,7 +18,7 @@ use std::time::Duration;
 use super::vm::delete_persistent_tap;
 use super::PortError;
 use crate::config::PortSpec;
-use crate::switch::Network;
+use crate::switch::{Network, PortClass};
 use crate::sys;
 
 /// Tells a port thread to stop: a flag plus an eventfd that wakes its `poll`.
@@ -58,8 +58,8 @@ pub(super) enum Cleanup {
 pub struct RunningPort {
     /// The spec it was started from.
     pub spec: PortSpec,
-    /// Kind name for display.
-    pub kind: &'static str,
+    /// What the port is (its switch entry has the same).
+    pub kind: PortClass,
     pub(super) stop: Arc<Stop>,
     pub(super) thread: Option<JoinHandle<()>>,
     /// For a port read by another thread's loop ([`InlineReader`]): disconnected
@@ -118,7 +118,7 @@ pub(super) type Started = (
 pub(super) fn finish_start(
     net: &Arc<Network>,
     spec: &PortSpec,
-    kind: &'static str,
+    kind: PortClass,
     stop: Arc<Stop>,
     started: Result<Started, PortError>,
     cleanup: Cleanup,

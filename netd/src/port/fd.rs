@@ -20,7 +20,7 @@ use super::common::{finish_start, spawn_thread, Cleanup, RunningPort, Stop};
 use super::{GiveReader, InlineReader, PortError, MAX_FRAME};
 use crate::config::PortSpec;
 use crate::offload::{VnetHdr, VNET_HDR_LEN};
-use crate::switch::{Network, Port, PortTx, TxError};
+use crate::switch::{Network, Port, PortClass, TxError, VnetTx};
 use crate::sys;
 
 pub(super) fn classify(e: io::Error) -> TxError {
@@ -38,16 +38,8 @@ pub(super) fn classify(e: io::Error) -> TxError {
 /// replaced when a `vm` port's TAP is recreated.
 pub(super) struct FdTx(Arc<RwLock<Option<Arc<OwnedFd>>>>);
 
-impl PortTx for FdTx {
-    fn send(&self, frame: &[u8]) -> Result<(), TxError> {
-        self.send_vnet(&[0; VNET_HDR_LEN], frame)
-    }
-
-    fn vnet(&self) -> bool {
-        true
-    }
-
-    fn send_vnet(&self, hdr: &[u8; VNET_HDR_LEN], frame: &[u8]) -> Result<(), TxError> {
+impl VnetTx for FdTx {
+    fn send_with_hdr(&self, hdr: &[u8; VNET_HDR_LEN], frame: &[u8]) -> Result<(), TxError> {
         let guard = self.0.read().unwrap_or_else(|e| e.into_inner());
         let fd = guard.as_ref().ok_or(TxError::Down)?;
         match sys::writev2(fd.as_raw_fd(), hdr, frame) {
@@ -106,7 +98,7 @@ pub(super) fn rx_loop(
 pub(super) fn start_fd_port(
     net: &Arc<Network>,
     spec: &PortSpec,
-    kind: &'static str,
+    kind: PortClass,
     fd: OwnedFd,
     cleanup: Cleanup,
 ) -> Result<RunningPort, PortError> {
@@ -140,7 +132,7 @@ pub(super) type Reopen = Box<dyn Fn() -> io::Result<OwnedFd> + Send>;
 pub(super) fn start_reopening_port(
     net: &Arc<Network>,
     spec: &PortSpec,
-    kind: &'static str,
+    kind: PortClass,
     fd: OwnedFd,
     reopen: Reopen,
     cleanup: Cleanup,

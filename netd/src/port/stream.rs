@@ -18,7 +18,7 @@ use std::time::Duration;
 use super::common::{finish_start, spawn_thread, Cleanup, Stop};
 use super::{PortError, RunningPort, MAX_FRAME};
 use crate::config::PortSpec;
-use crate::switch::{Network, Port, PortTx, TxError};
+use crate::switch::{Network, Port, PortClass, PortTx, TxError};
 use crate::sys;
 
 /// The current stream peer, with a reusable buffer for length + frame.
@@ -71,7 +71,11 @@ pub(super) fn start_stream_port(
     listener.set_nonblocking(true).map_err(listen_err)?;
     let conn: Arc<Mutex<Option<StreamConn>>> = Arc::new(Mutex::new(None));
     let port = net
-        .add_port(&spec.name, "stream", Box::new(StreamTx(conn.clone())))
+        .add_port(
+            &spec.name,
+            PortClass::Stream,
+            Box::new(StreamTx(conn.clone())),
+        )
         .map_err(PortError::Switch)?;
     let stop = Stop::new().map_err(PortError::Thread)?;
     let (n2, s2) = (net.clone(), stop.clone());
@@ -106,7 +110,7 @@ pub(super) fn start_stream_port(
     finish_start(
         net,
         spec,
-        "stream",
+        PortClass::Stream,
         stop,
         started,
         Cleanup::RemoveSocket(path),

@@ -18,7 +18,7 @@ use super::common::Cleanup;
 use super::fd::{start_fd_port, start_reopening_port};
 use super::{GiveReader, PortError, RunningPort};
 use crate::config::{PortKind, PortSpec};
-use crate::switch::{Network, Port};
+use crate::switch::{Network, Port, PortClass};
 use crate::sys;
 
 /// Starts a `tap` port: opens the TAP and reopens it if it goes away.
@@ -39,7 +39,7 @@ pub(super) fn start_tap_port(
     start_reopening_port(
         net,
         spec,
-        "tap",
+        PortClass::Tap,
         fd,
         Box::new(reopen),
         Cleanup::None,
@@ -69,7 +69,7 @@ pub fn start_host_port(
         ifname: ifname.to_string(),
         source,
     })?;
-    start_fd_port(net, &spec, "host", fd, Cleanup::None)
+    start_fd_port(net, &spec, PortClass::Host, fd, Cleanup::None)
 }
 
 /// Creates (or attaches to) TAP `ifname` and configures its kernel side, in the

@@ -13,7 +13,7 @@ use super::common::Cleanup;
 use super::fd::start_fd_port;
 use super::{sys, PortError, RunningPort};
 use crate::config::{PortKind, PortSpec};
-use crate::switch::Network;
+use crate::switch::{Network, PortClass};
 
 /// Starts the uplink port of a bridged network on host NIC `ifname`.
 pub fn start_uplink(net: &Arc<Network>, ifname: &str) -> Result<RunningPort, PortError> {
@@ -33,5 +33,5 @@ pub fn start_uplink(net: &Arc<Network>, ifname: &str) -> Result<RunningPort, Por
         path: None,
         persistent: true,
     };
-    start_fd_port(net, &spec, "uplink", fd, Cleanup::None)
+    start_fd_port(net, &spec, PortClass::Uplink, fd, Cleanup::None)
 }

@@ -16,7 +16,7 @@ use super::common::Cleanup;
 use super::fd::start_reopening_port;
 use super::{GiveReader, PortError, RunningPort};
 use crate::config::PortSpec;
-use crate::switch::{Network, Port};
+use crate::switch::{Network, Port, PortClass};
 use crate::sys;
 
 /// Deletes a persistent TAP: clears its persist flag through a fresh queue (closing
@@ -80,5 +80,13 @@ pub(super) fn start_vm_port(
         Cleanup::None
     };
     let reopen = move || ensure_vm_tap(&ifname, mtu).and_then(|_| open(&ifname));
-    start_reopening_port(net, spec, "vm", fd, Box::new(reopen), cleanup, inline)
+    start_reopening_port(
+        net,
+        spec,
+        PortClass::Vm,
+        fd,
+        Box::new(reopen),
+        cleanup,
+        inline,
+    )
 }

@@ -139,3 +139,67 @@ pub(super) fn finish_start(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{sink, spec};
+    use super::*;
+    use crate::config::PortKind;
+
+    #[test]
+    fn stop_wakes_a_waiting_thread() {
+        let stop = Stop::new().unwrap();
+        assert!(!stop.is_set());
+        let s2 = stop.clone();
+        let idle = sys::eventfd().unwrap();
+        let t = std::thread::spawn(move || sys::poll2(idle.as_raw_fd(), s2.efd.as_raw_fd(), 5000));
+        std::thread::sleep(Duration::from_millis(20));
+        stop.set();
+        assert!(t.join().unwrap().unwrap(), "woken by the stop eventfd");
+        assert!(stop.is_set());
+    }
+
+    #[test]
+    fn a_failed_start_takes_the_switch_entry_out_again() {
+        let (net, _, _) = sink();
+        let s = spec("p", PortKind::Tap);
+        net.add_port("p", PortClass::Tap, Box::new(NoTx)).unwrap();
+        let failed = Err(PortError::Thread(io::Error::other("no thread")));
+        let r = finish_start(
+            &net,
+            &s,
+            PortClass::Tap,
+            Stop::new().unwrap(),
+            failed,
+            Cleanup::None,
+        );
+        assert!(matches!(r, Err(PortError::Thread(_))));
+        assert!(net.port("p").is_none());
+
+        // A started one keeps it, and shutdown removes it and its socket file.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("x.sock");
+        std::fs::write(&file, b"").unwrap();
+        net.add_port("p", PortClass::Tap, Box::new(NoTx)).unwrap();
+        let rp = finish_start(
+            &net,
+            &s,
+            PortClass::Tap,
+            Stop::new().unwrap(),
+            Ok((None, None)),
+            Cleanup::RemoveSocket(file.clone()),
+        )
+        .unwrap();
+        assert!(net.port("p").is_some());
+        rp.shutdown();
+        assert!(net.port("p").is_none());
+        assert!(!file.exists());
+    }
+
+    struct NoTx;
+    impl crate::switch::PortTx for NoTx {
+        fn send(&self, _: &[u8]) -> Result<(), crate::switch::TxError> {
+            Ok(())
+        }
+    }
+}

@@ -233,3 +233,60 @@ impl ReopeningReader {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::super::testing::{device, eventually, frame, sink, spec, with_hdr};
+    use super::*;
+    use crate::config::PortKind;
+    use crate::switch::PortTx;
+
+    #[test]
+    fn errnos_map_to_drop_reasons() {
+        let e = |n| classify(io::Error::from_raw_os_error(n));
+        assert!(matches!(e(libc::EAGAIN), TxError::Full));
+        assert!(matches!(e(libc::ENOBUFS), TxError::Full));
+        for n in [libc::ENETDOWN, libc::EIO, libc::ENXIO, libc::EBADFD] {
+            assert!(matches!(e(n), TxError::Down), "{n}");
+        }
+        assert!(matches!(e(libc::EPERM), TxError::Io(_)));
+        // A port whose device is gone has no fd: down.
+        let gone = FdTx(Arc::new(RwLock::new(None)));
+        assert!(matches!(gone.send(&frame(1, 60)), Err(TxError::Down)));
+    }
+
+    #[test]
+    fn an_fd_port_moves_frames_after_a_vnet_header() {
+        let (net, sink_port, seen) = sink();
+        let (fd, dev) = device();
+        let rp = start_fd_port(
+            &net,
+            &spec("d", PortKind::Tap),
+            PortClass::Tap,
+            fd,
+            Cleanup::None,
+        )
+        .unwrap();
+        let f = frame(7, 60);
+        dev.send(&with_hdr(&f)).unwrap();
+        dev.send(&[1, 2, 3]).unwrap();
+        assert!(eventually(|| seen.lock().unwrap().len() == 1));
+        assert_eq!(seen.lock().unwrap()[0], f);
+        let port = net.port("d").unwrap();
+        assert!(eventually(|| port
+            .counters
+            .drop_malformed
+            .load(Ordering::Relaxed)
+            == 1));
+        // Towards the device: a zero header, then the frame, in one datagram.
+        let back = frame(9, 70);
+        net.ingress(&sink_port, &back);
+        let mut buf = vec![0u8; 200];
+        let n = dev.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &with_hdr(&back)[..]);
+        rp.shutdown();
+        assert!(net.port("d").is_none());
+    }
+}

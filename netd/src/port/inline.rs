@@ -105,3 +105,75 @@ impl InlineReader {
         inner.spawn(Some(done)).map(|_| ())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::common::Cleanup;
+    use super::super::fd::{start_reopening_port, Reopen};
+    use super::super::testing::{device, eventually, frame, sink, spec, with_hdr};
+    use super::*;
+    use crate::config::PortKind;
+    use crate::switch::PortClass;
+
+    #[test]
+    fn an_inline_port_is_read_by_its_taker_or_gets_a_thread() {
+        let (net, local, seen) = sink();
+        // The switch learns MAC 02::42 on the local service port.
+        let mut from_local = frame(0x42, 60);
+        from_local[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+        net.ingress(&local, &from_local);
+        let mut to_local = frame(7, 60);
+        to_local[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 0x42]);
+
+        let (fd, dev) = device();
+        let mut taken = None;
+        let mut give = |r: InlineReader| {
+            taken = Some(r);
+            Ok(())
+        };
+        let no_reopen: Reopen = Box::new(|| Err(io::ErrorKind::NotFound.into()));
+        let s = spec("g", PortKind::Tap);
+        let rp = start_reopening_port(
+            &net,
+            &s,
+            PortClass::Tap,
+            fd,
+            no_reopen,
+            Cleanup::None,
+            Some((local.clone(), &mut give)),
+        )
+        .unwrap();
+        let reader = taken.take().expect("handed over");
+        assert_eq!(reader.name(), "g");
+        dev.send(&with_hdr(&to_local)).unwrap();
+        let mut buf = bytes::BytesMut::new();
+        assert!(eventually(|| reader.read(&mut buf).is_ok()));
+        assert!(reader.switch(&buf), "for the taker itself: not sent again");
+        assert!(seen.lock().unwrap().is_empty());
+        assert_eq!(local.counters.snapshot().tx_frames, 1);
+        // Once the taker gives it up, the port has a thread of its own.
+        reader.fall_back().unwrap();
+        dev.send(&with_hdr(&to_local)).unwrap();
+        assert!(eventually(|| seen.lock().unwrap().len() == 1));
+        rp.shutdown();
+
+        // A loop that declines the reader: a thread from the start.
+        let (fd, dev) = device();
+        let mut decline = |r: InlineReader| Err(r);
+        let no_reopen: Reopen = Box::new(|| Err(io::ErrorKind::NotFound.into()));
+        let rp = start_reopening_port(
+            &net,
+            &s,
+            PortClass::Tap,
+            fd,
+            no_reopen,
+            Cleanup::None,
+            Some((local.clone(), &mut decline)),
+        )
+        .unwrap();
+        dev.send(&with_hdr(&to_local)).unwrap();
+        assert!(eventually(|| seen.lock().unwrap().len() == 2));
+        rp.shutdown();
+        assert!(net.port("g").is_none());
+    }
+}

@@ -47,6 +47,8 @@ mod inline;
 mod stream;
 mod sys;
 mod tap;
+#[cfg(test)]
+mod testing;
 mod uplink;
 mod vm;
 

@@ -183,3 +183,102 @@ fn serve_stream(
         net.ingress(port, frame);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use super::super::testing::{eventually, frame, sink, spec};
+    use super::*;
+    use crate::config::PortKind;
+
+    fn start() -> (
+        tempfile::TempDir,
+        Arc<Network>,
+        RunningPort,
+        super::super::testing::Seen,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let (net, _sink, seen) = sink();
+        let mut s = spec("st", PortKind::Stream);
+        s.path = Some(dir.path().join("sub/st.sock"));
+        let rp = start_stream_port(&net, &s).unwrap();
+        (dir, net, rp, seen)
+    }
+
+    fn connect(dir: &tempfile::TempDir) -> UnixStream {
+        let c = UnixStream::connect(dir.path().join("sub/st.sock")).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        c
+    }
+
+    fn send_framed(c: &mut UnixStream, f: &[u8]) {
+        c.write_all(&(f.len() as u32).to_be_bytes()).unwrap();
+        c.write_all(f).unwrap();
+    }
+
+    #[test]
+    fn frames_cross_both_ways_with_a_length_prefix() {
+        let (dir, net, rp, seen) = start();
+        let mut c = connect(&dir);
+        let f = frame(7, 60);
+        // Split across writes: the reader waits for the whole frame.
+        c.write_all(&60u32.to_be_bytes()[..2]).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        c.write_all(&60u32.to_be_bytes()[2..]).unwrap();
+        c.write_all(&f).unwrap();
+        send_framed(&mut c, &frame(7, 100));
+        assert!(eventually(|| seen.lock().unwrap().len() == 2));
+        assert_eq!(seen.lock().unwrap()[0], f);
+        // From the switch to the peer: 4-byte big-endian length, then the frame.
+        let from_sink = frame(9, 80);
+        net.ingress(&net.port("sink").unwrap(), &from_sink);
+        let mut hdr = [0u8; 4];
+        c.read_exact(&mut hdr).unwrap();
+        assert_eq!(u32::from_be_bytes(hdr), 80);
+        let mut got = vec![0u8; 80];
+        c.read_exact(&mut got).unwrap();
+        assert_eq!(got, from_sink);
+        let path = dir.path().join("sub/st.sock");
+        assert!(path.exists());
+        rp.shutdown();
+        assert!(!path.exists(), "socket file removed with the port");
+        assert!(net.port("st").is_none());
+    }
+
+    #[test]
+    fn an_oversized_length_ends_that_peer_only() {
+        let (dir, net, rp, seen) = start();
+        let mut c = connect(&dir);
+        c.write_all(&(MAX_FRAME as u32 + 1).to_be_bytes()).unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(c.read(&mut b).unwrap(), 0, "connection closed");
+        let port = net.port("st").unwrap();
+        assert_eq!(port.counters.drop_malformed.load(Ordering::Relaxed), 1);
+        // The next peer is served; with no peer, sends count as down.
+        assert!(eventually(|| {
+            net.ingress(&net.port("sink").unwrap(), &frame(9, 60));
+            port.counters.drop_down.load(Ordering::Relaxed) > 0
+        }));
+        let mut c2 = connect(&dir);
+        send_framed(&mut c2, &frame(8, 60));
+        assert!(eventually(|| seen.lock().unwrap().len() == 1));
+        rp.shutdown();
+    }
+
+    #[test]
+    fn a_stale_socket_file_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.sock");
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let (net, _sink, _seen) = sink();
+        let mut s = spec("st", PortKind::Stream);
+        s.path = Some(path.clone());
+        let rp = start_stream_port(&net, &s).unwrap();
+        assert!(UnixStream::connect(&path).is_ok());
+        rp.shutdown();
+    }
+}

@@ -139,3 +139,33 @@ fn temp_ifname() -> String {
     let n = N.fetch_add(1, Ordering::Relaxed);
     format!("ndt{:x}.{:x}", std::process::id() & 0xffff, n & 0xffff)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temporary_names_are_unique_and_fit_an_interface_name() {
+        let names: std::collections::HashSet<String> = (0..1000).map(|_| temp_ifname()).collect();
+        assert_eq!(names.len(), 1000);
+        for n in &names {
+            assert!(sys::check_ifname(n).is_ok(), "{n}");
+        }
+    }
+
+    #[test]
+    fn a_missing_namespace_is_an_error_naming_it() {
+        let (net, _, _) = super::super::testing::sink();
+        let mut s = super::super::testing::spec("t", PortKind::Tap);
+        s.ifname = Some("ndtest0".into());
+        s.netns = Some("netd-unit-test-no-such-namespace".into());
+        match start_tap_port(&net, &s, None) {
+            Err(PortError::Netns { netns, .. }) => {
+                assert_eq!(netns, "netd-unit-test-no-such-namespace")
+            }
+            Err(e) => panic!("unexpected {e}"),
+            Ok(_) => panic!("started"),
+        }
+        assert!(net.port("t").is_none());
+    }
+}

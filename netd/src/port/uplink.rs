@@ -35,3 +35,19 @@ pub fn start_uplink(net: &Arc<Network>, ifname: &str) -> Result<RunningPort, Por
     };
     start_fd_port(net, &spec, PortClass::Uplink, fd, Cleanup::None)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_nic_is_an_error_naming_it_and_leaves_no_port() {
+        let (net, _, _) = super::super::testing::sink();
+        match start_uplink(&net, "ndnosuchnic0") {
+            Err(PortError::Packet { ifname, .. }) => assert_eq!(ifname, "ndnosuchnic0"),
+            Err(e) => panic!("unexpected {e}"),
+            Ok(_) => panic!("started"),
+        }
+        assert!(net.port("uplink").is_none());
+    }
+}

@@ -74,11 +74,7 @@ pub(super) fn start_vm_port(
         ifname: ifname.clone(),
         source,
     })?;
-    let cleanup = if created && !spec.persistent {
-        Cleanup::DeleteTap(ifname.clone())
-    } else {
-        Cleanup::None
-    };
+    let cleanup = cleanup_for(&ifname, created, spec.persistent);
     let reopen = move || ensure_vm_tap(&ifname, mtu).and_then(|_| open(&ifname));
     start_reopening_port(
         net,
@@ -89,4 +85,28 @@ pub(super) fn start_vm_port(
         cleanup,
         inline,
     )
+}
+
+/// What removing the port undoes: a TAP netd created goes with it, unless kept
+/// (`persistent`); a TAP that was there before (a VMM's, or kept from an earlier run)
+/// is never netd's to delete.
+fn cleanup_for(ifname: &str, created: bool, persistent: bool) -> Cleanup {
+    if created && !persistent {
+        Cleanup::DeleteTap(ifname.to_string())
+    } else {
+        Cleanup::None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_tap_netd_created_and_need_not_keep_is_deleted() {
+        assert!(matches!(cleanup_for("t0", true, false), Cleanup::DeleteTap(n) if n == "t0"));
+        assert!(matches!(cleanup_for("t0", true, true), Cleanup::None));
+        assert!(matches!(cleanup_for("t0", false, false), Cleanup::None));
+        assert!(matches!(cleanup_for("t0", false, true), Cleanup::None));
+    }
 }

@@ -73,6 +73,25 @@ pub struct Forward {
     pub guest: SocketAddrV4,
 }
 
+impl Forward {
+    /// The error for a second forward on this forward's protocol and host address.
+    pub(super) fn exists(&self) -> NatError {
+        NatError::ForwardExists {
+            proto: self.proto,
+            host: self.host,
+        }
+    }
+
+    /// The error for a host address that cannot be bound.
+    pub(super) fn bind_failed(&self, source: std::io::Error) -> NatError {
+        NatError::Bind {
+            proto: self.proto,
+            host: self.host,
+            source,
+        }
+    }
+}
+
 /// Bounds and timeouts of the flow table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {

@@ -18,7 +18,7 @@ use std::time::Duration;
 use super::vm::delete_persistent_tap;
 use super::PortError;
 use crate::config::PortSpec;
-use crate::switch::{Network, PortClass};
+use crate::switch::{Network, Port, PortClass, PortTx};
 use crate::sys;
 
 /// Tells a port thread to stop: a flag plus an eventfd that wakes its `poll`.
@@ -104,6 +104,20 @@ pub(super) fn spawn_thread(
         .name(name)
         .spawn(f)
         .map_err(PortError::Thread)
+}
+
+/// The first step of every start: the port's stop signal, then its switch entry.
+pub(super) fn attach(
+    net: &Network,
+    spec: &PortSpec,
+    kind: PortClass,
+    tx: Box<dyn PortTx>,
+) -> Result<(Arc<Port>, Arc<Stop>), PortError> {
+    let stop = Stop::new().map_err(PortError::Thread)?;
+    let port = net
+        .add_port(&spec.name, kind, tx)
+        .map_err(PortError::Switch)?;
+    Ok((port, stop))
 }
 
 /// What a port start produced: its receive thread, if it has one, and for a port

@@ -16,7 +16,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 
-use super::common::{finish_start, spawn_thread, Cleanup, RunningPort, Stop};
+use super::common::{attach, finish_start, spawn_thread, Cleanup, RunningPort, Stop};
 use super::{GiveReader, InlineReader, PortError, MAX_FRAME};
 use crate::config::PortSpec;
 use crate::offload::{VnetHdr, VNET_HDR_LEN};
@@ -104,10 +104,7 @@ pub(super) fn start_fd_port(
 ) -> Result<RunningPort, PortError> {
     let fd = Arc::new(fd);
     let slot = Arc::new(RwLock::new(Some(fd.clone())));
-    let port = net
-        .add_port(&spec.name, kind, Box::new(FdTx(slot)))
-        .map_err(PortError::Switch)?;
-    let stop = Stop::new().map_err(PortError::Thread)?;
+    let (port, stop) = attach(net, spec, kind, Box::new(FdTx(slot)))?;
     let (n2, s2) = (net.clone(), stop.clone());
     let name = spec.name.clone();
     let thread = spawn_thread(format!("rx-{}", spec.name), move || {
@@ -140,10 +137,7 @@ pub(super) fn start_reopening_port(
 ) -> Result<RunningPort, PortError> {
     let fd = Arc::new(fd);
     let slot = Arc::new(RwLock::new(Some(fd.clone())));
-    let port = net
-        .add_port(&spec.name, kind, Box::new(FdTx(slot.clone())))
-        .map_err(PortError::Switch)?;
-    let stop = Stop::new().map_err(PortError::Thread)?;
+    let (port, stop) = attach(net, spec, kind, Box::new(FdTx(slot.clone())))?;
     let reader = ReopeningReader {
         net: net.clone(),
         port,

@@ -111,9 +111,33 @@ mod tests {
     use super::super::common::Cleanup;
     use super::super::fd::{start_reopening_port, Reopen};
     use super::super::testing::{device, eventually, frame, sink, spec, with_hdr};
+    use super::super::{GiveReader, RunningPort};
     use super::*;
     use crate::config::PortKind;
+    use crate::switch::Network;
     use crate::switch::PortClass;
+
+    /// Starts guest port "g" on `fd`, offering it to `give`; its device never comes
+    /// back once gone.
+    fn start_guest(
+        net: &Arc<Network>,
+        local: &Arc<Port>,
+        fd: OwnedFd,
+        give: GiveReader<'_>,
+    ) -> RunningPort {
+        let no_reopen: Reopen = Box::new(|| Err(io::ErrorKind::NotFound.into()));
+        let s = spec("g", PortKind::Tap);
+        start_reopening_port(
+            net,
+            &s,
+            PortClass::Tap,
+            fd,
+            no_reopen,
+            Cleanup::None,
+            Some((local.clone(), give)),
+        )
+        .unwrap()
+    }
 
     #[test]
     fn an_inline_port_is_read_by_its_taker_or_gets_a_thread() {
@@ -131,18 +155,7 @@ mod tests {
             taken = Some(r);
             Ok(())
         };
-        let no_reopen: Reopen = Box::new(|| Err(io::ErrorKind::NotFound.into()));
-        let s = spec("g", PortKind::Tap);
-        let rp = start_reopening_port(
-            &net,
-            &s,
-            PortClass::Tap,
-            fd,
-            no_reopen,
-            Cleanup::None,
-            Some((local.clone(), &mut give)),
-        )
-        .unwrap();
+        let rp = start_guest(&net, &local, fd, &mut give);
         let reader = taken.take().expect("handed over");
         assert_eq!(reader.name(), "g");
         dev.send(&with_hdr(&to_local)).unwrap();
@@ -160,17 +173,7 @@ mod tests {
         // A loop that declines the reader: a thread from the start.
         let (fd, dev) = device();
         let mut decline = |r: InlineReader| Err(r);
-        let no_reopen: Reopen = Box::new(|| Err(io::ErrorKind::NotFound.into()));
-        let rp = start_reopening_port(
-            &net,
-            &s,
-            PortClass::Tap,
-            fd,
-            no_reopen,
-            Cleanup::None,
-            Some((local.clone(), &mut decline)),
-        )
-        .unwrap();
+        let rp = start_guest(&net, &local, fd, &mut decline);
         dev.send(&with_hdr(&to_local)).unwrap();
         assert!(eventually(|| seen.lock().unwrap().len() == 2));
         rp.shutdown();

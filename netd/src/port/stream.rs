@@ -15,7 +15,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::common::{finish_start, spawn_thread, Cleanup, Stop};
+use super::common::{attach, finish_start, spawn_thread, Cleanup, Stop};
 use super::{PortError, RunningPort, MAX_FRAME};
 use crate::config::PortSpec;
 use crate::switch::{Network, Port, PortClass, PortTx, TxError};
@@ -70,14 +70,12 @@ pub(super) fn start_stream_port(
     let listener = UnixListener::bind(&path).map_err(listen_err)?;
     listener.set_nonblocking(true).map_err(listen_err)?;
     let conn: Arc<Mutex<Option<StreamConn>>> = Arc::new(Mutex::new(None));
-    let port = net
-        .add_port(
-            &spec.name,
-            PortClass::Stream,
-            Box::new(StreamTx(conn.clone())),
-        )
-        .map_err(PortError::Switch)?;
-    let stop = Stop::new().map_err(PortError::Thread)?;
+    let (port, stop) = attach(
+        net,
+        spec,
+        PortClass::Stream,
+        Box::new(StreamTx(conn.clone())),
+    )?;
     let (n2, s2) = (net.clone(), stop.clone());
     let name = spec.name.clone();
     let thread = spawn_thread(format!("st-{}", spec.name), move || {

@@ -24,7 +24,7 @@ use crate::sys;
 /// frame to [`InlineReader::switch`]. When a read fails for good (the TAP went
 /// away), [`InlineReader::fall_back`] gives the port a receive thread, which reopens
 /// the device as for any port. Dropping the reader (the port was stopped, or the
-/// loop ended) lets [`RunningPort::shutdown`] go on.
+/// loop ended) lets [`RunningPort::shutdown`](super::RunningPort::shutdown) go on.
 pub struct InlineReader {
     pub(super) fd: Arc<OwnedFd>,
     pub(super) local: Arc<Port>,

@@ -1,6 +1,6 @@
 //! Port kinds: how frames get in and out of a [`Network`].
 //!
-//! Theory of operation. Every port kind is a [`PortTx`] (the switch calls it to send
+//! Theory of operation. Every port kind is a [`PortTx`](crate::switch::PortTx) (the switch calls it to send
 //! a frame) plus a receive thread that reads frames and calls
 //! [`Network::ingress`]. All fds are non-blocking: the receive thread reads until
 //! `EAGAIN`, and only then waits in `poll(2)` on the fd and the port's stop eventfd.
@@ -16,22 +16,28 @@
 //! and no channel, and is handed over in the buffer it was read into. If the device
 //! goes away there, the port gets its receive thread after all (which reopens it).
 //!
-//! - `tap`: netd opens the TAP queue (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR, with checksum
-//!   and TCP segmentation offload accepted: see [`crate::offload`]). With `netns` the
-//!   TAP is created by a short-lived thread that entered the namespace, so the
-//!   kernel side lives there from the start; the fd keeps working from netd's
-//!   namespace.
-//! - `host`: the hostonly network's own TAP in netd's namespace, given the gateway
-//!   address. netd never enables forwarding: the host is an end, not a router.
-//! - `vm`: a VMM holds the TAP queue. netd creates the TAP (persistent) if missing,
-//!   brings its kernel side up and moves frames through an AF_PACKET socket bound to
-//!   it (PACKET_IGNORE_OUTGOING so netd does not read back its own frames;
-//!   PACKET_VNET_HDR so offloaded frames keep their metadata). When the
-//!   VMM goes away the TAP stays, sends count as `drop_down`, and traffic resumes
-//!   when a VMM attaches again; if the TAP itself disappears the thread recreates it.
-//! - `stream`: a unix socket netd listens on, QEMU `-netdev stream` framing (4-byte
-//!   big-endian length, then the frame). One peer at a time; after it leaves, the
-//!   next connection is accepted. A length above the maximum frame size is a
+//! The kinds, one file each:
+//!
+//! - `tap` (`tap.rs`): netd opens the TAP queue (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR,
+//!   with checksum and TCP segmentation offload accepted: see [`crate::offload`]).
+//!   With `netns` the queue is opened in netd's namespace and the device then moved
+//!   and renamed into the target, so that deleting the namespace deletes the TAP
+//!   (the port reopens it once the namespace is back) instead of netd keeping a dead
+//!   namespace alive.
+//! - `host` (`tap.rs`): the hostonly network's own TAP in netd's namespace, given the
+//!   gateway address. netd never enables forwarding: the host is an end, not a router.
+//! - `vm` (`vm.rs`): a VMM holds the TAP queue. netd creates the TAP (persistent) if
+//!   missing, brings its kernel side up and moves frames through an AF_PACKET socket
+//!   bound to it (PACKET_IGNORE_OUTGOING so netd does not read back its own frames;
+//!   PACKET_VNET_HDR so offloaded frames keep their metadata). When the VMM goes away
+//!   the TAP stays, sends count as `drop_down`, and traffic resumes when a VMM
+//!   attaches again; if the TAP itself disappears the thread recreates it.
+//! - `stream` (`stream.rs`): a unix socket netd listens on, QEMU `-netdev stream`
+//!   framing (4-byte big-endian length, then the frame). One peer at a time; after it
+//!   leaves, the next connection is accepted. A length above [`MAX_FRAME`] is a
+//!   protocol violation: that connection is closed and counted, netd carries on.
+//! - `uplink` (`uplink.rs`): a bridged network's host NIC, through a promiscuous
+//!   AF_PACKET socket with virtio-net headers.
 //!
 //! # Files
 //!

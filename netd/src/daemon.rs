@@ -20,7 +20,7 @@ use tokio::net::UnixListener;
 use crate::config::{fmt_mac, Mode, NetworkSpec, PortSpec};
 use crate::control::{Request, Response, MAX_REQUEST};
 use crate::dhcp::{DhcpServer, LeaseDb, LeaseError};
-use crate::ports::{self, PortError, RunningPort};
+use crate::port::{self as ports, PortError, RunningPort};
 use crate::switch::{Network, SwitchError};
 
 /// Daemon errors.
@@ -281,7 +281,7 @@ impl Daemon {
             }
         }
         if let Some(up) = &spec.uplink {
-            match crate::modes::start_uplink(&net, up) {
+            match crate::port::start_uplink(&net, up) {
                 Ok(p) => st.ports.push(p),
                 Err(source) => {
                     return fail(
@@ -368,7 +368,7 @@ impl Daemon {
                 port: spec.name.clone(),
                 source,
             })?;
-        tracing::info!(network = net, port = %spec.name, kind = rp.kind, "port added");
+        tracing::info!(network = net, port = %spec.name, kind = %rp.kind, "port added");
         st.ports.push(rp);
         Ok(())
     }

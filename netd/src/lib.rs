@@ -1,7 +1,7 @@
 //! netd: virtual networks for lab hosts.
 //!
 //! Each configured network is a learning L2 switch ([`switch`]) with ports of
-//! several kinds ([`ports`]: TAP queues netd holds, TAPs a VMM holds reached through
+//! several kinds ([`port`]: TAP queues netd holds, TAPs a VMM holds reached through
 //! AF_PACKET, QEMU `-netdev stream` unix sockets) and in-process services attached
 //! as ports (the DHCP server, [`dhcp`]). [`daemon`] owns the running networks and
 //! serves the JSON control API; [`config`] reads and validates the TOML file.
@@ -18,7 +18,7 @@ pub mod dhcp;
 pub mod modes;
 pub mod nat;
 pub mod offload;
-pub mod ports;
+pub mod port;
 pub mod switch;
 pub mod sys;
 pub mod wire;

@@ -26,22 +26,66 @@
 //! table and no port list. Entries age out after `mac_ageing` seconds without a
 //! frame from that MAC; a deleted port takes its entries with it.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::offload::{finish, segment_payload_len, VnetHdr, VNET_HDR_LEN};
+
+mod fdb;
+
+pub use self::fdb::Fdb;
 
 /// Ethernet header length.
 pub const ETH_HLEN: usize = 14;
 
 /// Identifies a port inside its network.
 pub type PortId = u64;
+
+/// What a port is, as the switch and the control API see it (`kind` in `netd port
+/// list`): a guest port by its kind, the hostonly network's host TAP, a bridged
+/// network's uplink, or an in-process service (DHCP, the NAT router). Isolation
+/// (NAT `isolated = true`) tells services from the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortClass {
+    /// A TAP queue netd holds.
+    Tap,
+    /// A TAP a VMM holds, reached through AF_PACKET.
+    Vm,
+    /// A QEMU `-netdev stream` unix socket.
+    Stream,
+    /// The hostonly network's own TAP.
+    Host,
+    /// A bridged network's host NIC.
+    Uplink,
+    /// An in-process service.
+    Service,
+}
+
+impl PortClass {
+    /// The name shown for it (the same as its JSON form).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PortClass::Tap => "tap",
+            PortClass::Vm => "vm",
+            PortClass::Stream => "stream",
+            PortClass::Host => "host",
+            PortClass::Uplink => "uplink",
+            PortClass::Service => "service",
+        }
+    }
+}
+
+impl std::fmt::Display for PortClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Why a frame could not be sent on a port.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +117,29 @@ pub trait PortTx: Send + Sync {
     fn send_vnet(&self, hdr: &[u8; VNET_HDR_LEN], frame: &[u8]) -> Result<(), TxError> {
         let _ = hdr;
         self.send(frame)
+    }
+}
+
+/// The transmit side of a port whose every frame goes with a virtio-net header (a
+/// vnet TAP, an AF_PACKET socket with PACKET_VNET_HDR, a service that takes
+/// offloaded frames); a plain frame goes with an all-zero header. Every such type is
+/// a [`PortTx`] that takes offloaded frames.
+pub trait VnetTx: Send + Sync {
+    /// Sends `frame` preceded by `hdr`.
+    fn send_with_hdr(&self, hdr: &[u8; VNET_HDR_LEN], frame: &[u8]) -> Result<(), TxError>;
+}
+
+impl<T: VnetTx> PortTx for T {
+    fn send(&self, frame: &[u8]) -> Result<(), TxError> {
+        self.send_with_hdr(&[0; VNET_HDR_LEN], frame)
+    }
+
+    fn vnet(&self) -> bool {
+        true
+    }
+
+    fn send_vnet(&self, hdr: &[u8; VNET_HDR_LEN], frame: &[u8]) -> Result<(), TxError> {
+        self.send_with_hdr(hdr, frame)
     }
 }
 
@@ -124,7 +191,7 @@ pub struct Counters {
 }
 
 /// A snapshot of [`Counters`], as the control API shows it.
-#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CountersSnapshot {
     /// See [`Counters`].
     pub rx_frames: u64,
@@ -180,8 +247,8 @@ pub struct Port {
     pub id: PortId,
     /// Name, unique in the network.
     pub name: String,
-    /// Kind, for display ("tap", "vm", "stream", "service", "host").
-    pub kind: String,
+    /// What the port is.
+    pub kind: PortClass,
     /// Largest payload (frame minus Ethernet header, minus a VLAN tag if any).
     pub mtu: usize,
     /// Counters.
@@ -247,108 +314,8 @@ fn payload_len(frame: &[u8]) -> usize {
     }
 }
 
-/// One learned MAC.
-#[derive(Debug, Clone, Copy)]
-struct FdbEntry {
-    port: PortId,
-    seen: Instant,
-}
-
-/// The MAC table: bounded, with ageing.
-#[derive(Debug)]
-pub struct Fdb {
-    map: HashMap<[u8; 6], FdbEntry>,
-    max: usize,
-    ageing: Duration,
-    /// Learn attempts refused because the table was full of live entries.
-    pub full_refusals: u64,
-    /// Sweeps of the whole table for aged-out entries (each costs O(table)).
-    pub sweeps: u64,
-    last_sweep: Option<Instant>,
-}
-
-/// Least time between two sweeps of a full table. A flood of new source MACs into a
-/// full table would otherwise cost a walk of the whole table (up to `max_macs`, a
-/// million) per frame, under the lock every ingress takes; this way a freed slot
-/// is reused at most this late.
-const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
-
-impl Fdb {
-    /// An empty table holding at most `max` entries, forgetting after `ageing`.
-    pub fn new(max: usize, ageing: Duration) -> Self {
-        Fdb {
-            map: HashMap::new(),
-            max,
-            ageing,
-            full_refusals: 0,
-            sweeps: 0,
-            last_sweep: None,
-        }
-    }
-
-    /// Records that `mac` was seen on `port` at `now`.
-    pub fn learn(&mut self, mac: [u8; 6], port: PortId, now: Instant) {
-        if let Some(e) = self.map.get_mut(&mac) {
-            e.port = port;
-            e.seen = now;
-            return;
-        }
-        if self.map.len() >= self.max {
-            let due = self
-                .last_sweep
-                .is_none_or(|t| now.saturating_duration_since(t) >= SWEEP_INTERVAL);
-            if due {
-                let ageing = self.ageing;
-                self.map.retain(|_, e| now.duration_since(e.seen) < ageing);
-                self.sweeps += 1;
-                self.last_sweep = Some(now);
-            }
-            if self.map.len() >= self.max {
-                self.full_refusals += 1;
-                return;
-            }
-        }
-        self.map.insert(mac, FdbEntry { port, seen: now });
-    }
-
-    /// The port `mac` was last seen on, unless aged out.
-    pub fn lookup(&self, mac: &[u8; 6], now: Instant) -> Option<PortId> {
-        self.map
-            .get(mac)
-            .filter(|e| now.duration_since(e.seen) < self.ageing)
-            .map(|e| e.port)
-    }
-
-    /// Forgets every entry of `port`.
-    pub fn flush_port(&mut self, port: PortId) {
-        self.map.retain(|_, e| e.port != port);
-    }
-
-    /// Live entries: (mac, port, age).
-    pub fn entries(&self, now: Instant) -> Vec<([u8; 6], PortId, Duration)> {
-        let mut v: Vec<_> = self
-            .map
-            .iter()
-            .filter(|(_, e)| now.duration_since(e.seen) < self.ageing)
-            .map(|(m, e)| (*m, e.port, now.duration_since(e.seen)))
-            .collect();
-        v.sort_by_key(|(m, _, _)| *m);
-        v
-    }
-
-    /// Number of stored entries (live or not yet swept).
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    /// Whether the table is empty.
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-}
-
 /// A learned MAC, as the control API shows it.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MacEntry {
     /// The MAC.
     pub mac: String,
@@ -359,12 +326,13 @@ pub struct MacEntry {
 }
 
 /// A port, as the control API shows it.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PortInfo {
     /// Name.
     pub name: String,
-    /// Kind.
-    pub kind: String,
+    /// What the port is (serialized as "tap", "vm", "stream", "host", "uplink" or
+    /// "service").
+    pub kind: PortClass,
     /// MTU.
     pub mtu: usize,
     /// Counters.
@@ -424,24 +392,12 @@ impl SwitchIn {
 /// is the virtio-net header followed by the frame.
 struct VnetChannelTx(mpsc::Sender<Bytes>);
 
-impl PortTx for VnetChannelTx {
-    fn send(&self, frame: &[u8]) -> Result<(), TxError> {
-        self.send_vnet(&[0; VNET_HDR_LEN], frame)
-    }
-
-    fn vnet(&self) -> bool {
-        true
-    }
-
-    fn send_vnet(&self, hdr: &[u8; VNET_HDR_LEN], frame: &[u8]) -> Result<(), TxError> {
+impl VnetTx for VnetChannelTx {
+    fn send_with_hdr(&self, hdr: &[u8; VNET_HDR_LEN], frame: &[u8]) -> Result<(), TxError> {
         let mut b = Vec::with_capacity(VNET_HDR_LEN + frame.len());
         b.extend_from_slice(hdr);
         b.extend_from_slice(frame);
-        match self.0.try_send(Bytes::from(b)) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => Err(TxError::Full),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(TxError::Down),
-        }
+        channel_send(&self.0, Bytes::from(b))
     }
 }
 
@@ -449,12 +405,17 @@ struct ChannelTx(mpsc::Sender<Bytes>);
 
 impl PortTx for ChannelTx {
     fn send(&self, frame: &[u8]) -> Result<(), TxError> {
-        match self.0.try_send(Bytes::copy_from_slice(frame)) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => Err(TxError::Full),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(TxError::Down),
-        }
+        channel_send(&self.0, Bytes::copy_from_slice(frame))
     }
+}
+
+/// A service's channel takes a message now or the frame is dropped: full, or the
+/// service has gone.
+fn channel_send(tx: &mpsc::Sender<Bytes>, msg: Bytes) -> Result<(), TxError> {
+    tx.try_send(msg).map_err(|e| match e {
+        mpsc::error::TrySendError::Full(_) => TxError::Full,
+        mpsc::error::TrySendError::Closed(_) => TxError::Down,
+    })
 }
 
 impl Network {
@@ -484,7 +445,7 @@ impl Network {
     pub fn add_port(
         &self,
         name: &str,
-        kind: &str,
+        kind: PortClass,
         tx: Box<dyn PortTx>,
     ) -> Result<Arc<Port>, SwitchError> {
         let mut ports = self.ports.write().unwrap_or_else(|e| e.into_inner());
@@ -494,7 +455,7 @@ impl Network {
         let port = Arc::new(Port {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             name: name.to_string(),
-            kind: kind.to_string(),
+            kind,
             mtu: self.mtu,
             counters: Counters::default(),
             vnet: tx.vnet(),
@@ -548,7 +509,7 @@ impl Network {
     ) -> Result<ServicePort, SwitchError> {
         let (to_service_tx, from_switch) = mpsc::channel(capacity.max(1));
         let (to_switch, mut from_service) = mpsc::channel::<Bytes>(capacity.max(1));
-        let port = self.add_port(name, "service", Box::new(ChannelTx(to_service_tx)))?;
+        let port = self.add_port(name, PortClass::Service, Box::new(ChannelTx(to_service_tx)))?;
         let net = self.clone();
         let id = port.id;
         std::thread::Builder::new()
@@ -584,7 +545,7 @@ impl Network {
         } else {
             Box::new(ChannelTx(to_service_tx))
         };
-        let port = self.add_port(name, "service", tx)?;
+        let port = self.add_port(name, PortClass::Service, tx)?;
         Ok((
             SwitchIn {
                 net: self.clone(),
@@ -612,7 +573,7 @@ impl Network {
             .iter()
             .map(|p| PortInfo {
                 name: p.name.clone(),
-                kind: p.kind.clone(),
+                kind: p.kind,
                 mtu: p.mtu,
                 counters: p.counters.snapshot(),
             })
@@ -712,8 +673,8 @@ impl Network {
             }
         };
         let ports = self.ports.read().unwrap_or_else(|e| e.into_inner());
-        let isolated = self.isolated.load(Ordering::Relaxed) && from.kind != "service";
-        let allowed = |p: &Port| !isolated || p.kind == "service";
+        let isolated = self.isolated.load(Ordering::Relaxed) && from.kind != PortClass::Service;
+        let allowed = |p: &Port| !isolated || p.kind == PortClass::Service;
         match target {
             Some(id) if id == from.id => inc(&from.counters.drop_hairpin, 1),
             Some(id) => {
@@ -743,166 +704,4 @@ impl Network {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::Mutex as StdMutex;
-
-    #[derive(Default)]
-    struct Sink(StdMutex<Vec<Vec<u8>>>);
-    struct SinkTx(Arc<Sink>);
-    impl PortTx for SinkTx {
-        fn send(&self, frame: &[u8]) -> Result<(), TxError> {
-            self.0 .0.lock().unwrap().push(frame.to_vec());
-            Ok(())
-        }
-    }
-
-    fn frame(dst: [u8; 6], src: [u8; 6], len: usize) -> Vec<u8> {
-        let mut f = vec![0u8; len.max(ETH_HLEN)];
-        f[0..6].copy_from_slice(&dst);
-        f[6..12].copy_from_slice(&src);
-        f[12..14].copy_from_slice(&[0x08, 0x00]);
-        f
-    }
-
-    const A: [u8; 6] = [2, 0, 0, 0, 0, 0xa];
-    const B: [u8; 6] = [2, 0, 0, 0, 0, 0xb];
-    const BCAST: [u8; 6] = [0xff; 6];
-
-    fn net3() -> (Arc<Network>, Vec<Arc<Port>>, Vec<Arc<Sink>>) {
-        let net = Network::new("n", 1500, 16, Duration::from_secs(300));
-        let mut ports = vec![];
-        let mut sinks = vec![];
-        for i in 0..3 {
-            let s = Arc::new(Sink::default());
-            ports.push(
-                net.add_port(&format!("p{i}"), "test", Box::new(SinkTx(s.clone())))
-                    .unwrap(),
-            );
-            sinks.push(s);
-        }
-        (net, ports, sinks)
-    }
-
-    fn count(s: &Sink) -> usize {
-        s.0.lock().unwrap().len()
-    }
-
-    #[test]
-    fn floods_unknown_then_forwards_learned() {
-        let (net, p, s) = net3();
-        net.ingress(&p[0], &frame(B, A, 60));
-        assert_eq!((count(&s[0]), count(&s[1]), count(&s[2])), (0, 1, 1));
-        net.ingress(&p[1], &frame(A, B, 60));
-        assert_eq!((count(&s[0]), count(&s[1]), count(&s[2])), (1, 1, 1));
-        net.ingress(&p[0], &frame(B, A, 60));
-        assert_eq!((count(&s[0]), count(&s[1]), count(&s[2])), (1, 2, 1));
-        net.ingress(&p[0], &frame(BCAST, A, 60));
-        assert_eq!((count(&s[0]), count(&s[1]), count(&s[2])), (1, 3, 2));
-        let c = p[0].counters.snapshot();
-        assert_eq!(c.rx_frames, 3);
-        assert_eq!(p[1].counters.snapshot().tx_frames, 3);
-        let table = net.mac_table();
-        assert_eq!(table.len(), 2);
-    }
-
-    #[test]
-    fn malformed_and_mtu_are_counted_not_forwarded() {
-        let (net, p, s) = net3();
-        net.ingress(&p[0], &[1, 2, 3]);
-        net.ingress(&p[0], &[]);
-        net.ingress(&p[0], &frame(B, BCAST, 60));
-        net.ingress(&p[0], &frame(B, A, 1515));
-        net.ingress(&p[0], &frame(B, A, 1514));
-        let c = p[0].counters.snapshot();
-        assert_eq!(c.drop_malformed, 3);
-        assert_eq!(c.drop_mtu, 1);
-        assert_eq!(c.rx_frames, 1);
-        assert_eq!(count(&s[1]), 1);
-    }
-
-    #[test]
-    fn table_is_bounded_and_ages() {
-        let mut fdb = Fdb::new(2, Duration::from_secs(10));
-        let t0 = Instant::now();
-        fdb.learn([2, 0, 0, 0, 0, 1], 1, t0);
-        fdb.learn([2, 0, 0, 0, 0, 2], 1, t0);
-        fdb.learn([2, 0, 0, 0, 0, 3], 1, t0);
-        assert_eq!(fdb.len(), 2);
-        assert_eq!(fdb.full_refusals, 1);
-        assert_eq!(fdb.lookup(&[2, 0, 0, 0, 0, 1], t0), Some(1));
-        let later = t0 + Duration::from_secs(11);
-        assert_eq!(fdb.lookup(&[2, 0, 0, 0, 0, 1], later), None);
-        fdb.learn([2, 0, 0, 0, 0, 3], 2, later);
-        assert_eq!(fdb.lookup(&[2, 0, 0, 0, 0, 3], later), Some(2));
-        assert_eq!(fdb.len(), 1);
-    }
-
-    #[test]
-    fn a_mac_flood_into_a_full_table_does_not_sweep_per_frame() {
-        let mut fdb = Fdb::new(2, Duration::from_secs(10));
-        let t0 = Instant::now();
-        fdb.learn([2, 0, 0, 0, 0, 1], 1, t0);
-        fdb.learn([2, 0, 0, 0, 0, 2], 1, t0);
-        for i in 0..1000u16 {
-            let b = i.to_be_bytes();
-            fdb.learn(
-                [2, 1, 0, 0, b[0], b[1]],
-                1,
-                t0 + Duration::from_millis(u64::from(i)),
-            );
-        }
-        assert_eq!(fdb.full_refusals, 1000);
-        assert_eq!(fdb.sweeps, 1);
-        // Known MACs still refresh, and after ageing the table takes new ones again.
-        fdb.learn([2, 0, 0, 0, 0, 1], 3, t0 + Duration::from_secs(5));
-        assert_eq!(
-            fdb.lookup(&[2, 0, 0, 0, 0, 1], t0 + Duration::from_secs(5)),
-            Some(3)
-        );
-        let later = t0 + Duration::from_secs(11);
-        fdb.learn([2, 0, 0, 0, 0, 9], 2, later);
-        assert_eq!(fdb.lookup(&[2, 0, 0, 0, 0, 9], later), Some(2));
-    }
-
-    #[test]
-    fn removed_port_forgets_macs_and_hairpin_is_dropped() {
-        let (net, p, s) = net3();
-        net.ingress(&p[1], &frame(BCAST, B, 60));
-        net.ingress(&p[1], &frame(B, A, 60));
-        assert_eq!(p[1].counters.snapshot().drop_hairpin, 1);
-        net.remove_port("p1").unwrap();
-        assert!(net.mac_table().is_empty());
-        net.ingress(&p[0], &frame(B, A, 60));
-        assert_eq!(count(&s[2]), 2);
-        assert!(net.remove_port("p1").is_err());
-    }
-
-    #[test]
-    fn service_port_moves_frames_both_ways_and_counts_full() {
-        let (net, p, s) = net3();
-        let mut svc = net.attach_service("svc", 1).unwrap();
-        net.ingress(&p[0], &frame(BCAST, A, 60));
-        net.ingress(&p[0], &frame(BCAST, A, 60));
-        let got = svc.from_switch.try_recv().unwrap();
-        assert_eq!(&got[0..6], &BCAST);
-        assert_eq!(net.port("svc").unwrap().counters.snapshot().drop_full, 1);
-        svc.to_switch
-            .blocking_send(Bytes::from(frame(A, B, 60)))
-            .unwrap();
-        let ok = (0..200).any(|_| {
-            std::thread::sleep(Duration::from_millis(5));
-            count(&s[0]) == 1
-        });
-        assert!(ok, "service frame reached the learned port");
-        drop(svc);
-        let gone = (0..200).any(|_| {
-            std::thread::sleep(Duration::from_millis(5));
-            net.port("svc").is_none()
-        });
-        assert!(
-            gone,
-            "service port removed when the service drops its sender"
-        );
-    }
-}
+mod tests;

@@ -1,4 +1,5 @@
-//! The `nat` and `bridged` network modes: their config rules and the uplink port.
+//! The `nat` and `bridged` network modes: their config rules (the uplink port itself
+//! is [`crate::port::start_uplink`]).
 //!
 //! # Theory of operation
 //!
@@ -23,16 +24,10 @@
 //! Keys that belong to one mode are refused on the others with an error naming the
 //! key, so a typo'd mode does not silently run without its router or uplink.
 
-mod sys;
-
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
-use std::sync::Arc;
 
-use crate::config::{Ipv4Spec, Mode, NetworkConfig, PortKind, PortSpec};
+use crate::config::{Ipv4Spec, Mode, NetworkConfig};
 use crate::nat::{Limits, RouterConfig};
-use crate::ports::{PortError, RunningPort};
-use crate::switch::Network;
 
 /// Default subnet of a NAT network (VirtualBox's).
 pub const NAT_SUBNET: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 0, 2, 0), 24);
@@ -147,27 +142,6 @@ pub fn router_config(
     }
     c.validate().map_err(|e| ("mtu".into(), e.to_string()))?;
     Ok(c)
-}
-
-/// Starts the uplink port of a bridged network on host NIC `ifname`.
-pub fn start_uplink(net: &Arc<Network>, ifname: &str) -> Result<RunningPort, PortError> {
-    let perr = |source| PortError::Packet {
-        ifname: ifname.to_string(),
-        source,
-    };
-    let index = crate::sys::if_index(ifname).map_err(perr)?;
-    let fd = crate::sys::packet_socket(index).map_err(perr)?;
-    sys::set_promiscuous(fd.as_raw_fd(), index).map_err(perr)?;
-    let spec = PortSpec {
-        name: "uplink".into(),
-        kind: PortKind::Vm,
-        ifname: Some(ifname.to_string()),
-        mac: None,
-        netns: None,
-        path: None,
-        persistent: true,
-    };
-    crate::ports::start_fd_port_pub(net, &spec, "uplink", fd)
 }
 
 #[cfg(test)]

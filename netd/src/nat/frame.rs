@@ -260,16 +260,29 @@ fn emit_eth(buf: &mut [u8], src: EthernetAddress, dst: EthernetAddress, proto: E
     .emit(&mut eth);
 }
 
-fn emit_ipv4(buf: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr, proto: IpProtocol, payload_len: usize) {
+/// A frame of `l4_len` bytes of IPv4 payload from the router to a guest, with its
+/// Ethernet and IPv4 headers written and the payload left for the caller (at
+/// `ETH_HDR + IPV4_HDR`).
+fn ipv4_frame(
+    router_mac: EthernetAddress,
+    guest_mac: EthernetAddress,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: IpProtocol,
+    l4_len: usize,
+) -> Vec<u8> {
+    let mut buf = vec![0u8; ETH_HDR + IPV4_HDR + l4_len];
+    emit_eth(&mut buf, router_mac, guest_mac, EthernetProtocol::Ipv4);
     let repr = Ipv4Repr {
         src_addr: src,
         dst_addr: dst,
         next_header: proto,
-        payload_len,
+        payload_len: l4_len,
         hop_limit: 64,
     };
     let mut ip = Ipv4Packet::new_unchecked(&mut buf[ETH_HDR..]);
     repr.emit(&mut ip, &ChecksumCapabilities::default());
+    buf
 }
 
 /// A RST answering a guest SYN (`seq` its sequence number) from `from` to `to`.
@@ -295,9 +308,7 @@ pub fn tcp_rst(
         payload: &[],
     };
     let len = repr.buffer_len();
-    let mut buf = vec![0u8; ETH_HDR + IPV4_HDR + len];
-    emit_eth(&mut buf, router_mac, guest_mac, EthernetProtocol::Ipv4);
-    emit_ipv4(&mut buf, from.0, to.0, IpProtocol::Tcp, len);
+    let mut buf = ipv4_frame(router_mac, guest_mac, from.0, to.0, IpProtocol::Tcp, len);
     let mut tcp = TcpPacket::new_unchecked(&mut buf[ETH_HDR + IPV4_HDR..]);
     repr.emit(
         &mut tcp,
@@ -321,9 +332,14 @@ pub fn udp_frame(
         dst_port: to.1,
     };
     let udp_len = UDP_HDR + payload.len();
-    let mut buf = vec![0u8; ETH_HDR + IPV4_HDR + udp_len];
-    emit_eth(&mut buf, router_mac, guest_mac, EthernetProtocol::Ipv4);
-    emit_ipv4(&mut buf, from.0, to.0, IpProtocol::Udp, udp_len);
+    let mut buf = ipv4_frame(
+        router_mac,
+        guest_mac,
+        from.0,
+        to.0,
+        IpProtocol::Udp,
+        udp_len,
+    );
     let mut udp = UdpPacket::new_unchecked(&mut buf[ETH_HDR + IPV4_HDR..]);
     repr.emit(
         &mut udp,
@@ -348,9 +364,14 @@ pub fn icmp_frame(
     ident: u16,
 ) -> Option<Bytes> {
     Icmpv4Packet::new_checked(icmp).ok()?;
-    let mut buf = vec![0u8; ETH_HDR + IPV4_HDR + icmp.len()];
-    emit_eth(&mut buf, router_mac, guest_mac, EthernetProtocol::Ipv4);
-    emit_ipv4(&mut buf, from, to, IpProtocol::Icmp, icmp.len());
+    let mut buf = ipv4_frame(
+        router_mac,
+        guest_mac,
+        from,
+        to,
+        IpProtocol::Icmp,
+        icmp.len(),
+    );
     let body = buf.get_mut(ETH_HDR + IPV4_HDR..)?;
     body.copy_from_slice(icmp);
     let mut pkt = Icmpv4Packet::new_checked(body).ok()?;

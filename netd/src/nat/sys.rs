@@ -18,11 +18,11 @@ pub fn register(sock: Socket) -> io::Result<AsyncFd<Socket>> {
 }
 
 /// Registers the descriptor that `owner` keeps open (an inline port's fd or stop
-/// eventfd, see [`crate::ports::InlineReader`]) with the tokio reactor for
+/// eventfd, see [`crate::port::InlineReader`]) with the tokio reactor for
 /// readability.
 pub fn register_fd<T: AsRawFd>(owner: T) -> io::Result<AsyncFd<T>> {
-    // SAFETY: the owners passed here ([`crate::ports::SharedFd`],
-    // [`crate::ports::StopFd`]) hold an `Arc` of the owned descriptor, so it stays
+    // SAFETY: the owners passed here ([`crate::port::SharedFd`],
+    // [`crate::port::StopFd`]) hold an `Arc` of the owned descriptor, so it stays
     // open and refers to the same file for the AsyncFd's whole lifetime, and
     // `as_raw_fd` always returns that same descriptor.
     unsafe { AsyncFd::register_with_interest(owner, Interest::READABLE) }

@@ -155,16 +155,9 @@ impl TcpTable {
     /// Binds a forward's listener.
     pub fn add_forward(&mut self, f: Forward) -> Result<(), NatError> {
         if self.listeners.contains_key(&f.host) {
-            return Err(NatError::ForwardExists {
-                proto: f.proto,
-                host: f.host,
-            });
+            return Err(f.exists());
         }
-        let bind_err = |source| NatError::Bind {
-            proto: f.proto,
-            host: f.host,
-            source,
-        };
+        let bind_err = |source| f.bind_failed(source);
         let sock = socket2::Socket::new(
             socket2::Domain::for_address(f.host),
             socket2::Type::STREAM,
@@ -339,7 +332,7 @@ impl Router {
             return;
         }
         // The held SYN is a copy of its own: `frame` may be a view of a larger
-        // receive buffer (see `ports::InlineReader`), which it must not pin.
+        // receive buffer (see `port::InlineReader`), which it must not pin.
         let (syn, mss) = if self.offload {
             raise_syn_mss(&frame).unwrap_or_else(|| (Bytes::copy_from_slice(&frame), 0))
         } else {

@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use bytes::Bytes;
-use smoltcp::iface::{Config as IfaceConfig, Interface, SocketSet};
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
@@ -38,6 +38,17 @@ struct Guest {
 }
 
 impl Guest {
+    /// Opens a TCP connection from guest port `local` to `to`; the socket's handle.
+    fn connect(&mut self, to: (IpAddress, u16), local: u16) -> SocketHandle {
+        let h = self.sockets.add(tcp_socket());
+        let cx = self.iface.context();
+        self.sockets
+            .get_mut::<tcp::Socket>(h)
+            .connect(cx, to, local)
+            .unwrap();
+        h
+    }
+
     fn start(cfg: RouterConfig) -> (Guest, RouterHandle) {
         let (to_router, router_rx) = mpsc::channel(1024);
         let (router_tx, from_router) = mpsc::channel(1024);
@@ -116,14 +127,7 @@ async fn tcp_to_gateway_reaches_host_loopback() {
         // Host closes: the guest sees a FIN.
     });
     let (mut g, handle) = Guest::start(test_config());
-    let h = g.sockets.add(tcp_socket());
-    {
-        let cx = g.iface.context();
-        g.sockets
-            .get_mut::<tcp::Socket>(h)
-            .connect(cx, (IpAddress::v4(10, 0, 2, 2), port), 40000)
-            .unwrap();
-    }
+    let h = g.connect((IpAddress::v4(10, 0, 2, 2), port), 40000);
     let mut sent = false;
     let mut got = Vec::new();
     let ok = g
@@ -159,14 +163,7 @@ async fn refused_connect_resets_the_guest() {
         l.local_addr().unwrap().port()
     };
     let (mut g, handle) = Guest::start(test_config());
-    let h = g.sockets.add(tcp_socket());
-    {
-        let cx = g.iface.context();
-        g.sockets
-            .get_mut::<tcp::Socket>(h)
-            .connect(cx, (IpAddress::v4(10, 0, 2, 2), port), 40001)
-            .unwrap();
-    }
+    let h = g.connect((IpAddress::v4(10, 0, 2, 2), port), 40001);
     let ok = g
         .run_until(|s| s.get::<tcp::Socket>(h).state() == tcp::State::Closed)
         .await;
@@ -177,14 +174,7 @@ async fn refused_connect_resets_the_guest() {
 #[tokio::test]
 async fn destinations_outside_the_allow_list_are_reset() {
     let (mut g, _handle) = Guest::start(test_config());
-    let h = g.sockets.add(tcp_socket());
-    {
-        let cx = g.iface.context();
-        g.sockets
-            .get_mut::<tcp::Socket>(h)
-            .connect(cx, (IpAddress::v4(198, 18, 0, 9), 80), 40002)
-            .unwrap();
-    }
+    let h = g.connect((IpAddress::v4(198, 18, 0, 9), 80), 40002);
     assert!(
         g.run_until(|s| s.get::<tcp::Socket>(h).state() == tcp::State::Closed)
             .await
@@ -622,7 +612,7 @@ async fn unicast_dhcp_renewal_to_the_gateway_is_answered() {
 
 #[test]
 fn forward_ports_go_round_robin_skip_taken_and_run_out() {
-    use super::{free_forward_port, FWD_PORT_FIRST, FWD_PORT_LAST};
+    use super::router::{free_forward_port, FWD_PORT_FIRST, FWD_PORT_LAST};
     let mut next = 0;
     assert_eq!(
         free_forward_port(&mut next, |_| false),

@@ -84,16 +84,9 @@ impl UdpTable {
     /// Binds a forward's socket.
     pub fn add_forward(&mut self, f: Forward) -> Result<(), NatError> {
         if self.forwards.contains_key(&f.host) {
-            return Err(NatError::ForwardExists {
-                proto: f.proto,
-                host: f.host,
-            });
+            return Err(f.exists());
         }
-        let bind_err = |source| NatError::Bind {
-            proto: f.proto,
-            host: f.host,
-            source,
-        };
+        let bind_err = |source| f.bind_failed(source);
         let std_sock = std::net::UdpSocket::bind(f.host).map_err(bind_err)?;
         std_sock.set_nonblocking(true).map_err(bind_err)?;
         let sock = UdpSocket::from_std(std_sock).map_err(bind_err)?;

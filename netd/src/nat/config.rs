@@ -1,0 +1,240 @@
+//! The router's settings: what a NAT network is made of (subnet, gateway and DNS
+//! addresses, MTU, resolver file), its port forwards and the bounds of its flow
+//! table, with the checks that they hang together.
+//!
+//! Everything here is plain data read once at start (from the daemon's config, or a
+//! test): [`RouterConfig::validate`] runs before the router binds anything, and a
+//! forward added later through the control API goes through the same
+//! `check_forward`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::NatError;
+
+/// Transport protocol of a port forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl std::fmt::Display for Proto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+impl std::str::FromStr for Proto {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tcp" => Ok(Proto::Tcp),
+            "udp" => Ok(Proto::Udp),
+            other => Err(format!("expected \"tcp\" or \"udp\", got {other:?}")),
+        }
+    }
+}
+
+/// Parses a forward's host address: "ADDR:PORT", or "PORT" alone for 127.0.0.1:PORT
+/// (loopback by default: a forward is open to the world only if the user says so).
+pub fn parse_host_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    }
+    s.parse::<SocketAddr>()
+        .map_err(|_| format!("expected \"ADDR:PORT\" or \"PORT\", got {s:?}"))
+}
+
+fn de_host<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_host_addr(&s).map_err(serde::de::Error::custom)
+}
+
+/// A port forward: connections (TCP) or datagrams (UDP) to `host` go to `guest`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Forward {
+    /// `tcp` or `udp`.
+    pub proto: Proto,
+    /// Host address to listen on ("127.0.0.1:2222", or "2222" for loopback).
+    #[serde(deserialize_with = "de_host")]
+    pub host: SocketAddr,
+    /// Guest address ("10.0.2.15:22").
+    pub guest: SocketAddrV4,
+}
+
+impl Forward {
+    /// The error for a second forward on this forward's protocol and host address.
+    pub(super) fn exists(&self) -> NatError {
+        NatError::ForwardExists {
+            proto: self.proto,
+            host: self.host,
+        }
+    }
+
+    /// The error for a host address that cannot be bound.
+    pub(super) fn bind_failed(&self, source: std::io::Error) -> NatError {
+        NatError::Bind {
+            proto: self.proto,
+            host: self.host,
+            source,
+        }
+    }
+}
+
+/// Bounds and timeouts of the flow table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Most flows (TCP + UDP + ICMP) at once.
+    pub max_flows: usize,
+    /// Most bytes of flow buffers at once (each TCP flow counts its two buffers).
+    pub max_flow_memory: usize,
+    /// Size of each of a TCP flow's two smoltcp buffers (sets the window).
+    pub tcp_buffer: usize,
+    /// Idle time after which a UDP flow is removed.
+    pub udp_timeout: Duration,
+    /// Idle time after which an ICMP echo flow is removed.
+    pub icmp_timeout: Duration,
+    /// Idle time after which an established TCP flow is reset.
+    pub tcp_idle_timeout: Duration,
+    /// How long a host connect may take before the guest gets a RST.
+    pub connect_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_flows: 4096,
+            max_flow_memory: 512 << 20,
+            tcp_buffer: 512 << 10,
+            udp_timeout: Duration::from_secs(60),
+            icmp_timeout: Duration::from_secs(10),
+            tcp_idle_timeout: Duration::from_secs(2 * 3600),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Everything the router needs to start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouterConfig {
+    /// The network's subnet: address and prefix length.
+    pub subnet: (Ipv4Addr, u8),
+    /// The router's address; it stands for the host's loopback.
+    pub gateway: Ipv4Addr,
+    /// The DNS forwarder's address.
+    pub dns: Ipv4Addr,
+    /// The router's MAC.
+    pub mac: [u8; 6],
+    /// IP MTU of the network (up to 65520).
+    pub mtu: usize,
+    /// Where the host resolvers are listed.
+    pub resolv_conf: PathBuf,
+    /// Port forwards at start.
+    pub forwards: Vec<Forward>,
+    /// Flow table bounds.
+    pub limits: Limits,
+    /// Host destinations flows may go to, as (address, prefix) pairs; empty means
+    /// anywhere. The gateway's loopback and the resolver are checked too.
+    pub outbound_allow: Vec<(Ipv4Addr, u8)>,
+}
+
+impl RouterConfig {
+    /// VirtualBox's defaults: 10.0.2.0/24, gateway .2, DNS .3, MTU 1500.
+    pub fn defaults() -> Self {
+        RouterConfig {
+            subnet: (Ipv4Addr::new(10, 0, 2, 0), 24),
+            gateway: Ipv4Addr::new(10, 0, 2, 2),
+            dns: Ipv4Addr::new(10, 0, 2, 3),
+            mac: [0x52, 0x55, 0x0a, 0x00, 0x02, 0x02],
+            mtu: 1500,
+            resolv_conf: PathBuf::from("/etc/resolv.conf"),
+            forwards: Vec::new(),
+            limits: Limits::default(),
+            outbound_allow: Vec::new(),
+        }
+    }
+
+    /// Checks the settings hang together.
+    pub fn validate(&self) -> Result<(), NatError> {
+        if !(576..=65520).contains(&self.mtu) {
+            return Err(NatError::Invalid {
+                key: "mtu",
+                reason: format!("expected 576..=65520, got {}", self.mtu),
+            });
+        }
+        if self.subnet.1 > 30 {
+            return Err(NatError::Invalid {
+                key: "subnet",
+                reason: "prefix must be /30 or shorter".into(),
+            });
+        }
+        for (key, a) in [("gateway", self.gateway), ("dns", self.dns)] {
+            if !self.in_subnet(a) {
+                return Err(NatError::Invalid {
+                    key,
+                    reason: format!("{a} is not in the subnet"),
+                });
+            }
+        }
+        if self.limits.tcp_buffer < 4096 {
+            return Err(NatError::Invalid {
+                key: "tcp_buffer",
+                reason: "at least 4096 bytes".into(),
+            });
+        }
+        for f in &self.forwards {
+            self.check_forward(f)?;
+        }
+        Ok(())
+    }
+
+    fn mask(&self) -> u32 {
+        if self.subnet.1 == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.subnet.1))
+        }
+    }
+
+    /// Whether `a` is inside the network's subnet.
+    pub fn in_subnet(&self, a: Ipv4Addr) -> bool {
+        u32::from(a) & self.mask() == u32::from(self.subnet.0) & self.mask()
+    }
+
+    pub(super) fn check_forward(&self, f: &Forward) -> Result<(), NatError> {
+        if f.guest.port() == 0 || f.host.port() == 0 {
+            return Err(NatError::Invalid {
+                key: "forward",
+                reason: format!("ports must not be 0 ({} -> {})", f.host, f.guest),
+            });
+        }
+        if !self.in_subnet(*f.guest.ip()) {
+            return Err(NatError::GuestOutsideSubnet {
+                guest: f.guest,
+                subnet: format!("{}/{}", self.subnet.0, self.subnet.1),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Whether `a` is inside `net/len`.
+pub fn prefix_match(a: Ipv4Addr, net: Ipv4Addr, len: u8) -> bool {
+    let mask = if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(len.min(32)))
+    };
+    u32::from(a) & mask == u32::from(net) & mask
+}

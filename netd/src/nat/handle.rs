@@ -1,0 +1,223 @@
+//! The control side of a running router: [`RouterHandle`] (a cheap clone the
+//! daemon keeps per NAT network) sends [`Command`]s over a bounded channel to the
+//! router's task, each with a oneshot for the answer, and the router serves them
+//! between two steps of its loop ([`Router::handle_command`]). No state is shared:
+//! forwards, flows and counters are read and changed only on the router's thread.
+//!
+//! The answers ([`Stats`], [`FlowInfo`], the forward list) are what `netd flows` and
+//! `netd forward list` print, so their serde form is part of the control API.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Forward, NatError, Proto, Router};
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stats {
+    /// Frames from the switch.
+    pub frames_in: u64,
+    /// Frames to the switch.
+    pub frames_out: u64,
+    /// Malformed frames dropped.
+    pub malformed: u64,
+    /// Flows refused because the table was full (count or memory).
+    pub flows_refused: u64,
+    /// TCP connects refused or unreachable on the host (answered with a RST).
+    pub connect_failed: u64,
+    /// Datagrams or echo requests dropped (send failure, too large, no resolver).
+    pub dropped: u64,
+}
+
+/// One flow, as `netd flows NET` lists it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FlowInfo {
+    /// tcp, udp or icmp.
+    pub proto: String,
+    /// The guest's end.
+    pub guest: String,
+    /// The address the guest asked for.
+    pub dst: String,
+    /// The host-side peer.
+    pub host_peer: String,
+    /// A short state.
+    pub state: String,
+    /// Whether a port forward made it.
+    pub forward: bool,
+    /// Seconds since the last traffic.
+    pub idle_s: u64,
+}
+
+pub(super) enum Command {
+    AttachReader(crate::port::InlineReader),
+    AddForward(Forward, oneshot::Sender<Result<(), NatError>>),
+    DelForward(Proto, SocketAddr, oneshot::Sender<Result<(), NatError>>),
+    ListForwards(oneshot::Sender<Vec<Forward>>),
+    Flows(oneshot::Sender<Vec<FlowInfo>>),
+    Stats(oneshot::Sender<Stats>),
+}
+
+/// A control request to a router, for callers on blocking threads (the daemon's
+/// control handler).
+#[derive(Debug, Clone)]
+pub enum NatRequest {
+    /// Add a port forward.
+    AddForward(Forward),
+    /// Remove the forward on this protocol and host address.
+    DelForward(Proto, SocketAddr),
+    /// List forwards.
+    ListForwards,
+    /// List flows.
+    Flows,
+    /// Counters.
+    Stats,
+}
+
+/// Drives a running router: port forwards, flows, counters.
+#[derive(Debug, Clone)]
+pub struct RouterHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl RouterHandle {
+    /// A handle sending on `tx` (the router holds the receiving end).
+    pub(super) fn new(tx: mpsc::Sender<Command>) -> Self {
+        RouterHandle { tx }
+    }
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Command")
+    }
+}
+
+impl RouterHandle {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, NatError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| NatError::Stopped)?;
+        rx.await.map_err(|_| NatError::Stopped)
+    }
+
+    /// Serves `req` from a blocking thread (not from inside the runtime's workers);
+    /// the answer as JSON.
+    pub fn request_blocking(&self, req: NatRequest) -> Result<serde_json::Value, NatError> {
+        fn ask<T>(
+            tx: &mpsc::Sender<Command>,
+            make: impl FnOnce(oneshot::Sender<T>) -> Command,
+        ) -> Result<T, NatError> {
+            let (otx, orx) = oneshot::channel();
+            tx.blocking_send(make(otx)).map_err(|_| NatError::Stopped)?;
+            orx.blocking_recv().map_err(|_| NatError::Stopped)
+        }
+        let j = |v: serde_json::Result<serde_json::Value>| v.unwrap_or(serde_json::Value::Null);
+        Ok(match req {
+            NatRequest::AddForward(f) => {
+                ask(&self.tx, |t| Command::AddForward(f, t))??;
+                serde_json::Value::Null
+            }
+            NatRequest::DelForward(p, h) => {
+                ask(&self.tx, |t| Command::DelForward(p, h, t))??;
+                serde_json::Value::Null
+            }
+            NatRequest::ListForwards => {
+                j(serde_json::to_value(ask(&self.tx, Command::ListForwards)?))
+            }
+            NatRequest::Flows => j(serde_json::to_value(ask(&self.tx, Command::Flows)?)),
+            NatRequest::Stats => j(serde_json::to_value(ask(&self.tx, Command::Stats)?)),
+        })
+    }
+
+    /// Adds a port forward (binds its host address now).
+    pub async fn add_forward(&self, f: Forward) -> Result<(), NatError> {
+        self.ask(|tx| Command::AddForward(f, tx)).await?
+    }
+
+    /// Removes the forward on `host`; its open connections are closed.
+    pub async fn del_forward(&self, proto: Proto, host: SocketAddr) -> Result<(), NatError> {
+        self.ask(|tx| Command::DelForward(proto, host, tx)).await?
+    }
+
+    /// The forwards in place.
+    pub async fn forwards(&self) -> Result<Vec<Forward>, NatError> {
+        self.ask(Command::ListForwards).await
+    }
+
+    /// The flows in the table.
+    pub async fn flows(&self) -> Result<Vec<FlowInfo>, NatError> {
+        self.ask(Command::Flows).await
+    }
+
+    /// The router's counters.
+    pub async fn stats(&self) -> Result<Stats, NatError> {
+        self.ask(Command::Stats).await
+    }
+
+    /// Hands the router a guest port to read on its own thread (see
+    /// [`crate::port::InlineReader`]); gives it back if the router cannot take it
+    /// now. Never blocks.
+    pub fn attach_reader(
+        &self,
+        r: crate::port::InlineReader,
+    ) -> Result<(), crate::port::InlineReader> {
+        match self.tx.try_send(Command::AttachReader(r)) {
+            Ok(()) => Ok(()),
+            Err(e) => match e.into_inner() {
+                Command::AttachReader(r) => Err(r),
+                _ => Ok(()),
+            },
+        }
+    }
+}
+
+impl Router {
+    /// Serves one control request (between two steps of the loop).
+    pub(super) fn handle_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::AttachReader(r) => self.attach_reader(r),
+            Command::AddForward(f, tx) => {
+                let _ = tx.send(self.add_forward(f));
+            }
+            Command::DelForward(proto, host, tx) => {
+                let r = match proto {
+                    Proto::Tcp => self.tcp.del_forward(host, &mut self.sockets),
+                    Proto::Udp => self.udp.del_forward(host),
+                };
+                let _ = tx.send(
+                    r.then_some(())
+                        .ok_or(NatError::NoSuchForward { proto, host }),
+                );
+            }
+            Command::ListForwards(tx) => {
+                let mut v = self.tcp.forwards();
+                v.extend(self.udp.forwards());
+                let _ = tx.send(v);
+            }
+            Command::Flows(tx) => {
+                let mut v = self.tcp.flows(&self.sockets);
+                v.extend(self.udp.flows());
+                v.extend(self.icmp.flows());
+                let _ = tx.send(v);
+            }
+            Command::Stats(tx) => {
+                let _ = tx.send(self.stats.clone());
+            }
+        }
+    }
+
+    /// Adds a port forward, after the same checks as the configured ones.
+    pub(super) fn add_forward(&mut self, f: Forward) -> Result<(), NatError> {
+        self.cfg.check_forward(&f)?;
+        match f.proto {
+            Proto::Tcp => self.tcp.add_forward(f),
+            Proto::Udp => self.udp.add_forward(f),
+        }
+    }
+}

@@ -1,0 +1,563 @@
+//! The router itself: its state ([`Router`]), how it is built and started, and its
+//! loop (see the module doc of [`crate::nat`], "The loop"): wait for anything ready,
+//! then one step of ingress, pumps and egress. The per-protocol work is in `tcp.rs`,
+//! `udp.rs` and `icmp.rs` (each an `impl Router` over its own flow table), the
+//! inline guest port in `inline.rs`, control requests in `handle.rs`.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketSet};
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr};
+use tokio::sync::mpsc;
+
+use super::device::{self, QueueDevice};
+use super::frame::{self, Classified};
+use super::handle::Command;
+use super::inline::Inline;
+use super::{dns, icmp, prefix_match, tcp, udp, NatError, RouterConfig, RouterHandle, Stats};
+
+/// Gateway ports that forward sessions (TCP and UDP) come from, towards the guest.
+pub(super) const FWD_PORT_FIRST: u16 = 32768;
+pub(super) const FWD_PORT_LAST: u16 = 60999;
+
+/// The next port of the forward range, round robin from `*next` (a value outside
+/// the range starts at its beginning), that `taken` does not claim; `None` when
+/// every port of the range is taken.
+pub(super) fn free_forward_port(next: &mut u16, taken: impl Fn(u16) -> bool) -> Option<u16> {
+    for _ in FWD_PORT_FIRST..=FWD_PORT_LAST {
+        let p = (*next).clamp(FWD_PORT_FIRST, FWD_PORT_LAST);
+        *next = if p == FWD_PORT_LAST {
+            FWD_PORT_FIRST
+        } else {
+            p + 1
+        };
+        if !taken(p) {
+            return Some(p);
+        }
+    }
+    None
+}
+
+/// A function that switches one frame now.
+pub type FrameFn = Box<dyn Fn(&[u8]) + Send>;
+
+/// Where the router's frames go: a channel (tests, the fuzz target) or straight
+/// into the switch on the router's thread.
+pub enum ToSwitch {
+    /// A bounded channel; the router waits when it is full.
+    Channel(mpsc::Sender<Bytes>),
+    /// A function switching the frame now (frames a busy port cannot take are
+    /// dropped and counted by the switch, as for any port).
+    Direct(FrameFn),
+    /// Like `Direct`, and the switch takes offloaded frames: TCP frames go with a
+    /// virtio-net header (partial checksum, and TCP segmentation for super-frames).
+    Offload(OffloadFn),
+}
+
+/// A function that switches one frame, with its virtio-net header if offloaded.
+pub type OffloadFn = Box<dyn Fn(Option<&crate::offload::VnetHdr>, &[u8]) + Send>;
+
+/// The router: one per NAT network, run by one task.
+pub struct Router {
+    pub(super) cfg: RouterConfig,
+    /// TCP frames leave as offloaded frames (see `tcp.rs`, "Offload").
+    pub(super) offload: bool,
+    pub(super) mac: EthernetAddress,
+    pub(super) iface: Interface,
+    pub(super) dev: QueueDevice,
+    pub(super) sockets: SocketSet<'static>,
+    pub(super) from_switch: mpsc::Receiver<Bytes>,
+    pub(super) to_switch: ToSwitch,
+    pub(super) ctl: mpsc::Receiver<Command>,
+    pub(super) inbox: Vec<Bytes>,
+    pub(super) stopped: bool,
+    pub(super) timer: Pin<Box<tokio::time::Sleep>>,
+    pub(super) next_housekeeping: tokio::time::Instant,
+    pub(super) resolvers: dns::Resolvers,
+    pub(super) stats: Stats,
+    pub(super) tcp: tcp::TcpTable,
+    pub(super) udp: udp::UdpTable,
+    pub(super) icmp: icmp::IcmpTable,
+    /// Guest MACs by address, learned from their frames, for frames the router builds.
+    pub(super) guest_macs: HashMap<Ipv4Addr, EthernetAddress>,
+    /// The DHCP server, for datagrams to port 67 of the router's own addresses.
+    pub(super) dhcp: Option<LocalService>,
+    /// A guest port read on this thread, if the daemon handed one over.
+    pub(super) inline: Option<Inline>,
+    /// Try a read of the inline port even if it is not marked readable.
+    pub(super) inline_probe: bool,
+    /// Receive buffer for host datagrams (UDP, ICMP), made once: a zeroed 64 KiB
+    /// allocation per step showed up in profiles.
+    pub(super) scratch: Vec<u8>,
+}
+
+/// A service that lives behind the router's own addresses: it takes a whole Ethernet
+/// frame and returns the frame that answers it, if any. The daemon plugs the
+/// network's DHCP server in here ([`Router::set_dhcp`]).
+pub type LocalService = Box<dyn FnMut(&[u8]) -> Option<Vec<u8>> + Send>;
+
+/// The DHCP server port (RFC 2131).
+pub const DHCP_SERVER_PORT: u16 = 67;
+
+/// How many frames one wake-up takes from the switch before doing a step.
+pub(super) const INBOX_BATCH: usize = 256;
+
+impl Router {
+    /// Builds a router on a service port of the switch. Binds the configured port
+    /// forwards; must be called inside a tokio runtime.
+    pub fn new(
+        cfg: RouterConfig,
+        from_switch: mpsc::Receiver<Bytes>,
+        to_switch: mpsc::Sender<Bytes>,
+    ) -> Result<(Router, RouterHandle), NatError> {
+        Self::with_sink(cfg, from_switch, ToSwitch::Channel(to_switch))
+    }
+
+    /// Like [`Router::new`], with any [`ToSwitch`].
+    pub fn with_sink(
+        cfg: RouterConfig,
+        from_switch: mpsc::Receiver<Bytes>,
+        to_switch: ToSwitch,
+    ) -> Result<(Router, RouterHandle), NatError> {
+        cfg.validate()?;
+        let mac = EthernetAddress(cfg.mac);
+        let offload = matches!(to_switch, ToSwitch::Offload(_));
+        let mut dev = if offload {
+            QueueDevice::with_offload(cfg.mtu)
+        } else {
+            QueueDevice::new(cfg.mtu)
+        };
+        let mut icfg = IfaceConfig::new(HardwareAddress::Ethernet(mac));
+        icfg.random_seed = seed();
+        let mut iface = Interface::new(icfg, &mut dev, smoltcp::time::Instant::now());
+        let prefix = cfg.subnet.1;
+        iface.update_ip_addrs(|addrs| {
+            let _ = addrs.push(IpCidr::new(cfg.gateway.into(), prefix));
+            if cfg.dns != cfg.gateway {
+                let _ = addrs.push(IpCidr::new(cfg.dns.into(), prefix));
+            }
+        });
+        // Any-IP: a packet to any destination is accepted when the route for it
+        // points at one of our addresses; the default route points at the gateway.
+        iface.set_any_ip(true);
+        iface
+            .routes_mut()
+            .add_default_ipv4_route(cfg.gateway)
+            .map_err(|_| NatError::Invalid {
+                key: "gateway",
+                reason: "cannot install the default route".into(),
+            })?;
+        let (ctl_tx, ctl_rx) = mpsc::channel(16);
+        let resolvers = dns::Resolvers::new(cfg.resolv_conf.clone());
+        let mut router = Router {
+            offload,
+            mac,
+            iface,
+            dev,
+            sockets: SocketSet::new(Vec::new()),
+            from_switch,
+            to_switch,
+            ctl: ctl_rx,
+            inbox: Vec::new(),
+            stopped: false,
+            timer: Box::pin(tokio::time::sleep(Duration::from_secs(1))),
+            next_housekeeping: tokio::time::Instant::now() + Duration::from_secs(1),
+            resolvers,
+            stats: Stats::default(),
+            tcp: tcp::TcpTable::default(),
+            udp: udp::UdpTable::default(),
+            icmp: icmp::IcmpTable::default(),
+            guest_macs: HashMap::new(),
+            dhcp: None,
+            inline: None,
+            inline_probe: false,
+            scratch: Vec::new(),
+            cfg,
+        };
+        for f in router.cfg.forwards.clone() {
+            router.add_forward(f)?;
+        }
+        Ok((router, RouterHandle::new(ctl_tx)))
+    }
+
+    /// Builds a router and runs it on a thread of its own (named `name`), with a
+    /// single-threaded runtime: every host socket of the router is registered with
+    /// that thread's reactor, so a wake-up is one epoll return on the thread that does
+    /// the work, with no hand-off between runtime workers.
+    /// `dhcp`, if given, is plugged in with [`Router::set_dhcp`].
+    pub fn spawn_thread(
+        name: &str,
+        cfg: RouterConfig,
+        from_switch: mpsc::Receiver<Bytes>,
+        to_switch: ToSwitch,
+        dhcp: Option<LocalService>,
+    ) -> Result<RouterHandle, NatError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread_err = |e: std::io::Error| NatError::Invalid {
+            key: "thread",
+            reason: format!("cannot start the router thread: {e}"),
+        };
+        std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = tx.send(Err(thread_err(e)));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    match Router::with_sink(cfg, from_switch, to_switch) {
+                        Ok((mut router, handle)) => {
+                            if let Some(d) = dhcp {
+                                router.set_dhcp(d);
+                            }
+                            let _ = tx.send(Ok(handle));
+                            router.run().await;
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                        }
+                    }
+                });
+            })
+            .map_err(thread_err)?;
+        rx.recv().map_err(|_| NatError::Stopped)?
+    }
+
+    /// Hands UDP datagrams to port 67 of the router's own addresses (the gateway and
+    /// DNS addresses) to `dhcp` instead of the host: the network's DHCP server, whose
+    /// identifier is one of those addresses, so that a client's unicast renewal is
+    /// answered. Without it such datagrams are flows like any other (to the host's
+    /// loopback for the gateway).
+    pub fn set_dhcp(&mut self, dhcp: LocalService) {
+        self.dhcp = Some(dhcp);
+    }
+
+    /// Runs until the switch side of the port goes away.
+    pub async fn run(mut self) {
+        tracing::info!(gateway = %self.cfg.gateway, dns = %self.cfg.dns, mtu = self.cfg.mtu, "NAT router up");
+        loop {
+            std::future::poll_fn(|cx| self.poll_events(cx)).await;
+            if self.stopped {
+                break;
+            }
+            self.step();
+            while let Some(mut frame) = self.dev.tx.pop_front() {
+                self.stats.frames_out += 1;
+                match &self.to_switch {
+                    ToSwitch::Direct(f) => f(&frame),
+                    ToSwitch::Offload(f) => match self.tcp_offload_header(&frame) {
+                        Some((hdr, at, sum)) => {
+                            // In place: the router holds the only reference.
+                            if let Some(c) = frame.make_mut().get_mut(at..at + 2) {
+                                c.copy_from_slice(&sum.to_be_bytes());
+                            }
+                            f(Some(&hdr), &frame)
+                        }
+                        None => f(None, &frame),
+                    },
+                    ToSwitch::Channel(tx) => {
+                        if tx.send(frame.into_bytes()).await.is_err() {
+                            self.stopped = true;
+                            break;
+                        }
+                        continue;
+                    }
+                }
+                self.dev.recycle(frame);
+            }
+            if self.stopped {
+                break;
+            }
+        }
+        tracing::info!("NAT router stopped");
+    }
+
+    /// Feeds one frame through the router synchronously and returns the frames it
+    /// answers with (used by the fuzz target and the randomized unit test).
+    pub fn process_frame_for_test(&mut self, frame: Bytes) -> Vec<Bytes> {
+        // (Channel-fed routers take plain frames; see `ingest_vnet` for the others.)
+        self.inbox.push(frame);
+        self.step();
+        self.dev
+            .tx
+            .drain(..)
+            .map(device::Frame::into_bytes)
+            .collect()
+    }
+
+    /// Registers interest in everything that can make progress; ready when any is.
+    fn poll_events(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut ready = false;
+        while self.inbox.len() < INBOX_BATCH {
+            match self.from_switch.poll_recv(cx) {
+                Poll::Ready(Some(f)) => {
+                    self.inbox.push(f);
+                    ready = true;
+                }
+                Poll::Ready(None) => {
+                    self.stopped = true;
+                    return Poll::Ready(());
+                }
+                Poll::Pending => break,
+            }
+        }
+        ready |= self.poll_inline(cx);
+        if self.inbox.len() >= INBOX_BATCH {
+            ready = true;
+        }
+        // Every handle dropped (Ready(None)) just ends the loop: keep serving.
+        while let Poll::Ready(Some(cmd)) = self.ctl.poll_recv(cx) {
+            self.handle_command(cmd);
+            ready = true;
+        }
+        ready |= self.tcp.poll_ready(cx);
+        ready |= self.udp.poll_ready(cx);
+        ready |= self.icmp.poll_ready(cx);
+        if std::future::Future::poll(self.timer.as_mut(), cx).is_ready() {
+            ready = true;
+        }
+        if ready {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// The datagram receive buffer (64 KiB); put it back in `self.scratch` after use.
+    pub(super) fn take_scratch(&mut self) -> Vec<u8> {
+        let mut buf = std::mem::take(&mut self.scratch);
+        if buf.len() < 65536 {
+            buf = vec![0u8; 65536];
+        }
+        buf
+    }
+
+    /// Where a guest's flow to `dst` really goes on the host, or `None` if nowhere
+    /// (or not allowed by `outbound_allow`).
+    pub(super) fn map_dst(&mut self, dst: SocketAddrV4) -> Option<SocketAddr> {
+        let target = self.map_dst_unchecked(dst)?;
+        if self.cfg.outbound_allow.is_empty() {
+            return Some(target);
+        }
+        let IpAddr::V4(ip) = target.ip() else {
+            return None;
+        };
+        self.cfg
+            .outbound_allow
+            .iter()
+            .any(|(net, len)| prefix_match(ip, *net, *len))
+            .then_some(target)
+    }
+
+    fn map_dst_unchecked(&mut self, dst: SocketAddrV4) -> Option<SocketAddr> {
+        let ip = *dst.ip();
+        if ip == self.cfg.gateway {
+            return Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), dst.port()));
+        }
+        if ip == self.cfg.dns {
+            return if dst.port() == 53 {
+                self.resolvers.current()
+            } else {
+                None
+            };
+        }
+        // Other addresses of the NAT subnet are guests (they talk directly, on the
+        // switch), never host destinations; and no broadcast/multicast flows.
+        if self.cfg.in_subnet(ip) || ip.is_broadcast() || ip.is_multicast() || ip.is_unspecified() {
+            return None;
+        }
+        Some(SocketAddr::V4(dst))
+    }
+
+    /// Whether one more flow costing `bytes` fits the table.
+    pub(super) fn flow_fits(&self, bytes: usize) -> bool {
+        let count = self.tcp.len() + self.udp.len() + self.icmp.len();
+        let mem = self.tcp.len() * 2 * self.cfg.limits.tcp_buffer
+            + (self.udp.len() + self.icmp.len()) * udp::FLOW_COST;
+        count < self.cfg.limits.max_flows && mem + bytes <= self.cfg.limits.max_flow_memory
+    }
+
+    /// One round of work after a wake-up.
+    fn step(&mut self) {
+        let now = smoltcp::time::Instant::now();
+        self.tcp_connect_results();
+        self.tcp_accept_forwards();
+        self.udp_forward_input();
+        for frame in std::mem::take(&mut self.inbox) {
+            self.stats.frames_in += 1;
+            if self.offload {
+                self.ingest_vnet(frame);
+            } else {
+                self.ingest(frame, false);
+            }
+        }
+        // Ingress only, then the pumps, then egress: the ACKs for this batch leave
+        // after its data went on to the host sockets, so they advertise the window
+        // as it is then. (ACKs sent before the pump advertised a window smaller by
+        // the batch, and smoltcp sends a window update only once the window doubles:
+        // the guest sender was window-limited half of the time at MTU 65520.)
+        while !matches!(
+            self.iface
+                .poll_ingress_single(now, &mut self.dev, &mut self.sockets),
+            smoltcp::iface::PollIngressSingleResult::None
+        ) {}
+        self.tcp_pump();
+        self.udp_pump();
+        self.icmp_pump();
+        self.egress(now);
+        self.tcp_cleanup();
+        let tnow = tokio::time::Instant::now();
+        if tnow >= self.next_housekeeping {
+            self.next_housekeeping = tnow + Duration::from_secs(1);
+            self.expire();
+            self.inline_probe = self.inline.is_some();
+        }
+        let delay = self
+            .iface
+            .poll_delay(now, &self.sockets)
+            .map(|d| Duration::from_micros(d.total_micros()))
+            .unwrap_or(Duration::from_secs(1));
+        let deadline = (tnow + delay).min(self.next_housekeeping);
+        self.timer.as_mut().reset(deadline);
+    }
+
+    /// Lets smoltcp emit until it has nothing more (each pass sends at most one
+    /// segment per socket).
+    fn egress(&mut self, now: smoltcp::time::Instant) {
+        for _ in 0..4096 {
+            let before = self.dev.tx.len();
+            self.iface
+                .poll_egress(now, &mut self.dev, &mut self.sockets);
+            if self.dev.tx.len() == before {
+                break;
+            }
+        }
+    }
+
+    /// A frame after its virtio-net header (offload mode). A TCP super-frame from a
+    /// local kernel goes to smoltcp whole, as one segment (its checksum is trusted);
+    /// any other unfinished frame is finished in software first.
+    fn ingest_vnet(&mut self, msg: Bytes) {
+        use crate::offload::{VnetHdr, GSO_TCPV4, VNET_HDR_LEN};
+        let Some(hdr) = VnetHdr::parse(&msg) else {
+            self.stats.malformed += 1;
+            return;
+        };
+        let frame = msg.slice(VNET_HDR_LEN.min(msg.len())..);
+        if hdr.is_plain() {
+            return self.ingest(frame, false);
+        }
+        let tcp_v4 = frame.get(12..14) == Some(&[0x08, 0x00][..])
+            && frame.get(frame::ETH_HDR + 9) == Some(&6);
+        if tcp_v4 && (hdr.gso_type & !crate::offload::GSO_ECN == GSO_TCPV4 || !hdr.is_gso()) {
+            return self.ingest(frame, true);
+        }
+        let mut scratch = Vec::new();
+        let mut done = Vec::new();
+        if crate::offload::finish(&hdr, &frame, &mut scratch, &mut |f| {
+            done.push(Bytes::copy_from_slice(f))
+        })
+        .is_err()
+        {
+            self.stats.malformed += 1;
+        }
+        for f in done {
+            self.ingest(f, false);
+        }
+    }
+
+    fn ingest(&mut self, frame: Bytes, tcp_csum_partial: bool) {
+        let gw = self.cfg.gateway;
+        let dns = self.cfg.dns;
+        let own = |a: Ipv4Addr| a == gw || a == dns;
+        match frame::classify_with(&frame, self.mac, own, tcp_csum_partial) {
+            Classified::Ignore => {}
+            Classified::Malformed => self.stats.malformed += 1,
+            Classified::ArpRequest {
+                src_mac, src_ip, ..
+            } => {
+                // smoltcp answers (the target is one of its addresses) and learns the
+                // guest's MAC in the same step, so its first reply needs no ARP.
+                if self.cfg.in_subnet(src_ip) {
+                    self.guest_macs.insert(src_ip, src_mac);
+                    self.dev.rx.push_back(frame.clone());
+                }
+            }
+            Classified::Smoltcp => self.dev.rx.push_back(frame.clone()),
+            Classified::TcpSyn {
+                src_mac,
+                src,
+                dst,
+                seq,
+            } => {
+                self.guest_macs.insert(src.0, src_mac);
+                self.tcp_syn(frame.clone(), src_mac, src, dst, seq);
+            }
+            Classified::Udp {
+                src_mac,
+                src,
+                dst,
+                payload,
+            } => {
+                self.guest_macs.insert(src.0, src_mac);
+                if dst.1 == DHCP_SERVER_PORT && own(dst.0) {
+                    if let Some(dhcp) = self.dhcp.as_mut() {
+                        if let Some(mut reply) = dhcp(&frame) {
+                            // Answer from the MAC the client sent to (ours, by ARP), so
+                            // the switch never learns the DHCP port's MAC on this port.
+                            if let Some(src) = reply.get_mut(6..12) {
+                                src.copy_from_slice(&self.mac.0);
+                            }
+                            self.dev.tx.push_back(Bytes::from(reply).into());
+                        }
+                        return;
+                    }
+                }
+                self.udp_input(src_mac, src, dst, payload);
+            }
+            Classified::IcmpEcho {
+                src_mac,
+                src,
+                dst,
+                ident,
+                icmp,
+            } => {
+                self.guest_macs.insert(src, src_mac);
+                self.icmp_input(src_mac, src, dst, ident, icmp);
+            }
+        }
+    }
+
+    fn expire(&mut self) {
+        let limits = self.cfg.limits.clone();
+        self.udp.expire(limits.udp_timeout);
+        self.icmp.expire(limits.icmp_timeout);
+        self.tcp.expire(
+            limits.tcp_idle_timeout,
+            3 * limits.connect_timeout,
+            &mut self.sockets,
+        );
+        if self.guest_macs.len() > 4096 {
+            self.guest_macs.clear();
+        }
+    }
+}
+
+fn seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ (u64::from(std::process::id()) << 32)
+}

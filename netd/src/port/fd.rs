@@ -1,0 +1,286 @@
+//! Ports on a descriptor whose every read and write is one frame after its
+//! virtio-net header: a TAP queue opened with IFF_VNET_HDR (`tap`, the hostonly
+//! `host` TAP) or an AF_PACKET socket with PACKET_VNET_HDR (`vm`, `uplink`).
+//!
+//! Transmit ([`FdTx`]) is one `writev` of header and frame on the caller's thread.
+//! Receive ([`rx_loop`]) reads until `EAGAIN` and only then waits in `poll(2)` on the
+//! fd and the stop eventfd: under load one `read` per frame and no `poll`. A port
+//! whose device can disappear (a TAP deleted with its namespace, a VMM's TAP removed)
+//! is a *reopening* port: when reading fails for good its thread retries opening the
+//! device every half second and carries on with the new fd, meanwhile sends count as
+//! `drop_down`. Such a port may instead be read by another thread's loop (see
+//! [`super::InlineReader`]), which hands it back here when a read fails there.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, RwLock};
+use std::thread::JoinHandle;
+
+use super::common::{attach, finish_start, spawn_thread, Cleanup, RunningPort, Stop};
+use super::{GiveReader, InlineReader, PortError, MAX_FRAME};
+use crate::config::PortSpec;
+use crate::offload::{VnetHdr, VNET_HDR_LEN};
+use crate::switch::{Network, Port, PortClass, TxError, VnetTx};
+use crate::sys;
+
+pub(super) fn classify(e: io::Error) -> TxError {
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::ENOBUFS) => TxError::Full,
+        Some(libc::ENETDOWN) | Some(libc::EIO) | Some(libc::ENXIO) | Some(libc::EBADFD) => {
+            TxError::Down
+        }
+        _ => TxError::Io(e),
+    }
+}
+
+/// Transmit on a fd whose every write is one frame preceded by a virtio-net
+/// header (TAP with IFF_VNET_HDR, AF_PACKET with PACKET_VNET_HDR). The fd can be
+/// replaced when a `vm` port's TAP is recreated.
+pub(super) struct FdTx(Arc<RwLock<Option<Arc<OwnedFd>>>>);
+
+impl VnetTx for FdTx {
+    fn send_with_hdr(&self, hdr: &[u8; VNET_HDR_LEN], frame: &[u8]) -> Result<(), TxError> {
+        let guard = self.0.read().unwrap_or_else(|e| e.into_inner());
+        let fd = guard.as_ref().ok_or(TxError::Down)?;
+        match sys::writev2(fd.as_raw_fd(), hdr, frame) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(classify(e)),
+        }
+    }
+}
+
+/// Size of the receive buffer of fd-based ports: a vnet header and a frame.
+pub(super) const RX_BUF: usize = VNET_HDR_LEN + MAX_FRAME;
+
+/// Reads frames (each after its virtio-net header) from `fd` into the switch until
+/// stopped or a hard error.
+pub(super) fn rx_loop(
+    net: &Network,
+    port: &Port,
+    fd: RawFd,
+    stop: &Stop,
+    buf: &mut [u8],
+) -> io::Result<()> {
+    loop {
+        if stop.is_set() {
+            return Ok(());
+        }
+        match sys::read(fd, buf) {
+            Ok(0) => {
+                // A TAP never returns 0; treat it as "nothing now".
+                if sys::poll2(fd, stop.efd.as_raw_fd(), 100)? {
+                    return Ok(());
+                }
+            }
+            Ok(n) => {
+                let got = buf.get(..n).unwrap_or_default();
+                match (VnetHdr::parse(got), got.get(VNET_HDR_LEN..)) {
+                    (Some(h), Some(frame)) if h.is_plain() => net.ingress(port, frame),
+                    (Some(h), Some(frame)) => net.ingress_vnet(port, &h, frame),
+                    // Shorter than a header: counted as malformed by the switch.
+                    _ => net.ingress(port, &[]),
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if sys::poll2(fd, stop.efd.as_raw_fd(), -1)? {
+                    return Ok(());
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Starts a port on `fd` (one frame, after its virtio-net header, per read and
+/// write) with a receive thread that ends on the first hard error: for devices that
+/// do not come back (the hostonly host TAP, a bridged network's uplink).
+pub(super) fn start_fd_port(
+    net: &Arc<Network>,
+    spec: &PortSpec,
+    kind: PortClass,
+    fd: OwnedFd,
+    cleanup: Cleanup,
+) -> Result<RunningPort, PortError> {
+    let fd = Arc::new(fd);
+    let slot = Arc::new(RwLock::new(Some(fd.clone())));
+    let (port, stop) = attach(net, spec, kind, Box::new(FdTx(slot)))?;
+    let (n2, s2) = (net.clone(), stop.clone());
+    let name = spec.name.clone();
+    let thread = spawn_thread(format!("rx-{}", spec.name), move || {
+        let mut buf = vec![0u8; RX_BUF];
+        if let Err(e) = rx_loop(&n2, &port, fd.as_raw_fd(), &s2, &mut buf) {
+            tracing::warn!(port = %name, error = %e, "port receive stopped");
+        }
+    });
+    let started = thread.map(|t| (Some(t), None));
+    finish_start(net, spec, kind, stop, started, cleanup)
+}
+
+/// Reopens a port's fd after its device went away.
+pub(super) type Reopen = Box<dyn Fn() -> io::Result<OwnedFd> + Send>;
+
+/// Starts a port on a vnet-header fd whose device may disappear: when reading fails
+/// for good, the thread retries `reopen` every half second until it succeeds (or the
+/// port is stopped), and carries on with the new fd. Meanwhile sends count as
+/// `drop_down`. With `inline`, the fd is first offered to another loop as an
+/// [`InlineReader`]; the thread only starts if that loop declines it or, later, when
+/// a read fails for good there.
+pub(super) fn start_reopening_port(
+    net: &Arc<Network>,
+    spec: &PortSpec,
+    kind: PortClass,
+    fd: OwnedFd,
+    reopen: Reopen,
+    cleanup: Cleanup,
+    inline: Option<(Arc<Port>, GiveReader<'_>)>,
+) -> Result<RunningPort, PortError> {
+    let fd = Arc::new(fd);
+    let slot = Arc::new(RwLock::new(Some(fd.clone())));
+    let (port, stop) = attach(net, spec, kind, Box::new(FdTx(slot.clone())))?;
+    let reader = ReopeningReader {
+        net: net.clone(),
+        port,
+        slot,
+        stop: stop.clone(),
+        reopen,
+        name: spec.name.clone(),
+    };
+    let started = match inline {
+        Some((local, give)) => {
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            let r = InlineReader {
+                fd,
+                local,
+                inner: reader,
+                done: done_tx,
+            };
+            match give(r) {
+                Ok(()) => Ok((None, Some(done_rx))),
+                Err(r) => {
+                    tracing::debug!(port = %spec.name, "no inline reader; port thread instead");
+                    r.fall_back().map(|()| (None, Some(done_rx)))
+                }
+            }
+        }
+        None => reader.spawn(None).map(|t| (Some(t), None)),
+    };
+    finish_start(net, spec, kind, stop, started, cleanup)
+}
+
+/// What the receive thread of a reopening port works with.
+pub(super) struct ReopeningReader {
+    pub(super) net: Arc<Network>,
+    pub(super) port: Arc<Port>,
+    pub(super) slot: Arc<RwLock<Option<Arc<OwnedFd>>>>,
+    pub(super) stop: Arc<Stop>,
+    pub(super) reopen: Reopen,
+    pub(super) name: String,
+}
+
+impl ReopeningReader {
+    /// Starts the receive thread; `done` is dropped when it ends.
+    pub(super) fn spawn(
+        self,
+        done: Option<std::sync::mpsc::Sender<()>>,
+    ) -> Result<JoinHandle<()>, PortError> {
+        spawn_thread(format!("rx-{}", self.name), move || {
+            let _done = done;
+            self.run();
+        })
+    }
+
+    fn run(self) {
+        let ReopeningReader {
+            net,
+            port,
+            slot,
+            stop,
+            reopen,
+            name,
+        } = self;
+        let mut buf = vec![0u8; RX_BUF];
+        while !stop.is_set() {
+            let cur = slot.read().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(fd) = cur {
+                match rx_loop(&net, &port, fd.as_raw_fd(), &stop, &mut buf) {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::info!(port = %name, error = %e, "port lost its device; will reopen")
+                    }
+                }
+            }
+            *slot.write().unwrap_or_else(|e| e.into_inner()) = None;
+            // Wait a little (stoppably), then try again.
+            if let Ok(d) = sys::eventfd() {
+                if sys::poll2(d.as_raw_fd(), stop.efd.as_raw_fd(), 500).unwrap_or(true) {
+                    return;
+                }
+            }
+            match reopen() {
+                Ok(fd) => {
+                    tracing::info!(port = %name, "port reopened");
+                    *slot.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(fd));
+                }
+                Err(e) => tracing::debug!(port = %name, error = %e, "device not back yet"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::super::testing::{device, eventually, frame, sink, spec, with_hdr};
+    use super::*;
+    use crate::config::PortKind;
+    use crate::switch::PortTx;
+
+    #[test]
+    fn errnos_map_to_drop_reasons() {
+        let e = |n| classify(io::Error::from_raw_os_error(n));
+        assert!(matches!(e(libc::EAGAIN), TxError::Full));
+        assert!(matches!(e(libc::ENOBUFS), TxError::Full));
+        for n in [libc::ENETDOWN, libc::EIO, libc::ENXIO, libc::EBADFD] {
+            assert!(matches!(e(n), TxError::Down), "{n}");
+        }
+        assert!(matches!(e(libc::EPERM), TxError::Io(_)));
+        // A port whose device is gone has no fd: down.
+        let gone = FdTx(Arc::new(RwLock::new(None)));
+        assert!(matches!(gone.send(&frame(1, 60)), Err(TxError::Down)));
+    }
+
+    #[test]
+    fn an_fd_port_moves_frames_after_a_vnet_header() {
+        let (net, sink_port, seen) = sink();
+        let (fd, dev) = device();
+        let rp = start_fd_port(
+            &net,
+            &spec("d", PortKind::Tap),
+            PortClass::Tap,
+            fd,
+            Cleanup::None,
+        )
+        .unwrap();
+        let f = frame(7, 60);
+        dev.send(&with_hdr(&f)).unwrap();
+        dev.send(&[1, 2, 3]).unwrap();
+        assert!(eventually(|| seen.lock().unwrap().len() == 1));
+        assert_eq!(seen.lock().unwrap()[0], f);
+        let port = net.port("d").unwrap();
+        assert!(eventually(|| port
+            .counters
+            .drop_malformed
+            .load(Ordering::Relaxed)
+            == 1));
+        // Towards the device: a zero header, then the frame, in one datagram.
+        let back = frame(9, 70);
+        net.ingress(&sink_port, &back);
+        let mut buf = vec![0u8; 200];
+        let n = dev.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &with_hdr(&back)[..]);
+        rp.shutdown();
+        assert!(net.port("d").is_none());
+    }
+}

@@ -1,0 +1,168 @@
+//! Unit tests of the switch: flooding and learning, drops by reason, the bounded
+//! and ageing MAC table, port removal, service ports.
+
+use super::*;
+use std::sync::Mutex as StdMutex;
+
+#[derive(Default)]
+struct Sink(StdMutex<Vec<Vec<u8>>>);
+struct SinkTx(Arc<Sink>);
+impl PortTx for SinkTx {
+    fn send(&self, frame: &[u8]) -> Result<(), TxError> {
+        self.0 .0.lock().unwrap().push(frame.to_vec());
+        Ok(())
+    }
+}
+
+fn frame(dst: [u8; 6], src: [u8; 6], len: usize) -> Vec<u8> {
+    let mut f = vec![0u8; len.max(ETH_HLEN)];
+    f[0..6].copy_from_slice(&dst);
+    f[6..12].copy_from_slice(&src);
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    f
+}
+
+const A: [u8; 6] = [2, 0, 0, 0, 0, 0xa];
+const B: [u8; 6] = [2, 0, 0, 0, 0, 0xb];
+const BCAST: [u8; 6] = [0xff; 6];
+
+fn net3() -> (Arc<Network>, Vec<Arc<Port>>, Vec<Arc<Sink>>) {
+    let net = Network::new("n", 1500, 16, Duration::from_secs(300));
+    let mut ports = vec![];
+    let mut sinks = vec![];
+    for i in 0..3 {
+        let s = Arc::new(Sink::default());
+        ports.push(
+            net.add_port(
+                &format!("p{i}"),
+                PortClass::Tap,
+                Box::new(SinkTx(s.clone())),
+            )
+            .unwrap(),
+        );
+        sinks.push(s);
+    }
+    (net, ports, sinks)
+}
+
+fn count(s: &Sink) -> usize {
+    s.0.lock().unwrap().len()
+}
+
+#[test]
+fn floods_unknown_then_forwards_learned() {
+    let (net, p, s) = net3();
+    net.ingress(&p[0], &frame(B, A, 60));
+    assert_eq!((count(&s[0]), count(&s[1]), count(&s[2])), (0, 1, 1));
+    net.ingress(&p[1], &frame(A, B, 60));
+    assert_eq!((count(&s[0]), count(&s[1]), count(&s[2])), (1, 1, 1));
+    net.ingress(&p[0], &frame(B, A, 60));
+    assert_eq!((count(&s[0]), count(&s[1]), count(&s[2])), (1, 2, 1));
+    net.ingress(&p[0], &frame(BCAST, A, 60));
+    assert_eq!((count(&s[0]), count(&s[1]), count(&s[2])), (1, 3, 2));
+    let c = p[0].counters.snapshot();
+    assert_eq!(c.rx_frames, 3);
+    assert_eq!(p[1].counters.snapshot().tx_frames, 3);
+    let table = net.mac_table();
+    assert_eq!(table.len(), 2);
+}
+
+#[test]
+fn malformed_and_mtu_are_counted_not_forwarded() {
+    let (net, p, s) = net3();
+    net.ingress(&p[0], &[1, 2, 3]);
+    net.ingress(&p[0], &[]);
+    net.ingress(&p[0], &frame(B, BCAST, 60));
+    net.ingress(&p[0], &frame(B, A, 1515));
+    net.ingress(&p[0], &frame(B, A, 1514));
+    let c = p[0].counters.snapshot();
+    assert_eq!(c.drop_malformed, 3);
+    assert_eq!(c.drop_mtu, 1);
+    assert_eq!(c.rx_frames, 1);
+    assert_eq!(count(&s[1]), 1);
+}
+
+#[test]
+fn removed_port_forgets_macs_and_hairpin_is_dropped() {
+    let (net, p, s) = net3();
+    net.ingress(&p[1], &frame(BCAST, B, 60));
+    net.ingress(&p[1], &frame(B, A, 60));
+    assert_eq!(p[1].counters.snapshot().drop_hairpin, 1);
+    net.remove_port("p1").unwrap();
+    assert!(net.mac_table().is_empty());
+    net.ingress(&p[0], &frame(B, A, 60));
+    assert_eq!(count(&s[2]), 2);
+    assert!(net.remove_port("p1").is_err());
+}
+
+#[test]
+fn service_port_moves_frames_both_ways_and_counts_full() {
+    let (net, p, s) = net3();
+    let mut svc = net.attach_service("svc", 1).unwrap();
+    net.ingress(&p[0], &frame(BCAST, A, 60));
+    net.ingress(&p[0], &frame(BCAST, A, 60));
+    let got = svc.from_switch.try_recv().unwrap();
+    assert_eq!(&got[0..6], &BCAST);
+    assert_eq!(net.port("svc").unwrap().counters.snapshot().drop_full, 1);
+    svc.to_switch
+        .blocking_send(Bytes::from(frame(A, B, 60)))
+        .unwrap();
+    let ok = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(5));
+        count(&s[0]) == 1
+    });
+    assert!(ok, "service frame reached the learned port");
+    drop(svc);
+    let gone = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(5));
+        net.port("svc").is_none()
+    });
+    assert!(
+        gone,
+        "service port removed when the service drops its sender"
+    );
+}
+
+#[test]
+fn port_kinds_keep_their_json_names() {
+    // `netd port list --json` is read by scripts: the kind stays a plain string.
+    for (class, name) in [
+        (PortClass::Tap, "tap"),
+        (PortClass::Vm, "vm"),
+        (PortClass::Stream, "stream"),
+        (PortClass::Host, "host"),
+        (PortClass::Uplink, "uplink"),
+        (PortClass::Service, "service"),
+    ] {
+        assert_eq!(serde_json::to_value(class).unwrap(), name);
+        assert_eq!(class.to_string(), name);
+        let back: PortClass = serde_json::from_value(name.into()).unwrap();
+        assert_eq!(back, class);
+    }
+    let (net, _p, _s) = net3();
+    let json = serde_json::to_string(&net.port_infos()[0]).unwrap();
+    assert!(
+        json.starts_with(r#"{"name":"p0","kind":"tap","mtu":1500,"#),
+        "{json}"
+    );
+}
+
+#[test]
+fn isolation_lets_guest_frames_reach_services_only() {
+    let (net, p, s) = net3();
+    let (svc, mut from_switch) = net.attach_service_direct("svc", 8, false).unwrap();
+    net.set_isolated(true);
+    net.ingress(&p[0], &frame(BCAST, A, 60));
+    assert_eq!(
+        (count(&s[1]), count(&s[2])),
+        (0, 0),
+        "no guest port gets it"
+    );
+    assert_eq!(&from_switch.try_recv().unwrap()[6..12], &A);
+    // A service's frames still reach every port.
+    svc.send(&frame(BCAST, B, 60));
+    assert_eq!((count(&s[0]), count(&s[1]), count(&s[2])), (1, 1, 1));
+    net.set_isolated(false);
+    net.ingress(&p[0], &frame(BCAST, A, 60));
+    assert_eq!((count(&s[1]), count(&s[2])), (2, 2));
+}

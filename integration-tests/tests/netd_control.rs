@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::Result;
-use integration_tests::{bin, require_root, unique_name, wait_until, Netns};
+use integration_tests::{bin, items, require_root, unique_name, wait_until, Netns};
 use netd_common::*;
 
 #[test]
@@ -43,18 +43,11 @@ fn cli_changes_ports_at_runtime_and_sigterm_cleans_up() -> Result<()> {
     require_root();
     let dir = tempdir();
     let host = Netns::new("ch")?;
-    let a = TapHost::new("ca")?;
-    let b = TapHost::new("cb")?;
+    let [a, b] = TapHost::each(["ca", "cb"])?;
     let (tv, tk, tp) = (unique_name("tv"), unique_name("tk"), unique_name("tp"));
     // A persistent TAP that exists before netd: a vm port on it must leave it alone.
     host.exec(&["ip", "tuntap", "add", "dev", &tk, "mode", "tap"])?;
-    let cfg = write_config(
-        dir.path(),
-        &format!(
-            "[[network]]\nname = \"lan\"\nmode = \"internal\"\n{}",
-            a.port("a")
-        ),
-    );
+    let cfg = write_config(dir.path(), &(network("lan", "internal", "") + &a.port("a")));
     // Readiness: netd sends READY=1 to $NOTIFY_SOCKET.
     let notify_path = dir.path().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path)?;
@@ -71,9 +64,7 @@ fn cli_changes_ports_at_runtime_and_sigterm_cleans_up() -> Result<()> {
     assert!(ping_retry(&a, "10.6.0.2", 5), "port added at runtime works");
     let ports = netd.cli_json(&["port", "list", "lan"])?;
     assert!(
-        ports
-            .as_array()
-            .unwrap()
+        items(&ports)
             .iter()
             .any(|p| p["name"] == "b" && p["kind"] == "tap"),
         "{ports}"
@@ -106,10 +97,7 @@ fn cli_changes_ports_at_runtime_and_sigterm_cleans_up() -> Result<()> {
 
     netd.cli(&["port", "del", "lan", "b"])?;
     assert!(!ping(&a, "10.6.0.2"), "deleted port no longer switches");
-    assert!(
-        b.exec(&["ip", "link", "show", &b.tap]).is_err(),
-        "its TAP is gone"
-    );
+    assert!(!b.tap_exists(), "its TAP is gone");
 
     // vm ports: one netd creates (removed on exit), one that existed (kept).
     add_vm_port(&netd, "lan", &tv, &[])?;
@@ -136,10 +124,7 @@ fn cli_changes_ports_at_runtime_and_sigterm_cleans_up() -> Result<()> {
         host.exec(&["ip", "link", "show", &tk]).is_ok(),
         "pre-existing TAP is kept"
     );
-    assert!(
-        a.exec(&["ip", "link", "show", &a.tap]).is_err(),
-        "tap port removed"
-    );
+    assert!(!a.tap_exists(), "tap port removed");
     Ok(())
 }
 
@@ -165,17 +150,15 @@ fn table_row<'a>(table: &'a str, first: &str) -> Option<Vec<&'a str>> {
 fn cli_prints_tables_by_default_and_json_on_request() -> Result<()> {
     require_root();
     let dir = tempdir();
-    let a = TapHost::new("ta")?;
-    let b = TapHost::new("tb")?;
+    let [a, b] = TapHost::each(["ta", "tb"])?;
     let (x, y) = unique_subnet();
-    let (_host, netd) = start_netd(
-        dir.path(),
-        "th",
-        &format!(
-            "[[network]]\nname = \"lan\"\nmode = \"internal\"\nsubnet = \"10.{x}.{y}.0/24\"\ndhcp = true\nlease_time = 600\nmtu = 1400\n{}mac = \"02:00:00:00:0c:01\"\n",
-            a.port("a")
-        ),
-    )?;
+    let lan = network(
+        "lan",
+        "internal",
+        &format!("subnet = \"10.{x}.{y}.0/24\"\ndhcp = true\nlease_time = 600\nmtu = 1400\n"),
+    );
+    let port_a = a.port("a") + "mac = \"02:00:00:00:0c:01\"\n";
+    let (_host, netd) = start_netd(dir.path(), "th", &(lan + &port_a))?;
 
     // A change prints one confirmation line; with --json, the daemon's (empty) answer.
     let out = add_tap_port(&netd, "lan", &b.tap, &b, "b")?;
@@ -317,11 +300,7 @@ fn cli_prints_tables_by_default_and_json_on_request() -> Result<()> {
 fn log_has_no_colour_codes_when_stderr_is_not_a_terminal() -> Result<()> {
     require_root();
     let dir = tempdir();
-    let (_host, netd) = start_netd(
-        dir.path(),
-        "lc",
-        "[[network]]\nname = \"lan\"\nmode = \"internal\"\n",
-    )?;
+    let (_host, netd) = start_netd(dir.path(), "lc", &network("lan", "internal", ""))?;
     assert!(netd.stop());
     let log = std::fs::read_to_string(dir.path().join("netd.log"))?;
     assert!(log.contains("netd ready"), "{log}");

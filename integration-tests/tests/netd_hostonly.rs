@@ -29,18 +29,8 @@ fn hostonly_reaches_host_not_beyond() -> Result<()> {
     host.sh("echo 0 > /proc/sys/net/ipv4/ip_forward")?;
 
     let hif = unique_name("vh");
-    let cfg = write_config(
-        dir.path(),
-        &format!(
-            r#"
-[[network]]
-name = "ho"
-mode = "hostonly"
-host_ifname = "{hif}"
-{pv}"#,
-            pv = vm.port("vm")
-        ),
-    );
+    let ho = network("ho", "hostonly", &format!("host_ifname = \"{hif}\"\n"));
+    let cfg = write_config(dir.path(), &(ho + &vm.port("vm")));
     let netd = Netd::start(&host, dir.path(), &cfg)?;
     let addr = host.sh(&format!("ip -4 -o addr show dev {hif}"))?;
     assert!(

@@ -16,8 +16,13 @@ fn guest_arp_exchange_through_a_tap() {
     let elf = assemble(dir.path(), "net", &arp_guest([10, 0, 0, 2], [10, 0, 0, 1])).unwrap();
     let (ns, tap) = tap_host("vmn", "vt");
     let net = format!("tap={tap},mac=52:54:00:12:34:56");
-    run_guest(&in_ns(&ns), &elf, &["--net", &net], Duration::from_secs(60))
-        .assert_clean_exit("NET OK\n");
+    run_guest(
+        &ns.exec_prefix(),
+        &elf,
+        &["--net", &net],
+        Duration::from_secs(60),
+    )
+    .assert_clean_exit("NET OK\n");
 }
 
 /// A fresh namespace with a vnet_hdr TAP in it, up, at 10.0.0.1/24 and without IPv6
@@ -45,14 +50,9 @@ fn bare_tap(ns_prefix: &str, tap_prefix: &str) -> (Netns, String) {
     (ns, tap)
 }
 
-/// The prefix that runs vmm-shim in `ns`.
-fn in_ns(ns: &Netns) -> [&str; 4] {
-    ["ip", "netns", "exec", ns.name()]
-}
-
 /// Starts `elf` on the TAP `tap` in `ns` and waits for it to print READY.
 fn start_ready(ns: &Netns, tap: &str, elf: &std::path::Path) -> LiveVm {
-    let mut vm = LiveVm::guest(&in_ns(ns), elf, &["--net", &format!("tap={tap}")]);
+    let mut vm = LiveVm::guest(&ns.exec_prefix(), elf, &["--net", &format!("tap={tap}")]);
     vm.expect_line("READY\n");
     vm
 }

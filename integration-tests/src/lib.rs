@@ -107,6 +107,18 @@ pub fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<ChildGuard> {
     Ok(ChildGuard::new(child))
 }
 
+/// Runs `cmd` (its stdin from /dev/null), which must fail with exit status `code`
+/// (a clear error, not a crash); returns its stderr.
+pub fn run_failing(cmd: &mut Command, code: i32) -> String {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(code), "{cmd:?}: {err}");
+    err
+}
+
 /// Runs a shell command line with `sh -c`; errors show its output.
 pub fn sh(line: &str) -> Result<String> {
     let out = run(Command::new("sh").arg("-c").arg(line))?;
@@ -132,6 +144,11 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 pub fn items(v: &serde_json::Value) -> &[serde_json::Value] {
     v.as_array()
         .unwrap_or_else(|| panic!("not a JSON array: {v}"))
+}
+
+/// Whether an element of the JSON array `v` (see [`items`]) satisfies `pred`.
+pub fn has_item(v: &serde_json::Value, pred: impl FnMut(&serde_json::Value) -> bool) -> bool {
+    items(v).iter().any(pred)
 }
 
 /// A network namespace created for one test, deleted on drop.

@@ -4,11 +4,11 @@
 mod netd_common;
 
 use std::os::unix::net::UnixDatagram;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Result;
-use integration_tests::{bin, items, require_root, unique_name, wait_until, Netns};
+use integration_tests::{bin, has_item, run_failing, unique_name, wait_until, Netns};
 use netd_common::*;
 
 #[test]
@@ -24,12 +24,11 @@ fn bad_config_names_file_key_and_expectation() -> Result<()> {
     ];
     for (body, want) in cases {
         let cfg = write_config(dir.path(), body);
-        let out = Command::new(bin("netd"))
-            .args(["serve", "--config", cfg.to_str().unwrap()])
-            .stdin(Stdio::null())
-            .output()?;
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "bad config must fail: {err}");
+        // A bad config must fail, with exit status 1.
+        let err = run_failing(
+            Command::new(bin("netd")).args(["serve", "--config", cfg.to_str().unwrap()]),
+            1,
+        );
         assert!(
             err.contains("netd.toml") && err.contains(want),
             "error names file and {want:?}: {err}"
@@ -40,8 +39,7 @@ fn bad_config_names_file_key_and_expectation() -> Result<()> {
 
 #[test]
 fn cli_changes_ports_at_runtime_and_sigterm_cleans_up() -> Result<()> {
-    require_root();
-    let dir = tempdir();
+    let dir = root_tempdir();
     let host = Netns::new("ch")?;
     let [a, b] = TapHost::each(["ca", "cb"])?;
     let (tv, tk, tp) = (unique_name("tv"), unique_name("tk"), unique_name("tp"));
@@ -64,9 +62,7 @@ fn cli_changes_ports_at_runtime_and_sigterm_cleans_up() -> Result<()> {
     assert!(ping_retry(&a, "10.6.0.2", 5), "port added at runtime works");
     let ports = netd.cli_json(&["port", "list", "lan"])?;
     assert!(
-        items(&ports)
-            .iter()
-            .any(|p| p["name"] == "b" && p["kind"] == "tap"),
+        has_item(&ports, |p| p["name"] == "b" && p["kind"] == "tap"),
         "{ports}"
     );
 
@@ -148,8 +144,7 @@ fn table_row<'a>(table: &'a str, first: &str) -> Option<Vec<&'a str>> {
 
 #[test]
 fn cli_prints_tables_by_default_and_json_on_request() -> Result<()> {
-    require_root();
-    let dir = tempdir();
+    let dir = root_tempdir();
     let [a, b] = TapHost::each(["ta", "tb"])?;
     let (x, y) = unique_subnet();
     let lan = network(
@@ -298,8 +293,7 @@ fn cli_prints_tables_by_default_and_json_on_request() -> Result<()> {
 
 #[test]
 fn log_has_no_colour_codes_when_stderr_is_not_a_terminal() -> Result<()> {
-    require_root();
-    let dir = tempdir();
+    let dir = root_tempdir();
     let (_host, netd) = start_netd(dir.path(), "lc", &network("lan", "internal", ""))?;
     assert!(netd.stop());
     let log = std::fs::read_to_string(dir.path().join("netd.log"))?;

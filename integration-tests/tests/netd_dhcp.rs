@@ -4,13 +4,12 @@
 mod netd_common;
 
 use anyhow::Result;
-use integration_tests::{items, require_root};
+use integration_tests::{has_item, items};
 use netd_common::*;
 
 #[test]
 fn udhcpc_gets_leases_that_survive_restart() -> Result<()> {
-    require_root();
-    let dir = tempdir();
+    let dir = root_tempdir();
     let [a, b, r] = TapHost::each(["da", "db", "dr"])?;
     let lan = network(
         "lan",
@@ -91,9 +90,8 @@ ip = "10.2.0.77"
     let netd = Netd::start(&host, dir.path(), &cfg)?;
     let leases = netd.cli_json(&["leases", "lan"])?;
     assert!(
-        items(&leases)
-            .iter()
-            .any(|l| l["mac"] == "02:00:00:00:0a:01" && l["ip"] == "10.2.0.50"),
+        has_item(&leases, |l| l["mac"] == "02:00:00:00:0a:01"
+            && l["ip"] == "10.2.0.50"),
         "a's lease survived the restart: {leases}"
     );
     // A new client does not get a's or b's address; a gets its own back.

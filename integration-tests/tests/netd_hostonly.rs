@@ -5,13 +5,12 @@
 mod netd_common;
 
 use anyhow::Result;
-use integration_tests::{require_root, unique_name, Netns};
+use integration_tests::{unique_name, Netns};
 use netd_common::*;
 
 #[test]
 fn hostonly_reaches_host_not_beyond() -> Result<()> {
-    require_root();
-    let dir = tempdir();
+    let dir = root_tempdir();
     let host = Netns::new("hh")?;
     let vm = TapHost::new("hv")?;
     let beyond = Netns::new("hb")?;

@@ -3,13 +3,11 @@
 mod netd_common;
 
 use anyhow::Result;
-use integration_tests::require_root;
 use netd_common::*;
 
 #[test]
 fn iperf3_between_two_hosts() -> Result<()> {
-    require_root();
-    let dir = tempdir();
+    let dir = root_tempdir();
     let (_host, netd, [a, b]) = lan_of_two(dir.path(), ["ih", "ia", "ib"], "10.3.0")?;
     assert!(ping_retry(&a, "10.3.0.2", 5));
     let bps = iperf3_bps(&a, &b, "10.3.0.2")?;

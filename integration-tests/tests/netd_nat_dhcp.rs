@@ -15,7 +15,7 @@ use std::io::Seek;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use integration_tests::{require_root, spawn_logged, wait_until, Netns};
+use integration_tests::{spawn_logged, wait_until, Netns};
 use netd_common::*;
 
 /// The lease netd holds for `ip` on `net`: its expiry (Unix seconds).
@@ -26,8 +26,7 @@ fn lease_expiry(netd: &Netd, net: &str, ip: &str) -> Option<u64> {
 
 #[test]
 fn nat_unicast_renewal_to_the_gateway_is_acked() -> Result<()> {
-    require_root();
-    let dir = tempdir();
+    let dir = root_tempdir();
     let host = Netns::new("nh")?;
     let guest = TapHost::new("ng")?;
     let tap = &guest.tap;

@@ -7,7 +7,6 @@
 mod netd_common;
 
 use anyhow::Result;
-use integration_tests::require_root;
 use netd_common::*;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -36,8 +35,7 @@ fn relay(mut from: UnixStream, mut to: UnixStream) {
 
 #[test]
 fn tso_frames_are_segmented_for_stream_ports() -> Result<()> {
-    require_root();
-    let dir = tempdir();
+    let dir = root_tempdir();
     let [a, b] = TapHost::each(["oa", "ob"])?;
     let (s1, s2) = (dir.path().join("s1.sock"), dir.path().join("s2.sock"));
     // Two networks, each with a host and one end of the cable.

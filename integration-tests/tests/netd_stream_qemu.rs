@@ -9,13 +9,12 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use anyhow::Result;
-use integration_tests::{require_root, wait_until};
+use integration_tests::wait_until;
 use netd_common::*;
 
 #[test]
 fn stream_port_survives_bad_peer_then_serves_qemu() -> Result<()> {
-    require_root();
-    let dir = tempdir();
+    let dir = root_tempdir();
     let peer = TapHost::new("sp")?;
     let sock = dir.path().join("vm.sock");
     let lan = [

@@ -4,13 +4,12 @@
 mod netd_common;
 
 use anyhow::Result;
-use integration_tests::{items, require_root};
+use integration_tests::{has_item, items};
 use netd_common::*;
 
 #[test]
 fn ping_within_network_not_across_and_counters() -> Result<()> {
-    require_root();
-    let dir = tempdir();
+    let dir = root_tempdir();
     let [a, b, c] = TapHost::each(["na", "nb", "nc"])?;
     let (_host, netd) = start_netd(
         dir.path(),
@@ -50,9 +49,8 @@ fn ping_within_network_not_across_and_counters() -> Result<()> {
     assert!(cb["tx_frames"].as_u64().unwrap() >= 2, "{cb}");
     let macs = netd.cli_json(&["mac", "lan"])?;
     assert!(
-        items(&macs)
-            .iter()
-            .any(|e| e["mac"] == "02:00:00:00:0a:01" && e["port"] == "a"),
+        has_item(&macs, |e| e["mac"] == "02:00:00:00:0a:01"
+            && e["port"] == "a"),
         "a's MAC learned on port a: {macs}"
     );
     // The other network saw none of lan's frames (only c's own).
@@ -91,8 +89,7 @@ fn ping_within_network_not_across_and_counters() -> Result<()> {
 
 #[test]
 fn tap_port_comes_back_with_its_namespace() -> Result<()> {
-    require_root();
-    let dir = tempdir();
+    let dir = root_tempdir();
     let (_host, netd, [a, b]) = lan_of_two(dir.path(), ["nh", "na", "nb"], "10.1.1")?;
     assert!(ping_retry(&a, "10.1.1.2", 5));
 

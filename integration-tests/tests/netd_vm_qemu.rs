@@ -8,13 +8,12 @@ mod netd_common;
 use std::time::Duration;
 
 use anyhow::Result;
-use integration_tests::{items, require_root, unique_name, wait_until};
+use integration_tests::{has_item, unique_name, wait_until};
 use netd_common::*;
 
 #[test]
 fn qemu_on_vm_port_gets_lease_and_pings_twice() -> Result<()> {
-    require_root();
-    let dir = tempdir();
+    let dir = root_tempdir();
     let peer = TapHost::new("vp")?;
     let tv = unique_name("tv");
     let lan = network(
@@ -69,9 +68,7 @@ fn qemu_on_vm_port_gets_lease_and_pings_twice() -> Result<()> {
     }
     let leases = netd.cli_json(&["leases", "lan"])?;
     assert!(
-        items(&leases)
-            .iter()
-            .any(|l| l["mac"] == "52:54:00:12:34:56"),
+        has_item(&leases, |l| l["mac"] == "52:54:00:12:34:56"),
         "{leases}"
     );
     let c = netd.counters("lan", &tv)?;

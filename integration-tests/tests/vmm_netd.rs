@@ -9,8 +9,7 @@ mod vmm_guest;
 use std::path::Path;
 use std::time::Duration;
 
-use integration_tests::require_root;
-use netd_common::{network, start_netd, tempdir, TapHost};
+use netd_common::{network, root_tempdir, start_netd, TapHost};
 use vmm_guest::{arp_guest, assemble, run_guest, run_kernel};
 
 /// vmm-shim's arguments for a NIC on the netd network `net` (`netd=NAME[,mac=M]`),
@@ -22,8 +21,7 @@ fn netd_nic<'a>(net: &'a str, control: &'a Path) -> [&'a str; 4] {
 
 #[test]
 fn guest_on_a_netd_vm_port_reaches_a_test_host() {
-    require_root();
-    let dir = tempdir();
+    let dir = root_tempdir();
     let peer = TapHost::new("vdp").unwrap();
     let lan = network("lan", "internal", "subnet = \"10.6.0.0/24\"\n") + &peer.port("peer");
     let (host, netd) = start_netd(dir.path(), "vdh", &lan).unwrap();
@@ -46,8 +44,7 @@ fn guest_on_a_netd_vm_port_reaches_a_test_host() {
 
 #[test]
 fn unknown_netd_network_is_a_clear_error() {
-    require_root();
-    let dir = tempdir();
+    let dir = root_tempdir();
     let lan = network("lan", "internal", "subnet = \"10.7.0.0/24\"\n");
     let (host, netd) = start_netd(dir.path(), "vdx", &lan).unwrap();
     let elf = assemble(dir.path(), "x", "_start: jmp reboot\n").unwrap();

@@ -30,6 +30,13 @@ pub fn tempdir() -> tempfile::TempDir {
         .expect("tempdir")
 }
 
+/// What a netd test that needs root starts with (all but the config checks do):
+/// checks that it runs as root, and makes its temporary directory.
+pub fn root_tempdir() -> tempfile::TempDir {
+    integration_tests::require_root();
+    tempdir()
+}
+
 /// Writes `networks` (TOML `[[network]]` tables) into a config under `dir`.
 pub fn write_config(dir: &Path, networks: &str) -> PathBuf {
     let control = dir.join("control.sock");

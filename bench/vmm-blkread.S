@@ -1,6 +1,7 @@
 # Throughput bench guest: reads 64 MiB from the first virtio-blk device (at
 # 0xd0000000) in 1 MiB requests, four in flight per kick, and prints "S" before and
 # "E" after on the serial port (the bench timestamps the two lines), then resets.
+    .include "integration-tests/tests/vmm_guest/serial.S"
     .set MMIO, 0xd0000000
     .set RING, 0x1800000
     .set HDR, 0x1804000
@@ -82,13 +83,8 @@ fail:
     call print
     ud2
 print:
-    mov $0x3f8, %dx
-1:  lodsb
-    test %al, %al
-    jz 2f
-    out %al, %dx
-    jmp 1b
-2:  ret
+    PUTS
+    ret
 start_msg: .asciz "S\n"
 end_msg: .asciz "E\n"
 fail_msg: .asciz "FAIL\n"

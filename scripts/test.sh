@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the fabric: installs what the tests need (as root, from Debian),
-# prepares the guest assets, builds once in release mode and runs unit and end-to-end
-# tests.
+# gates on formatting and lints, prepares the guest assets, builds once in release
+# mode and runs unit and end-to-end tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +12,19 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   # shellcheck disable=SC2086
   apt-get install -y -qq --no-install-recommends $pkgs >/dev/null
 fi
+
+# Lint gate, before any test: unformatted code or any clippy warning fails the run.
+# It still ends with a totals line (a failed gate counts as one failure, as a build
+# error does below), so a reader of the log's last line sees the run failed.
+lint() {
+  if ! "$@"; then
+    echo "lint failed: $*" >&2
+    echo "total: 0 passed, 1 failed, 0 skipped"
+    exit 1
+  fi
+}
+lint cargo fmt --all -- --check
+lint cargo clippy --workspace --all-targets -- -D warnings
 
 scripts/guest-assets.sh
 

@@ -9,6 +9,9 @@
 //! drop, so a failing test leaves the host as it found it. Names are unique per
 //! process and per call so tests can run in parallel.
 
+pub mod netd;
+
+use std::fs::OpenOptions;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -87,6 +90,35 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
     Ok(out)
 }
 
+/// Spawns `cmd` with its stdin from /dev/null and its stdout and stderr appended to
+/// the file `log` (a daemon's log, a console), guarded: killed on drop.
+pub fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<ChildGuard> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("open {}", log.display()))?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .spawn()
+        .with_context(|| format!("spawn {cmd:?}"))?;
+    Ok(ChildGuard::new(child))
+}
+
+/// Runs `cmd` (its stdin from /dev/null), which must fail with exit status `code`
+/// (a clear error, not a crash); returns its stderr.
+pub fn run_failing(cmd: &mut Command, code: i32) -> String {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(code), "{cmd:?}: {err}");
+    err
+}
+
 /// Runs a shell command line with `sh -c`; errors show its output.
 pub fn sh(line: &str) -> Result<String> {
     let out = run(Command::new("sh").arg("-c").arg(line))?;
@@ -105,6 +137,18 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The elements of the JSON array `v` (a CLI's `--json` list); panics, naming `v`,
+/// if it is not an array.
+pub fn items(v: &serde_json::Value) -> &[serde_json::Value] {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not a JSON array: {v}"))
+}
+
+/// Whether an element of the JSON array `v` (see [`items`]) satisfies `pred`.
+pub fn has_item(v: &serde_json::Value, pred: impl FnMut(&serde_json::Value) -> bool) -> bool {
+    items(v).iter().any(pred)
 }
 
 /// A network namespace created for one test, deleted on drop.
@@ -127,10 +171,16 @@ impl Netns {
         &self.name
     }
 
+    /// The command line that runs what follows it inside the namespace.
+    pub fn exec_prefix(&self) -> [&str; 4] {
+        ["ip", "netns", "exec", &self.name]
+    }
+
     /// A `Command` that runs `argv` inside the namespace.
     pub fn command(&self, argv: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).args(argv);
+        let [ip, rest @ ..] = self.exec_prefix();
+        let mut c = Command::new(ip);
+        c.args(rest).args(argv);
         c
     }
 

@@ -8,7 +8,8 @@ mod nat_common;
 
 use std::time::Duration;
 
-use integration_tests::{unique_name, wait_until, Netns};
+use integration_tests::netd::{network, TapHost};
+use integration_tests::{wait_until, Netns};
 use nat_common::Lab;
 
 #[test]
@@ -54,32 +55,12 @@ fn bridged_guest_gets_lan_lease_and_pings_lan_host() -> anyhow::Result<()> {
     ])?;
     lab.keep(g);
 
-    let g1 = Netns::new("nb")?;
-    let g2 = Netns::new("nb")?;
-    let (t1, t2) = (unique_name("nt"), unique_name("nt"));
-    lab.start_netd(&format!(
-        r#"
-[[network]]
-name = "br0"
-mode = "bridged"
-uplink = "up0"
+    let [g1, g2] = TapHost::each(["nb", "nb"])?;
+    let br0 = network("br0", "bridged", "uplink = \"up0\"\n");
+    lab.start_netd(&[br0, g1.unnamed_port(), g2.unnamed_port()].concat())?;
 
-[[network.port]]
-kind = "tap"
-ifname = "{t1}"
-netns = "{}"
-
-[[network.port]]
-kind = "tap"
-ifname = "{t2}"
-netns = "{}"
-"#,
-        g1.name(),
-        g2.name()
-    ))?;
-
-    let l1 = lab.dhcp(&g1, &t1)?;
-    let l2 = lab.dhcp(&g2, &t2)?;
+    let l1 = lab.dhcp(&g1)?;
+    let l2 = lab.dhcp(&g2)?;
     assert!(
         l1.contains("ip=198.18.5.1") && l1.contains("router=198.18.5.1"),
         "{l1}"

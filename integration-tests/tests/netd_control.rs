@@ -4,11 +4,11 @@
 mod netd_common;
 
 use std::os::unix::net::UnixDatagram;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Result;
-use integration_tests::{bin, require_root, unique_name, wait_until, Netns};
+use integration_tests::{bin, has_item, run_failing, unique_name, wait_until, Netns};
 use netd_common::*;
 
 #[test]
@@ -24,12 +24,11 @@ fn bad_config_names_file_key_and_expectation() -> Result<()> {
     ];
     for (body, want) in cases {
         let cfg = write_config(dir.path(), body);
-        let out = Command::new(bin("netd"))
-            .args(["serve", "--config", cfg.to_str().unwrap()])
-            .stdin(Stdio::null())
-            .output()?;
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "bad config must fail: {err}");
+        // A bad config must fail, with exit status 1.
+        let err = run_failing(
+            Command::new(bin("netd")).args(["serve", "--config", cfg.to_str().unwrap()]),
+            1,
+        );
         assert!(
             err.contains("netd.toml") && err.contains(want),
             "error names file and {want:?}: {err}"
@@ -40,21 +39,13 @@ fn bad_config_names_file_key_and_expectation() -> Result<()> {
 
 #[test]
 fn cli_changes_ports_at_runtime_and_sigterm_cleans_up() -> Result<()> {
-    require_root();
-    let dir = tempdir();
+    let dir = root_tempdir();
     let host = Netns::new("ch")?;
-    let a = TapHost::new("ca")?;
-    let b = TapHost::new("cb")?;
+    let [a, b] = TapHost::each(["ca", "cb"])?;
     let (tv, tk, tp) = (unique_name("tv"), unique_name("tk"), unique_name("tp"));
     // A persistent TAP that exists before netd: a vm port on it must leave it alone.
     host.exec(&["ip", "tuntap", "add", "dev", &tk, "mode", "tap"])?;
-    let cfg = write_config(
-        dir.path(),
-        &format!(
-            "[[network]]\nname = \"lan\"\nmode = \"internal\"\n{}",
-            a.port("a")
-        ),
-    );
+    let cfg = write_config(dir.path(), &(network("lan", "internal", "") + &a.port("a")));
     // Readiness: netd sends READY=1 to $NOTIFY_SOCKET.
     let notify_path = dir.path().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path)?;
@@ -71,11 +62,7 @@ fn cli_changes_ports_at_runtime_and_sigterm_cleans_up() -> Result<()> {
     assert!(ping_retry(&a, "10.6.0.2", 5), "port added at runtime works");
     let ports = netd.cli_json(&["port", "list", "lan"])?;
     assert!(
-        ports
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|p| p["name"] == "b" && p["kind"] == "tap"),
+        has_item(&ports, |p| p["name"] == "b" && p["kind"] == "tap"),
         "{ports}"
     );
 
@@ -106,10 +93,7 @@ fn cli_changes_ports_at_runtime_and_sigterm_cleans_up() -> Result<()> {
 
     netd.cli(&["port", "del", "lan", "b"])?;
     assert!(!ping(&a, "10.6.0.2"), "deleted port no longer switches");
-    assert!(
-        b.exec(&["ip", "link", "show", &b.tap]).is_err(),
-        "its TAP is gone"
-    );
+    assert!(!b.tap_exists(), "its TAP is gone");
 
     // vm ports: one netd creates (removed on exit), one that existed (kept).
     add_vm_port(&netd, "lan", &tv, &[])?;
@@ -136,10 +120,7 @@ fn cli_changes_ports_at_runtime_and_sigterm_cleans_up() -> Result<()> {
         host.exec(&["ip", "link", "show", &tk]).is_ok(),
         "pre-existing TAP is kept"
     );
-    assert!(
-        a.exec(&["ip", "link", "show", &a.tap]).is_err(),
-        "tap port removed"
-    );
+    assert!(!a.tap_exists(), "tap port removed");
     Ok(())
 }
 
@@ -163,19 +144,16 @@ fn table_row<'a>(table: &'a str, first: &str) -> Option<Vec<&'a str>> {
 
 #[test]
 fn cli_prints_tables_by_default_and_json_on_request() -> Result<()> {
-    require_root();
-    let dir = tempdir();
-    let a = TapHost::new("ta")?;
-    let b = TapHost::new("tb")?;
+    let dir = root_tempdir();
+    let [a, b] = TapHost::each(["ta", "tb"])?;
     let (x, y) = unique_subnet();
-    let (_host, netd) = start_netd(
-        dir.path(),
-        "th",
-        &format!(
-            "[[network]]\nname = \"lan\"\nmode = \"internal\"\nsubnet = \"10.{x}.{y}.0/24\"\ndhcp = true\nlease_time = 600\nmtu = 1400\n{}mac = \"02:00:00:00:0c:01\"\n",
-            a.port("a")
-        ),
-    )?;
+    let lan = network(
+        "lan",
+        "internal",
+        &format!("subnet = \"10.{x}.{y}.0/24\"\ndhcp = true\nlease_time = 600\nmtu = 1400\n"),
+    );
+    let port_a = a.port("a") + "mac = \"02:00:00:00:0c:01\"\n";
+    let (_host, netd) = start_netd(dir.path(), "th", &(lan + &port_a))?;
 
     // A change prints one confirmation line; with --json, the daemon's (empty) answer.
     let out = add_tap_port(&netd, "lan", &b.tap, &b, "b")?;
@@ -315,13 +293,8 @@ fn cli_prints_tables_by_default_and_json_on_request() -> Result<()> {
 
 #[test]
 fn log_has_no_colour_codes_when_stderr_is_not_a_terminal() -> Result<()> {
-    require_root();
-    let dir = tempdir();
-    let (_host, netd) = start_netd(
-        dir.path(),
-        "lc",
-        "[[network]]\nname = \"lan\"\nmode = \"internal\"\n",
-    )?;
+    let dir = root_tempdir();
+    let (_host, netd) = start_netd(dir.path(), "lc", &network("lan", "internal", ""))?;
     assert!(netd.stop());
     let log = std::fs::read_to_string(dir.path().join("netd.log"))?;
     assert!(log.contains("netd ready"), "{log}");

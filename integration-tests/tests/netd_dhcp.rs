@@ -4,25 +4,17 @@
 mod netd_common;
 
 use anyhow::Result;
-use integration_tests::require_root;
+use integration_tests::{has_item, items};
 use netd_common::*;
 
 #[test]
 fn udhcpc_gets_leases_that_survive_restart() -> Result<()> {
-    require_root();
-    let dir = tempdir();
-    let a = TapHost::new("da")?;
-    let b = TapHost::new("db")?;
-    let r = TapHost::new("dr")?;
-    let (host, netd) = start_netd(
-        dir.path(),
-        "dh",
-        &format!(
-            r#"
-[[network]]
-name = "lan"
-mode = "internal"
-subnet = "10.2.0.0/24"
+    let dir = root_tempdir();
+    let [a, b, r] = TapHost::each(["da", "db", "dr"])?;
+    let lan = network(
+        "lan",
+        "internal",
+        r#"subnet = "10.2.0.0/24"
 dhcp = true
 dhcp_range = "10.2.0.50-10.2.0.60"
 lease_time = 600
@@ -31,15 +23,14 @@ dhcp_dns = ["10.2.0.1"]
 [[network.reservation]]
 mac = "02:00:00:00:0b:77"
 ip = "10.2.0.77"
-{pa}mac = "02:00:00:00:0a:01"
-{pb}mac = "02:00:00:00:0a:02"
-{pr}mac = "02:00:00:00:0b:77"
 "#,
-            pa = a.port("a"),
-            pb = b.port("b"),
-            pr = r.port("r"),
-        ),
-    )?;
+    );
+    let ports = [
+        a.port("a") + "mac = \"02:00:00:00:0a:01\"\n",
+        b.port("b") + "mac = \"02:00:00:00:0a:02\"\n",
+        r.port("r") + "mac = \"02:00:00:00:0b:77\"\n",
+    ];
+    let (host, netd) = start_netd(dir.path(), "dh", &(lan + &ports.concat()))?;
     let ip_a = dhcp(&a, &a.tap, dir.path())?;
     let ip_b = dhcp(&b, &b.tap, dir.path())?;
     assert_eq!(ip_a, "10.2.0.50");
@@ -60,7 +51,7 @@ ip = "10.2.0.77"
     );
 
     let leases = netd.cli_json(&["leases", "lan"])?;
-    assert_eq!(leases.as_array().unwrap().len(), 3, "{leases}");
+    assert_eq!(items(&leases).len(), 3, "{leases}");
 
     // A datagram to port 67 that is not DHCP is dropped and counted.
     let stats = netd.cli_json(&["leases", "lan", "--stats"])?;
@@ -98,10 +89,9 @@ ip = "10.2.0.77"
     );
     let netd = Netd::start(&host, dir.path(), &cfg)?;
     let leases = netd.cli_json(&["leases", "lan"])?;
-    let list = leases.as_array().unwrap();
     assert!(
-        list.iter()
-            .any(|l| l["mac"] == "02:00:00:00:0a:01" && l["ip"] == "10.2.0.50"),
+        has_item(&leases, |l| l["mac"] == "02:00:00:00:0a:01"
+            && l["ip"] == "10.2.0.50"),
         "a's lease survived the restart: {leases}"
     );
     // A new client does not get a's or b's address; a gets its own back.

@@ -5,13 +5,12 @@
 mod netd_common;
 
 use anyhow::Result;
-use integration_tests::{require_root, unique_name, Netns};
+use integration_tests::{unique_name, Netns};
 use netd_common::*;
 
 #[test]
 fn hostonly_reaches_host_not_beyond() -> Result<()> {
-    require_root();
-    let dir = tempdir();
+    let dir = root_tempdir();
     let host = Netns::new("hh")?;
     let vm = TapHost::new("hv")?;
     let beyond = Netns::new("hb")?;
@@ -29,18 +28,8 @@ fn hostonly_reaches_host_not_beyond() -> Result<()> {
     host.sh("echo 0 > /proc/sys/net/ipv4/ip_forward")?;
 
     let hif = unique_name("vh");
-    let cfg = write_config(
-        dir.path(),
-        &format!(
-            r#"
-[[network]]
-name = "ho"
-mode = "hostonly"
-host_ifname = "{hif}"
-{pv}"#,
-            pv = vm.port("vm")
-        ),
-    );
+    let ho = network("ho", "hostonly", &format!("host_ifname = \"{hif}\"\n"));
+    let cfg = write_config(dir.path(), &(ho + &vm.port("vm")));
     let netd = Netd::start(&host, dir.path(), &cfg)?;
     let addr = host.sh(&format!("ip -4 -o addr show dev {hif}"))?;
     assert!(

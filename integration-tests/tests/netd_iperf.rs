@@ -3,30 +3,12 @@
 mod netd_common;
 
 use anyhow::Result;
-use integration_tests::require_root;
 use netd_common::*;
 
 #[test]
 fn iperf3_between_two_hosts() -> Result<()> {
-    require_root();
-    let dir = tempdir();
-    let a = TapHost::new("ia")?;
-    let b = TapHost::new("ib")?;
-    let (_host, netd) = start_netd(
-        dir.path(),
-        "ih",
-        &format!(
-            r#"
-[[network]]
-name = "lan"
-mode = "internal"
-{}{}"#,
-            a.port("a"),
-            b.port("b")
-        ),
-    )?;
-    a.addr("10.3.0.1/24")?;
-    b.addr("10.3.0.2/24")?;
+    let dir = root_tempdir();
+    let (_host, netd, [a, b]) = lan_of_two(dir.path(), ["ih", "ia", "ib"], "10.3.0")?;
     assert!(ping_retry(&a, "10.3.0.2", 5));
     let bps = iperf3_bps(&a, &b, "10.3.0.2")?;
     eprintln!("iperf3 through netd: {:.2} Gbit/s", bps / 1e9);

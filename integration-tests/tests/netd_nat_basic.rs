@@ -6,21 +6,21 @@
 
 mod nat_common;
 
-use integration_tests::{unique_name, Netns};
+use integration_tests::netd::TapHost;
 use nat_common::{Lab, INET_NAME, INET_SERVER, PAGE};
 
-fn nat_lab(isolated: bool) -> anyhow::Result<(Lab, Netns, String)> {
+fn nat_lab(isolated: bool) -> anyhow::Result<(Lab, TapHost)> {
     let mut lab = Lab::new()?;
-    let (guest, tap) = lab.start_one_guest_nat("nat0", &format!("isolated = {isolated}"))?;
-    Ok((lab, guest, tap))
+    let guest = lab.start_one_guest_nat("nat0", &format!("isolated = {isolated}"))?;
+    Ok((lab, guest))
 }
 
 #[test]
 fn nat_guest_reaches_host_internet_dns_ping_udp() -> anyhow::Result<()> {
-    let (mut lab, guest, tap) = nat_lab(false)?;
+    let (mut lab, guest) = nat_lab(false)?;
 
     // DHCP from netd: address from .15, router 10.0.2.2, DNS 10.0.2.3.
-    let lease = lab.dhcp(&guest, &tap)?;
+    let lease = lab.dhcp(&guest)?;
     assert!(lease.contains("ip=10.0.2.15"), "lease: {lease}");
     assert!(lease.contains("router=10.0.2.2"), "lease: {lease}");
     assert!(lease.contains("dns=10.0.2.3"), "lease: {lease}");
@@ -138,8 +138,8 @@ print(".".join(str(b) for b in r[-4:]))
 
 #[test]
 fn nat_port_forward_reaches_guest_and_removal_cuts_it() -> anyhow::Result<()> {
-    let (mut lab, guest, tap) = nat_lab(false)?;
-    lab.dhcp(&guest, &tap)?;
+    let (mut lab, guest) = nat_lab(false)?;
+    lab.dhcp(&guest)?;
     let www = lab.path("www-host");
     let g = guest.spawn(&["busybox", "httpd", "-f", "-p", "10.0.2.15:80", "-h", &www])?;
     lab.keep(g);
@@ -258,40 +258,22 @@ fn nat_port_forward_reaches_guest_and_removal_cuts_it() -> anyhow::Result<()> {
 fn nat_config_forward_and_isolation() -> anyhow::Result<()> {
     // Two guests on an isolated NAT network: both reach the router, not each other.
     let mut lab = Lab::new()?;
-    let g1 = Netns::new("ng")?;
-    let g2 = Netns::new("ng")?;
-    let (t1, t2) = (unique_name("nt"), unique_name("nt"));
-    let resolv = lab.path("resolv.conf");
+    let [g1, g2] = TapHost::each(["ng", "ng"])?;
     lab.host
         .sh("echo '0 2147483647' > /proc/sys/net/ipv4/ping_group_range")?;
-    lab.start_netd(&format!(
-        r#"
-[[network]]
-name = "iso"
-mode = "nat"
-isolated = true
-resolv_conf = "{resolv}"
+    let iso = lab.nat_network(
+        "iso",
+        r#"isolated = true
 
 [[network.forward]]
 proto = "tcp"
 host = "2281"
 guest = "10.0.2.15:80"
-
-[[network.port]]
-kind = "tap"
-ifname = "{t1}"
-netns = "{}"
-
-[[network.port]]
-kind = "tap"
-ifname = "{t2}"
-netns = "{}"
 "#,
-        g1.name(),
-        g2.name()
-    ))?;
-    let l1 = lab.dhcp(&g1, &t1)?;
-    let l2 = lab.dhcp(&g2, &t2)?;
+    );
+    lab.start_netd(&[iso, g1.unnamed_port(), g2.unnamed_port()].concat())?;
+    let l1 = lab.dhcp(&g1)?;
+    let l2 = lab.dhcp(&g2)?;
     assert!(l1.contains("ip=10.0.2.15"), "{l1}");
     assert!(l2.contains("ip=10.0.2.16"), "{l2}");
     g1.sh("ping -c 1 -W 5 10.0.2.2")?;
@@ -323,9 +305,9 @@ netns = "{}"
 #[test]
 fn nat_jumbo_mtu_65520() -> anyhow::Result<()> {
     let mut lab = Lab::new()?;
-    let (guest, tap) = lab.start_one_guest_nat("jumbo", "mtu = 65520")?;
-    lab.dhcp(&guest, &tap)?;
-    let mtu = guest.sh(&format!("cat /sys/class/net/{tap}/mtu"))?;
+    let guest = lab.start_one_guest_nat("jumbo", "mtu = 65520")?;
+    lab.dhcp(&guest)?;
+    let mtu = guest.sh(&format!("cat /sys/class/net/{}/mtu", guest.tap))?;
     assert_eq!(mtu.trim(), "65520");
     // Large ICMP echo answered by the router itself, unfragmented.
     guest.sh("ping -c 1 -W 5 -M do -s 60000 10.0.2.2")?;

@@ -15,7 +15,7 @@ use std::io::Seek;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use integration_tests::{require_root, unique_name, wait_until, ChildGuard, Netns};
+use integration_tests::{spawn_logged, wait_until, Netns};
 use netd_common::*;
 
 /// The lease netd holds for `ip` on `net`: its expiry (Unix seconds).
@@ -26,32 +26,15 @@ fn lease_expiry(netd: &Netd, net: &str, ip: &str) -> Option<u64> {
 
 #[test]
 fn nat_unicast_renewal_to_the_gateway_is_acked() -> Result<()> {
-    require_root();
-    let dir = tempdir();
+    let dir = root_tempdir();
     let host = Netns::new("nh")?;
-    let guest = Netns::new("ng")?;
-    let tap = unique_name("nt");
+    let guest = TapHost::new("ng")?;
+    let tap = &guest.tap;
     let resolv = dir.path().join("resolv.conf");
     std::fs::write(&resolv, "nameserver 127.0.0.1\n")?;
-    let cfg = write_config(
-        dir.path(),
-        &format!(
-            r#"
-[[network]]
-name = "nat0"
-mode = "nat"
-lease_time = 60
-resolv_conf = "{}"
-
-[[network.port]]
-kind = "tap"
-ifname = "{tap}"
-netns = "{}"
-"#,
-            resolv.display(),
-            guest.name()
-        ),
-    );
+    let keys = format!("lease_time = 60\nresolv_conf = \"{}\"\n", resolv.display());
+    let nat0 = network("nat0", "nat", &keys) + &guest.unnamed_port();
+    let cfg = write_config(dir.path(), &nat0);
     let netd = Netd::start(&host, dir.path(), &cfg)?;
 
     // A long-running client, verbose, logging to a file. -T 10: a renewal that goes
@@ -60,29 +43,22 @@ netns = "{}"
     let script = udhcpc_script(dir.path());
     let lease_file = dir.path().join(format!("lease-{tap}"));
     let log_path = dir.path().join("udhcpc.log");
-    let log = std::fs::File::create(&log_path)?;
-    let child = guest
-        .command(&[
-            "busybox",
-            "udhcpc",
-            "-i",
-            &tap,
-            "-s",
-            script.to_str().unwrap(),
-            "-f",
-            "-v",
-            "-t",
-            "5",
-            "-T",
-            "10",
-        ])
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .context("spawn udhcpc")?;
+    let mut udhcpc = guest.command(&[
+        "busybox",
+        "udhcpc",
+        "-i",
+        tap,
+        "-s",
+        script.to_str().unwrap(),
+        "-f",
+        "-v",
+        "-t",
+        "5",
+        "-T",
+        "10",
+    ]);
     // `ip netns exec` execs the command: the child's pid is udhcpc's.
-    let client = ChildGuard::new(child);
+    let client = spawn_logged(&mut udhcpc, &log_path)?;
     let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
 
     assert!(

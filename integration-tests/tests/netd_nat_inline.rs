@@ -50,15 +50,11 @@ fn upload(lab: &Lab, guest: &Netns, tag: &str) -> Result<()> {
     Ok(())
 }
 
-fn tap_exists(ns: &Netns, tap: &str) -> bool {
-    ns.exec(&["ip", "link", "show", tap]).is_ok()
-}
-
 #[test]
 fn nat_inline_port_upload_readd_and_namespace_return() -> Result<()> {
     let mut lab = Lab::new()?;
-    let (guest, tap) = lab.start_one_guest_nat("nat0", "mtu = 65520")?;
-    let lease = lab.dhcp(&guest, &tap)?;
+    let guest = lab.start_one_guest_nat("nat0", "mtu = 65520")?;
+    let lease = lab.dhcp(&guest)?;
     assert!(lease.contains("ip=10.0.2.15"), "lease: {lease}");
     let inline = "router reads the port on its thread";
     assert_eq!(
@@ -72,7 +68,7 @@ fn nat_inline_port_upload_readd_and_namespace_return() -> Result<()> {
     // Removed at runtime: the router lets go of the fd, so the TAP is gone.
     lab.cli(&["port", "del", "nat0", "g"])?;
     assert!(
-        wait_until(Duration::from_secs(5), || !tap_exists(&guest, &tap)),
+        wait_until(Duration::from_secs(5), || !guest.tap_exists()),
         "the TAP of a removed port is gone"
     );
     // Added back (again the network's only guest port): read inline again.
@@ -83,13 +79,13 @@ fn nat_inline_port_upload_readd_and_namespace_return() -> Result<()> {
         "--kind",
         "tap",
         "--ifname",
-        &tap,
+        &guest.tap,
         "--netns",
         guest.name(),
         "--name",
         "g",
     ])?;
-    lab.dhcp(&guest, &tap)?;
+    lab.dhcp(&guest)?;
     assert_eq!(
         lab.netd_log().matches(inline).count(),
         2,
@@ -113,12 +109,12 @@ fn nat_inline_port_upload_readd_and_namespace_return() -> Result<()> {
         guest.name()
     ))?;
     assert!(
-        wait_until(Duration::from_secs(10), || tap_exists(&guest, &tap)),
+        wait_until(Duration::from_secs(10), || guest.tap_exists()),
         "netd recreated the TAP in the new namespace:\n{}",
         lab.netd_log()
     );
     // (A new TAP, a new MAC: a new lease.)
-    let lease = lab.dhcp(&guest, &tap)?;
+    let lease = lab.dhcp(&guest)?;
     assert!(lease.contains("ip=10.0.2."), "lease: {lease}");
     upload(&lab, &guest, "reopened")?;
     Ok(())

@@ -5,23 +5,18 @@
 //! 10.0.2.3). The guest prints the file's SHA-256, compared with the host's.
 
 mod nat_common;
+mod netd_common;
 
-use std::io::Read;
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use integration_tests::{guest_assets, unique_name, workspace_root, ChildGuard};
+use anyhow::Result;
+use integration_tests::{guest_assets, unique_name};
 use nat_common::{Lab, INET_NAME, PAGE};
+use netd_common::{boot_guest, initramfs};
 
-const INIT: &str = r#"#!/bin/sh
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev 2>/dev/null
-/load-modules
-ip link set lo up
-ip link set eth0 up
-if udhcpc -i eth0 -q -n -t 10 -T 1 -s /usr/share/udhcpc/default.script > /dev/console 2>&1; then
+/// The guest's init after the common start: a lease, the file from the host's
+/// loopback and the page by name (NAME), each reported on the console.
+const INIT: &str = r#"if udhcpc -i eth0 -q -n -t 10 -T 1 -s /usr/share/udhcpc/default.script > /dev/console 2>&1; then
   echo "DHCP-OK $(ip -4 addr show eth0 | awk '/inet /{print $2}')" > /dev/console
 fi
 ip addr > /dev/console; ip route > /dev/console
@@ -35,87 +30,24 @@ poweroff -f
 
 #[test]
 fn qemu_guest_on_nat_gets_lease_and_downloads_from_host() -> Result<()> {
-    let assets = guest_assets();
+    // Missing guest assets fail the test here, before the lab is built.
+    guest_assets();
     let mut lab = Lab::new()?;
     let tap = unique_name("nq");
-    let resolv = lab.path("resolv.conf");
-    lab.start_netd(&format!(
-        r#"
-[[network]]
-name = "natvm"
-mode = "nat"
-resolv_conf = "{resolv}"
+    let port = format!("\n[[network.port]]\nkind = \"vm\"\nifname = \"{tap}\"\n");
+    lab.start_netd(&(lab.nat_network("natvm", "") + &port))?;
 
-[[network.port]]
-kind = "vm"
-ifname = "{tap}"
-"#
-    ))?;
-
-    let init = lab.dir.path().join("init");
-    std::fs::write(&init, INIT.replace("NAME", INET_NAME))?;
-    let initrd = lab.dir.path().join("initrd.gz");
-    integration_tests::run(
-        std::process::Command::new(workspace_root().join("scripts/mk-initramfs.sh"))
-            .arg(&initrd)
-            .arg(&init)
-            .env("FABRIC_ASSETS", &assets),
+    let initrd = initramfs(lab.dir.path(), &INIT.replace("NAME", INET_NAME))?;
+    // vnet_hdr=off: netd's AF_PACKET side carries plain frames.
+    let netdev = format!("tap,id=n0,ifname={tap},script=no,downscript=no,vnet_hdr=off");
+    let out = boot_guest(
+        &lab.host,
+        lab.dir.path(),
+        &initrd,
+        &netdev,
+        "52:54:00:12:34:56",
+        Duration::from_secs(120),
     )?;
-
-    let qemu = assets.join("bin/qemu-system-x86_64");
-    let serial = lab.dir.path().join("serial.log");
-    let mut cmd = lab.host.command(&[
-        qemu.to_str().context("path")?,
-        "-M",
-        "microvm",
-        "-m",
-        "256",
-        "-smp",
-        "1",
-        "-nographic",
-        "-nodefaults",
-        "-no-reboot",
-        "-serial",
-        &format!("file:{}", serial.display()),
-        "-kernel",
-        assets.join("vmlinux").to_str().context("path")?,
-        "-initrd",
-        initrd.to_str().context("path")?,
-        "-append",
-        "console=ttyS0 tsc_early_khz=2000000 panic=-1 quiet",
-        // vnet_hdr=off: netd's AF_PACKET side carries plain frames.
-        "-netdev",
-        &format!("tap,id=n0,ifname={tap},script=no,downscript=no,vnet_hdr=off"),
-        "-device",
-        "virtio-net-device,netdev=n0,mac=52:54:00:12:34:56",
-    ]);
-    cmd.stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .stdin(Stdio::null());
-    let mut vm = ChildGuard::new(cmd.spawn().context("spawn qemu")?);
-
-    let start = Instant::now();
-    let mut out = String::new();
-    while start.elapsed() < Duration::from_secs(120) {
-        out = std::fs::read_to_string(&serial).unwrap_or_default();
-        if out.contains("GUEST-DONE") {
-            break;
-        }
-        if let Ok(Some(_)) = vm.child().try_wait() {
-            out = std::fs::read_to_string(&serial).unwrap_or_default();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    if !out.contains("GUEST-DONE") {
-        let mut err = String::new();
-        if let Some(mut e) = vm.child().stderr.take() {
-            let _ = vm.child().kill();
-            let _ = e.read_to_string(&mut err);
-        }
-        bail!("guest did not finish in time:\n{out}\nqemu stderr:\n{err}");
-    }
-    let _ = vm.wait_timeout(Duration::from_secs(10));
 
     assert!(
         out.contains("DHCP-OK 10.0.2.15/24"),

@@ -7,7 +7,6 @@
 mod netd_common;
 
 use anyhow::Result;
-use integration_tests::require_root;
 use netd_common::*;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -36,30 +35,19 @@ fn relay(mut from: UnixStream, mut to: UnixStream) {
 
 #[test]
 fn tso_frames_are_segmented_for_stream_ports() -> Result<()> {
-    require_root();
-    let dir = tempdir();
-    let a = TapHost::new("oa")?;
-    let b = TapHost::new("ob")?;
+    let dir = root_tempdir();
+    let [a, b] = TapHost::each(["oa", "ob"])?;
     let (s1, s2) = (dir.path().join("s1.sock"), dir.path().join("s2.sock"));
-    let (_host, netd) = start_netd(
-        dir.path(),
-        "oh",
-        &format!(
-            r#"
-[[network]]
-name = "one"
-mode = "internal"
-{pa}{c1}
-[[network]]
-name = "two"
-mode = "internal"
-{pb}{c2}"#,
-            pa = a.port("a"),
-            pb = b.port("b"),
-            c1 = stream_port("cable", &s1),
-            c2 = stream_port("cable", &s2),
-        ),
-    )?;
+    // Two networks, each with a host and one end of the cable.
+    let networks = [
+        network("one", "internal", ""),
+        a.port("a"),
+        stream_port("cable", &s1),
+        network("two", "internal", ""),
+        b.port("b"),
+        stream_port("cable", &s2),
+    ];
+    let (_host, netd) = start_netd(dir.path(), "oh", &networks.concat())?;
     let c1 = UnixStream::connect(&s1)?;
     let c2 = UnixStream::connect(&s2)?;
     let (c1b, c2b) = (c1.try_clone()?, c2.try_clone()?);

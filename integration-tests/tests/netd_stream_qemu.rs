@@ -9,30 +9,20 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use anyhow::Result;
-use integration_tests::{require_root, wait_until};
+use integration_tests::wait_until;
 use netd_common::*;
 
 #[test]
 fn stream_port_survives_bad_peer_then_serves_qemu() -> Result<()> {
-    require_root();
-    let dir = tempdir();
+    let dir = root_tempdir();
     let peer = TapHost::new("sp")?;
     let sock = dir.path().join("vm.sock");
-    let (host, netd) = start_netd(
-        dir.path(),
-        "sh",
-        &format!(
-            r#"
-[[network]]
-name = "lan"
-mode = "internal"
-subnet = "10.5.0.0/24"
-dhcp = true
-{pp}{vm}"#,
-            pp = peer.port("peer"),
-            vm = stream_port("vm", &sock),
-        ),
-    )?;
+    let lan = [
+        network("lan", "internal", "subnet = \"10.5.0.0/24\"\ndhcp = true\n"),
+        peer.port("peer"),
+        stream_port("vm", &sock),
+    ];
+    let (host, netd) = start_netd(dir.path(), "sh", &lan.concat())?;
     peer.addr("10.5.0.2/24")?;
 
     // A bad peer: a runt frame (counted), a good broadcast frame (switched), then an

@@ -4,35 +4,24 @@
 mod netd_common;
 
 use anyhow::Result;
-use integration_tests::require_root;
+use integration_tests::{has_item, items};
 use netd_common::*;
 
 #[test]
 fn ping_within_network_not_across_and_counters() -> Result<()> {
-    require_root();
-    let dir = tempdir();
-    let a = TapHost::new("na")?;
-    let b = TapHost::new("nb")?;
-    let c = TapHost::new("nc")?;
+    let dir = root_tempdir();
+    let [a, b, c] = TapHost::each(["na", "nb", "nc"])?;
     let (_host, netd) = start_netd(
         dir.path(),
         "nh",
-        &format!(
-            r#"
-[[network]]
-name = "lan"
-mode = "internal"
-mtu = 1500
-{pa}mac = "02:00:00:00:0a:01"
-{pb}
-[[network]]
-name = "other"
-mode = "internal"
-{pc}"#,
-            pa = a.port("a"),
-            pb = b.port("b"),
-            pc = c.port("c"),
-        ),
+        &[
+            network("lan", "internal", "mtu = 1500\n"),
+            a.port("a") + "mac = \"02:00:00:00:0a:01\"\n",
+            b.port("b"),
+            network("other", "internal", ""),
+            c.port("c"),
+        ]
+        .concat(),
     )?;
     a.addr("10.1.0.1/24")?;
     b.addr("10.1.0.2/24")?;
@@ -60,24 +49,18 @@ mode = "internal"
     assert!(cb["tx_frames"].as_u64().unwrap() >= 2, "{cb}");
     let macs = netd.cli_json(&["mac", "lan"])?;
     assert!(
-        macs.as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["mac"] == "02:00:00:00:0a:01" && e["port"] == "a"),
+        has_item(&macs, |e| e["mac"] == "02:00:00:00:0a:01"
+            && e["port"] == "a"),
         "a's MAC learned on port a: {macs}"
     );
     // The other network saw none of lan's frames (only c's own).
     let other_macs = netd.cli_json(&["mac", "other"])?;
     assert!(
-        other_macs
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|e| e["port"] == "c"),
+        items(&other_macs).iter().all(|e| e["port"] == "c"),
         "{other_macs}"
     );
     let nets = netd.cli_json(&["net", "list"])?;
-    assert_eq!(nets.as_array().unwrap().len(), 2, "{nets}");
+    assert_eq!(items(&nets).len(), 2, "{nets}");
 
     // MTU: a full 1500-byte packet passes; a host that raised its own MTU past the
     // network's sees its big frames dropped and counted.
@@ -100,30 +83,14 @@ mode = "internal"
 
     assert!(netd.stop(), "clean exit on SIGTERM");
     // netd's TAPs went with it.
-    assert!(
-        a.exec(&["ip", "link", "show", &a.tap]).is_err(),
-        "TAP removed on exit"
-    );
+    assert!(!a.tap_exists(), "TAP removed on exit");
     Ok(())
 }
 
 #[test]
 fn tap_port_comes_back_with_its_namespace() -> Result<()> {
-    require_root();
-    let dir = tempdir();
-    let a = TapHost::new("na")?;
-    let b = TapHost::new("nb")?;
-    let (_host, netd) = start_netd(
-        dir.path(),
-        "nh",
-        &format!(
-            "[[network]]\nname = \"lan\"\nmode = \"internal\"\n{}{}",
-            a.port("a"),
-            b.port("b")
-        ),
-    )?;
-    a.addr("10.1.1.1/24")?;
-    b.addr("10.1.1.2/24")?;
+    let dir = root_tempdir();
+    let (_host, netd, [a, b]) = lan_of_two(dir.path(), ["nh", "na", "nb"], "10.1.1")?;
     assert!(ping_retry(&a, "10.1.1.2", 5));
 
     // The container goes away: its namespace (and the TAP's kernel side) with it.
@@ -141,9 +108,7 @@ fn tap_port_comes_back_with_its_namespace() -> Result<()> {
         b.name()
     ))?;
     assert!(
-        integration_tests::wait_until(std::time::Duration::from_secs(5), || b
-            .exec(&["ip", "link", "show", &b.tap])
-            .is_ok()),
+        integration_tests::wait_until(std::time::Duration::from_secs(5), || b.tap_exists()),
         "netd recreated the TAP in the new namespace"
     );
     b.addr("10.1.1.2/24")?;

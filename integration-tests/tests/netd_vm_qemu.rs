@@ -8,30 +8,20 @@ mod netd_common;
 use std::time::Duration;
 
 use anyhow::Result;
-use integration_tests::{require_root, unique_name, wait_until};
+use integration_tests::{has_item, unique_name, wait_until};
 use netd_common::*;
 
 #[test]
 fn qemu_on_vm_port_gets_lease_and_pings_twice() -> Result<()> {
-    require_root();
-    let dir = tempdir();
+    let dir = root_tempdir();
     let peer = TapHost::new("vp")?;
     let tv = unique_name("tv");
-    let (host, netd) = start_netd(
-        dir.path(),
-        "vh",
-        &format!(
-            r#"
-[[network]]
-name = "lan"
-mode = "internal"
-subnet = "10.4.0.0/24"
-dhcp = true
-dhcp_range = "10.4.0.100-10.4.0.150"
-{pp}"#,
-            pp = peer.port("peer")
-        ),
-    )?;
+    let lan = network(
+        "lan",
+        "internal",
+        "subnet = \"10.4.0.0/24\"\ndhcp = true\ndhcp_range = \"10.4.0.100-10.4.0.150\"\n",
+    );
+    let (host, netd) = start_netd(dir.path(), "vh", &(lan + &peer.port("peer")))?;
     peer.addr("10.4.0.2/24")?;
     // The VM's port is added at runtime, as a VMM launcher would.
     add_vm_port(&netd, "lan", &tv, &["--mac", "52:54:00:12:34:56"])?;
@@ -78,11 +68,7 @@ dhcp_range = "10.4.0.100-10.4.0.150"
     }
     let leases = netd.cli_json(&["leases", "lan"])?;
     assert!(
-        leases
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|l| l["mac"] == "52:54:00:12:34:56"),
+        has_item(&leases, |l| l["mac"] == "52:54:00:12:34:56"),
         "{leases}"
     );
     let c = netd.counters("lan", &tv)?;

@@ -6,13 +6,24 @@
 mod stord_common;
 
 use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use integration_tests::{bin, free_port, require_root, wait_until, ChildGuard};
 use stord_common::{ok, python, qemu_io};
 
-fn config(dir: &std::path::Path) -> std::path::PathBuf {
+/// What every test here starts from: root checked, a temporary directory, and in it
+/// the config of one 4 MiB disk `only` (its control socket and state in the
+/// directory too); returns the directory and the config's path.
+fn setup() -> (tempfile::TempDir, PathBuf) {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    (dir, cfg)
+}
+
+fn config(dir: &Path) -> PathBuf {
     let p = dir.join("stord.toml");
     std::fs::write(
         &p,
@@ -26,19 +37,23 @@ fn config(dir: &std::path::Path) -> std::path::PathBuf {
     p
 }
 
+/// The command line of `stord serve --stdin` on the config `cfg` (for libnbd to run).
+fn stdin_command(cfg: &Path) -> Vec<String> {
+    let stord = bin("stord").display().to_string();
+    let cfg = cfg.display().to_string();
+    vec![
+        stord,
+        "serve".into(),
+        "--stdin".into(),
+        "--config".into(),
+        cfg,
+    ]
+}
+
 #[test]
 fn stdin_mode_serves_one_connection() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path());
-    let stord = bin("stord");
-    let cmd = [
-        stord.to_str().unwrap(),
-        "serve",
-        "--stdin",
-        "--config",
-        cfg.to_str().unwrap(),
-    ];
+    let (dir, cfg) = setup();
+    let cmd = stdin_command(&cfg);
     // libnbd runs stord itself and talks NBD over its stdin/stdout; the empty
     // export name means the only disk. Data written through one stdin session
     // is there in the next.
@@ -58,26 +73,16 @@ assert h.pread(4096, 8192) == b"\x42" * 4096
 h.shutdown()
 print("ok")
 "#;
-    let control = dir.path().join("control.sock");
-    let mut args = vec![control.to_str().unwrap()];
-    args.extend(cmd);
+    let control = dir.path().join("control.sock").display().to_string();
+    let args = [vec![control], cmd].concat();
     let out = python(dir.path(), script, &args).unwrap();
     assert!(out.contains("ok"), "{out}");
 }
 
 #[test]
 fn stdin_mode_sigterm_is_graceful() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path());
-    let stord = bin("stord");
-    let cmd = [
-        stord.to_str().unwrap(),
-        "serve",
-        "--stdin",
-        "--config",
-        cfg.to_str().unwrap(),
-    ];
+    let (dir, cfg) = setup();
+    let cmd = stdin_command(&cfg);
     let script = r#"
 import signal, socket, subprocess, sys, time, nbd
 cmd = sys.argv[1:]
@@ -107,9 +112,7 @@ print("ok")
 
 #[test]
 fn nbdinfo_runs_stord_with_socket_activation() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path());
+    let (_dir, cfg) = setup();
     let stord = bin("stord");
     // `nbdinfo -- [ CMD ]` starts CMD with a listening socket in LISTEN_FDS.
     let mut c = Command::new("nbdinfo");
@@ -139,9 +142,7 @@ fn nbdinfo_runs_stord_with_socket_activation() {
 
 #[test]
 fn systemd_socket_activation_tcp_and_unix() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path());
+    let (dir, cfg) = setup();
     let port = free_port();
     let sock = dir.path().join("activated.sock");
     let child = Command::new("systemd-socket-activate")
@@ -179,9 +180,7 @@ fn systemd_socket_activation_tcp_and_unix() {
 
 #[test]
 fn sd_notify_ready() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path());
+    let (dir, cfg) = setup();
     let notify = dir.path().join("notify.sock");
     let sock = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(10)))

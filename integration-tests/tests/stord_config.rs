@@ -3,9 +3,12 @@
 
 use std::process::Command;
 
-use integration_tests::bin;
+use integration_tests::{bin, run_failing};
 
-fn serve_with(text: &str) -> (Option<i32>, String, tempfile::TempDir) {
+/// Starts stord on the config `text` (`@STATE@` and `@CONTROL@` filled in with paths
+/// in a fresh directory), which must refuse it (exit status 1); returns its stderr
+/// and the directory.
+fn refuse(text: &str) -> (String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let text = text
@@ -16,21 +19,17 @@ fn serve_with(text: &str) -> (Option<i32>, String, tempfile::TempDir) {
         );
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, text).unwrap();
-    let out = Command::new(bin("stord"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-        dir,
-    )
+    let err = run_failing(
+        Command::new(bin("stord"))
+            .args(["serve", "--config"])
+            .arg(&path),
+        1,
+    );
+    (err, dir)
 }
 
 fn assert_refused(text: &str, key: &str, expected: &str) {
-    let (code, err, dir) = serve_with(text);
-    assert_eq!(code, Some(1), "stderr: {err}");
+    let (err, dir) = refuse(text);
     assert!(
         err.contains("bad.toml"),
         "error does not name the file: {err}"
@@ -110,12 +109,10 @@ fn bad_values_name_key_and_expectation() {
 
 #[test]
 fn missing_file_is_named() {
-    let out = Command::new(bin("stord"))
-        .args(["serve", "--config", "/nonexistent/stord.toml"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = run_failing(
+        Command::new(bin("stord")).args(["serve", "--config", "/nonexistent/stord.toml"]),
+        1,
+    );
     assert!(
         err.contains("/nonexistent/stord.toml") && err.contains("No such file"),
         "{err}"

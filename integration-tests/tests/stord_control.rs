@@ -4,11 +4,11 @@
 
 mod stord_common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use integration_tests::{require_root, wait_until, ChildGuard};
-use stord_common::{dynamic, ok, qemu_io, Stord};
+use integration_tests::{require_root, wait_until};
+use stord_common::{dynamic, holder, ok, qemu_io, Stord};
 
 fn list(s: &Stord) -> serde_json::Value {
     let out = s.cli(&["disk", "list", "--json"]);
@@ -74,17 +74,7 @@ fn create_list_resize_delete_and_restart() {
     .unwrap();
 
     // Delete is refused while a client is connected; `list` shows the connection.
-    let mut holder = ChildGuard::new(
-        Command::new("/usr/bin/python3")
-            .args([
-                "-c",
-                "import nbd, sys, time; h = nbd.NBD(); h.connect_uri(sys.argv[1]); time.sleep(30)",
-                &s.uri("vol2"),
-            ])
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut holder = holder(&s.uri("vol2"));
     assert!(wait_until(Duration::from_secs(10), || {
         find(&list(&s), "vol2").unwrap()["connections"].as_u64() == Some(1)
     }));
@@ -168,13 +158,12 @@ fn create_list_resize_delete_and_restart() {
 #[test]
 fn cli_reports_unreachable_daemon() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(integration_tests::bin("stord"))
-        .args(["disk", "list", "--control"])
-        .arg(dir.path().join("none.sock"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = integration_tests::run_failing(
+        Command::new(integration_tests::bin("stord"))
+            .args(["disk", "list", "--control"])
+            .arg(dir.path().join("none.sock")),
+        1,
+    );
     assert!(
         err.contains("none.sock") && err.contains("is stord running"),
         "{err}"

@@ -12,11 +12,11 @@ mod stord_common;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use integration_tests::{require_root, ChildGuard};
-use stord_common::{dynamic, python, Stord};
+use integration_tests::require_root;
+use stord_common::{dynamic, python, spawn_python, Stord};
 
 const PER_ROUND: u64 = 4096;
 
@@ -54,8 +54,6 @@ assert not bad
 fn acknowledged_writes_survive_sigkill() {
     require_root();
     let mut s = Stord::start(&[dynamic("d", "64MiB")]).unwrap();
-    let writer = s.dir.path().join("writer.py");
-    std::fs::write(&writer, WRITER).unwrap();
     let acked_file = s.dir.path().join("acked.txt");
     let mut acked: BTreeMap<u64, u64> = BTreeMap::new();
     let mut seed = SystemTime::now()
@@ -72,18 +70,13 @@ fn acknowledged_writes_survive_sigkill() {
     let mut killed_mid_write = 0;
     for round in 0..4u64 {
         let first = round * PER_ROUND;
-        let mut w = ChildGuard::new(
-            Command::new("/usr/bin/python3")
-                .arg(&writer)
-                .arg(s.uri("d"))
-                .arg(round.to_string())
-                .arg(first.to_string())
-                .arg(PER_ROUND.to_string())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
+        let args = [
+            s.uri("d"),
+            round.to_string(),
+            first.to_string(),
+            PER_ROUND.to_string(),
+        ];
+        let mut w = spawn_python(s.dir.path(), WRITER, &args, Stdio::null()).unwrap();
         let stdout = w.child().stdout.take().unwrap();
         let (first_tx, first_rx) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {

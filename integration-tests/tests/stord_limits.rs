@@ -4,26 +4,11 @@
 
 mod stord_common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use integration_tests::{require_root, wait_until, ChildGuard};
-use stord_common::{dynamic, ok, Stord};
-
-fn holder(uri: &str) -> ChildGuard {
-    ChildGuard::new(
-        Command::new("/usr/bin/python3")
-            .args([
-                "-c",
-                "import nbd, sys, time; h = nbd.NBD(); h.connect_uri(sys.argv[1]); print('up', flush=True); time.sleep(60)",
-                uri,
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    )
-}
+use integration_tests::{require_root, wait_until};
+use stord_common::{dynamic, holder, ok, Stord};
 
 fn connections(s: &Stord) -> u64 {
     let out = s.cli(&["disk", "list", "--json"]);

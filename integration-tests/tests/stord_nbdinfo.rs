@@ -6,7 +6,7 @@ mod stord_common;
 use std::process::Command;
 
 use integration_tests::require_root;
-use stord_common::{dynamic, fixed, ok, qemu_io, DiskSpec, Stord};
+use stord_common::{dynamic, fixed, ok, qemu_io, read_only, Stord};
 
 fn code(args: &[&str], uri: &str) -> i32 {
     let out = Command::new("nbdinfo")
@@ -103,16 +103,7 @@ fn map_reports_holes_and_data() {
 #[test]
 fn can_and_is_flags() {
     require_root();
-    let s = Stord::start(&[
-        dynamic("rw", "1MiB"),
-        DiskSpec {
-            name: "ro",
-            size: "1MiB",
-            alloc: "dynamic",
-            read_only: true,
-        },
-    ])
-    .unwrap();
+    let s = Stord::start(&[dynamic("rw", "1MiB"), read_only("ro", "1MiB")]).unwrap();
     let rw = s.uri("rw");
     let ro = s.uri("ro");
     for flag in [

@@ -8,7 +8,7 @@
 mod stord_common;
 
 use integration_tests::require_root;
-use stord_common::{dynamic, python, DiskSpec, Stord};
+use stord_common::{dynamic, python, read_only, Stord};
 
 const ERRORS: &str = r#"
 import errno, sys, nbd
@@ -100,16 +100,7 @@ print("ok")
 #[test]
 fn invalid_requests_get_nbd_errors_and_the_connection_survives() {
     require_root();
-    let s = Stord::start(&[
-        dynamic("d", "64MiB"),
-        DiskSpec {
-            name: "ro",
-            size: "1MiB",
-            alloc: "dynamic",
-            read_only: true,
-        },
-    ])
-    .unwrap();
+    let s = Stord::start(&[dynamic("d", "64MiB"), read_only("ro", "1MiB")]).unwrap();
     let out = python(s.dir.path(), ERRORS, &[&s.uri("d"), &s.uri("ro")]).unwrap();
     assert!(out.contains("ok"), "{out}");
     let status = s.cli(&["status"]);

@@ -5,11 +5,11 @@
 mod stord_common;
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use integration_tests::{require_root, ChildGuard};
-use stord_common::{dynamic, qemu_io, Stord};
+use integration_tests::require_root;
+use stord_common::{dynamic, qemu_io, spawn_python, Stord};
 
 const CLIENT: &str = r#"
 import errno, sys, time, nbd
@@ -39,17 +39,7 @@ while time.time() < deadline:
 fn sigterm_is_graceful() {
     require_root();
     let mut s = Stord::start(&[dynamic("d", "8MiB")]).unwrap();
-    let script = s.dir.path().join("client.py");
-    std::fs::write(&script, CLIENT).unwrap();
-    let mut client = ChildGuard::new(
-        Command::new("/usr/bin/python3")
-            .arg(&script)
-            .arg(s.uri("d"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let mut client = spawn_python(s.dir.path(), CLIENT, &[s.uri("d")], Stdio::inherit()).unwrap();
     let mut out = BufReader::new(client.child().stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();

@@ -9,8 +9,7 @@ mod vmm_guest;
 use std::path::Path;
 use std::time::Duration;
 
-use integration_tests::require_root;
-use vmm_guest::{assemble, make_disk, qemu_nbd, run_guest, run_kernel, LiveVm, TcpDisk, VmRun};
+use vmm_guest::{make_disk, qemu_nbd, run_guest, run_kernel, setup, LiveVm, TcpDisk, VmRun};
 
 /// Sector the guest writes.
 const SECTOR: u64 = 77;
@@ -59,20 +58,13 @@ _start:
     REQ3 RING, HDR, DATA, 512, STATUS
     SUBMIT RING, 0, 0, 1
     EXPECT_USED RING, 1, '1'
-    movzbl STATUS, %eax
-    cmp ${want_write_status}, %eax
-    je 1f
-    FAIL '2'
-1:  # IN request into RDATA
-    movl $0, HDR
-    movb $0xff, STATUS
-    DSET RING, 1, RDATA, 512, F_NEXT|F_WRITE, 2
+    EXPECT_STATUS STATUS, {want_write_status}, '2'
+    # IN request into RDATA
+    READ1 RING, HDR, RDATA, STATUS
     SUBMIT RING, 1, 0, 2
     EXPECT_USED RING, 2, '3'
-    cmpb $0, STATUS
-    je 1f
-    FAIL '4'
-1:  cmpl $513, RING+0x2000+4+8+4    # used len of the read: 512 data + status
+    EXPECT_STATUS STATUS, 0, '4'
+    cmpl $513, RING+0x2000+4+8+4    # used len of the read: 512 data + status
     je 1f
     FAIL '6'
 1:  .if {ro} == 0
@@ -89,10 +81,8 @@ _start:
     movb $0xff, STATUS
     DSET RING, 1, STATUS, 1, F_WRITE, 0
     SUBMIT RING, 2, 0, 3
-    cmpb ${want_flush}, STATUS
-    je 1f
-    FAIL '7'
-1:  PRINT okmsg
+    EXPECT_STATUS STATUS, {want_flush}, '7'
+    PRINT okmsg
     jmp reboot
 pattern: .ascii "{pattern}"
 okmsg: .asciz "BLK OK\n"
@@ -118,10 +108,8 @@ fn assert_pattern_at_sector(bytes: &[u8]) {
 
 #[test]
 fn guest_writes_and_reads_a_sector_through_nbd_tcp() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, elf) = setup("blk", &blk_guest(false));
     let nbd = TcpDisk::new(dir.path(), "disk0");
-    let elf = assemble(dir.path(), "blk", &blk_guest(false)).unwrap();
     run_with_disk(&elf, &nbd.uri("disk0")).assert_clean_exit("BLK OK\n");
     let bytes = std::fs::read(&nbd.img).unwrap();
     assert_pattern_at_sector(&bytes);
@@ -130,12 +118,10 @@ fn guest_writes_and_reads_a_sector_through_nbd_tcp() {
 
 #[test]
 fn unix_socket_export_and_read_only_export() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, elf) = setup("blkro", &blk_guest(true));
     let img = make_disk(dir.path());
     let sock = dir.path().join("nbd.sock");
     let _nbd = qemu_nbd(&img, "ro0", None, Some(&sock), true);
-    let elf = assemble(dir.path(), "blkro", &blk_guest(true)).unwrap();
     let disk = format!("nbd+unix:///ro0?socket={}", sock.display());
     run_with_disk(&elf, &disk).assert_clean_exit("BLK OK\n");
     assert!(std::fs::read(&img).unwrap().iter().all(|&b| b == 0));
@@ -143,20 +129,16 @@ fn unix_socket_export_and_read_only_export() {
 
 #[test]
 fn forced_read_only_flag_on_a_writable_export() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, elf) = setup("blkro2", &blk_guest(true));
     let nbd = TcpDisk::new(dir.path(), "d");
-    let elf = assemble(dir.path(), "blkro2", &blk_guest(true)).unwrap();
     run_with_disk(&elf, &nbd.uri("d,ro")).assert_clean_exit("BLK OK\n");
     assert!(std::fs::read(&nbd.img).unwrap().iter().all(|&b| b == 0));
 }
 
 #[test]
 fn missing_export_is_a_clear_error() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, elf) = setup("x", "_start: jmp reboot\n");
     let nbd = TcpDisk::new(dir.path(), "disk0");
-    let elf = assemble(dir.path(), "x", "_start: jmp reboot\n").unwrap();
     let disk = nbd.uri("nope");
     run_kernel(&[], &elf, &["--disk", &disk], Duration::from_secs(60))
         .assert_exit(1, "refused export \"nope\"");
@@ -164,16 +146,9 @@ fn missing_export_is_a_clear_error() {
 
 #[test]
 fn sigterm_stops_the_guest_and_closes_nbd() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, elf) = setup("spin", "_start: PRINT m\n1: jmp 1b\nm: .asciz \"up\\n\"\n");
     let nbd = TcpDisk::new(dir.path(), "disk0");
     // A guest that spins forever (in ring 0, so vmm-shim must kick it out of KVM_RUN).
-    let elf = assemble(
-        dir.path(),
-        "spin",
-        "_start: PRINT m\n1: jmp 1b\nm: .asciz \"up\\n\"\n",
-    )
-    .unwrap();
     let disk = nbd.uri("disk0");
     let mut cmd =
         vmm_guest::vmm_command(&[], &["--kernel", elf.to_str().unwrap(), "--disk", &disk]);
@@ -187,10 +162,8 @@ fn sigterm_stops_the_guest_and_closes_nbd() {
 
 #[test]
 fn guest_writes_and_reads_a_sector_through_stord() {
-    require_root();
+    let (_dir, elf) = setup("blk", &blk_guest(false));
     let stord = stord_common::Stord::start(&[stord_common::dynamic("vm0", "1M")]).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let elf = assemble(dir.path(), "blk", &blk_guest(false)).unwrap();
     for (round, disk) in [stord.uri("vm0"), stord.unix_uri("vm0")].iter().enumerate() {
         let r = run_with_disk(&elf, disk);
         assert_eq!(r.serial, "BLK OK\n", "round {round}: {r}");
@@ -227,10 +200,8 @@ _start:
     movq $10, HDR+8
     REQ3 RING, HDR, DATA, 1536, STATUS
     SUBMIT RING, 0, 0, 1
-    cmpb $0, STATUS
-    je 1f
-    FAIL 'w'
-1:  # DISCARD sector 10
+    EXPECT_STATUS STATUS, 0, 'w'
+    # DISCARD sector 10
     movl $11, HDR
     movq $10, SEG
     movl $1, SEG+8
@@ -238,28 +209,22 @@ _start:
     DSET RING, 1, SEG, 16, F_NEXT, 2
     movb $0xff, STATUS
     SUBMIT RING, 1, 0, 2
-    cmpb $0, STATUS
-    je 1f
-    FAIL 'd'
-1:  # WRITE_ZEROES sector 11, no unmap
+    EXPECT_STATUS STATUS, 0, 'd'
+    # WRITE_ZEROES sector 11, no unmap
     movl $13, HDR
     movq $11, SEG
     movb $0xff, STATUS
     SUBMIT RING, 2, 0, 3
-    cmpb $0, STATUS
-    je 1f
-    FAIL 'z'
-1:  PRINT okmsg
+    EXPECT_STATUS STATUS, 0, 'z'
+    PRINT okmsg
     jmp reboot
 okmsg: .asciz "TRIM OK\n"
 "#;
 
 #[test]
 fn discard_and_write_zeroes_reach_stord() {
-    require_root();
+    let (_dir, elf) = setup("trim", TRIM_GUEST);
     let stord = stord_common::Stord::start(&[stord_common::dynamic("t0", "1M")]).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let elf = assemble(dir.path(), "trim", TRIM_GUEST).unwrap();
     run_with_disk(&elf, &stord.uri("t0")).assert_clean_exit("TRIM OK\n");
     let bytes = std::fs::read(stord.state().join("disks/t0.img")).unwrap();
     assert!(
@@ -286,23 +251,17 @@ _start:
     movq $1, HDR+8
     REQ3 RING, HDR, DATA, 512, STATUS
     SUBMIT RING, 0, 0, 1
-    cmpb $0, STATUS
-    je 1f
-    FAIL 'w'
-1:  PRINT w1
+    EXPECT_STATUS STATUS, 0, 'w'
+    PRINT w1
     mov $0x3fd, %dx
 2:  in %dx, %al
     test $1, %al
     jz 2b
-    movl $0, HDR
-    movb $0xff, STATUS
-    DSET RING, 1, DATA, 512, F_NEXT|F_WRITE, 2
+    READ1 RING, HDR, DATA, STATUS
     SUBMIT RING, 1, 0, 2
     EXPECT_USED RING, 2, 'u'
-    cmpb $1, STATUS
-    je 1f
-    FAIL 'e'
-1:  PRINT okmsg
+    EXPECT_STATUS STATUS, 1, 'e'
+    PRINT okmsg
     jmp reboot
 w1: .asciz "W1\n"
 okmsg: .asciz "IOERR OK\n"
@@ -310,10 +269,8 @@ okmsg: .asciz "IOERR OK\n"
 
 #[test]
 fn nbd_server_death_is_an_io_error_for_the_guest() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, elf) = setup("ioerr", IOERR_GUEST);
     let mut nbd = TcpDisk::new(dir.path(), "d");
-    let elf = assemble(dir.path(), "ioerr", IOERR_GUEST).unwrap();
     let disk = nbd.uri("d");
     let mut vm = LiveVm::guest(&[], &elf, &["--disk", &disk]);
     vm.expect_line("W1\n");

@@ -8,8 +8,7 @@ mod vmm_guest;
 
 use std::time::Duration;
 
-use integration_tests::require_root;
-use vmm_guest::{assemble, run_guest, TcpDisk};
+use vmm_guest::{run_guest, setup, TcpDisk};
 
 const GUEST: &str = r#"
     .set RING, 0x200000
@@ -68,17 +67,13 @@ _start:
     movb $0xff, STATUS
     REQ3 RING, HDR, DATA, 512, STATUS
     KICK 7
-    cmpb $1, STATUS
-    je 1f
-    FAIL '7'
-1:  # 8: unknown request type: UNSUPP
+    EXPECT_STATUS STATUS, 1, '7'
+    # 8: unknown request type: UNSUPP
     movl $99, HDR
     movb $0xff, STATUS
     KICK 8
-    cmpb $2, STATUS
-    je 1f
-    FAIL '8'
-1:  # 9: avail index far ahead of the ring: the device must not loop or crash
+    EXPECT_STATUS STATUS, 2, '8'
+    # 9: avail index far ahead of the ring: the device must not loop or crash
     movw $200, RING+0x1000+2
     movl $0, 0x50(%rbx)
     # recover: reset and set the device up again, then a good write
@@ -90,20 +85,16 @@ _start:
     movq %rax, DATA
     REQ3 RING, HDR, DATA, 512, STATUS
     KICK 1
-    cmpb $0, STATUS
-    je 1f
-    FAIL '9'
-1:  PRINT okmsg
+    EXPECT_STATUS STATUS, 0, '9'
+    PRINT okmsg
     jmp reboot
 okmsg: .asciz "HOSTILE OK\n"
 "#;
 
 #[test]
 fn malformed_chains_are_answered_counted_and_survived() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, elf) = setup("hostile", GUEST);
     let nbd = TcpDisk::new(dir.path(), "d");
-    let elf = assemble(dir.path(), "hostile", GUEST).unwrap();
     let disk = nbd.uri("d");
     std::env::set_var("VMM_LOG", "info");
     let r = run_guest(&[], &elf, &["--disk", &disk], Duration::from_secs(60));

@@ -7,17 +7,20 @@ mod vmm_guest;
 use std::time::Duration;
 
 use integration_tests::{require_root, unique_name, Netns};
-use vmm_guest::{arp_guest, assemble, run_guest, run_kernel, LiveVm};
+use vmm_guest::{arp_guest, assemble, run_guest, run_kernel, setup, LiveVm};
 
 #[test]
 fn guest_arp_exchange_through_a_tap() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
-    let elf = assemble(dir.path(), "net", &arp_guest([10, 0, 0, 2], [10, 0, 0, 1])).unwrap();
+    let (_dir, elf) = setup("net", &arp_guest([10, 0, 0, 2], [10, 0, 0, 1]));
     let (ns, tap) = tap_host("vmn", "vt");
     let net = format!("tap={tap},mac=52:54:00:12:34:56");
-    run_guest(&in_ns(&ns), &elf, &["--net", &net], Duration::from_secs(60))
-        .assert_clean_exit("NET OK\n");
+    run_guest(
+        &ns.exec_prefix(),
+        &elf,
+        &["--net", &net],
+        Duration::from_secs(60),
+    )
+    .assert_clean_exit("NET OK\n");
 }
 
 /// A fresh namespace with a vnet_hdr TAP in it, up, at 10.0.0.1/24 and without IPv6
@@ -45,14 +48,9 @@ fn bare_tap(ns_prefix: &str, tap_prefix: &str) -> (Netns, String) {
     (ns, tap)
 }
 
-/// The prefix that runs vmm-shim in `ns`.
-fn in_ns(ns: &Netns) -> [&str; 4] {
-    ["ip", "netns", "exec", ns.name()]
-}
-
 /// Starts `elf` on the TAP `tap` in `ns` and waits for it to print READY.
 fn start_ready(ns: &Netns, tap: &str, elf: &std::path::Path) -> LiveVm {
-    let mut vm = LiveVm::guest(&in_ns(ns), elf, &["--net", &format!("tap={tap}")]);
+    let mut vm = LiveVm::guest(&ns.exec_prefix(), elf, &["--net", &format!("tap={tap}")]);
     vm.expect_line("READY\n");
     vm
 }
@@ -186,9 +184,7 @@ fn thread_ticks(pid: u32, name: &str) -> Option<u64> {
 
 #[test]
 fn frames_wait_for_guest_buffers_without_spinning() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
-    let elf = assemble(dir.path(), "defer", DEFERRED_GUEST).unwrap();
+    let (_dir, elf) = setup("defer", DEFERRED_GUEST);
     let (ns, tap) = tap_host("vmd", "vd");
     let mut vm = start_ready(&ns, &tap, &elf);
     // The namespace's kernel ARPs for the guest: frames with nowhere to go yet.
@@ -202,9 +198,7 @@ fn frames_wait_for_guest_buffers_without_spinning() {
 
 #[test]
 fn a_deleted_tap_does_not_spin_the_receive_thread() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
-    let elf = assemble(dir.path(), "gone", &offload_guest(0)).unwrap();
+    let (_dir, elf) = setup("gone", &offload_guest(0));
     let (ns, tap) = bare_tap("vmg", "vg");
     let vm = start_ready(&ns, &tap, &elf);
     // Deleting the interface leaves the VMM's queue fd polling POLLERR and reading

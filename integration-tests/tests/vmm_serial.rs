@@ -8,14 +8,11 @@ mod vmm_guest;
 use std::time::Duration;
 
 use integration_tests::require_root;
-use vmm_guest::{assemble, assemble_with, run_guest, run_kernel, LiveVm};
+use vmm_guest::{assemble_with, run_guest, run_kernel, setup, LiveVm};
 
 #[test]
 fn guest_prints_on_serial_and_reboots_with_status_0() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
-    let elf = assemble(
-        dir.path(),
+    let (_dir, elf) = setup(
         "hello",
         r#"
 _start:
@@ -31,19 +28,15 @@ _start:
 msg:  .asciz "hello from the guest\n"
 done: .asciz "LSR ok\n"
 "#,
-    )
-    .unwrap();
+    );
     run_guest(&[], &elf, &[], Duration::from_secs(30))
         .assert_clean_exit("hello from the guest\nLSR ok\n");
 }
 
 #[test]
 fn triple_fault_exits_nonzero_with_a_message() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
     // ud2 with an IDT that has no valid gate: #UD -> #GP -> #DF -> triple fault.
-    let elf = assemble(
-        dir.path(),
+    let (_dir, elf) = setup(
         "tf",
         r#"
 _start:
@@ -51,8 +44,7 @@ _start:
     ud2
 msg: .asciz "about to fault\n"
 "#,
-    )
-    .unwrap();
+    );
     let r = run_guest(&[], &elf, &[], Duration::from_secs(30));
     assert_eq!(r.serial, "about to fault\n", "{r}");
     r.assert_exit(1, "triple fault");
@@ -92,14 +84,10 @@ fn run_config(cfg: &std::path::Path) -> vmm_guest::VmRun {
 
 #[test]
 fn toml_config_with_console_file() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
-    let elf = assemble(
-        dir.path(),
+    let (dir, elf) = setup(
         "cfg",
         "_start:\n    PRINT msg\n    jmp reboot\nmsg: .asciz \"from toml\\n\"\n",
-    )
-    .unwrap();
+    );
     let console = dir.path().join("console.log");
     let cfg = dir.path().join("vm.toml");
     std::fs::write(
@@ -161,11 +149,8 @@ ap_start:
 
 #[test]
 fn console_input_reaches_the_guest() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
     // Reads three bytes from the UART (polling LSR.DR) and echoes them in brackets.
-    let elf = assemble(
-        dir.path(),
+    let (_dir, elf) = setup(
         "echo",
         r#"
 _start:
@@ -189,8 +174,7 @@ _start:
     out %al, %dx
     jmp reboot
 "#,
-    )
-    .unwrap();
+    );
     let mut vm = LiveVm::guest(&[], &elf, &[]);
     vm.send(b"abc");
     vm.finish(Duration::from_secs(60))
@@ -199,12 +183,9 @@ _start:
 
 #[test]
 fn kvm_internal_error_is_a_clear_nonzero_exit() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
     // kvm_pvm cannot emulate `lock cmpxchg16b` at ring 0 (KVM_EXIT_INTERNAL_ERROR);
     // hardware KVM just runs it.
-    let elf = assemble(
-        dir.path(),
+    let (_dir, elf) = setup(
         "ie",
         r#"
 _start:
@@ -224,8 +205,7 @@ _start:
     .align 16
 buf: .quad 0, 0
 "#,
-    )
-    .unwrap();
+    );
     let r = run_guest(&[], &elf, &[], Duration::from_secs(30));
     if std::path::Path::new("/sys/module/kvm_pvm").exists() {
         assert_eq!(r.serial, "a", "{r}");
@@ -257,11 +237,8 @@ fn make_bzimage(payload: &[u8]) -> Vec<u8> {
 
 #[test]
 fn bzimage_kernels_load_and_enter_at_the_64_bit_entry() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
     // Linked at 16 MiB with _start at +0x200, as a bzImage's startup_64.
-    let elf = assemble(
-        dir.path(),
+    let (dir, elf) = setup(
         "bz",
         r#"
     .org 0x200
@@ -274,8 +251,7 @@ _start:
     jmp reboot
 msg: .asciz "bzImage entered\n"
 "#,
-    )
-    .unwrap();
+    );
     let flat = dir.path().join("bz.bin");
     let st = std::process::Command::new("objcopy")
         .args(["-O", "binary", "-j", ".text"])
@@ -291,12 +267,9 @@ msg: .asciz "bzImage entered\n"
 
 #[test]
 fn initrd_and_cmdline_reach_the_guest_through_the_zero_page() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
     // Prints the initrd (a NUL-terminated string) and the command line, both found
     // through boot_params: ramdisk_image at 0x218, cmd_line_ptr at 0x228.
-    let elf = assemble(
-        dir.path(),
+    let (dir, elf) = setup(
         "zp",
         r#"
 _start:
@@ -310,8 +283,7 @@ _start:
     jmp reboot
 nl: .asciz "\n"
 "#,
-    )
-    .unwrap();
+    );
     let initrd = dir.path().join("initrd");
     std::fs::write(&initrd, b"initrd bytes here\0").unwrap();
     let r = run_guest(
@@ -334,9 +306,7 @@ nl: .asciz "\n"
 
 #[test]
 fn sd_notify_ready_then_sigterm_exits_0() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
-    let elf = assemble(dir.path(), "spin", "_start:\n1:  pause\n    jmp 1b\n").unwrap();
+    let (dir, elf) = setup("spin", "_start:\n1:  pause\n    jmp 1b\n");
     let sock_path = dir.path().join("notify.sock");
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(20)))

@@ -19,7 +19,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use integration_tests::{bin, wait_until, ChildGuard, Netns};
+use integration_tests::netd::{network, TapHost};
+use integration_tests::{bin, spawn_logged, wait_until, ChildGuard, Netns};
 
 /// The "internet" server address (on the internet namespace's loopback).
 pub const INET_SERVER: &str = "198.19.0.10";
@@ -104,47 +105,53 @@ impl Lab {
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
             .collect();
         std::fs::write(lab.dir.path().join("www-host/big.bin"), &big)?;
-        let www_inet = lab.path("www-inet");
-        let www_host = lab.path("www-host");
-        let g = lab.inet.spawn(&[
-            "busybox",
-            "httpd",
-            "-f",
-            "-p",
-            &format!("{INET_SERVER}:80"),
-            "-h",
-            &www_inet,
-        ])?;
-        lab.servers.push(g);
-        let g = lab.host.spawn(&[
-            "busybox",
-            "httpd",
-            "-f",
-            "-p",
-            "127.0.0.1:8080",
-            "-h",
-            &www_host,
-        ])?;
-        lab.servers.push(g);
-        let g = lab.inet.spawn(&[
-            "dnsmasq",
-            "--keep-in-foreground",
-            "--no-resolv",
-            "--no-hosts",
-            "--conf-file=/dev/null",
-            "--bind-interfaces",
-            &format!("--listen-address={INET_SERVER}"),
-            "--user=root",
-            &format!("--pid-file={}", lab.path("dnsmasq.pid")),
-            &format!("--address=/{INET_NAME}/{INET_SERVER}"),
-        ])?;
-        lab.servers.push(g);
-        let g = lab.inet.spawn(&[
-            "socat",
-            &format!("UDP4-RECVFROM:7777,bind={INET_SERVER},fork"),
-            "EXEC:/bin/cat",
-        ])?;
-        lab.servers.push(g);
+        // The servers: the internet's web server, the host's (on its loopback), the
+        // internet's DNS server and its UDP echo.
+        let inet_http = format!("{INET_SERVER}:80");
+        let listen = format!("--listen-address={INET_SERVER}");
+        let pid_file = format!("--pid-file={}", lab.path("dnsmasq.pid"));
+        let address = format!("--address=/{INET_NAME}/{INET_SERVER}");
+        let echo = format!("UDP4-RECVFROM:7777,bind={INET_SERVER},fork");
+        let (www_inet, www_host) = (lab.path("www-inet"), lab.path("www-host"));
+        let servers: [(&Netns, Vec<&str>); 4] = [
+            (
+                &lab.inet,
+                vec!["busybox", "httpd", "-f", "-p", &inet_http, "-h", &www_inet],
+            ),
+            (
+                &lab.host,
+                vec![
+                    "busybox",
+                    "httpd",
+                    "-f",
+                    "-p",
+                    "127.0.0.1:8080",
+                    "-h",
+                    &www_host,
+                ],
+            ),
+            (
+                &lab.inet,
+                vec![
+                    "dnsmasq",
+                    "--keep-in-foreground",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--conf-file=/dev/null",
+                    "--bind-interfaces",
+                    &listen,
+                    "--user=root",
+                    &pid_file,
+                    &address,
+                ],
+            ),
+            (&lab.inet, vec!["socat", &echo, "EXEC:/bin/cat"]),
+        ];
+        let guards = servers
+            .iter()
+            .map(|(ns, argv)| ns.spawn(argv))
+            .collect::<Result<Vec<_>>>()?;
+        lab.servers.extend(guards);
         std::fs::write(
             lab.dir.path().join("resolv.conf"),
             format!("# test resolver\nnameserver {INET_SERVER}\n"),
@@ -194,10 +201,7 @@ impl Lab {
             cfg_path.to_str().context("path")?,
         ]);
         cmd.env("RUST_LOG", "netd=debug");
-        let log = std::fs::File::create(self.dir.path().join("netd.log"))?;
-        cmd.stdout(log.try_clone()?).stderr(log);
-        let child = cmd.spawn().context("spawn netd")?;
-        self.netd = Some(ChildGuard::new(child));
+        self.netd = Some(spawn_logged(&mut cmd, &self.dir.path().join("netd.log"))?);
         let control = self.control.clone();
         if !wait_until(Duration::from_secs(10), || control.exists()) {
             bail!("netd did not come up:\n{}", self.netd_log());
@@ -205,30 +209,21 @@ impl Lab {
         Ok(())
     }
 
+    /// The `[[network]]` table of a NAT network `name` whose DNS forwarder reads the
+    /// lab's resolv.conf, with the network keys `keys` (or nothing).
+    pub fn nat_network(&self, name: &str, keys: &str) -> String {
+        let resolv = self.path("resolv.conf");
+        network(name, "nat", &format!("resolv_conf = \"{resolv}\"\n{keys}"))
+    }
+
     /// Starts netd with one NAT network `net` (plus the network keys in `extra`,
     /// e.g. `mtu = 65520`) whose only port, `g`, is a TAP in a fresh guest
-    /// namespace; returns the namespace and the TAP's name.
-    pub fn start_one_guest_nat(&mut self, net: &str, extra: &str) -> Result<(Netns, String)> {
-        let guest = Netns::new("ng")?;
-        let tap = integration_tests::unique_name("nt");
-        let resolv = self.path("resolv.conf");
-        self.start_netd(&format!(
-            r#"
-[[network]]
-name = "{net}"
-mode = "nat"
-resolv_conf = "{resolv}"
-{extra}
-
-[[network.port]]
-name = "g"
-kind = "tap"
-ifname = "{tap}"
-netns = "{}"
-"#,
-            guest.name()
-        ))?;
-        Ok((guest, tap))
+    /// namespace; returns that guest.
+    pub fn start_one_guest_nat(&mut self, net: &str, extra: &str) -> Result<TapHost> {
+        let guest = TapHost::new("ng")?;
+        let config = self.nat_network(net, &format!("{extra}\n")) + &guest.port("g");
+        self.start_netd(&config)?;
+        Ok(guest)
     }
 
     /// Sends SIGTERM to netd and waits up to 5 s; its exit status if it exited.
@@ -256,8 +251,9 @@ netns = "{}"
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Runs udhcpc on `ifname` in `ns`; returns the lease line the script wrote.
-    pub fn dhcp(&self, ns: &Netns, ifname: &str) -> Result<String> {
+    /// Runs udhcpc on the guest's TAP; returns the lease line the script wrote.
+    pub fn dhcp(&self, guest: &TapHost) -> Result<String> {
+        let (ns, ifname) = (&guest.ns, &guest.tap);
         let lease = self.dir.path().join(format!("lease-{}", ns.name()));
         let ok = wait_until(Duration::from_secs(10), || {
             ns.sh(&format!("ip link show {ifname} >/dev/null 2>&1"))

@@ -1,15 +1,18 @@
 //! Helpers shared by the `netd_*` end-to-end tests: a netd daemon running in its
 //! own "host" namespace with a temporary config, state and control socket, its
-//! CLI, and test hosts (namespaces) that get addresses with busybox udhcpc.
+//! CLI, test hosts (namespaces, see [`TapHost`]) that get addresses with busybox
+//! udhcpc, and QEMU guests booted from a busybox initramfs.
 
-#![allow(dead_code)]
+// Each test file uses a different subset, re-exports included.
+#![allow(dead_code, unused_imports)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use integration_tests::{bin, run, wait_until, ChildGuard, Netns};
+pub use integration_tests::netd::{network, stream_port, tap_port, TapHost};
+use integration_tests::{bin, run, spawn_logged, wait_until, ChildGuard, Netns};
 
 /// A running `netd serve`, inside the namespace `host`.
 pub struct Netd {
@@ -25,6 +28,13 @@ pub fn tempdir() -> tempfile::TempDir {
         .prefix("netd-test")
         .tempdir()
         .expect("tempdir")
+}
+
+/// What a netd test that needs root starts with (all but the config checks do):
+/// checks that it runs as root, and makes its temporary directory.
+pub fn root_tempdir() -> tempfile::TempDir {
+    integration_tests::require_root();
+    tempdir()
 }
 
 /// Writes `networks` (TOML `[[network]]` tables) into a config under `dir`.
@@ -58,26 +68,19 @@ impl Netd {
     ) -> Result<Self> {
         let control = dir.join("control.sock");
         let _ = std::fs::remove_file(&control);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("netd.log"))?;
-        let child = host
-            .command(&[
+        let child = spawn_logged(
+            host.command(&[
                 bin("netd").to_str().unwrap(),
                 "serve",
                 "--config",
                 config.to_str().unwrap(),
             ])
             .env("RUST_LOG", "debug")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("spawn netd")?;
+            .envs(env.iter().copied()),
+            &dir.join("netd.log"),
+        )?;
         let mut d = Netd {
-            child: ChildGuard::new(child),
+            child,
             dir: dir.to_path_buf(),
             control: control.clone(),
             config: config.to_path_buf(),
@@ -199,27 +202,44 @@ pub fn unique_subnet() -> (u8, u8) {
     )
 }
 
-/// Builds a busybox initramfs (with the lead's `scripts/mk-initramfs.sh`) whose
-/// init gets an address by DHCP on eth0, pings `target` and reports on the
-/// serial console; returns its path.
-pub fn guest_initramfs(dir: &Path, target: &str) -> Result<PathBuf> {
-    guest_initramfs_with(dir, target, "")
-}
-
-/// [`guest_initramfs`] with extra shell lines run after the ping.
-pub fn guest_initramfs_with(dir: &Path, target: &str, extra: &str) -> Result<PathBuf> {
-    let init = dir.join("init.sh");
-    std::fs::write(
-        &init,
-        format!(
-            r#"#!/bin/sh
+/// The start of every guest's init: the kernel's file systems, the virtio modules
+/// (mk-initramfs puts `/load-modules` in), loopback and eth0 up.
+const INIT_HEAD: &str = "#!/bin/sh
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null
 /load-modules
 ip link set lo up
 ip link set eth0 up
-# Debian busybox looks for /etc/udhcpc/default.script; mk-initramfs puts it here.
+";
+
+/// Builds a busybox initramfs (with the lead's `scripts/mk-initramfs.sh`) in `dir`
+/// whose init runs the shell lines `body` after [`INIT_HEAD`]; returns its path.
+pub fn initramfs(dir: &Path, body: &str) -> Result<PathBuf> {
+    let init = dir.join("init.sh");
+    std::fs::write(&init, format!("{INIT_HEAD}{body}"))?;
+    let out = dir.join("initramfs.cpio.gz");
+    let script = integration_tests::workspace_root().join("scripts/mk-initramfs.sh");
+    let assets = integration_tests::guest_assets();
+    run(Command::new(script)
+        .arg(&out)
+        .arg(&init)
+        .env("FABRIC_ASSETS", &assets))?;
+    Ok(out)
+}
+
+/// Builds a busybox initramfs (see [`initramfs`]) whose init gets an address by
+/// DHCP on eth0, pings `target` and reports on the serial console; returns its path.
+pub fn guest_initramfs(dir: &Path, target: &str) -> Result<PathBuf> {
+    guest_initramfs_with(dir, target, "")
+}
+
+/// [`guest_initramfs`] with extra shell lines run after the ping.
+pub fn guest_initramfs_with(dir: &Path, target: &str, extra: &str) -> Result<PathBuf> {
+    initramfs(
+        dir,
+        &format!(
+            r#"# Debian busybox looks for /etc/udhcpc/default.script; mk-initramfs puts it here.
 if udhcpc -i eth0 -q -n -t 15 -T 1 -s /usr/share/udhcpc/default.script; then
   echo "DHCP-OK $(ip -4 -o addr show dev eth0 | awk '{{print $4}}')"
 else
@@ -231,15 +251,7 @@ echo GUEST-DONE
 sleep 600
 "#
         ),
-    )?;
-    let out = dir.join("initramfs.cpio.gz");
-    let script = integration_tests::workspace_root().join("scripts/mk-initramfs.sh");
-    let assets = integration_tests::guest_assets();
-    run(Command::new(script)
-        .arg(&out)
-        .arg(&init)
-        .env("FABRIC_ASSETS", &assets))?;
-    Ok(out)
+    )
 }
 
 /// Boots QEMU (TCG, microvm, the Debian kernel) in `ns` with the virtio-net
@@ -260,9 +272,8 @@ pub fn boot_guest(
         "console-{}.log",
         integration_tests::unique_name("c")
     ));
-    let log = std::fs::File::create(&console)?;
-    let child = ns
-        .command(&[
+    let mut guard = spawn_logged(
+        &mut ns.command(&[
             qemu.to_str().unwrap(),
             "-M",
             "microvm",
@@ -288,13 +299,9 @@ pub fn boot_guest(
             netdev,
             "-device",
             &format!("virtio-net-device,netdev=n0,mac={mac}"),
-        ])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .context("spawn qemu")?;
-    let mut guard = ChildGuard::new(child);
+        ]),
+        &console,
+    )?;
     let done = wait_until(timeout, || {
         std::fs::read_to_string(&console)
             .map(|s| s.contains("GUEST-DONE"))
@@ -307,24 +314,6 @@ pub fn boot_guest(
         bail!("guest did not finish in {timeout:?}; console:\n{out}");
     }
     Ok(out)
-}
-
-/// A `[[network.port]]` table for a `tap` port named `name` whose TAP `ifname` netd
-/// creates in the namespace `ns` (more keys of the port may follow it).
-pub fn tap_port(name: &str, ifname: &str, ns: &Netns) -> String {
-    format!(
-        "\n[[network.port]]\nname = \"{name}\"\nkind = \"tap\"\nifname = \"{ifname}\"\nnetns = \"{}\"\n",
-        ns.name()
-    )
-}
-
-/// A `[[network.port]]` table for a `stream` port named `name` listening on the unix
-/// socket `path`.
-pub fn stream_port(name: &str, path: &Path) -> String {
-    format!(
-        "\n[[network.port]]\nname = \"{name}\"\nkind = \"stream\"\npath = \"{}\"\n",
-        path.display()
-    )
 }
 
 /// Asks netd (through the CLI) for a `tap` port `name` on `net`, its TAP `ifname` in
@@ -357,12 +346,6 @@ pub fn add_vm_port(netd: &Netd, net: &str, ifname: &str, extra: &[&str]) -> Resu
     let mut argv = vec!["port", "add", net, "--kind", "vm", "--ifname", ifname];
     argv.extend_from_slice(extra);
     netd.cli(&argv)
-}
-
-/// Gives `ifname` in `ns` the address `cidr` (netd brings its TAPs up).
-pub fn add_addr(ns: &Netns, ifname: &str, cidr: &str) -> Result<()> {
-    ns.exec(&["ip", "addr", "add", cidr, "dev", ifname])?;
-    Ok(())
 }
 
 /// Runs a 2-second iperf3 TCP test from `client` to an iperf3 server started in
@@ -398,40 +381,6 @@ pub fn assert_guest_leased_and_pinged(out: &str, cidr: &str, what: &str) {
     );
 }
 
-/// A test host: a fresh namespace, and the name of the TAP a netd `tap` port puts
-/// into it. Derefs to its namespace.
-pub struct TapHost {
-    pub ns: Netns,
-    pub tap: String,
-}
-
-impl TapHost {
-    /// A new namespace (named after `prefix`) and a unique TAP name for it.
-    pub fn new(prefix: &str) -> Result<Self> {
-        Ok(TapHost {
-            ns: Netns::new(prefix)?,
-            tap: integration_tests::unique_name("tap"),
-        })
-    }
-
-    /// The `[[network.port]]` table of a `tap` port `name` for this host.
-    pub fn port(&self, name: &str) -> String {
-        tap_port(name, &self.tap, &self.ns)
-    }
-
-    /// Gives the host's TAP the address `cidr`.
-    pub fn addr(&self, cidr: &str) -> Result<()> {
-        add_addr(&self.ns, &self.tap, cidr)
-    }
-}
-
-impl std::ops::Deref for TapHost {
-    type Target = Netns;
-    fn deref(&self) -> &Netns {
-        &self.ns
-    }
-}
-
 /// Starts netd in a fresh namespace (named after `prefix`) with the config
 /// `networks` (see [`write_config`]) in `dir`; returns the namespace and netd.
 pub fn start_netd(dir: &Path, prefix: &str, networks: &str) -> Result<(Netns, Netd)> {
@@ -439,4 +388,21 @@ pub fn start_netd(dir: &Path, prefix: &str, networks: &str) -> Result<(Netns, Ne
     let cfg = write_config(dir, networks);
     let netd = Netd::start(&host, dir, &cfg)?;
     Ok((host, netd))
+}
+
+/// Starts netd (see [`start_netd`]) with one internal network `lan` whose ports `a`
+/// and `b` are TAPs of two fresh test hosts, addressed `<subnet>.1/24` and
+/// `<subnet>.2/24`; `prefixes` name the namespaces of netd, `a` and `b`.
+pub fn lan_of_two(
+    dir: &Path,
+    prefixes: [&str; 3],
+    subnet: &str,
+) -> Result<(Netns, Netd, [TapHost; 2])> {
+    let [h, pa, pb] = prefixes;
+    let [a, b] = TapHost::each([pa, pb])?;
+    let lan = [network("lan", "internal", ""), a.port("a"), b.port("b")].concat();
+    let (host, netd) = start_netd(dir, h, &lan)?;
+    a.addr(&format!("{subnet}.1/24"))?;
+    b.addr(&format!("{subnet}.2/24"))?;
+    Ok((host, netd, [a, b]))
 }

@@ -3,12 +3,13 @@
 
 #![allow(dead_code)] // each test file uses a different subset
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use integration_tests::{bin, free_port, wait_until, ChildGuard};
+use integration_tests::{bin, free_port, spawn_logged, wait_until, ChildGuard};
 
 /// One disk of a test config.
 pub struct DiskSpec<'a> {
@@ -35,6 +36,14 @@ pub fn fixed<'a>(name: &'a str, size: &'a str) -> DiskSpec<'a> {
         size,
         alloc: "fixed",
         read_only: false,
+    }
+}
+
+/// A dynamic read-only disk.
+pub fn read_only<'a>(name: &'a str, size: &'a str) -> DiskSpec<'a> {
+    DiskSpec {
+        read_only: true,
+        ..dynamic(name, size)
     }
 }
 
@@ -110,20 +119,13 @@ impl Stord {
     /// (Re)starts stord on the same config and state, waits until it serves.
     pub fn restart(&mut self) -> Result<()> {
         self.child = None;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log())?;
-        let child = Command::new(bin("stord"))
-            .args(["serve", "--config"])
-            .arg(self.config())
-            .env("STORD_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawn stord")?;
-        let mut guard = ChildGuard::new(child);
+        let mut guard = spawn_logged(
+            Command::new(bin("stord"))
+                .args(["serve", "--config"])
+                .arg(self.config())
+                .env("STORD_LOG", "debug"),
+            &self.log(),
+        )?;
         let port = self.port;
         let control = self.control();
         let up = wait_until(Duration::from_secs(10), || {
@@ -170,11 +172,53 @@ pub fn ok(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Runs a python3 script (with libnbd's `nbd` module) with `args`; returns stdout.
-pub fn python(dir: &Path, script: &str, args: &[&str]) -> Result<String> {
+/// A python3 command (with libnbd's `nbd` module) that runs `script`, written to a
+/// file of its own in `dir`, with `args`.
+fn python_command(dir: &Path, script: &str, args: &[impl AsRef<OsStr>]) -> Result<Command> {
     let path = dir.join(format!("{}.py", integration_tests::unique_name("py")));
     std::fs::write(&path, script)?;
-    ok(Command::new("/usr/bin/python3").arg(&path).args(args))
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.arg(&path).args(args);
+    Ok(cmd)
+}
+
+/// Runs a python3 script (with libnbd's `nbd` module) with `args`; returns stdout.
+pub fn python(dir: &Path, script: &str, args: &[impl AsRef<OsStr>]) -> Result<String> {
+    ok(&mut python_command(dir, script, args)?)
+}
+
+/// Starts a python3 script (see [`python`]) the test talks to: its stdin and stdout
+/// piped, its stderr to `stderr`; killed on drop.
+pub fn spawn_python(
+    dir: &Path,
+    script: &str,
+    args: &[impl AsRef<OsStr>],
+    stderr: Stdio,
+) -> Result<ChildGuard> {
+    let child = python_command(dir, script, args)?
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .context("spawn python3")?;
+    Ok(ChildGuard::new(child))
+}
+
+/// A client that connects to the export `uri`, prints `up` (on its piped stdout) and
+/// holds the connection open for a minute; killed on drop.
+pub fn holder(uri: &str) -> ChildGuard {
+    ChildGuard::new(
+        Command::new("/usr/bin/python3")
+            .args([
+                "-c",
+                "import nbd, sys, time; h = nbd.NBD(); h.connect_uri(sys.argv[1]); print('up', flush=True); time.sleep(60)",
+                uri,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn python3"),
+    )
 }
 
 /// qemu-io on an NBD URI with the given `-c` commands; returns stdout, fails if

@@ -13,11 +13,15 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-/// Assembly shared by every guest (appended after the test's own code).
-pub const PRELUDE: &str = r#"
+/// Assembly shared by every guest (put before the test's own code): the serial
+/// output macro the bench guests share (`serial.S`), then the macros and routines.
+pub const PRELUDE: &str = concat!(
+    include_str!("serial.S"),
+    r#"
     .set MMIO0, 0xd0000000
     .set F_NEXT, 1
     .set F_WRITE, 2
@@ -85,6 +89,24 @@ pub const PRELUDE: &str = r#"
 1:
     .endm
 
+    # EXPECT_STATUS status, want, code: FAIL with `code` unless the status byte the
+    # device wrote at `status` is `want`.
+    .macro EXPECT_STATUS status, want, code
+    cmpb $\want, \status
+    je 1f
+    FAIL \code
+1:
+    .endm
+
+    # READ1 ring, hdr, data, status: turn the virtio-blk request in descriptors 0-2
+    # (see REQ3) into a read of one sector, the header's, into `data`; the status
+    # byte is reset so that the device must write it.
+    .macro READ1 ring, hdr, data, status
+    movl $0, \hdr
+    movb $0xff, \status
+    DSET \ring, 1, \data, 512, F_NEXT|F_WRITE, 2
+    .endm
+
     .macro FAIL code
     mov $\code, %al
     jmp fail_with
@@ -98,13 +120,8 @@ pub const PRELUDE: &str = r#"
 print:                      # rsi = NUL-terminated string
     push %rax
     push %rdx
-    mov $0x3f8, %dx
-1:  lodsb
-    test %al, %al
-    jz 2f
-    out %al, %dx
-    jmp 1b
-2:  pop %rdx
+    PUTS
+    pop %rdx
     pop %rax
     ret
 
@@ -165,7 +182,8 @@ driver_ok:
 failmsg: .ascii "FAIL "
 failcode: .ascii "?"
     .asciz "\n"
-"#;
+"#
+);
 
 /// Assembles `src` (plus the prelude) into a static ELF in `dir`; returns its path.
 pub fn assemble(dir: &Path, name: &str, src: &str) -> Result<PathBuf> {
@@ -179,27 +197,38 @@ pub fn assemble_with(dir: &Path, name: &str, src: &str, ld_args: &[&str]) -> Res
     let elf = dir.join(format!("{name}.elf"));
     let text = format!("    .code64\n    .globl _start\n    .text\n{PRELUDE}\n{src}\n");
     std::fs::write(&s, text)?;
-    let out = Command::new("as")
-        .args(["--64", "-o"])
-        .arg(&o)
-        .arg(&s)
-        .output()
-        .context("running `as` (binutils)")?;
-    if !out.status.success() {
-        bail!("as failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let out = Command::new("ld")
-        .args(["-nostdlib", "-static", "-Ttext=0x1000000", "-e", "_start"])
-        .args(ld_args)
-        .arg("-o")
-        .arg(&elf)
-        .arg(&o)
-        .output()
-        .context("running `ld` (binutils)")?;
-    if !out.status.success() {
-        bail!("ld failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    binutils(Command::new("as").args(["--64", "-o"]).arg(&o).arg(&s))?;
+    binutils(
+        Command::new("ld")
+            .args(["-nostdlib", "-static", "-Ttext=0x1000000", "-e", "_start"])
+            .args(ld_args)
+            .arg("-o")
+            .arg(&elf)
+            .arg(&o),
+    )?;
     Ok(elf)
+}
+
+/// Runs a binutils program (`as`, `ld`); fails with its stderr unless it succeeds.
+fn binutils(cmd: &mut Command) -> Result<()> {
+    let what = cmd.get_program().to_string_lossy().into_owned();
+    let out = cmd
+        .output()
+        .with_context(|| format!("running `{what}` (binutils)"))?;
+    if !out.status.success() {
+        bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// What most vmm tests start with: root checked (KVM), a temporary directory, and
+/// in it the guest program `src` assembled as `name` (see [`assemble`]); returns the
+/// directory and the ELF's path.
+pub fn setup(name: &str, src: &str) -> (tempfile::TempDir, PathBuf) {
+    integration_tests::require_root();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let elf = assemble(dir.path(), name, src).expect("assemble the guest");
+    (dir, elf)
 }
 
 /// Result of one vmm-shim run.
@@ -263,34 +292,28 @@ pub fn vmm_command(prefix: &[&str], args: &[&str]) -> Command {
 
 /// Runs vmm-shim with `args` (prefixed by `prefix`, e.g. `ip netns exec NS`), killing
 /// it after `timeout`.
-pub fn run_vmm(prefix: &[&str], args: &[&str], timeout: std::time::Duration) -> Result<VmRun> {
+pub fn run_vmm(prefix: &[&str], args: &[&str], timeout: Duration) -> Result<VmRun> {
     let mut cmd = vmm_command(prefix, args);
     cmd.stdin(std::process::Stdio::null());
     Ok(LiveVm::spawn(cmd)?.finish(timeout))
 }
 
 /// Runs `kernel` under vmm-shim with `extra` arguments (see [`run_vmm`]).
-pub fn run_kernel(
-    prefix: &[&str],
-    kernel: &Path,
-    extra: &[&str],
-    timeout: std::time::Duration,
-) -> VmRun {
+pub fn run_kernel(prefix: &[&str], kernel: &Path, extra: &[&str], timeout: Duration) -> VmRun {
     let mut args = vec!["--kernel", kernel.to_str().expect("UTF-8 kernel path")];
     args.extend_from_slice(extra);
     run_vmm(prefix, &args, timeout).expect("run vmm-shim")
 }
 
+/// vmm-shim's arguments for the guest program `elf` with 64 MiB of RAM, then `extra`.
+fn guest_args<'a>(elf: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let elf = elf.to_str().expect("UTF-8 kernel path");
+    [&["--kernel", elf, "--mem", "64M"], extra].concat()
+}
+
 /// Runs the guest program `elf` with 64 MiB of RAM and `extra` arguments.
-pub fn run_guest(
-    prefix: &[&str],
-    elf: &Path,
-    extra: &[&str],
-    timeout: std::time::Duration,
-) -> VmRun {
-    let mut args = vec!["--mem", "64M"];
-    args.extend_from_slice(extra);
-    run_kernel(prefix, elf, &args, timeout)
+pub fn run_guest(prefix: &[&str], elf: &Path, extra: &[&str], timeout: Duration) -> VmRun {
+    run_vmm(prefix, &guest_args(elf, extra), timeout).expect("run vmm-shim")
 }
 
 /// A vmm-shim process the test talks to while it runs: reads the guest's serial
@@ -318,14 +341,7 @@ impl LiveVm {
 
     /// Spawns the guest program `elf` with 64 MiB of RAM and `extra` arguments.
     pub fn guest(prefix: &[&str], elf: &Path, extra: &[&str]) -> LiveVm {
-        let mut args = vec![
-            "--kernel",
-            elf.to_str().expect("UTF-8 kernel path"),
-            "--mem",
-            "64M",
-        ];
-        args.extend_from_slice(extra);
-        LiveVm::spawn(vmm_command(prefix, &args)).expect("spawn vmm-shim")
+        LiveVm::spawn(vmm_command(prefix, &guest_args(elf, extra))).expect("spawn vmm-shim")
     }
 
     /// vmm-shim's pid.
@@ -354,14 +370,14 @@ impl LiveVm {
     }
 
     /// Sends SIGTERM, then [`LiveVm::finish`]es.
-    pub fn stop(self, timeout: std::time::Duration) -> VmRun {
+    pub fn stop(self, timeout: Duration) -> VmRun {
         self.guard.signal(libc::SIGTERM);
         self.finish(timeout)
     }
 
     /// Waits up to `timeout` for vmm-shim to exit (killing it then), and returns its
     /// exit code, the rest of the serial output and its stderr.
-    pub fn finish(mut self, timeout: std::time::Duration) -> VmRun {
+    pub fn finish(mut self, timeout: Duration) -> VmRun {
         use std::io::Read;
         let status = self.guard.wait_timeout(timeout);
         if status.is_none() {
@@ -423,7 +439,6 @@ pub fn qemu_nbd(
     sock: Option<&Path>,
     ro: bool,
 ) -> integration_tests::ChildGuard {
-    use std::time::Duration;
     let mut c = Command::new("qemu-nbd");
     c.args([
         "-f",

@@ -1,0 +1,100 @@
+//! netd's side of the end-to-end tests, shared by the common modules of the switch
+//! tests (`netd_common`) and the NAT and bridged lab (`nat_common`): the TOML tables of
+//! a netd config, and test hosts (a namespace and the TAP a `tap` port puts in it).
+//!
+//! The tables are built as text, one function per table kind, so a test's config
+//! reads as the list of its networks and ports: `network("lan", "internal", "")`
+//! then `host.port("a")`. Each table starts on a new line and ends with a newline;
+//! keys of a table may follow it directly (`host.port("a") + "mac = ...\n"`).
+
+use std::path::Path;
+
+use anyhow::Result;
+
+use crate::{unique_name, Netns};
+
+/// A `[[network]]` table for the network `name` in `mode` (`internal`, `hostonly`,
+/// `nat`, `bridged`), with `keys` (more TOML lines of the network, or nothing) after
+/// its name and mode. Its ports, reservations and forwards follow it.
+pub fn network(name: &str, mode: &str, keys: &str) -> String {
+    format!("\n[[network]]\nname = \"{name}\"\nmode = \"{mode}\"\n{keys}")
+}
+
+/// A `[[network.port]]` table for a `tap` port whose TAP `ifname` netd creates in the
+/// namespace `ns`; named `name`, or left for netd to name when `name` is `None`.
+pub fn tap_port(name: Option<&str>, ifname: &str, ns: &Netns) -> String {
+    let name = name
+        .map(|n| format!("name = \"{n}\"\n"))
+        .unwrap_or_default();
+    format!(
+        "\n[[network.port]]\n{name}kind = \"tap\"\nifname = \"{ifname}\"\nnetns = \"{}\"\n",
+        ns.name()
+    )
+}
+
+/// A `[[network.port]]` table for a `stream` port named `name` listening on the unix
+/// socket `path`.
+pub fn stream_port(name: &str, path: &Path) -> String {
+    format!(
+        "\n[[network.port]]\nname = \"{name}\"\nkind = \"stream\"\npath = \"{}\"\n",
+        path.display()
+    )
+}
+
+/// A test host: a fresh namespace, and the name of the TAP a netd `tap` port puts
+/// into it. Derefs to its namespace.
+pub struct TapHost {
+    pub ns: Netns,
+    pub tap: String,
+}
+
+impl TapHost {
+    /// A new namespace (named after `prefix`) and a unique TAP name for it.
+    pub fn new(prefix: &str) -> Result<Self> {
+        Ok(TapHost {
+            ns: Netns::new(prefix)?,
+            tap: unique_name("tap"),
+        })
+    }
+
+    /// One host per prefix, in order: `let [a, b] = TapHost::each(["na", "nb"])?;`.
+    pub fn each<const N: usize>(prefixes: [&str; N]) -> Result<[TapHost; N]> {
+        let hosts = prefixes
+            .iter()
+            .map(|p| TapHost::new(p))
+            .collect::<Result<Vec<_>>>()?;
+        // One host was made per prefix, so the lengths agree.
+        hosts
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("one host per prefix"))
+    }
+
+    /// The `[[network.port]]` table of a `tap` port `name` for this host.
+    pub fn port(&self, name: &str) -> String {
+        tap_port(Some(name), &self.tap, &self.ns)
+    }
+
+    /// The `[[network.port]]` table of a `tap` port for this host that netd names.
+    pub fn unnamed_port(&self) -> String {
+        tap_port(None, &self.tap, &self.ns)
+    }
+
+    /// Gives the host's TAP the address `cidr` (netd brings its TAPs up).
+    pub fn addr(&self, cidr: &str) -> Result<()> {
+        self.ns
+            .exec(&["ip", "addr", "add", cidr, "dev", &self.tap])?;
+        Ok(())
+    }
+
+    /// Whether the host's TAP exists (in its namespace, as it is now).
+    pub fn tap_exists(&self) -> bool {
+        self.ns.exec(&["ip", "link", "show", &self.tap]).is_ok()
+    }
+}
+
+impl std::ops::Deref for TapHost {
+    type Target = Netns;
+    fn deref(&self) -> &Netns {
+        &self.ns
+    }
+}

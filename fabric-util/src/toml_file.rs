@@ -3,7 +3,7 @@
 //!
 //! The types themselves carry `#[serde(deny_unknown_fields)]`; each daemon then runs
 //! its own `validate` step. This module only does what every daemon did the same
-//! way: read, parse, name the file.
+//! way: read, parse, name the file, and word a refused value ([`InvalidKey`]).
 
 use std::path::{Path, PathBuf};
 
@@ -27,6 +27,29 @@ pub enum TomlFileError {
         /// The TOML parser's message (it names the key and its line).
         message: String,
     },
+}
+
+/// A value the TOML parser accepted but the daemon's `validate` step did not.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: key `{key}`: expected {expected}")]
+pub struct InvalidKey {
+    /// The file (or what stands for it, e.g. `<control>` for the control API).
+    pub path: String,
+    /// The key as a dotted path, e.g. `network[1].port[0].ifname` or `disk[1].size`.
+    pub key: String,
+    /// What a valid value looks like.
+    pub expected: String,
+}
+
+/// A config problem: the file itself, or one of its values.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// the file could not be read or is not the TOML of a config
+    #[error(transparent)]
+    File(#[from] TomlFileError),
+    /// a value the file's parser accepted but validation refused
+    #[error(transparent)]
+    Invalid(#[from] InvalidKey),
 }
 
 /// Reads and parses `path`.
@@ -67,5 +90,14 @@ mod tests {
         let e = read::<T>(Path::new("/nonexistent/x.toml")).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/x.toml"), "{e}");
         assert!(std::error::Error::source(&e).is_some());
+        let e = InvalidKey {
+            path: "/etc/x.toml".into(),
+            key: "disk[1].size".into(),
+            expected: "a size".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "/etc/x.toml: key `disk[1].size`: expected a size"
+        );
     }
 }

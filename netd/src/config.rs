@@ -15,29 +15,14 @@ use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use fabric_util::toml_file::{self, TomlFileError};
+use fabric_util::toml_file::{self, InvalidKey};
 use fabric_util::MacAddr;
 use serde::{Deserialize, Serialize};
 
 pub use fabric_api::netd::{Mode, PortConfig, PortKind};
 
-/// A config problem, naming where it is and what was expected.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// the file could not be read or is not the TOML of a config
-    #[error(transparent)]
-    File(#[from] TomlFileError),
-    /// {path}: key `{key}`: expected {expected}
-    #[error("{path}: key `{key}`: expected {expected}")]
-    Invalid {
-        /// The file (or `<api>` for the control API).
-        path: String,
-        /// Dotted key path.
-        key: String,
-        /// What was expected.
-        expected: String,
-    },
-}
+/// A config problem, naming the file, the key and what was expected.
+pub use fabric_util::toml_file::ConfigError;
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -237,11 +222,11 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn err(&self, key: impl Into<String>, expected: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid {
+        ConfigError::Invalid(InvalidKey {
             path: self.path.to_string(),
             key: key.into(),
             expected: expected.into(),
-        }
+        })
     }
 }
 

@@ -21,7 +21,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use fabric_util::toml_file::{self, TomlFileError};
+use fabric_util::toml_file::{self, InvalidKey};
 use serde::Deserialize;
 
 pub use fabric_api::stord::Alloc;
@@ -35,23 +35,8 @@ pub const MAX_DISK_SIZE: u64 = 1 << 60;
 /// Largest `busy_poll_us` accepted.
 pub const MAX_BUSY_POLL_US: u32 = 1000;
 
-/// Errors loading a config file.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// the file could not be read or is not the TOML of a config
-    #[error(transparent)]
-    File(#[from] TomlFileError),
-    /// {path}: key `{key}`: expected {expected}
-    #[error("{path}: key `{key}`: expected {expected}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// The key, e.g. `disk[1].size`.
-        key: String,
-        /// What a valid value looks like.
-        expected: String,
-    },
-}
+/// A config problem, naming the file, the key and what was expected.
+pub use fabric_util::toml_file::ConfigError;
 
 /// One `[[disk]]` table.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -139,10 +124,12 @@ impl Config {
 
     /// Checks values serde cannot: addresses, names, sizes, uniqueness.
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |key: String, expected: String| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            key,
-            expected,
+        let invalid = |key: String, expected: String| {
+            ConfigError::Invalid(InvalidKey {
+                path: path.display().to_string(),
+                key,
+                expected,
+            })
         };
         if let Some(l) = &self.listen {
             l.parse::<SocketAddr>().map_err(|_| {

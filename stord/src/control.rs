@@ -135,8 +135,6 @@ async fn client_session(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fabric_api::stord::Alloc;
-    use fabric_util::Size;
 
     /// Runs one control session on a socket pair; returns the answer lines.
     async fn session(lines: &[&str]) -> Vec<serde_json::Value> {
@@ -181,21 +179,5 @@ mod tests {
         assert_eq!(names, ["a", "b"]);
         assert_eq!(r[4]["ok"], false);
         assert!(r[4]["error"].as_str().unwrap().starts_with("bad request"));
-    }
-
-    #[test]
-    fn requests_carry_typed_sizes() {
-        let r: Request =
-            serde_json::from_str(r#"{"op":"create","name":"a","size":"1MiB","alloc":"fixed"}"#)
-                .unwrap();
-        assert_eq!(
-            r,
-            Request::Create {
-                name: "a".into(),
-                size: Size(1 << 20),
-                alloc: Alloc::Fixed,
-                read_only: false
-            }
-        );
     }
 }

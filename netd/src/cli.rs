@@ -1,6 +1,6 @@
 //! Human-readable output of the CLI client: aligned tables and confirmation lines.
 //!
-//! The CLI asks the daemon over the control socket ([`crate::control::call`]) and
+//! The CLI asks the daemon over the control socket (`fabric_api::Client`) and
 //! gets JSON back. With `--json` it prints that JSON unchanged (scripts depend on
 //! its shape); otherwise it renders it here. The renderers read the JSON values
 //! rather than the daemon's Rust types so that the table is exactly a view of what

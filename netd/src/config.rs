@@ -15,39 +15,14 @@ use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
+use fabric_util::toml_file::{self, InvalidKey};
+use fabric_util::MacAddr;
 use serde::{Deserialize, Serialize};
 
-/// A config problem, naming where it is and what was expected.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// cannot read config file {path}
-    #[error("cannot read config file {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// config file {path}: {message}
-    #[error("config file {path}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// What toml/serde said (names the key and the line).
-        message: String,
-    },
-    /// {path}: key `{key}`: expected {expected}
-    #[error("{path}: key `{key}`: expected {expected}")]
-    Invalid {
-        /// The file (or `<api>` for the control API).
-        path: String,
-        /// Dotted key path.
-        key: String,
-        /// What was expected.
-        expected: String,
-    },
-}
+pub use fabric_api::netd::{Mode, PortConfig, PortKind};
+
+/// A config problem, naming the file, the key and what was expected.
+pub use fabric_util::toml_file::ConfigError;
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -60,20 +35,6 @@ pub struct Config {
     /// The networks.
     #[serde(default)]
     pub network: Vec<NetworkConfig>,
-}
-
-/// Network mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// VMs only.
-    Internal,
-    /// VMs and the host, through a host TAP port with the gateway address.
-    Hostonly,
-    /// Userspace NAT router (not built in this part).
-    Nat,
-    /// Uplink on a host NIC (not built in this part).
-    Bridged,
 }
 
 /// One `[[network]]` table.
@@ -141,39 +102,6 @@ pub struct Reservation {
     pub mac: String,
     /// Address to give it.
     pub ip: Ipv4Addr,
-}
-
-/// Port kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PortKind {
-    /// netd holds the TAP queue.
-    Tap,
-    /// A VMM holds the TAP queue; netd uses AF_PACKET on its kernel side.
-    Vm,
-    /// QEMU `-netdev stream` framing on a unix socket.
-    Stream,
-}
-
-/// One `[[network.port]]` table (also the body of the control API's port add).
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct PortConfig {
-    /// Port name, unique in its network (default: the ifname or path).
-    pub name: Option<String>,
-    /// Kind.
-    pub kind: PortKind,
-    /// TAP name (tap, vm).
-    pub ifname: Option<String>,
-    /// MAC: for `tap`, set on the kernel side; for `vm`, the VM's MAC (informational).
-    pub mac: Option<String>,
-    /// For `tap`: an existing namespace to create the kernel side in.
-    pub netns: Option<String>,
-    /// For `stream`: the unix socket path netd listens on.
-    pub path: Option<PathBuf>,
-    /// Keep a TAP netd created when netd exits.
-    #[serde(default)]
-    pub persistent: bool,
 }
 
 /// A validated port.
@@ -278,29 +206,14 @@ pub fn prefix_mask(prefix: u8) -> Ipv4Addr {
     }
 }
 
-/// Parses `aa:bb:cc:dd:ee:ff`.
+/// Parses `aa:bb:cc:dd:ee:ff` (see [`MacAddr`]).
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.split([':', '-']);
-    for b in mac.iter_mut() {
-        let p = parts.next()?;
-        if p.len() != 2 {
-            return None;
-        }
-        *b = u8::from_str_radix(p, 16).ok()?;
-    }
-    if parts.next().is_some() {
-        return None;
-    }
-    Some(mac)
+    s.parse::<MacAddr>().ok().map(MacAddr::octets)
 }
 
-/// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
+/// Formats a MAC as `aa:bb:cc:dd:ee:ff` (see [`MacAddr`]).
 pub fn fmt_mac(m: &[u8; 6]) -> String {
-    format!(
-        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        m[0], m[1], m[2], m[3], m[4], m[5]
-    )
+    MacAddr(*m).to_string()
 }
 
 struct Ctx<'a> {
@@ -309,11 +222,11 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn err(&self, key: impl Into<String>, expected: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid {
+        ConfigError::Invalid(InvalidKey {
             path: self.path.to_string(),
             key: key.into(),
             expected: expected.into(),
-        }
+        })
     }
 }
 
@@ -337,19 +250,12 @@ fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
 impl Config {
     /// Reads and parses `path` (not yet validated).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text, path)
+        Ok(toml_file::read(path)?)
     }
 
     /// Parses TOML text; `path` is for messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+        Ok(toml_file::parse(text, path)?)
     }
 
     /// Checks every value, applies mode defaults; `path` names the file in errors.
@@ -598,7 +504,7 @@ impl NetworkConfig {
         let mut ports = Vec::new();
         let mut pnames = HashSet::new();
         for (j, pc) in self.port.iter().enumerate() {
-            let ps = pc.validate_at(p, &format!("{at}.port[{j}]"))?;
+            let ps = validate_port(pc, p, &format!("{at}.port[{j}]"))?;
             if !pnames.insert(ps.name.clone()) {
                 return Err(ctx.err(
                     format!("{at}.port[{j}].name"),
@@ -633,84 +539,82 @@ impl NetworkConfig {
     }
 }
 
-impl PortConfig {
-    /// Validates one port; `path` names the source, `at` the key prefix.
-    pub fn validate_at(&self, path: &str, at: &str) -> Result<PortSpec, ConfigError> {
-        let ctx = Ctx { path };
-        let key = |k: &str| format!("{at}.{k}");
-        let ifname = match (&self.ifname, self.kind) {
-            (Some(i), PortKind::Tap | PortKind::Vm) => {
-                crate::sys::check_ifname(i).map_err(|_| {
-                    ctx.err(
-                        key("ifname"),
-                        "an interface name of 1 to 15 bytes, no '/' or spaces",
-                    )
-                })?;
-                Some(i.clone())
-            }
-            (None, PortKind::Tap | PortKind::Vm) => {
-                return Err(ctx.err(key("ifname"), "a TAP name for kind \"tap\" or \"vm\""))
-            }
-            (Some(_), PortKind::Stream) => {
-                return Err(ctx.err(key("ifname"), "no ifname for kind \"stream\" (use `path`)"))
-            }
-            (None, PortKind::Stream) => None,
-        };
-        let path_v = match (&self.path, self.kind) {
-            (Some(p), PortKind::Stream) => {
-                if !p.is_absolute() {
-                    return Err(ctx.err(key("path"), "an absolute unix socket path"));
-                }
-                Some(p.clone())
-            }
-            (None, PortKind::Stream) => {
-                return Err(ctx.err(key("path"), "a unix socket path for kind \"stream\""))
-            }
-            (Some(_), _) => return Err(ctx.err(key("path"), "no path except for kind \"stream\"")),
-            (None, _) => None,
-        };
-        if self.netns.is_some() && self.kind != PortKind::Tap {
-            return Err(ctx.err(key("netns"), "no netns except for kind \"tap\""));
+/// Validates one port; `path` names the source, `at` the key prefix.
+pub fn validate_port(port: &PortConfig, path: &str, at: &str) -> Result<PortSpec, ConfigError> {
+    let ctx = Ctx { path };
+    let key = |k: &str| format!("{at}.{k}");
+    let ifname = match (&port.ifname, port.kind) {
+        (Some(i), PortKind::Tap | PortKind::Vm) => {
+            crate::sys::check_ifname(i).map_err(|_| {
+                ctx.err(
+                    key("ifname"),
+                    "an interface name of 1 to 15 bytes, no '/' or spaces",
+                )
+            })?;
+            Some(i.clone())
         }
-        if let Some(ns) = &self.netns {
-            if ns.is_empty() || ns.contains('/') || ns.len() > 255 {
-                return Err(ctx.err(key("netns"), "the name of a namespace under /run/netns"));
-            }
+        (None, PortKind::Tap | PortKind::Vm) => {
+            return Err(ctx.err(key("ifname"), "a TAP name for kind \"tap\" or \"vm\""))
         }
-        let mac = match &self.mac {
-            Some(m) => {
-                let mac = parse_mac(m)
-                    .ok_or_else(|| ctx.err(key("mac"), "a MAC such as \"52:54:00:12:34:56\""))?;
-                if mac[0] & 1 == 1 {
-                    return Err(ctx.err(
-                        key("mac"),
-                        "a unicast MAC (lowest bit of the first byte clear)",
-                    ));
-                }
-                Some(mac)
-            }
-            None => None,
-        };
-        let name = match &self.name {
-            Some(n) => n.clone(),
-            None => ifname
-                .clone()
-                .or_else(|| path_v.as_ref().map(|p| p.display().to_string()))
-                .unwrap_or_default(),
-        };
-        if name.is_empty() || name.len() > 255 {
-            return Err(ctx.err(key("name"), "a port name of 1 to 255 characters"));
+        (Some(_), PortKind::Stream) => {
+            return Err(ctx.err(key("ifname"), "no ifname for kind \"stream\" (use `path`)"))
         }
-        Ok(PortSpec {
-            name,
-            kind: self.kind,
-            ifname,
-            mac,
-            netns: self.netns.clone(),
-            path: path_v,
-            persistent: self.persistent,
-        })
+        (None, PortKind::Stream) => None,
+    };
+    let path_v = match (&port.path, port.kind) {
+        (Some(p), PortKind::Stream) => {
+            if !p.is_absolute() {
+                return Err(ctx.err(key("path"), "an absolute unix socket path"));
+            }
+            Some(p.clone())
+        }
+        (None, PortKind::Stream) => {
+            return Err(ctx.err(key("path"), "a unix socket path for kind \"stream\""))
+        }
+        (Some(_), _) => return Err(ctx.err(key("path"), "no path except for kind \"stream\"")),
+        (None, _) => None,
+    };
+    if port.netns.is_some() && port.kind != PortKind::Tap {
+        return Err(ctx.err(key("netns"), "no netns except for kind \"tap\""));
     }
+    if let Some(ns) = &port.netns {
+        if ns.is_empty() || ns.contains('/') || ns.len() > 255 {
+            return Err(ctx.err(key("netns"), "the name of a namespace under /run/netns"));
+        }
+    }
+    let mac = match &port.mac {
+        Some(m) => {
+            let mac = parse_mac(m)
+                .ok_or_else(|| ctx.err(key("mac"), "a MAC such as \"52:54:00:12:34:56\""))?;
+            if mac[0] & 1 == 1 {
+                return Err(ctx.err(
+                    key("mac"),
+                    "a unicast MAC (lowest bit of the first byte clear)",
+                ));
+            }
+            Some(mac)
+        }
+        None => None,
+    };
+    let name = match &port.name {
+        Some(n) => n.clone(),
+        None => ifname
+            .clone()
+            .or_else(|| path_v.as_ref().map(|p| p.display().to_string()))
+            .unwrap_or_default(),
+    };
+    if name.is_empty() || name.len() > 255 {
+        return Err(ctx.err(key("name"), "a port name of 1 to 255 characters"));
+    }
+    Ok(PortSpec {
+        name,
+        kind: port.kind,
+        ifname,
+        mac,
+        netns: port.netns.clone(),
+        path: path_v,
+        persistent: port.persistent,
+    })
 }
 
 #[cfg(test)]

@@ -13,12 +13,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 
-use crate::config::{fmt_mac, Mode, NetworkSpec, PortSpec};
-use crate::control::{Request, Response, MAX_REQUEST};
+use fabric_api::netd::{DhcpStats, Request, Response};
+use fabric_api::MAX_REQUEST;
+use fabric_util::{error_chain, MacAddr};
+
+use crate::config::{Mode, NetworkSpec, PortSpec};
 use crate::dhcp::{DhcpServer, LeaseDb, LeaseError};
 use crate::port::{self as ports, PortError, RunningPort};
 use crate::switch::{Network, SwitchError};
@@ -120,26 +122,7 @@ pub struct Daemon {
     nets: Mutex<BTreeMap<String, NetState>>,
 }
 
-/// A network, as `net list` shows it.
-#[derive(Debug, Serialize)]
-pub struct NetInfo {
-    /// Name.
-    pub name: String,
-    /// Mode.
-    pub mode: Mode,
-    /// Subnet, CIDR.
-    pub subnet: Option<String>,
-    /// Gateway.
-    pub gateway: Option<String>,
-    /// DHCP served.
-    pub dhcp: bool,
-    /// MTU.
-    pub mtu: u32,
-    /// Number of ports (services included).
-    pub ports: usize,
-    /// Host TAP of a hostonly network.
-    pub host_ifname: Option<String>,
-}
+pub use fabric_api::netd::NetInfo;
 
 /// A locally administered MAC derived from the network name, for its services.
 fn service_mac(net: &str, salt: u8) -> [u8; 6] {
@@ -431,7 +414,7 @@ impl Daemon {
                             o.insert("path".into(), j(serde_json::to_value(&rp.spec.path)));
                             o.insert(
                                 "mac".into(),
-                                j(serde_json::to_value(rp.spec.mac.as_ref().map(fmt_mac))),
+                                j(serde_json::to_value(rp.spec.mac.map(MacAddr))),
                             );
                         }
                         v
@@ -440,8 +423,7 @@ impl Daemon {
                 serde_json::Value::Array(rows)
             }),
             Request::PortAdd { net, port } => {
-                let spec = port
-                    .validate_at("<control>", "port")
+                let spec = crate::config::validate_port(&port, "<control>", "port")
                     .map_err(DaemonError::BadPort)?;
                 self.port_add(&net, spec)?;
                 Ok(serde_json::Value::Null)
@@ -486,11 +468,12 @@ impl Daemon {
                     .with_net(&net, |st| st.dhcp.clone())?
                     .ok_or_else(|| DaemonError::NoDhcp(net.clone()))?;
                 let d = dhcp.lock().unwrap_or_else(|e| e.into_inner());
-                Ok(serde_json::json!({
-                    "leases": d.db.leases().len(),
-                    "refused_full": d.refused_full,
-                    "malformed": d.malformed,
-                }))
+                let stats = DhcpStats {
+                    leases: d.db.leases().len(),
+                    refused_full: d.refused_full,
+                    malformed: d.malformed,
+                };
+                Ok(j(serde_json::to_value(stats)))
             }
         }
     }
@@ -547,66 +530,20 @@ async fn serve_conn(d: Arc<Daemon>, stream: tokio::net::UnixStream) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        let resp = if line.len() > MAX_REQUEST {
-            Response {
-                ok: false,
-                data: None,
-                error: Some(format!("request longer than {MAX_REQUEST} bytes")),
-            }
-        } else {
-            match serde_json::from_str::<Request>(&line) {
-                Err(e) => Response {
-                    ok: false,
-                    data: None,
-                    error: Some(format!("bad request: {e}")),
-                },
-                Ok(req) => {
-                    let d2 = d.clone();
-                    match tokio::task::spawn_blocking(move || d2.handle(req)).await {
-                        Ok(Ok(data)) => Response {
-                            ok: true,
-                            data: Some(data),
-                            error: None,
-                        },
-                        Ok(Err(e)) => Response {
-                            ok: false,
-                            data: None,
-                            error: Some(crate::error_chain(&e)),
-                        },
-                        Err(e) => Response {
-                            ok: false,
-                            data: None,
-                            error: Some(format!("internal error: {e}")),
-                        },
-                    }
+        let resp = match fabric_api::decode_request::<Request>(line.as_bytes()) {
+            Err(e) => Response::fail(e),
+            Ok(req) => {
+                let d2 = d.clone();
+                match tokio::task::spawn_blocking(move || d2.handle(req)).await {
+                    Ok(Ok(data)) => Response::ok(data),
+                    Ok(Err(e)) => Response::fail(error_chain(&e)),
+                    Err(e) => Response::fail(format!("internal error: {e}")),
                 }
             }
         };
-        let mut out = serde_json::to_vec(&resp).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
-        out.push(b'\n');
+        let out = fabric_api::encode_line(&resp, b"{\"ok\":false}");
         if w.write_all(&out).await.is_err() {
             return;
         }
-    }
-}
-
-/// Sends `READY=1` to systemd when `NOTIFY_SOCKET` is set.
-pub fn sd_notify_ready() {
-    let Some(sock) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let s = sock.to_string_lossy().into_owned();
-    let Ok(dgram) = std::os::unix::net::UnixDatagram::unbound() else {
-        return;
-    };
-    let r = if let Some(name) = s.strip_prefix('@') {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
-            .and_then(|a| dgram.send_to_addr(b"READY=1", &a))
-    } else {
-        dgram.send_to(b"READY=1", &s)
-    };
-    if let Err(e) = r {
-        tracing::warn!(error = %e, "sd_notify failed");
     }
 }

@@ -4,7 +4,9 @@
 //! several kinds ([`port`]: TAP queues netd holds, TAPs a VMM holds reached through
 //! AF_PACKET, QEMU `-netdev stream` unix sockets) and in-process services attached
 //! as ports (the DHCP server, [`dhcp`]). [`daemon`] owns the running networks and
-//! serves the JSON control API; [`config`] reads and validates the TOML file.
+//! serves the JSON control API (its types and client are in the `fabric-api`
+//! crate, shared with stord and vmm-shim); [`config`] reads and validates the TOML
+//! file.
 //!
 //! Data path: one thread per fd-based port reads a frame and switches it on that
 //! thread, writing it straight to the destination port's fd. Services talk to the
@@ -12,7 +14,6 @@
 
 pub mod cli;
 pub mod config;
-pub mod control;
 pub mod daemon;
 pub mod dhcp;
 pub mod modes;
@@ -23,14 +24,4 @@ pub mod switch;
 pub mod sys;
 pub mod wire;
 
-/// Formats an error with its whole `source()` chain: "a: b: c".
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use fabric_util::error_chain;

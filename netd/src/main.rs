@@ -6,9 +6,10 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+use fabric_api::netd::{Forward, PortConfig, PortKind, Proto, Request};
+use fabric_api::Client;
 use netd::cli;
-use netd::config::{Config, PortConfig, PortKind};
-use netd::control::{call, Request};
+use netd::config::Config;
 
 const DEFAULT_CONTROL: &str = "/run/netd/control.sock";
 
@@ -105,7 +106,7 @@ enum ForwardCmd {
 }
 
 fn forward_cmd(out: &Out, cmd: ForwardCmd) -> Result<()> {
-    use netd::nat::{parse_host_addr, Forward, Proto};
+    use fabric_api::netd::parse_host_addr;
     let proto = |p: &str| {
         p.parse::<Proto>()
             .map_err(|e| anyhow::anyhow!("PROTO: {e}"))
@@ -222,7 +223,7 @@ fn serve(config: PathBuf) -> Result<()> {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             waited += 1;
         }
-        netd::daemon::sd_notify_ready();
+        fabric_util::sd_notify_ready();
         tracing::info!(control = %cfg.control.display(), "netd ready");
         let r = server.await.context("control server task failed")?;
         tracing::info!("shutting down");
@@ -239,14 +240,14 @@ fn serve(config: PathBuf) -> Result<()> {
 /// How the client prints the daemon's answers: its JSON as-is (`--json`, which
 /// scripts parse) or a table / a confirmation line for people.
 struct Out {
-    control: PathBuf,
+    control: Client,
     json: bool,
 }
 
 impl Out {
     /// A query: the JSON, or `table` rendering it.
     fn show(&self, req: Request, table: impl FnOnce(&serde_json::Value) -> String) -> Result<()> {
-        let v = call(&self.control, &req)?;
+        let v = self.control.call(&req)?;
         if self.json {
             print_json(&v)
         } else {
@@ -257,7 +258,7 @@ impl Out {
 
     /// A change: the JSON answer (if any), or the line `done`.
     fn change(&self, req: Request, done: &str) -> Result<()> {
-        let v = call(&self.control, &req)?;
+        let v = self.control.call(&req)?;
         if self.json {
             print_json(&v)
         } else {
@@ -274,32 +275,16 @@ fn print_json(v: &serde_json::Value) -> Result<()> {
     Ok(())
 }
 
-fn kind_name(k: PortKind) -> &'static str {
-    match k {
-        PortKind::Tap => "tap",
-        PortKind::Vm => "vm",
-        PortKind::Stream => "stream",
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let out = Out {
-        control: cli.control,
+        control: Client::new(cli.control),
         json: cli.json,
     };
     let r = match cli.cmd {
         Cmd::Serve { config } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-                )
-                .with_writer(std::io::stderr)
-                // Colour only for a person at a terminal: under systemd stderr is
-                // the journal, which would store the escape codes verbatim.
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .init();
+            // RUST_LOG, the variable tracing_subscriber reads by default.
+            fabric_util::init_logging("RUST_LOG", "info");
             serve(config)
         }
         Cmd::Net { cmd: NetCmd::List } => out.show(Request::NetList, cli::net_list),
@@ -321,34 +306,22 @@ fn main() -> ExitCode {
                 path,
                 persistent,
             } => {
-                let kind = match kind.as_str() {
-                    "tap" => Ok(PortKind::Tap),
-                    "vm" => Ok(PortKind::Vm),
-                    "stream" => Ok(PortKind::Stream),
-                    other => Err(anyhow::anyhow!(
-                        "--kind: expected tap, vm or stream, got {other:?}"
-                    )),
+                let kind = match kind.parse::<PortKind>() {
+                    Ok(k) => k,
+                    Err(e) => return finish(Err(anyhow::anyhow!("--kind: {e}"))),
                 };
-                kind.and_then(|kind| {
-                    let port = PortConfig {
-                        name,
-                        kind,
-                        ifname,
-                        mac,
-                        netns,
-                        path,
-                        persistent,
-                    };
-                    // The daemon names an unnamed port after its ifname or path.
-                    let shown = port
-                        .name
-                        .clone()
-                        .or_else(|| port.ifname.clone())
-                        .or_else(|| port.path.as_ref().map(|p| p.display().to_string()))
-                        .unwrap_or_default();
-                    let done = format!("added {} port {shown} to {net}", kind_name(port.kind));
-                    out.change(Request::PortAdd { net, port }, &done)
-                })
+                let port = PortConfig {
+                    name,
+                    kind,
+                    ifname,
+                    mac,
+                    netns,
+                    path,
+                    persistent,
+                };
+                // The daemon names an unnamed port after its ifname or path.
+                let done = format!("added {kind} port {} to {net}", port.shown_name());
+                out.change(Request::PortAdd { net, port }, &done)
             }
         },
         Cmd::Mac { net } => out.show(Request::Mac { net }, cli::mac_table),
@@ -360,6 +333,11 @@ fn main() -> ExitCode {
         Cmd::Flows { net, stats: false } => out.show(Request::Flows { net }, cli::flows),
         Cmd::Flows { net, stats: true } => out.show(Request::NatStats { net }, cli::counters),
     };
+    finish(r)
+}
+
+/// The exit status of a command, its error printed with its causes.
+fn finish(r: Result<()>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,93 +1,26 @@
-//! Thin, checked wrappers over the Linux calls netd needs: TAP devices
-//! (`/dev/net/tun`), interface ioctls (up, MTU, IPv4 address, MAC), AF_PACKET
-//! sockets, eventfd, poll and network-namespace switching.
+//! Thin, checked wrappers over the Linux calls netd needs: AF_PACKET sockets,
+//! eventfd, poll, rtnetlink and network-namespace switching here; TAP devices
+//! (`/dev/net/tun`) and interface ioctls (up, MTU, IPv4 address, MAC), which
+//! vmm-shim needs too, in [`fabric_util::sys`], re-exported below, with netd's
+//! choice of TAP offloads in [`tap_open`].
 //!
-//! Every `unsafe` block of the crate lives here. Each wrapper takes and returns
+//! Every `unsafe` block of the crate lives here or in `fabric_util::sys`. Each wrapper takes and returns
 //! owned, typed values (`OwnedFd`, `Ipv4Addr`), so callers never see a raw pointer.
 //! Interface names are validated (1..=15 bytes, no NUL, no `/`) before they reach
 //! the kernel.
 
-use std::ffi::CString;
 use std::io;
-use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-/// `TUNSETIFF` ioctl number (`_IOW('T', 202, int)`).
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-/// `TUNSETPERSIST` ioctl number (`_IOW('T', 203, int)`).
-const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
-const IFF_VNET_HDR: libc::c_short = 0x4000;
-/// `TUNSETOFFLOAD` ioctl number (`_IOW('T', 208, unsigned int)`).
-const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
-const TUN_F_CSUM: libc::c_ulong = 0x01;
-const TUN_F_TSO4: libc::c_ulong = 0x02;
-const TUN_F_TSO6: libc::c_ulong = 0x04;
+use fabric_util::sys::{self as tap, TapHeader};
+pub use fabric_util::sys::{
+    check_ifname, if_exists, if_index, if_set_ipv4, if_set_mac, if_set_mtu, if_up, tap_set_persist,
+};
+
 /// Linux `PACKET_VNET_HDR` socket option.
 const PACKET_VNET_HDR: libc::c_int = 15;
 /// Linux `PACKET_IGNORE_OUTGOING` socket option (since 4.20).
 const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
-
-/// Size of the kernel's `struct ifreq` on x86_64 / aarch64.
-const IFREQ_SIZE: usize = 40;
-
-/// `struct ifreq`: the name, then a 24-byte union whose interpretation depends on
-/// the ioctl (flags, MTU, address...).
-#[repr(C)]
-struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    data: [u8; IFREQ_SIZE - libc::IFNAMSIZ],
-}
-
-impl IfReq {
-    fn new(ifname: &str) -> io::Result<Self> {
-        check_ifname(ifname)?;
-        let mut name = [0u8; libc::IFNAMSIZ];
-        name[..ifname.len()].copy_from_slice(ifname.as_bytes());
-        Ok(IfReq {
-            name,
-            data: [0; IFREQ_SIZE - libc::IFNAMSIZ],
-        })
-    }
-    fn set_short(&mut self, v: libc::c_short) {
-        self.data[..2].copy_from_slice(&v.to_ne_bytes());
-    }
-    fn short(&self) -> libc::c_short {
-        libc::c_short::from_ne_bytes([self.data[0], self.data[1]])
-    }
-    fn set_int(&mut self, v: libc::c_int) {
-        self.data[..4].copy_from_slice(&v.to_ne_bytes());
-    }
-    fn set_sockaddr_in(&mut self, addr: Ipv4Addr) {
-        // struct sockaddr_in: family (u16, native), port (u16 BE), addr (4 bytes BE).
-        self.data[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
-        self.data[2..4].copy_from_slice(&[0, 0]);
-        self.data[4..8].copy_from_slice(&addr.octets());
-    }
-    fn set_hwaddr(&mut self, mac: [u8; 6]) {
-        // struct sockaddr: family ARPHRD_ETHER, then the 6 address bytes.
-        self.data[..2].copy_from_slice(&libc::ARPHRD_ETHER.to_ne_bytes());
-        self.data[2..8].copy_from_slice(&mac);
-    }
-}
-
-/// Checks a Linux interface name: 1 to 15 bytes, no NUL, `/` or whitespace.
-pub fn check_ifname(name: &str) -> io::Result<()> {
-    let ok = !name.is_empty()
-        && name.len() < libc::IFNAMSIZ
-        && !name
-            .bytes()
-            .any(|b| b == 0 || b == b'/' || b.is_ascii_whitespace());
-    if ok {
-        Ok(())
-    } else {
-        Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("bad interface name {name:?} (1 to 15 bytes, no '/', no spaces)"),
-        ))
-    }
-}
 
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     if r < 0 {
@@ -97,103 +30,21 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-fn ioctl_ifreq(fd: RawFd, req: libc::c_ulong, ifr: &mut IfReq) -> io::Result<()> {
-    // SAFETY: `ifr` is a valid, writable 40-byte `struct ifreq` for the duration of
-    // the call; every ioctl passed here takes a `struct ifreq *`.
-    cvt(unsafe { libc::ioctl(fd, req as _, ifr as *mut IfReq) })?;
-    Ok(())
-}
-
-/// Opens `/dev/net/tun` and attaches to (creating if missing) the TAP `ifname`,
-/// without packet information header. With `vnet`, every frame read or written
-/// carries a 10-byte virtio-net header and the kernel side is told netd takes
-/// partial checksums and TCP segmentation offload (TSO4/6), so the kernel hands
-/// over 64 KiB super-frames instead of MTU-sized segments. Non-blocking.
+/// Opens the TAP `ifname` (creating it if missing), non-blocking. With `vnet`,
+/// every frame read or written carries a 10-byte virtio-net header and the kernel
+/// side is told netd takes partial checksums and TCP segmentation offload
+/// (TSO4/6), so the kernel hands over 64 KiB super-frames instead of MTU-sized
+/// segments ([`crate::offload`] finishes them where a port cannot take them).
 pub fn tap_open(ifname: &str, vnet: bool) -> io::Result<OwnedFd> {
-    let path = CString::new("/dev/net/tun").expect("static path has no NUL");
-    // SAFETY: `path` is a valid NUL-terminated string; open has no other preconditions.
-    let fd = cvt(unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) })?;
-    // SAFETY: `fd` was just returned by open and is owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut ifr = IfReq::new(ifname)?;
-    ifr.set_short(IFF_TAP | IFF_NO_PI | if vnet { IFF_VNET_HDR } else { 0 });
-    ioctl_ifreq(fd.as_raw_fd(), TUNSETIFF, &mut ifr)?;
-    if vnet {
-        let offloads = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6;
-        // SAFETY: TUNSETOFFLOAD takes its argument by value (a flag word), no pointer.
-        cvt(unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD as _, offloads) })?;
+    if !vnet {
+        return tap::tap_open(ifname, TapHeader::None);
     }
-    set_nonblocking(fd.as_raw_fd())?;
+    let fd = tap::tap_open(ifname, TapHeader::Vnet { len: 10 })?;
+    tap::tap_set_offload(
+        fd.as_fd(),
+        tap::TUN_F_CSUM | tap::TUN_F_TSO4 | tap::TUN_F_TSO6,
+    )?;
     Ok(fd)
-}
-
-/// Sets or clears the persist flag of the TAP attached to `fd`.
-pub fn tap_set_persist(fd: &OwnedFd, persist: bool) -> io::Result<()> {
-    // SAFETY: TUNSETPERSIST takes its argument by value (an int flag), no pointer.
-    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETPERSIST as _, persist as libc::c_ulong) })?;
-    Ok(())
-}
-
-/// Whether an interface of that name exists in the current network namespace.
-pub fn if_exists(ifname: &str) -> bool {
-    if_index(ifname).is_ok()
-}
-
-/// The interface index of `ifname`.
-pub fn if_index(ifname: &str) -> io::Result<u32> {
-    check_ifname(ifname)?;
-    let c = CString::new(ifname).map_err(|_| io::ErrorKind::InvalidInput)?;
-    // SAFETY: `c` is a valid NUL-terminated string.
-    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if idx == 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(idx)
-    }
-}
-
-fn inet_socket() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2) call; the result is checked.
-    let fd = cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
-    // SAFETY: `fd` was just created and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Brings `ifname` up (IFF_UP), in the calling thread's network namespace.
-pub fn if_up(ifname: &str) -> io::Result<()> {
-    let s = inet_socket()?;
-    let mut ifr = IfReq::new(ifname)?;
-    ioctl_ifreq(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr)?;
-    let flags = ifr.short() | libc::IFF_UP as libc::c_short;
-    ifr.set_short(flags);
-    ioctl_ifreq(s.as_raw_fd(), libc::SIOCSIFFLAGS, &mut ifr)
-}
-
-/// Sets the MTU of `ifname`.
-pub fn if_set_mtu(ifname: &str, mtu: u32) -> io::Result<()> {
-    let s = inet_socket()?;
-    let mut ifr = IfReq::new(ifname)?;
-    ifr.set_int(mtu as libc::c_int);
-    ioctl_ifreq(s.as_raw_fd(), libc::SIOCSIFMTU, &mut ifr)
-}
-
-/// Sets the MAC address of `ifname`.
-pub fn if_set_mac(ifname: &str, mac: [u8; 6]) -> io::Result<()> {
-    let s = inet_socket()?;
-    let mut ifr = IfReq::new(ifname)?;
-    ifr.set_hwaddr(mac);
-    ioctl_ifreq(s.as_raw_fd(), libc::SIOCSIFHWADDR, &mut ifr)
-}
-
-/// Gives `ifname` the IPv4 address `addr` with netmask `mask`.
-pub fn if_set_ipv4(ifname: &str, addr: Ipv4Addr, mask: Ipv4Addr) -> io::Result<()> {
-    let s = inet_socket()?;
-    let mut ifr = IfReq::new(ifname)?;
-    ifr.set_sockaddr_in(addr);
-    ioctl_ifreq(s.as_raw_fd(), libc::SIOCSIFADDR, &mut ifr)?;
-    let mut ifr = IfReq::new(ifname)?;
-    ifr.set_sockaddr_in(mask);
-    ioctl_ifreq(s.as_raw_fd(), libc::SIOCSIFNETMASK, &mut ifr)
 }
 
 /// Best-effort: disables IPv6 on `ifname` so the kernel side of a switch port does

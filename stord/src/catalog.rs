@@ -108,22 +108,7 @@ struct CatalogFile {
     disks: Vec<Entry>,
 }
 
-/// What `disk list` shows.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DiskInfo {
-    /// Export name.
-    pub name: String,
-    /// Size in bytes.
-    pub size: u64,
-    /// Allocation policy.
-    pub alloc: Alloc,
-    /// Served read-only.
-    pub read_only: bool,
-    /// Bytes allocated on the host.
-    pub allocated: u64,
-    /// Open NBD connections.
-    pub connections: usize,
-}
+pub use fabric_api::stord::DiskInfo;
 
 /// The catalog.
 #[derive(Debug)]

@@ -18,11 +18,14 @@
 //! read_only = false                  # optional
 //! ```
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use fabric_util::toml_file::{self, InvalidKey};
+use serde::Deserialize;
+
+pub use fabric_api::stord::Alloc;
+pub use fabric_util::Size;
 
 /// Default bound on simultaneous NBD connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
@@ -32,120 +35,8 @@ pub const MAX_DISK_SIZE: u64 = 1 << 60;
 /// Largest `busy_poll_us` accepted.
 pub const MAX_BUSY_POLL_US: u32 = 1000;
 
-/// Errors loading a config file.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// cannot read the config file {path}
-    #[error("cannot read the config file {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// {path}: {message}
-    #[error("{path}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// The TOML parser's message (names the key and its line).
-        message: String,
-    },
-    /// {path}: key `{key}`: expected {expected}
-    #[error("{path}: key `{key}`: expected {expected}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// The key, e.g. `disk[1].size`.
-        key: String,
-        /// What a valid value looks like.
-        expected: String,
-    },
-}
-
-/// How a disk's host file is allocated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Alloc {
-    /// Preallocated in full at creation (fallocate).
-    Fixed,
-    /// Sparse: grows as written; TRIM and WRITE_ZEROES punch holes.
-    Dynamic,
-}
-
-impl fmt::Display for Alloc {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Alloc::Fixed => "fixed",
-            Alloc::Dynamic => "dynamic",
-        })
-    }
-}
-
-impl std::str::FromStr for Alloc {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "fixed" => Ok(Alloc::Fixed),
-            "dynamic" => Ok(Alloc::Dynamic),
-            _ => Err(format!("`{s}`: expected \"fixed\" or \"dynamic\"")),
-        }
-    }
-}
-
-/// A size in bytes, written as a number or a string like `"64MiB"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(transparent)]
-pub struct Size(pub u64);
-
-impl<'de> Deserialize<'de> for Size {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = Size;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a size: a number of bytes or a string like \"64MiB\" or \"10GiB\"")
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Size, E> {
-                Ok(Size(v))
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Size, E> {
-                u64::try_from(v)
-                    .map(Size)
-                    .map_err(|_| E::custom("a size cannot be negative"))
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Size, E> {
-                parse_size(v).map(Size).map_err(E::custom)
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-/// Parses `"4096"`, `"64MiB"`, `"10G"`, `"1TiB"` (binary units).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size (a number of bytes or like \"64MiB\")"))?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "K" | "KiB" | "k" => 1 << 10,
-        "M" | "MiB" => 1 << 20,
-        "G" | "GiB" => 1 << 30,
-        "T" | "TiB" => 1 << 40,
-        other => {
-            return Err(format!(
-                "`{s}`: unknown unit `{other}` (use B, KiB, MiB, GiB or TiB)"
-            ))
-        }
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("`{s}` is too large"))
-}
+/// A config problem, naming the file, the key and what was expected.
+pub use fabric_util::toml_file::ConfigError;
 
 /// One `[[disk]]` table.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -221,29 +112,24 @@ pub fn check_disk_size(size: u64) -> Result<(), String> {
 impl Config {
     /// Reads, parses and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let cfg = Self::parse(&text, path)?;
+        let cfg: Config = toml_file::read(path)?;
         cfg.validate(path)?;
         Ok(cfg)
     }
 
     /// Parses TOML text (no validation); `path` only names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string().trim_end().to_string(),
-        })
+        Ok(toml_file::parse(text, path)?)
     }
 
     /// Checks values serde cannot: addresses, names, sizes, uniqueness.
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |key: String, expected: String| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            key,
-            expected,
+        let invalid = |key: String, expected: String| {
+            ConfigError::Invalid(InvalidKey {
+                path: path.display().to_string(),
+                key,
+                expected,
+            })
         };
         if let Some(l) = &self.listen {
             l.parse::<SocketAddr>().map_err(|_| {
@@ -316,16 +202,6 @@ mod tests {
 
     fn p() -> &'static Path {
         Path::new("/etc/stord.toml")
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
-        assert_eq!(parse_size("10G"), Ok(10 << 30));
-        assert!(parse_size("10 furlongs").is_err());
-        assert!(parse_size("").is_err());
-        assert!(parse_size("99999999999TiB").is_err());
     }
 
     #[test]

@@ -1,145 +1,38 @@
-//! The control API: JSON over a unix socket, one request per line, one response
-//! line each. The same types serve the daemon side ([`handle`]) and the CLI
-//! client ([`call`]).
+//! The control API's server side: JSON over a unix socket, one request per line,
+//! one response line each (the protocol, its types and the client that the CLI
+//! uses are in `fabric_api::stord`).
 //!
 //! ```text
-//! {"op":"list"}
-//! {"op":"create","name":"d1","size":"64MiB","alloc":"dynamic"}
-//! {"op":"resize","name":"d1","size":134217728}
-//! {"op":"delete","name":"d1"}
-//! {"op":"status"}
+//! {"cmd":"list"}
+//! {"cmd":"create","name":"d1","size":"64MiB","alloc":"dynamic"}
+//! {"cmd":"resize","name":"d1","size":134217728}
+//! {"cmd":"delete","name":"d1"}
+//! {"cmd":"status"}
 //! ```
-//! Responses are `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
+//! Responses are `{"ok":true,...}` or `{"ok":false,"error":"..."}`. Requests
+//! tagged `"op"`, as before this release, are still accepted.
+//!
+//! Catalog changes do file I/O (fsync, fallocate) and run on tokio's blocking
+//! pool, so a slow disk never stalls the NBD connections' tasks.
 
-use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use fabric_api::stord::{Request, Response, StatusInfo};
+use fabric_api::MAX_REQUEST;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
-use crate::catalog::{Catalog, DiskInfo};
-use crate::config::{Alloc, Size};
+use crate::catalog::Catalog;
 use crate::nbd::Stats;
 
-/// Longest request line accepted.
-const MAX_LINE: usize = 64 * 1024;
-
-/// A control request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
-pub enum ControlRequest {
-    /// List disks.
-    List {},
-    /// Create a disk.
-    Create {
-        /// Name.
-        name: String,
-        /// Size.
-        size: Size,
-        /// Allocation.
-        alloc: Alloc,
-        /// Read-only.
-        #[serde(default)]
-        read_only: bool,
-    },
-    /// Resize a disk.
-    Resize {
-        /// Name.
-        name: String,
-        /// New size.
-        size: Size,
-    },
-    /// Delete a disk (refused while connected).
-    Delete {
-        /// Name.
-        name: String,
-    },
-    /// Counters.
-    Status {},
-}
-
-/// Server counters as reported by `status`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StatusInfo {
-    /// Connections accepted.
-    pub connections: u64,
-    /// Connections refused over the limit.
-    pub refused: u64,
-    /// Requests answered with an error because they were invalid.
-    pub invalid_requests: u64,
-    /// Connections closed for a protocol violation.
-    pub protocol_errors: u64,
-    /// Requests served.
-    pub requests: u64,
-}
-
-/// A control response.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ControlResponse {
-    /// Success.
-    pub ok: bool,
-    /// Why not.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// For `list`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub disks: Option<Vec<DiskInfo>>,
-    /// For `status`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<StatusInfo>,
-}
-
-impl ControlResponse {
-    fn ok() -> Self {
-        ControlResponse {
-            ok: true,
-            error: None,
-            disks: None,
-            status: None,
-        }
-    }
-    fn fail(e: String) -> Self {
-        ControlResponse {
-            ok: false,
-            error: Some(e),
-            disks: None,
-            status: None,
-        }
-    }
-}
-
-/// Errors of the control client.
-#[derive(Debug, thiserror::Error)]
-pub enum ControlError {
-    /// cannot reach the control socket {path}
-    #[error("cannot reach the control socket {path} (is stord running?)")]
-    Connect {
-        /// Socket path.
-        path: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// control socket I/O failed
-    #[error("control socket I/O failed")]
-    Io(#[from] std::io::Error),
-    /// the daemon sent a malformed response
-    #[error("the daemon sent a malformed response")]
-    Malformed(#[source] serde_json::Error),
-    /// the daemon refused: {0}
-    #[error("{0}")]
-    Refused(String),
-}
-
 /// Executes one request against the catalog.
-pub async fn handle(catalog: &Arc<Catalog>, stats: &Stats, req: ControlRequest) -> ControlResponse {
+pub async fn handle(catalog: &Arc<Catalog>, stats: &Stats, req: Request) -> Response {
     let cat = catalog.clone();
     let res = match req {
-        ControlRequest::Status {} => {
-            let mut r = ControlResponse::ok();
+        Request::Status {} => {
+            let mut r = Response::ok();
             r.status = Some(StatusInfo {
                 connections: stats.connections.load(Ordering::Relaxed),
                 refused: stats.refused.load(Ordering::Relaxed),
@@ -149,8 +42,8 @@ pub async fn handle(catalog: &Arc<Catalog>, stats: &Stats, req: ControlRequest) 
             });
             return r;
         }
-        ControlRequest::List {} => tokio::task::spawn_blocking(move || Ok(Some(cat.list()))).await,
-        ControlRequest::Create {
+        Request::List {} => tokio::task::spawn_blocking(move || Ok(Some(cat.list()))).await,
+        Request::Create {
             name,
             size,
             alloc,
@@ -161,21 +54,21 @@ pub async fn handle(catalog: &Arc<Catalog>, stats: &Stats, req: ControlRequest) 
             })
             .await
         }
-        ControlRequest::Resize { name, size } => {
+        Request::Resize { name, size } => {
             tokio::task::spawn_blocking(move || cat.resize(&name, size.0).map(|_| None)).await
         }
-        ControlRequest::Delete { name } => {
+        Request::Delete { name } => {
             tokio::task::spawn_blocking(move || cat.delete(&name).map(|_| None)).await
         }
     };
     match res {
         Ok(Ok(disks)) => {
-            let mut r = ControlResponse::ok();
+            let mut r = Response::ok();
             r.disks = disks;
             r
         }
-        Ok(Err(e)) => ControlResponse::fail(crate::error_chain(&e)),
-        Err(e) => ControlResponse::fail(format!("internal error: {e}")),
+        Ok(Err(e)) => Response::fail(crate::error_chain(&e)),
+        Err(e) => Response::fail(format!("internal error: {e}")),
     }
 }
 
@@ -219,73 +112,72 @@ async fn client_session(
     loop {
         line.clear();
         let n = (&mut rd)
-            .take(MAX_LINE as u64 + 1)
+            .take(MAX_REQUEST as u64 + 1)
             .read_until(b'\n', &mut line)
             .await?;
         if n == 0 {
             return Ok(());
         }
-        let resp = if line.len() > MAX_LINE {
-            let r = ControlResponse::fail(format!("request longer than {MAX_LINE} bytes"));
-            let mut out = serde_json::to_vec(&r).unwrap_or_default();
-            out.push(b'\n');
-            wr.write_all(&out).await?;
+        if line.len() > MAX_REQUEST {
+            // A line this long is not a request: answer once and hang up.
+            let r = Response::fail(format!("request longer than {MAX_REQUEST} bytes"));
+            wr.write_all(&fabric_api::encode_line(&r, b"")).await?;
             return Ok(());
-        } else {
-            match serde_json::from_slice::<ControlRequest>(&line) {
-                Ok(req) => handle(&catalog, &stats, req).await,
-                Err(e) => ControlResponse::fail(format!("bad request: {e}")),
-            }
+        }
+        let resp = match fabric_api::decode_request::<Request>(&line) {
+            Ok(req) => handle(&catalog, &stats, req).await,
+            Err(e) => Response::fail(e),
         };
-        let mut out = serde_json::to_vec(&resp).unwrap_or_default();
-        out.push(b'\n');
-        wr.write_all(&out).await?;
+        wr.write_all(&fabric_api::encode_line(&resp, b"")).await?;
     }
-}
-
-/// Sends one request to the daemon and returns its (successful) response.
-pub async fn call(path: &Path, req: &ControlRequest) -> Result<ControlResponse, ControlError> {
-    let stream = UnixStream::connect(path)
-        .await
-        .map_err(|source| ControlError::Connect {
-            path: path.display().to_string(),
-            source,
-        })?;
-    let (rd, mut wr) = stream.into_split();
-    let mut line = serde_json::to_vec(req).map_err(ControlError::Malformed)?;
-    line.push(b'\n');
-    wr.write_all(&line).await?;
-    let mut rd = BufReader::new(rd);
-    let mut resp = String::new();
-    rd.read_line(&mut resp).await?;
-    let r: ControlResponse = serde_json::from_str(&resp).map_err(ControlError::Malformed)?;
-    if !r.ok {
-        return Err(ControlError::Refused(
-            r.error.unwrap_or_else(|| "unknown error".into()),
-        ));
-    }
-    Ok(r)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn requests_parse_strictly() {
-        let r: ControlRequest =
-            serde_json::from_str(r#"{"op":"create","name":"a","size":"1MiB","alloc":"fixed"}"#)
-                .unwrap();
-        assert_eq!(
-            r,
-            ControlRequest::Create {
-                name: "a".into(),
-                size: Size(1 << 20),
-                alloc: Alloc::Fixed,
-                read_only: false
-            }
-        );
-        assert!(serde_json::from_str::<ControlRequest>(r#"{"op":"list","x":1}"#).is_err());
-        assert!(serde_json::from_str::<ControlRequest>(r#"{"op":"explode"}"#).is_err());
+    /// Runs one control session on a socket pair; returns the answer lines.
+    async fn session(lines: &[&str]) -> Vec<serde_json::Value> {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Arc::new(Catalog::open(dir.path(), &[]).unwrap());
+        let (client, server) = UnixStream::pair().unwrap();
+        let task = tokio::spawn(client_session(server, catalog, Arc::new(Stats::default())));
+        let (rd, mut wr) = client.into_split();
+        for l in lines {
+            wr.write_all(format!("{l}\n").as_bytes()).await.unwrap();
+        }
+        drop(wr);
+        let mut out = Vec::new();
+        let mut rd = BufReader::new(rd).lines();
+        while let Some(l) = rd.next_line().await.unwrap() {
+            out.push(serde_json::from_str(&l).unwrap());
+        }
+        task.await.unwrap().unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn old_op_and_new_cmd_requests_are_both_served() {
+        let r = session(&[
+            r#"{"op":"create","name":"a","size":"1MiB","alloc":"fixed"}"#,
+            r#"{"cmd":"create","name":"b","size":4096,"alloc":"dynamic"}"#,
+            r#"{"op":"list"}"#,
+            r#"{"cmd":"list"}"#,
+            r#"{"cmd":"explode"}"#,
+        ])
+        .await;
+        assert_eq!(r.len(), 5);
+        assert_eq!(r[0]["ok"], true, "{}", r[0]);
+        assert_eq!(r[1]["ok"], true, "{}", r[1]);
+        assert_eq!(r[2], r[3]);
+        let names: Vec<&str> = r[3]["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(r[4]["ok"], false);
+        assert!(r[4]["error"].as_str().unwrap().starts_with("bad request"));
     }
 }

@@ -10,7 +10,8 @@
 //! - [`disk`]: one host file as a disk (fixed / dynamic), blocking I/O;
 //! - [`catalog`]: the set of disks, persisted atomically;
 //! - [`nbd`]: one connection, handshake and concurrent transmission;
-//! - [`control`]: the JSON control API and its client;
+//! - [`control`]: the JSON control API's server side (its types and client are
+//!   in the `fabric-api` crate, shared with netd);
 //! - [`server`]: listeners, limits, systemd, signals, shutdown;
 //! - [`config`]: the strict TOML configuration;
 //! - [`sys`]: the few raw Linux calls (all `unsafe` lives there).
@@ -25,17 +26,7 @@ pub mod server;
 pub mod sys;
 pub mod wire;
 
-/// Formats an error with its whole `source()` chain: "a: b: c".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use fabric_util::error_chain;
 
 /// Resolves once the shutdown flag is set (or its sender is gone).
 pub async fn until_shutdown(rx: &mut tokio::sync::watch::Receiver<bool>) {

@@ -5,8 +5,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use stord::config::{parse_size, Alloc, Config, Size};
-use stord::control::{self, ControlRequest};
+use fabric_api::stord::{Alloc, Request};
+use fabric_api::Client;
+use fabric_util::Size;
+use stord::config::Config;
 
 /// Default control socket, as the packaged unit uses it.
 const DEFAULT_CONTROL: &str = "/run/stord/control.sock";
@@ -56,8 +58,8 @@ enum DiskCmd {
         /// Disk (export) name.
         name: String,
         /// Size: bytes, or like 64MiB / 10GiB.
-        #[arg(long, value_parser = parse_size)]
-        size: u64,
+        #[arg(long)]
+        size: Size,
         /// fixed (preallocated) or dynamic (sparse).
         #[arg(long, default_value = "dynamic")]
         alloc: Alloc,
@@ -76,26 +78,14 @@ enum DiskCmd {
         /// Disk name.
         name: String,
         /// New size.
-        #[arg(long, value_parser = parse_size)]
-        size: u64,
+        #[arg(long)]
+        size: Size,
     },
     /// Delete a disk and its file (refused while clients are connected).
     Delete {
         /// Disk name.
         name: String,
     },
-}
-
-fn init_logging() {
-    // Logs go to stderr: stdout carries NBD in --stdin mode and data for the CLI.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STORD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -120,7 +110,9 @@ fn main() -> ExitCode {
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Serve { config, stdin } => {
-            init_logging();
+            // Logs go to stderr: stdout carries NBD in --stdin mode and data for
+            // the CLI.
+            fabric_util::init_logging("STORD_LOG", "info");
             let cfg = Config::load(&config)?;
             let rt = runtime()?;
             let r = rt.block_on(stord::server::run(cfg, stord::server::Options { stdin }));
@@ -131,7 +123,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Status { control } => {
-            let r = runtime()?.block_on(control::call(&control, &ControlRequest::Status {}))?;
+            let r = Client::new(control).call(&Request::Status {})?;
             println!("{}", serde_json::to_string_pretty(&r.status)?);
             Ok(())
         }
@@ -142,20 +134,20 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     size,
                     alloc,
                     read_only,
-                } => ControlRequest::Create {
+                } => Request::Create {
                     name: name.clone(),
-                    size: Size(*size),
+                    size: *size,
                     alloc: *alloc,
                     read_only: *read_only,
                 },
-                DiskCmd::List { .. } => ControlRequest::List {},
-                DiskCmd::Resize { name, size } => ControlRequest::Resize {
+                DiskCmd::List { .. } => Request::List {},
+                DiskCmd::Resize { name, size } => Request::Resize {
                     name: name.clone(),
-                    size: Size(*size),
+                    size: *size,
                 },
-                DiskCmd::Delete { name } => ControlRequest::Delete { name: name.clone() },
+                DiskCmd::Delete { name } => Request::Delete { name: name.clone() },
             };
-            let r = runtime()?.block_on(control::call(&control, &req))?;
+            let r = Client::new(control).call(&req)?;
             if let DiskCmd::List { json } = cmd {
                 let disks = r.disks.unwrap_or_default();
                 if json {

@@ -20,6 +20,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fabric_util::sd_notify;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch, Semaphore};
 
@@ -130,32 +131,6 @@ fn bind_unix(path: &Path) -> Result<UnixListener, std::io::Error> {
         _ => {}
     }
     UnixListener::bind(path)
-}
-
-/// Sends a message to systemd's notify socket, if there is one. Errors are
-/// logged only: a missing supervisor must not stop the daemon.
-pub fn sd_notify(msg: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let sock = match std::os::unix::net::UnixDatagram::unbound() {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "sd_notify: no socket");
-            return;
-        }
-    };
-    let bytes = path.as_encoded_bytes();
-    let res = if let Some(abs) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(abs)
-            .and_then(|a| sock.send_to_addr(msg.as_bytes(), &a))
-    } else {
-        sock.send_to(msg.as_bytes(), Path::new(&path))
-    };
-    if let Err(e) = res {
-        tracing::warn!(error = %e, "sd_notify failed");
-    }
 }
 
 /// Runs the daemon until SIGTERM / SIGINT (or, with `--stdin`, until the one

@@ -8,28 +8,16 @@
 
 use std::path::{Path, PathBuf};
 
+use fabric_util::toml_file::{self, TomlFileError};
+use fabric_util::{MacAddr, Size};
 use serde::Deserialize;
 
 /// A configuration error; the message names the key and what was expected.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// could not read config file {path}
-    #[error("could not read config file {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// config file {path} is not valid
-    #[error("config file {path}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// The TOML parser's message (it names the key and line).
-        message: String,
-    },
+    /// the file could not be read or is not the TOML of a VM
+    #[error(transparent)]
+    File(#[from] TomlFileError),
     /// a key holds a bad value
     #[error("{key}: {message}")]
     Invalid {
@@ -155,14 +143,7 @@ pub const MIN_MEM: u64 = 32 << 20;
 impl RawConfig {
     /// Reads and parses a TOML file; errors name the file and the key.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+        Ok(toml_file::read(path)?)
     }
 
     /// Overlays CLI values on top of a file's (CLI wins, lists are appended).
@@ -199,7 +180,7 @@ impl RawConfig {
             .kernel
             .ok_or_else(|| invalid("kernel", "required: path of a vmlinux (ELF) or bzImage"))?;
         let mem_bytes = match &self.mem {
-            Some(s) => parse_size(s).ok_or_else(|| {
+            Some(s) => s.parse::<Size>().map(Size::bytes).map_err(|_| {
                 invalid("mem", format!("expected a size like 256M or 1G, got {s:?}"))
             })?,
             None => 256 << 20,
@@ -257,34 +238,12 @@ impl RawConfig {
     }
 }
 
-/// Parses "256M", "1G", "65536K" or a plain byte count.
-pub fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let (num, shift) = match s.as_bytes().last()? {
-        b'K' | b'k' => (&s[..s.len() - 1], 10),
-        b'M' | b'm' => (&s[..s.len() - 1], 20),
-        b'G' | b'g' => (&s[..s.len() - 1], 30),
-        _ => (s, 0),
-    };
-    let n: u64 = num.parse().ok()?;
-    n.checked_mul(1u64 << shift)
-}
-
-/// Parses "52:54:00:12:34:56".
+/// Parses a unicast MAC, "52:54:00:12:34:56" (a guest NIC's own address).
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in mac.iter_mut() {
-        let p = parts.next()?;
-        if p.len() != 2 {
-            return None;
-        }
-        *b = u8::from_str_radix(p, 16).ok()?;
-    }
-    if parts.next().is_some() || mac[0] & 1 == 1 {
-        return None;
-    }
-    Some(mac)
+    s.parse::<MacAddr>()
+        .ok()
+        .filter(|m| !m.is_multicast())
+        .map(MacAddr::octets)
 }
 
 /// Parses `tap=IF[,mac=MAC]` or `netd=NET[,mac=MAC]`.
@@ -372,16 +331,6 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("256M"), Some(256 << 20));
-        assert_eq!(parse_size("1G"), Some(1 << 30));
-        assert_eq!(parse_size("4096"), Some(4096));
-        assert_eq!(parse_size("x"), None);
-        assert_eq!(parse_size(""), None);
-        assert_eq!(parse_size("99999999999999G"), None);
-    }
 
     #[test]
     fn nets() {

@@ -8,7 +8,9 @@
 //! Module map: [`config`] (CLI/TOML, validated), [`boot`] (loader, zero page, long-mode
 //! state), [`layout`] (guest physical map), [`legacy`] (UART, i8042), [`virtio`] (mmio
 //! transport, blk, net, checked descriptor chains), [`nbd`] (client), [`sys`] (TAP and
-//! signal syscalls), [`vmm`] (KVM setup, vCPU threads, shutdown), [`netd_client`].
+//! signal syscalls), [`vmm`] (KVM setup, vCPU threads, shutdown), [`netd_client`]
+//! (netd's control API, from the `fabric-api` crate). Sizes, MACs, TAP ioctls and
+//! logging set-up are the `fabric-util` crate's, shared with netd and stord.
 
 pub mod acpi;
 pub mod boot;
@@ -22,14 +24,4 @@ pub mod sys;
 pub mod virtio;
 pub mod vmm;
 
-/// Formats an error with its whole `source()` chain: "a: b: c".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use fabric_util::error_chain;

@@ -1,16 +1,28 @@
-//! Asking netd for a `vm` port: one JSON request line on its control socket
-//! (`{"cmd":"port_add","net":..,"port":{"kind":"vm","ifname":..,"mac":..}}`), one
-//! response line back (`{"ok":true}` or `{"ok":false,"error":..}`). netd creates the
-//! TAP and reaches the guest through AF_PACKET on the TAP's kernel side; the VMM opens
-//! the TAP by name as its queue. On shutdown the VMM removes the port (`port_del`).
+//! Asking netd for a `vm` port, through netd's control API (`fabric_api::netd`):
+//! a typed `port_add` request with a port of kind `vm`, the TAP name and the guest's
+//! MAC, one answer line back (`{"ok":true}` or `{"ok":false,"error":..}`). netd
+//! creates the TAP and reaches the guest through AF_PACKET on the TAP's kernel side;
+//! the VMM opens the TAP by name as its queue. On shutdown the VMM removes the port
+//! (`port_del`). The client bounds the wait (10 s) and the answer (64 KiB): a VMM
+//! starting up must not hang on, or buffer without end from, a broken netd.
 //!
-//! netd's AF_PACKET side moves plain frames, without GSO metadata, so a NIC on a netd
-//! port offers the guest no checksum or segmentation offloads.
+//! Offloads. netd's AF_PACKET socket on a vm port carries a virtio-net header before
+//! every frame both ways (PACKET_VNET_HDR), so checksum and segmentation metadata
+//! crosses it: a guest's offloaded frames reach netd with what it needs to finish
+//! them for ports that cannot take them, and netd can hand the guest super-frames.
+//! Whether the guest is offered those offloads is the VMM's choice per NIC, made
+//! where the NIC is built (`vmm.rs`).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
+
+use fabric_api::netd::{PortConfig, PortKind, Request};
+use fabric_api::{Client, ClientError};
+
+/// How long the VMM waits for netd, to connect and to answer.
+const TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest answer line read from netd.
+const MAX_ANSWER: usize = 64 << 10;
 
 /// A netd control error.
 #[derive(Debug, thiserror::Error)]
@@ -22,7 +34,7 @@ pub enum NetdError {
         path: String,
         /// Why.
         #[source]
-        source: std::io::Error,
+        source: ClientError,
     },
     /// netd refused the request
     #[error("netd refused a vm port on network {network:?}: {message}")]
@@ -34,46 +46,21 @@ pub enum NetdError {
     },
 }
 
-/// Longest answer line read from netd.
-const MAX_ANSWER: u64 = 64 << 10;
-
-fn call(control: &Path, req: serde_json::Value) -> Result<serde_json::Value, NetdError> {
-    let io = |source| NetdError::Io {
-        path: control.display().to_string(),
-        source,
-    };
-    let mut s = UnixStream::connect(control).map_err(io)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(io)?;
-    let mut line = req.to_string();
-    line.push('\n');
-    s.write_all(line.as_bytes()).map_err(io)?;
-    // One answer line is small; a peer that streams bytes without a newline must not
-    // grow this buffer without bound (the read timeout alone does not stop it).
-    let mut resp = String::new();
-    BufReader::new(&s)
-        .take(MAX_ANSWER)
-        .read_line(&mut resp)
-        .map_err(io)?;
-    let network = req
-        .get("net")
-        .and_then(|n| n.as_str())
-        .unwrap_or_default()
-        .to_string();
-    let refused = |message: String| NetdError::Refused {
-        network: network.clone(),
-        message,
-    };
-    let v: serde_json::Value =
-        serde_json::from_str(resp.trim()).map_err(|e| refused(format!("bad answer: {e}")))?;
-    if v.get("ok").and_then(|o| o.as_bool()) != Some(true) {
-        let msg = v
-            .get("error")
-            .and_then(|e| e.as_str())
-            .unwrap_or("no reason given");
-        return Err(refused(msg.to_string()));
+fn call(control: &Path, network: &str, req: &Request) -> Result<(), NetdError> {
+    let client = Client::new(control).timeout(TIMEOUT).max_reply(MAX_ANSWER);
+    match client.call(req) {
+        Ok(_) => Ok(()),
+        Err(
+            e @ (ClientError::Connect { .. } | ClientError::Io(_) | ClientError::TimedOut { .. }),
+        ) => Err(NetdError::Io {
+            path: control.display().to_string(),
+            source: e,
+        }),
+        Err(e) => Err(NetdError::Refused {
+            network: network.to_string(),
+            message: fabric_util::error_chain(&e),
+        }),
     }
-    Ok(v.get("data").cloned().unwrap_or(serde_json::Value::Null))
 }
 
 /// Adds a `vm` port named `ifname` (netd creates the TAP) on `network` for a guest
@@ -84,29 +71,35 @@ pub fn add_vm_port(
     ifname: &str,
     mac: &str,
 ) -> Result<(), NetdError> {
-    call(
-        control,
-        serde_json::json!({
-            "cmd": "port_add",
-            "net": network,
-            "port": { "kind": "vm", "ifname": ifname, "mac": mac },
-        }),
-    )
-    .map(|_| ())
+    let port = PortConfig {
+        name: None,
+        kind: PortKind::Vm,
+        ifname: Some(ifname.to_string()),
+        mac: Some(mac.to_string()),
+        netns: None,
+        path: None,
+        persistent: false,
+    };
+    let req = Request::PortAdd {
+        net: network.to_string(),
+        port,
+    };
+    call(control, network, &req)
 }
 
 /// Removes the port again (on VM shutdown).
 pub fn del_port(control: &Path, network: &str, name: &str) -> Result<(), NetdError> {
-    call(
-        control,
-        serde_json::json!({ "cmd": "port_del", "net": network, "name": name }),
-    )
-    .map(|_| ())
+    let req = Request::PortDel {
+        net: network.to_string(),
+        name: name.to_string(),
+    };
+    call(control, network, &req)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{BufRead, BufReader, Write};
     use std::os::unix::net::UnixListener;
 
     #[test]
@@ -131,5 +124,32 @@ mod tests {
         assert!(err.to_string().contains("refused"), "{err}");
         let sent = t.join().unwrap();
         assert!(sent < 8 << 20, "the client read all {sent} bytes");
+    }
+
+    #[test]
+    fn the_request_is_a_typed_port_add() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            s.write_all(b"{\"ok\":false,\"error\":\"no network named \\\"lab\\\"\"}\n")
+                .unwrap();
+            line
+        });
+        let err = add_vm_port(&path, "lab", "vs1n0", "52:54:00:00:00:01").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "netd refused a vm port on network \"lab\": no network named \"lab\""
+        );
+        let v: serde_json::Value = serde_json::from_str(&t.join().unwrap()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"cmd": "port_add", "net": "lab", "port": {
+                "name": null, "kind": "vm", "ifname": "vs1n0", "mac": "52:54:00:00:00:01",
+                "netns": null, "path": null, "persistent": false}})
+        );
     }
 }

@@ -1,27 +1,16 @@
-//! Thin wrappers over the few raw syscalls the VMM needs (TAP ioctls, poll, signals).
-//! Every `unsafe` block of the crate lives here, but the one call of the `unsafe fn`
-//! [`set_user_memory_region`] (vmm.rs), whose contract only the caller can keep.
+//! Thin wrappers over the few raw syscalls the VMM needs (TAP reads and writes, poll,
+//! signals, two KVM calls); opening a TAP and its ioctls are `fabric_util::sys`,
+//! shared with netd. Every `unsafe` block of the crate lives here, but the one call
+//! of the `unsafe fn` [`set_user_memory_region`] (vmm.rs), whose contract only the
+//! caller can keep.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+
+use fabric_util::sys::TapHeader;
 
 use crate::virtio::net::NetBackend;
-
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
-const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
-const IFF_VNET_HDR: libc::c_short = 0x4000;
-
-#[repr(C)]
-struct IfReq {
-    name: [u8; 16],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
 
 /// A TAP queue opened with `IFF_VNET_HDR` (header size 12), non-blocking.
 pub struct Tap {
@@ -32,38 +21,9 @@ pub struct Tap {
 impl Tap {
     /// Opens (or creates) the TAP interface `name`.
     pub fn open(name: &str) -> io::Result<Tap> {
-        if name.is_empty() || name.len() > 15 {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad TAP name"));
-        }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open("/dev/net/tun")?;
-        let mut req = IfReq {
-            name: [0; 16],
-            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
-            _pad: [0; 22],
-        };
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
-        // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is (40 bytes, C layout);
-        // the fd is a valid tun fd we own.
-        let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let hdr: libc::c_int = crate::virtio::net::VNET_HDR_LEN as libc::c_int;
-        // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which is valid.
-        let r = unsafe {
-            libc::ioctl(
-                file.as_raw_fd(),
-                TUNSETVNETHDRSZ,
-                &hdr as *const libc::c_int,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let len = u8::try_from(crate::virtio::net::VNET_HDR_LEN)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let file = File::from(fabric_util::sys::tap_open(name, TapHeader::Vnet { len })?);
         Ok(Tap {
             file,
             name: name.to_string(),
@@ -102,18 +62,7 @@ impl NetBackend for Tap {
     }
 
     fn set_offload(&mut self, flags: u32) -> io::Result<()> {
-        // SAFETY: TUNSETOFFLOAD takes its argument by value.
-        let r = unsafe {
-            libc::ioctl(
-                self.file.as_raw_fd(),
-                TUNSETOFFLOAD,
-                libc::c_ulong::from(flags),
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        fabric_util::sys::tap_set_offload(self.file.as_fd(), flags)
     }
 }
 
@@ -207,23 +156,7 @@ pub fn kick_thread(t: libc::pthread_t) {
     }
 }
 
-/// Sends `READY=1` to systemd when `NOTIFY_SOCKET` is set.
-pub fn sd_notify_ready() {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
-        return;
-    };
-    let p = path.to_string_lossy().into_owned();
-    let _ = if let Some(abs) = p.strip_prefix('@') {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(abs.as_bytes())
-            .and_then(|a| sock.send_to_addr(b"READY=1", &a))
-    } else {
-        sock.send_to(b"READY=1", &p)
-    };
-}
+pub use fabric_util::sd_notify_ready;
 
 /// Registers a guest memory region with KVM.
 ///

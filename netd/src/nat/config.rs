@@ -7,83 +7,31 @@
 //! forward added later through the control API goes through the same
 //! `check_forward`.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use super::NatError;
 
-/// Transport protocol of a port forward.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Proto {
-    /// TCP.
-    Tcp,
-    /// UDP.
-    Udp,
-}
+pub use fabric_api::netd::{parse_host_addr, Forward, Proto};
 
-impl std::fmt::Display for Proto {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        })
-    }
-}
-
-impl std::str::FromStr for Proto {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "tcp" => Ok(Proto::Tcp),
-            "udp" => Ok(Proto::Udp),
-            other => Err(format!("expected \"tcp\" or \"udp\", got {other:?}")),
-        }
-    }
-}
-
-/// Parses a forward's host address: "ADDR:PORT", or "PORT" alone for 127.0.0.1:PORT
-/// (loopback by default: a forward is open to the world only if the user says so).
-pub fn parse_host_addr(s: &str) -> Result<SocketAddr, String> {
-    if let Ok(port) = s.parse::<u16>() {
-        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
-    }
-    s.parse::<SocketAddr>()
-        .map_err(|_| format!("expected \"ADDR:PORT\" or \"PORT\", got {s:?}"))
-}
-
-fn de_host<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
-    let s = String::deserialize(d)?;
-    parse_host_addr(&s).map_err(serde::de::Error::custom)
-}
-
-/// A port forward: connections (TCP) or datagrams (UDP) to `host` go to `guest`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Forward {
-    /// `tcp` or `udp`.
-    pub proto: Proto,
-    /// Host address to listen on ("127.0.0.1:2222", or "2222" for loopback).
-    #[serde(deserialize_with = "de_host")]
-    pub host: SocketAddr,
-    /// Guest address ("10.0.2.15:22").
-    pub guest: SocketAddrV4,
-}
-
-impl Forward {
+/// The router's errors about one forward.
+pub(super) trait ForwardErrors {
     /// The error for a second forward on this forward's protocol and host address.
-    pub(super) fn exists(&self) -> NatError {
+    fn exists(&self) -> NatError;
+    /// The error for a host address that cannot be bound.
+    fn bind_failed(&self, source: std::io::Error) -> NatError;
+}
+
+impl ForwardErrors for Forward {
+    fn exists(&self) -> NatError {
         NatError::ForwardExists {
             proto: self.proto,
             host: self.host,
         }
     }
 
-    /// The error for a host address that cannot be bound.
-    pub(super) fn bind_failed(&self, source: std::io::Error) -> NatError {
+    fn bind_failed(&self, source: std::io::Error) -> NatError {
         NatError::Bind {
             proto: self.proto,
             host: self.host,

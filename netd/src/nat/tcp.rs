@@ -51,6 +51,7 @@ use smoltcp::wire::{EthernetAddress, IpListenEndpoint, TcpSeqNumber};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
+use super::config::ForwardErrors;
 use super::{FlowInfo, Forward, NatError, Router};
 
 type Key = (SocketAddrV4, SocketAddrV4);

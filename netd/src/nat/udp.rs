@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use smoltcp::wire::EthernetAddress;
 use tokio::net::UdpSocket;
 
+use super::config::ForwardErrors;
 use super::frame::{udp_frame, IPV4_HDR, UDP_HDR};
 use super::{FlowInfo, Forward, NatError, Router};
 

@@ -1,0 +1,387 @@
+//! netd's control API: [`Request`] (`{"cmd": "port_add", ...}`), [`Response`]
+//! (`{"ok": true, "data": ...}`), and the config types a request carries: a port
+//! ([`PortConfig`], the same table as `[[network.port]]` in netd's TOML file) and a
+//! port forward ([`Forward`], as `[[network.forward]]`).
+//!
+//! These are the raw, serde-shaped values (`deny_unknown_fields`); netd validates a
+//! `PortConfig` into its checked port spec before acting on it, with errors that
+//! name the key. A forward's addresses are parsed here, at the edge, into socket
+//! addresses.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::client::{Call, Reply};
+
+/// A control request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// List networks.
+    NetList,
+    /// List the ports of a network, with counters.
+    PortList {
+        /// Network.
+        net: String,
+    },
+    /// Add a port at runtime.
+    PortAdd {
+        /// Network.
+        net: String,
+        /// The port, as in the config file.
+        port: PortConfig,
+    },
+    /// Remove a port at runtime.
+    PortDel {
+        /// Network.
+        net: String,
+        /// Port name.
+        name: String,
+    },
+    /// The learned MAC table.
+    Mac {
+        /// Network.
+        net: String,
+    },
+    /// DHCP leases.
+    Leases {
+        /// Network.
+        net: String,
+    },
+    /// Add a port forward to a NAT network.
+    ForwardAdd {
+        /// Network.
+        net: String,
+        /// The forward, as in the config file.
+        forward: Forward,
+    },
+    /// Remove a port forward.
+    ForwardDel {
+        /// Network.
+        net: String,
+        /// Protocol.
+        proto: Proto,
+        /// Host address ("ADDR:PORT" or "PORT").
+        host: String,
+    },
+    /// List the port forwards of a NAT network.
+    ForwardList {
+        /// Network.
+        net: String,
+    },
+    /// List the NAT flows of a network.
+    Flows {
+        /// Network.
+        net: String,
+    },
+    /// The NAT router's counters.
+    NatStats {
+        /// Network.
+        net: String,
+    },
+    /// The DHCP server's counters.
+    DhcpStats {
+        /// Network.
+        net: String,
+    },
+}
+
+/// A control response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    /// Success.
+    pub ok: bool,
+    /// Result on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+    /// Message (with its cause chain) on failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Response {
+    /// Success with a result (`null` for requests that only change state).
+    pub fn ok(data: serde_json::Value) -> Self {
+        Response {
+            ok: true,
+            data: Some(data),
+            error: None,
+        }
+    }
+
+    /// Failure, with the message the client shows.
+    pub fn fail(error: String) -> Self {
+        Response {
+            ok: false,
+            data: None,
+            error: Some(error),
+        }
+    }
+}
+
+impl Call for Request {
+    type Reply = Response;
+    const DAEMON: &'static str = "netd";
+}
+
+impl Reply for Response {
+    type Data = serde_json::Value;
+    fn into_result(self) -> Result<serde_json::Value, String> {
+        if self.ok {
+            Ok(self.data.unwrap_or(serde_json::Value::Null))
+        } else {
+            Err(self.error.unwrap_or_else(|| "no reason given".into()))
+        }
+    }
+}
+
+/// Network mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// VMs only.
+    Internal,
+    /// VMs and the host, through a host TAP port with the gateway address.
+    Hostonly,
+    /// Userspace NAT router.
+    Nat,
+    /// Uplink on a host NIC.
+    Bridged,
+}
+
+/// A network, as `net_list` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetInfo {
+    /// Name.
+    pub name: String,
+    /// Mode.
+    pub mode: Mode,
+    /// Subnet, CIDR.
+    pub subnet: Option<String>,
+    /// Gateway.
+    pub gateway: Option<String>,
+    /// DHCP served.
+    pub dhcp: bool,
+    /// MTU.
+    pub mtu: u32,
+    /// Number of ports (services included).
+    pub ports: usize,
+    /// Host TAP of a hostonly network.
+    pub host_ifname: Option<String>,
+}
+
+/// The DHCP server's counters, as `dhcp_stats` reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DhcpStats {
+    /// Leases held.
+    pub leases: usize,
+    /// Datagrams dropped as malformed.
+    pub malformed: u64,
+    /// Clients refused because the tables were at their bound.
+    pub refused_full: u64,
+}
+
+/// Port kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortKind {
+    /// netd holds the TAP queue.
+    Tap,
+    /// A VMM holds the TAP queue; netd uses AF_PACKET on its kernel side.
+    Vm,
+    /// QEMU `-netdev stream` framing on a unix socket.
+    Stream,
+}
+
+impl PortKind {
+    /// The name the config file, the API and the CLI use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PortKind::Tap => "tap",
+            PortKind::Vm => "vm",
+            PortKind::Stream => "stream",
+        }
+    }
+}
+
+impl std::fmt::Display for PortKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for PortKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tap" => Ok(PortKind::Tap),
+            "vm" => Ok(PortKind::Vm),
+            "stream" => Ok(PortKind::Stream),
+            other => Err(format!("expected tap, vm or stream, got {other:?}")),
+        }
+    }
+}
+
+/// One `[[network.port]]` table (also the body of the control API's port add).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortConfig {
+    /// Port name, unique in its network (default: the ifname or path).
+    pub name: Option<String>,
+    /// Kind.
+    pub kind: PortKind,
+    /// TAP name (tap, vm).
+    pub ifname: Option<String>,
+    /// MAC: for `tap`, set on the kernel side; for `vm`, the VM's MAC (informational).
+    pub mac: Option<String>,
+    /// For `tap`: an existing namespace to create the kernel side in.
+    pub netns: Option<String>,
+    /// For `stream`: the unix socket path netd listens on.
+    pub path: Option<PathBuf>,
+    /// Keep a TAP netd created when netd exits.
+    #[serde(default)]
+    pub persistent: bool,
+}
+
+impl PortConfig {
+    /// The name netd gives the port: its `name`, else its ifname, else its path.
+    pub fn shown_name(&self) -> String {
+        self.name
+            .clone()
+            .or_else(|| self.ifname.clone())
+            .or_else(|| self.path.as_ref().map(|p| p.display().to_string()))
+            .unwrap_or_default()
+    }
+}
+
+/// Transport protocol of a port forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl std::fmt::Display for Proto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+impl std::str::FromStr for Proto {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tcp" => Ok(Proto::Tcp),
+            "udp" => Ok(Proto::Udp),
+            other => Err(format!("expected \"tcp\" or \"udp\", got {other:?}")),
+        }
+    }
+}
+
+/// Parses a forward's host address: "ADDR:PORT", or "PORT" alone for 127.0.0.1:PORT
+/// (loopback by default: a forward is open to the world only if the user says so).
+pub fn parse_host_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    }
+    s.parse::<SocketAddr>()
+        .map_err(|_| format!("expected \"ADDR:PORT\" or \"PORT\", got {s:?}"))
+}
+
+fn de_host<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_host_addr(&s).map_err(serde::de::Error::custom)
+}
+
+/// A port forward: connections (TCP) or datagrams (UDP) to `host` go to `guest`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Forward {
+    /// `tcp` or `udp`.
+    pub proto: Proto,
+    /// Host address to listen on ("127.0.0.1:2222", or "2222" for loopback).
+    #[serde(deserialize_with = "de_host")]
+    pub host: SocketAddr,
+    /// Guest address ("10.0.2.15:22").
+    pub guest: SocketAddrV4,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_tagged_cmd_snake_case() {
+        let r = Request::PortDel {
+            net: "lab".into(),
+            name: "p".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"cmd":"port_del","net":"lab","name":"p"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::NetList).unwrap(),
+            r#"{"cmd":"net_list"}"#
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"port_del","net":"a","x":1}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"op":"net_list"}"#).is_err());
+    }
+
+    #[test]
+    fn a_vm_port_request_is_what_vmm_shim_sends() {
+        let r = Request::PortAdd {
+            net: "lab".into(),
+            port: PortConfig {
+                name: None,
+                kind: PortKind::Vm,
+                ifname: Some("vs1n0".into()),
+                mac: Some("52:54:00:00:00:01".into()),
+                netns: None,
+                path: None,
+                persistent: false,
+            },
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["cmd"], "port_add");
+        assert_eq!(v["port"]["kind"], "vm");
+        assert_eq!(v["port"]["ifname"], "vs1n0");
+        let back: Request = serde_json::from_value(v).unwrap();
+        assert!(matches!(back, Request::PortAdd { port, .. } if port.shown_name() == "vs1n0"));
+    }
+
+    #[test]
+    fn forwards_parse_their_addresses() {
+        let f: Forward =
+            serde_json::from_str(r#"{"proto":"tcp","host":"2222","guest":"10.0.2.15:22"}"#)
+                .unwrap();
+        assert_eq!(f.host, "127.0.0.1:2222".parse().unwrap());
+        assert_eq!(f.proto, Proto::Tcp);
+        assert!(serde_json::from_str::<Forward>(
+            r#"{"proto":"sctp","host":"2222","guest":"10.0.2.15:22"}"#
+        )
+        .is_err());
+        assert!(parse_host_addr("nowhere").is_err());
+        assert_eq!("udp".parse::<Proto>(), Ok(Proto::Udp));
+        assert_eq!("vm".parse::<PortKind>(), Ok(PortKind::Vm));
+        assert!("bridge".parse::<PortKind>().is_err());
+    }
+
+    #[test]
+    fn answers_become_results() {
+        let ok: Response = serde_json::from_str(r#"{"ok":true,"data":[1]}"#).unwrap();
+        assert_eq!(ok.into_result(), Ok(serde_json::json!([1])));
+        let bad: Response = serde_json::from_str(r#"{"ok":false,"error":"no"}"#).unwrap();
+        assert_eq!(bad.into_result(), Err("no".into()));
+        let bare: Response = serde_json::from_str(r#"{"ok":false}"#).unwrap();
+        assert_eq!(bare.into_result(), Err("no reason given".into()));
+    }
+}

@@ -1,0 +1,103 @@
+//! Strict TOML configuration files: read a file into a serde type in one step, with
+//! errors that name the file (and, through the TOML parser, the key and line).
+//!
+//! The types themselves carry `#[serde(deny_unknown_fields)]`; each daemon then runs
+//! its own `validate` step. This module only does what every daemon did the same
+//! way: read, parse, name the file, and word a refused value ([`InvalidKey`]).
+
+use std::path::{Path, PathBuf};
+
+/// Why a config file could not be read into its type.
+#[derive(Debug, thiserror::Error)]
+pub enum TomlFileError {
+    /// cannot read config file {path}
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// config file {path}: {message}
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The TOML parser's message (it names the key and its line).
+        message: String,
+    },
+}
+
+/// A value the TOML parser accepted but the daemon's `validate` step did not.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: key `{key}`: expected {expected}")]
+pub struct InvalidKey {
+    /// The file (or what stands for it, e.g. `<control>` for the control API).
+    pub path: String,
+    /// The key as a dotted path, e.g. `network[1].port[0].ifname` or `disk[1].size`.
+    pub key: String,
+    /// What a valid value looks like.
+    pub expected: String,
+}
+
+/// A config problem: the file itself, or one of its values.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// the file could not be read or is not the TOML of a config
+    #[error(transparent)]
+    File(#[from] TomlFileError),
+    /// a value the file's parser accepted but validation refused
+    #[error(transparent)]
+    Invalid(#[from] InvalidKey),
+}
+
+/// Reads and parses `path`.
+pub fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, TomlFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| TomlFileError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Parses TOML `text`; `path` only names the file in errors.
+pub fn parse<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T, TomlFileError> {
+    toml::from_str(text).map_err(|e| TomlFileError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string().trim_end().to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct T {
+        #[allow(dead_code)]
+        a: u32,
+    }
+
+    #[test]
+    fn errors_name_the_file_and_key() {
+        let e = parse::<T>("a = 1\nb = 2\n", Path::new("/etc/x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("config file /etc/x.toml: "), "{e}");
+        assert!(e.contains('b') && !e.ends_with('\n'), "{e}");
+        let e = read::<T>(Path::new("/nonexistent/x.toml")).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/x.toml"), "{e}");
+        assert!(std::error::Error::source(&e).is_some());
+        let e = InvalidKey {
+            path: "/etc/x.toml".into(),
+            key: "disk[1].size".into(),
+            expected: "a size".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "/etc/x.toml: key `disk[1].size`: expected a size"
+        );
+    }
+}

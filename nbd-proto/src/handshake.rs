@@ -16,7 +16,7 @@
 use bytes::BufMut;
 
 use crate::consts::*;
-use crate::{fixed, ParseError, Reader};
+use crate::{fixed, magic64, ParseError, Reader};
 
 fn to_str(b: &[u8]) -> Result<&str, ParseError> {
     if b.len() > MAX_STRING {
@@ -127,11 +127,7 @@ pub struct OptionHeader {
 impl OptionHeader {
     /// Parses the 16-byte option header; the magic must be `IHAVEOPT`.
     pub fn parse(buf: &[u8]) -> Result<Self, ParseError> {
-        let mut r = fixed(buf, OPTION_HEADER_LEN)?;
-        let magic = r.u64()?;
-        if magic != IHAVEOPT {
-            return Err(ParseError::BadMagic(magic));
-        }
+        let mut r = magic64(buf, OPTION_HEADER_LEN, IHAVEOPT)?;
         Ok(OptionHeader {
             option: r.u32()?,
             len: r.u32()?,
@@ -316,11 +312,7 @@ pub struct OptionReplyHeader {
 impl OptionReplyHeader {
     /// Parses the 20-byte header; the magic must be `REPLY_MAGIC`.
     pub fn parse(buf: &[u8]) -> Result<Self, ParseError> {
-        let mut r = fixed(buf, OPTION_REPLY_HEADER_LEN)?;
-        let magic = r.u64()?;
-        if magic != REPLY_MAGIC {
-            return Err(ParseError::BadMagic(magic));
-        }
+        let mut r = magic64(buf, OPTION_REPLY_HEADER_LEN, REPLY_MAGIC)?;
         Ok(OptionReplyHeader {
             option: r.u32()?,
             reply: r.u32()?,

@@ -143,3 +143,25 @@ pub(crate) fn fixed(buf: &[u8], need: usize) -> Result<Reader<'_>, ParseError> {
     }
     Ok(Reader::new(buf))
 }
+
+/// [`fixed`], for a message that opens with a 4-byte `magic`; the reader
+/// comes back past it.
+pub(crate) fn magic32(buf: &[u8], need: usize, magic: u32) -> Result<Reader<'_>, ParseError> {
+    let mut r = fixed(buf, need)?;
+    match r.u32()? {
+        m if m == magic => Ok(r),
+        m => Err(ParseError::BadMagic(m.into())),
+    }
+}
+
+/// [`fixed`], for a message that opens with an 8-byte `magic`.
+pub(crate) fn magic64(buf: &[u8], need: usize, magic: u64) -> Result<Reader<'_>, ParseError> {
+    let mut r = fixed(buf, need)?;
+    match r.u64()? {
+        m if m == magic => Ok(r),
+        m => Err(ParseError::BadMagic(m)),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_util;

@@ -22,7 +22,7 @@
 use bytes::BufMut;
 
 use crate::consts::*;
-use crate::{fixed, ParseError, Reader};
+use crate::{fixed, magic32, ParseError, Reader};
 
 /// A transmission command, checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -105,11 +105,7 @@ impl Request {
     /// Parses the 28-byte request header; the magic must be right, everything
     /// else is checked later against the export and the negotiated features.
     pub fn parse(buf: &[u8]) -> Result<Self, ParseError> {
-        let mut r = fixed(buf, REQUEST_LEN)?;
-        let magic = r.u32()?;
-        if magic != REQUEST_MAGIC {
-            return Err(ParseError::BadMagic(magic as u64));
-        }
+        let mut r = magic32(buf, REQUEST_LEN, REQUEST_MAGIC)?;
         Ok(Request {
             flags: r.u16()?,
             kind: r.u16()?,
@@ -189,11 +185,7 @@ pub struct SimpleReply {
 impl SimpleReply {
     /// Parses the 16-byte header.
     pub fn parse(buf: &[u8]) -> Result<Self, ParseError> {
-        let mut r = fixed(buf, SIMPLE_REPLY_LEN)?;
-        let magic = r.u32()?;
-        if magic != SIMPLE_REPLY_MAGIC {
-            return Err(ParseError::BadMagic(magic.into()));
-        }
+        let mut r = magic32(buf, SIMPLE_REPLY_LEN, SIMPLE_REPLY_MAGIC)?;
         Ok(SimpleReply {
             error: r.u32()?,
             handle: r.u64()?,
@@ -267,11 +259,7 @@ pub enum ChunkPayload {
 impl ChunkHeader {
     /// Parses the 20-byte header.
     pub fn parse(buf: &[u8]) -> Result<Self, ParseError> {
-        let mut r = fixed(buf, CHUNK_HEADER_LEN)?;
-        let magic = r.u32()?;
-        if magic != STRUCTURED_REPLY_MAGIC {
-            return Err(ParseError::BadMagic(magic.into()));
-        }
+        let mut r = magic32(buf, CHUNK_HEADER_LEN, STRUCTURED_REPLY_MAGIC)?;
         Ok(ChunkHeader {
             flags: r.u16()?,
             kind: r.u16()?,

@@ -245,15 +245,11 @@ pub async fn serve(ctx: Ctx, conn: Conn) -> Result<(), ConnError> {
     r
 }
 
-async fn handshake_timed<R, W>(
+async fn handshake_timed(
     ctx: &Ctx,
-    rd: &mut R,
-    wr: &mut W,
-) -> Result<Option<Session>, ConnError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+    rd: &mut (dyn AsyncRead + Unpin + Send),
+    wr: &mut (dyn AsyncWrite + Unpin + Send),
+) -> Result<Option<Session>, ConnError> {
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::handshake(ctx, rd, wr)).await {
         Err(_) => Err(ConnError::HandshakeTimeout(HANDSHAKE_TIMEOUT)),
         Ok(r) => r,

@@ -1,16 +1,6 @@
 use super::*;
+use crate::test_util::{emit_exact, Rng};
 use bytes::BytesMut;
-
-/// Emits into a buffer of exactly `len` bytes pre-filled with 0xa5, so a
-/// length that disagrees with what was written, or a byte left unwritten,
-/// shows.
-fn emit_exact(len: usize, emit: impl FnOnce(&mut &mut [u8])) -> Vec<u8> {
-    let mut buf = vec![0xa5u8; len];
-    let mut tail: &mut [u8] = &mut buf;
-    emit(&mut tail);
-    assert!(tail.is_empty(), "{} bytes left unwritten", tail.len());
-    buf
-}
 
 fn opt_data_info(name: &str, reqs: &[u16]) -> Vec<u8> {
     let mut v = Vec::new();
@@ -302,21 +292,15 @@ fn export_name_reply_pads_unless_told_not_to() {
 /// functions the fuzz targets drive), and whatever parses re-emits identically.
 #[test]
 fn random_bytes_never_panic() {
-    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut rng = Rng::new(0x5eed);
     for _ in 0..20_000 {
-        let len = (next() % 80) as usize;
-        let mut buf: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        let mut buf = rng.bytes(80);
+        let len = buf.len();
         // Bias some inputs towards valid magics so deeper paths run.
-        if len >= 8 && next() % 2 == 0 {
+        if len >= 8 && rng.next_u64() % 2 == 0 {
             buf[..8].copy_from_slice(&IHAVEOPT.to_be_bytes());
         }
-        if len >= 8 && next() % 4 == 0 {
+        if len >= 8 && rng.next_u64() % 4 == 0 {
             buf[..8].copy_from_slice(&REPLY_MAGIC.to_be_bytes());
         }
         if let Ok(h) = OptionHeader::parse(&buf) {
@@ -329,11 +313,11 @@ fn random_bytes_never_panic() {
             h.emit(&mut b);
             assert_eq!(&b[..], &buf[..OPTION_REPLY_HEADER_LEN]);
         }
-        let option = (next() % 14) as u32;
+        let option = (rng.next_u64() % 14) as u32;
         if let Ok(o) = OptionRequest::parse(option, &buf) {
             assert!(o.data_len() <= buf.len() || option == opt::ABORT);
         }
-        let reply = match next() % 6 {
+        let reply = match rng.next_u64() % 6 {
             0 => rep::ERR_INVALID,
             r => r as u32,
         };

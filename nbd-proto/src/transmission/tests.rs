@@ -1,16 +1,6 @@
 use super::*;
+use crate::test_util::{emit_exact, Rng};
 use bytes::BytesMut;
-
-/// Emits into a buffer of exactly `len` bytes pre-filled with 0xa5, so a
-/// length that disagrees with what was written, or a byte left unwritten,
-/// shows.
-fn emit_exact(len: usize, emit: impl FnOnce(&mut &mut [u8])) -> Vec<u8> {
-    let mut buf = vec![0xa5u8; len];
-    let mut tail: &mut [u8] = &mut buf;
-    emit(&mut tail);
-    assert!(tail.is_empty(), "{} bytes left unwritten", tail.len());
-    buf
-}
 
 #[test]
 fn commands_convert_both_ways() {
@@ -197,22 +187,16 @@ fn hostile_chunk_headers_are_errors() {
 /// functions the fuzz targets drive), and whatever parses re-emits identically.
 #[test]
 fn random_bytes_never_panic() {
-    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut rng = Rng::new(0x5eed);
     for _ in 0..20_000 {
-        let len = (next() % 80) as usize;
-        let mut buf: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        let mut buf = rng.bytes(80);
+        let len = buf.len();
         if len >= 4 {
-            let magic = match next() % 4 {
+            let magic = match rng.next_u64() % 4 {
                 0 => REQUEST_MAGIC,
                 1 => SIMPLE_REPLY_MAGIC,
                 2 => STRUCTURED_REPLY_MAGIC,
-                _ => next() as u32,
+                _ => rng.next_u64() as u32,
             };
             buf[..4].copy_from_slice(&magic.to_be_bytes());
         }

@@ -3,15 +3,26 @@
 
 use super::*;
 
-async fn send_reply<W: AsyncWrite + Unpin>(
-    wr: &mut W,
-    option: u32,
-    reply: OptionReply<'_>,
-) -> std::io::Result<()> {
+/// The client's side of the socket, while options are haggled over.
+type Rd<'a> = &'a mut (dyn AsyncRead + Unpin + Send);
+/// The server's side.
+type Wr<'a> = &'a mut (dyn AsyncWrite + Unpin + Send);
+
+async fn send(wr: Wr<'_>, out: &[u8]) -> std::io::Result<()> {
+    wr.write_all(out).await?;
+    wr.flush().await
+}
+
+async fn send_reply(wr: Wr<'_>, option: u32, reply: OptionReply<'_>) -> std::io::Result<()> {
     let mut out = BytesMut::with_capacity(nbd_proto::OPTION_REPLY_HEADER_LEN + reply.data_len());
     reply.emit(option, &mut out);
-    wr.write_all(&out).await?;
-    wr.flush().await
+    send(wr, &out).await
+}
+
+/// Ends the replies in `out` with the ACK and sends them.
+async fn send_acked(wr: Wr<'_>, option: u32, mut out: BytesMut) -> std::io::Result<()> {
+    OptionReply::Ack.emit(option, &mut out);
+    send(wr, &out).await
 }
 
 /// An error reply with a message.
@@ -23,7 +34,7 @@ fn refuse(reply: u32, message: &str) -> OptionReply<'_> {
 }
 
 /// Reads and throws away `n` bytes (an oversized option's data).
-async fn discard<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> std::io::Result<()> {
+async fn discard(rd: Rd<'_>, mut n: u64) -> std::io::Result<()> {
     let mut sink = vec![0u8; 64 * 1024];
     while n > 0 {
         let k = n.min(sink.len() as u64) as usize;
@@ -35,22 +46,17 @@ async fn discard<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> std::io::Resul
 
 /// Option haggling. `Ok(None)`: the client aborted (or the server is shutting
 /// down while the client idles in negotiation).
-pub(super) async fn handshake<R, W>(
+pub(super) async fn handshake(
     ctx: &Ctx,
-    rd: &mut R,
-    wr: &mut W,
-) -> Result<Option<Session>, ConnError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+    rd: Rd<'_>,
+    wr: Wr<'_>,
+) -> Result<Option<Session>, ConnError> {
     let mut hello = BytesMut::with_capacity(nbd_proto::HELLO_LEN);
     Hello {
         flags: nbd_proto::FLAG_FIXED_NEWSTYLE | nbd_proto::FLAG_NO_ZEROES,
     }
     .emit(&mut hello);
-    wr.write_all(&hello).await?;
-    wr.flush().await?;
+    send(wr, &hello).await?;
 
     let mut cflags = [0u8; ClientFlags::LEN];
     rd.read_exact(&mut cflags).await?;
@@ -126,9 +132,7 @@ where
                     }
                     .emit(h.option, &mut out);
                 }
-                OptionReply::Ack.emit(h.option, &mut out);
-                wr.write_all(&out).await?;
-                wr.flush().await?;
+                send_acked(wr, h.option, out).await?;
             }
             OptionRequest::StartTls => {
                 send_reply(
@@ -187,9 +191,7 @@ where
                     }
                     .emit(h.option, &mut out);
                 }
-                OptionReply::Ack.emit(h.option, &mut out);
-                wr.write_all(&out).await?;
-                wr.flush().await?;
+                send_acked(wr, h.option, out).await?;
                 if set {
                     meta = Some((export, matched));
                 }
@@ -225,9 +227,7 @@ where
                     max: MAX_PAYLOAD,
                 })
                 .emit(h.option, &mut out);
-                OptionReply::Ack.emit(h.option, &mut out);
-                wr.write_all(&out).await?;
-                wr.flush().await?;
+                send_acked(wr, h.option, out).await?;
                 if go {
                     let base_allocation = matches!(&meta, Some((n, true)) if *n == export);
                     return Ok(Some(Session {
@@ -252,8 +252,7 @@ where
                 };
                 let mut out = BytesMut::with_capacity(reply.buffer_len());
                 reply.emit(&mut out);
-                wr.write_all(&out).await?;
-                wr.flush().await?;
+                send(wr, &out).await?;
                 let base_allocation = matches!(&meta, Some((n, true)) if *n == disk.name());
                 return Ok(Some(Session {
                     att,

@@ -12,6 +12,18 @@ fn w(s: &mut UnixStream, parts: &[&[u8]]) {
     }
 }
 
+/// A server of one connection on a fresh unix socket, running `script`:
+/// the socket's directory (removed when dropped), its address, the thread.
+fn scripted<T: Send + 'static>(
+    script: impl FnOnce(UnixStream) -> T + Send + 'static,
+) -> (tempfile::TempDir, NbdAddr, std::thread::JoinHandle<T>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nbd.sock");
+    let l = UnixListener::bind(&path).unwrap();
+    let server = std::thread::spawn(move || script(l.accept().unwrap().0));
+    (dir, NbdAddr::Unix(path), server)
+}
+
 fn opt_reply(s: &mut UnixStream, option: u32, reply: OptionReply<'_>) {
     let mut b = Vec::new();
     reply.emit(option, &mut b);
@@ -105,11 +117,8 @@ fn serve(mut s: UnixStream) {
 
 #[test]
 fn structured_replies_out_of_order_errors_and_a_lying_server() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("nbd.sock");
-    let l = UnixListener::bind(&path).unwrap();
-    let server = std::thread::spawn(move || serve(l.accept().unwrap().0));
-    let mut c = NbdClient::connect(&NbdAddr::Unix(path), "e").unwrap();
+    let (_dir, addr, server) = scripted(serve);
+    let mut c = NbdClient::connect(&addr, "e").unwrap();
     assert!(c.structured());
     assert_eq!(c.size(), 1 << 20);
     assert!(!c.read_only());
@@ -142,14 +151,10 @@ fn structured_replies_out_of_order_errors_and_a_lying_server() {
 
 #[test]
 fn not_an_nbd_server() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("x.sock");
-    let l = UnixListener::bind(&path).unwrap();
-    let t = std::thread::spawn(move || {
-        let (mut s, _) = l.accept().unwrap();
+    let (_dir, addr, t) = scripted(|mut s| {
         s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").unwrap();
     });
-    let err = NbdClient::connect(&NbdAddr::Unix(path), "e").err().unwrap();
+    let err = NbdClient::connect(&addr, "e").err().unwrap();
     assert!(err.to_string().contains("not an NBD server"), "{err}");
     t.join().unwrap();
 }
@@ -159,11 +164,7 @@ fn chunk_offsets_that_overflow_are_a_protocol_error() {
     // A hole or data chunk whose offset lies so far past the request that
     // offset + length wraps around u64 must fail the connection, not overflow.
     for ty in [chunk::OFFSET_HOLE, chunk::OFFSET_DATA] {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("nbd.sock");
-        let l = UnixListener::bind(&path).unwrap();
-        let server = std::thread::spawn(move || {
-            let (mut s, _) = l.accept().unwrap();
+        let (_dir, addr, server) = scripted(move |mut s| {
             handshake(&mut s);
             let (_, cookie, _, _) = request(&mut s);
             let mut p = (u64::MAX - 4).to_be_bytes().to_vec();
@@ -174,7 +175,7 @@ fn chunk_offsets_that_overflow_are_a_protocol_error() {
             }
             chunk(&mut s, chunk::FLAG_DONE, ty, cookie, &p);
         });
-        let mut c = NbdClient::connect(&NbdAddr::Unix(path), "e").unwrap();
+        let mut c = NbdClient::connect(&addr, "e").unwrap();
         let err = c
             .submit(&[Request::Read {
                 offset: 0,
@@ -191,11 +192,7 @@ fn chunk_offsets_that_overflow_are_a_protocol_error() {
 
 #[test]
 fn endless_info_replies_end_the_handshake() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("nbd.sock");
-    let l = UnixListener::bind(&path).unwrap();
-    let server = std::thread::spawn(move || {
-        let (mut s, _) = l.accept().unwrap();
+    let (_dir, addr, server) = scripted(|mut s| {
         greet(&mut s);
         for _ in 0..2 {
             let option = read_option(&mut s);
@@ -215,7 +212,7 @@ fn endless_info_replies_end_the_handshake() {
             sent += 1;
         }
     });
-    let err = NbdClient::connect(&NbdAddr::Unix(path), "e").err().unwrap();
+    let err = NbdClient::connect(&addr, "e").err().unwrap();
     assert!(err.to_string().contains("replies to GO"), "{err}");
     assert!(server.join().unwrap() < 100_000);
 }
@@ -224,11 +221,7 @@ fn endless_info_replies_end_the_handshake() {
 fn endless_chunks_for_one_request_are_a_protocol_error() {
     // Overlapping holes, then (second round) NONE chunks, never DONE.
     for round in 0..2 {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("nbd.sock");
-        let l = UnixListener::bind(&path).unwrap();
-        let server = std::thread::spawn(move || {
-            let (mut s, _) = l.accept().unwrap();
+        let (_dir, addr, server) = scripted(move |mut s| {
             handshake(&mut s);
             let (_, cookie, off, _) = request(&mut s);
             let mut h = off.to_be_bytes().to_vec();
@@ -256,7 +249,7 @@ fn endless_chunks_for_one_request_are_a_protocol_error() {
             }
             sent
         });
-        let mut c = NbdClient::connect(&NbdAddr::Unix(path), "e").unwrap();
+        let mut c = NbdClient::connect(&addr, "e").unwrap();
         let err = c
             .submit(&[Request::Read {
                 offset: 4096,

@@ -16,7 +16,7 @@
 use bytes::BufMut;
 
 use crate::consts::*;
-use crate::{fixed, magic64, ParseError, Reader};
+use crate::{fixed, ParseError, Reader};
 
 fn to_str(b: &[u8]) -> Result<&str, ParseError> {
     if b.len() > MAX_STRING {
@@ -114,32 +114,15 @@ impl ClientFlags {
     }
 }
 
-/// The fixed part of a client option: which option and how much data follows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OptionHeader {
+fixed_header! {
+    /// The fixed part of a client option: which option and how much data
+    /// follows. The magic is `IHAVEOPT`.
+    pub struct OptionHeader: OPTION_HEADER_LEN, magic IHAVEOPT;
     /// Option code.
     pub option: u32,
     /// Length of the data that follows (not bounded here: the server discards
     /// oversized data and answers NBD_REP_ERR_TOO_BIG).
     pub len: u32,
-}
-
-impl OptionHeader {
-    /// Parses the 16-byte option header; the magic must be `IHAVEOPT`.
-    pub fn parse(buf: &[u8]) -> Result<Self, ParseError> {
-        let mut r = magic64(buf, OPTION_HEADER_LEN, IHAVEOPT)?;
-        Ok(OptionHeader {
-            option: r.u32()?,
-            len: r.u32()?,
-        })
-    }
-
-    /// Emits the header.
-    pub fn emit<B: BufMut>(&self, out: &mut B) {
-        out.put_u64(IHAVEOPT);
-        out.put_u32(self.option);
-        out.put_u32(self.len);
-    }
 }
 
 /// A client option, typed.
@@ -297,9 +280,9 @@ impl OptionRequest {
     }
 }
 
-/// The fixed part of an option reply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OptionReplyHeader {
+fixed_header! {
+    /// The fixed part of an option reply. The magic is `REPLY_MAGIC`.
+    pub struct OptionReplyHeader: OPTION_REPLY_HEADER_LEN, magic REPLY_MAGIC;
     /// The option answered.
     pub option: u32,
     /// Reply type (`rep::*`).
@@ -307,26 +290,6 @@ pub struct OptionReplyHeader {
     /// Length of the data that follows (the client bounds it by
     /// [`MAX_OPTION_DATA`] before reading it).
     pub len: u32,
-}
-
-impl OptionReplyHeader {
-    /// Parses the 20-byte header; the magic must be `REPLY_MAGIC`.
-    pub fn parse(buf: &[u8]) -> Result<Self, ParseError> {
-        let mut r = magic64(buf, OPTION_REPLY_HEADER_LEN, REPLY_MAGIC)?;
-        Ok(OptionReplyHeader {
-            option: r.u32()?,
-            reply: r.u32()?,
-            len: r.u32()?,
-        })
-    }
-
-    /// Emits the header.
-    pub fn emit<B: BufMut>(&self, out: &mut B) {
-        out.put_u64(REPLY_MAGIC);
-        out.put_u32(self.option);
-        out.put_u32(self.reply);
-        out.put_u32(self.len);
-    }
 }
 
 /// An option reply, typed; borrows its strings from the data it was parsed from.

@@ -25,6 +25,43 @@
 //! belong to the server and the client; this crate checks only what the wire
 //! format itself says.
 
+/// Defines a fixed-size header: a struct of big-endian fields that follow a
+/// magic number on the wire, in the order given, with its `parse` (length
+/// and magic checked first) and `emit`. One definition of each layout, read
+/// and written by the same field list.
+macro_rules! fixed_header {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident: $len:expr, magic $magic:expr;
+        $($(#[$fmeta:meta])* pub $field:ident: $ty:ty,)*
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub struct $name {
+            $($(#[$fmeta])* pub $field: $ty,)*
+        }
+
+        impl $name {
+            /// Bytes on the wire, magic included.
+            pub const LEN: usize = $len;
+
+            /// Parses the header from the first [`Self::LEN`] bytes of `buf`.
+            pub fn parse(buf: &[u8]) -> Result<Self, $crate::ParseError> {
+                let mut r = $crate::with_magic(buf, $len, $magic)?;
+                Ok($name {
+                    $($field: $crate::Field::read(&mut r)?,)*
+                })
+            }
+
+            /// Emits the header ([`Self::LEN`] bytes).
+            pub fn emit<B: bytes::BufMut>(&self, out: &mut B) {
+                $crate::Field::put($magic, out);
+                $($crate::Field::put(self.$field, out);)*
+            }
+        }
+    };
+}
+
 pub mod consts;
 pub mod handshake;
 pub mod transmission;
@@ -144,22 +181,51 @@ pub(crate) fn fixed(buf: &[u8], need: usize) -> Result<Reader<'_>, ParseError> {
     Ok(Reader::new(buf))
 }
 
-/// [`fixed`], for a message that opens with a 4-byte `magic`; the reader
-/// comes back past it.
-pub(crate) fn magic32(buf: &[u8], need: usize, magic: u32) -> Result<Reader<'_>, ParseError> {
+/// [`fixed`], for a message that opens with `magic`; the reader comes back
+/// past it.
+pub(crate) fn with_magic<M: Field + Into<u64>>(
+    buf: &[u8],
+    need: usize,
+    magic: M,
+) -> Result<Reader<'_>, ParseError> {
     let mut r = fixed(buf, need)?;
-    match r.u32()? {
-        m if m == magic => Ok(r),
-        m => Err(ParseError::BadMagic(m.into())),
+    let got: u64 = M::read(&mut r)?.into();
+    if got != magic.into() {
+        return Err(ParseError::BadMagic(got));
+    }
+    Ok(r)
+}
+
+/// A big-endian integer field of a fixed-size header.
+pub(crate) trait Field: Sized + Copy {
+    fn read(r: &mut Reader<'_>) -> Result<Self, ParseError>;
+    fn put<B: bytes::BufMut>(self, out: &mut B);
+}
+
+impl Field for u16 {
+    fn read(r: &mut Reader<'_>) -> Result<Self, ParseError> {
+        r.u16()
+    }
+    fn put<B: bytes::BufMut>(self, out: &mut B) {
+        out.put_u16(self)
     }
 }
 
-/// [`fixed`], for a message that opens with an 8-byte `magic`.
-pub(crate) fn magic64(buf: &[u8], need: usize, magic: u64) -> Result<Reader<'_>, ParseError> {
-    let mut r = fixed(buf, need)?;
-    match r.u64()? {
-        m if m == magic => Ok(r),
-        m => Err(ParseError::BadMagic(m)),
+impl Field for u32 {
+    fn read(r: &mut Reader<'_>) -> Result<Self, ParseError> {
+        r.u32()
+    }
+    fn put<B: bytes::BufMut>(self, out: &mut B) {
+        out.put_u32(self)
+    }
+}
+
+impl Field for u64 {
+    fn read(r: &mut Reader<'_>) -> Result<Self, ParseError> {
+        r.u64()
+    }
+    fn put<B: bytes::BufMut>(self, out: &mut B) {
+        out.put_u64(self)
     }
 }
 

@@ -22,7 +22,7 @@
 use bytes::BufMut;
 
 use crate::consts::*;
-use crate::{fixed, magic32, ParseError, Reader};
+use crate::{fixed, ParseError, Reader};
 
 /// A transmission command, checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -75,9 +75,11 @@ impl From<Command> for u16 {
     }
 }
 
-/// A transmission request header (a WRITE payload is read separately).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Request {
+fixed_header! {
+    /// A transmission request header (a WRITE payload is read separately).
+    /// Parsing checks the magic only; everything else is checked later
+    /// against the export and the negotiated features.
+    pub struct Request: REQUEST_LEN, magic REQUEST_MAGIC;
     /// Command flags (`cflag::*`).
     pub flags: u16,
     /// Command number, raw (see [`Request::command`]).
@@ -100,29 +102,6 @@ impl Request {
             offset,
             len,
         }
-    }
-
-    /// Parses the 28-byte request header; the magic must be right, everything
-    /// else is checked later against the export and the negotiated features.
-    pub fn parse(buf: &[u8]) -> Result<Self, ParseError> {
-        let mut r = magic32(buf, REQUEST_LEN, REQUEST_MAGIC)?;
-        Ok(Request {
-            flags: r.u16()?,
-            kind: r.u16()?,
-            handle: r.u64()?,
-            offset: r.u64()?,
-            len: r.u32()?,
-        })
-    }
-
-    /// Emits the header ([`REQUEST_LEN`] bytes).
-    pub fn emit<B: BufMut>(&self, out: &mut B) {
-        out.put_u32(REQUEST_MAGIC);
-        out.put_u16(self.flags);
-        out.put_u16(self.kind);
-        out.put_u64(self.handle);
-        out.put_u64(self.offset);
-        out.put_u32(self.len);
     }
 
     /// The typed command.
@@ -173,31 +152,13 @@ impl ReplyKind {
     }
 }
 
-/// A simple reply header (a successful READ's data follows it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SimpleReply {
+fixed_header! {
+    /// A simple reply header (a successful READ's data follows it).
+    pub struct SimpleReply: SIMPLE_REPLY_LEN, magic SIMPLE_REPLY_MAGIC;
     /// NBD error value (`err::*`), 0 for success.
     pub error: u32,
     /// The request's cookie.
     pub handle: u64,
-}
-
-impl SimpleReply {
-    /// Parses the 16-byte header.
-    pub fn parse(buf: &[u8]) -> Result<Self, ParseError> {
-        let mut r = magic32(buf, SIMPLE_REPLY_LEN, SIMPLE_REPLY_MAGIC)?;
-        Ok(SimpleReply {
-            error: r.u32()?,
-            handle: r.u64()?,
-        })
-    }
-
-    /// Emits the header ([`SIMPLE_REPLY_LEN`] bytes).
-    pub fn emit<B: BufMut>(&self, out: &mut B) {
-        out.put_u32(SIMPLE_REPLY_MAGIC);
-        out.put_u32(self.error);
-        out.put_u64(self.handle);
-    }
 }
 
 /// Whether a chunk is the last of its reply (NBD_REPLY_FLAG_DONE).
@@ -218,9 +179,9 @@ impl Final {
     }
 }
 
-/// A structured reply chunk header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ChunkHeader {
+fixed_header! {
+    /// A structured reply chunk header; `len` payload bytes follow it.
+    pub struct ChunkHeader: CHUNK_HEADER_LEN, magic STRUCTURED_REPLY_MAGIC;
     /// Chunk flags (`chunk::FLAG_DONE`).
     pub flags: u16,
     /// Chunk type (`chunk::*`).
@@ -257,27 +218,6 @@ pub enum ChunkPayload {
 }
 
 impl ChunkHeader {
-    /// Parses the 20-byte header.
-    pub fn parse(buf: &[u8]) -> Result<Self, ParseError> {
-        let mut r = magic32(buf, CHUNK_HEADER_LEN, STRUCTURED_REPLY_MAGIC)?;
-        Ok(ChunkHeader {
-            flags: r.u16()?,
-            kind: r.u16()?,
-            handle: r.u64()?,
-            len: r.u32()?,
-        })
-    }
-
-    /// Emits the header ([`CHUNK_HEADER_LEN`] bytes); `len` payload bytes
-    /// must follow.
-    pub fn emit<B: BufMut>(&self, out: &mut B) {
-        out.put_u32(STRUCTURED_REPLY_MAGIC);
-        out.put_u16(self.flags);
-        out.put_u16(self.kind);
-        out.put_u64(self.handle);
-        out.put_u32(self.len);
-    }
-
     /// Whether this chunk ends its reply.
     pub fn is_final(&self) -> bool {
         self.flags & chunk::FLAG_DONE != 0

@@ -25,12 +25,10 @@ async fn send_acked(wr: Wr<'_>, option: u32, mut out: BytesMut) -> std::io::Resu
     send(wr, &out).await
 }
 
-/// An error reply with a message.
-fn refuse(reply: u32, message: &str) -> OptionReply<'_> {
-    OptionReply::Error {
-        reply,
-        message: message.as_bytes(),
-    }
+/// Sends an error reply (`rep::ERR_*`) with a message.
+async fn refuse(wr: Wr<'_>, option: u32, reply: u32, message: &str) -> std::io::Result<()> {
+    let message = message.as_bytes();
+    send_reply(wr, option, OptionReply::Error { reply, message }).await
 }
 
 /// Reads and throws away `n` bytes (an oversized option's data).
@@ -82,12 +80,7 @@ pub(super) async fn handshake(
                 ));
             }
             discard(rd, h.len as u64).await?;
-            send_reply(
-                wr,
-                h.option,
-                refuse(rep::ERR_TOO_BIG, "option data too large"),
-            )
-            .await?;
+            refuse(wr, h.option, rep::ERR_TOO_BIG, "option data too large").await?;
             continue;
         }
         let mut data = vec![0u8; h.len as usize];
@@ -97,12 +90,7 @@ pub(super) async fn handshake(
             if h.option == opt::EXPORT_NAME {
                 return Ok(None);
             }
-            send_reply(
-                wr,
-                h.option,
-                refuse(rep::ERR_SHUTDOWN, "server is shutting down"),
-            )
-            .await?;
+            refuse(wr, h.option, rep::ERR_SHUTDOWN, "server is shutting down").await?;
             continue;
         }
 
@@ -112,7 +100,7 @@ pub(super) async fn handshake(
                 if h.option == opt::EXPORT_NAME {
                     return Err(ConnError::Protocol(format!("bad EXPORT_NAME: {e}")));
                 }
-                send_reply(wr, h.option, refuse(rep::ERR_INVALID, &e.to_string())).await?;
+                refuse(wr, h.option, rep::ERR_INVALID, &e.to_string()).await?;
                 continue;
             }
         };
@@ -135,24 +123,26 @@ pub(super) async fn handshake(
                 send_acked(wr, h.option, out).await?;
             }
             OptionRequest::StartTls => {
-                send_reply(
+                refuse(
                     wr,
                     h.option,
-                    refuse(rep::ERR_UNSUP, "TLS is not supported by this server"),
+                    rep::ERR_UNSUP,
+                    "TLS is not supported by this server",
                 )
                 .await?;
             }
             OptionRequest::ExtendedHeaders => {
-                send_reply(
+                refuse(
                     wr,
                     h.option,
-                    refuse(rep::ERR_UNSUP, "extended headers are not supported"),
+                    rep::ERR_UNSUP,
+                    "extended headers are not supported",
                 )
                 .await?;
             }
             OptionRequest::Unknown(o) => {
                 let msg = format!("option {o} is not supported");
-                send_reply(wr, h.option, refuse(rep::ERR_UNSUP, &msg)).await?;
+                refuse(wr, h.option, rep::ERR_UNSUP, &msg).await?;
             }
             OptionRequest::StructuredReply => {
                 structured = true;
@@ -160,20 +150,18 @@ pub(super) async fn handshake(
             }
             OptionRequest::MetaContext { set, name, queries } => {
                 if !structured {
-                    send_reply(
+                    refuse(
                         wr,
                         h.option,
-                        refuse(
-                            rep::ERR_INVALID,
-                            "negotiate structured replies before metadata contexts",
-                        ),
+                        rep::ERR_INVALID,
+                        "negotiate structured replies before metadata contexts",
                     )
                     .await?;
                     continue;
                 }
                 let Some(export) = ctx.resolve(&name) else {
                     let msg = format!("no export named `{name}`");
-                    send_reply(wr, h.option, refuse(rep::ERR_UNKNOWN, &msg)).await?;
+                    refuse(wr, h.option, rep::ERR_UNKNOWN, &msg).await?;
                     continue;
                 };
                 let matched = if set {
@@ -199,11 +187,11 @@ pub(super) async fn handshake(
             OptionRequest::Info { go, name, requests } => {
                 let Some(export) = ctx.resolve(&name) else {
                     let msg = format!("no export named `{name}`");
-                    send_reply(wr, h.option, refuse(rep::ERR_UNKNOWN, &msg)).await?;
+                    refuse(wr, h.option, rep::ERR_UNKNOWN, &msg).await?;
                     continue;
                 };
                 let Some(att) = ctx.catalog.attach(&export) else {
-                    send_reply(wr, h.option, refuse(rep::ERR_UNKNOWN, "export vanished")).await?;
+                    refuse(wr, h.option, rep::ERR_UNKNOWN, "export vanished").await?;
                     continue;
                 };
                 let disk = att.disk().clone();

@@ -24,6 +24,13 @@ fn scripted<T: Send + 'static>(
     (dir, NbdAddr::Unix(path), server)
 }
 
+/// Connects to `addr` and reads `len` bytes at `offset`, which must fail the
+/// connection: the error.
+fn failed_read(addr: &NbdAddr, offset: u64, len: u32) -> NbdError {
+    let mut c = NbdClient::connect(addr, "e").unwrap();
+    c.submit(&[Request::Read { offset, len }]).unwrap_err()
+}
+
 fn opt_reply(s: &mut UnixStream, option: u32, reply: OptionReply<'_>) {
     let mut b = Vec::new();
     reply.emit(option, &mut b);
@@ -175,13 +182,7 @@ fn chunk_offsets_that_overflow_are_a_protocol_error() {
             }
             chunk(&mut s, chunk::FLAG_DONE, ty, cookie, &p);
         });
-        let mut c = NbdClient::connect(&addr, "e").unwrap();
-        let err = c
-            .submit(&[Request::Read {
-                offset: 0,
-                len: 1024,
-            }])
-            .unwrap_err();
+        let err = failed_read(&addr, 0, 1024);
         assert!(
             err.to_string().contains("chunk outside the request"),
             "{err}"
@@ -249,16 +250,9 @@ fn endless_chunks_for_one_request_are_a_protocol_error() {
             }
             sent
         });
-        let mut c = NbdClient::connect(&addr, "e").unwrap();
-        let err = c
-            .submit(&[Request::Read {
-                offset: 4096,
-                len: 1024,
-            }])
-            .unwrap_err();
         // Without the bounds the client reads all 10 000 chunks, then EOF: Io.
+        let err = failed_read(&addr, 4096, 1024);
         assert!(matches!(err, NbdError::Protocol(_)), "{err}");
-        drop(c);
         server.join().unwrap();
     }
 }

@@ -22,7 +22,8 @@
 //! page cache to socket, in the kernel; see [`sys::FileMap`] for why stord
 //! itself never reads that memory).
 //!
-//! Calls here block; the server runs them on tokio's blocking pool.
+//! Calls here block; each connection runs them on its own worker threads
+//! (see `nbd`), never on the tokio runtime.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -33,7 +34,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::config::Alloc;
 use crate::sys;
-use crate::wire::{err, Extent, STATE_HOLE, STATE_ZERO};
+use nbd_proto::{err, Extent, STATE_HOLE, STATE_ZERO};
 
 /// Errors of disk operations, each mapped to an NBD error value.
 #[derive(Debug, thiserror::Error)]
@@ -262,7 +263,7 @@ impl Disk {
 
     /// The disk file mapped for sending the `len` bytes at `offset` as READ
     /// data (see [`sys::FileMap`]); made on first use, again after the disk
-    /// grew, and again once it touched [`MAP_REGIONS_MAX`] regions. `None` if the range is past
+    /// grew, and again once it touched `MAP_REGIONS_MAX` regions. `None` if the range is past
     /// the disk or the file cannot be mapped: the caller then reads with pread.
     pub fn mapping(&self, offset: u64, len: u64) -> Option<Arc<sys::FileMap>> {
         let end = offset.checked_add(len)?;

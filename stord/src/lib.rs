@@ -5,16 +5,47 @@
 //! over TCP and/or a unix socket, one host file per disk. A JSON control socket
 //! creates, lists, resizes and deletes disks; the same binary is its CLI.
 //!
-//! Modules, from the wire up:
-//! - [`wire`]: NBD message parse / emit, pure functions (fuzzed);
+//! Modules, from the wire up (the NBD wire format itself, parse and emit, is
+//! the `nbd-proto` crate, shared with vmm-shim's client and fuzzed there):
 //! - [`disk`]: one host file as a disk (fixed / dynamic), blocking I/O;
 //! - [`catalog`]: the set of disks, persisted atomically;
-//! - [`nbd`]: one connection, handshake and concurrent transmission;
+//! - [`nbd`]: one connection: the handshake on tokio, then the transmission
+//!   phase on the connection's own worker threads;
+//! - [`poll`]: busy polling of idle connections;
 //! - [`control`]: the JSON control API's server side (its types and client are
 //!   in the `fabric-api` crate, shared with netd);
 //! - [`server`]: listeners, limits, systemd, signals, shutdown;
 //! - [`config`]: the strict TOML configuration;
 //! - [`sys`]: the few raw Linux calls (all `unsafe` lives there).
+//!
+//! # The path of an NBD READ
+//!
+//! Five files, in this order:
+//!
+//! 1. `nbd/transmit.rs`: one of the connection's worker threads, holding the
+//!    read lock, reads the 28-byte header (`next`), parses it
+//!    (`nbd_proto::Request::parse`) and validates it (`request::validate`,
+//!    which returns the typed `Command::Read`). A small READ while more
+//!    requests wait is tried from the page cache on this thread
+//!    (`read_cached`); any other READ lets go of the read lock first, so the
+//!    next request is read while this one runs.
+//! 2. `nbd/request.rs`: `read_plan` picks the strategy, in one place: one header
+//!    and the data (simple replies, DF, fixed disks, or below 64 KiB) is sent
+//!    from the disk file's mapping from 64 KiB on, and pread into a buffer
+//!    below; anything else becomes OFFSET_DATA / OFFSET_HOLE chunks as
+//!    SEEK_DATA / SEEK_HOLE find them. `read` carries the plan out; the reply
+//!    headers are emitted there by
+//! 3. `nbd-proto/src/transmission.rs` (simple reply, chunk headers).
+//! 4. `disk.rs`: the disk file's shared mapping (`Disk::mapping`), `pread`
+//!    (`Disk::read`, `Disk::read_cached`), holes (`Disk::segments`), over
+//! 5. `sys.rs`: `FileMap` (mmap, made resident with madvise before the write
+//!    lock is taken, then written with one writev from the mapping: one copy,
+//!    page cache to socket), `pread_vec`, `pread_cached` (RWF_NOWAIT), `seek`.
+//!
+//! Back in `nbd/transmit.rs`, the reply goes out under the write lock in one
+//! vectored write (`write_segs`, or `write_mapped` for a mapped reply); READ
+//! data held in memory counts against the global payload budget while it is
+//! produced. No request allocates beyond its reply header and its data.
 
 pub mod catalog;
 pub mod config;
@@ -24,7 +55,6 @@ pub mod nbd;
 pub mod poll;
 pub mod server;
 pub mod sys;
-pub mod wire;
 
 pub use fabric_util::error_chain;
 

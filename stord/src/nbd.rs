@@ -6,9 +6,10 @@
 //! idle peer cannot hold a connection slot forever).
 //!
 //! Once an export is chosen, the socket is turned into a blocking std socket and
-//! served by [`WORKERS`] threads, the way nbdkit does it: each worker takes the
-//! read lock, reads one whole request (header and WRITE payload, at most
-//! [`wire::MAX_PAYLOAD`]), releases the lock, validates and executes the request
+//! served by `WORKERS` (16) threads, the way nbdkit does it: each worker takes
+//! the read lock, reads one whole request (header and WRITE payload, at most
+//! [`MAX_PAYLOAD`]) and validates it into its typed command, releases the
+//! lock, executes the request
 //! (pread / pwrite / fdatasync / fallocate on the disk file) and writes the reply
 //! under the write lock with one vectored write. A READ of 64 KiB or more whose
 //! reply is one header and the data (simple replies, DF, fixed disks, or too
@@ -25,7 +26,7 @@
 //! reading thread too, and its replies are written together once the input runs
 //! dry.
 //!
-//! Bounds: at most [`WORKERS`] requests in flight per connection, and a global
+//! Bounds: at most `WORKERS` requests in flight per connection, and a global
 //! [`Budget`] of payload bytes across all connections. An invalid request gets
 //! an NBD error reply, never a dropped connection (an oversized WRITE payload is
 //! read and discarded); only broken framing (bad magic) ends the connection, as
@@ -46,15 +47,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::catalog::Catalog;
 use crate::config::Alloc;
 use crate::disk::{Attachment, Disk};
-use crate::wire::{
-    self, cflag, cmd, err, info, opt, rep, tflag, OptionHeader, OptionRequest, Request,
+use nbd_proto::{
+    cflag, err, info, opt, rep, tflag, ClientFlags, Command, ExportNameReply, Extent, Final, Hello,
+    Info, OptionHeader, OptionReply, OptionRequest, Request, SimpleReply, BASE_ALLOCATION,
+    BASE_ALLOCATION_ID, CHUNK_HEADER_LEN, MAX_OPTION_DATA, MAX_PAYLOAD, OPTION_HEADER_LEN,
+    REQUEST_LEN, SIMPLE_REPLY_LEN,
 };
 
 /// Longest a client may take to finish option haggling.
@@ -241,15 +245,11 @@ pub async fn serve(ctx: Ctx, conn: Conn) -> Result<(), ConnError> {
     r
 }
 
-async fn handshake_timed<R, W>(
+async fn handshake_timed(
     ctx: &Ctx,
-    rd: &mut R,
-    wr: &mut W,
-) -> Result<Option<Session>, ConnError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+    rd: &mut (dyn AsyncRead + Unpin + Send),
+    wr: &mut (dyn AsyncWrite + Unpin + Send),
+) -> Result<Option<Session>, ConnError> {
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::handshake(ctx, rd, wr)).await {
         Err(_) => Err(ConnError::HandshakeTimeout(HANDSHAKE_TIMEOUT)),
         Ok(r) => r,

@@ -3,20 +3,36 @@
 
 use super::*;
 
-async fn send_reply<W: AsyncWrite + Unpin>(
-    wr: &mut W,
-    option: u32,
-    reply: u32,
-    data: &[u8],
-) -> std::io::Result<()> {
-    let mut out = BytesMut::with_capacity(20 + data.len());
-    wire::emit_option_reply(&mut out, option, reply, data);
-    wr.write_all(&out).await?;
+/// The client's side of the socket, while options are haggled over.
+type Rd<'a> = &'a mut (dyn AsyncRead + Unpin + Send);
+/// The server's side.
+type Wr<'a> = &'a mut (dyn AsyncWrite + Unpin + Send);
+
+async fn send(wr: Wr<'_>, out: &[u8]) -> std::io::Result<()> {
+    wr.write_all(out).await?;
     wr.flush().await
 }
 
+async fn send_reply(wr: Wr<'_>, option: u32, reply: OptionReply<'_>) -> std::io::Result<()> {
+    let mut out = BytesMut::with_capacity(nbd_proto::OPTION_REPLY_HEADER_LEN + reply.data_len());
+    reply.emit(option, &mut out);
+    send(wr, &out).await
+}
+
+/// Ends the replies in `out` with the ACK and sends them.
+async fn send_acked(wr: Wr<'_>, option: u32, mut out: BytesMut) -> std::io::Result<()> {
+    OptionReply::Ack.emit(option, &mut out);
+    send(wr, &out).await
+}
+
+/// Sends an error reply (`rep::ERR_*`) with a message.
+async fn refuse(wr: Wr<'_>, option: u32, reply: u32, message: &str) -> std::io::Result<()> {
+    let message = message.as_bytes();
+    send_reply(wr, option, OptionReply::Error { reply, message }).await
+}
+
 /// Reads and throws away `n` bytes (an oversized option's data).
-async fn discard<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> std::io::Result<()> {
+async fn discard(rd: Rd<'_>, mut n: u64) -> std::io::Result<()> {
     let mut sink = vec![0u8; 64 * 1024];
     while n > 0 {
         let k = n.min(sink.len() as u64) as usize;
@@ -28,49 +44,43 @@ async fn discard<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> std::io::Resul
 
 /// Option haggling. `Ok(None)`: the client aborted (or the server is shutting
 /// down while the client idles in negotiation).
-pub(super) async fn handshake<R, W>(
+pub(super) async fn handshake(
     ctx: &Ctx,
-    rd: &mut R,
-    wr: &mut W,
-) -> Result<Option<Session>, ConnError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut hello = BytesMut::with_capacity(18);
-    hello.put_u64(wire::NBDMAGIC);
-    hello.put_u64(wire::IHAVEOPT);
-    hello.put_u16(wire::FLAG_FIXED_NEWSTYLE | wire::FLAG_NO_ZEROES);
-    wr.write_all(&hello).await?;
-    wr.flush().await?;
-
-    let cflags = rd.read_u32().await?;
-    if cflags & !(wire::FLAG_C_FIXED_NEWSTYLE | wire::FLAG_C_NO_ZEROES) != 0 {
-        return Err(ConnError::Protocol(format!(
-            "unknown client flags {cflags:#x}"
-        )));
+    rd: Rd<'_>,
+    wr: Wr<'_>,
+) -> Result<Option<Session>, ConnError> {
+    let mut hello = BytesMut::with_capacity(nbd_proto::HELLO_LEN);
+    Hello {
+        flags: nbd_proto::FLAG_FIXED_NEWSTYLE | nbd_proto::FLAG_NO_ZEROES,
     }
-    let no_zeroes = cflags & wire::FLAG_C_NO_ZEROES != 0;
+    .emit(&mut hello);
+    send(wr, &hello).await?;
+
+    let mut cflags = [0u8; ClientFlags::LEN];
+    rd.read_exact(&mut cflags).await?;
+    let no_zeroes = ClientFlags::parse(&cflags)
+        .map_err(|e| ConnError::Protocol(e.to_string()))?
+        .no_zeroes;
     let mut structured = false;
     // SET_META_CONTEXT's outcome: (export name, base:allocation selected).
     let mut meta: Option<(String, bool)> = None;
     let mut shutdown = ctx.shutdown.clone();
 
     for _ in 0..MAX_OPTIONS {
-        let mut hdr = [0u8; wire::OPTION_HEADER_LEN];
+        let mut hdr = [0u8; OPTION_HEADER_LEN];
         tokio::select! {
             r = rd.read_exact(&mut hdr) => { r?; }
             _ = crate::until_shutdown(&mut shutdown) => return Ok(None),
         }
         let h = OptionHeader::parse(&hdr).map_err(|e| ConnError::Protocol(e.to_string()))?;
-        if h.len > wire::MAX_OPTION_DATA {
+        if h.len > MAX_OPTION_DATA {
             if h.option == opt::EXPORT_NAME {
                 return Err(ConnError::Protocol(
                     "EXPORT_NAME longer than any export name".into(),
                 ));
             }
             discard(rd, h.len as u64).await?;
-            send_reply(wr, h.option, rep::ERR_TOO_BIG, b"option data too large").await?;
+            refuse(wr, h.option, rep::ERR_TOO_BIG, "option data too large").await?;
             continue;
         }
         let mut data = vec![0u8; h.len as usize];
@@ -80,7 +90,7 @@ where
             if h.option == opt::EXPORT_NAME {
                 return Ok(None);
             }
-            send_reply(wr, h.option, rep::ERR_SHUTDOWN, b"server is shutting down").await?;
+            refuse(wr, h.option, rep::ERR_SHUTDOWN, "server is shutting down").await?;
             continue;
         }
 
@@ -90,7 +100,7 @@ where
                 if h.option == opt::EXPORT_NAME {
                     return Err(ConnError::Protocol(format!("bad EXPORT_NAME: {e}")));
                 }
-                send_reply(wr, h.option, rep::ERR_INVALID, e.to_string().as_bytes()).await?;
+                refuse(wr, h.option, rep::ERR_INVALID, &e.to_string()).await?;
                 continue;
             }
         };
@@ -98,78 +108,78 @@ where
         match req {
             OptionRequest::Abort => {
                 // The client may already have closed; a failed ACK is fine.
-                let _ = send_reply(wr, h.option, rep::ACK, &[]).await;
+                let _ = send_reply(wr, h.option, OptionReply::Ack).await;
                 return Ok(None);
             }
             OptionRequest::List => {
                 let mut out = BytesMut::new();
                 for d in ctx.catalog.disks() {
-                    let data = wire::server_reply_data(d.name(), &d.description());
-                    wire::emit_option_reply(&mut out, h.option, rep::SERVER, &data);
+                    OptionReply::Server {
+                        name: d.name(),
+                        description: &d.description(),
+                    }
+                    .emit(h.option, &mut out);
                 }
-                wire::emit_option_reply(&mut out, h.option, rep::ACK, &[]);
-                wr.write_all(&out).await?;
-                wr.flush().await?;
+                send_acked(wr, h.option, out).await?;
             }
             OptionRequest::StartTls => {
-                send_reply(
+                refuse(
                     wr,
                     h.option,
                     rep::ERR_UNSUP,
-                    b"TLS is not supported by this server",
+                    "TLS is not supported by this server",
                 )
                 .await?;
             }
             OptionRequest::ExtendedHeaders => {
-                send_reply(
+                refuse(
                     wr,
                     h.option,
                     rep::ERR_UNSUP,
-                    b"extended headers are not supported",
+                    "extended headers are not supported",
                 )
                 .await?;
             }
             OptionRequest::Unknown(o) => {
                 let msg = format!("option {o} is not supported");
-                send_reply(wr, h.option, rep::ERR_UNSUP, msg.as_bytes()).await?;
+                refuse(wr, h.option, rep::ERR_UNSUP, &msg).await?;
             }
             OptionRequest::StructuredReply => {
                 structured = true;
-                send_reply(wr, h.option, rep::ACK, &[]).await?;
+                send_reply(wr, h.option, OptionReply::Ack).await?;
             }
             OptionRequest::MetaContext { set, name, queries } => {
                 if !structured {
-                    send_reply(
+                    refuse(
                         wr,
                         h.option,
                         rep::ERR_INVALID,
-                        b"negotiate structured replies before metadata contexts",
+                        "negotiate structured replies before metadata contexts",
                     )
                     .await?;
                     continue;
                 }
                 let Some(export) = ctx.resolve(&name) else {
                     let msg = format!("no export named `{name}`");
-                    send_reply(wr, h.option, rep::ERR_UNKNOWN, msg.as_bytes()).await?;
+                    refuse(wr, h.option, rep::ERR_UNKNOWN, &msg).await?;
                     continue;
                 };
                 let matched = if set {
-                    queries.iter().any(|q| q == wire::BASE_ALLOCATION)
+                    queries.iter().any(|q| q == BASE_ALLOCATION)
                 } else {
                     queries.is_empty()
-                        || queries
-                            .iter()
-                            .any(|q| q == wire::BASE_ALLOCATION || q == "base:")
+                        || queries.iter().any(|q| q == BASE_ALLOCATION || q == "base:")
                 };
                 let mut out = BytesMut::new();
                 if matched {
-                    let id = if set { wire::BASE_ALLOCATION_ID } else { 0 };
-                    let data = wire::meta_context_data(id, wire::BASE_ALLOCATION);
-                    wire::emit_option_reply(&mut out, h.option, rep::META_CONTEXT, &data);
+                    let id = if set { BASE_ALLOCATION_ID } else { 0 };
+                    OptionReply::MetaContext {
+                        id,
+                        name: BASE_ALLOCATION,
+                    }
+                    .emit(h.option, &mut out);
                 }
-                wire::emit_option_reply(&mut out, h.option, rep::ACK, &[]);
-                wr.write_all(&out).await?;
-                wr.flush().await?;
+                send_acked(wr, h.option, out).await?;
                 if set {
                     meta = Some((export, matched));
                 }
@@ -177,39 +187,35 @@ where
             OptionRequest::Info { go, name, requests } => {
                 let Some(export) = ctx.resolve(&name) else {
                     let msg = format!("no export named `{name}`");
-                    send_reply(wr, h.option, rep::ERR_UNKNOWN, msg.as_bytes()).await?;
+                    refuse(wr, h.option, rep::ERR_UNKNOWN, &msg).await?;
                     continue;
                 };
                 let Some(att) = ctx.catalog.attach(&export) else {
-                    send_reply(wr, h.option, rep::ERR_UNKNOWN, b"export vanished").await?;
+                    refuse(wr, h.option, rep::ERR_UNKNOWN, "export vanished").await?;
                     continue;
                 };
                 let disk = att.disk().clone();
                 let size = disk.size();
                 let flags = export_flags(&disk, structured);
                 let mut out = BytesMut::new();
-                wire::emit_option_reply(
-                    &mut out,
-                    h.option,
-                    rep::INFO,
-                    &wire::info_export_data(size, flags),
-                );
+                OptionReply::Info(Info::Export { size, flags }).emit(h.option, &mut out);
+                let description = disk.description();
                 for r in requests {
-                    let data = match r {
-                        info::NAME => wire::info_string_data(info::NAME, disk.name()),
-                        info::DESCRIPTION => {
-                            wire::info_string_data(info::DESCRIPTION, &disk.description())
-                        }
+                    let item = match r {
+                        info::NAME => Info::Name(disk.name()),
+                        info::DESCRIPTION => Info::Description(&description),
                         _ => continue,
                     };
-                    wire::emit_option_reply(&mut out, h.option, rep::INFO, &data);
+                    OptionReply::Info(item).emit(h.option, &mut out);
                 }
                 // Sent unasked too: the constraints hold for every client.
-                let bs = wire::info_block_size_data(1, PREFERRED_BLOCK, wire::MAX_PAYLOAD);
-                wire::emit_option_reply(&mut out, h.option, rep::INFO, &bs);
-                wire::emit_option_reply(&mut out, h.option, rep::ACK, &[]);
-                wr.write_all(&out).await?;
-                wr.flush().await?;
+                OptionReply::Info(Info::BlockSize {
+                    min: 1,
+                    preferred: PREFERRED_BLOCK,
+                    max: MAX_PAYLOAD,
+                })
+                .emit(h.option, &mut out);
+                send_acked(wr, h.option, out).await?;
                 if go {
                     let base_allocation = matches!(&meta, Some((n, true)) if *n == export);
                     return Ok(Some(Session {
@@ -227,14 +233,14 @@ where
                     .ok_or_else(|| ConnError::UnknownExport(name.clone()))?;
                 let disk = att.disk().clone();
                 let size = disk.size();
-                let mut out = BytesMut::with_capacity(134);
-                out.put_u64(size);
-                out.put_u16(export_flags(&disk, structured));
-                if !no_zeroes {
-                    out.put_bytes(0, 124);
-                }
-                wr.write_all(&out).await?;
-                wr.flush().await?;
+                let reply = ExportNameReply {
+                    size,
+                    flags: export_flags(&disk, structured),
+                    no_zeroes,
+                };
+                let mut out = BytesMut::with_capacity(reply.buffer_len());
+                reply.emit(&mut out);
+                send(wr, &out).await?;
                 let base_allocation = matches!(&meta, Some((n, true)) if *n == disk.name());
                 return Ok(Some(Session {
                     att,

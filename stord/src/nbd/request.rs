@@ -1,39 +1,50 @@
 //! Request semantics: validation against the export and the negotiation
-//! (which error each invalid request gets), and execution on the disk, producing
-//! simple or structured replies.
+//! (which error each invalid request gets, and the typed command of a valid
+//! one), execution on the disk, and the READ path's choice of strategy
+//! ([`read_plan`]), producing simple or structured replies.
 
 use super::*;
 
 /// A finished reply: segments to write back to back.
 pub(super) type Reply = Vec<Bytes>;
 
+/// A reply ready to be written.
+pub(super) enum Out {
+    /// Segments written back to back.
+    Segs(Reply),
+    /// READ data sent from the disk file's mapping.
+    Mapped(MappedRead),
+}
+
 pub(super) fn simple(handle: u64, error: u32) -> Reply {
-    let mut b = BytesMut::with_capacity(16);
-    wire::emit_simple_reply(&mut b, error, handle);
+    let mut b = BytesMut::with_capacity(SIMPLE_REPLY_LEN);
+    SimpleReply { error, handle }.emit(&mut b);
     vec![b.freeze()]
 }
 
 pub(super) fn error_reply(sess: &Session, handle: u64, error: u32, msg: &str) -> Reply {
     if sess.structured {
         let mut b = BytesMut::with_capacity(32 + msg.len());
-        wire::emit_error_chunk(&mut b, handle, error, msg);
+        nbd_proto::emit_error_chunk(&mut b, handle, error, msg);
         vec![b.freeze()]
     } else {
         simple(handle, error)
     }
 }
 
-/// Checks a request against the export and the negotiation; `Err` is the NBD
-/// error value and a message for the client.
-pub(super) fn validate(sess: &Session, req: &Request) -> Result<(), (u32, String)> {
+/// Checks a request against the export and the negotiation; `Ok` is its typed
+/// command, `Err` the NBD error value and a message for the client.
+pub(super) fn validate(sess: &Session, req: &Request) -> Result<Command, (u32, String)> {
     let einval = |m: &str| Err((err::EINVAL, m.to_string()));
-    let allowed = match req.kind {
-        cmd::READ if sess.structured => cflag::FUA | cflag::DF,
-        cmd::READ | cmd::WRITE | cmd::FLUSH | cmd::TRIM | cmd::CACHE => cflag::FUA,
-        cmd::WRITE_ZEROES => cflag::FUA | cflag::NO_HOLE | cflag::FAST_ZERO,
-        cmd::BLOCK_STATUS => cflag::FUA | cflag::REQ_ONE,
-        cmd::DISC => 0,
-        k => return Err((err::EINVAL, format!("unknown command {k}"))),
+    let cmd = req.command().map_err(|e| (err::EINVAL, e.to_string()))?;
+    let allowed = match cmd {
+        Command::Read if sess.structured => cflag::FUA | cflag::DF,
+        Command::Read | Command::Write | Command::Flush | Command::Trim | Command::Cache => {
+            cflag::FUA
+        }
+        Command::WriteZeroes => cflag::FUA | cflag::NO_HOLE | cflag::FAST_ZERO,
+        Command::BlockStatus => cflag::FUA | cflag::REQ_ONE,
+        Command::Disc => 0,
     };
     if req.flags & !allowed != 0 {
         return Err((
@@ -45,35 +56,31 @@ pub(super) fn validate(sess: &Session, req: &Request) -> Result<(), (u32, String
             ),
         ));
     }
-    if req.kind == cmd::FLUSH {
+    if cmd == Command::Flush {
         return if req.offset == 0 && req.len == 0 {
-            Ok(())
+            Ok(cmd)
         } else {
             einval("FLUSH offset and length must be zero")
         };
     }
-    let writes = matches!(req.kind, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
+    let writes = matches!(cmd, Command::Write | Command::Trim | Command::WriteZeroes);
     if writes && sess.disk().read_only() {
         return Err((err::EPERM, "the export is read-only".into()));
     }
-    if matches!(req.kind, cmd::READ | cmd::WRITE) && req.len > wire::MAX_PAYLOAD {
-        let e = if req.kind == cmd::READ && req.flags & cflag::DF != 0 {
+    if matches!(cmd, Command::Read | Command::Write) && req.len > MAX_PAYLOAD {
+        let e = if cmd == Command::Read && req.has_flag(cflag::DF) {
             err::EOVERFLOW
         } else {
             err::EINVAL
         };
         return Err((
             e,
-            format!(
-                "length {} exceeds the maximum {}",
-                req.len,
-                wire::MAX_PAYLOAD
-            ),
+            format!("length {} exceeds the maximum {MAX_PAYLOAD}", req.len),
         ));
     }
     let end = req.offset.checked_add(req.len as u64);
     if !matches!(end, Some(e) if e <= sess.size) {
-        let e = if matches!(req.kind, cmd::WRITE | cmd::WRITE_ZEROES) {
+        let e = if matches!(cmd, Command::Write | Command::WriteZeroes) {
             err::ENOSPC
         } else {
             err::EINVAL
@@ -86,7 +93,7 @@ pub(super) fn validate(sess: &Session, req: &Request) -> Result<(), (u32, String
             ),
         ));
     }
-    if req.kind == cmd::BLOCK_STATUS {
+    if cmd == Command::BlockStatus {
         if !sess.base_allocation {
             return einval("no metadata context was negotiated");
         }
@@ -94,28 +101,34 @@ pub(super) fn validate(sess: &Session, req: &Request) -> Result<(), (u32, String
             return einval("BLOCK_STATUS length must not be zero");
         }
     }
-    Ok(())
+    Ok(cmd)
 }
 
-/// Runs a validated request on the blocking pool; returns its reply.
-pub(super) fn execute(sess: &Session, req: Request, payload: &[u8]) -> Reply {
+/// Runs a validated request on the calling worker thread; returns its reply.
+pub(super) fn execute(
+    sess: &Session,
+    cmd: Command,
+    req: &Request,
+    payload: &[u8],
+    budget: &Budget,
+) -> Out {
     let disk = sess.disk();
-    let fua = req.flags & cflag::FUA != 0;
-    let res = match req.kind {
-        cmd::READ => return read(sess, req),
-        cmd::WRITE => disk.write(req.offset, payload, fua),
-        cmd::FLUSH => disk.flush(),
-        cmd::TRIM => disk.trim(req.offset, req.len as u64, fua),
-        cmd::CACHE => disk.cache(req.offset, req.len as u64),
-        cmd::WRITE_ZEROES => disk.write_zeroes(
+    let fua = req.has_flag(cflag::FUA);
+    let res = match cmd {
+        Command::Read => return read(sess, req, budget),
+        Command::Write => disk.write(req.offset, payload, fua),
+        Command::Flush => disk.flush(),
+        Command::Trim => disk.trim(req.offset, req.len as u64, fua),
+        Command::Cache => disk.cache(req.offset, req.len as u64),
+        Command::WriteZeroes => disk.write_zeroes(
             req.offset,
             req.len as u64,
-            req.flags & cflag::NO_HOLE != 0,
-            req.flags & cflag::FAST_ZERO != 0,
+            req.has_flag(cflag::NO_HOLE),
+            req.has_flag(cflag::FAST_ZERO),
             fua,
         ),
-        cmd::BLOCK_STATUS => {
-            let max = if req.flags & cflag::REQ_ONE != 0 {
+        Command::BlockStatus => {
+            let max = if req.has_flag(cflag::REQ_ONE) {
                 1
             } else {
                 MAX_EXTENTS
@@ -123,25 +136,33 @@ pub(super) fn execute(sess: &Session, req: Request, payload: &[u8]) -> Reply {
             match disk.extents(req.offset, req.len as u64, max) {
                 Ok(ext) if !ext.is_empty() => {
                     let mut b = BytesMut::with_capacity(24 + 8 * ext.len());
-                    wire::emit_block_status(&mut b, req.handle, wire::BASE_ALLOCATION_ID, &ext);
-                    return vec![b.freeze()];
+                    nbd_proto::emit_block_status(&mut b, req.handle, BASE_ALLOCATION_ID, &ext);
+                    return Out::Segs(vec![b.freeze()]);
                 }
                 Ok(_) => {
                     // Cannot happen for len > 0; "allocated" is always a safe answer.
-                    let e = [wire::Extent {
+                    let e = [Extent {
                         len: req.len,
                         flags: 0,
                     }];
                     let mut b = BytesMut::with_capacity(32);
-                    wire::emit_block_status(&mut b, req.handle, wire::BASE_ALLOCATION_ID, &e);
-                    return vec![b.freeze()];
+                    nbd_proto::emit_block_status(&mut b, req.handle, BASE_ALLOCATION_ID, &e);
+                    return Out::Segs(vec![b.freeze()]);
                 }
                 Err(e) => Err(e),
             }
         }
-        _ => return error_reply(sess, req.handle, err::EINVAL, "unknown command"),
+        // The reader ends the connection on DISC; it is never executed.
+        Command::Disc => {
+            return Out::Segs(error_reply(
+                sess,
+                req.handle,
+                err::EINVAL,
+                "DISC has no reply",
+            ))
+        }
     };
-    match res {
+    Out::Segs(match res {
         Ok(()) => simple(req.handle, 0),
         Err(e) => {
             if !matches!(e, crate::disk::DiskError::NotFast) {
@@ -149,7 +170,7 @@ pub(super) fn execute(sess: &Session, req: Request, payload: &[u8]) -> Reply {
             }
             error_reply(sess, req.handle, e.nbd_errno(), &crate::error_chain(&e))
         }
-    }
+    })
 }
 
 /// Smallest READ whose holes are looked for (SEEK_DATA / SEEK_HOLE).
@@ -163,6 +184,55 @@ const HOLE_SCAN_MIN: u64 = 64 * 1024;
 /// size the madvise call costs more than the copy it saves.
 const MAPPED_READ_MIN: u32 = 64 * 1024;
 
+/// Largest READ answered from the page cache by the reading worker itself.
+const CACHED_READ_MAX: u32 = 16 * 1024;
+
+/// How a validated READ is answered.
+pub(super) enum ReadPlan {
+    /// The header, then the data straight from the disk file's mapping.
+    Mapped(Bytes),
+    /// The header, then the data pread into a buffer of its own; both go
+    /// out in one writev.
+    Buffered(Bytes),
+    /// A structured reply of data and hole chunks, as SEEK_DATA / SEEK_HOLE
+    /// find them (at most [`MAX_READ_CHUNKS`] chunks).
+    Sparse,
+    /// A structured READ of nothing: one NONE chunk.
+    Empty,
+}
+
+/// Chooses how a READ is answered: the one place stord's READ strategy is
+/// decided. A reply that is one header and the data (simple replies; DF,
+/// which forbids fragments; fixed disks, which have no holes worth skipping;
+/// reads below [`HOLE_SCAN_MIN`], where the two lseek calls cost more than
+/// sending the zeroes) is sent from the mapping from [`MAPPED_READ_MIN`] on
+/// and pread below it; anything else is split into data and holes. The header
+/// is emitted here, once.
+pub(super) fn read_plan(sess: &Session, req: &Request) -> ReadPlan {
+    let mut hdr = BytesMut::with_capacity(32);
+    if !sess.structured {
+        SimpleReply {
+            error: 0,
+            handle: req.handle,
+        }
+        .emit(&mut hdr);
+    } else if req.len == 0 {
+        return ReadPlan::Empty;
+    } else if req.has_flag(cflag::DF)
+        || sess.disk().alloc() == Alloc::Fixed
+        || (req.len as u64) < HOLE_SCAN_MIN
+    {
+        nbd_proto::emit_offset_data_header(&mut hdr, req.handle, req.offset, req.len, Final::Yes);
+    } else {
+        return ReadPlan::Sparse;
+    }
+    if req.len >= MAPPED_READ_MIN {
+        ReadPlan::Mapped(hdr.freeze())
+    } else {
+        ReadPlan::Buffered(hdr.freeze())
+    }
+}
+
 /// A READ reply whose data goes from the disk file's mapping to the socket.
 pub(super) struct MappedRead {
     /// The reply header (simple reply or one OFFSET_DATA chunk).
@@ -175,22 +245,48 @@ pub(super) struct MappedRead {
     pub len: usize,
 }
 
-/// For a validated READ of [`MAPPED_READ_MIN`] bytes or more whose reply is
-/// one header followed by the file's bytes (simple reply, or one OFFSET_DATA
-/// chunk: DF, a fixed disk, or too short to look for holes), the reply to send
-/// from the mapping, its pages made resident first (reading the disk now, not
-/// under the connection's write lock). `None`: build the reply with [`read`],
-/// which also reports any error the pages gave.
-pub(super) fn mapped_read(sess: &Session, req: &Request) -> Option<MappedRead> {
-    if req.kind != cmd::READ || req.len < MAPPED_READ_MIN {
-        return None;
-    }
-    let hdr = single_chunk_header(sess, req)?;
-    let map = sess.disk().mapping(req.offset, req.len as u64)?;
-    let offset = usize::try_from(req.offset).ok()?;
+/// Answers a validated READ as [`read_plan`] says. A mapped reply has its
+/// pages made resident here (reading the disk now, not under the
+/// connection's write lock); if the file cannot be mapped or a page cannot be
+/// read, the data is pread instead, which also reports the error. Data read
+/// into memory is counted against the payload `budget` while it is produced.
+pub(super) fn read(sess: &Session, req: &Request, budget: &Budget) -> Out {
+    let hdr = match read_plan(sess, req) {
+        ReadPlan::Mapped(hdr) => match mapped(sess, req, hdr) {
+            Ok(m) => return Out::Mapped(m),
+            Err(hdr) => hdr,
+        },
+        ReadPlan::Buffered(hdr) => hdr,
+        ReadPlan::Sparse => {
+            let _mem = budget.take(req.len as u64);
+            return Out::Segs(sparse(sess, req));
+        }
+        ReadPlan::Empty => {
+            let mut b = BytesMut::with_capacity(CHUNK_HEADER_LEN);
+            nbd_proto::emit_none(&mut b, req.handle);
+            return Out::Segs(vec![b.freeze()]);
+        }
+    };
+    let _mem = budget.take(req.len as u64);
+    Out::Segs(match sess.disk().read(req.offset, req.len as usize) {
+        Ok(data) => vec![hdr, Bytes::from(data)],
+        Err(e) => error_reply(sess, req.handle, e.nbd_errno(), &crate::error_chain(&e)),
+    })
+}
+
+/// The mapped reply, or the header back if the data must be pread.
+fn mapped(sess: &Session, req: &Request, hdr: Bytes) -> Result<MappedRead, Bytes> {
+    let Some(map) = sess.disk().mapping(req.offset, req.len as u64) else {
+        return Err(hdr);
+    };
+    let Ok(offset) = usize::try_from(req.offset) else {
+        return Err(hdr);
+    };
     let len = req.len as usize;
-    map.populate(offset, len).ok()?;
-    Some(MappedRead {
+    if map.populate(offset, len).is_err() {
+        return Err(hdr);
+    }
+    Ok(MappedRead {
         hdr,
         map,
         offset,
@@ -198,35 +294,18 @@ pub(super) fn mapped_read(sess: &Session, req: &Request) -> Option<MappedRead> {
     })
 }
 
-/// The reply header of a READ answered with one piece of data, or `None` if
-/// the reply may need hole chunks.
-fn single_chunk_header(sess: &Session, req: &Request) -> Option<Bytes> {
-    let mut hdr = BytesMut::with_capacity(32);
-    if !sess.structured {
-        wire::emit_simple_reply(&mut hdr, 0, req.handle);
-    } else if req.flags & cflag::DF != 0
-        || sess.disk().alloc() == Alloc::Fixed
-        || (req.len as u64) < HOLE_SCAN_MIN
-    {
-        wire::emit_offset_data_header(&mut hdr, true, req.handle, req.offset, req.len);
-    } else {
-        return None;
-    }
-    Some(hdr.freeze())
-}
-
-/// Largest READ answered from the page cache by the reading worker itself.
-const CACHED_READ_MAX: u32 = 16 * 1024;
-
-/// Answers a validated READ of up to [`CACHED_READ_MAX`] bytes from the page
-/// cache without waiting for the disk; `None` if the data is not all cached
-/// (or the read is of another kind): the caller runs [`read`] then, where
+/// Answers a validated READ of up to [`CACHED_READ_MAX`] bytes that
+/// [`read_plan`] would pread, from the page cache without waiting for the
+/// disk; `None` if the data is not all cached (or the READ is of another
+/// kind): the caller hands it to [`read`] on another worker then, where
 /// waiting holds up nobody.
 pub(super) fn read_cached(sess: &Session, req: &Request) -> Option<Reply> {
-    if req.kind != cmd::READ || req.len == 0 || req.len > CACHED_READ_MAX {
+    if req.len == 0 || req.len > CACHED_READ_MAX {
         return None;
     }
-    let hdr = single_chunk_header(sess, req)?;
+    let ReadPlan::Buffered(hdr) = read_plan(sess, req) else {
+        return None;
+    };
     let data = sess
         .disk()
         .read_cached(req.offset, req.len as usize)
@@ -234,60 +313,39 @@ pub(super) fn read_cached(sess: &Session, req: &Request) -> Option<Reply> {
     Some(vec![hdr, Bytes::from(data)])
 }
 
-pub(super) fn read(sess: &Session, req: Request) -> Reply {
+/// A structured READ split into data and hole chunks.
+fn sparse(sess: &Session, req: &Request) -> Reply {
     let disk = sess.disk();
     let handle = req.handle;
     let len = req.len as u64;
-    if !sess.structured {
-        return match disk.read(req.offset, req.len as usize) {
-            Ok(data) => {
-                let mut v = simple(handle, 0);
-                v.push(Bytes::from(data));
-                v
-            }
-            Err(e) => simple(handle, e.nbd_errno()),
-        };
-    }
-    if len == 0 {
-        let mut b = BytesMut::with_capacity(20);
-        wire::emit_none(&mut b, handle);
-        return vec![b.freeze()];
-    }
     let fail = |e: crate::disk::DiskError| {
         error_reply(sess, handle, e.nbd_errno(), &crate::error_chain(&e))
     };
-    // DF forbids fragments; fixed disks have no holes worth skipping; below
-    // HOLE_SCAN_MIN the two lseek calls cost more than sending the zeroes.
-    let segments =
-        if req.flags & cflag::DF != 0 || disk.alloc() == Alloc::Fixed || len < HOLE_SCAN_MIN {
-            vec![(len, false)]
-        } else {
-            match disk.segments(req.offset, len, MAX_READ_CHUNKS) {
-                Ok(mut s) => {
-                    let covered: u64 = s.iter().map(|(l, _)| l).sum();
-                    if covered < len {
-                        s.push((len - covered, false));
-                    }
-                    s
-                }
-                Err(e) => return fail(e),
+    let segments = match disk.segments(req.offset, len, MAX_READ_CHUNKS) {
+        Ok(mut s) => {
+            let covered: u64 = s.iter().map(|(l, _)| l).sum();
+            if covered < len {
+                s.push((len - covered, false));
             }
-        };
+            s
+        }
+        Err(e) => return fail(e),
+    };
     let mut out = Vec::with_capacity(segments.len() * 2);
     let mut pos = req.offset;
     let n = segments.len();
     for (i, (seg, hole)) in segments.into_iter().enumerate() {
-        let done = i + 1 == n;
+        let fin = if i + 1 == n { Final::Yes } else { Final::No };
         let mut hdr = BytesMut::with_capacity(32);
         if hole {
-            wire::emit_offset_hole(&mut hdr, done, handle, pos, seg as u32);
+            nbd_proto::emit_offset_hole(&mut hdr, handle, pos, seg as u32, fin);
             out.push(hdr.freeze());
         } else {
             let data = match disk.read(pos, seg as usize) {
                 Ok(d) => d,
                 Err(e) => return fail(e),
             };
-            wire::emit_offset_data_header(&mut hdr, done, handle, pos, seg as u32);
+            nbd_proto::emit_offset_data_header(&mut hdr, handle, pos, seg as u32, fin);
             out.push(hdr.freeze());
             out.push(Bytes::from(data));
         }
@@ -299,6 +357,7 @@ pub(super) fn read(sess: &Session, req: Request) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nbd_proto::chunk;
 
     fn session(structured: bool, ro: bool) -> (tempfile::TempDir, Session) {
         let dir = tempfile::tempdir().unwrap();
@@ -324,10 +383,10 @@ mod tests {
         )
     }
 
-    fn req(kind: u16, flags: u16, offset: u64, len: u32) -> Request {
+    fn req(kind: impl Into<u16>, flags: u16, offset: u64, len: u32) -> Request {
         Request {
             flags,
-            kind,
+            kind: kind.into(),
             handle: 1,
             offset,
             len,
@@ -337,80 +396,132 @@ mod tests {
     #[test]
     fn validation_error_codes() {
         let (_d, s) = session(true, false);
-        assert!(validate(&s, &req(cmd::READ, 0, 0, 4096)).is_ok());
         assert_eq!(
-            validate(&s, &req(cmd::READ, 0, 1 << 20, 1)).unwrap_err().0,
-            err::EINVAL
+            validate(&s, &req(Command::Read, 0, 0, 4096)),
+            Ok(Command::Read)
         );
         assert_eq!(
-            validate(&s, &req(cmd::WRITE, 0, 1 << 20, 1)).unwrap_err().0,
-            err::ENOSPC
+            validate(&s, &req(Command::Flush, 0, 0, 0)),
+            Ok(Command::Flush)
         );
         assert_eq!(
-            validate(&s, &req(cmd::WRITE_ZEROES, 0, u64::MAX, 1))
-                .unwrap_err()
-                .0,
-            err::ENOSPC
-        );
-        assert_eq!(validate(&s, &req(99, 0, 0, 0)).unwrap_err().0, err::EINVAL);
-        assert_eq!(
-            validate(&s, &req(cmd::WRITE, cflag::DF, 0, 1))
+            validate(&s, &req(Command::Read, 0, 1 << 20, 1))
                 .unwrap_err()
                 .0,
             err::EINVAL
         );
         assert_eq!(
-            validate(&s, &req(cmd::FLUSH, 0, 1, 0)).unwrap_err().0,
+            validate(&s, &req(Command::Write, 0, 1 << 20, 1))
+                .unwrap_err()
+                .0,
+            err::ENOSPC
+        );
+        assert_eq!(
+            validate(&s, &req(Command::WriteZeroes, 0, u64::MAX, 1))
+                .unwrap_err()
+                .0,
+            err::ENOSPC
+        );
+        assert_eq!(
+            validate(&s, &req(99u16, 0, 0, 0)).unwrap_err().0,
             err::EINVAL
         );
         assert_eq!(
-            validate(&s, &req(cmd::READ, cflag::DF, 0, wire::MAX_PAYLOAD + 1))
+            validate(&s, &req(Command::Write, cflag::DF, 0, 1))
+                .unwrap_err()
+                .0,
+            err::EINVAL
+        );
+        assert_eq!(
+            validate(&s, &req(Command::Flush, 0, 1, 0)).unwrap_err().0,
+            err::EINVAL
+        );
+        assert_eq!(
+            validate(&s, &req(Command::Read, cflag::DF, 0, MAX_PAYLOAD + 1))
                 .unwrap_err()
                 .0,
             err::EOVERFLOW
         );
         assert_eq!(
-            validate(&s, &req(cmd::BLOCK_STATUS, 0, 0, 0))
+            validate(&s, &req(Command::BlockStatus, 0, 0, 0))
                 .unwrap_err()
                 .0,
             err::EINVAL
         );
         let (_d, ro) = session(false, true);
         assert_eq!(
-            validate(&ro, &req(cmd::WRITE, 0, 0, 1)).unwrap_err().0,
+            validate(&ro, &req(Command::Write, 0, 0, 1)).unwrap_err().0,
             err::EPERM
         );
         assert_eq!(
-            validate(&ro, &req(cmd::TRIM, 0, 0, 1)).unwrap_err().0,
+            validate(&ro, &req(Command::Trim, 0, 0, 1)).unwrap_err().0,
             err::EPERM
         );
         assert_eq!(
-            validate(&ro, &req(cmd::READ, cflag::DF, 0, 1))
+            validate(&ro, &req(Command::Read, cflag::DF, 0, 1))
                 .unwrap_err()
                 .0,
             err::EINVAL
         );
         assert_eq!(
-            validate(&ro, &req(cmd::BLOCK_STATUS, 0, 0, 1))
+            validate(&ro, &req(Command::BlockStatus, 0, 0, 1))
                 .unwrap_err()
                 .0,
             err::EINVAL
         );
     }
 
+    /// The READ strategy of every kind of READ, decided in one place.
+    #[test]
+    fn read_plan_picks_each_strategy() {
+        let (_d, s) = session(true, false);
+        let plan = |flags, len| read_plan(&s, &req(Command::Read, flags, 0, len));
+        assert!(matches!(plan(0, 0), ReadPlan::Empty));
+        assert!(matches!(plan(0, 4096), ReadPlan::Buffered(_)));
+        assert!(matches!(plan(0, 65536), ReadPlan::Sparse));
+        assert!(matches!(plan(cflag::DF, 4096), ReadPlan::Buffered(_)));
+        assert!(matches!(plan(cflag::DF, 65536), ReadPlan::Mapped(_)));
+        let (_d, simple) = session(false, false);
+        let plan = |len| read_plan(&simple, &req(Command::Read, 0, 0, len));
+        assert!(matches!(plan(0), ReadPlan::Buffered(_)));
+        assert!(matches!(plan(4096), ReadPlan::Buffered(_)));
+        assert!(matches!(plan(1 << 20), ReadPlan::Mapped(_)));
+        // The cache-only path: small buffered reads only, data or not.
+        simple.disk().write(0, &[1u8; 4096], false).unwrap();
+        let r = read_cached(&simple, &req(Command::Read, 0, 0, 4096)).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[1], Bytes::from(vec![1u8; 4096]));
+        assert!(read_cached(&simple, &req(Command::Read, 0, 0, 0)).is_none());
+        assert!(read_cached(&simple, &req(Command::Read, 0, 0, 65536)).is_none());
+    }
+
     #[test]
     fn structured_read_of_sparse_disk_is_holes() {
         let (_d, s) = session(true, false);
         s.disk().write(8192, &[7u8; 4096], false).unwrap();
-        let r = read(&s, req(cmd::READ, 0, 0, 65536));
+        let budget = Budget::new(1 << 20);
+        let Out::Segs(r) = read(&s, &req(Command::Read, 0, 0, 65536), &budget) else {
+            panic!("a READ that may have holes is not mapped");
+        };
         // hole [0,8192), data [8192,12288), hole [12288,65536)
         assert_eq!(r.len(), 4, "{r:?}");
-        assert_eq!(&r[0][6..8], &wire::chunk::OFFSET_HOLE.to_be_bytes());
-        assert_eq!(&r[1][6..8], &wire::chunk::OFFSET_DATA.to_be_bytes());
+        assert_eq!(&r[0][6..8], &chunk::OFFSET_HOLE.to_be_bytes());
+        assert_eq!(&r[1][6..8], &chunk::OFFSET_DATA.to_be_bytes());
         assert_eq!(r[2], Bytes::from(vec![7u8; 4096]));
-        assert_eq!(&r[3][4..6], &wire::chunk::FLAG_DONE.to_be_bytes());
-        let df = read(&s, req(cmd::READ, cflag::DF, 0, 65536));
-        assert_eq!(df.len(), 2);
-        assert_eq!(df[1].len(), 65536);
+        assert_eq!(&r[3][4..6], &chunk::FLAG_DONE.to_be_bytes());
+        // DF: one data chunk, sent from the mapping where the file maps.
+        let df = req(Command::Read, cflag::DF, 0, 65536);
+        assert!(matches!(read_plan(&s, &df), ReadPlan::Mapped(_)));
+        match read(&s, &df, &budget) {
+            Out::Segs(df) => {
+                assert_eq!(df.len(), 2);
+                assert_eq!(df[1].len(), 65536);
+            }
+            Out::Mapped(m) => {
+                assert_eq!(&m.hdr[6..8], &chunk::OFFSET_DATA.to_be_bytes());
+                assert_eq!(&m.hdr[4..6], &chunk::FLAG_DONE.to_be_bytes());
+                assert_eq!(m.len, 65536);
+            }
+        }
     }
 }

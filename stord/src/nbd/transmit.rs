@@ -123,7 +123,9 @@ impl Budget {
         false
     }
 
-    fn take(&self, n: u64) -> BudgetGuard<'_> {
+    /// Takes `n` bytes, waiting until they are there; the guard gives them
+    /// back.
+    pub(super) fn take(&self, n: u64) -> BudgetGuard<'_> {
         if !self.try_take(n) {
             let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
             self.waiters.fetch_add(1, Ordering::AcqRel);
@@ -149,7 +151,8 @@ impl Budget {
     }
 }
 
-struct BudgetGuard<'a> {
+/// Bytes taken from a [`Budget`], given back on drop.
+pub(super) struct BudgetGuard<'a> {
     budget: &'a Budget,
     n: u64,
 }
@@ -251,13 +254,23 @@ enum Payload {
 /// get a buffer of their own, so an idle worker never keeps more than this.
 const SCRATCH_MAX: usize = 1024 * 1024;
 
+/// A validated request, ready to execute.
+struct Run<'a> {
+    /// Its typed command (what [`validate`] returned).
+    cmd: Command,
+    req: Request,
+    payload: Payload,
+    /// The budget its payload holds.
+    _mem: Option<BudgetGuard<'a>>,
+}
+
 /// What the reader got for a worker.
 enum Next<'a> {
-    /// A request to execute (payload read, its budget held), or to answer
-    /// ESHUTDOWN (the flag).
-    Run(Request, Payload, Option<BudgetGuard<'a>>, bool),
-    /// An answer that needs no execution (invalid request).
-    Answer(Reply),
+    /// A validated request to execute (payload read, its budget held).
+    Run(Run<'a>),
+    /// An answer that needs no execution: an invalid request, a request
+    /// during shutdown, or a READ answered from the page cache.
+    Answer(Out),
     /// The connection is over.
     Stop,
 }
@@ -272,7 +285,7 @@ fn next<'a>(
     if matches!(st.grace_end, Some(end) if Instant::now() >= end) {
         return Ok(Next::Stop);
     }
-    let mut hdr = [0u8; wire::REQUEST_LEN];
+    let mut hdr = [0u8; REQUEST_LEN];
     // Nothing buffered: poll the socket briefly before sleeping in recv (see
     // `crate::poll`), and let the wait adapt the poll window.
     let idle = st.rd.buffer().is_empty();
@@ -299,27 +312,24 @@ fn next<'a>(
         st.grace_end = Some(Instant::now() + SHUTDOWN_GRACE);
     }
     let req = Request::parse(&hdr).map_err(|e| ConnError::Protocol(e.to_string()))?;
-    if req.kind == cmd::DISC {
+    if req.command() == Ok(Command::Disc) {
         return Ok(Next::Stop);
     }
     let plen = req.payload_len();
-    if plen > wire::MAX_PAYLOAD {
+    if plen > MAX_PAYLOAD {
         // Too big to buffer: skip the payload as it streams past, then answer.
         skip(&mut st.rd, plen as u64)?;
         sh.ctx
             .stats
             .invalid_requests
             .fetch_add(1, Ordering::Relaxed);
-        let msg = format!(
-            "write of {plen} bytes exceeds the maximum {}",
-            wire::MAX_PAYLOAD
-        );
-        return Ok(Next::Answer(error_reply(
+        let msg = format!("write of {plen} bytes exceeds the maximum {MAX_PAYLOAD}");
+        return Ok(Next::Answer(Out::Segs(error_reply(
             sh.sess,
             req.handle,
             err::EINVAL,
             &msg,
-        )));
+        ))));
     }
     let n = plen as usize;
     let (payload, mem) = if n == 0 {
@@ -339,15 +349,33 @@ fn next<'a>(
         read_full(&mut st.rd, &mut v, false, || false)?;
         (Payload::Owned(v), Some(mem))
     };
-    Ok(Next::Run(req, payload, mem, st.grace_end.is_some()))
-}
-
-/// A reply ready to be written.
-enum Out {
-    /// Segments written back to back.
-    Segs(Reply),
-    /// READ data sent from the disk file's mapping.
-    Mapped(MappedRead),
+    // The payload was read either way: the framing stays intact.
+    if st.grace_end.is_some() {
+        return Ok(Next::Answer(Out::Segs(error_reply(
+            sh.sess,
+            req.handle,
+            err::ESHUTDOWN,
+            "server is shutting down",
+        ))));
+    }
+    match validate(sh.sess, &req) {
+        Ok(cmd) => Ok(Next::Run(Run {
+            cmd,
+            req,
+            payload,
+            _mem: mem,
+        })),
+        Err((e, msg)) => {
+            sh.ctx
+                .stats
+                .invalid_requests
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(handle = req.handle, kind = req.kind, error = e, %msg, "invalid request");
+            Ok(Next::Answer(Out::Segs(error_reply(
+                sh.sess, req.handle, e, &msg,
+            ))))
+        }
+    }
 }
 
 /// Writes all of `reply` with vectored writes.
@@ -432,54 +460,31 @@ const INLINE_MAX: u32 = 256 * 1024;
 
 /// Whether a request is cheap enough (page-cache work, no fdatasync) to run
 /// without handing the socket to another worker.
-fn cheap(req: &Request) -> bool {
-    match req.kind {
-        cmd::READ => req.len <= INLINE_MAX,
-        cmd::WRITE => req.len <= INLINE_MAX && req.flags & cflag::FUA == 0,
-        cmd::BLOCK_STATUS => true,
+fn cheap(run: &Run<'_>) -> bool {
+    match run.cmd {
+        Command::Read => run.req.len <= INLINE_MAX,
+        Command::Write => run.req.len <= INLINE_MAX && !run.req.has_flag(cflag::FUA),
+        Command::BlockStatus => true,
         _ => false,
     }
 }
 
 /// Produces the reply to what the reader got (`None`: the connection is over).
 fn answer(sh: &Shared<'_>, next: Next<'_>, scratch: &[u8]) -> Option<Out> {
-    Some(Out::Segs(match next {
-        Next::Stop => return None,
-        Next::Answer(r) => r,
-        Next::Run(req, _, _, true) => error_reply(
-            sh.sess,
-            req.handle,
-            err::ESHUTDOWN,
-            "server is shutting down",
-        ),
-        Next::Run(req, payload, _mem, false) => match validate(sh.sess, &req) {
-            Err((e, msg)) => {
-                sh.ctx
-                    .stats
-                    .invalid_requests
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(handle = req.handle, kind = req.kind, error = e, %msg, "invalid request");
-                error_reply(sh.sess, req.handle, e, &msg)
-            }
-            Ok(()) => {
-                sh.ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
-                if let Some(m) = mapped_read(sh.sess, &req) {
-                    return Some(Out::Mapped(m));
-                }
-                let _mem = if req.kind == cmd::READ {
-                    Some(sh.ctx.budget.take(req.len as u64))
-                } else {
-                    None
-                };
-                let data: &[u8] = match &payload {
-                    Payload::None => &[],
-                    Payload::Scratch(n) => &scratch[..*n],
-                    Payload::Owned(v) => v,
-                };
-                execute(sh.sess, req, data)
-            }
-        },
-    }))
+    match next {
+        Next::Stop => None,
+        Next::Answer(out) => Some(out),
+        Next::Run(run) => {
+            sh.ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let data: &[u8] = match &run.payload {
+                Payload::None => &[],
+                // `n` is at most the length the reader grew `scratch` to.
+                Payload::Scratch(n) => &scratch[..*n],
+                Payload::Owned(v) => v,
+            };
+            Some(execute(sh.sess, run.cmd, &run.req, data, &sh.ctx.budget))
+        }
+    }
 }
 
 fn fail(st: &mut ReadState, e: ConnError) {
@@ -547,41 +552,34 @@ fn worker(sh: &Shared<'_>) {
                 }
                 return;
             }
-            Next::Answer(_) | Next::Run(_, _, _, true) => Inline::Yes(false),
-            Next::Run(req, ..) if cheap(req) => {
+            Next::Answer(_) => Inline::Write,
+            Next::Run(run) if cheap(run) => {
                 let pending = input_pending(&st);
-                if !pending || req.kind == cmd::WRITE {
-                    Inline::Yes(pending)
-                } else if req.kind == cmd::READ {
-                    Inline::IfCached
-                } else {
-                    Inline::No
+                match run.cmd {
+                    _ if !pending => Inline::Write,
+                    Command::Write => Inline::Hold,
+                    Command::Read => Inline::IfCached,
+                    _ => Inline::No,
                 }
             }
-            Next::Run(..) => Inline::No,
+            Next::Run(_) => Inline::No,
         };
         // A small READ with more requests waiting runs here only if its data
         // is in the page cache (a cache miss must not hold up the socket).
-        let (inline, pending, next) = match (inline, next) {
-            (Inline::IfCached, Next::Run(req, payload, mem, false)) => {
-                match validate(sh.sess, &req)
-                    .ok()
-                    .and_then(|()| read_cached(sh.sess, &req))
-                {
-                    Some(r) => {
-                        sh.ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
-                        (true, true, Next::Answer(r))
-                    }
-                    None => (false, false, Next::Run(req, payload, mem, false)),
+        let (inline, next) = match (inline, next) {
+            (Inline::IfCached, Next::Run(run)) => match read_cached(sh.sess, &run.req) {
+                Some(r) => {
+                    sh.ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
+                    (Inline::Hold, Next::Answer(Out::Segs(r)))
                 }
-            }
-            (Inline::Yes(p), n) => (true, p, n),
-            (_, n) => (false, false, n),
+                None => (Inline::No, Next::Run(run)),
+            },
+            other => other,
         };
-        let res = if inline {
+        let res = if let Inline::Write | Inline::Hold = inline {
             match answer(sh, next, &scratch) {
                 Some(Out::Segs(r))
-                    if pending
+                    if matches!(inline, Inline::Hold)
                         && st.held_bytes + r.iter().map(Bytes::len).sum::<usize>() <= HELD_MAX =>
                 {
                     st.held_bytes += r.iter().map(Bytes::len).sum::<usize>();
@@ -606,11 +604,15 @@ fn worker(sh: &Shared<'_>) {
     }
 }
 
-/// Whether a worker runs what it read itself.
+/// Whether a worker runs what it read itself, and what it does with the reply.
 enum Inline {
-    /// Yes; the flag: more input was already waiting (hold the reply back).
-    Yes(bool),
-    /// If the data is in the page cache (a small READ).
+    /// Yes, and writes the reply at once: nothing else waits on the socket.
+    Write,
+    /// Yes, and holds the reply back: more requests were already waiting, so
+    /// their replies go out together with this one.
+    Hold,
+    /// If the data is in the page cache (a small READ, more requests waiting);
+    /// the reply is then held back.
     IfCached,
     /// No: hand the socket to another worker first.
     No,

@@ -1,0 +1,258 @@
+//! The client against scripted servers, honest and lying ones; the servers'
+//! bytes come from nbd-proto's emitters, so the tests speak the same wire
+//! format as stord.
+
+use super::*;
+use nbd_proto::{chunk, OptionHeader, OptionReply, OPTION_HEADER_LEN, REQUEST_LEN};
+use std::os::unix::net::UnixListener;
+
+fn w(s: &mut UnixStream, parts: &[&[u8]]) {
+    for p in parts {
+        s.write_all(p).unwrap();
+    }
+}
+
+/// A server of one connection on a fresh unix socket, running `script`:
+/// the socket's directory (removed when dropped), its address, the thread.
+fn scripted<T: Send + 'static>(
+    script: impl FnOnce(UnixStream) -> T + Send + 'static,
+) -> (tempfile::TempDir, NbdAddr, std::thread::JoinHandle<T>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nbd.sock");
+    let l = UnixListener::bind(&path).unwrap();
+    let server = std::thread::spawn(move || script(l.accept().unwrap().0));
+    (dir, NbdAddr::Unix(path), server)
+}
+
+/// Connects to `addr` and reads `len` bytes at `offset`, which must fail the
+/// connection: the error.
+fn failed_read(addr: &NbdAddr, offset: u64, len: u32) -> NbdError {
+    let mut c = NbdClient::connect(addr, "e").unwrap();
+    c.submit(&[Request::Read { offset, len }]).unwrap_err()
+}
+
+fn opt_reply(s: &mut UnixStream, option: u32, reply: OptionReply<'_>) {
+    let mut b = Vec::new();
+    reply.emit(option, &mut b);
+    s.write_all(&b).unwrap();
+}
+
+fn chunk(s: &mut UnixStream, flags: u16, kind: u16, handle: u64, payload: &[u8]) {
+    let mut b = Vec::new();
+    ChunkHeader {
+        flags,
+        kind,
+        handle,
+        len: payload.len() as u32,
+    }
+    .emit(&mut b);
+    w(s, &[&b, payload]);
+}
+
+fn simple_reply(s: &mut UnixStream, error: u32, handle: u64) {
+    let mut b = Vec::new();
+    SimpleReply { error, handle }.emit(&mut b);
+    s.write_all(&b).unwrap();
+}
+
+/// Reads one request: (type, cookie, offset, len), skipping a write's payload.
+fn request(s: &mut UnixStream) -> (u16, u64, u64, u32) {
+    let r = nbd_proto::Request::parse(&rd::<REQUEST_LEN>(s).unwrap()).unwrap();
+    rd_vec(s, r.payload_len()).unwrap();
+    (r.kind, r.handle, r.offset, r.len)
+}
+
+/// The server's greeting, and the client's flags read.
+fn greet(s: &mut UnixStream) {
+    let mut hello = Vec::new();
+    Hello {
+        flags: FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES,
+    }
+    .emit(&mut hello);
+    s.write_all(&hello).unwrap();
+    ClientFlags::parse(&rd::<{ ClientFlags::LEN }>(s).unwrap()).unwrap();
+}
+
+/// Reads one option, header and data, as a server does; its code.
+fn read_option(s: &mut UnixStream) -> u32 {
+    let h = OptionHeader::parse(&rd::<OPTION_HEADER_LEN>(s).unwrap()).unwrap();
+    rd_vec(s, h.len).unwrap();
+    h.option
+}
+
+/// The server side of the handshake: structured replies, a 1 MiB export.
+fn handshake(s: &mut UnixStream) {
+    greet(s);
+    for _ in 0..2 {
+        let option = read_option(s);
+        if option == opt::GO {
+            let flags = 1u16 | TFLAG_SEND_FLUSH | TFLAG_SEND_TRIM;
+            let export = Info::Export {
+                size: 1 << 20,
+                flags,
+            };
+            opt_reply(s, option, OptionReply::Info(export));
+        }
+        opt_reply(s, option, OptionReply::Ack);
+    }
+}
+
+/// A scripted server: handshake, then answers a batch of three requests out of
+/// order with data/hole chunks, a simple reply and an error chunk, then sends a
+/// reply for a cookie nobody asked about.
+fn serve(mut s: UnixStream) {
+    handshake(&mut s);
+    let reqs: Vec<_> = (0..3).map(|_| request(&mut s)).collect();
+    // Third request (a read): EIO as an error chunk.
+    let mut e = 5u32.to_be_bytes().to_vec();
+    e.extend_from_slice(&4u16.to_be_bytes());
+    e.extend_from_slice(b"oops");
+    chunk(&mut s, chunk::FLAG_DONE, chunk::ERROR, reqs[2].1, &e);
+    // Second (a write): simple reply.
+    simple_reply(&mut s, 0, reqs[1].1);
+    // First (read 1024 at 4096): data for the second half, a hole for the first.
+    let mut d = (4096u64 + 512).to_be_bytes().to_vec();
+    d.extend_from_slice(&[0xaa; 512]);
+    chunk(&mut s, 0, chunk::OFFSET_DATA, reqs[0].1, &d);
+    let mut h = 4096u64.to_be_bytes().to_vec();
+    h.extend_from_slice(&512u32.to_be_bytes());
+    chunk(&mut s, chunk::FLAG_DONE, chunk::OFFSET_HOLE, reqs[0].1, &h);
+    // Next batch: answered with a cookie from nowhere.
+    let r = request(&mut s);
+    simple_reply(&mut s, 0, r.1 + 1000);
+}
+
+#[test]
+fn structured_replies_out_of_order_errors_and_a_lying_server() {
+    let (_dir, addr, server) = scripted(serve);
+    let mut c = NbdClient::connect(&addr, "e").unwrap();
+    assert!(c.structured());
+    assert_eq!(c.size(), 1 << 20);
+    assert!(!c.read_only());
+    let out = c
+        .submit(&[
+            Request::Read {
+                offset: 4096,
+                len: 1024,
+            },
+            Request::Trim {
+                offset: 0,
+                len: 512,
+            },
+            Request::Read {
+                offset: 0,
+                len: 512,
+            },
+        ])
+        .unwrap();
+    let mut want = vec![0u8; 512];
+    want.extend_from_slice(&[0xaa; 512]);
+    assert_eq!(out[0], Ok(want));
+    assert_eq!(out[1], Ok(vec![]));
+    assert_eq!(out[2], Err(5));
+    let err = c.submit(&[Request::Flush]).unwrap_err();
+    assert!(matches!(err, NbdError::Protocol(_)), "{err}");
+    assert!(matches!(c.submit(&[Request::Flush]), Err(NbdError::Down)));
+    server.join().unwrap();
+}
+
+#[test]
+fn not_an_nbd_server() {
+    let (_dir, addr, t) = scripted(|mut s| {
+        s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").unwrap();
+    });
+    let err = NbdClient::connect(&addr, "e").err().unwrap();
+    assert!(err.to_string().contains("not an NBD server"), "{err}");
+    t.join().unwrap();
+}
+
+#[test]
+fn chunk_offsets_that_overflow_are_a_protocol_error() {
+    // A hole or data chunk whose offset lies so far past the request that
+    // offset + length wraps around u64 must fail the connection, not overflow.
+    for ty in [chunk::OFFSET_HOLE, chunk::OFFSET_DATA] {
+        let (_dir, addr, server) = scripted(move |mut s| {
+            handshake(&mut s);
+            let (_, cookie, _, _) = request(&mut s);
+            let mut p = (u64::MAX - 4).to_be_bytes().to_vec();
+            if ty == chunk::OFFSET_HOLE {
+                p.extend_from_slice(&512u32.to_be_bytes());
+            } else {
+                p.extend_from_slice(&[0x55; 512]);
+            }
+            chunk(&mut s, chunk::FLAG_DONE, ty, cookie, &p);
+        });
+        let err = failed_read(&addr, 0, 1024);
+        assert!(
+            err.to_string().contains("chunk outside the request"),
+            "{err}"
+        );
+        server.join().unwrap();
+    }
+}
+
+#[test]
+fn endless_info_replies_end_the_handshake() {
+    let (_dir, addr, server) = scripted(|mut s| {
+        greet(&mut s);
+        for _ in 0..2 {
+            let option = read_option(&mut s);
+            if option == opt::STRUCTURED_REPLY {
+                opt_reply(&mut s, option, OptionReply::Ack);
+            }
+        }
+        // GO: INFO replies (an unknown info type) until the client hangs up.
+        let mut info = Vec::new();
+        OptionReply::Info(Info::Unknown(9)).emit(opt::GO, &mut info);
+        let mut sent = 0u32;
+        loop {
+            let ok = s.write_all(&info);
+            if ok.is_err() || sent > 100_000 {
+                return sent;
+            }
+            sent += 1;
+        }
+    });
+    let err = NbdClient::connect(&addr, "e").err().unwrap();
+    assert!(err.to_string().contains("replies to GO"), "{err}");
+    assert!(server.join().unwrap() < 100_000);
+}
+
+#[test]
+fn endless_chunks_for_one_request_are_a_protocol_error() {
+    // Overlapping holes, then (second round) NONE chunks, never DONE.
+    for round in 0..2 {
+        let (_dir, addr, server) = scripted(move |mut s| {
+            handshake(&mut s);
+            let (_, cookie, off, _) = request(&mut s);
+            let mut h = off.to_be_bytes().to_vec();
+            h.extend_from_slice(&512u32.to_be_bytes());
+            let mut sent = 0;
+            while sent < 10_000 {
+                let (kind, p): (u16, &[u8]) = if round == 0 {
+                    (chunk::OFFSET_HOLE, &h)
+                } else {
+                    (chunk::NONE, &[])
+                };
+                let mut b = Vec::new();
+                ChunkHeader {
+                    flags: 0,
+                    kind,
+                    handle: cookie,
+                    len: p.len() as u32,
+                }
+                .emit(&mut b);
+                b.extend_from_slice(p);
+                if s.write_all(&b).is_err() {
+                    break;
+                }
+                sent += 1;
+            }
+            sent
+        });
+        // Without the bounds the client reads all 10 000 chunks, then EOF: Io.
+        let err = failed_read(&addr, 4096, 1024);
+        assert!(matches!(err, NbdError::Protocol(_)), "{err}");
+        server.join().unwrap();
+    }
+}

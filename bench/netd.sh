@@ -9,12 +9,17 @@
 # own equivalent (a kernel-side endpoint in each namespace) and the fair baseline.
 # Both at MTU 1500 and 65520. Prints Gbit/s, the ratio netd/bridge and netd's RSS.
 #
+# NETD_BASE=/tmp/old/netd bench/netd.sh also measures another netd build, as
+# "netd-base", in the same run (each MTU: netd, netd-base, bridge, then the ratios).
+#
 # Needs root, iperf3, iproute2, and a release build (cargo build --release -p netd).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-5}
 NETD=${NETD:-target/release/netd}
 [ -x "$NETD" ] || cargo build --release -p netd
+NETD_BASE=${NETD_BASE:-}
+[ -z "$NETD_BASE" ] || [ -x "$NETD_BASE" ] || { echo "$NETD_BASE missing" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || { echo "bench/netd.sh needs root" >&2; exit 1; }
 
 tag=b$$
@@ -35,8 +40,8 @@ iperf() { # ns_client ns_server server_ip -> Gbit/s
   python3 -c 'import json,sys; print("%.2f" % (json.load(open(sys.argv[1]))["end"]["sum_received"]["bits_per_second"]/1e9))' "$work/iperf.json"
 }
 
-run_netd() { # mtu -> "gbps rss_kib"
-  local mtu=$1
+run_netd() { # mtu [binary] -> "gbps rss_kib"
+  local mtu=$1 bin=${2:-$NETD}
   for ns in h a b; do ip netns add "${tag}$ns"; ip netns exec "${tag}$ns" ip link set lo up; done
   cat > "$work/netd.toml" <<EOT
 control = "$work/control.sock"
@@ -56,7 +61,7 @@ kind = "tap"
 ifname = "${tag}tb"
 netns = "${tag}b"
 EOT
-  ip netns exec "${tag}h" "$NETD" serve --config "$work/netd.toml" 2>"$work/netd.log" &
+  ip netns exec "${tag}h" "$bin" serve --config "$work/netd.toml" 2>"$work/netd.log" &
   netd_pid=$!
   for _ in $(seq 100); do [ -S "$work/control.sock" ] && break; sleep 0.05; done
   ip netns exec "${tag}a" ip addr add 10.77.0.1/24 dev "${tag}ta"
@@ -89,9 +94,21 @@ run_bridge() { # mtu -> gbps
 }
 
 printf "%-7s %14s %14s %7s %12s\n" MTU "netd Gbit/s" "bridge Gbit/s" ratio "netd RSS"
+base_rows=()
 for mtu in 1500 65520; do
+  # With a base build, the two take turns going first (the first netd run of a
+  # bench reads low): netd first at MTU 1500, the base first at 65520.
+  if [ -n "$NETD_BASE" ] && [ "$mtu" != 1500 ]; then read -r bg0 _ < <(run_netd "$mtu" "$NETD_BASE"); fi
   read -r ng rss < <(run_netd "$mtu")
+  if [ -n "$NETD_BASE" ] && [ "$mtu" = 1500 ]; then read -r bg0 _ < <(run_netd "$mtu" "$NETD_BASE"); fi
   bg=$(run_bridge "$mtu")
   ratio=$(python3 -c "print('%.2f' % ($ng / $bg if $bg > 0 else 0))")
   printf "%-7s %14s %14s %6sx %9s KiB\n" "$mtu" "$ng" "$bg" "$ratio" "$rss"
+  if [ -n "$NETD_BASE" ]; then
+    base_rows+=("$(printf "%-7s %14s %14s %6sx" "$mtu" "$ng" "$bg0" "$(python3 -c "print('%.2f' % ($ng / $bg0 if $bg0 > 0 else 0))")")")
+  fi
 done
+if [ -n "$NETD_BASE" ]; then
+  printf "\nnetd-base (%s), same run:\n%-7s %14s %14s %7s\n" "$NETD_BASE" MTU "netd Gbit/s" "base Gbit/s" ratio
+  printf "%s\n" "${base_rows[@]}"
+fi

@@ -6,6 +6,8 @@
 #
 # Usage: bench/stord.sh [SIZE_MIB [FIO_SECONDS [REPS]]]   (defaults 1024 4 5)
 # TESTS="read rr32" bench/stord.sh runs only those tests (keys below).
+# STORD_BASE=/tmp/old/stord bench/stord.sh also measures another stord build, as
+# "stord-base", on the same file in the same run (stord / stord-base ratios).
 # Needs nbdkit, qemu-nbd, nbdcopy, fio, python3; builds stord in release mode.
 # Each figure is the median of REPS runs with the three servers taking turns,
 # each rep starting with a different one.
@@ -26,6 +28,8 @@ trap cleanup EXIT
 
 cargo build --release -p stord -q
 STORD=$PWD/target/release/stord
+STORD_BASE=${STORD_BASE:-}
+[ -z "$STORD_BASE" ] || [ -x "$STORD_BASE" ] || { echo "$STORD_BASE missing" >&2; exit 1; }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 100); do nbdinfo --can connect "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "server at $1 did not come up" >&2; return 1; }
@@ -65,6 +69,11 @@ start_server() { # name
       sed -i "s/^listen = .*/listen = \"127.0.0.1:$port\"/" "$work/stord.toml"
       "$STORD" serve --config "$work/stord.toml" 2>>"$work/stord.log" &
       URIS[$1]="nbd://127.0.0.1:$port/bench";;
+    stord-base)
+      sed -e "s/^listen = .*/listen = \"127.0.0.1:$port\"/" \
+        -e "s|^control = .*|control = \"$work/control-base.sock\"|" "$work/stord.toml" > "$work/stord-base.toml"
+      "$STORD_BASE" serve --config "$work/stord-base.toml" 2>>"$work/stord-base.log" &
+      URIS[$1]="nbd://127.0.0.1:$port/bench";;
     nbdkit)
       nbdkit -f -i 127.0.0.1 -p "$port" file "$FILE" &
       URIS[$1]="nbd://127.0.0.1:$port/";;
@@ -85,6 +94,7 @@ fio_run() { # uri rw depth -> IOPS
 }
 
 SERVERS=(stord nbdkit qemu-nbd)
+[ -z "$STORD_BASE" ] || SERVERS+=(stord-base)
 for srv in "${SERVERS[@]}"; do start_server "$srv"; done
 
 median() { python3 -c 'import sys, statistics; print(int(statistics.median(float(x) for x in sys.argv[1:])))' "$@"; }
@@ -142,3 +152,11 @@ for key in $TESTS; do
     printf '%-5s %-9s %s\n' "$key" "$srv" "$(printf '%.0f ' ${S[$srv,$key]})"
   done
 done
+
+if [ -n "$STORD_BASE" ]; then
+  printf '\nstord-base (%s), same run:\n' "$STORD_BASE"
+  printf '%-28s %10s %10s %10s\n' "test" "stord" "stord-base" "/base"
+  for key in $TESTS; do
+    printf '%-28s %10s %10s %10s\n' "$key" "${R[stord,$key]}" "${R[stord-base,$key]}" "$(ratio "${R[stord,$key]}" "${R[stord-base,$key]}")"
+  done
+fi

@@ -471,12 +471,11 @@ impl Catalog {
         let _change = self.change.lock().unwrap_or_else(|p| p.into_inner());
         let (disk, entries) = {
             let mut map = self.lock();
-            if let Some(e) = map.missing.get(name).cloned() {
+            if map.missing.contains_key(name) {
                 let entries = map.entries(Change::Remove(name));
                 drop(map);
                 self.save(&entries)?;
                 self.lock().missing.remove(name);
-                let _ = e;
                 return Ok(());
             }
             let disk = map
@@ -582,6 +581,62 @@ mod tests {
         assert_eq!(l[1].alloc, Alloc::Fixed);
         c.delete("data").unwrap();
         assert!(!c.disk_path("data").exists());
+        drop(c);
+        let c = Catalog::open(dir.path(), &[]).unwrap();
+        assert_eq!(c.list().len(), 1);
+    }
+
+    /// A catalog change in progress (its file work runs under the change
+    /// lock, which is held here) stalls neither lookups, attaches nor lists.
+    #[test]
+    fn a_change_in_progress_blocks_no_lookup() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Arc::new(Catalog::open(dir.path(), &[]).unwrap());
+        c.create("a", 1 << 20, Alloc::Dynamic, false).unwrap();
+        let change = c.change.lock().unwrap();
+        let c2 = c.clone();
+        let t = std::thread::spawn(move || {
+            let att = c2.attach("a").is_some();
+            (att, c2.list().len(), c2.get("a").is_some())
+        });
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !t.is_finished() && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(t.is_finished(), "a lookup waited for a catalog change");
+        assert_eq!(t.join().unwrap(), (true, 1, true));
+        drop(change);
+    }
+
+    /// A disk whose file is gone is listed missing (not served, not
+    /// recreated), the others open, and deleting it drops its entry.
+    #[test]
+    fn missing_disk_file_is_listed_and_does_not_stop_the_catalog() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = vec![DiskConfig {
+            name: "gone".into(),
+            size: Size(1 << 20),
+            alloc: Alloc::Dynamic,
+            read_only: false,
+        }];
+        let c = Catalog::open(dir.path(), &conf).unwrap();
+        c.create("kept", 1 << 20, Alloc::Fixed, false).unwrap();
+        let gone = c.disk_path("gone");
+        drop(c);
+        std::fs::remove_file(&gone).unwrap();
+        let c = Catalog::open(dir.path(), &conf).unwrap();
+        assert!(!gone.exists(), "a configured disk was recreated empty");
+        let l = c.list();
+        assert_eq!(l.len(), 2);
+        assert!(l[0].missing && l[0].name == "gone");
+        assert!(!l[1].missing);
+        assert!(c.attach("gone").is_none());
+        assert!(c.attach("kept").is_some());
+        assert!(matches!(
+            c.create("gone", 1, Alloc::Fixed, false),
+            Err(CatalogError::Exists(_))
+        ));
+        c.delete("gone").unwrap();
         drop(c);
         let c = Catalog::open(dir.path(), &[]).unwrap();
         assert_eq!(c.list().len(), 1);

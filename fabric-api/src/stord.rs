@@ -142,6 +142,14 @@ pub struct DiskInfo {
     pub allocated: u64,
     /// Open NBD connections.
     pub connections: usize,
+    /// A flush (fdatasync) failed: data may be lost, every later FLUSH and FUA
+    /// write fails with EIO until the disk is reopened (stord restarted).
+    #[serde(default)]
+    pub failed: bool,
+    /// The catalog names the disk but its file could not be opened: it is not
+    /// served (the other disks are).
+    #[serde(default)]
+    pub missing: bool,
 }
 
 /// Server counters as reported by `status`.
@@ -157,6 +165,22 @@ pub struct StatusInfo {
     pub protocol_errors: u64,
     /// Requests served.
     pub requests: u64,
+    /// Connections closed because a request's payload or a reply missed
+    /// `request_timeout`.
+    #[serde(default)]
+    pub timeouts: u64,
+    /// Connections closed because the handshake missed `handshake_timeout`.
+    #[serde(default)]
+    pub handshake_timeouts: u64,
+    /// Connections closed after `idle_timeout` with nothing in flight.
+    #[serde(default)]
+    pub idle_closed: u64,
+    /// Connections refused over `max_connections_per_client`.
+    #[serde(default)]
+    pub refused_per_client: u64,
+    /// fdatasync failures (each latches its disk failed).
+    #[serde(default)]
+    pub flush_failures: u64,
 }
 
 /// A control response.

@@ -9,12 +9,28 @@
 //! a crash leaves is an orphan file, which is adopted when a config or a create
 //! names it again.
 //!
-//! One mutex guards the map; attaching a connection and deleting a disk both
-//! take it, so a disk cannot be deleted between a client's lookup and its attach.
+//! Creating or removing a disk file fsyncs the `disks/` directory, so after a
+//! power cut a catalog entry never names a file whose directory entry was
+//! lost. A disk whose file cannot be opened (removed by hand, a bad disk) is
+//! kept in the catalog and listed as `missing`; the other disks still serve.
+//! The state directory and `disks/` are created 0700, catalog and disk files
+//! are 0600: nobody but the daemon's user reads a guest's disk.
+//!
+//! Two locks. The map lock guards the map and is held only for lookups and
+//! single inserts / removals; attaching a connection and deleting a disk both
+//! take it, so a disk cannot be deleted between a client's lookup and its
+//! attach. The change lock serializes catalog changes (create, delete, resize)
+//! and is held across their file work (fallocate, fsync), so a large
+//! fixed-disk create stalls neither handshakes nor the control socket nor
+//! shutdown: only other catalog changes wait. A change builds the new catalog
+//! from the map, writes it, and only then applies itself to the map, so a
+//! client never attaches to a disk the catalog on disk does not name.
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
@@ -110,11 +126,77 @@ struct CatalogFile {
 
 pub use fabric_api::stord::DiskInfo;
 
+/// Mode of the state directory and `disks/`.
+pub const DIR_MODE: u32 = 0o700;
+
+/// What the map lock guards.
+#[derive(Debug, Default)]
+struct Disks {
+    /// Disks being served.
+    open: BTreeMap<String, Arc<Disk>>,
+    /// Disks the catalog names whose file could not be opened.
+    missing: BTreeMap<String, Entry>,
+    /// Names a create is working on (not yet in the catalog).
+    creating: std::collections::BTreeSet<String>,
+}
+
+impl Disks {
+    fn taken(&self, name: &str) -> bool {
+        self.open.contains_key(name)
+            || self.missing.contains_key(name)
+            || self.creating.contains(name)
+    }
+
+    /// The catalog as it stands, with `change` applied.
+    fn entries(&self, change: Change<'_>) -> Vec<Entry> {
+        let mut all: BTreeMap<&str, Entry> = self
+            .open
+            .values()
+            .map(|d| (d.name(), entry_of(d)))
+            .chain(self.missing.iter().map(|(n, e)| (n.as_str(), e.clone())))
+            .collect();
+        match change {
+            Change::None => {}
+            Change::Add(e) => {
+                all.insert(&e.name, e.clone());
+            }
+            Change::Remove(n) => {
+                all.remove(n);
+            }
+        }
+        all.into_values().collect()
+    }
+}
+
+/// How a catalog change alters the entries written.
+#[derive(Clone, Copy)]
+enum Change<'a> {
+    None,
+    Add(&'a Entry),
+    Remove(&'a str),
+}
+
+fn entry_of(d: &Disk) -> Entry {
+    Entry {
+        name: d.name().to_string(),
+        size: d.size(),
+        alloc: d.alloc(),
+        read_only: d.read_only(),
+    }
+}
+
+/// fsyncs a directory (makes the entries created or removed in it durable).
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
 /// The catalog.
 #[derive(Debug)]
 pub struct Catalog {
     state_dir: PathBuf,
-    disks: Mutex<BTreeMap<String, Arc<Disk>>>,
+    disks: Mutex<Disks>,
+    /// Serializes catalog changes (see the module docs).
+    change: Mutex<()>,
 }
 
 impl Catalog {
@@ -122,13 +204,36 @@ impl Catalog {
     /// disks that are missing; disks already present are kept as they are.
     pub fn open(state_dir: &Path, configured: &[DiskConfig]) -> Result<Catalog, CatalogError> {
         let disks_dir = state_dir.join("disks");
-        std::fs::create_dir_all(&disks_dir).map_err(|source| CatalogError::StateDir {
-            path: disks_dir.clone(),
-            source,
-        })?;
+        let sd = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| CatalogError::StateDir { path, source }
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(state_dir)
+            .map_err(sd(state_dir))?;
+        // disks/ is stord's own: tightened even if an older release made it
+        // 0755. The state directory may be shared (systemd's StateDirectory
+        // sets its mode), so it is only created with the mode.
+        std::fs::DirBuilder::new()
+            .mode(DIR_MODE)
+            .create(&disks_dir)
+            .or_else(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => Ok(()),
+                _ => Err(e),
+            })
+            .and_then(|()| {
+                std::fs::set_permissions(
+                    &disks_dir,
+                    std::os::unix::fs::PermissionsExt::from_mode(DIR_MODE),
+                )
+            })
+            .map_err(sd(&disks_dir))?;
         let cat = Catalog {
             state_dir: state_dir.to_path_buf(),
-            disks: Mutex::new(BTreeMap::new()),
+            disks: Mutex::new(Disks::default()),
+            change: Mutex::new(()),
         };
         let path = cat.catalog_path();
         let entries = match std::fs::read(&path) {
@@ -147,25 +252,41 @@ impl Catalog {
         {
             let mut map = cat.lock();
             for e in entries {
-                let disk = Disk::open(&e.name, &cat.disk_path(&e.name), e.alloc, e.read_only)?;
-                map.insert(e.name.clone(), Arc::new(disk));
+                if map.taken(&e.name) {
+                    continue; // a hand-edited catalog naming a disk twice
+                }
+                match Disk::open(&e.name, &cat.disk_path(&e.name), e.alloc, e.read_only) {
+                    Ok(disk) => {
+                        map.open.insert(e.name.clone(), Arc::new(disk));
+                    }
+                    Err(err) => {
+                        tracing::error!(
+                            disk = %e.name,
+                            error = %crate::error_chain(&err),
+                            "disk file cannot be opened; the disk is listed missing and not served"
+                        );
+                        map.missing.insert(e.name.clone(), e);
+                    }
+                }
             }
             for d in configured {
-                if map.contains_key(&d.name) {
+                // A configured disk listed missing stays missing: recreating
+                // it empty would hide the loss.
+                if map.taken(&d.name) {
                     continue;
                 }
                 let disk = cat.create_or_adopt(&d.name, d.size.0, d.alloc, d.read_only)?;
-                map.insert(d.name.clone(), Arc::new(disk));
+                map.open.insert(d.name.clone(), Arc::new(disk));
                 changed = true;
             }
             if changed {
-                cat.save(&map)?;
+                cat.save(&map.entries(Change::None))?;
             }
         }
         Ok(cat)
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Disk>>> {
+    fn lock(&self) -> MutexGuard<'_, Disks> {
         // A panic while holding the lock cannot leave the map inconsistent (each
         // mutation is a single insert/remove), so poisoning is ignored.
         self.disks.lock().unwrap_or_else(|p| p.into_inner())
@@ -192,21 +313,21 @@ impl Catalog {
             tracing::warn!(disk = name, path = %p.display(), "adopting an existing disk file not in the catalog");
             return Ok(Disk::open(name, &p, alloc, ro)?);
         }
-        Ok(Disk::create(name, &p, size, alloc, ro)?)
+        let disk = Disk::create(name, &p, size, alloc, ro)?;
+        self.sync_disks_dir()?;
+        Ok(disk)
     }
 
-    fn save(&self, map: &BTreeMap<String, Arc<Disk>>) -> Result<(), CatalogError> {
+    fn sync_disks_dir(&self) -> Result<(), CatalogError> {
+        let dir = self.state_dir.join("disks");
+        sync_dir(&dir).map_err(|source| CatalogError::Write { path: dir, source })
+    }
+
+    /// Writes `disks` as the catalog, atomically.
+    fn save(&self, disks: &[Entry]) -> Result<(), CatalogError> {
         let file = CatalogFile {
             version: 1,
-            disks: map
-                .values()
-                .map(|d| Entry {
-                    name: d.name().to_string(),
-                    size: d.size(),
-                    alloc: d.alloc(),
-                    read_only: d.read_only(),
-                })
-                .collect(),
+            disks: disks.to_vec(),
         };
         let path = self.catalog_path();
         let werr = |source| CatalogError::Write {
@@ -217,36 +338,51 @@ impl Catalog {
         let mut json =
             serde_json::to_vec_pretty(&file).map_err(|e| werr(std::io::Error::other(e)))?;
         json.push(b'\n');
-        let mut f = std::fs::File::create(&tmp).map_err(werr)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(werr)?;
         f.write_all(&json).map_err(werr)?;
         f.sync_all().map_err(werr)?;
         drop(f);
         std::fs::rename(&tmp, &path).map_err(werr)?;
-        std::fs::File::open(&self.state_dir)
-            .and_then(|d| d.sync_all())
-            .map_err(werr)?;
+        sync_dir(&self.state_dir).map_err(werr)?;
         Ok(())
     }
 
     /// Looks a disk up and counts a connection on it, atomically with respect to
     /// `delete`.
+    /// `delete`, and refused while the disk is being shrunk.
     pub fn attach(&self, name: &str) -> Option<Attachment> {
-        self.lock().get(name).map(|d| d.attach())
+        self.lock()
+            .open
+            .get(name)
+            .filter(|d| !d.exclusive.load(Ordering::Acquire))
+            .map(|d| d.attach())
     }
 
     /// Looks a disk up.
     pub fn get(&self, name: &str) -> Option<Arc<Disk>> {
-        self.lock().get(name).cloned()
+        self.lock().open.get(name).cloned()
     }
 
-    /// All disks, in name order.
+    /// All disks served, in name order.
     pub fn disks(&self) -> Vec<Arc<Disk>> {
-        self.lock().values().cloned().collect()
+        self.lock().open.values().cloned().collect()
     }
 
-    /// What `disk list` shows.
+    /// What `disk list` shows: the disks served and those missing.
     pub fn list(&self) -> Vec<DiskInfo> {
-        self.disks()
+        let (open, missing) = {
+            let map = self.lock();
+            let open: Vec<_> = map.open.values().cloned().collect();
+            let missing: Vec<_> = map.missing.values().cloned().collect();
+            (open, missing)
+        };
+        let mut out: Vec<DiskInfo> = open
             .iter()
             .map(|d| DiskInfo {
                 name: d.name().to_string(),
@@ -255,8 +391,22 @@ impl Catalog {
                 read_only: d.read_only(),
                 allocated: d.allocated_bytes(),
                 connections: d.connections(),
+                failed: d.failed(),
+                missing: false,
             })
-            .collect()
+            .chain(missing.into_iter().map(|e| DiskInfo {
+                name: e.name,
+                size: e.size,
+                alloc: e.alloc,
+                read_only: e.read_only,
+                allocated: 0,
+                connections: 0,
+                failed: false,
+                missing: true,
+            }))
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
     }
 
     /// Creates a disk and records it.
@@ -269,10 +419,32 @@ impl Catalog {
     ) -> Result<(), CatalogError> {
         check_disk_name(name).map_err(CatalogError::BadName)?;
         check_disk_size(size).map_err(CatalogError::BadSize)?;
-        let mut map = self.lock();
-        if map.contains_key(name) {
-            return Err(CatalogError::Exists(name.to_string()));
+        let _change = self.change.lock().unwrap_or_else(|p| p.into_inner());
+        {
+            let mut map = self.lock();
+            if map.taken(name) {
+                return Err(CatalogError::Exists(name.to_string()));
+            }
+            map.creating.insert(name.to_string());
         }
+        // File work without the map lock (fallocate of a large fixed disk).
+        let res = self.create_file(name, size, alloc, read_only);
+        let mut map = self.lock();
+        map.creating.remove(name);
+        let disk = res?;
+        map.open.insert(name.to_string(), Arc::new(disk));
+        Ok(())
+    }
+
+    /// Creates the file of a new disk and writes the catalog naming it (the
+    /// caller holds the change lock).
+    fn create_file(
+        &self,
+        name: &str,
+        size: u64,
+        alloc: Alloc,
+        read_only: bool,
+    ) -> Result<Disk, CatalogError> {
         let p = self.disk_path(name);
         if p.exists() {
             // An orphan from a crash between file creation and catalog write, or
@@ -280,36 +452,56 @@ impl Catalog {
             let _ = std::fs::remove_file(&p);
         }
         let disk = Disk::create(name, &p, size, alloc, read_only)?;
-        map.insert(name.to_string(), Arc::new(disk));
-        if let Err(e) = self.save(&map) {
-            map.remove(name);
+        let entry = entry_of(&disk);
+        let saved = self.sync_disks_dir().and_then(|()| {
+            let entries = self.lock().entries(Change::Add(&entry));
+            self.save(&entries)
+        });
+        if let Err(e) = saved {
+            drop(disk);
             let _ = std::fs::remove_file(&p);
             return Err(e);
         }
-        Ok(())
+        Ok(disk)
     }
 
     /// Deletes a disk and its file; refused while clients are connected.
+    /// A missing disk can be deleted too (its entry goes).
     pub fn delete(&self, name: &str) -> Result<(), CatalogError> {
-        let mut map = self.lock();
-        let disk = map
-            .get(name)
-            .cloned()
-            .ok_or_else(|| CatalogError::NotFound(name.to_string()))?;
-        let connections = disk.connections();
-        if connections > 0 {
-            return Err(CatalogError::Busy {
-                name: name.to_string(),
-                connections,
-            });
-        }
-        map.remove(name);
-        if let Err(e) = self.save(&map) {
-            map.insert(name.to_string(), disk);
+        let _change = self.change.lock().unwrap_or_else(|p| p.into_inner());
+        let (disk, entries) = {
+            let mut map = self.lock();
+            if map.missing.contains_key(name) {
+                let entries = map.entries(Change::Remove(name));
+                drop(map);
+                self.save(&entries)?;
+                self.lock().missing.remove(name);
+                return Ok(());
+            }
+            let disk = map
+                .open
+                .get(name)
+                .cloned()
+                .ok_or_else(|| CatalogError::NotFound(name.to_string()))?;
+            let connections = disk.connections();
+            if connections > 0 {
+                return Err(CatalogError::Busy {
+                    name: name.to_string(),
+                    connections,
+                });
+            }
+            // Out of the map first: no client attaches while it goes.
+            map.open.remove(name);
+            (disk, map.entries(Change::None))
+        };
+        if let Err(e) = self.save(&entries) {
+            self.lock().open.insert(name.to_string(), disk);
             return Err(e);
         }
         if let Err(e) = std::fs::remove_file(disk.path()) {
             tracing::warn!(disk = name, error = %e, "disk removed from the catalog but its file stays");
+        } else if let Err(e) = self.sync_disks_dir() {
+            tracing::warn!(disk = name, error = %crate::error_chain(&e), "cannot sync the disks directory after removing a file");
         }
         Ok(())
     }
@@ -318,20 +510,36 @@ impl Catalog {
     /// negotiated the old size and may write up to it).
     pub fn resize(&self, name: &str, size: u64) -> Result<(), CatalogError> {
         check_disk_size(size).map_err(CatalogError::BadSize)?;
-        let map = self.lock();
-        let disk = map
-            .get(name)
-            .cloned()
-            .ok_or_else(|| CatalogError::NotFound(name.to_string()))?;
-        let connections = disk.connections();
-        if size < disk.size() && connections > 0 {
-            return Err(CatalogError::Busy {
-                name: name.to_string(),
-                connections,
+        let _change = self.change.lock().unwrap_or_else(|p| p.into_inner());
+        let disk = {
+            let map = self.lock();
+            let disk = map
+                .open
+                .get(name)
+                .cloned()
+                .ok_or_else(|| CatalogError::NotFound(name.to_string()))?;
+            let connections = disk.connections();
+            let shrink = size < disk.size();
+            if shrink && connections > 0 {
+                return Err(CatalogError::Busy {
+                    name: name.to_string(),
+                    connections,
+                });
+            }
+            // While shrinking, no client may attach (it would negotiate the
+            // old size); set under the map lock, which attach takes.
+            disk.exclusive.store(shrink, Ordering::Release);
+            disk
+        };
+        let res = disk
+            .resize(size)
+            .map_err(CatalogError::from)
+            .and_then(|()| {
+                let entries = self.lock().entries(Change::None);
+                self.save(&entries)
             });
-        }
-        disk.resize(size)?;
-        self.save(&map)
+        disk.exclusive.store(false, Ordering::Release);
+        res
     }
 }
 
@@ -373,6 +581,62 @@ mod tests {
         assert_eq!(l[1].alloc, Alloc::Fixed);
         c.delete("data").unwrap();
         assert!(!c.disk_path("data").exists());
+        drop(c);
+        let c = Catalog::open(dir.path(), &[]).unwrap();
+        assert_eq!(c.list().len(), 1);
+    }
+
+    /// A catalog change in progress (its file work runs under the change
+    /// lock, which is held here) stalls neither lookups, attaches nor lists.
+    #[test]
+    fn a_change_in_progress_blocks_no_lookup() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Arc::new(Catalog::open(dir.path(), &[]).unwrap());
+        c.create("a", 1 << 20, Alloc::Dynamic, false).unwrap();
+        let change = c.change.lock().unwrap();
+        let c2 = c.clone();
+        let t = std::thread::spawn(move || {
+            let att = c2.attach("a").is_some();
+            (att, c2.list().len(), c2.get("a").is_some())
+        });
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !t.is_finished() && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(t.is_finished(), "a lookup waited for a catalog change");
+        assert_eq!(t.join().unwrap(), (true, 1, true));
+        drop(change);
+    }
+
+    /// A disk whose file is gone is listed missing (not served, not
+    /// recreated), the others open, and deleting it drops its entry.
+    #[test]
+    fn missing_disk_file_is_listed_and_does_not_stop_the_catalog() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = vec![DiskConfig {
+            name: "gone".into(),
+            size: Size(1 << 20),
+            alloc: Alloc::Dynamic,
+            read_only: false,
+        }];
+        let c = Catalog::open(dir.path(), &conf).unwrap();
+        c.create("kept", 1 << 20, Alloc::Fixed, false).unwrap();
+        let gone = c.disk_path("gone");
+        drop(c);
+        std::fs::remove_file(&gone).unwrap();
+        let c = Catalog::open(dir.path(), &conf).unwrap();
+        assert!(!gone.exists(), "a configured disk was recreated empty");
+        let l = c.list();
+        assert_eq!(l.len(), 2);
+        assert!(l[0].missing && l[0].name == "gone");
+        assert!(!l[1].missing);
+        assert!(c.attach("gone").is_none());
+        assert!(c.attach("kept").is_some());
+        assert!(matches!(
+            c.create("gone", 1, Alloc::Fixed, false),
+            Err(CatalogError::Exists(_))
+        ));
+        c.delete("gone").unwrap();
         drop(c);
         let c = Catalog::open(dir.path(), &[]).unwrap();
         assert_eq!(c.list().len(), 1);

@@ -10,6 +10,11 @@
 //! max_connections = 128              # optional
 //! default_export = "scratch"         # optional: what the empty export name means
 //! busy_poll_us = 200                 # optional: poll idle connections (0: off)
+//! handshake_timeout = 10             # optional, seconds to finish option haggling
+//! request_timeout = 30               # optional, seconds for a payload / a reply
+//! idle_timeout = 600                 # optional, seconds; default: never
+//! max_connections_per_client = 16    # optional: per source address / unix uid
+//! socket_group = "kvm"               # optional: group of the unix sockets (0660)
 //!
 //! [[disk]]
 //! name = "scratch"
@@ -54,7 +59,7 @@ pub struct DiskConfig {
 }
 
 /// The whole file.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// NBD over TCP, e.g. "127.0.0.1:10809".
@@ -75,10 +80,33 @@ pub struct Config {
     /// microseconds (0: never poll). See `crate::poll`.
     #[serde(default)]
     pub busy_poll_us: Option<u32>,
+    /// Seconds a client may take to finish option haggling (default 10).
+    #[serde(default)]
+    pub handshake_timeout: Option<f64>,
+    /// Seconds a started request may take to arrive in full, and a reply to be
+    /// taken by the client (default 30); past it the connection is closed.
+    #[serde(default)]
+    pub request_timeout: Option<f64>,
+    /// Seconds a connection with nothing in flight may stay silent before it
+    /// is closed (default: forever).
+    #[serde(default)]
+    pub idle_timeout: Option<f64>,
+    /// Bound on simultaneous NBD connections from one client: one source IP
+    /// address over TCP, one user id over the unix socket (default: none
+    /// beyond `max_connections`).
+    #[serde(default)]
+    pub max_connections_per_client: Option<usize>,
+    /// Group (name or number) given the unix sockets (NBD and control), which
+    /// are created 0660.
+    #[serde(default)]
+    pub socket_group: Option<String>,
     /// Disks to create when missing.
     #[serde(default)]
     pub disk: Vec<DiskConfig>,
 }
+
+/// Largest timeout accepted, in seconds (a day).
+pub const MAX_TIMEOUT_S: f64 = 86400.0;
 
 /// Checks a disk name: 1..=64 bytes of `[A-Za-z0-9._-]`, not starting with a dot
 /// (it becomes a file name under the state directory).
@@ -182,7 +210,50 @@ impl Config {
         if let Some(d) = &self.default_export {
             check_disk_name(d).map_err(|e| invalid("default_export".into(), e))?;
         }
+        for (key, v) in [
+            ("handshake_timeout", self.handshake_timeout),
+            ("request_timeout", self.request_timeout),
+            ("idle_timeout", self.idle_timeout),
+        ] {
+            if let Some(v) = v {
+                if !(v > 0.0 && v <= MAX_TIMEOUT_S) {
+                    return Err(invalid(
+                        key.into(),
+                        format!(
+                            "a number of seconds above 0 and at most {MAX_TIMEOUT_S} (got {v})"
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(m) = self.max_connections_per_client {
+            if !(1..=65536).contains(&m) {
+                return Err(invalid(
+                    "max_connections_per_client".into(),
+                    format!("a number from 1 to 65536 (got {m})"),
+                ));
+            }
+        }
+        if let Some(g) = &self.socket_group {
+            if g.is_empty() || g.contains('\0') {
+                return Err(invalid(
+                    "socket_group".into(),
+                    "a group name or number".into(),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The connection deadlines in effect.
+    pub fn limits(&self) -> crate::nbd::Limits {
+        let secs = std::time::Duration::from_secs_f64;
+        let d = crate::nbd::Limits::default();
+        crate::nbd::Limits {
+            handshake_timeout: self.handshake_timeout.map_or(d.handshake_timeout, secs),
+            request_timeout: self.request_timeout.map_or(d.request_timeout, secs),
+            idle_timeout: self.idle_timeout.map(secs),
+        }
     }
 
     /// The connection bound in effect.
@@ -235,9 +306,46 @@ read_only = true
     fn shipped_example_config_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/stord.toml");
         let c = Config::load(&path).unwrap();
-        assert_eq!(c.listen.as_deref(), Some("127.0.0.1:10809"));
+        // Safe defaults: the unix socket only, TCP left to `tls = "require"`.
+        assert_eq!(c.listen, None);
+        assert!(c.unix.is_some());
+        assert_eq!(c.limits().request_timeout.as_secs(), 30);
+        assert_eq!(c.limits().handshake_timeout.as_secs(), 10);
+        assert_eq!(c.limits().idle_timeout, None);
         assert_eq!(c.disk.len(), 1);
         assert_eq!(c.disk[0].alloc, Alloc::Dynamic);
+    }
+
+    #[test]
+    fn timeouts_and_client_bound_are_checked() {
+        let c = Config::parse(
+            "control = \"/c\"\nstate_dir = \"/s\"\nrequest_timeout = 0\n",
+            p(),
+        )
+        .unwrap();
+        let e = c.validate(p()).unwrap_err().to_string();
+        assert!(
+            e.contains("request_timeout") && e.contains("seconds"),
+            "{e}"
+        );
+        let c = Config::parse(
+            "control = \"/c\"\nstate_dir = \"/s\"\nmax_connections_per_client = 0\n",
+            p(),
+        )
+        .unwrap();
+        let e = c.validate(p()).unwrap_err().to_string();
+        assert!(e.contains("max_connections_per_client"), "{e}");
+        let c = Config::parse(
+            "control = \"/c\"\nstate_dir = \"/s\"\nidle_timeout = 1.5\nhandshake_timeout = 2\n",
+            p(),
+        )
+        .unwrap();
+        c.validate(p()).unwrap();
+        assert_eq!(
+            c.limits().idle_timeout,
+            Some(std::time::Duration::from_millis(1500))
+        );
+        assert_eq!(c.limits().handshake_timeout.as_secs(), 2);
     }
 
     #[test]

@@ -39,6 +39,11 @@ pub async fn handle(catalog: &Arc<Catalog>, stats: &Stats, req: Request) -> Resp
                 invalid_requests: stats.invalid_requests.load(Ordering::Relaxed),
                 protocol_errors: stats.protocol_errors.load(Ordering::Relaxed),
                 requests: stats.requests.load(Ordering::Relaxed),
+                timeouts: stats.timeouts.load(Ordering::Relaxed),
+                handshake_timeouts: stats.handshake_timeouts.load(Ordering::Relaxed),
+                idle_closed: stats.idle_closed.load(Ordering::Relaxed),
+                refused_per_client: stats.refused_per_client.load(Ordering::Relaxed),
+                flush_failures: catalog.disks().iter().map(|d| d.flush_failures()).sum(),
             });
             return r;
         }

@@ -18,6 +18,17 @@
 //! client's FLUSH arrives, instead of all of it waiting for the `fdatasync`.
 //! This changes no promise: only FUA and FLUSH (`fdatasync`) make data durable.
 //!
+//! A failed `fdatasync` is latched: Linux reports a writeback error once per
+//! open file description, and every connection shares this one, so whoever
+//! syncs next (another connection's FLUSH, a resize, the shutdown flush) would
+//! otherwise consume the error and a later FLUSH would be acknowledged
+//! although data was lost. Once a sync fails the disk is `failed`: every later
+//! FLUSH and FUA write fails with EIO until the disk is reopened (as QEMU's
+//! file driver does); it is logged, counted and shown by `disk list`.
+//!
+//! Disk files are created 0600 (and tightened to it when opened); a read-only
+//! disk is opened read-only, so no bug above can write to it.
+//!
 //! Large READs are sent from a shared read-only mapping of the file (one copy,
 //! page cache to socket, in the kernel; see [`sys::FileMap`] for why stord
 //! itself never reads that memory).
@@ -27,9 +38,9 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::config::Alloc;
@@ -93,6 +104,12 @@ pub struct Disk {
     alloc: Alloc,
     read_only: bool,
     connections: AtomicUsize,
+    /// A sync failed: every later flush fails (see the module docs).
+    failed: AtomicBool,
+    /// Syncs that failed.
+    flush_failures: AtomicU64,
+    /// Set while a shrink runs: no new connection may attach.
+    pub(crate) exclusive: AtomicBool,
     /// The file mapped for sending READ data (made on first use, replaced
     /// after [`MAP_REGIONS_MAX`] regions and on resize).
     map: Mutex<Option<MapState>>,
@@ -125,6 +142,9 @@ const ZERO_CHUNK: usize = 1 << 20;
 /// Smallest write after which writeback of its range is started at once.
 const WRITEBACK_MIN: usize = 128 * 1024;
 
+/// Mode of disk files: the daemon's user only.
+pub const FILE_MODE: u32 = 0o600;
+
 impl Disk {
     /// Creates the host file: `fixed` fallocates the whole size now.
     pub fn create(
@@ -142,19 +162,28 @@ impl Disk {
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(FILE_MODE)
             .open(path)
             .map_err(mk)?;
         let res = match alloc {
             Alloc::Fixed => sys::fallocate(&file, sys::FALLOC_ALLOCATE, 0, size),
             Alloc::Dynamic => file.set_len(size),
         }
+        // The mode too, whatever the umask made of it.
+        .and_then(|_| file.set_permissions(std::fs::Permissions::from_mode(FILE_MODE)))
         .and_then(|_| file.sync_all());
         if let Err(e) = res {
             // Leave nothing half-made behind: a full host disk fails the create.
             let _ = std::fs::remove_file(path);
             return Err(mk(e));
         }
-        Ok(Disk::from_file(name, path, file, size, alloc, read_only))
+        drop(file);
+        // Served through a descriptor of the right kind (read-only disks
+        // read-only).
+        Disk::open(name, path, alloc, read_only).map_err(|e| match e {
+            DiskError::Open { source, .. } => mk(source),
+            e => e,
+        })
     }
 
     /// Opens an existing host file; its size on disk is taken as it is.
@@ -165,11 +194,23 @@ impl Disk {
         };
         let file = OpenOptions::new()
             .read(true)
-            .write(true)
+            .write(!read_only)
             .open(path)
             .map_err(mk)?;
-        let size = file.metadata().map_err(mk)?.len();
-        Ok(Disk::from_file(name, path, file, size, alloc, read_only))
+        let meta = file.metadata().map_err(mk)?;
+        if meta.mode() & 0o077 != 0 {
+            // A file from an older stord (0644) or copied in: ours alone.
+            file.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))
+                .map_err(mk)?;
+        }
+        Ok(Disk::from_file(
+            name,
+            path,
+            file,
+            meta.len(),
+            alloc,
+            read_only,
+        ))
     }
 
     fn from_file(
@@ -188,6 +229,9 @@ impl Disk {
             alloc,
             read_only,
             connections: AtomicUsize::new(0),
+            failed: AtomicBool::new(false),
+            flush_failures: AtomicU64::new(0),
+            exclusive: AtomicBool::new(false),
             map: Mutex::new(None),
         }
     }
@@ -211,6 +255,14 @@ impl Disk {
     /// Served read-only.
     pub fn read_only(&self) -> bool {
         self.read_only
+    }
+    /// A flush failed since the disk was opened (see the module docs).
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+    /// Syncs that failed since the disk was opened.
+    pub fn flush_failures(&self) -> u64 {
+        self.flush_failures.load(Ordering::Relaxed)
     }
     /// Open NBD connections on this disk.
     pub fn connections(&self) -> usize {
@@ -298,9 +350,34 @@ impl Disk {
         }
     }
 
-    /// Persists every completed write (fdatasync).
+    /// Persists every completed write (fdatasync). Fails with EIO, without
+    /// syncing, once any sync of this disk failed (see the module docs).
     pub fn flush(&self) -> Result<(), DiskError> {
-        self.file.sync_data().map_err(DiskError::Io)
+        self.sync(|f| f.sync_data())
+    }
+
+    /// Runs a sync of the file through the latch: refused once failed, and a
+    /// failure latches.
+    fn sync(&self, op: impl FnOnce(&File) -> io::Result<()>) -> Result<(), DiskError> {
+        if self.failed() {
+            return Err(DiskError::Io(io::Error::from_raw_os_error(libc::EIO)));
+        }
+        op(&self.file).map_err(|e| {
+            self.latch(&e);
+            DiskError::Io(e)
+        })
+    }
+
+    /// Marks the disk failed after a sync error.
+    fn latch(&self, e: &io::Error) {
+        self.flush_failures.fetch_add(1, Ordering::Relaxed);
+        if !self.failed.swap(true, Ordering::AcqRel) {
+            tracing::error!(
+                disk = %self.name,
+                error = %e,
+                "flush failed: data written to this disk may be lost; every later FLUSH and FUA write fails until stord reopens it"
+            );
+        }
     }
 
     /// Discards a range: dynamic disks punch a hole, fixed disks keep their blocks.
@@ -440,12 +517,25 @@ impl Disk {
     /// Changes the size (the caller refuses a shrink while clients are connected).
     pub fn resize(&self, new: u64) -> Result<(), DiskError> {
         let old = self.size();
-        if new > old && self.alloc == Alloc::Fixed {
-            sys::fallocate(&self.file, sys::FALLOC_ALLOCATE, old, new - old)
+        // A read-only disk is served through a read-only descriptor; the
+        // size changes through one of its own.
+        let rw;
+        let file = if self.read_only {
+            rw = OpenOptions::new()
+                .write(true)
+                .open(&self.path)
                 .map_err(DiskError::Io)?;
+            &rw
+        } else {
+            &self.file
+        };
+        if new > old && self.alloc == Alloc::Fixed {
+            sys::fallocate(file, sys::FALLOC_ALLOCATE, old, new - old).map_err(DiskError::Io)?;
         }
-        self.file.set_len(new).map_err(DiskError::Io)?;
-        self.file.sync_all().map_err(DiskError::Io)?;
+        file.set_len(new).map_err(DiskError::Io)?;
+        // Through the latch: this sync may be the one that sees a writeback
+        // error of the served data.
+        self.sync(|_| file.sync_all())?;
         self.size.store(new, Ordering::Release);
         // Readers still holding the old mapping keep it until they are done.
         *self.map.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -563,5 +653,45 @@ mod tests {
         d.resize(8 << 20).unwrap();
         assert!(d.allocated_bytes() >= 8 << 20);
         assert!(Disk::create("f", &p, 1, Alloc::Fixed, false).is_err());
+    }
+
+    #[test]
+    fn files_are_private_and_read_only_disks_are_opened_read_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.img");
+        let d = Disk::create("r", &p, 1 << 20, Alloc::Dynamic, true).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, FILE_MODE);
+        // The descriptor cannot write: a bug above cannot reach the file.
+        assert!(d.file.write_all_at(b"x", 0).is_err());
+        d.resize(2 << 20).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 2 << 20);
+        drop(d);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let _d = Disk::open("r", &p, Alloc::Dynamic, false).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, FILE_MODE);
+    }
+
+    /// One failed sync latches: every later flush, FUA write and resize sync
+    /// fails with EIO, even though the next fdatasync would succeed (Linux
+    /// reports a writeback error once per file description).
+    #[test]
+    fn failed_sync_is_latched() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l.img");
+        let d = Disk::create("l", &p, 1 << 20, Alloc::Dynamic, false).unwrap();
+        d.flush().unwrap();
+        let injected = d.sync(|_| Err(io::Error::from_raw_os_error(libc::EIO)));
+        assert_eq!(injected.unwrap_err().nbd_errno(), err::EIO);
+        assert!(d.failed());
+        assert_eq!(d.flush().unwrap_err().nbd_errno(), err::EIO);
+        assert!(d.write(0, b"abc", true).is_err(), "FUA write acknowledged");
+        d.write(0, b"abc", false).unwrap();
+        assert!(d.write_zeroes(0, 4096, false, false, true).is_err());
+        assert!(d.resize(2 << 20).is_err());
+        assert_eq!(d.flush_failures(), 1);
+        drop(d);
+        let d = Disk::open("l", &p, Alloc::Dynamic, false).unwrap();
+        assert!(!d.failed(), "reopening clears the latch");
+        d.flush().unwrap();
     }
 }

@@ -44,7 +44,7 @@
 //!
 //! Back in `nbd/transmit.rs`, the reply goes out under the write lock in one
 //! vectored write (`write_segs`, or `write_mapped` for a mapped reply); READ
-//! data held in memory counts against the global payload budget while it is
+//! data held in memory counts against the connection's payload budget while it is
 //! produced. No request allocates beyond its reply header and its data.
 
 pub mod catalog;

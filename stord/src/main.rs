@@ -154,18 +154,26 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     println!("{}", serde_json::to_string_pretty(&disks)?);
                 } else {
                     println!(
-                        "{:<24} {:>14} {:<8} {:>14} {:>5} MODE",
-                        "NAME", "SIZE", "ALLOC", "ALLOCATED", "CONNS"
+                        "{:<24} {:>14} {:<8} {:>14} {:>5} {:<4} STATE",
+                        "NAME", "SIZE", "ALLOC", "ALLOCATED", "CONNS", "MODE"
                     );
                     for d in disks {
+                        // `failed`: a flush failed, data may be lost (FLUSH
+                        // and FUA fail until restart); `missing`: not served.
+                        let state = match (d.missing, d.failed) {
+                            (true, _) => "missing",
+                            (_, true) => "failed",
+                            _ => "ok",
+                        };
                         println!(
-                            "{:<24} {:>14} {:<8} {:>14} {:>5} {}",
+                            "{:<24} {:>14} {:<8} {:>14} {:>5} {:<4} {}",
                             d.name,
                             d.size,
                             d.alloc,
                             d.allocated,
                             d.connections,
-                            if d.read_only { "ro" } else { "rw" }
+                            if d.read_only { "ro" } else { "rw" },
+                            state
                         );
                     }
                 }

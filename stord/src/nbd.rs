@@ -26,8 +26,20 @@
 //! reading thread too, and its replies are written together once the input runs
 //! dry.
 //!
-//! Bounds: at most `WORKERS` requests in flight per connection, and a global
-//! [`Budget`] of payload bytes across all connections. An invalid request gets
+//! Bounds: at most `WORKERS` requests in flight per connection, and a
+//! [`Budget`] of payload bytes ([`CONN_BUDGET`]) for each connection of its
+//! own: a connection only ever waits for its own requests, never for another
+//! client's, so one client cannot stall another by holding memory. Memory for
+//! payloads is at most `max_connections` times `CONN_BUDGET`.
+//!
+//! Deadlines ([`Limits`]): the handshake must finish within
+//! `handshake_timeout`; once a request's header has started, its header and
+//! payload must arrive within `request_timeout`, and each reply must be taken
+//! by the client within `request_timeout` (SO_SNDTIMEO, checked against a
+//! deadline per reply, so a client that reads a byte now and then gains
+//! nothing); past either the connection is closed and counted (`timeouts`).
+//! With `idle_timeout`, a connection with nothing in flight that sends nothing
+//! for that long is closed and counted (`idle_closed`). An invalid request gets
 //! an NBD error reply, never a dropped connection (an oversized WRITE payload is
 //! read and discarded); only broken framing (bad magic) ends the connection, as
 //! the spec allows.
@@ -43,7 +55,7 @@
 
 use std::io::{BufReader, IoSlice, Read, Write};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -61,13 +73,15 @@ use nbd_proto::{
     REQUEST_LEN, SIMPLE_REPLY_LEN,
 };
 
-/// Longest a client may take to finish option haggling.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest a client may take to finish option haggling, by default.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a request's payload or a reply may take on the wire, by default.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Options accepted on one connection before it is treated as abuse.
 const MAX_OPTIONS: usize = 1024;
-/// Payload bytes all requests in flight may hold together (WRITE payloads
-/// read, READ data produced), across all connections.
-pub const PAYLOAD_BUDGET: u64 = 512 * 1024 * 1024;
+/// Payload bytes the requests in flight on one connection may hold together
+/// (WRITE payloads read, READ data produced): one request of the largest size.
+pub const CONN_BUDGET: u64 = MAX_PAYLOAD as u64;
 /// How long a connection keeps answering ESHUTDOWN after shutdown began.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
 /// Most extents in one BLOCK_STATUS reply.
@@ -89,6 +103,9 @@ pub enum ConnError {
     /// the handshake took too long
     #[error("the handshake took longer than {0:?}")]
     HandshakeTimeout(Duration),
+    /// a request's payload or a reply took too long
+    #[error("{0} took longer than {1:?}")]
+    Timeout(&'static str, Duration),
     /// the client asked for export `{0}`, which does not exist
     #[error("the client asked for export `{0}` with NBD_OPT_EXPORT_NAME, which does not exist")]
     UnknownExport(String),
@@ -107,6 +124,37 @@ pub struct Stats {
     pub protocol_errors: AtomicU64,
     /// Requests served.
     pub requests: AtomicU64,
+    /// Connections closed because a request's payload or a reply missed
+    /// `request_timeout`.
+    pub timeouts: AtomicU64,
+    /// Connections closed because the handshake missed `handshake_timeout`.
+    pub handshake_timeouts: AtomicU64,
+    /// Connections closed after `idle_timeout` with nothing in flight.
+    pub idle_closed: AtomicU64,
+    /// Connections refused over `max_connections_per_client`.
+    pub refused_per_client: AtomicU64,
+}
+
+/// Per-connection deadlines (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest option haggling may take.
+    pub handshake_timeout: Duration,
+    /// Longest a started request (header and payload) may take to arrive, and
+    /// a reply to be taken by the client.
+    pub request_timeout: Duration,
+    /// Close a connection with nothing in flight after this long (None: never).
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            request_timeout: REQUEST_TIMEOUT,
+            idle_timeout: None,
+        }
+    }
 }
 
 /// What every connection needs from the server.
@@ -120,8 +168,8 @@ pub struct Ctx {
     pub shutdown: watch::Receiver<bool>,
     /// Counters.
     pub stats: Arc<Stats>,
-    /// Bound on payload bytes in flight, all connections together.
-    pub budget: Arc<Budget>,
+    /// Deadlines.
+    pub limits: Limits,
     /// Busy polling of idle connections (queue-depth-1 latency).
     pub busy_poll: Arc<crate::poll::BusyPoll>,
 }
@@ -215,8 +263,14 @@ pub async fn serve(ctx: Ctx, conn: Conn) -> Result<(), ConnError> {
     };
     let sess = match hs.0 {
         Err(e) => {
-            if matches!(e, ConnError::Protocol(_)) {
-                ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            match e {
+                ConnError::Protocol(_) => {
+                    ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                ConnError::HandshakeTimeout(_) => {
+                    ctx.stats.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {}
             }
             return Err(e);
         }
@@ -239,8 +293,14 @@ pub async fn serve(ctx: Ctx, conn: Conn) -> Result<(), ConnError> {
     let r = rx
         .await
         .unwrap_or_else(|_| Err(ConnError::Protocol("connection thread died".into())));
-    if matches!(r, Err(ConnError::Protocol(_))) {
-        ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+    match r {
+        Err(ConnError::Protocol(_)) => {
+            ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(ConnError::Timeout(..)) => {
+            ctx.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+        }
+        _ => {}
     }
     r
 }
@@ -250,8 +310,9 @@ async fn handshake_timed(
     rd: &mut (dyn AsyncRead + Unpin + Send),
     wr: &mut (dyn AsyncWrite + Unpin + Send),
 ) -> Result<Option<Session>, ConnError> {
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::handshake(ctx, rd, wr)).await {
-        Err(_) => Err(ConnError::HandshakeTimeout(HANDSHAKE_TIMEOUT)),
+    let limit = ctx.limits.handshake_timeout;
+    match tokio::time::timeout(limit, handshake::handshake(ctx, rd, wr)).await {
+        Err(_) => Err(ConnError::HandshakeTimeout(limit)),
         Ok(r) => r,
     }
 }

@@ -5,19 +5,25 @@
 //! binds its sockets (or adopts systemd's `LISTEN_FDS`), tells systemd it is
 //! ready, and runs one accept loop per listener. Every connection holds a
 //! permit of the connection semaphore (beyond `max_connections` a client is
-//! closed at once) and a clone of `done_tx`; shutdown (SIGTERM / SIGINT) flips a
+//! closed at once), a slot of its client's share (beyond
+//! `max_connections_per_client` from one source address, or one uid on the
+//! unix socket, it is closed at once and counted) and a clone of `done_tx`; shutdown (SIGTERM / SIGINT) flips a
 //! watch channel, accept loops stop, connections finish their in-flight work and
 //! close (see `nbd`), and when the last `done_tx` clone is gone every disk is
 //! flushed and `run` returns.
 //!
+//! Unix sockets (NBD and control) are bound, given mode 0660 and the
+//! `socket_group`, and only then listened on, so no client ever connects to a
+//! socket with other permissions; failing to set them stops the daemon.
+//!
 //! `--stdin` mode serves exactly one connection on stdin/stdout and binds
 //! nothing, for `nbdinfo -- [ stord serve --stdin ... ]` style use.
 
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fabric_util::sd_notify;
@@ -56,7 +62,19 @@ pub enum ServerError {
     /// serving stdin/stdout failed
     #[error("serving stdin/stdout failed")]
     Stdin(#[source] nbd::ConnError),
+    /// cannot find the socket_group
+    #[error("cannot find the socket_group `{group}`")]
+    Group {
+        /// The group.
+        group: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
+
+/// Sockets' file mode: the owner and `socket_group` may connect.
+const SOCKET_MODE: u32 = 0o660;
 
 /// How `serve` runs.
 #[derive(Debug, Clone, Default)]
@@ -117,7 +135,7 @@ fn adopt_listener(fd: OwnedFd) -> Result<Listener, ServerError> {
     }
 }
 
-fn bind_unix(path: &Path) -> Result<UnixListener, std::io::Error> {
+fn bind_unix(path: &Path, gid: Option<u32>) -> Result<UnixListener, std::io::Error> {
     if let Some(dir) = path.parent() {
         if !dir.as_os_str().is_empty() {
             std::fs::create_dir_all(dir)?;
@@ -130,7 +148,7 @@ fn bind_unix(path: &Path) -> Result<UnixListener, std::io::Error> {
         }
         _ => {}
     }
-    UnixListener::bind(path)
+    UnixListener::from_std(sys::listen_unix(path, SOCKET_MODE, gid)?)
 }
 
 /// Runs the daemon until SIGTERM / SIGINT (or, with `--stdin`, until the one
@@ -146,7 +164,7 @@ pub async fn run(config: Config, opts: Options) -> Result<(), ServerError> {
         default_export: config.default_export.clone(),
         shutdown: shutdown_rx.clone(),
         stats: stats.clone(),
-        budget: Arc::new(nbd::Budget::new(nbd::PAYLOAD_BUDGET)),
+        limits: config.limits(),
         busy_poll: Arc::new(crate::poll::BusyPoll::new(config.busy_poll_us())),
     };
 
@@ -169,6 +187,13 @@ pub async fn run(config: Config, opts: Options) -> Result<(), ServerError> {
         return r.map_err(ServerError::Stdin);
     }
 
+    let gid = match &config.socket_group {
+        None => None,
+        Some(g) => Some(sys::group_id(g).map_err(|source| ServerError::Group {
+            group: g.clone(),
+            source,
+        })?),
+    };
     let mut listeners = Vec::new();
     let activated = activated_sockets()?;
     if !activated.is_empty() {
@@ -191,7 +216,7 @@ pub async fn run(config: Config, opts: Options) -> Result<(), ServerError> {
             listeners.push(Listener::Tcp(l));
         }
         if let Some(path) = &config.unix {
-            let l = bind_unix(path).map_err(|source| ServerError::Bind {
+            let l = bind_unix(path, gid).map_err(|source| ServerError::Bind {
                 addr: path.display().to_string(),
                 source,
             })?;
@@ -199,11 +224,10 @@ pub async fn run(config: Config, opts: Options) -> Result<(), ServerError> {
             listeners.push(Listener::Unix(l, Some(path.clone())));
         }
     }
-    let control = bind_unix(&config.control).map_err(|source| ServerError::Bind {
+    let control = bind_unix(&config.control, gid).map_err(|source| ServerError::Bind {
         addr: config.control.display().to_string(),
         source,
     })?;
-    let _ = std::fs::set_permissions(&config.control, std::fs::Permissions::from_mode(0o660));
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(ServerError::Signals)?;
@@ -211,6 +235,10 @@ pub async fn run(config: Config, opts: Options) -> Result<(), ServerError> {
         .map_err(ServerError::Signals)?;
 
     let limit = Arc::new(Semaphore::new(config.max_connections()));
+    let per_client = Arc::new(PerClient {
+        max: config.max_connections_per_client,
+        open: Mutex::new(HashMap::new()),
+    });
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let mut loops = Vec::new();
     for l in listeners {
@@ -218,6 +246,7 @@ pub async fn run(config: Config, opts: Options) -> Result<(), ServerError> {
             l,
             ctx.clone(),
             limit.clone(),
+            per_client.clone(),
             done_tx.clone(),
         )));
     }
@@ -262,14 +291,72 @@ pub async fn run(config: Config, opts: Options) -> Result<(), ServerError> {
     Ok(())
 }
 
-async fn accept_loop(l: Listener, ctx: Ctx, limit: Arc<Semaphore>, done: mpsc::Sender<()>) {
+/// Who a connection is from, for `max_connections_per_client`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum ClientKey {
+    /// A TCP peer's address (any port).
+    Ip(std::net::IpAddr),
+    /// A unix socket peer's user id.
+    Uid(u32),
+}
+
+/// Open connections per client.
+struct PerClient {
+    max: Option<usize>,
+    open: Mutex<HashMap<ClientKey, usize>>,
+}
+
+/// A connection's slot in its client's share; freed on drop.
+struct ClientSlot {
+    per: Arc<PerClient>,
+    key: ClientKey,
+}
+
+impl PerClient {
+    /// A slot for `key`, or `None` if that client is at its limit.
+    fn enter(self: &Arc<Self>, key: Option<ClientKey>) -> Option<Option<ClientSlot>> {
+        let (Some(max), Some(key)) = (self.max, key) else {
+            return Some(None);
+        };
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(key.clone()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Some(ClientSlot {
+            per: self.clone(),
+            key,
+        }))
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self.per.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+async fn accept_loop(
+    l: Listener,
+    ctx: Ctx,
+    limit: Arc<Semaphore>,
+    per_client: Arc<PerClient>,
+    done: mpsc::Sender<()>,
+) {
     let mut shutdown = ctx.shutdown.clone();
     loop {
         let accepted = tokio::select! {
             _ = crate::until_shutdown(&mut shutdown) => break,
             r = accept(&l) => r,
         };
-        let (conn, peer) = match accepted {
+        let (conn, peer, key) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -283,6 +370,11 @@ async fn accept_loop(l: Listener, ctx: Ctx, limit: Arc<Semaphore>, done: mpsc::S
             tracing::warn!(%peer, "connection limit reached; closing the new connection");
             continue;
         };
+        let Some(slot) = per_client.enter(key) else {
+            ctx.stats.refused_per_client.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, "max_connections_per_client reached; closing the new connection");
+            continue;
+        };
         ctx.stats.connections.fetch_add(1, Ordering::Relaxed);
         let ctx2 = ctx.clone();
         let done2 = done.clone();
@@ -294,6 +386,7 @@ async fn accept_loop(l: Listener, ctx: Ctx, limit: Arc<Semaphore>, done: mpsc::S
                     tracing::info!(%peer, error = %crate::error_chain(&e), "connection ended")
                 }
             }
+            drop(slot);
             drop(permit);
             drop(done2);
         });
@@ -303,16 +396,25 @@ async fn accept_loop(l: Listener, ctx: Ctx, limit: Arc<Semaphore>, done: mpsc::S
     }
 }
 
-async fn accept(l: &Listener) -> std::io::Result<(nbd::Conn, String)> {
+async fn accept(l: &Listener) -> std::io::Result<(nbd::Conn, String, Option<ClientKey>)> {
     match l {
         Listener::Tcp(t) => {
             let (s, peer) = t.accept().await?;
             s.set_nodelay(true)?;
-            Ok((nbd::Conn::Tcp(s), peer.to_string()))
+            Ok((
+                nbd::Conn::Tcp(s),
+                peer.to_string(),
+                Some(ClientKey::Ip(peer.ip())),
+            ))
         }
         Listener::Unix(u, _) => {
             let (s, _) = u.accept().await?;
-            Ok((nbd::Conn::Unix(s), "unix".to_string()))
+            let uid = s.peer_cred().ok().map(|c| c.uid());
+            let peer = match uid {
+                Some(u) => format!("unix uid {u}"),
+                None => "unix".to_string(),
+            };
+            Ok((nbd::Conn::Unix(s), peer, uid.map(ClientKey::Uid)))
         }
     }
 }

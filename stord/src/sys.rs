@@ -259,10 +259,17 @@ impl FileMap {
         }
     }
 
-    /// One `writev(fd, [head, mapping[offset..offset + len]])`: returns the
-    /// bytes written, which may be fewer than offered. EFAULT means a page of
-    /// the range could not be read (nothing was written by this call then).
-    pub fn writev(&self, fd: RawFd, head: &[u8], offset: usize, len: usize) -> io::Result<usize> {
+    /// One `writev(fd, [head, mapping[offset..offset + len], tail])`: returns
+    /// the bytes written, which may be fewer than offered. EFAULT means a page
+    /// of the range could not be read (nothing was written by this call then).
+    pub fn writev(
+        &self,
+        fd: RawFd,
+        head: &[u8],
+        offset: usize,
+        len: usize,
+        tail: &[u8],
+    ) -> io::Result<usize> {
         self.page_span(offset, len)?;
         let iov = [
             libc::iovec {
@@ -274,12 +281,16 @@ impl FileMap {
                 iov_base: unsafe { self.base.cast::<u8>().add(offset).cast() },
                 iov_len: len,
             },
+            libc::iovec {
+                iov_base: tail.as_ptr() as *mut libc::c_void,
+                iov_len: tail.len(),
+            },
         ];
         loop {
-            // SAFETY: two iovecs over memory that stays valid for the call: a
-            // borrowed slice and our own mapping; writev only reads them, in
+            // SAFETY: three iovecs over memory that stays valid for the call:
+            // borrowed slices and our own mapping; writev only reads them, in
             // the kernel (see the type's docs).
-            let r = unsafe { libc::writev(fd, iov.as_ptr(), 2) };
+            let r = unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as libc::c_int) };
             if r >= 0 {
                 return Ok(r as usize);
             }
@@ -364,4 +375,114 @@ pub fn pread_cached(file: &File, offset: u64, len: usize) -> io::Result<Option<V
     // SAFETY: preadv2 wrote all `len` bytes.
     unsafe { buf.set_len(len) };
     Ok(Some(buf))
+}
+
+/// Shuts a socket down both ways (wakes threads blocked in recv / send on it);
+/// errors (not a socket, already shut) are of no interest.
+pub fn shutdown_socket(fd: RawFd) {
+    // SAFETY: shutdown(2) on a descriptor the caller keeps open; it only
+    // changes the socket's state.
+    let _ = unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+}
+
+/// A listening unix socket at `path` whose file has `mode` (and group `gid`)
+/// before anyone can connect: bind, chmod / chown the path, then listen. A
+/// client can connect only after listen(2), so no client ever sees a socket
+/// with looser permissions, and a failure to set them is an error.
+pub fn listen_unix(
+    path: &std::path::Path,
+    mode: u32,
+    gid: Option<u32>,
+) -> io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain old data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long or contains NUL",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: plain socket(2) call; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by socket(2) and is owned by no one else.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+    // SAFETY: `addr` is a valid sockaddr_un of at least `len` bytes.
+    let r = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+            len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let set = || -> io::Result<()> {
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+        if let Some(g) = gid {
+            std::os::unix::fs::chown(path, None, Some(g))?;
+        }
+        Ok(())
+    };
+    if let Err(e) = set() {
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
+    // SAFETY: listen(2) on our own socket.
+    if unsafe { libc::listen(sock.as_raw_fd(), 1024) } < 0 {
+        let e = io::Error::last_os_error();
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
+    Ok(std::os::unix::net::UnixListener::from(sock))
+}
+
+/// The id of group `name` (a name, or a number).
+pub fn group_id(name: &str) -> io::Result<u32> {
+    if let Ok(n) = name.parse::<u32>() {
+        return Ok(n);
+    }
+    let c = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in group name"))?;
+    let mut buf = vec![0u8; 16 * 1024];
+    // SAFETY: group is plain old data; all-zero is a valid value.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut out: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call: the C string, `grp`, the
+    // buffer with its true length, and `out`.
+    let r = unsafe {
+        libc::getgrnam_r(
+            c.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut out,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    if out.is_null() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no group named {name:?}"),
+        ));
+    }
+    Ok(grp.gr_gid)
 }

@@ -111,11 +111,12 @@ pub(super) fn execute(
     req: &Request,
     payload: &[u8],
     budget: &Budget,
+    abort: &std::sync::atomic::AtomicBool,
 ) -> Out {
     let disk = sess.disk();
     let fua = req.has_flag(cflag::FUA);
     let res = match cmd {
-        Command::Read => return read(sess, req, budget),
+        Command::Read => return read(sess, req, budget, abort),
         Command::Write => disk.write(req.offset, payload, fua),
         Command::Flush => disk.flush(),
         Command::Trim => disk.trim(req.offset, req.len as u64, fua),
@@ -222,7 +223,14 @@ pub(super) fn read_plan(sess: &Session, req: &Request) -> ReadPlan {
         || sess.disk().alloc() == Alloc::Fixed
         || (req.len as u64) < HOLE_SCAN_MIN
     {
-        nbd_proto::emit_offset_data_header(&mut hdr, req.handle, req.offset, req.len, Final::Yes);
+        // A reply sent from the mapping is final only once its data went out
+        // (a page may fail then): its DONE comes in a NONE chunk after it.
+        let fin = if req.len >= MAPPED_READ_MIN {
+            Final::No
+        } else {
+            Final::Yes
+        };
+        nbd_proto::emit_offset_data_header(&mut hdr, req.handle, req.offset, req.len, fin);
     } else {
         return ReadPlan::Sparse;
     }
@@ -243,6 +251,23 @@ pub(super) struct MappedRead {
     pub offset: usize,
     /// Data bytes.
     pub len: usize,
+    /// What follows the data: for a structured reply the final NONE chunk,
+    /// sent only once the data is known good; empty for a simple reply.
+    pub tail: Bytes,
+    /// A structured reply (a late I/O error becomes an error chunk).
+    pub structured: bool,
+    /// The request's handle (for that error chunk).
+    pub handle: u64,
+}
+
+/// The final NONE chunk of a structured reply sent from the mapping (empty for
+/// a simple reply).
+fn mapped_tail(sess: &Session, handle: u64) -> Bytes {
+    let mut b = BytesMut::new();
+    if sess.structured {
+        nbd_proto::emit_none(&mut b, handle);
+    }
+    b.freeze()
 }
 
 /// Answers a validated READ as [`read_plan`] says. A mapped reply has its
@@ -250,15 +275,24 @@ pub(super) struct MappedRead {
 /// connection's write lock); if the file cannot be mapped or a page cannot be
 /// read, the data is pread instead, which also reports the error. Data read
 /// into memory is counted against the payload `budget` while it is produced.
-pub(super) fn read(sess: &Session, req: &Request, budget: &Budget) -> Out {
-    let hdr = match read_plan(sess, req) {
+pub(super) fn read(
+    sess: &Session,
+    req: &Request,
+    budget: &Budget,
+    abort: &std::sync::atomic::AtomicBool,
+) -> Out {
+    let aborted = || error_reply(sess, req.handle, err::EIO, "the connection is closing");
+    let (hdr, tail) = match read_plan(sess, req) {
         ReadPlan::Mapped(hdr) => match mapped(sess, req, hdr) {
             Ok(m) => return Out::Mapped(m),
-            Err(hdr) => hdr,
+            // The header says more chunks follow: end with the NONE chunk.
+            Err(hdr) => (hdr, mapped_tail(sess, req.handle)),
         },
-        ReadPlan::Buffered(hdr) => hdr,
+        ReadPlan::Buffered(hdr) => (hdr, Bytes::new()),
         ReadPlan::Sparse => {
-            let _mem = budget.take(req.len as u64);
+            let Some(_mem) = budget.take(req.len as u64, abort) else {
+                return Out::Segs(aborted());
+            };
             return Out::Segs(sparse(sess, req));
         }
         ReadPlan::Empty => {
@@ -267,9 +301,12 @@ pub(super) fn read(sess: &Session, req: &Request, budget: &Budget) -> Out {
             return Out::Segs(vec![b.freeze()]);
         }
     };
-    let _mem = budget.take(req.len as u64);
+    let Some(_mem) = budget.take(req.len as u64, abort) else {
+        return Out::Segs(aborted());
+    };
     Out::Segs(match sess.disk().read(req.offset, req.len as usize) {
-        Ok(data) => vec![hdr, Bytes::from(data)],
+        Ok(data) if tail.is_empty() => vec![hdr, Bytes::from(data)],
+        Ok(data) => vec![hdr, Bytes::from(data), tail],
         Err(e) => error_reply(sess, req.handle, e.nbd_errno(), &crate::error_chain(&e)),
     })
 }
@@ -291,6 +328,9 @@ fn mapped(sess: &Session, req: &Request, hdr: Bytes) -> Result<MappedRead, Bytes
         map,
         offset,
         len,
+        tail: mapped_tail(sess, req.handle),
+        structured: sess.structured,
+        handle: req.handle,
     })
 }
 
@@ -500,7 +540,8 @@ mod tests {
         let (_d, s) = session(true, false);
         s.disk().write(8192, &[7u8; 4096], false).unwrap();
         let budget = Budget::new(1 << 20);
-        let Out::Segs(r) = read(&s, &req(Command::Read, 0, 0, 65536), &budget) else {
+        let no = std::sync::atomic::AtomicBool::new(false);
+        let Out::Segs(r) = read(&s, &req(Command::Read, 0, 0, 65536), &budget, &no) else {
             panic!("a READ that may have holes is not mapped");
         };
         // hole [0,8192), data [8192,12288), hole [12288,65536)
@@ -512,14 +553,21 @@ mod tests {
         // DF: one data chunk, sent from the mapping where the file maps.
         let df = req(Command::Read, cflag::DF, 0, 65536);
         assert!(matches!(read_plan(&s, &df), ReadPlan::Mapped(_)));
-        match read(&s, &df, &budget) {
+        // Either way the data chunk is not final; a NONE chunk with DONE
+        // follows the data.
+        match read(&s, &df, &budget, &no) {
             Out::Segs(df) => {
-                assert_eq!(df.len(), 2);
+                assert_eq!(df.len(), 3);
+                assert_eq!(&df[0][4..6], &0u16.to_be_bytes());
                 assert_eq!(df[1].len(), 65536);
+                assert_eq!(&df[2][4..6], &chunk::FLAG_DONE.to_be_bytes());
+                assert_eq!(&df[2][6..8], &chunk::NONE.to_be_bytes());
             }
             Out::Mapped(m) => {
                 assert_eq!(&m.hdr[6..8], &chunk::OFFSET_DATA.to_be_bytes());
-                assert_eq!(&m.hdr[4..6], &chunk::FLAG_DONE.to_be_bytes());
+                assert_eq!(&m.hdr[4..6], &0u16.to_be_bytes());
+                assert_eq!(&m.tail[4..6], &chunk::FLAG_DONE.to_be_bytes());
+                assert_eq!(&m.tail[6..8], &chunk::NONE.to_be_bytes());
                 assert_eq!(m.len, 65536);
             }
         }

@@ -1,5 +1,10 @@
 //! The transmission phase on worker threads: the blocking socket halves, the
-//! shared read / write locks, the payload budget, shutdown polling.
+//! shared read / write locks, the connection's payload budget, deadlines,
+//! shutdown polling.
+//!
+//! A connection that fails (a reply cannot be sent, a deadline passed) is
+//! marked broken and its socket shut down, so the reader blocked in recv or in
+//! the budget wakes and every worker stops.
 
 use super::*;
 
@@ -52,10 +57,24 @@ impl SockRead for PolledFile {
 
 /// The write side of a connection: replies are written with vectored writes,
 /// READ data may come straight from the disk file's mapping (by fd).
-pub(super) trait SockWrite: Write + Send + AsRawFd {}
+pub(super) trait SockWrite: Write + Send + AsRawFd {
+    /// Bounds a blocking write (SO_SNDTIMEO), so a client that stops reading
+    /// its replies cannot hold a worker forever.
+    fn set_timeout(&self, _t: Option<Duration>) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
-impl SockWrite for std::net::TcpStream {}
-impl SockWrite for std::os::unix::net::UnixStream {}
+impl SockWrite for std::net::TcpStream {
+    fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.set_write_timeout(t)
+    }
+}
+impl SockWrite for std::os::unix::net::UnixStream {
+    fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.set_write_timeout(t)
+    }
+}
 impl SockWrite for std::fs::File {}
 
 pub(super) type Halves = (Box<dyn SockRead>, Box<dyn SockWrite>);
@@ -84,8 +103,9 @@ pub(super) fn blocking_halves(conn: Conn) -> std::io::Result<Halves> {
     }
 }
 
-/// A global bound on payload bytes held by requests in flight (WRITE payloads
-/// read, READ data being produced), across all connections.
+/// A bound on payload bytes held by the requests in flight on one connection
+/// (WRITE payloads read, READ data being produced). Each connection has its
+/// own, so waiting for it only ever waits for that connection's requests.
 ///
 /// The fast path is one atomic compare-and-swap to take and one atomic add to
 /// give back; the mutex and condition variable are touched only when the budget
@@ -124,12 +144,16 @@ impl Budget {
     }
 
     /// Takes `n` bytes, waiting until they are there; the guard gives them
-    /// back.
-    pub(super) fn take(&self, n: u64) -> BudgetGuard<'_> {
+    /// back. `None` if `abort` is set while waiting (the connection broke).
+    pub(super) fn take(&self, n: u64, abort: &AtomicBool) -> Option<BudgetGuard<'_>> {
         if !self.try_take(n) {
             let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
             self.waiters.fetch_add(1, Ordering::AcqRel);
             while !self.try_take(n) {
+                if abort.load(Ordering::Acquire) {
+                    self.waiters.fetch_sub(1, Ordering::AcqRel);
+                    return None;
+                }
                 // The timeout covers a give that raced with our registration.
                 g = self
                     .cv
@@ -139,7 +163,7 @@ impl Budget {
             }
             self.waiters.fetch_sub(1, Ordering::AcqRel);
         }
-        BudgetGuard { budget: self, n }
+        Some(BudgetGuard { budget: self, n })
     }
 
     fn give(&self, n: u64) {
@@ -174,7 +198,6 @@ struct ReadState {
     rd: BufReader<Box<dyn SockRead>>,
     grace_end: Option<Instant>,
     done: bool,
-    result: Result<(), ConnError>,
     /// Replies to requests run inline while more requests were already
     /// waiting: written together, in one write, once the input runs dry.
     held: Vec<Bytes>,
@@ -183,11 +206,60 @@ struct ReadState {
     window: crate::poll::Window,
 }
 
-struct Shared<'a> {
+pub(super) struct Shared<'a> {
     ctx: &'a Ctx,
     sess: &'a Session,
     rd: Mutex<ReadState>,
     wr: Mutex<Box<dyn SockWrite>>,
+    /// This connection's payload budget.
+    pub(super) budget: Budget,
+    /// Set once the connection failed: budget waits give up, workers stop.
+    pub(super) broken: AtomicBool,
+    /// Why it failed: the first failure (the others follow from it, like the
+    /// EPIPE of the next reply after a send timeout shut the socket down).
+    cause: Mutex<Option<ConnError>>,
+    /// The socket, for shutting it down when the connection breaks.
+    fd: std::os::fd::RawFd,
+    /// Requests read and not yet answered (for `idle_timeout`).
+    inflight: AtomicU64,
+    /// When the connection last did something, in ms since `start`.
+    last_active: AtomicU64,
+    start: Instant,
+}
+
+impl Shared<'_> {
+    /// Marks the connection broken by `e` (unless it already was) and shuts
+    /// its socket down, so a reader blocked in recv or in the budget returns
+    /// at once.
+    fn break_off(&self, e: ConnError) {
+        let mut cause = self.cause.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.broken.swap(true, Ordering::AcqRel) {
+            *cause = Some(e);
+            crate::sys::shutdown_socket(self.fd);
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_active.store(ms, Ordering::Release);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let last = self.last_active.load(Ordering::Acquire);
+        self.start
+            .elapsed()
+            .saturating_sub(Duration::from_millis(last))
+    }
+
+    /// Breaks the connection for an I/O failure writing a reply (a timeout
+    /// is named as such).
+    fn write_failed(&self, e: std::io::Error) {
+        self.break_off(if is_timeout(&e) {
+            ConnError::Timeout("sending a reply", self.ctx.limits.request_timeout)
+        } else {
+            ConnError::Io(e)
+        });
+    }
 }
 
 fn is_timeout(e: &std::io::Error) -> bool {
@@ -197,18 +269,34 @@ fn is_timeout(e: &std::io::Error) -> bool {
     )
 }
 
+/// How long a started message may take to arrive.
+#[derive(Clone, Copy)]
+struct Deadline<'a> {
+    limit: Duration,
+    broken: &'a AtomicBool,
+}
+
 /// Fills `buf` completely. At a message boundary (`boundary`), an idle socket
 /// lets `idle()` decide to stop (returns `Ok(false)`); EOF there is a clean end
-/// (also `Ok(false)`). Inside a message, timeouts are waited out and EOF is an
-/// error.
+/// (also `Ok(false)`). Inside a message, timeouts are waited out until
+/// `dl.limit` after the message started (the first byte, or the call if not at
+/// a boundary), and EOF is an error.
 fn read_full(
     rd: &mut dyn Read,
     buf: &mut [u8],
     boundary: bool,
     mut idle: impl FnMut() -> bool,
+    dl: Deadline<'_>,
 ) -> Result<bool, ConnError> {
     let mut got = 0;
+    let mut started = (!boundary).then(Instant::now);
     while got < buf.len() {
+        if dl.broken.load(Ordering::Acquire) {
+            return Err(ConnError::Io(std::io::ErrorKind::ConnectionAborted.into()));
+        }
+        if started.is_some_and(|t| t.elapsed() >= dl.limit) {
+            return Err(ConnError::Timeout("receiving a request", dl.limit));
+        }
         match rd.read(&mut buf[got..]) {
             Ok(0) if got == 0 && boundary => return Ok(false),
             Ok(0) => {
@@ -216,7 +304,10 @@ fn read_full(
                     "connection closed in the middle of a request".into(),
                 ))
             }
-            Ok(n) => got += n,
+            Ok(n) => {
+                got += n;
+                started.get_or_insert_with(Instant::now);
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) if is_timeout(&e) => {
                 if got == 0 && boundary && idle() {
@@ -230,11 +321,11 @@ fn read_full(
 }
 
 /// Reads and drops `n` payload bytes.
-fn skip(rd: &mut dyn Read, mut n: u64) -> Result<(), ConnError> {
+fn skip(rd: &mut dyn Read, mut n: u64, dl: Deadline<'_>) -> Result<(), ConnError> {
     let mut sink = vec![0u8; 256 * 1024];
     while n > 0 {
         let k = n.min(sink.len() as u64) as usize;
-        read_full(rd, &mut sink[..k], false, || false)?;
+        read_full(rd, &mut sink[..k], false, || false, dl)?;
         n -= k as u64;
     }
     Ok(())
@@ -276,11 +367,11 @@ enum Next<'a> {
 }
 
 /// Reads the next request (header and payload). Called with the read lock held.
-fn next<'a>(
-    sh: &Shared<'a>,
+fn next<'s>(
+    sh: &'s Shared<'_>,
     st: &mut ReadState,
     scratch: &mut Vec<u8>,
-) -> Result<Next<'a>, ConnError> {
+) -> Result<Next<'s>, ConnError> {
     // A client that keeps sending after the grace period is not waited for.
     if matches!(st.grace_end, Some(end) if Instant::now() >= end) {
         return Ok(Next::Stop);
@@ -296,18 +387,43 @@ fn next<'a>(
             .poll(&sh.ctx.busy_poll, st.rd.get_ref().as_raw_fd());
     let shutdown = &sh.ctx.shutdown;
     let grace = &mut st.grace_end;
-    let got = read_full(&mut st.rd, &mut hdr, true, || {
-        if grace.is_none() && *shutdown.borrow() {
-            *grace = Some(Instant::now() + SHUTDOWN_GRACE);
-        }
-        matches!(grace, Some(end) if Instant::now() >= *end)
-    })?;
+    let dl = Deadline {
+        limit: sh.ctx.limits.request_timeout,
+        broken: &sh.broken,
+    };
+    let mut idle_out = false;
+    let got = read_full(
+        &mut st.rd,
+        &mut hdr,
+        true,
+        || {
+            if grace.is_none() && *shutdown.borrow() {
+                *grace = Some(Instant::now() + SHUTDOWN_GRACE);
+            }
+            if let Some(limit) = sh.ctx.limits.idle_timeout {
+                if sh.inflight.load(Ordering::Acquire) == 0 && sh.idle_for() >= limit {
+                    idle_out = true;
+                    return true;
+                }
+            }
+            matches!(grace, Some(end) if Instant::now() >= *end)
+        },
+        dl,
+    )?;
+    if idle_out {
+        sh.ctx.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            idle = ?sh.ctx.limits.idle_timeout,
+            "closing a connection idle for longer than idle_timeout"
+        );
+    }
     if let (Some(t0), false) = (t0, caught) {
         st.window.missed(&sh.ctx.busy_poll, t0.elapsed());
     }
     if !got {
         return Ok(Next::Stop);
     }
+    sh.touch();
     if st.grace_end.is_none() && *shutdown.borrow() {
         st.grace_end = Some(Instant::now() + SHUTDOWN_GRACE);
     }
@@ -318,7 +434,7 @@ fn next<'a>(
     let plen = req.payload_len();
     if plen > MAX_PAYLOAD {
         // Too big to buffer: skip the payload as it streams past, then answer.
-        skip(&mut st.rd, plen as u64)?;
+        skip(&mut st.rd, plen as u64, dl)?;
         sh.ctx
             .stats
             .invalid_requests
@@ -335,18 +451,24 @@ fn next<'a>(
     let (payload, mem) = if n == 0 {
         (Payload::None, None)
     } else if n <= SCRATCH_MAX {
-        let mem = sh.ctx.budget.take(n as u64);
+        let mem = sh
+            .budget
+            .take(n as u64, &sh.broken)
+            .ok_or(ConnError::Io(std::io::ErrorKind::ConnectionAborted.into()))?;
         // The buffer only grows (zeroed once), so later payloads land in it
         // without an allocation or a memset.
         if scratch.len() < n {
             scratch.resize(n, 0);
         }
-        read_full(&mut st.rd, &mut scratch[..n], false, || false)?;
+        read_full(&mut st.rd, &mut scratch[..n], false, || false, dl)?;
         (Payload::Scratch(n), Some(mem))
     } else {
-        let mem = sh.ctx.budget.take(n as u64);
+        let mem = sh
+            .budget
+            .take(n as u64, &sh.broken)
+            .ok_or(ConnError::Io(std::io::ErrorKind::ConnectionAborted.into()))?;
         let mut v = vec![0u8; n];
-        read_full(&mut st.rd, &mut v, false, || false)?;
+        read_full(&mut st.rd, &mut v, false, || false, dl)?;
         (Payload::Owned(v), Some(mem))
     };
     // The payload was read either way: the framing stays intact.
@@ -378,11 +500,19 @@ fn next<'a>(
     }
 }
 
-/// Writes all of `reply` with vectored writes.
-fn write_segs(wr: &mut dyn SockWrite, reply: &[Bytes]) -> std::io::Result<()> {
+/// The error for a reply still not sent at its deadline.
+fn late() -> std::io::Error {
+    std::io::ErrorKind::TimedOut.into()
+}
+
+/// Writes all of `reply` with vectored writes, by `deadline`.
+fn write_segs(wr: &mut dyn SockWrite, reply: &[Bytes], deadline: Instant) -> std::io::Result<()> {
     let mut idx = 0;
     let mut off = 0;
     while idx < reply.len() {
+        if Instant::now() >= deadline {
+            return Err(late());
+        }
         let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(reply.len() - idx);
         slices.push(IoSlice::new(&reply[idx][off..]));
         for b in &reply[idx + 1..] {
@@ -417,29 +547,83 @@ fn write_segs(wr: &mut dyn SockWrite, reply: &[Bytes]) -> std::io::Result<()> {
 /// may turn out unreadable after all (the file shrank or failed since
 /// `populate`), when the header may already be on the wire: the rest is then
 /// read with pread (bytes past the end of the host file as zeroes, as pread
-/// reads them), and an error there ends the connection, since the reply
-/// cannot be taken back.
-fn write_mapped(wr: &mut dyn SockWrite, disk: &Disk, m: &MappedRead) -> std::io::Result<()> {
+/// reads them). A structured reply's final chunk (`m.tail`, NONE with DONE)
+/// goes out only after all the data did: if that pread fails, the rest of the
+/// promised data is sent as zeroes and the final chunk is an ERROR chunk, so
+/// the client gets the error and the connection stays. A simple reply cannot
+/// carry a late error, so that ends the connection.
+fn write_mapped(
+    wr: &mut dyn SockWrite,
+    disk: &Disk,
+    m: &MappedRead,
+    deadline: Instant,
+) -> std::io::Result<()> {
     let fd = wr.as_raw_fd();
-    let (mut head, mut done) = (0usize, 0usize);
-    while head < m.hdr.len() || done < m.len {
-        match m
-            .map
-            .writev(fd, &m.hdr[head..], m.offset + done, m.len - done)
-        {
+    let (mut head, mut done, mut tail) = (0usize, 0usize, 0usize);
+    while head < m.hdr.len() || done < m.len || tail < m.tail.len() {
+        if Instant::now() >= deadline {
+            return Err(late());
+        }
+        match m.map.writev(
+            fd,
+            &m.hdr[head..],
+            m.offset + done,
+            m.len - done,
+            &m.tail[tail..],
+        ) {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
             Ok(n) => {
                 let h = n.min(m.hdr.len() - head);
                 head += h;
-                done += n - h;
+                let d = (n - h).min(m.len - done);
+                done += d;
+                tail += n - h - d;
             }
             Err(e) if e.raw_os_error() == Some(libc::EFAULT) => {
-                wr.write_all(&m.hdr[head..])?;
-                let data = disk
-                    .read((m.offset + done) as u64, m.len - done)
-                    .map_err(|e| std::io::Error::other(crate::error_chain(&e)))?;
-                return wr.write_all(&data);
+                write_all_by(wr, &m.hdr[head..], deadline)?;
+                return match disk.read((m.offset + done) as u64, m.len - done) {
+                    Ok(data) => {
+                        write_all_by(wr, &data, deadline)?;
+                        write_all_by(wr, &m.tail[tail..], deadline)
+                    }
+                    Err(e) if m.structured => {
+                        tracing::warn!(disk = disk.name(), error = %crate::error_chain(&e), "READ failed after its reply began; sending an error chunk");
+                        let zeroes = vec![0u8; (m.len - done).min(1 << 20)];
+                        let mut left = m.len - done;
+                        while left > 0 {
+                            let k = left.min(zeroes.len());
+                            write_all_by(wr, &zeroes[..k], deadline)?;
+                            left -= k;
+                        }
+                        let mut b = BytesMut::new();
+                        nbd_proto::emit_error_chunk(
+                            &mut b,
+                            m.handle,
+                            e.nbd_errno(),
+                            &crate::error_chain(&e),
+                        );
+                        write_all_by(wr, &b, deadline)
+                    }
+                    Err(e) => Err(std::io::Error::other(crate::error_chain(&e))),
+                };
             }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// `write_all` that gives up at `deadline` (each write is bounded by
+/// SO_SNDTIMEO).
+fn write_all_by(wr: &mut dyn SockWrite, mut buf: &[u8], deadline: Instant) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        if Instant::now() >= deadline {
+            return Err(late());
+        }
+        match wr.write(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
@@ -448,9 +632,10 @@ fn write_mapped(wr: &mut dyn SockWrite, disk: &Disk, m: &MappedRead) -> std::io:
 
 fn write_out(sh: &Shared<'_>, out: &Out) -> std::io::Result<()> {
     let mut wr = sh.wr.lock().unwrap_or_else(|p| p.into_inner());
+    let deadline = Instant::now() + sh.ctx.limits.request_timeout;
     match out {
-        Out::Segs(r) => write_segs(&mut **wr, r)?,
-        Out::Mapped(m) => write_mapped(&mut **wr, sh.sess.disk(), m)?,
+        Out::Segs(r) => write_segs(&mut **wr, r, deadline)?,
+        Out::Mapped(m) => write_mapped(&mut **wr, sh.sess.disk(), m, deadline)?,
     }
     wr.flush()
 }
@@ -482,16 +667,16 @@ fn answer(sh: &Shared<'_>, next: Next<'_>, scratch: &[u8]) -> Option<Out> {
                 Payload::Scratch(n) => &scratch[..*n],
                 Payload::Owned(v) => v,
             };
-            Some(execute(sh.sess, run.cmd, &run.req, data, &sh.ctx.budget))
+            Some(execute(
+                sh.sess, run.cmd, &run.req, data, &sh.budget, &sh.broken,
+            ))
         }
     }
 }
 
-fn fail(st: &mut ReadState, e: ConnError) {
-    if !st.done {
-        st.done = true;
-        st.result = Err(e);
-    }
+/// Ends the connection: the workers stop (the cause is in `Shared::cause`).
+fn fail(st: &mut ReadState) {
+    st.done = true;
 }
 
 /// Most reply bytes held back for one combined write.
@@ -510,7 +695,8 @@ fn flush_held(sh: &Shared<'_>, st: &mut ReadState) -> std::io::Result<()> {
     let held = std::mem::take(&mut st.held);
     st.held_bytes = 0;
     let mut wr = sh.wr.lock().unwrap_or_else(|p| p.into_inner());
-    write_segs(&mut **wr, &held)?;
+    let deadline = Instant::now() + sh.ctx.limits.request_timeout;
+    write_segs(&mut **wr, &held, deadline)?;
     wr.flush()
 }
 
@@ -537,13 +723,21 @@ fn worker(sh: &Shared<'_>) {
         }
         if !st.held.is_empty() && !input_pending(&st) {
             if let Err(e) = flush_held(sh, &mut st) {
-                return fail(&mut st, ConnError::Io(e));
+                sh.write_failed(e);
+                return fail(&mut st);
             }
+            sh.touch();
         }
         let next = match next(sh, &mut st, &mut scratch) {
             Ok(n) => n,
-            Err(e) => return fail(&mut st, e),
+            Err(e) => {
+                sh.break_off(e);
+                return fail(&mut st);
+            }
         };
+        if !matches!(next, Next::Stop) {
+            sh.inflight.fetch_add(1, Ordering::AcqRel);
+        }
         let inline = match &next {
             Next::Stop => {
                 st.done = true;
@@ -591,15 +785,29 @@ fn worker(sh: &Shared<'_>) {
             }
         } else {
             if let Err(e) = flush_held(sh, &mut st) {
-                return fail(&mut st, ConnError::Io(e));
+                sh.write_failed(e);
+                return fail(&mut st);
             }
             drop(st);
-            let res = answer(sh, next, &scratch).map(|r| write_out(sh, &r));
-            st = sh.rd.lock().unwrap_or_else(|p| p.into_inner());
-            res
+            match answer(sh, next, &scratch).map(|r| write_out(sh, &r)) {
+                Some(Err(e)) => {
+                    // Before taking the read lock: wakes a reader blocked on
+                    // the socket or the budget.
+                    sh.write_failed(e);
+                    st = sh.rd.lock().unwrap_or_else(|p| p.into_inner());
+                    return fail(&mut st);
+                }
+                res => {
+                    st = sh.rd.lock().unwrap_or_else(|p| p.into_inner());
+                    res
+                }
+            }
         };
+        sh.inflight.fetch_sub(1, Ordering::AcqRel);
+        sh.touch();
         if let Some(Err(e)) = res {
-            return fail(&mut st, ConnError::Io(e));
+            sh.write_failed(e);
+            return fail(&mut st);
         }
     }
 }
@@ -628,14 +836,22 @@ pub(super) fn transmission(
     wr: Box<dyn SockWrite>,
 ) -> Result<(), ConnError> {
     rd.set_timeout(Some(SHUTDOWN_POLL))?;
+    wr.set_timeout(Some(ctx.limits.request_timeout))?;
+    let fd = rd.as_raw_fd();
     let sh = Shared {
         ctx,
         sess: &sess,
+        budget: Budget::new(CONN_BUDGET),
+        broken: AtomicBool::new(false),
+        cause: Mutex::new(None),
+        fd,
+        inflight: AtomicU64::new(0),
+        last_active: AtomicU64::new(0),
+        start: Instant::now(),
         rd: Mutex::new(ReadState {
             rd: BufReader::with_capacity(64 * 1024, rd),
             grace_end: None,
             done: false,
-            result: Ok(()),
             held: Vec::new(),
             held_bytes: 0,
             window: crate::poll::Window::default(),
@@ -659,8 +875,10 @@ pub(super) fn transmission(
     if *ctx.shutdown.borrow() {
         let _ = sess.disk().flush();
     }
-    let st = sh.rd.into_inner().unwrap_or_else(|p| p.into_inner());
-    st.result
+    match sh.cause.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -687,8 +905,11 @@ mod tests {
             map,
             offset,
             len,
+            tail: Bytes::new(),
+            structured: false,
+            handle: 0,
         };
-        write_mapped(&mut *w, disk, &m).unwrap();
+        write_mapped(&mut *w, disk, &m, Instant::now() + Duration::from_secs(10)).unwrap();
         drop(w);
         reader.join().unwrap()
     }
@@ -718,6 +939,67 @@ mod tests {
         assert!(got[3 + 6144..].iter().all(|&x| x == 0));
     }
 
+    /// A structured reply whose data cannot be read after its header went
+    /// out: the promised data goes out as zeroes and the reply ends in an
+    /// ERROR chunk with DONE (never the NONE chunk), so the client gets EIO
+    /// and the connection stays usable.
+    #[test]
+    fn late_read_error_in_a_structured_reply_becomes_an_error_chunk() {
+        use nbd_proto::chunk;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.img");
+        std::fs::write(&path, vec![7u8; 2 * 4096]).unwrap();
+        let good = Disk::open("d", &path, Alloc::Dynamic, false).unwrap();
+        let map = good.mapping(0, 2 * 4096).unwrap();
+        map.populate(0, 2 * 4096).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        // The fallback pread goes to a disk that cannot be read (a directory:
+        // EISDIR), as a failing disk would.
+        let broken = Disk::open("b", dir.path(), Alloc::Dynamic, true).unwrap();
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).unwrap();
+            got
+        });
+        let mut tail = BytesMut::new();
+        nbd_proto::emit_none(&mut tail, 42);
+        let m = MappedRead {
+            hdr: Bytes::from_static(b"HDR"),
+            map,
+            offset: 0,
+            len: 2 * 4096,
+            tail: tail.freeze(),
+            structured: true,
+            handle: 42,
+        };
+        let mut w: Box<dyn SockWrite> = Box::new(a);
+        write_mapped(
+            &mut *w,
+            &broken,
+            &m,
+            Instant::now() + Duration::from_secs(10),
+        )
+        .unwrap();
+        drop(w);
+        let got = reader.join().unwrap();
+        assert_eq!(&got[..3], b"HDR");
+        let data = &got[3..3 + 2 * 4096];
+        assert!(data.iter().all(|&x| x == 0), "not zero padding");
+        let c = &got[3 + 2 * 4096..];
+        assert_eq!(&c[4..6], &chunk::FLAG_DONE.to_be_bytes());
+        assert_eq!(&c[6..8], &chunk::ERROR.to_be_bytes());
+        assert_eq!(&c[8..16], &42u64.to_be_bytes());
+        let len = u32::from_be_bytes(c[16..20].try_into().unwrap()) as usize;
+        assert_eq!(c.len(), 20 + len, "nothing after the error chunk");
+        assert_eq!(&c[20..24], &err::EIO.to_be_bytes());
+    }
+
     /// The mapping is sent from at any offset, and bounds are checked.
     #[test]
     fn mapped_reply_sends_the_range_asked_for() {
@@ -741,10 +1023,12 @@ mod tests {
     #[test]
     fn budget_blocks_until_given_back() {
         let b = Arc::new(Budget::new(100));
-        let g = b.take(80);
+        let no = AtomicBool::new(false);
+        let g = b.take(80, &no).unwrap();
         let b2 = b.clone();
         let t = std::thread::spawn(move || {
-            let _g = b2.take(50);
+            let no = AtomicBool::new(false);
+            let _g = b2.take(50, &no).unwrap();
             b2.left.load(Ordering::Acquire)
         });
         std::thread::sleep(Duration::from_millis(50));

@@ -455,6 +455,34 @@ impl Daemon {
             }
             Request::Flows { net } => self.nat_request(&net, crate::nat::NatRequest::Flows),
             Request::NatStats { net } => self.nat_request(&net, crate::nat::NatRequest::Stats),
+            Request::OutboundList { net } => self.nat_request(
+                &net,
+                crate::nat::NatRequest::Outbound(crate::nat::OutboundChange::Show),
+            ),
+            Request::OutboundAdd { net, list, cidr } => {
+                let c = parse_cidr_arg(&net, &cidr)?;
+                let change = crate::nat::OutboundChange::Add(list, c);
+                self.nat_request(&net, crate::nat::NatRequest::Outbound(change))
+            }
+            Request::OutboundDel { net, list, cidr } => {
+                let c = parse_cidr_arg(&net, &cidr)?;
+                let change = crate::nat::OutboundChange::Del(list, c);
+                self.nat_request(&net, crate::nat::NatRequest::Outbound(change))
+            }
+            Request::NatFault { net } => {
+                if std::env::var_os(FAULT_INJECTION_ENV).is_none_or(|v| v != "1") {
+                    return Err(DaemonError::Nat(
+                        net,
+                        crate::nat::NatError::Invalid {
+                            key: "nat_fault",
+                            reason: format!(
+                                "fault injection is off (start netd with {FAULT_INJECTION_ENV}=1)"
+                            ),
+                        },
+                    ));
+                }
+                self.nat_request(&net, crate::nat::NatRequest::InjectPanic)
+            }
             Request::Leases { net } => self.with_net(&net, |st| {
                 let leases = st
                     .dhcp
@@ -477,6 +505,22 @@ impl Daemon {
             }
         }
     }
+}
+
+/// The environment variable that allows the test-only `nat_fault` request.
+pub const FAULT_INJECTION_ENV: &str = "NETD_FAULT_INJECTION";
+
+/// A CIDR of an `outbound_*` request, parsed at the edge.
+fn parse_cidr_arg(net: &str, cidr: &str) -> Result<(std::net::Ipv4Addr, u8), DaemonError> {
+    crate::nat::parse_cidr(cidr).map_err(|reason| {
+        DaemonError::Nat(
+            net.to_string(),
+            crate::nat::NatError::Invalid {
+                key: "cidr",
+                reason,
+            },
+        )
+    })
 }
 
 fn stop_network(st: NetState) {

@@ -74,6 +74,62 @@ enum Cmd {
         #[arg(long)]
         stats: bool,
     },
+    /// The outbound policy of a NAT network: `netd outbound NET list`,
+    /// `netd outbound NET deny add 198.51.100.0/24`, `netd outbound NET allow del CIDR`.
+    /// Changes last until netd restarts (the config's `outbound_allow` and
+    /// `outbound_deny` set them at start).
+    Outbound {
+        /// Network.
+        net: String,
+        #[command(subcommand)]
+        cmd: OutboundCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum OutboundCmd {
+    /// Show host_loopback and the allow and deny lists.
+    List,
+    /// Change the allow list: `add CIDR` or `del CIDR`.
+    Allow {
+        /// add or del.
+        action: String,
+        /// "A.B.C.D/LEN" (an address alone is /32).
+        cidr: String,
+    },
+    /// Change the deny list: `add CIDR` or `del CIDR`.
+    Deny {
+        /// add or del.
+        action: String,
+        /// "A.B.C.D/LEN" (an address alone is /32).
+        cidr: String,
+    },
+}
+
+fn outbound_cmd(out: &Out, net: String, cmd: OutboundCmd) -> Result<()> {
+    use fabric_api::netd::PolicyList;
+    let (list, action, cidr) = match cmd {
+        OutboundCmd::List => return out.show(Request::OutboundList { net }, cli::outbound),
+        OutboundCmd::Allow { action, cidr } => (PolicyList::Allow, action, cidr),
+        OutboundCmd::Deny { action, cidr } => (PolicyList::Deny, action, cidr),
+    };
+    let name = match list {
+        PolicyList::Allow => "allow",
+        PolicyList::Deny => "deny",
+    };
+    match action.as_str() {
+        "add" => {
+            let done = format!("added {cidr} to the {name} list of {net}");
+            out.change(Request::OutboundAdd { net, list, cidr }, &done)
+        }
+        "del" => {
+            let done = format!("removed {cidr} from the {name} list of {net}");
+            out.change(Request::OutboundDel { net, list, cidr }, &done)
+        }
+        other => Err(anyhow::anyhow!(
+            "ACTION: expected \"add\" or \"del\", got {other:?}"
+        )),
+    }
 }
 
 #[derive(Subcommand)]
@@ -332,6 +388,7 @@ fn main() -> ExitCode {
         Cmd::Forward { cmd } => forward_cmd(&out, cmd),
         Cmd::Flows { net, stats: false } => out.show(Request::Flows { net }, cli::flows),
         Cmd::Flows { net, stats: true } => out.show(Request::NatStats { net }, cli::counters),
+        Cmd::Outbound { net, cmd } => outbound_cmd(&out, net, cmd),
     };
     finish(r)
 }

@@ -88,8 +88,11 @@ mod udp;
 
 use std::net::{SocketAddr, SocketAddrV4};
 
-pub use self::config::{parse_host_addr, prefix_match, Forward, Limits, Proto, RouterConfig};
-pub use self::handle::{FlowInfo, NatRequest, RouterHandle, Stats};
+pub use self::config::{
+    outbound_allows, parse_cidr, parse_host_addr, prefix_match, show_cidr, Forward, Limits,
+    Outbound, Proto, RouterConfig, DEFAULT_DENY,
+};
+pub use self::handle::{FlowInfo, NatRequest, OutboundChange, PolicyList, RouterHandle, Stats};
 use self::router::{free_forward_port, FWD_PORT_FIRST, INBOX_BATCH};
 pub use self::router::{FrameFn, LocalService, OffloadFn, Router, ToSwitch, DHCP_SERVER_PORT};
 

@@ -548,20 +548,53 @@ pub async fn serve_control(
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).map_err(|e| DaemonError::Control(path.clone(), e))?;
     tokio::pin!(shutdown);
+    let mut backoff = AcceptBackoff::default();
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             acc = listener.accept() => match acc {
                 Ok((stream, _)) => {
+                    backoff.reset();
                     let d = daemon.clone();
                     tokio::spawn(async move { serve_conn(d, stream).await });
                 }
-                Err(e) => tracing::warn!(error = %e, "control accept failed"),
+                Err(e) => {
+                    // A pending connection stays pending while accept fails (EMFILE
+                    // above all): retrying at once spins. Wait, longer each time.
+                    let (wait, log) = backoff.failed();
+                    if log {
+                        tracing::warn!(error = %e, retry_ms = wait.as_millis() as u64, failures = backoff.failures, "control accept failed; backing off");
+                    }
+                    tokio::select! {
+                        _ = &mut shutdown => break,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
             }
         }
     }
     let _ = std::fs::remove_file(&path);
     Ok(())
+}
+
+/// The wait after a failed accept: 10 ms doubling to 1 s, reset by a success; a
+/// log line for the first failure and every 100th.
+#[derive(Debug, Default)]
+struct AcceptBackoff {
+    failures: u64,
+    wait: Duration,
+}
+
+impl AcceptBackoff {
+    fn failed(&mut self) -> (Duration, bool) {
+        self.failures += 1;
+        self.wait = (self.wait * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        (self.wait, self.failures % 100 == 1)
+    }
+
+    fn reset(&mut self) {
+        self.wait = Duration::ZERO;
+    }
 }
 
 async fn serve_conn(d: Arc<Daemon>, stream: tokio::net::UnixStream) {
@@ -589,5 +622,31 @@ async fn serve_conn(d: Arc<Daemon>, stream: tokio::net::UnixStream) {
         if w.write_all(&out).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod accept_tests {
+    use super::*;
+
+    /// Regression (issue 11, finding 2): failed accepts (EMFILE) back off from 10 ms
+    /// to 1 s instead of spinning, log rarely, and a success starts over.
+    #[test]
+    fn failed_accepts_back_off_and_log_rarely() {
+        let mut b = AcceptBackoff::default();
+        let waits: Vec<(Duration, bool)> = (0..10).map(|_| b.failed()).collect();
+        assert_eq!(waits[0], (Duration::from_millis(10), true));
+        assert_eq!(waits[1], (Duration::from_millis(20), false));
+        assert_eq!(waits[9].0, Duration::from_secs(1));
+        // A hundred failures in a row wait at least 90 s in all, with two log lines.
+        let mut b = AcceptBackoff::default();
+        let (total, logs) = (0..200).fold((Duration::ZERO, 0), |(t, l), _| {
+            let (w, log) = b.failed();
+            (t + w, l + usize::from(log))
+        });
+        assert!(total > Duration::from_secs(190), "{total:?}");
+        assert_eq!(logs, 2);
+        b.reset();
+        assert_eq!(b.failed().0, Duration::from_millis(10));
     }
 }

@@ -251,9 +251,56 @@ enum PortCmd {
     },
 }
 
+/// Raises the soft limit on open files to the hard limit: every NAT flow holds a
+/// host socket, and the soft default (1024 under systemd) is used up by about a
+/// thousand flows, long before `max_flows`. Returns the limit now in force.
+fn raise_nofile_limit() -> std::io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit for getrlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let want = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: `want` is a valid rlimit; setrlimit only reads it.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        lim = want;
+    }
+    Ok(lim.rlim_cur)
+}
+
 fn serve(config: PathBuf) -> Result<()> {
     let cfg = Config::load(&config)?;
     let specs = cfg.validate(&config)?;
+    match raise_nofile_limit() {
+        Ok(n) => {
+            // Each NAT flow is one descriptor; say so when the limit cannot hold
+            // every network's flow table (flows then fail cleanly, counted no_fds).
+            let flows: u64 = specs
+                .iter()
+                .filter_map(|s| s.nat.as_ref())
+                .map(|n| n.limits.max_flows as u64)
+                .sum();
+            if flows + 256 > n {
+                tracing::warn!(
+                    limit = n,
+                    max_flows = flows,
+                    "RLIMIT_NOFILE is below the NAT flow tables' bound; raise LimitNOFILE="
+                );
+            } else {
+                tracing::info!(limit = n, "open file limit");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

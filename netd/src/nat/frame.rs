@@ -424,6 +424,29 @@ pub fn icmp_unreachable(
     Bytes::from(buf)
 }
 
+/// A broadcast ARP request from `src` (MAC, address) for `target`: fed to the
+/// router's own smoltcp interface after a restart, so that it knows the guests it
+/// knew before (the guests' caches still hold the router's MAC, so they would not
+/// ask, and smoltcp drops a reply it has no neighbor for).
+pub fn arp_request(src: (EthernetAddress, Ipv4Addr), target: Ipv4Addr) -> Bytes {
+    let repr = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Request,
+        source_hardware_addr: src.0,
+        source_protocol_addr: src.1,
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: target,
+    };
+    let mut buf = vec![0u8; ETH_HDR + repr.buffer_len()];
+    emit_eth(
+        &mut buf,
+        src.0,
+        EthernetAddress::BROADCAST,
+        EthernetProtocol::Arp,
+    );
+    repr.emit(&mut ArpPacket::new_unchecked(&mut buf[ETH_HDR..]));
+    Bytes::from(buf)
+}
+
 /// A UDP datagram from `from` to the guest at `to`.
 pub fn udp_frame(
     router_mac: EthernetAddress,

@@ -317,6 +317,15 @@ impl Router {
                 tracing::error!(error = %e, "forward lost in the router's restart");
             }
         }
+        // The new interface learns the guests the old one knew, as if each had
+        // asked for the gateway (their ARP caches still hold the router's MAC).
+        for (ip, mac) in &self.guest_macs {
+            if self.cfg.valid_guest_src(*ip) {
+                self.dev
+                    .rx
+                    .push_back(frame::arp_request((*mac, *ip), self.cfg.gateway));
+            }
+        }
         self.stats.restarts += 1;
     }
 

@@ -371,3 +371,92 @@ fn send_fault(lab: &Lab) -> Result<()> {
     ensure!(out.contains("\"ok\":true"), "nat_fault: {out}");
     Ok(())
 }
+
+/// Out of file descriptors (issue 11, finding 2): netd's soft limit is lowered at
+/// run time (prlimit) to a few descriptors above what it holds; a guest's UDP flood
+/// then finds no descriptors: those flows fail and are counted (`no_fds`), the
+/// control socket's accept fails with EMFILE and backs off (a handful of log lines,
+/// not a spin), and once descriptors are back the waiting CLI call is answered and
+/// the honest guest's download works.
+#[test]
+fn nat_out_of_descriptors_fails_flows_cleanly_and_accept_backs_off() -> Result<()> {
+    let mut lab = Lab::new()?;
+    let [atk, hon] = TapHost::each(["xfa", "xfh"])?;
+    let config = lab.nat_network("natf", "max_flows_per_guest = 1000\n")
+        + &atk.port("atk")
+        + &hon.port("hon");
+    lab.start_netd(&config)?;
+    lab.dhcp(&atk)?;
+    lab.dhcp(&hon)?;
+    let page = format!("curl -sS --max-time 10 http://{INET_SERVER}/index.html");
+    hon.sh(&page)?;
+    let pid = lab.netd_pid().context("netd pid")?;
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))?;
+    let hard = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4))
+        .context("no open files limit")?
+        .to_string();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+    let low = open + 20;
+    integration_tests::sh(&format!("prlimit --pid {pid} --nofile={low}:{hard}"))?;
+
+    // 200 UDP flows: about 20 get a socket, the rest find none.
+    let flood = format!(
+        r#"
+import socket, time
+socks = []
+for n in range(200):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect(("{INET_SERVER}", 7777))
+    s.send(b"flood")
+    socks.append(s)
+time.sleep(0.5)
+"#
+    );
+    std::fs::write(lab.dir.path().join("fdflood.py"), flood)?;
+    atk.sh(&format!("python3 {}", lab.path("fdflood.py")))?;
+
+    // A CLI call now waits in the listener's backlog while accept fails.
+    let answer = lab.path("stats.json");
+    let netd = integration_tests::bin("netd");
+    let g = lab.host.spawn(&[
+        "sh",
+        "-c",
+        &format!(
+            "{} --control {} --json flows natf --stats > {answer}.tmp && mv {answer}.tmp {answer}",
+            netd.display(),
+            lab.control.display()
+        ),
+    ])?;
+    lab.keep(g);
+    std::thread::sleep(Duration::from_secs(2));
+    let spins = lab.netd_log().matches("control accept failed").count();
+    ensure!(
+        (1..=3).contains(&spins),
+        "accept failures logged {spins} times in 2 s (want 1 to 3)\n{}",
+        lab.netd_log()
+    );
+    ensure!(
+        !std::path::Path::new(&answer).exists(),
+        "answered without descriptors?"
+    );
+
+    // Descriptors back: the waiting call is answered, counting the failed flows.
+    integration_tests::sh(&format!("prlimit --pid {pid} --nofile={hard}:{hard}"))?;
+    ensure!(
+        wait_until(Duration::from_secs(5), || std::path::Path::new(&answer)
+            .exists()),
+        "the CLI call was never answered\n{}",
+        lab.netd_log()
+    );
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&answer)?)?;
+    ensure!(
+        counter(&s, "no_fds") >= 150,
+        "flows without descriptors: {s}"
+    );
+    hon.sh(&page)
+        .with_context(|| format!("honest guest after the flood\n{}", lab.netd_log()))?;
+    Ok(())
+}

@@ -19,6 +19,9 @@
 //!   test: the `nat_fault` request, allowed by `NETD_FAULT_INJECTION=1`).
 //! - `ho` (hostonly): its web server is reached from the host and it pings the host
 //!   throughout.
+//! - the port supervisor: a test-only fault frame (ethertype 0x88b6, "netd-fault",
+//!   honoured only with `NETD_FAULT_INJECTION=1`) panics `atk`'s receive thread; it
+//!   is restarted and counted in the port's `restarts`.
 //!
 //! Every refusal is checked in `netd flows natk --stats`.
 
@@ -358,6 +361,41 @@ print(fast)
     let lease = lab.dhcp(&hon)?;
     ensure!(lease.contains("ip=10.0.2."), "{lease}");
     hostonly_works(&lab, &ho, &ho_ip)?;
+
+    // 6. The port supervisor: the fault frame (test-only, same variable) panics the
+    // attacker port's receive thread; it is restarted and counted, and that port
+    // and the others go on.
+    let fault = format!(
+        r#"
+from scapy.all import Ether, Raw, sendp
+sendp(Ether(dst="ff:ff:ff:ff:ff:ff", type=0x88b6) / Raw(b"netd-fault"), iface="{}", verbose=False)
+"#,
+        atk.tap
+    );
+    std::fs::write(lab.dir.path().join("fault.py"), fault)?;
+    atk.sh(&format!("/usr/bin/python3 {}", lab.path("fault.py")))?;
+    let restarts = |port: &str| -> Result<u64> {
+        let v: serde_json::Value =
+            serde_json::from_str(&lab.cli(&["--json", "port", "list", "natk"])?)?;
+        integration_tests::items(&v)
+            .iter()
+            .find(|p| p["name"] == port)
+            .and_then(|p| p["counters"]["restarts"].as_u64())
+            .with_context(|| format!("no port {port}: {v}"))
+    };
+    ensure!(
+        wait_until(Duration::from_secs(5), || restarts("atk").ok() == Some(1)),
+        "port restart not counted\n{}",
+        lab.netd_log()
+    );
+    assert_eq!(restarts("hon")?, 0);
+    ensure!(
+        lab.netd_log().contains("port receive thread panicked"),
+        "port restart not logged"
+    );
+    atk.sh("ping -c 1 -W 5 10.0.2.2")
+        .context("the restarted port carries frames")?;
+    honest_works(&lab, &hon, &sum)?;
     Ok(())
 }
 

@@ -470,7 +470,7 @@ impl Daemon {
                 self.nat_request(&net, crate::nat::NatRequest::Outbound(change))
             }
             Request::NatFault { net } => {
-                if std::env::var_os(FAULT_INJECTION_ENV).is_none_or(|v| v != "1") {
+                if !fault_injection() {
                     return Err(DaemonError::Nat(
                         net,
                         crate::nat::NatError::Invalid {
@@ -507,8 +507,28 @@ impl Daemon {
     }
 }
 
-/// The environment variable that allows the test-only `nat_fault` request.
+/// The environment variable that allows the test-only faults: the `nat_fault`
+/// request, and [`FAULT_FRAME`] panicking a port's receive thread.
 pub const FAULT_INJECTION_ENV: &str = "NETD_FAULT_INJECTION";
+
+/// A frame with this ethertype (IEEE 802 local experimental 2) and this payload
+/// start makes the receive thread of the port it came in on panic, when
+/// [`fault_injection`] is on: the port supervisor's test.
+pub const FAULT_FRAME: (u16, &[u8]) = (0x88b6, b"netd-fault");
+
+/// Whether the test-only faults are on (`NETD_FAULT_INJECTION=1`, read once).
+pub fn fault_injection() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os(FAULT_INJECTION_ENV).is_some_and(|v| v == "1"))
+}
+
+/// Whether `frame` is the [`FAULT_FRAME`] and faults are on.
+pub fn is_fault_frame(frame: &[u8]) -> bool {
+    let (ethertype, magic) = FAULT_FRAME;
+    frame.get(12..14) == Some(&ethertype.to_be_bytes()[..])
+        && frame.get(14..14 + magic.len()) == Some(magic)
+        && fault_injection()
+}
 
 /// A CIDR of an `outbound_*` request, parsed at the edge.
 fn parse_cidr_arg(net: &str, cidr: &str) -> Result<(std::net::Ipv4Addr, u8), DaemonError> {

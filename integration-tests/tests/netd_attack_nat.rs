@@ -401,7 +401,12 @@ sendp(Ether(dst="ff:ff:ff:ff:ff:ff", type=0x88b6) / Raw(b"netd-fault"), iface="{
 
 /// Sends the test-only `nat_fault` request for `natk` over the control socket.
 fn send_fault(lab: &Lab) -> Result<()> {
-    let req = r#"{"cmd":"nat_fault","net":"natk"}"#;
+    send_fault_to(lab, "natk")
+}
+
+/// Sends the test-only `nat_fault` request for `net` over the control socket.
+fn send_fault_to(lab: &Lab, net: &str) -> Result<()> {
+    let req = format!(r#"{{"cmd":"nat_fault","net":"{net}"}}"#);
     let out = lab.host.sh(&format!(
         "echo '{req}' | socat -t 5 - UNIX-CONNECT:{}",
         lab.control.display()
@@ -496,5 +501,75 @@ time.sleep(0.5)
     );
     hon.sh(&page)
         .with_context(|| format!("honest guest after the flood\n{}", lab.netd_log()))?;
+    Ok(())
+}
+
+/// A NAT network with a single guest port, which the router reads on its own
+/// thread (issue 11, finding 1: the port's receive side died with the router): the
+/// SYN from 0.0.0.0 is dropped and counted, and after an injected panic the
+/// restarted router still reads that port, so the guest keeps working.
+#[test]
+fn single_port_nat_survives_the_killer_syn_and_a_router_panic() -> Result<()> {
+    let mut lab = Lab::new()?;
+    let g = TapHost::new("xsg")?;
+    let config = lab.nat_network("nats", "") + &g.port("g");
+    lab.start_netd_env(&config, &[("NETD_FAULT_INJECTION", "1")])?;
+    let lease = lab.dhcp(&g)?;
+    ensure!(
+        lab.netd_log()
+            .contains("router reads the port on its thread"),
+        "not an inline port"
+    );
+    let page = format!("curl -sS --max-time 10 http://{INET_SERVER}/index.html");
+    g.sh(&page)?;
+    g.sh("ping -c 1 -W 5 10.0.2.2")?;
+    let ip = lease
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("ip="))
+        .context("lease")?;
+    let rmac = g.sh(&format!("ip neigh show 10.0.2.2 dev {}", g.tap))?;
+    let rmac = rmac
+        .split_whitespace()
+        .skip_while(|w| *w != "lladdr")
+        .nth(1)
+        .context("router MAC")?
+        .to_string();
+    let script = format!(
+        r#"
+from scapy.all import Ether, IP, TCP, sendp, get_if_hwaddr
+i = "{tap}"
+e = Ether(src=get_if_hwaddr(i), dst="{rmac}")
+for n in range(3):
+    sendp(e / IP(src="0.0.0.0", dst="10.0.2.3") / TCP(sport=4242 + n, dport=53, flags="S"), iface=i, verbose=False)
+sendp(e / IP(src="{ip}", dst="10.0.2.3") / TCP(sport=0, dport=53, flags="S"), iface=i, verbose=False)
+"#,
+        tap = g.tap
+    );
+    std::fs::write(lab.dir.path().join("killer.py"), script)?;
+    g.sh(&format!("/usr/bin/python3 {}", lab.path("killer.py")))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let s: serde_json::Value =
+        serde_json::from_str(&lab.cli(&["--json", "flows", "nats", "--stats"])?)?;
+    ensure!(counter(&s, "bad_source") >= 3, "{s}");
+    ensure!(counter(&s, "port_zero") >= 1, "{s}");
+    assert_eq!(counter(&s, "restarts"), 0, "{s}");
+    g.sh(&page).context("guest after the killer SYN")?;
+
+    send_fault_to(&lab, "nats")?;
+    ensure!(
+        wait_until(Duration::from_secs(5), || lab
+            .cli(&["--json", "flows", "nats", "--stats"])
+            .ok()
+            .and_then(|o| serde_json::from_str::<serde_json::Value>(&o).ok())
+            .is_some_and(|v| counter(&v, "restarts") == 1)),
+        "no restart"
+    );
+    g.sh("ping -c 1 -W 5 10.0.2.2")
+        .with_context(|| format!("guest pings after the restart\n{}", lab.netd_log()))?;
+    g.sh(&page).context("guest downloads after the restart")?;
+    ensure!(
+        !lab.netd_log().contains("giving it a thread"),
+        "the port left the router"
+    );
     Ok(())
 }

@@ -382,7 +382,7 @@ impl Router {
     }
 
     /// Registers interest in everything that can make progress; ready when any is.
-    fn poll_events(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    pub(super) fn poll_events(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let mut ready = false;
         while self.inbox.len() < INBOX_BATCH {
             match self.from_switch.poll_recv(cx) {

@@ -821,3 +821,117 @@ fn a_panicking_router_is_restarted_with_its_forwards() {
     let (n, _) = server.recv_from(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"again");
 }
+
+/// A TCP segment from a guest to the router's MAC.
+fn guest_tcp(
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    control: smoltcp::wire::TcpControl,
+    seq: u32,
+    ack: Option<u32>,
+) -> Bytes {
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{Ipv4Packet, Ipv4Repr, TcpPacket, TcpRepr, TcpSeqNumber};
+    let repr = TcpRepr {
+        src_port: src.1,
+        dst_port: dst.1,
+        control,
+        seq_number: TcpSeqNumber(seq as i32),
+        ack_number: ack.map(|a| TcpSeqNumber(a as i32)),
+        window_len: 64000,
+        window_scale: None,
+        max_seg_size: (control == smoltcp::wire::TcpControl::Syn).then_some(1460),
+        sack_permitted: false,
+        sack_ranges: [None, None, None],
+        timestamp: None,
+        payload: &[],
+    };
+    let mut buf = vec![0u8; 14 + 20 + repr.buffer_len()];
+    EthernetRepr {
+        src_addr: GUEST_MAC,
+        dst_addr: EthernetAddress(RouterConfig::defaults().mac),
+        ethertype: EthernetProtocol::Ipv4,
+    }
+    .emit(&mut EthernetFrame::new_unchecked(&mut buf[..]));
+    Ipv4Repr {
+        src_addr: src.0,
+        dst_addr: dst.0,
+        next_header: smoltcp::wire::IpProtocol::Tcp,
+        payload_len: repr.buffer_len(),
+        hop_limit: 64,
+    }
+    .emit(
+        &mut Ipv4Packet::new_unchecked(&mut buf[14..]),
+        &ChecksumCapabilities::default(),
+    );
+    repr.emit(
+        &mut TcpPacket::new_unchecked(&mut buf[34..]),
+        &IpAddress::Ipv4(src.0),
+        &IpAddress::Ipv4(dst.0),
+        &ChecksumCapabilities::default(),
+    );
+    Bytes::from(buf)
+}
+
+/// Lets the router take what its tasks finished (connects) and do a step with
+/// `frame`; the frames it answers with.
+async fn settle_and_feed(router: &mut Router, frame: Bytes) -> Vec<Bytes> {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    std::future::poll_fn(|cx| {
+        let _ = router.poll_events(cx);
+        std::task::Poll::Ready(())
+    })
+    .await;
+    router.process_frame_for_test(frame)
+}
+
+/// Regression (issue 11, findings 1 and 11): a SYN from 0.0.0.0 to a listening
+/// destination never reaches smoltcp (whose assert it hit), and a flow whose socket
+/// falls back to LISTEN (the guest reset it half-open) is removed at once, so a
+/// second guest's SYN to the same destination opens its own flow instead of being
+/// adopted by that socket.
+#[tokio::test]
+async fn unspecified_source_is_dropped_and_a_socket_back_in_listen_is_reaped() {
+    use smoltcp::wire::{TcpControl, TcpPacket};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (_to_router, router_rx) = mpsc::channel(16);
+    let (router_tx, _from_router) = mpsc::channel(16);
+    let (mut router, _h) = Router::new(test_config(), router_rx, router_tx).unwrap();
+    let gw = (Ipv4Addr::new(10, 0, 2, 2), port);
+    // The guest asks for the gateway first, as a real one does (smoltcp learns it).
+    router.process_frame_for_test(arp_request(gw.0));
+    let out = router.process_frame_for_test(guest_tcp(
+        (Ipv4Addr::UNSPECIFIED, 4000),
+        gw,
+        TcpControl::Syn,
+        100,
+        None,
+    ));
+    assert!(out.is_empty());
+    assert_eq!(router.stats.bad_source, 1);
+    // An honest SYN: connect, then the held SYN gets its SYN-ACK.
+    let g = (GUEST_IP, 4001);
+    let out = router.process_frame_for_test(guest_tcp(g, gw, TcpControl::Syn, 1000, None));
+    assert!(out.is_empty(), "no SYN-ACK before the host connect");
+    let out = settle_and_feed(&mut router, Bytes::new()).await;
+    let synack = out
+        .iter()
+        .find_map(|f| {
+            let t = TcpPacket::new_checked(f.get(34..)?).ok()?;
+            (t.syn() && t.ack()).then(|| t.seq_number())
+        })
+        .expect("SYN-ACK");
+    // The guest resets it half-open, in window: smoltcp goes back to LISTEN.
+    let rst = guest_tcp(g, gw, TcpControl::Rst, 1001, Some((synack + 1).0 as u32));
+    router.process_frame_for_test(rst);
+    assert_eq!(router.stats.listen_reaped, 1);
+    assert_eq!(router.tcp.len(), 0, "the flow is gone");
+    // Another guest's SYN to the same destination waits for its own connect.
+    let other = (Ipv4Addr::new(10, 0, 2, 16), 4002);
+    let out = router.process_frame_for_test(guest_tcp(other, gw, TcpControl::Syn, 5000, None));
+    assert!(out.is_empty(), "adopted by a stale socket: {out:?}");
+    assert_eq!(router.tcp.len(), 1, "pending on its own");
+    assert_eq!(router.guest_flows.get(GUEST_IP), 0);
+    assert_eq!(router.guest_flows.get(other.0), 1);
+}

@@ -336,6 +336,15 @@ print(fast)
         "del",
         &format!("{INET_SERVER}/32"),
     ])?;
+    // A bad CIDR is refused with a reason, and changes nothing.
+    let err = lab
+        .cli(&["outbound", "natk", "deny", "add", "198.19.0.10/8"])
+        .expect_err("a CIDR with host bits was taken");
+    ensure!(format!("{err:#}").contains("198.0.0.0/8"), "{err:#}");
+    ensure!(
+        !lab.cli(&["outbound", "natk", "list"])?.contains("/8"),
+        "the bad CIDR was added"
+    );
     honest_works(&lab, &hon, &sum)?;
     hostonly_works(&lab, &ho, &ho_ip)?;
 

@@ -86,6 +86,56 @@ pub enum Request {
         /// Network.
         net: String,
     },
+    /// A NAT network's outbound policy: `host_loopback` and the allow / deny lists.
+    OutboundList {
+        /// Network.
+        net: String,
+    },
+    /// Add a CIDR to a NAT network's outbound allow or deny list (until restart).
+    OutboundAdd {
+        /// Network.
+        net: String,
+        /// Which list.
+        list: PolicyList,
+        /// "A.B.C.D/LEN" (or an address alone, /32).
+        cidr: String,
+    },
+    /// Remove a CIDR from a NAT network's outbound allow or deny list.
+    OutboundDel {
+        /// Network.
+        net: String,
+        /// Which list.
+        list: PolicyList,
+        /// "A.B.C.D/LEN" (or an address alone, /32).
+        cidr: String,
+    },
+    /// Test only: make a NAT network's router panic in its next step, to exercise
+    /// its supervisor. Refused unless netd runs with `NETD_FAULT_INJECTION=1`.
+    NatFault {
+        /// Network.
+        net: String,
+    },
+}
+
+/// One of a NAT network's outbound lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyList {
+    /// `outbound_allow`.
+    Allow,
+    /// `outbound_deny`.
+    Deny,
+}
+
+impl std::str::FromStr for PolicyList {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "allow" => Ok(PolicyList::Allow),
+            "deny" => Ok(PolicyList::Deny),
+            other => Err(format!("expected \"allow\" or \"deny\", got {other:?}")),
+        }
+    }
 }
 
 /// A control response.

@@ -11,7 +11,10 @@ use nat_common::{Lab, INET_NAME, INET_SERVER, PAGE};
 
 fn nat_lab(isolated: bool) -> anyhow::Result<(Lab, TapHost)> {
     let mut lab = Lab::new()?;
-    let guest = lab.start_one_guest_nat("nat0", &format!("isolated = {isolated}"))?;
+    let guest = lab.start_one_guest_nat(
+        "nat0",
+        &format!("isolated = {isolated}\nhost_loopback = true"),
+    )?;
     Ok((lab, guest))
 }
 
@@ -305,7 +308,7 @@ guest = "10.0.2.15:80"
 #[test]
 fn nat_jumbo_mtu_65520() -> anyhow::Result<()> {
     let mut lab = Lab::new()?;
-    let guest = lab.start_one_guest_nat("jumbo", "mtu = 65520")?;
+    let guest = lab.start_one_guest_nat("jumbo", "mtu = 65520\nhost_loopback = true")?;
     lab.dhcp(&guest)?;
     let mtu = guest.sh(&format!("cat /sys/class/net/{}/mtu", guest.tap))?;
     assert_eq!(mtu.trim(), "65520");

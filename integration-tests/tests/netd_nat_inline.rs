@@ -53,7 +53,7 @@ fn upload(lab: &Lab, guest: &Netns, tag: &str) -> Result<()> {
 #[test]
 fn nat_inline_port_upload_readd_and_namespace_return() -> Result<()> {
     let mut lab = Lab::new()?;
-    let guest = lab.start_one_guest_nat("nat0", "mtu = 65520")?;
+    let guest = lab.start_one_guest_nat("nat0", "mtu = 65520\nhost_loopback = true")?;
     let lease = lab.dhcp(&guest)?;
     assert!(lease.contains("ip=10.0.2.15"), "lease: {lease}");
     let inline = "router reads the port on its thread";

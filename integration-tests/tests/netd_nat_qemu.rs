@@ -35,7 +35,7 @@ fn qemu_guest_on_nat_gets_lease_and_downloads_from_host() -> Result<()> {
     let mut lab = Lab::new()?;
     let tap = unique_name("nq");
     let port = format!("\n[[network.port]]\nkind = \"vm\"\nifname = \"{tap}\"\n");
-    lab.start_netd(&(lab.nat_network("natvm", "") + &port))?;
+    lab.start_netd(&(lab.nat_network("natvm", "host_loopback = true") + &port))?;
 
     let initrd = initramfs(lab.dir.path(), &INIT.replace("NAME", INET_NAME))?;
     // vnet_hdr=off: netd's AF_PACKET side carries plain frames.

@@ -287,6 +287,25 @@ pub fn flows(v: &Value) -> String {
     t.render()
 }
 
+/// `netd outbound NET list`: host_loopback, then one row per list entry.
+pub fn outbound(v: &Value) -> String {
+    use Align::*;
+    let mut out = format!(
+        "host_loopback: {}\n",
+        v.get("host_loopback")
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    );
+    let mut t = Table::new(&[("LIST", Left), ("CIDR", Left)]);
+    for list in ["allow", "deny"] {
+        for c in v.get(list).and_then(Value::as_array).into_iter().flatten() {
+            t.row(vec![list.into(), c.as_str().unwrap_or("?").into()]);
+        }
+    }
+    out.push_str(&t.render());
+    out
+}
+
 /// `netd flows NET --stats`, `netd leases NET --stats`: one "name  value" line
 /// per counter.
 pub fn counters(v: &Value) -> String {

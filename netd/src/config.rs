@@ -92,6 +92,18 @@ pub struct NetworkConfig {
     pub max_flows: Option<usize>,
     /// nat: most bytes of flow buffers at once (default 512 MiB).
     pub max_flow_memory: Option<usize>,
+    /// nat: most flows one guest address may hold (default 256).
+    pub max_flows_per_guest: Option<usize>,
+    /// nat: most TCP connects one guest address may have in progress (default 64).
+    pub max_pending_per_guest: Option<usize>,
+    /// nat: the gateway address stands for the host's loopback, and the host's own
+    /// addresses may be reached (default false).
+    pub host_loopback: Option<bool>,
+    /// nat: CIDRs flows may go to (default: anywhere not denied).
+    pub outbound_allow: Option<Vec<String>>,
+    /// nat: CIDRs flows may not go to, in addition to 169.254.0.0/16 and the
+    /// subnets of netd's other networks.
+    pub outbound_deny: Option<Vec<String>>,
 }
 
 /// A DHCP reservation.
@@ -292,6 +304,25 @@ impl Config {
                 }
             }
             out.push(spec);
+        }
+        // A NAT guest never reaches another network's guests through the host's
+        // routes (a hostonly network's host TAP, say): every other subnet is denied.
+        let subnets: Vec<(String, (Ipv4Addr, u8))> = out
+            .iter()
+            .filter_map(|s| {
+                s.ipv4
+                    .as_ref()
+                    .map(|v| (s.name.clone(), (v.network, v.prefix)))
+            })
+            .collect();
+        for spec in &mut out {
+            if let Some(nat) = spec.nat.as_mut() {
+                for (name, sub) in &subnets {
+                    if *name != spec.name && !nat.outbound_deny.contains(sub) {
+                        nat.outbound_deny.push(*sub);
+                    }
+                }
+            }
         }
         Ok(out)
     }

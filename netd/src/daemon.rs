@@ -455,6 +455,34 @@ impl Daemon {
             }
             Request::Flows { net } => self.nat_request(&net, crate::nat::NatRequest::Flows),
             Request::NatStats { net } => self.nat_request(&net, crate::nat::NatRequest::Stats),
+            Request::OutboundList { net } => self.nat_request(
+                &net,
+                crate::nat::NatRequest::Outbound(crate::nat::OutboundChange::Show),
+            ),
+            Request::OutboundAdd { net, list, cidr } => {
+                let c = parse_cidr_arg(&net, &cidr)?;
+                let change = crate::nat::OutboundChange::Add(list, c);
+                self.nat_request(&net, crate::nat::NatRequest::Outbound(change))
+            }
+            Request::OutboundDel { net, list, cidr } => {
+                let c = parse_cidr_arg(&net, &cidr)?;
+                let change = crate::nat::OutboundChange::Del(list, c);
+                self.nat_request(&net, crate::nat::NatRequest::Outbound(change))
+            }
+            Request::NatFault { net } => {
+                if !fault_injection() {
+                    return Err(DaemonError::Nat(
+                        net,
+                        crate::nat::NatError::Invalid {
+                            key: "nat_fault",
+                            reason: format!(
+                                "fault injection is off (start netd with {FAULT_INJECTION_ENV}=1)"
+                            ),
+                        },
+                    ));
+                }
+                self.nat_request(&net, crate::nat::NatRequest::InjectPanic)
+            }
             Request::Leases { net } => self.with_net(&net, |st| {
                 let leases = st
                     .dhcp
@@ -477,6 +505,42 @@ impl Daemon {
             }
         }
     }
+}
+
+/// The environment variable that allows the test-only faults: the `nat_fault`
+/// request, and [`FAULT_FRAME`] panicking a port's receive thread.
+pub const FAULT_INJECTION_ENV: &str = "NETD_FAULT_INJECTION";
+
+/// A frame with this ethertype (IEEE 802 local experimental 2) and this payload
+/// start makes the receive thread of the port it came in on panic, when
+/// [`fault_injection`] is on: the port supervisor's test.
+pub const FAULT_FRAME: (u16, &[u8]) = (0x88b6, b"netd-fault");
+
+/// Whether the test-only faults are on (`NETD_FAULT_INJECTION=1`, read once).
+pub fn fault_injection() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os(FAULT_INJECTION_ENV).is_some_and(|v| v == "1"))
+}
+
+/// Whether `frame` is the [`FAULT_FRAME`] and faults are on.
+pub fn is_fault_frame(frame: &[u8]) -> bool {
+    let (ethertype, magic) = FAULT_FRAME;
+    frame.get(12..14) == Some(&ethertype.to_be_bytes()[..])
+        && frame.get(14..14 + magic.len()) == Some(magic)
+        && fault_injection()
+}
+
+/// A CIDR of an `outbound_*` request, parsed at the edge.
+fn parse_cidr_arg(net: &str, cidr: &str) -> Result<(std::net::Ipv4Addr, u8), DaemonError> {
+    crate::nat::parse_cidr(cidr).map_err(|reason| {
+        DaemonError::Nat(
+            net.to_string(),
+            crate::nat::NatError::Invalid {
+                key: "cidr",
+                reason,
+            },
+        )
+    })
 }
 
 fn stop_network(st: NetState) {
@@ -504,20 +568,53 @@ pub async fn serve_control(
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).map_err(|e| DaemonError::Control(path.clone(), e))?;
     tokio::pin!(shutdown);
+    let mut backoff = AcceptBackoff::default();
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             acc = listener.accept() => match acc {
                 Ok((stream, _)) => {
+                    backoff.reset();
                     let d = daemon.clone();
                     tokio::spawn(async move { serve_conn(d, stream).await });
                 }
-                Err(e) => tracing::warn!(error = %e, "control accept failed"),
+                Err(e) => {
+                    // A pending connection stays pending while accept fails (EMFILE
+                    // above all): retrying at once spins. Wait, longer each time.
+                    let (wait, log) = backoff.failed();
+                    if log {
+                        tracing::warn!(error = %e, retry_ms = wait.as_millis() as u64, failures = backoff.failures, "control accept failed; backing off");
+                    }
+                    tokio::select! {
+                        _ = &mut shutdown => break,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
             }
         }
     }
     let _ = std::fs::remove_file(&path);
     Ok(())
+}
+
+/// The wait after a failed accept: 10 ms doubling to 1 s, reset by a success; a
+/// log line for the first failure and every 100th.
+#[derive(Debug, Default)]
+struct AcceptBackoff {
+    failures: u64,
+    wait: Duration,
+}
+
+impl AcceptBackoff {
+    fn failed(&mut self) -> (Duration, bool) {
+        self.failures += 1;
+        self.wait = (self.wait * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        (self.wait, self.failures % 100 == 1)
+    }
+
+    fn reset(&mut self) {
+        self.wait = Duration::ZERO;
+    }
 }
 
 async fn serve_conn(d: Arc<Daemon>, stream: tokio::net::UnixStream) {
@@ -545,5 +642,43 @@ async fn serve_conn(d: Arc<Daemon>, stream: tokio::net::UnixStream) {
         if w.write_all(&out).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod accept_tests {
+    use super::*;
+
+    /// Regression (issue 11, finding 2): failed accepts (EMFILE) back off from 10 ms
+    /// to 1 s instead of spinning, log rarely, and a success starts over.
+    #[test]
+    fn failed_accepts_back_off_and_log_rarely() {
+        let mut b = AcceptBackoff::default();
+        let waits: Vec<(Duration, bool)> = (0..10).map(|_| b.failed()).collect();
+        assert_eq!(waits[0], (Duration::from_millis(10), true));
+        assert_eq!(waits[1], (Duration::from_millis(20), false));
+        assert_eq!(waits[9].0, Duration::from_secs(1));
+        // A hundred failures in a row wait at least 90 s in all, with two log lines.
+        let mut b = AcceptBackoff::default();
+        let (total, logs) = (0..200).fold((Duration::ZERO, 0), |(t, l), _| {
+            let (w, log) = b.failed();
+            (t + w, l + usize::from(log))
+        });
+        assert!(total > Duration::from_secs(190), "{total:?}");
+        assert_eq!(logs, 2);
+        b.reset();
+        assert_eq!(b.failed().0, Duration::from_millis(10));
+    }
+
+    /// The test-only fault frame does nothing unless NETD_FAULT_INJECTION=1 was in
+    /// the environment (never set in unit tests).
+    #[test]
+    fn fault_frame_needs_the_variable() {
+        let mut f = vec![0xffu8; 12];
+        f.extend_from_slice(&FAULT_FRAME.0.to_be_bytes());
+        f.extend_from_slice(FAULT_FRAME.1);
+        assert!(std::env::var_os(FAULT_INJECTION_ENV).is_none());
+        assert!(!fault_injection());
+        assert!(!is_fault_frame(&f));
     }
 }

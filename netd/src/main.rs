@@ -74,6 +74,62 @@ enum Cmd {
         #[arg(long)]
         stats: bool,
     },
+    /// The outbound policy of a NAT network: `netd outbound NET list`,
+    /// `netd outbound NET deny add 198.51.100.0/24`, `netd outbound NET allow del CIDR`.
+    /// Changes last until netd restarts (the config's `outbound_allow` and
+    /// `outbound_deny` set them at start).
+    Outbound {
+        /// Network.
+        net: String,
+        #[command(subcommand)]
+        cmd: OutboundCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum OutboundCmd {
+    /// Show host_loopback and the allow and deny lists.
+    List,
+    /// Change the allow list: `add CIDR` or `del CIDR`.
+    Allow {
+        /// add or del.
+        action: String,
+        /// "A.B.C.D/LEN" (an address alone is /32).
+        cidr: String,
+    },
+    /// Change the deny list: `add CIDR` or `del CIDR`.
+    Deny {
+        /// add or del.
+        action: String,
+        /// "A.B.C.D/LEN" (an address alone is /32).
+        cidr: String,
+    },
+}
+
+fn outbound_cmd(out: &Out, net: String, cmd: OutboundCmd) -> Result<()> {
+    use fabric_api::netd::PolicyList;
+    let (list, action, cidr) = match cmd {
+        OutboundCmd::List => return out.show(Request::OutboundList { net }, cli::outbound),
+        OutboundCmd::Allow { action, cidr } => (PolicyList::Allow, action, cidr),
+        OutboundCmd::Deny { action, cidr } => (PolicyList::Deny, action, cidr),
+    };
+    let name = match list {
+        PolicyList::Allow => "allow",
+        PolicyList::Deny => "deny",
+    };
+    match action.as_str() {
+        "add" => {
+            let done = format!("added {cidr} to the {name} list of {net}");
+            out.change(Request::OutboundAdd { net, list, cidr }, &done)
+        }
+        "del" => {
+            let done = format!("removed {cidr} from the {name} list of {net}");
+            out.change(Request::OutboundDel { net, list, cidr }, &done)
+        }
+        other => Err(anyhow::anyhow!(
+            "ACTION: expected \"add\" or \"del\", got {other:?}"
+        )),
+    }
 }
 
 #[derive(Subcommand)]
@@ -195,9 +251,56 @@ enum PortCmd {
     },
 }
 
+/// Raises the soft limit on open files to the hard limit: every NAT flow holds a
+/// host socket, and the soft default (1024 under systemd) is used up by about a
+/// thousand flows, long before `max_flows`. Returns the limit now in force.
+fn raise_nofile_limit() -> std::io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit for getrlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let want = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: `want` is a valid rlimit; setrlimit only reads it.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        lim = want;
+    }
+    Ok(lim.rlim_cur)
+}
+
 fn serve(config: PathBuf) -> Result<()> {
     let cfg = Config::load(&config)?;
     let specs = cfg.validate(&config)?;
+    match raise_nofile_limit() {
+        Ok(n) => {
+            // Each NAT flow is one descriptor; say so when the limit cannot hold
+            // every network's flow table (flows then fail cleanly, counted no_fds).
+            let flows: u64 = specs
+                .iter()
+                .filter_map(|s| s.nat.as_ref())
+                .map(|n| n.limits.max_flows as u64)
+                .sum();
+            if flows + 256 > n {
+                tracing::warn!(
+                    limit = n,
+                    max_flows = flows,
+                    "RLIMIT_NOFILE is below the NAT flow tables' bound; raise LimitNOFILE="
+                );
+            } else {
+                tracing::info!(limit = n, "open file limit");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -332,6 +435,7 @@ fn main() -> ExitCode {
         Cmd::Forward { cmd } => forward_cmd(&out, cmd),
         Cmd::Flows { net, stats: false } => out.show(Request::Flows { net }, cli::flows),
         Cmd::Flows { net, stats: true } => out.show(Request::NatStats { net }, cli::counters),
+        Cmd::Outbound { net, cmd } => outbound_cmd(&out, net, cmd),
     };
     finish(r)
 }

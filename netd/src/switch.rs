@@ -188,6 +188,8 @@ pub struct Counters {
     pub drop_hairpin: AtomicU64,
     /// Dropped on egress: an offloaded frame that could not be finished in software.
     pub drop_offload: AtomicU64,
+    /// Times the port's receive thread panicked and was restarted.
+    pub restarts: AtomicU64,
 }
 
 /// A snapshot of [`Counters`], as the control API shows it.
@@ -215,6 +217,9 @@ pub struct CountersSnapshot {
     pub drop_hairpin: u64,
     /// See [`Counters`].
     pub drop_offload: u64,
+    /// See [`Counters`].
+    #[serde(default)]
+    pub restarts: u64,
 }
 
 impl Counters {
@@ -233,6 +238,7 @@ impl Counters {
             drop_io: r(&self.drop_io),
             drop_hairpin: r(&self.drop_hairpin),
             drop_offload: r(&self.drop_offload),
+            restarts: r(&self.restarts),
         }
     }
 }

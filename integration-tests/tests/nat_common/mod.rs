@@ -186,6 +186,11 @@ impl Lab {
     /// Writes the config (with control, state_dir, and `networks` appended) and
     /// starts netd in the host namespace; waits for its control socket.
     pub fn start_netd(&mut self, networks: &str) -> Result<()> {
+        self.start_netd_env(networks, &[])
+    }
+
+    /// Like [`Lab::start_netd`], with more environment variables for netd.
+    pub fn start_netd_env(&mut self, networks: &str, env: &[(&str, &str)]) -> Result<()> {
         let cfg = format!(
             "control = \"{}\"\nstate_dir = \"{}\"\n{networks}",
             self.control.display(),
@@ -201,6 +206,7 @@ impl Lab {
             cfg_path.to_str().context("path")?,
         ]);
         cmd.env("RUST_LOG", "netd=debug");
+        cmd.envs(env.iter().copied());
         self.netd = Some(spawn_logged(&mut cmd, &self.dir.path().join("netd.log"))?);
         let control = self.control.clone();
         if !wait_until(Duration::from_secs(10), || control.exists()) {
@@ -231,6 +237,11 @@ impl Lab {
         let mut n = self.netd.take()?;
         n.signal(libc::SIGTERM);
         n.wait_timeout(Duration::from_secs(5))
+    }
+
+    /// netd's process id, while it runs (`ip netns exec` execs netd itself).
+    pub fn netd_pid(&self) -> Option<u32> {
+        self.netd.as_ref().map(|n| n.pid())
     }
 
     /// netd's log so far.

@@ -23,6 +23,7 @@ fuzz_target!(|data: &[u8]| {
     let (to_switch, _from_router) = mpsc::channel(1);
     let mut cfg = RouterConfig::defaults();
     cfg.outbound_allow = vec![(std::net::Ipv4Addr::LOCALHOST, 8)];
+    cfg.host_loopback = true;
     cfg.resolv_conf = "/nonexistent".into();
     let Ok((mut router, _handle)) = Router::new(cfg, from_switch, to_switch) else {
         return;

@@ -44,6 +44,11 @@ pub fn check_mode_keys(n: &NetworkConfig) -> Result<(), (&'static str, String)> 
             ("resolv_conf", n.resolv_conf.is_some()),
             ("max_flows", n.max_flows.is_some()),
             ("max_flow_memory", n.max_flow_memory.is_some()),
+            ("max_flows_per_guest", n.max_flows_per_guest.is_some()),
+            ("max_pending_per_guest", n.max_pending_per_guest.is_some()),
+            ("host_loopback", n.host_loopback.is_some()),
+            ("outbound_allow", n.outbound_allow.is_some()),
+            ("outbound_deny", n.outbound_deny.is_some()),
         ];
         if let Some((k, _)) = only_nat.iter().find(|(_, set)| *set) {
             return Err((k, "no such key outside mode \"nat\"".into()));
@@ -117,6 +122,31 @@ pub fn router_config(
     if c.limits.max_flows == 0 {
         return Err(("max_flows".into(), "at least 1".into()));
     }
+    c.limits.max_flows_per_guest = n.max_flows_per_guest.unwrap_or(d.max_flows_per_guest);
+    c.limits.max_pending_per_guest = n.max_pending_per_guest.unwrap_or(d.max_pending_per_guest);
+    for (k, v) in [
+        ("max_flows_per_guest", c.limits.max_flows_per_guest),
+        ("max_pending_per_guest", c.limits.max_pending_per_guest),
+    ] {
+        if v == 0 {
+            return Err((k.into(), "at least 1".into()));
+        }
+    }
+    c.host_loopback = n.host_loopback.unwrap_or(false);
+    let cidrs =
+        |key: &str, l: &Option<Vec<String>>| -> Result<Vec<(Ipv4Addr, u8)>, (String, String)> {
+            l.iter()
+                .flatten()
+                .enumerate()
+                .map(|(i, s)| crate::nat::parse_cidr(s).map_err(|e| (format!("{key}[{i}]"), e)))
+                .collect()
+        };
+    c.outbound_allow = cidrs("outbound_allow", &n.outbound_allow)?;
+    for d in cidrs("outbound_deny", &n.outbound_deny)? {
+        if !c.outbound_deny.contains(&d) {
+            c.outbound_deny.push(d);
+        }
+    }
     if c.limits.max_flow_memory < 2 * c.limits.tcp_buffer {
         return Err((
             "max_flow_memory".into(),
@@ -154,6 +184,53 @@ mod tests {
             .map_err(|e| e.to_string())?
             .validate(Path::new("t.toml"))
             .map_err(|e| e.to_string())
+    }
+
+    /// The NAT hardening keys (issue 11): defaults, parsing, the subnets of the
+    /// other networks denied, and errors that name the key.
+    #[test]
+    fn nat_policy_keys_and_other_subnets_denied() {
+        let base = "control='/c'\nstate_dir='/s'\n";
+        let s = v(&format!("{base}[[network]]\nname='n'\nmode='nat'\n[[network]]\nname='h'\nmode='hostonly'\n[[network]]\nname='i'\nmode='internal'\nsubnet='10.9.0.0/16'\n")).unwrap();
+        let nat = s[0].nat.as_ref().unwrap();
+        assert!(!nat.host_loopback);
+        assert_eq!(nat.limits.max_flows_per_guest, 256);
+        let deny: Vec<String> = nat
+            .outbound_deny
+            .iter()
+            .map(crate::nat::show_cidr)
+            .collect();
+        assert_eq!(deny, ["169.254.0.0/16", "192.168.56.0/24", "10.9.0.0/16"]);
+        let s = v(&format!("{base}[[network]]\nname='n'\nmode='nat'\nhost_loopback=true\nmax_flows_per_guest=8\nmax_pending_per_guest=2\noutbound_allow=['0.0.0.0/0']\noutbound_deny=['198.51.100.0/24']\n")).unwrap();
+        let nat = s[0].nat.as_ref().unwrap();
+        assert!(nat.host_loopback);
+        assert_eq!(
+            (
+                nat.limits.max_flows_per_guest,
+                nat.limits.max_pending_per_guest
+            ),
+            (8, 2)
+        );
+        assert_eq!(nat.outbound_allow.len(), 1);
+        assert_eq!(nat.outbound_deny.len(), 2, "default kept, entry added");
+        let e = v(&format!(
+            "{base}[[network]]\nname='n'\nmode='nat'\noutbound_deny=['10.0.0.1/8']\n"
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("t.toml") && e.contains("outbound_deny[0]") && e.contains("10.0.0.0/8"),
+            "{e}"
+        );
+        let e = v(&format!(
+            "{base}[[network]]\nname='n'\nmode='nat'\nmax_flows_per_guest=0\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("max_flows_per_guest"), "{e}");
+        let e = v(&format!(
+            "{base}[[network]]\nname='n'\nmode='hostonly'\nhost_loopback=true\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("host_loopback"), "{e}");
     }
 
     #[test]

@@ -57,6 +57,12 @@ pub struct Limits {
     pub tcp_idle_timeout: Duration,
     /// How long a host connect may take before the guest gets a RST.
     pub connect_timeout: Duration,
+    /// Most flows (TCP, UDP, ICMP; port forwards not counted) one guest address may
+    /// hold at once, so that one guest cannot take the whole table.
+    pub max_flows_per_guest: usize,
+    /// Most TCP connects one guest address may have in progress at once (a guest
+    /// SYNing a black hole holds each for `connect_timeout`).
+    pub max_pending_per_guest: usize,
 }
 
 impl Default for Limits {
@@ -69,6 +75,8 @@ impl Default for Limits {
             icmp_timeout: Duration::from_secs(10),
             tcp_idle_timeout: Duration::from_secs(2 * 3600),
             connect_timeout: Duration::from_secs(10),
+            max_flows_per_guest: 256,
+            max_pending_per_guest: 64,
         }
     }
 }
@@ -92,9 +100,85 @@ pub struct RouterConfig {
     pub forwards: Vec<Forward>,
     /// Flow table bounds.
     pub limits: Limits,
-    /// Host destinations flows may go to, as (address, prefix) pairs; empty means
-    /// anywhere. The gateway's loopback and the resolver are checked too.
+    /// Whether the gateway address stands for the host's loopback (127.0.0.1) and
+    /// the host's own addresses may be reached. Off by default (as in VirtualBox
+    /// since 6.1.28): the gateway then answers only ping, DNS and DHCP.
+    pub host_loopback: bool,
+    /// Destinations flows may go to, as (address, prefix) pairs: see
+    /// [`Outbound`] for how they combine with `outbound_deny`.
     pub outbound_allow: Vec<(Ipv4Addr, u8)>,
+    /// Destinations flows may not go to (default: [`DEFAULT_DENY`], plus the
+    /// daemon adds the subnets of its other networks).
+    pub outbound_deny: Vec<(Ipv4Addr, u8)>,
+}
+
+/// Destinations denied by default: link-local (cloud metadata services live there).
+pub const DEFAULT_DENY: &[(Ipv4Addr, u8)] = &[(Ipv4Addr::new(169, 254, 0, 0), 16)];
+
+/// The outbound policy of a router, as the control API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Outbound {
+    /// Whether the gateway stands for the host's loopback.
+    pub host_loopback: bool,
+    /// The allow list, as CIDRs.
+    pub allow: Vec<String>,
+    /// The deny list, as CIDRs.
+    pub deny: Vec<String>,
+}
+
+/// Whether the outbound lists let a flow go to `ip`: the most specific entry that
+/// contains `ip` decides (a deny wins a tie); with no entry containing it, `ip` is
+/// allowed when the allow list is empty. So `outbound_allow = ["0.0.0.0/0"]` and
+/// `outbound_deny = ["198.51.100.0/24"]` allow everything but that subnet, and an
+/// allow entry of a single host punches a hole in a denied subnet.
+pub fn outbound_allows(allow: &[(Ipv4Addr, u8)], deny: &[(Ipv4Addr, u8)], ip: Ipv4Addr) -> bool {
+    let best = |l: &[(Ipv4Addr, u8)]| {
+        l.iter()
+            .filter(|(n, len)| prefix_match(ip, *n, *len))
+            .map(|(_, len)| i16::from(*len))
+            .max()
+            .unwrap_or(-1)
+    };
+    let (a, d) = (best(allow), best(deny));
+    if a < 0 && d < 0 {
+        return allow.is_empty();
+    }
+    a > d
+}
+
+/// Parses "A.B.C.D/LEN" (or a bare address, /32) into a network and prefix length;
+/// the host bits must be zero.
+pub fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
+    let (a, len) = match s.split_once('/') {
+        Some((a, l)) => (
+            a,
+            l.parse::<u8>()
+                .ok()
+                .filter(|l| *l <= 32)
+                .ok_or_else(|| format!("expected a prefix length 0..=32 in {s:?}"))?,
+        ),
+        None => (s, 32),
+    };
+    let ip: Ipv4Addr = a
+        .parse()
+        .map_err(|_| format!("expected an IPv4 CIDR such as \"192.0.2.0/24\", got {s:?}"))?;
+    let mask = if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(len))
+    };
+    if u32::from(ip) & !mask != 0 {
+        return Err(format!(
+            "{s:?} has host bits set (did you mean {}/{len}?)",
+            Ipv4Addr::from(u32::from(ip) & mask)
+        ));
+    }
+    Ok((ip, len))
+}
+
+/// A CIDR as text.
+pub fn show_cidr(c: &(Ipv4Addr, u8)) -> String {
+    format!("{}/{}", c.0, c.1)
 }
 
 impl RouterConfig {
@@ -109,7 +193,9 @@ impl RouterConfig {
             resolv_conf: PathBuf::from("/etc/resolv.conf"),
             forwards: Vec::new(),
             limits: Limits::default(),
+            host_loopback: false,
             outbound_allow: Vec::new(),
+            outbound_deny: DEFAULT_DENY.to_vec(),
         }
     }
 
@@ -141,6 +227,12 @@ impl RouterConfig {
                 reason: "at least 4096 bytes".into(),
             });
         }
+        if self.limits.max_flows_per_guest == 0 || self.limits.max_pending_per_guest == 0 {
+            return Err(NatError::Invalid {
+                key: "max_flows_per_guest",
+                reason: "at least 1".into(),
+            });
+        }
         for f in &self.forwards {
             self.check_forward(f)?;
         }
@@ -158,6 +250,20 @@ impl RouterConfig {
     /// Whether `a` is inside the network's subnet.
     pub fn in_subnet(&self, a: Ipv4Addr) -> bool {
         u32::from(a) & self.mask() == u32::from(self.subnet.0) & self.mask()
+    }
+
+    /// Whether `a` may be the source of a guest's packet: a unicast address of the
+    /// subnet that is neither its network nor its broadcast address nor one of the
+    /// router's own.
+    pub fn valid_guest_src(&self, a: Ipv4Addr) -> bool {
+        let host = u32::from(a) & !self.mask();
+        self.in_subnet(a)
+            && host != 0
+            && host != !self.mask()
+            && a != self.gateway
+            && a != self.dns
+            && !a.is_unspecified()
+            && !a.is_broadcast()
     }
 
     pub(super) fn check_forward(&self, f: &Forward) -> Result<(), NatError> {

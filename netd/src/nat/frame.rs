@@ -18,11 +18,31 @@
 //! Everything else addressed to the router's MAC (TCP segments of existing flows, ICMP
 //! to the router's own addresses) goes to smoltcp. Frames not addressed to the router
 //! (guest-to-guest unicast flooded by the switch) are ignored.
+//!
+//! # Validation
+//!
+//! The guest is hostile, and smoltcp asserts on some inputs (a SYN from 0.0.0.0 hits
+//! `assert!(!dst.is_unspecified())` when it answers, in release builds too), so no
+//! IPv4 packet reaches smoltcp or the flow tables unless:
+//!
+//! - its source is a unicast address of the subnet: not 0.0.0.0, not the subnet's
+//!   network or broadcast address, not one of the router's own addresses;
+//! - its destination is not a martian: not 0.0.0.0, broadcast (all-ones or the
+//!   subnet's), multicast or 240.0.0.0/4; a destination in 127.0.0.0/8 is refused
+//!   too (a guest never talks to the host's loopback directly: only through the
+//!   gateway address, with `host_loopback`);
+//! - its TCP or UDP ports are not 0 (a SYN from port 0 used to leave a socket
+//!   listening that adopted the next guest's connection).
+//!
+//! Each refusal is a [`Classified::Dropped`] with its [`DropReason`], counted by the
+//! router.
 
 use std::net::Ipv4Addr;
 
 use bytes::Bytes;
 use smoltcp::phy::ChecksumCapabilities;
+
+use super::RouterConfig;
 use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
     EthernetRepr, Icmpv4Packet, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket,
@@ -36,6 +56,19 @@ pub const IPV4_HDR: usize = 20;
 /// Size of a UDP header.
 pub const UDP_HDR: usize = 8;
 
+/// Why a well-formed guest packet was refused (see "Validation" above).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// The source is not a unicast address of the subnet (or is the router's).
+    BadSource,
+    /// The destination is unspecified, broadcast, multicast or reserved.
+    MartianDst,
+    /// The destination is in 127.0.0.0/8.
+    Loopback,
+    /// A TCP or UDP port is 0.
+    PortZero,
+}
+
 /// What the router does with one frame from the switch.
 #[derive(Debug)]
 pub enum Classified<'a> {
@@ -43,6 +76,8 @@ pub enum Classified<'a> {
     Ignore,
     /// Malformed: counted and dropped.
     Malformed,
+    /// Well-formed but refused: counted by reason and dropped.
+    Dropped(DropReason),
     /// An ARP request for one of the router's addresses: answer it.
     ArpRequest {
         /// Requester MAC.
@@ -91,13 +126,13 @@ pub enum Classified<'a> {
     },
 }
 
-/// Classifies one frame; `own` tells whether an IPv4 address is the router's own.
+/// Classifies one frame from a guest of the network `cfg` describes.
 pub fn classify<'a>(
     frame: &'a [u8],
     router_mac: EthernetAddress,
-    own: impl Fn(Ipv4Addr) -> bool,
+    cfg: &RouterConfig,
 ) -> Classified<'a> {
-    classify_with(frame, router_mac, own, false)
+    classify_with(frame, router_mac, cfg, false)
 }
 
 /// Like [`classify`]; with `tcp_csum_partial`, a TCP checksum is not verified (an
@@ -105,9 +140,10 @@ pub fn classify<'a>(
 pub fn classify_with<'a>(
     frame: &'a [u8],
     router_mac: EthernetAddress,
-    own: impl Fn(Ipv4Addr) -> bool,
+    cfg: &RouterConfig,
     tcp_csum_partial: bool,
 ) -> Classified<'a> {
+    let own = |a: Ipv4Addr| a == cfg.gateway || a == cfg.dns;
     let Ok(eth) = EthernetFrame::new_checked(frame) else {
         return Classified::Malformed;
     };
@@ -131,11 +167,13 @@ pub fn classify_with<'a>(
                     source_protocol_addr,
                     target_protocol_addr,
                     ..
-                } if own(target_protocol_addr) => Classified::ArpRequest {
-                    src_mac: source_hardware_addr,
-                    src_ip: source_protocol_addr,
-                    target_ip: target_protocol_addr,
-                },
+                } if own(target_protocol_addr) && cfg.valid_guest_src(source_protocol_addr) => {
+                    Classified::ArpRequest {
+                        src_mac: source_hardware_addr,
+                        src_ip: source_protocol_addr,
+                        target_ip: target_protocol_addr,
+                    }
+                }
                 ArpRepr::EthernetIpv4 {
                     operation: ArpOperation::Reply,
                     ..
@@ -144,18 +182,35 @@ pub fn classify_with<'a>(
             }
         }
         EthernetProtocol::Ipv4 if dst_mac == router_mac => {
-            classify_ipv4(eth.payload(), src_mac, own, tcp_csum_partial)
+            classify_ipv4(eth.payload(), src_mac, cfg, tcp_csum_partial)
         }
         _ => Classified::Ignore,
     }
 }
 
+/// Whether `a` is a destination no packet may have: unspecified, broadcast (the
+/// all-ones address or the subnet's own), multicast or reserved (240.0.0.0/4).
+fn martian_dst(cfg: &RouterConfig, a: Ipv4Addr) -> bool {
+    let subnet_bcast = cfg.in_subnet(a) && {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(cfg.subnet.1))
+            .unwrap_or(0);
+        u32::from(a) & !mask == !mask
+    };
+    a.is_unspecified()
+        || a.is_broadcast()
+        || a.is_multicast()
+        || a.octets()[0] >= 240
+        || subnet_bcast
+}
+
 fn classify_ipv4<'a>(
     packet: &'a [u8],
     src_mac: EthernetAddress,
-    own: impl Fn(Ipv4Addr) -> bool,
+    cfg: &RouterConfig,
     tcp_csum_partial: bool,
 ) -> Classified<'a> {
+    let own = |a: Ipv4Addr| a == cfg.gateway || a == cfg.dns;
     let Ok(ip) = Ipv4Packet::new_checked(packet) else {
         return Classified::Malformed;
     };
@@ -167,6 +222,15 @@ fn classify_ipv4<'a>(
     let payload = ip.payload();
     let (src_ip, dst_ip) = (repr.src_addr, repr.dst_addr);
     let caps = ChecksumCapabilities::default();
+    if !cfg.valid_guest_src(src_ip) {
+        return Classified::Dropped(DropReason::BadSource);
+    }
+    if martian_dst(cfg, dst_ip) {
+        return Classified::Dropped(DropReason::MartianDst);
+    }
+    if dst_ip.is_loopback() {
+        return Classified::Dropped(DropReason::Loopback);
+    }
     match repr.next_header {
         IpProtocol::Tcp => {
             let Ok(tcp) = TcpPacket::new_checked(payload) else {
@@ -176,6 +240,9 @@ fn classify_ipv4<'a>(
                 && !tcp.verify_checksum(&IpAddress::Ipv4(src_ip), &IpAddress::Ipv4(dst_ip))
             {
                 return Classified::Malformed;
+            }
+            if tcp.src_port() == 0 || tcp.dst_port() == 0 {
+                return Classified::Dropped(DropReason::PortZero);
             }
             // SYNs to the gateway / DNS addresses are flows too (to the host's loopback
             // and to the resolver), so `own` does not matter here.
@@ -201,8 +268,8 @@ fn classify_ipv4<'a>(
             ) else {
                 return Classified::Malformed;
             };
-            if !src_ip.is_unicast() {
-                return Classified::Ignore;
+            if urepr.src_port == 0 || urepr.dst_port == 0 {
+                return Classified::Dropped(DropReason::PortZero);
             }
             Classified::Udp {
                 src_mac,
@@ -236,17 +303,6 @@ fn classify_ipv4<'a>(
             }
         }
         _ => Classified::Ignore,
-    }
-}
-
-/// Small helper trait: unicast test on IPv4 (not broadcast/multicast/unspecified).
-trait Unicast {
-    fn is_unicast(&self) -> bool;
-}
-
-impl Unicast for Ipv4Addr {
-    fn is_unicast(&self) -> bool {
-        !(self.is_broadcast() || self.is_multicast() || self.is_unspecified())
     }
 }
 
@@ -319,6 +375,78 @@ pub fn tcp_rst(
     Bytes::from(buf)
 }
 
+/// An ICMP "destination unreachable, communication administratively prohibited"
+/// (type 3, code 13) from the router's address `from` to the guest, answering the
+/// guest's UDP datagram from `guest` to `dst` with `payload_len` bytes: the quoted
+/// IPv4 and UDP headers are rebuilt from those (what the guest's kernel matches to
+/// its socket; a quoted checksum is not checked), so the guest's connected socket
+/// gets an error at once instead of waiting for an answer that never comes.
+pub fn icmp_unreachable(
+    router_mac: EthernetAddress,
+    guest_mac: EthernetAddress,
+    from: Ipv4Addr,
+    guest: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    payload_len: usize,
+) -> Bytes {
+    let udp_len = UDP_HDR + payload_len;
+    let mut quoted = [0u8; IPV4_HDR + UDP_HDR];
+    Ipv4Repr {
+        src_addr: guest.0,
+        dst_addr: dst.0,
+        next_header: IpProtocol::Udp,
+        payload_len: udp_len,
+        hop_limit: 64,
+    }
+    .emit(
+        &mut Ipv4Packet::new_unchecked(&mut quoted[..]),
+        &ChecksumCapabilities::default(),
+    );
+    quoted[IPV4_HDR..IPV4_HDR + 2].copy_from_slice(&guest.1.to_be_bytes());
+    quoted[IPV4_HDR + 2..IPV4_HDR + 4].copy_from_slice(&dst.1.to_be_bytes());
+    // A datagram longer than 64 KiB cannot have come in; saturate anyway.
+    let len16 = u16::try_from(udp_len).unwrap_or(u16::MAX);
+    quoted[IPV4_HDR + 4..IPV4_HDR + 6].copy_from_slice(&len16.to_be_bytes());
+    let icmp_len = 8 + quoted.len();
+    let mut buf = ipv4_frame(
+        router_mac,
+        guest_mac,
+        from,
+        guest.0,
+        IpProtocol::Icmp,
+        icmp_len,
+    );
+    let body = &mut buf[ETH_HDR + IPV4_HDR..];
+    body[0] = 3; // destination unreachable
+    body[1] = 13; // communication administratively prohibited
+    body[8..].copy_from_slice(&quoted);
+    Icmpv4Packet::new_unchecked(body).fill_checksum();
+    Bytes::from(buf)
+}
+
+/// A broadcast ARP request from `src` (MAC, address) for `target`: fed to the
+/// router's own smoltcp interface after a restart, so that it knows the guests it
+/// knew before (the guests' caches still hold the router's MAC, so they would not
+/// ask, and smoltcp drops a reply it has no neighbor for).
+pub fn arp_request(src: (EthernetAddress, Ipv4Addr), target: Ipv4Addr) -> Bytes {
+    let repr = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Request,
+        source_hardware_addr: src.0,
+        source_protocol_addr: src.1,
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: target,
+    };
+    let mut buf = vec![0u8; ETH_HDR + repr.buffer_len()];
+    emit_eth(
+        &mut buf,
+        src.0,
+        EthernetAddress::BROADCAST,
+        EthernetProtocol::Arp,
+    );
+    repr.emit(&mut ArpPacket::new_unchecked(&mut buf[ETH_HDR..]));
+    Bytes::from(buf)
+}
+
 /// A UDP datagram from `from` to the guest at `to`.
 pub fn udp_frame(
     router_mac: EthernetAddress,
@@ -387,8 +515,113 @@ mod tests {
     const ROUTER: EthernetAddress = EthernetAddress([0x52, 0x55, 10, 0, 2, 2]);
     const GUEST: EthernetAddress = EthernetAddress([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
 
-    fn own(ip: Ipv4Addr) -> bool {
-        ip == Ipv4Addr::new(10, 0, 2, 2) || ip == Ipv4Addr::new(10, 0, 2, 3)
+    fn cfg() -> RouterConfig {
+        RouterConfig::defaults()
+    }
+
+    /// A guest SYN from `src` to `dst`, valid in every other respect.
+    fn syn(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
+        let repr = TcpRepr {
+            src_port: src.1,
+            dst_port: dst.1,
+            control: TcpControl::Syn,
+            seq_number: TcpSeqNumber(7),
+            ack_number: None,
+            window_len: 1000,
+            window_scale: None,
+            max_seg_size: Some(1460),
+            sack_permitted: false,
+            sack_ranges: [None, None, None],
+            timestamp: None,
+            payload: &[],
+        };
+        let mut buf = ipv4_frame(
+            GUEST,
+            ROUTER,
+            src.0,
+            dst.0,
+            IpProtocol::Tcp,
+            repr.buffer_len(),
+        );
+        repr.emit(
+            &mut TcpPacket::new_unchecked(&mut buf[ETH_HDR + IPV4_HDR..]),
+            &IpAddress::Ipv4(src.0),
+            &IpAddress::Ipv4(dst.0),
+            &ChecksumCapabilities::default(),
+        );
+        buf
+    }
+
+    /// Regression (issue 11, finding 1 and 11): sources and destinations smoltcp
+    /// must never see are dropped with their reason; an honest SYN still passes.
+    #[test]
+    fn hostile_sources_destinations_and_ports_are_dropped_by_reason() {
+        let g = Ipv4Addr::new(10, 0, 2, 15);
+        let far = Ipv4Addr::new(198, 51, 100, 7);
+        let c = cfg();
+        let reason = |f: &[u8]| match classify(f, ROUTER, &c) {
+            Classified::Dropped(r) => Some(r),
+            _ => None,
+        };
+        use DropReason::*;
+        for (src, dst, want) in [
+            // The SYN that killed the router: from 0.0.0.0 to the DNS address.
+            (
+                (Ipv4Addr::UNSPECIFIED, 1234),
+                (Ipv4Addr::new(10, 0, 2, 3), 53),
+                BadSource,
+            ),
+            ((Ipv4Addr::UNSPECIFIED, 1234), (far, 80), BadSource),
+            // Outside the subnet, the subnet's own network/broadcast, the router's.
+            ((Ipv4Addr::new(192, 0, 2, 1), 1234), (far, 80), BadSource),
+            ((Ipv4Addr::new(10, 0, 2, 0), 1234), (far, 80), BadSource),
+            ((Ipv4Addr::new(10, 0, 2, 255), 1234), (far, 80), BadSource),
+            ((Ipv4Addr::new(10, 0, 2, 2), 1234), (far, 80), BadSource),
+            ((Ipv4Addr::new(10, 0, 2, 3), 1234), (far, 80), BadSource),
+            ((Ipv4Addr::BROADCAST, 1234), (far, 80), BadSource),
+            // Martian destinations.
+            ((g, 1234), (Ipv4Addr::UNSPECIFIED, 80), MartianDst),
+            ((g, 1234), (Ipv4Addr::BROADCAST, 80), MartianDst),
+            ((g, 1234), (Ipv4Addr::new(10, 0, 2, 255), 80), MartianDst),
+            ((g, 1234), (Ipv4Addr::new(224, 0, 0, 1), 80), MartianDst),
+            ((g, 1234), (Ipv4Addr::new(240, 0, 0, 1), 80), MartianDst),
+            // The host's loopback, directly.
+            ((g, 1234), (Ipv4Addr::LOCALHOST, 10809), Loopback),
+            ((g, 1234), (Ipv4Addr::new(127, 1, 2, 3), 22), Loopback),
+            // Port 0 either side.
+            ((g, 0), (far, 80), PortZero),
+            ((g, 1234), (far, 0), PortZero),
+        ] {
+            assert_eq!(reason(&syn(src, dst)), Some(want), "{src:?} -> {dst:?}");
+        }
+        // UDP from port 0 too.
+        let f = udp_frame(GUEST, ROUTER, (g, 0), (far, 53), b"q");
+        assert_eq!(reason(&f), Some(PortZero));
+        let f = udp_frame(GUEST, ROUTER, (Ipv4Addr::UNSPECIFIED, 68), (far, 53), b"q");
+        assert_eq!(reason(&f), Some(BadSource));
+        // The unreachable answer is a valid ICMP message quoting the datagram.
+        let u = icmp_unreachable(
+            ROUTER,
+            GUEST,
+            Ipv4Addr::new(10, 0, 2, 2),
+            (g, 5000),
+            (far, 53),
+            3,
+        );
+        let ip = Ipv4Packet::new_checked(&u[ETH_HDR..]).unwrap();
+        let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+        assert!(icmp.verify_checksum());
+        assert_eq!(
+            (icmp.msg_type(), icmp.msg_code()),
+            (smoltcp::wire::Icmpv4Message::DstUnreachable, 13)
+        );
+        let quoted = Ipv4Packet::new_unchecked(icmp.data());
+        assert_eq!((quoted.src_addr(), quoted.dst_addr()), (g, far));
+        // The honest SYN.
+        assert!(matches!(
+            classify(&syn((g, 1234), (far, 80)), ROUTER, &c),
+            Classified::TcpSyn { .. }
+        ));
     }
 
     fn guest_udp(payload: &[u8]) -> Bytes {
@@ -406,7 +639,7 @@ mod tests {
     #[test]
     fn udp_round_trip() {
         let f = guest_udp(b"hello");
-        match classify(&f, ROUTER, own) {
+        match classify(&f, ROUTER, &cfg()) {
             Classified::Udp {
                 src_mac,
                 src,
@@ -427,7 +660,10 @@ mod tests {
         let mut f = guest_udp(b"hello").to_vec();
         let last = f.len() - 1;
         f[last] ^= 0xff;
-        assert!(matches!(classify(&f, ROUTER, own), Classified::Malformed));
+        assert!(matches!(
+            classify(&f, ROUTER, &cfg()),
+            Classified::Malformed
+        ));
     }
 
     #[test]
@@ -439,7 +675,7 @@ mod tests {
             (Ipv4Addr::new(10, 0, 2, 16), 2),
             b"x",
         );
-        assert!(matches!(classify(&f, ROUTER, own), Classified::Ignore));
+        assert!(matches!(classify(&f, ROUTER, &cfg()), Classified::Ignore));
     }
 
     #[test]
@@ -463,11 +699,11 @@ mod tests {
             buf
         };
         assert!(matches!(
-            classify(&ask(Ipv4Addr::new(10, 0, 2, 2)), ROUTER, own),
+            classify(&ask(Ipv4Addr::new(10, 0, 2, 2)), ROUTER, &cfg()),
             Classified::ArpRequest { .. }
         ));
         assert!(matches!(
-            classify(&ask(Ipv4Addr::new(10, 0, 2, 16)), ROUTER, own),
+            classify(&ask(Ipv4Addr::new(10, 0, 2, 16)), ROUTER, &cfg()),
             Classified::Ignore
         ));
     }
@@ -493,7 +729,7 @@ mod tests {
     fn truncated_frames_never_panic() {
         let f = guest_udp(b"some payload");
         for n in 0..f.len() {
-            let _ = classify(&f[..n], ROUTER, own);
+            let _ = classify(&f[..n], ROUTER, &cfg());
         }
     }
 }

@@ -12,7 +12,9 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
+use super::config::{show_cidr, Outbound};
 use super::{Forward, NatError, Proto, Router};
+pub use fabric_api::netd::PolicyList;
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Stats {
@@ -28,6 +30,33 @@ pub struct Stats {
     pub connect_failed: u64,
     /// Datagrams or echo requests dropped (send failure, too large, no resolver).
     pub dropped: u64,
+    /// Guest packets dropped: the source is not a unicast address of the subnet
+    /// (0.0.0.0, the subnet's network or broadcast address, the router's own, or
+    /// outside the subnet).
+    pub bad_source: u64,
+    /// Guest packets dropped: the destination is 0.0.0.0, broadcast, multicast or
+    /// reserved.
+    pub martian_dst: u64,
+    /// Guest packets dropped: a TCP or UDP port is 0.
+    pub port_zero: u64,
+    /// Flows refused: the destination is the host's loopback (127.0.0.0/8).
+    pub denied_loopback: u64,
+    /// Flows refused: the destination is the host itself (the gateway address
+    /// without `host_loopback`, or one of the host's addresses).
+    pub denied_host: u64,
+    /// Flows refused by `outbound_allow` / `outbound_deny`.
+    pub denied_policy: u64,
+    /// Flows refused: the guest is at `max_flows_per_guest` or
+    /// `max_pending_per_guest` (a RST, or an ICMP unreachable for UDP).
+    pub guest_quota: u64,
+    /// Host sockets that could not be opened for lack of file descriptors.
+    pub no_fds: u64,
+    /// TCP flows removed because their socket was back in LISTEN (its SYN refused,
+    /// or the guest reset the half-open connection).
+    pub listen_reaped: u64,
+    /// Times the router panicked and was restarted by its supervisor (its flows
+    /// were dropped; its forwards, settings and counters kept).
+    pub restarts: u64,
 }
 
 /// One flow, as `netd flows NET` lists it.
@@ -56,6 +85,19 @@ pub(super) enum Command {
     ListForwards(oneshot::Sender<Vec<Forward>>),
     Flows(oneshot::Sender<Vec<FlowInfo>>),
     Stats(oneshot::Sender<Stats>),
+    Outbound(OutboundChange, oneshot::Sender<Outbound>),
+    InjectPanic(oneshot::Sender<()>),
+}
+
+/// A change of a router's outbound lists (or none: just show them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutboundChange {
+    /// Show the lists.
+    Show,
+    /// Add a CIDR to a list (no-op if there).
+    Add(PolicyList, (std::net::Ipv4Addr, u8)),
+    /// Remove a CIDR from a list (no-op if absent).
+    Del(PolicyList, (std::net::Ipv4Addr, u8)),
 }
 
 /// A control request to a router, for callers on blocking threads (the daemon's
@@ -72,6 +114,11 @@ pub enum NatRequest {
     Flows,
     /// Counters.
     Stats,
+    /// Show or change the outbound lists.
+    Outbound(OutboundChange),
+    /// Panic in the router's next step (the supervisor's test; the daemon allows
+    /// it only with `NETD_FAULT_INJECTION=1` in its environment).
+    InjectPanic,
 }
 
 /// Drives a running router: port forwards, flows, counters.
@@ -132,6 +179,13 @@ impl RouterHandle {
             }
             NatRequest::Flows => j(serde_json::to_value(ask(&self.tx, Command::Flows)?)),
             NatRequest::Stats => j(serde_json::to_value(ask(&self.tx, Command::Stats)?)),
+            NatRequest::Outbound(c) => j(serde_json::to_value(ask(&self.tx, |t| {
+                Command::Outbound(c, t)
+            })?)),
+            NatRequest::InjectPanic => {
+                ask(&self.tx, Command::InjectPanic)?;
+                serde_json::Value::Null
+            }
         })
     }
 
@@ -209,6 +263,43 @@ impl Router {
             Command::Stats(tx) => {
                 let _ = tx.send(self.stats.clone());
             }
+            Command::Outbound(c, tx) => {
+                fn list(r: &mut Router, l: PolicyList) -> &mut Vec<(std::net::Ipv4Addr, u8)> {
+                    match l {
+                        PolicyList::Allow => &mut r.cfg.outbound_allow,
+                        PolicyList::Deny => &mut r.cfg.outbound_deny,
+                    }
+                }
+                match c {
+                    OutboundChange::Show => {}
+                    OutboundChange::Add(l, cidr) => {
+                        let v = list(self, l);
+                        if !v.contains(&cidr) {
+                            v.push(cidr);
+                        }
+                        tracing::info!(list = ?l, cidr = %show_cidr(&cidr), "outbound entry added");
+                    }
+                    OutboundChange::Del(l, cidr) => {
+                        list(self, l).retain(|c| *c != cidr);
+                        tracing::info!(list = ?l, cidr = %show_cidr(&cidr), "outbound entry removed");
+                    }
+                }
+                let _ = tx.send(self.outbound());
+            }
+            Command::InjectPanic(tx) => {
+                tracing::warn!("fault injection: the router panics in its next step");
+                self.inject_panic = true;
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    /// The outbound policy as shown by the control API.
+    pub(super) fn outbound(&self) -> Outbound {
+        Outbound {
+            host_loopback: self.cfg.host_loopback,
+            allow: self.cfg.outbound_allow.iter().map(show_cidr).collect(),
+            deny: self.cfg.outbound_deny.iter().map(show_cidr).collect(),
         }
     }
 

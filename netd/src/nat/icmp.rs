@@ -29,6 +29,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::unix::AsyncFd;
 
 use super::frame::icmp_frame;
+use super::router::GuestCounts;
 use super::udp::FLOW_COST;
 use super::{FlowInfo, Router};
 
@@ -87,11 +88,17 @@ impl IcmpTable {
             .collect()
     }
 
-    /// Removes flows idle longer than `timeout`.
-    pub fn expire(&mut self, timeout: Duration) {
+    /// Removes flows idle longer than `timeout` (taking them off their guests'
+    /// `counts`).
+    pub fn expire(&mut self, timeout: Duration, counts: &mut GuestCounts) {
         let now = Instant::now();
-        self.flows
-            .retain(|_, f| now.duration_since(f.last) <= timeout);
+        self.flows.retain(|(guest, _, _), f| {
+            let keep = now.duration_since(f.last) <= timeout;
+            if !keep {
+                counts.dec(*guest);
+            }
+            keep
+        });
     }
 }
 
@@ -121,10 +128,20 @@ impl Router {
     ) {
         let key = (src, dst, ident);
         if !self.icmp.flows.contains_key(&key) {
-            let Some(SocketAddr::V4(target)) = self.map_dst(SocketAddrV4::new(dst, 0)) else {
-                self.stats.dropped += 1;
-                return;
+            let target = match self.map_dst(SocketAddrV4::new(dst, 0)) {
+                Ok(SocketAddr::V4(t)) => t,
+                Ok(SocketAddr::V6(_)) => {
+                    self.stats.dropped += 1;
+                    return;
+                }
+                Err(d) => {
+                    self.count_denied(d, |s| &mut s.dropped);
+                    return;
+                }
             };
+            if !self.guest_fits(src, false) {
+                return;
+            }
             if !self.flow_fits(FLOW_COST) {
                 self.stats.flows_refused += 1;
                 return;
@@ -134,6 +151,9 @@ impl Router {
                 Err(e) => {
                     tracing::debug!(%dst, error = %e, "icmp socket failed");
                     self.stats.dropped += 1;
+                    if super::router::out_of_fds(&e) {
+                        self.stats.no_fds += 1;
+                    }
                     return;
                 }
             };
@@ -144,6 +164,7 @@ impl Router {
                     return;
                 }
             };
+            self.guest_flows.inc(src);
             self.icmp.flows.insert(
                 key,
                 Flow {

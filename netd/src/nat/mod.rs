@@ -18,7 +18,8 @@
 //! - UDP (`udp.rs`) and ICMP echo (`icmp.rs`): flows of connected host sockets, built
 //!   and parsed with smoltcp's wire types, with idle timeouts.
 //! - DNS (`dns.rs`): flows to the DNS address, port 53, go to the host's resolver.
-//! - The gateway address maps to the host's loopback (127.0.0.1), as in VirtualBox.
+//! - The gateway address maps to the host's loopback (127.0.0.1), as in VirtualBox,
+//!   only with `host_loopback`; without it (the default) only its DNS port is a flow.
 //! - DHCP: the network's DHCP server is a port of its own, but its identifier is the
 //!   gateway address (10.0.2.2, as in VirtualBox's NAT and QEMU's user networking),
 //!   which the router owns: broadcasts reach the server on the switch, but a client's
@@ -65,7 +66,19 @@
 //! The flow table is bounded by count (`max_flows`) and by memory (`max_flow_memory`,
 //! counting each TCP flow's two smoltcp buffers); a flow over the bound is refused (a
 //! RST for TCP, a drop for UDP/ICMP) and counted. UDP and ICMP flows expire when idle;
-//! TCP flows when closed, or after `tcp_idle_timeout` without traffic.
+//! TCP flows when closed, or after `tcp_idle_timeout` without traffic. Each guest
+//! address has its own quota (`max_flows_per_guest`, `max_pending_per_guest` for
+//! connects in progress), so one guest cannot take the table from the others: over
+//! it, a RST for TCP and an ICMP unreachable for UDP.
+//!
+//! # Hostile guests
+//!
+//! Every packet is checked before smoltcp sees it (`frame.rs`, "Validation"): a
+//! packet smoltcp would assert on never gets there. A flow's destination passes
+//! `Router::map_dst` (`router.rs`): never 127.0.0.0/8 directly, the host itself only with
+//! `host_loopback`, others through the outbound lists ([`outbound_allows`]). And if
+//! a panic happens anyway, the thread's supervisor (`router.rs`, `supervise`)
+//! restarts the router without its flows, logs the cause and counts it.
 //!
 //! # Files
 //!
@@ -88,8 +101,11 @@ mod udp;
 
 use std::net::{SocketAddr, SocketAddrV4};
 
-pub use self::config::{parse_host_addr, prefix_match, Forward, Limits, Proto, RouterConfig};
-pub use self::handle::{FlowInfo, NatRequest, RouterHandle, Stats};
+pub use self::config::{
+    outbound_allows, parse_cidr, parse_host_addr, prefix_match, show_cidr, Forward, Limits,
+    Outbound, Proto, RouterConfig, DEFAULT_DENY,
+};
+pub use self::handle::{FlowInfo, NatRequest, OutboundChange, PolicyList, RouterHandle, Stats};
 use self::router::{free_forward_port, FWD_PORT_FIRST, INBOX_BATCH};
 pub use self::router::{FrameFn, LocalService, OffloadFn, Router, ToSwitch, DHCP_SERVER_PORT};
 

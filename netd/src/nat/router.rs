@@ -19,7 +19,7 @@ use super::device::{self, QueueDevice};
 use super::frame::{self, Classified};
 use super::handle::Command;
 use super::inline::Inline;
-use super::{dns, icmp, prefix_match, tcp, udp, NatError, RouterConfig, RouterHandle, Stats};
+use super::{dns, icmp, tcp, udp, NatError, RouterConfig, RouterHandle, Stats};
 
 /// Gateway ports that forward sessions (TCP and UDP) come from, towards the guest.
 pub(super) const FWD_PORT_FIRST: u16 = 32768;
@@ -94,6 +94,57 @@ pub struct Router {
     /// Receive buffer for host datagrams (UDP, ICMP), made once: a zeroed 64 KiB
     /// allocation per step showed up in profiles.
     pub(super) scratch: Vec<u8>,
+    /// Flows (pending TCP connects included, forwards not) per guest address.
+    pub(super) guest_flows: GuestCounts,
+    /// TCP connects in progress per guest address.
+    pub(super) guest_pending: GuestCounts,
+    /// The host's own addresses (refused as destinations without `host_loopback`)
+    /// and when they were read.
+    host_addrs: (Vec<Ipv4Addr>, Option<std::time::Instant>),
+    /// Panic in the next step (the fault injection of the supervisor's test).
+    pub(super) inject_panic: bool,
+}
+
+/// A count per guest address (the per-guest quotas).
+#[derive(Debug, Default)]
+pub(super) struct GuestCounts(HashMap<Ipv4Addr, usize>);
+
+impl GuestCounts {
+    /// The count of `ip`.
+    pub(super) fn get(&self, ip: Ipv4Addr) -> usize {
+        self.0.get(&ip).copied().unwrap_or(0)
+    }
+    /// One more for `ip`.
+    pub(super) fn inc(&mut self, ip: Ipv4Addr) {
+        *self.0.entry(ip).or_insert(0) += 1;
+    }
+    /// One less for `ip` (an entry at zero goes).
+    pub(super) fn dec(&mut self, ip: Ipv4Addr) {
+        if let std::collections::hash_map::Entry::Occupied(mut e) = self.0.entry(ip) {
+            *e.get_mut() = e.get().saturating_sub(1);
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+}
+
+/// Why a flow's destination is refused; each is counted (see [`Stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Denied {
+    /// No host destination: another guest, the DNS address off port 53, no resolver.
+    Nowhere,
+    /// The host's loopback, directly.
+    Loopback,
+    /// The host itself: the gateway without `host_loopback`, or a host address.
+    Host,
+    /// The outbound lists (`outbound_allow`, `outbound_deny`).
+    Policy,
+}
+
+/// Whether an I/O error means the process ran out of file descriptors.
+pub(super) fn out_of_fds(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
 }
 
 /// A service that lives behind the router's own addresses: it takes a whole Ethernet
@@ -132,26 +183,7 @@ impl Router {
         } else {
             QueueDevice::new(cfg.mtu)
         };
-        let mut icfg = IfaceConfig::new(HardwareAddress::Ethernet(mac));
-        icfg.random_seed = seed();
-        let mut iface = Interface::new(icfg, &mut dev, smoltcp::time::Instant::now());
-        let prefix = cfg.subnet.1;
-        iface.update_ip_addrs(|addrs| {
-            let _ = addrs.push(IpCidr::new(cfg.gateway.into(), prefix));
-            if cfg.dns != cfg.gateway {
-                let _ = addrs.push(IpCidr::new(cfg.dns.into(), prefix));
-            }
-        });
-        // Any-IP: a packet to any destination is accepted when the route for it
-        // points at one of our addresses; the default route points at the gateway.
-        iface.set_any_ip(true);
-        iface
-            .routes_mut()
-            .add_default_ipv4_route(cfg.gateway)
-            .map_err(|_| NatError::Invalid {
-                key: "gateway",
-                reason: "cannot install the default route".into(),
-            })?;
+        let iface = make_iface(&cfg, mac, &mut dev)?;
         let (ctl_tx, ctl_rx) = mpsc::channel(16);
         let resolvers = dns::Resolvers::new(cfg.resolv_conf.clone());
         let mut router = Router {
@@ -177,6 +209,10 @@ impl Router {
             inline: None,
             inline_probe: false,
             scratch: Vec::new(),
+            guest_flows: GuestCounts::default(),
+            guest_pending: GuestCounts::default(),
+            host_addrs: (Vec::new(), None),
+            inject_panic: false,
             cfg,
         };
         for f in router.cfg.forwards.clone() {
@@ -215,20 +251,24 @@ impl Router {
                         return;
                     }
                 };
-                rt.block_on(async move {
+                let router = rt.block_on(async move {
                     match Router::with_sink(cfg, from_switch, to_switch) {
                         Ok((mut router, handle)) => {
                             if let Some(d) = dhcp {
                                 router.set_dhcp(d);
                             }
                             let _ = tx.send(Ok(handle));
-                            router.run().await;
+                            Some(router)
                         }
                         Err(e) => {
                             let _ = tx.send(Err(e));
+                            None
                         }
                     }
                 });
+                if let Some(router) = router {
+                    supervise(&rt, router);
+                }
             })
             .map_err(thread_err)?;
         rx.recv().map_err(|_| NatError::Stopped)?
@@ -246,6 +286,52 @@ impl Router {
     /// Runs until the switch side of the port goes away.
     pub async fn run(mut self) {
         tracing::info!(gateway = %self.cfg.gateway, dns = %self.cfg.dns, mtu = self.cfg.mtu, "NAT router up");
+        self.serve().await;
+        tracing::info!("NAT router stopped");
+    }
+
+    /// Drops every flow and the smoltcp state after a panic (which may have left
+    /// them half-changed) and starts afresh with the same settings, switch port,
+    /// inline guest port, control channel, forwards and counters.
+    fn restart_after_panic(&mut self) {
+        let mut forwards = self.tcp.forwards();
+        forwards.extend(self.udp.forwards());
+        // Old host sockets (and forward listeners) close first, so the forwards
+        // can bind their addresses again.
+        self.tcp = tcp::TcpTable::default();
+        self.udp = udp::UdpTable::default();
+        self.icmp = icmp::IcmpTable::default();
+        self.sockets = SocketSet::new(Vec::new());
+        self.dev.rx.clear();
+        self.dev.tx.clear();
+        self.inbox.clear();
+        self.guest_flows = GuestCounts::default();
+        self.guest_pending = GuestCounts::default();
+        self.inject_panic = false;
+        match make_iface(&self.cfg, self.mac, &mut self.dev) {
+            Ok(i) => self.iface = i,
+            Err(e) => tracing::error!(error = %e, "cannot rebuild the router's interface"),
+        }
+        for f in forwards {
+            if let Err(e) = self.add_forward(f) {
+                tracing::error!(error = %e, "forward lost in the router's restart");
+            }
+        }
+        // The new interface learns the guests the old one knew, as if each had
+        // asked for the gateway (their ARP caches still hold the router's MAC).
+        for (ip, mac) in &self.guest_macs {
+            if self.cfg.valid_guest_src(*ip) {
+                self.dev
+                    .rx
+                    .push_back(frame::arp_request((*mac, *ip), self.cfg.gateway));
+            }
+        }
+        self.stats.restarts += 1;
+    }
+
+    /// The loop of [`Router::run`], on a borrowed router (the supervisor keeps it
+    /// across a panic).
+    async fn serve(&mut self) {
         loop {
             std::future::poll_fn(|cx| self.poll_events(cx)).await;
             if self.stopped {
@@ -280,7 +366,6 @@ impl Router {
                 break;
             }
         }
-        tracing::info!("NAT router stopped");
     }
 
     /// Feeds one frame through the router synchronously and returns the frames it
@@ -297,7 +382,7 @@ impl Router {
     }
 
     /// Registers interest in everything that can make progress; ready when any is.
-    fn poll_events(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    pub(super) fn poll_events(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let mut ready = false;
         while self.inbox.len() < INBOX_BATCH {
             match self.from_switch.poll_recv(cx) {
@@ -343,41 +428,83 @@ impl Router {
         buf
     }
 
-    /// Where a guest's flow to `dst` really goes on the host, or `None` if nowhere
-    /// (or not allowed by `outbound_allow`).
-    pub(super) fn map_dst(&mut self, dst: SocketAddrV4) -> Option<SocketAddr> {
-        let target = self.map_dst_unchecked(dst)?;
-        if self.cfg.outbound_allow.is_empty() {
-            return Some(target);
-        }
-        let IpAddr::V4(ip) = target.ip() else {
-            return None;
-        };
-        self.cfg
-            .outbound_allow
-            .iter()
-            .any(|(net, len)| prefix_match(ip, *net, *len))
-            .then_some(target)
-    }
-
-    fn map_dst_unchecked(&mut self, dst: SocketAddrV4) -> Option<SocketAddr> {
+    /// Where a guest's flow to `dst` really goes on the host, or why nowhere.
+    ///
+    /// The gateway address stands for the host's loopback only with
+    /// `host_loopback`; without it only its DNS port (to the resolver) is a flow. The
+    /// DNS address, port 53, goes to the host resolver. Any other destination must
+    /// not be the host's loopback or one of the host's own addresses (unless
+    /// `host_loopback`) and must pass the outbound lists.
+    pub(super) fn map_dst(&mut self, dst: SocketAddrV4) -> Result<SocketAddr, Denied> {
         let ip = *dst.ip();
         if ip == self.cfg.gateway {
-            return Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), dst.port()));
+            if self.cfg.host_loopback {
+                return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), dst.port()));
+            }
+            if dst.port() == 53 {
+                return self.resolvers.current().ok_or(Denied::Nowhere);
+            }
+            return Err(Denied::Host);
         }
         if ip == self.cfg.dns {
             return if dst.port() == 53 {
-                self.resolvers.current()
+                self.resolvers.current().ok_or(Denied::Nowhere)
             } else {
-                None
+                Err(Denied::Nowhere)
             };
         }
         // Other addresses of the NAT subnet are guests (they talk directly, on the
         // switch), never host destinations; and no broadcast/multicast flows.
         if self.cfg.in_subnet(ip) || ip.is_broadcast() || ip.is_multicast() || ip.is_unspecified() {
-            return None;
+            return Err(Denied::Nowhere);
         }
-        Some(SocketAddr::V4(dst))
+        if ip.is_loopback() {
+            return Err(Denied::Loopback);
+        }
+        if !self.cfg.host_loopback && self.is_host_addr(ip) {
+            return Err(Denied::Host);
+        }
+        if !super::config::outbound_allows(&self.cfg.outbound_allow, &self.cfg.outbound_deny, ip) {
+            return Err(Denied::Policy);
+        }
+        Ok(SocketAddr::V4(dst))
+    }
+
+    /// Counts a refused destination (`Nowhere` counts as `nowhere`, which the
+    /// caller names: a TCP connect failure or a dropped datagram).
+    pub(super) fn count_denied(&mut self, d: Denied, nowhere: fn(&mut Stats) -> &mut u64) {
+        let c = match d {
+            Denied::Nowhere => nowhere(&mut self.stats),
+            Denied::Loopback => &mut self.stats.denied_loopback,
+            Denied::Host => &mut self.stats.denied_host,
+            Denied::Policy => &mut self.stats.denied_policy,
+        };
+        *c += 1;
+    }
+
+    /// Whether `ip` is one of the host's own addresses (read at most once a second).
+    fn is_host_addr(&mut self, ip: Ipv4Addr) -> bool {
+        let now = std::time::Instant::now();
+        let stale = match self.host_addrs.1 {
+            Some(t) => now.duration_since(t) >= Duration::from_secs(1),
+            None => true,
+        };
+        if stale {
+            self.host_addrs = (super::sys::host_ipv4_addrs(), Some(now));
+        }
+        self.host_addrs.0.contains(&ip)
+    }
+
+    /// Whether guest `ip` may open one more flow (`connect`: a TCP connect, which
+    /// also counts against the pending quota); counts a refusal.
+    pub(super) fn guest_fits(&mut self, ip: Ipv4Addr, connect: bool) -> bool {
+        let l = &self.cfg.limits;
+        let ok = self.guest_flows.get(ip) < l.max_flows_per_guest
+            && (!connect || self.guest_pending.get(ip) < l.max_pending_per_guest);
+        if !ok {
+            self.stats.guest_quota += 1;
+        }
+        ok
     }
 
     /// Whether one more flow costing `bytes` fits the table.
@@ -390,6 +517,9 @@ impl Router {
 
     /// One round of work after a wake-up.
     fn step(&mut self) {
+        if std::mem::take(&mut self.inject_panic) {
+            panic!("injected fault (nat_fault request, NETD_FAULT_INJECTION=1)");
+        }
         let now = smoltcp::time::Instant::now();
         self.tcp_connect_results();
         self.tcp_accept_forwards();
@@ -481,15 +611,24 @@ impl Router {
         let gw = self.cfg.gateway;
         let dns = self.cfg.dns;
         let own = |a: Ipv4Addr| a == gw || a == dns;
-        match frame::classify_with(&frame, self.mac, own, tcp_csum_partial) {
+        match frame::classify_with(&frame, self.mac, &self.cfg, tcp_csum_partial) {
             Classified::Ignore => {}
             Classified::Malformed => self.stats.malformed += 1,
+            Classified::Dropped(r) => {
+                use frame::DropReason::*;
+                match r {
+                    BadSource => self.stats.bad_source += 1,
+                    MartianDst => self.stats.martian_dst += 1,
+                    Loopback => self.stats.denied_loopback += 1,
+                    PortZero => self.stats.port_zero += 1,
+                }
+            }
             Classified::ArpRequest {
                 src_mac, src_ip, ..
             } => {
                 // smoltcp answers (the target is one of its addresses) and learns the
                 // guest's MAC in the same step, so its first reply needs no ARP.
-                if self.cfg.in_subnet(src_ip) {
+                if self.cfg.valid_guest_src(src_ip) {
                     self.guest_macs.insert(src_ip, src_mac);
                     self.dev.rx.push_back(frame.clone());
                 }
@@ -541,8 +680,8 @@ impl Router {
 
     fn expire(&mut self) {
         let limits = self.cfg.limits.clone();
-        self.udp.expire(limits.udp_timeout);
-        self.icmp.expire(limits.icmp_timeout);
+        self.udp.expire(limits.udp_timeout, &mut self.guest_flows);
+        self.icmp.expire(limits.icmp_timeout, &mut self.guest_flows);
         self.tcp.expire(
             limits.tcp_idle_timeout,
             3 * limits.connect_timeout,
@@ -551,6 +690,71 @@ impl Router {
         if self.guest_macs.len() > 4096 {
             self.guest_macs.clear();
         }
+    }
+}
+
+/// Runs `router` on `rt` until its switch port goes away, restarting it after a
+/// panic: the guest and every peer are hostile, and a panic that escaped the
+/// input checks (here or inside smoltcp) must cost the network its flows, not the
+/// router. The panic is logged with its message (the panic hook has printed where
+/// it happened) and counted in `restarts`; other networks, on their own threads,
+/// never notice. A router that keeps panicking restarts at most ten times a second.
+fn supervise(rt: &tokio::runtime::Runtime, mut router: Router) {
+    tracing::info!(gateway = %router.cfg.gateway, dns = %router.cfg.dns, mtu = router.cfg.mtu, "NAT router up");
+    loop {
+        let r =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rt.block_on(router.serve())));
+        match r {
+            Ok(()) => break,
+            Err(p) => {
+                let cause = panic_message(p.as_ref());
+                tracing::error!(%cause, restarts = router.stats.restarts + 1, "NAT router panicked; restarting it without its flows");
+                let _guard = rt.enter();
+                router.restart_after_panic();
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    tracing::info!("NAT router stopped");
+}
+
+/// The router's smoltcp interface: the gateway and DNS addresses, any-IP.
+fn make_iface(
+    cfg: &RouterConfig,
+    mac: EthernetAddress,
+    dev: &mut QueueDevice,
+) -> Result<Interface, NatError> {
+    let mut icfg = IfaceConfig::new(HardwareAddress::Ethernet(mac));
+    icfg.random_seed = seed();
+    let mut iface = Interface::new(icfg, dev, smoltcp::time::Instant::now());
+    let prefix = cfg.subnet.1;
+    iface.update_ip_addrs(|addrs| {
+        let _ = addrs.push(IpCidr::new(cfg.gateway.into(), prefix));
+        if cfg.dns != cfg.gateway {
+            let _ = addrs.push(IpCidr::new(cfg.dns.into(), prefix));
+        }
+    });
+    // Any-IP: a packet to any destination is accepted when the route for it
+    // points at one of our addresses; the default route points at the gateway.
+    iface.set_any_ip(true);
+    iface
+        .routes_mut()
+        .add_default_ipv4_route(cfg.gateway)
+        .map_err(|_| NatError::Invalid {
+            key: "gateway",
+            reason: "cannot install the default route".into(),
+        })?;
+    Ok(iface)
+}
+
+/// The message of a panic's payload.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".into()
     }
 }
 

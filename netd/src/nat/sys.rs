@@ -28,3 +28,36 @@ pub fn register_fd<T: AsRawFd>(owner: T) -> io::Result<AsyncFd<T>> {
     unsafe { AsyncFd::register_with_interest(owner, Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
 }
+
+/// The IPv4 addresses of the host's interfaces (getifaddrs(3)); empty if the call
+/// fails.
+pub fn host_ipv4_addrs() -> Vec<std::net::Ipv4Addr> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a pointer to a list it allocates into `head`, which
+    // is a valid place for one; on failure it returns -1 and we read nothing.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return out;
+    }
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a non-null node of the list getifaddrs returned, which
+        // stays valid until the freeifaddrs below.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: `ifa_addr` is non-null and points to a sockaddr of the family
+            // in its `sa_family` field; it is read as a sockaddr_in only when that
+            // family is AF_INET, whose structure it then is.
+            unsafe {
+                if i32::from((*ifa.ifa_addr).sa_family) == libc::AF_INET {
+                    let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                    out.push(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+                }
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: `head` is the list getifaddrs allocated; nothing refers to it after.
+    unsafe { libc::freeifaddrs(head) };
+    out
+}

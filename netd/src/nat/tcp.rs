@@ -322,16 +322,25 @@ impl Router {
                 .tx
                 .push_back(super::frame::tcp_rst(r.mac, mac, dst, src, seq).into());
         };
-        let Some(target) = self.map_dst(key.1) else {
-            self.stats.connect_failed += 1;
+        let target = match self.map_dst(key.1) {
+            Ok(t) => t,
+            Err(d) => {
+                self.count_denied(d, |s| &mut s.connect_failed);
+                rst(self);
+                return;
+            }
+        };
+        if !self.guest_fits(src.0, true) {
             rst(self);
             return;
-        };
+        }
         if !self.flow_fits(2 * self.cfg.limits.tcp_buffer) {
             self.stats.flows_refused += 1;
             rst(self);
             return;
         }
+        self.guest_flows.inc(src.0);
+        self.guest_pending.inc(src.0);
         // The held SYN is a copy of its own: `frame` may be a view of a larger
         // receive buffer (see `port::InlineReader`), which it must not pin.
         let (syn, mss) = if self.offload {
@@ -373,6 +382,7 @@ impl Router {
                 continue;
             };
             let (guest, dst) = r.key;
+            self.guest_pending.dec(*guest.ip());
             match r.result {
                 Ok(stream) => {
                     let _ = stream.set_nodelay(true);
@@ -390,6 +400,7 @@ impl Router {
                         port: dst.port(),
                     };
                     if s.listen(ep).is_err() {
+                        self.guest_flows.dec(*guest.ip());
                         continue;
                     }
                     let handle = self.sockets.add(s);
@@ -412,7 +423,11 @@ impl Router {
                 }
                 Err(e) => {
                     tracing::debug!(%guest, %dst, target = %r.target, error = %e, "connect failed");
+                    self.guest_flows.dec(*guest.ip());
                     self.stats.connect_failed += 1;
+                    if super::router::out_of_fds(&e) {
+                        self.stats.no_fds += 1;
+                    }
                     self.dev.tx.push_back(
                         super::frame::tcp_rst(
                             self.mac,
@@ -614,12 +629,24 @@ impl Router {
         Some((hdr, csum_at, sum as u16))
     }
 
-    /// Removes flows whose guest side is over.
+    /// Removes flows whose guest side is over, and flows whose socket is (back) in
+    /// LISTEN: the held SYN was fed to it in this step's ingress, so LISTEN now means
+    /// smoltcp refused that SYN or the guest reset the half-open connection. Such a
+    /// socket would take the next SYN to the same destination from *any* guest and
+    /// splice it to this flow's host connection.
     pub(super) fn tcp_cleanup(&mut self) {
         let sockets = &mut self.sockets;
-        self.tcp.flows.retain(|_, f| {
+        let counts = &mut self.guest_flows;
+        let stats = &mut self.stats;
+        self.tcp.flows.retain(|(guest, _), f| {
             let state = sockets.get::<Socket>(f.handle).state();
-            if matches!(state, State::Closed | State::TimeWait) {
+            if state == State::Listen {
+                stats.listen_reaped += 1;
+            }
+            if matches!(state, State::Closed | State::TimeWait | State::Listen) {
+                if f.forward.is_none() {
+                    counts.dec(*guest.ip());
+                }
                 if !(f.host_eof && f.host_wr_shut) {
                     // The guest reset or the flow was aborted: reset the host side too.
                     let _ = socket2::SockRef::from(&f.stream).set_linger(Some(Duration::ZERO));

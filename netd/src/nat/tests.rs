@@ -24,6 +24,8 @@ fn test_config() -> RouterConfig {
     let mut cfg = RouterConfig::defaults();
     // Unit tests never send anything beyond loopback.
     cfg.outbound_allow = vec![(Ipv4Addr::new(127, 0, 0, 0), 8)];
+    // The tests' servers are on the host's loopback, through the gateway.
+    cfg.host_loopback = true;
     cfg.resolv_conf = "/nonexistent/resolv.conf".into();
     cfg
 }
@@ -261,7 +263,11 @@ async fn udp_to_gateway_round_trip() {
         .await
         .unwrap()
         .unwrap();
-    match frame::classify(&reply, GUEST_MAC, |_| false) {
+    // Parsed as the guest would: the router's address is a valid source there.
+    let mut guest_view = RouterConfig::defaults();
+    guest_view.gateway = GUEST_IP;
+    guest_view.dns = Ipv4Addr::new(10, 0, 2, 16);
+    match frame::classify(&reply, GUEST_MAC, &guest_view) {
         frame::Classified::Udp {
             src, dst, payload, ..
         } => {
@@ -626,4 +632,306 @@ fn forward_ports_go_round_robin_skip_taken_and_run_out() {
     assert_eq!(free_forward_port(&mut next, |_| false), Some(FWD_PORT_LAST));
     assert_eq!(next, FWD_PORT_FIRST, "wraps to the start of the range");
     assert_eq!(free_forward_port(&mut next, |_| true), None);
+}
+
+/// The outbound lists: the most specific entry decides, a deny wins a tie, and an
+/// empty allow list means anywhere not denied.
+#[test]
+fn outbound_lists_most_specific_entry_decides() {
+    let c = |s: &str| parse_cidr(s).unwrap();
+    let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+    let deny = vec![c("169.254.0.0/16"), c("192.168.56.0/24")];
+    assert!(outbound_allows(&[], &deny, ip("198.51.100.1")));
+    assert!(!outbound_allows(&[], &deny, ip("169.254.169.254")));
+    assert!(!outbound_allows(&[], &deny, ip("192.168.56.101")));
+    // A host punched through a denied subnet; the rest stays denied.
+    let allow = vec![c("0.0.0.0/0"), c("192.168.56.7/32")];
+    assert!(outbound_allows(&allow, &deny, ip("192.168.56.7")));
+    assert!(!outbound_allows(&allow, &deny, ip("192.168.56.8")));
+    assert!(outbound_allows(&allow, &deny, ip("203.0.113.9")));
+    // A non-empty allow list confines; a tie goes to deny.
+    let allow = vec![c("198.51.100.0/24")];
+    assert!(!outbound_allows(&allow, &[], ip("203.0.113.9")));
+    assert!(!outbound_allows(
+        &allow,
+        &[c("198.51.100.0/24")],
+        ip("198.51.100.1")
+    ));
+    // Parsing: bare address is /32, host bits and junk are refused with a reason.
+    assert_eq!(c("192.0.2.1"), (ip("192.0.2.1"), 32));
+    assert!(parse_cidr("192.0.2.1/24")
+        .unwrap_err()
+        .contains("192.0.2.0/24"));
+    assert!(parse_cidr("192.0.2.0/33").is_err());
+    assert!(parse_cidr("nope/8").is_err());
+    assert!(DEFAULT_DENY.contains(&c("169.254.0.0/16")));
+}
+
+/// A UDP frame from guest `src` to `dst`, to the router's MAC.
+fn guest_udp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Bytes {
+    frame::udp_frame(
+        GUEST_MAC,
+        EthernetAddress(RouterConfig::defaults().mac),
+        src,
+        dst,
+        payload,
+    )
+}
+
+/// Regression (issue 11, finding 5): without `host_loopback` the gateway is not the
+/// host's loopback, and 127.0.0.0/8 is never a destination, even when the allow
+/// list names it; both are counted and nothing reaches the host's listener.
+#[tokio::test]
+async fn host_loopback_is_off_by_default_and_127_is_never_direct() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut cfg = test_config();
+    cfg.host_loopback = false;
+    let (mut g, handle) = Guest::start(cfg);
+    let h = g.connect((IpAddress::v4(10, 0, 2, 2), port), 40010);
+    assert!(
+        g.run_until(|s| s.get::<tcp::Socket>(h).state() == tcp::State::Closed)
+            .await,
+        "connect to the gateway was not reset"
+    );
+    let h2 = g.connect((IpAddress::v4(127, 0, 0, 1), port), 40011);
+    let _ = g
+        .run_until(|s| s.get::<tcp::Socket>(h2).state() == tcp::State::Closed)
+        .await;
+    let st = handle.stats().await.unwrap();
+    assert_eq!(st.denied_host, 1, "{st:?}");
+    assert!(st.denied_loopback >= 1, "{st:?}");
+    let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
+    assert!(accepted.is_err(), "the host's listener was reached");
+}
+
+/// Regression (issue 11, finding 7): one guest at `max_flows_per_guest` gets ICMP
+/// unreachables for more flows, counted; another guest still opens flows.
+#[tokio::test]
+async fn per_guest_quota_refuses_only_the_guest_over_it() {
+    let server = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let port = server.local_addr().unwrap().port();
+    let mut cfg = test_config();
+    cfg.limits.max_flows_per_guest = 3;
+    let (to_router, router_rx) = mpsc::channel(64);
+    let (router_tx, mut from_router) = mpsc::channel(64);
+    let (router, h) = Router::new(cfg, router_rx, router_tx).unwrap();
+    tokio::spawn(router.run());
+    let gw = Ipv4Addr::new(10, 0, 2, 2);
+    for sport in 1000..1005 {
+        to_router
+            .send(guest_udp((GUEST_IP, sport), (gw, port), b"x"))
+            .await
+            .unwrap();
+    }
+    let other = Ipv4Addr::new(10, 0, 2, 16);
+    to_router
+        .send(guest_udp((other, 2000), (gw, port), b"y"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let st = h.stats().await.unwrap();
+    assert_eq!(st.guest_quota, 2, "{st:?}");
+    let flows = h.flows().await.unwrap();
+    assert_eq!(
+        flows
+            .iter()
+            .filter(|f| f.guest.starts_with("10.0.2.15:"))
+            .count(),
+        3
+    );
+    assert_eq!(
+        flows
+            .iter()
+            .filter(|f| f.guest.starts_with("10.0.2.16:"))
+            .count(),
+        1
+    );
+    // The server got the first three and the other guest's datagram.
+    let mut buf = [0u8; 16];
+    let mut got = Vec::new();
+    while let Ok(Ok((n, _))) =
+        tokio::time::timeout(Duration::from_millis(100), server.recv_from(&mut buf)).await
+    {
+        got.extend_from_slice(&buf[..n]);
+    }
+    got.sort();
+    assert_eq!(got, b"xxxy");
+    // Two ICMP "administratively prohibited" answers went to the guest over quota.
+    let mut unreachable = 0;
+    while let Ok(f) = from_router.try_recv() {
+        if f.get(14 + 9) == Some(&1) && f.get(14 + 20) == Some(&3) && f.get(14 + 21) == Some(&13) {
+            unreachable += 1;
+        }
+    }
+    assert_eq!(unreachable, 2);
+}
+
+/// The supervisor (issue 11): a router that panics is restarted on its thread with
+/// its forwards and counters, counted in `restarts`, and serves flows again.
+#[test]
+fn a_panicking_router_is_restarted_with_its_forwards() {
+    let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let port = server.local_addr().unwrap().port();
+    let (to_router, router_rx) = mpsc::channel(64);
+    let (router_tx, _from_router) = mpsc::channel(64);
+    let h = Router::spawn_thread(
+        "nat-test-sup",
+        test_config(),
+        router_rx,
+        ToSwitch::Channel(router_tx),
+        None,
+    )
+    .unwrap();
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let fport = free.local_addr().unwrap().port();
+    drop(free);
+    let fwd = Forward {
+        proto: Proto::Tcp,
+        host: SocketAddr::from(([127, 0, 0, 1], fport)),
+        guest: "10.0.2.15:22".parse().unwrap(),
+    };
+    h.request_blocking(NatRequest::AddForward(fwd)).unwrap();
+    h.request_blocking(NatRequest::InjectPanic).unwrap();
+    // Wait for the restart (the supervisor pauses 100 ms after one).
+    let mut restarts = 0;
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(50));
+        let st = h.request_blocking(NatRequest::Stats).unwrap();
+        restarts = st["restarts"].as_u64().unwrap();
+        if restarts == 1 {
+            break;
+        }
+    }
+    assert_eq!(restarts, 1);
+    let fw = h.request_blocking(NatRequest::ListForwards).unwrap();
+    assert_eq!(fw.as_array().unwrap().len(), 1, "forward kept: {fw}");
+    // A flow after the restart.
+    to_router
+        .blocking_send(guest_udp(
+            (GUEST_IP, 3000),
+            (Ipv4Addr::new(10, 0, 2, 2), port),
+            b"again",
+        ))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let (n, _) = server.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"again");
+}
+
+/// A TCP segment from a guest to the router's MAC.
+fn guest_tcp(
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    control: smoltcp::wire::TcpControl,
+    seq: u32,
+    ack: Option<u32>,
+) -> Bytes {
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{Ipv4Packet, Ipv4Repr, TcpPacket, TcpRepr, TcpSeqNumber};
+    let repr = TcpRepr {
+        src_port: src.1,
+        dst_port: dst.1,
+        control,
+        seq_number: TcpSeqNumber(seq as i32),
+        ack_number: ack.map(|a| TcpSeqNumber(a as i32)),
+        window_len: 64000,
+        window_scale: None,
+        max_seg_size: (control == smoltcp::wire::TcpControl::Syn).then_some(1460),
+        sack_permitted: false,
+        sack_ranges: [None, None, None],
+        timestamp: None,
+        payload: &[],
+    };
+    let mut buf = vec![0u8; 14 + 20 + repr.buffer_len()];
+    EthernetRepr {
+        src_addr: GUEST_MAC,
+        dst_addr: EthernetAddress(RouterConfig::defaults().mac),
+        ethertype: EthernetProtocol::Ipv4,
+    }
+    .emit(&mut EthernetFrame::new_unchecked(&mut buf[..]));
+    Ipv4Repr {
+        src_addr: src.0,
+        dst_addr: dst.0,
+        next_header: smoltcp::wire::IpProtocol::Tcp,
+        payload_len: repr.buffer_len(),
+        hop_limit: 64,
+    }
+    .emit(
+        &mut Ipv4Packet::new_unchecked(&mut buf[14..]),
+        &ChecksumCapabilities::default(),
+    );
+    repr.emit(
+        &mut TcpPacket::new_unchecked(&mut buf[34..]),
+        &IpAddress::Ipv4(src.0),
+        &IpAddress::Ipv4(dst.0),
+        &ChecksumCapabilities::default(),
+    );
+    Bytes::from(buf)
+}
+
+/// Lets the router take what its tasks finished (connects) and do a step with
+/// `frame`; the frames it answers with.
+async fn settle_and_feed(router: &mut Router, frame: Bytes) -> Vec<Bytes> {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    std::future::poll_fn(|cx| {
+        let _ = router.poll_events(cx);
+        std::task::Poll::Ready(())
+    })
+    .await;
+    router.process_frame_for_test(frame)
+}
+
+/// Regression (issue 11, findings 1 and 11): a SYN from 0.0.0.0 to a listening
+/// destination never reaches smoltcp (whose assert it hit), and a flow whose socket
+/// falls back to LISTEN (the guest reset it half-open) is removed at once, so a
+/// second guest's SYN to the same destination opens its own flow instead of being
+/// adopted by that socket.
+#[tokio::test]
+async fn unspecified_source_is_dropped_and_a_socket_back_in_listen_is_reaped() {
+    use smoltcp::wire::{TcpControl, TcpPacket};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (_to_router, router_rx) = mpsc::channel(16);
+    let (router_tx, _from_router) = mpsc::channel(16);
+    let (mut router, _h) = Router::new(test_config(), router_rx, router_tx).unwrap();
+    let gw = (Ipv4Addr::new(10, 0, 2, 2), port);
+    // The guest asks for the gateway first, as a real one does (smoltcp learns it).
+    router.process_frame_for_test(arp_request(gw.0));
+    let out = router.process_frame_for_test(guest_tcp(
+        (Ipv4Addr::UNSPECIFIED, 4000),
+        gw,
+        TcpControl::Syn,
+        100,
+        None,
+    ));
+    assert!(out.is_empty());
+    assert_eq!(router.stats.bad_source, 1);
+    // An honest SYN: connect, then the held SYN gets its SYN-ACK.
+    let g = (GUEST_IP, 4001);
+    let out = router.process_frame_for_test(guest_tcp(g, gw, TcpControl::Syn, 1000, None));
+    assert!(out.is_empty(), "no SYN-ACK before the host connect");
+    let out = settle_and_feed(&mut router, Bytes::new()).await;
+    let synack = out
+        .iter()
+        .find_map(|f| {
+            let t = TcpPacket::new_checked(f.get(34..)?).ok()?;
+            (t.syn() && t.ack()).then(|| t.seq_number())
+        })
+        .expect("SYN-ACK");
+    // The guest resets it half-open, in window: smoltcp goes back to LISTEN.
+    let rst = guest_tcp(g, gw, TcpControl::Rst, 1001, Some((synack + 1).0 as u32));
+    router.process_frame_for_test(rst);
+    assert_eq!(router.stats.listen_reaped, 1);
+    assert_eq!(router.tcp.len(), 0, "the flow is gone");
+    // Another guest's SYN to the same destination waits for its own connect.
+    let other = (Ipv4Addr::new(10, 0, 2, 16), 4002);
+    let out = router.process_frame_for_test(guest_tcp(other, gw, TcpControl::Syn, 5000, None));
+    assert!(out.is_empty(), "adopted by a stale socket: {out:?}");
+    assert_eq!(router.tcp.len(), 1, "pending on its own");
+    assert_eq!(router.guest_flows.get(GUEST_IP), 0);
+    assert_eq!(router.guest_flows.get(other.0), 1);
 }

@@ -29,6 +29,7 @@ use tokio::net::UdpSocket;
 
 use super::config::ForwardErrors;
 use super::frame::{udp_frame, IPV4_HDR, UDP_HDR};
+use super::router::GuestCounts;
 use super::{FlowInfo, Forward, NatError, Router};
 
 /// Memory charged to one UDP or ICMP flow for the flow-table bound.
@@ -139,11 +140,17 @@ impl UdpTable {
         v
     }
 
-    /// Removes flows and sessions idle longer than `timeout`.
-    pub fn expire(&mut self, timeout: Duration) {
+    /// Removes flows and sessions idle longer than `timeout` (taking the flows off
+    /// their guests' `counts`).
+    pub fn expire(&mut self, timeout: Duration, counts: &mut GuestCounts) {
         let now = Instant::now();
-        self.flows
-            .retain(|_, f| now.duration_since(f.last) <= timeout);
+        self.flows.retain(|(guest, _), f| {
+            let keep = now.duration_since(f.last) <= timeout;
+            if !keep {
+                counts.dec(*guest.ip());
+            }
+            keep
+        });
         self.sessions
             .retain(|_, s| now.duration_since(s.last) <= timeout);
         let sessions = &self.sessions;
@@ -193,10 +200,31 @@ impl Router {
         }
         let key = (guest, dst);
         if !self.udp.flows.contains_key(&key) {
-            let Some(target) = self.map_dst(dst) else {
-                self.stats.dropped += 1;
-                return;
+            let unreachable = |r: &mut Router| {
+                let f = super::frame::icmp_unreachable(
+                    r.mac,
+                    mac,
+                    r.cfg.gateway,
+                    (*guest.ip(), guest.port()),
+                    (*dst.ip(), dst.port()),
+                    payload.len(),
+                );
+                r.dev.tx.push_back(f.into());
             };
+            let target = match self.map_dst(dst) {
+                Ok(t) => t,
+                Err(d) => {
+                    self.count_denied(d, |s| &mut s.dropped);
+                    if d != super::router::Denied::Nowhere {
+                        unreachable(self);
+                    }
+                    return;
+                }
+            };
+            if !self.guest_fits(*guest.ip(), false) {
+                unreachable(self);
+                return;
+            }
             if !self.flow_fits(FLOW_COST) {
                 self.stats.flows_refused += 1;
                 return;
@@ -206,9 +234,13 @@ impl Router {
                 Err(e) => {
                     tracing::debug!(%target, error = %e, "udp flow open failed");
                     self.stats.dropped += 1;
+                    if super::router::out_of_fds(&e) {
+                        self.stats.no_fds += 1;
+                    }
                     return;
                 }
             };
+            self.guest_flows.inc(*guest.ip());
             self.udp.flows.insert(
                 key,
                 Flow {

@@ -74,6 +74,12 @@ pub(super) fn rx_loop(
             }
             Ok(n) => {
                 let got = buf.get(..n).unwrap_or_default();
+                if got
+                    .get(VNET_HDR_LEN..)
+                    .is_some_and(crate::daemon::is_fault_frame)
+                {
+                    panic!("injected fault (fault frame, NETD_FAULT_INJECTION=1)");
+                }
                 match (VnetHdr::parse(got), got.get(VNET_HDR_LEN..)) {
                     (Some(h), Some(frame)) if h.is_plain() => net.ingress(port, frame),
                     (Some(h), Some(frame)) => net.ingress_vnet(port, &h, frame),
@@ -203,10 +209,37 @@ impl ReopeningReader {
         while !stop.is_set() {
             let cur = slot.read().unwrap_or_else(|e| e.into_inner()).clone();
             if let Some(fd) = cur {
-                match rx_loop(&net, &port, fd.as_raw_fd(), &stop, &mut buf) {
-                    Ok(()) => return,
-                    Err(e) => {
+                // The supervisor: a panic in the switch path (or anything under it)
+                // costs the frame being handled, not the port. Logged with its cause,
+                // counted in the port's `restarts`; the loop reads on after the pause.
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    rx_loop(&net, &port, fd.as_raw_fd(), &stop, &mut buf)
+                }));
+                match r {
+                    Ok(Ok(())) => return,
+                    Ok(Err(e)) => {
                         tracing::info!(port = %name, error = %e, "port lost its device; will reopen")
+                    }
+                    Err(p) => {
+                        let cause = p
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| p.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        let n = port
+                            .counters
+                            .restarts
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                            + 1;
+                        tracing::error!(port = %name, %cause, restarts = n, "port receive thread panicked; restarting it");
+                        // The device is fine: read it again after the pause below.
+                        if let Ok(d) = sys::eventfd() {
+                            if sys::poll2(d.as_raw_fd(), stop.efd.as_raw_fd(), 100).unwrap_or(true)
+                            {
+                                return;
+                            }
+                        }
+                        continue;
                     }
                 }
             }

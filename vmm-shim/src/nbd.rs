@@ -5,7 +5,10 @@
 //! [`NbdClient::submit`]; they are all written to the socket (each with a unique cookie)
 //! and then replies are read until every cookie is answered, in whatever order the server
 //! answers. Replies may be simple or structured (`OFFSET_DATA`, `OFFSET_HOLE`, `ERROR`,
-//! `ERROR_OFFSET`, `NONE`), and a read's data is assembled from its chunks. To rule out a
+//! `ERROR_OFFSET`, `NONE`), and a read's data is assembled from its chunks, which must
+//! cover every byte of the request exactly once: overlapping chunks are a protocol
+//! violation, and a successful reply that leaves bytes out is an I/O error for that
+//! request (counted in [`NbdClient::short_reads`]), never zeros. To rule out a
 //! deadlock (both sides blocked writing large payloads), a batch never mixes requests
 //! that carry data (writes) with requests whose replies carry data (reads): a batch is
 //! all-writes-and-small, or all-reads-and-small. Every length the server sends is bounded
@@ -13,6 +16,7 @@
 //! fails the connection ([`NbdError::Protocol`]), which the device reports to the guest as
 //! I/O errors. A per-request NBD error (EIO, ENOSPC, EPERM...) fails only that request.
 
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
@@ -159,6 +163,7 @@ pub struct NbdClient {
     structured: bool,
     next_cookie: u64,
     down: bool,
+    short_reads: u64,
 }
 
 fn rd<const N: usize>(r: &mut impl Read) -> io::Result<[u8; N]> {
@@ -205,6 +210,7 @@ impl NbdClient {
             structured: false,
             next_cookie: 1,
             down: false,
+            short_reads: 0,
         };
         c.set_timeout(Some(Duration::from_secs(30)))?;
         c.handshake(export)?;
@@ -347,6 +353,11 @@ impl NbdClient {
         self.flags & TFLAG_READ_ONLY != 0
     }
 
+    /// READ replies that did not cover their request (answered as I/O errors).
+    pub fn short_reads(&self) -> u64 {
+        self.short_reads
+    }
+
     /// Whether structured replies were negotiated.
     pub fn structured(&self) -> bool {
         self.structured
@@ -447,6 +458,8 @@ impl NbdClient {
         // connection, not hold the vCPU for ever.
         let mut covered: Vec<u64> = vec![0; reqs.len()];
         let mut other_chunks: Vec<u32> = vec![0; reqs.len()];
+        // The byte ranges (relative to the request) each read's chunks covered.
+        let mut seen: Vec<BTreeMap<u64, u64>> = vec![BTreeMap::new(); reqs.len()];
         let mut pending = reqs.len();
         while pending > 0 {
             let r = &mut self.stream;
@@ -517,6 +530,13 @@ impl NbdClient {
                                     (hole.offset, hole.len)
                                 }
                             };
+                            if n == 0 {
+                                // Covers nothing, so nothing bounds how many come.
+                                other_chunks[k] += 1;
+                                if other_chunks[k] > MAX_OTHER_CHUNKS {
+                                    return Err(proto("too many chunks for one request"));
+                                }
+                            }
                             covered[k] += u64::from(n);
                             if covered[k] > u64::from(rlen) {
                                 return Err(proto("chunks cover more than the request"));
@@ -533,6 +553,13 @@ impl NbdClient {
                                     partial[k].as_mut()?.get_mut(s..e)
                                 })
                                 .ok_or_else(|| proto("chunk outside the request"))?;
+                            // Every byte once: with the sum bounded by the request, no
+                            // overlap and a sum equal to the length at DONE mean the
+                            // chunks tile the request exactly.
+                            let s = off - offset;
+                            if n > 0 && !claim(&mut seen[k], s, s + u64::from(n)) {
+                                return Err(proto("chunks overlap"));
+                            }
                             if matches!(payload, ChunkPayload::OffsetData { .. }) {
                                 r.read_exact(b)?;
                             } else {
@@ -555,6 +582,19 @@ impl NbdClient {
                         }
                     }
                     if h.is_final() {
+                        // A successful read whose chunks left bytes out would hand
+                        // the guest zeros it never wrote: an I/O error instead.
+                        if let (None, Request::Read { len: rlen, .. }) = (errs[k], &reqs[k]) {
+                            if covered[k] != u64::from(*rlen) {
+                                self.short_reads += 1;
+                                tracing::warn!(
+                                    want = rlen,
+                                    got = covered[k],
+                                    "NBD server answered a READ short"
+                                );
+                                errs[k] = Some(err::EIO);
+                            }
+                        }
                         out[k] = Some(match errs[k] {
                             Some(e) => Err(e),
                             None => Ok(partial[k].take().unwrap_or_default()),
@@ -590,6 +630,20 @@ impl NbdClient {
         }
         Ok(())
     }
+}
+
+/// Records `start..end` in `ranges` (disjoint, keyed by start) unless it overlaps one
+/// already there; returns whether it was recorded.
+fn claim(ranges: &mut BTreeMap<u64, u64>, start: u64, end: u64) -> bool {
+    // The ranges are disjoint, so the one starting last before `end` also ends last
+    // of those: it alone can overlap.
+    if let Some((_, &e)) = ranges.range(..end).next_back() {
+        if e > start {
+            return false;
+        }
+    }
+    ranges.insert(start, end);
+    true
 }
 
 fn slot(cookie: u64, base: u64, n: usize) -> Result<usize, NbdError> {

@@ -256,3 +256,60 @@ fn endless_chunks_for_one_request_are_a_protocol_error() {
         server.join().unwrap();
     }
 }
+
+#[test]
+fn a_read_reply_must_cover_the_request_exactly() {
+    // Round 0: one data chunk for half the read, then DONE: an I/O error for that
+    // request, and the connection still serves the next read in full.
+    // Round 1: two chunks that overlap but add up to the length: a protocol error.
+    for round in 0..2 {
+        let (_dir, addr, server) = scripted(move |mut s| {
+            handshake(&mut s);
+            let (_, cookie, off, _) = request(&mut s);
+            let mut d = off.to_be_bytes().to_vec();
+            d.extend_from_slice(&[0x11; 512]);
+            if round == 0 {
+                chunk(&mut s, chunk::FLAG_DONE, chunk::OFFSET_DATA, cookie, &d);
+                let (_, cookie, off, len) = request(&mut s);
+                let mut d = off.to_be_bytes().to_vec();
+                d.extend_from_slice(&vec![0x22; len as usize]);
+                chunk(&mut s, chunk::FLAG_DONE, chunk::OFFSET_DATA, cookie, &d);
+            } else {
+                chunk(&mut s, 0, chunk::OFFSET_DATA, cookie, &d);
+                chunk(&mut s, chunk::FLAG_DONE, chunk::OFFSET_DATA, cookie, &d);
+            }
+        });
+        let mut c = NbdClient::connect(&addr, "e").unwrap();
+        let r = c.submit(&[Request::Read {
+            offset: 0,
+            len: 1024,
+        }]);
+        if round == 0 {
+            assert_eq!(r.unwrap(), vec![Err(err::EIO)]);
+            assert_eq!(c.short_reads(), 1);
+            let r = c
+                .submit(&[Request::Read {
+                    offset: 4096,
+                    len: 1024,
+                }])
+                .unwrap();
+            assert_eq!(r, vec![Ok(vec![0x22; 1024])]);
+        } else {
+            let err = r.unwrap_err();
+            assert!(err.to_string().contains("overlap"), "{err}");
+        }
+        server.join().unwrap();
+    }
+}
+
+#[test]
+fn claimed_ranges_never_overlap() {
+    let mut m = BTreeMap::new();
+    assert!(claim(&mut m, 10, 20));
+    assert!(claim(&mut m, 20, 30));
+    assert!(claim(&mut m, 0, 10));
+    assert!(!claim(&mut m, 5, 6));
+    assert!(!claim(&mut m, 19, 21));
+    assert!(!claim(&mut m, 0, 100));
+    assert!(claim(&mut m, 30, 31));
+}

@@ -449,6 +449,7 @@ fn close_disks(blocks: &[BlockDev], deadline: Instant) {
             completed = Counters::get(&c.completed),
             io_errors = Counters::get(&c.io_errors),
             bad_chains = Counters::get(&c.bad_chains),
+            refused_mmio = Counters::get(&c.refused_mmio),
             "disk closing"
         );
         if let Err(e) = t.device_mut().close() {

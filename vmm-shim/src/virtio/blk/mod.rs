@@ -28,7 +28,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 pub use self::backend::{BlockBackend, MemDisk};
 use self::request::ID_LEN;
@@ -172,6 +172,7 @@ impl<B: BlockBackend> Block<B> {
             let mut batch: Vec<Pending> = Vec::new();
             let mut bad_heads: Vec<(u16, Option<ChainView>)> = Vec::new();
             {
+                let (table, qsize) = (GuestAddress(q.desc_table()), q.size());
                 let Ok(iter) = q.iter(mem) else {
                     // A bad avail index: the queue is unusable until reset.
                     Counters::bump(&self.counters.bad_chains);
@@ -180,7 +181,7 @@ impl<B: BlockBackend> Block<B> {
                 let mut bytes = 0u64;
                 for chain in iter.take(MAX_BATCH) {
                     let head = chain.head_index();
-                    match ChainView::parse(chain, mem) {
+                    match ChainView::parse(mem, table, qsize, head) {
                         Ok(view) => match BlkRequest::parse(&view, mem, &self.disk()) {
                             Ok(req) => {
                                 bytes += req.data_len();

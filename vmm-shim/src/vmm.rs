@@ -35,7 +35,7 @@ use self::vcpu::{start_vcpus, stop_vcpus, MmioBus, VcpuShared};
 use crate::boot;
 use crate::config::{Console, NetBackend as NetKind, VmConfig};
 use crate::layout;
-use crate::legacy::{ConsoleOut, IrqEvt, PioBus, SerialDev};
+use crate::legacy::{ConsoleOut, ConsoleSink, IrqEvt, PioBus, SerialDev};
 use crate::nbd::NbdClient;
 use crate::sys::{self, Tap};
 use crate::virtio::blk::Block;
@@ -253,8 +253,8 @@ fn guest_memory(vm: &VmFd, bytes: u64) -> Result<GuestMemoryMmap, VmmError> {
 /// The 8250 UART at 0x3f8: output to stdout or appended to a file, its IRQ an irqfd.
 fn serial_console(vm: &VmFd, console: &Console) -> Result<Arc<Mutex<SerialDev>>, VmmError> {
     let out = match console {
-        Console::Stdio => ConsoleOut::Stdout,
-        Console::File(p) => ConsoleOut::File(
+        Console::Stdio => ConsoleSink::Stdout,
+        Console::File(p) => ConsoleSink::File(
             OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -270,7 +270,7 @@ fn serial_console(vm: &VmFd, console: &Console) -> Result<Arc<Mutex<SerialDev>>,
         .map_err(kvm_err("KVM_IRQFD (serial)"))?;
     Ok(Arc::new(Mutex::new(SerialDev::new(
         IrqEvt(serial_evt),
-        out,
+        ConsoleOut::new(out),
     ))))
 }
 
@@ -421,7 +421,12 @@ fn shutdown(vm: Running, cfg: &VmConfig) {
         }
     }
     let _ = vm.serial.lock().map(|mut s| {
-        let _ = std::io::Write::flush(s.writer_mut());
+        let out = s.writer_mut();
+        let _ = std::io::Write::flush(out);
+        tracing::info!(
+            serial_dropped = out.dropped().load(std::sync::atomic::Ordering::Relaxed),
+            "console closing"
+        );
     });
 }
 

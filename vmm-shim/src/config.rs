@@ -7,6 +7,7 @@
 //! types; nothing later re-parses them.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use fabric_util::toml_file::{self, TomlFileError};
 use fabric_util::{MacAddr, Size};
@@ -80,6 +81,9 @@ pub struct DiskSpec {
     pub export: String,
     /// Present the disk read-only even if the export is writable.
     pub read_only: bool,
+    /// How long a failed connection is retried before requests fail (`reconnect_delay`
+    /// option, as QEMU's `reconnect-delay`; 0: they fail at once).
+    pub reconnect_delay: Duration,
 }
 
 /// The raw, file-shaped configuration (all strings), as TOML or the CLI give it.
@@ -99,7 +103,8 @@ pub struct RawConfig {
     /// NICs: `tap=IF[,mac=MAC]` or `netd=NET[,mac=MAC]`.
     #[serde(default)]
     pub net: Vec<String>,
-    /// Disks: `nbd://HOST:PORT/EXPORT[,ro]` or `nbd+unix:///EXPORT?socket=PATH[,ro]`.
+    /// Disks: `nbd://HOST:PORT/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`, then
+    /// options: `,ro`, `,reconnect_delay=SECONDS`.
     #[serde(default)]
     pub disk: Vec<String>,
     /// `stdio` or a file path.
@@ -279,11 +284,49 @@ pub fn parse_net(s: &str) -> Result<NetSpec, String> {
     Ok(NetSpec { backend, mac })
 }
 
-/// Parses `nbd://HOST:PORT/EXPORT[,ro]` or `nbd+unix:///EXPORT?socket=PATH[,ro]`.
+/// Most seconds `reconnect_delay` may be.
+pub const MAX_RECONNECT_DELAY: u64 = 3600;
+
+/// Parses `URI[,ro][,reconnect_delay=SECONDS]`, the URI `nbd://HOST:PORT/EXPORT` or
+/// `nbd+unix:///EXPORT?socket=PATH`.
 pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
-    let (uri, read_only) = match s.strip_suffix(",ro") {
-        Some(u) => (u, true),
-        None => (s, false),
+    let mut items = s.split(',');
+    let uri = items.next().unwrap_or_default();
+    let mut d = parse_uri(uri)?;
+    for item in items {
+        let (k, v) = item.split_once('=').unwrap_or((item, ""));
+        match k {
+            "ro" if v.is_empty() => d.read_only = true,
+            "reconnect_delay" => {
+                d.reconnect_delay = v
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|&n| n <= MAX_RECONNECT_DELAY)
+                    .map(Duration::from_secs)
+                    .ok_or_else(|| {
+                        format!(
+                            "reconnect_delay: expected whole seconds from 0 to \
+                             {MAX_RECONNECT_DELAY}, got {v:?}"
+                        )
+                    })?
+            }
+            other => {
+                return Err(format!(
+                    "unknown option {other:?} (expected ro, reconnect_delay=SECONDS)"
+                ))
+            }
+        }
+    }
+    Ok(d)
+}
+
+/// Parses the URI part of a disk spec.
+fn parse_uri(uri: &str) -> Result<DiskSpec, String> {
+    let spec = |addr, export: &str| DiskSpec {
+        addr,
+        export: export.to_string(),
+        read_only: false,
+        reconnect_delay: Duration::ZERO,
     };
     if let Some(rest) = uri.strip_prefix("nbd://") {
         let (hostport, export) = rest.split_once('/').unwrap_or((rest, ""));
@@ -299,11 +342,7 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
             return Err(format!("no host in {uri:?}"));
         }
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        Ok(DiskSpec {
-            addr: NbdAddr::Tcp(host.to_string(), port),
-            export: export.to_string(),
-            read_only,
-        })
+        Ok(spec(NbdAddr::Tcp(host.to_string(), port), export))
     } else if let Some(rest) = uri.strip_prefix("nbd+unix://") {
         let rest = rest.strip_prefix('/').unwrap_or(rest);
         let (export, query) = rest
@@ -316,14 +355,10 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
         if path.is_empty() {
             return Err(format!("empty socket path in {uri:?}"));
         }
-        Ok(DiskSpec {
-            addr: NbdAddr::Unix(PathBuf::from(path)),
-            export: export.to_string(),
-            read_only,
-        })
+        Ok(spec(NbdAddr::Unix(PathBuf::from(path)), export))
     } else {
         Err(format!(
-            "expected nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH, got {s:?}"
+            "expected nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH, got {uri:?}"
         ))
     }
 }
@@ -356,6 +391,14 @@ mod tests {
         assert_eq!(d.addr, NbdAddr::Unix("/tmp/s.sock".into()));
         assert_eq!(d.export, "e1");
         assert!(!d.read_only);
+        assert_eq!(d.reconnect_delay, Duration::ZERO);
+        let d = parse_disk("nbd://h/e,reconnect_delay=30,ro").unwrap();
+        assert_eq!(d.reconnect_delay, Duration::from_secs(30));
+        assert!(d.read_only);
+        let e = parse_disk("nbd://h/e,reconnect_delay=soon").unwrap_err();
+        assert!(e.starts_with("reconnect_delay:"), "{e}");
+        assert!(parse_disk("nbd://h/e,reconnect_delay=99999").is_err());
+        assert!(parse_disk("nbd://h/e,fast").is_err());
         assert!(parse_disk("file:///x").is_err());
         assert!(parse_disk("nbd://:1/x").is_err());
     }

@@ -29,7 +29,7 @@ use nbd_proto::{
     OPTION_REPLY_HEADER_LEN, STRUCTURED_REPLY_MAGIC,
 };
 
-use crate::config::NbdAddr;
+use crate::config::{DiskSpec, NbdAddr};
 
 /// Transmission flags the block device looks at.
 pub use nbd_proto::tflag::{
@@ -41,6 +41,8 @@ pub use nbd_proto::MAX_PAYLOAD;
 
 /// How long one read or write on the connection may block.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long one TCP connection attempt may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest number of requests in flight at once.
 pub const MAX_IN_FLIGHT: usize = 64;
 
@@ -188,11 +190,10 @@ impl NbdClient {
     pub fn connect(addr: &NbdAddr, export: &str) -> Result<Self, NbdError> {
         let stream = match addr {
             NbdAddr::Tcp(h, p) => {
-                let s =
-                    TcpStream::connect((h.as_str(), *p)).map_err(|source| NbdError::Connect {
-                        addr: format!("{h}:{p}"),
-                        source,
-                    })?;
+                let s = connect_tcp(h, *p).map_err(|source| NbdError::Connect {
+                    addr: format!("{h}:{p}"),
+                    source,
+                })?;
                 let _ = s.set_nodelay(true);
                 Stream::Tcp(s)
             }
@@ -215,6 +216,11 @@ impl NbdClient {
         c.set_timeout(Some(Duration::from_secs(30)))?;
         c.handshake(export)?;
         Ok(c)
+    }
+
+    /// Connects to a disk's server and export.
+    pub fn connect_spec(spec: &DiskSpec) -> Result<Self, NbdError> {
+        Self::connect(&spec.addr, &spec.export)
     }
 
     fn set_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
@@ -632,6 +638,21 @@ impl NbdClient {
     }
 }
 
+/// Connects to `host:port`, each resolved address in turn, giving each
+/// [`CONNECT_TIMEOUT`] (a host that drops SYNs must not hold a reconnecting disk for
+/// the kernel's two minutes).
+fn connect_tcp(host: &str, port: u16) -> io::Result<TcpStream> {
+    use std::net::ToSocketAddrs;
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "host has no address");
+    for a in (host, port).to_socket_addrs()? {
+        match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
 /// Records `start..end` in `ranges` (disjoint, keyed by start) unless it overlaps one
 /// already there; returns whether it was recorded.
 fn claim(ranges: &mut BTreeMap<u64, u64>, start: u64, end: u64) -> bool {
@@ -654,6 +675,9 @@ fn slot(cookie: u64, base: u64, n: usize) -> Result<usize, NbdError> {
         Err(proto(format!("reply for unknown cookie {cookie}")))
     }
 }
+
+mod session;
+pub use session::{NbdSession, SessionStats};
 
 #[cfg(test)]
 mod tests;

@@ -36,7 +36,7 @@ use crate::boot;
 use crate::config::{Console, NetBackend as NetKind, VmConfig};
 use crate::layout;
 use crate::legacy::{ConsoleOut, ConsoleSink, IrqEvt, PioBus, SerialDev};
-use crate::nbd::NbdClient;
+use crate::nbd::NbdSession;
 use crate::sys::{self, Tap};
 use crate::virtio::blk::Block;
 use crate::virtio::mmio::MmioTransport;
@@ -149,7 +149,7 @@ impl ExitReason {
     }
 }
 
-type BlockDev = Arc<Mutex<MmioTransport<Block<NbdClient>>>>;
+type BlockDev = Arc<Mutex<MmioTransport<Block<NbdSession>>>>;
 type NetDev = Arc<Mutex<MmioTransport<Net<Tap>>>>;
 
 /// The NICs' side of shutdown: their receive threads, the eventfd that stops them, and
@@ -285,8 +285,7 @@ fn attach_disks(
 ) -> Result<Vec<BlockDev>, VmmError> {
     let mut blocks = Vec::new();
     for (index, d) in cfg.disks.iter().enumerate() {
-        let client = NbdClient::connect(&d.addr, &d.export)
-            .map_err(|source| VmmError::Disk { index, source })?;
+        let client = NbdSession::connect(d).map_err(|source| VmmError::Disk { index, source })?;
         tracing::info!(
             disk = index,
             export = %d.export,
@@ -455,6 +454,8 @@ fn close_disks(blocks: &[BlockDev], deadline: Instant) {
             io_errors = Counters::get(&c.io_errors),
             bad_chains = Counters::get(&c.bad_chains),
             refused_mmio = Counters::get(&c.refused_mmio),
+            reconnects = t.device().backend_stats().reconnects,
+            short_reads = t.device().backend_stats().short_reads,
             "disk closing"
         );
         if let Err(e) = t.device_mut().close() {

@@ -313,3 +313,53 @@ fn claimed_ranges_never_overlap() {
     assert!(!claim(&mut m, 0, 100));
     assert!(claim(&mut m, 30, 31));
 }
+
+#[test]
+fn a_session_reconnects_and_retries_the_batch_in_flight() {
+    for delay in [5u64, 0] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nbd.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            // First connection: takes the read, dies without answering.
+            let mut s = l.accept().unwrap().0;
+            handshake(&mut s);
+            request(&mut s);
+            drop(s);
+            if delay == 0 {
+                return;
+            }
+            // Second: answers it.
+            let mut s = l.accept().unwrap().0;
+            handshake(&mut s);
+            let (_, cookie, _, len) = request(&mut s);
+            let mut b = Vec::new();
+            SimpleReply {
+                error: 0,
+                handle: cookie,
+            }
+            .emit(&mut b);
+            b.extend_from_slice(&vec![0x33; len as usize]);
+            s.write_all(&b).unwrap();
+        });
+        let spec = DiskSpec {
+            addr: NbdAddr::Unix(path.clone()),
+            export: "e".into(),
+            read_only: false,
+            reconnect_delay: Duration::from_secs(delay),
+        };
+        let mut c = NbdSession::connect(&spec).unwrap();
+        let r = c.submit(&[Request::Read {
+            offset: 0,
+            len: 512,
+        }]);
+        server.join().unwrap();
+        if delay == 0 {
+            assert!(r.is_err());
+            assert_eq!(c.stats().reconnects, 0);
+        } else {
+            assert_eq!(r.unwrap(), vec![Ok(vec![0x33; 512])]);
+            assert_eq!(c.stats().reconnects, 1);
+        }
+    }
+}

@@ -159,6 +159,11 @@ impl<B: BlockBackend> Block<B> {
         }
     }
 
+    /// The backend's counters.
+    pub fn backend_stats(&self) -> crate::nbd::SessionStats {
+        self.backend.stats()
+    }
+
     /// Flushes and closes the backend (on shutdown).
     pub fn close(&mut self) -> Result<(), NbdError> {
         self.backend.close()

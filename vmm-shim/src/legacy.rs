@@ -42,9 +42,9 @@ pub enum ConsoleSink {
 }
 
 /// Bytes of console output the guest may send at once before the rate limit applies.
-pub const SERIAL_BURST: u64 = 256 << 10;
+pub const SERIAL_BURST: u64 = 128 << 10;
 /// Sustained console output rate, bytes per second; the rest is dropped and counted.
-pub const SERIAL_RATE: u64 = 64 << 10;
+pub const SERIAL_RATE: u64 = 16 << 10;
 
 /// Console output, rate limited: a token bucket of [`SERIAL_BURST`] bytes refilled at
 /// [`SERIAL_RATE`] per second. A guest that floods the UART (every byte a vCPU exit

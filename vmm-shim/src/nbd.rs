@@ -29,6 +29,8 @@ use nbd_proto::{
     OPTION_REPLY_HEADER_LEN, STRUCTURED_REPLY_MAGIC,
 };
 
+use openssl::ssl::SslStream;
+
 use crate::config::{DiskSpec, NbdAddr};
 
 /// Transmission flags the block device looks at.
@@ -77,6 +79,9 @@ pub enum NbdError {
         /// The server's reason.
         message: String,
     },
+    /// TLS could not be set up (refused STARTTLS, failed handshake or verification)
+    #[error("NBD TLS: {0}")]
+    Tls(String),
     /// the connection is already failed
     #[error("NBD connection is down after an earlier error")]
     Down,
@@ -134,6 +139,14 @@ pub type Outcome = Result<Vec<u8>, u32>;
 enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    TlsTcp(Box<SslStream<TcpStream>>),
+    TlsUnix(Box<SslStream<UnixStream>>),
+    /// Only while the plain socket is being upgraded to TLS.
+    Gone,
+}
+
+fn gone() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "connection closed")
 }
 
 impl Read for Stream {
@@ -141,6 +154,9 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+            Stream::TlsTcp(s) => s.read(buf),
+            Stream::TlsUnix(s) => s.read(buf),
+            Stream::Gone => Err(gone()),
         }
     }
 }
@@ -150,10 +166,58 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
+            Stream::TlsTcp(s) => s.write(buf),
+            Stream::TlsUnix(s) => s.write(buf),
+            Stream::Gone => Err(gone()),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::TlsTcp(s) => s.flush(),
+            Stream::TlsUnix(s) => s.flush(),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Stream {
+    /// The socket under any TLS.
+    fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        let (tcp, unix) = match self {
+            Stream::Tcp(s) => (Some(s), None),
+            Stream::TlsTcp(s) => (Some(s.get_ref()), None),
+            Stream::Unix(s) => (None, Some(s)),
+            Stream::TlsUnix(s) => (None, Some(s.get_ref())),
+            Stream::Gone => return Err(gone()),
+        };
+        if let Some(s) = tcp {
+            s.set_read_timeout(t)?;
+            s.set_write_timeout(t)?;
+        }
+        if let Some(s) = unix {
+            s.set_read_timeout(t)?;
+            s.set_write_timeout(t)?;
+        }
         Ok(())
+    }
+
+    /// Sends TLS close_notify if there is TLS, then shuts the socket down.
+    fn shutdown(&mut self) -> io::Result<()> {
+        use std::net::Shutdown::Both;
+        match self {
+            Stream::Tcp(s) => s.shutdown(Both),
+            Stream::Unix(s) => s.shutdown(Both),
+            Stream::TlsTcp(s) => {
+                // GnuTLS servers (nbdkit, qemu-nbd) log an error without it.
+                let _ = s.shutdown();
+                s.get_ref().shutdown(Both)
+            }
+            Stream::TlsUnix(s) => {
+                let _ = s.shutdown();
+                s.get_ref().shutdown(Both)
+            }
+            Stream::Gone => Ok(()),
+        }
     }
 }
 
@@ -186,8 +250,18 @@ fn parse_err(e: ParseError) -> NbdError {
 }
 
 impl NbdClient {
-    /// Connects and negotiates the export.
+    /// Connects and negotiates the export (no TLS).
     pub fn connect(addr: &NbdAddr, export: &str) -> Result<Self, NbdError> {
+        Self::connect_tls(addr, export, None)
+    }
+
+    /// Connects, upgrades to TLS with `tls` (refusing a server that will not), and
+    /// negotiates the export.
+    pub fn connect_tls(
+        addr: &NbdAddr,
+        export: &str,
+        tls: Option<&TlsCreds>,
+    ) -> Result<Self, NbdError> {
         let stream = match addr {
             NbdAddr::Tcp(h, p) => {
                 let s = connect_tcp(h, *p).map_err(|source| NbdError::Connect {
@@ -214,33 +288,28 @@ impl NbdClient {
             short_reads: 0,
         };
         c.set_timeout(Some(Duration::from_secs(30)))?;
-        c.handshake(export)?;
+        let host = match addr {
+            NbdAddr::Tcp(h, _) => h.as_str(),
+            NbdAddr::Unix(_) => "localhost",
+        };
+        c.handshake(export, tls.map(|t| (t, host)))?;
         Ok(c)
     }
 
-    /// Connects to a disk's server and export.
+    /// Connects to a disk's server and export, with TLS if the disk has credentials.
     pub fn connect_spec(spec: &DiskSpec) -> Result<Self, NbdError> {
-        Self::connect(&spec.addr, &spec.export)
+        Self::connect_tls(&spec.addr, &spec.export, spec.tls.as_ref())
     }
 
     fn set_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
-        match self.stream.get_ref() {
-            Stream::Tcp(s) => {
-                s.set_read_timeout(t)?;
-                s.set_write_timeout(t)
-            }
-            Stream::Unix(s) => {
-                s.set_read_timeout(t)?;
-                s.set_write_timeout(t)
-            }
-        }
+        self.stream.get_ref().set_timeout(t)
     }
 
     fn w(&mut self) -> &mut Stream {
         self.stream.get_mut()
     }
 
-    fn handshake(&mut self, export: &str) -> Result<(), NbdError> {
+    fn handshake(&mut self, export: &str, tls: Option<(&TlsCreds, &str)>) -> Result<(), NbdError> {
         let mut hello = [0u8; HELLO_LEN];
         let (magic, rest) = hello.split_at_mut(8);
         self.stream.read_exact(magic)?;
@@ -261,6 +330,9 @@ impl NbdClient {
         }
         .emit(&mut cflags);
         self.w().write_all(&cflags)?;
+        if let Some((creds, host)) = tls {
+            self.start_tls(creds, host)?;
+        }
 
         // Structured replies: optional; a refusal means simple replies.
         self.send_option(&OptionRequest::StructuredReply)?;
@@ -322,6 +394,44 @@ impl NbdClient {
         // A server that stops answering fails the connection (the guest sees I/O
         // errors) instead of wedging the vCPU that waits for it.
         self.set_timeout(Some(IO_TIMEOUT))?;
+        Ok(())
+    }
+
+    /// NBD_OPT_STARTTLS, then TLS on the socket: any reply but ACK fails the
+    /// connection, so nothing after the flags ever goes out in clear.
+    fn start_tls(&mut self, creds: &TlsCreds, host: &str) -> Result<(), NbdError> {
+        self.send_option(&OptionRequest::StartTls)?;
+        let (ty, data) = self.read_option_reply(opt::STARTTLS)?;
+        if ty != rep::ACK {
+            return Err(NbdError::Tls(format!(
+                "server refused STARTTLS (reply {ty:#x}: {})",
+                String::from_utf8_lossy(&data)
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
+            )));
+        }
+        // The server sends nothing after the ACK before the client's hello; bytes
+        // already buffered would be an injection in clear.
+        if !self.stream.buffer().is_empty() {
+            return Err(proto("data after the STARTTLS reply"));
+        }
+        let plain = std::mem::replace(
+            &mut self.stream,
+            io::BufReader::with_capacity(0, Stream::Gone),
+        )
+        .into_inner();
+        let tls_err = |e: io::Error| NbdError::Tls(e.to_string());
+        let upgraded = match plain {
+            Stream::Tcp(s) => {
+                Stream::TlsTcp(Box::new(tls::handshake(creds, host, s).map_err(tls_err)?))
+            }
+            Stream::Unix(s) => {
+                Stream::TlsUnix(Box::new(tls::handshake(creds, host, s).map_err(tls_err)?))
+            }
+            _ => return Err(proto("STARTTLS on a TLS connection")),
+        };
+        self.stream = io::BufReader::with_capacity(256 << 10, upgraded);
         Ok(())
     }
 
@@ -630,10 +740,7 @@ impl NbdClient {
         nbd_proto::Request::new(Command::Disc, 0, self.next_cookie, 0, 0).emit(&mut b);
         self.w().write_all(&b)?;
         self.down = true;
-        match self.stream.get_ref() {
-            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both)?,
-            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both)?,
-        }
+        self.stream.get_mut().shutdown()?;
         Ok(())
     }
 }
@@ -677,7 +784,9 @@ fn slot(cookie: u64, base: u64, n: usize) -> Result<usize, NbdError> {
 }
 
 mod session;
+pub mod tls;
 pub use session::{NbdSession, SessionStats};
+pub use tls::TlsCreds;
 
 #[cfg(test)]
 mod tests;

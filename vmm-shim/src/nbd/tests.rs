@@ -347,6 +347,7 @@ fn a_session_reconnects_and_retries_the_batch_in_flight() {
             export: "e".into(),
             read_only: false,
             reconnect_delay: Duration::from_secs(delay),
+            tls: None,
         };
         let mut c = NbdSession::connect(&spec).unwrap();
         let r = c.submit(&[Request::Read {

@@ -26,6 +26,8 @@ use vm_memory::GuestMemoryMmap;
 use super::{Counters, IrqLine, VirtioDevice, F_VERSION_1};
 
 const MAGIC: u32 = 0x7472_6976;
+/// Offset of the QueueNotify register (what KVM_IOEVENTFD watches for a disk).
+pub const QUEUE_NOTIFY: u64 = 0x50;
 const VENDOR: u32 = 0x554d_4551; // "QEMU", as many guests expect any value
 
 const STATUS_ACK: u32 = 1;
@@ -48,6 +50,9 @@ pub struct MmioTransport<D: VirtioDevice> {
     status: u32,
     config_generation: u32,
     active: bool,
+    /// Resets so far: an I/O thread that let go of the lock during a round checks
+    /// it before completing, so it never writes into the rings of a reset device.
+    resets: u64,
 }
 
 impl<D: VirtioDevice> MmioTransport<D> {
@@ -66,6 +71,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             status: 0,
             config_generation: 0,
             active: false,
+            resets: 0,
         }
     }
 
@@ -90,6 +96,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// Whether the driver has set DRIVER_OK and the queues were valid.
     pub fn active(&self) -> bool {
         self.active
+    }
+
+    /// How many times the driver reset the device.
+    pub fn resets(&self) -> u64 {
+        self.resets
     }
 
     /// Whether queue `index` exists and the driver made it ready (only such a queue
@@ -290,6 +301,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
         self.active = false;
+        self.resets = self.resets.wrapping_add(1);
         self.irq.ack(u32::MAX);
         self.config_generation = self.config_generation.wrapping_add(1);
     }

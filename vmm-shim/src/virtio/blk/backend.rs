@@ -31,6 +31,37 @@ pub trait BlockBackend: Send {
     }
 }
 
+/// A backend shared between the device (which asks it for size and flags, and closes
+/// it) and the disk's I/O thread (which runs the requests without the device lock).
+impl<B: BlockBackend> BlockBackend for std::sync::Arc<std::sync::Mutex<B>> {
+    fn size(&self) -> u64 {
+        self.lock().unwrap_or_else(|e| e.into_inner()).size()
+    }
+    fn read_only(&self) -> bool {
+        self.lock().unwrap_or_else(|e| e.into_inner()).read_only()
+    }
+    fn can_flush(&self) -> bool {
+        self.lock().unwrap_or_else(|e| e.into_inner()).can_flush()
+    }
+    fn can_trim(&self) -> bool {
+        self.lock().unwrap_or_else(|e| e.into_inner()).can_trim()
+    }
+    fn can_write_zeroes(&self) -> bool {
+        self.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .can_write_zeroes()
+    }
+    fn submit(&mut self, reqs: &[Request]) -> Result<Vec<Outcome>, NbdError> {
+        self.lock().unwrap_or_else(|e| e.into_inner()).submit(reqs)
+    }
+    fn close(&mut self) -> Result<(), NbdError> {
+        self.lock().unwrap_or_else(|e| e.into_inner()).close()
+    }
+    fn stats(&self) -> SessionStats {
+        self.lock().unwrap_or_else(|e| e.into_inner()).stats()
+    }
+}
+
 impl BlockBackend for NbdSession {
     fn size(&self) -> u64 {
         NbdSession::size(self)

@@ -5,6 +5,7 @@
 //! `--tls-verify-peer`); the bytes must be in nbdkit's backing file. Refused: a wrong
 //! key, a CA the server's certificate does not chain to, a plain client at a TLS-only
 //! server, and a server that does not offer TLS to an `nbds://` disk (no downgrade).
+//! A TLS disk with `reconnect_delay` comes back, over TLS, when nbdkit restarts.
 //! The credentials are made here with GnuTLS's psktool and certtool.
 
 mod vmm_guest;
@@ -165,6 +166,11 @@ fn make_x509(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 /// nbdkit serving `img` (file plugin) on a free port of 127.0.0.1 with `tls` args.
 fn nbdkit(img: &Path, tls: &[&str]) -> (integration_tests::ChildGuard, u16) {
     let port = integration_tests::free_port();
+    (nbdkit_on(img, port, tls), port)
+}
+
+/// nbdkit serving `img` on `port` of 127.0.0.1 with `tls` args.
+fn nbdkit_on(img: &Path, port: u16, tls: &[&str]) -> integration_tests::ChildGuard {
     let child = Command::new("nbdkit")
         .args(["-f", "-i", "127.0.0.1", "-p", &port.to_string()])
         .args(tls)
@@ -177,7 +183,7 @@ fn nbdkit(img: &Path, tls: &[&str]) -> (integration_tests::ChildGuard, u16) {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
     assert!(up, "nbdkit did not start");
-    (g, port)
+    g
 }
 
 fn run_with_disk(elf: &Path, disk: &str) -> vmm_guest::VmRun {
@@ -269,4 +275,80 @@ fn x509_guest_reads_and_writes_through_nbdkit_and_a_foreign_ca_is_refused() {
         dir.path().join("none").display()
     );
     run_with_disk(&elf, &disk).assert_exit(2, "disk[0]: tls-certificates:");
+}
+
+/// Guest: writes sector 1 ("before-k"), prints `W1`, waits for a console byte (the
+/// test restarts nbdkit meanwhile), writes sector 2 ("after-ok"), prints `RE OK`.
+const RECONNECT_GUEST: &str = r#"
+    .set RING, 0x200000
+    .set HDR, 0x203000
+    .set DATA, 0x204000
+    .set STATUS, 0x205000
+_start:
+    mov $MMIO0, %rbx
+    BLK_UP 0, RING
+    movl $1, HDR
+    movq $1, HDR+8
+    movq $0x6b2d65726f666562, %rax        # "before-k"
+    movq %rax, DATA
+    movb $0xff, STATUS
+    REQ3 RING, HDR, DATA, 512, STATUS
+    SUBMIT RING, 0, 0, 1
+    EXPECT_STATUS STATUS, 0, 'a'
+    PRINT w1
+    mov $0x3fd, %dx
+2:  in %dx, %al
+    test $1, %al
+    jz 2b
+    movq $2, HDR+8
+    movq $0x6b6f2d7265746661, %rax        # "after-ok"
+    movq %rax, DATA
+    movb $0xff, STATUS
+    SUBMIT RING, 1, 0, 2
+    EXPECT_USED RING, 2, 'u'
+    EXPECT_STATUS STATUS, 0, 'b'
+    PRINT okmsg
+    jmp reboot
+w1: .asciz "W1\n"
+okmsg: .asciz "RE OK\n"
+"#;
+
+#[test]
+fn a_tls_disk_reconnects_with_tls_when_nbdkit_restarts() {
+    let (dir, elf) = setup("vnt-re", RECONNECT_GUEST);
+    let (good, _) = make_psk(dir.path());
+    let img = make_disk(dir.path());
+    let psk_arg = format!("--tls-psk={}", good.display());
+    let (mut kit, port) = nbdkit(&img, &["--tls=require", &psk_arg]);
+    let disk = format!(
+        "nbds://alice@127.0.0.1:{port}/,tls-psk-file={},reconnect_delay=20",
+        good.display()
+    );
+    let mut cmd = vmm_guest::vmm_command(
+        &[],
+        &[
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--mem",
+            "64M",
+            "--disk",
+            &disk,
+        ],
+    );
+    cmd.env("VMM_LOG", "info");
+    let mut vm = vmm_guest::LiveVm::spawn(cmd).unwrap();
+    vm.expect_line("W1\n");
+    kit.signal(libc::SIGKILL);
+    kit.wait_timeout(Duration::from_secs(5))
+        .expect("nbdkit gone");
+    vm.send(b"x");
+    std::thread::sleep(Duration::from_secs(1));
+    // The new server requires TLS too: the disk can only come back over TLS.
+    let _kit2 = nbdkit_on(&img, port, &["--tls=require", &psk_arg]);
+    let r = vm.finish(Duration::from_secs(60));
+    r.assert_clean_exit("RE OK\n");
+    assert!(r.stderr.contains("reconnects=1"), "{r}");
+    let bytes = std::fs::read(&img).unwrap();
+    assert_eq!(&bytes[512..520], b"before-k");
+    assert_eq!(&bytes[1024..1032], b"after-ok");
 }

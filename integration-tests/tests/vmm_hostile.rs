@@ -76,6 +76,18 @@ _start:
     # 9: avail index far ahead of the ring: the device must not loop or crash
     movw $200, RING+0x1000+2
     movl $0, 0x50(%rbx)
+    # the disk's I/O thread sees it after the kick returns: give it a moment
+    # (about 0.1 to 0.5 s of TSC) before the reset below
+    rdtsc
+    shl $32, %rdx
+    or %rax, %rdx
+    lea 1000000000(%rdx), %r9
+2:  pause
+    rdtsc
+    shl $32, %rdx
+    or %rax, %rdx
+    cmp %r9, %rdx
+    jb 2b
     # recover: reset and set the device up again, then a good write
     BLK_UP 0, RING
     movl $1, HDR

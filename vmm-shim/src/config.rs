@@ -7,10 +7,13 @@
 //! types; nothing later re-parses them.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use fabric_util::toml_file::{self, TomlFileError};
 use fabric_util::{MacAddr, Size};
 use serde::Deserialize;
+
+use crate::nbd::TlsCreds;
 
 /// A configuration error; the message names the key and what was expected.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +83,11 @@ pub struct DiskSpec {
     pub export: String,
     /// Present the disk read-only even if the export is writable.
     pub read_only: bool,
+    /// How long a failed connection is retried before requests fail (`reconnect_delay`
+    /// option, as QEMU's `reconnect-delay`; 0: they fail at once).
+    pub reconnect_delay: Duration,
+    /// TLS credentials (`nbds://`); None: plain NBD.
+    pub tls: Option<TlsCreds>,
 }
 
 /// The raw, file-shaped configuration (all strings), as TOML or the CLI give it.
@@ -99,7 +107,8 @@ pub struct RawConfig {
     /// NICs: `tap=IF[,mac=MAC]` or `netd=NET[,mac=MAC]`.
     #[serde(default)]
     pub net: Vec<String>,
-    /// Disks: `nbd://HOST:PORT/EXPORT[,ro]` or `nbd+unix:///EXPORT?socket=PATH[,ro]`.
+    /// Disks: `nbd://HOST:PORT/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`, then
+    /// options: `,ro`, `,reconnect_delay=SECONDS`.
     #[serde(default)]
     pub disk: Vec<String>,
     /// `stdio` or a file path.
@@ -279,52 +288,159 @@ pub fn parse_net(s: &str) -> Result<NetSpec, String> {
     Ok(NetSpec { backend, mac })
 }
 
-/// Parses `nbd://HOST:PORT/EXPORT[,ro]` or `nbd+unix:///EXPORT?socket=PATH[,ro]`.
+/// Most seconds `reconnect_delay` may be.
+pub const MAX_RECONNECT_DELAY: u64 = 3600;
+
+/// Parses `URI[,ro][,reconnect_delay=SECONDS][,tls-...]`, the URI
+/// `nbd://HOST:PORT/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`, or with TLS
+/// `nbds://[ID@]HOST:PORT/EXPORT` or `nbds+unix://[ID@]/EXPORT?socket=PATH` and
+/// `tls-psk-file=PATH` (the identity from `ID@` or `tls-username=ID`) or
+/// `tls-certificates=DIR` (libnbd's layout: ca-cert.pem, client-cert.pem,
+/// client-key.pem). The TLS files are read here, so a bad one is a config error.
 pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
-    let (uri, read_only) = match s.strip_suffix(",ro") {
-        Some(u) => (u, true),
-        None => (s, false),
+    let mut items = s.split(',');
+    let uri = items.next().unwrap_or_default();
+    let (mut d, tls, uri_user) = parse_uri(uri)?;
+    let (mut psk_file, mut username, mut certs) = (None, None, None);
+    for item in items {
+        let (k, v) = item.split_once('=').unwrap_or((item, ""));
+        let nonempty = |v: &str| {
+            if v.is_empty() {
+                Err(format!("{k}: a value expected"))
+            } else {
+                Ok(v.to_string())
+            }
+        };
+        match k {
+            "ro" if v.is_empty() => d.read_only = true,
+            "reconnect_delay" => {
+                d.reconnect_delay = v
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|&n| n <= MAX_RECONNECT_DELAY)
+                    .map(Duration::from_secs)
+                    .ok_or_else(|| {
+                        format!(
+                            "reconnect_delay: expected whole seconds from 0 to \
+                             {MAX_RECONNECT_DELAY}, got {v:?}"
+                        )
+                    })?
+            }
+            "tls-psk-file" => psk_file = Some(PathBuf::from(nonempty(v)?)),
+            "tls-username" => username = Some(nonempty(v)?),
+            "tls-certificates" => certs = Some(PathBuf::from(nonempty(v)?)),
+            other => {
+                return Err(format!(
+                    "unknown option {other:?} (expected ro, reconnect_delay=SECONDS, \
+                     tls-psk-file=PATH, tls-username=ID, tls-certificates=DIR)"
+                ))
+            }
+        }
+    }
+    if !tls {
+        if psk_file.is_some() || username.is_some() || certs.is_some() || uri_user.is_some() {
+            return Err("tls-* options and ID@ need an nbds:// or nbds+unix:// URI".into());
+        }
+        return Ok(d);
+    }
+    let identity = match (uri_user, username) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(format!(
+                "tls-username: {b:?} differs from the URI's identity {a:?}"
+            ))
+        }
+        (a, b) => a.or(b),
     };
-    if let Some(rest) = uri.strip_prefix("nbd://") {
-        let (hostport, export) = rest.split_once('/').unwrap_or((rest, ""));
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) => (
+    d.tls = Some(match (psk_file, certs) {
+        (Some(f), None) => {
+            let id = identity.ok_or(
+                "tls-psk-file: the PSK identity is needed: nbds://ID@HOST/... or tls-username=ID",
+            )?;
+            TlsCreds::psk_from_file(&f, &id)
+                .map_err(|e| format!("tls-psk-file: {}", crate::error_chain(&e)))?
+        }
+        (None, Some(dir)) => {
+            if identity.is_some() {
+                return Err("tls-username: only with tls-psk-file".into());
+            }
+            TlsCreds::x509_dir(&dir)
+                .map_err(|e| format!("tls-certificates: {}", crate::error_chain(&e)))?
+        }
+        _ => {
+            return Err(
+                "nbds:// needs exactly one of tls-psk-file=PATH or tls-certificates=DIR".into(),
+            )
+        }
+    });
+    Ok(d)
+}
+
+/// Parses the URI part of a disk spec: the spec, whether the scheme asks for TLS,
+/// and the URI's user part (`ID@`, TLS only).
+fn parse_uri(uri: &str) -> Result<(DiskSpec, bool, Option<String>), String> {
+    let spec = |addr, export: &str| DiskSpec {
+        addr,
+        export: export.to_string(),
+        read_only: false,
+        reconnect_delay: Duration::ZERO,
+        tls: None,
+    };
+    let (scheme, rest) = uri.split_once("://").ok_or_else(|| {
+        format!("expected nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH, got {uri:?}")
+    })?;
+    let (unix, tls) = match scheme {
+        "nbd" => (false, false),
+        "nbds" => (false, true),
+        "nbd+unix" => (true, false),
+        "nbds+unix" => (true, true),
+        _ => {
+            return Err(format!(
+                "expected nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH \
+                 (nbds:// and nbds+unix:// with TLS), got {uri:?}"
+            ))
+        }
+    };
+    // The authority ends at the first '/'; a user part is what precedes its '@'.
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (user, authority) = match authority.rsplit_once('@') {
+        Some((u, a)) if !u.is_empty() => (Some(u.to_string()), a),
+        Some(_) => return Err(format!("empty user before '@' in {uri:?}")),
+        None => (None, authority),
+    };
+    if user.is_some() && !tls {
+        return Err(format!("a user part (ID@) needs nbds:// in {uri:?}"));
+    }
+    if !unix {
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(':') || h.starts_with('[') => (
                 h,
                 p.parse::<u16>()
                     .map_err(|_| format!("bad port {p:?} in {uri:?}"))?,
             ),
-            None => (hostport, 10809),
+            _ => (authority, 10809),
         };
         if host.is_empty() {
             return Err(format!("no host in {uri:?}"));
         }
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        Ok(DiskSpec {
-            addr: NbdAddr::Tcp(host.to_string(), port),
-            export: export.to_string(),
-            read_only,
-        })
-    } else if let Some(rest) = uri.strip_prefix("nbd+unix://") {
-        let rest = rest.strip_prefix('/').unwrap_or(rest);
-        let (export, query) = rest
+        Ok((spec(NbdAddr::Tcp(host.to_string(), port), path), tls, user))
+    } else {
+        if !authority.is_empty() {
+            return Err(format!(
+                "a unix URI has no host, got {authority:?} in {uri:?}"
+            ));
+        }
+        let (export, query) = path
             .split_once('?')
             .ok_or_else(|| format!("expected ?socket=PATH in {uri:?}"))?;
-        let path = query
+        let sock = query
             .split('&')
             .find_map(|kv| kv.strip_prefix("socket="))
             .ok_or_else(|| format!("expected ?socket=PATH in {uri:?}"))?;
-        if path.is_empty() {
+        if sock.is_empty() {
             return Err(format!("empty socket path in {uri:?}"));
         }
-        Ok(DiskSpec {
-            addr: NbdAddr::Unix(PathBuf::from(path)),
-            export: export.to_string(),
-            read_only,
-        })
-    } else {
-        Err(format!(
-            "expected nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH, got {s:?}"
-        ))
+        Ok((spec(NbdAddr::Unix(PathBuf::from(sock)), export), tls, user))
     }
 }
 
@@ -356,7 +472,57 @@ mod tests {
         assert_eq!(d.addr, NbdAddr::Unix("/tmp/s.sock".into()));
         assert_eq!(d.export, "e1");
         assert!(!d.read_only);
+        assert_eq!(d.reconnect_delay, Duration::ZERO);
+        let d = parse_disk("nbd://h/e,reconnect_delay=30,ro").unwrap();
+        assert_eq!(d.reconnect_delay, Duration::from_secs(30));
+        assert!(d.read_only);
+        let e = parse_disk("nbd://h/e,reconnect_delay=soon").unwrap_err();
+        assert!(e.starts_with("reconnect_delay:"), "{e}");
+        assert!(parse_disk("nbd://h/e,reconnect_delay=99999").is_err());
+        assert!(parse_disk("nbd://h/e,fast").is_err());
         assert!(parse_disk("file:///x").is_err());
+        assert_eq!(
+            parse_disk("nbd://[::1]:99/e").unwrap().addr,
+            NbdAddr::Tcp("::1".into(), 99)
+        );
+        assert!(parse_disk("nbd://u@h/e").is_err());
+        assert!(parse_disk("nbd://h/e,tls-psk-file=/x").is_err());
+        assert!(parse_disk("nbds://h/e").is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let psk = dir.path().join("k.psk");
+        std::fs::write(&psk, "alice:0102\n").unwrap();
+        let p = psk.display();
+        for s in [
+            format!("nbds://alice@h:1/e,tls-psk-file={p}"),
+            format!("nbds://h:1/e,tls-psk-file={p},tls-username=alice"),
+        ] {
+            let d = parse_disk(&s).unwrap();
+            assert_eq!(d.addr, NbdAddr::Tcp("h".into(), 1));
+            assert_eq!(d.export, "e");
+            let want = TlsCreds::Psk {
+                identity: "alice".into(),
+                key: vec![1, 2],
+            };
+            assert_eq!(d.tls, Some(want));
+        }
+        let e = parse_disk(&format!("nbds://h/e,tls-psk-file={p}")).unwrap_err();
+        assert!(e.starts_with("tls-psk-file: the PSK identity"), "{e}");
+        let e = parse_disk(&format!("nbds://bob@h/e,tls-psk-file={p}")).unwrap_err();
+        assert!(e.contains("no key for identity \"bob\""), "{e}");
+        let e =
+            parse_disk(&format!("nbds://bob@h/e,tls-psk-file={p},tls-username=al")).unwrap_err();
+        assert!(e.starts_with("tls-username:"), "{e}");
+        let d = parse_disk(&format!("nbds+unix://alice@/e?socket=/s,tls-psk-file={p}")).unwrap();
+        assert_eq!(d.addr, NbdAddr::Unix("/s".into()));
+        let e = parse_disk(&format!(
+            "nbds://h/e,tls-certificates={}",
+            dir.path().display()
+        ))
+        .unwrap_err();
+        assert!(
+            e.starts_with("tls-certificates:") && e.contains("ca-cert.pem"),
+            "{e}"
+        );
         assert!(parse_disk("nbd://:1/x").is_err());
     }
 

@@ -32,7 +32,9 @@ struct Cli {
     /// NIC: tap=IFNAME[,mac=MAC] or netd=NETWORK[,mac=MAC]; repeatable.
     #[arg(long)]
     net: Vec<String>,
-    /// Disk: nbd://HOST:PORT/EXPORT[,ro] or nbd+unix:///EXPORT?socket=PATH[,ro]; repeatable.
+    /// Disk: nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH, or with TLS
+    /// nbds://[ID@]HOST:PORT/EXPORT, then options: ,ro ,reconnect_delay=SECONDS
+    /// ,tls-psk-file=PATH ,tls-username=ID ,tls-certificates=DIR; repeatable.
     #[arg(long)]
     disk: Vec<String>,
     /// Console: stdio or a file path.

@@ -5,7 +5,10 @@
 //! [`NbdClient::submit`]; they are all written to the socket (each with a unique cookie)
 //! and then replies are read until every cookie is answered, in whatever order the server
 //! answers. Replies may be simple or structured (`OFFSET_DATA`, `OFFSET_HOLE`, `ERROR`,
-//! `ERROR_OFFSET`, `NONE`), and a read's data is assembled from its chunks. To rule out a
+//! `ERROR_OFFSET`, `NONE`), and a read's data is assembled from its chunks, which must
+//! cover every byte of the request exactly once: overlapping chunks are a protocol
+//! violation, and a successful reply that leaves bytes out is an I/O error for that
+//! request (counted in [`NbdClient::short_reads`]), never zeros. To rule out a
 //! deadlock (both sides blocked writing large payloads), a batch never mixes requests
 //! that carry data (writes) with requests whose replies carry data (reads): a batch is
 //! all-writes-and-small, or all-reads-and-small. Every length the server sends is bounded
@@ -13,6 +16,7 @@
 //! fails the connection ([`NbdError::Protocol`]), which the device reports to the guest as
 //! I/O errors. A per-request NBD error (EIO, ENOSPC, EPERM...) fails only that request.
 
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
@@ -25,7 +29,9 @@ use nbd_proto::{
     OPTION_REPLY_HEADER_LEN, STRUCTURED_REPLY_MAGIC,
 };
 
-use crate::config::NbdAddr;
+use openssl::ssl::SslStream;
+
+use crate::config::{DiskSpec, NbdAddr};
 
 /// Transmission flags the block device looks at.
 pub use nbd_proto::tflag::{
@@ -37,6 +43,8 @@ pub use nbd_proto::MAX_PAYLOAD;
 
 /// How long one read or write on the connection may block.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long one TCP connection attempt may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest number of requests in flight at once.
 pub const MAX_IN_FLIGHT: usize = 64;
 
@@ -71,6 +79,9 @@ pub enum NbdError {
         /// The server's reason.
         message: String,
     },
+    /// TLS could not be set up (refused STARTTLS, failed handshake or verification)
+    #[error("NBD TLS: {0}")]
+    Tls(String),
     /// the connection is already failed
     #[error("NBD connection is down after an earlier error")]
     Down,
@@ -128,6 +139,14 @@ pub type Outcome = Result<Vec<u8>, u32>;
 enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    TlsTcp(Box<SslStream<TcpStream>>),
+    TlsUnix(Box<SslStream<UnixStream>>),
+    /// Only while the plain socket is being upgraded to TLS.
+    Gone,
+}
+
+fn gone() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "connection closed")
 }
 
 impl Read for Stream {
@@ -135,6 +154,9 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+            Stream::TlsTcp(s) => s.read(buf),
+            Stream::TlsUnix(s) => s.read(buf),
+            Stream::Gone => Err(gone()),
         }
     }
 }
@@ -144,10 +166,58 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
+            Stream::TlsTcp(s) => s.write(buf),
+            Stream::TlsUnix(s) => s.write(buf),
+            Stream::Gone => Err(gone()),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::TlsTcp(s) => s.flush(),
+            Stream::TlsUnix(s) => s.flush(),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Stream {
+    /// The socket under any TLS.
+    fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        let (tcp, unix) = match self {
+            Stream::Tcp(s) => (Some(s), None),
+            Stream::TlsTcp(s) => (Some(s.get_ref()), None),
+            Stream::Unix(s) => (None, Some(s)),
+            Stream::TlsUnix(s) => (None, Some(s.get_ref())),
+            Stream::Gone => return Err(gone()),
+        };
+        if let Some(s) = tcp {
+            s.set_read_timeout(t)?;
+            s.set_write_timeout(t)?;
+        }
+        if let Some(s) = unix {
+            s.set_read_timeout(t)?;
+            s.set_write_timeout(t)?;
+        }
         Ok(())
+    }
+
+    /// Sends TLS close_notify if there is TLS, then shuts the socket down.
+    fn shutdown(&mut self) -> io::Result<()> {
+        use std::net::Shutdown::Both;
+        match self {
+            Stream::Tcp(s) => s.shutdown(Both),
+            Stream::Unix(s) => s.shutdown(Both),
+            Stream::TlsTcp(s) => {
+                // GnuTLS servers (nbdkit, qemu-nbd) log an error without it.
+                let _ = s.shutdown();
+                s.get_ref().shutdown(Both)
+            }
+            Stream::TlsUnix(s) => {
+                let _ = s.shutdown();
+                s.get_ref().shutdown(Both)
+            }
+            Stream::Gone => Ok(()),
+        }
     }
 }
 
@@ -159,6 +229,7 @@ pub struct NbdClient {
     structured: bool,
     next_cookie: u64,
     down: bool,
+    short_reads: u64,
 }
 
 fn rd<const N: usize>(r: &mut impl Read) -> io::Result<[u8; N]> {
@@ -179,15 +250,24 @@ fn parse_err(e: ParseError) -> NbdError {
 }
 
 impl NbdClient {
-    /// Connects and negotiates the export.
+    /// Connects and negotiates the export (no TLS).
     pub fn connect(addr: &NbdAddr, export: &str) -> Result<Self, NbdError> {
+        Self::connect_tls(addr, export, None)
+    }
+
+    /// Connects, upgrades to TLS with `tls` (refusing a server that will not), and
+    /// negotiates the export.
+    pub fn connect_tls(
+        addr: &NbdAddr,
+        export: &str,
+        tls: Option<&TlsCreds>,
+    ) -> Result<Self, NbdError> {
         let stream = match addr {
             NbdAddr::Tcp(h, p) => {
-                let s =
-                    TcpStream::connect((h.as_str(), *p)).map_err(|source| NbdError::Connect {
-                        addr: format!("{h}:{p}"),
-                        source,
-                    })?;
+                let s = connect_tcp(h, *p).map_err(|source| NbdError::Connect {
+                    addr: format!("{h}:{p}"),
+                    source,
+                })?;
                 let _ = s.set_nodelay(true);
                 Stream::Tcp(s)
             }
@@ -205,30 +285,31 @@ impl NbdClient {
             structured: false,
             next_cookie: 1,
             down: false,
+            short_reads: 0,
         };
         c.set_timeout(Some(Duration::from_secs(30)))?;
-        c.handshake(export)?;
+        let host = match addr {
+            NbdAddr::Tcp(h, _) => h.as_str(),
+            NbdAddr::Unix(_) => "localhost",
+        };
+        c.handshake(export, tls.map(|t| (t, host)))?;
         Ok(c)
     }
 
+    /// Connects to a disk's server and export, with TLS if the disk has credentials.
+    pub fn connect_spec(spec: &DiskSpec) -> Result<Self, NbdError> {
+        Self::connect_tls(&spec.addr, &spec.export, spec.tls.as_ref())
+    }
+
     fn set_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
-        match self.stream.get_ref() {
-            Stream::Tcp(s) => {
-                s.set_read_timeout(t)?;
-                s.set_write_timeout(t)
-            }
-            Stream::Unix(s) => {
-                s.set_read_timeout(t)?;
-                s.set_write_timeout(t)
-            }
-        }
+        self.stream.get_ref().set_timeout(t)
     }
 
     fn w(&mut self) -> &mut Stream {
         self.stream.get_mut()
     }
 
-    fn handshake(&mut self, export: &str) -> Result<(), NbdError> {
+    fn handshake(&mut self, export: &str, tls: Option<(&TlsCreds, &str)>) -> Result<(), NbdError> {
         let mut hello = [0u8; HELLO_LEN];
         let (magic, rest) = hello.split_at_mut(8);
         self.stream.read_exact(magic)?;
@@ -249,6 +330,9 @@ impl NbdClient {
         }
         .emit(&mut cflags);
         self.w().write_all(&cflags)?;
+        if let Some((creds, host)) = tls {
+            self.start_tls(creds, host)?;
+        }
 
         // Structured replies: optional; a refusal means simple replies.
         self.send_option(&OptionRequest::StructuredReply)?;
@@ -313,6 +397,44 @@ impl NbdClient {
         Ok(())
     }
 
+    /// NBD_OPT_STARTTLS, then TLS on the socket: any reply but ACK fails the
+    /// connection, so nothing after the flags ever goes out in clear.
+    fn start_tls(&mut self, creds: &TlsCreds, host: &str) -> Result<(), NbdError> {
+        self.send_option(&OptionRequest::StartTls)?;
+        let (ty, data) = self.read_option_reply(opt::STARTTLS)?;
+        if ty != rep::ACK {
+            return Err(NbdError::Tls(format!(
+                "server refused STARTTLS (reply {ty:#x}: {})",
+                String::from_utf8_lossy(&data)
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
+            )));
+        }
+        // The server sends nothing after the ACK before the client's hello; bytes
+        // already buffered would be an injection in clear.
+        if !self.stream.buffer().is_empty() {
+            return Err(proto("data after the STARTTLS reply"));
+        }
+        let plain = std::mem::replace(
+            &mut self.stream,
+            io::BufReader::with_capacity(0, Stream::Gone),
+        )
+        .into_inner();
+        let tls_err = |e: io::Error| NbdError::Tls(e.to_string());
+        let upgraded = match plain {
+            Stream::Tcp(s) => {
+                Stream::TlsTcp(Box::new(tls::handshake(creds, host, s).map_err(tls_err)?))
+            }
+            Stream::Unix(s) => {
+                Stream::TlsUnix(Box::new(tls::handshake(creds, host, s).map_err(tls_err)?))
+            }
+            _ => return Err(proto("STARTTLS on a TLS connection")),
+        };
+        self.stream = io::BufReader::with_capacity(256 << 10, upgraded);
+        Ok(())
+    }
+
     fn send_option(&mut self, o: &OptionRequest) -> io::Result<()> {
         let mut b = Vec::with_capacity(nbd_proto::OPTION_HEADER_LEN + o.data_len());
         o.emit(&mut b);
@@ -345,6 +467,11 @@ impl NbdClient {
     /// Whether the export is read-only.
     pub fn read_only(&self) -> bool {
         self.flags & TFLAG_READ_ONLY != 0
+    }
+
+    /// READ replies that did not cover their request (answered as I/O errors).
+    pub fn short_reads(&self) -> u64 {
+        self.short_reads
     }
 
     /// Whether structured replies were negotiated.
@@ -447,6 +574,8 @@ impl NbdClient {
         // connection, not hold the vCPU for ever.
         let mut covered: Vec<u64> = vec![0; reqs.len()];
         let mut other_chunks: Vec<u32> = vec![0; reqs.len()];
+        // The byte ranges (relative to the request) each read's chunks covered.
+        let mut seen: Vec<BTreeMap<u64, u64>> = vec![BTreeMap::new(); reqs.len()];
         let mut pending = reqs.len();
         while pending > 0 {
             let r = &mut self.stream;
@@ -517,6 +646,13 @@ impl NbdClient {
                                     (hole.offset, hole.len)
                                 }
                             };
+                            if n == 0 {
+                                // Covers nothing, so nothing bounds how many come.
+                                other_chunks[k] += 1;
+                                if other_chunks[k] > MAX_OTHER_CHUNKS {
+                                    return Err(proto("too many chunks for one request"));
+                                }
+                            }
                             covered[k] += u64::from(n);
                             if covered[k] > u64::from(rlen) {
                                 return Err(proto("chunks cover more than the request"));
@@ -533,6 +669,13 @@ impl NbdClient {
                                     partial[k].as_mut()?.get_mut(s..e)
                                 })
                                 .ok_or_else(|| proto("chunk outside the request"))?;
+                            // Every byte once: with the sum bounded by the request, no
+                            // overlap and a sum equal to the length at DONE mean the
+                            // chunks tile the request exactly.
+                            let s = off - offset;
+                            if n > 0 && !claim(&mut seen[k], s, s + u64::from(n)) {
+                                return Err(proto("chunks overlap"));
+                            }
                             if matches!(payload, ChunkPayload::OffsetData { .. }) {
                                 r.read_exact(b)?;
                             } else {
@@ -555,6 +698,19 @@ impl NbdClient {
                         }
                     }
                     if h.is_final() {
+                        // A successful read whose chunks left bytes out would hand
+                        // the guest zeros it never wrote: an I/O error instead.
+                        if let (None, Request::Read { len: rlen, .. }) = (errs[k], &reqs[k]) {
+                            if covered[k] != u64::from(*rlen) {
+                                self.short_reads += 1;
+                                tracing::warn!(
+                                    want = rlen,
+                                    got = covered[k],
+                                    "NBD server answered a READ short"
+                                );
+                                errs[k] = Some(err::EIO);
+                            }
+                        }
                         out[k] = Some(match errs[k] {
                             Some(e) => Err(e),
                             None => Ok(partial[k].take().unwrap_or_default()),
@@ -584,12 +740,38 @@ impl NbdClient {
         nbd_proto::Request::new(Command::Disc, 0, self.next_cookie, 0, 0).emit(&mut b);
         self.w().write_all(&b)?;
         self.down = true;
-        match self.stream.get_ref() {
-            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both)?,
-            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both)?,
-        }
+        self.stream.get_mut().shutdown()?;
         Ok(())
     }
+}
+
+/// Connects to `host:port`, each resolved address in turn, giving each
+/// [`CONNECT_TIMEOUT`] (a host that drops SYNs must not hold a reconnecting disk for
+/// the kernel's two minutes).
+fn connect_tcp(host: &str, port: u16) -> io::Result<TcpStream> {
+    use std::net::ToSocketAddrs;
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "host has no address");
+    for a in (host, port).to_socket_addrs()? {
+        match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// Records `start..end` in `ranges` (disjoint, keyed by start) unless it overlaps one
+/// already there; returns whether it was recorded.
+fn claim(ranges: &mut BTreeMap<u64, u64>, start: u64, end: u64) -> bool {
+    // The ranges are disjoint, so the one starting last before `end` also ends last
+    // of those: it alone can overlap.
+    if let Some((_, &e)) = ranges.range(..end).next_back() {
+        if e > start {
+            return false;
+        }
+    }
+    ranges.insert(start, end);
+    true
 }
 
 fn slot(cookie: u64, base: u64, n: usize) -> Result<usize, NbdError> {
@@ -600,6 +782,11 @@ fn slot(cookie: u64, base: u64, n: usize) -> Result<usize, NbdError> {
         Err(proto(format!("reply for unknown cookie {cookie}")))
     }
 }
+
+mod session;
+pub mod tls;
+pub use session::{NbdSession, SessionStats};
+pub use tls::TlsCreds;
 
 #[cfg(test)]
 mod tests;

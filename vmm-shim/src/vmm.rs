@@ -6,13 +6,16 @@
 //! vCPUs and the helper threads, wait, shut down. Each step is one function below.
 //!
 //! Threads: one per vCPU (KVM_RUN loop, in `vmm/vcpu.rs`; port and MMIO exits are served on
-//! that thread, including virtio queue processing, so a kick returns when its requests
-//! are done), one RX thread per NIC (waits on the TAP and the device's wake eventfd),
+//! that thread, including virtio-net TX), one I/O thread per disk (KVM_IOEVENTFD turns the
+//! guest's QueueNotify into a signal on its eventfd; it runs the queue and holds the
+//! device lock only to pop and to complete, never while the NBD server answers, so a
+//! slow, stalled or reconnecting server stalls that disk's requests, not the vCPU),
+//! one RX thread per NIC (waits on the TAP and the device's wake eventfd),
 //! one that waits for SIGTERM/SIGINT and, with `--console stdio`, one that feeds
 //! standard input to the UART. Every vCPU thread and the signal thread report how the
 //! VM should end on one channel; the first report wins. The main thread then sets the
 //! stop flag, kicks the vCPU threads out of KVM_RUN with a signal until they are gone,
-//! stops the RX threads, flushes and disconnects every NBD backend, hands netd's ports
+//! stops the RX and disk threads, flushes and disconnects every NBD backend, hands netd's ports
 //! back and returns the reason, which `main` turns into the exit status: guest reset,
 //! power-off or SIGTERM -> 0; triple fault, KVM internal error, entry failure -> 1.
 
@@ -27,7 +30,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -35,8 +38,8 @@ use self::vcpu::{start_vcpus, stop_vcpus, MmioBus, VcpuShared};
 use crate::boot;
 use crate::config::{Console, NetBackend as NetKind, VmConfig};
 use crate::layout;
-use crate::legacy::{ConsoleOut, IrqEvt, PioBus, SerialDev};
-use crate::nbd::NbdClient;
+use crate::legacy::{ConsoleOut, ConsoleSink, IrqEvt, PioBus, SerialDev};
+use crate::nbd::NbdSession;
 use crate::sys::{self, Tap};
 use crate::virtio::blk::Block;
 use crate::virtio::mmio::MmioTransport;
@@ -149,7 +152,16 @@ impl ExitReason {
     }
 }
 
-type BlockDev = Arc<Mutex<MmioTransport<Block<NbdClient>>>>;
+/// A disk's NBD session, shared by its device and its I/O thread.
+type Session = Arc<Mutex<NbdSession>>;
+type BlockDev = Arc<Mutex<MmioTransport<Block<Session>>>>;
+
+/// The disks' side of shutdown: each device, its session and its I/O thread, and the
+/// eventfd that stops the threads.
+struct Disks {
+    disks: Vec<(BlockDev, Session, JoinHandle<()>)>,
+    stop: Arc<EventFd>,
+}
 type NetDev = Arc<Mutex<MmioTransport<Net<Tap>>>>;
 
 /// The NICs' side of shutdown: their receive threads, the eventfd that stops them, and
@@ -165,7 +177,7 @@ struct Nics {
 struct Running {
     vcpu_threads: Vec<JoinHandle<()>>,
     shared: Arc<VcpuShared>,
-    blocks: Vec<BlockDev>,
+    disks: Disks,
     nics: Nics,
     serial: Arc<Mutex<SerialDev>>,
 }
@@ -192,7 +204,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
 
     let mut cmdline = cfg.cmdline.clone();
     let mut bus = MmioBus::default();
-    let blocks = attach_disks(&vm, &mem, &cfg, &mut bus, &mut cmdline)?;
+    let disks = attach_disks(&vm, &mem, &cfg, &mut bus, &mut cmdline)?;
     let nics = attach_nics(&vm, &mem, &cfg, &mut bus, &mut cmdline)?;
     let entry = load_kernel(&mem, &cfg, &bus, &cmdline)?;
 
@@ -214,7 +226,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
         Running {
             vcpu_threads,
             shared,
-            blocks,
+            disks,
             nics,
             serial,
         },
@@ -253,8 +265,8 @@ fn guest_memory(vm: &VmFd, bytes: u64) -> Result<GuestMemoryMmap, VmmError> {
 /// The 8250 UART at 0x3f8: output to stdout or appended to a file, its IRQ an irqfd.
 fn serial_console(vm: &VmFd, console: &Console) -> Result<Arc<Mutex<SerialDev>>, VmmError> {
     let out = match console {
-        Console::Stdio => ConsoleOut::Stdout,
-        Console::File(p) => ConsoleOut::File(
+        Console::Stdio => ConsoleSink::Stdout,
+        Console::File(p) => ConsoleSink::File(
             OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -270,37 +282,117 @@ fn serial_console(vm: &VmFd, console: &Console) -> Result<Arc<Mutex<SerialDev>>,
         .map_err(kvm_err("KVM_IRQFD (serial)"))?;
     Ok(Arc::new(Mutex::new(SerialDev::new(
         IrqEvt(serial_evt),
-        out,
+        ConsoleOut::new(out),
     ))))
 }
 
-/// Connects every disk's NBD export and puts a virtio-blk device for it on the bus, in
-/// command-line order.
+/// Connects every disk's NBD export, puts a virtio-blk device for it on the bus, in
+/// command-line order, and starts its I/O thread ([`disk_io_loop`]). The guest's
+/// QueueNotify writes to the window signal the thread's eventfd straight from KVM
+/// (KVM_IOEVENTFD); where KVM refuses that, the transport signals it.
 fn attach_disks(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     cfg: &VmConfig,
     bus: &mut MmioBus,
     cmdline: &mut String,
-) -> Result<Vec<BlockDev>, VmmError> {
-    let mut blocks = Vec::new();
+) -> Result<Disks, VmmError> {
+    let mut disks = Disks {
+        disks: Vec::new(),
+        stop: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(os_err("eventfd"))?),
+    };
     for (index, d) in cfg.disks.iter().enumerate() {
-        let client = NbdClient::connect(&d.addr, &d.export)
-            .map_err(|source| VmmError::Disk { index, source })?;
+        let session = NbdSession::connect(d).map_err(|source| VmmError::Disk { index, source })?;
         tracing::info!(
             disk = index,
             export = %d.export,
-            size = client.size(),
-            read_only = client.read_only() || d.read_only,
-            structured = client.structured(),
+            size = session.size(),
+            read_only = session.read_only() || d.read_only,
+            structured = session.structured(),
+            tls = d.tls.is_some(),
+            reconnect_delay_s = d.reconnect_delay.as_secs(),
             "NBD export connected"
         );
-        let dev = Block::new(client, d.read_only, &format!("nbd{index}"));
+        let session: Session = Arc::new(Mutex::new(session));
+        let kick = EventFd::new(EFD_NONBLOCK).map_err(os_err("eventfd"))?;
+        let notify_addr = bus.next_window() + crate::virtio::mmio::QUEUE_NOTIFY;
+        if let Err(e) = vm.register_ioevent(&kick, &IoEventAddress::Mmio(notify_addr), NoDatamatch)
+        {
+            tracing::warn!(disk = index, error = %e, "KVM_IOEVENTFD failed; kicks go through the transport");
+        }
+        let dev = Block::new(session.clone(), d.read_only, &format!("nbd{index}"))
+            .with_kick(kick.try_clone().map_err(os_err("eventfd"))?);
         let t = bus.transport(vm, mem, dev)?;
         bus.attach(t.clone(), cmdline);
-        blocks.push(t);
+        let (t2, s2, stop) = (t.clone(), session.clone(), disks.stop.clone());
+        let h = thread::Builder::new()
+            .name(format!("disk{index}-io"))
+            .spawn(move || disk_io_loop(t2, s2, kick, stop))
+            .map_err(os_err("spawning a disk thread"))?;
+        disks.disks.push((t, session, h));
     }
-    Ok(blocks)
+    Ok(disks)
+}
+
+/// A disk's I/O thread: waits for a kick, then runs rounds until the avail ring is
+/// empty. A round takes the device lock to pop and parse chains, lets go of it while
+/// the NBD server answers (so the vCPUs' register accesses, the guest's other
+/// devices and a stalled or reconnecting server never wait on each other), and takes
+/// it again to complete, unless the driver reset or failed the device meanwhile (then
+/// the answers are dropped: the rings they belonged to are gone).
+fn disk_io_loop(t: BlockDev, session: Session, kick: EventFd, stop: Arc<EventFd>) {
+    let fds = [stop.as_raw_fd(), kick.as_raw_fd()];
+    loop {
+        match sys::poll_readable(&fds, -1) {
+            Ok(r) if r.first() == Some(&true) => return,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "poll failed; disk I/O stops");
+                return;
+            }
+        }
+        // Reset the counter; EAGAIN (already read) is fine.
+        let _ = kick.read();
+        loop {
+            let (round, resets) = {
+                let mut g = t.lock().unwrap_or_else(|e| e.into_inner());
+                if !g.active() || !g.queue_ready(0) {
+                    break;
+                }
+                let resets = g.resets();
+                let (dev, queues, mem, irq) = g.parts();
+                let Some(q) = queues.get_mut(0) else { break };
+                let (round, popped) = dev.collect(q, mem);
+                if !popped {
+                    break;
+                }
+                let Some(round) = round else {
+                    // Only malformed chains, answered already.
+                    irq.signal_used();
+                    continue;
+                };
+                (round, resets)
+            };
+            let outcomes = if round.requests().is_empty() {
+                Ok(Vec::new())
+            } else {
+                session
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .submit(round.requests())
+            };
+            let mut g = t.lock().unwrap_or_else(|e| e.into_inner());
+            if g.resets() != resets || !g.active() {
+                tracing::debug!("device reset during a round; its answers are dropped");
+                continue;
+            }
+            let (dev, queues, mem, irq) = g.parts();
+            if let Some(q) = queues.get_mut(0) {
+                dev.complete(round, outcomes, q, mem);
+                irq.signal_used();
+            }
+        }
+    }
 }
 
 /// Opens every NIC's TAP (asking netd for a `vm` port first where the NIC names a netd
@@ -414,24 +506,37 @@ fn shutdown(vm: Running, cfg: &VmConfig) {
     for h in vm.nics.rx_threads {
         let _ = h.join();
     }
-    close_disks(&vm.blocks, deadline);
+    let _ = vm.disks.stop.write(1);
+    close_disks(vm.disks.disks, deadline);
     for (network, port) in &vm.nics.netd_ports {
         if let Err(e) = crate::netd_client::del_port(&cfg.netd_control, network, port) {
             tracing::warn!(port = %port, error = %crate::error_chain(&e), "netd port removal failed");
         }
     }
     let _ = vm.serial.lock().map(|mut s| {
-        let _ = std::io::Write::flush(s.writer_mut());
+        let out = s.writer_mut();
+        let _ = std::io::Write::flush(out);
+        tracing::info!(
+            serial_dropped = out.dropped().load(std::sync::atomic::Ordering::Relaxed),
+            "console closing"
+        );
     });
 }
 
-/// Logs each disk's counters and flushes and disconnects its NBD export. A disk still
-/// locked by a stuck request at `deadline` is left as it is.
-fn close_disks(blocks: &[BlockDev], deadline: Instant) {
-    for (i, b) in blocks.iter().enumerate() {
-        let mut t = loop {
-            match b.try_lock() {
-                Ok(t) => break Some(t),
+/// Waits for each disk's I/O thread, logs the disk's counters and flushes and
+/// disconnects its NBD export. A disk still busy in a stuck request at `deadline`
+/// (a server that stopped answering, or a reconnect under way) is left as it is.
+fn close_disks(disks: Vec<(BlockDev, Session, JoinHandle<()>)>, deadline: Instant) {
+    for (i, (t, session, h)) in disks.into_iter().enumerate() {
+        while !h.is_finished() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        if h.is_finished() {
+            let _ = h.join();
+        }
+        let mut s = loop {
+            match session.try_lock() {
+                Ok(s) => break Some(s),
                 Err(TryLockError::Poisoned(e)) => break Some(e.into_inner()),
                 Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
                     thread::sleep(Duration::from_millis(5))
@@ -439,19 +544,26 @@ fn close_disks(blocks: &[BlockDev], deadline: Instant) {
                 Err(TryLockError::WouldBlock) => break None,
             }
         };
-        let Some(t) = t.as_mut() else {
+        let Some(s) = s.as_mut() else {
             tracing::warn!(disk = i, "disk busy in a stuck request; not flushed");
             continue;
         };
-        let c = t.device().counters();
-        tracing::info!(
-            disk = i,
-            completed = Counters::get(&c.completed),
-            io_errors = Counters::get(&c.io_errors),
-            bad_chains = Counters::get(&c.bad_chains),
-            "disk closing"
-        );
-        if let Err(e) = t.device_mut().close() {
+        {
+            let g = t.lock().unwrap_or_else(|e| e.into_inner());
+            let c = g.device().counters();
+            let stats = s.stats();
+            tracing::info!(
+                disk = i,
+                completed = Counters::get(&c.completed),
+                io_errors = Counters::get(&c.io_errors),
+                bad_chains = Counters::get(&c.bad_chains),
+                refused_mmio = Counters::get(&c.refused_mmio),
+                reconnects = stats.reconnects,
+                short_reads = stats.short_reads,
+                "disk closing"
+            );
+        }
+        if let Err(e) = s.close() {
             tracing::warn!(disk = i, error = %crate::error_chain(&e), "NBD close failed");
         }
     }

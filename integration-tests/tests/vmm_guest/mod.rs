@@ -8,6 +8,8 @@
 //! `dev_init` (reset, ACK, DRIVER, VERSION_1 + the features in r8d, FEATURES_OK),
 //! `setup_queue` (queue edi, 8 entries, rings at esi, esi+0x1000, esi+0x2000) and
 //! `driver_ok`. Device windows start at 0xd0000000, 4 KiB apart: disks, then NICs.
+//! A disk completes requests on its own thread, so `SUBMIT` waits for the used index
+//! (`WAIT_USED`) before the guest looks at the result.
 
 #![allow(dead_code)]
 
@@ -75,10 +77,25 @@ pub const PRELUDE: &str = concat!(
     DSET \ring, 2, \status, 1, F_WRITE, 0
     .endm
 
-    # SUBMIT ring, slot, head, newidx: publish a chain head and notify queue 0.
+    # SUBMIT ring, slot, head, newidx: publish a chain head, notify queue 0 and wait
+    # for the device to use it (see WAIT_USED).
     .macro SUBMIT ring, slot, head, newidx
     AVAIL \ring, \slot, \head, \newidx
     movl $0, 0x50(%rbx)
+    WAIT_USED \ring, \newidx
+    .endm
+
+    # WAIT_USED ring, idx: spin (a bounded while) until the used index is `idx`: a
+    # disk completes on its own I/O thread, after the kick has returned. Keeps rcx.
+    .macro WAIT_USED ring, idx
+    push %rcx
+    mov $0x20000000, %ecx
+7:  cmpw $\idx, \ring+0x2000+2
+    je 8f
+    pause
+    dec %ecx
+    jnz 7b
+8:  pop %rcx
     .endm
 
     # EXPECT_USED ring, idx, code: FAIL with `code` unless the used index is `idx`.
@@ -355,6 +372,14 @@ impl LiveVm {
         let mut line = String::new();
         self.out.read_line(&mut line).expect("read vmm-shim stdout");
         assert_eq!(line, want, "unexpected serial line from the guest");
+    }
+
+    /// The next line of the guest's serial output (with its `\n`).
+    pub fn read_line(&mut self) -> String {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.out.read_line(&mut line).expect("read vmm-shim stdout");
+        line
     }
 
     /// Writes `bytes` to the guest's console input.

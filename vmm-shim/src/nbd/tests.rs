@@ -256,3 +256,111 @@ fn endless_chunks_for_one_request_are_a_protocol_error() {
         server.join().unwrap();
     }
 }
+
+#[test]
+fn a_read_reply_must_cover_the_request_exactly() {
+    // Round 0: one data chunk for half the read, then DONE: an I/O error for that
+    // request, and the connection still serves the next read in full.
+    // Round 1: two chunks that overlap but add up to the length: a protocol error.
+    for round in 0..2 {
+        let (_dir, addr, server) = scripted(move |mut s| {
+            handshake(&mut s);
+            let (_, cookie, off, _) = request(&mut s);
+            let mut d = off.to_be_bytes().to_vec();
+            d.extend_from_slice(&[0x11; 512]);
+            if round == 0 {
+                chunk(&mut s, chunk::FLAG_DONE, chunk::OFFSET_DATA, cookie, &d);
+                let (_, cookie, off, len) = request(&mut s);
+                let mut d = off.to_be_bytes().to_vec();
+                d.extend_from_slice(&vec![0x22; len as usize]);
+                chunk(&mut s, chunk::FLAG_DONE, chunk::OFFSET_DATA, cookie, &d);
+            } else {
+                chunk(&mut s, 0, chunk::OFFSET_DATA, cookie, &d);
+                chunk(&mut s, chunk::FLAG_DONE, chunk::OFFSET_DATA, cookie, &d);
+            }
+        });
+        let mut c = NbdClient::connect(&addr, "e").unwrap();
+        let r = c.submit(&[Request::Read {
+            offset: 0,
+            len: 1024,
+        }]);
+        if round == 0 {
+            assert_eq!(r.unwrap(), vec![Err(err::EIO)]);
+            assert_eq!(c.short_reads(), 1);
+            let r = c
+                .submit(&[Request::Read {
+                    offset: 4096,
+                    len: 1024,
+                }])
+                .unwrap();
+            assert_eq!(r, vec![Ok(vec![0x22; 1024])]);
+        } else {
+            let err = r.unwrap_err();
+            assert!(err.to_string().contains("overlap"), "{err}");
+        }
+        server.join().unwrap();
+    }
+}
+
+#[test]
+fn claimed_ranges_never_overlap() {
+    let mut m = BTreeMap::new();
+    assert!(claim(&mut m, 10, 20));
+    assert!(claim(&mut m, 20, 30));
+    assert!(claim(&mut m, 0, 10));
+    assert!(!claim(&mut m, 5, 6));
+    assert!(!claim(&mut m, 19, 21));
+    assert!(!claim(&mut m, 0, 100));
+    assert!(claim(&mut m, 30, 31));
+}
+
+#[test]
+fn a_session_reconnects_and_retries_the_batch_in_flight() {
+    for delay in [5u64, 0] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nbd.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            // First connection: takes the read, dies without answering.
+            let mut s = l.accept().unwrap().0;
+            handshake(&mut s);
+            request(&mut s);
+            drop(s);
+            if delay == 0 {
+                return;
+            }
+            // Second: answers it.
+            let mut s = l.accept().unwrap().0;
+            handshake(&mut s);
+            let (_, cookie, _, len) = request(&mut s);
+            let mut b = Vec::new();
+            SimpleReply {
+                error: 0,
+                handle: cookie,
+            }
+            .emit(&mut b);
+            b.extend_from_slice(&vec![0x33; len as usize]);
+            s.write_all(&b).unwrap();
+        });
+        let spec = DiskSpec {
+            addr: NbdAddr::Unix(path.clone()),
+            export: "e".into(),
+            read_only: false,
+            reconnect_delay: Duration::from_secs(delay),
+            tls: None,
+        };
+        let mut c = NbdSession::connect(&spec).unwrap();
+        let r = c.submit(&[Request::Read {
+            offset: 0,
+            len: 512,
+        }]);
+        server.join().unwrap();
+        if delay == 0 {
+            assert!(r.is_err());
+            assert_eq!(c.stats().reconnects, 0);
+        } else {
+            assert_eq!(r.unwrap(), vec![Ok(vec![0x33; 512])]);
+            assert_eq!(c.stats().reconnects, 1);
+        }
+    }
+}

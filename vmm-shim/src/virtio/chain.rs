@@ -1,15 +1,18 @@
 //! A checked view of one descriptor chain.
 //!
-//! [`ChainView::parse`] walks a chain once (virtio-queue's iterator bounds its length
-//! and follows indirect tables) and checks what the spec requires and what we rely on:
+//! [`ChainView::parse`] walks a chain once, reading each descriptor from the table
+//! itself (virtio-queue's iterator would follow indirect tables, up to 65,535
+//! descriptors each, although we never offer VIRTIO_F_INDIRECT_DESC), and checks what
+//! the spec requires and what we rely on: no indirect descriptor, at most
+//! [`MAX_CHAIN_DESCS`] (and at most the queue size) descriptors, so a loop ends there,
 //! the chain is not cut short by a bad `next` index, readable descriptors come before
 //! writable ones, every buffer lies inside guest memory, and the totals fit in a u32.
 //! After that, devices only move bytes through [`ChainView::read`] and
 //! [`ChainView::write`], which use vm-memory's checked copies.
 
-use std::ops::{Deref, Range};
+use std::ops::Range;
 
-use virtio_queue::DescriptorChain;
+use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 
 /// Why a chain was rejected.
@@ -28,7 +31,20 @@ pub enum ChainError {
     /// the chain's buffers add up to more than 4 GiB
     #[error("chain longer than 4 GiB")]
     TooLong,
+    /// a descriptor refers to an indirect table (the feature is not offered)
+    #[error("indirect descriptor, but VIRTIO_F_INDIRECT_DESC was not offered")]
+    Indirect,
+    /// the chain has more descriptors than the queue size or [`MAX_CHAIN_DESCS`]
+    /// (a loop, or a chain longer than any request we serve)
+    #[error("descriptor chain longer than {MAX_CHAIN_DESCS} descriptors or the queue")]
+    TooManyDescriptors,
 }
+
+/// Most descriptors one chain may have (no device here needs more than its queue
+/// size: virtio-blk at most SEG_MAX + 2 = 128).
+pub const MAX_CHAIN_DESCS: usize = 256;
+/// Size of one split-ring descriptor.
+const DESC_SIZE: u64 = 16;
 
 /// The buffers of one chain, split into the readable and the writable part.
 #[derive(Debug, Clone, Default)]
@@ -46,19 +62,36 @@ pub struct ChainView {
 }
 
 impl ChainView {
-    /// Walks and checks a chain.
-    pub fn parse<M>(chain: DescriptorChain<M>, mem: &GuestMemoryMmap) -> Result<Self, ChainError>
-    where
-        M: Deref,
-        M::Target: GuestMemory,
-    {
+    /// Walks and checks the chain that starts at descriptor `head` of the table at
+    /// `table` (of `queue_size` entries).
+    pub fn parse(
+        mem: &GuestMemoryMmap,
+        table: GuestAddress,
+        queue_size: u16,
+        head: u16,
+    ) -> Result<Self, ChainError> {
         let mut v = ChainView {
-            head: chain.head_index(),
+            head,
             ..Default::default()
         };
-        let mut last_has_next = false;
-        for d in chain {
-            last_has_next = d.has_next();
+        let cap = usize::from(queue_size).min(MAX_CHAIN_DESCS);
+        let mut index = head;
+        for n in 0..=cap {
+            if index >= queue_size {
+                return Err(ChainError::Truncated);
+            }
+            if n == cap {
+                // A loop, or a chain longer than we serve.
+                return Err(ChainError::TooManyDescriptors);
+            }
+            let d: Descriptor = table
+                .checked_add(u64::from(index) * DESC_SIZE)
+                .and_then(|a| mem.read_obj(a).ok())
+                .ok_or(ChainError::Truncated)?;
+            // VIRTIO_F_INDIRECT_DESC is never offered, so a driver must not use it.
+            if d.refers_to_indirect_table() {
+                return Err(ChainError::Indirect);
+            }
             if d.len() > 0 && !mem.check_range(d.addr(), d.len() as usize, Permissions::ReadWrite) {
                 return Err(ChainError::OutOfMemory);
             }
@@ -78,11 +111,12 @@ impl ChainView {
                     .ok_or(ChainError::TooLong)?;
                 v.readable.push((d.addr(), d.len()));
             }
+            if !d.has_next() {
+                return Ok(v);
+            }
+            index = d.next();
         }
-        if last_has_next {
-            return Err(ChainError::Truncated);
-        }
-        Ok(v)
+        Err(ChainError::TooManyDescriptors)
     }
 
     /// Reads `len` readable bytes starting `skip` bytes into the readable part.
@@ -175,5 +209,60 @@ mod tests {
         assert_eq!(v.read(&m, 6, 3), None);
         assert_eq!(v.read(&m, 9, 0).as_deref(), Some(&b""[..]));
         assert_eq!(v.read(&m, 9, 1), None);
+    }
+
+    /// Writes descriptors at table 0 of `m`; parses the chain from `head`.
+    fn walk(
+        m: &GuestMemoryMmap,
+        descs: &[(u64, u32, u16, u16)],
+        qsize: u16,
+    ) -> Result<ChainView, ChainError> {
+        for (i, &(a, l, f, n)) in descs.iter().enumerate() {
+            m.write_obj(Descriptor::new(a, l, f, n), GuestAddress(16 * i as u64))
+                .unwrap();
+        }
+        ChainView::parse(m, GuestAddress(0), qsize, 0)
+    }
+
+    #[test]
+    fn indirect_descriptors_loops_and_long_chains_are_refused() {
+        let m = mem();
+        const NEXT: u16 = 1;
+        const WRITE: u16 = 2;
+        const INDIRECT: u16 = 4;
+        let v = walk(
+            &m,
+            &[(0x10_0000, 16, NEXT, 1), (0x10_1000, 1, WRITE, 0)],
+            16,
+        )
+        .unwrap();
+        assert_eq!((v.readable_len, v.writable_len), (16, 1));
+        // An indirect table, even a well-formed one.
+        assert_eq!(
+            walk(
+                &m,
+                &[(0x10_0000, 16, NEXT, 1), (0x20_0000, 32, INDIRECT, 0)],
+                16
+            )
+            .unwrap_err(),
+            ChainError::Indirect
+        );
+        // A loop ends at the queue size.
+        assert_eq!(
+            walk(
+                &m,
+                &[(0x10_0000, 16, NEXT, 1), (0x10_0000, 16, NEXT, 0)],
+                16
+            )
+            .unwrap_err(),
+            ChainError::TooManyDescriptors
+        );
+        // A chain through a table bigger than the cap, or past the queue size.
+        let long: Vec<_> = (0..300u16).map(|i| (0x10_0000, 16, NEXT, i + 1)).collect();
+        assert_eq!(
+            walk(&m, &long, 1024).unwrap_err(),
+            ChainError::TooManyDescriptors
+        );
+        assert_eq!(walk(&m, &long[..4], 3).unwrap_err(), ChainError::Truncated);
     }
 }

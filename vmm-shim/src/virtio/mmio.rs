@@ -10,15 +10,24 @@
 //! touches bad memory. After that, a kick (QueueNotify) reaches the device only for a
 //! queue the driver made ready, since the addresses of any other were never checked.
 //! A status write of 0 resets the device and its queues.
+//!
+//! The status register follows the spec's state machine (as Firecracker's transport
+//! does): bits are only added, in the order ACKNOWLEDGE, DRIVER, FEATURES_OK,
+//! DRIVER_OK; driver features are writable only between DRIVER and FEATURES_OK, queue
+//! registers only between FEATURES_OK and DRIVER_OK; after FAILED or NEEDS_RESET only
+//! a reset is accepted. Anything else is ignored and counted in `refused_mmio`, so a
+//! guest cannot re-program the rings of an active device or change features under it.
 
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{IrqLine, VirtioDevice, F_VERSION_1};
+use super::{Counters, IrqLine, VirtioDevice, F_VERSION_1};
 
 const MAGIC: u32 = 0x7472_6976;
+/// Offset of the QueueNotify register (what KVM_IOEVENTFD watches for a disk).
+pub const QUEUE_NOTIFY: u64 = 0x50;
 const VENDOR: u32 = 0x554d_4551; // "QEMU", as many guests expect any value
 
 const STATUS_ACK: u32 = 1;
@@ -41,6 +50,9 @@ pub struct MmioTransport<D: VirtioDevice> {
     status: u32,
     config_generation: u32,
     active: bool,
+    /// Resets so far: an I/O thread that let go of the lock during a round checks
+    /// it before completing, so it never writes into the rings of a reset device.
+    resets: u64,
 }
 
 impl<D: VirtioDevice> MmioTransport<D> {
@@ -59,6 +71,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             status: 0,
             config_generation: 0,
             active: false,
+            resets: 0,
         }
     }
 
@@ -83,6 +96,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// Whether the driver has set DRIVER_OK and the queues were valid.
     pub fn active(&self) -> bool {
         self.active
+    }
+
+    /// How many times the driver reset the device.
+    pub fn resets(&self) -> u64 {
+        self.resets
     }
 
     /// Whether queue `index` exists and the driver made it ready (only such a queue
@@ -143,17 +161,37 @@ impl<D: VirtioDevice> MmioTransport<D> {
             b[i] = *d;
         }
         let v = u32::from_le_bytes(b);
-        let setup = self.status & STATUS_DRIVER_OK == 0;
+        // What each register needs (virtio 1.2, 3.1.1 and 4.2.2.2, as Firecracker
+        // enforces it): features are written after DRIVER and before FEATURES_OK,
+        // queues after FEATURES_OK and before DRIVER_OK, and nothing but a reset
+        // once the device failed or needs a reset.
+        let broken = self.status & (STATUS_FAILED | STATUS_NEEDS_RESET) != 0;
+        let features_phase =
+            !broken && self.status & (STATUS_DRIVER | STATUS_FEATURES_OK) == STATUS_DRIVER;
+        let queue_phase =
+            !broken && self.status & (STATUS_FEATURES_OK | STATUS_DRIVER_OK) == STATUS_FEATURES_OK;
+        let allowed = match offset {
+            0x20 => features_phase,
+            0x38 | 0x44 | 0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 => queue_phase,
+            _ => true,
+        };
+        if !allowed {
+            self.refuse(
+                offset,
+                "register written outside its phase of device set-up",
+            );
+            return;
+        }
         match offset {
             0x14 => self.device_features_sel = v,
-            0x20 if setup => match self.driver_features_sel {
+            0x20 => match self.driver_features_sel {
                 0 => self.acked = (self.acked & !0xffff_ffff) | u64::from(v),
                 1 => self.acked = (self.acked & 0xffff_ffff) | (u64::from(v) << 32),
                 _ => {}
             },
             0x24 => self.driver_features_sel = v,
             0x30 => self.queue_sel = v,
-            0x38 if setup => {
+            0x38 => {
                 // A size past u16 is invalid, not a smaller size: `as u16` would turn
                 // 0x10010 into 16. Size 0 is refused by the queue (it keeps the old one).
                 let size = u16::try_from(v).unwrap_or(0);
@@ -161,7 +199,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     q.set_size(size);
                 }
             }
-            0x44 if setup => {
+            0x44 => {
                 if let Some(q) = self.queue() {
                     q.set_ready(v == 1);
                 }
@@ -169,14 +207,26 @@ impl<D: VirtioDevice> MmioTransport<D> {
             0x50 => self.notify(v),
             0x64 => self.irq.ack(v),
             0x70 => self.set_status(v),
-            0x80 if setup => self.with_queue(|q| q.set_desc_table_address(Some(v), None)),
-            0x84 if setup => self.with_queue(|q| q.set_desc_table_address(None, Some(v))),
-            0x90 if setup => self.with_queue(|q| q.set_avail_ring_address(Some(v), None)),
-            0x94 if setup => self.with_queue(|q| q.set_avail_ring_address(None, Some(v))),
-            0xa0 if setup => self.with_queue(|q| q.set_used_ring_address(Some(v), None)),
-            0xa4 if setup => self.with_queue(|q| q.set_used_ring_address(None, Some(v))),
+            0x80 => self.with_queue(|q| q.set_desc_table_address(Some(v), None)),
+            0x84 => self.with_queue(|q| q.set_desc_table_address(None, Some(v))),
+            0x90 => self.with_queue(|q| q.set_avail_ring_address(Some(v), None)),
+            0x94 => self.with_queue(|q| q.set_avail_ring_address(None, Some(v))),
+            0xa0 => self.with_queue(|q| q.set_used_ring_address(Some(v), None)),
+            0xa4 => self.with_queue(|q| q.set_used_ring_address(None, Some(v))),
             _ => {}
         }
+    }
+
+    /// Counts and logs (at debug: a guest can do this in a loop) a refused write.
+    fn refuse(&self, offset: u64, why: &'static str) {
+        Counters::bump(&self.device.counters().refused_mmio);
+        tracing::debug!(
+            device = self.device.device_type(),
+            offset = format_args!("{offset:#x}"),
+            status = self.status,
+            why,
+            "virtio-mmio write refused"
+        );
     }
 
     fn with_queue(&mut self, f: impl FnOnce(&mut Queue)) {
@@ -185,41 +235,59 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
     }
 
+    /// A write of the status register. 0 resets. FAILED may be set at any time.
+    /// Otherwise the driver may only add bits, in the order of the spec's
+    /// initialization (ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK: each needs the
+    /// ones before it, DRIVER_OK one FEATURES_OK the device already accepted), and
+    /// never clear one: a write that would clear DRIVER_OK (and so re-open the queue
+    /// registers under an active device) or skip a step is refused and counted.
     fn set_status(&mut self, v: u32) {
         if v == 0 {
             self.reset();
             return;
         }
+        if v & STATUS_FAILED != 0 {
+            self.status |= STATUS_FAILED;
+            self.active = false;
+            return;
+        }
+        let old = self.status;
+        // NEEDS_RESET is the device's to set; the driver's copy of it is ignored.
+        let mut v = v & (STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        let in_order = |s: u32| {
+            (s & STATUS_DRIVER == 0 || s & STATUS_ACK != 0)
+                && (s & STATUS_FEATURES_OK == 0 || s & STATUS_DRIVER != 0)
+                && (s & STATUS_DRIVER_OK == 0 || old & STATUS_FEATURES_OK != 0)
+        };
+        if old & (STATUS_FAILED | STATUS_NEEDS_RESET) != 0 || v & old != old || !in_order(v) {
+            self.refuse(0x70, "status write out of the initialization order");
+            return;
+        }
         // FEATURES_OK only sticks if the driver accepted VERSION_1 and nothing we
         // did not offer.
-        let mut v = v;
-        if v & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
+        if v & STATUS_FEATURES_OK != 0 && old & STATUS_FEATURES_OK == 0 {
             let offered = self.device.features() | F_VERSION_1;
             if self.acked & !offered != 0 || self.acked & F_VERSION_1 == 0 {
                 v &= !STATUS_FEATURES_OK;
+                v &= !STATUS_DRIVER_OK;
             }
         }
         if v & STATUS_DRIVER_OK != 0 && !self.active {
-            let ok = v & (STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK)
-                == (STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK)
-                && self
-                    .queues
-                    .iter()
-                    .all(|q| !q.ready() || q.is_valid(&self.mem));
+            let ok = self
+                .queues
+                .iter()
+                .all(|q| !q.ready() || q.is_valid(&self.mem));
             if ok {
                 self.device.activate(self.acked);
                 self.active = true;
             } else {
                 tracing::warn!(
                     device = self.device.device_type(),
-                    "driver set DRIVER_OK with bad queues or features: needs reset"
+                    "driver set DRIVER_OK with bad queues: needs reset"
                 );
                 v |= STATUS_NEEDS_RESET;
                 v &= !STATUS_DRIVER_OK;
             }
-        }
-        if v & STATUS_FAILED != 0 {
-            self.active = false;
         }
         self.status = v;
     }
@@ -233,6 +301,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
         self.active = false;
+        self.resets = self.resets.wrapping_add(1);
         self.irq.ack(u32::MAX);
         self.config_generation = self.config_generation.wrapping_add(1);
     }
@@ -339,5 +408,62 @@ mod tests {
         w(&mut t, 0x50, 0);
         w(&mut t, 0x50, 7);
         assert_eq!(t.device().notified, vec![0]);
+    }
+
+    fn refused(t: &MmioTransport<Probe>) -> u64 {
+        Counters::get(&t.device().counters.refused_mmio)
+    }
+
+    #[test]
+    fn status_follows_the_spec_state_machine() {
+        let irq = Arc::new(IrqLine::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let mut t = MmioTransport::new(Probe::default(), mem(), irq);
+        // Features before DRIVER, DRIVER_OK before FEATURES_OK: refused.
+        w(&mut t, 0x70, 1);
+        w(&mut t, 0x20, 1);
+        assert_eq!(t.acked, 0);
+        w(&mut t, 0x70, 3);
+        w(&mut t, 0x70, 7);
+        assert_eq!(t.status, 3);
+        // Queue registers before FEATURES_OK: refused.
+        w(&mut t, 0x38, 16);
+        assert_eq!(t.queues[0].size(), 256);
+        assert_eq!(refused(&t), 3);
+        w(&mut t, 0x24, 1);
+        w(&mut t, 0x20, 1);
+        w(&mut t, 0x70, 11);
+        assert_eq!(t.status, 11);
+        // Features after FEATURES_OK: refused.
+        w(&mut t, 0x20, 0);
+        assert_eq!(t.acked, F_VERSION_1);
+        w(&mut t, 0x30, 0);
+        w(&mut t, 0x38, 16);
+        w(&mut t, 0x80, 0x1000);
+        w(&mut t, 0x90, 0x2000);
+        w(&mut t, 0xa0, 0x3000);
+        w(&mut t, 0x44, 1);
+        w(&mut t, 0x70, 15);
+        assert!(t.active());
+        assert_eq!(refused(&t), 4);
+        // Active: dropping DRIVER_OK to re-open the queue registers, then moving
+        // the descriptor table: both refused, the ring stays where it was checked.
+        w(&mut t, 0x70, 11);
+        w(&mut t, 0x80, 0xffff_0000);
+        w(&mut t, 0x44, 0);
+        assert_eq!(t.status, 15);
+        assert_eq!(t.queues[0].desc_table(), 0x1000);
+        assert!(t.queues[0].ready());
+        assert_eq!(refused(&t), 7);
+        w(&mut t, 0x50, 0);
+        assert_eq!(t.device().notified, vec![0]);
+        // FAILED sticks until a reset; then set-up starts over.
+        w(&mut t, 0x70, 0x80);
+        assert!(!t.active());
+        w(&mut t, 0x70, 15);
+        assert_eq!(t.status, 15 | 0x80);
+        w(&mut t, 0x70, 0);
+        assert_eq!(t.status, 0);
+        w(&mut t, 0x70, 1);
+        assert_eq!(t.status, 1);
     }
 }

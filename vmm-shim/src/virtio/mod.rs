@@ -80,6 +80,8 @@ pub struct Counters {
     pub io_errors: AtomicU64,
     /// Frames dropped (e.g. too large for the guest's buffers).
     pub dropped: AtomicU64,
+    /// virtio-mmio register writes refused (out of the status state machine's order).
+    pub refused_mmio: AtomicU64,
 }
 
 impl Counters {

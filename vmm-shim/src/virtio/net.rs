@@ -23,7 +23,7 @@
 use std::io;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::ChainView;
@@ -134,6 +134,7 @@ impl<T: NetBackend> Net<T> {
     pub fn process_tx(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut any = false;
         loop {
+            let (table, qsize) = (GuestAddress(q.desc_table()), q.size());
             let Ok(mut iter) = q.iter(mem) else {
                 Counters::bump(&self.counters.bad_chains);
                 return any;
@@ -143,7 +144,7 @@ impl<T: NetBackend> Net<T> {
             };
             any = true;
             let head = chain.head_index();
-            let frame = match ChainView::parse(chain, mem) {
+            let frame = match ChainView::parse(mem, table, qsize, head) {
                 Ok(v)
                     if v.writable.is_empty()
                         && (v.readable_len as usize) > VNET_HDR_LEN
@@ -217,6 +218,7 @@ impl<T: NetBackend> Net<T> {
                     }
                 },
             };
+            let (table, qsize) = (GuestAddress(q.desc_table()), q.size());
             let Ok(mut iter) = q.iter(mem) else {
                 Counters::bump(&self.counters.bad_chains);
                 self.pending = Some(frame);
@@ -229,7 +231,7 @@ impl<T: NetBackend> Net<T> {
             };
             any = true;
             let head = chain.head_index();
-            let len = match ChainView::parse(chain, mem) {
+            let len = match ChainView::parse(mem, table, qsize, head) {
                 Ok(v) if v.readable.is_empty() && v.writable_len as usize >= frame.len() => {
                     match v.write(mem, 0, &frame) {
                         Some(()) => {

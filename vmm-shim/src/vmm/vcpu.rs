@@ -2,8 +2,8 @@
 //! running KVM_RUN, the buses its exits are served on, and stopping the threads.
 //!
 //! Port I/O exits go to the [`PioBus`] (UART, i8042), MMIO exits to the [`MmioBus`]
-//! (virtio-mmio windows); both are served on the vCPU's own thread, including virtio
-//! queue processing, so a kick returns when its requests are done. An exit that ends
+//! (virtio-mmio windows); both are served on the vCPU's own thread (a disk's kicks
+//! only signal its I/O thread, when KVM_IOEVENTFD does not take them first). An exit that ends
 //! the VM (reset, power-off, triple fault, KVM internal error, failed entry) becomes the
 //! thread's [`ExitReason`]; a thread told to stop returns none. The stop flag is read
 //! after every exit; [`stop_vcpus`] sets it and kicks each thread out of KVM_RUN with a
@@ -68,6 +68,11 @@ impl MmioBus {
                 .unwrap_or_else(|e| e.into_inner())
                 .bus_write(off, data)
         }
+    }
+
+    /// The guest address of the next free window.
+    pub(super) fn next_window(&self) -> u64 {
+        layout::mmio_addr(self.devices.len())
     }
 
     /// Wraps `dev` in a virtio-mmio transport for the next free window, with that
@@ -157,7 +162,7 @@ pub(super) fn start_vcpus(
 /// Sets the stop flag and kicks each vCPU thread out of KVM_RUN until it ends.
 pub(super) fn stop_vcpus(threads: Vec<JoinHandle<()>>, stop: &AtomicBool, deadline: Instant) {
     stop.store(true, Ordering::SeqCst);
-    // A vCPU thread can only be stuck outside KVM_RUN in device I/O (an NBD server that
+    // A vCPU thread could be stuck outside KVM_RUN in a device it serves inline (a TAP
     // stopped answering, bounded by the NBD I/O timeout); don't wait on it forever.
     for (id, h) in threads.into_iter().enumerate() {
         while !h.is_finished() && Instant::now() < deadline {

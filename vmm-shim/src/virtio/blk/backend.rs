@@ -7,7 +7,7 @@
 //! on its socket). The answer is one [`Outcome`] per request, in request order; an `Err`
 //! from `submit` itself means the backend is gone and every request of the batch failed.
 
-use crate::nbd::{self, NbdClient, NbdError, Outcome, Request};
+use crate::nbd::{self, NbdClient, NbdError, NbdSession, Outcome, Request, SessionStats};
 
 /// What a block device talks to.
 pub trait BlockBackend: Send {
@@ -25,6 +25,68 @@ pub trait BlockBackend: Send {
     fn submit(&mut self, reqs: &[Request]) -> Result<Vec<Outcome>, NbdError>;
     /// Flushes and disconnects.
     fn close(&mut self) -> Result<(), NbdError>;
+    /// Reconnections and short reads so far (for the log when the VM stops).
+    fn stats(&self) -> SessionStats {
+        SessionStats::default()
+    }
+}
+
+/// A backend shared between the device (which asks it for size and flags, and closes
+/// it) and the disk's I/O thread (which runs the requests without the device lock).
+impl<B: BlockBackend> BlockBackend for std::sync::Arc<std::sync::Mutex<B>> {
+    fn size(&self) -> u64 {
+        self.lock().unwrap_or_else(|e| e.into_inner()).size()
+    }
+    fn read_only(&self) -> bool {
+        self.lock().unwrap_or_else(|e| e.into_inner()).read_only()
+    }
+    fn can_flush(&self) -> bool {
+        self.lock().unwrap_or_else(|e| e.into_inner()).can_flush()
+    }
+    fn can_trim(&self) -> bool {
+        self.lock().unwrap_or_else(|e| e.into_inner()).can_trim()
+    }
+    fn can_write_zeroes(&self) -> bool {
+        self.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .can_write_zeroes()
+    }
+    fn submit(&mut self, reqs: &[Request]) -> Result<Vec<Outcome>, NbdError> {
+        self.lock().unwrap_or_else(|e| e.into_inner()).submit(reqs)
+    }
+    fn close(&mut self) -> Result<(), NbdError> {
+        self.lock().unwrap_or_else(|e| e.into_inner()).close()
+    }
+    fn stats(&self) -> SessionStats {
+        self.lock().unwrap_or_else(|e| e.into_inner()).stats()
+    }
+}
+
+impl BlockBackend for NbdSession {
+    fn size(&self) -> u64 {
+        NbdSession::size(self)
+    }
+    fn read_only(&self) -> bool {
+        NbdSession::read_only(self)
+    }
+    fn can_flush(&self) -> bool {
+        self.flags() & nbd::TFLAG_SEND_FLUSH != 0
+    }
+    fn can_trim(&self) -> bool {
+        self.flags() & nbd::TFLAG_SEND_TRIM != 0
+    }
+    fn can_write_zeroes(&self) -> bool {
+        self.flags() & nbd::TFLAG_SEND_WRITE_ZEROES != 0
+    }
+    fn submit(&mut self, reqs: &[Request]) -> Result<Vec<Outcome>, NbdError> {
+        NbdSession::submit(self, reqs)
+    }
+    fn close(&mut self) -> Result<(), NbdError> {
+        NbdSession::close(self)
+    }
+    fn stats(&self) -> SessionStats {
+        NbdSession::stats(self)
+    }
 }
 
 impl BlockBackend for NbdClient {

@@ -28,14 +28,15 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 pub use self::backend::{BlockBackend, MemDisk};
 use self::request::ID_LEN;
 pub use self::request::{BadRequest, BlkRequest, Disk};
 use super::chain::ChainView;
 use super::{read_config_bytes, Counters, VirtioDevice};
-use crate::nbd::{self, NbdError, Outcome};
+use crate::nbd::{self, NbdError, Outcome, Request};
 
 /// Device ID of virtio-blk.
 pub const DEVICE_ID: u32 = VIRTIO_ID_BLOCK;
@@ -77,6 +78,20 @@ pub const MAX_BATCH_BYTES: u64 = 64 << 20;
 /// The errno every request of a batch gets when the backend itself failed.
 const EIO: u32 = 5;
 
+/// The valid chains of one round and the backend requests they make, between
+/// [`Block::collect`] and [`Block::complete`].
+pub struct Round {
+    batch: Vec<Pending>,
+    reqs: Vec<Request>,
+}
+
+impl Round {
+    /// The backend requests of the round, in order.
+    pub fn requests(&self) -> &[Request] {
+        &self.reqs
+    }
+}
+
 /// One popped chain, ready to complete.
 struct Pending {
     view: ChainView,
@@ -91,6 +106,8 @@ pub struct Block<B: BlockBackend> {
     config: Vec<u8>,
     counters: Counters,
     id: [u8; ID_LEN as usize],
+    /// Where a kick goes when the device has its own I/O thread.
+    kick: Option<EventFd>,
 }
 
 impl<B: BlockBackend> Block<B> {
@@ -137,7 +154,16 @@ impl<B: BlockBackend> Block<B> {
             config,
             counters: Counters::default(),
             id: idb,
+            kick: None,
         }
+    }
+
+    /// Hands kicks to an I/O thread: a QueueNotify that reaches the transport (when
+    /// KVM_IOEVENTFD did not take it first) only signals `kick`, and the thread that
+    /// waits on it runs the queue ([`Block::collect`], [`Block::complete`]).
+    pub fn with_kick(mut self, kick: EventFd) -> Self {
+        self.kick = Some(kick);
+        self
     }
 
     /// Capacity in bytes.
@@ -159,53 +185,90 @@ impl<B: BlockBackend> Block<B> {
         }
     }
 
+    /// The backend's counters.
+    pub fn backend_stats(&self) -> crate::nbd::SessionStats {
+        self.backend.stats()
+    }
+
     /// Flushes and closes the backend (on shutdown).
     pub fn close(&mut self) -> Result<(), NbdError> {
         self.backend.close()
     }
 
-    /// Handles every available chain of the request queue. Returns whether any chain
+    /// Handles every available chain of the request queue on the calling thread
+    /// (unit tests, the fuzz harness, and a device without a kick eventfd): rounds of
+    /// [`Block::collect`], the backend, [`Block::complete`]. Returns whether any chain
     /// completed (the guest needs an interrupt).
     pub fn process(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut any = false;
         loop {
-            let mut batch: Vec<Pending> = Vec::new();
-            let mut bad_heads: Vec<(u16, Option<ChainView>)> = Vec::new();
-            {
-                let Ok(iter) = q.iter(mem) else {
-                    // A bad avail index: the queue is unusable until reset.
-                    Counters::bump(&self.counters.bad_chains);
-                    return any;
-                };
-                let mut bytes = 0u64;
-                for chain in iter.take(MAX_BATCH) {
-                    let head = chain.head_index();
-                    match ChainView::parse(chain, mem) {
-                        Ok(view) => match BlkRequest::parse(&view, mem, &self.disk()) {
-                            Ok(req) => {
-                                bytes += req.data_len();
-                                batch.push(Pending { view, req });
-                                if bytes >= MAX_BATCH_BYTES {
-                                    // The rest stays in the avail ring for the next
-                                    // round of this loop.
-                                    break;
-                                }
-                            }
-                            Err(BadRequest) => bad_heads.push((head, Some(view))),
-                        },
-                        Err(_) => bad_heads.push((head, None)),
-                    }
-                }
-            }
-            if batch.is_empty() && bad_heads.is_empty() {
+            let (round, popped) = self.collect(q, mem);
+            if !popped {
                 return any;
             }
             any = true;
-            for (head, view) in bad_heads {
-                self.answer_bad(head, view.as_ref(), q, mem);
+            if let Some(round) = round {
+                let outcomes = self.submit(&round);
+                self.complete(round, outcomes, q, mem);
             }
-            self.execute(batch, q, mem);
         }
+    }
+
+    /// Runs a round's backend requests on this device's own backend.
+    pub fn submit(&mut self, round: &Round) -> Result<Vec<Outcome>, NbdError> {
+        if round.reqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.backend.submit(&round.reqs)
+    }
+
+    /// Phase 1 of a round, with the transport locked: pops at most [`MAX_BATCH`] chains
+    /// (or [`MAX_BATCH_BYTES`] of data), answers the malformed ones at once and
+    /// returns the valid ones as a [`Round`] (None if there were none), and whether
+    /// any chain was popped at all (false: the avail ring is empty).
+    pub fn collect(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> (Option<Round>, bool) {
+        let mut batch: Vec<Pending> = Vec::new();
+        let mut bad_heads: Vec<(u16, Option<ChainView>)> = Vec::new();
+        {
+            let (table, qsize) = (GuestAddress(q.desc_table()), q.size());
+            let Ok(iter) = q.iter(mem) else {
+                // A bad avail index: the queue is unusable until reset.
+                Counters::bump(&self.counters.bad_chains);
+                return (None, false);
+            };
+            let mut bytes = 0u64;
+            for chain in iter.take(MAX_BATCH) {
+                let head = chain.head_index();
+                match ChainView::parse(mem, table, qsize, head) {
+                    Ok(view) => match BlkRequest::parse(&view, mem, &self.disk()) {
+                        Ok(req) => {
+                            bytes += req.data_len();
+                            batch.push(Pending { view, req });
+                            if bytes >= MAX_BATCH_BYTES {
+                                // The rest stays in the avail ring for the next round.
+                                break;
+                            }
+                        }
+                        Err(BadRequest) => bad_heads.push((head, Some(view))),
+                    },
+                    Err(_) => bad_heads.push((head, None)),
+                }
+            }
+        }
+        let popped = !batch.is_empty() || !bad_heads.is_empty();
+        for (head, view) in bad_heads {
+            self.answer_bad(head, view.as_ref(), q, mem);
+        }
+        if batch.is_empty() {
+            return (None, popped);
+        }
+        let mut reqs = Vec::new();
+        for p in &batch {
+            if let BlkRequest::Io { reqs: r, .. } = &p.req {
+                reqs.extend(r.iter().cloned());
+            }
+        }
+        (Some(Round { batch, reqs }), popped)
     }
 
     /// Returns a malformed chain to the guest: IOERR in its status byte if it has one
@@ -224,26 +287,24 @@ impl<B: BlockBackend> Block<B> {
         let _ = q.add_used(mem, head, u32::from(answered));
     }
 
-    /// Runs one round's valid requests: every backend request of the batch goes out in
-    /// one submission, then each chain gets its data and status, in order.
-    fn execute(&mut self, batch: Vec<Pending>, q: &mut Queue, mem: &GuestMemoryMmap) {
-        let mut all = Vec::new();
-        for p in &batch {
-            if let BlkRequest::Io { reqs, .. } = &p.req {
-                all.extend(reqs.iter().cloned());
-            }
-        }
-        let outcomes: Vec<Outcome> = if all.is_empty() {
-            Vec::new()
-        } else {
-            match self.backend.submit(&all) {
-                Ok(o) => o,
-                Err(e) => {
-                    tracing::error!(error = %crate::error_chain(&e), "block backend failed");
-                    vec![Err(EIO); all.len()]
-                }
+    /// Phase 3 of a round, with the transport locked again: each chain gets its data
+    /// and status, in order; `outcomes` are the backend's answers to the round's
+    /// requests (an `Err`: the backend failed, every request gets IOERR).
+    pub fn complete(
+        &mut self,
+        round: Round,
+        outcomes: Result<Vec<Outcome>, NbdError>,
+        q: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) {
+        let outcomes = match outcomes {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(error = %crate::error_chain(&e), "block backend failed");
+                vec![Err(EIO); round.reqs.len()]
             }
         };
+        let batch = round.batch;
         let mut results = outcomes.into_iter();
         for p in batch {
             let v = &p.view;
@@ -257,8 +318,17 @@ impl<B: BlockBackend> Block<B> {
                 BlkRequest::Io { is_read, reqs } => {
                     let mut status = S_OK;
                     let mut written = 0;
-                    for _ in 0..reqs.len() {
+                    for r in &reqs {
                         match results.next() {
+                            // A read answered with other than its length is an error
+                            // (whatever the backend), never a partial buffer as OK.
+                            Some(Ok(data))
+                                if is_read
+                                    && !matches!(r, Request::Read { len, .. }
+                                        if data.len() == *len as usize) =>
+                            {
+                                status = S_IOERR;
+                            }
                             Some(Ok(data)) if is_read => {
                                 if v.write(mem, 0, &data).is_some() {
                                     written = data.len() as u32;
@@ -303,6 +373,11 @@ impl<B: BlockBackend> VirtioDevice for Block<B> {
     }
     fn activate(&mut self, _acked: u64) {}
     fn notify(&mut self, index: u16, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        if let Some(k) = &self.kick {
+            // Only fails if the counter would overflow: a kick is pending anyway.
+            let _ = k.write(1);
+            return false;
+        }
         match queues.get_mut(usize::from(index)) {
             Some(q) if index == 0 => self.process(q, mem),
             _ => false,

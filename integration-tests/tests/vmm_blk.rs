@@ -6,10 +6,12 @@
 mod stord_common;
 mod vmm_guest;
 
-use std::path::Path;
 use std::time::Duration;
 
-use vmm_guest::{make_disk, qemu_nbd, run_guest, run_kernel, setup, LiveVm, TcpDisk, VmRun};
+use vmm_guest::{
+    assert_sector_pattern, kill_server, make_disk, qemu_nbd, run_kernel, run_with_disk, setup,
+    setup_with_disk, LiveVm,
+};
 
 /// Sector the guest writes.
 const SECTOR: u64 = 77;
@@ -21,11 +23,6 @@ const PATTERN: &[u8; 16] = b"vmm-shim-blk-ok!";
 fn blk_guest(expect_ro: bool) -> String {
     format!(
         r#"
-    .set RING, 0x200000
-    .set HDR, 0x203000
-    .set DATA, 0x204000
-    .set STATUS, 0x205000
-    .set RDATA, 0x206000
 _start:
     mov $MMIO0, %rbx
     cmpl $2, 0x8(%rbx)          # device id: block
@@ -43,18 +40,9 @@ _start:
     cmpq $2048, 0x100(%rbx)
     je 1f
     FAIL 'c'
-1:  # fill DATA with the pattern
-    mov $DATA, %rdi
-    mov $32, %ecx
-2:  lea pattern(%rip), %rsi
-    movsq
-    movsq
-    loop 2b
+1:  FILL16 DATA, pattern, 32
     # OUT request: header, data, status
-    movl $1, HDR
-    movl $0, HDR+4
-    movq ${sector}, HDR+8
-    movb $0xff, STATUS
+    BLK_HDR 1, {sector}
     REQ3 RING, HDR, DATA, 512, STATUS
     SUBMIT RING, 0, 0, 1
     EXPECT_USED RING, 1, '1'
@@ -68,19 +56,9 @@ _start:
     je 1f
     FAIL '6'
 1:  .if {ro} == 0
-    mov $DATA, %rsi
-    mov $RDATA, %rdi
-    mov $512, %ecx
-    repe cmpsb
-    je 1f
-    FAIL '5'
-1:
+    EXPECT_SAME DATA, RDATA, 512, '5'
     .endif
-    # FLUSH
-    movl $4, HDR
-    movb $0xff, STATUS
-    DSET RING, 1, STATUS, 1, F_WRITE, 0
-    SUBMIT RING, 2, 0, 3
+    FLUSH 2, 3
     EXPECT_STATUS STATUS, {want_flush}, '7'
     PRINT okmsg
     jmp reboot
@@ -95,24 +73,12 @@ okmsg: .asciz "BLK OK\n"
     )
 }
 
-/// Runs the guest `elf` with `disk` as its only disk.
-fn run_with_disk(elf: &Path, disk: &str) -> VmRun {
-    run_guest(&[], elf, &["--disk", disk], Duration::from_secs(60))
-}
-
-/// Asserts that `SECTOR` of the disk image `bytes` holds the guest's pattern.
-fn assert_pattern_at_sector(bytes: &[u8]) {
-    let s = &bytes[(SECTOR * 512) as usize..(SECTOR * 512 + 512) as usize];
-    assert_eq!(s, PATTERN.repeat(32).as_slice());
-}
-
 #[test]
 fn guest_writes_and_reads_a_sector_through_nbd_tcp() {
-    let (dir, elf) = setup("blk", &blk_guest(false));
-    let nbd = TcpDisk::new(dir.path(), "disk0");
-    run_with_disk(&elf, &nbd.uri("disk0")).assert_clean_exit("BLK OK\n");
+    let (_dir, elf, nbd) = setup_with_disk("blk", &blk_guest(false));
+    run_with_disk(&elf, &nbd.uri("d")).assert_clean_exit("BLK OK\n");
     let bytes = std::fs::read(&nbd.img).unwrap();
-    assert_pattern_at_sector(&bytes);
+    assert_sector_pattern(&bytes, SECTOR, PATTERN);
     assert!(bytes[..(SECTOR * 512) as usize].iter().all(|&b| b == 0));
 }
 
@@ -129,16 +95,14 @@ fn unix_socket_export_and_read_only_export() {
 
 #[test]
 fn forced_read_only_flag_on_a_writable_export() {
-    let (dir, elf) = setup("blkro2", &blk_guest(true));
-    let nbd = TcpDisk::new(dir.path(), "d");
+    let (_dir, elf, nbd) = setup_with_disk("blkro2", &blk_guest(true));
     run_with_disk(&elf, &nbd.uri("d,ro")).assert_clean_exit("BLK OK\n");
     assert!(std::fs::read(&nbd.img).unwrap().iter().all(|&b| b == 0));
 }
 
 #[test]
 fn missing_export_is_a_clear_error() {
-    let (dir, elf) = setup("x", "_start: jmp reboot\n");
-    let nbd = TcpDisk::new(dir.path(), "disk0");
+    let (_dir, elf, nbd) = setup_with_disk("x", "_start: jmp reboot\n");
     let disk = nbd.uri("nope");
     run_kernel(&[], &elf, &["--disk", &disk], Duration::from_secs(60))
         .assert_exit(1, "refused export \"nope\"");
@@ -146,10 +110,10 @@ fn missing_export_is_a_clear_error() {
 
 #[test]
 fn sigterm_stops_the_guest_and_closes_nbd() {
-    let (dir, elf) = setup("spin", "_start: PRINT m\n1: jmp 1b\nm: .asciz \"up\\n\"\n");
-    let nbd = TcpDisk::new(dir.path(), "disk0");
+    let (_dir, elf, nbd) =
+        setup_with_disk("spin", "_start: PRINT m\n1: jmp 1b\nm: .asciz \"up\\n\"\n");
     // A guest that spins forever (in ring 0, so vmm-shim must kick it out of KVM_RUN).
-    let disk = nbd.uri("disk0");
+    let disk = nbd.uri("d");
     let mut cmd =
         vmm_guest::vmm_command(&[], &["--kernel", elf.to_str().unwrap(), "--disk", &disk]);
     cmd.env("VMM_LOG", "info");
@@ -171,16 +135,12 @@ fn guest_writes_and_reads_a_sector_through_stord() {
     }
     // vmm-shim flushed before it disconnected: the bytes are in stord's disk file.
     let bytes = std::fs::read(stord.state().join("disks/vm0.img")).unwrap();
-    assert_pattern_at_sector(&bytes);
+    assert_sector_pattern(&bytes, SECTOR, PATTERN);
 }
 
 /// Guest: write the pattern to sectors 10..13, then DISCARD sector 10 and
 /// WRITE_ZEROES sector 11 (one segment each); sector 12 stays.
 const TRIM_GUEST: &str = r#"
-    .set RING, 0x200000
-    .set HDR, 0x203000
-    .set DATA, 0x204000
-    .set STATUS, 0x205000
     .set SEG, 0x206000
     .set FEATURES, (1 << 13) | (1 << 14)    # DISCARD, WRITE_ZEROES
 _start:
@@ -240,23 +200,15 @@ fn discard_and_write_zeroes_reach_stord() {
 /// Guest: one good write, then waits for a byte on the console; by then the test has
 /// killed the NBD server, and the next read must come back as IOERR (not a crash).
 const IOERR_GUEST: &str = r#"
-    .set RING, 0x200000
-    .set HDR, 0x203000
-    .set DATA, 0x204000
-    .set STATUS, 0x205000
 _start:
-    mov $MMIO0, %rbx
-    BLK_UP 0, RING
+    DISK0_UP
     movl $1, HDR
     movq $1, HDR+8
     REQ3 RING, HDR, DATA, 512, STATUS
     SUBMIT RING, 0, 0, 1
     EXPECT_STATUS STATUS, 0, 'w'
     PRINT w1
-    mov $0x3fd, %dx
-2:  in %dx, %al
-    test $1, %al
-    jz 2b
+    WAIT_CONSOLE
     READ1 RING, HDR, DATA, STATUS
     SUBMIT RING, 1, 0, 2
     EXPECT_USED RING, 2, 'u'
@@ -269,15 +221,11 @@ okmsg: .asciz "IOERR OK\n"
 
 #[test]
 fn nbd_server_death_is_an_io_error_for_the_guest() {
-    let (dir, elf) = setup("ioerr", IOERR_GUEST);
-    let mut nbd = TcpDisk::new(dir.path(), "d");
+    let (_dir, elf, mut nbd) = setup_with_disk("ioerr", IOERR_GUEST);
     let disk = nbd.uri("d");
     let mut vm = LiveVm::guest(&[], &elf, &["--disk", &disk]);
     vm.expect_line("W1\n");
-    nbd.nbd.signal(libc::SIGKILL);
-    nbd.nbd
-        .wait_timeout(Duration::from_secs(5))
-        .expect("qemu-nbd gone");
+    kill_server(&mut nbd.nbd, "qemu-nbd");
     vm.send(b"x");
     let r = vm.finish(Duration::from_secs(30));
     r.assert_clean_exit("IOERR OK\n");

@@ -8,14 +8,10 @@ mod vmm_guest;
 
 use std::time::Duration;
 
-use vmm_guest::{run_guest, setup, TcpDisk};
+use vmm_guest::{setup_with_disk, LiveVm};
 
 const GUEST: &str = r#"
-    .set RING, 0x200000
     .set USED, RING+0x2000
-    .set HDR, 0x203000
-    .set DATA, 0x204000
-    .set STATUS, 0x205000
     .set IND, 0x207000
     .set F_INDIRECT, 4
 
@@ -33,8 +29,7 @@ const GUEST: &str = r#"
     .endm
 
 _start:
-    mov $MMIO0, %rbx
-    BLK_UP 0, RING
+    DISK0_UP
     movl $1, HDR                          # OUT
     movq $0, HDR+8
 
@@ -78,23 +73,13 @@ _start:
     movl $0, 0x50(%rbx)
     # the disk's I/O thread sees it after the kick returns: give it a moment
     # (about 0.1 to 0.5 s of TSC) before the reset below
-    rdtsc
-    shl $32, %rdx
-    or %rax, %rdx
-    lea 1000000000(%rdx), %r9
-2:  pause
-    rdtsc
-    shl $32, %rdx
-    or %rax, %rdx
-    cmp %r9, %rdx
-    jb 2b
+    DELAY 1000000000
     # recover: reset and set the device up again, then a good write
     BLK_UP 0, RING
     movl $1, HDR
     movq $3, HDR+8
     movb $0xff, STATUS
-    movq $0x6b6f2d7473726966, %rax        # "first-ok"
-    movq %rax, DATA
+    PUT8 DATA, 0x6b6f2d7473726966         # "first-ok"
     REQ3 RING, HDR, DATA, 512, STATUS
     KICK 1
     EXPECT_STATUS STATUS, 0, '9'
@@ -105,11 +90,9 @@ okmsg: .asciz "HOSTILE OK\n"
 
 #[test]
 fn malformed_chains_are_answered_counted_and_survived() {
-    let (dir, elf) = setup("hostile", GUEST);
-    let nbd = TcpDisk::new(dir.path(), "d");
+    let (_dir, elf, nbd) = setup_with_disk("hostile", GUEST);
     let disk = nbd.uri("d");
-    std::env::set_var("VMM_LOG", "info");
-    let r = run_guest(&[], &elf, &["--disk", &disk], Duration::from_secs(60));
+    let r = LiveVm::guest_logged(&elf, &["--disk", &disk]).finish(Duration::from_secs(60));
     r.assert_clean_exit("HOSTILE OK\n");
     // Six malformed chains plus the bogus avail index.
     assert!(r.stderr.contains("bad_chains=7"), "{r}");

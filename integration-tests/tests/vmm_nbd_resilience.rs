@@ -14,11 +14,10 @@
 mod vmm_guest;
 
 use std::io::BufRead;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vmm_guest::{qemu_nbd, setup, LiveVm, TcpDisk};
+use vmm_guest::{kill_server, qemu_nbd, setup, setup_with_disk, LiveVm};
 
 /// `name=N` from vmm-shim's log, e.g. `reconnects=1`.
 fn counter(stderr: &str, name: &str) -> Option<u64> {
@@ -31,15 +30,6 @@ fn counter(stderr: &str, name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-/// vmm-shim with the guest `elf`, 64 MiB, `extra` arguments, logging at info.
-fn spawn_vm(elf: &Path, extra: &[&str]) -> LiveVm {
-    let elf = elf.to_str().unwrap();
-    let args = [&["--kernel", elf, "--mem", "64M"], extra].concat();
-    let mut cmd = vmm_guest::vmm_command(&[], &args);
-    cmd.env("VMM_LOG", "info");
-    LiveVm::spawn(cmd).expect("spawn vmm-shim")
-}
-
 /// Sectors the writing guest writes (sector k holds 512 bytes of k + 1).
 const SECTORS: u32 = 64;
 
@@ -49,13 +39,8 @@ const SECTORS: u32 = 64;
 fn writer_guest() -> String {
     format!(
         r#"
-    .set RING, 0x200000
-    .set HDR, 0x203000
-    .set DATA, 0x204000
-    .set STATUS, 0x205000
 _start:
-    mov $MMIO0, %rbx
-    BLK_UP 0, RING
+    DISK0_UP
     REQ3 RING, HDR, DATA, 512, STATUS
     xor %r12d, %r12d
 next:
@@ -96,10 +81,7 @@ next:
     cmp $15, %r12d
     jne 3f
     PRINT half
-    mov $0x3fd, %dx
-2:  in %dx, %al
-    test $1, %al
-    jz 2b
+    WAIT_CONSOLE
 3:  inc %r12d
     cmp ${SECTORS}, %r12d
     jb next
@@ -113,16 +95,12 @@ okmsg: .asciz "WRITES OK\n"
 
 #[test]
 fn server_restart_under_a_writing_guest_is_a_stall_not_an_error() {
-    let (dir, elf) = setup("vnr-writer", &writer_guest());
-    let mut nbd = TcpDisk::new(dir.path(), "d");
+    let (_dir, elf, mut nbd) = setup_with_disk("vnr-writer", &writer_guest());
     let disk = format!("{},reconnect_delay=30", nbd.uri("d"));
-    let mut vm = spawn_vm(&elf, &["--disk", &disk]);
+    let mut vm = LiveVm::guest_logged(&elf, &["--disk", &disk]);
     let half = vm.read_line();
     assert!(half.ends_with("HALF\n"), "{half:?}");
-    nbd.nbd.signal(libc::SIGKILL);
-    nbd.nbd
-        .wait_timeout(Duration::from_secs(5))
-        .expect("qemu-nbd gone");
+    kill_server(&mut nbd.nbd, "qemu-nbd");
     // The guest's next write meets a dead server and waits for the new one.
     vm.send(b"x");
     std::thread::sleep(Duration::from_millis(1500));
@@ -151,16 +129,12 @@ fn server_restart_under_a_writing_guest_is_a_stall_not_an_error() {
 fn without_reconnect_delay_a_dead_server_fails_the_write() {
     // The control: the same guest and the same restart, no reconnect_delay. The
     // write that meets the dead server fails (the guest prints FAIL e).
-    let (dir, elf) = setup("vnr-writer0", &writer_guest());
-    let mut nbd = TcpDisk::new(dir.path(), "d");
+    let (_dir, elf, mut nbd) = setup_with_disk("vnr-writer0", &writer_guest());
     let disk = nbd.uri("d");
-    let mut vm = spawn_vm(&elf, &["--disk", &disk]);
+    let mut vm = LiveVm::guest_logged(&elf, &["--disk", &disk]);
     let half = vm.read_line();
     assert!(half.ends_with("HALF\n"), "{half:?}");
-    nbd.nbd.signal(libc::SIGKILL);
-    nbd.nbd
-        .wait_timeout(Duration::from_secs(5))
-        .expect("qemu-nbd gone");
+    kill_server(&mut nbd.nbd, "qemu-nbd");
     vm.send(b"x");
     let r = vm.finish(Duration::from_secs(60));
     assert!(r.serial.ends_with("FAIL e\n"), "{r}");
@@ -174,13 +148,8 @@ const SHORT_SECTOR: u64 = 8;
 fn short_read_guest() -> String {
     format!(
         r#"
-    .set RING, 0x200000
-    .set HDR, 0x203000
-    .set DATA, 0x204000
-    .set STATUS, 0x205000
 _start:
-    mov $MMIO0, %rbx
-    BLK_UP 0, RING
+    DISK0_UP
     REQ3 RING, HDR, DATA, 512, STATUS
     movq ${SHORT_SECTOR}, HDR+8
     READ1 RING, HDR, DATA, STATUS
@@ -224,7 +193,7 @@ fn a_short_read_reply_is_an_io_error_not_zeros() {
         .unwrap();
     assert_eq!(line, "ready\n");
     let disk = format!("nbd://127.0.0.1:{port}/x");
-    let r = spawn_vm(&elf, &["--disk", &disk]).finish(Duration::from_secs(60));
+    let r = LiveVm::guest_logged(&elf, &["--disk", &disk]).finish(Duration::from_secs(60));
     r.assert_clean_exit("SHORT OK\n");
     assert_eq!(counter(&r.stderr, "short_reads"), Some(1), "{r}");
     assert_eq!(counter(&r.stderr, "io_errors"), Some(1), "{r}");
@@ -237,20 +206,13 @@ fn a_short_read_reply_is_an_io_error_not_zeros() {
 /// indirect descriptor and a looping chain; a good write must still work. Then a reset
 /// and DRIVER_OK before FEATURES_OK (refused), a proper set-up and a good write.
 const HOSTILE_MMIO_GUEST: &str = r#"
-    .set RING, 0x200000
-    .set USED, RING+0x2000
-    .set HDR, 0x203000
-    .set DATA, 0x204000
-    .set STATUS, 0x205000
     .set IND, 0x207000
     .set F_INDIRECT, 4
 _start:
-    mov $MMIO0, %rbx
-    BLK_UP 0, RING
+    DISK0_UP
     movl $1, HDR
     movq $3, HDR+8
-    movq $0x6b6f2d7473726966, %rax        # "first-ok"
-    movq %rax, DATA
+    PUT8 DATA, 0x6b6f2d7473726966         # "first-ok"
     # refused: status without DRIVER_OK, then queue registers and features
     movl $11, 0x70(%rbx)
     movl $0, 0x30(%rbx)
@@ -309,10 +271,9 @@ okmsg: .asciz "MMIO OK\n"
 
 #[test]
 fn hostile_mmio_sequences_and_indirect_chains_are_refused_and_counted() {
-    let (dir, elf) = setup("vnr-mmio", HOSTILE_MMIO_GUEST);
-    let nbd = TcpDisk::new(dir.path(), "d");
+    let (_dir, elf, nbd) = setup_with_disk("vnr-mmio", HOSTILE_MMIO_GUEST);
     let disk = nbd.uri("d");
-    let r = spawn_vm(&elf, &["--disk", &disk]).finish(Duration::from_secs(60));
+    let r = LiveVm::guest_logged(&elf, &["--disk", &disk]).finish(Duration::from_secs(60));
     r.assert_clean_exit("MMIO OK\n");
     // Status 11, desc address, queue ready, features; DRIVER_OK before FEATURES_OK.
     assert_eq!(counter(&r.stderr, "refused_mmio"), Some(5), "{r}");
@@ -332,40 +293,21 @@ const FLOOD: u64 = 512 << 10;
 fn flood_guest() -> String {
     format!(
         r#"
-    .set RING, 0x200000
-    .set HDR, 0x203000
-    .set DATA, 0x204000
-    .set STATUS, 0x205000
 _start:
-    mov $MMIO0, %rbx
-    BLK_UP 0, RING
+    DISK0_UP
     mov $0x3f8, %dx
     mov $0x78, %al
     mov ${FLOOD}, %rcx
 1:  out %al, %dx
     dec %rcx
     jnz 1b
-    movl $1, HDR
-    movq $5, HDR+8
-    movq $0x6b6f2d646f6f6c66, %rax        # "flood-ok"
-    movq %rax, DATA
-    movb $0xff, STATUS
+    BLK_HDR 1, 5
+    PUT8 DATA, 0x6b6f2d646f6f6c66         # "flood-ok"
     REQ3 RING, HDR, DATA, 512, STATUS
     SUBMIT RING, 0, 0, 1
     EXPECT_USED RING, 1, 'u'
     EXPECT_STATUS STATUS, 0, 'w'
-    rdtsc
-    shl $32, %rdx
-    or %rax, %rdx
-    mov %rdx, %r9
-    movabs $6000000000, %rax
-    add %rax, %r9
-2:  pause
-    rdtsc
-    shl $32, %rdx
-    or %rax, %rdx
-    cmp %r9, %rdx
-    jb 2b
+    DELAY 6000000000
     PRINT okmsg
     jmp reboot
 okmsg: .asciz "\nFLOOD DONE\n"
@@ -375,13 +317,12 @@ okmsg: .asciz "\nFLOOD DONE\n"
 
 #[test]
 fn a_serial_flood_is_rate_limited_and_counted() {
-    let (dir, elf) = setup("vnr-flood", &flood_guest());
-    let nbd = TcpDisk::new(dir.path(), "d");
+    let (dir, elf, nbd) = setup_with_disk("vnr-flood", &flood_guest());
     let disk = nbd.uri("d");
     // To a file: a pipe nobody reads until the end would block the vCPU instead.
     let console = dir.path().join("console.log");
     let started = Instant::now();
-    let r = spawn_vm(
+    let r = LiveVm::guest_logged(
         &elf,
         &["--disk", &disk, "--console", console.to_str().unwrap()],
     )

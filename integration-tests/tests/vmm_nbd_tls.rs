@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use vmm_guest::{make_disk, run_guest, setup};
+use vmm_guest::{assert_sector_pattern, kill_server, make_disk, run_with_disk, setup, LiveVm};
 
 /// Sector the guest writes, and the pattern it repeats there.
 const SECTOR: u64 = 21;
@@ -24,24 +24,10 @@ const PATTERN: &[u8; 16] = b"vmm-shim-tls-ok!";
 fn tls_guest() -> String {
     format!(
         r#"
-    .set RING, 0x200000
-    .set HDR, 0x203000
-    .set DATA, 0x204000
-    .set STATUS, 0x205000
-    .set RDATA, 0x206000
 _start:
-    mov $MMIO0, %rbx
-    BLK_UP 0, RING
-    mov $DATA, %rdi
-    mov $32, %ecx
-2:  lea pattern(%rip), %rsi
-    movsq
-    movsq
-    loop 2b
-    movl $1, HDR
-    movl $0, HDR+4
-    movq ${SECTOR}, HDR+8
-    movb $0xff, STATUS
+    DISK0_UP
+    FILL16 DATA, pattern, 32
+    BLK_HDR 1, {SECTOR}
     REQ3 RING, HDR, DATA, 512, STATUS
     SUBMIT RING, 0, 0, 1
     EXPECT_USED RING, 1, '1'
@@ -50,16 +36,8 @@ _start:
     SUBMIT RING, 1, 0, 2
     EXPECT_USED RING, 2, '3'
     EXPECT_STATUS STATUS, 0, '4'
-    mov $DATA, %rsi
-    mov $RDATA, %rdi
-    mov $512, %ecx
-    repe cmpsb
-    je 1f
-    FAIL '5'
-1:  movl $4, HDR
-    movb $0xff, STATUS
-    DSET RING, 1, STATUS, 1, F_WRITE, 0
-    SUBMIT RING, 2, 0, 3
+    EXPECT_SAME DATA, RDATA, 512, '5'
+    FLUSH 2, 3
     EXPECT_STATUS STATUS, 0, '6'
     PRINT okmsg
     jmp reboot
@@ -82,17 +60,24 @@ fn run_ok(cmd: &mut Command) {
 /// psktool: `keys.psk` with alice's key, `wrong.psk` with another key for alice.
 fn make_psk(dir: &Path) -> (PathBuf, PathBuf) {
     let (good, wrong) = (dir.join("keys.psk"), dir.join("wrong.psk"));
-    run_ok(
-        Command::new("psktool")
-            .args(["-u", "alice", "-p"])
-            .arg(&good),
-    );
-    run_ok(
-        Command::new("psktool")
-            .args(["-u", "alice", "-p"])
-            .arg(&wrong),
-    );
+    for file in [&good, &wrong] {
+        run_ok(
+            Command::new("psktool")
+                .args(["-u", "alice", "-p"])
+                .arg(file),
+        );
+    }
     (good, wrong)
+}
+
+/// certtool: a new private key in `key`.
+fn make_key(key: &Path) {
+    run_ok(
+        Command::new("certtool")
+            .arg("--generate-privkey")
+            .arg("--outfile")
+            .arg(key),
+    );
 }
 
 /// certtool: a CA, a server certificate for 127.0.0.1 and a client certificate, in
@@ -106,12 +91,7 @@ fn make_x509(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
             "cn = vnt CA\nca\ncert_signing_key\nexpiration_days = 30\n",
         )
         .unwrap();
-        run_ok(
-            Command::new("certtool")
-                .arg("--generate-privkey")
-                .arg("--outfile")
-                .arg(d.join("ca-key.pem")),
-        );
+        make_key(&d.join("ca-key.pem"));
         run_ok(
             Command::new("certtool")
                 .arg("--generate-self-signed")
@@ -128,12 +108,7 @@ fn make_x509(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         let key = out.join(format!("{name}-key.pem"));
         let tmpl = out.join(format!("{name}.info"));
         std::fs::write(&tmpl, info).unwrap();
-        run_ok(
-            Command::new("certtool")
-                .arg("--generate-privkey")
-                .arg("--outfile")
-                .arg(&key),
-        );
+        make_key(&key);
         run_ok(
             Command::new("certtool")
                 .arg("--generate-certificate")
@@ -186,65 +161,83 @@ fn nbdkit_on(img: &Path, port: u16, tls: &[&str]) -> integration_tests::ChildGua
     g
 }
 
-fn run_with_disk(elf: &Path, disk: &str) -> vmm_guest::VmRun {
-    run_guest(&[], elf, &["--disk", disk], Duration::from_secs(60))
+/// Asserts that the guest's pattern is in `img` at SECTOR.
+fn assert_pattern(img: &Path) {
+    assert_sector_pattern(&std::fs::read(img).unwrap(), SECTOR, PATTERN);
 }
 
-fn assert_pattern(img: &Path) {
-    let bytes = std::fs::read(img).unwrap();
-    let at = (SECTOR * 512) as usize;
-    assert_eq!(&bytes[at..at + 512], PATTERN.repeat(32).as_slice());
+/// What the PSK tests start with: the guest `src` built as `name`, alice's keys (see
+/// [`make_psk`]), a zeroed image and the `--tls-psk=` argument for nbdkit.
+struct Psk {
+    /// Holds the files until the test ends.
+    _dir: tempfile::TempDir,
+    elf: PathBuf,
+    good: PathBuf,
+    wrong: PathBuf,
+    img: PathBuf,
+    kit_arg: String,
+}
+
+impl Psk {
+    fn setup(name: &str, src: &str) -> Psk {
+        let (dir, elf) = setup(name, src);
+        let (good, wrong) = make_psk(dir.path());
+        let img = make_disk(dir.path());
+        let kit_arg = format!("--tls-psk={}", good.display());
+        Psk {
+            _dir: dir,
+            elf,
+            good,
+            wrong,
+            img,
+            kit_arg,
+        }
+    }
+
+    /// The `nbds://` disk for alice at `port` with the key file `key`, then `extra`
+    /// options (each with its leading comma).
+    fn disk(port: u16, key: &Path, extra: &str) -> String {
+        format!(
+            "nbds://alice@127.0.0.1:{port}/,tls-psk-file={}{extra}",
+            key.display()
+        )
+    }
 }
 
 #[test]
 fn psk_guest_reads_and_writes_through_nbdkit_and_a_wrong_key_is_refused() {
-    let (dir, elf) = setup("vnt-psk", &tls_guest());
-    let (good, wrong) = make_psk(dir.path());
-    let img = make_disk(dir.path());
-    let psk_arg = format!("--tls-psk={}", good.display());
-    let (_kit, port) = nbdkit(&img, &["--tls=require", &psk_arg]);
+    let p = Psk::setup("vnt-psk", &tls_guest());
+    let (elf, img) = (&p.elf, &p.img);
+    let (_kit, port) = nbdkit(img, &["--tls=require", &p.kit_arg]);
     // Identity in the URI, as libnbd takes it.
-    let disk = format!(
-        "nbds://alice@127.0.0.1:{port}/,tls-psk-file={}",
-        good.display()
-    );
-    run_with_disk(&elf, &disk).assert_clean_exit("TLS OK\n");
-    assert_pattern(&img);
+    run_with_disk(elf, &Psk::disk(port, &p.good, "")).assert_clean_exit("TLS OK\n");
+    assert_pattern(img);
     // Identity as an option; a second run on the same server.
-    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(img, vec![0u8; 1 << 20]).unwrap();
     let disk = format!(
         "nbds://127.0.0.1:{port}/,tls-psk-file={},tls-username=alice",
-        good.display()
+        p.good.display()
     );
-    run_with_disk(&elf, &disk).assert_clean_exit("TLS OK\n");
-    assert_pattern(&img);
+    run_with_disk(elf, &disk).assert_clean_exit("TLS OK\n");
+    assert_pattern(img);
     // The same identity with another key: the handshake fails, the VM does not start.
-    let disk = format!(
-        "nbds://alice@127.0.0.1:{port}/,tls-psk-file={}",
-        wrong.display()
-    );
-    let r = run_with_disk(&elf, &disk);
+    let r = run_with_disk(elf, &Psk::disk(port, &p.wrong, ""));
     r.assert_exit(1, "TLS handshake failed");
     assert_eq!(r.serial, "", "{r}");
     // Plain NBD at a TLS-only server: refused by the server.
-    let r = run_with_disk(&elf, &format!("nbd://127.0.0.1:{port}/"));
+    let r = run_with_disk(elf, &format!("nbd://127.0.0.1:{port}/"));
     assert_eq!(r.code, Some(1), "{r}");
     assert_eq!(r.serial, "", "{r}");
 }
 
 #[test]
 fn nbds_to_a_server_without_tls_is_refused_not_downgraded() {
-    let (dir, elf) = setup("vnt-down", &tls_guest());
-    let (good, _) = make_psk(dir.path());
-    let img = make_disk(dir.path());
-    let (_kit, port) = nbdkit(&img, &["--tls=off"]);
-    let disk = format!(
-        "nbds://alice@127.0.0.1:{port}/,tls-psk-file={}",
-        good.display()
-    );
-    let r = run_with_disk(&elf, &disk);
+    let p = Psk::setup("vnt-down", &tls_guest());
+    let (elf, img) = (&p.elf, &p.img);
+    let (_kit, port) = nbdkit(img, &["--tls=off"]);
+    let r = run_with_disk(elf, &Psk::disk(port, &p.good, ""));
     r.assert_exit(1, "server refused STARTTLS");
-    assert!(std::fs::read(&img).unwrap().iter().all(|&b| b == 0));
+    assert!(std::fs::read(img).unwrap().iter().all(|&b| b == 0));
 }
 
 #[test]
@@ -280,30 +273,17 @@ fn x509_guest_reads_and_writes_through_nbdkit_and_a_foreign_ca_is_refused() {
 /// Guest: writes sector 1 ("before-k"), prints `W1`, waits for a console byte (the
 /// test restarts nbdkit meanwhile), writes sector 2 ("after-ok"), prints `RE OK`.
 const RECONNECT_GUEST: &str = r#"
-    .set RING, 0x200000
-    .set HDR, 0x203000
-    .set DATA, 0x204000
-    .set STATUS, 0x205000
 _start:
-    mov $MMIO0, %rbx
-    BLK_UP 0, RING
-    movl $1, HDR
-    movq $1, HDR+8
-    movq $0x6b2d65726f666562, %rax        # "before-k"
-    movq %rax, DATA
-    movb $0xff, STATUS
+    DISK0_UP
+    BLK_HDR 1, 1
+    PUT8 DATA, 0x6b2d65726f666562         # "before-k"
     REQ3 RING, HDR, DATA, 512, STATUS
     SUBMIT RING, 0, 0, 1
     EXPECT_STATUS STATUS, 0, 'a'
     PRINT w1
-    mov $0x3fd, %dx
-2:  in %dx, %al
-    test $1, %al
-    jz 2b
-    movq $2, HDR+8
-    movq $0x6b6f2d7265746661, %rax        # "after-ok"
-    movq %rax, DATA
-    movb $0xff, STATUS
+    WAIT_CONSOLE
+    BLK_HDR 1, 2
+    PUT8 DATA, 0x6b6f2d7265746661         # "after-ok"
     SUBMIT RING, 1, 0, 2
     EXPECT_USED RING, 2, 'u'
     EXPECT_STATUS STATUS, 0, 'b'
@@ -315,40 +295,21 @@ okmsg: .asciz "RE OK\n"
 
 #[test]
 fn a_tls_disk_reconnects_with_tls_when_nbdkit_restarts() {
-    let (dir, elf) = setup("vnt-re", RECONNECT_GUEST);
-    let (good, _) = make_psk(dir.path());
-    let img = make_disk(dir.path());
-    let psk_arg = format!("--tls-psk={}", good.display());
-    let (mut kit, port) = nbdkit(&img, &["--tls=require", &psk_arg]);
-    let disk = format!(
-        "nbds://alice@127.0.0.1:{port}/,tls-psk-file={},reconnect_delay=20",
-        good.display()
-    );
-    let mut cmd = vmm_guest::vmm_command(
-        &[],
-        &[
-            "--kernel",
-            elf.to_str().unwrap(),
-            "--mem",
-            "64M",
-            "--disk",
-            &disk,
-        ],
-    );
-    cmd.env("VMM_LOG", "info");
-    let mut vm = vmm_guest::LiveVm::spawn(cmd).unwrap();
+    let p = Psk::setup("vnt-re", RECONNECT_GUEST);
+    let (elf, img) = (&p.elf, &p.img);
+    let (mut kit, port) = nbdkit(img, &["--tls=require", &p.kit_arg]);
+    let disk = Psk::disk(port, &p.good, ",reconnect_delay=20");
+    let mut vm = LiveVm::guest_logged(elf, &["--disk", &disk]);
     vm.expect_line("W1\n");
-    kit.signal(libc::SIGKILL);
-    kit.wait_timeout(Duration::from_secs(5))
-        .expect("nbdkit gone");
+    kill_server(&mut kit, "nbdkit");
     vm.send(b"x");
     std::thread::sleep(Duration::from_secs(1));
     // The new server requires TLS too: the disk can only come back over TLS.
-    let _kit2 = nbdkit_on(&img, port, &["--tls=require", &psk_arg]);
+    let _kit2 = nbdkit_on(img, port, &["--tls=require", &p.kit_arg]);
     let r = vm.finish(Duration::from_secs(60));
     r.assert_clean_exit("RE OK\n");
     assert!(r.stderr.contains("reconnects=1"), "{r}");
-    let bytes = std::fs::read(&img).unwrap();
+    let bytes = std::fs::read(img).unwrap();
     assert_eq!(&bytes[512..520], b"before-k");
     assert_eq!(&bytes[1024..1032], b"after-ok");
 }

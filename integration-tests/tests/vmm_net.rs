@@ -140,10 +140,7 @@ _start:
     mov $MMIO0, %rbx
     NET_UP 0, RX, TX
     PRINT ready
-    mov $0x3fd, %dx
-2:  in %dx, %al
-    test $1, %al
-    jz 2b
+    WAIT_CONSOLE
     DSET RX, 0, BUFS, 2048, F_WRITE, 0
     DSET RX, 1, BUFS+0x800, 2048, F_WRITE, 0
     movw $0, RX+0x1000+4

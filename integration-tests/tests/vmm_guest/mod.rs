@@ -7,7 +7,10 @@
 //! non-zero), `reboot` (i8042 0xfe: vmm-shim exits 0) and virtio-mmio driver helpers:
 //! `dev_init` (reset, ACK, DRIVER, VERSION_1 + the features in r8d, FEATURES_OK),
 //! `setup_queue` (queue edi, 8 entries, rings at esi, esi+0x1000, esi+0x2000) and
-//! `driver_ok`. Device windows start at 0xd0000000, 4 KiB apart: disks, then NICs.
+//! `driver_ok`, and for a guest with one disk a fixed layout (RING, HDR, DATA, STATUS,
+//! RDATA) with request macros (`DISK0_UP`, `BLK_HDR`, `REQ3`, `READ1`, `FLUSH`,
+//! `SUBMIT`) and waits (`WAIT_CONSOLE`, `DELAY`). Device windows start at 0xd0000000,
+//! 4 KiB apart: disks, then NICs.
 //! A disk completes requests on its own thread, so `SUBMIT` waits for the used index
 //! (`WAIT_USED`) before the guest looks at the result.
 
@@ -27,6 +30,15 @@ pub const PRELUDE: &str = concat!(
     .set MMIO0, 0xd0000000
     .set F_NEXT, 1
     .set F_WRITE, 2
+
+    # Where a guest with one disk keeps its queue and its request: the rings (RING,
+    # RING+0x1000, RING+0x2000, see SETUP_QUEUE), a request header, a data buffer,
+    # the status byte and a second buffer for what is read back.
+    .set RING, 0x200000
+    .set HDR, 0x203000
+    .set DATA, 0x204000
+    .set STATUS, 0x205000
+    .set RDATA, 0x206000
 
     # DSET ring, idx, addr, len, flags, next: fill descriptor idx of the table at ring.
     .macro DSET ring, idx, addr, len, flags, next
@@ -122,6 +134,84 @@ pub const PRELUDE: &str = concat!(
     movl $0, \hdr
     movb $0xff, \status
     DSET \ring, 1, \data, 512, F_NEXT|F_WRITE, 2
+    .endm
+
+    # DISK0_UP features=0: bring the first device (a disk; rbx = its window) up with
+    # `features` acked and its queue at RING.
+    .macro DISK0_UP features=0
+    mov $MMIO0, %rbx
+    BLK_UP \features, RING
+    .endm
+
+    # BLK_HDR type, sector: a request header at HDR (type 1 OUT, 0 IN, 4 FLUSH...)
+    # for `sector`, and the status byte reset so that the device must write it.
+    .macro BLK_HDR type, sector
+    movl $\type, HDR
+    movl $0, HDR+4
+    movq $\sector, HDR+8
+    movb $0xff, STATUS
+    .endm
+
+    # FLUSH slot, newidx: a FLUSH in descriptors 0-1 (the header, the status byte),
+    # submitted in `slot` (see SUBMIT); the caller checks the status.
+    .macro FLUSH slot, newidx
+    movl $4, HDR
+    movb $0xff, STATUS
+    DSET RING, 1, STATUS, 1, F_WRITE, 0
+    SUBMIT RING, \slot, 0, \newidx
+    .endm
+
+    # FILL16 dst, src, count: `count` copies of the 16 bytes at the label `src`, from
+    # dst on.
+    .macro FILL16 dst, src, count
+    mov $\dst, %rdi
+    mov $\count, %ecx
+2:  lea \src(%rip), %rsi
+    movsq
+    movsq
+    loop 2b
+    .endm
+
+    # PUT8 addr, value: the 8 bytes of `value` (e.g. an ASCII tag) at addr.
+    .macro PUT8 addr, value
+    movabs $\value, %rax
+    movq %rax, \addr
+    .endm
+
+    # EXPECT_SAME a, b, len, code: FAIL with `code` unless the `len` bytes at a and
+    # at b are the same.
+    .macro EXPECT_SAME a, b, len, code
+    mov $\a, %rsi
+    mov $\b, %rdi
+    mov $\len, %ecx
+    repe cmpsb
+    je 1f
+    FAIL \code
+1:
+    .endm
+
+    # WAIT_CONSOLE: spin until a byte of console input waits in the UART (LSR.DR);
+    # the test sends it when it has done what the guest waits for. Clobbers al, dx.
+    .macro WAIT_CONSOLE
+    mov $0x3fd, %dx
+2:  in %dx, %al
+    test $1, %al
+    jz 2b
+    .endm
+
+    # DELAY cycles: spin for `cycles` TSC cycles (rdtsc). Clobbers rax, rdx, r9.
+    .macro DELAY cycles
+    rdtsc
+    shl $32, %rdx
+    or %rax, %rdx
+    movabs $\cycles, %r9
+    add %rdx, %r9
+2:  pause
+    rdtsc
+    shl $32, %rdx
+    or %rax, %rdx
+    cmp %r9, %rdx
+    jb 2b
     .endm
 
     .macro FAIL code
@@ -248,6 +338,14 @@ pub fn setup(name: &str, src: &str) -> (tempfile::TempDir, PathBuf) {
     (dir, elf)
 }
 
+/// What the vmm tests with one disk start with: [`setup`], and in the directory a
+/// zeroed image exported by qemu-nbd as `d` (see [`TcpDisk`]).
+pub fn setup_with_disk(name: &str, src: &str) -> (tempfile::TempDir, PathBuf, TcpDisk) {
+    let (dir, elf) = setup(name, src);
+    let disk = TcpDisk::new(dir.path(), "d");
+    (dir, elf, disk)
+}
+
 /// Result of one vmm-shim run.
 pub struct VmRun {
     /// Exit code (None if killed by a signal or timed out).
@@ -333,6 +431,28 @@ pub fn run_guest(prefix: &[&str], elf: &Path, extra: &[&str], timeout: Duration)
     run_vmm(prefix, &guest_args(elf, extra), timeout).expect("run vmm-shim")
 }
 
+/// Runs the guest program `elf` (64 MiB of RAM) with `disk` as its only disk, for a
+/// minute at most.
+pub fn run_with_disk(elf: &Path, disk: &str) -> VmRun {
+    run_guest(&[], elf, &["--disk", disk], Duration::from_secs(60))
+}
+
+/// Asserts that `sector` of the disk image `bytes` holds 32 copies of `pattern`, as
+/// the guests that write a pattern (`FILL16 DATA, pattern, 32`) leave it.
+pub fn assert_sector_pattern(bytes: &[u8], sector: u64, pattern: &[u8; 16]) {
+    let at = (sector * 512) as usize;
+    assert_eq!(&bytes[at..at + 512], pattern.repeat(32).as_slice());
+}
+
+/// Kills the server `server` (SIGKILL) under a running guest and waits for it to be
+/// gone, so that the guest's next request meets a dead server.
+pub fn kill_server(server: &mut integration_tests::ChildGuard, what: &str) {
+    server.signal(libc::SIGKILL);
+    server
+        .wait_timeout(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("{what} still running after SIGKILL"));
+}
+
 /// A vmm-shim process the test talks to while it runs: reads the guest's serial
 /// line by line, writes console input, signals it; killed on drop.
 pub struct LiveVm {
@@ -359,6 +479,14 @@ impl LiveVm {
     /// Spawns the guest program `elf` with 64 MiB of RAM and `extra` arguments.
     pub fn guest(prefix: &[&str], elf: &Path, extra: &[&str]) -> LiveVm {
         LiveVm::spawn(vmm_command(prefix, &guest_args(elf, extra))).expect("spawn vmm-shim")
+    }
+
+    /// Like [`LiveVm::guest`], with vmm-shim logging at info (`VMM_LOG`): the
+    /// counters it logs on exit are in its stderr.
+    pub fn guest_logged(elf: &Path, extra: &[&str]) -> LiveVm {
+        let mut cmd = vmm_command(&[], &guest_args(elf, extra));
+        cmd.env("VMM_LOG", "info");
+        LiveVm::spawn(cmd).expect("spawn vmm-shim")
     }
 
     /// vmm-shim's pid.

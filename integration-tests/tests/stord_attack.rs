@@ -11,7 +11,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use integration_tests::{require_root, wait_until};
+use integration_tests::wait_until;
 use stord_common::{dynamic, python, spawn_python, Stord};
 
 fn status(s: &Stord) -> serde_json::Value {
@@ -27,9 +27,12 @@ fn counter(s: &Stord, name: &str) -> u64 {
 }
 
 /// Raw-socket NBD helpers for the hostile clients: fixed newstyle handshake
-/// with NBD_OPT_GO (simple replies), then requests by hand.
+/// with NBD_OPT_GO (simple replies), then requests by hand. Every script that
+/// takes them is run with stord's NBD port as its argument (`port`).
 const RAW: &str = r#"
 import socket, struct, sys, time
+
+port = int(sys.argv[1])
 
 def handshake(sock, export):
     hello = recv_exact(sock, 18)
@@ -71,19 +74,12 @@ def connect(port, src='127.0.0.1'):
 /// honest client still works.
 #[test]
 fn stalled_clients_do_not_stall_others() {
-    require_root();
-    let s = Stord::start_with(
-        &std::env::temp_dir(),
-        "request_timeout = 3\n",
-        &[dynamic("d", "256MiB")],
-    )
-    .unwrap();
+    let s = Stord::limited("request_timeout = 3\n", &[dynamic("d", "256MiB")]);
     // 16 clients send a 32 MiB WRITE header and 1 MiB of its payload and go
     // silent: together what a global budget of 16 x 32 MiB would have been.
     // 8 more queue 64 READs of 1 MiB and never read a reply.
     let stall = format!(
         "{RAW}
-port = int(sys.argv[1])
 socks = []
 for i in range(24):
     s = connect(port)
@@ -172,16 +168,13 @@ print(worst)
 /// counted, while a client that keeps working stays connected.
 #[test]
 fn handshake_and_idle_timeouts_close_connections() {
-    require_root();
-    let s = Stord::start_with(
-        &std::env::temp_dir(),
+    let s = Stord::limited(
         "handshake_timeout = 1\nidle_timeout = 1.5\n",
         &[dynamic("d", "1MiB")],
-    )
-    .unwrap();
+    );
     let silent = format!(
         "{RAW}
-s = connect(int(sys.argv[1]))
+s = connect(port)
 t = time.monotonic()
 s.settimeout(10)
 try:
@@ -231,17 +224,10 @@ print('busy open')
 /// the limit is per uid.
 #[test]
 fn connections_per_client_are_bounded() {
-    require_root();
-    let s = Stord::start_with(
-        &std::env::temp_dir(),
-        "max_connections_per_client = 2\n",
-        &[dynamic("d", "1MiB")],
-    )
-    .unwrap();
+    let s = Stord::limited("max_connections_per_client = 2\n", &[dynamic("d", "1MiB")]);
     let script = format!(
         "{RAW}
 import nbd
-port = int(sys.argv[1])
 held = []
 for i in range(2):
     c = connect(port); handshake(c, 'd'); held.append(c)
@@ -288,13 +274,7 @@ print('tcp free again')
 /// both unix sockets 0660 with the `socket_group`, from the moment they exist.
 #[test]
 fn files_and_sockets_are_private() {
-    require_root();
-    let s = Stord::start_with(
-        &std::env::temp_dir(),
-        "socket_group = \"disk\"\n",
-        &[dynamic("d", "1MiB")],
-    )
-    .unwrap();
+    let s = Stord::limited("socket_group = \"disk\"\n", &[dynamic("d", "1MiB")]);
     let out = s.cli(&["disk", "create", "e", "--size", "1MiB", "--alloc", "fixed"]);
     assert!(out.status.success(), "{out:?}");
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;

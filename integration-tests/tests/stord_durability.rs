@@ -33,6 +33,14 @@ fuse.fuse_python_api = (0, 2)
 ROOT = os.environ['FS_ROOT']
 FAIL = os.environ['FS_FAIL']
 
+def on_file(path, flags, op):
+    """op(fd) on the file under ROOT, opened with flags for this call only."""
+    fd = os.open(ROOT + path, flags)
+    try:
+        return op(fd)
+    finally:
+        os.close(fd)
+
 class FS(fuse.Fuse):
     def getattr(self, path):
         return os.lstat(ROOT + path)
@@ -42,17 +50,9 @@ class FS(fuse.Fuse):
     def open(self, path, flags):
         return 0
     def read(self, path, size, offset):
-        fd = os.open(ROOT + path, os.O_RDONLY)
-        try:
-            return os.pread(fd, size, offset)
-        finally:
-            os.close(fd)
+        return on_file(path, os.O_RDONLY, lambda fd: os.pread(fd, size, offset))
     def write(self, path, buf, offset):
-        fd = os.open(ROOT + path, os.O_WRONLY)
-        try:
-            return os.pwrite(fd, buf, offset)
-        finally:
-            os.close(fd)
+        return on_file(path, os.O_WRONLY, lambda fd: os.pwrite(fd, buf, offset))
     def truncate(self, path, size):
         os.truncate(ROOT + path, size)
     def chmod(self, path, mode):
@@ -60,11 +60,7 @@ class FS(fuse.Fuse):
     def fsync(self, path, datasync):
         if os.path.exists(FAIL):
             return -errno.EIO
-        fd = os.open(ROOT + path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        on_file(path, os.O_RDONLY, os.fsync)
         return 0
     def flush(self, path):
         return 0

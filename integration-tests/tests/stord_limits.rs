@@ -18,13 +18,7 @@ fn connections(s: &Stord) -> u64 {
 
 #[test]
 fn connection_limit_is_enforced() {
-    require_root();
-    let s = Stord::start_with(
-        &std::env::temp_dir(),
-        "max_connections = 2\n",
-        &[dynamic("d", "1MiB")],
-    )
-    .unwrap();
+    let s = Stord::limited("max_connections = 2\n", &[dynamic("d", "1MiB")]);
     let uri = s.uri("d");
     let _a = holder(&uri);
     let mut b = holder(&uri);
@@ -65,12 +59,10 @@ fn empty_export_name() {
         .unwrap();
     assert!(!out.status.success(), "{out:?}");
     // default_export picks one.
-    let s = Stord::start_with(
-        &std::env::temp_dir(),
+    let s = Stord::limited(
         "default_export = \"b\"\n",
         &[dynamic("a", "1MiB"), dynamic("b", "2MiB")],
-    )
-    .unwrap();
+    );
     let out = ok(Command::new("nbdinfo").arg("--size").arg(s.uri(""))).unwrap();
     assert_eq!(out.trim(), "2097152");
 }

@@ -102,6 +102,17 @@ pub enum CatalogError {
     Disk(#[from] DiskError),
 }
 
+impl CatalogError {
+    /// Disk `name` has `connections` clients, which the change would pull the disk
+    /// from under.
+    fn busy(name: &str, connections: usize) -> CatalogError {
+        CatalogError::Busy {
+            name: name.to_string(),
+            connections,
+        }
+    }
+}
+
 /// One catalog entry as stored on disk and reported by `list`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -141,6 +152,14 @@ struct Disks {
 }
 
 impl Disks {
+    /// The disk `name` being served, or NotFound.
+    fn open_disk(&self, name: &str) -> Result<Arc<Disk>, CatalogError> {
+        self.open
+            .get(name)
+            .cloned()
+            .ok_or_else(|| CatalogError::NotFound(name.to_string()))
+    }
+
     fn taken(&self, name: &str) -> bool {
         self.open.contains_key(name)
             || self.missing.contains_key(name)
@@ -166,6 +185,16 @@ impl Disks {
         }
         all.into_values().collect()
     }
+}
+
+/// What [`Catalog::open_or_create`] does with a disk file that is there already.
+#[derive(Clone, Copy)]
+enum Leftover {
+    /// Keeps it: a configured disk whose file is there but not in the catalog.
+    Adopt,
+    /// Removes it and starts afresh: an orphan from a crash between file creation
+    /// and catalog write, or from a delete that could not remove the file.
+    Replace,
 }
 
 /// How a catalog change alters the entries written.
@@ -275,7 +304,7 @@ impl Catalog {
                 if map.taken(&d.name) {
                     continue;
                 }
-                let disk = cat.create_or_adopt(&d.name, d.size.0, d.alloc, d.read_only)?;
+                let disk = cat.create_or_adopt(d)?;
                 map.open.insert(d.name.clone(), Arc::new(disk));
                 changed = true;
             }
@@ -301,21 +330,37 @@ impl Catalog {
         self.state_dir.join("disks").join(format!("{name}.img"))
     }
 
-    fn create_or_adopt(
-        &self,
-        name: &str,
-        size: u64,
-        alloc: Alloc,
-        ro: bool,
-    ) -> Result<Disk, CatalogError> {
-        let p = self.disk_path(name);
-        if p.exists() {
-            tracing::warn!(disk = name, path = %p.display(), "adopting an existing disk file not in the catalog");
-            return Ok(Disk::open(name, &p, alloc, ro)?);
+    /// A configured disk not in the catalog: its file, adopted where it is there.
+    fn create_or_adopt(&self, d: &DiskConfig) -> Result<Disk, CatalogError> {
+        let (disk, created) = self.open_or_create(d, Leftover::Adopt)?;
+        if created {
+            self.sync_disks_dir()?;
         }
-        let disk = Disk::create(name, &p, size, alloc, ro)?;
-        self.sync_disks_dir()?;
         Ok(disk)
+    }
+
+    /// Creates the file of disk `d`; a file of that name already there is handled as
+    /// `leftover` says. The bool says whether a file was created (the disks
+    /// directory then wants a sync).
+    fn open_or_create(
+        &self,
+        d: &DiskConfig,
+        leftover: Leftover,
+    ) -> Result<(Disk, bool), CatalogError> {
+        let p = self.disk_path(&d.name);
+        if p.exists() {
+            match leftover {
+                Leftover::Adopt => {
+                    tracing::warn!(disk = d.name, path = %p.display(), "adopting an existing disk file not in the catalog");
+                    return Ok((Disk::open(&d.name, &p, d.alloc, d.read_only)?, false));
+                }
+                Leftover::Replace => {
+                    let _ = std::fs::remove_file(&p);
+                }
+            }
+        }
+        let disk = Disk::create(&d.name, &p, d.size.0, d.alloc, d.read_only)?;
+        Ok((disk, true))
     }
 
     fn sync_disks_dir(&self) -> Result<(), CatalogError> {
@@ -428,7 +473,12 @@ impl Catalog {
             map.creating.insert(name.to_string());
         }
         // File work without the map lock (fallocate of a large fixed disk).
-        let res = self.create_file(name, size, alloc, read_only);
+        let res = self.create_file(&DiskConfig {
+            name: name.to_string(),
+            size: crate::config::Size(size),
+            alloc,
+            read_only,
+        });
         let mut map = self.lock();
         map.creating.remove(name);
         let disk = res?;
@@ -438,20 +488,9 @@ impl Catalog {
 
     /// Creates the file of a new disk and writes the catalog naming it (the
     /// caller holds the change lock).
-    fn create_file(
-        &self,
-        name: &str,
-        size: u64,
-        alloc: Alloc,
-        read_only: bool,
-    ) -> Result<Disk, CatalogError> {
-        let p = self.disk_path(name);
-        if p.exists() {
-            // An orphan from a crash between file creation and catalog write, or
-            // from a delete that could not remove the file: start afresh.
-            let _ = std::fs::remove_file(&p);
-        }
-        let disk = Disk::create(name, &p, size, alloc, read_only)?;
+    fn create_file(&self, d: &DiskConfig) -> Result<Disk, CatalogError> {
+        let (disk, _) = self.open_or_create(d, Leftover::Replace)?;
+        let p = self.disk_path(&d.name);
         let entry = entry_of(&disk);
         let saved = self.sync_disks_dir().and_then(|()| {
             let entries = self.lock().entries(Change::Add(&entry));
@@ -478,17 +517,10 @@ impl Catalog {
                 self.lock().missing.remove(name);
                 return Ok(());
             }
-            let disk = map
-                .open
-                .get(name)
-                .cloned()
-                .ok_or_else(|| CatalogError::NotFound(name.to_string()))?;
+            let disk = map.open_disk(name)?;
             let connections = disk.connections();
             if connections > 0 {
-                return Err(CatalogError::Busy {
-                    name: name.to_string(),
-                    connections,
-                });
+                return Err(CatalogError::busy(name, connections));
             }
             // Out of the map first: no client attaches while it goes.
             map.open.remove(name);
@@ -513,18 +545,11 @@ impl Catalog {
         let _change = self.change.lock().unwrap_or_else(|p| p.into_inner());
         let disk = {
             let map = self.lock();
-            let disk = map
-                .open
-                .get(name)
-                .cloned()
-                .ok_or_else(|| CatalogError::NotFound(name.to_string()))?;
+            let disk = map.open_disk(name)?;
             let connections = disk.connections();
             let shrink = size < disk.size();
             if shrink && connections > 0 {
-                return Err(CatalogError::Busy {
-                    name: name.to_string(),
-                    connections,
-                });
+                return Err(CatalogError::busy(name, connections));
             }
             // While shrinking, no client may attach (it would negotiate the
             // old size); set under the map lock, which attach takes.
@@ -548,15 +573,20 @@ mod tests {
     use super::*;
     use crate::config::Size;
 
-    #[test]
-    fn catalog_survives_reopen_and_refuses_busy_delete() {
-        let dir = tempfile::tempdir().unwrap();
-        let conf = vec![DiskConfig {
-            name: "boot".into(),
+    /// A config with one dynamic 1 MiB disk `name`, writable.
+    fn one_disk(name: &str) -> Vec<DiskConfig> {
+        vec![DiskConfig {
+            name: name.into(),
             size: Size(1 << 20),
             alloc: Alloc::Dynamic,
             read_only: false,
-        }];
+        }]
+    }
+
+    #[test]
+    fn catalog_survives_reopen_and_refuses_busy_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = one_disk("boot");
         let c = Catalog::open(dir.path(), &conf).unwrap();
         c.create("data", 2 << 20, Alloc::Fixed, false).unwrap();
         assert!(matches!(
@@ -613,12 +643,7 @@ mod tests {
     #[test]
     fn missing_disk_file_is_listed_and_does_not_stop_the_catalog() {
         let dir = tempfile::tempdir().unwrap();
-        let conf = vec![DiskConfig {
-            name: "gone".into(),
-            size: Size(1 << 20),
-            alloc: Alloc::Dynamic,
-            read_only: false,
-        }];
+        let conf = one_disk("gone");
         let c = Catalog::open(dir.path(), &conf).unwrap();
         c.create("kept", 1 << 20, Alloc::Fixed, false).unwrap();
         let gone = c.disk_path("gone");

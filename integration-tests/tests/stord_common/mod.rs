@@ -65,6 +65,14 @@ impl Stord {
         Self::start_with(base, "", disks)
     }
 
+    /// What the attack and limit tests start with: root checked, then stord under
+    /// the temporary directory with the `extra` top-level TOML lines (the limits
+    /// under test) and `disks`.
+    pub fn limited(extra: &str, disks: &[DiskSpec<'_>]) -> Stord {
+        integration_tests::require_root();
+        Self::start_with(&std::env::temp_dir(), extra, disks).expect("start stord")
+    }
+
     /// Like `start_in`, with `extra` top-level TOML lines added to the config.
     pub fn start_with(base: &Path, extra: &str, disks: &[DiskSpec<'_>]) -> Result<Stord> {
         let dir = tempfile::tempdir_in(base)?;

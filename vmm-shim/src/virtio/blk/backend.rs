@@ -62,56 +62,45 @@ impl<B: BlockBackend> BlockBackend for std::sync::Arc<std::sync::Mutex<B>> {
     }
 }
 
-impl BlockBackend for NbdSession {
-    fn size(&self) -> u64 {
-        NbdSession::size(self)
-    }
-    fn read_only(&self) -> bool {
-        NbdSession::read_only(self)
-    }
-    fn can_flush(&self) -> bool {
-        self.flags() & nbd::TFLAG_SEND_FLUSH != 0
-    }
-    fn can_trim(&self) -> bool {
-        self.flags() & nbd::TFLAG_SEND_TRIM != 0
-    }
-    fn can_write_zeroes(&self) -> bool {
-        self.flags() & nbd::TFLAG_SEND_WRITE_ZEROES != 0
-    }
-    fn submit(&mut self, reqs: &[Request]) -> Result<Vec<Outcome>, NbdError> {
-        NbdSession::submit(self, reqs)
-    }
-    fn close(&mut self) -> Result<(), NbdError> {
-        NbdSession::close(self)
-    }
+/// The [`BlockBackend`] of an NBD connection type ([`NbdSession`], [`NbdClient`]):
+/// the size and read-only flag from the handshake, FLUSH, TRIM and WRITE_ZEROES as
+/// the server's transmission flags offer them; then any further method (`stats`).
+macro_rules! nbd_backend {
+    ($ty:ident $(, $more:item)*) => {
+        impl BlockBackend for $ty {
+            fn size(&self) -> u64 {
+                $ty::size(self)
+            }
+            fn read_only(&self) -> bool {
+                $ty::read_only(self)
+            }
+            fn can_flush(&self) -> bool {
+                self.flags() & nbd::TFLAG_SEND_FLUSH != 0
+            }
+            fn can_trim(&self) -> bool {
+                self.flags() & nbd::TFLAG_SEND_TRIM != 0
+            }
+            fn can_write_zeroes(&self) -> bool {
+                self.flags() & nbd::TFLAG_SEND_WRITE_ZEROES != 0
+            }
+            fn submit(&mut self, reqs: &[Request]) -> Result<Vec<Outcome>, NbdError> {
+                $ty::submit(self, reqs)
+            }
+            fn close(&mut self) -> Result<(), NbdError> {
+                $ty::close(self)
+            }
+            $($more)*
+        }
+    };
+}
+
+nbd_backend!(
+    NbdSession,
     fn stats(&self) -> SessionStats {
         NbdSession::stats(self)
     }
-}
-
-impl BlockBackend for NbdClient {
-    fn size(&self) -> u64 {
-        NbdClient::size(self)
-    }
-    fn read_only(&self) -> bool {
-        NbdClient::read_only(self)
-    }
-    fn can_flush(&self) -> bool {
-        self.flags() & nbd::TFLAG_SEND_FLUSH != 0
-    }
-    fn can_trim(&self) -> bool {
-        self.flags() & nbd::TFLAG_SEND_TRIM != 0
-    }
-    fn can_write_zeroes(&self) -> bool {
-        self.flags() & nbd::TFLAG_SEND_WRITE_ZEROES != 0
-    }
-    fn submit(&mut self, reqs: &[Request]) -> Result<Vec<Outcome>, NbdError> {
-        NbdClient::submit(self, reqs)
-    }
-    fn close(&mut self) -> Result<(), NbdError> {
-        NbdClient::close(self)
-    }
-}
+);
+nbd_backend!(NbdClient);
 
 /// errno a [`MemDisk`] answers for a request outside the disk (EINVAL).
 const EINVAL: u32 = 22;

@@ -157,27 +157,13 @@ impl RawConfig {
 
     /// Overlays CLI values on top of a file's (CLI wins, lists are appended).
     pub fn merge(mut self, cli: RawConfig) -> Self {
-        if cli.kernel.is_some() {
-            self.kernel = cli.kernel;
-        }
-        if cli.initrd.is_some() {
-            self.initrd = cli.initrd;
-        }
-        if cli.cmdline.is_some() {
-            self.cmdline = cli.cmdline;
-        }
-        if cli.mem.is_some() {
-            self.mem = cli.mem;
-        }
-        if cli.cpus.is_some() {
-            self.cpus = cli.cpus;
-        }
-        if cli.console.is_some() {
-            self.console = cli.console;
-        }
-        if cli.netd_control.is_some() {
-            self.netd_control = cli.netd_control;
-        }
+        self.kernel = cli.kernel.or(self.kernel);
+        self.initrd = cli.initrd.or(self.initrd);
+        self.cmdline = cli.cmdline.or(self.cmdline);
+        self.mem = cli.mem.or(self.mem);
+        self.cpus = cli.cpus.or(self.cpus);
+        self.console = cli.console.or(self.console);
+        self.netd_control = cli.netd_control.or(self.netd_control);
         self.net.extend(cli.net);
         self.disk.extend(cli.disk);
         self

@@ -21,6 +21,8 @@ pub mod legacy;
 pub mod nbd;
 pub mod netd_client;
 pub mod sys;
+#[cfg(test)]
+mod testutil;
 pub mod virtio;
 pub mod vmm;
 

@@ -99,16 +99,23 @@ pub fn del_port(control: &Path, network: &str, name: &str) -> Result<(), NetdErr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::serve_one;
     use std::io::{BufRead, BufReader, Write};
-    use std::os::unix::net::UnixListener;
+    use std::os::unix::net::UnixStream;
+    use std::path::PathBuf;
+    use std::thread::JoinHandle;
+
+    /// A scripted netd: its control socket, and the thread that answers the first
+    /// client with `serve` (see [`serve_one`]).
+    fn fake_netd<T: Send + 'static>(
+        serve: impl FnOnce(UnixStream) -> T + Send + 'static,
+    ) -> (tempfile::TempDir, PathBuf, JoinHandle<T>) {
+        serve_one("ctl.sock", serve)
+    }
 
     #[test]
     fn an_endless_answer_is_cut_off_not_buffered() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ctl.sock");
-        let l = UnixListener::bind(&path).unwrap();
-        let t = std::thread::spawn(move || {
-            let (mut s, _) = l.accept().unwrap();
+        let (_dir, path, t) = fake_netd(|mut s| {
             let chunk = vec![b'x'; 64 << 10];
             // Up to 8 MiB without a newline; the client must stop reading long before.
             let mut sent = 0;
@@ -128,11 +135,7 @@ mod tests {
 
     #[test]
     fn the_request_is_a_typed_port_add() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ctl.sock");
-        let l = UnixListener::bind(&path).unwrap();
-        let t = std::thread::spawn(move || {
-            let (mut s, _) = l.accept().unwrap();
+        let (_dir, path, t) = fake_netd(|mut s| {
             let mut line = String::new();
             BufReader::new(&s).read_line(&mut line).unwrap();
             s.write_all(b"{\"ok\":false,\"error\":\"no network named \\\"lab\\\"\"}\n")

@@ -204,8 +204,14 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
 
     let mut cmdline = cfg.cmdline.clone();
     let mut bus = MmioBus::default();
-    let disks = attach_disks(&vm, &mem, &cfg, &mut bus, &mut cmdline)?;
-    let nics = attach_nics(&vm, &mem, &cfg, &mut bus, &mut cmdline)?;
+    let mut board = Board {
+        vm: &vm,
+        mem: &mem,
+        bus: &mut bus,
+        cmdline: &mut cmdline,
+    };
+    let disks = attach_disks(&mut board, &cfg)?;
+    let nics = attach_nics(&mut board, &cfg)?;
     let entry = load_kernel(&mem, &cfg, &bus, &cmdline)?;
 
     let (tx, rx) = mpsc::channel::<ExitReason>();
@@ -286,17 +292,34 @@ fn serial_console(vm: &VmFd, console: &Console) -> Result<Arc<Mutex<SerialDev>>,
     ))))
 }
 
+/// What the devices are put on while the VM is built: the VM (irqfds, ioeventfds),
+/// guest memory, the virtio-mmio bus and the kernel command line that announces
+/// each window.
+struct Board<'a> {
+    vm: &'a VmFd,
+    mem: &'a GuestMemoryMmap,
+    bus: &'a mut MmioBus,
+    cmdline: &'a mut String,
+}
+
+impl Board<'_> {
+    /// Puts `dev` in the next window behind a virtio-mmio transport, its IRQ wired
+    /// to KVM and the window on the command line; returns the transport.
+    fn plug<D: VirtioDevice + 'static>(
+        &mut self,
+        dev: D,
+    ) -> Result<Arc<Mutex<MmioTransport<D>>>, VmmError> {
+        let t = self.bus.transport(self.vm, self.mem, dev)?;
+        self.bus.attach(t.clone(), self.cmdline);
+        Ok(t)
+    }
+}
+
 /// Connects every disk's NBD export, puts a virtio-blk device for it on the bus, in
 /// command-line order, and starts its I/O thread ([`disk_io_loop`]). The guest's
 /// QueueNotify writes to the window signal the thread's eventfd straight from KVM
 /// (KVM_IOEVENTFD); where KVM refuses that, the transport signals it.
-fn attach_disks(
-    vm: &VmFd,
-    mem: &GuestMemoryMmap,
-    cfg: &VmConfig,
-    bus: &mut MmioBus,
-    cmdline: &mut String,
-) -> Result<Disks, VmmError> {
+fn attach_disks(board: &mut Board<'_>, cfg: &VmConfig) -> Result<Disks, VmmError> {
     let mut disks = Disks {
         disks: Vec::new(),
         stop: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(os_err("eventfd"))?),
@@ -315,15 +338,17 @@ fn attach_disks(
         );
         let session: Session = Arc::new(Mutex::new(session));
         let kick = EventFd::new(EFD_NONBLOCK).map_err(os_err("eventfd"))?;
-        let notify_addr = bus.next_window() + crate::virtio::mmio::QUEUE_NOTIFY;
-        if let Err(e) = vm.register_ioevent(&kick, &IoEventAddress::Mmio(notify_addr), NoDatamatch)
+        let notify_addr = board.bus.next_window() + crate::virtio::mmio::QUEUE_NOTIFY;
+        if let Err(e) =
+            board
+                .vm
+                .register_ioevent(&kick, &IoEventAddress::Mmio(notify_addr), NoDatamatch)
         {
             tracing::warn!(disk = index, error = %e, "KVM_IOEVENTFD failed; kicks go through the transport");
         }
         let dev = Block::new(session.clone(), d.read_only, &format!("nbd{index}"))
             .with_kick(kick.try_clone().map_err(os_err("eventfd"))?);
-        let t = bus.transport(vm, mem, dev)?;
-        bus.attach(t.clone(), cmdline);
+        let t = board.plug(dev)?;
         let (t2, s2, stop) = (t.clone(), session.clone(), disks.stop.clone());
         let h = thread::Builder::new()
             .name(format!("disk{index}-io"))
@@ -399,13 +424,7 @@ fn disk_io_loop(t: BlockDev, session: Session, kick: EventFd, stop: Arc<EventFd>
 /// network), puts a virtio-net device for it on the bus and starts its receive thread
 /// ([`net_rx_loop`]). Offloads are offered on plain TAPs only: a netd port's AF_PACKET
 /// side carries plain frames.
-fn attach_nics(
-    vm: &VmFd,
-    mem: &GuestMemoryMmap,
-    cfg: &VmConfig,
-    bus: &mut MmioBus,
-    cmdline: &mut String,
-) -> Result<Nics, VmmError> {
+fn attach_nics(board: &mut Board<'_>, cfg: &VmConfig) -> Result<Nics, VmmError> {
     let mut nics = Nics {
         rx_threads: Vec::new(),
         stop_rx: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(os_err("eventfd"))?),
@@ -436,8 +455,7 @@ fn attach_nics(
         let tap_fd = tap.as_raw_fd();
         let wake = EventFd::new(EFD_NONBLOCK).map_err(os_err("eventfd"))?;
         let wake_rx = wake.try_clone().map_err(os_err("eventfd"))?;
-        let t: NetDev = bus.transport(vm, mem, Net::new(tap, mac, Some(wake), offloads))?;
-        bus.attach(t.clone(), cmdline);
+        let t: NetDev = board.plug(Net::new(tap, mac, Some(wake), offloads))?;
         tracing::info!(net = index, tap = %name, mac = %format_mac(mac), "NIC attached");
         let stop = nics.stop_rx.clone();
         nics.rx_threads.push(

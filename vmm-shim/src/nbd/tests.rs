@@ -3,6 +3,7 @@
 //! format as stord.
 
 use super::*;
+use crate::testutil::serve_one;
 use nbd_proto::{chunk, OptionHeader, OptionReply, OPTION_HEADER_LEN, REQUEST_LEN};
 use std::os::unix::net::UnixListener;
 
@@ -17,11 +18,14 @@ fn w(s: &mut UnixStream, parts: &[&[u8]]) {
 fn scripted<T: Send + 'static>(
     script: impl FnOnce(UnixStream) -> T + Send + 'static,
 ) -> (tempfile::TempDir, NbdAddr, std::thread::JoinHandle<T>) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("nbd.sock");
-    let l = UnixListener::bind(&path).unwrap();
-    let server = std::thread::spawn(move || script(l.accept().unwrap().0));
+    let (dir, path, server) = serve_one("nbd.sock", script);
     (dir, NbdAddr::Unix(path), server)
+}
+
+/// The payload of an offset chunk (data or hole): the offset, then `rest` (the
+/// data, or the hole's length).
+fn at_offset(offset: u64, rest: &[u8]) -> Vec<u8> {
+    [&offset.to_be_bytes()[..], rest].concat()
 }
 
 /// Connects to `addr` and reads `len` bytes at `offset`, which must fail the
@@ -111,11 +115,9 @@ fn serve(mut s: UnixStream) {
     // Second (a write): simple reply.
     simple_reply(&mut s, 0, reqs[1].1);
     // First (read 1024 at 4096): data for the second half, a hole for the first.
-    let mut d = (4096u64 + 512).to_be_bytes().to_vec();
-    d.extend_from_slice(&[0xaa; 512]);
+    let d = at_offset(4096 + 512, &[0xaa; 512]);
     chunk(&mut s, 0, chunk::OFFSET_DATA, reqs[0].1, &d);
-    let mut h = 4096u64.to_be_bytes().to_vec();
-    h.extend_from_slice(&512u32.to_be_bytes());
+    let h = at_offset(4096, &512u32.to_be_bytes());
     chunk(&mut s, chunk::FLAG_DONE, chunk::OFFSET_HOLE, reqs[0].1, &h);
     // Next batch: answered with a cookie from nowhere.
     let r = request(&mut s);
@@ -174,12 +176,11 @@ fn chunk_offsets_that_overflow_are_a_protocol_error() {
         let (_dir, addr, server) = scripted(move |mut s| {
             handshake(&mut s);
             let (_, cookie, _, _) = request(&mut s);
-            let mut p = (u64::MAX - 4).to_be_bytes().to_vec();
-            if ty == chunk::OFFSET_HOLE {
-                p.extend_from_slice(&512u32.to_be_bytes());
+            let p = if ty == chunk::OFFSET_HOLE {
+                at_offset(u64::MAX - 4, &512u32.to_be_bytes())
             } else {
-                p.extend_from_slice(&[0x55; 512]);
-            }
+                at_offset(u64::MAX - 4, &[0x55; 512])
+            };
             chunk(&mut s, chunk::FLAG_DONE, ty, cookie, &p);
         });
         let err = failed_read(&addr, 0, 1024);
@@ -225,8 +226,7 @@ fn endless_chunks_for_one_request_are_a_protocol_error() {
         let (_dir, addr, server) = scripted(move |mut s| {
             handshake(&mut s);
             let (_, cookie, off, _) = request(&mut s);
-            let mut h = off.to_be_bytes().to_vec();
-            h.extend_from_slice(&512u32.to_be_bytes());
+            let h = at_offset(off, &512u32.to_be_bytes());
             let mut sent = 0;
             while sent < 10_000 {
                 let (kind, p): (u16, &[u8]) = if round == 0 {
@@ -266,13 +266,11 @@ fn a_read_reply_must_cover_the_request_exactly() {
         let (_dir, addr, server) = scripted(move |mut s| {
             handshake(&mut s);
             let (_, cookie, off, _) = request(&mut s);
-            let mut d = off.to_be_bytes().to_vec();
-            d.extend_from_slice(&[0x11; 512]);
+            let d = at_offset(off, &[0x11; 512]);
             if round == 0 {
                 chunk(&mut s, chunk::FLAG_DONE, chunk::OFFSET_DATA, cookie, &d);
                 let (_, cookie, off, len) = request(&mut s);
-                let mut d = off.to_be_bytes().to_vec();
-                d.extend_from_slice(&vec![0x22; len as usize]);
+                let d = at_offset(off, &vec![0x22; len as usize]);
                 chunk(&mut s, chunk::FLAG_DONE, chunk::OFFSET_DATA, cookie, &d);
             } else {
                 chunk(&mut s, 0, chunk::OFFSET_DATA, cookie, &d);

@@ -382,10 +382,22 @@ mod tests {
         t.write(off, &v.to_le_bytes());
     }
 
+    /// A fresh transport for a [`Probe`], over the test memory.
+    fn transport() -> MmioTransport<Probe> {
+        let irq = Arc::new(IrqLine::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        MmioTransport::new(Probe::default(), mem(), irq)
+    }
+
+    /// Puts the selected queue's rings at 0x1000, 0x2000 and 0x3000 and readies it.
+    fn place_rings(t: &mut MmioTransport<Probe>) {
+        for (off, v) in [(0x80, 0x1000), (0x90, 0x2000), (0xa0, 0x3000), (0x44, 1)] {
+            w(t, off, v);
+        }
+    }
+
     #[test]
     fn oversized_queue_num_and_unready_queues_are_ignored() {
-        let irq = Arc::new(IrqLine::new(EventFd::new(EFD_NONBLOCK).unwrap()));
-        let mut t = MmioTransport::new(Probe::default(), mem(), irq);
+        let mut t = transport();
         for (off, v) in [(0x70, 1), (0x70, 3), (0x24, 1), (0x20, 1), (0x70, 11)] {
             w(&mut t, off, v);
         }
@@ -395,10 +407,7 @@ mod tests {
         assert_eq!(t.queues[0].size(), 256);
         w(&mut t, 0x38, 16);
         assert_eq!(t.queues[0].size(), 16);
-        w(&mut t, 0x80, 0x1000);
-        w(&mut t, 0x90, 0x2000);
-        w(&mut t, 0xa0, 0x3000);
-        w(&mut t, 0x44, 1);
+        place_rings(&mut t);
         // Queue 1: rings far outside guest memory, never made ready.
         w(&mut t, 0x30, 1);
         w(&mut t, 0x80, 0xffff_0000);
@@ -416,8 +425,7 @@ mod tests {
 
     #[test]
     fn status_follows_the_spec_state_machine() {
-        let irq = Arc::new(IrqLine::new(EventFd::new(EFD_NONBLOCK).unwrap()));
-        let mut t = MmioTransport::new(Probe::default(), mem(), irq);
+        let mut t = transport();
         // Features before DRIVER, DRIVER_OK before FEATURES_OK: refused.
         w(&mut t, 0x70, 1);
         w(&mut t, 0x20, 1);
@@ -438,10 +446,7 @@ mod tests {
         assert_eq!(t.acked, F_VERSION_1);
         w(&mut t, 0x30, 0);
         w(&mut t, 0x38, 16);
-        w(&mut t, 0x80, 0x1000);
-        w(&mut t, 0x90, 0x2000);
-        w(&mut t, 0xa0, 0x3000);
-        w(&mut t, 0x44, 1);
+        place_rings(&mut t);
         w(&mut t, 0x70, 15);
         assert!(t.active());
         assert_eq!(refused(&t), 4);

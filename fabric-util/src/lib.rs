@@ -8,11 +8,13 @@
 //!   parser for stord's disk sizes and vmm-shim's `--mem`;
 //! - [`MacAddr`]: an Ethernet address, parsed and printed as `52:54:00:12:34:56`;
 //! - [`toml_file`]: strict TOML config files whose errors name the file;
-//! - [`sys`]: TAP devices and interface ioctls, the only `unsafe` of the crate.
+//! - [`sys`]: TAP devices and interface ioctls, the only `unsafe` of the crate;
+//! - [`cli`]: the daemons' `serve --config` arguments and their exit status.
 //!
 //! Nothing here starts threads or needs a runtime: the daemons use it from tokio
 //! tasks, the VMM from plain threads.
 
+pub mod cli;
 mod mac;
 mod size;
 pub mod sys;

@@ -32,11 +32,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the daemon in the foreground.
-    Serve {
-        /// TOML config file.
-        #[arg(long)]
-        config: PathBuf,
-    },
+    Serve(fabric_util::cli::ServeArgs),
     /// Networks.
     Net {
         #[command(subcommand)]
@@ -385,7 +381,7 @@ fn main() -> ExitCode {
         json: cli.json,
     };
     let r = match cli.cmd {
-        Cmd::Serve { config } => {
+        Cmd::Serve(fabric_util::cli::ServeArgs { config }) => {
             // RUST_LOG, the variable tracing_subscriber reads by default.
             fabric_util::init_logging("RUST_LOG", "info");
             serve(config)
@@ -442,11 +438,5 @@ fn main() -> ExitCode {
 
 /// The exit status of a command, its error printed with its causes.
 fn finish(r: Result<()>) -> ExitCode {
-    match r {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("netd: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    fabric_util::cli::exit_status("netd", r)
 }

@@ -28,9 +28,8 @@ struct Cli {
 enum Cmd {
     /// Run the daemon in the foreground.
     Serve {
-        /// The TOML configuration file.
-        #[arg(long)]
-        config: PathBuf,
+        #[command(flatten)]
+        serve: fabric_util::cli::ServeArgs,
         /// Serve one NBD connection on stdin/stdout, then exit.
         #[arg(long)]
         stdin: bool,
@@ -98,18 +97,15 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match real_main(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("stord: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    fabric_util::cli::exit_status("stord", real_main(cli))
 }
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Serve { config, stdin } => {
+        Cmd::Serve {
+            serve: fabric_util::cli::ServeArgs { config },
+            stdin,
+        } => {
             // Logs go to stderr: stdout carries NBD in --stdin mode and data for
             // the CLI.
             fabric_util::init_logging("STORD_LOG", "info");

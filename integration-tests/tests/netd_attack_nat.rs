@@ -46,6 +46,29 @@ fn counter(v: &serde_json::Value, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no counter {name} in {v}"))
 }
 
+/// The address in a lease line of `Lab::dhcp` (`ip=A.B.C.D ...`); `what` names
+/// the lease in the error.
+fn lease_ip(lease: &str, what: &str) -> Result<String> {
+    lease
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("ip="))
+        .map(str::to_string)
+        .with_context(|| format!("{what}: {lease}"))
+}
+
+/// The router's MAC as the guest `g` learns it (a ping to 10.0.2.2, then its
+/// neighbour table): where crafted frames must go.
+fn router_mac(g: &TapHost) -> Result<String> {
+    g.sh("ping -c 1 -W 5 10.0.2.2")?;
+    let neigh = g.sh(&format!("ip neigh show 10.0.2.2 dev {}", g.tap))?;
+    neigh
+        .split_whitespace()
+        .skip_while(|w| *w != "lladdr")
+        .nth(1)
+        .map(str::to_string)
+        .context("router MAC")
+}
+
 /// The honest guest's checks: ping the gateway, download a file from the internet
 /// namespace byte for byte.
 fn honest_works(lab: &Lab, hon: &TapHost, sum: &str) -> Result<()> {
@@ -119,11 +142,7 @@ fn nat_attacks_are_dropped_counted_and_others_keep_working() -> Result<()> {
     let hon_lease = lab.dhcp(&hon)?;
     ensure!(hon_lease.contains("router=10.0.2.2"), "{hon_lease}");
     let ho_lease = lab.dhcp(&ho)?;
-    let ho_ip = ho_lease
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("ip="))
-        .context("hostonly lease")?
-        .to_string();
+    let ho_ip = lease_ip(&ho_lease, "hostonly lease")?;
     let g = ho.spawn(&[
         "busybox",
         "httpd",
@@ -146,19 +165,8 @@ fn nat_attacks_are_dropped_counted_and_others_keep_working() -> Result<()> {
     // 1. Crafted frames from the attacker (scapy): a SYN from 0.0.0.0 to the DNS
     // address, port 53 (the resolver listens: the connect succeeds), a SYN from
     // port 0 to the internet's web server, and a SYN straight to 127.0.0.1:8080.
-    let atk_ip = atk_lease
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("ip="))
-        .context("attacker lease")?
-        .to_string();
-    atk.sh("ping -c 1 -W 5 10.0.2.2")?;
-    let rmac = atk.sh(&format!("ip neigh show 10.0.2.2 dev {}", atk.tap))?;
-    let rmac = rmac
-        .split_whitespace()
-        .skip_while(|w| *w != "lladdr")
-        .nth(1)
-        .context("router MAC")?
-        .to_string();
+    let atk_ip = lease_ip(&atk_lease, "attacker lease")?;
+    let rmac = router_mac(&atk)?;
     let script = format!(
         r#"
 from scapy.all import Ether, IP, TCP, sendp, get_if_hwaddr
@@ -531,18 +539,8 @@ fn single_port_nat_survives_the_killer_syn_and_a_router_panic() -> Result<()> {
     );
     let page = format!("curl -sS --max-time 10 http://{INET_SERVER}/index.html");
     g.sh(&page)?;
-    g.sh("ping -c 1 -W 5 10.0.2.2")?;
-    let ip = lease
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("ip="))
-        .context("lease")?;
-    let rmac = g.sh(&format!("ip neigh show 10.0.2.2 dev {}", g.tap))?;
-    let rmac = rmac
-        .split_whitespace()
-        .skip_while(|w| *w != "lladdr")
-        .nth(1)
-        .context("router MAC")?
-        .to_string();
+    let ip = lease_ip(&lease, "lease")?;
+    let rmac = router_mac(&g)?;
     let script = format!(
         r#"
 from scapy.all import Ether, IP, TCP, sendp, get_if_hwaddr

@@ -69,6 +69,23 @@ fn router_mac(g: &TapHost) -> Result<String> {
         .context("router MAC")
 }
 
+/// Python that opens `flows` UDP sockets to the internet's echo server, each
+/// sending one datagram, `gap` seconds apart; the script goes on with them in
+/// `socks`.
+fn udp_flood(flows: u32, gap: f64) -> String {
+    format!(
+        r#"
+import socket, time
+socks = []
+for n in range({flows}):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect(("{INET_SERVER}", 7777))
+    s.send(b"flood")
+    socks.append(s)
+    time.sleep({gap})"#
+    )
+}
+
 /// The honest guest's checks: ping the gateway, download a file from the internet
 /// namespace byte for byte.
 fn honest_works(lab: &Lab, hon: &TapHost, sum: &str) -> Result<()> {
@@ -207,15 +224,7 @@ sendp(e / IP(src="{atk_ip}", dst="127.0.0.1") / TCP(sport=4343, dport=8080, flag
     // 2. A UDP flood from 40 source ports to the internet's echo server: 16 flows
     // (max_flows_per_guest) get their echo, the rest an ICMP unreachable at once.
     let flood = format!(
-        r#"
-import socket, time
-socks = []
-for n in range(40):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.connect(("{INET_SERVER}", 7777))
-    s.send(b"flood")
-    socks.append(s)
-    time.sleep(0.005)
+        r#"{}
 time.sleep(1)
 ok = err = 0
 for s in socks:
@@ -226,7 +235,8 @@ for s in socks:
     except OSError:
         err += 1
 print(ok, err)
-"#
+"#,
+        udp_flood(40, 0.005)
     );
     std::fs::write(lab.dir.path().join("flood.py"), flood)?;
     let out = atk.sh(&format!("python3 {}", lab.path("flood.py")))?;
@@ -463,18 +473,7 @@ fn nat_out_of_descriptors_fails_flows_cleanly_and_accept_backs_off() -> Result<(
     integration_tests::sh(&format!("prlimit --pid {pid} --nofile={low}:{hard}"))?;
 
     // 200 UDP flows: about 20 get a socket, the rest find none.
-    let flood = format!(
-        r#"
-import socket, time
-socks = []
-for n in range(200):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.connect(("{INET_SERVER}", 7777))
-    s.send(b"flood")
-    socks.append(s)
-time.sleep(0.5)
-"#
-    );
+    let flood = format!("{}\ntime.sleep(0.5)\n", udp_flood(200, 0.0));
     std::fs::write(lab.dir.path().join("fdflood.py"), flood)?;
     atk.sh(&format!("python3 {}", lab.path("fdflood.py")))?;
 

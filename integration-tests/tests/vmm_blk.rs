@@ -42,7 +42,7 @@ _start:
     FAIL 'c'
 1:  FILL16 DATA, pattern, 32
     # OUT request: header, data, status
-    BLK_HDR 1, {sector}
+    BLK_HDR 1, ${sector}
     REQ3 RING, HDR, DATA, 512, STATUS
     SUBMIT RING, 0, 0, 1
     EXPECT_USED RING, 1, '1'

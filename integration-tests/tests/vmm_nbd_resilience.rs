@@ -48,16 +48,8 @@ next:
     mov $DATA, %rdi
     mov $512, %ecx
     rep stosb
-    movl $1, HDR
-    movl $0, HDR+4
-    mov %r12, HDR+8
-    movb $0xff, STATUS
-    mov %r12d, %eax
-    and $7, %eax
-    movw $0, RING+0x1000+4(,%rax,2)
-    lea 1(%r12), %eax
-    movw %ax, RING+0x1000+2
-    movl $0, 0x50(%rbx)
+    BLK_HDR 1, %r12
+    KICK_NEXT RING, %r12, 0
     lea 1(%r12), %eax
     # wait for the used index, printing a dot now and then: the vCPU keeps running
     # while the disk waits for its server
@@ -301,7 +293,7 @@ _start:
 1:  out %al, %dx
     dec %rcx
     jnz 1b
-    BLK_HDR 1, 5
+    BLK_HDR 1, $5
     PUT8 DATA, 0x6b6f2d646f6f6c66         # "flood-ok"
     REQ3 RING, HDR, DATA, 512, STATUS
     SUBMIT RING, 0, 0, 1

@@ -27,7 +27,7 @@ fn tls_guest() -> String {
 _start:
     DISK0_UP
     FILL16 DATA, pattern, 32
-    BLK_HDR 1, {SECTOR}
+    BLK_HDR 1, ${SECTOR}
     REQ3 RING, HDR, DATA, 512, STATUS
     SUBMIT RING, 0, 0, 1
     EXPECT_USED RING, 1, '1'
@@ -275,14 +275,14 @@ fn x509_guest_reads_and_writes_through_nbdkit_and_a_foreign_ca_is_refused() {
 const RECONNECT_GUEST: &str = r#"
 _start:
     DISK0_UP
-    BLK_HDR 1, 1
+    BLK_HDR 1, $1
     PUT8 DATA, 0x6b2d65726f666562         # "before-k"
     REQ3 RING, HDR, DATA, 512, STATUS
     SUBMIT RING, 0, 0, 1
     EXPECT_STATUS STATUS, 0, 'a'
     PRINT w1
     WAIT_CONSOLE
-    BLK_HDR 1, 2
+    BLK_HDR 1, $2
     PUT8 DATA, 0x6b6f2d7265746661         # "after-ok"
     SUBMIT RING, 1, 0, 2
     EXPECT_USED RING, 2, 'u'

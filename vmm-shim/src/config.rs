@@ -190,18 +190,8 @@ impl RawConfig {
         if cpus == 0 || cpus > 32 {
             return Err(invalid("cpus", "must be between 1 and 32"));
         }
-        let nets = self
-            .net
-            .iter()
-            .enumerate()
-            .map(|(i, s)| parse_net(s).map_err(|m| invalid(format!("net[{i}]"), m)))
-            .collect::<Result<Vec<_>, _>>()?;
-        let disks = self
-            .disk
-            .iter()
-            .enumerate()
-            .map(|(i, s)| parse_disk(s).map_err(|m| invalid(format!("disk[{i}]"), m)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let nets = parse_list("net", &self.net, parse_net)?;
+        let disks = parse_list("disk", &self.disk, parse_disk)?;
         if nets.len() + disks.len() > crate::layout::MAX_MMIO_DEVICES {
             return Err(invalid(
                 "net/disk",
@@ -239,6 +229,20 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
         .ok()
         .filter(|m| !m.is_multicast())
         .map(MacAddr::octets)
+}
+
+/// Parses each entry of the list `key` with `parse`; an error names the entry
+/// (`net[1]`, `disk[0]`).
+fn parse_list<T>(
+    key: &str,
+    items: &[String],
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<Vec<T>, ConfigError> {
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, s)| parse(s).map_err(|m| invalid(format!("{key}[{i}]"), m)))
+        .collect()
 }
 
 /// Parses `tap=IF[,mac=MAC]` or `netd=NET[,mac=MAC]`.

@@ -187,6 +187,29 @@ pub(crate) mod testutil {
             .collect()
     }
 
+    /// The devices' randomized tests: `rounds` rounds, each on a fresh mock queue
+    /// over one guest memory, with one random stream from `seed` (so a failure
+    /// replays); after each round the used index must be sane (at most the queue's
+    /// 16 entries, whatever the round fed the device).
+    pub fn random_rounds(
+        seed: u64,
+        rounds: usize,
+        mut round: impl FnMut(
+            &mut Rng,
+            &GuestMemoryMmap,
+            &MockSplitQueue<'_, GuestMemoryMmap>,
+            &mut Queue,
+        ),
+    ) {
+        let m = mem();
+        let mut rng = Rng(seed);
+        for _ in 0..rounds {
+            let (vq, mut q) = mock_queue(&m);
+            round(&mut rng, &m, &vq, &mut q);
+            assert!(used_idx(&m, vq.used_addr()) as usize <= 16);
+        }
+    }
+
     /// A tiny deterministic PRNG (xorshift64*), so randomized tests replay.
     pub struct Rng(pub u64);
     impl Rng {

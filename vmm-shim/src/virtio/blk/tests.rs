@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::nbd::Request;
-use crate::virtio::testutil::{d, mem, mock_queue, random_descs, used, used_idx, Rng};
+use crate::virtio::testutil::{d, mem, mock_queue, random_descs, random_rounds, used, used_idx};
 use crate::virtio::Counters;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD as T_DISCARD, VIRTIO_BLK_T_FLUSH as T_FLUSH, VIRTIO_BLK_T_IN as T_IN,
@@ -263,13 +263,10 @@ fn one_batch_holds_a_bounded_amount_of_data() {
 /// leave the used index sane.
 #[test]
 fn randomized_chains_never_panic() {
-    let m = mem();
-    let mut rng = Rng(0x1234_5678_9abc_def1);
-    for _ in 0..300 {
-        let (vq, mut q) = mock_queue(&m);
+    random_rounds(0x1234_5678_9abc_def1, 300, |rng, m, vq, q| {
         let mut blk = Block::new(MemDisk::new(1 << 20), rng.next().is_multiple_of(2), "r");
         let descs = random_descs(
-            &mut rng,
+            rng,
             |rng| match rng.next() % 4 {
                 0 => rng.next(),
                 1 => HDR,
@@ -282,14 +279,13 @@ fn randomized_chains_never_panic() {
                 _ => (rng.next() % 4096) as u32,
             },
         );
-        hdr(&m, HDR, (rng.next() % 16) as u32, rng.next() % 4096);
+        hdr(m, HDR, (rng.next() % 16) as u32, rng.next() % 4096);
         let _ = vq.add_desc_chains(&descs, 0);
         if rng.next().is_multiple_of(8) {
             // A bogus avail index.
             m.write_obj(rng.next() as u16, GuestAddress(vq.avail_addr().0 + 2))
                 .unwrap();
         }
-        blk.process(&mut q, &m);
-        assert!(used_idx(&m, vq.used_addr()) as usize <= 16);
-    }
+        blk.process(q, m);
+    });
 }

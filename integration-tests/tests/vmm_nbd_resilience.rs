@@ -17,7 +17,7 @@ use std::io::BufRead;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vmm_guest::{kill_server, qemu_nbd, setup, setup_with_disk, LiveVm};
+use vmm_guest::{kill_server, qemu_nbd, run_on_disk, setup, setup_with_disk, LiveVm};
 
 /// `name=N` from vmm-shim's log, e.g. `reconnects=1`.
 fn counter(stderr: &str, name: &str) -> Option<u64> {
@@ -77,10 +77,8 @@ next:
 3:  inc %r12d
     cmp ${SECTORS}, %r12d
     jb next
-    PRINT okmsg
-    jmp reboot
+    PASS "WRITES OK\n"
 half: .asciz "HALF\n"
-okmsg: .asciz "WRITES OK\n"
 "#
     )
 }
@@ -156,9 +154,7 @@ _start:
     cmpb $0x5a, DATA+511
     je 1f
     FAIL 'd'
-1:  PRINT okmsg
-    jmp reboot
-okmsg: .asciz "SHORT OK\n"
+1:  PASS "SHORT OK\n"
 "#,
         next = SHORT_SECTOR + 1
     )
@@ -256,16 +252,12 @@ _start:
     SUBMIT RING, 0, 0, 1
     EXPECT_USED RING, 1, 'k'
     EXPECT_STATUS STATUS, 0, 'm'
-    PRINT okmsg
-    jmp reboot
-okmsg: .asciz "MMIO OK\n"
+    PASS "MMIO OK\n"
 "#;
 
 #[test]
 fn hostile_mmio_sequences_and_indirect_chains_are_refused_and_counted() {
-    let (_dir, elf, nbd) = setup_with_disk("vnr-mmio", HOSTILE_MMIO_GUEST);
-    let disk = nbd.uri("d");
-    let r = LiveVm::guest_logged(&elf, &["--disk", &disk]).finish(Duration::from_secs(60));
+    let (_dir, nbd, r) = run_on_disk("vnr-mmio", HOSTILE_MMIO_GUEST);
     r.assert_clean_exit("MMIO OK\n");
     // Status 11, desc address, queue ready, features; DRIVER_OK before FEATURES_OK.
     assert_eq!(counter(&r.stderr, "refused_mmio"), Some(5), "{r}");
@@ -300,9 +292,7 @@ _start:
     EXPECT_USED RING, 1, 'u'
     EXPECT_STATUS STATUS, 0, 'w'
     DELAY 6000000000
-    PRINT okmsg
-    jmp reboot
-okmsg: .asciz "\nFLOOD DONE\n"
+    PASS "\nFLOOD DONE\n"
 "#
     )
 }

@@ -65,6 +65,12 @@ def connect(port, src='127.0.0.1'):
     s.bind((src, 0))
     s.connect(('127.0.0.1', port))
     return s
+
+def client(src='127.0.0.1'):
+    """A connection from src through the handshake for the export d."""
+    s = connect(port, src)
+    handshake(s, 'd')
+    return s
 "#;
 
 /// 16 clients send a 32 MiB WRITE header and 1 MiB of its payload and go
@@ -228,17 +234,14 @@ fn connections_per_client_are_bounded() {
     let script = format!(
         "{RAW}
 import nbd
-held = []
-for i in range(2):
-    c = connect(port); handshake(c, 'd'); held.append(c)
+held = [client() for i in range(2)]
 third = connect(port)
 try:
     handshake(third, 'd')
     print('third served')
 except (EOFError, OSError):
     print('third refused')
-other = connect(port, '127.0.0.2')
-handshake(other, 'd')
+other = client('127.0.0.2')
 other.sendall(request(0, 1, 0, 512))
 print('other', len(recv_exact(other, 16 + 512)))
 u = []

@@ -19,6 +19,18 @@ fn list(s: &Stord) -> Vec<serde_json::Value> {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// Asserts that the table of `stord disk list` shows the disk `name` as `state`
+/// (its last column: `failed`, `missing`).
+fn assert_listed_as(s: &Stord, name: &str, state: &str) {
+    let table = String::from_utf8(s.cli(&["disk", "list"]).stdout).unwrap();
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(&format!("{name} ")) && l.ends_with(state)),
+        "{table}"
+    );
+}
+
 fn status(s: &Stord) -> serde_json::Value {
     let out = s.cli(&["status"]);
     serde_json::from_slice(&out.stdout).unwrap()
@@ -189,13 +201,7 @@ for line in sys.stdin:
     let good = disks.iter().find(|d| d["name"] == "good").unwrap();
     assert_eq!(bad["failed"], true, "{disks:?}");
     assert_eq!(good["failed"], false, "{disks:?}");
-    let table = String::from_utf8(s.cli(&["disk", "list"]).stdout).unwrap();
-    assert!(
-        table
-            .lines()
-            .any(|l| l.starts_with("bad ") && l.ends_with("failed")),
-        "{table}"
-    );
+    assert_listed_as(&s, "bad", "failed");
     assert!(status(&s)["flush_failures"].as_u64().unwrap() >= 1);
     assert!(s.log_text().contains("flush failed"));
     drop(stdin);
@@ -329,13 +335,7 @@ for line in sys.stdin:
     let mut l = String::new();
     chk_out.read_line(&mut l).unwrap();
     assert!(l.starts_with("fail"), "a missing disk was served: {l}");
-    let table = String::from_utf8(s.cli(&["disk", "list"]).stdout).unwrap();
-    assert!(
-        table
-            .lines()
-            .any(|l| l.starts_with("gone ") && l.ends_with("missing")),
-        "{table}"
-    );
+    assert_listed_as(&s, "gone", "missing");
     // A missing disk is not recreated empty under the same name, and can be
     // deleted.
     let out = s.cli(&["disk", "create", "gone", "--size", "1MiB"]);

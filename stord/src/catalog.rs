@@ -583,11 +583,18 @@ mod tests {
         }]
     }
 
+    /// A catalog in a new directory with the one configured disk `name` (see
+    /// [`one_disk`]): the directory, the configuration and the catalog.
+    fn open_with(name: &str) -> (tempfile::TempDir, Vec<DiskConfig>, Catalog) {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = one_disk(name);
+        let c = Catalog::open(dir.path(), &conf).unwrap();
+        (dir, conf, c)
+    }
+
     #[test]
     fn catalog_survives_reopen_and_refuses_busy_delete() {
-        let dir = tempfile::tempdir().unwrap();
-        let conf = one_disk("boot");
-        let c = Catalog::open(dir.path(), &conf).unwrap();
+        let (dir, conf, c) = open_with("boot");
         c.create("data", 2 << 20, Alloc::Fixed, false).unwrap();
         assert!(matches!(
             c.create("data", 1, Alloc::Fixed, false),
@@ -642,9 +649,7 @@ mod tests {
     /// recreated), the others open, and deleting it drops its entry.
     #[test]
     fn missing_disk_file_is_listed_and_does_not_stop_the_catalog() {
-        let dir = tempfile::tempdir().unwrap();
-        let conf = one_disk("gone");
-        let c = Catalog::open(dir.path(), &conf).unwrap();
+        let (dir, conf, c) = open_with("gone");
         c.create("kept", 1 << 20, Alloc::Fixed, false).unwrap();
         let gone = c.disk_path("gone");
         drop(c);

@@ -7,12 +7,6 @@ use crate::testutil::serve_one;
 use nbd_proto::{chunk, OptionHeader, OptionReply, OPTION_HEADER_LEN, REQUEST_LEN};
 use std::os::unix::net::UnixListener;
 
-fn w(s: &mut UnixStream, parts: &[&[u8]]) {
-    for p in parts {
-        s.write_all(p).unwrap();
-    }
-}
-
 /// A server of one connection on a fresh unix socket, running `script`:
 /// the socket's directory (removed when dropped), its address, the thread.
 fn scripted<T: Send + 'static>(
@@ -20,6 +14,18 @@ fn scripted<T: Send + 'static>(
 ) -> (tempfile::TempDir, NbdAddr, std::thread::JoinHandle<T>) {
     let (dir, path, server) = serve_one("nbd.sock", script);
     (dir, NbdAddr::Unix(path), server)
+}
+
+/// A server (see [`scripted`]) that shakes hands, takes the first request and
+/// answers it with `answer(stream, cookie, offset)`.
+fn answering_first<T: Send + 'static>(
+    answer: impl FnOnce(&mut UnixStream, u64, u64) -> T + Send + 'static,
+) -> (tempfile::TempDir, NbdAddr, std::thread::JoinHandle<T>) {
+    scripted(move |mut s| {
+        handshake(&mut s);
+        let (_, cookie, off, _) = request(&mut s);
+        answer(&mut s, cookie, off)
+    })
 }
 
 /// The payload of an offset chunk (data or hole): the offset, then `rest` (the
@@ -42,6 +48,17 @@ fn opt_reply(s: &mut UnixStream, option: u32, reply: OptionReply<'_>) {
 }
 
 fn chunk(s: &mut UnixStream, flags: u16, kind: u16, handle: u64, payload: &[u8]) {
+    try_chunk(s, flags, kind, handle, payload).unwrap();
+}
+
+/// Sends a structured reply chunk; an error means the client hung up.
+fn try_chunk(
+    s: &mut UnixStream,
+    flags: u16,
+    kind: u16,
+    handle: u64,
+    payload: &[u8],
+) -> std::io::Result<()> {
     let mut b = Vec::new();
     ChunkHeader {
         flags,
@@ -50,7 +67,8 @@ fn chunk(s: &mut UnixStream, flags: u16, kind: u16, handle: u64, payload: &[u8])
         len: payload.len() as u32,
     }
     .emit(&mut b);
-    w(s, &[&b, payload]);
+    b.extend_from_slice(payload);
+    s.write_all(&b)
 }
 
 fn simple_reply(s: &mut UnixStream, error: u32, handle: u64) {
@@ -173,15 +191,13 @@ fn chunk_offsets_that_overflow_are_a_protocol_error() {
     // A hole or data chunk whose offset lies so far past the request that
     // offset + length wraps around u64 must fail the connection, not overflow.
     for ty in [chunk::OFFSET_HOLE, chunk::OFFSET_DATA] {
-        let (_dir, addr, server) = scripted(move |mut s| {
-            handshake(&mut s);
-            let (_, cookie, _, _) = request(&mut s);
+        let (_dir, addr, server) = answering_first(move |s, cookie, _| {
             let p = if ty == chunk::OFFSET_HOLE {
                 at_offset(u64::MAX - 4, &512u32.to_be_bytes())
             } else {
                 at_offset(u64::MAX - 4, &[0x55; 512])
             };
-            chunk(&mut s, chunk::FLAG_DONE, ty, cookie, &p);
+            chunk(s, chunk::FLAG_DONE, ty, cookie, &p);
         });
         let err = failed_read(&addr, 0, 1024);
         assert!(
@@ -223,9 +239,7 @@ fn endless_info_replies_end_the_handshake() {
 fn endless_chunks_for_one_request_are_a_protocol_error() {
     // Overlapping holes, then (second round) NONE chunks, never DONE.
     for round in 0..2 {
-        let (_dir, addr, server) = scripted(move |mut s| {
-            handshake(&mut s);
-            let (_, cookie, off, _) = request(&mut s);
+        let (_dir, addr, server) = answering_first(move |s, cookie, off| {
             let h = at_offset(off, &512u32.to_be_bytes());
             let mut sent = 0;
             while sent < 10_000 {
@@ -234,16 +248,7 @@ fn endless_chunks_for_one_request_are_a_protocol_error() {
                 } else {
                     (chunk::NONE, &[])
                 };
-                let mut b = Vec::new();
-                ChunkHeader {
-                    flags: 0,
-                    kind,
-                    handle: cookie,
-                    len: p.len() as u32,
-                }
-                .emit(&mut b);
-                b.extend_from_slice(p);
-                if s.write_all(&b).is_err() {
+                if try_chunk(s, 0, kind, cookie, p).is_err() {
                     break;
                 }
                 sent += 1;
@@ -263,18 +268,16 @@ fn a_read_reply_must_cover_the_request_exactly() {
     // request, and the connection still serves the next read in full.
     // Round 1: two chunks that overlap but add up to the length: a protocol error.
     for round in 0..2 {
-        let (_dir, addr, server) = scripted(move |mut s| {
-            handshake(&mut s);
-            let (_, cookie, off, _) = request(&mut s);
+        let (_dir, addr, server) = answering_first(move |s, cookie, off| {
             let d = at_offset(off, &[0x11; 512]);
             if round == 0 {
-                chunk(&mut s, chunk::FLAG_DONE, chunk::OFFSET_DATA, cookie, &d);
-                let (_, cookie, off, len) = request(&mut s);
+                chunk(s, chunk::FLAG_DONE, chunk::OFFSET_DATA, cookie, &d);
+                let (_, cookie, off, len) = request(s);
                 let d = at_offset(off, &vec![0x22; len as usize]);
-                chunk(&mut s, chunk::FLAG_DONE, chunk::OFFSET_DATA, cookie, &d);
+                chunk(s, chunk::FLAG_DONE, chunk::OFFSET_DATA, cookie, &d);
             } else {
-                chunk(&mut s, 0, chunk::OFFSET_DATA, cookie, &d);
-                chunk(&mut s, chunk::FLAG_DONE, chunk::OFFSET_DATA, cookie, &d);
+                chunk(s, 0, chunk::OFFSET_DATA, cookie, &d);
+                chunk(s, chunk::FLAG_DONE, chunk::OFFSET_DATA, cookie, &d);
             }
         });
         let mut c = NbdClient::connect(&addr, "e").unwrap();

@@ -51,12 +51,9 @@ pub const F_HOST_TSO4: u64 = 1 << 11;
 /// VIRTIO_NET_F_HOST_TSO6.
 pub const F_HOST_TSO6: u64 = 1 << 12;
 
-/// TUN_F_CSUM.
-pub const TUN_F_CSUM: u32 = 1;
-/// TUN_F_TSO4.
-pub const TUN_F_TSO4: u32 = 2;
-/// TUN_F_TSO6.
-pub const TUN_F_TSO6: u32 = 4;
+/// The TAP offload flags the guest's features map to: defined once, with the TAP
+/// ioctls, in fabric-util.
+pub use fabric_util::sys::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 
 /// Where frames go: a TAP in production, a mock in unit tests.
 pub trait NetBackend: Send {

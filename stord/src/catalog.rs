@@ -348,6 +348,7 @@ mod tests {
             size: Size(1 << 20),
             alloc: Alloc::Dynamic,
             read_only: false,
+            allow: None,
         }];
         let c = Catalog::open(dir.path(), &conf).unwrap();
         c.create("data", 2 << 20, Alloc::Fixed, false).unwrap();

@@ -39,6 +39,10 @@ pub async fn handle(catalog: &Arc<Catalog>, stats: &Stats, req: Request) -> Resp
                 invalid_requests: stats.invalid_requests.load(Ordering::Relaxed),
                 protocol_errors: stats.protocol_errors.load(Ordering::Relaxed),
                 requests: stats.requests.load(Ordering::Relaxed),
+                tls_handshakes_ok: stats.tls_handshakes_ok.load(Ordering::Relaxed),
+                tls_handshakes_failed: stats.tls_handshakes_failed.load(Ordering::Relaxed),
+                tls_allow_refused: stats.tls_allow_refused.load(Ordering::Relaxed),
+                tls_plain_refused: stats.tls_plain_refused.load(Ordering::Relaxed),
             });
             return r;
         }

@@ -92,6 +92,12 @@ pub enum ConnError {
     /// the client asked for export `{0}`, which does not exist
     #[error("the client asked for export `{0}` with NBD_OPT_EXPORT_NAME, which does not exist")]
     UnknownExport(String),
+    /// the client may not open export `{0}` (TLS required, or not on its `allow` list)
+    #[error("the client may not open export `{0}` with NBD_OPT_EXPORT_NAME (TLS required, or not on its `allow` list)")]
+    NotAllowed(String),
+    /// the TLS handshake failed
+    #[error("the TLS handshake failed: {0}")]
+    TlsHandshake(String),
 }
 
 /// Counters shared by all connections (reported by the control API).
@@ -107,6 +113,16 @@ pub struct Stats {
     pub protocol_errors: AtomicU64,
     /// Requests served.
     pub requests: AtomicU64,
+    /// TLS handshakes completed (STARTTLS).
+    pub tls_handshakes_ok: AtomicU64,
+    /// TLS handshakes that failed (wrong key, untrusted or missing client
+    /// certificate, not TLS at all, timeout).
+    pub tls_handshakes_failed: AtomicU64,
+    /// Refusals by a disk's `allow` list (a TLS peer not on it).
+    pub tls_allow_refused: AtomicU64,
+    /// Plain connections refused for not using TLS (`tls = "require"`, or a
+    /// disk with an `allow` list), counted once per connection.
+    pub tls_plain_refused: AtomicU64,
 }
 
 /// What every connection needs from the server.
@@ -124,6 +140,8 @@ pub struct Ctx {
     pub budget: Arc<Budget>,
     /// Busy polling of idle connections (queue-depth-1 latency).
     pub busy_poll: Arc<crate::poll::BusyPoll>,
+    /// TLS policy, credentials and the disks' access lists.
+    pub tls: Arc<crate::tls::Tls>,
 }
 
 impl Ctx {
@@ -178,6 +196,7 @@ impl Session {
 
 mod handshake;
 mod request;
+mod starttls;
 mod transmit;
 
 use request::*;
@@ -196,20 +215,39 @@ pub enum Conn {
 
 /// Serves one connection from handshake to close.
 pub async fn serve(ctx: Ctx, conn: Conn) -> Result<(), ConnError> {
+    let started = Instant::now();
+    let tls_on = ctx.tls.enabled();
+    let required = ctx.tls.mode == crate::config::TlsMode::Require;
+    // `tls = "require"` is for TCP; a unix socket is guarded by its
+    // permissions (see `TlsMode::Require`).
+    let link = match &conn {
+        Conn::Tcp(_) => handshake::Link::Plain {
+            upgradable: tls_on,
+            required,
+        },
+        Conn::Unix(_) => handshake::Link::Plain {
+            upgradable: tls_on,
+            required: false,
+        },
+        Conn::Stdio => handshake::Link::Plain {
+            upgradable: false,
+            required: false,
+        },
+    };
     let hs = match conn {
         Conn::Tcp(mut s) => {
             let (mut r, mut w) = s.split();
-            let h = handshake_timed(&ctx, &mut r, &mut w).await;
+            let h = handshake_timed(&ctx, &mut r, &mut w, &link).await;
             (h, Conn::Tcp(s))
         }
         Conn::Unix(mut s) => {
             let (mut r, mut w) = s.split();
-            let h = handshake_timed(&ctx, &mut r, &mut w).await;
+            let h = handshake_timed(&ctx, &mut r, &mut w, &link).await;
             (h, Conn::Unix(s))
         }
         Conn::Stdio => {
             let (mut r, mut w) = (tokio::io::stdin(), tokio::io::stdout());
-            let h = handshake_timed(&ctx, &mut r, &mut w).await;
+            let h = handshake_timed(&ctx, &mut r, &mut w, &link).await;
             (h, Conn::Stdio)
         }
     };
@@ -220,8 +258,28 @@ pub async fn serve(ctx: Ctx, conn: Conn) -> Result<(), ConnError> {
             }
             return Err(e);
         }
-        Ok(None) => return Ok(()),
-        Ok(Some(s)) => s,
+        Ok(handshake::Haggled::Abort) => return Ok(()),
+        Ok(handshake::Haggled::StartTls { no_zeroes }) => {
+            // The rest of this connection runs on a thread of its own.
+            let deadline = started + HANDSHAKE_TIMEOUT;
+            let sock = starttls::Sock::blocking(hs.1)?;
+            let rt = tokio::runtime::Handle::current();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let ctx2 = ctx.clone();
+            std::thread::Builder::new()
+                .name("stord-tls".into())
+                .spawn(move || {
+                    let _ = tx.send(starttls::serve(&ctx2, sock, no_zeroes, deadline, &rt));
+                })?;
+            let r = rx
+                .await
+                .unwrap_or_else(|_| Err(ConnError::Protocol("connection thread died".into())));
+            if matches!(r, Err(ConnError::Protocol(_))) {
+                ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            return r;
+        }
+        Ok(handshake::Haggled::Session(s)) => s,
     };
     tracing::debug!(
         export = sess.disk().name(),
@@ -249,8 +307,9 @@ async fn handshake_timed(
     ctx: &Ctx,
     rd: &mut (dyn AsyncRead + Unpin + Send),
     wr: &mut (dyn AsyncWrite + Unpin + Send),
-) -> Result<Option<Session>, ConnError> {
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::handshake(ctx, rd, wr)).await {
+    link: &handshake::Link,
+) -> Result<handshake::Haggled, ConnError> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::handshake(ctx, rd, wr, link)).await {
         Err(_) => Err(ConnError::HandshakeTimeout(HANDSHAKE_TIMEOUT)),
         Ok(r) => r,
     }

@@ -56,6 +56,9 @@ pub enum ServerError {
     /// serving stdin/stdout failed
     #[error("serving stdin/stdout failed")]
     Stdin(#[source] nbd::ConnError),
+    /// the TLS credentials cannot be used
+    #[error("the TLS credentials cannot be used")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// How `serve` runs.
@@ -138,6 +141,7 @@ fn bind_unix(path: &Path) -> Result<UnixListener, std::io::Error> {
 pub async fn run(config: Config, opts: Options) -> Result<(), ServerError> {
     // Startup work (creating configured disks) may block briefly; nothing else
     // runs yet, so doing it on this thread is harmless.
+    let tls = crate::tls::Tls::load(&config)?;
     let catalog = Arc::new(Catalog::open(&config.state_dir, &config.disk)?);
     let stats = Arc::new(Stats::default());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -148,6 +152,7 @@ pub async fn run(config: Config, opts: Options) -> Result<(), ServerError> {
         stats: stats.clone(),
         budget: Arc::new(nbd::Budget::new(nbd::PAYLOAD_BUDGET)),
         busy_poll: Arc::new(crate::poll::BusyPoll::new(config.busy_poll_us())),
+        tls,
     };
 
     if opts.stdin {

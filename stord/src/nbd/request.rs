@@ -368,6 +368,7 @@ mod tests {
                 size: crate::config::Size(1 << 20),
                 alloc: Alloc::Dynamic,
                 read_only: ro,
+                allow: None,
             }],
         )
         .unwrap();

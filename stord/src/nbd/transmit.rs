@@ -11,6 +11,11 @@ pub(super) trait SockRead: Read + Send + AsRawFd {
     fn has_pending(&self) -> bool {
         crate::sys::bytes_pending(self.as_raw_fd()).map_or(true, |n| n > 0)
     }
+    /// Whether one thread must do all the reading and writing (a TLS stream
+    /// is one state machine): the connection then gets a single worker.
+    fn one_thread(&self) -> bool {
+        false
+    }
 }
 
 impl SockRead for std::net::TcpStream {
@@ -52,7 +57,13 @@ impl SockRead for PolledFile {
 
 /// The write side of a connection: replies are written with vectored writes,
 /// READ data may come straight from the disk file's mapping (by fd).
-pub(super) trait SockWrite: Write + Send + AsRawFd {}
+pub(super) trait SockWrite: Write + Send + AsRawFd {
+    /// Whether bytes written to the fd directly are the stream (not under
+    /// TLS: mapped READ data then goes through `write`).
+    fn raw_fd(&self) -> bool {
+        true
+    }
+}
 
 impl SockWrite for std::net::TcpStream {}
 impl SockWrite for std::os::unix::net::UnixStream {}
@@ -420,6 +431,13 @@ fn write_segs(wr: &mut dyn SockWrite, reply: &[Bytes]) -> std::io::Result<()> {
 /// reads them), and an error there ends the connection, since the reply
 /// cannot be taken back.
 fn write_mapped(wr: &mut dyn SockWrite, disk: &Disk, m: &MappedRead) -> std::io::Result<()> {
+    if !wr.raw_fd() {
+        wr.write_all(&m.hdr)?;
+        let data = disk
+            .read(m.offset as u64, m.len)
+            .map_err(|e| std::io::Error::other(crate::error_chain(&e)))?;
+        return wr.write_all(&data);
+    }
     let fd = wr.as_raw_fd();
     let (mut head, mut done) = (0usize, 0usize);
     while head < m.hdr.len() || done < m.len {
@@ -628,6 +646,7 @@ pub(super) fn transmission(
     wr: Box<dyn SockWrite>,
 ) -> Result<(), ConnError> {
     rd.set_timeout(Some(SHUTDOWN_POLL))?;
+    let workers = if rd.one_thread() { 1 } else { WORKERS };
     let sh = Shared {
         ctx,
         sess: &sess,
@@ -643,7 +662,7 @@ pub(super) fn transmission(
         wr: Mutex::new(wr),
     };
     std::thread::scope(|s| {
-        for _ in 1..WORKERS {
+        for _ in 1..workers {
             let sh = &sh;
             let spawned = std::thread::Builder::new()
                 .name("stord-worker".into())

@@ -418,3 +418,82 @@ fn bad_tls_configs_are_refused_with_the_key_file_and_line() {
         "{e}"
     );
 }
+
+/// A hostile client speaking raw NBD: STARTTLS, then junk instead of a TLS
+/// ClientHello; another that goes silent after STARTTLS; a third that tries
+/// STARTTLS twice. The first is counted as a failed handshake and dropped, the
+/// second holds only its own thread, and an honest PSK client is served
+/// meanwhile.
+#[test]
+fn hostile_starttls_peers_are_dropped_and_counted() {
+    require_root();
+    let creds = tempfile::tempdir().unwrap();
+    let c = creds.path();
+    make_creds(c).unwrap();
+    let extra = format!(
+        "tls = \"require\"\ntls_psk_file = \"{}\"\n\
+         [[disk]]\nname = \"data\"\nsize = \"64MiB\"\nalloc = \"dynamic\"\n",
+        c.join("keys.psk").display()
+    );
+    let s = Stord::start_with(&std::env::temp_dir(), &extra, &[]).unwrap();
+    let port = s.port;
+    // Raw fixed-newstyle client: greeting, then NBD_OPT_STARTTLS; prints the
+    // reply type, then does what argv[2] says.
+    let script = r#"
+import socket, struct, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+def recv(n):
+    b = b""
+    while len(b) < n:
+        k = s.recv(n - len(b))
+        if not k:
+            raise SystemExit("closed")
+        b += k
+    return b
+recv(18)
+s.sendall(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
+def option(o, data=b""):
+    s.sendall(struct.pack(">QII", 0x49484156454F5054, o, len(data)) + data)
+    magic, opt, typ, ln = struct.unpack(">QIII", recv(20))
+    recv(ln)
+    return typ
+# Under require a plain option is refused with ERR_TLS_REQD (2^31 + 5).
+print("list", hex(option(3)), flush=True)
+print("starttls", hex(option(5)), flush=True)
+if sys.argv[2] == "junk":
+    s.sendall(b"\x16\x03\x01\x00\x10" + b"\xff" * 16 + b"GET / HTTP/1.0\r\n\r\n")
+    s.settimeout(10)
+    try:
+        while s.recv(4096):
+            pass
+        print("closed", flush=True)
+    except ConnectionResetError:
+        print("closed", flush=True)
+elif sys.argv[2] == "silent":
+    time.sleep(30)
+"#;
+    let dir = s.dir.path();
+    let silent = stord_common::spawn_python(
+        dir,
+        script,
+        &[port.to_string(), "silent".into()],
+        Stdio::null(),
+    )
+    .unwrap();
+    let out = stord_common::python(dir, script, &[port.to_string(), "junk".into()]).unwrap();
+    assert!(out.contains("list 0x80000005"), "{out}");
+    assert!(out.contains("starttls 0x1\n"), "{out}");
+    assert!(out.contains("closed"), "{out}");
+    assert_eq!(counter(&s, "tls_handshakes_failed"), 1, "{}", status(&s));
+    assert!(counter(&s, "tls_plain_refused") >= 1);
+
+    // While the silent one still holds its connection: an honest client.
+    let src = random_image(dir).unwrap();
+    let uri = format!(
+        "nbds://alice@127.0.0.1:{port}/data?tls-psk-file={}",
+        c.join("keys.psk").display()
+    );
+    nbdcopy_round_trip(&src, &uri).unwrap();
+    drop(silent);
+    assert!(!s.log_text().contains("panicked"));
+}

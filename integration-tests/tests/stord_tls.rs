@@ -497,3 +497,62 @@ elif sys.argv[2] == "silent":
     drop(silent);
     assert!(!s.log_text().contains("panicked"));
 }
+
+/// PSK and X.509 in one config, with `tls_ca`: PSK clients (TLS 1.3, and
+/// TLS 1.2 through a qemu priority string) need no certificate, certificate
+/// clients need one from the CA.
+#[test]
+fn psk_and_x509_together() {
+    require_root();
+    let creds = tempfile::tempdir().unwrap();
+    let c = creds.path();
+    make_creds(c).unwrap();
+    let extra = format!(
+        "tls = \"require\"\ntls_psk_file = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\ntls_ca = \"{}\"\n\
+         [[disk]]\nname = \"data\"\nsize = \"8MiB\"\nalloc = \"dynamic\"\n",
+        c.join("keys.psk").display(),
+        c.join("server-cert.pem").display(),
+        c.join("server-key.pem").display(),
+        c.join("ca-cert.pem").display()
+    );
+    let s = Stord::start_with(&std::env::temp_dir(), &extra, &[]).unwrap();
+    let port = s.port;
+    let size = ok(&mut nbdinfo(&[
+        "--size",
+        &format!(
+            "nbds://alice@127.0.0.1:{port}/data?tls-psk-file={}",
+            c.join("keys.psk").display()
+        ),
+    ]))
+    .unwrap();
+    assert_eq!(size.trim(), "8388608");
+    let size = ok(&mut nbdinfo(&[
+        "--size",
+        &format!(
+            "nbds://127.0.0.1:{port}/data?tls-certificates={}",
+            c.join("x509-client").display()
+        ),
+    ]))
+    .unwrap();
+    assert_eq!(size.trim(), "8388608");
+    let qopts = format!("driver=nbd,host=127.0.0.1,port={port},export=data,tls-creds=tls0");
+    let tls12 = format!(
+        "tls-creds-psk,id=tls0,endpoint=client,dir={},username=bob,priority=NORMAL:-VERS-TLS1.3:+ECDHE-PSK:+DHE-PSK:+PSK",
+        c.join("psk-qemu").display()
+    );
+    let out = ok(Command::new("qemu-io")
+        .args(["--object", &tls12, "--image-opts", &qopts])
+        .args(["-c", "write -P 0x42 0 64k", "-c", "read -P 0x42 0 64k"]))
+    .unwrap();
+    assert!(out.contains("read 65536/65536"), "{out}");
+    fails(&mut nbdinfo(&[
+        "--size",
+        &format!(
+            "nbds://127.0.0.1:{port}/data?tls-certificates={}",
+            c.join("x509-nocert").display()
+        ),
+    ]));
+    let st = status(&s);
+    assert_eq!(st["tls_handshakes_ok"], 3, "{st}");
+    assert_eq!(st["tls_handshakes_failed"], 1, "{st}");
+}

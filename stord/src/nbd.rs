@@ -5,6 +5,12 @@
 //! stream (small messages, one option at a time, with an overall timeout so an
 //! idle peer cannot hold a connection slot forever).
 //!
+//! TLS: when a client sends NBD_OPT_STARTTLS (and `tls` is on), the handshake
+//! ACKs it and the connection moves to a thread of its own (`starttls`): the
+//! TLS handshake, option haggling again over TLS, and the transmission phase
+//! below with a single worker that owns the TLS stream. Everything in the rest
+//! of this description is the plain path, which TLS leaves as it is.
+//!
 //! Once an export is chosen, the socket is turned into a blocking std socket and
 //! served by `WORKERS` (16) threads, the way nbdkit does it: each worker takes
 //! the read lock, reads one whole request (header and WRITE payload, at most
@@ -186,6 +192,9 @@ struct Session {
     size: u64,
     structured: bool,
     base_allocation: bool,
+    /// READ data may go from the disk file's mapping straight to the socket
+    /// (not under TLS, where every byte goes through the TLS stream).
+    mapped_reads: bool,
 }
 
 impl Session {

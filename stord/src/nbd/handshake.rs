@@ -348,6 +348,7 @@ pub(super) async fn handshake(
                         size,
                         structured,
                         base_allocation,
+                        mapped_reads: matches!(link, Link::Plain { .. }),
                     }));
                 }
             }
@@ -377,6 +378,7 @@ pub(super) async fn handshake(
                     size,
                     structured,
                     base_allocation,
+                    mapped_reads: matches!(link, Link::Plain { .. }),
                 }));
             }
         }

@@ -48,12 +48,23 @@ pub(super) const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Reply bytes gathered before a TLS write.
 const WRITE_BUF: usize = 64 * 1024;
 
-/// The socket under TLS, blocking.
+/// Ciphertext gathered before a send: a whole 256 KiB READ reply as TLS
+/// records (16 KiB each, plus their headers and tags).
+const SOCK_BUF: usize = 320 * 1024;
+
+/// The socket under TLS, blocking. OpenSSL writes one record at a time;
+/// they are gathered in `wbuf` and sent on `flush` (OpenSSL flushes after each
+/// handshake flight, [`TlsWrite`] after each batch of replies), or sooner when
+/// full: one send per reply rather than one per 16 KiB record.
 #[derive(Debug)]
-pub(super) enum Sock {
-    /// TCP.
+pub(super) struct Sock {
+    s: SockKind,
+    wbuf: Vec<u8>,
+}
+
+#[derive(Debug)]
+enum SockKind {
     Tcp(std::net::TcpStream),
-    /// Unix socket.
     Unix(std::os::unix::net::UnixStream),
 }
 
@@ -61,8 +72,8 @@ impl Sock {
     /// The tokio socket as a blocking std one.
     pub(super) fn blocking(conn: Conn) -> std::io::Result<Sock> {
         let s = match conn {
-            Conn::Tcp(s) => Sock::Tcp(s.into_std()?),
-            Conn::Unix(s) => Sock::Unix(s.into_std()?),
+            Conn::Tcp(s) => SockKind::Tcp(s.into_std()?),
+            Conn::Unix(s) => SockKind::Unix(s.into_std()?),
             Conn::Stdio => {
                 return Err(std::io::Error::other(
                     "TLS on stdin/stdout is not supported",
@@ -70,54 +81,85 @@ impl Sock {
             }
         };
         match &s {
-            Sock::Tcp(t) => {
+            SockKind::Tcp(t) => {
                 t.set_nonblocking(false)?;
                 t.set_read_timeout(Some(POLL))?;
                 t.set_write_timeout(Some(SEND_TIMEOUT))?;
             }
-            Sock::Unix(u) => {
+            SockKind::Unix(u) => {
                 u.set_nonblocking(false)?;
                 u.set_read_timeout(Some(POLL))?;
                 u.set_write_timeout(Some(SEND_TIMEOUT))?;
             }
         }
-        Ok(s)
+        Ok(Sock {
+            s,
+            wbuf: Vec::new(),
+        })
     }
 
     fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        match self {
-            Sock::Tcp(s) => s.set_read_timeout(t),
-            Sock::Unix(s) => s.set_read_timeout(t),
+        match &self.s {
+            SockKind::Tcp(s) => s.set_read_timeout(t),
+            SockKind::Unix(s) => s.set_read_timeout(t),
         }
+    }
+
+    fn raw_write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        match &mut self.s {
+            SockKind::Tcp(s) => s.write(b),
+            SockKind::Unix(s) => s.write(b),
+        }
+    }
+
+    fn send_wbuf(&mut self) -> std::io::Result<()> {
+        let mut done = 0;
+        while done < self.wbuf.len() {
+            let b = std::mem::take(&mut self.wbuf);
+            let r = self.raw_write(&b[done..]);
+            self.wbuf = b;
+            match r {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.wbuf.clear();
+        Ok(())
     }
 }
 
 impl Read for Sock {
     fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Sock::Tcp(s) => s.read(b),
-            Sock::Unix(s) => s.read(b),
+        match &mut self.s {
+            SockKind::Tcp(s) => s.read(b),
+            SockKind::Unix(s) => s.read(b),
         }
     }
 }
 
 impl Write for Sock {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Sock::Tcp(s) => s.write(b),
-            Sock::Unix(s) => s.write(b),
+        if self.wbuf.len() + b.len() > SOCK_BUF {
+            self.send_wbuf()?;
         }
+        if b.len() >= SOCK_BUF {
+            return self.raw_write(b);
+        }
+        self.wbuf.extend_from_slice(b);
+        Ok(b.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+        self.send_wbuf()
     }
 }
 
 impl AsRawFd for Sock {
     fn as_raw_fd(&self) -> RawFd {
-        match self {
-            Sock::Tcp(s) => s.as_raw_fd(),
-            Sock::Unix(s) => s.as_raw_fd(),
+        match &self.s {
+            SockKind::Tcp(s) => s.as_raw_fd(),
+            SockKind::Unix(s) => s.as_raw_fd(),
         }
     }
 }
@@ -158,7 +200,9 @@ fn accept(ctx: &Ctx, sock: Sock, deadline: Instant) -> Result<SslStream<Sock>, S
                 }
                 r = mid.handshake();
             }
-            Err(HandshakeError::Failure(mid)) => {
+            Err(HandshakeError::Failure(mut mid)) => {
+                // The alert telling the client why.
+                let _ = mid.get_mut().flush();
                 let e = mid.error();
                 let why = match (e.ssl_error(), e.io_error()) {
                     (Some(s), _) => s.to_string(),
@@ -234,7 +278,10 @@ pub(super) fn serve(
         }
     };
     // close_notify: GnuTLS peers report an error without it.
-    let _ = lock(&shared).shutdown();
+    let mut s = lock(&shared);
+    let _ = s.shutdown();
+    let _ = s.get_mut().flush();
+    drop(s);
     r
 }
 
@@ -332,15 +379,20 @@ impl TlsWrite {
 
 impl Write for TlsWrite {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        if self.buf.len() + b.len() > WRITE_BUF {
+        if self.buf.len() + b.len() <= WRITE_BUF {
+            self.buf.extend_from_slice(b);
+            return Ok(b.len());
+        }
+        if !self.buf.is_empty() {
+            // Fill the buffer up (a reply header then shares its first record
+            // with the data) and send it; the rest comes in the next call.
+            let k = WRITE_BUF - self.buf.len();
+            self.buf.extend_from_slice(&b[..k]);
             self.send_buf()?;
+            return Ok(k);
         }
-        if b.len() >= WRITE_BUF {
-            // Large data goes out as it is (OpenSSL splits it into records).
-            return lock(&self.s).write(b);
-        }
-        self.buf.extend_from_slice(b);
-        Ok(b.len())
+        // Large data goes out as it is (OpenSSL splits it into records).
+        lock(&self.s).write(b)
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.send_buf()?;

@@ -556,6 +556,7 @@ mod tests {
             size: Size(1 << 20),
             alloc: Alloc::Dynamic,
             read_only: false,
+            allow: None,
         }];
         let c = Catalog::open(dir.path(), &conf).unwrap();
         c.create("data", 2 << 20, Alloc::Fixed, false).unwrap();
@@ -618,6 +619,7 @@ mod tests {
             size: Size(1 << 20),
             alloc: Alloc::Dynamic,
             read_only: false,
+            allow: None,
         }];
         let c = Catalog::open(dir.path(), &conf).unwrap();
         c.create("kept", 1 << 20, Alloc::Fixed, false).unwrap();

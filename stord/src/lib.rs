@@ -16,6 +16,8 @@
 //!   in the `fabric-api` crate, shared with netd);
 //! - [`server`]: listeners, limits, systemd, signals, shutdown;
 //! - [`config`]: the strict TOML configuration;
+//! - [`tls`]: TLS credentials, the OpenSSL context, peer identities and the
+//!   disks' access lists (the STARTTLS upgrade itself is `nbd::starttls`);
 //! - [`sys`]: the few raw Linux calls (all `unsafe` lives there).
 //!
 //! # The path of an NBD READ
@@ -55,6 +57,7 @@ pub mod nbd;
 pub mod poll;
 pub mod server;
 pub mod sys;
+pub mod tls;
 
 pub use fabric_util::error_chain;
 

@@ -207,7 +207,8 @@ pub(super) enum ReadPlan {
 /// which forbids fragments; fixed disks, which have no holes worth skipping;
 /// reads below [`HOLE_SCAN_MIN`], where the two lseek calls cost more than
 /// sending the zeroes) is sent from the mapping from [`MAPPED_READ_MIN`] on
-/// and pread below it; anything else is split into data and holes. The header
+/// (not under TLS, `Session::mapped_reads`: the data must pass through the
+/// TLS stream) and pread below it; anything else is split into data and holes. The header
 /// is emitted here, once.
 pub(super) fn read_plan(sess: &Session, req: &Request) -> ReadPlan {
     let mut hdr = BytesMut::with_capacity(32);
@@ -234,7 +235,7 @@ pub(super) fn read_plan(sess: &Session, req: &Request) -> ReadPlan {
     } else {
         return ReadPlan::Sparse;
     }
-    if req.len >= MAPPED_READ_MIN {
+    if req.len >= MAPPED_READ_MIN && sess.mapped_reads {
         ReadPlan::Mapped(hdr.freeze())
     } else {
         ReadPlan::Buffered(hdr.freeze())
@@ -408,6 +409,7 @@ mod tests {
                 size: crate::config::Size(1 << 20),
                 alloc: Alloc::Dynamic,
                 read_only: ro,
+                allow: None,
             }],
         )
         .unwrap();
@@ -419,6 +421,7 @@ mod tests {
                 size: 1 << 20,
                 structured,
                 base_allocation: structured,
+                mapped_reads: true,
             },
         )
     }

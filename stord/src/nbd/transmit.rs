@@ -16,6 +16,11 @@ pub(super) trait SockRead: Read + Send + AsRawFd {
     fn has_pending(&self) -> bool {
         crate::sys::bytes_pending(self.as_raw_fd()).map_or(true, |n| n > 0)
     }
+    /// Whether one thread must do all the reading and writing (a TLS stream
+    /// is one state machine): the connection then gets a single worker.
+    fn one_thread(&self) -> bool {
+        false
+    }
 }
 
 impl SockRead for std::net::TcpStream {
@@ -62,6 +67,12 @@ pub(super) trait SockWrite: Write + Send + AsRawFd {
     /// its replies cannot hold a worker forever.
     fn set_timeout(&self, _t: Option<Duration>) -> std::io::Result<()> {
         Ok(())
+    }
+
+    /// Whether bytes written to the fd directly are the stream (not under
+    /// TLS: mapped READ data then goes through `write`).
+    fn raw_fd(&self) -> bool {
+        true
     }
 }
 
@@ -558,6 +569,14 @@ fn write_mapped(
     m: &MappedRead,
     deadline: Instant,
 ) -> std::io::Result<()> {
+    if !wr.raw_fd() {
+        wr.write_all(&m.hdr)?;
+        let data = disk
+            .read(m.offset as u64, m.len)
+            .map_err(|e| std::io::Error::other(crate::error_chain(&e)))?;
+        wr.write_all(&data)?;
+        return wr.write_all(&m.tail);
+    }
     let fd = wr.as_raw_fd();
     let (mut head, mut done, mut tail) = (0usize, 0usize, 0usize);
     while head < m.hdr.len() || done < m.len || tail < m.tail.len() {
@@ -838,6 +857,7 @@ pub(super) fn transmission(
     rd.set_timeout(Some(SHUTDOWN_POLL))?;
     wr.set_timeout(Some(ctx.limits.request_timeout))?;
     let fd = rd.as_raw_fd();
+    let workers = if rd.one_thread() { 1 } else { WORKERS };
     let sh = Shared {
         ctx,
         sess: &sess,
@@ -859,7 +879,7 @@ pub(super) fn transmission(
         wr: Mutex::new(wr),
     };
     std::thread::scope(|s| {
-        for _ in 1..WORKERS {
+        for _ in 1..workers {
             let sh = &sh;
             let spawned = std::thread::Builder::new()
                 .name("stord-worker".into())

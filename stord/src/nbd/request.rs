@@ -211,6 +211,7 @@ pub(super) enum ReadPlan {
 /// TLS stream) and pread below it; anything else is split into data and holes. The header
 /// is emitted here, once.
 pub(super) fn read_plan(sess: &Session, req: &Request) -> ReadPlan {
+    let mapped = req.len >= MAPPED_READ_MIN && sess.mapped_reads;
     let mut hdr = BytesMut::with_capacity(32);
     if !sess.structured {
         SimpleReply {
@@ -226,16 +227,15 @@ pub(super) fn read_plan(sess: &Session, req: &Request) -> ReadPlan {
     {
         // A reply sent from the mapping is final only once its data went out
         // (a page may fail then): its DONE comes in a NONE chunk after it.
-        let fin = if req.len >= MAPPED_READ_MIN {
-            Final::No
-        } else {
-            Final::Yes
-        };
+        // A buffered reply (under TLS too, whatever its size) has its data
+        // in hand before the header goes out, and no NONE chunk follows it:
+        // its data chunk carries DONE.
+        let fin = if mapped { Final::No } else { Final::Yes };
         nbd_proto::emit_offset_data_header(&mut hdr, req.handle, req.offset, req.len, fin);
     } else {
         return ReadPlan::Sparse;
     }
-    if req.len >= MAPPED_READ_MIN && sess.mapped_reads {
+    if mapped {
         ReadPlan::Mapped(hdr.freeze())
     } else {
         ReadPlan::Buffered(hdr.freeze())
@@ -536,6 +536,28 @@ mod tests {
         assert_eq!(r[1], Bytes::from(vec![1u8; 4096]));
         assert!(read_cached(&simple, &req(Command::Read, 0, 0, 0)).is_none());
         assert!(read_cached(&simple, &req(Command::Read, 0, 0, 65536)).is_none());
+    }
+
+    /// Without mapped reads (a TLS session) a large structured READ is
+    /// buffered, and its one data chunk is the final one: no NONE chunk
+    /// follows it, so it must carry DONE (a client would otherwise wait for
+    /// the rest of the reply forever).
+    #[test]
+    fn buffered_large_structured_read_is_final() {
+        let (_d, mut s) = session(true, false);
+        s.mapped_reads = false;
+        s.disk().write(0, &[3u8; 65536], false).unwrap();
+        let budget = Budget::new(1 << 20);
+        let no = std::sync::atomic::AtomicBool::new(false);
+        let df = req(Command::Read, cflag::DF, 0, 65536);
+        assert!(matches!(read_plan(&s, &df), ReadPlan::Buffered(_)));
+        let Out::Segs(r) = read(&s, &df, &budget, &no) else {
+            panic!("a READ without mapped reads is not mapped");
+        };
+        assert_eq!(r.len(), 2, "{r:?}");
+        assert_eq!(&r[0][4..6], &chunk::FLAG_DONE.to_be_bytes());
+        assert_eq!(&r[0][6..8], &chunk::OFFSET_DATA.to_be_bytes());
+        assert_eq!(r[1], Bytes::from(vec![3u8; 65536]));
     }
 
     #[test]

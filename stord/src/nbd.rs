@@ -253,11 +253,12 @@ impl Session {
 
 mod handshake;
 mod request;
+mod sock;
 mod starttls;
 mod transmit;
 
+pub use request::Budget;
 use request::*;
-pub use transmit::Budget;
 
 /// A connection after the handshake, as blocking std objects: the transmission
 /// phase runs on plain threads (see the module docs).
@@ -349,7 +350,7 @@ pub async fn serve(ctx: Ctx, conn: Conn) -> Result<(), ConnError> {
         structured = sess.structured,
         "entering transmission"
     );
-    let (rd, wr) = transmit::blocking_halves(hs.1)?;
+    let (rd, wr) = sock::blocking_halves(hs.1)?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let ctx2 = ctx.clone();
     std::thread::Builder::new()

@@ -1,7 +1,9 @@
 //! Request semantics: validation against the export and the negotiation
 //! (which error each invalid request gets, and the typed command of a valid
 //! one), execution on the disk, and the READ path's choice of strategy
-//! ([`read_plan`]), producing simple or structured replies.
+//! ([`read_plan`]), producing simple or structured replies; and the
+//! connection's payload [`Budget`], which request payloads and READ data
+//! held in memory count against.
 
 use super::*;
 
@@ -395,6 +397,90 @@ fn sparse(sess: &Session, req: &Request) -> Reply {
     out
 }
 
+/// A bound on payload bytes held by the requests in flight on one connection
+/// (WRITE payloads read, READ data being produced). Each connection has its
+/// own, so waiting for it only ever waits for that connection's requests.
+///
+/// The fast path is one atomic compare-and-swap to take and one atomic add to
+/// give back; the mutex and condition variable are touched only when the budget
+/// runs out (a waiter registers itself, and givers notify only if one exists).
+#[derive(Debug)]
+pub struct Budget {
+    left: AtomicU64,
+    waiters: AtomicU64,
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+impl Budget {
+    /// A budget of `bytes`.
+    pub fn new(bytes: u64) -> Self {
+        Budget {
+            left: AtomicU64::new(bytes),
+            waiters: AtomicU64::new(0),
+            lock: Mutex::new(()),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn try_take(&self, n: u64) -> bool {
+        let mut cur = self.left.load(Ordering::Acquire);
+        while cur >= n {
+            match self
+                .left
+                .compare_exchange_weak(cur, cur - n, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return true,
+                Err(c) => cur = c,
+            }
+        }
+        false
+    }
+
+    /// Takes `n` bytes, waiting until they are there; the guard gives them
+    /// back. `None` if `abort` is set while waiting (the connection broke).
+    pub(super) fn take(&self, n: u64, abort: &AtomicBool) -> Option<BudgetGuard<'_>> {
+        if !self.try_take(n) {
+            let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.waiters.fetch_add(1, Ordering::AcqRel);
+            while !self.try_take(n) {
+                if abort.load(Ordering::Acquire) {
+                    self.waiters.fetch_sub(1, Ordering::AcqRel);
+                    return None;
+                }
+                // The timeout covers a give that raced with our registration.
+                g = self
+                    .cv
+                    .wait_timeout(g, Duration::from_millis(10))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            self.waiters.fetch_sub(1, Ordering::AcqRel);
+        }
+        Some(BudgetGuard { budget: self, n })
+    }
+
+    fn give(&self, n: u64) {
+        self.left.fetch_add(n, Ordering::AcqRel);
+        if self.waiters.load(Ordering::Acquire) > 0 {
+            let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.cv.notify_all();
+        }
+    }
+}
+
+/// Bytes taken from a [`Budget`], given back on drop.
+pub(super) struct BudgetGuard<'a> {
+    budget: &'a Budget,
+    n: u64,
+}
+
+impl Drop for BudgetGuard<'_> {
+    fn drop(&mut self) {
+        self.budget.give(self.n);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -596,5 +682,23 @@ mod tests {
                 assert_eq!(m.len, 65536);
             }
         }
+    }
+
+    #[test]
+    fn budget_blocks_until_given_back() {
+        let b = Arc::new(Budget::new(100));
+        let no = AtomicBool::new(false);
+        let g = b.take(80, &no).unwrap();
+        let b2 = b.clone();
+        let t = std::thread::spawn(move || {
+            let no = AtomicBool::new(false);
+            let _g = b2.take(50, &no).unwrap();
+            b2.left.load(Ordering::Acquire)
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!t.is_finished(), "took more than the budget");
+        drop(g);
+        assert_eq!(t.join().unwrap(), 50);
+        assert_eq!(b.left.load(Ordering::Acquire), 100);
     }
 }

@@ -548,16 +548,21 @@ mod tests {
     use super::*;
     use crate::config::Size;
 
-    #[test]
-    fn catalog_survives_reopen_and_refuses_busy_delete() {
-        let dir = tempfile::tempdir().unwrap();
-        let conf = vec![DiskConfig {
-            name: "boot".into(),
+    /// The config of a 1 MiB dynamic disk `name`.
+    fn dynamic_1mib(name: &str) -> DiskConfig {
+        DiskConfig {
+            name: name.into(),
             size: Size(1 << 20),
             alloc: Alloc::Dynamic,
             read_only: false,
             allow: None,
-        }];
+        }
+    }
+
+    #[test]
+    fn catalog_survives_reopen_and_refuses_busy_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = vec![dynamic_1mib("boot")];
         let c = Catalog::open(dir.path(), &conf).unwrap();
         c.create("data", 2 << 20, Alloc::Fixed, false).unwrap();
         assert!(matches!(
@@ -614,13 +619,7 @@ mod tests {
     #[test]
     fn missing_disk_file_is_listed_and_does_not_stop_the_catalog() {
         let dir = tempfile::tempdir().unwrap();
-        let conf = vec![DiskConfig {
-            name: "gone".into(),
-            size: Size(1 << 20),
-            alloc: Alloc::Dynamic,
-            read_only: false,
-            allow: None,
-        }];
+        let conf = vec![dynamic_1mib("gone")];
         let c = Catalog::open(dir.path(), &conf).unwrap();
         c.create("kept", 1 << 20, Alloc::Fixed, false).unwrap();
         let gone = c.disk_path("gone");

@@ -96,50 +96,38 @@ pub struct Config {
     /// Where disk files and the catalog live.
     pub state_dir: PathBuf,
     /// Bound on simultaneous NBD connections.
-    #[serde(default)]
     pub max_connections: Option<usize>,
     /// The export served for the empty export name.
-    #[serde(default)]
     pub default_export: Option<String>,
     /// Longest a reader polls an idle connection before sleeping, in
     /// microseconds (0: never poll). See `crate::poll`.
-    #[serde(default)]
     pub busy_poll_us: Option<u32>,
     /// Seconds a client may take to finish option haggling (default 10).
-    #[serde(default)]
     pub handshake_timeout: Option<f64>,
     /// Seconds a started request may take to arrive in full, and a reply to be
     /// taken by the client (default 30); past it the connection is closed.
-    #[serde(default)]
     pub request_timeout: Option<f64>,
     /// Seconds a connection with nothing in flight may stay silent before it
     /// is closed (default: forever).
-    #[serde(default)]
     pub idle_timeout: Option<f64>,
     /// Bound on simultaneous NBD connections from one client: one source IP
     /// address over TCP, one user id over the unix socket (default: none
     /// beyond `max_connections`).
-    #[serde(default)]
     pub max_connections_per_client: Option<usize>,
     /// Group (name or number) given the unix sockets (NBD and control), which
     /// are created 0660.
-    #[serde(default)]
     pub socket_group: Option<String>,
     /// TLS policy.
     #[serde(default)]
     pub tls: TlsMode,
     /// Server certificate chain (PEM).
-    #[serde(default)]
     pub tls_cert: Option<PathBuf>,
     /// The certificate's private key (PEM).
-    #[serde(default)]
     pub tls_key: Option<PathBuf>,
     /// CA certificates (PEM): client certificates are then required and
     /// verified against them.
-    #[serde(default)]
     pub tls_ca: Option<PathBuf>,
     /// Pre-shared keys, GnuTLS psktool's `identity:hexkey` format.
-    #[serde(default)]
     pub tls_psk_file: Option<PathBuf>,
     /// Disks to create when missing.
     #[serde(default)]
@@ -395,6 +383,12 @@ mod tests {
         Path::new("/etc/stord.toml")
     }
 
+    /// The error `validate` gives a config that parses.
+    fn invalid(text: &str) -> String {
+        let c = Config::parse(text, p()).unwrap();
+        c.validate(p()).unwrap_err().to_string()
+    }
+
     #[test]
     fn full_config_parses() {
         let c = Config::parse(
@@ -461,22 +455,12 @@ read_only = true
 
     #[test]
     fn timeouts_and_client_bound_are_checked() {
-        let c = Config::parse(
-            "control = \"/c\"\nstate_dir = \"/s\"\nrequest_timeout = 0\n",
-            p(),
-        )
-        .unwrap();
-        let e = c.validate(p()).unwrap_err().to_string();
+        let e = invalid("control = \"/c\"\nstate_dir = \"/s\"\nrequest_timeout = 0\n");
         assert!(
             e.contains("request_timeout") && e.contains("seconds"),
             "{e}"
         );
-        let c = Config::parse(
-            "control = \"/c\"\nstate_dir = \"/s\"\nmax_connections_per_client = 0\n",
-            p(),
-        )
-        .unwrap();
-        let e = c.validate(p()).unwrap_err().to_string();
+        let e = invalid("control = \"/c\"\nstate_dir = \"/s\"\nmax_connections_per_client = 0\n");
         assert!(e.contains("max_connections_per_client"), "{e}");
         let c = Config::parse(
             "control = \"/c\"\nstate_dir = \"/s\"\nidle_timeout = 1.5\nhandshake_timeout = 2\n",
@@ -505,12 +489,7 @@ read_only = true
 
     #[test]
     fn bad_values_name_the_key() {
-        let c = Config::parse(
-            "control = \"/c\"\nstate_dir = \"/s\"\nlisten = \"nowhere\"\n",
-            p(),
-        )
-        .unwrap();
-        let e = c.validate(p()).unwrap_err().to_string();
+        let e = invalid("control = \"/c\"\nstate_dir = \"/s\"\nlisten = \"nowhere\"\n");
         assert!(e.contains("key `listen`"), "{e}");
 
         let e = Config::parse(
@@ -529,19 +508,12 @@ read_only = true
         .to_string();
         assert!(e.contains("alloc") || e.contains("thick"), "{e}");
 
-        let c = Config::parse(
-            "control = \"/c\"\nstate_dir = \"/s\"\n[[disk]]\nname = \"../x\"\nsize = 1\nalloc = \"fixed\"\n",
-            p(),
-        )
-        .unwrap();
-        let e = c.validate(p()).unwrap_err().to_string();
+        let e = invalid("control = \"/c\"\nstate_dir = \"/s\"\n[[disk]]\nname = \"../x\"\nsize = 1\nalloc = \"fixed\"\n");
         assert!(e.contains("disk[0].name"), "{e}");
     }
 
     fn tls_err(extra: &str) -> String {
-        let text = format!("control = \"/c\"\nstate_dir = \"/s\"\n{extra}");
-        let c = Config::parse(&text, p()).unwrap();
-        c.validate(p()).unwrap_err().to_string()
+        invalid(&format!("control = \"/c\"\nstate_dir = \"/s\"\n{extra}"))
     }
 
     #[test]

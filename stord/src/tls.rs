@@ -477,16 +477,9 @@ fn server_context(
         match ca {
             Some(ca) => {
                 readable("tls_ca", ca)?;
-                b.set_ca_file(ca).map_err(pem_err(
-                    "tls_ca",
-                    ca,
-                    "not a PEM CA certificate file",
-                ))?;
-                let names = openssl::x509::X509Name::load_client_ca_file(ca).map_err(pem_err(
-                    "tls_ca",
-                    ca,
-                    "not a PEM CA certificate file",
-                ))?;
+                let bad_ca = || pem_err("tls_ca", ca, "not a PEM CA certificate file");
+                b.set_ca_file(ca).map_err(bad_ca())?;
+                let names = openssl::x509::X509Name::load_client_ca_file(ca).map_err(bad_ca())?;
                 b.set_client_ca_list(names);
                 b.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
             }

@@ -343,13 +343,7 @@ pub(super) async fn handshake(
                 send_acked(wr, h.option, out).await?;
                 if go {
                     let base_allocation = matches!(&meta, Some((n, true)) if *n == export);
-                    return Ok(Haggled::Session(Session {
-                        att,
-                        size,
-                        structured,
-                        base_allocation,
-                        mapped_reads: matches!(link, Link::Plain { .. }),
-                    }));
+                    return Ok(session(att, size, structured, base_allocation, link));
                 }
             }
             OptionRequest::ExportName(name) => {
@@ -373,17 +367,30 @@ pub(super) async fn handshake(
                 reply.emit(&mut out);
                 send(wr, &out).await?;
                 let base_allocation = matches!(&meta, Some((n, true)) if *n == disk.name());
-                return Ok(Haggled::Session(Session {
-                    att,
-                    size,
-                    structured,
-                    base_allocation,
-                    mapped_reads: matches!(link, Link::Plain { .. }),
-                }));
+                return Ok(session(att, size, structured, base_allocation, link));
             }
         }
     }
     Err(ConnError::Protocol(format!(
         "more than {MAX_OPTIONS} options"
     )))
+}
+
+/// The session an export was chosen for. READ data may go from the disk
+/// file's mapping straight to the socket only on a plain link: under TLS every
+/// byte goes through the TLS stream.
+fn session(
+    att: Attachment,
+    size: u64,
+    structured: bool,
+    base_allocation: bool,
+    link: &Link,
+) -> Haggled {
+    Haggled::Session(Session {
+        att,
+        size,
+        structured,
+        base_allocation,
+        mapped_reads: matches!(link, Link::Plain { .. }),
+    })
 }

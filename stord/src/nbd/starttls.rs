@@ -37,7 +37,7 @@ use std::task::{Context, Poll};
 use openssl::ssl::{HandshakeError, SslStream};
 use tokio::io::ReadBuf;
 
-use super::transmit::{SockRead, SockWrite};
+use super::transmit::{is_timeout, SockRead, SockWrite};
 use super::*;
 use crate::tls::{describe, peer_id};
 
@@ -169,13 +169,6 @@ type Shared = Arc<Mutex<SslStream<Sock>>>;
 
 fn lock(s: &Shared) -> std::sync::MutexGuard<'_, SslStream<Sock>> {
     s.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn is_timeout(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-    )
 }
 
 /// The TLS server handshake on `sock`, until `deadline` or shutdown.

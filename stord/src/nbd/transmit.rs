@@ -115,7 +115,8 @@ impl Shared<'_> {
     }
 }
 
-fn is_timeout(e: &std::io::Error) -> bool {
+/// Whether an I/O error is a socket timeout (SO_RCVTIMEO / SO_SNDTIMEO).
+pub(super) fn is_timeout(e: &std::io::Error) -> bool {
     matches!(
         e.kind(),
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut

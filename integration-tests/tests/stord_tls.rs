@@ -55,6 +55,25 @@ cp ca-cert.pem x509-nocert/
     Ok(())
 }
 
+/// Makes the credentials (see [`make_creds`]) and starts stord with
+/// `tls = "MODE"`, the TLS keys `keys` (config key, file in the credentials
+/// directory) and the `[[disk]]` tables `disks`.
+fn tls_stord(mode: &str, keys: &[(&str, &str)], disks: &str) -> (tempfile::TempDir, Stord) {
+    require_root();
+    let creds = tempfile::tempdir().unwrap();
+    make_creds(creds.path()).unwrap();
+    let mut extra = format!("tls = \"{mode}\"\n");
+    for (key, file) in keys {
+        extra.push_str(&format!(
+            "{key} = \"{}\"\n",
+            creds.path().join(file).display()
+        ));
+    }
+    extra.push_str(disks);
+    let s = Stord::start_with(&std::env::temp_dir(), &extra, &[]).unwrap();
+    (creds, s)
+}
+
 /// `stord status` as JSON.
 fn status(s: &Stord) -> serde_json::Value {
     let out = s.cli(&["status"]);
@@ -147,17 +166,13 @@ fn qemu_round_trip(object: &str, opts: &str, src: &Path) -> Result<()> {
 /// and counted; the honest client keeps working.
 #[test]
 fn psk_require_libnbd_qemu_and_refusals() {
-    require_root();
-    let creds = tempfile::tempdir().unwrap();
-    let c = creds.path();
-    make_creds(c).unwrap();
-    let extra = format!(
-        "tls = \"require\"\ntls_psk_file = \"{}\"\n\
-         [[disk]]\nname = \"data\"\nsize = \"64MiB\"\nalloc = \"dynamic\"\n\
+    let (creds, s) = tls_stord(
+        "require",
+        &[("tls_psk_file", "keys.psk")],
+        "[[disk]]\nname = \"data\"\nsize = \"64MiB\"\nalloc = \"dynamic\"\n\
          [[disk]]\nname = \"bobs\"\nsize = \"4MiB\"\nalloc = \"fixed\"\nallow = [\"bob\"]\n",
-        c.join("keys.psk").display()
     );
-    let s = Stord::start_with(&std::env::temp_dir(), &extra, &[]).unwrap();
+    let c = creds.path();
     let port = s.port;
     let psk = |user: &str, export: &str, file: &str| {
         format!(
@@ -263,19 +278,17 @@ fn psk_require_libnbd_qemu_and_refusals() {
 /// `allow` matches the certificate's common name.
 #[test]
 fn x509_client_certificates_required_with_tls_ca() {
-    require_root();
-    let creds = tempfile::tempdir().unwrap();
-    let c = creds.path();
-    make_creds(c).unwrap();
-    let extra = format!(
-        "tls = \"require\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\ntls_ca = \"{}\"\n\
-         [[disk]]\nname = \"data\"\nsize = \"64MiB\"\nalloc = \"fixed\"\n\
+    let (creds, s) = tls_stord(
+        "require",
+        &[
+            ("tls_cert", "server-cert.pem"),
+            ("tls_key", "server-key.pem"),
+            ("tls_ca", "ca-cert.pem"),
+        ],
+        "[[disk]]\nname = \"data\"\nsize = \"64MiB\"\nalloc = \"fixed\"\n\
          [[disk]]\nname = \"c1\"\nsize = \"1MiB\"\nalloc = \"dynamic\"\nallow = [\"client1\"]\n",
-        c.join("server-cert.pem").display(),
-        c.join("server-key.pem").display(),
-        c.join("ca-cert.pem").display()
     );
-    let s = Stord::start_with(&std::env::temp_dir(), &extra, &[]).unwrap();
+    let c = creds.path();
     let port = s.port;
     let x509 = |export: &str, dir: &str| {
         format!(
@@ -330,17 +343,15 @@ fn x509_client_certificates_required_with_tls_ca() {
 /// TLS clients without a certificate are both served.
 #[test]
 fn x509_tls_on_serves_plain_and_tls_clients() {
-    require_root();
-    let creds = tempfile::tempdir().unwrap();
-    let c = creds.path();
-    make_creds(c).unwrap();
-    let extra = format!(
-        "tls = \"on\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\
-         [[disk]]\nname = \"data\"\nsize = \"8MiB\"\nalloc = \"dynamic\"\n",
-        c.join("server-cert.pem").display(),
-        c.join("server-key.pem").display(),
+    let (creds, s) = tls_stord(
+        "on",
+        &[
+            ("tls_cert", "server-cert.pem"),
+            ("tls_key", "server-key.pem"),
+        ],
+        "[[disk]]\nname = \"data\"\nsize = \"8MiB\"\nalloc = \"dynamic\"\n",
     );
-    let s = Stord::start_with(&std::env::temp_dir(), &extra, &[]).unwrap();
+    let c = creds.path();
     let port = s.port;
     let plain = ok(&mut nbdinfo(&[&format!("nbd://127.0.0.1:{port}/data")])).unwrap();
     assert!(!plain.contains("with TLS"), "{plain}");
@@ -426,16 +437,12 @@ fn bad_tls_configs_are_refused_with_the_key_file_and_line() {
 /// meanwhile.
 #[test]
 fn hostile_starttls_peers_are_dropped_and_counted() {
-    require_root();
-    let creds = tempfile::tempdir().unwrap();
-    let c = creds.path();
-    make_creds(c).unwrap();
-    let extra = format!(
-        "tls = \"require\"\ntls_psk_file = \"{}\"\n\
-         [[disk]]\nname = \"data\"\nsize = \"64MiB\"\nalloc = \"dynamic\"\n",
-        c.join("keys.psk").display()
+    let (creds, s) = tls_stord(
+        "require",
+        &[("tls_psk_file", "keys.psk")],
+        "[[disk]]\nname = \"data\"\nsize = \"64MiB\"\nalloc = \"dynamic\"\n",
     );
-    let s = Stord::start_with(&std::env::temp_dir(), &extra, &[]).unwrap();
+    let c = creds.path();
     let port = s.port;
     // Raw fixed-newstyle client: greeting, then NBD_OPT_STARTTLS; prints the
     // reply type, then does what argv[2] says.
@@ -503,19 +510,17 @@ elif sys.argv[2] == "silent":
 /// clients need one from the CA.
 #[test]
 fn psk_and_x509_together() {
-    require_root();
-    let creds = tempfile::tempdir().unwrap();
-    let c = creds.path();
-    make_creds(c).unwrap();
-    let extra = format!(
-        "tls = \"require\"\ntls_psk_file = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\ntls_ca = \"{}\"\n\
-         [[disk]]\nname = \"data\"\nsize = \"8MiB\"\nalloc = \"dynamic\"\n",
-        c.join("keys.psk").display(),
-        c.join("server-cert.pem").display(),
-        c.join("server-key.pem").display(),
-        c.join("ca-cert.pem").display()
+    let (creds, s) = tls_stord(
+        "require",
+        &[
+            ("tls_psk_file", "keys.psk"),
+            ("tls_cert", "server-cert.pem"),
+            ("tls_key", "server-key.pem"),
+            ("tls_ca", "ca-cert.pem"),
+        ],
+        "[[disk]]\nname = \"data\"\nsize = \"8MiB\"\nalloc = \"dynamic\"\n",
     );
-    let s = Stord::start_with(&std::env::temp_dir(), &extra, &[]).unwrap();
+    let c = creds.path();
     let port = s.port;
     let size = ok(&mut nbdinfo(&[
         "--size",

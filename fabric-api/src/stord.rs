@@ -181,6 +181,18 @@ pub struct StatusInfo {
     /// fdatasync failures (each latches its disk failed).
     #[serde(default)]
     pub flush_failures: u64,
+    /// TLS handshakes completed (STARTTLS).
+    #[serde(default)]
+    pub tls_handshakes_ok: u64,
+    /// TLS handshakes that failed (wrong key, bad or missing certificate).
+    #[serde(default)]
+    pub tls_handshakes_failed: u64,
+    /// Refusals by a disk's `allow` list.
+    #[serde(default)]
+    pub tls_allow_refused: u64,
+    /// Plain connections refused for not using TLS (once per connection).
+    #[serde(default)]
+    pub tls_plain_refused: u64,
 }
 
 /// A control response.

@@ -68,6 +68,9 @@ pub mod rep {
     pub const ERR_POLICY: u32 = ERR + 2;
     /// Syntactically invalid.
     pub const ERR_INVALID: u32 = ERR + 3;
+    /// TLS first: the server requires STARTTLS before this option (or for
+    /// this export).
+    pub const ERR_TLS_REQD: u32 = ERR + 5;
     /// No such export.
     pub const ERR_UNKNOWN: u32 = ERR + 6;
     /// Server shutting down.

@@ -478,6 +478,7 @@ impl Catalog {
             size: crate::config::Size(size),
             alloc,
             read_only,
+            allow: None,
         });
         let mut map = self.lock();
         map.creating.remove(name);
@@ -580,6 +581,7 @@ mod tests {
             size: Size(1 << 20),
             alloc: Alloc::Dynamic,
             read_only: false,
+            allow: None,
         }]
     }
 

@@ -15,12 +15,18 @@
 //! idle_timeout = 600                 # optional, seconds; default: never
 //! max_connections_per_client = 16    # optional: per source address / unix uid
 //! socket_group = "kvm"               # optional: group of the unix sockets (0660)
+//! tls = "require"                    # optional: "off" (default), "on", "require"
+//! tls_psk_file = "/etc/stord/keys.psk"  # PSK (psktool `identity:hexkey` lines)
+//! tls_cert = "/etc/stord/server-cert.pem"  # and/or X.509: chain and key
+//! tls_key = "/etc/stord/server-key.pem"
+//! tls_ca = "/etc/stord/ca-cert.pem"  # optional: require client certificates
 //!
 //! [[disk]]
 //! name = "scratch"
 //! size = "64MiB"                     # or a number of bytes
 //! alloc = "dynamic"                  # or "fixed"
 //! read_only = false                  # optional
+//! allow = ["alice", "client1"]       # optional: PSK identities / cert names
 //! ```
 
 use std::net::SocketAddr;
@@ -56,6 +62,25 @@ pub struct DiskConfig {
     /// Serve read-only.
     #[serde(default)]
     pub read_only: bool,
+    /// Who may open it (over TLS): PSK identities, client certificate common
+    /// names or subject DNs. `None`: everyone the server lets in.
+    #[serde(default)]
+    pub allow: Option<Vec<String>>,
+}
+
+/// Whether NBD connections use TLS (STARTTLS).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// STARTTLS is refused.
+    #[default]
+    Off,
+    /// Clients may upgrade; plain clients are served too (but not disks with
+    /// an `allow` list).
+    On,
+    /// TCP clients must upgrade before any other option (unix-socket clients
+    /// are treated as under `on`: the socket's permissions guard them).
+    Require,
 }
 
 /// The whole file.
@@ -71,35 +96,39 @@ pub struct Config {
     /// Where disk files and the catalog live.
     pub state_dir: PathBuf,
     /// Bound on simultaneous NBD connections.
-    #[serde(default)]
     pub max_connections: Option<usize>,
     /// The export served for the empty export name.
-    #[serde(default)]
     pub default_export: Option<String>,
     /// Longest a reader polls an idle connection before sleeping, in
     /// microseconds (0: never poll). See `crate::poll`.
-    #[serde(default)]
     pub busy_poll_us: Option<u32>,
     /// Seconds a client may take to finish option haggling (default 10).
-    #[serde(default)]
     pub handshake_timeout: Option<f64>,
     /// Seconds a started request may take to arrive in full, and a reply to be
     /// taken by the client (default 30); past it the connection is closed.
-    #[serde(default)]
     pub request_timeout: Option<f64>,
     /// Seconds a connection with nothing in flight may stay silent before it
     /// is closed (default: forever).
-    #[serde(default)]
     pub idle_timeout: Option<f64>,
     /// Bound on simultaneous NBD connections from one client: one source IP
     /// address over TCP, one user id over the unix socket (default: none
     /// beyond `max_connections`).
-    #[serde(default)]
     pub max_connections_per_client: Option<usize>,
     /// Group (name or number) given the unix sockets (NBD and control), which
     /// are created 0660.
-    #[serde(default)]
     pub socket_group: Option<String>,
+    /// TLS policy.
+    #[serde(default)]
+    pub tls: TlsMode,
+    /// Server certificate chain (PEM).
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM): client certificates are then required and
+    /// verified against them.
+    pub tls_ca: Option<PathBuf>,
+    /// Pre-shared keys, GnuTLS psktool's `identity:hexkey` format.
+    pub tls_psk_file: Option<PathBuf>,
     /// Disks to create when missing.
     #[serde(default)]
     pub disk: Vec<DiskConfig>,
@@ -242,6 +271,85 @@ impl Config {
                 ));
             }
         }
+        self.validate_tls(path)
+    }
+
+    /// The TLS keys: credentials present when TLS is on, in whole pairs, and
+    /// access lists only where someone could match them. The files
+    /// themselves are read at startup (`crate::tls::Tls::load`).
+    fn validate_tls(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &str, expected: String| {
+            ConfigError::Invalid(InvalidKey {
+                path: path.display().to_string(),
+                key: key.to_string(),
+                expected,
+            })
+        };
+        for (key, v) in [
+            ("tls_cert", &self.tls_cert),
+            ("tls_key", &self.tls_key),
+            ("tls_ca", &self.tls_ca),
+            ("tls_psk_file", &self.tls_psk_file),
+        ] {
+            if v.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                return Err(invalid(key, "a file path".into()));
+            }
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    "tls_key",
+                    "the private key of tls_cert (tls_cert is set, tls_key is not)".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "tls_cert",
+                    "the certificate chain of tls_key (tls_key is set, tls_cert is not)".into(),
+                ))
+            }
+            _ => {}
+        }
+        if self.tls_ca.is_some() && self.tls_cert.is_none() {
+            return Err(invalid(
+                "tls_ca",
+                "tls_cert and tls_key as well (client certificates are checked only with a server certificate)".into(),
+            ));
+        }
+        let has_creds = self.tls_cert.is_some() || self.tls_psk_file.is_some();
+        if self.tls != TlsMode::Off && !has_creds {
+            return Err(invalid(
+                "tls",
+                format!(
+                    "credentials for tls = \"{}\": tls_cert and tls_key (X.509), or tls_psk_file (PSK), or both",
+                    if self.tls == TlsMode::On { "on" } else { "require" }
+                ),
+            ));
+        }
+        let identities = self.tls_psk_file.is_some() || self.tls_ca.is_some();
+        for (i, d) in self.disk.iter().enumerate() {
+            let Some(list) = &d.allow else { continue };
+            let key = format!("disk[{i}].allow");
+            if self.tls == TlsMode::Off {
+                return Err(invalid(
+                    &key,
+                    "tls = \"on\" or \"require\" (an access list names TLS identities)".into(),
+                ));
+            }
+            if !identities {
+                return Err(invalid(
+                    &key,
+                    "tls_psk_file or tls_ca as well (without them no client proves an identity)"
+                        .into(),
+                ));
+            }
+            if list.iter().any(|a| a.is_empty()) {
+                return Err(invalid(
+                    &key,
+                    "a list of PSK identities or certificate names, none empty".into(),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -273,6 +381,12 @@ mod tests {
 
     fn p() -> &'static Path {
         Path::new("/etc/stord.toml")
+    }
+
+    /// The error `validate` gives a config that parses.
+    fn invalid(text: &str) -> String {
+        let c = Config::parse(text, p()).unwrap();
+        c.validate(p()).unwrap_err().to_string()
     }
 
     #[test]
@@ -314,26 +428,39 @@ read_only = true
         assert_eq!(c.limits().idle_timeout, None);
         assert_eq!(c.disk.len(), 1);
         assert_eq!(c.disk[0].alloc, Alloc::Dynamic);
+        assert_eq!(
+            c.tls,
+            TlsMode::Off,
+            "no TCP listener, so no TLS keys needed"
+        );
+        // Its TCP lines, uncommented, serve TCP only with TLS required.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let tcp: String = text
+            .lines()
+            .map(|l| {
+                for key in ["listen = ", "tls = ", "tls_psk_file = "] {
+                    if let Some(rest) = l.strip_prefix("# ").filter(|r| r.starts_with(key)) {
+                        return format!("{rest}\n");
+                    }
+                }
+                format!("{l}\n")
+            })
+            .collect();
+        let c = Config::parse(&tcp, &path).unwrap();
+        c.validate(&path).unwrap();
+        assert_eq!(c.listen.as_deref(), Some("127.0.0.1:10809"));
+        assert_eq!(c.tls, TlsMode::Require);
+        assert!(c.tls_psk_file.is_some());
     }
 
     #[test]
     fn timeouts_and_client_bound_are_checked() {
-        let c = Config::parse(
-            "control = \"/c\"\nstate_dir = \"/s\"\nrequest_timeout = 0\n",
-            p(),
-        )
-        .unwrap();
-        let e = c.validate(p()).unwrap_err().to_string();
+        let e = invalid("control = \"/c\"\nstate_dir = \"/s\"\nrequest_timeout = 0\n");
         assert!(
             e.contains("request_timeout") && e.contains("seconds"),
             "{e}"
         );
-        let c = Config::parse(
-            "control = \"/c\"\nstate_dir = \"/s\"\nmax_connections_per_client = 0\n",
-            p(),
-        )
-        .unwrap();
-        let e = c.validate(p()).unwrap_err().to_string();
+        let e = invalid("control = \"/c\"\nstate_dir = \"/s\"\nmax_connections_per_client = 0\n");
         assert!(e.contains("max_connections_per_client"), "{e}");
         let c = Config::parse(
             "control = \"/c\"\nstate_dir = \"/s\"\nidle_timeout = 1.5\nhandshake_timeout = 2\n",
@@ -362,12 +489,7 @@ read_only = true
 
     #[test]
     fn bad_values_name_the_key() {
-        let c = Config::parse(
-            "control = \"/c\"\nstate_dir = \"/s\"\nlisten = \"nowhere\"\n",
-            p(),
-        )
-        .unwrap();
-        let e = c.validate(p()).unwrap_err().to_string();
+        let e = invalid("control = \"/c\"\nstate_dir = \"/s\"\nlisten = \"nowhere\"\n");
         assert!(e.contains("key `listen`"), "{e}");
 
         let e = Config::parse(
@@ -386,12 +508,50 @@ read_only = true
         .to_string();
         assert!(e.contains("alloc") || e.contains("thick"), "{e}");
 
-        let c = Config::parse(
-            "control = \"/c\"\nstate_dir = \"/s\"\n[[disk]]\nname = \"../x\"\nsize = 1\nalloc = \"fixed\"\n",
-            p(),
-        )
-        .unwrap();
-        let e = c.validate(p()).unwrap_err().to_string();
+        let e = invalid("control = \"/c\"\nstate_dir = \"/s\"\n[[disk]]\nname = \"../x\"\nsize = 1\nalloc = \"fixed\"\n");
         assert!(e.contains("disk[0].name"), "{e}");
+    }
+
+    fn tls_err(extra: &str) -> String {
+        invalid(&format!("control = \"/c\"\nstate_dir = \"/s\"\n{extra}"))
+    }
+
+    #[test]
+    fn tls_keys_are_checked() {
+        let e = tls_err("tls = \"require\"\n");
+        assert!(
+            e.contains("/etc/stord.toml") && e.contains("key `tls`"),
+            "{e}"
+        );
+        assert!(e.contains("tls_cert") && e.contains("tls_psk_file"), "{e}");
+        let e = tls_err("tls = \"on\"\ntls_cert = \"/c.pem\"\n");
+        assert!(e.contains("key `tls_key`"), "{e}");
+        let e = tls_err("tls = \"on\"\ntls_key = \"/k.pem\"\n");
+        assert!(e.contains("key `tls_cert`"), "{e}");
+        let e = tls_err("tls = \"on\"\ntls_psk_file = \"/k\"\ntls_ca = \"/ca.pem\"\n");
+        assert!(e.contains("key `tls_ca`"), "{e}");
+        let disk = "[[disk]]\nname = \"d\"\nsize = 1\nalloc = \"fixed\"\nallow = [\"alice\"]\n";
+        let e = tls_err(disk);
+        assert!(
+            e.contains("key `disk[0].allow`") && e.contains("tls = "),
+            "{e}"
+        );
+        let e = tls_err(&format!(
+            "tls = \"on\"\ntls_cert = \"/c\"\ntls_key = \"/k\"\n{disk}"
+        ));
+        assert!(
+            e.contains("key `disk[0].allow`") && e.contains("tls_ca"),
+            "{e}"
+        );
+        let e = Config::parse("control = \"/c\"\nstate_dir = \"/s\"\ntls = \"yes\"\n", p())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tls"), "{e}");
+
+        let ok = format!("control = \"/c\"\nstate_dir = \"/s\"\ntls = \"require\"\ntls_psk_file = \"/k\"\n{disk}");
+        let c = Config::parse(&ok, p()).unwrap();
+        c.validate(p()).unwrap();
+        assert_eq!(c.tls, TlsMode::Require);
+        assert_eq!(c.disk[0].allow.as_deref(), Some(&["alice".to_string()][..]));
     }
 }

@@ -44,6 +44,10 @@ pub async fn handle(catalog: &Arc<Catalog>, stats: &Stats, req: Request) -> Resp
                 idle_closed: stats.idle_closed.load(Ordering::Relaxed),
                 refused_per_client: stats.refused_per_client.load(Ordering::Relaxed),
                 flush_failures: catalog.disks().iter().map(|d| d.flush_failures()).sum(),
+                tls_handshakes_ok: stats.tls_handshakes_ok.load(Ordering::Relaxed),
+                tls_handshakes_failed: stats.tls_handshakes_failed.load(Ordering::Relaxed),
+                tls_allow_refused: stats.tls_allow_refused.load(Ordering::Relaxed),
+                tls_plain_refused: stats.tls_plain_refused.load(Ordering::Relaxed),
             });
             return r;
         }

@@ -16,6 +16,8 @@
 //!   in the `fabric-api` crate, shared with netd);
 //! - [`server`]: listeners, limits, systemd, signals, shutdown;
 //! - [`config`]: the strict TOML configuration;
+//! - [`tls`]: TLS credentials, the OpenSSL context, peer identities and the
+//!   disks' access lists (the STARTTLS upgrade itself is `nbd::starttls`);
 //! - [`sys`]: the few raw Linux calls (all `unsafe` lives there).
 //!
 //! # The path of an NBD READ
@@ -44,8 +46,19 @@
 //!
 //! Back in `nbd/transmit.rs`, the reply goes out under the write lock in one
 //! vectored write (`write_segs`, or `write_mapped` for a mapped reply); READ
-//! data held in memory counts against the connection's payload budget while it is
-//! produced. No request allocates beyond its reply header and its data.
+//! data held in memory counts against the connection's payload budget
+//! (`request::Budget`) while it is produced. No request allocates beyond its
+//! reply header and its data. The socket halves are std sockets behind the
+//! `SockRead` / `SockWrite` traits of `nbd/transmit.rs` (made once per
+//! connection in `nbd/sock.rs`; their per-request methods are std's).
+//!
+//! Under TLS the same five files run with three differences: the connection
+//! has one worker (one TLS stream is one state machine), `read_plan` never
+//! picks the mapping (`Session::mapped_reads` is off: every byte must be
+//! encrypted), so the data is `pread` (`Disk::read`, `sys::pread_vec`) and
+//! its data chunk carries DONE itself; and the reply is written into the TLS
+//! stream's handle (`TlsWrite` in `nbd/starttls.rs`, the one file TLS adds),
+//! which gathers it into 64 KiB for OpenSSL to encrypt as 16 KiB records.
 
 pub mod catalog;
 pub mod config;
@@ -55,6 +68,7 @@ pub mod nbd;
 pub mod poll;
 pub mod server;
 pub mod sys;
+pub mod tls;
 
 pub use fabric_util::error_chain;
 

@@ -5,6 +5,12 @@
 //! stream (small messages, one option at a time, with an overall timeout so an
 //! idle peer cannot hold a connection slot forever).
 //!
+//! TLS: when a client sends NBD_OPT_STARTTLS (and `tls` is on), the handshake
+//! ACKs it and the connection moves to a thread of its own (`starttls`): the
+//! TLS handshake, option haggling again over TLS, and the transmission phase
+//! below with a single worker that owns the TLS stream. Everything in the rest
+//! of this description is the plain path, which TLS leaves as it is.
+//!
 //! Once an export is chosen, the socket is turned into a blocking std socket and
 //! served by `WORKERS` (16) threads, the way nbdkit does it: each worker takes
 //! the read lock, reads one whole request (header and WRITE payload, at most
@@ -109,6 +115,12 @@ pub enum ConnError {
     /// the client asked for export `{0}`, which does not exist
     #[error("the client asked for export `{0}` with NBD_OPT_EXPORT_NAME, which does not exist")]
     UnknownExport(String),
+    /// the client may not open export `{0}` (TLS required, or not on its `allow` list)
+    #[error("the client may not open export `{0}` with NBD_OPT_EXPORT_NAME (TLS required, or not on its `allow` list)")]
+    NotAllowed(String),
+    /// the TLS handshake failed
+    #[error("the TLS handshake failed: {0}")]
+    TlsHandshake(String),
 }
 
 /// Counters shared by all connections (reported by the control API).
@@ -133,6 +145,16 @@ pub struct Stats {
     pub idle_closed: AtomicU64,
     /// Connections refused over `max_connections_per_client`.
     pub refused_per_client: AtomicU64,
+    /// TLS handshakes completed (STARTTLS).
+    pub tls_handshakes_ok: AtomicU64,
+    /// TLS handshakes that failed (wrong key, untrusted or missing client
+    /// certificate, not TLS at all, timeout).
+    pub tls_handshakes_failed: AtomicU64,
+    /// Refusals by a disk's `allow` list (a TLS peer not on it).
+    pub tls_allow_refused: AtomicU64,
+    /// Plain connections refused for not using TLS (`tls = "require"`, or a
+    /// disk with an `allow` list), counted once per connection.
+    pub tls_plain_refused: AtomicU64,
 }
 
 /// Per-connection deadlines (see the module docs).
@@ -172,6 +194,8 @@ pub struct Ctx {
     pub limits: Limits,
     /// Busy polling of idle connections (queue-depth-1 latency).
     pub busy_poll: Arc<crate::poll::BusyPoll>,
+    /// TLS policy, credentials and the disks' access lists.
+    pub tls: Arc<crate::tls::Tls>,
 }
 
 impl Ctx {
@@ -216,6 +240,9 @@ struct Session {
     size: u64,
     structured: bool,
     base_allocation: bool,
+    /// READ data may go from the disk file's mapping straight to the socket
+    /// (not under TLS, where every byte goes through the TLS stream).
+    mapped_reads: bool,
 }
 
 impl Session {
@@ -226,10 +253,12 @@ impl Session {
 
 mod handshake;
 mod request;
+mod sock;
+mod starttls;
 mod transmit;
 
+pub use request::Budget;
 use request::*;
-pub use transmit::Budget;
 
 /// A connection after the handshake, as blocking std objects: the transmission
 /// phase runs on plain threads (see the module docs).
@@ -244,20 +273,39 @@ pub enum Conn {
 
 /// Serves one connection from handshake to close.
 pub async fn serve(ctx: Ctx, conn: Conn) -> Result<(), ConnError> {
+    let started = Instant::now();
+    let tls_on = ctx.tls.enabled();
+    let required = ctx.tls.mode == crate::config::TlsMode::Require;
+    // `tls = "require"` is for TCP; a unix socket is guarded by its
+    // permissions (see `TlsMode::Require`).
+    let link = match &conn {
+        Conn::Tcp(_) => handshake::Link::Plain {
+            upgradable: tls_on,
+            required,
+        },
+        Conn::Unix(_) => handshake::Link::Plain {
+            upgradable: tls_on,
+            required: false,
+        },
+        Conn::Stdio => handshake::Link::Plain {
+            upgradable: false,
+            required: false,
+        },
+    };
     let hs = match conn {
         Conn::Tcp(mut s) => {
             let (mut r, mut w) = s.split();
-            let h = handshake_timed(&ctx, &mut r, &mut w).await;
+            let h = handshake_timed(&ctx, &mut r, &mut w, &link).await;
             (h, Conn::Tcp(s))
         }
         Conn::Unix(mut s) => {
             let (mut r, mut w) = s.split();
-            let h = handshake_timed(&ctx, &mut r, &mut w).await;
+            let h = handshake_timed(&ctx, &mut r, &mut w, &link).await;
             (h, Conn::Unix(s))
         }
         Conn::Stdio => {
             let (mut r, mut w) = (tokio::io::stdin(), tokio::io::stdout());
-            let h = handshake_timed(&ctx, &mut r, &mut w).await;
+            let h = handshake_timed(&ctx, &mut r, &mut w, &link).await;
             (h, Conn::Stdio)
         }
     };
@@ -274,15 +322,35 @@ pub async fn serve(ctx: Ctx, conn: Conn) -> Result<(), ConnError> {
             }
             return Err(e);
         }
-        Ok(None) => return Ok(()),
-        Ok(Some(s)) => s,
+        Ok(handshake::Haggled::Abort) => return Ok(()),
+        Ok(handshake::Haggled::StartTls { no_zeroes }) => {
+            // The rest of this connection runs on a thread of its own.
+            let deadline = started + ctx.limits.handshake_timeout;
+            let sock = starttls::Sock::blocking(hs.1)?;
+            let rt = tokio::runtime::Handle::current();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let ctx2 = ctx.clone();
+            std::thread::Builder::new()
+                .name("stord-tls".into())
+                .spawn(move || {
+                    let _ = tx.send(starttls::serve(&ctx2, sock, no_zeroes, deadline, &rt));
+                })?;
+            let r = rx
+                .await
+                .unwrap_or_else(|_| Err(ConnError::Protocol("connection thread died".into())));
+            if matches!(r, Err(ConnError::Protocol(_))) {
+                ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            return r;
+        }
+        Ok(handshake::Haggled::Session(s)) => s,
     };
     tracing::debug!(
         export = sess.disk().name(),
         structured = sess.structured,
         "entering transmission"
     );
-    let (rd, wr) = transmit::blocking_halves(hs.1)?;
+    let (rd, wr) = sock::blocking_halves(hs.1)?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let ctx2 = ctx.clone();
     std::thread::Builder::new()
@@ -309,9 +377,10 @@ async fn handshake_timed(
     ctx: &Ctx,
     rd: &mut (dyn AsyncRead + Unpin + Send),
     wr: &mut (dyn AsyncWrite + Unpin + Send),
-) -> Result<Option<Session>, ConnError> {
+    link: &handshake::Link,
+) -> Result<handshake::Haggled, ConnError> {
     let limit = ctx.limits.handshake_timeout;
-    match tokio::time::timeout(limit, handshake::handshake(ctx, rd, wr)).await {
+    match tokio::time::timeout(limit, handshake::handshake(ctx, rd, wr, link)).await {
         Err(_) => Err(ConnError::HandshakeTimeout(limit)),
         Ok(r) => r,
     }

@@ -71,6 +71,9 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    /// the TLS credentials cannot be used
+    #[error("the TLS credentials cannot be used")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Sockets' file mode: the owner and `socket_group` may connect.
@@ -156,6 +159,7 @@ fn bind_unix(path: &Path, gid: Option<u32>) -> Result<UnixListener, std::io::Err
 pub async fn run(config: Config, opts: Options) -> Result<(), ServerError> {
     // Startup work (creating configured disks) may block briefly; nothing else
     // runs yet, so doing it on this thread is harmless.
+    let tls = crate::tls::Tls::load(&config)?;
     let catalog = Arc::new(Catalog::open(&config.state_dir, &config.disk)?);
     let stats = Arc::new(Stats::default());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -166,6 +170,7 @@ pub async fn run(config: Config, opts: Options) -> Result<(), ServerError> {
         stats: stats.clone(),
         limits: config.limits(),
         busy_poll: Arc::new(crate::poll::BusyPoll::new(config.busy_poll_us())),
+        tls,
     };
 
     if opts.stdin {

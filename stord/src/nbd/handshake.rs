@@ -1,5 +1,15 @@
 //! Option haggling (fixed newstyle): one option at a time until the client
-//! picks an export with GO or EXPORT_NAME, or leaves.
+//! picks an export with GO or EXPORT_NAME, or leaves, or upgrades to TLS.
+//!
+//! STARTTLS (when TLS is configured and the link can take it) is ACKed here and
+//! returned as [`Haggled::StartTls`]: the caller upgrades the socket in place
+//! (`starttls`) and runs the haggling again over TLS, without the greeting
+//! and with everything negotiated before forgotten, as the spec requires.
+//! Under `tls = "require"` a plain TCP client gets `NBD_REP_ERR_TLS_REQD` for
+//! every option but STARTTLS and ABORT (EXPORT_NAME, which cannot be
+//! refused, ends the connection). A disk with an `allow` list is hidden from
+//! LIST and refused to GO / INFO / EXPORT_NAME unless the TLS peer's identity
+//! is on it.
 
 use super::*;
 
@@ -42,25 +52,95 @@ async fn discard(rd: Rd<'_>, mut n: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Option haggling. `Ok(None)`: the client aborted (or the server is shutting
-/// down while the client idles in negotiation).
+/// What the handshake runs over.
+pub(super) enum Link {
+    /// A plain connection, before the greeting.
+    Plain {
+        /// STARTTLS is possible (TLS configured, not stdin/stdout).
+        upgradable: bool,
+        /// `tls = "require"` applies (a TCP connection).
+        required: bool,
+    },
+    /// A TLS connection after STARTTLS.
+    Tls {
+        /// Who the peer proved to be.
+        peer: crate::tls::PeerId,
+        /// The client's NO_ZEROES flag, from the greeting before STARTTLS.
+        no_zeroes: bool,
+    },
+}
+
+/// How option haggling ended.
+pub(super) enum Haggled {
+    /// The client aborted (or the server is shutting down while the client
+    /// idles in negotiation).
+    Abort,
+    /// An export was chosen.
+    Session(Session),
+    /// STARTTLS was ACKed: the socket is to be upgraded now.
+    StartTls {
+        /// The client's NO_ZEROES flag.
+        no_zeroes: bool,
+    },
+}
+
+/// Whether the peer may open `export`: `Err((reply, message))` if not. A
+/// refusal is counted here.
+fn access(
+    ctx: &Ctx,
+    link: &Link,
+    export: &str,
+    plain_counted: &mut bool,
+) -> Result<(), (u32, String)> {
+    if !ctx.tls.restricted(export) {
+        return Ok(());
+    }
+    match link {
+        Link::Plain { .. } => {
+            if !std::mem::replace(plain_counted, true) {
+                ctx.stats.tls_plain_refused.fetch_add(1, Ordering::Relaxed);
+            }
+            Err((rep::ERR_TLS_REQD, format!("export `{export}` requires TLS")))
+        }
+        Link::Tls { peer, .. } if ctx.tls.allowed(export, peer) => Ok(()),
+        Link::Tls { peer, .. } => {
+            ctx.stats.tls_allow_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(export, %peer, "refused by the export's allow list");
+            Err((
+                rep::ERR_POLICY,
+                format!("{peer} may not open export `{export}`"),
+            ))
+        }
+    }
+}
+
+/// Option haggling over `link`.
 pub(super) async fn handshake(
     ctx: &Ctx,
     rd: Rd<'_>,
     wr: Wr<'_>,
-) -> Result<Option<Session>, ConnError> {
-    let mut hello = BytesMut::with_capacity(nbd_proto::HELLO_LEN);
-    Hello {
-        flags: nbd_proto::FLAG_FIXED_NEWSTYLE | nbd_proto::FLAG_NO_ZEROES,
-    }
-    .emit(&mut hello);
-    send(wr, &hello).await?;
+    link: &Link,
+) -> Result<Haggled, ConnError> {
+    let no_zeroes = match link {
+        Link::Tls { no_zeroes, .. } => *no_zeroes,
+        Link::Plain { .. } => {
+            let mut hello = BytesMut::with_capacity(nbd_proto::HELLO_LEN);
+            Hello {
+                flags: nbd_proto::FLAG_FIXED_NEWSTYLE | nbd_proto::FLAG_NO_ZEROES,
+            }
+            .emit(&mut hello);
+            send(wr, &hello).await?;
 
-    let mut cflags = [0u8; ClientFlags::LEN];
-    rd.read_exact(&mut cflags).await?;
-    let no_zeroes = ClientFlags::parse(&cflags)
-        .map_err(|e| ConnError::Protocol(e.to_string()))?
-        .no_zeroes;
+            let mut cflags = [0u8; ClientFlags::LEN];
+            rd.read_exact(&mut cflags).await?;
+            ClientFlags::parse(&cflags)
+                .map_err(|e| ConnError::Protocol(e.to_string()))?
+                .no_zeroes
+        }
+    };
+    let tls_required = matches!(link, Link::Plain { required: true, .. });
+    // A plain connection is counted once in `tls_plain_refused`.
+    let mut plain_counted = false;
     let mut structured = false;
     // SET_META_CONTEXT's outcome: (export name, base:allocation selected).
     let mut meta: Option<(String, bool)> = None;
@@ -70,7 +150,7 @@ pub(super) async fn handshake(
         let mut hdr = [0u8; OPTION_HEADER_LEN];
         tokio::select! {
             r = rd.read_exact(&mut hdr) => { r?; }
-            _ = crate::until_shutdown(&mut shutdown) => return Ok(None),
+            _ = crate::until_shutdown(&mut shutdown) => return Ok(Haggled::Abort),
         }
         let h = OptionHeader::parse(&hdr).map_err(|e| ConnError::Protocol(e.to_string()))?;
         if h.len > MAX_OPTION_DATA {
@@ -86,9 +166,30 @@ pub(super) async fn handshake(
         let mut data = vec![0u8; h.len as usize];
         rd.read_exact(&mut data).await?;
 
+        if tls_required && h.option != opt::STARTTLS && h.option != opt::ABORT {
+            if !std::mem::replace(&mut plain_counted, true) {
+                ctx.stats.tls_plain_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(option = h.option, "plain client refused: TLS is required");
+            }
+            if h.option == opt::EXPORT_NAME {
+                // No error reply exists for EXPORT_NAME: the spec says close.
+                return Err(ConnError::NotAllowed(
+                    String::from_utf8_lossy(&data).into_owned(),
+                ));
+            }
+            refuse(
+                wr,
+                h.option,
+                rep::ERR_TLS_REQD,
+                "TLS is required: send NBD_OPT_STARTTLS first",
+            )
+            .await?;
+            continue;
+        }
+
         if ctx.shutting_down() && h.option != opt::ABORT {
             if h.option == opt::EXPORT_NAME {
-                return Ok(None);
+                return Ok(Haggled::Abort);
             }
             refuse(wr, h.option, rep::ERR_SHUTDOWN, "server is shutting down").await?;
             continue;
@@ -109,11 +210,19 @@ pub(super) async fn handshake(
             OptionRequest::Abort => {
                 // The client may already have closed; a failed ACK is fine.
                 let _ = send_reply(wr, h.option, OptionReply::Ack).await;
-                return Ok(None);
+                return Ok(Haggled::Abort);
             }
             OptionRequest::List => {
                 let mut out = BytesMut::new();
                 for d in ctx.catalog.disks() {
+                    // Disks this peer may not open are not shown either.
+                    let visible = match link {
+                        Link::Plain { .. } => !ctx.tls.restricted(d.name()),
+                        Link::Tls { peer, .. } => ctx.tls.allowed(d.name(), peer),
+                    };
+                    if !visible {
+                        continue;
+                    }
                     OptionReply::Server {
                         name: d.name(),
                         description: &d.description(),
@@ -122,15 +231,27 @@ pub(super) async fn handshake(
                 }
                 send_acked(wr, h.option, out).await?;
             }
-            OptionRequest::StartTls => {
-                refuse(
-                    wr,
-                    h.option,
-                    rep::ERR_UNSUP,
-                    "TLS is not supported by this server",
-                )
-                .await?;
-            }
+            OptionRequest::StartTls => match link {
+                Link::Tls { .. } => {
+                    refuse(wr, h.option, rep::ERR_INVALID, "TLS is already in use").await?;
+                }
+                Link::Plain {
+                    upgradable: false, ..
+                } => {
+                    let msg = if ctx.tls.enabled() {
+                        "TLS is not available on this connection (stdin/stdout)"
+                    } else {
+                        "TLS is not enabled on this server (tls = \"off\")"
+                    };
+                    refuse(wr, h.option, rep::ERR_UNSUP, msg).await?;
+                }
+                Link::Plain {
+                    upgradable: true, ..
+                } => {
+                    send_reply(wr, h.option, OptionReply::Ack).await?;
+                    return Ok(Haggled::StartTls { no_zeroes });
+                }
+            },
             OptionRequest::ExtendedHeaders => {
                 refuse(
                     wr,
@@ -190,6 +311,10 @@ pub(super) async fn handshake(
                     refuse(wr, h.option, rep::ERR_UNKNOWN, &msg).await?;
                     continue;
                 };
+                if let Err((reply, msg)) = access(ctx, link, &export, &mut plain_counted) {
+                    refuse(wr, h.option, reply, &msg).await?;
+                    continue;
+                }
                 let Some(att) = ctx.catalog.attach(&export) else {
                     refuse(wr, h.option, rep::ERR_UNKNOWN, "export vanished").await?;
                     continue;
@@ -218,15 +343,15 @@ pub(super) async fn handshake(
                 send_acked(wr, h.option, out).await?;
                 if go {
                     let base_allocation = matches!(&meta, Some((n, true)) if *n == export);
-                    return Ok(Some(Session {
-                        att,
-                        size,
-                        structured,
-                        base_allocation,
-                    }));
+                    return Ok(session(att, size, structured, base_allocation, link));
                 }
             }
             OptionRequest::ExportName(name) => {
+                if let Some(export) = ctx.resolve(&name) {
+                    if access(ctx, link, &export, &mut plain_counted).is_err() {
+                        return Err(ConnError::NotAllowed(name));
+                    }
+                }
                 let att = ctx
                     .resolve(&name)
                     .and_then(|e| ctx.catalog.attach(&e))
@@ -242,16 +367,30 @@ pub(super) async fn handshake(
                 reply.emit(&mut out);
                 send(wr, &out).await?;
                 let base_allocation = matches!(&meta, Some((n, true)) if *n == disk.name());
-                return Ok(Some(Session {
-                    att,
-                    size,
-                    structured,
-                    base_allocation,
-                }));
+                return Ok(session(att, size, structured, base_allocation, link));
             }
         }
     }
     Err(ConnError::Protocol(format!(
         "more than {MAX_OPTIONS} options"
     )))
+}
+
+/// The session an export was chosen for. READ data may go from the disk
+/// file's mapping straight to the socket only on a plain link: under TLS every
+/// byte goes through the TLS stream.
+fn session(
+    att: Attachment,
+    size: u64,
+    structured: bool,
+    base_allocation: bool,
+    link: &Link,
+) -> Haggled {
+    Haggled::Session(Session {
+        att,
+        size,
+        structured,
+        base_allocation,
+        mapped_reads: matches!(link, Link::Plain { .. }),
+    })
 }

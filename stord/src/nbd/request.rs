@@ -1,7 +1,9 @@
 //! Request semantics: validation against the export and the negotiation
 //! (which error each invalid request gets, and the typed command of a valid
 //! one), execution on the disk, and the READ path's choice of strategy
-//! ([`read_plan`]), producing simple or structured replies.
+//! ([`read_plan`]), producing simple or structured replies; and the
+//! connection's payload [`Budget`], which request payloads and READ data
+//! held in memory count against.
 
 use super::*;
 
@@ -207,9 +209,11 @@ pub(super) enum ReadPlan {
 /// which forbids fragments; fixed disks, which have no holes worth skipping;
 /// reads below [`HOLE_SCAN_MIN`], where the two lseek calls cost more than
 /// sending the zeroes) is sent from the mapping from [`MAPPED_READ_MIN`] on
-/// and pread below it; anything else is split into data and holes. The header
+/// (not under TLS, `Session::mapped_reads`: the data must pass through the
+/// TLS stream) and pread below it; anything else is split into data and holes. The header
 /// is emitted here, once.
 pub(super) fn read_plan(sess: &Session, req: &Request) -> ReadPlan {
+    let mapped = req.len >= MAPPED_READ_MIN && sess.mapped_reads;
     let mut hdr = BytesMut::with_capacity(32);
     if !sess.structured {
         SimpleReply {
@@ -225,16 +229,15 @@ pub(super) fn read_plan(sess: &Session, req: &Request) -> ReadPlan {
     {
         // A reply sent from the mapping is final only once its data went out
         // (a page may fail then): its DONE comes in a NONE chunk after it.
-        let fin = if req.len >= MAPPED_READ_MIN {
-            Final::No
-        } else {
-            Final::Yes
-        };
+        // A buffered reply (under TLS too, whatever its size) has its data
+        // in hand before the header goes out, and no NONE chunk follows it:
+        // its data chunk carries DONE.
+        let fin = if mapped { Final::No } else { Final::Yes };
         nbd_proto::emit_offset_data_header(&mut hdr, req.handle, req.offset, req.len, fin);
     } else {
         return ReadPlan::Sparse;
     }
-    if req.len >= MAPPED_READ_MIN {
+    if mapped {
         ReadPlan::Mapped(hdr.freeze())
     } else {
         ReadPlan::Buffered(hdr.freeze())
@@ -394,6 +397,90 @@ fn sparse(sess: &Session, req: &Request) -> Reply {
     out
 }
 
+/// A bound on payload bytes held by the requests in flight on one connection
+/// (WRITE payloads read, READ data being produced). Each connection has its
+/// own, so waiting for it only ever waits for that connection's requests.
+///
+/// The fast path is one atomic compare-and-swap to take and one atomic add to
+/// give back; the mutex and condition variable are touched only when the budget
+/// runs out (a waiter registers itself, and givers notify only if one exists).
+#[derive(Debug)]
+pub struct Budget {
+    left: AtomicU64,
+    waiters: AtomicU64,
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+impl Budget {
+    /// A budget of `bytes`.
+    pub fn new(bytes: u64) -> Self {
+        Budget {
+            left: AtomicU64::new(bytes),
+            waiters: AtomicU64::new(0),
+            lock: Mutex::new(()),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn try_take(&self, n: u64) -> bool {
+        let mut cur = self.left.load(Ordering::Acquire);
+        while cur >= n {
+            match self
+                .left
+                .compare_exchange_weak(cur, cur - n, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return true,
+                Err(c) => cur = c,
+            }
+        }
+        false
+    }
+
+    /// Takes `n` bytes, waiting until they are there; the guard gives them
+    /// back. `None` if `abort` is set while waiting (the connection broke).
+    pub(super) fn take(&self, n: u64, abort: &AtomicBool) -> Option<BudgetGuard<'_>> {
+        if !self.try_take(n) {
+            let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.waiters.fetch_add(1, Ordering::AcqRel);
+            while !self.try_take(n) {
+                if abort.load(Ordering::Acquire) {
+                    self.waiters.fetch_sub(1, Ordering::AcqRel);
+                    return None;
+                }
+                // The timeout covers a give that raced with our registration.
+                g = self
+                    .cv
+                    .wait_timeout(g, Duration::from_millis(10))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            self.waiters.fetch_sub(1, Ordering::AcqRel);
+        }
+        Some(BudgetGuard { budget: self, n })
+    }
+
+    fn give(&self, n: u64) {
+        self.left.fetch_add(n, Ordering::AcqRel);
+        if self.waiters.load(Ordering::Acquire) > 0 {
+            let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.cv.notify_all();
+        }
+    }
+}
+
+/// Bytes taken from a [`Budget`], given back on drop.
+pub(super) struct BudgetGuard<'a> {
+    budget: &'a Budget,
+    n: u64,
+}
+
+impl Drop for BudgetGuard<'_> {
+    fn drop(&mut self) {
+        self.budget.give(self.n);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,6 +495,7 @@ mod tests {
                 size: crate::config::Size(1 << 20),
                 alloc: Alloc::Dynamic,
                 read_only: ro,
+                allow: None,
             }],
         )
         .unwrap();
@@ -419,6 +507,7 @@ mod tests {
                 size: 1 << 20,
                 structured,
                 base_allocation: structured,
+                mapped_reads: true,
             },
         )
     }
@@ -535,6 +624,28 @@ mod tests {
         assert!(read_cached(&simple, &req(Command::Read, 0, 0, 65536)).is_none());
     }
 
+    /// Without mapped reads (a TLS session) a large structured READ is
+    /// buffered, and its one data chunk is the final one: no NONE chunk
+    /// follows it, so it must carry DONE (a client would otherwise wait for
+    /// the rest of the reply forever).
+    #[test]
+    fn buffered_large_structured_read_is_final() {
+        let (_d, mut s) = session(true, false);
+        s.mapped_reads = false;
+        s.disk().write(0, &[3u8; 65536], false).unwrap();
+        let budget = Budget::new(1 << 20);
+        let no = std::sync::atomic::AtomicBool::new(false);
+        let df = req(Command::Read, cflag::DF, 0, 65536);
+        assert!(matches!(read_plan(&s, &df), ReadPlan::Buffered(_)));
+        let Out::Segs(r) = read(&s, &df, &budget, &no) else {
+            panic!("a READ without mapped reads is not mapped");
+        };
+        assert_eq!(r.len(), 2, "{r:?}");
+        assert_eq!(&r[0][4..6], &chunk::FLAG_DONE.to_be_bytes());
+        assert_eq!(&r[0][6..8], &chunk::OFFSET_DATA.to_be_bytes());
+        assert_eq!(r[1], Bytes::from(vec![3u8; 65536]));
+    }
+
     #[test]
     fn structured_read_of_sparse_disk_is_holes() {
         let (_d, s) = session(true, false);
@@ -571,5 +682,23 @@ mod tests {
                 assert_eq!(m.len, 65536);
             }
         }
+    }
+
+    #[test]
+    fn budget_blocks_until_given_back() {
+        let b = Arc::new(Budget::new(100));
+        let no = AtomicBool::new(false);
+        let g = b.take(80, &no).unwrap();
+        let b2 = b.clone();
+        let t = std::thread::spawn(move || {
+            let no = AtomicBool::new(false);
+            let _g = b2.take(50, &no).unwrap();
+            b2.left.load(Ordering::Acquire)
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!t.is_finished(), "took more than the budget");
+        drop(g);
+        assert_eq!(t.join().unwrap(), 50);
+        assert_eq!(b.left.load(Ordering::Acquire), 100);
     }
 }

@@ -1,6 +1,7 @@
-//! The transmission phase on worker threads: the blocking socket halves, the
-//! shared read / write locks, the connection's payload budget, deadlines,
-//! shutdown polling.
+//! The transmission phase on worker threads: what the socket halves must do
+//! ([`SockRead`], [`SockWrite`]; the plain ones are in `sock`, the TLS ones in
+//! `starttls`), the shared read / write locks, reading requests, writing
+//! replies, deadlines, shutdown polling.
 //!
 //! A connection that fails (a reply cannot be sent, a deadline passed) is
 //! marked broken and its socket shut down, so the reader blocked in recv or in
@@ -16,42 +17,10 @@ pub(super) trait SockRead: Read + Send + AsRawFd {
     fn has_pending(&self) -> bool {
         crate::sys::bytes_pending(self.as_raw_fd()).map_or(true, |n| n > 0)
     }
-}
-
-impl SockRead for std::net::TcpStream {
-    fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        self.set_read_timeout(t)
-    }
-}
-
-impl SockRead for std::os::unix::net::UnixStream {
-    fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        self.set_read_timeout(t)
-    }
-}
-
-/// stdin (`--stdin` mode): a pipe or socket that cannot take SO_RCVTIMEO, so
-/// reads wait in poll(2) with the same period instead.
-pub(super) struct PolledFile(pub(super) std::fs::File);
-
-impl Read for PolledFile {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if !crate::sys::poll_readable(self.0.as_raw_fd(), SHUTDOWN_POLL)? {
-            return Err(std::io::ErrorKind::WouldBlock.into());
-        }
-        self.0.read(buf)
-    }
-}
-
-impl AsRawFd for PolledFile {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.0.as_raw_fd()
-    }
-}
-
-impl SockRead for PolledFile {
-    fn set_timeout(&self, _t: Option<Duration>) -> std::io::Result<()> {
-        Ok(())
+    /// Whether one thread must do all the reading and writing (a TLS stream
+    /// is one state machine): the connection then gets a single worker.
+    fn one_thread(&self) -> bool {
+        false
     }
 }
 
@@ -63,132 +32,16 @@ pub(super) trait SockWrite: Write + Send + AsRawFd {
     fn set_timeout(&self, _t: Option<Duration>) -> std::io::Result<()> {
         Ok(())
     }
-}
 
-impl SockWrite for std::net::TcpStream {
-    fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        self.set_write_timeout(t)
-    }
-}
-impl SockWrite for std::os::unix::net::UnixStream {
-    fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        self.set_write_timeout(t)
-    }
-}
-impl SockWrite for std::fs::File {}
-
-pub(super) type Halves = (Box<dyn SockRead>, Box<dyn SockWrite>);
-
-pub(super) fn blocking_halves(conn: Conn) -> std::io::Result<Halves> {
-    match conn {
-        Conn::Tcp(s) => {
-            let s = s.into_std()?;
-            s.set_nonblocking(false)?;
-            Ok((Box::new(s.try_clone()?), Box::new(s)))
-        }
-        Conn::Unix(s) => {
-            let s = s.into_std()?;
-            s.set_nonblocking(false)?;
-            Ok((Box::new(s.try_clone()?), Box::new(s)))
-        }
-        Conn::Stdio => {
-            use std::os::fd::AsFd;
-            let r = std::io::stdin().as_fd().try_clone_to_owned()?;
-            let w = std::io::stdout().as_fd().try_clone_to_owned()?;
-            Ok((
-                Box::new(PolledFile(std::fs::File::from(r))),
-                Box::new(std::fs::File::from(w)),
-            ))
-        }
-    }
-}
-
-/// A bound on payload bytes held by the requests in flight on one connection
-/// (WRITE payloads read, READ data being produced). Each connection has its
-/// own, so waiting for it only ever waits for that connection's requests.
-///
-/// The fast path is one atomic compare-and-swap to take and one atomic add to
-/// give back; the mutex and condition variable are touched only when the budget
-/// runs out (a waiter registers itself, and givers notify only if one exists).
-#[derive(Debug)]
-pub struct Budget {
-    left: AtomicU64,
-    waiters: AtomicU64,
-    lock: Mutex<()>,
-    cv: Condvar,
-}
-
-impl Budget {
-    /// A budget of `bytes`.
-    pub fn new(bytes: u64) -> Self {
-        Budget {
-            left: AtomicU64::new(bytes),
-            waiters: AtomicU64::new(0),
-            lock: Mutex::new(()),
-            cv: Condvar::new(),
-        }
-    }
-
-    fn try_take(&self, n: u64) -> bool {
-        let mut cur = self.left.load(Ordering::Acquire);
-        while cur >= n {
-            match self
-                .left
-                .compare_exchange_weak(cur, cur - n, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => return true,
-                Err(c) => cur = c,
-            }
-        }
-        false
-    }
-
-    /// Takes `n` bytes, waiting until they are there; the guard gives them
-    /// back. `None` if `abort` is set while waiting (the connection broke).
-    pub(super) fn take(&self, n: u64, abort: &AtomicBool) -> Option<BudgetGuard<'_>> {
-        if !self.try_take(n) {
-            let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-            self.waiters.fetch_add(1, Ordering::AcqRel);
-            while !self.try_take(n) {
-                if abort.load(Ordering::Acquire) {
-                    self.waiters.fetch_sub(1, Ordering::AcqRel);
-                    return None;
-                }
-                // The timeout covers a give that raced with our registration.
-                g = self
-                    .cv
-                    .wait_timeout(g, Duration::from_millis(10))
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
-            }
-            self.waiters.fetch_sub(1, Ordering::AcqRel);
-        }
-        Some(BudgetGuard { budget: self, n })
-    }
-
-    fn give(&self, n: u64) {
-        self.left.fetch_add(n, Ordering::AcqRel);
-        if self.waiters.load(Ordering::Acquire) > 0 {
-            let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-            self.cv.notify_all();
-        }
-    }
-}
-
-/// Bytes taken from a [`Budget`], given back on drop.
-pub(super) struct BudgetGuard<'a> {
-    budget: &'a Budget,
-    n: u64,
-}
-
-impl Drop for BudgetGuard<'_> {
-    fn drop(&mut self) {
-        self.budget.give(self.n);
+    /// Whether bytes written to the fd directly are the stream (not under
+    /// TLS: mapped READ data then goes through `write`).
+    fn raw_fd(&self) -> bool {
+        true
     }
 }
 
 /// How often a reader blocked on an idle socket looks at the shutdown flag.
-const SHUTDOWN_POLL: Duration = Duration::from_millis(200);
+pub(super) const SHUTDOWN_POLL: Duration = Duration::from_millis(200);
 /// Worker threads per connection: requests in flight at once.
 const WORKERS: usize = 16;
 
@@ -262,7 +115,8 @@ impl Shared<'_> {
     }
 }
 
-fn is_timeout(e: &std::io::Error) -> bool {
+/// Whether an I/O error is a socket timeout (SO_RCVTIMEO / SO_SNDTIMEO).
+pub(super) fn is_timeout(e: &std::io::Error) -> bool {
     matches!(
         e.kind(),
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
@@ -558,6 +412,14 @@ fn write_mapped(
     m: &MappedRead,
     deadline: Instant,
 ) -> std::io::Result<()> {
+    if !wr.raw_fd() {
+        wr.write_all(&m.hdr)?;
+        let data = disk
+            .read(m.offset as u64, m.len)
+            .map_err(|e| std::io::Error::other(crate::error_chain(&e)))?;
+        wr.write_all(&data)?;
+        return wr.write_all(&m.tail);
+    }
     let fd = wr.as_raw_fd();
     let (mut head, mut done, mut tail) = (0usize, 0usize, 0usize);
     while head < m.hdr.len() || done < m.len || tail < m.tail.len() {
@@ -838,6 +700,7 @@ pub(super) fn transmission(
     rd.set_timeout(Some(SHUTDOWN_POLL))?;
     wr.set_timeout(Some(ctx.limits.request_timeout))?;
     let fd = rd.as_raw_fd();
+    let workers = if rd.one_thread() { 1 } else { WORKERS };
     let sh = Shared {
         ctx,
         sess: &sess,
@@ -859,7 +722,7 @@ pub(super) fn transmission(
         wr: Mutex::new(wr),
     };
     std::thread::scope(|s| {
-        for _ in 1..WORKERS {
+        for _ in 1..workers {
             let sh = &sh;
             let spawned = std::thread::Builder::new()
                 .name("stord-worker".into())
@@ -882,159 +745,4 @@ pub(super) fn transmission(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Writes a mapped READ reply into a socket pair; what the peer read.
-    fn send_mapped(
-        disk: &Disk,
-        hdr: &'static [u8],
-        map: Arc<crate::sys::FileMap>,
-        offset: usize,
-        len: usize,
-    ) -> Vec<u8> {
-        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut got = Vec::new();
-            b.read_to_end(&mut got).unwrap();
-            got
-        });
-        let mut w: Box<dyn SockWrite> = Box::new(a);
-        let m = MappedRead {
-            hdr: Bytes::from_static(hdr),
-            map,
-            offset,
-            len,
-            tail: Bytes::new(),
-            structured: false,
-            handle: 0,
-        };
-        write_mapped(&mut *w, disk, &m, Instant::now() + Duration::from_secs(10)).unwrap();
-        drop(w);
-        reader.join().unwrap()
-    }
-
-    /// A reply whose file shrank between `populate` and the send: no SIGBUS,
-    /// the pages still there go out from the mapping, the rest as zeroes (as
-    /// pread reads past the end of a file), and the reply keeps its length.
-    #[test]
-    fn mapped_reply_survives_the_file_shrinking_under_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("d.img");
-        std::fs::write(&path, vec![7u8; 3 * 4096]).unwrap();
-        let disk = Disk::open("d", &path, Alloc::Dynamic, false).unwrap();
-        let map = disk.mapping(0, 3 * 4096).unwrap();
-        map.populate(0, 3 * 4096).unwrap();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(6144)
-            .unwrap();
-        assert!(map.populate(0, 3 * 4096).is_err(), "page 3 is past the end");
-        let got = send_mapped(&disk, b"HDR", map, 0, 3 * 4096);
-        assert_eq!(got.len(), 3 + 3 * 4096);
-        assert_eq!(&got[..3], b"HDR");
-        assert_eq!(&got[3..3 + 6144], &[7u8; 6144][..]);
-        assert!(got[3 + 6144..].iter().all(|&x| x == 0));
-    }
-
-    /// A structured reply whose data cannot be read after its header went
-    /// out: the promised data goes out as zeroes and the reply ends in an
-    /// ERROR chunk with DONE (never the NONE chunk), so the client gets EIO
-    /// and the connection stays usable.
-    #[test]
-    fn late_read_error_in_a_structured_reply_becomes_an_error_chunk() {
-        use nbd_proto::chunk;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("d.img");
-        std::fs::write(&path, vec![7u8; 2 * 4096]).unwrap();
-        let good = Disk::open("d", &path, Alloc::Dynamic, false).unwrap();
-        let map = good.mapping(0, 2 * 4096).unwrap();
-        map.populate(0, 2 * 4096).unwrap();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(0)
-            .unwrap();
-        // The fallback pread goes to a disk that cannot be read (a directory:
-        // EISDIR), as a failing disk would.
-        let broken = Disk::open("b", dir.path(), Alloc::Dynamic, true).unwrap();
-        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut got = Vec::new();
-            b.read_to_end(&mut got).unwrap();
-            got
-        });
-        let mut tail = BytesMut::new();
-        nbd_proto::emit_none(&mut tail, 42);
-        let m = MappedRead {
-            hdr: Bytes::from_static(b"HDR"),
-            map,
-            offset: 0,
-            len: 2 * 4096,
-            tail: tail.freeze(),
-            structured: true,
-            handle: 42,
-        };
-        let mut w: Box<dyn SockWrite> = Box::new(a);
-        write_mapped(
-            &mut *w,
-            &broken,
-            &m,
-            Instant::now() + Duration::from_secs(10),
-        )
-        .unwrap();
-        drop(w);
-        let got = reader.join().unwrap();
-        assert_eq!(&got[..3], b"HDR");
-        let data = &got[3..3 + 2 * 4096];
-        assert!(data.iter().all(|&x| x == 0), "not zero padding");
-        let c = &got[3 + 2 * 4096..];
-        assert_eq!(&c[4..6], &chunk::FLAG_DONE.to_be_bytes());
-        assert_eq!(&c[6..8], &chunk::ERROR.to_be_bytes());
-        assert_eq!(&c[8..16], &42u64.to_be_bytes());
-        let len = u32::from_be_bytes(c[16..20].try_into().unwrap()) as usize;
-        assert_eq!(c.len(), 20 + len, "nothing after the error chunk");
-        assert_eq!(&c[20..24], &err::EIO.to_be_bytes());
-    }
-
-    /// The mapping is sent from at any offset, and bounds are checked.
-    #[test]
-    fn mapped_reply_sends_the_range_asked_for() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("d.img");
-        let data: Vec<u8> = (0..5 * 4096u32).map(|i| (i % 251) as u8).collect();
-        std::fs::write(&path, &data).unwrap();
-        let disk = Disk::open("d", &path, Alloc::Fixed, false).unwrap();
-        assert!(disk.mapping(0, 5 * 4096 + 1).is_none(), "past the disk");
-        let map = disk.mapping(0, 5 * 4096).unwrap();
-        assert!(
-            map.populate(4096, 4 * 4096 + 1).is_err(),
-            "past the mapping"
-        );
-        map.populate(1000, 4 * 4096).unwrap();
-        let got = send_mapped(&disk, b"H", map, 1000, 4 * 4096);
-        assert_eq!(&got[..1], b"H");
-        assert_eq!(&got[1..], &data[1000..1000 + 4 * 4096]);
-    }
-
-    #[test]
-    fn budget_blocks_until_given_back() {
-        let b = Arc::new(Budget::new(100));
-        let no = AtomicBool::new(false);
-        let g = b.take(80, &no).unwrap();
-        let b2 = b.clone();
-        let t = std::thread::spawn(move || {
-            let no = AtomicBool::new(false);
-            let _g = b2.take(50, &no).unwrap();
-            b2.left.load(Ordering::Acquire)
-        });
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(!t.is_finished(), "took more than the budget");
-        drop(g);
-        assert_eq!(t.join().unwrap(), 50);
-        assert_eq!(b.left.load(Ordering::Acquire), 100);
-    }
-}
+mod tests;

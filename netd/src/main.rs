@@ -185,6 +185,9 @@ enum PortCmd {
         /// Keep the TAP when netd exits.
         #[arg(long)]
         persistent: bool,
+        /// Port guard: clean or off (default: the network's).
+        #[arg(long)]
+        guard: Option<String>,
     },
     /// Remove a port.
     Del {
@@ -305,10 +308,16 @@ fn main() -> ExitCode {
                 netns,
                 path,
                 persistent,
+                guard,
             } => {
                 let kind = match kind.parse::<PortKind>() {
                     Ok(k) => k,
                     Err(e) => return finish(Err(anyhow::anyhow!("--kind: {e}"))),
+                };
+                let guard = match guard.map(|g| g.parse::<fabric_api::netd::Guard>()) {
+                    None => None,
+                    Some(Ok(g)) => Some(g),
+                    Some(Err(e)) => return finish(Err(anyhow::anyhow!("--guard: {e}"))),
                 };
                 let port = PortConfig {
                     name,
@@ -318,6 +327,7 @@ fn main() -> ExitCode {
                     netns,
                     path,
                     persistent,
+                    guard,
                 };
                 // The daemon names an unnamed port after its ifname or path.
                 let done = format!("added {kind} port {} to {net}", port.shown_name());

@@ -183,7 +183,6 @@ pub fn port_list(v: &Value, by_reason: bool) -> String {
         ("KIND", Left),
         ("IFNAME", Left),
         ("MAC", Left),
-        ("GUARD", Left),
         ("MTU", Right),
         ("RX-FRAMES", Right),
         ("RX-BYTES", Right),
@@ -191,6 +190,8 @@ pub fn port_list(v: &Value, by_reason: bool) -> String {
         ("TX-BYTES", Right),
     ];
     if by_reason {
+        // With the drops, the guard they come from.
+        cols.push(("GUARD", Left));
         cols.extend(DROPS.iter().map(|(h, _)| (*h, Right)));
     } else {
         cols.push(("DROPS", Right));
@@ -209,7 +210,6 @@ pub fn port_list(v: &Value, by_reason: bool) -> String {
             s(p, "kind"),
             ifname,
             s(p, "mac"),
-            s(p, "guard"),
             s(p, "mtu"),
             u(c, "rx_frames").to_string(),
             bytes(u(c, "rx_bytes")),
@@ -217,6 +217,7 @@ pub fn port_list(v: &Value, by_reason: bool) -> String {
             bytes(u(c, "tx_bytes")),
         ];
         if by_reason {
+            row.push(s(p, "guard"));
             row.extend(DROPS.iter().map(|(_, k)| u(c, k).to_string()));
         } else {
             let total: u64 = DROPS.iter().map(|(_, k)| u(c, k)).sum();
@@ -363,7 +364,7 @@ mod tests {
         let a: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
         assert_eq!(
             a,
-            ["a", "tap", "tap0", "-", "clean", "1500", "3", "2.0", "KiB", "1", "60", "B", "42"]
+            ["a", "tap", "tap0", "-", "1500", "3", "2.0", "KiB", "1", "60", "B", "42"]
         );
         assert!(out.lines().nth(2).unwrap().contains("/run/x.sock"), "{out}");
         let out = port_list(&v, true);
@@ -376,8 +377,8 @@ mod tests {
         );
         let a: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
         assert_eq!(
-            &a[a.len() - 12..],
-            ["1", "2", "0", "0", "0", "4", "0", "5", "6", "7", "8", "9"]
+            &a[a.len() - 13..],
+            ["clean", "1", "2", "0", "0", "0", "4", "0", "5", "6", "7", "8", "9"]
         );
     }
 

@@ -19,7 +19,7 @@ use fabric_util::toml_file::{self, InvalidKey};
 use fabric_util::MacAddr;
 use serde::{Deserialize, Serialize};
 
-pub use fabric_api::netd::{Mode, PortConfig, PortKind};
+pub use fabric_api::netd::{Guard, Mode, PortConfig, PortKind};
 
 /// A config problem, naming the file, the key and what was expected.
 pub use fabric_util::toml_file::ConfigError;
@@ -72,6 +72,11 @@ pub struct NetworkConfig {
     pub max_macs: Option<usize>,
     /// Seconds after which an unused learned MAC is forgotten. Default 300.
     pub mac_ageing: Option<u64>,
+    /// The port guard of the network's guest ports (default `clean`; a port's own
+    /// `guard` overrides it). See [`crate::switch::guard`].
+    pub guard: Option<Guard>,
+    /// Most MACs learned on one port whose guard is off (default 256).
+    pub max_macs_per_port: Option<usize>,
     /// Name of the host TAP of a hostonly network (default `vhost-<name>` cut to 15).
     pub host_ifname: Option<String>,
     /// The ports.
@@ -133,6 +138,8 @@ pub struct PortSpec {
     pub path: Option<PathBuf>,
     /// Keep the TAP on exit.
     pub persistent: bool,
+    /// The port's own guard setting (else the network's).
+    pub guard: Option<Guard>,
 }
 
 /// Validated IPv4 settings of a network.
@@ -197,6 +204,10 @@ pub struct NetworkSpec {
     pub max_macs: usize,
     /// MAC ageing, seconds.
     pub mac_ageing: u64,
+    /// The guard of guest ports without their own setting.
+    pub guard: Guard,
+    /// Most MACs learned on one unguarded port.
+    pub max_macs_per_port: usize,
     /// Host TAP name (hostonly).
     pub host_ifname: Option<String>,
     /// Ports.
@@ -514,6 +525,10 @@ impl NetworkConfig {
         if !(1..=86_400).contains(&mac_ageing) {
             return Err(ctx.err(key("mac_ageing"), "between 1 and 86400 seconds"));
         }
+        let max_macs_per_port = self.max_macs_per_port.unwrap_or(256);
+        if !(1..=1_000_000).contains(&max_macs_per_port) {
+            return Err(ctx.err(key("max_macs_per_port"), "between 1 and 1000000"));
+        }
         let host_ifname = if hostonly {
             let h = self.host_ifname.clone().unwrap_or_else(|| {
                 let mut s = format!("vh-{}", self.name);
@@ -564,6 +579,8 @@ impl NetworkConfig {
             mtu,
             max_macs,
             mac_ageing,
+            guard: self.guard.unwrap_or_default(),
+            max_macs_per_port,
             host_ifname,
             ports,
         })
@@ -645,6 +662,7 @@ pub fn validate_port(port: &PortConfig, path: &str, at: &str) -> Result<PortSpec
         netns: port.netns.clone(),
         path: path_v,
         persistent: port.persistent,
+        guard: port.guard,
     })
 }
 
@@ -719,6 +737,28 @@ mod tests {
             Ipv4Addr::new(192, 168, 56, 100)
         );
         assert!(nets.iter().any(|n| n.mode == Mode::Internal));
+    }
+
+    #[test]
+    fn guard_defaults_to_clean_and_is_set_per_network_and_port() {
+        let n = v("control='/c'\nstate_dir='/s'\n[[network]]\nname='h'\nmode='internal'\n[[network.port]]\nkind='tap'\nifname='t0'\n")
+            .unwrap();
+        assert_eq!(n[0].guard, Guard::Clean);
+        assert_eq!(n[0].max_macs_per_port, 256);
+        assert_eq!(n[0].ports[0].guard, None);
+        let n = v("control='/c'\nstate_dir='/s'\n[[network]]\nname='h'\nmode='internal'\nguard='off'\nmax_macs_per_port=8\n[[network.port]]\nkind='tap'\nifname='t0'\nguard='clean'\n")
+            .unwrap();
+        assert_eq!(n[0].guard, Guard::Off);
+        assert_eq!(n[0].max_macs_per_port, 8);
+        assert_eq!(n[0].ports[0].guard, Some(Guard::Clean));
+        let e = v("control='/c'\nstate_dir='/s'\n[[network]]\nname='h'\nmode='internal'\nguard='strict'\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("t.toml") && e.contains("guard"), "{e}");
+        let e = v("control='/c'\nstate_dir='/s'\n[[network]]\nname='h'\nmode='internal'\nmax_macs_per_port=0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("network[0].max_macs_per_port"), "{e}");
     }
 
     #[test]

@@ -89,6 +89,9 @@ struct NetState {
     nat: Option<crate::nat::RouterHandle>,
     /// The router's switch port (frames the router reads itself are counted on it).
     nat_port: Option<Arc<crate::switch::Port>>,
+    /// The DHCP server's queue for frames the router hands over (until the router
+    /// takes it).
+    dhcp_routed: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
 }
 
 impl NetState {
@@ -174,6 +177,33 @@ impl Daemon {
             spec.max_macs,
             Duration::from_secs(spec.mac_ageing),
         );
+        net.set_guard_default(spec.guard);
+        net.set_max_macs_per_port(spec.max_macs_per_port);
+        // On a network with DHCP or NAT the fabric knows who owns which address:
+        // guarded ports may then send only from theirs (see switch::guard).
+        let ip_guard = match (&spec.ipv4, spec.dhcp.is_some() || spec.nat.is_some()) {
+            (Some(v4), true) => {
+                let mut services = vec![v4.gateway];
+                services.extend(spec.dhcp.as_ref().map(|d| d.server));
+                services.extend(spec.nat.as_ref().map(|n| n.dns));
+                let reserved = spec
+                    .dhcp
+                    .as_ref()
+                    .map(|d| d.reservations.clone())
+                    .unwrap_or_default();
+                let g = Arc::new(crate::switch::IpGuard::new(
+                    v4.network,
+                    v4.prefix,
+                    &services,
+                    &reserved,
+                    Duration::from_secs(spec.mac_ageing),
+                ));
+                net.set_ip_guard(g.clone());
+                Some(g)
+            }
+            _ => None,
+        };
+        let router_mac = service_mac(&spec.name, 2);
         let mut st = NetState {
             spec: spec.clone(),
             net: net.clone(),
@@ -182,6 +212,7 @@ impl Daemon {
             dhcp: None,
             nat: None,
             nat_port: None,
+            dhcp_routed: None,
         };
         let fail = |st: NetState, e: DaemonError| {
             stop_network(st);
@@ -213,24 +244,43 @@ impl Daemon {
             // and DNS addresses; the router then hands it the unicast datagrams).
             let answer_arp = spec.mode == Mode::Internal
                 || (d.server != v4.gateway && !router_owns_dhcp_server(&spec));
-            let server = Arc::new(Mutex::new(DhcpServer::new(
+            let mut server = DhcpServer::new(
                 v4.clone(),
                 d.clone(),
                 service_mac(&spec.name, 1),
                 answer_arp,
                 db,
-            )));
+            );
+            if let Some(g) = &ip_guard {
+                server.set_ip_guard(g.clone());
+            }
+            let server = Arc::new(Mutex::new(server));
             let sp = match net.attach_service("dhcp", 256) {
                 Ok(sp) => sp,
                 Err(e) => return fail(st, DaemonError::Dhcp(spec.name.clone(), e)),
             };
-            tokio::spawn(crate::dhcp::run(server.clone(), sp));
+            if let Err(e) = net.pin_mac("dhcp", service_mac(&spec.name, 1)) {
+                return fail(st, DaemonError::Dhcp(spec.name.clone(), e));
+            }
+            // Unicast DHCP to the router's addresses reaches the server through a
+            // queue of its own: the router thread never waits for it.
+            let routed = if router_owns_dhcp_server(&spec) {
+                let (tx, rx) = tokio::sync::mpsc::channel(256);
+                st.dhcp_routed = Some(tx);
+                Some(crate::dhcp::Routed {
+                    rx,
+                    mac: router_mac,
+                })
+            } else {
+                None
+            };
+            tokio::spawn(crate::dhcp::run(server.clone(), sp, routed));
             st.dhcp = Some(server);
         }
         net.set_isolated(spec.isolated);
         if let Some(cfg) = &spec.nat {
             let mut cfg = cfg.clone();
-            cfg.mac = service_mac(&spec.name, 2);
+            cfg.mac = router_mac;
             // Bound the router's queue in bytes, not only frames: ~6 MiB of full frames.
             let cap = (4096 * 1500 / cfg.mtu.max(1500)).max(128);
             let (sw_in, from_switch) = match net.attach_service_direct("nat", cap, true) {
@@ -238,6 +288,9 @@ impl Daemon {
                 Err(e) => return fail(st, DaemonError::NatAttach(spec.name.clone(), e)),
             };
             st.nat_port = Some(sw_in.port().clone());
+            if let Err(e) = net.pin_mac("nat", router_mac) {
+                return fail(st, DaemonError::NatAttach(spec.name.clone(), e));
+            }
             let sink = crate::nat::ToSwitch::Offload(Box::new(move |h, f: &[u8]| match h {
                 Some(h) => sw_in.send_vnet(h, f),
                 None => sw_in.send(f),
@@ -246,12 +299,22 @@ impl Daemon {
             // the gateway, 10.0.2.2): a renewing client unicasts to the router's MAC,
             // so the router passes port-67 datagrams to its own addresses on to the
             // server rather than giving the server an address of its own.
-            let dhcp = match &st.dhcp {
-                Some(server) if router_owns_dhcp_server(&spec) => {
-                    let server = server.clone();
+            // The hook only queues the frame (the server answers from its own task,
+            // after the lease is saved): no lock, no fsync on the router thread.
+            let dhcp = match (&st.dhcp, st.dhcp_routed.take()) {
+                (Some(server), Some(tx)) => {
+                    let stats = server
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .shared
+                        .clone();
                     let hook: crate::nat::LocalService = Box::new(move |f: &[u8]| {
-                        let mut s = server.lock().unwrap_or_else(|e| e.into_inner());
-                        s.handle_frame(f, crate::dhcp::unix_now())
+                        if tx.try_send(bytes::Bytes::copy_from_slice(f)).is_err() {
+                            stats
+                                .dropped_busy
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        None
                     });
                     Some(hook)
                 }
@@ -495,12 +558,7 @@ impl Daemon {
                 let dhcp = self
                     .with_net(&net, |st| st.dhcp.clone())?
                     .ok_or_else(|| DaemonError::NoDhcp(net.clone()))?;
-                let d = dhcp.lock().unwrap_or_else(|e| e.into_inner());
-                let stats = DhcpStats {
-                    leases: d.db.leases().len(),
-                    refused_full: d.refused_full,
-                    malformed: d.malformed,
-                };
+                let stats: DhcpStats = dhcp.lock().unwrap_or_else(|e| e.into_inner()).stats();
                 Ok(j(serde_json::to_value(stats)))
             }
         }

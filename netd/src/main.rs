@@ -241,6 +241,9 @@ enum PortCmd {
         /// Keep the TAP when netd exits.
         #[arg(long)]
         persistent: bool,
+        /// Port guard: clean or off (default: the network's).
+        #[arg(long)]
+        guard: Option<String>,
     },
     /// Remove a port.
     Del {
@@ -408,10 +411,16 @@ fn main() -> ExitCode {
                 netns,
                 path,
                 persistent,
+                guard,
             } => {
                 let kind = match kind.parse::<PortKind>() {
                     Ok(k) => k,
                     Err(e) => return finish(Err(anyhow::anyhow!("--kind: {e}"))),
+                };
+                let guard = match guard.map(|g| g.parse::<fabric_api::netd::Guard>()) {
+                    None => None,
+                    Some(Ok(g)) => Some(g),
+                    Some(Err(e)) => return finish(Err(anyhow::anyhow!("--guard: {e}"))),
                 };
                 let port = PortConfig {
                     name,
@@ -421,6 +430,7 @@ fn main() -> ExitCode {
                     netns,
                     path,
                     persistent,
+                    guard,
                 };
                 // The daemon names an unnamed port after its ifname or path.
                 let done = format!("added {kind} port {} to {net}", port.shown_name());

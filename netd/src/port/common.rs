@@ -115,7 +115,7 @@ pub(super) fn attach(
 ) -> Result<(Arc<Port>, Arc<Stop>), PortError> {
     let stop = Stop::new().map_err(PortError::Thread)?;
     let port = net
-        .add_port(&spec.name, kind, tx)
+        .add_port_with(&spec.name, kind, tx, spec.guard, spec.mac)
         .map_err(PortError::Switch)?;
     Ok((port, stop))
 }

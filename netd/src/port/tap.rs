@@ -63,6 +63,7 @@ pub fn start_host_port(
         netns: None,
         path: None,
         persistent: false,
+        guard: None,
     };
     let fd = open_tap(&spec, ifname, net.mtu() as u32)?;
     sys::if_set_ipv4(ifname, addr, mask).map_err(|source| PortError::Tap {

@@ -188,6 +188,10 @@ pub struct Counters {
     pub drop_hairpin: AtomicU64,
     /// Dropped on egress: an offloaded frame that could not be finished in software.
     pub drop_offload: AtomicU64,
+    /// Dropped on ingress: a TCP super-frame asking for too much work (segment size
+    /// below [`crate::offload::MIN_GSO_SIZE`] or more than
+    /// [`crate::offload::MAX_GSO_SEGS`] segments).
+    pub drop_gso: AtomicU64,
 }
 
 /// A snapshot of [`Counters`], as the control API shows it.
@@ -215,6 +219,9 @@ pub struct CountersSnapshot {
     pub drop_hairpin: u64,
     /// See [`Counters`].
     pub drop_offload: u64,
+    /// See [`Counters`].
+    #[serde(default)]
+    pub drop_gso: u64,
 }
 
 impl Counters {
@@ -233,6 +240,7 @@ impl Counters {
             drop_io: r(&self.drop_io),
             drop_hairpin: r(&self.drop_hairpin),
             drop_offload: r(&self.drop_offload),
+            drop_gso: r(&self.drop_gso),
         }
     }
 }

@@ -58,6 +58,37 @@ pub fn if_disable_ipv6(ifname: &str) {
     }
 }
 
+/// Turns IPv4 and IPv6 forwarding off for frames received on `ifname`
+/// (`/proc/sys/net/ipv{4,6}/conf/IF/forwarding = 0`), so a host with
+/// `ip_forward = 1` still routes nothing from that interface elsewhere. IPv6 is
+/// skipped when the kernel has none for the interface (no conf directory).
+///
+/// Caveat: a later write to the global `net.ipv4.ip_forward` (or `conf/all`) sets
+/// every interface's value again (netd sets it when the interface comes up).
+pub fn if_disable_forwarding(ifname: &str) -> io::Result<()> {
+    check_ifname(ifname)?;
+    std::fs::write(format!("/proc/sys/net/ipv4/conf/{ifname}/forwarding"), "0")?;
+    let v6 = format!("/proc/sys/net/ipv6/conf/{ifname}/forwarding");
+    match std::fs::write(&v6, "0") {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}
+
+/// Whether forwarding is off for `ifname` (IPv4, and IPv6 where it exists).
+pub fn if_forwarding_off(ifname: &str) -> io::Result<bool> {
+    check_ifname(ifname)?;
+    let off = |p: String| -> io::Result<bool> {
+        match std::fs::read_to_string(p) {
+            Ok(s) => Ok(s.trim() == "0"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+            Err(e) => Err(e),
+        }
+    };
+    Ok(off(format!("/proc/sys/net/ipv4/conf/{ifname}/forwarding"))?
+        && off(format!("/proc/sys/net/ipv6/conf/{ifname}/forwarding"))?)
+}
+
 /// Opens an AF_PACKET raw socket bound to interface `ifindex`, receiving every
 /// protocol but not the frames the host itself sends out of that interface, with
 /// a virtio-net header before every frame both ways (so offloaded frames of a VMM

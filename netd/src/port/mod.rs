@@ -25,7 +25,8 @@
 //!   (the port reopens it once the namespace is back) instead of netd keeping a dead
 //!   namespace alive.
 //! - `host` (`tap.rs`): the hostonly network's own TAP in netd's namespace, given the
-//!   gateway address. netd never enables forwarding: the host is an end, not a router.
+//!   gateway address and forwarding off on it (IPv4 and IPv6, for that interface):
+//!   the host is an end, not a router, even where `ip_forward = 1`.
 //! - `vm` (`vm.rs`): a VMM holds the TAP queue. netd creates the TAP (persistent) if
 //!   missing, brings its kernel side up and moves frames through an AF_PACKET socket
 //!   bound to it (PACKET_IGNORE_OUTGOING so netd does not read back its own frames;

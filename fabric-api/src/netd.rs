@@ -86,6 +86,8 @@ pub enum Request {
         /// Network.
         net: String,
     },
+    /// The control server's own counters ([`ControlStats`]).
+    ControlStats,
 }
 
 /// A control response.
@@ -181,6 +183,19 @@ pub struct DhcpStats {
     pub malformed: u64,
     /// Clients refused because the tables were at their bound.
     pub refused_full: u64,
+}
+
+/// The control server's counters, as `control_stats` reports them (`netd control`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlStats {
+    /// Connections open now (this one included).
+    pub connections: usize,
+    /// The bound on open connections (`control_max_connections`).
+    pub max_connections: usize,
+    /// Connections refused because that many were open.
+    pub refused_full: u64,
+    /// Connections closed after `control_idle_timeout` seconds without a request.
+    pub closed_idle: u64,
 }
 
 /// Port kind.

@@ -32,6 +32,14 @@ pub struct Config {
     pub control: PathBuf,
     /// Where state (DHCP leases) is kept.
     pub state_dir: PathBuf,
+    /// The group that may use the control socket (mode 0660, owner root): a group
+    /// name or a numeric gid. Default `root` (gid 0).
+    pub control_group: Option<String>,
+    /// Most control connections open at once; more are refused. Default 64.
+    pub control_max_connections: Option<usize>,
+    /// Seconds a control connection may wait between requests before it is
+    /// closed. Default 60.
+    pub control_idle_timeout: Option<u64>,
     /// The networks.
     #[serde(default)]
     pub network: Vec<NetworkConfig>,
@@ -252,7 +260,49 @@ fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
     Some((a, p))
 }
 
+/// Validated settings of the control socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlSpec {
+    /// Where it listens.
+    pub path: PathBuf,
+    /// Its group (mode 0660, owner root).
+    pub gid: u32,
+    /// Most connections at once.
+    pub max_connections: usize,
+    /// Longest wait for the next request.
+    pub idle_timeout: std::time::Duration,
+}
+
 impl Config {
+    /// Checks the control socket's settings; `path` names the file in errors.
+    pub fn control_spec(&self, path: &Path) -> Result<ControlSpec, ConfigError> {
+        let p = path.display().to_string();
+        let ctx = Ctx { path: &p };
+        let gid = match self.control_group.as_deref() {
+            None => 0,
+            Some(g) => crate::sys::group_gid(g).ok_or_else(|| {
+                ctx.err(
+                    "control_group",
+                    format!("an existing group name or a numeric gid ({g:?} is neither)"),
+                )
+            })?,
+        };
+        let max_connections = self.control_max_connections.unwrap_or(64);
+        if !(1..=4096).contains(&max_connections) {
+            return Err(ctx.err("control_max_connections", "between 1 and 4096"));
+        }
+        let idle = self.control_idle_timeout.unwrap_or(60);
+        if !(1..=86_400).contains(&idle) {
+            return Err(ctx.err("control_idle_timeout", "between 1 and 86400 seconds"));
+        }
+        Ok(ControlSpec {
+            path: self.control.clone(),
+            gid,
+            max_connections,
+            idle_timeout: std::time::Duration::from_secs(idle),
+        })
+    }
+
     /// Reads and parses `path` (not yet validated).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         Ok(toml_file::read(path)?)
@@ -784,6 +834,33 @@ mod tests {
         // A port named after an uplink listed earlier is refused too.
         let e = cfg_err("[[network]]\nname='b'\nmode='bridged'\nuplink='eth9'\n[[network]]\nname='a'\nmode='internal'\n[[network.port]]\nkind='vm'\nifname='eth9'\n");
         assert!(e.contains("network[1].port[0].ifname"), "{e}");
+    }
+
+    #[test]
+    fn control_settings_are_checked_naming_the_key() {
+        let c = |extra: &str| {
+            Config::parse(
+                &format!("control='/c'\nstate_dir='/s'\n{extra}"),
+                Path::new("t.toml"),
+            )
+            .unwrap()
+            .control_spec(Path::new("t.toml"))
+        };
+        let d = c("").unwrap();
+        assert_eq!(
+            (d.gid, d.max_connections, d.idle_timeout.as_secs()),
+            (0, 64, 60)
+        );
+        assert_eq!(c("control_group='root'").unwrap().gid, 0);
+        assert_eq!(c("control_group='4242'").unwrap().gid, 4242);
+        let e = c("control_group='no-such-group-here'")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("t.toml") && e.contains("control_group"), "{e}");
+        let e = c("control_max_connections=0").unwrap_err().to_string();
+        assert!(e.contains("control_max_connections"), "{e}");
+        let e = c("control_idle_timeout=0").unwrap_err().to_string();
+        assert!(e.contains("control_idle_timeout"), "{e}");
     }
 
     #[test]

@@ -10,19 +10,20 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 
-use fabric_api::netd::{DhcpStats, Request, Response};
+use fabric_api::netd::{ControlStats, DhcpStats, Request, Response};
 use fabric_api::MAX_REQUEST;
 use fabric_util::{error_chain, MacAddr};
 
-use crate::config::{Mode, NetworkSpec, PortSpec};
+use crate::config::{ControlSpec, Mode, NetworkSpec, PortSpec};
 use crate::dhcp::{DhcpServer, LeaseDb, LeaseError};
-use crate::port::{self as ports, PortError, RunningPort};
+use crate::port::{self as ports, PortError, RunningPort, SocketId};
 use crate::switch::{Network, SwitchError};
 
 /// Daemon errors.
@@ -120,6 +121,16 @@ impl NetState {
 /// The daemon's state.
 pub struct Daemon {
     nets: Mutex<BTreeMap<String, NetState>>,
+    control: ControlCounters,
+}
+
+/// The control server's counters (see [`ControlStats`]).
+#[derive(Default)]
+struct ControlCounters {
+    open: AtomicUsize,
+    max: AtomicUsize,
+    refused_full: AtomicU64,
+    closed_idle: AtomicU64,
 }
 
 pub use fabric_api::netd::NetInfo;
@@ -149,6 +160,7 @@ impl Daemon {
             .map_err(|e| DaemonError::StateDir(state_dir.to_path_buf(), e))?;
         let d = Arc::new(Daemon {
             nets: Mutex::new(BTreeMap::new()),
+            control: ControlCounters::default(),
         });
         for spec in specs {
             let st = match Self::start_network(spec, state_dir) {
@@ -463,6 +475,16 @@ impl Daemon {
                     .unwrap_or_default();
                 j(serde_json::to_value(leases))
             }),
+            Request::ControlStats => {
+                let c = &self.control;
+                let stats = ControlStats {
+                    connections: c.open.load(Ordering::Relaxed),
+                    max_connections: c.max.load(Ordering::Relaxed),
+                    refused_full: c.refused_full.load(Ordering::Relaxed),
+                    closed_idle: c.closed_idle.load(Ordering::Relaxed),
+                };
+                Ok(j(serde_json::to_value(stats)))
+            }
             Request::DhcpStats { net } => {
                 let dhcp = self
                     .with_net(&net, |st| st.dhcp.clone())?
@@ -492,43 +514,133 @@ fn stop_network(st: NetState) {
     let _ = st.net.remove_port("nat");
 }
 
+/// Binds the control socket at `spec.path` with mode 0660 and group `spec.gid`
+/// (owner: netd's user). It is bound under a temporary name in the same directory,
+/// given its mode and group, and only then renamed into place, so it is never
+/// reachable with the umask's mode. What is at the path already must be a stale
+/// socket of netd's user (nobody listening); anything else is refused and kept.
+fn bind_control(
+    spec: &ControlSpec,
+) -> std::io::Result<(std::os::unix::net::UnixListener, SocketId)> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = &spec.path;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    ports::claim_socket_path(path)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = std::os::unix::net::UnixListener::bind(&tmp)?;
+    let placed = (|| {
+        std::os::unix::fs::chown(&tmp, None, Some(spec.gid))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o660))?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let id =
+        ports::socket_id(path).ok_or_else(|| std::io::Error::other("control socket vanished"))?;
+    listener.set_nonblocking(true)?;
+    Ok((listener, id))
+}
+
 /// Serves the control socket until `shutdown` resolves.
+///
+/// Bounded: at most `spec.max_connections` connections at once (one more is told
+/// so and closed, counted `refused_full`); a connection that sends no request for
+/// `spec.idle_timeout` is closed (`closed_idle`). Each connection's peer
+/// credentials (SO_PEERCRED: pid, uid, gid) are logged.
 pub async fn serve_control(
     daemon: Arc<Daemon>,
-    path: PathBuf,
+    spec: ControlSpec,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), DaemonError> {
-    if let Some(dir) = path.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path).map_err(|e| DaemonError::Control(path.clone(), e))?;
+    let path = spec.path.clone();
+    let (std_listener, id) =
+        bind_control(&spec).map_err(|e| DaemonError::Control(path.clone(), e))?;
+    let listener =
+        UnixListener::from_std(std_listener).map_err(|e| DaemonError::Control(path.clone(), e))?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(spec.max_connections));
+    daemon
+        .control
+        .max
+        .store(spec.max_connections, Ordering::Relaxed);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             acc = listener.accept() => match acc {
                 Ok((stream, _)) => {
+                    let cred = stream.peer_cred().ok();
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        daemon.control.refused_full.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(peer = ?cred, max = spec.max_connections, "control connection refused: too many open");
+                        tokio::spawn(refuse_conn(stream, spec.max_connections));
+                        continue;
+                    };
+                    tracing::info!(
+                        pid = ?cred.as_ref().and_then(|c| c.pid()),
+                        uid = cred.as_ref().map(|c| c.uid()),
+                        gid = cred.as_ref().map(|c| c.gid()),
+                        "control connection"
+                    );
                     let d = daemon.clone();
-                    tokio::spawn(async move { serve_conn(d, stream).await });
+                    let idle = spec.idle_timeout;
+                    tokio::spawn(async move {
+                        d.control.open.fetch_add(1, Ordering::Relaxed);
+                        serve_conn(&d, stream, idle).await;
+                        d.control.open.fetch_sub(1, Ordering::Relaxed);
+                        drop(slot);
+                    });
                 }
                 Err(e) => tracing::warn!(error = %e, "control accept failed"),
             }
         }
     }
-    let _ = std::fs::remove_file(&path);
+    if ports::socket_id(&path) == Some(id) {
+        let _ = std::fs::remove_file(&path);
+    }
     Ok(())
 }
 
-async fn serve_conn(d: Arc<Daemon>, stream: tokio::net::UnixStream) {
+/// Tells a connection over the cap why it is closed (without waiting on it long).
+async fn refuse_conn(mut stream: tokio::net::UnixStream, max: usize) {
+    let resp = Response::fail(format!(
+        "too many control connections (at most {max} at once); try again"
+    ));
+    let out = fabric_api::encode_line(&resp, b"{\"ok\":false}");
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
+}
+
+async fn serve_conn(d: &Arc<Daemon>, stream: tokio::net::UnixStream, idle: Duration) {
     let (r, mut w) = stream.into_split();
     let mut lines = BufReader::new(r.take(MAX_REQUEST as u64 * 16));
     let mut line = String::new();
     loop {
         line.clear();
-        match lines.read_line(&mut line).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
+        match tokio::time::timeout(idle, lines.read_line(&mut line)).await {
+            Err(_) => {
+                d.control.closed_idle.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    idle_secs = idle.as_secs(),
+                    "control connection idle; closed"
+                );
+                let resp = Response::fail(format!(
+                    "no request for {} s; connection closed",
+                    idle.as_secs()
+                ));
+                let out = fabric_api::encode_line(&resp, b"{\"ok\":false}");
+                let _ = tokio::time::timeout(Duration::from_secs(1), w.write_all(&out)).await;
+                return;
+            }
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(_)) => {}
         }
         let resp = match fabric_api::decode_request::<Request>(line.as_bytes()) {
             Err(e) => Response::fail(e),
@@ -545,5 +657,102 @@ async fn serve_conn(d: Arc<Daemon>, stream: tokio::net::UnixStream) {
         if w.write_all(&out).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, Write};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    /// Regression (issue 11, item 12): the control socket's mode was the umask's,
+    /// with no bound on connections and no idle timeout.
+    #[test]
+    fn the_control_socket_is_0660_bounded_and_closes_idle_connections() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        // SAFETY: getegid(2) has no arguments and cannot fail.
+        let gid = unsafe { libc::getegid() };
+        let spec = ControlSpec {
+            path: path.clone(),
+            gid,
+            max_connections: 2,
+            idle_timeout: Duration::from_secs(1),
+        };
+        let d = rt.block_on(async { Daemon::start(vec![], &dir.path().join("state")).unwrap() });
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = rt.spawn(serve_control(d.clone(), spec, async {
+            let _ = stop_rx.await;
+        }));
+        let ok = (0..200).any(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            path.exists()
+        });
+        assert!(ok, "control socket bound");
+        let md = std::fs::symlink_metadata(&path).unwrap();
+        assert_eq!(md.permissions().mode() & 0o777, 0o660);
+        assert_eq!(md.gid(), gid);
+
+        let call = |c: &mut std::os::unix::net::UnixStream, line: &str| -> String {
+            c.write_all(line.as_bytes()).unwrap();
+            let mut r = std::io::BufReader::new(c.try_clone().unwrap());
+            let mut out = String::new();
+            r.read_line(&mut out).unwrap();
+            out
+        };
+        let connect = || {
+            let c = std::os::unix::net::UnixStream::connect(&path).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            c
+        };
+        let mut a = connect();
+        let mut b = connect();
+        assert!(call(&mut a, "{\"cmd\":\"net_list\"}\n").contains("\"ok\":true"));
+        assert!(call(&mut b, "{\"cmd\":\"net_list\"}\n").contains("\"ok\":true"));
+        // A third is told and closed, and counted.
+        let mut c = connect();
+        let mut r = std::io::BufReader::new(c.try_clone().unwrap());
+        let mut out = String::new();
+        r.read_line(&mut out).unwrap();
+        assert!(out.contains("too many control connections"), "{out}");
+        let _ = c.write_all(b"{\"cmd\":\"net_list\"}\n");
+        // The two still work; after a second of silence they are closed.
+        assert!(call(&mut a, "{\"cmd\":\"control_stats\"}\n").contains("\"refused_full\":1"));
+        std::thread::sleep(Duration::from_millis(1500));
+        let mut out = String::new();
+        let mut r = std::io::BufReader::new(b.try_clone().unwrap());
+        r.read_line(&mut out).unwrap();
+        assert!(out.contains("no request for 1 s"), "{out}");
+        out.clear();
+        assert_eq!(r.read_line(&mut out).unwrap(), 0, "closed");
+        // A new connection is served, and the counters say what happened.
+        let mut e = connect();
+        let stats = call(&mut e, "{\"cmd\":\"control_stats\"}\n");
+        assert!(stats.contains("\"closed_idle\":2"), "{stats}");
+        assert!(stats.contains("\"connections\":1"), "{stats}");
+        let _ = stop_tx.send(());
+        rt.block_on(server).unwrap().unwrap();
+        assert!(!path.exists(), "socket removed on exit");
+    }
+
+    #[test]
+    fn the_control_path_is_never_taken_from_somebody_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        std::fs::write(&path, b"precious").unwrap();
+        let spec = ControlSpec {
+            path: path.clone(),
+            gid: 0,
+            max_connections: 1,
+            idle_timeout: Duration::from_secs(1),
+        };
+        assert!(bind_control(&spec).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
     }
 }

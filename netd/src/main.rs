@@ -66,6 +66,9 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ForwardCmd,
     },
+    /// The control server's counters: connections open and their bound,
+    /// refused_full (over the bound), closed_idle (closed after the idle timeout).
+    Control,
     /// The NAT flows of a network (and, with --stats, the router's counters).
     Flows {
         /// Network.
@@ -198,6 +201,7 @@ enum PortCmd {
 fn serve(config: PathBuf) -> Result<()> {
     let cfg = Config::load(&config)?;
     let specs = cfg.validate(&config)?;
+    let control_spec = cfg.control_spec(&config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -213,9 +217,8 @@ fn serve(config: PathBuf) -> Result<()> {
                 _ = tokio::signal::ctrl_c() => {},
             }
         };
-        let control = cfg.control.clone();
         let d2 = daemon.clone();
-        let server = tokio::spawn(netd::daemon::serve_control(d2, control, shutdown));
+        let server = tokio::spawn(netd::daemon::serve_control(d2, control_spec, shutdown));
         // Give the listener a moment to bind before announcing readiness.
         tokio::task::yield_now().await;
         let mut waited = 0;
@@ -332,6 +335,7 @@ fn main() -> ExitCode {
         Cmd::Forward { cmd } => forward_cmd(&out, cmd),
         Cmd::Flows { net, stats: false } => out.show(Request::Flows { net }, cli::flows),
         Cmd::Flows { net, stats: true } => out.show(Request::NatStats { net }, cli::counters),
+        Cmd::Control => out.show(Request::ControlStats, cli::counters),
     };
     finish(r)
 }

@@ -89,6 +89,32 @@ pub fn if_forwarding_off(ifname: &str) -> io::Result<bool> {
         && off(format!("/proc/sys/net/ipv6/conf/{ifname}/forwarding"))?)
 }
 
+/// The gid of group `name` (through the C library, so NSS groups count too), or
+/// `name` itself when it is a number. None when there is no such group.
+pub fn group_gid(name: &str) -> Option<u32> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Some(gid);
+    }
+    let cname = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: `struct group` is plain old data; all-zero is a valid value.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer refers to live memory of the size passed (`cname` is
+    // NUL-terminated, `buf` is `buf.len()` bytes); the call writes only into `grp`,
+    // `buf` and `result`, and we read `grp.gr_gid` only when `result` is non-null.
+    let r = unsafe {
+        libc::getgrnam_r(
+            cname.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    (r == 0 && !result.is_null()).then_some(grp.gr_gid)
+}
+
 /// `SIOCETHTOOL`.
 const SIOCETHTOOL: libc::c_ulong = 0x8946;
 /// `ETHTOOL_GDRVINFO`.

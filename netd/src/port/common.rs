@@ -56,10 +56,10 @@ pub(super) enum Cleanup {
 }
 
 /// Device and inode of a socket file netd bound.
-pub(super) type SocketId = (u64, u64);
+pub type SocketId = (u64, u64);
 
 /// The [`SocketId`] of what is at `path` now, if it is a socket.
-pub(super) fn socket_id(path: &std::path::Path) -> Option<SocketId> {
+pub fn socket_id(path: &std::path::Path) -> Option<SocketId> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let md = std::fs::symlink_metadata(path).ok()?;
     md.file_type().is_socket().then(|| (md.dev(), md.ino()))

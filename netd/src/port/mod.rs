@@ -70,8 +70,9 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use self::common::RunningPort;
+pub use self::common::{socket_id, RunningPort, SocketId};
 pub use self::inline::{InlineReader, SharedFd, StopFd, INLINE_READ_MAX};
+pub use self::stream::claim_socket_path;
 pub use self::tap::start_host_port;
 pub use self::uplink::start_uplink;
 use crate::config::{PortKind, PortSpec};

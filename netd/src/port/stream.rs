@@ -135,8 +135,8 @@ fn path_refused(why: String) -> io::Error {
 
 /// Makes `path` free for netd to bind, or refuses (see the module doc): nothing
 /// there; or a stale socket of netd's own user, which is removed. Anything else is
-/// left exactly as it is.
-fn claim_path(path: &Path) -> io::Result<()> {
+/// left exactly as it is. (The control socket is claimed the same way.)
+pub fn claim_socket_path(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let md = match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -182,7 +182,7 @@ pub(super) fn start_stream_port(
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(listen_err)?;
     }
-    claim_path(&path).map_err(listen_err)?;
+    claim_socket_path(&path).map_err(listen_err)?;
     let listener = UnixListener::bind(&path).map_err(listen_err)?;
     let id = socket_id(&path).ok_or_else(|| listen_err(io::ErrorKind::NotFound.into()))?;
     listener.set_nonblocking(true).map_err(listen_err)?;

@@ -609,13 +609,22 @@ pub async fn serve_control(
     Ok(())
 }
 
-/// Tells a connection over the cap why it is closed (without waiting on it long).
+/// Tells a connection over the cap why it is closed, reading (for at most a
+/// second) the request it sends meanwhile, so that the client gets the answer
+/// rather than a broken pipe.
 async fn refuse_conn(mut stream: tokio::net::UnixStream, max: usize) {
     let resp = Response::fail(format!(
         "too many control connections (at most {max} at once); try again"
     ));
     let out = fabric_api::encode_line(&resp, b"{\"ok\":false}");
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(&out).await?;
+        let mut line = String::new();
+        BufReader::new((&mut stream).take(MAX_REQUEST as u64))
+            .read_line(&mut line)
+            .await
+    })
+    .await;
 }
 
 async fn serve_conn(d: &Arc<Daemon>, stream: tokio::net::UnixStream, idle: Duration) {

@@ -243,7 +243,8 @@ impl Daemon {
         if let Some(cfg) = &spec.nat {
             let mut cfg = cfg.clone();
             cfg.mac = service_mac(&spec.name, 2);
-            // Bound the router's queue in bytes, not only frames: ~6 MiB of full frames.
+            // The router's queue: ~6 MiB of MTU-sized frames, and at most
+            // SERVICE_QUEUE_BYTES whatever the frames (TCP super-frames included).
             let cap = (4096 * 1500 / cfg.mtu.max(1500)).max(128);
             let (sw_in, from_switch) = match net.attach_service_direct("nat", cap, true) {
                 Ok(p) => p,

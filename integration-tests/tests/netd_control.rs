@@ -237,7 +237,7 @@ fn cli_prints_tables_by_default_and_json_on_request() -> Result<()> {
             .lines()
             .next()
             .unwrap_or_default()
-            .ends_with("MALFORMED  TOO-BIG  FULL  DOWN  IO  HAIRPIN  OFFLOAD"),
+            .ends_with("MALFORMED  TOO-BIG  FULL  DOWN  IO  HAIRPIN  OFFLOAD  GSO"),
         "{by_reason}"
     );
     let json = netd.cli_json(&["port", "list", "lan"])?;

@@ -330,7 +330,7 @@ fn the_control_socket_is_0660_capped_and_closes_idle_connections() -> Result<()>
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let dir = root_tempdir();
     let keys =
-        "control_group = \"daemon\"\ncontrol_max_connections = 3\ncontrol_idle_timeout = 2\n";
+        "control_group = \"daemon\"\ncontrol_max_connections = 3\ncontrol_idle_timeout = 4\n";
     let (_host, netd) = start_netd(
         dir.path(),
         "abj",
@@ -341,19 +341,25 @@ fn the_control_socket_is_0660_capped_and_closes_idle_connections() -> Result<()>
     assert_eq!(md.gid(), 1, "group daemon");
     assert_eq!(md.uid(), 0, "owner root");
 
-    // Three connections that send nothing fill the cap.
+    // Three connections that send nothing fill the cap (once netd has taken them:
+    // it logs each with its peer credentials).
+    let accepted = || netd.log().matches("control connection").count();
+    let before = accepted();
     let holders: Vec<UnixStream> = (0..3)
         .map(|_| UnixStream::connect(&netd.control))
         .collect::<std::io::Result<_>>()?;
-    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        wait_until(Duration::from_secs(3), || accepted() >= before + 3),
+        "holders accepted"
+    );
     let err = cli_fails(&netd, &["net", "list"]);
     assert!(err.contains("too many control connections"), "{err}");
     // After the idle timeout netd has closed them, and told them why.
     for mut h in holders {
-        h.set_read_timeout(Some(Duration::from_secs(5)))?;
+        h.set_read_timeout(Some(Duration::from_secs(8)))?;
         let mut s = String::new();
         h.read_to_string(&mut s)?;
-        assert!(s.contains("no request for 2 s"), "{s}");
+        assert!(s.contains("no request for 4 s"), "{s}");
     }
     let stats = netd.cli_json(&["control"])?;
     eprintln!("control: {stats}");
@@ -494,10 +500,14 @@ fn hostonly_guests_reach_nothing_past_a_forwarding_host() -> Result<()> {
 #[test]
 fn configs_that_overflow_or_share_an_interface_are_refused_naming_the_key() -> Result<()> {
     let dir = tempdir();
+    // Under `timeout`: a netd that took the config would serve on (and, as
+    // root, bridge); it must exit with status 1 instead.
     let serve_fails = |networks: &str| -> String {
         let cfg = write_config(dir.path(), networks);
         run_failing(
-            Command::new(bin("netd"))
+            Command::new("timeout")
+                .arg("10")
+                .arg(bin("netd"))
                 .args(["serve", "--config"])
                 .arg(&cfg),
             1,

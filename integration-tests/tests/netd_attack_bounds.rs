@@ -493,6 +493,23 @@ fn hostonly_guests_reach_nothing_past_a_forwarding_host() -> Result<()> {
     );
     assert!(ping(&vm, "172.16.171.1"), "and the host's other address");
     assert!(!ping(&vm, "172.16.171.2"), "but nothing past the host");
+    // Turning forwarding on for the whole host again (which sets it on every
+    // interface) does not last on the host TAP: netd turns it off again.
+    host.sh("echo 0 > /proc/sys/net/ipv4/ip_forward; echo 1 > /proc/sys/net/ipv4/ip_forward")?;
+    let off = || {
+        host.sh(&format!("cat /proc/sys/net/ipv4/conf/{hif}/forwarding"))
+            .map(|s| s.trim() == "0")
+            .unwrap_or(false)
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), off),
+        "forwarding off again"
+    );
+    assert!(!ping(&vm, "172.16.171.2"), "still nothing past the host");
+    assert!(
+        netd.log().contains("turned it off again"),
+        "and netd said so"
+    );
     assert!(netd.stop());
     Ok(())
 }

@@ -6,7 +6,8 @@
 //! the DHCP service. Control requests change that state at runtime under one
 //! mutex (port setup may block briefly: it runs on a blocking thread). On shutdown
 //! every port is stopped and the TAPs netd created are removed (unless marked
-//! persistent); TAPs that existed before netd started are left alone.
+//! persistent); TAPs that existed before netd started are left alone. A hostonly
+//! network's host TAP has forwarding off, and a task keeps it off.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -85,6 +86,8 @@ struct NetState {
     spec: NetworkSpec,
     net: Arc<Network>,
     host: Option<RunningPort>,
+    /// Keeps forwarding off on the hostonly host TAP (see [`guard_forwarding`]).
+    forwarding_guard: Option<tokio::task::JoinHandle<()>>,
     ports: Vec<RunningPort>,
     dhcp: Option<Arc<Mutex<DhcpServer>>>,
     nat: Option<crate::nat::RouterHandle>,
@@ -190,6 +193,7 @@ impl Daemon {
             spec: spec.clone(),
             net: net.clone(),
             host: None,
+            forwarding_guard: None,
             ports: Vec::new(),
             dhcp: None,
             nat: None,
@@ -201,7 +205,10 @@ impl Daemon {
         };
         if let (Some(h), Some(v4)) = (&spec.host_ifname, &spec.ipv4) {
             match ports::start_host_port(&net, h, v4.gateway, v4.mask()) {
-                Ok(p) => st.host = Some(p),
+                Ok(p) => {
+                    st.host = Some(p);
+                    st.forwarding_guard = Some(guard_forwarding(h.clone()));
+                }
                 Err(source) => {
                     return fail(
                         st,
@@ -502,9 +509,32 @@ impl Daemon {
     }
 }
 
+/// How often the hostonly host TAP's forwarding setting is checked.
+const FORWARDING_CHECK: Duration = Duration::from_secs(1);
+
+/// Keeps IPv4 and IPv6 forwarding off on the hostonly host TAP `ifname`: a write
+/// to the global `net.ipv4.ip_forward` (or `conf/all/forwarding`) after netd set it
+/// turns every interface's forwarding back on, so it is checked every
+/// [`FORWARDING_CHECK`] and turned off again (logged as a warning).
+fn guard_forwarding(ifname: String) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(FORWARDING_CHECK);
+        loop {
+            tick.tick().await;
+            if let Ok(false) = crate::sys::if_forwarding_off(&ifname) {
+                let r = crate::sys::if_disable_forwarding(&ifname);
+                tracing::warn!(ifname = %ifname, ok = r.is_ok(), "forwarding was turned on for the hostonly host TAP; turned it off again");
+            }
+        }
+    })
+}
+
 fn stop_network(st: NetState) {
     for p in st.ports {
         p.shutdown();
+    }
+    if let Some(g) = st.forwarding_guard {
+        g.abort();
     }
     if let Some(h) = st.host {
         h.shutdown();

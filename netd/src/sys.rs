@@ -64,7 +64,7 @@ pub fn if_disable_ipv6(ifname: &str) {
 /// skipped when the kernel has none for the interface (no conf directory).
 ///
 /// Caveat: a later write to the global `net.ipv4.ip_forward` (or `conf/all`) sets
-/// every interface's value again (netd sets it when the interface comes up).
+/// every interface's value again (the daemon checks and sets it again).
 pub fn if_disable_forwarding(ifname: &str) -> io::Result<()> {
     check_ifname(ifname)?;
     std::fs::write(format!("/proc/sys/net/ipv4/conf/{ifname}/forwarding"), "0")?;

@@ -33,7 +33,8 @@ pub struct Config {
     /// Where state (DHCP leases) is kept.
     pub state_dir: PathBuf,
     /// The group that may use the control socket (mode 0660, owner root): a group
-    /// name or a numeric gid. Default `root` (gid 0).
+    /// name or a numeric gid. Default `root` (gid 0; netd's own group when netd does
+    /// not run as root).
     pub control_group: Option<String>,
     /// Most control connections open at once; more are refused. Default 64.
     pub control_max_connections: Option<usize>,
@@ -279,7 +280,12 @@ impl Config {
         let p = path.display().to_string();
         let ctx = Ctx { path: &p };
         let gid = match self.control_group.as_deref() {
-            None => 0,
+            // root's group; a netd not run as root (which cannot give the socket to
+            // root's group) keeps its own.
+            None => match crate::sys::effective_ids() {
+                (0, _) => 0,
+                (_, gid) => gid,
+            },
             Some(g) => crate::sys::group_gid(g).ok_or_else(|| {
                 ctx.err(
                     "control_group",
@@ -847,9 +853,13 @@ mod tests {
             .control_spec(Path::new("t.toml"))
         };
         let d = c("").unwrap();
+        let default_gid = match crate::sys::effective_ids() {
+            (0, _) => 0,
+            (_, gid) => gid,
+        };
         assert_eq!(
             (d.gid, d.max_connections, d.idle_timeout.as_secs()),
-            (0, 64, 60)
+            (default_gid, 64, 60)
         );
         assert_eq!(c("control_group='root'").unwrap().gid, 0);
         assert_eq!(c("control_group='4242'").unwrap().gid, 4242);

@@ -717,8 +717,7 @@ mod tests {
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("control.sock");
-        // SAFETY: getegid(2) has no arguments and cannot fail.
-        let gid = unsafe { libc::getegid() };
+        let (_, gid) = crate::sys::effective_ids();
         let spec = ControlSpec {
             path: path.clone(),
             gid,

@@ -115,6 +115,12 @@ pub fn group_gid(name: &str) -> Option<u32> {
     (r == 0 && !result.is_null()).then_some(grp.gr_gid)
 }
 
+/// netd's effective uid and gid.
+pub fn effective_ids() -> (u32, u32) {
+    // SAFETY: geteuid(2) and getegid(2) take no arguments and cannot fail.
+    unsafe { (libc::geteuid(), libc::getegid()) }
+}
+
 /// `SIOCETHTOOL`.
 const SIOCETHTOOL: libc::c_ulong = 0x8946;
 /// `ETHTOOL_GDRVINFO`.

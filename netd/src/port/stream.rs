@@ -148,8 +148,7 @@ pub fn claim_socket_path(path: &Path) -> io::Result<()> {
             path.display()
         )));
     }
-    // SAFETY: geteuid(2) has no arguments and cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let (euid, _) = sys::effective_ids();
     if md.uid() != euid {
         return Err(path_refused(format!(
             "{} is a socket of uid {}, not netd's; netd does not replace it",

@@ -86,6 +86,8 @@ pub enum Request {
         /// Network.
         net: String,
     },
+    /// The control server's own counters ([`ControlStats`]).
+    ControlStats,
     /// A NAT network's outbound policy: `host_loopback` and the allow / deny lists.
     OutboundList {
         /// Network.
@@ -249,6 +251,19 @@ pub struct DhcpStats {
     /// Lease file writes (each commits every lease change queued before it).
     #[serde(default)]
     pub commits: u64,
+}
+
+/// The control server's counters, as `control_stats` reports them (`netd control`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlStats {
+    /// Connections open now (this one included).
+    pub connections: usize,
+    /// The bound on open connections (`control_max_connections`).
+    pub max_connections: usize,
+    /// Connections refused because that many were open.
+    pub refused_full: u64,
+    /// Connections closed after `control_idle_timeout` seconds without a request.
+    pub closed_idle: u64,
 }
 
 /// Port kind.

@@ -66,6 +66,9 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ForwardCmd,
     },
+    /// The control server's counters: connections open and their bound,
+    /// refused_full (over the bound), closed_idle (closed after the idle timeout).
+    Control,
     /// The NAT flows of a network (and, with --stats, the router's counters).
     Flows {
         /// Network.
@@ -304,6 +307,7 @@ fn serve(config: PathBuf) -> Result<()> {
         }
         Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
     }
+    let control_spec = cfg.control_spec(&config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -319,9 +323,8 @@ fn serve(config: PathBuf) -> Result<()> {
                 _ = tokio::signal::ctrl_c() => {},
             }
         };
-        let control = cfg.control.clone();
         let d2 = daemon.clone();
-        let server = tokio::spawn(netd::daemon::serve_control(d2, control, shutdown));
+        let server = tokio::spawn(netd::daemon::serve_control(d2, control_spec, shutdown));
         // Give the listener a moment to bind before announcing readiness.
         tokio::task::yield_now().await;
         let mut waited = 0;
@@ -446,6 +449,7 @@ fn main() -> ExitCode {
         Cmd::Flows { net, stats: false } => out.show(Request::Flows { net }, cli::flows),
         Cmd::Flows { net, stats: true } => out.show(Request::NatStats { net }, cli::counters),
         Cmd::Outbound { net, cmd } => outbound_cmd(&out, net, cmd),
+        Cmd::Control => out.show(Request::ControlStats, cli::counters),
     };
     finish(r)
 }

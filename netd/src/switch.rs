@@ -41,6 +41,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use crate::budget::ByteBudget;
 use crate::offload::{finish, segment_payload_len, VnetHdr, VNET_HDR_LEN};
 
 mod fdb;
@@ -209,6 +210,10 @@ pub struct Counters {
     pub drop_spoofed_dhcp: AtomicU64,
     /// Dropped on ingress: a new source MAC on a port at `max_macs_per_port`.
     pub drop_mac_limit: AtomicU64,
+    /// Dropped on ingress: a TCP super-frame asking for too much work (segment size
+    /// below [`crate::offload::MIN_GSO_SIZE`] or more than
+    /// [`crate::offload::MAX_GSO_SEGS`] segments).
+    pub drop_gso: AtomicU64,
 }
 
 /// A snapshot of [`Counters`], as the control API shows it.
@@ -254,6 +259,9 @@ pub struct CountersSnapshot {
     /// See [`Counters`].
     #[serde(default)]
     pub drop_mac_limit: u64,
+    /// See [`Counters`].
+    #[serde(default)]
+    pub drop_gso: u64,
 }
 
 impl Counters {
@@ -278,6 +286,7 @@ impl Counters {
             drop_spoofed_arp: r(&self.drop_spoofed_arp),
             drop_spoofed_dhcp: r(&self.drop_spoofed_dhcp),
             drop_mac_limit: r(&self.drop_mac_limit),
+            drop_gso: r(&self.drop_gso),
         }
     }
 
@@ -461,24 +470,28 @@ impl SwitchIn {
     }
 }
 
+/// Most bytes waiting in the channel from the switch to one service, besides its
+/// bound in frames: a channel of 4096 frames would otherwise hold 4096 TCP
+/// super-frames of 64 KiB (see [`crate::budget`]).
+pub const SERVICE_QUEUE_BYTES: usize = 16 << 20;
+
 /// Channel transmit of a direct service that takes offloaded frames: each message
 /// is the virtio-net header followed by the frame.
-struct VnetChannelTx(mpsc::Sender<Bytes>);
+struct VnetChannelTx(mpsc::Sender<Bytes>, Arc<ByteBudget>);
 
 impl VnetTx for VnetChannelTx {
     fn send_with_hdr(&self, hdr: &[u8; VNET_HDR_LEN], frame: &[u8]) -> Result<(), TxError> {
-        let mut b = Vec::with_capacity(VNET_HDR_LEN + frame.len());
-        b.extend_from_slice(hdr);
-        b.extend_from_slice(frame);
-        channel_send(&self.0, Bytes::from(b))
+        let msg = self.1.charge(&[hdr, frame]).ok_or(TxError::Full)?;
+        channel_send(&self.0, msg)
     }
 }
 
-struct ChannelTx(mpsc::Sender<Bytes>);
+struct ChannelTx(mpsc::Sender<Bytes>, Arc<ByteBudget>);
 
 impl PortTx for ChannelTx {
     fn send(&self, frame: &[u8]) -> Result<(), TxError> {
-        channel_send(&self.0, Bytes::copy_from_slice(frame))
+        let msg = self.1.charge(&[frame]).ok_or(TxError::Full)?;
+        channel_send(&self.0, msg)
     }
 }
 
@@ -643,7 +656,14 @@ impl Network {
     ) -> Result<ServicePort, SwitchError> {
         let (to_service_tx, from_switch) = mpsc::channel(capacity.max(1));
         let (to_switch, mut from_service) = mpsc::channel::<Bytes>(capacity.max(1));
-        let port = self.add_port(name, PortClass::Service, Box::new(ChannelTx(to_service_tx)))?;
+        let port = self.add_port(
+            name,
+            PortClass::Service,
+            Box::new(ChannelTx(
+                to_service_tx,
+                ByteBudget::new(SERVICE_QUEUE_BYTES),
+            )),
+        )?;
         let net = self.clone();
         let id = port.id;
         std::thread::Builder::new()
@@ -675,9 +695,15 @@ impl Network {
     ) -> Result<(SwitchIn, mpsc::Receiver<Bytes>), SwitchError> {
         let (to_service_tx, from_switch) = mpsc::channel(capacity.max(1));
         let tx: Box<dyn PortTx> = if vnet {
-            Box::new(VnetChannelTx(to_service_tx))
+            Box::new(VnetChannelTx(
+                to_service_tx,
+                ByteBudget::new(SERVICE_QUEUE_BYTES),
+            ))
         } else {
-            Box::new(ChannelTx(to_service_tx))
+            Box::new(ChannelTx(
+                to_service_tx,
+                ByteBudget::new(SERVICE_QUEUE_BYTES),
+            ))
         };
         let port = self.add_port(name, PortClass::Service, tx)?;
         Ok((

@@ -270,6 +270,8 @@ impl ReopeningReader {
             match reopen() {
                 Ok(fd) => {
                     tracing::info!(port = %name, "port reopened");
+                    // A new device, a new MAC behind it: not a spoof of the old one.
+                    port.guard.release_learned();
                     *slot.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(fd));
                 }
                 Err(e) => tracing::debug!(port = %name, error = %e, "device not back yet"),

@@ -200,6 +200,8 @@ pub(super) fn start_stream_port(
             match listener.accept() {
                 Ok((stream, _)) => {
                     tracing::info!(port = %name, "stream peer connected");
+                    // A new peer is a new VM: its MAC is not a spoof of the last one's.
+                    port.guard.release_learned();
                     if let Err(e) = serve_stream(&n2, &port, stream, &conn, &s2, &mut buf) {
                         tracing::info!(port = %name, error = %e, "stream peer left");
                     }

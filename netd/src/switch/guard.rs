@@ -17,7 +17,9 @@
 //!   pinned service MAC or another port's configured MAC). A frame from any other
 //!   source MAC is dropped (`drop_spoofed_mac`). A learned lock is released once
 //!   the MAC has been silent for the network's `mac_ageing`, so a VM that comes
-//!   back with a new MAC works again.
+//!   back with a new MAC works again, and at once when the port's device is
+//!   replaced (a TAP recreated in a namespace that came back, a new peer on a
+//!   stream port): [`PortGuard::release_learned`].
 //! - **ARP**: the sender hardware address must be the locked MAC; the sender
 //!   address must be 0.0.0.0 (a probe) or one the port may use (`drop_spoofed_arp`).
 //! - **DHCP**: a message to port 67 must carry the locked MAC as `chaddr`
@@ -145,6 +147,15 @@ impl PortGuard {
         st.locked = Some((src, now));
         st.ip_ok = None;
         true
+    }
+
+    /// Forgets the learned lock (a configured MAC stays): the device behind the port
+    /// was replaced (a TAP recreated in a new namespace has a new MAC), so its first
+    /// source MAC is the guest's again rather than a spoof of the old one.
+    pub fn release_learned(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.locked = None;
+        st.ip_ok = None;
     }
 
     fn ip_cached(&self, ip: Ipv4Addr, now: Instant, gen: u64) -> bool {
@@ -487,9 +498,14 @@ mod tests {
             "A aged"
         );
         assert_eq!(g.locked_mac(), Some(B));
+        // A replaced device: the next MAC is the port's at once.
+        g.release_learned();
+        assert!(g.mac_ok(A, t0 + Duration::from_secs(21), age, || true));
         let c = PortGuard::new(true, Some(A));
         assert!(!c.mac_ok(B, t0, age, || true), "configured MAC only");
         assert!(c.mac_ok(A, t0, age, || false));
+        c.release_learned();
+        assert!(!c.mac_ok(B, t0, age, || true), "a configured MAC is kept");
     }
 
     #[test]

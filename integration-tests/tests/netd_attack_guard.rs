@@ -112,7 +112,10 @@ fn nat_guard_drops_spoofing_and_dhcp_abuse_while_an_honest_guest_works() -> Resu
     let net = network(
         "agnat",
         "nat",
-        &format!("resolv_conf = \"{}\"\n", resolv.display()),
+        &format!(
+            "resolv_conf = \"{}\"\nhost_loopback = true\n",
+            resolv.display()
+        ),
     ) + &hon.port("hon")
         + &format!("mac = \"{HONEST_MAC}\"\n")
         + &atk.port("atk");
@@ -183,8 +186,12 @@ fn nat_guard_drops_spoofing_and_dhcp_abuse_while_an_honest_guest_works() -> Resu
         "the honest MAC never moved to atk: {table}"
     );
 
-    // 2. IP sources that are not its lease; ARP claiming the gateway and the
-    //    honest guest's address.
+    // 2. IP sources that are not its lease; ARP claiming the gateway, the DNS
+    //    address and the honest guest's address.
+    let (ip0, arp0) = (
+        drops(&netd, "agnat", "atk", "drop_spoofed_ip"),
+        drops(&netd, "agnat", "atk", "drop_spoofed_arp"),
+    );
     scapy(
         &atk,
         dir.path(),
@@ -193,14 +200,15 @@ fn nat_guard_drops_spoofing_and_dhcp_abuse_while_an_honest_guest_works() -> Resu
             "sendp(Ether(src='{atk_mac}', dst='{router}') / IP(src='10.0.2.99', dst='10.0.2.2') / ICMP(), iface=IFACE, count=5)\n\
              sendp(Ether(src='{atk_mac}', dst='{router}') / IP(src='{hon_ip}', dst='10.0.2.2') / TCP(dport=80, flags='S'), iface=IFACE, count=5)\n\
              sendp(Ether(src='{atk_mac}', dst='ff:ff:ff:ff:ff:ff') / ARP(op=2, hwsrc='{atk_mac}', psrc='10.0.2.2', pdst='10.0.2.2'), iface=IFACE, count=5)\n\
+             sendp(Ether(src='{atk_mac}', dst='ff:ff:ff:ff:ff:ff') / ARP(op=1, hwsrc='{atk_mac}', psrc='10.0.2.3', pdst='10.0.2.2'), iface=IFACE, count=5)\n\
              sendp(Ether(src='{atk_mac}', dst='ff:ff:ff:ff:ff:ff') / ARP(op=2, hwsrc='{atk_mac}', psrc='{hon_ip}', pdst='{hon_ip}'), iface=IFACE, count=5)"
         ),
     )?;
     eventually(&netd, "agnat", "spoofed IPs counted", || {
-        drops(&netd, "agnat", "atk", "drop_spoofed_ip") >= 10
+        drops(&netd, "agnat", "atk", "drop_spoofed_ip") >= ip0 + 10
     });
     eventually(&netd, "agnat", "spoofed ARP counted", || {
-        drops(&netd, "agnat", "atk", "drop_spoofed_arp") >= 10
+        drops(&netd, "agnat", "atk", "drop_spoofed_arp") >= arp0 + 15
     });
 
     // 3. DHCP in the honest guest's name (dropped by the guard), RELEASE and DECLINE
@@ -409,6 +417,101 @@ fn internal_dhcp_guard_drops_spoofing_and_caps_an_unguarded_port() -> Result<()>
     assert!(
         ping_retry(&hon, &atk_ip, 3),
         "the attacker's own address still works"
+    );
+    assert!(netd.stop());
+    Ok(())
+}
+
+/// A guest with a static address (no DHCP) on a DHCP network is bound to the first
+/// address it uses: another guest sending from it, or claiming it by ARP, is
+/// dropped and counted; so are ARP claims of the gateway and the DHCP server; the
+/// bound guest cannot move to a second address while the first is live; once it
+/// has been silent for `mac_ageing` the address is free for the other guest.
+#[test]
+fn static_guest_is_bound_to_its_first_address_until_it_ages_out() -> Result<()> {
+    let dir = root_tempdir();
+    let [hon, st, thief] = TapHost::each(["agsh", "agss", "agst"])?;
+    let net = network(
+        "agstat",
+        "internal",
+        "subnet = \"10.78.0.0/24\"\ndhcp = true\ndhcp_server = \"10.78.0.2\"\nmac_ageing = 3\n",
+    ) + &hon.port("hon")
+        + &st.port("st")
+        + &thief.port("thief");
+    let (_host, netd) = start_netd(dir.path(), "ags", &net)?;
+    let hon_ip = dhcp(&hon, &hon.tap, dir.path())?;
+    // The static guest takes .50 (outside the DHCP range) and uses it: bound.
+    st.addr("10.78.0.50/24")?;
+    assert!(ping_retry(&st, &hon_ip, 3), "static guest works");
+    let thief_mac = mac_of(&thief, &thief.tap)?;
+    let server = "10.78.0.2";
+
+    // The thief takes the same address (its kernel and crafted frames), and claims
+    // the gateway's and the DHCP server's addresses by ARP.
+    thief.addr("10.78.0.50/24")?;
+    let (ip0, arp0) = (
+        drops(&netd, "agstat", "thief", "drop_spoofed_ip"),
+        drops(&netd, "agstat", "thief", "drop_spoofed_arp"),
+    );
+    assert!(
+        !ping(&thief, &hon_ip),
+        "the thief's ping from a bound address"
+    );
+    scapy(
+        &thief,
+        dir.path(),
+        &thief.tap,
+        &format!(
+            "sendp(Ether(src='{thief_mac}', dst='ff:ff:ff:ff:ff:ff') / IP(src='10.78.0.50', dst='{hon_ip}') / ICMP(), iface=IFACE, count=5)\n\
+             sendp(Ether(src='{thief_mac}', dst='ff:ff:ff:ff:ff:ff') / ARP(op=2, hwsrc='{thief_mac}', psrc='10.78.0.50', pdst='10.78.0.50'), iface=IFACE, count=5)\n\
+             sendp(Ether(src='{thief_mac}', dst='ff:ff:ff:ff:ff:ff') / ARP(op=2, hwsrc='{thief_mac}', psrc='10.78.0.1', pdst='10.78.0.1'), iface=IFACE, count=5)\n\
+             sendp(Ether(src='{thief_mac}', dst='ff:ff:ff:ff:ff:ff') / ARP(op=2, hwsrc='{thief_mac}', psrc='{server}', pdst='{server}'), iface=IFACE, count=5)"
+        ),
+    )?;
+    eventually(
+        &netd,
+        "agstat",
+        "the bound address from another MAC",
+        || drops(&netd, "agstat", "thief", "drop_spoofed_ip") >= ip0 + 5,
+    );
+    eventually(
+        &netd,
+        "agstat",
+        "ARP claims of bound and service addresses",
+        || drops(&netd, "agstat", "thief", "drop_spoofed_arp") >= arp0 + 15,
+    );
+    // The honest pair is untouched: hon still reaches the static guest at .50.
+    assert!(
+        ping_retry(&hon, "10.78.0.50", 3),
+        "hon reaches the bound guest"
+    );
+    let hon_mac = mac_of(&hon, &hon.tap)?;
+    let st_neigh = hon.sh(&format!("ip neigh show 10.78.0.50 dev {}", hon.tap))?;
+    assert!(
+        st_neigh.contains(&mac_of(&st, &st.tap)?),
+        "hon's ARP entry for .50 is the static guest's: {st_neigh} (hon {hon_mac})"
+    );
+
+    // The bound guest may not move to a second address while the first is live.
+    let st_ip0 = drops(&netd, "agstat", "st", "drop_spoofed_ip");
+    st.exec(&["ip", "addr", "add", "10.78.0.51/24", "dev", &st.tap])?;
+    assert!(!st
+        .command(&["ping", "-c", "1", "-W", "1", "-I", "10.78.0.51", &hon_ip])
+        .status()?
+        .success());
+    assert!(ping(&st, &hon_ip), "its first address still works");
+    eventually(&netd, "agstat", "a second static address", || {
+        drops(&netd, "agstat", "st", "drop_spoofed_ip") > st_ip0
+    });
+
+    // The static guest goes silent; after mac_ageing (3 s) its address is free.
+    st.exec(&["ip", "link", "set", "dev", &st.tap, "down"])?;
+    std::thread::sleep(Duration::from_secs(5));
+    hon.exec(&["ip", "neigh", "flush", "dev", &hon.tap])?;
+    assert!(
+        ping_retry(&thief, &hon_ip, 5),
+        "the aged-out address is the next guest's\n{}",
+        netd.cli(&["port", "list", "agstat", "--drops"])?
     );
     assert!(netd.stop());
     Ok(())

@@ -330,7 +330,7 @@ fn the_control_socket_is_0660_capped_and_closes_idle_connections() -> Result<()>
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let dir = root_tempdir();
     let keys =
-        "control_group = \"daemon\"\ncontrol_max_connections = 3\ncontrol_idle_timeout = 4\n";
+        "control_group = \"daemon\"\ncontrol_max_connections = 3\ncontrol_idle_timeout = 10\n";
     let (_host, netd) = start_netd(
         dir.path(),
         "abj",
@@ -356,10 +356,10 @@ fn the_control_socket_is_0660_capped_and_closes_idle_connections() -> Result<()>
     assert!(err.contains("too many control connections"), "{err}");
     // After the idle timeout netd has closed them, and told them why.
     for mut h in holders {
-        h.set_read_timeout(Some(Duration::from_secs(8)))?;
+        h.set_read_timeout(Some(Duration::from_secs(20)))?;
         let mut s = String::new();
         h.read_to_string(&mut s)?;
-        assert!(s.contains("no request for 4 s"), "{s}");
+        assert!(s.contains("no request for 10 s"), "{s}");
     }
     let stats = netd.cli_json(&["control"])?;
     eprintln!("control: {stats}");

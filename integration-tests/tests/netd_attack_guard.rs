@@ -87,7 +87,12 @@ fn dhcp_stat(netd: &Netd, net: &str, key: &str) -> u64 {
 
 /// Waits (up to 5 s) until `f` holds; panics with `what` and the port table if not.
 fn eventually(netd: &Netd, net: &str, what: &str, f: impl FnMut() -> bool) {
-    let ok = integration_tests::wait_until(Duration::from_secs(5), f);
+    eventually_for(Duration::from_secs(5), netd, net, what, f)
+}
+
+/// [`eventually`], waiting up to `limit`.
+fn eventually_for(limit: Duration, netd: &Netd, net: &str, what: &str, f: impl FnMut() -> bool) {
+    let ok = integration_tests::wait_until(limit, f);
     assert!(
         ok,
         "{what}\n{}",
@@ -271,8 +276,10 @@ fn nat_guard_drops_spoofing_and_dhcp_abuse_while_an_honest_guest_works() -> Resu
         ),
     )?;
     let mut flooder = atk.spawn(&["/usr/bin/python3", flood.to_str().unwrap()])?;
-    // Download once the flood is under way (the server is writing leases).
-    eventually(
+    // Download once the flood is under way (the server is writing leases); scapy
+    // takes a while to build 3000 frames on a loaded host.
+    eventually_for(
+        Duration::from_secs(60),
         &netd,
         "agnat",
         "the REQUEST flood reaches the server",
@@ -434,7 +441,7 @@ fn static_guest_is_bound_to_its_first_address_until_it_ages_out() -> Result<()> 
     let net = network(
         "agstat",
         "internal",
-        "subnet = \"10.78.0.0/24\"\ndhcp = true\ndhcp_server = \"10.78.0.2\"\nmac_ageing = 3\n",
+        "subnet = \"10.78.0.0/24\"\ndhcp = true\ndhcp_server = \"10.78.0.2\"\nmac_ageing = 5\n",
     ) + &hon.port("hon")
         + &st.port("st")
         + &thief.port("thief");
@@ -446,8 +453,10 @@ fn static_guest_is_bound_to_its_first_address_until_it_ages_out() -> Result<()> 
     let thief_mac = mac_of(&thief, &thief.tap)?;
     let server = "10.78.0.2";
 
-    // The thief takes the same address (its kernel and crafted frames), and claims
-    // the gateway's and the DHCP server's addresses by ARP.
+    // The static guest keeps using .50 (a binding is live while used) while the
+    // thief takes the same address (its kernel and crafted frames), and claims the
+    // gateway's and the DHCP server's addresses by ARP.
+    let keepalive = st.spawn(&["ping", "-q", "-i", "0.2", &hon_ip])?;
     thief.addr("10.78.0.50/24")?;
     let (ip0, arp0) = (
         drops(&netd, "agstat", "thief", "drop_spoofed_ip"),
@@ -504,9 +513,10 @@ fn static_guest_is_bound_to_its_first_address_until_it_ages_out() -> Result<()> 
         drops(&netd, "agstat", "st", "drop_spoofed_ip") > st_ip0
     });
 
-    // The static guest goes silent; after mac_ageing (3 s) its address is free.
+    // The static guest goes silent; after mac_ageing (5 s) its address is free.
+    drop(keepalive);
     st.exec(&["ip", "link", "set", "dev", &st.tap, "down"])?;
-    std::thread::sleep(Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(7));
     hon.exec(&["ip", "neigh", "flush", "dev", &hon.tap])?;
     assert!(
         ping_retry(&thief, &hon_ip, 5),

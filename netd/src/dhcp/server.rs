@@ -1160,21 +1160,9 @@ mod tests {
         server: DhcpServer,
         f: impl AsyncFnOnce(mpsc::Sender<Bytes>, mpsc::Receiver<Bytes>, Arc<Mutex<DhcpServer>>) -> T,
     ) -> T {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let server = Arc::new(Mutex::new(server));
-        rt.block_on(async move {
-            let (to_service, from_switch) = mpsc::channel(64);
-            let (to_switch, replies) = mpsc::channel(64);
-            let port = crate::switch::ServicePort {
-                to_switch,
-                from_switch,
-            };
-            tokio::spawn(run(server.clone(), port, None));
-            f(to_service, replies, server).await
-        })
+        // What `run` saves with: the server's own lease file.
+        let save = file_saver(server.db.path().map(|p| p.to_path_buf()));
+        with_run_saver(server, save, f)
     }
 
     #[test]

@@ -208,18 +208,22 @@ mod tests {
         // A started one keeps it, and shutdown removes it and its socket file.
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("x.sock");
+        // The port "p", started with its socket file `file` (inode `id`) to remove.
+        let started = |id| {
+            net.add_port("p", PortClass::Tap, Box::new(NoTx)).unwrap();
+            finish_start(
+                &net,
+                &s,
+                PortClass::Tap,
+                Stop::new().unwrap(),
+                Ok((None, None)),
+                Cleanup::RemoveSocket(file.clone(), id),
+            )
+            .unwrap()
+        };
         drop(std::os::unix::net::UnixListener::bind(&file).unwrap());
         let id = socket_id(&file).unwrap();
-        net.add_port("p", PortClass::Tap, Box::new(NoTx)).unwrap();
-        let rp = finish_start(
-            &net,
-            &s,
-            PortClass::Tap,
-            Stop::new().unwrap(),
-            Ok((None, None)),
-            Cleanup::RemoveSocket(file.clone(), id),
-        )
-        .unwrap();
+        let rp = started(id);
         assert!(net.port("p").is_some());
         rp.shutdown();
         assert!(net.port("p").is_none());
@@ -232,16 +236,7 @@ mod tests {
         std::fs::remove_file(&file).unwrap();
         std::fs::write(&file, b"precious").unwrap();
         assert_eq!(socket_id(&file), None);
-        net.add_port("p", PortClass::Tap, Box::new(NoTx)).unwrap();
-        let rp = finish_start(
-            &net,
-            &s,
-            PortClass::Tap,
-            Stop::new().unwrap(),
-            Ok((None, None)),
-            Cleanup::RemoveSocket(file.clone(), id),
-        )
-        .unwrap();
+        let rp = started(id);
         rp.shutdown();
         assert_eq!(std::fs::read(&file).unwrap(), b"precious");
     }

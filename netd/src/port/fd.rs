@@ -303,18 +303,23 @@ mod tests {
         assert!(matches!(gone.send(&frame(1, 60)), Err(TxError::Down)));
     }
 
-    #[test]
-    fn an_fd_port_moves_frames_after_a_vnet_header() {
-        let (net, sink_port, seen) = sink();
-        let (fd, dev) = device();
-        let rp = start_fd_port(
-            &net,
+    /// The fd port "d" (a TAP) on `fd`.
+    fn tap_port_d(net: &Arc<Network>, fd: OwnedFd) -> RunningPort {
+        start_fd_port(
+            net,
             &spec("d", PortKind::Tap),
             PortClass::Tap,
             fd,
             Cleanup::None,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn an_fd_port_moves_frames_after_a_vnet_header() {
+        let (net, sink_port, seen) = sink();
+        let (fd, dev) = device();
+        let rp = tap_port_d(&net, fd);
         let f = frame(7, 60);
         dev.send(&with_hdr(&f)).unwrap();
         dev.send(&[1, 2, 3]).unwrap();
@@ -342,14 +347,7 @@ mod tests {
     fn a_gso_frame_with_tiny_segments_is_refused_on_ingress() {
         let (net, _sink_port, seen) = sink();
         let (fd, dev) = device();
-        let rp = start_fd_port(
-            &net,
-            &spec("d", PortKind::Tap),
-            PortClass::Tap,
-            fd,
-            Cleanup::None,
-        )
-        .unwrap();
+        let rp = tap_port_d(&net, fd);
         let h = VnetHdr {
             flags: crate::offload::F_NEEDS_CSUM,
             gso_type: crate::offload::GSO_TCPV4,

@@ -45,6 +45,39 @@ fn scapy(ns: &Netns, dir: &Path, iface: &str, body: &str) -> Result<String> {
     ns.sh(&format!("/usr/bin/python3 {}", path.display()))
 }
 
+/// A web server in `ns` on `addr`:`port` serving `file`, `mib` MiB of random bytes
+/// under `dir`/www; returns it (killed when dropped) and the file's sha256sum.
+fn web_server(
+    ns: &Netns,
+    dir: &Path,
+    file: &str,
+    mib: u32,
+    addr: &str,
+    port: &str,
+) -> Result<(integration_tests::ChildGuard, String)> {
+    let www = dir.join("www");
+    std::fs::create_dir(&www)?;
+    let path = www.join(file);
+    ns.sh(&format!(
+        "head -c {} /dev/urandom > {}",
+        u64::from(mib) << 20,
+        path.display()
+    ))?;
+    let sum = ns.sh(&format!("sha256sum < {}", path.display()))?;
+    let www = www.to_str().context("www path")?;
+    let httpd = ns.spawn(&[
+        "python3",
+        "-m",
+        "http.server",
+        "--bind",
+        addr,
+        port,
+        "--directory",
+        www,
+    ])?;
+    Ok((httpd, sum))
+}
+
 /// The MAC of `iface` in `ns`.
 fn mac_of(ns: &Netns, iface: &str) -> Result<String> {
     Ok(ns
@@ -126,23 +159,7 @@ fn nat_guard_drops_spoofing_and_dhcp_abuse_while_an_honest_guest_works() -> Resu
         + &atk.port("atk");
     let (host, netd) = start_netd(dir.path(), "agn", &net)?;
     // The "host loopback" 10.0.2.2 stands for: a web server with a big file.
-    let www = dir.path().join("www");
-    std::fs::create_dir(&www)?;
-    host.sh(&format!(
-        "head -c 67108864 /dev/urandom > {}/big.bin",
-        www.display()
-    ))?;
-    let _httpd = host.spawn(&[
-        "python3",
-        "-m",
-        "http.server",
-        "--bind",
-        "127.0.0.1",
-        "18089",
-        "--directory",
-        www.to_str().unwrap(),
-    ])?;
-    let want = host.sh(&format!("sha256sum < {}/big.bin", www.display()))?;
+    let (_httpd, want) = web_server(&host, dir.path(), "big.bin", 64, "127.0.0.1", "18089")?;
 
     let hon_ip = dhcp(&hon, &hon.tap, dir.path())?;
     let atk_ip = dhcp(&atk, &atk.tap, dir.path())?;
@@ -339,23 +356,7 @@ fn internal_dhcp_guard_drops_spoofing_and_caps_an_unguarded_port() -> Result<()>
     let atk_ip = dhcp(&atk, &atk.tap, dir.path())?;
     let atk_mac = mac_of(&atk, &atk.tap)?;
     let dhcp_mac = service_mac(&netd, "agint", "dhcp")?;
-    let www = dir.path().join("www");
-    std::fs::create_dir(&www)?;
-    srv.sh(&format!(
-        "head -c 16777216 /dev/urandom > {}/f.bin",
-        www.display()
-    ))?;
-    let want = srv.sh(&format!("sha256sum < {}/f.bin", www.display()))?;
-    let _httpd = srv.spawn(&[
-        "python3",
-        "-m",
-        "http.server",
-        "--bind",
-        &srv_ip,
-        "18090",
-        "--directory",
-        www.to_str().unwrap(),
-    ])?;
+    let (_httpd, want) = web_server(&srv, dir.path(), "f.bin", 16, &srv_ip, "18090")?;
     assert!(ping_retry(&hon, &srv_ip, 3));
 
     scapy(

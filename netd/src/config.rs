@@ -817,8 +817,16 @@ mod tests {
     #[test]
     fn example_config_validates() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/netd.toml");
-        let nets = Config::load(&path).unwrap().validate(&path).unwrap();
+        let cfg = Config::load(&path).unwrap();
+        let control = cfg.control_spec(&path).unwrap();
+        assert_eq!(
+            (control.gid, control.max_connections, control.idle_timeout),
+            (0, 64, std::time::Duration::from_secs(60))
+        );
+        let nets = cfg.validate(&path).unwrap();
+        assert!(nets.iter().all(|n| n.guard == Guard::Clean));
         let ho = nets.iter().find(|n| n.name == "hostonly").unwrap();
+        assert_eq!(ho.max_macs_per_port, 256);
         assert_eq!(
             ho.dhcp.as_ref().unwrap().server,
             Ipv4Addr::new(192, 168, 56, 100)

@@ -86,6 +86,8 @@ pub enum Request {
         /// Network.
         net: String,
     },
+    /// The control server's own counters ([`ControlStats`]).
+    ControlStats,
     /// A NAT network's outbound policy: `host_loopback` and the allow / deny lists.
     OutboundList {
         /// Network.
@@ -231,6 +233,37 @@ pub struct DhcpStats {
     pub malformed: u64,
     /// Clients refused because the tables were at their bound.
     pub refused_full: u64,
+    /// Messages whose `chaddr` was not the frame's source MAC (ignored).
+    #[serde(default)]
+    pub spoofed_chaddr: u64,
+    /// RELEASEs and DECLINEs for an address that was not the sender's (ignored).
+    #[serde(default)]
+    pub foreign_release: u64,
+    /// REQUESTs for an address never offered or leased to that client (NAKed).
+    #[serde(default)]
+    pub nak_unoffered: u64,
+    /// ACKs withheld because the lease file could not be written.
+    #[serde(default)]
+    pub save_failed: u64,
+    /// Frames the NAT router could not hand to the server (its queue was full).
+    #[serde(default)]
+    pub dropped_busy: u64,
+    /// Lease file writes (each commits every lease change queued before it).
+    #[serde(default)]
+    pub commits: u64,
+}
+
+/// The control server's counters, as `control_stats` reports them (`netd control`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlStats {
+    /// Connections open now (this one included).
+    pub connections: usize,
+    /// The bound on open connections (`control_max_connections`).
+    pub max_connections: usize,
+    /// Connections refused because that many were open.
+    pub refused_full: u64,
+    /// Connections closed after `control_idle_timeout` seconds without a request.
+    pub closed_idle: u64,
 }
 
 /// Port kind.
@@ -293,6 +326,43 @@ pub struct PortConfig {
     /// Keep a TAP netd created when netd exits.
     #[serde(default)]
     pub persistent: bool,
+    /// The port guard (default: the network's `guard`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard: Option<Guard>,
+}
+
+/// The port guard of a guest port (`guard` on a network or a port): `clean` locks
+/// the port to its MAC and, on a network with DHCP or NAT, to its addresses; `off`
+/// lets the port send from any MAC and address (up to a cap of learned MACs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Guard {
+    /// Locked to its MAC and addresses (libvirt's `clean-traffic`).
+    #[default]
+    Clean,
+    /// No lock.
+    Off,
+}
+
+impl Guard {
+    /// The name the config file, the API and the CLI use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Guard::Clean => "clean",
+            Guard::Off => "off",
+        }
+    }
+}
+
+impl std::str::FromStr for Guard {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "clean" => Ok(Guard::Clean),
+            "off" => Ok(Guard::Off),
+            other => Err(format!("expected clean or off, got {other:?}")),
+        }
+    }
 }
 
 impl PortConfig {
@@ -398,6 +468,7 @@ mod tests {
                 netns: None,
                 path: None,
                 persistent: false,
+                guard: None,
             },
         };
         let v = serde_json::to_value(&r).unwrap();

@@ -23,7 +23,9 @@
 //!   honoured only with `NETD_FAULT_INJECTION=1`) panics `atk`'s receive thread; it
 //!   is restarted and counted in the port's `restarts`.
 //!
-//! Every refusal is checked in `netd flows natk --stats`.
+//! Every refusal is checked in `netd flows natk --stats`. The attackers' ports have
+//! `guard = "off"`: these are the router's own checks, which hold behind the port
+//! guard too (netd_attack_guard proves the guard).
 
 mod nat_common;
 
@@ -137,6 +139,9 @@ fn nat_attacks_are_dropped_counted_and_others_keep_working() -> Result<()> {
         "natk",
         "max_flows_per_guest = 16\nmax_pending_per_guest = 4\n",
     ) + &atk.port("atk")
+        // The router's own checks, behind the port guard (which would drop the
+        // 0.0.0.0 SYN first: netd_attack_guard proves it); an operator may turn it off.
+        + "guard = \"off\"\n"
         + &bh.port("bh")
         + &hon.port("hon")
         + &network("hoatk", "hostonly", "host_ifname = \"vh-xatk\"\n")
@@ -528,7 +533,8 @@ fn nat_out_of_descriptors_fails_flows_cleanly_and_accept_backs_off() -> Result<(
 fn single_port_nat_survives_the_killer_syn_and_a_router_panic() -> Result<()> {
     let mut lab = Lab::new()?;
     let g = TapHost::new("xsg")?;
-    let config = lab.nat_network("nats", "") + &g.port("g");
+    // Unguarded, so that the 0.0.0.0 SYN reaches the router (see above).
+    let config = lab.nat_network("nats", "") + &g.port("g") + "guard = \"off\"\n";
     lab.start_netd_env(&config, &[("NETD_FAULT_INJECTION", "1")])?;
     let lease = lab.dhcp(&g)?;
     ensure!(

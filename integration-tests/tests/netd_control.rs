@@ -233,11 +233,10 @@ fn cli_prints_tables_by_default_and_json_on_request() -> Result<()> {
     assert!(table_row(&ports, "dhcp").is_some(), "{ports}");
     let by_reason = netd.cli(&["port", "list", "lan", "--drops"])?;
     assert!(
-        by_reason
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .ends_with("MALFORMED  TOO-BIG  FULL  DOWN  IO  HAIRPIN  OFFLOAD"),
+        by_reason.lines().next().unwrap_or_default().ends_with(
+            "MALFORMED  TOO-BIG  FULL  DOWN  IO  HAIRPIN  OFFLOAD  GSO  \
+                 SPOOFED-MAC  SPOOFED-IP  SPOOFED-ARP  SPOOFED-DHCP  MAC-LIMIT"
+        ),
         "{by_reason}"
     );
     let json = netd.cli_json(&["port", "list", "lan"])?;

@@ -159,7 +159,7 @@ pub fn net_list(v: &Value) -> String {
 
 /// The drop reasons of a port's counters, in the order the table shows them, as
 /// (column header, JSON key).
-const DROPS: [(&str, &str); 7] = [
+const DROPS: [(&str, &str); 13] = [
     ("MALFORMED", "drop_malformed"),
     ("TOO-BIG", "drop_mtu"),
     ("FULL", "drop_full"),
@@ -167,6 +167,12 @@ const DROPS: [(&str, &str); 7] = [
     ("IO", "drop_io"),
     ("HAIRPIN", "drop_hairpin"),
     ("OFFLOAD", "drop_offload"),
+    ("GSO", "drop_gso"),
+    ("SPOOFED-MAC", "drop_spoofed_mac"),
+    ("SPOOFED-IP", "drop_spoofed_ip"),
+    ("SPOOFED-ARP", "drop_spoofed_arp"),
+    ("SPOOFED-DHCP", "drop_spoofed_dhcp"),
+    ("MAC-LIMIT", "drop_mac_limit"),
 ];
 
 /// `netd port list NET`: one row per port with its traffic and its total drops, or
@@ -185,6 +191,8 @@ pub fn port_list(v: &Value, by_reason: bool) -> String {
         ("TX-BYTES", Right),
     ];
     if by_reason {
+        // With the drops, the guard they come from.
+        cols.push(("GUARD", Left));
         cols.extend(DROPS.iter().map(|(h, _)| (*h, Right)));
     } else {
         cols.push(("DROPS", Right));
@@ -210,6 +218,7 @@ pub fn port_list(v: &Value, by_reason: bool) -> String {
             bytes(u(c, "tx_bytes")),
         ];
         if by_reason {
+            row.push(s(p, "guard"));
             row.extend(DROPS.iter().map(|(_, k)| u(c, k).to_string()));
         } else {
             let total: u64 = DROPS.iter().map(|(_, k)| u(c, k)).sum();
@@ -365,25 +374,32 @@ mod tests {
     #[test]
     fn port_list_totals_drops_or_splits_them() {
         let v = json!([{"name":"a","kind":"tap","mtu":1500,"ifname":"tap0","netns":null,
-            "path":null,"mac":null,"counters":{"rx_frames":3,"rx_bytes":2048,"tx_frames":1,
-            "tx_bytes":60,"drop_malformed":1,"drop_mtu":2,"drop_full":0,"drop_down":0,
-            "drop_io":0,"drop_hairpin":4,"drop_offload":0}},
+            "path":null,"mac":null,"guard":"clean","counters":{"rx_frames":3,"rx_bytes":2048,
+            "tx_frames":1,"tx_bytes":60,"drop_malformed":1,"drop_mtu":2,"drop_full":0,
+            "drop_down":0,"drop_io":0,"drop_hairpin":4,"drop_offload":0,"drop_gso":10,
+            "drop_spoofed_mac":5,"drop_spoofed_ip":6,"drop_spoofed_arp":7,"drop_spoofed_dhcp":8,
+            "drop_mac_limit":9}},
             {"name":"s","kind":"stream","mtu":1500,"ifname":null,"path":"/run/x.sock",
             "counters":{}}]);
         let out = port_list(&v, false);
         let a: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
         assert_eq!(
             a,
-            ["a", "tap", "tap0", "-", "1500", "3", "2.0", "KiB", "1", "60", "B", "7"]
+            ["a", "tap", "tap0", "-", "1500", "3", "2.0", "KiB", "1", "60", "B", "52"]
         );
         assert!(out.lines().nth(2).unwrap().contains("/run/x.sock"), "{out}");
         let out = port_list(&v, true);
         assert!(
-            out.lines().next().unwrap().ends_with("HAIRPIN  OFFLOAD"),
+            out.lines().next().unwrap().ends_with(
+                "OFFLOAD  GSO  SPOOFED-MAC  SPOOFED-IP  SPOOFED-ARP  SPOOFED-DHCP  MAC-LIMIT"
+            ),
             "{out}"
         );
         let a: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
-        assert_eq!(&a[a.len() - 7..], ["1", "2", "0", "0", "0", "4", "0"]);
+        assert_eq!(
+            &a[a.len() - 14..],
+            ["clean", "1", "2", "0", "0", "0", "4", "0", "10", "5", "6", "7", "8", "9"]
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ use fabric_util::toml_file::{self, InvalidKey};
 use fabric_util::MacAddr;
 use serde::{Deserialize, Serialize};
 
-pub use fabric_api::netd::{Mode, PortConfig, PortKind};
+pub use fabric_api::netd::{Guard, Mode, PortConfig, PortKind};
 
 /// A config problem, naming the file, the key and what was expected.
 pub use fabric_util::toml_file::ConfigError;
@@ -32,6 +32,15 @@ pub struct Config {
     pub control: PathBuf,
     /// Where state (DHCP leases) is kept.
     pub state_dir: PathBuf,
+    /// The group that may use the control socket (mode 0660, owner root): a group
+    /// name or a numeric gid. Default `root` (gid 0; netd's own group when netd does
+    /// not run as root).
+    pub control_group: Option<String>,
+    /// Most control connections open at once; more are refused. Default 64.
+    pub control_max_connections: Option<usize>,
+    /// Seconds a control connection may wait between requests before it is
+    /// closed. Default 60.
+    pub control_idle_timeout: Option<u64>,
     /// The networks.
     #[serde(default)]
     pub network: Vec<NetworkConfig>,
@@ -72,6 +81,11 @@ pub struct NetworkConfig {
     pub max_macs: Option<usize>,
     /// Seconds after which an unused learned MAC is forgotten. Default 300.
     pub mac_ageing: Option<u64>,
+    /// The port guard of the network's guest ports (default `clean`; a port's own
+    /// `guard` overrides it). See [`crate::switch::guard`].
+    pub guard: Option<Guard>,
+    /// Most MACs learned on one port whose guard is off (default 256).
+    pub max_macs_per_port: Option<usize>,
     /// Name of the host TAP of a hostonly network (default `vhost-<name>` cut to 15).
     pub host_ifname: Option<String>,
     /// The ports.
@@ -133,6 +147,8 @@ pub struct PortSpec {
     pub path: Option<PathBuf>,
     /// Keep the TAP on exit.
     pub persistent: bool,
+    /// The port's own guard setting (else the network's).
+    pub guard: Option<Guard>,
 }
 
 /// Validated IPv4 settings of a network.
@@ -197,6 +213,10 @@ pub struct NetworkSpec {
     pub max_macs: usize,
     /// MAC ageing, seconds.
     pub mac_ageing: u64,
+    /// The guard of guest ports without their own setting.
+    pub guard: Guard,
+    /// Most MACs learned on one unguarded port.
+    pub max_macs_per_port: usize,
     /// Host TAP name (hostonly).
     pub host_ifname: Option<String>,
     /// Ports.
@@ -249,6 +269,11 @@ fn valid_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
+/// `base + n`, or None past 255.255.255.255.
+pub fn offset(base: Ipv4Addr, n: u32) -> Option<Ipv4Addr> {
+    u32::from(base).checked_add(n).map(Ipv4Addr::from)
+}
+
 fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
     let (a, p) = s.split_once('/')?;
     let a: Ipv4Addr = a.parse().ok()?;
@@ -259,7 +284,54 @@ fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
     Some((a, p))
 }
 
+/// Validated settings of the control socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlSpec {
+    /// Where it listens.
+    pub path: PathBuf,
+    /// Its group (mode 0660, owner root).
+    pub gid: u32,
+    /// Most connections at once.
+    pub max_connections: usize,
+    /// Longest wait for the next request.
+    pub idle_timeout: std::time::Duration,
+}
+
 impl Config {
+    /// Checks the control socket's settings; `path` names the file in errors.
+    pub fn control_spec(&self, path: &Path) -> Result<ControlSpec, ConfigError> {
+        let p = path.display().to_string();
+        let ctx = Ctx { path: &p };
+        let gid = match self.control_group.as_deref() {
+            // root's group; a netd not run as root (which cannot give the socket to
+            // root's group) keeps its own.
+            None => match crate::sys::effective_ids() {
+                (0, _) => 0,
+                (_, gid) => gid,
+            },
+            Some(g) => crate::sys::group_gid(g).ok_or_else(|| {
+                ctx.err(
+                    "control_group",
+                    format!("an existing group name or a numeric gid ({g:?} is neither)"),
+                )
+            })?,
+        };
+        let max_connections = self.control_max_connections.unwrap_or(64);
+        if !(1..=4096).contains(&max_connections) {
+            return Err(ctx.err("control_max_connections", "between 1 and 4096"));
+        }
+        let idle = self.control_idle_timeout.unwrap_or(60);
+        if !(1..=86_400).contains(&idle) {
+            return Err(ctx.err("control_idle_timeout", "between 1 and 86400 seconds"));
+        }
+        Ok(ControlSpec {
+            path: self.control.clone(),
+            gid,
+            max_connections,
+            idle_timeout: std::time::Duration::from_secs(idle),
+        })
+    }
+
     /// Reads and parses `path` (not yet validated).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         Ok(toml_file::read(path)?)
@@ -300,6 +372,16 @@ impl Config {
                     return Err(ctx.err(
                         format!("network[{i}].host_ifname"),
                         format!("an interface name used once ({h:?} is used twice)"),
+                    ));
+                }
+            }
+            // A bridged network's uplink is an interface like any other: naming
+            // another network's TAP would join the two networks.
+            if let Some(u) = &spec.uplink {
+                if !ifnames.insert(u.clone()) {
+                    return Err(ctx.err(
+                        format!("network[{i}].uplink"),
+                        format!("an interface name used once ({u:?} is used twice)"),
                     ));
                 }
             }
@@ -355,9 +437,12 @@ impl NetworkConfig {
                 let mask = prefix_mask(prefix);
                 let network = Ipv4Addr::from(u32::from(a) & u32::from(mask));
                 let first = if nat { 2 } else { 1 };
-                let gateway = self
-                    .gateway
-                    .unwrap_or_else(|| Ipv4Addr::from(u32::from(network) + first));
+                let gateway = match self.gateway {
+                    Some(g) => g,
+                    None => offset(network, first).ok_or_else(|| {
+                        ctx.err(key("subnet"), "a subnet with room for the gateway")
+                    })?,
+                };
                 let spec = Ipv4Spec {
                     network,
                     prefix,
@@ -402,16 +487,28 @@ impl NetworkConfig {
                     let net = u32::from(v4.network);
                     let bcast = u32::from(v4.broadcast());
                     // VirtualBox: .101 up to .254 on a /24; on smaller subnets the upper half.
-                    let size = bcast - net;
-                    let start = if nat && size > 32 {
-                        // VirtualBox NAT: guests from .15.
-                        net + 15
-                    } else if size > 200 {
-                        net + 101
-                    } else {
-                        net + size / 2
-                    };
-                    (Ipv4Addr::from(start), Ipv4Addr::from(bcast - 1))
+                    // Checked arithmetic: a subnet at the top of the address space
+                    // must not wrap (or panic) its way to a range.
+                    let size = bcast.checked_sub(net);
+                    let start = size.and_then(|size| {
+                        if nat && size > 32 {
+                            // VirtualBox NAT: guests from .15.
+                            net.checked_add(15)
+                        } else if size > 200 {
+                            net.checked_add(101)
+                        } else {
+                            net.checked_add(size / 2)
+                        }
+                    });
+                    match (start, bcast.checked_sub(1)) {
+                        (Some(a), Some(b)) => (Ipv4Addr::from(a), Ipv4Addr::from(b)),
+                        _ => {
+                            return Err(ctx.err(
+                                key("subnet"),
+                                "a subnet with room for a DHCP range (give `dhcp_range`)",
+                            ))
+                        }
+                    }
                 }
             };
             if !v4.contains(start)
@@ -430,16 +527,17 @@ impl NetworkConfig {
             }
             let server = match self.dhcp_server {
                 Some(s) => s,
-                None if hostonly => {
-                    let hundred = Ipv4Addr::from(u32::from(v4.network) + 100);
-                    let in_range =
-                        (u32::from(start)..=u32::from(end)).contains(&u32::from(hundred));
-                    if v4.prefix <= 24 && !in_range && hundred != v4.gateway {
+                None if hostonly => match offset(v4.network, 100) {
+                    Some(hundred)
+                        if v4.prefix <= 24
+                            && !(u32::from(start)..=u32::from(end))
+                                .contains(&u32::from(hundred))
+                            && hundred != v4.gateway =>
+                    {
                         hundred
-                    } else {
-                        v4.gateway
                     }
-                }
+                    _ => v4.gateway,
+                },
                 None => v4.gateway,
             };
             if !v4.contains(server)
@@ -514,6 +612,10 @@ impl NetworkConfig {
         if !(1..=86_400).contains(&mac_ageing) {
             return Err(ctx.err(key("mac_ageing"), "between 1 and 86400 seconds"));
         }
+        let max_macs_per_port = self.max_macs_per_port.unwrap_or(256);
+        if !(1..=1_000_000).contains(&max_macs_per_port) {
+            return Err(ctx.err(key("max_macs_per_port"), "between 1 and 1000000"));
+        }
         let host_ifname = if hostonly {
             let h = self.host_ifname.clone().unwrap_or_else(|| {
                 let mut s = format!("vh-{}", self.name);
@@ -564,6 +666,8 @@ impl NetworkConfig {
             mtu,
             max_macs,
             mac_ageing,
+            guard: self.guard.unwrap_or_default(),
+            max_macs_per_port,
             host_ifname,
             ports,
         })
@@ -645,6 +749,7 @@ pub fn validate_port(port: &PortConfig, path: &str, at: &str) -> Result<PortSpec
         netns: port.netns.clone(),
         path: path_v,
         persistent: port.persistent,
+        guard: port.guard,
     })
 }
 
@@ -712,13 +817,139 @@ mod tests {
     #[test]
     fn example_config_validates() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/netd.toml");
-        let nets = Config::load(&path).unwrap().validate(&path).unwrap();
+        let cfg = Config::load(&path).unwrap();
+        let control = cfg.control_spec(&path).unwrap();
+        assert_eq!(
+            (control.gid, control.max_connections, control.idle_timeout),
+            (0, 64, std::time::Duration::from_secs(60))
+        );
+        let nets = cfg.validate(&path).unwrap();
+        assert!(nets.iter().all(|n| n.guard == Guard::Clean));
         let ho = nets.iter().find(|n| n.name == "hostonly").unwrap();
+        assert_eq!(ho.max_macs_per_port, 256);
         assert_eq!(
             ho.dhcp.as_ref().unwrap().server,
             Ipv4Addr::new(192, 168, 56, 100)
         );
         assert!(nets.iter().any(|n| n.mode == Mode::Internal));
+    }
+
+    fn cfg_err(networks: &str) -> String {
+        v(&format!("control='/c'\nstate_dir='/s'\n{networks}"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    /// Regression (issue 11, item 14): subnet arithmetic at the top of the address
+    /// space overflowed (a panic in debug builds, a wrapped range in release).
+    #[test]
+    fn subnets_at_the_top_of_the_address_space_do_not_overflow() {
+        for mode in ["internal", "hostonly", "nat"] {
+            let e = cfg_err(&format!(
+                "[[network]]\nname='h'\nmode='{mode}'\nsubnet='255.255.255.255/32'\n"
+            ));
+            assert!(
+                e.contains("t.toml") && e.contains("network[0].subnet"),
+                "{e}"
+            );
+        }
+        // The highest /30, /24 and /1 validate without overflow, in every mode.
+        for subnet in ["255.255.255.252/30", "255.255.255.0/24", "128.0.0.0/1"] {
+            for mode in ["internal", "hostonly", "nat"] {
+                let text = format!(
+                    "control='/c'\nstate_dir='/s'\n[[network]]\nname='h'\nmode='{mode}'\nsubnet='{subnet}'\ndhcp=true\n"
+                );
+                match v(&text) {
+                    Ok(n) => {
+                        let v4 = n[0].ipv4.as_ref().unwrap();
+                        let d = n[0].dhcp.as_ref().unwrap();
+                        assert!(
+                            v4.contains(d.start) && v4.contains(d.end),
+                            "{subnet} {mode}"
+                        );
+                        assert!(d.start <= d.end, "{subnet} {mode}");
+                        assert!(v4.contains(d.server), "{subnet} {mode}");
+                    }
+                    Err(e) => {
+                        let e = e.to_string();
+                        assert!(e.contains("network[0]."), "{subnet} {mode}: {e}");
+                    }
+                }
+            }
+        }
+        assert_eq!(offset(Ipv4Addr::new(255, 255, 255, 255), 1), None);
+        assert_eq!(
+            offset(Ipv4Addr::new(255, 255, 255, 252), 2),
+            Some(Ipv4Addr::new(255, 255, 255, 254))
+        );
+    }
+
+    /// Regression (issue 11, item 14): a bridged uplink could name another
+    /// network's TAP (or host TAP), joining the two networks.
+    #[test]
+    fn an_uplink_naming_another_networks_interface_is_refused() {
+        let e = cfg_err("[[network]]\nname='a'\nmode='internal'\n[[network.port]]\nkind='tap'\nifname='tap0'\n[[network]]\nname='b'\nmode='bridged'\nuplink='tap0'\n");
+        assert!(e.contains("network[1].uplink") && e.contains("tap0"), "{e}");
+        let e = cfg_err("[[network]]\nname='a'\nmode='hostonly'\nhost_ifname='vh0'\n[[network]]\nname='b'\nmode='bridged'\nuplink='vh0'\n");
+        assert!(e.contains("network[1].uplink"), "{e}");
+        let e = cfg_err("[[network]]\nname='a'\nmode='bridged'\nuplink='eth9'\n[[network]]\nname='b'\nmode='bridged'\nuplink='eth9'\n");
+        assert!(e.contains("network[1].uplink"), "{e}");
+        // A port named after an uplink listed earlier is refused too.
+        let e = cfg_err("[[network]]\nname='b'\nmode='bridged'\nuplink='eth9'\n[[network]]\nname='a'\nmode='internal'\n[[network.port]]\nkind='vm'\nifname='eth9'\n");
+        assert!(e.contains("network[1].port[0].ifname"), "{e}");
+    }
+
+    #[test]
+    fn control_settings_are_checked_naming_the_key() {
+        let c = |extra: &str| {
+            Config::parse(
+                &format!("control='/c'\nstate_dir='/s'\n{extra}"),
+                Path::new("t.toml"),
+            )
+            .unwrap()
+            .control_spec(Path::new("t.toml"))
+        };
+        let d = c("").unwrap();
+        let default_gid = match crate::sys::effective_ids() {
+            (0, _) => 0,
+            (_, gid) => gid,
+        };
+        assert_eq!(
+            (d.gid, d.max_connections, d.idle_timeout.as_secs()),
+            (default_gid, 64, 60)
+        );
+        assert_eq!(c("control_group='root'").unwrap().gid, 0);
+        assert_eq!(c("control_group='4242'").unwrap().gid, 4242);
+        let e = c("control_group='no-such-group-here'")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("t.toml") && e.contains("control_group"), "{e}");
+        let e = c("control_max_connections=0").unwrap_err().to_string();
+        assert!(e.contains("control_max_connections"), "{e}");
+        let e = c("control_idle_timeout=0").unwrap_err().to_string();
+        assert!(e.contains("control_idle_timeout"), "{e}");
+    }
+
+    #[test]
+    fn guard_defaults_to_clean_and_is_set_per_network_and_port() {
+        let n = v("control='/c'\nstate_dir='/s'\n[[network]]\nname='h'\nmode='internal'\n[[network.port]]\nkind='tap'\nifname='t0'\n")
+            .unwrap();
+        assert_eq!(n[0].guard, Guard::Clean);
+        assert_eq!(n[0].max_macs_per_port, 256);
+        assert_eq!(n[0].ports[0].guard, None);
+        let n = v("control='/c'\nstate_dir='/s'\n[[network]]\nname='h'\nmode='internal'\nguard='off'\nmax_macs_per_port=8\n[[network.port]]\nkind='tap'\nifname='t0'\nguard='clean'\n")
+            .unwrap();
+        assert_eq!(n[0].guard, Guard::Off);
+        assert_eq!(n[0].max_macs_per_port, 8);
+        assert_eq!(n[0].ports[0].guard, Some(Guard::Clean));
+        let e = v("control='/c'\nstate_dir='/s'\n[[network]]\nname='h'\nmode='internal'\nguard='strict'\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("t.toml") && e.contains("guard"), "{e}");
+        let e = v("control='/c'\nstate_dir='/s'\n[[network]]\nname='h'\nmode='internal'\nmax_macs_per_port=0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("network[0].max_macs_per_port"), "{e}");
     }
 
     #[test]

@@ -6,23 +6,25 @@
 //! the DHCP service. Control requests change that state at runtime under one
 //! mutex (port setup may block briefly: it runs on a blocking thread). On shutdown
 //! every port is stopped and the TAPs netd created are removed (unless marked
-//! persistent); TAPs that existed before netd started are left alone.
+//! persistent); TAPs that existed before netd started are left alone. A hostonly
+//! network's host TAP has forwarding off, and a task keeps it off.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 
-use fabric_api::netd::{DhcpStats, Request, Response};
+use fabric_api::netd::{ControlStats, DhcpStats, Request, Response};
 use fabric_api::MAX_REQUEST;
 use fabric_util::{error_chain, MacAddr};
 
-use crate::config::{Mode, NetworkSpec, PortSpec};
+use crate::config::{ControlSpec, Mode, NetworkSpec, PortSpec};
 use crate::dhcp::{DhcpServer, LeaseDb, LeaseError};
-use crate::port::{self as ports, PortError, RunningPort};
+use crate::port::{self as ports, PortError, RunningPort, SocketId};
 use crate::switch::{Network, SwitchError};
 
 /// Daemon errors.
@@ -84,11 +86,16 @@ struct NetState {
     spec: NetworkSpec,
     net: Arc<Network>,
     host: Option<RunningPort>,
+    /// Keeps forwarding off on the hostonly host TAP (see [`guard_forwarding`]).
+    forwarding_guard: Option<tokio::task::JoinHandle<()>>,
     ports: Vec<RunningPort>,
     dhcp: Option<Arc<Mutex<DhcpServer>>>,
     nat: Option<crate::nat::RouterHandle>,
     /// The router's switch port (frames the router reads itself are counted on it).
     nat_port: Option<Arc<crate::switch::Port>>,
+    /// The DHCP server's queue for frames the router hands over (until the router
+    /// takes it).
+    dhcp_routed: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
 }
 
 impl NetState {
@@ -120,6 +127,16 @@ impl NetState {
 /// The daemon's state.
 pub struct Daemon {
     nets: Mutex<BTreeMap<String, NetState>>,
+    control: ControlCounters,
+}
+
+/// The control server's counters (see [`ControlStats`]).
+#[derive(Default)]
+struct ControlCounters {
+    open: AtomicUsize,
+    max: AtomicUsize,
+    refused_full: AtomicU64,
+    closed_idle: AtomicU64,
 }
 
 pub use fabric_api::netd::NetInfo;
@@ -149,6 +166,7 @@ impl Daemon {
             .map_err(|e| DaemonError::StateDir(state_dir.to_path_buf(), e))?;
         let d = Arc::new(Daemon {
             nets: Mutex::new(BTreeMap::new()),
+            control: ControlCounters::default(),
         });
         for spec in specs {
             let st = match Self::start_network(spec, state_dir) {
@@ -174,14 +192,43 @@ impl Daemon {
             spec.max_macs,
             Duration::from_secs(spec.mac_ageing),
         );
+        net.set_guard_default(spec.guard);
+        net.set_max_macs_per_port(spec.max_macs_per_port);
+        // On a network with DHCP or NAT the fabric knows who owns which address:
+        // guarded ports may then send only from theirs (see switch::guard).
+        let ip_guard = match (&spec.ipv4, spec.dhcp.is_some() || spec.nat.is_some()) {
+            (Some(v4), true) => {
+                let mut services = vec![v4.gateway];
+                services.extend(spec.dhcp.as_ref().map(|d| d.server));
+                services.extend(spec.nat.as_ref().map(|n| n.dns));
+                let reserved = spec
+                    .dhcp
+                    .as_ref()
+                    .map(|d| d.reservations.clone())
+                    .unwrap_or_default();
+                let g = Arc::new(crate::switch::IpGuard::new(
+                    v4.network,
+                    v4.prefix,
+                    &services,
+                    &reserved,
+                    Duration::from_secs(spec.mac_ageing),
+                ));
+                net.set_ip_guard(g.clone());
+                Some(g)
+            }
+            _ => None,
+        };
+        let router_mac = service_mac(&spec.name, 2);
         let mut st = NetState {
             spec: spec.clone(),
             net: net.clone(),
             host: None,
+            forwarding_guard: None,
             ports: Vec::new(),
             dhcp: None,
             nat: None,
             nat_port: None,
+            dhcp_routed: None,
         };
         let fail = |st: NetState, e: DaemonError| {
             stop_network(st);
@@ -189,7 +236,10 @@ impl Daemon {
         };
         if let (Some(h), Some(v4)) = (&spec.host_ifname, &spec.ipv4) {
             match ports::start_host_port(&net, h, v4.gateway, v4.mask()) {
-                Ok(p) => st.host = Some(p),
+                Ok(p) => {
+                    st.host = Some(p);
+                    st.forwarding_guard = Some(guard_forwarding(h.clone()));
+                }
                 Err(source) => {
                     return fail(
                         st,
@@ -213,31 +263,54 @@ impl Daemon {
             // and DNS addresses; the router then hands it the unicast datagrams).
             let answer_arp = spec.mode == Mode::Internal
                 || (d.server != v4.gateway && !router_owns_dhcp_server(&spec));
-            let server = Arc::new(Mutex::new(DhcpServer::new(
+            let mut server = DhcpServer::new(
                 v4.clone(),
                 d.clone(),
                 service_mac(&spec.name, 1),
                 answer_arp,
                 db,
-            )));
+            );
+            if let Some(g) = &ip_guard {
+                server.set_ip_guard(g.clone());
+            }
+            let server = Arc::new(Mutex::new(server));
             let sp = match net.attach_service("dhcp", 256) {
                 Ok(sp) => sp,
                 Err(e) => return fail(st, DaemonError::Dhcp(spec.name.clone(), e)),
             };
-            tokio::spawn(crate::dhcp::run(server.clone(), sp));
+            if let Err(e) = net.pin_mac("dhcp", service_mac(&spec.name, 1)) {
+                return fail(st, DaemonError::Dhcp(spec.name.clone(), e));
+            }
+            // Unicast DHCP to the router's addresses reaches the server through a
+            // queue of its own: the router thread never waits for it.
+            let routed = if router_owns_dhcp_server(&spec) {
+                let (tx, rx) = tokio::sync::mpsc::channel(256);
+                st.dhcp_routed = Some(tx);
+                Some(crate::dhcp::Routed {
+                    rx,
+                    mac: router_mac,
+                })
+            } else {
+                None
+            };
+            tokio::spawn(crate::dhcp::run(server.clone(), sp, routed));
             st.dhcp = Some(server);
         }
         net.set_isolated(spec.isolated);
         if let Some(cfg) = &spec.nat {
             let mut cfg = cfg.clone();
-            cfg.mac = service_mac(&spec.name, 2);
-            // Bound the router's queue in bytes, not only frames: ~6 MiB of full frames.
+            cfg.mac = router_mac;
+            // The router's queue: ~6 MiB of MTU-sized frames, and at most
+            // SERVICE_QUEUE_BYTES whatever the frames (TCP super-frames included).
             let cap = (4096 * 1500 / cfg.mtu.max(1500)).max(128);
             let (sw_in, from_switch) = match net.attach_service_direct("nat", cap, true) {
                 Ok(p) => p,
                 Err(e) => return fail(st, DaemonError::NatAttach(spec.name.clone(), e)),
             };
             st.nat_port = Some(sw_in.port().clone());
+            if let Err(e) = net.pin_mac("nat", router_mac) {
+                return fail(st, DaemonError::NatAttach(spec.name.clone(), e));
+            }
             let sink = crate::nat::ToSwitch::Offload(Box::new(move |h, f: &[u8]| match h {
                 Some(h) => sw_in.send_vnet(h, f),
                 None => sw_in.send(f),
@@ -246,12 +319,22 @@ impl Daemon {
             // the gateway, 10.0.2.2): a renewing client unicasts to the router's MAC,
             // so the router passes port-67 datagrams to its own addresses on to the
             // server rather than giving the server an address of its own.
-            let dhcp = match &st.dhcp {
-                Some(server) if router_owns_dhcp_server(&spec) => {
-                    let server = server.clone();
+            // The hook only queues the frame (the server answers from its own task,
+            // after the lease is saved): no lock, no fsync on the router thread.
+            let dhcp = match (&st.dhcp, st.dhcp_routed.take()) {
+                (Some(server), Some(tx)) => {
+                    let stats = server
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .shared
+                        .clone();
                     let hook: crate::nat::LocalService = Box::new(move |f: &[u8]| {
-                        let mut s = server.lock().unwrap_or_else(|e| e.into_inner());
-                        s.handle_frame(f, crate::dhcp::unix_now())
+                        if tx.try_send(bytes::Bytes::copy_from_slice(f)).is_err() {
+                            stats
+                                .dropped_busy
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        None
                     });
                     Some(hook)
                 }
@@ -491,16 +574,21 @@ impl Daemon {
                     .unwrap_or_default();
                 j(serde_json::to_value(leases))
             }),
+            Request::ControlStats => {
+                let c = &self.control;
+                let stats = ControlStats {
+                    connections: c.open.load(Ordering::Relaxed),
+                    max_connections: c.max.load(Ordering::Relaxed),
+                    refused_full: c.refused_full.load(Ordering::Relaxed),
+                    closed_idle: c.closed_idle.load(Ordering::Relaxed),
+                };
+                Ok(j(serde_json::to_value(stats)))
+            }
             Request::DhcpStats { net } => {
                 let dhcp = self
                     .with_net(&net, |st| st.dhcp.clone())?
                     .ok_or_else(|| DaemonError::NoDhcp(net.clone()))?;
-                let d = dhcp.lock().unwrap_or_else(|e| e.into_inner());
-                let stats = DhcpStats {
-                    leases: d.db.leases().len(),
-                    refused_full: d.refused_full,
-                    malformed: d.malformed,
-                };
+                let stats: DhcpStats = dhcp.lock().unwrap_or_else(|e| e.into_inner()).stats();
                 Ok(j(serde_json::to_value(stats)))
             }
         }
@@ -543,9 +631,32 @@ fn parse_cidr_arg(net: &str, cidr: &str) -> Result<(std::net::Ipv4Addr, u8), Dae
     })
 }
 
+/// How often the hostonly host TAP's forwarding setting is checked.
+const FORWARDING_CHECK: Duration = Duration::from_secs(1);
+
+/// Keeps IPv4 and IPv6 forwarding off on the hostonly host TAP `ifname`: a write
+/// to the global `net.ipv4.ip_forward` (or `conf/all/forwarding`) after netd set it
+/// turns every interface's forwarding back on, so it is checked every
+/// [`FORWARDING_CHECK`] and turned off again (logged as a warning).
+fn guard_forwarding(ifname: String) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(FORWARDING_CHECK);
+        loop {
+            tick.tick().await;
+            if let Ok(false) = crate::sys::if_forwarding_off(&ifname) {
+                let r = crate::sys::if_disable_forwarding(&ifname);
+                tracing::warn!(ifname = %ifname, ok = r.is_ok(), "forwarding was turned on for the hostonly host TAP; turned it off again");
+            }
+        }
+    })
+}
+
 fn stop_network(st: NetState) {
     for p in st.ports {
         p.shutdown();
+    }
+    if let Some(g) = st.forwarding_guard {
+        g.abort();
     }
     if let Some(h) = st.host {
         h.shutdown();
@@ -556,17 +667,63 @@ fn stop_network(st: NetState) {
     let _ = st.net.remove_port("nat");
 }
 
+/// Binds the control socket at `spec.path` with mode 0660 and group `spec.gid`
+/// (owner: netd's user). It is bound under a temporary name in the same directory,
+/// given its mode and group, and only then renamed into place, so it is never
+/// reachable with the umask's mode. What is at the path already must be a stale
+/// socket of netd's user (nobody listening); anything else is refused and kept.
+fn bind_control(
+    spec: &ControlSpec,
+) -> std::io::Result<(std::os::unix::net::UnixListener, SocketId)> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = &spec.path;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    ports::claim_socket_path(path)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = std::os::unix::net::UnixListener::bind(&tmp)?;
+    let placed = (|| {
+        std::os::unix::fs::chown(&tmp, None, Some(spec.gid))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o660))?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let id =
+        ports::socket_id(path).ok_or_else(|| std::io::Error::other("control socket vanished"))?;
+    listener.set_nonblocking(true)?;
+    Ok((listener, id))
+}
+
 /// Serves the control socket until `shutdown` resolves.
+///
+/// Bounded: at most `spec.max_connections` connections at once (one more is told
+/// so and closed, counted `refused_full`); a connection that sends no request for
+/// `spec.idle_timeout` is closed (`closed_idle`). Each connection's peer
+/// credentials (SO_PEERCRED: pid, uid, gid) are logged.
 pub async fn serve_control(
     daemon: Arc<Daemon>,
-    path: PathBuf,
+    spec: ControlSpec,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), DaemonError> {
-    if let Some(dir) = path.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path).map_err(|e| DaemonError::Control(path.clone(), e))?;
+    let path = spec.path.clone();
+    let (std_listener, id) =
+        bind_control(&spec).map_err(|e| DaemonError::Control(path.clone(), e))?;
+    let listener =
+        UnixListener::from_std(std_listener).map_err(|e| DaemonError::Control(path.clone(), e))?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(spec.max_connections));
+    daemon
+        .control
+        .max
+        .store(spec.max_connections, Ordering::Relaxed);
     tokio::pin!(shutdown);
     let mut backoff = AcceptBackoff::default();
     loop {
@@ -575,8 +732,27 @@ pub async fn serve_control(
             acc = listener.accept() => match acc {
                 Ok((stream, _)) => {
                     backoff.reset();
+                    let cred = stream.peer_cred().ok();
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        daemon.control.refused_full.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(peer = ?cred, max = spec.max_connections, "control connection refused: too many open");
+                        tokio::spawn(refuse_conn(stream, spec.max_connections));
+                        continue;
+                    };
+                    tracing::info!(
+                        pid = ?cred.as_ref().and_then(|c| c.pid()),
+                        uid = cred.as_ref().map(|c| c.uid()),
+                        gid = cred.as_ref().map(|c| c.gid()),
+                        "control connection"
+                    );
                     let d = daemon.clone();
-                    tokio::spawn(async move { serve_conn(d, stream).await });
+                    let idle = spec.idle_timeout;
+                    tokio::spawn(async move {
+                        d.control.open.fetch_add(1, Ordering::Relaxed);
+                        serve_conn(&d, stream, idle).await;
+                        d.control.open.fetch_sub(1, Ordering::Relaxed);
+                        drop(slot);
+                    });
                 }
                 Err(e) => {
                     // A pending connection stays pending while accept fails (EMFILE
@@ -593,7 +769,9 @@ pub async fn serve_control(
             }
         }
     }
-    let _ = std::fs::remove_file(&path);
+    if ports::socket_id(&path) == Some(id) {
+        let _ = std::fs::remove_file(&path);
+    }
     Ok(())
 }
 
@@ -617,15 +795,47 @@ impl AcceptBackoff {
     }
 }
 
-async fn serve_conn(d: Arc<Daemon>, stream: tokio::net::UnixStream) {
+/// Tells a connection over the cap why it is closed, reading (for at most a
+/// second) the request it sends meanwhile, so that the client gets the answer
+/// rather than a broken pipe.
+async fn refuse_conn(mut stream: tokio::net::UnixStream, max: usize) {
+    let resp = Response::fail(format!(
+        "too many control connections (at most {max} at once); try again"
+    ));
+    let out = fabric_api::encode_line(&resp, b"{\"ok\":false}");
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(&out).await?;
+        let mut line = String::new();
+        BufReader::new((&mut stream).take(MAX_REQUEST as u64))
+            .read_line(&mut line)
+            .await
+    })
+    .await;
+}
+
+async fn serve_conn(d: &Arc<Daemon>, stream: tokio::net::UnixStream, idle: Duration) {
     let (r, mut w) = stream.into_split();
     let mut lines = BufReader::new(r.take(MAX_REQUEST as u64 * 16));
     let mut line = String::new();
     loop {
         line.clear();
-        match lines.read_line(&mut line).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
+        match tokio::time::timeout(idle, lines.read_line(&mut line)).await {
+            Err(_) => {
+                d.control.closed_idle.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    idle_secs = idle.as_secs(),
+                    "control connection idle; closed"
+                );
+                let resp = Response::fail(format!(
+                    "no request for {} s; connection closed",
+                    idle.as_secs()
+                ));
+                let out = fabric_api::encode_line(&resp, b"{\"ok\":false}");
+                let _ = tokio::time::timeout(Duration::from_secs(1), w.write_all(&out)).await;
+                return;
+            }
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(_)) => {}
         }
         let resp = match fabric_api::decode_request::<Request>(line.as_bytes()) {
             Err(e) => Response::fail(e),
@@ -680,5 +890,101 @@ mod accept_tests {
         assert!(std::env::var_os(FAULT_INJECTION_ENV).is_none());
         assert!(!fault_injection());
         assert!(!is_fault_frame(&f));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, Write};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    /// Regression (issue 11, item 12): the control socket's mode was the umask's,
+    /// with no bound on connections and no idle timeout.
+    #[test]
+    fn the_control_socket_is_0660_bounded_and_closes_idle_connections() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let (_, gid) = crate::sys::effective_ids();
+        let spec = ControlSpec {
+            path: path.clone(),
+            gid,
+            max_connections: 2,
+            idle_timeout: Duration::from_secs(1),
+        };
+        let d = rt.block_on(async { Daemon::start(vec![], &dir.path().join("state")).unwrap() });
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = rt.spawn(serve_control(d.clone(), spec, async {
+            let _ = stop_rx.await;
+        }));
+        let ok = (0..200).any(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            path.exists()
+        });
+        assert!(ok, "control socket bound");
+        let md = std::fs::symlink_metadata(&path).unwrap();
+        assert_eq!(md.permissions().mode() & 0o777, 0o660);
+        assert_eq!(md.gid(), gid);
+
+        let call = |c: &mut std::os::unix::net::UnixStream, line: &str| -> String {
+            c.write_all(line.as_bytes()).unwrap();
+            let mut r = std::io::BufReader::new(c.try_clone().unwrap());
+            let mut out = String::new();
+            r.read_line(&mut out).unwrap();
+            out
+        };
+        let connect = || {
+            let c = std::os::unix::net::UnixStream::connect(&path).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            c
+        };
+        let mut a = connect();
+        let mut b = connect();
+        assert!(call(&mut a, "{\"cmd\":\"net_list\"}\n").contains("\"ok\":true"));
+        assert!(call(&mut b, "{\"cmd\":\"net_list\"}\n").contains("\"ok\":true"));
+        // A third is told and closed, and counted.
+        let mut c = connect();
+        let mut r = std::io::BufReader::new(c.try_clone().unwrap());
+        let mut out = String::new();
+        r.read_line(&mut out).unwrap();
+        assert!(out.contains("too many control connections"), "{out}");
+        let _ = c.write_all(b"{\"cmd\":\"net_list\"}\n");
+        // The two still work; after a second of silence they are closed.
+        assert!(call(&mut a, "{\"cmd\":\"control_stats\"}\n").contains("\"refused_full\":1"));
+        std::thread::sleep(Duration::from_millis(1500));
+        let mut out = String::new();
+        let mut r = std::io::BufReader::new(b.try_clone().unwrap());
+        r.read_line(&mut out).unwrap();
+        assert!(out.contains("no request for 1 s"), "{out}");
+        out.clear();
+        assert_eq!(r.read_line(&mut out).unwrap(), 0, "closed");
+        // A new connection is served, and the counters say what happened.
+        let mut e = connect();
+        let stats = call(&mut e, "{\"cmd\":\"control_stats\"}\n");
+        assert!(stats.contains("\"closed_idle\":2"), "{stats}");
+        assert!(stats.contains("\"connections\":1"), "{stats}");
+        let _ = stop_tx.send(());
+        rt.block_on(server).unwrap().unwrap();
+        assert!(!path.exists(), "socket removed on exit");
+    }
+
+    #[test]
+    fn the_control_path_is_never_taken_from_somebody_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        std::fs::write(&path, b"precious").unwrap();
+        let spec = ControlSpec {
+            path: path.clone(),
+            gid: 0,
+            max_connections: 1,
+            idle_timeout: Duration::from_secs(1),
+        };
+        assert!(bind_control(&spec).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
     }
 }

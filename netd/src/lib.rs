@@ -12,6 +12,7 @@
 //! thread, writing it straight to the destination port's fd. Services talk to the
 //! switch through bounded tokio channels.
 
+pub mod budget;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -62,6 +62,9 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ForwardCmd,
     },
+    /// The control server's counters: connections open and their bound,
+    /// refused_full (over the bound), closed_idle (closed after the idle timeout).
+    Control,
     /// The NAT flows of a network (and, with --stats, the router's counters).
     Flows {
         /// Network.
@@ -237,6 +240,9 @@ enum PortCmd {
         /// Keep the TAP when netd exits.
         #[arg(long)]
         persistent: bool,
+        /// Port guard: clean or off (default: the network's).
+        #[arg(long)]
+        guard: Option<String>,
     },
     /// Remove a port.
     Del {
@@ -297,6 +303,7 @@ fn serve(config: PathBuf) -> Result<()> {
         }
         Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
     }
+    let control_spec = cfg.control_spec(&config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -312,9 +319,8 @@ fn serve(config: PathBuf) -> Result<()> {
                 _ = tokio::signal::ctrl_c() => {},
             }
         };
-        let control = cfg.control.clone();
         let d2 = daemon.clone();
-        let server = tokio::spawn(netd::daemon::serve_control(d2, control, shutdown));
+        let server = tokio::spawn(netd::daemon::serve_control(d2, control_spec, shutdown));
         // Give the listener a moment to bind before announcing readiness.
         tokio::task::yield_now().await;
         let mut waited = 0;
@@ -404,10 +410,16 @@ fn main() -> ExitCode {
                 netns,
                 path,
                 persistent,
+                guard,
             } => {
                 let kind = match kind.parse::<PortKind>() {
                     Ok(k) => k,
                     Err(e) => return finish(Err(anyhow::anyhow!("--kind: {e}"))),
+                };
+                let guard = match guard.map(|g| g.parse::<fabric_api::netd::Guard>()) {
+                    None => None,
+                    Some(Ok(g)) => Some(g),
+                    Some(Err(e)) => return finish(Err(anyhow::anyhow!("--guard: {e}"))),
                 };
                 let port = PortConfig {
                     name,
@@ -417,6 +429,7 @@ fn main() -> ExitCode {
                     netns,
                     path,
                     persistent,
+                    guard,
                 };
                 // The daemon names an unnamed port after its ifname or path.
                 let done = format!("added {kind} port {} to {net}", port.shown_name());
@@ -432,6 +445,7 @@ fn main() -> ExitCode {
         Cmd::Flows { net, stats: false } => out.show(Request::Flows { net }, cli::flows),
         Cmd::Flows { net, stats: true } => out.show(Request::NatStats { net }, cli::counters),
         Cmd::Outbound { net, cmd } => outbound_cmd(&out, net, cmd),
+        Cmd::Control => out.show(Request::ControlStats, cli::counters),
     };
     finish(r)
 }

@@ -13,6 +13,14 @@
 //! super-frame into MSS-sized segments with correct lengths, sequence numbers,
 //! flags and checksums. Anything it cannot understand is refused (the caller drops
 //! and counts it), never guessed at.
+//!
+//! Bounded work. The header comes from a guest or a peer, so a super-frame is a
+//! request for work: 64 KiB with a segment size of 1 would be 65,000 frames for
+//! every port without vnet support (and as many for a kernel that forwards it).
+//! [`check_gso`] refuses, on ingress, a segment size below [`MIN_GSO_SIZE`] (the
+//! smallest MSS Linux itself sends, `tcp_min_snd_mss`) and a frame that would make
+//! more than [`MAX_GSO_SEGS`] segments; the port counts it (`drop_gso`). [`finish`]
+//! enforces the same bounds again, so no caller can get past them.
 
 use crate::wire::checksum;
 
@@ -28,6 +36,13 @@ pub const GSO_TCPV4: u8 = 1;
 pub const GSO_TCPV6: u8 = 4;
 /// `VIRTIO_NET_HDR_GSO_ECN` (a flag bit on `gso_type`).
 pub const GSO_ECN: u8 = 0x80;
+
+/// Smallest GSO segment size (TCP payload bytes per segment) netd takes: Linux's
+/// own floor for the MSS it sends (`net.ipv4.tcp_min_snd_mss`, default 48).
+pub const MIN_GSO_SIZE: u16 = 48;
+/// Most segments one super-frame may become. A 64 KiB frame at MSS 536 (the
+/// smallest default MSS) is 123 segments, so no honest frame is refused.
+pub const MAX_GSO_SEGS: usize = 128;
 
 /// A virtio-net header (little-endian on the wire for TAP and AF_PACKET on the
 /// hosts netd supports).
@@ -100,6 +115,34 @@ pub enum OffloadError {
     /// GSO segment size is zero
     #[error("GSO segment size is zero")]
     GsoSize,
+    /// GSO segment size {0} is below the minimum
+    #[error("GSO segment size {0} is below the minimum of {MIN_GSO_SIZE}")]
+    GsoTooSmall(u16),
+    /// GSO frame would make {0} segments
+    #[error("GSO frame would make {0} segments, more than {MAX_GSO_SEGS}")]
+    GsoTooManySegs(usize),
+}
+
+/// Checks the work a super-frame asks for (see the module doc): its segment size
+/// is at least [`MIN_GSO_SIZE`] and it makes at most [`MAX_GSO_SEGS`] segments.
+/// A frame that is not GSO passes. The segment count is computed from the frame
+/// length alone (headers count as payload), an upper bound that needs no parsing.
+pub fn check_gso(hdr: &VnetHdr, frame: &[u8]) -> Result<(), OffloadError> {
+    if !hdr.is_gso() {
+        return Ok(());
+    }
+    if hdr.gso_size < MIN_GSO_SIZE {
+        return Err(if hdr.gso_size == 0 {
+            OffloadError::GsoSize
+        } else {
+            OffloadError::GsoTooSmall(hdr.gso_size)
+        });
+    }
+    let segs = frame.len().div_ceil(usize::from(hdr.gso_size));
+    if segs > MAX_GSO_SEGS {
+        return Err(OffloadError::GsoTooManySegs(segs));
+    }
+    Ok(())
 }
 
 /// Size of the largest segment (IP packet) a GSO frame becomes, or the frame's own
@@ -190,10 +233,8 @@ pub fn finish(
         out(scratch);
         return Ok(());
     }
+    check_gso(hdr, frame)?;
     let mss = usize::from(hdr.gso_size);
-    if mss == 0 {
-        return Err(OffloadError::GsoSize);
-    }
     let h = parse_headers(frame, hdr)?;
     let headers = frame.get(..h.total).ok_or(OffloadError::Headers)?;
     let payload = frame.get(h.total..).unwrap_or_default();
@@ -389,10 +430,49 @@ mod tests {
         for n in 0..f.len() {
             let h = VnetHdr {
                 gso_type: GSO_TCPV4,
-                gso_size: 7,
+                gso_size: MIN_GSO_SIZE,
                 ..Default::default()
             };
             let _ = finish(&h, &f[..n], &mut vec![], &mut |_| {});
         }
+    }
+
+    /// Regression (issue 11, item 9): a 64 KiB super-frame with segment size 1 was
+    /// cut into 65,000 frames for every port without vnet support.
+    #[test]
+    fn tiny_segments_and_too_many_segments_are_refused() {
+        let f = tcp_v4_frame(65_000, 0x10);
+        let h = |gso_size| VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            hdr_len: 54,
+            gso_size,
+            csum_start: 34,
+            csum_offset: 16,
+        };
+        let mut n = 0;
+        let r = finish(&h(1), &f, &mut vec![], &mut |_| n += 1);
+        assert_eq!(r, Err(OffloadError::GsoTooSmall(1)));
+        assert_eq!(n, 0, "nothing sent for a refused frame");
+        assert_eq!(check_gso(&h(0), &f), Err(OffloadError::GsoSize));
+        assert_eq!(
+            check_gso(&h(MIN_GSO_SIZE - 1), &f),
+            Err(OffloadError::GsoTooSmall(47))
+        );
+        // At the minimum size a 64 KiB frame is too many segments.
+        assert!(matches!(
+            check_gso(&h(MIN_GSO_SIZE), &f),
+            Err(OffloadError::GsoTooManySegs(_))
+        ));
+        // Honest sizes pass: 1448 (MTU 1500) and 536 (the smallest default MSS).
+        for mss in [536, 1448, 8948] {
+            assert_eq!(check_gso(&h(mss), &f), Ok(()), "mss {mss}");
+            let mut segs = 0;
+            finish(&h(mss), &f, &mut vec![], &mut |_| segs += 1).unwrap();
+            assert_eq!(segs, 65_000usize.div_ceil(usize::from(mss)));
+            assert!(segs <= MAX_GSO_SEGS);
+        }
+        // A plain frame or a partial checksum is no GSO job.
+        assert_eq!(check_gso(&VnetHdr::default(), &f), Ok(()));
     }
 }

@@ -13,11 +13,18 @@
 //! 1. check the frame (at least an Ethernet header, source MAC unicast, payload no
 //!    larger than the ingress port's MTU); a bad frame is dropped and counted on
 //!    the ingress port, by reason;
-//! 2. learn the source MAC on the ingress port (bounded table; a full table stops
-//!    learning, it never evicts a live entry, so a MAC flood cannot push out hosts);
-//! 3. forward: a known unicast destination goes to its port only; broadcast,
+//! 2. on a guarded guest port, the port guard ([`guard`]): the source MAC must be
+//!    the port's, ARP and DHCP must not claim another MAC, and on networks with
+//!    DHCP or NAT the IPv4 source must be one the port may use; anything else is
+//!    dropped and counted by reason (`drop_spoofed_*`);
+//! 3. learn the source MAC on the ingress port (bounded table; a full table stops
+//!    learning, it never evicts a live entry, so a MAC flood cannot push out hosts;
+//!    an unguarded port holds at most `max_macs_per_port` entries, more are
+//!    `drop_mac_limit`; a service's MAC is pinned to its port, and a frame from it
+//!    on another port is `drop_spoofed_mac`);
+//! 4. forward: a known unicast destination goes to its port only; broadcast,
 //!    multicast and unknown unicast are flooded to every other port of the network;
-//! 4. each egress port checks its MTU (for a TCP super-frame: its segments') and
+//! 5. each egress port checks its MTU (for a TCP super-frame: its segments') and
 //!    sends: with the frame's virtio-net header to ports that take one (TAP, vm),
 //!    finished in software ([`crate::offload`]) to those that do not (stream,
 //!    services); a full or absent peer is a counted drop on the egress port.
@@ -26,19 +33,22 @@
 //! table and no port list. Entries age out after `mac_ageing` seconds without a
 //! frame from that MAC; a deleted port takes its entries with it.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use crate::budget::ByteBudget;
 use crate::offload::{finish, segment_payload_len, VnetHdr, VNET_HDR_LEN};
 
 mod fdb;
+pub mod guard;
 
-pub use self::fdb::Fdb;
+pub use self::fdb::{Fdb, Learn};
+pub use self::guard::{Guard, GuardDrop, IpGuard, PortGuard};
 
 /// Ethernet header length.
 pub const ETH_HLEN: usize = 14;
@@ -190,6 +200,20 @@ pub struct Counters {
     pub drop_offload: AtomicU64,
     /// Times the port's receive thread panicked and was restarted.
     pub restarts: AtomicU64,
+    /// Dropped by the guard: a source MAC not the port's (or a service's MAC).
+    pub drop_spoofed_mac: AtomicU64,
+    /// Dropped by the guard: an IPv4 source the port may not use.
+    pub drop_spoofed_ip: AtomicU64,
+    /// Dropped by the guard: ARP claiming another MAC or address.
+    pub drop_spoofed_arp: AtomicU64,
+    /// Dropped by the guard: a DHCP message with another MAC as `chaddr`.
+    pub drop_spoofed_dhcp: AtomicU64,
+    /// Dropped on ingress: a new source MAC on a port at `max_macs_per_port`.
+    pub drop_mac_limit: AtomicU64,
+    /// Dropped on ingress: a TCP super-frame asking for too much work (segment size
+    /// below [`crate::offload::MIN_GSO_SIZE`] or more than
+    /// [`crate::offload::MAX_GSO_SEGS`] segments).
+    pub drop_gso: AtomicU64,
 }
 
 /// A snapshot of [`Counters`], as the control API shows it.
@@ -220,6 +244,24 @@ pub struct CountersSnapshot {
     /// See [`Counters`].
     #[serde(default)]
     pub restarts: u64,
+    /// See [`Counters`].
+    #[serde(default)]
+    pub drop_spoofed_mac: u64,
+    /// See [`Counters`].
+    #[serde(default)]
+    pub drop_spoofed_ip: u64,
+    /// See [`Counters`].
+    #[serde(default)]
+    pub drop_spoofed_arp: u64,
+    /// See [`Counters`].
+    #[serde(default)]
+    pub drop_spoofed_dhcp: u64,
+    /// See [`Counters`].
+    #[serde(default)]
+    pub drop_mac_limit: u64,
+    /// See [`Counters`].
+    #[serde(default)]
+    pub drop_gso: u64,
 }
 
 impl Counters {
@@ -239,7 +281,25 @@ impl Counters {
             drop_hairpin: r(&self.drop_hairpin),
             drop_offload: r(&self.drop_offload),
             restarts: r(&self.restarts),
+            drop_spoofed_mac: r(&self.drop_spoofed_mac),
+            drop_spoofed_ip: r(&self.drop_spoofed_ip),
+            drop_spoofed_arp: r(&self.drop_spoofed_arp),
+            drop_spoofed_dhcp: r(&self.drop_spoofed_dhcp),
+            drop_mac_limit: r(&self.drop_mac_limit),
+            drop_gso: r(&self.drop_gso),
         }
+    }
+
+    /// Counts a drop by the guard.
+    fn guard_drop(&self, why: GuardDrop) {
+        let c = match why {
+            GuardDrop::SpoofedMac => &self.drop_spoofed_mac,
+            GuardDrop::SpoofedIp => &self.drop_spoofed_ip,
+            GuardDrop::SpoofedArp => &self.drop_spoofed_arp,
+            GuardDrop::SpoofedDhcp => &self.drop_spoofed_dhcp,
+            GuardDrop::MacLimit => &self.drop_mac_limit,
+        };
+        inc(c, 1);
     }
 }
 
@@ -261,6 +321,8 @@ pub struct Port {
     pub counters: Counters,
     /// Whether the port takes virtio-net headers.
     pub vnet: bool,
+    /// The port guard (off on everything but a guarded guest port).
+    pub guard: PortGuard,
     tx: Box<dyn PortTx>,
 }
 
@@ -341,6 +403,12 @@ pub struct PortInfo {
     pub kind: PortClass,
     /// MTU.
     pub mtu: usize,
+    /// The port guard in force: "clean" (guarded) or "off".
+    #[serde(default)]
+    pub guard: Guard,
+    /// The MAC a guarded port is locked to, if any yet.
+    #[serde(default)]
+    pub locked_mac: Option<String>,
     /// Counters.
     pub counters: CountersSnapshot,
 }
@@ -354,6 +422,14 @@ pub struct Network {
     next_id: AtomicU64,
     /// Every port its own segment with the services (NAT `isolated = true`).
     isolated: AtomicBool,
+    /// MAC ageing (also how long a learned port lock outlives its MAC's silence).
+    ageing: Duration,
+    /// Whether guest ports without their own setting are guarded.
+    guard_default: AtomicBool,
+    /// Most MACs an unguarded port may hold in the table.
+    max_per_port: AtomicUsize,
+    /// Who may use which address (networks with DHCP or NAT).
+    ip_guard: OnceLock<Arc<IpGuard>>,
 }
 
 /// An in-process service attached to a network as a port: frames the service
@@ -394,24 +470,28 @@ impl SwitchIn {
     }
 }
 
+/// Most bytes waiting in the channel from the switch to one service, besides its
+/// bound in frames: a channel of 4096 frames would otherwise hold 4096 TCP
+/// super-frames of 64 KiB (see [`crate::budget`]).
+pub const SERVICE_QUEUE_BYTES: usize = 16 << 20;
+
 /// Channel transmit of a direct service that takes offloaded frames: each message
 /// is the virtio-net header followed by the frame.
-struct VnetChannelTx(mpsc::Sender<Bytes>);
+struct VnetChannelTx(mpsc::Sender<Bytes>, Arc<ByteBudget>);
 
 impl VnetTx for VnetChannelTx {
     fn send_with_hdr(&self, hdr: &[u8; VNET_HDR_LEN], frame: &[u8]) -> Result<(), TxError> {
-        let mut b = Vec::with_capacity(VNET_HDR_LEN + frame.len());
-        b.extend_from_slice(hdr);
-        b.extend_from_slice(frame);
-        channel_send(&self.0, Bytes::from(b))
+        let msg = self.1.charge(&[hdr, frame]).ok_or(TxError::Full)?;
+        channel_send(&self.0, msg)
     }
 }
 
-struct ChannelTx(mpsc::Sender<Bytes>);
+struct ChannelTx(mpsc::Sender<Bytes>, Arc<ByteBudget>);
 
 impl PortTx for ChannelTx {
     fn send(&self, frame: &[u8]) -> Result<(), TxError> {
-        channel_send(&self.0, Bytes::copy_from_slice(frame))
+        let msg = self.1.charge(&[frame]).ok_or(TxError::Full)?;
+        channel_send(&self.0, msg)
     }
 }
 
@@ -434,7 +514,47 @@ impl Network {
             fdb: Mutex::new(Fdb::new(max_macs, ageing)),
             next_id: AtomicU64::new(1),
             isolated: AtomicBool::new(false),
+            ageing,
+            guard_default: AtomicBool::new(false),
+            max_per_port: AtomicUsize::new(usize::MAX),
+            ip_guard: OnceLock::new(),
         })
+    }
+
+    /// The guard of guest ports without a `guard` of their own (a new network's is
+    /// off; netd sets the network's `guard`, default clean).
+    pub fn set_guard_default(&self, g: Guard) {
+        self.guard_default
+            .store(g == Guard::Clean, Ordering::Relaxed);
+    }
+
+    /// The most MACs an unguarded port may hold in the table.
+    pub fn set_max_macs_per_port(&self, n: usize) {
+        self.max_per_port.store(n.max(1), Ordering::Relaxed);
+    }
+
+    /// Turns on the IPv4 source checks of guarded ports with `g` (once; later calls
+    /// are ignored).
+    pub fn set_ip_guard(&self, g: Arc<IpGuard>) {
+        let _ = self.ip_guard.set(g);
+    }
+
+    /// The network's address bindings, if it checks IPv4 sources.
+    pub fn ip_guard(&self) -> Option<&Arc<IpGuard>> {
+        self.ip_guard.get()
+    }
+
+    /// Pins `mac` (a service's own MAC) to the port `port`: frames from it on any
+    /// other port are dropped, and it never ages or moves.
+    pub fn pin_mac(&self, port: &str, mac: [u8; 6]) -> Result<(), SwitchError> {
+        let p = self
+            .port(port)
+            .ok_or_else(|| SwitchError::NoSuchPort(port.to_string()))?;
+        self.fdb
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pin(mac, p.id, Instant::now());
+        Ok(())
     }
 
     /// Its name.
@@ -447,13 +567,33 @@ impl Network {
         self.mtu
     }
 
-    /// Adds a port with the network's MTU; returns it.
+    /// Adds a port with the network's MTU and guard; returns it.
     pub fn add_port(
         &self,
         name: &str,
         kind: PortClass,
         tx: Box<dyn PortTx>,
     ) -> Result<Arc<Port>, SwitchError> {
+        self.add_port_with(name, kind, tx, None, None)
+    }
+
+    /// Adds a port with the network's MTU; a guest port (`tap`, `vm`, `stream`) is
+    /// guarded per `guard` (else the network's default) and locked to `mac` if
+    /// given. Other kinds are never guarded.
+    pub fn add_port_with(
+        &self,
+        name: &str,
+        kind: PortClass,
+        tx: Box<dyn PortTx>,
+        guard: Option<Guard>,
+        mac: Option<[u8; 6]>,
+    ) -> Result<Arc<Port>, SwitchError> {
+        let guest = matches!(kind, PortClass::Tap | PortClass::Vm | PortClass::Stream);
+        let on = guest
+            && match guard {
+                Some(g) => g == Guard::Clean,
+                None => self.guard_default.load(Ordering::Relaxed),
+            };
         let mut ports = self.ports.write().unwrap_or_else(|e| e.into_inner());
         if ports.iter().any(|p| p.name == name) {
             return Err(SwitchError::PortExists(name.to_string()));
@@ -465,6 +605,7 @@ impl Network {
             mtu: self.mtu,
             counters: Counters::default(),
             vnet: tx.vnet(),
+            guard: PortGuard::new(on, mac.filter(|_| on)),
             tx,
         });
         ports.push(port.clone());
@@ -515,7 +656,14 @@ impl Network {
     ) -> Result<ServicePort, SwitchError> {
         let (to_service_tx, from_switch) = mpsc::channel(capacity.max(1));
         let (to_switch, mut from_service) = mpsc::channel::<Bytes>(capacity.max(1));
-        let port = self.add_port(name, PortClass::Service, Box::new(ChannelTx(to_service_tx)))?;
+        let port = self.add_port(
+            name,
+            PortClass::Service,
+            Box::new(ChannelTx(
+                to_service_tx,
+                ByteBudget::new(SERVICE_QUEUE_BYTES),
+            )),
+        )?;
         let net = self.clone();
         let id = port.id;
         std::thread::Builder::new()
@@ -547,9 +695,15 @@ impl Network {
     ) -> Result<(SwitchIn, mpsc::Receiver<Bytes>), SwitchError> {
         let (to_service_tx, from_switch) = mpsc::channel(capacity.max(1));
         let tx: Box<dyn PortTx> = if vnet {
-            Box::new(VnetChannelTx(to_service_tx))
+            Box::new(VnetChannelTx(
+                to_service_tx,
+                ByteBudget::new(SERVICE_QUEUE_BYTES),
+            ))
         } else {
-            Box::new(ChannelTx(to_service_tx))
+            Box::new(ChannelTx(
+                to_service_tx,
+                ByteBudget::new(SERVICE_QUEUE_BYTES),
+            ))
         };
         let port = self.add_port(name, PortClass::Service, tx)?;
         Ok((
@@ -573,14 +727,17 @@ impl Network {
 
     /// Every port, with counters.
     pub fn port_infos(&self) -> Vec<PortInfo> {
-        self.ports
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
+        // Not under the ports lock: a port's guard state is locked while the guard
+        // reads the port list.
+        let ports: Vec<Arc<Port>> = self.ports.read().unwrap_or_else(|e| e.into_inner()).clone();
+        ports
             .iter()
             .map(|p| PortInfo {
                 name: p.name.clone(),
                 kind: p.kind,
                 mtu: p.mtu,
+                guard: if p.guard.on { Guard::Clean } else { Guard::Off },
+                locked_mac: p.guard.locked_mac().map(|m| crate::config::fmt_mac(&m)),
                 counters: p.counters.snapshot(),
             })
             .collect()
@@ -666,18 +823,43 @@ impl Network {
             inc(&from.counters.drop_mtu, 1);
             return false;
         }
-        inc(&from.counters.rx_frames, 1);
-        inc(&from.counters.rx_bytes, frame.len() as u64);
         let now = Instant::now();
+        if from.guard.on {
+            if let Err(why) = self.guard_check(from, src, frame, now) {
+                from.counters.guard_drop(why);
+                return false;
+            }
+        }
         let target = {
             let mut fdb = self.fdb.lock().unwrap_or_else(|e| e.into_inner());
-            fdb.learn(src, from.id, now);
+            // A guarded port is locked to one MAC already.
+            let cap = if from.guard.on {
+                usize::MAX
+            } else {
+                self.max_per_port.load(Ordering::Relaxed)
+            };
+            match fdb.learn(src, from.id, now, cap) {
+                Learn::Learned | Learn::TableFull => {}
+                // A service may answer from another service's MAC (the DHCP server
+                // replying for the router): forwarded, not learned.
+                Learn::Pinned if from.kind == PortClass::Service => {}
+                Learn::Pinned => {
+                    from.counters.guard_drop(GuardDrop::SpoofedMac);
+                    return false;
+                }
+                Learn::PortFull => {
+                    from.counters.guard_drop(GuardDrop::MacLimit);
+                    return false;
+                }
+            }
             if dst[0] & 1 == 0 {
                 fdb.lookup(&dst, now)
             } else {
                 None
             }
         };
+        inc(&from.counters.rx_frames, 1);
+        inc(&from.counters.rx_bytes, frame.len() as u64);
         let ports = self.ports.read().unwrap_or_else(|e| e.into_inner());
         let isolated = self.isolated.load(Ordering::Relaxed) && from.kind != PortClass::Service;
         let allowed = |p: &Port| !isolated || p.kind == PortClass::Service;
@@ -706,6 +888,44 @@ impl Network {
             }
         }
         false
+    }
+
+    /// The port guard of a guarded port (see [`guard`]).
+    fn guard_check(
+        &self,
+        from: &Port,
+        src: [u8; 6],
+        frame: &[u8],
+        now: Instant,
+    ) -> Result<(), GuardDrop> {
+        let free = || self.mac_free(src, from.id, now);
+        if !from.guard.mac_ok(src, now, self.ageing, free) {
+            return Err(GuardDrop::SpoofedMac);
+        }
+        guard::check(
+            frame,
+            src,
+            &from.guard,
+            self.ip_guard.get().map(|g| &**g),
+            now,
+        )
+    }
+
+    /// Whether a guarded port `id` may lock `mac`: no other port has it (learned
+    /// and live, pinned, or configured).
+    fn mac_free(&self, mac: [u8; 6], id: PortId, now: Instant) -> bool {
+        {
+            let fdb = self.fdb.lock().unwrap_or_else(|e| e.into_inner());
+            if fdb.pinned_elsewhere(&mac, id) || fdb.lookup(&mac, now).is_some_and(|p| p != id) {
+                return false;
+            }
+        }
+        !self
+            .ports
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|p| p.id != id && p.guard.configured == Some(mac))
     }
 }
 

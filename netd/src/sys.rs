@@ -58,6 +58,148 @@ pub fn if_disable_ipv6(ifname: &str) {
     }
 }
 
+/// Turns IPv4 and IPv6 forwarding off for frames received on `ifname`
+/// (`/proc/sys/net/ipv{4,6}/conf/IF/forwarding = 0`), so a host with
+/// `ip_forward = 1` still routes nothing from that interface elsewhere. IPv6 is
+/// skipped when the kernel has none for the interface (no conf directory).
+///
+/// Caveat: a later write to the global `net.ipv4.ip_forward` (or `conf/all`) sets
+/// every interface's value again (the daemon checks and sets it again).
+pub fn if_disable_forwarding(ifname: &str) -> io::Result<()> {
+    check_ifname(ifname)?;
+    std::fs::write(format!("/proc/sys/net/ipv4/conf/{ifname}/forwarding"), "0")?;
+    let v6 = format!("/proc/sys/net/ipv6/conf/{ifname}/forwarding");
+    match std::fs::write(&v6, "0") {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}
+
+/// Whether forwarding is off for `ifname` (IPv4, and IPv6 where it exists).
+pub fn if_forwarding_off(ifname: &str) -> io::Result<bool> {
+    check_ifname(ifname)?;
+    let off = |p: String| -> io::Result<bool> {
+        match std::fs::read_to_string(p) {
+            Ok(s) => Ok(s.trim() == "0"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+            Err(e) => Err(e),
+        }
+    };
+    Ok(off(format!("/proc/sys/net/ipv4/conf/{ifname}/forwarding"))?
+        && off(format!("/proc/sys/net/ipv6/conf/{ifname}/forwarding"))?)
+}
+
+/// The gid of group `name` (through the C library, so NSS groups count too), or
+/// `name` itself when it is a number. None when there is no such group.
+pub fn group_gid(name: &str) -> Option<u32> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Some(gid);
+    }
+    let cname = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: `struct group` is plain old data; all-zero is a valid value.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer refers to live memory of the size passed (`cname` is
+    // NUL-terminated, `buf` is `buf.len()` bytes); the call writes only into `grp`,
+    // `buf` and `result`, and we read `grp.gr_gid` only when `result` is non-null.
+    let r = unsafe {
+        libc::getgrnam_r(
+            cname.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    (r == 0 && !result.is_null()).then_some(grp.gr_gid)
+}
+
+/// netd's effective uid and gid.
+pub fn effective_ids() -> (u32, u32) {
+    // SAFETY: geteuid(2) and getegid(2) take no arguments and cannot fail.
+    unsafe { (libc::geteuid(), libc::getegid()) }
+}
+
+/// `SIOCETHTOOL`.
+const SIOCETHTOOL: libc::c_ulong = 0x8946;
+/// `ETHTOOL_GDRVINFO`.
+const ETHTOOL_GDRVINFO: u32 = 3;
+
+/// `struct ethtool_drvinfo` (196 bytes).
+#[repr(C)]
+struct EthtoolDrvinfo {
+    cmd: u32,
+    driver: [u8; 32],
+    version: [u8; 32],
+    fw_version: [u8; 32],
+    bus_info: [u8; 32],
+    erom_version: [u8; 32],
+    reserved2: [u8; 12],
+    n_priv_flags: u32,
+    n_stats: u32,
+    testinfo_len: u32,
+    eedump_len: u32,
+    regdump_len: u32,
+}
+
+/// What kind of device an existing interface is, as far as a `vm` port cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IfKind {
+    /// A TAP (the tun driver, in TAP mode).
+    Tap,
+    /// Anything else: the driver's name and bus info (`tun`/`tun` for a TUN device,
+    /// `veth`, `dummy`, a NIC's driver).
+    Other(String),
+}
+
+/// Asks the driver of `ifname` what it is (`ethtool -i`): a TAP is driver `tun`
+/// with bus info `tap`. Works in the caller's network namespace, with no sysfs.
+pub fn if_kind(ifname: &str) -> io::Result<IfKind> {
+    check_ifname(ifname)?;
+    // SAFETY: plain socket(2) call; the result is checked.
+    let s = cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: `s` was just created and is owned by nobody else.
+    let s = unsafe { OwnedFd::from_raw_fd(s) };
+    // SAFETY: both are plain old data; all-zero is a valid value of each.
+    let mut info: EthtoolDrvinfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    // SAFETY: as above.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, b) in ifr.ifr_name.iter_mut().zip(ifname.bytes()) {
+        *d = b as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_data = &mut info as *mut EthtoolDrvinfo as *mut libc::c_char;
+    // SAFETY: `ifr` is a valid `struct ifreq` whose name is NUL-terminated (checked
+    // to at most 15 bytes, the rest zero) and whose data pointer points to a live,
+    // writable `struct ethtool_drvinfo`, as SIOCETHTOOL with ETHTOOL_GDRVINFO expects;
+    // both outlive the call.
+    let r = cvt(unsafe {
+        libc::ioctl(
+            s.as_raw_fd(),
+            SIOCETHTOOL as _,
+            &mut ifr as *mut libc::ifreq,
+        )
+    });
+    match r {
+        // Devices without driver information (`lo`) are no TAP either.
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+            return Ok(IfKind::Other("no driver information".into()))
+        }
+        r => r?,
+    };
+    let text = |b: &[u8]| {
+        let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+        String::from_utf8_lossy(b.get(..end).unwrap_or_default()).into_owned()
+    };
+    let (driver, bus) = (text(&info.driver), text(&info.bus_info));
+    Ok(if driver == "tun" && bus == "tap" {
+        IfKind::Tap
+    } else {
+        IfKind::Other(format!("driver {driver:?}, bus {bus:?}"))
+    })
+}
+
 /// Opens an AF_PACKET raw socket bound to interface `ifindex`, receiving every
 /// protocol but not the frames the host itself sends out of that interface, with
 /// a virtio-net header before every frame both ways (so offloaded frames of a VMM
@@ -343,4 +485,28 @@ pub fn open_netns(name: &str) -> io::Result<std::fs::File> {
     }
     std::fs::File::open(format!("/run/netns/{name}"))
         .or_else(|_| std::fs::File::open(format!("/var/run/netns/{name}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drvinfo_has_the_kernels_size() {
+        assert_eq!(std::mem::size_of::<EthtoolDrvinfo>(), 196);
+    }
+
+    /// Regression (issue 11, item 12): a `vm` port took any existing interface.
+    #[test]
+    fn only_a_tap_is_a_tap() {
+        assert!(matches!(if_kind("lo"), Ok(IfKind::Other(_))));
+        assert!(if_kind("ndnosuchif0").is_err());
+        assert!(if_kind("bad/name").is_err());
+        // With the rights to make one (root), a TAP is recognised as such; the
+        // end-to-end test netd_attack_bounds covers veth and TAP with a real daemon.
+        if let Ok(fd) = tap_open("ndkindtest0", false) {
+            assert_eq!(if_kind("ndkindtest0").unwrap(), IfKind::Tap);
+            drop(fd);
+        }
+    }
 }

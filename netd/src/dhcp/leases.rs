@@ -5,7 +5,7 @@
 //! Persistence: the leases (not the offers or declines, which are short holds) are
 //! written to `leases-<network>.json` atomically: to a temporary file, fsync, rename,
 //! fsync the directory, so that a crash leaves either the old file or the new one.
-//! The server calls [`LeaseDb::save`] before an ACK leaves.
+//! The server's writer thread calls [`save_leases`] before an ACK leaves.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -112,27 +112,17 @@ impl LeaseDb {
         v
     }
 
+    /// The lease file, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    #[cfg(test)]
     pub(super) fn save(&self) -> Result<(), LeaseError> {
-        let Some(path) = &self.path else {
-            return Ok(());
-        };
-        let werr = |source| LeaseError::Write {
-            path: path.clone(),
-            source,
-        };
-        let data = serde_json::to_vec_pretty(&self.leases())
-            .map_err(|e| werr(std::io::Error::other(e)))?;
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let tmp = path.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(werr)?;
-        f.write_all(&data).map_err(werr)?;
-        f.sync_all().map_err(werr)?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(werr)?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(werr)?;
-        Ok(())
+        match &self.path {
+            Some(p) => save_leases(p, &self.leases()),
+            None => Ok(()),
+        }
     }
 
     /// Every address held at `now` by somebody other than `mac` (see
@@ -167,6 +157,27 @@ impl LeaseDb {
                 .any(|(m, (o, until))| m != mac && *o == ip && *until > now)
             || self.declined.get(&ip).is_some_and(|until| *until > now)
     }
+}
+
+/// Writes `leases` to `path` atomically and durably: a temporary file, fsync,
+/// rename, fsync of the directory.
+pub(super) fn save_leases(path: &Path, leases: &[Lease]) -> Result<(), LeaseError> {
+    let werr = |source| LeaseError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let data = serde_json::to_vec_pretty(leases).map_err(|e| werr(std::io::Error::other(e)))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(werr)?;
+    f.write_all(&data).map_err(werr)?;
+    f.sync_all().map_err(werr)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(werr)?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(werr)?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -12,7 +12,9 @@
 //! then the one it asks for, then the lowest free one; offers, leases and declines are
 //! each bounded by [`MAX_CLIENTS`]. ACKed leases are written to
 //! `leases-<network>.json` under the state directory atomically before the ACK
-//! leaves, so a lease a client heard about survives a crash or restart of netd.
+//! leaves (by a writer thread, in groups: see `server.rs`), so a lease a client
+//! heard about survives a crash or restart of netd. Messages are trusted only for
+//! the MAC that sent them (see `server.rs`).
 
 mod leases;
 mod message;
@@ -21,5 +23,6 @@ mod server;
 pub use self::leases::{Lease, LeaseDb, LeaseError};
 pub use self::message::{opt, DhcpMessage, MsgType, ParseError, MAX_OPTIONS};
 pub use self::server::{
-    run, unix_now, DhcpServer, DECLINE_HOLD_SECS, MAX_CLIENTS, OFFER_HOLD_SECS,
+    run, unix_now, DhcpServer, LeaseWriter, Routed, SharedStats, DECLINE_HOLD_SECS, MAX_CLIENTS,
+    OFFER_HOLD_SECS,
 };

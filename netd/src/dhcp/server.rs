@@ -10,12 +10,37 @@
 //! and declined addresses are each capped at [`MAX_CLIENTS`] (new clients past that
 //! are refused and counted in `refused_full`), so made-up MACs cannot grow them with
 //! the range.
+//!
+//! Trust (RFC 2131 4.3.2, and the guest is hostile): a message counts only for the
+//! MAC that sent it (`chaddr` must be the frame's source, else `spoofed_chaddr`); a
+//! REQUEST is ACKed only for the address offered to that client, its own lease
+//! (INIT-REBOOT, RENEWING, REBINDING) or its reservation, else NAKed
+//! (`nak_unoffered`); RELEASE and DECLINE act only on the sender's own lease or
+//! offer (else `foreign_release`). An address a static guest is using (bound by
+//! the port guard) is not handed out.
+//!
+//! Durability without blocking: [`DhcpServer::handle_frame`] only changes memory.
+//! [`run`] hands every lease change, with the ACK that announces it, to a writer
+//! thread ([`LeaseWriter`]), which writes the lease file (fsync, rename, directory
+//! fsync) and only then sends the ACKs. Changes queued while a write is under way go
+//! out together in the next one (group commit), so a REQUEST flood costs one write
+//! per fsync time, not one per REQUEST, and never stalls the switch, the NAT router
+//! (which hands unicast DHCP to the server's queue and returns) or the runtime. A
+//! failed write sends no ACK (`save_failed`): the client asks again.
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
 
 use super::{opt, DhcpMessage, Lease, LeaseDb, MsgType};
 use crate::config::{fmt_mac, DhcpSpec, Ipv4Spec};
+use crate::switch::IpGuard;
 use crate::wire::{
     self, Arp, Ethernet, Ipv4, Udp, BROADCAST_MAC, ETHERTYPE_ARP, ETHERTYPE_IPV4, IPPROTO_UDP,
 };
@@ -43,6 +68,29 @@ pub struct DhcpServer {
     pub refused_full: u64,
     /// UDP datagrams to port 67 that were not a valid DHCP message (dropped).
     pub malformed: u64,
+    /// Messages whose `chaddr` was not the frame's source MAC (ignored).
+    pub spoofed_chaddr: u64,
+    /// RELEASEs and DECLINEs for an address that is not the sender's (ignored).
+    pub foreign_release: u64,
+    /// REQUESTs for an address not offered or leased to the client (NAKed).
+    pub nak_unoffered: u64,
+    /// Counters kept outside the server's lock (the writer thread, the router).
+    pub shared: Arc<SharedStats>,
+    /// The port guard's address bindings, kept in step with the leases.
+    ip_guard: Option<Arc<IpGuard>>,
+    /// Leases changed since the last [`DhcpServer::take_changed`].
+    changed: bool,
+}
+
+/// Counters updated without the server's lock.
+#[derive(Debug, Default)]
+pub struct SharedStats {
+    /// ACKs withheld because the lease file could not be written.
+    pub save_failed: AtomicU64,
+    /// Lease file writes done.
+    pub commits: AtomicU64,
+    /// Frames the router could not queue for the server.
+    pub dropped_busy: AtomicU64,
 }
 
 impl DhcpServer {
@@ -58,6 +106,52 @@ impl DhcpServer {
             db,
             refused_full: 0,
             malformed: 0,
+            spoofed_chaddr: 0,
+            foreign_release: 0,
+            nak_unoffered: 0,
+            shared: Arc::default(),
+            ip_guard: None,
+            changed: false,
+        }
+    }
+
+    /// Keeps `g` (the port guard's address table) in step with the leases, from now.
+    pub fn set_ip_guard(&mut self, g: Arc<IpGuard>) {
+        self.ip_guard = Some(g);
+        self.sync_guard();
+    }
+
+    fn sync_guard(&self) {
+        if let Some(g) = &self.ip_guard {
+            g.set_leases(self.db.by_mac.iter().map(|(m, l)| (*m, l.ip, l.expires)));
+        }
+    }
+
+    /// Whether the leases changed since the last call (they are then to be saved).
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
+    }
+
+    /// Whether a static guest is using `ip` (so it is not to be handed out).
+    fn bound_elsewhere(&self, ip: Ipv4Addr, mac: &[u8; 6]) -> bool {
+        self.ip_guard
+            .as_ref()
+            .is_some_and(|g| g.bound_to_other(ip, mac, Instant::now()))
+    }
+
+    /// The counters, as the control API shows them.
+    pub fn stats(&self) -> fabric_api::netd::DhcpStats {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        fabric_api::netd::DhcpStats {
+            leases: self.db.leases().len(),
+            malformed: self.malformed,
+            refused_full: self.refused_full,
+            spoofed_chaddr: self.spoofed_chaddr,
+            foreign_release: self.foreign_release,
+            nak_unoffered: self.nak_unoffered,
+            save_failed: r(&self.shared.save_failed),
+            dropped_busy: r(&self.shared.dropped_busy),
+            commits: r(&self.shared.commits),
         }
     }
 
@@ -91,6 +185,7 @@ impl DhcpServer {
             && ip != self.spec.server
             && !self.reserved_for_other(ip, mac)
             && !self.db.taken_by_other(ip, mac, now)
+            && !self.bound_elsewhere(ip, mac)
     }
 
     fn choose(&self, mac: &[u8; 6], requested: Option<Ipv4Addr>, now: u64) -> Option<Ipv4Addr> {
@@ -123,6 +218,7 @@ impl DhcpServer {
                 && *ip != self.spec.server
                 && !taken.contains(ip)
                 && !self.reserved_for_other(*ip, mac)
+                && !self.bound_elsewhere(*ip, mac)
         };
         let range = u32::from(self.spec.start)..=u32::from(self.spec.end);
         let never = range
@@ -173,8 +269,8 @@ impl DhcpServer {
     }
 
     /// Handles one DHCP message; returns the reply, if any. `now` is Unix seconds.
-    /// Lease changes are persisted before this returns (errors are logged: the
-    /// client is still answered, the lease is still held in memory).
+    /// Lease changes are made in memory only and flagged ([`Self::take_changed`]):
+    /// the caller saves them before the reply leaves ([`run`] does).
     pub fn handle(&mut self, m: &DhcpMessage, now: u64) -> Option<DhcpMessage> {
         if m.op != 1 {
             return None;
@@ -208,6 +304,20 @@ impl DhcpServer {
                     (None, c) if !c.is_unspecified() => c,
                     _ => return Some(self.reply(m, MsgType::Nak, Ipv4Addr::UNSPECIFIED, false)),
                 };
+                // SELECTING asks for what it was offered; INIT-REBOOT, RENEWING and
+                // REBINDING for what it holds. Anything else was never this
+                // client's to ask for (RFC 2131 4.3.2: NAK).
+                let offered = self
+                    .db
+                    .offers
+                    .get(&mac)
+                    .is_some_and(|(ip, until)| *ip == wanted && *until > now);
+                let own = self.db.by_mac.get(&mac).is_some_and(|l| l.ip == wanted);
+                let reserved = self.reserved_for(&mac) == Some(wanted);
+                if !(offered || own || reserved) {
+                    self.nak_unoffered += 1;
+                    return Some(self.reply(m, MsgType::Nak, Ipv4Addr::UNSPECIFIED, false));
+                }
                 let ok = match self.reserved_for(&mac) {
                     Some(r) => r == wanted,
                     None => self.usable(wanted, &mac, now),
@@ -244,26 +354,31 @@ impl DhcpServer {
                         hostname,
                     },
                 );
-                if let Err(e) = self.db.save() {
-                    tracing::error!(error = %crate::error_chain(&e), "lease not persisted");
-                }
+                self.changed = true;
                 Some(self.reply(m, MsgType::Ack, wanted, true))
             }
             MsgType::Release => {
-                if let Some(l) = self.db.by_mac.get_mut(&mac) {
-                    if l.ip == m.ciaddr {
+                match self.db.by_mac.get_mut(&mac) {
+                    Some(l) if l.ip == m.ciaddr => {
                         // Keep the record (the client gets the same address back if it
                         // is still free), but the address is free for others now.
                         l.expires = now;
-                        if let Err(e) = self.db.save() {
-                            tracing::error!(error = %crate::error_chain(&e), "lease not persisted");
-                        }
+                        self.changed = true;
                     }
+                    _ => self.foreign_release += 1,
                 }
                 None
             }
             MsgType::Decline => {
-                if let Some(ip) = requested.filter(|ip| self.in_range(*ip)) {
+                let ip = requested?;
+                let mine = self.db.offers.get(&mac).is_some_and(|(o, _)| *o == ip)
+                    || self.db.by_mac.get(&mac).is_some_and(|l| l.ip == ip);
+                if !mine {
+                    // Somebody else's address: declining it would take it from them.
+                    self.foreign_release += 1;
+                    return None;
+                }
+                if self.in_range(ip) {
                     if self.db.declined.len() >= MAX_CLIENTS {
                         self.db.declined.retain(|_, until| *until > now);
                     }
@@ -276,9 +391,7 @@ impl DhcpServer {
                     self.db.offers.remove(&mac);
                     if self.db.by_mac.get(&mac).is_some_and(|l| l.ip == ip) {
                         self.db.by_mac.remove(&mac);
-                        if let Err(e) = self.db.save() {
-                            tracing::error!(error = %crate::error_chain(&e), "lease not persisted");
-                        }
+                        self.changed = true;
                     }
                 }
                 None
@@ -330,7 +443,17 @@ impl DhcpServer {
                         return None;
                     }
                 };
-                let reply = self.handle(&msg, now)?;
+                // A client speaks for itself only (a relay, with giaddr, for others).
+                if msg.giaddr.is_unspecified() && msg.chaddr != eth.src {
+                    self.spoofed_chaddr += 1;
+                    return None;
+                }
+                let reply = self.handle(&msg, now);
+                if self.changed {
+                    // Before the reply can leave: the guard lets the new address in.
+                    self.sync_guard();
+                }
+                let reply = reply?;
                 // RFC 2131 4.1: relay -> giaddr; renewing client -> ciaddr; NAK or
                 // broadcast flag -> broadcast; else unicast to yiaddr at chaddr.
                 let (dst_mac, dst_ip, port) = if !msg.giaddr.is_unspecified() {
@@ -365,34 +488,186 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Serves DHCP on a service port until the switch side goes away.
-///
-/// A frame is handled on tokio's blocking pool: an ACK writes and fsyncs the lease
-/// file, and a guest that floods REQUESTs must not hold one of the daemon's two
-/// runtime workers (shared with every other network's services and the control
-/// socket) in fsync. Frames are still handled one at a time, in order.
-pub async fn run(
-    server: std::sync::Arc<std::sync::Mutex<DhcpServer>>,
-    mut port: crate::switch::ServicePort,
+/// The lease file writer of one server: a thread that saves the newest lease list
+/// it was given, then sends the replies that waited for it (see the module doc).
+pub struct LeaseWriter {
+    q: Arc<(Mutex<Pending>, Condvar)>,
+}
+
+/// How the writer saves a lease list (the lease file; tests slow it down).
+pub type Saver = Box<dyn FnMut(&[Lease]) -> Result<(), super::LeaseError> + Send>;
+
+/// The saver of the lease file `path` (None: nothing to write).
+pub fn file_saver(path: Option<PathBuf>) -> Saver {
+    Box::new(move |leases: &[Lease]| match &path {
+        None => Ok(()),
+        Some(p) => super::leases::save_leases(p, leases),
+    })
+}
+
+#[derive(Default)]
+struct Pending {
+    leases: Option<Vec<Lease>>,
+    replies: Vec<Bytes>,
+    closed: bool,
+}
+
+impl LeaseWriter {
+    /// Starts the writer that saves with `save`, sending replies on `out`.
+    pub fn spawn(
+        save: Saver,
+        out: mpsc::Sender<Bytes>,
+        stats: Arc<SharedStats>,
+    ) -> std::io::Result<Self> {
+        let q: Arc<(Mutex<Pending>, Condvar)> = Arc::default();
+        let q2 = q.clone();
+        std::thread::Builder::new()
+            .name("dhcp-leases".into())
+            .spawn(move || writer_loop(&q2, save, &out, &stats))?;
+        Ok(LeaseWriter { q })
+    }
+
+    /// Queues `leases` (the whole list after a change) to be saved, and `reply` to be
+    /// sent once they are.
+    pub fn submit(&self, leases: Vec<Lease>, reply: Option<Bytes>) {
+        let (m, cv) = &*self.q;
+        let mut p = m.lock().unwrap_or_else(|e| e.into_inner());
+        p.leases = Some(leases);
+        p.replies.extend(reply);
+        cv.notify_one();
+    }
+}
+
+impl Drop for LeaseWriter {
+    fn drop(&mut self) {
+        let (m, cv) = &*self.q;
+        m.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        cv.notify_one();
+    }
+}
+
+fn writer_loop(
+    q: &(Mutex<Pending>, Condvar),
+    mut save: Saver,
+    out: &mpsc::Sender<Bytes>,
+    stats: &SharedStats,
 ) {
-    while let Some(frame) = port.from_switch.recv().await {
-        let s = server.clone();
-        let reply = match tokio::task::spawn_blocking(move || {
-            let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
-            s.handle_frame(&frame, unix_now())
-        })
-        .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "DHCP handler failed; frame dropped");
-                None
+    let (m, cv) = q;
+    loop {
+        let (leases, replies) = {
+            let mut p = m.lock().unwrap_or_else(|e| e.into_inner());
+            while p.leases.is_none() && !p.closed {
+                p = cv.wait(p).unwrap_or_else(|e| e.into_inner());
+            }
+            match p.leases.take() {
+                Some(l) => (l, std::mem::take(&mut p.replies)),
+                None => return,
             }
         };
-        if let Some(r) = reply {
-            if port.to_switch.send(bytes::Bytes::from(r)).await.is_err() {
-                return;
+        match save(&leases) {
+            Ok(()) => {
+                stats.commits.fetch_add(1, Ordering::Relaxed);
+                for r in replies {
+                    if out.blocking_send(r).is_err() {
+                        return;
+                    }
+                }
             }
+            Err(e) => {
+                stats
+                    .save_failed
+                    .fetch_add(replies.len().max(1) as u64, Ordering::Relaxed);
+                tracing::error!(error = %crate::error_chain(&e), "lease not saved; ACK withheld");
+            }
+        }
+    }
+}
+
+/// Frames the NAT router hands the server (unicast DHCP to the router's own
+/// addresses), with the router's MAC to answer from.
+pub struct Routed {
+    /// The frames.
+    pub rx: mpsc::Receiver<Bytes>,
+    /// The router's MAC: replies leave from it (the client sent to it).
+    pub mac: [u8; 6],
+}
+
+/// Serves DHCP on a service port (and the frames the NAT router hands over) until
+/// the switch side goes away.
+///
+/// A frame is handled on the task itself (memory only, no I/O); lease changes and
+/// the ACKs that announce them go through the [`LeaseWriter`] thread.
+pub async fn run(
+    server: Arc<Mutex<DhcpServer>>,
+    port: crate::switch::ServicePort,
+    routed: Option<Routed>,
+) {
+    let path = {
+        let s = server.lock().unwrap_or_else(|e| e.into_inner());
+        s.db.path().map(|p| p.to_path_buf())
+    };
+    run_with(server, port, routed, file_saver(path)).await
+}
+
+/// [`run`] with the lease list saved by `save`.
+pub async fn run_with(
+    server: Arc<Mutex<DhcpServer>>,
+    port: crate::switch::ServicePort,
+    routed: Option<Routed>,
+    save: Saver,
+) {
+    let crate::switch::ServicePort {
+        to_switch,
+        mut from_switch,
+    } = port;
+    let stats = server
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .shared
+        .clone();
+    let writer = match LeaseWriter::spawn(save, to_switch.clone(), stats) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the lease writer; DHCP not served");
+            return;
+        }
+    };
+    let (mut routed_rx, router_mac) = match routed {
+        Some(r) => (Some(r.rx), Some(r.mac)),
+        None => (None, None),
+    };
+    loop {
+        let (frame, via_router) = tokio::select! {
+            f = from_switch.recv() => match f {
+                Some(f) => (f, false),
+                None => return,
+            },
+            f = async { routed_rx.as_mut()?.recv().await }, if routed_rx.is_some() => match f {
+                Some(f) => (f, true),
+                None => { routed_rx = None; continue; }
+            },
+        };
+        let (reply, changed) = {
+            let mut s = server.lock().unwrap_or_else(|e| e.into_inner());
+            let r = s.handle_frame(&frame, unix_now());
+            let changed = s.take_changed().then(|| s.db.leases());
+            (r, changed)
+        };
+        let reply = reply.map(|mut r| {
+            if let (true, Some(mac), Some(src)) = (via_router, router_mac, r.get_mut(6..12)) {
+                // Answer from the MAC the client sent to (the router's, by ARP).
+                src.copy_from_slice(&mac);
+            }
+            Bytes::from(r)
+        });
+        match (changed, reply) {
+            (Some(leases), reply) => writer.submit(leases, reply),
+            (None, Some(r)) => {
+                if to_switch.send(r).await.is_err() {
+                    return;
+                }
+            }
+            (None, None) => {}
         }
     }
 }
@@ -495,6 +770,9 @@ mod tests {
                 1002
             )
             .is_none());
+        // What `run`'s writer does with a change: save it.
+        assert!(s.take_changed());
+        s.db.save().unwrap();
         // Restart: the lease is back, and the same client gets the same address.
         let mut s = server(Some(dir.path()));
         assert_eq!(s.db.leases().len(), 1);
@@ -518,7 +796,9 @@ mod tests {
         let mut s = server(None);
         let o = s.handle(&msg(MsgType::Discover, 0x99, vec![]), 10).unwrap();
         assert_eq!(o.yiaddr, Ipv4Addr::new(10, 9, 0, 50));
-        // Decline of .100 keeps it out of use.
+        // Client 7 is offered .100 and declines it: .100 is kept out of use.
+        let o = s.handle(&msg(MsgType::Discover, 7, vec![]), 10).unwrap();
+        assert_eq!(o.yiaddr, Ipv4Addr::new(10, 9, 0, 100));
         assert!(s
             .handle(&msg(MsgType::Decline, 7, vec![req_ip([10, 9, 0, 100])]), 10)
             .is_none());
@@ -625,83 +905,336 @@ mod tests {
         }
         assert_eq!(offered, MAX_CLIENTS);
         assert_eq!(s.db.offers.len(), MAX_CLIENTS);
-        // REQUESTs straight away (init-reboot) for addresses beyond the offers.
+        // Once the offers have lapsed: each new client takes what it is offered.
+        let t = 1000 + OFFER_HOLD_SECS + 1;
         let mut acked = 0;
         for i in 0..n {
             let b = i.to_be_bytes();
-            let ip = [10, 9, 100 + b[2], b[3]];
-            let mut r = msg(MsgType::Request, 0, vec![req_ip(ip)]);
-            r.chaddr = [2, 2, b[0], b[1], b[2], b[3]];
-            if answer(&mut s, &r, 1000) == MsgType::Ack {
+            let mut d = msg(MsgType::Discover, 0, vec![]);
+            d.chaddr = [2, 2, b[0], b[1], b[2], b[3]];
+            let Some(o) = s.handle(&d, t) else { continue };
+            let mut r = msg(MsgType::Request, 0, vec![sid(), req_ip(o.yiaddr.octets())]);
+            r.chaddr = d.chaddr;
+            if answer(&mut s, &r, t) == MsgType::Ack {
                 acked += 1;
             }
         }
         assert_eq!(acked, MAX_CLIENTS);
         assert_eq!(s.db.by_mac.len(), MAX_CLIENTS);
+        // Declines of addresses that are not the sender's do nothing.
         for i in 0..n {
             let b = i.to_be_bytes();
             let d = msg(MsgType::Decline, 7, vec![req_ip([10, 9, 200 + b[2], b[3]])]);
-            let _ = s.handle(&d, 1000);
+            let _ = s.handle(&d, t);
         }
-        assert_eq!(s.db.declined.len(), MAX_CLIENTS);
-        assert_eq!(s.refused_full, 30);
+        assert!(s.db.declined.is_empty());
+        assert_eq!(s.foreign_release, u64::from(n));
+        assert_eq!(s.refused_full, 20);
         // Once the leases expire, new clients get in again.
-        let mut r = msg(MsgType::Request, 0, vec![req_ip([10, 9, 250, 1])]);
-        r.chaddr = [2, 3, 0, 0, 0, 1];
-        assert_eq!(answer(&mut s, &r, 1000 + 3601), MsgType::Ack);
+        let later = t + 3601;
+        let mut d = msg(MsgType::Discover, 0, vec![]);
+        d.chaddr = [2, 3, 0, 0, 0, 1];
+        let o = s.handle(&d, later).expect("an offer");
+        let mut r = msg(MsgType::Request, 0, vec![sid(), req_ip(o.yiaddr.octets())]);
+        r.chaddr = d.chaddr;
+        assert_eq!(answer(&mut s, &r, later), MsgType::Ack);
         assert_eq!(s.db.by_mac.len(), 1);
     }
 
-    #[test]
-    fn a_slow_lease_write_does_not_block_the_runtime() {
-        use std::sync::{Arc, Mutex};
-        use std::time::{Duration, Instant};
-        // The lease file's temporary is a FIFO: writing it blocks until somebody
-        // opens it for reading, which a helper thread does only after 2 s.
-        let dir = tempfile::tempdir().unwrap();
-        let tmp = dir.path().join("leases.json.tmp");
-        let st = std::process::Command::new("mkfifo")
-            .arg(&tmp)
-            .status()
-            .unwrap();
-        assert!(st.success());
-        let server = Arc::new(Mutex::new(server(Some(dir.path()))));
-        let unblocked = Arc::new(Mutex::new(None::<Instant>));
-        let u2 = unblocked.clone();
-        let helper = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_secs(2));
-            *u2.lock().unwrap() = Some(Instant::now());
-            let mut f = std::fs::File::open(&tmp).unwrap();
-            let mut sink = Vec::new();
-            let _ = std::io::Read::read_to_end(&mut f, &mut sink);
-        });
+    /// A saver that waits until `gate` is opened, then writes the file.
+    fn gated_saver(
+        dir: &Path,
+        gate: Arc<(Mutex<bool>, std::sync::Condvar)>,
+        writes: Arc<AtomicU64>,
+    ) -> Saver {
+        let mut file = file_saver(Some(dir.join("leases.json")));
+        Box::new(move |l: &[Lease]| {
+            let (m, cv) = &*gate;
+            let mut open = m.lock().unwrap();
+            while !*open {
+                open = cv.wait(open).unwrap();
+            }
+            drop(open);
+            writes.fetch_add(1, Ordering::Relaxed);
+            file(l)
+        })
+    }
+
+    fn open_gate(gate: &(Mutex<bool>, std::sync::Condvar)) {
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
+    }
+
+    /// Like [`with_run`], with the lease file written by `save`.
+    fn with_run_saver<T>(
+        server: DhcpServer,
+        save: Saver,
+        f: impl AsyncFnOnce(mpsc::Sender<Bytes>, mpsc::Receiver<Bytes>, Arc<Mutex<DhcpServer>>) -> T,
+    ) -> T {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        let ticked = rt.block_on(async move {
-            let (to_service, from_switch) = tokio::sync::mpsc::channel(4);
-            let (to_switch, mut replies) = tokio::sync::mpsc::channel(4);
+        let server = Arc::new(Mutex::new(server));
+        rt.block_on(async move {
+            let (to_service, from_switch) = mpsc::channel(64);
+            let (to_switch, replies) = mpsc::channel(64);
             let port = crate::switch::ServicePort {
                 to_switch,
                 from_switch,
             };
-            tokio::spawn(run(server, port));
-            let r = msg(MsgType::Request, 7, vec![req_ip([10, 9, 0, 100])]).to_vec();
-            let f = client_frame(&r);
-            to_service.send(bytes::Bytes::from(f)).await.unwrap();
-            // Another task of the same runtime must get to run meanwhile.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let ticked = Instant::now();
-            assert!(replies.recv().await.is_some(), "the ACK still goes out");
-            ticked
-        });
-        helper.join().unwrap();
-        let unblocked = unblocked.lock().unwrap().unwrap();
-        assert!(
-            ticked < unblocked,
-            "the runtime was blocked while the lease file was written"
+            tokio::spawn(run_with(server.clone(), port, None, save));
+            f(to_service, replies, server).await
+        })
+    }
+
+    #[test]
+    fn a_slow_lease_write_holds_the_ack_but_not_the_server() {
+        use std::time::Duration;
+        // The write waits for the gate: meanwhile the runtime runs other tasks and
+        // the server answers other clients; the ACK leaves only after the write.
+        let dir = tempfile::tempdir().unwrap();
+        let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let writes = Arc::new(AtomicU64::new(0));
+        let save = gated_saver(dir.path(), gate.clone(), writes.clone());
+        with_run_saver(
+            server(Some(dir.path())),
+            save,
+            async |tx, mut replies, server| {
+                let d = msg(MsgType::Discover, 7, vec![]);
+                assert!(server.lock().unwrap().handle(&d, unix_now()).is_some());
+                let r = msg(MsgType::Request, 7, vec![sid(), req_ip([10, 9, 0, 100])]).to_vec();
+                tx.send(Bytes::from(client_frame(&r))).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Another message is answered while the write waits.
+                let d = client_frame(&msg(MsgType::Inform, 7, vec![]).to_vec());
+                tx.send(Bytes::from(d)).await.unwrap();
+                let first = tokio::time::timeout(Duration::from_secs(2), replies.recv()).await;
+                let first = first.expect("answered during the write").unwrap();
+                let m = DhcpMessage::parse(&first[42..]).unwrap();
+                assert_eq!(m.msg_type, MsgType::Ack);
+                assert_eq!(
+                    m.yiaddr,
+                    Ipv4Addr::UNSPECIFIED,
+                    "the INFORM's answer, not the lease"
+                );
+                assert_eq!(writes.load(Ordering::Relaxed), 0, "still waiting");
+                assert!(
+                    !dir.path().join("leases.json").exists(),
+                    "the lease is not on disk yet"
+                );
+                open_gate(&gate);
+                let ack = tokio::time::timeout(Duration::from_secs(5), replies.recv()).await;
+                let ack = ack.expect("the ACK after the write").unwrap();
+                let m = DhcpMessage::parse(&ack[42..]).unwrap();
+                assert_eq!(
+                    (m.msg_type, m.yiaddr),
+                    (MsgType::Ack, Ipv4Addr::new(10, 9, 0, 100))
+                );
+                assert!(
+                    dir.path().join("leases.json").exists(),
+                    "on disk before the ACK"
+                );
+            },
         );
+    }
+
+    #[test]
+    fn requests_for_what_was_never_offered_are_naked() {
+        let mut s = server(None);
+        // REQUEST without DISCOVER, INIT-REBOOT style and SELECTING style: NAK.
+        let r = msg(MsgType::Request, 7, vec![req_ip([10, 9, 0, 101])]);
+        assert_eq!(answer(&mut s, &r, 10), MsgType::Nak);
+        let r = msg(MsgType::Request, 7, vec![sid(), req_ip([10, 9, 0, 101])]);
+        assert_eq!(answer(&mut s, &r, 10), MsgType::Nak);
+        // A renewal of a lease it does not hold: NAK.
+        let mut renew = msg(MsgType::Request, 7, vec![]);
+        renew.ciaddr = Ipv4Addr::new(10, 9, 0, 101);
+        assert_eq!(answer(&mut s, &renew, 10), MsgType::Nak);
+        assert_eq!(s.nak_unoffered, 3);
+        assert!(s.db.by_mac.is_empty());
+        // Offered .100, asking for .101 instead: NAK; for .100: ACK.
+        let o = s.handle(&msg(MsgType::Discover, 7, vec![]), 10).unwrap();
+        assert_eq!(o.yiaddr, Ipv4Addr::new(10, 9, 0, 100));
+        let r = msg(MsgType::Request, 7, vec![sid(), req_ip([10, 9, 0, 101])]);
+        assert_eq!(answer(&mut s, &r, 11), MsgType::Nak);
+        let r = msg(MsgType::Request, 7, vec![sid(), req_ip([10, 9, 0, 100])]);
+        assert_eq!(answer(&mut s, &r, 11), MsgType::Ack);
+        assert!(s.take_changed(), "the ACK changed the leases");
+        // INIT-REBOOT of the known lease (even expired) and renewal: ACK.
+        let r = msg(MsgType::Request, 7, vec![req_ip([10, 9, 0, 100])]);
+        assert_eq!(answer(&mut s, &r, 5000), MsgType::Ack);
+        renew.ciaddr = Ipv4Addr::new(10, 9, 0, 100);
+        assert_eq!(answer(&mut s, &renew, 5001), MsgType::Ack);
+        // A reserved client may ask for its reservation straight away.
+        let r = msg(MsgType::Request, 0x99, vec![req_ip([10, 9, 0, 50])]);
+        assert_eq!(answer(&mut s, &r, 10), MsgType::Ack);
+    }
+
+    #[test]
+    fn release_and_decline_act_only_on_the_senders_own_lease() {
+        let mut s = server(None);
+        let o = s.handle(&msg(MsgType::Discover, 7, vec![]), 10).unwrap();
+        let r = msg(MsgType::Request, 7, vec![sid(), req_ip(o.yiaddr.octets())]);
+        assert_eq!(answer(&mut s, &r, 10), MsgType::Ack);
+        assert!(s.take_changed());
+        let victim = o.yiaddr;
+        // Client 8 releases and declines 7's address: nothing happens.
+        let mut rel = msg(MsgType::Release, 8, vec![sid()]);
+        rel.ciaddr = victim;
+        assert!(s.handle(&rel, 20).is_none());
+        let dec = msg(MsgType::Decline, 8, vec![req_ip(victim.octets())]);
+        assert!(s.handle(&dec, 20).is_none());
+        assert_eq!(s.foreign_release, 2);
+        assert!(!s.take_changed());
+        assert!(s.db.declined.is_empty());
+        let l = &s.db.by_mac[&[2, 0, 0, 0, 0, 7]];
+        assert_eq!(
+            (l.ip, l.expires),
+            (victim, 10 + 3600),
+            "7's lease untouched"
+        );
+        let mut renew = msg(MsgType::Request, 7, vec![]);
+        renew.ciaddr = victim;
+        assert_eq!(answer(&mut s, &renew, 30), MsgType::Ack, "7 still renews");
+        // 7 itself may release it.
+        rel.chaddr = [2, 0, 0, 0, 0, 7];
+        assert!(s.handle(&rel, 40).is_none());
+        assert!(s.take_changed());
+        assert_eq!(s.db.by_mac[&[2, 0, 0, 0, 0, 7]].expires, 40);
+    }
+
+    #[test]
+    fn chaddr_must_be_the_senders_mac() {
+        let mut s = server(None);
+        // client_frame sends from 02:..:07; a DISCOVER in 08's name is ignored.
+        let f = client_frame(&msg(MsgType::Discover, 8, vec![]).to_vec());
+        assert!(s.handle_frame(&f, 5).is_none());
+        assert_eq!(s.spoofed_chaddr, 1);
+        assert!(s.db.offers.is_empty());
+        let f = client_frame(&msg(MsgType::Discover, 7, vec![]).to_vec());
+        assert!(s.handle_frame(&f, 5).is_some());
+    }
+
+    #[test]
+    fn leases_reach_the_port_guard_before_the_ack_leaves() {
+        let mut s = server(None);
+        let g = Arc::new(IpGuard::new(
+            Ipv4Addr::new(10, 9, 0, 0),
+            24,
+            &[Ipv4Addr::new(10, 9, 0, 1)],
+            &[],
+            std::time::Duration::from_secs(300),
+        ));
+        s.set_ip_guard(g.clone());
+        let mac = [2, 0, 0, 0, 0, 7];
+        let ip = Ipv4Addr::new(10, 9, 0, 100);
+        let t = Instant::now();
+        let f = client_frame(&msg(MsgType::Discover, 7, vec![]).to_vec());
+        assert!(s.handle_frame(&f, unix_now()).is_some());
+        let f =
+            client_frame(&msg(MsgType::Request, 7, vec![sid(), req_ip([10, 9, 0, 100])]).to_vec());
+        assert!(s.handle_frame(&f, unix_now()).is_some());
+        assert!(!g.allow([2, 0, 0, 0, 0, 8], ip, t, unix_now()), "7's now");
+        assert!(g.allow(mac, ip, t, unix_now()));
+        // A static guest's address is not handed out.
+        assert!(g.allow(
+            [2, 0, 0, 0, 0, 9],
+            Ipv4Addr::new(10, 9, 0, 101),
+            t,
+            unix_now()
+        ));
+        let mut d = msg(MsgType::Discover, 0, vec![]);
+        d.chaddr = [2, 0, 0, 0, 0, 0x0c];
+        let o = s.handle(&d, unix_now()).unwrap();
+        assert_eq!(
+            o.yiaddr,
+            Ipv4Addr::new(10, 9, 0, 102),
+            ".101 is in static use"
+        );
+    }
+
+    /// Runs `run` on a current-thread runtime with the given server; `f` gets the
+    /// switch side of its port.
+    fn with_run<T>(
+        server: DhcpServer,
+        f: impl AsyncFnOnce(mpsc::Sender<Bytes>, mpsc::Receiver<Bytes>, Arc<Mutex<DhcpServer>>) -> T,
+    ) -> T {
+        // What `run` saves with: the server's own lease file.
+        let save = file_saver(server.db.path().map(|p| p.to_path_buf()));
+        with_run_saver(server, save, f)
+    }
+
+    #[test]
+    fn a_failed_lease_write_sends_no_ack_and_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        // The state directory disappears after start: every write fails.
+        let db_dir = dir.path().join("gone");
+        std::fs::create_dir(&db_dir).unwrap();
+        let s = server(Some(&db_dir));
+        std::fs::remove_dir(&db_dir).unwrap();
+        with_run(s, async |tx, mut replies, server| {
+            let d = client_frame(&msg(MsgType::Discover, 7, vec![]).to_vec());
+            tx.send(Bytes::from(d)).await.unwrap();
+            let offer = replies.recv().await.unwrap();
+            assert!(offer.len() > 200, "the OFFER needs no write");
+            let r = msg(MsgType::Request, 7, vec![sid(), req_ip([10, 9, 0, 100])]).to_vec();
+            tx.send(Bytes::from(client_frame(&r))).await.unwrap();
+            let got =
+                tokio::time::timeout(std::time::Duration::from_millis(500), replies.recv()).await;
+            assert!(got.is_err(), "no ACK without the lease on disk");
+            let st = server.lock().unwrap().stats();
+            assert_eq!((st.save_failed, st.commits), (1, 0));
+        });
+    }
+
+    #[test]
+    fn acks_queued_during_a_write_share_the_next_one() {
+        use std::time::Duration;
+        // The first write waits for the gate; meanwhile ten more clients' REQUESTs
+        // are handled and queued: they go out together after one more write.
+        let dir = tempfile::tempdir().unwrap();
+        let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let writes = Arc::new(AtomicU64::new(0));
+        let save = gated_saver(dir.path(), gate.clone(), writes.clone());
+        let mut s = server(Some(dir.path()));
+        s.spec.end = Ipv4Addr::new(10, 9, 0, 200);
+        with_run_saver(s, save, async |tx, mut replies, server| {
+            for c in 0..11u8 {
+                let mut d = msg(MsgType::Discover, 0, vec![]);
+                let mac = [2, 0, 0, 0, 1, c];
+                d.chaddr = mac;
+                let o = server.lock().unwrap().handle(&d, unix_now()).unwrap();
+                let mut r = msg(MsgType::Request, 0, vec![sid(), req_ip(o.yiaddr.octets())]);
+                r.chaddr = mac;
+                let f = wire::emit_udp_frame(
+                    BROADCAST_MAC,
+                    mac,
+                    Ipv4Addr::UNSPECIFIED,
+                    Ipv4Addr::BROADCAST,
+                    68,
+                    67,
+                    &r.to_vec(),
+                );
+                tx.send(Bytes::from(f)).await.unwrap();
+                // Let the writer take the first one and wait in it.
+                tokio::time::sleep(Duration::from_millis(if c == 0 { 200 } else { 5 })).await;
+            }
+            assert!(replies.try_recv().is_err(), "no ACK before its write");
+            open_gate(&gate);
+            for _ in 0..11 {
+                let a = tokio::time::timeout(Duration::from_secs(5), replies.recv()).await;
+                assert!(matches!(a, Ok(Some(_))), "every ACK goes out");
+            }
+            let st = server.lock().unwrap().stats();
+            assert_eq!(
+                st.commits, 2,
+                "one write for the first, one for the other ten"
+            );
+            assert_eq!(st.leases, 11);
+        });
+        let saved = LeaseDb::load(Some(dir.path().join("leases.json"))).unwrap();
+        assert_eq!(saved.leases().len(), 11, "all on disk");
     }
 
     /// Randomized robustness: mutations and truncations of valid messages, and

@@ -86,9 +86,12 @@ pub fn check_mode_keys(n: &NetworkConfig) -> Result<(), (&'static str, String)> 
     Ok(())
 }
 
+/// The DNS forwarder's address: as configured, else the gateway's next address
+/// (checked: past 255.255.255.255 it is the broadcast, which `router_config` refuses
+/// naming `dns`).
 fn dns_addr(n: &NetworkConfig, v4: &Ipv4Spec) -> Ipv4Addr {
     n.dns
-        .unwrap_or_else(|| Ipv4Addr::from(u32::from(v4.gateway).wrapping_add(1)))
+        .unwrap_or_else(|| crate::config::offset(v4.gateway, 1).unwrap_or(Ipv4Addr::BROADCAST))
 }
 
 /// The DNS servers DHCP announces: as configured, else the NAT DNS forwarder on a

@@ -594,6 +594,17 @@ async fn unicast_dhcp_renewal_to_the_gateway_is_answered() {
         msg_type: MsgType::Request,
         options: Vec::new(),
     };
+    // The client holds its lease (the server NAKs a renewal of a lease it never gave).
+    {
+        let mut s = server.lock().unwrap();
+        let mut d = renew.clone();
+        d.ciaddr = Ipv4Addr::UNSPECIFIED;
+        d.msg_type = MsgType::Discover;
+        assert_eq!(s.handle(&d, 1000).unwrap().yiaddr, GUEST_IP);
+        d.msg_type = MsgType::Request;
+        d.options = vec![(opt::REQUESTED_IP, GUEST_IP.octets().to_vec())];
+        assert_eq!(s.handle(&d, 1000).unwrap().msg_type, MsgType::Ack);
+    }
     let f = frame::udp_frame(GUEST_MAC, rmac, (GUEST_IP, 68), (gw, 67), &renew.to_vec());
     let out = router.process_frame_for_test(f);
     assert_eq!(out.len(), 1, "one answer: {out:?}");

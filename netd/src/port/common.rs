@@ -50,8 +50,19 @@ pub(super) enum Cleanup {
     None,
     /// Delete the persistent TAP netd created for a `vm` port.
     DeleteTap(String),
-    /// Remove the stream socket file.
-    RemoveSocket(PathBuf),
+    /// Remove the stream socket file netd bound: only while the path still is that
+    /// socket (same device and inode), so a file put there since is left alone.
+    RemoveSocket(PathBuf, SocketId),
+}
+
+/// Device and inode of a socket file netd bound.
+pub type SocketId = (u64, u64);
+
+/// The [`SocketId`] of what is at `path` now, if it is a socket.
+pub fn socket_id(path: &std::path::Path) -> Option<SocketId> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let md = std::fs::symlink_metadata(path).ok()?;
+    md.file_type().is_socket().then(|| (md.dev(), md.ino()))
 }
 
 /// A started port: its switch entry, its thread, what to clean up.
@@ -89,8 +100,12 @@ impl RunningPort {
         match &self.cleanup {
             Cleanup::None => {}
             Cleanup::DeleteTap(ifname) => delete_persistent_tap(ifname),
-            Cleanup::RemoveSocket(p) => {
-                let _ = std::fs::remove_file(p);
+            Cleanup::RemoveSocket(p, id) => {
+                if socket_id(p) == Some(*id) {
+                    let _ = std::fs::remove_file(p);
+                } else {
+                    tracing::warn!(path = %p.display(), "stream socket replaced by another file; left alone");
+                }
             }
         }
     }
@@ -115,7 +130,7 @@ pub(super) fn attach(
 ) -> Result<(Arc<Port>, Arc<Stop>), PortError> {
     let stop = Stop::new().map_err(PortError::Thread)?;
     let port = net
-        .add_port(&spec.name, kind, tx)
+        .add_port_with(&spec.name, kind, tx, spec.guard, spec.mac)
         .map_err(PortError::Switch)?;
     Ok((port, stop))
 }
@@ -193,21 +208,37 @@ mod tests {
         // A started one keeps it, and shutdown removes it and its socket file.
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("x.sock");
-        std::fs::write(&file, b"").unwrap();
-        net.add_port("p", PortClass::Tap, Box::new(NoTx)).unwrap();
-        let rp = finish_start(
-            &net,
-            &s,
-            PortClass::Tap,
-            Stop::new().unwrap(),
-            Ok((None, None)),
-            Cleanup::RemoveSocket(file.clone()),
-        )
-        .unwrap();
+        // The port "p", started with its socket file `file` (inode `id`) to remove.
+        let started = |id| {
+            net.add_port("p", PortClass::Tap, Box::new(NoTx)).unwrap();
+            finish_start(
+                &net,
+                &s,
+                PortClass::Tap,
+                Stop::new().unwrap(),
+                Ok((None, None)),
+                Cleanup::RemoveSocket(file.clone(), id),
+            )
+            .unwrap()
+        };
+        drop(std::os::unix::net::UnixListener::bind(&file).unwrap());
+        let id = socket_id(&file).unwrap();
+        let rp = started(id);
         assert!(net.port("p").is_some());
         rp.shutdown();
         assert!(net.port("p").is_none());
         assert!(!file.exists());
+
+        // Regression (issue 11, item 12): a file put where the socket was is not
+        // netd's to remove.
+        drop(std::os::unix::net::UnixListener::bind(&file).unwrap());
+        let id = socket_id(&file).unwrap();
+        std::fs::remove_file(&file).unwrap();
+        std::fs::write(&file, b"precious").unwrap();
+        assert_eq!(socket_id(&file), None);
+        let rp = started(id);
+        rp.shutdown();
+        assert_eq!(std::fs::read(&file).unwrap(), b"precious");
     }
 
     struct NoTx;

@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 use super::common::{attach, finish_start, spawn_thread, Cleanup, RunningPort, Stop};
 use super::{GiveReader, InlineReader, PortError, MAX_FRAME};
 use crate::config::PortSpec;
-use crate::offload::{VnetHdr, VNET_HDR_LEN};
+use crate::offload::{check_gso, VnetHdr, VNET_HDR_LEN};
 use crate::switch::{Network, Port, PortClass, TxError, VnetTx};
 use crate::sys;
 
@@ -45,6 +45,22 @@ impl VnetTx for FdTx {
         match sys::writev2(fd.as_raw_fd(), hdr, frame) {
             Ok(_) => Ok(()),
             Err(e) => Err(classify(e)),
+        }
+    }
+}
+
+/// Whether a frame read with header `h` asks for too much segmentation work (see
+/// [`crate::offload::check_gso`]); such a frame is counted (`drop_gso`) on `port`
+/// and goes nowhere, whichever ports it was for.
+pub(super) fn gso_refused(port: &Port, h: &VnetHdr, frame: &[u8]) -> bool {
+    match check_gso(h, frame) {
+        Ok(()) => false,
+        Err(e) => {
+            port.counters
+                .drop_gso
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(port = %port.name, error = %e, "GSO frame refused");
+            true
         }
     }
 }
@@ -82,6 +98,7 @@ pub(super) fn rx_loop(
                 }
                 match (VnetHdr::parse(got), got.get(VNET_HDR_LEN..)) {
                     (Some(h), Some(frame)) if h.is_plain() => net.ingress(port, frame),
+                    (Some(h), Some(frame)) if gso_refused(port, &h, frame) => {}
                     (Some(h), Some(frame)) => net.ingress_vnet(port, &h, frame),
                     // Shorter than a header: counted as malformed by the switch.
                     _ => net.ingress(port, &[]),
@@ -253,6 +270,8 @@ impl ReopeningReader {
             match reopen() {
                 Ok(fd) => {
                     tracing::info!(port = %name, "port reopened");
+                    // A new device, a new MAC behind it: not a spoof of the old one.
+                    port.guard.release_learned();
                     *slot.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(fd));
                 }
                 Err(e) => tracing::debug!(port = %name, error = %e, "device not back yet"),
@@ -284,18 +303,23 @@ mod tests {
         assert!(matches!(gone.send(&frame(1, 60)), Err(TxError::Down)));
     }
 
-    #[test]
-    fn an_fd_port_moves_frames_after_a_vnet_header() {
-        let (net, sink_port, seen) = sink();
-        let (fd, dev) = device();
-        let rp = start_fd_port(
-            &net,
+    /// The fd port "d" (a TAP) on `fd`.
+    fn tap_port_d(net: &Arc<Network>, fd: OwnedFd) -> RunningPort {
+        start_fd_port(
+            net,
             &spec("d", PortKind::Tap),
             PortClass::Tap,
             fd,
             Cleanup::None,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn an_fd_port_moves_frames_after_a_vnet_header() {
+        let (net, sink_port, seen) = sink();
+        let (fd, dev) = device();
+        let rp = tap_port_d(&net, fd);
         let f = frame(7, 60);
         dev.send(&with_hdr(&f)).unwrap();
         dev.send(&[1, 2, 3]).unwrap();
@@ -315,5 +339,33 @@ mod tests {
         assert_eq!(&buf[..n], &with_hdr(&back)[..]);
         rp.shutdown();
         assert!(net.port("d").is_none());
+    }
+
+    /// Regression (issue 11, item 9): a super-frame with segment size 1 from a vnet
+    /// port is refused on ingress and counted, not cut into 65,000 frames.
+    #[test]
+    fn a_gso_frame_with_tiny_segments_is_refused_on_ingress() {
+        let (net, _sink_port, seen) = sink();
+        let (fd, dev) = device();
+        let rp = tap_port_d(&net, fd);
+        let h = VnetHdr {
+            flags: crate::offload::F_NEEDS_CSUM,
+            gso_type: crate::offload::GSO_TCPV4,
+            hdr_len: 54,
+            gso_size: 1,
+            csum_start: 34,
+            csum_offset: 16,
+        };
+        let mut msg = h.to_bytes().to_vec();
+        msg.extend_from_slice(&frame(7, 60_000));
+        dev.send(&msg).unwrap();
+        // An honest frame after it still goes through.
+        dev.send(&with_hdr(&frame(7, 60))).unwrap();
+        assert!(eventually(|| seen.lock().unwrap().len() == 1));
+        let c = net.port("d").unwrap().counters.snapshot();
+        assert_eq!(c.drop_gso, 1, "{c:?}");
+        assert_eq!(c.rx_frames, 1, "{c:?}");
+        assert_eq!(seen.lock().unwrap()[0].len(), 60);
+        rp.shutdown();
     }
 }

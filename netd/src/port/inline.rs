@@ -7,7 +7,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 use super::common::Stop;
-use super::fd::{ReopeningReader, RX_BUF};
+use super::fd::{gso_refused, ReopeningReader, RX_BUF};
 use super::PortError;
 use crate::offload::{VnetHdr, VNET_HDR_LEN};
 use crate::switch::Port;
@@ -86,6 +86,7 @@ impl InlineReader {
     pub fn switch(&self, msg: &[u8]) -> bool {
         let (net, port) = (&self.inner.net, &self.inner.port);
         match (VnetHdr::parse(msg), msg.get(VNET_HDR_LEN..)) {
+            (Some(h), Some(frame)) if gso_refused(port, &h, frame) => false,
             (Some(h), Some(frame)) => {
                 let hdr = (!h.is_plain()).then_some(&h);
                 net.ingress_local(port, frame, hdr, &self.local)

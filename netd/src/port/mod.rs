@@ -5,10 +5,16 @@
 //! [`Network::ingress`]. All fds are non-blocking: the receive thread reads until
 //! `EAGAIN`, and only then waits in `poll(2)` on the fd and the port's stop eventfd.
 //! Under load that is one `read` per frame and no `poll`; idle it sleeps in `poll`.
-//! Transmit is one `write` per frame on the caller's thread (the receive thread of
-//! the ingress port), so a frame crosses netd with one read, one write and no copy
-//! in userspace besides the kernel's. Frames carry a virtio-net header between
-//! fd-based ports; ports without one get frames finished in software.
+//! Transmit never blocks the caller (the receive thread of the ingress port, which
+//! holds the network's port list): on fd-based ports it is one non-blocking `write`
+//! per frame, so a frame crosses netd with one read, one write and no copy in
+//! userspace besides the kernel's, and the kernel's queue of that device is the
+//! port's own bound (full: `drop_full`). A `stream` port's peer is a program that
+//! may not read, so its frames go into a queue of its own, bounded in bytes, that a
+//! writer thread drains; full, the frame is dropped and counted on that port only.
+//! Frames carry a virtio-net header between fd-based ports; ports without one get
+//! frames finished in software, within the bounds of [`crate::offload::check_gso`],
+//! which every vnet port applies to what it reads (`drop_gso`).
 //!
 //! One exception: the only guest port (`tap` or `vm`) of a NAT network has no
 //! receive thread. Its fd goes to the NAT router as an [`InlineReader`], and the
@@ -25,7 +31,8 @@
 //!   (the port reopens it once the namespace is back) instead of netd keeping a dead
 //!   namespace alive.
 //! - `host` (`tap.rs`): the hostonly network's own TAP in netd's namespace, given the
-//!   gateway address. netd never enables forwarding: the host is an end, not a router.
+//!   gateway address and forwarding off on it (IPv4 and IPv6, for that interface):
+//!   the host is an end, not a router, even where `ip_forward = 1`.
 //! - `vm` (`vm.rs`): a VMM holds the TAP queue. netd creates the TAP (persistent) if
 //!   missing, brings its kernel side up and moves frames through an AF_PACKET socket
 //!   bound to it (PACKET_IGNORE_OUTGOING so netd does not read back its own frames;
@@ -36,6 +43,7 @@
 //!   framing (4-byte big-endian length, then the frame). One peer at a time; after it
 //!   leaves, the next connection is accepted. A length above [`MAX_FRAME`] is a
 //!   protocol violation: that connection is closed and counted, netd carries on.
+//!   netd never unlinks a path that is not a stale socket of its own.
 //! - `uplink` (`uplink.rs`): a bridged network's host NIC, through a promiscuous
 //!   AF_PACKET socket with virtio-net headers.
 //!
@@ -62,8 +70,9 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use self::common::RunningPort;
+pub use self::common::{socket_id, RunningPort, SocketId};
 pub use self::inline::{InlineReader, SharedFd, StopFd, INLINE_READ_MAX};
+pub use self::stream::claim_socket_path;
 pub use self::tap::start_host_port;
 pub use self::uplink::start_uplink;
 use crate::config::{PortKind, PortSpec};

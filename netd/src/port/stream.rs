@@ -1,50 +1,171 @@
 //! `stream` ports: QEMU's `-netdev stream` framing (a 4-byte big-endian length,
 //! then the frame) on a unix socket netd listens on, as passt speaks it.
 //!
-//! One peer at a time; after it leaves, the next connection is accepted. The socket
-//! is blocking (its writer, on other ports' threads, shares the file description),
-//! so the reader waits for readability in `poll(2)` with the stop eventfd first, and
-//! writes have a short timeout so a stuck peer cannot hold another port's thread. A
-//! length above [`MAX_FRAME`] is a protocol violation: that connection is closed and
-//! counted (`drop_malformed`), netd carries on. A failed write drops the peer too:
-//! a partial frame would desynchronise the framing.
+//! One peer at a time; after it leaves, the next connection is accepted. A length
+//! above [`MAX_FRAME`] is a protocol violation: that connection is closed and
+//! counted (`drop_malformed`), netd carries on.
+//!
+//! Transmit never blocks the sender. The switch calls [`StreamTx::send`] on the
+//! thread of whichever port a frame came in on, under the network's port list; a
+//! peer that reads slowly (or never) must not hold that thread. So a send only
+//! appends the framed bytes to the peer's own [`TxQueue`], bounded in bytes
+//! ([`TX_QUEUE_BYTES`], each frame charged [`FRAME_COST`] more for its bookkeeping),
+//! and a writer thread of that connection does the blocking writes. When the queue
+//! is full the frame is dropped and counted on this port (`drop_full`): a slow peer
+//! loses only its own frames. A failed write ends the connection (a partial frame
+//! would desynchronise the framing).
+//!
+//! The socket path. netd binds `path` itself and removes it with the port, and it
+//! never unlinks what is not its own: a file there that is not a socket is refused,
+//! and so is a socket somebody listens on or that belongs to another user; only a
+//! stale socket of netd's user (nobody listening: a netd that died) is replaced. On
+//! removal the socket is unlinked only while it still is the one netd bound.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use super::common::{attach, finish_start, spawn_thread, Cleanup, Stop};
+use super::common::{attach, finish_start, socket_id, spawn_thread, Cleanup, Stop};
 use super::{PortError, RunningPort, MAX_FRAME};
 use crate::config::PortSpec;
 use crate::switch::{Network, Port, PortClass, PortTx, TxError};
 use crate::sys;
 
-/// The current stream peer, with a reusable buffer for length + frame.
-struct StreamConn {
-    stream: UnixStream,
-    buf: Vec<u8>,
+/// Most bytes waiting for one stream peer: about 700 full 1500-byte frames.
+pub(super) const TX_QUEUE_BYTES: usize = 1 << 20;
+/// What a queued frame costs beyond its bytes (its length prefix and bookkeeping),
+/// so a flood of tiny frames is bounded too.
+pub(super) const FRAME_COST: usize = 64;
+
+/// The transmit queue of one stream peer: framed messages waiting for its writer
+/// thread, bounded in bytes.
+#[derive(Default)]
+pub(super) struct TxQueue {
+    state: Mutex<QueueState>,
+    ready: Condvar,
 }
 
-struct StreamTx(Arc<Mutex<Option<StreamConn>>>);
+#[derive(Default)]
+struct QueueState {
+    msgs: VecDeque<Vec<u8>>,
+    /// Bytes charged for what is queued or being written.
+    charged: usize,
+    closed: bool,
+}
+
+impl TxQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `frame` with its length prefix, or says why not: `Full` over the
+    /// byte bound, `Down` once the connection is over.
+    pub(super) fn push(&self, frame: &[u8]) -> Result<(), TxError> {
+        let len = u32::try_from(frame.len())
+            .map_err(|_| TxError::Io(io::ErrorKind::InvalidInput.into()))?;
+        let cost = frame.len() + FRAME_COST;
+        let mut st = self.lock();
+        if st.closed {
+            return Err(TxError::Down);
+        }
+        if st.charged + cost > TX_QUEUE_BYTES {
+            return Err(TxError::Full);
+        }
+        let mut msg = Vec::with_capacity(4 + frame.len());
+        msg.extend_from_slice(&len.to_be_bytes());
+        msg.extend_from_slice(frame);
+        st.msgs.push_back(msg);
+        st.charged += cost;
+        drop(st);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Waits for messages; takes all of them (still charged until [`Self::written`]).
+    /// None once closed.
+    fn take(&self) -> Option<VecDeque<Vec<u8>>> {
+        let mut st = self.lock();
+        loop {
+            if st.closed {
+                return None;
+            }
+            if !st.msgs.is_empty() {
+                return Some(std::mem::take(&mut st.msgs));
+            }
+            st = self.ready.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Releases the charge of messages written (`frame_bytes` without prefixes).
+    fn written(&self, frames: usize, frame_bytes: usize) {
+        let mut st = self.lock();
+        st.charged = st.charged.saturating_sub(frame_bytes + frames * FRAME_COST);
+    }
+
+    /// Ends the queue: later pushes are `Down`, the writer stops.
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_all();
+    }
+}
+
+/// Transmit of a stream port: into the current peer's queue, if there is a peer.
+struct StreamTx(Arc<Mutex<Option<Arc<TxQueue>>>>);
 
 impl PortTx for StreamTx {
     fn send(&self, frame: &[u8]) -> Result<(), TxError> {
-        let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let conn = guard.as_mut().ok_or(TxError::Down)?;
-        let len = u32::try_from(frame.len())
-            .map_err(|_| TxError::Io(io::ErrorKind::InvalidInput.into()))?;
-        conn.buf.clear();
-        conn.buf.extend_from_slice(&len.to_be_bytes());
-        conn.buf.extend_from_slice(frame);
-        if let Err(e) = conn.stream.write_all(&conn.buf) {
-            // A partial write would desynchronise the framing: drop this peer.
-            let _ = conn.stream.shutdown(std::net::Shutdown::Both);
-            *guard = None;
-            return Err(TxError::Io(e));
+        let q = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or(TxError::Down)?;
+        q.push(frame)
+    }
+}
+
+/// Why a stream port cannot have its path.
+fn path_refused(why: String) -> io::Error {
+    io::Error::new(io::ErrorKind::AlreadyExists, why)
+}
+
+/// Makes `path` free for netd to bind, or refuses (see the module doc): nothing
+/// there; or a stale socket of netd's own user, which is removed. Anything else is
+/// left exactly as it is. (The control socket is claimed the same way.)
+pub fn claim_socket_path(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let md = match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        r => r?,
+    };
+    if !md.file_type().is_socket() {
+        return Err(path_refused(format!(
+            "{} exists and is not a socket; netd does not replace it",
+            path.display()
+        )));
+    }
+    let (euid, _) = sys::effective_ids();
+    if md.uid() != euid {
+        return Err(path_refused(format!(
+            "{} is a socket of uid {}, not netd's; netd does not replace it",
+            path.display(),
+            md.uid()
+        )));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(path_refused(format!(
+            "{} is a socket another program listens on",
+            path.display()
+        ))),
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+            // Nobody listens: left by a netd that is gone.
+            std::fs::remove_file(path)
         }
-        Ok(())
+        Err(e) => Err(e),
     }
 }
 
@@ -57,19 +178,14 @@ pub(super) fn start_stream_port(
         path: path.clone(),
         source,
     };
-    // A socket file left by an earlier run is stale: nobody can listen on it now.
-    if let Ok(md) = std::fs::symlink_metadata(&path) {
-        use std::os::unix::fs::FileTypeExt;
-        if md.file_type().is_socket() {
-            let _ = std::fs::remove_file(&path);
-        }
-    }
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(listen_err)?;
     }
+    claim_socket_path(&path).map_err(listen_err)?;
     let listener = UnixListener::bind(&path).map_err(listen_err)?;
+    let id = socket_id(&path).ok_or_else(|| listen_err(io::ErrorKind::NotFound.into()))?;
     listener.set_nonblocking(true).map_err(listen_err)?;
-    let conn: Arc<Mutex<Option<StreamConn>>> = Arc::new(Mutex::new(None));
+    let conn: Arc<Mutex<Option<Arc<TxQueue>>>> = Arc::new(Mutex::new(None));
     let (port, stop) = attach(
         net,
         spec,
@@ -84,6 +200,8 @@ pub(super) fn start_stream_port(
             match listener.accept() {
                 Ok((stream, _)) => {
                     tracing::info!(port = %name, "stream peer connected");
+                    // A new peer is a new VM: its MAC is not a spoof of the last one's.
+                    port.guard.release_learned();
                     if let Err(e) = serve_stream(&n2, &port, stream, &conn, &s2, &mut buf) {
                         tracing::info!(port = %name, error = %e, "stream peer left");
                     }
@@ -111,7 +229,7 @@ pub(super) fn start_stream_port(
         PortClass::Stream,
         stop,
         started,
-        Cleanup::RemoveSocket(path),
+        Cleanup::RemoveSocket(path, id),
     )
 }
 
@@ -147,21 +265,55 @@ fn serve_stream(
     net: &Network,
     port: &Port,
     stream: UnixStream,
-    conn: &Mutex<Option<StreamConn>>,
+    conn: &Mutex<Option<Arc<TxQueue>>>,
     stop: &Stop,
     buf: &mut [u8],
 ) -> io::Result<()> {
     stream.set_nonblocking(false)?;
-    // Writes happen on other ports' threads: never let a stuck peer hold them long.
-    stream.set_write_timeout(Some(Duration::from_millis(500)))?;
-    let mut reader = stream.try_clone()?;
-    *conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(StreamConn {
-        stream,
-        buf: Vec::with_capacity(MAX_FRAME + 4),
-    });
+    let queue = Arc::new(TxQueue::default());
+    let writer = {
+        let (q, mut w) = (queue.clone(), stream.try_clone()?);
+        spawn_thread(format!("stw-{}", port.name), move || write_loop(&q, &mut w))
+            .map_err(|e| io::Error::other(crate::error_chain(&e)))?
+    };
+    *conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(queue.clone());
+    let mut reader = stream;
+    let r = read_loop(net, port, &mut reader, stop, buf);
+    // Wake a writer blocked on a peer that does not read, and end it.
+    *conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    queue.close();
+    let _ = reader.shutdown(std::net::Shutdown::Both);
+    let _ = writer.join();
+    r
+}
+
+/// Writes queued frames to the peer until the queue closes or a write fails; a
+/// failure ends the connection (the reader sees it shut down).
+fn write_loop(q: &TxQueue, w: &mut UnixStream) {
+    while let Some(batch) = q.take() {
+        let (n, bytes) = (batch.len(), batch.iter().map(|m| m.len() - 4).sum());
+        for msg in &batch {
+            if w.write_all(msg).is_err() {
+                // A partial write would desynchronise the framing: drop this peer.
+                q.close();
+                let _ = w.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+        }
+        q.written(n, bytes);
+    }
+}
+
+fn read_loop(
+    net: &Network,
+    port: &Port,
+    reader: &mut UnixStream,
+    stop: &Stop,
+    buf: &mut [u8],
+) -> io::Result<()> {
     loop {
         let mut hdr = [0u8; 4];
-        if !read_full(&mut reader, &mut hdr, stop)? {
+        if !read_full(reader, &mut hdr, stop)? {
             return Ok(());
         }
         let len = u32::from_be_bytes(hdr) as usize;
@@ -175,7 +327,7 @@ fn serve_stream(
             ));
         }
         let frame = buf.get_mut(..len).unwrap_or_default();
-        if !read_full(&mut reader, frame, stop)? && len > 0 {
+        if !read_full(reader, frame, stop)? && len > 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
         net.ingress(port, frame);
@@ -278,5 +430,101 @@ mod tests {
         let rp = start_stream_port(&net, &s).unwrap();
         assert!(UnixStream::connect(&path).is_ok());
         rp.shutdown();
+    }
+
+    /// Regression (issue 11, item 10): a peer that never reads stalled the thread
+    /// of every port that sent to it. Now its queue fills, its frames are dropped
+    /// and counted, and the sender never waits.
+    #[test]
+    fn a_peer_that_never_reads_costs_only_its_own_frames() {
+        let (dir, net, rp, _seen) = start();
+        let c = connect(&dir);
+        let port = net.port("st").unwrap();
+        let sink = net.port("sink").unwrap();
+        // Wait until the peer is being served (a frame reaches its queue).
+        assert!(eventually(|| {
+            net.ingress(&sink, &frame(9, 60));
+            port.counters.tx_frames.load(Ordering::Relaxed) > 0
+        }));
+        let t0 = std::time::Instant::now();
+        let n = 20_000;
+        for _ in 0..n {
+            net.ingress(&sink, &frame(9, 1514));
+        }
+        let took = t0.elapsed();
+        let s = port.counters.snapshot();
+        assert!(s.drop_full > 0, "{s:?}");
+        // What was queued or written is bounded by the queue and the socket buffer.
+        assert!(s.tx_bytes < 8 * TX_QUEUE_BYTES as u64, "{s:?}");
+        assert!(took < Duration::from_secs(5), "sending took {took:?}");
+        // The peer still gets whole frames in order once it reads.
+        let mut c = c;
+        let mut hdr = [0u8; 4];
+        c.read_exact(&mut hdr).unwrap();
+        assert_eq!(u32::from_be_bytes(hdr), 60);
+        rp.shutdown();
+    }
+
+    #[test]
+    fn the_queue_is_bounded_in_bytes_and_frames() {
+        let q = TxQueue::default();
+        let mut n = 0;
+        while q.push(&[0u8; 1000]).is_ok() {
+            n += 1;
+        }
+        assert_eq!(n, TX_QUEUE_BYTES / (1000 + FRAME_COST));
+        assert!(matches!(q.push(&[0u8; 1000]), Err(TxError::Full)));
+        // Tiny frames are bounded by their cost too.
+        let q = TxQueue::default();
+        let mut n = 0;
+        while q.push(&[]).is_ok() {
+            n += 1;
+        }
+        assert_eq!(n, TX_QUEUE_BYTES / FRAME_COST);
+        // Written messages free their room; a closed queue is down.
+        let b = q.take().unwrap();
+        q.written(b.len(), 0);
+        assert!(q.push(&[1]).is_ok());
+        q.close();
+        assert!(matches!(q.push(&[1]), Err(TxError::Down)));
+        assert!(q.take().is_none());
+    }
+
+    /// Regression (issue 11, item 12): a stream port's path unlinked whatever
+    /// socket was there.
+    #[test]
+    fn a_path_that_is_not_netds_is_refused_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (net, _sink, _seen) = sink();
+        let mut s = spec("st", PortKind::Stream);
+        // A regular file.
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"precious").unwrap();
+        s.path = Some(file.clone());
+        assert!(matches!(
+            start_stream_port(&net, &s),
+            Err(PortError::Listen { .. })
+        ));
+        assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+        // A socket somebody listens on.
+        let other = dir.path().join("other.sock");
+        let l = std::os::unix::net::UnixListener::bind(&other).unwrap();
+        s.path = Some(other.clone());
+        let e = start_stream_port(&net, &s).err().expect("refused");
+        assert!(
+            crate::error_chain(&e).contains("listens"),
+            "{}",
+            crate::error_chain(&e)
+        );
+        assert!(
+            UnixStream::connect(&other).is_ok(),
+            "its socket still works"
+        );
+        drop(l);
+        // A directory.
+        s.path = Some(dir.path().to_path_buf());
+        assert!(start_stream_port(&net, &s).is_err());
+        assert!(dir.path().is_dir());
+        assert!(net.port("st").is_none());
     }
 }

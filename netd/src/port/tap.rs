@@ -7,7 +7,9 @@
 //! that the queue pins netd's namespace, not the target's: deleting the target
 //! namespace deletes the TAP (the port then waits for the namespace to come back and
 //! reopens it) instead of keeping a dead namespace alive. The `host` TAP stays in
-//! netd's namespace and gets the gateway address; netd never enables forwarding.
+//! netd's namespace and gets the gateway address and forwarding turned off on it
+//! (IPv4 and IPv6 `conf/IF/forwarding = 0`): on a host with `ip_forward = 1` the
+//! guests still reach the host only, never past it.
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -63,12 +65,17 @@ pub fn start_host_port(
         netns: None,
         path: None,
         persistent: false,
+        guard: None,
     };
     let fd = open_tap(&spec, ifname, net.mtu() as u32)?;
-    sys::if_set_ipv4(ifname, addr, mask).map_err(|source| PortError::Tap {
+    let tap_err = |source| PortError::Tap {
         ifname: ifname.to_string(),
         source,
-    })?;
+    };
+    sys::if_set_ipv4(ifname, addr, mask).map_err(tap_err)?;
+    // The host is an end of a hostonly network, not a router: even on a host with
+    // `ip_forward = 1`, nothing the guests send is forwarded past it.
+    sys::if_disable_forwarding(ifname).map_err(tap_err)?;
     start_fd_port(net, &spec, PortClass::Host, fd, Cleanup::None)
 }
 

@@ -32,6 +32,7 @@ pub fn start_uplink(net: &Arc<Network>, ifname: &str) -> Result<RunningPort, Por
         netns: None,
         path: None,
         persistent: true,
+        guard: None,
     };
     start_fd_port(net, &spec, PortClass::Uplink, fd, Cleanup::None)
 }

@@ -4,6 +4,8 @@
 //! its own frames; PACKET_VNET_HDR, so offloaded frames keep their metadata).
 //!
 //! netd creates the TAP (persistent) if it is missing and brings its kernel side up.
+//! An existing interface must be a TAP (asked of its driver, as `ethtool -i` does):
+//! a host NIC or a veth named here would otherwise bridge that link in.
 //! When the VMM goes away the TAP stays, sends count as `drop_down`, and traffic
 //! resumes when a VMM attaches again; if the TAP itself disappears the port's thread
 //! recreates it. A TAP netd created is deleted with the port unless `persistent`.
@@ -41,9 +43,21 @@ pub(super) fn delete_persistent_tap(ifname: &str) {
 }
 
 /// Makes sure the persistent TAP `ifname` exists and is up; returns whether netd
-/// created it now.
+/// created it now. An existing interface that is not a TAP (a host NIC, a veth, a
+/// bridge) is refused: a `vm` port on it would bridge that link into the network.
 fn ensure_vm_tap(ifname: &str, mtu: u32) -> io::Result<bool> {
     let created = if sys::if_exists(ifname) {
+        match sys::if_kind(ifname)? {
+            sys::IfKind::Tap => {}
+            sys::IfKind::Other(what) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "{ifname} exists and is not a TAP ({what}); a vm port takes a TAP only"
+                    ),
+                ))
+            }
+        }
         false
     } else {
         let fd = sys::tap_open(ifname, false)?;

@@ -5,6 +5,12 @@
 //! only when the table is full, and at most once per [`SWEEP_INTERVAL`], so such a
 //! flood does not cost a walk of the whole table per frame under the lock every
 //! ingress takes.
+//!
+//! Two more bounds against a hostile port: a port may hold at most its cap of
+//! entries (`max_macs_per_port` for an unguarded port; a guarded one is locked to
+//! one MAC before it gets here), and a service's MAC (the router's, the DHCP
+//! server's) is pinned to the service's port: it never ages, never moves, and a
+//! frame from it on another port is refused ([`Learn::Pinned`]).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -16,12 +22,29 @@ use super::PortId;
 struct FdbEntry {
     port: PortId,
     seen: Instant,
+    /// A service's MAC: never ages, never moves.
+    pinned: bool,
+}
+
+/// What [`Fdb::learn`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Learn {
+    /// Learned or refreshed.
+    Learned,
+    /// The table is full of live entries: not learned (the frame may still go).
+    TableFull,
+    /// The MAC is pinned to another port: the frame is not from its owner.
+    Pinned,
+    /// The port already holds its cap of entries.
+    PortFull,
 }
 
 /// The MAC table: bounded, with ageing.
 #[derive(Debug)]
 pub struct Fdb {
     map: HashMap<[u8; 6], FdbEntry>,
+    /// Entries per port.
+    per_port: HashMap<PortId, usize>,
     max: usize,
     ageing: Duration,
     /// Learn attempts refused because the table was full of live entries.
@@ -42,6 +65,7 @@ impl Fdb {
     pub fn new(max: usize, ageing: Duration) -> Self {
         Fdb {
             map: HashMap::new(),
+            per_port: HashMap::new(),
             max,
             ageing,
             full_refusals: 0,
@@ -50,42 +74,133 @@ impl Fdb {
         }
     }
 
-    /// Records that `mac` was seen on `port` at `now`.
-    pub fn learn(&mut self, mac: [u8; 6], port: PortId, now: Instant) {
-        if let Some(e) = self.map.get_mut(&mac) {
-            e.port = port;
-            e.seen = now;
-            return;
+    /// Records that `mac` was seen on `port` at `now`; `cap` is the most entries
+    /// `port` may hold.
+    pub fn learn(&mut self, mac: [u8; 6], port: PortId, now: Instant, cap: usize) -> Learn {
+        if let Some(e) = self.map.get(&mac).copied() {
+            if e.pinned {
+                return if e.port == port {
+                    Learn::Learned
+                } else {
+                    Learn::Pinned
+                };
+            }
+            if e.port != port {
+                if self.count(port) >= cap && !self.sweep_port(port, now, cap) {
+                    return Learn::PortFull;
+                }
+                self.dec(e.port);
+                *self.per_port.entry(port).or_default() += 1;
+            }
+            self.map.insert(
+                mac,
+                FdbEntry {
+                    port,
+                    seen: now,
+                    pinned: false,
+                },
+            );
+            return Learn::Learned;
+        }
+        if self.count(port) >= cap && !self.sweep_port(port, now, cap) {
+            return Learn::PortFull;
         }
         if self.map.len() >= self.max {
-            let due = self
-                .last_sweep
-                .is_none_or(|t| now.saturating_duration_since(t) >= SWEEP_INTERVAL);
-            if due {
-                let ageing = self.ageing;
-                self.map.retain(|_, e| now.duration_since(e.seen) < ageing);
-                self.sweeps += 1;
-                self.last_sweep = Some(now);
+            if self.sweep_due(now) {
+                self.sweep(now);
             }
             if self.map.len() >= self.max {
                 self.full_refusals += 1;
-                return;
+                return Learn::TableFull;
             }
         }
-        self.map.insert(mac, FdbEntry { port, seen: now });
+        self.map.insert(
+            mac,
+            FdbEntry {
+                port,
+                seen: now,
+                pinned: false,
+            },
+        );
+        *self.per_port.entry(port).or_default() += 1;
+        Learn::Learned
+    }
+
+    /// Pins `mac` to `port` (a service's own MAC).
+    pub fn pin(&mut self, mac: [u8; 6], port: PortId, now: Instant) {
+        if let Some(old) = self.map.get(&mac).map(|e| e.port) {
+            self.dec(old);
+        }
+        self.map.insert(
+            mac,
+            FdbEntry {
+                port,
+                seen: now,
+                pinned: true,
+            },
+        );
+        *self.per_port.entry(port).or_default() += 1;
+    }
+
+    /// Whether `mac` is pinned to a port other than `port`.
+    pub fn pinned_elsewhere(&self, mac: &[u8; 6], port: PortId) -> bool {
+        self.map
+            .get(mac)
+            .is_some_and(|e| e.pinned && e.port != port)
+    }
+
+    fn count(&self, port: PortId) -> usize {
+        self.per_port.get(&port).copied().unwrap_or(0)
+    }
+
+    fn dec(&mut self, port: PortId) {
+        if let Some(n) = self.per_port.get_mut(&port) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_port.remove(&port);
+            }
+        }
+    }
+
+    fn sweep_due(&self, now: Instant) -> bool {
+        self.last_sweep
+            .is_none_or(|t| now.saturating_duration_since(t) >= SWEEP_INTERVAL)
+    }
+
+    /// Forgets aged-out entries (counts a sweep).
+    fn sweep(&mut self, now: Instant) {
+        let ageing = self.ageing;
+        self.map
+            .retain(|_, e| e.pinned || now.saturating_duration_since(e.seen) < ageing);
+        self.per_port.clear();
+        for e in self.map.values() {
+            *self.per_port.entry(e.port).or_default() += 1;
+        }
+        self.sweeps += 1;
+        self.last_sweep = Some(now);
+    }
+
+    /// A port at its cap: sweeps (at most once per [`SWEEP_INTERVAL`]) and says
+    /// whether it is below its cap now.
+    fn sweep_port(&mut self, port: PortId, now: Instant, cap: usize) -> bool {
+        if self.sweep_due(now) {
+            self.sweep(now);
+        }
+        self.count(port) < cap
     }
 
     /// The port `mac` was last seen on, unless aged out.
     pub fn lookup(&self, mac: &[u8; 6], now: Instant) -> Option<PortId> {
         self.map
             .get(mac)
-            .filter(|e| now.duration_since(e.seen) < self.ageing)
+            .filter(|e| e.pinned || now.saturating_duration_since(e.seen) < self.ageing)
             .map(|e| e.port)
     }
 
     /// Forgets every entry of `port`.
     pub fn flush_port(&mut self, port: PortId) {
         self.map.retain(|_, e| e.port != port);
+        self.per_port.remove(&port);
     }
 
     /// Live entries: (mac, port, age).
@@ -93,8 +208,8 @@ impl Fdb {
         let mut v: Vec<_> = self
             .map
             .iter()
-            .filter(|(_, e)| now.duration_since(e.seen) < self.ageing)
-            .map(|(m, e)| (*m, e.port, now.duration_since(e.seen)))
+            .filter(|(_, e)| e.pinned || now.saturating_duration_since(e.seen) < self.ageing)
+            .map(|(m, e)| (*m, e.port, now.saturating_duration_since(e.seen)))
             .collect();
         v.sort_by_key(|(m, _, _)| *m);
         v
@@ -119,15 +234,15 @@ mod tests {
     fn table_is_bounded_and_ages() {
         let mut fdb = Fdb::new(2, Duration::from_secs(10));
         let t0 = Instant::now();
-        fdb.learn([2, 0, 0, 0, 0, 1], 1, t0);
-        fdb.learn([2, 0, 0, 0, 0, 2], 1, t0);
-        fdb.learn([2, 0, 0, 0, 0, 3], 1, t0);
+        fdb.learn([2, 0, 0, 0, 0, 1], 1, t0, usize::MAX);
+        fdb.learn([2, 0, 0, 0, 0, 2], 1, t0, usize::MAX);
+        fdb.learn([2, 0, 0, 0, 0, 3], 1, t0, usize::MAX);
         assert_eq!(fdb.len(), 2);
         assert_eq!(fdb.full_refusals, 1);
         assert_eq!(fdb.lookup(&[2, 0, 0, 0, 0, 1], t0), Some(1));
         let later = t0 + Duration::from_secs(11);
         assert_eq!(fdb.lookup(&[2, 0, 0, 0, 0, 1], later), None);
-        fdb.learn([2, 0, 0, 0, 0, 3], 2, later);
+        fdb.learn([2, 0, 0, 0, 0, 3], 2, later, usize::MAX);
         assert_eq!(fdb.lookup(&[2, 0, 0, 0, 0, 3], later), Some(2));
         assert_eq!(fdb.len(), 1);
     }
@@ -136,26 +251,69 @@ mod tests {
     fn a_mac_flood_into_a_full_table_does_not_sweep_per_frame() {
         let mut fdb = Fdb::new(2, Duration::from_secs(10));
         let t0 = Instant::now();
-        fdb.learn([2, 0, 0, 0, 0, 1], 1, t0);
-        fdb.learn([2, 0, 0, 0, 0, 2], 1, t0);
+        fdb.learn([2, 0, 0, 0, 0, 1], 1, t0, usize::MAX);
+        fdb.learn([2, 0, 0, 0, 0, 2], 1, t0, usize::MAX);
         for i in 0..1000u16 {
             let b = i.to_be_bytes();
             fdb.learn(
                 [2, 1, 0, 0, b[0], b[1]],
                 1,
                 t0 + Duration::from_millis(u64::from(i)),
+                usize::MAX,
             );
         }
         assert_eq!(fdb.full_refusals, 1000);
         assert_eq!(fdb.sweeps, 1);
         // Known MACs still refresh, and after ageing the table takes new ones again.
-        fdb.learn([2, 0, 0, 0, 0, 1], 3, t0 + Duration::from_secs(5));
+        fdb.learn(
+            [2, 0, 0, 0, 0, 1],
+            3,
+            t0 + Duration::from_secs(5),
+            usize::MAX,
+        );
         assert_eq!(
             fdb.lookup(&[2, 0, 0, 0, 0, 1], t0 + Duration::from_secs(5)),
             Some(3)
         );
         let later = t0 + Duration::from_secs(11);
-        fdb.learn([2, 0, 0, 0, 0, 9], 2, later);
+        fdb.learn([2, 0, 0, 0, 0, 9], 2, later, usize::MAX);
         assert_eq!(fdb.lookup(&[2, 0, 0, 0, 0, 9], later), Some(2));
+    }
+
+    #[test]
+    fn a_port_holds_at_most_its_cap_and_pins_do_not_move() {
+        let mut fdb = Fdb::new(100, Duration::from_secs(10));
+        let t0 = Instant::now();
+        let m = |i: u8| [2, 0, 0, 0, 1, i];
+        for i in 0..3 {
+            assert_eq!(fdb.learn(m(i), 1, t0, 3), Learn::Learned);
+        }
+        assert_eq!(fdb.learn(m(3), 1, t0, 3), Learn::PortFull);
+        assert_eq!(
+            fdb.learn(m(0), 1, t0, 3),
+            Learn::Learned,
+            "a known MAC refreshes"
+        );
+        assert_eq!(
+            fdb.learn(m(3), 2, t0, 3),
+            Learn::Learned,
+            "other ports unaffected"
+        );
+        // Moving an entry to a full port is refused too; moving away frees a slot.
+        assert_eq!(fdb.learn(m(3), 1, t0, 3), Learn::PortFull);
+        assert_eq!(fdb.learn(m(0), 2, t0, 3), Learn::Learned);
+        assert_eq!(fdb.learn(m(3), 1, t0, 3), Learn::Learned);
+        // Aged-out entries make room again.
+        let later = t0 + Duration::from_secs(11);
+        assert_eq!(fdb.learn(m(9), 1, later, 3), Learn::Learned);
+        // A pinned MAC stays with its owner and does not age.
+        let svc = [2, 0x4e, 0, 0, 0, 2];
+        fdb.pin(svc, 7, t0);
+        assert_eq!(fdb.learn(svc, 1, t0, 3), Learn::Pinned);
+        assert_eq!(fdb.learn(svc, 7, t0, 3), Learn::Learned);
+        assert!(fdb.pinned_elsewhere(&svc, 1));
+        assert!(!fdb.pinned_elsewhere(&svc, 7));
+        let much_later = t0 + Duration::from_secs(1000);
+        assert_eq!(fdb.lookup(&svc, much_later), Some(7));
     }
 }

@@ -166,3 +166,151 @@ fn isolation_lets_guest_frames_reach_services_only() {
     net.ingress(&p[0], &frame(BCAST, A, 60));
     assert_eq!((count(&s[1]), count(&s[2])), (2, 2));
 }
+
+/// A guarded network: a service port "svc" whose MAC is pinned, and guest ports
+/// p0..p2 with `guard = "clean"` (p2 configured with MAC B).
+/// A network, its service port, its guest ports, and every port's sink.
+type Guarded = (Arc<Network>, Arc<Port>, Vec<Arc<Port>>, Vec<Arc<Sink>>);
+
+fn guarded() -> Guarded {
+    let net = Network::new("g", 1500, 64, Duration::from_secs(300));
+    net.set_guard_default(Guard::Clean);
+    net.set_max_macs_per_port(4);
+    let svc_sink = Arc::new(Sink::default());
+    let svc = net
+        .add_port(
+            "svc",
+            PortClass::Service,
+            Box::new(SinkTx(svc_sink.clone())),
+        )
+        .unwrap();
+    net.pin_mac("svc", SVC).unwrap();
+    let mut ports = vec![];
+    let mut sinks = vec![svc_sink];
+    for i in 0..3 {
+        let s = Arc::new(Sink::default());
+        let mac = (i == 2).then_some(B);
+        ports.push(
+            net.add_port_with(
+                &format!("p{i}"),
+                PortClass::Tap,
+                Box::new(SinkTx(s.clone())),
+                None,
+                mac,
+            )
+            .unwrap(),
+        );
+        sinks.push(s);
+    }
+    (net, svc, ports, sinks)
+}
+
+const SVC: [u8; 6] = [2, 0x4e, 0, 0, 0, 2];
+const C: [u8; 6] = [2, 0, 0, 0, 0, 0xc];
+
+fn c(p: &Port) -> CountersSnapshot {
+    p.counters.snapshot()
+}
+
+#[test]
+fn a_guest_cannot_send_from_a_service_mac_or_another_guests() {
+    let (net, svc, p, s) = guarded();
+    // The service speaks first; p0 locks to A.
+    net.ingress(&svc, &frame(BCAST, SVC, 60));
+    net.ingress(&p[0], &frame(BCAST, A, 60));
+    assert_eq!(p[0].guard.locked_mac(), Some(A));
+    // p1 sends from the router's MAC: dropped, and the router's MAC stays put.
+    net.ingress(&p[1], &frame(BCAST, SVC, 60));
+    assert_eq!(c(&p[1]).drop_spoofed_mac, 1);
+    net.ingress(&p[0], &frame(SVC, A, 60));
+    assert_eq!(
+        count(&s[0]),
+        2,
+        "p0's broadcast and unicast reach the router"
+    );
+    // p1 sends from A (p0's) and from B (p2's configured MAC): dropped.
+    net.ingress(&p[1], &frame(BCAST, A, 60));
+    net.ingress(&p[1], &frame(BCAST, B, 60));
+    assert_eq!(c(&p[1]).drop_spoofed_mac, 3);
+    assert_eq!(p[1].guard.locked_mac(), None);
+    // p1 locks to C; then it may not change MAC.
+    net.ingress(&p[1], &frame(BCAST, C, 60));
+    net.ingress(&p[1], &frame(BCAST, [2, 0, 0, 0, 0, 0xd], 60));
+    assert_eq!(c(&p[1]).drop_spoofed_mac, 4);
+    assert_eq!(p[1].guard.locked_mac(), Some(C));
+    // p2 (configured B) may not send from anything else, even before it spoke.
+    net.ingress(&p[2], &frame(BCAST, C, 60));
+    assert_eq!(c(&p[2]).drop_spoofed_mac, 1);
+    net.ingress(&p[2], &frame(A, B, 60));
+    assert_eq!(
+        count(&s[1]),
+        3,
+        "B's unicast to A reaches p0 (+2 floods seen)"
+    );
+    let t = net.mac_table();
+    let on = |m: [u8; 6]| {
+        t.iter()
+            .find(|e| e.mac == crate::config::fmt_mac(&m))
+            .map(|e| e.port.clone())
+    };
+    assert_eq!(on(SVC).as_deref(), Some("svc"));
+    assert_eq!(on(A).as_deref(), Some("p0"));
+    assert_eq!(on(C).as_deref(), Some("p1"));
+}
+
+#[test]
+fn an_unguarded_port_holds_at_most_its_cap_of_macs() {
+    let (net, _svc, _p, _s) = guarded();
+    let s = Arc::new(Sink::default());
+    let off = net
+        .add_port_with(
+            "off",
+            PortClass::Tap,
+            Box::new(SinkTx(s)),
+            Some(Guard::Off),
+            None,
+        )
+        .unwrap();
+    for i in 0..100u8 {
+        net.ingress(&off, &frame(BCAST, [2, 1, 0, 0, 0, i], 60));
+    }
+    assert_eq!(c(&off).drop_mac_limit, 96);
+    assert_eq!(c(&off).rx_frames, 4);
+    assert_eq!(
+        net.mac_table().iter().filter(|e| e.port == "off").count(),
+        4
+    );
+    // The pinned MAC is refused on it too.
+    net.ingress(&off, &frame(BCAST, SVC, 60));
+    assert_eq!(c(&off).drop_spoofed_mac, 1);
+}
+
+#[test]
+fn ipv4_sources_and_arp_follow_the_address_table() {
+    let (net, _svc, p, _s) = guarded();
+    let gw = std::net::Ipv4Addr::new(10, 5, 0, 1);
+    let g = Arc::new(IpGuard::new(
+        std::net::Ipv4Addr::new(10, 5, 0, 0),
+        24,
+        &[gw],
+        &[],
+        Duration::from_secs(300),
+    ));
+    net.set_ip_guard(g.clone());
+    let ip = |n| std::net::Ipv4Addr::new(10, 5, 0, n);
+    g.set_leases([(A, ip(50), u64::MAX)]);
+    let udp = |src_mac, src| crate::wire::emit_udp_frame(BCAST, src_mac, src, ip(255), 1, 2, b"x");
+    net.ingress(&p[0], &udp(A, ip(50)));
+    assert_eq!(c(&p[0]).rx_frames, 1);
+    net.ingress(&p[0], &udp(A, ip(51)));
+    net.ingress(&p[0], &udp(A, gw));
+    assert_eq!(c(&p[0]).drop_spoofed_ip, 2);
+    // p1 (no lease) binds its first free address; A's lease is not free.
+    net.ingress(&p[1], &udp(C, ip(50)));
+    assert_eq!(c(&p[1]).drop_spoofed_ip, 1);
+    net.ingress(&p[1], &udp(C, ip(60)));
+    net.ingress(&p[1], &udp(C, ip(60)));
+    assert_eq!(c(&p[1]).rx_frames, 2);
+    net.ingress(&p[1], &udp(C, ip(61)));
+    assert_eq!(c(&p[1]).drop_spoofed_ip, 2, "one static address per MAC");
+}

@@ -10,5 +10,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let mut scratch = Vec::new();
-    let _ = finish(&hdr, frame, &mut scratch, &mut |seg| assert!(seg.len() <= frame.len().max(60)));
+    let _ = finish(&hdr, frame, &mut scratch, &mut |seg| {
+        assert!(seg.len() <= frame.len().max(60))
+    });
 });

@@ -381,6 +381,22 @@ impl Router {
             .collect()
     }
 
+    /// Takes what the router's tasks and host sockets have ready now (finished host
+    /// connects, host data, forward accepts) without waiting, then does one step; the
+    /// frames it answers with. Call it inside the router's runtime, after letting that
+    /// runtime run (the fuzz target, so that flows get past their host connect).
+    #[doc(hidden)]
+    pub fn settle_for_test(&mut self) -> Vec<Bytes> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let _ = self.poll_events(&mut cx);
+        self.step();
+        self.dev
+            .tx
+            .drain(..)
+            .map(device::Frame::into_bytes)
+            .collect()
+    }
+
     /// Registers interest in everything that can make progress; ready when any is.
     pub(super) fn poll_events(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let mut ready = false;

@@ -946,3 +946,54 @@ async fn unspecified_source_is_dropped_and_a_socket_back_in_listen_is_reaped() {
     assert_eq!(router.guest_flows.get(GUEST_IP), 0);
     assert_eq!(router.guest_flows.get(other.0), 1);
 }
+
+/// Regression (NAT soak bench, bench/netd-soak.sh): smoltcp's neighbor cache held
+/// 8 entries, so with more guests than that talking at once each new guest evicted
+/// another, and smoltcp dropped that guest's next segment (it sends an ARP request
+/// instead, and stays silent for a second): TCP flows of a 64-guest network stalled
+/// in retransmissions. Every one of 24 guests must get its host data at once.
+#[tokio::test]
+async fn more_than_eight_guests_all_get_their_tcp_data() {
+    use smoltcp::wire::{TcpControl, TcpPacket};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (_to_router, router_rx) = mpsc::channel(16);
+    let (router_tx, _from_router) = mpsc::channel(16);
+    let (mut router, _h) = Router::new(test_config(), router_rx, router_tx).unwrap();
+    let gw = (Ipv4Addr::new(10, 0, 2, 2), port);
+    let guests: Vec<Ipv4Addr> = (0..24).map(|i| Ipv4Addr::new(10, 0, 2, 100 + i)).collect();
+    let mut hosts = Vec::new();
+    for &ip in &guests {
+        router.process_frame_for_test(frame::arp_request((GUEST_MAC, ip), gw.0));
+        let g = (ip, 5000);
+        router.process_frame_for_test(guest_tcp(g, gw, TcpControl::Syn, 1000, None));
+        let (stream, _) = listener.accept().await.unwrap();
+        hosts.push(stream);
+        let out = settle_and_feed(&mut router, Bytes::new()).await;
+        let synack = out
+            .iter()
+            .find_map(|f| {
+                let t = TcpPacket::new_checked(f.get(34..)?).ok()?;
+                (t.syn() && t.ack()).then(|| t.seq_number())
+            })
+            .expect("SYN-ACK");
+        let ack = guest_tcp(g, gw, TcpControl::None, 1001, Some((synack + 1).0 as u32));
+        router.process_frame_for_test(ack);
+    }
+    for h in &mut hosts {
+        h.write_all(b"data").await.unwrap();
+    }
+    let mut got = std::collections::HashSet::new();
+    for _ in 0..3 {
+        for f in settle_and_feed(&mut router, Bytes::new()).await {
+            let Some(t) = f.get(34..).and_then(|t| TcpPacket::new_checked(t).ok()) else {
+                continue;
+            };
+            if f.get(12..14) == Some(&[8, 0][..]) && !t.payload().is_empty() {
+                got.insert(Ipv4Addr::new(f[30], f[31], f[32], f[33]));
+            }
+        }
+    }
+    let missing: Vec<_> = guests.iter().filter(|g| !got.contains(g)).collect();
+    assert!(missing.is_empty(), "no data reached {missing:?}");
+}

@@ -26,6 +26,7 @@
 //! table and no port list. Entries age out after `mac_ageing` seconds without a
 //! frame from that MAC; a deleted port takes its entries with it.
 
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -65,6 +66,8 @@ pub enum PortClass {
     Uplink,
     /// An in-process service.
     Service,
+    /// A VXLAN tunnel to remote VTEPs.
+    Vxlan,
 }
 
 impl PortClass {
@@ -77,6 +80,7 @@ impl PortClass {
             PortClass::Host => "host",
             PortClass::Uplink => "uplink",
             PortClass::Service => "service",
+            PortClass::Vxlan => "vxlan",
         }
     }
 }
@@ -105,6 +109,13 @@ pub enum TxError {
 pub trait PortTx: Send + Sync {
     /// Sends one complete Ethernet frame (no vnet header).
     fn send(&self, frame: &[u8]) -> Result<(), TxError>;
+
+    /// Sends a frame to the remote the destination MAC was learned behind (a
+    /// vxlan port; `None`: flood to every remote). Other ports ignore `remote`.
+    fn send_to(&self, frame: &[u8], remote: Option<Ipv4Addr>) -> Result<(), TxError> {
+        let _ = remote;
+        self.send(frame)
+    }
 
     /// Whether the port takes frames with a virtio-net header (and so offloaded,
     /// unfinished frames: partial checksums, TCP super-frames).
@@ -277,7 +288,7 @@ impl Port {
         }
     }
 
-    fn send(&self, frame: &[u8], hdr: Option<&VnetHdr>) {
+    fn send(&self, frame: &[u8], hdr: Option<&VnetHdr>, remote: Option<Ipv4Addr>) {
         if frame_payload(frame, hdr) > self.mtu {
             inc(&self.counters.drop_mtu, 1);
             return;
@@ -288,11 +299,11 @@ impl Port {
             return;
         }
         match hdr.filter(|h| !h.is_plain()) {
-            None => self.account(self.tx.send(frame), frame.len()),
+            None => self.account(self.tx.send_to(frame, remote), frame.len()),
             Some(h) => SCRATCH.with(|s| {
                 let mut scratch = s.borrow_mut();
                 let r = finish(h, frame, &mut scratch, &mut |seg| {
-                    self.account(self.tx.send(seg), seg.len())
+                    self.account(self.tx.send_to(seg, remote), seg.len())
                 });
                 if r.is_err() {
                     inc(&self.counters.drop_offload, 1);
@@ -329,6 +340,9 @@ pub struct MacEntry {
     pub port: String,
     /// Seconds since last seen.
     pub age_secs: u64,
+    /// The remote VTEP the MAC lives behind (vxlan ports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<String>,
 }
 
 /// A port, as the control API shows it.
@@ -589,15 +603,18 @@ impl Network {
     /// The learned MAC table.
     pub fn mac_table(&self) -> Vec<MacEntry> {
         let now = Instant::now();
-        let entries = self
-            .fdb
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entries(now);
+        let (entries, remotes): (Vec<_>, Vec<_>) = {
+            let fdb = self.fdb.lock().unwrap_or_else(|e| e.into_inner());
+            let entries = fdb.entries(now);
+            let remotes = entries.iter().map(|(m, _, _)| fdb.remote_of(m)).collect();
+            (entries, remotes)
+        };
         let ports = self.ports.read().unwrap_or_else(|e| e.into_inner());
         entries
             .into_iter()
-            .map(|(mac, id, age)| MacEntry {
+            .zip(remotes)
+            .map(|((mac, id, age), remote)| MacEntry {
+                remote: remote.map(|r| r.to_string()),
                 mac: crate::config::fmt_mac(&mac),
                 port: ports
                     .iter()
@@ -612,6 +629,21 @@ impl Network {
     /// Switches one complete frame that arrived on `from`. See the module doc.
     pub fn ingress(&self, from: &Port, frame: &[u8]) {
         self.ingress_with(from, frame, None)
+    }
+
+    /// Switches one frame that a vxlan port `from` received from `remote`: the
+    /// source MAC is learned behind that remote.
+    pub fn ingress_remote(&self, from: &Port, frame: &[u8], remote: Ipv4Addr) {
+        self.ingress_inner(from, frame, None, None, Some(remote));
+    }
+
+    /// Forgets the MACs learned on `port` behind `remote` (a remote taken off a
+    /// vxlan port's flood list).
+    pub fn flush_remote(&self, port: PortId, remote: Ipv4Addr) {
+        self.fdb
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .flush_remote(port, remote);
     }
 
     /// Switches one frame that arrived on `from` with a virtio-net header.
@@ -631,11 +663,11 @@ impl Network {
         hdr: Option<&VnetHdr>,
         local: &Port,
     ) -> bool {
-        self.ingress_inner(from, frame, hdr, Some(local))
+        self.ingress_inner(from, frame, hdr, Some(local), None)
     }
 
     fn ingress_with(&self, from: &Port, frame: &[u8], hdr: Option<&VnetHdr>) {
-        self.ingress_inner(from, frame, hdr, None);
+        self.ingress_inner(from, frame, hdr, None, None);
     }
 
     fn ingress_inner(
@@ -644,6 +676,7 @@ impl Network {
         frame: &[u8],
         hdr: Option<&VnetHdr>,
         local: Option<&Port>,
+        remote: Option<Ipv4Addr>,
     ) -> bool {
         let (dst, src) = match (frame.get(0..6), frame.get(6..12)) {
             (Some(d), Some(s)) if frame.len() >= ETH_HLEN => {
@@ -671,9 +704,9 @@ impl Network {
         let now = Instant::now();
         let target = {
             let mut fdb = self.fdb.lock().unwrap_or_else(|e| e.into_inner());
-            fdb.learn(src, from.id, now);
+            fdb.learn_remote(src, from.id, remote, now);
             if dst[0] & 1 == 0 {
-                fdb.lookup(&dst, now)
+                fdb.lookup_remote(&dst, now)
             } else {
                 None
             }
@@ -682,8 +715,8 @@ impl Network {
         let isolated = self.isolated.load(Ordering::Relaxed) && from.kind != PortClass::Service;
         let allowed = |p: &Port| !isolated || p.kind == PortClass::Service;
         match target {
-            Some(id) if id == from.id => inc(&from.counters.drop_hairpin, 1),
-            Some(id) => {
+            Some((id, _)) if id == from.id => inc(&from.counters.drop_hairpin, 1),
+            Some((id, to)) => {
                 if let Some(p) = ports.iter().find(|p| p.id == id && allowed(p)) {
                     match local {
                         // Same MTU check and counters as `Port::send`, no copy.
@@ -695,13 +728,13 @@ impl Network {
                             l.account(Ok(()), frame.len());
                             return true;
                         }
-                        _ => p.send(frame, hdr),
+                        _ => p.send(frame, hdr, to),
                     }
                 }
             }
             None => {
                 for p in ports.iter().filter(|p| p.id != from.id && allowed(p)) {
-                    p.send(frame, hdr);
+                    p.send(frame, hdr, None);
                 }
             }
         }

@@ -79,6 +79,7 @@ pub fn add_vm_port(
         netns: None,
         path: None,
         persistent: false,
+        vxlan: Default::default(),
     };
     let req = Request::PortAdd {
         net: network.to_string(),

@@ -38,6 +38,8 @@
 //!   protocol violation: that connection is closed and counted, netd carries on.
 //! - `uplink` (`uplink.rs`): a bridged network's host NIC, through a promiscuous
 //!   AF_PACKET socket with virtio-net headers.
+//! - `vxlan` (`vxlan.rs`): a VXLAN tunnel (RFC 7348) to remote VTEPs over UDP,
+//!   learning which remote each MAC lives behind.
 //!
 //! # Files
 //!
@@ -57,6 +59,7 @@ mod tap;
 mod testing;
 mod uplink;
 mod vm;
+pub mod vxlan;
 
 use std::io;
 use std::path::PathBuf;
@@ -118,6 +121,9 @@ pub enum PortError {
     /// cannot start the port thread
     #[error("cannot start the port thread")]
     Thread(#[source] io::Error),
+    /// cannot set up the VXLAN tunnel
+    #[error("cannot set up the VXLAN tunnel")]
+    Vxlan(#[source] vxlan::VxlanError),
 }
 
 /// Starts a port of `spec` on `net`.
@@ -141,5 +147,6 @@ pub fn start_port_with(
         PortKind::Tap => tap::start_tap_port(net, spec, inline),
         PortKind::Vm => vm::start_vm_port(net, spec, inline),
         PortKind::Stream => stream::start_stream_port(net, spec),
+        PortKind::Vxlan => vxlan::start_vxlan_port(net, spec),
     }
 }

@@ -62,6 +62,7 @@ pub fn start_host_port(
         mac: None,
         netns: None,
         path: None,
+        vxlan: None,
         persistent: false,
     };
     let fd = open_tap(&spec, ifname, net.mtu() as u32)?;

@@ -51,6 +51,7 @@ pub(super) fn spec(name: &str, kind: PortKind) -> PortSpec {
         netns: None,
         path: None,
         persistent: false,
+        vxlan: None,
     }
 }
 

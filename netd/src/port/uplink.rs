@@ -31,6 +31,7 @@ pub fn start_uplink(net: &Arc<Network>, ifname: &str) -> Result<RunningPort, Por
         mac: None,
         netns: None,
         path: None,
+        vxlan: None,
         persistent: true,
     };
     start_fd_port(net, &spec, PortClass::Uplink, fd, Cleanup::None)

@@ -1,4 +1,6 @@
-//! The MAC table of a network: learned MAC -> port, bounded, with ageing.
+//! The MAC table of a network: learned MAC -> port, bounded, with ageing. For a
+//! `vxlan` port an entry also holds the remote VTEP the MAC lives behind (the
+//! "remote" column), so unicast goes to that remote alone.
 //!
 //! A full table stops learning; it never evicts a live entry, so a flood of made-up
 //! source MACs cannot push out the hosts already known. Aged-out entries are swept
@@ -7,6 +9,7 @@
 //! ingress takes.
 
 use std::collections::HashMap;
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use super::PortId;
@@ -16,6 +19,8 @@ use super::PortId;
 struct FdbEntry {
     port: PortId,
     seen: Instant,
+    /// The remote VTEP behind a vxlan port.
+    remote: Option<Ipv4Addr>,
 }
 
 /// The MAC table: bounded, with ageing.
@@ -52,9 +57,22 @@ impl Fdb {
 
     /// Records that `mac` was seen on `port` at `now`.
     pub fn learn(&mut self, mac: [u8; 6], port: PortId, now: Instant) {
+        self.learn_remote(mac, port, None, now)
+    }
+
+    /// Records that `mac` was seen on `port`, behind `remote` (a vxlan port's
+    /// sender), at `now`. A MAC that moved (port or remote) is simply updated.
+    pub fn learn_remote(
+        &mut self,
+        mac: [u8; 6],
+        port: PortId,
+        remote: Option<Ipv4Addr>,
+        now: Instant,
+    ) {
         if let Some(e) = self.map.get_mut(&mac) {
             e.port = port;
             e.seen = now;
+            e.remote = remote;
             return;
         }
         if self.map.len() >= self.max {
@@ -72,7 +90,33 @@ impl Fdb {
                 return;
             }
         }
-        self.map.insert(mac, FdbEntry { port, seen: now });
+        self.map.insert(
+            mac,
+            FdbEntry {
+                port,
+                seen: now,
+                remote,
+            },
+        );
+    }
+
+    /// Like [`Fdb::lookup`], with the remote the MAC lives behind, if any.
+    pub fn lookup_remote(&self, mac: &[u8; 6], now: Instant) -> Option<(PortId, Option<Ipv4Addr>)> {
+        self.map
+            .get(mac)
+            .filter(|e| now.duration_since(e.seen) < self.ageing)
+            .map(|e| (e.port, e.remote))
+    }
+
+    /// The remote `mac` was learned behind, if any.
+    pub fn remote_of(&self, mac: &[u8; 6]) -> Option<Ipv4Addr> {
+        self.map.get(mac).and_then(|e| e.remote)
+    }
+
+    /// Forgets every entry of `port` behind `remote`.
+    pub fn flush_remote(&mut self, port: PortId, remote: Ipv4Addr) {
+        self.map
+            .retain(|_, e| !(e.port == port && e.remote == Some(remote)));
     }
 
     /// The port `mac` was last seen on, unless aged out.
@@ -130,6 +174,26 @@ mod tests {
         fdb.learn([2, 0, 0, 0, 0, 3], 2, later);
         assert_eq!(fdb.lookup(&[2, 0, 0, 0, 0, 3], later), Some(2));
         assert_eq!(fdb.len(), 1);
+    }
+
+    #[test]
+    fn remotes_are_learned_moved_and_flushed() {
+        let mut fdb = Fdb::new(8, Duration::from_secs(10));
+        let t0 = Instant::now();
+        let (r1, r2) = (Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(192, 0, 2, 2));
+        let m = [2, 0, 0, 0, 0, 1];
+        fdb.learn_remote(m, 5, Some(r1), t0);
+        assert_eq!(fdb.lookup_remote(&m, t0), Some((5, Some(r1))));
+        // Moves between remotes, then to a local port, each from its next frame.
+        fdb.learn_remote(m, 5, Some(r2), t0);
+        assert_eq!(fdb.remote_of(&m), Some(r2));
+        fdb.learn(m, 1, t0);
+        assert_eq!(fdb.lookup_remote(&m, t0), Some((1, None)));
+        fdb.learn_remote(m, 5, Some(r1), t0);
+        fdb.learn_remote([2, 0, 0, 0, 0, 2], 5, Some(r2), t0);
+        fdb.flush_remote(5, r1);
+        assert_eq!(fdb.lookup(&m, t0), None);
+        assert_eq!(fdb.lookup(&[2, 0, 0, 0, 0, 2], t0), Some(5));
     }
 
     #[test]

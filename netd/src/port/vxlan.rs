@@ -95,9 +95,10 @@ pub enum VxlanError {
     },
     /// the network's MTU does not fit the underlay
     #[error(
-        "network MTU {network_mtu} does not fit the underlay towards {remote}: its MTU is \
-         {underlay_mtu}, and VXLAN needs the network MTU + {OVERHEAD} \
-         (set the network's mtu to at most {fits} or raise the underlay MTU)",
+        "network MTU {network_mtu} does not fit the underlay towards {remote}: VXLAN needs \
+         an underlay MTU of {need} (the network MTU + {OVERHEAD}), its MTU is {underlay_mtu}; \
+         set the network's mtu to at most {fits} or raise the underlay's",
+        need = network_mtu + OVERHEAD,
         fits = underlay_mtu.saturating_sub(OVERHEAD)
     )]
     Mtu {

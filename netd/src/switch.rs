@@ -129,6 +129,18 @@ pub trait PortTx: Send + Sync {
         let _ = hdr;
         self.send(frame)
     }
+
+    /// [`send_vnet`](Self::send_vnet) to the remote the destination was learned
+    /// behind (see [`send_to`](Self::send_to)).
+    fn send_vnet_to(
+        &self,
+        hdr: &[u8; VNET_HDR_LEN],
+        frame: &[u8],
+        remote: Option<Ipv4Addr>,
+    ) -> Result<(), TxError> {
+        let _ = remote;
+        self.send_vnet(hdr, frame)
+    }
 }
 
 /// The transmit side of a port whose every frame goes with a virtio-net header (a
@@ -295,7 +307,7 @@ impl Port {
         }
         if self.vnet {
             let h = hdr.map(|h| h.to_bytes()).unwrap_or([0; VNET_HDR_LEN]);
-            self.account(self.tx.send_vnet(&h, frame), frame.len());
+            self.account(self.tx.send_vnet_to(&h, frame, remote), frame.len());
             return;
         }
         match hdr.filter(|h| !h.is_plain()) {
@@ -631,10 +643,16 @@ impl Network {
         self.ingress_with(from, frame, None)
     }
 
-    /// Switches one frame that a vxlan port `from` received from `remote`: the
-    /// source MAC is learned behind that remote.
-    pub fn ingress_remote(&self, from: &Port, frame: &[u8], remote: Ipv4Addr) {
-        self.ingress_inner(from, frame, None, None, Some(remote));
+    /// Switches one frame (offloaded with `hdr`, if given) that a vxlan port
+    /// `from` received from `remote`: the source MAC is learned behind that remote.
+    pub fn ingress_remote(
+        &self,
+        from: &Port,
+        frame: &[u8],
+        hdr: Option<&VnetHdr>,
+        remote: Option<Ipv4Addr>,
+    ) {
+        self.ingress_inner(from, frame, hdr, None, remote);
     }
 
     /// Forgets the MACs learned on `port` behind `remote` (a remote taken off a

@@ -42,14 +42,15 @@
 //! `wire.rs` the header and the flow hash, `spec.rs` the checked settings,
 //! `sys.rs` the path MTU socket option.
 
+mod gro;
 mod spec;
 mod sys;
 pub mod wire;
 
 use std::io::{self, IoSlice};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use serde::Serialize;
@@ -60,6 +61,7 @@ use self::wire::VxlanHeader;
 use super::common::{attach, finish_start, spawn_thread, Cleanup, RunningPort, Stop};
 use super::{PortError, MAX_FRAME};
 use crate::config::PortSpec;
+use crate::offload::{finish, VnetHdr, VNET_HDR_LEN};
 use crate::switch::{Network, Port, PortClass, PortId, PortTx, TxError};
 
 /// Bytes VXLAN adds to a frame's payload on an IPv4 underlay: IPv4 (20), UDP (8),
@@ -314,6 +316,10 @@ fn recv_socket(spec: &VxlanSpec) -> Result<UdpSocket, VxlanError> {
             .map_err(sock_err("join the multicast group"))?;
     }
     s.set_nonblocking(true).map_err(sock_err("non-blocking"))?;
+    // Batches of datagrams per read where the kernel offers it; without, one each.
+    if let Err(e) = sys::set_udp_gro(&s) {
+        tracing::debug!(error = %e, "no UDP_GRO: one datagram per read");
+    }
     Ok(s.into())
 }
 
@@ -369,9 +375,99 @@ struct VxlanTx {
     socks: Vec<Socket>,
     header: [u8; wire::HEADER_LEN],
     group: Option<SockAddr>,
+    /// Whether the kernel takes UDP_SEGMENT (cleared on its first refusal).
+    gso: AtomicBool,
 }
 
+thread_local! {
+    /// Segments of a super-frame, each after its VXLAN header, back to back; and
+    /// the scratch space of the segmentation.
+    static GSO_BUF: std::cell::RefCell<(Vec<u8>, Vec<u8>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Most datagrams in one UDP_SEGMENT send (the kernel's UDP_MAX_SEGMENTS is 64 on
+/// older kernels) and most bytes (one IP packet's worth before the kernel cuts).
+const GSO_MAX_SEGS: usize = 64;
+const GSO_MAX_BYTES: usize = 65000;
+
 impl VxlanTx {
+    /// The destinations of a frame: its remote, or every remote and the group.
+    fn destinations(&self, remote: Option<Ipv4Addr>) -> Vec<SockAddr> {
+        let port = self.tunnel.spec.port;
+        match remote {
+            Some(r) => vec![SockAddr::from(SocketAddrV4::new(r, port))],
+            None => {
+                let remotes = self
+                    .tunnel
+                    .remotes
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner());
+                self.group
+                    .iter()
+                    .cloned()
+                    .chain(
+                        remotes
+                            .iter()
+                            .map(|r| SockAddr::from(SocketAddrV4::new(*r, port))),
+                    )
+                    .collect()
+            }
+        }
+    }
+
+    /// Sends `buf`, datagrams of `seg` bytes back to back (the last may be
+    /// shorter), to `to`: in UDP_SEGMENT batches, or one by one where the kernel
+    /// refuses those.
+    fn send_batch(
+        &self,
+        sock: &Socket,
+        buf: &[u8],
+        seg: usize,
+        to: &SockAddr,
+    ) -> Result<(), TxError> {
+        let c = &self.tunnel.counters;
+        let seg = seg.max(1);
+        if let (true, Some(v4)) = (self.gso.load(Ordering::Relaxed), to.as_socket_ipv4()) {
+            let per = (GSO_MAX_BYTES / seg).clamp(1, GSO_MAX_SEGS) * seg;
+            let mut r = Ok(());
+            for chunk in buf.chunks(per) {
+                match sys::send_segmented(sock, chunk, seg as u16, v4) {
+                    Ok(()) => {
+                        let n = chunk.len().div_ceil(seg) as u64;
+                        c.tx_datagrams.fetch_add(n, Ordering::Relaxed);
+                    }
+                    Err(e)
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::EIO | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOPROTOOPT)
+                        ) =>
+                    {
+                        // No UDP GSO here: one datagram per send from now on.
+                        self.gso.store(false, Ordering::Relaxed);
+                        return self.send_batch(sock, buf, seg, to);
+                    }
+                    Err(e) => {
+                        inc(&c.tx_errors);
+                        r = Err(super::fd::classify(e));
+                    }
+                }
+            }
+            return r;
+        }
+        let mut r = Ok(());
+        for d in buf.chunks(seg) {
+            match sock.send_to(d, to) {
+                Ok(_) => inc(&c.tx_datagrams),
+                Err(e) => {
+                    inc(&c.tx_errors);
+                    r = Err(super::fd::classify(e));
+                }
+            }
+        }
+        r
+    }
+
     fn send_one(&self, sock: &Socket, frame: &[u8], to: &SockAddr) -> Result<(), TxError> {
         let bufs = [IoSlice::new(&self.header), IoSlice::new(frame)];
         match sock.send_to_vectored(&bufs, to) {
@@ -390,6 +486,58 @@ impl VxlanTx {
 impl PortTx for VxlanTx {
     fn send(&self, frame: &[u8]) -> Result<(), TxError> {
         self.send_to(frame, None)
+    }
+
+    /// Offloaded frames come whole: a TCP super-frame is cut here, into segments of
+    /// the network's MTU, each encapsulated, and sent in UDP_SEGMENT batches (one
+    /// system call per batch instead of one per segment).
+    fn vnet(&self) -> bool {
+        true
+    }
+
+    fn send_vnet(&self, hdr: &[u8; VNET_HDR_LEN], frame: &[u8]) -> Result<(), TxError> {
+        self.send_vnet_to(hdr, frame, None)
+    }
+
+    fn send_vnet_to(
+        &self,
+        hdr: &[u8; VNET_HDR_LEN],
+        frame: &[u8],
+        remote: Option<Ipv4Addr>,
+    ) -> Result<(), TxError> {
+        let h = match VnetHdr::parse(hdr) {
+            Some(h) if !h.is_plain() => h,
+            _ => return self.send_to(frame, remote),
+        };
+        let i = wire::flow_hash(frame) as usize % self.socks.len().max(1);
+        let Some(sock) = self.socks.get(i) else {
+            return Err(TxError::Down);
+        };
+        GSO_BUF.with(|b| {
+            let (out, scratch) = &mut *b.borrow_mut();
+            out.clear();
+            let mut seg = 0;
+            let done = finish(&h, frame, scratch, &mut |s| {
+                if seg == 0 {
+                    seg = wire::HEADER_LEN + s.len();
+                }
+                out.extend_from_slice(&self.header);
+                out.extend_from_slice(s);
+            });
+            if done.is_err() || seg == 0 {
+                return Err(TxError::Io(io::Error::other(
+                    "offloaded frame could not be finished",
+                )));
+            }
+            let mut r = Err(TxError::Down);
+            for to in self.destinations(remote) {
+                let one = self.send_batch(sock, out, seg, &to);
+                if r.is_err() {
+                    r = one;
+                }
+            }
+            r
+        })
     }
 
     fn send_to(&self, frame: &[u8], remote: Option<Ipv4Addr>) -> Result<(), TxError> {
@@ -447,6 +595,7 @@ pub(super) fn start_vxlan_port(
         tunnel: tunnel.clone(),
         socks,
         header: VxlanHeader { vni: vx.vni }.emit(),
+        gso: AtomicBool::new(true),
         group: vx
             .group
             .map(|g| SockAddr::from(SocketAddrV4::new(g, vx.port))),
@@ -467,7 +616,9 @@ pub(super) fn start_vxlan_port(
 }
 
 /// Reads datagrams until stopped: checks sender, header and VNI, then switches the
-/// inner frame (learning its sender as the remote of its source MAC).
+/// inner frames (learning their sender as the remote of their source MAC). With
+/// UDP_GRO one read may bring a batch of datagrams from one sender; the inner TCP
+/// segments of a batch are coalesced ([`gro`]) into super-frames.
 fn rx_loop(
     net: &Network,
     port: &Port,
@@ -475,14 +626,16 @@ fn rx_loop(
     sock: &UdpSocket,
     stop: &Stop,
 ) -> io::Result<()> {
-    let mut buf = vec![0u8; wire::HEADER_LEN + MAX_FRAME];
+    // A coalesced batch is at most 64 KiB of UDP payload.
+    let mut buf = vec![0u8; (wire::HEADER_LEN + MAX_FRAME).max(65536)];
     let fd = sock.as_raw_fd();
     let c = &tunnel.counters;
+    let mut gro = gro::Coalescer::default();
     loop {
         if stop.is_set() {
             return Ok(());
         }
-        let (n, from) = match sock.recv_from(&mut buf) {
+        let (n, from, seg) = match sys::recv_coalesced(sock, &mut buf) {
             Ok(x) => x,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if crate::sys::poll2(fd, stop.efd.as_raw_fd(), -1)? {
@@ -495,28 +648,30 @@ fn rx_loop(
             Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => continue,
             Err(e) => return Err(e),
         };
-        let SocketAddr::V4(from) = from else {
-            inc(&c.drop_sender);
+        let data = buf.get(..n).unwrap_or_default();
+        let count = seg.map_or(1, |s| n.div_ceil(s)) as u64;
+        let Some(ip) = from.map(|f| *f.ip()).filter(|ip| tunnel.accepts(*ip)) else {
+            c.drop_sender.fetch_add(count, Ordering::Relaxed);
             continue;
         };
-        let ip = *from.ip();
-        if !tunnel.accepts(ip) {
-            inc(&c.drop_sender);
-            continue;
-        }
-        let data = buf.get(..n).unwrap_or_default();
-        match VxlanHeader::parse(data) {
-            Err(_) => inc(&c.drop_not_vxlan),
-            Ok((h, _)) if h.vni != tunnel.spec.vni => inc(&c.drop_vni),
-            Ok((_, inner)) => {
-                inc(&c.rx_datagrams);
-                if tunnel.spec.learning {
-                    net.ingress_remote(port, inner, ip);
-                } else {
-                    net.ingress(port, inner);
+        let remote = tunnel.spec.learning.then_some(ip);
+        let mut emit = |f: &[u8], h: Option<&VnetHdr>| net.ingress_remote(port, f, h, remote);
+        for d in data.chunks(seg.unwrap_or(n).max(1)) {
+            match VxlanHeader::parse(d) {
+                Err(_) => inc(&c.drop_not_vxlan),
+                Ok((h, _)) if h.vni != tunnel.spec.vni => inc(&c.drop_vni),
+                Ok((_, inner)) => {
+                    inc(&c.rx_datagrams);
+                    if !gro.offer(inner) {
+                        gro.flush(&mut emit);
+                        if !gro.offer(inner) {
+                            emit(inner, None);
+                        }
+                    }
                 }
             }
         }
+        gro.flush(&mut emit);
     }
 }
 

@@ -135,6 +135,37 @@ fn two_netds_share_a_nat_network_served_by_one() -> Result<()> {
     );
     assert!(bps > 50e6, "{bps} bit/s");
 
+    // The outer source port follows the inner flow: four TCP flows from A's guest
+    // leave A from more than one source port (16 ports, hashed). A capture on the
+    // veth sees a UDP GSO batch as one packet, so a few lines are plenty.
+    let cap = lab.path("sports.txt");
+    let _tshark = lab.hosts[0].ns.spawn(&[
+        "sh", "-c",
+        &format!("tshark -l -i ul0 -a duration:6 -f 'udp and dst port 4789 and src host {a_ip}' -T fields -e udp.srcport > {cap} 2>/dev/null"),
+    ])?;
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let _srv = gb.spawn(&["iperf3", "-s", "-1", "-B", &ipb])?;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    ga.exec(&["iperf3", "-c", &ipb, "-t", "1", "-P", "4", "-l", "16k"])?;
+    assert!(eventually(|| std::fs::read_to_string(&cap)
+        .map(|s| s.lines().count() >= 8)
+        .unwrap_or(false)));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let ports: std::collections::HashSet<String> = std::fs::read_to_string(&cap)?
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert!(
+        ports.len() >= 2,
+        "one outer source port for four flows: {ports:?}"
+    );
+    assert!(
+        ports
+            .iter()
+            .all(|p| p.parse::<u16>().is_ok_and(|p| p >= 49152)),
+        "{ports:?}"
+    );
+
     // A download from the internet through A's router.
     let sum = gb.sh(&format!(
         "curl -sS --max-time 30 http://{INET_SERVER}/big.bin | sha256sum"

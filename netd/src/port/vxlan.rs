@@ -42,7 +42,7 @@
 //! `wire.rs` the header and the flow hash, `spec.rs` the checked settings,
 //! `sys.rs` the path MTU socket option.
 
-mod gro;
+pub mod gro;
 mod spec;
 mod sys;
 pub mod wire;
@@ -702,6 +702,55 @@ mod tests {
 
     const A: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
     const B: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+
+    fn config(text: &str) -> Result<Vec<crate::config::NetworkSpec>, String> {
+        let head = "control='/c'\nstate_dir='/s'\n[[network]]\nname='n'\n";
+        let path = std::path::Path::new("t.toml");
+        crate::config::Config::parse(&format!("{head}{text}"), path)
+            .and_then(|c| c.validate(path))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn config_errors_name_the_file_and_the_key() {
+        let port = "[[network.port]]\nname='vx'\nkind='vxlan'\n";
+        let n = config(&format!(
+            "mode='internal'\n{port}vni=7\nremotes=['192.0.2.2']\n"
+        ))
+        .unwrap();
+        let v = n[0].ports[0].vxlan.as_ref().unwrap();
+        assert_eq!((v.vni, v.port, v.learning), (7, 4789, true));
+        let e = config(&format!(
+            "mode='internal'\n{port}vni=0\nremotes=['192.0.2.2']\n"
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("t.toml") && e.contains("network[0].port[0].vni"),
+            "{e}"
+        );
+        let e = config(&format!("mode='internal'\n{port}vni=7\n")).unwrap_err();
+        assert!(e.contains("network[0].port[0].remotes"), "{e}");
+        let e = config(&format!(
+            "mode='internal'\n{port}vni=7\nremotes=['192.0.2.2']\nvnii=1\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("vnii"), "{e}");
+        let e = config("mode='internal'\n[[network.port]]\nkind='tap'\nifname='t0'\nvni=7\n")
+            .unwrap_err();
+        assert!(e.contains("network[0].port[0].vni"), "{e}");
+    }
+
+    #[test]
+    fn services_false_makes_a_pure_switch() {
+        let n = config("mode='nat'\nservices=false\n").unwrap();
+        assert!(n[0].dhcp.is_none() && n[0].nat.is_none() && !n[0].services);
+        let n = config("mode='hostonly'\nservices=false\n").unwrap();
+        assert!(n[0].dhcp.is_none() && n[0].host_ifname.is_none());
+        let n = config("mode='hostonly'\n").unwrap();
+        assert!(n[0].dhcp.is_some() && n[0].services);
+        let e = config("mode='hostonly'\nservices=false\ndhcp=true\n").unwrap_err();
+        assert!(e.contains("network[0].dhcp"), "{e}");
+    }
 
     #[test]
     fn a_network_too_big_for_the_underlay_is_refused_naming_both_mtus() {

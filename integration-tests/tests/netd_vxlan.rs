@@ -269,6 +269,7 @@ fn three_hosts_runtime_remotes_and_a_mac_move() -> Result<()> {
     assert!(ping_retry(&ga, "10.78.0.2", 5), "A cannot reach B");
     // C is not on A's list: A neither floods to it nor accepts its datagrams.
     assert!(!ping(&ga, "10.78.0.3"), "A reached C without C on its list");
+    assert!(!ping(&gc, "10.78.0.1"), "C reached A without being on A's list");
     assert!(tunnel(na, "lan", "vx")?["drop_sender"].as_u64().unwrap() > 0);
     // Added at runtime: A and C talk, and nothing restarted (B still answers).
     na.cli(&["vxlan", "remote", "add", "lan", "vx", &ips[2]])?;
@@ -287,6 +288,8 @@ fn three_hosts_runtime_remotes_and_a_mac_move() -> Result<()> {
     na.cli(&["vxlan", "remote", "del", "lan", "vx", &ips[2]])?;
     let dropped = tunnel(na, "lan", "vx")?["drop_sender"].as_u64().unwrap();
     assert!(!ping(&ga, "10.78.0.3"), "A reached C after remote del");
+    // C still lists A: what it sends now is dropped at A, and counted.
+    assert!(!ping(&gc, "10.78.0.1"), "C reached A after A removed it");
     assert!(tunnel(na, "lan", "vx")?["drop_sender"].as_u64().unwrap() > dropped);
     let macs = na.cli_json(&["mac", "lan"])?;
     assert!(
@@ -464,5 +467,81 @@ fn a_network_too_big_for_the_underlay_is_refused_naming_both_mtus() -> Result<()
         .map(|e| format!("{e:#}"))
         .unwrap_or_default();
     assert!(out.contains("1500") && out.contains("1550"), "{out}");
+    Ok(())
+}
+
+#[test]
+fn a_multicast_group_instead_of_a_flood_list() -> Result<()> {
+    let mut lab = Lab::new(3, 1500)?;
+    let ips: Vec<String> = lab.hosts.iter().map(|h| h.ip.clone()).collect();
+    let gs = [guest("vxma")?, guest("vxmb")?, guest("vxmc")?];
+    for (i, g) in gs.iter().enumerate() {
+        let cfg = integration_tests::netd::network("lan", "internal", "mtu = 1450\n")
+            + &g.port("g")
+            + &vxlan_port("vx", VNI, &ips[i], &[], "group = \"239.1.1.42\"\n");
+        lab.hosts[i].start_netd(&cfg)?;
+        g.addr(&format!("10.80.0.{}/24", i + 1))?;
+    }
+    // Broadcast (ARP) reaches every host through the group, then unicast follows
+    // the learned remote.
+    assert!(
+        ping_retry(&gs[0], "10.80.0.2", 5),
+        "A cannot reach B via the group"
+    );
+    assert!(
+        ping_retry(&gs[0], "10.80.0.3", 5),
+        "A cannot reach C via the group"
+    );
+    assert!(
+        ping_retry(&gs[2], "10.80.0.2", 5),
+        "C cannot reach B via the group"
+    );
+    let macs = lab.hosts[0].netd().cli_json(&["mac", "lan"])?;
+    for ip in &ips[1..] {
+        assert!(
+            integration_tests::has_item(&macs, |e| e["remote"] == ip.as_str()),
+            "nothing learned behind {ip}: {macs}"
+        );
+    }
+    let show = lab.hosts[0]
+        .netd()
+        .cli_json(&["vxlan", "show", "lan", "vx"])?;
+    assert_eq!(show["group"], "239.1.1.42", "{show}");
+    assert_eq!(show["counters"]["drop_sender"], 0, "{show}");
+    Ok(())
+}
+
+#[test]
+fn a_hostonly_network_served_by_host_a_reaches_a_guest_on_host_b() -> Result<()> {
+    let mut lab = Lab::new(2, 1500)?;
+    let (a_ip, b_ip) = (lab.hosts[0].ip.clone(), lab.hosts[1].ip.clone());
+    let gb = guest("vxhb")?;
+    let keys = "mtu = 1450\nsubnet = \"192.168.57.0/24\"\nhost_ifname = \"vxho0\"\n";
+    let a = integration_tests::netd::network("ho", "hostonly", keys)
+        + &vxlan_port("vx", VNI, &a_ip, &[&b_ip], "");
+    let b =
+        integration_tests::netd::network("ho", "hostonly", &format!("{keys}services = false\n"))
+            + &gb.port("gb")
+            + &vxlan_port("vx", VNI, &b_ip, &[&a_ip], "");
+    lab.hosts[0].start_netd(&a)?;
+    lab.hosts[1].start_netd(&b)?;
+    // B has no host TAP of its own (A's host owns the gateway address).
+    assert!(lab.hosts[1]
+        .ns
+        .exec(&["ip", "link", "show", "vxho0"])
+        .is_err());
+    let lease = lab.dhcp(&gb)?;
+    // From A's DHCP server, in its default range .101 to .254.
+    let last: u32 = lease
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("ip=192.168.57."))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!((101..=254).contains(&last), "{lease}");
+    // Host A itself, through its host TAP, across the tunnel.
+    assert!(
+        ping_retry(&gb, "192.168.57.1", 3),
+        "guest on B cannot reach host A"
+    );
     Ok(())
 }

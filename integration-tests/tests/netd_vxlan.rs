@@ -269,7 +269,10 @@ fn three_hosts_runtime_remotes_and_a_mac_move() -> Result<()> {
     assert!(ping_retry(&ga, "10.78.0.2", 5), "A cannot reach B");
     // C is not on A's list: A neither floods to it nor accepts its datagrams.
     assert!(!ping(&ga, "10.78.0.3"), "A reached C without C on its list");
-    assert!(!ping(&gc, "10.78.0.1"), "C reached A without being on A's list");
+    assert!(
+        !ping(&gc, "10.78.0.1"),
+        "C reached A without being on A's list"
+    );
     assert!(tunnel(na, "lan", "vx")?["drop_sender"].as_u64().unwrap() > 0);
     // Added at runtime: A and C talk, and nothing restarted (B still answers).
     na.cli(&["vxlan", "remote", "add", "lan", "vx", &ips[2]])?;
@@ -467,6 +470,16 @@ fn a_network_too_big_for_the_underlay_is_refused_naming_both_mtus() -> Result<()
         .map(|e| format!("{e:#}"))
         .unwrap_or_default();
     assert!(out.contains("1500") && out.contains("1550"), "{out}");
+    // A vxlan port goes away cleanly and its UDP port is free again.
+    n.cli(&["port", "del", "small", "vx"])?;
+    n.cli(&[
+        "port", "add", "small", "--kind", "vxlan", "--vni", "7", "--remote", &b_ip, "--name", "vx",
+    ])?;
+    let ports = n.cli_json(&["port", "list", "small"])?;
+    assert!(
+        integration_tests::has_item(&ports, |p| p["kind"] == "vxlan" && p["vxlan"]["vni"] == 7),
+        "{ports}"
+    );
     Ok(())
 }
 

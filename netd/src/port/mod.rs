@@ -46,7 +46,8 @@
 //! `common.rs` what every kind shares (stop signal, clean-up, the started port),
 //! `fd.rs` ports on a vnet-header descriptor (transmit, receive loop, reopening),
 //! `inline.rs` such a port read by another loop, and one file per kind: `tap.rs`
-//! (with the hostonly `host` TAP), `vm.rs`, `stream.rs`, `uplink.rs`; `sys.rs` holds
+//! (with the hostonly `host` TAP), `vm.rs`, `stream.rs`, `uplink.rs`, `vxlan.rs`
+//! (with its submodules); `sys.rs` holds
 //! the uplink's one raw socket option.
 
 mod common;

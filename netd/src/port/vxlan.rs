@@ -28,9 +28,16 @@
 //! IPv4 underlay (20 IP, 8 UDP, 8 VXLAN, 14 inner Ethernet). The port refuses to
 //! start, and a remote is refused, when the route towards it has a smaller MTU
 //! (the error names both values): nothing is fragmented or silently lost. The port
-//! takes no virtio-net header, so the switch cuts a guest's TCP super-frame (TSO)
-//! into segments of the network's MTU before they reach it, and finishes partial
-//! checksums, in software ([`crate::offload`]).
+//! cuts a guest's TCP super-frame (TSO) into segments of the network's MTU before
+//! encapsulating them, and finishes partial checksums, in software
+//! ([`crate::offload`]): the wire carries only finished packets.
+//!
+//! Batches: a TCP super-frame the switch hands over whole (the port takes
+//! virtio-net headers) is cut here into segments of the network's MTU, each
+//! encapsulated, and sent with one `sendmsg` per 64 datagrams (UDP_SEGMENT). The
+//! receiving socket has UDP_GRO, so one read may bring a batch of datagrams from
+//! one sender; the inner TCP segments of one flow in a batch are coalesced back
+//! into one super-frame ([`gro`]) for the TAP or `vm` port that takes it.
 //!
 //! Outer source port: RFC 7348 asks for a hash of the inner flow, so that an ECMP
 //! underlay spreads flows and keeps each in order. The port sends from a pool of
@@ -40,7 +47,8 @@
 //! # Files
 //!
 //! `wire.rs` the header and the flow hash, `spec.rs` the checked settings,
-//! `sys.rs` the path MTU socket option.
+//! `gro.rs` the receive coalescing of TCP segments into super-frames, `sys.rs` the
+//! path MTU socket option and UDP segmentation offload (UDP_SEGMENT, UDP_GRO).
 
 pub mod gro;
 mod spec;

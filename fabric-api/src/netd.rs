@@ -111,6 +111,32 @@ pub enum Request {
         /// "A.B.C.D/LEN" (or an address alone, /32).
         cidr: String,
     },
+    /// Add a remote VTEP to a `vxlan` port's flood list (until restart).
+    VxlanRemoteAdd {
+        /// Network.
+        net: String,
+        /// The vxlan port's name.
+        port: String,
+        /// The remote's underlay address.
+        remote: Ipv4Addr,
+    },
+    /// Remove a remote VTEP from a `vxlan` port's flood list; the MACs learned
+    /// behind it are forgotten.
+    VxlanRemoteDel {
+        /// Network.
+        net: String,
+        /// The vxlan port's name.
+        port: String,
+        /// The remote's underlay address.
+        remote: Ipv4Addr,
+    },
+    /// A `vxlan` port's settings, flood list and tunnel counters.
+    VxlanShow {
+        /// Network.
+        net: String,
+        /// The vxlan port's name.
+        port: String,
+    },
     /// Test only: make a NAT network's router panic in its next step, to exercise
     /// its supervisor. Refused unless netd runs with `NETD_FAULT_INJECTION=1`.
     NatFault {
@@ -276,6 +302,8 @@ pub enum PortKind {
     Vm,
     /// QEMU `-netdev stream` framing on a unix socket.
     Stream,
+    /// A VXLAN tunnel (RFC 7348) to remote VTEPs over a UDP socket.
+    Vxlan,
 }
 
 impl PortKind {
@@ -285,6 +313,7 @@ impl PortKind {
             PortKind::Tap => "tap",
             PortKind::Vm => "vm",
             PortKind::Stream => "stream",
+            PortKind::Vxlan => "vxlan",
         }
     }
 }
@@ -302,7 +331,8 @@ impl std::str::FromStr for PortKind {
             "tap" => Ok(PortKind::Tap),
             "vm" => Ok(PortKind::Vm),
             "stream" => Ok(PortKind::Stream),
-            other => Err(format!("expected tap, vm or stream, got {other:?}")),
+            "vxlan" => Ok(PortKind::Vxlan),
+            other => Err(format!("expected tap, vm, stream or vxlan, got {other:?}")),
         }
     }
 }
@@ -329,6 +359,41 @@ pub struct PortConfig {
     /// The port guard (default: the network's `guard`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guard: Option<Guard>,
+    /// The `vxlan` keys (`vni`, `local`, `remotes`, `group`, `port`, `ttl`,
+    /// `learning`, `accept_any`), in the same table; absent for other kinds.
+    #[serde(flatten)]
+    pub vxlan: VxlanKeys,
+}
+
+/// The keys of a `kind = "vxlan"` port (RFC 7348), part of its `[[network.port]]`
+/// table. netd validates them (and refuses them on other kinds) with errors that
+/// name the key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct VxlanKeys {
+    /// VXLAN network identifier, 1..16777215.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vni: Option<u32>,
+    /// Underlay address to send from (default: the kernel's choice per route).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<Ipv4Addr>,
+    /// Remote VTEPs: broadcast, unknown unicast and multicast go to each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remotes: Vec<Ipv4Addr>,
+    /// An IPv4 multicast group, instead of or besides `remotes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<Ipv4Addr>,
+    /// UDP port (default 4789).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// TTL of the outer IP header (default 64; 1 towards a group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<u8>,
+    /// Learn which remote a MAC lives behind (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learning: Option<bool>,
+    /// Accept datagrams from any sender, not only the listed remotes (default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accept_any: Option<bool>,
 }
 
 /// The port guard of a guest port (`guard` on a network or a port): `clean` locks
@@ -469,6 +534,7 @@ mod tests {
                 path: None,
                 persistent: false,
                 guard: None,
+                vxlan: VxlanKeys::default(),
             },
         };
         let v = serde_json::to_value(&r).unwrap();
@@ -494,6 +560,24 @@ mod tests {
         assert_eq!("udp".parse::<Proto>(), Ok(Proto::Udp));
         assert_eq!("vm".parse::<PortKind>(), Ok(PortKind::Vm));
         assert!("bridge".parse::<PortKind>().is_err());
+    }
+
+    #[test]
+    fn vxlan_keys_sit_in_the_port_table_and_unknown_keys_still_fail() {
+        let p: PortConfig = serde_json::from_str(
+            r#"{"kind":"vxlan","name":"vx","vni":42,"remotes":["192.0.2.1"],"port":4790}"#,
+        )
+        .unwrap();
+        assert_eq!(p.kind, PortKind::Vxlan);
+        assert_eq!(p.vxlan.vni, Some(42));
+        assert_eq!(p.vxlan.remotes, vec![Ipv4Addr::new(192, 0, 2, 1)]);
+        assert_eq!(p.vxlan.port, Some(4790));
+        assert!(serde_json::from_str::<PortConfig>(r#"{"kind":"vxlan","vnii":42}"#).is_err());
+        assert!(serde_json::from_str::<PortConfig>(r#"{"kind":"tap","bogus":1}"#).is_err());
+        // A port without vxlan keys serializes as before.
+        let tap: PortConfig = serde_json::from_str(r#"{"kind":"tap","ifname":"t0"}"#).unwrap();
+        let v = serde_json::to_value(&tap).unwrap();
+        assert!(v.get("vni").is_none() && v.get("remotes").is_none(), "{v}");
     }
 
     #[test]

@@ -232,11 +232,51 @@ pub fn port_list(v: &Value, by_reason: bool) -> String {
 /// `netd mac NET`.
 pub fn mac_table(v: &Value) -> String {
     use Align::*;
-    let mut t = Table::new(&[("MAC", Left), ("PORT", Left), ("AGE", Right)]);
+    let mut t = Table::new(&[
+        ("MAC", Left),
+        ("PORT", Left),
+        ("REMOTE", Left),
+        ("AGE", Right),
+    ]);
     for e in rows(v) {
-        t.row(vec![s(e, "mac"), s(e, "port"), duration(u(e, "age_secs"))]);
+        let remote = e["remote"].as_str().unwrap_or("-").to_string();
+        t.row(vec![
+            s(e, "mac"),
+            s(e, "port"),
+            remote,
+            duration(u(e, "age_secs")),
+        ]);
     }
     t.render()
+}
+
+/// `netd vxlan show NET PORT`: settings and flood list, then the tunnel counters.
+pub fn vxlan(v: &Value) -> String {
+    let opt = |k: &str| match &v[k] {
+        Value::Null => "-".to_string(),
+        Value::String(x) => x.clone(),
+        x => x.to_string(),
+    };
+    let remotes: Vec<String> = rows(&v["remotes"])
+        .iter()
+        .filter_map(|r| r.as_str().map(str::to_string))
+        .collect();
+    let mut out = format!(
+        "vni {}  local {}  port {}  group {}  learning {}  accept_any {}\nremotes: {}\n",
+        opt("vni"),
+        opt("local"),
+        opt("port"),
+        opt("group"),
+        opt("learning"),
+        opt("accept_any"),
+        if remotes.is_empty() {
+            "-".to_string()
+        } else {
+            remotes.join(" ")
+        }
+    );
+    out.push_str(&counters(&v["counters"]));
+    out
 }
 
 /// `netd leases NET`; `now` is the Unix time leases' expiry is shown against.

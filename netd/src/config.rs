@@ -98,6 +98,9 @@ pub struct NetworkConfig {
     pub isolated: Option<bool>,
     /// bridged: the host NIC the uplink port is on.
     pub uplink: Option<String>,
+    /// false: no DHCP, router, DNS or host TAP here; a pure switch (a network that
+    /// spans hosts over VXLAN is served by one host). Default true.
+    pub services: Option<bool>,
     /// nat: the DNS forwarder's address (default: the gateway's next address).
     pub dns: Option<Ipv4Addr>,
     /// nat: where the host resolvers are listed (default /etc/resolv.conf).
@@ -149,6 +152,8 @@ pub struct PortSpec {
     pub persistent: bool,
     /// The port's own guard setting (else the network's).
     pub guard: Option<Guard>,
+    /// The tunnel of a `vxlan` port.
+    pub vxlan: Option<crate::port::vxlan::VxlanSpec>,
 }
 
 /// Validated IPv4 settings of a network.
@@ -227,6 +232,8 @@ pub struct NetworkSpec {
     pub uplink: Option<String>,
     /// Every port its own segment (with the network's services).
     pub isolated: bool,
+    /// Whether this host runs the network's services (`services`, default true).
+    pub services: bool,
 }
 
 /// The netmask of a prefix length.
@@ -649,13 +656,27 @@ impl NetworkConfig {
             }
             ports.push(ps);
         }
+        let services = self.services.unwrap_or(true);
+        if !services && self.dhcp == Some(true) {
+            return Err(ctx.err(
+                key("dhcp"),
+                "false or absent when `services = false` (another host serves the network)",
+            ));
+        }
         let nat_spec = match (&ipv4, nat) {
             (Some(v4), true) => Some(
                 crate::modes::router_config(self, v4, mtu).map_err(|(k, e)| ctx.err(key(&k), e))?,
             ),
             _ => None,
         };
+        // A pure switch here: the services of a network that spans hosts run on one.
+        let (dhcp, nat_spec, host_ifname) = if services {
+            (dhcp, nat_spec, host_ifname)
+        } else {
+            (None, None, None)
+        };
         Ok(NetworkSpec {
+            services,
             nat: nat_spec,
             uplink: self.uplink.clone(),
             isolated: self.isolated.unwrap_or(false),
@@ -694,8 +715,13 @@ pub fn validate_port(port: &PortConfig, path: &str, at: &str) -> Result<PortSpec
         (Some(_), PortKind::Stream) => {
             return Err(ctx.err(key("ifname"), "no ifname for kind \"stream\" (use `path`)"))
         }
-        (None, PortKind::Stream) => None,
+        (None, PortKind::Stream | PortKind::Vxlan) => None,
+        (Some(_), PortKind::Vxlan) => {
+            return Err(ctx.err(key("ifname"), "no ifname for kind \"vxlan\""))
+        }
     };
+    let vxlan = crate::port::vxlan::validate(port.kind, &port.vxlan)
+        .map_err(|(k, e)| ctx.err(key(k), e))?;
     let path_v = match (&port.path, port.kind) {
         (Some(p), PortKind::Stream) => {
             if !p.is_absolute() {
@@ -733,6 +759,7 @@ pub fn validate_port(port: &PortConfig, path: &str, at: &str) -> Result<PortSpec
     };
     let name = match &port.name {
         Some(n) => n.clone(),
+        None if vxlan.is_some() => format!("vxlan{}", vxlan.as_ref().map_or(0, |v| v.vni)),
         None => ifname
             .clone()
             .or_else(|| path_v.as_ref().map(|p| p.display().to_string()))
@@ -750,6 +777,7 @@ pub fn validate_port(port: &PortConfig, path: &str, at: &str) -> Result<PortSpec
         path: path_v,
         persistent: port.persistent,
         guard: port.guard,
+        vxlan,
     })
 }
 

@@ -80,6 +80,12 @@ pub enum DaemonError {
     /// network {0} has no DHCP server
     #[error("network {0} has no DHCP server")]
     NoDhcp(String),
+    /// port {1:?} of network {0} is not a vxlan port
+    #[error("port {1:?} of network {0} is not a vxlan port")]
+    NotVxlan(String, String),
+    /// network {0}, vxlan port {1:?}
+    #[error("network {0}, vxlan port {1:?}")]
+    Vxlan(String, String, #[source] crate::port::vxlan::VxlanError),
 }
 
 struct NetState {
@@ -458,6 +464,24 @@ impl Daemon {
         Ok(())
     }
 
+    /// The tunnel of vxlan port `port` of `net`.
+    fn tunnel(
+        &self,
+        net: &str,
+        port: &str,
+    ) -> Result<Arc<crate::port::vxlan::Tunnel>, DaemonError> {
+        self.with_net(net, |st| {
+            let rp = st.ports.iter().find(|p| p.spec.name == port);
+            match rp {
+                None => Err(DaemonError::NoSuchPort(net.to_string(), port.to_string())),
+                Some(rp) => rp
+                    .tunnel
+                    .clone()
+                    .ok_or_else(|| DaemonError::NotVxlan(net.to_string(), port.to_string())),
+            }
+        })?
+    }
+
     fn with_net<T>(&self, net: &str, f: impl FnOnce(&NetState) -> T) -> Result<T, DaemonError> {
         let nets = self.lock();
         let st = nets
@@ -499,6 +523,9 @@ impl Daemon {
                                 "mac".into(),
                                 j(serde_json::to_value(rp.spec.mac.map(MacAddr))),
                             );
+                            if let Some(t) = &rp.tunnel {
+                                o.insert("vxlan".into(), j(serde_json::to_value(t.info())));
+                            }
                         }
                         v
                     })
@@ -514,6 +541,23 @@ impl Daemon {
             Request::PortDel { net, name } => {
                 self.port_del(&net, &name)?;
                 Ok(serde_json::Value::Null)
+            }
+            Request::VxlanRemoteAdd { net, port, remote } => {
+                let t = self.tunnel(&net, &port)?;
+                t.add_remote(remote)
+                    .map_err(|e| DaemonError::Vxlan(net.clone(), port.clone(), e))?;
+                tracing::info!(network = %net, port = %port, %remote, "vxlan remote added");
+                Ok(serde_json::Value::Null)
+            }
+            Request::VxlanRemoteDel { net, port, remote } => {
+                let t = self.tunnel(&net, &port)?;
+                t.del_remote(remote)
+                    .map_err(|e| DaemonError::Vxlan(net.clone(), port.clone(), e))?;
+                tracing::info!(network = %net, port = %port, %remote, "vxlan remote removed");
+                Ok(serde_json::Value::Null)
+            }
+            Request::VxlanShow { net, port } => {
+                Ok(j(serde_json::to_value(self.tunnel(&net, &port)?.info())))
             }
             Request::Mac { net } => {
                 self.with_net(&net, |st| j(serde_json::to_value(st.net.mac_table())))

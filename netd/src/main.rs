@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use fabric_api::netd::{Forward, PortConfig, PortKind, Proto, Request};
+use fabric_api::netd::{Forward, PortConfig, PortKind, Proto, Request, VxlanKeys};
 use fabric_api::Client;
 use netd::cli;
 use netd::config::Config;
@@ -83,6 +83,73 @@ enum Cmd {
         #[command(subcommand)]
         cmd: OutboundCmd,
     },
+    /// VXLAN ports: `netd vxlan remote add|del NET PORT IP` changes a port's flood
+    /// list at runtime (until restart); `netd vxlan show NET PORT` shows it and the
+    /// tunnel's counters.
+    Vxlan {
+        #[command(subcommand)]
+        cmd: VxlanCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum VxlanCmd {
+    /// The flood list: `add NET PORT IP` or `del NET PORT IP`.
+    Remote {
+        /// add or del.
+        action: String,
+        /// Network.
+        net: String,
+        /// The vxlan port.
+        port: String,
+        /// The remote VTEP's underlay address.
+        ip: std::net::Ipv4Addr,
+    },
+    /// Settings, flood list and counters of a vxlan port.
+    Show {
+        /// Network.
+        net: String,
+        /// The vxlan port.
+        port: String,
+    },
+}
+
+fn vxlan_cmd(out: &Out, cmd: VxlanCmd) -> Result<()> {
+    match cmd {
+        VxlanCmd::Show { net, port } => out.show(Request::VxlanShow { net, port }, cli::vxlan),
+        VxlanCmd::Remote {
+            action,
+            net,
+            port,
+            ip,
+        } => match action.as_str() {
+            "add" => {
+                let done = format!("added remote {ip} to vxlan port {port} of {net}");
+                out.change(
+                    Request::VxlanRemoteAdd {
+                        net,
+                        port,
+                        remote: ip,
+                    },
+                    &done,
+                )
+            }
+            "del" => {
+                let done = format!("removed remote {ip} from vxlan port {port} of {net}");
+                out.change(
+                    Request::VxlanRemoteDel {
+                        net,
+                        port,
+                        remote: ip,
+                    },
+                    &done,
+                )
+            }
+            other => Err(anyhow::anyhow!(
+                "ACTION: expected \"add\" or \"del\", got {other:?}"
+            )),
+        },
+    }
 }
 
 #[derive(Subcommand)]
@@ -219,7 +286,7 @@ enum PortCmd {
     Add {
         /// Network.
         net: String,
-        /// Port kind: tap, vm or stream.
+        /// Port kind: tap, vm, stream or vxlan.
         #[arg(long)]
         kind: String,
         /// TAP name (tap, vm).
@@ -243,6 +310,30 @@ enum PortCmd {
         /// Port guard: clean or off (default: the network's).
         #[arg(long)]
         guard: Option<String>,
+        /// vxlan: the VNI (1..16777215).
+        #[arg(long)]
+        vni: Option<u32>,
+        /// vxlan: a remote VTEP (repeat for more).
+        #[arg(long = "remote")]
+        remotes: Vec<std::net::Ipv4Addr>,
+        /// vxlan: the underlay address to send from.
+        #[arg(long)]
+        local: Option<std::net::Ipv4Addr>,
+        /// vxlan: an IPv4 multicast group.
+        #[arg(long)]
+        group: Option<std::net::Ipv4Addr>,
+        /// vxlan: the UDP port (default 4789).
+        #[arg(long)]
+        port: Option<u16>,
+        /// vxlan: the outer TTL.
+        #[arg(long)]
+        ttl: Option<u8>,
+        /// vxlan: do not learn which remote a MAC lives behind (flood instead).
+        #[arg(long)]
+        no_learning: bool,
+        /// vxlan: accept datagrams from any sender.
+        #[arg(long)]
+        accept_any: bool,
     },
     /// Remove a port.
     Del {
@@ -411,6 +502,14 @@ fn main() -> ExitCode {
                 path,
                 persistent,
                 guard,
+                vni,
+                remotes,
+                local,
+                group,
+                port,
+                ttl,
+                no_learning,
+                accept_any,
             } => {
                 let kind = match kind.parse::<PortKind>() {
                     Ok(k) => k,
@@ -430,6 +529,16 @@ fn main() -> ExitCode {
                     path,
                     persistent,
                     guard,
+                    vxlan: VxlanKeys {
+                        vni,
+                        local,
+                        remotes,
+                        group,
+                        port,
+                        ttl,
+                        learning: no_learning.then_some(false),
+                        accept_any: accept_any.then_some(true),
+                    },
                 };
                 // The daemon names an unnamed port after its ifname or path.
                 let done = format!("added {kind} port {} to {net}", port.shown_name());
@@ -446,6 +555,7 @@ fn main() -> ExitCode {
         Cmd::Flows { net, stats: true } => out.show(Request::NatStats { net }, cli::counters),
         Cmd::Outbound { net, cmd } => outbound_cmd(&out, net, cmd),
         Cmd::Control => out.show(Request::ControlStats, cli::counters),
+        Cmd::Vxlan { cmd } => vxlan_cmd(&out, cmd),
     };
     finish(r)
 }

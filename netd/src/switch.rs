@@ -33,6 +33,7 @@
 //! table and no port list. Entries age out after `mac_ageing` seconds without a
 //! frame from that MAC; a deleted port takes its entries with it.
 
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
@@ -75,6 +76,8 @@ pub enum PortClass {
     Uplink,
     /// An in-process service.
     Service,
+    /// A VXLAN tunnel to remote VTEPs.
+    Vxlan,
 }
 
 impl PortClass {
@@ -87,6 +90,7 @@ impl PortClass {
             PortClass::Host => "host",
             PortClass::Uplink => "uplink",
             PortClass::Service => "service",
+            PortClass::Vxlan => "vxlan",
         }
     }
 }
@@ -116,6 +120,13 @@ pub trait PortTx: Send + Sync {
     /// Sends one complete Ethernet frame (no vnet header).
     fn send(&self, frame: &[u8]) -> Result<(), TxError>;
 
+    /// Sends a frame to the remote the destination MAC was learned behind (a
+    /// vxlan port; `None`: flood to every remote). Other ports ignore `remote`.
+    fn send_to(&self, frame: &[u8], remote: Option<Ipv4Addr>) -> Result<(), TxError> {
+        let _ = remote;
+        self.send(frame)
+    }
+
     /// Whether the port takes frames with a virtio-net header (and so offloaded,
     /// unfinished frames: partial checksums, TCP super-frames).
     fn vnet(&self) -> bool {
@@ -127,6 +138,18 @@ pub trait PortTx: Send + Sync {
     fn send_vnet(&self, hdr: &[u8; VNET_HDR_LEN], frame: &[u8]) -> Result<(), TxError> {
         let _ = hdr;
         self.send(frame)
+    }
+
+    /// [`send_vnet`](Self::send_vnet) to the remote the destination was learned
+    /// behind (see [`send_to`](Self::send_to)).
+    fn send_vnet_to(
+        &self,
+        hdr: &[u8; VNET_HDR_LEN],
+        frame: &[u8],
+        remote: Option<Ipv4Addr>,
+    ) -> Result<(), TxError> {
+        let _ = remote;
+        self.send_vnet(hdr, frame)
     }
 }
 
@@ -339,22 +362,22 @@ impl Port {
         }
     }
 
-    fn send(&self, frame: &[u8], hdr: Option<&VnetHdr>) {
+    fn send(&self, frame: &[u8], hdr: Option<&VnetHdr>, remote: Option<Ipv4Addr>) {
         if frame_payload(frame, hdr) > self.mtu {
             inc(&self.counters.drop_mtu, 1);
             return;
         }
         if self.vnet {
             let h = hdr.map(|h| h.to_bytes()).unwrap_or([0; VNET_HDR_LEN]);
-            self.account(self.tx.send_vnet(&h, frame), frame.len());
+            self.account(self.tx.send_vnet_to(&h, frame, remote), frame.len());
             return;
         }
         match hdr.filter(|h| !h.is_plain()) {
-            None => self.account(self.tx.send(frame), frame.len()),
+            None => self.account(self.tx.send_to(frame, remote), frame.len()),
             Some(h) => SCRATCH.with(|s| {
                 let mut scratch = s.borrow_mut();
                 let r = finish(h, frame, &mut scratch, &mut |seg| {
-                    self.account(self.tx.send(seg), seg.len())
+                    self.account(self.tx.send_to(seg, remote), seg.len())
                 });
                 if r.is_err() {
                     inc(&self.counters.drop_offload, 1);
@@ -391,6 +414,9 @@ pub struct MacEntry {
     pub port: String,
     /// Seconds since last seen.
     pub age_secs: u64,
+    /// The remote VTEP the MAC lives behind (vxlan ports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<String>,
 }
 
 /// A port, as the control API shows it.
@@ -746,15 +772,18 @@ impl Network {
     /// The learned MAC table.
     pub fn mac_table(&self) -> Vec<MacEntry> {
         let now = Instant::now();
-        let entries = self
-            .fdb
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entries(now);
+        let (entries, remotes): (Vec<_>, Vec<_>) = {
+            let fdb = self.fdb.lock().unwrap_or_else(|e| e.into_inner());
+            let entries = fdb.entries(now);
+            let remotes = entries.iter().map(|(m, _, _)| fdb.remote_of(m)).collect();
+            (entries, remotes)
+        };
         let ports = self.ports.read().unwrap_or_else(|e| e.into_inner());
         entries
             .into_iter()
-            .map(|(mac, id, age)| MacEntry {
+            .zip(remotes)
+            .map(|((mac, id, age), remote)| MacEntry {
+                remote: remote.map(|r| r.to_string()),
                 mac: crate::config::fmt_mac(&mac),
                 port: ports
                     .iter()
@@ -769,6 +798,27 @@ impl Network {
     /// Switches one complete frame that arrived on `from`. See the module doc.
     pub fn ingress(&self, from: &Port, frame: &[u8]) {
         self.ingress_with(from, frame, None)
+    }
+
+    /// Switches one frame (offloaded with `hdr`, if given) that a vxlan port
+    /// `from` received from `remote`: the source MAC is learned behind that remote.
+    pub fn ingress_remote(
+        &self,
+        from: &Port,
+        frame: &[u8],
+        hdr: Option<&VnetHdr>,
+        remote: Option<Ipv4Addr>,
+    ) {
+        self.ingress_inner(from, frame, hdr, None, remote);
+    }
+
+    /// Forgets the MACs learned on `port` behind `remote` (a remote taken off a
+    /// vxlan port's flood list).
+    pub fn flush_remote(&self, port: PortId, remote: Ipv4Addr) {
+        self.fdb
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .flush_remote(port, remote);
     }
 
     /// Switches one frame that arrived on `from` with a virtio-net header.
@@ -788,11 +838,11 @@ impl Network {
         hdr: Option<&VnetHdr>,
         local: &Port,
     ) -> bool {
-        self.ingress_inner(from, frame, hdr, Some(local))
+        self.ingress_inner(from, frame, hdr, Some(local), None)
     }
 
     fn ingress_with(&self, from: &Port, frame: &[u8], hdr: Option<&VnetHdr>) {
-        self.ingress_inner(from, frame, hdr, None);
+        self.ingress_inner(from, frame, hdr, None, None);
     }
 
     fn ingress_inner(
@@ -801,6 +851,7 @@ impl Network {
         frame: &[u8],
         hdr: Option<&VnetHdr>,
         local: Option<&Port>,
+        remote: Option<Ipv4Addr>,
     ) -> bool {
         let (dst, src) = match (frame.get(0..6), frame.get(6..12)) {
             (Some(d), Some(s)) if frame.len() >= ETH_HLEN => {
@@ -838,7 +889,7 @@ impl Network {
             } else {
                 self.max_per_port.load(Ordering::Relaxed)
             };
-            match fdb.learn(src, from.id, now, cap) {
+            match fdb.learn_remote(src, from.id, remote, now, cap) {
                 Learn::Learned | Learn::TableFull => {}
                 // A service may answer from another service's MAC (the DHCP server
                 // replying for the router): forwarded, not learned.
@@ -853,7 +904,7 @@ impl Network {
                 }
             }
             if dst[0] & 1 == 0 {
-                fdb.lookup(&dst, now)
+                fdb.lookup_remote(&dst, now)
             } else {
                 None
             }
@@ -864,8 +915,8 @@ impl Network {
         let isolated = self.isolated.load(Ordering::Relaxed) && from.kind != PortClass::Service;
         let allowed = |p: &Port| !isolated || p.kind == PortClass::Service;
         match target {
-            Some(id) if id == from.id => inc(&from.counters.drop_hairpin, 1),
-            Some(id) => {
+            Some((id, _)) if id == from.id => inc(&from.counters.drop_hairpin, 1),
+            Some((id, to)) => {
                 if let Some(p) = ports.iter().find(|p| p.id == id && allowed(p)) {
                     match local {
                         // Same MTU check and counters as `Port::send`, no copy.
@@ -877,13 +928,13 @@ impl Network {
                             l.account(Ok(()), frame.len());
                             return true;
                         }
-                        _ => p.send(frame, hdr),
+                        _ => p.send(frame, hdr, to),
                     }
                 }
             }
             None => {
                 for p in ports.iter().filter(|p| p.id != from.id && allowed(p)) {
-                    p.send(frame, hdr);
+                    p.send(frame, hdr, None);
                 }
             }
         }

@@ -80,6 +80,7 @@ pub fn add_vm_port(
         path: None,
         persistent: false,
         guard: None,
+        vxlan: Default::default(),
     };
     let req = Request::PortAdd {
         net: network.to_string(),

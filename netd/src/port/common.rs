@@ -78,6 +78,8 @@ pub struct RunningPort {
     pub(super) done: Option<std::sync::mpsc::Receiver<()>>,
     pub(super) cleanup: Cleanup,
     pub(super) network: Arc<Network>,
+    /// A `vxlan` port's tunnel (flood list, counters).
+    pub tunnel: Option<Arc<super::vxlan::Tunnel>>,
 }
 
 impl RunningPort {
@@ -161,6 +163,7 @@ pub(super) fn finish_start(
             done,
             cleanup,
             network: net.clone(),
+            tunnel: None,
         }),
         Err(e) => {
             let _ = net.remove_port(&spec.name);

@@ -46,13 +46,16 @@
 //!   netd never unlinks a path that is not a stale socket of its own.
 //! - `uplink` (`uplink.rs`): a bridged network's host NIC, through a promiscuous
 //!   AF_PACKET socket with virtio-net headers.
+//! - `vxlan` (`vxlan.rs`): a VXLAN tunnel (RFC 7348) to remote VTEPs over UDP,
+//!   learning which remote each MAC lives behind.
 //!
 //! # Files
 //!
 //! `common.rs` what every kind shares (stop signal, clean-up, the started port),
 //! `fd.rs` ports on a vnet-header descriptor (transmit, receive loop, reopening),
 //! `inline.rs` such a port read by another loop, and one file per kind: `tap.rs`
-//! (with the hostonly `host` TAP), `vm.rs`, `stream.rs`, `uplink.rs`; `sys.rs` holds
+//! (with the hostonly `host` TAP), `vm.rs`, `stream.rs`, `uplink.rs`, `vxlan.rs`
+//! (with its submodules); `sys.rs` holds
 //! the uplink's one raw socket option.
 
 mod common;
@@ -65,6 +68,7 @@ mod tap;
 mod testing;
 mod uplink;
 mod vm;
+pub mod vxlan;
 
 use std::io;
 use std::path::PathBuf;
@@ -127,6 +131,9 @@ pub enum PortError {
     /// cannot start the port thread
     #[error("cannot start the port thread")]
     Thread(#[source] io::Error),
+    /// cannot set up the VXLAN tunnel
+    #[error("cannot set up the VXLAN tunnel")]
+    Vxlan(#[source] vxlan::VxlanError),
 }
 
 /// Starts a port of `spec` on `net`.
@@ -150,5 +157,6 @@ pub fn start_port_with(
         PortKind::Tap => tap::start_tap_port(net, spec, inline),
         PortKind::Vm => vm::start_vm_port(net, spec, inline),
         PortKind::Stream => stream::start_stream_port(net, spec),
+        PortKind::Vxlan => vxlan::start_vxlan_port(net, spec),
     }
 }

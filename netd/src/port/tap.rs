@@ -64,6 +64,7 @@ pub fn start_host_port(
         mac: None,
         netns: None,
         path: None,
+        vxlan: None,
         persistent: false,
         guard: None,
     };

@@ -52,6 +52,7 @@ pub(super) fn spec(name: &str, kind: PortKind) -> PortSpec {
         path: None,
         persistent: false,
         guard: None,
+        vxlan: None,
     }
 }
 

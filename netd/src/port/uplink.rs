@@ -31,6 +31,7 @@ pub fn start_uplink(net: &Arc<Network>, ifname: &str) -> Result<RunningPort, Por
         mac: None,
         netns: None,
         path: None,
+        vxlan: None,
         persistent: true,
         guard: None,
     };

@@ -1,4 +1,6 @@
-//! The MAC table of a network: learned MAC -> port, bounded, with ageing.
+//! The MAC table of a network: learned MAC -> port, bounded, with ageing. For a
+//! `vxlan` port an entry also holds the remote VTEP the MAC lives behind (the
+//! "remote" column), so unicast goes to that remote alone.
 //!
 //! A full table stops learning; it never evicts a live entry, so a flood of made-up
 //! source MACs cannot push out the hosts already known. Aged-out entries are swept
@@ -13,6 +15,7 @@
 //! frame from it on another port is refused ([`Learn::Pinned`]).
 
 use std::collections::HashMap;
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use super::PortId;
@@ -24,6 +27,8 @@ struct FdbEntry {
     seen: Instant,
     /// A service's MAC: never ages, never moves.
     pinned: bool,
+    /// The remote VTEP behind a vxlan port.
+    remote: Option<Ipv4Addr>,
 }
 
 /// What [`Fdb::learn`] did.
@@ -77,6 +82,20 @@ impl Fdb {
     /// Records that `mac` was seen on `port` at `now`; `cap` is the most entries
     /// `port` may hold.
     pub fn learn(&mut self, mac: [u8; 6], port: PortId, now: Instant, cap: usize) -> Learn {
+        self.learn_remote(mac, port, None, now, cap)
+    }
+
+    /// Records that `mac` was seen on `port`, behind `remote` (a vxlan port's
+    /// sender), at `now`; `cap` is the most entries `port` may hold. A MAC that
+    /// moved (port or remote) is updated from this frame.
+    pub fn learn_remote(
+        &mut self,
+        mac: [u8; 6],
+        port: PortId,
+        remote: Option<Ipv4Addr>,
+        now: Instant,
+        cap: usize,
+    ) -> Learn {
         if let Some(e) = self.map.get(&mac).copied() {
             if e.pinned {
                 return if e.port == port {
@@ -98,6 +117,7 @@ impl Fdb {
                     port,
                     seen: now,
                     pinned: false,
+                    remote,
                 },
             );
             return Learn::Learned;
@@ -120,6 +140,7 @@ impl Fdb {
                 port,
                 seen: now,
                 pinned: false,
+                remote,
             },
         );
         *self.per_port.entry(port).or_default() += 1;
@@ -137,6 +158,7 @@ impl Fdb {
                 port,
                 seen: now,
                 pinned: true,
+                remote: None,
             },
         );
         *self.per_port.entry(port).or_default() += 1;
@@ -172,12 +194,17 @@ impl Fdb {
         let ageing = self.ageing;
         self.map
             .retain(|_, e| e.pinned || now.saturating_duration_since(e.seen) < ageing);
+        self.recount();
+        self.sweeps += 1;
+        self.last_sweep = Some(now);
+    }
+
+    /// Rebuilds the entries-per-port counts from the table.
+    fn recount(&mut self) {
         self.per_port.clear();
         for e in self.map.values() {
             *self.per_port.entry(e.port).or_default() += 1;
         }
-        self.sweeps += 1;
-        self.last_sweep = Some(now);
     }
 
     /// A port at its cap: sweeps (at most once per [`SWEEP_INTERVAL`]) and says
@@ -187,6 +214,29 @@ impl Fdb {
             self.sweep(now);
         }
         self.count(port) < cap
+    }
+
+    /// Like [`Fdb::lookup`], with the remote the MAC lives behind, if any.
+    pub fn lookup_remote(&self, mac: &[u8; 6], now: Instant) -> Option<(PortId, Option<Ipv4Addr>)> {
+        self.map
+            .get(mac)
+            .filter(|e| e.pinned || now.saturating_duration_since(e.seen) < self.ageing)
+            .map(|e| (e.port, e.remote))
+    }
+
+    /// The remote `mac` was learned behind, if any.
+    pub fn remote_of(&self, mac: &[u8; 6]) -> Option<Ipv4Addr> {
+        self.map.get(mac).and_then(|e| e.remote)
+    }
+
+    /// Forgets every entry of `port` behind `remote`.
+    pub fn flush_remote(&mut self, port: PortId, remote: Ipv4Addr) {
+        let before = self.map.len();
+        self.map
+            .retain(|_, e| !(e.port == port && e.remote == Some(remote)));
+        if self.map.len() != before {
+            self.recount();
+        }
     }
 
     /// The port `mac` was last seen on, unless aged out.
@@ -245,6 +295,26 @@ mod tests {
         fdb.learn([2, 0, 0, 0, 0, 3], 2, later, usize::MAX);
         assert_eq!(fdb.lookup(&[2, 0, 0, 0, 0, 3], later), Some(2));
         assert_eq!(fdb.len(), 1);
+    }
+
+    #[test]
+    fn remotes_are_learned_moved_and_flushed() {
+        let mut fdb = Fdb::new(8, Duration::from_secs(10));
+        let t0 = Instant::now();
+        let (r1, r2) = (Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(192, 0, 2, 2));
+        let m = [2, 0, 0, 0, 0, 1];
+        fdb.learn_remote(m, 5, Some(r1), t0, usize::MAX);
+        assert_eq!(fdb.lookup_remote(&m, t0), Some((5, Some(r1))));
+        // Moves between remotes, then to a local port, each from its next frame.
+        fdb.learn_remote(m, 5, Some(r2), t0, usize::MAX);
+        assert_eq!(fdb.remote_of(&m), Some(r2));
+        fdb.learn(m, 1, t0, usize::MAX);
+        assert_eq!(fdb.lookup_remote(&m, t0), Some((1, None)));
+        fdb.learn_remote(m, 5, Some(r1), t0, usize::MAX);
+        fdb.learn_remote([2, 0, 0, 0, 0, 2], 5, Some(r2), t0, usize::MAX);
+        fdb.flush_remote(5, r1);
+        assert_eq!(fdb.lookup(&m, t0), None);
+        assert_eq!(fdb.lookup(&[2, 0, 0, 0, 0, 2], t0), Some(5));
     }
 
     #[test]

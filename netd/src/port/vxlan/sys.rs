@@ -1,0 +1,160 @@
+//! What std and socket2 do not offer: the path MTU of a connected UDP socket
+//! (IP_MTU, the MTU of the route's interface unless the kernel learned a smaller
+//! one), and UDP segmentation offload both ways: one `sendmsg` of many equal
+//! datagrams (UDP_SEGMENT) and one `recvmsg` of many coalesced ones (UDP_GRO).
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::AsRawFd;
+
+/// IP_MTU of the connected socket `sock`.
+pub fn path_mtu(sock: &impl AsRawFd) -> io::Result<u32> {
+    let mut mtu: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `mtu` and `len` are live locals of the sizes passed; the kernel
+    // writes at most `len` bytes into `mtu`. `sock` is an open socket.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU,
+            &mut mtu as *mut libc::c_int as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(mtu.max(0) as u32)
+}
+
+/// `UDP_SEGMENT` (linux/udp.h): send one buffer as datagrams of this size.
+const UDP_SEGMENT: libc::c_int = 103;
+/// `UDP_GRO` (linux/udp.h): receive coalesced datagrams, with their size.
+const UDP_GRO: libc::c_int = 104;
+
+fn sockaddr_in(to: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: to.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*to.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+/// Sends `buf` to `to` as datagrams of `seg` bytes each (the last may be shorter)
+/// in one call: UDP GSO, the kernel cuts it (or hands it whole to a veth peer).
+/// `seg` of `buf.len()` or more sends one plain datagram.
+pub fn send_segmented(
+    sock: &impl AsRawFd,
+    buf: &[u8],
+    seg: u16,
+    to: SocketAddrV4,
+) -> io::Result<()> {
+    let mut addr = sockaddr_in(to);
+    let mut iov = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // Room for one cmsg with a u16, 8-byte aligned.
+    let mut control = [0u64; 4];
+    // SAFETY: an all-zero msghdr is valid (null pointers, zero lengths).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = &mut addr as *mut libc::sockaddr_in as *mut libc::c_void;
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if usize::from(seg) < buf.len() {
+        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        // SAFETY: CMSG_SPACE is a pure size computation.
+        msg.msg_controllen = unsafe { libc::CMSG_SPACE(2) } as usize;
+        // SAFETY: msg_control points at `control` (32 bytes, aligned), which holds
+        // CMSG_SPACE(2) bytes, so the first header and its 2 data bytes lie inside.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_UDP;
+            (*c).cmsg_type = UDP_SEGMENT;
+            (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, seg);
+        }
+    }
+    // SAFETY: `msg` points at live `addr`, `iov` (over `buf`) and `control` for the
+    // duration of the call; the kernel only reads them.
+    let r = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Asks for coalesced datagrams on `sock` (UDP_GRO); see [`recv_coalesced`].
+pub fn set_udp_gro(sock: &impl AsRawFd) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: passes a live c_int and its size; `sock` is an open UDP socket.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_UDP,
+            UDP_GRO,
+            &one as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Receives into `buf`: the length, the sender, and with UDP_GRO on the size of
+/// each of the datagrams the buffer holds back to back (None: one datagram).
+pub fn recv_coalesced(
+    sock: &impl AsRawFd,
+    buf: &mut [u8],
+) -> io::Result<(usize, Option<SocketAddrV4>, Option<usize>)> {
+    // SAFETY: an all-zero sockaddr_in / msghdr is valid.
+    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    let mut control = [0u64; 8];
+    // SAFETY: as above.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = &mut addr as *mut libc::sockaddr_in as *mut libc::c_void;
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: `msg` points at live `addr`, `iov` (over `buf`) and `control`, each
+    // with its true size; the kernel writes at most those sizes.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut seg = None;
+    // SAFETY: the kernel filled msg_control up to msg_controllen; CMSG_FIRSTHDR and
+    // CMSG_NXTHDR stay within it, and a UDP_GRO cmsg carries one int.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == UDP_GRO {
+                let v = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::c_int);
+                seg = usize::try_from(v).ok().filter(|s| *s > 0);
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    let from = (msg.msg_namelen as usize >= std::mem::size_of::<libc::sockaddr_in>()
+        && addr.sin_family == libc::AF_INET as libc::sa_family_t)
+        .then(|| {
+            SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)),
+                u16::from_be(addr.sin_port),
+            )
+        });
+    Ok((n as usize, from, seg))
+}

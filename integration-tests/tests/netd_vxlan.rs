@@ -12,7 +12,11 @@
 //! - junk on the tunnel (random UDP, unlisted senders, wrong VNI, truncated and
 //!   flagless headers, bad inner frames) is dropped and counted while a guest keeps
 //!   working;
-//! - a network whose MTU does not fit the underlay is refused, naming both MTUs.
+//! - a network whose MTU does not fit the underlay is refused, naming both MTUs;
+//! - on a port with a `group`, a unicast VXLAN datagram from a host that is
+//!   neither listed nor on the group is dropped and counted (`drop_sender`),
+//!   while the members (learned unicast replies included) keep working; the same
+//!   datagram sent to the group is accepted.
 
 mod vxlan_common;
 
@@ -556,5 +560,109 @@ fn a_hostonly_network_served_by_host_a_reaches_a_guest_on_host_b() -> Result<()>
         ping_retry(&gb, "192.168.57.1", 3),
         "guest on B cannot reach host A"
     );
+    Ok(())
+}
+
+#[test]
+fn a_group_port_drops_unicast_from_a_host_not_on_the_group() -> Result<()> {
+    // Hosts A, B, C run netd on group 239.1.1.77 with no listed remotes; host X
+    // runs no netd: it only sends VXLAN datagrams from a plain UDP socket.
+    let mut lab = Lab::new(4, 1500)?;
+    let ips: Vec<String> = lab.hosts.iter().map(|h| h.ip.clone()).collect();
+    let gs = [guest("vxsa")?, guest("vxsb")?, guest("vxsc")?];
+    for (i, g) in gs.iter().enumerate() {
+        let cfg = integration_tests::netd::network("lan", "internal", "mtu = 1450\n")
+            + &g.port("g")
+            + &vxlan_port("vx", VNI, &ips[i], &[], "group = \"239.1.1.77\"\n");
+        lab.hosts[i].start_netd(&cfg)?;
+        g.addr(&format!("10.81.0.{}/24", i + 1))?;
+    }
+    // Group members reach each other, learned unicast replies included.
+    assert!(ping_retry(&gs[0], "10.81.0.2", 5), "A cannot reach B");
+    assert!(ping_retry(&gs[2], "10.81.0.1", 5), "C cannot reach A");
+    let na = lab.hosts[0].netd();
+    let before = tunnel(na, "lan", "vx")?;
+    assert_eq!(before["drop_sender"], 0, "honest members dropped: {before}");
+
+    // X: one valid VXLAN frame (a broadcast ARP from a forged MAC) per send.
+    let x = &lab.hosts[3];
+    let script = format!(
+        r#"
+import socket, sys
+def frame(mac_last):
+    eth = bytes.fromhex("ffffffffffff" + "0200000077" + mac_last) + b"\x08\x06"
+    arp = bytes.fromhex("0001080006040001") + bytes.fromhex("0200000077" + mac_last) \
+        + bytes([10, 81, 0, 99]) + b"\0" * 6 + bytes([10, 81, 0, 1])
+    return b"\x08\0\0\0" + ({vni}).to_bytes(3, "big") + b"\0" + eth + arp
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("{x}", 0))
+s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("{x}"))
+s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
+dst, mac_last, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+for _ in range(n):
+    s.sendto(frame(mac_last), (dst, 4789))
+"#,
+        vni = VNI,
+        x = ips[3],
+    );
+    std::fs::write(lab.path("x.py"), &script)?;
+    let send = |dst: &str, mac_last: &str, n: u32| {
+        x.ns.exec(&[
+            "/usr/bin/python3",
+            &lab.path("x.py"),
+            dst,
+            mac_last,
+            &n.to_string(),
+        ])
+    };
+    let learned = |mac: &str| -> bool {
+        na.cli_json(&["mac", "lan"])
+            .map(|m| integration_tests::has_item(&m, |e| e["mac"] == mac))
+            .unwrap_or(false)
+    };
+    let d = |k: &str| -> u64 {
+        let now = tunnel(na, "lan", "vx").unwrap_or_default();
+        now[k].as_u64().unwrap_or(0) - before[k].as_u64().unwrap_or(0)
+    };
+
+    // Unicast straight to A's address from a host neither listed nor on the group:
+    // dropped and counted, nothing learned.
+    send(&ips[0], "01", 5)?;
+    assert!(
+        eventually(|| d("drop_sender") >= 5),
+        "unicast from X not counted: {}",
+        tunnel(na, "lan", "vx")?
+    );
+    assert!(!learned("02:00:00:00:77:01"), "X's forged MAC was learned");
+    // The members keep working, and no more was dropped than X's five.
+    assert!(
+        ping_retry(&gs[0], "10.81.0.3", 3),
+        "A lost C after the attack"
+    );
+    assert!(
+        ping_retry(&gs[1], "10.81.0.1", 3),
+        "B lost A after the attack"
+    );
+    assert_eq!(d("drop_sender"), 5, "{}", tunnel(na, "lan", "vx")?);
+
+    // The same datagram sent to the group is accepted (any sender in the group
+    // is), and from then on X is a member whose unicast is accepted too.
+    send("239.1.1.77", "02", 1)?;
+    assert!(
+        eventually(|| learned("02:00:00:00:77:02")),
+        "a frame X sent to the group was not switched"
+    );
+    send(&ips[0], "03", 1)?;
+    assert!(
+        eventually(|| learned("02:00:00:00:77:03")),
+        "unicast from a member was not accepted"
+    );
+    let macs = na.cli_json(&["mac", "lan"])?;
+    assert!(
+        integration_tests::has_item(&macs, |e| e["mac"] == "02:00:00:00:77:02"
+            && e["remote"] == ips[3].as_str()),
+        "{macs}"
+    );
+    assert_eq!(d("drop_sender"), 5, "{}", tunnel(na, "lan", "vx")?);
     Ok(())
 }

@@ -14,8 +14,10 @@
 //! Receive is one thread reading the port's UDP socket (bound to `local`:`port`,
 //! joined to `group`). The tunnel is as untrusted as a guest port: a datagram from
 //! a sender that is not a listed remote is dropped (`drop_sender`) unless
-//! `accept_any = true` or the port has a `group` (the members of a multicast
-//! group are not known in advance); one that is not VXLAN (shorter than the
+//! `accept_any = true`, or the port has a `group` and the sender is in it: the
+//! datagram was sent to the group, or its sender was heard on the group before
+//! ([`accept`]: a unicast datagram straight to the port's address from a host
+//! that is neither listed nor on the group is dropped); one that is not VXLAN (shorter than the
 //! header, I flag clear) is `drop_not_vxlan`; one with another VNI is `drop_vni`.
 //! Each such drop is counted on the tunnel ([`TunnelCounters`], `netd vxlan show`
 //! and the `vxlan` object of `netd port list --json`). The inner frame then enters
@@ -47,9 +49,11 @@
 //! # Files
 //!
 //! `wire.rs` the header and the flow hash, `spec.rs` the checked settings,
+//! `accept.rs` which senders are accepted (and the group's members),
 //! `gro.rs` the receive coalescing of TCP segments into super-frames, `sys.rs` the
 //! path MTU socket option and UDP segmentation offload (UDP_SEGMENT, UDP_GRO).
 
+pub mod accept;
 pub mod gro;
 mod spec;
 mod sys;
@@ -203,15 +207,20 @@ pub struct TunnelInfo {
 }
 
 impl Tunnel {
-    /// Whether a datagram from `ip` is accepted.
-    fn accepts(&self, ip: Ipv4Addr) -> bool {
-        self.spec.accept_any
-            || self.spec.group.is_some()
-            || self
-                .remotes
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains(&ip)
+    /// The verdict on a datagram from `from` to `to` ([`accept`]).
+    fn verdict(
+        &self,
+        from: Ipv4Addr,
+        to: Option<Ipv4Addr>,
+        members: &accept::Members,
+    ) -> accept::Verdict {
+        let remotes = self.remotes.read().unwrap_or_else(|e| e.into_inner());
+        accept::Policy {
+            accept_any: self.spec.accept_any,
+            group: self.spec.group,
+            remotes: &remotes,
+        }
+        .verdict(from, to, members)
     }
 
     /// Adds `remote` to the flood list, after checking that the network's frames
@@ -324,6 +333,10 @@ fn recv_socket(spec: &VxlanSpec) -> Result<UdpSocket, VxlanError> {
             .map_err(sock_err("join the multicast group"))?;
     }
     s.set_nonblocking(true).map_err(sock_err("non-blocking"))?;
+    // Whether a datagram from an unlisted sender was sent to the group.
+    if spec.group.is_some() && !spec.accept_any {
+        sys::set_pktinfo(&s).map_err(sock_err("IP_PKTINFO"))?;
+    }
     // Batches of datagrams per read where the kernel offers it; without, one each.
     if let Err(e) = sys::set_udp_gro(&s) {
         tracing::debug!(error = %e, "no UDP_GRO: one datagram per read");
@@ -592,6 +605,16 @@ pub(super) fn start_vxlan_port(
     }
     let rx = recv_socket(&vx).map_err(PortError::Vxlan)?;
     let socks = send_sockets(&vx).map_err(PortError::Vxlan)?;
+    // The receive thread announces the port to the group ([`accept`]).
+    let announcer = match (vx.group, socks.first()) {
+        (Some(g), Some(s)) if !vx.accept_any => Some((
+            s.try_clone()
+                .map_err(sock_err("clone a send socket"))
+                .map_err(PortError::Vxlan)?,
+            SockAddr::from(SocketAddrV4::new(g, vx.port)),
+        )),
+        _ => None,
+    };
     let tunnel = Arc::new(Tunnel {
         remotes: RwLock::new(vx.remotes.clone()),
         spec: vx.clone(),
@@ -613,7 +636,7 @@ pub(super) fn start_vxlan_port(
     let (n2, s2, t2) = (net.clone(), stop.clone(), tunnel.clone());
     let name = spec.name.clone();
     let started = spawn_thread(format!("vx-{}", spec.name), move || {
-        if let Err(e) = rx_loop(&n2, &port, &t2, &rx, &s2) {
+        if let Err(e) = rx_loop(&n2, &port, &t2, &rx, &s2, announcer.as_ref()) {
             tracing::warn!(port = %name, error = %e, "vxlan receive stopped");
         }
     })
@@ -626,24 +649,42 @@ pub(super) fn start_vxlan_port(
 /// Reads datagrams until stopped: checks sender, header and VNI, then switches the
 /// inner frames (learning their sender as the remote of their source MAC). With
 /// UDP_GRO one read may bring a batch of datagrams from one sender; the inner TCP
-/// segments of a batch are coalesced ([`gro`]) into super-frames.
+/// segments of a batch are coalesced ([`gro`]) into super-frames. With a group,
+/// `announcer` sends the port's announcement to the group: at start and when a new
+/// member is heard ([`accept`]).
 fn rx_loop(
     net: &Network,
     port: &Port,
     tunnel: &Tunnel,
     sock: &UdpSocket,
     stop: &Stop,
+    announcer: Option<&(Socket, SockAddr)>,
 ) -> io::Result<()> {
     // A coalesced batch is at most 64 KiB of UDP payload.
     let mut buf = vec![0u8; (wire::HEADER_LEN + MAX_FRAME).max(65536)];
     let fd = sock.as_raw_fd();
     let c = &tunnel.counters;
     let mut gro = gro::Coalescer::default();
+    let mut members = accept::Members::default();
+    let announce = || {
+        if let Some((s, g)) = announcer {
+            // The bare header of our VNI: no inner frame, nothing is switched.
+            let h = VxlanHeader {
+                vni: tunnel.spec.vni,
+            }
+            .emit();
+            match s.send_to(&h, g) {
+                Ok(_) => inc(&c.tx_datagrams),
+                Err(_) => inc(&c.tx_errors),
+            }
+        }
+    };
+    announce();
     loop {
         if stop.is_set() {
             return Ok(());
         }
-        let (n, from, seg) = match sys::recv_coalesced(sock, &mut buf) {
+        let r = match sys::recv_coalesced(sock, &mut buf) {
             Ok(x) => x,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if crate::sys::poll2(fd, stop.efd.as_raw_fd(), -1)? {
@@ -656,19 +697,31 @@ fn rx_loop(
             Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => continue,
             Err(e) => return Err(e),
         };
+        let (n, seg) = (r.len, r.seg);
         let data = buf.get(..n).unwrap_or_default();
         let count = seg.map_or(1, |s| n.div_ceil(s)) as u64;
-        let Some(ip) = from.map(|f| *f.ip()).filter(|ip| tunnel.accepts(*ip)) else {
-            c.drop_sender.fetch_add(count, Ordering::Relaxed);
-            continue;
+        let verdict = r
+            .from
+            .map(|f| (*f.ip(), tunnel.verdict(*f.ip(), r.to, &members)));
+        let (ip, verdict) = match verdict {
+            Some((ip, v)) if v != accept::Verdict::Drop => (ip, v),
+            _ => {
+                c.drop_sender.fetch_add(count, Ordering::Relaxed);
+                continue;
+            }
         };
+        // Whether a datagram of the batch was VXLAN of our VNI.
+        let mut ours = false;
         let remote = tunnel.spec.learning.then_some(ip);
         let mut emit = |f: &[u8], h: Option<&VnetHdr>| net.ingress_remote(port, f, h, remote);
         for d in data.chunks(seg.unwrap_or(n).max(1)) {
             match VxlanHeader::parse(d) {
                 Err(_) => inc(&c.drop_not_vxlan),
                 Ok((h, _)) if h.vni != tunnel.spec.vni => inc(&c.drop_vni),
+                // A bare header: a port's announcement, no frame to switch.
+                Ok((_, [])) => ours = true,
                 Ok((_, inner)) => {
+                    ours = true;
                     inc(&c.rx_datagrams);
                     if !gro.offer(inner) {
                         gro.flush(&mut emit);
@@ -680,6 +733,19 @@ fn rx_loop(
             }
         }
         gro.flush(&mut emit);
+        if tunnel.spec.group.is_some() && ours {
+            // Heard on the group: a member (a new one gets our announcement, so
+            // that it knows us before our first unicast reply); an accepted
+            // member's unicast keeps it fresh.
+            let new = match verdict {
+                accept::Verdict::Group => members.heard(ip),
+                _ if members.contains(ip) => members.heard(ip),
+                _ => false,
+            };
+            if new {
+                announce();
+            }
+        }
     }
 }
 

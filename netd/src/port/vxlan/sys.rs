@@ -1,7 +1,9 @@
 //! What std and socket2 do not offer: the path MTU of a connected UDP socket
 //! (IP_MTU, the MTU of the route's interface unless the kernel learned a smaller
 //! one), and UDP segmentation offload both ways: one `sendmsg` of many equal
-//! datagrams (UDP_SEGMENT) and one `recvmsg` of many coalesced ones (UDP_GRO).
+//! datagrams (UDP_SEGMENT) and one `recvmsg` of many coalesced ones (UDP_GRO),
+//! with the destination address of what was received (IP_PKTINFO: the group, or
+//! the port's own address).
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -108,19 +110,52 @@ pub fn set_udp_gro(sock: &impl AsRawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Receives into `buf`: the length, the sender, and with UDP_GRO on the size of
-/// each of the datagrams the buffer holds back to back (None: one datagram).
-pub fn recv_coalesced(
-    sock: &impl AsRawFd,
-    buf: &mut [u8],
-) -> io::Result<(usize, Option<SocketAddrV4>, Option<usize>)> {
+/// Asks for the destination address of each datagram on `sock` (IP_PKTINFO);
+/// see [`recv_coalesced`].
+pub fn set_pktinfo(sock: &impl AsRawFd) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: passes a live c_int and its size; `sock` is an open IPv4 UDP socket.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_PKTINFO,
+            &one as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// What one read brought.
+#[derive(Debug, Clone, Copy)]
+pub struct Received {
+    /// Bytes in the buffer.
+    pub len: usize,
+    /// The sender.
+    pub from: Option<SocketAddrV4>,
+    /// With UDP_GRO: the size of each of the datagrams the buffer holds back to
+    /// back (None: one datagram).
+    pub seg: Option<usize>,
+    /// With IP_PKTINFO: the address the datagram(s) were sent to (a batch is of
+    /// one flow, so of one destination). None when not asked for or cut off.
+    pub to: Option<Ipv4Addr>,
+}
+
+/// Receives into `buf`: the length, the sender, with UDP_GRO the size of each
+/// coalesced datagram, and with IP_PKTINFO their destination address.
+pub fn recv_coalesced(sock: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Received> {
     // SAFETY: an all-zero sockaddr_in / msghdr is valid.
     let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr() as *mut libc::c_void,
         iov_len: buf.len(),
     };
-    let mut control = [0u64; 8];
+    // Room for UDP_GRO (an int) and IP_PKTINFO (in_pktinfo), each with its header.
+    let mut control = [0u64; 16];
     // SAFETY: as above.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_name = &mut addr as *mut libc::sockaddr_in as *mut libc::c_void;
@@ -136,17 +171,34 @@ pub fn recv_coalesced(
         return Err(io::Error::last_os_error());
     }
     let mut seg = None;
+    let mut to = None;
     // SAFETY: the kernel filled msg_control up to msg_controllen; CMSG_FIRSTHDR and
-    // CMSG_NXTHDR stay within it, and a UDP_GRO cmsg carries one int.
+    // CMSG_NXTHDR stay within it. A UDP_GRO cmsg carries one int, an IP_PKTINFO
+    // one in_pktinfo; each is read only when its length says it holds that much.
     unsafe {
         let mut c = libc::CMSG_FIRSTHDR(&msg);
         while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == UDP_GRO {
+            let len = (*c).cmsg_len as usize;
+            let (level, kind) = ((*c).cmsg_level, (*c).cmsg_type);
+            if level == libc::SOL_UDP
+                && kind == UDP_GRO
+                && len >= libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as usize
+            {
                 let v = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::c_int);
                 seg = usize::try_from(v).ok().filter(|s| *s > 0);
+            } else if level == libc::IPPROTO_IP
+                && kind == libc::IP_PKTINFO
+                && len >= libc::CMSG_LEN(std::mem::size_of::<libc::in_pktinfo>() as u32) as usize
+            {
+                let p = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::in_pktinfo);
+                to = Some(Ipv4Addr::from(u32::from_be(p.ipi_addr.s_addr)));
             }
             c = libc::CMSG_NXTHDR(&msg, c);
         }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        // Cut control data: the destination is not known (never "the group").
+        to = None;
     }
     let from = (msg.msg_namelen as usize >= std::mem::size_of::<libc::sockaddr_in>()
         && addr.sin_family == libc::AF_INET as libc::sa_family_t)
@@ -156,5 +208,10 @@ pub fn recv_coalesced(
                 u16::from_be(addr.sin_port),
             )
         });
-    Ok((n as usize, from, seg))
+    Ok(Received {
+        len: n as usize,
+        from,
+        seg,
+        to,
+    })
 }

@@ -13,9 +13,9 @@
 //!
 //! This file holds the raw structs of the file and the checks of the file as a
 //! whole (names and interface names used once, the control socket); the rest:
-//! - [`spec`]: the validated types the rest of netd runs on ([`NetworkSpec`],
+//! - `config/spec.rs`: the validated types the rest of netd runs on ([`NetworkSpec`],
 //!   [`PortSpec`], [`ControlSpec`]);
-//! - [`network`]: the checks and mode defaults of one network
+//! - `config/network.rs`: the checks and mode defaults of one network
 //!   ([`NetworkConfig::validate_at`], also the control API's entry) and of one port
 //!   ([`validate_port`]).
 

@@ -9,11 +9,11 @@
 //! persistent); TAPs that existed before netd started are left alone. A hostonly
 //! network's host TAP has forwarding off, and a task keeps it off.
 //!
-//! This file holds the daemon's state (every network's [`NetState`] under the one
+//! This file holds the daemon's state (every network's `NetState` under the one
 //! mutex) and the runtime port changes; the rest is split by concern:
-//! - [`network`]: building one network from its spec and stopping it;
-//! - [`dispatch`]: [`Daemon::handle`], one control request;
-//! - [`control`]: the control socket and its connections ([`serve_control`]).
+//! - `daemon/network.rs`: building one network from its spec and stopping it;
+//! - `daemon/dispatch.rs`: [`Daemon::handle`], one control request;
+//! - `daemon/control.rs`: the control socket and its connections ([`serve_control`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -98,7 +98,7 @@ struct NetState {
     spec: NetworkSpec,
     net: Arc<Network>,
     host: Option<RunningPort>,
-    /// Keeps forwarding off on the hostonly host TAP (see [`network::guard_forwarding`]).
+    /// Keeps forwarding off on the hostonly host TAP (see `guard_forwarding` in `daemon/network.rs`).
     forwarding_guard: Option<tokio::task::JoinHandle<()>>,
     ports: Vec<RunningPort>,
     dhcp: Option<Arc<Mutex<DhcpServer>>>,

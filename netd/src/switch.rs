@@ -35,11 +35,12 @@
 //!
 //! This file holds the [`Network`] itself (its ports, its table, the control API's
 //! views of them); the rest is split along the steps above:
-//! - [`port`]: what a port is and its transmit side, step 5 ([`Port`], [`PortTx`]);
-//! - [`counters`]: the per-port counters, by reason;
-//! - [`ingress`]: steps 1 to 4, the switching path;
-//! - [`guard`]: the port guard of step 2; [`fdb`]: the MAC table of step 3;
-//! - [`service`]: in-process services attached as ports ([`ServicePort`],
+//! - `switch/port.rs`: what a port is and its transmit side, step 5 ([`Port`], [`PortTx`]);
+//! - `switch/counters.rs`: the per-port counters, by reason;
+//! - `switch/ingress.rs`: steps 1 to 4, the switching path;
+//! - `switch/guard.rs`: the port guard of step 2; `switch/fdb.rs`: the MAC table of
+//!   step 3;
+//! - `switch/service.rs`: in-process services attached as ports ([`ServicePort`],
 //!   [`SwitchIn`]).
 
 use std::net::Ipv4Addr;

@@ -51,7 +51,8 @@
 //! `wire.rs` the header and the flow hash, `spec.rs` the checked settings,
 //! `accept.rs` which senders are accepted (and the group's members),
 //! `gro.rs` the receive coalescing of TCP segments into super-frames, `sys.rs` the
-//! path MTU socket option and UDP segmentation offload (UDP_SEGMENT, UDP_GRO).
+//! path MTU socket option, UDP segmentation offload (UDP_SEGMENT, UDP_GRO) and the
+//! destination address of what is received (IP_PKTINFO).
 
 pub mod accept;
 pub mod gro;

@@ -373,12 +373,7 @@ impl Router {
     pub fn process_frame_for_test(&mut self, frame: Bytes) -> Vec<Bytes> {
         // (Channel-fed routers take plain frames; see `ingest_vnet` for the others.)
         self.inbox.push(frame);
-        self.step();
-        self.dev
-            .tx
-            .drain(..)
-            .map(device::Frame::into_bytes)
-            .collect()
+        self.step_and_take()
     }
 
     /// Takes what the router's tasks and host sockets have ready now (finished host
@@ -389,6 +384,11 @@ impl Router {
     pub fn settle_for_test(&mut self) -> Vec<Bytes> {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let _ = self.poll_events(&mut cx);
+        self.step_and_take()
+    }
+
+    /// One step, then the frames it sent (the test entry points' common tail).
+    fn step_and_take(&mut self) -> Vec<Bytes> {
         self.step();
         self.dev
             .tx

@@ -31,6 +31,18 @@ struct FdbEntry {
     remote: Option<Ipv4Addr>,
 }
 
+impl FdbEntry {
+    /// A MAC just learned (or moved) on `port`, behind `remote` on a vxlan port.
+    fn learned(port: PortId, seen: Instant, remote: Option<Ipv4Addr>) -> Self {
+        FdbEntry {
+            port,
+            seen,
+            pinned: false,
+            remote,
+        }
+    }
+}
+
 /// What [`Fdb::learn`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Learn {
@@ -111,15 +123,7 @@ impl Fdb {
                 self.dec(e.port);
                 *self.per_port.entry(port).or_default() += 1;
             }
-            self.map.insert(
-                mac,
-                FdbEntry {
-                    port,
-                    seen: now,
-                    pinned: false,
-                    remote,
-                },
-            );
+            self.map.insert(mac, FdbEntry::learned(port, now, remote));
             return Learn::Learned;
         }
         if self.count(port) >= cap && !self.sweep_port(port, now, cap) {
@@ -134,15 +138,7 @@ impl Fdb {
                 return Learn::TableFull;
             }
         }
-        self.map.insert(
-            mac,
-            FdbEntry {
-                port,
-                seen: now,
-                pinned: false,
-                remote,
-            },
-        );
+        self.map.insert(mac, FdbEntry::learned(port, now, remote));
         *self.per_port.entry(port).or_default() += 1;
         Learn::Learned
     }

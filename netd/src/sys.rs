@@ -30,6 +30,28 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
+/// Sets socket option `level`/`name` of `fd` to `value` (the option's C type:
+/// an int, a `packet_mreq`, ...).
+pub fn set_socket_option<T: Copy>(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> io::Result<()> {
+    // SAFETY: the option value points to a live, initialized T and the length
+    // passed is its size; a bad fd or option is an error return, not UB.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            value as *const T as *const libc::c_void,
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
 /// Opens the TAP `ifname` (creating it if missing), non-blocking. With `vnet`,
 /// every frame read or written carries a 10-byte virtio-net header and the kernel
 /// side is told netd takes partial checksums and TCP segmentation offload
@@ -218,26 +240,13 @@ pub fn packet_socket(ifindex: u32) -> io::Result<OwnedFd> {
     // SAFETY: `fd` was just created and is owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let one: libc::c_int = 1;
-    // SAFETY: the option value points to a live c_int of the size given.
-    cvt(unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_PACKET,
-            PACKET_IGNORE_OUTGOING,
-            &one as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    })?;
-    // SAFETY: as above.
-    cvt(unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_PACKET,
-            PACKET_VNET_HDR,
-            &one as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    })?;
+    set_socket_option(
+        fd.as_raw_fd(),
+        libc::SOL_PACKET,
+        PACKET_IGNORE_OUTGOING,
+        &one,
+    )?;
+    set_socket_option(fd.as_raw_fd(), libc::SOL_PACKET, PACKET_VNET_HDR, &one)?;
     // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
     let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     sll.sll_family = libc::AF_PACKET as u16;

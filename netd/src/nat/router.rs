@@ -147,6 +147,17 @@ pub(super) fn out_of_fds(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
 }
 
+impl Stats {
+    /// Counts a guest's packet dropped because its host socket would not open
+    /// (and `no_fds` too when that was for want of descriptors).
+    pub(super) fn host_socket_failed(&mut self, e: &std::io::Error) {
+        self.dropped += 1;
+        if out_of_fds(e) {
+            self.no_fds += 1;
+        }
+    }
+}
+
 /// A service that lives behind the router's own addresses: it takes a whole Ethernet
 /// frame and returns the frame that answers it, if any. The daemon plugs the
 /// network's DHCP server in here ([`Router::set_dhcp`]).

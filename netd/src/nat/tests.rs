@@ -109,6 +109,27 @@ impl Guest {
     }
 }
 
+/// A TCP listener on the host's loopback and the address a guest reaches it by
+/// (the gateway, its port: the test config has `host_loopback`).
+async fn host_listener() -> (tokio::net::TcpListener, (Ipv4Addr, u16)) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    (listener, (Ipv4Addr::new(10, 0, 2, 2), port))
+}
+
+/// A router on the test config that the test drives frame by frame
+/// (`process_frame_for_test`), with its channel ends and handle, for the caller
+/// to hold so that the router runs as it would behind a live switch.
+fn frame_driven_router() -> (
+    Router,
+    (mpsc::Sender<Bytes>, mpsc::Receiver<Bytes>, RouterHandle),
+) {
+    let (to_router, router_rx) = mpsc::channel(16);
+    let (router_tx, from_router) = mpsc::channel(16);
+    let (router, handle) = Router::new(test_config(), router_rx, router_tx).unwrap();
+    (router, (to_router, from_router, handle))
+}
+
 fn tcp_socket() -> tcp::Socket<'static> {
     tcp::Socket::new(
         tcp::SocketBuffer::new(vec![0; 65536]),
@@ -315,9 +336,7 @@ fn arp_request(target: Ipv4Addr) -> Bytes {
 
 #[tokio::test]
 async fn random_and_mutated_frames_never_panic() {
-    let (_to_router, router_rx) = mpsc::channel(16);
-    let (router_tx, _from_router) = mpsc::channel(16);
-    let (mut router, _h) = Router::new(test_config(), router_rx, router_tx).unwrap();
+    let (mut router, _ends) = frame_driven_router();
     let rmac = EthernetAddress(RouterConfig::defaults().mac);
     let gw = Ipv4Addr::new(10, 0, 2, 2);
     let seeds: Vec<Bytes> = vec![
@@ -547,9 +566,7 @@ async fn offloaded_super_frame_is_finished_into_valid_segments() {
 async fn unicast_dhcp_renewal_to_the_gateway_is_answered() {
     use crate::config::{DhcpSpec, Ipv4Spec};
     use crate::dhcp::{opt, DhcpMessage, DhcpServer, LeaseDb, MsgType};
-    let (_to_router, router_rx) = mpsc::channel(16);
-    let (router_tx, _from_router) = mpsc::channel(16);
-    let (mut router, _h) = Router::new(test_config(), router_rx, router_tx).unwrap();
+    let (mut router, _ends) = frame_driven_router();
     let gw = Ipv4Addr::new(10, 0, 2, 2);
     let v4 = Ipv4Spec {
         network: Ipv4Addr::new(10, 0, 2, 0),
@@ -933,12 +950,8 @@ async fn settle_and_feed(router: &mut Router, frame: Bytes) -> Vec<Bytes> {
 #[tokio::test]
 async fn unspecified_source_is_dropped_and_a_socket_back_in_listen_is_reaped() {
     use smoltcp::wire::TcpControl;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (_to_router, router_rx) = mpsc::channel(16);
-    let (router_tx, _from_router) = mpsc::channel(16);
-    let (mut router, _h) = Router::new(test_config(), router_rx, router_tx).unwrap();
-    let gw = (Ipv4Addr::new(10, 0, 2, 2), port);
+    let (_listener, gw) = host_listener().await;
+    let (mut router, _ends) = frame_driven_router();
     // The guest asks for the gateway first, as a real one does (smoltcp learns it).
     router.process_frame_for_test(arp_request(gw.0));
     let out = router.process_frame_for_test(guest_tcp(
@@ -978,12 +991,8 @@ async fn unspecified_source_is_dropped_and_a_socket_back_in_listen_is_reaped() {
 #[tokio::test]
 async fn more_than_eight_guests_all_get_their_tcp_data() {
     use smoltcp::wire::{TcpControl, TcpPacket};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (_to_router, router_rx) = mpsc::channel(16);
-    let (router_tx, _from_router) = mpsc::channel(16);
-    let (mut router, _h) = Router::new(test_config(), router_rx, router_tx).unwrap();
-    let gw = (Ipv4Addr::new(10, 0, 2, 2), port);
+    let (listener, gw) = host_listener().await;
+    let (mut router, _ends) = frame_driven_router();
     let guests: Vec<Ipv4Addr> = (0..24).map(|i| Ipv4Addr::new(10, 0, 2, 100 + i)).collect();
     let mut hosts = Vec::new();
     for &ip in &guests {

@@ -54,18 +54,6 @@ pub fn port_add<'a>(
     argv
 }
 
-/// [`port_add`] for a `tap` port whose TAP `ifname` goes into the namespace `ns`.
-pub fn tap_port_add<'a>(
-    net: &'a str,
-    ifname: &'a str,
-    ns: &'a Netns,
-    extra: &[&'a str],
-) -> Vec<&'a str> {
-    let mut argv = port_add(net, "tap", ifname, &["--netns", ns.name()]);
-    argv.extend_from_slice(extra);
-    argv
-}
-
 /// A udhcpc script that configures the interface and its default route and records
 /// what it got as `ip=... router=... dns=...` in `$LEASE_FILE`.
 pub const UDHCPC_SCRIPT: &str = r#"#!/bin/sh

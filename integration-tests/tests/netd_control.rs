@@ -272,7 +272,12 @@ fn cli_prints_tables_by_default_and_json_on_request() -> Result<()> {
         netd.cli(&["port", "del", "lan", "b"])?,
         "removed port b from lan\n"
     );
-    let out = netd.cli(&tap_port_add("lan", &b.tap, &b, &["--json"]))?;
+    let out = netd.cli(&port_add(
+        "lan",
+        "tap",
+        &b.tap,
+        &["--netns", b.name(), "--json"],
+    ))?;
     assert_eq!(out, "");
     assert!(table_row(&netd.cli(&["port", "list", "lan"])?, &b.tap).is_some());
     assert!(netd.stop(), "clean exit on SIGTERM");

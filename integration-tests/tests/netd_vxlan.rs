@@ -303,14 +303,10 @@ fn three_hosts_runtime_remotes_and_a_mac_move() -> Result<()> {
     assert!(behind(&ips[1]), "M not learned behind B");
     lab.hosts[1].netd().cli(&["port", "del", "lan", "gm"])?;
     let tap2 = vxlan_common::ifname("vxm");
-    lab.hosts[2]
-        .netd()
-        .cli(&integration_tests::netd::tap_port_add(
-            "lan",
-            &tap2,
-            &gm,
-            &["--name", "gm", "--mac", mac_m],
-        ))?;
+    let argv = ["--netns", gm.name(), "--name", "gm", "--mac", mac_m];
+    lab.hosts[2].netd().cli(&integration_tests::netd::port_add(
+        "lan", "tap", &tap2, &argv,
+    ))?;
     gm.sh(&format!("ip addr add 10.78.0.2/24 dev {tap2}"))?;
     // One frame from M (its gratuitous ARP) and A follows it to C.
     gm.sh(&format!(

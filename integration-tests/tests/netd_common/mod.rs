@@ -11,9 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-pub use integration_tests::netd::{
-    network, port_add, stream_port, tap_port, tap_port_add, TapHost,
-};
+pub use integration_tests::netd::{network, port_add, stream_port, tap_port, TapHost};
 use integration_tests::{bin, run, spawn_logged, wait_until, ChildGuard, Netns};
 
 /// A running `netd serve`, inside the namespace `host`.

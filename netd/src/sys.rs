@@ -114,27 +114,7 @@ pub fn if_forwarding_off(ifname: &str) -> io::Result<bool> {
 /// The gid of group `name` (through the C library, so NSS groups count too), or
 /// `name` itself when it is a number. None when there is no such group.
 pub fn group_gid(name: &str) -> Option<u32> {
-    if let Ok(gid) = name.parse::<u32>() {
-        return Some(gid);
-    }
-    let cname = std::ffi::CString::new(name).ok()?;
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    // SAFETY: `struct group` is plain old data; all-zero is a valid value.
-    let mut grp: libc::group = unsafe { std::mem::zeroed() };
-    let mut result: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: every pointer refers to live memory of the size passed (`cname` is
-    // NUL-terminated, `buf` is `buf.len()` bytes); the call writes only into `grp`,
-    // `buf` and `result`, and we read `grp.gr_gid` only when `result` is non-null.
-    let r = unsafe {
-        libc::getgrnam_r(
-            cname.as_ptr(),
-            &mut grp,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    (r == 0 && !result.is_null()).then_some(grp.gr_gid)
+    fabric_util::sys::group_id(name).ok()
 }
 
 /// netd's effective uid and gid.

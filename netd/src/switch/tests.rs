@@ -2,6 +2,7 @@
 //! and ageing MAC table, port removal, service ports.
 
 use super::*;
+use bytes::Bytes;
 use std::sync::Mutex as StdMutex;
 
 #[derive(Default)]

@@ -1,0 +1,175 @@
+//! Control request dispatch: [`Daemon::handle`] serves one parsed [`Request`] of
+//! the control API, from a blocking thread (a port add may block briefly, and a NAT
+//! request waits for the router's answer). Arguments that are strings on the wire
+//! (CIDRs, host addresses, ports) are parsed and checked here, at the edge, before
+//! anything changes.
+
+use std::sync::atomic::Ordering;
+
+use fabric_api::netd::{ControlStats, DhcpStats, Request};
+use fabric_util::MacAddr;
+
+use super::{fault_injection, Daemon, DaemonError, FAULT_INJECTION_ENV};
+
+impl Daemon {
+    /// Sends a request to a NAT network's router (from a blocking thread).
+    fn nat_request(
+        &self,
+        net: &str,
+        req: crate::nat::NatRequest,
+    ) -> Result<serde_json::Value, DaemonError> {
+        let h = self
+            .with_net(net, |st| st.nat.clone())?
+            .ok_or_else(|| DaemonError::NotNat(net.to_string()))?;
+        h.request_blocking(req)
+            .map_err(|e| DaemonError::Nat(net.to_string(), e))
+    }
+
+    /// Serves one request.
+    pub fn handle(&self, req: Request) -> Result<serde_json::Value, DaemonError> {
+        let j = |v: serde_json::Result<serde_json::Value>| v.unwrap_or(serde_json::Value::Null);
+        match req {
+            Request::NetList => Ok(j(serde_json::to_value(self.net_list()))),
+            Request::PortList { net } => self.with_net(&net, |st| {
+                let infos = st.net.port_infos();
+                let rows: Vec<serde_json::Value> = infos
+                    .into_iter()
+                    .map(|pi| {
+                        let rp = st.ports.iter().find(|p| p.spec.name == pi.name);
+                        let mut v = j(serde_json::to_value(&pi));
+                        if let (Some(rp), Some(o)) = (rp, v.as_object_mut()) {
+                            o.insert("ifname".into(), j(serde_json::to_value(&rp.spec.ifname)));
+                            o.insert("netns".into(), j(serde_json::to_value(&rp.spec.netns)));
+                            o.insert("path".into(), j(serde_json::to_value(&rp.spec.path)));
+                            o.insert(
+                                "mac".into(),
+                                j(serde_json::to_value(rp.spec.mac.map(MacAddr))),
+                            );
+                            if let Some(t) = &rp.tunnel {
+                                o.insert("vxlan".into(), j(serde_json::to_value(t.info())));
+                            }
+                        }
+                        v
+                    })
+                    .collect();
+                serde_json::Value::Array(rows)
+            }),
+            Request::PortAdd { net, port } => {
+                let spec = crate::config::validate_port(&port, "<control>", "port")
+                    .map_err(DaemonError::BadPort)?;
+                self.port_add(&net, spec)?;
+                Ok(serde_json::Value::Null)
+            }
+            Request::PortDel { net, name } => {
+                self.port_del(&net, &name)?;
+                Ok(serde_json::Value::Null)
+            }
+            Request::VxlanRemoteAdd { net, port, remote } => {
+                let t = self.tunnel(&net, &port)?;
+                t.add_remote(remote)
+                    .map_err(|e| DaemonError::Vxlan(net.clone(), port.clone(), e))?;
+                tracing::info!(network = %net, port = %port, %remote, "vxlan remote added");
+                Ok(serde_json::Value::Null)
+            }
+            Request::VxlanRemoteDel { net, port, remote } => {
+                let t = self.tunnel(&net, &port)?;
+                t.del_remote(remote)
+                    .map_err(|e| DaemonError::Vxlan(net.clone(), port.clone(), e))?;
+                tracing::info!(network = %net, port = %port, %remote, "vxlan remote removed");
+                Ok(serde_json::Value::Null)
+            }
+            Request::VxlanShow { net, port } => {
+                Ok(j(serde_json::to_value(self.tunnel(&net, &port)?.info())))
+            }
+            Request::Mac { net } => {
+                self.with_net(&net, |st| j(serde_json::to_value(st.net.mac_table())))
+            }
+            Request::ForwardAdd { net, forward } => {
+                self.nat_request(&net, crate::nat::NatRequest::AddForward(forward))
+            }
+            Request::ForwardDel { net, proto, host } => {
+                let host = crate::nat::parse_host_addr(&host).map_err(|e| {
+                    DaemonError::Nat(
+                        net.clone(),
+                        crate::nat::NatError::Invalid {
+                            key: "host",
+                            reason: e,
+                        },
+                    )
+                })?;
+                self.nat_request(&net, crate::nat::NatRequest::DelForward(proto, host))
+            }
+            Request::ForwardList { net } => {
+                self.nat_request(&net, crate::nat::NatRequest::ListForwards)
+            }
+            Request::Flows { net } => self.nat_request(&net, crate::nat::NatRequest::Flows),
+            Request::NatStats { net } => self.nat_request(&net, crate::nat::NatRequest::Stats),
+            Request::OutboundList { net } => self.nat_request(
+                &net,
+                crate::nat::NatRequest::Outbound(crate::nat::OutboundChange::Show),
+            ),
+            Request::OutboundAdd { net, list, cidr } => {
+                let c = parse_cidr_arg(&net, &cidr)?;
+                let change = crate::nat::OutboundChange::Add(list, c);
+                self.nat_request(&net, crate::nat::NatRequest::Outbound(change))
+            }
+            Request::OutboundDel { net, list, cidr } => {
+                let c = parse_cidr_arg(&net, &cidr)?;
+                let change = crate::nat::OutboundChange::Del(list, c);
+                self.nat_request(&net, crate::nat::NatRequest::Outbound(change))
+            }
+            Request::NatFault { net } => {
+                if !fault_injection() {
+                    return Err(DaemonError::Nat(
+                        net,
+                        crate::nat::NatError::Invalid {
+                            key: "nat_fault",
+                            reason: format!(
+                                "fault injection is off (start netd with {FAULT_INJECTION_ENV}=1)"
+                            ),
+                        },
+                    ));
+                }
+                self.nat_request(&net, crate::nat::NatRequest::InjectPanic)
+            }
+            Request::Leases { net } => self.with_net(&net, |st| {
+                let leases = st
+                    .dhcp
+                    .as_ref()
+                    .map(|d| d.lock().unwrap_or_else(|e| e.into_inner()).db.leases())
+                    .unwrap_or_default();
+                j(serde_json::to_value(leases))
+            }),
+            Request::ControlStats => {
+                let c = &self.control;
+                let stats = ControlStats {
+                    connections: c.open.load(Ordering::Relaxed),
+                    max_connections: c.max.load(Ordering::Relaxed),
+                    refused_full: c.refused_full.load(Ordering::Relaxed),
+                    closed_idle: c.closed_idle.load(Ordering::Relaxed),
+                };
+                Ok(j(serde_json::to_value(stats)))
+            }
+            Request::DhcpStats { net } => {
+                let dhcp = self
+                    .with_net(&net, |st| st.dhcp.clone())?
+                    .ok_or_else(|| DaemonError::NoDhcp(net.clone()))?;
+                let stats: DhcpStats = dhcp.lock().unwrap_or_else(|e| e.into_inner()).stats();
+                Ok(j(serde_json::to_value(stats)))
+            }
+        }
+    }
+}
+
+/// A CIDR of an `outbound_*` request, parsed at the edge.
+fn parse_cidr_arg(net: &str, cidr: &str) -> Result<(std::net::Ipv4Addr, u8), DaemonError> {
+    crate::nat::parse_cidr(cidr).map_err(|reason| {
+        DaemonError::Nat(
+            net.to_string(),
+            crate::nat::NatError::Invalid {
+                key: "cidr",
+                reason,
+            },
+        )
+    })
+}

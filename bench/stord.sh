@@ -44,41 +44,35 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 wait_port() { for _ in $(seq 100); do nbdinfo --can connect "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "server at $1 did not come up" >&2; return 1; }
 now() { date +%s.%N; }
 
+# Writes the config $work/NAME.toml (the lines on stdin, then the bench disk) and
+# runs stord on it once, until URI answers: that creates the disk's file.
+make_disk() {  # NAME URI
+  { cat; printf '[[disk]]\nname = "bench"\nsize = "%sMiB"\nalloc = "fixed"\n' "$SIZE_MIB"; } > "$work/$1.toml"
+  "$STORD" serve --config "$work/$1.toml" 2>"$work/$1.log" &
+  pids+=($!)
+  wait_port "$2"
+  kill "${pids[-1]}"; wait "${pids[-1]}" || true
+}
+
 # One data file, shared by all three servers (one server at a time).
 port=$(free_port)
-cat > "$work/stord.toml" <<EOT
+make_disk stord "nbd://127.0.0.1:$port/bench" <<EOT
 listen = "127.0.0.1:$port"
 control = "$work/control.sock"
 state_dir = "$work/state"
-[[disk]]
-name = "bench"
-size = "${SIZE_MIB}MiB"
-alloc = "fixed"
 EOT
-"$STORD" serve --config "$work/stord.toml" 2>"$work/stord.log" &
-pids+=($!)
-wait_port "nbd://127.0.0.1:$port/bench"
-kill "${pids[-1]}"; wait "${pids[-1]}" || true
 FILE=$work/state/disks/bench.img
 # stord over TLS serves the same file from a second state directory.
 psktool -u bench -p "$work/keys.psk" >/dev/null
 PSKQ="tls-psk-file=$work/keys.psk"
 tport=$(free_port)
-cat > "$work/stord-tls.toml" <<EOT
+make_disk stord-tls "nbds://bench@127.0.0.1:$tport/bench?$PSKQ" <<EOT
 listen = "127.0.0.1:$tport"
 control = "$work/control-tls.sock"
 state_dir = "$work/state-tls"
 tls = "require"
 tls_psk_file = "$work/keys.psk"
-[[disk]]
-name = "bench"
-size = "${SIZE_MIB}MiB"
-alloc = "fixed"
 EOT
-"$STORD" serve --config "$work/stord-tls.toml" 2>"$work/stord-tls.log" &
-pids+=($!)
-wait_port "nbds://bench@127.0.0.1:$tport/bench?$PSKQ"
-kill "${pids[-1]}"; wait "${pids[-1]}" || true
 # Source data for writes, and real data in the disk file for reads.
 head -c "$((SIZE_MIB))M" /dev/urandom > "$work/src.bin"
 cp "$work/src.bin" "$FILE"

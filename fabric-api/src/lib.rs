@@ -23,6 +23,39 @@
 //! [`decode_request`] and [`encode_line`] from here so both speak the same framing
 //! and say the same things about a bad line.
 
+/// Gives a fieldless enum its names from one table (`Variant => "name"`): `as_str`,
+/// `Display` and `FromStr` (whose error is `$err`, built from the text it got, bound
+/// to `$got`). Config files, the API (serde's lowercase names) and the CLIs all
+/// spell a value the same way.
+macro_rules! named_enum {
+    ($ty:ident { $($variant:ident => $name:literal),+ $(,)? } else |$got:ident| $err:expr) => {
+        impl $ty {
+            /// The name the config file, the API and the CLI use.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name,)+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $ty {
+            type Err = String;
+            fn from_str($got: &str) -> Result<Self, String> {
+                match $got {
+                    $($name => Ok($ty::$variant),)+
+                    _ => Err($err),
+                }
+            }
+        }
+    };
+}
+
 pub mod client;
 pub mod netd;
 pub mod stord;

@@ -306,35 +306,13 @@ pub enum PortKind {
     Vxlan,
 }
 
-impl PortKind {
-    /// The name the config file, the API and the CLI use.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PortKind::Tap => "tap",
-            PortKind::Vm => "vm",
-            PortKind::Stream => "stream",
-            PortKind::Vxlan => "vxlan",
-        }
-    }
-}
-
-impl std::fmt::Display for PortKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for PortKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "tap" => Ok(PortKind::Tap),
-            "vm" => Ok(PortKind::Vm),
-            "stream" => Ok(PortKind::Stream),
-            "vxlan" => Ok(PortKind::Vxlan),
-            other => Err(format!("expected tap, vm, stream or vxlan, got {other:?}")),
-        }
-    }
+named_enum! {
+    PortKind {
+        Tap => "tap",
+        Vm => "vm",
+        Stream => "stream",
+        Vxlan => "vxlan",
+    } else |other| format!("expected tap, vm, stream or vxlan, got {other:?}")
 }
 
 /// One `[[network.port]]` table (also the body of the control API's port add).
@@ -409,25 +387,11 @@ pub enum Guard {
     Off,
 }
 
-impl Guard {
-    /// The name the config file, the API and the CLI use.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Guard::Clean => "clean",
-            Guard::Off => "off",
-        }
-    }
-}
-
-impl std::str::FromStr for Guard {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "clean" => Ok(Guard::Clean),
-            "off" => Ok(Guard::Off),
-            other => Err(format!("expected clean or off, got {other:?}")),
-        }
-    }
+named_enum! {
+    Guard {
+        Clean => "clean",
+        Off => "off",
+    } else |other| format!("expected clean or off, got {other:?}")
 }
 
 impl PortConfig {
@@ -451,24 +415,11 @@ pub enum Proto {
     Udp,
 }
 
-impl std::fmt::Display for Proto {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        })
-    }
-}
-
-impl std::str::FromStr for Proto {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "tcp" => Ok(Proto::Tcp),
-            "udp" => Ok(Proto::Udp),
-            other => Err(format!("expected \"tcp\" or \"udp\", got {other:?}")),
-        }
-    }
+named_enum! {
+    Proto {
+        Tcp => "tcp",
+        Udp => "udp",
+    } else |other| format!("expected \"tcp\" or \"udp\", got {other:?}")
 }
 
 /// Parses a forward's host address: "ADDR:PORT", or "PORT" alone for 127.0.0.1:PORT

@@ -15,8 +15,6 @@
 //! `"op"` (a request with both tags is refused), so scripts written against the
 //! old tag keep working while they move. Clients send `"cmd"`.
 
-use std::fmt;
-
 use fabric_util::Size;
 use serde::{Deserialize, Serialize};
 
@@ -107,24 +105,11 @@ pub enum Alloc {
     Dynamic,
 }
 
-impl fmt::Display for Alloc {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Alloc::Fixed => "fixed",
-            Alloc::Dynamic => "dynamic",
-        })
-    }
-}
-
-impl std::str::FromStr for Alloc {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "fixed" => Ok(Alloc::Fixed),
-            "dynamic" => Ok(Alloc::Dynamic),
-            _ => Err(format!("`{s}`: expected \"fixed\" or \"dynamic\"")),
-        }
-    }
+named_enum! {
+    Alloc {
+        Fixed => "fixed",
+        Dynamic => "dynamic",
+    } else |s| format!("`{s}`: expected \"fixed\" or \"dynamic\"")
 }
 
 /// What `list` reports of a disk.

@@ -3,7 +3,8 @@
 //! as a NIC's backend) make.
 //!
 //! Every `unsafe` block of the crate lives here, each an `ioctl(2)` on a descriptor
-//! the caller owns. Interface names are checked ([`check_ifname`]) before they reach
+//! the caller owns (and one group lookup, `getgrnam_r(3)`, for the daemons' control
+//! sockets: [`group_id`]). Interface names are checked ([`check_ifname`]) before they reach
 //! the kernel, and the wrappers take and return owned, typed values (`OwnedFd`,
 //! `Ipv4Addr`, [`MacAddr`](crate::MacAddr) bytes), so callers never see a pointer.
 //!
@@ -252,6 +253,41 @@ pub fn if_set_ipv4(ifname: &str, addr: Ipv4Addr, mask: Ipv4Addr) -> io::Result<(
     let mut ifr = IfReq::new(ifname)?;
     ifr.set_sockaddr_in(mask);
     ioctl_ifreq(s.as_raw_fd(), libc::SIOCSIFNETMASK, &mut ifr)
+}
+
+/// The id of group `name` (a name, or a number), through the C library so NSS
+/// groups count too; NotFound when there is no such group.
+pub fn group_id(name: &str) -> io::Result<u32> {
+    if let Ok(n) = name.parse::<u32>() {
+        return Ok(n);
+    }
+    let c = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in group name"))?;
+    let mut buf = vec![0u8; 16 * 1024];
+    // SAFETY: group is plain old data; all-zero is a valid value.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut out: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call: the C string, `grp`, the
+    // buffer with its true length, and `out`.
+    let r = unsafe {
+        libc::getgrnam_r(
+            c.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut out,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    if out.is_null() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no group named {name:?}"),
+        ));
+    }
+    Ok(grp.gr_gid)
 }
 
 #[cfg(test)]

@@ -189,6 +189,14 @@ impl Netns {
         run(&mut self.command(argv))
     }
 
+    /// Makes a veth pair: `local` here, `peer` in the namespace named `peer_ns`
+    /// (both down, no addresses).
+    pub fn veth_to(&self, local: &str, peer: &str, peer_ns: &str) -> Result<Output> {
+        self.exec(&[
+            "ip", "link", "add", local, "type", "veth", "peer", "name", peer, "netns", peer_ns,
+        ])
+    }
+
     /// Runs a shell line in the namespace; returns stdout.
     pub fn sh(&self, line: &str) -> Result<String> {
         let out = self.exec(&["sh", "-c", line])?;

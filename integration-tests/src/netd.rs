@@ -41,6 +41,35 @@ pub fn stream_port(name: &str, path: &Path) -> String {
     )
 }
 
+/// The arguments of `netd-cli port add NET --kind KIND --ifname IFNAME`, `extra`
+/// (more flags) after them.
+pub fn port_add<'a>(
+    net: &'a str,
+    kind: &'a str,
+    ifname: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut argv = vec!["port", "add", net, "--kind", kind, "--ifname", ifname];
+    argv.extend_from_slice(extra);
+    argv
+}
+
+/// A udhcpc script that configures the interface and its default route and records
+/// what it got as `ip=... router=... dns=...` in `$LEASE_FILE`.
+pub const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
+case "$1" in
+  bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    if [ -n "$router" ]; then
+      ip route replace default via "${router%% *}" dev "$interface"
+    fi
+    echo "ip=$ip router=$router dns=$dns" > "$LEASE_FILE"
+    ;;
+esac
+exit 0
+"#;
+
 /// A test host: a fresh namespace, and the name of the TAP a netd `tap` port puts
 /// into it. Derefs to its namespace.
 pub struct TapHost {

@@ -450,14 +450,7 @@ fn hostonly_guests_reach_nothing_past_a_forwarding_host() -> Result<()> {
     let vm = TapHost::new("abm")?;
     let beyond = Netns::new("abn")?;
     let (vh, vb) = (unique_name("abo"), unique_name("abp"));
-    host.exec(&[
-        "ip", "link", "add", &vh, "type", "veth", "peer", "name", &vb,
-    ])?;
-    host.exec(&["ip", "link", "set", &vb, "netns", beyond.name()])?;
-    host.exec(&["ip", "addr", "add", "172.16.171.1/24", "dev", &vh])?;
-    host.exec(&["ip", "link", "set", &vh, "up"])?;
-    beyond.exec(&["ip", "addr", "add", "172.16.171.2/24", "dev", &vb])?;
-    beyond.exec(&["ip", "link", "set", &vb, "up"])?;
+    link_beyond(&host, &beyond, (&vh, &vb), "172.16.171")?;
     beyond.exec(&[
         "ip",
         "route",

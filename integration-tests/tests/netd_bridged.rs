@@ -18,19 +18,7 @@ fn bridged_guest_gets_lan_lease_and_pings_lan_host() -> anyhow::Result<()> {
     // The lab's host namespace is where netd runs; the LAN is a namespace of its own.
     let mut lab = Lab::new()?;
     let lan = Netns::new("nl")?;
-    lab.host.exec(&[
-        "ip",
-        "link",
-        "add",
-        "up0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "lan0",
-        "netns",
-        lan.name(),
-    ])?;
+    lab.host.veth_to("up0", "lan0", lan.name())?;
     // The host keeps its own address on the NIC the uplink uses.
     lab.host
         .sh("ip addr add 198.18.5.2/24 dev up0 && ip link set up0 up")?;

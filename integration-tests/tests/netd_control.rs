@@ -272,18 +272,12 @@ fn cli_prints_tables_by_default_and_json_on_request() -> Result<()> {
         netd.cli(&["port", "del", "lan", "b"])?,
         "removed port b from lan\n"
     );
-    let out = netd.cli(&[
-        "port",
-        "add",
+    let out = netd.cli(&port_add(
         "lan",
-        "--kind",
         "tap",
-        "--ifname",
         &b.tap,
-        "--netns",
-        b.name(),
-        "--json",
-    ])?;
+        &["--netns", b.name(), "--json"],
+    ))?;
     assert_eq!(out, "");
     assert!(table_row(&netd.cli(&["port", "list", "lan"])?, &b.tap).is_some());
     assert!(netd.stop(), "clean exit on SIGTERM");

@@ -16,14 +16,7 @@ fn hostonly_reaches_host_not_beyond() -> Result<()> {
     let beyond = Netns::new("hb")?;
     // The host has another link, to a "beyond" network, and does not forward.
     let (vh, vb) = (unique_name("vh"), unique_name("vb"));
-    host.exec(&[
-        "ip", "link", "add", &vh, "type", "veth", "peer", "name", &vb,
-    ])?;
-    host.exec(&["ip", "link", "set", &vb, "netns", beyond.name()])?;
-    host.exec(&["ip", "addr", "add", "172.16.9.1/24", "dev", &vh])?;
-    host.exec(&["ip", "link", "set", &vh, "up"])?;
-    beyond.exec(&["ip", "addr", "add", "172.16.9.2/24", "dev", &vb])?;
-    beyond.exec(&["ip", "link", "set", &vb, "up"])?;
+    link_beyond(&host, &beyond, (&vh, &vb), "172.16.9")?;
     beyond.exec(&["ip", "route", "add", "192.168.56.0/24", "via", "172.16.9.1"])?;
     host.sh("echo 0 > /proc/sys/net/ipv4/ip_forward")?;
 

@@ -40,19 +40,7 @@ fn two_netds_share_a_nat_network_served_by_one() -> Result<()> {
     let gb = guest("vxgb")?;
     // The "internet", routed from host A only: a web server with a 4 MiB file.
     let inet = integration_tests::Netns::new("vxi")?;
-    lab.hosts[0].ns.exec(&[
-        "ip",
-        "link",
-        "add",
-        "hv0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "iv0",
-        "netns",
-        inet.name(),
-    ])?;
+    lab.hosts[0].ns.veth_to("hv0", "iv0", inet.name())?;
     lab.hosts[0].ns.sh("ip addr add 198.18.20.1/24 dev hv0 && ip link set hv0 up && ip route add 198.19.0.0/16 via 198.18.20.2")?;
     inet.sh(&format!("ip addr add 198.18.20.2/24 dev iv0 && ip link set iv0 up && ip addr add {INET_SERVER}/32 dev lo && ip route add default via 198.18.20.1"))?;
     let www = lab.path("www");
@@ -319,21 +307,10 @@ fn three_hosts_runtime_remotes_and_a_mac_move() -> Result<()> {
     assert!(behind(&ips[1]), "M not learned behind B");
     lab.hosts[1].netd().cli(&["port", "del", "lan", "gm"])?;
     let tap2 = vxlan_common::ifname("vxm");
-    lab.hosts[2].netd().cli(&[
-        "port",
-        "add",
-        "lan",
-        "--kind",
-        "tap",
-        "--ifname",
-        &tap2,
-        "--netns",
-        gm.name(),
-        "--name",
-        "gm",
-        "--mac",
-        mac_m,
-    ])?;
+    let argv = ["--netns", gm.name(), "--name", "gm", "--mac", mac_m];
+    lab.hosts[2].netd().cli(&integration_tests::netd::port_add(
+        "lan", "tap", &tap2, &argv,
+    ))?;
     gm.sh(&format!("ip addr add 10.78.0.2/24 dev {tap2}"))?;
     // One frame from M (its gratuitous ARP) and A follows it to C.
     gm.sh(&format!(

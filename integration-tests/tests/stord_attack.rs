@@ -48,15 +48,6 @@ def handshake(sock, export):
             return
         assert rtype == 3, rtype  # INFO
 
-def recv_exact(sock, n):
-    b = b''
-    while len(b) < n:
-        c = sock.recv(n - len(b))
-        if not c:
-            raise EOFError('closed')
-        b += c
-    return b
-
 def request(kind, handle, offset, length):
     return struct.pack('>IHHQQI', 0x25609513, 0, kind, handle, offset, length)
 

@@ -215,16 +215,8 @@ port = int(sys.argv[1])
 IHAVEOPT = 0x49484156454F5054
 ERR = 2**31
 
-def recvall(s, n):
-    b = b""
-    while len(b) < n:
-        c = s.recv(n - len(b))
-        assert c, "server closed the connection"
-        b += c
-    return b
-
 s = socket.create_connection(("127.0.0.1", port))
-magic, ihave, flags = struct.unpack(">QQH", recvall(s, 18))
+magic, ihave, flags = struct.unpack(">QQH", recv_exact(s, 18))
 assert magic == 0x4e42444d41474943 and ihave == IHAVEOPT and flags == 3, (hex(magic), flags)
 s.sendall(struct.pack(">I", 3))
 
@@ -232,9 +224,9 @@ def opt(o, data=b""):
     s.sendall(struct.pack(">QII", IHAVEOPT, o, len(data)) + data)
 
 def reply():
-    m, o, t, l = struct.unpack(">QIII", recvall(s, 20))
+    m, o, t, l = struct.unpack(">QIII", recv_exact(s, 20))
     assert m == 0x3e889045565a9
-    return o, t, recvall(s, l)
+    return o, t, recv_exact(s, l)
 
 def name(n):
     return struct.pack(">I", len(n)) + n
@@ -280,8 +272,8 @@ def request(flags, kind, handle, offset, length, payload=b""):
     s.sendall(struct.pack(">IHHQQI", REQ, flags, kind, handle, offset, length) + payload)
 
 def chunk():
-    magic, flags, kind, handle, length = struct.unpack(">IHHQI", recvall(s, 20))
-    return magic, flags, kind, handle, recvall(s, length)
+    magic, flags, kind, handle, length = struct.unpack(">IHHQI", recv_exact(s, 20))
+    return magic, flags, kind, handle, recv_exact(s, length)
 
 # Pipeline three requests; every reply carries its own handle.
 request(0, 1, 11, 0, 4096, b"\x77" * 4096)          # WRITE
@@ -289,14 +281,14 @@ request(0, 0, 12, 0, 4096)                          # READ (may run before or af
 request(0, 7, 13, 0, 1 << 20)                       # BLOCK_STATUS
 seen = {}
 while len(seen) < 3:
-    head = recvall(s, 4)
+    head = recv_exact(s, 4)
     magic = struct.unpack(">I", head)[0]
     if magic == 0x67446698:
-        err, handle = struct.unpack(">IQ", recvall(s, 12))
+        err, handle = struct.unpack(">IQ", recv_exact(s, 12))
         seen[handle] = ("simple", err)
     else:
-        flags, kind, handle, length = struct.unpack(">HHQI", recvall(s, 16))
-        data = recvall(s, length)
+        flags, kind, handle, length = struct.unpack(">HHQI", recv_exact(s, 16))
+        data = recv_exact(s, length)
         if flags & 1:
             seen[handle] = (kind, data)
 assert seen[11] == ("simple", 0), seen[11]

@@ -449,20 +449,12 @@ fn hostile_starttls_peers_are_dropped_and_counted() {
     let script = r#"
 import socket, struct, sys, time
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
-def recv(n):
-    b = b""
-    while len(b) < n:
-        k = s.recv(n - len(b))
-        if not k:
-            raise SystemExit("closed")
-        b += k
-    return b
-recv(18)
+recv_exact(s, 18)
 s.sendall(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
 def option(o, data=b""):
     s.sendall(struct.pack(">QII", 0x49484156454F5054, o, len(data)) + data)
-    magic, opt, typ, ln = struct.unpack(">QIII", recv(20))
-    recv(ln)
+    magic, opt, typ, ln = struct.unpack(">QIII", recv_exact(s, 20))
+    recv_exact(s, ln)
     return typ
 # Under require a plain option is refused with ERR_TLS_REQD (2^31 + 5).
 print("list", hex(option(3)), flush=True)

@@ -30,6 +30,28 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
+/// Sets socket option `level`/`name` of `fd` to `value` (the option's C type:
+/// an int, a `packet_mreq`, ...).
+pub fn set_socket_option<T: Copy>(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> io::Result<()> {
+    // SAFETY: the option value points to a live, initialized T and the length
+    // passed is its size; a bad fd or option is an error return, not UB.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            value as *const T as *const libc::c_void,
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
 /// Opens the TAP `ifname` (creating it if missing), non-blocking. With `vnet`,
 /// every frame read or written carries a 10-byte virtio-net header and the kernel
 /// side is told netd takes partial checksums and TCP segmentation offload
@@ -92,27 +114,7 @@ pub fn if_forwarding_off(ifname: &str) -> io::Result<bool> {
 /// The gid of group `name` (through the C library, so NSS groups count too), or
 /// `name` itself when it is a number. None when there is no such group.
 pub fn group_gid(name: &str) -> Option<u32> {
-    if let Ok(gid) = name.parse::<u32>() {
-        return Some(gid);
-    }
-    let cname = std::ffi::CString::new(name).ok()?;
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    // SAFETY: `struct group` is plain old data; all-zero is a valid value.
-    let mut grp: libc::group = unsafe { std::mem::zeroed() };
-    let mut result: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: every pointer refers to live memory of the size passed (`cname` is
-    // NUL-terminated, `buf` is `buf.len()` bytes); the call writes only into `grp`,
-    // `buf` and `result`, and we read `grp.gr_gid` only when `result` is non-null.
-    let r = unsafe {
-        libc::getgrnam_r(
-            cname.as_ptr(),
-            &mut grp,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    (r == 0 && !result.is_null()).then_some(grp.gr_gid)
+    fabric_util::sys::group_id(name).ok()
 }
 
 /// netd's effective uid and gid.
@@ -218,26 +220,13 @@ pub fn packet_socket(ifindex: u32) -> io::Result<OwnedFd> {
     // SAFETY: `fd` was just created and is owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let one: libc::c_int = 1;
-    // SAFETY: the option value points to a live c_int of the size given.
-    cvt(unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_PACKET,
-            PACKET_IGNORE_OUTGOING,
-            &one as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    })?;
-    // SAFETY: as above.
-    cvt(unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_PACKET,
-            PACKET_VNET_HDR,
-            &one as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    })?;
+    set_socket_option(
+        fd.as_raw_fd(),
+        libc::SOL_PACKET,
+        PACKET_IGNORE_OUTGOING,
+        &one,
+    )?;
+    set_socket_option(fd.as_raw_fd(), libc::SOL_PACKET, PACKET_VNET_HDR, &one)?;
     // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
     let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     sll.sll_family = libc::AF_PACKET as u16;

@@ -389,6 +389,11 @@ mod tests {
         c.validate(p()).unwrap_err().to_string()
     }
 
+    /// The error of a config that does not even parse.
+    fn unparsable(text: &str) -> String {
+        Config::parse(text, p()).unwrap_err().to_string()
+    }
+
     #[test]
     fn full_config_parses() {
         let c = Config::parse(
@@ -477,12 +482,7 @@ read_only = true
 
     #[test]
     fn unknown_key_names_file_and_key() {
-        let e = Config::parse(
-            "control = \"/c\"\nstate_dir = \"/s\"\nlisten_port = 5\n",
-            p(),
-        )
-        .unwrap_err()
-        .to_string();
+        let e = unparsable("control = \"/c\"\nstate_dir = \"/s\"\nlisten_port = 5\n");
         assert!(e.contains("/etc/stord.toml"), "{e}");
         assert!(e.contains("listen_port"), "{e}");
     }
@@ -492,20 +492,14 @@ read_only = true
         let e = invalid("control = \"/c\"\nstate_dir = \"/s\"\nlisten = \"nowhere\"\n");
         assert!(e.contains("key `listen`"), "{e}");
 
-        let e = Config::parse(
+        let e = unparsable(
             "control = \"/c\"\nstate_dir = \"/s\"\n[[disk]]\nname = \"x\"\nsize = \"12 parsecs\"\nalloc = \"fixed\"\n",
-            p(),
-        )
-        .unwrap_err()
-        .to_string();
+        );
         assert!(e.contains("size"), "{e}");
 
-        let e = Config::parse(
+        let e = unparsable(
             "control = \"/c\"\nstate_dir = \"/s\"\n[[disk]]\nname = \"x\"\nsize = 1\nalloc = \"thick\"\n",
-            p(),
-        )
-        .unwrap_err()
-        .to_string();
+        );
         assert!(e.contains("alloc") || e.contains("thick"), "{e}");
 
         let e = invalid("control = \"/c\"\nstate_dir = \"/s\"\n[[disk]]\nname = \"../x\"\nsize = 1\nalloc = \"fixed\"\n");

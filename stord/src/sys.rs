@@ -453,36 +453,5 @@ pub fn listen_unix(
     Ok(std::os::unix::net::UnixListener::from(sock))
 }
 
-/// The id of group `name` (a name, or a number).
-pub fn group_id(name: &str) -> io::Result<u32> {
-    if let Ok(n) = name.parse::<u32>() {
-        return Ok(n);
-    }
-    let c = std::ffi::CString::new(name)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in group name"))?;
-    let mut buf = vec![0u8; 16 * 1024];
-    // SAFETY: group is plain old data; all-zero is a valid value.
-    let mut grp: libc::group = unsafe { std::mem::zeroed() };
-    let mut out: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: every pointer is valid for the call: the C string, `grp`, the
-    // buffer with its true length, and `out`.
-    let r = unsafe {
-        libc::getgrnam_r(
-            c.as_ptr(),
-            &mut grp,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut out,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::from_raw_os_error(r));
-    }
-    if out.is_null() {
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("no group named {name:?}"),
-        ));
-    }
-    Ok(grp.gr_gid)
-}
+/// The id of group `name` (a name, or a number): one lookup for both daemons.
+pub use fabric_util::sys::group_id;

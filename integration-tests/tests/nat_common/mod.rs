@@ -19,7 +19,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use integration_tests::netd::{network, TapHost};
+use integration_tests::netd::{network, TapHost, UDHCPC_SCRIPT};
 use integration_tests::{bin, spawn_logged, wait_until, ChildGuard, Netns};
 
 /// The "internet" server address (on the internet namespace's loopback).
@@ -28,21 +28,6 @@ pub const INET_SERVER: &str = "198.19.0.10";
 pub const INET_NAME: &str = "www.fabric.test";
 /// The page both web servers serve.
 pub const PAGE: &str = "hello from the fabric lab";
-
-/// A udhcpc script that configures the interface and records what it got.
-pub const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
-case "$1" in
-  bound|renew)
-    ip addr flush dev "$interface"
-    ip addr add "$ip/${mask:-24}" dev "$interface"
-    if [ -n "$router" ]; then
-      ip route replace default via "${router%% *}" dev "$interface"
-    fi
-    echo "ip=$ip router=$router dns=$dns" > "$LEASE_FILE"
-    ;;
-esac
-exit 0
-"#;
 
 /// The host namespace, the internet namespace, and netd.
 pub struct Lab {
@@ -74,19 +59,7 @@ impl Lab {
             netd: None,
             servers: Vec::new(),
         };
-        lab.host.exec(&[
-            "ip",
-            "link",
-            "add",
-            "hv0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "iv0",
-            "netns",
-            lab.inet.name(),
-        ])?;
+        lab.host.veth_to("hv0", "iv0", lab.inet.name())?;
         lab.host.sh("ip addr add 198.18.0.1/24 dev hv0 && ip link set hv0 up && ip route add 198.19.0.0/16 via 198.18.0.2")?;
         lab.inet.sh(&format!(
             "ip addr add 198.18.0.2/24 dev iv0 && ip link set iv0 up && ip addr add {INET_SERVER}/32 dev lo && ip route add default via 198.18.0.1"

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-pub use integration_tests::netd::{network, stream_port, tap_port, TapHost};
+pub use integration_tests::netd::{network, port_add, stream_port, tap_port, TapHost};
 use integration_tests::{bin, run, spawn_logged, wait_until, ChildGuard, Netns};
 
 /// A running `netd serve`, inside the namespace `host`.
@@ -340,12 +340,21 @@ pub fn add_tap_port(
     ])
 }
 
+/// Links `host` to another network, `beyond`: a veth pair (`vh` in `host`, `vb` in
+/// `beyond`) on `{net}.0/24`, `{net}.1` the host's side and `{net}.2` beyond's, both up.
+pub fn link_beyond(host: &Netns, beyond: &Netns, (vh, vb): (&str, &str), net: &str) -> Result<()> {
+    host.veth_to(vh, vb, beyond.name())?;
+    host.exec(&["ip", "addr", "add", &format!("{net}.1/24"), "dev", vh])?;
+    host.exec(&["ip", "link", "set", vh, "up"])?;
+    beyond.exec(&["ip", "addr", "add", &format!("{net}.2/24"), "dev", vb])?;
+    beyond.exec(&["ip", "link", "set", vb, "up"])?;
+    Ok(())
+}
+
 /// Asks netd (through the CLI) for a `vm` port on `net` with the TAP `ifname`, and
 /// `extra` options (`--mac M`, `--persistent`); returns the CLI's output.
 pub fn add_vm_port(netd: &Netd, net: &str, ifname: &str, extra: &[&str]) -> Result<String> {
-    let mut argv = vec!["port", "add", net, "--kind", "vm", "--ifname", ifname];
-    argv.extend_from_slice(extra);
-    netd.cli(&argv)
+    netd.cli(&port_add(net, "vm", ifname, extra))
 }
 
 /// Runs a 2-second iperf3 TCP test from `client` to an iperf3 server started in

@@ -182,9 +182,22 @@ pub fn ok(cmd: &mut Command) -> Result<String> {
 
 /// A python3 command (with libnbd's `nbd` module) that runs `script`, written to a
 /// file of its own in `dir`, with `args`.
+/// Goes before every script [`python`] and [`spawn_python`] run: the raw-socket
+/// clients' one reader, `recv_exact(sock, n)` (EOFError when the peer closes first).
+const PY_PRELUDE: &str = r#"
+def recv_exact(sock, n):
+    b = b''
+    while len(b) < n:
+        c = sock.recv(n - len(b))
+        if not c:
+            raise EOFError('closed')
+        b += c
+    return b
+"#;
+
 fn python_command(dir: &Path, script: &str, args: &[impl AsRef<OsStr>]) -> Result<Command> {
     let path = dir.join(format!("{}.py", integration_tests::unique_name("py")));
-    std::fs::write(&path, script)?;
+    std::fs::write(&path, [PY_PRELUDE, script].concat())?;
     let mut cmd = Command::new("/usr/bin/python3");
     cmd.arg(&path).args(args);
     Ok(cmd)

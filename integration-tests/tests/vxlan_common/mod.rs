@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use integration_tests::netd::UDHCPC_SCRIPT;
 use integration_tests::{unique_name, wait_until, Netns};
 pub use netd_common::{iperf3_bps, ping, ping_retry, write_config, Netd, TapHost};
 
@@ -25,22 +26,6 @@ pub use netd_common::{iperf3_bps, ping, ping_retry, write_config, Netd, TapHost}
 pub fn host_ip(i: usize) -> String {
     format!("198.18.10.{}", i + 1)
 }
-
-/// A udhcpc script that configures the interface, its default route, and writes
-/// `ip=... router=... dns=...` to `$LEASE_FILE`.
-pub const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
-case "$1" in
-  bound|renew)
-    ip addr flush dev "$interface"
-    ip addr add "$ip/${mask:-24}" dev "$interface"
-    if [ -n "$router" ]; then
-      ip route replace default via "${router%% *}" dev "$interface"
-    fi
-    echo "ip=$ip router=$router dns=$dns" > "$LEASE_FILE"
-    ;;
-esac
-exit 0
-"#;
 
 /// One host on the underlay.
 pub struct Host {

@@ -150,10 +150,7 @@ impl Router {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::debug!(%dst, error = %e, "icmp socket failed");
-                    self.stats.dropped += 1;
-                    if super::router::out_of_fds(&e) {
-                        self.stats.no_fds += 1;
-                    }
+                    self.stats.host_socket_failed(&e);
                     return;
                 }
             };

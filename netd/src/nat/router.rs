@@ -147,6 +147,17 @@ pub(super) fn out_of_fds(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
 }
 
+impl Stats {
+    /// Counts a guest's packet dropped because its host socket would not open
+    /// (and `no_fds` too when that was for want of descriptors).
+    pub(super) fn host_socket_failed(&mut self, e: &std::io::Error) {
+        self.dropped += 1;
+        if out_of_fds(e) {
+            self.no_fds += 1;
+        }
+    }
+}
+
 /// A service that lives behind the router's own addresses: it takes a whole Ethernet
 /// frame and returns the frame that answers it, if any. The daemon plugs the
 /// network's DHCP server in here ([`Router::set_dhcp`]).
@@ -373,12 +384,7 @@ impl Router {
     pub fn process_frame_for_test(&mut self, frame: Bytes) -> Vec<Bytes> {
         // (Channel-fed routers take plain frames; see `ingest_vnet` for the others.)
         self.inbox.push(frame);
-        self.step();
-        self.dev
-            .tx
-            .drain(..)
-            .map(device::Frame::into_bytes)
-            .collect()
+        self.step_and_take()
     }
 
     /// Takes what the router's tasks and host sockets have ready now (finished host
@@ -389,6 +395,11 @@ impl Router {
     pub fn settle_for_test(&mut self) -> Vec<Bytes> {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let _ = self.poll_events(&mut cx);
+        self.step_and_take()
+    }
+
+    /// One step, then the frames it sent (the test entry points' common tail).
+    fn step_and_take(&mut self) -> Vec<Bytes> {
         self.step();
         self.dev
             .tx

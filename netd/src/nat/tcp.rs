@@ -664,10 +664,7 @@ impl Router {
 mod tests {
     use super::*;
     use smoltcp::phy::ChecksumCapabilities;
-    use smoltcp::wire::{
-        EthernetFrame, EthernetProtocol, EthernetRepr, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr,
-        TcpControl, TcpPacket, TcpRepr,
-    };
+    use smoltcp::wire::{EthernetAddress, Ipv4Packet, TcpControl, TcpPacket, TcpRepr};
     use std::net::Ipv4Addr;
 
     fn syn(mss: Option<u16>) -> Vec<u8> {
@@ -686,31 +683,13 @@ mod tests {
             timestamp: None,
             payload: &[],
         };
-        let mut buf = vec![0xa5u8; 14 + 20 + repr.buffer_len()];
-        EthernetRepr {
-            src_addr: EthernetAddress([2, 0, 0, 0, 0, 1]),
-            dst_addr: EthernetAddress([2, 0, 0, 0, 0, 2]),
-            ethertype: EthernetProtocol::Ipv4,
-        }
-        .emit(&mut EthernetFrame::new_unchecked(&mut buf[..]));
-        Ipv4Repr {
-            src_addr: src,
-            dst_addr: dst,
-            next_header: IpProtocol::Tcp,
-            payload_len: repr.buffer_len(),
-            hop_limit: 64,
-        }
-        .emit(
-            &mut Ipv4Packet::new_unchecked(&mut buf[14..]),
-            &ChecksumCapabilities::default(),
-        );
-        repr.emit(
-            &mut TcpPacket::new_unchecked(&mut buf[34..]),
-            &IpAddress::Ipv4(src),
-            &IpAddress::Ipv4(dst),
-            &ChecksumCapabilities::default(),
-        );
-        buf
+        crate::nat::tests::tcp_frame(
+            EthernetAddress([2, 0, 0, 0, 0, 1]),
+            EthernetAddress([2, 0, 0, 0, 0, 2]),
+            (src, dst),
+            &repr,
+            0xa5,
+        )
     }
 
     #[test]

@@ -109,6 +109,27 @@ impl Guest {
     }
 }
 
+/// A TCP listener on the host's loopback and the address a guest reaches it by
+/// (the gateway, its port: the test config has `host_loopback`).
+async fn host_listener() -> (tokio::net::TcpListener, (Ipv4Addr, u16)) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    (listener, (Ipv4Addr::new(10, 0, 2, 2), port))
+}
+
+/// A router on the test config that the test drives frame by frame
+/// (`process_frame_for_test`), with its channel ends and handle, for the caller
+/// to hold so that the router runs as it would behind a live switch.
+fn frame_driven_router() -> (
+    Router,
+    (mpsc::Sender<Bytes>, mpsc::Receiver<Bytes>, RouterHandle),
+) {
+    let (to_router, router_rx) = mpsc::channel(16);
+    let (router_tx, from_router) = mpsc::channel(16);
+    let (router, handle) = Router::new(test_config(), router_rx, router_tx).unwrap();
+    (router, (to_router, from_router, handle))
+}
+
 fn tcp_socket() -> tcp::Socket<'static> {
     tcp::Socket::new(
         tcp::SocketBuffer::new(vec![0; 65536]),
@@ -315,9 +336,7 @@ fn arp_request(target: Ipv4Addr) -> Bytes {
 
 #[tokio::test]
 async fn random_and_mutated_frames_never_panic() {
-    let (_to_router, router_rx) = mpsc::channel(16);
-    let (router_tx, _from_router) = mpsc::channel(16);
-    let (mut router, _h) = Router::new(test_config(), router_rx, router_tx).unwrap();
+    let (mut router, _ends) = frame_driven_router();
     let rmac = EthernetAddress(RouterConfig::defaults().mac);
     let gw = Ipv4Addr::new(10, 0, 2, 2);
     let seeds: Vec<Bytes> = vec![
@@ -547,9 +566,7 @@ async fn offloaded_super_frame_is_finished_into_valid_segments() {
 async fn unicast_dhcp_renewal_to_the_gateway_is_answered() {
     use crate::config::{DhcpSpec, Ipv4Spec};
     use crate::dhcp::{opt, DhcpMessage, DhcpServer, LeaseDb, MsgType};
-    let (_to_router, router_rx) = mpsc::channel(16);
-    let (router_tx, _from_router) = mpsc::channel(16);
-    let (mut router, _h) = Router::new(test_config(), router_rx, router_tx).unwrap();
+    let (mut router, _ends) = frame_driven_router();
     let gw = Ipv4Addr::new(10, 0, 2, 2);
     let v4 = Ipv4Spec {
         network: Ipv4Addr::new(10, 0, 2, 0),
@@ -841,8 +858,7 @@ fn guest_tcp(
     seq: u32,
     ack: Option<u32>,
 ) -> Bytes {
-    use smoltcp::phy::ChecksumCapabilities;
-    use smoltcp::wire::{Ipv4Packet, Ipv4Repr, TcpPacket, TcpRepr, TcpSeqNumber};
+    use smoltcp::wire::{TcpRepr, TcpSeqNumber};
     let repr = TcpRepr {
         src_port: src.1,
         dst_port: dst.1,
@@ -857,17 +873,37 @@ fn guest_tcp(
         timestamp: None,
         payload: &[],
     };
-    let mut buf = vec![0u8; 14 + 20 + repr.buffer_len()];
+    Bytes::from(tcp_frame(
+        GUEST_MAC,
+        EthernetAddress(RouterConfig::defaults().mac),
+        (src.0, dst.0),
+        &repr,
+        0,
+    ))
+}
+
+/// An Ethernet + IPv4 frame around `repr` from `ips.0` to `ips.1` (checksums
+/// valid), the rest of the buffer `fill` bytes: the unit tests' one TCP builder.
+pub(super) fn tcp_frame(
+    src_mac: EthernetAddress,
+    dst_mac: EthernetAddress,
+    ips: (Ipv4Addr, Ipv4Addr),
+    repr: &smoltcp::wire::TcpRepr,
+    fill: u8,
+) -> Vec<u8> {
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv4Repr, TcpPacket};
+    let mut buf = vec![fill; 14 + 20 + repr.buffer_len()];
     EthernetRepr {
-        src_addr: GUEST_MAC,
-        dst_addr: EthernetAddress(RouterConfig::defaults().mac),
+        src_addr: src_mac,
+        dst_addr: dst_mac,
         ethertype: EthernetProtocol::Ipv4,
     }
     .emit(&mut EthernetFrame::new_unchecked(&mut buf[..]));
     Ipv4Repr {
-        src_addr: src.0,
-        dst_addr: dst.0,
-        next_header: smoltcp::wire::IpProtocol::Tcp,
+        src_addr: ips.0,
+        dst_addr: ips.1,
+        next_header: IpProtocol::Tcp,
         payload_len: repr.buffer_len(),
         hop_limit: 64,
     }
@@ -877,11 +913,21 @@ fn guest_tcp(
     );
     repr.emit(
         &mut TcpPacket::new_unchecked(&mut buf[34..]),
-        &IpAddress::Ipv4(src.0),
-        &IpAddress::Ipv4(dst.0),
+        &IpAddress::Ipv4(ips.0),
+        &IpAddress::Ipv4(ips.1),
         &ChecksumCapabilities::default(),
     );
-    Bytes::from(buf)
+    buf
+}
+
+/// The sequence number of the SYN-ACK among `out` (there must be one).
+fn synack_seq(out: &[Bytes]) -> smoltcp::wire::TcpSeqNumber {
+    out.iter()
+        .find_map(|f| {
+            let t = smoltcp::wire::TcpPacket::new_checked(f.get(34..)?).ok()?;
+            (t.syn() && t.ack()).then(|| t.seq_number())
+        })
+        .expect("SYN-ACK")
 }
 
 /// Lets the router take what its tasks finished (connects) and do a step with
@@ -903,13 +949,9 @@ async fn settle_and_feed(router: &mut Router, frame: Bytes) -> Vec<Bytes> {
 /// adopted by that socket.
 #[tokio::test]
 async fn unspecified_source_is_dropped_and_a_socket_back_in_listen_is_reaped() {
-    use smoltcp::wire::{TcpControl, TcpPacket};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (_to_router, router_rx) = mpsc::channel(16);
-    let (router_tx, _from_router) = mpsc::channel(16);
-    let (mut router, _h) = Router::new(test_config(), router_rx, router_tx).unwrap();
-    let gw = (Ipv4Addr::new(10, 0, 2, 2), port);
+    use smoltcp::wire::TcpControl;
+    let (_listener, gw) = host_listener().await;
+    let (mut router, _ends) = frame_driven_router();
     // The guest asks for the gateway first, as a real one does (smoltcp learns it).
     router.process_frame_for_test(arp_request(gw.0));
     let out = router.process_frame_for_test(guest_tcp(
@@ -926,13 +968,7 @@ async fn unspecified_source_is_dropped_and_a_socket_back_in_listen_is_reaped() {
     let out = router.process_frame_for_test(guest_tcp(g, gw, TcpControl::Syn, 1000, None));
     assert!(out.is_empty(), "no SYN-ACK before the host connect");
     let out = settle_and_feed(&mut router, Bytes::new()).await;
-    let synack = out
-        .iter()
-        .find_map(|f| {
-            let t = TcpPacket::new_checked(f.get(34..)?).ok()?;
-            (t.syn() && t.ack()).then(|| t.seq_number())
-        })
-        .expect("SYN-ACK");
+    let synack = synack_seq(&out);
     // The guest resets it half-open, in window: smoltcp goes back to LISTEN.
     let rst = guest_tcp(g, gw, TcpControl::Rst, 1001, Some((synack + 1).0 as u32));
     router.process_frame_for_test(rst);
@@ -955,12 +991,8 @@ async fn unspecified_source_is_dropped_and_a_socket_back_in_listen_is_reaped() {
 #[tokio::test]
 async fn more_than_eight_guests_all_get_their_tcp_data() {
     use smoltcp::wire::{TcpControl, TcpPacket};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (_to_router, router_rx) = mpsc::channel(16);
-    let (router_tx, _from_router) = mpsc::channel(16);
-    let (mut router, _h) = Router::new(test_config(), router_rx, router_tx).unwrap();
-    let gw = (Ipv4Addr::new(10, 0, 2, 2), port);
+    let (listener, gw) = host_listener().await;
+    let (mut router, _ends) = frame_driven_router();
     let guests: Vec<Ipv4Addr> = (0..24).map(|i| Ipv4Addr::new(10, 0, 2, 100 + i)).collect();
     let mut hosts = Vec::new();
     for &ip in &guests {
@@ -970,13 +1002,7 @@ async fn more_than_eight_guests_all_get_their_tcp_data() {
         let (stream, _) = listener.accept().await.unwrap();
         hosts.push(stream);
         let out = settle_and_feed(&mut router, Bytes::new()).await;
-        let synack = out
-            .iter()
-            .find_map(|f| {
-                let t = TcpPacket::new_checked(f.get(34..)?).ok()?;
-                (t.syn() && t.ack()).then(|| t.seq_number())
-            })
-            .expect("SYN-ACK");
+        let synack = synack_seq(&out);
         let ack = guest_tcp(g, gw, TcpControl::None, 1001, Some((synack + 1).0 as u32));
         router.process_frame_for_test(ack);
     }

@@ -233,10 +233,7 @@ impl Router {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::debug!(%target, error = %e, "udp flow open failed");
-                    self.stats.dropped += 1;
-                    if super::router::out_of_fds(&e) {
-                        self.stats.no_fds += 1;
-                    }
+                    self.stats.host_socket_failed(&e);
                     return;
                 }
             };

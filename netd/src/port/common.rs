@@ -113,6 +113,12 @@ impl RunningPort {
     }
 }
 
+/// A TAP-backed port's interface name and the MTU its device gets (the
+/// network's).
+pub(super) fn tap_ifname_mtu(net: &Network, spec: &PortSpec) -> (String, u32) {
+    (spec.ifname.clone().unwrap_or_default(), net.mtu() as u32)
+}
+
 pub(super) fn spawn_thread(
     name: String,
     f: impl FnOnce() + Send + 'static,

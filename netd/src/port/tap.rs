@@ -16,7 +16,7 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::common::Cleanup;
+use super::common::{tap_ifname_mtu, Cleanup};
 use super::fd::{start_fd_port, start_reopening_port};
 use super::{GiveReader, PortError, RunningPort};
 use crate::config::{PortKind, PortSpec};
@@ -29,8 +29,7 @@ pub(super) fn start_tap_port(
     spec: &PortSpec,
     inline: Option<(Arc<Port>, GiveReader<'_>)>,
 ) -> Result<RunningPort, PortError> {
-    let ifname = spec.ifname.clone().unwrap_or_default();
-    let mtu = net.mtu() as u32;
+    let (ifname, mtu) = tap_ifname_mtu(net, spec);
     let fd = open_tap(spec, &ifname, mtu)?;
     // If the TAP goes away (its namespace was deleted), make it again once
     // the namespace is back.

@@ -14,7 +14,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-use super::common::Cleanup;
+use super::common::{tap_ifname_mtu, Cleanup};
 use super::fd::start_reopening_port;
 use super::{GiveReader, PortError, RunningPort};
 use crate::config::PortSpec;
@@ -77,8 +77,7 @@ pub(super) fn start_vm_port(
     spec: &PortSpec,
     inline: Option<(Arc<Port>, GiveReader<'_>)>,
 ) -> Result<RunningPort, PortError> {
-    let ifname = spec.ifname.clone().unwrap_or_default();
-    let mtu = net.mtu() as u32;
+    let (ifname, mtu) = tap_ifname_mtu(net, spec);
     let created = ensure_vm_tap(&ifname, mtu).map_err(|source| PortError::Tap {
         ifname: ifname.clone(),
         source,

@@ -31,6 +31,18 @@ struct FdbEntry {
     remote: Option<Ipv4Addr>,
 }
 
+impl FdbEntry {
+    /// A MAC just learned (or moved) on `port`, behind `remote` on a vxlan port.
+    fn learned(port: PortId, seen: Instant, remote: Option<Ipv4Addr>) -> Self {
+        FdbEntry {
+            port,
+            seen,
+            pinned: false,
+            remote,
+        }
+    }
+}
+
 /// What [`Fdb::learn`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Learn {
@@ -111,15 +123,7 @@ impl Fdb {
                 self.dec(e.port);
                 *self.per_port.entry(port).or_default() += 1;
             }
-            self.map.insert(
-                mac,
-                FdbEntry {
-                    port,
-                    seen: now,
-                    pinned: false,
-                    remote,
-                },
-            );
+            self.map.insert(mac, FdbEntry::learned(port, now, remote));
             return Learn::Learned;
         }
         if self.count(port) >= cap && !self.sweep_port(port, now, cap) {
@@ -134,15 +138,7 @@ impl Fdb {
                 return Learn::TableFull;
             }
         }
-        self.map.insert(
-            mac,
-            FdbEntry {
-                port,
-                seen: now,
-                pinned: false,
-                remote,
-            },
-        );
+        self.map.insert(mac, FdbEntry::learned(port, now, remote));
         *self.per_port.entry(port).or_default() += 1;
         Learn::Learned
     }
@@ -280,12 +276,18 @@ impl Fdb {
 mod tests {
     use super::*;
 
-    #[test]
-    fn table_is_bounded_and_ages() {
+    /// A table of 2 (10 s ageing), full at `t0`: 02::01 and 02::02 on port 1.
+    fn full_table_of_two(t0: Instant) -> Fdb {
         let mut fdb = Fdb::new(2, Duration::from_secs(10));
-        let t0 = Instant::now();
         fdb.learn([2, 0, 0, 0, 0, 1], 1, t0, usize::MAX);
         fdb.learn([2, 0, 0, 0, 0, 2], 1, t0, usize::MAX);
+        fdb
+    }
+
+    #[test]
+    fn table_is_bounded_and_ages() {
+        let t0 = Instant::now();
+        let mut fdb = full_table_of_two(t0);
         fdb.learn([2, 0, 0, 0, 0, 3], 1, t0, usize::MAX);
         assert_eq!(fdb.len(), 2);
         assert_eq!(fdb.full_refusals, 1);
@@ -319,10 +321,8 @@ mod tests {
 
     #[test]
     fn a_mac_flood_into_a_full_table_does_not_sweep_per_frame() {
-        let mut fdb = Fdb::new(2, Duration::from_secs(10));
         let t0 = Instant::now();
-        fdb.learn([2, 0, 0, 0, 0, 1], 1, t0, usize::MAX);
-        fdb.learn([2, 0, 0, 0, 0, 2], 1, t0, usize::MAX);
+        let mut fdb = full_table_of_two(t0);
         for i in 0..1000u16 {
             let b = i.to_be_bytes();
             fdb.learn(

@@ -336,92 +336,92 @@ pub fn check(
     };
     let ethertype = u16::from_be_bytes([et[0], et[1]]);
     let payload = frame.get(14..).unwrap_or(&[]);
+    let sender = Sender { mac, port, ip, now };
     match ethertype {
-        ETHERTYPE_ARP => check_arp(payload, mac, port, ip, now),
-        ETHERTYPE_IPV4 => check_ipv4(payload, mac, port, ip, now),
+        ETHERTYPE_ARP => sender.check_arp(payload),
+        ETHERTYPE_IPV4 => sender.check_ipv4(payload),
         t if VLAN_TYPES.contains(&t) && ip.is_some() => Err(GuardDrop::SpoofedIp),
         _ => Ok(()),
     }
 }
 
-fn address_ok(addr: Ipv4Addr, mac: [u8; 6], port: &PortGuard, ip: &IpGuard, now: Instant) -> bool {
-    let gen = ip.generation();
-    if port.ip_cached(addr, now, gen) {
-        return true;
-    }
-    if ip.allow(mac, addr, now, crate::dhcp::unix_now()) {
-        port.remember_ip(addr, now, gen);
-        return true;
-    }
-    false
+/// What the checks know about the frame's sender: the MAC it passed the lock
+/// with, its port's cache, the network's IP guard (if any) and the time.
+struct Sender<'a> {
+    mac: [u8; 6],
+    port: &'a PortGuard,
+    ip: Option<&'a IpGuard>,
+    now: Instant,
 }
 
-fn check_arp(
-    p: &[u8],
-    mac: [u8; 6],
-    port: &PortGuard,
-    ip: Option<&IpGuard>,
-    now: Instant,
-) -> Result<(), GuardDrop> {
-    // htype 1 (Ethernet), ptype IPv4, hlen 6, plen 4; sha at 8, spa at 14.
-    let Some(h) = p.get(..28) else {
-        return Err(GuardDrop::SpoofedArp);
-    };
-    if h[0..6] != [0, 1, 8, 0, 6, 4] || h[8..14] != mac {
-        return Err(GuardDrop::SpoofedArp);
-    }
-    let spa = Ipv4Addr::new(h[14], h[15], h[16], h[17]);
-    match ip {
-        Some(ip) if !spa.is_unspecified() && !address_ok(spa, mac, port, ip, now) => {
-            Err(GuardDrop::SpoofedArp)
+impl Sender<'_> {
+    fn address_ok(&self, addr: Ipv4Addr, ip: &IpGuard) -> bool {
+        let gen = ip.generation();
+        if self.port.ip_cached(addr, self.now, gen) {
+            return true;
         }
-        _ => Ok(()),
+        if ip.allow(self.mac, addr, self.now, crate::dhcp::unix_now()) {
+            self.port.remember_ip(addr, self.now, gen);
+            return true;
+        }
+        false
     }
-}
 
-fn check_ipv4(
-    p: &[u8],
-    mac: [u8; 6],
-    port: &PortGuard,
-    ip: Option<&IpGuard>,
-    now: Instant,
-) -> Result<(), GuardDrop> {
-    let Some(h) = p.get(..20) else {
-        return match ip {
-            Some(_) => Err(GuardDrop::SpoofedIp),
-            None => Ok(()),
+    fn check_arp(&self, p: &[u8]) -> Result<(), GuardDrop> {
+        // htype 1 (Ethernet), ptype IPv4, hlen 6, plen 4; sha at 8, spa at 14.
+        let Some(h) = p.get(..28) else {
+            return Err(GuardDrop::SpoofedArp);
         };
-    };
-    let ihl = usize::from(h[0] & 0x0f) * 4;
-    let src = Ipv4Addr::new(h[12], h[13], h[14], h[15]);
-    // A UDP datagram to port 67 (not a later fragment): DHCP.
-    let first_fragment = u16::from_be_bytes([h[6], h[7]]) & 0x1fff == 0;
-    let udp = p
-        .get(ihl..)
-        .filter(|_| h[9] == 17 && ihl >= 20 && first_fragment);
-    let to_67 = udp.and_then(|u| u.get(2..4)).is_some_and(|d| d == [0, 67]);
-    if to_67 {
-        // BOOTP: htype at 1, hlen at 2, chaddr at 28 of the UDP payload (8 on).
-        if let Some(b) = udp.and_then(|u| u.get(8..8 + 34)) {
-            if b[1] == 1 && b[2] == 6 && b[28..34] != mac {
-                return Err(GuardDrop::SpoofedDhcp);
+        if h[0..6] != [0, 1, 8, 0, 6, 4] || h[8..14] != self.mac {
+            return Err(GuardDrop::SpoofedArp);
+        }
+        let spa = Ipv4Addr::new(h[14], h[15], h[16], h[17]);
+        match self.ip {
+            Some(ip) if !spa.is_unspecified() && !self.address_ok(spa, ip) => {
+                Err(GuardDrop::SpoofedArp)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn check_ipv4(&self, p: &[u8]) -> Result<(), GuardDrop> {
+        let Some(h) = p.get(..20) else {
+            return match self.ip {
+                Some(_) => Err(GuardDrop::SpoofedIp),
+                None => Ok(()),
+            };
+        };
+        let ihl = usize::from(h[0] & 0x0f) * 4;
+        let src = Ipv4Addr::new(h[12], h[13], h[14], h[15]);
+        // A UDP datagram to port 67 (not a later fragment): DHCP.
+        let first_fragment = u16::from_be_bytes([h[6], h[7]]) & 0x1fff == 0;
+        let udp = p
+            .get(ihl..)
+            .filter(|_| h[9] == 17 && ihl >= 20 && first_fragment);
+        let to_67 = udp.and_then(|u| u.get(2..4)).is_some_and(|d| d == [0, 67]);
+        if to_67 {
+            // BOOTP: htype at 1, hlen at 2, chaddr at 28 of the UDP payload (8 on).
+            if let Some(b) = udp.and_then(|u| u.get(8..8 + 34)) {
+                if b[1] == 1 && b[2] == 6 && b[28..34] != self.mac {
+                    return Err(GuardDrop::SpoofedDhcp);
+                }
             }
         }
-    }
-    let Some(ip) = ip else {
-        return Ok(());
-    };
-    if src.is_unspecified() {
-        return if to_67 {
+        let Some(ip) = self.ip else {
+            return Ok(());
+        };
+        if src.is_unspecified() {
+            return if to_67 {
+                Ok(())
+            } else {
+                Err(GuardDrop::SpoofedIp)
+            };
+        }
+        if self.address_ok(src, ip) {
             Ok(())
         } else {
             Err(GuardDrop::SpoofedIp)
-        };
-    }
-    if address_ok(src, mac, port, ip, now) {
-        Ok(())
-    } else {
-        Err(GuardDrop::SpoofedIp)
+        }
     }
 }
 

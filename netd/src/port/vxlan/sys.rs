@@ -94,20 +94,7 @@ pub fn send_segmented(
 /// Asks for coalesced datagrams on `sock` (UDP_GRO); see [`recv_coalesced`].
 pub fn set_udp_gro(sock: &impl AsRawFd) -> io::Result<()> {
     let one: libc::c_int = 1;
-    // SAFETY: passes a live c_int and its size; `sock` is an open UDP socket.
-    let r = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_UDP,
-            UDP_GRO,
-            &one as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    crate::sys::set_socket_option(sock.as_raw_fd(), libc::SOL_UDP, UDP_GRO, &one)
 }
 
 /// Asks for the destination address of each datagram on `sock` (IP_PKTINFO);

@@ -31,23 +31,30 @@ fn send_mapped(
     reader.join().unwrap()
 }
 
+/// A dynamic disk of `pages` 4 KiB pages of 7s in a fresh directory, a populated
+/// mapping of all of it, and then its file cut to `len` bytes under the mapping.
+fn mapped_then_cut(pages: usize, len: u64) -> (tempfile::TempDir, Disk, Arc<crate::sys::FileMap>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.img");
+    std::fs::write(&path, vec![7u8; pages * 4096]).unwrap();
+    let disk = Disk::open("d", &path, Alloc::Dynamic, false).unwrap();
+    let map = disk.mapping(0, (pages * 4096) as u64).unwrap();
+    map.populate(0, pages * 4096).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+    (dir, disk, map)
+}
+
 /// A reply whose file shrank between `populate` and the send: no SIGBUS,
 /// the pages still there go out from the mapping, the rest as zeroes (as
 /// pread reads past the end of a file), and the reply keeps its length.
 #[test]
 fn mapped_reply_survives_the_file_shrinking_under_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("d.img");
-    std::fs::write(&path, vec![7u8; 3 * 4096]).unwrap();
-    let disk = Disk::open("d", &path, Alloc::Dynamic, false).unwrap();
-    let map = disk.mapping(0, 3 * 4096).unwrap();
-    map.populate(0, 3 * 4096).unwrap();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_len(6144)
-        .unwrap();
+    let (_dir, disk, map) = mapped_then_cut(3, 6144);
     assert!(map.populate(0, 3 * 4096).is_err(), "page 3 is past the end");
     let got = send_mapped(&disk, b"HDR", map, 0, 3 * 4096);
     assert_eq!(got.len(), 3 + 3 * 4096);
@@ -63,18 +70,7 @@ fn mapped_reply_survives_the_file_shrinking_under_it() {
 #[test]
 fn late_read_error_in_a_structured_reply_becomes_an_error_chunk() {
     use nbd_proto::chunk;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("d.img");
-    std::fs::write(&path, vec![7u8; 2 * 4096]).unwrap();
-    let good = Disk::open("d", &path, Alloc::Dynamic, false).unwrap();
-    let map = good.mapping(0, 2 * 4096).unwrap();
-    map.populate(0, 2 * 4096).unwrap();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_len(0)
-        .unwrap();
+    let (dir, _good, map) = mapped_then_cut(2, 0);
     // The fallback pread goes to a disk that cannot be read (a directory:
     // EISDIR), as a failing disk would.
     let broken = Disk::open("b", dir.path(), Alloc::Dynamic, true).unwrap();

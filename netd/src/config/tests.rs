@@ -7,6 +7,22 @@ fn v(text: &str) -> Result<Vec<NetworkSpec>, ConfigError> {
     Config::parse(text, Path::new("t.toml"))?.validate(Path::new("t.toml"))
 }
 
+/// The error of a config with the usual header and these `[[network]]` tables.
+fn cfg_err(networks: &str) -> String {
+    v(&format!("control='/c'\nstate_dir='/s'\n{networks}"))
+        .unwrap_err()
+        .to_string()
+}
+
+/// Asserts that the config with these `[[network]]` tables is refused with an
+/// error naming every one of `names` (the file, the key, what was expected).
+fn assert_refused(networks: &str, names: &[&str]) {
+    let e = cfg_err(networks);
+    for name in names {
+        assert!(e.contains(name), "missing {name:?} in: {e}");
+    }
+}
+
 #[test]
 fn hostonly_defaults_follow_virtualbox() {
     let n = v("control='/c'\nstate_dir='/s'\n[[network]]\nname='h'\nmode='hostonly'\n").unwrap();
@@ -24,38 +40,35 @@ fn hostonly_defaults_follow_virtualbox() {
 
 #[test]
 fn unknown_key_is_named() {
-    let e = v("control='/c'\nstate_dir='/s'\n[[network]]\nname='h'\nmode='internal'\nbogus=1\n")
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("t.toml") && e.contains("bogus"), "{e}");
+    assert_refused(
+        "[[network]]\nname='h'\nmode='internal'\nbogus=1\n",
+        &["t.toml", "bogus"],
+    );
 }
 
 #[test]
 fn bad_values_name_file_key_and_expectation() {
-    let e = v("control='/c'\nstate_dir='/s'\n[[network]]\nname='h'\nmode='internal'\nsubnet='10.0.0.0/33'\n")
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("t.toml") && e.contains("network[0].subnet") && e.contains("CIDR"),
-        "{e}"
+    assert_refused(
+        "[[network]]\nname='h'\nmode='internal'\nsubnet='10.0.0.0/33'\n",
+        &["t.toml", "network[0].subnet", "CIDR"],
     );
     // Modes nat and bridged are built (issue 4); a bridged network needs its uplink.
-    let e = v("control='/c'\nstate_dir='/s'\n[[network]]\nname='h'\nmode='bridged'\n")
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("network[0].uplink"), "{e}");
-    let e = v("control='/c'\nstate_dir='/s'\n[[network]]\nname='h'\nmode='internal'\n[[network.port]]\nkind='tap'\n")
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("network[0].port[0].ifname"), "{e}");
-    let e = v("control='/c'\nstate_dir='/s'\n[[network]]\nname='h'\nmode='hostonly'\ndhcp_range='192.168.56.10-192.168.57.3'\n")
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("dhcp_range"), "{e}");
-    let e = v("control='/c'\nstate_dir='/s'\n[[network]]\nname='a'\nmode='internal'\n[[network]]\nname='a'\nmode='internal'\n")
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("network[1].name") && e.contains("unique"), "{e}");
+    assert_refused(
+        "[[network]]\nname='h'\nmode='bridged'\n",
+        &["network[0].uplink"],
+    );
+    assert_refused(
+        "[[network]]\nname='h'\nmode='internal'\n[[network.port]]\nkind='tap'\n",
+        &["network[0].port[0].ifname"],
+    );
+    assert_refused(
+        "[[network]]\nname='h'\nmode='hostonly'\ndhcp_range='192.168.56.10-192.168.57.3'\n",
+        &["dhcp_range"],
+    );
+    assert_refused(
+        "[[network]]\nname='a'\nmode='internal'\n[[network]]\nname='a'\nmode='internal'\n",
+        &["network[1].name", "unique"],
+    );
 }
 
 #[test]
@@ -76,12 +89,6 @@ fn example_config_validates() {
         Ipv4Addr::new(192, 168, 56, 100)
     );
     assert!(nets.iter().any(|n| n.mode == Mode::Internal));
-}
-
-fn cfg_err(networks: &str) -> String {
-    v(&format!("control='/c'\nstate_dir='/s'\n{networks}"))
-        .unwrap_err()
-        .to_string()
 }
 
 /// Regression (issue 11, item 14): subnet arithmetic at the top of the address
@@ -132,15 +139,11 @@ fn subnets_at_the_top_of_the_address_space_do_not_overflow() {
 /// network's TAP (or host TAP), joining the two networks.
 #[test]
 fn an_uplink_naming_another_networks_interface_is_refused() {
-    let e = cfg_err("[[network]]\nname='a'\nmode='internal'\n[[network.port]]\nkind='tap'\nifname='tap0'\n[[network]]\nname='b'\nmode='bridged'\nuplink='tap0'\n");
-    assert!(e.contains("network[1].uplink") && e.contains("tap0"), "{e}");
-    let e = cfg_err("[[network]]\nname='a'\nmode='hostonly'\nhost_ifname='vh0'\n[[network]]\nname='b'\nmode='bridged'\nuplink='vh0'\n");
-    assert!(e.contains("network[1].uplink"), "{e}");
-    let e = cfg_err("[[network]]\nname='a'\nmode='bridged'\nuplink='eth9'\n[[network]]\nname='b'\nmode='bridged'\nuplink='eth9'\n");
-    assert!(e.contains("network[1].uplink"), "{e}");
+    assert_refused("[[network]]\nname='a'\nmode='internal'\n[[network.port]]\nkind='tap'\nifname='tap0'\n[[network]]\nname='b'\nmode='bridged'\nuplink='tap0'\n", &["network[1].uplink", "tap0"]);
+    assert_refused("[[network]]\nname='a'\nmode='hostonly'\nhost_ifname='vh0'\n[[network]]\nname='b'\nmode='bridged'\nuplink='vh0'\n", &["network[1].uplink"]);
+    assert_refused("[[network]]\nname='a'\nmode='bridged'\nuplink='eth9'\n[[network]]\nname='b'\nmode='bridged'\nuplink='eth9'\n", &["network[1].uplink"]);
     // A port named after an uplink listed earlier is refused too.
-    let e = cfg_err("[[network]]\nname='b'\nmode='bridged'\nuplink='eth9'\n[[network]]\nname='a'\nmode='internal'\n[[network.port]]\nkind='vm'\nifname='eth9'\n");
-    assert!(e.contains("network[1].port[0].ifname"), "{e}");
+    assert_refused("[[network]]\nname='b'\nmode='bridged'\nuplink='eth9'\n[[network]]\nname='a'\nmode='internal'\n[[network.port]]\nkind='vm'\nifname='eth9'\n", &["network[1].port[0].ifname"]);
 }
 
 #[test]
@@ -186,16 +189,14 @@ fn guard_defaults_to_clean_and_is_set_per_network_and_port() {
     assert_eq!(n[0].guard, Guard::Off);
     assert_eq!(n[0].max_macs_per_port, 8);
     assert_eq!(n[0].ports[0].guard, Some(Guard::Clean));
-    let e = v(
-        "control='/c'\nstate_dir='/s'\n[[network]]\nname='h'\nmode='internal'\nguard='strict'\n",
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(e.contains("t.toml") && e.contains("guard"), "{e}");
-    let e = v("control='/c'\nstate_dir='/s'\n[[network]]\nname='h'\nmode='internal'\nmax_macs_per_port=0\n")
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("network[0].max_macs_per_port"), "{e}");
+    assert_refused(
+        "[[network]]\nname='h'\nmode='internal'\nguard='strict'\n",
+        &["t.toml", "guard"],
+    );
+    assert_refused(
+        "[[network]]\nname='h'\nmode='internal'\nmax_macs_per_port=0\n",
+        &["network[0].max_macs_per_port"],
+    );
 }
 
 #[test]

@@ -25,6 +25,26 @@ impl Daemon {
             .map_err(|e| DaemonError::Nat(net.to_string(), e))
     }
 
+    /// Adds (`add`) or removes a static remote of a VXLAN port's flood list.
+    fn vxlan_remote(
+        &self,
+        net: &str,
+        port: &str,
+        remote: std::net::Ipv4Addr,
+        add: bool,
+    ) -> Result<serde_json::Value, DaemonError> {
+        let t = self.tunnel(net, port)?;
+        let done = if add {
+            t.add_remote(remote)
+        } else {
+            t.del_remote(remote)
+        };
+        done.map_err(|e| DaemonError::Vxlan(net.to_string(), port.to_string(), e))?;
+        let what = if add { "added" } else { "removed" };
+        tracing::info!(network = %net, port = %port, %remote, "vxlan remote {what}");
+        Ok(serde_json::Value::Null)
+    }
+
     /// Serves one request.
     pub fn handle(&self, req: Request) -> Result<serde_json::Value, DaemonError> {
         let j = |v: serde_json::Result<serde_json::Value>| v.unwrap_or(serde_json::Value::Null);
@@ -65,18 +85,10 @@ impl Daemon {
                 Ok(serde_json::Value::Null)
             }
             Request::VxlanRemoteAdd { net, port, remote } => {
-                let t = self.tunnel(&net, &port)?;
-                t.add_remote(remote)
-                    .map_err(|e| DaemonError::Vxlan(net.clone(), port.clone(), e))?;
-                tracing::info!(network = %net, port = %port, %remote, "vxlan remote added");
-                Ok(serde_json::Value::Null)
+                self.vxlan_remote(&net, &port, remote, true)
             }
             Request::VxlanRemoteDel { net, port, remote } => {
-                let t = self.tunnel(&net, &port)?;
-                t.del_remote(remote)
-                    .map_err(|e| DaemonError::Vxlan(net.clone(), port.clone(), e))?;
-                tracing::info!(network = %net, port = %port, %remote, "vxlan remote removed");
-                Ok(serde_json::Value::Null)
+                self.vxlan_remote(&net, &port, remote, false)
             }
             Request::VxlanShow { net, port } => {
                 Ok(j(serde_json::to_value(self.tunnel(&net, &port)?.info())))

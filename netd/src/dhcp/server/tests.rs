@@ -268,26 +268,30 @@ fn a_big_range_is_not_a_big_table() {
     assert_eq!(s.db.by_mac.len(), 1);
 }
 
-/// A saver that waits until `gate` is opened, then writes the file.
-fn gated_saver(
-    dir: &Path,
-    gate: Arc<(Mutex<bool>, std::sync::Condvar)>,
-    writes: Arc<AtomicU64>,
-) -> Saver {
+/// A saver that waits until its gate is opened, then writes the file.
+/// Returns the gate (shut), the count of writes done and the saver.
+fn gated_saver(dir: &Path) -> (Arc<Gate>, Arc<AtomicU64>, Saver) {
+    let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+    let writes = Arc::new(AtomicU64::new(0));
+    let (g, w) = (gate.clone(), writes.clone());
     let mut file = file_saver(Some(dir.join("leases.json")));
-    Box::new(move |l: &[Lease]| {
-        let (m, cv) = &*gate;
+    let save: Saver = Box::new(move |l: &[Lease]| {
+        let (m, cv) = &*g;
         let mut open = m.lock().unwrap();
         while !*open {
             open = cv.wait(open).unwrap();
         }
         drop(open);
-        writes.fetch_add(1, Ordering::Relaxed);
+        w.fetch_add(1, Ordering::Relaxed);
         file(l)
-    })
+    });
+    (gate, writes, save)
 }
 
-fn open_gate(gate: &(Mutex<bool>, std::sync::Condvar)) {
+/// Whether the lease write may go ahead, and the condition it waits on.
+type Gate = (Mutex<bool>, std::sync::Condvar);
+
+fn open_gate(gate: &Gate) {
     *gate.0.lock().unwrap() = true;
     gate.1.notify_all();
 }
@@ -321,9 +325,7 @@ fn a_slow_lease_write_holds_the_ack_but_not_the_server() {
     // The write waits for the gate: meanwhile the runtime runs other tasks and
     // the server answers other clients; the ACK leaves only after the write.
     let dir = tempfile::tempdir().unwrap();
-    let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
-    let writes = Arc::new(AtomicU64::new(0));
-    let save = gated_saver(dir.path(), gate.clone(), writes.clone());
+    let (gate, writes, save) = gated_saver(dir.path());
     with_run_saver(
         server(Some(dir.path())),
         save,
@@ -519,9 +521,7 @@ fn acks_queued_during_a_write_share_the_next_one() {
     // The first write waits for the gate; meanwhile ten more clients' REQUESTs
     // are handled and queued: they go out together after one more write.
     let dir = tempfile::tempdir().unwrap();
-    let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
-    let writes = Arc::new(AtomicU64::new(0));
-    let save = gated_saver(dir.path(), gate.clone(), writes.clone());
+    let (gate, writes, save) = gated_saver(dir.path());
     let mut s = server(Some(dir.path()));
     s.spec.end = Ipv4Addr::new(10, 9, 0, 200);
     with_run_saver(s, save, async |tx, mut replies, server| {

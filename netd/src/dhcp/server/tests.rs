@@ -556,6 +556,7 @@ fn acks_queued_during_a_write_share_the_next_one() {
             st.commits, 2,
             "one write for the first, one for the other ten"
         );
+        assert_eq!(writes.load(Ordering::Relaxed), 2, "the saver ran twice");
         assert_eq!(st.leases, 11);
     });
     let saved = LeaseDb::load(Some(dir.path().join("leases.json"))).unwrap();

@@ -88,6 +88,17 @@ pub enum Request {
     },
     /// The control server's own counters ([`ControlStats`]).
     ControlStats,
+    /// The names a network's DNS answers itself (static entries and DHCP
+    /// hostnames).
+    DnsNames {
+        /// Network.
+        net: String,
+    },
+    /// A network's DNS counters ([`DnsStats`]).
+    DnsStats {
+        /// Network.
+        net: String,
+    },
     /// A NAT network's outbound policy: `host_loopback` and the allow / deny lists.
     OutboundList {
         /// Network.
@@ -277,6 +288,27 @@ pub struct DhcpStats {
     /// Lease file writes (each commits every lease change queued before it).
     #[serde(default)]
     pub commits: u64,
+}
+
+/// A network's DNS counters, as `dns_stats` reports them (`netd dns NET --stats`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsStats {
+    /// Names published now (static entries and live leases).
+    pub names: usize,
+    /// Queries read.
+    pub queries: u64,
+    /// Queries answered from the network's names (NXDOMAIN included).
+    pub answered: u64,
+    /// Of those, NXDOMAIN.
+    pub nxdomain: u64,
+    /// Queries forwarded to the host's resolver.
+    pub forwarded: u64,
+    /// Datagrams that were not one readable question (dropped).
+    pub malformed: u64,
+    /// Guest hostnames not published (not a DNS label, or a static entry's name).
+    pub hostname_refused: u64,
+    /// Forwarded queries dropped (no resolver, too many waiting).
+    pub forward_dropped: u64,
 }
 
 /// The control server's counters, as `control_stats` reports them (`netd control`).

@@ -54,6 +54,27 @@ pub fn port_add<'a>(
     argv
 }
 
+/// The command line of a dnsmasq that listens on `listen` (port 53) and knows only
+/// `name`, at `addr` (no upstream, no hosts file, no config file), writing its pid
+/// to `pid_file`: the "internet's" resolver of the NAT lab, the host's resolver of
+/// the DNS tests.
+pub fn dnsmasq_argv(listen: &str, pid_file: &Path, name: &str, addr: &str) -> Vec<String> {
+    [
+        "dnsmasq",
+        "--keep-in-foreground",
+        "--no-resolv",
+        "--no-hosts",
+        "--conf-file=/dev/null",
+        "--bind-interfaces",
+        &format!("--listen-address={listen}"),
+        "--user=root",
+        &format!("--pid-file={}", pid_file.display()),
+        &format!("--address=/{name}/{addr}"),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// A udhcpc script that configures the interface and its default route and records
 /// what it got as `ip=... router=... dns=...` in `$LEASE_FILE`.
 pub const UDHCPC_SCRIPT: &str = r#"#!/bin/sh

@@ -355,6 +355,16 @@ pub fn outbound(v: &Value) -> String {
     out
 }
 
+/// `netd dns NET`: the names the network's DNS answers.
+pub fn dns_names(v: &Value) -> String {
+    use Align::*;
+    let mut t = Table::new(&[("NAME", Left), ("IP", Left), ("SOURCE", Left)]);
+    for n in rows(v) {
+        t.row(vec![s(n, "name"), s(n, "ip"), s(n, "source")]);
+    }
+    t.render()
+}
+
 /// `netd flows NET --stats`, `netd leases NET --stats`: one "name  value" line
 /// per counter.
 pub fn counters(v: &Value) -> String {

@@ -31,7 +31,7 @@ mod network;
 mod spec;
 
 pub use self::network::validate_port;
-pub use self::spec::{ControlSpec, DhcpSpec, Ipv4Spec, NetworkSpec, PortSpec};
+pub use self::spec::{ControlSpec, DhcpSpec, DnsSpec, Ipv4Spec, NetworkSpec, PortSpec};
 
 pub use fabric_api::netd::{Guard, Mode, PortConfig, PortKind};
 
@@ -115,10 +115,18 @@ pub struct NetworkConfig {
     /// false: no DHCP, router, DNS or host TAP here; a pure switch (a network that
     /// spans hosts over VXLAN is served by one host). Default true.
     pub services: Option<bool>,
-    /// nat: the DNS forwarder's address (default: the gateway's next address).
+    /// nat: the DNS forwarder's address (default: the gateway's next address);
+    /// hostonly, internal: the address netd serves DNS on (default: none), e.g. the
+    /// gateway. See [`crate::dns`].
     pub dns: Option<Ipv4Addr>,
-    /// nat: where the host resolvers are listed (default /etc/resolv.conf).
+    /// Where the host resolvers are listed (default /etc/resolv.conf); with DNS.
     pub resolv_conf: Option<PathBuf>,
+    /// The domain the network's DNS answers guest names under (default `NAME.lab`);
+    /// with DNS.
+    pub domain: Option<String>,
+    /// Static names (`[[network.host]]`); with DNS.
+    #[serde(default)]
+    pub host: Vec<HostEntry>,
     /// nat: most flows at once (default 4096).
     pub max_flows: Option<usize>,
     /// nat: most bytes of flow buffers at once (default 512 MiB).
@@ -144,6 +152,16 @@ pub struct Reservation {
     /// Client MAC, `aa:bb:cc:dd:ee:ff`.
     pub mac: String,
     /// Address to give it.
+    pub ip: Ipv4Addr,
+}
+
+/// A static name of a network's DNS (`[[network.host]]`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostEntry {
+    /// One DNS label (`files`): answered as `files.DOMAIN` and `files`.
+    pub name: String,
+    /// Its address, inside the subnet.
     pub ip: Ipv4Addr,
 }
 

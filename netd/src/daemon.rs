@@ -86,6 +86,15 @@ pub enum DaemonError {
     /// network {0} has no DHCP server
     #[error("network {0} has no DHCP server")]
     NoDhcp(String),
+    /// network {0} serves no DNS
+    #[error("network {0} serves no DNS (a hostonly or internal network needs `dns`)")]
+    NoDns(String),
+    /// network {0}: cannot serve DNS
+    #[error("network {0}: cannot serve DNS on {1}")]
+    Dns(String, std::net::Ipv4Addr, #[source] std::io::Error),
+    /// network {0}: cannot attach the DNS responder
+    #[error("network {0}: cannot attach the DNS responder")]
+    DnsAttach(String, #[source] SwitchError),
     /// port {1:?} of network {0} is not a vxlan port
     #[error("port {1:?} of network {0} is not a vxlan port")]
     NotVxlan(String, String),
@@ -108,6 +117,10 @@ struct NetState {
     /// The DHCP server's queue for frames the router hands over (until the router
     /// takes it).
     dhcp_routed: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
+    /// The network's DNS names, when it serves DNS (see [`crate::dns`]).
+    names: Option<Arc<crate::dns::LocalNames>>,
+    /// The DNS responder of a hostonly or internal network (see [`crate::modes::dns`]).
+    dns_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl NetState {

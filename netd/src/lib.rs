@@ -17,6 +17,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dhcp;
+pub mod dns;
 pub mod modes;
 pub mod nat;
 pub mod offload;

@@ -57,6 +57,17 @@ enum Cmd {
         #[arg(long)]
         stats: bool,
     },
+    /// The names a network's DNS answers itself (static `[[network.host]]` entries
+    /// and guests' DHCP hostnames, under the network's `domain`), or with --stats
+    /// its counters: queries, answered, nxdomain, forwarded, malformed (dropped),
+    /// hostname_refused (guest hostnames not published), forward_dropped.
+    Dns {
+        /// Network.
+        net: String,
+        /// Show the counters instead.
+        #[arg(long)]
+        stats: bool,
+    },
     /// Port forwards of a NAT network.
     Forward {
         #[command(subcommand)]
@@ -550,6 +561,8 @@ fn main() -> ExitCode {
             cli::leases(v, netd::dhcp::unix_now())
         }),
         Cmd::Leases { net, stats: true } => out.show(Request::DhcpStats { net }, cli::counters),
+        Cmd::Dns { net, stats: false } => out.show(Request::DnsNames { net }, cli::dns_names),
+        Cmd::Dns { net, stats: true } => out.show(Request::DnsStats { net }, cli::counters),
         Cmd::Forward { cmd } => forward_cmd(&out, cmd),
         Cmd::Flows { net, stats: false } => out.show(Request::Flows { net }, cli::flows),
         Cmd::Flows { net, stats: true } => out.show(Request::NatStats { net }, cli::counters),

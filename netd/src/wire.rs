@@ -102,6 +102,27 @@ impl Arp {
     }
 }
 
+/// The ARP reply a service owning `ip` at `mac` sends to the ARP packet `p` (a
+/// request for `ip`; anything else gets None), as a whole minimum-size frame.
+pub fn arp_answer(p: &[u8], mac: [u8; 6], ip: Ipv4Addr) -> Option<Vec<u8>> {
+    let a = Arp::parse(p)?;
+    if a.op != 1 || a.tpa != ip {
+        return None;
+    }
+    let mut out = Vec::with_capacity(60);
+    emit_ethernet(&mut out, a.sha, mac, ETHERTYPE_ARP);
+    Arp {
+        op: 2,
+        sha: mac,
+        spa: ip,
+        tha: a.sha,
+        tpa: a.spa,
+    }
+    .emit(&mut out);
+    out.resize(60, 0);
+    Some(out)
+}
+
 /// An IPv4 header (fields netd uses) and its payload.
 #[derive(Debug, Clone, Copy)]
 pub struct Ipv4<'a> {

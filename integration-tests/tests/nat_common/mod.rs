@@ -19,7 +19,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use integration_tests::netd::{network, TapHost, UDHCPC_SCRIPT};
+use integration_tests::netd::{dnsmasq_argv, network, TapHost, UDHCPC_SCRIPT};
 use integration_tests::{bin, spawn_logged, wait_until, ChildGuard, Netns};
 
 /// The "internet" server address (on the internet namespace's loopback).
@@ -81,9 +81,12 @@ impl Lab {
         // The servers: the internet's web server, the host's (on its loopback), the
         // internet's DNS server and its UDP echo.
         let inet_http = format!("{INET_SERVER}:80");
-        let listen = format!("--listen-address={INET_SERVER}");
-        let pid_file = format!("--pid-file={}", lab.path("dnsmasq.pid"));
-        let address = format!("--address=/{INET_NAME}/{INET_SERVER}");
+        let dns_argv = dnsmasq_argv(
+            INET_SERVER,
+            &lab.dir.path().join("dnsmasq.pid"),
+            INET_NAME,
+            INET_SERVER,
+        );
         let echo = format!("UDP4-RECVFROM:7777,bind={INET_SERVER},fork");
         let (www_inet, www_host) = (lab.path("www-inet"), lab.path("www-host"));
         let servers: [(&Netns, Vec<&str>); 4] = [
@@ -103,21 +106,7 @@ impl Lab {
                     &www_host,
                 ],
             ),
-            (
-                &lab.inet,
-                vec![
-                    "dnsmasq",
-                    "--keep-in-foreground",
-                    "--no-resolv",
-                    "--no-hosts",
-                    "--conf-file=/dev/null",
-                    "--bind-interfaces",
-                    &listen,
-                    "--user=root",
-                    &pid_file,
-                    &address,
-                ],
-            ),
+            (&lab.inet, dns_argv.iter().map(String::as_str).collect()),
             (&lab.inet, vec!["socat", &echo, "EXEC:/bin/cat"]),
         ];
         let guards = servers

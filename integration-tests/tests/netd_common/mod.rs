@@ -138,7 +138,7 @@ impl Netd {
 pub fn udhcpc_script(dir: &Path) -> PathBuf {
     let path = dir.join("udhcpc.sh");
     let text = format!(
-        "#!/bin/sh\ncase \"$1\" in\n  bound|renew)\n    ip addr flush dev \"$interface\"\n    ip addr add \"$ip/$mask\" dev \"$interface\"\n    echo \"$ip $mask $serverid $router $dns\" > {}/lease-\"$interface\"\n    ;;\nesac\nexit 0\n",
+        "#!/bin/sh\ncase \"$1\" in\n  bound|renew)\n    ip addr flush dev \"$interface\"\n    ip addr add \"$ip/$mask\" dev \"$interface\"\n    echo \"$ip $mask $serverid $router $dns domain=$domain\" > {}/lease-\"$interface\"\n    ;;\nesac\nexit 0\n",
         dir.display()
     );
     std::fs::write(&path, text).unwrap();

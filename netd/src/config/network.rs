@@ -189,6 +189,7 @@ impl NetworkConfig {
                 // a NAT network's router is the gateway.
                 router: nat.then_some(v4.gateway),
                 reservations,
+                domain: None,
             })
         } else {
             if self.dhcp_range.is_some()
@@ -258,6 +259,12 @@ impl NetworkConfig {
                 "false or absent when `services = false` (another host serves the network)",
             ));
         }
+        let mut dhcp = dhcp;
+        let dns = crate::modes::dns_spec(self, ipv4.as_ref(), dhcp.as_ref())
+            .map_err(|(k, e)| ctx.err(key(&k), e))?;
+        if let (Some(d), Some(z)) = (dhcp.as_mut(), &dns) {
+            d.domain = Some(z.zone.domain.clone());
+        }
         let nat_spec = match (&ipv4, nat) {
             (Some(v4), true) => Some(
                 crate::modes::router_config(self, v4, mtu).map_err(|(k, e)| ctx.err(key(&k), e))?,
@@ -265,12 +272,13 @@ impl NetworkConfig {
             _ => None,
         };
         // A pure switch here: the services of a network that spans hosts run on one.
-        let (dhcp, nat_spec, host_ifname) = if services {
-            (dhcp, nat_spec, host_ifname)
+        let (dhcp, nat_spec, host_ifname, dns) = if services {
+            (dhcp, nat_spec, host_ifname, dns)
         } else {
-            (None, None, None)
+            (None, None, None, None)
         };
         Ok(NetworkSpec {
+            dns,
             services,
             nat: nat_spec,
             uplink: self.uplink.clone(),

@@ -74,6 +74,19 @@ pub struct DhcpSpec {
     pub router: Option<Ipv4Addr>,
     /// Fixed addresses.
     pub reservations: Vec<([u8; 6], Ipv4Addr)>,
+    /// The domain announced (option 15), on a network that serves DNS.
+    pub domain: Option<String>,
+}
+
+/// Validated DNS settings of a network that serves guest names (see [`crate::dns`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsSpec {
+    /// The address DNS is served on (a NAT network's: the router's DNS address).
+    pub addr: Ipv4Addr,
+    /// The names: domain, static entries, subnet.
+    pub zone: crate::dns::Zone,
+    /// Where the host resolvers are listed.
+    pub resolv_conf: PathBuf,
 }
 
 /// A validated network.
@@ -109,6 +122,8 @@ pub struct NetworkSpec {
     pub isolated: bool,
     /// Whether this host runs the network's services (`services`, default true).
     pub services: bool,
+    /// The network's own DNS names, when it serves DNS.
+    pub dns: Option<DnsSpec>,
 }
 
 /// Validated settings of the control socket.

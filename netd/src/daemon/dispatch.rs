@@ -25,6 +25,12 @@ impl Daemon {
             .map_err(|e| DaemonError::Nat(net.to_string(), e))
     }
 
+    /// The DNS names table of a network that serves DNS.
+    fn dns_names(&self, net: &str) -> Result<std::sync::Arc<crate::dns::LocalNames>, DaemonError> {
+        self.with_net(net, |st| st.names.clone())?
+            .ok_or_else(|| DaemonError::NoDns(net.to_string()))
+    }
+
     /// Adds (`add`) or removes a static remote of a VXLAN port's flood list.
     fn vxlan_remote(
         &self,
@@ -161,6 +167,16 @@ impl Daemon {
                     closed_idle: c.closed_idle.load(Ordering::Relaxed),
                 };
                 Ok(j(serde_json::to_value(stats)))
+            }
+            Request::DnsNames { net } => {
+                let names = self.dns_names(&net)?;
+                Ok(j(serde_json::to_value(
+                    names.entries(crate::dns::unix_now()),
+                )))
+            }
+            Request::DnsStats { net } => {
+                let names = self.dns_names(&net)?;
+                Ok(j(serde_json::to_value(names.stats(crate::dns::unix_now()))))
             }
             Request::DhcpStats { net } => {
                 let dhcp = self

@@ -53,6 +53,7 @@ impl Daemon {
                 let mut services = vec![v4.gateway];
                 services.extend(spec.dhcp.as_ref().map(|d| d.server));
                 services.extend(spec.nat.as_ref().map(|n| n.dns));
+                services.extend(spec.dns.as_ref().map(|d| d.addr));
                 let reserved = spec
                     .dhcp
                     .as_ref()
@@ -81,6 +82,11 @@ impl Daemon {
             nat: None,
             nat_port: None,
             dhcp_routed: None,
+            names: spec
+                .dns
+                .as_ref()
+                .map(|d| crate::dns::LocalNames::new(d.zone.clone())),
+            dns_task: None,
         };
         let fail = |st: NetState, e: DaemonError| {
             stop_network(st);
@@ -125,6 +131,9 @@ impl Daemon {
             if let Some(g) = &ip_guard {
                 server.set_ip_guard(g.clone());
             }
+            if let Some(n) = &st.names {
+                server.set_names(n.clone());
+            }
             let server = Arc::new(Mutex::new(server));
             let sp = match net.attach_service("dhcp", 256) {
                 Ok(sp) => sp,
@@ -152,6 +161,7 @@ impl Daemon {
         if let Some(cfg) = &spec.nat {
             let mut cfg = cfg.clone();
             cfg.mac = router_mac;
+            cfg.names = st.names.clone().map(crate::dns::SharedNames);
             // The router's queue: ~6 MiB of MTU-sized frames, and at most
             // SERVICE_QUEUE_BYTES whatever the frames (TCP super-frames included).
             let cap = (4096 * 1500 / cfg.mtu.max(1500)).max(128);
@@ -198,6 +208,12 @@ impl Daemon {
                 Err(e) => return fail(st, DaemonError::Nat(spec.name.clone(), e)),
             }
         }
+        if let (Some(d), Some(names), None) = (&spec.dns, &st.names, &spec.nat) {
+            match start_dns(&net, &spec, d, names.clone()) {
+                Ok(t) => st.dns_task = Some(t),
+                Err(e) => return fail(st, e),
+            }
+        }
         if let Some(up) = &spec.uplink {
             match crate::port::start_uplink(&net, up) {
                 Ok(p) => st.ports.push(p),
@@ -231,6 +247,40 @@ impl Daemon {
         tracing::info!(network = %spec.name, mode = ?spec.mode, ports = spec.ports.len(), "network up");
         Ok(st)
     }
+}
+
+/// Starts the DNS responder of a hostonly or internal network (see
+/// [`crate::modes::dns`]): on the host TAP's address when `dns` is a hostonly
+/// network's gateway, else as a service port owning the address.
+fn start_dns(
+    net: &Arc<Network>,
+    spec: &NetworkSpec,
+    d: &crate::config::DnsSpec,
+    names: Arc<crate::dns::LocalNames>,
+) -> Result<tokio::task::JoinHandle<()>, DaemonError> {
+    use crate::modes::dns::{host_socket, serve, Front};
+    let gateway = spec.ipv4.as_ref().map(|v| v.gateway);
+    let front = match &spec.host_ifname {
+        Some(h) if gateway == Some(d.addr) => Front::Socket(
+            host_socket(d.addr, h).map_err(|e| DaemonError::Dns(spec.name.clone(), d.addr, e))?,
+        ),
+        _ => {
+            let port = net
+                .attach_service("dns", 256)
+                .map_err(|e| DaemonError::DnsAttach(spec.name.clone(), e))?;
+            let mac = service_mac(&spec.name, 3);
+            net.pin_mac("dns", mac)
+                .map_err(|e| DaemonError::DnsAttach(spec.name.clone(), e))?;
+            Front::Port {
+                port,
+                mac,
+                addr: d.addr,
+                mtu: spec.mtu as usize,
+            }
+        }
+    };
+    tracing::info!(network = %spec.name, addr = %d.addr, domain = %d.zone.domain, "DNS responder up");
+    Ok(tokio::spawn(serve(names, d.resolv_conf.clone(), front)))
 }
 
 /// How often the hostonly host TAP's forwarding setting is checked.
@@ -267,4 +317,9 @@ pub(super) fn stop_network(st: NetState) {
     let _ = st.net.remove_port("dhcp");
     // Likewise the NAT router: its input channel closes and its task ends.
     let _ = st.net.remove_port("nat");
+    // And the DNS responder (a socket front has no port: its task is stopped).
+    if let Some(t) = st.dns_task {
+        t.abort();
+    }
+    let _ = st.net.remove_port("dns");
 }

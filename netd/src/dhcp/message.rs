@@ -58,6 +58,8 @@ pub mod opt {
     pub const DNS: u8 = 6;
     /// Host name.
     pub const HOSTNAME: u8 = 12;
+    /// Domain name (RFC 2132 3.17).
+    pub const DOMAIN_NAME: u8 = 15;
     /// Broadcast address.
     pub const BROADCAST: u8 = 28;
     /// Requested IP.

@@ -42,7 +42,7 @@ use super::{opt, DhcpMessage, Lease, LeaseDb, MsgType};
 use crate::config::{fmt_mac, DhcpSpec, Ipv4Spec};
 use crate::switch::IpGuard;
 use crate::wire::{
-    self, Arp, Ethernet, Ipv4, Udp, BROADCAST_MAC, ETHERTYPE_ARP, ETHERTYPE_IPV4, IPPROTO_UDP,
+    self, Ethernet, Ipv4, Udp, BROADCAST_MAC, ETHERTYPE_ARP, ETHERTYPE_IPV4, IPPROTO_UDP,
 };
 
 /// Seconds an offered address is held for the client.
@@ -80,6 +80,8 @@ pub struct DhcpServer {
     ip_guard: Option<Arc<IpGuard>>,
     /// Leases changed since the last [`DhcpServer::take_changed`].
     changed: bool,
+    /// The network's DNS names, kept in step with the leases' hostnames.
+    names: Option<Arc<crate::dns::LocalNames>>,
 }
 
 /// Counters updated without the server's lock.
@@ -112,7 +114,14 @@ impl DhcpServer {
             shared: Arc::default(),
             ip_guard: None,
             changed: false,
+            names: None,
         }
+    }
+
+    /// Publishes the leases' hostnames in `names` (the network's DNS), from now.
+    pub fn set_names(&mut self, names: Arc<crate::dns::LocalNames>) {
+        self.names = Some(names);
+        self.sync_guard();
     }
 
     /// Keeps `g` (the port guard's address table) in step with the leases, from now.
@@ -121,9 +130,18 @@ impl DhcpServer {
         self.sync_guard();
     }
 
+    /// Brings the port guard's bindings and the DNS names in step with the leases.
     fn sync_guard(&self) {
         if let Some(g) = &self.ip_guard {
             g.set_leases(self.db.by_mac.iter().map(|(m, l)| (*m, l.ip, l.expires)));
+        }
+        if let Some(n) = &self.names {
+            n.set_leases(
+                self.db
+                    .by_mac
+                    .values()
+                    .filter_map(|l| Some((l.hostname.as_deref()?, l.ip, l.expires))),
+            );
         }
     }
 
@@ -248,6 +266,9 @@ impl DhcpServer {
                     self.spec.dns.iter().flat_map(|d| d.octets()).collect(),
                 ));
             }
+            if let Some(d) = &self.spec.domain {
+                options.push((opt::DOMAIN_NAME, d.as_bytes().to_vec()));
+            }
         }
         DhcpMessage {
             op: 2,
@@ -338,13 +359,18 @@ impl DhcpServer {
                 // One record per address: an expired lease of another client on this
                 // address is forgotten (bounds the table by the range size).
                 self.db.by_mac.retain(|m, l| *m == mac || l.ip != wanted);
-                let hostname = m.option(opt::HOSTNAME).map(|h| {
+                let hostname: Option<String> = m.option(opt::HOSTNAME).map(|h| {
                     String::from_utf8_lossy(h)
                         .chars()
                         .filter(|c| !c.is_control())
                         .take(64)
                         .collect()
                 });
+                // Kept in the lease as sent (shown by `netd leases`); published in
+                // DNS only if it is a name (counted otherwise).
+                if let (Some(n), Some(h)) = (&self.names, &hostname) {
+                    n.check_hostname(h);
+                }
                 self.db.by_mac.insert(
                     mac,
                     Lease {
@@ -406,22 +432,7 @@ impl DhcpServer {
         let eth = Ethernet::parse(frame)?;
         match eth.ethertype {
             ETHERTYPE_ARP if self.answer_arp => {
-                let a = Arp::parse(eth.payload)?;
-                if a.op != 1 || a.tpa != self.spec.server {
-                    return None;
-                }
-                let mut out = Vec::with_capacity(60);
-                wire::emit_ethernet(&mut out, a.sha, self.mac, ETHERTYPE_ARP);
-                Arp {
-                    op: 2,
-                    sha: self.mac,
-                    spa: self.spec.server,
-                    tha: a.sha,
-                    tpa: a.spa,
-                }
-                .emit(&mut out);
-                out.resize(60, 0);
-                Some(out)
+                wire::arp_answer(eth.payload, self.mac, self.spec.server)
             }
             ETHERTYPE_IPV4 => {
                 let ip = Ipv4::parse(eth.payload)?;

@@ -1,5 +1,6 @@
 //! The `nat` and `bridged` network modes: their config rules (the uplink port itself
-//! is [`crate::port::start_uplink`]).
+//! is [`crate::port::start_uplink`]), and the DNS of every mode that serves one
+//! (`dns.rs`: the responder of hostonly and internal networks).
 //!
 //! # Theory of operation
 //!
@@ -21,13 +22,19 @@
 //!   checksum was left to "hardware" (a veth or bridge peer) or a coalesced TCP
 //!   super-frame arrives with what is needed to finish it (see [`crate::offload`]).
 //!
+//! - `hostonly`, `internal` with `dns`: a small DNS responder ([`dns`]) on that
+//!   address answers the network's guest names and forwards the rest to the host's
+//!   resolver, as the NAT router's DNS address does (see [`crate::dns`]).
+//!
 //! Keys that belong to one mode are refused on the others with an error naming the
 //! key, so a typo'd mode does not silently run without its router or uplink.
 
 use std::net::Ipv4Addr;
 
-use crate::config::{Ipv4Spec, Mode, NetworkConfig};
+use crate::config::{DhcpSpec, DnsSpec, Ipv4Spec, Mode, NetworkConfig};
 use crate::nat::{Limits, RouterConfig};
+
+pub mod dns;
 
 /// Default subnet of a NAT network (VirtualBox's).
 pub const NAT_SUBNET: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 0, 2, 0), 24);
@@ -40,8 +47,6 @@ pub fn check_mode_keys(n: &NetworkConfig) -> Result<(), (&'static str, String)> 
         let only_nat = [
             ("forward", !n.forward.is_empty()),
             ("isolated", n.isolated.is_some()),
-            ("dns", n.dns.is_some()),
-            ("resolv_conf", n.resolv_conf.is_some()),
             ("max_flows", n.max_flows.is_some()),
             ("max_flow_memory", n.max_flow_memory.is_some()),
             ("max_flows_per_guest", n.max_flows_per_guest.is_some()),
@@ -52,6 +57,25 @@ pub fn check_mode_keys(n: &NetworkConfig) -> Result<(), (&'static str, String)> 
         ];
         if let Some((k, _)) = only_nat.iter().find(|(_, set)| *set) {
             return Err((k, "no such key outside mode \"nat\"".into()));
+        }
+    }
+    if bridged && n.dns.is_some() {
+        return Err((
+            "dns",
+            "no dns on a bridged network (the LAN's DNS serves its VMs)".into(),
+        ));
+    }
+    if !nat && n.dns.is_none() {
+        let need_dns = [
+            ("resolv_conf", n.resolv_conf.is_some()),
+            ("domain", n.domain.is_some()),
+            ("host", !n.host.is_empty()),
+        ];
+        if let Some((k, _)) = need_dns.iter().find(|(_, set)| *set) {
+            return Err((
+                k,
+                "no such key without `dns` (the address the network serves DNS on)".into(),
+            ));
         }
     }
     if bridged {
@@ -95,13 +119,105 @@ fn dns_addr(n: &NetworkConfig, v4: &Ipv4Spec) -> Ipv4Addr {
 }
 
 /// The DNS servers DHCP announces: as configured, else the NAT DNS forwarder on a
-/// NAT network.
+/// NAT network, else the network's own DNS address (`dns`) if it has one.
 pub fn dhcp_dns(n: &NetworkConfig, v4: &Ipv4Spec) -> Vec<Ipv4Addr> {
-    if n.dhcp_dns.is_empty() && n.mode == Mode::Nat {
+    if !n.dhcp_dns.is_empty() {
+        n.dhcp_dns.clone()
+    } else if n.mode == Mode::Nat {
         vec![dns_addr(n, v4)]
     } else {
-        n.dhcp_dns.clone()
+        n.dns.into_iter().collect()
     }
+}
+
+/// The guest-name DNS of a network that serves DNS (every NAT network; a hostonly
+/// or internal one with `dns`), else None; errors are `(key, expected)`.
+pub fn dns_spec(
+    n: &NetworkConfig,
+    v4: Option<&Ipv4Spec>,
+    dhcp: Option<&DhcpSpec>,
+) -> Result<Option<DnsSpec>, (String, String)> {
+    let nat = n.mode == Mode::Nat;
+    if !nat && n.dns.is_none() {
+        return Ok(None);
+    }
+    let Some(v4) = v4 else {
+        return Err(("subnet".into(), "a subnet when `dns` is set".into()));
+    };
+    let inside = format!("{}/{}", v4.network, v4.prefix);
+    let addr = dns_addr(n, v4);
+    if !nat {
+        let host_addr = v4.contains(addr) && addr != v4.network && addr != v4.broadcast();
+        let taken = dhcp.is_some_and(|d| {
+            addr == d.server
+                || (u32::from(d.start)..=u32::from(d.end)).contains(&u32::from(addr))
+                || d.reservations.iter().any(|(_, ip)| *ip == addr)
+        });
+        if !host_addr || taken {
+            return Err((
+                "dns".into(),
+                format!("a host address inside {inside}, not the DHCP server's, outside dhcp_range and reservations (e.g. the gateway, {})", v4.gateway),
+            ));
+        }
+    }
+    let domain = match &n.domain {
+        Some(d) => d.trim_end_matches('.').to_ascii_lowercase(),
+        None => format!("{}.lab", n.name).to_ascii_lowercase(),
+    };
+    if !crate::dns::valid_domain(&domain) {
+        let what = if n.domain.is_some() {
+            ""
+        } else {
+            " (the default NAME.lab is not one here: give `domain`)"
+        };
+        return Err((
+            "domain".into(),
+            format!(
+                "a DNS domain of labels of letters, digits, '-' and '_', at most 190 bytes{what}"
+            ),
+        ));
+    }
+    if n.host.len() > crate::dns::MAX_STATIC_HOSTS {
+        return Err((
+            "host".into(),
+            format!("at most {} entries", crate::dns::MAX_STATIC_HOSTS),
+        ));
+    }
+    let mut hosts: Vec<(String, Ipv4Addr)> = Vec::new();
+    for (k, h) in n.host.iter().enumerate() {
+        let name = h.name.to_ascii_lowercase();
+        if !crate::dns::valid_label(&name) {
+            return Err((
+                format!("host[{k}].name"),
+                "one DNS label: 1 to 63 letters, digits and '-', no '-' first or last".into(),
+            ));
+        }
+        if hosts.iter().any(|(n, _)| *n == name) {
+            return Err((
+                format!("host[{k}].name"),
+                format!("a name used once ({name:?} is used twice)"),
+            ));
+        }
+        if !v4.contains(h.ip) || h.ip == v4.network || h.ip == v4.broadcast() {
+            return Err((
+                format!("host[{k}].ip"),
+                format!("a host address inside {inside}"),
+            ));
+        }
+        hosts.push((name, h.ip));
+    }
+    Ok(Some(DnsSpec {
+        addr,
+        zone: crate::dns::Zone {
+            domain,
+            hosts,
+            subnet: (v4.network, v4.prefix),
+        },
+        resolv_conf: n
+            .resolv_conf
+            .clone()
+            .unwrap_or_else(|| crate::nat::RouterConfig::defaults().resolv_conf),
+    }))
 }
 
 /// The router settings of a NAT network; errors are `(key, expected)`.
@@ -248,6 +364,57 @@ mod tests {
         assert_eq!(d.router.unwrap().to_string(), "10.0.2.2");
         assert_eq!(d.dns[0].to_string(), "10.0.2.3");
         assert!(!n.isolated);
+    }
+
+    /// Guest-name DNS keys (issue 17): defaults, where they are allowed, and
+    /// errors that name the key.
+    #[test]
+    fn dns_keys_defaults_and_errors() {
+        let base = "control='/c'\nstate_dir='/s'\n[[network]]\n";
+        let s = v(&format!(
+            "{base}name='Nat0'\nmode='nat'\n[[network.host]]\nname='Files'\nip='10.0.2.9'\n"
+        ))
+        .unwrap();
+        let d = s[0].dns.as_ref().unwrap();
+        assert_eq!(
+            (d.addr.to_string(), d.zone.domain.as_str()),
+            ("10.0.2.3".into(), "nat0.lab")
+        );
+        assert_eq!(
+            d.zone.hosts,
+            [("files".to_string(), "10.0.2.9".parse().unwrap())]
+        );
+        assert_eq!(
+            s[0].dhcp.as_ref().unwrap().domain.as_deref(),
+            Some("nat0.lab")
+        );
+        let s = v(&format!(
+            "{base}name='h'\nmode='hostonly'\ndns='192.168.56.1'\ndomain='Lab.Example.'\n"
+        ))
+        .unwrap();
+        assert_eq!(s[0].dns.as_ref().unwrap().zone.domain, "lab.example");
+        assert_eq!(
+            s[0].dhcp.as_ref().unwrap().dns[0].to_string(),
+            "192.168.56.1"
+        );
+        assert!(v(&format!("{base}name='h'\nmode='hostonly'\n")).unwrap()[0]
+            .dns
+            .is_none());
+        for (keys, key) in [
+            ("mode='hostonly'\ndomain='x.lab'", "network[0].domain"),
+            ("mode='internal'\nsubnet='10.9.0.0/24'\n[[network.host]]\nname='a'\nip='10.9.0.5'", "network[0].host"),
+            ("mode='hostonly'\ndns='192.168.56.100'", "network[0].dns"),
+            ("mode='hostonly'\ndns='192.168.56.150'", "network[0].dns"),
+            ("mode='internal'\ndns='10.9.0.53'", "network[0].subnet"),
+            ("mode='bridged'\nuplink='eth0'\ndhcp=false\ndns='10.9.0.53'", "network[0].dns"),
+            ("mode='nat'\ndomain='a..b'", "network[0].domain"),
+            ("mode='nat'\n[[network.host]]\nname='a_b'\nip='10.0.2.9'", "network[0].host[0].name"),
+            ("mode='nat'\n[[network.host]]\nname='a'\nip='10.0.3.9'", "network[0].host[0].ip"),
+            ("mode='nat'\n[[network.host]]\nname='a'\nip='10.0.2.9'\n[[network.host]]\nname='A'\nip='10.0.2.8'", "network[0].host[1].name"),
+        ] {
+            let e = v(&format!("{base}name='n'\n{keys}\n")).unwrap_err();
+            assert!(e.contains("t.toml") && e.contains(key), "{keys}: {e}");
+        }
     }
 
     #[test]

@@ -110,6 +110,9 @@ pub struct RouterConfig {
     /// Destinations flows may not go to (default: [`DEFAULT_DENY`], plus the
     /// daemon adds the subnets of its other networks).
     pub outbound_deny: Vec<(Ipv4Addr, u8)>,
+    /// The network's own names, answered at the DNS address before anything is
+    /// forwarded (the daemon plugs the table in; see [`crate::dns`]).
+    pub names: Option<crate::dns::SharedNames>,
 }
 
 /// Destinations denied by default: link-local (cloud metadata services live there).
@@ -196,6 +199,7 @@ impl RouterConfig {
             host_loopback: false,
             outbound_allow: Vec::new(),
             outbound_deny: DEFAULT_DENY.to_vec(),
+            names: None,
         }
     }
 

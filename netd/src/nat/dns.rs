@@ -1,125 +1,59 @@
-//! The DNS forwarder's view of the host resolvers.
+//! DNS at the router's DNS address (10.0.2.3 by default).
 //!
 //! # Theory of operation
 //!
-//! Guests send DNS to the router's DNS address (10.0.2.3 by default), over UDP or TCP.
-//! The router does not parse DNS: it only rewrites the destination of those flows to
-//! the host's first resolver from `resolv.conf` (port 53), and the ordinary UDP and
-//! TCP flow machinery carries the bytes. A resolver written as a loopback address (a
-//! local stub such as systemd-resolved or dnsmasq) works as is, because the flows are
-//! host sockets.
-//!
-//! `resolv.conf` is re-read when its modification time, size or inode change, checked
-//! at most once a second, so a host that changes networks is followed without a
-//! restart. The path is configurable (tests point it at their own file).
+//! A UDP query to the DNS address, port 53, is first offered to the network's
+//! names ([`crate::dns::LocalNames::answer`]): a guest's DHCP hostname, a static
+//! `[[network.host]]` entry, a PTR of the subnet, or NXDOMAIN for an unknown name
+//! of the domain is answered here, from the DNS address, with no flow. A malformed
+//! datagram is dropped (counted in `netd dns NET --stats`). Everything else takes
+//! the ordinary path: the flow machinery rewrites its destination to the host's
+//! first resolver ([`crate::dns::Resolvers`]) and carries the bytes both ways, over
+//! UDP or TCP. DNS over TCP is always forwarded: the router does not read TCP
+//! streams, and the local answers are small enough for UDP.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime};
+use std::net::SocketAddrV4;
 
-/// The host resolvers, re-read from a `resolv.conf` when it changes.
-#[derive(Debug)]
-pub struct Resolvers {
-    path: PathBuf,
-    stamp: Option<(SystemTime, u64, u64)>,
-    checked: Option<Instant>,
-    servers: Vec<Ipv4Addr>,
-}
+use smoltcp::wire::EthernetAddress;
 
-/// Parses the IPv4 `nameserver` lines of a resolv.conf. IPv6 servers are skipped (the
-/// router's host sockets for DNS are IPv4), as are malformed lines.
-pub fn parse_resolv_conf(text: &str) -> Vec<Ipv4Addr> {
-    text.lines()
-        .filter_map(|line| {
-            let line = line.split(['#', ';']).next().unwrap_or("");
-            let mut words = line.split_whitespace();
-            if words.next()? != "nameserver" {
-                return None;
-            }
-            match words.next()?.parse::<IpAddr>().ok()? {
-                IpAddr::V4(a) => Some(a),
-                IpAddr::V6(_) => None,
-            }
-        })
-        .collect()
-}
+use super::frame::udp_frame;
+use super::Router;
+use crate::dns::Answer;
 
-impl Resolvers {
-    /// Resolvers read from `path` (read lazily, on first use).
-    pub fn new(path: PathBuf) -> Self {
-        Resolvers {
-            path,
-            stamp: None,
-            checked: None,
-            servers: Vec::new(),
+impl Router {
+    /// Answers a guest's datagram to `dst` from the network's names if it is a
+    /// query they answer (or drops it if it is malformed); false: not handled, a
+    /// flow takes it.
+    pub(super) fn dns_local(
+        &mut self,
+        mac: EthernetAddress,
+        guest: SocketAddrV4,
+        dst: SocketAddrV4,
+        payload: &[u8],
+    ) -> bool {
+        if dst.port() != 53 || *dst.ip() != self.cfg.dns {
+            return false;
         }
-    }
-
-    fn refresh(&mut self) {
-        let now = Instant::now();
-        if let Some(t) = self.checked {
-            if now.duration_since(t) < Duration::from_secs(1) {
-                return;
+        let Some(names) = &self.cfg.names else {
+            return false;
+        };
+        match names.0.answer(payload, crate::dns::unix_now()) {
+            Answer::Forward => false,
+            Answer::Drop => {
+                self.stats.dropped += 1;
+                true
+            }
+            Answer::Local(reply) => {
+                let f = udp_frame(
+                    self.mac,
+                    mac,
+                    (*dst.ip(), 53),
+                    (*guest.ip(), guest.port()),
+                    &reply,
+                );
+                self.dev.tx.push_back(f.into());
+                true
             }
         }
-        self.checked = Some(now);
-        let stamp = std::fs::metadata(&self.path).ok().map(|m| {
-            use std::os::unix::fs::MetadataExt;
-            (
-                m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                m.len(),
-                m.ino(),
-            )
-        });
-        if stamp == self.stamp {
-            return;
-        }
-        self.stamp = stamp;
-        match std::fs::read_to_string(&self.path) {
-            Ok(text) => {
-                self.servers = parse_resolv_conf(&text);
-                tracing::info!(path = %self.path.display(), servers = ?self.servers, "read resolvers");
-            }
-            Err(e) => {
-                tracing::warn!(path = %self.path.display(), error = %e, "cannot read resolv.conf; DNS forwarding off");
-                self.servers.clear();
-            }
-        }
-    }
-
-    /// The address DNS flows go to now, if the host has an IPv4 resolver.
-    pub fn current(&mut self) -> Option<SocketAddr> {
-        self.refresh();
-        self.servers
-            .first()
-            .map(|a| SocketAddr::new(IpAddr::V4(*a), 53))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_nameservers_and_skips_junk() {
-        let text = "# comment\nsearch lab\nnameserver 198.18.0.2 # inline\nnameserver ::1\nnameserver bogus\nnameserver\n nameserver 127.0.0.53\n";
-        assert_eq!(
-            parse_resolv_conf(text),
-            vec![Ipv4Addr::new(198, 18, 0, 2), Ipv4Addr::new(127, 0, 0, 53)]
-        );
-    }
-
-    #[test]
-    fn follows_changes() {
-        let dir = std::env::temp_dir().join(format!("netd-resolv-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("resolv.conf");
-        std::fs::write(&path, "nameserver 198.18.0.2\n").unwrap();
-        let mut r = Resolvers::new(path.clone());
-        assert_eq!(r.current(), Some("198.18.0.2:53".parse().unwrap()));
-        std::fs::write(&path, "nameserver 198.18.0.77\nnameserver 198.18.0.78\n").unwrap();
-        r.checked = None; // skip the once-a-second throttle
-        assert_eq!(r.current(), Some("198.18.0.77:53".parse().unwrap()));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

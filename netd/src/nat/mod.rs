@@ -17,7 +17,9 @@
 //!   intermediate buffer. Large socket buffers give a scaled window.
 //! - UDP (`udp.rs`) and ICMP echo (`icmp.rs`): flows of connected host sockets, built
 //!   and parsed with smoltcp's wire types, with idle timeouts.
-//! - DNS (`dns.rs`): flows to the DNS address, port 53, go to the host's resolver.
+//! - DNS (`dns.rs`): a UDP query to the DNS address, port 53, for one of the
+//!   network's names ([`crate::dns`]: guests' DHCP hostnames, static entries) is
+//!   answered by the router itself; other flows to port 53 go to the host's resolver.
 //! - The gateway address maps to the host's loopback (127.0.0.1), as in VirtualBox,
 //!   only with `host_loopback`; without it (the default) only its DNS port is a flow.
 //! - DHCP: the network's DHCP server is a port of its own, but its identifier is the
@@ -89,7 +91,7 @@
 
 mod config;
 mod device;
-pub mod dns;
+mod dns;
 pub mod frame;
 mod handle;
 mod icmp;

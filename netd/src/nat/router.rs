@@ -19,7 +19,8 @@ use super::device::{self, QueueDevice};
 use super::frame::{self, Classified};
 use super::handle::Command;
 use super::inline::Inline;
-use super::{dns, icmp, tcp, udp, NatError, RouterConfig, RouterHandle, Stats};
+use super::{icmp, tcp, udp, NatError, RouterConfig, RouterHandle, Stats};
+use crate::dns;
 
 /// Gateway ports that forward sessions (TCP and UDP) come from, towards the guest.
 pub(super) const FWD_PORT_FIRST: u16 = 32768;

@@ -581,6 +581,7 @@ async fn unicast_dhcp_renewal_to_the_gateway_is_answered() {
         dns: vec![Ipv4Addr::new(10, 0, 2, 3)],
         router: Some(gw),
         reservations: Vec::new(),
+        domain: None,
     };
     let dhcp_mac = [2, 0x4e, 0, 0, 0, 1];
     let server = std::sync::Arc::new(std::sync::Mutex::new(DhcpServer::new(

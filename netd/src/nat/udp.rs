@@ -198,6 +198,11 @@ impl Router {
             self.stats.dropped += 1;
             return;
         }
+        // The network's own names are answered here; the rest goes on to the
+        // host's resolver as a flow (see `dns.rs`).
+        if self.dns_local(mac, guest, dst, payload) {
+            return;
+        }
         let key = (guest, dst);
         if !self.udp.flows.contains_key(&key) {
             let unreachable = |r: &mut Router| {

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use super::*;
 use crate::dhcp::message::tests::msg;
+use crate::wire::Arp;
 
 fn server(dir: Option<&Path>) -> DhcpServer {
     let v4 = Ipv4Spec {
@@ -20,6 +21,7 @@ fn server(dir: Option<&Path>) -> DhcpServer {
         dns: vec![Ipv4Addr::new(10, 9, 0, 1)],
         router: Some(Ipv4Addr::new(10, 9, 0, 1)),
         reservations: vec![([2, 0, 0, 0, 0, 0x99], Ipv4Addr::new(10, 9, 0, 50))],
+        domain: None,
     };
     let db = LeaseDb::load(dir.map(|d| d.join("leases.json"))).unwrap();
     DhcpServer::new(v4, spec, [2, 0, 0, 0, 0, 1], true, db)

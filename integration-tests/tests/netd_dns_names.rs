@@ -1,0 +1,248 @@
+//! Guest names in DNS (issue 17): a guest's DHCP hostname (busybox udhcpc `-x
+//! hostname:NAME`) and a static `[[network.host]]` entry are answered by the
+//! network's own DNS, A and PTR, under its domain and as bare labels, by busybox
+//! nslookup from another guest; other names are forwarded to the host's resolver
+//! (a dnsmasq in netd's namespace, on its loopback). Hostile input: a hostname that
+//! is not a DNS label is not published, a malformed query is dropped; both are
+//! counted (`netd dns NET --stats`) and the honest guests keep resolving.
+//!
+//! Three fronts: a NAT network (the router's 10.0.2.3), a hostonly network with
+//! `dns` at its gateway (a host socket on the host TAP), an internal network with
+//! `dns` at an address of its own (a service port of the switch).
+
+mod netd_common;
+
+use anyhow::{Context, Result};
+use integration_tests::netd::dnsmasq_argv;
+use integration_tests::{ChildGuard, Netns};
+use netd_common::*;
+
+/// What the upstream resolver answers for [`UP_NAME`].
+const UP_ADDR: &str = "198.19.0.10";
+const UP_NAME: &str = "www.fabric.test";
+
+/// A dnsmasq on `host`'s loopback that knows only [`UP_NAME`]; returns it and the
+/// resolv.conf that names it.
+fn upstream(host: &Netns, dir: &std::path::Path) -> Result<(ChildGuard, String)> {
+    let argv = dnsmasq_argv("127.0.0.1", &dir.join("dnsmasq.pid"), UP_NAME, UP_ADDR);
+    let g = host.spawn(&argv.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let resolv = dir.join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 127.0.0.1\n")?;
+    Ok((g, resolv.display().to_string()))
+}
+
+/// `busybox nslookup [-type=T] NAME SERVER` in `ns`: (success, output).
+fn nslookup(ns: &Netns, qtype: Option<&str>, name: &str, server: &str) -> (bool, String) {
+    let t = qtype.map(|t| format!("-type={t}"));
+    let mut argv = vec!["busybox", "nslookup"];
+    argv.extend(t.as_deref());
+    argv.extend([name, server]);
+    match ns.command(&argv).output() {
+        Ok(o) => (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        ),
+        Err(e) => (false, e.to_string()),
+    }
+}
+
+/// Asserts `name` resolves to `ip` through `server` from `ns` (type A: the
+/// upstream dnsmasq refuses AAAA for its one name).
+fn resolves(ns: &Netns, name: &str, server: &str, ip: &str) {
+    let (ok, out) = nslookup(ns, Some("A"), name, server);
+    assert!(
+        ok && out.contains(&format!("Address: {ip}")),
+        "{name} via {server}: want {ip}:\n{out}"
+    );
+}
+
+/// Asserts `name` is NXDOMAIN through `server`.
+fn nxdomain(ns: &Netns, name: &str, server: &str) {
+    let (ok, out) = nslookup(ns, None, name, server);
+    assert!(
+        !ok && out.contains("NXDOMAIN"),
+        "{name}: want NXDOMAIN:\n{out}"
+    );
+}
+
+/// The network's DNS counters.
+fn stats(netd: &Netd, net: &str) -> Result<serde_json::Value> {
+    netd.cli_json(&["dns", net, "--stats"])
+}
+
+/// The common proof on one network: guest `a` took the name `alpha` by DHCP (at
+/// `a_ip`), a static `files` entry is at `files_ip`; `b` asks `server`.
+fn prove_names(
+    netd: &Netd,
+    net: &str,
+    domain: &str,
+    b: &Netns,
+    server: &str,
+    (a_ip, files_ip): (&str, &str),
+) -> Result<()> {
+    resolves(b, &format!("alpha.{domain}"), server, a_ip);
+    resolves(b, &format!("ALPHA.{domain}"), server, a_ip);
+    resolves(b, "alpha", server, a_ip);
+    resolves(b, &format!("files.{domain}"), server, files_ip);
+    resolves(b, "files", server, files_ip);
+    // PTR of the guest and of the static entry.
+    for (ip, name) in [(a_ip, "alpha"), (files_ip, "files")] {
+        let (ok, out) = nslookup(b, None, ip, server);
+        assert!(
+            ok && out.contains(&format!("name = {name}.{domain}")),
+            "PTR {ip}:\n{out}"
+        );
+    }
+    // A known name has no IPv6: an empty answer, not NXDOMAIN.
+    let (_, out) = nslookup(b, Some("AAAA"), &format!("alpha.{domain}"), server);
+    assert!(
+        !out.contains("NXDOMAIN") && !out.contains("Address: "),
+        "AAAA of alpha: want an empty NOERROR answer:\n{out}"
+    );
+    nxdomain(b, &format!("nobody.{domain}"), server);
+    nxdomain(b, "nobody", server);
+    // The rest goes to the host's resolver.
+    resolves(b, UP_NAME, server, UP_ADDR);
+    // A malformed query (not DNS at all) is dropped and counted; DNS goes on.
+    let before = stats(netd, net)?["malformed"]
+        .as_u64()
+        .context("malformed")?;
+    b.sh(&format!(
+        "echo 'not a dns query' | socat -u - UDP4-SENDTO:{server}:53"
+    ))?;
+    let counted = integration_tests::wait_until(std::time::Duration::from_secs(3), || {
+        stats(netd, net).is_ok_and(|s| s["malformed"].as_u64() > Some(before))
+    });
+    assert!(counted, "malformed query counted: {}", stats(netd, net)?);
+    resolves(b, "alpha", server, a_ip);
+    let s = stats(netd, net)?;
+    assert!(s["answered"].as_u64() >= Some(10), "{s}");
+    assert!(s["nxdomain"].as_u64() >= Some(2), "{s}");
+    assert!(s["forwarded"].as_u64() >= Some(1), "{s}");
+    // The table, through the CLI.
+    let names = netd.cli(&["dns", net])?;
+    assert!(
+        names.contains(&format!("alpha.{domain}")) && names.contains(&format!("files.{domain}")),
+        "{names}"
+    );
+    Ok(())
+}
+
+/// DHCP with a hostname; returns (address, the domain option the client got).
+fn dhcp_named(g: &TapHost, dir: &std::path::Path, name: &str) -> Result<(String, String)> {
+    let hostname = format!("hostname:{name}");
+    let ip = dhcp_with(g, &g.tap, dir, &["-x", &hostname])?;
+    let lease = std::fs::read_to_string(dir.join(format!("lease-{}", g.tap)))?;
+    let domain = lease
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("domain="))
+        .unwrap_or_default()
+        .to_string();
+    Ok((ip, domain))
+}
+
+#[test]
+fn nat_guests_resolve_each_other_through_the_router() -> Result<()> {
+    let dir = root_tempdir();
+    let host = Netns::new("dh")?;
+    let (_up, resolv) = upstream(&host, dir.path())?;
+    let [a, b, c] = TapHost::each(["da", "db", "dc"])?;
+    let keys = format!(
+        "resolv_conf = \"{resolv}\"\n[[network.host]]\nname = \"files\"\nip = \"10.0.2.9\"\n"
+    );
+    let cfg = [
+        network("nat0", "nat", &keys),
+        a.port("a"),
+        b.port("b"),
+        c.port("c"),
+    ]
+    .concat();
+    let cfg = write_config(dir.path(), &cfg);
+    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    let (a_ip, domain) = dhcp_named(&a, dir.path(), "alpha")?;
+    assert_eq!(domain, "nat0.lab", "option 15: the default domain");
+    let (b_ip, _) = dhcp_named(&b, dir.path(), "beta")?;
+    // A hostile guest: a hostname that is not a label, then one that takes a
+    // static entry's name. Neither is published.
+    dhcp_named(&c, dir.path(), "evil_name")?;
+    let refused = stats(&netd, "nat0")?["hostname_refused"].as_u64();
+    assert_eq!(refused, Some(1), "{}", stats(&netd, "nat0")?);
+    dhcp_named(&c, dir.path(), "files")?;
+    assert_eq!(stats(&netd, "nat0")?["hostname_refused"].as_u64(), Some(2));
+    nxdomain(&b, "evil_name.nat0.lab", "10.0.2.3");
+    prove_names(
+        &netd,
+        "nat0",
+        "nat0.lab",
+        &b,
+        "10.0.2.3",
+        (&a_ip, "10.0.2.9"),
+    )?;
+    // And the other way round: A resolves B.
+    resolves(&a, "beta.nat0.lab", "10.0.2.3", &b_ip);
+    assert!(netd.stop(), "netd exits cleanly");
+    Ok(())
+}
+
+/// Two guests `alpha` and `beta` on the network `net` (`mode`, `keys` after the
+/// resolver's): `beta` proves the names through `server`; the static `files` is at
+/// `files_ip`. Returns the lease line `beta` got.
+fn two_guests(
+    net: &str,
+    mode: &str,
+    keys: &str,
+    (domain, server, files_ip): (&str, &str, &str),
+) -> Result<String> {
+    let dir = root_tempdir();
+    let host = Netns::new("dh")?;
+    let (_up, resolv) = upstream(&host, dir.path())?;
+    let [a, b] = TapHost::each(["da", "db"])?;
+    let keys = format!(
+        "resolv_conf = \"{resolv}\"\n{keys}[[network.host]]\nname = \"files\"\nip = \"{files_ip}\"\n"
+    );
+    let cfg = [network(net, mode, &keys), a.port("a"), b.port("b")].concat();
+    let cfg = write_config(dir.path(), &cfg);
+    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    let (a_ip, got) = dhcp_named(&a, dir.path(), "alpha")?;
+    assert_eq!(got, domain, "option 15");
+    dhcp_named(&b, dir.path(), "beta")?;
+    let lease = std::fs::read_to_string(dir.path().join(format!("lease-{}", b.tap)))?;
+    prove_names(&netd, net, domain, &b, server, (&a_ip, files_ip))?;
+    assert!(netd.stop(), "netd exits cleanly");
+    Ok(lease)
+}
+
+#[test]
+fn hostonly_serves_names_on_the_gateway() -> Result<()> {
+    let hif = integration_tests::unique_name("vh");
+    let keys =
+        format!("host_ifname = \"{hif}\"\ndns = \"192.168.56.1\"\ndomain = \"Lab.Example.\"\n");
+    let lease = two_guests(
+        "ho",
+        "hostonly",
+        &keys,
+        ("lab.example", "192.168.56.1", "192.168.56.9"),
+    )?;
+    assert!(
+        lease.contains(" 192.168.56.1 "),
+        "option 6 is the gateway: {lease}"
+    );
+    Ok(())
+}
+
+#[test]
+fn internal_serves_names_on_an_address_of_its_own() -> Result<()> {
+    let keys = "subnet = \"10.77.0.0/24\"\ndhcp = true\ndns = \"10.77.0.53\"\n";
+    let lease = two_guests(
+        "in0",
+        "internal",
+        keys,
+        ("in0.lab", "10.77.0.53", "10.77.0.9"),
+    )?;
+    assert!(lease.contains(" 10.77.0.53 "), "option 6: {lease}");
+    Ok(())
+}

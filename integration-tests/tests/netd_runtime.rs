@@ -10,22 +10,9 @@
 
 mod netd_common;
 
-use std::process::Command;
-
 use anyhow::{Context, Result};
-use integration_tests::{bin, free_port, run_failing, wait_until, Netns};
+use integration_tests::{free_port, wait_until, Netns};
 use netd_common::*;
-
-/// The CLI, which must fail (status 1); returns its stderr.
-fn cli_fails(netd: &Netd, args: &[&str]) -> String {
-    run_failing(
-        Command::new(bin("netd"))
-            .arg("--control")
-            .arg(&netd.control)
-            .args(args),
-        1,
-    )
-}
 
 /// The `net list --json` row of `name`.
 fn net_row(netd: &Netd, name: &str) -> Result<Option<serde_json::Value>> {

@@ -180,79 +180,72 @@ impl Changes {
     pub fn apply(&mut self, base: &NetworkConfig) -> (NetworkConfig, Vec<String>) {
         let mut t = base.clone();
         let mut conflicts = Vec::new();
-        self.removed_ports.retain(|name| {
-            let had = t.port.len();
-            t.port.retain(|p| port_key(p) != *name);
-            let found = t.port.len() != had;
-            if !found {
-                conflicts.push(format!(
-                    "port {name:?}, removed at runtime, is no longer in the base table"
-                ));
-            }
-            found
-        });
-        self.ports.retain(|p| {
-            let name = port_key(p);
-            let clash = t.port.iter().any(|q| port_key(q) == name);
-            if clash {
-                conflicts.push(format!(
-                    "port {name:?}, added at runtime, is now in the base table too: that one is used"
-                ));
+        let mut c = |what: String, removed: bool| {
+            conflicts.push(if removed {
+                format!("{what}, removed at runtime, is no longer in the base table")
             } else {
-                t.port.push(p.clone());
-            }
-            !clash
-        });
-        self.removed_forwards.retain(|k| {
-            let had = t.forward.len();
-            t.forward.retain(|f| ForwardKey::from(f) != *k);
-            let found = t.forward.len() != had;
-            if !found {
-                conflicts.push(format!(
-                    "{} forward {}, removed at runtime, is no longer in the base table",
-                    k.proto, k.host
-                ));
-            }
-            found
-        });
-        self.forwards.retain(|f| {
-            let k = ForwardKey::from(f);
-            let clash = t.forward.iter().any(|x| ForwardKey::from(x) == k);
-            if clash {
-                conflicts.push(format!(
-                    "{} forward {}, added at runtime, is now in the base table too: that one is used",
-                    k.proto, k.host
-                ));
-            } else {
-                t.forward.push(f.clone());
-            }
-            !clash
-        });
-        self.removed_reservations.retain(|mac| {
-            let had = t.reservation.len();
-            t.reservation.retain(|r| mac_key(&r.mac) != *mac);
-            let found = t.reservation.len() != had;
-            if !found {
-                conflicts.push(format!(
-                    "the reservation of {mac}, removed at runtime, is no longer in the base table"
-                ));
-            }
-            found
-        });
-        self.reservations.retain(|r| {
-            let mac = mac_key(&r.mac);
-            let clash = t.reservation.iter().any(|x| mac_key(&x.mac) == mac);
-            if clash {
-                conflicts.push(format!(
-                    "the reservation of {mac}, added at runtime, is now in the base table too: that one is used"
-                ));
-            } else {
-                t.reservation.push(r.clone());
-            }
-            !clash
-        });
+                format!("{what}, added at runtime, is now in the base table too: that one is used")
+            })
+        };
+        apply_items(
+            &mut t.port,
+            &mut self.removed_ports,
+            &mut self.ports,
+            port_key,
+            |name| format!("port {name:?}"),
+            &mut c,
+        );
+        apply_items(
+            &mut t.forward,
+            &mut self.removed_forwards,
+            &mut self.forwards,
+            |f: &Forward| ForwardKey::from(f),
+            |k| format!("{} forward {}", k.proto, k.host),
+            &mut c,
+        );
+        apply_items(
+            &mut t.reservation,
+            &mut self.removed_reservations,
+            &mut self.reservations,
+            |r| mac_key(&r.mac),
+            |mac| format!("the reservation of {mac}"),
+            &mut c,
+        );
         (t, conflicts)
     }
+}
+
+/// Applies one kind of change to the base's `items`: every key of `removed` is
+/// taken out, then every item of `added` put in. A removal that finds nothing and
+/// an addition whose key the base has already are reported to `conflict` (with
+/// `true` for a removal) and dropped from the changes.
+fn apply_items<T: Clone, K: PartialEq>(
+    items: &mut Vec<T>,
+    removed: &mut Vec<K>,
+    added: &mut Vec<T>,
+    key: impl Fn(&T) -> K,
+    name: impl Fn(&K) -> String,
+    conflict: &mut impl FnMut(String, bool),
+) {
+    removed.retain(|k| {
+        let had = items.len();
+        items.retain(|x| key(x) != *k);
+        let found = items.len() != had;
+        if !found {
+            conflict(name(k), true);
+        }
+        found
+    });
+    added.retain(|x| {
+        let k = key(x);
+        let clash = items.iter().any(|y| key(y) == k);
+        if clash {
+            conflict(name(&k), false);
+        } else {
+            items.push(x.clone());
+        }
+        !clash
+    });
 }
 
 /// One network in the state file.

@@ -154,6 +154,81 @@ pub enum Request {
         /// Network.
         net: String,
     },
+    /// Add a network at runtime (kept in netd's `state_dir` across restarts).
+    NetAdd {
+        /// One `[[network]]` table, keys as in the config file (see [`NetworkTable`]).
+        network: NetworkTable,
+    },
+    /// Remove a network added at runtime. Refused while guest ports are attached,
+    /// unless `force`.
+    NetDel {
+        /// Network.
+        name: String,
+        /// Remove it even with guest ports attached (they are stopped).
+        #[serde(default)]
+        force: bool,
+    },
+    /// Add (or replace, by MAC) a DHCP reservation of a network.
+    ReservationAdd {
+        /// Network.
+        net: String,
+        /// The reservation, as `[[network.reservation]]`.
+        reservation: Reservation,
+    },
+    /// Remove the DHCP reservation of a MAC.
+    ReservationDel {
+        /// Network.
+        net: String,
+        /// The client MAC.
+        mac: String,
+    },
+    /// A network's DHCP reservations ([`ReservationInfo`]).
+    ReservationList {
+        /// Network.
+        net: String,
+    },
+}
+
+/// One `[[network]]` table of netd's config file as a JSON object (the body of
+/// `net_add`). Its keys are those of the file; netd checks it with the same code
+/// as the file (unknown keys refused, errors naming the key), so the control API
+/// takes every key the daemon knows without a second list of them here.
+pub type NetworkTable = serde_json::Map<String, serde_json::Value>;
+
+/// One `[[network.reservation]]` table (also the body of `reservation_add`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reservation {
+    /// Client MAC, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// Address to give it.
+    pub ip: Ipv4Addr,
+    /// The client's host name (a DNS name; kept with the reservation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+}
+
+/// Where a network or a reservation comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// The config file.
+    Config,
+    /// The control API (kept in `state_dir`).
+    Api,
+}
+
+/// A DHCP reservation, as `reservation_list` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReservationInfo {
+    /// Client MAC.
+    pub mac: String,
+    /// Address.
+    pub ip: Ipv4Addr,
+    /// Host name, if given.
+    pub hostname: Option<String>,
+    /// Config file or control API.
+    pub source: Source,
 }
 
 /// One of a NAT network's outbound lists.
@@ -259,6 +334,13 @@ pub struct NetInfo {
     pub ports: usize,
     /// Host TAP of a hostonly network.
     pub host_ifname: Option<String>,
+    /// Config file or control API (absent from older daemons).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
+    /// Where the config file and the runtime state disagree about this network,
+    /// and what netd did about it (also logged as a warning at start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflict: Option<String>,
 }
 
 /// The DHCP server's counters, as `dhcp_stats` reports them.
@@ -348,7 +430,7 @@ named_enum! {
 }
 
 /// One `[[network.port]]` table (also the body of the control API's port add).
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PortConfig {
     /// Port name, unique in its network (default: the ifname or path).

@@ -8,6 +8,7 @@
 //!   parser for stord's disk sizes and vmm-shim's `--mem`;
 //! - [`MacAddr`]: an Ethernet address, parsed and printed as `52:54:00:12:34:56`;
 //! - [`toml_file`]: strict TOML config files whose errors name the file;
+//! - [`fs`]: state files replaced atomically and durably ([`fs::write_durable`]);
 //! - [`sys`]: TAP devices and interface ioctls, the only `unsafe` of the crate;
 //! - [`cli`]: the daemons' `serve --config` arguments and their exit status.
 //!
@@ -15,6 +16,7 @@
 //! tasks, the VMM from plain threads.
 
 pub mod cli;
+pub mod fs;
 mod mac;
 mod size;
 pub mod sys;

@@ -69,6 +69,42 @@ pub fn parse<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<
     })
 }
 
+/// Reads `path` as one TOML table into `T`, first setting each key of `set` that
+/// the file leaves out (a value the command line gives, e.g. a name). A key the
+/// file has with another value is an error naming the file and the key.
+pub fn read_table_with<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    set: &[(&str, &str)],
+) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| TomlFileError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut table: toml::Table = parse(&text, path)?;
+    for (k, v) in set {
+        match table.get(*k) {
+            None => {
+                table.insert(k.to_string(), toml::Value::String(v.to_string()));
+            }
+            Some(toml::Value::String(s)) if s == v => {}
+            Some(other) => {
+                return Err(InvalidKey {
+                    path: path.display().to_string(),
+                    key: k.to_string(),
+                    expected: format!("{v:?}, as on the command line (the file has {other})"),
+                }
+                .into())
+            }
+        }
+    }
+    Ok(
+        T::deserialize(toml::Value::Table(table)).map_err(|e| TomlFileError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,5 +135,35 @@ mod tests {
             e.to_string(),
             "/etc/x.toml: key `disk[1].size`: expected a size"
         );
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Named {
+        name: String,
+        #[serde(default)]
+        n: Option<u32>,
+    }
+
+    #[test]
+    fn a_table_file_gets_the_command_lines_keys_and_names_its_own_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.toml");
+        std::fs::write(&p, "n = 3\n").unwrap();
+        let t: Named = read_table_with(&p, &[("name", "lab")]).unwrap();
+        assert_eq!((t.name.as_str(), t.n), ("lab", Some(3)));
+        std::fs::write(&p, "name = \"other\"\n").unwrap();
+        let e = read_table_with::<Named>(&p, &[("name", "lab")]).unwrap_err();
+        assert!(e.to_string().contains("key `name`"), "{e}");
+        std::fs::write(&p, "nn = 3\n").unwrap();
+        let e = read_table_with::<Named>(&p, &[("name", "lab")]).unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.contains(&p.display().to_string()) && e.contains("nn"),
+            "{e}"
+        );
+        std::fs::write(&p, "n = \"three\"\n").unwrap();
+        let e = read_table_with::<Named>(&p, &[("name", "lab")]).unwrap_err();
+        assert!(e.to_string().contains("in `n`"), "{e}");
     }
 }

@@ -164,17 +164,6 @@ fn count(c: &serde_json::Value, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no counter {key} in {c}"))
 }
 
-/// The CLI, expected to fail; returns its stderr.
-fn cli_fails(netd: &Netd, args: &[&str]) -> String {
-    run_failing(
-        Command::new(bin("netd"))
-            .arg("--control")
-            .arg(&netd.control)
-            .args(args),
-        1,
-    )
-}
-
 #[test]
 fn a_gso_frame_with_segment_size_1_is_dropped_and_counted() -> Result<()> {
     let _l = traffic_lock();

@@ -167,7 +167,7 @@ fn cli_prints_tables_by_default_and_json_on_request() -> Result<()> {
     let header = table_header(&nets);
     assert_eq!(
         header,
-        ["NAME", "MODE", "SUBNET", "GATEWAY", "DHCP", "PORTS", "MTU", "UPLINK"],
+        ["NAME", "MODE", "SUBNET", "GATEWAY", "DHCP", "PORTS", "MTU", "UPLINK", "SOURCE"],
         "{nets}"
     );
     let subnet = format!("10.{x}.{y}.0/24");
@@ -186,7 +186,8 @@ fn cli_prints_tables_by_default_and_json_on_request() -> Result<()> {
             "yes",
             ports.as_str(),
             "1400",
-            "-"
+            "-",
+            "config"
         ],
         "{nets}"
     );

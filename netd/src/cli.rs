@@ -9,6 +9,8 @@
 
 use serde_json::Value;
 
+pub mod net;
+
 /// Column alignment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Align {
@@ -141,8 +143,16 @@ pub fn net_list(v: &Value) -> String {
         ("PORTS", Right),
         ("MTU", Right),
         ("UPLINK", Left),
+        ("SOURCE", Left),
     ]);
+    let mut notes = String::new();
     for n in rows(v) {
+        let conflict = n.get("conflict").and_then(Value::as_str);
+        let mut source = s(n, "source");
+        if let Some(c) = conflict {
+            source.push('!');
+            notes.push_str(&format!("{}: {c}\n", s(n, "name")));
+        }
         t.row(vec![
             s(n, "name"),
             s(n, "mode"),
@@ -152,6 +162,33 @@ pub fn net_list(v: &Value) -> String {
             s(n, "ports"),
             s(n, "mtu"),
             s(n, "host_ifname"),
+            source,
+        ]);
+    }
+    let mut out = t.render();
+    if !notes.is_empty() {
+        // The config file and the runtime state disagree: say how, under the table.
+        out.push_str("\nconflicts (SOURCE marked !):\n");
+        out.push_str(&notes);
+    }
+    out
+}
+
+/// `netd reservation list NET`.
+pub fn reservations(v: &Value) -> String {
+    use Align::*;
+    let mut t = Table::new(&[
+        ("MAC", Left),
+        ("IP", Left),
+        ("HOSTNAME", Left),
+        ("SOURCE", Left),
+    ]);
+    for r in rows(v) {
+        t.row(vec![
+            s(r, "mac"),
+            s(r, "ip"),
+            s(r, "hostname"),
+            s(r, "source"),
         ]);
     }
     t.render()
@@ -418,7 +455,31 @@ mod tests {
         let lines: Vec<&str> = out.lines().collect();
         assert!(lines[0].starts_with("NAME  MODE"), "{out}");
         let cells: Vec<&str> = lines[1].split_whitespace().collect();
-        assert_eq!(cells, ["lan", "internal", "-", "-", "no", "2", "1500", "-"]);
+        assert_eq!(
+            cells,
+            ["lan", "internal", "-", "-", "no", "2", "1500", "-", "-"]
+        );
+    }
+
+    #[test]
+    fn net_list_marks_conflicts_and_explains_them_below() {
+        let v = json!([{"name":"lab","mode":"nat","subnet":"10.0.2.0/24","gateway":"10.0.2.2",
+            "dhcp":true,"mtu":1500,"ports":3,"host_ifname":null,"source":"config",
+            "conflict":"a network \"lab\" was added through the API"},
+            {"name":"b","mode":"internal","dhcp":false,"mtu":1500,"ports":1,"source":"api"}]);
+        let out = net_list(&v);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].ends_with("SOURCE"), "{out}");
+        assert!(lines[1].ends_with("config!"), "{out}");
+        assert!(lines[2].ends_with("api"), "{out}");
+        assert!(
+            out.contains("lab: a network \"lab\" was added through the API"),
+            "{out}"
+        );
+        let r = reservations(&json!([{"mac":"52:54:00:00:00:01","ip":"10.0.2.50",
+            "hostname":null,"source":"api"}]));
+        let cells: Vec<&str> = r.lines().nth(1).unwrap().split_whitespace().collect();
+        assert_eq!(cells, ["52:54:00:00:00:01", "10.0.2.50", "-", "api"]);
     }
 
     #[test]

@@ -145,15 +145,8 @@ pub struct NetworkConfig {
     pub outbound_deny: Option<Vec<String>>,
 }
 
-/// A DHCP reservation.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Reservation {
-    /// Client MAC, `aa:bb:cc:dd:ee:ff`.
-    pub mac: String,
-    /// Address to give it.
-    pub ip: Ipv4Addr,
-}
+/// A DHCP reservation (`[[network.reservation]]`: `mac`, `ip`, `hostname`).
+pub use fabric_api::netd::Reservation;
 
 /// A static name of a network's DNS (`[[network.host]]`).
 #[derive(Debug, Clone, Deserialize, Serialize)]

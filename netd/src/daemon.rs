@@ -13,7 +13,11 @@
 //! mutex) and the runtime port changes; the rest is split by concern:
 //! - `daemon/network.rs`: building one network from its spec and stopping it;
 //! - `daemon/dispatch.rs`: [`Daemon::handle`], one control request;
-//! - `daemon/control.rs`: the control socket and its connections ([`serve_control`]).
+//! - `daemon/control.rs`: the control socket and its connections ([`serve_control`]);
+//! - `daemon/netops.rs`: networks and reservations changed at runtime, and the start
+//!   with the runtime state ([`Daemon::start_persistent`]);
+//! - `daemon/runtime.rs`: the runtime state file and which side wins when it and
+//!   the config file disagree.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -27,7 +31,9 @@ use crate::switch::{Network, SwitchError};
 
 mod control;
 mod dispatch;
+mod netops;
 mod network;
+pub mod runtime;
 
 use self::network::stop_network;
 
@@ -101,6 +107,30 @@ pub enum DaemonError {
     /// network {0}, vxlan port {1:?}
     #[error("network {0}, vxlan port {1:?}")]
     Vxlan(String, String, #[source] crate::port::vxlan::VxlanError),
+    /// invalid network
+    #[error("invalid network")]
+    BadNetwork(#[source] crate::config::ConfigError),
+    /// a network named {0:?} already exists
+    #[error("a network named {0:?} already exists")]
+    NetworkExists(String),
+    /// network {0} has guest ports ({1}): remove them first, or use --force
+    #[error("network {0} has guest ports ({1}): remove them first, or use --force")]
+    NetInUse(String, String),
+    /// network {0} comes from the config file {1}: remove it there and restart netd
+    #[error("network {0} comes from the config file {1}: remove it there and restart netd")]
+    ConfigNetwork(String, PathBuf),
+    /// the change is in effect but could not be saved (it is lost at restart)
+    #[error("the change is in effect but could not be saved (it is lost at restart)")]
+    State(#[source] runtime::StateError),
+    /// this netd keeps no runtime state
+    #[error("this netd keeps no runtime state")]
+    NoRuntimeState,
+    /// network {0} has no reservation for {1}
+    #[error("network {0} has no reservation for {1}")]
+    NoReservation(String, String),
+    /// network {0}: {1} is reserved for {2} already
+    #[error("network {0}: {1} is reserved for {2} already")]
+    ReservedTwice(String, std::net::Ipv4Addr, String),
 }
 
 struct NetState {
@@ -153,6 +183,10 @@ impl NetState {
 pub struct Daemon {
     nets: Mutex<BTreeMap<String, NetState>>,
     control: ControlCounters,
+    /// Where leases (and the runtime state) are kept.
+    state_dir: PathBuf,
+    /// What the control API changed (None: not recorded, see [`Daemon::start`]).
+    runtime: Mutex<Option<runtime::Runtime>>,
 }
 
 /// The control server's counters (see [`ControlStats`](fabric_api::netd::ControlStats)).
@@ -167,13 +201,17 @@ struct ControlCounters {
 pub use fabric_api::netd::NetInfo;
 
 impl Daemon {
-    /// Builds every network. Must run inside a tokio runtime (services are tasks).
+    /// Builds every network, keeping no runtime state (`netd serve` uses
+    /// [`Daemon::start_persistent`]). Must run inside a tokio runtime (services are
+    /// tasks).
     pub fn start(specs: Vec<NetworkSpec>, state_dir: &Path) -> Result<Arc<Self>, DaemonError> {
         std::fs::create_dir_all(state_dir)
             .map_err(|e| DaemonError::StateDir(state_dir.to_path_buf(), e))?;
         let d = Arc::new(Daemon {
             nets: Mutex::new(BTreeMap::new()),
             control: ControlCounters::default(),
+            state_dir: state_dir.to_path_buf(),
+            runtime: Mutex::new(None),
         });
         for spec in specs {
             let st = match Self::start_network(spec, state_dir) {
@@ -217,6 +255,8 @@ impl Daemon {
                 mtu: st.spec.mtu,
                 ports: st.net.port_infos().len(),
                 host_ifname: st.spec.host_ifname.clone(),
+                source: None,
+                conflict: None,
             })
             .collect()
     }

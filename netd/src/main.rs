@@ -94,6 +94,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: OutboundCmd,
     },
+    /// DHCP reservations: `netd reservation add NET MAC IP [--hostname H]`,
+    /// `netd reservation del NET MAC`, `netd reservation list NET`. Kept across
+    /// restarts (in `state_dir`).
+    Reservation {
+        #[command(subcommand)]
+        cmd: cli::net::ReservationCmd,
+    },
     /// VXLAN ports: `netd vxlan remote add|del NET PORT IP` changes a port's flood
     /// list at runtime (until restart); `netd vxlan show NET PORT` shows it and the
     /// tunnel's counters.
@@ -279,8 +286,64 @@ fn forward_cmd(out: &Out, cmd: ForwardCmd) -> Result<()> {
 
 #[derive(Subcommand)]
 enum NetCmd {
-    /// List networks.
+    /// List networks (SOURCE: config file or API; `!` marks a conflict between
+    /// the two, explained under the table).
     List,
+    /// Add a network at runtime (kept across restarts, in `state_dir`): a flag per
+    /// `[[network]]` key, or `--from FILE` with a whole table in TOML.
+    Add(Box<cli::net::NetAddArgs>),
+    /// Remove a network added at runtime; refused while guest ports are attached,
+    /// unless --force.
+    Del {
+        /// Network.
+        name: String,
+        /// Remove it with its ports.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn net_cmd(out: &Out, cmd: NetCmd) -> Result<()> {
+    match cmd {
+        NetCmd::List => out.show(Request::NetList, cli::net_list),
+        NetCmd::Add(args) => {
+            let network = args.to_table()?;
+            let done = format!("added network {}", args.name);
+            out.change(Request::NetAdd { network }, &done)
+        }
+        NetCmd::Del { name, force } => {
+            let v = out.control.call(&Request::NetDel { name, force })?;
+            if out.json {
+                print_json(&v)
+            } else {
+                println!("{}", v.as_str().unwrap_or("removed"));
+                Ok(())
+            }
+        }
+    }
+}
+
+fn reservation_cmd(out: &Out, cmd: cli::net::ReservationCmd) -> Result<()> {
+    use cli::net::ReservationCmd;
+    match cmd {
+        ReservationCmd::Add {
+            net,
+            mac,
+            ip,
+            hostname,
+        } => {
+            let done = format!("reserved {ip} for {mac} on {net}");
+            let reservation = fabric_api::netd::Reservation { mac, ip, hostname };
+            out.change(Request::ReservationAdd { net, reservation }, &done)
+        }
+        ReservationCmd::Del { net, mac } => {
+            let done = format!("removed the reservation of {mac} on {net}");
+            out.change(Request::ReservationDel { net, mac }, &done)
+        }
+        ReservationCmd::List { net } => {
+            out.show(Request::ReservationList { net }, cli::reservations)
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -412,7 +475,7 @@ fn serve(config: PathBuf) -> Result<()> {
         .build()
         .context("cannot start the tokio runtime")?;
     rt.block_on(async move {
-        let daemon = netd::daemon::Daemon::start(specs, &cfg.state_dir)?;
+        let daemon = netd::daemon::Daemon::start_persistent(&cfg, &config)?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("cannot install the SIGTERM handler")?;
         let shutdown = async move {
@@ -494,7 +557,7 @@ fn main() -> ExitCode {
             fabric_util::init_logging("RUST_LOG", "info");
             serve(config)
         }
-        Cmd::Net { cmd: NetCmd::List } => out.show(Request::NetList, cli::net_list),
+        Cmd::Net { cmd } => net_cmd(&out, cmd),
         Cmd::Port { cmd } => match cmd {
             PortCmd::List { net, drops } => {
                 out.show(Request::PortList { net }, |v| cli::port_list(v, drops))
@@ -569,6 +632,7 @@ fn main() -> ExitCode {
         Cmd::Outbound { net, cmd } => outbound_cmd(&out, net, cmd),
         Cmd::Control => out.show(Request::ControlStats, cli::counters),
         Cmd::Vxlan { cmd } => vxlan_cmd(&out, cmd),
+        Cmd::Reservation { cmd } => reservation_cmd(&out, cmd),
     };
     finish(r)
 }

@@ -133,6 +133,18 @@ impl Netd {
     }
 }
 
+/// Runs netd's CLI against `netd`, which must fail (exit status 1, a clear error);
+/// returns its stderr.
+pub fn cli_fails(netd: &Netd, args: &[&str]) -> String {
+    integration_tests::run_failing(
+        Command::new(bin("netd"))
+            .arg("--control")
+            .arg(&netd.control)
+            .args(args),
+        1,
+    )
+}
+
 /// Writes a udhcpc event script that configures the interface and records the
 /// address in `<dir>/lease-<iface>`.
 pub fn udhcpc_script(dir: &Path) -> PathBuf {

@@ -16,7 +16,7 @@ impl NetworkConfig {
     /// Validates this network alone (the control API uses `<api>` as path).
     pub fn validate_at(&self, p: &str, at: &str) -> Result<NetworkSpec, ConfigError> {
         let ctx = Ctx { path: p };
-        let key = |k: &str| format!("{at}.{k}");
+        let key = |k: &str| sub_key(at, k);
         if !valid_name(&self.name) {
             return Err(ctx.err(key("name"), "1 to 64 characters of [A-Za-z0-9._-]"));
         }
@@ -159,7 +159,7 @@ impl NetworkConfig {
             for (k, r) in self.reservation.iter().enumerate() {
                 let mac = parse_mac(&r.mac).ok_or_else(|| {
                     ctx.err(
-                        format!("{at}.reservation[{k}].mac"),
+                        key(&format!("reservation[{k}].mac")),
                         "a MAC such as \"52:54:00:12:34:56\"",
                     )
                 })?;
@@ -169,8 +169,14 @@ impl NetworkConfig {
                     || r.ip == v4.broadcast()
                 {
                     return Err(ctx.err(
-                        format!("{at}.reservation[{k}].ip"),
+                        key(&format!("reservation[{k}].ip")),
                         format!("a free host address inside {}/{}", v4.network, v4.prefix),
+                    ));
+                }
+                if r.hostname.as_deref().is_some_and(|h| !valid_hostname(h)) {
+                    return Err(ctx.err(
+                        key(&format!("reservation[{k}].hostname")),
+                        "a host name: labels of 1 to 63 letters, digits or '-', 253 bytes at most",
                     ));
                 }
                 reservations.push((mac, r.ip));
@@ -240,10 +246,10 @@ impl NetworkConfig {
         let mut ports = Vec::new();
         let mut pnames = HashSet::new();
         for (j, pc) in self.port.iter().enumerate() {
-            let ps = validate_port(pc, p, &format!("{at}.port[{j}]"))?;
+            let ps = validate_port(pc, p, &key(&format!("port[{j}]")))?;
             if !pnames.insert(ps.name.clone()) {
                 return Err(ctx.err(
-                    format!("{at}.port[{j}].name"),
+                    key(&format!("port[{j}].name")),
                     format!(
                         "a port name unique in the network ({:?} is used twice)",
                         ps.name
@@ -298,10 +304,34 @@ impl NetworkConfig {
     }
 }
 
+/// The key `k` under the table `at` (`network[0]` and `mtu`: `network[0].mtu`); a
+/// table that is a file of its own (`netd net add --from FILE`) has `at` empty.
+fn sub_key(at: &str, k: &str) -> String {
+    if at.is_empty() {
+        k.to_string()
+    } else {
+        format!("{at}.{k}")
+    }
+}
+
+/// A DNS host name: dot-separated labels of letters, digits and '-' (not at either
+/// end of a label), 1 to 63 bytes each, 253 in all (RFC 1123).
+pub(crate) fn valid_hostname(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+}
+
 /// Validates one port; `path` names the source, `at` the key prefix.
 pub fn validate_port(port: &PortConfig, path: &str, at: &str) -> Result<PortSpec, ConfigError> {
     let ctx = Ctx { path };
-    let key = |k: &str| format!("{at}.{k}");
+    let key = |k: &str| sub_key(at, k);
     let ifname = match (&port.ifname, port.kind) {
         (Some(i), PortKind::Tap | PortKind::Vm) => {
             crate::sys::check_ifname(i).map_err(|_| {

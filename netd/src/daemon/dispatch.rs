@@ -55,7 +55,7 @@ impl Daemon {
     pub fn handle(&self, req: Request) -> Result<serde_json::Value, DaemonError> {
         let j = |v: serde_json::Result<serde_json::Value>| v.unwrap_or(serde_json::Value::Null);
         match req {
-            Request::NetList => Ok(j(serde_json::to_value(self.net_list()))),
+            Request::NetList => Ok(j(serde_json::to_value(self.net_list_full()))),
             Request::PortList { net } => self.with_net(&net, |st| {
                 let infos = st.net.port_infos();
                 let rows: Vec<serde_json::Value> = infos
@@ -83,11 +83,14 @@ impl Daemon {
             Request::PortAdd { net, port } => {
                 let spec = crate::config::validate_port(&port, "<control>", "port")
                     .map_err(DaemonError::BadPort)?;
+                let name = spec.name.clone();
                 self.port_add(&net, spec)?;
+                self.record_port_add(&net, port, name)?;
                 Ok(serde_json::Value::Null)
             }
             Request::PortDel { net, name } => {
                 self.port_del(&net, &name)?;
+                self.record_port_del(&net, &name)?;
                 Ok(serde_json::Value::Null)
             }
             Request::VxlanRemoteAdd { net, port, remote } => {
@@ -103,7 +106,10 @@ impl Daemon {
                 self.with_net(&net, |st| j(serde_json::to_value(st.net.mac_table())))
             }
             Request::ForwardAdd { net, forward } => {
-                self.nat_request(&net, crate::nat::NatRequest::AddForward(forward))
+                let v =
+                    self.nat_request(&net, crate::nat::NatRequest::AddForward(forward.clone()))?;
+                self.record_forward_add(&net, forward)?;
+                Ok(v)
             }
             Request::ForwardDel { net, proto, host } => {
                 let host = crate::nat::parse_host_addr(&host).map_err(|e| {
@@ -115,7 +121,9 @@ impl Daemon {
                         },
                     )
                 })?;
-                self.nat_request(&net, crate::nat::NatRequest::DelForward(proto, host))
+                let v = self.nat_request(&net, crate::nat::NatRequest::DelForward(proto, host))?;
+                self.record_forward_del(&net, super::runtime::ForwardKey { proto, host })?;
+                Ok(v)
             }
             Request::ForwardList { net } => {
                 self.nat_request(&net, crate::nat::NatRequest::ListForwards)
@@ -177,6 +185,24 @@ impl Daemon {
             Request::DnsStats { net } => {
                 let names = self.dns_names(&net)?;
                 Ok(j(serde_json::to_value(names.stats(crate::dns::unix_now()))))
+            }
+            Request::NetAdd { network } => {
+                self.net_add(network)?;
+                Ok(serde_json::Value::Null)
+            }
+            Request::NetDel { name, force } => {
+                Ok(serde_json::Value::String(self.net_del(&name, force)?))
+            }
+            Request::ReservationAdd { net, reservation } => {
+                self.reservation_add(&net, reservation)?;
+                Ok(serde_json::Value::Null)
+            }
+            Request::ReservationDel { net, mac } => {
+                self.reservation_del(&net, &mac)?;
+                Ok(serde_json::Value::Null)
+            }
+            Request::ReservationList { net } => {
+                Ok(j(serde_json::to_value(self.reservation_list(&net)?)))
             }
             Request::DhcpStats { net } => {
                 let dhcp = self

@@ -8,7 +8,6 @@
 //! The server's writer thread calls [`save_leases`] before an ACK leaves.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
@@ -167,17 +166,7 @@ pub(super) fn save_leases(path: &Path, leases: &[Lease]) -> Result<(), LeaseErro
         source,
     };
     let data = serde_json::to_vec_pretty(leases).map_err(|e| werr(std::io::Error::other(e)))?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(werr)?;
-    f.write_all(&data).map_err(werr)?;
-    f.sync_all().map_err(werr)?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(werr)?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(werr)?;
-    Ok(())
+    fabric_util::fs::write_durable(path, &data, 0o644).map_err(werr)
 }
 
 #[cfg(test)]

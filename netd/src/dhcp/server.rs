@@ -145,6 +145,16 @@ impl DhcpServer {
         }
     }
 
+    /// Replaces the reservations (`netd reservation add|del`), in the port guard's
+    /// table too. A client whose reservation changed gets its reserved address at
+    /// its next DISCOVER.
+    pub fn set_reservations(&mut self, reservations: Vec<([u8; 6], Ipv4Addr)>) {
+        if let Some(g) = &self.ip_guard {
+            g.set_reserved(&reservations);
+        }
+        self.spec.reservations = reservations;
+    }
+
     /// Whether the leases changed since the last call (they are then to be saved).
     pub fn take_changed(&mut self) -> bool {
         std::mem::take(&mut self.changed)

@@ -178,7 +178,6 @@ pub struct IpGuard {
     mask: u32,
     /// Addresses no guest may use: gateway, DNS, DHCP server, network, broadcast.
     protected: Vec<Ipv4Addr>,
-    reserved: Vec<([u8; 6], Ipv4Addr)>,
     ageing: Duration,
     gen: AtomicU64,
     t: Mutex<IpTable>,
@@ -186,6 +185,8 @@ pub struct IpGuard {
 
 #[derive(Debug, Default)]
 struct IpTable {
+    /// The DHCP reservations (changed at runtime by `netd reservation`).
+    reserved: Vec<([u8; 6], Ipv4Addr)>,
     /// MAC -> (address, Unix time the lease ends).
     leases: HashMap<[u8; 6], (Ipv4Addr, u64)>,
     /// Static address -> (MAC, last used).
@@ -214,10 +215,12 @@ impl IpGuard {
             network: net,
             mask,
             protected,
-            reserved: reserved.to_vec(),
             ageing,
             gen: AtomicU64::new(0),
-            t: Mutex::new(IpTable::default()),
+            t: Mutex::new(IpTable {
+                reserved: reserved.to_vec(),
+                ..IpTable::default()
+            }),
         }
     }
 
@@ -234,6 +237,12 @@ impl IpGuard {
     pub fn set_leases(&self, leases: impl IntoIterator<Item = ([u8; 6], Ipv4Addr, u64)>) {
         let mut t = self.table();
         t.leases = leases.into_iter().map(|(m, ip, e)| (m, (ip, e))).collect();
+        self.gen.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Replaces the DHCP reservations (a runtime change of the network's).
+    pub fn set_reserved(&self, reserved: &[([u8; 6], Ipv4Addr)]) {
+        self.table().reserved = reserved.to_vec();
         self.gen.fetch_add(1, Ordering::AcqRel);
     }
 
@@ -259,13 +268,13 @@ impl IpGuard {
                 return *l == ip;
             }
         }
-        if let Some((_, r)) = self.reserved.iter().find(|(m, _)| *m == mac) {
+        if let Some((_, r)) = t.reserved.iter().find(|(m, _)| *m == mac) {
             return *r == ip;
         }
         if !self.in_subnet(ip) || self.protected.contains(&ip) {
             return false;
         }
-        if self.reserved.iter().any(|(m, r)| *r == ip && *m != mac)
+        if t.reserved.iter().any(|(m, r)| *r == ip && *m != mac)
             || t.leases
                 .iter()
                 .any(|(m, (l, exp))| *l == ip && *m != mac && *exp > unix)

@@ -13,7 +13,8 @@
 //! mutex) and the runtime port changes; the rest is split by concern:
 //! - `daemon/network.rs`: building one network from its spec and stopping it;
 //! - `daemon/dispatch.rs`: [`Daemon::handle`], one control request;
-//! - `daemon/control.rs`: the control socket and its connections ([`serve_control`]).
+//! - `daemon/control.rs`: the control socket and its connections ([`serve_control`]);
+//! - `daemon/capture.rs`: a `capture` request's connection, a pcapng stream.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,7 @@ use crate::dhcp::{DhcpServer, LeaseError};
 use crate::port::{self as ports, PortError, RunningPort};
 use crate::switch::{Network, SwitchError};
 
+mod capture;
 mod control;
 mod dispatch;
 mod network;
@@ -92,6 +94,12 @@ pub enum DaemonError {
     /// network {0}, vxlan port {1:?}
     #[error("network {0}, vxlan port {1:?}")]
     Vxlan(String, String, #[source] crate::port::vxlan::VxlanError),
+    /// network {0}: cannot start the capture
+    #[error("network {0}: cannot start the capture")]
+    Capture(String, #[source] SwitchError),
+    /// a capture is a stream: only the control server serves it
+    #[error("a capture is served on its control connection as a pcapng stream, not as an answer")]
+    CaptureStream,
 }
 
 struct NetState {

@@ -162,6 +162,8 @@ impl Daemon {
                 };
                 Ok(j(serde_json::to_value(stats)))
             }
+            // serve_conn hands it to daemon/capture.rs before it gets here.
+            Request::Capture { .. } => Err(DaemonError::CaptureStream),
             Request::DhcpStats { net } => {
                 let dhcp = self
                     .with_net(&net, |st| st.dhcp.clone())?

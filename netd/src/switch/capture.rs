@@ -111,6 +111,8 @@ impl Tap {
 #[derive(Default)]
 pub struct Taps {
     on: AtomicBool,
+    /// Whether any capture names its ports (and so records outbound frames).
+    outbound_on: AtomicBool,
     list: RwLock<Vec<Arc<Tap>>>,
 }
 
@@ -148,6 +150,9 @@ impl Taps {
     /// Records a frame the switch sent (or, with `drop`, failed to send) out of
     /// `port`. Call only when [`Taps::on`].
     pub(super) fn outbound(&self, port: &Port, frame: &[u8], drop: Option<&'static str>) {
+        if !self.outbound_on.load(Ordering::Relaxed) {
+            return;
+        }
         self.record(port, frame, FLAG_OUTBOUND, true, drop);
     }
 
@@ -170,7 +175,13 @@ impl Taps {
     fn remove(&self, tap: &Arc<Tap>) {
         let mut list = self.list.write().unwrap_or_else(|e| e.into_inner());
         list.retain(|t| !Arc::ptr_eq(t, tap));
+        self.set_flags(&list);
+    }
+
+    fn set_flags(&self, list: &[Arc<Tap>]) {
         self.on.store(!list.is_empty(), Ordering::Relaxed);
+        let named = list.iter().any(|t| t.ports.is_some());
+        self.outbound_on.store(named, Ordering::Relaxed);
     }
 }
 
@@ -280,7 +291,7 @@ impl Network {
                 return Err(SwitchError::TooManyCaptures(MAX_CAPTURES));
             }
             list.push(tap.clone());
-            self.captures.on.store(true, Ordering::Relaxed);
+            self.captures.set_flags(&list);
         }
         Ok(Capture {
             net: self.clone(),

@@ -9,6 +9,11 @@
 # own equivalent (a kernel-side endpoint in each namespace) and the fair baseline.
 # Both at MTU 1500 and 65520. Prints Gbit/s, the ratio netd/bridge and netd's RSS.
 #
+# Then the capture row: the same netd set-up with `netd capture bench -w /dev/null`
+# running during iperf3, against none, same run (goal: at least 0.8x), with what
+# the capture wrote and lost (a reader slower than the switch loses frames, never
+# slows it).
+#
 # NETD_BASE=/tmp/old/netd bench/netd.sh also measures another netd build, as
 # "netd-base", in the same run (each MTU: netd, netd-base, bridge, then the ratios).
 #
@@ -40,8 +45,8 @@ iperf() { # ns_client ns_server server_ip -> Gbit/s
   python3 -c 'import json,sys; print("%.2f" % (json.load(open(sys.argv[1]))["end"]["sum_received"]["bits_per_second"]/1e9))' "$work/iperf.json"
 }
 
-run_netd() { # mtu [binary] -> "gbps rss_kib"
-  local mtu=$1 bin=${2:-$NETD}
+run_netd() { # mtu [binary] [capture] -> "gbps rss_kib"
+  local mtu=$1 bin=${2:-$NETD} capture=${3:-}
   for ns in h a b; do ip netns add "${tag}$ns"; ip netns exec "${tag}$ns" ip link set lo up; done
   cat > "$work/netd.toml" <<EOT
 control = "$work/control.sock"
@@ -67,7 +72,17 @@ EOT
   ip netns exec "${tag}a" ip addr add 10.77.0.1/24 dev "${tag}ta"
   ip netns exec "${tag}b" ip addr add 10.77.0.2/24 dev "${tag}tb"
   ip netns exec "${tag}a" ping -c 1 -W 2 10.77.0.2 >/dev/null
+  local cap_pid=
+  if [ -n "$capture" ]; then
+    "$bin" --control "$work/control.sock" capture bench -w /dev/null 2>"$work/capture.err" &
+    cap_pid=$!
+    for _ in $(seq 100); do grep -q "capturing on" "$work/capture.err" 2>/dev/null && break; sleep 0.05; done
+  fi
   local g; g=$(iperf "${tag}a" "${tag}b" 10.77.0.2)
+  if [ -n "$cap_pid" ]; then
+    kill -INT "$cap_pid"; wait "$cap_pid" || true
+    grep "frames written" "$work/capture.err" > "$work/capture.sum" || echo "no report" > "$work/capture.sum"
+  fi
   local rss; rss=$(awk '/VmHWM/ {print $2}' "/proc/$netd_pid/status")
   kill "$netd_pid"; wait "$netd_pid" 2>/dev/null || true; netd_pid=
   for ns in h a b; do ip netns del "${tag}$ns"; done
@@ -112,3 +127,12 @@ if [ -n "$NETD_BASE" ]; then
   printf "\nnetd-base (%s), same run:\n%-7s %14s %14s %7s\n" "$NETD_BASE" MTU "netd Gbit/s" "base Gbit/s" ratio
   printf "%s\n" "${base_rows[@]}"
 fi
+
+printf "\nswitch throughput with a capture to /dev/null (netd capture bench -w /dev/null), same run:\n"
+printf "%-7s %14s %14s %7s  %s\n" MTU "none Gbit/s" "capture Gbit/s" ratio "capture report"
+for mtu in 1500 65520; do
+  read -r n0 _ < <(run_netd "$mtu")
+  read -r c0 _ < <(run_netd "$mtu" "$NETD" capture)
+  ratio=$(python3 -c "print('%.2f' % ($c0 / $n0 if $n0 > 0 else 0))")
+  printf "%-7s %14s %14s %6sx  %s\n" "$mtu" "$n0" "$c0" "$ratio" "$(sed 's/^capture of bench: //' "$work/capture.sum" | head -1)"
+done

@@ -128,6 +128,30 @@ impl Client {
 
     /// Sends `req`, returns the successful answer's data.
     pub fn call<R: Call>(&self, req: &R) -> Result<<R::Reply as Reply>::Data, ClientError> {
+        self.exchange(req).map(|(data, _)| data)
+    }
+
+    /// Sends `req` and reads its answer like [`Client::call`], then hands over the
+    /// connection, for what the daemon streams after a successful answer (netd's
+    /// `capture`: pcapng until the capture ends). The stream has no read timeout
+    /// (a capture may be quiet for long); bytes the answer's read took past its
+    /// line are in the returned reader's buffer.
+    pub fn open_stream<R: Call>(
+        &self,
+        req: &R,
+    ) -> Result<(<R::Reply as Reply>::Data, BufReader<UnixStream>), ClientError> {
+        let (data, reader) = self.exchange(req)?;
+        reader
+            .get_ref()
+            .set_read_timeout(None)
+            .map_err(ClientError::Io)?;
+        Ok((data, reader))
+    }
+
+    fn exchange<R: Call>(
+        &self,
+        req: &R,
+    ) -> Result<(<R::Reply as Reply>::Data, BufReader<UnixStream>), ClientError> {
         let daemon = R::DAEMON;
         let timed_out = |e: std::io::Error| match e.kind() {
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
@@ -149,7 +173,8 @@ impl Client {
         // newline is cut off there (the read timeout alone would not stop it).
         let mut resp = Vec::new();
         let limit = u64::try_from(self.max_reply).unwrap_or(u64::MAX);
-        BufReader::new(&s)
+        let mut reader = BufReader::new(s);
+        (&mut reader)
             .take(limit)
             .read_until(b'\n', &mut resp)
             .map_err(timed_out)?;
@@ -161,9 +186,10 @@ impl Client {
         }
         let reply: R::Reply = serde_json::from_slice(&resp)
             .map_err(|source| ClientError::Malformed { daemon, source })?;
-        reply
+        let data = reply
             .into_result()
-            .map_err(|message| ClientError::Refused { daemon, message })
+            .map_err(|message| ClientError::Refused { daemon, message })?;
+        Ok((data, reader))
     }
 
     fn connect(&self, daemon: &'static str) -> Result<UnixStream, ClientError> {
@@ -284,6 +310,21 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, ClientError::TimedOut { .. }), "{e}");
         assert!(started.elapsed() < Duration::from_millis(390));
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_stream_follows_its_answer_with_nothing_lost() {
+        let (_d, path, t) = peer(|_, mut s| {
+            s.write_all(b"{\"ok\":true,\"data\":1}\nraw bytes").unwrap();
+        });
+        let (v, mut r) = Client::new(&path)
+            .open_stream(&netd::Request::NetList)
+            .unwrap();
+        assert_eq!(v, serde_json::json!(1));
+        let mut rest = String::new();
+        r.read_to_string(&mut rest).unwrap();
+        assert_eq!(rest, "raw bytes");
         t.join().unwrap();
     }
 

@@ -148,6 +148,23 @@ pub enum Request {
         /// The vxlan port's name.
         port: String,
     },
+    /// Capture a network's frames (`netd capture`): answered like any request,
+    /// then, on success, the connection carries the capture as a pcapng byte
+    /// stream until it ends (the client closes or shuts down its side, or `count`
+    /// frames were written), and no more requests.
+    Capture {
+        /// Network.
+        net: String,
+        /// Ports to capture (both directions); empty: every port, inbound.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        ports: Vec<String>,
+        /// End after this many frames.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        count: Option<u64>,
+        /// Bytes kept of each frame (default and most: 262144).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        snaplen: Option<u32>,
+    },
     /// Test only: make a NAT network's router panic in its next step, to exercise
     /// its supervisor. Refused unless netd runs with `NETD_FAULT_INJECTION=1`.
     NatFault {

@@ -18,6 +18,7 @@
 //!   with the runtime state ([`Daemon::start_persistent`]);
 //! - `daemon/runtime.rs`: the runtime state file and which side wins when it and
 //!   the config file disagree.
+//! - `daemon/capture.rs`: a `capture` request's connection, a pcapng stream.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,6 +30,7 @@ use crate::dhcp::{DhcpServer, LeaseError};
 use crate::port::{self as ports, PortError, RunningPort};
 use crate::switch::{Network, SwitchError};
 
+mod capture;
 mod control;
 mod dispatch;
 mod netops;
@@ -131,6 +133,12 @@ pub enum DaemonError {
     /// network {0}: {1} is reserved for {2} already
     #[error("network {0}: {1} is reserved for {2} already")]
     ReservedTwice(String, std::net::Ipv4Addr, String),
+    /// network {0}: cannot start the capture
+    #[error("network {0}: cannot start the capture")]
+    Capture(String, #[source] SwitchError),
+    /// a capture is a stream: only the control server serves it
+    #[error("a capture is served on its control connection as a pcapng stream, not as an answer")]
+    CaptureStream,
 }
 
 struct NetState {

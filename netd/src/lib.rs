@@ -13,6 +13,7 @@
 //! switch through bounded tokio channels.
 
 pub mod budget;
+pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -21,6 +22,7 @@ pub mod dns;
 pub mod modes;
 pub mod nat;
 pub mod offload;
+pub mod pcapng;
 pub mod port;
 pub mod switch;
 pub mod sys;

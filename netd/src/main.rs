@@ -108,6 +108,28 @@ enum Cmd {
         #[command(subcommand)]
         cmd: VxlanCmd,
     },
+    /// Capture a network's frames as pcapng, live, taken inside the switch (every
+    /// port kind, the router's and DHCP's frames, frames the switch dropped,
+    /// marked "dropped: REASON"): `netd capture lab -w - | tshark -r -`.
+    /// Ctrl-C ends it; the frames a slow reader lost are counted and reported.
+    Capture {
+        /// Network.
+        net: String,
+        /// Capture this port only, both directions (repeat for more; default:
+        /// every port, each frame once, as it entered the switch).
+        #[arg(long = "port")]
+        ports: Vec<String>,
+        /// Write to FILE, or to stdout with "-" (the default; never a terminal).
+        #[arg(short = 'w', value_name = "FILE")]
+        write: Option<PathBuf>,
+        /// End after N frames.
+        #[arg(long, short = 'c', value_name = "N")]
+        count: Option<u64>,
+        /// Keep at most N bytes of each frame (1 to 262144, the default).
+        #[arg(long, short = 's', value_name = "N",
+              value_parser = clap::value_parser!(u32).range(1..=262_144))]
+        snaplen: Option<u32>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -633,6 +655,23 @@ fn main() -> ExitCode {
         Cmd::Control => out.show(Request::ControlStats, cli::counters),
         Cmd::Vxlan { cmd } => vxlan_cmd(&out, cmd),
         Cmd::Reservation { cmd } => reservation_cmd(&out, cmd),
+        Cmd::Capture {
+            net,
+            ports,
+            write,
+            count,
+            snaplen,
+        } => {
+            let req = Request::Capture {
+                net: net.clone(),
+                ports,
+                count,
+                snaplen,
+            };
+            netd::capture::run(&out.control, &req, write.as_ref())
+                .map(|sum| eprint!("{}", sum.report(&net)))
+                .map_err(anyhow::Error::from)
+        }
     };
     finish(r)
 }

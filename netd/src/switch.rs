@@ -41,7 +41,9 @@
 //! - `switch/guard.rs`: the port guard of step 2; `switch/fdb.rs`: the MAC table of
 //!   step 3;
 //! - `switch/service.rs`: in-process services attached as ports ([`ServicePort`],
-//!   [`SwitchIn`]).
+//!   [`SwitchIn`]);
+//! - `switch/capture.rs`: packet capture (`netd capture`), recorded on the
+//!   switching path when a capture runs ([`Capture`]).
 
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -50,6 +52,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+mod capture;
 mod counters;
 mod fdb;
 pub mod guard;
@@ -57,6 +60,9 @@ mod ingress;
 mod port;
 mod service;
 
+pub use self::capture::{
+    now_ns, Capture, CapturedPort, Record, CAPTURE_QUEUE_BYTES, CAPTURE_QUEUE_FRAMES, MAX_CAPTURES,
+};
 pub use self::counters::{Counters, CountersSnapshot};
 pub use self::fdb::{Fdb, Learn};
 pub use self::guard::{Guard, GuardDrop, IpGuard, PortGuard};
@@ -81,6 +87,12 @@ pub enum SwitchError {
     /// cannot start the port's thread
     #[error("cannot start the port's thread")]
     Thread(#[source] std::io::Error),
+    /// a snaplen out of range
+    #[error("snaplen {0} is out of range: expected 1 to 262144")]
+    BadSnaplen(u32),
+    /// as many captures as allowed run on the network
+    #[error("{0} captures already run on this network (the most at once)")]
+    TooManyCaptures(usize),
 }
 
 /// A learned MAC, as the control API shows it.
@@ -134,6 +146,8 @@ pub struct Network {
     max_per_port: AtomicUsize,
     /// Who may use which address (networks with DHCP or NAT).
     ip_guard: OnceLock<Arc<IpGuard>>,
+    /// The captures running on the network (`netd capture`).
+    captures: capture::Taps,
 }
 
 impl Network {
@@ -150,6 +164,7 @@ impl Network {
             guard_default: AtomicBool::new(false),
             max_per_port: AtomicUsize::new(usize::MAX),
             ip_guard: OnceLock::new(),
+            captures: capture::Taps::default(),
         })
     }
 

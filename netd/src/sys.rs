@@ -1,5 +1,5 @@
 //! Thin, checked wrappers over the Linux calls netd needs: AF_PACKET sockets,
-//! eventfd, poll, rtnetlink and network-namespace switching here; TAP devices
+//! eventfd, poll, rtnetlink, network-namespace switching and the CLI's stop signals here; TAP devices
 //! (`/dev/net/tun`) and interface ioctls (up, MTU, IPv4 address, MAC), which
 //! vmm-shim needs too, in [`fabric_util::sys`], re-exported below, with netd's
 //! choice of TAP offloads in [`tap_open`].
@@ -474,6 +474,44 @@ pub fn open_netns(name: &str) -> io::Result<std::fs::File> {
     }
     std::fs::File::open(format!("/run/netns/{name}"))
         .or_else(|_| std::fs::File::open(format!("/var/run/netns/{name}")))
+}
+
+/// SIGINT and SIGTERM, as a set.
+fn stop_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset initializes it before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+    }
+    set
+}
+
+/// Blocks SIGINT and SIGTERM in the calling thread (and so in the threads it
+/// starts afterwards), so that [`wait_stop_signal`] takes them instead of their
+/// default action. Call before starting threads.
+pub fn block_stop_signals() -> io::Result<()> {
+    let set = stop_signals();
+    // SAFETY: `set` is a valid, initialized sigset_t; the old mask is not asked for.
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    Ok(())
+}
+
+/// Waits for SIGINT or SIGTERM (blocked by [`block_stop_signals`]); returns it.
+pub fn wait_stop_signal() -> io::Result<i32> {
+    let set = stop_signals();
+    let mut sig = 0;
+    // SAFETY: `set` is a valid sigset_t and `sig` a valid out-pointer.
+    let r = unsafe { libc::sigwait(&set, &mut sig) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    Ok(sig)
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! The control server: the unix socket (bound 0660 and group-owned, never placed
 //! over somebody else's file), a bounded number of connections with an idle
 //! timeout, back-off on failed accepts, and one JSON request per line, each served
-//! by [`Daemon::handle`] on a blocking thread. The counters of all this are
+//! by [`Daemon::handle`] on a blocking thread, except `capture`, which turns its
+//! connection into a pcapng stream (`daemon/capture.rs`; no idle timeout then). The counters of all this are
 //! [`ControlStats`](fabric_api::netd::ControlStats).
 
 use std::sync::atomic::Ordering;
@@ -191,6 +192,16 @@ async fn serve_conn(d: &Arc<Daemon>, stream: tokio::net::UnixStream, idle: Durat
         }
         let resp = match fabric_api::decode_request::<Request>(line.as_bytes()) {
             Err(e) => Response::fail(e),
+            // The connection becomes the capture's pcapng stream, to its end.
+            Ok(Request::Capture {
+                net,
+                ports,
+                count,
+                snaplen,
+            }) => {
+                let args = (net, ports, count, snaplen);
+                return super::capture::serve_capture(d, args, w, lines).await;
+            }
             Ok(req) => {
                 let d2 = d.clone();
                 match tokio::task::spawn_blocking(move || d2.handle(req)).await {

@@ -204,6 +204,8 @@ impl Daemon {
             Request::ReservationList { net } => {
                 Ok(j(serde_json::to_value(self.reservation_list(&net)?)))
             }
+            // serve_conn hands it to daemon/capture.rs before it gets here.
+            Request::Capture { .. } => Err(DaemonError::CaptureStream),
             Request::DhcpStats { net } => {
                 let dhcp = self
                     .with_net(&net, |st| st.dhcp.clone())?

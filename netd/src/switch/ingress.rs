@@ -3,7 +3,9 @@
 //! the source MAC (bounded, pinned service MACs, per-port caps), then forward to the
 //! learned port or flood; step 5 is [`Port::send`] on each egress port. Every entry
 //! point (`ingress`, `ingress_vnet`, `ingress_remote`, `ingress_local`) ends in
-//! `ingress_inner`, so every frame gets the same checks and counters.
+//! `ingress_inner`, so every frame gets the same checks and counters, and a running
+//! capture (see [`super::capture`]) sees every frame there: inbound once it is
+//! decided on (marked if dropped), outbound per egress port.
 
 use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
@@ -73,24 +75,18 @@ impl Network {
                 src.copy_from_slice(s);
                 (dst, src)
             }
-            _ => {
-                inc(&from.counters.drop_malformed, 1);
-                return false;
-            }
+            _ => return self.drop_in(from, frame, &from.counters.drop_malformed, "malformed"),
         };
         if src[0] & 1 != 0 {
-            inc(&from.counters.drop_malformed, 1);
-            return false;
+            return self.drop_in(from, frame, &from.counters.drop_malformed, "malformed");
         }
         if frame_payload(frame, hdr) > from.mtu {
-            inc(&from.counters.drop_mtu, 1);
-            return false;
+            return self.drop_in(from, frame, &from.counters.drop_mtu, "mtu");
         }
         let now = Instant::now();
         if from.guard.on {
             if let Err(why) = self.guard_check(from, src, frame, now) {
-                from.counters.guard_drop(why);
-                return false;
+                return self.guard_drop_in(from, frame, why);
             }
         }
         let target = {
@@ -101,28 +97,35 @@ impl Network {
             } else {
                 self.max_per_port.load(Ordering::Relaxed)
             };
-            match fdb.learn_remote(src, from.id, remote, now, cap) {
-                Learn::Learned | Learn::TableFull => {}
+            let learned = match fdb.learn_remote(src, from.id, remote, now, cap) {
+                Learn::Learned | Learn::TableFull => Ok(()),
                 // A service may answer from another service's MAC (the DHCP server
                 // replying for the router): forwarded, not learned.
-                Learn::Pinned if from.kind == PortClass::Service => {}
-                Learn::Pinned => {
-                    from.counters.guard_drop(GuardDrop::SpoofedMac);
-                    return false;
+                Learn::Pinned if from.kind == PortClass::Service => Ok(()),
+                Learn::Pinned => Err(GuardDrop::SpoofedMac),
+                Learn::PortFull => Err(GuardDrop::MacLimit),
+            };
+            learned.map(|()| {
+                if dst[0] & 1 == 0 {
+                    fdb.lookup_remote(&dst, now)
+                } else {
+                    None
                 }
-                Learn::PortFull => {
-                    from.counters.guard_drop(GuardDrop::MacLimit);
-                    return false;
-                }
-            }
-            if dst[0] & 1 == 0 {
-                fdb.lookup_remote(&dst, now)
-            } else {
-                None
-            }
+            })
+        };
+        let target = match target {
+            Ok(t) => t,
+            Err(why) => return self.guard_drop_in(from, frame, why),
         };
         inc(&from.counters.rx_frames, 1);
         inc(&from.counters.rx_bytes, frame.len() as u64);
+        // The one check a frame pays when nobody captures.
+        let taps = self.captures.on();
+        if taps {
+            let hairpin = matches!(target, Some((id, _)) if id == from.id);
+            self.captures
+                .inbound(from, frame, hairpin.then_some("hairpin"));
+        }
         let ports = self.ports.read().unwrap_or_else(|e| e.into_inner());
         let isolated = self.isolated.load(Ordering::Relaxed) && from.kind != PortClass::Service;
         let allowed = |p: &Port| !isolated || p.kind == PortClass::Service;
@@ -133,22 +136,59 @@ impl Network {
                     match local {
                         // Same MTU check and counters as `Port::send`, no copy.
                         Some(l) if l.id == id => {
-                            if frame_payload(frame, hdr) > l.mtu {
+                            let why = if frame_payload(frame, hdr) > l.mtu {
                                 inc(&l.counters.drop_mtu, 1);
-                                return false;
+                                Some("mtu")
+                            } else {
+                                l.account(Ok(()), frame.len())
+                            };
+                            if taps {
+                                self.captures.outbound(l, frame, why);
                             }
-                            l.account(Ok(()), frame.len());
-                            return true;
+                            return why.is_none();
                         }
-                        _ => p.send(frame, hdr, to),
+                        _ => {
+                            let why = p.send(frame, hdr, to);
+                            if taps {
+                                self.captures.outbound(p, frame, why);
+                            }
+                        }
                     }
                 }
             }
             None => {
                 for p in ports.iter().filter(|p| p.id != from.id && allowed(p)) {
-                    p.send(frame, hdr, None);
+                    let why = p.send(frame, hdr, None);
+                    if taps {
+                        self.captures.outbound(p, frame, why);
+                    }
                 }
             }
+        }
+        false
+    }
+
+    /// Counts an ingress drop on `counter` (and records it, marked `why`, when a
+    /// capture runs); always false (the frame is not the caller's to take).
+    fn drop_in(
+        &self,
+        from: &Port,
+        frame: &[u8],
+        counter: &std::sync::atomic::AtomicU64,
+        why: &'static str,
+    ) -> bool {
+        inc(counter, 1);
+        if self.captures.on() {
+            self.captures.inbound(from, frame, Some(why));
+        }
+        false
+    }
+
+    /// [`Network::drop_in`] for a drop by the guard or the MAC limits.
+    fn guard_drop_in(&self, from: &Port, frame: &[u8], why: GuardDrop) -> bool {
+        from.counters.guard_drop(why);
+        if self.captures.on() {
+            self.captures.inbound(from, frame, Some(why.as_str()));
         }
         false
     }

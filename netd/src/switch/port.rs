@@ -161,38 +161,54 @@ pub struct Port {
 }
 
 impl Port {
-    pub(super) fn account(&self, r: Result<(), TxError>, len: usize) {
-        match r {
+    /// Counts the outcome of one send; a failure's reason (the counter's name
+    /// without `drop_`, as a capture marks it).
+    pub(super) fn account(&self, r: Result<(), TxError>, len: usize) -> Option<&'static str> {
+        let (c, why) = match r {
             Ok(()) => {
                 inc(&self.counters.tx_frames, 1);
                 inc(&self.counters.tx_bytes, len as u64);
+                return None;
             }
-            Err(TxError::Full) => inc(&self.counters.drop_full, 1),
-            Err(TxError::Down) => inc(&self.counters.drop_down, 1),
-            Err(TxError::Io(_)) => inc(&self.counters.drop_io, 1),
-        }
+            Err(TxError::Full) => (&self.counters.drop_full, "full"),
+            Err(TxError::Down) => (&self.counters.drop_down, "down"),
+            Err(TxError::Io(_)) => (&self.counters.drop_io, "io"),
+        };
+        inc(c, 1);
+        Some(why)
     }
 
-    pub(super) fn send(&self, frame: &[u8], hdr: Option<&VnetHdr>, remote: Option<Ipv4Addr>) {
+    /// Sends a frame out of the port (the egress step); why it was dropped, if it
+    /// was (for a frame finished in software: its first failed segment's reason).
+    pub(super) fn send(
+        &self,
+        frame: &[u8],
+        hdr: Option<&VnetHdr>,
+        remote: Option<Ipv4Addr>,
+    ) -> Option<&'static str> {
         if frame_payload(frame, hdr) > self.mtu {
             inc(&self.counters.drop_mtu, 1);
-            return;
+            return Some("mtu");
         }
         if self.vnet {
             let h = hdr.map(|h| h.to_bytes()).unwrap_or([0; VNET_HDR_LEN]);
-            self.account(self.tx.send_vnet_to(&h, frame, remote), frame.len());
-            return;
+            return self.account(self.tx.send_vnet_to(&h, frame, remote), frame.len());
         }
         match hdr.filter(|h| !h.is_plain()) {
             None => self.account(self.tx.send_to(frame, remote), frame.len()),
             Some(h) => SCRATCH.with(|s| {
                 let mut scratch = s.borrow_mut();
+                let mut why = None;
                 let r = finish(h, frame, &mut scratch, &mut |seg| {
-                    self.account(self.tx.send_to(seg, remote), seg.len())
+                    if let Some(w) = self.account(self.tx.send_to(seg, remote), seg.len()) {
+                        why.get_or_insert(w);
+                    }
                 });
                 if r.is_err() {
                     inc(&self.counters.drop_offload, 1);
+                    return Some("offload");
                 }
+                why
             }),
         }
     }

@@ -1,0 +1,127 @@
+//! Unit tests of capture in the switch: what is recorded where, drops marked,
+//! a full queue counted as lost without touching the frames' delivery.
+
+use super::*;
+use crate::pcapng;
+use crate::switch::{Guard, PortTx, TxError};
+use std::time::Duration;
+
+struct Null;
+impl PortTx for Null {
+    fn send(&self, _: &[u8]) -> Result<(), TxError> {
+        Ok(())
+    }
+}
+
+const A: [u8; 6] = [2, 0, 0, 0, 0, 0xa];
+const B: [u8; 6] = [2, 0, 0, 0, 0, 0xb];
+
+fn frame(dst: [u8; 6], src: [u8; 6], len: usize) -> Vec<u8> {
+    let mut f = vec![0u8; len];
+    f[0..6].copy_from_slice(&dst);
+    f[6..12].copy_from_slice(&src);
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    f
+}
+
+fn net2() -> (Arc<Network>, Arc<Port>, Arc<Port>) {
+    let net = Network::new("n", 1500, 16, Duration::from_secs(300));
+    let a = net.add_port("a", PortClass::Tap, Box::new(Null)).unwrap();
+    let b = net
+        .add_port("b", PortClass::Stream, Box::new(Null))
+        .unwrap();
+    (net, a, b)
+}
+
+fn drain(c: &mut Capture) -> Vec<Record> {
+    std::iter::from_fn(|| c.frames.try_recv().ok()).collect()
+}
+
+#[test]
+fn every_frame_once_inbound_with_drops_marked() {
+    let (net, a, b) = net2();
+    assert!(!net.captures.on(), "off until asked");
+    let mut c = net.capture(&[], 20).unwrap();
+    assert!(net.captures.on());
+    assert_eq!(
+        c.ports()
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>(),
+        ["a", "b"]
+    );
+    net.ingress(&a, &frame([0xff; 6], A, 60));
+    net.ingress(&b, &frame(A, B, 100));
+    net.ingress(&a, &[1, 2, 3]);
+    net.ingress(&a, &frame(B, A, 1515));
+    let r = drain(&mut c);
+    assert_eq!(r.len(), 4, "{r:?}");
+    assert!(r.iter().all(|x| x.flags & 0b11 == pcapng::FLAG_INBOUND));
+    assert_eq!((r[0].port, r[0].flags >> 2), (a.id, 3), "broadcast");
+    assert_eq!((r[1].port, r[1].flags >> 2), (b.id, 1), "unicast");
+    assert_eq!(r[1].orig_len, 100);
+    assert_eq!(r[1].data.len(), 20, "cut at the snaplen");
+    assert_eq!(r[0].drop, None);
+    assert_eq!(r[2].drop, Some("malformed"));
+    assert_eq!(r[3].drop, Some("mtu"));
+    drop(c);
+    assert!(!net.captures.on(), "off again once the capture ends");
+}
+
+#[test]
+fn a_named_port_is_captured_both_ways_and_guard_drops_are_marked() {
+    let net = Network::new("n", 1500, 16, Duration::from_secs(300));
+    let a = net
+        .add_port_with(
+            "a",
+            PortClass::Tap,
+            Box::new(Null),
+            Some(Guard::Clean),
+            Some(A),
+        )
+        .unwrap();
+    let b = net.add_port("b", PortClass::Tap, Box::new(Null)).unwrap();
+    assert!(matches!(
+        net.capture(&["nope".into()], 64),
+        Err(SwitchError::NoSuchPort(_))
+    ));
+    assert!(matches!(
+        net.capture(&[], 0),
+        Err(SwitchError::BadSnaplen(0))
+    ));
+    let mut c = net.capture(&["a".into()], 64).unwrap();
+    net.ingress(&b, &frame(A, B, 60));
+    net.ingress(&a, &frame(B, B, 60));
+    let r = drain(&mut c);
+    assert_eq!(r.len(), 2, "{r:?}");
+    assert_eq!(
+        (r[0].port, r[0].flags & 0b11, r[0].drop),
+        (a.id, pcapng::FLAG_OUTBOUND, None)
+    );
+    assert_eq!(
+        (r[1].port, r[1].flags & 0b11, r[1].drop),
+        (a.id, pcapng::FLAG_INBOUND, Some("spoofed_mac"))
+    );
+    assert_eq!(a.counters.snapshot().drop_spoofed_mac, 1);
+}
+
+#[test]
+fn a_full_queue_loses_capture_frames_only() {
+    let (net, a, b) = net2();
+    let mut captures: Vec<Capture> = (0..MAX_CAPTURES)
+        .map(|_| net.capture(&[], 64).unwrap())
+        .collect();
+    assert!(matches!(
+        net.capture(&[], 64),
+        Err(SwitchError::TooManyCaptures(MAX_CAPTURES))
+    ));
+    captures.truncate(1);
+    let mut c = captures.pop().unwrap();
+    let n = CAPTURE_QUEUE_FRAMES + 100;
+    for _ in 0..n {
+        net.ingress(&a, &frame(B, A, 60));
+    }
+    assert_eq!(b.counters.snapshot().tx_frames, n as u64, "all delivered");
+    assert_eq!(c.lost().get(&a.id).copied(), Some(100));
+    assert_eq!(drain(&mut c).len(), CAPTURE_QUEUE_FRAMES);
+}

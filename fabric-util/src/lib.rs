@@ -9,13 +9,15 @@
 //! - [`MacAddr`]: an Ethernet address, parsed and printed as `52:54:00:12:34:56`;
 //! - [`toml_file`]: strict TOML config files whose errors name the file;
 //! - [`sys`]: TAP devices and interface ioctls, the only `unsafe` of the crate;
-//! - [`cli`]: the daemons' `serve --config` arguments and their exit status.
+//! - [`cli`]: the daemons' `serve --config` arguments and their exit status;
+//! - [`metrics`]: Prometheus metrics and the bounded `/metrics` HTTP server.
 //!
-//! Nothing here starts threads or needs a runtime: the daemons use it from tokio
+//! Nothing here but [`metrics::serve`] starts threads, and nothing needs a runtime: the daemons use it from tokio
 //! tasks, the VMM from plain threads.
 
 pub mod cli;
 mod mac;
+pub mod metrics;
 mod size;
 pub mod sys;
 pub mod toml_file;

@@ -13,7 +13,8 @@
 //! mutex) and the runtime port changes; the rest is split by concern:
 //! - `daemon/network.rs`: building one network from its spec and stopping it;
 //! - `daemon/dispatch.rs`: [`Daemon::handle`], one control request;
-//! - `daemon/control.rs`: the control socket and its connections ([`serve_control`]).
+//! - `daemon/control.rs`: the control socket and its connections ([`serve_control`]);
+//! - `daemon/metrics.rs`: what `/metrics` exports ([`Metrics`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -27,11 +28,13 @@ use crate::switch::{Network, SwitchError};
 
 mod control;
 mod dispatch;
+mod metrics;
 mod network;
 
 use self::network::stop_network;
 
 pub use self::control::serve_control;
+pub use self::metrics::Metrics;
 
 /// Daemon errors.
 #[derive(Debug, thiserror::Error)]

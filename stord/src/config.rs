@@ -129,6 +129,8 @@ pub struct Config {
     pub tls_ca: Option<PathBuf>,
     /// Pre-shared keys, GnuTLS psktool's `identity:hexkey` format.
     pub tls_psk_file: Option<PathBuf>,
+    /// `ADDR:PORT` to serve Prometheus metrics on (`GET /metrics`); off when absent.
+    pub metrics: Option<String>,
     /// Disks to create when missing.
     #[serde(default)]
     pub disk: Vec<DiskConfig>,
@@ -179,6 +181,16 @@ impl Config {
         Ok(toml_file::parse(text, path)?)
     }
 
+    /// The address of the metrics server, if the `metrics` key asks for one.
+    pub fn metrics_addr(&self, path: &Path) -> Result<Option<SocketAddr>, ConfigError> {
+        let p = path.display().to_string();
+        self.metrics
+            .as_deref()
+            .map(|m| fabric_util::metrics::parse_addr(m, &p, "metrics"))
+            .transpose()
+            .map_err(ConfigError::from)
+    }
+
     /// Checks values serde cannot: addresses, names, sizes, uniqueness.
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let invalid = |key: String, expected: String| {
@@ -196,6 +208,7 @@ impl Config {
                 )
             })?;
         }
+        self.metrics_addr(path)?;
         if let Some(u) = &self.unix {
             if u.as_os_str().is_empty() {
                 return Err(invalid("unix".into(), "a socket path".into()));

@@ -306,10 +306,35 @@ fn connection(stream: TcpStream, reg: &Registry, stats: &Stats) {
         Some(Asked::Refused(r)) => {
             stats.refuse(r);
             respond(&stream, r.status(), "", false);
+            drain(&stream);
         }
         Some(Asked::Metrics { head }) => {
             stats.scrapes.fetch_add(1, Ordering::Relaxed);
             respond(&stream, "200 OK", &encode(reg), head);
+        }
+    }
+}
+
+/// Most bytes read and thrown away after a refusal.
+const DRAIN_MAX: usize = 1024 * 1024;
+/// Longest time spent on that.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Reads what the client still sends (bounded in bytes and time) after a refusal, so
+/// that the close is a FIN and the client reads the answer: closing a socket with
+/// unread input sends a RST, which may destroy the answer before it is read.
+fn drain(mut stream: &TcpStream) {
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    let mut left = DRAIN_MAX;
+    let mut buf = [0u8; 4096];
+    while left > 0 {
+        let t = deadline.saturating_duration_since(Instant::now());
+        if t.is_zero() || stream.set_read_timeout(Some(t)).is_err() {
+            return;
+        }
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => left = left.saturating_sub(n),
         }
     }
 }

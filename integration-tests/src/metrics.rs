@@ -137,8 +137,12 @@ pub fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<
 /// [`value`], or a panic naming what is missing.
 pub fn get(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
     value(samples, name, labels).unwrap_or_else(|| {
-        let names: Vec<&str> = samples.iter().map(|s| s.name.as_str()).collect();
-        panic!("no single sample {name} {labels:?} among {names:?}")
+        let same: Vec<&BTreeMap<String, String>> = samples
+            .iter()
+            .filter(|s| s.name == name)
+            .map(|s| &s.labels)
+            .collect();
+        panic!("no single sample {name} {labels:?}; with that name: {same:?}")
     })
 }
 

@@ -252,3 +252,68 @@ pub fn assert_hostile_scrapers_refused(prefix: &[&str], host: &str, port: u16) -
     assert!(line("after").contains(" 200 "), "after the attacks: {r}");
     scrape_parsed(prefix, &format!("{host}:{port}")).expect("scrape after the attacks")
 }
+
+/// The metric names that the queries of `configs/grafana-fabric.json` use and that
+/// start with `prefix` (e.g. `netd_`); checks on the way that the dashboard is a
+/// Grafana dashboard whose every query goes to its Prometheus datasource variable.
+pub fn dashboard_metrics(prefix: &str) -> Vec<String> {
+    let path = crate::workspace_root().join("configs/grafana-fabric.json");
+    let text = std::fs::read_to_string(&path).expect("read the dashboard");
+    let d: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    assert!(
+        d["schemaVersion"].as_u64().is_some() && d["uid"].is_string(),
+        "not a dashboard"
+    );
+    let vars = d["templating"]["list"].as_array().expect("templating");
+    assert!(
+        vars.iter().any(|v| v["type"] == "datasource"
+            && v["name"] == "datasource"
+            && v["query"] == "prometheus"),
+        "no Prometheus datasource variable"
+    );
+    let mut exprs = Vec::new();
+    for p in d["panels"].as_array().expect("panels") {
+        if p["type"] == "row" {
+            continue;
+        }
+        assert_eq!(
+            p["datasource"]["uid"], "${datasource}",
+            "panel {}",
+            p["title"]
+        );
+        for t in p["targets"].as_array().expect("targets") {
+            assert_eq!(
+                t["datasource"]["uid"], "${datasource}",
+                "panel {}",
+                p["title"]
+            );
+            exprs.push(t["expr"].as_str().expect("expr").to_string());
+        }
+    }
+    for v in vars {
+        if let Some(q) = v["definition"].as_str() {
+            exprs.push(q.to_string());
+        }
+    }
+    let mut names: Vec<String> = exprs
+        .iter()
+        .flat_map(|e| e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')))
+        .filter(|w| w.starts_with(prefix))
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Asserts that every metric the dashboard uses with `prefix` is among `samples`.
+pub fn assert_dashboard_covered(samples: &[Sample], prefix: &str) {
+    let names = dashboard_metrics(prefix);
+    assert!(!names.is_empty(), "the dashboard shows nothing of {prefix}");
+    for n in names {
+        assert!(
+            samples.iter().any(|s| s.name == n),
+            "the dashboard queries {n}, which the daemon does not export"
+        );
+    }
+}

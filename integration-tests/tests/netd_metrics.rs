@@ -8,7 +8,9 @@
 mod netd_common;
 
 use anyhow::Result;
-use integration_tests::metrics::{assert_hostile_scrapers_refused, get, scrape_parsed, value};
+use integration_tests::metrics::{
+    assert_dashboard_covered, assert_hostile_scrapers_refused, get, scrape_parsed, value,
+};
 use integration_tests::{free_port, Netns};
 use netd_common::*;
 
@@ -185,6 +187,8 @@ fn nat_network_shows_leases_flows_and_router_counters() -> Result<()> {
     );
     assert!(denied >= 1.0, "denied_host: {denied}");
     assert_eq!(get(&s, "netd_router_restarts_total", &net), 0.0);
+    // Every netd metric the Grafana dashboard shows is exported.
+    assert_dashboard_covered(&s, "netd_");
     // The router's port and the guest's port are counted like any port.
     assert!(s.iter().any(|x| x.name == "netd_port_rx_frames_total"
         && x.labels.get("net").map(String::as_str) == Some("nat0")

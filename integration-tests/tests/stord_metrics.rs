@@ -9,7 +9,9 @@ mod stord_common;
 use std::process::Command;
 use std::time::Duration;
 
-use integration_tests::metrics::{assert_hostile_scrapers_refused, get, scrape_parsed, Sample};
+use integration_tests::metrics::{
+    assert_dashboard_covered, assert_hostile_scrapers_refused, get, scrape_parsed, Sample,
+};
 use integration_tests::{free_port, wait_until};
 use stord_common::*;
 
@@ -67,6 +69,7 @@ fn disk_counters_and_histograms_move_with_nbd_requests() {
     assert_eq!(in_10s, count, "every READ took under 10 s");
     assert_eq!(get(&m1, "stord_disk_errors_total", &read), 0.0);
     assert!(get(&m1, "stord_connections_total", &[]) >= 2.0);
+    assert_dashboard_covered(&m1, "stord_");
 
     // A held connection is in the gauge; one over max_connections is refused and
     // counted by its reason.

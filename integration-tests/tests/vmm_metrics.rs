@@ -12,7 +12,9 @@ mod vmm_guest;
 use std::time::Duration;
 
 use integration_tests::free_port;
-use integration_tests::metrics::{assert_hostile_scrapers_refused, get, scrape_parsed};
+use integration_tests::metrics::{
+    assert_dashboard_covered, assert_hostile_scrapers_refused, get, scrape_parsed,
+};
 use vmm_guest::{setup_with_disk, LiveVm};
 
 const GUEST: &str = r#"
@@ -58,6 +60,7 @@ fn guest_exits_and_device_counters_are_scraped_while_it_runs() {
     );
     assert_eq!(get(&m1, "vmm_device_bad_chains_total", &blk), 0.0);
     assert_eq!(get(&m1, "vmm_device_io_errors_total", &blk), 0.0);
+    assert_dashboard_covered(&m1, "vmm_");
 
     std::thread::sleep(Duration::from_millis(300));
     let m2 = scrape_parsed(&[], &addr).expect("scrape vmm-shim");

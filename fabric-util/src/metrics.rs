@@ -164,6 +164,16 @@ pub fn parse_addr(value: &str, path: &str, key: &str) -> Result<SocketAddr, Inva
     })
 }
 
+/// The `metrics` key of a daemon's config file `path`: `None` when absent (metrics
+/// off), else its address, checked by [`parse_addr`].
+pub fn config_addr(
+    value: Option<&str>,
+    path: &std::path::Path,
+) -> Result<Option<SocketAddr>, InvalidKey> {
+    let p = path.display().to_string();
+    value.map(|m| parse_addr(m, &p, "metrics")).transpose()
+}
+
 /// Encodes `src` as the server answers a scrape (for tests and callers that want the
 /// text without the server).
 pub fn render(src: std::sync::Arc<dyn Source>) -> String {

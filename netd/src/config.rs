@@ -241,12 +241,10 @@ impl Config {
 
     /// The address of the metrics server, if the `metrics` key asks for one.
     pub fn metrics_addr(&self, path: &Path) -> Result<Option<std::net::SocketAddr>, ConfigError> {
-        let p = path.display().to_string();
-        self.metrics
-            .as_deref()
-            .map(|m| fabric_util::metrics::parse_addr(m, &p, "metrics"))
-            .transpose()
-            .map_err(ConfigError::from)
+        Ok(fabric_util::metrics::config_addr(
+            self.metrics.as_deref(),
+            path,
+        )?)
     }
 
     /// Reads and parses `path` (not yet validated).

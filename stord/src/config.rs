@@ -183,12 +183,10 @@ impl Config {
 
     /// The address of the metrics server, if the `metrics` key asks for one.
     pub fn metrics_addr(&self, path: &Path) -> Result<Option<SocketAddr>, ConfigError> {
-        let p = path.display().to_string();
-        self.metrics
-            .as_deref()
-            .map(|m| fabric_util::metrics::parse_addr(m, &p, "metrics"))
-            .transpose()
-            .map_err(ConfigError::from)
+        Ok(fabric_util::metrics::config_addr(
+            self.metrics.as_deref(),
+            path,
+        )?)
     }
 
     /// Checks values serde cannot: addresses, names, sizes, uniqueness.
@@ -405,6 +403,24 @@ mod tests {
     /// The error of a config that does not even parse.
     fn unparsable(text: &str) -> String {
         Config::parse(text, p()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn metrics_key_is_an_address_and_port() {
+        let base = "control = \"/c\"\nstate_dir = \"/s\"\n";
+        let c = Config::parse(&format!("{base}metrics = \"[::1]:9103\"\n"), p()).unwrap();
+        c.validate(p()).unwrap();
+        assert_eq!(
+            c.metrics_addr(p()).unwrap(),
+            Some("[::1]:9103".parse().unwrap())
+        );
+        let off = Config::parse(base, p()).unwrap();
+        assert_eq!(off.metrics_addr(p()).unwrap(), None);
+        let e = invalid(&format!("{base}metrics = \"localhost:9103\"\n"));
+        assert!(
+            e.contains("/etc/stord.toml") && e.contains("`metrics`") && e.contains("localhost"),
+            "{e}"
+        );
     }
 
     #[test]

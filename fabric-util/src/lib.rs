@@ -10,14 +10,16 @@
 //! - [`toml_file`]: strict TOML config files whose errors name the file;
 //! - [`fs`]: state files replaced atomically and durably ([`fs::write_durable`]);
 //! - [`sys`]: TAP devices and interface ioctls, the only `unsafe` of the crate;
-//! - [`cli`]: the daemons' `serve --config` arguments and their exit status.
+//! - [`cli`]: the daemons' `serve --config` arguments and their exit status;
+//! - [`metrics`]: Prometheus metrics and the bounded `/metrics` HTTP server.
 //!
-//! Nothing here starts threads or needs a runtime: the daemons use it from tokio
+//! Nothing here but [`metrics::serve`] starts threads, and nothing needs a runtime: the daemons use it from tokio
 //! tasks, the VMM from plain threads.
 
 pub mod cli;
 pub mod fs;
 mod mac;
+pub mod metrics;
 mod size;
 pub mod sys;
 pub mod toml_file;

@@ -9,6 +9,7 @@
 //! drop, so a failing test leaves the host as it found it. Names are unique per
 //! process and per call so tests can run in parallel.
 
+pub mod metrics;
 pub mod netd;
 
 use std::fs::OpenOptions;

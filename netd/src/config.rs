@@ -55,6 +55,8 @@ pub struct Config {
     /// Seconds a control connection may wait between requests before it is
     /// closed. Default 60.
     pub control_idle_timeout: Option<u64>,
+    /// `ADDR:PORT` to serve Prometheus metrics on (`GET /metrics`); off when absent.
+    pub metrics: Option<String>,
     /// The networks.
     #[serde(default)]
     pub network: Vec<NetworkConfig>,
@@ -246,6 +248,14 @@ impl Config {
             max_connections,
             idle_timeout: std::time::Duration::from_secs(idle),
         })
+    }
+
+    /// The address of the metrics server, if the `metrics` key asks for one.
+    pub fn metrics_addr(&self, path: &Path) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        Ok(fabric_util::metrics::config_addr(
+            self.metrics.as_deref(),
+            path,
+        )?)
     }
 
     /// Reads and parses `path` (not yet validated).

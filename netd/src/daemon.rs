@@ -19,6 +19,7 @@
 //! - `daemon/runtime.rs`: the runtime state file and which side wins when it and
 //!   the config file disagree.
 //! - `daemon/capture.rs`: a `capture` request's connection, a pcapng stream.
+//! - `daemon/metrics.rs`: what `/metrics` exports ([`Metrics`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -34,12 +35,14 @@ mod capture;
 mod control;
 mod dispatch;
 mod netops;
+mod metrics;
 mod network;
 pub mod runtime;
 
 use self::network::stop_network;
 
 pub use self::control::serve_control;
+pub use self::metrics::Metrics;
 
 /// Daemon errors.
 #[derive(Debug, thiserror::Error)]

@@ -491,6 +491,7 @@ fn serve(config: PathBuf) -> Result<()> {
         Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
     }
     let control_spec = cfg.control_spec(&config)?;
+    let metrics = cfg.metrics_addr(&config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -498,6 +499,12 @@ fn serve(config: PathBuf) -> Result<()> {
         .context("cannot start the tokio runtime")?;
     rt.block_on(async move {
         let daemon = netd::daemon::Daemon::start_persistent(&cfg, &config)?;
+        if let Some(addr) = metrics {
+            let src = std::sync::Arc::new(netd::daemon::Metrics(daemon.clone()));
+            let srv = fabric_util::metrics::serve(addr, "netd", src)
+                .with_context(|| format!("cannot serve metrics on {addr} (key `metrics`)"))?;
+            tracing::info!(metrics = %srv.local_addr(), "serving /metrics");
+        }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("cannot install the SIGTERM handler")?;
         let shutdown = async move {

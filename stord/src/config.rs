@@ -129,6 +129,8 @@ pub struct Config {
     pub tls_ca: Option<PathBuf>,
     /// Pre-shared keys, GnuTLS psktool's `identity:hexkey` format.
     pub tls_psk_file: Option<PathBuf>,
+    /// `ADDR:PORT` to serve Prometheus metrics on (`GET /metrics`); off when absent.
+    pub metrics: Option<String>,
     /// Disks to create when missing.
     #[serde(default)]
     pub disk: Vec<DiskConfig>,
@@ -179,6 +181,14 @@ impl Config {
         Ok(toml_file::parse(text, path)?)
     }
 
+    /// The address of the metrics server, if the `metrics` key asks for one.
+    pub fn metrics_addr(&self, path: &Path) -> Result<Option<SocketAddr>, ConfigError> {
+        Ok(fabric_util::metrics::config_addr(
+            self.metrics.as_deref(),
+            path,
+        )?)
+    }
+
     /// Checks values serde cannot: addresses, names, sizes, uniqueness.
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let invalid = |key: String, expected: String| {
@@ -196,6 +206,7 @@ impl Config {
                 )
             })?;
         }
+        self.metrics_addr(path)?;
         if let Some(u) = &self.unix {
             if u.as_os_str().is_empty() {
                 return Err(invalid("unix".into(), "a socket path".into()));
@@ -392,6 +403,24 @@ mod tests {
     /// The error of a config that does not even parse.
     fn unparsable(text: &str) -> String {
         Config::parse(text, p()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn metrics_key_is_an_address_and_port() {
+        let base = "control = \"/c\"\nstate_dir = \"/s\"\n";
+        let c = Config::parse(&format!("{base}metrics = \"[::1]:9103\"\n"), p()).unwrap();
+        c.validate(p()).unwrap();
+        assert_eq!(
+            c.metrics_addr(p()).unwrap(),
+            Some("[::1]:9103".parse().unwrap())
+        );
+        let off = Config::parse(base, p()).unwrap();
+        assert_eq!(off.metrics_addr(p()).unwrap(), None);
+        let e = invalid(&format!("{base}metrics = \"localhost:9103\"\n"));
+        assert!(
+            e.contains("/etc/stord.toml") && e.contains("`metrics`") && e.contains("localhost"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -110,6 +110,8 @@ pub struct Disk {
     flush_failures: AtomicU64,
     /// Set while a shrink runs: no new connection may attach.
     pub(crate) exclusive: AtomicBool,
+    /// Requests served, by command (see [`crate::metrics`]).
+    io: crate::metrics::DiskIo,
     /// The file mapped for sending READ data (made on first use, replaced
     /// after [`MAP_REGIONS_MAX`] regions and on resize).
     map: Mutex<Option<MapState>>,
@@ -232,6 +234,7 @@ impl Disk {
             failed: AtomicBool::new(false),
             flush_failures: AtomicU64::new(0),
             exclusive: AtomicBool::new(false),
+            io: crate::metrics::DiskIo::default(),
             map: Mutex::new(None),
         }
     }
@@ -263,6 +266,10 @@ impl Disk {
     /// Syncs that failed since the disk was opened.
     pub fn flush_failures(&self) -> u64 {
         self.flush_failures.load(Ordering::Relaxed)
+    }
+    /// Requests served on this disk since it was opened.
+    pub fn io(&self) -> &crate::metrics::DiskIo {
+        &self.io
     }
     /// Open NBD connections on this disk.
     pub fn connections(&self) -> usize {

@@ -15,6 +15,7 @@
 //! - [`control`]: the JSON control API's server side (its types and client are
 //!   in the `fabric-api` crate, shared with netd);
 //! - [`server`]: listeners, limits, systemd, signals, shutdown;
+//! - [`metrics`]: per-disk request counters and what `/metrics` exports;
 //! - [`config`]: the strict TOML configuration;
 //! - [`tls`]: TLS credentials, the OpenSSL context, peer identities and the
 //!   disks' access lists (the STARTTLS upgrade itself is `nbd::starttls`);
@@ -64,6 +65,7 @@ pub mod catalog;
 pub mod config;
 pub mod control;
 pub mod disk;
+pub mod metrics;
 pub mod nbd;
 pub mod poll;
 pub mod server;

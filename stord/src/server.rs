@@ -162,6 +162,20 @@ pub async fn run(config: Config, opts: Options) -> Result<(), ServerError> {
     let tls = crate::tls::Tls::load(&config)?;
     let catalog = Arc::new(Catalog::open(&config.state_dir, &config.disk)?);
     let stats = Arc::new(Stats::default());
+    // `Config::load` validated the key (naming the file); nothing is left to refuse.
+    if let Some(addr) = config.metrics_addr(Path::new("<config>")).ok().flatten() {
+        let src = Arc::new(crate::metrics::Metrics {
+            catalog: catalog.clone(),
+            stats: stats.clone(),
+        });
+        let srv = fabric_util::metrics::serve(addr, "stord", src).map_err(|source| {
+            ServerError::Bind {
+                addr: format!("{addr} (key `metrics`)"),
+                source,
+            }
+        })?;
+        tracing::info!(metrics = %srv.local_addr(), "serving /metrics");
+    }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let ctx = Ctx {
         catalog: catalog.clone(),

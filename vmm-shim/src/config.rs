@@ -115,6 +115,8 @@ pub struct RawConfig {
     pub console: Option<String>,
     /// netd's control socket (for `netd=` NICs).
     pub netd_control: Option<PathBuf>,
+    /// `ADDR:PORT` to serve Prometheus metrics on (`GET /metrics`); off when absent.
+    pub metrics: Option<String>,
 }
 
 /// The checked configuration of one VM.
@@ -138,6 +140,8 @@ pub struct VmConfig {
     pub console: Console,
     /// netd control socket.
     pub netd_control: PathBuf,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Default kernel command line when none is given.
@@ -164,6 +168,7 @@ impl RawConfig {
         self.cpus = cli.cpus.or(self.cpus);
         self.console = cli.console.or(self.console);
         self.netd_control = cli.netd_control.or(self.netd_control);
+        self.metrics = cli.metrics.or(self.metrics);
         self.net.extend(cli.net);
         self.disk.extend(cli.disk);
         self
@@ -207,7 +212,17 @@ impl RawConfig {
         if cmdline.bytes().any(|b| !(0x20..0x7f).contains(&b)) {
             return Err(invalid("cmdline", "printable ASCII only"));
         }
+        let metrics = match self.metrics.as_deref() {
+            None => None,
+            Some(m) => Some(m.parse().map_err(|_| {
+                invalid(
+                    "metrics",
+                    format!("expected an address and port like \"127.0.0.1:9104\", got {m:?}"),
+                )
+            })?),
+        };
         Ok(VmConfig {
+            metrics,
             kernel,
             initrd: self.initrd,
             cmdline,

@@ -9,7 +9,8 @@
 //! state), [`layout`] (guest physical map), [`legacy`] (UART, i8042), [`virtio`] (mmio
 //! transport, blk, net, checked descriptor chains), [`nbd`] (client), [`sys`] (TAP and
 //! signal syscalls), [`vmm`] (KVM setup, vCPU threads, shutdown), [`netd_client`]
-//! (netd's control API, from the `fabric-api` crate). Sizes, MACs, TAP ioctls and
+//! (netd's control API, from the `fabric-api` crate), [`metrics`] (what `--metrics`
+//! exports). Sizes, MACs, TAP ioctls and
 //! logging set-up are the `fabric-util` crate's, shared with netd and stord.
 
 pub mod acpi;
@@ -18,6 +19,7 @@ pub mod config;
 pub mod fuzzing;
 pub mod layout;
 pub mod legacy;
+pub mod metrics;
 pub mod nbd;
 pub mod netd_client;
 pub mod sys;

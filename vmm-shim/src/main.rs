@@ -11,7 +11,7 @@ use vmm_shim::config::RawConfig;
 #[command(name = "vmm-shim", version)]
 struct Cli {
     /// TOML file with the same keys as the flags (kernel, initrd, cmdline, mem, cpus,
-    /// net = [...], disk = [...], console, netd_control); flags override it.
+    /// net = [...], disk = [...], console, netd_control, metrics); flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Kernel: ELF vmlinux or bzImage.
@@ -43,6 +43,9 @@ struct Cli {
     /// netd control socket (for netd= NICs).
     #[arg(long)]
     netd_control: Option<PathBuf>,
+    /// Serve Prometheus metrics (vCPU exits, device counters) on ADDR:PORT, `GET /metrics`.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
         disk: cli.disk,
         console: cli.console,
         netd_control: cli.netd_control,
+        metrics: cli.metrics,
     };
     let raw = match &cli.config {
         Some(p) => match RawConfig::from_file(p) {

@@ -39,6 +39,7 @@ use crate::boot;
 use crate::config::{Console, NetBackend as NetKind, VmConfig};
 use crate::layout;
 use crate::legacy::{ConsoleOut, ConsoleSink, IrqEvt, PioBus, SerialDev};
+use crate::metrics::{Device, Metrics, VcpuExits};
 use crate::nbd::NbdSession;
 use crate::sys::{self, Tap};
 use crate::virtio::blk::Block;
@@ -108,6 +109,15 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
+    /// the metrics server could not listen
+    #[error("cannot serve metrics on {addr} (--metrics)")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// an OS resource (eventfd, thread, signal) could not be set up
     #[error("{what}")]
     Os {
@@ -171,6 +181,8 @@ struct Nics {
     stop_rx: Arc<EventFd>,
     /// (network, port name) of every port netd gave us.
     netd_ports: Vec<(String, String)>,
+    /// Each NIC's counters, for the metrics server.
+    counters: Vec<Arc<Counters>>,
 }
 
 /// What a running VM is made of, as far as ending it goes.
@@ -215,10 +227,13 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
     let entry = load_kernel(&mem, &cfg, &bus, &cmdline)?;
 
     let (tx, rx) = mpsc::channel::<ExitReason>();
+    let exits = Arc::new((0..cfg.cpus).map(|_| VcpuExits::default()).collect());
+    serve_metrics(&cfg, &exits, &disks, &nics)?;
     let shared = Arc::new(VcpuShared {
         stop: AtomicBool::new(false),
         pio: PioBus::new(serial.clone()),
         bus,
+        exits,
     });
     let vcpu_threads = start_vcpus(&kvm, &vm, cfg.cpus, entry, &shared, &tx)?;
     start_helpers(&cfg, &serial, tx)?;
@@ -240,6 +255,41 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
     );
     drop(mem);
     Ok(reason)
+}
+
+/// Starts the metrics server when `--metrics` asks for one: every vCPU's exits and
+/// every device's counters (see [`crate::metrics`]).
+fn serve_metrics(
+    cfg: &VmConfig,
+    exits: &Arc<Vec<VcpuExits>>,
+    disks: &Disks,
+    nics: &Nics,
+) -> Result<(), VmmError> {
+    let Some(addr) = cfg.metrics else {
+        return Ok(());
+    };
+    let blk = disks.disks.iter().enumerate().map(|(i, (t, _, _))| Device {
+        name: format!("blk{i}"),
+        kind: "virtio-blk",
+        counters: t
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .device()
+            .counters_handle(),
+    });
+    let net = nics.counters.iter().enumerate().map(|(i, c)| Device {
+        name: format!("net{i}"),
+        kind: "virtio-net",
+        counters: c.clone(),
+    });
+    let src = Arc::new(Metrics {
+        vcpus: exits.clone(),
+        devices: blk.chain(net).collect(),
+    });
+    let srv = fabric_util::metrics::serve(addr, "vmm_shim", src)
+        .map_err(|source| VmmError::Metrics { addr, source })?;
+    tracing::info!(metrics = %srv.local_addr(), "serving /metrics");
+    Ok(())
 }
 
 /// Creates the VM: TSS and identity-map pages, the in-kernel PIC/IOAPIC/LAPICs and the
@@ -429,6 +479,7 @@ fn attach_nics(board: &mut Board<'_>, cfg: &VmConfig) -> Result<Nics, VmmError> 
         rx_threads: Vec::new(),
         stop_rx: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(os_err("eventfd"))?),
         netd_ports: Vec::new(),
+        counters: Vec::new(),
     };
     for (index, n) in cfg.nets.iter().enumerate() {
         let mac = n.mac.unwrap_or_else(|| random_mac(index));
@@ -455,7 +506,9 @@ fn attach_nics(board: &mut Board<'_>, cfg: &VmConfig) -> Result<Nics, VmmError> 
         let tap_fd = tap.as_raw_fd();
         let wake = EventFd::new(EFD_NONBLOCK).map_err(os_err("eventfd"))?;
         let wake_rx = wake.try_clone().map_err(os_err("eventfd"))?;
-        let t: NetDev = board.plug(Net::new(tap, mac, Some(wake), offloads))?;
+        let dev = Net::new(tap, mac, Some(wake), offloads);
+        nics.counters.push(dev.counters_handle());
+        let t: NetDev = board.plug(dev)?;
         tracing::info!(net = index, tap = %name, mac = %format_mac(mac), "NIC attached");
         let stop = nics.stop_rx.clone();
         nics.rx_threads.push(

@@ -207,3 +207,24 @@ fn mac_parse_roundtrip() {
     assert!(parse_mac("52:54:00:ab:cd:ef:00").is_none());
     assert!(parse_mac("zz:54:00:ab:cd:ef").is_none());
 }
+
+#[test]
+fn metrics_key_is_an_address_and_port() {
+    let path = Path::new("t.toml");
+    let with = |m: &str| Config::parse(&format!("control='/c'\nstate_dir='/s'\n{m}"), path);
+    let c = with("metrics = '127.0.0.1:9102'\n").unwrap();
+    assert_eq!(
+        c.metrics_addr(path).unwrap(),
+        Some("127.0.0.1:9102".parse().unwrap())
+    );
+    assert_eq!(with("").unwrap().metrics_addr(path).unwrap(), None);
+    let e = with("metrics = '9102'\n")
+        .unwrap()
+        .metrics_addr(path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("t.toml") && e.contains("`metrics`") && e.contains("9102"),
+        "{e}"
+    );
+}

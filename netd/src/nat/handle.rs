@@ -16,7 +16,8 @@ use super::config::{show_cidr, Outbound};
 use super::{Forward, NatError, Proto, Router};
 pub use fabric_api::netd::PolicyList;
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Stats {
     /// Frames from the switch.
     pub frames_in: u64,
@@ -57,6 +58,12 @@ pub struct Stats {
     /// Times the router panicked and was restarted by its supervisor (its flows
     /// were dropped; its forwards, settings and counters kept).
     pub restarts: u64,
+    /// TCP flows open now (port forwards' listeners not counted).
+    pub flows_tcp: u64,
+    /// UDP flows open now.
+    pub flows_udp: u64,
+    /// ICMP echo flows open now.
+    pub flows_icmp: u64,
 }
 
 /// One flow, as `netd flows NET` lists it.
@@ -261,7 +268,11 @@ impl Router {
                 let _ = tx.send(v);
             }
             Command::Stats(tx) => {
-                let _ = tx.send(self.stats.clone());
+                let mut s = self.stats.clone();
+                s.flows_tcp = self.tcp.len() as u64;
+                s.flows_udp = self.udp.len() as u64;
+                s.flows_icmp = self.icmp.len() as u64;
+                let _ = tx.send(s);
             }
             Command::Outbound(c, tx) => {
                 fn list(r: &mut Router, l: PolicyList) -> &mut Vec<(std::net::Ipv4Addr, u8)> {

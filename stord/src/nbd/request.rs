@@ -168,6 +168,7 @@ pub(super) fn execute(
     Out::Segs(match res {
         Ok(()) => simple(req.handle, 0),
         Err(e) => {
+            disk.io().error(cmd);
             if !matches!(e, crate::disk::DiskError::NotFast) {
                 tracing::warn!(export = disk.name(), kind = req.kind, error = %crate::error_chain(&e), "request failed");
             }
@@ -310,7 +311,10 @@ pub(super) fn read(
     Out::Segs(match sess.disk().read(req.offset, req.len as usize) {
         Ok(data) if tail.is_empty() => vec![hdr, Bytes::from(data)],
         Ok(data) => vec![hdr, Bytes::from(data), tail],
-        Err(e) => error_reply(sess, req.handle, e.nbd_errno(), &crate::error_chain(&e)),
+        Err(e) => {
+            sess.disk().io().error(Command::Read);
+            error_reply(sess, req.handle, e.nbd_errno(), &crate::error_chain(&e))
+        }
     })
 }
 

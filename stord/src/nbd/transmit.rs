@@ -529,11 +529,25 @@ fn answer(sh: &Shared<'_>, next: Next<'_>, scratch: &[u8]) -> Option<Out> {
                 Payload::Scratch(n) => &scratch[..*n],
                 Payload::Owned(v) => v,
             };
-            Some(execute(
-                sh.sess, run.cmd, &run.req, data, &sh.budget, &sh.broken,
-            ))
+            let t0 = Instant::now();
+            let out = execute(sh.sess, run.cmd, &run.req, data, &sh.budget, &sh.broken);
+            sh.sess
+                .disk()
+                .io()
+                .record(run.cmd, run.req.len, t0.elapsed());
+            Some(out)
         }
     }
+}
+
+/// [`read_cached`], counted on the disk when it answers.
+fn timed_read_cached(sess: &Session, req: &Request) -> Option<Reply> {
+    let t0 = Instant::now();
+    let r = read_cached(sess, req)?;
+    sess.disk()
+        .io()
+        .record(Command::Read, req.len, t0.elapsed());
+    Some(r)
 }
 
 /// Ends the connection: the workers stop (the cause is in `Shared::cause`).
@@ -623,7 +637,7 @@ fn worker(sh: &Shared<'_>) {
         // A small READ with more requests waiting runs here only if its data
         // is in the page cache (a cache miss must not hold up the socket).
         let (inline, next) = match (inline, next) {
-            (Inline::IfCached, Next::Run(run)) => match read_cached(sh.sess, &run.req) {
+            (Inline::IfCached, Next::Run(run)) => match timed_read_cached(sh.sess, &run.req) {
                 Some(r) => {
                     sh.ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
                     (Inline::Hold, Next::Answer(Out::Segs(r)))

@@ -69,7 +69,7 @@ pub trait NetBackend: Send {
 pub struct Net<T: NetBackend> {
     backend: T,
     config: Vec<u8>,
-    counters: Counters,
+    counters: std::sync::Arc<Counters>,
     pending: Option<Vec<u8>>,
     rx_wake: Option<EventFd>,
     buf: Vec<u8>,
@@ -90,7 +90,7 @@ impl<T: NetBackend> Net<T> {
         Net {
             backend,
             config: mac.to_vec(),
-            counters: Counters::default(),
+            counters: std::sync::Arc::default(),
             pending: None,
             rx_wake,
             buf: vec![0u8; MAX_FRAME],
@@ -125,6 +125,11 @@ impl<T: NetBackend> Net<T> {
     /// The backend (tests inspect mocks through this).
     pub fn backend(&self) -> &T {
         &self.backend
+    }
+
+    /// The device's counters, shared (the metrics server reads them).
+    pub fn counters_handle(&self) -> std::sync::Arc<Counters> {
+        self.counters.clone()
     }
 
     /// Sends every available TX chain. Returns whether any was used.

@@ -25,6 +25,7 @@ use super::{kvm_err, os_err, ExitReason, VmmError};
 use crate::boot;
 use crate::layout;
 use crate::legacy::{PioAction, PioBus};
+use crate::metrics::{Exit, VcpuExits};
 use crate::sys;
 use crate::virtio::mmio::{BusDevice, MmioTransport};
 use crate::virtio::{IrqLine, VirtioDevice};
@@ -36,6 +37,8 @@ pub(super) struct VcpuShared {
     pub(super) stop: AtomicBool,
     pub(super) pio: PioBus,
     pub(super) bus: MmioBus,
+    /// Exits by reason, one entry per vCPU (the metrics server reads them).
+    pub(super) exits: Arc<Vec<VcpuExits>>,
 }
 
 /// The MMIO bus: virtio-mmio windows at fixed addresses.
@@ -235,12 +238,30 @@ fn rip(vcpu: &VcpuFd) -> String {
 
 /// Runs one vCPU until the VM ends; returns a reason unless it was told to stop.
 fn vcpu_loop(mut vcpu: VcpuFd, id: u8, shared: &VcpuShared) -> Option<ExitReason> {
-    let VcpuShared { stop, pio, bus } = shared;
+    let VcpuShared {
+        stop,
+        pio,
+        bus,
+        exits,
+    } = shared;
+    let unused = VcpuExits::default();
+    let exits = exits.get(usize::from(id)).unwrap_or(&unused);
     loop {
         if stop.load(Ordering::SeqCst) {
             return None;
         }
-        let exit = match vcpu.run() {
+        let run = vcpu.run();
+        exits.count(match &run {
+            Ok(VcpuExit::IoIn(..)) => Exit::IoIn,
+            Ok(VcpuExit::IoOut(..)) => Exit::IoOut,
+            Ok(VcpuExit::MmioRead(..)) => Exit::MmioRead,
+            Ok(VcpuExit::MmioWrite(..)) => Exit::MmioWrite,
+            Ok(VcpuExit::Intr) => Exit::Intr,
+            Ok(VcpuExit::SystemEvent(..)) => Exit::SystemEvent,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Intr,
+            _ => Exit::Fatal,
+        });
+        let exit = match run {
             Ok(VcpuExit::IoIn(port, data)) => {
                 pio.read(port, data);
                 continue;

@@ -104,7 +104,7 @@ pub struct Block<B: BlockBackend> {
     read_only: bool,
     features: u64,
     config: Vec<u8>,
-    counters: Counters,
+    counters: std::sync::Arc<Counters>,
     id: [u8; ID_LEN as usize],
     /// Where a kick goes when the device has its own I/O thread.
     kick: Option<EventFd>,
@@ -152,7 +152,7 @@ impl<B: BlockBackend> Block<B> {
             read_only,
             features,
             config,
-            counters: Counters::default(),
+            counters: std::sync::Arc::default(),
             id: idb,
             kick: None,
         }
@@ -183,6 +183,11 @@ impl<B: BlockBackend> Block<B> {
             read_only: self.read_only,
             features: self.features,
         }
+    }
+
+    /// The device's counters, shared (the metrics server reads them).
+    pub fn counters_handle(&self) -> std::sync::Arc<Counters> {
+        self.counters.clone()
     }
 
     /// The backend's counters.

@@ -34,8 +34,8 @@ use crate::switch::{Network, SwitchError};
 mod capture;
 mod control;
 mod dispatch;
-mod netops;
 mod metrics;
+mod netops;
 mod network;
 pub mod runtime;
 

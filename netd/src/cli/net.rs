@@ -97,6 +97,12 @@ pub struct NetAddArgs {
     /// nat: the host resolvers' file.
     #[arg(long)]
     pub resolv_conf: Option<PathBuf>,
+    /// With DNS: the domain of the guests' names (default NAME.lab).
+    #[arg(long)]
+    pub domain: Option<String>,
+    /// With DNS: a static name, "NAME,IP" such as "files,10.0.2.9" (repeat for more).
+    #[arg(long = "host", value_name = "NAME,IP")]
+    pub hosts: Vec<String>,
     /// nat: most flows at once.
     #[arg(long)]
     pub max_flows: Option<usize>,
@@ -193,6 +199,24 @@ fn forward(s: &str) -> Result<Value, ConfigError> {
     Ok(json!({"proto": proto, "host": host, "guest": guest}))
 }
 
+/// A `--host NAME,IP` as the JSON of a `[[network.host]]`.
+fn host(s: &str) -> Result<Value, ConfigError> {
+    let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+    let [name, ip] = parts[..] else {
+        return Err(cli_err(
+            "--host",
+            format!("\"NAME,IP\" such as \"files,10.0.2.9\", got {s:?}"),
+        ));
+    };
+    let ip: Ipv4Addr = ip.parse().map_err(|_| {
+        cli_err(
+            "--host",
+            format!("an IPv4 address after the name, got {s:?}"),
+        )
+    })?;
+    Ok(json!({"name": name, "ip": ip}))
+}
+
 impl NetAddArgs {
     /// The table to send: the `--from` file's, the flags on top, checked as the
     /// config file's tables are.
@@ -246,6 +270,7 @@ impl NetAddArgs {
             uplink,
             dns,
             resolv_conf,
+            domain,
             max_flows,
             max_flow_memory,
             max_flows_per_guest,
@@ -289,6 +314,12 @@ impl NetAddArgs {
             .map(|f| forward(f))
             .collect::<Result<Vec<_>, _>>()?;
         nested.push(("forward", forwards));
+        let hosts = self
+            .hosts
+            .iter()
+            .map(|h| host(h))
+            .collect::<Result<Vec<_>, _>>()?;
+        nested.push(("host", hosts));
         // Nested tables from flags come after those of the file.
         for (k, items) in nested {
             if items.is_empty() {
@@ -350,9 +381,16 @@ mod tests {
             "tcp,2222,10.9.0.15:22",
             "--outbound-deny",
             "198.51.100.0/24",
+            "--domain",
+            "lab.test",
+            "--host",
+            "files,10.9.0.9",
         ])
         .to_table()
         .unwrap();
+        assert_eq!(t["domain"], "lab.test");
+        assert_eq!(t["host"][0]["name"], "files");
+        assert_eq!(t["host"][0]["ip"], "10.9.0.9");
         assert_eq!(t["name"], "lab");
         assert_eq!(t["mode"], "nat");
         assert_eq!(t["mtu"], 1400);
@@ -388,6 +426,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--reservation"), "{e}");
+        for bad in ["files", "files,10.9.0", "files,10.9.0.9,x"] {
+            let e = args(&["lab", "--mode", "nat", "--host", bad])
+                .to_table()
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("--host"), "{bad}: {e}");
+        }
     }
 
     #[test]

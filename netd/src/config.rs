@@ -31,7 +31,9 @@ mod network;
 mod spec;
 
 pub use self::network::validate_port;
-pub use self::spec::{ControlSpec, DhcpSpec, DnsSpec, Ipv4Spec, NetworkSpec, PortSpec};
+pub use self::spec::{
+    ControlSpec, DhcpReservation, DhcpSpec, DnsSpec, Ipv4Spec, NetworkSpec, PortSpec,
+};
 
 pub use fabric_api::netd::{Guard, Mode, PortConfig, PortKind};
 

@@ -151,6 +151,11 @@ pub struct Network {
 }
 
 impl Network {
+    /// Ends every capture running on the network (it is being removed).
+    pub fn end_captures(&self) {
+        self.captures.end_all();
+    }
+
     /// A network with no port.
     pub fn new(name: &str, mtu: u32, max_macs: usize, ageing: Duration) -> Arc<Self> {
         Arc::new(Network {

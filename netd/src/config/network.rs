@@ -179,7 +179,11 @@ impl NetworkConfig {
                         "a host name: labels of 1 to 63 letters, digits or '-', 253 bytes at most",
                     ));
                 }
-                reservations.push((mac, r.ip));
+                reservations.push(super::DhcpReservation {
+                    mac,
+                    ip: r.ip,
+                    hostname: r.hostname.clone(),
+                });
             }
             let lease_time = self.lease_time.unwrap_or(86_400);
             if lease_time < 60 {

@@ -73,9 +73,21 @@ pub struct DhcpSpec {
     /// Router announced (None on internal networks).
     pub router: Option<Ipv4Addr>,
     /// Fixed addresses.
-    pub reservations: Vec<([u8; 6], Ipv4Addr)>,
+    pub reservations: Vec<DhcpReservation>,
     /// The domain announced (option 15), on a network that serves DNS.
     pub domain: Option<String>,
+}
+
+/// A validated DHCP reservation (`[[network.reservation]]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DhcpReservation {
+    /// The client's MAC.
+    pub mac: [u8; 6],
+    /// The address it always gets.
+    pub ip: Ipv4Addr,
+    /// Its host name: sent in option 12 and published in the network's DNS,
+    /// instead of the name the client sent.
+    pub hostname: Option<String>,
 }
 
 /// Validated DNS settings of a network that serves guest names (see [`crate::dns`]).

@@ -16,7 +16,8 @@
 //! what does not fit as lost, per port; the switching path never waits here.
 //!
 //! The capture ends when the client shuts down its side (the CLI does on Ctrl-C)
-//! or goes away, or after `count` frames. The tap leaves the network at once, and
+//! or goes away, after `count` frames, or when the network is removed (`netd net
+//! del`: the frames already queued are written first). The tap leaves the network at once, and
 //! then, if the client still reads, one Interface Statistics Block per interface
 //! says how many frames the capture saw there (`isb_ifrecv`) and lost
 //! (`isb_ifdrop`); then the connection closes.
@@ -148,7 +149,10 @@ pub(super) async fn serve_capture(
     if w.write_all(&buf).await.is_err() {
         return;
     }
-    while total < limit {
+    let mut ended = false;
+    let gone = cap.ended();
+    tokio::pin!(gone);
+    while total < limit && !ended {
         buf.clear();
         tokio::select! {
             // The client shut down its side (or went away): the capture ends.
@@ -156,6 +160,15 @@ pub(super) async fn serve_capture(
                 Ok(0) | Err(_) => break,
                 Ok(_) => continue,
             },
+            // The network was removed: what is queued still goes out, then the end.
+            _ = &mut gone => {
+                ended = true;
+                while total < limit && buf.len() < WRITE_BATCH {
+                    let Ok(rec) = cap.frames.try_recv() else { break };
+                    encode(&mut buf, &mut ifs, &cap, &rec);
+                    total += 1;
+                }
+            }
             rec = cap.frames.recv() => {
                 let Some(rec) = rec else { break };
                 encode(&mut buf, &mut ifs, &cap, &rec);

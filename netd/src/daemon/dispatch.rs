@@ -94,10 +94,14 @@ impl Daemon {
                 Ok(serde_json::Value::Null)
             }
             Request::VxlanRemoteAdd { net, port, remote } => {
-                self.vxlan_remote(&net, &port, remote, true)
+                let v = self.vxlan_remote(&net, &port, remote, true)?;
+                self.record_remote(&net, &port, remote, true)?;
+                Ok(v)
             }
             Request::VxlanRemoteDel { net, port, remote } => {
-                self.vxlan_remote(&net, &port, remote, false)
+                let v = self.vxlan_remote(&net, &port, remote, false)?;
+                self.record_remote(&net, &port, remote, false)?;
+                Ok(v)
             }
             Request::VxlanShow { net, port } => {
                 Ok(j(serde_json::to_value(self.tunnel(&net, &port)?.info())))
@@ -137,12 +141,16 @@ impl Daemon {
             Request::OutboundAdd { net, list, cidr } => {
                 let c = parse_cidr_arg(&net, &cidr)?;
                 let change = crate::nat::OutboundChange::Add(list, c);
-                self.nat_request(&net, crate::nat::NatRequest::Outbound(change))
+                let v = self.nat_request(&net, crate::nat::NatRequest::Outbound(change))?;
+                self.record_outbound(&net, list, c, true)?;
+                Ok(v)
             }
             Request::OutboundDel { net, list, cidr } => {
                 let c = parse_cidr_arg(&net, &cidr)?;
                 let change = crate::nat::OutboundChange::Del(list, c);
-                self.nat_request(&net, crate::nat::NatRequest::Outbound(change))
+                let v = self.nat_request(&net, crate::nat::NatRequest::Outbound(change))?;
+                self.record_outbound(&net, list, c, false)?;
+                Ok(v)
             }
             Request::NatFault { net } => {
                 if !fault_injection() {

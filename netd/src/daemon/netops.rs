@@ -9,8 +9,9 @@
 //! [`NetworkConfig::validate_at`], then against the running networks (its name, and
 //! every interface it would use, free). A NAT network denies every other
 //! network's subnet; one added at runtime is denied to the NAT networks already
-//! running too (their routers are told), and until netd restarts keeps being
-//! denied to them after `net del`.
+//! running too (their routers are told), and `net del` lifts that deny at once
+//! (unless the other network's table or runtime changes deny the subnet
+//! themselves). `net del` also ends the captures running on the network.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -106,7 +107,14 @@ impl Daemon {
             );
         }
         let merged_specs = match merged.validate(config_path) {
-            Ok(s) => Some(s),
+            Ok(mut s) => {
+                for spec in s.iter_mut() {
+                    if let (Some(nat), Some(e)) = (spec.nat.as_mut(), rt.nets.get(&spec.name)) {
+                        e.changes.apply_outbound(nat);
+                    }
+                }
+                Some(s)
+            }
             Err(e) => {
                 let what = format!(
                     "the runtime changes do not fit the config file ({}); every config network starts from the file alone",
@@ -169,7 +177,7 @@ impl Daemon {
             for c in conflicts {
                 rt.conflict(&name, c);
             }
-            match d.net_add_table(&eff) {
+            match d.net_add_table(&eff, &entry.changes) {
                 Ok(()) => {
                     rt.nets.insert(name, entry);
                 }
@@ -239,9 +247,32 @@ impl Daemon {
         self.record(net, |c, base| c.forward_removed(base, k))
     }
 
+    /// Records a remote added to or removed from a vxlan port's flood list.
+    pub(super) fn record_remote(
+        &self,
+        net: &str,
+        port: &str,
+        remote: std::net::Ipv4Addr,
+        added: bool,
+    ) -> Result<(), DaemonError> {
+        self.record(net, |c, _| c.remote_changed(port, remote, added))
+    }
+
+    /// Records a CIDR added to or removed from a NAT network's outbound list.
+    pub(super) fn record_outbound(
+        &self,
+        net: &str,
+        list: PolicyList,
+        cidr: (std::net::Ipv4Addr, u8),
+        added: bool,
+    ) -> Result<(), DaemonError> {
+        self.record(net, |c, _| c.outbound_changed(list, cidr, added))
+    }
+
     /// Starts a network from a table (not yet validated), checked against the
-    /// running networks; the NAT networks deny each other's subnets.
-    fn net_add_table(&self, table: &NetworkConfig) -> Result<(), DaemonError> {
+    /// running networks; the NAT networks deny each other's subnets. `changes`'
+    /// outbound changes are replayed on its router's lists.
+    fn net_add_table(&self, table: &NetworkConfig, changes: &Changes) -> Result<(), DaemonError> {
         let mut spec = table
             .validate_at(CONTROL_PATH, "")
             .map_err(DaemonError::BadNetwork)?;
@@ -268,6 +299,7 @@ impl Daemon {
                     }
                 }
             }
+            changes.apply_outbound(nat);
         }
         let others: Vec<(String, crate::nat::RouterHandle)> = nets
             .values()
@@ -306,7 +338,7 @@ impl Daemon {
         if rt.idle.contains_key(&table.name) {
             return Err(DaemonError::NetworkExists(table.name));
         }
-        self.net_add_table(&table)?;
+        self.net_add_table(&table, &Changes::default())?;
         let name = table.name.clone();
         rt.nets.insert(
             name,
@@ -360,7 +392,11 @@ impl Daemon {
                 .ok_or_else(|| DaemonError::NoSuchNetwork(name.to_string()))?
         };
         let ports = st.ports.len();
+        let subnet = st.spec.ipv4.as_ref().map(|v| (v.network, v.prefix));
         stop_network(st);
+        if let Some(sub) = subnet {
+            self.lift_deny(rt, name, sub);
+        }
         let leases = self.state_dir.join(format!("leases-{name}.json"));
         if let Err(e) = std::fs::remove_file(&leases) {
             if e.kind() != std::io::ErrorKind::NotFound {
@@ -372,6 +408,48 @@ impl Daemon {
         tracing::info!(network = name, ports, force, "network removed");
         rt.save().map_err(DaemonError::State)?;
         Ok(format!("removed network {name}"))
+    }
+
+    /// Tells the NAT routers of the other networks that the subnet `sub` of the
+    /// removed network `gone` is no longer to be denied, where only that network
+    /// put it on their deny list: not a router whose table or runtime changes deny
+    /// it, nor a default entry, nor while another network has that subnet too.
+    fn lift_deny(&self, rt: &Runtime, gone: &str, sub: (std::net::Ipv4Addr, u8)) {
+        let routers: Vec<(String, crate::nat::RouterHandle)> = {
+            let nets = self.lock();
+            let shared = nets.values().any(|st| {
+                st.spec.name != gone
+                    && st.spec.ipv4.as_ref().map(|v| (v.network, v.prefix)) == Some(sub)
+            });
+            if shared || crate::nat::DEFAULT_DENY.contains(&sub) {
+                return;
+            }
+            nets.values()
+                .filter_map(|st| st.nat.clone().map(|h| (st.spec.name.clone(), h)))
+                .collect()
+        };
+        for (other, h) in routers {
+            let kept = rt.nets.get(&other).is_some_and(|e| {
+                e.changes.denies(sub)
+                    || e.effective()
+                        .outbound_deny
+                        .iter()
+                        .flatten()
+                        .any(|c| crate::nat::parse_cidr(c).is_ok_and(|c| c == sub))
+            });
+            if kept {
+                continue;
+            }
+            let lift = OutboundChange::Del(PolicyList::Deny, sub);
+            match h.request_blocking(NatRequest::Outbound(lift)) {
+                Ok(_) => {
+                    tracing::info!(network = %other, removed = gone, "the removed network's subnet is no longer denied")
+                }
+                Err(e) => {
+                    tracing::warn!(network = %other, removed = gone, error = %fabric_util::error_chain(&e), "cannot lift the deny of the removed network's subnet")
+                }
+            }
+        }
     }
 
     /// `net_list` with each network's source and conflicts, and the API networks
@@ -433,11 +511,11 @@ impl Daemon {
             .dhcp
             .ok_or_else(|| DaemonError::NoDhcp(net.to_string()))?;
         let mut ips = std::collections::HashMap::new();
-        for (mac, ip) in &dhcp.reservations {
-            if let Some(other) = ips.insert(*ip, *mac) {
+        for r in &dhcp.reservations {
+            if let Some(other) = ips.insert(r.ip, r.mac) {
                 return Err(DaemonError::ReservedTwice(
                     net.to_string(),
-                    *ip,
+                    r.ip,
                     crate::config::fmt_mac(&other),
                 ));
             }

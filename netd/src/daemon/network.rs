@@ -54,10 +54,10 @@ impl Daemon {
                 services.extend(spec.dhcp.as_ref().map(|d| d.server));
                 services.extend(spec.nat.as_ref().map(|n| n.dns));
                 services.extend(spec.dns.as_ref().map(|d| d.addr));
-                let reserved = spec
+                let reserved: Vec<([u8; 6], std::net::Ipv4Addr)> = spec
                     .dhcp
                     .as_ref()
-                    .map(|d| d.reservations.clone())
+                    .map(|d| d.reservations.iter().map(|r| (r.mac, r.ip)).collect())
                     .unwrap_or_default();
                 let g = Arc::new(crate::switch::IpGuard::new(
                     v4.network,
@@ -304,6 +304,8 @@ fn guard_forwarding(ifname: String) -> tokio::task::JoinHandle<()> {
 }
 
 pub(super) fn stop_network(st: NetState) {
+    // Captures end first: their readers get the statistics and the end of stream.
+    st.net.end_captures();
     for p in st.ports {
         p.shutdown();
     }

@@ -7,9 +7,15 @@
 //! network added with `net add` is the table it was added with (stored). The
 //! changes are the ports, port forwards and DHCP reservations added, and those of
 //! the base removed, each by its identity (a port by name, a forward by protocol
-//! and host address, a reservation by MAC). The network netd runs is the base with
-//! the changes applied ([`Changes::apply`]): removals first, then additions, so a
-//! config port removed and added again with other settings is the new one.
+//! and host address, a reservation by MAC), the remotes added to or removed from
+//! vxlan ports' flood lists, and the CIDRs added to or removed from a NAT network's
+//! outbound lists. The network netd runs is the base with the changes applied
+//! ([`Changes::apply`]): removals first, then additions, so a config port removed
+//! and added again with other settings is the new one; then the flood list changes
+//! on the ports so found (a change of a port no longer there is a conflict). The
+//! outbound changes are replayed, in order, on the router's validated lists
+//! ([`Changes::apply_outbound`]: the file's entries, the defaults and the other
+//! networks' subnets), since the defaults and the subnets are in no table.
 //!
 //! The config file wins. When the file changed under the state (a port added at
 //! runtime is now in the file too, a removed one is gone from it, a network added
@@ -25,10 +31,10 @@
 //! networks alone.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use fabric_api::netd::{Forward, PortConfig, Proto, Reservation, Source};
+use fabric_api::netd::{Forward, PolicyList, PortConfig, PortKind, Proto, Reservation, Source};
 use fabric_util::MacAddr;
 use serde::{Deserialize, Serialize};
 
@@ -98,6 +104,38 @@ pub struct Changes {
     /// MACs of base reservations removed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub removed_reservations: Vec<String>,
+    /// Remotes added to or removed from vxlan ports' flood lists (`netd vxlan
+    /// remote add|del`), the last change of each (port, remote).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vxlan_remotes: Vec<RemoteChange>,
+    /// CIDRs added to or removed from the NAT router's outbound lists (`netd
+    /// outbound add|del`), the last change of each (list, CIDR).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outbound: Vec<OutboundEdit>,
+}
+
+/// A runtime change of a vxlan port's flood list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteChange {
+    /// The vxlan port's name.
+    pub port: String,
+    /// The remote VTEP.
+    pub remote: Ipv4Addr,
+    /// Added (else removed).
+    pub added: bool,
+}
+
+/// A runtime change of a NAT network's outbound lists.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundEdit {
+    /// Which list.
+    pub list: PolicyList,
+    /// The CIDR, `A.B.C.D/LEN`.
+    pub cidr: String,
+    /// Added (else removed).
+    pub added: bool,
 }
 
 /// A MAC as the state keeps it (`aa:bb:cc:dd:ee:ff`, lower case), or the text as
@@ -131,12 +169,14 @@ impl Changes {
     pub fn port_added(&mut self, port: PortConfig) {
         let name = port_key(&port);
         self.ports.retain(|p| port_key(p) != name);
+        self.vxlan_remotes.retain(|r| r.port != name);
         self.ports.push(port);
     }
 
     /// The port `name` was removed.
     pub fn port_removed(&mut self, base: &NetworkConfig, name: &str) {
         self.ports.retain(|p| port_key(p) != name);
+        self.vxlan_remotes.retain(|r| r.port != name);
         if base.port.iter().any(|p| port_key(p) == name) {
             push_unique(&mut self.removed_ports, name.to_string());
         }
@@ -172,6 +212,53 @@ impl Changes {
         if base.reservation.iter().any(|x| mac_key(&x.mac) == mac) {
             push_unique(&mut self.removed_reservations, mac);
         }
+    }
+
+    /// `remote` was added to (`added`) or removed from vxlan port `port`'s flood
+    /// list.
+    pub fn remote_changed(&mut self, port: &str, remote: Ipv4Addr, added: bool) {
+        self.vxlan_remotes
+            .retain(|r| !(r.port == port && r.remote == remote));
+        self.vxlan_remotes.push(RemoteChange {
+            port: port.to_string(),
+            remote,
+            added,
+        });
+    }
+
+    /// `cidr` was added to (`added`) or removed from the outbound list `list`.
+    pub fn outbound_changed(&mut self, list: PolicyList, cidr: (Ipv4Addr, u8), added: bool) {
+        let cidr = crate::nat::show_cidr(&cidr);
+        self.outbound
+            .retain(|o| !(o.list == list && o.cidr == cidr));
+        self.outbound.push(OutboundEdit { list, cidr, added });
+    }
+
+    /// Replays the outbound changes on a router's validated lists (the file's
+    /// entries, the defaults and the other networks' subnets), in order.
+    pub fn apply_outbound(&self, nat: &mut crate::nat::RouterConfig) {
+        for o in &self.outbound {
+            let Ok(cidr) = crate::nat::parse_cidr(&o.cidr) else {
+                tracing::warn!(cidr = %o.cidr, "an outbound change of the runtime state is not a CIDR; skipped");
+                continue;
+            };
+            let v = match o.list {
+                PolicyList::Allow => &mut nat.outbound_allow,
+                PolicyList::Deny => &mut nat.outbound_deny,
+            };
+            v.retain(|c| *c != cidr);
+            if o.added {
+                v.push(cidr);
+            }
+        }
+    }
+
+    /// Whether the outbound changes added `cidr` to the deny list.
+    pub fn denies(&self, cidr: (Ipv4Addr, u8)) -> bool {
+        let cidr = crate::nat::show_cidr(&cidr);
+        self.outbound
+            .iter()
+            .any(|o| o.list == PolicyList::Deny && o.added && o.cidr == cidr)
     }
 
     /// The base with these changes applied, and the changes that no longer fit the
@@ -211,6 +298,25 @@ impl Changes {
             |mac| format!("the reservation of {mac}"),
             &mut c,
         );
+        // Flood list changes, on the ports as they now are.
+        self.vxlan_remotes.retain(|r| {
+            let port = t
+                .port
+                .iter_mut()
+                .find(|p| p.kind == PortKind::Vxlan && port_key(p) == r.port);
+            let Some(p) = port else {
+                conflicts.push(format!(
+                    "the flood list change of vxlan port {:?} (remote {}) has no such port in the base table any more",
+                    r.port, r.remote
+                ));
+                return false;
+            };
+            p.vxlan.remotes.retain(|x| *x != r.remote);
+            if r.added {
+                p.vxlan.remotes.push(r.remote);
+            }
+            true
+        });
         (t, conflicts)
     }
 }

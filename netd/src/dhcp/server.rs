@@ -11,6 +11,13 @@
 //! are refused and counted in `refused_full`), so made-up MACs cannot grow them with
 //! the range.
 //!
+//! A reservation with a `hostname` gives the client that name: option 12 in its
+//! OFFER and ACK (as dnsmasq does for `dhcp-host` names), and the name published
+//! in the network's DNS for as long as the client's lease lasts, instead of the
+//! name the client sent (which the lease still records, as `netd leases` shows).
+//! Runtime reservation changes ([`DhcpServer::set_reservations`]) reach DNS at
+//! once.
+//!
 //! Trust (RFC 2131 4.3.2, and the guest is hostile): a message counts only for the
 //! MAC that sent it (`chaddr` must be the frame's source, else `spoofed_chaddr`); a
 //! REQUEST is ACKed only for the address offered to that client, its own lease
@@ -39,7 +46,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::{opt, DhcpMessage, Lease, LeaseDb, MsgType};
-use crate::config::{fmt_mac, DhcpSpec, Ipv4Spec};
+use crate::config::{fmt_mac, DhcpReservation, DhcpSpec, Ipv4Spec};
 use crate::switch::IpGuard;
 use crate::wire::{
     self, Ethernet, Ipv4, Udp, BROADCAST_MAC, ETHERTYPE_ARP, ETHERTYPE_IPV4, IPPROTO_UDP,
@@ -139,20 +146,39 @@ impl DhcpServer {
             n.set_leases(
                 self.db
                     .by_mac
-                    .values()
-                    .filter_map(|l| Some((l.hostname.as_deref()?, l.ip, l.expires))),
+                    .iter()
+                    .filter_map(|(mac, l)| Some((self.published_name(mac, l)?, l.ip, l.expires))),
             );
         }
     }
 
+    /// The name a lease is published under in DNS: its reservation's hostname,
+    /// else the one the client sent.
+    fn published_name<'a>(&'a self, mac: &[u8; 6], l: &'a Lease) -> Option<&'a str> {
+        self.reserved_hostname(mac).or(l.hostname.as_deref())
+    }
+
+    /// The hostname of `mac`'s reservation, if it has one.
+    fn reserved_hostname(&self, mac: &[u8; 6]) -> Option<&str> {
+        self.spec
+            .reservations
+            .iter()
+            .find(|r| r.mac == *mac)
+            .and_then(|r| r.hostname.as_deref())
+    }
+
     /// Replaces the reservations (`netd reservation add|del`), in the port guard's
-    /// table too. A client whose reservation changed gets its reserved address at
-    /// its next DISCOVER.
-    pub fn set_reservations(&mut self, reservations: Vec<([u8; 6], Ipv4Addr)>) {
+    /// table too, and publishes their hostnames in DNS for the leases they cover at
+    /// once. A client whose reservation changed gets its reserved address at its
+    /// next DISCOVER.
+    pub fn set_reservations(&mut self, reservations: Vec<DhcpReservation>) {
         if let Some(g) = &self.ip_guard {
-            g.set_reserved(&reservations);
+            let pairs: Vec<([u8; 6], Ipv4Addr)> =
+                reservations.iter().map(|r| (r.mac, r.ip)).collect();
+            g.set_reserved(&pairs);
         }
         self.spec.reservations = reservations;
+        self.sync_guard();
     }
 
     /// Whether the leases changed since the last call (they are then to be saved).
@@ -187,15 +213,15 @@ impl DhcpServer {
         self.spec
             .reservations
             .iter()
-            .find(|(m, _)| m == mac)
-            .map(|(_, ip)| *ip)
+            .find(|r| r.mac == *mac)
+            .map(|r| r.ip)
     }
 
     fn reserved_for_other(&self, ip: Ipv4Addr, mac: &[u8; 6]) -> bool {
         self.spec
             .reservations
             .iter()
-            .any(|(m, r)| *r == ip && m != mac)
+            .any(|r| r.ip == ip && r.mac != *mac)
     }
 
     fn in_range(&self, ip: Ipv4Addr) -> bool {
@@ -278,6 +304,10 @@ impl DhcpServer {
             }
             if let Some(d) = &self.spec.domain {
                 options.push((opt::DOMAIN_NAME, d.as_bytes().to_vec()));
+            }
+            // A reserved client is told its name, as dnsmasq does for dhcp-host.
+            if let Some(h) = self.reserved_hostname(&req.chaddr) {
+                options.push((opt::HOSTNAME, h.as_bytes().to_vec()));
             }
         }
         DhcpMessage {
@@ -377,8 +407,11 @@ impl DhcpServer {
                         .collect()
                 });
                 // Kept in the lease as sent (shown by `netd leases`); published in
-                // DNS only if it is a name (counted otherwise).
-                if let (Some(n), Some(h)) = (&self.names, &hostname) {
+                // DNS only if it is a name (counted otherwise), and only when the
+                // client has no reservation hostname (that one is published).
+                if let (Some(n), Some(h), None) =
+                    (&self.names, &hostname, self.reserved_hostname(&mac))
+                {
                     n.check_hostname(h);
                 }
                 self.db.by_mac.insert(

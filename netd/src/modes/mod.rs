@@ -151,7 +151,7 @@ pub fn dns_spec(
         let taken = dhcp.is_some_and(|d| {
             addr == d.server
                 || (u32::from(d.start)..=u32::from(d.end)).contains(&u32::from(addr))
-                || d.reservations.iter().any(|(_, ip)| *ip == addr)
+                || d.reservations.iter().any(|r| r.ip == addr)
         });
         if !host_addr || taken {
             return Err((

@@ -20,6 +20,8 @@
 //!
 //! A capture ends when its [`Capture`] is dropped (the control connection that
 //! drains it closed, or reached its `--count`): the tap leaves the network at once.
+//! When the network is removed (`netd net del`), [`Taps::end_all`] takes every tap
+//! off and signals [`Capture::ended`], so that the reader ends its stream.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -69,6 +71,8 @@ struct Tap {
     budget: Arc<ByteBudget>,
     /// Frames lost (queue full), by port.
     lost: Mutex<HashMap<PortId, u64>>,
+    /// Signalled when the network goes away ([`Taps::end_all`]).
+    end: tokio::sync::Notify,
 }
 
 impl Tap {
@@ -114,6 +118,8 @@ pub struct Taps {
     /// Whether any capture names its ports (and so records outbound frames).
     outbound_on: AtomicBool,
     list: RwLock<Vec<Arc<Tap>>>,
+    /// The network was removed: no capture starts any more.
+    closed: AtomicBool,
 }
 
 /// Nanoseconds since the Unix epoch, now.
@@ -170,6 +176,18 @@ impl Taps {
             let ts_ns = *ts.get_or_insert_with(now_ns);
             tap.record(port, frame, dir | reception(frame), ts_ns, drop);
         }
+    }
+
+    /// Ends every capture of the network (it is being removed): each tap leaves,
+    /// and its [`Capture::ended`] fires, so its reader writes the statistics and
+    /// closes. A capture started after this ends at once.
+    pub fn end_all(&self) {
+        let mut list = self.list.write().unwrap_or_else(|e| e.into_inner());
+        self.closed.store(true, Ordering::Relaxed);
+        for t in list.drain(..) {
+            t.end.notify_one();
+        }
+        self.set_flags(&list);
     }
 
     fn remove(&self, tap: &Arc<Tap>) {
@@ -244,6 +262,13 @@ impl Capture {
         self.net.name()
     }
 
+    /// Completes when the network's captures were ended ([`Taps::end_all`]: the
+    /// network was removed); the frames already queued can still be read.
+    pub fn ended(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let tap = self.tap.clone();
+        async move { tap.end.notified().await }
+    }
+
     /// Takes the tap off the network: nothing more is recorded (or lost). Dropping
     /// the capture does it too.
     pub fn stop(&self) {
@@ -280,6 +305,7 @@ impl Network {
             tx,
             budget: ByteBudget::new(CAPTURE_QUEUE_BYTES),
             lost: Mutex::new(HashMap::new()),
+            end: tokio::sync::Notify::new(),
         });
         {
             let mut list = self
@@ -290,7 +316,12 @@ impl Network {
             if list.len() >= MAX_CAPTURES {
                 return Err(SwitchError::TooManyCaptures(MAX_CAPTURES));
             }
-            list.push(tap.clone());
+            if self.captures.closed.load(Ordering::Relaxed) {
+                // The network is going away: the capture ends at once.
+                tap.end.notify_one();
+            } else {
+                list.push(tap.clone());
+            }
             self.captures.set_flags(&list);
         }
         Ok(Capture {

@@ -203,3 +203,76 @@ fn entries_store_only_what_the_state_needs() {
     assert!(s.table.is_some());
     assert_eq!(names(&api.effective()), ["a"]);
 }
+
+fn vxlan(name: &str, remotes: &[&str]) -> PortConfig {
+    serde_json::from_value(serde_json::json!({
+        "name": name, "kind": "vxlan", "vni": 42, "remotes": remotes
+    }))
+    .unwrap()
+}
+
+fn remotes(t: &NetworkConfig, port: &str) -> Vec<Ipv4Addr> {
+    t.port
+        .iter()
+        .find(|p| port_key(p) == port)
+        .map(|p| p.vxlan.remotes.clone())
+        .unwrap_or_default()
+}
+
+#[test]
+fn flood_list_changes_apply_to_base_and_runtime_ports_and_die_with_them() {
+    let mut b = base();
+    b.port.push(vxlan("vx", &["192.0.2.1", "192.0.2.2"]));
+    let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+    let mut c = Changes::default();
+    c.remote_changed("vx", ip("192.0.2.3"), true);
+    c.remote_changed("vx", ip("192.0.2.1"), false);
+    // The last change of a (port, remote) is the one kept.
+    c.remote_changed("vx", ip("192.0.2.9"), true);
+    c.remote_changed("vx", ip("192.0.2.9"), false);
+    c.port_added(vxlan("vy", &[]));
+    c.remote_changed("vy", ip("198.51.100.7"), true);
+    assert_eq!(c.vxlan_remotes.len(), 4);
+    let (t, conflicts) = c.clone().apply(&b);
+    assert!(conflicts.is_empty(), "{conflicts:?}");
+    assert_eq!(remotes(&t, "vx"), [ip("192.0.2.2"), ip("192.0.2.3")]);
+    assert_eq!(remotes(&t, "vy"), [ip("198.51.100.7")]);
+    // Through the state file and back.
+    let back: Changes = serde_json::from_value(serde_json::to_value(&c).unwrap()).unwrap();
+    assert_eq!(back, c);
+    // A port removed takes its flood list changes with it.
+    c.port_removed(&b, "vy");
+    assert!(c.vxlan_remotes.iter().all(|r| r.port == "vx"));
+    // The file dropped the port: the change is a conflict, named, and dropped.
+    let (t, conflicts) = c.apply(&base());
+    assert!(remotes(&t, "vx").is_empty());
+    assert_eq!(conflicts.len(), 3, "{conflicts:?}");
+    assert!(conflicts[0].contains("\"vx\""), "{conflicts:?}");
+    assert!(c.vxlan_remotes.is_empty());
+}
+
+#[test]
+fn outbound_changes_replay_on_the_routers_lists() {
+    let net = |s: &str| crate::nat::parse_cidr(s).unwrap();
+    let mut nat = crate::nat::RouterConfig::defaults();
+    nat.outbound_deny.push(net("10.1.0.0/24"));
+    let mut c = Changes::default();
+    c.outbound_changed(PolicyList::Deny, net("192.0.2.0/24"), true);
+    c.outbound_changed(PolicyList::Deny, net("10.1.0.0/24"), false);
+    c.outbound_changed(PolicyList::Allow, net("0.0.0.0/0"), true);
+    c.outbound_changed(PolicyList::Allow, net("0.0.0.0/0"), false);
+    c.outbound_changed(PolicyList::Allow, net("203.0.113.0/24"), true);
+    assert_eq!(c.outbound.len(), 4, "one per (list, CIDR): {c:?}");
+    c.apply_outbound(&mut nat);
+    assert!(nat.outbound_deny.contains(&net("192.0.2.0/24")));
+    assert!(!nat.outbound_deny.contains(&net("10.1.0.0/24")));
+    assert_eq!(nat.outbound_allow, [net("203.0.113.0/24")]);
+    assert!(c.denies(net("192.0.2.0/24")) && !c.denies(net("10.1.0.0/24")));
+    // Replaying twice changes nothing more.
+    let once = nat.clone();
+    c.apply_outbound(&mut nat);
+    assert_eq!(nat, once);
+    // A hand-edited entry that is not a CIDR is skipped, not a panic.
+    c.outbound[0].cidr = "not-a-cidr".into();
+    c.apply_outbound(&mut nat);
+}

@@ -20,7 +20,11 @@ fn server(dir: Option<&Path>) -> DhcpServer {
         lease_time: 3600,
         dns: vec![Ipv4Addr::new(10, 9, 0, 1)],
         router: Some(Ipv4Addr::new(10, 9, 0, 1)),
-        reservations: vec![([2, 0, 0, 0, 0, 0x99], Ipv4Addr::new(10, 9, 0, 50))],
+        reservations: vec![DhcpReservation {
+            mac: [2, 0, 0, 0, 0, 0x99],
+            ip: Ipv4Addr::new(10, 9, 0, 50),
+            hostname: None,
+        }],
         domain: None,
     };
     let db = LeaseDb::load(dir.map(|d| d.join("leases.json"))).unwrap();
@@ -145,6 +149,62 @@ fn reservation_decline_inform_and_exhaustion() {
     assert_eq!(a.msg_type, MsgType::Ack);
     assert!(a.option(opt::LEASE_TIME).is_none());
     assert_eq!(a.yiaddr, Ipv4Addr::UNSPECIFIED);
+}
+
+/// The names `s` publishes at `now`, as (name, address).
+fn published(names: &crate::dns::LocalNames, now: u64) -> Vec<(String, Ipv4Addr)> {
+    names
+        .entries(now)
+        .into_iter()
+        .map(|e| (e.name, e.ip))
+        .collect()
+}
+
+#[test]
+fn a_reservation_hostname_is_sent_and_published_instead_of_the_clients() {
+    let mut s = server(None);
+    let names = crate::dns::LocalNames::new(crate::dns::Zone {
+        domain: "lab.lab".into(),
+        hosts: Vec::new(),
+        subnet: (Ipv4Addr::new(10, 9, 0, 0), 24),
+    });
+    s.set_names(names.clone());
+    let sent = (opt::HOSTNAME, b"guestsays".to_vec());
+    // No hostname on the reservation yet: no option 12; the client's name is used.
+    let o = s.handle(&msg(MsgType::Discover, 0x99, vec![]), 10).unwrap();
+    assert!(o.option(opt::HOSTNAME).is_none());
+    let req = msg(
+        MsgType::Request,
+        0x99,
+        vec![sid(), req_ip([10, 9, 0, 50]), sent.clone()],
+    );
+    assert_eq!(answer(&mut s, &req, 11), MsgType::Ack);
+    s.sync_guard();
+    let at = Ipv4Addr::new(10, 9, 0, 50);
+    assert_eq!(published(&names, 12), [("guestsays.lab.lab".into(), at)]);
+    // The reservation gains a hostname at runtime: DNS has it at once.
+    let mut r = s.spec.reservations.clone();
+    r[0].hostname = Some("db1".into());
+    s.set_reservations(r);
+    assert_eq!(published(&names, 12), [("db1.lab.lab".into(), at)]);
+    // OFFER and ACK carry it, whatever the client sent.
+    let o = s.handle(&msg(MsgType::Discover, 0x99, vec![]), 20).unwrap();
+    assert_eq!(o.option(opt::HOSTNAME), Some(&b"db1"[..]));
+    let ack = s.handle(&req, 21).unwrap();
+    assert_eq!(ack.msg_type, MsgType::Ack);
+    assert_eq!(ack.option(opt::HOSTNAME), Some(&b"db1"[..]));
+    s.sync_guard();
+    assert_eq!(published(&names, 22), [("db1.lab.lab".into(), at)]);
+    // The lease still records what the client sent.
+    assert_eq!(s.db.leases()[0].hostname.as_deref(), Some("guestsays"));
+    // Other clients are not given the name.
+    let o = s.handle(&msg(MsgType::Discover, 7, vec![]), 22).unwrap();
+    assert!(o.option(opt::HOSTNAME).is_none());
+    // Only while the lease lasts.
+    assert!(published(&names, 21 + 3600).is_empty());
+    // The reservation removed: the client's own name again.
+    s.set_reservations(Vec::new());
+    assert_eq!(published(&names, 22), [("guestsays.lab.lab".into(), at)]);
 }
 
 #[test]

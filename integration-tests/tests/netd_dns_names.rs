@@ -4,7 +4,10 @@
 //! nslookup from another guest; other names are forwarded to the host's resolver
 //! (a dnsmasq in netd's namespace, on its loopback). Hostile input: a hostname that
 //! is not a DNS label is not published, a malformed query is dropped; both are
-//! counted (`netd dns NET --stats`) and the honest guests keep resolving.
+//! counted (`netd dns NET --stats`) and the honest guests keep resolving. A
+//! reservation's `hostname` is sent to its client (option 12, read back from
+//! udhcpc) and published instead of the name the client sent, and a runtime
+//! change of it reaches DNS at once.
 //!
 //! Three fronts: a NAT network (the router's 10.0.2.3), a hostonly network with
 //! `dns` at its gateway (a host socket on the host TAP), an internal network with
@@ -244,5 +247,75 @@ fn internal_serves_names_on_an_address_of_its_own() -> Result<()> {
         ("in0.lab", "10.77.0.53", "10.77.0.9"),
     )?;
     assert!(lease.contains(" 10.77.0.53 "), "option 6: {lease}");
+    Ok(())
+}
+
+/// The `hostname=` the client got (option 12) in its last lease.
+fn sent_hostname(g: &TapHost, dir: &std::path::Path) -> Result<String> {
+    let lease = std::fs::read_to_string(dir.join(format!("lease-{}", g.tap)))?;
+    Ok(lease
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("hostname="))
+        .unwrap_or_default()
+        .to_string())
+}
+
+#[test]
+fn a_reservation_hostname_is_sent_and_resolves_from_another_guest() -> Result<()> {
+    let dir = root_tempdir();
+    let host = Netns::new("dh")?;
+    let (_up, resolv) = upstream(&host, dir.path())?;
+    let [a, b] = TapHost::each(["da", "db"])?;
+    let mac = "52:54:00:aa:00:61";
+    let keys = format!(
+        "resolv_conf = \"{resolv}\"\n[[network.reservation]]\nmac = \"{mac}\"\nip = \"10.0.2.60\"\nhostname = \"db1\"\n"
+    );
+    let cfg = [
+        network("nat0", "nat", &keys),
+        a.port("a"),
+        format!("mac = \"{mac}\"\n"),
+        b.port("b"),
+    ]
+    .concat();
+    let cfg = write_config(dir.path(), &cfg);
+    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    // The reserved client sends a name of its own; the reservation's wins.
+    let (a_ip, _) = dhcp_named(&a, dir.path(), "alpha")?;
+    assert_eq!(a_ip, "10.0.2.60", "the reserved address");
+    assert_eq!(sent_hostname(&a, dir.path())?, "db1", "option 12");
+    let (b_ip, _) = dhcp_named(&b, dir.path(), "beta")?;
+    assert_eq!(
+        sent_hostname(&b, dir.path())?,
+        "",
+        "no option 12 unreserved"
+    );
+    resolves(&b, "db1.nat0.lab", "10.0.2.3", "10.0.2.60");
+    resolves(&b, "db1", "10.0.2.3", "10.0.2.60");
+    nxdomain(&b, "alpha.nat0.lab", "10.0.2.3");
+    let (ok, out) = nslookup(&b, None, "10.0.2.60", "10.0.2.3");
+    assert!(ok && out.contains("name = db1.nat0.lab"), "PTR:\n{out}");
+    // Changed at runtime: DNS has the new name at once, the client gets it at
+    // its next lease.
+    netd.cli(&[
+        "reservation",
+        "add",
+        "nat0",
+        mac,
+        "10.0.2.60",
+        "--hostname",
+        "db2",
+    ])?;
+    resolves(&b, "db2.nat0.lab", "10.0.2.3", "10.0.2.60");
+    nxdomain(&b, "db1.nat0.lab", "10.0.2.3");
+    dhcp_named(&a, dir.path(), "alpha")?;
+    assert_eq!(sent_hostname(&a, dir.path())?, "db2");
+    // The other guest's own name is untouched.
+    resolves(&a, "beta.nat0.lab", "10.0.2.3", &b_ip);
+    let names = netd.cli(&["dns", "nat0"])?;
+    assert!(
+        names.contains("db2.nat0.lab") && !names.contains("alpha"),
+        "{names}"
+    );
+    assert!(netd.stop(), "netd exits cleanly");
     Ok(())
 }

@@ -6,7 +6,13 @@
 //! attached and then forced; a bad `--from` file is refused naming the key; a
 //! corrupt state file is reported and set aside, the config file's networks
 //! start; a network in both the config file and the state is a conflict shown in
-//! `net list` and the log, the config file's winning.
+//! `net list` and the log, the config file's winning. A vxlan flood list changed
+//! at runtime is back after a restart (`netd vxlan show`), and an outbound deny
+//! added at runtime still refuses a guest's curl to a server in another namespace
+//! (busybox httpd) after a restart, and stays lifted once removed. `net del` lifts
+//! the deleted network's subnet from the other NAT network's deny list at once and
+//! ends a capture running on it: the CLI reports the statistics, tshark reads the
+//! file.
 
 mod netd_common;
 
@@ -333,6 +339,190 @@ fn a_corrupt_state_file_is_reported_and_the_config_networks_start() -> Result<()
     let netd = Netd::start(&host, dir.path(), &cfg)?;
     let row = net_row(&netd, "lab")?.context("lab")?;
     assert!(row.get("conflict").is_none(), "{row}");
+    assert!(netd.stop());
+    Ok(())
+}
+
+/// Whether `guest` fetches `url` (curl, short timeout).
+fn fetches(guest: &TapHost, url: &str, want: &str) -> bool {
+    guest
+        .sh(&format!("curl -sS --max-time 3 {url}"))
+        .is_ok_and(|p| p.trim() == want)
+}
+
+/// Leases an address for `guest` on a NAT network and routes through the router.
+fn nat_dhcp(guest: &TapHost, dir: &std::path::Path) -> Result<()> {
+    dhcp(guest, &guest.tap, dir)?;
+    guest.sh(&format!(
+        "ip route replace default via 10.0.2.2 dev {}",
+        guest.tap
+    ))?;
+    Ok(())
+}
+
+/// The remotes `netd vxlan show NET PORT` lists.
+fn flood_list(netd: &Netd, net: &str, port: &str) -> Result<serde_json::Value> {
+    Ok(netd.cli_json(&["vxlan", "show", net, port])?["remotes"].clone())
+}
+
+#[test]
+fn flood_list_and_outbound_changes_survive_a_restart() -> Result<()> {
+    let dir = root_tempdir();
+    let host = Netns::new("fh")?;
+    let beyond = Netns::new("fb")?;
+    let guest = TapHost::new("fg")?;
+    let (vh, vb) = (
+        integration_tests::unique_name("vh"),
+        integration_tests::unique_name("vb"),
+    );
+    link_beyond(&host, &beyond, (&vh, &vb), "172.16.177")?;
+    let www = dir.path().join("www");
+    std::fs::create_dir_all(&www)?;
+    std::fs::write(www.join("index.html"), "beyond\n")?;
+    let _httpd = beyond.spawn(&[
+        "busybox",
+        "httpd",
+        "-f",
+        "-p",
+        "172.16.177.2:80",
+        "-h",
+        www.to_str().unwrap(),
+    ])?;
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 127.0.0.1\n")?;
+    let vx = format!(
+        "\n[[network.port]]\nname = \"vx\"\nkind = \"vxlan\"\nvni = 42\nlocal = \"127.0.0.1\"\nport = {}\nremotes = [\"127.0.0.2\"]\n",
+        free_port()
+    );
+    let keys = format!("resolv_conf = \"{}\"\n", resolv.display());
+    let cfg = [network("lab", "nat", &keys), guest.port("g"), vx].concat();
+    let cfg = write_config(dir.path(), &cfg);
+    let url = "http://172.16.177.2/index.html";
+
+    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    nat_dhcp(&guest, dir.path())?;
+    assert!(
+        wait_until(std::time::Duration::from_secs(10), || fetches(
+            &guest, url, "beyond"
+        )),
+        "the guest reaches the server beyond the host first: {}",
+        netd.log()
+    );
+    netd.cli(&["vxlan", "remote", "add", "lab", "vx", "127.0.0.3"])?;
+    netd.cli(&["vxlan", "remote", "del", "lab", "vx", "127.0.0.2"])?;
+    assert_eq!(
+        flood_list(&netd, "lab", "vx")?,
+        serde_json::json!(["127.0.0.3"])
+    );
+    netd.cli(&["outbound", "lab", "deny", "add", "172.16.177.2/32"])?;
+    assert!(!fetches(&guest, url, "beyond"), "denied at once");
+    let state = std::fs::read_to_string(dir.path().join("state/runtime.json"))?;
+    assert!(
+        state.contains("127.0.0.3") && state.contains("172.16.177.2/32"),
+        "{state}"
+    );
+    assert!(netd.stop());
+
+    // Restarted: the flood list and the deny are as the API left them.
+    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    assert_eq!(
+        flood_list(&netd, "lab", "vx")?,
+        serde_json::json!(["127.0.0.3"]),
+        "the runtime flood list is back"
+    );
+    let list = netd.cli(&["outbound", "lab", "list"])?;
+    assert!(list.contains("172.16.177.2/32"), "{list}");
+    nat_dhcp(&guest, dir.path())?;
+    assert!(
+        ping_retry(&guest, "10.0.2.2", 5),
+        "the guest is on the network again"
+    );
+    assert!(
+        !fetches(&guest, url, "beyond"),
+        "the deny added at runtime holds after the restart"
+    );
+    // Lifted at runtime, it stays lifted.
+    netd.cli(&["outbound", "lab", "deny", "del", "172.16.177.2/32"])?;
+    assert!(netd.stop());
+    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    nat_dhcp(&guest, dir.path())?;
+    assert!(
+        wait_until(std::time::Duration::from_secs(10), || fetches(
+            &guest, url, "beyond"
+        )),
+        "the lifted deny stays lifted: {}",
+        netd.cli(&["outbound", "lab", "list"])?
+    );
+    assert!(netd.stop());
+    Ok(())
+}
+
+#[test]
+fn net_del_lifts_the_subnet_deny_and_ends_its_captures() -> Result<()> {
+    let dir = root_tempdir();
+    let host = Netns::new("nh")?;
+    let guest = TapHost::new("ng")?;
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 127.0.0.1\n")?;
+    let keys = format!("resolv_conf = \"{}\"\n", resolv.display());
+    let cfg = write_config(dir.path(), &network("lab", "nat", &keys));
+    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    let (x, y) = unique_subnet();
+    let subnet = format!("10.{x}.{y}.0/24");
+    netd.cli(&[
+        "net", "add", "lab2", "--mode", "internal", "--subnet", &subnet, "--dhcp",
+    ])?;
+    add_tap_port(&netd, "lab2", &guest.tap, &guest.ns, "g")?;
+    let list = netd.cli(&["outbound", "lab", "list"])?;
+    assert!(list.contains(&subnet), "the NAT network denies it: {list}");
+
+    // A capture of lab2 to a file, while its guest leases an address.
+    let file = dir.path().join("lab2.pcapng");
+    let err = dir.path().join("capture.err");
+    let mut cap = integration_tests::ChildGuard::new(
+        std::process::Command::new(integration_tests::bin("netd"))
+            .arg("--control")
+            .arg(&netd.control)
+            .args(["capture", "lab2", "-w"])
+            .arg(&file)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&err)?)
+            .spawn()?,
+    );
+    assert!(
+        wait_until(std::time::Duration::from_secs(5), || {
+            std::fs::read_to_string(&err).is_ok_and(|s| s.contains("capturing on"))
+        }),
+        "{}",
+        std::fs::read_to_string(&err)?
+    );
+    dhcp(&guest, &guest.tap, dir.path())?;
+
+    netd.cli(&["net", "del", "lab2", "--force"])?;
+    let st = cap
+        .wait_timeout(std::time::Duration::from_secs(10))
+        .context("the capture did not end with its network")?;
+    let report = std::fs::read_to_string(&err)?;
+    assert!(st.success(), "{st}: {report}");
+    assert!(
+        report.contains("frames written, 0 lost"),
+        "the statistics came before the end: {report}"
+    );
+    let out = std::process::Command::new("tshark")
+        .arg("-r")
+        .arg(&file)
+        .args(["-Y", "dhcp", "-T", "fields", "-e", "dhcp.option.dhcp"])
+        .output()?;
+    let dhcp_types = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && dhcp_types.lines().any(|l| l.trim() == "5"),
+        "tshark reads the ACK: {dhcp_types}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The other NAT network no longer denies the deleted network's subnet.
+    let list = netd.cli(&["outbound", "lab", "list"])?;
+    assert!(!list.contains(&subnet), "deny lifted at once: {list}");
+    assert!(list.contains("169.254.0.0/16"), "the defaults stay: {list}");
     assert!(netd.stop());
     Ok(())
 }

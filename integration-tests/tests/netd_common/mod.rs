@@ -146,11 +146,12 @@ pub fn cli_fails(netd: &Netd, args: &[&str]) -> String {
 }
 
 /// Writes a udhcpc event script that configures the interface and records the
-/// address in `<dir>/lease-<iface>`.
+/// address (and the options netd sent, `domain=` and `hostname=` last) in
+/// `<dir>/lease-<iface>`.
 pub fn udhcpc_script(dir: &Path) -> PathBuf {
     let path = dir.join("udhcpc.sh");
     let text = format!(
-        "#!/bin/sh\ncase \"$1\" in\n  bound|renew)\n    ip addr flush dev \"$interface\"\n    ip addr add \"$ip/$mask\" dev \"$interface\"\n    echo \"$ip $mask $serverid $router $dns domain=$domain\" > {}/lease-\"$interface\"\n    ;;\nesac\nexit 0\n",
+        "#!/bin/sh\ncase \"$1\" in\n  bound|renew)\n    ip addr flush dev \"$interface\"\n    ip addr add \"$ip/$mask\" dev \"$interface\"\n    echo \"$ip $mask $serverid $router $dns domain=$domain hostname=$hostname\" > {}/lease-\"$interface\"\n    ;;\nesac\nexit 0\n",
         dir.display()
     );
     std::fs::write(&path, text).unwrap();

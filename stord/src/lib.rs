@@ -66,6 +66,7 @@ pub mod control;
 pub mod disk;
 pub mod nbd;
 pub mod poll;
+pub mod qcow2;
 pub mod server;
 pub mod sys;
 pub mod tls;

@@ -39,9 +39,8 @@ impl Image {
             m.reftable_dirty.insert(ri);
             self.set_refcount(m, rb, 1)?;
         }
-        if !m.refblocks.contains_key(&rb) {
-            let counts = table::read_u16s(&self.file, rb, per as usize)?;
-            m.refblocks.insert(rb, (counts, false));
+        if let std::collections::hash_map::Entry::Vacant(slot) = m.refblocks.entry(rb) {
+            slot.insert((table::read_u16s(&self.file, rb, per as usize)?, false));
         }
         if let Some((counts, dirty)) = m.refblocks.get_mut(&rb) {
             counts[(idx % per) as usize] = v;
@@ -180,7 +179,10 @@ impl Image {
         add(&mut refs, 0);
         let tables = [
             (self.hdr.l1_offset, self.hdr.l1_size as u64 * 8),
-            (self.hdr.reftable_offset, self.hdr.reftable_clusters as u64 * cs),
+            (
+                self.hdr.reftable_offset,
+                self.hdr.reftable_clusters as u64 * cs,
+            ),
         ];
         for (off, len) in tables {
             for i in 0..len.div_ceil(cs) {
@@ -213,7 +215,10 @@ impl Image {
         let rper = cs / 2;
         for &o in refs.keys() {
             let ri = (o / cs / rper) as usize;
-            if m.reftable.get(ri).is_none_or(|&e| e & table::OFFSET_MASK == 0) {
+            if m.reftable
+                .get(ri)
+                .is_none_or(|&e| e & table::OFFSET_MASK == 0)
+            {
                 return Err(Qcow2Error::Corrupt(format!(
                     "host cluster {o} in use has no refcount"
                 )));

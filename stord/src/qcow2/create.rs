@@ -35,7 +35,9 @@ pub fn create(
     }
     let covered = size.saturating_mul(2).saturating_add(1 << 30);
     let rt_entries = covered.div_ceil(cs * (cs / 2)).max(1);
-    let rt_clusters = (rt_entries * 8).div_ceil(cs).min(header::MAX_REFTABLE_BYTES / cs);
+    let rt_clusters = (rt_entries * 8)
+        .div_ceil(cs)
+        .min(header::MAX_REFTABLE_BYTES / cs);
     let refblock = cs * (1 + rt_clusters);
     let l1_offset = refblock + cs;
     let l1_clusters = (l1_size * 8).div_ceil(cs);
@@ -56,7 +58,9 @@ pub fn create(
     };
     let head = hdr.emit();
     if head.len() as u64 > cs {
-        return Err(Qcow2Error::BadHeader("the header does not fit a cluster".into()));
+        return Err(Qcow2Error::BadHeader(
+            "the header does not fit a cluster".into(),
+        ));
     }
     let file = OpenOptions::new()
         .read(true)

@@ -139,7 +139,7 @@ impl Header {
                 )));
             }
             let hl = be32(buf, 100) as u64;
-            if hl < 104 || hl > buf.len() as u64 || hl % 8 != 0 {
+            if hl < 104 || hl > buf.len() as u64 || !hl.is_multiple_of(8) {
                 return bad(&format!("header_length {hl}"));
             }
             (be64(buf, 72), be64(buf, 88), hl)
@@ -180,13 +180,7 @@ impl Header {
                 MAX_REFTABLE_BYTES / cs
             ));
         }
-        check_table(
-            "refcount table",
-            reftable_offset,
-            rt_bytes,
-            cs,
-            file_len,
-        )?;
+        check_table("refcount table", reftable_offset, rt_bytes, cs, file_len)?;
         let nb_snapshots = be32(buf, 60);
         let backing_offset = be64(buf, 8);
         let backing_len = be32(buf, 16);
@@ -230,8 +224,10 @@ impl Header {
     /// cluster.
     pub fn emit(&self) -> Vec<u8> {
         let mut b = vec![0u8; V3_HEADER_LEN as usize];
-        let put32 = |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_be_bytes());
-        let put64 = |b: &mut Vec<u8>, at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+        let put32 =
+            |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+        let put64 =
+            |b: &mut Vec<u8>, at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_be_bytes());
         put32(&mut b, 0, MAGIC);
         put32(&mut b, 4, 3);
         put32(&mut b, 20, self.cluster_bits);
@@ -261,12 +257,18 @@ impl Header {
 
 /// Checks that a table of `len` bytes at `offset` is cluster-aligned, past
 /// the header cluster and inside the file.
-fn check_table(what: &str, offset: u64, len: u64, cs: u64, file_len: u64) -> Result<(), Qcow2Error> {
+fn check_table(
+    what: &str,
+    offset: u64,
+    len: u64,
+    cs: u64,
+    file_len: u64,
+) -> Result<(), Qcow2Error> {
     if len == 0 {
         return Ok(());
     }
     let end = offset.checked_add(len);
-    if offset % cs != 0 || offset < cs || !matches!(end, Some(e) if e <= file_len) {
+    if !offset.is_multiple_of(cs) || offset < cs || !matches!(end, Some(e) if e <= file_len) {
         return Err(Qcow2Error::BadHeader(format!(
             "{what} at {offset} ({len} bytes): not cluster-aligned, in the header cluster or past the end of the file ({file_len} bytes)"
         )));
@@ -361,19 +363,40 @@ mod tests {
             Header::parse(&b, 4 << 16)
         };
         assert!(matches!(with(0, b"XXXX"), Err(Qcow2Error::NotQcow2)));
-        assert!(matches!(with(4, &4u32.to_be_bytes()), Err(Qcow2Error::Unsupported(_))));
+        assert!(matches!(
+            with(4, &4u32.to_be_bytes()),
+            Err(Qcow2Error::Unsupported(_))
+        ));
         for bits in [0u32, 8, 22, 63, u32::MAX] {
-            assert!(matches!(with(20, &bits.to_be_bytes()), Err(Qcow2Error::BadHeader(_))), "{bits}");
+            assert!(
+                matches!(with(20, &bits.to_be_bytes()), Err(Qcow2Error::BadHeader(_))),
+                "{bits}"
+            );
         }
         assert!(with(24, &u64::MAX.to_be_bytes()).is_err(), "huge size");
-        assert!(with(24, &(1u64 << 40).to_be_bytes()).is_err(), "L1 too small");
+        assert!(
+            with(24, &(1u64 << 40).to_be_bytes()).is_err(),
+            "L1 too small"
+        );
         assert!(with(32, &1u32.to_be_bytes()).is_err(), "encrypted");
         assert!(with(36, &u32::MAX.to_be_bytes()).is_err(), "huge L1");
         assert!(with(40, &0u64.to_be_bytes()).is_err(), "L1 in the header");
-        assert!(with(40, &(3u64 << 16 | 8).to_be_bytes()).is_err(), "L1 unaligned");
-        assert!(with(40, &(9u64 << 16).to_be_bytes()).is_err(), "L1 past EOF");
-        assert!(with(40, &(u64::MAX & !0xffff).to_be_bytes()).is_err(), "L1 end overflows");
-        assert!(with(48, &0u64.to_be_bytes()).is_err(), "reftable in the header");
+        assert!(
+            with(40, &(3u64 << 16 | 8).to_be_bytes()).is_err(),
+            "L1 unaligned"
+        );
+        assert!(
+            with(40, &(9u64 << 16).to_be_bytes()).is_err(),
+            "L1 past EOF"
+        );
+        assert!(
+            with(40, &(!0xffffu64).to_be_bytes()).is_err(),
+            "L1 end overflows"
+        );
+        assert!(
+            with(48, &0u64.to_be_bytes()).is_err(),
+            "reftable in the header"
+        );
         assert!(with(56, &0u32.to_be_bytes()).is_err(), "no reftable");
         assert!(with(56, &u32::MAX.to_be_bytes()).is_err(), "huge reftable");
         assert!(with(72, &2u64.to_be_bytes()).is_err(), "corrupt");
@@ -382,11 +405,26 @@ mod tests {
         assert!(with(96, &5u32.to_be_bytes()).is_err(), "refcount order");
         assert!(with(100, &7u32.to_be_bytes()).is_err(), "header length");
         assert!(with(100, &u32::MAX.to_be_bytes()).is_err(), "header length");
-        assert!(with(16, &u32::MAX.to_be_bytes()).is_err(), "backing name length");
-        assert!(with(8, &(u64::MAX - 2).to_be_bytes()).is_err(), "backing name offset");
-        assert!(with(8, &8u64.to_be_bytes()).is_err(), "backing name in the header");
+        assert!(
+            with(16, &u32::MAX.to_be_bytes()).is_err(),
+            "backing name length"
+        );
+        assert!(
+            with(8, &(u64::MAX - 2).to_be_bytes()).is_err(),
+            "backing name offset"
+        );
+        assert!(
+            with(8, &8u64.to_be_bytes()).is_err(),
+            "backing name in the header"
+        );
         // An extension whose length runs past the cluster.
-        assert!(with(108, &u32::MAX.to_be_bytes()).is_err(), "extension length");
-        assert!(matches!(Header::parse(&good[..40], 1 << 20), Err(Qcow2Error::NotQcow2)));
+        assert!(
+            with(108, &u32::MAX.to_be_bytes()).is_err(),
+            "extension length"
+        );
+        assert!(matches!(
+            Header::parse(&good[..40], 1 << 20),
+            Err(Qcow2Error::NotQcow2)
+        ));
     }
 }

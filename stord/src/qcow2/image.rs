@@ -84,7 +84,8 @@ impl Image {
             seen.push(path.canonicalize()?);
         }
         let file_len = file.metadata()?.len();
-        let mut first = vec![0u8; (1usize << super::header::MAX_CLUSTER_BITS).min(file_len as usize)];
+        let mut first =
+            vec![0u8; (1usize << super::header::MAX_CLUSTER_BITS).min(file_len as usize)];
         table::read_full(&file, &mut first, 0)?;
         let hdr = Header::parse(&first, file_len)?;
         let cs = hdr.cluster_size();
@@ -96,7 +97,8 @@ impl Image {
             }
             if hdr.version != 3 || hdr.nb_snapshots != 0 || hdr.autoclear != 0 {
                 return Err(Qcow2Error::Unsupported(
-                    "only images without internal snapshots or autoclear features are written".into(),
+                    "only images without internal snapshots or autoclear features are written"
+                        .into(),
                 ));
             }
         }
@@ -133,7 +135,12 @@ impl Image {
             None => None,
             Some(name) => {
                 let p = root.resolve(name)?;
-                Some(Box::new(Layer::open(&p, hdr.backing_format.as_deref(), root, seen)?))
+                Some(Box::new(Layer::open(
+                    &p,
+                    hdr.backing_format.as_deref(),
+                    root,
+                    seen,
+                )?))
             }
         };
         let img = Image {
@@ -205,7 +212,9 @@ impl Image {
         let per = self.cs / 8;
         let l1i = (gc / per) as usize;
         let Some(&l1e) = m.l1.get(l1i) else {
-            return Err(Qcow2Error::Corrupt("guest cluster beyond the L1 table".into()));
+            return Err(Qcow2Error::Corrupt(
+                "guest cluster beyond the L1 table".into(),
+            ));
         };
         match table::decode_l1(l1e, self.cs)? {
             None => Ok(Some(0)),
@@ -223,13 +232,12 @@ impl Image {
         };
         if !m.l2.contains_key(&off) {
             if (m.l2.len() as u64 + 1) * self.cs > L2_CACHE_BYTES {
-                let clean: Vec<u64> = m
-                    .l2
-                    .iter()
-                    .filter(|(_, t)| !t.dirty)
-                    .map(|(o, _)| *o)
-                    .take(m.l2.len() / 2 + 1)
-                    .collect();
+                let clean: Vec<u64> =
+                    m.l2.iter()
+                        .filter(|(_, t)| !t.dirty)
+                        .map(|(o, _)| *o)
+                        .take(m.l2.len() / 2 + 1)
+                        .collect();
                 for o in clean {
                     m.l2.remove(&o);
                 }
@@ -239,7 +247,13 @@ impl Image {
             } else {
                 table::read_u64s(&self.file, off, per as usize)?
             };
-            m.l2.insert(off, L2 { entries, dirty: false });
+            m.l2.insert(
+                off,
+                L2 {
+                    entries,
+                    dirty: false,
+                },
+            );
         }
         Ok(Some(off))
     }

@@ -228,7 +228,9 @@ impl Layer {
             }
         };
         if qcow2 {
-            Ok(Layer::Qcow2(Box::new(Image::open_with(file, path, false, root, seen)?)))
+            Ok(Layer::Qcow2(Box::new(Image::open_with(
+                file, path, false, root, seen,
+            )?)))
         } else {
             let size = file.metadata()?.len();
             Ok(Layer::Raw {

@@ -40,7 +40,7 @@ pub fn decode_l2(e: u64, cs: u64) -> Result<Cluster, Qcow2Error> {
         )));
     }
     let off = e & OFFSET_MASK;
-    if off % cs != 0 {
+    if !off.is_multiple_of(cs) {
         return Err(Qcow2Error::Corrupt(format!(
             "L2 entry {e:#x}: cluster offset not aligned"
         )));
@@ -56,7 +56,7 @@ pub fn decode_l2(e: u64, cs: u64) -> Result<Cluster, Qcow2Error> {
 /// Decodes an L1 entry: the L2 table's offset, or `None`.
 pub fn decode_l1(e: u64, cs: u64) -> Result<Option<u64>, Qcow2Error> {
     let off = e & OFFSET_MASK;
-    if e & !(OFFSET_MASK | COPIED) != 0 || off % cs != 0 {
+    if e & !(OFFSET_MASK | COPIED) != 0 || !off.is_multiple_of(cs) {
         return Err(Qcow2Error::Corrupt(format!(
             "L1 entry {e:#x}: reserved bits set or L2 table not aligned"
         )));
@@ -125,7 +125,10 @@ mod tests {
             decode_l2(COPIED | 0x30000, cs).unwrap(),
             Cluster::Data(0x30000)
         );
-        assert_eq!(decode_l2(COPIED | 0x30001, cs).unwrap(), Cluster::Zero(Some(0x30000)));
+        assert_eq!(
+            decode_l2(COPIED | 0x30001, cs).unwrap(),
+            Cluster::Zero(Some(0x30000))
+        );
         assert_eq!(decode_l2(COMPRESSED | 5, cs).unwrap(), Cluster::Compressed);
         assert!(decode_l2(0x30200, cs).is_err(), "unaligned");
         assert!(decode_l2(1 << 60, cs).is_err(), "reserved");

@@ -38,14 +38,20 @@ fn overlay_reads_through_and_copies_on_write() {
     assert_eq!(&got[..100], &[0x22; 100][..]);
     assert_eq!(&got[100..110], &[0x33; 10][..]);
     assert_eq!(&got[110..], &[0x22; 90][..]);
-    assert_eq!(img.status(3 * MIB, 64 * 1024).unwrap(), (64 * 1024, Run::Data));
+    assert_eq!(
+        img.status(3 * MIB, 64 * 1024).unwrap(),
+        (64 * 1024, Run::Data)
+    );
     assert_eq!(img.status(MIB, MIB).unwrap(), (MIB, Run::Zero));
     // Zero a whole cluster of base data: reads zero, the base keeps its data.
     img.zero(3 * MIB, 65536, true, false).unwrap();
     assert_eq!(read(&img, 3 * MIB, 65536), vec![0; 65536]);
     assert_eq!(img.status(3 * MIB, 65536).unwrap().1, Run::Zero);
     // A partial zero on data that is not zero is not fast.
-    assert!(matches!(img.zero(0, 512, true, false), Err(Qcow2Error::NotFast)));
+    assert!(matches!(
+        img.zero(0, 512, true, false),
+        Err(Qcow2Error::NotFast)
+    ));
     img.zero(0, 512, false, false).unwrap();
     assert_eq!(read(&img, 0, 1024)[..512], [0; 512]);
     assert_eq!(read(&img, 0, 1024)[512..], [0x11; 512]);
@@ -76,7 +82,9 @@ fn unflushed_writes_leave_only_leaks() {
     {
         let m = img.read_meta();
         for (&off, (counts, _)) in &m.refblocks {
-            img.file.write_all_at(&table::encode_u16s(counts), off).unwrap();
+            img.file
+                .write_all_at(&table::encode_u16s(counts), off)
+                .unwrap();
         }
     }
     std::mem::forget(img);
@@ -84,7 +92,12 @@ fn unflushed_writes_leave_only_leaks() {
     assert_eq!(read(&img, 0, 4096), vec![1; 4096]);
     assert_eq!(read(&img, 40 * MIB, 4096), vec![0; 4096]);
     let m = img.read_meta();
-    let used: u32 = m.refblocks.values().flat_map(|r| r.0.iter()).map(|&c| c as u32).sum();
+    let used: u32 = m
+        .refblocks
+        .values()
+        .flat_map(|r| r.0.iter())
+        .map(|&c| c as u32)
+        .sum();
     // header, reftable, refblock, L1, one L2 table, one data cluster
     assert_eq!(used, 6);
 }
@@ -102,14 +115,19 @@ fn hostile_tables_answer_eio_or_refuse_the_open() {
     }
     let img = Image::open(&p, false, &root).unwrap();
     let l1 = img.header().l1_offset;
-    let l2 = table::decode_l1(img.read_meta().l1[0], img.cs).unwrap().unwrap();
+    let l2 = table::decode_l1(img.read_meta().l1[0], img.cs)
+        .unwrap()
+        .unwrap();
     drop(img);
     let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
     // An L2 entry past the end of the file: EIO on that cluster only.
-    f.write_all_at(&(table::COPIED | 1 << 40).to_be_bytes(), l2 + 8).unwrap();
+    f.write_all_at(&(table::COPIED | 1 << 40).to_be_bytes(), l2 + 8)
+        .unwrap();
     // An L2 entry pointing at the header.
-    f.write_all_at(&(table::COPIED).to_be_bytes(), l2 + 16).unwrap();
-    f.write_all_at(&(table::COPIED | l1).to_be_bytes(), l2 + 24).unwrap();
+    f.write_all_at(&(table::COPIED).to_be_bytes(), l2 + 16)
+        .unwrap();
+    f.write_all_at(&(table::COPIED | l1).to_be_bytes(), l2 + 24)
+        .unwrap();
     let img = Image::open(&p, false, &root).unwrap();
     let mut b = vec![0; 512];
     assert!(img.read(65536, &mut b).is_err(), "past EOF");
@@ -117,10 +135,17 @@ fn hostile_tables_answer_eio_or_refuse_the_open() {
     img.read(0, &mut b).unwrap();
     assert_eq!(b, vec![7; 512]);
     drop(img);
-    assert!(matches!(Image::open(&p, true, &root), Err(Qcow2Error::Corrupt(_))));
+    assert!(matches!(
+        Image::open(&p, true, &root),
+        Err(Qcow2Error::Corrupt(_))
+    ));
     // An L1 entry naming the refcount table refuses the open.
-    f.write_all_at(&(table::COPIED | 65536).to_be_bytes(), l1).unwrap();
-    assert!(matches!(Image::open(&p, false, &root), Err(Qcow2Error::Corrupt(_))));
+    f.write_all_at(&(table::COPIED | 65536).to_be_bytes(), l1)
+        .unwrap();
+    assert!(matches!(
+        Image::open(&p, false, &root),
+        Err(Qcow2Error::Corrupt(_))
+    ));
 }
 
 #[test]
@@ -128,8 +153,18 @@ fn backing_names_stay_inside_and_chains_do_not_loop() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let root = Root::disks(d).unwrap();
-    for bad in ["../x.img", "/etc/passwd", "sub/x.img", "x", ".x.img", "missing.img"] {
-        assert!(matches!(root.resolve(bad), Err(Qcow2Error::Backing(_))), "{bad}");
+    for bad in [
+        "../x.img",
+        "/etc/passwd",
+        "sub/x.img",
+        "x",
+        ".x.img",
+        "missing.img",
+    ] {
+        assert!(
+            matches!(root.resolve(bad), Err(Qcow2Error::Backing(_))),
+            "{bad}"
+        );
     }
     create::create(&d.join("a.img"), MIB, Some(("b.img", "qcow2")), 0o600).unwrap();
     create::create(&d.join("b.img"), MIB, Some(("a.img", "qcow2")), 0o600).unwrap();

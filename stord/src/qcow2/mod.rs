@@ -63,8 +63,8 @@
 //! metadata, compressed, or with reserved bits set answers that request with
 //! EIO and leaves the rest of the disk working. Backing file names are
 //! resolved by a [`Root`]: inside the state directory only plain `NAME.img`
-//! names of that directory; for an imported file, relative names inside its
-//! own directory. A chain deeper than [`MAX_CHAIN`] or that loops is refused.
+//! names of that directory; for an imported file, names (relative or absolute)
+//! that lead, symbolic links followed, to a file inside its own directory. A chain deeper than [`MAX_CHAIN`] or that loops is refused.
 
 pub mod alloc;
 pub mod create;
@@ -161,11 +161,11 @@ impl Root {
             }
         }
         let p = Path::new(name);
-        if p.is_absolute()
-            || p.components()
+        if self.disks
+            && p.components()
                 .any(|c| !matches!(c, std::path::Component::Normal(_)))
         {
-            return refuse("only relative names below the image's directory are followed");
+            return refuse("only plain names in the state directory are followed");
         }
         let full = match self.dir.join(p).canonicalize() {
             Ok(f) => f,

@@ -105,12 +105,7 @@ enum DiskCmd {
         name: String,
     },
     /// Freeze a disk as a read-only snapshot; it continues in a new overlay.
-    Snapshot {
-        /// Disk name.
-        name: String,
-        /// Snapshot name.
-        snap: String,
-    },
+    Snapshot(DiskSnap),
     /// List a disk's snapshots, nearest first.
     Snapshots {
         /// Disk name.
@@ -120,17 +115,21 @@ enum DiskCmd {
         json: bool,
     },
     /// Throw away what a disk got since a snapshot (refused while attached).
-    Revert {
-        /// Disk name.
-        name: String,
-        /// Snapshot name.
-        snap: String,
-    },
+    Revert(DiskSnap),
     /// Copy a disk's chain into one self-contained disk (refused while attached).
     Flatten {
         /// Disk name.
         name: String,
     },
+}
+
+/// A disk and one of its snapshots.
+#[derive(clap::Args)]
+struct DiskSnap {
+    /// Disk name.
+    name: String,
+    /// Snapshot name.
+    snap: String,
 }
 
 /// Prints disks as a table, or as JSON.
@@ -240,12 +239,12 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     base: base.clone(),
                     name: name.clone(),
                 },
-                DiskCmd::Snapshot { name, snap } => Request::Snapshot {
+                DiskCmd::Snapshot(DiskSnap { name, snap }) => Request::Snapshot {
                     name: name.clone(),
                     snap: snap.clone(),
                 },
                 DiskCmd::Snapshots { name, .. } => Request::Snapshots { name: name.clone() },
-                DiskCmd::Revert { name, snap } => Request::Revert {
+                DiskCmd::Revert(DiskSnap { name, snap }) => Request::Revert {
                     name: name.clone(),
                     snap: snap.clone(),
                 },

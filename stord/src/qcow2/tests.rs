@@ -16,6 +16,26 @@ fn raw_base(dir: &Path, size: u64) -> PathBuf {
     p
 }
 
+/// A new standalone image `name` of `size` bytes in `dir`, opened writable,
+/// and the root its names resolve in.
+fn fresh(dir: &Path, name: &str, size: u64) -> (PathBuf, Root, Image) {
+    let p = dir.join(name);
+    create::create(&p, size, None, 0o600).unwrap();
+    let root = Root::disks(dir).unwrap();
+    let img = Image::open(&p, true, &root).unwrap();
+    (p, root, img)
+}
+
+/// `top.img`, a writable overlay on the raw base of [`raw_base`] (8 MiB).
+fn overlay_on_raw(dir: &Path) -> (PathBuf, Root, Image) {
+    raw_base(dir, 8 * MIB);
+    let top = dir.join("top.img");
+    create::create(&top, 8 * MIB, Some(("base.img", "raw")), 0o600).unwrap();
+    let root = Root::disks(dir).unwrap();
+    let img = Image::open(&top, true, &root).unwrap();
+    (top, root, img)
+}
+
 fn read(img: &Image, off: u64, len: usize) -> Vec<u8> {
     let mut b = vec![0xa5; len];
     img.read(off, &mut b).unwrap();
@@ -25,11 +45,7 @@ fn read(img: &Image, off: u64, len: usize) -> Vec<u8> {
 #[test]
 fn overlay_reads_through_and_copies_on_write() {
     let dir = tempfile::tempdir().unwrap();
-    raw_base(dir.path(), 8 * MIB);
-    let top = dir.path().join("top.img");
-    create::create(&top, 8 * MIB, Some(("base.img", "raw")), 0o600).unwrap();
-    let root = Root::disks(dir.path()).unwrap();
-    let img = Image::open(&top, true, &root).unwrap();
+    let (top, root, img) = overlay_on_raw(dir.path());
     assert_eq!(read(&img, 0, 4096), vec![0x11; 4096]);
     assert_eq!(read(&img, 4096, 10), vec![0; 10]);
     // A partial write into the base's data keeps the rest of the cluster.
@@ -70,10 +86,7 @@ fn overlay_reads_through_and_copies_on_write() {
 #[test]
 fn unflushed_writes_leave_only_leaks() {
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("a.img");
-    create::create(&p, 64 * MIB, None, 0o600).unwrap();
-    let root = Root::disks(dir.path()).unwrap();
-    let img = Image::open(&p, true, &root).unwrap();
+    let (p, root, img) = fresh(dir.path(), "a.img", 64 * MIB);
     img.write(0, &[1; 4096]).unwrap();
     img.flush().unwrap();
     img.write(40 * MIB, &[2; 4096]).unwrap();
@@ -105,14 +118,10 @@ fn unflushed_writes_leave_only_leaks() {
 #[test]
 fn hostile_tables_answer_eio_or_refuse_the_open() {
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("h.img");
-    create::create(&p, 64 * MIB, None, 0o600).unwrap();
-    let root = Root::disks(dir.path()).unwrap();
-    {
-        let img = Image::open(&p, true, &root).unwrap();
-        img.write(0, &[7; 65536]).unwrap();
-        img.flush().unwrap();
-    }
+    let (p, root, img) = fresh(dir.path(), "h.img", 64 * MIB);
+    img.write(0, &[7; 65536]).unwrap();
+    img.flush().unwrap();
+    drop(img);
     let img = Image::open(&p, false, &root).unwrap();
     let l1 = img.header().l1_offset;
     let l2 = table::decode_l1(img.read_meta().l1[0], img.cs)
@@ -178,11 +187,7 @@ fn backing_names_stay_inside_and_chains_do_not_loop() {
 #[test]
 fn chains_copy_into_one_image() {
     let dir = tempfile::tempdir().unwrap();
-    raw_base(dir.path(), 8 * MIB);
-    let top = dir.path().join("top.img");
-    create::create(&top, 8 * MIB, Some(("base.img", "raw")), 0o600).unwrap();
-    let root = Root::disks(dir.path()).unwrap();
-    let img = Image::open(&top, true, &root).unwrap();
+    let (_, root, img) = overlay_on_raw(dir.path());
     img.write(5 * MIB, &[9; 1000]).unwrap();
     img.flush().unwrap();
     let layer = Layer::Qcow2(Box::new(img));

@@ -406,14 +406,20 @@ impl Image {
             let n = (self.cs - in_c).min(end - pos);
             if n == self.cs {
                 let mut m = self.write_meta();
-                self.load_l2(&mut m, gc)?;
-                let off = self.l2_for_write(&mut m, gc)?;
                 let idx = (gc % (self.cs / 8)) as usize;
-                let old = m.l2[&off].entries[idx];
-                if let Cluster::Data(o) | Cluster::Zero(Some(o)) = table::decode_l2(old, self.cs)? {
+                let old = match self.load_l2(&mut m, gc)? {
+                    Some(off) => m.l2[&off].entries[idx],
+                    None => 0,
+                };
+                let old_cluster = self.checked(&m, old)?;
+                if let Cluster::Data(o) | Cluster::Zero(Some(o)) = old_cluster {
                     m.freed.push(o);
                 }
-                if old != ZERO {
+                // Already zero: a zero cluster, or nothing under an image
+                // without a backing file (no table is allocated for it).
+                let reads_zero =
+                    old == ZERO || (old_cluster == Cluster::Unallocated && self.backing.is_none());
+                if !reads_zero {
                     self.set_l2(&mut m, gc, ZERO)?;
                 }
             } else if !discard && self.status(pos, n)?.1 == Run::Data {

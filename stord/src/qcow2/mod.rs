@@ -274,7 +274,7 @@ impl Layer {
     /// The first run at `offset` (at most `len` bytes): its length and kind.
     pub fn status(&self, offset: u64, len: u64) -> Result<(u64, Run), Qcow2Error> {
         let size = self.size();
-        if offset >= size {
+        if offset >= size || len == 0 {
             return Ok((len, Run::Zero));
         }
         let len = len.min(size - offset);

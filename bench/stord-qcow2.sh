@@ -86,7 +86,7 @@ copy_read() { local t0 t1; t0=$(now); nbdcopy --no-extents "$1" null: ; t1=$(now
 fio_iops() {  # URI RW QD
   fio --name=b --ioengine=nbd --uri="$1" --rw="$2" --bs=4k --iodepth="$3" \
     --size="${SIZE_MIB}M" --runtime="$FIO_SECS" --time_based --output-format=json 2>/dev/null |
-    python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(j["read"]["iops"]+j["write"]["iops"])'
+    python3 -c 'import json,sys; d=sys.stdin.read(); j=json.loads(d[d.index("{"):])["jobs"][0]; print(int(j["read"]["iops"]+j["write"]["iops"]))'
 }
 fresh_clone() {  # stord: a new clone "w"; qemu: a new overlay file
   cli delete w 2>/dev/null || true; cli clone golden w

@@ -138,9 +138,10 @@ fn print_disks(disks: &[DiskInfo], json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(disks)?);
         return Ok(());
     }
+    // The columns of earlier releases first, unchanged; FORMAT and CHAIN after.
     println!(
-        "{:<24} {:>14} {:<8} {:<6} {:>14} {:>5} {:<4} {:<8} CHAIN",
-        "NAME", "SIZE", "ALLOC", "FORMAT", "ALLOCATED", "CONNS", "MODE", "STATE"
+        "{:<24} {:>14} {:<8} {:>14} {:>5} {:<4} {:<8} {:<6} CHAIN",
+        "NAME", "SIZE", "ALLOC", "ALLOCATED", "CONNS", "MODE", "STATE", "FORMAT"
     );
     for d in disks {
         // `failed`: a flush failed, data may be lost (FLUSH and FUA fail
@@ -156,15 +157,15 @@ fn print_disks(disks: &[DiskInfo], json: bool) -> anyhow::Result<()> {
             d.chain.join(" < ")
         };
         println!(
-            "{:<24} {:>14} {:<8} {:<6} {:>14} {:>5} {:<4} {:<8} {}",
+            "{:<24} {:>14} {:<8} {:>14} {:>5} {:<4} {:<8} {:<6} {}",
             d.name,
             d.size,
             d.alloc,
-            d.format,
             d.allocated,
             d.connections,
             if d.read_only { "ro" } else { "rw" },
             state,
+            d.format,
             chain
         );
     }

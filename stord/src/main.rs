@@ -138,10 +138,11 @@ fn print_disks(disks: &[DiskInfo], json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(disks)?);
         return Ok(());
     }
-    // The columns of earlier releases first, unchanged; FORMAT and CHAIN after.
+    // The columns of earlier releases in their places, STATE still last;
+    // FORMAT and CHAIN (comma-separated, nearest first) before it.
     println!(
-        "{:<24} {:>14} {:<8} {:>14} {:>5} {:<4} {:<8} {:<6} CHAIN",
-        "NAME", "SIZE", "ALLOC", "ALLOCATED", "CONNS", "MODE", "STATE", "FORMAT"
+        "{:<24} {:>14} {:<8} {:>14} {:>5} {:<4} {:<6} {:<24} STATE",
+        "NAME", "SIZE", "ALLOC", "ALLOCATED", "CONNS", "MODE", "FORMAT", "CHAIN"
     );
     for d in disks {
         // `failed`: a flush failed, data may be lost (FLUSH and FUA fail
@@ -154,19 +155,19 @@ fn print_disks(disks: &[DiskInfo], json: bool) -> anyhow::Result<()> {
         let chain = if d.chain.is_empty() {
             "-".to_string()
         } else {
-            d.chain.join(" < ")
+            d.chain.join(",")
         };
         println!(
-            "{:<24} {:>14} {:<8} {:>14} {:>5} {:<4} {:<8} {:<6} {}",
+            "{:<24} {:>14} {:<8} {:>14} {:>5} {:<4} {:<6} {:<24} {}",
             d.name,
             d.size,
             d.alloc,
             d.allocated,
             d.connections,
             if d.read_only { "ro" } else { "rw" },
-            state,
             d.format,
-            chain
+            chain,
+            state
         );
     }
     Ok(())

@@ -384,6 +384,45 @@ mod tests {
     }
 
     #[test]
+    fn layered_disk_requests_parse_strictly() {
+        let r: Request = serde_json::from_str(
+            r#"{"cmd":"import","name":"g","from":"/srv/g.qcow2","format":"qcow2"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            Request::Import {
+                name: "g".into(),
+                from: "/srv/g.qcow2".into(),
+                format: Some(Format::Qcow2)
+            }
+        );
+        let r: Request = serde_json::from_str(r#"{"cmd":"import","name":"g","from":"f"}"#).unwrap();
+        assert!(matches!(r, Request::Import { format: None, .. }));
+        for bad in [
+            r#"{"cmd":"import","name":"g","from":"f","format":"vmdk"}"#,
+            r#"{"cmd":"clone","base":"g"}"#,
+            r#"{"cmd":"snapshot","name":"v","snap":"s","x":1}"#,
+        ] {
+            assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
+        }
+        let r = Request::Revert {
+            name: "v".into(),
+            snap: "s".into(),
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(text, r#"{"cmd":"revert","name":"v","snap":"s"}"#);
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);
+        // A list answer of an older stord (no format, chain) still reads.
+        let d: DiskInfo = serde_json::from_str(
+            r#"{"name":"a","size":1,"alloc":"fixed","read_only":false,"allocated":0,"connections":0}"#,
+        )
+        .unwrap();
+        assert_eq!(d.format, Format::Raw);
+        assert!(d.chain.is_empty());
+    }
+
+    #[test]
     fn answers_become_results() {
         let r: Response = serde_json::from_str(r#"{"ok":false,"error":"busy"}"#).unwrap();
         assert_eq!(r.into_result(), Err("busy".into()));

@@ -17,22 +17,9 @@ cd "$(dirname "$0")/.."
 SIZE_MIB=${1:-1024}
 FIO_SECS=${2:-4}
 REPS=${3:-3}
-work=$(mktemp -d /var/tmp/stord-qcow2-bench.XXXXXX)
-pids=()
-cleanup() {
-  for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-cargo build --release -p stord -q
-STORD=$PWD/target/release/stord
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 100); do nbdinfo --can connect "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "server at $1 did not come up" >&2; return 1; }
-now() { date +%s.%N; }
+WORK_PREFIX=stord-qcow2-bench
+. bench/stord-common.sh
 median() { python3 -c 'import sys, statistics; print(round(statistics.median(float(x) for x in sys.argv[1:]), 1))' "$@"; }
-ratio() { python3 -c "print(f'{$1/$2:.2f}x')"; }
 
 port=$(free_port)
 cat > "$work/stord.toml" <<EOT

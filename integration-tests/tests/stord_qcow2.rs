@@ -442,3 +442,72 @@ fn sigkill_during_flushed_writes_to_a_clone() {
     stop(&mut s);
     check_clean(&img, false);
 }
+
+/// Ten linked clones of one 4 GiB base, each written differently (partial
+/// clusters over the base's data, and far out): each reads its own writes and
+/// the base's data where the others wrote; the base file is unchanged.
+#[test]
+fn ten_clones_of_a_4gib_base() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    let base = work.path().join("big.raw");
+    let f = std::fs::File::create(&base).unwrap();
+    f.set_len(4 << 30).unwrap();
+    f.write_all_at(&vec![0x11; 8 << 20], 0).unwrap();
+    f.write_all_at(&vec![0x22; 4 << 20], 2 << 30).unwrap();
+    drop(f);
+    let mut s = Stord::start(&[]).unwrap();
+    disk(
+        &s,
+        &[
+            "import",
+            "big",
+            "--from",
+            base.to_str().unwrap(),
+            "--format",
+            "raw",
+        ],
+    )
+    .unwrap();
+    let sum = sha(&s.state().join("disks/big.img"));
+    let mine = |i: u64| {
+        [
+            format!("{} 3000", i * 512 * 1024 + 1000),
+            format!("{} 4096", (2u64 << 30) + i * 4096 * 3),
+            format!("{} 64k", (3u64 << 30) + i * (64 << 20)),
+        ]
+    };
+    for i in 0..10u64 {
+        let name = format!("c{i}");
+        disk(&s, &["clone", "big", &name]).unwrap();
+        let cmds: Vec<String> = mine(i)
+            .iter()
+            .map(|r| format!("write -P {} {r}", 0x40 + i))
+            .chain(["flush".to_string()])
+            .collect();
+        let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+        qemu_io(&s.uri(&name), &cmds).unwrap();
+    }
+    for i in 0..10u64 {
+        let mut cmds: Vec<String> = mine(i)
+            .iter()
+            .map(|r| format!("read -P {} {r}", 0x40 + i))
+            .collect();
+        let j = (i + 1) % 10;
+        let [low, mid, far] = mine(j);
+        cmds.push(format!("read -P 0x11 {low}"));
+        cmds.push(format!("read -P 0x22 {mid}"));
+        cmds.push(format!("read -P 0 {far}"));
+        let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+        qemu_io(&s.uri(&format!("c{i}")), &cmds).unwrap();
+    }
+    stop(&mut s);
+    for i in 0..10 {
+        check_clean(&s.state().join(format!("disks/c{i}.img")), false);
+    }
+    assert_eq!(
+        sha(&s.state().join("disks/big.img")),
+        sum,
+        "the base changed"
+    );
+}

@@ -26,23 +26,11 @@ cd "$(dirname "$0")/.."
 SIZE_MIB=${1:-1024}
 FIO_SECS=${2:-4}
 REPS=${3:-5}
-work=$(mktemp -d /var/tmp/stord-bench.XXXXXX)
-pids=()
-cleanup() {
-  for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-cargo build --release -p stord -q
-STORD=$PWD/target/release/stord
+WORK_PREFIX=stord-bench
+. bench/stord-common.sh
 STORD_BASE=${STORD_BASE:-}
 [ -z "$STORD_BASE" ] || [ -x "$STORD_BASE" ] || { echo "$STORD_BASE missing" >&2; exit 1; }
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 100); do nbdinfo --can connect "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "server at $1 did not come up" >&2; return 1; }
-now() { date +%s.%N; }
 
 # Writes the config $work/NAME.toml (the lines on stdin, then the bench disk) and
 # runs stord on it once, until URI answers: that creates the disk's file.
@@ -204,7 +192,6 @@ for key in $TESTS; do
   done
 done
 
-ratio() { python3 -c "print(f'{$1/$2:.2f}x')"; }
 printf '\nstord bench: %s MiB file, fio %ss per point, median of %s, %s CPUs (%s), load %s\n' "$SIZE_MIB" "$FIO_SECS" "$REPS" "$(nproc)" "$(uname -r)" "$(cut -d' ' -f1-3 /proc/loadavg)"
 printf '%-28s %10s %10s %10s %10s %10s  %s\n' "test" "stord" "nbdkit" "qemu-nbd" "/nbdkit" "/qemu-nbd" "goal vs nbdkit"
 row() { # key label unit goal

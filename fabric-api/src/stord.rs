@@ -6,6 +6,12 @@
 //! {"cmd":"resize","name":"d1","size":134217728}
 //! {"cmd":"delete","name":"d1"}
 //! {"cmd":"status"}
+//! {"cmd":"import","name":"golden","from":"/srv/images/debian.qcow2","format":"qcow2"}
+//! {"cmd":"clone","base":"golden","name":"vm1"}
+//! {"cmd":"snapshot","name":"vm1","snap":"vm1-before"}
+//! {"cmd":"snapshots","name":"vm1"}
+//! {"cmd":"revert","name":"vm1","snap":"vm1-before"}
+//! {"cmd":"flatten","name":"vm1"}
 //! ```
 //! Responses are `{"ok":true,...}` (with `"disks"` for `list`, `"status"` for
 //! `status`) or `{"ok":false,"error":"..."}`.
@@ -66,6 +72,51 @@ pub enum Request {
     },
     /// Counters.
     Status {},
+    /// Copy a file into the state directory as a read-only base disk (a
+    /// qcow2 with a backing chain is flattened).
+    Import {
+        /// Name of the new disk.
+        name: String,
+        /// The file, read by the daemon.
+        from: String,
+        /// Its format; `None`: by its magic.
+        #[serde(default)]
+        format: Option<Format>,
+    },
+    /// Make a linked clone: a qcow2 overlay on a read-only disk.
+    Clone {
+        /// The read-only disk under the clone.
+        base: String,
+        /// Name of the new disk.
+        name: String,
+    },
+    /// Freeze a disk's current layer as the read-only disk `snap`; the disk
+    /// continues in a new overlay on it (refused while attached).
+    Snapshot {
+        /// The disk.
+        name: String,
+        /// Name of the snapshot.
+        snap: String,
+    },
+    /// List a disk's snapshots (`disks` of the answer, newest first).
+    Snapshots {
+        /// The disk.
+        name: String,
+    },
+    /// Throw away what a disk got since its snapshot `snap` (refused while
+    /// attached).
+    Revert {
+        /// The disk.
+        name: String,
+        /// One of its snapshots.
+        snap: String,
+    },
+    /// Copy a disk's chain into one self-contained qcow2 (refused while
+    /// attached).
+    Flatten {
+        /// The disk.
+        name: String,
+    },
 }
 
 impl Serialize for Request {
@@ -112,6 +163,24 @@ named_enum! {
     } else |s| format!("`{s}`: expected \"fixed\" or \"dynamic\"")
 }
 
+/// The format of a disk's file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// A raw image (`fixed` or `dynamic`).
+    #[default]
+    Raw,
+    /// A qcow2 (version 3) image, maybe on a backing chain.
+    Qcow2,
+}
+
+named_enum! {
+    Format {
+        Raw => "raw",
+        Qcow2 => "qcow2",
+    } else |s| format!("`{s}`: expected \"raw\" or \"qcow2\"")
+}
+
 /// What `list` reports of a disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskInfo {
@@ -135,6 +204,18 @@ pub struct DiskInfo {
     /// served (the other disks are).
     #[serde(default)]
     pub missing: bool,
+    /// The file's format.
+    #[serde(default)]
+    pub format: Format,
+    /// The disk it is a clone or snapshot overlay of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+    /// The disks under it, nearest first (its backing chain).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<String>,
+    /// The disk this is a snapshot of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_of: Option<String>,
 }
 
 /// Server counters as reported by `status`.
@@ -300,6 +381,45 @@ mod tests {
             r#"{"cmd":"create","name":"d","size":4096,"alloc":"dynamic","read_only":true}"#
         );
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);
+    }
+
+    #[test]
+    fn layered_disk_requests_parse_strictly() {
+        let r: Request = serde_json::from_str(
+            r#"{"cmd":"import","name":"g","from":"/srv/g.qcow2","format":"qcow2"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            Request::Import {
+                name: "g".into(),
+                from: "/srv/g.qcow2".into(),
+                format: Some(Format::Qcow2)
+            }
+        );
+        let r: Request = serde_json::from_str(r#"{"cmd":"import","name":"g","from":"f"}"#).unwrap();
+        assert!(matches!(r, Request::Import { format: None, .. }));
+        for bad in [
+            r#"{"cmd":"import","name":"g","from":"f","format":"vmdk"}"#,
+            r#"{"cmd":"clone","base":"g"}"#,
+            r#"{"cmd":"snapshot","name":"v","snap":"s","x":1}"#,
+        ] {
+            assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
+        }
+        let r = Request::Revert {
+            name: "v".into(),
+            snap: "s".into(),
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(text, r#"{"cmd":"revert","name":"v","snap":"s"}"#);
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);
+        // A list answer of an older stord (no format, chain) still reads.
+        let d: DiskInfo = serde_json::from_str(
+            r#"{"name":"a","size":1,"alloc":"fixed","read_only":false,"allocated":0,"connections":0}"#,
+        )
+        .unwrap();
+        assert_eq!(d.format, Format::Raw);
+        assert!(d.chain.is_empty());
     }
 
     #[test]

@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{check_disk_name, check_disk_size, Alloc, DiskConfig};
+use crate::config::{check_disk_name, check_disk_size, Alloc, DiskConfig, Format};
 use crate::disk::{Attachment, Disk, DiskError};
 
 /// Errors of catalog operations (also what the control API reports).
@@ -97,6 +97,17 @@ pub enum CatalogError {
         /// How many.
         connections: usize,
     },
+    /// disk `{name}` is the base of {users}
+    #[error("disk `{name}` is the base of {users}; delete or flatten those first")]
+    InUse {
+        /// The disk.
+        name: String,
+        /// The disks on it, comma-separated.
+        users: String,
+    },
+    /// a layered-disk operation was refused
+    #[error("{0}")]
+    Refused(String),
     /// disk operation failed
     #[error(transparent)]
     Disk(#[from] DiskError),
@@ -126,6 +137,15 @@ pub struct Entry {
     /// Served read-only.
     #[serde(default)]
     pub read_only: bool,
+    /// The file's format.
+    #[serde(default)]
+    pub format: Format,
+    /// The disk under this one (a qcow2 overlay's backing file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+    /// The disk this one is a snapshot of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_of: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -149,6 +169,8 @@ struct Disks {
     missing: BTreeMap<String, Entry>,
     /// Names a create is working on (not yet in the catalog).
     creating: std::collections::BTreeSet<String>,
+    /// The layering of the disks served: (base, snapshot_of).
+    layers: BTreeMap<String, (Option<String>, Option<String>)>,
 }
 
 impl Disks {
@@ -171,7 +193,7 @@ impl Disks {
         let mut all: BTreeMap<&str, Entry> = self
             .open
             .values()
-            .map(|d| (d.name(), entry_of(d)))
+            .map(|d| (d.name(), self.entry_of(d)))
             .chain(self.missing.iter().map(|(n, e)| (n.as_str(), e.clone())))
             .collect();
         match change {
@@ -205,12 +227,41 @@ enum Change<'a> {
     Remove(&'a str),
 }
 
-fn entry_of(d: &Disk) -> Entry {
-    Entry {
-        name: d.name().to_string(),
-        size: d.size(),
-        alloc: d.alloc(),
-        read_only: d.read_only(),
+impl Disks {
+    /// The catalog entry of a disk served.
+    fn entry_of(&self, d: &Disk) -> Entry {
+        let (base, snapshot_of) = self.layers.get(d.name()).cloned().unwrap_or_default();
+        Entry {
+            name: d.name().to_string(),
+            size: d.size(),
+            alloc: d.alloc(),
+            read_only: d.read_only(),
+            format: d.format(),
+            base,
+            snapshot_of,
+        }
+    }
+
+    /// The disks whose base is `name`.
+    fn users_of(&self, name: &str) -> Vec<String> {
+        self.layers
+            .iter()
+            .filter(|(_, (b, _))| b.as_deref() == Some(name))
+            .map(|(n, _)| n.clone())
+            .chain(
+                self.missing
+                    .values()
+                    .filter(|e| e.base.as_deref() == Some(name))
+                    .map(|e| e.name.clone()),
+            )
+            .collect()
+    }
+
+    /// Serves `disk` with the layering of `e`.
+    fn insert(&mut self, disk: Disk, e: &Entry) {
+        self.layers
+            .insert(e.name.clone(), (e.base.clone(), e.snapshot_of.clone()));
+        self.open.insert(e.name.clone(), Arc::new(disk));
     }
 }
 
@@ -284,10 +335,8 @@ impl Catalog {
                 if map.taken(&e.name) {
                     continue; // a hand-edited catalog naming a disk twice
                 }
-                match Disk::open(&e.name, &cat.disk_path(&e.name), e.alloc, e.read_only) {
-                    Ok(disk) => {
-                        map.open.insert(e.name.clone(), Arc::new(disk));
-                    }
+                match cat.open_entry(&e) {
+                    Ok(disk) => map.insert(disk, &e),
                     Err(err) => {
                         tracing::error!(
                             disk = %e.name,
@@ -298,10 +347,25 @@ impl Catalog {
                     }
                 }
             }
-            for d in configured {
+            // Clones after the disks they may be clones of.
+            let ordered = configured
+                .iter()
+                .filter(|d| d.base.is_none())
+                .chain(configured.iter().filter(|d| d.base.is_some()));
+            for d in ordered {
                 // A configured disk listed missing stays missing: recreating
                 // it empty would hide the loss.
                 if map.taken(&d.name) {
+                    continue;
+                }
+                if let Some(base) = &d.base {
+                    // A clone of a disk opened above (the map lock is held:
+                    // the clone is made here, as the file work of a create).
+                    let e = cat.clone_file(&map, base, &d.name, d.read_only)?;
+                    cat.sync_disks_dir()?;
+                    let disk = cat.open_entry(&e)?;
+                    map.insert(disk, &e);
+                    changed = true;
                     continue;
                 }
                 let disk = cat.create_or_adopt(d)?;
@@ -423,13 +487,17 @@ impl Catalog {
     pub fn list(&self) -> Vec<DiskInfo> {
         let (open, missing) = {
             let map = self.lock();
-            let open: Vec<_> = map.open.values().cloned().collect();
+            let open: Vec<_> = map
+                .open
+                .values()
+                .map(|d| (d.clone(), map.entry_of(d)))
+                .collect();
             let missing: Vec<_> = map.missing.values().cloned().collect();
             (open, missing)
         };
         let mut out: Vec<DiskInfo> = open
             .iter()
-            .map(|d| DiskInfo {
+            .map(|(d, e)| DiskInfo {
                 name: d.name().to_string(),
                 size: d.size(),
                 alloc: d.alloc(),
@@ -438,6 +506,10 @@ impl Catalog {
                 connections: d.connections(),
                 failed: d.failed(),
                 missing: false,
+                format: d.format(),
+                base: e.base.clone(),
+                chain: d.chain().iter().map(|p| disk_name_of(p)).collect(),
+                snapshot_of: e.snapshot_of.clone(),
             })
             .chain(missing.into_iter().map(|e| DiskInfo {
                 name: e.name,
@@ -448,6 +520,10 @@ impl Catalog {
                 connections: 0,
                 failed: false,
                 missing: true,
+                format: e.format,
+                base: e.base,
+                chain: Vec::new(),
+                snapshot_of: e.snapshot_of,
             }))
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -479,6 +555,7 @@ impl Catalog {
             alloc,
             read_only,
             allow: None,
+            base: None,
         });
         let mut map = self.lock();
         map.creating.remove(name);
@@ -492,7 +569,7 @@ impl Catalog {
     fn create_file(&self, d: &DiskConfig) -> Result<Disk, CatalogError> {
         let (disk, _) = self.open_or_create(d, Leftover::Replace)?;
         let p = self.disk_path(&d.name);
-        let entry = entry_of(&disk);
+        let entry = self.lock().entry_of(&disk);
         let saved = self.sync_disks_dir().and_then(|()| {
             let entries = self.lock().entries(Change::Add(&entry));
             self.save(&entries)
@@ -512,11 +589,25 @@ impl Catalog {
         let (disk, entries) = {
             let mut map = self.lock();
             if map.missing.contains_key(name) {
+                let users = map.users_of(name);
+                if !users.is_empty() {
+                    return Err(CatalogError::InUse {
+                        name: name.to_string(),
+                        users: users.join(", "),
+                    });
+                }
                 let entries = map.entries(Change::Remove(name));
                 drop(map);
                 self.save(&entries)?;
                 self.lock().missing.remove(name);
                 return Ok(());
+            }
+            let users = map.users_of(name);
+            if !users.is_empty() {
+                return Err(CatalogError::InUse {
+                    name: name.to_string(),
+                    users: users.join(", "),
+                });
             }
             let disk = map.open_disk(name)?;
             let connections = disk.connections();
@@ -531,6 +622,7 @@ impl Catalog {
             self.lock().open.insert(name.to_string(), disk);
             return Err(e);
         }
+        self.lock().layers.remove(name);
         if let Err(e) = std::fs::remove_file(disk.path()) {
             tracing::warn!(disk = name, error = %e, "disk removed from the catalog but its file stays");
         } else if let Err(e) = self.sync_disks_dir() {
@@ -569,6 +661,17 @@ impl Catalog {
     }
 }
 
+/// The disk name of a file in `disks/` (`NAME.img`).
+fn disk_name_of(p: &Path) -> String {
+    let f = p
+        .file_name()
+        .map(|f| f.to_string_lossy())
+        .unwrap_or_default();
+    f.strip_suffix(".img").unwrap_or(&f).to_string()
+}
+
+mod layers;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -582,6 +685,7 @@ mod tests {
             alloc: Alloc::Dynamic,
             read_only: false,
             allow: None,
+            base: None,
         }]
     }
 

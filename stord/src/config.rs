@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use fabric_util::toml_file::{self, InvalidKey};
 use serde::Deserialize;
 
-pub use fabric_api::stord::Alloc;
+pub use fabric_api::stord::{Alloc, Format};
 pub use fabric_util::Size;
 
 /// Default bound on simultaneous NBD connections.
@@ -55,9 +55,12 @@ pub use fabric_util::toml_file::ConfigError;
 pub struct DiskConfig {
     /// Export name and catalog key.
     pub name: String,
-    /// Size in bytes.
+    /// Size in bytes (required unless `base` is given: a clone has its
+    /// base's size).
+    #[serde(default)]
     pub size: Size,
-    /// Allocation policy.
+    /// Allocation policy (raw disks; default `dynamic`).
+    #[serde(default = "dynamic")]
     pub alloc: Alloc,
     /// Serve read-only.
     #[serde(default)]
@@ -66,6 +69,14 @@ pub struct DiskConfig {
     /// names or subject DNs. `None`: everyone the server lets in.
     #[serde(default)]
     pub allow: Option<Vec<String>>,
+    /// A linked clone of this read-only disk (a qcow2 overlay on it),
+    /// created when the disk does not exist yet.
+    #[serde(default)]
+    pub base: Option<String>,
+}
+
+fn dynamic() -> Alloc {
+    Alloc::Dynamic
 }
 
 /// Whether NBD connections use TLS (STARTTLS).
@@ -235,7 +246,20 @@ impl Config {
                     format!("a name not used by another disk (`{}` is repeated)", d.name),
                 ));
             }
-            check_disk_size(d.size.0).map_err(|e| invalid(format!("disk[{i}].size"), e))?;
+            match &d.base {
+                None => {
+                    check_disk_size(d.size.0).map_err(|e| invalid(format!("disk[{i}].size"), e))?
+                }
+                Some(b) => {
+                    check_disk_name(b).map_err(|e| invalid(format!("disk[{i}].base"), e))?;
+                    if d.size.0 != 0 {
+                        return Err(invalid(
+                            format!("disk[{i}].size"),
+                            "no size with `base` (a clone has its base's size)".into(),
+                        ));
+                    }
+                }
+            }
         }
         if let Some(us) = self.busy_poll_us {
             if us > MAX_BUSY_POLL_US {

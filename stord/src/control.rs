@@ -8,7 +8,12 @@
 //! {"cmd":"resize","name":"d1","size":134217728}
 //! {"cmd":"delete","name":"d1"}
 //! {"cmd":"status"}
+//! {"cmd":"import","name":"golden","from":"/srv/images/debian.qcow2"}
+//! {"cmd":"clone","base":"golden","name":"vm1"}
+//! {"cmd":"snapshot","name":"vm1","snap":"vm1-s1"}  (also snapshots, revert, flatten)
 //! ```
+//! `import` reads a file the daemon can read: the control socket is the
+//! daemon's user and `control_group` only, so that is theirs to ask.
 //! Responses are `{"ok":true,...}` or `{"ok":false,"error":"..."}`. Requests
 //! tagged `"op"`, as before this release, are still accepted.
 //!
@@ -68,6 +73,28 @@ pub async fn handle(catalog: &Arc<Catalog>, stats: &Stats, req: Request) -> Resp
         }
         Request::Delete { name } => {
             tokio::task::spawn_blocking(move || cat.delete(&name).map(|_| None)).await
+        }
+        Request::Import { name, from, format } => {
+            tokio::task::spawn_blocking(move || {
+                cat.import(&name, std::path::Path::new(&from), format)
+                    .map(|_| None)
+            })
+            .await
+        }
+        Request::Clone { base, name } => {
+            tokio::task::spawn_blocking(move || cat.clone_disk(&base, &name).map(|_| None)).await
+        }
+        Request::Snapshot { name, snap } => {
+            tokio::task::spawn_blocking(move || cat.snapshot(&name, &snap).map(|_| None)).await
+        }
+        Request::Snapshots { name } => {
+            tokio::task::spawn_blocking(move || cat.snapshots(&name).map(Some)).await
+        }
+        Request::Revert { name, snap } => {
+            tokio::task::spawn_blocking(move || cat.revert(&name, &snap).map(|_| None)).await
+        }
+        Request::Flatten { name } => {
+            tokio::task::spawn_blocking(move || cat.flatten(&name).map(|_| None)).await
         }
     };
     match res {

@@ -33,6 +33,12 @@
 //! page cache to socket, in the kernel; see [`sys::FileMap`] for why stord
 //! itself never reads that memory).
 //!
+//! A `qcow2` disk (see [`crate::qcow2`]) is served by the same methods: each
+//! hands the request to its [`crate::qcow2::Image`] instead of the file,
+//! READs are never sent from a mapping (the guest's offsets are not the
+//! file's), FLUSH and FUA flush the image's metadata in order, through the
+//! same latch. Its size is the image's virtual size; it cannot be resized.
+//!
 //! Calls here block; each connection runs them on its own worker threads
 //! (see `nbd`), never on the tokio runtime.
 
@@ -43,7 +49,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::config::Alloc;
+use crate::config::{Alloc, Format};
+use crate::qcow2::{Image, Qcow2Error, Root, Run};
 use crate::sys;
 use nbd_proto::{err, Extent, STATE_HOLE, STATE_ZERO};
 
@@ -74,22 +81,46 @@ pub enum DiskError {
         #[source]
         source: io::Error,
     },
+    /// the qcow2 image {path} was refused
+    #[error("the qcow2 image {path} was refused")]
+    Image {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: Qcow2Error,
+    },
+    /// a qcow2 operation failed
+    #[error(transparent)]
+    Qcow2(#[from] Qcow2Error),
+    /// a qcow2 disk cannot be resized
+    #[error("a qcow2 disk cannot be resized")]
+    NoResize,
+}
+
+/// The NBD error value of an errno.
+fn nbd_errno_of(e: Option<i32>) -> u32 {
+    match e {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => err::ENOSPC,
+        Some(libc::EPERM) | Some(libc::EROFS) | Some(libc::EACCES) => err::EPERM,
+        Some(libc::ENOMEM) => err::ENOMEM,
+        Some(libc::EINVAL) => err::EINVAL,
+        _ => err::EIO,
+    }
 }
 
 impl DiskError {
     /// The NBD error value for this failure.
     pub fn nbd_errno(&self) -> u32 {
         match self {
-            DiskError::NotFast => err::ENOTSUP,
+            DiskError::NotFast | DiskError::Qcow2(Qcow2Error::NotFast) => err::ENOTSUP,
+            DiskError::NoResize => err::EINVAL,
             DiskError::Io(e)
             | DiskError::Create { source: e, .. }
-            | DiskError::Open { source: e, .. } => match e.raw_os_error() {
-                Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => err::ENOSPC,
-                Some(libc::EPERM) | Some(libc::EROFS) | Some(libc::EACCES) => err::EPERM,
-                Some(libc::ENOMEM) => err::ENOMEM,
-                Some(libc::EINVAL) => err::EINVAL,
-                _ => err::EIO,
-            },
+            | DiskError::Open { source: e, .. } => nbd_errno_of(e.raw_os_error()),
+            DiskError::Qcow2(e) | DiskError::Image { source: e, .. } => {
+                nbd_errno_of(Some(e.errno()))
+            }
         }
     }
 }
@@ -115,6 +146,8 @@ pub struct Disk {
     /// The file mapped for sending READ data (made on first use, replaced
     /// after [`MAP_REGIONS_MAX`] regions and on resize).
     map: Mutex<Option<MapState>>,
+    /// A qcow2 disk's image (`None`: a raw disk).
+    image: Option<Image>,
 }
 
 /// The current mapping of a disk file and the 2 MiB regions of it that READs
@@ -236,7 +269,47 @@ impl Disk {
             exclusive: AtomicBool::new(false),
             io: crate::metrics::DiskIo::default(),
             map: Mutex::new(None),
+            image: None,
         }
+    }
+
+    /// Opens a qcow2 image and its chain (backing names resolved in `root`).
+    pub fn open_qcow2(
+        name: &str,
+        path: &Path,
+        read_only: bool,
+        root: &Root,
+    ) -> Result<Disk, DiskError> {
+        let img = Image::open(path, !read_only, root).map_err(|source| DiskError::Image {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let file = img.file().try_clone().map_err(DiskError::Io)?;
+        if let Ok(m) = file.metadata() {
+            if m.mode() & 0o077 != 0 {
+                let _ = file.set_permissions(std::fs::Permissions::from_mode(FILE_MODE));
+            }
+        }
+        let mut d = Disk::from_file(name, path, file, img.size(), Alloc::Dynamic, read_only);
+        d.image = Some(img);
+        Ok(d)
+    }
+
+    /// The file's format.
+    pub fn format(&self) -> Format {
+        if self.image.is_some() {
+            Format::Qcow2
+        } else {
+            Format::Raw
+        }
+    }
+
+    /// The files under a qcow2 disk's image, nearest first (empty for raw).
+    pub fn chain(&self) -> Vec<PathBuf> {
+        self.image
+            .as_ref()
+            .map(|i| i.chain_paths().into_iter().skip(1).collect())
+            .unwrap_or_default()
     }
 
     /// Export name.
@@ -288,24 +361,40 @@ impl Disk {
     pub fn description(&self) -> String {
         format!(
             "stord {} disk{}",
-            self.alloc,
+            if self.image.is_some() {
+                "qcow2"
+            } else {
+                self.alloc.as_str()
+            },
             if self.read_only { " (read-only)" } else { "" }
         )
     }
 
     /// Reads `len` bytes at `offset` (the caller checked bounds).
     pub fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, DiskError> {
+        if let Some(img) = &self.image {
+            let mut buf = vec![0u8; len];
+            img.read(offset, &mut buf)?;
+            return Ok(buf);
+        }
         sys::pread_vec(&self.file, offset, len).map_err(DiskError::Io)
     }
 
     /// Reads `len` bytes at `offset` if they are all in the page cache, without
     /// waiting for the disk; `Ok(None)` otherwise.
     pub fn read_cached(&self, offset: u64, len: usize) -> Result<Option<Vec<u8>>, DiskError> {
+        if self.image.is_some() {
+            return Ok(None);
+        }
         sys::pread_cached(&self.file, offset, len).map_err(DiskError::Io)
     }
 
     /// Writes `data` at `offset`; with `fua`, persisted before returning.
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DiskError> {
+        if let Some(img) = &self.image {
+            img.write(offset, data)?;
+            return if fua { self.flush() } else { Ok(()) };
+        }
         self.file
             .write_all_at(data, offset)
             .map_err(DiskError::Io)?;
@@ -325,6 +414,9 @@ impl Disk {
     /// grew, and again once it touched `MAP_REGIONS_MAX` regions. `None` if the range is past
     /// the disk or the file cannot be mapped: the caller then reads with pread.
     pub fn mapping(&self, offset: u64, len: u64) -> Option<Arc<sys::FileMap>> {
+        if self.image.is_some() {
+            return None;
+        }
         let end = offset.checked_add(len)?;
         let touched = (offset >> MAP_REGION_SHIFT)..=(end.saturating_sub(1) >> MAP_REGION_SHIFT);
         let mut state = self.map.lock().unwrap_or_else(|p| p.into_inner());
@@ -360,6 +452,14 @@ impl Disk {
     /// Persists every completed write (fdatasync). Fails with EIO, without
     /// syncing, once any sync of this disk failed (see the module docs).
     pub fn flush(&self) -> Result<(), DiskError> {
+        if let Some(img) = &self.image {
+            return self.sync(|_| {
+                img.flush().map_err(|e| match e {
+                    Qcow2Error::Io(e) => e,
+                    e => io::Error::other(e),
+                })
+            });
+        }
         self.sync(|f| f.sync_data())
     }
 
@@ -389,6 +489,10 @@ impl Disk {
 
     /// Discards a range: dynamic disks punch a hole, fixed disks keep their blocks.
     pub fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), DiskError> {
+        if let Some(img) = &self.image {
+            img.zero(offset, len, false, true)?;
+            return if fua { self.flush() } else { Ok(()) };
+        }
         if self.alloc == Alloc::Dynamic && len > 0 {
             sys::fallocate(&self.file, sys::FALLOC_PUNCH, offset, len).map_err(DiskError::Io)?;
             if fua {
@@ -411,6 +515,12 @@ impl Disk {
     ) -> Result<(), DiskError> {
         if len == 0 {
             return Ok(());
+        }
+        if let Some(img) = &self.image {
+            // Zero clusters whether or not NO_HOLE: they are allocated
+            // metadata, not a hole in the file.
+            img.zero(offset, len, fast, false)?;
+            return if fua { self.flush() } else { Ok(()) };
         }
         let punched = self.alloc == Alloc::Dynamic
             && !no_hole
@@ -453,6 +563,9 @@ impl Disk {
 
     /// Starts reading a range into the page cache (NBD_CMD_CACHE).
     pub fn cache(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        if self.image.is_some() {
+            return Ok(());
+        }
         sys::willneed(&self.file, offset, len).map_err(DiskError::Io)
     }
 
@@ -468,6 +581,17 @@ impl Disk {
         let end = offset + len;
         let mut out = Vec::new();
         let mut pos = offset;
+        if let Some(img) = &self.image {
+            while pos < end && out.len() < max {
+                let (n, run) = img.status(pos, end - pos)?;
+                match out.last_mut() {
+                    Some((l, hole)) if *hole == (run == Run::Zero) => *l += n,
+                    _ => out.push((n, run == Run::Zero)),
+                }
+                pos += n;
+            }
+            return Ok(out);
+        }
         while pos < end && out.len() < max {
             let data = sys::seek(&self.file, pos, true).map_err(DiskError::Io)?;
             let (seg_end, hole) = match data {
@@ -523,6 +647,9 @@ impl Disk {
 
     /// Changes the size (the caller refuses a shrink while clients are connected).
     pub fn resize(&self, new: u64) -> Result<(), DiskError> {
+        if self.image.is_some() {
+            return Err(DiskError::NoResize);
+        }
         let old = self.size();
         // A read-only disk is served through a read-only descriptor; the
         // size changes through one of its own.
@@ -570,135 +697,4 @@ impl Drop for Attachment {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A mapping is shared until READs touched MAP_REGIONS_MAX regions of it,
-    /// then the next READ gets a fresh one, and the old one still serves its
-    /// readers; a grown disk gets a mapping that covers the new size.
-    #[test]
-    fn mapping_is_replaced_after_enough_regions_and_on_growth() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("d.img");
-        let regions = MAP_REGIONS_MAX as u64 + 1;
-        let d = Disk::create("d", &p, regions << MAP_REGION_SHIFT, Alloc::Dynamic, false).unwrap();
-        let first = d.mapping(0, 4096).unwrap();
-        for r in 1..MAP_REGIONS_MAX as u64 {
-            let m = d.mapping(r << MAP_REGION_SHIFT, 4096).unwrap();
-            assert!(Arc::ptr_eq(&m, &first), "region {r}");
-        }
-        // Rereading a region touched before costs nothing.
-        assert!(Arc::ptr_eq(&d.mapping(4096, 8192).unwrap(), &first));
-        let fresh = d
-            .mapping((MAP_REGIONS_MAX as u64) << MAP_REGION_SHIFT, 4096)
-            .unwrap();
-        assert!(!Arc::ptr_eq(&fresh, &first));
-        first.populate(0, 4096).unwrap();
-        assert!(Arc::ptr_eq(&d.mapping(0, 4096).unwrap(), &fresh));
-
-        assert!(
-            d.mapping(regions << MAP_REGION_SHIFT, 1).is_none(),
-            "past the end"
-        );
-        d.resize((regions << MAP_REGION_SHIFT) + 4096).unwrap();
-        let grown = d.mapping(regions << MAP_REGION_SHIFT, 4096).unwrap();
-        assert!(grown.len() as u64 > regions << MAP_REGION_SHIFT);
-        grown
-            .populate(regions as usize * (1 << MAP_REGION_SHIFT), 4096)
-            .unwrap();
-    }
-
-    #[test]
-    fn dynamic_disk_is_sparse_and_punches() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("d.img");
-        let d = Disk::create("d", &p, 8 << 20, Alloc::Dynamic, false).unwrap();
-        assert_eq!(d.size(), 8 << 20);
-        assert!(d.allocated_bytes() < 1 << 20);
-        let ext = d.extents(0, 8 << 20, 64).unwrap();
-        assert_eq!(
-            ext,
-            vec![Extent {
-                len: 8 << 20,
-                flags: 3
-            }]
-        );
-
-        d.write(1 << 20, &[0xab; 65536], true).unwrap();
-        assert_eq!(d.read(1 << 20, 4).unwrap(), vec![0xab; 4]);
-        let ext = d.extents(0, 8 << 20, 64).unwrap();
-        assert!(ext.iter().any(|e| e.flags == 0), "{ext:?}");
-        assert_eq!(ext.iter().map(|e| e.len as u64).sum::<u64>(), 8 << 20);
-
-        d.write_zeroes(1 << 20, 65536, false, true, false).unwrap();
-        assert_eq!(d.read(1 << 20, 65536).unwrap(), vec![0; 65536]);
-        assert_eq!(d.extents(0, 8 << 20, 64).unwrap().len(), 1);
-    }
-
-    #[test]
-    fn reads_past_the_host_file_end_are_zero() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("short.img");
-        std::fs::write(&p, b"0123456789").unwrap();
-        let f = std::fs::File::open(&p).unwrap();
-        let v = sys::pread_vec(&f, 4, 16).unwrap();
-        assert_eq!(&v[..6], b"456789");
-        assert_eq!(&v[6..], &[0u8; 10]);
-    }
-
-    #[test]
-    fn fixed_disk_is_allocated() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("f.img");
-        let d = Disk::create("f", &p, 4 << 20, Alloc::Fixed, false).unwrap();
-        assert!(d.allocated_bytes() >= 4 << 20);
-        d.trim(0, 4 << 20, false).unwrap();
-        assert!(d.allocated_bytes() >= 4 << 20);
-        for e in d.extents(0, 4 << 20, 64).unwrap() {
-            assert_eq!(e.flags & STATE_HOLE, 0);
-        }
-        d.resize(8 << 20).unwrap();
-        assert!(d.allocated_bytes() >= 8 << 20);
-        assert!(Disk::create("f", &p, 1, Alloc::Fixed, false).is_err());
-    }
-
-    #[test]
-    fn files_are_private_and_read_only_disks_are_opened_read_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("r.img");
-        let d = Disk::create("r", &p, 1 << 20, Alloc::Dynamic, true).unwrap();
-        assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, FILE_MODE);
-        // The descriptor cannot write: a bug above cannot reach the file.
-        assert!(d.file.write_all_at(b"x", 0).is_err());
-        d.resize(2 << 20).unwrap();
-        assert_eq!(std::fs::metadata(&p).unwrap().len(), 2 << 20);
-        drop(d);
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let _d = Disk::open("r", &p, Alloc::Dynamic, false).unwrap();
-        assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, FILE_MODE);
-    }
-
-    /// One failed sync latches: every later flush, FUA write and resize sync
-    /// fails with EIO, even though the next fdatasync would succeed (Linux
-    /// reports a writeback error once per file description).
-    #[test]
-    fn failed_sync_is_latched() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("l.img");
-        let d = Disk::create("l", &p, 1 << 20, Alloc::Dynamic, false).unwrap();
-        d.flush().unwrap();
-        let injected = d.sync(|_| Err(io::Error::from_raw_os_error(libc::EIO)));
-        assert_eq!(injected.unwrap_err().nbd_errno(), err::EIO);
-        assert!(d.failed());
-        assert_eq!(d.flush().unwrap_err().nbd_errno(), err::EIO);
-        assert!(d.write(0, b"abc", true).is_err(), "FUA write acknowledged");
-        d.write(0, b"abc", false).unwrap();
-        assert!(d.write_zeroes(0, 4096, false, false, true).is_err());
-        assert!(d.resize(2 << 20).is_err());
-        assert_eq!(d.flush_failures(), 1);
-        drop(d);
-        let d = Disk::open("l", &p, Alloc::Dynamic, false).unwrap();
-        assert!(!d.failed(), "reopening clears the latch");
-        d.flush().unwrap();
-    }
-}
+mod tests;

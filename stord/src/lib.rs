@@ -7,8 +7,13 @@
 //!
 //! Modules, from the wire up (the NBD wire format itself, parse and emit, is
 //! the `nbd-proto` crate, shared with vmm-shim's client and fuzzed there):
-//! - [`disk`]: one host file as a disk (fixed / dynamic), blocking I/O;
-//! - [`catalog`]: the set of disks, persisted atomically;
+//! - [`disk`]: one host file as a disk (fixed / dynamic raw, or qcow2),
+//!   blocking I/O;
+//! - [`qcow2`]: qcow2 v3 images read and written by stord itself: the
+//!   checked header and tables, the backing chain, allocation, the flush
+//!   order that keeps an image consistent through a crash;
+//! - [`catalog`]: the set of disks, persisted atomically; layered disks
+//!   (import, clone, snapshot, revert, flatten) in `catalog/layers.rs`;
 //! - [`nbd`]: one connection: the handshake on tokio, then the transmission
 //!   phase on the connection's own worker threads;
 //! - [`poll`]: busy polling of idle connections;
@@ -68,6 +73,7 @@ pub mod disk;
 pub mod metrics;
 pub mod nbd;
 pub mod poll;
+pub mod qcow2;
 pub mod server;
 pub mod sys;
 pub mod tls;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fabric_api::stord::{Alloc, Request};
+use fabric_api::stord::{Alloc, DiskInfo, Format, Request};
 use fabric_api::Client;
 use fabric_util::Size;
 use stord::config::Config;
@@ -80,11 +80,97 @@ enum DiskCmd {
         #[arg(long)]
         size: Size,
     },
-    /// Delete a disk and its file (refused while clients are connected).
+    /// Delete a disk and its file (refused while clients are connected, and
+    /// for a disk other disks are clones or snapshots of).
     Delete {
         /// Disk name.
         name: String,
     },
+    /// Copy a file into the state directory as a read-only base disk.
+    Import {
+        /// Name of the new disk.
+        name: String,
+        /// The file (read by the daemon); a qcow2's backing chain is flattened.
+        #[arg(long)]
+        from: PathBuf,
+        /// raw or qcow2 (default: by the file's magic).
+        #[arg(long)]
+        format: Option<Format>,
+    },
+    /// Make a linked clone (a qcow2 overlay) of a read-only disk.
+    Clone {
+        /// The read-only base.
+        base: String,
+        /// Name of the new disk.
+        name: String,
+    },
+    /// Freeze a disk as a read-only snapshot; it continues in a new overlay.
+    Snapshot(DiskSnap),
+    /// List a disk's snapshots, nearest first.
+    Snapshots {
+        /// Disk name.
+        name: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Throw away what a disk got since a snapshot (refused while attached).
+    Revert(DiskSnap),
+    /// Copy a disk's chain into one self-contained disk (refused while attached).
+    Flatten {
+        /// Disk name.
+        name: String,
+    },
+}
+
+/// A disk and one of its snapshots.
+#[derive(clap::Args)]
+struct DiskSnap {
+    /// Disk name.
+    name: String,
+    /// Snapshot name.
+    snap: String,
+}
+
+/// Prints disks as a table, or as JSON.
+fn print_disks(disks: &[DiskInfo], json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(disks)?);
+        return Ok(());
+    }
+    // The columns of earlier releases in their places, STATE still last;
+    // FORMAT and CHAIN (comma-separated, nearest first) before it.
+    println!(
+        "{:<24} {:>14} {:<8} {:>14} {:>5} {:<4} {:<6} {:<24} STATE",
+        "NAME", "SIZE", "ALLOC", "ALLOCATED", "CONNS", "MODE", "FORMAT", "CHAIN"
+    );
+    for d in disks {
+        // `failed`: a flush failed, data may be lost (FLUSH and FUA fail
+        // until restart); `missing`: not served.
+        let state = match (d.missing, d.failed) {
+            (true, _) => "missing",
+            (_, true) => "failed",
+            _ => "ok",
+        };
+        let chain = if d.chain.is_empty() {
+            "-".to_string()
+        } else {
+            d.chain.join(",")
+        };
+        println!(
+            "{:<24} {:>14} {:<8} {:>14} {:>5} {:<4} {:<6} {:<24} {}",
+            d.name,
+            d.size,
+            d.alloc,
+            d.allocated,
+            d.connections,
+            if d.read_only { "ro" } else { "rw" },
+            d.format,
+            chain,
+            state
+        );
+    }
+    Ok(())
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -142,37 +228,36 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     size: *size,
                 },
                 DiskCmd::Delete { name } => Request::Delete { name: name.clone() },
+                DiskCmd::Import { name, from, format } => Request::Import {
+                    name: name.clone(),
+                    // The daemon resolves it: send it absolute.
+                    from: std::path::absolute(from)
+                        .unwrap_or_else(|_| from.clone())
+                        .to_string_lossy()
+                        .into_owned(),
+                    format: *format,
+                },
+                DiskCmd::Clone { base, name } => Request::Clone {
+                    base: base.clone(),
+                    name: name.clone(),
+                },
+                DiskCmd::Snapshot(DiskSnap { name, snap }) => Request::Snapshot {
+                    name: name.clone(),
+                    snap: snap.clone(),
+                },
+                DiskCmd::Snapshots { name, .. } => Request::Snapshots { name: name.clone() },
+                DiskCmd::Revert(DiskSnap { name, snap }) => Request::Revert {
+                    name: name.clone(),
+                    snap: snap.clone(),
+                },
+                DiskCmd::Flatten { name } => Request::Flatten { name: name.clone() },
             };
             let r = Client::new(control).call(&req)?;
-            if let DiskCmd::List { json } = cmd {
-                let disks = r.disks.unwrap_or_default();
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&disks)?);
-                } else {
-                    println!(
-                        "{:<24} {:>14} {:<8} {:>14} {:>5} {:<4} STATE",
-                        "NAME", "SIZE", "ALLOC", "ALLOCATED", "CONNS", "MODE"
-                    );
-                    for d in disks {
-                        // `failed`: a flush failed, data may be lost (FLUSH
-                        // and FUA fail until restart); `missing`: not served.
-                        let state = match (d.missing, d.failed) {
-                            (true, _) => "missing",
-                            (_, true) => "failed",
-                            _ => "ok",
-                        };
-                        println!(
-                            "{:<24} {:>14} {:<8} {:>14} {:>5} {:<4} {}",
-                            d.name,
-                            d.size,
-                            d.alloc,
-                            d.allocated,
-                            d.connections,
-                            if d.read_only { "ro" } else { "rw" },
-                            state
-                        );
-                    }
+            match cmd {
+                DiskCmd::List { json } | DiskCmd::Snapshots { json, .. } => {
+                    print_disks(&r.disks.unwrap_or_default(), json)?
                 }
+                _ => {}
             }
             Ok(())
         }

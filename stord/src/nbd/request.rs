@@ -500,6 +500,7 @@ mod tests {
                 alloc: Alloc::Dynamic,
                 read_only: ro,
                 allow: None,
+                base: None,
             }],
         )
         .unwrap();

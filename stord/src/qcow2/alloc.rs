@@ -1,0 +1,262 @@
+//! Cluster allocation and refcounts, the ordered flush of metadata, and the
+//! check (and leak repair) when an image is opened writable. The order and
+//! why it is safe are in the module docs of `qcow2`.
+
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
+
+use super::image::{Image, Meta, L2};
+use super::table::{self, Cluster, COPIED};
+use super::Qcow2Error;
+use crate::sys;
+
+impl Image {
+    /// Allocates one host cluster at the end of the file, refcount 1.
+    pub(super) fn alloc_cluster(&self, m: &mut Meta) -> Result<u64, Qcow2Error> {
+        let host = m.end;
+        m.end += self.cs;
+        self.set_refcount(m, host, 1)?;
+        Ok(host)
+    }
+
+    /// Sets the refcount of the host cluster at `host`, allocating its
+    /// refcount block if it has none (that block counts itself).
+    pub(super) fn set_refcount(&self, m: &mut Meta, host: u64, v: u16) -> Result<(), Qcow2Error> {
+        let per = self.cs / 2;
+        let idx = host / self.cs;
+        let ri = (idx / per) as usize;
+        if ri >= m.reftable.len() {
+            return Err(Qcow2Error::Full);
+        }
+        let mut rb = m.reftable[ri] & table::OFFSET_MASK;
+        if rb == 0 {
+            rb = m.end;
+            m.end += self.cs;
+            m.fresh.insert(rb);
+            m.metadata.insert(rb);
+            m.refblocks.insert(rb, (vec![0; per as usize], true));
+            m.reftable[ri] = rb;
+            m.reftable_dirty.insert(ri);
+            self.set_refcount(m, rb, 1)?;
+        }
+        if let std::collections::hash_map::Entry::Vacant(slot) = m.refblocks.entry(rb) {
+            slot.insert((table::read_u16s(&self.file, rb, per as usize)?, false));
+        }
+        if let Some((counts, dirty)) = m.refblocks.get_mut(&rb) {
+            counts[(idx % per) as usize] = v;
+            *dirty = true;
+        }
+        Ok(())
+    }
+
+    /// The L2 table of guest cluster `gc`, allocated (and named by the L1
+    /// table) if it has none; its offset.
+    pub(super) fn l2_for_write(&self, m: &mut Meta, gc: u64) -> Result<u64, Qcow2Error> {
+        if let Some(off) = self.load_l2(m, gc)? {
+            return Ok(off);
+        }
+        let t = self.alloc_cluster(m)?;
+        m.fresh.insert(t);
+        m.metadata.insert(t);
+        let per = (self.cs / 8) as usize;
+        m.l2.insert(
+            t,
+            L2 {
+                entries: vec![0; per],
+                dirty: true,
+            },
+        );
+        let l1i = gc as usize / per;
+        m.l1[l1i] = t | COPIED;
+        m.l1_dirty.insert(l1i);
+        Ok(t)
+    }
+
+    /// Sets the L2 entry of guest cluster `gc` (in memory; written at flush).
+    pub(super) fn set_l2(&self, m: &mut Meta, gc: u64, e: u64) -> Result<(), Qcow2Error> {
+        let off = self.l2_for_write(m, gc)?;
+        let per = self.cs / 8;
+        if let Some(t) = m.l2.get_mut(&off) {
+            t.entries[(gc % per) as usize] = e;
+            t.dirty = true;
+        }
+        Ok(())
+    }
+
+    /// Flushes once more than `DIRTY_MAX` bytes of tables wait.
+    pub(super) fn flush_if_dirty_over(&self) -> Result<(), Qcow2Error> {
+        let dirty = {
+            let m = self.read_meta();
+            (m.l2.values().filter(|t| t.dirty).count()
+                + m.refblocks.values().filter(|r| r.1).count()) as u64
+                * self.cs
+        };
+        if dirty > super::image::DIRTY_MAX {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable, data and metadata, in the order
+    /// of the module docs.
+    pub fn flush(&self) -> Result<(), Qcow2Error> {
+        let pending = {
+            let m = self.read_meta();
+            !m.l1_dirty.is_empty()
+                || !m.reftable_dirty.is_empty()
+                || !m.freed.is_empty()
+                || m.refblocks.values().any(|r| r.1)
+                || m.l2.values().any(|t| t.dirty)
+        };
+        if !self.writable || !pending {
+            return Ok(self.file.sync_data()?);
+        }
+        let mut m = self.write_meta();
+        let f = &self.file;
+        // 1: new tables whole, changed refcounts.
+        for (&off, (counts, dirty)) in m.refblocks.iter_mut() {
+            if *dirty {
+                f.write_all_at(&table::encode_u16s(counts), off)?;
+                *dirty = false;
+            }
+        }
+        for &off in &m.fresh {
+            if let Some(t) = m.l2.get(&off) {
+                f.write_all_at(&table::encode_u64s(&t.entries), off)?;
+            }
+        }
+        f.sync_data()?;
+        // 2: the refcount table's new blocks.
+        if !m.reftable_dirty.is_empty() {
+            for &ri in &m.reftable_dirty {
+                let at = self.hdr.reftable_offset + ri as u64 * 8;
+                f.write_all_at(&m.reftable[ri].to_be_bytes(), at)?;
+            }
+            f.sync_data()?;
+            m.reftable_dirty.clear();
+        }
+        // 3: L2 entries and the L1 entries of new tables.
+        let meta = &mut *m;
+        for (off, t) in meta.l2.iter_mut() {
+            if t.dirty && !meta.fresh.contains(off) {
+                f.write_all_at(&table::encode_u64s(&t.entries), *off)?;
+            }
+            t.dirty = false;
+        }
+        for &i in &meta.l1_dirty {
+            f.write_all_at(&meta.l1[i].to_be_bytes(), self.hdr.l1_offset + i as u64 * 8)?;
+        }
+        f.sync_data()?;
+        meta.l1_dirty.clear();
+        meta.fresh.clear();
+        // 4: freed clusters.
+        if !meta.freed.is_empty() {
+            let freed = std::mem::take(&mut meta.freed);
+            for &o in &freed {
+                self.set_refcount(meta, o, 0)?;
+                let _ = sys::fallocate(f, sys::FALLOC_PUNCH, o, self.cs);
+            }
+            for (&off, (counts, dirty)) in meta.refblocks.iter_mut() {
+                if *dirty {
+                    f.write_all_at(&table::encode_u16s(counts), off)?;
+                    *dirty = false;
+                }
+            }
+            f.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// Counts every reference to every host cluster and compares with the
+    /// refcounts: a cluster referenced twice or above its refcount refuses
+    /// the open (corrupt); refcounts above the references (leaks a crash
+    /// left, see the module docs) are set right and their blocks punched.
+    pub(super) fn check_and_repair(&self) -> Result<(), Qcow2Error> {
+        let mut m = self.write_meta();
+        let cs = self.cs;
+        let mut refs: HashMap<u64, u32> = HashMap::new();
+        let add = |refs: &mut HashMap<u64, u32>, o: u64| *refs.entry(o).or_insert(0) += 1;
+        add(&mut refs, 0);
+        let tables = [
+            (self.hdr.l1_offset, self.hdr.l1_size as u64 * 8),
+            (
+                self.hdr.reftable_offset,
+                self.hdr.reftable_clusters as u64 * cs,
+            ),
+        ];
+        for (off, len) in tables {
+            for i in 0..len.div_ceil(cs) {
+                add(&mut refs, off + i * cs);
+            }
+        }
+        for &e in &m.reftable {
+            if let Some(o) = table::decode_l1(e & !COPIED, cs)? {
+                add(&mut refs, o);
+            }
+        }
+        let per = (cs / 8) as usize;
+        for &e in &m.l1.clone() {
+            let Some(off) = table::decode_l1(e, cs)? else {
+                continue;
+            };
+            add(&mut refs, off);
+            for le in table::read_u64s(&self.file, off, per)? {
+                match self.checked(&m, le)? {
+                    Cluster::Data(o) | Cluster::Zero(Some(o)) => add(&mut refs, o),
+                    _ => {}
+                }
+            }
+        }
+        if let Some((o, n)) = refs.iter().find(|(_, &n)| n > 1) {
+            return Err(Qcow2Error::Corrupt(format!(
+                "host cluster {o} is referenced {n} times"
+            )));
+        }
+        let rper = cs / 2;
+        for &o in refs.keys() {
+            let ri = (o / cs / rper) as usize;
+            if m.reftable
+                .get(ri)
+                .is_none_or(|&e| e & table::OFFSET_MASK == 0)
+            {
+                return Err(Qcow2Error::Corrupt(format!(
+                    "host cluster {o} in use has no refcount"
+                )));
+            }
+        }
+        let mut leaks = 0u64;
+        let reftable = m.reftable.clone();
+        for (ri, &e) in reftable.iter().enumerate() {
+            let rb = e & table::OFFSET_MASK;
+            if rb == 0 {
+                continue;
+            }
+            let mut counts = table::read_u16s(&self.file, rb, rper as usize)?;
+            let mut changed = false;
+            for (j, c) in counts.iter_mut().enumerate() {
+                let host = (ri as u64 * rper + j as u64) * cs;
+                let r = refs.get(&host).copied().unwrap_or(0) as u16;
+                if *c < r {
+                    return Err(Qcow2Error::Corrupt(format!(
+                        "host cluster {host} is used but its refcount is {c}"
+                    )));
+                }
+                if *c > r {
+                    *c = r;
+                    changed = true;
+                    leaks += 1;
+                    let _ = sys::fallocate(&self.file, sys::FALLOC_PUNCH, host, cs);
+                }
+            }
+            if changed {
+                self.file.write_all_at(&table::encode_u16s(&counts), rb)?;
+            }
+            m.refblocks.insert(rb, (counts, false));
+        }
+        if leaks > 0 {
+            self.file.sync_data()?;
+            tracing::warn!(image = %self.path.display(), leaks, "freed clusters a crash had left allocated");
+        }
+        Ok(())
+    }
+}

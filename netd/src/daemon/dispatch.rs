@@ -164,7 +164,26 @@ impl Daemon {
                     .as_ref()
                     .map(|d| d.lock().unwrap_or_else(|e| e.into_inner()).db.leases())
                     .unwrap_or_default();
-                j(serde_json::to_value(leases))
+                // IPv6 rows (DHCPv6) follow the IPv4 ones, with their `duid` and `iaid`.
+                let v6 = st
+                    .ipv6
+                    .as_ref()
+                    .map(|s| {
+                        s.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .dhcp6
+                            .db
+                            .leases()
+                            .to_vec()
+                    })
+                    .unwrap_or_default();
+                let mut rows = serde_json::to_value(leases);
+                if let (Ok(serde_json::Value::Array(a)), Ok(serde_json::Value::Array(b))) =
+                    (&mut rows, serde_json::to_value(v6))
+                {
+                    a.extend(b);
+                }
+                j(rows)
             }),
             Request::ControlStats => {
                 let c = &self.control;

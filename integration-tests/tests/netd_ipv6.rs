@@ -1,6 +1,7 @@
 //! IPv6 on internal and hostonly networks (issue 16, first half): guests are
 //! namespaces on TAP ports whose kernels do SLAAC from netd's Router
-//! Advertisements; `rdisc6` (ndisc6) reads the RDNSS option; scapy sends a rogue RA, a
+//! Advertisements; `rdisc6` (ndisc6) reads the RDNSS option; `dhclient -6`
+//! (isc-dhcp-client) takes a stateful DHCPv6 lease; scapy sends a rogue RA, a
 //! DHCPv6 Advertise and spoofed NAs, which the guard must drop and count while the
 //! other guests keep their addresses, their (absent) default route and their
 //! neighbour entry for the gateway. Namespace prefixes `v6`.
@@ -171,6 +172,53 @@ fn hostonly_host_reaches_a_slaac_guest() -> Result<()> {
         1,
         "the host TAP takes no address from netd's RAs: {host_addrs}"
     );
+    assert!(netd.stop());
+    Ok(())
+}
+
+#[test]
+fn dhcp6_stateful_lease_shows_in_leases_and_the_host_reaches_it() -> Result<()> {
+    let dir = root_tempdir();
+    let host = Netns::new("v6l")?;
+    let g = TapHost::new("v6d")?;
+    let hif = unique_name("vh");
+    let net = network(
+        "v6dh",
+        "hostonly",
+        &format!(
+            "host_ifname = \"{hif}\"\nsubnet6 = \"fd42:18::/64\"\ndns6 = \"fd42:18::1\"\n\
+             dhcp6_range = \"fd42:18::100-fd42:18::1ff\"\n"
+        ),
+    ) + &g.port("g");
+    let cfg = write_config(dir.path(), &net);
+    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    link_local_ready(&g, &g.tap);
+    let d = dir.path();
+    let out = g.sh(&format!(
+        "timeout 30 dhclient -6 -1 -v -lf {lf} -pf {pf} {tap} 2>&1",
+        lf = d.join("dh6.leases").display(),
+        pf = d.join("dh6.pid").display(),
+        tap = g.tap
+    ))?;
+    let ip = global6(&g, &g.tap, "fd42:18::1").with_context(|| format!("dhclient -6:\n{out}"))?;
+    let leases = netd.cli_json(&["leases", "v6dh"])?;
+    let mac = g.sh(&format!("cat /sys/class/net/{}/address", g.tap))?;
+    let row = leases
+        .as_array()
+        .and_then(|a| a.iter().find(|l| l["ip"] == ip.as_str()))
+        .with_context(|| format!("no lease of {ip} in {leases}"))?;
+    assert_eq!(row["mac"], mac.trim(), "{row}");
+    let table = netd.cli(&["leases", "v6dh"])?;
+    assert!(table.contains(&ip), "{table}");
+    let file = std::fs::read_to_string(d.join("state").join("leases6-v6dh.json"))?;
+    assert!(file.contains(&ip), "the lease is on disk: {file}");
+    assert!(
+        ping6(&host, &ip),
+        "the host reaches the leased guest over IPv6"
+    );
+    if let Ok(pid) = std::fs::read_to_string(d.join("dh6.pid")) {
+        let _ = g.sh(&format!("kill {}", pid.trim()));
+    }
     assert!(netd.stop());
     Ok(())
 }

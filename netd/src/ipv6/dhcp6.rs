@@ -307,7 +307,7 @@ impl Dhcp6Server {
         if let Some(d) = self.spec.dns {
             put(&mut out, code::DNS_SERVERS, &d.octets());
         }
-        let mut b = vec![0, 0x23, 0, 0x22, 0, 0, 0, 0, kind];
+        let mut b = vec![2, 0x23, 2, 0x22, 0, 0, 0, 0, kind];
         b.extend_from_slice(&m.xid);
         b.extend_from_slice(&out);
         let l = (b.len() as u16).to_be_bytes();

@@ -150,6 +150,11 @@ fn dhcp6_stateless_and_stateful_with_rapid_commit() {
     let out = s.handle_frame(&dhcp6(11, &[]), Instant::now(), 100);
     let ip = Ipv6::parse(&out[0][14..]).unwrap();
     assert!(ip.checksum_ok());
+    assert_eq!(
+        &ip.payload[..4],
+        &[2, 0x23, 2, 0x22],
+        "from port 547 to 546"
+    );
     let body = &ip.payload[8..];
     assert_eq!(body[0], 7);
     let dns = "fd42::53".parse::<Ipv6Addr>().unwrap().octets();

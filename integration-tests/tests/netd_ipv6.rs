@@ -58,21 +58,6 @@ fn ping6(ns: &Netns, addr: &str) -> bool {
     (0..5).any(|_| ns.sh(&format!("ping -6 -c 1 -W 2 {addr}")).is_ok())
 }
 
-/// A drop counter of port `port`.
-fn drops(netd: &Netd, net: &str, port: &str, key: &str) -> u64 {
-    netd.cli_json(&["port", "list", net, "--drops"])
-        .ok()
-        .and_then(|v| {
-            v.as_array()?
-                .iter()
-                .find(|p| p["name"] == port)?
-                .get("counters")?
-                .get(key)?
-                .as_u64()
-        })
-        .unwrap_or(0)
-}
-
 #[test]
 fn internal_slaac_rdnss_and_a_rogue_router_is_dropped() -> Result<()> {
     let dir = root_tempdir();

@@ -93,7 +93,8 @@ fn internal_slaac_rdnss_and_a_rogue_router_is_dropped() -> Result<()> {
              sendp(e / ip / ICMPv6ND_NA(tgt='fd42:16::1', R=1, S=0, O=1) / ICMPv6NDOptDstLLAddr(lladdr='{x_mac}'), iface='{tap}', count=5)\n\
              sendp(e / ip / ICMPv6ND_NA(tgt='{a_ip}', R=0, S=0, O=1) / ICMPv6NDOptDstLLAddr(lladdr='{x_mac}'), iface='{tap}', count=5)\n\
              sendp(e / IPv6(src='{x_ll}', dst='ff02::1') / UDP(sport=547, dport=546) / DHCP6_Advertise(), iface='{tap}', count=3)\n\
-             sendp(e / IPv6(src='fd42:16::1', dst='{a_ip}') / ICMPv6EchoRequest(), iface='{tap}', count=5)\n",
+             sendp(e / IPv6(src='fd42:16::1', dst='{a_ip}') / ICMPv6EchoRequest(), iface='{tap}', count=5)\n\
+             sendp(e / IPv6(src='{x_ll}', dst='ff02::2', hlim=64) / ICMPv6ND_RS(), iface='{tap}', count=3)\n",
             tap = x.tap
         ),
     )?;
@@ -108,6 +109,17 @@ fn internal_slaac_rdnss_and_a_rogue_router_is_dropped() -> Result<()> {
         "rogue RA, DHCPv6 Advertise, spoofed NAs and source counted:\n{}",
         netd.cli(&["port", "list", "v6int", "--drops"])?
     );
+    let stat = |k: &str| {
+        netd.cli_json(&["leases", "v6int", "--stats"])
+            .ok()
+            .and_then(|v| v[k].as_u64())
+            .unwrap_or(0)
+    };
+    assert!(
+        integration_tests::wait_until(Duration::from_secs(5), || stat("ipv6_malformed") >= 3),
+        "off-link RSs counted as malformed"
+    );
+    assert!(stat("ipv6_ra_sent") >= 1 && stat("ipv6_rs") >= 1);
     let table = netd.cli(&["port", "list", "v6int", "--drops"])?;
     assert!(table.contains("ROGUE-ROUTER"), "{table}");
     for g in [&a, &b] {
@@ -193,6 +205,8 @@ fn dhcp6_stateful_lease_shows_in_leases_and_the_host_reaches_it() -> Result<()> 
         .and_then(|a| a.iter().find(|l| l["ip"] == ip.as_str()))
         .with_context(|| format!("no lease of {ip} in {leases}"))?;
     assert_eq!(row["mac"], mac.trim(), "{row}");
+    let stats = netd.cli_json(&["leases", "v6dh", "--stats"])?;
+    assert_eq!(stats["dhcp6_leases"], 1, "{stats}");
     let table = netd.cli(&["leases", "v6dh"])?;
     assert!(table.contains(&ip), "{table}");
     let file = std::fs::read_to_string(d.join("state").join("leases6-v6dh.json"))?;

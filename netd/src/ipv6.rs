@@ -115,6 +115,23 @@ impl Ipv6Service {
         }
     }
 
+    /// The counters, as `netd leases NET --stats` adds them (flat `ipv6_*` and
+    /// `dhcp6_*` keys beside the IPv4 server's).
+    pub fn stats(&self) -> Vec<(&'static str, u64)> {
+        let s = &self.stats;
+        vec![
+            ("ipv6_ra_sent", s.ra_sent),
+            ("ipv6_rs", s.rs),
+            ("ipv6_rs_limited", s.rs_limited),
+            ("ipv6_na_sent", s.na_sent),
+            ("ipv6_echo", s.echo),
+            ("ipv6_malformed", s.malformed),
+            ("dhcp6_malformed", self.dhcp6.malformed),
+            ("dhcp6_refused_full", self.dhcp6.refused_full),
+            ("dhcp6_leases", self.dhcp6.db.leases().len() as u64),
+        ]
+    }
+
     /// The service's link-local address (the RAs' source).
     pub fn link_local(&self) -> Ipv6Addr {
         self.ll

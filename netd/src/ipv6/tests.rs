@@ -213,3 +213,50 @@ fn random_frames_never_panic() {
         let _ = s.handle_frame(&f, Instant::now(), 5);
     }
 }
+
+fn server_id() -> Vec<u8> {
+    let mut v = vec![0, 2, 0, 10, 0, 3, 0, 1];
+    v.extend_from_slice(&SVC);
+    v
+}
+
+#[test]
+fn dhcp6_request_renew_release_and_the_lease_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("leases6-t.json");
+    let db = dhcp6::Lease6Db::load(Some(path.clone())).unwrap();
+    let mut s = Ipv6Service::new(spec(true), SVC, 1500, false, db);
+    let mut req = IA.to_vec();
+    req.extend_from_slice(&server_id());
+    // A Request without the server's id is refused; with it, a Reply and a lease.
+    assert!(s
+        .handle_frame(&dhcp6(3, &IA), Instant::now(), 100)
+        .is_empty());
+    let out = s.handle_frame(&dhcp6(3, &req), Instant::now(), 100);
+    assert_eq!(Ipv6::parse(&out[0][14..]).unwrap().payload[8], 7);
+    s.dhcp6.save_if_changed().unwrap();
+    let on_disk = dhcp6::Lease6Db::load(Some(path.clone())).unwrap();
+    assert_eq!(on_disk.leases().len(), 1, "the lease survives a restart");
+    assert_eq!(on_disk.leases()[0].expires, 100 + 3600);
+    // Renew later: the same address, a later end.
+    s.handle_frame(&dhcp6(5, &req), Instant::now(), 2000);
+    assert_eq!(s.dhcp6.db.leases()[0].expires, 2000 + 3600);
+    assert_eq!(s.dhcp6.db.leases().len(), 1);
+    // Another server's Request is not for us.
+    let mut other = IA.to_vec();
+    other.extend_from_slice(&[0, 2, 0, 4, 0, 3, 0, 9]);
+    assert!(s
+        .handle_frame(&dhcp6(3, &other), Instant::now(), 100)
+        .is_empty());
+    // Release ends it, on disk too.
+    s.handle_frame(&dhcp6(8, &req), Instant::now(), 2100);
+    assert!(s.dhcp6.db.leases().is_empty());
+    s.dhcp6.save_if_changed().unwrap();
+    assert!(dhcp6::Lease6Db::load(Some(path.clone()))
+        .unwrap()
+        .leases()
+        .is_empty());
+    // A corrupt lease file is an error, not an empty list.
+    std::fs::write(&path, b"{not json").unwrap();
+    assert!(dhcp6::Lease6Db::load(Some(path)).is_err());
+}

@@ -95,21 +95,6 @@ fn service_mac(netd: &Netd, net: &str, port: &str) -> Result<String> {
         .with_context(|| format!("no MAC of {port} in {t}"))
 }
 
-/// A drop counter of port `port` (from `port list --drops --json`).
-fn drops(netd: &Netd, net: &str, port: &str, key: &str) -> u64 {
-    netd.cli_json(&["port", "list", net, "--drops"])
-        .ok()
-        .and_then(|v| {
-            v.as_array()?
-                .iter()
-                .find(|p| p["name"] == port)?
-                .get("counters")?
-                .get(key)?
-                .as_u64()
-        })
-        .unwrap_or(0)
-}
-
 /// A counter of `leases --stats`.
 fn dhcp_stat(netd: &Netd, net: &str, key: &str) -> u64 {
     netd.cli_json(&["leases", net, "--stats"])

@@ -236,7 +236,8 @@ fn cli_prints_tables_by_default_and_json_on_request() -> Result<()> {
     assert!(
         by_reason.lines().next().unwrap_or_default().ends_with(
             "MALFORMED  TOO-BIG  FULL  DOWN  IO  HAIRPIN  OFFLOAD  GSO  \
-                 SPOOFED-MAC  SPOOFED-IP  SPOOFED-ARP  SPOOFED-DHCP  MAC-LIMIT"
+                 SPOOFED-MAC  SPOOFED-IP  SPOOFED-ARP  SPOOFED-DHCP  MAC-LIMIT  \
+                 SPOOFED-IP6  ROGUE-ROUTER  SPOOFED-ND  ND-LIMIT"
         ),
         "{by_reason}"
     );

@@ -88,8 +88,17 @@ _start:
 fn malformed_chains_are_answered_counted_and_survived() {
     let (_dir, nbd, r) = run_on_disk("hostile", GUEST);
     r.assert_clean_exit("HOSTILE OK\n");
-    // Six malformed chains plus the bogus avail index.
-    assert!(r.stderr.contains("bad_chains=7"), "{r}");
+    // Six malformed chains plus the bogus avail index, which the disk's I/O thread
+    // counts each time it looks at the queue before the reset: once, or a few times
+    // when a wake-up comes late; a device that looped on it would count without end.
+    let n: u64 = r
+        .stderr
+        .split("bad_chains=")
+        .nth(1)
+        .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|d| d.parse().ok())
+        .unwrap_or_else(|| panic!("no bad_chains count: {r}"));
+    assert!((7..=16).contains(&n), "bad_chains={n}: {r}");
     let bytes = std::fs::read(&nbd.img).unwrap();
     assert_eq!(&bytes[3 * 512..3 * 512 + 8], b"first-ok");
 }

@@ -196,7 +196,7 @@ pub fn reservations(v: &Value) -> String {
 
 /// The drop reasons of a port's counters, in the order the table shows them, as
 /// (column header, JSON key).
-const DROPS: [(&str, &str); 13] = [
+const DROPS: [(&str, &str); 17] = [
     ("MALFORMED", "drop_malformed"),
     ("TOO-BIG", "drop_mtu"),
     ("FULL", "drop_full"),
@@ -210,6 +210,10 @@ const DROPS: [(&str, &str); 13] = [
     ("SPOOFED-ARP", "drop_spoofed_arp"),
     ("SPOOFED-DHCP", "drop_spoofed_dhcp"),
     ("MAC-LIMIT", "drop_mac_limit"),
+    ("SPOOFED-IP6", "drop_spoofed_ip6"),
+    ("ROGUE-ROUTER", "drop_rogue_router"),
+    ("SPOOFED-ND", "drop_spoofed_nd"),
+    ("ND-LIMIT", "drop_nd_limit"),
 ];
 
 /// `netd port list NET`: one row per port with its traffic and its total drops, or
@@ -502,14 +506,17 @@ mod tests {
         let out = port_list(&v, true);
         assert!(
             out.lines().next().unwrap().ends_with(
-                "OFFLOAD  GSO  SPOOFED-MAC  SPOOFED-IP  SPOOFED-ARP  SPOOFED-DHCP  MAC-LIMIT"
+                "SPOOFED-DHCP  MAC-LIMIT  SPOOFED-IP6  ROGUE-ROUTER  SPOOFED-ND  ND-LIMIT"
             ),
             "{out}"
         );
         let a: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
         assert_eq!(
-            &a[a.len() - 14..],
-            ["clean", "1", "2", "0", "0", "0", "4", "0", "10", "5", "6", "7", "8", "9"]
+            &a[a.len() - 18..],
+            [
+                "clean", "1", "2", "0", "0", "0", "4", "0", "10", "5", "6", "7", "8", "9", "0",
+                "0", "0", "0"
+            ]
         );
     }
 

@@ -17,7 +17,9 @@
 //!   [`PortSpec`], [`ControlSpec`]);
 //! - `config/network.rs`: the checks and mode defaults of one network
 //!   ([`NetworkConfig::validate_at`], also the control API's entry) and of one port
-//!   ([`validate_port`]).
+//!   ([`validate_port`]);
+//! - `config/ipv6.rs`: the IPv6 keys of a network (`subnet6`, `gateway6`, `dns6`,
+//!   `dhcp6_range`).
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
@@ -27,12 +29,13 @@ use fabric_util::toml_file::{self, InvalidKey};
 use fabric_util::MacAddr;
 use serde::{Deserialize, Serialize};
 
+mod ipv6;
 mod network;
 mod spec;
 
 pub use self::network::validate_port;
 pub use self::spec::{
-    ControlSpec, DhcpReservation, DhcpSpec, DnsSpec, Ipv4Spec, NetworkSpec, PortSpec,
+    ControlSpec, DhcpReservation, DhcpSpec, DnsSpec, Ipv4Spec, Ipv6Spec, NetworkSpec, PortSpec,
 };
 
 pub use fabric_api::netd::{Guard, Mode, PortConfig, PortKind};
@@ -147,6 +150,17 @@ pub struct NetworkConfig {
     /// nat: CIDRs flows may not go to, in addition to 169.254.0.0/16 and the
     /// subnets of netd's other networks.
     pub outbound_deny: Option<Vec<String>>,
+    /// hostonly, internal: the network's IPv6 prefix, a /64 such as "fd42::/64"
+    /// (default: none, no IPv6 services). See [`crate::ipv6`].
+    pub subnet6: Option<String>,
+    /// The IPv6 gateway address inside `subnet6` (default: the prefix's `::1`): the
+    /// host TAP's on hostonly, netd's own on internal.
+    pub gateway6: Option<std::net::Ipv6Addr>,
+    /// The DNS server announced to IPv6 guests (RA RDNSS and DHCPv6 option 23).
+    pub dns6: Option<std::net::Ipv6Addr>,
+    /// "A-B", inclusive: the addresses DHCPv6 leases (IA_NA); without it DHCPv6 is
+    /// stateless (DNS only) and guests use SLAAC.
+    pub dhcp6_range: Option<String>,
 }
 
 /// A DHCP reservation (`[[network.reservation]]`: `mac`, `ip`, `hostname`).

@@ -64,6 +64,12 @@ pub enum DaemonError {
     /// network {0}: cannot attach the DHCP service
     #[error("network {0}: cannot attach the DHCP service")]
     Dhcp(String, #[source] SwitchError),
+    /// network {0}: cannot load DHCPv6 leases
+    #[error("network {0}: cannot load DHCPv6 leases")]
+    Leases6(String, #[source] crate::ipv6::dhcp6::Lease6Error),
+    /// network {0}: cannot attach the IPv6 service
+    #[error("network {0}: cannot attach the IPv6 service")]
+    Ipv6Attach(String, #[source] SwitchError),
     /// cannot create state directory {0}
     #[error("cannot create state directory {0}")]
     StateDir(PathBuf, #[source] std::io::Error),
@@ -162,6 +168,8 @@ struct NetState {
     names: Option<Arc<crate::dns::LocalNames>>,
     /// The DNS responder of a hostonly or internal network (see [`crate::modes::dns`]).
     dns_task: Option<tokio::task::JoinHandle<()>>,
+    /// The IPv6 service (RAs, NDP, DHCPv6) of a network with `subnet6`.
+    ipv6: Option<Arc<Mutex<crate::ipv6::Ipv6Service>>>,
 }
 
 impl NetState {

@@ -19,6 +19,7 @@ pub mod config;
 pub mod daemon;
 pub mod dhcp;
 pub mod dns;
+pub mod ipv6;
 pub mod modes;
 pub mod nat;
 pub mod offload;

@@ -56,6 +56,7 @@ mod capture;
 mod counters;
 mod fdb;
 pub mod guard;
+pub mod guard6;
 mod ingress;
 mod port;
 mod service;
@@ -146,6 +147,7 @@ pub struct Network {
     max_per_port: AtomicUsize,
     /// Who may use which address (networks with DHCP or NAT).
     ip_guard: OnceLock<Arc<IpGuard>>,
+    ip6_guard: OnceLock<Arc<guard6::Ip6Guard>>,
     /// The captures running on the network (`netd capture`).
     captures: capture::Taps,
 }
@@ -169,6 +171,7 @@ impl Network {
             guard_default: AtomicBool::new(false),
             max_per_port: AtomicUsize::new(usize::MAX),
             ip_guard: OnceLock::new(),
+            ip6_guard: OnceLock::new(),
             captures: capture::Taps::default(),
         })
     }
@@ -194,6 +197,16 @@ impl Network {
     /// The network's address bindings, if it checks IPv4 sources.
     pub fn ip_guard(&self) -> Option<&Arc<IpGuard>> {
         self.ip_guard.get()
+    }
+
+    /// Sets the network's IPv6 address guard (once: a network with `subnet6`).
+    pub fn set_ip6_guard(&self, g: Arc<guard6::Ip6Guard>) {
+        let _ = self.ip6_guard.set(g);
+    }
+
+    /// The network's IPv6 address guard, if it has one.
+    pub fn ip6_guard(&self) -> Option<&Arc<guard6::Ip6Guard>> {
+        self.ip6_guard.get()
     }
 
     /// Pins `mac` (a service's own MAC) to the port `port`: frames from it on any

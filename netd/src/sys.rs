@@ -97,6 +97,47 @@ pub fn if_disable_forwarding(ifname: &str) -> io::Result<()> {
     }
 }
 
+/// The kernel's `struct in6_ifreq`: the address, its prefix length, the interface.
+#[repr(C)]
+struct In6Ifreq {
+    addr: [u8; 16],
+    prefixlen: u32,
+    ifindex: libc::c_int,
+}
+
+/// Gives `ifname` the IPv6 address `addr`/`prefix` (`SIOCSIFADDR` on an AF_INET6
+/// socket), and stops it from taking addresses from Router Advertisements on it
+/// (the host TAP of a hostonly network hears netd's own RAs). An address it has
+/// already is fine.
+pub fn if_add_ipv6(ifname: &str, addr: std::net::Ipv6Addr, prefix: u8) -> io::Result<()> {
+    let index = if_index(ifname)?;
+    let ra = format!("/proc/sys/net/ipv6/conf/{ifname}/accept_ra");
+    std::fs::write(&ra, "0")?;
+    // SAFETY: plain socket(2) call; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    let fd = cvt(fd)?;
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut req = In6Ifreq {
+        addr: addr.octets(),
+        prefixlen: u32::from(prefix),
+        ifindex: libc::c_int::try_from(index).map_err(|_| io::ErrorKind::InvalidInput)?,
+    };
+    // SAFETY: `req` is a valid, writable `struct in6_ifreq` for the duration of the
+    // call, which is what SIOCSIFADDR takes on an AF_INET6 socket.
+    let r = unsafe {
+        libc::ioctl(
+            sock.as_raw_fd(),
+            libc::SIOCSIFADDR as _,
+            &mut req as *mut In6Ifreq,
+        )
+    };
+    match cvt(r) {
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        r => r.map(|_| ()),
+    }
+}
+
 /// Whether forwarding is off for `ifname` (IPv4, and IPv6 where it exists).
 pub fn if_forwarding_off(ifname: &str) -> io::Result<bool> {
     check_ifname(ifname)?;

@@ -428,3 +428,18 @@ pub fn lan_of_two(
     b.addr(&format!("{subnet}.2/24"))?;
     Ok((host, netd, [a, b]))
 }
+
+/// A drop counter of port `port` (from `port list --drops --json`), 0 if absent.
+pub fn drops(netd: &Netd, net: &str, port: &str, key: &str) -> u64 {
+    netd.cli_json(&["port", "list", net, "--drops"])
+        .ok()
+        .and_then(|v| {
+            v.as_array()?
+                .iter()
+                .find(|p| p["name"] == port)?
+                .get("counters")?
+                .get(key)?
+                .as_u64()
+        })
+        .unwrap_or(0)
+}

@@ -97,6 +97,18 @@ pub struct NetAddArgs {
     /// nat: the host resolvers' file.
     #[arg(long)]
     pub resolv_conf: Option<PathBuf>,
+    /// IPv6: the network's /64 ("fd42::/64"; hostonly and internal).
+    #[arg(long)]
+    pub subnet6: Option<String>,
+    /// IPv6: the gateway address (default: the prefix's ::1).
+    #[arg(long)]
+    pub gateway6: Option<std::net::Ipv6Addr>,
+    /// IPv6: the DNS server announced (RDNSS, DHCPv6).
+    #[arg(long)]
+    pub dns6: Option<std::net::Ipv6Addr>,
+    /// IPv6: stateful DHCPv6 range, "A-B" inside subnet6.
+    #[arg(long)]
+    pub dhcp6_range: Option<String>,
     /// With DNS: the domain of the guests' names (default NAME.lab).
     #[arg(long)]
     pub domain: Option<String>,
@@ -271,6 +283,10 @@ impl NetAddArgs {
             dns,
             resolv_conf,
             domain,
+            subnet6,
+            gateway6,
+            dns6,
+            dhcp6_range,
             max_flows,
             max_flow_memory,
             max_flows_per_guest,
@@ -398,6 +414,30 @@ mod tests {
         assert_eq!(t["dhcp"], false);
         assert_eq!(t["forward"][0]["guest"], "10.9.0.15:22");
         assert_eq!(t["outbound_deny"][0], "198.51.100.0/24");
+    }
+
+    #[test]
+    fn ipv6_flags_become_the_ipv6_keys() {
+        let t = args(&[
+            "lab6",
+            "--mode",
+            "internal",
+            "--subnet",
+            "10.9.0.0/24",
+            "--subnet6",
+            "fd42::/64",
+            "--dns6",
+            "fd42::3",
+        ])
+        .to_table()
+        .unwrap();
+        assert_eq!(t["subnet6"], "fd42::/64");
+        assert_eq!(t["dns6"], "fd42::3");
+        let e = args(&["lab6", "--mode", "internal", "--dns6", "fd42::3"])
+            .to_table()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("dns6"), "{e}");
     }
 
     #[test]

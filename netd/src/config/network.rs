@@ -281,13 +281,15 @@ impl NetworkConfig {
             ),
             _ => None,
         };
+        let ipv6 = self.validate_ipv6(&ctx, &key)?;
         // A pure switch here: the services of a network that spans hosts run on one.
-        let (dhcp, nat_spec, host_ifname, dns) = if services {
-            (dhcp, nat_spec, host_ifname, dns)
+        let (dhcp, nat_spec, host_ifname, dns, ipv6) = if services {
+            (dhcp, nat_spec, host_ifname, dns, ipv6)
         } else {
-            (None, None, None, None)
+            (None, None, None, None, None)
         };
         Ok(NetworkSpec {
+            ipv6,
             dns,
             services,
             nat: nat_spec,
@@ -310,7 +312,7 @@ impl NetworkConfig {
 
 /// The key `k` under the table `at` (`network[0]` and `mtu`: `network[0].mtu`); a
 /// table that is a file of its own (`netd net add --from FILE`) has `at` empty.
-fn sub_key(at: &str, k: &str) -> String {
+pub(super) fn sub_key(at: &str, k: &str) -> String {
     if at.is_empty() {
         k.to_string()
     } else {

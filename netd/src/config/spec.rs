@@ -3,7 +3,7 @@
 //! been checked and every default of the network's mode filled in, so users of these
 //! types never re-check them.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
 use super::{prefix_mask, Guard, Mode, PortKind};
@@ -54,6 +54,28 @@ impl Ipv4Spec {
     /// The broadcast address.
     pub fn broadcast(&self) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.network) | !u32::from(self.mask()))
+    }
+}
+
+/// Validated IPv6 settings of a network (see [`crate::ipv6`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ipv6Spec {
+    /// The /64 prefix (its host bits zero).
+    pub prefix: Ipv6Addr,
+    /// The gateway address, inside the prefix.
+    pub gateway: Ipv6Addr,
+    /// The DNS server announced, if any.
+    pub dns: Option<Ipv6Addr>,
+    /// The DHCPv6 range (stateful IA_NA leases), if any.
+    pub range: Option<(Ipv6Addr, Ipv6Addr)>,
+    /// Lease time of DHCPv6 leases, seconds (the network's `lease_time`).
+    pub lease_time: u32,
+}
+
+impl Ipv6Spec {
+    /// Whether `ip` is inside the /64.
+    pub fn contains(&self, ip: Ipv6Addr) -> bool {
+        ip.octets()[..8] == self.prefix.octets()[..8]
     }
 }
 
@@ -136,6 +158,8 @@ pub struct NetworkSpec {
     pub services: bool,
     /// The network's own DNS names, when it serves DNS.
     pub dns: Option<DnsSpec>,
+    /// IPv6 (`subnet6`): RAs, NDP and DHCPv6 from netd, and the IPv6 guard.
+    pub ipv6: Option<Ipv6Spec>,
 }
 
 /// Validated settings of the control socket.

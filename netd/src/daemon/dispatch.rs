@@ -172,7 +172,26 @@ impl Daemon {
                     .as_ref()
                     .map(|d| d.lock().unwrap_or_else(|e| e.into_inner()).db.leases())
                     .unwrap_or_default();
-                j(serde_json::to_value(leases))
+                // IPv6 rows (DHCPv6) follow the IPv4 ones, with their `duid` and `iaid`.
+                let v6 = st
+                    .ipv6
+                    .as_ref()
+                    .map(|s| {
+                        s.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .dhcp6
+                            .db
+                            .leases()
+                            .to_vec()
+                    })
+                    .unwrap_or_default();
+                let mut rows = serde_json::to_value(leases);
+                if let (Ok(serde_json::Value::Array(a)), Ok(serde_json::Value::Array(b))) =
+                    (&mut rows, serde_json::to_value(v6))
+                {
+                    a.extend(b);
+                }
+                j(rows)
             }),
             Request::ControlStats => {
                 let c = &self.control;
@@ -215,11 +234,22 @@ impl Daemon {
             // serve_conn hands it to daemon/capture.rs before it gets here.
             Request::Capture { .. } => Err(DaemonError::CaptureStream),
             Request::DhcpStats { net } => {
-                let dhcp = self
-                    .with_net(&net, |st| st.dhcp.clone())?
-                    .ok_or_else(|| DaemonError::NoDhcp(net.clone()))?;
-                let stats: DhcpStats = dhcp.lock().unwrap_or_else(|e| e.into_inner()).stats();
-                Ok(j(serde_json::to_value(stats)))
+                let (dhcp, v6) = self.with_net(&net, |st| (st.dhcp.clone(), st.ipv6.clone()))?;
+                let mut out = match (&dhcp, &v6) {
+                    (Some(d), _) => {
+                        let stats: DhcpStats = d.lock().unwrap_or_else(|e| e.into_inner()).stats();
+                        serde_json::to_value(stats).unwrap_or_default()
+                    }
+                    (None, Some(_)) => serde_json::json!({}),
+                    (None, None) => return Err(DaemonError::NoDhcp(net.clone())),
+                };
+                // The IPv6 service's counters (RAs, NDP, DHCPv6) follow, additively.
+                if let (Some(s), Some(o)) = (&v6, out.as_object_mut()) {
+                    for (k, v) in s.lock().unwrap_or_else(|e| e.into_inner()).stats() {
+                        o.insert(k.to_string(), v.into());
+                    }
+                }
+                Ok(j(Ok::<_, serde_json::Error>(out)))
             }
         }
     }

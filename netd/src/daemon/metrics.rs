@@ -32,7 +32,7 @@ struct NetRow {
 type Field = fn(&CountersSnapshot) -> u64;
 
 /// Every per-port drop counter, by the `reason` label it is exported with.
-const DROPS: [(&str, Field); 13] = [
+const DROPS: [(&str, Field); 17] = [
     ("malformed", |c| c.drop_malformed),
     ("mtu", |c| c.drop_mtu),
     ("full", |c| c.drop_full),
@@ -46,15 +46,23 @@ const DROPS: [(&str, Field); 13] = [
     ("spoofed_arp", |c| c.drop_spoofed_arp),
     ("spoofed_dhcp", |c| c.drop_spoofed_dhcp),
     ("mac_limit", |c| c.drop_mac_limit),
+    ("spoofed_ip6", |c| c.drop_spoofed_ip6),
+    ("rogue_router", |c| c.drop_rogue_router),
+    ("spoofed_nd", |c| c.drop_spoofed_nd),
+    ("nd_limit", |c| c.drop_nd_limit),
 ];
 
 /// The drops of [`DROPS`] that the port guard makes.
-const GUARD_DROPS: [&str; 5] = [
+const GUARD_DROPS: [&str; 9] = [
     "spoofed_mac",
     "spoofed_ip",
     "spoofed_arp",
     "spoofed_dhcp",
     "mac_limit",
+    "spoofed_ip6",
+    "rogue_router",
+    "spoofed_nd",
+    "nd_limit",
 ];
 
 type DhcpField = fn(&DhcpStats) -> u64;

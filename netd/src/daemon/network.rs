@@ -87,13 +87,20 @@ impl Daemon {
                 .as_ref()
                 .map(|d| crate::dns::LocalNames::new(d.zone.clone())),
             dns_task: None,
+            ipv6: None,
         };
         let fail = |st: NetState, e: DaemonError| {
             stop_network(st);
             Err(e)
         };
         if let (Some(h), Some(v4)) = (&spec.host_ifname, &spec.ipv4) {
-            match ports::start_host_port(&net, h, v4.gateway, v4.mask()) {
+            match ports::start_host_port(
+                &net,
+                h,
+                v4.gateway,
+                v4.mask(),
+                spec.ipv6.as_ref().map(|v| v.gateway),
+            ) {
                 Ok(p) => {
                     st.host = Some(p);
                     st.forwarding_guard = Some(guard_forwarding(h.clone()));
@@ -156,6 +163,12 @@ impl Daemon {
             };
             tokio::spawn(crate::dhcp::run(server.clone(), sp, routed));
             st.dhcp = Some(server);
+        }
+        if let Some(v6) = &spec.ipv6 {
+            match start_ipv6(&net, &spec, v6, state_dir) {
+                Ok(svc) => st.ipv6 = Some(svc),
+                Err(e) => return fail(st, e),
+            }
         }
         net.set_isolated(spec.isolated);
         if let Some(cfg) = &spec.nat {
@@ -283,6 +296,45 @@ fn start_dns(
     Ok(tokio::spawn(serve(names, d.resolv_conf.clone(), front)))
 }
 
+/// Starts the IPv6 service of a network with `subnet6` (see [`crate::ipv6`]): its
+/// own service port and MAC; the gateway address is the host TAP's on hostonly.
+fn start_ipv6(
+    net: &Arc<Network>,
+    spec: &NetworkSpec,
+    v6: &crate::config::Ipv6Spec,
+    state_dir: &Path,
+) -> Result<Arc<Mutex<crate::ipv6::Ipv6Service>>, DaemonError> {
+    let path = state_dir.join(format!("leases6-{}.json", spec.name));
+    let db = crate::ipv6::dhcp6::Lease6Db::load(Some(path))
+        .map_err(|e| DaemonError::Leases6(spec.name.clone(), e))?;
+    let mac = service_mac(&spec.name, 4);
+    let own_gateway = spec.host_ifname.is_none();
+    let svc = crate::ipv6::Ipv6Service::new(v6.clone(), mac, spec.mtu, own_gateway, db);
+    let ll = svc.link_local();
+    let mut protected = vec![v6.gateway, ll];
+    protected.extend(v6.dns);
+    let guard = Arc::new(crate::switch::guard6::Ip6Guard::new(
+        v6.prefix,
+        &protected,
+        Duration::from_secs(spec.mac_ageing),
+    ));
+    guard.set_leases(svc.dhcp6.db.leases());
+    net.set_ip6_guard(guard);
+    let svc = Arc::new(Mutex::new(svc));
+    let port = net
+        .attach_service("ipv6", 256)
+        .map_err(|e| DaemonError::Ipv6Attach(spec.name.clone(), e))?;
+    net.pin_mac("ipv6", mac)
+        .map_err(|e| DaemonError::Ipv6Attach(spec.name.clone(), e))?;
+    tracing::info!(network = %spec.name, prefix = %v6.prefix, link_local = %ll, "IPv6 service up");
+    tokio::spawn(crate::ipv6::run(
+        svc.clone(),
+        port,
+        net.ip6_guard().cloned(),
+    ));
+    Ok(svc)
+}
+
 /// How often the hostonly host TAP's forwarding setting is checked.
 const FORWARDING_CHECK: Duration = Duration::from_secs(1);
 
@@ -324,4 +376,5 @@ pub(super) fn stop_network(st: NetState) {
         t.abort();
     }
     let _ = st.net.remove_port("dns");
+    let _ = st.net.remove_port("ipv6");
 }

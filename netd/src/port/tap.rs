@@ -55,6 +55,7 @@ pub fn start_host_port(
     ifname: &str,
     addr: std::net::Ipv4Addr,
     mask: std::net::Ipv4Addr,
+    addr6: Option<std::net::Ipv6Addr>,
 ) -> Result<RunningPort, PortError> {
     let spec = PortSpec {
         name: ifname.to_string(),
@@ -73,6 +74,9 @@ pub fn start_host_port(
         source,
     };
     sys::if_set_ipv4(ifname, addr, mask).map_err(tap_err)?;
+    if let Some(a6) = addr6 {
+        sys::if_add_ipv6(ifname, a6, 64).map_err(tap_err)?;
+    }
     // The host is an end of a hostonly network, not a router: even on a host with
     // `ip_forward = 1`, nothing the guests send is forwarded past it.
     sys::if_disable_forwarding(ifname).map_err(tap_err)?;

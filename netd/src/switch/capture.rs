@@ -341,6 +341,10 @@ impl GuardDrop {
             GuardDrop::SpoofedArp => "spoofed_arp",
             GuardDrop::SpoofedDhcp => "spoofed_dhcp",
             GuardDrop::MacLimit => "mac_limit",
+            GuardDrop::SpoofedIp6 => "spoofed_ip6",
+            GuardDrop::RogueRouter => "rogue_router",
+            GuardDrop::SpoofedNd => "spoofed_nd",
+            GuardDrop::NdLimit => "nd_limit",
         }
     }
 }

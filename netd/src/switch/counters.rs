@@ -47,6 +47,14 @@ pub struct Counters {
     pub drop_spoofed_dhcp: AtomicU64,
     /// Dropped on ingress: a new source MAC on a port at `max_macs_per_port`.
     pub drop_mac_limit: AtomicU64,
+    /// Dropped by the guard: an IPv6 source the port may not use.
+    pub drop_spoofed_ip6: AtomicU64,
+    /// Dropped by the guard: an RA, Redirect or DHCPv6 server message from a guest.
+    pub drop_rogue_router: AtomicU64,
+    /// Dropped by the guard: NDP claiming another's address or MAC.
+    pub drop_spoofed_nd: AtomicU64,
+    /// Dropped by the guard: ND/MLD past the port's rate.
+    pub drop_nd_limit: AtomicU64,
     /// Dropped on ingress: a TCP super-frame asking for too much work (segment size
     /// below [`crate::offload::MIN_GSO_SIZE`] or more than
     /// [`crate::offload::MAX_GSO_SEGS`] segments).
@@ -99,6 +107,18 @@ pub struct CountersSnapshot {
     /// See [`Counters`].
     #[serde(default)]
     pub drop_gso: u64,
+    /// See [`Counters`].
+    #[serde(default)]
+    pub drop_spoofed_ip6: u64,
+    /// See [`Counters`].
+    #[serde(default)]
+    pub drop_rogue_router: u64,
+    /// See [`Counters`].
+    #[serde(default)]
+    pub drop_spoofed_nd: u64,
+    /// See [`Counters`].
+    #[serde(default)]
+    pub drop_nd_limit: u64,
 }
 
 impl Counters {
@@ -124,6 +144,10 @@ impl Counters {
             drop_spoofed_dhcp: r(&self.drop_spoofed_dhcp),
             drop_mac_limit: r(&self.drop_mac_limit),
             drop_gso: r(&self.drop_gso),
+            drop_spoofed_ip6: r(&self.drop_spoofed_ip6),
+            drop_rogue_router: r(&self.drop_rogue_router),
+            drop_spoofed_nd: r(&self.drop_spoofed_nd),
+            drop_nd_limit: r(&self.drop_nd_limit),
         }
     }
 
@@ -135,6 +159,10 @@ impl Counters {
             GuardDrop::SpoofedArp => &self.drop_spoofed_arp,
             GuardDrop::SpoofedDhcp => &self.drop_spoofed_dhcp,
             GuardDrop::MacLimit => &self.drop_mac_limit,
+            GuardDrop::SpoofedIp6 => &self.drop_spoofed_ip6,
+            GuardDrop::RogueRouter => &self.drop_rogue_router,
+            GuardDrop::SpoofedNd => &self.drop_spoofed_nd,
+            GuardDrop::NdLimit => &self.drop_nd_limit,
         };
         inc(c, 1);
     }

@@ -34,7 +34,11 @@
 //!   message to port 67. Anything else is `drop_spoofed_ip`, and so is a VLAN-tagged
 //!   frame there (its inner addresses are not checked).
 //!
-//! IPv6 and other ethertypes pass the address checks (the MAC lock still holds).
+//! IPv6 has rules of its own (`guard6.rs`: no RAs, Redirects or DHCPv6 server
+//! messages from a guest anywhere; NDP that cannot claim another's MAC; on a
+//! network with `subnet6`, sources bound to the MAC and NDP that cannot claim
+//! the gateway's or another guest's address; ND and MLD bounded). Other
+//! ethertypes pass the address checks (the MAC lock still holds).
 //!
 //! Ports that are not a guest are never guarded: the hostonly network's host TAP
 //! (the host itself), a bridged network's uplink (the LAN) and the services. Their
@@ -72,6 +76,14 @@ pub enum GuardDrop {
     SpoofedDhcp,
     /// The port already has as many learned MACs as it may.
     MacLimit,
+    /// IPv6 source not one the port may use (see [`super::guard6`]).
+    SpoofedIp6,
+    /// A Router Advertisement, Redirect or DHCPv6 server message from a guest.
+    RogueRouter,
+    /// Neighbor Discovery claiming an address or MAC that is not the port's.
+    SpoofedNd,
+    /// ND or MLD past the port's rate ([`super::guard6::ND_PER_SEC`]).
+    NdLimit,
 }
 
 /// The guard state of one port.
@@ -90,6 +102,10 @@ struct PortState {
     locked: Option<([u8; 6], Instant)>,
     /// The last IPv4 source that passed, when, and the lease generation then.
     ip_ok: Option<(Ipv4Addr, Instant, u64)>,
+    /// The same for IPv6.
+    ip6_ok: Option<(std::net::Ipv6Addr, Instant, u64)>,
+    /// ND/MLD messages in the current one-second window, and when it began.
+    nd: Option<(Instant, u32)>,
 }
 
 impl PortGuard {
@@ -146,6 +162,7 @@ impl PortGuard {
         }
         st.locked = Some((src, now));
         st.ip_ok = None;
+        st.ip6_ok = None;
         true
     }
 
@@ -156,6 +173,34 @@ impl PortGuard {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.locked = None;
         st.ip_ok = None;
+        st.ip6_ok = None;
+    }
+
+    /// Whether `ip` (IPv6) passed within [`RECHECK`] at generation `gen`.
+    pub(super) fn ip6_cached(&self, ip: std::net::Ipv6Addr, now: Instant, gen: u64) -> bool {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        matches!(st.ip6_ok, Some((a, t, g)) if a == ip && g == gen
+            && now.saturating_duration_since(t) < RECHECK)
+    }
+
+    /// Remembers a passed IPv6 source.
+    pub(super) fn remember_ip6(&self, ip: std::net::Ipv6Addr, now: Instant, gen: u64) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).ip6_ok = Some((ip, now, gen));
+    }
+
+    /// Counts one ND/MLD message: false past `per_sec` in the current second.
+    pub(super) fn nd_allow(&self, now: Instant, per_sec: u32) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match &mut st.nd {
+            Some((start, n)) if now.saturating_duration_since(*start) < Duration::from_secs(1) => {
+                *n += 1;
+                *n <= per_sec
+            }
+            w => {
+                *w = Some((now, 1));
+                true
+            }
+        }
     }
 
     fn ip_cached(&self, ip: Ipv4Addr, now: Instant, gen: u64) -> bool {
@@ -338,6 +383,7 @@ pub fn check(
     mac: [u8; 6],
     port: &PortGuard,
     ip: Option<&IpGuard>,
+    ip6: Option<&super::guard6::Ip6Guard>,
     now: Instant,
 ) -> Result<(), GuardDrop> {
     let Some(et) = frame.get(12..14) else {
@@ -349,7 +395,10 @@ pub fn check(
     match ethertype {
         ETHERTYPE_ARP => sender.check_arp(payload),
         ETHERTYPE_IPV4 => sender.check_ipv4(payload),
-        t if VLAN_TYPES.contains(&t) && ip.is_some() => Err(GuardDrop::SpoofedIp),
+        super::guard6::ETHERTYPE_IPV6 => super::guard6::check(payload, mac, port, ip6, now),
+        t if VLAN_TYPES.contains(&t) && (ip.is_some() || ip6.is_some()) => {
+            Err(GuardDrop::SpoofedIp)
+        }
         _ => Ok(()),
     }
 }
@@ -557,7 +606,7 @@ mod tests {
         let p = PortGuard::new(true, Some(A));
         let t0 = Instant::now();
         g.set_leases([(A, ip(50), u64::MAX)]);
-        let ok = |f: &[u8]| check(f, A, &p, Some(&g), t0);
+        let ok = |f: &[u8]| check(f, A, &p, Some(&g), None, t0);
         assert_eq!(ok(&arp(A, ip(50))), Ok(()));
         assert_eq!(ok(&arp(A, Ipv4Addr::UNSPECIFIED)), Ok(()), "probe");
         assert_eq!(ok(&arp(A, GW)), Err(GuardDrop::SpoofedArp));
@@ -588,7 +637,7 @@ mod tests {
         assert_eq!(ok(&v6), Ok(()));
         // Without address knowledge (an internal network without DHCP) only ARP's
         // sender MAC and DHCP's chaddr are checked.
-        let none = |f: &[u8]| check(f, A, &p, None, t0);
+        let none = |f: &[u8]| check(f, A, &p, None, None, t0);
         assert_eq!(none(&udp(A, ip(51), 53, b"x")), Ok(()));
         assert_eq!(none(&arp(A, GW)), Ok(()));
         assert_eq!(none(&arp(B, GW)), Err(GuardDrop::SpoofedArp));
@@ -645,8 +694,8 @@ mod tests {
             }
             let n = (rnd() as usize) % (f.len() + 1);
             f.truncate(n);
-            let _ = check(&f, A, &p, Some(&g), t0);
-            let _ = check(&f, A, &p, None, t0);
+            let _ = check(&f, A, &p, Some(&g), None, t0);
+            let _ = check(&f, A, &p, None, None, t0);
         }
     }
 }

@@ -210,6 +210,7 @@ impl Network {
             src,
             &from.guard,
             self.ip_guard.get().map(|g| &**g),
+            self.ip6_guard.get().map(|g| &**g),
             now,
         )
     }

@@ -1,0 +1,188 @@
+//! The IPv6 keys of one `[[network]]` table: `subnet6` (a /64), `gateway6`,
+//! `dns6` and `dhcp6_range`. IPv6 is served on hostonly and internal networks when
+//! `subnet6` is set; a NAT network's IPv6 (the router's) is not built yet, and a
+//! bridged network's is the LAN's router's, so both refuse the keys by name.
+
+use std::net::Ipv6Addr;
+
+use super::{ConfigError, Ctx, Ipv6Spec, Mode, NetworkConfig};
+
+/// Parses "ADDR/64" into the prefix with its host bits cleared.
+fn parse_prefix64(s: &str) -> Option<Ipv6Addr> {
+    let (a, p) = s.split_once('/')?;
+    let a: Ipv6Addr = a.trim().parse().ok()?;
+    if p.trim() != "64" {
+        return None;
+    }
+    let mut o = a.octets();
+    o[8..].fill(0);
+    let prefix = Ipv6Addr::from(o);
+    // Multicast, link-local and loopback prefixes cannot be a network's.
+    let first = u16::from_be_bytes([o[0], o[1]]);
+    if first & 0xff00 == 0xff00 || first & 0xffc0 == 0xfe80 || prefix.is_unspecified() {
+        return None;
+    }
+    Some(prefix)
+}
+
+/// The address `::n` inside `prefix`.
+fn host(prefix: Ipv6Addr, n: u64) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(prefix) | u128::from(n))
+}
+
+impl NetworkConfig {
+    /// Checks the IPv6 keys; `key` turns a key name into its dotted path.
+    pub(super) fn validate_ipv6(
+        &self,
+        ctx: &Ctx<'_>,
+        key: &dyn Fn(&str) -> String,
+    ) -> Result<Option<Ipv6Spec>, ConfigError> {
+        let Some(subnet6) = &self.subnet6 else {
+            let set = [
+                ("gateway6", self.gateway6.is_some()),
+                ("dns6", self.dns6.is_some()),
+                ("dhcp6_range", self.dhcp6_range.is_some()),
+            ];
+            if let Some((k, _)) = set.iter().find(|(_, s)| *s) {
+                return Err(ctx.err(key(k), "no such key without `subnet6`"));
+            }
+            return Ok(None);
+        };
+        match self.mode {
+            Mode::Hostonly | Mode::Internal => {}
+            Mode::Nat => {
+                return Err(ctx.err(
+                    key("subnet6"),
+                    "no subnet6 on a nat network yet (the NAT router's IPv6 is not built)",
+                ))
+            }
+            Mode::Bridged => {
+                return Err(ctx.err(
+                    key("subnet6"),
+                    "no subnet6 on a bridged network (the LAN's router serves IPv6)",
+                ))
+            }
+        }
+        let prefix = parse_prefix64(subnet6).ok_or_else(|| {
+            ctx.err(
+                key("subnet6"),
+                "a unicast IPv6 /64 such as \"fd42:0:0:1::/64\"",
+            )
+        })?;
+        let v6 = |a: Ipv6Addr| a.octets()[..8] == prefix.octets()[..8];
+        let gateway = self.gateway6.unwrap_or_else(|| host(prefix, 1));
+        if !v6(gateway) || gateway == prefix {
+            return Err(ctx.err(
+                key("gateway6"),
+                format!("a host address inside {prefix}/64"),
+            ));
+        }
+        if let Some(d) = self.dns6 {
+            let o = d.octets();
+            if d.is_unspecified() || d.is_loopback() || o[0] == 0xff {
+                return Err(ctx.err(key("dns6"), "a unicast IPv6 address"));
+            }
+        }
+        let range = match &self.dhcp6_range {
+            None => None,
+            Some(r) => {
+                let (a, b) = r
+                    .split_once('-')
+                    .and_then(|(a, b)| {
+                        Some((
+                            a.trim().parse::<Ipv6Addr>().ok()?,
+                            b.trim().parse::<Ipv6Addr>().ok()?,
+                        ))
+                    })
+                    .ok_or_else(|| {
+                        ctx.err(key("dhcp6_range"), "\"A-B\" with two IPv6 addresses")
+                    })?;
+                let g = u128::from(gateway);
+                if !v6(a)
+                    || !v6(b)
+                    || u128::from(a) > u128::from(b)
+                    || a == prefix
+                    || (u128::from(a)..=u128::from(b)).contains(&g)
+                {
+                    return Err(ctx.err(
+                        key("dhcp6_range"),
+                        format!(
+                            "an ascending range of host addresses inside {prefix}/64, \
+                             without the gateway {gateway}"
+                        ),
+                    ));
+                }
+                Some((a, b))
+            }
+        };
+        let lease_time = self.lease_time.unwrap_or(86_400).max(60);
+        Ok(Some(Ipv6Spec {
+            prefix,
+            gateway,
+            dns: self.dns6,
+            range,
+            lease_time,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn v(extra: &str, mode: &str) -> Result<Option<Ipv6Spec>, ConfigError> {
+        let text =
+            format!("control='/c'\nstate_dir='/s'\n[[network]]\nname='h'\nmode='{mode}'\n{extra}");
+        let cfg = super::super::Config::parse(&text, Path::new("t.toml"))?;
+        cfg.validate(Path::new("t.toml"))
+            .map(|mut n| n.remove(0).ipv6)
+    }
+
+    #[test]
+    fn defaults_and_checks_name_the_key() {
+        let s = v("subnet6='fd42:0:0:1::5/64'\n", "hostonly")
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.prefix, "fd42:0:0:1::".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(s.gateway, "fd42:0:0:1::1".parse::<Ipv6Addr>().unwrap());
+        assert!(s.range.is_none() && s.dns.is_none());
+        assert!(v("", "hostonly").unwrap().is_none());
+        let s = v(
+            "subnet6='fd42::/64'\ndns6='fd42::53'\ndhcp6_range='fd42::100-fd42::1ff'\n",
+            "internal",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(s.range.unwrap().1, "fd42::1ff".parse::<Ipv6Addr>().unwrap());
+        for (extra, mode, k) in [
+            ("subnet6='fd42::/48'\n", "hostonly", "network[0].subnet6"),
+            ("subnet6='fe80::/64'\n", "hostonly", "network[0].subnet6"),
+            ("subnet6='fd42::/64'\n", "nat", "network[0].subnet6"),
+            ("gateway6='fd42::1'\n", "hostonly", "network[0].gateway6"),
+            (
+                "subnet6='fd42::/64'\ngateway6='fd43::1'\n",
+                "internal",
+                "network[0].gateway6",
+            ),
+            (
+                "subnet6='fd42::/64'\ndhcp6_range='fd42::1-fd42::9'\n",
+                "internal",
+                "network[0].dhcp6_range",
+            ),
+            (
+                "subnet6='fd42::/64'\ndhcp6_range='fd42::9-fd42::5'\n",
+                "internal",
+                "network[0].dhcp6_range",
+            ),
+            (
+                "subnet6='fd42::/64'\ndns6='ff02::1'\n",
+                "internal",
+                "network[0].dns6",
+            ),
+        ] {
+            let e = v(extra, mode).unwrap_err().to_string();
+            assert!(e.contains("t.toml") && e.contains(k), "{extra}: {e}");
+        }
+    }
+}

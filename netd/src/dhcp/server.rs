@@ -407,11 +407,20 @@ impl DhcpServer {
                         .collect()
                 });
                 // Kept in the lease as sent (shown by `netd leases`); published in
-                // DNS only if it is a name (counted otherwise), and only when the
-                // client has no reservation hostname (that one is published).
-                if let (Some(n), Some(h), None) =
-                    (&self.names, &hostname, self.reserved_hostname(&mac))
-                {
+                // DNS only if it is a name (counted otherwise, once per name a client
+                // sends: a renewal with the same name is not counted again), and only
+                // when the client has no reservation hostname (that one is published).
+                let renewed = self
+                    .db
+                    .by_mac
+                    .get(&mac)
+                    .is_some_and(|l| l.hostname == hostname);
+                if let (Some(n), Some(h), None, false) = (
+                    &self.names,
+                    &hostname,
+                    self.reserved_hostname(&mac),
+                    renewed,
+                ) {
                     n.check_hostname(h);
                 }
                 self.db.by_mac.insert(

@@ -208,6 +208,44 @@ fn a_reservation_hostname_is_sent_and_published_instead_of_the_clients() {
 }
 
 #[test]
+fn a_refused_hostname_is_counted_once_not_at_every_renewal() {
+    let mut s = server(None);
+    let names = crate::dns::LocalNames::new(crate::dns::Zone {
+        domain: "lab.lab".into(),
+        hosts: Vec::new(),
+        subnet: (Ipv4Addr::new(10, 9, 0, 0), 24),
+    });
+    s.set_names(names.clone());
+    let refused = || {
+        names
+            .counters
+            .hostname_refused
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let mac = 7u8;
+    let o = s.handle(&msg(MsgType::Discover, mac, vec![]), 10).unwrap();
+    let req = |h: &[u8]| {
+        msg(
+            MsgType::Request,
+            mac,
+            vec![
+                sid(),
+                req_ip(o.yiaddr.octets()),
+                (opt::HOSTNAME, h.to_vec()),
+            ],
+        )
+    };
+    for t in 0..3 {
+        assert_eq!(answer(&mut s, &req(b"not a label"), 11 + t), MsgType::Ack);
+    }
+    assert_eq!(refused(), 1, "three ACKs of one bad name count once");
+    assert_eq!(answer(&mut s, &req(b"bad_name"), 20), MsgType::Ack);
+    assert_eq!(refused(), 2, "another bad name counts again");
+    assert_eq!(answer(&mut s, &req(b"good"), 21), MsgType::Ack);
+    assert_eq!(refused(), 2);
+}
+
+#[test]
 fn frame_path_and_arp() {
     let mut s = server(None);
     let d = msg(MsgType::Discover, 7, vec![]).to_vec();

@@ -160,15 +160,21 @@ fn published(names: &crate::dns::LocalNames, now: u64) -> Vec<(String, Ipv4Addr)
         .collect()
 }
 
-#[test]
-fn a_reservation_hostname_is_sent_and_published_instead_of_the_clients() {
-    let mut s = server(None);
+/// Gives `s` an empty names table of `lab.lab` to publish in, and returns it.
+fn publish_names(s: &mut DhcpServer) -> Arc<crate::dns::LocalNames> {
     let names = crate::dns::LocalNames::new(crate::dns::Zone {
         domain: "lab.lab".into(),
         hosts: Vec::new(),
         subnet: (Ipv4Addr::new(10, 9, 0, 0), 24),
     });
     s.set_names(names.clone());
+    names
+}
+
+#[test]
+fn a_reservation_hostname_is_sent_and_published_instead_of_the_clients() {
+    let mut s = server(None);
+    let names = publish_names(&mut s);
     let sent = (opt::HOSTNAME, b"guestsays".to_vec());
     // No hostname on the reservation yet: no option 12; the client's name is used.
     let o = s.handle(&msg(MsgType::Discover, 0x99, vec![]), 10).unwrap();
@@ -210,12 +216,7 @@ fn a_reservation_hostname_is_sent_and_published_instead_of_the_clients() {
 #[test]
 fn a_refused_hostname_is_counted_once_not_at_every_renewal() {
     let mut s = server(None);
-    let names = crate::dns::LocalNames::new(crate::dns::Zone {
-        domain: "lab.lab".into(),
-        hosts: Vec::new(),
-        subnet: (Ipv4Addr::new(10, 9, 0, 0), 24),
-    });
-    s.set_names(names.clone());
+    let names = publish_names(&mut s);
     let refused = || {
         names
             .counters

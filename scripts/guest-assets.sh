@@ -13,12 +13,27 @@
 #   READY                    written last; names the kernel version
 #
 # Idempotent: it does nothing when READY is present. Needs apt lists (apt-get update).
+#
+# A finished set is also kept in $FABRIC_ASSETS_CACHE (default
+# /var/cache/fabric/guest-assets, when writable): a later checkout on the same machine
+# copies it from there instead of downloading the packages again, and a machine whose
+# archive does not answer can still run the guest tests if it has that copy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ASSETS=${FABRIC_ASSETS:-$PWD/target/guest-assets}
+CACHE=${FABRIC_ASSETS_CACHE:-/var/cache/fabric/guest-assets}
 if [ -f "$ASSETS/READY" ]; then
   echo "guest assets ready in $ASSETS ($(cat "$ASSETS/READY"))"
+  exit 0
+fi
+if [ -f "$CACHE/READY" ] && [ "$(readlink -f "$CACHE")" != "$(readlink -f "$ASSETS")" ]; then
+  rm -rf "$ASSETS.tmp"
+  mkdir -p "$(dirname "$ASSETS")"
+  cp -a "$CACHE" "$ASSETS.tmp"
+  rm -rf "$ASSETS"
+  mv "$ASSETS.tmp" "$ASSETS"
+  echo "guest assets ready in $ASSETS ($(cat "$ASSETS/READY"), copied from $CACHE)"
   exit 0
 fi
 
@@ -31,20 +46,46 @@ if [ -z "$kpkg" ]; then
   echo "guest-assets: cannot resolve linux-image-amd64 (run apt-get update first)" >&2
   exit 1
 fi
-apt-get download -q qemu-system-x86 qemu-system-common qemu-system-data seabios \
-  ipxe-qemu "$kpkg" 2>&1 | grep -v '^W: Download is performed unsandboxed' || true
+# The packages come from the network, which may not answer at once on a machine that
+# just booted (a resolver not yet up): each missing package is retried with a growing
+# pause, and a package already in apt's own cache is taken from there.
+pkgs="qemu-system-x86 qemu-system-common qemu-system-data seabios ipxe-qemu $kpkg"
+have() { ls "$1"_*.deb >/dev/null 2>&1; }
+for p in $pkgs; do
+  cached=$(ls /var/cache/apt/archives/"$p"_*.deb 2>/dev/null | head -n1 || true)
+  [ -n "$cached" ] && cp "$cached" .
+done
+for attempt in 1 2 3 4 5 6; do
+  missing=""
+  for p in $pkgs; do have "$p" || missing="$missing $p"; done
+  [ -z "$missing" ] && break
+  if [ "$attempt" -gt 1 ]; then
+    echo "guest-assets: download of$missing failed (try $((attempt - 1)) of 6); retrying in $((attempt * 10)) s" >&2
+    sleep $((attempt * 10))
+    apt-get update -qq 2>&1 | grep -v '^W: Download is performed unsandboxed' || true
+  fi
+  # shellcheck disable=SC2086
+  apt-get download -q $missing 2>&1 | grep -v '^W: Download is performed unsandboxed' || true
+done
+for p in $pkgs; do
+  if ! have "$p"; then
+    echo "guest-assets: cannot download the Debian package $p (no answer from the archive after 6 tries)" >&2
+    exit 1
+  fi
+done
 for deb in *.deb; do
   dpkg-deb -x "$deb" ../root
 done
 cd ..
 
-# The QEMU wrapper: firmware search paths and the accelerator module directory.
-root="$ASSETS/root"
-cat > bin/qemu-system-x86_64 <<EOF
+# The QEMU wrapper: firmware search paths and the accelerator module directory, found
+# from the wrapper's own place so that the set can be copied elsewhere.
+cat > bin/qemu-system-x86_64 <<'EOF'
 #!/bin/sh
+root=$(dirname "$(readlink -f "$0")")/../root
 export QEMU_MODULE_DIR="$root/usr/lib/x86_64-linux-gnu/qemu"
-exec "$root/usr/bin/qemu-system-x86_64" -L "$root/usr/share/qemu" \\
-  -L "$root/usr/share/seabios" -L "$root/usr/lib/ipxe/qemu" "\$@"
+exec "$root/usr/bin/qemu-system-x86_64" -L "$root/usr/share/qemu" \
+  -L "$root/usr/share/seabios" -L "$root/usr/lib/ipxe/qemu" "$@"
 EOF
 chmod +x bin/qemu-system-x86_64
 
@@ -89,5 +130,16 @@ echo "$kver" > READY
 cd ..
 rm -rf "$ASSETS"
 mv "$ASSETS.tmp" "$ASSETS"
-# The wrapper names the final directory; it was written with it already.
 echo "guest assets ready in $ASSETS ($kver)"
+# Keep a copy for later checkouts on this machine (best effort: a read-only or full
+# cache directory only costs the next run a download).
+if [ "$(readlink -f "$CACHE")" != "$(readlink -f "$ASSETS")" ] &&
+  mkdir -p "$(dirname "$CACHE")" 2>/dev/null; then
+  rm -rf "$CACHE.tmp"
+  if cp -a "$ASSETS" "$CACHE.tmp" 2>/dev/null; then
+    rm -rf "$CACHE"
+    mv "$CACHE.tmp" "$CACHE"
+  else
+    rm -rf "$CACHE.tmp"
+  fi
+fi

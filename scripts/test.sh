@@ -8,9 +8,29 @@ cd "$(dirname "$0")/.."
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   pkgs=$(cat .ci/packages/*.txt | sed 's/#.*//' | tr -s ' \n' ' ')
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  # shellcheck disable=SC2086
-  apt-get install -y -qq --no-install-recommends $pkgs >/dev/null
+  # The archive may not answer at once on a machine that just booted (a resolver not
+  # yet up): update and install are retried with a growing pause before giving up.
+  for attempt in 1 2 3 4; do
+    out=$(apt-get update -qq 2>&1 || true)
+    [ -z "$out" ] || echo "$out" >&2
+    if echo "$out" | grep -q '^[WE]: \(Failed\|Some index\)'; then
+      echo "apt-get update: the archive did not answer (try $attempt of 4)" >&2
+      [ "$attempt" = 4 ] || { sleep $((attempt * 10)); continue; }
+    fi
+    break
+  done
+  for attempt in 1 2 3 4 5 6; do
+    # shellcheck disable=SC2086
+    if apt-get install -y -qq --no-install-recommends $pkgs >/dev/null; then
+      break
+    fi
+    if [ "$attempt" = 6 ]; then
+      echo "apt-get install failed after 6 tries" >&2
+      exit 1
+    fi
+    sleep $((attempt * 10))
+    apt-get update -qq || true
+  done
 fi
 
 # Lint gate, before any test: unformatted code or any clippy warning fails the run.

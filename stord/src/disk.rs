@@ -93,8 +93,8 @@ pub enum DiskError {
     /// a qcow2 operation failed
     #[error(transparent)]
     Qcow2(#[from] Qcow2Error),
-    /// a qcow2 disk cannot be resized
-    #[error("a qcow2 disk cannot be resized")]
+    /// a qcow2 disk is only grown, and only when writable
+    #[error("a qcow2 disk is only grown (not shrunk), and only when writable")]
     NoResize,
 }
 
@@ -645,10 +645,33 @@ impl Disk {
         Ok(out)
     }
 
+    /// Copies a qcow2 disk's chain into its own image while it serves
+    /// (`qcow2::online`); the header still names the backing file until
+    /// [`Disk::detach`].
+    pub fn stream(&self) -> Result<(), DiskError> {
+        match &self.image {
+            Some(img) => Ok(img.stream()?),
+            None => Ok(()),
+        }
+    }
+
+    /// After [`Disk::stream`]: drops the backing file from the image.
+    pub fn detach(&self) -> Result<(), DiskError> {
+        match &self.image {
+            Some(img) => Ok(img.detach()?),
+            None => Ok(()),
+        }
+    }
+
     /// Changes the size (the caller refuses a shrink while clients are connected).
     pub fn resize(&self, new: u64) -> Result<(), DiskError> {
-        if self.image.is_some() {
-            return Err(DiskError::NoResize);
+        if let Some(img) = &self.image {
+            if new < img.size() || self.read_only {
+                return Err(DiskError::NoResize);
+            }
+            img.grow(new)?;
+            self.size.store(new, Ordering::Release);
+            return Ok(());
         }
         let old = self.size();
         // A read-only disk is served through a read-only descriptor; the

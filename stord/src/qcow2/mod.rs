@@ -70,6 +70,7 @@ pub mod alloc;
 pub mod create;
 pub mod header;
 pub mod image;
+pub mod online;
 pub mod table;
 
 use std::fs::File;

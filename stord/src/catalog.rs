@@ -665,6 +665,7 @@ impl Catalog {
             .resize(size)
             .map_err(CatalogError::from)
             .and_then(|()| {
+                journal::crash_point("resize");
                 let entries = self.lock().entries(Change::None);
                 self.save(&entries)
             });

@@ -264,7 +264,10 @@ impl Catalog {
         let res = self
             .sync_disks_dir()
             .and_then(|()| self.begin(step, &entries))
-            .and_then(|()| std::fs::rename(&p, &sp).map_err(io))
+            .and_then(|()| {
+                crash_point("snapshot-begun");
+                std::fs::rename(&p, &sp).map_err(io)
+            })
             .and_then(|()| {
                 crash_point("snapshot-renamed");
                 std::fs::rename(&new, &p).map_err(io)

@@ -37,7 +37,8 @@
 //! hands the request to its [`crate::qcow2::Image`] instead of the file,
 //! READs are never sent from a mapping (the guest's offsets are not the
 //! file's), FLUSH and FUA flush the image's metadata in order, through the
-//! same latch. Its size is the image's virtual size; it cannot be resized.
+//! same latch. Its size is the image's virtual size; it grows (never
+//! shrinks) with `resize` (`qcow2::online`), while clients are attached.
 //!
 //! Calls here block; each connection runs them on its own worker threads
 //! (see `nbd`), never on the tokio runtime.

@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use integration_tests::{has_item, spawn_logged, unique_name, wait_until, ChildGuard, Netns};
 use stord_common::{dynamic, Stord};
-use vxlan_common::netd_common::{add_tap_port, add_vm_port, initramfs};
-use vxlan_common::{mac_of, vxlan_port, Lab, Netd, TapHost};
+use vxlan_common::netd_common::{add_tap_port, add_vm_port, initramfs, microvm_argv};
+use vxlan_common::{mac_of, vxlan_port, Host, Lab, Netd, TapHost};
 
 const VNI: u32 = 1414;
 const MAC: &str = "52:54:00:14:00:01";
@@ -109,54 +109,25 @@ impl Qmp {
 }
 
 /// One QEMU of the migration: `ns` holds its TAP `tap`; `incoming` makes it the
-/// destination. The same machine on both sides, as migration requires.
+/// destination. The same machine on both sides, as migration requires. Returns
+/// the process, its console log and its QMP socket.
 fn qemu(
     ns: &Netns,
-    dir: &Path,
-    initrd: &Path,
+    lab: &Guest,
     tap: &str,
-    disk: &str,
     incoming: Option<&str>,
 ) -> Result<(ChildGuard, PathBuf, PathBuf)> {
-    let assets = integration_tests::guest_assets();
-    let qemu = assets.join("bin/qemu-system-x86_64");
-    let kernel = assets.join("vmlinux");
     let tag = unique_name("q");
-    let console = dir.join(format!("console-{tag}.log"));
-    let qmp = dir.join(format!("qmp-{tag}.sock"));
-    let mut argv: Vec<String> = [
-        qemu.to_str().unwrap_or_default(),
-        "-M",
-        "microvm",
-        "-accel",
-        "tcg",
-        "-m",
-        "128",
-        "-smp",
-        "1",
-        "-no-reboot",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-        "-kernel",
-        kernel.to_str().unwrap_or_default(),
-        "-initrd",
-        initrd.to_str().unwrap_or_default(),
-        "-append",
-        "console=ttyS0 tsc_early_khz=2000000 panic=-1 quiet",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let console = lab.dir.join(format!("console-{tag}.log"));
+    let qmp = lab.dir.join(format!("qmp-{tag}.sock"));
+    let mut argv = microvm_argv(&lab.initrd, 128);
     argv.extend([
         "-netdev".into(),
         format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
         "-device".into(),
         format!("virtio-net-device,netdev=n0,mac={MAC}"),
         "-drive".into(),
-        format!("id=d0,file={disk},format=raw,if=none"),
+        format!("id=d0,file={},format=raw,if=none", lab.disk),
         "-device".into(),
         "virtio-blk-device,drive=d0".into(),
         "-qmp".into(),
@@ -168,6 +139,58 @@ fn qemu(
     let args: Vec<&str> = argv.iter().map(String::as_str).collect();
     let guard = spawn_logged(&mut ns.command(&args), &console)?;
     Ok((guard, console, qmp))
+}
+
+/// What every QEMU of the test shares: scratch directory, initramfs, the NBD URI
+/// of the disk, the client and the file its stream goes to.
+struct Guest {
+    dir: PathBuf,
+    initrd: PathBuf,
+    disk: String,
+    client: TapHost,
+    stream: PathBuf,
+}
+
+/// A QEMU of the test, with its QMP connection.
+struct Vm {
+    proc: ChildGuard,
+    console: PathBuf,
+    qmp: Qmp,
+}
+
+impl Vm {
+    fn console(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    /// Quits QEMU and waits for it.
+    fn quit(mut self) {
+        let _ = self.qmp.execute("quit", serde_json::json!({}));
+        self.proc.wait_timeout(Duration::from_secs(10));
+    }
+}
+
+/// Moves the VM from `src` to a new QEMU on host `to` (its TAP `tap`, port
+/// `MIGRATION_PORT` of `to`'s underlay address): the stream must go on for 30
+/// more values. Returns the new VM (the source stays, in `postmigrate`).
+fn move_vm(g: &Guest, src: &mut Vm, to: &Host, tap: &str) -> Result<Vm> {
+    let uri = format!("tcp:{}:{MIGRATION_PORT}", to.ip);
+    let (proc, console, qmp) = qemu(&to.ns, g, tap, Some(&uri))?;
+    let mut dst = Vm {
+        proc,
+        console,
+        qmp: Qmp::connect(&qmp)?,
+    };
+    let at = migrate(&mut src.qmp, &mut dst.qmp, &uri, &g.stream)?;
+    stream_goes_on(&g.client, &g.stream, at, 30, || {
+        format!(
+            "destination console:\n{}\nits netd:\n{}",
+            dst.console(),
+            tail(&to.netd().log())
+        )
+    });
+    assert!(!dst.console().contains("STREAM-ENDED"));
+    Ok(dst)
 }
 
 /// The counter values the client received so far (whole lines only).
@@ -255,8 +278,8 @@ fn mac_is(netd: &Netd, port: &str, remote: Option<&str>) -> bool {
 }
 
 /// A guest on host B (port `hostile` of `nb`) sends a RARP and a gratuitous ARP
-/// from the VM's MAC; both must be refused and counted.
-fn hostile_claims_the_mac(nb: &Netd, hostile: &TapHost) {
+/// from the VM's MAC; both must be refused and counted, and the stream go on.
+fn hostile_claims_the_mac(g: &Guest, nb: &Netd, hostile: &TapHost) {
     let spoofed = || vxlan_common::netd_common::drops(nb, "lan", "hostile", "drop_spoofed_mac");
     let before = spoofed();
     let sent = hostile.sh(&format!(
@@ -270,6 +293,8 @@ fn hostile_claims_the_mac(nb: &Netd, hostile: &TapHost) {
         before,
         spoofed()
     );
+    let now = received(&g.stream).len();
+    stream_goes_on(&g.client, &g.stream, now, 10, String::new);
 }
 
 #[test]
@@ -290,25 +315,33 @@ fn qemu_live_migration_across_netd_hosts_keeps_the_stream_and_the_disk() -> Resu
     let (na, nb) = (lab.hosts[0].netd(), lab.hosts[1].netd());
 
     let stord = Stord::start(&[dynamic("mig", "8MiB")])?;
-    let disk = stord.unix_uri("mig");
     let dir = lab.dir.path().to_path_buf();
-    let initrd = initramfs(&dir, &guest_body())?;
-    let stream = dir.join("stream.txt");
-    let _listener = client.spawn(&[
+    let g = Guest {
+        initrd: initramfs(&dir, &guest_body())?,
+        disk: stord.unix_uri("mig"),
+        stream: dir.join("stream.txt"),
+        client,
+        dir,
+    };
+    let _listener = g.client.spawn(&[
         "sh",
         "-c",
-        &format!("sleep 600 | busybox nc -l -p 7000 > {}", stream.display()),
+        &format!("sleep 600 | busybox nc -l -p 7000 > {}", g.stream.display()),
     ])?;
 
-    let (mut qa, console_a, qmp_a) = qemu(&lab.hosts[0].ns, &dir, &initrd, &tap_a, &disk, None)?;
-    let console = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
-    if !waits(120, || received(&stream).len() >= 20) {
+    let (proc, console, qmp) = qemu(&lab.hosts[0].ns, &g, &tap_a, None)?;
+    if !waits(120, || received(&g.stream).len() >= 20) {
         bail!(
             "the guest did not stream (got {:?}); console:\n{}",
-            received(&stream),
-            console(&console_a)
+            received(&g.stream),
+            std::fs::read_to_string(&console).unwrap_or_default()
         );
     }
+    let mut vm_a = Vm {
+        proc,
+        console,
+        qmp: Qmp::connect(&qmp)?,
+    };
     // Before the move: A has the VM on its port, B behind A's VTEP (from the
     // guest's ARP broadcast).
     assert!(mac_is(na, &tap_a, None), "A: {:?}", mac_entry(na, MAC));
@@ -318,27 +351,17 @@ fn qemu_live_migration_across_netd_hosts_keeps_the_stream_and_the_disk() -> Resu
         mac_entry(nb, MAC)
     );
 
-    // A to B.
-    let to_b = format!("tcp:{b_ip}:{MIGRATION_PORT}");
-    let (mut qb, console_b, qmp_b) =
-        qemu(&lab.hosts[1].ns, &dir, &initrd, &tap_b, &disk, Some(&to_b))?;
-    let mut q_b = Qmp::connect(&qmp_b)?;
-    let mut q_a = Qmp::connect(&qmp_a)?;
-    let at = migrate(&mut q_a, &mut q_b, &to_b, &stream)?;
-    stream_goes_on(&client, &stream, at, 30, || {
-        format!(
-            "B's console:\n{}\nnetd B:\n{}",
-            console(&console_b),
-            tail(&nb.log())
-        )
-    });
-    assert!(!console(&console_b).contains("STREAM-ENDED"));
-    // Both netds show the MAC where it is now (A still has the source's port).
-    eprintln!(
-        "A:\n{}B:\n{}",
-        na.cli(&["mac", "lan"])?,
-        nb.cli(&["mac", "lan"])?
-    );
+    // A to B. Both netds show the MAC where it is now (A still has the source's
+    // port, its QEMU in `postmigrate`).
+    let mut vm_b = move_vm(&g, &mut vm_a, &lab.hosts[1], &tap_b)?;
+    let show = || -> Result<String> {
+        Ok(format!(
+            "A:\n{}B:\n{}",
+            na.cli(&["mac", "lan"])?,
+            nb.cli(&["mac", "lan"])?
+        ))
+    };
+    eprintln!("{}", show()?);
     assert!(mac_is(na, "vx", Some(&b_ip)), "A: {:?}", mac_entry(na, MAC));
     assert!(mac_is(nb, &tap_b, None), "B: {:?}", mac_entry(nb, MAC));
     let table = na.cli(&["mac", "lan"])?;
@@ -357,54 +380,35 @@ fn qemu_live_migration_across_netd_hosts_keeps_the_stream_and_the_disk() -> Resu
     // keeps its MAC and its stream.
     let hostile = TapHost::new("mgh")?;
     add_tap_port(nb, "lan", &hostile.tap, &hostile, "hostile")?;
-    hostile_claims_the_mac(nb, &hostile);
-    stream_goes_on(&client, &stream, received(&stream).len(), 10, String::new);
+    hostile_claims_the_mac(&g, nb, &hostile);
     assert!(mac_is(nb, &tap_b, None), "B: {:?}", mac_entry(nb, MAC));
     assert_ne!(mac_of(&hostile, &hostile.tap)?, MAC);
 
     // And back to A, onto a new port without a configured MAC (the source's port
     // is deleted once its QEMU is gone, as a launcher does): B learns the MAC
     // behind A again, A on the new port.
-    let _ = q_a.execute("quit", serde_json::json!({}));
-    qa.wait_timeout(Duration::from_secs(10));
+    let console_a = vm_a.console();
+    vm_a.quit();
     na.cli(&["port", "del", "lan", &tap_a])?;
     add_vm_port(na, "lan", &tap_a2, &[])?;
-    let to_a = format!("tcp:{a_ip}:{MIGRATION_PORT}");
-    let (mut qa2, console_a2, qmp_a2) =
-        qemu(&lab.hosts[0].ns, &dir, &initrd, &tap_a2, &disk, Some(&to_a))?;
-    let mut q_a2 = Qmp::connect(&qmp_a2)?;
-    let at = migrate(&mut q_b, &mut q_a2, &to_a, &stream)?;
-    stream_goes_on(&client, &stream, at, 30, || {
-        format!(
-            "A's console:\n{}\nnetd A:\n{}",
-            console(&console_a2),
-            tail(&na.log())
-        )
-    });
-    eprintln!(
-        "A:\n{}B:\n{}",
-        na.cli(&["mac", "lan"])?,
-        nb.cli(&["mac", "lan"])?
-    );
+    let vm_a2 = move_vm(&g, &mut vm_b, &lab.hosts[0], &tap_a2)?;
+    eprintln!("{}", show()?);
     assert!(mac_is(na, &tap_a2, None), "A: {:?}", mac_entry(na, MAC));
     assert!(mac_is(nb, "vx", Some(&a_ip)), "B: {:?}", mac_entry(nb, MAC));
     // B's port keeps its learned lock after the VM left: the hostile guest there
     // still cannot take the MAC, though B's table has it behind A now.
-    hostile_claims_the_mac(nb, &hostile);
-    stream_goes_on(&client, &stream, received(&stream).len(), 10, String::new);
+    hostile_claims_the_mac(&g, nb, &hostile);
     assert!(mac_is(nb, "vx", Some(&a_ip)), "B: {:?}", mac_entry(nb, MAC));
 
     // Every value the client got, from before, between and after the moves, is
     // on the disk.
-    let last = received(&stream).len() as u64;
-    let _ = q_a2.execute("stop", serde_json::json!({}));
-    let _ = q_a2.execute("quit", serde_json::json!({}));
-    qa2.wait_timeout(Duration::from_secs(10));
-    let _ = q_b.execute("quit", serde_json::json!({}));
-    qb.wait_timeout(Duration::from_secs(10));
-    let image = dir.join("disk.raw");
+    let last = received(&g.stream).len() as u64;
+    let consoles = [console_a, vm_b.console(), vm_a2.console()];
+    vm_a2.quit();
+    vm_b.quit();
+    let image = g.dir.join("disk.raw");
     let out = Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw", &disk])
+        .args(["convert", "-f", "raw", "-O", "raw", &g.disk])
         .arg(&image)
         .output()?;
     assert!(out.status.success(), "qemu-img: {out:?}");
@@ -422,8 +426,8 @@ fn qemu_live_migration_across_netd_hosts_keeps_the_stream_and_the_disk() -> Resu
         );
     }
     eprintln!("the disk holds all {last} values");
-    for c in [&console_a, &console_b, &console_a2] {
-        assert!(!console(c).contains("DISK-FAIL"), "{}", console(c));
+    for c in consoles {
+        assert!(!c.contains("DISK-FAIL"), "{c}");
     }
     Ok(())
 }

@@ -235,8 +235,16 @@ fn migrate(src: &mut Qmp, dst: &mut Qmp, uri: &str, stream: &Path) -> Result<usi
         info["downtime"],
         info["total-time"],
     );
-    let status = dst.execute("query-status", serde_json::json!({}))?;
-    assert_eq!(status["status"], "running", "{status}");
+    // The source says "completed" once it sent all; the destination runs once it
+    // has loaded it.
+    let mut status = serde_json::Value::Null;
+    let running = waits(30, || {
+        status = dst
+            .execute("query-status", serde_json::json!({}))
+            .unwrap_or_default();
+        status["status"] == "running"
+    });
+    assert!(running, "the destination does not run: {status}");
     let status = src.execute("query-status", serde_json::json!({}))?;
     assert_eq!(status["status"], "postmigrate", "{status}");
     Ok(at_end)

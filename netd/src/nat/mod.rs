@@ -87,7 +87,10 @@
 //! `config.rs` the settings and their checks, `router.rs` the router's state and its
 //! loop, `inline.rs` the guest port it reads itself, `handle.rs` the control handle,
 //! and one file per protocol (`tcp.rs`, `udp.rs`, `icmp.rs`, `dns.rs`); `frame.rs`
-//! classifies frames, `device.rs` is smoltcp's view of the switch port.
+//! classifies frames, `device.rs` is smoltcp's view of the switch port. `ring.rs`
+//! holds a TCP flow's smoltcp socket (a socket set and ring memory of its own),
+//! `wake.rs` the per-flow wakers, `tcp_wire.rs` the TCP header work (offload,
+//! segment keys).
 
 mod config;
 mod device;
@@ -96,10 +99,13 @@ pub mod frame;
 mod handle;
 mod icmp;
 mod inline;
+mod ring;
 mod router;
 mod sys;
 mod tcp;
+mod tcp_wire;
 mod udp;
+mod wake;
 
 use std::net::{SocketAddr, SocketAddrV4};
 

@@ -61,6 +61,11 @@ for attempt in 1 2 3 4 5 6; do
   missing=""
   for p in $pkgs; do have "$p" || missing="$missing $p"; done
   [ -z "$missing" ] && break
+  if ! timeout 10 getent hosts deb.debian.org >/dev/null; then
+    echo "guest-assets: deb.debian.org does not resolve (try $attempt of 6)" >&2
+    sleep $((attempt * 10))
+    continue
+  fi
   if [ "$attempt" -gt 1 ]; then
     echo "guest-assets: download of$missing failed (try $((attempt - 1)) of 6); retrying in $((attempt * 10)) s" >&2
     sleep $((attempt * 10))

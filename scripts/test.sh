@@ -10,7 +10,13 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
   # The archive may not answer at once on a machine that just booted (a resolver not
   # yet up): update and install are retried with a growing pause before giving up.
+  # A name lookup first (seconds) rather than apt's own (minutes) while none answers.
   for attempt in 1 2 3 4; do
+    if ! timeout 10 getent hosts deb.debian.org >/dev/null; then
+      echo "apt-get update: deb.debian.org does not resolve (try $attempt of 4)" >&2
+      [ "$attempt" = 4 ] || { sleep $((attempt * 10)); continue; }
+      break
+    fi
     out=$(apt-get update -qq 2>&1 || true)
     [ -z "$out" ] || echo "$out" >&2
     if echo "$out" | grep -q '^[WE]: \(Failed\|Some index\)'; then

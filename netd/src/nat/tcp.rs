@@ -54,7 +54,7 @@ use tokio::sync::mpsc;
 use super::config::ForwardErrors;
 use super::{FlowInfo, Forward, NatError, Router};
 
-type Key = (SocketAddrV4, SocketAddrV4);
+type Key = (SocketAddr, SocketAddr);
 
 struct Flow {
     handle: SocketHandle,
@@ -301,14 +301,11 @@ impl Router {
         &mut self,
         frame: Bytes,
         mac: EthernetAddress,
-        src: (std::net::Ipv4Addr, u16),
-        dst: (std::net::Ipv4Addr, u16),
+        src: SocketAddr,
+        dst: SocketAddr,
         seq: TcpSeqNumber,
     ) {
-        let key = (
-            SocketAddrV4::new(src.0, src.1),
-            SocketAddrV4::new(dst.0, dst.1),
-        );
+        let key = (src, dst);
         if self.tcp.flows.contains_key(&key) {
             // A retransmitted SYN of a flow being opened: smoltcp answers it.
             self.dev.rx.push_back(frame);
@@ -318,9 +315,9 @@ impl Router {
             return;
         }
         let rst = |r: &mut Router| {
-            r.dev
-                .tx
-                .push_back(super::frame::tcp_rst(r.mac, mac, dst, src, seq).into());
+            if let Some(f) = super::frame6::tcp_rst_any(r.mac, mac, dst, src, seq) {
+                r.dev.tx.push_back(f.into());
+            }
         };
         let target = match self.map_dst(key.1) {
             Ok(t) => t,
@@ -330,7 +327,7 @@ impl Router {
                 return;
             }
         };
-        if !self.guest_fits(src.0, true) {
+        if !self.guest_fits(src.ip(), true) {
             rst(self);
             return;
         }
@@ -339,8 +336,8 @@ impl Router {
             rst(self);
             return;
         }
-        self.guest_flows.inc(src.0);
-        self.guest_pending.inc(src.0);
+        self.guest_flows.inc(src.ip());
+        self.guest_pending.inc(src.ip());
         // The held SYN is a copy of its own: `frame` may be a view of a larger
         // receive buffer (see `port::InlineReader`), which it must not pin.
         let (syn, mss) = if self.offload {
@@ -382,7 +379,7 @@ impl Router {
                 continue;
             };
             let (guest, dst) = r.key;
-            self.guest_pending.dec(*guest.ip());
+            self.guest_pending.dec(guest.ip());
             match r.result {
                 Ok(stream) => {
                     let _ = stream.set_nodelay(true);
@@ -396,11 +393,11 @@ impl Router {
                         s.set_ack_delay(Some(smoltcp::time::Duration::from_millis(1)));
                     }
                     let ep = IpListenEndpoint {
-                        addr: Some((*dst.ip()).into()),
+                        addr: Some(dst.ip().into()),
                         port: dst.port(),
                     };
                     if s.listen(ep).is_err() {
-                        self.guest_flows.dec(*guest.ip());
+                        self.guest_flows.dec(guest.ip());
                         continue;
                     }
                     let handle = self.sockets.add(s);
@@ -423,21 +420,15 @@ impl Router {
                 }
                 Err(e) => {
                     tracing::debug!(%guest, %dst, target = %r.target, error = %e, "connect failed");
-                    self.guest_flows.dec(*guest.ip());
+                    self.guest_flows.dec(guest.ip());
                     self.stats.connect_failed += 1;
                     if super::router::out_of_fds(&e) {
                         self.stats.no_fds += 1;
                     }
-                    self.dev.tx.push_back(
-                        super::frame::tcp_rst(
-                            self.mac,
-                            p.mac,
-                            (*dst.ip(), dst.port()),
-                            (*guest.ip(), guest.port()),
-                            p.seq,
-                        )
-                        .into(),
-                    );
+                    if let Some(f) = super::frame6::tcp_rst_any(self.mac, p.mac, dst, guest, p.seq)
+                    {
+                        self.dev.tx.push_back(f.into());
+                    }
                 }
             }
         }
@@ -477,7 +468,7 @@ impl Router {
             let handle = self.sockets.add(s);
             tracing::debug!(%host, %peer, %guest, "forwarded connection");
             self.tcp.flows.insert(
-                (guest, SocketAddrV4::new(gw, port)),
+                (guest.into(), SocketAddrV4::new(gw, port).into()),
                 Flow {
                     // smoltcp opened this one: it uses the guest's MSS itself.
                     guest_mss: 0,
@@ -499,7 +490,7 @@ impl Router {
         let gw = self.cfg.gateway;
         let flows = &self.tcp.flows;
         super::free_forward_port(&mut self.tcp.next_port, |p| {
-            flows.contains_key(&(guest, SocketAddrV4::new(gw, p)))
+            flows.contains_key(&(guest.into(), SocketAddrV4::new(gw, p).into()))
         })
     }
 
@@ -568,6 +559,9 @@ impl Router {
         frame: &[u8],
     ) -> Option<(crate::offload::VnetHdr, usize, u16)> {
         use crate::offload::{VnetHdr, F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4};
+        if self.offload && super::frame6::is_ipv6(frame) {
+            return super::v6::tcp6_offload_header(frame);
+        }
         if !self.offload || frame.get(12..14)? != [0x08, 0x00] {
             return None;
         }
@@ -610,8 +604,8 @@ impl Router {
             let sport = u16::from_be_bytes([tcp[0], tcp[1]]);
             let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
             let key = (
-                SocketAddrV4::new(dst_ip, dport),
-                SocketAddrV4::new(src_ip, sport),
+                SocketAddrV4::new(dst_ip, dport).into(),
+                SocketAddrV4::new(src_ip, sport).into(),
             );
             let guest_mss = self.tcp.flows.get(&key).map(|f| f.guest_mss).unwrap_or(0);
             let fit = self.cfg.mtu.checked_sub(ihl + doff)? as u16;
@@ -645,7 +639,7 @@ impl Router {
             }
             if matches!(state, State::Closed | State::TimeWait | State::Listen) {
                 if f.forward.is_none() {
-                    counts.dec(*guest.ip());
+                    counts.dec(guest.ip());
                 }
                 if !(f.host_eof && f.host_wr_shut) {
                     // The guest reset or the flow was aborted: reset the host side too.

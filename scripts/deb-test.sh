@@ -7,7 +7,10 @@
 # purges the package and checks nothing is left. Run as root; prints PASS or fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v cargo-deb >/dev/null || cargo install cargo-deb --version 2.7.0 --locked
+# cargo-deb from crates.io; where the registry does not answer, from cargo's own cache.
+command -v cargo-deb >/dev/null ||
+  cargo install cargo-deb --version 2.7.0 --locked ||
+  cargo install cargo-deb --version 2.7.0 --locked --offline
 deb=$(cargo deb -p netd --no-build --no-strip -o target/debian/ 2>/dev/null | tail -1)
 test -f "$deb"
 dpkg -i "$deb"

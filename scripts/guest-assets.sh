@@ -13,6 +13,8 @@
 #   READY                    written last; names the kernel version
 #
 # Idempotent: it does nothing when READY is present. Needs apt lists (apt-get update).
+# Exits 3 when Debian's archive does not answer (the packages could not be fetched),
+# 1 on any other failure.
 #
 # A finished set is also kept in $FABRIC_ASSETS_CACHE (default
 # /var/cache/fabric/guest-assets, when writable): a later checkout on the same machine
@@ -43,8 +45,8 @@ cd "$ASSETS.tmp/debs"
 
 kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
 if [ -z "$kpkg" ]; then
-  echo "guest-assets: cannot resolve linux-image-amd64 (run apt-get update first)" >&2
-  exit 1
+  echo "guest-assets: cannot resolve linux-image-amd64 (no apt lists: apt-get update did not reach the archive)" >&2
+  exit 3
 fi
 # The packages come from the network, which may not answer at once on a machine that
 # just booted (a resolver not yet up): each missing package is retried with a growing
@@ -70,7 +72,7 @@ done
 for p in $pkgs; do
   if ! have "$p"; then
     echo "guest-assets: cannot download the Debian package $p (no answer from the archive after 6 tries)" >&2
-    exit 1
+    exit 3
   fi
 done
 for deb in *.deb; do

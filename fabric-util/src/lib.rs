@@ -11,6 +11,8 @@
 //! - [`fs`]: state files replaced atomically and durably ([`fs::write_durable`]);
 //! - [`sys`]: TAP devices and interface ioctls, the only `unsafe` of the crate;
 //! - [`cli`]: the daemons' `serve --config` arguments and their exit status;
+//! - [`http`]: the bounded HTTP/1.1 request reading and answering the small servers
+//!   share (`/metrics`, vmm-shim's control API);
 //! - [`metrics`]: Prometheus metrics and the bounded `/metrics` HTTP server.
 //!
 //! Nothing here but [`metrics::serve`] starts threads, and nothing needs a runtime: the daemons use it from tokio
@@ -18,6 +20,7 @@
 
 pub mod cli;
 pub mod fs;
+pub mod http;
 mod mac;
 pub mod metrics;
 mod size;

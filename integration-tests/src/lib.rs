@@ -287,17 +287,66 @@ impl Drop for ChildGuard {
     }
 }
 
+/// The guest-asset directory, ready or not: `FABRIC_ASSETS`, else
+/// `<workspace>/target/guest-assets`.
+fn guest_assets_dir() -> PathBuf {
+    std::env::var_os("FABRIC_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/guest-assets"))
+}
+
 /// Where `scripts/guest-assets.sh` put QEMU, the Debian kernel and busybox.
 ///
 /// `FABRIC_ASSETS` overrides the default `<workspace>/target/guest-assets`.
 pub fn guest_assets() -> PathBuf {
-    let dir = std::env::var_os("FABRIC_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target/guest-assets"));
+    let dir = guest_assets_dir();
     assert!(
         dir.join("READY").exists(),
         "guest assets missing in {}: run scripts/guest-assets.sh first",
         dir.display()
     );
     dir
+}
+
+/// Why the guest assets cannot be had on this machine, where `scripts/test.sh` found
+/// that Debian's archive did not answer and wrote the reason to `UNAVAILABLE` in the
+/// asset directory; `None` when they are ready (or were never asked for: then
+/// [`guest_assets`] fails the test, as a missing set-up must).
+pub fn guest_assets_unavailable() -> Option<String> {
+    let dir = guest_assets_dir();
+    if dir.join("READY").exists() {
+        return None;
+    }
+    std::fs::read_to_string(dir.join("UNAVAILABLE"))
+        .ok()
+        .map(|r| r.trim().to_string())
+}
+
+/// One guest test: its name and its body.
+pub type GuestTest<'a> = (&'a str, fn() -> Result<()>);
+
+/// The `main` of a test file that boots a Linux guest under QEMU (`harness = false`
+/// in Cargo.toml): runs each test in turn and prints `BIN: NAME ... ok`, or
+/// `BIN: NAME ... NOT RUN: REASON` for all of them where the guest assets could not
+/// be fetched, so a guest test that did not run is never counted as passed. A
+/// failing test panics with its error, which fails the binary. The last line is the
+/// harness's own summary form, which `scripts/test.sh` adds up.
+pub fn run_guest_tests(bin: &str, tests: &[GuestTest]) {
+    if let Some(reason) = guest_assets_unavailable() {
+        for (name, _) in tests {
+            println!("{bin}: {name} ... NOT RUN: guest assets unavailable: {reason}");
+        }
+        println!("test result: ok. 0 passed; 0 failed; 0 ignored");
+        return;
+    }
+    for (name, test) in tests {
+        if let Err(e) = test() {
+            panic!("{bin}: {name} failed: {e:?}");
+        }
+        println!("{bin}: {name} ... ok");
+    }
+    println!(
+        "test result: ok. {} passed; 0 failed; 0 ignored",
+        tests.len()
+    );
 }

@@ -63,7 +63,14 @@ fn main() {
     probe_matches_this_host();
     println!("vmm_linux: probe_matches_this_host ... ok");
     let name = "linux_boots_gets_a_lease_and_writes_its_disk";
-    match probe_linux_capable_kvm() {
+    let runnable =
+        probe_linux_capable_kvm().and_then(
+            |()| match integration_tests::guest_assets_unavailable() {
+                Some(reason) => Err(format!("guest assets unavailable: {reason}")),
+                None => Ok(()),
+            },
+        );
+    match runnable {
         Err(reason) if std::env::var_os("VMM_LINUX_FORCE").is_none() => {
             println!("vmm_linux: {name} ... NOT RUN: {reason}");
         }

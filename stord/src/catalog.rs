@@ -315,6 +315,8 @@ impl Catalog {
             disks: Mutex::new(Disks::default()),
             change: Mutex::new(()),
         };
+        // A change a crash interrupted is finished or undone first.
+        cat.recover()?;
         let path = cat.catalog_path();
         let entries = match std::fs::read(&path) {
             Ok(bytes) => {
@@ -336,7 +338,11 @@ impl Catalog {
                     continue; // a hand-edited catalog naming a disk twice
                 }
                 match cat.open_entry(&e) {
-                    Ok(disk) => map.insert(disk, &e),
+                    Ok(disk) => {
+                        // A resize a crash cut before its catalog update.
+                        changed |= disk.size() != e.size;
+                        map.insert(disk, &e)
+                    }
                     Err(err) => {
                         tracing::error!(
                             disk = %e.name,
@@ -438,14 +444,20 @@ impl Catalog {
             version: 1,
             disks: disks.to_vec(),
         };
-        let path = self.catalog_path();
+        self.write_json("catalog.json", &file)
+    }
+
+    /// Writes `value` as the state directory's file `name`, atomically (a
+    /// temporary file, fsynced, renamed over, the directory fsynced).
+    fn write_json(&self, name: &str, value: &impl Serialize) -> Result<(), CatalogError> {
+        let path = self.state_dir.join(name);
         let werr = |source| CatalogError::Write {
             path: path.clone(),
             source,
         };
-        let tmp = self.state_dir.join("catalog.json.tmp");
+        let tmp = self.state_dir.join(format!("{name}.tmp"));
         let mut json =
-            serde_json::to_vec_pretty(&file).map_err(|e| werr(std::io::Error::other(e)))?;
+            serde_json::to_vec_pretty(value).map_err(|e| werr(std::io::Error::other(e)))?;
         json.push(b'\n');
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -653,6 +665,7 @@ impl Catalog {
             .resize(size)
             .map_err(CatalogError::from)
             .and_then(|()| {
+                journal::crash_point("resize");
                 let entries = self.lock().entries(Change::None);
                 self.save(&entries)
             });
@@ -670,6 +683,7 @@ fn disk_name_of(p: &Path) -> String {
     f.strip_suffix(".img").unwrap_or(&f).to_string()
 }
 
+mod journal;
 mod layers;
 
 #[cfg(test)]

@@ -37,7 +37,8 @@
 //! hands the request to its [`crate::qcow2::Image`] instead of the file,
 //! READs are never sent from a mapping (the guest's offsets are not the
 //! file's), FLUSH and FUA flush the image's metadata in order, through the
-//! same latch. Its size is the image's virtual size; it cannot be resized.
+//! same latch. Its size is the image's virtual size; it grows (never
+//! shrinks) with `resize` (`qcow2::online`), while clients are attached.
 //!
 //! Calls here block; each connection runs them on its own worker threads
 //! (see `nbd`), never on the tokio runtime.
@@ -93,8 +94,8 @@ pub enum DiskError {
     /// a qcow2 operation failed
     #[error(transparent)]
     Qcow2(#[from] Qcow2Error),
-    /// a qcow2 disk cannot be resized
-    #[error("a qcow2 disk cannot be resized")]
+    /// a qcow2 disk is only grown, and only when writable
+    #[error("a qcow2 disk is only grown (not shrunk), and only when writable")]
     NoResize,
 }
 
@@ -645,10 +646,33 @@ impl Disk {
         Ok(out)
     }
 
+    /// Copies a qcow2 disk's chain into its own image while it serves
+    /// (`qcow2::online`); the header still names the backing file until
+    /// [`Disk::detach`].
+    pub fn stream(&self) -> Result<(), DiskError> {
+        match &self.image {
+            Some(img) => Ok(img.stream()?),
+            None => Ok(()),
+        }
+    }
+
+    /// After [`Disk::stream`]: drops the backing file from the image.
+    pub fn detach(&self) -> Result<(), DiskError> {
+        match &self.image {
+            Some(img) => Ok(img.detach()?),
+            None => Ok(()),
+        }
+    }
+
     /// Changes the size (the caller refuses a shrink while clients are connected).
     pub fn resize(&self, new: u64) -> Result<(), DiskError> {
-        if self.image.is_some() {
-            return Err(DiskError::NoResize);
+        if let Some(img) = &self.image {
+            if new < img.size() || self.read_only {
+                return Err(DiskError::NoResize);
+            }
+            img.grow(new)?;
+            self.size.store(new, Ordering::Release);
+            return Ok(());
         }
         let old = self.size();
         // A read-only disk is served through a read-only descriptor; the

@@ -117,6 +117,8 @@ pub struct RawConfig {
     pub netd_control: Option<PathBuf>,
     /// `ADDR:PORT` to serve Prometheus metrics on (`GET /metrics`); off when absent.
     pub metrics: Option<String>,
+    /// Unix socket to serve the control API on; off when absent.
+    pub api_sock: Option<PathBuf>,
 }
 
 /// The checked configuration of one VM.
@@ -142,6 +144,8 @@ pub struct VmConfig {
     pub netd_control: PathBuf,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Where to serve the control API, if anywhere.
+    pub api_sock: Option<PathBuf>,
 }
 
 /// Default kernel command line when none is given.
@@ -169,6 +173,7 @@ impl RawConfig {
         self.console = cli.console.or(self.console);
         self.netd_control = cli.netd_control.or(self.netd_control);
         self.metrics = cli.metrics.or(self.metrics);
+        self.api_sock = cli.api_sock.or(self.api_sock);
         self.net.extend(cli.net);
         self.disk.extend(cli.disk);
         self
@@ -221,8 +226,12 @@ impl RawConfig {
                 )
             })?),
         };
+        if self.api_sock.as_deref() == Some(Path::new("")) {
+            return Err(invalid("api_sock", "expected the path of a unix socket"));
+        }
         Ok(VmConfig {
             metrics,
+            api_sock: self.api_sock,
             kernel,
             initrd: self.initrd,
             cmdline,

@@ -10,10 +10,11 @@
 //! transport, blk, net, checked descriptor chains), [`nbd`] (client), [`sys`] (TAP and
 //! signal syscalls), [`vmm`] (KVM setup, vCPU threads, shutdown), [`netd_client`]
 //! (netd's control API, from the `fabric-api` crate), [`metrics`] (what `--metrics`
-//! exports). Sizes, MACs, TAP ioctls and
+//! exports), [`api`] (the control API, `--api-sock`, and `vmm-shim ctl`). Sizes, MACs, TAP ioctls and
 //! logging set-up are the `fabric-util` crate's, shared with netd and stord.
 
 pub mod acpi;
+pub mod api;
 pub mod boot;
 pub mod config;
 pub mod fuzzing;

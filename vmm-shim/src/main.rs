@@ -3,15 +3,19 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use vmm_shim::api::client::{self, Action};
 use vmm_shim::config::RawConfig;
 
 /// A thin KVM VMM: Linux kernel, serial console, virtio-net on TAP, virtio-blk on NBD.
 #[derive(Parser, Debug)]
-#[command(name = "vmm-shim", version)]
+#[command(name = "vmm-shim", version, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML file with the same keys as the flags (kernel, initrd, cmdline, mem, cpus,
-    /// net = [...], disk = [...], console, netd_control, metrics); flags override it.
+    /// net = [...], disk = [...], console, netd_control, metrics, api_sock); flags
+    /// override it.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Kernel: ELF vmlinux or bzImage.
@@ -46,11 +50,55 @@ struct Cli {
     /// Serve Prometheus metrics (vCPU exits, device counters) on ADDR:PORT, `GET /metrics`.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
+    /// Serve the control API (HTTP/1.1 + JSON: GET/PATCH /vm) on this unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Talk to a running vmm-shim's control API; prints its JSON answer.
+    Ctl {
+        /// The VM's --api-sock.
+        #[arg(long, value_name = "PATH")]
+        api_sock: PathBuf,
+        #[command(subcommand)]
+        verb: Verb,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum Verb {
+    /// The VM's state, vCPUs, memory and device counters (GET /vm).
+    Status,
+    /// Pause the vCPUs (PATCH /vm {"state": "paused"}).
+    Pause,
+    /// Let them run again (PATCH /vm {"state": "running"}).
+    Resume,
+}
+
+/// `vmm-shim ctl`: 0 when the API did it, 1 otherwise (its error on stderr).
+fn ctl(sock: &std::path::Path, verb: Verb) -> ExitCode {
+    let action = match verb {
+        Verb::Status => Action::Status,
+        Verb::Pause => Action::Pause,
+        Verb::Resume => Action::Resume,
+    };
+    match client::run(sock, &action) {
+        Ok(v) => {
+            println!("{v:#}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e, 1),
+    }
 }
 
 fn main() -> ExitCode {
     fabric_util::init_logging("VMM_LOG", "warn");
     let cli = Cli::parse();
+    if let Some(Command::Ctl { api_sock, verb }) = cli.command {
+        return ctl(&api_sock, verb);
+    }
     let from_cli = RawConfig {
         kernel: cli.kernel,
         initrd: cli.initrd,
@@ -62,6 +110,7 @@ fn main() -> ExitCode {
         console: cli.console,
         netd_control: cli.netd_control,
         metrics: cli.metrics,
+        api_sock: cli.api_sock,
     };
     let raw = match &cli.config {
         Some(p) => match RawConfig::from_file(p) {

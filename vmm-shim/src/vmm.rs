@@ -19,10 +19,13 @@
 //! back and returns the reason, which `main` turns into the exit status: guest reset,
 //! power-off or SIGTERM -> 0; triple fault, KVM internal error, entry failure -> 1.
 
+mod control;
+mod io;
 mod vcpu;
 
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, TryLockError};
@@ -34,6 +37,8 @@ use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use self::control::{ApiVm, Control};
+use self::io::{console_input, disk_io_loop, net_rx_loop};
 use self::vcpu::{start_vcpus, stop_vcpus, MmioBus, VcpuShared};
 use crate::boot;
 use crate::config::{Console, NetBackend as NetKind, VmConfig};
@@ -109,6 +114,9 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
+    /// the control API could not listen
+    #[error("control API (--api-sock)")]
+    Api(#[from] crate::api::ApiError),
     /// the metrics server could not listen
     #[error("cannot serve metrics on {addr} (--metrics)")]
     Metrics {
@@ -214,6 +222,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
     let mem = guest_memory(&vm, cfg.mem_bytes)?;
     let serial = serial_console(&vm, &cfg.console)?;
 
+    let control = Arc::new(Control::default());
     let mut cmdline = cfg.cmdline.clone();
     let mut bus = MmioBus::default();
     let mut board = Board {
@@ -223,19 +232,22 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
         cmdline: &mut cmdline,
     };
     let disks = attach_disks(&mut board, &cfg)?;
-    let nics = attach_nics(&mut board, &cfg)?;
+    let nics = attach_nics(&mut board, &cfg, &control)?;
     let entry = load_kernel(&mem, &cfg, &bus, &cmdline)?;
 
     let (tx, rx) = mpsc::channel::<ExitReason>();
     let exits = Arc::new((0..cfg.cpus).map(|_| VcpuExits::default()).collect());
     serve_metrics(&cfg, &exits, &disks, &nics)?;
+    serve_api(&cfg, &control, &disks, &nics)?;
     let shared = Arc::new(VcpuShared {
         stop: AtomicBool::new(false),
         pio: PioBus::new(serial.clone()),
         bus,
         exits,
+        control: control.clone(),
     });
     let vcpu_threads = start_vcpus(&kvm, &vm, cfg.cpus, entry, &shared, &tx)?;
+    control.started(vcpu_threads.iter().map(|h| h.as_pthread_t()).collect());
     start_helpers(&cfg, &serial, tx)?;
     sys::sd_notify_ready();
 
@@ -253,21 +265,16 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
         },
         &cfg,
     );
+    if let Some(p) = &cfg.api_sock {
+        let _ = std::fs::remove_file(p);
+    }
     drop(mem);
     Ok(reason)
 }
 
-/// Starts the metrics server when `--metrics` asks for one: every vCPU's exits and
-/// every device's counters (see [`crate::metrics`]).
-fn serve_metrics(
-    cfg: &VmConfig,
-    exits: &Arc<Vec<VcpuExits>>,
-    disks: &Disks,
-    nics: &Nics,
-) -> Result<(), VmmError> {
-    let Some(addr) = cfg.metrics else {
-        return Ok(());
-    };
+/// Every device with its counters, as the metrics server and the control API show
+/// them: the disks (`blk0`...), then the NICs (`net0`...).
+fn devices(disks: &Disks, nics: &Nics) -> Vec<Device> {
     let blk = disks.disks.iter().enumerate().map(|(i, (t, _, _))| Device {
         name: format!("blk{i}"),
         kind: "virtio-blk",
@@ -282,13 +289,48 @@ fn serve_metrics(
         kind: "virtio-net",
         counters: c.clone(),
     });
+    blk.chain(net).collect()
+}
+
+/// Starts the metrics server when `--metrics` asks for one: every vCPU's exits and
+/// every device's counters (see [`crate::metrics`]).
+fn serve_metrics(
+    cfg: &VmConfig,
+    exits: &Arc<Vec<VcpuExits>>,
+    disks: &Disks,
+    nics: &Nics,
+) -> Result<(), VmmError> {
+    let Some(addr) = cfg.metrics else {
+        return Ok(());
+    };
     let src = Arc::new(Metrics {
         vcpus: exits.clone(),
-        devices: blk.chain(net).collect(),
+        devices: devices(disks, nics),
     });
     let srv = fabric_util::metrics::serve(addr, "vmm_shim", src)
         .map_err(|source| VmmError::Metrics { addr, source })?;
     tracing::info!(metrics = %srv.local_addr(), "serving /metrics");
+    Ok(())
+}
+
+/// Starts the control API when `--api-sock` asks for it (see [`crate::api`]).
+fn serve_api(
+    cfg: &VmConfig,
+    control: &Arc<Control>,
+    disks: &Disks,
+    nics: &Nics,
+) -> Result<(), VmmError> {
+    let Some(path) = &cfg.api_sock else {
+        return Ok(());
+    };
+    let vm = ApiVm {
+        control: control.clone(),
+        cpus: cfg.cpus,
+        mem_bytes: cfg.mem_bytes,
+        devices: devices(disks, nics),
+    };
+    crate::api::serve(path, Arc::new(vm))?;
+    tracing::info!(api = %path.display(), "serving the control API");
     Ok(())
 }
 
@@ -409,72 +451,15 @@ fn attach_disks(board: &mut Board<'_>, cfg: &VmConfig) -> Result<Disks, VmmError
     Ok(disks)
 }
 
-/// A disk's I/O thread: waits for a kick, then runs rounds until the avail ring is
-/// empty. A round takes the device lock to pop and parse chains, lets go of it while
-/// the NBD server answers (so the vCPUs' register accesses, the guest's other
-/// devices and a stalled or reconnecting server never wait on each other), and takes
-/// it again to complete, unless the driver reset or failed the device meanwhile (then
-/// the answers are dropped: the rings they belonged to are gone).
-fn disk_io_loop(t: BlockDev, session: Session, kick: EventFd, stop: Arc<EventFd>) {
-    let fds = [stop.as_raw_fd(), kick.as_raw_fd()];
-    loop {
-        match sys::poll_readable(&fds, -1) {
-            Ok(r) if r.first() == Some(&true) => return,
-            Ok(_) => {}
-            Err(e) => {
-                tracing::error!(error = %e, "poll failed; disk I/O stops");
-                return;
-            }
-        }
-        // Reset the counter; EAGAIN (already read) is fine.
-        let _ = kick.read();
-        loop {
-            let (round, resets) = {
-                let mut g = t.lock().unwrap_or_else(|e| e.into_inner());
-                if !g.active() || !g.queue_ready(0) {
-                    break;
-                }
-                let resets = g.resets();
-                let (dev, queues, mem, irq) = g.parts();
-                let Some(q) = queues.get_mut(0) else { break };
-                let (round, popped) = dev.collect(q, mem);
-                if !popped {
-                    break;
-                }
-                let Some(round) = round else {
-                    // Only malformed chains, answered already.
-                    irq.signal_used();
-                    continue;
-                };
-                (round, resets)
-            };
-            let outcomes = if round.requests().is_empty() {
-                Ok(Vec::new())
-            } else {
-                session
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .submit(round.requests())
-            };
-            let mut g = t.lock().unwrap_or_else(|e| e.into_inner());
-            if g.resets() != resets || !g.active() {
-                tracing::debug!("device reset during a round; its answers are dropped");
-                continue;
-            }
-            let (dev, queues, mem, irq) = g.parts();
-            if let Some(q) = queues.get_mut(0) {
-                dev.complete(round, outcomes, q, mem);
-                irq.signal_used();
-            }
-        }
-    }
-}
-
 /// Opens every NIC's TAP (asking netd for a `vm` port first where the NIC names a netd
 /// network), puts a virtio-net device for it on the bus and starts its receive thread
 /// ([`net_rx_loop`]). Offloads are offered on plain TAPs only: a netd port's AF_PACKET
 /// side carries plain frames.
-fn attach_nics(board: &mut Board<'_>, cfg: &VmConfig) -> Result<Nics, VmmError> {
+fn attach_nics(
+    board: &mut Board<'_>,
+    cfg: &VmConfig,
+    control: &Arc<Control>,
+) -> Result<Nics, VmmError> {
     let mut nics = Nics {
         rx_threads: Vec::new(),
         stop_rx: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(os_err("eventfd"))?),
@@ -510,11 +495,11 @@ fn attach_nics(board: &mut Board<'_>, cfg: &VmConfig) -> Result<Nics, VmmError> 
         nics.counters.push(dev.counters_handle());
         let t: NetDev = board.plug(dev)?;
         tracing::info!(net = index, tap = %name, mac = %format_mac(mac), "NIC attached");
-        let stop = nics.stop_rx.clone();
+        let (stop, control) = (nics.stop_rx.clone(), control.clone());
         nics.rx_threads.push(
             thread::Builder::new()
                 .name(format!("net{index}-rx"))
-                .spawn(move || net_rx_loop(t, tap_fd, wake_rx, stop))
+                .spawn(move || net_rx_loop(t, tap_fd, wake_rx, stop, control))
                 .map_err(os_err("spawning a NIC thread"))?,
         );
     }
@@ -572,6 +557,7 @@ fn start_helpers(
 /// most [`SHUTDOWN_GRACE`] in all for vCPU threads and busy disks.
 fn shutdown(vm: Running, cfg: &VmConfig) {
     let deadline = Instant::now() + SHUTDOWN_GRACE;
+    vm.shared.control.stopping();
     stop_vcpus(vm.vcpu_threads, &vm.shared.stop, deadline);
     let _ = vm.nics.stop_rx.write(1);
     for h in vm.nics.rx_threads {
@@ -664,81 +650,6 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(())
-}
-
-/// Feeds standard input to the UART's receive FIFO (the guest's console input), waiting
-/// while the FIFO is full; ends at EOF.
-fn console_input(serial: &Mutex<SerialDev>) {
-    use std::io::Read;
-    let mut buf = [0u8; 64];
-    let mut stdin = std::io::stdin().lock();
-    loop {
-        let n = match stdin.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        let mut rest = &buf[..n];
-        while !rest.is_empty() {
-            let took = serial
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .enqueue_raw_bytes(rest)
-                .unwrap_or(0);
-            rest = &rest[took..];
-            if !rest.is_empty() {
-                thread::sleep(Duration::from_millis(5));
-            }
-        }
-    }
-}
-
-/// A NIC's receive thread: waits for frames on the TAP (unless a frame is parked for
-/// want of guest buffers) or for the guest to add buffers, then pumps.
-fn net_rx_loop(t: NetDev, tap_fd: i32, wake: EventFd, stop: Arc<EventFd>) {
-    let stop_fd = stop.as_raw_fd();
-    let wake_fd = wake.as_raw_fd();
-    loop {
-        let parked = {
-            let g = t.lock().unwrap_or_else(|e| e.into_inner());
-            // Nothing can be received into an RX queue the driver has not made ready
-            // (and it is never served), so the TAP is not polled then either: a frame
-            // waiting in it would keep poll returning at once.
-            g.device().rx_blocked() || !g.active() || !g.queue_ready(0)
-        };
-        let fds = if parked {
-            vec![stop_fd, wake_fd]
-        } else {
-            vec![stop_fd, wake_fd, tap_fd]
-        };
-        // A timeout bounds the wait for a driver that activates without kicking.
-        let ready = match sys::poll_readable(&fds, 200) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "poll failed; NIC receive stops");
-                return;
-            }
-        };
-        if ready.first() == Some(&true) {
-            return;
-        }
-        if ready.get(1) == Some(&true) {
-            // Reset the counter; EAGAIN (already read) is fine.
-            let _ = wake.read();
-        }
-        let mut g = t.lock().unwrap_or_else(|e| e.into_inner());
-        if g.active() {
-            let (dev, queues, mem, irq) = g.parts();
-            // An RX queue the driver never made ready has unchecked ring addresses.
-            if let Some(q) = queues
-                .get_mut(0)
-                .filter(|q| virtio_queue::QueueT::ready(&**q))
-            {
-                if dev.rx_pump(q, mem) {
-                    irq.signal_used();
-                }
-            }
-        }
-    }
 }
 
 /// A locally administered MAC derived from the pid and the NIC index.

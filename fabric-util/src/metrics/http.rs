@@ -3,7 +3,6 @@
 //! bounded in size and time (see the module doc of [`super`]).
 
 use std::fmt;
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -14,6 +13,7 @@ use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::registry::Registry;
 
 use super::{Labels, Out, Source};
+use crate::http::{self, Head, Refusal};
 
 /// Most connections served at once; more are answered 503 and closed.
 pub const MAX_CONNECTIONS: usize = 16;
@@ -39,49 +39,15 @@ impl Server {
     }
 }
 
-/// Why a request was not answered with metrics, each counted.
-#[derive(Debug, Clone, Copy)]
-enum Refusal {
-    TooManyConnections,
-    TooLarge,
-    Timeout,
-    BadRequest,
-    NotFound,
-    BadMethod,
-}
-
-impl Refusal {
-    const ALL: [Refusal; 6] = [
-        Refusal::TooManyConnections,
-        Refusal::TooLarge,
-        Refusal::Timeout,
-        Refusal::BadRequest,
-        Refusal::NotFound,
-        Refusal::BadMethod,
-    ];
-
-    fn reason(self) -> &'static str {
-        match self {
-            Refusal::TooManyConnections => "too_many_connections",
-            Refusal::TooLarge => "too_large",
-            Refusal::Timeout => "timeout",
-            Refusal::BadRequest => "bad_request",
-            Refusal::NotFound => "not_found",
-            Refusal::BadMethod => "bad_method",
-        }
-    }
-
-    fn status(self) -> &'static str {
-        match self {
-            Refusal::TooManyConnections => "503 Service Unavailable",
-            Refusal::TooLarge => "431 Request Header Fields Too Large",
-            Refusal::Timeout => "408 Request Timeout",
-            Refusal::BadRequest => "400 Bad Request",
-            Refusal::NotFound => "404 Not Found",
-            Refusal::BadMethod => "405 Method Not Allowed",
-        }
-    }
-}
+/// The refusals this server makes (and exports), each counted.
+const REFUSALS: [Refusal; 6] = [
+    Refusal::TooManyConnections,
+    Refusal::TooLarge,
+    Refusal::Timeout,
+    Refusal::BadRequest,
+    Refusal::NotFound,
+    Refusal::BadMethod,
+];
 
 /// The server's own counters, exported with the daemon's.
 #[derive(Default)]
@@ -106,7 +72,7 @@ impl Source for Stats {
             "Scrapes of /metrics answered",
             &[(Labels::new(), self.scrapes.load(Ordering::Relaxed))],
         )?;
-        let refused: Vec<(Labels, u64)> = Refusal::ALL
+        let refused: Vec<(Labels, u64)> = REFUSALS
             .iter()
             .map(|&r| {
                 let n = self.refused[r as usize].load(Ordering::Relaxed);
@@ -196,8 +162,9 @@ fn accept_loop(listener: TcpListener, reg: Arc<Registry>, stats: Arc<Stats>) {
         if stats.open.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
             stats.open.fetch_sub(1, Ordering::AcqRel);
             stats.refuse(Refusal::TooManyConnections);
+            let mut stream = stream;
             let _ = stream.set_write_timeout(Some(REFUSE_TIMEOUT));
-            respond(&stream, Refusal::TooManyConnections.status(), "", false);
+            respond(&mut stream, Refusal::TooManyConnections.status(), "", false);
             continue;
         }
         let (reg, st) = (reg.clone(), stats.clone());
@@ -224,67 +191,21 @@ enum Asked {
 }
 
 /// Reads the request head within [`READ_TIMEOUT`] and [`MAX_REQUEST`].
-fn read_head(mut stream: &TcpStream) -> Option<Asked> {
-    let deadline = Instant::now() + READ_TIMEOUT;
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    loop {
-        if let Some(end) = head_end(&buf) {
-            return Some(parse_head(&buf[..end]));
-        }
-        if buf.len() >= MAX_REQUEST {
-            return Some(Asked::Refused(Refusal::TooLarge));
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
-            return Some(Asked::Refused(Refusal::Timeout));
-        }
-        match stream.read(&mut chunk) {
-            // The client went away before a whole request: nothing to answer.
-            Ok(0) => return None,
-            Ok(n) => {
-                let room = MAX_REQUEST - buf.len();
-                buf.extend_from_slice(&chunk[..n.min(room)]);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Some(Asked::Refused(Refusal::Timeout))
-            }
-            Err(_) => return None,
-        }
-    }
-}
-
-/// Where the head ends (after its empty line), if it is all there.
-fn head_end(buf: &[u8]) -> Option<usize> {
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    match (crlf, lf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+fn read_head(stream: &mut TcpStream) -> Option<Asked> {
+    match http::read_head(stream, MAX_REQUEST, Instant::now() + READ_TIMEOUT) {
+        Head::Complete { head, .. } => Some(parse_head(&head)),
+        Head::TooLarge => Some(Asked::Refused(Refusal::TooLarge)),
+        Head::Timeout => Some(Asked::Refused(Refusal::Timeout)),
+        // The client went away before a whole request: nothing to answer.
+        Head::Gone => None,
     }
 }
 
 /// Parses the request line of a complete head.
 fn parse_head(head: &[u8]) -> Asked {
-    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
-    let Ok(line) = std::str::from_utf8(line) else {
+    let Some((method, target)) = http::request_line(head) else {
         return Asked::Refused(Refusal::BadRequest);
     };
-    let mut parts = line.trim_end_matches('\r').split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Asked::Refused(Refusal::BadRequest);
-    };
-    if !version.starts_with("HTTP/1.") || !target.starts_with('/') {
-        return Asked::Refused(Refusal::BadRequest);
-    }
     let head = match method {
         "GET" => false,
         "HEAD" => true,
@@ -297,61 +218,28 @@ fn parse_head(head: &[u8]) -> Asked {
     Asked::Metrics { head }
 }
 
-fn connection(stream: TcpStream, reg: &Registry, stats: &Stats) {
+fn connection(mut stream: TcpStream, reg: &Registry, stats: &Stats) {
     if stream.set_write_timeout(Some(WRITE_TIMEOUT)).is_err() {
         return;
     }
-    match read_head(&stream) {
+    match read_head(&mut stream) {
         None => {}
         Some(Asked::Refused(r)) => {
             stats.refuse(r);
-            respond(&stream, r.status(), "", false);
-            drain(&stream);
+            respond(&mut stream, r.status(), "", false);
+            http::drain(&mut stream);
         }
         Some(Asked::Metrics { head }) => {
             stats.scrapes.fetch_add(1, Ordering::Relaxed);
-            respond(&stream, "200 OK", &encode(reg), head);
-        }
-    }
-}
-
-/// Most bytes read and thrown away after a refusal.
-const DRAIN_MAX: usize = 1024 * 1024;
-/// Longest time spent on that.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Reads what the client still sends (bounded in bytes and time) after a refusal, so
-/// that the close is a FIN and the client reads the answer: closing a socket with
-/// unread input sends a RST, which may destroy the answer before it is read.
-fn drain(mut stream: &TcpStream) {
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
-    let mut left = DRAIN_MAX;
-    let mut buf = [0u8; 4096];
-    while left > 0 {
-        let t = deadline.saturating_duration_since(Instant::now());
-        if t.is_zero() || stream.set_read_timeout(Some(t)).is_err() {
-            return;
-        }
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => left = left.saturating_sub(n),
+            respond(&mut stream, "200 OK", &encode(reg), head);
         }
     }
 }
 
 /// Writes one answer and closes (errors: the client is gone, nothing to do).
-fn respond(mut stream: &TcpStream, status: &str, body: &str, head_only: bool) {
+fn respond(stream: &mut TcpStream, status: &str, body: &str, head_only: bool) {
     let ctype = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
-    let hdr = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    let _ = stream.write_all(hdr.as_bytes());
-    if !head_only {
-        let _ = stream.write_all(body.as_bytes());
-    }
-    let _ = stream.flush();
-    let _ = stream.shutdown(std::net::Shutdown::Write);
+    http::respond(stream, status, ctype, body.as_bytes(), head_only);
 }
 
 #[cfg(test)]
@@ -376,12 +264,5 @@ mod tests {
         assert_eq!(m("GET /metrics SPDY/3\r\n\r\n"), "bad_request");
         assert_eq!(m("GET  /metrics HTTP/1.1\r\n\r\n"), "bad_request");
         assert_eq!(m("\u{fffd}\r\n\r\n"), "bad_request");
-    }
-
-    #[test]
-    fn finds_the_end_of_the_head() {
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nrest"), Some(24));
-        assert_eq!(head_end(b"GET / HTTP/1.1\n\n"), Some(16));
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n"), None);
     }
 }

@@ -267,6 +267,43 @@ sleep 600
     )
 }
 
+/// QEMU's command line up to the devices: TCG, microvm, one vCPU and `mem_mib` MiB,
+/// the Debian kernel with the initramfs `initrd`, the serial console on stdout;
+/// a test adds its `-netdev`, `-device` and other options.
+pub fn microvm_argv(initrd: &Path, mem_mib: u32) -> Vec<String> {
+    let assets = integration_tests::guest_assets();
+    let path = |p: PathBuf| p.display().to_string();
+    let mut argv = vec![path(assets.join("bin/qemu-system-x86_64"))];
+    argv.extend(
+        [
+            "-M",
+            "microvm",
+            "-accel",
+            "tcg",
+            "-smp",
+            "1",
+            "-no-reboot",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-append",
+            "console=ttyS0 tsc_early_khz=2000000 panic=-1 quiet",
+        ]
+        .map(String::from),
+    );
+    argv.extend([
+        "-m".into(),
+        mem_mib.to_string(),
+        "-kernel".into(),
+        path(assets.join("vmlinux")),
+        "-initrd".into(),
+        path(initrd.to_path_buf()),
+    ]);
+    argv
+}
+
 /// Boots QEMU (TCG, microvm, the Debian kernel) in `ns` with the virtio-net
 /// backend `netdev` (a `-netdev` argument with id `n0`) and MAC `mac`; waits until
 /// the guest prints GUEST-DONE (or `timeout`); returns the serial console output.
@@ -278,43 +315,19 @@ pub fn boot_guest(
     mac: &str,
     timeout: Duration,
 ) -> Result<String> {
-    let assets = integration_tests::guest_assets();
-    let qemu = assets.join("bin/qemu-system-x86_64");
-    let kernel = assets.join("vmlinux");
     let console = dir.join(format!(
         "console-{}.log",
         integration_tests::unique_name("c")
     ));
-    let mut guard = spawn_logged(
-        &mut ns.command(&[
-            qemu.to_str().unwrap(),
-            "-M",
-            "microvm",
-            "-accel",
-            "tcg",
-            "-m",
-            "256",
-            "-smp",
-            "1",
-            "-no-reboot",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-            "-kernel",
-            kernel.to_str().unwrap(),
-            "-initrd",
-            initrd.to_str().unwrap(),
-            "-append",
-            "console=ttyS0 tsc_early_khz=2000000 panic=-1 quiet",
-            "-netdev",
-            netdev,
-            "-device",
-            &format!("virtio-net-device,netdev=n0,mac={mac}"),
-        ]),
-        &console,
-    )?;
+    let mut argv = microvm_argv(initrd, 256);
+    argv.extend([
+        "-netdev".into(),
+        netdev.into(),
+        "-device".into(),
+        format!("virtio-net-device,netdev=n0,mac={mac}"),
+    ]);
+    let args: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let mut guard = spawn_logged(&mut ns.command(&args), &console)?;
     let done = wait_until(timeout, || {
         std::fs::read_to_string(&console)
             .map(|s| s.contains("GUEST-DONE"))

@@ -13,6 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use integration_tests::{bin, free_port, spawn_logged, wait_until, ChildGuard};
 
+pub mod qcow2;
+
 /// One disk of a test config.
 pub struct DiskSpec<'a> {
     pub name: &'a str,
@@ -54,6 +56,8 @@ pub struct Stord {
     pub dir: tempfile::TempDir,
     pub port: u16,
     pub child: Option<ChildGuard>,
+    /// Environment of the next (re)start, e.g. `STORD_CRASH_AT`.
+    pub env: Vec<(String, String)>,
 }
 
 impl Stord {
@@ -97,6 +101,7 @@ impl Stord {
             dir,
             port,
             child: None,
+            env: Vec::new(),
         };
         s.restart()?;
         Ok(s)
@@ -133,7 +138,8 @@ impl Stord {
             Command::new(bin("stord"))
                 .args(["serve", "--config"])
                 .arg(self.config())
-                .env("STORD_LOG", "debug"),
+                .env("STORD_LOG", "debug")
+                .envs(self.env.iter().map(|(k, v)| (k, v))),
             &self.log(),
         )?;
         let port = self.port;
@@ -266,7 +272,7 @@ const PER_ROUND: u64 = 4096;
 /// 4 KiB blocks of the 64 MiB export the crash writer writes in.
 const CRASH_BLOCKS: u64 = 16384;
 
-const WRITER: &str = r#"
+pub const WRITER: &str = r#"
 import struct, sys, nbd
 uri, rnd, first, stride = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[5])
 a = nbd.NBD(); a.connect_uri(uri)
@@ -283,7 +289,7 @@ for i in range(int(sys.argv[4])):
     print(block, flush=True)
 "#;
 
-const VERIFY: &str = r#"
+pub const VERIFY: &str = r#"
 import struct, sys, nbd
 h = nbd.NBD(); h.connect_uri(sys.argv[1])
 bad = []

@@ -9,7 +9,7 @@
 //!  guest ns --TAP-- [netd in host B] ul0 198.18.10.2 --+-- bridge (underlay ns)
 //!                   [kernel vxlan in host C] ...    --+
 //! ```
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 #[path = "../netd_common/mod.rs"]
 pub mod netd_common;

@@ -253,7 +253,7 @@ impl Router {
             }
             Command::DelForward(proto, host, tx) => {
                 let r = match proto {
-                    Proto::Tcp => self.tcp.del_forward(host, &mut self.sockets),
+                    Proto::Tcp => self.tcp.del_forward(host),
                     Proto::Udp => self.udp.del_forward(host),
                 };
                 let _ = tx.send(
@@ -267,7 +267,7 @@ impl Router {
                 let _ = tx.send(v);
             }
             Command::Flows(tx) => {
-                let mut v = self.tcp.flows(&self.sockets);
+                let mut v = self.tcp.flows();
                 v.extend(self.udp.flows());
                 v.extend(self.icmp.flows());
                 let _ = tx.send(v);

@@ -60,8 +60,11 @@
 //! One task runs [`Router::run`]: wait until anything is ready (a frame, a control
 //! request, a finished connect, a readable/writable host socket, a smoltcp timer),
 //! then do one *step*: classify frames (`frame.rs`), feed smoltcp (ingress only), pump
-//! every flow with non-blocking reads and writes, let smoltcp emit, and send the
-//! frames to the switch. smoltcp emits after the pumps so that its ACKs advertise
+//! the flows that have work with non-blocking reads and writes, let smoltcp emit, and
+//! send the frames to the switch. A TCP flow has work when a frame for it came in,
+//! its host socket woke its own waker (`wake.rs`), or its smoltcp timer is due; each
+//! has a socket set of its own (`ring.rs`), so neither the router nor smoltcp looks
+//! at idle flows (the cost of a step follows the traffic, not the flow count). smoltcp emits after the pumps so that its ACKs advertise
 //! the window as it is once the batch went on to the host (it sends a separate
 //! window update only when the window doubles). The wait registers interest only where progress is possible (a host socket
 //! is polled for reading only while its smoltcp send buffer has room), which is the
@@ -89,9 +92,13 @@
 //! # Files
 //!
 //! `config.rs` the settings and their checks, `router.rs` the router's state and its
-//! loop, `supervise.rs` its restart after a panic, `v6.rs` its IPv6, `inline.rs` the guest port it reads itself, `handle.rs` the control handle,
-//! and one file per protocol (`tcp.rs`, `udp.rs`, `icmp.rs`, `dns.rs`); `frame.rs`
-//! classifies frames (`frame6.rs` IPv6 ones), `device.rs` is smoltcp's view of the switch port.
+//! loop, `supervise.rs` its restart after a panic, `v6.rs` its IPv6, `inline.rs` the
+//! guest port it reads itself, `handle.rs` the control handle, and one file per
+//! protocol (`tcp.rs`, `udp.rs`, `icmp.rs`, `dns.rs`); `frame.rs` classifies frames
+//! (`frame6.rs` IPv6 ones), `device.rs` is smoltcp's view of the switch port.
+//! `ring.rs` holds a TCP flow's smoltcp socket (a socket set and ring memory of its
+//! own), `wake.rs` the per-flow wakers, `tcp_wire.rs` the TCP header work (offload,
+//! segment keys, IPv4 and IPv6).
 
 mod config;
 mod device;
@@ -101,12 +108,15 @@ pub mod frame6;
 mod handle;
 mod icmp;
 mod inline;
+mod ring;
 mod router;
 mod supervise;
 mod sys;
 mod tcp;
+mod tcp_wire;
 mod udp;
 mod v6;
+mod wake;
 
 use std::net::{SocketAddr, SocketAddrV4};
 

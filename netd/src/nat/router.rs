@@ -543,16 +543,15 @@ impl Router {
         // as it is then. (ACKs sent before the pump advertised a window smaller by
         // the batch, and smoltcp sends a window update only once the window doubles:
         // the guest sender was window-limited half of the time at MTU 65520.)
-        while !matches!(
-            self.iface
-                .poll_ingress_single(now, &mut self.dev, &mut self.sockets),
-            smoltcp::iface::PollIngressSingleResult::None
-        ) {}
+        // Only the flows with work (frames, ready host sockets, due timers) are
+        // looked at (see `ring.rs` and `wake.rs`).
+        self.tcp.take_ready(now);
+        self.tcp_ingress(now);
         self.tcp_pump();
         self.udp_pump();
         self.icmp_pump();
         self.egress(now);
-        self.tcp_cleanup();
+        self.tcp_cleanup(now);
         let tnow = tokio::time::Instant::now();
         if tnow >= self.next_housekeeping {
             self.next_housekeeping = tnow + Duration::from_secs(1);
@@ -563,6 +562,9 @@ impl Router {
         let delay = self
             .iface
             .poll_delay(now, &self.sockets)
+            .into_iter()
+            .chain(self.tcp.next_timer().map(|t| t - now.min(t)))
+            .min()
             .map(|d| Duration::from_micros(d.total_micros()))
             .unwrap_or(Duration::from_secs(1));
         let deadline = (tnow + delay).min(self.next_housekeeping);
@@ -580,6 +582,7 @@ impl Router {
                 break;
             }
         }
+        self.tcp_egress(now);
     }
 
     /// A frame after its virtio-net header (offload mode). A TCP super-frame from a
@@ -684,11 +687,8 @@ impl Router {
         let limits = self.cfg.limits.clone();
         self.udp.expire(limits.udp_timeout, &mut self.guest_flows);
         self.icmp.expire(limits.icmp_timeout, &mut self.guest_flows);
-        self.tcp.expire(
-            limits.tcp_idle_timeout,
-            3 * limits.connect_timeout,
-            &mut self.sockets,
-        );
+        self.tcp
+            .expire(limits.tcp_idle_timeout, 3 * limits.connect_timeout);
         if self.guest_macs.len() > 4096 {
             self.guest_macs.clear();
         }

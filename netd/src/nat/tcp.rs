@@ -38,26 +38,45 @@
 //! socket with SO_LINGER 0 (RST to the host peer). A flow is removed when its smoltcp
 //! socket is closed or in TIME-WAIT.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::io::ErrorKind;
 use std::net::{SocketAddr, SocketAddrV4};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use smoltcp::iface::{SocketHandle, SocketSet};
-use smoltcp::socket::tcp::{Socket, SocketBuffer, State};
+use smoltcp::socket::tcp::State;
 use smoltcp::wire::{EthernetAddress, IpListenEndpoint, TcpSeqNumber};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use super::config::ForwardErrors;
+use super::ring::{FlowSocket, Ring};
+use super::tcp_wire::{raise_syn_mss, DELAYED_ACK_MIN_MSS};
+use super::wake::Ready;
 use super::{FlowInfo, Forward, NatError, Router};
 
-type Key = (SocketAddr, SocketAddr);
+pub(super) type Key = (SocketAddr, SocketAddr);
+
+/// A flow idle this long with empty rings gives their pages back (see `ring.rs`).
+const RELEASE_IDLE: Duration = Duration::from_secs(2);
 
 struct Flow {
-    handle: SocketHandle,
+    /// The smoltcp socket, in a set of its own (see `ring.rs`).
+    sock: FlowSocket,
+    /// Marks this flow ready when its host socket is (see `wake.rs`).
+    waker: Waker,
+    /// In this step's work list.
+    dirty: bool,
+    /// When smoltcp wants this flow polled again (its entry in the timer heap).
+    next_poll: Option<smoltcp::time::Instant>,
+    /// One past the last sequence number the guest sent, and the last the flow
+    /// acknowledged: equal when smoltcp holds no out-of-order data.
+    guest_end: Option<TcpSeqNumber>,
+    acked: Option<TcpSeqNumber>,
+    /// `last` when the rings were last given back (none since then if equal).
+    released: Option<Instant>,
     /// The guest's MSS from its SYN (segment size of offloaded super-frames).
     guest_mss: u16,
     stream: TcpStream,
@@ -87,6 +106,12 @@ struct ConnectResult {
 /// TCP flows, pending connects and forward listeners.
 pub struct TcpTable {
     flows: HashMap<Key, Flow>,
+    /// Flows woken by their host sockets.
+    ready: Ready<Key>,
+    /// The flows this step works on (each with `dirty` set).
+    dirty: Vec<Key>,
+    /// smoltcp timers of the flows, earliest first (stale entries are skipped).
+    timers: BinaryHeap<Reverse<(smoltcp::time::Instant, Key)>>,
     pending: HashMap<Key, Pending>,
     results_tx: mpsc::UnboundedSender<ConnectResult>,
     results_rx: mpsc::UnboundedReceiver<ConnectResult>,
@@ -101,6 +126,9 @@ impl Default for TcpTable {
         let (results_tx, results_rx) = mpsc::unbounded_channel();
         TcpTable {
             flows: HashMap::new(),
+            ready: Ready::default(),
+            dirty: Vec::new(),
+            timers: BinaryHeap::new(),
             pending: HashMap::new(),
             results_tx,
             results_rx,
@@ -142,15 +170,51 @@ impl TcpTable {
                 }
             }
         }
-        for f in self.flows.values() {
-            if f.want_read && f.stream.poll_read_ready(cx).is_ready() {
-                ready = true;
-            }
-            if f.want_write && f.stream.poll_write_ready(cx).is_ready() {
-                ready = true;
+        // Flows register their own wakers (see `wake.rs`): only those woken count.
+        ready |= self.ready.poll(cx.waker());
+        ready
+    }
+
+    /// The guest's MSS of a flow (0 if unknown).
+    pub(super) fn guest_mss(&self, key: &Key) -> u16 {
+        self.flows.get(key).map(|f| f.guest_mss).unwrap_or(0)
+    }
+
+    /// The earliest smoltcp timer of any flow.
+    pub(super) fn next_timer(&self) -> Option<smoltcp::time::Instant> {
+        self.timers.peek().map(|Reverse((t, _))| *t)
+    }
+
+    /// Puts flow `key` on this step's work list.
+    fn mark(&mut self, key: Key) {
+        if let Some(f) = self.flows.get_mut(&key) {
+            if !f.dirty {
+                f.dirty = true;
+                self.dirty.push(key);
             }
         }
-        ready
+    }
+
+    /// Puts the flows woken since the last step, and those whose smoltcp timer is
+    /// due, on this step's work list.
+    pub(super) fn take_ready(&mut self, now: smoltcp::time::Instant) {
+        let mut woken = Vec::new();
+        self.ready.take(&mut woken);
+        for k in woken {
+            self.mark(k);
+        }
+        while let Some(Reverse((t, k))) = self.timers.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            if let Some(f) = self.flows.get_mut(&k) {
+                if f.next_poll == Some(t) {
+                    f.next_poll = None;
+                    self.mark(k);
+                }
+            }
+        }
     }
 
     /// Binds a forward's listener.
@@ -176,13 +240,14 @@ impl TcpTable {
     }
 
     /// Removes a forward and resets the connections it made.
-    pub fn del_forward(&mut self, host: SocketAddr, sockets: &mut SocketSet<'_>) -> bool {
+    pub fn del_forward(&mut self, host: SocketAddr) -> bool {
         if self.listeners.remove(&host).is_none() {
             return false;
         }
         for f in self.flows.values_mut() {
             if f.forward == Some(host) {
-                sockets.get_mut::<Socket>(f.handle).abort();
+                f.sock.sock_mut().abort();
+                f.waker.wake_by_ref();
             }
         }
         tracing::info!(%host, "tcp forward removed");
@@ -195,7 +260,7 @@ impl TcpTable {
     }
 
     /// The flows, for `netd flows`.
-    pub fn flows(&self, sockets: &SocketSet<'_>) -> Vec<FlowInfo> {
+    pub fn flows(&self) -> Vec<FlowInfo> {
         let now = Instant::now();
         let mut v: Vec<FlowInfo> = self
             .flows
@@ -205,7 +270,7 @@ impl TcpTable {
                 guest: guest.to_string(),
                 dst: dst.to_string(),
                 host_peer: f.host_peer.to_string(),
-                state: format!("{}", sockets.get::<Socket>(f.handle).state()),
+                state: format!("{}", f.sock.sock().state()),
                 forward: f.forward.is_some(),
                 idle_s: now.duration_since(f.last).as_secs(),
             })
@@ -224,15 +289,11 @@ impl TcpTable {
 
     /// Resets flows idle longer than `timeout`, and flows whose guest side never
     /// got established within `open_timeout` (a lost SYN, a guest that went away).
-    pub fn expire(
-        &mut self,
-        timeout: Duration,
-        open_timeout: Duration,
-        sockets: &mut SocketSet<'_>,
-    ) {
+    /// Flows idle for [`RELEASE_IDLE`] give back the pages of their empty rings.
+    pub fn expire(&mut self, timeout: Duration, open_timeout: Duration) {
         let now = Instant::now();
         for f in self.flows.values_mut() {
-            let sock = sockets.get_mut::<Socket>(f.handle);
+            let sock = f.sock.sock_mut();
             let opening = matches!(
                 sock.state(),
                 State::Listen | State::SynReceived | State::SynSent
@@ -240,52 +301,23 @@ impl TcpTable {
             let idle = now.duration_since(f.last);
             if idle > timeout || (opening && idle > open_timeout) {
                 sock.abort();
+                f.waker.wake_by_ref();
+            } else if idle >= RELEASE_IDLE && f.released != Some(f.last) {
+                f.released = Some(f.last);
+                let tx_empty = sock.send_queue() == 0;
+                let rx_empty = sock.recv_queue() == 0 && f.guest_end == f.acked;
+                if tx_empty {
+                    f.sock.release(Ring::Tx);
+                }
+                if rx_empty {
+                    f.sock.release(Ring::Rx);
+                }
+                if !(tx_empty && rx_empty) {
+                    f.released = None;
+                }
             }
         }
     }
-}
-
-/// Guest MSS from which a flow's ACKs are delayed (jumbo MTUs only).
-const DELAYED_ACK_MIN_MSS: u16 = 16 * 1024;
-
-/// MSS written into guest SYNs in offload mode: the largest segment that fits a
-/// 64 KiB IPv4 packet with TCP options.
-const OFFLOAD_MSS: u16 = 65535 - 20 - 60;
-
-/// Copies a SYN frame with its MSS option raised to [`OFFLOAD_MSS`] and the TCP
-/// checksum recomputed; returns it with the guest's MSS. `None` when the SYN has no
-/// MSS option (the flow then goes without super-frames) or is malformed.
-fn raise_syn_mss(frame: &[u8]) -> Option<(Bytes, u16)> {
-    use smoltcp::wire::{EthernetFrame, Ipv4Packet, TcpPacket};
-    let mut buf = frame.to_vec();
-    let mut eth = EthernetFrame::new_checked(&mut buf[..]).ok()?;
-    let mut ip = Ipv4Packet::new_checked(eth.payload_mut()).ok()?;
-    let (src, dst) = (ip.src_addr(), ip.dst_addr());
-    let mut tcp = TcpPacket::new_checked(ip.payload_mut()).ok()?;
-    let opts = tcp.options_mut();
-    let mut i = 0;
-    let mut mss = None;
-    while i < opts.len() {
-        match opts.get(i).copied()? {
-            0 => break,
-            1 => i += 1,
-            kind => {
-                let len = usize::from(*opts.get(i + 1)?);
-                if len < 2 {
-                    return None;
-                }
-                if kind == 2 && len == 4 {
-                    let v = opts.get_mut(i + 2..i + 4)?;
-                    mss = Some(u16::from_be_bytes([v[0], v[1]]));
-                    v.copy_from_slice(&OFFLOAD_MSS.to_be_bytes());
-                }
-                i += len;
-            }
-        }
-    }
-    let mss = mss.filter(|m| *m >= 64)?;
-    tcp.fill_checksum(&src.into(), &dst.into());
-    Some((Bytes::from(buf), mss))
 }
 
 enum ReadOutcome {
@@ -364,12 +396,56 @@ impl Router {
         });
     }
 
-    fn new_socket(&self) -> Socket<'static> {
-        let n = self.cfg.limits.tcp_buffer;
-        let mut s = Socket::new(SocketBuffer::new(vec![0; n]), SocketBuffer::new(vec![0; n]));
-        s.set_nagle_enabled(false);
-        s.set_ack_delay(None);
-        s
+    /// A flow's socket (its rings mapped, see `ring.rs`); a failure is counted as
+    /// a refused flow.
+    fn new_socket(&mut self) -> Option<FlowSocket> {
+        let r = FlowSocket::new(self.cfg.limits.tcp_buffer, |s| {
+            s.set_nagle_enabled(false);
+            s.set_ack_delay(None);
+        });
+        match r {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::debug!(error = %e, "no memory for a TCP flow's rings");
+                self.stats.flows_refused += 1;
+                None
+            }
+        }
+    }
+
+    /// Adds a flow, on this step's work list.
+    fn insert_flow(
+        &mut self,
+        key: Key,
+        sock: FlowSocket,
+        stream: TcpStream,
+        host_peer: SocketAddr,
+        forward: Option<SocketAddr>,
+        guest_mss: u16,
+    ) {
+        let waker = self.tcp.ready.waker(key);
+        self.tcp.flows.insert(
+            key,
+            Flow {
+                sock,
+                waker,
+                dirty: false,
+                next_poll: None,
+                guest_end: None,
+                acked: None,
+                released: None,
+                guest_mss,
+                stream,
+                host_peer,
+                forward,
+                host_eof: false,
+                host_wr_shut: false,
+                want_read: false,
+                want_write: false,
+                last: Instant::now(),
+            },
+        );
+        self.tcp.mark(key);
     }
 
     /// Host connects that finished: open the guest side, or RST the guest.
@@ -383,7 +459,11 @@ impl Router {
             match r.result {
                 Ok(stream) => {
                     let _ = stream.set_nodelay(true);
-                    let mut s = self.new_socket();
+                    let Some(mut fs) = self.new_socket() else {
+                        self.guest_flows.dec(guest.ip());
+                        continue;
+                    };
+                    let s = fs.sock_mut();
                     if p.mss >= DELAYED_ACK_MIN_MSS {
                         // A jumbo-MTU guest sends 64 KiB super-frames: ACKing every
                         // second one (or after 1 ms) halves the ACK frames the router
@@ -400,22 +480,7 @@ impl Router {
                         self.guest_flows.dec(guest.ip());
                         continue;
                     }
-                    let handle = self.sockets.add(s);
-                    self.tcp.flows.insert(
-                        r.key,
-                        Flow {
-                            guest_mss: p.mss,
-                            handle,
-                            stream,
-                            host_peer: r.target,
-                            forward: None,
-                            host_eof: false,
-                            host_wr_shut: false,
-                            want_read: false,
-                            want_write: false,
-                            last: Instant::now(),
-                        },
-                    );
+                    self.insert_flow(r.key, fs, stream, r.target, None, p.mss);
                     self.dev.rx.push_back(p.syn);
                 }
                 Err(e) => {
@@ -450,39 +515,29 @@ impl Router {
                 self.stats.flows_refused += 1;
                 continue;
             };
-            let mut s = self.new_socket();
+            let Some(mut fs) = self.new_socket() else {
+                continue;
+            };
             let local = IpListenEndpoint {
                 addr: Some(gw.into()),
                 port,
             };
-            if s.connect(
-                self.iface.context(),
-                (smoltcp::wire::IpAddress::Ipv4(*guest.ip()), guest.port()),
-                local,
-            )
-            .is_err()
+            if fs
+                .sock_mut()
+                .connect(
+                    self.iface.context(),
+                    (smoltcp::wire::IpAddress::Ipv4(*guest.ip()), guest.port()),
+                    local,
+                )
+                .is_err()
             {
                 continue;
             }
             let _ = stream.set_nodelay(true);
-            let handle = self.sockets.add(s);
             tracing::debug!(%host, %peer, %guest, "forwarded connection");
-            self.tcp.flows.insert(
-                (guest.into(), SocketAddrV4::new(gw, port).into()),
-                Flow {
-                    // smoltcp opened this one: it uses the guest's MSS itself.
-                    guest_mss: 0,
-                    handle,
-                    stream,
-                    host_peer: peer,
-                    forward: Some(host),
-                    host_eof: false,
-                    host_wr_shut: false,
-                    want_read: false,
-                    want_write: false,
-                    last: Instant::now(),
-                },
-            );
+            // smoltcp opened this one: it uses the guest's MSS itself (0).
+            let key = (guest.into(), SocketAddrV4::new(gw, port).into());
+            self.insert_flow(key, fs, stream, peer, Some(host), 0);
         }
     }
 
@@ -494,11 +549,15 @@ impl Router {
         })
     }
 
-    /// Moves bytes both ways for every flow.
+    /// Moves bytes both ways for the flows of this step's work list.
     pub(super) fn tcp_pump(&mut self) {
         let now = Instant::now();
-        for flow in self.tcp.flows.values_mut() {
-            let sock = self.sockets.get_mut::<Socket>(flow.handle);
+        let t = &mut self.tcp;
+        for key in &t.dirty {
+            let Some(flow) = t.flows.get_mut(key) else {
+                continue;
+            };
+            let sock = flow.sock.sock_mut();
             // Guest to host.
             while sock.can_recv() {
                 let r = sock.recv(|buf| match flow.stream.try_write(buf) {
@@ -551,163 +610,116 @@ impl Router {
         }
     }
 
-    /// The virtio-net header of an outgoing TCP frame in offload mode (and the frame
-    /// with the pseudo-header sum in its checksum field), or `None` to send it as is.
-    /// Returns the header, where the checksum field is and what goes in it.
-    pub(super) fn tcp_offload_header(
-        &self,
-        frame: &[u8],
-    ) -> Option<(crate::offload::VnetHdr, usize, u16)> {
-        use crate::offload::{VnetHdr, F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4};
-        if self.offload && super::frame6::is_ipv6(frame) {
-            return super::v6::tcp6_offload_header(frame);
-        }
-        if !self.offload || frame.get(12..14)? != [0x08, 0x00] {
-            return None;
-        }
-        let ip = frame.get(super::frame::ETH_HDR..)?;
-        let ihl = usize::from(ip.first()? & 0x0f) * 4;
-        if *ip.get(9)? != 6 || ihl < 20 {
-            return None;
-        }
-        let total = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
-        let tcp = ip.get(ihl..total)?;
-        let doff = usize::from(tcp.get(12)? >> 4) * 4;
-        if doff < 20 || tcp.len() < doff {
-            return None;
-        }
-        // Pseudo-header sum, folded, not complemented: what a NIC expects with
-        // NEEDS_CSUM (the receiver folds in the TCP header and payload).
-        let mut sum: u32 = 0;
-        for pair in ip.get(12..20)?.chunks(2) {
-            sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1)?]));
-        }
-        sum += 6 + tcp.len() as u32;
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        let csum_at = super::frame::ETH_HDR + ihl + 16;
-        frame.get(csum_at..csum_at + 2)?;
-        let payload = tcp.len() - doff;
-        let mut hdr = VnetHdr {
-            flags: F_NEEDS_CSUM,
-            gso_type: GSO_NONE,
-            hdr_len: (super::frame::ETH_HDR + ihl + doff) as u16,
-            gso_size: 0,
-            csum_start: (super::frame::ETH_HDR + ihl) as u16,
-            csum_offset: 16,
-        };
-        if ihl + tcp.len() > self.cfg.mtu {
-            // A super-frame: cut at the guest's MSS, within the network's MTU.
-            let dst_ip = std::net::Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
-            let src_ip = std::net::Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
-            let sport = u16::from_be_bytes([tcp[0], tcp[1]]);
-            let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
-            let key = (
-                SocketAddrV4::new(dst_ip, dport).into(),
-                SocketAddrV4::new(src_ip, sport).into(),
-            );
-            let guest_mss = self.tcp.flows.get(&key).map(|f| f.guest_mss).unwrap_or(0);
-            let fit = self.cfg.mtu.checked_sub(ihl + doff)? as u16;
-            let mss = if guest_mss == 0 {
-                fit
-            } else {
-                guest_mss.min(fit)
-            };
-            if mss == 0 || payload == 0 {
-                return None;
-            }
-            hdr.gso_type = GSO_TCPV4;
-            hdr.gso_size = mss;
-        }
-        Some((hdr, csum_at, sum as u16))
-    }
-
     /// Removes flows whose guest side is over, and flows whose socket is (back) in
     /// LISTEN: the held SYN was fed to it in this step's ingress, so LISTEN now means
     /// smoltcp refused that SYN or the guest reset the half-open connection. Such a
     /// socket would take the next SYN to the same destination from *any* guest and
     /// splice it to this flow's host connection.
-    pub(super) fn tcp_cleanup(&mut self) {
-        let sockets = &mut self.sockets;
-        let counts = &mut self.guest_flows;
-        let stats = &mut self.stats;
-        self.tcp.flows.retain(|(guest, _), f| {
-            let state = sockets.get::<Socket>(f.handle).state();
+    ///
+    /// The flows left register interest in their host sockets with their own
+    /// wakers and put their next smoltcp timer in the heap; the work list is
+    /// emptied.
+    pub(super) fn tcp_cleanup(&mut self, now: smoltcp::time::Instant) {
+        let t = &mut self.tcp;
+        for key in std::mem::take(&mut t.dirty) {
+            let Some(f) = t.flows.get_mut(&key) else {
+                continue;
+            };
+            f.dirty = false;
+            let state = f.sock.sock().state();
             if state == State::Listen {
-                stats.listen_reaped += 1;
+                self.stats.listen_reaped += 1;
             }
             if matches!(state, State::Closed | State::TimeWait | State::Listen) {
                 if f.forward.is_none() {
-                    counts.dec(guest.ip());
+                    self.guest_flows.dec(key.0.ip());
                 }
                 if !(f.host_eof && f.host_wr_shut) {
                     // The guest reset or the flow was aborted: reset the host side too.
                     let _ = socket2::SockRef::from(&f.stream).set_linger(Some(Duration::ZERO));
                 }
-                sockets.remove(f.handle);
-                false
-            } else {
-                true
+                t.flows.remove(&key);
+                continue;
             }
-        });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use smoltcp::phy::ChecksumCapabilities;
-    use smoltcp::wire::{EthernetAddress, Ipv4Packet, TcpControl, TcpPacket, TcpRepr};
-    use std::net::Ipv4Addr;
-
-    fn syn(mss: Option<u16>) -> Vec<u8> {
-        let (src, dst) = (Ipv4Addr::new(10, 0, 2, 15), Ipv4Addr::new(10, 0, 2, 2));
-        let repr = TcpRepr {
-            src_port: 40000,
-            dst_port: 80,
-            control: TcpControl::Syn,
-            seq_number: TcpSeqNumber(1),
-            ack_number: None,
-            window_len: 64240,
-            window_scale: Some(7),
-            max_seg_size: mss,
-            sack_permitted: true,
-            sack_ranges: [None, None, None],
-            timestamp: None,
-            payload: &[],
-        };
-        crate::nat::tests::tcp_frame(
-            EthernetAddress([2, 0, 0, 0, 0, 1]),
-            EthernetAddress([2, 0, 0, 0, 0, 2]),
-            (src, dst),
-            &repr,
-            0xa5,
-        )
+            // Ready already (data came in since the pump): wake at once.
+            let mut cx = Context::from_waker(&f.waker);
+            if (f.want_read && f.stream.poll_read_ready(&mut cx).is_ready())
+                || (f.want_write && f.stream.poll_write_ready(&mut cx).is_ready())
+            {
+                f.waker.wake_by_ref();
+            }
+            if let Some(d) = self.iface.poll_delay(now, f.sock.set()) {
+                let at = now + d;
+                // An earlier entry stays: the flow is polled then and asks again.
+                if f.next_poll.is_none_or(|p| at < p) {
+                    f.next_poll = Some(at);
+                    t.timers.push(Reverse((at, key)));
+                }
+            }
+        }
     }
 
-    #[test]
-    fn syn_mss_is_raised_and_checksum_stays_valid() {
-        let (out, mss) = raise_syn_mss(&syn(Some(1460))).unwrap();
-        assert_eq!(mss, 1460);
-        let ip = Ipv4Packet::new_checked(&out[14..]).unwrap();
-        let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
-        assert!(tcp.verify_checksum(&ip.src_addr().into(), &ip.dst_addr().into()));
-        let repr = TcpRepr::parse(
-            &tcp,
-            &ip.src_addr().into(),
-            &ip.dst_addr().into(),
-            &ChecksumCapabilities::default(),
-        )
-        .unwrap();
-        assert_eq!(repr.max_seg_size, Some(OFFLOAD_MSS));
-        assert_eq!(repr.window_scale, Some(7), "other options kept");
-        // No MSS option: left alone.
-        assert!(raise_syn_mss(&syn(None)).is_none());
-        // Truncated frames never panic.
-        let f = syn(Some(1460));
-        for n in 0..f.len() {
-            let _ = raise_syn_mss(&f[..n]);
+    /// Hands the frames queued for smoltcp to the interface one at a time, each
+    /// with the socket set of its flow (see `ring.rs`), or the router's own set
+    /// when it has none; the flows that got frames go on the work list.
+    pub(super) fn tcp_ingress(&mut self, now: smoltcp::time::Instant) {
+        while let Some(frame) = self.dev.rx.front() {
+            let seg = super::tcp_wire::tcp_segment(frame);
+            let arp_from = super::tcp_wire::neighbor_sender(frame);
+            let t = &mut self.tcp;
+            match seg.and_then(|s| t.flows.get_mut(&s.key).map(|f| (s, f))) {
+                Some((seg, f)) => {
+                    if f.guest_end.is_none_or(|e| seg.end > e) {
+                        f.guest_end = Some(seg.end);
+                    }
+                    if !f.dirty {
+                        f.dirty = true;
+                        t.dirty.push(seg.key);
+                    }
+                    self.iface
+                        .poll_ingress_single(now, &mut self.dev, f.sock.set());
+                }
+                None => {
+                    self.iface
+                        .poll_ingress_single(now, &mut self.dev, &mut self.sockets);
+                    if let Some(ip) = arp_from {
+                        // A flow waiting for this guest's MAC can send now.
+                        let keys: Vec<Key> =
+                            t.flows.keys().filter(|k| k.0.ip() == ip).copied().collect();
+                        for k in keys {
+                            t.mark(k);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Lets the flows of the work list emit until they have nothing more (each
+    /// pass sends at most one segment), noting what each acknowledged.
+    pub(super) fn tcp_egress(&mut self, now: smoltcp::time::Instant) {
+        let t = &mut self.tcp;
+        for key in &t.dirty {
+            let Some(f) = t.flows.get_mut(key) else {
+                continue;
+            };
+            let first = self.dev.tx.len();
+            for _ in 0..4096 {
+                let before = self.dev.tx.len();
+                self.iface.poll_egress(now, &mut self.dev, f.sock.set());
+                if self.dev.tx.len() == before {
+                    break;
+                }
+            }
+            if let Some(ack) = self
+                .dev
+                .tx
+                .range(first..)
+                .rev()
+                .find_map(|fr| super::tcp_wire::tcp_ack(fr))
+            {
+                f.acked = Some(ack);
+            }
         }
     }
 }

@@ -13,13 +13,27 @@
 //! from the frame ([`check`]):
 //!
 //! - **MAC lock**: the port is locked to its configured `mac`, else to the first
-//!   source MAC it sends from that no other port holds (a live MAC-table entry, a
-//!   pinned service MAC or another port's configured MAC). A frame from any other
-//!   source MAC is dropped (`drop_spoofed_mac`). A learned lock is released once
-//!   the MAC has been silent for the network's `mac_ageing`, so a VM that comes
-//!   back with a new MAC works again, and at once when the port's device is
-//!   replaced (a TAP recreated in a namespace that came back, a new peer on a
-//!   stream port): [`PortGuard::release_learned`].
+//!   source MAC it sends from that no other port holds (a live MAC-table entry on
+//!   another local port, a pinned service MAC, another port's configured MAC or
+//!   another port's live learned lock). A frame from any other source MAC is
+//!   dropped (`drop_spoofed_mac`). A learned lock is released once the MAC has
+//!   been silent for the network's `mac_ageing`, so a VM that comes back with a
+//!   new MAC works again, and at once when the port's device is replaced (a TAP
+//!   recreated in a namespace that came back, a new peer on a stream port):
+//!   [`PortGuard::release_learned`], or when the port is deleted.
+//! - **Moves between hosts** (live migration over a `vxlan` network): a MAC that
+//!   the table has behind a vxlan port (it lives on another host) is free to
+//!   lock: it is a VM that just arrived, and its first frame (QEMU's RARP
+//!   announce, the guest's gratuitous ARP) locks it to its new port and moves
+//!   the table entry there. The other way, a frame from a remote VTEP moves the
+//!   table entry of a MAC that left (the tunnel's sender is a listed peer whose
+//!   own guard let the frame out), but never a lock: the port the VM left keeps
+//!   its learned lock until it is deleted or the MAC has been silent for
+//!   `mac_ageing`, so no other guest on this host takes the MAC meanwhile, and
+//!   the VM may come back to that same port at any time. Across hosts the guard
+//!   cannot tell a VM that moved from a guest of another host claiming a MAC
+//!   that lives elsewhere (flood-and-learn VXLAN has no other source of truth);
+//!   on this host a MAC in use by a local port is never given to another.
 //! - **ARP**: the sender hardware address must be the locked MAC; the sender
 //!   address must be 0.0.0.0 (a probe) or one the port may use (`drop_spoofed_arp`).
 //! - **DHCP**: a message to port 67 must carry the locked MAC as `chaddr`
@@ -136,7 +150,8 @@ impl PortGuard {
 
     /// Whether `src` is the port's MAC. `free` says whether the port may take `src`
     /// as its lock (nobody else holds it); it is asked only when the port has no
-    /// live lock.
+    /// live lock, and not under this port's state lock (it looks at the other
+    /// ports' locks, [`PortGuard::holds`]).
     pub fn mac_ok(
         &self,
         src: [u8; 6],
@@ -147,23 +162,45 @@ impl PortGuard {
         if let Some(m) = self.configured {
             return m == src;
         }
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((m, seen)) = st.locked {
-            if m == src {
-                st.locked = Some((m, now));
-                return true;
-            }
-            if now.saturating_duration_since(seen) < ageing {
-                return false;
+        let live = |seen: Instant| now.saturating_duration_since(seen) < ageing;
+        {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((m, seen)) = st.locked {
+                if m == src {
+                    st.locked = Some((m, now));
+                    return true;
+                }
+                if live(seen) {
+                    return false;
+                }
             }
         }
         if !free() {
+            return false;
+        }
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        // Only this port's own reader locks it, but stay exact if another did.
+        if matches!(st.locked, Some((m, seen)) if m != src && live(seen)) {
             return false;
         }
         st.locked = Some((src, now));
         st.ip_ok = None;
         st.ip6_ok = None;
         true
+    }
+
+    /// Whether the port holds `mac` as its lock: configured, or learned and seen
+    /// within `ageing`. A learned lock outlives the MAC's move to a remote VTEP (the
+    /// MAC-table entry moves with the MAC's frames, the lock does not), so no other
+    /// guest on this host takes the MAC of a VM that just left it.
+    pub fn holds(&self, mac: [u8; 6], now: Instant, ageing: Duration) -> bool {
+        if self.configured == Some(mac) {
+            return true;
+        }
+        matches!(
+            self.state.lock().unwrap_or_else(|e| e.into_inner()).locked,
+            Some((m, seen)) if m == mac && now.saturating_duration_since(seen) < ageing
+        )
     }
 
     /// Forgets the learned lock (a configured MAC stays): the device behind the port

@@ -215,20 +215,32 @@ impl Network {
         )
     }
 
-    /// Whether a guarded port `id` may lock `mac`: no other port has it (learned
-    /// and live, pinned, or configured).
+    /// Whether a guarded port `id` may lock `mac`: it is not pinned to another
+    /// port, not live in the table on another local port, and no other port holds
+    /// it as its lock (configured, or learned and live). A MAC that lives behind a
+    /// vxlan port (a remote VTEP) is free: that is a VM that moved here from
+    /// another host (live migration), announcing itself with its first frame
+    /// (QEMU's RARP, a gratuitous ARP). See the module doc of [`guard`].
     fn mac_free(&self, mac: [u8; 6], id: PortId, now: Instant) -> bool {
-        {
+        let (pinned, holder) = {
             let fdb = self.fdb.lock().unwrap_or_else(|e| e.into_inner());
-            if fdb.pinned_elsewhere(&mac, id) || fdb.lookup(&mac, now).is_some_and(|p| p != id) {
-                return false;
-            }
+            (fdb.pinned_elsewhere(&mac, id), fdb.lookup(&mac, now))
+        };
+        if pinned {
+            return false;
         }
-        !self
-            .ports
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
+        // Not under the table's lock: each port's guard state has a lock of its own.
+        let ports = self.ports.read().unwrap_or_else(|e| e.into_inner());
+        let remote = |p: PortId| {
+            ports
+                .iter()
+                .any(|q| q.id == p && q.kind == PortClass::Vxlan)
+        };
+        if holder.is_some_and(|p| p != id && !remote(p)) {
+            return false;
+        }
+        !ports
             .iter()
-            .any(|p| p.id != id && p.guard.configured == Some(mac))
+            .any(|p| p.id != id && p.guard.holds(mac, now, self.ageing))
     }
 }

@@ -315,3 +315,98 @@ fn ipv4_sources_and_arp_follow_the_address_table() {
     net.ingress(&p[1], &udp(C, ip(61)));
     assert_eq!(c(&p[1]).drop_spoofed_ip, 2, "one static address per MAC");
 }
+
+/// The table entry of `m`: (port name, remote).
+fn where_is(net: &Network, m: [u8; 6]) -> Option<(String, Option<String>)> {
+    net.mac_table()
+        .into_iter()
+        .find(|e| e.mac == crate::config::fmt_mac(&m))
+        .map(|e| (e.port, e.remote))
+}
+
+#[test]
+fn a_mac_moves_between_local_ports_and_remote_vteps_without_being_stolen() {
+    let (net, _svc, p, s) = guarded();
+    let vs = Arc::new(Sink::default());
+    let vx = net
+        .add_port("vx", PortClass::Vxlan, Box::new(SinkTx(vs.clone())))
+        .unwrap();
+    let (r1, r2) = (Ipv4Addr::new(198, 18, 0, 1), Ipv4Addr::new(198, 18, 0, 2));
+    let rarp = |m: [u8; 6]| {
+        let mut f = frame(BCAST, m, 60);
+        f[12..14].copy_from_slice(&[0x80, 0x35]);
+        f
+    };
+    // p0 is A's; the VM with MAC C runs behind remote r1 (host A of a migration).
+    net.ingress(&p[0], &frame(BCAST, A, 60));
+    net.ingress_remote(&vx, &frame(BCAST, C, 60), None, Some(r1));
+    assert_eq!(where_is(&net, C), Some(("vx".into(), Some(r1.to_string()))));
+    // It arrives on p1 (no configured MAC): its RARP locks p1 and moves the entry.
+    net.ingress(&p[1], &rarp(C));
+    assert_eq!(c(&p[1]).drop_spoofed_mac, 0);
+    assert_eq!(p[1].guard.locked_mac(), Some(C));
+    assert_eq!(where_is(&net, C), Some(("p1".into(), None)));
+    let before = count(&s[2]);
+    net.ingress(&p[0], &frame(C, A, 60));
+    assert_eq!(count(&s[2]), before + 1, "unicast to C goes to p1 now");
+    // A local guest on a new port cannot take C: p1 holds it.
+    let s3 = Arc::new(Sink::default());
+    let p3 = net
+        .add_port("p3", PortClass::Tap, Box::new(SinkTx(s3.clone())))
+        .unwrap();
+    net.ingress(&p3, &rarp(C));
+    assert_eq!(c(&p3).drop_spoofed_mac, 1);
+    // C leaves for remote r2: the entry follows its frame, p1 keeps its lock...
+    net.ingress_remote(&vx, &rarp(C), None, Some(r2));
+    assert_eq!(where_is(&net, C), Some(("vx".into(), Some(r2.to_string()))));
+    assert_eq!(p[1].guard.locked_mac(), Some(C));
+    let sent = count(&vs);
+    net.ingress(&p[0], &frame(C, A, 60));
+    assert_eq!(count(&vs), sent + 1, "unicast to C goes to the tunnel");
+    // ... so another local guest still cannot take C, while C may come back to p1.
+    net.ingress(&p3, &rarp(C));
+    assert_eq!(c(&p3).drop_spoofed_mac, 2);
+    assert_eq!(p3.guard.locked_mac(), None);
+    net.ingress(&p[1], &rarp(C));
+    assert_eq!(where_is(&net, C), Some(("p1".into(), None)));
+    assert_eq!(c(&p[1]).drop_spoofed_mac, 0);
+    // Away again, and p1 deleted (its VMM gone): C may come back on a new port.
+    net.ingress_remote(&vx, &rarp(C), None, Some(r1));
+    net.remove_port("p1").unwrap();
+    net.ingress(&p3, &rarp(C));
+    assert_eq!(c(&p3).drop_spoofed_mac, 2);
+    assert_eq!(p3.guard.locked_mac(), Some(C));
+    assert_eq!(where_is(&net, C), Some(("p3".into(), None)));
+    // p2 is configured with B: a move to a remote takes the entry, never the
+    // binding, and nobody else here may use B.
+    net.ingress(&p[2], &frame(BCAST, B, 60));
+    net.ingress_remote(&vx, &rarp(B), None, Some(r2));
+    assert_eq!(where_is(&net, B), Some(("vx".into(), Some(r2.to_string()))));
+    net.ingress(&p[0], &rarp(B));
+    assert_eq!(c(&p[0]).drop_spoofed_mac, 1, "p0 is A's");
+    net.ingress(&p[2], &frame(BCAST, B, 60));
+    assert_eq!(where_is(&net, B), Some(("p2".into(), None)));
+    // A service's MAC never moves to the tunnel.
+    net.ingress_remote(&vx, &rarp(SVC), None, Some(r1));
+    assert_eq!(c(&vx).drop_spoofed_mac, 1);
+    assert_eq!(where_is(&net, SVC), Some(("svc".into(), None)));
+}
+
+#[test]
+fn a_learned_lock_ages_out_after_its_mac_went_remote() {
+    let net = Network::new("g", 1500, 64, Duration::from_millis(200));
+    net.set_guard_default(Guard::Clean);
+    let tx = || Box::new(SinkTx(Arc::new(Sink::default())));
+    let p0 = net.add_port("p0", PortClass::Vm, tx()).unwrap();
+    let p1 = net.add_port("p1", PortClass::Vm, tx()).unwrap();
+    let vx = net.add_port("vx", PortClass::Vxlan, tx()).unwrap();
+    net.ingress(&p0, &frame(BCAST, A, 60));
+    net.ingress_remote(&vx, &frame(BCAST, A, 60), None, None);
+    net.ingress(&p1, &frame(BCAST, A, 60));
+    assert_eq!(c(&p1).drop_spoofed_mac, 1, "p0's lock is live");
+    std::thread::sleep(Duration::from_millis(250));
+    // p0's lock aged; the remote entry too: the MAC is free on this host.
+    net.ingress(&p1, &frame(BCAST, A, 60));
+    assert_eq!(c(&p1).drop_spoofed_mac, 1);
+    assert_eq!(p1.guard.locked_mac(), Some(A));
+}

@@ -10,15 +10,21 @@
 //!
 //! - `snapshot NAME SNAP` renames `NAME.img` to `SNAP.img` (read-only from
 //!   now) and creates a new `NAME.img` overlay on it;
-//! - `revert NAME SNAP` and `flatten NAME` write the new file as
-//!   `NAME.img.new` and rename it over `NAME.img`, so the disk's file is
-//!   always either the old or the new one;
-//! - all three are refused while clients are attached (and no client
-//!   attaches while they run), and run under the change lock like every
-//!   catalog change; the catalog is written once the files are in place.
+//! - `revert NAME SNAP` (and `flatten` of a read-only disk) write the new
+//!   file as `NAME.img.new` and rename it over `NAME.img`, so the disk's
+//!   file is always either the old or the new one;
+//! - these are refused while clients are attached (and no client
+//!   attaches while they run);
+//! - `flatten NAME` of a writable disk runs while its clients go on: the
+//!   chain is copied into the disk's own image, whose header then drops
+//!   the backing file (`qcow2::online`);
+//! - all run under the change lock like every catalog change; the catalog
+//!   is written once the files are in place, and `change.json` covers the
+//!   window between (`journal.rs`).
 
 use std::path::Path;
 
+use super::journal::{crash_point, new_path, Step};
 use super::{Catalog, CatalogError, Change, Disks, Entry};
 use crate::config::{check_disk_name, check_disk_size, Alloc, Format};
 use crate::disk::{Disk, DiskError, FILE_MODE};
@@ -223,8 +229,9 @@ impl Catalog {
             )));
         }
         let (p, sp) = (self.disk_path(name), self.disk_path(snap));
+        let new = new_path(&p);
         let _ = std::fs::remove_file(&sp);
-        std::fs::rename(&p, &sp).map_err(DiskError::Io)?;
+        let _ = std::fs::remove_file(&new);
         let frozen = Entry {
             name: snap.to_string(),
             read_only: true,
@@ -239,35 +246,70 @@ impl Catalog {
             ..old
         };
         let backing = format!("{snap}.img");
-        let res = create::create(
-            &p,
+        create::create(
+            &new,
             frozen.size,
             Some((&backing, frozen.format.as_str())),
             FILE_MODE,
-        )
-        .map_err(CatalogError::from)
-        .and_then(|()| self.sync_disks_dir())
-        .and_then(|()| Ok((self.open_entry(&frozen)?, self.open_entry(&top)?)))
-        .and_then(|disks| {
-            let entries = with(
-                self.lock().entries(Change::None),
-                &[frozen.clone(), top.clone()],
-            );
-            self.save(&entries)?;
-            Ok(disks)
-        });
+        )?;
+        let entries = with(
+            self.lock().entries(Change::None),
+            &[frozen.clone(), top.clone()],
+        );
+        let step = Step::Snapshot {
+            disk: name.to_string(),
+            snap: snap.to_string(),
+        };
+        let io = |e| CatalogError::Disk(DiskError::Io(e));
+        let res = self
+            .sync_disks_dir()
+            .and_then(|()| self.begin(step, &entries))
+            .and_then(|()| {
+                crash_point("snapshot-begun");
+                std::fs::rename(&p, &sp).map_err(io)
+            })
+            .and_then(|()| {
+                crash_point("snapshot-renamed");
+                std::fs::rename(&new, &p).map_err(io)
+            })
+            .and_then(|()| self.sync_disks_dir())
+            .and_then(|()| {
+                crash_point("snapshot");
+                Ok((self.open_entry(&frozen)?, self.open_entry(&top)?))
+            })
+            .and_then(|disks| {
+                self.save(&entries)?;
+                Ok(disks)
+            });
         match res {
             Ok((f, t)) => {
-                let mut map = self.lock();
-                map.insert(f, &frozen);
-                map.insert(t, &top);
-                Ok(())
+                {
+                    let mut map = self.lock();
+                    map.insert(f, &frozen);
+                    map.insert(t, &top);
+                }
+                self.end()
             }
             Err(e) => {
-                let _ = std::fs::remove_file(&p);
-                let _ = std::fs::rename(&sp, &p);
+                // Back to the old file under the old name; the record
+                // then says undone (or, if that failed, what to finish).
+                if sp.exists() {
+                    if !new.exists() {
+                        let _ = std::fs::remove_file(&p);
+                    }
+                    let _ = std::fs::rename(&sp, &p);
+                }
+                self.settle();
                 Err(e)
             }
+        }
+    }
+
+    /// After a failed change: finishes or undoes it by its record, as a
+    /// restart would.
+    fn settle(&self) {
+        if let Err(e) = self.recover() {
+            tracing::error!(error = %crate::error_chain(&e), "a failed catalog change could not be settled; it is at the next start");
         }
     }
 
@@ -311,19 +353,56 @@ impl Catalog {
         })
     }
 
-    /// Copies disk `name`'s chain into one self-contained qcow2.
+    /// Copies disk `name`'s chain into one self-contained qcow2: a
+    /// writable disk online (its clients go on: `qcow2::online`), a
+    /// read-only one into a new file (refused while attached).
     pub fn flatten(&self, name: &str) -> Result<(), CatalogError> {
         let _change = self.change.lock().unwrap_or_else(|p| p.into_inner());
-        let (disk, old, _taken) = self.take(name)?;
+        let (disk, old) = {
+            let map = self.lock();
+            let disk = map.open_disk(name)?;
+            let e = map.entry_of(&disk);
+            (disk, e)
+        };
         if old.base.is_none() {
             return Err(CatalogError::Refused(format!(
                 "disk `{name}` has no base: it is self-contained already"
             )));
         }
-        let p = disk.path().to_path_buf();
-        let src = Layer::open(&p, Some("qcow2"), &self.root()?, &mut Vec::new())?;
         let top = Entry { base: None, ..old };
-        self.replace_file(&top, |tmp| create::copy_to_qcow2(&src, tmp, FILE_MODE))
+        if disk.read_only() {
+            let (disk, _, _taken) = self.take(name)?;
+            let p = disk.path().to_path_buf();
+            let src = Layer::open(&p, Some("qcow2"), &self.root()?, &mut Vec::new())?;
+            return self.replace_file(&top, |tmp| create::copy_to_qcow2(&src, tmp, FILE_MODE));
+        }
+        disk.stream()?;
+        let entries = with(
+            self.lock().entries(Change::None),
+            std::slice::from_ref(&top),
+        );
+        self.begin(
+            Step::Detach {
+                disk: name.to_string(),
+            },
+            &entries,
+        )?;
+        let res = disk.detach().map_err(CatalogError::from).and_then(|()| {
+            crash_point("flatten");
+            self.save(&entries)
+        });
+        match res {
+            Ok(()) => {
+                self.lock()
+                    .layers
+                    .insert(name.to_string(), (None, top.snapshot_of.clone()));
+                self.end()
+            }
+            Err(e) => {
+                self.settle();
+                Err(e)
+            }
+        }
     }
 
     /// Makes the new file of disk `e` with `make` beside the old one,
@@ -334,19 +413,40 @@ impl Catalog {
         make: impl FnOnce(&Path) -> Result<(), Qcow2Error>,
     ) -> Result<(), CatalogError> {
         let p = self.disk_path(&e.name);
-        let tmp = p.with_extension("img.new");
+        let tmp = new_path(&p);
         let _ = std::fs::remove_file(&tmp);
         make(&tmp)?;
-        if let Err(err) = std::fs::rename(&tmp, &p) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(DiskError::Io(err).into());
-        }
-        self.sync_disks_dir()?;
-        let disk = self.open_entry(e)?;
         let entries = with(self.lock().entries(Change::None), std::slice::from_ref(e));
-        self.save(&entries)?;
-        self.lock().insert(disk, e);
-        Ok(())
+        let step = Step::Replace {
+            disk: e.name.clone(),
+        };
+        if let Err(err) = self
+            .sync_disks_dir()
+            .and_then(|()| self.begin(step, &entries))
+        {
+            let _ = std::fs::remove_file(&tmp);
+            self.settle();
+            return Err(err);
+        }
+        let res = std::fs::rename(&tmp, &p)
+            .map_err(|e| CatalogError::Disk(DiskError::Io(e)))
+            .and_then(|()| self.sync_disks_dir())
+            .and_then(|()| {
+                crash_point("replace");
+                let disk = self.open_entry(e)?;
+                self.save(&entries)?;
+                Ok(disk)
+            });
+        match res {
+            Ok(disk) => {
+                self.lock().insert(disk, e);
+                self.end()
+            }
+            Err(err) => {
+                self.settle();
+                Err(err)
+            }
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! check (and leak repair) when an image is opened writable. The order and
 //! why it is safe are in the module docs of `qcow2`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::FileExt;
 
 use super::image::{Image, Meta, L2};
@@ -17,6 +17,25 @@ impl Image {
         m.end += self.cs;
         self.set_refcount(m, host, 1)?;
         Ok(host)
+    }
+
+    /// The refcount of the host cluster at `host` (0 where no block is).
+    pub(super) fn refcount(&self, m: &mut Meta, host: u64) -> Result<u16, Qcow2Error> {
+        let per = self.cs / 2;
+        let idx = host / self.cs;
+        let rb = match m.reftable.get((idx / per) as usize) {
+            Some(e) => e & table::OFFSET_MASK,
+            None => 0,
+        };
+        if rb == 0 {
+            return Ok(0);
+        }
+        if let std::collections::hash_map::Entry::Vacant(slot) = m.refblocks.entry(rb) {
+            slot.insert((table::read_u16s(&self.file, rb, per as usize)?, false));
+        }
+        Ok(m.refblocks
+            .get(&rb)
+            .map_or(0, |r| r.0[(idx % per) as usize]))
     }
 
     /// Sets the refcount of the host cluster at `host`, allocating its
@@ -111,7 +130,11 @@ impl Image {
         if !self.writable || !pending {
             return Ok(self.file.sync_data()?);
         }
-        let mut m = self.write_meta();
+        self.flush_locked(&mut self.write_meta())
+    }
+
+    /// The flush's metadata phases, the write lock held.
+    pub(super) fn flush_locked(&self, m: &mut Meta) -> Result<(), Qcow2Error> {
         let f = &self.file;
         // 1: new tables whole, changed refcounts.
         for (&off, (counts, dirty)) in m.refblocks.iter_mut() {
@@ -136,7 +159,7 @@ impl Image {
             m.reftable_dirty.clear();
         }
         // 3: L2 entries and the L1 entries of new tables.
-        let meta = &mut *m;
+        let meta = m;
         for (off, t) in meta.l2.iter_mut() {
             if t.dirty && !meta.fresh.contains(off) {
                 f.write_all_at(&table::encode_u64s(&t.entries), *off)?;
@@ -144,17 +167,21 @@ impl Image {
             t.dirty = false;
         }
         for &i in &meta.l1_dirty {
-            f.write_all_at(&meta.l1[i].to_be_bytes(), self.hdr.l1_offset + i as u64 * 8)?;
+            f.write_all_at(&meta.l1[i].to_be_bytes(), meta.l1_offset + i as u64 * 8)?;
         }
         f.sync_data()?;
         meta.l1_dirty.clear();
         meta.fresh.clear();
-        // 4: freed clusters.
+        // 4: freed clusters: one reference fewer each (clusters that
+        // compressed clusters share keep the others'); punched at 0.
         if !meta.freed.is_empty() {
             let freed = std::mem::take(&mut meta.freed);
             for &o in &freed {
-                self.set_refcount(meta, o, 0)?;
-                let _ = sys::fallocate(f, sys::FALLOC_PUNCH, o, self.cs);
+                let left = self.refcount(meta, o)?.saturating_sub(1);
+                self.set_refcount(meta, o, left)?;
+                if left == 0 {
+                    let _ = sys::fallocate(f, sys::FALLOC_PUNCH, o, self.cs);
+                }
             }
             for (&off, (counts, dirty)) in meta.refblocks.iter_mut() {
                 if *dirty {
@@ -168,17 +195,20 @@ impl Image {
     }
 
     /// Counts every reference to every host cluster and compares with the
-    /// refcounts: a cluster referenced twice or above its refcount refuses
+    /// refcounts: a cluster referenced twice (other than by compressed
+    /// clusters, which share host clusters) or above its refcount refuses
     /// the open (corrupt); refcounts above the references (leaks a crash
     /// left, see the module docs) are set right and their blocks punched.
     pub(super) fn check_and_repair(&self) -> Result<(), Qcow2Error> {
         let mut m = self.write_meta();
         let cs = self.cs;
         let mut refs: HashMap<u64, u32> = HashMap::new();
+        // Host clusters compressed clusters lie in (shared between them).
+        let mut shared: HashSet<u64> = HashSet::new();
         let add = |refs: &mut HashMap<u64, u32>, o: u64| *refs.entry(o).or_insert(0) += 1;
         add(&mut refs, 0);
         let tables = [
-            (self.hdr.l1_offset, self.hdr.l1_size as u64 * 8),
+            (m.l1_offset, m.l1.len() as u64 * 8),
             (
                 self.hdr.reftable_offset,
                 self.hdr.reftable_clusters as u64 * cs,
@@ -203,11 +233,17 @@ impl Image {
             for le in table::read_u64s(&self.file, off, per)? {
                 match self.checked(&m, le)? {
                     Cluster::Data(o) | Cluster::Zero(Some(o)) => add(&mut refs, o),
+                    Cluster::Compressed { off, len } => {
+                        for c in table::compressed_clusters(off, len, cs) {
+                            add(&mut refs, c);
+                            shared.insert(c);
+                        }
+                    }
                     _ => {}
                 }
             }
         }
-        if let Some((o, n)) = refs.iter().find(|(_, &n)| n > 1) {
+        if let Some((o, n)) = refs.iter().find(|(o, &n)| n > 1 && !shared.contains(o)) {
             return Err(Qcow2Error::Corrupt(format!(
                 "host cluster {o} is referenced {n} times"
             )));

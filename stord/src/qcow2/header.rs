@@ -219,6 +219,15 @@ impl Header {
         })
     }
 
+    /// Reads and checks the header of the image `file`; also the file's
+    /// length.
+    pub fn read_from(file: &std::fs::File) -> Result<(Header, u64), Qcow2Error> {
+        let file_len = file.metadata()?.len();
+        let mut first = vec![0u8; (1usize << MAX_CLUSTER_BITS).min(file_len as usize)];
+        super::table::read_full(file, &mut first, 0)?;
+        Ok((Header::parse(&first, file_len)?, file_len))
+    }
+
     /// The header of an image stord creates (version 3, no features),
     /// with its extensions and backing name, in one buffer of at most a
     /// cluster.

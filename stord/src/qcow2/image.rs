@@ -6,6 +6,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::header::{incompat, Header};
@@ -37,6 +38,8 @@ pub(super) struct L2 {
 #[derive(Debug)]
 pub(super) struct Meta {
     pub l1: Vec<u64>,
+    /// Where the L1 table is (it moves when the image grows past it).
+    pub l1_offset: u64,
     pub l1_dirty: BTreeSet<usize>,
     pub l2: HashMap<u64, L2>,
     pub reftable: Vec<u64>,
@@ -45,7 +48,8 @@ pub(super) struct Meta {
     pub refblocks: HashMap<u64, (Vec<u16>, bool)>,
     /// Tables allocated since the last flush (written whole in phase 1).
     pub fresh: HashSet<u64>,
-    /// Data clusters whose L2 entries no longer name them.
+    /// Host clusters one reference fewer names (a data cluster, each
+    /// cluster a compressed one lies in, a moved L1 table's).
     pub freed: Vec<u64>,
     /// Where the next cluster is allocated.
     pub end: u64,
@@ -62,6 +66,11 @@ pub struct Image {
     pub(super) cs: u64,
     pub(super) writable: bool,
     pub(super) backing: Option<Box<Layer>>,
+    /// Virtual size (grows: `online.rs`).
+    pub(super) size: AtomicU64,
+    /// The chain was copied into this image and its header names no
+    /// backing file any more (`online.rs`): the backing is not read.
+    pub(super) detached: AtomicBool,
     pub(super) meta: RwLock<Meta>,
 }
 
@@ -83,11 +92,7 @@ impl Image {
         if seen.is_empty() {
             seen.push(path.canonicalize()?);
         }
-        let file_len = file.metadata()?.len();
-        let mut first =
-            vec![0u8; (1usize << super::header::MAX_CLUSTER_BITS).min(file_len as usize)];
-        table::read_full(&file, &mut first, 0)?;
-        let hdr = Header::parse(&first, file_len)?;
+        let (hdr, file_len) = Header::read_from(&file)?;
         let cs = hdr.cluster_size();
         if writable {
             if hdr.incompatible & incompat::DIRTY != 0 {
@@ -143,15 +148,19 @@ impl Image {
                 )?))
             }
         };
+        let l1_offset = hdr.l1_offset;
         let img = Image {
             file,
             path: path.to_path_buf(),
+            size: AtomicU64::new(hdr.size),
+            detached: AtomicBool::new(false),
             hdr,
             cs,
             writable,
             backing,
             meta: RwLock::new(Meta {
                 l1,
+                l1_offset,
                 l1_dirty: BTreeSet::new(),
                 l2: HashMap::new(),
                 reftable,
@@ -171,7 +180,7 @@ impl Image {
 
     /// Virtual size.
     pub fn size(&self) -> u64 {
-        self.hdr.size
+        self.size.load(Ordering::Acquire)
     }
     /// Cluster size.
     pub fn cluster_size(&self) -> u64 {
@@ -181,9 +190,12 @@ impl Image {
     pub fn header(&self) -> &Header {
         &self.hdr
     }
-    /// The backing layer.
+    /// The backing layer (none once the chain was copied in).
     pub fn backing(&self) -> Option<&Layer> {
-        self.backing.as_deref()
+        match self.detached.load(Ordering::Acquire) {
+            true => None,
+            false => self.backing.as_deref(),
+        }
     }
     /// The image's file.
     pub fn file(&self) -> &File {
@@ -193,7 +205,7 @@ impl Image {
     /// This image's file and its chain's, top first.
     pub fn chain_paths(&self) -> Vec<PathBuf> {
         let mut v = vec![self.path.clone()];
-        if let Some(b) = &self.backing {
+        if let Some(b) = self.backing() {
             v.extend(b.paths());
         }
         v
@@ -284,10 +296,15 @@ impl Image {
                     "a data cluster at {o} is past the end of the file or on metadata"
                 )))
             }
-            Cluster::Compressed => Err(Qcow2Error::Unsupported(
-                "compressed clusters (convert the image with `qemu-img convert -O qcow2` first)"
-                    .into(),
-            )),
+            Cluster::Compressed { off, len }
+                if off >= m.end
+                    || table::compressed_clusters(off, len, self.cs)
+                        .any(|c| m.metadata.contains(&c)) =>
+            {
+                Err(Qcow2Error::Corrupt(format!(
+                    "a compressed cluster at {off} is past the end of the file or on metadata"
+                )))
+            }
             c => Ok(c),
         }
     }
@@ -303,11 +320,14 @@ impl Image {
             match self.lookup(pos / self.cs)? {
                 Cluster::Data(o) => table::read_full(&self.file, piece, o + in_c)?,
                 Cluster::Zero(_) => piece.fill(0),
-                Cluster::Unallocated => match &self.backing {
+                Cluster::Unallocated => match self.backing() {
                     Some(b) => b.read(pos, piece)?,
                     None => piece.fill(0),
                 },
-                Cluster::Compressed => unreachable_compressed()?,
+                Cluster::Compressed { off, len } => {
+                    let whole = self.inflate(off, len)?;
+                    piece.copy_from_slice(&whole[in_c as usize..in_c as usize + n]);
+                }
             }
             done += n;
         }
@@ -322,13 +342,12 @@ impl Image {
             let pos = offset + done;
             let n = (self.cs - pos % self.cs).min(len - done);
             let (n, kind) = match self.lookup(pos / self.cs)? {
-                Cluster::Data(_) => (n, Run::Data),
+                Cluster::Data(_) | Cluster::Compressed { .. } => (n, Run::Data),
                 Cluster::Zero(_) => (n, Run::Zero),
-                Cluster::Unallocated => match &self.backing {
+                Cluster::Unallocated => match self.backing() {
                     Some(b) => b.status(pos, n)?,
                     None => (n, Run::Zero),
                 },
-                Cluster::Compressed => unreachable_compressed()?,
             };
             match run {
                 None => run = Some(kind),
@@ -366,7 +385,8 @@ impl Image {
 
     /// Writes part of a guest cluster not held as data (write lock held
     /// across: see the module docs): a new cluster with the rest copied from
-    /// what the guest cluster read as.
+    /// what the guest cluster read as (the chain, or a compressed cluster
+    /// inflated); a host cluster the entry named is freed.
     fn write_new(&self, gc: u64, at: usize, piece: &[u8]) -> Result<(), Qcow2Error> {
         let mut m = self.write_meta();
         let l2 = self.load_l2(&mut m, gc)?;
@@ -379,15 +399,47 @@ impl Image {
         }
         let mut buf = vec![0u8; self.cs as usize];
         if piece.len() < buf.len() {
-            if let (Cluster::Unallocated, Some(b)) = (current, &self.backing) {
-                b.read(gc * self.cs, &mut buf)?;
+            match (current, self.backing()) {
+                (Cluster::Unallocated, Some(b)) => b.read(gc * self.cs, &mut buf)?,
+                (Cluster::Compressed { off, len }, _) => buf = self.inflate(off, len)?,
+                _ => {}
             }
         }
         buf[at..at + piece.len()].copy_from_slice(piece);
         let host = self.alloc_cluster(&mut m)?;
         self.file.write_all_at(&buf, host)?;
         self.set_l2(&mut m, gc, host | COPIED)?;
+        self.free_entry(&mut m, current);
         Ok(())
+    }
+
+    /// Queues the host clusters an old entry named for freeing at the
+    /// next flush (after its new entry is durable).
+    pub(super) fn free_entry(&self, m: &mut Meta, old: Cluster) {
+        match old {
+            Cluster::Data(o) | Cluster::Zero(Some(o)) => m.freed.push(o),
+            Cluster::Compressed { off, len } => {
+                m.freed
+                    .extend(table::compressed_clusters(off, len, self.cs));
+            }
+            _ => {}
+        }
+    }
+
+    /// One compressed cluster, inflated (raw deflate, as QEMU writes it).
+    /// Data that does not inflate to exactly a cluster is corrupt (EIO).
+    fn inflate(&self, off: u64, len: u64) -> Result<Vec<u8>, Qcow2Error> {
+        let mut input = vec![0u8; len as usize];
+        table::read_full(&self.file, &mut input, off)?;
+        let mut out = vec![0u8; self.cs as usize];
+        let mut z = flate2::Decompress::new(false);
+        let res = z.decompress(&input, &mut out, flate2::FlushDecompress::Finish);
+        if res.is_err() || z.total_out() != self.cs {
+            return Err(Qcow2Error::Corrupt(format!(
+                "the compressed cluster at {off} does not inflate to a cluster"
+            )));
+        }
+        Ok(out)
     }
 
     /// Zeroes `[offset, offset + len)`: whole clusters become zero clusters
@@ -412,13 +464,11 @@ impl Image {
                     None => 0,
                 };
                 let old_cluster = self.checked(&m, old)?;
-                if let Cluster::Data(o) | Cluster::Zero(Some(o)) = old_cluster {
-                    m.freed.push(o);
-                }
+                self.free_entry(&mut m, old_cluster);
                 // Already zero: a zero cluster, or nothing under an image
                 // without a backing file (no table is allocated for it).
-                let reads_zero =
-                    old == ZERO || (old_cluster == Cluster::Unallocated && self.backing.is_none());
+                let reads_zero = old == ZERO
+                    || (old_cluster == Cluster::Unallocated && self.backing().is_none());
                 if !reads_zero {
                     self.set_l2(&mut m, gc, ZERO)?;
                 }
@@ -432,9 +482,4 @@ impl Image {
         }
         self.flush_if_dirty_over()
     }
-}
-
-/// Compressed clusters are refused by [`Image::checked`]; never reached.
-fn unreachable_compressed<T>() -> Result<T, Qcow2Error> {
-    Err(Qcow2Error::Unsupported("compressed clusters".into()))
 }

@@ -12,7 +12,17 @@
 //! through the refcount table. Files: `header.rs` (the checked header),
 //! `table.rs` (entries), `image.rs` (one image: lookup, reads, writes,
 //! flush), `alloc.rs` (refcounts, allocation, the flush order, the check
-//! at open), `create.rs` (new images, copying a chain into one).
+//! at open), `create.rs` (new images, copying a chain into one),
+//! `online.rs` (growing, and copying the chain in while the image serves).
+//!
+//! Compressed clusters (`qemu-img convert -c`) are read: the L2 entry
+//! gives a byte offset and a length of at most two clusters of raw
+//! deflate, inflated (flate2, pure Rust) into exactly one cluster, else the
+//! request gets EIO. A write to a compressed cluster allocates a normal one
+//! (the rest of the cluster inflated into it); the host clusters the
+//! compressed data lay in, which other compressed clusters may share, lose
+//! one reference each at the next flush (freed at zero). stord never writes
+//! compressed clusters.
 //!
 //! Reads of a cluster fall through the chain: a qcow2 or raw backing file,
 //! opened read-only; past the end of a smaller backing file reads zeroes.
@@ -59,8 +69,9 @@
 //!
 //! Every length is bounded by the header check (`header.rs`); L1 entries are
 //! checked at open (aligned, inside the file, not on the header or a table);
-//! an L2 entry is checked when used: a cluster past the end of the file, on
-//! metadata, compressed, or with reserved bits set answers that request with
+//! an L2 entry is checked when used: a cluster (or compressed data) past
+//! the end of the file or on metadata, compressed data that does not
+//! inflate to a cluster, or reserved bits set answer that request with
 //! EIO and leaves the rest of the disk working. Backing file names are
 //! resolved by a [`Root`]: inside the state directory only plain `NAME.img`
 //! names of that directory; for an imported file, names (relative or absolute)
@@ -70,6 +81,7 @@ pub mod alloc;
 pub mod create;
 pub mod header;
 pub mod image;
+pub mod online;
 pub mod table;
 
 use std::fs::File;

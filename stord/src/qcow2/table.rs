@@ -25,14 +25,36 @@ pub enum Cluster {
     Zero(Option<u64>),
     /// Data at this host offset.
     Data(u64),
-    /// Compressed (not supported: EIO).
-    Compressed,
+    /// Compressed: `len` bytes of raw deflate at host byte `off` (not
+    /// aligned), inflating to one cluster. `len` is at most two clusters.
+    Compressed {
+        /// Host byte offset.
+        off: u64,
+        /// Bytes the descriptor covers (to the end of its last sector).
+        len: u64,
+    },
+}
+
+/// The host clusters a compressed cluster's bytes lie in.
+pub fn compressed_clusters(off: u64, len: u64, cs: u64) -> impl Iterator<Item = u64> {
+    (off / cs..=(off + len.max(1) - 1) / cs).map(move |c| c * cs)
 }
 
 /// Decodes an L2 entry of an image with clusters of `cs` bytes.
 pub fn decode_l2(e: u64, cs: u64) -> Result<Cluster, Qcow2Error> {
     if e & COMPRESSED != 0 {
-        return Ok(Cluster::Compressed);
+        // Bits 0..x: the offset; x..62: sectors beyond the first
+        // (x = 62 - (cluster_bits - 8), so at most 2 clusters of them).
+        let x = 70 - cs.trailing_zeros();
+        let off = e & ((1u64 << x) - 1);
+        if e & COPIED != 0 || off >> 56 != 0 {
+            return Err(Qcow2Error::Corrupt(format!(
+                "compressed L2 entry {e:#x} has reserved bits set"
+            )));
+        }
+        let sectors = ((e & !(COPIED | COMPRESSED)) >> x) + 1;
+        let len = sectors * 512 - (off & 511);
+        return Ok(Cluster::Compressed { off, len });
     }
     if e & !(OFFSET_MASK | COPIED | ZERO) != 0 {
         return Err(Qcow2Error::Corrupt(format!(
@@ -129,7 +151,21 @@ mod tests {
             decode_l2(COPIED | 0x30001, cs).unwrap(),
             Cluster::Zero(Some(0x30000))
         );
-        assert_eq!(decode_l2(COMPRESSED | 5, cs).unwrap(), Cluster::Compressed);
+        // 64 KiB clusters: x = 54; 3 more sectors, at byte 0x10005.
+        assert_eq!(
+            decode_l2(COMPRESSED | 3 << 54 | 0x10005, cs).unwrap(),
+            Cluster::Compressed {
+                off: 0x10005,
+                len: 4 * 512 - 5
+            }
+        );
+        assert!(decode_l2(COMPRESSED | COPIED | 5, cs).is_err(), "copied");
+        // 512-byte clusters: x = 61, offset bits above 55 are reserved.
+        assert!(decode_l2(COMPRESSED | 1 << 57, 512).is_err());
+        assert_eq!(
+            compressed_clusters(0x1fff0, 0x20, cs).collect::<Vec<_>>(),
+            vec![0x10000, 0x20000]
+        );
         assert!(decode_l2(0x30200, cs).is_err(), "unaligned");
         assert!(decode_l2(1 << 60, cs).is_err(), "reserved");
         assert!(decode_l2(2, cs).is_err(), "reserved");

@@ -227,3 +227,144 @@ fn concurrent_partial_writes_into_one_new_cluster_all_stay() {
     }
     img.flush().unwrap();
 }
+
+/// Deflates `data` raw, as QEMU's compressed clusters are.
+fn deflate(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 1024);
+    let mut z = flate2::Compress::new(flate2::Compression::default(), false);
+    z.compress_vec(data, &mut out, flate2::FlushCompress::Finish)
+        .unwrap();
+    out
+}
+
+/// A compressed guest cluster 1 (its deflated bytes 100 bytes into a
+/// host cluster, refcount 1) under a plain cluster 0; the image's path.
+fn with_compressed(dir: &Path, pattern: &[u8]) -> (PathBuf, Root) {
+    let (p, root, img) = fresh(dir, "c.img", 8 * MIB);
+    img.write(0, &[7; 65536]).unwrap();
+    let z = deflate(pattern);
+    {
+        let mut m = img.write_meta();
+        let host = img.alloc_cluster(&mut m).unwrap();
+        img.file.write_all_at(&z, host + 100).unwrap();
+        let sectors = (100 + z.len() as u64).div_ceil(512);
+        let e = table::COMPRESSED | (sectors - 1) << 54 | (host + 100);
+        img.set_l2(&mut m, 1, e).unwrap();
+    }
+    img.flush().unwrap();
+    (p, root)
+}
+
+#[test]
+fn compressed_clusters_read_and_are_replaced_on_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let pattern: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+    let (p, root) = with_compressed(dir.path(), &pattern);
+    let img = Image::open(&p, true, &root).unwrap();
+    assert_eq!(read(&img, 65536, 65536), pattern);
+    assert_eq!(read(&img, 65536 + 1000, 10), pattern[1000..1010]);
+    assert_eq!(img.status(65536, 65536).unwrap(), (65536, Run::Data));
+    // A partial write: a new cluster, the rest inflated into it; the
+    // compressed one's host cluster is freed at the flush.
+    img.write(65536 + 4096, &[0xee; 4096]).unwrap();
+    img.flush().unwrap();
+    let mut want = pattern.clone();
+    want[4096..8192].fill(0xee);
+    assert_eq!(read(&img, 65536, 65536), want);
+    let used: u32 = img
+        .read_meta()
+        .refblocks
+        .values()
+        .flat_map(|r| r.0.iter())
+        .map(|&c| c as u32)
+        .sum();
+    // header, reftable, refblock, L1, L2, two data clusters
+    assert_eq!(used, 7);
+    drop(img);
+    let img = Image::open(&p, true, &root).unwrap();
+    assert_eq!(read(&img, 65536, 65536), want);
+}
+
+#[test]
+fn corrupt_compressed_data_answers_eio() {
+    let dir = tempfile::tempdir().unwrap();
+    let pattern = vec![0x5a; 65536];
+    let (p, root) = with_compressed(dir.path(), &pattern);
+    let img = Image::open(&p, false, &root).unwrap();
+    assert_eq!(read(&img, 65536, 65536), pattern);
+    let e = img.read_meta().l2.values().next().unwrap().entries[1];
+    let table::Cluster::Compressed { off, .. } = table::decode_l2(e, 65536).unwrap() else {
+        panic!("not compressed");
+    };
+    drop(img);
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.write_all_at(&[0xff; 64], off).unwrap();
+    let img = Image::open(&p, false, &root).unwrap();
+    let mut b = vec![0; 4096];
+    assert!(matches!(
+        img.read(65536, &mut b),
+        Err(Qcow2Error::Corrupt(_))
+    ));
+    img.read(0, &mut b).unwrap();
+    assert_eq!(b, vec![7; 4096]);
+}
+
+/// The sum of all refcounts: clusters in use.
+fn used_clusters(img: &Image) -> u32 {
+    let mut m = img.write_meta();
+    let rt = m.reftable.clone();
+    rt.iter()
+        .filter(|e| **e != 0)
+        .enumerate()
+        .map(|(i, _)| {
+            let per = img.cs / 2;
+            (0..per)
+                .map(|j| img.refcount(&mut m, (i as u64 * per + j) * img.cs).unwrap() as u32)
+                .sum::<u32>()
+        })
+        .sum()
+}
+
+#[test]
+fn grow_moves_the_l1_table_and_leaks_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, root, img) = fresh(dir.path(), "g.img", 8 * MIB);
+    img.write(MIB, &[5; 4096]).unwrap();
+    assert!(img.grow(4 * MIB).is_err(), "shrink");
+    img.grow(100 * MIB).unwrap();
+    assert_eq!(img.read_meta().l1_offset, img.header().l1_offset);
+    let big = (2 << 30) + 65536;
+    img.grow(big).unwrap();
+    assert_ne!(img.read_meta().l1_offset, img.header().l1_offset);
+    img.write(2 << 30, &[6; 4096]).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    let img = Image::open(&p, true, &root).unwrap();
+    assert_eq!(img.size(), big);
+    assert_eq!(read(&img, MIB, 4096), vec![5; 4096]);
+    assert_eq!(read(&img, 2 << 30, 4096), vec![6; 4096]);
+    assert_eq!(read(&img, big - 4096, 4096), vec![0; 4096]);
+    // header, reftable, refblock, the new L1, two L2 tables, two data
+    assert_eq!(used_clusters(&img), 8);
+}
+
+#[test]
+fn stream_then_detach_makes_the_image_self_contained() {
+    let dir = tempfile::tempdir().unwrap();
+    let (top, root, img) = overlay_on_raw(dir.path());
+    img.write(3 * MIB + 100, &[0x33; 10]).unwrap();
+    img.zero(0, 65536, false, false).unwrap();
+    let before = read(&img, 0, 8 * MIB as usize);
+    img.stream().unwrap();
+    img.write(3 * MIB + 65536, &[0x44; 10]).unwrap();
+    img.detach().unwrap();
+    assert_eq!(img.chain_paths().len(), 1);
+    let mut after = before.clone();
+    after[3 * MIB as usize + 65536..][..10].fill(0x44);
+    assert_eq!(read(&img, 0, 8 * MIB as usize), after);
+    drop(img);
+    std::fs::remove_file(dir.path().join("base.img")).unwrap();
+    let img = Image::open(&top, true, &root).unwrap();
+    assert!(img.header().backing.is_none());
+    assert_eq!(read(&img, 0, 8 * MIB as usize), after);
+}

@@ -82,12 +82,29 @@ pub struct Counters {
     pub dropped: AtomicU64,
     /// virtio-mmio register writes refused (out of the status state machine's order).
     pub refused_mmio: AtomicU64,
+    /// virtio-net: frames delivered to the guest.
+    pub rx_packets: AtomicU64,
+    /// virtio-net: bytes of those frames (without the virtio-net header).
+    pub rx_bytes: AtomicU64,
+    /// virtio-net: frames the guest sent that went out.
+    pub tx_packets: AtomicU64,
+    /// virtio-net: bytes of those frames (without the virtio-net header).
+    pub tx_bytes: AtomicU64,
+    /// virtio-blk: reads completed.
+    pub reads: AtomicU64,
+    /// virtio-blk: writes completed.
+    pub writes: AtomicU64,
 }
 
 impl Counters {
     /// Adds one to a counter.
     pub fn bump(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds `n` to a counter.
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Reads a counter.

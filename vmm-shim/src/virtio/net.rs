@@ -176,7 +176,12 @@ impl<T: NetBackend> Net<T> {
 
     fn send_frame(&mut self, f: &[u8]) {
         match self.backend.send(f) {
-            Ok(()) => Counters::bump(&self.counters.completed),
+            Ok(()) => {
+                Counters::bump(&self.counters.completed);
+                Counters::bump(&self.counters.tx_packets);
+                let len = f.len().saturating_sub(VNET_HDR_LEN) as u64;
+                Counters::add(&self.counters.tx_bytes, len);
+            }
             Err(e) => {
                 Counters::bump(&self.counters.dropped);
                 tracing::debug!(error = %e, "TAP write failed; frame dropped");
@@ -238,6 +243,9 @@ impl<T: NetBackend> Net<T> {
                     match v.write(mem, 0, &frame) {
                         Some(()) => {
                             Counters::bump(&self.counters.completed);
+                            Counters::bump(&self.counters.rx_packets);
+                            let len = frame.len().saturating_sub(VNET_HDR_LEN) as u64;
+                            Counters::add(&self.counters.rx_bytes, len);
                             frame.len() as u32
                         }
                         None => {

@@ -39,6 +39,8 @@ pub(super) struct VcpuShared {
     pub(super) bus: MmioBus,
     /// Exits by reason, one entry per vCPU (the metrics server reads them).
     pub(super) exits: Arc<Vec<VcpuExits>>,
+    /// Pause and resume (a vCPU parks between exits while a pause is wanted).
+    pub(super) control: Arc<super::control::Control>,
 }
 
 /// The MMIO bus: virtio-mmio windows at fixed addresses.
@@ -243,12 +245,17 @@ fn vcpu_loop(mut vcpu: VcpuFd, id: u8, shared: &VcpuShared) -> Option<ExitReason
         pio,
         bus,
         exits,
+        control,
     } = shared;
     let unused = VcpuExits::default();
     let exits = exits.get(usize::from(id)).unwrap_or(&unused);
     loop {
         if stop.load(Ordering::SeqCst) {
             return None;
+        }
+        if control.pausing() {
+            control.park(stop);
+            continue;
         }
         let run = vcpu.run();
         exits.count(match &run {

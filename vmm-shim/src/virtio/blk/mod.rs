@@ -314,6 +314,8 @@ impl<B: BlockBackend> Block<B> {
         for p in batch {
             let v = &p.view;
             let status_at = v.writable_len - 1;
+            // Which of the read / write counters a success adds to.
+            let mut kind = None;
             let (status, written) = match p.req {
                 BlkRequest::Fail(s) => (s, 0),
                 BlkRequest::GetId => match v.write(mem, 0, &self.id) {
@@ -321,6 +323,13 @@ impl<B: BlockBackend> Block<B> {
                     None => (S_IOERR, 0),
                 },
                 BlkRequest::Io { is_read, reqs } => {
+                    kind = if is_read {
+                        Some(&self.counters.reads)
+                    } else if reqs.iter().any(|r| matches!(r, Request::Write { .. })) {
+                        Some(&self.counters.writes)
+                    } else {
+                        None
+                    };
                     let mut status = S_OK;
                     let mut written = 0;
                     for r in &reqs {
@@ -352,6 +361,9 @@ impl<B: BlockBackend> Block<B> {
                 Counters::bump(&self.counters.io_errors);
             } else {
                 Counters::bump(&self.counters.completed);
+                if let Some(k) = kind {
+                    Counters::bump(k);
+                }
             }
             let len = if v.write(mem, status_at, &[status]).is_some() {
                 written + 1

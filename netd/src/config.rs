@@ -161,6 +161,9 @@ pub struct NetworkConfig {
     /// "A-B", inclusive: the addresses DHCPv6 leases (IA_NA); without it DHCPv6 is
     /// stateless (DNS only) and guests use SLAAC.
     pub dhcp6_range: Option<String>,
+    /// nat: whether the router serves IPv6 (default true: `fd00::/64` unless
+    /// `subnet6` says otherwise). See [`crate::nat`].
+    pub ipv6: Option<bool>,
 }
 
 /// A DHCP reservation (`[[network.reservation]]`: `mac`, `ip`, `hostname`).
@@ -339,11 +342,22 @@ impl Config {
                     .map(|v| (s.name.clone(), (v.network, v.prefix)))
             })
             .collect();
+        // The same for IPv6: the router serves the network's own prefix, and
+        // every other network's prefix is denied.
+        let prefixes: Vec<(String, std::net::Ipv6Addr)> = out
+            .iter()
+            .filter_map(|s| s.ipv6.as_ref().map(|v| (s.name.clone(), v.prefix)))
+            .collect();
         for spec in &mut out {
             if let Some(nat) = spec.nat.as_mut() {
                 for (name, sub) in &subnets {
                     if *name != spec.name && !nat.outbound_deny.contains(sub) {
                         nat.outbound_deny.push(*sub);
+                    }
+                }
+                for (name, p) in &prefixes {
+                    if *name != spec.name && !nat.outbound_deny6.contains(&(*p, 64)) {
+                        nat.outbound_deny6.push((*p, 64));
                     }
                 }
             }

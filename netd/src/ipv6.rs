@@ -22,6 +22,11 @@
 //! nodes every [`RA_INTERVAL`] (the first [`INITIAL_RAS`] faster) and in answer to a
 //! Router Solicitation, at most one answer per [`RS_ANSWER_GAP`].
 //!
+//! On a NAT network the same service runs inside the NAT router
+//! ([`Ipv6Service::set_router`], see [`crate::nat`]): it sends from the router's MAC
+//! and link-local address, owns the gateway and DNS addresses, and its RAs carry a
+//! router lifetime of [`ROUTER_LIFETIME`], so the guests route IPv6 through netd.
+//!
 //! [`Ipv6Service::handle_frame`] is pure logic (a frame and a clock in, frames out),
 //! so unit tests drive it without sockets; [`run`] wires it to a service port.
 //! Every received frame is parsed by `wire.rs` (bounded, checked); a frame that
@@ -54,6 +59,8 @@ const PREFIX_VALID: u32 = 86_400;
 const PREFIX_PREFERRED: u32 = 14_400;
 /// Lifetime of the RDNSS option, seconds (more than twice the RA interval).
 const RDNSS_LIFETIME: u32 = 600;
+/// Router lifetime in a NAT router's RAs, seconds (RFC 4861's default, 3 x 600).
+pub const ROUTER_LIFETIME: u16 = 1800;
 /// Largest echo request answered (bytes of ICMPv6 message).
 const MAX_ECHO: usize = 1452;
 
@@ -85,6 +92,9 @@ pub struct Ipv6Service {
     mtu: u32,
     /// Whether the gateway address is the service's (internal) or the host's.
     own_gateway: bool,
+    /// A NAT network's router: it owns the DNS address too, and its RAs make it
+    /// the default router (see [`Ipv6Service::set_router`]).
+    router: bool,
     last_rs_answer: Option<Instant>,
     /// Counters.
     pub stats: Stats,
@@ -110,6 +120,7 @@ impl Ipv6Service {
             ll,
             mtu,
             own_gateway,
+            router: false,
             last_rs_answer: None,
             stats: Stats::default(),
         }
@@ -137,8 +148,21 @@ impl Ipv6Service {
         self.ll
     }
 
-    fn owns(&self, a: Ipv6Addr) -> bool {
-        a == self.ll || (self.own_gateway && a == self.spec.gateway)
+    /// Makes the service a NAT network's router (run inside the router, with the
+    /// router's MAC): its RAs carry a router lifetime of [`ROUTER_LIFETIME`], so
+    /// guests take it as their default router, and it answers NDP and ping for the
+    /// DNS address too (the router's DNS forwarder is there).
+    pub fn set_router(&mut self) {
+        self.router = true;
+        self.own_gateway = true;
+    }
+
+    /// Whether `a` is one of the service's own addresses (its link-local, the
+    /// gateway where it owns it, the DNS address on a NAT network).
+    pub fn owns(&self, a: Ipv6Addr) -> bool {
+        a == self.ll
+            || (self.own_gateway && a == self.spec.gateway)
+            || (self.router && Some(a) == self.spec.dns)
     }
 
     /// A Router Advertisement to all nodes.
@@ -148,8 +172,11 @@ impl Ipv6Service {
         let other = stateful || self.spec.dns.is_some();
         let mut b = vec![icmp::RA, 0, 0, 0, 64];
         b.push(if stateful { 0x80 } else { 0 } | if other { 0x40 } else { 0 });
-        // Router lifetime 0: not a default router. Reachable time, retrans timer: unspecified.
-        b.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        // Router lifetime 0 (not a default router) but on a NAT network's router.
+        // Reachable time, retrans timer: unspecified.
+        let lifetime = if self.router { ROUTER_LIFETIME } else { 0 };
+        b.extend_from_slice(&lifetime.to_be_bytes());
+        b.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0]);
         b.extend_from_slice(&[opt::SLLA, 1]);
         b.extend_from_slice(&self.mac);
         b.extend_from_slice(&[opt::MTU, 1, 0, 0]);
@@ -302,6 +329,25 @@ impl Ipv6Service {
             b,
             2,
         ))
+    }
+}
+
+/// An IPv6 service shared between the daemon (leases, counters) and the task or
+/// router thread that runs it; equal when it is the same service.
+#[derive(Clone)]
+pub struct SharedService(pub Arc<Mutex<Ipv6Service>>);
+
+impl PartialEq for SharedService {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for SharedService {}
+
+impl std::fmt::Debug for SharedService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedService")
     }
 }
 

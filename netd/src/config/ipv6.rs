@@ -1,11 +1,17 @@
 //! The IPv6 keys of one `[[network]]` table: `subnet6` (a /64), `gateway6`,
-//! `dns6` and `dhcp6_range`. IPv6 is served on hostonly and internal networks when
-//! `subnet6` is set; a NAT network's IPv6 (the router's) is not built yet, and a
-//! bridged network's is the LAN's router's, so both refuse the keys by name.
+//! `dns6`, `dhcp6_range` and `ipv6`. IPv6 is served on hostonly and internal
+//! networks when `subnet6` is set. A NAT network has IPv6 by default, laid out as
+//! slirp4netns `--enable-ipv6` does: `fd00::/64`, gateway `fd00::2`, DNS `fd00::3`
+//! (`ipv6 = false` turns it off); its addresses come from SLAAC, so `dhcp6_range` is
+//! refused there. A bridged network's IPv6 is the LAN's router's, so it refuses the
+//! keys by name.
 
 use std::net::Ipv6Addr;
 
 use super::{ConfigError, Ctx, Ipv6Spec, Mode, NetworkConfig};
+
+/// A NAT network's prefix when `subnet6` is not set (slirp4netns' layout).
+pub const NAT_SUBNET6: &str = "fd00::/64";
 
 /// Parses "ADDR/64" into the prefix with its host bits cleared.
 fn parse_prefix64(s: &str) -> Option<Ipv6Addr> {
@@ -37,7 +43,21 @@ impl NetworkConfig {
         ctx: &Ctx<'_>,
         key: &dyn Fn(&str) -> String,
     ) -> Result<Option<Ipv6Spec>, ConfigError> {
-        let Some(subnet6) = &self.subnet6 else {
+        if self.ipv6.is_some() && self.mode != Mode::Nat {
+            return Err(ctx.err(
+                key("ipv6"),
+                "only on a nat network (others have IPv6 when `subnet6` is set)",
+            ));
+        }
+        if self.ipv6 == Some(false) {
+            if self.subnet6.is_some() {
+                return Err(ctx.err(key("subnet6"), "no subnet6 with `ipv6 = false`"));
+            }
+            return Ok(None);
+        }
+        let nat_default =
+            (self.mode == Mode::Nat && self.subnet6.is_none()).then(|| NAT_SUBNET6.to_string());
+        let Some(subnet6) = self.subnet6.as_ref().or(nat_default.as_ref()) else {
             let set = [
                 ("gateway6", self.gateway6.is_some()),
                 ("dns6", self.dns6.is_some()),
@@ -51,10 +71,12 @@ impl NetworkConfig {
         match self.mode {
             Mode::Hostonly | Mode::Internal => {}
             Mode::Nat => {
-                return Err(ctx.err(
-                    key("subnet6"),
-                    "no subnet6 on a nat network yet (the NAT router's IPv6 is not built)",
-                ))
+                if self.dhcp6_range.is_some() {
+                    return Err(ctx.err(
+                        key("dhcp6_range"),
+                        "no stateful DHCPv6 on a nat network (guests take SLAAC addresses)",
+                    ));
+                }
             }
             Mode::Bridged => {
                 return Err(ctx.err(
@@ -70,17 +92,31 @@ impl NetworkConfig {
             )
         })?;
         let v6 = |a: Ipv6Addr| a.octets()[..8] == prefix.octets()[..8];
-        let gateway = self.gateway6.unwrap_or_else(|| host(prefix, 1));
+        let nat = self.mode == Mode::Nat;
+        let gateway = self
+            .gateway6
+            .unwrap_or_else(|| host(prefix, if nat { 2 } else { 1 }));
         if !v6(gateway) || gateway == prefix {
             return Err(ctx.err(
                 key("gateway6"),
                 format!("a host address inside {prefix}/64"),
             ));
         }
-        if let Some(d) = self.dns6 {
+        // The NAT router answers DNS at its own address, inside the prefix.
+        let dns6 = match self.dns6 {
+            None if nat => Some(host(prefix, 3)),
+            d => d,
+        };
+        if let Some(d) = dns6 {
             let o = d.octets();
             if d.is_unspecified() || d.is_loopback() || o[0] == 0xff {
                 return Err(ctx.err(key("dns6"), "a unicast IPv6 address"));
+            }
+            if nat && (!v6(d) || d == prefix || d == gateway) {
+                return Err(ctx.err(
+                    key("dns6"),
+                    format!("a host address inside {prefix}/64 other than the gateway"),
+                ));
             }
         }
         let range = match &self.dhcp6_range {
@@ -119,7 +155,7 @@ impl NetworkConfig {
         Ok(Some(Ipv6Spec {
             prefix,
             gateway,
-            dns: self.dns6,
+            dns: dns6,
             range,
             lease_time,
         }))
@@ -155,10 +191,33 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(s.range.unwrap().1, "fd42::1ff".parse::<Ipv6Addr>().unwrap());
+        // NAT: IPv6 by default, slirp4netns' layout; `ipv6 = false` turns it off.
+        let s = v("", "nat").unwrap().unwrap();
+        let a = |t: &str| t.parse::<Ipv6Addr>().unwrap();
+        assert_eq!((s.prefix, s.gateway), (a("fd00::"), a("fd00::2")));
+        assert_eq!(s.dns, Some(a("fd00::3")));
+        assert!(v("ipv6=false\n", "nat").unwrap().is_none());
+        let s = v("subnet6='fd42:1::/64'\n", "nat").unwrap().unwrap();
+        assert_eq!((s.gateway, s.dns), (a("fd42:1::2"), Some(a("fd42:1::3"))));
         for (extra, mode, k) in [
             ("subnet6='fd42::/48'\n", "hostonly", "network[0].subnet6"),
             ("subnet6='fe80::/64'\n", "hostonly", "network[0].subnet6"),
-            ("subnet6='fd42::/64'\n", "nat", "network[0].subnet6"),
+            (
+                "subnet6='fd42::/64'\ndhcp6_range='fd42::100-fd42::1ff'\n",
+                "nat",
+                "network[0].dhcp6_range",
+            ),
+            (
+                "subnet6='fd42::/64'\ndns6='fd43::3'\n",
+                "nat",
+                "network[0].dns6",
+            ),
+            ("ipv6=false\n", "hostonly", "network[0].ipv6"),
+            (
+                "ipv6=false\nsubnet6='fd42::/64'\n",
+                "nat",
+                "network[0].subnet6",
+            ),
             ("gateway6='fd42::1'\n", "hostonly", "network[0].gateway6"),
             (
                 "subnet6='fd42::/64'\ngateway6='fd43::1'\n",

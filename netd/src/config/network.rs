@@ -283,6 +283,10 @@ impl NetworkConfig {
         };
         let ipv6 = self.validate_ipv6(&ctx, &key)?;
         // A pure switch here: the services of a network that spans hosts run on one.
+        let mut nat_spec = nat_spec;
+        if let Some(n) = nat_spec.as_mut() {
+            n.ipv6 = ipv6.clone();
+        }
         let (dhcp, nat_spec, host_ifname, dns, ipv6) = if services {
             (dhcp, nat_spec, host_ifname, dns, ipv6)
         } else {

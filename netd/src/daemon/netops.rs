@@ -298,6 +298,11 @@ impl Daemon {
                         nat.outbound_deny.push(sub);
                     }
                 }
+                if let Some(v) = &st.spec.ipv6 {
+                    if !nat.outbound_deny6.contains(&(v.prefix, 64)) {
+                        nat.outbound_deny6.push((v.prefix, 64));
+                    }
+                }
             }
             changes.apply_outbound(nat);
         }

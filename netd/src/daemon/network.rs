@@ -165,7 +165,7 @@ impl Daemon {
             st.dhcp = Some(server);
         }
         if let Some(v6) = &spec.ipv6 {
-            match start_ipv6(&net, &spec, v6, state_dir) {
+            match start_ipv6(&net, &spec, v6, state_dir, router_mac) {
                 Ok(svc) => st.ipv6 = Some(svc),
                 Err(e) => return fail(st, e),
             }
@@ -175,6 +175,8 @@ impl Daemon {
             let mut cfg = cfg.clone();
             cfg.mac = router_mac;
             cfg.names = st.names.clone().map(crate::dns::SharedNames);
+            // The router runs the IPv6 service itself (see `nat/v6.rs`).
+            cfg.ipv6_service = st.ipv6.clone().map(crate::ipv6::SharedService);
             // The router's queue: ~6 MiB of MTU-sized frames, and at most
             // SERVICE_QUEUE_BYTES whatever the frames (TCP super-frames included).
             let cap = (4096 * 1500 / cfg.mtu.max(1500)).max(128);
@@ -298,18 +300,29 @@ fn start_dns(
 
 /// Starts the IPv6 service of a network with `subnet6` (see [`crate::ipv6`]): its
 /// own service port and MAC; the gateway address is the host TAP's on hostonly.
+/// On a NAT network the service is the router's (`router_mac`, no port of its
+/// own): the router runs it on its thread (see `nat/v6.rs`).
 fn start_ipv6(
     net: &Arc<Network>,
     spec: &NetworkSpec,
     v6: &crate::config::Ipv6Spec,
     state_dir: &Path,
+    router_mac: [u8; 6],
 ) -> Result<Arc<Mutex<crate::ipv6::Ipv6Service>>, DaemonError> {
     let path = state_dir.join(format!("leases6-{}.json", spec.name));
     let db = crate::ipv6::dhcp6::Lease6Db::load(Some(path))
         .map_err(|e| DaemonError::Leases6(spec.name.clone(), e))?;
-    let mac = service_mac(&spec.name, 4);
+    let nat = spec.nat.is_some();
+    let mac = if nat {
+        router_mac
+    } else {
+        service_mac(&spec.name, 4)
+    };
     let own_gateway = spec.host_ifname.is_none();
-    let svc = crate::ipv6::Ipv6Service::new(v6.clone(), mac, spec.mtu, own_gateway, db);
+    let mut svc = crate::ipv6::Ipv6Service::new(v6.clone(), mac, spec.mtu, own_gateway, db);
+    if nat {
+        svc.set_router();
+    }
     let ll = svc.link_local();
     let mut protected = vec![v6.gateway, ll];
     protected.extend(v6.dns);
@@ -321,6 +334,10 @@ fn start_ipv6(
     guard.set_leases(svc.dhcp6.db.leases());
     net.set_ip6_guard(guard);
     let svc = Arc::new(Mutex::new(svc));
+    if nat {
+        tracing::info!(network = %spec.name, prefix = %v6.prefix, link_local = %ll, "IPv6 on the NAT router");
+        return Ok(svc);
+    }
     let port = net
         .attach_service("ipv6", 256)
         .map_err(|e| DaemonError::Ipv6Attach(spec.name.clone(), e))?;

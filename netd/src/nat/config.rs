@@ -7,7 +7,7 @@
 //! forward added later through the control API goes through the same
 //! `check_forward`.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -113,6 +113,16 @@ pub struct RouterConfig {
     /// The network's own names, answered at the DNS address before anything is
     /// forwarded (the daemon plugs the table in; see [`crate::dns`]).
     pub names: Option<crate::dns::SharedNames>,
+    /// The network's IPv6 (prefix, gateway, DNS address), if the router serves it
+    /// (see `frame6.rs`).
+    pub ipv6: Option<crate::config::Ipv6Spec>,
+    /// The IPv6 service (RAs, NDP, DHCPv6) the router runs for `ipv6`; the daemon
+    /// shares it for its counters, else the router makes its own.
+    pub ipv6_service: Option<crate::ipv6::SharedService>,
+    /// IPv6 destinations flows may not go to, as (prefix, length) pairs, besides
+    /// link-local and the host's own addresses, which are always refused: the
+    /// daemon puts the prefixes of its other networks here.
+    pub outbound_deny6: Vec<(Ipv6Addr, u8)>,
 }
 
 /// Destinations denied by default: link-local (cloud metadata services live there).
@@ -200,6 +210,9 @@ impl RouterConfig {
             outbound_allow: Vec::new(),
             outbound_deny: DEFAULT_DENY.to_vec(),
             names: None,
+            ipv6: None,
+            ipv6_service: None,
+            outbound_deny6: Vec::new(),
         }
     }
 
@@ -268,6 +281,27 @@ impl RouterConfig {
             && a != self.dns
             && !a.is_unspecified()
             && !a.is_broadcast()
+    }
+
+    /// Whether `a` is inside the network's IPv6 prefix.
+    pub fn in_prefix6(&self, a: Ipv6Addr) -> bool {
+        self.ipv6.as_ref().is_some_and(|v| v.contains(a))
+    }
+
+    /// Whether `a` is one of the router's own IPv6 addresses (gateway, DNS).
+    pub fn own6(&self, a: Ipv6Addr) -> bool {
+        self.ipv6
+            .as_ref()
+            .is_some_and(|v| a == v.gateway || Some(a) == v.dns)
+    }
+
+    /// Whether `a` may be the IPv6 source of a guest's flow: an address of the
+    /// prefix that is neither its subnet-router anycast address (`::0`) nor one
+    /// of the router's own (the port guard binds it to the guest's MAC).
+    pub fn valid_guest_src6(&self, a: Ipv6Addr) -> bool {
+        self.ipv6
+            .as_ref()
+            .is_some_and(|v| v.contains(a) && a != v.prefix && !self.own6(a))
     }
 
     pub(super) fn check_forward(&self, f: &Forward) -> Result<(), NatError> {

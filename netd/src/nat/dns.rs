@@ -1,4 +1,4 @@
-//! DNS at the router's DNS address (10.0.2.3 by default).
+//! DNS at the router's DNS addresses (10.0.2.3 and `fd00::3` by default).
 //!
 //! # Theory of operation
 //!
@@ -12,11 +12,11 @@
 //! UDP or TCP. DNS over TCP is always forwarded: the router does not read TCP
 //! streams, and the local answers are small enough for UDP.
 
-use std::net::SocketAddrV4;
+use std::net::{IpAddr, SocketAddr};
 
 use smoltcp::wire::EthernetAddress;
 
-use super::frame::udp_frame;
+use super::frame6::udp_frame_any;
 use super::Router;
 use crate::dns::Answer;
 
@@ -27,11 +27,12 @@ impl Router {
     pub(super) fn dns_local(
         &mut self,
         mac: EthernetAddress,
-        guest: SocketAddrV4,
-        dst: SocketAddrV4,
+        guest: SocketAddr,
+        dst: SocketAddr,
         payload: &[u8],
     ) -> bool {
-        if dst.port() != 53 || *dst.ip() != self.cfg.dns {
+        let dns6 = self.cfg.ipv6.as_ref().and_then(|v| v.dns).map(IpAddr::V6);
+        if dst.port() != 53 || (dst.ip() != IpAddr::V4(self.cfg.dns) && Some(dst.ip()) != dns6) {
             return false;
         }
         let Some(names) = &self.cfg.names else {
@@ -44,14 +45,9 @@ impl Router {
                 true
             }
             Answer::Local(reply) => {
-                let f = udp_frame(
-                    self.mac,
-                    mac,
-                    (*dst.ip(), 53),
-                    (*guest.ip(), guest.port()),
-                    &reply,
-                );
-                self.dev.tx.push_back(f.into());
+                if let Some(f) = udp_frame_any(self.mac, mac, dst, guest, &reply) {
+                    self.dev.tx.push_back(f.into());
+                }
                 true
             }
         }

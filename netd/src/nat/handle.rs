@@ -64,6 +64,11 @@ pub struct Stats {
     pub flows_udp: u64,
     /// ICMP echo flows open now.
     pub flows_icmp: u64,
+    /// IPv6 frames from the switch (of `frames_in`).
+    pub frames_in6: u64,
+    /// Flows open now from a guest's IPv6 address (TCP, UDP and ICMPv6; of the
+    /// three above, port forwards not counted).
+    pub flows_ipv6: u64,
 }
 
 /// One flow, as `netd flows NET` lists it.
@@ -272,6 +277,7 @@ impl Router {
                 s.flows_tcp = self.tcp.len() as u64;
                 s.flows_udp = self.udp.len() as u64;
                 s.flows_icmp = self.icmp.len() as u64;
+                s.flows_ipv6 = self.guest_flows.total_ipv6() as u64;
                 let _ = tx.send(s);
             }
             Command::Outbound(c, tx) => {

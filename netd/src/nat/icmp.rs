@@ -15,12 +15,16 @@
 //!   every ICMP packet from that destination, so only echo replies carrying the flow's
 //!   identifier are passed on.
 //!
-//! Echo requests to the router's own addresses never get here: smoltcp answers them.
+//! IPv6 echo (ICMPv6 128/129) takes the same path with `IPPROTO_ICMPV6` sockets; a
+//! raw ICMPv6 socket returns the message without the IPv6 header.
+//!
+//! Echo requests to the router's own addresses never get here: smoltcp answers them
+//! (IPv4), or the router's IPv6 service (`frame6.rs`).
 //! Flows expire after `icmp_timeout` idle.
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -33,13 +37,13 @@ use super::router::GuestCounts;
 use super::udp::FLOW_COST;
 use super::{FlowInfo, Router};
 
-type Key = (Ipv4Addr, Ipv4Addr, u16);
+type Key = (IpAddr, IpAddr, u16);
 
 struct Flow {
     fd: AsyncFd<Socket>,
     raw: bool,
     mac: EthernetAddress,
-    target: Ipv4Addr,
+    target: IpAddr,
     last: Instant,
 }
 
@@ -102,16 +106,19 @@ impl IcmpTable {
     }
 }
 
-fn open(target: Ipv4Addr) -> std::io::Result<(Socket, bool)> {
-    let (sock, raw) = match Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::ICMPV4)) {
+fn open(target: IpAddr) -> std::io::Result<(Socket, bool)> {
+    let (domain, proto) = match target {
+        IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4),
+        IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6),
+    };
+    let (sock, raw) = match Socket::new(domain, Type::DGRAM, Some(proto)) {
         Ok(s) => (s, false),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM)) => (
-            Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?,
-            true,
-        ),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM)) => {
+            (Socket::new(domain, Type::RAW, Some(proto))?, true)
+        }
         Err(e) => return Err(e),
     };
-    sock.connect(&SocketAddr::V4(SocketAddrV4::new(target, 0)).into())?;
+    sock.connect(&SocketAddr::new(target, 0).into())?;
     sock.set_nonblocking(true)?;
     Ok((sock, raw))
 }
@@ -121,16 +128,16 @@ impl Router {
     pub(super) fn icmp_input(
         &mut self,
         mac: EthernetAddress,
-        src: Ipv4Addr,
-        dst: Ipv4Addr,
+        src: IpAddr,
+        dst: IpAddr,
         ident: u16,
         icmp: &[u8],
     ) {
         let key = (src, dst, ident);
         if !self.icmp.flows.contains_key(&key) {
-            let target = match self.map_dst(SocketAddrV4::new(dst, 0)) {
-                Ok(SocketAddr::V4(t)) => t,
-                Ok(SocketAddr::V6(_)) => {
+            let target = match self.map_dst(SocketAddr::new(dst, 0)) {
+                Ok(t) if t.is_ipv6() == dst.is_ipv6() => t,
+                Ok(_) => {
                     self.stats.dropped += 1;
                     return;
                 }
@@ -146,7 +153,7 @@ impl Router {
                 self.stats.flows_refused += 1;
                 return;
             }
-            let (sock, raw) = match open(*target.ip()) {
+            let (sock, raw) = match open(target.ip()) {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::debug!(%dst, error = %e, "icmp socket failed");
@@ -168,7 +175,7 @@ impl Router {
                     fd,
                     raw,
                     mac,
-                    target: *target.ip(),
+                    target: target.ip(),
                     last: Instant::now(),
                 },
             );
@@ -188,21 +195,40 @@ impl Router {
             return;
         }
         let mut buf = self.take_scratch();
-        let max = self.cfg.mtu.saturating_sub(super::frame::IPV4_HDR);
         for ((guest, dst, ident), f) in self.icmp.flows.iter_mut() {
+            let (max, v6) = match (guest, dst) {
+                (IpAddr::V6(g), IpAddr::V6(d)) => (
+                    self.cfg.mtu.saturating_sub(super::frame6::IPV6_HDR),
+                    Some((*g, *d)),
+                ),
+                _ => (self.cfg.mtu.saturating_sub(super::frame::IPV4_HDR), None),
+            };
             for _ in 0..64 {
                 let n = match f.fd.get_ref().read(&mut buf) {
                     Ok(n) => n,
                     Err(_) => break,
                 };
                 let Some(data) = buf.get(..n) else { break };
-                let msg = if f.raw {
+                let msg = if let Some((g, d)) = v6 {
+                    // Ping and raw ICMPv6 sockets both return the bare message; a
+                    // raw one sees every ICMPv6 message from the target.
+                    let ours = data.first() == Some(&129)
+                        && (!f.raw || data.get(4..6) == Some(&ident.to_be_bytes()[..]));
+                    if ours && data.len() <= max {
+                        f.last = Instant::now();
+                        let r = super::frame6::echo6_reply(self.mac, f.mac, d, g, data, *ident);
+                        if let Some(frame) = r {
+                            self.dev.tx.push_back(frame.into());
+                        }
+                    }
+                    continue;
+                } else if f.raw {
                     // Raw sockets return the IP header too; keep only echo replies
                     // from the target carrying this flow's identifier.
                     let Ok(ip) = Ipv4Packet::new_checked(data) else {
                         continue;
                     };
-                    if ip.src_addr() != f.target {
+                    if IpAddr::V4(ip.src_addr()) != f.target {
                         continue;
                     }
                     let Ok(icmp) = Icmpv4Packet::new_checked(ip.payload()) else {
@@ -228,6 +254,9 @@ impl Router {
                     continue;
                 }
                 f.last = Instant::now();
+                let (IpAddr::V4(dst), IpAddr::V4(guest)) = (dst, guest) else {
+                    continue;
+                };
                 if let Some(frame) = icmp_frame(self.mac, f.mac, *dst, *guest, msg, *ident) {
                     self.dev.tx.push_back(frame.into());
                 }

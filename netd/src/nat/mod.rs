@@ -29,6 +29,10 @@
 //!   to port 67 of the router's own addresses goes to the server through a
 //!   [`LocalService`] the daemon plugs in, never to the host's loopback, and the
 //!   answer leaves from the router's MAC (the address the client sent to).
+//! - IPv6 (`v6.rs`, `frame6.rs`): on a network with `subnet6` (every NAT network by
+//!   default: `fd00::/64`, gateway `fd00::2`, DNS `fd00::3`) the router is the IPv6
+//!   router too: it runs the network's RAs, NDP and stateless DHCPv6 and carries
+//!   TCP, UDP and ICMPv6 echo flows through host sockets as for IPv4.
 //! - Port forwards: a host listener (TCP) or socket (UDP) whose connections or
 //!   datagrams the router originates to a guest address, from the gateway address.
 //!   Nothing else from outside reaches a guest: host sockets are only ever connected
@@ -88,26 +92,30 @@
 //! # Files
 //!
 //! `config.rs` the settings and their checks, `router.rs` the router's state and its
-//! loop, `inline.rs` the guest port it reads itself, `handle.rs` the control handle,
-//! and one file per protocol (`tcp.rs`, `udp.rs`, `icmp.rs`, `dns.rs`); `frame.rs`
-//! classifies frames, `device.rs` is smoltcp's view of the switch port. `ring.rs`
-//! holds a TCP flow's smoltcp socket (a socket set and ring memory of its own),
-//! `wake.rs` the per-flow wakers, `tcp_wire.rs` the TCP header work (offload,
-//! segment keys).
+//! loop, `supervise.rs` its restart after a panic, `v6.rs` its IPv6, `inline.rs` the
+//! guest port it reads itself, `handle.rs` the control handle, and one file per
+//! protocol (`tcp.rs`, `udp.rs`, `icmp.rs`, `dns.rs`); `frame.rs` classifies frames
+//! (`frame6.rs` IPv6 ones), `device.rs` is smoltcp's view of the switch port.
+//! `ring.rs` holds a TCP flow's smoltcp socket (a socket set and ring memory of its
+//! own), `wake.rs` the per-flow wakers, `tcp_wire.rs` the TCP header work (offload,
+//! segment keys, IPv4 and IPv6).
 
 mod config;
 mod device;
 mod dns;
 pub mod frame;
+pub mod frame6;
 mod handle;
 mod icmp;
 mod inline;
 mod ring;
 mod router;
+mod supervise;
 mod sys;
 mod tcp;
 mod tcp_wire;
 mod udp;
+mod v6;
 mod wake;
 
 use std::net::{SocketAddr, SocketAddrV4};

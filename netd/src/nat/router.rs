@@ -5,7 +5,7 @@
 //! inline guest port in `inline.rs`, control requests in `handle.rs`.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -85,7 +85,9 @@ pub struct Router {
     pub(super) udp: udp::UdpTable,
     pub(super) icmp: icmp::IcmpTable,
     /// Guest MACs by address, learned from their frames, for frames the router builds.
-    pub(super) guest_macs: HashMap<Ipv4Addr, EthernetAddress>,
+    pub(super) guest_macs: HashMap<IpAddr, EthernetAddress>,
+    /// IPv6: the service (RAs, NDP, DHCPv6) and what smoltcp knows (`v6.rs`).
+    pub(super) v6: Option<super::v6::V6State>,
     /// The DHCP server, for datagrams to port 67 of the router's own addresses.
     pub(super) dhcp: Option<LocalService>,
     /// A guest port read on this thread, if the daemon handed one over.
@@ -101,27 +103,35 @@ pub struct Router {
     pub(super) guest_pending: GuestCounts,
     /// The host's own addresses (refused as destinations without `host_loopback`)
     /// and when they were read.
-    host_addrs: (Vec<Ipv4Addr>, Option<std::time::Instant>),
+    pub(super) host_addrs: (Vec<IpAddr>, Option<std::time::Instant>),
     /// Panic in the next step (the fault injection of the supervisor's test).
     pub(super) inject_panic: bool,
 }
 
 /// A count per guest address (the per-guest quotas).
 #[derive(Debug, Default)]
-pub(super) struct GuestCounts(HashMap<Ipv4Addr, usize>);
+pub(super) struct GuestCounts(HashMap<IpAddr, usize>);
 
 impl GuestCounts {
     /// The count of `ip`.
-    pub(super) fn get(&self, ip: Ipv4Addr) -> usize {
-        self.0.get(&ip).copied().unwrap_or(0)
+    pub(super) fn get(&self, ip: impl Into<IpAddr>) -> usize {
+        self.0.get(&ip.into()).copied().unwrap_or(0)
     }
     /// One more for `ip`.
-    pub(super) fn inc(&mut self, ip: Ipv4Addr) {
-        *self.0.entry(ip).or_insert(0) += 1;
+    pub(super) fn inc(&mut self, ip: impl Into<IpAddr>) {
+        *self.0.entry(ip.into()).or_insert(0) += 1;
+    }
+    /// The counts of IPv6 guest addresses, summed.
+    pub(super) fn total_ipv6(&self) -> usize {
+        self.0
+            .iter()
+            .filter(|(a, _)| a.is_ipv6())
+            .map(|(_, n)| n)
+            .sum()
     }
     /// One less for `ip` (an entry at zero goes).
-    pub(super) fn dec(&mut self, ip: Ipv4Addr) {
-        if let std::collections::hash_map::Entry::Occupied(mut e) = self.0.entry(ip) {
+    pub(super) fn dec(&mut self, ip: impl Into<IpAddr>) {
+        if let std::collections::hash_map::Entry::Occupied(mut e) = self.0.entry(ip.into()) {
             *e.get_mut() = e.get().saturating_sub(1);
             if *e.get() == 0 {
                 e.remove();
@@ -217,6 +227,7 @@ impl Router {
             udp: udp::UdpTable::default(),
             icmp: icmp::IcmpTable::default(),
             guest_macs: HashMap::new(),
+            v6: super::v6::V6State::new(&cfg, mac)?,
             dhcp: None,
             inline: None,
             inline_probe: false,
@@ -279,7 +290,7 @@ impl Router {
                     }
                 });
                 if let Some(router) = router {
-                    supervise(&rt, router);
+                    super::supervise::supervise(&rt, router);
                 }
             })
             .map_err(thread_err)?;
@@ -302,48 +313,9 @@ impl Router {
         tracing::info!("NAT router stopped");
     }
 
-    /// Drops every flow and the smoltcp state after a panic (which may have left
-    /// them half-changed) and starts afresh with the same settings, switch port,
-    /// inline guest port, control channel, forwards and counters.
-    fn restart_after_panic(&mut self) {
-        let mut forwards = self.tcp.forwards();
-        forwards.extend(self.udp.forwards());
-        // Old host sockets (and forward listeners) close first, so the forwards
-        // can bind their addresses again.
-        self.tcp = tcp::TcpTable::default();
-        self.udp = udp::UdpTable::default();
-        self.icmp = icmp::IcmpTable::default();
-        self.sockets = SocketSet::new(Vec::new());
-        self.dev.rx.clear();
-        self.dev.tx.clear();
-        self.inbox.clear();
-        self.guest_flows = GuestCounts::default();
-        self.guest_pending = GuestCounts::default();
-        self.inject_panic = false;
-        match make_iface(&self.cfg, self.mac, &mut self.dev) {
-            Ok(i) => self.iface = i,
-            Err(e) => tracing::error!(error = %e, "cannot rebuild the router's interface"),
-        }
-        for f in forwards {
-            if let Err(e) = self.add_forward(f) {
-                tracing::error!(error = %e, "forward lost in the router's restart");
-            }
-        }
-        // The new interface learns the guests the old one knew, as if each had
-        // asked for the gateway (their ARP caches still hold the router's MAC).
-        for (ip, mac) in &self.guest_macs {
-            if self.cfg.valid_guest_src(*ip) {
-                self.dev
-                    .rx
-                    .push_back(frame::arp_request((*mac, *ip), self.cfg.gateway));
-            }
-        }
-        self.stats.restarts += 1;
-    }
-
     /// The loop of [`Router::run`], on a borrowed router (the supervisor keeps it
     /// across a panic).
-    async fn serve(&mut self) {
+    pub(super) async fn serve(&mut self) {
         loop {
             std::future::poll_fn(|cx| self.poll_events(cx)).await;
             if self.stopped {
@@ -463,7 +435,11 @@ impl Router {
     /// DNS address, port 53, goes to the host resolver. Any other destination must
     /// not be the host's loopback or one of the host's own addresses (unless
     /// `host_loopback`) and must pass the outbound lists.
-    pub(super) fn map_dst(&mut self, dst: SocketAddrV4) -> Result<SocketAddr, Denied> {
+    pub(super) fn map_dst(&mut self, dst: SocketAddr) -> Result<SocketAddr, Denied> {
+        let dst = match dst {
+            SocketAddr::V4(d) => d,
+            SocketAddr::V6(d) => return self.map_dst6(d),
+        };
         let ip = *dst.ip();
         if ip == self.cfg.gateway {
             if self.cfg.host_loopback {
@@ -511,21 +487,23 @@ impl Router {
     }
 
     /// Whether `ip` is one of the host's own addresses (read at most once a second).
-    fn is_host_addr(&mut self, ip: Ipv4Addr) -> bool {
+    pub(super) fn is_host_addr(&mut self, ip: impl Into<IpAddr>) -> bool {
+        let ip = ip.into();
         let now = std::time::Instant::now();
         let stale = match self.host_addrs.1 {
             Some(t) => now.duration_since(t) >= Duration::from_secs(1),
             None => true,
         };
         if stale {
-            self.host_addrs = (super::sys::host_ipv4_addrs(), Some(now));
+            self.host_addrs = (super::sys::host_addrs(), Some(now));
         }
         self.host_addrs.0.contains(&ip)
     }
 
     /// Whether guest `ip` may open one more flow (`connect`: a TCP connect, which
     /// also counts against the pending quota); counts a refusal.
-    pub(super) fn guest_fits(&mut self, ip: Ipv4Addr, connect: bool) -> bool {
+    pub(super) fn guest_fits(&mut self, ip: impl Into<IpAddr>, connect: bool) -> bool {
+        let ip = ip.into();
         let l = &self.cfg.limits;
         let ok = self.guest_flows.get(ip) < l.max_flows_per_guest
             && (!connect || self.guest_pending.get(ip) < l.max_pending_per_guest);
@@ -544,7 +522,7 @@ impl Router {
     }
 
     /// One round of work after a wake-up.
-    fn step(&mut self) {
+    pub(super) fn step(&mut self) {
         if std::mem::take(&mut self.inject_panic) {
             panic!("injected fault (nat_fault request, NETD_FAULT_INJECTION=1)");
         }
@@ -579,6 +557,7 @@ impl Router {
             self.next_housekeeping = tnow + Duration::from_secs(1);
             self.expire();
             self.inline_probe = self.inline.is_some();
+            self.router_adverts();
         }
         let delay = self
             .iface
@@ -639,28 +618,23 @@ impl Router {
     }
 
     fn ingest(&mut self, frame: Bytes, tcp_csum_partial: bool) {
+        if super::frame6::is_ipv6(&frame) {
+            return self.ingest6(frame);
+        }
         let gw = self.cfg.gateway;
         let dns = self.cfg.dns;
         let own = |a: Ipv4Addr| a == gw || a == dns;
         match frame::classify_with(&frame, self.mac, &self.cfg, tcp_csum_partial) {
             Classified::Ignore => {}
             Classified::Malformed => self.stats.malformed += 1,
-            Classified::Dropped(r) => {
-                use frame::DropReason::*;
-                match r {
-                    BadSource => self.stats.bad_source += 1,
-                    MartianDst => self.stats.martian_dst += 1,
-                    Loopback => self.stats.denied_loopback += 1,
-                    PortZero => self.stats.port_zero += 1,
-                }
-            }
+            Classified::Dropped(r) => self.stats.count_drop(r),
             Classified::ArpRequest {
                 src_mac, src_ip, ..
             } => {
                 // smoltcp answers (the target is one of its addresses) and learns the
                 // guest's MAC in the same step, so its first reply needs no ARP.
                 if self.cfg.valid_guest_src(src_ip) {
-                    self.guest_macs.insert(src_ip, src_mac);
+                    self.guest_macs.insert(src_ip.into(), src_mac);
                     self.dev.rx.push_back(frame.clone());
                 }
             }
@@ -671,8 +645,8 @@ impl Router {
                 dst,
                 seq,
             } => {
-                self.guest_macs.insert(src.0, src_mac);
-                self.tcp_syn(frame.clone(), src_mac, src, dst, seq);
+                self.guest_macs.insert(src.0.into(), src_mac);
+                self.tcp_syn(frame.clone(), src_mac, src.into(), dst.into(), seq);
             }
             Classified::Udp {
                 src_mac,
@@ -680,7 +654,7 @@ impl Router {
                 dst,
                 payload,
             } => {
-                self.guest_macs.insert(src.0, src_mac);
+                self.guest_macs.insert(src.0.into(), src_mac);
                 if dst.1 == DHCP_SERVER_PORT && own(dst.0) {
                     if let Some(dhcp) = self.dhcp.as_mut() {
                         if let Some(mut reply) = dhcp(&frame) {
@@ -694,7 +668,7 @@ impl Router {
                         return;
                     }
                 }
-                self.udp_input(src_mac, src, dst, payload);
+                self.udp_input(src_mac, src.into(), dst.into(), payload);
             }
             Classified::IcmpEcho {
                 src_mac,
@@ -703,13 +677,13 @@ impl Router {
                 ident,
                 icmp,
             } => {
-                self.guest_macs.insert(src, src_mac);
-                self.icmp_input(src_mac, src, dst, ident, icmp);
+                self.guest_macs.insert(src.into(), src_mac);
+                self.icmp_input(src_mac, src.into(), dst.into(), ident, icmp);
             }
         }
     }
 
-    fn expire(&mut self) {
+    pub(super) fn expire(&mut self) {
         let limits = self.cfg.limits.clone();
         self.udp.expire(limits.udp_timeout, &mut self.guest_flows);
         self.icmp.expire(limits.icmp_timeout, &mut self.guest_flows);
@@ -718,36 +692,14 @@ impl Router {
         if self.guest_macs.len() > 4096 {
             self.guest_macs.clear();
         }
-    }
-}
-
-/// Runs `router` on `rt` until its switch port goes away, restarting it after a
-/// panic: the guest and every peer are hostile, and a panic that escaped the
-/// input checks (here or inside smoltcp) must cost the network its flows, not the
-/// router. The panic is logged with its message (the panic hook has printed where
-/// it happened) and counted in `restarts`; other networks, on their own threads,
-/// never notice. A router that keeps panicking restarts at most ten times a second.
-fn supervise(rt: &tokio::runtime::Runtime, mut router: Router) {
-    tracing::info!(gateway = %router.cfg.gateway, dns = %router.cfg.dns, mtu = router.cfg.mtu, "NAT router up");
-    loop {
-        let r =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rt.block_on(router.serve())));
-        match r {
-            Ok(()) => break,
-            Err(p) => {
-                let cause = panic_message(p.as_ref());
-                tracing::error!(%cause, restarts = router.stats.restarts + 1, "NAT router panicked; restarting it without its flows");
-                let _guard = rt.enter();
-                router.restart_after_panic();
-                std::thread::sleep(Duration::from_millis(100));
-            }
+        if let Some(v6) = &mut self.v6 {
+            v6.expire();
         }
     }
-    tracing::info!("NAT router stopped");
 }
 
 /// The router's smoltcp interface: the gateway and DNS addresses, any-IP.
-fn make_iface(
+pub(super) fn make_iface(
     cfg: &RouterConfig,
     mac: EthernetAddress,
     dev: &mut QueueDevice,
@@ -765,25 +717,26 @@ fn make_iface(
     // Any-IP: a packet to any destination is accepted when the route for it
     // points at one of our addresses; the default route points at the gateway.
     iface.set_any_ip(true);
+    let no_route = |key| NatError::Invalid {
+        key,
+        reason: "cannot install the default route".into(),
+    };
     iface
         .routes_mut()
         .add_default_ipv4_route(cfg.gateway)
-        .map_err(|_| NatError::Invalid {
-            key: "gateway",
-            reason: "cannot install the default route".into(),
-        })?;
-    Ok(iface)
-}
-
-/// The message of a panic's payload.
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "(no message)".into()
+        .map_err(|_| no_route("gateway"))?;
+    if let Some(v6) = &cfg.ipv6 {
+        iface.update_ip_addrs(|addrs| {
+            for a in std::iter::once(v6.gateway).chain(v6.dns) {
+                let _ = addrs.push(IpCidr::new(a.into(), 64));
+            }
+        });
+        iface
+            .routes_mut()
+            .add_default_ipv6_route(v6.gateway)
+            .map_err(|_| no_route("gateway6"))?;
     }
+    Ok(iface)
 }
 
 fn seed() -> u64 {

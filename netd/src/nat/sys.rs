@@ -29,9 +29,9 @@ pub fn register_fd<T: AsRawFd>(owner: T) -> io::Result<AsyncFd<T>> {
         .map_err(|e| e.into_parts().1)
 }
 
-/// The IPv4 addresses of the host's interfaces (getifaddrs(3)); empty if the call
-/// fails.
-pub fn host_ipv4_addrs() -> Vec<std::net::Ipv4Addr> {
+/// The IPv4 and IPv6 addresses of the host's interfaces (getifaddrs(3)); empty if
+/// the call fails.
+pub fn host_addrs() -> Vec<std::net::IpAddr> {
     let mut out = Vec::new();
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs writes a pointer to a list it allocates into `head`, which
@@ -47,11 +47,17 @@ pub fn host_ipv4_addrs() -> Vec<std::net::Ipv4Addr> {
         if !ifa.ifa_addr.is_null() {
             // SAFETY: `ifa_addr` is non-null and points to a sockaddr of the family
             // in its `sa_family` field; it is read as a sockaddr_in only when that
-            // family is AF_INET, whose structure it then is.
+            // family is AF_INET, and as a sockaddr_in6 only when it is AF_INET6,
+            // whose structures it then is.
             unsafe {
-                if i32::from((*ifa.ifa_addr).sa_family) == libc::AF_INET {
+                let family = i32::from((*ifa.ifa_addr).sa_family);
+                if family == libc::AF_INET {
                     let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                    out.push(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+                    let a = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                    out.push(a.into());
+                } else if family == libc::AF_INET6 {
+                    let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                    out.push(std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr).into());
                 }
             }
         }

@@ -57,7 +57,7 @@ use super::tcp_wire::{raise_syn_mss, DELAYED_ACK_MIN_MSS};
 use super::wake::Ready;
 use super::{FlowInfo, Forward, NatError, Router};
 
-pub(super) type Key = (SocketAddrV4, SocketAddrV4);
+pub(super) type Key = (SocketAddr, SocketAddr);
 
 /// A flow idle this long with empty rings gives their pages back (see `ring.rs`).
 const RELEASE_IDLE: Duration = Duration::from_secs(2);
@@ -333,14 +333,11 @@ impl Router {
         &mut self,
         frame: Bytes,
         mac: EthernetAddress,
-        src: (std::net::Ipv4Addr, u16),
-        dst: (std::net::Ipv4Addr, u16),
+        src: SocketAddr,
+        dst: SocketAddr,
         seq: TcpSeqNumber,
     ) {
-        let key = (
-            SocketAddrV4::new(src.0, src.1),
-            SocketAddrV4::new(dst.0, dst.1),
-        );
+        let key = (src, dst);
         if self.tcp.flows.contains_key(&key) {
             // A retransmitted SYN of a flow being opened: smoltcp answers it.
             self.dev.rx.push_back(frame);
@@ -350,9 +347,9 @@ impl Router {
             return;
         }
         let rst = |r: &mut Router| {
-            r.dev
-                .tx
-                .push_back(super::frame::tcp_rst(r.mac, mac, dst, src, seq).into());
+            if let Some(f) = super::frame6::tcp_rst_any(r.mac, mac, dst, src, seq) {
+                r.dev.tx.push_back(f.into());
+            }
         };
         let target = match self.map_dst(key.1) {
             Ok(t) => t,
@@ -362,7 +359,7 @@ impl Router {
                 return;
             }
         };
-        if !self.guest_fits(src.0, true) {
+        if !self.guest_fits(src.ip(), true) {
             rst(self);
             return;
         }
@@ -371,8 +368,8 @@ impl Router {
             rst(self);
             return;
         }
-        self.guest_flows.inc(src.0);
-        self.guest_pending.inc(src.0);
+        self.guest_flows.inc(src.ip());
+        self.guest_pending.inc(src.ip());
         // The held SYN is a copy of its own: `frame` may be a view of a larger
         // receive buffer (see `port::InlineReader`), which it must not pin.
         let (syn, mss) = if self.offload {
@@ -458,12 +455,12 @@ impl Router {
                 continue;
             };
             let (guest, dst) = r.key;
-            self.guest_pending.dec(*guest.ip());
+            self.guest_pending.dec(guest.ip());
             match r.result {
                 Ok(stream) => {
                     let _ = stream.set_nodelay(true);
                     let Some(mut fs) = self.new_socket() else {
-                        self.guest_flows.dec(*guest.ip());
+                        self.guest_flows.dec(guest.ip());
                         continue;
                     };
                     let s = fs.sock_mut();
@@ -476,11 +473,11 @@ impl Router {
                         s.set_ack_delay(Some(smoltcp::time::Duration::from_millis(1)));
                     }
                     let ep = IpListenEndpoint {
-                        addr: Some((*dst.ip()).into()),
+                        addr: Some(dst.ip().into()),
                         port: dst.port(),
                     };
                     if s.listen(ep).is_err() {
-                        self.guest_flows.dec(*guest.ip());
+                        self.guest_flows.dec(guest.ip());
                         continue;
                     }
                     self.insert_flow(r.key, fs, stream, r.target, None, p.mss);
@@ -488,21 +485,15 @@ impl Router {
                 }
                 Err(e) => {
                     tracing::debug!(%guest, %dst, target = %r.target, error = %e, "connect failed");
-                    self.guest_flows.dec(*guest.ip());
+                    self.guest_flows.dec(guest.ip());
                     self.stats.connect_failed += 1;
                     if super::router::out_of_fds(&e) {
                         self.stats.no_fds += 1;
                     }
-                    self.dev.tx.push_back(
-                        super::frame::tcp_rst(
-                            self.mac,
-                            p.mac,
-                            (*dst.ip(), dst.port()),
-                            (*guest.ip(), guest.port()),
-                            p.seq,
-                        )
-                        .into(),
-                    );
+                    if let Some(f) = super::frame6::tcp_rst_any(self.mac, p.mac, dst, guest, p.seq)
+                    {
+                        self.dev.tx.push_back(f.into());
+                    }
                 }
             }
         }
@@ -545,7 +536,7 @@ impl Router {
             let _ = stream.set_nodelay(true);
             tracing::debug!(%host, %peer, %guest, "forwarded connection");
             // smoltcp opened this one: it uses the guest's MSS itself (0).
-            let key = (guest, SocketAddrV4::new(gw, port));
+            let key = (guest.into(), SocketAddrV4::new(gw, port).into());
             self.insert_flow(key, fs, stream, peer, Some(host), 0);
         }
     }
@@ -554,7 +545,7 @@ impl Router {
         let gw = self.cfg.gateway;
         let flows = &self.tcp.flows;
         super::free_forward_port(&mut self.tcp.next_port, |p| {
-            flows.contains_key(&(guest, SocketAddrV4::new(gw, p)))
+            flows.contains_key(&(guest.into(), SocketAddrV4::new(gw, p).into()))
         })
     }
 
@@ -641,7 +632,7 @@ impl Router {
             }
             if matches!(state, State::Closed | State::TimeWait | State::Listen) {
                 if f.forward.is_none() {
-                    self.guest_flows.dec(*key.0.ip());
+                    self.guest_flows.dec(key.0.ip());
                 }
                 if !(f.host_eof && f.host_wr_shut) {
                     // The guest reset or the flow was aborted: reset the host side too.
@@ -674,7 +665,7 @@ impl Router {
     pub(super) fn tcp_ingress(&mut self, now: smoltcp::time::Instant) {
         while let Some(frame) = self.dev.rx.front() {
             let seg = super::tcp_wire::tcp_segment(frame);
-            let arp_from = super::tcp_wire::arp_sender(frame);
+            let arp_from = super::tcp_wire::neighbor_sender(frame);
             let t = &mut self.tcp;
             match seg.and_then(|s| t.flows.get_mut(&s.key).map(|f| (s, f))) {
                 Some((seg, f)) => {
@@ -693,12 +684,8 @@ impl Router {
                         .poll_ingress_single(now, &mut self.dev, &mut self.sockets);
                     if let Some(ip) = arp_from {
                         // A flow waiting for this guest's MAC can send now.
-                        let keys: Vec<Key> = t
-                            .flows
-                            .keys()
-                            .filter(|k| *k.0.ip() == ip)
-                            .copied()
-                            .collect();
+                        let keys: Vec<Key> =
+                            t.flows.keys().filter(|k| k.0.ip() == ip).copied().collect();
                         for k in keys {
                             t.mark(k);
                         }

@@ -1,9 +1,10 @@
 //! The TCP wire details of the NAT router: offload (see `tcp.rs`, "Offload": the
-//! raised MSS of guest SYNs, the virtio-net header of the frames smoltcp builds),
-//! and the few header fields the router reads itself to give a segment to its
-//! flow's socket (see `ring.rs`).
+//! raised MSS of guest SYNs, the virtio-net header of the frames smoltcp builds,
+//! IPv6 ones through [`super::v6::tcp6_offload_header`]), and the few header fields
+//! the router reads itself to give a segment to its flow's socket (see `ring.rs`),
+//! for IPv4 and IPv6 alike.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use bytes::Bytes;
 use smoltcp::wire::TcpSeqNumber;
@@ -11,6 +12,7 @@ use smoltcp::wire::TcpSeqNumber;
 use super::frame::ETH_HDR;
 use super::tcp::Key;
 use super::Router;
+use crate::ipv6::wire::{icmp, Ipv6, ETHERTYPE_IPV6, IPPROTO_ICMPV6};
 
 /// What the router reads of a guest's TCP segment before smoltcp does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,32 +23,52 @@ pub(super) struct Segment {
     pub end: TcpSeqNumber,
 }
 
-/// The IPv4 header and TCP header plus payload of an untagged Ethernet frame.
-fn ipv4_tcp(frame: &[u8]) -> Option<(&[u8], &[u8])> {
-    if frame.get(12..14)? != [0x08, 0x00] {
-        return None;
-    }
-    let ip = frame.get(ETH_HDR..)?;
-    let ihl = usize::from(ip.first()? & 0x0f) * 4;
-    if *ip.get(9)? != 6 || ihl < 20 {
-        return None;
-    }
-    let total = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
-    let tcp = ip.get(ihl..total)?;
+/// The source and destination addresses and the TCP header plus payload of an
+/// untagged Ethernet frame (IPv4, or IPv6 without extension headers: the only
+/// IPv6 TCP frames the router hands smoltcp, see `frame6.rs`).
+fn ip_tcp(frame: &[u8]) -> Option<(IpAddr, IpAddr, &[u8])> {
+    let (src, dst, tcp) = match frame.get(12..14)? {
+        [0x08, 0x00] => {
+            let ip = frame.get(ETH_HDR..)?;
+            let ihl = usize::from(ip.first()? & 0x0f) * 4;
+            if *ip.get(9)? != 6 || ihl < 20 {
+                return None;
+            }
+            let total = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
+            let tcp = ip.get(ihl..total)?;
+            let addr = |b: &[u8]| IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]));
+            (addr(&ip[12..16]), addr(&ip[16..20]), tcp)
+        }
+        t if t == ETHERTYPE_IPV6.to_be_bytes() => {
+            let ip = Ipv6::parse(frame.get(ETH_HDR..)?)?;
+            if ip.extended || ip.proto != Some(super::frame6::IPPROTO_TCP) {
+                return None;
+            }
+            (IpAddr::V6(ip.src), IpAddr::V6(ip.dst), ip.payload)
+        }
+        _ => return None,
+    };
     if tcp.len() < 20 {
         return None;
     }
-    Some((ip, tcp))
+    Some((src, dst, tcp))
+}
+
+/// A flow key's half: IPv6 ones as `frame6.rs` builds them (no flow label, no scope).
+fn sock_addr(ip: IpAddr, port: u16) -> SocketAddr {
+    match ip {
+        IpAddr::V4(a) => SocketAddr::V4(SocketAddrV4::new(a, port)),
+        IpAddr::V6(a) => SocketAddr::V6(SocketAddrV6::new(a, port, 0, 0)),
+    }
 }
 
 /// The flow key and sequence span of a TCP segment from a guest; `None` for other
 /// frames (or a segment too short to be one).
 pub(super) fn tcp_segment(frame: &[u8]) -> Option<Segment> {
-    let (ip, tcp) = ipv4_tcp(frame)?;
-    let addr = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]);
+    let (src_ip, dst_ip, tcp) = ip_tcp(frame)?;
     let port = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
-    let src = SocketAddrV4::new(addr(&ip[12..16]), port(&tcp[0..2]));
-    let dst = SocketAddrV4::new(addr(&ip[16..20]), port(&tcp[2..4]));
+    let src = sock_addr(src_ip, port(&tcp[0..2]));
+    let dst = sock_addr(dst_ip, port(&tcp[2..4]));
     let seq = i32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
     let doff = usize::from(tcp[12] >> 4) * 4;
     let flags = tcp[13];
@@ -60,18 +82,29 @@ pub(super) fn tcp_segment(frame: &[u8]) -> Option<Segment> {
 
 /// The acknowledgment number of a TCP frame with ACK set.
 pub(super) fn tcp_ack(frame: &[u8]) -> Option<TcpSeqNumber> {
-    let (_, tcp) = ipv4_tcp(frame)?;
+    let (_, _, tcp) = ip_tcp(frame)?;
     (tcp[13] & 0x10 != 0)
         .then(|| TcpSeqNumber(i32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]])))
 }
 
-/// The sender's IPv4 address of an ARP frame.
-pub(super) fn arp_sender(frame: &[u8]) -> Option<Ipv4Addr> {
-    if frame.get(12..14)? != [0x08, 0x06] {
-        return None;
+/// The address whose MAC a frame tells smoltcp: the sender of an ARP frame, the
+/// target of an IPv6 Neighbor Advertisement.
+pub(super) fn neighbor_sender(frame: &[u8]) -> Option<IpAddr> {
+    match frame.get(12..14)? {
+        [0x08, 0x06] => {
+            let b = frame.get(ETH_HDR + 14..ETH_HDR + 18)?;
+            Some(IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3])))
+        }
+        t if t == ETHERTYPE_IPV6.to_be_bytes() => {
+            let ip = Ipv6::parse(frame.get(ETH_HDR..)?)?;
+            if ip.proto != Some(IPPROTO_ICMPV6) || ip.payload.first() != Some(&icmp::NA) {
+                return None;
+            }
+            let t: [u8; 16] = ip.payload.get(8..24)?.try_into().ok()?;
+            Some(IpAddr::V6(Ipv6Addr::from(t)))
+        }
+        _ => None,
     }
-    let b = frame.get(ETH_HDR + 14..ETH_HDR + 18)?;
-    Some(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
 }
 
 /// Guest MSS from which a flow's ACKs are delayed (jumbo MTUs only).
@@ -126,6 +159,9 @@ impl Router {
         frame: &[u8],
     ) -> Option<(crate::offload::VnetHdr, usize, u16)> {
         use crate::offload::{VnetHdr, F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4};
+        if self.offload && super::frame6::is_ipv6(frame) {
+            return super::v6::tcp6_offload_header(frame);
+        }
         if !self.offload || frame.get(12..14)? != [0x08, 0x00] {
             return None;
         }
@@ -168,8 +204,8 @@ impl Router {
             let sport = u16::from_be_bytes([tcp[0], tcp[1]]);
             let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
             let key = (
-                SocketAddrV4::new(dst_ip, dport),
-                SocketAddrV4::new(src_ip, sport),
+                SocketAddrV4::new(dst_ip, dport).into(),
+                SocketAddrV4::new(src_ip, sport).into(),
             );
             let guest_mss = self.tcp.guest_mss(&key);
             let fit = self.cfg.mtu.checked_sub(ihl + doff)? as u16;
@@ -235,7 +271,7 @@ mod tests {
         );
         assert_eq!(seg.end, TcpSeqNumber(2), "a SYN counts one");
         assert_eq!(tcp_ack(&f), None, "no ACK flag");
-        assert_eq!(arp_sender(&f), None);
+        assert_eq!(neighbor_sender(&f), None);
         let arp = crate::nat::frame::arp_request(
             (
                 EthernetAddress([2, 0, 0, 0, 0, 1]),
@@ -243,15 +279,47 @@ mod tests {
             ),
             Ipv4Addr::new(10, 0, 2, 2),
         );
-        assert_eq!(arp_sender(&arp), Some(Ipv4Addr::new(10, 0, 2, 15)));
+        assert_eq!(
+            neighbor_sender(&arp),
+            Some(Ipv4Addr::new(10, 0, 2, 15).into())
+        );
         assert_eq!(tcp_segment(&arp), None);
         // Truncated or lying headers never panic.
         for n in 0..f.len() {
-            let _ = (tcp_segment(&f[..n]), tcp_ack(&f[..n]), arp_sender(&f[..n]));
+            let _ = (
+                tcp_segment(&f[..n]),
+                tcp_ack(&f[..n]),
+                neighbor_sender(&f[..n]),
+            );
         }
         let mut bad = f.clone();
         bad[14 + 20 + 12] = 0xf0; // data offset 60 > segment
         assert_eq!(tcp_segment(&bad), None);
+    }
+
+    #[test]
+    fn ipv6_segments_give_their_flow_and_ack() {
+        let (guest, gw) = (
+            "[fd00::15]:40000".parse::<SocketAddrV6>().unwrap(),
+            "[fd00::2]:80".parse::<SocketAddrV6>().unwrap(),
+        );
+        let mac = EthernetAddress([2, 0, 0, 0, 0, 1]);
+        // A RST+ACK from the guest's address: the key is (guest, destination),
+        // as `frame6.rs` builds it for the flow's SYN.
+        let f = crate::nat::frame6::tcp6_rst(mac, mac, guest, gw, TcpSeqNumber(9));
+        let seg = tcp_segment(&f).unwrap();
+        assert_eq!(seg.key, (guest.into(), gw.into()));
+        assert_eq!(tcp_ack(&f), Some(TcpSeqNumber(10)));
+        assert_eq!(neighbor_sender(&f), None);
+        let na = crate::nat::frame6::guest_advert((mac, *guest.ip()), mac, *gw.ip());
+        assert_eq!(neighbor_sender(&na), Some(IpAddr::V6(*guest.ip())));
+        assert_eq!(tcp_segment(&na), None);
+        for n in 0..f.len() {
+            let _ = (tcp_segment(&f[..n]), tcp_ack(&f[..n]));
+        }
+        for n in 0..na.len() {
+            let _ = neighbor_sender(&na[..n]);
+        }
     }
 
     #[test]

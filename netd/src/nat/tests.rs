@@ -1024,3 +1024,208 @@ async fn more_than_eight_guests_all_get_their_tcp_data() {
     let missing: Vec<_> = guests.iter().filter(|g| !got.contains(g)).collect();
     assert!(missing.is_empty(), "no data reached {missing:?}");
 }
+
+// IPv6 (`v6.rs`, `frame6.rs`).
+
+const GUEST_IP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x15);
+const GW6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
+
+/// The test config with the NAT default IPv6 layout (`fd00::/64`, `::2`, `::3`).
+fn test_config6() -> RouterConfig {
+    let mut cfg = test_config();
+    cfg.ipv6 = Some(crate::config::Ipv6Spec {
+        prefix: "fd00::".parse().unwrap(),
+        gateway: GW6,
+        dns: Some("fd00::3".parse().unwrap()),
+        range: None,
+        lease_time: 86_400,
+    });
+    cfg
+}
+
+fn router_mac() -> EthernetAddress {
+    EthernetAddress(RouterConfig::defaults().mac)
+}
+
+/// A smoltcp guest with IPv6 (SLAAC-like `fd00::15`, default route via the
+/// gateway: it finds the router's MAC by a Neighbor Solicitation) connects to
+/// `[fd00::2]:port`, which the router carries to the host's `[::1]:port`.
+#[tokio::test]
+async fn ipv6_tcp_to_gateway_reaches_host_loopback() {
+    let listener = tokio::net::TcpListener::bind("[::1]:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut s, peer) = listener.accept().await.unwrap();
+        assert!(peer.is_ipv6());
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).await.unwrap();
+        s.write_all(b"pong:").await.unwrap();
+        s.write_all(&buf).await.unwrap();
+    });
+    let (mut g, handle) = Guest::start(test_config6());
+    g.iface.update_ip_addrs(|a| {
+        a.push(IpCidr::new(GUEST_IP6.into(), 64)).unwrap();
+    });
+    g.iface.routes_mut().add_default_ipv6_route(GW6).unwrap();
+    let h = g.connect((IpAddress::Ipv6(GW6), port), 40000);
+    let (mut sent, mut got) = (false, Vec::new());
+    let ok = g
+        .run_until(|s| {
+            let sock = s.get_mut::<tcp::Socket>(h);
+            if sock.may_send() && !sent {
+                sock.send_slice(b"hello").unwrap();
+                sent = true;
+            }
+            while sock.can_recv() {
+                sock.recv(|b| {
+                    got.extend_from_slice(b);
+                    (b.len(), ())
+                })
+                .unwrap();
+            }
+            !sock.may_recv() && sent && got.len() >= 10
+        })
+        .await;
+    let stats = handle.stats().await.unwrap();
+    assert!(
+        ok,
+        "no echo; got {:?} {stats:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert_eq!(&got, b"pong:hello");
+    assert!(stats.frames_in6 > 0, "{stats:?}");
+}
+
+/// A Router Solicitation gets an RA that makes the router the default router,
+/// with the prefix and RDNSS; an NS for the gateway gets an NA with the router's MAC.
+#[tokio::test]
+async fn ipv6_rs_and_ns_are_answered_by_the_router() {
+    use crate::ipv6::wire::{self, link_local, multicast_mac, solicited_node};
+    let (mut router, _keep) = {
+        let (to_router, router_rx) = mpsc::channel(16);
+        let (router_tx, from_router) = mpsc::channel(16);
+        let (r, h) = Router::new(test_config6(), router_rx, router_tx).unwrap();
+        (r, (to_router, from_router, h))
+    };
+    let ll = link_local(GUEST_MAC.0);
+    let all_routers: std::net::Ipv6Addr = "ff02::2".parse().unwrap();
+    let mut rs = vec![133, 0, 0, 0, 0, 0, 0, 0, 1, 1];
+    rs.extend_from_slice(&GUEST_MAC.0);
+    let f = wire::emit_frame(
+        multicast_mac(all_routers),
+        GUEST_MAC.0,
+        ll,
+        all_routers,
+        58,
+        255,
+        rs,
+        2,
+    );
+    let out = router.process_frame_for_test(Bytes::from(f));
+    let ra = out
+        .iter()
+        .find_map(|f| {
+            let ip = wire::Ipv6::parse(f.get(14..)?)?;
+            (ip.payload.first() == Some(&134)).then(|| ip.payload.to_vec())
+        })
+        .expect("an RA");
+    assert_eq!(
+        u16::from_be_bytes([ra[6], ra[7]]),
+        crate::ipv6::ROUTER_LIFETIME
+    );
+    let dns: std::net::Ipv6Addr = "fd00::3".parse().unwrap();
+    assert!(ra.windows(16).any(|w| w == dns.octets()), "RDNSS");
+    // NS for the gateway from the guest's address.
+    let mut ns = vec![135, 0, 0, 0, 0, 0, 0, 0];
+    ns.extend_from_slice(&GW6.octets());
+    ns.extend_from_slice(&[1, 1]);
+    ns.extend_from_slice(&GUEST_MAC.0);
+    let sn = solicited_node(GW6);
+    let f = wire::emit_frame(
+        multicast_mac(sn),
+        GUEST_MAC.0,
+        GUEST_IP6,
+        sn,
+        58,
+        255,
+        ns,
+        2,
+    );
+    let out = router.process_frame_for_test(Bytes::from(f));
+    let na = out
+        .iter()
+        .find_map(|f| {
+            let ip = wire::Ipv6::parse(f.get(14..)?)?;
+            (ip.payload.first() == Some(&136)).then(|| ip.payload.to_vec())
+        })
+        .expect("an NA");
+    assert_eq!(&na[8..24], &GW6.octets());
+    assert_eq!(&na[26..32], &router_mac().0);
+}
+
+/// UDP over IPv6 to the gateway reaches the host's `[::1]`; hostile sources and
+/// destinations are dropped by reason, before any flow.
+#[tokio::test]
+async fn ipv6_udp_round_trip_and_hostile_packets_are_dropped() {
+    use std::net::{Ipv6Addr, SocketAddrV6};
+    let server = tokio::net::UdpSocket::bind("[::1]:0").await.unwrap();
+    let port = server.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 100];
+        let (n, from) = server.recv_from(&mut buf).await.unwrap();
+        server.send_to(&buf[..n], from).await.unwrap();
+    });
+    let (to_router, router_rx) = mpsc::channel(16);
+    let (router_tx, mut from_router) = mpsc::channel(16);
+    let (mut router, _h) = Router::new(test_config6(), router_rx, router_tx).unwrap();
+    let v6 = |a: Ipv6Addr, p: u16| SocketAddrV6::new(a, p, 0, 0);
+    let udp = |src: Ipv6Addr, dst: Ipv6Addr| {
+        frame6::udp6_frame(
+            GUEST_MAC,
+            router_mac(),
+            v6(src, 5555),
+            v6(dst, port),
+            b"dgram",
+        )
+    };
+    let far: Ipv6Addr = "2001:db8::1".parse().unwrap();
+    for (f, what) in [
+        (udp("fd01::15".parse().unwrap(), far), "outside the prefix"),
+        (udp(GW6, far), "the router's own"),
+        (udp("fe80::1".parse().unwrap(), far), "link-local source"),
+        (udp(GUEST_IP6, Ipv6Addr::LOCALHOST), "::1"),
+        (
+            udp(GUEST_IP6, "::ffff:127.0.0.1".parse().unwrap()),
+            "v4-mapped",
+        ),
+        (udp(GUEST_IP6, "fe80::9".parse().unwrap()), "link-local dst"),
+    ] {
+        assert!(router.process_frame_for_test(f).is_empty(), "{what}");
+    }
+    let mut zero = udp(GUEST_IP6, far).to_vec();
+    zero[14 + 40 + 6..14 + 40 + 8].fill(0);
+    router.process_frame_for_test(Bytes::from(zero));
+    let s = &router.stats;
+    assert_eq!(
+        (s.bad_source, s.denied_loopback, s.martian_dst, s.malformed),
+        (3, 1, 2, 1),
+        "{s:?}"
+    );
+    tokio::spawn(router.run());
+    to_router.send(udp(GUEST_IP6, GW6)).await.unwrap();
+    let reply = loop {
+        let f = tokio::time::timeout(Duration::from_secs(5), from_router.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let Some(ip) = crate::ipv6::wire::Ipv6::parse(&f[14..]) else {
+            continue;
+        };
+        if ip.proto == Some(17) {
+            assert!(ip.checksum_ok());
+            assert_eq!((ip.src, ip.dst), (GW6, GUEST_IP6));
+            break ip.payload.to_vec();
+        }
+    };
+    assert_eq!(&reply[8..], b"dgram");
+}

@@ -29,6 +29,7 @@ use tokio::net::UdpSocket;
 
 use super::config::ForwardErrors;
 use super::frame::{udp_frame, IPV4_HDR, UDP_HDR};
+use super::frame6::udp_frame_any;
 use super::router::GuestCounts;
 use super::{FlowInfo, Forward, NatError, Router};
 
@@ -38,7 +39,7 @@ pub const FLOW_COST: usize = 4096;
 /// Datagrams read from one host socket per step, so one busy flow cannot starve others.
 const BURST: usize = 64;
 
-type Key = (SocketAddrV4, SocketAddrV4);
+type Key = (SocketAddr, SocketAddr);
 
 struct Flow {
     sock: UdpSocket,
@@ -147,7 +148,7 @@ impl UdpTable {
         self.flows.retain(|(guest, _), f| {
             let keep = now.duration_since(f.last) <= timeout;
             if !keep {
-                counts.dec(*guest.ip());
+                counts.dec(guest.ip());
             }
             keep
         });
@@ -159,24 +160,29 @@ impl UdpTable {
 }
 
 impl Router {
-    fn max_udp_payload(&self) -> usize {
-        self.cfg.mtu.saturating_sub(IPV4_HDR + UDP_HDR)
+    /// The largest datagram payload to a guest of the family of `a`.
+    fn max_udp_payload(&self, a: &SocketAddr) -> usize {
+        let ip = if a.is_ipv6() {
+            super::frame6::IPV6_HDR
+        } else {
+            IPV4_HDR
+        };
+        self.cfg.mtu.saturating_sub(ip + UDP_HDR)
     }
 
     /// A datagram from a guest.
     pub(super) fn udp_input(
         &mut self,
         mac: EthernetAddress,
-        src: (Ipv4Addr, u16),
-        dst: (Ipv4Addr, u16),
+        guest: SocketAddr,
+        dst: SocketAddr,
         payload: &[u8],
     ) {
-        let guest = SocketAddrV4::new(src.0, src.1);
-        let dst = SocketAddrV4::new(dst.0, dst.1);
+        let gw = IpAddr::V4(self.cfg.gateway);
         // A guest's reply to a forward session.
-        if *dst.ip() == self.cfg.gateway {
+        if dst.ip() == gw {
             if let Some(s) = self.udp.sessions.get_mut(&dst.port()) {
-                if s.guest == guest {
+                if SocketAddr::V4(s.guest) == guest {
                     s.last = Instant::now();
                     let (host, client) = (s.host, s.client);
                     if let Some((_, sock)) = self.udp.forwards.get(&host) {
@@ -194,7 +200,7 @@ impl Router {
         // Unicast DHCP (renewals to the server identifier, which is the gateway
         // address) is not a host flow; dropped, the client falls back to broadcast,
         // which the network's DHCP service answers.
-        if (*dst.ip() == self.cfg.gateway || *dst.ip() == self.cfg.dns) && dst.port() == 67 {
+        if (dst.ip() == gw || dst.ip() == IpAddr::V4(self.cfg.dns)) && dst.port() == 67 {
             self.stats.dropped += 1;
             return;
         }
@@ -205,17 +211,8 @@ impl Router {
         }
         let key = (guest, dst);
         if !self.udp.flows.contains_key(&key) {
-            let unreachable = |r: &mut Router| {
-                let f = super::frame::icmp_unreachable(
-                    r.mac,
-                    mac,
-                    r.cfg.gateway,
-                    (*guest.ip(), guest.port()),
-                    (*dst.ip(), dst.port()),
-                    payload.len(),
-                );
-                r.dev.tx.push_back(f.into());
-            };
+            let unreachable =
+                |r: &mut Router| r.udp_unreachable(mac, guest, dst, payload.len(), false);
             let target = match self.map_dst(dst) {
                 Ok(t) => t,
                 Err(d) => {
@@ -226,7 +223,7 @@ impl Router {
                     return;
                 }
             };
-            if !self.guest_fits(*guest.ip(), false) {
+            if !self.guest_fits(guest.ip(), false) {
                 unreachable(self);
                 return;
             }
@@ -239,10 +236,15 @@ impl Router {
                 Err(e) => {
                     tracing::debug!(%target, error = %e, "udp flow open failed");
                     self.stats.host_socket_failed(&e);
+                    // No route on the host (no IPv6 connectivity, say): the guest
+                    // learns it at once rather than by a timeout.
+                    if e.raw_os_error() == Some(libc::ENETUNREACH) {
+                        self.udp_unreachable(mac, guest, dst, payload.len(), true);
+                    }
                     return;
                 }
             };
-            self.guest_flows.inc(*guest.ip());
+            self.guest_flows.inc(guest.ip());
             self.udp.flows.insert(
                 key,
                 Flow {
@@ -269,7 +271,10 @@ impl Router {
         if self.udp.flows.is_empty() {
             return;
         }
-        let max = self.max_udp_payload();
+        let (max4, max6) = (
+            self.max_udp_payload(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))),
+            self.max_udp_payload(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))),
+        );
         let mut buf = self.take_scratch();
         let now = Instant::now();
         for ((guest, dst), f) in self.udp.flows.iter_mut() {
@@ -278,20 +283,13 @@ impl Router {
                     Ok(n) => {
                         f.last = now;
                         let Some(data) = buf.get(..n) else { break };
-                        if n > max {
+                        if n > if guest.is_ipv6() { max6 } else { max4 } {
                             self.stats.dropped += 1;
                             continue;
                         }
-                        self.dev.tx.push_back(
-                            udp_frame(
-                                self.mac,
-                                f.mac,
-                                (*dst.ip(), dst.port()),
-                                (*guest.ip(), guest.port()),
-                                data,
-                            )
-                            .into(),
-                        );
+                        if let Some(fr) = udp_frame_any(self.mac, f.mac, *dst, *guest, data) {
+                            self.dev.tx.push_back(fr.into());
+                        }
                     }
                     // WouldBlock, or an ICMP error reported on the connected socket
                     // (e.g. ECONNREFUSED): nothing to deliver.
@@ -307,7 +305,7 @@ impl Router {
         if self.udp.forwards.is_empty() {
             return;
         }
-        let max = self.max_udp_payload();
+        let max = self.max_udp_payload(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
         let mut buf = self.take_scratch();
         let hosts: Vec<SocketAddr> = self.udp.forwards.keys().copied().collect();
         for host in hosts {
@@ -355,7 +353,7 @@ impl Router {
                 // a unicast IP destination is still delivered by the guest stack.
                 let mac = self
                     .guest_macs
-                    .get(guest.ip())
+                    .get(&IpAddr::V4(*guest.ip()))
                     .copied()
                     .unwrap_or(EthernetAddress::BROADCAST);
                 let Some(data) = buf.get(..n) else { continue };
@@ -372,6 +370,35 @@ impl Router {
             }
         }
         self.scratch = buf;
+    }
+
+    /// An ICMP unreachable to the guest for its datagram from `guest` to `dst`
+    /// (`no_route`: "no route", else "administratively prohibited"), from the
+    /// gateway of its family.
+    fn udp_unreachable(
+        &mut self,
+        mac: EthernetAddress,
+        guest: SocketAddr,
+        dst: SocketAddr,
+        len: usize,
+        no_route: bool,
+    ) {
+        let f = match (guest, dst, &self.cfg.ipv6) {
+            (SocketAddr::V4(g), SocketAddr::V4(d), _) => super::frame::icmp_unreachable(
+                self.mac,
+                mac,
+                self.cfg.gateway,
+                (*g.ip(), g.port()),
+                (*d.ip(), d.port()),
+                len,
+            ),
+            (SocketAddr::V6(g), SocketAddr::V6(d), Some(v6)) => {
+                let code = if no_route { 0 } else { 1 };
+                super::frame6::icmp6_unreachable(self.mac, mac, v6.gateway, g, d, len, code)
+            }
+            _ => return,
+        };
+        self.dev.tx.push_back(f.into());
     }
 
     fn free_udp_port(&mut self) -> Option<u16> {

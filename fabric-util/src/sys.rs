@@ -4,7 +4,8 @@
 //!
 //! Every `unsafe` block of the crate lives here, each an `ioctl(2)` on a descriptor
 //! the caller owns (and one group lookup, `getgrnam_r(3)`, for the daemons' control
-//! sockets: [`group_id`]). Interface names are checked ([`check_ifname`]) before they reach
+//! sockets: [`group_id`]; and the signal mask calls behind the daemons' stop signals:
+//! [`block_signals`], [`wait_signal`]). Interface names are checked ([`check_ifname`]) before they reach
 //! the kernel, and the wrappers take and return owned, typed values (`OwnedFd`,
 //! `Ipv4Addr`, [`MacAddr`](crate::MacAddr) bytes), so callers never see a pointer.
 //!
@@ -290,9 +291,60 @@ pub fn group_id(name: &str) -> io::Result<u32> {
     Ok(grp.gr_gid)
 }
 
+/// `signals` as a signal set.
+fn sigset(signals: &[libc::c_int]) -> io::Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data; sigemptyset initializes it before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t we own.
+    unsafe { libc::sigemptyset(&mut set) };
+    for &sig in signals {
+        // SAFETY: `set` is a valid, initialized sigset_t; a bad number is refused
+        // with EINVAL, not undefined behaviour.
+        if unsafe { libc::sigaddset(&mut set, sig) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(set)
+}
+
+/// Blocks `signals` in the calling thread (and so in the threads it starts
+/// afterwards), so that [`wait_signal`] takes them instead of their default
+/// action. Call before starting threads.
+pub fn block_signals(signals: &[libc::c_int]) -> io::Result<()> {
+    let set = sigset(signals)?;
+    // SAFETY: `set` is a valid, initialized sigset_t; the old mask is not asked for.
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    Ok(())
+}
+
+/// Waits for one of `signals` (blocked by [`block_signals`]); returns it.
+pub fn wait_signal(signals: &[libc::c_int]) -> io::Result<libc::c_int> {
+    let set = sigset(signals)?;
+    let mut sig = 0;
+    // SAFETY: `set` is a valid sigset_t and `sig` a valid out-pointer.
+    let r = unsafe { libc::sigwait(&set, &mut sig) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    Ok(sig)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_blocked_signal_is_taken_by_wait_signal() {
+        // SIGUSR2 is not used by the test harness; blocked in this thread only.
+        block_signals(&[libc::SIGUSR2]).unwrap();
+        // SAFETY: raise(3) sends a valid signal to the calling thread.
+        assert_eq!(unsafe { libc::raise(libc::SIGUSR2) }, 0);
+        assert_eq!(wait_signal(&[libc::SIGUSR2]).unwrap(), libc::SIGUSR2);
+        assert!(sigset(&[-1]).is_err(), "a bad signal number is refused");
+    }
 
     #[test]
     fn ifnames_are_checked_before_the_kernel_sees_them() {

@@ -517,42 +517,19 @@ pub fn open_netns(name: &str) -> io::Result<std::fs::File> {
         .or_else(|_| std::fs::File::open(format!("/var/run/netns/{name}")))
 }
 
-/// SIGINT and SIGTERM, as a set.
-fn stop_signals() -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data; sigemptyset initializes it before use.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-    }
-    set
-}
+/// The signals that end netd's long-running CLI commands.
+const STOP_SIGNALS: [libc::c_int; 2] = [libc::SIGINT, libc::SIGTERM];
 
 /// Blocks SIGINT and SIGTERM in the calling thread (and so in the threads it
 /// starts afterwards), so that [`wait_stop_signal`] takes them instead of their
 /// default action. Call before starting threads.
 pub fn block_stop_signals() -> io::Result<()> {
-    let set = stop_signals();
-    // SAFETY: `set` is a valid, initialized sigset_t; the old mask is not asked for.
-    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if r != 0 {
-        return Err(io::Error::from_raw_os_error(r));
-    }
-    Ok(())
+    fabric_util::sys::block_signals(&STOP_SIGNALS)
 }
 
 /// Waits for SIGINT or SIGTERM (blocked by [`block_stop_signals`]); returns it.
 pub fn wait_stop_signal() -> io::Result<i32> {
-    let set = stop_signals();
-    let mut sig = 0;
-    // SAFETY: `set` is a valid sigset_t and `sig` a valid out-pointer.
-    let r = unsafe { libc::sigwait(&set, &mut sig) };
-    if r != 0 {
-        return Err(io::Error::from_raw_os_error(r));
-    }
-    Ok(sig)
+    fabric_util::sys::wait_signal(&STOP_SIGNALS)
 }
 
 #[cfg(test)]

@@ -91,39 +91,20 @@ pub fn poll_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<Vec<bool>> {
         .collect())
 }
 
-/// A signal set of SIGTERM, SIGINT and SIGHUP.
-fn term_set() -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data; sigemptyset initializes it before use.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t we own.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGHUP);
-    }
-    set
-}
+/// The signals that stop the VM.
+const TERM_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 
 /// Blocks SIGTERM/SIGINT/SIGHUP in the calling thread (threads spawned later inherit
-/// the mask), so that only [`wait_term_signal`] receives them.
+/// the mask), so that only [`wait_term_signal`] receives them. The call cannot
+/// fail for these signals; nothing is reported.
 pub fn block_term_signals() {
-    let set = term_set();
-    // SAFETY: pthread_sigmask with a valid set; the old mask is not needed.
-    unsafe {
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
+    let _ = fabric_util::sys::block_signals(&TERM_SIGNALS);
 }
 
-/// Waits for SIGTERM/SIGINT/SIGHUP (which must be blocked); returns the signal.
+/// Waits for SIGTERM/SIGINT/SIGHUP (which must be blocked); returns the signal
+/// (0 if the wait failed).
 pub fn wait_term_signal() -> i32 {
-    let set = term_set();
-    let mut sig: libc::c_int = 0;
-    // SAFETY: sigwait with a valid set and out-pointer.
-    unsafe {
-        libc::sigwait(&set, &mut sig);
-    }
-    sig
+    fabric_util::sys::wait_signal(&TERM_SIGNALS).unwrap_or(0)
 }
 
 /// The signal used to kick vCPU threads out of KVM_RUN.

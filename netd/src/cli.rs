@@ -99,6 +99,17 @@ fn rows(v: &Value) -> &[Value] {
     v.as_array().map(Vec::as_slice).unwrap_or(&[])
 }
 
+/// A table of left-aligned text columns, given as (header, JSON key), one row
+/// per element of the array `v`.
+fn text_table(v: &Value, cols: &[(&'static str, &str)]) -> String {
+    let heads: Vec<(&'static str, Align)> = cols.iter().map(|&(h, _)| (h, Align::Left)).collect();
+    let mut t = Table::new(&heads);
+    for r in rows(v) {
+        t.row(cols.iter().map(|&(_, k)| s(r, k)).collect());
+    }
+    t.render()
+}
+
 /// A byte count in binary units: "512 B", "1.5 KiB", "3.0 GiB".
 pub fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
@@ -176,22 +187,15 @@ pub fn net_list(v: &Value) -> String {
 
 /// `netd reservation list NET`.
 pub fn reservations(v: &Value) -> String {
-    use Align::*;
-    let mut t = Table::new(&[
-        ("MAC", Left),
-        ("IP", Left),
-        ("HOSTNAME", Left),
-        ("SOURCE", Left),
-    ]);
-    for r in rows(v) {
-        t.row(vec![
-            s(r, "mac"),
-            s(r, "ip"),
-            s(r, "hostname"),
-            s(r, "source"),
-        ]);
-    }
-    t.render()
+    text_table(
+        v,
+        &[
+            ("MAC", "mac"),
+            ("IP", "ip"),
+            ("HOSTNAME", "hostname"),
+            ("SOURCE", "source"),
+        ],
+    )
 }
 
 /// The drop reasons of a port's counters, in the order the table shows them, as
@@ -343,12 +347,10 @@ pub fn leases(v: &Value, now: u64) -> String {
 
 /// `netd forward list NET`.
 pub fn forwards(v: &Value) -> String {
-    use Align::*;
-    let mut t = Table::new(&[("PROTO", Left), ("HOST", Left), ("GUEST", Left)]);
-    for f in rows(v) {
-        t.row(vec![s(f, "proto"), s(f, "host"), s(f, "guest")]);
-    }
-    t.render()
+    text_table(
+        v,
+        &[("PROTO", "proto"), ("HOST", "host"), ("GUEST", "guest")],
+    )
 }
 
 /// `netd flows NET`.
@@ -398,12 +400,7 @@ pub fn outbound(v: &Value) -> String {
 
 /// `netd dns NET`: the names the network's DNS answers.
 pub fn dns_names(v: &Value) -> String {
-    use Align::*;
-    let mut t = Table::new(&[("NAME", Left), ("IP", Left), ("SOURCE", Left)]);
-    for n in rows(v) {
-        t.row(vec![s(n, "name"), s(n, "ip"), s(n, "source")]);
-    }
-    t.render()
+    text_table(v, &[("NAME", "name"), ("IP", "ip"), ("SOURCE", "source")])
 }
 
 /// `netd flows NET --stats`, `netd leases NET --stats`: one "name  value" line

@@ -210,7 +210,45 @@ impl Ctx<'_> {
             expected: expected.into(),
         })
     }
+
+    /// `value` (the bound's default when the key is absent) if `bound` allows it;
+    /// else the error naming `key` and what the bound expects.
+    fn bounded<T: PartialOrd + Copy>(
+        &self,
+        key: impl Into<String>,
+        value: Option<T>,
+        bound: &Bound<T>,
+    ) -> Result<T, ConfigError> {
+        let Bound(default, range, expected) = bound;
+        let v = value.unwrap_or(*default);
+        if range.contains(&v) {
+            Ok(v)
+        } else {
+            Err(self.err(key, *expected))
+        }
+    }
 }
+
+/// Refuses the first of `keys` (each with whether the table sets it) that is set,
+/// with `expected`: for keys that have no meaning where they stand (another mode,
+/// another port kind). The error is `(key, expected)`.
+pub fn refuse_set_keys(
+    keys: &[(&'static str, bool)],
+    expected: &str,
+) -> Result<(), (&'static str, String)> {
+    match keys.iter().find(|(_, set)| *set) {
+        Some((k, _)) => Err((k, expected.to_string())),
+        None => Ok(()),
+    }
+}
+
+/// A numeric key's default, the values it takes, and the words for them in errors.
+struct Bound<T>(T, std::ops::RangeInclusive<T>, &'static str);
+
+/// `control_max_connections`.
+const CONTROL_MAX_CONNECTIONS: Bound<usize> = Bound(64, 1..=4096, "between 1 and 4096");
+/// `control_idle_timeout`, seconds.
+const CONTROL_IDLE_TIMEOUT: Bound<u64> = Bound(60, 1..=86_400, "between 1 and 86400 seconds");
 
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
@@ -253,14 +291,16 @@ impl Config {
                 )
             })?,
         };
-        let max_connections = self.control_max_connections.unwrap_or(64);
-        if !(1..=4096).contains(&max_connections) {
-            return Err(ctx.err("control_max_connections", "between 1 and 4096"));
-        }
-        let idle = self.control_idle_timeout.unwrap_or(60);
-        if !(1..=86_400).contains(&idle) {
-            return Err(ctx.err("control_idle_timeout", "between 1 and 86400 seconds"));
-        }
+        let max_connections = ctx.bounded(
+            "control_max_connections",
+            self.control_max_connections,
+            &CONTROL_MAX_CONNECTIONS,
+        )?;
+        let idle = ctx.bounded(
+            "control_idle_timeout",
+            self.control_idle_timeout,
+            &CONTROL_IDLE_TIMEOUT,
+        )?;
         Ok(ControlSpec {
             path: self.control.clone(),
             gid,

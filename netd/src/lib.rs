@@ -27,6 +27,8 @@ pub mod pcapng;
 pub mod port;
 pub mod switch;
 pub mod sys;
+#[cfg(test)]
+mod test_util;
 pub mod wire;
 
 pub use fabric_util::error_chain;

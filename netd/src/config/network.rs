@@ -8,9 +8,18 @@ use std::collections::HashSet;
 use std::net::Ipv4Addr;
 
 use super::{
-    offset, parse_cidr, parse_mac, prefix_mask, valid_name, ConfigError, Ctx, DhcpSpec, Ipv4Spec,
-    Mode, NetworkConfig, NetworkSpec, PortConfig, PortKind, PortSpec,
+    offset, parse_cidr, parse_mac, prefix_mask, valid_name, Bound, ConfigError, Ctx, DhcpSpec,
+    Ipv4Spec, Mode, NetworkConfig, NetworkSpec, PortConfig, PortKind, PortSpec,
 };
+
+/// `mtu`: payload bytes, as `ip link` shows them.
+const MTU: Bound<u32> = Bound(1500, 68..=65521, "an MTU between 68 and 65521");
+/// `max_macs`.
+const MAX_MACS: Bound<usize> = Bound(4096, 1..=1_000_000, "between 1 and 1000000");
+/// `max_macs_per_port`.
+const MAX_MACS_PER_PORT: Bound<usize> = Bound(256, 1..=1_000_000, "between 1 and 1000000");
+/// `mac_ageing`, seconds.
+const MAC_AGEING: Bound<u64> = Bound(300, 1..=86_400, "between 1 and 86400 seconds");
 
 impl NetworkConfig {
     /// Validates this network alone (the control API uses `<api>` as path).
@@ -213,22 +222,14 @@ impl NetworkConfig {
             }
             None
         };
-        let mtu = self.mtu.unwrap_or(1500);
-        if !(68..=65521).contains(&mtu) {
-            return Err(ctx.err(key("mtu"), "an MTU between 68 and 65521"));
-        }
-        let max_macs = self.max_macs.unwrap_or(4096);
-        if !(1..=1_000_000).contains(&max_macs) {
-            return Err(ctx.err(key("max_macs"), "between 1 and 1000000"));
-        }
-        let mac_ageing = self.mac_ageing.unwrap_or(300);
-        if !(1..=86_400).contains(&mac_ageing) {
-            return Err(ctx.err(key("mac_ageing"), "between 1 and 86400 seconds"));
-        }
-        let max_macs_per_port = self.max_macs_per_port.unwrap_or(256);
-        if !(1..=1_000_000).contains(&max_macs_per_port) {
-            return Err(ctx.err(key("max_macs_per_port"), "between 1 and 1000000"));
-        }
+        let mtu = ctx.bounded(key("mtu"), self.mtu, &MTU)?;
+        let max_macs = ctx.bounded(key("max_macs"), self.max_macs, &MAX_MACS)?;
+        let mac_ageing = ctx.bounded(key("mac_ageing"), self.mac_ageing, &MAC_AGEING)?;
+        let max_macs_per_port = ctx.bounded(
+            key("max_macs_per_port"),
+            self.max_macs_per_port,
+            &MAX_MACS_PER_PORT,
+        )?;
         let host_ifname = if hostonly {
             let h = self.host_ifname.clone().unwrap_or_else(|| {
                 let mut s = format!("vh-{}", self.name);

@@ -4,7 +4,7 @@
 use super::*;
 
 fn v(text: &str) -> Result<Vec<NetworkSpec>, ConfigError> {
-    Config::parse(text, Path::new("t.toml"))?.validate(Path::new("t.toml"))
+    crate::test_util::validate_config(text)
 }
 
 /// The error of a config with the usual header and these `[[network]]` tables.

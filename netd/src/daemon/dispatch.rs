@@ -51,6 +51,26 @@ impl Daemon {
         Ok(serde_json::Value::Null)
     }
 
+    /// Adds (`add`) or removes a CIDR of a NAT network's outbound list, and
+    /// records the change in the runtime state.
+    fn outbound(
+        &self,
+        net: &str,
+        list: fabric_api::netd::PolicyList,
+        cidr: &str,
+        add: bool,
+    ) -> Result<serde_json::Value, DaemonError> {
+        let c = parse_cidr_arg(net, cidr)?;
+        let change = if add {
+            crate::nat::OutboundChange::Add(list, c)
+        } else {
+            crate::nat::OutboundChange::Del(list, c)
+        };
+        let v = self.nat_request(net, crate::nat::NatRequest::Outbound(change))?;
+        self.record_outbound(net, list, c, add)?;
+        Ok(v)
+    }
+
     /// Serves one request.
     pub fn handle(&self, req: Request) -> Result<serde_json::Value, DaemonError> {
         let j = |v: serde_json::Result<serde_json::Value>| v.unwrap_or(serde_json::Value::Null);
@@ -138,20 +158,8 @@ impl Daemon {
                 &net,
                 crate::nat::NatRequest::Outbound(crate::nat::OutboundChange::Show),
             ),
-            Request::OutboundAdd { net, list, cidr } => {
-                let c = parse_cidr_arg(&net, &cidr)?;
-                let change = crate::nat::OutboundChange::Add(list, c);
-                let v = self.nat_request(&net, crate::nat::NatRequest::Outbound(change))?;
-                self.record_outbound(&net, list, c, true)?;
-                Ok(v)
-            }
-            Request::OutboundDel { net, list, cidr } => {
-                let c = parse_cidr_arg(&net, &cidr)?;
-                let change = crate::nat::OutboundChange::Del(list, c);
-                let v = self.nat_request(&net, crate::nat::NatRequest::Outbound(change))?;
-                self.record_outbound(&net, list, c, false)?;
-                Ok(v)
-            }
+            Request::OutboundAdd { net, list, cidr } => self.outbound(&net, list, &cidr, true),
+            Request::OutboundDel { net, list, cidr } => self.outbound(&net, list, &cidr, false),
             Request::NatFault { net } => {
                 if !fault_injection() {
                     return Err(DaemonError::Nat(

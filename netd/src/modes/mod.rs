@@ -31,7 +31,7 @@
 
 use std::net::Ipv4Addr;
 
-use crate::config::{DhcpSpec, DnsSpec, Ipv4Spec, Mode, NetworkConfig};
+use crate::config::{refuse_set_keys, DhcpSpec, DnsSpec, Ipv4Spec, Mode, NetworkConfig};
 use crate::nat::{Limits, RouterConfig};
 
 pub mod dns;
@@ -55,9 +55,7 @@ pub fn check_mode_keys(n: &NetworkConfig) -> Result<(), (&'static str, String)> 
             ("outbound_allow", n.outbound_allow.is_some()),
             ("outbound_deny", n.outbound_deny.is_some()),
         ];
-        if let Some((k, _)) = only_nat.iter().find(|(_, set)| *set) {
-            return Err((k, "no such key outside mode \"nat\"".into()));
-        }
+        refuse_set_keys(&only_nat, "no such key outside mode \"nat\"")?;
     }
     if bridged && n.dns.is_some() {
         return Err((
@@ -71,12 +69,10 @@ pub fn check_mode_keys(n: &NetworkConfig) -> Result<(), (&'static str, String)> 
             ("domain", n.domain.is_some()),
             ("host", !n.host.is_empty()),
         ];
-        if let Some((k, _)) = need_dns.iter().find(|(_, set)| *set) {
-            return Err((
-                k,
-                "no such key without `dns` (the address the network serves DNS on)".into(),
-            ));
-        }
+        refuse_set_keys(
+            &need_dns,
+            "no such key without `dns` (the address the network serves DNS on)",
+        )?;
     }
     if bridged {
         match &n.uplink {
@@ -299,10 +295,7 @@ mod tests {
     use std::path::Path;
 
     fn v(text: &str) -> Result<Vec<crate::config::NetworkSpec>, String> {
-        Config::parse(text, Path::new("t.toml"))
-            .map_err(|e| e.to_string())?
-            .validate(Path::new("t.toml"))
-            .map_err(|e| e.to_string())
+        crate::test_util::validate_config(text).map_err(|e| e.to_string())
     }
 
     /// The NAT hardening keys (issue 11): defaults, parsing, the subnets of the

@@ -715,13 +715,7 @@ mod tests {
         let g = ipg();
         let p = PortGuard::new(true, Some(A));
         let t0 = Instant::now();
-        let mut seed: u64 = 0x1234_5678_9abc_def1;
-        let mut rnd = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut rnd = crate::test_util::xorshift(0x1234_5678_9abc_def1);
         let bases = [arp(A, ip(50)), udp(A, Ipv4Addr::UNSPECIFIED, 67, &bootp(A))];
         for i in 0..20_000 {
             let mut f = bases[i % 2].clone();

@@ -670,13 +670,7 @@ fn acks_queued_during_a_write_share_the_next_one() {
 #[test]
 fn randomized_parse_never_panics() {
     let mut s = server(None);
-    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut rnd = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut rnd = crate::test_util::xorshift(0x9e37_79b9_7f4a_7c15);
     let base = msg(
         MsgType::Request,
         7,
@@ -701,7 +695,7 @@ fn randomized_parse_never_panics() {
                 b[at] = rnd() as u8;
             }
         }
-        if rnd() % 3 == 0 {
+        if rnd().is_multiple_of(3) {
             let n = (rnd() as usize) % (b.len() + 1);
             b.truncate(n);
         }

@@ -59,9 +59,7 @@ pub fn validate(
             ("learning", k.learning.is_some()),
             ("accept_any", k.accept_any.is_some()),
         ];
-        if let Some((key, _)) = set.iter().find(|(_, s)| *s) {
-            return Err((key, "no such key except for kind \"vxlan\"".into()));
-        }
+        crate::config::refuse_set_keys(&set, "no such key except for kind \"vxlan\"")?;
         return Ok(None);
     }
     let vni = match k.vni {

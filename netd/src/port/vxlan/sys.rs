@@ -46,6 +46,19 @@ fn sockaddr_in(to: SocketAddrV4) -> libc::sockaddr_in {
     }
 }
 
+/// The header of a one-datagram `sendmsg` / `recvmsg`: the peer address `addr`
+/// and the one buffer `iov`, no control data yet. It points at both, which must
+/// stay where they are until the call is made.
+fn msghdr(addr: &mut libc::sockaddr_in, iov: &mut libc::iovec) -> libc::msghdr {
+    // SAFETY: an all-zero msghdr is valid (null pointers, zero lengths).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = addr as *mut libc::sockaddr_in as *mut libc::c_void;
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg
+}
+
 /// Sends `buf` to `to` as datagrams of `seg` bytes each (the last may be shorter)
 /// in one call: UDP GSO, the kernel cuts it (or hands it whole to a veth peer).
 /// `seg` of `buf.len()` or more sends one plain datagram.
@@ -62,12 +75,7 @@ pub fn send_segmented(
     };
     // Room for one cmsg with a u16, 8-byte aligned.
     let mut control = [0u64; 4];
-    // SAFETY: an all-zero msghdr is valid (null pointers, zero lengths).
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_name = &mut addr as *mut libc::sockaddr_in as *mut libc::c_void;
-    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
+    let mut msg = msghdr(&mut addr, &mut iov);
     if usize::from(seg) < buf.len() {
         msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
         // SAFETY: CMSG_SPACE is a pure size computation.
@@ -101,20 +109,7 @@ pub fn set_udp_gro(sock: &impl AsRawFd) -> io::Result<()> {
 /// see [`recv_coalesced`].
 pub fn set_pktinfo(sock: &impl AsRawFd) -> io::Result<()> {
     let one: libc::c_int = 1;
-    // SAFETY: passes a live c_int and its size; `sock` is an open IPv4 UDP socket.
-    let r = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_PKTINFO,
-            &one as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    crate::sys::set_socket_option(sock.as_raw_fd(), libc::IPPROTO_IP, libc::IP_PKTINFO, &one)
 }
 
 /// What one read brought.
@@ -143,12 +138,7 @@ pub fn recv_coalesced(sock: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Receive
     };
     // Room for UDP_GRO (an int) and IP_PKTINFO (in_pktinfo), each with its header.
     let mut control = [0u64; 16];
-    // SAFETY: as above.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_name = &mut addr as *mut libc::sockaddr_in as *mut libc::c_void;
-    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
+    let mut msg = msghdr(&mut addr, &mut iov);
     msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
     msg.msg_controllen = std::mem::size_of_val(&control);
     // SAFETY: `msg` points at live `addr`, `iov` (over `buf`) and `control`, each

@@ -29,10 +29,7 @@ const B: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 
 fn config(text: &str) -> Result<Vec<crate::config::NetworkSpec>, String> {
     let head = "control='/c'\nstate_dir='/s'\n[[network]]\nname='n'\n";
-    let path = std::path::Path::new("t.toml");
-    crate::config::Config::parse(&format!("{head}{text}"), path)
-        .and_then(|c| c.validate(path))
-        .map_err(|e| e.to_string())
+    crate::test_util::validate_config(&format!("{head}{text}")).map_err(|e| e.to_string())
 }
 
 #[test]

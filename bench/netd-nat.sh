@@ -28,6 +28,7 @@ for t in iperf3 slirp4netns pasta jq; do
   command -v "$t" >/dev/null || { echo "$t missing (apt-get install iperf3 slirp4netns passt jq)" >&2; exit 1; }
 done
 
+. bench/netd-common.sh
 tag=$$
 BH=nbh$tag; GN=nbn$tag; GS=nbs$tag; GP=nbp$tag
 work=$(mktemp -d)
@@ -69,19 +70,11 @@ rtt() { # ns target
 
 start_netd() { # mtu [binary]
   local bin=${2:-$NETD}
-  cat > "$work/netd.toml" <<EOT
-control = "$work/netd.sock"
-state_dir = "$work/state"
-[[network]]
-name = "bench"
-mode = "nat"
-mtu = $1
-resolv_conf = "$work/resolv.conf"
-[[network.port]]
-kind = "tap"
-ifname = "nbtap$tag"
-netns = "$GN"
-EOT
+  {
+    netd_config "$work/netd.sock" "$work/state" nat "$1"
+    echo "resolv_conf = \"$work/resolv.conf\""
+    tap_port "nbtap$tag" "$GN"
+  } > "$work/netd.toml"
   : > "$work/resolv.conf"
   ip netns exec $BH "$bin" serve --config "$work/netd.toml" 2>"$work/netd.log" &
   netd_pid=$!

@@ -45,6 +45,7 @@ done
 per=$(( FLOWS / GUESTS )); extra=$(( FLOWS % GUESTS ))
 [ $(( per + 1 + 2 )) -le 256 ] || { echo "FLOWS/GUESTS above max_flows_per_guest (256)" >&2; exit 1; }
 
+. bench/netd-common.sh
 tag=$$
 H=sk${tag}h; S=sk${tag}s
 guest_ns() { echo "sk${tag}g$1"; }
@@ -127,11 +128,7 @@ grep -q ready "$work/servers.log" || { echo "servers did not start" >&2; cat "$w
   echo "max_flows = $(( FLOWS + 2048 ))"
   echo "max_flow_memory = $(( (FLOWS + 2048) << 20 ))"
   for i in $(seq 0 $((GUESTS - 1))); do
-    echo "[[network.port]]"
-    echo "name = \"g$i\""
-    echo "kind = \"tap\""
-    echo "ifname = \"sk${tag}t$i\""
-    echo "netns = \"$(guest_ns "$i")\""
+    tap_port "sk${tag}t$i" "$(guest_ns "$i")" "g$i"
   done
 } > "$work/netd.toml"
 ip netns exec $H "$NETD" serve --config "$work/netd.toml" 2> "$work/netd.log" &

@@ -27,6 +27,7 @@ for t in iperf3 jq; do
   command -v "$t" >/dev/null || { echo "$t missing (apt-get install iperf3 jq)" >&2; exit 1; }
 done
 
+. bench/netd-common.sh
 tag=$$
 U=vbu$tag; HA=vba$tag; HB=vbb$tag; KHA=vbka$tag; KHB=vbkb$tag
 GA=vbga$tag; GB=vbgb$tag; KA=vbxa$tag; KB=vbxb$tag
@@ -72,18 +73,10 @@ setup() { # net-mtu underlay-mtu
     if [ $side = a ]; then host=$HA guest=$GA me=198.18.30.1 peer=198.18.30.2 addr=10.91.0.1
     else host=$HB guest=$GB me=198.18.30.2 peer=198.18.30.1 addr=10.91.0.2; fi
     mkdir -p "$work/$side"
-    cat > "$work/$side/netd.toml" <<EOT
-control = "$work/$side/netd.sock"
-state_dir = "$work/$side/state"
-[[network]]
-name = "bench"
-mode = "internal"
-mtu = $m
-[[network.port]]
-name = "g"
-kind = "tap"
-ifname = "vbt$side"
-netns = "$guest"
+    {
+      netd_config "$work/$side/netd.sock" "$work/$side/state" internal "$m"
+      tap_port "vbt$side" "$guest" g
+      cat <<EOT
 [[network.port]]
 name = "vx"
 kind = "vxlan"
@@ -91,6 +84,7 @@ vni = 100
 local = "$me"
 remotes = ["$peer"]
 EOT
+    } > "$work/$side/netd.toml"
     ip netns exec "$host" "$NETD" serve --config "$work/$side/netd.toml" > "$work/$side/log" 2>&1 &
     pids+=($!)
     for _ in $(seq 100); do [ -S "$work/$side/netd.sock" ] && break; sleep 0.05; done

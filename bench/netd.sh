@@ -27,6 +27,7 @@ NETD_BASE=${NETD_BASE:-}
 [ -z "$NETD_BASE" ] || [ -x "$NETD_BASE" ] || { echo "$NETD_BASE missing" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || { echo "bench/netd.sh needs root" >&2; exit 1; }
 
+. bench/netd-common.sh
 tag=b$$
 work=$(mktemp -d)
 cleanup() {
@@ -48,24 +49,11 @@ iperf() { # ns_client ns_server server_ip -> Gbit/s
 run_netd() { # mtu [binary] [capture] -> "gbps rss_kib"
   local mtu=$1 bin=${2:-$NETD} capture=${3:-}
   for ns in h a b; do ip netns add "${tag}$ns"; ip netns exec "${tag}$ns" ip link set lo up; done
-  cat > "$work/netd.toml" <<EOT
-control = "$work/control.sock"
-state_dir = "$work/state"
-[[network]]
-name = "bench"
-mode = "internal"
-mtu = $mtu
-[[network.port]]
-name = "a"
-kind = "tap"
-ifname = "${tag}ta"
-netns = "${tag}a"
-[[network.port]]
-name = "b"
-kind = "tap"
-ifname = "${tag}tb"
-netns = "${tag}b"
-EOT
+  {
+    netd_config "$work/control.sock" "$work/state" internal "$mtu"
+    tap_port "${tag}ta" "${tag}a" a
+    tap_port "${tag}tb" "${tag}b" b
+  } > "$work/netd.toml"
   ip netns exec "${tag}h" "$bin" serve --config "$work/netd.toml" 2>"$work/netd.log" &
   netd_pid=$!
   for _ in $(seq 100); do [ -S "$work/control.sock" ] && break; sleep 0.05; done

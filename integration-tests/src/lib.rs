@@ -350,3 +350,16 @@ pub fn run_guest_tests(bin: &str, tests: &[GuestTest]) {
         tests.len()
     );
 }
+
+/// `fn main` of a guest test file (see [`run_guest_tests`]):
+/// `guest_tests_main!("BIN", test_a, test_b)` runs the functions named, each test
+/// named after its function.
+#[macro_export]
+macro_rules! guest_tests_main {
+    ($bin:literal, $($test:ident),+ $(,)?) => {
+        fn main() {
+            let tests: &[$crate::GuestTest] = &[$((stringify!($test), $test)),+];
+            $crate::run_guest_tests($bin, tests);
+        }
+    };
+}

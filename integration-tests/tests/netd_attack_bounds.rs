@@ -168,18 +168,9 @@ fn count(c: &serde_json::Value, key: &str) -> u64 {
 fn a_gso_frame_with_segment_size_1_is_dropped_and_counted() -> Result<()> {
     let _l = traffic_lock();
     let dir = root_tempdir();
-    let [a, b] = TapHost::each(["aba", "abb"])?;
-    let cable = dir.path().join("cable.sock");
-    let lan = [
-        network("lan", "internal", ""),
-        a.port("a"),
-        b.port("b"),
-        stream_port("cable", &cable),
-    ]
-    .concat();
-    let (host, netd) = start_netd(dir.path(), "abh", &lan)?;
-    a.addr("10.171.0.1/24")?;
-    b.addr("10.171.0.2/24")?;
+    let cable = stream_port("cable", &dir.path().join("cable.sock"));
+    let (host, netd, [a, _b]) =
+        lan_of_two_and(dir.path(), ["abh", "aba", "abb"], "10.171.0", &cable)?;
     assert!(ping_retry(&a, "10.171.0.2", 5), "a pings b before");
 
     // The test is the VMM: it holds the TAP (vnet headers on), netd attaches to it.
@@ -244,18 +235,13 @@ fn a_gso_frame_with_segment_size_1_is_dropped_and_counted() -> Result<()> {
 fn a_stream_peer_that_never_reads_loses_only_its_own_frames() -> Result<()> {
     let _l = traffic_lock();
     let dir = root_tempdir();
-    let [a, b] = TapHost::each(["abc", "abd"])?;
     let slow = dir.path().join("slow.sock");
-    let lan = [
-        network("lan", "internal", ""),
-        a.port("a"),
-        b.port("b"),
-        stream_port("slow", &slow),
-    ]
-    .concat();
-    let (host, netd) = start_netd(dir.path(), "abi", &lan)?;
-    a.addr("10.172.0.1/24")?;
-    b.addr("10.172.0.2/24")?;
+    let (host, netd, [a, b]) = lan_of_two_and(
+        dir.path(),
+        ["abi", "abc", "abd"],
+        "10.172.0",
+        &stream_port("slow", &slow),
+    )?;
     let _peer = Py::start(
         &host,
         dir.path(),
@@ -437,9 +423,7 @@ fn hostonly_guests_reach_nothing_past_a_forwarding_host() -> Result<()> {
     let dir = root_tempdir();
     let host = Netns::new("abl")?;
     let vm = TapHost::new("abm")?;
-    let beyond = Netns::new("abn")?;
-    let (vh, vb) = (unique_name("abo"), unique_name("abp"));
-    link_beyond(&host, &beyond, (&vh, &vb), "172.16.171")?;
+    let beyond = link_beyond(&host, "abn", "172.16.171")?;
     beyond.exec(&[
         "ip",
         "route",
@@ -454,11 +438,11 @@ fn hostonly_guests_reach_nothing_past_a_forwarding_host() -> Result<()> {
 
     let hif = unique_name("abq");
     let keys = format!("subnet = \"192.168.171.0/24\"\nhost_ifname = \"{hif}\"\n");
-    let cfg = write_config(
+    let netd = Netd::start_with(
+        &host,
         dir.path(),
         &(network("ho", "hostonly", &keys) + &vm.port("vm")),
-    );
-    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    )?;
     let v4 = host.sh(&format!("cat /proc/sys/net/ipv4/conf/{hif}/forwarding"))?;
     assert_eq!(v4.trim(), "0", "IPv4 forwarding off on the host TAP");
     let v6 = host.sh(&format!(

@@ -29,6 +29,8 @@ fn scapy_file(dir: &Path, iface: &str, body: &str) -> Result<std::path::PathBuf>
         "import logging\nlogging.getLogger('scapy.runtime').setLevel(logging.ERROR)\n\
          from scapy.all import *\nconf.verb = 0\nIFACE = '{iface}'\n\
          def mac_bytes(m):\n    return bytes.fromhex(m.replace(':', '')) + b'\\x00' * 10\n\
+         def arp_claim(mac, ip):\n    \
+         return Ether(src=mac, dst='ff:ff:ff:ff:ff:ff') / ARP(op=2, hwsrc=mac, psrc=ip, pdst=ip)\n\
          def dhcp(src_mac, dst_mac, src_ip, dst_ip, chaddr, ciaddr, opts):\n    \
          return (Ether(src=src_mac, dst=dst_mac) / IP(src=src_ip, dst=dst_ip) / \
          UDP(sport=68, dport=67) / BOOTP(chaddr=mac_bytes(chaddr), ciaddr=ciaddr, \
@@ -38,11 +40,12 @@ fn scapy_file(dir: &Path, iface: &str, body: &str) -> Result<std::path::PathBuf>
     Ok(path)
 }
 
-/// Runs the scapy program `body` in `ns` (see [`scapy_file`]).
-fn scapy(ns: &Netns, dir: &Path, iface: &str, body: &str) -> Result<String> {
-    let path = scapy_file(dir, iface, body)?;
+/// Runs the scapy program `body` in the test host `guest`, sending on its TAP (see
+/// [`scapy_file`]).
+fn scapy(guest: &TapHost, dir: &Path, body: &str) -> Result<String> {
+    let path = scapy_file(dir, &guest.tap, body)?;
     // Debian's python3-scapy is for the system interpreter.
-    ns.sh(&format!("/usr/bin/python3 {}", path.display()))
+    guest.sh(&format!("/usr/bin/python3 {}", path.display()))
 }
 
 /// A web server in `ns` on `addr`:`port` serving `file`, `mib` MiB of random bytes
@@ -130,16 +133,9 @@ fn lease_of(netd: &Netd, net: &str, mac: &str) -> Option<(String, u64)> {
 fn nat_guard_drops_spoofing_and_dhcp_abuse_while_an_honest_guest_works() -> Result<()> {
     let dir = root_tempdir();
     let [hon, atk] = TapHost::each(["agh", "aga"])?;
-    let resolv = dir.path().join("resolv.conf");
-    std::fs::write(&resolv, "nameserver 127.0.0.1\n")?;
-    let net = network(
-        "agnat",
-        "nat",
-        &format!(
-            "resolv_conf = \"{}\"\nhost_loopback = true\n",
-            resolv.display()
-        ),
-    ) + &hon.port("hon")
+    let keys = loopback_resolv_key(dir.path())? + "host_loopback = true\n";
+    let net = network("agnat", "nat", &keys)
+        + &hon.port("hon")
         + &format!("mac = \"{HONEST_MAC}\"\n")
         + &atk.port("atk");
     let (host, netd) = start_netd(dir.path(), "agn", &net)?;
@@ -168,9 +164,8 @@ fn nat_guard_drops_spoofing_and_dhcp_abuse_while_an_honest_guest_works() -> Resu
     scapy(
         &atk,
         dir.path(),
-        &atk.tap,
         &format!(
-            "sendp(Ether(src='{router}', dst='ff:ff:ff:ff:ff:ff') / ARP(op=2, hwsrc='{router}', psrc='10.0.2.2', pdst='10.0.2.2'), iface=IFACE, count=5)\n\
+            "sendp(arp_claim('{router}', '10.0.2.2'), iface=IFACE, count=5)\n\
              sendp(Ether(src='{HONEST_MAC}', dst='{router}') / IP(src='{hon_ip}', dst='10.0.2.2') / ICMP(), iface=IFACE, count=5)\n\
              sendp([Ether(src=RandMAC('02:*:*:*:*:*'), dst='ff:ff:ff:ff:ff:ff') / IP(src='{atk_ip}', dst='10.0.2.255') / UDP(dport=9) for _ in range(2000)], iface=IFACE)"
         ),
@@ -202,13 +197,12 @@ fn nat_guard_drops_spoofing_and_dhcp_abuse_while_an_honest_guest_works() -> Resu
     scapy(
         &atk,
         dir.path(),
-        &atk.tap,
         &format!(
             "sendp(Ether(src='{atk_mac}', dst='{router}') / IP(src='10.0.2.99', dst='10.0.2.2') / ICMP(), iface=IFACE, count=5)\n\
              sendp(Ether(src='{atk_mac}', dst='{router}') / IP(src='{hon_ip}', dst='10.0.2.2') / TCP(dport=80, flags='S'), iface=IFACE, count=5)\n\
-             sendp(Ether(src='{atk_mac}', dst='ff:ff:ff:ff:ff:ff') / ARP(op=2, hwsrc='{atk_mac}', psrc='10.0.2.2', pdst='10.0.2.2'), iface=IFACE, count=5)\n\
+             sendp(arp_claim('{atk_mac}', '10.0.2.2'), iface=IFACE, count=5)\n\
              sendp(Ether(src='{atk_mac}', dst='ff:ff:ff:ff:ff:ff') / ARP(op=1, hwsrc='{atk_mac}', psrc='10.0.2.3', pdst='10.0.2.2'), iface=IFACE, count=5)\n\
-             sendp(Ether(src='{atk_mac}', dst='ff:ff:ff:ff:ff:ff') / ARP(op=2, hwsrc='{atk_mac}', psrc='{hon_ip}', pdst='{hon_ip}'), iface=IFACE, count=5)"
+             sendp(arp_claim('{atk_mac}', '{hon_ip}'), iface=IFACE, count=5)"
         ),
     )?;
     eventually(&netd, "agnat", "spoofed IPs counted", || {
@@ -224,7 +218,6 @@ fn nat_guard_drops_spoofing_and_dhcp_abuse_while_an_honest_guest_works() -> Resu
     scapy(
         &atk,
         dir.path(),
-        &atk.tap,
         &format!(
             "sendp(dhcp('{atk_mac}', '{router}', '{atk_ip}', '10.0.2.2', '{HONEST_MAC}', '{hon_ip}', [('message-type', 'release'), ('server_id', '10.0.2.2')]), iface=IFACE, count=3)\n\
              sendp(dhcp('{atk_mac}', 'ff:ff:ff:ff:ff:ff', '0.0.0.0', '255.255.255.255', '{HONEST_MAC}', '0.0.0.0', [('message-type', 'decline'), ('requested_addr', '{hon_ip}'), ('server_id', '10.0.2.2')]), iface=IFACE, count=3)\n\
@@ -347,12 +340,11 @@ fn internal_dhcp_guard_drops_spoofing_and_caps_an_unguarded_port() -> Result<()>
     scapy(
         &atk,
         dir.path(),
-        &atk.tap,
         &format!(
-            "sendp(Ether(src='{dhcp_mac}', dst='ff:ff:ff:ff:ff:ff') / ARP(op=2, hwsrc='{dhcp_mac}', psrc='10.77.0.1', pdst='10.77.0.1'), iface=IFACE, count=5)\n\
+            "sendp(arp_claim('{dhcp_mac}', '10.77.0.1'), iface=IFACE, count=5)\n\
              sendp(Ether(src='{HONEST_MAC}', dst='ff:ff:ff:ff:ff:ff') / IP(src='{hon_ip}', dst='{srv_ip}') / ICMP(), iface=IFACE, count=5)\n\
-             sendp(Ether(src='{atk_mac}', dst='ff:ff:ff:ff:ff:ff') / ARP(op=2, hwsrc='{atk_mac}', psrc='{srv_ip}', pdst='{srv_ip}'), iface=IFACE, count=5)\n\
-             sendp(Ether(src='{atk_mac}', dst='ff:ff:ff:ff:ff:ff') / ARP(op=2, hwsrc='{atk_mac}', psrc='10.77.0.1', pdst='10.77.0.1'), iface=IFACE, count=5)\n\
+             sendp(arp_claim('{atk_mac}', '{srv_ip}'), iface=IFACE, count=5)\n\
+             sendp(arp_claim('{atk_mac}', '10.77.0.1'), iface=IFACE, count=5)\n\
              sendp(Ether(src='{atk_mac}', dst='ff:ff:ff:ff:ff:ff') / IP(src='{srv_ip}', dst='{hon_ip}') / TCP(dport=18090, flags='S'), iface=IFACE, count=5)\n\
              sendp(dhcp('{atk_mac}', 'ff:ff:ff:ff:ff:ff', '0.0.0.0', '255.255.255.255', '{HONEST_MAC}', '{hon_ip}', [('message-type', 'release'), ('server_id', '10.77.0.1')]), iface=IFACE, count=3)\n\
              sendp(dhcp('{atk_mac}', 'ff:ff:ff:ff:ff:ff', '0.0.0.0', '255.255.255.255', '{atk_mac}', '0.0.0.0', [('message-type', 'request'), ('requested_addr', '10.77.0.200')]), iface=IFACE, count=1)"
@@ -378,7 +370,6 @@ fn internal_dhcp_guard_drops_spoofing_and_caps_an_unguarded_port() -> Result<()>
     scapy(
         &off,
         dir.path(),
-        &off.tap,
         "sendp([Ether(src=RandMAC('02:*:*:*:*:*'), dst='ff:ff:ff:ff:ff:ff') / IP(src='10.77.0.250', dst='10.77.0.255') / UDP(dport=9) for _ in range(1000)], iface=IFACE)",
     )?;
     eventually(&netd, "agint", "MAC cap", || {
@@ -455,12 +446,11 @@ fn static_guest_is_bound_to_its_first_address_until_it_ages_out() -> Result<()> 
     scapy(
         &thief,
         dir.path(),
-        &thief.tap,
         &format!(
             "sendp(Ether(src='{thief_mac}', dst='ff:ff:ff:ff:ff:ff') / IP(src='10.78.0.50', dst='{hon_ip}') / ICMP(), iface=IFACE, count=5)\n\
-             sendp(Ether(src='{thief_mac}', dst='ff:ff:ff:ff:ff:ff') / ARP(op=2, hwsrc='{thief_mac}', psrc='10.78.0.50', pdst='10.78.0.50'), iface=IFACE, count=5)\n\
-             sendp(Ether(src='{thief_mac}', dst='ff:ff:ff:ff:ff:ff') / ARP(op=2, hwsrc='{thief_mac}', psrc='10.78.0.1', pdst='10.78.0.1'), iface=IFACE, count=5)\n\
-             sendp(Ether(src='{thief_mac}', dst='ff:ff:ff:ff:ff:ff') / ARP(op=2, hwsrc='{thief_mac}', psrc='{server}', pdst='{server}'), iface=IFACE, count=5)"
+             sendp(arp_claim('{thief_mac}', '10.78.0.50'), iface=IFACE, count=5)\n\
+             sendp(arp_claim('{thief_mac}', '10.78.0.1'), iface=IFACE, count=5)\n\
+             sendp(arp_claim('{thief_mac}', '{server}'), iface=IFACE, count=5)"
         ),
     )?;
     eventually(

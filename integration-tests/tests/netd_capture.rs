@@ -95,16 +95,8 @@ fn tshark(file: &Path, filter: &str, fields: &[&str]) -> Result<Vec<String>> {
 fn dhcp_icmp_through_the_router_and_a_guard_drop_read_back_by_tshark() -> Result<()> {
     let dir = root_tempdir();
     let [g] = TapHost::each(["cpg"])?;
-    let resolv = dir.path().join("resolv.conf");
-    std::fs::write(&resolv, "nameserver 127.0.0.1\n")?;
-    let net = network(
-        "cpnat",
-        "nat",
-        &format!(
-            "resolv_conf = \"{}\"\nhost_loopback = true\n",
-            resolv.display()
-        ),
-    ) + &g.port("g1");
+    let keys = loopback_resolv_key(dir.path())? + "host_loopback = true\n";
+    let net = network("cpnat", "nat", &keys) + &g.port("g1");
     let (_host, netd) = start_netd(dir.path(), "cph", &net)?;
     let (cap, err) = start_capture(&netd, &["cpnat"])?;
 

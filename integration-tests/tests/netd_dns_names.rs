@@ -29,9 +29,7 @@ const UP_NAME: &str = "www.fabric.test";
 fn upstream(host: &Netns, dir: &std::path::Path) -> Result<(ChildGuard, String)> {
     let argv = dnsmasq_argv("127.0.0.1", &dir.join("dnsmasq.pid"), UP_NAME, UP_ADDR);
     let g = host.spawn(&argv.iter().map(String::as_str).collect::<Vec<_>>())?;
-    let resolv = dir.join("resolv.conf");
-    std::fs::write(&resolv, "nameserver 127.0.0.1\n")?;
-    Ok((g, resolv.display().to_string()))
+    Ok((g, loopback_resolv_conf(dir)?.display().to_string()))
 }
 
 /// `busybox nslookup [-type=T] NAME SERVER` in `ns`: (success, output).
@@ -164,8 +162,7 @@ fn nat_guests_resolve_each_other_through_the_router() -> Result<()> {
         c.port("c"),
     ]
     .concat();
-    let cfg = write_config(dir.path(), &cfg);
-    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    let netd = Netd::start_with(&host, dir.path(), &cfg)?;
     let (a_ip, domain) = dhcp_named(&a, dir.path(), "alpha")?;
     assert_eq!(domain, "nat0.lab", "option 15: the default domain");
     let (b_ip, _) = dhcp_named(&b, dir.path(), "beta")?;
@@ -208,8 +205,7 @@ fn two_guests(
         "resolv_conf = \"{resolv}\"\n{keys}[[network.host]]\nname = \"files\"\nip = \"{files_ip}\"\n"
     );
     let cfg = [network(net, mode, &keys), a.port("a"), b.port("b")].concat();
-    let cfg = write_config(dir.path(), &cfg);
-    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    let netd = Netd::start_with(&host, dir.path(), &cfg)?;
     let (a_ip, got) = dhcp_named(&a, dir.path(), "alpha")?;
     assert_eq!(got, domain, "option 15");
     dhcp_named(&b, dir.path(), "beta")?;
@@ -277,8 +273,7 @@ fn a_reservation_hostname_is_sent_and_resolves_from_another_guest() -> Result<()
         b.port("b"),
     ]
     .concat();
-    let cfg = write_config(dir.path(), &cfg);
-    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    let netd = Netd::start_with(&host, dir.path(), &cfg)?;
     // The reserved client sends a name of its own; the reservation's wins.
     let (a_ip, _) = dhcp_named(&a, dir.path(), "alpha")?;
     assert_eq!(a_ip, "10.0.2.60", "the reserved address");

@@ -13,17 +13,14 @@ fn hostonly_reaches_host_not_beyond() -> Result<()> {
     let dir = root_tempdir();
     let host = Netns::new("hh")?;
     let vm = TapHost::new("hv")?;
-    let beyond = Netns::new("hb")?;
     // The host has another link, to a "beyond" network, and does not forward.
-    let (vh, vb) = (unique_name("vh"), unique_name("vb"));
-    link_beyond(&host, &beyond, (&vh, &vb), "172.16.9")?;
+    let beyond = link_beyond(&host, "hb", "172.16.9")?;
     beyond.exec(&["ip", "route", "add", "192.168.56.0/24", "via", "172.16.9.1"])?;
     host.sh("echo 0 > /proc/sys/net/ipv4/ip_forward")?;
 
     let hif = unique_name("vh");
     let ho = network("ho", "hostonly", &format!("host_ifname = \"{hif}\"\n"));
-    let cfg = write_config(dir.path(), &(ho + &vm.port("vm")));
-    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    let netd = Netd::start_with(&host, dir.path(), &(ho + &vm.port("vm")))?;
     let addr = host.sh(&format!("ip -4 -o addr show dev {hif}"))?;
     assert!(
         addr.contains("192.168.56.1/24"),

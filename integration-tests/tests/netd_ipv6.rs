@@ -145,7 +145,6 @@ fn internal_slaac_rdnss_and_a_rogue_router_is_dropped() -> Result<()> {
 #[test]
 fn hostonly_host_reaches_a_slaac_guest() -> Result<()> {
     let dir = root_tempdir();
-    let host = Netns::new("v6h")?;
     let g = TapHost::new("v6g")?;
     let hif = unique_name("vh");
     let net = network(
@@ -153,8 +152,7 @@ fn hostonly_host_reaches_a_slaac_guest() -> Result<()> {
         "hostonly",
         &format!("host_ifname = \"{hif}\"\nsubnet6 = \"fd42:17::/64\"\n"),
     ) + &g.port("g");
-    let cfg = write_config(dir.path(), &net);
-    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    let (host, netd) = start_netd(dir.path(), "v6h", &net)?;
     let addr = host.sh(&format!("ip -6 -o addr show dev {hif}"))?;
     assert!(
         addr.contains("fd42:17::1/64"),
@@ -176,7 +174,6 @@ fn hostonly_host_reaches_a_slaac_guest() -> Result<()> {
 #[test]
 fn dhcp6_stateful_lease_shows_in_leases_and_the_host_reaches_it() -> Result<()> {
     let dir = root_tempdir();
-    let host = Netns::new("v6l")?;
     let g = TapHost::new("v6d")?;
     let hif = unique_name("vh");
     let net = network(
@@ -187,8 +184,7 @@ fn dhcp6_stateful_lease_shows_in_leases_and_the_host_reaches_it() -> Result<()> 
              dhcp6_range = \"fd42:18::100-fd42:18::1ff\"\n"
         ),
     ) + &g.port("g");
-    let cfg = write_config(dir.path(), &net);
-    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    let (host, netd) = start_netd(dir.path(), "v6l", &net)?;
     link_local_ready(&g, &g.tap);
     let d = dir.path();
     let out = g.sh(&format!(

@@ -8,10 +8,10 @@
 mod netd_common;
 
 use anyhow::Result;
+use integration_tests::free_port;
 use integration_tests::metrics::{
     assert_dashboard_covered, assert_hostile_scrapers_refused, get, scrape_parsed, value,
 };
-use integration_tests::{free_port, Netns};
 use netd_common::*;
 
 #[test]
@@ -130,24 +130,17 @@ fn port_counters_and_guard_drops_move_with_traffic() -> Result<()> {
 #[test]
 fn nat_network_shows_leases_flows_and_router_counters() -> Result<()> {
     let dir = root_tempdir();
-    let host = Netns::new("mxh")?;
     let guest = TapHost::new("mxg")?;
-    let resolv = dir.path().join("resolv.conf");
-    std::fs::write(&resolv, "nameserver 127.0.0.1\n")?;
+    let keys = loopback_resolv_key(dir.path())?;
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let cfg = [
         format!("metrics = \"{addr}\"\n"),
-        network(
-            "nat0",
-            "nat",
-            &format!("resolv_conf = \"{}\"\n", resolv.display()),
-        ),
+        network("nat0", "nat", &keys),
         guest.unnamed_port(),
     ]
     .concat();
-    let cfg = write_config(dir.path(), &cfg);
-    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    let (host, netd) = start_netd(dir.path(), "mxh", &cfg)?;
     let ns = host.exec_prefix();
 
     let lease = dhcp(&guest, &guest.tap, dir.path())?;

@@ -305,17 +305,12 @@ fn hostile_claims_the_mac(g: &Guest, nb: &Netd, hostile: &TapHost) {
     stream_goes_on(&g.client, &g.stream, now, 10, String::new);
 }
 
-/// Its own `main` (`harness = false`): where the guest assets could not be fetched the
-/// move says NOT RUN instead of counting as passed.
-fn main() {
-    integration_tests::run_guest_tests(
-        "netd_migrate_qemu",
-        &[(
-            "qemu_live_migration_across_netd_hosts_keeps_the_stream_and_the_disk",
-            qemu_live_migration_across_netd_hosts_keeps_the_stream_and_the_disk,
-        )],
-    );
-}
+// Its own `main` (`harness = false`): where the guest assets could not be fetched the
+// move says NOT RUN instead of counting as passed.
+integration_tests::guest_tests_main!(
+    "netd_migrate_qemu",
+    qemu_live_migration_across_netd_hosts_keeps_the_stream_and_the_disk
+);
 
 fn qemu_live_migration_across_netd_hosts_keeps_the_stream_and_the_disk() -> Result<()> {
     let mut lab = Lab::new(2, 1600)?;

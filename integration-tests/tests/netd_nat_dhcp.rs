@@ -15,7 +15,7 @@ use std::io::Seek;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use integration_tests::{spawn_logged, wait_until, Netns};
+use integration_tests::{spawn_logged, wait_until};
 use netd_common::*;
 
 /// The lease netd holds for `ip` on `net`: its expiry (Unix seconds).
@@ -27,15 +27,11 @@ fn lease_expiry(netd: &Netd, net: &str, ip: &str) -> Option<u64> {
 #[test]
 fn nat_unicast_renewal_to_the_gateway_is_acked() -> Result<()> {
     let dir = root_tempdir();
-    let host = Netns::new("nh")?;
     let guest = TapHost::new("ng")?;
     let tap = &guest.tap;
-    let resolv = dir.path().join("resolv.conf");
-    std::fs::write(&resolv, "nameserver 127.0.0.1\n")?;
-    let keys = format!("lease_time = 60\nresolv_conf = \"{}\"\n", resolv.display());
+    let keys = "lease_time = 60\n".to_string() + &loopback_resolv_key(dir.path())?;
     let nat0 = network("nat0", "nat", &keys) + &guest.unnamed_port();
-    let cfg = write_config(dir.path(), &nat0);
-    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    let (_host, netd) = start_netd(dir.path(), "nh", &nat0)?;
 
     // A long-running client, verbose, logging to a file. -T 10: a renewal that goes
     // unanswered is retried only after 10 s, so an answer within a few seconds can

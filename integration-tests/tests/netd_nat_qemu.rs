@@ -28,17 +28,12 @@ echo "GUEST-DONE" > /dev/console
 poweroff -f
 "#;
 
-/// Its own `main` (`harness = false`): where the guest assets could not be fetched the
-/// boot says NOT RUN instead of counting as passed.
-fn main() {
-    integration_tests::run_guest_tests(
-        "netd_nat_qemu",
-        &[(
-            "qemu_guest_on_nat_gets_lease_and_downloads_from_host",
-            qemu_guest_on_nat_gets_lease_and_downloads_from_host,
-        )],
-    );
-}
+// Its own `main` (`harness = false`): where the guest assets could not be fetched the
+// boot says NOT RUN instead of counting as passed.
+integration_tests::guest_tests_main!(
+    "netd_nat_qemu",
+    qemu_guest_on_nat_gets_lease_and_downloads_from_host
+);
 
 fn qemu_guest_on_nat_gets_lease_and_downloads_from_host() -> Result<()> {
     // Missing guest assets fail the test here, before the lab is built.

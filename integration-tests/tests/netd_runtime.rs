@@ -38,12 +38,9 @@ fn mac_of(guest: &TapHost) -> Result<String> {
 #[test]
 fn a_runtime_network_serves_dhcp_at_once_and_all_of_it_survives_a_restart() -> Result<()> {
     let dir = root_tempdir();
-    let host = Netns::new("rh")?;
     let guest = TapHost::new("rg")?;
-    let resolv = dir.path().join("resolv.conf");
-    std::fs::write(&resolv, "nameserver 127.0.0.1\n")?;
-    let cfg = write_config(dir.path(), &network("base", "internal", ""));
-    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    let resolv = loopback_resolv_conf(dir.path())?;
+    let (host, netd) = start_netd(dir.path(), "rh", &network("base", "internal", ""))?;
 
     let out = netd.cli(&[
         "net",
@@ -97,6 +94,7 @@ fn a_runtime_network_serves_dhcp_at_once_and_all_of_it_survives_a_restart() -> R
         "{state}"
     );
 
+    let cfg = netd.config.clone();
     assert!(netd.stop(), "clean exit on SIGTERM");
     assert!(!guest.tap_exists(), "netd removed the guest's TAP on exit");
 
@@ -156,8 +154,7 @@ fn a_runtime_network_serves_dhcp_at_once_and_all_of_it_survives_a_restart() -> R
     netd.cli(&["reservation", "del", "lab", mac])?;
     let e = cli_fails(&netd, &["reservation", "del", "lab", mac]);
     assert!(e.contains("no reservation"), "{e}");
-    assert!(netd.stop());
-    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    let netd = netd.restart(&host)?;
     let res = netd.cli_json(&["reservation", "list", "lab"])?;
     assert_eq!(res, serde_json::json!([]), "{res}");
     assert!(netd.stop());
@@ -167,11 +164,9 @@ fn a_runtime_network_serves_dhcp_at_once_and_all_of_it_survives_a_restart() -> R
 #[test]
 fn net_del_is_refused_with_guest_ports_then_forced() -> Result<()> {
     let dir = root_tempdir();
-    let host = Netns::new("dh")?;
     let guest = TapHost::new("dg")?;
     let (x, y) = unique_subnet();
-    let cfg = write_config(dir.path(), &network("base", "internal", ""));
-    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    let (host, netd) = start_netd(dir.path(), "dh", &network("base", "internal", ""))?;
     let subnet = format!("10.{x}.{y}.0/24");
     netd.cli(&[
         "net", "add", "lab2", "--mode", "internal", "--subnet", &subnet, "--dhcp",
@@ -191,7 +186,7 @@ fn net_del_is_refused_with_guest_ports_then_forced() -> Result<()> {
     // A network of the config file is not the API's to remove.
     let e = cli_fails(&netd, &["net", "del", "base"]);
     assert!(
-        e.contains("config file") && e.contains(cfg.to_str().unwrap()),
+        e.contains("config file") && e.contains(netd.config.to_str().unwrap()),
         "{e}"
     );
     let e = cli_fails(&netd, &["net", "del", "nosuch"]);
@@ -201,8 +196,7 @@ fn net_del_is_refused_with_guest_ports_then_forced() -> Result<()> {
     assert_eq!(out, "removed network lab2\n");
     assert!(net_row(&netd, "lab2")?.is_none(), "gone");
     assert!(!guest.tap_exists(), "its port's TAP is removed");
-    assert!(netd.stop());
-    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    let netd = netd.restart(&host)?;
     assert!(net_row(&netd, "lab2")?.is_none(), "and stays gone");
     let ports = netd.cli(&["port", "list", "base"])?;
     assert!(ports.lines().any(|l| l.starts_with("o ")), "{ports}");
@@ -212,8 +206,7 @@ fn net_del_is_refused_with_guest_ports_then_forced() -> Result<()> {
     );
     // Removed at runtime, it stays removed.
     netd.cli(&["port", "del", "base", "o"])?;
-    assert!(netd.stop());
-    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    let netd = netd.restart(&host)?;
     let ports = netd.cli(&["port", "list", "base"])?;
     assert!(!ports.lines().any(|l| l.starts_with("o ")), "{ports}");
     assert!(netd.stop());
@@ -223,11 +216,9 @@ fn net_del_is_refused_with_guest_ports_then_forced() -> Result<()> {
 #[test]
 fn bad_tables_are_refused_naming_the_file_and_the_key() -> Result<()> {
     let dir = root_tempdir();
-    let host = Netns::new("bh")?;
     let guest = TapHost::new("bg")?;
     let (x, y) = unique_subnet();
-    let cfg = write_config(dir.path(), &network("base", "internal", ""));
-    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    let (_host, netd) = start_netd(dir.path(), "bh", &network("base", "internal", ""))?;
     let file = dir.path().join("lab.toml");
     let from = file.to_str().unwrap();
 
@@ -312,8 +303,7 @@ fn a_corrupt_state_file_is_reported_and_the_config_networks_start() -> Result<()
         network("lab", "internal", "mtu = 1400\n"),
     ]
     .concat();
-    let cfg = write_config(dir.path(), &both);
-    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    let netd = Netd::start_with(&host, dir.path(), &both)?;
     let row = net_row(&netd, "lab")?.context("lab")?;
     assert_eq!(row["source"], "config", "{row}");
     assert_eq!(row["mtu"], 1400, "the config file's lab: {row}");
@@ -328,15 +318,14 @@ fn a_corrupt_state_file_is_reported_and_the_config_networks_start() -> Result<()
     assert!(
         log.contains("WARN")
             && log.contains("the config file's network of that name wins")
-            && log.contains(cfg.to_str().unwrap())
+            && log.contains(netd.config.to_str().unwrap())
             && log.contains(file.to_str().unwrap()),
         "the warning names both files: {log}"
     );
     // Dropping the API copy settles it.
     let out = netd.cli(&["net", "del", "lab"])?;
     assert!(out.contains("removed the API copy"), "{out}");
-    assert!(netd.stop());
-    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    let netd = netd.restart(&host)?;
     let row = net_row(&netd, "lab")?.context("lab")?;
     assert!(row.get("conflict").is_none(), "{row}");
     assert!(netd.stop());
@@ -369,13 +358,8 @@ fn flood_list(netd: &Netd, net: &str, port: &str) -> Result<serde_json::Value> {
 fn flood_list_and_outbound_changes_survive_a_restart() -> Result<()> {
     let dir = root_tempdir();
     let host = Netns::new("fh")?;
-    let beyond = Netns::new("fb")?;
     let guest = TapHost::new("fg")?;
-    let (vh, vb) = (
-        integration_tests::unique_name("vh"),
-        integration_tests::unique_name("vb"),
-    );
-    link_beyond(&host, &beyond, (&vh, &vb), "172.16.177")?;
+    let beyond = link_beyond(&host, "fb", "172.16.177")?;
     let www = dir.path().join("www");
     std::fs::create_dir_all(&www)?;
     std::fs::write(www.join("index.html"), "beyond\n")?;
@@ -388,18 +372,15 @@ fn flood_list_and_outbound_changes_survive_a_restart() -> Result<()> {
         "-h",
         www.to_str().unwrap(),
     ])?;
-    let resolv = dir.path().join("resolv.conf");
-    std::fs::write(&resolv, "nameserver 127.0.0.1\n")?;
+    let keys = loopback_resolv_key(dir.path())?;
     let vx = format!(
         "\n[[network.port]]\nname = \"vx\"\nkind = \"vxlan\"\nvni = 42\nlocal = \"127.0.0.1\"\nport = {}\nremotes = [\"127.0.0.2\"]\n",
         free_port()
     );
-    let keys = format!("resolv_conf = \"{}\"\n", resolv.display());
     let cfg = [network("lab", "nat", &keys), guest.port("g"), vx].concat();
-    let cfg = write_config(dir.path(), &cfg);
     let url = "http://172.16.177.2/index.html";
 
-    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    let netd = Netd::start_with(&host, dir.path(), &cfg)?;
     nat_dhcp(&guest, dir.path())?;
     assert!(
         wait_until(std::time::Duration::from_secs(10), || fetches(
@@ -421,10 +402,9 @@ fn flood_list_and_outbound_changes_survive_a_restart() -> Result<()> {
         state.contains("127.0.0.3") && state.contains("172.16.177.2/32"),
         "{state}"
     );
-    assert!(netd.stop());
 
     // Restarted: the flood list and the deny are as the API left them.
-    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    let netd = netd.restart(&host)?;
     assert_eq!(
         flood_list(&netd, "lab", "vx")?,
         serde_json::json!(["127.0.0.3"]),
@@ -443,8 +423,7 @@ fn flood_list_and_outbound_changes_survive_a_restart() -> Result<()> {
     );
     // Lifted at runtime, it stays lifted.
     netd.cli(&["outbound", "lab", "deny", "del", "172.16.177.2/32"])?;
-    assert!(netd.stop());
-    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    let netd = netd.restart(&host)?;
     nat_dhcp(&guest, dir.path())?;
     assert!(
         wait_until(std::time::Duration::from_secs(10), || fetches(
@@ -460,13 +439,9 @@ fn flood_list_and_outbound_changes_survive_a_restart() -> Result<()> {
 #[test]
 fn net_del_lifts_the_subnet_deny_and_ends_its_captures() -> Result<()> {
     let dir = root_tempdir();
-    let host = Netns::new("nh")?;
     let guest = TapHost::new("ng")?;
-    let resolv = dir.path().join("resolv.conf");
-    std::fs::write(&resolv, "nameserver 127.0.0.1\n")?;
-    let keys = format!("resolv_conf = \"{}\"\n", resolv.display());
-    let cfg = write_config(dir.path(), &network("lab", "nat", &keys));
-    let netd = Netd::start(&host, dir.path(), &cfg)?;
+    let keys = loopback_resolv_key(dir.path())?;
+    let (_host, netd) = start_netd(dir.path(), "nh", &network("lab", "nat", &keys))?;
     let (x, y) = unique_subnet();
     let subnet = format!("10.{x}.{y}.0/24");
     netd.cli(&[

@@ -12,17 +12,12 @@ use anyhow::Result;
 use integration_tests::wait_until;
 use netd_common::*;
 
-/// Its own `main` (`harness = false`): where the guest assets could not be fetched the
-/// boot says NOT RUN instead of counting as passed.
-fn main() {
-    integration_tests::run_guest_tests(
-        "netd_stream_qemu",
-        &[(
-            "stream_port_survives_bad_peer_then_serves_qemu",
-            stream_port_survives_bad_peer_then_serves_qemu,
-        )],
-    );
-}
+// Its own `main` (`harness = false`): where the guest assets could not be fetched the
+// boot says NOT RUN instead of counting as passed.
+integration_tests::guest_tests_main!(
+    "netd_stream_qemu",
+    stream_port_survives_bad_peer_then_serves_qemu
+);
 
 fn stream_port_survives_bad_peer_then_serves_qemu() -> Result<()> {
     let dir = root_tempdir();

@@ -11,17 +11,9 @@ use anyhow::Result;
 use integration_tests::{has_item, unique_name, wait_until};
 use netd_common::*;
 
-/// Its own `main` (`harness = false`): where the guest assets could not be fetched the
-/// boot says NOT RUN instead of counting as passed.
-fn main() {
-    integration_tests::run_guest_tests(
-        "netd_vm_qemu",
-        &[(
-            "qemu_on_vm_port_gets_lease_and_pings_twice",
-            qemu_on_vm_port_gets_lease_and_pings_twice,
-        )],
-    );
-}
+// Its own `main` (`harness = false`): where the guest assets could not be fetched the
+// boot says NOT RUN instead of counting as passed.
+integration_tests::guest_tests_main!("netd_vm_qemu", qemu_on_vm_port_gets_lease_and_pings_twice);
 
 fn qemu_on_vm_port_gets_lease_and_pings_twice() -> Result<()> {
     let dir = root_tempdir();

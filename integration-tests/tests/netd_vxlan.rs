@@ -241,7 +241,7 @@ fn netd_interoperates_with_the_kernel_vxlan() -> Result<()> {
 #[test]
 fn three_hosts_runtime_remotes_and_a_mac_move() -> Result<()> {
     let mut lab = Lab::new(3, 1500)?;
-    let ips: Vec<String> = lab.hosts.iter().map(|h| h.ip.clone()).collect();
+    let ips = lab.ips();
     let (ga, gm, gc) = (guest("vxta")?, guest("vxtm")?, guest("vxtc")?);
     let net = || integration_tests::netd::network("lan", "internal", "mtu = 1450\n");
     // A floods only to B at first; B and C know everyone.
@@ -330,7 +330,7 @@ fn three_hosts_runtime_remotes_and_a_mac_move() -> Result<()> {
 #[test]
 fn junk_on_the_tunnel_is_dropped_and_counted() -> Result<()> {
     let mut lab = Lab::new(3, 1500)?;
-    let ips: Vec<String> = lab.hosts.iter().map(|h| h.ip.clone()).collect();
+    let ips = lab.ips();
     let (ga, gb) = (guest("vxja")?, guest("vxjb")?);
     let net = || integration_tests::netd::network("lan", "internal", "mtu = 1450\n");
     lab.hosts[0]
@@ -467,7 +467,7 @@ fn a_network_too_big_for_the_underlay_is_refused_naming_both_mtus() -> Result<()
 #[test]
 fn a_multicast_group_instead_of_a_flood_list() -> Result<()> {
     let mut lab = Lab::new(3, 1500)?;
-    let ips: Vec<String> = lab.hosts.iter().map(|h| h.ip.clone()).collect();
+    let ips = lab.ips();
     let gs = [guest("vxma")?, guest("vxmb")?, guest("vxmc")?];
     for (i, g) in gs.iter().enumerate() {
         let cfg = integration_tests::netd::network("lan", "internal", "mtu = 1450\n")
@@ -545,7 +545,7 @@ fn a_group_port_drops_unicast_from_a_host_not_on_the_group() -> Result<()> {
     // Hosts A, B, C run netd on group 239.1.1.77 with no listed remotes; host X
     // runs no netd: it only sends VXLAN datagrams from a plain UDP socket.
     let mut lab = Lab::new(4, 1500)?;
-    let ips: Vec<String> = lab.hosts.iter().map(|h| h.ip.clone()).collect();
+    let ips = lab.ips();
     let gs = [guest("vxsa")?, guest("vxsb")?, guest("vxsc")?];
     for (i, g) in gs.iter().enumerate() {
         // IPv4 only: no IPv6 multicast from the guests makes every host flood to

@@ -59,6 +59,12 @@ impl Netd {
         Self::start_env(host, dir, config, &[])
     }
 
+    /// Writes the config `networks` (see [`write_config`]) in `dir` and starts netd
+    /// with it in `host`.
+    pub fn start_with(host: &Netns, dir: &Path, networks: &str) -> Result<Self> {
+        Self::start(host, dir, &write_config(dir, networks))
+    }
+
     /// [`Netd::start`] with extra environment variables for netd.
     pub fn start_env(
         host: &Netns,
@@ -124,6 +130,14 @@ impl Netd {
             .and_then(|a| a.iter().find(|p| p["name"] == port))
             .map(|p| p["counters"].clone())
             .with_context(|| format!("no port {port} in {v}"))
+    }
+
+    /// Stops netd (it must exit successfully) and starts it again in `host` with
+    /// the same directory and config.
+    pub fn restart(self, host: &Netns) -> Result<Self> {
+        let (dir, config) = (self.dir.clone(), self.config.clone());
+        anyhow::ensure!(self.stop(), "netd did not exit cleanly");
+        Self::start(host, &dir, &config)
     }
 
     /// SIGTERM and wait; returns whether it exited successfully.
@@ -366,15 +380,21 @@ pub fn add_tap_port(
     ])
 }
 
-/// Links `host` to another network, `beyond`: a veth pair (`vh` in `host`, `vb` in
-/// `beyond`) on `{net}.0/24`, `{net}.1` the host's side and `{net}.2` beyond's, both up.
-pub fn link_beyond(host: &Netns, beyond: &Netns, (vh, vb): (&str, &str), net: &str) -> Result<()> {
-    host.veth_to(vh, vb, beyond.name())?;
-    host.exec(&["ip", "addr", "add", &format!("{net}.1/24"), "dev", vh])?;
-    host.exec(&["ip", "link", "set", vh, "up"])?;
-    beyond.exec(&["ip", "addr", "add", &format!("{net}.2/24"), "dev", vb])?;
-    beyond.exec(&["ip", "link", "set", vb, "up"])?;
-    Ok(())
+/// Another network linked to `host`: a fresh namespace (named after `prefix`) and a
+/// veth pair to it on `{net}.0/24`, `{net}.1` the host's side and `{net}.2` the
+/// namespace's, both up. Returns the namespace.
+pub fn link_beyond(host: &Netns, prefix: &str, net: &str) -> Result<Netns> {
+    let beyond = Netns::new(prefix)?;
+    let (vh, vb) = (
+        integration_tests::unique_name("vh"),
+        integration_tests::unique_name("vb"),
+    );
+    host.veth_to(&vh, &vb, beyond.name())?;
+    host.exec(&["ip", "addr", "add", &format!("{net}.1/24"), "dev", &vh])?;
+    host.exec(&["ip", "link", "set", &vh, "up"])?;
+    beyond.exec(&["ip", "addr", "add", &format!("{net}.2/24"), "dev", &vb])?;
+    beyond.exec(&["ip", "link", "set", &vb, "up"])?;
+    Ok(beyond)
 }
 
 /// Asks netd (through the CLI) for a `vm` port on `net` with the TAP `ifname`, and
@@ -416,12 +436,26 @@ pub fn assert_guest_leased_and_pinged(out: &str, cidr: &str, what: &str) {
     );
 }
 
+/// Writes a resolv.conf naming 127.0.0.1 (a resolver in netd's own namespace, or
+/// none) into `dir`, for the DNS forwarder of a nat network; returns its path.
+pub fn loopback_resolv_conf(dir: &Path) -> Result<PathBuf> {
+    let resolv = dir.join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 127.0.0.1\n")?;
+    Ok(resolv)
+}
+
+/// The `resolv_conf` key (a line of a `[[network]]` table) naming a
+/// [`loopback_resolv_conf`] written into `dir`.
+pub fn loopback_resolv_key(dir: &Path) -> Result<String> {
+    let resolv = loopback_resolv_conf(dir)?;
+    Ok(format!("resolv_conf = \"{}\"\n", resolv.display()))
+}
+
 /// Starts netd in a fresh namespace (named after `prefix`) with the config
 /// `networks` (see [`write_config`]) in `dir`; returns the namespace and netd.
 pub fn start_netd(dir: &Path, prefix: &str, networks: &str) -> Result<(Netns, Netd)> {
     let host = Netns::new(prefix)?;
-    let cfg = write_config(dir, networks);
-    let netd = Netd::start(&host, dir, &cfg)?;
+    let netd = Netd::start_with(&host, dir, networks)?;
     Ok((host, netd))
 }
 
@@ -433,9 +467,26 @@ pub fn lan_of_two(
     prefixes: [&str; 3],
     subnet: &str,
 ) -> Result<(Netns, Netd, [TapHost; 2])> {
+    lan_of_two_and(dir, prefixes, subnet, "")
+}
+
+/// [`lan_of_two`] with more ports on `lan`: `ports`, `[[network.port]]` tables
+/// (e.g. from [`stream_port`]).
+pub fn lan_of_two_and(
+    dir: &Path,
+    prefixes: [&str; 3],
+    subnet: &str,
+    ports: &str,
+) -> Result<(Netns, Netd, [TapHost; 2])> {
     let [h, pa, pb] = prefixes;
     let [a, b] = TapHost::each([pa, pb])?;
-    let lan = [network("lan", "internal", ""), a.port("a"), b.port("b")].concat();
+    let lan = [
+        network("lan", "internal", ""),
+        a.port("a"),
+        b.port("b"),
+        ports.to_string(),
+    ]
+    .concat();
     let (host, netd) = start_netd(dir, h, &lan)?;
     a.addr(&format!("{subnet}.1/24"))?;
     b.addr(&format!("{subnet}.2/24"))?;

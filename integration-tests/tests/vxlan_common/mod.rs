@@ -104,6 +104,11 @@ impl Lab {
         })
     }
 
+    /// The hosts' underlay addresses, in order.
+    pub fn ips(&self) -> Vec<String> {
+        self.hosts.iter().map(|h| h.ip.clone()).collect()
+    }
+
     /// A path in the scratch directory.
     pub fn path(&self, name: &str) -> String {
         self.dir.path().join(name).display().to_string()

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use integration_tests::{require_root, wait_until};
-use stord_common::{dynamic, holder, ok, qemu_io, Stord};
+use stord_common::{dynamic, holder, nbd_size, qemu_io, Stord};
 
 fn list(s: &Stord) -> serde_json::Value {
     let out = s.cli(&["disk", "list", "--json"]);
@@ -108,8 +108,7 @@ fn create_list_resize_delete_and_restart() {
         .cli(&["disk", "resize", "vol1", "--size", "64MiB"])
         .status
         .success());
-    let size = ok(Command::new("nbdinfo").arg("--size").arg(s.uri("vol1"))).unwrap();
-    assert_eq!(size.trim(), (64u64 << 20).to_string());
+    assert_eq!(nbd_size(&s.uri("vol1")).unwrap(), (64u64 << 20).to_string());
     // Large reads are sent from a mapping of the disk file, made at the old
     // size by the read above: the grown part reads back right, old data too.
     qemu_io(

@@ -4,11 +4,10 @@
 
 mod stord_common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use integration_tests::{require_root, wait_until};
-use stord_common::{dynamic, holder, ok, Stord};
+use stord_common::{dynamic, holder, nbd_size, Stord};
 
 fn connections(s: &Stord) -> u64 {
     let out = s.cli(&["disk", "list", "--json"]);
@@ -23,15 +22,8 @@ fn connection_limit_is_enforced() {
     let _a = holder(&uri);
     let mut b = holder(&uri);
     assert!(wait_until(Duration::from_secs(10), || connections(&s) == 2));
-    let third = Command::new("nbdinfo")
-        .arg("--size")
-        .arg(&uri)
-        .output()
-        .unwrap();
-    assert!(
-        !third.status.success(),
-        "a third connection was served: {third:?}"
-    );
+    let third = nbd_size(&uri);
+    assert!(third.is_err(), "a third connection was served: {third:?}");
     let status = s.cli(&["status"]);
     let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert!(v["refused"].as_u64().unwrap() >= 1, "{v}");
@@ -39,8 +31,7 @@ fn connection_limit_is_enforced() {
     b.signal(libc::SIGKILL);
     b.wait_timeout(Duration::from_secs(5));
     assert!(wait_until(Duration::from_secs(10), || connections(&s) == 1));
-    let out = ok(Command::new("nbdinfo").arg("--size").arg(&uri)).unwrap();
-    assert_eq!(out.trim(), "1048576");
+    assert_eq!(nbd_size(&uri).unwrap(), "1048576");
 }
 
 #[test]
@@ -48,21 +39,15 @@ fn empty_export_name() {
     require_root();
     // One disk: the empty name means it.
     let s = Stord::start(&[dynamic("only", "1MiB")]).unwrap();
-    let out = ok(Command::new("nbdinfo").arg("--size").arg(s.uri(""))).unwrap();
-    assert_eq!(out.trim(), "1048576");
+    assert_eq!(nbd_size(&s.uri("")).unwrap(), "1048576");
     // Several disks and no default_export: ambiguous, refused.
     let s = Stord::start(&[dynamic("a", "1MiB"), dynamic("b", "2MiB")]).unwrap();
-    let out = Command::new("nbdinfo")
-        .arg("--size")
-        .arg(s.uri(""))
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "{out:?}");
+    let out = nbd_size(&s.uri(""));
+    assert!(out.is_err(), "{out:?}");
     // default_export picks one.
     let s = Stord::limited(
         "default_export = \"b\"\n",
         &[dynamic("a", "1MiB"), dynamic("b", "2MiB")],
     );
-    let out = ok(Command::new("nbdinfo").arg("--size").arg(s.uri(""))).unwrap();
-    assert_eq!(out.trim(), "2097152");
+    assert_eq!(nbd_size(&s.uri("")).unwrap(), "2097152");
 }

@@ -77,12 +77,8 @@ fn disk_counters_and_histograms_move_with_nbd_requests() {
     assert!(wait_until(Duration::from_secs(10), || {
         get(&scrape(&addr), "stord_disk_connections", &[("disk", "d")]) == 1.0
     }));
-    let refused = Command::new("nbdinfo")
-        .arg("--size")
-        .arg(s.uri("d"))
-        .output()
-        .unwrap();
-    assert!(!refused.status.success(), "{refused:?}");
+    let refused = nbd_size(&s.uri("d"));
+    assert!(refused.is_err(), "{refused:?}");
     let m2 = scrape(&addr);
     assert!(get(&m2, "stord_rejects_total", &[("reason", "max_connections")]) >= 1.0);
     assert_eq!(

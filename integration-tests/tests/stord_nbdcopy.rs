@@ -36,14 +36,7 @@ fn nbdcopy_in_and_out_with_multi_conn() {
     }
     // The dynamic copy stayed sparse on the host (nbdcopy zeroes holes with
     // WRITE_ZEROES, which punches them).
-    let list = s.cli(&["disk", "list", "--json"]);
-    let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
-    let d = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["name"] == "d")
-        .unwrap();
+    let d = s.disk_entry("d");
     let allocated = d["allocated"].as_u64().unwrap();
     assert!(
         allocated <= 34 << 20,

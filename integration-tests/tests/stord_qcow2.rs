@@ -75,14 +75,7 @@ fn linked_clones_are_judged_by_qemu_img() {
             .any(|l| l.starts_with("vm1 ") && l.contains("qcow2") && l.contains("golden")),
         "{list}"
     );
-    let json: serde_json::Value =
-        serde_json::from_str(&disk(&s, &["list", "--json"]).unwrap()).unwrap();
-    let vm1 = json
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["name"] == "vm1")
-        .unwrap();
+    let vm1 = s.disk_entry("vm1");
     assert_eq!(vm1["format"], "qcow2");
     assert_eq!(vm1["chain"], serde_json::json!(["golden"]));
     assert!(refused(&s, &["clone", "vm1", "x"]).contains("read-only"));

@@ -32,18 +32,6 @@ const WRITES: &[&str] = &[
     "flush",
 ];
 
-/// The `disk list --json` entry of `name`.
-fn entry(s: &Stord, name: &str) -> serde_json::Value {
-    let v: serde_json::Value =
-        serde_json::from_str(&disk(s, &["list", "--json"]).unwrap()).unwrap();
-    v.as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["name"] == name)
-        .cloned()
-        .unwrap_or_else(|| panic!("no disk {name} in {v}"))
-}
-
 /// A `disk list --json` entry without a chain (the key is left out).
 fn no_chain(e: &serde_json::Value) -> bool {
     e["chain"].as_array().is_none_or(|a| a.is_empty())
@@ -155,7 +143,7 @@ fn a_qcow2_disk_grows_as_qemu_img_resize_grows_one() {
     let b = ["write -P 0x53 2560M 64k", "write -P 0x54 3071M 1M", "flush"];
     qemu_io(&s.uri("vm"), &b).unwrap();
     qemu_io_local(&r, &b);
-    assert_eq!(entry(&s, "vm")["size"], 3u64 << 30);
+    assert_eq!(s.disk_entry("vm")["size"], 3u64 << 30);
     same(&s.uri("vm"), "raw", &r);
     stop(&mut s);
     let vm = s.state().join("disks/vm.img");
@@ -164,7 +152,7 @@ fn a_qcow2_disk_grows_as_qemu_img_resize_grows_one() {
     assert!(info.contains("virtual size: 3 GiB"), "{info}");
     same(vm.to_str().unwrap(), "qcow2", &r);
     s.restart().unwrap();
-    assert_eq!(entry(&s, "vm")["size"], 3u64 << 30);
+    assert_eq!(s.disk_entry("vm")["size"], 3u64 << 30);
 }
 
 #[test]
@@ -199,7 +187,7 @@ fn online_flatten_loses_no_acknowledged_write() {
     let list: String = blocks.iter().map(|b| format!("0 {b}\n")).collect();
     std::fs::write(&acked, list).unwrap();
     verify_acked(&s, &acked);
-    let e = entry(&s, "vm");
+    let e = s.disk_entry("vm");
     assert!(no_chain(&e), "{e}");
     let vm = s.state().join("disks/vm.img");
     assert!(!info_chain(&vm).contains("backing file"));
@@ -292,14 +280,14 @@ fn a_crash_between_files_and_catalog_leaves_them_consistent() {
 
     // Before the first rename: undone.
     crash_at(&mut s, "snapshot-begun", &["snapshot", "vm", "s0"]);
-    assert_eq!(entry(&s, "vm")["chain"], serde_json::json!(["golden"]));
+    assert_eq!(s.disk_entry("vm")["chain"], serde_json::json!(["golden"]));
     assert!(catalog_entry(&s, "s0").is_null());
     assert!(!s.state().join("disks/s0.img").exists());
     reads(&s, "0x51");
     // Between the two renames, and after both: finished.
     crash_at(&mut s, "snapshot-renamed", &["snapshot", "vm", "s1"]);
     assert_eq!(
-        entry(&s, "vm")["chain"],
+        s.disk_entry("vm")["chain"],
         serde_json::json!(["s1", "golden"])
     );
     assert_eq!(catalog_entry(&s, "s1")["snapshot_of"], "vm");
@@ -319,13 +307,13 @@ fn a_crash_between_files_and_catalog_leaves_them_consistent() {
     // Online flatten: the header dropped the backing file.
     crash_at(&mut s, "flatten", &["flatten", "vm"]);
     assert!(catalog_entry(&s, "vm")["base"].is_null());
-    assert!(no_chain(&entry(&s, "vm")));
+    assert!(no_chain(&s.disk_entry("vm")));
     assert!(!info_chain(&vm).contains("backing file"));
     reads(&s, "0x51");
     // Resize: the image grew, the catalog's size follows.
     crash_at(&mut s, "resize", &["resize", "vm", "--size", "1GiB"]);
     assert_eq!(catalog_entry(&s, "vm")["size"], 1u64 << 30);
-    assert_eq!(entry(&s, "vm")["size"], 1u64 << 30);
+    assert_eq!(s.disk_entry("vm")["size"], 1u64 << 30);
     reads(&s, "0x51");
     stop(&mut s);
     for f in ["vm.img", "s1.img", "s2.img"] {

@@ -173,6 +173,17 @@ impl Stord {
             .expect("run stord CLI")
     }
 
+    /// The `disk list --json` entry of disk `name` (the test fails without one).
+    pub fn disk_entry(&self, name: &str) -> serde_json::Value {
+        let out = self.cli(&["disk", "list", "--json"]);
+        assert!(out.status.success(), "{out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array()
+            .and_then(|a| a.iter().find(|d| d["name"] == name))
+            .cloned()
+            .unwrap_or_else(|| panic!("no disk {name} in {v}"))
+    }
+
     /// SIGKILLs the daemon.
     pub fn kill(&mut self) {
         if let Some(mut g) = self.child.take() {
@@ -186,6 +197,21 @@ impl Stord {
 pub fn ok(cmd: &mut Command) -> Result<String> {
     let out = integration_tests::run(cmd)?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `nbdinfo --size URI`: the export's size as nbdinfo prints it, or nbdinfo's
+/// whole output where it failed (the server refused the connection or the export).
+pub fn nbd_size(uri: &str) -> std::result::Result<String, std::process::Output> {
+    let out = Command::new("nbdinfo")
+        .arg("--size")
+        .arg(uri)
+        .output()
+        .expect("run nbdinfo");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(out)
+    }
 }
 
 /// A python3 command (with libnbd's `nbd` module) that runs `script`, written to a

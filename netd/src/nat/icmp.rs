@@ -21,11 +21,15 @@
 //! Echo requests to the router's own addresses never get here: smoltcp answers them
 //! (IPv4), or the router's IPv6 service (`frame6.rs`).
 //! Flows expire after `icmp_timeout` idle.
+//!
+//! As for UDP (`udp.rs`), each flow's socket wakes the router with a waker of its
+//! own (`wake.rs`): a step reads only the flows that woke, and the housekeeping sweep
+//! re-arms every flow once a second.
 
 use std::collections::HashMap;
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use smoltcp::wire::{EthernetAddress, Icmpv4Message, Icmpv4Packet, Ipv4Packet};
@@ -35,6 +39,7 @@ use tokio::io::unix::AsyncFd;
 use super::frame::icmp_frame;
 use super::router::GuestCounts;
 use super::udp::FLOW_COST;
+use super::wake::Ready;
 use super::{FlowInfo, Router};
 
 type Key = (IpAddr, IpAddr, u16);
@@ -45,12 +50,44 @@ struct Flow {
     mac: EthernetAddress,
     target: IpAddr,
     last: Instant,
+    /// Marks this flow ready when its socket is (see `wake.rs`).
+    waker: Waker,
+    /// On this step's work list already.
+    queued: bool,
+}
+
+impl Flow {
+    /// Clears the socket's readiness before a read (registering the flow's waker if
+    /// there was none to clear).
+    fn arm_clear(&self) {
+        let mut cx = Context::from_waker(&self.waker);
+        if let Poll::Ready(Ok(mut guard)) = self.fd.poll_read_ready(&mut cx) {
+            guard.clear_ready();
+        }
+    }
+
+    /// Registers the flow's waker for its socket's next readability; if the socket
+    /// is readable already, clears that (the read that follows takes what is there;
+    /// data after it raises a new edge) and marks the flow ready now.
+    fn arm(&self) {
+        let mut cx = Context::from_waker(&self.waker);
+        if let Poll::Ready(r) = self.fd.poll_read_ready(&mut cx) {
+            if let Ok(mut guard) = r {
+                guard.clear_ready();
+            }
+            self.waker.wake_by_ref();
+        }
+    }
 }
 
 /// ICMP echo flows.
 #[derive(Default)]
 pub struct IcmpTable {
     flows: HashMap<Key, Flow>,
+    /// The flows whose sockets woke since the last step.
+    ready: Ready<Key>,
+    /// The work list of a step (kept for its allocation).
+    woken: Vec<Key>,
 }
 
 impl IcmpTable {
@@ -59,20 +96,16 @@ impl IcmpTable {
         self.flows.len()
     }
 
-    /// Registers interest; true if a socket is readable.
+    /// Registers interest; true if a flow's socket woke.
     pub fn poll_ready(&mut self, cx: &mut Context<'_>) -> bool {
-        let mut ready = false;
+        self.ready.poll(cx.waker())
+    }
+
+    /// Re-arms every flow (the once-a-second safety net for a lost wake-up).
+    pub fn rearm(&self) {
         for f in self.flows.values() {
-            if let Poll::Ready(r) = f.fd.poll_read_ready(cx) {
-                ready = true;
-                if let Ok(mut guard) = r {
-                    // Cleared before the read in the next step: data arriving after
-                    // that read raises a new edge, so nothing is missed.
-                    guard.clear_ready();
-                }
-            }
+            f.arm();
         }
-        ready
     }
 
     /// The flows, for `netd flows`.
@@ -169,16 +202,17 @@ impl Router {
                 }
             };
             self.guest_flows.inc(src);
-            self.icmp.flows.insert(
-                key,
-                Flow {
-                    fd,
-                    raw,
-                    mac,
-                    target: target.ip(),
-                    last: Instant::now(),
-                },
-            );
+            let flow = Flow {
+                fd,
+                raw,
+                mac,
+                target: target.ip(),
+                last: Instant::now(),
+                waker: self.icmp.ready.waker(key),
+                queued: false,
+            };
+            flow.arm();
+            self.icmp.flows.insert(key, flow);
         }
         if let Some(f) = self.icmp.flows.get_mut(&key) {
             f.last = Instant::now();
@@ -189,13 +223,28 @@ impl Router {
         }
     }
 
-    /// Echo replies back to guests.
+    /// Echo replies back to guests, for the flows whose sockets woke.
     pub(super) fn icmp_pump(&mut self) {
-        if self.icmp.flows.is_empty() {
-            return;
-        }
+        let mut woken = std::mem::take(&mut self.icmp.woken);
+        self.icmp.ready.take(&mut woken);
+        // A key may be woken more than once a step: each flow is read once.
+        woken.retain(|k| match self.icmp.flows.get_mut(k) {
+            Some(f) if !f.queued => {
+                f.queued = true;
+                true
+            }
+            _ => false,
+        });
         let mut buf = self.take_scratch();
-        for ((guest, dst, ident), f) in self.icmp.flows.iter_mut() {
+        for key in woken.drain(..) {
+            let (guest, dst, ident) = (&key.0, &key.1, &key.2);
+            let Some(f) = self.icmp.flows.get_mut(&key) else {
+                continue;
+            };
+            f.queued = false;
+            // Readiness is cleared before the reads: an echo that arrives after
+            // the last read raises a new edge and wakes the flow again.
+            f.arm_clear();
             let (max, v6) = match (guest, dst) {
                 (IpAddr::V6(g), IpAddr::V6(d)) => (
                     self.cfg.mtu.saturating_sub(super::frame6::IPV6_HDR),
@@ -261,7 +310,9 @@ impl Router {
                     self.dev.tx.push_back(frame.into());
                 }
             }
+            f.arm();
         }
+        self.icmp.woken = woken;
         self.scratch = buf;
     }
 }

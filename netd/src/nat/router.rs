@@ -687,6 +687,8 @@ impl Router {
         let limits = self.cfg.limits.clone();
         self.udp.expire(limits.udp_timeout, &mut self.guest_flows);
         self.icmp.expire(limits.icmp_timeout, &mut self.guest_flows);
+        self.udp.rearm();
+        self.icmp.rearm();
         self.tcp
             .expire(limits.tcp_idle_timeout, 3 * limits.connect_timeout);
         if self.guest_macs.len() > 4096 {

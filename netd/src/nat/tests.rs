@@ -1229,3 +1229,76 @@ async fn ipv6_udp_round_trip_and_hostile_packets_are_dropped() {
     };
     assert_eq!(&reply[8..], b"dgram");
 }
+
+/// Each UDP flow is read only when its host socket wakes (see `wake.rs`): a reply
+/// burst longer than one step's read limit, on many flows at once, and a reply that
+/// comes after the flow went idle all reach the guest, none lost.
+#[tokio::test]
+async fn every_udp_reply_reaches_the_guest_when_flows_wake_on_their_own() {
+    const FLOWS: u16 = 40;
+    const BURST_REPLIES: usize = 150;
+    let server = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let port = server.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 100];
+        loop {
+            let (n, from) = server.recv_from(&mut buf).await.unwrap();
+            let late = buf.get(..n) == Some(&b"late"[..]);
+            if late {
+                // Long after the flow's socket was last read empty.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                server.send_to(b"late reply", from).await.unwrap();
+                continue;
+            }
+            for i in 0..BURST_REPLIES {
+                server
+                    .send_to(format!("{i:04}").as_bytes(), from)
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    let (to_router, router_rx) = mpsc::channel(16);
+    let (router_tx, mut from_router) = mpsc::channel(16);
+    let (router, _h) = Router::new(test_config(), router_rx, router_tx).unwrap();
+    tokio::spawn(router.run());
+    let rmac = EthernetAddress(RouterConfig::defaults().mac);
+    let gw = Ipv4Addr::new(10, 0, 2, 2);
+    for sport in 0..FLOWS {
+        let f = frame::udp_frame(GUEST_MAC, rmac, (GUEST_IP, 6000 + sport), (gw, port), b"go");
+        to_router.send(f).await.unwrap();
+    }
+    let mut guest_view = RouterConfig::defaults();
+    guest_view.gateway = GUEST_IP;
+    guest_view.dns = Ipv4Addr::new(10, 0, 2, 16);
+    let mut got = std::collections::HashMap::<u16, usize>::new();
+    let want = usize::from(FLOWS) * BURST_REPLIES;
+    let mut total = 0;
+    while total < want {
+        let reply = tokio::time::timeout(Duration::from_secs(10), from_router.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{total} of {want} replies, then none for 10 s"))
+            .unwrap();
+        if let frame::Classified::Udp { dst, .. } = frame::classify(&reply, GUEST_MAC, &guest_view)
+        {
+            *got.entry(dst.1).or_default() += 1;
+            total += 1;
+        }
+    }
+    assert_eq!(got.len(), usize::from(FLOWS), "every flow got its burst");
+    assert!(got.values().all(|n| *n == BURST_REPLIES), "{got:?}");
+    // A reply to a flow that has been idle (read empty, armed) since.
+    let f = frame::udp_frame(GUEST_MAC, rmac, (GUEST_IP, 6000), (gw, port), b"late");
+    to_router.send(f).await.unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(5), from_router.recv())
+        .await
+        .expect("the late reply")
+        .unwrap();
+    match frame::classify(&reply, GUEST_MAC, &guest_view) {
+        frame::Classified::Udp { dst, payload, .. } => {
+            assert_eq!(dst, (GUEST_IP, 6000));
+            assert_eq!(payload, b"late reply");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}

@@ -18,10 +18,16 @@
 //!
 //! A datagram larger than the network's MTU allows is dropped and counted: the router
 //! does not fragment.
+//!
+//! Each flow registers its host socket's read interest with a waker of its own (see
+//! `wake.rs`), so a step reads only the flows whose sockets woke, not all of them. A
+//! flow is re-armed after every read and, as a safety net, once a second by the
+//! housekeeping sweep ([`UdpTable::rearm`]), so a wake-up that got lost (a read that
+//! stopped at the burst limit or on an error, say) costs at most a second.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::task::Context;
+use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
 use smoltcp::wire::EthernetAddress;
@@ -31,6 +37,7 @@ use super::config::ForwardErrors;
 use super::frame::{udp_frame, IPV4_HDR, UDP_HDR};
 use super::frame6::udp_frame_any;
 use super::router::GuestCounts;
+use super::wake::Ready;
 use super::{FlowInfo, Forward, NatError, Router};
 
 /// Memory charged to one UDP or ICMP flow for the flow-table bound.
@@ -46,6 +53,21 @@ struct Flow {
     mac: EthernetAddress,
     host_peer: SocketAddr,
     last: Instant,
+    /// Marks this flow ready when its host socket is (see `wake.rs`).
+    waker: Waker,
+    /// On this step's work list already.
+    queued: bool,
+}
+
+impl Flow {
+    /// Registers the flow's waker for its socket's next readability; if the socket
+    /// is readable already, marks the flow ready now.
+    fn arm(&self) {
+        let mut cx = Context::from_waker(&self.waker);
+        if self.sock.poll_recv_ready(&mut cx).is_ready() {
+            self.waker.wake_by_ref();
+        }
+    }
 }
 
 struct Session {
@@ -64,6 +86,10 @@ pub struct UdpTable {
     sessions: HashMap<u16, Session>,
     by_client: HashMap<(SocketAddr, SocketAddr), u16>,
     next_port: u16,
+    /// The flows whose host sockets woke since the last step.
+    ready: Ready<Key>,
+    /// The work list of a step (kept for its allocation).
+    woken: Vec<Key>,
 }
 
 impl UdpTable {
@@ -72,12 +98,10 @@ impl UdpTable {
         self.flows.len() + self.sessions.len()
     }
 
-    /// Registers interest; true if a socket is readable.
+    /// Registers interest; true if a socket is readable. Flows register their own
+    /// wakers (see `wake.rs`): only those woken count.
     pub fn poll_ready(&mut self, cx: &mut Context<'_>) -> bool {
-        let mut ready = false;
-        for f in self.flows.values() {
-            ready |= f.sock.poll_recv_ready(cx).is_ready();
-        }
+        let mut ready = self.ready.poll(cx.waker());
         for (_, s) in self.forwards.values() {
             ready |= s.poll_recv_ready(cx).is_ready();
         }
@@ -156,6 +180,13 @@ impl UdpTable {
             .retain(|_, s| now.duration_since(s.last) <= timeout);
         let sessions = &self.sessions;
         self.by_client.retain(|_, p| sessions.contains_key(p));
+    }
+
+    /// Re-arms every flow (the once-a-second safety net for a lost wake-up).
+    pub fn rearm(&self) {
+        for f in self.flows.values() {
+            f.arm();
+        }
     }
 }
 
@@ -245,15 +276,16 @@ impl Router {
                 }
             };
             self.guest_flows.inc(guest.ip());
-            self.udp.flows.insert(
-                key,
-                Flow {
-                    sock,
-                    mac,
-                    host_peer: target,
-                    last: Instant::now(),
-                },
-            );
+            let flow = Flow {
+                sock,
+                mac,
+                host_peer: target,
+                last: Instant::now(),
+                waker: self.udp.ready.waker(key),
+                queued: false,
+            };
+            flow.arm();
+            self.udp.flows.insert(key, flow);
         }
         if let Some(f) = self.udp.flows.get_mut(&key) {
             f.last = Instant::now();
@@ -266,9 +298,12 @@ impl Router {
         }
     }
 
-    /// Replies from host sockets back to guests.
+    /// Replies from host sockets back to guests, for the flows whose sockets woke.
     pub(super) fn udp_pump(&mut self) {
-        if self.udp.flows.is_empty() {
+        let mut woken = std::mem::take(&mut self.udp.woken);
+        self.udp.ready.take(&mut woken);
+        if woken.is_empty() {
+            self.udp.woken = woken;
             return;
         }
         let (max4, max6) = (
@@ -277,7 +312,20 @@ impl Router {
         );
         let mut buf = self.take_scratch();
         let now = Instant::now();
-        for ((guest, dst), f) in self.udp.flows.iter_mut() {
+        // A key may be woken more than once a step: each flow is read once.
+        woken.retain(|k| match self.udp.flows.get_mut(k) {
+            Some(f) if !f.queued => {
+                f.queued = true;
+                true
+            }
+            _ => false,
+        });
+        for key in woken.drain(..) {
+            let (guest, dst) = key;
+            let Some(f) = self.udp.flows.get_mut(&key) else {
+                continue;
+            };
+            f.queued = false;
             for _ in 0..BURST {
                 match f.sock.try_recv(&mut buf) {
                     Ok(n) => {
@@ -287,7 +335,7 @@ impl Router {
                             self.stats.dropped += 1;
                             continue;
                         }
-                        if let Some(fr) = udp_frame_any(self.mac, f.mac, *dst, *guest, data) {
+                        if let Some(fr) = udp_frame_any(self.mac, f.mac, dst, guest, data) {
                             self.dev.tx.push_back(fr.into());
                         }
                     }
@@ -296,7 +344,12 @@ impl Router {
                     Err(_) => break,
                 }
             }
+            // Stopped at the burst limit or on an error, the socket may still be
+            // readable: then it is ready again at once; else it waits for its next
+            // datagram.
+            f.arm();
         }
+        self.udp.woken = woken;
         self.scratch = buf;
     }
 

@@ -43,6 +43,8 @@ pub(super) struct Meta {
     pub l1_dirty: BTreeSet<usize>,
     pub l2: HashMap<u64, L2>,
     pub reftable: Vec<u64>,
+    /// Where the refcount table is (it moves when it grows: `alloc.rs`).
+    pub reftable_offset: u64,
     pub reftable_dirty: BTreeSet<usize>,
     /// Refcount blocks loaded, by offset: counts and dirty flag.
     pub refblocks: HashMap<u64, (Vec<u16>, bool)>,
@@ -149,6 +151,7 @@ impl Image {
             }
         };
         let l1_offset = hdr.l1_offset;
+        let reftable_offset = hdr.reftable_offset;
         let img = Image {
             file,
             path: path.to_path_buf(),
@@ -164,6 +167,7 @@ impl Image {
                 l1_dirty: BTreeSet::new(),
                 l2: HashMap::new(),
                 reftable,
+                reftable_offset,
                 reftable_dirty: BTreeSet::new(),
                 refblocks: HashMap::new(),
                 fresh: HashSet::new(),
@@ -309,15 +313,52 @@ impl Image {
         }
     }
 
-    /// Fills `buf` from guest `offset` (inside the image) through the chain.
+    /// The cluster holding guest byte `pos`, and how many bytes from `pos`
+    /// (at most `max`) read the same way: the following clusters while they
+    /// are data at the next host cluster (one pread for the run), or zero,
+    /// or unallocated (one read of the backing file); a compressed cluster
+    /// alone. The run ends at an L2 table not in the cache (the next
+    /// [`Image::lookup`] loads it).
+    fn extent(&self, pos: u64, max: u64) -> Result<(Cluster, u64), Qcow2Error> {
+        let cs = self.cs;
+        let first = self.lookup(pos / cs)?;
+        let mut n = (cs - pos % cs).min(max);
+        if matches!(first, Cluster::Compressed { .. }) {
+            return Ok((first, n));
+        }
+        let m = self.read_meta();
+        while n < max {
+            let Some(e) = self.cached_entry(&m, (pos + n) / cs)? else {
+                break;
+            };
+            let next = self.checked(&m, e)?;
+            let same = match (first, next) {
+                // Byte `pos + n` starts a cluster: the run's host cluster
+                // there is `a + pos % cs + n`.
+                (Cluster::Data(a), Cluster::Data(b)) => b == a + pos % cs + n,
+                (Cluster::Zero(_), Cluster::Zero(_)) => true,
+                (Cluster::Unallocated, Cluster::Unallocated) => true,
+                _ => false,
+            };
+            if !same {
+                break;
+            }
+            n += cs.min(max - n);
+        }
+        Ok((first, n))
+    }
+
+    /// Fills `buf` from guest `offset` (inside the image) through the chain,
+    /// a run of clusters ([`Image::extent`]) at a time.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), Qcow2Error> {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
             let in_c = pos % self.cs;
-            let n = ((self.cs - in_c) as usize).min(buf.len() - done);
+            let (c, n) = self.extent(pos, (buf.len() - done) as u64)?;
+            let n = n as usize;
             let piece = &mut buf[done..done + n];
-            match self.lookup(pos / self.cs)? {
+            match c {
                 Cluster::Data(o) => table::read_full(&self.file, piece, o + in_c)?,
                 Cluster::Zero(_) => piece.fill(0),
                 Cluster::Unallocated => match self.backing() {
@@ -340,8 +381,8 @@ impl Image {
         let mut done = 0u64;
         while done < len {
             let pos = offset + done;
-            let n = (self.cs - pos % self.cs).min(len - done);
-            let (n, kind) = match self.lookup(pos / self.cs)? {
+            let (c, n) = self.extent(pos, len - done)?;
+            let (n, kind) = match c {
                 Cluster::Data(_) | Cluster::Compressed { .. } => (n, Run::Data),
                 Cluster::Zero(_) => (n, Run::Zero),
                 Cluster::Unallocated => match self.backing() {

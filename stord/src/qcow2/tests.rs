@@ -368,3 +368,62 @@ fn stream_then_detach_makes_the_image_self_contained() {
     assert!(img.header().backing.is_none());
     assert_eq!(read(&img, 0, 8 * MIB as usize), after);
 }
+
+/// The sum of the refcounts in the blocks loaded (all of them once the
+/// image was opened writable, or created since).
+fn counted(img: &Image) -> u64 {
+    let m = img.read_meta();
+    m.refblocks
+        .values()
+        .flat_map(|r| r.0.iter())
+        .map(|&c| c as u64)
+        .sum()
+}
+
+/// An image whose refcount table runs out (512-byte clusters, a table of
+/// one cluster: 8 MiB of file) grows it, in writes and in a grow of the
+/// virtual size whose L1 table lies past its reach, and leaks nothing; a
+/// crash after a growth, before the next flush, leaves an image the next
+/// open takes (its leaks repaired), with the new table.
+#[test]
+fn the_refcount_table_grows_when_the_file_outgrows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("r.img");
+    create::create_with(&p, 16 * MIB, None, 0o600, 9, 0).unwrap();
+    let root = Root::disks(dir.path()).unwrap();
+    let img = Image::open(&p, true, &root).unwrap();
+    let first = img.header().reftable_offset;
+    assert_eq!(img.read_meta().reftable.len(), 64);
+    let data: Vec<u8> = (0..12 * MIB)
+        .map(|i| (i / 512) as u8 ^ (i % 251) as u8)
+        .collect();
+    img.write(0, &data).unwrap();
+    assert!(img.read_meta().reftable.len() >= 128);
+    assert_ne!(img.read_meta().reftable_offset, first);
+    // An L1 table of 16 MiB: past what the table reaches again.
+    img.grow(64 << 30).unwrap();
+    img.write((64 << 30) - 4096, &[7; 4096]).unwrap();
+    img.flush().unwrap();
+    let before = counted(&img);
+    let rt = img.read_meta().reftable_offset;
+    drop(img);
+    let img = Image::open(&p, true, &root).unwrap();
+    assert_eq!(img.header().reftable_offset, rt);
+    assert_eq!(counted(&img), before, "nothing leaked");
+    assert_eq!(img.size(), 64 << 30);
+    assert_eq!(read(&img, 0, data.len()), data);
+    assert_eq!(read(&img, (64 << 30) - 4096, 4096), vec![7; 4096]);
+
+    // Grows again, then a "crash" before any flush.
+    let len = img.read_meta().reftable.len();
+    img.write(16 * MIB, &vec![9; 40 * MIB as usize]).unwrap();
+    let grown = img.read_meta().reftable_offset;
+    assert!(img.read_meta().reftable.len() > len);
+    std::mem::forget(img);
+    let img = Image::open(&p, true, &root).unwrap();
+    assert_eq!(img.header().reftable_offset, grown);
+    assert_eq!(read(&img, 0, data.len()), data);
+    img.write(60 * MIB, &[3; 4096]).unwrap();
+    img.flush().unwrap();
+    assert_eq!(read(&img, 60 * MIB, 4096), vec![3; 4096]);
+}

@@ -316,34 +316,47 @@ impl Image {
     /// The cluster holding guest byte `pos`, and how many bytes from `pos`
     /// (at most `max`) read the same way: the following clusters while they
     /// are data at the next host cluster (one pread for the run), or zero,
-    /// or unallocated (one read of the backing file); a compressed cluster
-    /// alone. The run ends at an L2 table not in the cache (the next
+    /// or unallocated (one read of the backing file; an L1 entry with no L2
+    /// table is a whole table's range at once); a compressed cluster alone.
+    /// The run ends at an L2 table not in the cache (the next
     /// [`Image::lookup`] loads it).
     fn extent(&self, pos: u64, max: u64) -> Result<(Cluster, u64), Qcow2Error> {
         let cs = self.cs;
         let first = self.lookup(pos / cs)?;
-        let mut n = (cs - pos % cs).min(max);
         if matches!(first, Cluster::Compressed { .. }) {
-            return Ok((first, n));
+            return Ok((first, (cs - pos % cs).min(max)));
         }
         let m = self.read_meta();
+        let per = cs / 8;
+        let mut n = 0;
         while n < max {
-            let Some(e) = self.cached_entry(&m, (pos + n) / cs)? else {
-                break;
-            };
-            let next = self.checked(&m, e)?;
-            let same = match (first, next) {
-                // Byte `pos + n` starts a cluster: the run's host cluster
-                // there is `a + pos % cs + n`.
-                (Cluster::Data(a), Cluster::Data(b)) => b == a + pos % cs + n,
-                (Cluster::Zero(_), Cluster::Zero(_)) => true,
-                (Cluster::Unallocated, Cluster::Unallocated) => true,
-                _ => false,
-            };
-            if !same {
-                break;
+            let at = pos + n;
+            let gc = at / cs;
+            if n > 0 {
+                let Some(e) = self.cached_entry(&m, gc)? else {
+                    break;
+                };
+                let same = match (first, self.checked(&m, e)?) {
+                    // `at` starts a cluster: the run's host cluster there
+                    // is `a + pos % cs + n`.
+                    (Cluster::Data(a), Cluster::Data(b)) => b == a + pos % cs + n,
+                    (Cluster::Zero(_), Cluster::Zero(_)) => true,
+                    (Cluster::Unallocated, Cluster::Unallocated) => true,
+                    _ => false,
+                };
+                if !same {
+                    break;
+                }
             }
-            n += cs.min(max - n);
+            let no_table = first == Cluster::Unallocated
+                && m.l1
+                    .get((gc / per) as usize)
+                    .is_some_and(|&e| e & table::OFFSET_MASK == 0);
+            let step = match no_table {
+                true => (gc / per + 1) * per * cs - at,
+                false => cs - at % cs,
+            };
+            n += step.min(max - n);
         }
         Ok((first, n))
     }

@@ -361,6 +361,24 @@ impl Image {
         Ok((first, n))
     }
 
+    /// Where the `len` guest bytes at `offset` (inside the image) lie as one
+    /// run of data in one file of the chain: its depth (0: this image), the
+    /// file and the offset in it; `None` for zeroes, compressed data, or a
+    /// range that is not one run.
+    pub fn locate(&self, offset: u64, len: u64) -> Result<Option<(usize, &File, u64)>, Qcow2Error> {
+        let (c, n) = self.extent(offset, len)?;
+        if n < len {
+            return Ok(None);
+        }
+        Ok(match (c, self.backing()) {
+            (Cluster::Data(o), _) => Some((0, &self.file, o + offset % self.cs)),
+            (Cluster::Unallocated, Some(b)) => {
+                b.locate(offset, len)?.map(|(d, f, o)| (d + 1, f, o))
+            }
+            _ => None,
+        })
+    }
+
     /// Fills `buf` from guest `offset` (inside the image) through the chain,
     /// a run of clusters ([`Image::extent`]) at a time.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), Qcow2Error> {

@@ -283,6 +283,21 @@ impl Layer {
         }
     }
 
+    /// Where the `len` bytes at `offset` lie as one run of data in one file
+    /// of this layer's chain (see [`Image::locate`]); a raw file's holes and
+    /// its end are not data.
+    pub fn locate(&self, offset: u64, len: u64) -> Result<Option<(usize, &File, u64)>, Qcow2Error> {
+        if offset.checked_add(len).is_none_or(|e| e > self.size()) {
+            return Ok(None);
+        }
+        match self {
+            Layer::Qcow2(i) => i.locate(offset, len),
+            Layer::Raw { file, .. } => {
+                Ok((self.status(offset, len)? == (len, Run::Data)).then_some((0, file, offset)))
+            }
+        }
+    }
+
     /// The first run at `offset` (at most `len` bytes): its length and kind.
     pub fn status(&self, offset: u64, len: u64) -> Result<(u64, Run), Qcow2Error> {
         let size = self.size();

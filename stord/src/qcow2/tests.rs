@@ -427,3 +427,39 @@ fn the_refcount_table_grows_when_the_file_outgrows_it() {
     img.flush().unwrap();
     assert_eq!(read(&img, 60 * MIB, 4096), vec![3; 4096]);
 }
+
+/// `locate` names the one file (and where in it) a range lies in as one
+/// run of data, and nothing for zeroes, holes, or a range across layers
+/// or host clusters that are not contiguous.
+#[test]
+fn locate_finds_runs_of_data_in_one_file_of_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_top, _root, img) = overlay_on_raw(dir.path());
+    let c = 65536;
+    // The first write also allocates the L2 table (after its cluster).
+    img.write(0, &vec![0x43; c as usize]).unwrap();
+    img.write(c, &vec![0x44; 2 * c as usize]).unwrap();
+    img.write(5 * c, &[0x45; 100]).unwrap();
+    img.write(3 * c, &[0x46; 100]).unwrap();
+    let host = |gc: u64| match img.lookup(gc).unwrap() {
+        table::Cluster::Data(o) => o,
+        other => panic!("{other:?}"),
+    };
+    let (depth, _, at) = img.locate(c + 100, 2 * c - 100).unwrap().unwrap();
+    assert_eq!((depth, at), (0, host(1) + 100));
+    // Clusters 2 and 3 are not contiguous on the host (5 came between).
+    assert_ne!(host(3), host(2) + c);
+    assert!(img.locate(2 * c, 2 * c).unwrap().is_none());
+    assert!(
+        img.locate(0, 2 * c).unwrap().is_none(),
+        "the L2 table between"
+    );
+    // The base's data, through the overlay; its hole and a range across
+    // the layers are not runs of data.
+    let (depth, _, at) = img.locate(3 * MIB, 60000).unwrap().unwrap();
+    assert_eq!((depth, at), (1, 3 * MIB));
+    assert!(img.locate(MIB, 4096).unwrap().is_none());
+    assert!(img.locate(5 * c - 4096, 8192).unwrap().is_none());
+    img.zero(6 * c, c, false, false).unwrap();
+    assert!(img.locate(6 * c, 4096).unwrap().is_none());
+}

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use integration_tests::require_root;
 use stord_common::qcow2::{check_clean, disk, stop};
-use stord_common::{crash_rounds, dynamic, spawn_python, Stord};
+use stord_common::{crash_rounds, dynamic, spawn_python, Rng, Stord};
 
 #[test]
 fn acknowledged_writes_survive_sigkill() {
@@ -113,17 +113,6 @@ while True:
         del h
         print('verified', len(want), 'bad', bad[:10], flush=True)
 "#;
-
-/// xorshift64, seeded.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 /// The next line of the client that starts with `prefix` (others skipped).
 fn expect(lines: &Receiver<String>, prefix: &str, trial: u64) -> String {

@@ -177,9 +177,6 @@ fn a_qcow2_disk_grows_as_qemu_img_resize_grows_one() {
 fn small_clusters_outgrow_the_refcount_table_and_it_grows() {
     require_root();
     let work = tempfile::tempdir().unwrap();
-    let mut s = Stord::start(&[]).unwrap();
-    golden_and_flat_vm(&s, work.path());
-    stop(&mut s);
     let small = |name: &str| {
         let p = work.path().join(name);
         ok(Command::new("qemu-img")
@@ -189,9 +186,12 @@ fn small_clusters_outgrow_the_refcount_table_and_it_grows() {
         .unwrap();
         p
     };
+    let (img, r) = (small("small.qcow2"), small("ref.qcow2"));
+    let mut s = Stord::start(&[]).unwrap();
+    golden_and_flat_vm(&s, work.path());
+    stop(&mut s);
     let vm = s.state().join("disks/vm.img");
-    place(&s, "vm", &small("small.qcow2"));
-    let r = small("ref.qcow2");
+    place(&s, "vm", &img);
     let reftable_clusters = |p: &Path| {
         let b = std::fs::read(p).unwrap();
         u32::from_be_bytes(b[56..60].try_into().unwrap())

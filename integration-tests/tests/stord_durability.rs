@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use integration_tests::{require_root, wait_until, ChildGuard};
-use stord_common::{dynamic, python, spawn_python, Stord};
+use stord_common::{dynamic, python, spawn_python, Rng, Stord};
 
 fn list(s: &Stord) -> Vec<serde_json::Value> {
     let out = s.cli(&["disk", "list", "--json"]);
@@ -217,19 +217,6 @@ for line in sys.stdin:
     .unwrap();
     assert_eq!(out.trim(), "ok");
     s.kill();
-}
-
-/// A tiny deterministic random source (xorshift), seeded from the clock and
-/// printed, so a failing run can be repeated.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 /// 100 trials: creates and deletes run while stord is SIGKILLed at a random

@@ -147,6 +147,9 @@ pub struct Disk {
     /// The file mapped for sending READ data (made on first use, replaced
     /// after [`MAP_REGIONS_MAX`] regions and on resize).
     map: Mutex<Option<MapState>>,
+    /// A qcow2 disk's mappings of the files of its chain, top first (see
+    /// [`Disk::mapped_at`]).
+    layer_maps: Vec<Mutex<Option<MapState>>>,
     /// A qcow2 disk's image (`None`: a raw disk).
     image: Option<Image>,
 }
@@ -157,6 +160,49 @@ pub struct Disk {
 struct MapState {
     map: Arc<sys::FileMap>,
     regions: std::collections::HashSet<u64>,
+}
+
+/// A mapping of `file` (of `size()` bytes, asked only for a new mapping)
+/// for sending `[offset, offset + len)` from, kept in `state` (see
+/// [`Disk::mapping`]).
+fn map_range(
+    state: &Mutex<Option<MapState>>,
+    file: &File,
+    size: impl FnOnce() -> u64,
+    offset: u64,
+    len: u64,
+    name: &str,
+) -> Option<Arc<sys::FileMap>> {
+    let end = offset.checked_add(len)?;
+    let touched = (offset >> MAP_REGION_SHIFT)..=(end.saturating_sub(1) >> MAP_REGION_SHIFT);
+    let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(st) = state.as_mut() {
+        if st.map.len() as u64 >= end {
+            st.regions.extend(touched.clone());
+            if st.regions.len() <= MAP_REGIONS_MAX {
+                return Some(st.map.clone());
+            }
+        }
+    }
+    let size = size();
+    if end > size {
+        return None;
+    }
+    match sys::FileMap::new(file, size) {
+        Ok(m) => {
+            let map = Arc::new(m);
+            *state = Some(MapState {
+                map: map.clone(),
+                regions: touched.collect(),
+            });
+            Some(map)
+        }
+        Err(e) => {
+            *state = None;
+            tracing::debug!(disk = %name, error = %e, "cannot map the disk file; reading with pread");
+            None
+        }
+    }
 }
 
 /// Size of the file region one page-table page maps (512 pages of 4 KiB).
@@ -270,6 +316,7 @@ impl Disk {
             exclusive: AtomicBool::new(false),
             io: crate::metrics::DiskIo::default(),
             map: Mutex::new(None),
+            layer_maps: Vec::new(),
             image: None,
         }
     }
@@ -292,6 +339,9 @@ impl Disk {
             }
         }
         let mut d = Disk::from_file(name, path, file, img.size(), Alloc::Dynamic, read_only);
+        d.layer_maps = (0..=crate::qcow2::MAX_CHAIN)
+            .map(|_| Mutex::new(None))
+            .collect();
         d.image = Some(img);
         Ok(d)
     }
@@ -418,36 +468,32 @@ impl Disk {
         if self.image.is_some() {
             return None;
         }
-        let end = offset.checked_add(len)?;
-        let touched = (offset >> MAP_REGION_SHIFT)..=(end.saturating_sub(1) >> MAP_REGION_SHIFT);
-        let mut state = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(st) = state.as_mut() {
-            if st.map.len() as u64 >= end {
-                st.regions.extend(touched.clone());
-                if st.regions.len() <= MAP_REGIONS_MAX {
-                    return Some(st.map.clone());
-                }
-            }
-        }
-        let size = self.size();
-        if end > size {
-            return None;
-        }
-        match sys::FileMap::new(&self.file, size) {
-            Ok(m) => {
-                let map = Arc::new(m);
-                *state = Some(MapState {
-                    map: map.clone(),
-                    regions: touched.collect(),
-                });
-                Some(map)
-            }
-            Err(e) => {
-                *state = None;
-                tracing::debug!(disk = %self.name, error = %e, "cannot map the disk file; reading with pread");
-                None
-            }
-        }
+        map_range(
+            &self.map,
+            &self.file,
+            || self.size(),
+            offset,
+            len,
+            &self.name,
+        )
+    }
+
+    /// Where the `len` bytes at guest `offset` can be sent from: a mapping
+    /// and the offset in it. A raw disk: its file's ([`Disk::mapping`]). A
+    /// qcow2 disk: the file of the chain that holds them as one run of data
+    /// (`qcow2::Image::locate`), mapped as a raw disk's file is (one mapping
+    /// per layer, made again once the file outgrew it); `None` for zeroes,
+    /// compressed data or a range split between clusters or layers (the
+    /// caller reads it).
+    pub fn mapped_at(&self, offset: u64, len: u64) -> Option<(Arc<sys::FileMap>, usize)> {
+        let Some(img) = &self.image else {
+            return Some((self.mapping(offset, len)?, usize::try_from(offset).ok()?));
+        };
+        let (depth, file, at) = img.locate(offset, len).ok()??;
+        let state = self.layer_maps.get(depth)?;
+        let size = || file.metadata().map_or(0, |m| m.len());
+        let map = map_range(state, file, size, at, len, &self.name)?;
+        Some((map, usize::try_from(at).ok()?))
     }
 
     /// Persists every completed write (fdatasync). Fails with EIO, without

@@ -293,6 +293,20 @@ pub fn qemu_io(uri: &str, cmds: &[&str]) -> Result<String> {
     Ok(out)
 }
 
+/// A tiny deterministic random source (xorshift64): seeded from the clock or
+/// a variable and printed by the tests, so a failing run can be repeated.
+/// The seed must not be 0.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
 /// Blocks the crash writer writes in one round.
 const PER_ROUND: u64 = 4096;
 /// 4 KiB blocks of the 64 MiB export the crash writer writes in.
@@ -347,17 +361,13 @@ pub fn crash_rounds(
     assert!(rounds * PER_ROUND <= CRASH_BLOCKS);
     let acked_file = s.dir.path().join("acked.txt");
     let mut acked: BTreeMap<u64, u64> = BTreeMap::new();
-    let mut seed = SystemTime::now()
+    let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64
         | 1;
-    let mut rand = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut rng = Rng(seed);
+    let mut rand = move || rng.next();
     let mut killed_mid_write = 0;
     for round in 0..rounds {
         let first = round * PER_ROUND;

@@ -251,8 +251,10 @@ pub(super) struct MappedRead {
     pub hdr: Bytes,
     /// The mapping, held until the reply is written.
     pub map: std::sync::Arc<crate::sys::FileMap>,
-    /// Where the data starts in the file.
-    pub offset: usize,
+    /// Where the data starts in the mapping.
+    pub at: usize,
+    /// Where the data starts on the disk (what a pread fallback reads).
+    pub offset: u64,
     /// Data bytes.
     pub len: usize,
     /// What follows the data: for a structured reply the final NONE chunk,
@@ -293,6 +295,22 @@ pub(super) fn read(
             Err(hdr) => (hdr, mapped_tail(sess, req.handle)),
         },
         ReadPlan::Buffered(hdr) => (hdr, Bytes::new()),
+        ReadPlan::Sparse
+            if sess.mapped_reads && sess.disk().format() == crate::config::Format::Qcow2 =>
+        {
+            // A qcow2 range that is one run of data in one file of the
+            // chain goes out from that file's mapping.
+            let mut hdr = BytesMut::with_capacity(32);
+            let (h, off, len) = (req.handle, req.offset, req.len);
+            nbd_proto::emit_offset_data_header(&mut hdr, h, off, len, Final::No);
+            if let Ok(m) = mapped(sess, req, hdr.freeze()) {
+                return Out::Mapped(m);
+            }
+            let Some(_mem) = budget.take(req.len as u64, abort) else {
+                return Out::Segs(aborted());
+            };
+            return Out::Segs(sparse(sess, req));
+        }
         ReadPlan::Sparse => {
             let Some(_mem) = budget.take(req.len as u64, abort) else {
                 return Out::Segs(aborted());
@@ -320,20 +338,18 @@ pub(super) fn read(
 
 /// The mapped reply, or the header back if the data must be pread.
 fn mapped(sess: &Session, req: &Request, hdr: Bytes) -> Result<MappedRead, Bytes> {
-    let Some(map) = sess.disk().mapping(req.offset, req.len as u64) else {
-        return Err(hdr);
-    };
-    let Ok(offset) = usize::try_from(req.offset) else {
+    let Some((map, at)) = sess.disk().mapped_at(req.offset, req.len as u64) else {
         return Err(hdr);
     };
     let len = req.len as usize;
-    if map.populate(offset, len).is_err() {
+    if map.populate(at, len).is_err() {
         return Err(hdr);
     }
     Ok(MappedRead {
         hdr,
         map,
-        offset,
+        at,
+        offset: req.offset,
         len,
         tail: mapped_tail(sess, req.handle),
         structured: sess.structured,

@@ -415,7 +415,7 @@ fn write_mapped(
     if !wr.raw_fd() {
         wr.write_all(&m.hdr)?;
         let data = disk
-            .read(m.offset as u64, m.len)
+            .read(m.offset, m.len)
             .map_err(|e| std::io::Error::other(crate::error_chain(&e)))?;
         wr.write_all(&data)?;
         return wr.write_all(&m.tail);
@@ -429,7 +429,7 @@ fn write_mapped(
         match m.map.writev(
             fd,
             &m.hdr[head..],
-            m.offset + done,
+            m.at + done,
             m.len - done,
             &m.tail[tail..],
         ) {
@@ -443,7 +443,7 @@ fn write_mapped(
             }
             Err(e) if e.raw_os_error() == Some(libc::EFAULT) => {
                 write_all_by(wr, &m.hdr[head..], deadline)?;
-                return match disk.read((m.offset + done) as u64, m.len - done) {
+                return match disk.read(m.offset + done as u64, m.len - done) {
                     Ok(data) => {
                         write_all_by(wr, &data, deadline)?;
                         write_all_by(wr, &m.tail[tail..], deadline)

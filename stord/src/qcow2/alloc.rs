@@ -39,16 +39,20 @@ impl Image {
     }
 
     /// Sets the refcount of the host cluster at `host`, allocating its
-    /// refcount block if it has none (that block counts itself).
+    /// refcount block if it has none (that block counts itself), and growing
+    /// the refcount table first if it does not reach `host` or that block.
     pub(super) fn set_refcount(&self, m: &mut Meta, host: u64, v: u16) -> Result<(), Qcow2Error> {
         let per = self.cs / 2;
         let idx = host / self.cs;
         let ri = (idx / per) as usize;
         if ri >= m.reftable.len() {
-            return Err(Qcow2Error::Full);
+            self.grow_reftable(m, ri)?;
         }
         let mut rb = m.reftable[ri] & table::OFFSET_MASK;
         if rb == 0 {
+            if (m.end / self.cs / per) as usize >= m.reftable.len() {
+                self.grow_reftable(m, ri)?;
+            }
             rb = m.end;
             m.end += self.cs;
             m.fresh.insert(rb);
@@ -65,6 +69,73 @@ impl Image {
             counts[(idx % per) as usize] = v;
             *dirty = true;
         }
+        Ok(())
+    }
+
+    /// Grows the refcount table (entry `ri` needed): a table of at least
+    /// twice the entries, covering itself and the refcount blocks it needs,
+    /// at the end of the file. Order (see the module docs of `qcow2`):
+    /// every changed refcount block (the new ones count the new table and
+    /// themselves) is written and synced, then the new table whole, synced,
+    /// and only then the header names it (one sector, synced); the old
+    /// table's clusters are freed at the next flush. A crash before the
+    /// header leaks the new table (or nothing: clusters past the old table's
+    /// reach have no count), one after it leaks the old table: the check at
+    /// open frees either.
+    pub(super) fn grow_reftable(&self, m: &mut Meta, ri: usize) -> Result<(), Qcow2Error> {
+        let cs = self.cs;
+        let (per_block, per_cluster) = (cs / 2, cs / 8);
+        let mut want = (m.reftable.len() as u64 * 2).max(ri as u64 + 1);
+        let (entries, clusters) = loop {
+            let e = want.next_multiple_of(per_cluster);
+            let c = e / per_cluster;
+            // The file's clusters, the table's, a block per `per_block`
+            // of them and a spare for the next allocation.
+            let reach = m.end / cs + c + c.div_ceil(per_block) + 2;
+            if e * per_block >= reach {
+                break (e, c);
+            }
+            want = e * 2;
+        };
+        if entries * 8 > super::header::MAX_REFTABLE_BYTES {
+            return Err(Qcow2Error::Full);
+        }
+        let old = (m.reftable_offset, m.reftable.len());
+        let at = m.end;
+        m.end += clusters * cs;
+        m.reftable.resize(entries as usize, 0);
+        for i in 0..clusters {
+            let c = at + i * cs;
+            m.metadata.insert(c);
+            self.set_refcount(m, c, 1)?;
+        }
+        let f = &self.file;
+        for (&off, (counts, dirty)) in m.refblocks.iter_mut() {
+            if *dirty {
+                f.write_all_at(&table::encode_u16s(counts), off)?;
+                *dirty = false;
+            }
+        }
+        f.sync_data()?;
+        f.write_all_at(&table::encode_u64s(&m.reftable), at)?;
+        f.sync_data()?;
+        m.reftable_offset = at;
+        if let Err(e) = self.write_header(m) {
+            // The old header may still be the durable one: keep its table
+            // (what was allocated for the new one stays a leak).
+            m.reftable_offset = old.0;
+            m.reftable.truncate(old.1);
+            m.reftable_dirty.retain(|&i| i < old.1);
+            return Err(e);
+        }
+        // Every entry is in the new table, durable.
+        m.reftable_dirty.clear();
+        for i in 0..(old.1 as u64 * 8).div_ceil(cs) {
+            let c = old.0 + i * cs;
+            m.metadata.remove(&c);
+            m.freed.push(c);
+        }
+        tracing::info!(image = %self.path.display(), entries, "grew the refcount table");
         Ok(())
     }
 
@@ -152,7 +223,7 @@ impl Image {
         // 2: the refcount table's new blocks.
         if !m.reftable_dirty.is_empty() {
             for &ri in &m.reftable_dirty {
-                let at = self.hdr.reftable_offset + ri as u64 * 8;
+                let at = m.reftable_offset + ri as u64 * 8;
                 f.write_all_at(&m.reftable[ri].to_be_bytes(), at)?;
             }
             f.sync_data()?;
@@ -209,10 +280,7 @@ impl Image {
         add(&mut refs, 0);
         let tables = [
             (m.l1_offset, m.l1.len() as u64 * 8),
-            (
-                self.hdr.reftable_offset,
-                self.hdr.reftable_clusters as u64 * cs,
-            ),
+            (m.reftable_offset, m.reftable.len() as u64 * 8),
         ];
         for (off, len) in tables {
             for i in 0..len.div_ceil(cs) {

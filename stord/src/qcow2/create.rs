@@ -6,7 +6,8 @@
 //! Layout of a new image: the header (cluster 0), the refcount table, one
 //! refcount block counting the first clusters, then the L1 table (zeroes,
 //! left sparse). The refcount table covers a file of twice the virtual size
-//! and 1 GiB more, so it never has to grow while the image is served.
+//! and 1 GiB more, so it seldom has to grow while the image is served (it
+//! grows when it must: `alloc.rs`).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -24,7 +25,28 @@ pub fn create(
     backing: Option<(&str, &str)>,
     mode: u32,
 ) -> Result<(), Qcow2Error> {
-    let bits = header::DEFAULT_CLUSTER_BITS;
+    let covered = size.saturating_mul(2).saturating_add(1 << 30);
+    create_with(
+        path,
+        size,
+        backing,
+        mode,
+        header::DEFAULT_CLUSTER_BITS,
+        covered,
+    )
+}
+
+/// [`create`] with clusters of `1 << bits` bytes and a refcount table that
+/// covers a file of `covered` bytes at first (it grows when it must:
+/// `alloc.rs`).
+pub(super) fn create_with(
+    path: &Path,
+    size: u64,
+    backing: Option<(&str, &str)>,
+    mode: u32,
+    bits: u32,
+    covered: u64,
+) -> Result<(), Qcow2Error> {
     let cs = 1u64 << bits;
     let l1_size = size.div_ceil(cs * (cs / 8));
     if l1_size * 8 > header::MAX_L1_BYTES || size > header::MAX_VIRTUAL_SIZE {
@@ -33,7 +55,6 @@ pub fn create(
             header::MAX_L1_BYTES
         )));
     }
-    let covered = size.saturating_mul(2).saturating_add(1 << 30);
     let rt_entries = covered.div_ceil(cs * (cs / 2)).max(1);
     let rt_clusters = (rt_entries * 8)
         .div_ceil(cs)
@@ -42,6 +63,11 @@ pub fn create(
     let l1_offset = refblock + cs;
     let l1_clusters = (l1_size * 8).div_ceil(cs);
     let used = 1 + rt_clusters + 1 + l1_clusters;
+    if used > cs / 2 {
+        return Err(Qcow2Error::BadHeader(format!(
+            "a qcow2 image of {size} bytes needs more tables than one refcount block of {cs} bytes counts"
+        )));
+    }
     let hdr = Header {
         version: 3,
         cluster_bits: bits,

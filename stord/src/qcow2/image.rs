@@ -43,6 +43,8 @@ pub(super) struct Meta {
     pub l1_dirty: BTreeSet<usize>,
     pub l2: HashMap<u64, L2>,
     pub reftable: Vec<u64>,
+    /// Where the refcount table is (it moves when it grows: `alloc.rs`).
+    pub reftable_offset: u64,
     pub reftable_dirty: BTreeSet<usize>,
     /// Refcount blocks loaded, by offset: counts and dirty flag.
     pub refblocks: HashMap<u64, (Vec<u16>, bool)>,
@@ -149,6 +151,7 @@ impl Image {
             }
         };
         let l1_offset = hdr.l1_offset;
+        let reftable_offset = hdr.reftable_offset;
         let img = Image {
             file,
             path: path.to_path_buf(),
@@ -164,6 +167,7 @@ impl Image {
                 l1_dirty: BTreeSet::new(),
                 l2: HashMap::new(),
                 reftable,
+                reftable_offset,
                 reftable_dirty: BTreeSet::new(),
                 refblocks: HashMap::new(),
                 fresh: HashSet::new(),
@@ -309,15 +313,83 @@ impl Image {
         }
     }
 
-    /// Fills `buf` from guest `offset` (inside the image) through the chain.
+    /// The cluster holding guest byte `pos`, and how many bytes from `pos`
+    /// (at most `max`) read the same way: the following clusters while they
+    /// are data at the next host cluster (one pread for the run), or zero,
+    /// or unallocated (one read of the backing file; an L1 entry with no L2
+    /// table is a whole table's range at once); a compressed cluster alone.
+    /// The run ends at an L2 table not in the cache (the next
+    /// [`Image::lookup`] loads it).
+    fn extent(&self, pos: u64, max: u64) -> Result<(Cluster, u64), Qcow2Error> {
+        let cs = self.cs;
+        let first = self.lookup(pos / cs)?;
+        if matches!(first, Cluster::Compressed { .. }) {
+            return Ok((first, (cs - pos % cs).min(max)));
+        }
+        let m = self.read_meta();
+        let per = cs / 8;
+        let mut n = 0;
+        while n < max {
+            let at = pos + n;
+            let gc = at / cs;
+            if n > 0 {
+                let Some(e) = self.cached_entry(&m, gc)? else {
+                    break;
+                };
+                let same = match (first, self.checked(&m, e)?) {
+                    // `at` starts a cluster: the run's host cluster there
+                    // is `a + pos % cs + n`.
+                    (Cluster::Data(a), Cluster::Data(b)) => b == a + pos % cs + n,
+                    (Cluster::Zero(_), Cluster::Zero(_)) => true,
+                    (Cluster::Unallocated, Cluster::Unallocated) => true,
+                    _ => false,
+                };
+                if !same {
+                    break;
+                }
+            }
+            let no_table = first == Cluster::Unallocated
+                && m.l1
+                    .get((gc / per) as usize)
+                    .is_some_and(|&e| e & table::OFFSET_MASK == 0);
+            let step = match no_table {
+                true => (gc / per + 1) * per * cs - at,
+                false => cs - at % cs,
+            };
+            n += step.min(max - n);
+        }
+        Ok((first, n))
+    }
+
+    /// Where the `len` guest bytes at `offset` (inside the image) lie as one
+    /// run of data in one file of the chain: its depth (0: this image), the
+    /// file and the offset in it; `None` for zeroes, compressed data, or a
+    /// range that is not one run.
+    pub fn locate(&self, offset: u64, len: u64) -> Result<Option<(usize, &File, u64)>, Qcow2Error> {
+        let (c, n) = self.extent(offset, len)?;
+        if n < len {
+            return Ok(None);
+        }
+        Ok(match (c, self.backing()) {
+            (Cluster::Data(o), _) => Some((0, &self.file, o + offset % self.cs)),
+            (Cluster::Unallocated, Some(b)) => {
+                b.locate(offset, len)?.map(|(d, f, o)| (d + 1, f, o))
+            }
+            _ => None,
+        })
+    }
+
+    /// Fills `buf` from guest `offset` (inside the image) through the chain,
+    /// a run of clusters ([`Image::extent`]) at a time.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), Qcow2Error> {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
             let in_c = pos % self.cs;
-            let n = ((self.cs - in_c) as usize).min(buf.len() - done);
+            let (c, n) = self.extent(pos, (buf.len() - done) as u64)?;
+            let n = n as usize;
             let piece = &mut buf[done..done + n];
-            match self.lookup(pos / self.cs)? {
+            match c {
                 Cluster::Data(o) => table::read_full(&self.file, piece, o + in_c)?,
                 Cluster::Zero(_) => piece.fill(0),
                 Cluster::Unallocated => match self.backing() {
@@ -340,8 +412,8 @@ impl Image {
         let mut done = 0u64;
         while done < len {
             let pos = offset + done;
-            let n = (self.cs - pos % self.cs).min(len - done);
-            let (n, kind) = match self.lookup(pos / self.cs)? {
+            let (c, n) = self.extent(pos, len - done)?;
+            let (n, kind) = match c {
                 Cluster::Data(_) | Cluster::Compressed { .. } => (n, Run::Data),
                 Cluster::Zero(_) => (n, Run::Zero),
                 Cluster::Unallocated => match self.backing() {

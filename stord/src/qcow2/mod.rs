@@ -26,6 +26,11 @@
 //!
 //! Reads of a cluster fall through the chain: a qcow2 or raw backing file,
 //! opened read-only; past the end of a smaller backing file reads zeroes.
+//! A read takes runs of clusters at once (`Image::extent`): data clusters
+//! at consecutive host offsets are one pread, unallocated ones one read of
+//! the backing file, and a READ that is one run of data in one file of the
+//! chain is sent from that file's mapping (`Image::locate`,
+//! `Disk::mapped_at`), one copy from the page cache to the socket.
 //! Writes to a cluster not yet in the image allocate one at the end of the
 //! file (copy-on-write: the parts of the cluster the write does not cover are
 //! copied from the chain first). Host clusters are never reused while the
@@ -46,7 +51,19 @@
 //! 3. changed L2 entries, and L1 entries naming new L2 tables.
 //!
 //! Then the refcounts of freed clusters drop and their blocks are punched
-//! (a fourth sync when there were any). So whatever subset of a flush's
+//! (a fourth sync when there were any).
+//!
+//! The refcount table grows when an allocation (a data cluster, a table, a
+//! larger L1 table of a grow) lies past what it reaches (images of small
+//! clusters made by `qemu-img create` reach 8 MiB of file at first): a
+//! table of at least twice the entries goes to the end of the file, with
+//! the refcount blocks counting it; those blocks are written and synced,
+//! then the new table, synced, then the header names it (one sector,
+//! synced), and the old table's clusters are freed at the next flush. A
+//! crash before the header leaks the new table at most, one after it the
+//! old table; the check at open frees either. Growth stops at
+//! `header::MAX_REFTABLE_BYTES` (QEMU's bound: with 512-byte clusters,
+//! 128 GiB of file), where an allocation fails with ENOSPC. So whatever subset of a flush's
 //! writes a crash leaves on the disk, every durable L1 or L2 entry points
 //! to a cluster whose contents and refcount were durable before it: the worst
 //! a crash leaves is leaked clusters (refcount 1, nothing points to them).
@@ -280,6 +297,21 @@ impl Layer {
         match self {
             Layer::Qcow2(i) => i.read(offset, &mut buf[..inside]),
             Layer::Raw { file, .. } => Ok(table::read_full(file, &mut buf[..inside], offset)?),
+        }
+    }
+
+    /// Where the `len` bytes at `offset` lie as one run of data in one file
+    /// of this layer's chain (see [`Image::locate`]); a raw file's holes and
+    /// its end are not data.
+    pub fn locate(&self, offset: u64, len: u64) -> Result<Option<(usize, &File, u64)>, Qcow2Error> {
+        if offset.checked_add(len).is_none_or(|e| e > self.size()) {
+            return Ok(None);
+        }
+        match self {
+            Layer::Qcow2(i) => i.locate(offset, len),
+            Layer::Raw { file, .. } => {
+                Ok((self.status(offset, len)? == (len, Run::Data)).then_some((0, file, offset)))
+            }
         }
     }
 

@@ -39,6 +39,8 @@ impl Image {
             size: self.size(),
             l1_size: m.l1.len() as u32,
             l1_offset: m.l1_offset,
+            reftable_offset: m.reftable_offset,
+            reftable_clusters: (m.reftable.len() as u64 * 8).div_ceil(self.cs) as u32,
             backing: self.hdr.backing.clone().filter(|_| !detached),
             backing_format: self.hdr.backing_format.clone().filter(|_| !detached),
             ..self.hdr.clone()
@@ -46,7 +48,7 @@ impl Image {
     }
 
     /// Writes the header as it stands and syncs it.
-    fn write_header(&self, m: &Meta) -> Result<(), Qcow2Error> {
+    pub(super) fn write_header(&self, m: &Meta) -> Result<(), Qcow2Error> {
         let b = self.header_now(m).emit();
         if b.len() > 512 {
             return Err(Qcow2Error::BadHeader(

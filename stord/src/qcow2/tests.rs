@@ -368,3 +368,98 @@ fn stream_then_detach_makes_the_image_self_contained() {
     assert!(img.header().backing.is_none());
     assert_eq!(read(&img, 0, 8 * MIB as usize), after);
 }
+
+/// The sum of the refcounts in the blocks loaded (all of them once the
+/// image was opened writable, or created since).
+fn counted(img: &Image) -> u64 {
+    let m = img.read_meta();
+    m.refblocks
+        .values()
+        .flat_map(|r| r.0.iter())
+        .map(|&c| c as u64)
+        .sum()
+}
+
+/// An image whose refcount table runs out (512-byte clusters, a table of
+/// one cluster: 8 MiB of file) grows it, in writes and in a grow of the
+/// virtual size whose L1 table lies past its reach, and leaks nothing; a
+/// crash after a growth, before the next flush, leaves an image the next
+/// open takes (its leaks repaired), with the new table.
+#[test]
+fn the_refcount_table_grows_when_the_file_outgrows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("r.img");
+    create::create_with(&p, 16 * MIB, None, 0o600, 9, 0).unwrap();
+    let root = Root::disks(dir.path()).unwrap();
+    let img = Image::open(&p, true, &root).unwrap();
+    let first = img.header().reftable_offset;
+    assert_eq!(img.read_meta().reftable.len(), 64);
+    let data: Vec<u8> = (0..12 * MIB)
+        .map(|i| (i / 512) as u8 ^ (i % 251) as u8)
+        .collect();
+    img.write(0, &data).unwrap();
+    assert!(img.read_meta().reftable.len() >= 128);
+    assert_ne!(img.read_meta().reftable_offset, first);
+    // An L1 table of 16 MiB: past what the table reaches again.
+    img.grow(64 << 30).unwrap();
+    img.write((64 << 30) - 4096, &[7; 4096]).unwrap();
+    img.flush().unwrap();
+    let before = counted(&img);
+    let rt = img.read_meta().reftable_offset;
+    drop(img);
+    let img = Image::open(&p, true, &root).unwrap();
+    assert_eq!(img.header().reftable_offset, rt);
+    assert_eq!(counted(&img), before, "nothing leaked");
+    assert_eq!(img.size(), 64 << 30);
+    assert_eq!(read(&img, 0, data.len()), data);
+    assert_eq!(read(&img, (64 << 30) - 4096, 4096), vec![7; 4096]);
+
+    // Grows again, then a "crash" before any flush.
+    let len = img.read_meta().reftable.len();
+    img.write(16 * MIB, &vec![9; 40 * MIB as usize]).unwrap();
+    let grown = img.read_meta().reftable_offset;
+    assert!(img.read_meta().reftable.len() > len);
+    std::mem::forget(img);
+    let img = Image::open(&p, true, &root).unwrap();
+    assert_eq!(img.header().reftable_offset, grown);
+    assert_eq!(read(&img, 0, data.len()), data);
+    img.write(60 * MIB, &[3; 4096]).unwrap();
+    img.flush().unwrap();
+    assert_eq!(read(&img, 60 * MIB, 4096), vec![3; 4096]);
+}
+
+/// `locate` names the one file (and where in it) a range lies in as one
+/// run of data, and nothing for zeroes, holes, or a range across layers
+/// or host clusters that are not contiguous.
+#[test]
+fn locate_finds_runs_of_data_in_one_file_of_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_top, _root, img) = overlay_on_raw(dir.path());
+    let c = 65536;
+    // The first write also allocates the L2 table (after its cluster).
+    img.write(0, &vec![0x43; c as usize]).unwrap();
+    img.write(c, &vec![0x44; 2 * c as usize]).unwrap();
+    img.write(5 * c, &[0x45; 100]).unwrap();
+    img.write(3 * c, &[0x46; 100]).unwrap();
+    let host = |gc: u64| match img.lookup(gc).unwrap() {
+        table::Cluster::Data(o) => o,
+        other => panic!("{other:?}"),
+    };
+    let (depth, _, at) = img.locate(c + 100, 2 * c - 100).unwrap().unwrap();
+    assert_eq!((depth, at), (0, host(1) + 100));
+    // Clusters 2 and 3 are not contiguous on the host (5 came between).
+    assert_ne!(host(3), host(2) + c);
+    assert!(img.locate(2 * c, 2 * c).unwrap().is_none());
+    assert!(
+        img.locate(0, 2 * c).unwrap().is_none(),
+        "the L2 table between"
+    );
+    // The base's data, through the overlay; its hole and a range across
+    // the layers are not runs of data.
+    let (depth, _, at) = img.locate(3 * MIB, 60000).unwrap().unwrap();
+    assert_eq!((depth, at), (1, 3 * MIB));
+    assert!(img.locate(MIB, 4096).unwrap().is_none());
+    assert!(img.locate(5 * c - 4096, 8192).unwrap().is_none());
+    img.zero(6 * c, c, false, false).unwrap();
+    assert!(img.locate(6 * c, 4096).unwrap().is_none());
+}

@@ -20,7 +20,8 @@ fn send_mapped(
     let m = MappedRead {
         hdr: Bytes::from_static(hdr),
         map,
-        offset,
+        at: offset,
+        offset: offset as u64,
         len,
         tail: Bytes::new(),
         structured: false,
@@ -85,6 +86,7 @@ fn late_read_error_in_a_structured_reply_becomes_an_error_chunk() {
     let m = MappedRead {
         hdr: Bytes::from_static(b"HDR"),
         map,
+        at: 0,
         offset: 0,
         len: 2 * 4096,
         tail: tail.freeze(),

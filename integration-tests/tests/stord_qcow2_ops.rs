@@ -203,7 +203,7 @@ fn small_clusters_outgrow_the_refcount_table_and_it_grows() {
     ];
     qemu_io(&s.uri("vm"), &b).unwrap();
     qemu_io_local(&r, &b);
-    assert_eq!(entry(&s, "vm")["size"], 64u64 << 30);
+    assert_eq!(s.disk_entry("vm")["size"], 64u64 << 30);
     // Through the export against the reference in 64 KiB clusters (QEMU
     // asks an NBD server for block status once per 32 KiB the 512-byte
     // reference maps: two million round trips).

@@ -1,0 +1,164 @@
+//! IPv6 on NAT networks (issue 16, second half), end to end: guests are namespaces
+//! on TAP ports of a NAT network whose kernels do SLAAC from the router's Router
+//! Advertisements (`fd00::/64`); `rdisc6` (ndisc6) reads the RDNSS option; they
+//! `ping -6` the gateway, `curl -6` the host's `[::1]` through `fd00::2`
+//! (`host_loopback`) and a web server in the lab's "internet" namespace at
+//! 2001:db8:19::10 (routed from the host namespace, see `nat_common`), resolve an
+//! AAAA record through `fd00::3` (the lab's dnsmasq behind netd's forwarder); scapy
+//! sends a rogue RA and spoofed NAs for the gateway, which the guard drops and
+//! counts while the other guests keep their default route, their neighbour entry
+//! for the gateway and their connectivity. `netd flows` lists the IPv6 flows beside
+//! the IPv4 ones. Namespace prefixes `n6`.
+
+mod nat_common;
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use integration_tests::netd::{global6, link_local_ready, ping6, run_scapy, TapHost};
+use integration_tests::wait_until;
+use nat_common::{Lab, INET_NAME, INET_SERVER6, PAGE};
+
+/// A guest's default IPv6 route (`via fe80::... dev TAP ...`), waiting up to 10 s
+/// for it.
+fn default_route6(g: &TapHost) -> String {
+    let mut r = String::new();
+    wait_until(Duration::from_secs(10), || {
+        r = g.sh("ip -6 route show default").unwrap_or_default();
+        r.contains("via fe80")
+    });
+    r
+}
+
+/// The MAC of a guest's TAP.
+fn mac_of(g: &TapHost) -> Result<String> {
+    Ok(g.sh(&format!("cat /sys/class/net/{}/address", g.tap))?
+        .trim()
+        .to_string())
+}
+
+/// `curl -6` of `url` from `g`, the page's text.
+fn curl6(g: &TapHost, url: &str) -> Result<String> {
+    let out = g.sh(&format!("curl -6 -sS --max-time 10 {url}"))?;
+    Ok(out.trim().to_string())
+}
+
+#[test]
+fn nat_guests_slaac_reach_host_internet_dns_and_a_rogue_router_is_dropped() -> Result<()> {
+    let mut lab = Lab::new()?;
+    lab.ipv6()?;
+    let [a, b, x] = TapHost::each(["n6a", "n6b", "n6x"])?;
+    let net = lab.nat_network("n6", "host_loopback = true\n")
+        + &a.port("a")
+        + &b.port("b")
+        + &x.port("x");
+    lab.start_netd(&net)?;
+
+    // SLAAC from the router's RAs; RDNSS names fd00::3.
+    let a_ip = global6(&a, &a.tap, "fd00:")?;
+    let b_ip = global6(&b, &b.tap, "fd00:")?;
+    assert_ne!(a_ip, b_ip);
+    let ra = a.sh(&format!("rdisc6 -1 -w 2000 {}", a.tap))?;
+    assert!(ra.contains("fd00::3"), "RDNSS in the RA: {ra}");
+    assert!(ra.contains("fd00::/64"), "the prefix in the RA: {ra}");
+    let routes = [default_route6(&a), default_route6(&b)];
+    for r in &routes {
+        assert!(r.contains("via fe80"), "default route from the RA: {r}");
+    }
+
+    // The gateway, the host's [::1] through it, the internet.
+    assert!(ping6(&a, "fd00::2"), "a pings the gateway");
+    assert!(ping6(&b, "fd00::2"), "b pings the gateway");
+    assert_eq!(
+        curl6(&a, "http://[fd00::2]:8080/index.html")?,
+        format!("{PAGE} (host)")
+    );
+    assert_eq!(
+        curl6(&b, &format!("http://[{INET_SERVER6}]/index.html"))?,
+        format!("{PAGE} (internet)")
+    );
+
+    // DNS: AAAA through fd00::3, A through 10.0.2.3 (a has IPv4 from DHCP too).
+    let lease = lab.dhcp(&a)?;
+    assert!(lease.contains("ip=10.0.2.15"), "lease: {lease}");
+    let out = a.sh(&format!("busybox nslookup -type=aaaa {INET_NAME} fd00::3"))?;
+    assert!(out.contains(INET_SERVER6), "AAAA through fd00::3: {out}");
+    let out = a.sh(&format!("busybox nslookup -type=a {INET_NAME} 10.0.2.3"))?;
+    assert!(out.contains(nat_common::INET_SERVER), "A: {out}");
+
+    // `netd flows`: the DNS flows of both families, side by side.
+    let flows: serde_json::Value = serde_json::from_str(&lab.cli(&["flows", "n6", "--json"])?)?;
+    let has = |pre: &str| {
+        integration_tests::has_item(&flows, |f| {
+            f["proto"] == "udp" && f["guest"].as_str().is_some_and(|g| g.starts_with(pre))
+        })
+    };
+    assert!(has("[fd00:") && has("10.0.2.15"), "flows of both: {flows}");
+    let table = lab.cli(&["flows", "n6"])?;
+    assert!(
+        table.contains(&a_ip) && table.contains("10.0.2.15"),
+        "{table}"
+    );
+    let stats: serde_json::Value =
+        serde_json::from_str(&lab.cli(&["flows", "n6", "--stats", "--json"])?)?;
+    assert!(stats["frames_in6"].as_u64().unwrap_or(0) > 0, "{stats}");
+
+    // A rogue router: RAs with a prefix of its own, NAs claiming the gateway (to all
+    // nodes and to a), an RA claiming to be the router's link-local.
+    let x_mac = mac_of(&x)?;
+    let x_ll = link_local_ready(&x, &x.tap);
+    let router_ll = routes[0]
+        .split_whitespace()
+        .skip_while(|w| *w != "via")
+        .nth(1)
+        .context("router address")?
+        .to_string();
+    run_scapy(
+        &x,
+        lab.dir.path(),
+        &format!(
+            "e = Ether(src='{x_mac}', dst='33:33:00:00:00:01')\n\
+             ip = IPv6(src='{x_ll}', dst='ff02::1', hlim=255)\n\
+             sendp(e / ip / ICMPv6ND_RA(routerlifetime=9000) / ICMPv6NDOptPrefixInfo(prefix='2001:db8:bad::', prefixlen=64) / ICMPv6NDOptSrcLLAddr(lladdr='{x_mac}'), iface='{tap}', count=5)\n\
+             sendp(e / IPv6(src='{router_ll}', dst='ff02::1', hlim=255) / ICMPv6ND_RA(routerlifetime=0), iface='{tap}', count=3)\n\
+             sendp(e / ip / ICMPv6ND_NA(tgt='fd00::2', R=1, S=0, O=1) / ICMPv6NDOptDstLLAddr(lladdr='{x_mac}'), iface='{tap}', count=5)\n\
+             sendp(e / IPv6(src='{x_ll}', dst='{a_ip}', hlim=255) / ICMPv6ND_NA(tgt='fd00::2', R=1, S=1, O=1) / ICMPv6NDOptDstLLAddr(lladdr='{x_mac}'), iface='{tap}', count=5)\n",
+            tap = x.tap
+        ),
+    )?;
+    let ok = wait_until(Duration::from_secs(5), || {
+        lab.port_drops("n6", "x", "drop_rogue_router") >= 8
+            && lab.port_drops("n6", "x", "drop_spoofed_nd") >= 10
+    });
+    assert!(
+        ok,
+        "rogue RAs and spoofed NAs counted:\n{}",
+        lab.cli(&["port", "list", "n6", "--drops"])?
+    );
+    let table = lab.cli(&["port", "list", "n6", "--drops"])?;
+    assert!(
+        table.contains("ROGUE-ROUTER") && table.contains("SPOOFED-ND"),
+        "{table}"
+    );
+
+    // The others keep their route, the gateway's MAC and their connectivity.
+    for (g, before) in [&a, &b].into_iter().zip(&routes) {
+        let addrs = g.sh("ip -6 addr")?;
+        assert!(
+            !addrs.contains("2001:db8:bad"),
+            "rogue prefix taken: {addrs}"
+        );
+        let now = g.sh("ip -6 route show default")?;
+        let via = |r: &str| r.split_whitespace().take(5).collect::<Vec<_>>().join(" ");
+        assert_eq!(via(&now), via(before), "default route changed: {now}");
+        let neigh = g.sh("ip -6 neigh show fd00::2")?;
+        assert!(!neigh.contains(&x_mac), "gateway taken over: {neigh}");
+        assert!(ping6(g, "fd00::2"), "still pings the gateway");
+        assert_eq!(
+            curl6(g, &format!("http://[{INET_SERVER6}]/index.html"))?,
+            format!("{PAGE} (internet)")
+        );
+    }
+    assert!(ping6(&a, &b_ip), "a still reaches b");
+    Ok(())
+}

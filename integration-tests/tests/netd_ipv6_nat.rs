@@ -162,3 +162,166 @@ fn nat_guests_slaac_reach_host_internet_dns_and_a_rogue_router_is_dropped() -> R
     assert!(ping6(&a, &b_ip), "a still reaches b");
     Ok(())
 }
+
+#[test]
+fn ipv6_port_forwards_from_the_hosts_loopback_reach_a_guest() -> Result<()> {
+    let mut lab = Lab::new()?;
+    let g = TapHost::new("n6f")?;
+    // A forward in the config file to the guest's configured address; the
+    // others, to its SLAAC address, are added at runtime.
+    let net = lab.nat_network("n6f", "")
+        + &g.port("g")
+        + "\n[[network.forward]]\nproto = \"tcp\"\nhost = \"[::1]:2222\"\nguest = \"[fd00::15]:8000\"\n";
+    lab.start_netd(&net)?;
+    let slaac = global6(&g, &g.tap, "fd00:")?;
+    g.sh(&format!("ip addr add fd00::15/64 dev {} nodad", g.tap))?;
+    let www = lab.path("www-host");
+    let srv = g.spawn(&["busybox", "httpd", "-f", "-p", "[::]:8000", "-h", &www])?;
+    lab.keep(srv);
+    // Bound to the SLAAC address, so that the replies come from it.
+    let echo = g.spawn(&[
+        "socat",
+        &format!("UDP6-RECVFROM:7777,bind=[{slaac}],fork"),
+        "EXEC:/bin/cat",
+    ])?;
+    lab.keep(echo);
+    wait_until(Duration::from_secs(5), || {
+        g.sh("curl -sSf --max-time 2 http://[fd00::15]:8000/ >/dev/null")
+            .is_ok()
+    });
+
+    // The config file's forward: [::1]:2222 to [fd00::15]:8000.
+    let host_page = format!("{PAGE} (host)");
+    let page = lab
+        .host
+        .sh("curl -sS --max-time 10 http://[::1]:2222/index.html")?;
+    assert_eq!(page.trim(), host_page);
+
+    // Runtime forwards to the SLAAC address, TCP and UDP.
+    let guest_tcp = format!("[{slaac}]:8000");
+    let done = lab.cli(&["forward", "add", "n6f", "tcp", "[::1]:2223", &guest_tcp])?;
+    assert_eq!(
+        done,
+        format!("added tcp forward [::1]:2223 -> {guest_tcp} on n6f\n")
+    );
+    let page = lab
+        .host
+        .sh("curl -sS --max-time 10 http://[::1]:2223/index.html")?;
+    assert_eq!(page.trim(), host_page);
+    lab.cli(&[
+        "forward",
+        "add",
+        "n6f",
+        "udp",
+        "[::1]:2253",
+        &format!("[{slaac}]:7777"),
+    ])?;
+    let mut echoed = String::new();
+    let ok = wait_until(Duration::from_secs(10), || {
+        echoed = lab
+            .host
+            .sh("echo via-forward6 | socat -T 2 - UDP6:[::1]:2253")
+            .unwrap_or_default();
+        echoed.trim() == "via-forward6"
+    });
+    assert!(ok, "udp forward: {echoed:?}");
+    let list = lab.cli(&["forward", "list", "n6f"])?;
+    assert!(
+        list.contains(&guest_tcp) && list.contains("[fd00::15]:8000"),
+        "{list}"
+    );
+    let flows: serde_json::Value = serde_json::from_str(&lab.cli(&["flows", "n6f", "--json"])?)?;
+    assert!(
+        integration_tests::has_item(&flows, |f| f["forward"] == true
+            && f["guest"].as_str().is_some_and(|a| a.starts_with("[fd00:"))),
+        "the forwards' flows: {flows}"
+    );
+
+    // Guest addresses outside the prefix, or the router's own, are refused.
+    for bad in ["[2001:db8::15]:22", "[fd00::2]:22", "[fe80::1]:22"] {
+        let e = lab
+            .cli(&["forward", "add", "n6f", "tcp", "[::1]:2299", bad])
+            .unwrap_err();
+        assert!(e.to_string().contains("not in the network"), "{bad}: {e}");
+    }
+    // After the deletion nothing answers there.
+    lab.cli(&["forward", "del", "n6f", "tcp", "[::1]:2223"])?;
+    assert!(lab
+        .host
+        .sh("curl -sS --max-time 3 http://[::1]:2223/")
+        .is_err());
+    let page = lab
+        .host
+        .sh("curl -sS --max-time 10 http://[::1]:2222/index.html")?;
+    assert_eq!(page.trim(), host_page, "the other forward stays");
+    Ok(())
+}
+
+/// What a TCP connect from `g` to `[addr]:port` ends with (Python's error line, or
+/// "connected"), and how long it took.
+fn connect6(g: &TapHost, addr: &str, port: u16) -> (String, Duration) {
+    let t = std::time::Instant::now();
+    let out = g
+        .sh(&format!(
+            "/usr/bin/python3 -c \"import socket\ns = socket.socket(socket.AF_INET6)\n\
+             s.settimeout(8)\ntry:\n    s.connect(('{addr}', {port})); print('connected')\n\
+             except OSError as e:\n    print(e)\""
+        ))
+        .unwrap_or_else(|e| e.to_string());
+    (out.trim().to_string(), t.elapsed())
+}
+
+#[test]
+fn no_ipv6_route_is_an_unreachable_at_once_and_outbound_lists_take_ipv6() -> Result<()> {
+    let mut lab = Lab::new()?;
+    lab.ipv6()?;
+    let g = TapHost::new("n6u")?;
+    let net = lab.nat_network("n6u", "outbound_deny = [\"2001:db8:19::/64\"]\n") + &g.port("g");
+    lab.start_netd(&net)?;
+    global6(&g, &g.tap, "fd00:")?;
+    default_route6(&g);
+    let stat = |k: &str| -> u64 {
+        lab.cli(&["flows", "n6u", "--stats", "--json"])
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .and_then(|v| v[k].as_u64())
+            .unwrap_or(0)
+    };
+
+    // The host has no route to 2001:db8:ff::/48: its connect fails with
+    // ENETUNREACH, and so does the guest's, at once (an ICMPv6 unreachable, not a
+    // RST, not a timeout).
+    let (out, took) = connect6(&g, "2001:db8:ff::1", 80);
+    assert!(out.contains("Errno 101"), "ENETUNREACH expected: {out}");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    assert!(stat("connect_failed") >= 1);
+
+    // The config's IPv6 deny entry; a runtime allow entry for one host in it.
+    let (out, _) = connect6(&g, INET_SERVER6, 80);
+    assert!(out.contains("Errno 111"), "refused by policy (RST): {out}");
+    assert!(stat("denied_policy") >= 1);
+    let list = lab.cli(&["outbound", "n6u", "list"])?;
+    assert!(
+        list.contains("2001:db8:19::/64") && list.contains("fe80::/10"),
+        "{list}"
+    );
+    lab.cli(&[
+        "outbound",
+        "n6u",
+        "allow",
+        "add",
+        &format!("{INET_SERVER6}/128"),
+    ])?;
+    assert_eq!(
+        curl6(&g, &format!("http://[{INET_SERVER6}]/index.html"))?,
+        format!("{PAGE} (internet)")
+    );
+    // Once an allow list has an entry, what no entry contains is denied.
+    let (out, _) = connect6(&g, "2001:db8:ff::1", 80);
+    assert!(out.contains("Errno 111"), "not in the allow list: {out}");
+    let bad = lab
+        .cli(&["outbound", "n6u", "deny", "add", "2001:db8::1/32"])
+        .unwrap_err();
+    assert!(bad.to_string().contains("host bits"), "{bad}");
+    Ok(())
+}

@@ -78,13 +78,24 @@ fn nat_guests_slaac_reach_host_internet_dns_and_a_rogue_router_is_dropped() -> R
         format!("{PAGE} (internet)")
     );
 
-    // DNS: AAAA through fd00::3, A through 10.0.2.3 (a has IPv4 from DHCP too).
-    let lease = lab.dhcp(&a)?;
+    // DNS: AAAA through fd00::3, A through 10.0.2.3 (a has IPv4 from DHCP too,
+    // with the hostname "alpha").
+    let lease = lab.dhcp_with(&a, &["-x", "hostname:alpha"])?;
     assert!(lease.contains("ip=10.0.2.15"), "lease: {lease}");
     let out = a.sh(&format!("busybox nslookup -type=aaaa {INET_NAME} fd00::3"))?;
     assert!(out.contains(INET_SERVER6), "AAAA through fd00::3: {out}");
     let out = a.sh(&format!("busybox nslookup -type=a {INET_NAME} 10.0.2.3"))?;
     assert!(out.contains(nat_common::INET_SERVER), "A: {out}");
+    // The guest's own name: AAAA is its SLAAC address (bound by the guard), asked
+    // from another guest over IPv6 and by itself over IPv4; A is its lease.
+    for (g, server) in [(&b, "fd00::3"), (&a, "10.0.2.3")] {
+        let out = g.sh(&format!(
+            "busybox nslookup -type=aaaa alpha.n6.lab {server}"
+        ))?;
+        assert!(out.contains(&a_ip), "AAAA of alpha from {server}: {out}");
+    }
+    let out = b.sh("busybox nslookup -type=a alpha fd00::3")?;
+    assert!(out.contains("10.0.2.15"), "A of alpha: {out}");
 
     // `netd flows`: the DNS flows of both families, side by side.
     let flows: serde_json::Value = serde_json::from_str(&lab.cli(&["flows", "n6", "--json"])?)?;

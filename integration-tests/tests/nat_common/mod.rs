@@ -278,6 +278,11 @@ impl Lab {
 
     /// Runs udhcpc on the guest's TAP; returns the lease line the script wrote.
     pub fn dhcp(&self, guest: &TapHost) -> Result<String> {
+        self.dhcp_with(guest, &[])
+    }
+
+    /// Like [`Lab::dhcp`], with more udhcpc arguments (`-x hostname:NAME`).
+    pub fn dhcp_with(&self, guest: &TapHost, extra: &[&str]) -> Result<String> {
         let (ns, ifname) = (&guest.ns, &guest.tap);
         let lease = self.dir.path().join(format!("lease-{}", ns.name()));
         let ok = wait_until(Duration::from_secs(10), || {
@@ -303,6 +308,7 @@ impl Lab {
             "-s",
             &self.path("udhcpc.sh"),
         ]);
+        cmd.args(extra);
         cmd.env("LEASE_FILE", &lease);
         integration_tests::run(&mut cmd)
             .with_context(|| format!("udhcpc\nnetd log:\n{}", self.netd_log()))?;

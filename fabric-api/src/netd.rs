@@ -8,7 +8,7 @@
 //! name the key. A forward's addresses are parsed here, at the edge, into socket
 //! addresses.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -577,8 +577,9 @@ pub struct Forward {
     /// Host address to listen on ("127.0.0.1:2222", or "2222" for loopback).
     #[serde(deserialize_with = "de_host")]
     pub host: SocketAddr,
-    /// Guest address ("10.0.2.15:22").
-    pub guest: SocketAddrV4,
+    /// Guest address: IPv4 ("10.0.2.15:22") or, on a network with IPv6, IPv6
+    /// ("[fd00::15]:22").
+    pub guest: SocketAddr,
 }
 
 #[cfg(test)]
@@ -639,6 +640,16 @@ mod tests {
         )
         .is_err());
         assert!(parse_host_addr("nowhere").is_err());
+        let f: Forward =
+            serde_json::from_str(r#"{"proto":"udp","host":"[::1]:2222","guest":"[fd00::15]:22"}"#)
+                .unwrap();
+        assert_eq!(f.host, "[::1]:2222".parse().unwrap());
+        assert_eq!(f.guest, "[fd00::15]:22".parse().unwrap());
+        assert_eq!(
+            serde_json::to_value(&f).unwrap()["guest"],
+            "[fd00::15]:22",
+            "written as it is read"
+        );
         assert_eq!("udp".parse::<Proto>(), Ok(Proto::Udp));
         assert_eq!("vm".parse::<PortKind>(), Ok(PortKind::Vm));
         assert!("bridge".parse::<PortKind>().is_err());

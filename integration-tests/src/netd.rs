@@ -8,8 +8,9 @@
 //! keys of a table may follow it directly (`host.port("a") + "mac = ...\n"`).
 
 use std::path::Path;
+use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::{unique_name, Netns};
 
@@ -80,7 +81,7 @@ pub fn dnsmasq_argv(listen: &str, pid_file: &Path, name: &str, addr: &str) -> Ve
 pub const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
 case "$1" in
   bound|renew)
-    ip addr flush dev "$interface"
+    ip -4 addr flush dev "$interface"
     ip addr add "$ip/${mask:-24}" dev "$interface"
     if [ -n "$router" ]; then
       ip route replace default via "${router%% *}" dev "$interface"
@@ -147,4 +148,73 @@ impl std::ops::Deref for TapHost {
     fn deref(&self) -> &Netns {
         &self.ns
     }
+}
+
+/// A counter of port `port` in a `port list NET --drops --json` answer, 0 if absent.
+pub fn port_counter(ports: &serde_json::Value, port: &str, key: &str) -> u64 {
+    ports
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["name"] == port))
+        .and_then(|p| p.get("counters")?.get(key)?.as_u64())
+        .unwrap_or(0)
+}
+
+/// The global address of `iface` in `ns` inside `prefix` (e.g. "fd42:16:"), once
+/// DAD is done; waits up to 20 s.
+pub fn global6(ns: &Netns, iface: &str, prefix: &str) -> Result<String> {
+    let mut found = None;
+    crate::wait_until(Duration::from_secs(20), || {
+        let out = ns
+            .sh(&format!("ip -6 -o addr show dev {iface} scope global"))
+            .unwrap_or_default();
+        found = out
+            .split_whitespace()
+            .find(|w| w.starts_with(prefix))
+            .filter(|_| !out.contains("tentative"))
+            .map(|w| w.split('/').next().unwrap_or(w).to_string());
+        found.is_some()
+    });
+    found.with_context(|| {
+        format!(
+            "no address in {prefix} on {iface}: {}",
+            ns.sh("ip -6 addr").unwrap_or_default()
+        )
+    })
+}
+
+/// Waits until the link-local address of `iface` is out of DAD.
+pub fn link_local_ready(ns: &Netns, iface: &str) -> String {
+    let mut ll = String::new();
+    crate::wait_until(Duration::from_secs(10), || {
+        let out = ns
+            .sh(&format!("ip -6 -o addr show dev {iface} scope link"))
+            .unwrap_or_default();
+        ll = out
+            .split_whitespace()
+            .find(|w| w.starts_with("fe80"))
+            .map(|w| w.split('/').next().unwrap_or(w).to_string())
+            .unwrap_or_default();
+        !ll.is_empty() && !out.contains("tentative")
+    });
+    ll
+}
+
+/// Whether `ns` pings `addr` over IPv6 (five tries of 2 s).
+pub fn ping6(ns: &Netns, addr: &str) -> bool {
+    (0..5).any(|_| ns.sh(&format!("ping -6 -c 1 -W 2 {addr}")).is_ok())
+}
+
+/// Runs the scapy program `body` in `ns` (written to a file under `dir`, after the
+/// imports, with scapy quiet); returns its stdout. Debian's python3-scapy is for the
+/// system interpreter.
+pub fn run_scapy(ns: &Netns, dir: &Path, body: &str) -> Result<String> {
+    let path = dir.join(format!("{}.py", unique_name("scapy")));
+    std::fs::write(
+        &path,
+        format!(
+            "import logging\nlogging.getLogger('scapy.runtime').setLevel(logging.ERROR)\n\
+             from scapy.all import *\nconf.verb = 0\n{body}"
+        ),
+    )?;
+    ns.sh(&format!("/usr/bin/python3 {}", path.display()))
 }

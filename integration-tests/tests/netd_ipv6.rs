@@ -11,52 +11,9 @@ mod netd_common;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use integration_tests::netd::{global6, link_local_ready, ping6, run_scapy};
 use integration_tests::{unique_name, Netns};
 use netd_common::*;
-
-/// The global address of `iface` in `ns` inside `prefix` (e.g. "fd42:16:"), once
-/// DAD is done; waits up to 20 s.
-fn global6(ns: &Netns, iface: &str, prefix: &str) -> Result<String> {
-    let mut found = None;
-    integration_tests::wait_until(Duration::from_secs(20), || {
-        let out = ns
-            .sh(&format!("ip -6 -o addr show dev {iface} scope global"))
-            .unwrap_or_default();
-        found = out
-            .split_whitespace()
-            .find(|w| w.starts_with(prefix))
-            .filter(|_| !out.contains("tentative"))
-            .map(|w| w.split('/').next().unwrap_or(w).to_string());
-        found.is_some()
-    });
-    found.with_context(|| {
-        format!(
-            "no address in {prefix} on {iface}: {}",
-            ns.sh("ip -6 addr").unwrap_or_default()
-        )
-    })
-}
-
-/// Waits until the link-local address of `iface` is out of DAD.
-fn link_local_ready(ns: &Netns, iface: &str) -> String {
-    let mut ll = String::new();
-    integration_tests::wait_until(Duration::from_secs(10), || {
-        let out = ns
-            .sh(&format!("ip -6 -o addr show dev {iface} scope link"))
-            .unwrap_or_default();
-        ll = out
-            .split_whitespace()
-            .find(|w| w.starts_with("fe80"))
-            .map(|w| w.split('/').next().unwrap_or(w).to_string())
-            .unwrap_or_default();
-        !ll.is_empty() && !out.contains("tentative")
-    });
-    ll
-}
-
-fn ping6(ns: &Netns, addr: &str) -> bool {
-    (0..5).any(|_| ns.sh(&format!("ping -6 -c 1 -W 2 {addr}")).is_ok())
-}
 
 #[test]
 fn internal_slaac_rdnss_and_a_rogue_router_is_dropped() -> Result<()> {
@@ -81,13 +38,11 @@ fn internal_slaac_rdnss_and_a_rogue_router_is_dropped() -> Result<()> {
     let x_mac = x.sh(&format!("cat /sys/class/net/{}/address", x.tap))?;
     let x_mac = x_mac.trim();
     let x_ll = link_local_ready(&x, &x.tap);
-    let prog = dir.path().join("rogue.py");
-    std::fs::write(
-        &prog,
-        format!(
-            "import logging\nlogging.getLogger('scapy.runtime').setLevel(logging.ERROR)\n\
-             from scapy.all import *\nconf.verb = 0\n\
-             e = Ether(src='{x_mac}', dst='33:33:00:00:00:01')\n\
+    run_scapy(
+        &x,
+        dir.path(),
+        &format!(
+            "e = Ether(src='{x_mac}', dst='33:33:00:00:00:01')\n\
              ip = IPv6(src='{x_ll}', dst='ff02::1', hlim=255)\n\
              sendp(e / ip / ICMPv6ND_RA(routerlifetime=1800) / ICMPv6NDOptPrefixInfo(prefix='2001:db8:bad::', prefixlen=64) / ICMPv6NDOptSrcLLAddr(lladdr='{x_mac}'), iface='{tap}', count=5)\n\
              sendp(e / ip / ICMPv6ND_NA(tgt='fd42:16::1', R=1, S=0, O=1) / ICMPv6NDOptDstLLAddr(lladdr='{x_mac}'), iface='{tap}', count=5)\n\
@@ -98,7 +53,6 @@ fn internal_slaac_rdnss_and_a_rogue_router_is_dropped() -> Result<()> {
             tap = x.tap
         ),
     )?;
-    x.sh(&format!("/usr/bin/python3 {}", prog.display()))?;
     let ok = integration_tests::wait_until(Duration::from_secs(5), || {
         drops(&netd, "v6int", "x", "drop_rogue_router") >= 8
             && drops(&netd, "v6int", "x", "drop_spoofed_nd") >= 10

@@ -240,15 +240,16 @@ fn outbound_cmd(out: &Out, net: String, cmd: OutboundCmd) -> Result<()> {
 
 #[derive(Subcommand)]
 enum ForwardCmd {
-    /// Add a forward: `netd forward add NET tcp 127.0.0.1:2222 10.0.2.15:22`.
+    /// Add a forward: `netd forward add NET tcp 127.0.0.1:2222 10.0.2.15:22`
+    /// (IPv6: `netd forward add NET tcp [::1]:2222 [fd00::15]:22`).
     Add {
         /// Network.
         net: String,
         /// tcp or udp.
         proto: String,
-        /// Host address, "ADDR:PORT" (or "PORT" for 127.0.0.1).
+        /// Host address, "ADDR:PORT" or "[ADDR6]:PORT" (or "PORT" for 127.0.0.1).
         host: String,
-        /// Guest address, "ADDR:PORT".
+        /// Guest address, "ADDR:PORT" or "[ADDR6]:PORT" (IPv6 networks).
         guest: String,
     },
     /// List forwards.
@@ -283,9 +284,11 @@ fn forward_cmd(out: &Out, cmd: ForwardCmd) -> Result<()> {
             let forward = Forward {
                 proto: proto(&p)?,
                 host: parse_host_addr(&host).map_err(|e| anyhow::anyhow!("HOST: {e}"))?,
-                guest: guest
-                    .parse()
-                    .map_err(|_| anyhow::anyhow!("GUEST: expected \"ADDR:PORT\", got {guest:?}"))?,
+                guest: guest.parse().map_err(|_| {
+                    anyhow::anyhow!(
+                        "GUEST: expected \"ADDR:PORT\" or \"[ADDR6]:PORT\", got {guest:?}"
+                    )
+                })?,
             };
             let done = format!(
                 "added {} forward {} -> {} on {net}",

@@ -19,12 +19,15 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use integration_tests::netd::{dnsmasq_argv, network, TapHost, UDHCPC_SCRIPT};
+use integration_tests::netd::{dnsmasq_argv, network, port_counter, TapHost, UDHCPC_SCRIPT};
 use integration_tests::{bin, spawn_logged, wait_until, ChildGuard, Netns};
 
 /// The "internet" server address (on the internet namespace's loopback).
 pub const INET_SERVER: &str = "198.19.0.10";
-/// The name dnsmasq answers with `INET_SERVER`.
+/// The "internet" server's IPv6 address (on the internet namespace's loopback, once
+/// [`Lab::ipv6`] ran).
+pub const INET_SERVER6: &str = "2001:db8:19::10";
+/// The name dnsmasq answers with `INET_SERVER` (and `INET_SERVER6` for AAAA).
 pub const INET_NAME: &str = "www.fabric.test";
 /// The page both web servers serve.
 pub const PAGE: &str = "hello from the fabric lab";
@@ -81,12 +84,13 @@ impl Lab {
         // The servers: the internet's web server, the host's (on its loopback), the
         // internet's DNS server and its UDP echo.
         let inet_http = format!("{INET_SERVER}:80");
-        let dns_argv = dnsmasq_argv(
+        let mut dns_argv = dnsmasq_argv(
             INET_SERVER,
             &lab.dir.path().join("dnsmasq.pid"),
             INET_NAME,
             INET_SERVER,
         );
+        dns_argv.push(format!("--address=/{INET_NAME}/{INET_SERVER6}"));
         let echo = format!("UDP4-RECVFROM:7777,bind={INET_SERVER},fork");
         let (www_inet, www_host) = (lab.path("www-inet"), lab.path("www-host"));
         let servers: [(&Netns, Vec<&str>); 4] = [
@@ -138,6 +142,54 @@ impl Lab {
             bail!("lab web servers did not come up");
         }
         Ok(lab)
+    }
+
+    /// IPv6 in the lab (documentation addresses, 2001:db8::/32): the veth gets
+    /// 2001:db8:18::1 / ::2, the internet's loopback `INET_SERVER6` (routed from the
+    /// host), and web servers answer on `[INET_SERVER6]:80` and the host's
+    /// `[::1]:8080`.
+    pub fn ipv6(&mut self) -> Result<()> {
+        self.host.sh(
+            "ip addr add 2001:db8:18::1/64 dev hv0 nodad && ip -6 route add 2001:db8:19::/64 via 2001:db8:18::2",
+        )?;
+        self.inet.sh(&format!(
+            "ip addr add 2001:db8:18::2/64 dev iv0 nodad && ip addr add {INET_SERVER6}/128 dev lo && ip -6 route add default via 2001:db8:18::1"
+        ))?;
+        let inet_http = format!("[{INET_SERVER6}]:80");
+        let (www_inet, www_host) = (self.path("www-inet"), self.path("www-host"));
+        let g = self
+            .inet
+            .spawn(&["busybox", "httpd", "-f", "-p", &inet_http, "-h", &www_inet])?;
+        self.keep(g);
+        let g = self.host.spawn(&[
+            "busybox",
+            "httpd",
+            "-f",
+            "-p",
+            "[::1]:8080",
+            "-h",
+            &www_host,
+        ])?;
+        self.keep(g);
+        let ok = wait_until(Duration::from_secs(5), || {
+            self.host
+                .sh(&format!(
+                    "curl -sSf -6 --max-time 2 http://[{INET_SERVER6}]/ >/dev/null && curl -sSf --max-time 2 http://[::1]:8080/ >/dev/null"
+                ))
+                .is_ok()
+        });
+        if !ok {
+            bail!("the lab's IPv6 web servers did not come up");
+        }
+        Ok(())
+    }
+
+    /// A counter of a port's drops (`port list NET --drops --json`), 0 if absent.
+    pub fn port_drops(&self, net: &str, port: &str, key: &str) -> u64 {
+        self.cli(&["port", "list", net, "--drops", "--json"])
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .map_or(0, |v| port_counter(&v, port, key))
     }
 
     /// A path in the scratch directory, as a string.
@@ -226,6 +278,11 @@ impl Lab {
 
     /// Runs udhcpc on the guest's TAP; returns the lease line the script wrote.
     pub fn dhcp(&self, guest: &TapHost) -> Result<String> {
+        self.dhcp_with(guest, &[])
+    }
+
+    /// Like [`Lab::dhcp`], with more udhcpc arguments (`-x hostname:NAME`).
+    pub fn dhcp_with(&self, guest: &TapHost, extra: &[&str]) -> Result<String> {
         let (ns, ifname) = (&guest.ns, &guest.tap);
         let lease = self.dir.path().join(format!("lease-{}", ns.name()));
         let ok = wait_until(Duration::from_secs(10), || {
@@ -251,6 +308,7 @@ impl Lab {
             "-s",
             &self.path("udhcpc.sh"),
         ]);
+        cmd.args(extra);
         cmd.env("LEASE_FILE", &lease);
         integration_tests::run(&mut cmd)
             .with_context(|| format!("udhcpc\nnetd log:\n{}", self.netd_log()))?;

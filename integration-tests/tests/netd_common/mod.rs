@@ -497,13 +497,5 @@ pub fn lan_of_two_and(
 pub fn drops(netd: &Netd, net: &str, port: &str, key: &str) -> u64 {
     netd.cli_json(&["port", "list", net, "--drops"])
         .ok()
-        .and_then(|v| {
-            v.as_array()?
-                .iter()
-                .find(|p| p["name"] == port)?
-                .get("counters")?
-                .get(key)?
-                .as_u64()
-        })
-        .unwrap_or(0)
+        .map_or(0, |v| integration_tests::netd::port_counter(&v, port, key))
 }

@@ -287,6 +287,16 @@ impl NetworkConfig {
         let mut nat_spec = nat_spec;
         if let Some(n) = nat_spec.as_mut() {
             n.ipv6 = ipv6.clone();
+            for (i, f) in n.forwards.iter().enumerate() {
+                if f.guest.is_ipv6() {
+                    n.check_forward(f).map_err(|e| {
+                        ctx.err(
+                            key(&format!("forward[{i}].guest")),
+                            format!("an address of the network's IPv6 prefix ({e})"),
+                        )
+                    })?;
+                }
+            }
         }
         let (dhcp, nat_spec, host_ifname, dns, ipv6) = if services {
             (dhcp, nat_spec, host_ifname, dns, ipv6)

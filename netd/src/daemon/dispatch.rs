@@ -264,8 +264,8 @@ impl Daemon {
 }
 
 /// A CIDR of an `outbound_*` request, parsed at the edge.
-fn parse_cidr_arg(net: &str, cidr: &str) -> Result<(std::net::Ipv4Addr, u8), DaemonError> {
-    crate::nat::parse_cidr(cidr).map_err(|reason| {
+fn parse_cidr_arg(net: &str, cidr: &str) -> Result<crate::nat::Cidr, DaemonError> {
+    crate::nat::parse_cidr_any(cidr).map_err(|reason| {
         DaemonError::Nat(
             net.to_string(),
             crate::nat::NatError::Invalid {

@@ -263,7 +263,7 @@ impl Daemon {
         &self,
         net: &str,
         list: PolicyList,
-        cidr: (std::net::Ipv4Addr, u8),
+        cidr: crate::nat::Cidr,
         added: bool,
     ) -> Result<(), DaemonError> {
         self.record(net, |c, _| c.outbound_changed(list, cidr, added))
@@ -316,7 +316,7 @@ impl Daemon {
         drop(nets);
         if let Some(sub) = subnet {
             for (other, h) in others {
-                let deny = OutboundChange::Add(PolicyList::Deny, sub);
+                let deny = OutboundChange::Add(PolicyList::Deny, crate::nat::Cidr::V4(sub));
                 if let Err(e) = h.request_blocking(NatRequest::Outbound(deny)) {
                     tracing::warn!(network = %other, new = %name, error = %fabric_util::error_chain(&e), "cannot deny the new network's subnet");
                 }
@@ -445,7 +445,7 @@ impl Daemon {
             if kept {
                 continue;
             }
-            let lift = OutboundChange::Del(PolicyList::Deny, sub);
+            let lift = OutboundChange::Del(PolicyList::Deny, crate::nat::Cidr::V4(sub));
             match h.request_blocking(NatRequest::Outbound(lift)) {
                 Ok(_) => {
                     tracing::info!(network = %other, removed = gone, "the removed network's subnet is no longer denied")

@@ -166,7 +166,12 @@ impl Daemon {
         }
         if let Some(v6) = &spec.ipv6 {
             match start_ipv6(&net, &spec, v6, state_dir, router_mac) {
-                Ok(svc) => st.ipv6 = Some(svc),
+                Ok(svc) => {
+                    st.ipv6 = Some(svc);
+                    if let (Some(n), Some(g)) = (&st.names, net.ip6_guard()) {
+                        n.set_ipv6(g.clone());
+                    }
+                }
                 Err(e) => return fail(st, e),
             }
         }

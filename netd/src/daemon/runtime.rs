@@ -227,8 +227,8 @@ impl Changes {
     }
 
     /// `cidr` was added to (`added`) or removed from the outbound list `list`.
-    pub fn outbound_changed(&mut self, list: PolicyList, cidr: (Ipv4Addr, u8), added: bool) {
-        let cidr = crate::nat::show_cidr(&cidr);
+    pub fn outbound_changed(&mut self, list: PolicyList, cidr: crate::nat::Cidr, added: bool) {
+        let cidr = cidr.to_string();
         self.outbound
             .retain(|o| !(o.list == list && o.cidr == cidr));
         self.outbound.push(OutboundEdit { list, cidr, added });
@@ -238,18 +238,11 @@ impl Changes {
     /// entries, the defaults and the other networks' subnets), in order.
     pub fn apply_outbound(&self, nat: &mut crate::nat::RouterConfig) {
         for o in &self.outbound {
-            let Ok(cidr) = crate::nat::parse_cidr(&o.cidr) else {
+            let Ok(cidr) = crate::nat::parse_cidr_any(&o.cidr) else {
                 tracing::warn!(cidr = %o.cidr, "an outbound change of the runtime state is not a CIDR; skipped");
                 continue;
             };
-            let v = match o.list {
-                PolicyList::Allow => &mut nat.outbound_allow,
-                PolicyList::Deny => &mut nat.outbound_deny,
-            };
-            v.retain(|c| *c != cidr);
-            if o.added {
-                v.push(cidr);
-            }
+            nat.outbound_edit(o.list, cidr, o.added);
         }
     }
 

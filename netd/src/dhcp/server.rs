@@ -143,12 +143,9 @@ impl DhcpServer {
             g.set_leases(self.db.by_mac.iter().map(|(m, l)| (*m, l.ip, l.expires)));
         }
         if let Some(n) = &self.names {
-            n.set_leases(
-                self.db
-                    .by_mac
-                    .iter()
-                    .filter_map(|(mac, l)| Some((self.published_name(mac, l)?, l.ip, l.expires))),
-            );
+            n.set_guest_leases(self.db.by_mac.iter().filter_map(|(mac, l)| {
+                Some((self.published_name(mac, l)?, l.ip, l.expires, Some(*mac)))
+            }));
         }
     }
 

@@ -11,9 +11,13 @@
 //! guests sent in DHCP (option 12) with their leases. For each query
 //! [`LocalNames::answer`] decides:
 //!
-//! - `NAME.DOMAIN` and the bare `NAME` (one label, no dot): A for a known name, an
-//!   empty NOERROR answer for its other types (AAAA: netd hands out no IPv6),
-//!   NXDOMAIN for an unknown one. An unknown single label is never forwarded (as
+//! - `NAME.DOMAIN` and the bare `NAME` (one label, no dot): A for a known name;
+//!   AAAA for a lease's name on a network with IPv6: the addresses of the prefix
+//!   the lease's MAC holds now, as the network's IPv6 guard knows them (its
+//!   DHCPv6 lease, and the SLAAC, privacy or configured addresses bound to the MAC
+//!   at first use, see [`crate::switch::guard6`]; [`LocalNames::set_ipv6`]); an
+//!   empty NOERROR answer for its other types (and AAAA of a static entry, or of a
+//!   guest with no IPv6 address known); NXDOMAIN for an unknown one. An unknown single label is never forwarded (as
 //!   dnsmasq's `domain-needed`): it would leak lab names to the upstream resolver.
 //!   Deeper names under the domain are NXDOMAIN; the domain itself has no data.
 //! - `D.C.B.A.in-addr.arpa` for an address of the subnet: PTR to `NAME.DOMAIN`, or
@@ -40,14 +44,17 @@ pub mod resolv;
 pub mod wire;
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 
 pub use self::resolv::{parse_resolv_conf, Resolvers};
-use self::wire::{Query, Rdata, CLASS_IN, RCODE_NOERROR, RCODE_NXDOMAIN, TYPE_A, TYPE_ANY};
+use self::wire::{
+    Query, Rdata, CLASS_IN, RCODE_NOERROR, RCODE_NXDOMAIN, TYPE_A, TYPE_AAAA, TYPE_ANY,
+};
+use crate::switch::guard6::Ip6Guard;
 
 /// Most names from leases in one table.
 pub const MAX_LEASE_NAMES: usize = crate::dhcp::MAX_CLIENTS;
@@ -133,8 +140,11 @@ pub enum Answer {
 pub struct LocalNames {
     zone: Zone,
     domain_labels: Vec<Vec<u8>>,
-    /// Lease names: label -> (address, lease end, Unix seconds).
-    leases: RwLock<HashMap<String, (Ipv4Addr, u64)>>,
+    /// Lease names: label -> (address, lease end in Unix seconds, the client's MAC
+    /// if known).
+    leases: RwLock<HashMap<String, LeaseName>>,
+    /// The network's IPv6 guard, where the guests' IPv6 addresses are known.
+    ipv6: std::sync::OnceLock<Arc<Ip6Guard>>,
     /// The counters.
     pub counters: Counters,
 }
@@ -151,6 +161,7 @@ impl LocalNames {
             zone,
             domain_labels,
             leases: RwLock::default(),
+            ipv6: std::sync::OnceLock::new(),
             counters: Counters::default(),
         })
     }
@@ -181,18 +192,27 @@ impl LocalNames {
     /// end): invalid and static names are skipped, the lease that ends last wins a
     /// name, at most [`MAX_LEASE_NAMES`] are kept.
     pub fn set_leases<'a>(&self, leases: impl Iterator<Item = (&'a str, Ipv4Addr, u64)>) {
-        let mut t: HashMap<String, (Ipv4Addr, u64)> = HashMap::new();
-        for (h, ip, end) in leases {
+        self.set_guest_leases(leases.map(|(h, ip, end)| (h, ip, end, None)));
+    }
+
+    /// [`LocalNames::set_leases`] with each lease's client MAC (the DHCP server's),
+    /// whose IPv6 addresses answer AAAA queries for its name.
+    pub fn set_guest_leases<'a>(
+        &self,
+        leases: impl Iterator<Item = (&'a str, Ipv4Addr, u64, Option<[u8; 6]>)>,
+    ) {
+        let mut t: HashMap<String, LeaseName> = HashMap::new();
+        for (h, ip, end, mac) in leases {
             let l = h.to_ascii_lowercase();
             if !valid_label(&l) || self.is_static(&l) {
                 continue;
             }
             let full = t.len() >= MAX_LEASE_NAMES;
             match t.get_mut(&l) {
-                Some(e) if e.1 < end => *e = (ip, end),
+                Some(e) if e.1 < end => *e = (ip, end, mac),
                 Some(_) => {}
                 None if !full => {
-                    t.insert(l, (ip, end));
+                    t.insert(l, (ip, end, mac));
                 }
                 None => {}
             }
@@ -200,15 +220,29 @@ impl LocalNames {
         *self.leases.write().unwrap_or_else(|e| e.into_inner()) = t;
     }
 
-    /// The address of `label` at `now` (Unix seconds).
-    fn lookup(&self, label: &str, now: u64) -> Option<Ipv4Addr> {
+    /// Answers AAAA queries from the IPv6 addresses `guard` binds to the leases'
+    /// MACs (set once, when the network's IPv6 starts).
+    pub fn set_ipv6(&self, guard: Arc<Ip6Guard>) {
+        let _ = self.ipv6.set(guard);
+    }
+
+    /// The address of `label` at `now` (Unix seconds), and its lease's MAC.
+    fn lookup(&self, label: &str, now: u64) -> Option<(Ipv4Addr, Option<[u8; 6]>)> {
         if let Some((_, ip)) = self.zone.hosts.iter().find(|(n, _)| n == label) {
-            return Some(*ip);
+            return Some((*ip, None));
         }
         let t = self.leases.read().unwrap_or_else(|e| e.into_inner());
         t.get(label)
-            .filter(|(_, end)| *end > now)
-            .map(|(ip, _)| *ip)
+            .filter(|(_, end, _)| *end > now)
+            .map(|(ip, _, mac)| (*ip, *mac))
+    }
+
+    /// The IPv6 addresses a lease's MAC holds now (none without IPv6).
+    fn addrs6(&self, mac: Option<[u8; 6]>, now: u64) -> Vec<Ipv6Addr> {
+        match (mac, self.ipv6.get()) {
+            (Some(m), Some(g)) => g.addrs_of(m, std::time::Instant::now(), now),
+            _ => Vec::new(),
+        }
     }
 
     /// The name of `ip` at `now`: a static entry first, else the newest live lease.
@@ -218,8 +252,8 @@ impl LocalNames {
         }
         let t = self.leases.read().unwrap_or_else(|e| e.into_inner());
         t.iter()
-            .filter(|(_, (a, end))| *a == ip && *end > now)
-            .max_by_key(|(_, (_, end))| *end)
+            .filter(|(_, (a, end, _))| *a == ip && *end > now)
+            .max_by_key(|(_, (_, end, _))| *end)
             .map(|(n, _)| n.clone())
     }
 
@@ -239,8 +273,8 @@ impl LocalNames {
         let t = self.leases.read().unwrap_or_else(|e| e.into_inner());
         v.extend(
             t.iter()
-                .filter(|(_, (_, end))| *end > now)
-                .map(|(n, (ip, _))| NameEntry {
+                .filter(|(_, (_, end, _))| *end > now)
+                .map(|(n, (ip, _, _))| NameEntry {
                     name: format!("{n}.{d}"),
                     ip: *ip,
                     source: "lease",
@@ -329,18 +363,25 @@ impl LocalNames {
             [] => (RCODE_NOERROR, Vec::new()),
             [one] => {
                 let label = std::str::from_utf8(one).ok();
-                match label.and_then(|l| self.lookup(l, now)) {
-                    Some(ip) if q.qtype == TYPE_A || q.qtype == TYPE_ANY => {
-                        (RCODE_NOERROR, vec![Rdata::A(ip)])
-                    }
-                    Some(_) => (RCODE_NOERROR, Vec::new()),
-                    None => (RCODE_NXDOMAIN, Vec::new()),
+                let Some((ip, mac)) = label.and_then(|l| self.lookup(l, now)) else {
+                    return Some((RCODE_NXDOMAIN, Vec::new()));
+                };
+                let mut v = Vec::new();
+                if q.qtype == TYPE_A || q.qtype == TYPE_ANY {
+                    v.push(Rdata::A(ip));
                 }
+                if q.qtype == TYPE_AAAA || q.qtype == TYPE_ANY {
+                    v.extend(self.addrs6(mac, now).into_iter().map(Rdata::Aaaa));
+                }
+                (RCODE_NOERROR, v)
             }
             _ => (RCODE_NXDOMAIN, Vec::new()),
         })
     }
 }
+
+/// A lease's name: its address, when it ends (Unix seconds), its client's MAC.
+type LeaseName = (Ipv4Addr, u64, Option<[u8; 6]>);
 
 /// A handle on a [`LocalNames`] table for settings that compare by value (the NAT
 /// router's): two handles are equal when they are the same table.

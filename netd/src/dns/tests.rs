@@ -134,3 +134,56 @@ fn labels_and_domains() {
     assert!(valid_domain("lab0.lab") && valid_domain("my_net.lab"));
     assert!(!valid_domain("a..b") && !valid_domain(".lab") && !valid_domain("a b"));
 }
+
+#[test]
+fn aaaa_answers_the_addresses_the_ipv6_guard_binds_to_the_leases_mac() {
+    use std::time::{Duration, Instant};
+    let n = names();
+    let (mac, other) = ([2, 0, 0, 0, 0, 0x15], [2, 0, 0, 0, 0, 0x16]);
+    n.set_guest_leases(
+        [
+            ("alpha", Ipv4Addr::new(10, 0, 2, 15), 100, Some(mac)),
+            ("beta", Ipv4Addr::new(10, 0, 2, 16), 100, Some(other)),
+        ]
+        .into_iter(),
+    );
+    let q = query("alpha.lab0.lab", TYPE_AAAA);
+    assert_eq!(
+        decode(n.answer(&q, 50), q.len()),
+        (0, vec![]),
+        "no IPv6 on the network: NOERROR, no data"
+    );
+    let gw: Ipv6Addr = "fd00::2".parse().unwrap();
+    let g = Arc::new(Ip6Guard::new(
+        "fd00::".parse().unwrap(),
+        &[gw],
+        Duration::from_secs(300),
+    ));
+    n.set_ipv6(g.clone());
+    let slaac: Ipv6Addr = "fd00::ff:fe00:15".parse().unwrap();
+    let now = Instant::now();
+    for a in ["fe80::ff:fe00:15", "fd00::ff:fe00:15"] {
+        assert!(g.allow(mac, a.parse().unwrap(), now, 50));
+    }
+    assert!(
+        !g.allow(other, slaac, now, 50),
+        "another guest cannot take it"
+    );
+    let (rcode, rest) = decode(n.answer(&q, 50), q.len());
+    assert_eq!(rcode, 0);
+    assert_eq!(&rest[rest.len() - 16..], &slaac.octets(), "{rest:?}");
+    assert_eq!(
+        rest.len(),
+        12 + 16,
+        "one record, the link-local one is not published"
+    );
+    // beta has no IPv6 address; ANY gives alpha's A and AAAA.
+    let q = query("beta", TYPE_AAAA);
+    assert_eq!(decode(n.answer(&q, 50), q.len()), (0, vec![]));
+    let q = query("alpha", super::wire::TYPE_ANY);
+    let (_, rest) = decode(n.answer(&q, 50), q.len());
+    assert_eq!(rest.len(), (12 + 4) + (12 + 16));
+    // Static entries have no MAC: no AAAA.
+    let q = query("files", TYPE_AAAA);
+    assert_eq!(decode(n.answer(&q, 50), q.len()), (0, vec![]));
+}

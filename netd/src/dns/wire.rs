@@ -135,6 +135,8 @@ impl<'a> Query<'a> {
 pub enum Rdata {
     /// An IPv4 address.
     A(Ipv4Addr),
+    /// An IPv6 address.
+    Aaaa(std::net::Ipv6Addr),
     /// A name, as labels.
     Ptr(Vec<Vec<u8>>),
 }
@@ -155,6 +157,7 @@ pub fn reply(q: &Query<'_>, rcode: u8, answers: &[Rdata], ttl: u32) -> Vec<u8> {
         out.extend_from_slice(&[0xc0, HEADER_LEN as u8]);
         let (rtype, data) = match a {
             Rdata::A(ip) => (TYPE_A, ip.octets().to_vec()),
+            Rdata::Aaaa(ip) => (TYPE_AAAA, ip.octets().to_vec()),
             Rdata::Ptr(labels) => (TYPE_PTR, encode_name(labels)),
         };
         out.extend_from_slice(&rtype.to_be_bytes());

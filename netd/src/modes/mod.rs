@@ -32,7 +32,8 @@
 use std::net::Ipv4Addr;
 
 use crate::config::{refuse_set_keys, DhcpSpec, DnsSpec, Ipv4Spec, Mode, NetworkConfig};
-use crate::nat::{Limits, RouterConfig};
+use crate::nat::{Cidr, Limits, RouterConfig};
+use fabric_api::netd::PolicyList;
 
 pub mod dns;
 
@@ -248,19 +249,18 @@ pub fn router_config(
         }
     }
     c.host_loopback = n.host_loopback.unwrap_or(false);
-    let cidrs =
-        |key: &str, l: &Option<Vec<String>>| -> Result<Vec<(Ipv4Addr, u8)>, (String, String)> {
-            l.iter()
-                .flatten()
-                .enumerate()
-                .map(|(i, s)| crate::nat::parse_cidr(s).map_err(|e| (format!("{key}[{i}]"), e)))
-                .collect()
-        };
-    c.outbound_allow = cidrs("outbound_allow", &n.outbound_allow)?;
+    let cidrs = |key: &str, l: &Option<Vec<String>>| -> Result<Vec<Cidr>, (String, String)> {
+        l.iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, s)| crate::nat::parse_cidr_any(s).map_err(|e| (format!("{key}[{i}]"), e)))
+            .collect()
+    };
+    for a in cidrs("outbound_allow", &n.outbound_allow)? {
+        c.outbound_edit(PolicyList::Allow, a, true);
+    }
     for d in cidrs("outbound_deny", &n.outbound_deny)? {
-        if !c.outbound_deny.contains(&d) {
-            c.outbound_deny.push(d);
-        }
+        c.outbound_edit(PolicyList::Deny, d, true);
     }
     if c.limits.max_flow_memory < 2 * c.limits.tcp_buffer {
         return Err((
@@ -278,14 +278,18 @@ pub fn router_config(
         ));
     }
     for (i, f) in c.forwards.iter().enumerate() {
-        if !v4.contains(*f.guest.ip()) {
+        // IPv6 guests are checked once the network's IPv6 is known (`subnet6`).
+        if matches!(f.guest.ip(), std::net::IpAddr::V4(a) if !v4.contains(a)) {
             return Err((
                 format!("forward[{i}].guest"),
                 format!("an address inside {}/{}", v4.network, v4.prefix),
             ));
         }
     }
+    // IPv6 forwards are checked by the caller once the network's IPv6 is known.
+    c.forwards.retain(|f| f.guest.is_ipv4());
     c.validate().map_err(|e| ("mtu".into(), e.to_string()))?;
+    c.forwards = n.forward.clone();
     Ok(c)
 }
 

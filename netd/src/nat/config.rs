@@ -7,7 +7,7 @@
 //! forward added later through the control API goes through the same
 //! `check_forward`.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -119,14 +119,21 @@ pub struct RouterConfig {
     /// The IPv6 service (RAs, NDP, DHCPv6) the router runs for `ipv6`; the daemon
     /// shares it for its counters, else the router makes its own.
     pub ipv6_service: Option<crate::ipv6::SharedService>,
-    /// IPv6 destinations flows may not go to, as (prefix, length) pairs, besides
-    /// link-local and the host's own addresses, which are always refused: the
-    /// daemon puts the prefixes of its other networks here.
+    /// IPv6 destinations flows may go to (the IPv6 entries of `outbound_allow`):
+    /// see [`outbound_allows6`].
+    pub outbound_allow6: Vec<(Ipv6Addr, u8)>,
+    /// IPv6 destinations flows may not go to, as (prefix, length) pairs (default
+    /// [`DEFAULT_DENY6`], the IPv6 entries of `outbound_deny`, and the daemon puts
+    /// the prefixes of its other networks here); the host's own addresses and
+    /// `::1` are refused before the lists are asked.
     pub outbound_deny6: Vec<(Ipv6Addr, u8)>,
 }
 
 /// Destinations denied by default: link-local (cloud metadata services live there).
 pub const DEFAULT_DENY: &[(Ipv4Addr, u8)] = &[(Ipv4Addr::new(169, 254, 0, 0), 16)];
+
+/// IPv6 destinations denied by default: link-local (never routed anyway).
+pub const DEFAULT_DENY6: &[(Ipv6Addr, u8)] = &[(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10)];
 
 /// The outbound policy of a router, as the control API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -145,33 +152,94 @@ pub struct Outbound {
 /// `outbound_deny = ["198.51.100.0/24"]` allow everything but that subnet, and an
 /// allow entry of a single host punches a hole in a denied subnet.
 pub fn outbound_allows(allow: &[(Ipv4Addr, u8)], deny: &[(Ipv4Addr, u8)], ip: Ipv4Addr) -> bool {
-    let best = |l: &[(Ipv4Addr, u8)]| {
+    most_specific(allow, deny, |n, len| prefix_match(ip, n, len)).unwrap_or(allow.is_empty())
+}
+
+/// [`outbound_allows`] for IPv6 destinations: the IPv6 entries decide the same way;
+/// an address no entry contains is allowed only if neither allow list (`allow6`,
+/// nor the IPv4 `allow4`) has an entry, so an allow list meant to restrict the
+/// guests does not leave IPv6 open.
+pub fn outbound_allows6(
+    allow6: &[(Ipv6Addr, u8)],
+    deny6: &[(Ipv6Addr, u8)],
+    allow4: &[(Ipv4Addr, u8)],
+    ip: Ipv6Addr,
+) -> bool {
+    most_specific(allow6, deny6, |n, len| super::v6::prefix6_match(ip, n, len))
+        .unwrap_or(allow6.is_empty() && allow4.is_empty())
+}
+
+/// Whether the most specific entry of `allow` and `deny` that contains the address
+/// (`contains(net, len)`) allows it (a deny wins a tie); `None` if none contains it.
+fn most_specific<A: Copy>(
+    allow: &[(A, u8)],
+    deny: &[(A, u8)],
+    contains: impl Fn(A, u8) -> bool,
+) -> Option<bool> {
+    let best = |l: &[(A, u8)]| {
         l.iter()
-            .filter(|(n, len)| prefix_match(ip, *n, *len))
+            .filter(|(n, len)| contains(*n, *len))
             .map(|(_, len)| i16::from(*len))
             .max()
             .unwrap_or(-1)
     };
     let (a, d) = (best(allow), best(deny));
-    if a < 0 && d < 0 {
-        return allow.is_empty();
+    (a >= 0 || d >= 0).then_some(a > d)
+}
+
+/// An entry of an outbound list, either family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cidr {
+    /// An IPv4 network and prefix length.
+    V4((Ipv4Addr, u8)),
+    /// An IPv6 network and prefix length.
+    V6((Ipv6Addr, u8)),
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cidr::V4((a, l)) => write!(f, "{a}/{l}"),
+            Cidr::V6((a, l)) => write!(f, "{a}/{l}"),
+        }
     }
-    a > d
+}
+
+/// Parses an outbound entry: an IPv4 CIDR as [`parse_cidr`] does, or an IPv6 one
+/// ("2001:db8::/32", or a bare address, /128) whose host bits are zero.
+pub fn parse_cidr_any(s: &str) -> Result<Cidr, String> {
+    if !s.contains(':') {
+        return parse_cidr(s).map(Cidr::V4);
+    }
+    let (a, len) = split_prefix_len(s, 128)?;
+    let ip: Ipv6Addr = a.parse().map_err(|_| {
+        format!("expected a CIDR such as \"192.0.2.0/24\" or \"2001:db8::/32\", got {s:?}")
+    })?;
+    let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+    if u128::from(ip) & !mask != 0 {
+        return Err(format!(
+            "{s:?} has host bits set (did you mean {}/{len}?)",
+            Ipv6Addr::from(u128::from(ip) & mask)
+        ));
+    }
+    Ok(Cidr::V6((ip, len)))
+}
+
+/// Splits "ADDR/LEN" into the address text and a length of at most `max` (a bare
+/// address is a /`max`).
+fn split_prefix_len(s: &str, max: u8) -> Result<(&str, u8), String> {
+    let Some((a, l)) = s.split_once('/') else {
+        return Ok((s, max));
+    };
+    let len = l.parse::<u8>().ok().filter(|l| *l <= max);
+    len.map(|len| (a, len))
+        .ok_or_else(|| format!("expected a prefix length 0..={max} in {s:?}"))
 }
 
 /// Parses "A.B.C.D/LEN" (or a bare address, /32) into a network and prefix length;
 /// the host bits must be zero.
 pub fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
-    let (a, len) = match s.split_once('/') {
-        Some((a, l)) => (
-            a,
-            l.parse::<u8>()
-                .ok()
-                .filter(|l| *l <= 32)
-                .ok_or_else(|| format!("expected a prefix length 0..=32 in {s:?}"))?,
-        ),
-        None => (s, 32),
-    };
+    let (a, len) = split_prefix_len(s, 32)?;
     let ip: Ipv4Addr = a
         .parse()
         .map_err(|_| format!("expected an IPv4 CIDR such as \"192.0.2.0/24\", got {s:?}"))?;
@@ -212,7 +280,8 @@ impl RouterConfig {
             names: None,
             ipv6: None,
             ipv6_service: None,
-            outbound_deny6: Vec::new(),
+            outbound_allow6: Vec::new(),
+            outbound_deny6: DEFAULT_DENY6.to_vec(),
         }
     }
 
@@ -304,17 +373,49 @@ impl RouterConfig {
             .is_some_and(|v| v.contains(a) && a != v.prefix && !self.own6(a))
     }
 
-    pub(super) fn check_forward(&self, f: &Forward) -> Result<(), NatError> {
+    /// Adds `cidr` to (`add`) or removes it from the outbound list `list` of its
+    /// family; adding an entry already there changes nothing.
+    pub fn outbound_edit(&mut self, list: fabric_api::netd::PolicyList, cidr: Cidr, add: bool) {
+        use fabric_api::netd::PolicyList::{Allow, Deny};
+        fn edit<A: PartialEq>(v: &mut Vec<A>, c: A, add: bool) {
+            v.retain(|x| *x != c);
+            if add {
+                v.push(c);
+            }
+        }
+        match (cidr, list) {
+            (Cidr::V4(c), Allow) => edit(&mut self.outbound_allow, c, add),
+            (Cidr::V4(c), Deny) => edit(&mut self.outbound_deny, c, add),
+            (Cidr::V6(c), Allow) => edit(&mut self.outbound_allow6, c, add),
+            (Cidr::V6(c), Deny) => edit(&mut self.outbound_deny6, c, add),
+        }
+    }
+
+    /// Checks a forward against the network: ports not 0, the guest address
+    /// inside the subnet (IPv4) or the prefix (IPv6, not the router's own).
+    pub(crate) fn check_forward(&self, f: &Forward) -> Result<(), NatError> {
         if f.guest.port() == 0 || f.host.port() == 0 {
             return Err(NatError::Invalid {
                 key: "forward",
                 reason: format!("ports must not be 0 ({} -> {})", f.host, f.guest),
             });
         }
-        if !self.in_subnet(*f.guest.ip()) {
+        let (inside, subnet) = match f.guest.ip() {
+            IpAddr::V4(a) => (
+                self.in_subnet(a),
+                format!("{}/{}", self.subnet.0, self.subnet.1),
+            ),
+            IpAddr::V6(a) => (
+                self.valid_guest_src6(a),
+                self.ipv6
+                    .as_ref()
+                    .map_or("(no IPv6)".into(), |v| format!("{}/64", v.prefix)),
+            ),
+        };
+        if !inside {
             return Err(NatError::GuestOutsideSubnet {
                 guest: f.guest,
-                subnet: format!("{}/{}", self.subnet.0, self.subnet.1),
+                subnet,
             });
         }
         Ok(())

@@ -312,8 +312,7 @@ pub fn icmp6_unreachable(
     code: u8,
 ) -> Bytes {
     let udp_len = u16::try_from(UDP_HDR + payload_len).unwrap_or(u16::MAX);
-    let mut b = vec![1, code, 0, 0, 0, 0, 0, 0];
-    b.extend_from_slice(&[0x60, 0, 0, 0]);
+    let mut b = vec![0x60, 0, 0, 0];
     b.extend_from_slice(&udp_len.to_be_bytes());
     b.extend_from_slice(&[IPPROTO_UDP, 64]);
     b.extend_from_slice(&guest.ip().octets());
@@ -322,15 +321,29 @@ pub fn icmp6_unreachable(
     b.extend_from_slice(&dst.port().to_be_bytes());
     b.extend_from_slice(&udp_len.to_be_bytes());
     b.extend_from_slice(&[0, 0]);
-    frame6(
-        router_mac,
-        guest_mac,
-        from,
-        *guest.ip(),
-        IPPROTO_ICMPV6,
-        b,
-        2,
-    )
+    icmp6_unreachable_quoting(router_mac, guest_mac, from, *guest.ip(), code, &b)
+}
+
+/// Most bytes of the offending packet an ICMPv6 error quotes: the error must fit
+/// the IPv6 minimum MTU, 1280 (RFC 4443 2.4 (c)).
+const MAX_QUOTE: usize = 1280 - IPV6_HDR - 8;
+
+/// An ICMPv6 "destination unreachable" (`code` as for [`icmp6_unreachable`]) from
+/// `from` to the guest at `guest`, quoting `packet` (the guest's IPv6 packet, its
+/// header first; cut to fit 1280 bytes): the guest's stack matches the quote to
+/// its socket (for TCP, the ports and the SYN's sequence number) and fails it at
+/// once.
+pub fn icmp6_unreachable_quoting(
+    router_mac: EthernetAddress,
+    guest_mac: EthernetAddress,
+    from: Ipv6Addr,
+    guest: Ipv6Addr,
+    code: u8,
+    packet: &[u8],
+) -> Bytes {
+    let mut b = vec![1, code, 0, 0, 0, 0, 0, 0];
+    b.extend_from_slice(packet.get(..MAX_QUOTE).unwrap_or(packet));
+    frame6(router_mac, guest_mac, from, guest, IPPROTO_ICMPV6, b, 2)
 }
 
 /// An ICMPv6 echo reply (`msg`, as a host socket returns it) from `from` to the

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use super::config::{show_cidr, Outbound};
+use super::config::{Cidr, Outbound};
 use super::{Forward, NatError, Proto, Router};
 pub use fabric_api::netd::PolicyList;
 
@@ -106,10 +106,10 @@ pub(super) enum Command {
 pub enum OutboundChange {
     /// Show the lists.
     Show,
-    /// Add a CIDR to a list (no-op if there).
-    Add(PolicyList, (std::net::Ipv4Addr, u8)),
+    /// Add a CIDR (either family) to a list (no-op if there).
+    Add(PolicyList, Cidr),
     /// Remove a CIDR from a list (no-op if absent).
-    Del(PolicyList, (std::net::Ipv4Addr, u8)),
+    Del(PolicyList, Cidr),
 }
 
 /// A control request to a router, for callers on blocking threads (the daemon's
@@ -281,24 +281,15 @@ impl Router {
                 let _ = tx.send(s);
             }
             Command::Outbound(c, tx) => {
-                fn list(r: &mut Router, l: PolicyList) -> &mut Vec<(std::net::Ipv4Addr, u8)> {
-                    match l {
-                        PolicyList::Allow => &mut r.cfg.outbound_allow,
-                        PolicyList::Deny => &mut r.cfg.outbound_deny,
-                    }
-                }
                 match c {
                     OutboundChange::Show => {}
                     OutboundChange::Add(l, cidr) => {
-                        let v = list(self, l);
-                        if !v.contains(&cidr) {
-                            v.push(cidr);
-                        }
-                        tracing::info!(list = ?l, cidr = %show_cidr(&cidr), "outbound entry added");
+                        self.cfg.outbound_edit(l, cidr, true);
+                        tracing::info!(list = ?l, %cidr, "outbound entry added");
                     }
                     OutboundChange::Del(l, cidr) => {
-                        list(self, l).retain(|c| *c != cidr);
-                        tracing::info!(list = ?l, cidr = %show_cidr(&cidr), "outbound entry removed");
+                        self.cfg.outbound_edit(l, cidr, false);
+                        tracing::info!(list = ?l, %cidr, "outbound entry removed");
                     }
                 }
                 let _ = tx.send(self.outbound());
@@ -315,8 +306,8 @@ impl Router {
     pub(super) fn outbound(&self) -> Outbound {
         Outbound {
             host_loopback: self.cfg.host_loopback,
-            allow: self.cfg.outbound_allow.iter().map(show_cidr).collect(),
-            deny: self.cfg.outbound_deny.iter().map(show_cidr).collect(),
+            allow: show_list(&self.cfg.outbound_allow, &self.cfg.outbound_allow6),
+            deny: show_list(&self.cfg.outbound_deny, &self.cfg.outbound_deny6),
         }
     }
 
@@ -328,4 +319,12 @@ impl Router {
             Proto::Udp => self.udp.add_forward(f),
         }
     }
+}
+
+/// An outbound list as text: its IPv4 entries, then its IPv6 ones.
+fn show_list(v4: &[(std::net::Ipv4Addr, u8)], v6: &[(std::net::Ipv6Addr, u8)]) -> Vec<String> {
+    let v4 = v4.iter().map(|c| Cidr::V4(*c));
+    v4.chain(v6.iter().map(|c| Cidr::V6(*c)))
+        .map(|c| c.to_string())
+        .collect()
 }

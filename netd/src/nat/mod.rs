@@ -118,11 +118,11 @@ mod udp;
 mod v6;
 mod wake;
 
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 
 pub use self::config::{
-    outbound_allows, parse_cidr, parse_host_addr, prefix_match, show_cidr, Forward, Limits,
-    Outbound, Proto, RouterConfig, DEFAULT_DENY,
+    outbound_allows, outbound_allows6, parse_cidr, parse_cidr_any, parse_host_addr, prefix_match,
+    show_cidr, Cidr, Forward, Limits, Outbound, Proto, RouterConfig, DEFAULT_DENY, DEFAULT_DENY6,
 };
 pub use self::handle::{FlowInfo, NatRequest, OutboundChange, PolicyList, RouterHandle, Stats};
 use self::router::{free_forward_port, FWD_PORT_FIRST, INBOX_BATCH};
@@ -165,7 +165,7 @@ pub enum NatError {
     #[error("forward guest address {guest} is not in the network's subnet {subnet}")]
     GuestOutsideSubnet {
         /// The guest address given.
-        guest: SocketAddrV4,
+        guest: std::net::SocketAddr,
         /// The subnet.
         subnet: String,
     },

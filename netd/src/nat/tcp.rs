@@ -41,7 +41,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::io::ErrorKind;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -490,8 +490,13 @@ impl Router {
                     if super::router::out_of_fds(&e) {
                         self.stats.no_fds += 1;
                     }
-                    if let Some(f) = super::frame6::tcp_rst_any(self.mac, p.mac, dst, guest, p.seq)
-                    {
+                    // No IPv6 route on the host: the guest's connect fails at once
+                    // with the host's reason (an ICMPv6 unreachable), else a RST.
+                    let f = match super::v6::no_route(&e) {
+                        Some(code) if guest.is_ipv6() => self.unreachable6(p.mac, &p.syn, code),
+                        _ => super::frame6::tcp_rst_any(self.mac, p.mac, dst, guest, p.seq),
+                    };
+                    if let Some(f) = f {
                         self.dev.tx.push_back(f.into());
                     }
                 }
@@ -510,8 +515,11 @@ impl Router {
                 self.stats.flows_refused += 1;
                 continue;
             }
-            let gw = self.cfg.gateway;
-            let Some(port) = self.free_forward_port(guest) else {
+            let Some(gw) = self.forward_gateway(guest) else {
+                self.stats.flows_refused += 1;
+                continue;
+            };
+            let Some(port) = self.free_forward_port(guest, gw) else {
                 self.stats.flows_refused += 1;
                 continue;
             };
@@ -526,7 +534,7 @@ impl Router {
                 .sock_mut()
                 .connect(
                     self.iface.context(),
-                    (smoltcp::wire::IpAddress::Ipv4(*guest.ip()), guest.port()),
+                    (smoltcp::wire::IpAddress::from(guest.ip()), guest.port()),
                     local,
                 )
                 .is_err()
@@ -536,16 +544,15 @@ impl Router {
             let _ = stream.set_nodelay(true);
             tracing::debug!(%host, %peer, %guest, "forwarded connection");
             // smoltcp opened this one: it uses the guest's MSS itself (0).
-            let key = (guest.into(), SocketAddrV4::new(gw, port).into());
+            let key = (guest, SocketAddr::new(gw, port));
             self.insert_flow(key, fs, stream, peer, Some(host), 0);
         }
     }
 
-    fn free_forward_port(&mut self, guest: SocketAddrV4) -> Option<u16> {
-        let gw = self.cfg.gateway;
+    fn free_forward_port(&mut self, guest: SocketAddr, gw: IpAddr) -> Option<u16> {
         let flows = &self.tcp.flows;
         super::free_forward_port(&mut self.tcp.next_port, |p| {
-            flows.contains_key(&(guest.into(), SocketAddrV4::new(gw, p).into()))
+            flows.contains_key(&(guest, SocketAddr::new(gw, p)))
         })
     }
 

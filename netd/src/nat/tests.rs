@@ -1302,3 +1302,86 @@ async fn every_udp_reply_reaches_the_guest_when_flows_wake_on_their_own() {
         other => panic!("unexpected {other:?}"),
     }
 }
+
+#[test]
+fn ipv6_outbound_lists_decide_as_for_ipv4_and_an_allow_list_of_either_family_closes_the_rest() {
+    use super::{outbound_allows6, parse_cidr_any, Cidr};
+    let c6 = |s: &str| match parse_cidr_any(s).unwrap() {
+        Cidr::V6(c) => c,
+        Cidr::V4(c) => panic!("{c:?} is not IPv6"),
+    };
+    let ip = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap();
+    let deny = [c6("fe80::/10"), c6("2001:db8::/32")];
+    assert!(outbound_allows6(&[], &deny, &[], ip("2606:4700::1")));
+    assert!(!outbound_allows6(&[], &deny, &[], ip("2001:db8:5::1")));
+    let allow = [c6("2001:db8:5::1")];
+    assert!(
+        outbound_allows6(&allow, &deny, &[], ip("2001:db8:5::1")),
+        "a host punches a hole"
+    );
+    assert!(
+        !outbound_allows6(&allow, &deny, &[], ip("2606:4700::1")),
+        "not in the allow list"
+    );
+    let allow4 = [parse_cidr("203.0.113.0/24").unwrap()];
+    assert!(
+        !outbound_allows6(&[], &deny, &allow4, ip("2606:4700::1")),
+        "an IPv4 allow list restricts IPv6 too"
+    );
+    assert!(outbound_allows6(
+        &[c6("::/0")],
+        &deny,
+        &allow4,
+        ip("2606:4700::1")
+    ));
+    // Parsing: either family, bare addresses, host bits and lengths checked.
+    assert_eq!(
+        parse_cidr_any("2001:db8::1"),
+        Ok(Cidr::V6((ip("2001:db8::1"), 128)))
+    );
+    assert_eq!(
+        parse_cidr_any("10.0.0.0/8").map(|c| c.to_string()),
+        Ok("10.0.0.0/8".into())
+    );
+    assert!(parse_cidr_any("2001:db8::1/32")
+        .unwrap_err()
+        .contains("2001:db8::/32"));
+    assert!(parse_cidr_any("2001:db8::/129").is_err());
+    assert!(parse_cidr_any("2001:zz::/32").is_err());
+    // The edits of the control API land in the list of the entry's family.
+    let mut cfg = RouterConfig::defaults();
+    cfg.outbound_edit(
+        fabric_api::netd::PolicyList::Allow,
+        Cidr::V6(c6("2001:db8::/32")),
+        true,
+    );
+    assert_eq!(cfg.outbound_allow6, [c6("2001:db8::/32")]);
+    assert!(cfg.outbound_allow.is_empty());
+    assert_eq!(cfg.outbound_deny6, super::DEFAULT_DENY6);
+}
+
+#[test]
+fn ipv6_forwards_take_guest_addresses_of_the_prefix_only() {
+    let mut cfg = test_config();
+    let fwd = |g: &str| Forward {
+        proto: Proto::Tcp,
+        host: "[::1]:2222".parse().unwrap(),
+        guest: g.parse().unwrap(),
+    };
+    assert!(
+        cfg.check_forward(&fwd("[fd00::15]:22")).is_err(),
+        "no IPv6 on the network"
+    );
+    cfg.ipv6 = test_config6().ipv6;
+    assert!(cfg.check_forward(&fwd("[fd00::15]:22")).is_ok());
+    for bad in [
+        "[fd00::2]:22",
+        "[fd00::3]:22",
+        "[fd00::]:22",
+        "[2001:db8::1]:22",
+        "[fd00::15]:0",
+    ] {
+        assert!(cfg.check_forward(&fwd(bad)).is_err(), "{bad}");
+    }
+    assert!(cfg.check_forward(&fwd("10.0.2.15:22")).is_ok());
+}

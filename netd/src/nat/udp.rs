@@ -26,7 +26,7 @@
 //! stopped at the burst limit or on an error, say) costs at most a second.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
@@ -34,7 +34,7 @@ use smoltcp::wire::EthernetAddress;
 use tokio::net::UdpSocket;
 
 use super::config::ForwardErrors;
-use super::frame::{udp_frame, IPV4_HDR, UDP_HDR};
+use super::frame::{IPV4_HDR, UDP_HDR};
 use super::frame6::udp_frame_any;
 use super::router::GuestCounts;
 use super::wake::Ready;
@@ -73,7 +73,7 @@ impl Flow {
 struct Session {
     host: SocketAddr,
     client: SocketAddr,
-    guest: SocketAddrV4,
+    guest: SocketAddr,
     last: Instant,
 }
 
@@ -209,11 +209,10 @@ impl Router {
         dst: SocketAddr,
         payload: &[u8],
     ) {
-        let gw = IpAddr::V4(self.cfg.gateway);
         // A guest's reply to a forward session.
-        if dst.ip() == gw {
+        if Some(dst.ip()) == self.forward_gateway(guest) {
             if let Some(s) = self.udp.sessions.get_mut(&dst.port()) {
-                if SocketAddr::V4(s.guest) == guest {
+                if s.guest == guest {
                     s.last = Instant::now();
                     let (host, client) = (s.host, s.client);
                     if let Some((_, sock)) = self.udp.forwards.get(&host) {
@@ -231,6 +230,7 @@ impl Router {
         // Unicast DHCP (renewals to the server identifier, which is the gateway
         // address) is not a host flow; dropped, the client falls back to broadcast,
         // which the network's DHCP service answers.
+        let gw = IpAddr::V4(self.cfg.gateway);
         if (dst.ip() == gw || dst.ip() == IpAddr::V4(self.cfg.dns)) && dst.port() == 67 {
             self.stats.dropped += 1;
             return;
@@ -243,7 +243,7 @@ impl Router {
         let key = (guest, dst);
         if !self.udp.flows.contains_key(&key) {
             let unreachable =
-                |r: &mut Router| r.udp_unreachable(mac, guest, dst, payload.len(), false);
+                |r: &mut Router| r.udp_unreachable(mac, guest, dst, payload.len(), None);
             let target = match self.map_dst(dst) {
                 Ok(t) => t,
                 Err(d) => {
@@ -269,8 +269,8 @@ impl Router {
                     self.stats.host_socket_failed(&e);
                     // No route on the host (no IPv6 connectivity, say): the guest
                     // learns it at once rather than by a timeout.
-                    if e.raw_os_error() == Some(libc::ENETUNREACH) {
-                        self.udp_unreachable(mac, guest, dst, payload.len(), true);
+                    if let Some(code) = super::v6::no_route(&e) {
+                        self.udp_unreachable(mac, guest, dst, payload.len(), Some(code));
                     }
                     return;
                 }
@@ -358,7 +358,6 @@ impl Router {
         if self.udp.forwards.is_empty() {
             return;
         }
-        let max = self.max_udp_payload(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
         let mut buf = self.take_scratch();
         let hosts: Vec<SocketAddr> = self.udp.forwards.keys().copied().collect();
         for host in hosts {
@@ -371,7 +370,7 @@ impl Router {
                     Ok(r) => r,
                     Err(_) => break,
                 };
-                if n > max {
+                if n > self.max_udp_payload(&guest) {
                     self.stats.dropped += 1;
                     continue;
                 }
@@ -406,35 +405,31 @@ impl Router {
                 // a unicast IP destination is still delivered by the guest stack.
                 let mac = self
                     .guest_macs
-                    .get(&IpAddr::V4(*guest.ip()))
+                    .get(&guest.ip())
                     .copied()
                     .unwrap_or(EthernetAddress::BROADCAST);
-                let Some(data) = buf.get(..n) else { continue };
-                self.dev.tx.push_back(
-                    udp_frame(
-                        self.mac,
-                        mac,
-                        (self.cfg.gateway, port),
-                        (*guest.ip(), guest.port()),
-                        data,
-                    )
-                    .into(),
-                );
+                let (Some(data), Some(gw)) = (buf.get(..n), self.forward_gateway(guest)) else {
+                    continue;
+                };
+                let from = SocketAddr::new(gw, port);
+                if let Some(f) = super::frame6::udp_frame_any(self.mac, mac, from, guest, data) {
+                    self.dev.tx.push_back(f.into());
+                }
             }
         }
         self.scratch = buf;
     }
 
     /// An ICMP unreachable to the guest for its datagram from `guest` to `dst`
-    /// (`no_route`: "no route", else "administratively prohibited"), from the
-    /// gateway of its family.
+    /// (`no_route`: the ICMPv6 code of the host's reason, see [`super::v6::no_route`];
+    /// `None`: "administratively prohibited"), from the gateway of its family.
     fn udp_unreachable(
         &mut self,
         mac: EthernetAddress,
         guest: SocketAddr,
         dst: SocketAddr,
         len: usize,
-        no_route: bool,
+        no_route: Option<u8>,
     ) {
         let f = match (guest, dst, &self.cfg.ipv6) {
             (SocketAddr::V4(g), SocketAddr::V4(d), _) => super::frame::icmp_unreachable(
@@ -446,7 +441,7 @@ impl Router {
                 len,
             ),
             (SocketAddr::V6(g), SocketAddr::V6(d), Some(v6)) => {
-                let code = if no_route { 0 } else { 1 };
+                let code = no_route.unwrap_or(1);
                 super::frame6::icmp6_unreachable(self.mac, mac, v6.gateway, g, d, len, code)
             }
             _ => return,

@@ -27,10 +27,17 @@
 //! - Destinations ([`Router::map_dst6`]): the gateway stands for the host's `::1`
 //!   only with `host_loopback` (its port 53 goes to the host's resolver either way);
 //!   the DNS address, port 53, goes to the host's resolver; `::1` directly, the
-//!   host's own addresses (without `host_loopback`), link-local and the prefixes in
-//!   `outbound_deny6` (the daemon's other networks) are refused and counted as
-//!   for IPv4. A host without IPv6 connectivity refuses the connect at once
-//!   (ENETUNREACH): the guest gets a RST (TCP) or an ICMPv6 unreachable (UDP).
+//!   host's own addresses (without `host_loopback`) and link-local are refused and
+//!   counted as for IPv4; the rest passes the outbound lists
+//!   ([`super::config::outbound_allows6`]: the IPv6 entries of `outbound_allow` and
+//!   `outbound_deny`, `fe80::/10` and the daemon's other networks' prefixes). A
+//!   host without IPv6 connectivity refuses the connect at once (ENETUNREACH,
+//!   EHOSTUNREACH): the guest gets an ICMPv6 unreachable ([`no_route`]), quoting
+//!   its SYN for TCP so its own connect fails with the same error.
+//! - Port forwards to IPv6 guests: their sessions come from the gateway
+//!   ([`Router::forward_gateway`]), TCP through smoltcp (which asks for the
+//!   guest's MAC with a Neighbor Solicitation if it does not know it), UDP as
+//!   frames built here.
 //! - TCP offload: IPv6 segments leave with a virtio-net header asking for the
 //!   checksum ([`tcp6_offload_header`]); they are never larger than the guest's
 //!   MSS (its SYN's MSS is not raised as for IPv4), so no segmentation is asked.
@@ -205,6 +212,37 @@ impl Router {
         }
     }
 
+    /// An ICMPv6 unreachable (`code`) to the guest at `mac` for its IPv6 packet in
+    /// `frame` (Ethernet), from the gateway; `None` without IPv6 or for a frame too
+    /// short to be IPv6.
+    pub(super) fn unreachable6(
+        &self,
+        mac: EthernetAddress,
+        frame: &[u8],
+        code: u8,
+    ) -> Option<Bytes> {
+        let gw = self.cfg.ipv6.as_ref()?.gateway;
+        let ip = frame.get(ETH_HDR..)?;
+        let src: [u8; 16] = ip.get(8..24)?.try_into().ok()?;
+        Some(super::frame6::icmp6_unreachable_quoting(
+            self.mac,
+            mac,
+            gw,
+            Ipv6Addr::from(src),
+            code,
+            ip,
+        ))
+    }
+
+    /// The router address of `guest`'s family, that port forward sessions to it
+    /// come from: the gateway, or the IPv6 gateway (`None` without IPv6).
+    pub(super) fn forward_gateway(&self, guest: SocketAddr) -> Option<IpAddr> {
+        match guest {
+            SocketAddr::V4(_) => Some(self.cfg.gateway.into()),
+            SocketAddr::V6(_) => self.cfg.ipv6.as_ref().map(|v| v.gateway.into()),
+        }
+    }
+
     /// Sends an unsolicited RA when one is due (called from the housekeeping).
     pub(super) fn router_adverts(&mut self) {
         let Some(v6) = &mut self.v6 else {
@@ -265,15 +303,27 @@ impl Router {
         if !self.cfg.host_loopback && self.is_host_addr(ip) {
             return Err(Denied::Host);
         }
-        if self
-            .cfg
-            .outbound_deny6
-            .iter()
-            .any(|(net, len)| prefix6_match(ip, *net, *len))
-        {
+        let c = &self.cfg;
+        if !super::config::outbound_allows6(
+            &c.outbound_allow6,
+            &c.outbound_deny6,
+            &c.outbound_allow,
+            ip,
+        ) {
             return Err(Denied::Policy);
         }
         Ok(SocketAddr::V6(dst))
+    }
+}
+
+/// The ICMPv6 unreachable code for a host socket's connect error that says the
+/// host has no route there (ENETUNREACH: 0, no route; EHOSTUNREACH: 3, address
+/// unreachable); `None` for other errors.
+pub(super) fn no_route(e: &std::io::Error) -> Option<u8> {
+    match e.raw_os_error() {
+        Some(libc::ENETUNREACH) => Some(0),
+        Some(libc::EHOSTUNREACH) => Some(3),
+        _ => None,
     }
 }
 

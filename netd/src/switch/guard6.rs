@@ -92,6 +92,27 @@ impl Ip6Guard {
         self.gen.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// The addresses of the prefix `mac` holds now (a live DHCPv6 lease, or bound
+    /// at first use within `mac_ageing`: SLAAC, privacy, configured), sorted; no
+    /// link-local ones. At most [`MAX_ADDRS_PER_MAC`] bound, plus its leases.
+    pub fn addrs_of(&self, mac: [u8; 6], now: Instant, unix: u64) -> Vec<Ipv6Addr> {
+        let t = self.table();
+        let live = |seen: &Instant| now.saturating_duration_since(*seen) < self.ageing;
+        let leased = t
+            .leases
+            .iter()
+            .filter(|(_, (m, exp))| *m == mac && *exp > unix);
+        let bound = t.bound.iter().filter(|(_, (m, s))| *m == mac && live(s));
+        let mut v: Vec<Ipv6Addr> = leased
+            .map(|(a, _)| *a)
+            .chain(bound.map(|(a, _)| *a))
+            .filter(|a| a.octets()[..8] == self.prefix)
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
     /// Whether the port locked to `mac` may use `ip` (binding it on first use).
     pub fn allow(&self, mac: [u8; 6], ip: Ipv6Addr, now: Instant, unix: u64) -> bool {
         let in_prefix = ip.octets()[..8] == self.prefix;

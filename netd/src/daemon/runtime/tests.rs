@@ -254,16 +254,22 @@ fn flood_list_changes_apply_to_base_and_runtime_ports_and_die_with_them() {
 #[test]
 fn outbound_changes_replay_on_the_routers_lists() {
     let net = |s: &str| crate::nat::parse_cidr(s).unwrap();
+    let v4 = |s: &str| crate::nat::Cidr::V4(net(s));
     let mut nat = crate::nat::RouterConfig::defaults();
     nat.outbound_deny.push(net("10.1.0.0/24"));
     let mut c = Changes::default();
-    c.outbound_changed(PolicyList::Deny, net("192.0.2.0/24"), true);
-    c.outbound_changed(PolicyList::Deny, net("10.1.0.0/24"), false);
-    c.outbound_changed(PolicyList::Allow, net("0.0.0.0/0"), true);
-    c.outbound_changed(PolicyList::Allow, net("0.0.0.0/0"), false);
-    c.outbound_changed(PolicyList::Allow, net("203.0.113.0/24"), true);
-    assert_eq!(c.outbound.len(), 4, "one per (list, CIDR): {c:?}");
+    c.outbound_changed(PolicyList::Deny, v4("192.0.2.0/24"), true);
+    c.outbound_changed(PolicyList::Deny, v4("10.1.0.0/24"), false);
+    c.outbound_changed(PolicyList::Allow, v4("0.0.0.0/0"), true);
+    c.outbound_changed(PolicyList::Allow, v4("0.0.0.0/0"), false);
+    c.outbound_changed(PolicyList::Allow, v4("203.0.113.0/24"), true);
+    let v6 = crate::nat::parse_cidr_any("2001:db8:1::/48").unwrap();
+    c.outbound_changed(PolicyList::Deny, v6, true);
+    assert_eq!(c.outbound.len(), 5, "one per (list, CIDR): {c:?}");
     c.apply_outbound(&mut nat);
+    assert!(nat
+        .outbound_deny6
+        .contains(&("2001:db8:1::".parse().unwrap(), 48)));
     assert!(nat.outbound_deny.contains(&net("192.0.2.0/24")));
     assert!(!nat.outbound_deny.contains(&net("10.1.0.0/24")));
     assert_eq!(nat.outbound_allow, [net("203.0.113.0/24")]);

@@ -9,7 +9,8 @@
 //! `{"dir": PATH, "resume": false}` writes a snapshot (see `vmm::snapshot`) and
 //! answers its files and size; `PUT /migrate` with `{"to": "tcp:HOST:PORT",
 //! "max_downtime_ms": 50}` live-migrates the VM (see `vmm::migrate`) and answers
-//! `{"downtime_ms", "total_ms", "rounds", "bytes", "mode"}` when it is done, after
+//! `{"downtime_ms", "total_ms", "rounds", "bytes", "mode", "dirty_logged_pages",
+//! "device_written_pages"}` when it is done, after
 //! which this vmm-shim exits 0. Errors are JSON:
 //! `{"error": MESSAGE}` with a 4xx (the request) or 5xx (the VM could not do it).
 //!

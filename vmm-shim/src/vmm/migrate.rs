@@ -14,7 +14,9 @@
 //! paused, sends every page whose CRC changed too. Last comes the device and vCPU
 //! state (a state file, see [`super::state`]); the destination answers once its vCPUs
 //! run, and the source exits 0. Where dirty logging cannot be turned on, the source
-//! pauses first and copies everything (stop-and-copy); the answer's `mode` says so.
+//! pauses first and copies everything (stop-and-copy); the answer's `mode` says so,
+//! and its `dirty_logged_pages` and `device_written_pages` count the pages KVM's log
+//! and the CRC check found.
 //! Any failure before the destination's answer (a refused hello, a connection that
 //! breaks, a destination that dies or fails the state) resumes the VM on the source
 //! and says why.
@@ -252,11 +254,14 @@ fn migrate(
     let precopy = mode == "pre-copy";
     let mut rounds = 1u32;
     let mut pending: Vec<usize> = Vec::new();
+    // Pages KVM's log reported, and pages found only by their CRC (device writes).
+    let (mut logged, mut by_crc) = (0usize, 0usize);
     if precopy {
         let took = out.pages(0..pages).map_err(io)?;
         let mut rate = out.bytes as f64 / took.as_secs_f64().max(1e-6);
         loop {
             pending = dirty_pages(m)?;
+            logged += pending.len();
             let eta = Duration::from_secs_f64(pending.len() as f64 * PAGE as f64 / rate);
             if eta <= max_downtime || rounds > MAX_ROUNDS {
                 break;
@@ -274,7 +279,9 @@ fn migrate(
     m.drain()?;
     let mut last = vec![false; pages];
     if precopy {
-        for p in pending.into_iter().chain(dirty_pages(m)?) {
+        let last_log = dirty_pages(m)?;
+        logged += last_log.len();
+        for p in pending.into_iter().chain(last_log) {
             if let Some(x) = last.get_mut(p) {
                 *x = true;
             }
@@ -287,6 +294,7 @@ fn migrate(
                     .read_slice(&mut buf, GuestAddress((p * PAGE) as u64))
                     .map_err(|e| e.to_string())?;
                 *x = crc32fast::hash(&buf) != out.sent_crc[p];
+                by_crc += usize::from(*x);
             }
         }
     } else {
@@ -312,6 +320,8 @@ fn migrate(
         "rounds": rounds,
         "bytes": out.bytes,
         "mode": mode,
+        "dirty_logged_pages": logged,
+        "device_written_pages": by_crc,
     }))
 }
 
@@ -406,7 +416,9 @@ fn take(
                 let nb = exact::<4>(r)?;
                 let n = u32::from_le_bytes(nb);
                 if n == 0 || n as usize > BATCH {
-                    return Err(format!("a batch of {n} pages (1 to {BATCH} expected)"));
+                    return Err(format!(
+                        "a batch of {n} pages (1 to {BATCH} expected): the stream is corrupt"
+                    ));
                 }
                 let mut crc = crc32fast::Hasher::new();
                 crc.update(&nb);
@@ -419,7 +431,9 @@ fn take(
                     crc.update(&kind);
                     let pfn = u64::from_le_bytes(pb);
                     if pfn >= pages {
-                        return Err(format!("page {pfn} is past the guest's {pages} pages"));
+                        return Err(format!(
+                            "page {pfn} is past the guest's {pages} pages: the stream is corrupt"
+                        ));
                     }
                     match kind[0] {
                         0 => {
@@ -429,7 +443,7 @@ fn take(
                             batch.push((pfn, false, buf.clone()));
                         }
                         1 => batch.push((pfn, true, Vec::new())),
-                        k => return Err(format!("page kind {k}")),
+                        k => return Err(format!("page kind {k}: the stream is corrupt")),
                     }
                 }
                 if u32::from_le_bytes(exact(r)?) != crc.finalize() {
@@ -450,7 +464,7 @@ fn take(
             TAG_STATE => {
                 let len = u64::from_le_bytes(exact(r)?);
                 if len > state::HEADER as u64 + state::MAX_BODY {
-                    return Err(format!("a state of {len} bytes"));
+                    return Err(format!("a state of {len} bytes: the stream is corrupt"));
                 }
                 let mut st = vec![0u8; len as usize];
                 r.read_exact(&mut st)

@@ -11,7 +11,8 @@
 //! and flushed, and the last dirty pages go. Devices write guest memory from
 //! vmm-shim's own threads (a disk's reads, a NIC's frames, used rings), which KVM's
 //! log does not see: the source keeps a CRC-32 of each page as it sent it and, once
-//! paused, sends every page whose CRC changed too. Last comes the device and vCPU
+//! paused, sends every page whose CRC changed too (a pass over guest memory that
+//! counts in the downtime; a VM without virtio devices skips it). Last comes the device and vCPU
 //! state (a state file, see [`super::state`]); the destination answers once its vCPUs
 //! run, and the source exits 0. Where dirty logging cannot be turned on, the source
 //! pauses first and copies everything (stop-and-copy); the answer's `mode` says so,
@@ -63,6 +64,8 @@ struct Out<'a> {
     w: BufWriter<TcpStream>,
     mem: &'a GuestMemoryMmap,
     bytes: u64,
+    /// Each page's CRC as sent (empty when the VM has no virtio device, whose
+    /// writes it exists to find).
     sent_crc: Vec<u32>,
     batch: Vec<u8>,
     in_batch: u32,
@@ -212,11 +215,13 @@ fn migrate(
     conn.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
     let mut rd = conn.try_clone().map_err(io)?;
     let pages = (m.mem_bytes as usize) / PAGE;
+    // Only virtio devices write guest memory behind KVM's back (the UART does not).
+    let has_devices = !m.shared.bus.devices().is_empty();
     let mut out = Out {
         w: BufWriter::with_capacity(1 << 20, conn),
         mem: &m.mem,
         bytes: 0,
-        sent_crc: vec![0; pages],
+        sent_crc: vec![0; if has_devices { pages } else { 0 }],
         batch: Vec::with_capacity(BATCH * (PAGE + 9)),
         in_batch: 0,
     };
@@ -289,7 +294,7 @@ fn migrate(
         // Pages the devices wrote (KVM's log does not see vmm-shim's own writes).
         let mut buf = [0u8; PAGE];
         for (p, x) in last.iter_mut().enumerate() {
-            if !*x {
+            if !*x && has_devices {
                 m.mem
                     .read_slice(&mut buf, GuestAddress((p * PAGE) as u64))
                     .map_err(|e| e.to_string())?;

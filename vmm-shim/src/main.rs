@@ -108,7 +108,14 @@ fn ctl(sock: &std::path::Path, verb: Verb) -> ExitCode {
         Verb::Status => Action::Status,
         Verb::Pause => Action::Pause,
         Verb::Resume => Action::Resume,
-        Verb::Snapshot { dir, resume } => Action::Snapshot { dir, resume },
+        // The API takes an absolute path (its process may run elsewhere).
+        Verb::Snapshot { dir, resume } => match std::path::absolute(&dir) {
+            Ok(dir) => Action::Snapshot { dir, resume },
+            Err(e) => {
+                eprintln!("vmm-shim: {}: {e}", dir.display());
+                return ExitCode::from(2);
+            }
+        },
         Verb::Migrate {
             to,
             max_downtime_ms,

@@ -235,6 +235,13 @@ impl crate::api::Vm for ApiVm {
     }
 
     fn set_paused(&self, paused: bool) -> Result<(), String> {
+        // A snapshot or migration pauses and resumes the VM itself.
+        if matches!(
+            self.machine.busy.try_lock(),
+            Err(std::sync::TryLockError::WouldBlock)
+        ) {
+            return Err("a snapshot or migration is under way".into());
+        }
         if paused {
             self.control.pause()
         } else {

@@ -11,69 +11,12 @@ mod vmm_guest;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use integration_tests::{run, unique_name, wait_until, Netns};
+use integration_tests::{unique_name, Netns};
 use serde_json::Value;
+use vmm_guest::counter::{self, assert_consecutive, counts, curl, wait_count};
 use vmm_guest::{arp_guest, setup, setup_with_disk, LiveVm};
-
-/// Prints 1, 2, 3... on the serial port, one number a line, about every 10 ms.
-const COUNTER: &str = r#"
-_start:
-    xor %r12d, %r12d
-count:
-    inc %r12
-    mov %r12, %rax
-    lea numend(%rip), %rdi
-    mov $10, %r8
-1:  xor %edx, %edx
-    div %r8
-    add $'0', %dl
-    dec %rdi
-    mov %dl, (%rdi)
-    test %rax, %rax
-    jnz 1b
-    mov %rdi, %rsi
-    call print
-    DELAY 20000000
-    jmp count
-numbuf: .fill 24, 1, 0
-numend: .asciz "\n"
-"#;
-
-/// `curl --unix-socket SOCK -X METHOD [-d BODY] http://localhost/PATH`: the status
-/// code and the JSON body.
-fn curl(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-    let mut c = Command::new("curl");
-    c.args(["-sS", "--max-time", "20", "--unix-socket"])
-        .arg(sock)
-        .args(["-X", method, "-w", "\n%{http_code}"]);
-    if let Some(b) = body {
-        c.args(["-H", "Content-Type: application/json", "-d", b]);
-    }
-    c.arg(format!("http://localhost{path}"));
-    let out = run(&mut c).expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (json, code) = text.trim_end().rsplit_once('\n').expect("curl -w code");
-    let v = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {json:?}"));
-    (code.parse().expect("status code"), v)
-}
-
-/// `vmm-shim ctl --api-sock SOCK VERB`: exit status and standard output.
-fn ctl(sock: &Path, verb: &str) -> (Option<i32>, String) {
-    let out = Command::new(integration_tests::bin("vmm-shim"))
-        .arg("ctl")
-        .arg("--api-sock")
-        .arg(sock)
-        .arg(verb)
-        .output()
-        .expect("vmm-shim ctl");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
 
 /// Sends raw bytes on the API socket, returns the whole answer.
 fn raw(sock: &Path, bytes: &[u8]) -> String {
@@ -85,35 +28,14 @@ fn raw(sock: &Path, bytes: &[u8]) -> String {
     out
 }
 
-/// The numbers the guest printed so far (complete lines only).
-fn counts(console: &Path) -> Vec<u64> {
-    let text = std::fs::read_to_string(console).unwrap_or_default();
-    let done = text.rfind('\n').map_or("", |i| &text[..i]);
-    done.lines()
-        .map(|l| l.parse().unwrap_or_else(|_| panic!("serial line {l:?}")))
-        .collect()
-}
-
-/// Waits until the guest has printed more than `n` numbers.
-fn wait_count(console: &Path, n: usize) -> Vec<u64> {
-    assert!(
-        wait_until(Duration::from_secs(20), || counts(console).len() > n),
-        "the guest stopped counting at {:?}",
-        counts(console).last()
-    );
-    counts(console)
-}
-
-/// 1, 2, 3, ... with no gap and no repeat.
-fn assert_consecutive(c: &[u64]) {
-    for (i, n) in c.iter().enumerate() {
-        assert_eq!(*n, i as u64 + 1, "gap or repeat at line {i}: {c:?}");
-    }
+/// `vmm-shim ctl --api-sock SOCK VERB`.
+fn ctl(sock: &Path, verb: &str) -> (Option<i32>, String) {
+    counter::ctl(sock, &[verb])
 }
 
 #[test]
 fn pause_stops_the_count_resume_goes_on_and_bad_requests_leave_the_guest_alone() {
-    let (dir, elf) = setup("ctl", COUNTER);
+    let (dir, elf) = setup("ctl", &counter::counter());
     let sock = dir.path().join("api.sock");
     let console = dir.path().join("console");
     let (s, c) = (sock.to_str().unwrap(), console.to_str().unwrap());

@@ -119,6 +119,10 @@ pub struct RawConfig {
     pub metrics: Option<String>,
     /// Unix socket to serve the control API on; off when absent.
     pub api_sock: Option<PathBuf>,
+    /// A snapshot directory (`PUT /snapshot`'s) to go on from instead of booting.
+    pub restore: Option<PathBuf>,
+    /// `tcp:ADDR:PORT` to wait on for an incoming migration instead of booting.
+    pub incoming: Option<String>,
 }
 
 /// The checked configuration of one VM.
@@ -146,6 +150,10 @@ pub struct VmConfig {
     pub metrics: Option<std::net::SocketAddr>,
     /// Where to serve the control API, if anywhere.
     pub api_sock: Option<PathBuf>,
+    /// Go on from this snapshot directory instead of booting.
+    pub restore: Option<PathBuf>,
+    /// Wait for an incoming migration on this address instead of booting.
+    pub incoming: Option<std::net::SocketAddr>,
 }
 
 /// Default kernel command line when none is given.
@@ -174,6 +182,8 @@ impl RawConfig {
         self.netd_control = cli.netd_control.or(self.netd_control);
         self.metrics = cli.metrics.or(self.metrics);
         self.api_sock = cli.api_sock.or(self.api_sock);
+        self.restore = cli.restore.or(self.restore);
+        self.incoming = cli.incoming.or(self.incoming);
         self.net.extend(cli.net);
         self.disk.extend(cli.disk);
         self
@@ -181,9 +191,25 @@ impl RawConfig {
 
     /// Checks every key and builds the typed configuration.
     pub fn validate(self) -> Result<VmConfig, ConfigError> {
-        let kernel = self
-            .kernel
-            .ok_or_else(|| invalid("kernel", "required: path of a vmlinux (ELF) or bzImage"))?;
+        if self.restore.is_some() && self.incoming.is_some() {
+            return Err(invalid("restore/incoming", "give one of them, not both"));
+        }
+        let incoming = match self.incoming.as_deref() {
+            None => None,
+            Some(s) => Some(parse_tcp(s).map_err(|e| invalid("incoming", e))?),
+        };
+        // A restored or incoming VM has its kernel in memory already.
+        let boots = self.restore.is_none() && incoming.is_none();
+        let kernel = match self.kernel {
+            Some(k) => k,
+            None if !boots => PathBuf::new(),
+            None => {
+                return Err(invalid(
+                    "kernel",
+                    "required: path of a vmlinux (ELF) or bzImage",
+                ))
+            }
+        };
         let mem_bytes = match &self.mem {
             Some(s) => s.parse::<Size>().map(Size::bytes).map_err(|_| {
                 invalid("mem", format!("expected a size like 256M or 1G, got {s:?}"))
@@ -232,6 +258,8 @@ impl RawConfig {
         Ok(VmConfig {
             metrics,
             api_sock: self.api_sock,
+            restore: self.restore,
+            incoming,
             kernel,
             initrd: self.initrd,
             cmdline,
@@ -245,6 +273,22 @@ impl RawConfig {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_NETD_CONTROL)),
         })
     }
+}
+
+/// Parses `tcp:HOST:PORT` (a migration's address; HOST a name or an address,
+/// `[v6]` in brackets) into the first address it resolves to.
+pub fn parse_tcp(s: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    let want = || format!("expected tcp:HOST:PORT, got {s:?}");
+    let rest = s.strip_prefix("tcp:").ok_or_else(want)?;
+    let (host, port) = rest.rsplit_once(':').ok_or_else(want)?;
+    let port: u16 = port.parse().map_err(|_| want())?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("{s:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{s:?}: no address"))
 }
 
 /// Parses a unicast MAC, "52:54:00:12:34:56" (a guest NIC's own address).

@@ -14,8 +14,8 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     /// TOML file with the same keys as the flags (kernel, initrd, cmdline, mem, cpus,
-    /// net = [...], disk = [...], console, netd_control, metrics, api_sock); flags
-    /// override it.
+    /// net = [...], disk = [...], console, netd_control, metrics, api_sock, restore,
+    /// incoming); flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Kernel: ELF vmlinux or bzImage.
@@ -53,6 +53,15 @@ struct Cli {
     /// Serve the control API (HTTP/1.1 + JSON: GET/PATCH /vm) on this unix socket.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// Go on from a snapshot (`PUT /snapshot`'s DIR) instead of booting; --mem, --cpus
+    /// and the --disk/--net list must be the snapshot's (the disks and TAPs may be
+    /// other ones).
+    #[arg(long, value_name = "DIR")]
+    restore: Option<PathBuf>,
+    /// Wait for a live migration on tcp:ADDR:PORT instead of booting (same shape as
+    /// the source; the disks are opened here, to the same exports).
+    #[arg(long, value_name = "tcp:ADDR:PORT")]
+    incoming: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -75,6 +84,22 @@ enum Verb {
     Pause,
     /// Let them run again (PATCH /vm {"state": "running"}).
     Resume,
+    /// Write a snapshot to DIR; the VM stays paused (PUT /snapshot {"dir": DIR}).
+    Snapshot {
+        /// Directory for `memory` and `state`.
+        dir: PathBuf,
+        /// Resume the VM once the snapshot is written.
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Live-migrate the VM to a `vmm-shim --incoming` (PUT /migrate {"to": ...}).
+    Migrate {
+        /// The destination, tcp:HOST:PORT.
+        to: String,
+        /// Longest pause the pre-copy aims for, in milliseconds.
+        #[arg(long, default_value_t = 50)]
+        max_downtime_ms: u64,
+    },
 }
 
 /// `vmm-shim ctl`: 0 when the API did it, 1 otherwise (its error on stderr).
@@ -83,6 +108,21 @@ fn ctl(sock: &std::path::Path, verb: Verb) -> ExitCode {
         Verb::Status => Action::Status,
         Verb::Pause => Action::Pause,
         Verb::Resume => Action::Resume,
+        // The API takes an absolute path (its process may run elsewhere).
+        Verb::Snapshot { dir, resume } => match std::path::absolute(&dir) {
+            Ok(dir) => Action::Snapshot { dir, resume },
+            Err(e) => {
+                eprintln!("vmm-shim: {}: {e}", dir.display());
+                return ExitCode::from(2);
+            }
+        },
+        Verb::Migrate {
+            to,
+            max_downtime_ms,
+        } => Action::Migrate {
+            to,
+            max_downtime_ms,
+        },
     };
     match client::run(sock, &action) {
         Ok(v) => {
@@ -111,6 +151,8 @@ fn main() -> ExitCode {
         netd_control: cli.netd_control,
         metrics: cli.metrics,
         api_sock: cli.api_sock,
+        restore: cli.restore,
+        incoming: cli.incoming,
     };
     let raw = match &cli.config {
         Some(p) => match RawConfig::from_file(p) {

@@ -21,12 +21,15 @@
 
 mod control;
 mod io;
+mod migrate;
+mod snapshot;
+pub mod state;
 mod vcpu;
 
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, TryLockError};
 use std::thread::{self, JoinHandle};
@@ -39,7 +42,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::control::{ApiVm, Control};
 use self::io::{console_input, disk_io_loop, net_rx_loop};
-use self::vcpu::{start_vcpus, stop_vcpus, MmioBus, VcpuShared};
+use self::snapshot::{device_types, snapshot_start, DiskRef, Machine, Start};
+use self::state::VmState;
+use self::vcpu::{start_vcpus, stop_vcpus, MmioBus, VcpuShared, VcpuStart};
 use crate::boot;
 use crate::config::{Console, NetBackend as NetKind, VmConfig};
 use crate::layout;
@@ -126,6 +131,9 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
+    /// a snapshot (--restore) or an incoming migration (--incoming) could not be used
+    #[error("restore: {0}")]
+    Restore(String),
     /// an OS resource (eventfd, thread, signal) could not be set up
     #[error("{what}")]
     Os {
@@ -158,13 +166,18 @@ pub enum ExitReason {
     Signal(i32),
     /// The guest died: triple fault, internal error, bad state. The message says which.
     Crash(String),
+    /// The VM went on on another host (`PUT /migrate` succeeded).
+    Migrated,
 }
 
 impl ExitReason {
     /// The process exit status for this reason.
     pub fn exit_code(&self) -> i32 {
         match self {
-            ExitReason::Reset | ExitReason::PowerOff | ExitReason::Signal(_) => 0,
+            ExitReason::Reset
+            | ExitReason::PowerOff
+            | ExitReason::Signal(_)
+            | ExitReason::Migrated => 0,
             ExitReason::Crash(_) => 1,
         }
     }
@@ -179,6 +192,8 @@ type BlockDev = Arc<Mutex<MmioTransport<Block<Session>>>>;
 struct Disks {
     disks: Vec<(BlockDev, Session, JoinHandle<()>)>,
     stop: Arc<EventFd>,
+    /// Each disk as a snapshot drains it.
+    refs: Vec<DiskRef>,
 }
 type NetDev = Arc<Mutex<MmioTransport<Net<Tap>>>>;
 
@@ -215,12 +230,14 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
     sys::block_term_signals();
     sys::install_kick_handler().map_err(os_err("installing the vCPU kick handler"))?;
 
+    // A snapshot to restore is read and checked (shape included) before anything is
+    // connected; an incoming migration's port listens from the start.
+    let start = snapshot_start(&cfg)?;
     let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
-    let vm = create_vm(&kvm)?;
+    let vm = Arc::new(create_vm(&kvm)?);
     // `mem` lives until this function returns, after the vCPU threads are joined (see
     // the SAFETY comment of `register_memory`).
     let mem = guest_memory(&vm, cfg.mem_bytes)?;
-    let serial = serial_console(&vm, &cfg.console)?;
 
     let control = Arc::new(Control::default());
     let mut cmdline = cfg.cmdline.clone();
@@ -231,23 +248,64 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
         bus: &mut bus,
         cmdline: &mut cmdline,
     };
-    let disks = attach_disks(&mut board, &cfg)?;
-    let nics = attach_nics(&mut board, &cfg, &control)?;
-    let entry = load_kernel(&mem, &cfg, &bus, &cmdline)?;
+    let macs = start.saved_macs();
+    let mut disks = attach_disks(&mut board, &cfg)?;
+    let nics = attach_nics(&mut board, &cfg, &control, &macs)?;
+    let (entry, saved, incoming) = match start {
+        Start::Boot => (load_kernel(&mem, &cfg, &bus, &cmdline)?, None, None),
+        Start::Restore(dir, s) => {
+            snapshot::load_memory(&dir, &mem, &s)?;
+            (0, Some(*s), None)
+        }
+        Start::Incoming(l) => {
+            let (s, conn) =
+                migrate::receive(&l, &mem, cfg.mem_bytes, cfg.cpus, &device_types(&cfg))?;
+            (0, Some(s), Some(conn))
+        }
+    };
+    let serial = serial_console(&vm, &cfg.console, saved.as_ref())?;
+    if let Some(s) = &saved {
+        snapshot::restore_devices(&bus, s)?;
+        snapshot::restore_vm(&vm, s)?;
+    }
 
     let (tx, rx) = mpsc::channel::<ExitReason>();
     let exits = Arc::new((0..cfg.cpus).map(|_| VcpuExits::default()).collect());
     serve_metrics(&cfg, &exits, &disks, &nics)?;
-    serve_api(&cfg, &control, &disks, &nics)?;
     let shared = Arc::new(VcpuShared {
         stop: AtomicBool::new(false),
         pio: PioBus::new(serial.clone()),
         bus,
         exits,
         control: control.clone(),
+        msrs: kvm
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .unwrap_or_default(),
     });
-    let vcpu_threads = start_vcpus(&kvm, &vm, cfg.cpus, entry, &shared, &tx)?;
+    let machine = Arc::new(Machine {
+        vm: vm.clone(),
+        mem: mem.clone(),
+        mem_bytes: cfg.mem_bytes,
+        shared: shared.clone(),
+        serial: serial.clone(),
+        disks: std::mem::take(&mut disks.refs),
+        exit: Mutex::new(tx.clone()),
+        busy: Mutex::new(()),
+    });
+    serve_api(&cfg, &control, &disks, &nics, &machine)?;
+    // A restored or migrated VM goes on from its vCPUs' states; a booted one starts
+    // at the kernel's entry.
+    let vstart = match &saved {
+        Some(s) => VcpuStart::Restore(&s.vcpus),
+        None => VcpuStart::Boot(entry),
+    };
+    let vcpu_threads = start_vcpus(&kvm, &vm, cfg.cpus, vstart, &shared, &tx)?;
     control.started(vcpu_threads.iter().map(|h| h.as_pthread_t()).collect());
+    if let Some(conn) = incoming {
+        migrate::accepted(conn);
+        tracing::info!("incoming migration done; the VM runs here");
+    }
     start_helpers(&cfg, &serial, tx)?;
     sys::sd_notify_ready();
 
@@ -319,6 +377,7 @@ fn serve_api(
     control: &Arc<Control>,
     disks: &Disks,
     nics: &Nics,
+    machine: &Arc<Machine>,
 ) -> Result<(), VmmError> {
     let Some(path) = &cfg.api_sock else {
         return Ok(());
@@ -328,6 +387,7 @@ fn serve_api(
         cpus: cfg.cpus,
         mem_bytes: cfg.mem_bytes,
         devices: devices(disks, nics),
+        machine: machine.clone(),
     };
     crate::api::serve(path, Arc::new(vm))?;
     tracing::info!(api = %path.display(), "serving the control API");
@@ -360,8 +420,13 @@ fn guest_memory(vm: &VmFd, bytes: u64) -> Result<GuestMemoryMmap, VmmError> {
     Ok(mem)
 }
 
-/// The 8250 UART at 0x3f8: output to stdout or appended to a file, its IRQ an irqfd.
-fn serial_console(vm: &VmFd, console: &Console) -> Result<Arc<Mutex<SerialDev>>, VmmError> {
+/// The 8250 UART at 0x3f8: output to stdout or appended to a file, its IRQ an irqfd;
+/// its registers and FIFO from `saved` when the VM is restored.
+fn serial_console(
+    vm: &VmFd,
+    console: &Console,
+    saved: Option<&VmState>,
+) -> Result<Arc<Mutex<SerialDev>>, VmmError> {
     let out = match console {
         Console::Stdio => ConsoleSink::Stdout,
         Console::File(p) => ConsoleSink::File(
@@ -378,10 +443,18 @@ fn serial_console(vm: &VmFd, console: &Console) -> Result<Arc<Mutex<SerialDev>>,
     let serial_evt = EventFd::new(EFD_NONBLOCK).map_err(os_err("eventfd"))?;
     vm.register_irqfd(&serial_evt, layout::SERIAL_IRQ)
         .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-    Ok(Arc::new(Mutex::new(SerialDev::new(
-        IrqEvt(serial_evt),
-        ConsoleOut::new(out),
-    ))))
+    let (irq, out) = (IrqEvt(serial_evt), ConsoleOut::new(out));
+    let dev = match saved {
+        None => SerialDev::new(irq, out),
+        Some(s) => SerialDev::from_state(
+            &snapshot::serial_state(&s.serial),
+            irq,
+            vm_superio::serial::NoEvents,
+            out,
+        )
+        .map_err(|e| VmmError::Restore(format!("serial: {e:?}")))?,
+    };
+    Ok(Arc::new(Mutex::new(dev)))
 }
 
 /// What the devices are put on while the VM is built: the VM (irqfds, ioeventfds),
@@ -415,6 +488,7 @@ fn attach_disks(board: &mut Board<'_>, cfg: &VmConfig) -> Result<Disks, VmmError
     let mut disks = Disks {
         disks: Vec::new(),
         stop: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(os_err("eventfd"))?),
+        refs: Vec::new(),
     };
     for (index, d) in cfg.disks.iter().enumerate() {
         let session = NbdSession::connect(d).map_err(|source| VmmError::Disk { index, source })?;
@@ -441,10 +515,16 @@ fn attach_disks(board: &mut Board<'_>, cfg: &VmConfig) -> Result<Disks, VmmError
         let dev = Block::new(session.clone(), d.read_only, &format!("nbd{index}"))
             .with_kick(kick.try_clone().map_err(os_err("eventfd"))?);
         let t = board.plug(dev)?;
+        let busy = Arc::new(AtomicBool::new(false));
+        disks.refs.push(DiskRef {
+            session: session.clone(),
+            kick: kick.try_clone().map_err(os_err("eventfd"))?,
+            busy: busy.clone(),
+        });
         let (t2, s2, stop) = (t.clone(), session.clone(), disks.stop.clone());
         let h = thread::Builder::new()
             .name(format!("disk{index}-io"))
-            .spawn(move || disk_io_loop(t2, s2, kick, stop))
+            .spawn(move || disk_io_loop(t2, s2, kick, stop, busy))
             .map_err(os_err("spawning a disk thread"))?;
         disks.disks.push((t, session, h));
     }
@@ -454,11 +534,13 @@ fn attach_disks(board: &mut Board<'_>, cfg: &VmConfig) -> Result<Disks, VmmError
 /// Opens every NIC's TAP (asking netd for a `vm` port first where the NIC names a netd
 /// network), puts a virtio-net device for it on the bus and starts its receive thread
 /// ([`net_rx_loop`]). Offloads are offered on plain TAPs only: a netd port's AF_PACKET
-/// side carries plain frames.
+/// side carries plain frames. A NIC without a MAC takes its `saved` one (a restored
+/// snapshot's), else one made from the pid.
 fn attach_nics(
     board: &mut Board<'_>,
     cfg: &VmConfig,
     control: &Arc<Control>,
+    saved: &[Option<[u8; 6]>],
 ) -> Result<Nics, VmmError> {
     let mut nics = Nics {
         rx_threads: Vec::new(),
@@ -467,7 +549,10 @@ fn attach_nics(
         counters: Vec::new(),
     };
     for (index, n) in cfg.nets.iter().enumerate() {
-        let mac = n.mac.unwrap_or_else(|| random_mac(index));
+        let mac = n
+            .mac
+            .or_else(|| saved.get(index).copied().flatten())
+            .unwrap_or_else(|| random_mac(index));
         let (name, offloads) = match &n.backend {
             NetKind::Tap(name) => (name.clone(), true),
             NetKind::Netd(network) => {
@@ -557,6 +642,9 @@ fn start_helpers(
 /// most [`SHUTDOWN_GRACE`] in all for vCPU threads and busy disks.
 fn shutdown(vm: Running, cfg: &VmConfig) {
     let deadline = Instant::now() + SHUTDOWN_GRACE;
+    // The stop flag before the pause is let go: a parked vCPU (a VM that migrated
+    // away) must leave, not run the guest once more.
+    vm.shared.stop.store(true, Ordering::SeqCst);
     vm.shared.control.stopping();
     stop_vcpus(vm.vcpu_threads, &vm.shared.stop, deadline);
     let _ = vm.nics.stop_rx.write(1);
@@ -628,6 +716,12 @@ fn close_disks(disks: Vec<(BlockDev, Session, JoinHandle<()>)>, deadline: Instan
 
 /// Tells KVM where each region of guest RAM is mapped in this process.
 fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
+    set_memory_flags(vm, mem, 0)
+}
+
+/// (Re-)registers guest RAM with these `flags` (0, or KVM_MEM_LOG_DIRTY_PAGES to
+/// turn dirty logging on for a migration).
+fn set_memory_flags(vm: &VmFd, mem: &GuestMemoryMmap, flags: u32) -> Result<(), VmmError> {
     for (slot, r) in mem.iter().enumerate() {
         let host = mem
             .get_host_address(r.start_addr())
@@ -640,7 +734,7 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
             guest_phys_addr: r.start_addr().0,
             memory_size: vm_memory::GuestMemoryRegion::len(r),
             userspace_addr: host as u64,
-            flags: 0,
+            flags,
         };
         // SAFETY: the range is `r`'s own mapping (host address and length from `mem`).
         // The mapping lives as long as any clone of `mem` (the regions are shared

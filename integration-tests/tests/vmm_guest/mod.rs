@@ -16,6 +16,8 @@
 
 #![allow(dead_code)]
 
+pub mod counter;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -264,6 +266,15 @@ impl LiveVm {
             .expect("vmm-shim stdin piped")
             .write_all(bytes)
             .expect("write vmm-shim stdin");
+    }
+
+    /// Kills vmm-shim (SIGKILL: no flush, no clean-up) and waits for it to be gone.
+    pub fn kill(mut self) {
+        self.guard.signal(libc::SIGKILL);
+        assert!(
+            self.guard.wait_timeout(Duration::from_secs(10)).is_some(),
+            "vmm-shim still running after SIGKILL"
+        );
     }
 
     /// Sends SIGTERM, then [`LiveVm::finish`]es.

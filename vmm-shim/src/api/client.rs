@@ -1,4 +1,5 @@
-//! `vmm-shim ctl --api-sock PATH status|pause|resume`: a client of the control API
+//! `vmm-shim ctl --api-sock PATH status|pause|resume|snapshot DIR|migrate tcp:HOST:PORT`:
+//! a client of the control API
 //! ([`super`]). It sends one request, prints the JSON answer on standard output and
 //! fails (with the API's error message) on anything but 200.
 
@@ -18,6 +19,20 @@ pub enum Action {
     Pause,
     /// `PATCH /vm {"state": "running"}`.
     Resume,
+    /// `PUT /snapshot {"dir": DIR, "resume": RESUME}`.
+    Snapshot {
+        /// Where.
+        dir: std::path::PathBuf,
+        /// Resume afterwards.
+        resume: bool,
+    },
+    /// `PUT /migrate {"to": TO, "max_downtime_ms": N}`.
+    Migrate {
+        /// `tcp:HOST:PORT`.
+        to: String,
+        /// The downtime the pre-copy aims for.
+        max_downtime_ms: u64,
+    },
 }
 
 /// Why a `ctl` call failed.
@@ -50,8 +65,8 @@ pub enum CtlError {
 
 /// Largest answer read.
 const MAX_ANSWER: u64 = 1 << 20;
-/// How long the API has to answer.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the API has to answer (a migration of a large, busy guest takes a while).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Sends `method path` with `body` (JSON) to the API at `sock`; returns the status
 /// code and the JSON answer.
@@ -99,6 +114,17 @@ pub fn run(sock: &Path, action: &Action) -> Result<Value, CtlError> {
         Action::Status => request(sock, "GET", "/vm", None)?,
         Action::Pause => request(sock, "PATCH", "/vm", Some(&state("paused")))?,
         Action::Resume => request(sock, "PATCH", "/vm", Some(&state("running")))?,
+        Action::Snapshot { dir, resume } => {
+            let body = serde_json::json!({ "dir": dir, "resume": resume });
+            request(sock, "PUT", "/snapshot", Some(&body))?
+        }
+        Action::Migrate {
+            to,
+            max_downtime_ms,
+        } => {
+            let body = serde_json::json!({ "to": to, "max_downtime_ms": max_downtime_ms });
+            request(sock, "PUT", "/migrate", Some(&body))?
+        }
     };
     if status != 200 {
         let message = v

@@ -5,7 +5,13 @@
 //! Routes: `GET /vm` answers the VM's state (`running` / `paused`), vCPUs, memory and
 //! devices with their counters, plus the API's own counters (`api`: requests served,
 //! refusals by reason); `PATCH /vm` with `{"state": "paused" | "running"}` pauses or
-//! resumes the vCPUs and answers as `GET /vm` does. Errors are JSON:
+//! resumes the vCPUs and answers as `GET /vm` does; `PUT /snapshot` with
+//! `{"dir": PATH, "resume": false}` writes a snapshot (see `vmm::snapshot`) and
+//! answers its files and size; `PUT /migrate` with `{"to": "tcp:HOST:PORT",
+//! "max_downtime_ms": 50}` live-migrates the VM (see `vmm::migrate`) and answers
+//! `{"downtime_ms", "total_ms", "rounds", "bytes", "mode", "dirty_logged_pages",
+//! "device_written_pages"}` when it is done, after
+//! which this vmm-shim exits 0. Errors are JSON:
 //! `{"error": MESSAGE}` with a 4xx (the request) or 5xx (the VM could not do it).
 //!
 //! Every request is bounded, so a client can neither hurt the guest nor the VMM: at
@@ -45,6 +51,12 @@ pub trait Vm: Send + Sync + 'static {
     fn describe(&self) -> Value;
     /// `PATCH /vm`: pause (`true`) or resume; the error says why it could not.
     fn set_paused(&self, paused: bool) -> Result<(), String>;
+    /// `PUT /snapshot`: writes a snapshot to `dir`; stays paused unless `resume`.
+    fn snapshot(&self, dir: &Path, resume: bool) -> Result<Value, String>;
+    /// `PUT /migrate`: moves the VM to `to`; the answer is the migration's figures.
+    fn migrate(&self, to: &str, max_downtime_ms: u64) -> Result<Value, String>;
+    /// Called once the answer to a successful `PUT /migrate` is sent: the VM ends.
+    fn migrated(&self);
 }
 
 /// The API's own counters.
@@ -227,6 +239,31 @@ struct StateBody {
     state: String,
 }
 
+/// `PUT /snapshot`'s body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotBody {
+    dir: std::path::PathBuf,
+    #[serde(default)]
+    resume: bool,
+}
+
+/// `PUT /migrate`'s body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrateBody {
+    to: String,
+    #[serde(default = "default_downtime")]
+    max_downtime_ms: u64,
+}
+
+/// The downtime a migration aims for unless told otherwise.
+pub const DEFAULT_MAX_DOWNTIME_MS: u64 = 50;
+
+fn default_downtime() -> u64 {
+    DEFAULT_MAX_DOWNTIME_MS
+}
+
 fn connection(mut s: UnixStream, vm: &dyn Vm, stats: &Stats) {
     if s.set_write_timeout(Some(WRITE_TIMEOUT)).is_err() {
         return;
@@ -240,6 +277,10 @@ fn connection(mut s: UnixStream, vm: &dyn Vm, stats: &Stats) {
         Ok(v) => {
             stats.served.fetch_add(1, Ordering::Relaxed);
             answer(&mut s, "200 OK", &v);
+            if req.path == "/migrate" {
+                drop(s);
+                vm.migrated();
+            }
         }
         Err(Outcome::Refused(r, msg)) => refuse(&mut s, stats, r, &msg),
         Err(Outcome::Failed(msg)) => {
@@ -295,6 +336,36 @@ fn route(req: &Request, vm: &dyn Vm, stats: &Stats) -> Result<Value, Outcome> {
         ("/vm", m) => Err(Outcome::Refused(
             Refusal::BadMethod,
             format!("{m} /vm: only GET and PATCH"),
+        )),
+        ("/snapshot", "PUT") => {
+            let b: SnapshotBody = serde_json::from_slice(&req.body).map_err(|e| {
+                bad(format!(
+                    "body: expected {{\"dir\": PATH, \"resume\": false}}: {e}"
+                ))
+            })?;
+            if !b.dir.is_absolute() {
+                return Err(bad("dir: expected an absolute path".into()));
+            }
+            vm.snapshot(&b.dir, b.resume).map_err(Outcome::Failed)
+        }
+        ("/migrate", "PUT") => {
+            let b: MigrateBody = serde_json::from_slice(&req.body).map_err(|e| {
+                bad(format!(
+                    "body: expected {{\"to\": \"tcp:HOST:PORT\", \"max_downtime_ms\": N}}: {e}"
+                ))
+            })?;
+            if !b.to.starts_with("tcp:") {
+                return Err(bad(format!("to: expected tcp:HOST:PORT, got {:?}", b.to)));
+            }
+            if !(1..=60_000).contains(&b.max_downtime_ms) {
+                return Err(bad("max_downtime_ms: expected 1 to 60000".into()));
+            }
+            vm.migrate(&b.to, b.max_downtime_ms)
+                .map_err(Outcome::Failed)
+        }
+        ("/snapshot" | "/migrate", m) => Err(Outcome::Refused(
+            Refusal::BadMethod,
+            format!("{m} {}: only PUT", req.path),
         )),
         (p, _) => Err(Outcome::Refused(Refusal::NotFound, format!("no route {p}"))),
     }

@@ -14,6 +14,7 @@ use super::*;
 struct MockVm {
     paused: AtomicBool,
     fail: AtomicBool,
+    migrated: AtomicBool,
 }
 
 impl Vm for MockVm {
@@ -27,6 +28,15 @@ impl Vm for MockVm {
         }
         self.paused.store(paused, Ordering::SeqCst);
         Ok(())
+    }
+    fn snapshot(&self, dir: &Path, resume: bool) -> Result<Value, String> {
+        Ok(json!({ "dir": dir, "resume": resume }))
+    }
+    fn migrate(&self, to: &str, max_downtime_ms: u64) -> Result<Value, String> {
+        Ok(json!({ "to": to, "max": max_downtime_ms }))
+    }
+    fn migrated(&self) {
+        self.migrated.store(true, Ordering::SeqCst);
     }
 }
 
@@ -140,4 +150,34 @@ fn a_second_server_on_a_live_socket_is_refused_and_a_stale_one_replaced() {
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
     serve(&stale, Arc::new(MockVm::default())).unwrap();
     assert!(client::run(&stale, &Action::Status).is_ok());
+}
+
+#[test]
+fn snapshot_and_migrate_bodies_are_checked() {
+    let (_d, sock, vm) = server();
+    let put = |path: &str, body: &str| {
+        raw(
+            &sock,
+            format!(
+                "PUT {path} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+    };
+    let (code, v) = put("/snapshot", r#"{"dir":"/tmp/s"}"#);
+    assert_eq!((code, &v["resume"]), (200, &json!(false)), "{v}");
+    assert_eq!(put("/snapshot", r#"{"dir":"rel"}"#).0, 400);
+    assert_eq!(put("/snapshot", r#"{"dir":"/x","more":1}"#).0, 400);
+    assert!(!vm.migrated.load(Ordering::SeqCst));
+    assert_eq!(put("/migrate", r#"{"to":"udp:1:2"}"#).0, 400);
+    assert_eq!(
+        put("/migrate", r#"{"to":"tcp:h:1","max_downtime_ms":0}"#).0,
+        400
+    );
+    let (code, v) = put("/migrate", r#"{"to":"tcp:127.0.0.1:9"}"#);
+    assert_eq!((code, &v["max"]), (200, &json!(50)), "{v}");
+    assert!(vm.migrated.load(Ordering::SeqCst));
+    let (code, _) = raw(&sock, b"GET /snapshot HTTP/1.1\r\n\r\n");
+    assert_eq!(code, 405);
 }

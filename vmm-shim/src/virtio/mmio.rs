@@ -24,6 +24,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::{Counters, IrqLine, VirtioDevice, F_VERSION_1};
+use crate::vmm::state::{DeviceSnap, QueueSnap};
 
 const MAGIC: u32 = 0x7472_6976;
 /// Offset of the QueueNotify register (what KVM_IOEVENTFD watches for a disk).
@@ -324,12 +325,136 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 }
 
+/// Bytes of config space a snapshot keeps (more than any of our devices has).
+const CONFIG_SNAP: usize = 64;
+
+impl<D: VirtioDevice> MmioTransport<D> {
+    /// The device's config space, as far as a snapshot keeps it.
+    fn config_bytes(&self) -> Vec<u8> {
+        let mut c = vec![0u8; CONFIG_SNAP];
+        self.device.read_config(0, &mut c);
+        c
+    }
+
+    /// The transport's registers, its queues and the config space, for a snapshot.
+    pub fn save(&self) -> DeviceSnap {
+        DeviceSnap {
+            device_type: self.device.device_type(),
+            acked: self.acked,
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            active: self.active,
+            irq_status: self.irq.status(),
+            queues: self
+                .queues
+                .iter()
+                .map(|q| {
+                    let s = q.state();
+                    QueueSnap {
+                        max_size: s.max_size,
+                        size: s.size,
+                        ready: s.ready,
+                        desc_table: s.desc_table,
+                        avail_ring: s.avail_ring,
+                        used_ring: s.used_ring,
+                        next_avail: s.next_avail,
+                        next_used: s.next_used,
+                        event_idx: s.event_idx_enabled,
+                    }
+                })
+                .collect(),
+            config: self.config_bytes(),
+        }
+    }
+
+    /// Puts a saved state back on a fresh transport of the same device. Refused (the
+    /// transport left as it was) when the device differs (type, queues, config space:
+    /// another MAC or disk size), when the acked features are not all offered, or when
+    /// an active device's ready queue does not fit in guest memory. An active device
+    /// is activated again with its acked features.
+    pub fn restore(&mut self, s: &DeviceSnap) -> Result<(), String> {
+        if s.device_type != self.device.device_type() {
+            return Err(format!(
+                "device type {} in the state, {} here",
+                s.device_type,
+                self.device.device_type()
+            ));
+        }
+        if s.config != self.config_bytes() {
+            return Err(
+                "its config space differs from the saved one (another MAC or disk size)".into(),
+            );
+        }
+        let offered = self.device.features() | F_VERSION_1;
+        if s.acked & !offered != 0 {
+            return Err(format!(
+                "acked features {:#x} were not offered",
+                s.acked & !offered
+            ));
+        }
+        let max: Vec<u16> = self.device.queue_max_sizes().to_vec();
+        if s.queues.len() != max.len() {
+            return Err(format!(
+                "{} queues in the state, {} here",
+                s.queues.len(),
+                max.len()
+            ));
+        }
+        let mut queues = Vec::new();
+        for (i, (q, &m)) in s.queues.iter().zip(&max).enumerate() {
+            if q.max_size != m {
+                return Err(format!(
+                    "queue {i}: maximum size {} in the state, {m} here",
+                    q.max_size
+                ));
+            }
+            let state = virtio_queue::QueueState {
+                max_size: q.max_size,
+                next_avail: q.next_avail,
+                next_used: q.next_used,
+                event_idx_enabled: q.event_idx,
+                size: q.size,
+                ready: q.ready,
+                desc_table: q.desc_table,
+                avail_ring: q.avail_ring,
+                used_ring: q.used_ring,
+            };
+            let queue = Queue::try_from(state).map_err(|e| format!("queue {i}: {e:?}"))?;
+            if s.active && queue.ready() && !queue.is_valid(&self.mem) {
+                return Err(format!("queue {i}: its rings are outside guest memory"));
+            }
+            queues.push(queue);
+        }
+        self.queues = queues;
+        self.acked = s.acked;
+        self.status = s.status;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.queue_sel = s.queue_sel;
+        self.config_generation = s.config_generation;
+        self.irq.ack(u32::MAX);
+        self.irq.set(s.irq_status);
+        self.active = s.active;
+        if s.active {
+            self.device.activate(s.acked);
+        }
+        Ok(())
+    }
+}
+
 /// What the vCPU's MMIO bus dispatches to.
 pub trait BusDevice: Send {
     /// Register read.
     fn bus_read(&mut self, offset: u64, data: &mut [u8]);
     /// Register write.
     fn bus_write(&mut self, offset: u64, data: &[u8]);
+    /// The device's state, for a snapshot.
+    fn save(&self) -> DeviceSnap;
+    /// Puts a saved state back (see [`MmioTransport::restore`]).
+    fn restore(&mut self, s: &DeviceSnap) -> Result<(), String>;
 }
 
 impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
@@ -338,6 +463,12 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
     }
     fn bus_write(&mut self, offset: u64, data: &[u8]) {
         self.write(offset, data)
+    }
+    fn save(&self) -> DeviceSnap {
+        MmioTransport::save(self)
+    }
+    fn restore(&mut self, s: &DeviceSnap) -> Result<(), String> {
+        MmioTransport::restore(self, s)
     }
 }
 

@@ -58,6 +58,11 @@ impl IrqLine {
         self.status.load(Ordering::SeqCst)
     }
 
+    /// Sets status bits without signalling (a restored device's pending bits).
+    pub fn set(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+    }
+
     /// InterruptACK.
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);

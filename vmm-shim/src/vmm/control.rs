@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use super::state::VcpuState;
 use crate::metrics::Device;
 use crate::sys;
 use crate::virtio::Counters;
@@ -43,6 +44,9 @@ pub struct Control {
     threads: Mutex<Threads>,
     /// One pause or resume at a time.
     op: Mutex<()>,
+    /// Each vCPU's state as it parked (or why it could not be read), for a snapshot
+    /// or a migration of the paused VM.
+    states: Mutex<Vec<Option<Result<VcpuState, String>>>>,
 }
 
 impl Default for Control {
@@ -53,6 +57,7 @@ impl Default for Control {
             cv: Condvar::new(),
             threads: Mutex::new(Threads::Starting),
             op: Mutex::new(()),
+            states: Mutex::new(Vec::new()),
         }
     }
 }
@@ -65,6 +70,8 @@ impl Control {
 
     /// The vCPU threads are running; these are their handles.
     pub(super) fn started(&self, threads: Vec<libc::pthread_t>) {
+        *self.states.lock().unwrap_or_else(|e| e.into_inner()) =
+            (0..threads.len()).map(|_| None).collect();
         *self.threads.lock().unwrap_or_else(|e| e.into_inner()) = Threads::Running(threads);
     }
 
@@ -75,9 +82,23 @@ impl Control {
         self.cv.notify_all();
     }
 
-    /// Called by a vCPU thread between exits while a pause is wanted: waits until it
-    /// is not, or until `stop` is set.
-    pub(super) fn park(&self, stop: &AtomicBool) {
+    /// Called by vCPU thread `id` between exits while a pause is wanted: records its
+    /// state (`save`), then waits until the pause ends or `stop` is set.
+    pub(super) fn park(
+        &self,
+        stop: &AtomicBool,
+        id: usize,
+        save: impl FnOnce() -> Result<VcpuState, String>,
+    ) {
+        let state = save();
+        if let Some(slot) = self
+            .states
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(id)
+        {
+            *slot = Some(state);
+        }
         let mut n = self.parked.lock().unwrap_or_else(|e| e.into_inner());
         *n += 1;
         self.cv.notify_all();
@@ -138,6 +159,24 @@ impl Control {
         }
     }
 
+    /// The vCPUs' states as they parked, by index; the VM must be paused (see
+    /// [`Control::pause`]). Fails if a vCPU's state could not be read.
+    pub(super) fn vcpu_states(&self) -> Result<Vec<VcpuState>, String> {
+        if !self.pausing() {
+            return Err("the VM is not paused".into());
+        }
+        let states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        states
+            .iter()
+            .enumerate()
+            .map(|(i, s)| match s {
+                Some(Ok(s)) => Ok(s.clone()),
+                Some(Err(e)) => Err(format!("vCPU {i}: {e}")),
+                None => Err(format!("vCPU {i}: no state recorded")),
+            })
+            .collect()
+    }
+
     /// Lets the vCPUs run again.
     pub fn resume(&self) {
         let _op = self.op.lock().unwrap_or_else(|e| e.into_inner());
@@ -152,6 +191,8 @@ pub(super) struct ApiVm {
     pub(super) cpus: u8,
     pub(super) mem_bytes: u64,
     pub(super) devices: Vec<Device>,
+    /// The machine, for snapshots and migrations.
+    pub(super) machine: std::sync::Arc<super::snapshot::Machine>,
 }
 
 /// A device's counters as `GET /vm` shows them.
@@ -194,11 +235,31 @@ impl crate::api::Vm for ApiVm {
     }
 
     fn set_paused(&self, paused: bool) -> Result<(), String> {
+        // A snapshot or migration pauses and resumes the VM itself.
+        if matches!(
+            self.machine.busy.try_lock(),
+            Err(std::sync::TryLockError::WouldBlock)
+        ) {
+            return Err("a snapshot or migration is under way".into());
+        }
         if paused {
             self.control.pause()
         } else {
             self.control.resume();
             Ok(())
         }
+    }
+
+    fn snapshot(&self, dir: &std::path::Path, resume: bool) -> Result<Value, String> {
+        self.machine.snapshot(dir, resume)
+    }
+
+    fn migrate(&self, to: &str, max_downtime_ms: u64) -> Result<Value, String> {
+        super::migrate::send(&self.machine, to, Duration::from_millis(max_downtime_ms))
+    }
+
+    fn migrated(&self) {
+        let tx = self.machine.exit.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = tx.send(super::ExitReason::Migrated);
     }
 }

@@ -3,6 +3,7 @@
 //! and the console input thread (see the module doc of [`super`]).
 
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -20,9 +21,20 @@ use crate::sys;
 /// devices and a stalled or reconnecting server never wait on each other), and takes
 /// it again to complete, unless the driver reset or failed the device meanwhile (then
 /// the answers are dropped: the rings they belonged to are gone).
-pub(super) fn disk_io_loop(t: BlockDev, session: Session, kick: EventFd, stop: Arc<EventFd>) {
+///
+/// `busy` is set from the wake-up (before the kick is read) until the thread waits
+/// again with the ring empty, so a snapshot can tell when no request is in flight
+/// (see `snapshot::Machine::drain`).
+pub(super) fn disk_io_loop(
+    t: BlockDev,
+    session: Session,
+    kick: EventFd,
+    stop: Arc<EventFd>,
+    busy: Arc<AtomicBool>,
+) {
     let fds = [stop.as_raw_fd(), kick.as_raw_fd()];
     loop {
+        busy.store(false, Ordering::SeqCst);
         match sys::poll_readable(&fds, -1) {
             Ok(r) if r.first() == Some(&true) => return,
             Ok(_) => {}
@@ -31,6 +43,7 @@ pub(super) fn disk_io_loop(t: BlockDev, session: Session, kick: EventFd, stop: A
                 return;
             }
         }
+        busy.store(true, Ordering::SeqCst);
         // Reset the counter; EAGAIN (already read) is fine.
         let _ = kick.read();
         loop {

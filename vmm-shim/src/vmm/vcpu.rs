@@ -41,6 +41,8 @@ pub(super) struct VcpuShared {
     pub(super) exits: Arc<Vec<VcpuExits>>,
     /// Pause and resume (a vCPU parks between exits while a pause is wanted).
     pub(super) control: Arc<super::control::Control>,
+    /// The MSRs a parked vCPU saves (KVM's index list).
+    pub(super) msrs: Vec<u32>,
 }
 
 /// The MMIO bus: virtio-mmio windows at fixed addresses.
@@ -112,6 +114,11 @@ impl MmioBus {
         ));
     }
 
+    /// The devices, in window order.
+    pub(super) fn devices(&self) -> &[Arc<Mutex<dyn BusDevice>>] {
+        &self.devices
+    }
+
     /// The windows, for the ACPI tables (a second way for the guest to find them).
     pub(super) fn acpi_devices(&self) -> Vec<crate::acpi::MmioDevice> {
         (0..self.devices.len())
@@ -123,14 +130,22 @@ impl MmioBus {
     }
 }
 
+/// How the vCPUs start: vCPU 0 at a kernel's entry point in long mode (the others
+/// wait for INIT/SIPI from the guest), or every vCPU where a saved state left it.
+pub(super) enum VcpuStart<'a> {
+    /// Boot a kernel at this entry point.
+    Boot(u64),
+    /// Go on from these states (one per vCPU, checked against `cpus` before).
+    Restore(&'a [super::state::VcpuState]),
+}
+
 /// Creates the vCPUs and starts a thread for each that runs [`vcpu_loop`] and reports
-/// its exit reason on `tx`. vCPU 0 starts at `entry` in long mode; the others wait for
-/// INIT/SIPI from the guest.
+/// its exit reason on `tx` (see [`VcpuStart`]).
 pub(super) fn start_vcpus(
     kvm: &Kvm,
     vm: &VmFd,
     cpus: u8,
-    entry: u64,
+    start: VcpuStart<'_>,
     shared: &Arc<VcpuShared>,
     tx: &mpsc::Sender<ExitReason>,
 ) -> Result<Vec<JoinHandle<()>>, VmmError> {
@@ -142,7 +157,19 @@ pub(super) fn start_vcpus(
         let vcpu = vm
             .create_vcpu(u64::from(id))
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        setup_vcpu(&vcpu, id, cpuid.as_ref(), (id == 0).then_some(entry))?;
+        match &start {
+            VcpuStart::Boot(entry) => {
+                setup_vcpu(&vcpu, id, cpuid.as_ref(), (id == 0).then_some(*entry))?
+            }
+            VcpuStart::Restore(states) => {
+                setup_vcpu(&vcpu, id, cpuid.as_ref(), None)?;
+                let s = states
+                    .get(usize::from(id))
+                    .ok_or_else(|| VmmError::Restore(format!("no saved state for vCPU {id}")))?;
+                super::snapshot::restore_vcpu(&vcpu, s)
+                    .map_err(|e| VmmError::Restore(format!("vCPU {id}: {e}")))?;
+            }
+        }
         vcpus.push(vcpu);
     }
     let mut threads = Vec::new();
@@ -246,6 +273,7 @@ fn vcpu_loop(mut vcpu: VcpuFd, id: u8, shared: &VcpuShared) -> Option<ExitReason
         bus,
         exits,
         control,
+        msrs,
     } = shared;
     let unused = VcpuExits::default();
     let exits = exits.get(usize::from(id)).unwrap_or(&unused);
@@ -254,7 +282,9 @@ fn vcpu_loop(mut vcpu: VcpuFd, id: u8, shared: &VcpuShared) -> Option<ExitReason
             return None;
         }
         if control.pausing() {
-            control.park(stop);
+            control.park(stop, usize::from(id), || {
+                super::snapshot::save_vcpu(&mut vcpu, msrs)
+            });
             continue;
         }
         let run = vcpu.run();

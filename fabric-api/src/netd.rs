@@ -164,6 +164,14 @@ pub enum Request {
         /// Bytes kept of each frame (default and most: 262144).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         snaplen: Option<u32>,
+        /// The client hands over the file to write the capture to: after the
+        /// answer (which then says `"pass_fd": true`) it sends one byte carrying
+        /// the file's descriptor (SCM_RIGHTS); the daemon writes the pcapng there
+        /// itself, and the connection carries only one last JSON line, the
+        /// capture's summary (`frames`, `ports`, `stats`, `error`). Without it
+        /// the pcapng comes on the connection.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        pass_fd: bool,
     },
     /// Test only: make a NAT network's router panic in its next step, to exercise
     /// its supervisor. Refused unless netd runs with `NETD_FAULT_INJECTION=1`.

@@ -11,6 +11,11 @@
 //! - A reader that does not read while iperf3 runs: the capture loses frames,
 //!   counted in the report (and the pcapng statistics), while the guests' ping and
 //!   iperf3 keep working.
+//! - The control protocol as another client speaks it (python3 on the socket):
+//!   without `pass_fd` the pcapng comes on the connection (what the CLI falls back
+//!   to with an older daemon); with `pass_fd` and a client that sends no file, or a
+//!   byte without one, the capture is refused with an error line and the network
+//!   and later captures are unaffected.
 //!
 //! Namespace prefixes `cp`.
 
@@ -247,5 +252,81 @@ fn a_reader_that_does_not_read_loses_capture_frames_not_traffic() -> Result<()> 
     assert!(stderr.contains("port a:"), "per-port losses: {stderr}");
     let frames = tshark(&file, "", &["frame.number"])?;
     assert!(!frames.is_empty(), "what was written is readable");
+    Ok(())
+}
+
+/// A client of the control socket written in python3: sends `request`, prints
+/// the answer line, then does `then` (python statements, `s` the socket).
+fn raw_client(control: &Path, request: &str, then: &str) -> Result<String> {
+    let out = integration_tests::run(Command::new("/usr/bin/python3").arg("-c").arg(format!(
+        "import socket, sys, time\n\
+         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+         s.connect('{}')\n\
+         s.sendall(b'{}\\n')\n\
+         f = s.makefile('rb')\n\
+         print(f.readline().decode().strip(), flush=True)\n\
+         {}\n",
+        control.display(),
+        request,
+        then
+    )))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn other_clients_get_the_stream_on_the_connection_or_a_clear_refusal() -> Result<()> {
+    let dir = root_tempdir();
+    let (_host, netd, [a, _b]) = lan_of_two(dir.path(), ["cpk", "cpx", "cpy"], "10.96.0")?;
+    assert!(ping_retry(&a, "10.96.0.2", 5));
+    // No pass_fd: the pcapng follows the answer on the connection.
+    let file = dir.path().join("conn.pcapng");
+    let pinger = ChildGuard::new(
+        a.command(&["ping", "-i", "0.1", "-c", "30", "10.96.0.2"])
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    let answer = raw_client(
+        &netd.control,
+        r#"{"cmd":"capture","net":"lan","count":4}"#,
+        &format!("open('{}', 'wb').write(f.read())", file.display()),
+    )?;
+    drop(pinger);
+    assert!(answer.contains(r#""ok":true"#), "{answer}");
+    assert!(!answer.contains("pass_fd"), "{answer}");
+    let frames = tshark(&file, "icmp", &["frame.number"])?;
+    assert_eq!(frames.len(), 4, "four frames on the connection: {frames:?}");
+    // pass_fd, but no file ever comes: refused after the wait, with a reason.
+    let out = raw_client(
+        &netd.control,
+        r#"{"cmd":"capture","net":"lan","pass_fd":true}"#,
+        "print(f.readline().decode().strip())",
+    )?;
+    let mut lines = out.lines();
+    assert!(
+        lines
+            .next()
+            .is_some_and(|l| l.contains(r#""pass_fd":true"#)),
+        "{out}"
+    );
+    let refusal = lines.next().unwrap_or_default();
+    assert!(
+        refusal.contains(r#""ok":false"#) && refusal.contains("no file descriptor sent"),
+        "{out}"
+    );
+    // A byte without a descriptor: refused at once.
+    let out = raw_client(
+        &netd.control,
+        r#"{"cmd":"capture","net":"lan","pass_fd":true}"#,
+        "s.sendall(b'x'); print(f.readline().decode().strip())",
+    )?;
+    assert!(out.contains("expected one file descriptor, got 0"), "{out}");
+    // The network and the next capture are unaffected.
+    assert!(ping_retry(&a, "10.96.0.2", 3));
+    let (cap, err) = start_capture(&netd, &["lan"])?;
+    assert!(ping_retry(&a, "10.96.0.2", 3));
+    let file = dir.path().join("after.pcapng");
+    let stderr = stop_capture(cap, &err, &file)?;
+    assert!(stderr.contains("0 lost"), "{stderr}");
+    assert!(!tshark(&file, "icmp", &["frame.number"])?.is_empty());
     Ok(())
 }

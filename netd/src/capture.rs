@@ -1,20 +1,27 @@
 //! `netd capture NET [--port P]... [-w FILE | -w -] [--count N] [--snaplen N]`:
 //! the CLI's side of a capture ([`run`]).
 //!
-//! The CLI sends the `capture` request, reads the answer (an error is shown like
-//! any other), and then relays the pcapng stream that follows, block by block, to
-//! the file or to stdout (`-w -`, the default; never to a terminal), flushing
-//! whenever it has caught up with the daemon, so a reader such as `tshark -r -` or
-//! `wireshark -k -i -` sees each frame as it comes. Each block's lengths are
-//! checked ([`crate::pcapng::read_block`]) before it is written on.
+//! The CLI opens the file (or takes stdout for `-w -`, the default; never a
+//! terminal), sends the `capture` request with `pass_fd`, reads the answer (an
+//! error is shown like any other) and hands the file's descriptor to the daemon
+//! (SCM_RIGHTS), which writes the pcapng there itself, each batch as it comes, so a
+//! reader such as `tshark -r -` or `wireshark -k -i -` sees each frame at once and
+//! no byte of the capture passes through the CLI. The CLI then waits for the
+//! daemon's summary line.
+//!
+//! A daemon that predates `pass_fd` refuses the field; the CLI then asks again
+//! without it and relays the pcapng stream that follows on the connection, block
+//! by block, flushing whenever it has caught up, each block's lengths checked
+//! ([`crate::pcapng::read_block`]) before it is written on.
 //!
 //! Ctrl-C (SIGINT) or SIGTERM does not kill the CLI: it shuts down its side of
-//! the connection, the daemon ends the capture and sends its statistics (one
-//! Interface Statistics Block per port), the CLI writes them too and says on
-//! stderr how many frames the capture wrote and lost. A second signal exits at
-//! once. When the output closes (`tshark -c N` done), the CLI stops quietly.
+//! the connection, the daemon ends the capture and writes its statistics (one
+//! Interface Statistics Block per port), and the CLI says on stderr how many
+//! frames the capture wrote and lost. A second signal exits at once. When the
+//! output closes (`tshark -c N` done), the CLI stops quietly.
 
 use std::io::{BufReader, BufWriter, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -83,20 +90,41 @@ impl Summary {
     }
 }
 
+/// The capture's output, as opened by the CLI.
+enum Output {
+    File(std::fs::File),
+    Stdout,
+}
+
+impl Output {
+    /// Its descriptor, to hand to the daemon.
+    fn raw_fd(&self) -> RawFd {
+        match self {
+            Output::File(f) => f.as_raw_fd(),
+            Output::Stdout => std::io::stdout().as_raw_fd(),
+        }
+    }
+
+    /// A buffered writer over it, for relaying the stream.
+    fn writer(self) -> Box<dyn Write> {
+        match self {
+            Output::File(f) => Box::new(BufWriter::new(f)),
+            Output::Stdout => Box::new(BufWriter::with_capacity(OUT_BUF, std::io::stdout().lock())),
+        }
+    }
+}
+
 /// Where the capture goes: `-w FILE`, or stdout for `-w -` or no `-w`.
-fn open_output(write: Option<&PathBuf>) -> Result<(String, Box<dyn Write>), CaptureError> {
+fn open_output(write: Option<&PathBuf>) -> Result<(String, Output), CaptureError> {
     use std::io::IsTerminal;
     match write.filter(|p| p.as_os_str() != "-") {
         Some(p) => {
             let f = std::fs::File::create(p)
                 .map_err(|e| CaptureError::Output(p.display().to_string(), e))?;
-            Ok((p.display().to_string(), Box::new(BufWriter::new(f))))
+            Ok((p.display().to_string(), Output::File(f)))
         }
         None if std::io::stdout().is_terminal() => Err(CaptureError::Terminal),
-        None => Ok((
-            "stdout".into(),
-            Box::new(BufWriter::with_capacity(OUT_BUF, std::io::stdout().lock())),
-        )),
+        None => Ok(("stdout".into(), Output::Stdout)),
     }
 }
 
@@ -124,8 +152,18 @@ fn on_stop(conn: Arc<Mutex<Option<UnixStream>>>) -> Result<(), CaptureError> {
     Ok(())
 }
 
-/// Runs `netd capture` (`req` is a [`Request::Capture`]): relays the stream to
-/// `write` (see the module doc) until the capture ends; returns what it wrote.
+/// `req` with `pass_fd` set to `on`.
+fn with_pass_fd(req: &Request, on: bool) -> Request {
+    let mut req = req.clone();
+    if let Request::Capture { pass_fd, .. } = &mut req {
+        *pass_fd = on;
+    }
+    req
+}
+
+/// Runs `netd capture` (`req` is a [`Request::Capture`]): the daemon writes the
+/// capture to `write` (or the CLI relays it, see the module doc) until it ends;
+/// returns what it wrote.
 pub fn run(
     client: &Client,
     req: &Request,
@@ -134,7 +172,13 @@ pub fn run(
     let (what, out) = open_output(write)?;
     let conn = Arc::new(Mutex::new(None));
     on_stop(conn.clone())?;
-    let (answer, reader) = client.open_stream(req)?;
+    let (answer, reader) = match client.open_stream(&with_pass_fd(req, true)) {
+        // A daemon from before `pass_fd`: the stream comes on the connection.
+        Err(ClientError::Refused { message, .. }) if message.contains("pass_fd") => {
+            client.open_stream(&with_pass_fd(req, false))?
+        }
+        r => r?,
+    };
     if let Ok(s) = reader.get_ref().try_clone() {
         *conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
     }
@@ -155,7 +199,71 @@ pub fn run(
             ports.join(", ")
         }
     );
-    relay(reader, out, &what)
+    if answer["pass_fd"].as_bool() == Some(true) {
+        crate::sys::send_fd(reader.get_ref().as_raw_fd(), out.raw_fd())
+            .map_err(|e| CaptureError::Client(ClientError::Io(e)))?;
+        return wait_summary(reader, &what);
+    }
+    relay(reader, out.writer(), &what)
+}
+
+/// The longest summary line the CLI reads.
+const MAX_SUMMARY: u64 = 1 << 20;
+
+/// Waits for the daemon's summary line at the end of a `pass_fd` capture.
+fn wait_summary(r: BufReader<UnixStream>, what: &str) -> Result<Summary, CaptureError> {
+    use std::io::{BufRead, Read};
+    let mut line = Vec::new();
+    r.take(MAX_SUMMARY)
+        .read_until(b'\n', &mut line)
+        .map_err(|e| CaptureError::Client(ClientError::Io(e)))?;
+    if line.is_empty() {
+        // The daemon went away before the end.
+        return Ok(Summary::default());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&line).map_err(|source| {
+        CaptureError::Client(ClientError::Malformed {
+            daemon: "netd",
+            source,
+        })
+    })?;
+    if v["ok"].as_bool() != Some(true) {
+        return Err(CaptureError::Client(ClientError::Refused {
+            daemon: "netd",
+            message: v["error"].as_str().unwrap_or("capture failed").to_string(),
+        }));
+    }
+    let d = &v["data"];
+    if let Some(e) = d["error"].as_str() {
+        return Err(CaptureError::Output(
+            what.to_string(),
+            std::io::Error::other(e.to_string()),
+        ));
+    }
+    let ports = d["ports"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| p.as_str().unwrap_or("").to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    let stats = d["stats"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| {
+                    let n = |i: usize| s.get(i).and_then(serde_json::Value::as_u64);
+                    Some((u32::try_from(n(0)?).ok()?, n(1)?, n(2)?))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Summary {
+        ports,
+        frames: d["frames"].as_u64().unwrap_or(0),
+        stats,
+    })
 }
 
 /// Copies the stream's blocks from `r` to `out`, following them (see [`run`]).

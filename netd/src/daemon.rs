@@ -32,6 +32,7 @@ use crate::port::{self as ports, PortError, RunningPort};
 use crate::switch::{Network, SwitchError};
 
 mod capture;
+mod capture_out;
 mod control;
 mod dispatch;
 mod metrics;

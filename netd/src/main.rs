@@ -677,6 +677,7 @@ fn main() -> ExitCode {
                 ports,
                 count,
                 snaplen,
+                pass_fd: true,
             };
             netd::capture::run(&out.control, &req, write.as_ref())
                 .map(|sum| eprint!("{}", sum.report(&net)))

@@ -357,6 +357,147 @@ pub fn writev2(fd: RawFd, a: &[u8], b: &[u8]) -> io::Result<usize> {
     }
 }
 
+/// Sends one byte on the unix stream socket `sock` with `fd` attached
+/// (SCM_RIGHTS): the capture CLI hands its output to the daemon this way.
+pub fn send_fd(sock: RawFd, fd: RawFd) -> io::Result<()> {
+    let byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_ptr() as *mut libc::c_void,
+        iov_len: 1,
+    };
+    // A cmsghdr followed by one int, aligned as the kernel wants (u64 alignment
+    // covers cmsghdr's).
+    let mut space = [0u64; 4];
+    // SAFETY: CMSG_SPACE only computes a size.
+    let cmsg_space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    if cmsg_space > std::mem::size_of_val(&space) {
+        return Err(io::Error::other("control message buffer too small"));
+    }
+    // SAFETY: an all-zero msghdr is a valid empty message.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = space.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = cmsg_space as _;
+    // SAFETY: msg_control points at `space`, at least `cmsg_space` bytes, so the
+    // first header and its data (one int) lie inside it.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut RawFd, fd);
+    }
+    // SAFETY: `msg` points at live buffers (`byte`, `space`) for the call.
+    let n = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
+    match n {
+        1 => Ok(()),
+        n if n < 0 => Err(io::Error::last_os_error()),
+        _ => Err(io::Error::other("short sendmsg")),
+    }
+}
+
+/// Receives one byte from the unix stream socket `sock` (without waiting) and the
+/// file descriptor sent with it. WouldBlock when nothing is there yet;
+/// UnexpectedEof when the peer closed; InvalidData when the byte came without
+/// exactly one descriptor (any descriptors that did come are closed).
+pub fn recv_fd(sock: RawFd) -> io::Result<OwnedFd> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr() as *mut libc::c_void,
+        iov_len: 1,
+    };
+    // Room for a few descriptors, so that a peer sending more is seen (and its
+    // extra descriptors closed) rather than truncated silently.
+    let mut space = [0u64; 8];
+    // SAFETY: an all-zero msghdr is a valid empty message.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = space.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = std::mem::size_of_val(&space) as _;
+    let flags = libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC;
+    // SAFETY: `msg` points at live, writable buffers (`byte`, `space`) of the
+    // lengths it gives.
+    let n = unsafe { libc::recvmsg(sock, &mut msg, flags) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut fds = Vec::new();
+    // SAFETY: the kernel filled msg_control up to msg_controllen; CMSG_FIRSTHDR and
+    // CMSG_NXTHDR stay inside it and every header they return is complete.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c) as *const u8;
+                let head = data.offset_from(c as *const u8) as usize;
+                let count =
+                    ((*c).cmsg_len as usize).saturating_sub(head) / std::mem::size_of::<RawFd>();
+                for i in 0..count {
+                    let p = data.add(i * std::mem::size_of::<RawFd>()) as *const RawFd;
+                    // Each received descriptor is new in this process and ours.
+                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(p)));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    if n == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    let truncated = msg.msg_flags & libc::MSG_CTRUNC != 0;
+    match (fds.len(), truncated) {
+        (1, false) => Ok(fds.remove(0)),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("expected one file descriptor, got {}", fds.len()),
+        )),
+    }
+}
+
+/// The file status flags of `fd` (F_GETFL).
+pub fn status_flags(fd: RawFd) -> io::Result<i32> {
+    // SAFETY: fcntl on a caller-owned fd with integer arguments only.
+    cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })
+}
+
+/// Sets the file status flags of `fd` (F_SETFL).
+pub fn set_status_flags(fd: RawFd, flags: i32) -> io::Result<()> {
+    // SAFETY: as above.
+    cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, flags) }).map(|_| ())
+}
+
+/// Whether `fd` is a regular file (whose writes never wait on a reader).
+pub fn is_regular_file(fd: RawFd) -> io::Result<bool> {
+    // SAFETY: an all-zero stat is a valid buffer for fstat to fill.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a live, writable stat.
+    cvt(unsafe { libc::fstat(fd, &mut st) })?;
+    Ok(st.st_mode & libc::S_IFMT == libc::S_IFREG)
+}
+
+/// Waits up to `timeout_ms` for `fd` to be writable; true if it is (or in error,
+/// which the next write reports).
+pub fn poll_out(fd: RawFd, timeout_ms: i32) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: `p` is one valid pollfd for the call.
+    let r = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(false)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(p.revents != 0)
+}
+
 /// A non-blocking eventfd, used to wake a port thread that waits in `poll`.
 pub fn eventfd() -> io::Result<OwnedFd> {
     // SAFETY: plain eventfd(2) call; the result is checked.

@@ -21,21 +21,38 @@
 //! then, if the client still reads, one Interface Statistics Block per interface
 //! says how many frames the capture saw there (`isb_ifrecv`) and lost
 //! (`isb_ifdrop`); then the connection closes.
+//!
+//! With `pass_fd` the client hands over its output file after the answer, and the
+//! same stream is written there instead (see `capture_out.rs`); the connection
+//! then carries one last line, the summary: frames written, the ports in interface
+//! order, per interface (index, seen, lost), whether the output was closed by its
+//! reader, and an error if writing failed.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
 use fabric_api::netd::Response;
 use fabric_util::error_chain;
 
+use super::capture_out::{FileSink, Sink};
 use super::{Daemon, DaemonError};
 use crate::pcapng::{self, Packet, Stats, MAX_SNAPLEN};
 use crate::switch::{now_ns, Capture, CapturedPort, PortId, Record};
 
 /// Bytes of encoded frames gathered before one write to the client.
 const WRITE_BATCH: usize = 256 << 10;
+/// How long the client has to send its file after the answer (`pass_fd`).
+const PASS_FD_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The capture request's arguments: network, ports, count, snaplen, pass_fd.
+pub(super) type CaptureArgs = (String, Vec<String>, Option<u64>, Option<u32>, bool);
+/// The read side of a control connection, as the control loop holds it.
+pub(super) type ConnReader = BufReader<tokio::io::Take<OwnedReadHalf>>;
 
 impl Daemon {
     /// Starts a capture of the ports `ports` (empty: every port) of `net`.
@@ -58,6 +75,8 @@ struct Interfaces {
     index: HashMap<PortId, u32>,
     /// (port id, frames written) per interface.
     written: Vec<(PortId, u64)>,
+    /// The interfaces' names, in order.
+    names: Vec<String>,
 }
 
 impl Interfaces {
@@ -80,6 +99,7 @@ impl Interfaces {
         let i = self.written.len() as u32;
         self.index.insert(id, i);
         self.written.push((id, 0));
+        self.names.push(name);
         i
     }
 }
@@ -105,14 +125,62 @@ fn encode(out: &mut Vec<u8>, ifs: &mut Interfaces, cap: &Capture, rec: &Record) 
     ifs.written[i as usize].1 += 1;
 }
 
+/// Receives the client's output file (`pass_fd`): one byte carrying it.
+async fn receive_fd(r: &ConnReader) -> std::io::Result<OwnedFd> {
+    if !r.buffer().is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "data after the capture request",
+        ));
+    }
+    let sock: &tokio::net::UnixStream = r.get_ref().get_ref().as_ref();
+    let fd = sock.as_raw_fd();
+    let recv = sock.async_io(tokio::io::Interest::READABLE, || crate::sys::recv_fd(fd));
+    tokio::time::timeout(PASS_FD_WAIT, recv)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no file descriptor sent"))?
+}
+
+/// The summary line that ends a `pass_fd` capture.
+fn summary_line(
+    ifs: &Interfaces,
+    total: u64,
+    lost: &HashMap<PortId, u64>,
+    result: std::io::Result<()>,
+) -> Vec<u8> {
+    let stats: Vec<[u64; 3]> = ifs
+        .written
+        .iter()
+        .enumerate()
+        .map(|(i, (id, written))| {
+            let dropped = lost.get(id).copied().unwrap_or(0);
+            [i as u64, written + dropped, dropped]
+        })
+        .collect();
+    let closed = matches!(&result, Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe);
+    let error = match result {
+        Err(e) if !closed => Some(format!("cannot write the capture: {e}")),
+        _ => None,
+    };
+    let v = serde_json::json!({
+        "frames": total,
+        "ports": ifs.names,
+        "stats": stats,
+        "output_closed": closed,
+        "error": error,
+    });
+    fabric_api::encode_line(&Response::ok(v), b"{\"ok\":false}")
+}
+
 /// Serves a `capture` request on its connection (`w` its write half, `r` what is
 /// left of its read half): the answer line, then the pcapng stream (see the module
-/// doc). Returns when the capture is over; the connection is done then.
+/// doc), on the connection or, with `pass_fd`, to the client's file. Returns when
+/// the capture is over; the connection is done then.
 pub(super) async fn serve_capture(
     d: &Arc<Daemon>,
-    (net, ports, count, snaplen): (String, Vec<String>, Option<u64>, Option<u32>),
-    mut w: impl AsyncWrite + Unpin,
-    mut r: impl AsyncRead + Unpin,
+    (net, ports, count, snaplen, pass_fd): CaptureArgs,
+    mut w: OwnedWriteHalf,
+    mut r: ConnReader,
 ) {
     let snaplen = snaplen.unwrap_or(MAX_SNAPLEN);
     let mut cap = match d.capture_start(&net, &ports, snaplen) {
@@ -125,35 +193,57 @@ pub(super) async fn serve_capture(
     };
     let start_ns = now_ns();
     let initial = cap.ports();
-    let answer = serde_json::json!({
+    let mut answer = serde_json::json!({
         "network": net,
         "ports": initial.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
         "snaplen": snaplen,
         "count": count,
     });
-    let mut buf = fabric_api::encode_line(&Response::ok(answer), b"{\"ok\":false}");
+    if pass_fd {
+        answer["pass_fd"] = true.into();
+    }
+    let line = fabric_api::encode_line(&Response::ok(answer), b"{\"ok\":false}");
+    let mut buf = Vec::with_capacity(WRITE_BATCH + MAX_SNAPLEN as usize);
     pcapng::emit_shb(&mut buf, concat!("netd ", env!("CARGO_PKG_VERSION")));
     let mut ifs = Interfaces {
         net: net.clone(),
         snaplen,
         index: HashMap::new(),
         written: Vec::new(),
+        names: Vec::new(),
     };
     for p in initial {
         ifs.of(&mut buf, p.id, Some(p));
     }
-    tracing::info!(network = %net, ?ports, ?count, snaplen, "capture started");
+    let mut sink = if pass_fd {
+        if w.write_all(&line).await.is_err() {
+            return;
+        }
+        let file = receive_fd(&r).await.and_then(FileSink::start);
+        match file {
+            Ok(f) => Sink::File(f, w),
+            Err(e) => {
+                tracing::info!(network = %net, error = %e, "capture: no output file from the client");
+                let fail = Response::fail(format!("capture: no output file: {e}"));
+                let _ = w
+                    .write_all(&fabric_api::encode_line(&fail, b"{\"ok\":false}"))
+                    .await;
+                return;
+            }
+        }
+    } else {
+        buf.splice(0..0, line);
+        Sink::Stream(w)
+    };
+    tracing::info!(network = %net, ?ports, ?count, snaplen, pass_fd, "capture started");
     let limit = count.unwrap_or(u64::MAX);
     let mut total = 0u64;
     let mut junk = [0u8; 512];
-    if w.write_all(&buf).await.is_err() {
-        return;
-    }
+    let mut output_gone = !sink.put(&mut buf).await;
     let mut ended = false;
     let gone = cap.ended();
     tokio::pin!(gone);
-    while total < limit && !ended {
-        buf.clear();
+    while total < limit && !ended && !output_gone {
         tokio::select! {
             // The client shut down its side (or went away): the capture ends.
             n = r.read(&mut junk) => match n {
@@ -180,9 +270,9 @@ pub(super) async fn serve_capture(
                 }
             }
         }
-        if w.write_all(&buf).await.is_err() {
+        if !sink.put(&mut buf).await {
             tracing::info!(network = %net, frames = total, "capture reader went away");
-            return;
+            output_gone = true;
         }
     }
     // The tap goes first: what was lost is final once nothing more is recorded.
@@ -213,6 +303,18 @@ pub(super) async fn serve_capture(
         );
     }
     tracing::info!(network = %net, frames = total, lost = lost_total, "capture ended");
-    let _ = w.write_all(&buf).await;
-    let _ = w.shutdown().await;
+    if !output_gone {
+        sink.put(&mut buf).await;
+    }
+    match sink {
+        Sink::Stream(mut w) => {
+            let _ = w.shutdown().await;
+        }
+        Sink::File(mut f, mut w) => {
+            let result = f.finish().await;
+            let line = summary_line(&ifs, total, &lost, result);
+            let _ = w.write_all(&line).await;
+            let _ = w.shutdown().await;
+        }
+    }
 }

@@ -198,8 +198,9 @@ async fn serve_conn(d: &Arc<Daemon>, stream: tokio::net::UnixStream, idle: Durat
                 ports,
                 count,
                 snaplen,
+                pass_fd,
             }) => {
-                let args = (net, ports, count, snaplen);
+                let args = (net, ports, count, snaplen, pass_fd);
                 return super::capture::serve_capture(d, args, w, lines).await;
             }
             Ok(req) => {

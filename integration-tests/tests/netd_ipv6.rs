@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use integration_tests::netd::{global6, link_local_ready, ping6, run_scapy};
-use integration_tests::{unique_name, Netns};
+use integration_tests::unique_name;
 use netd_common::*;
 
 #[test]

@@ -47,6 +47,8 @@ const POLL: Duration = Duration::from_millis(200);
 pub(super) const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Reply bytes gathered before a TLS write.
 const WRITE_BUF: usize = 64 * 1024;
+/// Largest TLS record payload (RFC 8446 5.1: 2^14 bytes).
+const RECORD: usize = 16 * 1024;
 
 /// Ciphertext gathered before a send: a whole 256 KiB READ reply as TLS
 /// records (16 KiB each, plus their headers and tags).
@@ -377,12 +379,17 @@ impl Write for TlsWrite {
             return Ok(b.len());
         }
         if !self.buf.is_empty() {
-            // Fill the buffer up (a reply header then shares its first record
-            // with the data) and send it; the rest comes in the next call.
-            let k = WRITE_BUF - self.buf.len();
+            // Fill the buffer up to the end of its last TLS record (a reply
+            // header then shares its first record with the data) and send it;
+            // the rest comes in the next call, straight from the caller's
+            // buffer: at most one record's worth is copied here.
+            let k = ((RECORD - self.buf.len() % RECORD) % RECORD).min(b.len());
             self.buf.extend_from_slice(&b[..k]);
             self.send_buf()?;
-            return Ok(k);
+            if k > 0 {
+                return Ok(k);
+            }
+            return self.write(b);
         }
         // Large data goes out as it is (OpenSSL splits it into records).
         lock(&self.s).write(b)

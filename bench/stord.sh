@@ -7,7 +7,8 @@
 # Usage: bench/stord.sh [SIZE_MIB [FIO_SECONDS [REPS]]]   (defaults 1024 4 5)
 # TESTS="read rr32" bench/stord.sh runs only those tests (keys below).
 # STORD_BASE=/tmp/old/stord bench/stord.sh also measures another stord build, as
-# "stord-base", on the same file in the same run (stord / stord-base ratios).
+# "stord-base", on the same file in the same run (stord / stord-base ratios;
+# for the TLS rows also as "stord-base-tls", with the TLS config).
 # Needs nbdkit, qemu-nbd, nbdcopy, fio, python3 (python3-libnbd), psktool
 # (gnutls-bin); builds stord in release mode.
 # Each figure is the median of REPS runs with the three servers taking turns,
@@ -96,6 +97,11 @@ start_server() { # name
       sed -i "s/^listen = .*/listen = \"127.0.0.1:$port\"/" "$work/stord-tls.toml"
       "$STORD" serve --config "$work/stord-tls.toml" 2>>"$work/stord-tls.log" &
       URIS[$1]="nbds://bench@127.0.0.1:$port/bench?$PSKQ";;
+    stord-base-tls)
+      sed -e "s/^listen = .*/listen = \"127.0.0.1:$port\"/" \
+        -e "s|^control = .*|control = \"$work/control-base-tls.sock\"|" "$work/stord-tls.toml" > "$work/stord-base-tls.toml"
+      "$STORD_BASE" serve --config "$work/stord-base-tls.toml" 2>>"$work/stord-base-tls.log" &
+      URIS[$1]="nbds://bench@127.0.0.1:$port/bench?$PSKQ";;
     nbdkit-tls)
       nbdkit -f --tls=require --tls-psk="$work/keys.psk" -i 127.0.0.1 -p "$port" file "$FILE" &
       URIS[$1]="nbds://bench@127.0.0.1:$port/?$PSKQ";;
@@ -150,6 +156,7 @@ py_randread() { /usr/bin/python3 "$work/randread.py" "$1" "$2" "$FIO_SECS"; }
 SERVERS=(stord nbdkit qemu-nbd)
 [ -z "$STORD_BASE" ] || SERVERS+=(stord-base)
 TLS_SERVERS=(stord-tls nbdkit-tls)
+[ -z "$STORD_BASE" ] || TLS_SERVERS+=(stord-base-tls)
 for srv in "${SERVERS[@]}" "${TLS_SERVERS[@]}"; do start_server "$srv"; done
 
 median() { python3 -c 'import sys, statistics; print(int(statistics.median(float(x) for x in sys.argv[1:])))' "$@"; }
@@ -162,7 +169,7 @@ TESTS=${TESTS:-read write rr1 rr32 rw1 rw32 tread trr1 trr32}
 declare -A S
 for key in $TESTS; do
   case $key in
-    tread) srvs=(stord-tls nbdkit-tls stord);;  # plain stord: the TLS cost
+    tread) srvs=("${TLS_SERVERS[@]}" stord);;  # plain stord: the TLS cost
     trr*) srvs=("${TLS_SERVERS[@]}");;
     *) srvs=("${SERVERS[@]}");;
   esac
@@ -239,5 +246,9 @@ if [ -n "$STORD_BASE" ]; then
   for key in $TESTS; do
     [ -n "${R[stord-base,$key]:-}" ] || continue
     printf '%-28s %10s %10s %10s\n' "$key" "${R[stord,$key]}" "${R[stord-base,$key]}" "$(ratio "${R[stord,$key]}" "${R[stord-base,$key]}")"
+  done
+  for key in $TESTS; do
+    [ -n "${R[stord-base-tls,$key]:-}" ] || continue
+    printf '%-28s %10s %10s %10s\n' "$key (TLS)" "${R[stord-tls,$key]}" "${R[stord-base-tls,$key]}" "$(ratio "${R[stord-tls,$key]}" "${R[stord-base-tls,$key]}")"
   done
 fi

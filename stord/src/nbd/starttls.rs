@@ -47,6 +47,8 @@ const POLL: Duration = Duration::from_millis(200);
 pub(super) const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Reply bytes gathered before a TLS write.
 const WRITE_BUF: usize = 64 * 1024;
+/// Largest TLS record payload (RFC 8446 5.1: 2^14 bytes).
+const RECORD: usize = 16 * 1024;
 
 /// Ciphertext gathered before a send: a whole 256 KiB READ reply as TLS
 /// records (16 KiB each, plus their headers and tags).
@@ -370,6 +372,12 @@ impl TlsWrite {
     }
 }
 
+/// How many of `len` more bytes fill `buffered` bytes up to the end of a TLS
+/// record (0 when `buffered` already ends one).
+fn to_record_end(buffered: usize, len: usize) -> usize {
+    ((RECORD - buffered % RECORD) % RECORD).min(len)
+}
+
 impl Write for TlsWrite {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
         if self.buf.len() + b.len() <= WRITE_BUF {
@@ -377,12 +385,17 @@ impl Write for TlsWrite {
             return Ok(b.len());
         }
         if !self.buf.is_empty() {
-            // Fill the buffer up (a reply header then shares its first record
-            // with the data) and send it; the rest comes in the next call.
-            let k = WRITE_BUF - self.buf.len();
+            // Fill the buffer up to the end of its last TLS record (a reply
+            // header then shares its first record with the data) and send it;
+            // the rest comes in the next call, straight from the caller's
+            // buffer: at most one record's worth is copied here.
+            let k = to_record_end(self.buf.len(), b.len());
             self.buf.extend_from_slice(&b[..k]);
             self.send_buf()?;
-            return Ok(k);
+            if k > 0 {
+                return Ok(k);
+            }
+            return self.write(b);
         }
         // Large data goes out as it is (OpenSSL splits it into records).
         lock(&self.s).write(b)
@@ -402,5 +415,24 @@ impl AsRawFd for TlsWrite {
 impl SockWrite for TlsWrite {
     fn raw_fd(&self) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_header_is_topped_up_to_one_record_only() {
+        // A 16-byte reply header ahead of 256 KiB of data: one record's worth.
+        assert_eq!(to_record_end(16, 256 * 1024), RECORD - 16);
+        // A structured chunk header (20 bytes) behind held replies.
+        assert_eq!(to_record_end(RECORD + 20, 256 * 1024), RECORD - 20);
+        // Already on a record boundary: nothing is copied.
+        assert_eq!(to_record_end(RECORD, 256 * 1024), 0);
+        assert_eq!(to_record_end(2 * RECORD, 100_000), 0);
+        // Never more than the caller has.
+        assert_eq!(to_record_end(60 * 1024, 5 * 1024), 4 * 1024);
+        assert_eq!(to_record_end(50 * 1024, 1000), 1000);
     }
 }

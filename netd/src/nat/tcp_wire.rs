@@ -10,6 +10,7 @@ use bytes::Bytes;
 use smoltcp::wire::TcpSeqNumber;
 
 use super::frame::ETH_HDR;
+use super::frame6::IPV6_HDR;
 use super::tcp::Key;
 use super::Router;
 use crate::ipv6::wire::{icmp, Ipv6, ETHERTYPE_IPV6, IPPROTO_ICMPV6};
@@ -111,19 +112,42 @@ pub(super) fn neighbor_sender(frame: &[u8]) -> Option<IpAddr> {
 pub(super) const DELAYED_ACK_MIN_MSS: u16 = 16 * 1024;
 
 /// MSS written into guest SYNs in offload mode: the largest segment that fits a
-/// 64 KiB IPv4 packet with TCP options.
+/// 64 KiB IPv4 packet with TCP options (smoltcp cuts IPv6 segments to the
+/// device's 64 KiB IP MTU itself).
 const OFFLOAD_MSS: u16 = 65535 - 20 - 60;
 
-/// Copies a SYN frame with its MSS option raised to [`OFFLOAD_MSS`] and the TCP
-/// checksum recomputed; returns it with the guest's MSS. `None` when the SYN has no
-/// MSS option (the flow then goes without super-frames) or is malformed.
+/// Copies a SYN frame (IPv4 or IPv6) with its MSS option raised to
+/// [`OFFLOAD_MSS`] and the TCP checksum recomputed; returns it with the guest's
+/// MSS. `None` when the SYN has no MSS option (the flow then goes without
+/// super-frames), carries IPv6 extension headers, or is malformed.
 pub(super) fn raise_syn_mss(frame: &[u8]) -> Option<(Bytes, u16)> {
-    use smoltcp::wire::{EthernetFrame, Ipv4Packet, TcpPacket};
+    use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, Ipv6Packet};
+    use smoltcp::wire::{IpAddress, TcpPacket};
     let mut buf = frame.to_vec();
     let mut eth = EthernetFrame::new_checked(&mut buf[..]).ok()?;
-    let mut ip = Ipv4Packet::new_checked(eth.payload_mut()).ok()?;
-    let (src, dst) = (ip.src_addr(), ip.dst_addr());
-    let mut tcp = TcpPacket::new_checked(ip.payload_mut()).ok()?;
+    let (src, dst, mut tcp): (IpAddress, IpAddress, _) = match eth.ethertype() {
+        EthernetProtocol::Ipv4 => {
+            let ip = Ipv4Packet::new_checked(eth.payload_mut()).ok()?;
+            let (src, dst) = (ip.src_addr(), ip.dst_addr());
+            let hl = usize::from(ip.header_len());
+            let total = usize::from(ip.total_len());
+            let bytes = ip.into_inner();
+            let tcp = TcpPacket::new_checked(bytes.get_mut(hl..total)?).ok()?;
+            (src.into(), dst.into(), tcp)
+        }
+        EthernetProtocol::Ipv6 => {
+            let ip = Ipv6Packet::new_checked(eth.payload_mut()).ok()?;
+            if ip.next_header() != IpProtocol::Tcp {
+                return None;
+            }
+            let (src, dst) = (ip.src_addr(), ip.dst_addr());
+            let len = usize::from(ip.payload_len());
+            let bytes = ip.into_inner();
+            let tcp = TcpPacket::new_checked(bytes.get_mut(IPV6_HDR..IPV6_HDR + len)?).ok()?;
+            (src.into(), dst.into(), tcp)
+        }
+        _ => return None,
+    };
     let opts = tcp.options_mut();
     let mut i = 0;
     let mut mss = None;
@@ -146,8 +170,20 @@ pub(super) fn raise_syn_mss(frame: &[u8]) -> Option<(Bytes, u16)> {
         }
     }
     let mss = mss.filter(|m| *m >= 64)?;
-    tcp.fill_checksum(&src.into(), &dst.into());
+    tcp.fill_checksum(&src, &dst);
     Some((Bytes::from(buf), mss))
+}
+
+/// The segment size of a super-frame to a guest: its MSS (0: unknown), within
+/// what fits the network's MTU after `headers` (IP and TCP) bytes.
+pub(super) fn guest_segment(guest_mss: u16, mtu: usize, headers: usize) -> Option<u16> {
+    let fit = u16::try_from(mtu.checked_sub(headers)?).unwrap_or(u16::MAX);
+    let mss = if guest_mss == 0 {
+        fit
+    } else {
+        guest_mss.min(fit)
+    };
+    (mss > 0).then_some(mss)
 }
 
 impl Router {
@@ -160,7 +196,9 @@ impl Router {
     ) -> Option<(crate::offload::VnetHdr, usize, u16)> {
         use crate::offload::{VnetHdr, F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4};
         if self.offload && super::frame6::is_ipv6(frame) {
-            return super::v6::tcp6_offload_header(frame);
+            return super::v6::tcp6_offload_header(frame, self.cfg.mtu, |key| {
+                self.tcp.guest_mss(key)
+            });
         }
         if !self.offload || frame.get(12..14)? != [0x08, 0x00] {
             return None;
@@ -207,14 +245,8 @@ impl Router {
                 SocketAddrV4::new(dst_ip, dport).into(),
                 SocketAddrV4::new(src_ip, sport).into(),
             );
-            let guest_mss = self.tcp.guest_mss(&key);
-            let fit = self.cfg.mtu.checked_sub(ihl + doff)? as u16;
-            let mss = if guest_mss == 0 {
-                fit
-            } else {
-                guest_mss.min(fit)
-            };
-            if mss == 0 || payload == 0 {
+            let mss = guest_segment(self.tcp.guest_mss(&key), self.cfg.mtu, ihl + doff)?;
+            if payload == 0 {
                 return None;
             }
             hdr.gso_type = GSO_TCPV4;
@@ -344,6 +376,95 @@ mod tests {
         let f = syn(Some(1460));
         for n in 0..f.len() {
             let _ = raise_syn_mss(&f[..n]);
+        }
+    }
+
+    /// An IPv6 TCP frame from `src` to `dst` carrying `repr`.
+    fn tcp6_frame(src: SocketAddrV6, dst: SocketAddrV6, repr: &TcpRepr) -> Vec<u8> {
+        use smoltcp::wire::{IpProtocol, Ipv6Packet, Ipv6Repr};
+        let caps = ChecksumCapabilities::default();
+        let ip = Ipv6Repr {
+            src_addr: *src.ip(),
+            dst_addr: *dst.ip(),
+            next_header: IpProtocol::Tcp,
+            payload_len: repr.buffer_len(),
+            hop_limit: 64,
+        };
+        let mut f = vec![0u8; 14 + ip.buffer_len() + repr.buffer_len()];
+        f[12..14].copy_from_slice(&[0x86, 0xdd]);
+        let mut pkt = Ipv6Packet::new_unchecked(&mut f[14..]);
+        ip.emit(&mut pkt);
+        let mut tcp = TcpPacket::new_unchecked(pkt.payload_mut());
+        repr.emit(&mut tcp, &(*src.ip()).into(), &(*dst.ip()).into(), &caps);
+        f
+    }
+
+    #[test]
+    fn ipv6_syn_mss_is_raised_and_super_frames_are_cut_at_the_guest_mss() {
+        use smoltcp::wire::Ipv6Packet;
+        let (guest, dst) = (
+            "[fd00::15]:40000".parse::<SocketAddrV6>().unwrap(),
+            "[2001:db8::10]:80".parse::<SocketAddrV6>().unwrap(),
+        );
+        let mut repr = TcpRepr {
+            src_port: guest.port(),
+            dst_port: dst.port(),
+            control: TcpControl::Syn,
+            seq_number: TcpSeqNumber(1),
+            ack_number: None,
+            window_len: 64800,
+            window_scale: Some(7),
+            max_seg_size: Some(1440),
+            sack_permitted: true,
+            sack_ranges: [None, None, None],
+            timestamp: None,
+            payload: &[],
+        };
+        let f = tcp6_frame(guest, dst, &repr);
+        let (out, mss) = raise_syn_mss(&f).unwrap();
+        assert_eq!(mss, 1440);
+        let ip = Ipv6Packet::new_checked(&out[14..]).unwrap();
+        let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+        let (s, d) = (ip.src_addr().into(), ip.dst_addr().into());
+        assert!(tcp.verify_checksum(&s, &d));
+        let parsed = TcpRepr::parse(&tcp, &s, &d, &ChecksumCapabilities::default()).unwrap();
+        assert_eq!(parsed.max_seg_size, Some(OFFLOAD_MSS));
+        assert_eq!(parsed.window_scale, Some(7), "other options kept");
+        for n in 0..f.len() {
+            let _ = raise_syn_mss(&f[..n]);
+        }
+        // A 32 KiB segment from the destination to the guest: a super-frame, cut
+        // at the guest's MSS within the MTU; a small one is only checksummed.
+        let data = vec![0x5a; 32 * 1024];
+        repr.control = TcpControl::None;
+        repr.max_seg_size = None;
+        repr.window_scale = None;
+        repr.sack_permitted = false;
+        repr.ack_number = Some(TcpSeqNumber(2));
+        repr.src_port = dst.port();
+        repr.dst_port = guest.port();
+        repr.payload = &data;
+        let big = tcp6_frame(dst, guest, &repr);
+        let key_mss = |k: &Key| {
+            if *k == (guest.into(), dst.into()) {
+                1440
+            } else {
+                0
+            }
+        };
+        let (hdr, at, _) = super::super::v6::tcp6_offload_header(&big, 1500, key_mss).unwrap();
+        assert_eq!(hdr.gso_type, crate::offload::GSO_TCPV6);
+        assert_eq!(hdr.gso_size, 1440);
+        assert_eq!(at, 14 + 40 + 16, "checksum field");
+        // Unknown flow: what fits the MTU.
+        let (hdr, _, _) = super::super::v6::tcp6_offload_header(&big, 1500, |_| 0).unwrap();
+        assert_eq!(hdr.gso_size, 1500 - 40 - 20);
+        repr.payload = &data[..1000];
+        let small = tcp6_frame(dst, guest, &repr);
+        let (hdr, _, _) = super::super::v6::tcp6_offload_header(&small, 1500, key_mss).unwrap();
+        assert_eq!(hdr.gso_type, crate::offload::GSO_NONE);
+        for n in 0..big.len().min(200) {
+            let _ = super::super::v6::tcp6_offload_header(&big[..n], 1500, key_mss);
         }
     }
 }

@@ -38,9 +38,10 @@
 //!   ([`Router::forward_gateway`]), TCP through smoltcp (which asks for the
 //!   guest's MAC with a Neighbor Solicitation if it does not know it), UDP as
 //!   frames built here.
-//! - TCP offload: IPv6 segments leave with a virtio-net header asking for the
-//!   checksum ([`tcp6_offload_header`]); they are never larger than the guest's
-//!   MSS (its SYN's MSS is not raised as for IPv4), so no segmentation is asked.
+//! - TCP offload: as for IPv4, the guest's SYN has its MSS raised (the guest's
+//!   own is kept), smoltcp builds segments up to 64 KiB, and they leave with a
+//!   virtio-net header asking for the checksum and, past the network's MTU, for
+//!   segmentation at the guest's MSS (GSO_TCPV6, [`tcp6_offload_header`]).
 //!
 //! The port guard holds for IPv6 on the switch before any of this (see
 //! [`crate::switch::guard6`]): a guest sends only from its own addresses, sends no
@@ -337,10 +338,16 @@ pub fn prefix6_match(a: Ipv6Addr, net: Ipv6Addr, len: u8) -> bool {
 
 /// The virtio-net header of an outgoing IPv6 TCP frame in offload mode: the
 /// checksum is left to the receiver (NEEDS_CSUM, the pseudo-header sum in the
-/// field); no segmentation. Returns the header, where the checksum field is and
-/// what goes in it; `None` to send the frame as is.
-pub(super) fn tcp6_offload_header(frame: &[u8]) -> Option<(crate::offload::VnetHdr, usize, u16)> {
-    use crate::offload::{VnetHdr, F_NEEDS_CSUM, GSO_NONE};
+/// field), and a frame larger than the network's `mtu` is a super-frame to be cut
+/// at the guest's MSS (`guest_mss` of the flow's key, guest side first). Returns
+/// the header, where the checksum field is and what goes in it; `None` to send the
+/// frame as is.
+pub(super) fn tcp6_offload_header(
+    frame: &[u8],
+    mtu: usize,
+    guest_mss: impl Fn(&super::tcp::Key) -> u16,
+) -> Option<(crate::offload::VnetHdr, usize, u16)> {
+    use crate::offload::{VnetHdr, F_NEEDS_CSUM, GSO_NONE, GSO_TCPV6};
     let ip = frame.get(ETH_HDR..)?;
     if *ip.get(6)? != super::frame6::IPPROTO_TCP {
         return None;
@@ -361,7 +368,7 @@ pub(super) fn tcp6_offload_header(frame: &[u8]) -> Option<(crate::offload::VnetH
         sum = (sum & 0xffff) + (sum >> 16);
     }
     let start = ETH_HDR + IPV6_HDR;
-    let hdr = VnetHdr {
+    let mut hdr = VnetHdr {
         flags: F_NEEDS_CSUM,
         gso_type: GSO_NONE,
         hdr_len: (start + doff) as u16,
@@ -369,5 +376,24 @@ pub(super) fn tcp6_offload_header(frame: &[u8]) -> Option<(crate::offload::VnetH
         csum_start: start as u16,
         csum_offset: 16,
     };
+    if IPV6_HDR + plen > mtu {
+        let addr = |at: usize| -> Option<Ipv6Addr> {
+            let b: [u8; 16] = ip.get(at..at + 16)?.try_into().ok()?;
+            Some(Ipv6Addr::from(b))
+        };
+        let (src, dst) = (addr(8)?, addr(24)?);
+        let sport = u16::from_be_bytes([tcp[0], tcp[1]]);
+        let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
+        let key = (
+            SocketAddrV6::new(dst, dport, 0, 0).into(),
+            SocketAddrV6::new(src, sport, 0, 0).into(),
+        );
+        let mss = super::tcp_wire::guest_segment(guest_mss(&key), mtu, IPV6_HDR + doff)?;
+        if tcp.len() == doff {
+            return None;
+        }
+        hdr.gso_type = GSO_TCPV6;
+        hdr.gso_size = mss;
+    }
     Some((hdr, start + 16, sum as u16))
 }

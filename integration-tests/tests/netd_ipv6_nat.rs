@@ -306,6 +306,18 @@ fn no_ipv6_route_is_an_unreachable_at_once_and_outbound_lists_take_ipv6() -> Res
     assert!(out.contains("Errno 101"), "ENETUNREACH expected: {out}");
     assert!(took < Duration::from_secs(3), "took {took:?}");
     assert!(stat("connect_failed") >= 1);
+    // So does a ping: the echo gets a "no route" unreachable at once.
+    let t = std::time::Instant::now();
+    let ping = g.sh("ping -6 -c 1 -W 5 2001:db8:ff::1 2>&1 || true")?;
+    assert!(
+        ping.contains("No route") || ping.contains("Unreachable"),
+        "ICMPv6 unreachable expected: {ping}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t.elapsed()
+    );
 
     // The config's IPv6 deny entry; a runtime allow entry for one host in it.
     let (out, _) = connect6(&g, INET_SERVER6, 80);

@@ -3,7 +3,7 @@
 //! register until the test sends a byte. The scrape (curl, then promtool and
 //! python3-prometheus-client) shows the vCPU's exits by reason (port writes from the
 //! print, MMIO writes from the device set-up, port reads growing while it polls)
-//! and the disk's completed requests; hostile scrapers are refused and the guest
+//! and the disk's completed requests (and reads); hostile scrapers are refused and the guest
 //! runs on to a clean exit.
 
 mod stord_common;
@@ -58,6 +58,9 @@ fn guest_exits_and_device_counters_are_scraped_while_it_runs() {
         1.0,
         "one READ"
     );
+    assert_eq!(get(&m1, "vmm_blk_reads_total", &blk), 1.0, "one READ");
+    assert_eq!(get(&m1, "vmm_blk_writes_total", &blk), 0.0);
+    assert_eq!(get(&m1, "vmm_net_rx_packets_total", &blk), 0.0, "not a NIC");
     assert_eq!(get(&m1, "vmm_device_bad_chains_total", &blk), 0.0);
     assert_eq!(get(&m1, "vmm_device_io_errors_total", &blk), 0.0);
     assert_dashboard_covered(&m1, "vmm_");

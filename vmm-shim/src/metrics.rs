@@ -109,7 +109,7 @@ impl Source for Metrics {
             "vCPU exits (KVM_RUN returns), by reason",
             &exits,
         )?;
-        let rows: [(&str, &str, Field); 5] = [
+        let rows: [(&str, &str, Field); 11] = [
             (
                 "vmm_device_completed",
                 "Requests (virtio-blk) or frames (virtio-net) completed",
@@ -134,6 +134,36 @@ impl Source for Metrics {
                 "vmm_device_refused_mmio",
                 "virtio-mmio register writes refused (out of the status state machine's order)",
                 |c| &c.refused_mmio,
+            ),
+            (
+                "vmm_net_rx_packets",
+                "virtio-net: frames delivered to the guest (0 for other devices)",
+                |c| &c.rx_packets,
+            ),
+            (
+                "vmm_net_rx_bytes",
+                "virtio-net: bytes delivered to the guest, without the virtio-net header",
+                |c| &c.rx_bytes,
+            ),
+            (
+                "vmm_net_tx_packets",
+                "virtio-net: frames the guest sent that went out (0 for other devices)",
+                |c| &c.tx_packets,
+            ),
+            (
+                "vmm_net_tx_bytes",
+                "virtio-net: bytes the guest sent, without the virtio-net header",
+                |c| &c.tx_bytes,
+            ),
+            (
+                "vmm_blk_reads",
+                "virtio-blk: read requests completed (0 for other devices)",
+                |c| &c.reads,
+            ),
+            (
+                "vmm_blk_writes",
+                "virtio-blk: write requests completed (0 for other devices)",
+                |c| &c.writes,
             ),
         ];
         for (name, help, f) in rows {

@@ -157,7 +157,9 @@ fn open(target: IpAddr) -> std::io::Result<(Socket, bool)> {
 }
 
 impl Router {
-    /// An echo request from a guest to a non-router address.
+    /// An echo request from a guest to a non-router address. True when the host
+    /// has no route to the destination (the caller answers with an unreachable).
+    #[must_use]
     pub(super) fn icmp_input(
         &mut self,
         mac: EthernetAddress,
@@ -165,40 +167,43 @@ impl Router {
         dst: IpAddr,
         ident: u16,
         icmp: &[u8],
-    ) {
+    ) -> bool {
         let key = (src, dst, ident);
         if !self.icmp.flows.contains_key(&key) {
             let target = match self.map_dst(SocketAddr::new(dst, 0)) {
                 Ok(t) if t.is_ipv6() == dst.is_ipv6() => t,
                 Ok(_) => {
                     self.stats.dropped += 1;
-                    return;
+                    return false;
                 }
                 Err(d) => {
                     self.count_denied(d, |s| &mut s.dropped);
-                    return;
+                    return false;
                 }
             };
             if !self.guest_fits(src, false) {
-                return;
+                return false;
             }
             if !self.flow_fits(FLOW_COST) {
                 self.stats.flows_refused += 1;
-                return;
+                return false;
             }
             let (sock, raw) = match open(target.ip()) {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::debug!(%dst, error = %e, "icmp socket failed");
                     self.stats.host_socket_failed(&e);
-                    return;
+                    return matches!(
+                        e.raw_os_error(),
+                        Some(libc::ENETUNREACH) | Some(libc::EHOSTUNREACH)
+                    );
                 }
             };
             let fd = match super::sys::register(sock) {
                 Ok(fd) => fd,
                 Err(_) => {
                     self.stats.dropped += 1;
-                    return;
+                    return false;
                 }
             };
             self.guest_flows.inc(src);
@@ -221,6 +226,7 @@ impl Router {
                 self.stats.dropped += 1;
             }
         }
+        false
     }
 
     /// Echo replies back to guests, for the flows whose sockets woke.

@@ -444,12 +444,23 @@ fn net_del_lifts_the_subnet_deny_and_ends_its_captures() -> Result<()> {
     let (_host, netd) = start_netd(dir.path(), "nh", &network("lab", "nat", &keys))?;
     let (x, y) = unique_subnet();
     let subnet = format!("10.{x}.{y}.0/24");
+    let subnet6 = format!("fd42:{x}:{y}::/64");
     netd.cli(&[
-        "net", "add", "lab2", "--mode", "internal", "--subnet", &subnet, "--dhcp",
+        "net",
+        "add",
+        "lab2",
+        "--mode",
+        "internal",
+        "--subnet",
+        &subnet,
+        "--dhcp",
+        "--subnet6",
+        &subnet6,
     ])?;
     add_tap_port(&netd, "lab2", &guest.tap, &guest.ns, "g")?;
     let list = netd.cli(&["outbound", "lab", "list"])?;
     assert!(list.contains(&subnet), "the NAT network denies it: {list}");
+    assert!(list.contains(&subnet6), "and its IPv6 prefix: {list}");
 
     // A capture of lab2 to a file, while its guest leases an address.
     let file = dir.path().join("lab2.pcapng");
@@ -497,6 +508,7 @@ fn net_del_lifts_the_subnet_deny_and_ends_its_captures() -> Result<()> {
     // The other NAT network no longer denies the deleted network's subnet.
     let list = netd.cli(&["outbound", "lab", "list"])?;
     assert!(!list.contains(&subnet), "deny lifted at once: {list}");
+    assert!(!list.contains(&subnet6), "the IPv6 one too: {list}");
     assert!(list.contains("169.254.0.0/16"), "the defaults stay: {list}");
     assert!(netd.stop());
     Ok(())

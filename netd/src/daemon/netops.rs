@@ -289,7 +289,7 @@ impl Daemon {
                 return Err(DaemonError::IfnameInUse(ifn.clone()));
             }
         }
-        let subnet = spec.ipv4.as_ref().map(|v| (v.network, v.prefix));
+        let subnets = subnets_of(&spec);
         if let Some(nat) = spec.nat.as_mut() {
             for st in nets.values() {
                 if let Some(v) = &st.spec.ipv4 {
@@ -314,11 +314,11 @@ impl Daemon {
         let name = st.spec.name.clone();
         nets.insert(name.clone(), st);
         drop(nets);
-        if let Some(sub) = subnet {
-            for (other, h) in others {
-                let deny = OutboundChange::Add(PolicyList::Deny, crate::nat::Cidr::V4(sub));
+        for sub in subnets {
+            for (other, h) in &others {
+                let deny = OutboundChange::Add(PolicyList::Deny, sub);
                 if let Err(e) = h.request_blocking(NatRequest::Outbound(deny)) {
-                    tracing::warn!(network = %other, new = %name, error = %fabric_util::error_chain(&e), "cannot deny the new network's subnet");
+                    tracing::warn!(network = %other, new = %name, subnet = %sub, error = %fabric_util::error_chain(&e), "cannot deny the new network's subnet");
                 }
             }
         }
@@ -397,9 +397,9 @@ impl Daemon {
                 .ok_or_else(|| DaemonError::NoSuchNetwork(name.to_string()))?
         };
         let ports = st.ports.len();
-        let subnet = st.spec.ipv4.as_ref().map(|v| (v.network, v.prefix));
+        let subnets = subnets_of(&st.spec);
         stop_network(st);
-        if let Some(sub) = subnet {
+        for sub in subnets {
             self.lift_deny(rt, name, sub);
         }
         let leases = self.state_dir.join(format!("leases-{name}.json"));
@@ -419,14 +419,17 @@ impl Daemon {
     /// removed network `gone` is no longer to be denied, where only that network
     /// put it on their deny list: not a router whose table or runtime changes deny
     /// it, nor a default entry, nor while another network has that subnet too.
-    fn lift_deny(&self, rt: &Runtime, gone: &str, sub: (std::net::Ipv4Addr, u8)) {
+    fn lift_deny(&self, rt: &Runtime, gone: &str, sub: crate::nat::Cidr) {
         let routers: Vec<(String, crate::nat::RouterHandle)> = {
             let nets = self.lock();
-            let shared = nets.values().any(|st| {
-                st.spec.name != gone
-                    && st.spec.ipv4.as_ref().map(|v| (v.network, v.prefix)) == Some(sub)
-            });
-            if shared || crate::nat::DEFAULT_DENY.contains(&sub) {
+            let shared = nets
+                .values()
+                .any(|st| st.spec.name != gone && subnets_of(&st.spec).contains(&sub));
+            let default = match sub {
+                crate::nat::Cidr::V4(c) => crate::nat::DEFAULT_DENY.contains(&c),
+                crate::nat::Cidr::V6(_) => false,
+            };
+            if shared || default {
                 return;
             }
             nets.values()
@@ -440,12 +443,12 @@ impl Daemon {
                         .outbound_deny
                         .iter()
                         .flatten()
-                        .any(|c| crate::nat::parse_cidr(c).is_ok_and(|c| c == sub))
+                        .any(|c| crate::nat::parse_cidr_any(c).is_ok_and(|c| c == sub))
             });
             if kept {
                 continue;
             }
-            let lift = OutboundChange::Del(PolicyList::Deny, crate::nat::Cidr::V4(sub));
+            let lift = OutboundChange::Del(PolicyList::Deny, sub);
             match h.request_blocking(NatRequest::Outbound(lift)) {
                 Ok(_) => {
                     tracing::info!(network = %other, removed = gone, "the removed network's subnet is no longer denied")
@@ -602,4 +605,18 @@ impl Daemon {
         out.sort_by_key(|r| r.ip);
         Ok(out)
     }
+}
+
+/// The subnets of a network that the NAT networks deny each other: its IPv4
+/// subnet and its IPv6 prefix (a /64), where it has them.
+fn subnets_of(spec: &crate::config::NetworkSpec) -> Vec<crate::nat::Cidr> {
+    let v4 = spec
+        .ipv4
+        .as_ref()
+        .map(|v| crate::nat::Cidr::V4((v.network, v.prefix)));
+    let v6 = spec
+        .ipv6
+        .as_ref()
+        .map(|v| crate::nat::Cidr::V6((v.prefix, 64)));
+    v4.into_iter().chain(v6).collect()
 }

@@ -247,8 +247,8 @@ impl Changes {
     }
 
     /// Whether the outbound changes added `cidr` to the deny list.
-    pub fn denies(&self, cidr: (Ipv4Addr, u8)) -> bool {
-        let cidr = crate::nat::show_cidr(&cidr);
+    pub fn denies(&self, cidr: crate::nat::Cidr) -> bool {
+        let cidr = cidr.to_string();
         self.outbound
             .iter()
             .any(|o| o.list == PolicyList::Deny && o.added && o.cidr == cidr)

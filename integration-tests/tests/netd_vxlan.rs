@@ -131,11 +131,17 @@ fn two_netds_share_a_nat_network_served_by_one() -> Result<()> {
     // leave A from more than one source port (16 ports, hashed). A capture on the
     // veth sees a UDP GSO batch as one packet, so a few lines are plenty.
     let cap = lab.path("sports.txt");
+    let cap_err = lab.path("sports.err");
     let _tshark = lab.hosts[0].ns.spawn(&[
         "sh", "-c",
-        &format!("tshark -l -i ul0 -a duration:6 -f 'udp and dst port 4789 and src host {a_ip}' -T fields -e udp.srcport > {cap} 2>/dev/null"),
+        &format!("tshark -l -i ul0 -a duration:10 -f 'udp and dst port 4789 and src host {a_ip}' -T fields -e udp.srcport > {cap} 2>{cap_err}"),
     ])?;
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // tshark says when it is capturing (its start takes seconds on a busy host).
+    assert!(
+        eventually(|| std::fs::read_to_string(&cap_err).is_ok_and(|s| s.contains("Capturing on"))),
+        "tshark did not start: {}",
+        std::fs::read_to_string(&cap_err).unwrap_or_default()
+    );
     let _srv = gb.spawn(&["iperf3", "-s", "-1", "-B", &ipb])?;
     std::thread::sleep(std::time::Duration::from_millis(300));
     ga.exec(&["iperf3", "-c", &ipb, "-t", "1", "-P", "4", "-l", "16k"])?;

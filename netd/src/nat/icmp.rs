@@ -157,9 +157,9 @@ fn open(target: IpAddr) -> std::io::Result<(Socket, bool)> {
 }
 
 impl Router {
-    /// An echo request from a guest to a non-router address. True when the host
-    /// has no route to the destination (the caller answers with an unreachable).
-    #[must_use]
+    /// An echo request from a guest to a non-router address (`frame`: the whole
+    /// frame it came in, quoted by an unreachable). With no IPv6 route on the host
+    /// the guest gets an ICMPv6 unreachable at once; an IPv4 echo then times out.
     pub(super) fn icmp_input(
         &mut self,
         mac: EthernetAddress,
@@ -167,43 +167,51 @@ impl Router {
         dst: IpAddr,
         ident: u16,
         icmp: &[u8],
-    ) -> bool {
+        frame: &[u8],
+    ) {
+        self.guest_macs.insert(src, mac);
         let key = (src, dst, ident);
         if !self.icmp.flows.contains_key(&key) {
             let target = match self.map_dst(SocketAddr::new(dst, 0)) {
                 Ok(t) if t.is_ipv6() == dst.is_ipv6() => t,
                 Ok(_) => {
                     self.stats.dropped += 1;
-                    return false;
+                    return;
                 }
                 Err(d) => {
                     self.count_denied(d, |s| &mut s.dropped);
-                    return false;
+                    return;
                 }
             };
             if !self.guest_fits(src, false) {
-                return false;
+                return;
             }
             if !self.flow_fits(FLOW_COST) {
                 self.stats.flows_refused += 1;
-                return false;
+                return;
             }
             let (sock, raw) = match open(target.ip()) {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::debug!(%dst, error = %e, "icmp socket failed");
                     self.stats.host_socket_failed(&e);
-                    return matches!(
+                    let no_route = matches!(
                         e.raw_os_error(),
                         Some(libc::ENETUNREACH) | Some(libc::EHOSTUNREACH)
                     );
+                    if no_route && dst.is_ipv6() {
+                        if let Some(f) = self.unreachable6(mac, frame, 0) {
+                            self.dev.tx.push_back(f.into());
+                        }
+                    }
+                    return;
                 }
             };
             let fd = match super::sys::register(sock) {
                 Ok(fd) => fd,
                 Err(_) => {
                     self.stats.dropped += 1;
-                    return false;
+                    return;
                 }
             };
             self.guest_flows.inc(src);
@@ -226,7 +234,6 @@ impl Router {
                 self.stats.dropped += 1;
             }
         }
-        false
     }
 
     /// Echo replies back to guests, for the flows whose sockets woke.

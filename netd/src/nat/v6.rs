@@ -194,13 +194,7 @@ impl Router {
                 ident,
                 icmp,
             } => {
-                self.guest_macs.insert(src.into(), src_mac);
-                if self.icmp_input(src_mac, src.into(), dst.into(), ident, icmp) {
-                    // No IPv6 route on the host: the guest learns it at once.
-                    if let Some(f) = self.unreachable6(src_mac, &frame, 0) {
-                        self.dev.tx.push_back(f.into());
-                    }
-                }
+                self.icmp_input(src_mac, src.into(), dst.into(), ident, icmp, &frame);
             }
         }
     }

@@ -95,6 +95,21 @@ fn ask(addr: SocketAddr, req: &[u8]) -> String {
     out
 }
 
+/// How many of `conns` the server holds open without an answer (a refused one has
+/// its 503, or its reset, waiting).
+fn held(conns: &[TcpStream]) -> usize {
+    let mut buf = [0u8; 1];
+    conns
+        .iter()
+        .filter(|s| {
+            s.set_nonblocking(true).unwrap();
+            let r = s.peek(&mut buf);
+            s.set_nonblocking(false).unwrap();
+            matches!(r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        })
+        .count()
+}
+
 #[test]
 fn server_answers_and_refuses() {
     let srv = serve("127.0.0.1:0".parse().unwrap(), "t", Arc::new(Fixed)).unwrap();
@@ -116,20 +131,38 @@ fn server_answers_and_refuses() {
         String::from_utf8_lossy(&out).into_owned()
     };
     assert!(r.starts_with("HTTP/1.1 431"), "{r}");
-    // Fill every slot with idle connections: the next one is refused at once.
-    let idle: Vec<TcpStream> = (0..MAX_CONNECTIONS)
-        .map(|_| TcpStream::connect(a).unwrap())
-        .collect();
+    // Fill every slot with idle connections: the next one is refused at once. A
+    // thread of an earlier connection may not have ended yet when the idle ones come
+    // (it ends after its client has read the answer), so some of them may be refused
+    // instead: those are replaced until MAX_CONNECTIONS are held. A probe accepted
+    // after them is refused exactly when all of them are held, and they are never
+    // more than MAX_CONNECTIONS.
+    let mut idle: Vec<TcpStream> = Vec::new();
     let mut refused = false;
-    for _ in 0..50 {
+    let mut seen = Vec::new();
+    for _ in 0..100 {
+        idle.retain(|s| held(std::slice::from_ref(s)) == 1);
+        while idle.len() < MAX_CONNECTIONS {
+            idle.push(TcpStream::connect(a).unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        if held(&idle) < MAX_CONNECTIONS {
+            continue;
+        }
         let r = ask(a, b"GET /metrics HTTP/1.1\r\n\r\n");
-        if r.starts_with("HTTP/1.1 503") {
+        let held = held(&idle);
+        assert!(held <= MAX_CONNECTIONS, "{held} connections served at once");
+        if r.starts_with("HTTP/1.1 503") && held == MAX_CONNECTIONS {
             refused = true;
             break;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        seen.push(r.lines().next().unwrap_or("(nothing)").to_string());
     }
-    assert!(refused, "a connection over the cap was served");
+    assert!(
+        refused,
+        "a connection over the cap was served: {} idle held, answers {seen:?}",
+        held(&idle)
+    );
     drop(idle);
     // Slots come back once the idle ones are gone.
     let mut served = false;

@@ -416,6 +416,15 @@ pub struct DnsStats {
     pub hostname_refused: u64,
     /// Forwarded queries dropped (no resolver, too many waiting).
     pub forward_dropped: u64,
+    /// DNS-over-TCP connections accepted.
+    #[serde(default)]
+    pub tcp_connections: u64,
+    /// DNS-over-TCP connections refused (too many open).
+    #[serde(default)]
+    pub tcp_refused: u64,
+    /// DNS-over-TCP connections closed idle, too slow, or not reading answers.
+    #[serde(default)]
+    pub tcp_timeouts: u64,
 }
 
 /// The control server's counters, as `control_stats` reports them (`netd control`).

@@ -28,6 +28,10 @@
 //!
 //! Answers are authoritative with TTL 0 (a lease may change at any time).
 //!
+//! The same answers come over UDP (the NAT router's `dns.rs`, the responder of
+//! [`crate::modes::dns`]) and over TCP ([`tcp`]: RFC 7766 framing, bounded and
+//! timed out).
+//!
 //! # Names guests choose
 //!
 //! A guest's hostname is as hostile as the rest of its DHCP message. It is published
@@ -41,6 +45,7 @@
 //! own bound on leases is the same), so no guest can grow it.
 
 pub mod resolv;
+pub mod tcp;
 pub mod wire;
 
 use std::collections::HashMap;
@@ -111,6 +116,12 @@ pub struct Counters {
     pub hostname_refused: AtomicU64,
     /// Forwarded queries dropped: no resolver, too many waiting, send failed.
     pub forward_dropped: AtomicU64,
+    /// DNS-over-TCP connections accepted ([`tcp`]).
+    pub tcp_connections: AtomicU64,
+    /// DNS-over-TCP connections refused: too many open.
+    pub tcp_refused: AtomicU64,
+    /// DNS-over-TCP connections closed idle, too slow, or not reading answers.
+    pub tcp_timeouts: AtomicU64,
 }
 
 /// One published name, as `netd dns NET` shows it.
@@ -297,6 +308,9 @@ impl LocalNames {
             malformed: r(&c.malformed),
             hostname_refused: r(&c.hostname_refused),
             forward_dropped: r(&c.forward_dropped),
+            tcp_connections: r(&c.tcp_connections),
+            tcp_refused: r(&c.tcp_refused),
+            tcp_timeouts: r(&c.tcp_timeouts),
         }
     }
 

@@ -19,7 +19,9 @@
 //!   and parsed with smoltcp's wire types, with idle timeouts.
 //! - DNS (`dns.rs`): a UDP query to the DNS address, port 53, for one of the
 //!   network's names ([`crate::dns`]: guests' DHCP hostnames, static entries) is
-//!   answered by the router itself; other flows to port 53 go to the host's resolver.
+//!   answered by the router itself; a TCP connection to it goes to the network's
+//!   DNS-over-TCP front ([`crate::dns::tcp`]), which answers the same names; other
+//!   flows to port 53 go to the host's resolver.
 //! - The gateway address maps to the host's loopback (127.0.0.1), as in VirtualBox,
 //!   only with `host_loopback`; without it (the default) only its DNS port is a flow.
 //! - DHCP: the network's DHCP server is a port of its own, but its identifier is the

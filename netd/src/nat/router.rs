@@ -80,6 +80,8 @@ pub struct Router {
     pub(super) timer: Pin<Box<tokio::time::Sleep>>,
     pub(super) next_housekeeping: tokio::time::Instant,
     pub(super) resolvers: dns::Resolvers,
+    /// The DNS-over-TCP front of the network's names, if it has some (`dns.rs`).
+    pub(super) dns_tcp: Option<dns::tcp::Listener>,
     pub(super) stats: Stats,
     pub(super) tcp: tcp::TcpTable,
     pub(super) udp: udp::UdpTable,
@@ -222,6 +224,7 @@ impl Router {
             timer: Box::pin(tokio::time::sleep(Duration::from_secs(1))),
             next_housekeeping: tokio::time::Instant::now() + Duration::from_secs(1),
             resolvers,
+            dns_tcp: super::dns::tcp_front(&cfg),
             stats: Stats::default(),
             tcp: tcp::TcpTable::default(),
             udp: udp::UdpTable::default(),

@@ -351,7 +351,11 @@ impl Router {
                 r.dev.tx.push_back(f.into());
             }
         };
-        let target = match self.map_dst(key.1) {
+        // DNS to the DNS address goes to the network's names first (`dns.rs`).
+        let target = match self
+            .dns_tcp_target(key.1)
+            .map_or_else(|| self.map_dst(key.1), Ok)
+        {
             Ok(t) => t,
             Err(d) => {
                 self.count_denied(d, |s| &mut s.connect_failed);

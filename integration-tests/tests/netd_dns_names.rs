@@ -12,6 +12,13 @@
 //! Three fronts: a NAT network (the router's 10.0.2.3), a hostonly network with
 //! `dns` at its gateway (a host socket on the host TAP), an internal network with
 //! `dns` at an address of its own (a service port of the switch).
+//!
+//! DNS over TCP: on the NAT network and the hostonly gateway, glibc's resolver with
+//! `options use-vc` (every query over TCP, `getent`) gets the same answers: names,
+//! the static entry, PTR, NXDOMAIN, and forwarded names (dnsmasq answers over TCP
+//! too); `getent ahosts` sends A and AAAA pipelined on one connection. Hostile TCP
+//! clients (a huge length prefix, garbage, a connection held idle) are closed and
+//! counted while glibc keeps resolving.
 
 mod netd_common;
 
@@ -196,6 +203,7 @@ fn two_guests(
     mode: &str,
     keys: &str,
     (domain, server, files_ip): (&str, &str, &str),
+    tcp: bool,
 ) -> Result<String> {
     let dir = root_tempdir();
     let host = Netns::new("dh")?;
@@ -211,6 +219,15 @@ fn two_guests(
     dhcp_named(&b, dir.path(), "beta")?;
     let lease = std::fs::read_to_string(dir.path().join(format!("lease-{}", b.tap)))?;
     prove_names(&netd, net, domain, &b, server, (&a_ip, files_ip))?;
+    if tcp {
+        let _conf = TcpResolvConf::new(&b, server)?;
+        prove_names_tcp(&netd, net, domain, &b, (&a_ip, files_ip))?;
+        let malformed = stat(&netd, net, "malformed");
+        let (closed, secs) = hostile_tcp(&b, server, "huge")?;
+        assert!(closed && secs < 3.0, "huge: closed after {secs} s");
+        assert_eq!(stat(&netd, net, "malformed"), malformed + 1);
+        getent_resolves(&b, &format!("alpha.{domain}"), &a_ip);
+    }
     assert!(netd.stop(), "netd exits cleanly");
     Ok(lease)
 }
@@ -225,6 +242,7 @@ fn hostonly_serves_names_on_the_gateway() -> Result<()> {
         "hostonly",
         &keys,
         ("lab.example", "192.168.56.1", "192.168.56.9"),
+        true,
     )?;
     assert!(
         lease.contains(" 192.168.56.1 "),
@@ -241,6 +259,7 @@ fn internal_serves_names_on_an_address_of_its_own() -> Result<()> {
         "internal",
         keys,
         ("in0.lab", "10.77.0.53", "10.77.0.9"),
+        false,
     )?;
     assert!(lease.contains(" 10.77.0.53 "), "option 6: {lease}");
     Ok(())
@@ -311,6 +330,200 @@ fn a_reservation_hostname_is_sent_and_resolves_from_another_guest() -> Result<()
         names.contains("db2.nat0.lab") && !names.contains("alpha"),
         "{names}"
     );
+    assert!(netd.stop(), "netd exits cleanly");
+    Ok(())
+}
+
+/// `/etc/netns/NS/resolv.conf` for the namespace `ns` (bind-mounted over
+/// `/etc/resolv.conf` by `ip netns exec`): glibc asks `server` over TCP only.
+struct TcpResolvConf(std::path::PathBuf);
+
+impl TcpResolvConf {
+    fn new(ns: &Netns, server: &str) -> Result<Self> {
+        let dir = std::path::Path::new("/etc/netns").join(ns.name());
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("resolv.conf"),
+            format!("nameserver {server}\noptions use-vc timeout:2 attempts:1\n"),
+        )?;
+        Ok(TcpResolvConf(dir))
+    }
+}
+
+impl Drop for TcpResolvConf {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `getent DB KEY` in `ns`: (success, output).
+fn getent(ns: &Netns, db: &str, key: &str) -> (bool, String) {
+    match ns.command(&["getent", db, key]).output() {
+        Ok(o) => (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        ),
+        Err(e) => (false, e.to_string()),
+    }
+}
+
+/// Asserts glibc in `ns` resolves `name` to `ip` (`getent hosts`).
+fn getent_resolves(ns: &Netns, name: &str, ip: &str) {
+    let (ok, out) = getent(ns, "hosts", name);
+    assert!(
+        ok && out.split_whitespace().next() == Some(ip),
+        "getent hosts {name}: want {ip}: {out}"
+    );
+}
+
+/// The network's counter `key`.
+fn stat(netd: &Netd, net: &str, key: &str) -> u64 {
+    stats(netd, net)
+        .ok()
+        .and_then(|s| s[key].as_u64())
+        .unwrap_or(0)
+}
+
+/// The proof over TCP on one network, from `b` (whose resolv.conf names `server`
+/// with `use-vc`): `a_ip` is `alpha`, `files_ip` the static `files`.
+fn prove_names_tcp(
+    netd: &Netd,
+    net: &str,
+    domain: &str,
+    b: &Netns,
+    (a_ip, files_ip): (&str, &str),
+) -> Result<()> {
+    let before = stats(netd, net)?;
+    getent_resolves(b, &format!("alpha.{domain}"), a_ip);
+    getent_resolves(b, &format!("files.{domain}"), files_ip);
+    // PTR, glibc's way.
+    let (ok, out) = getent(b, "hosts", a_ip);
+    assert!(
+        ok && out.contains(&format!("alpha.{domain}")),
+        "getent hosts {a_ip}: {out}"
+    );
+    // A and AAAA pipelined on one connection (getaddrinfo, AF_UNSPEC).
+    let (ok, out) = getent(b, "ahosts", &format!("alpha.{domain}"));
+    assert!(ok && out.contains(a_ip), "getent ahosts alpha: {out}");
+    // Unknown in the domain: NXDOMAIN, no forward.
+    let (ok, out) = getent(b, "hosts", &format!("nobody.{domain}"));
+    assert!(!ok, "nobody.{domain} must not resolve: {out}");
+    // Outside the domain: forwarded to the host's resolver (over TCP).
+    getent_resolves(b, UP_NAME, UP_ADDR);
+    let after = stats(netd, net)?;
+    let grew = |k: &str, n: u64| {
+        let (x, y) = (before[k].as_u64(), after[k].as_u64());
+        assert!(
+            y >= x.map(|x| x + n),
+            "{k}: want {n} more: {before} -> {after}"
+        );
+    };
+    grew("tcp_connections", 6);
+    grew("answered", 6);
+    grew("nxdomain", 1);
+    grew("forwarded", 1);
+    Ok(())
+}
+
+/// A hostile TCP client of `server`:53: each case prints `CASE closed SECONDS`
+/// when the server closed the connection, `CASE open` if it still held it.
+const HOSTILE_TCP: &str = r#"
+import socket, sys, time
+server, case = sys.argv[1], sys.argv[2]
+s = socket.create_connection((server, 53), timeout=5)
+if case == "huge":
+    s.sendall(b"\xff\xff")
+elif case == "garbage":
+    s.sendall(b"\x00\x14" + b"not a dns query!!!!!")
+start = time.time()
+s.settimeout(15)
+try:
+    closed = s.recv(100) == b""
+except ConnectionResetError:
+    closed = True
+except socket.timeout:
+    closed = False
+print(case, "closed" if closed else "open", round(time.time() - start, 1))
+"#;
+
+/// Runs [`HOSTILE_TCP`] in `ns`: whether the server closed, and after how long.
+fn hostile_tcp(ns: &Netns, server: &str, case: &str) -> Result<(bool, f64)> {
+    let out = ns
+        .command(&["python3", "-c", HOSTILE_TCP, server, case])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut w = text.split_whitespace().skip(1);
+    let closed = w.next() == Some("closed");
+    let secs = w
+        .next()
+        .and_then(|t| t.parse().ok())
+        .context(text.clone())?;
+    Ok((closed, secs))
+}
+
+#[test]
+fn nat_guests_resolve_each_other_over_tcp() -> Result<()> {
+    let dir = root_tempdir();
+    let host = Netns::new("dh")?;
+    let (_up, resolv) = upstream(&host, dir.path())?;
+    let [a, b] = TapHost::each(["da", "db"])?;
+    let keys = format!(
+        "resolv_conf = \"{resolv}\"\n[[network.host]]\nname = \"files\"\nip = \"10.0.2.9\"\n"
+    );
+    let cfg = [network("nat0", "nat", &keys), a.port("a"), b.port("b")].concat();
+    let netd = Netd::start_with(&host, dir.path(), &cfg)?;
+    let (a_ip, _) = dhcp_named(&a, dir.path(), "alpha")?;
+    let (b_ip, _) = dhcp_named(&b, dir.path(), "beta")?;
+    let _conf = TcpResolvConf::new(&b, "10.0.2.3")?;
+    prove_names_tcp(&netd, "nat0", "nat0.lab", &b, (&a_ip, "10.0.2.9"))?;
+
+    // Hostile clients: a length beyond any query, then garbage, closed at once
+    // and counted as malformed; the others go on resolving.
+    let malformed = stat(&netd, "nat0", "malformed");
+    for case in ["huge", "garbage"] {
+        let (closed, secs) = hostile_tcp(&b, "10.0.2.3", case)?;
+        assert!(closed && secs < 3.0, "{case}: closed after {secs} s");
+        getent_resolves(&b, "alpha.nat0.lab", &a_ip);
+    }
+    assert_eq!(stat(&netd, "nat0", "malformed"), malformed + 2);
+    // A connection held idle is closed after the idle timeout (10 s), counted;
+    // meanwhile glibc resolves from the other guest too.
+    let timeouts = stat(&netd, "nat0", "tcp_timeouts");
+    let idle = b
+        .command(&["python3", "-c", HOSTILE_TCP, "10.0.2.3", "idle"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    getent_resolves(&b, "files.nat0.lab", "10.0.2.9");
+    let _conf_a = TcpResolvConf::new(&a, "10.0.2.3")?;
+    getent_resolves(&a, "beta.nat0.lab", &b_ip);
+    let text = String::from_utf8_lossy(&idle.wait_with_output()?.stdout).into_owned();
+    let secs: f64 = text
+        .split_whitespace()
+        .nth(2)
+        .and_then(|t| t.parse().ok())
+        .context(text.clone())?;
+    assert!(
+        text.contains("idle closed") && (8.0..13.0).contains(&secs),
+        "idle: {text}"
+    );
+    assert_eq!(stat(&netd, "nat0", "tcp_timeouts"), timeouts + 1);
+    getent_resolves(&b, "alpha.nat0.lab", &a_ip);
+    // The loopback listener the guests' connections are rewritten to is out of
+    // their direct reach: the gateway stands for the host's loopback only with
+    // `host_loopback`, so a connect to its port is refused.
+    let ports = host.sh("ss -Hltn 'src 127.0.0.1' | awk '{print $4}'")?;
+    let port = ports
+        .lines()
+        .filter_map(|l| l.rsplit(':').next()?.parse::<u16>().ok())
+        .find(|p| *p != 53)
+        .with_context(|| format!("netd's DNS-over-TCP listener: {ports}"))?;
+    let probe = format!(
+        "import socket\ntry:\n socket.create_connection(('10.0.2.2', {port}), timeout=3)\n print('open')\nexcept OSError as e:\n print('refused', e)\n"
+    );
+    let out = b.command(&["python3", "-c", &probe]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("refused"), "gateway:{port}: {text}");
     assert!(netd.stop(), "netd exits cleanly");
     Ok(())
 }

@@ -278,12 +278,23 @@ fn start_dns(
     d: &crate::config::DnsSpec,
     names: Arc<crate::dns::LocalNames>,
 ) -> Result<tokio::task::JoinHandle<()>, DaemonError> {
-    use crate::modes::dns::{host_socket, serve, Front};
+    use crate::dns::tcp::{TcpDns, MAX_CONNECTIONS, MAX_PER_CLIENT};
+    use crate::modes::dns::{host_listener, host_socket, serve, Front};
     let gateway = spec.ipv4.as_ref().map(|v| v.gateway);
+    let dns_err = |e| DaemonError::Dns(spec.name.clone(), d.addr, e);
+    let mut tcp = None;
     let front = match &spec.host_ifname {
-        Some(h) if gateway == Some(d.addr) => Front::Socket(
-            host_socket(d.addr, h).map_err(|e| DaemonError::Dns(spec.name.clone(), d.addr, e))?,
-        ),
+        Some(h) if gateway == Some(d.addr) => {
+            let l = host_listener(d.addr, h).map_err(dns_err)?;
+            let t = TcpDns::new(
+                names.clone(),
+                d.resolv_conf.clone(),
+                MAX_CONNECTIONS,
+                MAX_PER_CLIENT,
+            );
+            tcp = Some(t.spawn(l).map_err(dns_err)?);
+            Front::Socket(host_socket(d.addr, h).map_err(dns_err)?)
+        }
         _ => {
             let port = net
                 .attach_service("dns", 256)
@@ -300,7 +311,12 @@ fn start_dns(
         }
     };
     tracing::info!(network = %spec.name, addr = %d.addr, domain = %d.zone.domain, "DNS responder up");
-    Ok(tokio::spawn(serve(names, d.resolv_conf.clone(), front)))
+    let resolv_conf = d.resolv_conf.clone();
+    Ok(tokio::spawn(async move {
+        // The TCP front lives (and stops) with the UDP responder.
+        let _tcp = tcp;
+        serve(names, resolv_conf, front).await
+    }))
 }
 
 /// Starts the IPv6 service of a network with `subnet6` (see [`crate::ipv6`]): its

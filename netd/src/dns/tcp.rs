@@ -33,10 +33,13 @@
 //!   of the end of the previous one: a connection idle or dripping bytes that long
 //!   is closed, counted in `tcp_timeouts`; so is a client that does not read its
 //!   answers for that long (at most [`QUEUE`] answers wait for it);
-//! - at most `max_connections` are open at once (the NAT router's `max_flows`, the
-//!   responder's [`MAX_CONNECTIONS`]); more are closed at once, counted in
-//!   `tcp_refused`. Per guest, a NAT network's flow quota (`max_flows_per_guest`,
-//!   `max_pending_per_guest`) already bounds the connections, since each is a flow;
+//! - at most `max_connections` are open at once, and at most `max_per_client` from
+//!   one address (the hostonly responder: [`MAX_CONNECTIONS`], [`MAX_PER_CLIENT`]
+//!   per guest); more are closed at once, counted in `tcp_refused`. On a NAT
+//!   network every connection comes from the router's host socket on the loopback,
+//!   so the front's bound is `max_flows` for all; per guest, the flow quota
+//!   (`max_flows_per_guest`, `max_pending_per_guest`) bounds them, each being a
+//!   flow;
 //! - a forwarded query that cannot reach the resolver (none configured, connect or
 //!   write failed within [`CONNECT_TIMEOUT`] / [`IDLE_TIMEOUT`]) closes the
 //!   connection (the client sees what it would have seen connecting to a dead
@@ -46,8 +49,9 @@
 //! their way: the upstream connection is shut down for writing, its last answers
 //! are relayed (each within [`IDLE_TIMEOUT`]), then the connection is closed.
 
+use std::collections::HashMap;
 use std::io::ErrorKind;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -69,6 +73,8 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most connections open at once on a responder's listener.
 pub const MAX_CONNECTIONS: usize = 256;
+/// Most connections open at once from one guest on a responder's listener.
+pub const MAX_PER_CLIENT: usize = 16;
 /// Answers waiting for one client to read them.
 pub const QUEUE: usize = 16;
 
@@ -79,6 +85,9 @@ pub struct TcpDns {
     resolvers: Mutex<Resolvers>,
     open: AtomicUsize,
     max_connections: usize,
+    /// Connections open per client address, and the bound on each.
+    per_client: Mutex<HashMap<IpAddr, usize>>,
+    max_per_client: usize,
     /// [`IDLE_TIMEOUT`] (shorter in unit tests).
     idle: Duration,
 }
@@ -113,12 +122,38 @@ impl Drop for Task {
     }
 }
 
-/// One open connection, counted in `open` while it lives.
-struct Slot(Arc<TcpDns>);
+/// One open connection from an address, counted while it lives.
+struct Slot(Arc<TcpDns>, IpAddr);
+
+impl Slot {
+    /// A slot for a connection from `ip`, if the bounds leave one.
+    fn take(front: &Arc<TcpDns>, ip: IpAddr) -> Option<Slot> {
+        let mut t = front.per_client.lock().unwrap_or_else(|e| e.into_inner());
+        let mine = t.entry(ip).or_insert(0);
+        if front.open.load(Ordering::Relaxed) >= front.max_connections
+            || *mine >= front.max_per_client
+        {
+            if *mine == 0 {
+                t.remove(&ip);
+            }
+            return None;
+        }
+        *mine += 1;
+        front.open.fetch_add(1, Ordering::Relaxed);
+        Some(Slot(front.clone(), ip))
+    }
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::Relaxed);
+        let mut t = self.0.per_client.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = t.get_mut(&self.1) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                t.remove(&self.1);
+            }
+        }
     }
 }
 
@@ -186,13 +221,21 @@ struct Upstream {
 }
 
 impl TcpDns {
-    /// The front of `names`, forwarding to the first resolver of `resolv_conf`.
-    pub fn new(names: Arc<LocalNames>, resolv_conf: PathBuf, max_connections: usize) -> Arc<Self> {
+    /// The front of `names`, forwarding to the first resolver of `resolv_conf`, with
+    /// at most `max_connections` open, `max_per_client` of them from one address.
+    pub fn new(
+        names: Arc<LocalNames>,
+        resolv_conf: PathBuf,
+        max_connections: usize,
+        max_per_client: usize,
+    ) -> Arc<Self> {
         Arc::new(TcpDns {
             names,
             resolvers: Mutex::new(Resolvers::new(resolv_conf)),
             open: AtomicUsize::new(0),
             max_connections,
+            per_client: Mutex::default(),
+            max_per_client,
             idle: IDLE_TIMEOUT,
         })
     }
@@ -218,8 +261,8 @@ impl TcpDns {
 
     async fn accept_loop(self: Arc<Self>, l: TcpListener) {
         loop {
-            let s = match l.accept().await {
-                Ok((s, _)) => s,
+            let (s, peer) = match l.accept().await {
+                Ok(x) => x,
                 Err(e) => {
                     // Out of descriptors, typically: wait instead of spinning.
                     tracing::warn!(error = %e, "DNS over TCP: accept failed");
@@ -227,13 +270,11 @@ impl TcpDns {
                     continue;
                 }
             };
-            if self.open.load(Ordering::Relaxed) >= self.max_connections {
+            let Some(slot) = Slot::take(&self, peer.ip()) else {
                 self.count(|c| &c.tcp_refused);
                 continue;
-            }
-            self.open.fetch_add(1, Ordering::Relaxed);
+            };
             self.count(|c| &c.tcp_connections);
-            let slot = Slot(self.clone());
             tokio::spawn(self.clone().connection(s, slot));
         }
     }
@@ -375,13 +416,13 @@ mod tests {
     use super::super::Zone;
     use super::*;
 
-    fn front(max_connections: usize) -> Arc<TcpDns> {
+    fn front(max_per_client: usize) -> Arc<TcpDns> {
         let names = LocalNames::new(Zone {
             domain: "lab0.lab".into(),
             hosts: vec![("files".into(), Ipv4Addr::new(10, 0, 2, 9))],
             subnet: (Ipv4Addr::new(10, 0, 2, 0), 24),
         });
-        let mut f = TcpDns::new(names, "/nonexistent/resolv.conf".into(), max_connections);
+        let mut f = TcpDns::new(names, "/nonexistent/resolv.conf".into(), 8, max_per_client);
         if let Some(f) = Arc::get_mut(&mut f) {
             f.idle = Duration::from_millis(300);
         }

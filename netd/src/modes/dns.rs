@@ -22,6 +22,15 @@
 //! id waiting: at most [`MAX_PENDING`] wait, each for [`PENDING_TIMEOUT`]; more are
 //! dropped and counted (`forward_dropped`), as are replies too large for the
 //! network's MTU. Malformed queries are dropped and counted (`malformed`).
+//!
+//! DNS over TCP: [`Front::Socket`] has a TCP listener beside it, on the same
+//! address and interface ([`host_listener`]), served by a
+//! [`crate::dns::tcp::TcpDns`] front (the NAT router's): the same answers, the
+//! rest forwarded to the resolver over TCP, at most
+//! [`crate::dns::tcp::MAX_PER_CLIENT`] connections per guest. [`Front::Port`] has
+//! no TCP stack (it reads frames of UDP to port 53): a TCP query to an internal
+//! network's `dns` address gets no answer, and a resolver falls back to UDP or
+//! gives up, as with any server that does not listen on TCP.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -284,13 +293,33 @@ impl Relay {
     }
 }
 
-/// The socket of [`Front::Socket`]: UDP `addr`:53 on interface `ifname` only.
-pub fn host_socket(addr: Ipv4Addr, ifname: &str) -> std::io::Result<UdpSocket> {
-    use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
+/// A socket of type `ty` bound to `addr`:53 on interface `ifname` only.
+fn bound_socket(
+    addr: Ipv4Addr,
+    ifname: &str,
+    ty: socket2::Type,
+) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Socket};
+    let s = Socket::new(Domain::IPV4, ty, None)?;
     s.bind_device(Some(ifname.as_bytes()))?;
     s.set_freebind_v4(true)?;
+    if ty == socket2::Type::STREAM {
+        s.set_reuse_address(true)?;
+    }
     s.bind(&SocketAddr::from((addr, 53)).into())?;
     s.set_nonblocking(true)?;
-    UdpSocket::from_std(s.into())
+    Ok(s)
+}
+
+/// The socket of [`Front::Socket`]: UDP `addr`:53 on interface `ifname` only.
+pub fn host_socket(addr: Ipv4Addr, ifname: &str) -> std::io::Result<UdpSocket> {
+    UdpSocket::from_std(bound_socket(addr, ifname, socket2::Type::DGRAM)?.into())
+}
+
+/// The TCP listener beside [`Front::Socket`]: `addr`:53 on interface `ifname`
+/// only, served by a [`crate::dns::tcp::TcpDns`] front.
+pub fn host_listener(addr: Ipv4Addr, ifname: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let s = bound_socket(addr, ifname, socket2::Type::STREAM)?;
+    s.listen(128)?;
+    tokio::net::TcpListener::from_std(s.into())
 }

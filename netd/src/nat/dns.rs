@@ -46,11 +46,8 @@ use crate::dns::Answer;
 /// listen (logged: TCP to port 53 is then forwarded to the resolver).
 pub(super) fn tcp_front(cfg: &RouterConfig) -> Option<Listener> {
     let names = cfg.names.as_ref()?;
-    let front = TcpDns::new(
-        names.0.clone(),
-        cfg.resolv_conf.clone(),
-        cfg.limits.max_flows,
-    );
+    let max = cfg.limits.max_flows;
+    let front = TcpDns::new(names.0.clone(), cfg.resolv_conf.clone(), max, max);
     match front.spawn_loopback() {
         Ok(l) => Some(l),
         Err(e) => {

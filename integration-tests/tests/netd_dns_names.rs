@@ -195,9 +195,52 @@ fn nat_guests_resolve_each_other_through_the_router() -> Result<()> {
     Ok(())
 }
 
+/// netd with one network and two guests that took the names `alpha` and `beta`
+/// by DHCP, the upstream dnsmasq in netd's namespace (fields drop in order:
+/// netd first, the namespaces last).
+struct TwoGuests {
+    netd: Netd,
+    a: TapHost,
+    b: TapHost,
+    a_ip: String,
+    b_ip: String,
+    /// The domain `alpha` got (option 15).
+    domain: String,
+    _up: ChildGuard,
+    _host: Netns,
+    dir: tempfile::TempDir,
+}
+
+/// [`TwoGuests`] on the network `net` (`mode`, `keys` after the resolver's), with
+/// the static `files` at `files_ip`.
+fn start_two(net: &str, mode: &str, keys: &str, files_ip: &str) -> Result<TwoGuests> {
+    let dir = root_tempdir();
+    let host = Netns::new("dh")?;
+    let (up, resolv) = upstream(&host, dir.path())?;
+    let [a, b] = TapHost::each(["da", "db"])?;
+    let keys = format!(
+        "resolv_conf = \"{resolv}\"\n{keys}[[network.host]]\nname = \"files\"\nip = \"{files_ip}\"\n"
+    );
+    let cfg = [network(net, mode, &keys), a.port("a"), b.port("b")].concat();
+    let netd = Netd::start_with(&host, dir.path(), &cfg)?;
+    let (a_ip, domain) = dhcp_named(&a, dir.path(), "alpha")?;
+    let (b_ip, _) = dhcp_named(&b, dir.path(), "beta")?;
+    Ok(TwoGuests {
+        netd,
+        a,
+        b,
+        a_ip,
+        b_ip,
+        domain,
+        _up: up,
+        _host: host,
+        dir,
+    })
+}
+
 /// Two guests `alpha` and `beta` on the network `net` (`mode`, `keys` after the
-/// resolver's): `beta` proves the names through `server`; the static `files` is at
-/// `files_ip`. Returns the lease line `beta` got.
+/// resolver's): `beta` proves the names through `server` (and over TCP if `tcp`);
+/// the static `files` is at `files_ip`. Returns the lease line `beta` got.
 fn two_guests(
     net: &str,
     mode: &str,
@@ -205,30 +248,21 @@ fn two_guests(
     (domain, server, files_ip): (&str, &str, &str),
     tcp: bool,
 ) -> Result<String> {
-    let dir = root_tempdir();
-    let host = Netns::new("dh")?;
-    let (_up, resolv) = upstream(&host, dir.path())?;
-    let [a, b] = TapHost::each(["da", "db"])?;
-    let keys = format!(
-        "resolv_conf = \"{resolv}\"\n{keys}[[network.host]]\nname = \"files\"\nip = \"{files_ip}\"\n"
-    );
-    let cfg = [network(net, mode, &keys), a.port("a"), b.port("b")].concat();
-    let netd = Netd::start_with(&host, dir.path(), &cfg)?;
-    let (a_ip, got) = dhcp_named(&a, dir.path(), "alpha")?;
-    assert_eq!(got, domain, "option 15");
-    dhcp_named(&b, dir.path(), "beta")?;
-    let lease = std::fs::read_to_string(dir.path().join(format!("lease-{}", b.tap)))?;
-    prove_names(&netd, net, domain, &b, server, (&a_ip, files_ip))?;
+    let lab = start_two(net, mode, keys, files_ip)?;
+    let (netd, b, a_ip) = (&lab.netd, &lab.b, &lab.a_ip);
+    assert_eq!(lab.domain, domain, "option 15");
+    let lease = std::fs::read_to_string(lab.dir.path().join(format!("lease-{}", b.tap)))?;
+    prove_names(netd, net, domain, b, server, (a_ip, files_ip))?;
     if tcp {
-        let _conf = TcpResolvConf::new(&b, server)?;
-        prove_names_tcp(&netd, net, domain, &b, (&a_ip, files_ip))?;
-        let malformed = stat(&netd, net, "malformed");
-        let (closed, secs) = hostile_tcp(&b, server, "huge")?;
+        let _conf = TcpResolvConf::new(b, server)?;
+        prove_names_tcp(netd, net, domain, b, (a_ip, files_ip))?;
+        let malformed = stat(netd, net, "malformed");
+        let (closed, secs) = hostile_tcp(b, server, "huge")?;
         assert!(closed && secs < 3.0, "huge: closed after {secs} s");
-        assert_eq!(stat(&netd, net, "malformed"), malformed + 1);
-        getent_resolves(&b, &format!("alpha.{domain}"), &a_ip);
+        assert_eq!(stat(netd, net, "malformed"), malformed + 1);
+        getent_resolves(b, &format!("alpha.{domain}"), a_ip);
     }
-    assert!(netd.stop(), "netd exits cleanly");
+    assert!(lab.netd.stop(), "netd exits cleanly");
     Ok(lease)
 }
 
@@ -451,6 +485,11 @@ fn hostile_tcp(ns: &Netns, server: &str, case: &str) -> Result<(bool, f64)> {
     let out = ns
         .command(&["python3", "-c", HOSTILE_TCP, server, case])
         .output()?;
+    hostile_result(&out)
+}
+
+/// What a run of [`HOSTILE_TCP`] printed: whether it was closed, after how long.
+fn hostile_result(out: &std::process::Output) -> Result<(bool, f64)> {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let mut w = text.split_whitespace().skip(1);
     let closed = w.next() == Some("closed");
@@ -463,52 +502,39 @@ fn hostile_tcp(ns: &Netns, server: &str, case: &str) -> Result<(bool, f64)> {
 
 #[test]
 fn nat_guests_resolve_each_other_over_tcp() -> Result<()> {
-    let dir = root_tempdir();
-    let host = Netns::new("dh")?;
-    let (_up, resolv) = upstream(&host, dir.path())?;
-    let [a, b] = TapHost::each(["da", "db"])?;
-    let keys = format!(
-        "resolv_conf = \"{resolv}\"\n[[network.host]]\nname = \"files\"\nip = \"10.0.2.9\"\n"
-    );
-    let cfg = [network("nat0", "nat", &keys), a.port("a"), b.port("b")].concat();
-    let netd = Netd::start_with(&host, dir.path(), &cfg)?;
-    let (a_ip, _) = dhcp_named(&a, dir.path(), "alpha")?;
-    let (b_ip, _) = dhcp_named(&b, dir.path(), "beta")?;
-    let _conf = TcpResolvConf::new(&b, "10.0.2.3")?;
-    prove_names_tcp(&netd, "nat0", "nat0.lab", &b, (&a_ip, "10.0.2.9"))?;
+    let lab = start_two("nat0", "nat", "", "10.0.2.9")?;
+    let (netd, a, b, a_ip, b_ip) = (&lab.netd, &lab.a, &lab.b, &lab.a_ip, &lab.b_ip);
+    let host = &lab._host;
+    let _conf = TcpResolvConf::new(b, "10.0.2.3")?;
+    prove_names_tcp(netd, "nat0", "nat0.lab", b, (a_ip, "10.0.2.9"))?;
 
     // Hostile clients: a length beyond any query, then garbage, closed at once
     // and counted as malformed; the others go on resolving.
-    let malformed = stat(&netd, "nat0", "malformed");
+    let malformed = stat(netd, "nat0", "malformed");
     for case in ["huge", "garbage"] {
-        let (closed, secs) = hostile_tcp(&b, "10.0.2.3", case)?;
+        let (closed, secs) = hostile_tcp(b, "10.0.2.3", case)?;
         assert!(closed && secs < 3.0, "{case}: closed after {secs} s");
-        getent_resolves(&b, "alpha.nat0.lab", &a_ip);
+        getent_resolves(b, "alpha.nat0.lab", a_ip);
     }
-    assert_eq!(stat(&netd, "nat0", "malformed"), malformed + 2);
+    assert_eq!(stat(netd, "nat0", "malformed"), malformed + 2);
     // A connection held idle is closed after the idle timeout (10 s), counted;
     // meanwhile glibc resolves from the other guest too.
-    let timeouts = stat(&netd, "nat0", "tcp_timeouts");
+    let timeouts = stat(netd, "nat0", "tcp_timeouts");
     let idle = b
         .command(&["python3", "-c", HOSTILE_TCP, "10.0.2.3", "idle"])
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     std::thread::sleep(std::time::Duration::from_secs(1));
-    getent_resolves(&b, "files.nat0.lab", "10.0.2.9");
-    let _conf_a = TcpResolvConf::new(&a, "10.0.2.3")?;
-    getent_resolves(&a, "beta.nat0.lab", &b_ip);
-    let text = String::from_utf8_lossy(&idle.wait_with_output()?.stdout).into_owned();
-    let secs: f64 = text
-        .split_whitespace()
-        .nth(2)
-        .and_then(|t| t.parse().ok())
-        .context(text.clone())?;
+    getent_resolves(b, "files.nat0.lab", "10.0.2.9");
+    let _conf_a = TcpResolvConf::new(a, "10.0.2.3")?;
+    getent_resolves(a, "beta.nat0.lab", b_ip);
+    let (closed, secs) = hostile_result(&idle.wait_with_output()?)?;
     assert!(
-        text.contains("idle closed") && (8.0..13.0).contains(&secs),
-        "idle: {text}"
+        closed && (8.0..13.0).contains(&secs),
+        "idle: closed {closed} after {secs} s"
     );
-    assert_eq!(stat(&netd, "nat0", "tcp_timeouts"), timeouts + 1);
-    getent_resolves(&b, "alpha.nat0.lab", &a_ip);
+    assert_eq!(stat(netd, "nat0", "tcp_timeouts"), timeouts + 1);
+    getent_resolves(b, "alpha.nat0.lab", a_ip);
     // The loopback listener the guests' connections are rewritten to is out of
     // their direct reach: the gateway stands for the host's loopback only with
     // `host_loopback`, so a connect to its port is refused.
@@ -524,6 +550,6 @@ fn nat_guests_resolve_each_other_over_tcp() -> Result<()> {
     let out = b.command(&["python3", "-c", &probe]).output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("refused"), "gateway:{port}: {text}");
-    assert!(netd.stop(), "netd exits cleanly");
+    assert!(lab.netd.stop(), "netd exits cleanly");
     Ok(())
 }

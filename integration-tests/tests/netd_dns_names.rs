@@ -16,14 +16,16 @@
 //! DNS over TCP: on the NAT network and the hostonly gateway, glibc's resolver with
 //! `options use-vc` (every query over TCP, `getent`) gets the same answers: names,
 //! the static entry, PTR, NXDOMAIN, and forwarded names (dnsmasq answers over TCP
-//! too); `getent ahosts` sends A and AAAA pipelined on one connection. Hostile TCP
-//! clients (a huge length prefix, garbage, a connection held idle) are closed and
-//! counted while glibc keeps resolving.
+//! too); `getent ahosts` sends A and AAAA pipelined on one connection; on NAT,
+//! through `fd00::3` as well. Hostile TCP clients (a huge length prefix, garbage, a
+//! connection held idle) are closed and counted while glibc keeps resolving, and
+//! the loopback listener netd rewrites the NAT guests' connections to is not
+//! reachable through the gateway.
 
 mod netd_common;
 
 use anyhow::{Context, Result};
-use integration_tests::netd::dnsmasq_argv;
+use integration_tests::netd::{dnsmasq_argv, global6, ping6};
 use integration_tests::{ChildGuard, Netns};
 use netd_common::*;
 
@@ -535,6 +537,21 @@ fn nat_guests_resolve_each_other_over_tcp() -> Result<()> {
     );
     assert_eq!(stat(netd, "nat0", "tcp_timeouts"), timeouts + 1);
     getent_resolves(b, "alpha.nat0.lab", a_ip);
+    // IPv6: fd00::3 over TCP too. alpha's AAAA is the SLAAC address it used (the
+    // guard binds it at first use); `getent hosts` asks AAAA, `ahosts` both.
+    let a6 = global6(a, &a.tap, "fd00:")?;
+    global6(b, &b.tap, "fd00:")?;
+    assert!(ping6(a, "fd00::2"), "alpha uses its IPv6 address");
+    let _conf6 = TcpResolvConf::new(b, "fd00::3")?;
+    let conns = stat(netd, "nat0", "tcp_connections");
+    getent_resolves(b, "alpha.nat0.lab", &a6);
+    let (ok, out) = getent(b, "ahosts", "alpha.nat0.lab");
+    assert!(
+        ok && out.contains(a_ip.as_str()) && out.contains(&a6),
+        "getent ahosts alpha via fd00::3: {out}"
+    );
+    getent_resolves(b, UP_NAME, UP_ADDR);
+    assert!(stat(netd, "nat0", "tcp_connections") >= conns + 3);
     // The loopback listener the guests' connections are rewritten to is out of
     // their direct reach: the gateway stands for the host's loopback only with
     // `host_loopback`, so a connect to its port is refused.

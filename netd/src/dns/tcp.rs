@@ -32,7 +32,8 @@
 //! - each message (its length and its bytes) must arrive within [`IDLE_TIMEOUT`]
 //!   of the end of the previous one: a connection idle or dripping bytes that long
 //!   is closed, counted in `tcp_timeouts`; so is a client that does not read its
-//!   answers for that long (at most [`QUEUE`] answers wait for it);
+//!   answers for that long (at most [`QUEUE`] answers, [`QUEUE_KIB`] KiB, wait for
+//!   it: with the query being read, about 84 KiB per connection at most);
 //! - at most `max_connections` are open at once, and at most `max_per_client` from
 //!   one address (the hostonly responder: [`MAX_CONNECTIONS`], [`MAX_PER_CLIENT`]
 //!   per guest); more are closed at once, counted in `tcp_refused`. On a NAT
@@ -60,7 +61,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::{unix_now, Answer, LocalNames, Resolvers};
@@ -77,6 +78,27 @@ pub const MAX_CONNECTIONS: usize = 256;
 pub const MAX_PER_CLIENT: usize = 16;
 /// Answers waiting for one client to read them.
 pub const QUEUE: usize = 16;
+/// KiB of answers waiting for one client (the largest DNS message fits).
+pub const QUEUE_KIB: u32 = 80;
+
+/// The queue of answers to one client, bounded by count and by bytes.
+#[derive(Clone)]
+struct Out {
+    tx: mpsc::Sender<(Vec<u8>, OwnedSemaphorePermit)>,
+    kib: Arc<Semaphore>,
+}
+
+impl Out {
+    /// Queues `msg`, framed, waiting for room; false when the writer is gone.
+    async fn send(&self, msg: &[u8]) -> bool {
+        let m = framed(msg);
+        let k = u32::try_from(m.len().div_ceil(1024)).unwrap_or(QUEUE_KIB);
+        let Ok(permit) = self.kib.clone().acquire_many_owned(k.min(QUEUE_KIB)).await else {
+            return false;
+        };
+        self.tx.send((m, permit)).await.is_ok()
+    }
+}
 
 /// One network's DNS over TCP (see the module doc).
 #[derive(Debug)]
@@ -283,7 +305,11 @@ impl TcpDns {
     async fn connection(self: Arc<Self>, s: TcpStream, _slot: Slot) {
         let _ = s.set_nodelay(true);
         let (mut rd, wr) = s.into_split();
-        let (tx, rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let tx = Out {
+            tx,
+            kib: Arc::new(Semaphore::new(QUEUE_KIB as usize)),
+        };
         let mut writer = tokio::spawn(self.clone().write_loop(wr, rx));
         let mut up: Option<Upstream> = None;
         let clean = loop {
@@ -302,7 +328,7 @@ impl TcpDns {
             };
             match self.names.answer(&q, unix_now()) {
                 Answer::Local(reply) => {
-                    if tx.send(framed(&reply)).await.is_err() {
+                    if !tx.send(&reply).await {
                         break false;
                     }
                 }
@@ -335,8 +361,13 @@ impl TcpDns {
     }
 
     /// Writes the answers of `rx` to the client, each within [`IDLE_TIMEOUT`].
-    async fn write_loop(self: Arc<Self>, mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) {
-        while let Some(m) = rx.recv().await {
+    async fn write_loop(
+        self: Arc<Self>,
+        mut wr: OwnedWriteHalf,
+        mut rx: mpsc::Receiver<(Vec<u8>, OwnedSemaphorePermit)>,
+    ) {
+        // The permit is given back once the answer is written.
+        while let Some((m, _permit)) = rx.recv().await {
             match tokio::time::timeout(self.idle, wr.write_all(&m)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return,
@@ -351,12 +382,7 @@ impl TcpDns {
 
     /// Writes query `q` to the resolver, connecting first if this client has no
     /// live connection to it; false if it cannot.
-    async fn forward(
-        &self,
-        up: &mut Option<Upstream>,
-        q: &[u8],
-        tx: &mpsc::Sender<Vec<u8>>,
-    ) -> bool {
+    async fn forward(&self, up: &mut Option<Upstream>, q: &[u8], tx: &Out) -> bool {
         if up.as_ref().is_some_and(|u| u.relay.0.is_finished()) {
             *up = None;
         }
@@ -396,10 +422,10 @@ impl TcpDns {
 
 /// Relays the resolver's answers to the client's queue until the resolver closes,
 /// fails, is silent for [`IDLE_TIMEOUT`] or the client is gone.
-async fn relay(mut r: OwnedReadHalf, tx: mpsc::Sender<Vec<u8>>, idle: Duration) {
+async fn relay(mut r: OwnedReadHalf, tx: Out, idle: Duration) {
     let max = usize::from(u16::MAX);
     while let Frame::Msg(m) = read_frame(&mut r, super::wire::HEADER_LEN, max, idle).await {
-        if tx.send(framed(&m)).await.is_err() {
+        if !tx.send(&m).await {
             return;
         }
     }

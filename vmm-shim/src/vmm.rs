@@ -19,6 +19,7 @@
 //! back and returns the reason, which `main` turns into the exit status: guest reset,
 //! power-off or SIGTERM -> 0; triple fault, KVM internal error, entry failure -> 1.
 
+mod announce;
 mod control;
 mod io;
 mod migrate;
@@ -195,7 +196,8 @@ struct Disks {
     /// Each disk as a snapshot drains it.
     refs: Vec<DiskRef>,
 }
-type NetDev = Arc<Mutex<MmioTransport<Net<Tap>>>>;
+/// A NIC: its device behind its transport, shared with its receive thread.
+pub(super) type NetDev = Arc<Mutex<MmioTransport<Net<Tap>>>>;
 
 /// The NICs' side of shutdown: their receive threads, the eventfd that stops them, and
 /// the netd ports to hand back.
@@ -206,6 +208,8 @@ struct Nics {
     netd_ports: Vec<(String, String)>,
     /// Each NIC's counters, for the metrics server.
     counters: Vec<Arc<Counters>>,
+    /// Each NIC, for the announce after a move.
+    devs: Vec<NetDev>,
 }
 
 /// What a running VM is made of, as far as ending it goes.
@@ -300,6 +304,9 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
         Some(s) => VcpuStart::Restore(&s.vcpus),
         None => VcpuStart::Boot(entry),
     };
+    if saved.is_some() {
+        announce::start(&nics.devs, &control);
+    }
     let vcpu_threads = start_vcpus(&kvm, &vm, cfg.cpus, vstart, &shared, &tx)?;
     control.started(vcpu_threads.iter().map(|h| h.as_pthread_t()).collect());
     if let Some(conn) = incoming {
@@ -547,6 +554,7 @@ fn attach_nics(
         stop_rx: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(os_err("eventfd"))?),
         netd_ports: Vec::new(),
         counters: Vec::new(),
+        devs: Vec::new(),
     };
     for (index, n) in cfg.nets.iter().enumerate() {
         let mac = n
@@ -579,6 +587,7 @@ fn attach_nics(
         let dev = Net::new(tap, mac, Some(wake), offloads);
         nics.counters.push(dev.counters_handle());
         let t: NetDev = board.plug(dev)?;
+        nics.devs.push(t.clone());
         tracing::info!(net = index, tap = %name, mac = %format_mac(mac), "NIC attached");
         let (stop, control) = (nics.stop_rx.clone(), control.clone());
         nics.rx_threads.push(

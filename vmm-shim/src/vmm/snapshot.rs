@@ -242,8 +242,13 @@ pub(super) struct Machine {
 
 impl Machine {
     /// Waits (at most [`DRAIN_TIMEOUT`]) until no disk request is in flight, then
-    /// flushes every disk. The vCPUs must be paused (so no new request comes).
+    /// flushes every disk; and waits for a NIC's receive thread that is delivering a
+    /// frame (it takes the device's lock, and checks the pause under it, before it
+    /// writes guest memory). The vCPUs must be paused (so no new request comes).
     pub(super) fn drain(&self) -> Result<(), String> {
+        for d in self.shared.bus.devices() {
+            drop(d.lock().unwrap_or_else(|e| e.into_inner()));
+        }
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         for (i, d) in self.disks.iter().enumerate() {
             loop {

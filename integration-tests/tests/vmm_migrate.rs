@@ -19,14 +19,22 @@ use std::time::Duration;
 
 use integration_tests::{free_port, wait_until};
 use serde_json::Value;
+use vmm_guest::capture::{BridgedTaps, Capture};
 use vmm_guest::counter::{
-    assert_consecutive, assert_disk_counts, counter_program, counts, ctl, curl, wait_count,
+    assert_announced_and_counting, assert_consecutive, assert_disk_counts, counter_net_program,
+    counter_program, counts, ctl, curl, device, frame_counts, wait_count, ANNOUNCE_ETHERTYPE,
+    COUNT_ETHERTYPE,
 };
 use vmm_guest::{setup, LiveVm};
 
 /// `vmm-shim --incoming tcp:127.0.0.1:PORT` with 64 MiB, the console file and
 /// `extra`; returns once it listens.
 fn incoming(port: u16, console: &Path, extra: &[&str]) -> LiveVm {
+    incoming_in(&[], port, console, extra)
+}
+
+/// [`incoming`] run under `prefix` (`ip netns exec NS`: it listens there).
+fn incoming_in(prefix: &[&str], port: u16, console: &Path, extra: &[&str]) -> LiveVm {
     let to = format!("tcp:127.0.0.1:{port}");
     let c = console.to_str().unwrap();
     let args = [
@@ -34,10 +42,11 @@ fn incoming(port: u16, console: &Path, extra: &[&str]) -> LiveVm {
         extra,
     ]
     .concat();
-    let vm = LiveVm::spawn(vmm_guest::vmm_command(&[], &args)).unwrap();
+    let vm = LiveVm::spawn(vmm_guest::vmm_command(prefix, &args)).unwrap();
     let listening = wait_until(Duration::from_secs(10), || {
-        let ss = std::process::Command::new("ss")
-            .args(["-Hltn", &format!("sport = :{port}")])
+        let ss = std::process::Command::new("env")
+            .args(prefix)
+            .args(["ss", "-Hltn", &format!("sport = :{port}")])
             .output()
             .unwrap();
         !ss.stdout.is_empty()
@@ -249,4 +258,87 @@ fn a_corrupt_stream_or_garbage_is_refused_and_the_source_goes_on() {
     );
     let r = src.stop(Duration::from_secs(30));
     assert_eq!(r.code, Some(0), "{r}");
+}
+
+const NIC_MAC: &str = "52:54:00:14:00:0e";
+const NIC_MAC_BYTES: [u8; 6] = [0x52, 0x54, 0, 0x14, 0, 0x0e];
+
+#[test]
+fn the_nic_goes_on_at_the_destination_which_announces_it() {
+    let (dir, elf) = setup("mignic", &counter_net_program(256, false, NIC_MAC_BYTES));
+    let taps = BridgedTaps::new();
+    // What each vmm-shim writes to its TAP.
+    let cap_a = Capture::start(&taps.ns, &taps.a, dir.path());
+    let cap_b = Capture::start(&taps.ns, &taps.b, dir.path());
+    let console = dir.path().join("console");
+    let sock = dir.path().join("src.sock");
+    let (nic_a, nic_b) = (
+        format!("tap={},mac={NIC_MAC}", taps.a),
+        format!("tap={},mac={NIC_MAC}", taps.b),
+    );
+    let src = LiveVm::guest(
+        &taps.ns.exec_prefix(),
+        &elf,
+        &[
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "--console",
+            console.to_str().unwrap(),
+            "--net",
+            &nic_a,
+        ],
+    );
+    wait_count(&console, 20);
+    let on = |t: &str| {
+        wait_until(Duration::from_secs(5), || {
+            taps.fdb_port(NIC_MAC).as_deref() == Some(t)
+        })
+    };
+    assert!(on(&taps.a), "{:?}", taps.fdb_port(NIC_MAC));
+
+    let port = free_port();
+    let dsock = dir.path().join("dst.sock");
+    let dst = incoming_in(
+        &taps.ns.exec_prefix(),
+        port,
+        &console,
+        &["--net", &nic_b, "--api-sock", dsock.to_str().unwrap()],
+    );
+    let (code, out) = migrate(&sock, port);
+    assert_eq!(code, Some(0), "{out}");
+    let r = src.finish(Duration::from_secs(20));
+    assert_eq!(r.code, Some(0), "the source exits 0 after a migration: {r}");
+    // The kernel bridge has the MAC where the VM went.
+    assert!(on(&taps.b), "{:?}", taps.fdb_port(NIC_MAC));
+    // A second of counting: every RARP round (0.8 s) is done.
+    let n = counts(&console).len();
+    let printed = wait_count(&console, n + 100);
+    assert_consecutive(&printed);
+    let net0 = device(&dsock, "net0");
+    assert_eq!(net0["announce_frames"], 5, "{net0}");
+    assert!(net0["tx_packets"].as_u64().unwrap() >= 100, "{net0}");
+    let r = dst.stop(Duration::from_secs(30));
+    assert_eq!(r.code, Some(0), "{r}");
+    let printed = counts(&console);
+    // tshark has seen the last frames.
+    let last = *printed.last().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || frame_counts(
+            &cap_b.from(NIC_MAC)
+        )
+        .last()
+        .is_some_and(|&c| c >= last)),
+        "{:?}",
+        cap_b.from(NIC_MAC)
+    );
+    let (a, b) = (cap_a.from(NIC_MAC), cap_b.from(NIC_MAC));
+    assert!(a.iter().all(|s| s.ethertype == COUNT_ETHERTYPE), "{a:?}");
+    let all = assert_announced_and_counting(&a, &b, 5);
+    assert!(all.len() >= printed.len(), "{all:?} {printed:?}");
+    // The guest was asked, announced itself once and acked.
+    let asked = b
+        .iter()
+        .filter(|s| s.ethertype == ANNOUNCE_ETHERTYPE)
+        .count();
+    assert_eq!(asked, 1, "{b:?}");
 }

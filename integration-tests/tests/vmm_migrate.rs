@@ -7,6 +7,13 @@
 //! whose destination is killed half-way leaves the source running (and it migrates
 //! later); a corrupt stream, or garbage, sent to `--incoming` is refused and fails
 //! only the incoming VM, while the source goes on.
+//!
+//! With a NIC (a TAP in a kernel bridge on each side, in one namespace): the
+//! guest's count frames go on from the destination's TAP with no gap and no
+//! repeat, the first frame there is vmm-shim's RARP announce (five in all, then the
+//! guest's own announce), and the bridge has the MAC on the new TAP. A destination
+//! that fails the state (another MAC) is reported by the source with its reason;
+//! one whose source dies before handing the VM over (`GO`) never runs it.
 
 mod stord_common;
 mod vmm_guest;
@@ -67,6 +74,9 @@ enum Cut {
     KillAfter(u64, u32),
     /// Flip a bit of the byte at this offset of the stream.
     FlipAt(u64),
+    /// SIGKILL the source (this pid) as the destination's second answer (*ready*,
+    /// after the state) reaches it, before it can send `GO`.
+    KillSourceOnReady(u32),
 }
 
 /// A one-connection TCP proxy on a free port to `target`, applying `cut`.
@@ -78,7 +88,23 @@ fn proxy(target: u16, cut: Cut) -> (u16, JoinHandle<u64>) {
         let mut dst = TcpStream::connect(("127.0.0.1", target)).unwrap();
         let (mut src2, mut dst2) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
         std::thread::spawn(move || {
-            let _ = std::io::copy(&mut dst2, &mut src2);
+            if let Cut::KillSourceOnReady(pid) = cut {
+                let mut b = [0u8; 1];
+                let mut answers = 0;
+                while dst2.read_exact(&mut b).is_ok() {
+                    answers += 1;
+                    if answers == 2 {
+                        // SAFETY: kill(2) on the source's pid, which the test owns.
+                        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                        break;
+                    }
+                    if src2.write_all(&b).is_err() {
+                        break;
+                    }
+                }
+            } else {
+                let _ = std::io::copy(&mut dst2, &mut src2);
+            }
             let _ = src2.shutdown(std::net::Shutdown::Both);
         });
         let mut buf = vec![0u8; 64 << 10];
@@ -214,6 +240,28 @@ fn a_destination_killed_half_way_leaves_the_source_running() {
 }
 
 #[test]
+fn a_destination_the_vm_is_not_handed_to_never_runs_it() {
+    let (dir, elf) = setup("miggo", &counter_program(256, false));
+    let (src, sock) = source(dir.path(), &elf, None);
+    let other = dir.path().join("other-console");
+    let port = free_port();
+    let dst = incoming(port, &other, &[]);
+    // The source dies after the whole state went and the destination said it is
+    // ready: no GO comes.
+    let (via, proxy) = proxy(port, Cut::KillSourceOnReady(src.pid()));
+    let (code, out) = migrate(&sock, via);
+    assert_ne!(code, Some(0), "{out}");
+    let _ = proxy.join();
+    assert_eq!(src.finish(Duration::from_secs(10)).code, None, "killed");
+    let r = dst.finish(Duration::from_secs(60));
+    r.assert_exit(1, "did not hand the VM over");
+    assert!(
+        counts(&other).is_empty(),
+        "the destination ran the guest: {r}"
+    );
+}
+
+#[test]
 fn a_corrupt_stream_or_garbage_is_refused_and_the_source_goes_on() {
     let (dir, elf) = setup("migbad", &counter_program(1024, false));
     let console = dir.path().join("console");
@@ -295,6 +343,28 @@ fn the_nic_goes_on_at_the_destination_which_announces_it() {
         })
     };
     assert!(on(&taps.a), "{:?}", taps.fdb_port(NIC_MAC));
+
+    // A destination whose NIC has another MAC takes the whole stream, then fails
+    // the state: the source says why (the destination's own reason) and goes on;
+    // the destination never ran the guest, nor announced anything.
+    let port = free_port();
+    let wrong = format!("tap={},mac=52:54:00:14:00:ff", taps.b);
+    let other = dir.path().join("other-console");
+    let bad = incoming_in(&taps.ns.exec_prefix(), port, &other, &["--net", &wrong]);
+    let (code, out) = migrate(&sock, port);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("the destination refused") && out.contains("config space differs"),
+        "{out}"
+    );
+    assert!(out.contains("the VM runs on here"), "{out}");
+    bad.finish(Duration::from_secs(20))
+        .assert_exit(1, "config space differs");
+    source_goes_on(&sock, &console);
+    assert!(
+        counts(&other).is_empty(),
+        "the failed destination ran the guest"
+    );
 
     let port = free_port();
     let dsock = dir.path().join("dst.sock");

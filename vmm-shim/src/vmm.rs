@@ -255,7 +255,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
     let macs = start.saved_macs();
     let mut disks = attach_disks(&mut board, &cfg)?;
     let nics = attach_nics(&mut board, &cfg, &control, &macs)?;
-    let (entry, saved, incoming) = match start {
+    let (entry, saved, mut incoming) = match start {
         Start::Boot => (load_kernel(&mem, &cfg, &bus, &cmdline)?, None, None),
         Start::Restore(dir, s) => {
             snapshot::load_memory(&dir, &mem, &s)?;
@@ -269,8 +269,9 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
     };
     let serial = serial_console(&vm, &cfg.console, saved.as_ref())?;
     if let Some(s) = &saved {
-        snapshot::restore_devices(&bus, s)?;
-        snapshot::restore_vm(&vm, s)?;
+        let restored =
+            snapshot::restore_devices(&bus, s).and_then(|()| snapshot::restore_vm(&vm, s));
+        migrate::told(&mut incoming, restored)?;
     }
 
     let (tx, rx) = mpsc::channel::<ExitReason>();
@@ -297,17 +298,29 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
         exit: Mutex::new(tx.clone()),
         busy: Mutex::new(()),
     });
-    serve_api(&cfg, &control, &disks, &nics, &machine)?;
+    migrate::told(
+        &mut incoming,
+        serve_api(&cfg, &control, &disks, &nics, &machine),
+    )?;
     // A restored or migrated VM goes on from its vCPUs' states; a booted one starts
     // at the kernel's entry.
     let vstart = match &saved {
         Some(s) => VcpuStart::Restore(&s.vcpus),
         None => VcpuStart::Boot(entry),
     };
-    if saved.is_some() {
-        announce::start(&nics.devs, &control);
-    }
-    let vcpu_threads = start_vcpus(&kvm, &vm, cfg.cpus, vstart, &shared, &tx)?;
+    // A migrated VM runs only once the source has handed it over; a VM that arrives
+    // is announced on its NICs before it runs.
+    let gate = || {
+        if let Some(c) = incoming.as_mut() {
+            c.commit()?;
+        }
+        if saved.is_some() {
+            announce::start(&nics.devs, &control);
+        }
+        Ok(())
+    };
+    let vcpu_threads = start_vcpus(&kvm, &vm, cfg.cpus, vstart, &shared, &tx, gate);
+    let vcpu_threads = migrate::told(&mut incoming, vcpu_threads)?;
     control.started(vcpu_threads.iter().map(|h| h.as_pthread_t()).collect());
     if let Some(conn) = incoming {
         migrate::accepted(conn);

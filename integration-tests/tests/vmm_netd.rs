@@ -12,8 +12,9 @@ mod vmm_guest;
 use std::path::Path;
 use std::time::Duration;
 
+use integration_tests::Netns;
 use integration_tests::{free_port, wait_until};
-use netd_common::{network, root_tempdir, start_netd, TapHost};
+use netd_common::{network, root_tempdir, start_netd, Netd, TapHost};
 use vmm_guest::capture::Capture;
 use vmm_guest::counter::{
     assert_consecutive, counter_quiet_net_program, counts, ctl, device, frame_counts, wait_count,
@@ -27,17 +28,28 @@ fn netd_nic<'a>(net: &'a str, control: &'a Path) -> [&'a str; 4] {
     ["--net", net, "--netd-control", control]
 }
 
-#[test]
-fn guest_on_a_netd_vm_port_reaches_a_test_host() {
-    let dir = root_tempdir();
+/// netd, in a fresh host namespace, with the network `lan` of `subnet` and a port
+/// `peer`: a TAP in a namespace of its own, up, without IPv6 (no chatter), at
+/// `addr` if given.
+fn lan_with_peer(dir: &Path, subnet: &str, addr: Option<&str>) -> (TapHost, Netns, Netd) {
     let peer = TapHost::new("vdp").unwrap();
-    let lan = network("lan", "internal", "subnet = \"10.6.0.0/24\"\n") + &peer.port("peer");
-    let (host, netd) = start_netd(dir.path(), "vdh", &lan).unwrap();
+    let subnet = format!("subnet = \"{subnet}\"\n");
+    let lan = network("lan", "internal", &subnet) + &peer.port("peer");
+    let (host, netd) = start_netd(dir, "vdh", &lan).unwrap();
     let tp = &peer.tap;
     peer.sh(&format!("sysctl -qw net.ipv6.conf.{tp}.disable_ipv6=1"))
         .unwrap();
-    peer.addr("10.6.0.2/24").unwrap();
+    if let Some(a) = addr {
+        peer.addr(a).unwrap();
+    }
     peer.exec(&["ip", "link", "set", tp, "up"]).unwrap();
+    (peer, host, netd)
+}
+
+#[test]
+fn guest_on_a_netd_vm_port_reaches_a_test_host() {
+    let dir = root_tempdir();
+    let (_peer, host, netd) = lan_with_peer(dir.path(), "10.6.0.0/24", Some("10.6.0.2/24"));
 
     let elf = assemble(dir.path(), "netd", &arp_guest([10, 6, 0, 9], [10, 6, 0, 2])).unwrap();
     let nic = netd_nic("netd=lan,mac=52:54:00:12:34:56", &netd.control);
@@ -62,7 +74,7 @@ fn unknown_netd_network_is_a_clear_error() {
 }
 
 /// The port netd's table of `lan` has `mac` on (`netd mac lan --json`).
-fn mac_port(netd: &netd_common::Netd, mac: &str) -> Option<String> {
+fn mac_port(netd: &Netd, mac: &str) -> Option<String> {
     let t = netd.cli_json(&["mac", "lan"]).ok()?;
     t.as_array()?
         .iter()
@@ -74,14 +86,8 @@ fn mac_port(netd: &netd_common::Netd, mac: &str) -> Option<String> {
 fn a_vm_migrated_to_another_netd_port_is_announced_there_before_it_speaks() {
     const MAC: &str = "52:54:00:14:00:0d";
     let dir = root_tempdir();
-    let peer = TapHost::new("vdm").unwrap();
-    let lan = network("lan", "internal", "subnet = \"10.8.0.0/24\"\n") + &peer.port("peer");
-    let (host, netd) = start_netd(dir.path(), "vdn", &lan).unwrap();
-    let tp = &peer.tap;
-    peer.sh(&format!("sysctl -qw net.ipv6.conf.{tp}.disable_ipv6=1"))
-        .unwrap();
-    peer.exec(&["ip", "link", "set", tp, "up"]).unwrap();
-    let cap = Capture::start(&peer.ns, tp, dir.path());
+    let (peer, host, netd) = lan_with_peer(dir.path(), "10.8.0.0/24", None);
+    let cap = Capture::start(&peer.ns, &peer.tap, dir.path());
 
     let elf = assemble(
         dir.path(),

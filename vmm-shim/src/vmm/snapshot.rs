@@ -9,7 +9,12 @@
 //! read the devices' transports and queues, the UART, the in-kernel irqchips, PIT and
 //! clock; write memory (with its CRC-32 in the state) and the state, each to a
 //! temporary name renamed into place. The VM stays paused unless asked to resume.
-//! The i8042 keeps no state here (it only takes the reset command).
+//! The i8042 keeps no state here (it only takes the reset command). A NIC's state is
+//! its transport's (acked features, queues, the MAC in its config space); its TAP's
+//! offloads follow from the acked features when it is activated again. A frame
+//! parked for want of guest receive buffers is not kept: to the guest it is a frame
+//! lost on the wire. Once paused, no NIC receive thread writes guest memory (see
+//! [`Machine::drain`]).
 //!
 //! Restoring ([`load`], then `vmm::run`): the state file is read and checked first
 //! (version, checksum, shape against `--mem`, `--cpus` and the `--disk`/`--net` list),

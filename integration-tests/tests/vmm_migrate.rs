@@ -7,6 +7,13 @@
 //! whose destination is killed half-way leaves the source running (and it migrates
 //! later); a corrupt stream, or garbage, sent to `--incoming` is refused and fails
 //! only the incoming VM, while the source goes on.
+//!
+//! With a NIC (a TAP in a kernel bridge on each side, in one namespace): the
+//! guest's count frames go on from the destination's TAP with no gap and no
+//! repeat, the first frame there is vmm-shim's RARP announce (five in all, then the
+//! guest's own announce), and the bridge has the MAC on the new TAP. A destination
+//! that fails the state (another MAC) is reported by the source with its reason;
+//! one whose source dies before handing the VM over (`GO`) never runs it.
 
 mod stord_common;
 mod vmm_guest;
@@ -19,14 +26,22 @@ use std::time::Duration;
 
 use integration_tests::{free_port, wait_until};
 use serde_json::Value;
+use vmm_guest::capture::{BridgedTaps, Capture};
 use vmm_guest::counter::{
-    assert_consecutive, assert_disk_counts, counter_program, counts, ctl, curl, wait_count,
+    assert_announced_and_counting, assert_consecutive, assert_disk_counts, counter_net_program,
+    counter_program, counts, ctl, curl, device, frame_counts, wait_count, ANNOUNCE_ETHERTYPE,
+    COUNT_ETHERTYPE,
 };
 use vmm_guest::{setup, LiveVm};
 
 /// `vmm-shim --incoming tcp:127.0.0.1:PORT` with 64 MiB, the console file and
 /// `extra`; returns once it listens.
 fn incoming(port: u16, console: &Path, extra: &[&str]) -> LiveVm {
+    incoming_in(&[], port, console, extra)
+}
+
+/// [`incoming`] run under `prefix` (`ip netns exec NS`: it listens there).
+fn incoming_in(prefix: &[&str], port: u16, console: &Path, extra: &[&str]) -> LiveVm {
     let to = format!("tcp:127.0.0.1:{port}");
     let c = console.to_str().unwrap();
     let args = [
@@ -34,10 +49,11 @@ fn incoming(port: u16, console: &Path, extra: &[&str]) -> LiveVm {
         extra,
     ]
     .concat();
-    let vm = LiveVm::spawn(vmm_guest::vmm_command(&[], &args)).unwrap();
+    let vm = LiveVm::spawn(vmm_guest::vmm_command(prefix, &args)).unwrap();
     let listening = wait_until(Duration::from_secs(10), || {
-        let ss = std::process::Command::new("ss")
-            .args(["-Hltn", &format!("sport = :{port}")])
+        let ss = std::process::Command::new("env")
+            .args(prefix)
+            .args(["ss", "-Hltn", &format!("sport = :{port}")])
             .output()
             .unwrap();
         !ss.stdout.is_empty()
@@ -58,6 +74,9 @@ enum Cut {
     KillAfter(u64, u32),
     /// Flip a bit of the byte at this offset of the stream.
     FlipAt(u64),
+    /// SIGKILL the source (this pid) as the destination's second answer (*ready*,
+    /// after the state) reaches it, before it can send `GO`.
+    KillSourceOnReady(u32),
 }
 
 /// A one-connection TCP proxy on a free port to `target`, applying `cut`.
@@ -69,7 +88,23 @@ fn proxy(target: u16, cut: Cut) -> (u16, JoinHandle<u64>) {
         let mut dst = TcpStream::connect(("127.0.0.1", target)).unwrap();
         let (mut src2, mut dst2) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
         std::thread::spawn(move || {
-            let _ = std::io::copy(&mut dst2, &mut src2);
+            if let Cut::KillSourceOnReady(pid) = cut {
+                let mut b = [0u8; 1];
+                let mut answers = 0;
+                while dst2.read_exact(&mut b).is_ok() {
+                    answers += 1;
+                    if answers == 2 {
+                        // SAFETY: kill(2) on the source's pid, which the test owns.
+                        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                        break;
+                    }
+                    if src2.write_all(&b).is_err() {
+                        break;
+                    }
+                }
+            } else {
+                let _ = std::io::copy(&mut dst2, &mut src2);
+            }
             let _ = src2.shutdown(std::net::Shutdown::Both);
         });
         let mut buf = vec![0u8; 64 << 10];
@@ -205,6 +240,28 @@ fn a_destination_killed_half_way_leaves_the_source_running() {
 }
 
 #[test]
+fn a_destination_the_vm_is_not_handed_to_never_runs_it() {
+    let (dir, elf) = setup("miggo", &counter_program(256, false));
+    let (src, sock) = source(dir.path(), &elf, None);
+    let other = dir.path().join("other-console");
+    let port = free_port();
+    let dst = incoming(port, &other, &[]);
+    // The source dies after the whole state went and the destination said it is
+    // ready: no GO comes.
+    let (via, proxy) = proxy(port, Cut::KillSourceOnReady(src.pid()));
+    let (code, out) = migrate(&sock, via);
+    assert_ne!(code, Some(0), "{out}");
+    let _ = proxy.join();
+    assert_eq!(src.finish(Duration::from_secs(10)).code, None, "killed");
+    let r = dst.finish(Duration::from_secs(60));
+    r.assert_exit(1, "did not hand the VM over");
+    assert!(
+        counts(&other).is_empty(),
+        "the destination ran the guest: {r}"
+    );
+}
+
+#[test]
 fn a_corrupt_stream_or_garbage_is_refused_and_the_source_goes_on() {
     let (dir, elf) = setup("migbad", &counter_program(1024, false));
     let console = dir.path().join("console");
@@ -249,4 +306,109 @@ fn a_corrupt_stream_or_garbage_is_refused_and_the_source_goes_on() {
     );
     let r = src.stop(Duration::from_secs(30));
     assert_eq!(r.code, Some(0), "{r}");
+}
+
+const NIC_MAC: &str = "52:54:00:14:00:0e";
+const NIC_MAC_BYTES: [u8; 6] = [0x52, 0x54, 0, 0x14, 0, 0x0e];
+
+#[test]
+fn the_nic_goes_on_at_the_destination_which_announces_it() {
+    let (dir, elf) = setup("mignic", &counter_net_program(256, false, NIC_MAC_BYTES));
+    let taps = BridgedTaps::new();
+    // What each vmm-shim writes to its TAP.
+    let cap_a = Capture::start(&taps.ns, &taps.a, dir.path());
+    let cap_b = Capture::start(&taps.ns, &taps.b, dir.path());
+    let console = dir.path().join("console");
+    let sock = dir.path().join("src.sock");
+    let (nic_a, nic_b) = (
+        format!("tap={},mac={NIC_MAC}", taps.a),
+        format!("tap={},mac={NIC_MAC}", taps.b),
+    );
+    let src = LiveVm::guest(
+        &taps.ns.exec_prefix(),
+        &elf,
+        &[
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "--console",
+            console.to_str().unwrap(),
+            "--net",
+            &nic_a,
+        ],
+    );
+    wait_count(&console, 20);
+    let on = |t: &str| {
+        wait_until(Duration::from_secs(5), || {
+            taps.fdb_port(NIC_MAC).as_deref() == Some(t)
+        })
+    };
+    assert!(on(&taps.a), "{:?}", taps.fdb_port(NIC_MAC));
+
+    // A destination whose NIC has another MAC takes the whole stream, then fails
+    // the state: the source says why (the destination's own reason) and goes on;
+    // the destination never ran the guest, nor announced anything.
+    let port = free_port();
+    let wrong = format!("tap={},mac=52:54:00:14:00:ff", taps.b);
+    let other = dir.path().join("other-console");
+    let bad = incoming_in(&taps.ns.exec_prefix(), port, &other, &["--net", &wrong]);
+    let (code, out) = migrate(&sock, port);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("the destination refused") && out.contains("config space differs"),
+        "{out}"
+    );
+    assert!(out.contains("the VM runs on here"), "{out}");
+    bad.finish(Duration::from_secs(20))
+        .assert_exit(1, "config space differs");
+    source_goes_on(&sock, &console);
+    assert!(
+        counts(&other).is_empty(),
+        "the failed destination ran the guest"
+    );
+
+    let port = free_port();
+    let dsock = dir.path().join("dst.sock");
+    let dst = incoming_in(
+        &taps.ns.exec_prefix(),
+        port,
+        &console,
+        &["--net", &nic_b, "--api-sock", dsock.to_str().unwrap()],
+    );
+    let (code, out) = migrate(&sock, port);
+    assert_eq!(code, Some(0), "{out}");
+    let r = src.finish(Duration::from_secs(20));
+    assert_eq!(r.code, Some(0), "the source exits 0 after a migration: {r}");
+    // The kernel bridge has the MAC where the VM went.
+    assert!(on(&taps.b), "{:?}", taps.fdb_port(NIC_MAC));
+    // A second of counting: every RARP round (0.8 s) is done.
+    let n = counts(&console).len();
+    let printed = wait_count(&console, n + 100);
+    assert_consecutive(&printed);
+    let net0 = device(&dsock, "net0");
+    assert_eq!(net0["announce_frames"], 5, "{net0}");
+    assert!(net0["tx_packets"].as_u64().unwrap() >= 100, "{net0}");
+    let r = dst.stop(Duration::from_secs(30));
+    assert_eq!(r.code, Some(0), "{r}");
+    let printed = counts(&console);
+    // tshark has seen the last frames.
+    let last = *printed.last().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || frame_counts(
+            &cap_b.from(NIC_MAC)
+        )
+        .last()
+        .is_some_and(|&c| c >= last)),
+        "{:?}",
+        cap_b.from(NIC_MAC)
+    );
+    let (a, b) = (cap_a.from(NIC_MAC), cap_b.from(NIC_MAC));
+    assert!(a.iter().all(|s| s.ethertype == COUNT_ETHERTYPE), "{a:?}");
+    let all = assert_announced_and_counting(&a, &b, 5);
+    assert!(all.len() >= printed.len(), "{all:?} {printed:?}");
+    // The guest was asked, announced itself once and acked.
+    let asked = b
+        .iter()
+        .filter(|s| s.ethertype == ANNOUNCE_ETHERTYPE)
+        .count();
+    assert_eq!(asked, 1, "{b:?}");
 }

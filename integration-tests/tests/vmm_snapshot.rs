@@ -5,14 +5,20 @@
 //! with no gap and no repeat, on the serial port and on the disk. A snapshot of
 //! another machine shape (memory, vCPUs, devices), of another version, or a corrupt
 //! or truncated state or memory file is refused with a clear error, never a panic.
+//! A guest that also sends each number in a frame through its NIC, restored on
+//! another TAP, goes on sending there with no gap and no repeat, after the RARP
+//! announces vmm-shim sends for it and the guest's own announce.
 
 mod vmm_guest;
 
 use std::path::Path;
 use std::time::Duration;
 
+use integration_tests::wait_until;
+use vmm_guest::capture::{BridgedTaps, Capture};
 use vmm_guest::counter::{
-    assert_consecutive, assert_disk_counts, counter_program, counts, ctl, curl, wait_count,
+    assert_announced_and_counting, assert_consecutive, assert_disk_counts, counter_net_program,
+    counter_program, counts, ctl, curl, device, frame_counts, wait_count, ANNOUNCE_ETHERTYPE,
 };
 use vmm_guest::{run_vmm, setup, LiveVm, TcpDisk};
 
@@ -171,4 +177,62 @@ fn other_shapes_versions_and_corrupt_files_are_refused() {
     assert_consecutive(&after);
     let r = vm.stop(Duration::from_secs(30));
     assert_eq!(r.code, Some(0), "{r}");
+}
+
+#[test]
+fn a_nic_goes_on_after_restore_on_another_tap_which_announces_it() {
+    const MAC: &str = "52:54:00:14:00:0c";
+    let (dir, elf) = setup(
+        "snapnic",
+        &counter_net_program(64, false, [0x52, 0x54, 0, 0x14, 0, 0x0c]),
+    );
+    let taps = BridgedTaps::new();
+    let cap_a = Capture::start(&taps.ns, &taps.a, dir.path());
+    let cap_b = Capture::start(&taps.ns, &taps.b, dir.path());
+    let sock = dir.path().join("api.sock");
+    let console = dir.path().join("console");
+    let snap = dir.path().join("snap");
+    let (s, c) = (sock.to_str().unwrap(), console.to_str().unwrap());
+    let nic_a = format!("tap={},mac={MAC}", taps.a);
+    let vm = LiveVm::guest(
+        &taps.ns.exec_prefix(),
+        &elf,
+        &["--api-sock", s, "--console", c, "--net", &nic_a],
+    );
+    wait_count(&console, 20);
+    let before = snapshot(&sock, &snap, &console);
+    vm.kill();
+
+    // Restored on the other TAP (another host's, as it were); the MAC comes from
+    // the snapshot.
+    let sock2 = dir.path().join("api2.sock");
+    let nic_b = format!("tap={}", taps.b);
+    let args = restore_args(
+        snap.to_str().unwrap(),
+        c,
+        &["--net", &nic_b, "--api-sock", sock2.to_str().unwrap()],
+    );
+    let vm = LiveVm::spawn(vmm_guest::vmm_command(&taps.ns.exec_prefix(), &args)).unwrap();
+    let after = wait_count(&console, before.len() + 100);
+    assert_consecutive(&after);
+    assert_eq!(taps.fdb_port(MAC).as_deref(), Some(taps.b.as_str()));
+    let net0 = device(&sock2, "net0");
+    assert_eq!(net0["announce_frames"], 5, "{net0}");
+    let r = vm.stop(Duration::from_secs(30));
+    assert_eq!(r.code, Some(0), "{r}");
+    let last = *counts(&console).last().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || frame_counts(&cap_b.from(MAC))
+            .last()
+            .is_some_and(|&n| n >= last)),
+        "{:?}",
+        cap_b.from(MAC)
+    );
+    let b = cap_b.from(MAC);
+    assert_announced_and_counting(&cap_a.from(MAC), &b, 5);
+    let asked = b
+        .iter()
+        .filter(|s| s.ethertype == ANNOUNCE_ETHERTYPE)
+        .count();
+    assert_eq!(asked, 1, "the guest announced itself once: {b:?}");
 }

@@ -109,7 +109,7 @@ impl Source for Metrics {
             "vCPU exits (KVM_RUN returns), by reason",
             &exits,
         )?;
-        let rows: [(&str, &str, Field); 11] = [
+        let rows: [(&str, &str, Field); 12] = [
             (
                 "vmm_device_completed",
                 "Requests (virtio-blk) or frames (virtio-net) completed",
@@ -154,6 +154,11 @@ impl Source for Metrics {
                 "vmm_net_tx_bytes",
                 "virtio-net: bytes the guest sent, without the virtio-net header",
                 |c| &c.tx_bytes,
+            ),
+            (
+                "vmm_net_announce_frames",
+                "virtio-net: RARP announces sent from the host side after a move",
+                |c| &c.announce_frames,
             ),
             (
                 "vmm_blk_reads",

@@ -19,6 +19,7 @@
 //! back and returns the reason, which `main` turns into the exit status: guest reset,
 //! power-off or SIGTERM -> 0; triple fault, KVM internal error, entry failure -> 1.
 
+mod announce;
 mod control;
 mod io;
 mod migrate;
@@ -195,7 +196,8 @@ struct Disks {
     /// Each disk as a snapshot drains it.
     refs: Vec<DiskRef>,
 }
-type NetDev = Arc<Mutex<MmioTransport<Net<Tap>>>>;
+/// A NIC: its device behind its transport, shared with its receive thread.
+pub(super) type NetDev = Arc<Mutex<MmioTransport<Net<Tap>>>>;
 
 /// The NICs' side of shutdown: their receive threads, the eventfd that stops them, and
 /// the netd ports to hand back.
@@ -206,6 +208,8 @@ struct Nics {
     netd_ports: Vec<(String, String)>,
     /// Each NIC's counters, for the metrics server.
     counters: Vec<Arc<Counters>>,
+    /// Each NIC, for the announce after a move.
+    devs: Vec<NetDev>,
 }
 
 /// What a running VM is made of, as far as ending it goes.
@@ -251,7 +255,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
     let macs = start.saved_macs();
     let mut disks = attach_disks(&mut board, &cfg)?;
     let nics = attach_nics(&mut board, &cfg, &control, &macs)?;
-    let (entry, saved, incoming) = match start {
+    let (entry, saved, mut incoming) = match start {
         Start::Boot => (load_kernel(&mem, &cfg, &bus, &cmdline)?, None, None),
         Start::Restore(dir, s) => {
             snapshot::load_memory(&dir, &mem, &s)?;
@@ -265,8 +269,9 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
     };
     let serial = serial_console(&vm, &cfg.console, saved.as_ref())?;
     if let Some(s) = &saved {
-        snapshot::restore_devices(&bus, s)?;
-        snapshot::restore_vm(&vm, s)?;
+        let restored =
+            snapshot::restore_devices(&bus, s).and_then(|()| snapshot::restore_vm(&vm, s));
+        migrate::told(&mut incoming, restored)?;
     }
 
     let (tx, rx) = mpsc::channel::<ExitReason>();
@@ -293,14 +298,29 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason, VmmError> {
         exit: Mutex::new(tx.clone()),
         busy: Mutex::new(()),
     });
-    serve_api(&cfg, &control, &disks, &nics, &machine)?;
+    migrate::told(
+        &mut incoming,
+        serve_api(&cfg, &control, &disks, &nics, &machine),
+    )?;
     // A restored or migrated VM goes on from its vCPUs' states; a booted one starts
     // at the kernel's entry.
     let vstart = match &saved {
         Some(s) => VcpuStart::Restore(&s.vcpus),
         None => VcpuStart::Boot(entry),
     };
-    let vcpu_threads = start_vcpus(&kvm, &vm, cfg.cpus, vstart, &shared, &tx)?;
+    // A migrated VM runs only once the source has handed it over; a VM that arrives
+    // is announced on its NICs before it runs.
+    let gate = || {
+        if let Some(c) = incoming.as_mut() {
+            c.commit()?;
+        }
+        if saved.is_some() {
+            announce::start(&nics.devs, &control);
+        }
+        Ok(())
+    };
+    let vcpu_threads = start_vcpus(&kvm, &vm, cfg.cpus, vstart, &shared, &tx, gate);
+    let vcpu_threads = migrate::told(&mut incoming, vcpu_threads)?;
     control.started(vcpu_threads.iter().map(|h| h.as_pthread_t()).collect());
     if let Some(conn) = incoming {
         migrate::accepted(conn);
@@ -547,6 +567,7 @@ fn attach_nics(
         stop_rx: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(os_err("eventfd"))?),
         netd_ports: Vec::new(),
         counters: Vec::new(),
+        devs: Vec::new(),
     };
     for (index, n) in cfg.nets.iter().enumerate() {
         let mac = n
@@ -579,6 +600,7 @@ fn attach_nics(
         let dev = Net::new(tap, mac, Some(wake), offloads);
         nics.counters.push(dev.counters_handle());
         let t: NetDev = board.plug(dev)?;
+        nics.devs.push(t.clone());
         tracing::info!(net = index, tap = %name, mac = %format_mac(mac), "NIC attached");
         let (stop, control) = (nics.stop_rx.clone(), control.clone());
         nics.rx_threads.push(

@@ -16,6 +16,7 @@
 
 #![allow(dead_code)]
 
+pub mod capture;
 pub mod counter;
 
 use std::path::{Path, PathBuf};

@@ -177,6 +177,12 @@ fn snapshot_and_migrate_bodies_are_checked() {
     );
     let (code, v) = put("/migrate", r#"{"to":"tcp:127.0.0.1:9"}"#);
     assert_eq!((code, &v["max"]), (200, &json!(50)), "{v}");
+    // The server calls `migrated` once the answer is out, so the client may read the
+    // answer first: wait for it.
+    let t0 = std::time::Instant::now();
+    while !vm.migrated.load(Ordering::SeqCst) && t0.elapsed().as_secs() < 5 {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     assert!(vm.migrated.load(Ordering::SeqCst));
     let (code, _) = raw(&sock, b"GET /snapshot HTTP/1.1\r\n\r\n");
     assert_eq!(code, 405);

@@ -329,6 +329,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
 const CONFIG_SNAP: usize = 64;
 
 impl<D: VirtioDevice> MmioTransport<D> {
+    /// Tells the driver that the config space changed: a new ConfigGeneration and a
+    /// configuration change interrupt.
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.irq.signal_config();
+    }
+
     /// The device's config space, as far as a snapshot keeps it.
     fn config_bytes(&self) -> Vec<u8> {
         let mut c = vec![0u8; CONFIG_SNAP];
@@ -383,7 +390,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 self.device.device_type()
             ));
         }
-        if s.config != self.config_bytes() {
+        if !self.device.same_config(&s.config, &self.config_bytes()) {
             return Err(
                 "its config space differs from the saved one (another MAC or disk size)".into(),
             );

@@ -12,6 +12,7 @@
 //! answer a malformed chain with an error status (or a zero-length used entry) and a
 //! counter bump. Nothing a guest writes can make them panic.
 
+pub mod announce;
 pub mod blk;
 pub mod chain;
 pub mod mmio;
@@ -50,6 +51,12 @@ impl IrqLine {
         self.status.fetch_or(INT_VRING, Ordering::SeqCst);
         // An eventfd write only fails if the counter would overflow, which a pending
         // interrupt can't make worse.
+        let _ = self.evt.write(1);
+    }
+
+    /// Raises the interrupt for a configuration change.
+    pub fn signal_config(&self) {
+        self.status.fetch_or(INT_CONFIG, Ordering::SeqCst);
         let _ = self.evt.write(1);
     }
 
@@ -95,6 +102,8 @@ pub struct Counters {
     pub tx_packets: AtomicU64,
     /// virtio-net: bytes of those frames (without the virtio-net header).
     pub tx_bytes: AtomicU64,
+    /// virtio-net: RARP announces sent from the host side after a move.
+    pub announce_frames: AtomicU64,
     /// virtio-blk: reads completed.
     pub reads: AtomicU64,
     /// virtio-blk: writes completed.
@@ -128,6 +137,11 @@ pub trait VirtioDevice: Send {
     fn queue_max_sizes(&self) -> &[u16];
     /// Reads the device config space; bytes past its end read as zero.
     fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Whether `saved`, a snapshot's config space, is this device's (`current` is
+    /// what it reads now): by default byte for byte.
+    fn same_config(&self, saved: &[u8], current: &[u8]) -> bool {
+        saved == current
+    }
     /// The driver set DRIVER_OK with these features.
     fn activate(&mut self, acked_features: u64);
     /// The driver kicked queue `index`. Returns true if the guest should be interrupted.

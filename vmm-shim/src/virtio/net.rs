@@ -19,6 +19,12 @@
 //! retried on the thread's poll timeout, so a dead TAP costs a few reads a second.
 //! Malformed TX chains (device-writable buffers, header missing, oversized) are dropped,
 //! counted and returned to the guest with a zero length.
+//!
+//! The config space is the MAC and the status field (link up, and
+//! `VIRTIO_NET_S_ANNOUNCE` while an announce waits for the guest's ack). The third
+//! queue is the control queue, whose only command is the announce ack; announcing the
+//! NIC after a move (RARP from the host side, and asking the guest) is described in
+//! [`super::announce`].
 
 use std::io;
 
@@ -26,6 +32,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::announce::{self, F_CTRL_VQ, F_GUEST_ANNOUNCE, F_STATUS, S_ANNOUNCE, S_LINK_UP};
 use super::chain::ChainView;
 use super::{read_config_bytes, Counters, VirtioDevice};
 
@@ -68,7 +75,11 @@ pub trait NetBackend: Send {
 /// The virtio-net device.
 pub struct Net<T: NetBackend> {
     backend: T,
-    config: Vec<u8>,
+    mac: [u8; 6],
+    /// The features the driver acked (at activation).
+    acked: u64,
+    /// VIRTIO_NET_S_ANNOUNCE is set: the guest was asked to announce itself.
+    announce: bool,
     counters: std::sync::Arc<Counters>,
     pending: Option<Vec<u8>>,
     rx_wake: Option<EventFd>,
@@ -81,6 +92,7 @@ pub struct Net<T: NetBackend> {
 
 const RX: u16 = 0;
 const TX: u16 = 1;
+const CTRL: u16 = 2;
 
 impl<T: NetBackend> Net<T> {
     /// Creates the device; `rx_wake` is written when the guest adds RX buffers;
@@ -89,7 +101,9 @@ impl<T: NetBackend> Net<T> {
     pub fn new(backend: T, mac: [u8; 6], rx_wake: Option<EventFd>, offloads: bool) -> Self {
         Net {
             backend,
-            config: mac.to_vec(),
+            mac,
+            acked: 0,
+            announce: false,
             counters: std::sync::Arc::default(),
             pending: None,
             rx_wake,
@@ -120,6 +134,47 @@ impl<T: NetBackend> Net<T> {
             tracing::warn!(error = %e, "TAP receive failed; retrying slowly");
             self.rx_failed = true;
         }
+    }
+
+    /// The NIC's MAC.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// Sends one RARP announce of the guest's MAC through the backend, as if the
+    /// guest had sent it (see [`super::announce`]); counted in `announce_frames`.
+    pub fn send_rarp(&mut self) {
+        match self.backend.send(&announce::rarp_frame(self.mac)) {
+            Ok(()) => Counters::bump(&self.counters.announce_frames),
+            Err(e) => {
+                Counters::bump(&self.counters.dropped);
+                tracing::debug!(error = %e, "RARP announce not sent");
+            }
+        }
+    }
+
+    /// Asks the guest to announce itself (sets VIRTIO_NET_S_ANNOUNCE) where its
+    /// driver acked VIRTIO_NET_F_GUEST_ANNOUNCE with the control queue and the status
+    /// field. Returns whether it did: the caller then raises a configuration change
+    /// interrupt.
+    pub fn ask_guest_announce(&mut self) -> bool {
+        let need = F_GUEST_ANNOUNCE | F_CTRL_VQ | F_STATUS;
+        self.announce = self.acked & need == need;
+        self.announce
+    }
+
+    /// Whether an announce waits for the guest's ack.
+    pub fn announce_pending(&self) -> bool {
+        self.announce
+    }
+
+    /// The config space: the MAC, then the status field.
+    fn config(&self) -> [u8; 8] {
+        let status = S_LINK_UP | if self.announce { S_ANNOUNCE } else { 0 };
+        let mut c = [0u8; 8];
+        c[..6].copy_from_slice(&self.mac);
+        c[6..].copy_from_slice(&status.to_le_bytes());
+        c
     }
 
     /// The backend (tests inspect mocks through this).
@@ -275,20 +330,27 @@ impl<T: NetBackend> VirtioDevice for Net<T> {
         DEVICE_ID
     }
     fn features(&self) -> u64 {
+        let base = F_MAC | F_STATUS | F_CTRL_VQ | F_GUEST_ANNOUNCE;
         if self.offloads {
-            F_CSUM | F_GUEST_CSUM | F_MAC | F_GUEST_TSO4 | F_GUEST_TSO6 | F_HOST_TSO4 | F_HOST_TSO6
+            base | F_CSUM | F_GUEST_CSUM | F_GUEST_TSO4 | F_GUEST_TSO6 | F_HOST_TSO4 | F_HOST_TSO6
         } else {
-            F_MAC
+            base
         }
     }
     fn queue_max_sizes(&self) -> &[u16] {
-        &[256, 256]
+        &[256, 256, 64]
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data)
+        read_config_bytes(&self.config(), offset, data)
+    }
+    fn same_config(&self, saved: &[u8], _current: &[u8]) -> bool {
+        // The status field is the device's own (an announce asked for on the other
+        // side is asked for again here): only the MAC must be the same.
+        saved.get(..6) == Some(&self.mac[..]) && saved.iter().skip(8).all(|&b| b == 0)
     }
     fn activate(&mut self, acked: u64) {
         let acked = acked & self.features();
+        self.acked = acked;
         self.tx_offloads = acked & F_CSUM != 0;
         let mut flags = 0;
         if acked & F_GUEST_CSUM != 0 {
@@ -306,6 +368,8 @@ impl<T: NetBackend> VirtioDevice for Net<T> {
     }
     fn reset(&mut self) {
         self.pending = None;
+        self.acked = 0;
+        self.announce = false;
     }
     fn notify(&mut self, index: u16, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
         match index {
@@ -318,6 +382,16 @@ impl<T: NetBackend> VirtioDevice for Net<T> {
                     .is_some_and(|q| self.rx_pump(q, mem));
                 if let Some(w) = &self.rx_wake {
                     let _ = w.write(1);
+                }
+                used
+            }
+            CTRL => {
+                let Some(q) = queues.get_mut(usize::from(CTRL)) else {
+                    return false;
+                };
+                let (used, acked) = announce::ctrl_command(q, mem, &self.counters);
+                if acked {
+                    self.announce = false;
                 }
                 used
             }
@@ -527,12 +601,70 @@ mod tests {
         net.activate(F_GUEST_TSO4);
         assert_eq!(net.backend.offload, Some(0));
         let mut plain = Net::new(MockTap::default(), [0x52, 0x54, 0, 0, 0, 2], None, false);
-        assert_eq!(plain.features(), F_MAC);
+        assert_eq!(
+            plain.features(),
+            F_MAC | F_STATUS | F_CTRL_VQ | F_GUEST_ANNOUNCE
+        );
         plain.activate(F_GUEST_CSUM | F_GUEST_TSO4);
         assert_eq!(plain.backend.offload, Some(0));
         let mut mac = [0u8; 8];
         net.read_config(0, &mut mac);
-        assert_eq!(mac, [0x52, 0x54, 0, 0, 0, 1, 0, 0]);
+        assert_eq!(mac, [0x52, 0x54, 0, 0, 0, 1, 1, 0], "MAC, link up");
+    }
+
+    #[test]
+    fn the_guest_is_asked_to_announce_until_it_acks_on_the_control_queue() {
+        let m = mem();
+        let (vq, q) = mock_queue(&m);
+        let mut net = tap_net();
+        let status = |net: &Net<MockTap>| {
+            let mut st = [0u8; 2];
+            net.read_config(6, &mut st);
+            u16::from_le_bytes(st)
+        };
+        net.activate(F_MAC);
+        assert!(
+            !net.ask_guest_announce(),
+            "the driver did not ack GUEST_ANNOUNCE"
+        );
+        assert_eq!(status(&net), S_LINK_UP);
+        net.activate(F_MAC | F_STATUS | F_CTRL_VQ | F_GUEST_ANNOUNCE);
+        assert!(net.ask_guest_announce());
+        assert_eq!(status(&net), S_LINK_UP | S_ANNOUNCE);
+        // A command we do not take (RX mode), the ack, and a chain with no ack byte.
+        m.write_slice(&[0, 0], GuestAddress(0x10_0000)).unwrap();
+        m.write_slice(&[3, 0], GuestAddress(0x10_1000)).unwrap();
+        vq.add_desc_chains(
+            &[
+                d(0x10_0000, 2, NEXT, 1),
+                d(0x10_0800, 1, WRITE, 0),
+                d(0x10_1000, 2, NEXT, 3),
+                d(0x10_1800, 1, WRITE, 0),
+                d(0x10_2000, 2, 0, 0),
+            ],
+            0,
+        )
+        .unwrap();
+        let mut qs = [Queue::new(16).unwrap(), Queue::new(16).unwrap(), q];
+        assert!(net.notify(CTRL, &mut qs, &m));
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x10_0800)).unwrap(), 1);
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x10_1800)).unwrap(), 0);
+        assert_eq!(used_idx(&m, vq.used_addr()), 3);
+        assert_eq!(Counters::get(&net.counters.bad_chains), 1);
+        assert!(!net.announce_pending());
+        assert_eq!(status(&net), S_LINK_UP);
+        // The host side's RARP has its own counter.
+        net.send_rarp();
+        assert_eq!(net.backend.sent, [announce::rarp_frame(net.mac())]);
+        assert_eq!(Counters::get(&net.counters.announce_frames), 1);
+        assert_eq!(Counters::get(&net.counters.tx_packets), 0);
+        // A snapshot's config is this NIC's whatever its status: the MAC decides.
+        let mut saved = [0u8; 64];
+        net.read_config(0, &mut saved);
+        saved[6] = 3;
+        assert!(net.same_config(&saved, &[]));
+        saved[0] ^= 2;
+        assert!(!net.same_config(&saved, &[]));
     }
 
     #[test]
@@ -556,10 +688,16 @@ mod tests {
                 },
             );
             let _ = vq.add_desc_chains(&descs, 0);
-            if rng.next().is_multiple_of(2) {
-                net.process_tx(q, m);
-            } else {
-                net.rx_pump(q, m);
+            match rng.next() % 3 {
+                0 => {
+                    net.process_tx(q, m);
+                }
+                1 => {
+                    net.rx_pump(q, m);
+                }
+                _ => {
+                    announce::ctrl_command(q, m, &net.counters);
+                }
             }
         });
     }

@@ -214,6 +214,7 @@ fn device_json(d: &Device) -> Value {
             "rx_bytes": g(&c.rx_bytes),
             "tx_packets": g(&c.tx_packets),
             "tx_bytes": g(&c.tx_bytes),
+            "announce_frames": g(&c.announce_frames),
         })
     } else {
         json!({ "reads": g(&c.reads), "writes": g(&c.writes) })

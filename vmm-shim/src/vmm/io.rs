@@ -135,7 +135,10 @@ pub(super) fn net_rx_loop(
             let _ = wake.read();
         }
         let mut g = t.lock().unwrap_or_else(|e| e.into_inner());
-        if g.active() {
+        // The pause is checked again under the device lock: a snapshot or migration
+        // takes every device's lock once after pausing (`Machine::drain`), so no frame
+        // lands in guest memory after that (it would be missing from what is saved).
+        if g.active() && !control.pausing() {
             let (dev, queues, mem, irq) = g.parts();
             // An RX queue the driver never made ready has unchecked ring addresses.
             if let Some(q) = queues

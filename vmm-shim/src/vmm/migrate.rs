@@ -13,19 +13,34 @@
 //! log does not see: the source keeps a CRC-32 of each page as it sent it and, once
 //! paused, sends every page whose CRC changed too (a pass over guest memory that
 //! counts in the downtime; a VM without virtio devices skips it). Last comes the device and vCPU
-//! state (a state file, see [`super::state`]); the destination answers once its vCPUs
-//! run, and the source exits 0. Where dirty logging cannot be turned on, the source
+//! state (a state file, see [`super::state`]), and the hand-over below; the source
+//! then exits 0. Where dirty logging cannot be turned on, the source
 //! pauses first and copies everything (stop-and-copy); the answer's `mode` says so,
 //! and its `dirty_logged_pages` and `device_written_pages` count the pages KVM's log
 //! and the CRC check found.
-//! Any failure before the destination's answer (a refused hello, a connection that
-//! breaks, a destination that dies or fails the state) resumes the VM on the source
-//! and says why.
+//!
+//! The hand-over, so that the VM never runs on both sides: once the state is in,
+//! the destination restores the devices, the interrupt controllers and every vCPU
+//! (everything but running them) and answers *ready*, or why it cannot (the source
+//! shows that reason). Only then does the source send `GO` (a 0 byte); from that
+//! write on it is committed and never resumes the VM itself. The destination starts
+//! its vCPUs only once it has read `GO`: if the source dies, is cut off or does not
+//! send it within the I/O timeout (30 s), the destination exits non-zero without
+//! having run the guest. After `GO` the destination announces the NICs (see
+//! `super::announce`), starts the vCPUs and answers *running*; a source that then
+//! gets no answer (the destination died, or the answer was lost) cannot tell whether
+//! the VM runs there, so it leaves it paused and says so: an operator resumes it
+//! (`vmm-shim ctl resume`) only after checking the destination. Any failure before
+//! `GO` (a refused hello, a connection that breaks, a destination that dies or fails
+//! the state) resumes the VM on the source and says why; where the destination
+//! failed, its own reason is in the message.
 //!
 //! The stream (little endian), after the hello and its answer:
 //! `1, n: u32 (1..=256), n × (page: u64, kind: u8 [0 data + 4096 bytes, 1 zero]),
 //! crc32: u32` is a batch of pages (the CRC over everything after the tag); `2,
-//! len: u64, state file` ends it. An answer is `0` (fine) or `1, len: u16, message`.
+//! len: u64, state file` ends it. An answer is `0` (fine) or `1, len: u16, message`:
+//! the destination answers the hello, then *ready* after the state, then *running*
+//! after the source's `GO` byte.
 //! The destination ([`receive`]) trusts none of it: the magic and version, the
 //! shape, every count, page number, kind and length, each batch's CRC and the state
 //! file's own checks; anything else fails the incoming VM (vmm-shim exits non-zero,
@@ -46,7 +61,7 @@ use super::VmmError;
 /// The hello's magic bytes.
 const MAGIC: &[u8; 16] = b"VMMSHIM-MIGRATE\0";
 /// The stream's version.
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 /// Guest page size.
 const PAGE: usize = 4096;
 /// Most pages in one batch.
@@ -57,6 +72,8 @@ pub const MAX_ROUNDS: u32 = 30;
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 const TAG_PAGES: u8 = 1;
 const TAG_STATE: u8 = 2;
+/// What the source sends once the destination is ready: the VM is the destination's.
+const GO: u8 = 0;
 
 /// The source's side of the stream: the connection, what was sent, and the CRC of
 /// each page as it went.
@@ -123,24 +140,61 @@ impl Out<'_> {
     }
 }
 
+/// What the destination answered.
+enum Reply {
+    Ok,
+    /// It said no, and why.
+    Refused(String),
+    /// No (whole) answer: the connection broke or timed out, or it was garbage.
+    Silent(String),
+}
+
 /// Reads an answer: `0`, or `1` and a message.
-fn read_answer(r: &mut impl Read) -> Result<(), String> {
+fn read_reply(r: &mut impl Read) -> Reply {
     let mut b = [0u8; 1];
-    r.read_exact(&mut b)
-        .map_err(|e| format!("the destination did not answer: {e}"))?;
+    if let Err(e) = r.read_exact(&mut b) {
+        return Reply::Silent(format!("the destination did not answer: {e}"));
+    }
     match b[0] {
-        0 => Ok(()),
+        0 => Reply::Ok,
         1 => {
             let mut l = [0u8; 2];
-            r.read_exact(&mut l).map_err(|e| e.to_string())?;
-            let mut m = vec![0u8; usize::from(u16::from_le_bytes(l))];
-            r.read_exact(&mut m).map_err(|e| e.to_string())?;
-            Err(format!(
-                "the destination refused: {}",
-                String::from_utf8_lossy(&m)
-            ))
+            let mut m = Vec::new();
+            let read = r.read_exact(&mut l).and_then(|()| {
+                m.resize(usize::from(u16::from_le_bytes(l)), 0);
+                r.read_exact(&mut m)
+            });
+            match read {
+                Ok(()) => Reply::Refused(format!(
+                    "the destination refused: {}",
+                    String::from_utf8_lossy(&m)
+                )),
+                Err(e) => Reply::Silent(format!("the destination's answer was cut: {e}")),
+            }
         }
-        x => Err(format!("the destination answered {x:#x}")),
+        x => Reply::Silent(format!("the destination answered {x:#x}")),
+    }
+}
+
+/// Reads an answer; anything but `0` is an error saying why.
+fn read_answer(r: &mut impl Read) -> Result<(), String> {
+    match read_reply(r) {
+        Reply::Ok => Ok(()),
+        Reply::Refused(m) | Reply::Silent(m) => Err(m),
+    }
+}
+
+/// Why a migration failed, and whether the source may resume the VM.
+enum Failure {
+    /// Before `GO`: the VM did not run at the destination; it runs on here.
+    Before(String),
+    /// After `GO`: the VM may run at the destination; it stays paused here.
+    Committed(String),
+}
+
+impl From<String> for Failure {
+    fn from(m: String) -> Self {
+        Failure::Before(m)
     }
 }
 
@@ -187,13 +241,19 @@ pub(super) fn send(m: &Machine, to: &str, max_downtime: Duration) -> Result<Valu
     }
     match r {
         Ok(v) => Ok(v),
-        Err(e) => {
+        Err(Failure::Before(e)) => {
             if !was_paused {
                 m.shared.control.resume();
             }
             tracing::warn!(to, error = %e, "migration failed; the VM runs on here");
             Err(format!(
                 "migration to {to} failed: {e}; the VM runs on here"
+            ))
+        }
+        Err(Failure::Committed(e)) => {
+            tracing::error!(to, error = %e, "migration handed over but not confirmed; the VM stays paused here");
+            Err(format!(
+                "migration to {to} handed the VM over but {e}; it may run there, so it stays paused here (resume it only once it surely does not)"
             ))
         }
     }
@@ -204,7 +264,7 @@ fn migrate(
     to: &str,
     max_downtime: Duration,
     logging: &mut bool,
-) -> Result<Value, String> {
+) -> Result<Value, Failure> {
     let t0 = Instant::now();
     let addr = crate::config::parse_tcp(to)?;
     let conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
@@ -316,7 +376,16 @@ fn migrate(
     out.w.write_all(&st).map_err(io)?;
     out.w.flush().map_err(io)?;
     out.bytes += 9 + st.len() as u64;
+    // The destination is ready (or says why not); then the hand-over.
     read_answer(&mut rd)?;
+    out.w
+        .write_all(&[GO])
+        .and_then(|()| out.w.flush())
+        .map_err(io)?;
+    match read_reply(&mut rd) {
+        Reply::Ok => {}
+        Reply::Refused(e) | Reply::Silent(e) => return Err(Failure::Committed(e)),
+    }
     let downtime = paused.elapsed();
     tracing::info!(to, rounds, bytes = out.bytes, downtime_ms = downtime.as_millis() as u64, %mode, "migrated");
     Ok(json!({
@@ -330,13 +399,61 @@ fn migrate(
     }))
 }
 
-/// The destination's connection once the state is in: [`accepted`] answers it.
-pub(super) struct Incoming(TcpStream);
+/// The destination's connection once the state is in: [`Incoming::commit`] says
+/// *ready* and waits for `GO`, [`accepted`] says *running*. Dropped before either,
+/// or after [`Incoming::fail`], it has told the source why the VM will not run here.
+pub(super) struct Incoming {
+    conn: TcpStream,
+    /// Nothing more is to be said (the last answer went, or the source is gone).
+    done: bool,
+}
+
+impl Incoming {
+    /// Tells the source why the VM cannot run here (it then resumes the VM).
+    pub(super) fn fail(&mut self, why: &str) {
+        if !self.done {
+            self.done = true;
+            let _ = write_answer(&mut self.conn, Err(why));
+        }
+    }
+
+    /// Tells the source that the VM is ready to run here and waits (at most the I/O
+    /// timeout) for its `GO`; without it the VM must not run here.
+    pub(super) fn commit(&mut self) -> Result<(), VmmError> {
+        self.done = true;
+        let err = |m: String| VmmError::Restore(format!("incoming migration: {m}"));
+        write_answer(&mut self.conn, Ok(()))
+            .map_err(|e| err(format!("telling the source that the VM is ready: {e}")))?;
+        let mut b = [0u8; 1];
+        match self.conn.read_exact(&mut b) {
+            Ok(()) if b[0] == GO => Ok(()),
+            Ok(()) => Err(err(format!("the source sent {:#x}, not GO", b[0]))),
+            Err(e) => Err(err(format!(
+                "the source did not hand the VM over ({e}); it never ran here"
+            ))),
+        }
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        self.fail("the destination failed before it ran the VM");
+    }
+}
+
+/// Passes `r` on; an error is first told to the source of `inc`, if any (see
+/// [`Incoming::fail`]).
+pub(super) fn told<T>(inc: &mut Option<Incoming>, r: Result<T, VmmError>) -> Result<T, VmmError> {
+    if let (Err(e), Some(i)) = (&r, inc.as_mut()) {
+        i.fail(&crate::error_chain(e));
+    }
+    r
+}
 
 /// Tells the source that the VM runs here.
-pub(super) fn accepted(c: Incoming) {
-    let mut s = c.0;
-    if let Err(e) = write_answer(&mut s, Ok(())) {
+pub(super) fn accepted(mut c: Incoming) {
+    c.done = true;
+    if let Err(e) = write_answer(&mut c.conn, Ok(())) {
         tracing::warn!(error = %e, "could not tell the migration source that the VM runs here");
     }
 }
@@ -365,7 +482,13 @@ pub(super) fn receive(
     let mut w = setup.map_err(|e| fail(e.to_string()))?;
     let mut r = BufReader::with_capacity(1 << 20, conn);
     match take(&mut r, &mut w, mem, mem_bytes, cpus, types) {
-        Ok(s) => Ok((s, Incoming(w))),
+        Ok(s) => Ok((
+            s,
+            Incoming {
+                conn: w,
+                done: false,
+            },
+        )),
         Err(e) => {
             let _ = write_answer(&mut w, Err(&e));
             Err(fail(e))

@@ -9,7 +9,12 @@
 //! read the devices' transports and queues, the UART, the in-kernel irqchips, PIT and
 //! clock; write memory (with its CRC-32 in the state) and the state, each to a
 //! temporary name renamed into place. The VM stays paused unless asked to resume.
-//! The i8042 keeps no state here (it only takes the reset command).
+//! The i8042 keeps no state here (it only takes the reset command). A NIC's state is
+//! its transport's (acked features, queues, the MAC in its config space); its TAP's
+//! offloads follow from the acked features when it is activated again. A frame
+//! parked for want of guest receive buffers is not kept: to the guest it is a frame
+//! lost on the wire. Once paused, no NIC receive thread writes guest memory (see
+//! [`Machine::drain`]).
 //!
 //! Restoring ([`load`], then `vmm::run`): the state file is read and checked first
 //! (version, checksum, shape against `--mem`, `--cpus` and the `--disk`/`--net` list),
@@ -242,8 +247,13 @@ pub(super) struct Machine {
 
 impl Machine {
     /// Waits (at most [`DRAIN_TIMEOUT`]) until no disk request is in flight, then
-    /// flushes every disk. The vCPUs must be paused (so no new request comes).
+    /// flushes every disk; and waits for a NIC's receive thread that is delivering a
+    /// frame (it takes the device's lock, and checks the pause under it, before it
+    /// writes guest memory). The vCPUs must be paused (so no new request comes).
     pub(super) fn drain(&self) -> Result<(), String> {
+        for d in self.shared.bus.devices() {
+            drop(d.lock().unwrap_or_else(|e| e.into_inner()));
+        }
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         for (i, d) in self.disks.iter().enumerate() {
             loop {

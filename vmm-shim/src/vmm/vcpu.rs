@@ -148,6 +148,7 @@ pub(super) fn start_vcpus(
     start: VcpuStart<'_>,
     shared: &Arc<VcpuShared>,
     tx: &mpsc::Sender<ExitReason>,
+    gate: impl FnOnce() -> Result<(), VmmError>,
 ) -> Result<Vec<JoinHandle<()>>, VmmError> {
     let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).ok();
     // Every vCPU exists before any runs: the boot CPU may send INIT/SIPI at once, and an
@@ -172,6 +173,9 @@ pub(super) fn start_vcpus(
         }
         vcpus.push(vcpu);
     }
+    // Every vCPU has its state; none runs before `gate` says so (an incoming
+    // migration's hand-over).
+    gate()?;
     let mut threads = Vec::new();
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let id = id as u8;

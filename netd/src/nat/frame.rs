@@ -112,18 +112,24 @@ pub enum Classified<'a> {
         payload: &'a [u8],
     },
     /// An ICMP echo request to an address other than the router's.
-    IcmpEcho {
-        /// Guest MAC.
-        src_mac: EthernetAddress,
-        /// Guest address.
-        src: Ipv4Addr,
-        /// Destination.
-        dst: Ipv4Addr,
-        /// Echo identifier.
-        ident: u16,
-        /// The whole ICMP message (header and data).
-        icmp: &'a [u8],
-    },
+    IcmpEcho(GuestEcho<'a, Ipv4Addr>),
+}
+
+/// An echo request from a guest to an address other than the router's, ICMP
+/// (`A` is [`Ipv4Addr`]) or ICMPv6 ([`Ipv6Addr`](std::net::Ipv6Addr)): what
+/// `icmp_input` needs of it.
+#[derive(Debug)]
+pub struct GuestEcho<'a, A> {
+    /// Guest MAC.
+    pub src_mac: EthernetAddress,
+    /// Guest address.
+    pub src: A,
+    /// Destination.
+    pub dst: A,
+    /// Echo identifier.
+    pub ident: u16,
+    /// The whole ICMP or ICMPv6 message (header and data).
+    pub icmp: &'a [u8],
 }
 
 /// Classifies one frame from a guest of the network `cfg` describes.
@@ -291,13 +297,13 @@ fn classify_ipv4<'a>(
             }
             if icmp.msg_type() == smoltcp::wire::Icmpv4Message::EchoRequest && icmp.msg_code() == 0
             {
-                Classified::IcmpEcho {
+                Classified::IcmpEcho(GuestEcho {
                     src_mac,
                     src: src_ip,
                     dst: dst_ip,
                     ident: icmp.echo_ident(),
                     icmp: payload,
-                }
+                })
             } else {
                 Classified::Ignore
             }

@@ -33,7 +33,7 @@ use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
 use bytes::Bytes;
 use smoltcp::wire::{EthernetAddress, TcpSeqNumber};
 
-use super::frame::{DropReason, UDP_HDR};
+use super::frame::{DropReason, GuestEcho, UDP_HDR};
 use super::RouterConfig;
 use crate::ipv6::wire::{self, icmp, Ipv6, ETHERTYPE_IPV6, IPPROTO_ICMPV6, IPPROTO_UDP};
 
@@ -81,18 +81,7 @@ pub enum Classified6<'a> {
         payload: &'a [u8],
     },
     /// An ICMPv6 echo request to an address other than the router's.
-    Echo {
-        /// Guest MAC.
-        src_mac: EthernetAddress,
-        /// Guest address.
-        src: Ipv6Addr,
-        /// Destination.
-        dst: Ipv6Addr,
-        /// Echo identifier.
-        ident: u16,
-        /// The whole ICMPv6 message.
-        icmp: &'a [u8],
-    },
+    Echo(GuestEcho<'a, Ipv6Addr>),
 }
 
 /// Whether `a` is a destination no routed IPv6 packet may have (multicast is
@@ -208,13 +197,13 @@ pub fn classify6<'a>(
                 return Classified6::Malformed;
             }
             if p[0] == icmp::ECHO_REQUEST && p[1] == 0 {
-                Classified6::Echo {
+                Classified6::Echo(GuestEcho {
                     src_mac,
                     src: ip.src,
                     dst: ip.dst,
                     ident: u16::from_be_bytes([p[4], p[5]]),
                     icmp: p,
-                }
+                })
             } else {
                 Classified6::Ignore
             }

@@ -670,15 +670,7 @@ impl Router {
                 }
                 self.udp_input(src_mac, src.into(), dst.into(), payload);
             }
-            Classified::IcmpEcho {
-                src_mac,
-                src,
-                dst,
-                ident,
-                icmp,
-            } => {
-                self.icmp_input(src_mac, src.into(), dst.into(), ident, icmp, &frame);
-            }
+            Classified::IcmpEcho(echo) => self.icmp_input(echo, &frame),
         }
     }
 

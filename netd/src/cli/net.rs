@@ -13,7 +13,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use fabric_api::netd::{NetworkTable, Reservation};
-use fabric_util::toml_file::{read_table_with, ConfigError, InvalidKey, TomlFileError};
+use fabric_util::toml_file::{read_table_with, ConfigError, TomlFileError};
 use serde_json::{json, Value};
 
 use crate::config::NetworkConfig;
@@ -168,12 +168,7 @@ pub enum ReservationCmd {
 }
 
 fn cli_err(key: &str, expected: impl Into<String>) -> ConfigError {
-    InvalidKey {
-        path: COMMAND_LINE.into(),
-        key: key.into(),
-        expected: expected.into(),
-    }
-    .into()
+    ConfigError::invalid(COMMAND_LINE, key, expected)
 }
 
 /// A `--reservation MAC,IP[,HOSTNAME]`.

@@ -207,6 +207,19 @@ impl Ctx<'_> {
         ConfigError::invalid(self.path, key, expected)
     }
 
+    /// The two addresses of an `"A-B"` range `r`; else the error naming `key`
+    /// and `expected`.
+    fn range<A: std::str::FromStr>(
+        &self,
+        r: &str,
+        key: impl Into<String>,
+        expected: &str,
+    ) -> Result<(A, A), ConfigError> {
+        r.split_once('-')
+            .and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)))
+            .ok_or_else(|| self.err(key, expected))
+    }
+
     /// `value` (the bound's default when the key is absent) if `bound` allows it;
     /// else the error naming `key` and what the bound expects.
     fn bounded<T: PartialOrd + Copy>(

@@ -149,7 +149,6 @@ pub fn classify_with<'a>(
     cfg: &RouterConfig,
     tcp_csum_partial: bool,
 ) -> Classified<'a> {
-    let own = |a: Ipv4Addr| a == cfg.gateway || a == cfg.dns;
     let Ok(eth) = EthernetFrame::new_checked(frame) else {
         return Classified::Malformed;
     };
@@ -173,7 +172,9 @@ pub fn classify_with<'a>(
                     source_protocol_addr,
                     target_protocol_addr,
                     ..
-                } if own(target_protocol_addr) && cfg.valid_guest_src(source_protocol_addr) => {
+                } if cfg.own4(target_protocol_addr)
+                    && cfg.valid_guest_src(source_protocol_addr) =>
+                {
                     Classified::ArpRequest {
                         src_mac: source_hardware_addr,
                         src_ip: source_protocol_addr,
@@ -216,7 +217,6 @@ fn classify_ipv4<'a>(
     cfg: &RouterConfig,
     tcp_csum_partial: bool,
 ) -> Classified<'a> {
-    let own = |a: Ipv4Addr| a == cfg.gateway || a == cfg.dns;
     let Ok(ip) = Ipv4Packet::new_checked(packet) else {
         return Classified::Malformed;
     };
@@ -291,7 +291,7 @@ fn classify_ipv4<'a>(
             if !icmp.verify_checksum() {
                 return Classified::Malformed;
             }
-            if own(dst_ip) {
+            if cfg.own4(dst_ip) {
                 // smoltcp answers echo requests to the router's own addresses.
                 return Classified::Smoltcp;
             }

@@ -126,44 +126,59 @@ stop_pasta() {
   for l in $(ip -n $GP -o link | awk -F': ' '$2 != "lo" {print $2}'); do ip -n $GP link del "${l%@*}" 2>/dev/null || true; done
 }
 
-printf "%-12s %6s %14s %14s %10s\n" stack mtu "guest->host" "host->guest" "rtt_ms"
+# The figures, by stack key, MTU and up/down/rtt.
 declare -A R
+measure() { # key ns target [iperf3 args...]: R[key,$mtu,up|down|rtt] (the server binds $SRV)
+  local key=$1 ns=$2 target=$3; shift 3
+  R[$key,$mtu,up]=$(iperf "$ns" "$target" "$@")
+  R[$key,$mtu,down]=$(iperf "$ns" "$target" "$@" -R)
+  R[$key,$mtu,rtt]=$(rtt "$ns" "$target")
+}
+row() { # key name: one line of the table, for $mtu
+  printf "%-12s %6s %12s G %12s G %10s\n" "$2" "$mtu" "${R[$1,$mtu,up]}" "${R[$1,$mtu,down]}" "${R[$1,$mtu,rtt]:-n/a}"
+}
+ratios() { # suffix of the keys ("" for IPv4, 6): netd's ratios to slirp4netns and pasta
+  local mtu dir label
+  for mtu in $MTUS; do
+    for dir in up down; do
+      label="guest->host"; [ $dir = down ] && label="host->guest"
+      awk -v n="${R[netd$1,$mtu,$dir]}" -v s="${R[slirp$1,$mtu,$dir]}" -v p="${R[pasta$1,$mtu,$dir]}" -v m="$mtu" -v l="$label" \
+        'BEGIN { printf "mtu %-6s %-12s netd/slirp4netns %6.2f   netd/pasta %6.2f\n", m, l, (s>0? n/s : 0), (p>0? n/p : 0) }'
+    done
+  done
+}
+
+printf "%-12s %6s %14s %14s %10s\n" stack mtu "guest->host" "host->guest" "rtt_ms"
 stacks="netd slirp pasta"
 [ -n "$NETD_BASE" ] && stacks="netd base slirp pasta"
 for mtu in $MTUS; do
   start_netd "$mtu"
-  R[netd,$mtu,up]=$(iperf $GN 10.0.2.2); R[netd,$mtu,down]=$(iperf $GN 10.0.2.2 -R); R[netd,$mtu,rtt]=$(rtt $GN 10.0.2.2)
+  measure netd $GN 10.0.2.2
   stop_netd
   if [ -n "$NETD_BASE" ]; then
     start_netd "$mtu" "$NETD_BASE"
-    R[base,$mtu,up]=$(iperf $GN 10.0.2.2); R[base,$mtu,down]=$(iperf $GN 10.0.2.2 -R); R[base,$mtu,rtt]=$(rtt $GN 10.0.2.2)
+    measure base $GN 10.0.2.2
     stop_netd
   fi
   R[slirp,$mtu,up]=0; R[slirp,$mtu,down]=0; R[pasta,$mtu,up]=0; R[pasta,$mtu,down]=0
   if [ $HAVE_SLIRP = 1 ]; then
     start_slirp "$mtu"
-    R[slirp,$mtu,up]=$(iperf $GS 10.0.2.2); R[slirp,$mtu,down]=$(iperf $GS 10.0.2.2 -R); R[slirp,$mtu,rtt]=$(rtt $GS 10.0.2.2)
+    measure slirp $GS 10.0.2.2
     stop_slirp
   fi
   if [ $HAVE_PASTA = 1 ]; then
     start_pasta "$mtu"
-    R[pasta,$mtu,up]=$(iperf $GP 198.18.9.254); R[pasta,$mtu,down]=$(iperf $GP 198.18.9.254 -R); R[pasta,$mtu,rtt]=$(rtt $GP 198.18.9.254)
+    measure pasta $GP 198.18.9.254
     stop_pasta
   fi
   for s in $stacks; do
     name=$s; [ $s = slirp ] && name=slirp4netns; [ $s = base ] && name=netd-base
-    printf "%-12s %6s %12s G %12s G %10s\n" "$name" "$mtu" "${R[$s,$mtu,up]}" "${R[$s,$mtu,down]}" "${R[$s,$mtu,rtt]:-n/a}"
+    row $s "$name"
   done
 done
 echo
 echo "ratios (netd / reference; goal: >= 2.0 vs slirp4netns, >= 1.0 vs pasta)"
-for mtu in $MTUS; do
-  for dir in up down; do
-    label="guest->host"; [ $dir = down ] && label="host->guest"
-    awk -v n="${R[netd,$mtu,$dir]}" -v s="${R[slirp,$mtu,$dir]}" -v p="${R[pasta,$mtu,$dir]}" -v m="$mtu" -v l="$label" \
-      'BEGIN { printf "mtu %-6s %-12s netd/slirp4netns %6.2f   netd/pasta %6.2f\n", m, l, (s>0? n/s : 0), (p>0? n/p : 0) }'
-  done
-done
+ratios ""
 if [ -n "$NETD_BASE" ]; then
   echo
   echo "netd-base, same run (netd-base / reference; netd / netd-base)"
@@ -195,36 +210,30 @@ for mtu in $MTUS; do
   start_netd "$mtu"
   R[netd6,$mtu,up]=0; R[netd6,$mtu,down]=0
   if wait6 $GN netd; then
-    R[netd6,$mtu,up]=$(SRV=::1 iperf $GN fd00::2 -6); R[netd6,$mtu,down]=$(SRV=::1 iperf $GN fd00::2 -6 -R); R[netd6,$mtu,rtt]=$(rtt $GN fd00::2)
+    SRV=::1 measure netd6 $GN fd00::2 -6
   else missing="$missing netd"; fi
   stop_netd
   R[slirp6,$mtu,up]=0; R[slirp6,$mtu,down]=0; R[pasta6,$mtu,up]=0; R[pasta6,$mtu,down]=0
   if [ $HAVE_SLIRP = 1 ]; then
     start_slirp "$mtu" --enable-ipv6
     if wait6 $GS slirp4netns; then
-      R[slirp6,$mtu,up]=$(SRV=::1 iperf $GS fd00::2 -6); R[slirp6,$mtu,down]=$(SRV=::1 iperf $GS fd00::2 -6 -R); R[slirp6,$mtu,rtt]=$(rtt $GS fd00::2)
+      SRV=::1 measure slirp6 $GS fd00::2 -6
     else missing="$missing slirp4netns"; fi
     stop_slirp
   fi
   if [ $HAVE_PASTA = 1 ]; then
     start_pasta "$mtu"
     if wait6 $GP pasta; then
-      R[pasta6,$mtu,up]=$(SRV=::1 iperf $GP 2001:db8:9::fe -6); R[pasta6,$mtu,down]=$(SRV=::1 iperf $GP 2001:db8:9::fe -6 -R); R[pasta6,$mtu,rtt]=$(rtt $GP 2001:db8:9::fe)
+      SRV=::1 measure pasta6 $GP 2001:db8:9::fe -6
     else missing="$missing pasta"; fi
     stop_pasta
   fi
   for s in netd6 slirp6 pasta6; do
     name=${s%6}; [ $name = slirp ] && name=slirp4netns
-    printf "%-12s %6s %12s G %12s G %10s\n" "$name" "$mtu" "${R[$s,$mtu,up]}" "${R[$s,$mtu,down]}" "${R[$s,$mtu,rtt]:-n/a}"
+    row $s "$name"
   done
 done
 [ -z "$missing" ] || echo "missing IPv6 figures (IPv6 did not come up):$missing"
 echo
 echo "IPv6 ratios (netd / reference; goal: >= 2.0 vs slirp4netns, as for IPv4)"
-for mtu in $MTUS; do
-  for dir in up down; do
-    label="guest->host"; [ $dir = down ] && label="host->guest"
-    awk -v n="${R[netd6,$mtu,$dir]}" -v s="${R[slirp6,$mtu,$dir]}" -v p="${R[pasta6,$mtu,$dir]}" -v m="$mtu" -v l="$label" \
-      'BEGIN { printf "mtu %-6s %-12s netd/slirp4netns %6.2f   netd/pasta %6.2f\n", m, l, (s>0? n/s : 0), (p>0? n/p : 0) }'
-  done
-done
+ratios 6

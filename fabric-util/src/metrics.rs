@@ -155,12 +155,14 @@ impl Histogram {
 /// Checks a config's `metrics` value: an `ADDR:PORT` to listen on
 /// (`127.0.0.1:9102`, `[::1]:9102`). `path` and `key` name it in the error.
 pub fn parse_addr(value: &str, path: &str, key: &str) -> Result<SocketAddr, InvalidKey> {
-    value.parse().map_err(|_| InvalidKey {
-        path: path.to_string(),
-        key: key.to_string(),
-        expected: format!(
-            "an address and port to serve metrics on, e.g. \"127.0.0.1:9102\" (got {value:?})"
-        ),
+    value.parse().map_err(|_| {
+        InvalidKey::new(
+            path,
+            key,
+            format!(
+                "an address and port to serve metrics on, e.g. \"127.0.0.1:9102\" (got {value:?})"
+            ),
+        )
     })
 }
 

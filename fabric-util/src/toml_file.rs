@@ -41,6 +41,17 @@ pub struct InvalidKey {
     pub expected: String,
 }
 
+impl InvalidKey {
+    /// The refused value of `key` in the file `path`, and what a valid one looks like.
+    pub fn new(path: impl ToString, key: impl Into<String>, expected: impl Into<String>) -> Self {
+        InvalidKey {
+            path: path.to_string(),
+            key: key.into(),
+            expected: expected.into(),
+        }
+    }
+}
+
 /// A config problem: the file itself, or one of its values.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -52,12 +63,28 @@ pub enum ConfigError {
     Invalid(#[from] InvalidKey),
 }
 
-/// Reads and parses `path`.
-pub fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, TomlFileError> {
-    let text = std::fs::read_to_string(path).map_err(|source| TomlFileError::Read {
+impl ConfigError {
+    /// A refused value: see [`InvalidKey::new`].
+    pub fn invalid(
+        path: impl ToString,
+        key: impl Into<String>,
+        expected: impl Into<String>,
+    ) -> Self {
+        InvalidKey::new(path, key, expected).into()
+    }
+}
+
+/// The text of `path`.
+fn read_text(path: &Path) -> Result<String, TomlFileError> {
+    std::fs::read_to_string(path).map_err(|source| TomlFileError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
+    })
+}
+
+/// Reads and parses `path`.
+pub fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, TomlFileError> {
+    let text = read_text(path)?;
     parse(&text, path)
 }
 
@@ -76,10 +103,7 @@ pub fn read_table_with<T: serde::de::DeserializeOwned>(
     path: &Path,
     set: &[(&str, &str)],
 ) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| TomlFileError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = read_text(path)?;
     let mut table: toml::Table = parse(&text, path)?;
     for (k, v) in set {
         match table.get(*k) {
@@ -88,12 +112,11 @@ pub fn read_table_with<T: serde::de::DeserializeOwned>(
             }
             Some(toml::Value::String(s)) if s == v => {}
             Some(other) => {
-                return Err(InvalidKey {
-                    path: path.display().to_string(),
-                    key: k.to_string(),
-                    expected: format!("{v:?}, as on the command line (the file has {other})"),
-                }
-                .into())
+                return Err(ConfigError::invalid(
+                    path.display(),
+                    *k,
+                    format!("{v:?}, as on the command line (the file has {other})"),
+                ))
             }
         }
     }

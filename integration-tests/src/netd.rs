@@ -162,18 +162,7 @@ pub fn port_counter(ports: &serde_json::Value, port: &str, key: &str) -> u64 {
 /// The global address of `iface` in `ns` inside `prefix` (e.g. "fd42:16:"), once
 /// DAD is done; waits up to 20 s.
 pub fn global6(ns: &Netns, iface: &str, prefix: &str) -> Result<String> {
-    let mut found = None;
-    crate::wait_until(Duration::from_secs(20), || {
-        let out = ns
-            .sh(&format!("ip -6 -o addr show dev {iface} scope global"))
-            .unwrap_or_default();
-        found = out
-            .split_whitespace()
-            .find(|w| w.starts_with(prefix))
-            .filter(|_| !out.contains("tentative"))
-            .map(|w| w.split('/').next().unwrap_or(w).to_string());
-        found.is_some()
-    });
+    let found = ready_addr6(ns, iface, "global", prefix, Duration::from_secs(20));
     found.with_context(|| {
         format!(
             "no address in {prefix} on {iface}: {}",
@@ -182,21 +171,35 @@ pub fn global6(ns: &Netns, iface: &str, prefix: &str) -> Result<String> {
     })
 }
 
-/// Waits until the link-local address of `iface` is out of DAD.
+/// Waits until the link-local address of `iface` is out of DAD; the address
+/// (empty if it never is, within 10 s).
 pub fn link_local_ready(ns: &Netns, iface: &str) -> String {
-    let mut ll = String::new();
-    crate::wait_until(Duration::from_secs(10), || {
+    ready_addr6(ns, iface, "link", "fe80", Duration::from_secs(10)).unwrap_or_default()
+}
+
+/// The first address of `iface` in `ns` of `scope` (`global`, `link`) that starts
+/// with `prefix`, once no address of that scope is tentative (DAD is done); waits
+/// up to `within`.
+fn ready_addr6(
+    ns: &Netns,
+    iface: &str,
+    scope: &str,
+    prefix: &str,
+    within: Duration,
+) -> Option<String> {
+    let mut found = None;
+    crate::wait_until(within, || {
         let out = ns
-            .sh(&format!("ip -6 -o addr show dev {iface} scope link"))
+            .sh(&format!("ip -6 -o addr show dev {iface} scope {scope}"))
             .unwrap_or_default();
-        ll = out
+        found = out
             .split_whitespace()
-            .find(|w| w.starts_with("fe80"))
-            .map(|w| w.split('/').next().unwrap_or(w).to_string())
-            .unwrap_or_default();
-        !ll.is_empty() && !out.contains("tentative")
+            .find(|w| w.starts_with(prefix))
+            .filter(|_| !out.contains("tentative"))
+            .map(|w| w.split('/').next().unwrap_or(w).to_string());
+        found.is_some()
     });
-    ll
+    found
 }
 
 /// Whether `ns` pings `addr` over IPv6 (five tries of 2 s).

@@ -227,14 +227,7 @@ fn ipv6_port_forwards_from_the_hosts_loopback_reach_a_guest() -> Result<()> {
         "[::1]:2253",
         &format!("[{slaac}]:7777"),
     ])?;
-    let mut echoed = String::new();
-    let ok = wait_until(Duration::from_secs(10), || {
-        echoed = lab
-            .host
-            .sh("echo via-forward6 | socat -T 2 - UDP6:[::1]:2253")
-            .unwrap_or_default();
-        echoed.trim() == "via-forward6"
-    });
+    let (ok, echoed) = lab.udp_round_trip("UDP6:[::1]:2253", "via-forward6");
     assert!(ok, "udp forward: {echoed:?}");
     let list = lab.cli(&["forward", "list", "n6f"])?;
     assert!(

@@ -213,14 +213,7 @@ fn nat_port_forward_reaches_guest_and_removal_cuts_it() -> anyhow::Result<()> {
         "127.0.0.1:2253",
         "10.0.2.15:5353",
     ])?;
-    let mut echoed = String::new();
-    let ok = integration_tests::wait_until(std::time::Duration::from_secs(10), || {
-        echoed = lab
-            .host
-            .sh("echo via-forward | socat -T 2 - UDP4:127.0.0.1:2253")
-            .unwrap_or_default();
-        echoed.trim() == "via-forward"
-    });
+    let (ok, echoed) = lab.udp_round_trip("UDP4:127.0.0.1:2253", "via-forward");
     assert!(ok, "udp forward: {echoed:?}");
 
     let done = lab.cli(&["forward", "del", "nat0", "tcp", "127.0.0.1:2280"])?;

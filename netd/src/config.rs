@@ -25,7 +25,7 @@ use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use fabric_util::toml_file::{self, InvalidKey};
+use fabric_util::toml_file;
 use fabric_util::MacAddr;
 use serde::{Deserialize, Serialize};
 
@@ -204,11 +204,20 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn err(&self, key: impl Into<String>, expected: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid(InvalidKey {
-            path: self.path.to_string(),
-            key: key.into(),
-            expected: expected.into(),
-        })
+        ConfigError::invalid(self.path, key, expected)
+    }
+
+    /// The two addresses of an `"A-B"` range `r`; else the error naming `key`
+    /// and `expected`.
+    fn range<A: std::str::FromStr>(
+        &self,
+        r: &str,
+        key: impl Into<String>,
+        expected: &str,
+    ) -> Result<(A, A), ConfigError> {
+        r.split_once('-')
+            .and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)))
+            .ok_or_else(|| self.err(key, expected))
     }
 
     /// `value` (the bound's default when the key is absent) if `bound` allows it;

@@ -552,28 +552,19 @@ impl Catalog {
     ) -> Result<(), CatalogError> {
         check_disk_name(name).map_err(CatalogError::BadName)?;
         check_disk_size(size).map_err(CatalogError::BadSize)?;
-        let _change = self.change.lock().unwrap_or_else(|p| p.into_inner());
-        {
-            let mut map = self.lock();
-            if map.taken(name) {
-                return Err(CatalogError::Exists(name.to_string()));
-            }
-            map.creating.insert(name.to_string());
-        }
-        // File work without the map lock (fallocate of a large fixed disk).
-        let res = self.create_file(&DiskConfig {
-            name: name.to_string(),
-            size: crate::config::Size(size),
-            alloc,
-            read_only,
-            allow: None,
-            base: None,
-        });
-        let mut map = self.lock();
-        map.creating.remove(name);
-        let disk = res?;
-        map.open.insert(name.to_string(), Arc::new(disk));
-        Ok(())
+        self.reserving(name, || {
+            // File work without the map lock (fallocate of a large fixed disk).
+            let disk = self.create_file(&DiskConfig {
+                name: name.to_string(),
+                size: crate::config::Size(size),
+                alloc,
+                read_only,
+                allow: None,
+                base: None,
+            })?;
+            self.lock().open.insert(name.to_string(), Arc::new(disk));
+            Ok(())
+        })
     }
 
     /// Creates the file of a new disk and writes the catalog naming it (the

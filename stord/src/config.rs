@@ -32,7 +32,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use fabric_util::toml_file::{self, InvalidKey};
+use fabric_util::toml_file;
 use serde::Deserialize;
 
 pub use fabric_api::stord::{Alloc, Format};
@@ -202,13 +202,8 @@ impl Config {
 
     /// Checks values serde cannot: addresses, names, sizes, uniqueness.
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |key: String, expected: String| {
-            ConfigError::Invalid(InvalidKey {
-                path: path.display().to_string(),
-                key,
-                expected,
-            })
-        };
+        let invalid =
+            |key: String, expected: String| ConfigError::invalid(path.display(), key, expected);
         if let Some(l) = &self.listen {
             l.parse::<SocketAddr>().map_err(|_| {
                 invalid(
@@ -313,13 +308,8 @@ impl Config {
     /// access lists only where someone could match them. The files
     /// themselves are read at startup (`crate::tls::Tls::load`).
     fn validate_tls(&self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |key: &str, expected: String| {
-            ConfigError::Invalid(InvalidKey {
-                path: path.display().to_string(),
-                key: key.to_string(),
-                expected,
-            })
-        };
+        let invalid =
+            |key: &str, expected: String| ConfigError::invalid(path.display(), key, expected);
         for (key, v) in [
             ("tls_cert", &self.tls_cert),
             ("tls_key", &self.tls_key),

@@ -276,6 +276,21 @@ impl Lab {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Sends `msg` from the host by UDP to socat's `addr` (e.g. `UDP4:127.0.0.1:2253`,
+    /// a forward to a guest's echo server) until it comes back, for up to 10 s:
+    /// whether it did, and the last answer.
+    pub fn udp_round_trip(&self, addr: &str, msg: &str) -> (bool, String) {
+        let mut echoed = String::new();
+        let ok = wait_until(Duration::from_secs(10), || {
+            echoed = self
+                .host
+                .sh(&format!("echo {msg} | socat -T 2 - {addr}"))
+                .unwrap_or_default();
+            echoed.trim() == msg
+        });
+        (ok, echoed)
+    }
+
     /// Runs udhcpc on the guest's TAP; returns the lease line the script wrote.
     pub fn dhcp(&self, guest: &TapHost) -> Result<String> {
         self.dhcp_with(guest, &[])

@@ -27,6 +27,7 @@ fuzz_target!(|data: &[u8]| {
         dns: vec![],
         router: None,
         reservations: vec![],
+        domain: None,
     };
     let mut s = DhcpServer::new(v4, spec, [2, 0, 0, 0, 0, 1], true, LeaseDb::default());
     let _ = s.handle_frame(data, 1000);

@@ -5,6 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use netd::nat::frame::GuestEcho;
 use netd::nat::frame6::{classify6, Classified6};
 use netd::nat::RouterConfig;
 use smoltcp::wire::EthernetAddress;
@@ -21,7 +22,8 @@ fuzz_target!(|data: &[u8]| {
     let mac = EthernetAddress([0x52, 0x54, 0, 1, 2, 3]);
     for to_router in [true, false] {
         match classify6(data, mac, to_router, &cfg, |a| cfg.own6(a)) {
-            Classified6::Udp { payload, .. } | Classified6::Echo { icmp: payload, .. } => {
+            Classified6::Udp { payload, .. }
+            | Classified6::Echo(GuestEcho { icmp: payload, .. }) => {
                 let range = data.as_ptr_range();
                 assert!(range.contains(&payload.as_ptr()) || payload.is_empty());
             }

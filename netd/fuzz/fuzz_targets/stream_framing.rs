@@ -47,6 +47,8 @@ fn lab() -> &'static Lab {
             netns: None,
             path: Some(path.clone()),
             persistent: false,
+            guard: None,
+            vxlan: None,
         };
         let port = start_port(&net, &spec).expect("stream port");
         Lab {

@@ -13,7 +13,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use fabric_api::netd::{NetworkTable, Reservation};
-use fabric_util::toml_file::{read_table_with, ConfigError, InvalidKey, TomlFileError};
+use fabric_util::toml_file::{read_table_with, ConfigError, TomlFileError};
 use serde_json::{json, Value};
 
 use crate::config::NetworkConfig;
@@ -168,12 +168,7 @@ pub enum ReservationCmd {
 }
 
 fn cli_err(key: &str, expected: impl Into<String>) -> ConfigError {
-    InvalidKey {
-        path: COMMAND_LINE.into(),
-        key: key.into(),
-        expected: expected.into(),
-    }
-    .into()
+    ConfigError::invalid(COMMAND_LINE, key, expected)
 }
 
 /// A `--reservation MAC,IP[,HOSTNAME]`.
@@ -259,7 +254,6 @@ impl NetAddArgs {
         let mut set = |k: &str, v: Value| {
             t.insert(k.to_string(), v);
         };
-        let mut nested: Vec<(&str, Vec<Value>)> = Vec::new();
         macro_rules! opt {
             ($($field:ident),*) => {$(
                 if let Some(v) = &self.$field {
@@ -315,32 +309,22 @@ impl NetAddArgs {
         if !self.outbound_deny.is_empty() {
             set("outbound_deny", json!(self.outbound_deny));
         }
-        let reservations = self
-            .reservations
-            .iter()
-            .map(|r| reservation(r))
-            .collect::<Result<Vec<_>, _>>()?;
-        nested.push((
-            "reservation",
-            reservations.iter().map(|r| json!(r)).collect(),
-        ));
-        let forwards = self
-            .forwards
-            .iter()
-            .map(|f| forward(f))
-            .collect::<Result<Vec<_>, _>>()?;
-        nested.push(("forward", forwards));
-        let hosts = self
-            .hosts
-            .iter()
-            .map(|h| host(h))
-            .collect::<Result<Vec<_>, _>>()?;
-        nested.push(("host", hosts));
-        // Nested tables from flags come after those of the file.
-        for (k, items) in nested {
+        // The flags of nested tables, each value parsed into its table's JSON.
+        type Parse = fn(&str) -> Result<Value, ConfigError>;
+        let flags: [(&str, &[String], Parse); 3] = [
+            ("reservation", &self.reservations, |s| {
+                reservation(s).map(|r| json!(r))
+            }),
+            ("forward", &self.forwards, forward),
+            ("host", &self.hosts, host),
+        ];
+        for (k, values, parse) in flags {
+            let items = values.iter().map(|v| parse(v));
+            let items = items.collect::<Result<Vec<_>, _>>()?;
             if items.is_empty() {
                 continue;
             }
+            // Nested tables from flags come after those of the file.
             let all = t.entry(k).or_insert_with(|| Value::Array(Vec::new()));
             if let Value::Array(a) = all {
                 a.extend(items);
@@ -491,17 +475,17 @@ mod tests {
         assert_eq!(t["name"], "lab");
         assert_eq!(t["mtu"], 1400);
         assert_eq!(t["reservation"][0]["ip"], "10.9.0.50");
-        std::fs::write(&f, "mode = \"nat\"\nmtu = 10\n").unwrap();
-        let e = args(&["lab", "--from", from])
-            .to_table()
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains(from) && e.contains("`mtu`"), "{e}");
-        std::fs::write(&f, "mode = \"nat\"\nmtuu = 1400\n").unwrap();
-        let e = args(&["lab", "--from", from])
-            .to_table()
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains(from) && e.contains("mtuu"), "{e}");
+        // A bad value and an unknown key name the file and the key.
+        for (table, key) in [
+            ("mode = \"nat\"\nmtu = 10\n", "`mtu`"),
+            ("mode = \"nat\"\nmtuu = 1400\n", "mtuu"),
+        ] {
+            std::fs::write(&f, table).unwrap();
+            let e = args(&["lab", "--from", from])
+                .to_table()
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(from) && e.contains(key), "{e}");
+        }
     }
 }

@@ -122,17 +122,11 @@ impl NetworkConfig {
         let range = match &self.dhcp6_range {
             None => None,
             Some(r) => {
-                let (a, b) = r
-                    .split_once('-')
-                    .and_then(|(a, b)| {
-                        Some((
-                            a.trim().parse::<Ipv6Addr>().ok()?,
-                            b.trim().parse::<Ipv6Addr>().ok()?,
-                        ))
-                    })
-                    .ok_or_else(|| {
-                        ctx.err(key("dhcp6_range"), "\"A-B\" with two IPv6 addresses")
-                    })?;
+                let (a, b) = ctx.range::<Ipv6Addr>(
+                    r,
+                    key("dhcp6_range"),
+                    "\"A-B\" with two IPv6 addresses",
+                )?;
                 let g = u128::from(gateway);
                 if !v6(a)
                     || !v6(b)

@@ -81,18 +81,7 @@ impl NetworkConfig {
             };
             let (start, end) = match &self.dhcp_range {
                 Some(r) => {
-                    let (a, b) = r
-                        .split_once('-')
-                        .and_then(|(a, b)| {
-                            Some((
-                                a.trim().parse::<Ipv4Addr>().ok()?,
-                                b.trim().parse::<Ipv4Addr>().ok()?,
-                            ))
-                        })
-                        .ok_or_else(|| {
-                            ctx.err(key("dhcp_range"), "\"A-B\" with two IPv4 addresses")
-                        })?;
-                    (a, b)
+                    ctx.range::<Ipv4Addr>(r, key("dhcp_range"), "\"A-B\" with two IPv4 addresses")?
                 }
                 None => {
                     let net = u32::from(v4.network);

@@ -357,6 +357,11 @@ impl RouterConfig {
         self.ipv6.as_ref().is_some_and(|v| v.contains(a))
     }
 
+    /// Whether `a` is one of the router's own IPv4 addresses (gateway, DNS).
+    pub fn own4(&self, a: Ipv4Addr) -> bool {
+        a == self.gateway || a == self.dns
+    }
+
     /// Whether `a` is one of the router's own IPv6 addresses (gateway, DNS).
     pub fn own6(&self, a: Ipv6Addr) -> bool {
         self.ipv6

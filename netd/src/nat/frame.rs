@@ -112,18 +112,24 @@ pub enum Classified<'a> {
         payload: &'a [u8],
     },
     /// An ICMP echo request to an address other than the router's.
-    IcmpEcho {
-        /// Guest MAC.
-        src_mac: EthernetAddress,
-        /// Guest address.
-        src: Ipv4Addr,
-        /// Destination.
-        dst: Ipv4Addr,
-        /// Echo identifier.
-        ident: u16,
-        /// The whole ICMP message (header and data).
-        icmp: &'a [u8],
-    },
+    IcmpEcho(GuestEcho<'a, Ipv4Addr>),
+}
+
+/// An echo request from a guest to an address other than the router's, ICMP
+/// (`A` is [`Ipv4Addr`]) or ICMPv6 ([`Ipv6Addr`](std::net::Ipv6Addr)): what
+/// `icmp_input` needs of it.
+#[derive(Debug)]
+pub struct GuestEcho<'a, A> {
+    /// Guest MAC.
+    pub src_mac: EthernetAddress,
+    /// Guest address.
+    pub src: A,
+    /// Destination.
+    pub dst: A,
+    /// Echo identifier.
+    pub ident: u16,
+    /// The whole ICMP or ICMPv6 message (header and data).
+    pub icmp: &'a [u8],
 }
 
 /// Classifies one frame from a guest of the network `cfg` describes.
@@ -143,7 +149,6 @@ pub fn classify_with<'a>(
     cfg: &RouterConfig,
     tcp_csum_partial: bool,
 ) -> Classified<'a> {
-    let own = |a: Ipv4Addr| a == cfg.gateway || a == cfg.dns;
     let Ok(eth) = EthernetFrame::new_checked(frame) else {
         return Classified::Malformed;
     };
@@ -167,7 +172,9 @@ pub fn classify_with<'a>(
                     source_protocol_addr,
                     target_protocol_addr,
                     ..
-                } if own(target_protocol_addr) && cfg.valid_guest_src(source_protocol_addr) => {
+                } if cfg.own4(target_protocol_addr)
+                    && cfg.valid_guest_src(source_protocol_addr) =>
+                {
                     Classified::ArpRequest {
                         src_mac: source_hardware_addr,
                         src_ip: source_protocol_addr,
@@ -210,7 +217,6 @@ fn classify_ipv4<'a>(
     cfg: &RouterConfig,
     tcp_csum_partial: bool,
 ) -> Classified<'a> {
-    let own = |a: Ipv4Addr| a == cfg.gateway || a == cfg.dns;
     let Ok(ip) = Ipv4Packet::new_checked(packet) else {
         return Classified::Malformed;
     };
@@ -285,19 +291,19 @@ fn classify_ipv4<'a>(
             if !icmp.verify_checksum() {
                 return Classified::Malformed;
             }
-            if own(dst_ip) {
+            if cfg.own4(dst_ip) {
                 // smoltcp answers echo requests to the router's own addresses.
                 return Classified::Smoltcp;
             }
             if icmp.msg_type() == smoltcp::wire::Icmpv4Message::EchoRequest && icmp.msg_code() == 0
             {
-                Classified::IcmpEcho {
+                Classified::IcmpEcho(GuestEcho {
                     src_mac,
                     src: src_ip,
                     dst: dst_ip,
                     ident: icmp.echo_ident(),
                     icmp: payload,
-                }
+                })
             } else {
                 Classified::Ignore
             }

@@ -28,12 +28,12 @@
 //! headers and is no fragment (the router does not reassemble: `Malformed`); its
 //! TCP, UDP or ICMPv6 checksum is right; its ports are not 0.
 
-use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 
 use bytes::Bytes;
 use smoltcp::wire::{EthernetAddress, TcpSeqNumber};
 
-use super::frame::{DropReason, UDP_HDR};
+use super::frame::{DropReason, GuestEcho, UDP_HDR};
 use super::RouterConfig;
 use crate::ipv6::wire::{self, icmp, Ipv6, ETHERTYPE_IPV6, IPPROTO_ICMPV6, IPPROTO_UDP};
 
@@ -81,18 +81,7 @@ pub enum Classified6<'a> {
         payload: &'a [u8],
     },
     /// An ICMPv6 echo request to an address other than the router's.
-    Echo {
-        /// Guest MAC.
-        src_mac: EthernetAddress,
-        /// Guest address.
-        src: Ipv6Addr,
-        /// Destination.
-        dst: Ipv6Addr,
-        /// Echo identifier.
-        ident: u16,
-        /// The whole ICMPv6 message.
-        icmp: &'a [u8],
-    },
+    Echo(GuestEcho<'a, Ipv6Addr>),
 }
 
 /// Whether `a` is a destination no routed IPv6 packet may have (multicast is
@@ -208,13 +197,13 @@ pub fn classify6<'a>(
                 return Classified6::Malformed;
             }
             if p[0] == icmp::ECHO_REQUEST && p[1] == 0 {
-                Classified6::Echo {
+                Classified6::Echo(GuestEcho {
                     src_mac,
                     src: ip.src,
                     dst: ip.dst,
                     ident: u16::from_be_bytes([p[4], p[5]]),
                     icmp: p,
-                }
+                })
             } else {
                 Classified6::Ignore
             }
@@ -406,17 +395,12 @@ pub fn tcp_rst_any(
     to: SocketAddr,
     seq: TcpSeqNumber,
 ) -> Option<Bytes> {
-    match (from, to) {
-        (SocketAddr::V4(f), SocketAddr::V4(t)) => Some(super::frame::tcp_rst(
-            router_mac,
-            guest_mac,
-            (*f.ip(), f.port()),
-            (*t.ip(), t.port()),
-            seq,
-        )),
-        (SocketAddr::V6(f), SocketAddr::V6(t)) => Some(tcp6_rst(router_mac, guest_mac, f, t, seq)),
-        _ => None,
-    }
+    by_family(
+        from,
+        to,
+        |f, t| super::frame::tcp_rst(router_mac, guest_mac, f, t, seq),
+        |f, t| tcp6_rst(router_mac, guest_mac, f, t, seq),
+    )
 }
 
 /// A UDP datagram to a guest, IPv4 or IPv6 (`None` when the families differ).
@@ -427,17 +411,27 @@ pub fn udp_frame_any(
     to: SocketAddr,
     payload: &[u8],
 ) -> Option<Bytes> {
+    by_family(
+        from,
+        to,
+        |f, t| super::frame::udp_frame(router_mac, guest_mac, f, t, payload),
+        |f, t| udp6_frame(router_mac, guest_mac, f, t, payload),
+    )
+}
+
+/// The frame from `from` to `to` built by the IPv4 builder `v4` or the IPv6 one
+/// `v6`, as their family is; `None` when the two differ.
+fn by_family(
+    from: SocketAddr,
+    to: SocketAddr,
+    v4: impl FnOnce((Ipv4Addr, u16), (Ipv4Addr, u16)) -> Bytes,
+    v6: impl FnOnce(SocketAddrV6, SocketAddrV6) -> Bytes,
+) -> Option<Bytes> {
     match (from, to) {
-        (SocketAddr::V4(f), SocketAddr::V4(t)) => Some(super::frame::udp_frame(
-            router_mac,
-            guest_mac,
-            (*f.ip(), f.port()),
-            (*t.ip(), t.port()),
-            payload,
-        )),
-        (SocketAddr::V6(f), SocketAddr::V6(t)) => {
-            Some(udp6_frame(router_mac, guest_mac, f, t, payload))
+        (SocketAddr::V4(f), SocketAddr::V4(t)) => {
+            Some(v4((*f.ip(), f.port()), (*t.ip(), t.port())))
         }
+        (SocketAddr::V6(f), SocketAddr::V6(t)) => Some(v6(f, t)),
         _ => None,
     }
 }

@@ -8,6 +8,7 @@
 //! `netd forward list` print, so their serde form is part of the control API.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -88,6 +89,29 @@ pub struct FlowInfo {
     pub forward: bool,
     /// Seconds since the last traffic.
     pub idle_s: u64,
+}
+
+impl FlowInfo {
+    /// An `OPEN` flow of `proto`, not made by a forward, between the guest's
+    /// `guest` and `dst`, carried by the host's `host_peer`, idle for `idle`;
+    /// the other kinds of flow change a field or two of it.
+    pub(super) fn open(
+        proto: &str,
+        guest: impl ToString,
+        dst: impl ToString,
+        host_peer: impl ToString,
+        idle: Duration,
+    ) -> FlowInfo {
+        FlowInfo {
+            proto: proto.into(),
+            guest: guest.to_string(),
+            dst: dst.to_string(),
+            host_peer: host_peer.to_string(),
+            state: "OPEN".into(),
+            forward: false,
+            idle_s: idle.as_secs(),
+        }
+    }
 }
 
 pub(super) enum Command {

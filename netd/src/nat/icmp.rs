@@ -36,7 +36,7 @@ use smoltcp::wire::{EthernetAddress, Icmpv4Message, Icmpv4Packet, Ipv4Packet};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::unix::AsyncFd;
 
-use super::frame::icmp_frame;
+use super::frame::{icmp_frame, GuestEcho};
 use super::router::GuestCounts;
 use super::udp::FLOW_COST;
 use super::wake::Ready;
@@ -113,14 +113,12 @@ impl IcmpTable {
         let now = Instant::now();
         self.flows
             .iter()
-            .map(|((guest, dst, ident), f)| FlowInfo {
-                proto: "icmp".into(),
-                guest: format!("{guest} id {ident}"),
-                dst: dst.to_string(),
-                host_peer: f.target.to_string(),
-                state: if f.raw { "RAW" } else { "PING" }.into(),
-                forward: false,
-                idle_s: now.duration_since(f.last).as_secs(),
+            .map(|((guest, dst, ident), f)| {
+                let guest = format!("{guest} id {ident}");
+                FlowInfo {
+                    state: if f.raw { "RAW" } else { "PING" }.into(),
+                    ..FlowInfo::open("icmp", guest, dst, f.target, now - f.last)
+                }
             })
             .collect()
     }
@@ -160,15 +158,15 @@ impl Router {
     /// An echo request from a guest to a non-router address (`frame`: the whole
     /// frame it came in, quoted by an unreachable). With no IPv6 route on the host
     /// the guest gets an ICMPv6 unreachable at once; an IPv4 echo then times out.
-    pub(super) fn icmp_input(
-        &mut self,
-        mac: EthernetAddress,
-        src: IpAddr,
-        dst: IpAddr,
-        ident: u16,
-        icmp: &[u8],
-        frame: &[u8],
-    ) {
+    pub(super) fn icmp_input<A: Into<IpAddr>>(&mut self, echo: GuestEcho<'_, A>, frame: &[u8]) {
+        let GuestEcho {
+            src_mac: mac,
+            src,
+            dst,
+            ident,
+            icmp,
+        } = echo;
+        let (src, dst): (IpAddr, IpAddr) = (src.into(), dst.into());
         self.guest_macs.insert(src, mac);
         let key = (src, dst, ident);
         if !self.icmp.flows.contains_key(&key) {

@@ -624,9 +624,6 @@ impl Router {
         if super::frame6::is_ipv6(&frame) {
             return self.ingest6(frame);
         }
-        let gw = self.cfg.gateway;
-        let dns = self.cfg.dns;
-        let own = |a: Ipv4Addr| a == gw || a == dns;
         match frame::classify_with(&frame, self.mac, &self.cfg, tcp_csum_partial) {
             Classified::Ignore => {}
             Classified::Malformed => self.stats.malformed += 1,
@@ -658,7 +655,7 @@ impl Router {
                 payload,
             } => {
                 self.guest_macs.insert(src.0.into(), src_mac);
-                if dst.1 == DHCP_SERVER_PORT && own(dst.0) {
+                if dst.1 == DHCP_SERVER_PORT && self.cfg.own4(dst.0) {
                     if let Some(dhcp) = self.dhcp.as_mut() {
                         if let Some(mut reply) = dhcp(&frame) {
                             // Answer from the MAC the client sent to (ours, by ARP), so
@@ -673,15 +670,7 @@ impl Router {
                 }
                 self.udp_input(src_mac, src.into(), dst.into(), payload);
             }
-            Classified::IcmpEcho {
-                src_mac,
-                src,
-                dst,
-                ident,
-                icmp,
-            } => {
-                self.icmp_input(src_mac, src.into(), dst.into(), ident, icmp, &frame);
-            }
+            Classified::IcmpEcho(echo) => self.icmp_input(echo, &frame),
         }
     }
 

@@ -266,23 +266,14 @@ impl TcpTable {
             .flows
             .iter()
             .map(|((guest, dst), f)| FlowInfo {
-                proto: "tcp".into(),
-                guest: guest.to_string(),
-                dst: dst.to_string(),
-                host_peer: f.host_peer.to_string(),
                 state: format!("{}", f.sock.sock().state()),
                 forward: f.forward.is_some(),
-                idle_s: now.duration_since(f.last).as_secs(),
+                ..FlowInfo::open("tcp", guest, dst, f.host_peer, now - f.last)
             })
             .collect();
         v.extend(self.pending.keys().map(|(guest, dst)| FlowInfo {
-            proto: "tcp".into(),
-            guest: guest.to_string(),
-            dst: dst.to_string(),
-            host_peer: String::new(),
             state: "CONNECTING".into(),
-            forward: false,
-            idle_s: 0,
+            ..FlowInfo::open("tcp", guest, dst, "", Duration::ZERO)
         }));
         v
     }

@@ -52,9 +52,14 @@ impl Guest {
     }
 
     fn start(cfg: RouterConfig) -> (Guest, RouterHandle) {
-        let (to_router, router_rx) = mpsc::channel(1024);
-        let (router_tx, from_router) = mpsc::channel(1024);
-        let (router, handle) = Router::new(cfg, router_rx, router_tx).unwrap();
+        let (
+            router,
+            Ends {
+                to_router,
+                from_router,
+                handle,
+            },
+        ) = wired_router(cfg, 1024);
         tokio::spawn(router.run());
         let mut dev = QueueDevice::new(1500);
         let mut iface = Interface::new(
@@ -107,6 +112,68 @@ impl Guest {
         }
         false
     }
+
+    /// Sends `hello` on the connection `h` and reads what comes back until the host
+    /// closes, with at least 10 bytes read: whether that happened in time, and the bytes.
+    async fn send_hello_read_to_close(&mut self, h: SocketHandle) -> (bool, Vec<u8>) {
+        let (mut sent, mut got) = (false, Vec::new());
+        let ok = self
+            .run_until(|s| {
+                let sock = s.get_mut::<tcp::Socket>(h);
+                if sock.may_send() && !sent {
+                    sock.send_slice(b"hello").unwrap();
+                    sent = true;
+                }
+                while sock.can_recv() {
+                    sock.recv(|b| {
+                        got.extend_from_slice(b);
+                        (b.len(), ())
+                    })
+                    .unwrap();
+                }
+                !sock.may_recv() && sent && got.len() >= 10
+            })
+            .await;
+        (ok, got)
+    }
+}
+
+/// A TCP server on the host's loopback `addr` that answers one connection's five
+/// bytes with `pong:` and them, then closes: its port, and the task, which ends
+/// with the peer's address.
+async fn tcp_pong_once(addr: &str) -> (u16, tokio::task::JoinHandle<SocketAddr>) {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        let (mut s, peer) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).await.unwrap();
+        s.write_all(b"pong:").await.unwrap();
+        s.write_all(&buf).await.unwrap();
+        peer
+    });
+    (port, task)
+}
+
+/// A UDP server on the host's loopback `addr` that sends one datagram back: its port.
+async fn udp_echo_once(addr: &str) -> u16 {
+    let server = tokio::net::UdpSocket::bind(addr).await.unwrap();
+    let port = server.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 100];
+        let (n, from) = server.recv_from(&mut buf).await.unwrap();
+        server.send_to(&buf[..n], from).await.unwrap();
+    });
+    port
+}
+
+/// The router's config as the guest's side of `frame::classify` sees it: the
+/// router's addresses are valid sources there.
+fn guest_view() -> RouterConfig {
+    let mut view = RouterConfig::defaults();
+    view.gateway = GUEST_IP;
+    view.dns = Ipv4Addr::new(10, 0, 2, 16);
+    view
 }
 
 /// A TCP listener on the host's loopback and the address a guest reaches it by
@@ -117,17 +184,32 @@ async fn host_listener() -> (tokio::net::TcpListener, (Ipv4Addr, u16)) {
     (listener, (Ipv4Addr::new(10, 0, 2, 2), port))
 }
 
+/// The test's ends of a router's channels, and its handle.
+struct Ends {
+    to_router: mpsc::Sender<Bytes>,
+    from_router: mpsc::Receiver<Bytes>,
+    handle: RouterHandle,
+}
+
+/// A router on `cfg` whose channels hold `depth` frames each way, and the test's
+/// ends of them.
+fn wired_router(cfg: RouterConfig, depth: usize) -> (Router, Ends) {
+    let (to_router, router_rx) = mpsc::channel(depth);
+    let (router_tx, from_router) = mpsc::channel(depth);
+    let (router, handle) = Router::new(cfg, router_rx, router_tx).unwrap();
+    let ends = Ends {
+        to_router,
+        from_router,
+        handle,
+    };
+    (router, ends)
+}
+
 /// A router on the test config that the test drives frame by frame
 /// (`process_frame_for_test`), with its channel ends and handle, for the caller
 /// to hold so that the router runs as it would behind a live switch.
-fn frame_driven_router() -> (
-    Router,
-    (mpsc::Sender<Bytes>, mpsc::Receiver<Bytes>, RouterHandle),
-) {
-    let (to_router, router_rx) = mpsc::channel(16);
-    let (router_tx, from_router) = mpsc::channel(16);
-    let (router, handle) = Router::new(test_config(), router_rx, router_tx).unwrap();
-    (router, (to_router, from_router, handle))
+fn frame_driven_router() -> (Router, Ends) {
+    wired_router(test_config(), 16)
 }
 
 fn tcp_socket() -> tcp::Socket<'static> {
@@ -139,37 +221,11 @@ fn tcp_socket() -> tcp::Socket<'static> {
 
 #[tokio::test]
 async fn tcp_to_gateway_reaches_host_loopback() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        let mut buf = [0u8; 5];
-        s.read_exact(&mut buf).await.unwrap();
-        s.write_all(b"pong:").await.unwrap();
-        s.write_all(&buf).await.unwrap();
-        // Host closes: the guest sees a FIN.
-    });
+    // The host closes after its answer: the guest sees a FIN.
+    let (port, _host) = tcp_pong_once("127.0.0.1:0").await;
     let (mut g, handle) = Guest::start(test_config());
     let h = g.connect((IpAddress::v4(10, 0, 2, 2), port), 40000);
-    let mut sent = false;
-    let mut got = Vec::new();
-    let ok = g
-        .run_until(|s| {
-            let sock = s.get_mut::<tcp::Socket>(h);
-            if sock.may_send() && !sent {
-                sock.send_slice(b"hello").unwrap();
-                sent = true;
-            }
-            while sock.can_recv() {
-                sock.recv(|b| {
-                    got.extend_from_slice(b);
-                    (b.len(), ())
-                })
-                .unwrap();
-            }
-            !sock.may_recv() && sent && got.len() >= 10
-        })
-        .await;
+    let (ok, got) = g.send_hello_read_to_close(h).await;
     assert!(ok, "no echo; got {:?}", String::from_utf8_lossy(&got));
     assert_eq!(&got, b"pong:hello");
     let flows = handle.flows().await.unwrap();
@@ -261,16 +317,8 @@ async fn tcp_forward_reaches_guest_and_removal_cuts_it() {
 
 #[tokio::test]
 async fn udp_to_gateway_round_trip() {
-    let server = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let port = server.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        let mut buf = [0u8; 100];
-        let (n, from) = server.recv_from(&mut buf).await.unwrap();
-        server.send_to(&buf[..n], from).await.unwrap();
-    });
-    let (to_router, router_rx) = mpsc::channel(16);
-    let (router_tx, mut from_router) = mpsc::channel(16);
-    let (router, _h) = Router::new(test_config(), router_rx, router_tx).unwrap();
+    let port = udp_echo_once("127.0.0.1:0").await;
+    let (router, mut ends) = wired_router(test_config(), 16);
     tokio::spawn(router.run());
     let frame = frame::udp_frame(
         GUEST_MAC,
@@ -279,16 +327,13 @@ async fn udp_to_gateway_round_trip() {
         (Ipv4Addr::new(10, 0, 2, 2), port),
         b"datagram",
     );
-    to_router.send(frame).await.unwrap();
-    let reply = tokio::time::timeout(Duration::from_secs(5), from_router.recv())
+    ends.to_router.send(frame).await.unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(5), ends.from_router.recv())
         .await
         .unwrap()
         .unwrap();
-    // Parsed as the guest would: the router's address is a valid source there.
-    let mut guest_view = RouterConfig::defaults();
-    guest_view.gateway = GUEST_IP;
-    guest_view.dns = Ipv4Addr::new(10, 0, 2, 16);
-    match frame::classify(&reply, GUEST_MAC, &guest_view) {
+    // Parsed as the guest would.
+    match frame::classify(&reply, GUEST_MAC, &guest_view()) {
         frame::Classified::Udp {
             src, dst, payload, ..
         } => {
@@ -429,9 +474,8 @@ async fn flow_table_is_bounded_and_udp_flows_expire() {
     cfg.limits.udp_timeout = Duration::from_millis(100);
     let server = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let port = server.local_addr().unwrap().port();
-    let (to_router, router_rx) = mpsc::channel(16);
-    let (router_tx, _from_router) = mpsc::channel(16);
-    let (router, h) = Router::new(cfg, router_rx, router_tx).unwrap();
+    let (router, ends) = wired_router(cfg, 16);
+    let (to_router, h) = (&ends.to_router, &ends.handle);
     tokio::spawn(router.run());
     let rmac = EthernetAddress(RouterConfig::defaults().mac);
     for sport in 1000..1005 {
@@ -742,9 +786,14 @@ async fn per_guest_quota_refuses_only_the_guest_over_it() {
     let port = server.local_addr().unwrap().port();
     let mut cfg = test_config();
     cfg.limits.max_flows_per_guest = 3;
-    let (to_router, router_rx) = mpsc::channel(64);
-    let (router_tx, mut from_router) = mpsc::channel(64);
-    let (router, h) = Router::new(cfg, router_rx, router_tx).unwrap();
+    let (
+        router,
+        Ends {
+            to_router,
+            mut from_router,
+            handle: h,
+        },
+    ) = wired_router(cfg, 64);
     tokio::spawn(router.run());
     let gw = Ipv4Addr::new(10, 0, 2, 2);
     for sport in 1000..1005 {
@@ -1052,40 +1101,14 @@ fn router_mac() -> EthernetAddress {
 /// `[fd00::2]:port`, which the router carries to the host's `[::1]:port`.
 #[tokio::test]
 async fn ipv6_tcp_to_gateway_reaches_host_loopback() {
-    let listener = tokio::net::TcpListener::bind("[::1]:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        let (mut s, peer) = listener.accept().await.unwrap();
-        assert!(peer.is_ipv6());
-        let mut buf = [0u8; 5];
-        s.read_exact(&mut buf).await.unwrap();
-        s.write_all(b"pong:").await.unwrap();
-        s.write_all(&buf).await.unwrap();
-    });
+    let (port, host) = tcp_pong_once("[::1]:0").await;
     let (mut g, handle) = Guest::start(test_config6());
     g.iface.update_ip_addrs(|a| {
         a.push(IpCidr::new(GUEST_IP6.into(), 64)).unwrap();
     });
     g.iface.routes_mut().add_default_ipv6_route(GW6).unwrap();
     let h = g.connect((IpAddress::Ipv6(GW6), port), 40000);
-    let (mut sent, mut got) = (false, Vec::new());
-    let ok = g
-        .run_until(|s| {
-            let sock = s.get_mut::<tcp::Socket>(h);
-            if sock.may_send() && !sent {
-                sock.send_slice(b"hello").unwrap();
-                sent = true;
-            }
-            while sock.can_recv() {
-                sock.recv(|b| {
-                    got.extend_from_slice(b);
-                    (b.len(), ())
-                })
-                .unwrap();
-            }
-            !sock.may_recv() && sent && got.len() >= 10
-        })
-        .await;
+    let (ok, got) = g.send_hello_read_to_close(h).await;
     let stats = handle.stats().await.unwrap();
     assert!(
         ok,
@@ -1094,6 +1117,7 @@ async fn ipv6_tcp_to_gateway_reaches_host_loopback() {
     );
     assert_eq!(&got, b"pong:hello");
     assert!(stats.frames_in6 > 0, "{stats:?}");
+    assert!(host.await.unwrap().is_ipv6());
 }
 
 /// A Router Solicitation gets an RA that makes the router the default router,
@@ -1101,34 +1125,22 @@ async fn ipv6_tcp_to_gateway_reaches_host_loopback() {
 #[tokio::test]
 async fn ipv6_rs_and_ns_are_answered_by_the_router() {
     use crate::ipv6::wire::{self, link_local, multicast_mac, solicited_node};
-    let (mut router, _keep) = {
-        let (to_router, router_rx) = mpsc::channel(16);
-        let (router_tx, from_router) = mpsc::channel(16);
-        let (r, h) = Router::new(test_config6(), router_rx, router_tx).unwrap();
-        (r, (to_router, from_router, h))
+    let (mut router, _ends) = wired_router(test_config6(), 16);
+    // The ICMPv6 message of type `want` among the router's answers to `body`,
+    // sent from the guest's `src` to the multicast or unicast `dst`.
+    let mut answer = |src, dst, body, want: u8| {
+        let f = wire::emit_frame(multicast_mac(dst), GUEST_MAC.0, src, dst, 58, 255, body, 2);
+        let out = router.process_frame_for_test(Bytes::from(f));
+        out.iter().find_map(|f| {
+            let ip = wire::Ipv6::parse(f.get(14..)?)?;
+            (ip.payload.first() == Some(&want)).then(|| ip.payload.to_vec())
+        })
     };
     let ll = link_local(GUEST_MAC.0);
     let all_routers: std::net::Ipv6Addr = "ff02::2".parse().unwrap();
     let mut rs = vec![133, 0, 0, 0, 0, 0, 0, 0, 1, 1];
     rs.extend_from_slice(&GUEST_MAC.0);
-    let f = wire::emit_frame(
-        multicast_mac(all_routers),
-        GUEST_MAC.0,
-        ll,
-        all_routers,
-        58,
-        255,
-        rs,
-        2,
-    );
-    let out = router.process_frame_for_test(Bytes::from(f));
-    let ra = out
-        .iter()
-        .find_map(|f| {
-            let ip = wire::Ipv6::parse(f.get(14..)?)?;
-            (ip.payload.first() == Some(&134)).then(|| ip.payload.to_vec())
-        })
-        .expect("an RA");
+    let ra = answer(ll, all_routers, rs, 134).expect("an RA");
     assert_eq!(
         u16::from_be_bytes([ra[6], ra[7]]),
         crate::ipv6::ROUTER_LIFETIME
@@ -1140,25 +1152,7 @@ async fn ipv6_rs_and_ns_are_answered_by_the_router() {
     ns.extend_from_slice(&GW6.octets());
     ns.extend_from_slice(&[1, 1]);
     ns.extend_from_slice(&GUEST_MAC.0);
-    let sn = solicited_node(GW6);
-    let f = wire::emit_frame(
-        multicast_mac(sn),
-        GUEST_MAC.0,
-        GUEST_IP6,
-        sn,
-        58,
-        255,
-        ns,
-        2,
-    );
-    let out = router.process_frame_for_test(Bytes::from(f));
-    let na = out
-        .iter()
-        .find_map(|f| {
-            let ip = wire::Ipv6::parse(f.get(14..)?)?;
-            (ip.payload.first() == Some(&136)).then(|| ip.payload.to_vec())
-        })
-        .expect("an NA");
+    let na = answer(GUEST_IP6, solicited_node(GW6), ns, 136).expect("an NA");
     assert_eq!(&na[8..24], &GW6.octets());
     assert_eq!(&na[26..32], &router_mac().0);
 }
@@ -1168,16 +1162,8 @@ async fn ipv6_rs_and_ns_are_answered_by_the_router() {
 #[tokio::test]
 async fn ipv6_udp_round_trip_and_hostile_packets_are_dropped() {
     use std::net::{Ipv6Addr, SocketAddrV6};
-    let server = tokio::net::UdpSocket::bind("[::1]:0").await.unwrap();
-    let port = server.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        let mut buf = [0u8; 100];
-        let (n, from) = server.recv_from(&mut buf).await.unwrap();
-        server.send_to(&buf[..n], from).await.unwrap();
-    });
-    let (to_router, router_rx) = mpsc::channel(16);
-    let (router_tx, mut from_router) = mpsc::channel(16);
-    let (mut router, _h) = Router::new(test_config6(), router_rx, router_tx).unwrap();
+    let port = udp_echo_once("[::1]:0").await;
+    let (mut router, mut ends) = wired_router(test_config6(), 16);
     let v6 = |a: Ipv6Addr, p: u16| SocketAddrV6::new(a, p, 0, 0);
     let udp = |src: Ipv6Addr, dst: Ipv6Addr| {
         frame6::udp6_frame(
@@ -1212,9 +1198,9 @@ async fn ipv6_udp_round_trip_and_hostile_packets_are_dropped() {
         "{s:?}"
     );
     tokio::spawn(router.run());
-    to_router.send(udp(GUEST_IP6, GW6)).await.unwrap();
+    ends.to_router.send(udp(GUEST_IP6, GW6)).await.unwrap();
     let reply = loop {
-        let f = tokio::time::timeout(Duration::from_secs(5), from_router.recv())
+        let f = tokio::time::timeout(Duration::from_secs(5), ends.from_router.recv())
             .await
             .unwrap()
             .unwrap();
@@ -1258,9 +1244,8 @@ async fn every_udp_reply_reaches_the_guest_when_flows_wake_on_their_own() {
             }
         }
     });
-    let (to_router, router_rx) = mpsc::channel(16);
-    let (router_tx, mut from_router) = mpsc::channel(16);
-    let (router, _h) = Router::new(test_config(), router_rx, router_tx).unwrap();
+    let (router, mut ends) = wired_router(test_config(), 16);
+    let to_router = &ends.to_router;
     tokio::spawn(router.run());
     let rmac = EthernetAddress(RouterConfig::defaults().mac);
     let gw = Ipv4Addr::new(10, 0, 2, 2);
@@ -1268,14 +1253,12 @@ async fn every_udp_reply_reaches_the_guest_when_flows_wake_on_their_own() {
         let f = frame::udp_frame(GUEST_MAC, rmac, (GUEST_IP, 6000 + sport), (gw, port), b"go");
         to_router.send(f).await.unwrap();
     }
-    let mut guest_view = RouterConfig::defaults();
-    guest_view.gateway = GUEST_IP;
-    guest_view.dns = Ipv4Addr::new(10, 0, 2, 16);
+    let guest_view = guest_view();
     let mut got = std::collections::HashMap::<u16, usize>::new();
     let want = usize::from(FLOWS) * BURST_REPLIES;
     let mut total = 0;
     while total < want {
-        let reply = tokio::time::timeout(Duration::from_secs(10), from_router.recv())
+        let reply = tokio::time::timeout(Duration::from_secs(10), ends.from_router.recv())
             .await
             .unwrap_or_else(|_| panic!("{total} of {want} replies, then none for 10 s"))
             .unwrap();
@@ -1290,7 +1273,7 @@ async fn every_udp_reply_reaches_the_guest_when_flows_wake_on_their_own() {
     // A reply to a flow that has been idle (read empty, armed) since.
     let f = frame::udp_frame(GUEST_MAC, rmac, (GUEST_IP, 6000), (gw, port), b"late");
     to_router.send(f).await.unwrap();
-    let reply = tokio::time::timeout(Duration::from_secs(5), from_router.recv())
+    let reply = tokio::time::timeout(Duration::from_secs(5), ends.from_router.recv())
         .await
         .expect("the late reply")
         .unwrap();

@@ -143,24 +143,14 @@ impl UdpTable {
         let mut v: Vec<FlowInfo> = self
             .flows
             .iter()
-            .map(|((guest, dst), f)| FlowInfo {
-                proto: "udp".into(),
-                guest: guest.to_string(),
-                dst: dst.to_string(),
-                host_peer: f.host_peer.to_string(),
-                state: "OPEN".into(),
-                forward: false,
-                idle_s: now.duration_since(f.last).as_secs(),
-            })
+            .map(|((guest, dst), f)| FlowInfo::open("udp", guest, dst, f.host_peer, now - f.last))
             .collect();
-        v.extend(self.sessions.iter().map(|(port, s)| FlowInfo {
-            proto: "udp".into(),
-            guest: s.guest.to_string(),
-            dst: format!("gateway:{port}"),
-            host_peer: s.client.to_string(),
-            state: "OPEN".into(),
-            forward: true,
-            idle_s: now.duration_since(s.last).as_secs(),
+        v.extend(self.sessions.iter().map(|(port, s)| {
+            let dst = format!("gateway:{port}");
+            FlowInfo {
+                forward: true,
+                ..FlowInfo::open("udp", s.guest, dst, s.client, now - s.last)
+            }
         }));
         v
     }

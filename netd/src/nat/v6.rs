@@ -187,15 +187,7 @@ impl Router {
                 self.guest_macs.insert(src.ip(), src_mac);
                 self.udp_input(src_mac, src, dst, payload);
             }
-            Classified6::Echo {
-                src_mac,
-                src,
-                dst,
-                ident,
-                icmp,
-            } => {
-                self.icmp_input(src_mac, src.into(), dst.into(), ident, icmp, &frame);
-            }
+            Classified6::Echo(echo) => self.icmp_input(echo, &frame),
         }
     }
 

@@ -129,14 +129,14 @@ impl Catalog {
         }
     }
 
-    /// Runs `work` for a new disk `name` under the change lock, with the
-    /// name reserved.
-    fn new_disk(
+    /// Runs `work` under the change lock with `name`, the name of a new disk,
+    /// reserved meanwhile: refused if a disk has it or is being made with it.
+    /// `work` adds the disk to the map, or fails and leaves the name free.
+    pub(super) fn reserving(
         &self,
         name: &str,
-        work: impl FnOnce() -> Result<Entry, CatalogError>,
+        work: impl FnOnce() -> Result<(), CatalogError>,
     ) -> Result<(), CatalogError> {
-        check_disk_name(name).map_err(CatalogError::BadName)?;
         let _change = self.change.lock().unwrap_or_else(|p| p.into_inner());
         {
             let mut map = self.lock();
@@ -145,9 +145,20 @@ impl Catalog {
             }
             map.creating.insert(name.to_string());
         }
-        let res = work().and_then(|e| self.commit_new(&e));
+        let res = work();
         self.lock().creating.remove(name);
         res
+    }
+
+    /// Runs `work` for a new disk `name` under the change lock, with the
+    /// name reserved.
+    fn new_disk(
+        &self,
+        name: &str,
+        work: impl FnOnce() -> Result<Entry, CatalogError>,
+    ) -> Result<(), CatalogError> {
+        check_disk_name(name).map_err(CatalogError::BadName)?;
+        self.reserving(name, || work().and_then(|e| self.commit_new(&e)))
     }
 
     /// Copies `from` into the state directory as the read-only disk `name`:

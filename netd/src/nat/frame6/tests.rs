@@ -140,7 +140,7 @@ fn control_frames_and_hostile_ones_are_told_apart() {
     assert!(matches!(classify(&echo("fd00::2")), Classified6::Control));
     assert!(matches!(
         classify(&echo("2001:db8::1")),
-        Classified6::Echo { ident: 1, .. }
+        Classified6::Echo(GuestEcho { ident: 1, .. })
     ));
     // Frames not to the router's MAC are ignored unless multicast.
     let f = echo("2001:db8::1");

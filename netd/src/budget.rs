@@ -44,18 +44,7 @@ impl ByteBudget {
     /// reference is dropped; None (nothing charged) when it would go over the bound.
     pub fn charge(self: &Arc<Self>, parts: &[&[u8]]) -> Option<Bytes> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
-        let cost = len.saturating_add(MSG_COST);
-        let mut used = self.used.load(Ordering::Relaxed);
-        loop {
-            let next = used.checked_add(cost).filter(|n| *n <= self.max)?;
-            match self
-                .used
-                .compare_exchange_weak(used, next, Ordering::AcqRel, Ordering::Relaxed)
-            {
-                Ok(_) => break,
-                Err(now) => used = now,
-            }
-        }
+        let cost = self.reserve(len)?;
         let mut data = Vec::with_capacity(len);
         for p in parts {
             data.extend_from_slice(p);
@@ -66,22 +55,50 @@ impl ByteBudget {
             budget: self.clone(),
         }))
     }
+
+    /// Like [`ByteBudget::charge`] for a message that already is one [`Bytes`]:
+    /// the same charge (its length and [`MSG_COST`]), no copy; the message refers
+    /// to `data`'s buffer until its last reference is dropped.
+    pub fn share(self: &Arc<Self>, data: Bytes) -> Option<Bytes> {
+        let cost = self.reserve(data.len())?;
+        Some(Bytes::from_owner(Charged {
+            data,
+            cost,
+            budget: self.clone(),
+        }))
+    }
+
+    /// Charges a message of `len` bytes; its cost, or None when over the bound.
+    fn reserve(&self, len: usize) -> Option<usize> {
+        let cost = len.saturating_add(MSG_COST);
+        let mut used = self.used.load(Ordering::Relaxed);
+        loop {
+            let next = used.checked_add(cost).filter(|n| *n <= self.max)?;
+            match self
+                .used
+                .compare_exchange_weak(used, next, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return Some(cost),
+                Err(now) => used = now,
+            }
+        }
+    }
 }
 
 /// A message's bytes and its charge, refunded on drop.
-struct Charged {
-    data: Vec<u8>,
+struct Charged<D> {
+    data: D,
     cost: usize,
     budget: Arc<ByteBudget>,
 }
 
-impl AsRef<[u8]> for Charged {
+impl<D: AsRef<[u8]>> AsRef<[u8]> for Charged<D> {
     fn as_ref(&self) -> &[u8] {
-        &self.data
+        self.data.as_ref()
     }
 }
 
-impl Drop for Charged {
+impl<D> Drop for Charged<D> {
     fn drop(&mut self) {
         self.budget.used.fetch_sub(self.cost, Ordering::AcqRel);
     }

@@ -44,28 +44,26 @@ impl ByteBudget {
     /// reference is dropped; None (nothing charged) when it would go over the bound.
     pub fn charge(self: &Arc<Self>, parts: &[&[u8]]) -> Option<Bytes> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
-        let cost = self.reserve(len)?;
+        let charge = self.charge_len(len)?;
         let mut data = Vec::with_capacity(len);
         for p in parts {
             data.extend_from_slice(p);
         }
         Some(Bytes::from_owner(Charged {
             data,
-            cost,
-            budget: self.clone(),
+            _charge: charge,
         }))
     }
 
-    /// Like [`ByteBudget::charge`] for a message that already is one [`Bytes`]:
-    /// the same charge (its length and [`MSG_COST`]), no copy; the message refers
-    /// to `data`'s buffer until its last reference is dropped.
-    pub fn share(self: &Arc<Self>, data: Bytes) -> Option<Bytes> {
-        let cost = self.reserve(data.len())?;
-        Some(Bytes::from_owner(Charged {
-            data,
+    /// A charge of `len` bytes (and [`MSG_COST`]) for a message kept elsewhere,
+    /// refunded when the [`Charge`] is dropped; None (nothing charged) when it
+    /// would go over the bound.
+    pub fn charge_len(self: &Arc<Self>, len: usize) -> Option<Charge> {
+        let cost = self.reserve(len)?;
+        Some(Charge {
             cost,
             budget: self.clone(),
-        }))
+        })
     }
 
     /// Charges a message of `len` bytes; its cost, or None when over the bound.
@@ -85,22 +83,28 @@ impl ByteBudget {
     }
 }
 
-/// A message's bytes and its charge, refunded on drop.
-struct Charged<D> {
-    data: D,
+/// A charge on a [`ByteBudget`] ([`ByteBudget::charge_len`]), refunded on drop.
+#[derive(Debug)]
+pub struct Charge {
     cost: usize,
     budget: Arc<ByteBudget>,
 }
 
-impl<D: AsRef<[u8]>> AsRef<[u8]> for Charged<D> {
-    fn as_ref(&self) -> &[u8] {
-        self.data.as_ref()
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.cost, Ordering::AcqRel);
     }
 }
 
-impl<D> Drop for Charged<D> {
-    fn drop(&mut self) {
-        self.budget.used.fetch_sub(self.cost, Ordering::AcqRel);
+/// A message's bytes and its charge, refunded on drop.
+struct Charged {
+    data: Vec<u8>,
+    _charge: Charge,
+}
+
+impl AsRef<[u8]> for Charged {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
     }
 }
 

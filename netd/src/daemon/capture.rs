@@ -49,7 +49,7 @@ use crate::switch::{now_ns, Capture, CapturedPort, PortId, Record};
 
 /// Bytes of the stream gathered before one write to the client (the frames in it
 /// are not copied, see [`Batch`]).
-const WRITE_BATCH: usize = 2 << 20;
+const WRITE_BATCH: usize = 1 << 20;
 /// How long the task waits, after a batch that emptied the queue, before it takes
 /// the next: frames gather meanwhile, so that a busy network costs one wake-up
 /// (and one write) per this many frames, not one per frame.

@@ -16,8 +16,11 @@
 //! A [`Batch`] is the encoded blocks of many frames with the frames' bytes left
 //! where the switch put them: the block headers, padding and options are encoded
 //! into one buffer, and the writer thread hands them and the frames to `writev`
-//! in order, so a frame is not copied again on its way out. The frames are
-//! released (their capture's budget refunded) once the batch is written.
+//! in order, so a frame is not copied again on its way out. The frames' buffers
+//! are released once the batch is written (their charge on the capture's budget
+//! was refunded when the serving task took them from the queue, as for a copy);
+//! what the writer holds is bounded by its queue: [`QUEUE`] batches and the one
+//! being written, each of at most 1 MiB and one frame.
 
 use std::io::{IoSlice, Write};
 use std::os::fd::{AsRawFd, OwnedFd};

@@ -15,9 +15,10 @@
 //! Cost. With no capture, the switching path pays one relaxed atomic load per
 //! frame ([`Taps::on`], or [`Network::capturing`] where the port looks itself).
 //! With captures, a recorded frame becomes a message charged to the capture's
-//! [`ByteBudget`] (its length, up to the snaplen, and a fixed cost) and is put on
-//! its bounded channel with `try_send`: a capture whose reader is slow loses
-//! frames (counted per port, reported at the end), it never makes a port wait.
+//! [`ByteBudget`] (its length, up to the snaplen, and a fixed cost, refunded when
+//! the reader takes it) and is put on its bounded channel with `try_send`: a
+//! capture whose reader is slow loses frames (counted per port, reported at the
+//! end), it never makes a port wait.
 //! The message is the frame's own buffer when the port gave it
 //! ([`Network::ingress_rx`]: `tap`, `vm` and `uplink` ports, which then read on
 //! into another buffer of their pool) and the frame is at least [`SHARE_MIN`]
@@ -42,7 +43,7 @@ use tokio::sync::mpsc;
 
 use super::guard::GuardDrop;
 use super::{Network, Port, PortClass, PortId, SwitchError};
-use crate::budget::ByteBudget;
+use crate::budget::{ByteBudget, Charge};
 use crate::pcapng::{
     FLAG_BROADCAST, FLAG_INBOUND, FLAG_MULTICAST, FLAG_OUTBOUND, FLAG_UNICAST, MAX_SNAPLEN,
 };
@@ -74,6 +75,9 @@ pub struct Record {
     pub drop: Option<&'static str>,
     /// The captured bytes.
     pub data: Bytes,
+    /// Its charge on the capture's budget: refunded when the reader takes the
+    /// frame (drops the record), even if `data` is kept longer (until written).
+    pub charge: Charge,
 }
 
 /// One capture's tap: which ports, how much of each frame, and its queue.
@@ -107,14 +111,12 @@ impl Tap {
         drop: Option<&'static str>,
     ) {
         let cut = frame.len().min(self.snaplen);
-        let data = match shared {
-            // The same bytes, charged the same, not copied.
-            Some(b) if cut >= SHARE_MIN && b.len() == frame.len() => {
-                self.budget.share(b.slice(..cut))
-            }
-            _ => self.budget.charge(&[&frame[..cut]]),
-        };
-        let sent = data.is_some_and(|data| {
+        let sent = self.budget.charge_len(cut).is_some_and(|charge| {
+            let data = match shared {
+                // The same bytes, charged the same, not copied.
+                Some(b) if cut >= SHARE_MIN && b.len() == frame.len() => b.slice(..cut),
+                _ => Bytes::copy_from_slice(&frame[..cut]),
+            };
             self.tx
                 .try_send(Record {
                     port: port.id,
@@ -123,6 +125,7 @@ impl Tap {
                     flags,
                     drop,
                     data,
+                    charge,
                 })
                 .is_ok()
         });

@@ -11,6 +11,9 @@
 //! - A reader that does not read while iperf3 runs: the capture loses frames,
 //!   counted in the report (and the pcapng statistics), while the guests' ping and
 //!   iperf3 keep working.
+//! - Two captures at once, to files, of an iperf3 transfer between TAP ports: tshark
+//!   reads every frame the reports count, super-frames whole in one and cut at the
+//!   snaplen in the other.
 //! - The control protocol as another client speaks it (python3 on the socket):
 //!   without `pass_fd` the pcapng comes on the connection (what the CLI falls back
 //!   to with an older daemon); with `pass_fd` and a client that sends no file, or a
@@ -252,6 +255,77 @@ fn a_reader_that_does_not_read_loses_capture_frames_not_traffic() -> Result<()> 
     assert!(stderr.contains("port a:"), "per-port losses: {stderr}");
     let frames = tshark(&file, "", &["frame.number"])?;
     assert!(!frames.is_empty(), "what was written is readable");
+    Ok(())
+}
+
+/// Two captures at once of a bulk transfer between TAP ports (whose frames the
+/// capture keeps in the ports' receive buffers instead of copying them), to a file
+/// (`-w FILE`): tshark reads every frame the report counts, the TCP super-frames
+/// whole in one capture and cut at the snaplen in the other.
+#[test]
+fn a_bulk_transfer_captured_twice_to_files_is_read_back_whole_and_cut() -> Result<()> {
+    let dir = root_tempdir();
+    let (_host, netd, [a, b]) = lan_of_two(dir.path(), ["cpw", "cpu", "cpv"], "10.95.0")?;
+    assert!(ping_retry(&a, "10.95.0.2", 5));
+    let whole = dir.path().join("whole.pcapng");
+    let cut = dir.path().join("cut.pcapng");
+    let w = whole.display().to_string();
+    let c = cut.display().to_string();
+    let (cap_w, err_w) = start_capture(&netd, &["lan", "-w", &w, "--snaplen", "262144"])?;
+    let (cap_c, err_c) = start_capture(&netd, &["lan", "-w", &c, "--snaplen", "200"])?;
+    let bps = iperf3_bps(&a, &b, "10.95.0.2")?;
+    assert!(bps > 1e8, "iperf3 a -> b with two captures: {bps} bit/s");
+    let stdout = dir.path().join("stdout.unused");
+    let mut seen = Vec::new();
+    for (cap, err, file, snaplen) in [(cap_w, err_w, &whole, 262_144), (cap_c, err_c, &cut, 200)] {
+        let stderr = stop_capture(cap, &err, &stdout)?;
+        let written: usize = stderr
+            .split("capture of lan: ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("no frame count in {stderr}"))?;
+        // Every frame parses; lengths as written (frame.len: on the wire).
+        let rows = tshark(file, "", &["frame.len", "frame.cap_len", "_ws.malformed"])?;
+        assert_eq!(
+            rows.len(),
+            written,
+            "tshark reads what was written: {stderr}"
+        );
+        let lens: Vec<(usize, usize)> = rows
+            .iter()
+            .map(|r| {
+                let f: Vec<&str> = r.split('\t').collect();
+                assert!(f.get(2).is_none_or(|m| m.is_empty()), "malformed: {r}");
+                (
+                    f[0].parse().unwrap_or(0),
+                    f[1].parse().unwrap_or(usize::MAX),
+                )
+            })
+            .collect();
+        assert!(
+            lens.iter().all(|&(len, cap)| cap == len.min(snaplen)),
+            "captured lengths against the snaplen {snaplen}"
+        );
+        let big = lens.iter().filter(|&&(len, _)| len > 32 << 10).count();
+        seen.push(big);
+        // The transfer's frames are there: TCP to the iperf3 server.
+        let data = tshark(
+            file,
+            "tcp.dstport == 5201 && frame.len > 1000",
+            &["frame.len"],
+        )?;
+        assert!(
+            data.len() > 100,
+            "{} data frames in {}",
+            data.len(),
+            file.display()
+        );
+    }
+    assert!(
+        seen.iter().all(|&n| n > 0),
+        "super-frames captured: {seen:?}"
+    );
     Ok(())
 }
 

@@ -44,6 +44,30 @@ impl ByteBudget {
     /// reference is dropped; None (nothing charged) when it would go over the bound.
     pub fn charge(self: &Arc<Self>, parts: &[&[u8]]) -> Option<Bytes> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
+        let charge = self.charge_len(len)?;
+        let mut data = Vec::with_capacity(len);
+        for p in parts {
+            data.extend_from_slice(p);
+        }
+        Some(Bytes::from_owner(Charged {
+            data,
+            _charge: charge,
+        }))
+    }
+
+    /// A charge of `len` bytes (and [`MSG_COST`]) for a message kept elsewhere,
+    /// refunded when the [`Charge`] is dropped; None (nothing charged) when it
+    /// would go over the bound.
+    pub fn charge_len(self: &Arc<Self>, len: usize) -> Option<Charge> {
+        let cost = self.reserve(len)?;
+        Some(Charge {
+            cost,
+            budget: self.clone(),
+        })
+    }
+
+    /// Charges a message of `len` bytes; its cost, or None when over the bound.
+    fn reserve(&self, len: usize) -> Option<usize> {
         let cost = len.saturating_add(MSG_COST);
         let mut used = self.used.load(Ordering::Relaxed);
         loop {
@@ -52,38 +76,35 @@ impl ByteBudget {
                 .used
                 .compare_exchange_weak(used, next, Ordering::AcqRel, Ordering::Relaxed)
             {
-                Ok(_) => break,
+                Ok(_) => return Some(cost),
                 Err(now) => used = now,
             }
         }
-        let mut data = Vec::with_capacity(len);
-        for p in parts {
-            data.extend_from_slice(p);
-        }
-        Some(Bytes::from_owner(Charged {
-            data,
-            cost,
-            budget: self.clone(),
-        }))
+    }
+}
+
+/// A charge on a [`ByteBudget`] ([`ByteBudget::charge_len`]), refunded on drop.
+#[derive(Debug)]
+pub struct Charge {
+    cost: usize,
+    budget: Arc<ByteBudget>,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.cost, Ordering::AcqRel);
     }
 }
 
 /// A message's bytes and its charge, refunded on drop.
 struct Charged {
     data: Vec<u8>,
-    cost: usize,
-    budget: Arc<ByteBudget>,
+    _charge: Charge,
 }
 
 impl AsRef<[u8]> for Charged {
     fn as_ref(&self) -> &[u8] {
         &self.data
-    }
-}
-
-impl Drop for Charged {
-    fn drop(&mut self) {
-        self.budget.used.fetch_sub(self.cost, Ordering::AcqRel);
     }
 }
 

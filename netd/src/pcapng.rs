@@ -152,24 +152,64 @@ pub struct Packet<'a> {
 
 /// Appends an Enhanced Packet Block.
 pub fn emit_epb(out: &mut Vec<u8>, p: &Packet<'_>) {
-    block(out, EPB, |b| {
-        b.extend_from_slice(&p.interface.to_le_bytes());
-        b.extend_from_slice(&ts_words(p.ts_ns));
-        b.extend_from_slice(&(p.data.len() as u32).to_le_bytes());
-        b.extend_from_slice(&p.orig_len.to_le_bytes());
-        let data_start = b.len();
-        b.extend_from_slice(p.data);
-        pad(b, data_start);
-        if let Some(c) = p.comment {
-            option(b, OPT_COMMENT, c.as_bytes());
-        }
-        if p.flags != 0 {
-            option(b, EPB_FLAGS, &p.flags.to_le_bytes());
-        }
-        if p.comment.is_some() || p.flags != 0 {
-            end_options(b);
-        }
-    });
+    emit_epb_head(out, p);
+    out.extend_from_slice(p.data);
+    emit_epb_tail(out, p);
+}
+
+/// The padding after `len` bytes to a multiple of 4.
+fn pad_len(len: usize) -> usize {
+    (4 - len % 4) % 4
+}
+
+/// An option's length in a block: code, length, value (cut at 65535), padding.
+fn option_len(value: usize) -> usize {
+    let v = value.min(u16::MAX as usize);
+    4 + v + pad_len(v)
+}
+
+/// The total length of `p`'s Enhanced Packet Block.
+fn epb_len(p: &Packet<'_>) -> usize {
+    let mut opts = 0;
+    if let Some(c) = p.comment {
+        opts += option_len(c.len());
+    }
+    if p.flags != 0 {
+        opts += option_len(4);
+    }
+    if opts != 0 {
+        opts += 4;
+    }
+    28 + p.data.len() + pad_len(p.data.len()) + opts + 4
+}
+
+/// Appends what comes before the packet data in `p`'s Enhanced Packet Block:
+/// with `p.data` itself and then [`emit_epb_tail`], the same bytes as
+/// [`emit_epb`], so that a writer can hand the data to `writev` as it is.
+pub fn emit_epb_head(out: &mut Vec<u8>, p: &Packet<'_>) {
+    let total = (epb_len(p) as u32).to_le_bytes();
+    out.extend_from_slice(&EPB.to_le_bytes());
+    out.extend_from_slice(&total);
+    out.extend_from_slice(&p.interface.to_le_bytes());
+    out.extend_from_slice(&ts_words(p.ts_ns));
+    out.extend_from_slice(&(p.data.len() as u32).to_le_bytes());
+    out.extend_from_slice(&p.orig_len.to_le_bytes());
+}
+
+/// Appends what comes after the packet data in `p`'s Enhanced Packet Block (see
+/// [`emit_epb_head`]): its padding, options and trailing length.
+pub fn emit_epb_tail(out: &mut Vec<u8>, p: &Packet<'_>) {
+    out.extend(std::iter::repeat_n(0u8, pad_len(p.data.len())));
+    if let Some(c) = p.comment {
+        option(out, OPT_COMMENT, c.as_bytes());
+    }
+    if p.flags != 0 {
+        option(out, EPB_FLAGS, &p.flags.to_le_bytes());
+    }
+    if p.comment.is_some() || p.flags != 0 {
+        end_options(out);
+    }
+    out.extend_from_slice(&(epb_len(p) as u32).to_le_bytes());
 }
 
 /// An interface's statistics at the end of a capture.

@@ -11,9 +11,12 @@
 //! dropped, `dropped: REASON` as its comment.
 //!
 //! This task is the only reader of the capture's queue ([`Capture::frames`]): it
-//! takes every frame waiting, encodes them into one buffer and writes it. When the
-//! client reads slowly, the write waits, the queue fills, and the switch counts
-//! what does not fit as lost, per port; the switching path never waits here.
+//! takes every frame waiting, encodes their blocks into one [`Batch`] (the frames'
+//! bytes are referred to, not copied) and writes it; after a batch that emptied
+//! the queue it waits [`GATHER`] before it looks again, so that a busy network
+//! wakes it (and the writer) once per many frames. When the client reads slowly,
+//! the write waits, the queue fills, and the switch counts what does not fit as
+//! lost, per port; the switching path never waits here.
 //!
 //! The capture ends when the client shuts down its side (the CLI does on Ctrl-C)
 //! or goes away, after `count` frames, or when the network is removed (`netd net
@@ -39,13 +42,18 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use fabric_api::netd::Response;
 use fabric_util::error_chain;
 
-use super::capture_out::{FileSink, Sink};
+use super::capture_out::{Batch, FileSink, Sink};
 use super::{Daemon, DaemonError};
 use crate::pcapng::{self, Packet, Stats, MAX_SNAPLEN};
 use crate::switch::{now_ns, Capture, CapturedPort, PortId, Record};
 
-/// Bytes of encoded frames gathered before one write to the client.
-const WRITE_BATCH: usize = 256 << 10;
+/// Bytes of the stream gathered before one write to the client (the frames in it
+/// are not copied, see [`Batch`]).
+const WRITE_BATCH: usize = 1 << 20;
+/// How long the task waits, after a batch that emptied the queue, before it takes
+/// the next: frames gather meanwhile, so that a busy network costs one wake-up
+/// (and one write) per this many frames, not one per frame.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(1);
 /// How long the client has to send its file after the answer (`pass_fd`).
 const PASS_FD_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -104,24 +112,25 @@ impl Interfaces {
     }
 }
 
-/// Appends one frame's EPB (and its interface's IDB, if new).
-fn encode(out: &mut Vec<u8>, ifs: &mut Interfaces, cap: &Capture, rec: &Record) {
+/// Appends one frame's EPB (and its interface's IDB, if new): the block around
+/// the frame encoded, the frame's bytes as they are (see [`Batch`]).
+fn encode(out: &mut Batch, ifs: &mut Interfaces, cap: &Capture, rec: &Record) {
     let port = (!ifs.index.contains_key(&rec.port))
         .then(|| cap.port(rec.port))
         .flatten();
-    let i = ifs.of(out, rec.port, port);
+    let i = ifs.of(out.meta(), rec.port, port);
     let comment = rec.drop.map(|why| format!("dropped: {why}"));
-    pcapng::emit_epb(
-        out,
-        &Packet {
-            interface: i,
-            ts_ns: rec.ts_ns,
-            orig_len: rec.orig_len,
-            flags: rec.flags,
-            comment: comment.as_deref(),
-            data: &rec.data,
-        },
-    );
+    let p = Packet {
+        interface: i,
+        ts_ns: rec.ts_ns,
+        orig_len: rec.orig_len,
+        flags: rec.flags,
+        comment: comment.as_deref(),
+        data: &rec.data,
+    };
+    pcapng::emit_epb_head(out.meta(), &p);
+    out.frame(&rec.data);
+    pcapng::emit_epb_tail(out.meta(), &p);
     ifs.written[i as usize].1 += 1;
 }
 
@@ -203,8 +212,8 @@ pub(super) async fn serve_capture(
         answer["pass_fd"] = true.into();
     }
     let line = fabric_api::encode_line(&Response::ok(answer), b"{\"ok\":false}");
-    let mut buf = Vec::with_capacity(WRITE_BATCH + MAX_SNAPLEN as usize);
-    pcapng::emit_shb(&mut buf, concat!("netd ", env!("CARGO_PKG_VERSION")));
+    let mut buf = Batch::default();
+    pcapng::emit_shb(buf.meta(), concat!("netd ", env!("CARGO_PKG_VERSION")));
     let mut ifs = Interfaces {
         net: net.clone(),
         snaplen,
@@ -213,7 +222,7 @@ pub(super) async fn serve_capture(
         names: Vec::new(),
     };
     for p in initial {
-        ifs.of(&mut buf, p.id, Some(p));
+        ifs.of(buf.meta(), p.id, Some(p));
     }
     let mut sink = if pass_fd {
         if w.write_all(&line).await.is_err() {
@@ -232,7 +241,8 @@ pub(super) async fn serve_capture(
             }
         }
     } else {
-        buf.splice(0..0, line);
+        // No frame in the batch yet: the line goes first.
+        buf.meta().splice(0..0, line);
         Sink::Stream(w)
     };
     tracing::info!(network = %net, ?ports, ?count, snaplen, pass_fd, "capture started");
@@ -270,9 +280,13 @@ pub(super) async fn serve_capture(
                 }
             }
         }
+        let full = buf.len() >= WRITE_BATCH;
         if !sink.put(&mut buf).await {
             tracing::info!(network = %net, frames = total, "capture reader went away");
             output_gone = true;
+        }
+        if !full && !ended {
+            tokio::time::sleep(GATHER).await;
         }
     }
     // The tap goes first: what was lost is final once nothing more is recorded.
@@ -284,7 +298,7 @@ pub(super) async fn serve_capture(
         let port = (!ifs.index.contains_key(id))
             .then(|| cap.port(*id))
             .flatten();
-        ifs.of(&mut buf, *id, port);
+        ifs.of(buf.meta(), *id, port);
     }
     drop(cap);
     let mut lost_total = 0;
@@ -292,7 +306,7 @@ pub(super) async fn serve_capture(
         let dropped = lost.get(id).copied().unwrap_or(0);
         lost_total += dropped;
         pcapng::emit_isb(
-            &mut buf,
+            buf.meta(),
             &Stats {
                 interface: i as u32,
                 start_ns,

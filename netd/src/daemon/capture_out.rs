@@ -12,10 +12,21 @@
 //! non-blocking for the capture (its flags are put back at the end) so that the
 //! thread can give up on a reader that stopped reading: once the capture is over
 //! it has [`DRAIN`] to write what is left, then it closes.
+//!
+//! A [`Batch`] is the encoded blocks of many frames with the frames' bytes left
+//! where the switch put them: the block headers, padding and options are encoded
+//! into one buffer, and the writer thread hands them and the frames to `writev`
+//! in order, so a frame is not copied again on its way out. The frames' buffers
+//! are released once the batch is written (their charge on the capture's budget
+//! was refunded when the serving task took them from the queue, as for a copy);
+//! what the writer holds is bounded by its queue: [`QUEUE`] batches and the one
+//! being written, each of at most 1 MiB and one frame.
 
+use std::io::{IoSlice, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
@@ -25,6 +36,78 @@ use crate::sys;
 const QUEUE: usize = 4;
 /// How long the writer may go on once the capture is over and its reader stalls.
 const DRAIN: Duration = Duration::from_secs(5);
+
+/// Frames shorter than this are copied into a batch's encoded bytes rather than
+/// written from their own buffer (an iovec of their own costs more than that).
+const COPY_BELOW: usize = 512;
+
+/// Part of the stream: encoded bytes with frames to write between them (see the
+/// module doc).
+#[derive(Default)]
+pub(super) struct Batch {
+    /// The bytes other than the frames' own.
+    meta: Vec<u8>,
+    /// Each frame, with where in `meta` it goes.
+    frames: Vec<(usize, Bytes)>,
+    /// The frames' bytes.
+    frame_bytes: usize,
+}
+
+impl Batch {
+    /// The encoded bytes, to append a block (or the part of one before or after
+    /// a frame) to.
+    pub(super) fn meta(&mut self) -> &mut Vec<u8> {
+        &mut self.meta
+    }
+
+    /// Appends a frame's bytes, after what [`Batch::meta`] holds now.
+    pub(super) fn frame(&mut self, data: &Bytes) {
+        if data.len() < COPY_BELOW {
+            self.meta.extend_from_slice(data);
+        } else {
+            self.frame_bytes += data.len();
+            self.frames.push((self.meta.len(), data.clone()));
+        }
+    }
+
+    /// The batch's length in the stream.
+    pub(super) fn len(&self) -> usize {
+        self.meta.len() + self.frame_bytes
+    }
+
+    /// Empties the batch (releasing its frames), keeping its buffers.
+    pub(super) fn clear(&mut self) {
+        self.meta.clear();
+        self.frames.clear();
+        self.frame_bytes = 0;
+    }
+
+    /// The batch's bytes in stream order, for `writev`.
+    fn slices(&self) -> Vec<IoSlice<'_>> {
+        let mut out = Vec::with_capacity(2 * self.frames.len() + 1);
+        let mut at = 0;
+        for (to, data) in &self.frames {
+            let m = self.meta.get(at..*to).unwrap_or_default();
+            if !m.is_empty() {
+                out.push(IoSlice::new(m));
+            }
+            out.push(IoSlice::new(data));
+            at = *to;
+        }
+        let rest = self.meta.get(at..).unwrap_or_default();
+        if !rest.is_empty() {
+            out.push(IoSlice::new(rest));
+        }
+        out
+    }
+
+    /// Appends the batch's bytes in stream order to `out`.
+    fn flatten(&self, out: &mut Vec<u8>) {
+        for s in self.slices() {
+            out.extend_from_slice(&s);
+        }
+    }
+}
 
 /// A capture's output.
 pub(super) enum Sink<W> {
@@ -37,10 +120,10 @@ pub(super) enum Sink<W> {
 
 /// The writer thread's side of a [`Sink::File`].
 pub(super) struct FileSink {
-    tx: Option<mpsc::Sender<Vec<u8>>>,
-    /// Buffers the writer is done with, for reuse (a fresh 256 KiB buffer per
+    tx: Option<mpsc::Sender<Batch>>,
+    /// Batches the writer is done with, for reuse (a fresh 256 KiB buffer per
     /// batch would be fresh pages per batch).
-    spare: std::sync::mpsc::Receiver<Vec<u8>>,
+    spare: std::sync::mpsc::Receiver<Batch>,
     done: Option<std::thread::JoinHandle<std::io::Result<()>>>,
 }
 
@@ -48,14 +131,14 @@ impl FileSink {
     /// Starts the writer thread for `fd`.
     pub(super) fn start(fd: OwnedFd) -> std::io::Result<Self> {
         let out = Output::new(fd)?;
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+        let (tx, mut rx) = mpsc::channel::<Batch>(QUEUE);
         let (spare_tx, spare) = std::sync::mpsc::sync_channel(QUEUE);
         let done = std::thread::Builder::new()
             .name("capture-writer".into())
             .spawn(move || {
                 let r = (|| {
                     while let Some(mut buf) = rx.blocking_recv() {
-                        out.write_all(&buf, &rx)?;
+                        out.write_all(&mut buf.slices(), &rx)?;
                         buf.clear();
                         let _ = spare_tx.try_send(buf);
                     }
@@ -73,7 +156,7 @@ impl FileSink {
 
     /// Queues `buf` for the writer (waiting while the queue is full) and leaves
     /// an empty buffer in its place; false when the writer has stopped.
-    async fn put(&mut self, buf: &mut Vec<u8>) -> bool {
+    async fn put(&mut self, buf: &mut Batch) -> bool {
         let next = self.spare.try_recv().unwrap_or_default();
         let full = std::mem::replace(buf, next);
         match &self.tx {
@@ -99,12 +182,13 @@ impl FileSink {
 impl<W: AsyncWrite + Unpin> Sink<W> {
     /// Writes (or queues) `buf`; false when the output is gone. `buf` is left
     /// empty, ready for the next batch.
-    pub(super) async fn put(&mut self, buf: &mut Vec<u8>) -> bool {
+    pub(super) async fn put(&mut self, buf: &mut Batch) -> bool {
         match self {
             Sink::Stream(w) => {
-                let ok = w.write_all(buf).await.is_ok();
+                let mut flat = Vec::with_capacity(buf.len());
+                buf.flatten(&mut flat);
                 buf.clear();
-                ok
+                w.write_all(&flat).await.is_ok()
             }
             Sink::File(f, _) => f.put(buf).await,
         }
@@ -113,7 +197,7 @@ impl<W: AsyncWrite + Unpin> Sink<W> {
 
 /// The client's file, as the writer thread holds it.
 struct Output {
-    fd: OwnedFd,
+    fd: std::fs::File,
     /// The status flags to put back (a pipe or socket made non-blocking).
     restore: Option<i32>,
 }
@@ -129,19 +213,26 @@ impl Output {
                 restore = Some(flags);
             }
         }
-        Ok(Output { fd, restore })
+        Ok(Output {
+            fd: fd.into(),
+            restore,
+        })
     }
 
-    /// Writes all of `buf`, waiting for a slow reader; once the capture is over
-    /// (`rx` closed), for at most [`DRAIN`] without progress.
-    fn write_all(&self, mut buf: &[u8], rx: &mpsc::Receiver<Vec<u8>>) -> std::io::Result<()> {
+    /// Writes all of `bufs` (with `writev`), waiting for a slow reader; once the
+    /// capture is over (`rx` closed), for at most [`DRAIN`] without progress.
+    fn write_all(
+        &self,
+        mut bufs: &mut [IoSlice<'_>],
+        rx: &mpsc::Receiver<Batch>,
+    ) -> std::io::Result<()> {
         let raw = self.fd.as_raw_fd();
         let mut stalled_since: Option<Instant> = None;
-        while !buf.is_empty() {
-            match sys::write(raw, buf) {
+        while !bufs.is_empty() {
+            match (&self.fd).write_vectored(bufs) {
                 Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
-                    buf = buf.get(n..).unwrap_or_default();
+                    IoSlice::advance_slices(&mut bufs, n);
                     stalled_since = None;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -189,10 +280,24 @@ mod tests {
         });
         let mut want = Vec::new();
         for i in 0..50u8 {
-            let mut buf = vec![i; 100_000];
-            want.extend_from_slice(&buf);
+            // Encoded bytes and frames (long ones written from their own buffer,
+            // short ones copied), in stream order.
+            let mut buf = Batch::default();
+            for (j, n) in [100_000usize, 7, 3000, 0, 511, 512].into_iter().enumerate() {
+                let head = vec![i ^ j as u8; j + 1];
+                buf.meta().extend_from_slice(&head);
+                let frame = Bytes::from(vec![i.wrapping_add(j as u8); n]);
+                buf.frame(&frame);
+                want.extend_from_slice(&head);
+                want.extend_from_slice(&frame);
+            }
+            buf.meta().extend_from_slice(b"end");
+            want.extend_from_slice(b"end");
+            let mut flat = Vec::new();
+            buf.flatten(&mut flat);
+            assert_eq!(flat.len(), buf.len());
             assert!(sink.put(&mut buf).await);
-            assert!(buf.is_empty());
+            assert_eq!(buf.len(), 0);
         }
         sink.finish().await.unwrap();
         assert_eq!(sys::status_flags(dup.as_raw_fd()).unwrap(), before);
@@ -205,7 +310,8 @@ mod tests {
         let (_r, w) = std::io::pipe().unwrap();
         let mut sink = FileSink::start(w.into()).unwrap();
         // More than a pipe holds (64 KiB), never read.
-        let mut buf = vec![7u8; 1 << 20];
+        let mut buf = Batch::default();
+        buf.frame(&Bytes::from(vec![7u8; 1 << 20]));
         assert!(sink.put(&mut buf).await);
         let t = Instant::now();
         let e = sink.finish().await.unwrap_err();

@@ -128,3 +128,38 @@ fn bad_streams_are_refused_before_anything_is_allocated() {
     assert_eq!(Block::parse(&epb).unwrap().packet(), None);
     assert!(!is_shb(&epb));
 }
+
+#[test]
+fn an_epb_written_around_its_data_is_the_same_block() {
+    let long = "x".repeat(70_000);
+    for n in [0usize, 1, 2, 3, 4, 5, 1514, 65_535] {
+        let data = vec![0xa5u8; n];
+        for (comment, flags) in [
+            (None, 0),
+            (Some("dropped: mtu"), 0),
+            (None, FLAG_OUTBOUND),
+            (Some(long.as_str()), FLAG_INBOUND | FLAG_UNICAST),
+        ] {
+            let p = Packet {
+                interface: 3,
+                ts_ns: 42,
+                orig_len: 70_000,
+                flags,
+                comment,
+                data: &data,
+            };
+            let mut whole = Vec::new();
+            emit_epb(&mut whole, &p);
+            let mut parts = Vec::new();
+            emit_epb_head(&mut parts, &p);
+            assert_eq!(parts.len(), 28, "the header only");
+            parts.extend_from_slice(&data);
+            emit_epb_tail(&mut parts, &p);
+            assert_eq!(parts, whole);
+            let b = blocks(&whole);
+            assert_eq!(b.len(), 1, "one block, lengths checked");
+            let got = Block::parse(&b[0]).unwrap().packet().unwrap();
+            assert_eq!((got.data, got.flags), (&data[..], flags));
+        }
+    }
+}

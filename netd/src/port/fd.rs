@@ -16,7 +16,10 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 
+use bytes::Bytes;
+
 use super::common::{attach, finish_start, spawn_thread, Cleanup, RunningPort, Stop};
+use super::rxpool::RxPool;
 use super::{GiveReader, InlineReader, PortError, MAX_FRAME};
 use crate::config::PortSpec;
 use crate::offload::{check_gso, VnetHdr, VNET_HDR_LEN};
@@ -69,14 +72,19 @@ pub(super) fn gso_refused(port: &Port, h: &VnetHdr, frame: &[u8]) -> bool {
 pub(super) const RX_BUF: usize = VNET_HDR_LEN + MAX_FRAME;
 
 /// Reads frames (each after its virtio-net header) from `fd` into the switch until
-/// stopped or a hard error.
+/// stopped or a hard error. `buf` is the receive buffer (one read, one frame):
+/// while a capture runs on the network, each frame is handed over in it as a
+/// [`Bytes`] ([`Network::ingress_rx`]), so the capture keeps it without a copy,
+/// and the next read goes to a buffer from `pool` (see [`super::rxpool`]).
 pub(super) fn rx_loop(
     net: &Network,
     port: &Port,
     fd: RawFd,
     stop: &Stop,
-    buf: &mut [u8],
+    buf: &mut Vec<u8>,
+    pool: &Arc<RxPool>,
 ) -> io::Result<()> {
+    let mut lent = false;
     loop {
         if stop.is_set() {
             return Ok(());
@@ -96,15 +104,23 @@ pub(super) fn rx_loop(
                 {
                     panic!("injected fault (fault frame, NETD_FAULT_INJECTION=1)");
                 }
-                match (VnetHdr::parse(got), got.get(VNET_HDR_LEN..)) {
-                    (Some(h), Some(frame)) if h.is_plain() => net.ingress(port, frame),
-                    (Some(h), Some(frame)) if gso_refused(port, &h, frame) => {}
-                    (Some(h), Some(frame)) => net.ingress_vnet(port, &h, frame),
-                    // Shorter than a header: counted as malformed by the switch.
-                    _ => net.ingress(port, &[]),
+                if net.capturing() {
+                    lent = true;
+                    let msg = pool.lend(buf, n);
+                    switch_msg(net, port, &msg, Some(&msg));
+                } else {
+                    if std::mem::take(&mut lent) {
+                        // The capture ended: its buffers are not needed any more.
+                        pool.clear();
+                    }
+                    switch_msg(net, port, got, None);
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if lent && !net.capturing() {
+                    lent = false;
+                    pool.clear();
+                }
                 if sys::poll2(fd, stop.efd.as_raw_fd(), -1)? {
                     return Ok(());
                 }
@@ -112,6 +128,26 @@ pub(super) fn rx_loop(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// Switches one message read by [`rx_loop`] (virtio-net header, then the frame);
+/// `shared`: the same message as a [`Bytes`] a capture may keep, None when no
+/// capture runs (the loop looked).
+fn switch_msg(net: &Network, port: &Port, got: &[u8], shared: Option<&Bytes>) {
+    let frame_of = |m: &Bytes| m.slice(VNET_HDR_LEN..);
+    match (VnetHdr::parse(got), got.get(VNET_HDR_LEN..)) {
+        (Some(h), Some(frame)) if h.is_plain() => {
+            let shared = shared.map(frame_of);
+            net.ingress_rx(port, frame, None, shared.as_ref())
+        }
+        (Some(h), Some(frame)) if gso_refused(port, &h, frame) => {}
+        (Some(h), Some(frame)) => {
+            let shared = shared.map(frame_of);
+            net.ingress_rx(port, frame, Some(&h), shared.as_ref())
+        }
+        // Shorter than a header: counted as malformed by the switch.
+        _ => net.ingress(port, &[]),
     }
 }
 
@@ -132,7 +168,8 @@ pub(super) fn start_fd_port(
     let name = spec.name.clone();
     let thread = spawn_thread(format!("rx-{}", spec.name), move || {
         let mut buf = vec![0u8; RX_BUF];
-        if let Err(e) = rx_loop(&n2, &port, fd.as_raw_fd(), &s2, &mut buf) {
+        let pool = RxPool::new(RX_BUF);
+        if let Err(e) = rx_loop(&n2, &port, fd.as_raw_fd(), &s2, &mut buf, &pool) {
             tracing::warn!(port = %name, error = %e, "port receive stopped");
         }
     });
@@ -223,6 +260,7 @@ impl ReopeningReader {
             name,
         } = self;
         let mut buf = vec![0u8; RX_BUF];
+        let pool = RxPool::new(RX_BUF);
         while !stop.is_set() {
             let cur = slot.read().unwrap_or_else(|e| e.into_inner()).clone();
             if let Some(fd) = cur {
@@ -230,7 +268,7 @@ impl ReopeningReader {
                 // costs the frame being handled, not the port. Logged with its cause,
                 // counted in the port's `restarts`; the loop reads on after the pause.
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    rx_loop(&net, &port, fd.as_raw_fd(), &stop, &mut buf)
+                    rx_loop(&net, &port, fd.as_raw_fd(), &stop, &mut buf, &pool)
                 }));
                 match r {
                     Ok(Ok(())) => return,

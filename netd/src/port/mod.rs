@@ -61,6 +61,7 @@
 mod common;
 mod fd;
 mod inline;
+mod rxpool;
 mod stream;
 mod sys;
 mod tap;

@@ -13,10 +13,20 @@
 //! directions, as tcpdump on an interface does.
 //!
 //! Cost. With no capture, the switching path pays one relaxed atomic load per
-//! frame ([`Taps::on`]). With captures, a recorded frame is copied (up to the
-//! snaplen) into a message charged to the capture's [`ByteBudget`] and put on its
-//! bounded channel with `try_send`: a capture whose reader is slow loses frames
-//! (counted per port, reported at the end), it never makes a port wait.
+//! frame ([`Taps::on`], or [`Network::capturing`] where the port looks itself).
+//! With captures, a recorded frame becomes a message charged to the capture's
+//! [`ByteBudget`] (its length, up to the snaplen, and a fixed cost, refunded when
+//! the reader takes it) and is put on its bounded channel with `try_send`: a
+//! capture whose reader is slow loses frames (counted per port, reported at the
+//! end), it never makes a port wait.
+//! The message is the frame's own buffer when the port gave it
+//! ([`Network::ingress_rx`]: `tap`, `vm` and `uplink` ports, which then read on
+//! into another buffer of their pool) and the frame is at least [`SHARE_MIN`]
+//! long, so the large frames that make up most of the bytes are never copied on
+//! the switching path; other frames are copied (up to the snaplen). The reader
+//! takes many frames per wake-up and hands them to `writev` as they are (see
+//! `daemon/capture.rs` and `daemon/capture_out.rs`), so a recorded frame is not
+//! copied in user space at all on its way to the capture's file.
 //!
 //! A capture ends when its [`Capture`] is dropped (the control connection that
 //! drains it closed, or reached its `--count`): the tap leaves the network at once.
@@ -33,7 +43,7 @@ use tokio::sync::mpsc;
 
 use super::guard::GuardDrop;
 use super::{Network, Port, PortClass, PortId, SwitchError};
-use crate::budget::ByteBudget;
+use crate::budget::{ByteBudget, Charge};
 use crate::pcapng::{
     FLAG_BROADCAST, FLAG_INBOUND, FLAG_MULTICAST, FLAG_OUTBOUND, FLAG_UNICAST, MAX_SNAPLEN,
 };
@@ -44,6 +54,11 @@ pub const MAX_CAPTURES: usize = 8;
 pub const CAPTURE_QUEUE_BYTES: usize = 8 << 20;
 /// Most frames waiting in one capture's queue.
 pub const CAPTURE_QUEUE_FRAMES: usize = 16384;
+/// The shortest recorded frame that refers to the port's receive buffer instead
+/// of being copied (when the port gives it, see [`Network::ingress_rx`]): half a
+/// receive buffer (one largest frame), so that what a queue holds is at most
+/// twice what it is charged.
+pub const SHARE_MIN: usize = 32 << 10;
 
 /// One recorded frame.
 #[derive(Debug)]
@@ -60,6 +75,9 @@ pub struct Record {
     pub drop: Option<&'static str>,
     /// The captured bytes.
     pub data: Bytes,
+    /// Its charge on the capture's budget: refunded when the reader takes the
+    /// frame (drops the record), even if `data` is kept longer (until written).
+    pub charge: Charge,
 }
 
 /// One capture's tap: which ports, how much of each frame, and its queue.
@@ -87,12 +105,18 @@ impl Tap {
         &self,
         port: &Port,
         frame: &[u8],
+        shared: Option<&Bytes>,
         flags: u32,
         ts_ns: u64,
         drop: Option<&'static str>,
     ) {
-        let cut = &frame[..frame.len().min(self.snaplen)];
-        let sent = self.budget.charge(&[cut]).is_some_and(|data| {
+        let cut = frame.len().min(self.snaplen);
+        let sent = self.budget.charge_len(cut).is_some_and(|charge| {
+            let data = match shared {
+                // The same bytes, charged the same, not copied.
+                Some(b) if cut >= SHARE_MIN && b.len() == frame.len() => b.slice(..cut),
+                _ => Bytes::copy_from_slice(&frame[..cut]),
+            };
             self.tx
                 .try_send(Record {
                     port: port.id,
@@ -101,6 +125,7 @@ impl Tap {
                     flags,
                     drop,
                     data,
+                    charge,
                 })
                 .is_ok()
         });
@@ -148,24 +173,38 @@ impl Taps {
     }
 
     /// Records a frame that `port` delivered into the switch (`drop`: why the
-    /// switch dropped it). Call only when [`Taps::on`].
-    pub(super) fn inbound(&self, port: &Port, frame: &[u8], drop: Option<&'static str>) {
-        self.record(port, frame, FLAG_INBOUND, false, drop);
+    /// switch dropped it); `shared`: the same bytes as a [`Bytes`], when the port
+    /// read them into a buffer it can give away. Call only when [`Taps::on`].
+    pub(super) fn inbound(
+        &self,
+        port: &Port,
+        frame: &[u8],
+        shared: Option<&Bytes>,
+        drop: Option<&'static str>,
+    ) {
+        self.record(port, frame, shared, FLAG_INBOUND, false, drop);
     }
 
     /// Records a frame the switch sent (or, with `drop`, failed to send) out of
-    /// `port`. Call only when [`Taps::on`].
-    pub(super) fn outbound(&self, port: &Port, frame: &[u8], drop: Option<&'static str>) {
+    /// `port` (`shared` as for [`Taps::inbound`]). Call only when [`Taps::on`].
+    pub(super) fn outbound(
+        &self,
+        port: &Port,
+        frame: &[u8],
+        shared: Option<&Bytes>,
+        drop: Option<&'static str>,
+    ) {
         if !self.outbound_on.load(Ordering::Relaxed) {
             return;
         }
-        self.record(port, frame, FLAG_OUTBOUND, true, drop);
+        self.record(port, frame, shared, FLAG_OUTBOUND, true, drop);
     }
 
     fn record(
         &self,
         port: &Port,
         frame: &[u8],
+        shared: Option<&Bytes>,
         dir: u32,
         outbound: bool,
         drop: Option<&'static str>,
@@ -174,7 +213,7 @@ impl Taps {
         let mut ts = None;
         for tap in list.iter().filter(|t| t.wants(port, outbound)) {
             let ts_ns = *ts.get_or_insert_with(now_ns);
-            tap.record(port, frame, dir | reception(frame), ts_ns, drop);
+            tap.record(port, frame, shared, dir | reception(frame), ts_ns, drop);
         }
     }
 
@@ -283,6 +322,14 @@ impl Drop for Capture {
 }
 
 impl Network {
+    /// Whether a capture runs on the network (one relaxed atomic load): a port
+    /// that can give its receive buffer away then switches with
+    /// [`Network::ingress_rx`].
+    #[inline]
+    pub fn capturing(&self) -> bool {
+        self.captures.on()
+    }
+
     /// Starts a capture of `ports` (every port when empty; each named one must
     /// exist), keeping at most `snaplen` bytes of each frame (1..=262144).
     pub fn capture(

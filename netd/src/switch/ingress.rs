@@ -11,11 +11,24 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use bytes::Bytes;
+
 use super::counters::inc;
 use super::guard::{self, GuardDrop};
 use super::port::frame_payload;
 use super::{Learn, Network, Port, PortClass, PortId, ETH_HLEN};
 use crate::offload::VnetHdr;
+
+/// What the caller of `ingress_inner` knows of a capture.
+#[derive(Clone, Copy)]
+enum Seen<'a> {
+    /// Nothing: the switch checks.
+    Unknown,
+    /// The port checked: no capture ran.
+    Off,
+    /// The port checked: a capture ran; the frame is also this.
+    Shared(&'a Bytes),
+}
 
 impl Network {
     /// Switches one complete frame that arrived on `from`. See the module doc.
@@ -32,7 +45,7 @@ impl Network {
         hdr: Option<&VnetHdr>,
         remote: Option<Ipv4Addr>,
     ) {
-        self.ingress_inner(from, frame, hdr, None, remote);
+        self.ingress_inner(from, frame, hdr, None, remote, Seen::Unknown);
     }
 
     /// Switches one frame that arrived on `from` with a virtio-net header.
@@ -52,11 +65,27 @@ impl Network {
         hdr: Option<&VnetHdr>,
         local: &Port,
     ) -> bool {
-        self.ingress_inner(from, frame, hdr, Some(local), None)
+        self.ingress_inner(from, frame, hdr, Some(local), None, Seen::Unknown)
+    }
+
+    /// [`Network::ingress`] (or [`Network::ingress_vnet`] with `hdr`) for a port
+    /// that looked at [`Network::capturing`] itself, the one check of a frame:
+    /// `shared` is None when no capture ran, else the frame as a [`Bytes`] (in a
+    /// buffer the port gives away), which a capture keeps instead of a copy (see
+    /// [`super::capture`]).
+    pub fn ingress_rx(
+        &self,
+        from: &Port,
+        frame: &[u8],
+        hdr: Option<&VnetHdr>,
+        shared: Option<&Bytes>,
+    ) {
+        let seen = shared.map_or(Seen::Off, Seen::Shared);
+        self.ingress_inner(from, frame, hdr, None, None, seen);
     }
 
     fn ingress_with(&self, from: &Port, frame: &[u8], hdr: Option<&VnetHdr>) {
-        self.ingress_inner(from, frame, hdr, None, None);
+        self.ingress_inner(from, frame, hdr, None, None, Seen::Unknown);
     }
 
     fn ingress_inner(
@@ -66,6 +95,7 @@ impl Network {
         hdr: Option<&VnetHdr>,
         local: Option<&Port>,
         remote: Option<Ipv4Addr>,
+        seen: Seen<'_>,
     ) -> bool {
         let (dst, src) = match (frame.get(0..6), frame.get(6..12)) {
             (Some(d), Some(s)) if frame.len() >= ETH_HLEN => {
@@ -119,12 +149,16 @@ impl Network {
         };
         inc(&from.counters.rx_frames, 1);
         inc(&from.counters.rx_bytes, frame.len() as u64);
-        // The one check a frame pays when nobody captures.
-        let taps = self.captures.on();
+        // The one check a frame pays when nobody captures (or its port made it).
+        let (taps, shared) = match seen {
+            Seen::Unknown => (self.captures.on(), None),
+            Seen::Off => (false, None),
+            Seen::Shared(b) => (true, Some(b)),
+        };
         if taps {
             let hairpin = matches!(target, Some((id, _)) if id == from.id);
             self.captures
-                .inbound(from, frame, hairpin.then_some("hairpin"));
+                .inbound(from, frame, shared, hairpin.then_some("hairpin"));
         }
         let ports = self.ports.read().unwrap_or_else(|e| e.into_inner());
         let isolated = self.isolated.load(Ordering::Relaxed) && from.kind != PortClass::Service;
@@ -143,14 +177,14 @@ impl Network {
                                 l.account(Ok(()), frame.len())
                             };
                             if taps {
-                                self.captures.outbound(l, frame, why);
+                                self.captures.outbound(l, frame, shared, why);
                             }
                             return why.is_none();
                         }
                         _ => {
                             let why = p.send(frame, hdr, to);
                             if taps {
-                                self.captures.outbound(p, frame, why);
+                                self.captures.outbound(p, frame, shared, why);
                             }
                         }
                     }
@@ -160,7 +194,7 @@ impl Network {
                 for p in ports.iter().filter(|p| p.id != from.id && allowed(p)) {
                     let why = p.send(frame, hdr, None);
                     if taps {
-                        self.captures.outbound(p, frame, why);
+                        self.captures.outbound(p, frame, shared, why);
                     }
                 }
             }
@@ -179,7 +213,7 @@ impl Network {
     ) -> bool {
         inc(counter, 1);
         if self.captures.on() {
-            self.captures.inbound(from, frame, Some(why));
+            self.captures.inbound(from, frame, None, Some(why));
         }
         false
     }
@@ -188,7 +222,7 @@ impl Network {
     fn guard_drop_in(&self, from: &Port, frame: &[u8], why: GuardDrop) -> bool {
         from.counters.guard_drop(why);
         if self.captures.on() {
-            self.captures.inbound(from, frame, Some(why.as_str()));
+            self.captures.inbound(from, frame, None, Some(why.as_str()));
         }
         false
     }

@@ -125,3 +125,56 @@ fn a_full_queue_loses_capture_frames_only() {
     assert_eq!(c.lost().get(&a.id).copied(), Some(100));
     assert_eq!(drain(&mut c).len(), CAPTURE_QUEUE_FRAMES);
 }
+
+#[test]
+fn a_large_frame_a_port_gives_is_kept_not_copied_and_charged_the_same() {
+    let net = Network::new("n", 65_000, 16, Duration::from_secs(300));
+    let a = net.add_port("a", PortClass::Tap, Box::new(Null)).unwrap();
+    let b = net.add_port("b", PortClass::Tap, Box::new(Null)).unwrap();
+    let mut whole = frame(B, A, SHARE_MIN + 1000);
+    let mut c = net.capture(&["b".into()], 262_144).unwrap();
+    let mut cut = net.capture(&[], 100).unwrap();
+    assert!(net.capturing());
+    // As a port's receive loop hands it over: header first, the frame after it.
+    whole.splice(0..0, [9u8; 12]);
+    let msg = Bytes::from(whole);
+    let big = msg.slice(12..);
+    net.ingress_rx(&a, &big, None, Some(&big));
+    let small = Bytes::from(frame(B, A, 60));
+    net.ingress_rx(&a, &small, None, Some(&small));
+    // Dropped (bad source MAC): recorded and marked the same way.
+    let bad = Bytes::from(frame(B, [1, 0, 0, 0, 0, 1], SHARE_MIN + 10));
+    net.ingress_rx(&a, &bad, None, Some(&bad));
+    assert_eq!(b.counters.snapshot().tx_frames, 2, "switched as usual");
+    let r = drain(&mut c);
+    assert_eq!(r.len(), 2, "outbound on b: {r:?}");
+    assert_eq!(r[0].data, big, "the same bytes");
+    assert_eq!(r[0].data.as_ptr(), big.as_ptr(), "not a copy");
+    assert_eq!(r[0].orig_len as usize, big.len());
+    assert_eq!(r[1].data, small);
+    assert_ne!(
+        r[1].data.as_ptr(),
+        small.as_ptr(),
+        "a short frame is copied"
+    );
+    // Charged as a copy would be: its length and the message cost.
+    assert_eq!(
+        c.tap.budget.used(),
+        big.len() + small.len() + 2 * crate::budget::MSG_COST
+    );
+    // Refunded when the reader takes the frames, even if it writes them later.
+    let kept = r[0].data.clone();
+    drop(r);
+    assert_eq!(c.tap.budget.used(), 0, "refunded with the record");
+    assert_eq!(kept, big);
+    let r = drain(&mut cut);
+    assert_eq!(r.len(), 3, "inbound on a: {r:?}");
+    assert!(r.iter().all(|x| x.data.len() <= 100), "cut at the snaplen");
+    assert_eq!(&r[0].data[..], &big[..100]);
+    assert_eq!(r[2].drop, Some("malformed"));
+    // A port that saw no capture running: nothing is recorded for that frame.
+    net.ingress_rx(&a, &small, None, None);
+    assert!(drain(&mut cut).is_empty());
+    drop((c, cut));
+    assert!(!net.capturing());
+}

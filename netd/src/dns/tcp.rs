@@ -529,7 +529,7 @@ mod tests {
         // No resolver: a forwarded query closes the connection, counted.
         tokio::time::sleep(Duration::from_millis(50)).await;
         let mut fwd = TcpStream::connect(l.addr()).await.unwrap();
-        fwd.write_all(&framed(&query("www.example.com", TYPE_A)))
+        fwd.write_all(&framed(&query("www.outside.test", TYPE_A)))
             .await
             .unwrap();
         assert!(closed(&mut fwd).await, "nothing to forward to");

@@ -8,6 +8,11 @@
 //! later); a corrupt stream, or garbage, sent to `--incoming` is refused and fails
 //! only the incoming VM, while the source goes on.
 //!
+//! A guest whose working set takes longer to send than the downtime goal, and is all
+//! dirty again each round, never converges by itself: auto-converge throttles its
+//! vCPUs until it does (the answer's `throttle_pct`, `converged`), and the count
+//! goes on at the destination.
+//!
 //! With a NIC (a TAP in a kernel bridge on each side, in one namespace): the
 //! guest's count frames go on from the destination's TAP with no gap and no
 //! repeat, the first frame there is vmm-shim's RARP announce (five in all, then the
@@ -305,6 +310,36 @@ fn a_corrupt_stream_or_garbage_is_refused_and_the_source_goes_on() {
         "a refused destination never ran the guest"
     );
     let r = src.stop(Duration::from_secs(30));
+    assert_eq!(r.code, Some(0), "{r}");
+}
+
+#[test]
+fn a_working_set_that_does_not_converge_is_throttled_until_it_does() {
+    // 16 MiB rewritten for each number (about every 10 ms while it runs): each round
+    // finds all of it dirty again, and it takes longer to send than 5 ms.
+    let (dir, elf) = setup("migthr", &counter_program(4096, false));
+    let console = dir.path().join("console");
+    let (src, sock) = source(dir.path(), &elf, None);
+    let port = free_port();
+    let dsock = dir.path().join("dst.sock");
+    let dst = incoming(port, &console, &["--api-sock", dsock.to_str().unwrap()]);
+    let to = format!("tcp:127.0.0.1:{port}");
+    let (code, out) = ctl(&sock, &["migrate", &to, "--max-downtime-ms", "5"]);
+    assert_eq!(code, Some(0), "{out}");
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    eprintln!("migration: {v}");
+    assert_eq!(v["mode"], "pre-copy", "{v}");
+    // Throttled (it takes two rounds that do not shrink the set to start), and
+    // converged before the round limit.
+    assert!(v["throttle_pct"].as_u64().unwrap() >= 20, "{v}");
+    assert_eq!(v["converged"], true, "{v}");
+    assert!(v["rounds"].as_u64().unwrap() >= 4, "{v}");
+    let r = src.finish(Duration::from_secs(20));
+    assert_eq!(r.code, Some(0), "{r}");
+    let n = counts(&console).len();
+    let after = wait_count(&console, n + 30);
+    assert_consecutive(&after);
+    let r = dst.stop(Duration::from_secs(30));
     assert_eq!(r.code, Some(0), "{r}");
 }
 

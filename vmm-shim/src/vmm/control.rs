@@ -10,7 +10,7 @@
 //! that were already in flight. Shutdown first takes the vCPU threads' handles
 //! away ([`Control::stopping`]), so the API never signals a thread being joined.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,6 +47,9 @@ pub struct Control {
     /// Each vCPU's state as it parked (or why it could not be read), for a snapshot
     /// or a migration of the paused VM.
     states: Mutex<Vec<Option<Result<VcpuState, String>>>>,
+    /// The share of each period the vCPU threads sleep (percent), set by a
+    /// migration's auto-converge (see `migrate::converge`).
+    throttle: AtomicU8,
 }
 
 impl Default for Control {
@@ -58,6 +61,7 @@ impl Default for Control {
             threads: Mutex::new(Threads::Starting),
             op: Mutex::new(()),
             states: Mutex::new(Vec::new()),
+            throttle: AtomicU8::new(0),
         }
     }
 }
@@ -175,6 +179,35 @@ impl Control {
                 None => Err(format!("vCPU {i}: no state recorded")),
             })
             .collect()
+    }
+
+    /// Throttles the vCPUs by `pct` percent (0: full speed).
+    pub(super) fn set_throttle(&self, pct: u8) {
+        self.throttle.store(pct, Ordering::SeqCst);
+    }
+
+    /// Called by a vCPU thread before each KVM_RUN: under a throttle, sleeps its
+    /// share of the period once it has run the rest of one since `since` (its
+    /// last nap), and restarts `since`.
+    pub(super) fn throttle_nap(&self, since: &mut Instant) {
+        let pct = self.throttle.load(Ordering::Relaxed);
+        if pct == 0 {
+            return;
+        }
+        if let Some(d) = super::migrate::converge::nap(pct, since.elapsed()) {
+            std::thread::sleep(d);
+            *since = Instant::now();
+        }
+    }
+
+    /// Kicks every running vCPU thread out of KVM_RUN once (a throttle's tick).
+    pub(super) fn kick_vcpus(&self) {
+        // The handles stay valid while `threads` is held (see `wait_parked`).
+        if let Threads::Running(list) = &*self.threads.lock().unwrap_or_else(|e| e.into_inner()) {
+            for &t in list {
+                sys::kick_thread(t);
+            }
+        }
     }
 
     /// Lets the vCPUs run again.

@@ -7,7 +7,10 @@
 //! Then pre-copy: guest RAM is registered again with KVM_MEM_LOG_DIRTY_PAGES, every
 //! page is sent, and while the vCPUs run, rounds send the pages KVM_GET_DIRTY_LOG
 //! reports until the dirty set would go in `max_downtime` at the rate the last
-//! round ran (or [`MAX_ROUNDS`] are done). Then the VM is paused, the disks drained
+//! round ran (or [`MAX_ROUNDS`] are done); where the dirty set does not shrink
+//! enough from round to round, the vCPUs are slowed down meanwhile (auto-converge,
+//! see [`converge`]; the answer's `throttle_pct` is how much, 0 for not at all).
+//! Then the VM is paused, the disks drained
 //! and flushed, and the last dirty pages go. Devices write guest memory from
 //! vmm-shim's own threads (a disk's reads, a NIC's frames, used rings), which KVM's
 //! log does not see: the source keeps a CRC-32 of each page as it sent it and, once
@@ -57,6 +60,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::snapshot::Machine;
 use super::state::{self, VmState};
 use super::VmmError;
+use converge::{Converge, Throttle};
+
+pub(super) mod converge;
 
 /// The hello's magic bytes.
 const MAGIC: &[u8; 16] = b"VMMSHIM-MIGRATE\0";
@@ -321,16 +327,25 @@ fn migrate(
     let mut pending: Vec<usize> = Vec::new();
     // Pages KVM's log reported, and pages found only by their CRC (device writes).
     let (mut logged, mut by_crc) = (0usize, 0usize);
+    // Auto-converge: lifted when this returns, whatever the outcome.
+    let mut converge = Converge::default();
+    let mut throttle = Throttle::new(m.shared.control.clone());
+    // Whether pre-copy ended with the rest fitting `max_downtime` (not at the limit).
+    let mut converged = false;
     if precopy {
         let took = out.pages(0..pages).map_err(io)?;
         let mut rate = out.bytes as f64 / took.as_secs_f64().max(1e-6);
+        let mut sent = pages;
         loop {
             pending = dirty_pages(m)?;
             logged += pending.len();
             let eta = Duration::from_secs_f64(pending.len() as f64 * PAGE as f64 / rate);
             if eta <= max_downtime || rounds > MAX_ROUNDS {
+                converged = eta <= max_downtime;
                 break;
             }
+            throttle.set(converge.after_round(sent, pending.len()));
+            sent = pending.len();
             let before = out.bytes;
             let took = out.pages(pending.drain(..)).map_err(io)?;
             rate = ((out.bytes - before) as f64 / took.as_secs_f64().max(1e-6)).max(1.0);
@@ -387,7 +402,8 @@ fn migrate(
         Reply::Refused(e) | Reply::Silent(e) => return Err(Failure::Committed(e)),
     }
     let downtime = paused.elapsed();
-    tracing::info!(to, rounds, bytes = out.bytes, downtime_ms = downtime.as_millis() as u64, %mode, "migrated");
+    let throttle_pct = converge.pct();
+    tracing::info!(to, rounds, bytes = out.bytes, downtime_ms = downtime.as_millis() as u64, throttle_pct, %mode, "migrated");
     Ok(json!({
         "downtime_ms": downtime.as_secs_f64() * 1e3,
         "total_ms": t0.elapsed().as_secs_f64() * 1e3,
@@ -396,6 +412,8 @@ fn migrate(
         "mode": mode,
         "dirty_logged_pages": logged,
         "device_written_pages": by_crc,
+        "throttle_pct": throttle_pct,
+        "converged": converged,
     }))
 }
 

@@ -6,6 +6,10 @@
 # QMP migrate with downtime-limit 50), interleaved runs in the same invocation;
 # medians of downtime and total time as each VMM reports them, and the ratios
 # QEMU / vmm-shim. Each run checks that the guest goes on at the destination.
+# vmm-shim's answer (printed per run) has `throttle_pct` (auto-converge: how much
+# the vCPUs were slowed, 0 for not at all) and `converged` (pre-copy met the limit
+# rather than stopping at its 30 rounds): a throttled run's downtime is one of a
+# slowed-down guest, so read the two with the downtime.
 # Needs root (KVM), binutils, and the guest assets for QEMU.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -99,6 +99,9 @@ enum Verb {
         /// Longest pause the pre-copy aims for, in milliseconds.
         #[arg(long, default_value_t = 50)]
         max_downtime_ms: u64,
+        /// Never throttle the vCPUs (auto-converge is on otherwise).
+        #[arg(long)]
+        no_auto_converge: bool,
     },
 }
 
@@ -119,9 +122,11 @@ fn ctl(sock: &std::path::Path, verb: Verb) -> ExitCode {
         Verb::Migrate {
             to,
             max_downtime_ms,
+            no_auto_converge,
         } => Action::Migrate {
             to,
             max_downtime_ms,
+            auto_converge: !no_auto_converge,
         },
     };
     match client::run(sock, &action) {

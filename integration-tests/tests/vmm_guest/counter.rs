@@ -360,6 +360,24 @@ pub fn device(sock: &Path, name: &str) -> Value {
         .unwrap_or_else(|| panic!("no device {name} in {v}"))
 }
 
+/// Asserts a move of a counter that acks the announce, seen `before` (only count
+/// frames) and `after` (see [`assert_announced_and_counting`], five RARPs, and the
+/// guest's own announce once), whose counts cover every number `printed`. Returns
+/// all the counts.
+pub fn assert_moved_and_announced(before: &[Seen], after: &[Seen], printed: &[u64]) -> Vec<u64> {
+    let counting = before.iter().all(|s| s.ethertype == COUNT_ETHERTYPE);
+    assert!(counting, "{before:?}");
+    let all = assert_announced_and_counting(before, after, 5);
+    assert!(all.len() >= printed.len(), "{all:?} {printed:?}");
+    // The guest was asked, announced itself once and acked.
+    let asked = after
+        .iter()
+        .filter(|s| s.ethertype == ANNOUNCE_ETHERTYPE)
+        .count();
+    assert_eq!(asked, 1, "{after:?}");
+    all
+}
+
 /// Asserts what a capture on the side a VM moved to saw from its MAC: RARP first
 /// (before any frame of the guest's), `rarps` of them in all, at most one announce
 /// of the guest's own; and that the counter's frames seen `before` the move and

@@ -26,12 +26,14 @@ pub enum Action {
         /// Resume afterwards.
         resume: bool,
     },
-    /// `PUT /migrate {"to": TO, "max_downtime_ms": N}`.
+    /// `PUT /migrate {"to": TO, "max_downtime_ms": N, "auto_converge": B}`.
     Migrate {
         /// `tcp:HOST:PORT`.
         to: String,
         /// The downtime the pre-copy aims for.
         max_downtime_ms: u64,
+        /// Throttle the vCPUs where the dirty set does not shrink.
+        auto_converge: bool,
     },
 }
 
@@ -121,8 +123,13 @@ pub fn run(sock: &Path, action: &Action) -> Result<Value, CtlError> {
         Action::Migrate {
             to,
             max_downtime_ms,
+            auto_converge,
         } => {
-            let body = serde_json::json!({ "to": to, "max_downtime_ms": max_downtime_ms });
+            let body = serde_json::json!({
+                "to": to,
+                "max_downtime_ms": max_downtime_ms,
+                "auto_converge": auto_converge,
+            });
             request(sock, "PUT", "/migrate", Some(&body))?
         }
     };

@@ -8,9 +8,10 @@
 //! resumes the vCPUs and answers as `GET /vm` does; `PUT /snapshot` with
 //! `{"dir": PATH, "resume": false}` writes a snapshot (see `vmm::snapshot`) and
 //! answers its files and size; `PUT /migrate` with `{"to": "tcp:HOST:PORT",
-//! "max_downtime_ms": 50}` live-migrates the VM (see `vmm::migrate`) and answers
+//! "max_downtime_ms": 50, "auto_converge": true}` live-migrates the VM (see
+//! `vmm::migrate`; `auto_converge` false never throttles the vCPUs) and answers
 //! `{"downtime_ms", "total_ms", "rounds", "bytes", "mode", "dirty_logged_pages",
-//! "device_written_pages"}` when it is done, after
+//! "device_written_pages", "throttle_pct", "converged"}` when it is done, after
 //! which this vmm-shim exits 0. Errors are JSON:
 //! `{"error": MESSAGE}` with a 4xx (the request) or 5xx (the VM could not do it).
 //!
@@ -53,8 +54,10 @@ pub trait Vm: Send + Sync + 'static {
     fn set_paused(&self, paused: bool) -> Result<(), String>;
     /// `PUT /snapshot`: writes a snapshot to `dir`; stays paused unless `resume`.
     fn snapshot(&self, dir: &Path, resume: bool) -> Result<Value, String>;
-    /// `PUT /migrate`: moves the VM to `to`; the answer is the migration's figures.
-    fn migrate(&self, to: &str, max_downtime_ms: u64) -> Result<Value, String>;
+    /// `PUT /migrate`: moves the VM to `to` (throttling the vCPUs if it does not
+    /// converge, with `auto_converge`); the answer is the migration's figures.
+    fn migrate(&self, to: &str, max_downtime_ms: u64, auto_converge: bool)
+        -> Result<Value, String>;
     /// Called once the answer to a successful `PUT /migrate` is sent: the VM ends.
     fn migrated(&self);
 }
@@ -255,6 +258,13 @@ struct MigrateBody {
     to: String,
     #[serde(default = "default_downtime")]
     max_downtime_ms: u64,
+    /// Throttle the vCPUs where the dirty set does not shrink (default on).
+    #[serde(default = "default_auto_converge")]
+    auto_converge: bool,
+}
+
+fn default_auto_converge() -> bool {
+    true
 }
 
 /// The downtime a migration aims for unless told otherwise.
@@ -351,7 +361,7 @@ fn route(req: &Request, vm: &dyn Vm, stats: &Stats) -> Result<Value, Outcome> {
         ("/migrate", "PUT") => {
             let b: MigrateBody = serde_json::from_slice(&req.body).map_err(|e| {
                 bad(format!(
-                    "body: expected {{\"to\": \"tcp:HOST:PORT\", \"max_downtime_ms\": N}}: {e}"
+                    "body: expected {{\"to\": \"tcp:HOST:PORT\", \"max_downtime_ms\": N, \"auto_converge\": BOOL}}: {e}"
                 ))
             })?;
             if !b.to.starts_with("tcp:") {
@@ -360,7 +370,7 @@ fn route(req: &Request, vm: &dyn Vm, stats: &Stats) -> Result<Value, Outcome> {
             if !(1..=60_000).contains(&b.max_downtime_ms) {
                 return Err(bad("max_downtime_ms: expected 1 to 60000".into()));
             }
-            vm.migrate(&b.to, b.max_downtime_ms)
+            vm.migrate(&b.to, b.max_downtime_ms, b.auto_converge)
                 .map_err(Outcome::Failed)
         }
         ("/snapshot" | "/migrate", m) => Err(Outcome::Refused(

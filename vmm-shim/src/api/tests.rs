@@ -32,8 +32,8 @@ impl Vm for MockVm {
     fn snapshot(&self, dir: &Path, resume: bool) -> Result<Value, String> {
         Ok(json!({ "dir": dir, "resume": resume }))
     }
-    fn migrate(&self, to: &str, max_downtime_ms: u64) -> Result<Value, String> {
-        Ok(json!({ "to": to, "max": max_downtime_ms }))
+    fn migrate(&self, to: &str, max_downtime_ms: u64, auto: bool) -> Result<Value, String> {
+        Ok(json!({ "to": to, "max": max_downtime_ms, "auto": auto }))
     }
     fn migrated(&self) {
         self.migrated.store(true, Ordering::SeqCst);
@@ -172,11 +172,19 @@ fn snapshot_and_migrate_bodies_are_checked() {
     assert!(!vm.migrated.load(Ordering::SeqCst));
     assert_eq!(put("/migrate", r#"{"to":"udp:1:2"}"#).0, 400);
     assert_eq!(
+        put("/migrate", r#"{"to":"tcp:h:1","auto_converge":"no"}"#).0,
+        400
+    );
+    assert_eq!(
         put("/migrate", r#"{"to":"tcp:h:1","max_downtime_ms":0}"#).0,
         400
     );
     let (code, v) = put("/migrate", r#"{"to":"tcp:127.0.0.1:9"}"#);
     assert_eq!((code, &v["max"]), (200, &json!(50)), "{v}");
+    assert_eq!(
+        v["auto"], true,
+        "auto-converge is on unless turned off: {v}"
+    );
     // The server calls `migrated` once the answer is out, so the client may read the
     // answer first: wait for it.
     let t0 = std::time::Instant::now();

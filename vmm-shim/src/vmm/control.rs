@@ -288,8 +288,9 @@ impl crate::api::Vm for ApiVm {
         self.machine.snapshot(dir, resume)
     }
 
-    fn migrate(&self, to: &str, max_downtime_ms: u64) -> Result<Value, String> {
-        super::migrate::send(&self.machine, to, Duration::from_millis(max_downtime_ms))
+    fn migrate(&self, to: &str, max_downtime_ms: u64, auto: bool) -> Result<Value, String> {
+        let max = Duration::from_millis(max_downtime_ms);
+        super::migrate::send(&self.machine, to, max, auto)
     }
 
     fn migrated(&self) {

@@ -9,7 +9,8 @@
 //! reports until the dirty set would go in `max_downtime` at the rate the last
 //! round ran (or [`MAX_ROUNDS`] are done); where the dirty set does not shrink
 //! enough from round to round, the vCPUs are slowed down meanwhile (auto-converge,
-//! see [`converge`]; the answer's `throttle_pct` is how much, 0 for not at all).
+//! see [`converge`]; the answer's `throttle_pct` is how much, 0 for not at all;
+//! off with `"auto_converge": false`).
 //! Then the VM is paused, the disks drained
 //! and flushed, and the last dirty pages go. Devices write guest memory from
 //! vmm-shim's own threads (a disk's reads, a NIC's frames, used rings), which KVM's
@@ -237,11 +238,16 @@ fn dirty_pages(m: &Machine) -> Result<Vec<usize>, String> {
 
 /// `PUT /migrate`: see the module doc. On success the VM stays paused here (the API
 /// then ends this vmm-shim); on failure it runs on.
-pub(super) fn send(m: &Machine, to: &str, max_downtime: Duration) -> Result<Value, String> {
+pub(super) fn send(
+    m: &Machine,
+    to: &str,
+    max_downtime: Duration,
+    auto_converge: bool,
+) -> Result<Value, String> {
     let _one = m.busy.lock().unwrap_or_else(|e| e.into_inner());
     let was_paused = m.shared.control.pausing();
     let mut logging = false;
-    let r = migrate(m, to, max_downtime, &mut logging);
+    let r = migrate(m, to, max_downtime, auto_converge, &mut logging);
     if logging {
         let _ = super::set_memory_flags(&m.vm, &m.mem, 0);
     }
@@ -269,6 +275,7 @@ fn migrate(
     m: &Machine,
     to: &str,
     max_downtime: Duration,
+    auto_converge: bool,
     logging: &mut bool,
 ) -> Result<Value, Failure> {
     let t0 = Instant::now();
@@ -344,7 +351,9 @@ fn migrate(
                 converged = eta <= max_downtime;
                 break;
             }
-            throttle.set(converge.after_round(sent, pending.len()));
+            if auto_converge {
+                throttle.set(converge.after_round(sent, pending.len()));
+            }
             sent = pending.len();
             let before = out.bytes;
             let took = out.pages(pending.drain(..)).map_err(io)?;

@@ -8,8 +8,8 @@
 //! later); a corrupt stream, or garbage, sent to `--incoming` is refused and fails
 //! only the incoming VM, while the source goes on.
 //!
-//! A guest whose working set takes longer to send than the downtime goal, and is all
-//! dirty again each round, never converges by itself: auto-converge throttles its
+//! A guest that rewrites a working set without pause, which takes longer to send than
+//! the downtime goal and is all dirty again each round, never converges by itself: auto-converge throttles its
 //! vCPUs until it does (the answer's `throttle_pct`, `converged`), and the count
 //! goes on at the destination.
 //!
@@ -33,8 +33,8 @@ use integration_tests::{free_port, wait_until};
 use serde_json::Value;
 use vmm_guest::capture::{BridgedTaps, Capture};
 use vmm_guest::counter::{
-    assert_consecutive, assert_disk_counts, assert_moved_and_announced, counter_net_program,
-    counter_program, counts, ctl, curl, device, wait_count,
+    assert_consecutive, assert_disk_counts, assert_moved_and_announced, counter_busy_program,
+    counter_net_program, counter_program, counts, ctl, curl, device, wait_count,
 };
 use vmm_guest::{setup, LiveVm};
 
@@ -342,9 +342,9 @@ fn migrate_tight(
 
 #[test]
 fn a_working_set_that_does_not_converge_is_throttled_until_it_does() {
-    // 16 MiB rewritten for each number (about every 10 ms while it runs): each round
-    // finds all of it dirty again, and it takes far longer to send than 1 ms.
-    let (dir, elf) = setup("migthr", &counter_program(4096, false));
+    // 16 MiB rewritten for each number, without a pause: each round finds all of it
+    // dirty again, and it takes far longer to send than 1 ms.
+    let (dir, elf) = setup("migthr", &counter_busy_program(4096));
     let console = dir.path().join("console");
     let (src, sock) = source(dir.path(), &elf, None);
     let (s1, s2) = (dir.path().join("one.sock"), dir.path().join("two.sock"));

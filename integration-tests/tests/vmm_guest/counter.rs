@@ -8,6 +8,7 @@
 //! migration must carry memory, disk and vCPU state over for the count to go on.
 //! [`counter_net_program`] also sends each number in a frame through its NIC (the
 //! device after the disk, if any): see [`COUNT_ETHERTYPE`] and [`frame_counts`].
+//! [`counter_busy_program`] rewrites its working set and prints without waiting.
 
 use std::path::Path;
 use std::process::Command;
@@ -158,8 +159,9 @@ countframe:
 /// The main loop of a counter that, for each number, first writes it into one word of each of
 /// `wset_pages` pages from [`WSET`] (0: none) and, with `disk`, to sector
 /// `n mod 2048` of the first device (a disk), and with `nic` sends it in a frame
-/// (see [`nic_code`]).
-fn counter_with(wset_pages: u32, disk: bool, nic: Option<([u8; 6], bool)>) -> String {
+/// (see [`nic_code`]); then, unless `busy`, waits about 10 ms before the next.
+fn counter_with(wset_pages: u32, disk: bool, nic: Option<([u8; 6], bool)>, busy: bool) -> String {
+    let delay = if busy { "" } else { "DELAY 20000000" };
     let base = 0xd000_0000u64 + if disk { 0x1000 } else { 0 };
     let (nic_up, nic_send) = nic
         .map(|(m, every)| nic_code(base, m, every))
@@ -204,7 +206,7 @@ count:
 2:  {disk_write}
     {nic_send}
     call show
-    DELAY 20000000
+    {delay}
     jmp count
 "#
     )
@@ -218,7 +220,7 @@ pub fn counter() -> String {
 
 /// The full program of [`counter_with`].
 pub fn counter_program(wset_pages: u32, disk: bool) -> String {
-    format!("{}{SHOW}", counter_with(wset_pages, disk, None))
+    format!("{}{SHOW}", counter_with(wset_pages, disk, None, false))
 }
 
 /// [`counter_program`] with a NIC (MAC `mac`) that each number is also sent
@@ -226,14 +228,25 @@ pub fn counter_program(wset_pages: u32, disk: bool) -> String {
 pub fn counter_net_program(wset_pages: u32, disk: bool, mac: [u8; 6]) -> String {
     format!(
         "{}{SHOW}",
-        counter_with(wset_pages, disk, Some((mac, true)))
+        counter_with(wset_pages, disk, Some((mac, true)), false)
     )
 }
 
 /// The plain counter with a NIC (MAC `mac`) that sends only its first number in a
 /// frame and then nothing (nor does it ack the announce features).
 pub fn counter_quiet_net_program(mac: [u8; 6]) -> String {
-    format!("{}{SHOW}", counter_with(0, false, Some((mac, false))))
+    format!(
+        "{}{SHOW}",
+        counter_with(0, false, Some((mac, false)), false)
+    )
+}
+
+/// [`counter_program`] without the wait: it rewrites its working set of
+/// `wset_pages` and prints the next number, over and over, as fast as its vCPU runs
+/// (a guest whose dirty set a migration round always finds full again, unless the
+/// vCPU is slowed down).
+pub fn counter_busy_program(wset_pages: u32) -> String {
+    format!("{}{SHOW}", counter_with(wset_pages, false, None, true))
 }
 
 /// One frame from the guest's MAC that a capture saw: its ethertype and, for the

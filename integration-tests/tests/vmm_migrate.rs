@@ -342,21 +342,42 @@ fn migrate_tight(
 
 #[test]
 fn a_working_set_that_does_not_converge_is_throttled_until_it_does() {
-    // 16 MiB rewritten for each number, without a pause: each round finds all of it
-    // dirty again, and it takes far longer to send than 1 ms.
-    let (dir, elf) = setup("migthr", &counter_busy_program(4096));
+    // 8 MiB rewritten for each number, without a pause but for 5000 TSC ticks after
+    // each page (at most some 2 GB/s of dirty memory on a 2.5 GHz TSC, about 800
+    // MB/s here where the test guest's instructions are emulated), and pre-copy
+    // capped at 64 MiB/s: a round takes 125 ms, in which the guest dirties all of it
+    // again, and a 1 ms goal fits 16 pages. Only a vCPU slowed down to about 1 % of
+    // its time dirties less than a round sends.
+    let (dir, elf) = setup("migthr", &counter_busy_program(2048, 5000));
     let console = dir.path().join("console");
     let (src, sock) = source(dir.path(), &elf, None);
     let (s1, s2) = (dir.path().join("one.sock"), dir.path().join("two.sock"));
+    let cap = ["--max-bandwidth-mib", "64"];
     // Without auto-converge it never fits the goal: pre-copy stops at the round
     // limit (the migration still completes, over its goal).
-    let (v, one) = migrate_tight(src, &sock, &s1, &console, &["--no-auto-converge"]);
+    let t = std::time::Instant::now();
+    let (v, one) = migrate_tight(
+        src,
+        &sock,
+        &s1,
+        &console,
+        &[&cap[..], &["--no-auto-converge"]].concat(),
+    );
     assert_eq!(v["converged"], false, "{v}");
     assert_eq!(v["throttle_pct"], 0, "{v}");
     assert_eq!(v["rounds"], 32, "{v}");
+    // The cap holds: 30 rounds of about 8 MiB at 64 MiB/s take more than 3 s.
+    let bytes = v["bytes"].as_f64().unwrap();
+    let total = v["total_ms"].as_f64().unwrap();
+    assert!(bytes > 30.0 * 7.0 * 1048576.0, "{v}");
+    assert!(
+        bytes / 1048576.0 / (total / 1e3) < 64.0 * 1.2,
+        "{v} (over the 64 MiB/s cap)"
+    );
+    eprintln!("without auto-converge: {:?}", t.elapsed());
     // With it (the default), the same VM onwards: throttled (two rounds that do not
     // shrink the set start it), and converged before the round limit.
-    let (v, two) = migrate_tight(one, &s1, &s2, &console, &[]);
+    let (v, two) = migrate_tight(one, &s1, &s2, &console, &cap);
     assert!(v["throttle_pct"].as_u64().unwrap() >= 20, "{v}");
     assert_eq!(v["converged"], true, "{v}");
     assert!(v["rounds"].as_u64().unwrap() < 32, "{v}");

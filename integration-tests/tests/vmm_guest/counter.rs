@@ -159,9 +159,32 @@ countframe:
 /// The main loop of a counter that, for each number, first writes it into one word of each of
 /// `wset_pages` pages from [`WSET`] (0: none) and, with `disk`, to sector
 /// `n mod 2048` of the first device (a disk), and with `nic` sends it in a frame
-/// (see [`nic_code`]); then, unless `busy`, waits about 10 ms before the next.
-fn counter_with(wset_pages: u32, disk: bool, nic: Option<([u8; 6], bool)>, busy: bool) -> String {
-    let delay = if busy { "" } else { "DELAY 20000000" };
+/// (see [`nic_code`]); then waits about 10 ms before the next, or, with `busy`
+/// (TSC ticks), goes on at once but waits that long after each page (from that
+/// page on, so a vCPU that was slowed down does not catch up).
+fn counter_with(
+    wset_pages: u32,
+    disk: bool,
+    nic: Option<([u8; 6], bool)>,
+    busy: Option<u32>,
+) -> String {
+    let (delay, spin) = match busy {
+        None => ("DELAY 20000000".to_string(), String::new()),
+        Some(n) => (
+            String::new(),
+            format!(
+                r#"rdtsc
+    shl $32, %rdx
+    or %rax, %rdx
+    lea {n}(%rdx), %r9
+3:  rdtsc
+    shl $32, %rdx
+    or %rax, %rdx
+    cmp %r9, %rdx
+    jb 3b"#
+            ),
+        ),
+    };
     let base = 0xd000_0000u64 + if disk { 0x1000 } else { 0 };
     let (nic_up, nic_send) = nic
         .map(|(m, every)| nic_code(base, m, every))
@@ -202,6 +225,7 @@ count:
     jz 2f
 1:  mov %r12, (%rdi)
     add $4096, %rdi
+    {spin}
     loop 1b
 2:  {disk_write}
     {nic_send}
@@ -220,7 +244,7 @@ pub fn counter() -> String {
 
 /// The full program of [`counter_with`].
 pub fn counter_program(wset_pages: u32, disk: bool) -> String {
-    format!("{}{SHOW}", counter_with(wset_pages, disk, None, false))
+    format!("{}{SHOW}", counter_with(wset_pages, disk, None, None))
 }
 
 /// [`counter_program`] with a NIC (MAC `mac`) that each number is also sent
@@ -228,25 +252,26 @@ pub fn counter_program(wset_pages: u32, disk: bool) -> String {
 pub fn counter_net_program(wset_pages: u32, disk: bool, mac: [u8; 6]) -> String {
     format!(
         "{}{SHOW}",
-        counter_with(wset_pages, disk, Some((mac, true)), false)
+        counter_with(wset_pages, disk, Some((mac, true)), None)
     )
 }
 
 /// The plain counter with a NIC (MAC `mac`) that sends only its first number in a
 /// frame and then nothing (nor does it ack the announce features).
 pub fn counter_quiet_net_program(mac: [u8; 6]) -> String {
-    format!(
-        "{}{SHOW}",
-        counter_with(0, false, Some((mac, false)), false)
-    )
+    format!("{}{SHOW}", counter_with(0, false, Some((mac, false)), None))
 }
 
 /// [`counter_program`] without the wait: it rewrites its working set of
-/// `wset_pages` and prints the next number, over and over, as fast as its vCPU runs
-/// (a guest whose dirty set a migration round always finds full again, unless the
-/// vCPU is slowed down).
-pub fn counter_busy_program(wset_pages: u32) -> String {
-    format!("{}{SHOW}", counter_with(wset_pages, false, None, true))
+/// `wset_pages`, spinning `spin` loops after each page (work that takes vCPU time,
+/// so that a slowed-down vCPU dirties less), and prints the next number, over and
+/// over, as fast as its vCPU runs (a guest whose dirty set a migration round always
+/// finds full again, unless the vCPU is slowed down).
+pub fn counter_busy_program(wset_pages: u32, spin: u32) -> String {
+    format!(
+        "{}{SHOW}",
+        counter_with(wset_pages, false, None, Some(spin))
+    )
 }
 
 /// One frame from the guest's MAC that a capture saw: its ethertype and, for the

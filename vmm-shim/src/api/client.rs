@@ -26,15 +26,8 @@ pub enum Action {
         /// Resume afterwards.
         resume: bool,
     },
-    /// `PUT /migrate {"to": TO, "max_downtime_ms": N, "auto_converge": B}`.
-    Migrate {
-        /// `tcp:HOST:PORT`.
-        to: String,
-        /// The downtime the pre-copy aims for.
-        max_downtime_ms: u64,
-        /// Throttle the vCPUs where the dirty set does not shrink.
-        auto_converge: bool,
-    },
+    /// `PUT /migrate` with this body.
+    Migrate(super::Migration),
 }
 
 /// Why a `ctl` call failed.
@@ -120,15 +113,12 @@ pub fn run(sock: &Path, action: &Action) -> Result<Value, CtlError> {
             let body = serde_json::json!({ "dir": dir, "resume": resume });
             request(sock, "PUT", "/snapshot", Some(&body))?
         }
-        Action::Migrate {
-            to,
-            max_downtime_ms,
-            auto_converge,
-        } => {
+        Action::Migrate(m) => {
             let body = serde_json::json!({
-                "to": to,
-                "max_downtime_ms": max_downtime_ms,
-                "auto_converge": auto_converge,
+                "to": m.to,
+                "max_downtime_ms": m.max_downtime_ms,
+                "auto_converge": m.auto_converge,
+                "max_bandwidth_mib": m.max_bandwidth_mib,
             });
             request(sock, "PUT", "/migrate", Some(&body))?
         }

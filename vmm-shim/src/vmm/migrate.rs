@@ -61,6 +61,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::snapshot::Machine;
 use super::state::{self, VmState};
 use super::VmmError;
+use crate::api::Migration;
 use converge::{Converge, Throttle};
 
 pub(super) mod converge;
@@ -71,6 +72,8 @@ const MAGIC: &[u8; 16] = b"VMMSHIM-MIGRATE\0";
 const VERSION: u32 = 2;
 /// Guest page size.
 const PAGE: usize = 4096;
+/// Bytes in a MiB (of `max_bandwidth_mib`).
+const MIB: f64 = (1 << 20) as f64;
 /// Most pages in one batch.
 const BATCH: usize = 256;
 /// Most pre-copy rounds after the first full copy.
@@ -88,6 +91,8 @@ struct Out<'a> {
     w: BufWriter<TcpStream>,
     mem: &'a GuestMemoryMmap,
     bytes: u64,
+    /// The most bytes a second [`Out::pages`] sends (none: as fast as it goes).
+    limit: Option<f64>,
     /// Each page's CRC as sent (empty when the VM has no virtio device, whose
     /// writes it exists to find).
     sent_crc: Vec<u32>,
@@ -135,15 +140,29 @@ impl Out<'_> {
         Ok(())
     }
 
-    /// Sends these pages; returns how long that took.
+    /// Sends these pages (at most [`Out::limit`] bytes a second, counted from the
+    /// start of the call); returns how long that took.
     fn pages(&mut self, pfns: impl Iterator<Item = usize>) -> std::io::Result<Duration> {
         let t = Instant::now();
+        let start = self.bytes;
         for p in pfns {
+            let batches = self.bytes;
             self.page(p)?;
+            if let (Some(limit), true) = (self.limit, self.bytes != batches) {
+                pace(t, self.bytes - start, limit);
+            }
         }
         self.flush_batch()?;
         self.w.flush()?;
         Ok(t.elapsed())
+    }
+}
+
+/// Sleeps until `bytes` sent since `t` are within `limit` bytes a second.
+fn pace(t: Instant, bytes: u64, limit: f64) {
+    let due = Duration::from_secs_f64(bytes as f64 / limit);
+    if let Some(wait) = due.checked_sub(t.elapsed()) {
+        std::thread::sleep(wait);
     }
 }
 
@@ -238,16 +257,12 @@ fn dirty_pages(m: &Machine) -> Result<Vec<usize>, String> {
 
 /// `PUT /migrate`: see the module doc. On success the VM stays paused here (the API
 /// then ends this vmm-shim); on failure it runs on.
-pub(super) fn send(
-    m: &Machine,
-    to: &str,
-    max_downtime: Duration,
-    auto_converge: bool,
-) -> Result<Value, String> {
+pub(super) fn send(m: &Machine, how: &Migration) -> Result<Value, String> {
     let _one = m.busy.lock().unwrap_or_else(|e| e.into_inner());
     let was_paused = m.shared.control.pausing();
     let mut logging = false;
-    let r = migrate(m, to, max_downtime, auto_converge, &mut logging);
+    let to = how.to.as_str();
+    let r = migrate(m, how, &mut logging);
     if logging {
         let _ = super::set_memory_flags(&m.vm, &m.mem, 0);
     }
@@ -271,14 +286,10 @@ pub(super) fn send(
     }
 }
 
-fn migrate(
-    m: &Machine,
-    to: &str,
-    max_downtime: Duration,
-    auto_converge: bool,
-    logging: &mut bool,
-) -> Result<Value, Failure> {
+fn migrate(m: &Machine, how: &Migration, logging: &mut bool) -> Result<Value, Failure> {
     let t0 = Instant::now();
+    let to = how.to.as_str();
+    let max_downtime = Duration::from_millis(how.max_downtime_ms);
     let addr = crate::config::parse_tcp(to)?;
     let conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .map_err(|e| format!("connect: {e}"))?;
@@ -294,6 +305,7 @@ fn migrate(
         w: BufWriter::with_capacity(1 << 20, conn),
         mem: &m.mem,
         bytes: 0,
+        limit: (how.max_bandwidth_mib > 0).then_some(how.max_bandwidth_mib as f64 * MIB),
         sent_crc: vec![0; if has_devices { pages } else { 0 }],
         batch: Vec::with_capacity(BATCH * (PAGE + 9)),
         in_batch: 0,
@@ -351,7 +363,7 @@ fn migrate(
                 converged = eta <= max_downtime;
                 break;
             }
-            if auto_converge {
+            if how.auto_converge {
                 throttle.set(converge.after_round(sent, pending.len()));
             }
             sent = pending.len();
@@ -362,8 +374,10 @@ fn migrate(
         }
     }
 
-    // Stop: pause, drain the disks, send what is left and the state.
+    // Stop: pause, drain the disks, send what is left (at full speed: the VM waits
+    // for it) and the state.
     m.shared.control.pause()?;
+    out.limit = None;
     let paused = Instant::now();
     m.drain()?;
     let mut last = vec![false; pages];

@@ -10,10 +10,14 @@
 //! [`FIRST_PCT`], and every [`HIGH_ROUNDS`] high rounds more it grows by [`STEP_PCT`],
 //! up to [`MAX_PCT`]; a round that shrinks the set enough starts the count again.
 //!
-//! The throttle ([`Throttle`]): with `p` percent, each vCPU thread sleeps `p` % of
-//! every [`PERIOD`] outside KVM_RUN (see `Control::throttle_nap`); a ticker thread
-//! kicks the vCPU threads out of KVM_RUN once a period, so a guest that makes no
-//! exits of its own is slowed too. Dropping the [`Throttle`] stops the ticker and
+//! The throttle ([`Throttle`]): with `p` percent, a vCPU thread that has run a
+//! [`PERIOD`] (or more) since its last nap sleeps, outside KVM_RUN, `p / (100 - p)`
+//! times what it ran (see [`nap`] and `Control::throttle_nap`), so it runs `100 - p`
+//! % of the time whatever its exits: at 99 % it runs 10 ms, then sleeps about a
+//! second, as QEMU's throttle does. A ticker thread kicks the vCPU threads out of
+//! KVM_RUN once a period, so a guest that makes no exits of its own is slowed too;
+//! a kick that lands while a vCPU sleeps only makes its next run (and so its next
+//! nap) longer. A pause or the end of the throttle wakes a napping vCPU at once. Dropping the [`Throttle`] stops the ticker and
 //! lifts the throttle, whatever the migration's outcome (the destination runs at
 //! full speed: the throttle is not part of the state).
 
@@ -24,8 +28,11 @@ use std::time::Duration;
 
 use super::super::control::Control;
 
-/// The time slice a throttled vCPU sleeps a share of.
+/// The time a throttled vCPU runs before it naps (its time slice).
 pub(crate) const PERIOD: Duration = Duration::from_millis(10);
+/// The longest nap (a run much longer than [`PERIOD`], after lost kicks, is not
+/// paid for in full).
+pub(crate) const MAX_NAP: Duration = Duration::from_secs(2);
 /// A round is high when the pages dirtied meanwhile are at least this share of
 /// the pages it sent.
 pub(super) const TRIGGER_PCT: usize = 50;
@@ -71,13 +78,14 @@ impl Converge {
 }
 
 /// How long a vCPU that has run `ran` since its last nap sleeps now under a
-/// throttle of `pct` percent: `pct` % of [`PERIOD`] once it ran the rest of one.
+/// throttle of `pct` percent: nothing before it ran a [`PERIOD`], then `ran × pct /
+/// (100 - pct)` (at most [`MAX_NAP`]).
 pub(crate) fn nap(pct: u8, ran: Duration) -> Option<Duration> {
     let pct = u32::from(pct.min(MAX_PCT));
-    if pct == 0 || ran < PERIOD * (100 - pct) / 100 {
+    if pct == 0 || ran < PERIOD {
         return None;
     }
-    Some(PERIOD * pct / 100)
+    Some((ran * pct / (100 - pct)).min(MAX_NAP))
 }
 
 /// A throttle on the vCPUs while it lives (see the module doc).
@@ -177,22 +185,20 @@ mod tests {
     }
 
     #[test]
-    fn a_throttled_vcpu_naps_its_share_of_each_period() {
+    fn a_throttled_vcpu_sleeps_its_share_of_what_it_ran() {
+        let ms = Duration::from_millis;
         assert_eq!(nap(0, Duration::from_secs(1)), None);
-        assert_eq!(nap(20, Duration::from_millis(7)), None);
-        assert_eq!(
-            nap(20, Duration::from_millis(8)),
-            Some(Duration::from_millis(2))
-        );
+        // Not before a whole time slice.
+        assert_eq!(nap(20, ms(9)), None);
         assert_eq!(nap(99, Duration::ZERO), None);
-        assert_eq!(
-            nap(99, Duration::from_micros(100)),
-            Some(Duration::from_micros(9900))
-        );
+        // 20 %: 10 ms run, 2.5 ms asleep (a fifth of the time).
+        assert_eq!(nap(20, ms(10)), Some(Duration::from_micros(2500)));
+        assert_eq!(nap(50, ms(12)), Some(ms(12)));
+        // 99 %: 10 ms run, 990 ms asleep.
+        assert_eq!(nap(99, ms(10)), Some(ms(990)));
         // Never more than MAX_PCT: a vCPU always runs a little.
-        assert_eq!(
-            nap(100, Duration::from_micros(100)),
-            Some(Duration::from_micros(9900))
-        );
+        assert_eq!(nap(100, ms(10)), Some(ms(990)));
+        // A run far over the slice (kicks lost) does not sleep without end.
+        assert_eq!(nap(99, ms(500)), Some(MAX_NAP));
     }
 }

@@ -6,14 +6,25 @@
 # QMP migrate with downtime-limit 50), interleaved runs in the same invocation;
 # medians of downtime and total time as each VMM reports them, and the ratios
 # QEMU / vmm-shim. Each run checks that the guest goes on at the destination.
+# vmm-shim's answer (printed per run) has `throttle_pct` (auto-converge: how much
+# the vCPUs were slowed, 0 for not at all) and `converged` (pre-copy met the limit
+# rather than stopping at its 30 rounds): a throttled run's downtime is one of a
+# slowed-down guest, so read the two with the downtime.
+# AUTO_CONVERGE=0 migrates vmm-shim with `--no-auto-converge` (to compare); QEMU=no
+# leaves QEMU out.
 # Needs root (KVM), binutils, and the guest assets for QEMU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-5}
 LIMIT_MS=${LIMIT_MS:-50}
+AUTO_CONVERGE=${AUTO_CONVERGE:-1}
+converge=()
+[ "$AUTO_CONVERGE" = 0 ] && converge=(--no-auto-converge)
 ASSETS=${FABRIC_ASSETS:-$PWD/target/guest-assets}
-QEMU=$ASSETS/bin/qemu-system-x86_64
-[ -x "$QEMU" ] || QEMU=/var/cache/fabric/guest-assets/bin/qemu-system-x86_64
+if [ "${QEMU:-}" != no ]; then
+  QEMU=$ASSETS/bin/qemu-system-x86_64
+  [ -x "$QEMU" ] || QEMU=/var/cache/fabric/guest-assets/bin/qemu-system-x86_64
+fi
 [ -x target/release/vmm-shim ] || cargo build --release -p vmm-shim
 VMM=target/release/vmm-shim
 work=$(mktemp -d)
@@ -55,7 +66,7 @@ vmm_run() { # -> one JSON line on stdout
   pids+=("$src" "$dst")
   wait_file "$sock"; wait_listen "$port"
   sleep 1
-  v=$($VMM ctl --api-sock "$sock" migrate "tcp:127.0.0.1:$port" --max-downtime-ms "$LIMIT_MS" | tr -d '\n' || true)
+  v=$($VMM ctl --api-sock "$sock" migrate "tcp:127.0.0.1:$port" --max-downtime-ms "$LIMIT_MS" "${converge[@]}" | tr -d '\n' || true)
   wait "$src" || echo "vmm-shim source exited $?" >&2
   went_on "$v" "$out"
   kill "$dst"; wait "$dst" 2>/dev/null || true

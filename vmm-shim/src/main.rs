@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use vmm_shim::api::client::{self, Action};
+use vmm_shim::api::Migration;
 use vmm_shim::config::RawConfig;
 
 /// A thin KVM VMM: Linux kernel, serial console, virtio-net on TAP, virtio-blk on NBD.
@@ -99,6 +100,12 @@ enum Verb {
         /// Longest pause the pre-copy aims for, in milliseconds.
         #[arg(long, default_value_t = 50)]
         max_downtime_ms: u64,
+        /// Never throttle the vCPUs (auto-converge is on otherwise).
+        #[arg(long)]
+        no_auto_converge: bool,
+        /// Most MiB/s pre-copy sends while the VM runs (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        max_bandwidth_mib: u64,
     },
 }
 
@@ -119,10 +126,14 @@ fn ctl(sock: &std::path::Path, verb: Verb) -> ExitCode {
         Verb::Migrate {
             to,
             max_downtime_ms,
-        } => Action::Migrate {
+            no_auto_converge,
+            max_bandwidth_mib,
+        } => Action::Migrate(Migration {
             to,
             max_downtime_ms,
-        },
+            auto_converge: !no_auto_converge,
+            max_bandwidth_mib,
+        }),
     };
     match client::run(sock, &action) {
         Ok(v) => {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use integration_tests::{wait_until, ChildGuard, Netns};
 
-use super::counter::{frames_from, Seen};
+use super::counter::{frame_counts, frames_from, Seen};
 
 /// A running tshark writing its lines to a file.
 pub struct Capture {
@@ -46,6 +46,18 @@ impl Capture {
     /// The frames from `mac` captured so far, in order.
     pub fn from(&self, mac: &str) -> Vec<Seen> {
         frames_from(&std::fs::read_to_string(&self.out).unwrap_or_default(), mac)
+    }
+
+    /// The frames from `mac` once tshark has seen a counter's frame of `last` or
+    /// later (waits up to 10 s, panics with what it saw if not).
+    pub fn up_to(&self, mac: &str, last: u64) -> Vec<Seen> {
+        let there = wait_until(Duration::from_secs(10), || {
+            frame_counts(&self.from(mac))
+                .last()
+                .is_some_and(|&c| c >= last)
+        });
+        assert!(there, "no frame of {last} yet: {:?}", self.from(mac));
+        self.from(mac)
     }
 }
 

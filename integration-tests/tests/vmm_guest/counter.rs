@@ -8,6 +8,7 @@
 //! migration must carry memory, disk and vCPU state over for the count to go on.
 //! [`counter_net_program`] also sends each number in a frame through its NIC (the
 //! device after the disk, if any): see [`COUNT_ETHERTYPE`] and [`frame_counts`].
+//! [`counter_busy_program`] rewrites its working set and prints without waiting.
 
 use std::path::Path;
 use std::process::Command;
@@ -158,8 +159,32 @@ countframe:
 /// The main loop of a counter that, for each number, first writes it into one word of each of
 /// `wset_pages` pages from [`WSET`] (0: none) and, with `disk`, to sector
 /// `n mod 2048` of the first device (a disk), and with `nic` sends it in a frame
-/// (see [`nic_code`]).
-fn counter_with(wset_pages: u32, disk: bool, nic: Option<([u8; 6], bool)>) -> String {
+/// (see [`nic_code`]); then waits about 10 ms before the next, or, with `busy`
+/// (TSC ticks), goes on at once but waits that long after each page (from that
+/// page on, so a vCPU that was slowed down does not catch up).
+fn counter_with(
+    wset_pages: u32,
+    disk: bool,
+    nic: Option<([u8; 6], bool)>,
+    busy: Option<u32>,
+) -> String {
+    let (delay, spin) = match busy {
+        None => ("DELAY 20000000".to_string(), String::new()),
+        Some(n) => (
+            String::new(),
+            format!(
+                r#"rdtsc
+    shl $32, %rdx
+    or %rax, %rdx
+    lea {n}(%rdx), %r9
+3:  rdtsc
+    shl $32, %rdx
+    or %rax, %rdx
+    cmp %r9, %rdx
+    jb 3b"#
+            ),
+        ),
+    };
     let base = 0xd000_0000u64 + if disk { 0x1000 } else { 0 };
     let (nic_up, nic_send) = nic
         .map(|(m, every)| nic_code(base, m, every))
@@ -200,11 +225,12 @@ count:
     jz 2f
 1:  mov %r12, (%rdi)
     add $4096, %rdi
+    {spin}
     loop 1b
 2:  {disk_write}
     {nic_send}
     call show
-    DELAY 20000000
+    {delay}
     jmp count
 "#
     )
@@ -218,7 +244,7 @@ pub fn counter() -> String {
 
 /// The full program of [`counter_with`].
 pub fn counter_program(wset_pages: u32, disk: bool) -> String {
-    format!("{}{SHOW}", counter_with(wset_pages, disk, None))
+    format!("{}{SHOW}", counter_with(wset_pages, disk, None, None))
 }
 
 /// [`counter_program`] with a NIC (MAC `mac`) that each number is also sent
@@ -226,14 +252,26 @@ pub fn counter_program(wset_pages: u32, disk: bool) -> String {
 pub fn counter_net_program(wset_pages: u32, disk: bool, mac: [u8; 6]) -> String {
     format!(
         "{}{SHOW}",
-        counter_with(wset_pages, disk, Some((mac, true)))
+        counter_with(wset_pages, disk, Some((mac, true)), None)
     )
 }
 
 /// The plain counter with a NIC (MAC `mac`) that sends only its first number in a
 /// frame and then nothing (nor does it ack the announce features).
 pub fn counter_quiet_net_program(mac: [u8; 6]) -> String {
-    format!("{}{SHOW}", counter_with(0, false, Some((mac, false))))
+    format!("{}{SHOW}", counter_with(0, false, Some((mac, false)), None))
+}
+
+/// [`counter_program`] without the wait: it rewrites its working set of
+/// `wset_pages`, spinning `spin` loops after each page (work that takes vCPU time,
+/// so that a slowed-down vCPU dirties less), and prints the next number, over and
+/// over, as fast as its vCPU runs (a guest whose dirty set a migration round always
+/// finds full again, unless the vCPU is slowed down).
+pub fn counter_busy_program(wset_pages: u32, spin: u32) -> String {
+    format!(
+        "{}{SHOW}",
+        counter_with(wset_pages, false, None, Some(spin))
+    )
 }
 
 /// One frame from the guest's MAC that a capture saw: its ethertype and, for the
@@ -358,6 +396,24 @@ pub fn device(sock: &Path, name: &str) -> Value {
         .and_then(|d| d.iter().find(|d| d["name"] == name))
         .cloned()
         .unwrap_or_else(|| panic!("no device {name} in {v}"))
+}
+
+/// Asserts a move of a counter that acks the announce, seen `before` (only count
+/// frames) and `after` (see [`assert_announced_and_counting`], five RARPs, and the
+/// guest's own announce once), whose counts cover every number `printed`. Returns
+/// all the counts.
+pub fn assert_moved_and_announced(before: &[Seen], after: &[Seen], printed: &[u64]) -> Vec<u64> {
+    let counting = before.iter().all(|s| s.ethertype == COUNT_ETHERTYPE);
+    assert!(counting, "{before:?}");
+    let all = assert_announced_and_counting(before, after, 5);
+    assert!(all.len() >= printed.len(), "{all:?} {printed:?}");
+    // The guest was asked, announced itself once and acked.
+    let asked = after
+        .iter()
+        .filter(|s| s.ethertype == ANNOUNCE_ETHERTYPE)
+        .count();
+    assert_eq!(asked, 1, "{after:?}");
+    all
 }
 
 /// Asserts what a capture on the side a VM moved to saw from its MAC: RARP first

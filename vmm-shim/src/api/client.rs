@@ -26,13 +26,8 @@ pub enum Action {
         /// Resume afterwards.
         resume: bool,
     },
-    /// `PUT /migrate {"to": TO, "max_downtime_ms": N}`.
-    Migrate {
-        /// `tcp:HOST:PORT`.
-        to: String,
-        /// The downtime the pre-copy aims for.
-        max_downtime_ms: u64,
-    },
+    /// `PUT /migrate` with this body.
+    Migrate(super::Migration),
 }
 
 /// Why a `ctl` call failed.
@@ -118,11 +113,13 @@ pub fn run(sock: &Path, action: &Action) -> Result<Value, CtlError> {
             let body = serde_json::json!({ "dir": dir, "resume": resume });
             request(sock, "PUT", "/snapshot", Some(&body))?
         }
-        Action::Migrate {
-            to,
-            max_downtime_ms,
-        } => {
-            let body = serde_json::json!({ "to": to, "max_downtime_ms": max_downtime_ms });
+        Action::Migrate(m) => {
+            let body = serde_json::json!({
+                "to": m.to,
+                "max_downtime_ms": m.max_downtime_ms,
+                "auto_converge": m.auto_converge,
+                "max_bandwidth_mib": m.max_bandwidth_mib,
+            });
             request(sock, "PUT", "/migrate", Some(&body))?
         }
     };

@@ -8,9 +8,11 @@
 //! resumes the vCPUs and answers as `GET /vm` does; `PUT /snapshot` with
 //! `{"dir": PATH, "resume": false}` writes a snapshot (see `vmm::snapshot`) and
 //! answers its files and size; `PUT /migrate` with `{"to": "tcp:HOST:PORT",
-//! "max_downtime_ms": 50}` live-migrates the VM (see `vmm::migrate`) and answers
+//! "max_downtime_ms": 50, "auto_converge": true, "max_bandwidth_mib": 0}`
+//! live-migrates the VM (see `vmm::migrate`; `auto_converge` false never throttles
+//! the vCPUs; `max_bandwidth_mib` caps pre-copy's rate, 0 for no cap) and answers
 //! `{"downtime_ms", "total_ms", "rounds", "bytes", "mode", "dirty_logged_pages",
-//! "device_written_pages"}` when it is done, after
+//! "device_written_pages", "throttle_pct", "converged"}` when it is done, after
 //! which this vmm-shim exits 0. Errors are JSON:
 //! `{"error": MESSAGE}` with a 4xx (the request) or 5xx (the VM could not do it).
 //!
@@ -53,8 +55,9 @@ pub trait Vm: Send + Sync + 'static {
     fn set_paused(&self, paused: bool) -> Result<(), String>;
     /// `PUT /snapshot`: writes a snapshot to `dir`; stays paused unless `resume`.
     fn snapshot(&self, dir: &Path, resume: bool) -> Result<Value, String>;
-    /// `PUT /migrate`: moves the VM to `to`; the answer is the migration's figures.
-    fn migrate(&self, to: &str, max_downtime_ms: u64) -> Result<Value, String>;
+    /// `PUT /migrate`: moves the VM as `m` says; the answer is the migration's
+    /// figures.
+    fn migrate(&self, m: &Migration) -> Result<Value, String>;
     /// Called once the answer to a successful `PUT /migrate` is sent: the VM ends.
     fn migrated(&self);
 }
@@ -248,13 +251,30 @@ struct SnapshotBody {
     resume: bool,
 }
 
-/// `PUT /migrate`'s body.
-#[derive(Deserialize)]
+/// `PUT /migrate`'s body: where to and how.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct MigrateBody {
-    to: String,
+pub struct Migration {
+    /// `tcp:HOST:PORT`, a `vmm-shim --incoming`.
+    pub to: String,
+    /// The longest pause pre-copy aims for (1 to 60000).
     #[serde(default = "default_downtime")]
-    max_downtime_ms: u64,
+    pub max_downtime_ms: u64,
+    /// Throttle the vCPUs where the dirty set does not shrink (default on).
+    #[serde(default = "default_auto_converge")]
+    pub auto_converge: bool,
+    /// The most pre-copy sends while the VM runs, in MiB/s (0, the default: as
+    /// fast as the connection goes), as QEMU's `max-bandwidth` and `virsh migrate
+    /// --bandwidth`; the paused last part goes at full speed.
+    #[serde(default)]
+    pub max_bandwidth_mib: u64,
+}
+
+/// The largest `max_bandwidth_mib` (1 TiB/s).
+pub const MAX_BANDWIDTH_MIB: u64 = 1 << 20;
+
+fn default_auto_converge() -> bool {
+    true
 }
 
 /// The downtime a migration aims for unless told otherwise.
@@ -349,9 +369,9 @@ fn route(req: &Request, vm: &dyn Vm, stats: &Stats) -> Result<Value, Outcome> {
             vm.snapshot(&b.dir, b.resume).map_err(Outcome::Failed)
         }
         ("/migrate", "PUT") => {
-            let b: MigrateBody = serde_json::from_slice(&req.body).map_err(|e| {
+            let b: Migration = serde_json::from_slice(&req.body).map_err(|e| {
                 bad(format!(
-                    "body: expected {{\"to\": \"tcp:HOST:PORT\", \"max_downtime_ms\": N}}: {e}"
+                    "body: expected {{\"to\": \"tcp:HOST:PORT\", \"max_downtime_ms\": N, \"auto_converge\": BOOL, \"max_bandwidth_mib\": N}}: {e}"
                 ))
             })?;
             if !b.to.starts_with("tcp:") {
@@ -360,8 +380,12 @@ fn route(req: &Request, vm: &dyn Vm, stats: &Stats) -> Result<Value, Outcome> {
             if !(1..=60_000).contains(&b.max_downtime_ms) {
                 return Err(bad("max_downtime_ms: expected 1 to 60000".into()));
             }
-            vm.migrate(&b.to, b.max_downtime_ms)
-                .map_err(Outcome::Failed)
+            if b.max_bandwidth_mib > MAX_BANDWIDTH_MIB {
+                return Err(bad(format!(
+                    "max_bandwidth_mib: expected 0 (no limit) to {MAX_BANDWIDTH_MIB}"
+                )));
+            }
+            vm.migrate(&b).map_err(Outcome::Failed)
         }
         ("/snapshot" | "/migrate", m) => Err(Outcome::Refused(
             Refusal::BadMethod,

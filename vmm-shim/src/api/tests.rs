@@ -32,8 +32,10 @@ impl Vm for MockVm {
     fn snapshot(&self, dir: &Path, resume: bool) -> Result<Value, String> {
         Ok(json!({ "dir": dir, "resume": resume }))
     }
-    fn migrate(&self, to: &str, max_downtime_ms: u64) -> Result<Value, String> {
-        Ok(json!({ "to": to, "max": max_downtime_ms }))
+    fn migrate(&self, m: &Migration) -> Result<Value, String> {
+        Ok(
+            json!({ "to": m.to, "max": m.max_downtime_ms, "auto": m.auto_converge, "mib": m.max_bandwidth_mib }),
+        )
     }
     fn migrated(&self) {
         self.migrated.store(true, Ordering::SeqCst);
@@ -172,11 +174,33 @@ fn snapshot_and_migrate_bodies_are_checked() {
     assert!(!vm.migrated.load(Ordering::SeqCst));
     assert_eq!(put("/migrate", r#"{"to":"udp:1:2"}"#).0, 400);
     assert_eq!(
+        put("/migrate", r#"{"to":"tcp:h:1","auto_converge":"no"}"#).0,
+        400
+    );
+    assert_eq!(
         put("/migrate", r#"{"to":"tcp:h:1","max_downtime_ms":0}"#).0,
         400
     );
+    assert_eq!(
+        put("/migrate", r#"{"to":"tcp:h:1","max_bandwidth_mib":-1}"#).0,
+        400
+    );
+    assert_eq!(
+        put(
+            "/migrate",
+            r#"{"to":"tcp:h:1","max_bandwidth_mib":1048577}"#
+        )
+        .0,
+        400
+    );
+    assert!(!vm.migrated.load(Ordering::SeqCst));
     let (code, v) = put("/migrate", r#"{"to":"tcp:127.0.0.1:9"}"#);
     assert_eq!((code, &v["max"]), (200, &json!(50)), "{v}");
+    assert_eq!(v["mib"], 0, "no bandwidth cap unless asked: {v}");
+    assert_eq!(
+        v["auto"], true,
+        "auto-converge is on unless turned off: {v}"
+    );
     // The server calls `migrated` once the answer is out, so the client may read the
     // answer first: wait for it.
     let t0 = std::time::Instant::now();

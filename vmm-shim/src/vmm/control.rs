@@ -10,7 +10,7 @@
 //! that were already in flight. Shutdown first takes the vCPU threads' handles
 //! away ([`Control::stopping`]), so the API never signals a thread being joined.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,6 +47,11 @@ pub struct Control {
     /// Each vCPU's state as it parked (or why it could not be read), for a snapshot
     /// or a migration of the paused VM.
     states: Mutex<Vec<Option<Result<VcpuState, String>>>>,
+    /// The share of the time the vCPU threads sleep (percent), set by a
+    /// migration's auto-converge (see `migrate::converge`).
+    throttle: AtomicU8,
+    /// Shutdown has begun (a napping vCPU thread wakes).
+    ending: AtomicBool,
 }
 
 impl Default for Control {
@@ -58,6 +63,8 @@ impl Default for Control {
             threads: Mutex::new(Threads::Starting),
             op: Mutex::new(()),
             states: Mutex::new(Vec::new()),
+            throttle: AtomicU8::new(0),
+            ending: AtomicBool::new(false),
         }
     }
 }
@@ -78,8 +85,9 @@ impl Control {
     /// Shutdown begins: no more kicks from here, and parked vCPUs are let go.
     pub(super) fn stopping(&self) {
         *self.threads.lock().unwrap_or_else(|e| e.into_inner()) = Threads::Stopping;
+        self.ending.store(true, Ordering::SeqCst);
         self.want.store(false, Ordering::SeqCst);
-        self.cv.notify_all();
+        self.wake();
     }
 
     /// Called by vCPU thread `id` between exits while a pause is wanted: records its
@@ -121,6 +129,8 @@ impl Control {
             return Ok(());
         }
         self.want.store(true, Ordering::SeqCst);
+        // Napping vCPU threads (a throttle) wake to park.
+        self.wake();
         let r = self.wait_parked();
         if r.is_err() {
             self.want.store(false, Ordering::SeqCst);
@@ -175,6 +185,57 @@ impl Control {
                 None => Err(format!("vCPU {i}: no state recorded")),
             })
             .collect()
+    }
+
+    /// Throttles the vCPUs by `pct` percent (0: full speed).
+    pub(super) fn set_throttle(&self, pct: u8) {
+        self.throttle.store(pct, Ordering::SeqCst);
+        if pct == 0 {
+            // Napping vCPU threads wake: the throttle is lifted.
+            self.wake();
+        }
+    }
+
+    /// Wakes the threads waiting on `cv`, under its lock (so that a thread between
+    /// its check and its wait does not miss it).
+    fn wake(&self) {
+        let _n = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        self.cv.notify_all();
+    }
+
+    /// Called by a vCPU thread before each KVM_RUN: under a throttle, once it has
+    /// run a time slice since `since` (its last nap), sleeps its share (see
+    /// `migrate::converge::nap`) and restarts `since`. A pause, the throttle's end
+    /// or shutdown cut the nap short.
+    pub(super) fn throttle_nap(&self, since: &mut Instant) {
+        let pct = self.throttle.load(Ordering::Relaxed);
+        if pct == 0 {
+            *since = Instant::now();
+            return;
+        }
+        let Some(d) = super::migrate::converge::nap(pct, since.elapsed()) else {
+            return;
+        };
+        let n = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = self
+            .cv
+            .wait_timeout_while(n, d, |_| {
+                !self.pausing()
+                    && !self.ending.load(Ordering::SeqCst)
+                    && self.throttle.load(Ordering::SeqCst) != 0
+            })
+            .unwrap_or_else(|e| e.into_inner());
+        *since = Instant::now();
+    }
+
+    /// Kicks every running vCPU thread out of KVM_RUN once (a throttle's tick).
+    pub(super) fn kick_vcpus(&self) {
+        // The handles stay valid while `threads` is held (see `wait_parked`).
+        if let Threads::Running(list) = &*self.threads.lock().unwrap_or_else(|e| e.into_inner()) {
+            for &t in list {
+                sys::kick_thread(t);
+            }
+        }
     }
 
     /// Lets the vCPUs run again.
@@ -255,8 +316,8 @@ impl crate::api::Vm for ApiVm {
         self.machine.snapshot(dir, resume)
     }
 
-    fn migrate(&self, to: &str, max_downtime_ms: u64) -> Result<Value, String> {
-        super::migrate::send(&self.machine, to, Duration::from_millis(max_downtime_ms))
+    fn migrate(&self, m: &crate::api::Migration) -> Result<Value, String> {
+        super::migrate::send(&self.machine, m)
     }
 
     fn migrated(&self) {

@@ -7,7 +7,11 @@
 //! Then pre-copy: guest RAM is registered again with KVM_MEM_LOG_DIRTY_PAGES, every
 //! page is sent, and while the vCPUs run, rounds send the pages KVM_GET_DIRTY_LOG
 //! reports until the dirty set would go in `max_downtime` at the rate the last
-//! round ran (or [`MAX_ROUNDS`] are done). Then the VM is paused, the disks drained
+//! round ran (or [`MAX_ROUNDS`] are done); where the dirty set does not shrink
+//! enough from round to round, the vCPUs are slowed down meanwhile (auto-converge,
+//! see [`converge`]; the answer's `throttle_pct` is how much, 0 for not at all;
+//! off with `"auto_converge": false`).
+//! Then the VM is paused, the disks drained
 //! and flushed, and the last dirty pages go. Devices write guest memory from
 //! vmm-shim's own threads (a disk's reads, a NIC's frames, used rings), which KVM's
 //! log does not see: the source keeps a CRC-32 of each page as it sent it and, once
@@ -57,6 +61,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::snapshot::Machine;
 use super::state::{self, VmState};
 use super::VmmError;
+use crate::api::Migration;
+use converge::{Converge, Throttle};
+
+pub(super) mod converge;
 
 /// The hello's magic bytes.
 const MAGIC: &[u8; 16] = b"VMMSHIM-MIGRATE\0";
@@ -64,6 +72,8 @@ const MAGIC: &[u8; 16] = b"VMMSHIM-MIGRATE\0";
 const VERSION: u32 = 2;
 /// Guest page size.
 const PAGE: usize = 4096;
+/// Bytes in a MiB (of `max_bandwidth_mib`).
+const MIB: f64 = (1 << 20) as f64;
 /// Most pages in one batch.
 const BATCH: usize = 256;
 /// Most pre-copy rounds after the first full copy.
@@ -81,6 +91,8 @@ struct Out<'a> {
     w: BufWriter<TcpStream>,
     mem: &'a GuestMemoryMmap,
     bytes: u64,
+    /// The most bytes a second [`Out::pages`] sends (none: as fast as it goes).
+    limit: Option<f64>,
     /// Each page's CRC as sent (empty when the VM has no virtio device, whose
     /// writes it exists to find).
     sent_crc: Vec<u32>,
@@ -128,15 +140,29 @@ impl Out<'_> {
         Ok(())
     }
 
-    /// Sends these pages; returns how long that took.
+    /// Sends these pages (at most [`Out::limit`] bytes a second, counted from the
+    /// start of the call); returns how long that took.
     fn pages(&mut self, pfns: impl Iterator<Item = usize>) -> std::io::Result<Duration> {
         let t = Instant::now();
+        let start = self.bytes;
         for p in pfns {
+            let batches = self.bytes;
             self.page(p)?;
+            if let (Some(limit), true) = (self.limit, self.bytes != batches) {
+                pace(t, self.bytes - start, limit);
+            }
         }
         self.flush_batch()?;
         self.w.flush()?;
         Ok(t.elapsed())
+    }
+}
+
+/// Sleeps until `bytes` sent since `t` are within `limit` bytes a second.
+fn pace(t: Instant, bytes: u64, limit: f64) {
+    let due = Duration::from_secs_f64(bytes as f64 / limit);
+    if let Some(wait) = due.checked_sub(t.elapsed()) {
+        std::thread::sleep(wait);
     }
 }
 
@@ -231,11 +257,12 @@ fn dirty_pages(m: &Machine) -> Result<Vec<usize>, String> {
 
 /// `PUT /migrate`: see the module doc. On success the VM stays paused here (the API
 /// then ends this vmm-shim); on failure it runs on.
-pub(super) fn send(m: &Machine, to: &str, max_downtime: Duration) -> Result<Value, String> {
+pub(super) fn send(m: &Machine, how: &Migration) -> Result<Value, String> {
     let _one = m.busy.lock().unwrap_or_else(|e| e.into_inner());
     let was_paused = m.shared.control.pausing();
     let mut logging = false;
-    let r = migrate(m, to, max_downtime, &mut logging);
+    let to = how.to.as_str();
+    let r = migrate(m, how, &mut logging);
     if logging {
         let _ = super::set_memory_flags(&m.vm, &m.mem, 0);
     }
@@ -259,13 +286,10 @@ pub(super) fn send(m: &Machine, to: &str, max_downtime: Duration) -> Result<Valu
     }
 }
 
-fn migrate(
-    m: &Machine,
-    to: &str,
-    max_downtime: Duration,
-    logging: &mut bool,
-) -> Result<Value, Failure> {
+fn migrate(m: &Machine, how: &Migration, logging: &mut bool) -> Result<Value, Failure> {
     let t0 = Instant::now();
+    let to = how.to.as_str();
+    let max_downtime = Duration::from_millis(how.max_downtime_ms);
     let addr = crate::config::parse_tcp(to)?;
     let conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .map_err(|e| format!("connect: {e}"))?;
@@ -281,6 +305,7 @@ fn migrate(
         w: BufWriter::with_capacity(1 << 20, conn),
         mem: &m.mem,
         bytes: 0,
+        limit: (how.max_bandwidth_mib > 0).then_some(how.max_bandwidth_mib as f64 * MIB),
         sent_crc: vec![0; if has_devices { pages } else { 0 }],
         batch: Vec::with_capacity(BATCH * (PAGE + 9)),
         in_batch: 0,
@@ -321,16 +346,27 @@ fn migrate(
     let mut pending: Vec<usize> = Vec::new();
     // Pages KVM's log reported, and pages found only by their CRC (device writes).
     let (mut logged, mut by_crc) = (0usize, 0usize);
+    // Auto-converge: lifted when this returns, whatever the outcome.
+    let mut converge = Converge::default();
+    let mut throttle = Throttle::new(m.shared.control.clone());
+    // Whether pre-copy ended with the rest fitting `max_downtime` (not at the limit).
+    let mut converged = false;
     if precopy {
         let took = out.pages(0..pages).map_err(io)?;
         let mut rate = out.bytes as f64 / took.as_secs_f64().max(1e-6);
+        let mut sent = pages;
         loop {
             pending = dirty_pages(m)?;
             logged += pending.len();
             let eta = Duration::from_secs_f64(pending.len() as f64 * PAGE as f64 / rate);
             if eta <= max_downtime || rounds > MAX_ROUNDS {
+                converged = eta <= max_downtime;
                 break;
             }
+            if how.auto_converge {
+                throttle.set(converge.after_round(sent, pending.len()));
+            }
+            sent = pending.len();
             let before = out.bytes;
             let took = out.pages(pending.drain(..)).map_err(io)?;
             rate = ((out.bytes - before) as f64 / took.as_secs_f64().max(1e-6)).max(1.0);
@@ -338,8 +374,10 @@ fn migrate(
         }
     }
 
-    // Stop: pause, drain the disks, send what is left and the state.
+    // Stop: pause, drain the disks, send what is left (at full speed: the VM waits
+    // for it) and the state.
     m.shared.control.pause()?;
+    out.limit = None;
     let paused = Instant::now();
     m.drain()?;
     let mut last = vec![false; pages];
@@ -387,7 +425,8 @@ fn migrate(
         Reply::Refused(e) | Reply::Silent(e) => return Err(Failure::Committed(e)),
     }
     let downtime = paused.elapsed();
-    tracing::info!(to, rounds, bytes = out.bytes, downtime_ms = downtime.as_millis() as u64, %mode, "migrated");
+    let throttle_pct = converge.pct();
+    tracing::info!(to, rounds, bytes = out.bytes, downtime_ms = downtime.as_millis() as u64, throttle_pct, %mode, "migrated");
     Ok(json!({
         "downtime_ms": downtime.as_secs_f64() * 1e3,
         "total_ms": t0.elapsed().as_secs_f64() * 1e3,
@@ -396,6 +435,8 @@ fn migrate(
         "mode": mode,
         "dirty_logged_pages": logged,
         "device_written_pages": by_crc,
+        "throttle_pct": throttle_pct,
+        "converged": converged,
     }))
 }
 

@@ -281,6 +281,8 @@ fn vcpu_loop(mut vcpu: VcpuFd, id: u8, shared: &VcpuShared) -> Option<ExitReason
     } = shared;
     let unused = VcpuExits::default();
     let exits = exits.get(usize::from(id)).unwrap_or(&unused);
+    // When this vCPU last napped under a migration's throttle.
+    let mut napped = Instant::now();
     loop {
         if stop.load(Ordering::SeqCst) {
             return None;
@@ -291,6 +293,7 @@ fn vcpu_loop(mut vcpu: VcpuFd, id: u8, shared: &VcpuShared) -> Option<ExitReason
             });
             continue;
         }
+        control.throttle_nap(&mut napped);
         let run = vcpu.run();
         exits.count(match &run {
             Ok(VcpuExit::IoIn(..)) => Exit::IoIn,
